@@ -1,1 +1,2 @@
-
+//! tokenwarden: an OAuth 2.0 connection service. See ARCHITECTURE.md for the map.
+pub mod catalog;
