@@ -1,0 +1,299 @@
+//! The provider profiles the sandbox imitates, and their run-time settings.
+//!
+//! A profile fixes the URL layout and the shapes of answers (error bodies, API rejections, token
+//! response fields); its [`ProfileSettings`] hold the behaviour that can be changed at run time
+//! with `PUT /__sandbox/profiles/{profile}`. Defaults imitate the real provider as described in
+//! the shared PROVIDERS.md; where the real behaviour is unconfirmed, the comment says so.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Profile {
+    AdobeSign,
+    Salesforce,
+    Box,
+    Microsoft,
+    Generic,
+}
+
+impl Profile {
+    pub const ALL: [Profile; 5] = [
+        Profile::AdobeSign,
+        Profile::Salesforce,
+        Profile::Box,
+        Profile::Microsoft,
+        Profile::Generic,
+    ];
+
+    /// The path segment and public name of the profile.
+    pub fn key(self) -> &'static str {
+        match self {
+            Profile::AdobeSign => "adobe-sign",
+            Profile::Salesforce => "salesforce",
+            Profile::Box => "box",
+            Profile::Microsoft => "microsoft",
+            Profile::Generic => "generic",
+        }
+    }
+
+    pub fn from_key(key: &str) -> Option<Profile> {
+        Profile::ALL.into_iter().find(|p| p.key() == key)
+    }
+
+    /// Index into per-profile arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Prefix of every token and code minted for this profile, so a token seen in a log tells
+    /// which profile issued it.
+    pub fn token_prefix(self) -> &'static str {
+        match self {
+            Profile::AdobeSign => "ads",
+            Profile::Salesforce => "sfdc",
+            Profile::Box => "box",
+            Profile::Microsoft => "msft",
+            Profile::Generic => "gen",
+        }
+    }
+
+    /// Endpoint paths relative to the sandbox root. Microsoft's carry the `common` tenant, which
+    /// is what its metadata names; its routes accept any tenant.
+    pub fn paths(self) -> ProfilePaths {
+        match self {
+            Profile::AdobeSign => ProfilePaths {
+                authorize: "/adobe-sign/public/oauth/v2",
+                token: "/adobe-sign/oauth/v2/token",
+                refresh: Some("/adobe-sign/oauth/v2/refresh"),
+                revoke: "/adobe-sign/oauth/v2/revoke",
+            },
+            Profile::Salesforce => ProfilePaths {
+                authorize: "/salesforce/services/oauth2/authorize",
+                token: "/salesforce/services/oauth2/token",
+                refresh: None,
+                revoke: "/salesforce/services/oauth2/revoke",
+            },
+            Profile::Box => ProfilePaths {
+                authorize: "/box/api/oauth2/authorize",
+                token: "/box/oauth2/token",
+                refresh: None,
+                revoke: "/box/oauth2/revoke",
+            },
+            Profile::Microsoft => ProfilePaths {
+                authorize: "/microsoft/common/oauth2/v2.0/authorize",
+                token: "/microsoft/common/oauth2/v2.0/token",
+                refresh: None,
+                revoke: "/microsoft/common/oauth2/v2.0/revoke",
+            },
+            Profile::Generic => ProfilePaths {
+                authorize: "/generic/authorize",
+                token: "/generic/token",
+                refresh: None,
+                revoke: "/generic/revoke",
+            },
+        }
+    }
+}
+
+pub struct ProfilePaths {
+    pub authorize: &'static str,
+    pub token: &'static str,
+    /// Only for providers that refresh at a separate URL (Adobe Sign).
+    pub refresh: Option<&'static str>,
+    pub revoke: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenResponseFormat {
+    Json,
+    /// `application/x-www-form-urlencoded`, as GitHub answers without `Accept: application/json`.
+    /// Applies to success and error answers of the token endpoint alike.
+    Form,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthMethod {
+    ClientSecretPost,
+    ClientSecretBasic,
+}
+
+/// Behaviour of one profile, changeable at run time. Serialized in camelCase as the answer of
+/// `GET/PUT /__sandbox/profiles/{profile}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProfileSettings {
+    pub access_token_ttl_seconds: u64,
+    /// 0: refresh tokens never die of inactivity. Each use restarts the window.
+    pub refresh_token_idle_ttl_seconds: u64,
+    /// 0: no absolute limit. Counted from the grant's creation (the original authorization), so
+    /// rotated refresh tokens inherit it, as Spotify and LinkedIn do.
+    pub refresh_token_absolute_ttl_seconds: u64,
+    pub authorization_code_ttl_seconds: u64,
+    /// Each refresh returns a new refresh token and the presented one becomes "used".
+    pub rotate_refresh_tokens: bool,
+    /// A used refresh token still works this many seconds after its first use. Within the grace
+    /// each retry mints a fresh pair (new access token, new refresh token); the successor handed
+    /// out at first use stays valid too.
+    pub refresh_reuse_grace_seconds: u64,
+    /// A used refresh token presented outside the grace kills the whole grant.
+    pub revoke_grant_on_reuse: bool,
+    /// Each refresh returns a new refresh token, but the presented one stays valid (Microsoft).
+    /// Takes precedence over `rotateRefreshTokens`.
+    pub old_refresh_token_stays_valid: bool,
+    /// Refresh answers carry no `refresh_token` when none was minted (Salesforce, Spotify).
+    pub omit_refresh_token_on_refresh: bool,
+    /// No refresh token unless the granted scope contains `offline_access` (Microsoft).
+    pub require_offline_access_scope: bool,
+    /// Salesforce sends no `expires_in` at all.
+    pub include_expires_in: bool,
+    pub expires_in_as_string: bool,
+    pub token_response_format: TokenResponseFormat,
+    /// Token-endpoint errors answer HTTP 200 (GitHub, Slack style).
+    pub errors_with_http200: bool,
+    /// HTTP status of `invalid_grant` answers (Atlassian uses 403).
+    pub invalid_grant_status: u16,
+    pub client_auth_methods: Vec<ClientAuthMethod>,
+}
+
+impl ProfileSettings {
+    pub fn defaults(profile: Profile) -> ProfileSettings {
+        let base = ProfileSettings {
+            access_token_ttl_seconds: 3600,
+            refresh_token_idle_ttl_seconds: 0,
+            refresh_token_absolute_ttl_seconds: 0,
+            authorization_code_ttl_seconds: 600,
+            rotate_refresh_tokens: false,
+            refresh_reuse_grace_seconds: 0,
+            revoke_grant_on_reuse: false,
+            old_refresh_token_stays_valid: false,
+            omit_refresh_token_on_refresh: false,
+            require_offline_access_scope: false,
+            include_expires_in: true,
+            expires_in_as_string: false,
+            token_response_format: TokenResponseFormat::Json,
+            errors_with_http200: false,
+            invalid_grant_status: 400,
+            client_auth_methods: vec![
+                ClientAuthMethod::ClientSecretPost,
+                ClientAuthMethod::ClientSecretBasic,
+            ],
+        };
+        const SIXTY_DAYS: u64 = 60 * 86_400;
+        match profile {
+            Profile::AdobeSign => ProfileSettings {
+                refresh_token_idle_ttl_seconds: SIXTY_DAYS,
+                authorization_code_ttl_seconds: 300,
+                // Not rotated; that the refresh answer carries no refresh_token is unconfirmed.
+                omit_refresh_token_on_refresh: true,
+                ..base
+            },
+            Profile::Salesforce => ProfileSettings {
+                // The org's session timeout; Salesforce never says it in the token answer.
+                access_token_ttl_seconds: 7200,
+                include_expires_in: false,
+                omit_refresh_token_on_refresh: true,
+                ..base
+            },
+            Profile::Box => ProfileSettings {
+                refresh_token_idle_ttl_seconds: SIXTY_DAYS,
+                rotate_refresh_tokens: true,
+                ..base
+            },
+            Profile::Microsoft => ProfileSettings {
+                // Real access tokens live a random 60-90 minutes; a fixed hour is predictable.
+                refresh_token_idle_ttl_seconds: 90 * 86_400,
+                old_refresh_token_stays_valid: true,
+                require_offline_access_scope: true,
+                ..base
+            },
+            Profile::Generic => base,
+        }
+    }
+
+    /// Applies a partial update; validation happens before anything changes.
+    pub fn apply(&mut self, patch: ProfileSettingsPatch) -> Result<(), String> {
+        if let Some(status) = patch.invalid_grant_status
+            && !(200..=599).contains(&status)
+        {
+            return Err(format!(
+                "invalidGrantStatus must be an HTTP status between 200 and 599, got {status}"
+            ));
+        }
+        if let Some(methods) = &patch.client_auth_methods
+            && methods.is_empty()
+        {
+            return Err("clientAuthMethods must name at least one method".to_string());
+        }
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = patch.$field { self.$field = v; } )* };
+        }
+        set!(
+            access_token_ttl_seconds,
+            refresh_token_idle_ttl_seconds,
+            refresh_token_absolute_ttl_seconds,
+            authorization_code_ttl_seconds,
+            rotate_refresh_tokens,
+            refresh_reuse_grace_seconds,
+            revoke_grant_on_reuse,
+            old_refresh_token_stays_valid,
+            omit_refresh_token_on_refresh,
+            require_offline_access_scope,
+            include_expires_in,
+            expires_in_as_string,
+            token_response_format,
+            errors_with_http200,
+            invalid_grant_status,
+            client_auth_methods
+        );
+        Ok(())
+    }
+}
+
+/// The body of `PUT /__sandbox/profiles/{profile}`: every field optional; unknown fields are
+/// refused so that a typo does not silently change nothing.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProfileSettingsPatch {
+    pub access_token_ttl_seconds: Option<u64>,
+    pub refresh_token_idle_ttl_seconds: Option<u64>,
+    pub refresh_token_absolute_ttl_seconds: Option<u64>,
+    pub authorization_code_ttl_seconds: Option<u64>,
+    pub rotate_refresh_tokens: Option<bool>,
+    pub refresh_reuse_grace_seconds: Option<u64>,
+    pub revoke_grant_on_reuse: Option<bool>,
+    pub old_refresh_token_stays_valid: Option<bool>,
+    pub omit_refresh_token_on_refresh: Option<bool>,
+    pub require_offline_access_scope: Option<bool>,
+    pub include_expires_in: Option<bool>,
+    pub expires_in_as_string: Option<bool>,
+    pub token_response_format: Option<TokenResponseFormat>,
+    pub errors_with_http200: Option<bool>,
+    pub invalid_grant_status: Option<u16>,
+    pub client_auth_methods: Option<Vec<ClientAuthMethod>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        for profile in Profile::ALL {
+            assert_eq!(Profile::from_key(profile.key()), Some(profile));
+            assert_eq!(Profile::ALL[profile.index()], profile);
+        }
+        assert_eq!(Profile::from_key("github"), None);
+    }
+
+    #[test]
+    fn patch_validates_before_changing() {
+        let mut settings = ProfileSettings::defaults(Profile::Generic);
+        let patch: ProfileSettingsPatch =
+            serde_json::from_str(r#"{"accessTokenTtlSeconds": 5, "invalidGrantStatus": 99}"#)
+                .expect("valid JSON");
+        assert!(settings.apply(patch).is_err());
+        assert_eq!(settings.access_token_ttl_seconds, 3600);
+    }
+}

@@ -1,0 +1,429 @@
+//! Encryption at rest, secret hashing and event signatures.
+//!
+//! Every encrypted value is sealed with AES-256-GCM under the current master key. The sealed
+//! bytes carry a format version and the key's id, so that values sealed under an older key still
+//! open after a rotation (`tokenwarden keys rotate` re-seals them under the new key). The
+//! associated data binds a ciphertext to its table, row and field: a ciphertext copied onto
+//! another instance, or from the refresh-token column into the access-token column, does not
+//! open.
+//!
+//! Platform secrets (organization, user and Element tokens) are 256-bit random values; only their
+//! SHA-256 is stored. A slow password hash buys nothing for values with 256 bits of entropy.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use hmac::{Hmac, Mac};
+use rand::Rng;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::secret::Secret;
+
+const FORMAT_VERSION: u8 = 1;
+const KEY_ID_LEN: usize = 4;
+const NONCE_LEN: usize = 12;
+const HEADER_LEN: usize = 1 + KEY_ID_LEN + NONCE_LEN;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    #[error("the master key is not valid: {0}")]
+    BadKey(String),
+    #[error("a stored value was sealed under key {0}, which this process does not have")]
+    UnknownKey(String),
+    #[error("a stored value does not open: it was altered, or belongs to another row or field")]
+    Tampered,
+    #[error("the stored value is not in a known format")]
+    Format,
+    #[error("could not read or write the key file {path}: {message}")]
+    KeyFile { path: String, message: String },
+}
+
+/// A 256-bit master key and its id (the first bytes of a hash of the key, never the key itself).
+#[derive(Clone)]
+pub struct MasterKey {
+    id: [u8; KEY_ID_LEN],
+    cipher: Aes256Gcm,
+}
+
+impl fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MasterKey({})", self.id_hex())
+    }
+}
+
+impl MasterKey {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, CryptoError> {
+        if bytes.len() != 32 {
+            return Err(CryptoError::BadKey(format!(
+                "it must be 32 bytes, base64-encoded; this one is {} bytes",
+                bytes.len()
+            )));
+        }
+        let cipher = Aes256Gcm::new_from_slice(bytes)
+            .map_err(|_| CryptoError::BadKey("not usable as an AES-256 key".into()))?;
+        let digest = Sha256::new()
+            .chain_update(b"tokenwarden key id\0")
+            .chain_update(bytes)
+            .finalize();
+        let mut id = [0u8; KEY_ID_LEN];
+        id.copy_from_slice(&digest[..KEY_ID_LEN]);
+        Ok(MasterKey { id, cipher })
+    }
+
+    /// Parses the base64 form used by `TOKENWARDEN_MASTER_KEY` and key files.
+    pub fn from_base64(text: &str) -> Result<Self, CryptoError> {
+        let bytes = STANDARD
+            .decode(text.trim())
+            .or_else(|_| URL_SAFE_NO_PAD.decode(text.trim()))
+            .map_err(|_| {
+                CryptoError::BadKey(
+                    "it is not base64; make one with `openssl rand -base64 32`".into(),
+                )
+            })?;
+        Self::from_bytes(&bytes)
+    }
+
+    /// A new random key, returned with its base64 form for storing.
+    pub fn generate() -> (Self, Secret) {
+        let bytes = random_bytes::<32>();
+        let text = Secret::new(STANDARD.encode(bytes));
+        (
+            Self::from_bytes(&bytes).expect("32 random bytes make a key"),
+            text,
+        )
+    }
+
+    pub fn id_hex(&self) -> String {
+        hex(&self.id)
+    }
+}
+
+/// Where a sealed value lives; bound into the associated data.
+#[derive(Debug, Clone, Copy)]
+pub struct Binding<'a> {
+    pub table: &'a str,
+    pub row: i64,
+    pub field: &'a str,
+}
+
+impl Binding<'_> {
+    fn associated_data(&self) -> Vec<u8> {
+        format!("tokenwarden/v1/{}/{}/{}", self.table, self.row, self.field).into_bytes()
+    }
+}
+
+/// The current key (used to seal) and every older key still able to open.
+#[derive(Clone, Debug)]
+pub struct Keyring {
+    current: MasterKey,
+    by_id: HashMap<[u8; KEY_ID_LEN], MasterKey>,
+}
+
+impl Keyring {
+    pub fn new(current: MasterKey, previous: Vec<MasterKey>) -> Self {
+        let mut by_id = HashMap::new();
+        for key in previous.into_iter().chain(std::iter::once(current.clone())) {
+            by_id.insert(key.id, key);
+        }
+        Keyring { current, by_id }
+    }
+
+    pub fn current_key_id(&self) -> String {
+        self.current.id_hex()
+    }
+
+    pub fn seal(&self, plaintext: &[u8], binding: Binding<'_>) -> Vec<u8> {
+        let nonce_bytes = random_bytes::<NONCE_LEN>();
+        let nonce = Nonce::from(nonce_bytes);
+        let aad = binding.associated_data();
+        let ciphertext = self
+            .current
+            .cipher
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: plaintext,
+                    aad: &aad,
+                },
+            )
+            .expect("AES-GCM sealing of an in-memory buffer cannot fail");
+        let mut sealed = Vec::with_capacity(HEADER_LEN + ciphertext.len());
+        sealed.push(FORMAT_VERSION);
+        sealed.extend_from_slice(&self.current.id);
+        sealed.extend_from_slice(&nonce_bytes);
+        sealed.extend_from_slice(&ciphertext);
+        sealed
+    }
+
+    pub fn open(&self, sealed: &[u8], binding: Binding<'_>) -> Result<Vec<u8>, CryptoError> {
+        if sealed.len() < HEADER_LEN + 16 || sealed[0] != FORMAT_VERSION {
+            return Err(CryptoError::Format);
+        }
+        let mut id = [0u8; KEY_ID_LEN];
+        id.copy_from_slice(&sealed[1..1 + KEY_ID_LEN]);
+        let key = self
+            .by_id
+            .get(&id)
+            .ok_or_else(|| CryptoError::UnknownKey(hex(&id)))?;
+        let mut nonce_bytes = [0u8; NONCE_LEN];
+        nonce_bytes.copy_from_slice(&sealed[1 + KEY_ID_LEN..HEADER_LEN]);
+        let aad = binding.associated_data();
+        key.cipher
+            .decrypt(
+                &Nonce::from(nonce_bytes),
+                Payload {
+                    msg: &sealed[HEADER_LEN..],
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| CryptoError::Tampered)
+    }
+
+    pub fn seal_secret(&self, secret: &Secret, binding: Binding<'_>) -> Vec<u8> {
+        self.seal(secret.expose().as_bytes(), binding)
+    }
+
+    pub fn open_secret(&self, sealed: &[u8], binding: Binding<'_>) -> Result<Secret, CryptoError> {
+        let bytes = self.open(sealed, binding)?;
+        String::from_utf8(bytes)
+            .map(Secret::new)
+            .map_err(|_| CryptoError::Format)
+    }
+
+    /// Whether a sealed value is under the current key (key rotation skips those).
+    pub fn is_current(&self, sealed: &[u8]) -> bool {
+        sealed.len() > KEY_ID_LEN && sealed[1..1 + KEY_ID_LEN] == self.current.id
+    }
+}
+
+/// Loads the keyring: `TOKENWARDEN_MASTER_KEY` when given; with SQLite and no key, a key file
+/// beside the database (created with mode 0600); with PostgreSQL and no key, an error that says
+/// how to make one. `previous` are older keys still accepted for opening.
+pub fn load_keyring(
+    master_key: Option<&str>,
+    previous: Option<&str>,
+    database_url: &str,
+) -> Result<Keyring, CryptoError> {
+    let previous_keys = previous
+        .unwrap_or("")
+        .split(',')
+        .filter(|part| !part.trim().is_empty())
+        .map(MasterKey::from_base64)
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(text) = master_key.filter(|text| !text.trim().is_empty()) {
+        return Ok(Keyring::new(MasterKey::from_base64(text)?, previous_keys));
+    }
+    let Some(database_path) = sqlite_path(database_url) else {
+        return Err(CryptoError::BadKey(
+            "TOKENWARDEN_MASTER_KEY is not set. With PostgreSQL every replica must share one key: \
+             make one with `openssl rand -base64 32` (or `head -c32 /dev/urandom | base64`) and \
+             set TOKENWARDEN_MASTER_KEY to it on every replica"
+                .into(),
+        ));
+    };
+    let key_path = format!("{database_path}.key");
+    let key = load_or_create_key_file(Path::new(&key_path))?;
+    Ok(Keyring::new(key, previous_keys))
+}
+
+/// The file path of a `sqlite://` URL, without its query.
+pub fn sqlite_path(database_url: &str) -> Option<String> {
+    let rest = database_url
+        .strip_prefix("sqlite://")
+        .or_else(|| database_url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    Some(path.to_string())
+}
+
+fn load_or_create_key_file(path: &Path) -> Result<MasterKey, CryptoError> {
+    let key_file_error = |error: std::io::Error| CryptoError::KeyFile {
+        path: path.display().to_string(),
+        message: error.to_string(),
+    };
+    match std::fs::read_to_string(path) {
+        Ok(text) => MasterKey::from_base64(&text),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let (key, text) = MasterKey::generate();
+            write_private_file(path, text.expose().as_bytes()).map_err(key_file_error)?;
+            tracing::warn!(
+                key_file = %path.display(),
+                key_id = %key.id_hex(),
+                "TOKENWARDEN_MASTER_KEY is not set: created a new master key file (mode 0600) \
+                 beside the database. Back it up: without it the stored tokens cannot be read"
+            );
+            Ok(key)
+        }
+        Err(error) => Err(key_file_error(error)),
+    }
+}
+
+fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
+/// A new 256-bit random secret, URL-safe base64 (organization, user and Element secrets).
+pub fn new_platform_secret() -> Secret {
+    Secret::new(URL_SAFE_NO_PAD.encode(random_bytes::<32>()))
+}
+
+/// The stored form of a platform secret.
+pub fn hash_secret(secret: &str) -> Vec<u8> {
+    Sha256::new()
+        .chain_update(b"tokenwarden secret\0")
+        .chain_update(secret.as_bytes())
+        .finalize()
+        .to_vec()
+}
+
+/// Constant-time comparison of two hashes.
+pub fn hashes_equal(left: &[u8], right: &[u8]) -> bool {
+    left.len() == right.len() && bool::from(left.ct_eq(right))
+}
+
+/// `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">` for `X-Tokenwarden-Signature`.
+pub fn sign_event(key: &[u8], unix_seconds: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(unix_seconds.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!(
+        "t={unix_seconds},v1={}",
+        hex(&mac.finalize().into_bytes())
+    )
+}
+
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes
+}
+
+/// A random id below 2^53 (safe in JavaScript), never below 100000 so it looks like an id.
+pub fn new_id() -> i64 {
+    let raw = u64::from_le_bytes(random_bytes::<8>()) & ((1u64 << 53) - 1);
+    (raw.max(100_000)) as i64
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        text.push(DIGITS[(byte >> 4) as usize] as char);
+        text.push(DIGITS[(byte & 0xf) as usize] as char);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding(row: i64, field: &str) -> Binding<'_> {
+        Binding {
+            table: "instances",
+            row,
+            field,
+        }
+    }
+
+    #[test]
+    fn sealed_value_opens_only_at_its_own_row_and_field() {
+        let (key, _) = MasterKey::generate();
+        let keyring = Keyring::new(key, vec![]);
+        let sealed = keyring.seal(b"refresh-token-value", binding(7, "refresh_token"));
+        assert!(
+            !sealed
+                .windows(b"refresh-token-value".len())
+                .any(|w| w == b"refresh-token-value")
+        );
+        assert_eq!(
+            keyring.open(&sealed, binding(7, "refresh_token")).unwrap(),
+            b"refresh-token-value"
+        );
+        assert!(matches!(
+            keyring.open(&sealed, binding(8, "refresh_token")),
+            Err(CryptoError::Tampered)
+        ));
+        assert!(matches!(
+            keyring.open(&sealed, binding(7, "access_token")),
+            Err(CryptoError::Tampered)
+        ));
+        let mut altered = sealed.clone();
+        *altered.last_mut().unwrap() ^= 1;
+        assert!(keyring.open(&altered, binding(7, "refresh_token")).is_err());
+    }
+
+    #[test]
+    fn old_keys_open_after_rotation_and_unknown_keys_are_named() {
+        let (old, _) = MasterKey::generate();
+        let (new, _) = MasterKey::generate();
+        let before = Keyring::new(old.clone(), vec![]);
+        let sealed = before.seal(b"x", binding(1, "f"));
+        let after = Keyring::new(new.clone(), vec![old.clone()]);
+        assert_eq!(after.open(&sealed, binding(1, "f")).unwrap(), b"x");
+        assert!(!after.is_current(&sealed));
+        assert!(after.is_current(&after.seal(b"x", binding(1, "f"))));
+        let without_old = Keyring::new(new, vec![]);
+        match without_old.open(&sealed, binding(1, "f")) {
+            Err(CryptoError::UnknownKey(id)) => assert_eq!(id, old.id_hex()),
+            other => panic!("expected UnknownKey, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn key_file_is_created_private_and_reused() {
+        let dir = std::env::temp_dir().join(format!("tw-key-{}", new_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}/tokenwarden.db?mode=rwc", dir.display());
+        let first = load_keyring(None, None, &url).unwrap();
+        let second = load_keyring(None, None, &url).unwrap();
+        assert_eq!(first.current_key_id(), second.current_key_id());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.join("tokenwarden.db.key"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let error = load_keyring(None, None, "postgres://localhost/x").unwrap_err();
+        assert!(error.to_string().contains("TOKENWARDEN_MASTER_KEY"));
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn signature_matches_a_known_hmac() {
+        // HMAC-SHA256("key", "1700000000.{}") computed independently with openssl.
+        let signature = sign_event(b"key", 1_700_000_000, b"{}");
+        assert_eq!(
+            signature,
+            "t=1700000000,v1=9d713ed406bb7076d4123f0dc2c39d2df5c654ed4b0cd56b52c8b4c940bd63ae"
+        );
+    }
+
+    #[test]
+    fn secrets_hash_and_compare() {
+        let secret = new_platform_secret();
+        assert!(secret.expose().len() >= 43);
+        let hash = hash_secret(secret.expose());
+        assert!(hashes_equal(&hash, &hash_secret(secret.expose())));
+        assert!(!hashes_equal(&hash, &hash_secret("other")));
+    }
+}
