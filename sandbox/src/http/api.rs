@@ -1,0 +1,233 @@
+//! The protected API: `api/me` and `api/echo` on every profile, plus provider-shaped paths
+//! (Adobe `api/rest/v6/users/me`, Salesforce `services/data/v59.0/…` and the identity URL,
+//! Box `2.0/users/me`, Graph `v1.0/me`). Every call goes through [`authorize_call`], which
+//! applies API faults, checks the bearer token and counts the outcome.
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::get;
+use serde_json::{Map, Value, json};
+
+use super::shapes::api_rejection;
+use super::token::{salesforce_org_id, salesforce_user_id, stable_hex};
+use super::{AppState, base_url, bearer_token, injected_fault, json_response};
+use crate::faults::FaultTarget;
+use crate::profiles::Profile;
+use crate::state::{AccessRejection, Sandbox, Stats, TokenOwner};
+
+/// Echo bodies are for checking what a proxy forwarded; 1 MiB is plenty.
+const MAX_ECHO_BODY_BYTES: usize = 1024 * 1024;
+
+/// Checks the call's bearer token; the error is the profile's rejection answer.
+async fn authorize_call(
+    sandbox: &Sandbox,
+    profile: Profile,
+    headers: &HeaderMap,
+) -> Result<TokenOwner, Response> {
+    if let Some(fault) = injected_fault(sandbox, FaultTarget::Api).await {
+        return Err(fault);
+    }
+    let checked = match bearer_token(headers) {
+        Some(token) => sandbox.check_access_token(profile, token),
+        None => Err(AccessRejection::Missing),
+    };
+    match checked {
+        Ok(owner) => {
+            Stats::bump(&sandbox.stats.api_ok);
+            Ok(owner)
+        }
+        Err(rejection) => {
+            Stats::bump(&sandbox.stats.api_unauthorized);
+            Err(api_rejection(profile, rejection, sandbox.clock.now_ms()))
+        }
+    }
+}
+
+/// Runs `answer` for an authorized call, or answers the rejection.
+async fn protected(
+    sandbox: &Sandbox,
+    profile: Profile,
+    headers: &HeaderMap,
+    answer: impl FnOnce(&TokenOwner, &str) -> Value,
+) -> Response {
+    match authorize_call(sandbox, profile, headers).await {
+        Ok(owner) => json_response(StatusCode::OK, answer(&owner, &base_url(sandbox, headers))),
+        Err(rejection) => rejection,
+    }
+}
+
+/// `GET /{profile}/api/me`: the same shape on every profile.
+pub async fn me(State(sandbox): State<AppState>, profile: Profile, headers: HeaderMap) -> Response {
+    protected(&sandbox, profile, &headers, |owner, _| {
+        json!({
+            "user": owner.user,
+            "profile": profile.key(),
+            "scope": owner.scope,
+            "clientId": owner.client_id,
+        })
+    })
+    .await
+}
+
+/// `{ANY} /{profile}/api/echo[/…]`: what the sandbox received, minus the Authorization header.
+pub async fn echo(State(sandbox): State<AppState>, profile: Profile, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let owner = match authorize_call(&sandbox, profile, &parts.headers).await {
+        Ok(owner) => owner,
+        Err(rejection) => return rejection,
+    };
+    let body = match axum::body::to_bytes(body, MAX_ECHO_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(_) => {
+            return json_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({"error": "payload_too_large", "message": "The echo endpoint takes at most 1 MiB."}),
+            );
+        }
+    };
+    let mut headers = Map::new();
+    for name in parts.headers.keys() {
+        if name == axum::http::header::AUTHORIZATION {
+            continue;
+        }
+        let values: Vec<String> = parts
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect();
+        headers.insert(name.as_str().to_string(), json!(values.join(", ")));
+    }
+    let query = parts.uri.query().unwrap_or("");
+    let query_params: Map<String, Value> = url::form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), json!(v)))
+        .collect();
+    json_response(
+        StatusCode::OK,
+        json!({
+            "method": parts.method.as_str(),
+            "path": parts.uri.path(),
+            "query": query,
+            "queryParams": query_params,
+            "headers": headers,
+            "body": String::from_utf8_lossy(&body),
+            "user": owner.user,
+            "profile": profile.key(),
+        }),
+    )
+}
+
+/// The provider-shaped API paths of `profile`.
+pub fn provider_routes(profile: Profile) -> Router<AppState> {
+    let shaped = move |shape: fn(&TokenOwner, &str) -> Value| {
+        get(move |State(sandbox): State<AppState>, headers: HeaderMap| async move {
+            protected(&sandbox, profile, &headers, shape).await
+        })
+    };
+    match profile {
+        Profile::AdobeSign => {
+            Router::new().route("/adobe-sign/api/rest/v6/users/me", shaped(adobe_user))
+        }
+        Profile::Salesforce => Router::new()
+            .route("/salesforce/services/data/v59.0/sobjects", shaped(salesforce_sobjects))
+            .route(
+                "/salesforce/services/data/v59.0/chatter/users/me",
+                shaped(salesforce_chatter_user),
+            )
+            .route("/salesforce/id/{org}/{user}", shaped(salesforce_identity)),
+        Profile::Box => Router::new().route("/box/2.0/users/me", shaped(box_user)),
+        Profile::Microsoft => Router::new().route("/microsoft/v1.0/me", shaped(graph_user)),
+        Profile::Generic => Router::new(),
+    }
+}
+
+fn email(user: &str) -> String {
+    format!("{user}@example.com")
+}
+
+fn adobe_user(owner: &TokenOwner, _base: &str) -> Value {
+    let hex = stable_hex(&owner.user);
+    json!({
+        "id": format!("CBJCHBCAABAA{}", &hex[..20]),
+        "email": email(&owner.user),
+        "firstName": owner.user,
+        "lastName": "Sandbox",
+        "accountId": "CBJCHBCAABAASANDBOXACCOUNT",
+        "accountType": "ENTERPRISE",
+        "status": "ACTIVE",
+        "isAccountAdmin": false,
+        "company": "tokenwarden sandbox",
+    })
+}
+
+fn salesforce_sobjects(_owner: &TokenOwner, _base: &str) -> Value {
+    let sobject = |name: &str, prefix: &str| {
+        json!({"name": name, "label": name, "keyPrefix": prefix, "queryable": true,
+               "urls": {"sobject": format!("/services/data/v59.0/sobjects/{name}")}})
+    };
+    json!({
+        "encoding": "UTF-8",
+        "maxBatchSize": 200,
+        "sobjects": [sobject("Account", "001"), sobject("Contact", "003"), sobject("Opportunity", "006")],
+    })
+}
+
+fn salesforce_chatter_user(owner: &TokenOwner, base: &str) -> Value {
+    let id = salesforce_user_id(&owner.user);
+    json!({
+        "id": id,
+        "type": "User",
+        "username": email(&owner.user),
+        "displayName": owner.user,
+        "name": owner.user,
+        "firstName": owner.user,
+        "lastName": "Sandbox",
+        "email": email(&owner.user),
+        "url": format!("/services/data/v59.0/chatter/users/{id}"),
+        "companyName": "tokenwarden sandbox",
+        "instanceUrl": format!("{base}/salesforce"),
+    })
+}
+
+fn salesforce_identity(owner: &TokenOwner, base: &str) -> Value {
+    let user_id = salesforce_user_id(&owner.user);
+    let org_id = salesforce_org_id();
+    json!({
+        "id": format!("{base}/salesforce/id/{org_id}/{user_id}"),
+        "user_id": user_id,
+        "organization_id": org_id,
+        "username": email(&owner.user),
+        "display_name": owner.user,
+        "email": email(&owner.user),
+        "active": true,
+        "user_type": "STANDARD",
+    })
+}
+
+fn box_user(owner: &TokenOwner, _base: &str) -> Value {
+    let hex = stable_hex(&owner.user);
+    let id: String = hex.bytes().filter(u8::is_ascii_digit).take(11).map(char::from).collect();
+    json!({
+        "type": "user",
+        "id": id,
+        "name": owner.user,
+        "login": email(&owner.user),
+        "status": "active",
+        "language": "en",
+    })
+}
+
+fn graph_user(owner: &TokenOwner, _base: &str) -> Value {
+    let hex = stable_hex(&owner.user);
+    json!({
+        "@odata.context": "https://graph.microsoft.com/v1.0/$metadata#users/$entity",
+        "id": format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32]),
+        "displayName": owner.user,
+        "givenName": owner.user,
+        "surname": "Sandbox",
+        "mail": email(&owner.user),
+        "userPrincipalName": email(&owner.user),
+    })
+}

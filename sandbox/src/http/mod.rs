@@ -1,0 +1,283 @@
+//! The sandbox's HTTP surface: the router and helpers shared by the endpoint modules.
+//!
+//! One module per kind of endpoint: [`authorize`], [`token`], [`revoke`], [`api`] (the
+//! protected API), [`metadata`] (RFC 8414 documents) and [`admin`] (`/__sandbox/…` controls).
+//! [`shapes`] holds each profile's error and rejection bodies. Handlers never panic on input:
+//! every request-derived value is parsed into a `Result` and bad input answers 4xx.
+
+pub mod admin;
+pub mod api;
+pub mod authorize;
+pub mod metadata;
+pub mod revoke;
+pub mod shapes;
+pub mod token;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use base64::Engine as _;
+use serde_json::json;
+
+use crate::faults::FaultTarget;
+use crate::profiles::Profile;
+use crate::state::{Sandbox, Stats};
+
+pub type AppState = Arc<Sandbox>;
+
+/// Builds the full router over `sandbox`.
+pub fn router(sandbox: AppState) -> Router {
+    let mut app = Router::new().merge(admin::routes());
+    for profile in Profile::ALL {
+        app = app.merge(profile_routes(profile));
+    }
+    app.fallback(|| async {
+        json_response(
+            StatusCode::NOT_FOUND,
+            json!({"error": "not_found", "message": "No sandbox endpoint at this path. See GET /{profile}/.well-known/oauth-authorization-server for a profile's endpoints."}),
+        )
+    })
+    .with_state(sandbox)
+}
+
+/// The OAuth endpoints, metadata and protected API of one profile. Handlers are closures that
+/// capture the profile, so every URL layout stays literal and visible here.
+fn profile_routes(profile: Profile) -> Router<AppState> {
+    let key = profile.key();
+    let paths = profile.paths();
+    // Microsoft's OAuth URLs carry a tenant; any tenant string is accepted.
+    let oauth_path = |path: &str| path.replacen("/microsoft/common/", "/microsoft/{tenant}/", 1);
+
+    let mut routes = Router::new()
+        .route(
+            &format!("/{key}/.well-known/oauth-authorization-server"),
+            get(move |state: State<AppState>, headers: HeaderMap| async move {
+                metadata::document(state, profile, headers)
+            }),
+        )
+        .route(
+            &oauth_path(paths.authorize),
+            get(move |state: State<AppState>, request: Request| {
+                authorize::show(state, profile, request)
+            })
+            .post(move |state: State<AppState>, headers: HeaderMap, body: Bytes| {
+                authorize::decide(state, profile, headers, body)
+            }),
+        )
+        .route(
+            &oauth_path(paths.token),
+            post(move |state: State<AppState>, headers: HeaderMap, body: Bytes| {
+                let grants = if profile == Profile::AdobeSign {
+                    token::AllowedGrants::AuthorizationCodeOnly
+                } else {
+                    token::AllowedGrants::Both
+                };
+                token::token(state, profile, grants, headers, body)
+            }),
+        )
+        .route(
+            &oauth_path(paths.revoke),
+            post(
+                move |state: State<AppState>, request: Request| async move {
+                    revoke::revoke(state, profile, request).await
+                },
+            ),
+        )
+        .route(
+            &format!("/{key}/api/me"),
+            get(move |state: State<AppState>, headers: HeaderMap| {
+                api::me(state, profile, headers)
+            }),
+        )
+        .route(
+            &format!("/{key}/api/echo"),
+            any(move |state: State<AppState>, request: Request| api::echo(state, profile, request)),
+        )
+        .route(
+            &format!("/{key}/api/echo/{{*rest}}"),
+            any(move |state: State<AppState>, request: Request| api::echo(state, profile, request)),
+        );
+    if let Some(refresh) = paths.refresh {
+        routes = routes.route(
+            refresh,
+            post(move |state: State<AppState>, headers: HeaderMap, body: Bytes| {
+                token::token(state, profile, token::AllowedGrants::RefreshTokenOnly, headers, body)
+            }),
+        );
+    }
+    routes.merge(api::provider_routes(profile))
+}
+
+/// The base URL the sandbox names itself by, without a trailing slash.
+pub fn base_url(sandbox: &Sandbox, headers: &HeaderMap) -> String {
+    if let Some(url) = &sandbox.public_url {
+        return url.clone();
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or("127.0.0.1:4000");
+    format!("http://{host}")
+}
+
+pub fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+/// Why a form body was refused.
+#[derive(Debug)]
+pub struct FormError(pub String);
+
+/// Parses an `application/x-www-form-urlencoded` body. A missing Content-Type is tolerated (an
+/// empty body is common on revoke calls); another media type, or a parameter given twice
+/// (RFC 6749 §3.2), is refused.
+pub fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<HashMap<String, String>, FormError> {
+    if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
+        let media_type = content_type
+            .to_str()
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if media_type != "application/x-www-form-urlencoded" {
+            return Err(FormError(format!(
+                "The body must be application/x-www-form-urlencoded, not '{media_type}'."
+            )));
+        }
+    }
+    parse_pairs(body)
+}
+
+/// Parses form-encoded pairs (a body or a query string), refusing repeated parameters.
+pub fn parse_pairs(input: &[u8]) -> Result<HashMap<String, String>, FormError> {
+    let mut params = HashMap::new();
+    for (name, value) in url::form_urlencoded::parse(input) {
+        if params.insert(name.to_string(), value.into_owned()).is_some() {
+            return Err(FormError(format!("The parameter '{name}' is repeated.")));
+        }
+    }
+    Ok(params)
+}
+
+/// Client credentials from `Authorization: Basic` (RFC 6749 §2.3.1: id and secret are each
+/// form-urlencoded before base64). `Ok(None)` when no Basic header was sent.
+pub fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>, ()> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let value = value.to_str().map_err(|_| ())?;
+    let Some((scheme, encoded)) = value.split_once(' ') else {
+        return Ok(None);
+    };
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Ok(None);
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|_| ())?;
+    let decoded = String::from_utf8(decoded).map_err(|_| ())?;
+    let (id, secret) = decoded.split_once(':').ok_or(())?;
+    Ok(Some((form_decode(id), form_decode(secret))))
+}
+
+/// Decodes one form-urlencoded component (`+` is a space).
+fn form_decode(component: &str) -> String {
+    let pair = format!("v={component}");
+    url::form_urlencoded::parse(pair.as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+/// The bearer token of a request, if it sent one.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Applies the next queued fault for `target`, if any: sleeps its delay (with no lock held),
+/// then answers the failure when it has a status. `None` means "go on serving".
+pub async fn injected_fault(sandbox: &Sandbox, target: FaultTarget) -> Option<Response> {
+    let fault = sandbox.faults.take(target)?;
+    Stats::bump(&sandbox.stats.faults_injected);
+    if fault.delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(fault.delay_ms)).await;
+    }
+    if fault.status == 0 {
+        return None;
+    }
+    let status = StatusCode::from_u16(fault.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let error = if status == StatusCode::TOO_MANY_REQUESTS {
+        "rate_limited"
+    } else {
+        "temporarily_unavailable"
+    };
+    let mut response = json_response(
+        status,
+        json!({"error": error, "error_description": format!("Injected fault: HTTP {}.", fault.status)}),
+    );
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    Some(response)
+}
+
+/// Escapes text for HTML element content and attribute values.
+pub fn html_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials_are_form_decoded() {
+        let mut headers = HeaderMap::new();
+        let encoded = base64::engine::general_purpose::STANDARD.encode("my%20id:s%3Acret+x");
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Basic {encoded}")).expect("ascii"),
+        );
+        assert_eq!(
+            basic_credentials(&headers),
+            Ok(Some(("my id".to_string(), "s:cret x".to_string())))
+        );
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic !!!"));
+        assert_eq!(basic_credentials(&headers), Err(()));
+    }
+
+    #[test]
+    fn repeated_parameters_are_refused() {
+        assert!(parse_pairs(b"a=1&a=2").is_err());
+        assert_eq!(
+            parse_pairs(b"a=1&b=x+y").expect("valid").get("b").map(String::as_str),
+            Some("x y")
+        );
+    }
+}

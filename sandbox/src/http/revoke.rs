@@ -1,0 +1,131 @@
+//! Revocation endpoints, one answer style per profile.
+//!
+//! - Adobe Sign: `token` in the form body or the query string; 200 with an empty body; errors
+//!   are 400 `{"code": "INVALID_REQUEST" | "EXPIRED_TOKEN" | "INVALID_TOKEN", "message": …}`.
+//! - Salesforce: `token` in the body or query; 200; errors 400 `unsupported_token_type` (no
+//!   token) or `invalid_token` (unknown, expired or already revoked).
+//! - Box: form `client_id`, `client_secret`, `token`; client credentials are required; an empty
+//!   200 for any token, known or not.
+//! - generic and Microsoft: RFC 7009: 200 even for unknown tokens, `token_type_hint` accepted
+//!   and ignored (the sandbox looks the token up in both tables). Microsoft has no revocation
+//!   endpoint at all; the sandbox's is a stand-in so tests can kill a Microsoft grant.
+//!
+//! The cascade (which other tokens die) lives in `Sandbox::revoke`.
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::{AppState, injected_fault, json_response, parse_form, parse_pairs};
+use crate::faults::FaultTarget;
+use crate::profiles::Profile;
+use crate::state::{RevokeOutcome, Stats};
+
+/// Revoke bodies are tiny; anything larger is refused rather than buffered.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
+pub async fn revoke(State(sandbox): State<AppState>, profile: Profile, request: Request) -> Response {
+    if let Some(fault) = injected_fault(&sandbox, FaultTarget::Revoke).await {
+        Stats::bump(&sandbox.stats.revoke_errors);
+        return fault;
+    }
+    let response = answer(&sandbox, profile, request).await;
+    Stats::bump(if response.status() == StatusCode::OK {
+        &sandbox.stats.revoke
+    } else {
+        &sandbox.stats.revoke_errors
+    });
+    response
+}
+
+async fn answer(sandbox: &crate::state::Sandbox, profile: Profile, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(_) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "The body is too large or unreadable."),
+    };
+    // Query parameters first; the form body wins where both name the same parameter.
+    let mut params = match parse_pairs(parts.uri.query().unwrap_or("").as_bytes()) {
+        Ok(params) => params,
+        Err(e) => return bad_input(profile, &e.0),
+    };
+    match parse_form(&parts.headers, &body) {
+        Ok(form) => params.extend(form),
+        Err(e) => return bad_input(profile, &e.0),
+    }
+    let token = params.get("token").map(|t| t.trim()).filter(|t| !t.is_empty());
+
+    match profile {
+        Profile::AdobeSign => {
+            let Some(token) = token else {
+                return adobe_error("INVALID_REQUEST", "Empty or missing token");
+            };
+            match sandbox.revoke(profile, token) {
+                RevokeOutcome::Revoked => StatusCode::OK.into_response(),
+                RevokeOutcome::AlreadyDead => {
+                    adobe_error("EXPIRED_TOKEN", "The token is expired or already revoked")
+                }
+                RevokeOutcome::Unknown => adobe_error(
+                    "INVALID_TOKEN",
+                    "This is not a valid OAuth access or refresh token",
+                ),
+            }
+        }
+        Profile::Salesforce => {
+            let Some(token) = token else {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "unsupported_token_type",
+                    "this token type is not supported",
+                );
+            };
+            match sandbox.revoke(profile, token) {
+                RevokeOutcome::Revoked => StatusCode::OK.into_response(),
+                RevokeOutcome::AlreadyDead | RevokeOutcome::Unknown => {
+                    oauth_error(StatusCode::BAD_REQUEST, "invalid_token", "invalid token")
+                }
+            }
+        }
+        Profile::Box | Profile::Microsoft | Profile::Generic => {
+            // Box requires the client's credentials; RFC 7009 servers check them when sent.
+            let sends_credentials = params.contains_key("client_secret")
+                || parts.headers.contains_key(axum::http::header::AUTHORIZATION);
+            if profile == Profile::Box || sends_credentials {
+                let settings = sandbox.settings(profile);
+                if let Err(error) =
+                    super::token::authenticate(sandbox, &settings, &parts.headers, &params)
+                {
+                    let status = if error.code == "invalid_client" {
+                        StatusCode::UNAUTHORIZED
+                    } else {
+                        StatusCode::BAD_REQUEST
+                    };
+                    return oauth_error(status, error.code, &error.description);
+                }
+            }
+            let Some(token) = token else {
+                return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "The parameter 'token' is missing.");
+            };
+            // RFC 7009 §2.2: unknown and already-dead tokens answer 200 too.
+            let _ = sandbox.revoke(profile, token);
+            StatusCode::OK.into_response()
+        }
+    }
+}
+
+fn bad_input(profile: Profile, message: &str) -> Response {
+    if profile == Profile::AdobeSign {
+        adobe_error("INVALID_REQUEST", message)
+    } else {
+        oauth_error(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+}
+
+fn adobe_error(code: &str, message: &str) -> Response {
+    json_response(StatusCode::BAD_REQUEST, json!({"code": code, "message": message}))
+}
+
+fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
+    json_response(status, json!({"error": error, "error_description": description}))
+}

@@ -1,0 +1,733 @@
+//! The sandbox's authorization-server state: clients, codes, grants, tokens and counters.
+//!
+//! This module owns every rule about token life (expiry, rotation, reuse, revocation cascades)
+//! and knows nothing of HTTP: handlers in `http` turn its results into each profile's answer
+//! shapes. **No map entry guard is ever held while another map is read or an `.await` runs**:
+//! records are copied out, checked, and written back with short, single-map critical sections,
+//! which keeps the DashMaps free of lock-order deadlocks under benchmark load.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use dashmap::DashMap;
+use rand::RngExt as _;
+use serde_json::json;
+use sha2::Digest as _;
+
+use crate::clock::{Clock, Millis, plus_seconds};
+use crate::faults::Faults;
+use crate::profiles::{Profile, ProfileSettings};
+
+/// How long dead records are kept so that a second revoke can still say "already revoked".
+const DEAD_RECORD_RETENTION_SECONDS: u64 = 86_400;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PkceMethod {
+    S256,
+    Plain,
+}
+
+#[derive(Debug, Clone)]
+pub struct PkceChallenge {
+    pub method: PkceMethod,
+    pub value: String,
+}
+
+/// What the authorize endpoint approved, waiting to be exchanged.
+#[derive(Debug, Clone)]
+pub struct CodeRequest {
+    pub profile: Profile,
+    pub user: String,
+    pub client_id: String,
+    pub redirect_uri: String,
+    pub scope: String,
+    pub challenge: Option<PkceChallenge>,
+}
+
+#[derive(Debug, Clone)]
+struct AuthorizationCode {
+    request: CodeRequest,
+    expires_at: Millis,
+}
+
+/// A user's consent to a client at one profile; every token belongs to one.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub profile: Profile,
+    pub user: String,
+    pub client_id: String,
+    pub scope: String,
+    pub created_at: Millis,
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone)]
+struct AccessTokenRecord {
+    grant_id: u64,
+    /// The refresh token handed out with this access token (or presented to mint it): revoking
+    /// that refresh token at Salesforce also kills this access token.
+    parent_refresh_token: Option<String>,
+    expires_at: Millis,
+    revoked: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RefreshStatus {
+    Active,
+    /// Rotated away: it worked once and was replaced.
+    Used { first_used_at: Millis },
+    Revoked { at: Millis },
+}
+
+#[derive(Debug, Clone)]
+struct RefreshTokenRecord {
+    grant_id: u64,
+    last_used_at: Millis,
+    status: RefreshStatus,
+}
+
+/// Tokens minted by a successful grant.
+#[derive(Debug, Clone)]
+pub struct IssuedTokens {
+    pub access_token: String,
+    /// The refresh token to put in the answer, if any.
+    pub refresh_token: Option<String>,
+    pub expires_in: u64,
+    pub scope: String,
+    pub user: String,
+}
+
+/// Why a grant (code or refresh token) was refused. All but `InvalidScope` are `invalid_grant`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantError {
+    CodeUnknown,
+    CodeExpired,
+    ClientMismatch,
+    RedirectUriMismatch,
+    PkceVerifierMissing,
+    PkceVerifierUnexpected,
+    PkceMismatch,
+    RefreshTokenUnknown,
+    RefreshTokenExpired,
+    RefreshTokenRevoked,
+    /// A rotated-away refresh token presented again outside the grace.
+    RefreshTokenReused,
+    InvalidScope,
+}
+
+impl GrantError {
+    pub fn concerns_refresh_token(self) -> bool {
+        matches!(
+            self,
+            GrantError::RefreshTokenUnknown
+                | GrantError::RefreshTokenExpired
+                | GrantError::RefreshTokenRevoked
+                | GrantError::RefreshTokenReused
+        )
+    }
+
+    pub fn description(self) -> &'static str {
+        match self {
+            GrantError::CodeUnknown => {
+                "The authorization code is invalid or was already used. Authorize again."
+            }
+            GrantError::CodeExpired => "The authorization code has expired. Authorize again.",
+            GrantError::ClientMismatch => "The grant was issued to another client.",
+            GrantError::RedirectUriMismatch => {
+                "redirect_uri does not match the one of the authorization request."
+            }
+            GrantError::PkceVerifierMissing => {
+                "code_verifier is required: the authorization request sent a code_challenge."
+            }
+            GrantError::PkceVerifierUnexpected => {
+                "code_verifier was sent but the authorization request had no code_challenge."
+            }
+            GrantError::PkceMismatch => "code_verifier does not match the code_challenge.",
+            GrantError::RefreshTokenUnknown => "The refresh token is not known.",
+            GrantError::RefreshTokenExpired => "The refresh token has expired.",
+            GrantError::RefreshTokenRevoked => "The refresh token has been revoked.",
+            GrantError::RefreshTokenReused => {
+                "The refresh token was already used and has been replaced."
+            }
+            GrantError::InvalidScope => "The requested scope exceeds the scope of the grant.",
+        }
+    }
+}
+
+/// Why a bearer token was refused by the protected API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessRejection {
+    Missing,
+    Unknown,
+    Expired,
+    Revoked,
+}
+
+impl AccessRejection {
+    pub fn description(self) -> &'static str {
+        match self {
+            AccessRejection::Missing => "No bearer token was sent.",
+            AccessRejection::Unknown => "The access token is not known.",
+            AccessRejection::Expired => "The access token has expired.",
+            AccessRejection::Revoked => "The access token has been revoked.",
+        }
+    }
+}
+
+/// Who an accepted access token speaks for.
+#[derive(Debug, Clone)]
+pub struct TokenOwner {
+    pub user: String,
+    pub client_id: String,
+    pub scope: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevokeOutcome {
+    /// Not a token this profile issued.
+    Unknown,
+    /// Known, but already expired or revoked; nothing changed.
+    AlreadyDead,
+    Revoked,
+}
+
+/// Counters for `GET /__sandbox/stats`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub authorize: AtomicU64,
+    pub token_authorization_code: AtomicU64,
+    pub token_refresh_token: AtomicU64,
+    pub token_errors: AtomicU64,
+    pub revoke: AtomicU64,
+    pub revoke_errors: AtomicU64,
+    pub api_ok: AtomicU64,
+    pub api_unauthorized: AtomicU64,
+    pub faults_injected: AtomicU64,
+}
+
+impl Stats {
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> serde_json::Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "authorize": get(&self.authorize),
+            "token": {
+                "authorization_code": get(&self.token_authorization_code),
+                "refresh_token": get(&self.token_refresh_token),
+            },
+            "tokenErrors": get(&self.token_errors),
+            "revoke": get(&self.revoke),
+            "revokeErrors": get(&self.revoke_errors),
+            "api": { "ok": get(&self.api_ok), "unauthorized": get(&self.api_unauthorized) },
+            "faultsInjected": get(&self.faults_injected),
+        })
+    }
+
+    fn reset(&self) {
+        for counter in [
+            &self.authorize,
+            &self.token_authorization_code,
+            &self.token_refresh_token,
+            &self.token_errors,
+            &self.revoke,
+            &self.revoke_errors,
+            &self.api_ok,
+            &self.api_unauthorized,
+            &self.faults_injected,
+        ] {
+            counter.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The whole sandbox, shared by every handler behind an `Arc`.
+#[derive(Debug)]
+pub struct Sandbox {
+    /// `--client ID:SECRET`: when set, the only client accepted.
+    fixed_client: Option<(String, String)>,
+    /// Base URL for metadata and routing fields; `None` means "from the Host header".
+    pub public_url: Option<String>,
+    pub clock: Clock,
+    pub stats: Stats,
+    pub faults: Faults,
+    settings: [RwLock<Arc<ProfileSettings>>; 5],
+    /// Clients remembered at first use: id to secret.
+    clients: DashMap<String, String>,
+    codes: DashMap<String, AuthorizationCode>,
+    grants: DashMap<u64, Grant>,
+    access_tokens: DashMap<String, AccessTokenRecord>,
+    refresh_tokens: DashMap<String, RefreshTokenRecord>,
+    next_grant_id: AtomicU64,
+}
+
+impl Sandbox {
+    pub fn new(fixed_client: Option<(String, String)>, public_url: Option<String>) -> Sandbox {
+        Sandbox {
+            fixed_client,
+            public_url: public_url.map(|u| u.trim_end_matches('/').to_string()),
+            clock: Clock::default(),
+            stats: Stats::default(),
+            faults: Faults::default(),
+            settings: Profile::ALL.map(|p| RwLock::new(Arc::new(ProfileSettings::defaults(p)))),
+            clients: DashMap::new(),
+            codes: DashMap::new(),
+            grants: DashMap::new(),
+            access_tokens: DashMap::new(),
+            refresh_tokens: DashMap::new(),
+            next_grant_id: AtomicU64::new(1),
+        }
+    }
+
+    pub fn settings(&self, profile: Profile) -> Arc<ProfileSettings> {
+        self.settings[profile.index()]
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces a profile's settings with the result of `change`, or leaves them alone if it
+    /// fails. Answers the settings now in force.
+    pub fn update_settings(
+        &self,
+        profile: Profile,
+        change: impl FnOnce(&mut ProfileSettings) -> Result<(), String>,
+    ) -> Result<Arc<ProfileSettings>, String> {
+        let mut slot = self.settings[profile.index()]
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut next = (**slot).clone();
+        change(&mut next)?;
+        *slot = Arc::new(next);
+        Ok(slot.clone())
+    }
+
+    /// Clears everything back to the state of a fresh start.
+    pub fn reset(&self) {
+        self.codes.clear();
+        self.grants.clear();
+        self.access_tokens.clear();
+        self.refresh_tokens.clear();
+        self.clients.clear();
+        self.stats.reset();
+        self.faults.clear();
+        self.clock.reset();
+        for profile in Profile::ALL {
+            let _ = self.update_settings(profile, |s| {
+                *s = ProfileSettings::defaults(profile);
+                Ok(())
+            });
+        }
+    }
+
+    /// Whether the client may use the sandbox. Without `--client`, the first secret seen for an
+    /// id is remembered and later calls must repeat it.
+    pub fn authenticate_client(&self, client_id: &str, client_secret: &str) -> bool {
+        if let Some((id, secret)) = &self.fixed_client {
+            return id == client_id && secret == client_secret;
+        }
+        let remembered = self
+            .clients
+            .entry(client_id.to_string())
+            .or_insert_with(|| client_secret.to_string());
+        remembered.value() == client_secret
+    }
+
+    /// Whether the authorize endpoint may accept this client id (only `--client` restricts it).
+    pub fn client_id_allowed(&self, client_id: &str) -> bool {
+        match &self.fixed_client {
+            Some((id, _)) => id == client_id,
+            None => true,
+        }
+    }
+
+    // ----- authorization codes ------------------------------------------------------------
+
+    pub fn issue_code(&self, request: CodeRequest) -> String {
+        let now = self.clock.now_ms();
+        let ttl = self.settings(request.profile).authorization_code_ttl_seconds;
+        let code = random_token(request.profile, "code");
+        self.codes.insert(
+            code.clone(),
+            AuthorizationCode {
+                request,
+                expires_at: plus_seconds(now, ttl),
+            },
+        );
+        Stats::bump(&self.stats.authorize);
+        code
+    }
+
+    /// Redeems a code. The code is consumed by the first attempt whatever its outcome, so a
+    /// code can never be tried twice.
+    pub fn exchange_code(
+        &self,
+        profile: Profile,
+        client_id: &str,
+        code: &str,
+        redirect_uri: &str,
+        code_verifier: Option<&str>,
+    ) -> Result<IssuedTokens, GrantError> {
+        let now = self.clock.now_ms();
+        let Some((_, stored)) = self.codes.remove(code) else {
+            return Err(GrantError::CodeUnknown);
+        };
+        let request = stored.request;
+        if request.profile != profile {
+            return Err(GrantError::CodeUnknown);
+        }
+        if now >= stored.expires_at {
+            return Err(GrantError::CodeExpired);
+        }
+        if request.client_id != client_id {
+            return Err(GrantError::ClientMismatch);
+        }
+        if request.redirect_uri != redirect_uri {
+            return Err(GrantError::RedirectUriMismatch);
+        }
+        match (&request.challenge, code_verifier) {
+            (None, None) => {}
+            (None, Some(_)) => return Err(GrantError::PkceVerifierUnexpected),
+            (Some(_), None) => return Err(GrantError::PkceVerifierMissing),
+            (Some(challenge), Some(verifier)) => {
+                let computed = match challenge.method {
+                    PkceMethod::S256 => URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier)),
+                    PkceMethod::Plain => verifier.to_string(),
+                };
+                if computed != challenge.value {
+                    return Err(GrantError::PkceMismatch);
+                }
+            }
+        }
+
+        let settings = self.settings(profile);
+        let grant_id = self.next_grant_id.fetch_add(1, Ordering::Relaxed);
+        self.grants.insert(
+            grant_id,
+            Grant {
+                profile,
+                user: request.user.clone(),
+                client_id: request.client_id.clone(),
+                scope: request.scope.clone(),
+                created_at: now,
+                revoked: false,
+            },
+        );
+        let wants_refresh_token =
+            !settings.require_offline_access_scope || has_scope(&request.scope, "offline_access");
+        let refresh_token = wants_refresh_token.then(|| self.insert_refresh_token(profile, grant_id, now));
+        let access_token =
+            self.insert_access_token(profile, grant_id, refresh_token.clone(), now, &settings);
+        Ok(IssuedTokens {
+            access_token,
+            refresh_token,
+            expires_in: settings.access_token_ttl_seconds,
+            scope: request.scope,
+            user: request.user,
+        })
+    }
+
+    // ----- refresh ------------------------------------------------------------------------
+
+    pub fn refresh(
+        &self,
+        profile: Profile,
+        client_id: &str,
+        refresh_token: &str,
+        requested_scope: Option<&str>,
+    ) -> Result<IssuedTokens, GrantError> {
+        let now = self.clock.now_ms();
+        let settings = self.settings(profile);
+        let Some(record) = self.refresh_tokens.get(refresh_token).map(|r| r.clone()) else {
+            return Err(GrantError::RefreshTokenUnknown);
+        };
+        let Some(grant) = self.grants.get(&record.grant_id).map(|g| g.clone()) else {
+            return Err(GrantError::RefreshTokenUnknown);
+        };
+        if grant.profile != profile {
+            return Err(GrantError::RefreshTokenUnknown);
+        }
+        if grant.client_id != client_id {
+            return Err(GrantError::ClientMismatch);
+        }
+        if grant.revoked || matches!(record.status, RefreshStatus::Revoked { .. }) {
+            return Err(GrantError::RefreshTokenRevoked);
+        }
+        if refresh_token_expired(&record, &grant, &settings, now) {
+            return Err(GrantError::RefreshTokenExpired);
+        }
+        let scope = match requested_scope.map(str::trim).filter(|s| !s.is_empty()) {
+            // Microsoft's scope on refresh selects a resource rather than narrowing the grant.
+            Some(requested) if profile == Profile::Microsoft => requested.to_string(),
+            Some(requested) => {
+                if !requested.split_whitespace().all(|s| has_scope(&grant.scope, s)) {
+                    return Err(GrantError::InvalidScope);
+                }
+                requested.to_string()
+            }
+            None => grant.scope.clone(),
+        };
+
+        // The state transition happens under the entry's guard so two concurrent refreshes of a
+        // single-use token cannot both succeed.
+        enum Next {
+            KeepSame,
+            MintNew,
+        }
+        let next = {
+            let Some(mut entry) = self.refresh_tokens.get_mut(refresh_token) else {
+                return Err(GrantError::RefreshTokenUnknown);
+            };
+            match entry.status {
+                RefreshStatus::Revoked { .. } => return Err(GrantError::RefreshTokenRevoked),
+                RefreshStatus::Used { first_used_at } => {
+                    let grace_ends = plus_seconds(first_used_at, settings.refresh_reuse_grace_seconds);
+                    if settings.refresh_reuse_grace_seconds > 0 && now <= grace_ends {
+                        entry.last_used_at = now;
+                        Next::MintNew
+                    } else {
+                        drop(entry);
+                        if settings.revoke_grant_on_reuse {
+                            self.revoke_grant(record.grant_id);
+                        }
+                        return Err(GrantError::RefreshTokenReused);
+                    }
+                }
+                RefreshStatus::Active => {
+                    entry.last_used_at = now;
+                    if settings.old_refresh_token_stays_valid {
+                        Next::MintNew
+                    } else if settings.rotate_refresh_tokens {
+                        entry.status = RefreshStatus::Used { first_used_at: now };
+                        Next::MintNew
+                    } else {
+                        Next::KeepSame
+                    }
+                }
+            }
+        };
+
+        let (parent, answer_refresh_token) = match next {
+            Next::MintNew => {
+                let fresh = self.insert_refresh_token(profile, record.grant_id, now);
+                (fresh.clone(), Some(fresh))
+            }
+            Next::KeepSame => {
+                let same = refresh_token.to_string();
+                let answer = (!settings.omit_refresh_token_on_refresh).then(|| same.clone());
+                (same, answer)
+            }
+        };
+        let access_token =
+            self.insert_access_token(profile, record.grant_id, Some(parent), now, &settings);
+        Ok(IssuedTokens {
+            access_token,
+            refresh_token: answer_refresh_token,
+            expires_in: settings.access_token_ttl_seconds,
+            scope,
+            user: grant.user,
+        })
+    }
+
+    // ----- protected API ------------------------------------------------------------------
+
+    pub fn check_access_token(
+        &self,
+        profile: Profile,
+        token: &str,
+    ) -> Result<TokenOwner, AccessRejection> {
+        let now = self.clock.now_ms();
+        let Some(record) = self.access_tokens.get(token).map(|r| r.clone()) else {
+            return Err(AccessRejection::Unknown);
+        };
+        let Some(grant) = self.grants.get(&record.grant_id).map(|g| g.clone()) else {
+            return Err(AccessRejection::Unknown);
+        };
+        if grant.profile != profile {
+            return Err(AccessRejection::Unknown);
+        }
+        if record.revoked || grant.revoked || self.parent_revoked(&record) {
+            return Err(AccessRejection::Revoked);
+        }
+        if now >= record.expires_at {
+            return Err(AccessRejection::Expired);
+        }
+        Ok(TokenOwner {
+            user: grant.user,
+            client_id: grant.client_id,
+            scope: grant.scope,
+        })
+    }
+
+    fn parent_revoked(&self, record: &AccessTokenRecord) -> bool {
+        record.parent_refresh_token.as_deref().is_some_and(|rt| {
+            self.refresh_tokens
+                .get(rt)
+                .is_some_and(|r| matches!(r.status, RefreshStatus::Revoked { .. }))
+        })
+    }
+
+    // ----- revocation ---------------------------------------------------------------------
+
+    /// Revokes `token` with the cascade of `profile`:
+    /// - Adobe Sign and Box: either token kills the whole grant (Adobe documents both
+    ///   directions; for Box the cascade is unconfirmed and the sandbox chooses the strict one).
+    /// - Salesforce: an access token alone; a refresh token and the access tokens minted with it.
+    /// - generic and Microsoft (RFC 7009): an access token alone; a refresh token kills the grant.
+    pub fn revoke(&self, profile: Profile, token: &str) -> RevokeOutcome {
+        let now = self.clock.now_ms();
+        let settings = self.settings(profile);
+        if let Some(record) = self.access_tokens.get(token).map(|r| r.clone()) {
+            let Some(grant) = self.grants.get(&record.grant_id).map(|g| g.clone()) else {
+                return RevokeOutcome::Unknown;
+            };
+            if grant.profile != profile {
+                return RevokeOutcome::Unknown;
+            }
+            if record.revoked || grant.revoked || self.parent_revoked(&record) || now >= record.expires_at {
+                return RevokeOutcome::AlreadyDead;
+            }
+            match profile {
+                Profile::AdobeSign | Profile::Box => self.revoke_grant(record.grant_id),
+                Profile::Salesforce | Profile::Microsoft | Profile::Generic => {
+                    if let Some(mut entry) = self.access_tokens.get_mut(token) {
+                        entry.revoked = true;
+                    }
+                }
+            }
+            return RevokeOutcome::Revoked;
+        }
+        if let Some(record) = self.refresh_tokens.get(token).map(|r| r.clone()) {
+            let Some(grant) = self.grants.get(&record.grant_id).map(|g| g.clone()) else {
+                return RevokeOutcome::Unknown;
+            };
+            if grant.profile != profile {
+                return RevokeOutcome::Unknown;
+            }
+            let used_outside_grace = matches!(record.status, RefreshStatus::Used { first_used_at }
+                if now > plus_seconds(first_used_at, settings.refresh_reuse_grace_seconds));
+            if grant.revoked
+                || matches!(record.status, RefreshStatus::Revoked { .. })
+                || used_outside_grace
+                || refresh_token_expired(&record, &grant, &settings, now)
+            {
+                return RevokeOutcome::AlreadyDead;
+            }
+            match profile {
+                Profile::Salesforce => {
+                    if let Some(mut entry) = self.refresh_tokens.get_mut(token) {
+                        entry.status = RefreshStatus::Revoked { at: now };
+                    }
+                }
+                _ => self.revoke_grant(record.grant_id),
+            }
+            return RevokeOutcome::Revoked;
+        }
+        RevokeOutcome::Unknown
+    }
+
+    fn revoke_grant(&self, grant_id: u64) {
+        if let Some(mut grant) = self.grants.get_mut(&grant_id) {
+            grant.revoked = true;
+        }
+    }
+
+    /// The user revokes the app at the provider: every grant of `user`, in every profile.
+    pub fn revoke_user(&self, user: &str) -> usize {
+        let mut revoked = 0;
+        for mut grant in self.grants.iter_mut() {
+            if grant.user == user && !grant.revoked {
+                grant.revoked = true;
+                revoked += 1;
+            }
+        }
+        revoked
+    }
+
+    /// Drops records that are dead for longer than a day of sandbox time, so a long benchmark
+    /// does not grow memory without bound. Grants are kept: they are few and tokens name them.
+    pub fn purge(&self) {
+        let now = self.clock.now_ms();
+        let retention = DEAD_RECORD_RETENTION_SECONDS;
+        self.codes.retain(|_, c| now < plus_seconds(c.expires_at, retention));
+        self.access_tokens
+            .retain(|_, t| now < plus_seconds(t.expires_at, retention));
+        self.refresh_tokens.retain(|_, t| match t.status {
+            RefreshStatus::Active => true,
+            RefreshStatus::Used { first_used_at } => {
+                now < plus_seconds(first_used_at, retention.saturating_mul(7))
+            }
+            RefreshStatus::Revoked { at } => now < plus_seconds(at, retention),
+        });
+    }
+
+    // ----- minting ------------------------------------------------------------------------
+
+    fn insert_refresh_token(&self, profile: Profile, grant_id: u64, now: Millis) -> String {
+        let token = random_token(profile, "rt");
+        self.refresh_tokens.insert(
+            token.clone(),
+            RefreshTokenRecord {
+                grant_id,
+                last_used_at: now,
+                status: RefreshStatus::Active,
+            },
+        );
+        token
+    }
+
+    fn insert_access_token(
+        &self,
+        profile: Profile,
+        grant_id: u64,
+        parent_refresh_token: Option<String>,
+        now: Millis,
+        settings: &ProfileSettings,
+    ) -> String {
+        let token = random_token(profile, "at");
+        self.access_tokens.insert(
+            token.clone(),
+            AccessTokenRecord {
+                grant_id,
+                parent_refresh_token,
+                expires_at: plus_seconds(now, settings.access_token_ttl_seconds),
+                revoked: false,
+            },
+        );
+        token
+    }
+}
+
+fn refresh_token_expired(
+    record: &RefreshTokenRecord,
+    grant: &Grant,
+    settings: &ProfileSettings,
+    now: Millis,
+) -> bool {
+    let idle = settings.refresh_token_idle_ttl_seconds;
+    let absolute = settings.refresh_token_absolute_ttl_seconds;
+    (idle > 0 && now >= plus_seconds(record.last_used_at, idle))
+        || (absolute > 0 && now >= plus_seconds(grant.created_at, absolute))
+}
+
+/// Whether a space-separated scope string contains `wanted`.
+pub fn has_scope(scope: &str, wanted: &str) -> bool {
+    scope.split_whitespace().any(|s| s == wanted)
+}
+
+/// `{prefix}_{kind}_{192 random bits, base64url}`: opaque, unguessable, and telling which
+/// profile minted it.
+pub fn random_token(profile: Profile, kind: &str) -> String {
+    format!("{}_{kind}_{}", profile.token_prefix(), random_string(24))
+}
+
+/// `len` random bytes, base64url without padding.
+pub fn random_string(len: usize) -> String {
+    let mut bytes = vec![0u8; len];
+    rand::rng().fill(&mut bytes[..]);
+    URL_SAFE_NO_PAD.encode(bytes)
+}

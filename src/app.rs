@@ -1,0 +1,178 @@
+//! The application: every long-lived part of the service, built once by `startup` and shared
+//! by the HTTP handlers, the refresh engine and the background tasks.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::catalog::{self, Connector};
+use crate::crypto::Keyring;
+use crate::oauth::{Endpoints, OAuthClient};
+use crate::store::Store;
+
+/// What `serve` (and the tests, and the demo) configure.
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    pub database_url: String,
+    pub master_key: Option<String>,
+    pub previous_master_keys: Option<String>,
+    /// Where the sandbox provider runs (`{sandbox}` in the catalog).
+    pub sandbox_url: String,
+    /// Timeout of one provider call (token endpoint or proxied API call).
+    pub provider_timeout: Duration,
+    /// Largest JSON body the platform API accepts.
+    pub max_body_bytes: usize,
+    /// Run the scheduler and the event deliverer in this process.
+    pub background_tasks: bool,
+}
+
+impl AppConfig {
+    pub fn new(database_url: impl Into<String>) -> Self {
+        AppConfig {
+            database_url: database_url.into(),
+            master_key: None,
+            previous_master_keys: None,
+            sandbox_url: "http://127.0.0.1:4000".to_string(),
+            provider_timeout: Duration::from_secs(30),
+            max_body_bytes: 1024 * 1024,
+            background_tasks: true,
+        }
+    }
+}
+
+pub struct App {
+    pub config: AppConfig,
+    pub store: Store,
+    pub keyring: Keyring,
+    pub oauth: OAuthClient,
+    /// The one outbound HTTP client (pooling, timeouts, no redirects).
+    pub http: reqwest::Client,
+    pub built_in: BTreeMap<String, Connector>,
+    /// A name for this process in refresh leases, unique per start.
+    pub replica_id: String,
+}
+
+pub type SharedApp = Arc<App>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("{0}")]
+    Crypto(#[from] crate::crypto::CryptoError),
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("{0}")]
+    Catalog(#[from] crate::catalog::CatalogError),
+    #[error("could not build the HTTP client: {0}")]
+    Http(String),
+}
+
+/// The outbound HTTP client: redirects are never followed (a redirect would carry a token or a
+/// client secret to another host), bounded timeouts, a pool large enough for proxy load.
+pub fn build_http_client(timeout: Duration) -> Result<reqwest::Client, StartupError> {
+    install_crypto_provider();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(timeout)
+        .pool_max_idle_per_host(256)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .user_agent(concat!("tokenwarden/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|error| StartupError::Http(error.to_string()))
+}
+
+/// rustls needs one process-wide crypto provider; ring is the one every crate here uses.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl App {
+    pub async fn build(config: AppConfig) -> Result<SharedApp, StartupError> {
+        let keyring = crate::crypto::load_keyring(
+            config.master_key.as_deref(),
+            config.previous_master_keys.as_deref(),
+            &config.database_url,
+        )?;
+        let store = Store::connect(&config.database_url).await?;
+        let built_in = catalog::load_built_in()?
+            .into_iter()
+            .map(|connector| (connector.key.clone(), connector))
+            .collect();
+        let http = build_http_client(config.provider_timeout)?;
+        Ok(Arc::new(App {
+            oauth: OAuthClient::new(http.clone()),
+            http,
+            keyring,
+            store,
+            built_in,
+            replica_id: format!("replica-{}", crate::crypto::hex(&crate::crypto::random_bytes::<6>())),
+            config,
+        }))
+    }
+
+    /// A connector visible to an organization: built-in, or its own.
+    pub async fn connector(
+        &self,
+        organization_id: i64,
+        key: &str,
+    ) -> Result<Option<Connector>, crate::store::StoreError> {
+        if let Some(connector) = self.built_in.get(key) {
+            return Ok(Some(connector.clone()));
+        }
+        let Some(definition) = self.store.get_connector(organization_id, key).await? else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_str(&definition).ok())
+    }
+
+    /// Fills a connector template (`{sandbox}`, inputs from the configuration or their defaults).
+    pub fn fill(
+        &self,
+        connector: &Connector,
+        template: &str,
+        configuration: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, String> {
+        let mut values = BTreeMap::new();
+        values.insert(
+            "sandbox".to_string(),
+            self.config.sandbox_url.trim_end_matches('/').to_string(),
+        );
+        for (name, input) in &connector.inputs {
+            let given = configuration
+                .get(name)
+                .and_then(|value| value.as_str())
+                .map(str::to_string)
+                .or_else(|| input.default.clone());
+            if let Some(value) = given {
+                values.insert(name.clone(), value);
+            }
+        }
+        catalog::fill_template(template, &values)
+    }
+
+    pub fn endpoints(
+        &self,
+        connector: &Connector,
+        configuration: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Endpoints, String> {
+        let oauth = &connector.oauth;
+        let token_url = self.fill(connector, &oauth.token_url, configuration)?;
+        Ok(Endpoints {
+            authorization_url: self.fill(connector, &oauth.authorization_url, configuration)?,
+            refresh_url: match &oauth.refresh_url {
+                Some(url) => self.fill(connector, url, configuration)?,
+                None => token_url.clone(),
+            },
+            token_url,
+            revoke_url: match &oauth.revoke_url {
+                Some(url) => Some(self.fill(connector, url, configuration)?),
+                None => None,
+            },
+        })
+    }
+}
+
+pub fn now_ms() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000
+}

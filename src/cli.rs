@@ -1,0 +1,223 @@
+//! The command line: `serve`, `sandbox`, `demo`, `orgs create`, `users create`, `keys rotate`.
+//! Each command parses its flags (with environment fallbacks) and calls the library.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "tokenwarden", version, about = "OAuth 2.0 connection service: instances, refresh, proxy, revocation")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service.
+    Serve(ServeArgs),
+    /// Run the sandbox OAuth 2.0 provider.
+    Sandbox(SandboxArgs),
+    /// Walk the re-authentication scenario of the articles against a temporary service and sandbox.
+    Demo,
+    /// Organizations.
+    Orgs {
+        #[command(subcommand)]
+        command: OrgsCommand,
+    },
+    /// Users of an organization.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// Master keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct DatabaseArgs {
+    /// `sqlite://path` (embedded, the default) or `postgres://…` (several replicas).
+    #[arg(long, env = "TOKENWARDEN_DATABASE_URL", default_value = "sqlite://tokenwarden.db")]
+    pub database_url: String,
+    /// Base64 of 32 bytes. With SQLite and none set, a key file is created beside the database.
+    #[arg(long, env = "TOKENWARDEN_MASTER_KEY", hide_env_values = true)]
+    pub master_key: Option<String>,
+    /// Older master keys (comma-separated base64) still accepted for reading, during a rotation.
+    #[arg(long, env = "TOKENWARDEN_PREVIOUS_MASTER_KEYS", hide_env_values = true)]
+    pub previous_master_keys: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[arg(long, env = "TOKENWARDEN_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: SocketAddr,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Where the sandbox provider runs, for the catalog's `sandbox-*` connectors.
+    #[arg(long, env = "TOKENWARDEN_SANDBOX_URL", default_value = "http://127.0.0.1:4000")]
+    pub sandbox_url: String,
+    /// Runtime worker threads (default: one per core).
+    #[arg(long, env = "TOKENWARDEN_WORKERS")]
+    pub workers: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    #[arg(long, env = "TOKENWARDEN_SANDBOX_BIND", default_value = "127.0.0.1:4000")]
+    pub bind: SocketAddr,
+    /// Accept only this client: `ID:SECRET`. Without it any id/secret pair is accepted.
+    #[arg(long)]
+    pub client: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OrgsCommand {
+    /// Create an organization and its first user; prints their secrets as JSON.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// Create another user in an organization; prints its secret as JSON.
+    Create {
+        #[arg(long)]
+        organization_id: i64,
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Re-encrypt everything under the current master key (`TOKENWARDEN_MASTER_KEY`); the old
+    /// one goes in `TOKENWARDEN_PREVIOUS_MASTER_KEYS` until this has finished.
+    Rotate {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    let workers = match &cli.command {
+        Command::Serve(args) => args.workers,
+        _ => None,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(workers) = workers.filter(|n| *n > 0) {
+        builder.worker_threads(workers);
+    }
+    let runtime = match builder.build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("tokenwarden: could not start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run_command(cli.command)) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("tokenwarden: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_command(command: Command) -> Result<ExitCode, String> {
+    match command {
+        Command::Serve(args) => {
+            crate::telemetry::init();
+            let mut config = crate::app::AppConfig::new(args.database.database_url);
+            config.master_key = args.database.master_key;
+            config.previous_master_keys = args.database.previous_master_keys;
+            config.sandbox_url = args.sandbox_url;
+            crate::startup::serve(args.bind, config)
+                .await
+                .map_err(|error| error.to_string())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sandbox(args) => {
+            crate::telemetry::init();
+            let client = match args.client {
+                Some(pair) => Some(
+                    pair.split_once(':')
+                        .map(|(id, secret)| (id.to_string(), secret.to_string()))
+                        .ok_or("--client takes ID:SECRET")?,
+                ),
+                None => None,
+            };
+            let config = tokenwarden_sandbox::SandboxConfig {
+                client,
+                ..Default::default()
+            };
+            let listener = tokio::net::TcpListener::bind(args.bind)
+                .await
+                .map_err(|error| format!("could not listen on {}: {error}", args.bind))?;
+            eprintln!("tokenwarden sandbox listening on http://{}", args.bind);
+            tokenwarden_sandbox::serve(listener, config, crate::startup::shutdown_signal())
+                .await
+                .map_err(|error| error.to_string())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => Ok(crate::demo::run().await),
+        Command::Orgs {
+            command: OrgsCommand::Create { name, database },
+        } => {
+            let app = open_app(database).await?;
+            let created = crate::orgs::create_organization(&app, &name)
+                .await
+                .map_err(|error| error.message)?;
+            println!("{}", serde_json::to_string(&created).map_err(|e| e.to_string())?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Users {
+            command:
+                UsersCommand::Create {
+                    organization_id,
+                    name,
+                    database,
+                },
+        } => {
+            let app = open_app(database).await?;
+            let created = crate::orgs::create_user(&app, organization_id, &name)
+                .await
+                .map_err(|error| error.message)?;
+            println!("{}", serde_json::to_string(&created).map_err(|e| e.to_string())?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys {
+            command: KeysCommand::Rotate { database },
+        } => {
+            let app = open_app(database).await?;
+            let count = crate::orgs::rotate_keys(&app)
+                .await
+                .map_err(|error| error.message)?;
+            eprintln!(
+                "re-encrypted {count} rows under key {}",
+                app.keyring.current_key_id()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn open_app(database: DatabaseArgs) -> Result<crate::app::SharedApp, String> {
+    let mut config = crate::app::AppConfig::new(database.database_url);
+    config.master_key = database.master_key;
+    config.previous_master_keys = database.previous_master_keys;
+    config.background_tasks = false;
+    crate::app::App::build(config)
+        .await
+        .map_err(|error| error.to_string())
+}

@@ -1,0 +1,200 @@
+//! `/elements`: the connector catalog (built-in plus the organization's own) and the first step
+//! of an authorization, `GET /elements/{key}/oauth/url`.
+
+use std::collections::HashMap;
+
+use axum::Json as AxumJson;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+
+use super::caller::Caller;
+use super::error::{ApiError, ApiResult};
+use super::json::Json;
+use crate::app::{SharedApp, now_ms};
+use crate::catalog::{self, Connector};
+use crate::crypto::{Binding, hash_secret};
+use crate::store::OAuthStateRow;
+
+/// How long a `state` from `oauth/url` stays usable.
+const STATE_TTL_MS: i64 = 15 * 60 * 1000;
+
+pub fn connector_json(connector: &Connector, built_in: bool) -> Value {
+    let mut value = serde_json::to_value(connector).unwrap_or_else(|_| json!({}));
+    if let Some(object) = value.as_object_mut() {
+        object.insert("authentication".into(), json!({"type": "oauth2"}));
+        object.insert("builtIn".into(), Value::Bool(built_in));
+    }
+    value
+}
+
+pub async fn list(
+    State(app): State<SharedApp>,
+    caller: Caller,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<AxumJson<Vec<Value>>> {
+    caller.require_organization()?;
+    let category = query.get("category").map(String::as_str);
+    let matches = |connector: &Connector| {
+        category.is_none_or(|wanted| connector.category.as_deref() == Some(wanted))
+    };
+    let mut out: Vec<Value> = app
+        .built_in
+        .values()
+        .filter(|c| matches(c))
+        .map(|connector| connector_json(connector, true))
+        .collect();
+    for row in app.store.list_connectors(caller.organization_id).await? {
+        if let Ok(connector) = serde_json::from_str::<Connector>(&row.definition)
+            && matches(&connector)
+        {
+            out.push(connector_json(&connector, false));
+        }
+    }
+    Ok(AxumJson(out))
+}
+
+pub async fn get_one(
+    State(app): State<SharedApp>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<AxumJson<Value>> {
+    caller.require_organization()?;
+    let connector = find(&app, caller.organization_id, &key).await?;
+    Ok(AxumJson(connector_json(&connector, app.built_in.contains_key(&key))))
+}
+
+pub async fn find(app: &SharedApp, organization_id: i64, key: &str) -> ApiResult<Connector> {
+    app.connector(organization_id, key)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("There is no connector `{key}`")))
+}
+
+pub async fn create(
+    State(app): State<SharedApp>,
+    caller: Caller,
+    Json(body): Json<Value>,
+) -> ApiResult<(StatusCode, AxumJson<Value>)> {
+    caller.require_organization()?;
+    let connector: Connector = serde_json::from_value(body).map_err(|error| {
+        ApiError::bad_request(format!("The connector definition is not valid: {error}"))
+    })?;
+    catalog::validate(&connector, false)
+        .map_err(|error| ApiError::bad_request(error.to_string()))?;
+    if app.built_in.contains_key(&connector.key) {
+        return Err(ApiError::conflict(format!(
+            "`{}` is the key of a built-in connector; choose another key",
+            connector.key
+        )));
+    }
+    let definition = serde_json::to_string(&connector).map_err(ApiError::internal)?;
+    app.store
+        .insert_connector(caller.organization_id, &connector.key, &definition, now_ms())
+        .await
+        .map_err(|error| match error {
+            crate::store::StoreError::Conflict(_) => ApiError::conflict(format!(
+                "This organization already has a connector `{}`",
+                connector.key
+            )),
+            other => other.into(),
+        })?;
+    crate::audit::record(&app, &caller, "connector.created", Some(&connector.key), None).await;
+    Ok((StatusCode::CREATED, AxumJson(connector_json(&connector, false))))
+}
+
+pub async fn delete(
+    State(app): State<SharedApp>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> ApiResult<StatusCode> {
+    caller.require_organization()?;
+    if app.built_in.contains_key(&key) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "Built-in connectors cannot be deleted",
+        ));
+    }
+    if !app.store.delete_connector(caller.organization_id, &key).await? {
+        return Err(ApiError::not_found(format!("There is no connector `{key}`")));
+    }
+    crate::audit::record(&app, &caller, "connector.deleted", Some(&key), None).await;
+    Ok(StatusCode::OK)
+}
+
+/// `GET /elements/{key}/oauth/url?apiKey=…&apiSecret=…&callbackUrl=…[&state=…][&scope=…]`.
+/// Other query parameters fill the connector's inputs (e.g. `tenant`, `shop`).
+pub async fn oauth_url(
+    State(app): State<SharedApp>,
+    caller: Caller,
+    Path(key): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<AxumJson<Value>> {
+    caller.require_organization()?;
+    let connector = find(&app, caller.organization_id, &key).await?;
+    let api_key = query
+        .get("apiKey")
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| ApiError::bad_request("`apiKey` (the OAuth client id) is required"))?;
+    let callback_url = query
+        .get("callbackUrl")
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| ApiError::bad_request("`callbackUrl` (the redirect URI) is required"))?;
+    if url::Url::parse(callback_url).is_err() {
+        return Err(ApiError::bad_request("`callbackUrl` is not an absolute URL"));
+    }
+    let state = match query.get("state").filter(|v| !v.is_empty()) {
+        Some(state) if state.len() <= 512 => state.clone(),
+        Some(_) => return Err(ApiError::bad_request("`state` is longer than 512 characters")),
+        None => crate::oauth::new_state(),
+    };
+    let scope = query.get("scope").filter(|v| !v.is_empty()).cloned();
+    let inputs: serde_json::Map<String, Value> = query
+        .iter()
+        .filter(|(name, _)| connector.inputs.contains_key(*name))
+        .map(|(name, value)| (name.clone(), Value::String(value.clone())))
+        .collect();
+    let endpoints = app
+        .endpoints(&connector, &inputs)
+        .map_err(|error| ApiError::bad_request(format!("Connector input missing: {error}")))?;
+    let pkce = connector.oauth.pkce.then(crate::oauth::new_pkce);
+    let url = crate::oauth::authorization_url(
+        &connector.oauth,
+        &endpoints,
+        api_key,
+        callback_url,
+        &state,
+        scope.as_deref(),
+        pkce.as_ref().map(|p| p.challenge.as_str()),
+    )
+    .map_err(|error| ApiError::bad_request(error.provider_message()))?;
+    let state_hash = hash_secret(&state);
+    let code_verifier_enc = pkce.as_ref().map(|pkce| {
+        app.keyring.seal_secret(
+            &pkce.verifier,
+            Binding {
+                table: "oauth_states",
+                row: 0,
+                field: &state,
+            },
+        )
+    });
+    app.store
+        .insert_oauth_state(&OAuthStateRow {
+            state_hash,
+            organization_id: caller.organization_id,
+            element_key: key.clone(),
+            callback_url: callback_url.clone(),
+            api_key: api_key.clone(),
+            code_verifier_enc,
+            scope,
+            expires_at: now_ms() + STATE_TTL_MS,
+        })
+        .await
+        .map_err(|error| match error {
+            crate::store::StoreError::Conflict(_) => {
+                ApiError::conflict("This `state` is already in use; let the service make one")
+            }
+            other => other.into(),
+        })?;
+    Ok(AxumJson(json!({"element": key, "oauthUrl": url.as_str(), "state": state})))
+}

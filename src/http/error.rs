@@ -1,0 +1,150 @@
+//! The one error type of the platform API, and the request id every answer carries.
+//!
+//! Caller faults map to 4xx with a message that says what to do; internal faults map to an
+//! opaque 500 whose detail is logged (with the request id) and never sent. Bodies are
+//! `{"requestId": "...", "message": "...", "providerMessage": "..."?}` as the contract says.
+
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+tokio::task_local! {
+    static REQUEST_ID: String;
+}
+
+/// The id of the request being served, or a fresh one outside a request.
+pub fn current_request_id() -> String {
+    REQUEST_ID
+        .try_with(Clone::clone)
+        .unwrap_or_else(|_| new_request_id())
+}
+
+fn new_request_id() -> String {
+    crate::crypto::hex(&crate::crypto::random_bytes::<12>())
+}
+
+/// Middleware: gives every request an id (kept from a well-formed incoming `X-Request-Id`),
+/// makes it available to handlers and errors, and returns it in `X-Request-Id`.
+pub async fn request_id_layer(request: Request, next: Next) -> Response {
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| {
+            !value.is_empty()
+                && value.len() <= 64
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        .map(str::to_string)
+        .unwrap_or_else(new_request_id);
+    let span = tracing::info_span!("request", request_id = %request_id, method = %request.method(), path = %request.uri().path());
+    let mut response = REQUEST_ID
+        .scope(request_id.clone(), {
+            use tracing::Instrument;
+            next.run(request).instrument(span)
+        })
+        .await;
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub provider_message: Option<String>,
+    /// Seconds, for 429/503 answers.
+    pub retry_after: Option<u64>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ErrorBody<'a> {
+    request_id: String,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    provider_message: Option<&'a str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            provider_message: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, message)
+    }
+
+    pub fn with_provider_message(mut self, provider_message: impl Into<String>) -> Self {
+        self.provider_message = Some(provider_message.into());
+        self
+    }
+
+    /// An internal fault: the detail goes to the log with the request id, the caller gets an
+    /// opaque message. The detail must not contain secrets (our error types never carry them).
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        tracing::error!(request_id = %current_request_id(), "internal error: {detail}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal error; the request id identifies it in the service's log",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            request_id: current_request_id(),
+            message: &self.message,
+            provider_message: self.provider_message.as_deref(),
+        };
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert("retry-after", HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(error: crate::store::StoreError) -> Self {
+        match error {
+            crate::store::StoreError::NotFound => ApiError::not_found("Not found"),
+            crate::store::StoreError::Conflict(message) => ApiError::conflict(message),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<crate::crypto::CryptoError> for ApiError {
+    fn from(error: crate::crypto::CryptoError) -> Self {
+        ApiError::internal(error)
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

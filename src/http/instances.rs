@@ -1,0 +1,748 @@
+//! `/instances`: create from a provider's code or from imported tokens, read, re-authenticate in
+//! place (`PATCH`/`PUT` with `providerData.code`), merge or replace the configuration, enable and
+//! disable, refresh and revoke now, delete.
+//!
+//! A failed exchange leaves the store as it was: the provider is asked first, and only its
+//! success is written, in one statement.
+
+use std::collections::{BTreeMap, HashMap};
+
+use axum::Json as AxumJson;
+use axum::extract::{Path, Query, RawQuery, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::caller::Caller;
+use super::elements::find;
+use super::error::{ApiError, ApiResult};
+use super::json::Json;
+use crate::app::{App, SharedApp, now_ms};
+use crate::catalog::Connector;
+use crate::crypto::{self, Binding, hash_secret};
+use crate::events;
+use crate::instances::{
+    self, API_KEY, BASE_URL, CALLBACK_URL, REFRESH_URL, SplitConfiguration, apply_token_set,
+    client_credentials, normalize_configuration, open_secrets, plain_configuration,
+    split_configuration,
+};
+use crate::oauth::TokenSet;
+use crate::secret::Secret;
+use crate::store::{InstanceRow, Reauthentication, TokenUpdate};
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceBody {
+    #[serde(default)]
+    element: Option<ElementRef>,
+    #[serde(default)]
+    provider_data: Option<ProviderData>,
+    #[serde(default)]
+    configuration: Option<Value>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+    /// `"initial"`: bring existing tokens in the configuration instead of a code.
+    #[serde(default)]
+    external_authentication: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ElementRef {
+    Key { key: String },
+    Plain(String),
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct ProviderData {
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    state: Option<String>,
+}
+
+impl InstanceBody {
+    fn code(&self) -> Option<Secret> {
+        self.provider_data
+            .as_ref()
+            .and_then(|data| data.code.as_deref())
+            .filter(|code| !code.is_empty())
+            .map(Secret::new)
+    }
+
+    fn state(&self) -> Option<&str> {
+        self.provider_data
+            .as_ref()
+            .and_then(|data| data.state.as_deref())
+            .filter(|state| !state.is_empty())
+    }
+}
+
+fn validate_tags(tags: &[String]) -> ApiResult<()> {
+    if tags.len() > 50 || tags.iter().any(|tag| tag.is_empty() || tag.len() > 100) {
+        return Err(ApiError::bad_request(
+            "`tags` takes at most 50 tags of 1 to 100 characters",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_name(name: &str) -> ApiResult<()> {
+    if name.len() > 200 {
+        return Err(ApiError::bad_request("`name` is longer than 200 characters"));
+    }
+    Ok(())
+}
+
+pub async fn create(
+    State(app): State<SharedApp>,
+    caller: Caller,
+    Json(body): Json<InstanceBody>,
+) -> ApiResult<(StatusCode, AxumJson<Value>)> {
+    let key = match &body.element {
+        Some(ElementRef::Key { key }) | Some(ElementRef::Plain(key)) => key.clone(),
+        None => {
+            return Err(ApiError::bad_request(
+                "`element.key` names the connector of the new instance",
+            ));
+        }
+    };
+    let connector = app
+        .connector(caller.organization_id, &key)
+        .await?
+        .ok_or_else(|| ApiError::bad_request(format!("There is no connector `{key}`")))?;
+    create_instance(&app, &caller, &connector, body).await
+}
+
+pub async fn create_for_element(
+    State(app): State<SharedApp>,
+    caller: Caller,
+    Path(key): Path<String>,
+    Json(body): Json<InstanceBody>,
+) -> ApiResult<(StatusCode, AxumJson<Value>)> {
+    let connector = find(&app, caller.organization_id, &key).await?;
+    create_instance(&app, &caller, &connector, body).await
+}
+
+/// What an exchange or an import produced, before anything is stored.
+struct Grant {
+    tokens: TokenSet,
+    verifier_used: bool,
+}
+
+async fn exchange(
+    app: &App,
+    caller: &Caller,
+    connector: &Connector,
+    plain: &Map<String, Value>,
+    secrets: &BTreeMap<String, String>,
+    code: &Secret,
+    state: Option<&str>,
+) -> ApiResult<Grant> {
+    let callback = plain
+        .get(CALLBACK_URL)
+        .and_then(Value::as_str)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "`configuration.oauth.callback.url` (the redirect URI the code was issued for) is required",
+            )
+        })?;
+    let credentials = client_credentials(plain, secrets);
+    if credentials.client_id.is_empty() {
+        return Err(ApiError::bad_request(
+            "`configuration.oauth.api.key` (the OAuth client id) is required",
+        ));
+    }
+    let mut verifier: Option<Secret> = None;
+    if let Some(state) = state
+        && let Some(row) = app.store.take_oauth_state(&hash_secret(state), now_ms()).await?
+        && row.organization_id == caller.organization_id
+        && row.element_key == connector.key
+        && let Some(sealed) = &row.code_verifier_enc
+    {
+        verifier = Some(app.keyring.open_secret(
+            sealed,
+            Binding {
+                table: "oauth_states",
+                row: 0,
+                field: state,
+            },
+        )?);
+    }
+    if connector.oauth.pkce && verifier.is_none() {
+        return Err(ApiError::bad_request(format!(
+            "Connector `{}` uses PKCE: pass the `state` returned by GET /elements/{}/oauth/url as `providerData.state`",
+            connector.key, connector.key
+        )));
+    }
+    let endpoints = app
+        .endpoints(connector, plain)
+        .map_err(|error| ApiError::bad_request(format!("Connector input missing: {error}")))?;
+    let tokens = app
+        .oauth
+        .exchange_code(
+            &connector.oauth,
+            &endpoints,
+            &credentials,
+            code,
+            callback,
+            verifier.as_ref(),
+        )
+        .await
+        .map_err(|error| instances::exchange_error(&error))?;
+    Ok(Grant {
+        tokens,
+        verifier_used: verifier.is_some(),
+    })
+}
+
+/// Tokens brought in with `externalAuthentication: "initial"`.
+fn imported_tokens(split: &SplitConfiguration) -> ApiResult<TokenSet> {
+    let access = split.access_token.clone();
+    let refresh = split.refresh_token.clone();
+    if access.is_none() && refresh.is_none() {
+        return Err(ApiError::bad_request(
+            "`externalAuthentication: \"initial\"` needs `oauth.user.token` and/or `oauth.user.refresh_token` in the configuration",
+        ));
+    }
+    Ok(TokenSet {
+        access_token: Secret::new(access.unwrap_or_default()),
+        refresh_token: refresh.map(Secret::new),
+        token_type: Some("Bearer".into()),
+        expires_in: None,
+        refresh_token_expires_in: None,
+        scope: None,
+        raw: Secret::new("{}"),
+        fields: Map::new(),
+    })
+}
+
+fn starting_configuration(
+    app: &App,
+    connector: &Connector,
+    plain: BTreeMap<String, String>,
+) -> ApiResult<Map<String, Value>> {
+    let mut configuration: Map<String, Value> = plain
+        .into_iter()
+        .map(|(key, value)| (key, Value::String(value)))
+        .collect();
+    if !configuration.contains_key(BASE_URL) {
+        let base = app
+            .fill(connector, &connector.base_url, &configuration)
+            .map_err(|error| ApiError::bad_request(format!("Connector input missing: {error}")))?;
+        configuration.insert(BASE_URL.into(), Value::String(base));
+    }
+    let endpoints = app
+        .endpoints(connector, &configuration)
+        .map_err(|error| ApiError::bad_request(format!("Connector input missing: {error}")))?;
+    configuration.insert(REFRESH_URL.into(), Value::String(endpoints.refresh_url));
+    Ok(configuration)
+}
+
+async fn create_instance(
+    app: &SharedApp,
+    caller: &Caller,
+    connector: &Connector,
+    body: InstanceBody,
+) -> ApiResult<(StatusCode, AxumJson<Value>)> {
+    let configuration = normalize_configuration(body.configuration.as_ref())?;
+    let tags = body.tags.clone().unwrap_or_default();
+    validate_tags(&tags)?;
+    let name = body
+        .name
+        .clone()
+        .filter(|n| !n.trim().is_empty())
+        .unwrap_or_else(|| format!("{} instance", connector.name));
+    validate_name(&name)?;
+    let split = split_configuration(configuration);
+    let mut plain = starting_configuration(app, connector, split.plain.clone())?;
+    let external = body
+        .external_authentication
+        .as_deref()
+        .is_some_and(|mode| mode.eq_ignore_ascii_case("initial"));
+    let grant = match (body.code(), external) {
+        (Some(code), _) => {
+            exchange(app, caller, connector, &plain, &split.secret, &code, body.state()).await?
+        }
+        (None, true) => Grant {
+            tokens: imported_tokens(&split)?,
+            verifier_used: false,
+        },
+        (None, false) => {
+            return Err(ApiError::bad_request(
+                "Give `providerData.code` (the provider's authorization code), or `externalAuthentication: \"initial\"` with existing tokens",
+            ));
+        }
+    };
+    let _ = grant.verifier_used;
+    let id = crypto::new_id();
+    let now = now_ms();
+    let element_token = crypto::new_platform_secret();
+    let applied = apply_token_set(app, connector, id, &grant.tokens, None, &plain, now);
+    plain = applied.configuration;
+    let mut row = InstanceRow::new(
+        id,
+        caller.organization_id,
+        connector.key.clone(),
+        name,
+        hash_secret(element_token.expose()),
+        app.keyring.seal_secret(
+            &element_token,
+            Binding {
+                table: "instances",
+                row: id,
+                field: "token",
+            },
+        ),
+        now,
+    );
+    row.tags = serde_json::to_string(&tags).unwrap_or_else(|_| "[]".into());
+    row.configuration = Value::Object(plain.clone()).to_string();
+    row.client_secret_enc = instances::seal_secret_configuration(app, id, &split.secret);
+    let update = applied.update;
+    row.access_token_enc = if grant.tokens.access_token.is_empty() {
+        None
+    } else {
+        update.access_token_enc
+    };
+    row.refresh_token_enc = update.refresh_token_enc;
+    row.token_response_enc = update.token_response_enc;
+    row.access_expires_at = update.access_expires_at;
+    row.refresh_expires_at = update.refresh_expires_at;
+    row.last_refresh_at = update.last_refresh_at;
+    row.next_due_at = update.next_due_at;
+    if external && grant.tokens.access_token.is_empty() {
+        // Only a refresh token was imported: refresh as soon as the scheduler looks.
+        row.next_due_at = Some(now);
+    }
+    row.created_by = Some(caller.user_id);
+    if !grant.tokens.access_token.is_empty() {
+        let base = plain.get(BASE_URL).and_then(Value::as_str).unwrap_or_default();
+        row.verification = instances::verify(app, connector, base, &grant.tokens.access_token).await;
+    }
+    let event = events::new_event(app, &row, events::CREATED, None);
+    app.store.insert_instance(&row, Some(&event)).await?;
+    crate::audit::record(app, caller, "instance.created", Some(&id.to_string()), Some(&connector.key)).await;
+    app.refresh.notify_schedule_changed();
+    let view = instances::view(app, &row, Some(&connector.name), true)?;
+    Ok((StatusCode::OK, AxumJson(view)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    #[serde(default, rename = "tags[]")]
+    tags: Vec<String>,
+}
+
+pub async fn list(
+    State(app): State<SharedApp>,
+    caller: Caller,
+    RawQuery(query): RawQuery,
+) -> ApiResult<AxumJson<Vec<Value>>> {
+    if let Some(row) = &caller.element {
+        let name = connector_name(&app, row).await;
+        return Ok(AxumJson(vec![instances::view(&app, row, name.as_deref(), true)?]));
+    }
+    caller.require_organization()?;
+    let tags: Vec<String> = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .filter(|(key, _)| key == "tags[]" || key == "tags")
+        .map(|(_, value)| value.into_owned())
+        .collect();
+    let rows = app.store.list_instances(caller.organization_id, &tags).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let name = connector_name(&app, row).await;
+        out.push(instances::view(&app, row, name.as_deref(), false)?);
+    }
+    Ok(AxumJson(out))
+}
+
+async fn connector_name(app: &App, row: &InstanceRow) -> Option<String> {
+    app.connector(row.organization_id, &row.element_key)
+        .await
+        .ok()
+        .flatten()
+        .map(|c| c.name)
+}
+
+/// The instance `id` of the caller's organization, or 404 exactly as for an id that does not
+/// exist.
+async fn load(app: &App, caller: &Caller, id: &str) -> ApiResult<InstanceRow> {
+    let not_found = || ApiError::not_found(format!("There is no instance {id}"));
+    let id: i64 = id.parse().map_err(|_| not_found())?;
+    app.store
+        .get_instance(caller.organization_id, id)
+        .await?
+        .ok_or_else(not_found)
+}
+
+async fn load_for_call(app: &App, caller: &Caller, id: &str) -> ApiResult<InstanceRow> {
+    let row = load(app, caller, id).await?;
+    if !caller.has_organization_secret && !caller.holds_element_of(row.id) {
+        return Err(ApiError::not_found(format!("There is no instance {id}")));
+    }
+    Ok(row)
+}
+
+pub async fn get_one(
+    State(app): State<SharedApp>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<AxumJson<Value>> {
+    let row = load_for_call(&app, &caller, &id).await?;
+    let name = connector_name(&app, &row).await;
+    Ok(AxumJson(instances::view(&app, &row, name.as_deref(), caller.holds_element_of(row.id))?))
+}
+
+pub async fn patch(
+    State(app): State<SharedApp>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(body): Json<InstanceBody>,
+) -> ApiResult<AxumJson<Value>> {
+    let row = load_for_call(&app, &caller, &id).await?;
+    update(&app, &caller, row, body, UpdateMode::Merge).await
+}
+
+pub async fn patch_by_token(
+    State(app): State<SharedApp>,
+    caller: Caller,
+    Json(body): Json<InstanceBody>,
+) -> ApiResult<AxumJson<Value>> {
+    let row = caller.require_element()?.clone();
+    update(&app, &caller, row, body, UpdateMode::Merge).await
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PutQuery {
+    #[serde(default)]
+    re_authenticate: Option<bool>,
+}
+
+pub async fn put(
+    State(app): State<SharedApp>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(query): Query<PutQuery>,
+    Json(body): Json<InstanceBody>,
+) -> ApiResult<AxumJson<Value>> {
+    let row = load_for_call(&app, &caller, &id).await?;
+    let mode = UpdateMode::Replace {
+        reauthenticate: query.re_authenticate.unwrap_or(false),
+    };
+    update(&app, &caller, row, body, mode).await
+}
+
+pub async fn put_by_token(
+    State(app): State<SharedApp>,
+    caller: Caller,
+    Query(query): Query<PutQuery>,
+    Json(body): Json<InstanceBody>,
+) -> ApiResult<AxumJson<Value>> {
+    let row = caller.require_element()?.clone();
+    let mode = UpdateMode::Replace {
+        reauthenticate: query.re_authenticate.unwrap_or(false),
+    };
+    update(&app, &caller, row, body, mode).await
+}
+
+#[derive(Debug, Clone, Copy)]
+enum UpdateMode {
+    /// `PATCH`: name, tags and configuration keys given are merged; a code re-authenticates.
+    Merge,
+    /// `PUT`: the configuration is replaced whole; a code re-authenticates only with
+    /// `?reAuthenticate=true`.
+    Replace { reauthenticate: bool },
+}
+
+async fn update(
+    app: &SharedApp,
+    caller: &Caller,
+    row: InstanceRow,
+    body: InstanceBody,
+    mode: UpdateMode,
+) -> ApiResult<AxumJson<Value>> {
+    let connector = app
+        .connector(row.organization_id, &row.element_key)
+        .await?
+        .ok_or_else(|| {
+            ApiError::conflict(format!(
+                "The connector `{}` of this instance no longer exists",
+                row.element_key
+            ))
+        })?;
+    if let Some(tags) = &body.tags {
+        validate_tags(tags)?;
+    }
+    if let Some(name) = &body.name {
+        validate_name(name)?;
+    }
+    let given = normalize_configuration(body.configuration.as_ref())?;
+    let split = split_configuration(given);
+    let secrets = open_secrets(app, &row)?;
+    let (mut plain, mut secret) = match mode {
+        UpdateMode::Merge => (plain_configuration(&row), secrets.secret_configuration.clone()),
+        UpdateMode::Replace { .. } => {
+            // Keys the service computes are kept; the caller's keys replace the rest.
+            let mut kept = Map::new();
+            let old = plain_configuration(&row);
+            for key in [BASE_URL, REFRESH_URL] {
+                if let Some(value) = old.get(key) {
+                    kept.insert(key.to_string(), value.clone());
+                }
+            }
+            for (key, value) in old {
+                if key.starts_with("oauth.provider.") {
+                    kept.insert(key, value);
+                }
+            }
+            (kept, BTreeMap::new())
+        }
+    };
+    for (key, value) in split.plain {
+        plain.insert(key, Value::String(value));
+    }
+    for (key, value) in split.secret {
+        if value == instances::MASK {
+            continue; // A masked value sent back unchanged means "keep it".
+        }
+        secret.insert(key, value);
+    }
+    if matches!(mode, UpdateMode::Replace { .. }) {
+        // A replaced configuration still needs the client credentials it had, unless given.
+        for key in [API_KEY, CALLBACK_URL] {
+            if !plain.contains_key(key)
+                && let Some(value) = plain_configuration(&row).get(key)
+            {
+                plain.insert(key.to_string(), value.clone());
+            }
+        }
+        if !secret.contains_key(instances::API_SECRET)
+            && let Some(value) = secrets.secret_configuration.get(instances::API_SECRET)
+        {
+            secret.insert(instances::API_SECRET.to_string(), value.clone());
+        }
+    }
+    let name = body.name.clone().unwrap_or_else(|| row.name.clone());
+    let tags = body.tags.clone().unwrap_or_else(|| row.tag_list());
+    let reauthenticate = match mode {
+        UpdateMode::Merge => body.code().is_some(),
+        UpdateMode::Replace { reauthenticate } => reauthenticate,
+    };
+    if reauthenticate {
+        let code = body.code().ok_or_else(|| {
+            ApiError::bad_request("Re-authentication needs `providerData.code`")
+        })?;
+        let grant = exchange(app, caller, &connector, &plain, &secret, &code, body.state()).await?;
+        let now = now_ms();
+        let applied = apply_token_set(app, &connector, row.id, &grant.tokens, None, &plain, now);
+        let mut update: TokenUpdate = applied.update;
+        update.configuration_json = Some(Value::Object(applied.configuration.clone()).to_string());
+        let base = applied
+            .configuration
+            .get(BASE_URL)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let verification = instances::verify(app, &connector, &base, &grant.tokens.access_token).await;
+        let event = events::new_event(app, &row, events::REAUTHENTICATED, None);
+        let stored = app
+            .store
+            .reauthenticate(
+                row.organization_id,
+                row.id,
+                &Reauthentication {
+                    tokens: update,
+                    client_secret_enc: Some(instances::seal_secret_configuration(app, row.id, &secret)),
+                    verification,
+                },
+                &name,
+                &serde_json::to_string(&tags).unwrap_or_else(|_| "[]".into()),
+                Some(&event),
+            )
+            .await?;
+        app.refresh.forget(row.id);
+        app.refresh.notify_schedule_changed();
+        crate::audit::record(app, caller, "instance.reauthenticated", Some(&row.id.to_string()), None).await;
+        return respond(app, caller, stored).await;
+    }
+    // No code: merge (or replace) name, tags and configuration. Tokens given in the
+    // configuration are imported as they are (`externalAuthentication`).
+    let configuration_json = Value::Object(plain).to_string();
+    app.store
+        .update_instance_metadata(
+            row.organization_id,
+            row.id,
+            &name,
+            &serde_json::to_string(&tags).unwrap_or_else(|_| "[]".into()),
+            &configuration_json,
+            Some(instances::seal_secret_configuration(app, row.id, &secret)),
+        )
+        .await?;
+    if split.access_token.is_some() || split.refresh_token.is_some() {
+        let imported = imported_tokens(&SplitConfiguration {
+            plain: BTreeMap::new(),
+            secret: BTreeMap::new(),
+            access_token: split.access_token.clone(),
+            refresh_token: split.refresh_token.clone(),
+        })?;
+        let now = now_ms();
+        let configuration = plain_configuration(
+            &app.store
+                .get_instance(row.organization_id, row.id)
+                .await?
+                .ok_or_else(|| ApiError::not_found("The instance was deleted meanwhile"))?,
+        );
+        let keep = secrets.refresh_token.as_ref();
+        let applied = apply_token_set(app, &connector, row.id, &imported, keep, &configuration, now);
+        let mut update = applied.update;
+        if imported.access_token.is_empty() {
+            update.access_token_enc = None;
+            update.next_due_at = Some(now);
+        }
+        let event = events::new_event(app, &row, events::REAUTHENTICATED, Some("tokens imported"));
+        app.store
+            .reauthenticate(
+                row.organization_id,
+                row.id,
+                &Reauthentication {
+                    tokens: update,
+                    client_secret_enc: None,
+                    verification: None,
+                },
+                &name,
+                &serde_json::to_string(&tags).unwrap_or_else(|_| "[]".into()),
+                Some(&event),
+            )
+            .await?;
+        app.refresh.forget(row.id);
+    }
+    app.refresh.forget(row.id);
+    crate::audit::record(app, caller, "instance.updated", Some(&row.id.to_string()), None).await;
+    let stored = app
+        .store
+        .get_instance(row.organization_id, row.id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("The instance was deleted meanwhile"))?;
+    respond(app, caller, stored).await
+}
+
+async fn respond(app: &App, caller: &Caller, row: InstanceRow) -> ApiResult<AxumJson<Value>> {
+    let name = connector_name(app, &row).await;
+    Ok(AxumJson(instances::view(app, &row, name.as_deref(), caller.holds_element_of(row.id) || caller.has_organization_secret)?))
+}
+
+#[derive(Debug, Deserialize, Default)]
+pub struct DeleteQuery {
+    #[serde(default)]
+    revoke: Option<bool>,
+}
+
+pub async fn delete(
+    State(app): State<SharedApp>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(query): Query<DeleteQuery>,
+) -> ApiResult<AxumJson<Value>> {
+    let row = load_for_call(&app, &caller, &id).await?;
+    let mut revocation = Value::Null;
+    if query.revoke.unwrap_or(false) {
+        revocation = crate::refresh::revoke_at_provider(&app, &row).await?;
+    }
+    let event = events::new_event(&app, &row, events::DELETED, None);
+    if !app.store.delete_instance(row.organization_id, row.id, Some(&event)).await? {
+        return Err(ApiError::not_found(format!("There is no instance {id}")));
+    }
+    app.refresh.forget(row.id);
+    crate::audit::record(&app, &caller, "instance.deleted", Some(&row.id.to_string()), None).await;
+    Ok(AxumJson(serde_json::json!({"id": row.id, "deleted": true, "revocation": revocation})))
+}
+
+async fn set_enabled(app: &SharedApp, caller: &Caller, row: InstanceRow, enabled: bool) -> ApiResult<AxumJson<Value>> {
+    let event_type = if enabled { events::ENABLED } else { events::DISABLED };
+    let event = events::new_event(app, &row, event_type, None);
+    app.store.set_disabled(row.organization_id, row.id, !enabled, Some(&event)).await?;
+    app.refresh.forget(row.id);
+    app.refresh.notify_schedule_changed();
+    crate::audit::record(app, caller, event_type, Some(&row.id.to_string()), None).await;
+    let stored = app
+        .store
+        .get_instance(row.organization_id, row.id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("The instance was deleted meanwhile"))?;
+    respond(app, caller, stored).await
+}
+
+pub async fn enable(State(app): State<SharedApp>, caller: Caller) -> ApiResult<AxumJson<Value>> {
+    let row = caller.require_element()?.clone();
+    set_enabled(&app, &caller, row, true).await
+}
+
+pub async fn disable(State(app): State<SharedApp>, caller: Caller) -> ApiResult<AxumJson<Value>> {
+    let row = caller.require_element()?.clone();
+    set_enabled(&app, &caller, row, false).await
+}
+
+pub async fn enable_by_id(State(app): State<SharedApp>, caller: Caller, Path(id): Path<String>) -> ApiResult<AxumJson<Value>> {
+    let row = load_for_call(&app, &caller, &id).await?;
+    set_enabled(&app, &caller, row, true).await
+}
+
+pub async fn disable_by_id(State(app): State<SharedApp>, caller: Caller, Path(id): Path<String>) -> ApiResult<AxumJson<Value>> {
+    let row = load_for_call(&app, &caller, &id).await?;
+    set_enabled(&app, &caller, row, false).await
+}
+
+pub async fn refresh_now(
+    State(app): State<SharedApp>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<AxumJson<Value>> {
+    let row = load_for_call(&app, &caller, &id).await?;
+    if row.is_disabled() {
+        return Err(ApiError::conflict("The instance is disabled: enable it first"));
+    }
+    app.refresh
+        .refresh_now(&app, row.id)
+        .await
+        .map_err(|failure| failure.into_api_error())?;
+    crate::audit::record(&app, &caller, "instance.token.refreshed", Some(&row.id.to_string()), None).await;
+    let stored = app
+        .store
+        .get_instance(row.organization_id, row.id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("The instance was deleted meanwhile"))?;
+    respond(&app, &caller, stored).await
+}
+
+pub async fn revoke(
+    State(app): State<SharedApp>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<AxumJson<Value>> {
+    let row = load_for_call(&app, &caller, &id).await?;
+    let revocation = crate::refresh::revoke_at_provider(&app, &row).await?;
+    let event = events::new_event(&app, &row, events::INVALIDATED, Some("revoked"));
+    app.store
+        .mark_invalid(row.id, "revoked", Some("The grant was revoked through tokenwarden"), Some(&event))
+        .await?;
+    app.refresh.forget(row.id);
+    crate::audit::record(&app, &caller, "instance.revoked", Some(&row.id.to_string()), None).await;
+    let stored = app
+        .store
+        .get_instance(row.organization_id, row.id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("The instance was deleted meanwhile"))?;
+    let mut view = instances::view(&app, &stored, None, caller.holds_element_of(row.id))?;
+    if let Some(object) = view.as_object_mut() {
+        object.insert("revocation".into(), revocation);
+    }
+    Ok(AxumJson(view))
+}
+
+#[allow(dead_code)]
+fn unused(_: HashMap<String, String>) {}

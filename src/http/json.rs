@@ -1,0 +1,49 @@
+//! A JSON extractor whose rejections answer in the API's error shape (axum's
+//! `examples/error-handling`), so bad JSON is a clear 400 (or 413, 415) and never a bare text.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+
+pub struct Json<T>(pub T);
+
+impl<S, T> FromRequest<S> for Json<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(request, state).await {
+            Ok(axum::Json(value)) => Ok(Json(value)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+pub fn json_rejection(rejection: JsonRejection) -> ApiError {
+    let status = rejection.status();
+    let message = match &rejection {
+        JsonRejection::JsonDataError(error) => {
+            format!("The JSON body does not have the expected shape: {}", error.body_text())
+        }
+        JsonRejection::JsonSyntaxError(error) => {
+            format!("The body is not valid JSON: {}", error.body_text())
+        }
+        JsonRejection::MissingJsonContentType(_) => {
+            "Send the body as JSON with `Content-Type: application/json`".to_string()
+        }
+        other => {
+            if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "The body is larger than the service accepts".to_string()
+            } else {
+                format!("The body could not be read: {}", other.body_text())
+            }
+        }
+    };
+    ApiError::new(status, message)
+}

@@ -1,0 +1,66 @@
+//! The platform API (`/elements/api-v2/…`) and the operations endpoints, as one axum router.
+//! One file per resource; every handler goes through [`caller::Caller`] for authentication and
+//! answers errors as [`error::ApiError`].
+
+pub mod auth;
+pub mod caller;
+pub mod elements;
+pub mod error;
+pub mod events;
+pub mod instances;
+pub mod json;
+pub mod ops;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{any, get, post, put};
+
+use crate::app::SharedApp;
+
+pub const BASE_PATH: &str = "/elements/api-v2";
+
+pub fn router(app: SharedApp) -> Router {
+    let max_body = app.config.max_body_bytes;
+    let platform = Router::new()
+        .route("/elements", get(elements::list).post(elements::create))
+        .route("/elements/{key}", get(elements::get_one).delete(elements::delete))
+        .route("/elements/{key}/oauth/url", get(elements::oauth_url))
+        .route("/elements/{key}/instances", post(instances::create_for_element))
+        .route(
+            "/instances",
+            get(instances::list)
+                .post(instances::create)
+                .patch(instances::patch_by_token)
+                .put(instances::put_by_token),
+        )
+        .route(
+            "/instances/enabled",
+            put(instances::enable).delete(instances::disable),
+        )
+        .route(
+            "/instances/{id}",
+            get(instances::get_one)
+                .patch(instances::patch)
+                .put(instances::put)
+                .delete(instances::delete),
+        )
+        .route("/instances/{id}/enabled", put(instances::enable_by_id).delete(instances::disable_by_id))
+        .route("/instances/{id}/tokens/refresh", post(instances::refresh_now))
+        .route("/instances/{id}/tokens/revoke", post(instances::revoke))
+        .route("/events", get(events::list))
+        .route("/audit-logs", get(events::audit_logs))
+        .layer(DefaultBodyLimit::max(max_body));
+    // The proxy streams bodies of any size: no body limit there.
+    let proxy = Router::new()
+        .route("/proxy/{*path}", any(crate::proxy::handle))
+        .layer(DefaultBodyLimit::disable());
+    Router::new()
+        .nest(BASE_PATH, platform.merge(proxy))
+        .route("/healthz", get(ops::healthz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi))
+        .route("/oauth/callback", get(ops::oauth_callback))
+        .fallback(ops::not_found)
+        .layer(axum::middleware::from_fn(error::request_id_layer))
+        .with_state(app)
+}

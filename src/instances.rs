@@ -1,0 +1,518 @@
+//! Instances: one user's authenticated connection to one connector.
+//!
+//! This module owns what an instance *is* above the store: how its configuration splits into
+//! plain keys (stored as JSON) and secret keys (sealed), how a token response becomes stored
+//! token columns and a schedule, how an instance is shown (with secrets masked unless the caller
+//! holds that instance's Element token), and the create / re-authenticate / import flows.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value, json};
+
+use crate::app::{App, now_ms};
+use crate::catalog::{Connector, RefreshStrategy};
+use crate::crypto::Binding;
+use crate::http::error::ApiError;
+use crate::oauth::{ClientCredentials, OAuthError, TokenSet};
+use crate::secret::Secret;
+use crate::store::{InstanceRow, TokenUpdate};
+
+pub const ACCESS_TOKEN: &str = "oauth.user.token";
+pub const REFRESH_TOKEN: &str = "oauth.user.refresh_token";
+pub const REFRESH_TIME: &str = "oauth.user.refresh_time";
+pub const REFRESH_INTERVAL: &str = "oauth.user.refresh_interval";
+pub const REFRESH_URL: &str = "oauth.token.refresh_url";
+pub const CALLBACK_URL: &str = "oauth.callback.url";
+pub const API_KEY: &str = "oauth.api.key";
+pub const API_SECRET: &str = "oauth.api.secret";
+pub const BASE_URL: &str = "base.url";
+pub const MASK: &str = "********";
+
+/// Keys computed from the token columns: never stored in the plain configuration.
+const DERIVED_KEYS: &[&str] = &[
+    ACCESS_TOKEN,
+    REFRESH_TOKEN,
+    REFRESH_TIME,
+    REFRESH_INTERVAL,
+    "oauth.user.token.expires_at",
+    "oauth.user.refresh_token.expires_at",
+];
+
+/// Whether a configuration key holds a secret, stored sealed and shown masked.
+pub fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key == API_SECRET
+        || key.contains("secret")
+        || key.contains("password")
+        || key.ends_with("signature.key")
+        || key.ends_with(".apikey.value")
+}
+
+/// A configuration as given by a caller: string values (numbers and booleans are accepted and
+/// turned into strings, as Cloud Elements does).
+pub fn normalize_configuration(value: Option<&Value>) -> Result<BTreeMap<String, String>, ApiError> {
+    let mut out = BTreeMap::new();
+    let Some(value) = value else {
+        return Ok(out);
+    };
+    let Some(object) = value.as_object() else {
+        if value.is_null() {
+            return Ok(out);
+        }
+        return Err(ApiError::bad_request("`configuration` must be a JSON object"));
+    };
+    for (key, value) in object {
+        if key.len() > 200 {
+            return Err(ApiError::bad_request("A configuration key is longer than 200 characters"));
+        }
+        let text = match value {
+            Value::String(text) => text.clone(),
+            Value::Number(number) => number.to_string(),
+            Value::Bool(flag) => flag.to_string(),
+            Value::Null => String::new(),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "Configuration key `{key}` must be a string, number or boolean"
+                )));
+            }
+        };
+        if text.len() > 64 * 1024 {
+            return Err(ApiError::bad_request(format!("Configuration key `{key}` is too long")));
+        }
+        out.insert(key.clone(), text);
+    }
+    Ok(out)
+}
+
+fn binding(instance_id: i64, field: &'static str) -> Binding<'static> {
+    Binding {
+        table: "instances",
+        row: instance_id,
+        field,
+    }
+}
+
+/// The decrypted secrets of an instance. Never serialized as a whole.
+pub struct InstanceSecrets {
+    pub element_token: Secret,
+    pub access_token: Option<Secret>,
+    pub refresh_token: Option<Secret>,
+    /// Secret configuration keys (`oauth.api.secret`, signature keys, …).
+    pub secret_configuration: BTreeMap<String, String>,
+}
+
+impl InstanceSecrets {
+    pub fn client_secret(&self) -> Secret {
+        Secret::new(
+            self.secret_configuration
+                .get(API_SECRET)
+                .cloned()
+                .unwrap_or_default(),
+        )
+    }
+}
+
+pub fn open_secrets(app: &App, row: &InstanceRow) -> Result<InstanceSecrets, ApiError> {
+    let keyring = &app.keyring;
+    let element_token = keyring.open_secret(&row.token_enc, binding(row.id, "token"))?;
+    let access_token = match &row.access_token_enc {
+        Some(sealed) => Some(keyring.open_secret(sealed, binding(row.id, "access_token"))?),
+        None => None,
+    };
+    let refresh_token = match &row.refresh_token_enc {
+        Some(sealed) => Some(keyring.open_secret(sealed, binding(row.id, "refresh_token"))?),
+        None => None,
+    };
+    let secret_configuration = match &row.client_secret_enc {
+        Some(sealed) => {
+            let text = keyring.open_secret(sealed, binding(row.id, "secret_configuration"))?;
+            serde_json::from_str(text.expose()).unwrap_or_default()
+        }
+        None => BTreeMap::new(),
+    };
+    Ok(InstanceSecrets {
+        element_token,
+        access_token,
+        refresh_token,
+        secret_configuration,
+    })
+}
+
+pub fn seal_secret_configuration(
+    app: &App,
+    instance_id: i64,
+    secrets: &BTreeMap<String, String>,
+) -> Option<Vec<u8>> {
+    if secrets.is_empty() {
+        return None;
+    }
+    let text = Secret::new(serde_json::to_string(secrets).unwrap_or_default());
+    Some(
+        app.keyring
+            .seal_secret(&text, binding(instance_id, "secret_configuration")),
+    )
+}
+
+pub fn plain_configuration(row: &InstanceRow) -> Map<String, Value> {
+    serde_json::from_str(&row.configuration).unwrap_or_default()
+}
+
+/// Splits a caller's configuration into the plain part and the secret part. Token keys are
+/// returned apart: they go to the token columns (import) or are ignored (blanking on re-auth).
+pub struct SplitConfiguration {
+    pub plain: BTreeMap<String, String>,
+    pub secret: BTreeMap<String, String>,
+    pub access_token: Option<String>,
+    pub refresh_token: Option<String>,
+}
+
+pub fn split_configuration(configuration: BTreeMap<String, String>) -> SplitConfiguration {
+    let mut split = SplitConfiguration {
+        plain: BTreeMap::new(),
+        secret: BTreeMap::new(),
+        access_token: None,
+        refresh_token: None,
+    };
+    for (key, value) in configuration {
+        if key == ACCESS_TOKEN {
+            split.access_token = Some(value).filter(|v| !v.is_empty());
+        } else if key == REFRESH_TOKEN {
+            split.refresh_token = Some(value).filter(|v| !v.is_empty());
+        } else if DERIVED_KEYS.contains(&key.as_str()) {
+            continue;
+        } else if is_secret_key(&key) {
+            split.secret.insert(key, value);
+        } else {
+            split.plain.insert(key, value);
+        }
+    }
+    split
+}
+
+/// When the scheduler should next look at an instance, from its connector's refresh settings.
+pub fn next_due_at(
+    connector: &Connector,
+    has_refresh_token: bool,
+    access_expires_at: Option<i64>,
+    refresh_expires_at: Option<i64>,
+    last_refresh_at: i64,
+) -> Option<i64> {
+    if !has_refresh_token {
+        return None;
+    }
+    let refresh = &connector.refresh;
+    let mut due: Vec<i64> = Vec::new();
+    if refresh.strategy == RefreshStrategy::BeforeExpiry
+        && let Some(expires) = access_expires_at
+    {
+        due.push(expires - (refresh.buffer_seconds as i64) * 1000);
+    }
+    if let Some(keep_alive) = refresh.keep_alive_seconds {
+        due.push(last_refresh_at + keep_alive as i64 * 1000);
+    }
+    if let Some(refresh_expires) = refresh_expires_at {
+        // Refresh while a tenth of the refresh token's remaining life is left, at most a day
+        // ahead, so that a provider-announced expiry is never reached.
+        let lifetime = (refresh_expires - last_refresh_at).max(0);
+        let margin = (lifetime / 10).min(86_400_000);
+        due.push(refresh_expires - margin);
+    }
+    due.into_iter().min()
+}
+
+/// What a token response means for the stored columns and the configuration.
+pub struct AppliedTokens {
+    pub update: TokenUpdate,
+    pub configuration: Map<String, Value>,
+    pub configuration_changed: bool,
+}
+
+/// Turns a token response into the token columns of `instance_id`: the new refresh token, or
+/// the old one kept when the response has none; the whole response sealed; routing fields into
+/// the configuration (and `base.url` when the connector says which field sets it).
+pub fn apply_token_set(
+    app: &App,
+    connector: &Connector,
+    instance_id: i64,
+    tokens: &TokenSet,
+    previous_refresh_token: Option<&Secret>,
+    configuration: &Map<String, Value>,
+    now: i64,
+) -> AppliedTokens {
+    let keyring = &app.keyring;
+    let refresh_token = tokens.refresh_token.as_ref().or(previous_refresh_token);
+    let access_expires_at = tokens.expires_in.map(|seconds| now + seconds as i64 * 1000);
+    let refresh_expires_at = tokens
+        .refresh_token_expires_in
+        .map(|seconds| now + seconds as i64 * 1000);
+    let mut new_configuration = configuration.clone();
+    for field in &connector.oauth.token_response_fields {
+        if let Some(value) = tokens.fields.get(field) {
+            let text = match value {
+                Value::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            new_configuration.insert(format!("oauth.provider.{field}"), Value::String(text));
+        }
+    }
+    if let Some(field) = &connector.oauth.base_url_from
+        && let Some(Value::String(value)) = tokens.fields.get(field)
+    {
+        let mut base = value.clone();
+        if let Some(suffix) = &connector.oauth.base_url_suffix {
+            if !base.ends_with('/') {
+                base.push('/');
+            }
+            base.push_str(suffix.trim_start_matches('/'));
+        }
+        new_configuration.insert(BASE_URL.to_string(), Value::String(base));
+    }
+    if let Some(seconds) = tokens.expires_in {
+        new_configuration.insert(
+            REFRESH_INTERVAL.to_string(),
+            Value::String(seconds.to_string()),
+        );
+    }
+    let configuration_changed = &new_configuration != configuration;
+    let update = TokenUpdate {
+        access_token_enc: Some(keyring.seal_secret(&tokens.access_token, binding(instance_id, "access_token"))),
+        refresh_token_enc: refresh_token
+            .map(|token| keyring.seal_secret(token, binding(instance_id, "refresh_token"))),
+        token_response_enc: Some(keyring.seal_secret(&tokens.raw, binding(instance_id, "token_response"))),
+        access_expires_at,
+        refresh_expires_at,
+        last_refresh_at: Some(now),
+        next_due_at: next_due_at(
+            connector,
+            refresh_token.is_some(),
+            access_expires_at,
+            refresh_expires_at,
+            now,
+        ),
+        configuration_json: configuration_changed
+            .then(|| Value::Object(new_configuration.clone()).to_string()),
+    };
+    AppliedTokens {
+        update,
+        configuration: new_configuration,
+        configuration_changed,
+    }
+}
+
+/// Client credentials from an instance's configuration.
+pub fn client_credentials(
+    plain: &Map<String, Value>,
+    secrets: &BTreeMap<String, String>,
+) -> ClientCredentials {
+    ClientCredentials {
+        client_id: plain
+            .get(API_KEY)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        client_secret: Secret::new(secrets.get(API_SECRET).cloned().unwrap_or_default()),
+    }
+}
+
+/// An OAuth failure during a code exchange, as the caller sees it: the provider's refusal is a
+/// 400 with its words; a provider that is down is a 502/503 (nothing was created either way).
+pub fn exchange_error(error: &OAuthError) -> ApiError {
+    use axum::http::StatusCode;
+    let provider_message = error.provider_message();
+    match error {
+        OAuthError::Provider { .. } | OAuthError::Unparseable { .. } => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "The provider refused the authorization code; get a new code and try again",
+        )
+        .with_provider_message(provider_message),
+        OAuthError::RateLimited { retry_after, .. } => {
+            let mut api = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The provider is rate limiting the token endpoint; try again later",
+            )
+            .with_provider_message(provider_message);
+            api.retry_after = *retry_after;
+            api
+        }
+        OAuthError::Unavailable { .. } | OAuthError::Transport { .. } => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "The provider's token endpoint could not be reached or failed; try again later",
+        )
+        .with_provider_message(provider_message),
+        OAuthError::Config { message } => ApiError::bad_request(format!(
+            "The connector's OAuth settings are not usable: {message}"
+        )),
+    }
+}
+
+/// The instance as the API shows it. Secrets are masked unless `reveal` (the request carries
+/// this instance's Element token).
+pub fn view(
+    app: &App,
+    row: &InstanceRow,
+    connector_name: Option<&str>,
+    reveal: bool,
+) -> Result<Value, ApiError> {
+    let secrets = open_secrets(app, row)?;
+    let mut configuration = plain_configuration(row);
+    let shown = |secret: Option<&Secret>| -> Value {
+        match secret {
+            Some(secret) if reveal => Value::String(secret.expose().to_string()),
+            Some(_) => Value::String(MASK.to_string()),
+            None => Value::Null,
+        }
+    };
+    configuration.insert(ACCESS_TOKEN.into(), shown(secrets.access_token.as_ref()));
+    configuration.insert(REFRESH_TOKEN.into(), shown(secrets.refresh_token.as_ref()));
+    for (key, value) in &secrets.secret_configuration {
+        let shown = if reveal { value.clone() } else { MASK.to_string() };
+        configuration.insert(key.clone(), Value::String(shown));
+    }
+    configuration.insert(
+        REFRESH_TIME.into(),
+        row.last_refresh_at
+            .map(|ms| Value::String(ms.to_string()))
+            .unwrap_or(Value::Null),
+    );
+    configuration.insert(
+        "oauth.user.token.expires_at".into(),
+        row.access_expires_at
+            .map(|ms| Value::String(ms.to_string()))
+            .unwrap_or(Value::Null),
+    );
+    let state = if row.is_disabled() {
+        "disabled"
+    } else if !row.is_valid() {
+        "needs_reauthentication"
+    } else if row.failing_since.is_some() {
+        "refresh_failing"
+    } else {
+        "valid"
+    };
+    Ok(json!({
+        "id": row.id,
+        "name": row.name,
+        "token": secrets.element_token.expose(),
+        "element": {"key": row.element_key, "name": connector_name.unwrap_or(&row.element_key)},
+        "valid": row.is_valid(),
+        "disabled": row.is_disabled(),
+        "state": state,
+        "stateReason": row.state_reason,
+        "providerMessage": row.provider_message,
+        "refreshFailingSince": row.failing_since.map(iso8601),
+        "lastRefreshFailure": row.last_failure,
+        "tags": row.tag_list(),
+        "createdDate": iso8601(row.created_at),
+        "updatedDate": iso8601(row.updated_at),
+        "lastRefreshDate": row.last_refresh_at.map(iso8601),
+        "accessTokenExpiresDate": row.access_expires_at.map(iso8601),
+        "refreshTokenExpiresDate": row.refresh_expires_at.map(iso8601),
+        "verification": row.verification.as_deref().and_then(|text| serde_json::from_str::<Value>(text).ok()),
+        "configuration": configuration,
+    }))
+}
+
+pub fn iso8601(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|at| at.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+/// Makes the connector's verification call with a fresh access token, and records the outcome
+/// as JSON. It never fails the create: a grant for the wrong account is shown, not refused.
+pub async fn verify(
+    app: &App,
+    connector: &Connector,
+    base_url: &str,
+    access_token: &Secret,
+) -> Option<String> {
+    let spec = connector.verify.as_ref()?;
+    let url = join_url(base_url, &spec.path);
+    let method = reqwest::Method::from_bytes(spec.method.as_bytes()).unwrap_or(reqwest::Method::GET);
+    let started = now_ms();
+    let outcome = app
+        .http
+        .request(method, &url)
+        .bearer_auth(access_token.expose())
+        .header("accept", "application/json")
+        .send()
+        .await;
+    let result = match outcome {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let www = response
+                .headers()
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let body = response.bytes().await.unwrap_or_default();
+            if (200..300).contains(&status) {
+                json!({"ok": true, "status": status, "path": spec.path, "checkedAt": iso8601(started)})
+            } else {
+                json!({"ok": false, "status": status, "path": spec.path, "checkedAt": iso8601(started),
+                       "providerMessage": crate::oauth::describe_provider_body(status, www.as_deref(), &body)})
+            }
+        }
+        Err(error) => {
+            json!({"ok": false, "path": spec.path, "checkedAt": iso8601(started),
+                   "message": format!("the verification call failed: {}", crate::oauth::transport_message(&error))})
+        }
+    };
+    Some(result.to_string())
+}
+
+/// `base` + `/` + `path`, with exactly one slash between them.
+pub fn join_url(base: &str, path: &str) -> String {
+    format!("{}/{}", base.trim_end_matches('/'), path.trim_start_matches('/'))
+}
+
+/// Re-seals every instance and organization secret not under the current key.
+pub async fn reseal_all(app: &App) -> Result<u64, ApiError> {
+    let mut changed = 0u64;
+    let mut after_id = 0i64;
+    loop {
+        let batch = app.store.list_encrypted_batch(after_id, 200).await?;
+        let Some(last) = batch.last() else {
+            break;
+        };
+        after_id = last.id;
+        for mut fields in batch {
+            let keyring = &app.keyring;
+            let all_current = keyring.is_current(&fields.token_enc)
+                && [
+                    &fields.access_token_enc,
+                    &fields.refresh_token_enc,
+                    &fields.token_response_enc,
+                    &fields.client_secret_enc,
+                ]
+                .iter()
+                .all(|value| value.as_ref().is_none_or(|v| keyring.is_current(v)));
+            if all_current {
+                continue;
+            }
+            let reseal = |value: &[u8], field: &'static str| -> Result<Vec<u8>, ApiError> {
+                let plain = keyring.open(value, binding(fields.id, field))?;
+                Ok(keyring.seal(&plain, binding(fields.id, field)))
+            };
+            fields.token_enc = reseal(&fields.token_enc, "token")?;
+            if let Some(v) = &fields.access_token_enc {
+                fields.access_token_enc = Some(reseal(v, "access_token")?);
+            }
+            if let Some(v) = &fields.refresh_token_enc {
+                fields.refresh_token_enc = Some(reseal(v, "refresh_token")?);
+            }
+            if let Some(v) = &fields.token_response_enc {
+                fields.token_response_enc = Some(reseal(v, "token_response")?);
+            }
+            if let Some(v) = &fields.client_secret_enc {
+                fields.client_secret_enc = Some(reseal(v, "secret_configuration")?);
+            }
+            // A refresh committed in between wins; the next run re-seals its values.
+            if app.store.update_encrypted_fields(&fields).await? {
+                changed += 1;
+            }
+        }
+    }
+    Ok(changed)
+}

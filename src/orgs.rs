@@ -1,0 +1,101 @@
+//! Organizations and their users: creation (secrets made here, only their hashes stored), the
+//! check of the platform `Authorization` header, and master-key rotation.
+
+use serde::Serialize;
+
+use crate::app::App;
+use crate::crypto::{self, Binding};
+use crate::http::error::ApiError;
+use crate::store::{NewOrganization, NewUser};
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatedOrganization {
+    pub organization_secret: String,
+    pub user_secret: String,
+    pub organization_id: i64,
+    pub user_id: i64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatedUser {
+    pub user_secret: String,
+    pub organization_id: i64,
+    pub user_id: i64,
+}
+
+pub async fn create_organization(app: &App, name: &str) -> Result<CreatedOrganization, ApiError> {
+    let name = name.trim();
+    if name.is_empty() || name.len() > 200 {
+        return Err(ApiError::bad_request(
+            "An organization needs a name of 1 to 200 characters",
+        ));
+    }
+    let organization_secret = crypto::new_platform_secret();
+    let user_secret = crypto::new_platform_secret();
+    let organization_id = crypto::new_id();
+    let user_id = crypto::new_id();
+    let webhook_secret = crypto::new_platform_secret();
+    let webhook_secret_enc = app.keyring.seal_secret(
+        &webhook_secret,
+        Binding {
+            table: "organizations",
+            row: organization_id,
+            field: "webhook_secret",
+        },
+    );
+    app.store
+        .create_organization(NewOrganization {
+            id: organization_id,
+            name: name.to_string(),
+            secret_hash: crypto::hash_secret(organization_secret.expose()),
+            webhook_secret_enc,
+            first_user: NewUser {
+                id: user_id,
+                organization_id,
+                name: "owner".to_string(),
+                secret_hash: crypto::hash_secret(user_secret.expose()),
+            },
+        })
+        .await?;
+    Ok(CreatedOrganization {
+        organization_secret: organization_secret.expose().to_string(),
+        user_secret: user_secret.expose().to_string(),
+        organization_id,
+        user_id,
+    })
+}
+
+pub async fn create_user(
+    app: &App,
+    organization_id: i64,
+    name: &str,
+) -> Result<CreatedUser, ApiError> {
+    if app.store.get_organization(organization_id).await?.is_none() {
+        return Err(ApiError::not_found(format!(
+            "There is no organization {organization_id}"
+        )));
+    }
+    let user_secret = crypto::new_platform_secret();
+    let user_id = crypto::new_id();
+    app.store
+        .create_user(NewUser {
+            id: user_id,
+            organization_id,
+            name: name.trim().to_string(),
+            secret_hash: crypto::hash_secret(user_secret.expose()),
+        })
+        .await?;
+    Ok(CreatedUser {
+        user_secret: user_secret.expose().to_string(),
+        organization_id,
+        user_id,
+    })
+}
+
+/// Re-seals every encrypted value that is not under the current key, in batches, while the
+/// service runs. Returns how many rows changed.
+pub async fn rotate_keys(app: &App) -> Result<u64, ApiError> {
+    crate::instances::reseal_all(app).await
+}

@@ -1,0 +1,460 @@
+//! The refresh engine: the one path by which an access token is renewed, whoever asks (a
+//! proxied call that was rejected, a token close to expiry, the scheduler, `tokens/refresh`).
+//!
+//! - **Single flight.** In one process, concurrent refreshes of one instance queue on a
+//!   per-instance async mutex; across replicas, the one holding the row's lease
+//!   (`refresh_lease_owner/until`, taken by one short `UPDATE … RETURNING`) refreshes and the
+//!   others poll the row until its token version moves. Whoever gets its turn first re-reads the
+//!   row: if the version already moved, that token is used and nothing is refreshed again.
+//! - **Persist before use.** The new token set is committed (compare-and-swap on the token
+//!   version, the outbox event in the same transaction) before any caller sees it.
+//! - **Failures told apart.** A permanent OAuth error (`invalid_grant` and kin) turns the instance
+//!   invalid with the provider's words; anything else (5xx, 429, timeouts, unparseable bodies) is
+//!   transient: the instance stays valid and backs off, one attempt per backoff step.
+//! - **No lock and no database connection is held across a provider call.**
+//! - **Crash safety.** The lease marks the refresh in flight before the provider is called. An
+//!   instance whose previous refresh was interrupted retries with what it has; if the provider has
+//!   rotated the token away meanwhile, the instance turns invalid with reason
+//!   "refresh interrupted", and an event fires.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use dashmap::DashMap;
+use serde_json::{Value, json};
+use tokio::sync::{Mutex, Notify};
+
+use crate::app::{App, now_ms};
+use crate::catalog::Connector;
+use crate::events;
+use crate::http::error::ApiError;
+use crate::instances::{self, BASE_URL, apply_token_set, client_credentials, open_secrets, plain_configuration};
+use crate::oauth::{OAuthError, TokenHint};
+use crate::secret::Secret;
+use crate::store::InstanceRow;
+
+/// How long a refresh lease lasts: longer than one provider call with its timeout.
+pub const LEASE_MS: i64 = 45_000;
+/// How long an in-memory copy of an instance is trusted before it is re-read (other replicas may
+/// have disabled, deleted or refreshed it). While it is trusted, a proxied call makes no query.
+const REVALIDATE_AFTER: Duration = Duration::from_secs(5);
+/// The first step of the transient-failure backoff, and the largest.
+const BACKOFF_BASE_MS: i64 = 2_000;
+const BACKOFF_MAX_MS: i64 = 300_000;
+
+/// What the proxy needs of an instance, decrypted, kept in memory.
+pub struct CachedInstance {
+    pub id: i64,
+    pub organization_id: i64,
+    pub connector: Arc<Connector>,
+    pub base_url: String,
+    pub access_token: Option<Secret>,
+    pub token_version: i64,
+    pub access_expires_at: Option<i64>,
+    pub valid: bool,
+    pub disabled: bool,
+    pub state_reason: Option<String>,
+    pub provider_message: Option<String>,
+    pub backoff_until: Option<i64>,
+    pub last_failure: Option<String>,
+    loaded_at: Instant,
+}
+
+impl CachedInstance {
+    /// Whether `before_expiry` wants a refresh before the next call.
+    pub fn expires_soon(&self, now: i64) -> bool {
+        match self.access_expires_at {
+            Some(expires) => expires - (self.connector.refresh.buffer_seconds as i64) * 1000 <= now,
+            None => false,
+        }
+    }
+
+    pub fn expired(&self, now: i64) -> bool {
+        self.access_expires_at.is_some_and(|expires| expires <= now)
+    }
+}
+
+#[derive(Debug)]
+pub enum RefreshFailure {
+    /// The grant is gone: the instance is invalid until re-authenticated.
+    Invalid { reason: String, provider_message: Option<String> },
+    /// The provider could not refresh now; the instance stays valid.
+    Transient { message: String, provider_message: Option<String>, retry_after_ms: Option<i64> },
+    Disabled,
+    NotFound,
+    Internal(String),
+}
+
+impl RefreshFailure {
+    pub fn into_api_error(self) -> ApiError {
+        match self {
+            RefreshFailure::Invalid { reason, provider_message } => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "Request failed")
+                    .with_provider_message(provider_message.unwrap_or(reason))
+            }
+            RefreshFailure::Transient { message, provider_message, retry_after_ms } => {
+                let mut error = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("The provider could not refresh the token just now ({message}); the instance stays valid, try again later"),
+                );
+                error.provider_message = provider_message;
+                error.retry_after = retry_after_ms.map(|ms| ((ms + 999) / 1000).max(1) as u64);
+                error
+            }
+            RefreshFailure::Disabled => ApiError::new(
+                StatusCode::CONFLICT,
+                "The instance is disabled: it makes no provider calls until enabled",
+            ),
+            RefreshFailure::NotFound => ApiError::not_found("There is no such instance"),
+            RefreshFailure::Internal(detail) => ApiError::internal(detail),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct RefreshEngine {
+    flights: DashMap<i64, Arc<Mutex<()>>>,
+    cache: DashMap<i64, Arc<CachedInstance>>,
+    schedule_changed: Notify,
+}
+
+impl RefreshEngine {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Drops the in-memory copy (after a change made through the API).
+    pub fn forget(&self, id: i64) {
+        self.cache.remove(&id);
+    }
+
+    pub fn notify_schedule_changed(&self) {
+        self.schedule_changed.notify_one();
+    }
+
+    pub async fn schedule_changed(&self) {
+        self.schedule_changed.notified().await;
+    }
+
+    /// The instance as the proxy needs it: from memory while trusted, else from the store.
+    pub async fn get(&self, app: &App, id: i64) -> Result<Arc<CachedInstance>, RefreshFailure> {
+        if let Some(cached) = self.cache.get(&id)
+            && cached.loaded_at.elapsed() < REVALIDATE_AFTER
+        {
+            return Ok(Arc::clone(&cached));
+        }
+        let row = app
+            .store
+            .get_instance_by_id(id)
+            .await
+            .map_err(|e| RefreshFailure::Internal(e.to_string()))?
+            .ok_or(RefreshFailure::NotFound)?;
+        self.remember(app, &row).await
+    }
+
+    async fn remember(&self, app: &App, row: &InstanceRow) -> Result<Arc<CachedInstance>, RefreshFailure> {
+        let connector = app
+            .connector(row.organization_id, &row.element_key)
+            .await
+            .map_err(|e| RefreshFailure::Internal(e.to_string()))?
+            .ok_or_else(|| RefreshFailure::Internal(format!("connector {} is gone", row.element_key)))?;
+        let secrets = open_secrets(app, row).map_err(|e| RefreshFailure::Internal(e.message))?;
+        let configuration = plain_configuration(row);
+        let cached = Arc::new(CachedInstance {
+            id: row.id,
+            organization_id: row.organization_id,
+            connector: Arc::new(connector),
+            base_url: configuration
+                .get(BASE_URL)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            access_token: secrets.access_token,
+            token_version: row.token_version,
+            access_expires_at: row.access_expires_at,
+            valid: row.is_valid(),
+            disabled: row.is_disabled(),
+            state_reason: row.state_reason.clone(),
+            provider_message: row.provider_message.clone(),
+            backoff_until: row.backoff_until,
+            last_failure: row.last_failure.clone(),
+            loaded_at: Instant::now(),
+        });
+        self.cache.insert(row.id, Arc::clone(&cached));
+        Ok(cached)
+    }
+
+    /// `POST /instances/{id}/tokens/refresh`: a refresh whatever the token's age.
+    pub async fn refresh_now(&self, app: &App, id: i64) -> Result<Arc<CachedInstance>, RefreshFailure> {
+        let version = self.get(app, id).await?.token_version;
+        self.refresh(app, id, Some(version), None).await
+    }
+
+    /// Refreshes instance `id` unless its token version already moved past `observed` (someone
+    /// else refreshed meanwhile: that token is returned). `claimed` is a row whose lease this
+    /// replica already holds (the scheduler's claim).
+    pub async fn refresh(
+        &self,
+        app: &App,
+        id: i64,
+        observed: Option<i64>,
+        claimed: Option<InstanceRow>,
+    ) -> Result<Arc<CachedInstance>, RefreshFailure> {
+        let flight = Arc::clone(&self.flights.entry(id).or_default());
+        let result = {
+            let _turn = flight.lock().await;
+            self.refresh_in_turn(app, id, observed, claimed).await
+        };
+        drop(flight);
+        // The map keeps a mutex only while someone uses it.
+        self.flights.remove_if(&id, |_, mutex| Arc::strong_count(mutex) == 1);
+        result
+    }
+
+    async fn refresh_in_turn(
+        &self,
+        app: &App,
+        id: i64,
+        observed: Option<i64>,
+        claimed: Option<InstanceRow>,
+    ) -> Result<Arc<CachedInstance>, RefreshFailure> {
+        let moved_past = |version: i64| observed.is_some_and(|seen| version > seen);
+        if let Some(cached) = self.cache.get(&id).map(|c| Arc::clone(&c))
+            && moved_past(cached.token_version)
+            && cached.valid
+        {
+            return Ok(cached);
+        }
+        let store_error = |e: crate::store::StoreError| RefreshFailure::Internal(e.to_string());
+        let (leased, interrupted) = match claimed {
+            Some(row) => (row, false),
+            None => {
+                let deadline = Instant::now() + Duration::from_millis(LEASE_MS as u64 + 5_000);
+                let mut pause = Duration::from_millis(20);
+                loop {
+                    let row = app.store.get_instance_by_id(id).await.map_err(store_error)?.ok_or(RefreshFailure::NotFound)?;
+                    if moved_past(row.token_version) && row.is_valid() {
+                        return self.remember(app, &row).await;
+                    }
+                    check_usable(&row, now_ms())?;
+                    let now = now_ms();
+                    let interrupted = row.refresh_in_flight_since.is_some()
+                        && row.refresh_lease_until.is_none_or(|until| until < now);
+                    if let Some(leased) = app
+                        .store
+                        .try_acquire_refresh_lease(id, &app.replica_id, now, now + LEASE_MS)
+                        .await
+                        .map_err(store_error)?
+                    {
+                        break (leased, interrupted);
+                    }
+                    // Another replica is refreshing: wait for its result, bounded.
+                    if Instant::now() > deadline {
+                        return Err(RefreshFailure::Transient {
+                            message: "another replica's refresh did not finish in time".into(),
+                            provider_message: None,
+                            retry_after_ms: Some(1_000),
+                        });
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(250));
+                }
+            }
+        };
+        if moved_past(leased.token_version) {
+            let _ = app.store.release_refresh_lease(id, &app.replica_id).await;
+            return self.remember(app, &leased).await;
+        }
+        if let Err(failure) = check_usable(&leased, now_ms()) {
+            let _ = app.store.release_refresh_lease(id, &app.replica_id).await;
+            return Err(failure);
+        }
+        let outcome = self.call_provider(app, &leased, interrupted).await;
+        match outcome {
+            Ok(row) => self.remember(app, &row).await,
+            Err(failure) => {
+                self.forget(id);
+                Err(failure)
+            }
+        }
+    }
+
+    /// The provider call and its commit. The lease is held; no connection is.
+    async fn call_provider(&self, app: &App, row: &InstanceRow, interrupted: bool) -> Result<InstanceRow, RefreshFailure> {
+        let store_error = |e: crate::store::StoreError| RefreshFailure::Internal(e.to_string());
+        let connector = app
+            .connector(row.organization_id, &row.element_key)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| RefreshFailure::Internal(format!("connector {} is gone", row.element_key)))?;
+        let secrets = open_secrets(app, row).map_err(|e| RefreshFailure::Internal(e.message))?;
+        let configuration = plain_configuration(row);
+        let Some(refresh_token) = secrets.refresh_token.as_ref() else {
+            let reason = "no refresh token: the provider gave none; re-authenticate the instance".to_string();
+            let message = row.provider_message.clone();
+            self.invalidate(app, row, &reason, message.as_deref()).await?;
+            return Err(RefreshFailure::Invalid { reason, provider_message: message });
+        };
+        let endpoints = app.endpoints(&connector, &configuration).map_err(RefreshFailure::Internal)?;
+        let credentials = client_credentials(&configuration, &secrets.secret_configuration);
+        let started = Instant::now();
+        let result = app.oauth.refresh(&connector.oauth, &endpoints, &credentials, refresh_token).await;
+        let outcome_label = match &result {
+            Ok(_) => "ok",
+            Err(error) if error.is_permanent() => "invalid",
+            Err(_) => "transient",
+        };
+        metrics::counter!("tokenwarden_refresh_attempts_total", "connector" => connector.key.clone(), "outcome" => outcome_label).increment(1);
+        metrics::histogram!("tokenwarden_refresh_seconds").record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(tokens) => {
+                let now = now_ms();
+                let applied = apply_token_set(app, &connector, row.id, &tokens, Some(refresh_token), &configuration, now);
+                let event = events::new_event(app, row, events::REFRESHED, None);
+                let committed = app
+                    .store
+                    .commit_refreshed_tokens(row.id, &app.replica_id, row.token_version, &applied.update, Some(&event))
+                    .await
+                    .map_err(store_error)?;
+                let stored = app.store.get_instance_by_id(row.id).await.map_err(store_error)?.ok_or(RefreshFailure::NotFound)?;
+                if !committed {
+                    // Our lease ran out and someone else committed: theirs is the token now.
+                    tracing::warn!(instance = row.id, "a refresh finished after its lease expired; keeping the newer token");
+                } else if row.failing_since.is_some() {
+                    let recovered = events::new_event(app, row, events::RECOVERED, None);
+                    let _ = app.store.insert_event(&recovered).await;
+                }
+                tracing::info!(instance = row.id, connector = %connector.key, version = stored.token_version, "token refreshed");
+                Ok(stored)
+            }
+            Err(error) if error.is_permanent() => {
+                let provider_message = error.provider_message();
+                let reason = if interrupted {
+                    format!("refresh interrupted: the provider no longer accepts the refresh token ({provider_message})")
+                } else {
+                    provider_message.clone()
+                };
+                tracing::warn!(instance = row.id, connector = %connector.key, reason = %reason, "the grant is gone: instance invalidated");
+                let shown = row.provider_message.clone().filter(|_| false).unwrap_or(provider_message);
+                self.invalidate(app, row, &reason, Some(&shown)).await?;
+                Err(RefreshFailure::Invalid { reason, provider_message: Some(shown) })
+            }
+            Err(error) => {
+                let now = now_ms();
+                let retry_after_ms = match &error {
+                    OAuthError::RateLimited { retry_after: Some(seconds), .. } => Some(*seconds as i64 * 1000),
+                    _ => None,
+                };
+                let step = BACKOFF_BASE_MS.saturating_mul(1 << row.failure_count.clamp(0, 16)).min(BACKOFF_MAX_MS);
+                let jitter = (u64::from_le_bytes(crate::crypto::random_bytes::<8>()) % (step as u64 / 2 + 1)) as i64;
+                let wait = (step / 2 + jitter).max(retry_after_ms.unwrap_or(0));
+                let message = error.provider_message();
+                let event = row
+                    .failing_since
+                    .is_none()
+                    .then(|| events::new_event(app, row, events::REFRESH_FAILING, Some(&message)));
+                app.store
+                    .record_transient_failure(row.id, &app.replica_id, now, &message, now + wait, event.as_ref())
+                    .await
+                    .map_err(store_error)?;
+                tracing::warn!(instance = row.id, connector = %connector.key, "refresh failed for now ({message}); retrying in {} ms", wait);
+                Err(RefreshFailure::Transient {
+                    message: "the provider's token endpoint failed".into(),
+                    provider_message: Some(message),
+                    retry_after_ms: Some(wait),
+                })
+            }
+        }
+    }
+
+    async fn invalidate(&self, app: &App, row: &InstanceRow, reason: &str, provider_message: Option<&str>) -> Result<(), RefreshFailure> {
+        let event = events::new_event(app, row, events::INVALIDATED, Some(reason));
+        app.store
+            .mark_invalid(row.id, reason, provider_message, Some(&event))
+            .await
+            .map_err(|e| RefreshFailure::Internal(e.to_string()))?;
+        crate::audit::record_automatic(app, row.organization_id, "instance.invalidated", Some(&row.id.to_string()), Some(reason)).await;
+        self.forget(row.id);
+        Ok(())
+    }
+
+    /// Records that the provider rejected a call in a way that shows the grant is gone, keeping
+    /// the rejection as the provider message shown to callers.
+    pub async fn record_rejection(&self, app: &App, id: i64, reason: &str, provider_message: &str) {
+        if let Ok(Some(row)) = app.store.get_instance_by_id(id).await
+            && !row.is_valid()
+        {
+            let _ = app.store.mark_invalid(id, reason, Some(provider_message), None).await;
+        }
+        self.forget(id);
+    }
+}
+
+fn check_usable(row: &InstanceRow, now: i64) -> Result<(), RefreshFailure> {
+    if !row.is_valid() {
+        return Err(RefreshFailure::Invalid {
+            reason: row.state_reason.clone().unwrap_or_else(|| "invalid".into()),
+            provider_message: row.provider_message.clone().or_else(|| row.state_reason.clone()),
+        });
+    }
+    if row.is_disabled() {
+        return Err(RefreshFailure::Disabled);
+    }
+    if let Some(until) = row.backoff_until
+        && until > now
+    {
+        return Err(RefreshFailure::Transient {
+            message: "the last refresh attempt failed; waiting before the next".into(),
+            provider_message: row.last_failure.clone(),
+            retry_after_ms: Some(until - now),
+        });
+    }
+    Ok(())
+}
+
+/// Revokes an instance's grant at the provider, in the connector's shape. The refresh token is
+/// revoked first (it ends the grant at most providers), then the access token. Answers what
+/// happened; the caller invalidates the instance in any case.
+pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, ApiError> {
+    let connector = app
+        .connector(row.organization_id, &row.element_key)
+        .await?
+        .ok_or_else(|| ApiError::conflict("The connector of this instance no longer exists"))?;
+    let secrets = open_secrets(app, row)?;
+    let configuration = plain_configuration(row);
+    let endpoints = app
+        .endpoints(&connector, &configuration)
+        .map_err(|error| ApiError::bad_request(format!("Connector input missing: {error}")))?;
+    if endpoints.revoke_url.is_none() || connector.oauth.revocation == Some(crate::catalog::RevocationStyle::None) {
+        return Ok(json!({"revokedAtProvider": false, "message": "The provider has no revocation endpoint: the instance was invalidated here only"}));
+    }
+    let credentials = client_credentials(&configuration, &secrets.secret_configuration);
+    let mut attempts = Vec::new();
+    if let Some(token) = &secrets.refresh_token {
+        attempts.push((token, TokenHint::RefreshToken));
+    }
+    if let Some(token) = &secrets.access_token {
+        attempts.push((token, TokenHint::AccessToken));
+    }
+    let mut revoked = false;
+    let mut messages = Vec::new();
+    for (token, hint) in attempts {
+        match app.oauth.revoke(&connector.oauth, &endpoints, &credentials, token, hint).await {
+            Ok(_) => revoked = true,
+            Err(error) => messages.push(error.provider_message()),
+        }
+        if revoked {
+            // One successful revocation ends the grant at providers that cascade; the access
+            // token's own revocation would only answer "already revoked" there.
+            if matches!(connector.oauth.revocation, Some(crate::catalog::RevocationStyle::QueryToken) | None | Some(crate::catalog::RevocationStyle::Rfc7009)) {
+                break;
+            }
+        }
+    }
+    let _ = instances::MASK;
+    Ok(json!({
+        "revokedAtProvider": revoked,
+        "providerMessage": if messages.is_empty() { Value::Null } else { Value::String(messages.join("; ")) },
+    }))
+}
