@@ -71,6 +71,8 @@ pub struct OAuthSpec {
     #[serde(default)]
     pub revocation: Option<RevocationStyle>,
     #[serde(default)]
+    /// May contain `{input}` placeholders (Dynamics: `https://{org}.crm.dynamics.com/...`), filled
+    /// like the URLs.
     pub scopes: Vec<String>,
     #[serde(default = "default_scope_separator")]
     pub scope_separator: String,
@@ -85,6 +87,10 @@ pub struct OAuthSpec {
     /// Extra parameters on every refresh request (Microsoft's `scope`).
     #[serde(default)]
     pub refresh_params: BTreeMap<String, String>,
+    /// Extra parameters on the authorization-code exchange (Shopify's `expiring=1`). Added by the
+    /// catalog; default none.
+    #[serde(default)]
+    pub token_params: BTreeMap<String, String>,
     /// Body encoding of token and refresh requests.
     #[serde(default)]
     pub token_request_format: BodyFormat,
@@ -443,8 +449,13 @@ pub fn validate(connector: &Connector, built_in: bool) -> Result<(), CatalogErro
     if let Some(url) = &connector.documentation_url {
         check_url(connector, "documentationUrl", url, &BTreeMap::new(), false)?;
     }
+    for scope in &oauth.scopes {
+        fill_template(scope, &samples)
+            .map_err(|problem| invalid(format!("`oauth.scopes`: {problem}")))?;
+    }
     for (field, params) in [
         ("oauth.authorizationParams", &oauth.authorization_params),
+        ("oauth.tokenParams", &oauth.token_params),
         ("oauth.refreshParams", &oauth.refresh_params),
     ] {
         for (name, value) in params {
