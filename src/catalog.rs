@@ -755,7 +755,10 @@ mod tests {
         for connector in &real {
             assert!(
                 connector.verify.is_some()
-                    || connector.unconfirmed.iter().any(|fact| fact.contains("verify")),
+                    || connector
+                        .unconfirmed
+                        .iter()
+                        .any(|fact| fact.contains("verify")),
                 "{} has no verify call and does not say why",
                 connector.key
             );
