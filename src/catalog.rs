@@ -71,6 +71,8 @@ pub struct OAuthSpec {
     #[serde(default)]
     pub revocation: Option<RevocationStyle>,
     #[serde(default)]
+    /// May contain `{input}` placeholders (Dynamics: `https://{org}.crm.dynamics.com/...`), filled
+    /// like the URLs.
     pub scopes: Vec<String>,
     #[serde(default = "default_scope_separator")]
     pub scope_separator: String,
@@ -85,6 +87,10 @@ pub struct OAuthSpec {
     /// Extra parameters on every refresh request (Microsoft's `scope`).
     #[serde(default)]
     pub refresh_params: BTreeMap<String, String>,
+    /// Extra parameters on the authorization-code exchange (Shopify's `expiring=1`). Added by the
+    /// catalog; default none.
+    #[serde(default)]
+    pub token_params: BTreeMap<String, String>,
     /// Body encoding of token and refresh requests.
     #[serde(default)]
     pub token_request_format: BodyFormat,
@@ -287,6 +293,431 @@ pub fn parse_catalog(text: &str) -> Result<Vec<Connector>, CatalogError> {
         .map_err(|error| CatalogError::Parse(error.to_string()))
 }
 
+/// The categories a built-in connector may have (`sandbox` only for the `sandbox-*` profiles).
+pub const CATEGORIES: &[&str] = &[
+    "crm",
+    "e-signature",
+    "file-storage",
+    "accounting",
+    "hr",
+    "ticketing",
+    "chat",
+    "calendar-mail",
+    "dev-tools",
+    "marketing",
+    "e-commerce",
+    "productivity",
+    "other",
+];
+
+/// The placeholder for the sandbox provider's URL, usable in every URL of a connector.
+pub const SANDBOX_PLACEHOLDER: &str = "sandbox";
+
+/// What `{sandbox}` stands for while validating.
+const SANDBOX_SAMPLE: &str = "http://127.0.0.1:4000";
+
+/// A placeholder the engine fills itself, allowed in `revokeUrl` only: the connector's client id
+/// (GitHub's `DELETE /applications/{client_id}/token`).
+pub const CLIENT_ID_PLACEHOLDER: &str = "client_id";
+
+/// The longest `bufferSeconds` accepted (less than a day).
+const MAX_BUFFER_SECONDS: u64 = 86_400;
+
+/// Replaces every `{name}` in `template` with `values[name]`. An unknown placeholder, or an
+/// unclosed `{`, is an error naming it.
+pub fn fill_template(template: &str, values: &BTreeMap<String, String>) -> Result<String, String> {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        let Some(end) = after.find('}') else {
+            return Err(format!("unclosed `{{` in `{template}`"));
+        };
+        let name = &after[..end];
+        match values.get(name) {
+            Some(value) => out.push_str(value),
+            None => return Err(format!("unknown placeholder `{{{name}}}` in `{template}`")),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The `{name}` placeholders of a template, in order (an unclosed `{` is reported as an error).
+fn placeholders(template: &str) -> Result<Vec<&str>, String> {
+    let mut names = Vec::new();
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        let after = &rest[start + 1..];
+        let Some(end) = after.find('}') else {
+            return Err(format!("unclosed `{{` in `{template}`"));
+        };
+        names.push(&after[..end]);
+        rest = &after[end + 1..];
+    }
+    Ok(names)
+}
+
+fn valid_key(key: &str) -> bool {
+    let bytes = key.as_bytes();
+    (2..=63).contains(&bytes.len())
+        && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+}
+
+/// Checks one connector. `built_in` adds the rules for the catalog file (documentation URL and
+/// category). Messages name the connector's key and the field at fault, for an organization's
+/// own `POST /elements` connectors as much as for the built-in file.
+pub fn validate(connector: &Connector, built_in: bool) -> Result<(), CatalogError> {
+    let key = connector.key.as_str();
+    let invalid = |problem: String| CatalogError::Invalid {
+        key: key.to_string(),
+        problem,
+    };
+
+    if !valid_key(key) {
+        return Err(invalid(
+            "`key` must be 2 to 63 characters of lowercase letters, digits and `-`, starting \
+             with a letter or digit"
+                .to_string(),
+        ));
+    }
+    if connector.name.trim().is_empty() {
+        return Err(invalid("`name` must not be empty".to_string()));
+    }
+
+    // Inputs: names usable as placeholders, each with a description.
+    for (name, input) in &connector.inputs {
+        if !valid_input_name(name) {
+            return Err(invalid(format!(
+                "input `{name}`: an input name must be letters, digits and `_`, starting with a \
+                 letter"
+            )));
+        }
+        if name == SANDBOX_PLACEHOLDER || name == CLIENT_ID_PLACEHOLDER {
+            return Err(invalid(format!(
+                "input `{name}`: the name is reserved for the placeholder the service fills itself"
+            )));
+        }
+        if input.description.trim().is_empty() {
+            return Err(invalid(format!(
+                "input `{name}`: `description` must not be empty"
+            )));
+        }
+    }
+
+    let mut samples: BTreeMap<String, String> = connector
+        .inputs
+        .iter()
+        .map(|(name, input)| {
+            let sample = input
+                .default
+                .clone()
+                .filter(|value| !value.is_empty())
+                .unwrap_or_else(|| "example".to_string());
+            (name.clone(), sample)
+        })
+        .collect();
+    samples.insert(SANDBOX_PLACEHOLDER.to_string(), SANDBOX_SAMPLE.to_string());
+
+    check_url(connector, "baseUrl", &connector.base_url, &samples, false)?;
+    let oauth = &connector.oauth;
+    check_url(
+        connector,
+        "oauth.authorizationUrl",
+        &oauth.authorization_url,
+        &samples,
+        false,
+    )?;
+    check_url(
+        connector,
+        "oauth.tokenUrl",
+        &oauth.token_url,
+        &samples,
+        false,
+    )?;
+    if let Some(url) = &oauth.refresh_url {
+        check_url(connector, "oauth.refreshUrl", url, &samples, false)?;
+    }
+    if let Some(url) = &oauth.revoke_url {
+        check_url(connector, "oauth.revokeUrl", url, &samples, true)?;
+    }
+    if let Some(url) = &connector.documentation_url {
+        check_url(connector, "documentationUrl", url, &BTreeMap::new(), false)?;
+    }
+    for scope in &oauth.scopes {
+        fill_template(scope, &samples)
+            .map_err(|problem| invalid(format!("`oauth.scopes`: {problem}")))?;
+    }
+    for (field, params) in [
+        ("oauth.authorizationParams", &oauth.authorization_params),
+        ("oauth.tokenParams", &oauth.token_params),
+        ("oauth.refreshParams", &oauth.refresh_params),
+    ] {
+        for (name, value) in params {
+            fill_template(value, &samples)
+                .map_err(|problem| invalid(format!("`{field}.{name}`: {problem}")))?;
+        }
+    }
+    if let Some(verify) = &connector.verify {
+        let path = fill_template(&verify.path, &samples)
+            .map_err(|problem| invalid(format!("`verify.path`: {problem}")))?;
+        if path.contains("://") || path.starts_with("//") {
+            return Err(invalid(format!(
+                "`verify.path` must be relative to `baseUrl`, not an absolute URL (`{}`)",
+                verify.path
+            )));
+        }
+        let method = verify.method.to_ascii_uppercase();
+        if !["GET", "POST", "HEAD"].contains(&method.as_str()) {
+            return Err(invalid(format!(
+                "`verify.method` must be GET, POST or HEAD, not `{}`",
+                verify.method
+            )));
+        }
+    }
+
+    if built_in {
+        match connector.documentation_url.as_deref() {
+            Some(url) if !url.trim().is_empty() => {}
+            _ => {
+                return Err(invalid(
+                    "`documentationUrl` is required for a built-in connector".to_string(),
+                ));
+            }
+        }
+        match connector.category.as_deref() {
+            None => {
+                return Err(invalid(format!(
+                    "`category` is required for a built-in connector (one of {})",
+                    CATEGORIES.join(", ")
+                )));
+            }
+            Some("sandbox") if key.starts_with("sandbox-") => {}
+            Some(category) if CATEGORIES.contains(&category) => {}
+            Some(category) => {
+                return Err(invalid(format!(
+                    "`category` `{category}` is not one of {}",
+                    CATEGORIES.join(", ")
+                )));
+            }
+        }
+    } else if let Some(category) = connector.category.as_deref()
+        && !CATEGORIES.contains(&category)
+    {
+        return Err(invalid(format!(
+            "`category` `{category}` is not one of {}",
+            CATEGORIES.join(", ")
+        )));
+    }
+
+    if let (Some(style), None) = (oauth.revocation, &oauth.revoke_url)
+        && style != RevocationStyle::None
+    {
+        return Err(invalid(
+            "`oauth.revocation` is set but `oauth.revokeUrl` is not: give the revocation URL, \
+             or set `revocation` to `none`"
+                .to_string(),
+        ));
+    }
+    if oauth.revocation == Some(RevocationStyle::None) && oauth.revoke_url.is_some() {
+        return Err(invalid(
+            "`oauth.revocation` is `none` but `oauth.revokeUrl` is set: remove one of them"
+                .to_string(),
+        ));
+    }
+    if oauth.scope_separator.is_empty() {
+        return Err(invalid(
+            "`oauth.scopeSeparator` must not be empty".to_string(),
+        ));
+    }
+    if oauth.scopes.iter().any(|scope| scope.trim().is_empty()) {
+        return Err(invalid(
+            "`oauth.scopes` must not contain an empty scope".to_string(),
+        ));
+    }
+    if oauth.base_url_suffix.is_some() && oauth.base_url_from.is_none() {
+        return Err(invalid(
+            "`oauth.baseUrlSuffix` is set without `oauth.baseUrlFrom`".to_string(),
+        ));
+    }
+
+    let refresh = &connector.refresh;
+    if refresh.buffer_seconds >= MAX_BUFFER_SECONDS {
+        return Err(invalid(format!(
+            "`refresh.bufferSeconds` must be less than a day ({MAX_BUFFER_SECONDS}), not {}",
+            refresh.buffer_seconds
+        )));
+    }
+    if refresh.keep_alive_seconds == Some(0) {
+        return Err(invalid(
+            "`refresh.keepAliveSeconds` must be more than 0".to_string(),
+        ));
+    }
+    match (
+        refresh.refresh_token_idle_ttl_seconds,
+        refresh.keep_alive_seconds,
+    ) {
+        (Some(idle), None) => {
+            return Err(invalid(format!(
+                "`refresh.refreshTokenIdleTtlSeconds` is {idle} but `refresh.keepAliveSeconds` \
+                 is not set: refresh tokens would die of inactivity (about 5/6 of the idle TTL \
+                 is advised: {})",
+                idle / 6 * 5
+            )));
+        }
+        (Some(idle), Some(keep_alive)) if keep_alive >= idle => {
+            return Err(invalid(format!(
+                "`refresh.keepAliveSeconds` ({keep_alive}) must be smaller than \
+                 `refresh.refreshTokenIdleTtlSeconds` ({idle})"
+            )));
+        }
+        (None, Some(_))
+            if refresh.refresh_token_absolute_ttl_seconds.is_none()
+                && !connector.unconfirmed.iter().any(|fact| {
+                    fact.to_ascii_lowercase().contains("idle")
+                        || fact.to_ascii_lowercase().contains("inactiv")
+                }) =>
+        {
+            return Err(invalid(
+                "`refresh.keepAliveSeconds` is set without `refresh.refreshTokenIdleTtlSeconds`: \
+                 give the idle TTL, or say in `unconfirmed` why keep-alive is needed (an \
+                 inactivity expiry that is not documented)"
+                    .to_string(),
+            ));
+        }
+        _ => {}
+    }
+    if let (Some(idle), Some(absolute)) = (
+        refresh.refresh_token_idle_ttl_seconds,
+        refresh.refresh_token_absolute_ttl_seconds,
+    ) && idle > absolute
+    {
+        return Err(invalid(format!(
+            "`refresh.refreshTokenIdleTtlSeconds` ({idle}) is longer than \
+             `refresh.refreshTokenAbsoluteTtlSeconds` ({absolute})"
+        )));
+    }
+
+    let rejection = &connector.rejection;
+    if let Some(status) = rejection
+        .statuses
+        .iter()
+        .find(|status| !(400..=599).contains(*status))
+    {
+        return Err(invalid(format!(
+            "`rejection.statuses` must be HTTP error statuses (400 to 599), not {status}"
+        )));
+    }
+    if rejection.body_markers.iter().any(|m| m.is_empty())
+        || rejection.ok_false_errors.iter().any(|m| m.is_empty())
+    {
+        return Err(invalid(
+            "`rejection.bodyMarkers` and `rejection.okFalseErrors` must not contain empty strings"
+                .to_string(),
+        ));
+    }
+    if connector
+        .unconfirmed
+        .iter()
+        .any(|fact| fact.trim().is_empty())
+    {
+        return Err(invalid(
+            "`unconfirmed` must not contain empty entries".to_string(),
+        ));
+    }
+    Ok(())
+}
+
+fn valid_input_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 64
+}
+
+/// Checks that a URL template uses only declared placeholders and, filled with sample values, is
+/// an absolute http(s) URL.
+fn check_url(
+    connector: &Connector,
+    field: &str,
+    template: &str,
+    samples: &BTreeMap<String, String>,
+    allow_client_id: bool,
+) -> Result<(), CatalogError> {
+    let invalid = |problem: String| CatalogError::Invalid {
+        key: connector.key.clone(),
+        problem: format!("`{field}`: {problem}"),
+    };
+    let names = placeholders(template).map_err(invalid)?;
+    let mut samples = samples.clone();
+    for name in names {
+        if name == CLIENT_ID_PLACEHOLDER && allow_client_id {
+            samples.insert(name.to_string(), "sample-client-id".to_string());
+            continue;
+        }
+        if !samples.contains_key(name) {
+            let declared: Vec<&str> = connector.inputs.keys().map(String::as_str).collect();
+            return Err(invalid(format!(
+                "placeholder `{{{name}}}` is not declared in `inputs` (declared: {}; `{{sandbox}}` \
+                 is always available)",
+                if declared.is_empty() {
+                    "none".to_string()
+                } else {
+                    declared.join(", ")
+                }
+            )));
+        }
+    }
+    // An input that stands for a whole URL prefix gets a URL as its sample.
+    if let Some(first) = template
+        .strip_prefix('{')
+        .and_then(|rest| rest.split('}').next())
+        && let Some(sample) = samples.get(first)
+        && !sample.contains("://")
+    {
+        samples.insert(first.to_string(), "https://example.com".to_string());
+    }
+    let filled = fill_template(template, &samples).map_err(invalid)?;
+    let parsed = url::Url::parse(&filled)
+        .map_err(|error| invalid(format!("`{template}` is not an absolute URL ({error})")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(invalid(format!(
+            "`{template}` must be an http or https URL, not `{}`",
+            parsed.scheme()
+        )));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(invalid(format!("`{template}` has no host")));
+    }
+    Ok(())
+}
+
+/// Parses the built-in catalog, validates every entry and refuses duplicate keys.
+pub fn load_built_in() -> Result<Vec<Connector>, CatalogError> {
+    load_catalog(BUILT_IN_CATALOG)
+}
+
+/// Parses a catalog file, validates every entry as built-in and refuses duplicate keys.
+pub fn load_catalog(text: &str) -> Result<Vec<Connector>, CatalogError> {
+    let connectors = parse_catalog(text)?;
+    let mut seen = std::collections::BTreeSet::new();
+    for connector in &connectors {
+        validate(connector, true)?;
+        if !seen.insert(connector.key.as_str()) {
+            return Err(CatalogError::Invalid {
+                key: connector.key.clone(),
+                problem: "the key appears more than once in the catalog".to_string(),
+            });
+        }
+    }
+    Ok(connectors)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,8 +726,342 @@ mod tests {
     fn built_in_catalog_parses() {
         let connectors = parse_catalog(BUILT_IN_CATALOG).expect("catalog parses");
         assert!(connectors.iter().any(|c| c.key == "sandbox-adobe-sign"));
-        let adobe = connectors.iter().find(|c| c.key == "sandbox-adobe-sign").unwrap();
+        let adobe = connectors
+            .iter()
+            .find(|c| c.key == "sandbox-adobe-sign")
+            .unwrap();
         assert_eq!(adobe.refresh.keep_alive_seconds, Some(4_320_000));
-        assert_eq!(adobe.oauth.base_url_from.as_deref(), Some("api_access_point"));
+        assert_eq!(
+            adobe.oauth.base_url_from.as_deref(),
+            Some("api_access_point")
+        );
+    }
+
+    #[test]
+    fn built_in_catalog_validates_with_at_least_100_providers() {
+        let connectors = load_built_in().unwrap_or_else(|error| panic!("{error}"));
+        let real: Vec<&Connector> = connectors
+            .iter()
+            .filter(|c| !c.key.starts_with("sandbox-"))
+            .collect();
+        assert!(real.len() >= 100, "only {} real connectors", real.len());
+        for category in CATEGORIES {
+            assert!(
+                real.iter()
+                    .any(|c| c.category.as_deref() == Some(*category)),
+                "no connector in category {category}"
+            );
+        }
+        for connector in &real {
+            assert!(
+                connector.verify.is_some()
+                    || connector
+                        .unconfirmed
+                        .iter()
+                        .any(|fact| fact.contains("verify")),
+                "{} has no verify call and does not say why",
+                connector.key
+            );
+            assert!(
+                !connector.base_url.contains("{sandbox}"),
+                "{} points at the sandbox",
+                connector.key
+            );
+        }
+    }
+
+    #[test]
+    fn sandbox_entries_stay_first() {
+        let connectors = load_built_in().unwrap();
+        let keys: Vec<&str> = connectors.iter().map(|c| c.key.as_str()).collect();
+        assert_eq!(
+            &keys[..5],
+            &[
+                "sandbox-adobe-sign",
+                "sandbox-salesforce",
+                "sandbox-box",
+                "sandbox-microsoft",
+                "sandbox-generic"
+            ]
+        );
+    }
+
+    #[test]
+    fn fill_template_replaces_and_names_unknown_placeholders() {
+        let mut values = BTreeMap::new();
+        values.insert("shop".to_string(), "acme".to_string());
+        assert_eq!(
+            fill_template("https://{shop}.myshopify.com/admin/", &values).unwrap(),
+            "https://acme.myshopify.com/admin/"
+        );
+        assert_eq!(
+            fill_template("no placeholders", &values).unwrap(),
+            "no placeholders"
+        );
+        let error = fill_template("https://{tenant}.example.com/{shop}", &values).unwrap_err();
+        assert!(error.contains("{tenant}"), "{error}");
+        let error = fill_template("https://{shop.example.com", &values).unwrap_err();
+        assert!(error.contains("unclosed"), "{error}");
+    }
+
+    fn good() -> Connector {
+        parse_catalog(
+            r#"
+[[connector]]
+key = "acme"
+name = "Acme"
+category = "crm"
+documentationUrl = "https://docs.acme.test/oauth"
+baseUrl = "https://{subdomain}.acme.test/api/"
+inputs.subdomain = { description = "Your Acme subdomain" }
+oauth.authorizationUrl = "https://{subdomain}.acme.test/oauth/authorize"
+oauth.tokenUrl = "https://{subdomain}.acme.test/oauth/token"
+oauth.revokeUrl = "https://{subdomain}.acme.test/oauth/revoke"
+oauth.scopes = ["read", "offline_access"]
+refresh.keepAliveSeconds = 4320000
+refresh.refreshTokenIdleTtlSeconds = 5184000
+verify.path = "me"
+"#,
+        )
+        .unwrap()
+        .remove(0)
+    }
+
+    fn refused(connector: &Connector, built_in: bool, words: &[&str]) {
+        let error = validate(connector, built_in).expect_err("should be refused");
+        let message = error.to_string();
+        assert!(
+            message.contains(&format!("`{}`", connector.key)),
+            "{message}"
+        );
+        for word in words {
+            assert!(message.contains(word), "`{message}` lacks `{word}`");
+        }
+    }
+
+    #[test]
+    fn a_good_connector_passes_both_ways() {
+        validate(&good(), true).unwrap();
+        let mut own = good();
+        own.category = None;
+        own.documentation_url = None;
+        validate(&own, false).unwrap();
+    }
+
+    #[test]
+    fn bad_keys_are_refused() {
+        for key in [
+            "",
+            "a",
+            "Acme",
+            "-acme",
+            "acme_crm",
+            "acme crm",
+            &"a".repeat(64),
+        ] {
+            let mut c = good();
+            c.key = key.to_string();
+            let message = validate(&c, false).unwrap_err().to_string();
+            assert!(message.contains("`key`"), "{message}");
+        }
+        let mut c = good();
+        c.key = "0acme-2".to_string();
+        validate(&c, false).unwrap();
+    }
+
+    #[test]
+    fn empty_name_is_refused() {
+        let mut c = good();
+        c.name = "  ".to_string();
+        refused(&c, false, &["`name`"]);
+    }
+
+    #[test]
+    fn urls_must_be_absolute_http() {
+        let mut c = good();
+        c.oauth.token_url = "/oauth/token".to_string();
+        refused(&c, false, &["oauth.tokenUrl", "absolute"]);
+        let mut c = good();
+        c.oauth.authorization_url = "ftp://acme.test/authorize".to_string();
+        refused(&c, false, &["oauth.authorizationUrl", "http"]);
+        let mut c = good();
+        c.base_url = "acme.test/api".to_string();
+        refused(&c, false, &["baseUrl"]);
+        let mut c = good();
+        c.oauth.refresh_url = Some("not a url".to_string());
+        refused(&c, false, &["oauth.refreshUrl"]);
+        let mut c = good();
+        c.documentation_url = Some("docs".to_string());
+        refused(&c, true, &["documentationUrl"]);
+    }
+
+    #[test]
+    fn undeclared_placeholders_are_refused() {
+        let mut c = good();
+        c.oauth.token_url = "https://{region}.acme.test/oauth/token".to_string();
+        refused(&c, false, &["oauth.tokenUrl", "{region}", "inputs"]);
+        let mut c = good();
+        c.verify = Some(VerifySpec {
+            method: "GET".to_string(),
+            path: "users/{user}".to_string(),
+        });
+        refused(&c, false, &["verify.path", "{user}"]);
+        let mut c = good();
+        c.oauth
+            .authorization_params
+            .insert("audience".to_string(), "{aud}".to_string());
+        refused(&c, false, &["authorizationParams", "{aud}"]);
+        // `{sandbox}` is always there; `{client_id}` only in the revocation URL.
+        let mut c = good();
+        c.base_url = "{sandbox}/acme/".to_string();
+        validate(&c, false).unwrap();
+        let mut c = good();
+        c.oauth.revoke_url = Some("https://api.acme.test/apps/{client_id}/token".to_string());
+        validate(&c, false).unwrap();
+        c.base_url = "https://api.acme.test/apps/{client_id}/".to_string();
+        refused(&c, false, &["baseUrl", "{client_id}"]);
+    }
+
+    #[test]
+    fn inputs_need_a_description_and_a_plain_name() {
+        let mut c = good();
+        c.inputs.get_mut("subdomain").unwrap().description = String::new();
+        refused(&c, false, &["subdomain", "description"]);
+        let mut c = good();
+        c.inputs.insert(
+            "sandbox".to_string(),
+            ConnectorInput {
+                description: "x".to_string(),
+                default: None,
+            },
+        );
+        refused(&c, false, &["sandbox", "reserved"]);
+    }
+
+    #[test]
+    fn built_in_entries_need_documentation_and_category() {
+        let mut c = good();
+        c.documentation_url = None;
+        refused(&c, true, &["documentationUrl"]);
+        let mut c = good();
+        c.category = None;
+        refused(&c, true, &["category"]);
+        let mut c = good();
+        c.category = Some("finance".to_string());
+        refused(&c, true, &["finance"]);
+        refused(&c, false, &["finance"]);
+        let mut c = good();
+        c.category = Some("sandbox".to_string());
+        refused(&c, true, &["sandbox"]);
+        c.key = "sandbox-acme".to_string();
+        validate(&c, true).unwrap();
+    }
+
+    #[test]
+    fn revocation_style_needs_a_url() {
+        let mut c = good();
+        c.oauth.revoke_url = None;
+        c.oauth.revocation = Some(RevocationStyle::Bearer);
+        refused(&c, false, &["oauth.revocation", "revokeUrl"]);
+        c.oauth.revocation = Some(RevocationStyle::None);
+        validate(&c, false).unwrap();
+        c.oauth.revoke_url = Some("https://acme.test/revoke".to_string());
+        refused(&c, false, &["none"]);
+        // A URL without a style means RFC 7009.
+        let mut c = good();
+        c.oauth.revocation = None;
+        validate(&c, false).unwrap();
+    }
+
+    #[test]
+    fn keep_alive_must_fit_the_expiry_facts() {
+        let mut c = good();
+        c.refresh.keep_alive_seconds = None;
+        refused(
+            &c,
+            false,
+            &["refreshTokenIdleTtlSeconds", "keepAliveSeconds"],
+        );
+        let mut c = good();
+        c.refresh.keep_alive_seconds = Some(5_184_000);
+        refused(&c, false, &["keepAliveSeconds", "smaller"]);
+        let mut c = good();
+        c.refresh.refresh_token_idle_ttl_seconds = None;
+        refused(&c, false, &["keepAliveSeconds", "unconfirmed"]);
+        c.unconfirmed
+            .push("refresh tokens are reported to expire after some inactivity".to_string());
+        validate(&c, false).unwrap();
+        let mut c = good();
+        c.refresh.refresh_token_idle_ttl_seconds = None;
+        c.refresh.refresh_token_absolute_ttl_seconds = Some(31_536_000);
+        validate(&c, false).unwrap();
+        let mut c = good();
+        c.refresh.refresh_token_absolute_ttl_seconds = Some(86_400);
+        refused(&c, false, &["refreshTokenAbsoluteTtlSeconds"]);
+    }
+
+    #[test]
+    fn buffer_must_be_less_than_a_day() {
+        let mut c = good();
+        c.refresh.buffer_seconds = 86_400;
+        refused(&c, false, &["bufferSeconds"]);
+        c.refresh.buffer_seconds = 86_399;
+        validate(&c, false).unwrap();
+    }
+
+    #[test]
+    fn scope_separator_must_not_be_empty() {
+        let mut c = good();
+        c.oauth.scope_separator = String::new();
+        refused(&c, false, &["scopeSeparator"]);
+        let mut c = good();
+        c.oauth.scopes.push(String::new());
+        refused(&c, false, &["oauth.scopes"]);
+    }
+
+    #[test]
+    fn rejection_statuses_must_be_errors() {
+        for status in [200, 302, 399, 600] {
+            let mut c = good();
+            c.rejection.statuses = vec![401, status];
+            refused(&c, false, &["rejection.statuses", &status.to_string()]);
+        }
+        let mut c = good();
+        c.rejection.statuses = vec![400, 401, 403, 599];
+        validate(&c, false).unwrap();
+    }
+
+    #[test]
+    fn verify_path_must_be_relative() {
+        let mut c = good();
+        c.verify = Some(VerifySpec {
+            method: "GET".to_string(),
+            path: "https://evil.test/me".to_string(),
+        });
+        refused(&c, false, &["verify.path"]);
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused() {
+        let text = format!(
+            "{}\n{}",
+            BUILT_IN_CATALOG,
+            BUILT_IN_CATALOG
+                .split("\n[[connector]]\n")
+                .nth(1)
+                .map(|entry| format!("[[connector]]\n{entry}"))
+                .unwrap()
+        );
+        let message = load_catalog(&text).unwrap_err().to_string();
+        assert!(message.contains("sandbox-adobe-sign"), "{message}");
+        assert!(message.contains("more than once"), "{message}");
+    }
+
+    #[test]
+    fn parse_errors_are_reported() {
+        assert!(matches!(
+            load_catalog("[[connector]]\nkey = 1"),
+            Err(CatalogError::Parse(_))
+        ));
     }
 }
