@@ -26,7 +26,9 @@ impl Clock {
 
     /// Moves the clock forward; the offset saturates instead of overflowing.
     pub fn advance_seconds(&self, seconds: u64) {
-        let delta = i64::try_from(seconds).unwrap_or(i64::MAX).saturating_mul(1000);
+        let delta = i64::try_from(seconds)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000);
         let _ = self
             .offset_ms
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
@@ -45,7 +47,11 @@ impl Clock {
 
 /// `seconds` after `at`, saturating; used for every expiry computation.
 pub fn plus_seconds(at: Millis, seconds: u64) -> Millis {
-    at.saturating_add(i64::try_from(seconds).unwrap_or(i64::MAX).saturating_mul(1000))
+    at.saturating_add(
+        i64::try_from(seconds)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000),
+    )
 }
 
 /// Formats epoch milliseconds as RFC 3339 UTC (`2024-05-01T12:00:00Z`), without a date crate:

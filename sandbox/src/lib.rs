@@ -99,9 +99,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
-    let public_url = config.public_url.clone().or_else(|| {
-        (!addr.ip().is_unspecified()).then(|| format!("http://{addr}"))
-    });
+    let public_url = config
+        .public_url
+        .clone()
+        .or_else(|| (!addr.ip().is_unspecified()).then(|| format!("http://{addr}")));
     let sandbox = Arc::new(Sandbox::new(config.client, public_url));
 
     // The purger drops long-dead records once a minute; it stops with the server.

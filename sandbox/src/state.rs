@@ -77,8 +77,12 @@ struct AccessTokenRecord {
 enum RefreshStatus {
     Active,
     /// Rotated away: it worked once and was replaced.
-    Used { first_used_at: Millis },
-    Revoked { at: Millis },
+    Used {
+        first_used_at: Millis,
+    },
+    Revoked {
+        at: Millis,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -349,7 +353,9 @@ impl Sandbox {
 
     pub fn issue_code(&self, request: CodeRequest) -> String {
         let now = self.clock.now_ms();
-        let ttl = self.settings(request.profile).authorization_code_ttl_seconds;
+        let ttl = self
+            .settings(request.profile)
+            .authorization_code_ttl_seconds;
         let code = random_token(request.profile, "code");
         self.codes.insert(
             code.clone(),
@@ -419,7 +425,8 @@ impl Sandbox {
         );
         let wants_refresh_token =
             !settings.require_offline_access_scope || has_scope(&request.scope, "offline_access");
-        let refresh_token = wants_refresh_token.then(|| self.insert_refresh_token(profile, grant_id, now));
+        let refresh_token =
+            wants_refresh_token.then(|| self.insert_refresh_token(profile, grant_id, now));
         let access_token =
             self.insert_access_token(profile, grant_id, refresh_token.clone(), now, &settings);
         Ok(IssuedTokens {
@@ -464,7 +471,10 @@ impl Sandbox {
             // Microsoft's scope on refresh selects a resource rather than narrowing the grant.
             Some(requested) if profile == Profile::Microsoft => requested.to_string(),
             Some(requested) => {
-                if !requested.split_whitespace().all(|s| has_scope(&grant.scope, s)) {
+                if !requested
+                    .split_whitespace()
+                    .all(|s| has_scope(&grant.scope, s))
+                {
                     return Err(GrantError::InvalidScope);
                 }
                 requested.to_string()
@@ -485,7 +495,8 @@ impl Sandbox {
             match entry.status {
                 RefreshStatus::Revoked { .. } => return Err(GrantError::RefreshTokenRevoked),
                 RefreshStatus::Used { first_used_at } => {
-                    let grace_ends = plus_seconds(first_used_at, settings.refresh_reuse_grace_seconds);
+                    let grace_ends =
+                        plus_seconds(first_used_at, settings.refresh_reuse_grace_seconds);
                     if settings.refresh_reuse_grace_seconds > 0 && now <= grace_ends {
                         entry.last_used_at = now;
                         Next::MintNew
@@ -588,7 +599,11 @@ impl Sandbox {
             if grant.profile != profile {
                 return RevokeOutcome::Unknown;
             }
-            if record.revoked || grant.revoked || self.parent_revoked(&record) || now >= record.expires_at {
+            if record.revoked
+                || grant.revoked
+                || self.parent_revoked(&record)
+                || now >= record.expires_at
+            {
                 return RevokeOutcome::AlreadyDead;
             }
             match profile {
@@ -653,7 +668,8 @@ impl Sandbox {
     pub fn purge(&self) {
         let now = self.clock.now_ms();
         let retention = DEAD_RECORD_RETENTION_SECONDS;
-        self.codes.retain(|_, c| now < plus_seconds(c.expires_at, retention));
+        self.codes
+            .retain(|_, c| now < plus_seconds(c.expires_at, retention));
         self.access_tokens
             .retain(|_, t| now < plus_seconds(t.expires_at, retention));
         self.refresh_tokens.retain(|_, t| match t.status {

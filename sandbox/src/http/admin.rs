@@ -19,12 +19,21 @@ use crate::profiles::{Profile, ProfileSettingsPatch};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/__sandbox/health", get(|| async { json_response(StatusCode::OK, json!({"status": "ok"})) }))
+        .route(
+            "/__sandbox/health",
+            get(|| async { json_response(StatusCode::OK, json!({"status": "ok"})) }),
+        )
         .route("/__sandbox/users/{user}/revoke", post(revoke_user))
         .route("/__sandbox/clock", get(clock).post(advance_clock))
         .route("/__sandbox/profiles", get(all_profiles))
-        .route("/__sandbox/profiles/{profile}", get(profile_settings).put(update_profile))
-        .route("/__sandbox/faults", get(faults).post(add_fault).delete(clear_faults))
+        .route(
+            "/__sandbox/profiles/{profile}",
+            get(profile_settings).put(update_profile),
+        )
+        .route(
+            "/__sandbox/faults",
+            get(faults).post(add_fault).delete(clear_faults),
+        )
         .route("/__sandbox/stats", get(stats))
         .route("/__sandbox/reset", post(reset))
 }
@@ -53,7 +62,10 @@ fn find_profile(key: &str) -> Result<Profile, Response> {
 
 async fn revoke_user(State(sandbox): State<AppState>, Path(user): Path<String>) -> Response {
     let revoked = sandbox.revoke_user(&user);
-    json_response(StatusCode::OK, json!({"user": user, "revokedGrants": revoked}))
+    json_response(
+        StatusCode::OK,
+        json!({"user": user, "revokedGrants": revoked}),
+    )
 }
 
 fn clock_answer(sandbox: &crate::state::Sandbox) -> Response {
@@ -123,7 +135,10 @@ async fn update_profile(
 }
 
 async fn faults(State(sandbox): State<AppState>) -> Response {
-    json_response(StatusCode::OK, json!({"pending": sandbox.faults.pending_counts()}))
+    json_response(
+        StatusCode::OK,
+        json!({"pending": sandbox.faults.pending_counts()}),
+    )
 }
 
 async fn add_fault(State(sandbox): State<AppState>, body: Bytes) -> Response {
@@ -132,14 +147,20 @@ async fn add_fault(State(sandbox): State<AppState>, body: Bytes) -> Response {
         Err(response) => return response,
     };
     match sandbox.faults.add(request) {
-        Ok(()) => json_response(StatusCode::OK, json!({"pending": sandbox.faults.pending_counts()})),
+        Ok(()) => json_response(
+            StatusCode::OK,
+            json!({"pending": sandbox.faults.pending_counts()}),
+        ),
         Err(message) => bad_request(message),
     }
 }
 
 async fn clear_faults(State(sandbox): State<AppState>) -> Response {
     sandbox.faults.clear();
-    json_response(StatusCode::OK, json!({"pending": sandbox.faults.pending_counts()}))
+    json_response(
+        StatusCode::OK,
+        json!({"pending": sandbox.faults.pending_counts()}),
+    )
 }
 
 async fn stats(State(sandbox): State<AppState>) -> Response {

@@ -122,16 +122,21 @@ pub async fn echo(State(sandbox): State<AppState>, profile: Profile, request: Re
 /// The provider-shaped API paths of `profile`.
 pub fn provider_routes(profile: Profile) -> Router<AppState> {
     let shaped = move |shape: fn(&TokenOwner, &str) -> Value| {
-        get(move |State(sandbox): State<AppState>, headers: HeaderMap| async move {
-            protected(&sandbox, profile, &headers, shape).await
-        })
+        get(
+            move |State(sandbox): State<AppState>, headers: HeaderMap| async move {
+                protected(&sandbox, profile, &headers, shape).await
+            },
+        )
     };
     match profile {
         Profile::AdobeSign => {
             Router::new().route("/adobe-sign/api/rest/v6/users/me", shaped(adobe_user))
         }
         Profile::Salesforce => Router::new()
-            .route("/salesforce/services/data/v59.0/sobjects", shaped(salesforce_sobjects))
+            .route(
+                "/salesforce/services/data/v59.0/sobjects",
+                shaped(salesforce_sobjects),
+            )
             .route(
                 "/salesforce/services/data/v59.0/chatter/users/me",
                 shaped(salesforce_chatter_user),
@@ -208,7 +213,12 @@ fn salesforce_identity(owner: &TokenOwner, base: &str) -> Value {
 
 fn box_user(owner: &TokenOwner, _base: &str) -> Value {
     let hex = stable_hex(&owner.user);
-    let id: String = hex.bytes().filter(u8::is_ascii_digit).take(11).map(char::from).collect();
+    let id: String = hex
+        .bytes()
+        .filter(u8::is_ascii_digit)
+        .take(11)
+        .map(char::from)
+        .collect();
     json!({
         "type": "user",
         "id": id,

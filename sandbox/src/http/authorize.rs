@@ -29,7 +29,11 @@ pub async fn show(State(sandbox): State<AppState>, profile: Profile, request: Re
         Ok(v) => v,
         Err(response) => return response,
     };
-    match params.get("login_hint").map(|u| u.trim()).filter(|u| !u.is_empty()) {
+    match params
+        .get("login_hint")
+        .map(|u| u.trim())
+        .filter(|u| !u.is_empty())
+    {
         Some(user) => approve(&sandbox, profile, &headers, validated, user),
         None => consent_page(profile, &path, &params),
     }
@@ -53,7 +57,11 @@ pub async fn decide(
     if params.get("decision").map(String::as_str) == Some("deny") {
         return redirect_error(&validated, "access_denied", "The user denied the request.");
     }
-    match params.get("login_hint").map(|u| u.trim()).filter(|u| !u.is_empty()) {
+    match params
+        .get("login_hint")
+        .map(|u| u.trim())
+        .filter(|u| !u.is_empty())
+    {
         Some(user) => approve(&sandbox, profile, &headers, validated, user),
         None => error_page("Enter a user name to approve the request."),
     }
@@ -71,19 +79,30 @@ struct Validated {
 }
 
 fn validate(sandbox: &Sandbox, params: &HashMap<String, String>) -> Result<Validated, Response> {
-    let get = |name: &str| params.get(name).map(String::as_str).filter(|v| !v.is_empty());
+    let get = |name: &str| {
+        params
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    };
     let Some(client_id) = get("client_id") else {
         return Err(error_page("The request has no client_id."));
     };
     if !sandbox.client_id_allowed(client_id) {
-        return Err(error_page("The client_id is not registered at this sandbox (started with --client)."));
+        return Err(error_page(
+            "The client_id is not registered at this sandbox (started with --client).",
+        ));
     }
     let Some(redirect_uri) = get("redirect_uri") else {
         return Err(error_page("The request has no redirect_uri."));
     };
     let parsed_redirect_uri = match url::Url::parse(redirect_uri) {
         Ok(url) if url.fragment().is_none() && !url.cannot_be_a_base() => url,
-        _ => return Err(error_page("The redirect_uri is not an absolute URL without fragment.")),
+        _ => {
+            return Err(error_page(
+                "The redirect_uri is not an absolute URL without fragment.",
+            ));
+        }
     };
     let mut validated = Validated {
         client_id: client_id.to_string(),
@@ -95,7 +114,13 @@ fn validate(sandbox: &Sandbox, params: &HashMap<String, String>) -> Result<Valid
     };
     match get("response_type") {
         Some("code") => {}
-        None => return Err(redirect_error(&validated, "invalid_request", "response_type is missing.")),
+        None => {
+            return Err(redirect_error(
+                &validated,
+                "invalid_request",
+                "response_type is missing.",
+            ));
+        }
         Some(_) => {
             return Err(redirect_error(
                 &validated,

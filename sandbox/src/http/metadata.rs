@@ -22,24 +22,47 @@ pub fn document(State(sandbox): State<AppState>, profile: Profile, headers: Head
         .collect();
     let mut doc = Map::new();
     doc.insert("issuer".into(), json!(format!("{base}/{}", profile.key())));
-    doc.insert("authorization_endpoint".into(), json!(format!("{base}{}", paths.authorize)));
-    doc.insert("token_endpoint".into(), json!(format!("{base}{}", paths.token)));
+    doc.insert(
+        "authorization_endpoint".into(),
+        json!(format!("{base}{}", paths.authorize)),
+    );
+    doc.insert(
+        "token_endpoint".into(),
+        json!(format!("{base}{}", paths.token)),
+    );
     if let Some(refresh) = paths.refresh {
         // Adobe Sign refreshes at a separate URL; not an RFC 8414 field.
         doc.insert("refresh_endpoint".into(), json!(format!("{base}{refresh}")));
     }
-    doc.insert("revocation_endpoint".into(), json!(format!("{base}{}", paths.revoke)));
+    doc.insert(
+        "revocation_endpoint".into(),
+        json!(format!("{base}{}", paths.revoke)),
+    );
     if profile == Profile::Microsoft {
         doc.insert(
             "revocation_endpoint_note".into(),
-            json!("Sandbox-only stand-in: the Microsoft identity platform has no revocation endpoint."),
+            json!(
+                "Sandbox-only stand-in: the Microsoft identity platform has no revocation endpoint."
+            ),
         );
     }
     doc.insert("response_types_supported".into(), json!(["code"]));
-    doc.insert("grant_types_supported".into(), json!(["authorization_code", "refresh_token"]));
-    doc.insert("token_endpoint_auth_methods_supported".into(), json!(auth_methods));
-    doc.insert("revocation_endpoint_auth_methods_supported".into(), json!(auth_methods));
+    doc.insert(
+        "grant_types_supported".into(),
+        json!(["authorization_code", "refresh_token"]),
+    );
+    doc.insert(
+        "token_endpoint_auth_methods_supported".into(),
+        json!(auth_methods),
+    );
+    doc.insert(
+        "revocation_endpoint_auth_methods_supported".into(),
+        json!(auth_methods),
+    );
     doc.insert("code_challenge_methods_supported".into(), json!(["S256"]));
-    doc.insert("api_base".into(), json!(format!("{base}/{}/", profile.key())));
+    doc.insert(
+        "api_base".into(),
+        json!(format!("{base}/{}/", profile.key())),
+    );
     json_response(StatusCode::OK, Value::Object(doc))
 }

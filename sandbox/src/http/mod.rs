@@ -5,6 +5,9 @@
 //! [`shapes`] holds each profile's error and rejection bodies. Handlers never panic on input:
 //! every request-derived value is parsed into a `Result` and bad input answers 4xx.
 
+// Handlers return early with a ready `Response` as the error; boxing it would only add noise.
+#![allow(clippy::result_large_err)]
+
 pub mod admin;
 pub mod api;
 pub mod authorize;
@@ -58,43 +61,45 @@ fn profile_routes(profile: Profile) -> Router<AppState> {
     let mut routes = Router::new()
         .route(
             &format!("/{key}/.well-known/oauth-authorization-server"),
-            get(move |state: State<AppState>, headers: HeaderMap| async move {
-                metadata::document(state, profile, headers)
-            }),
+            get(
+                move |state: State<AppState>, headers: HeaderMap| async move {
+                    metadata::document(state, profile, headers)
+                },
+            ),
         )
         .route(
             &oauth_path(paths.authorize),
             get(move |state: State<AppState>, request: Request| {
                 authorize::show(state, profile, request)
             })
-            .post(move |state: State<AppState>, headers: HeaderMap, body: Bytes| {
-                authorize::decide(state, profile, headers, body)
-            }),
-        )
-        .route(
-            &oauth_path(paths.token),
-            post(move |state: State<AppState>, headers: HeaderMap, body: Bytes| {
-                let grants = if profile == Profile::AdobeSign {
-                    token::AllowedGrants::AuthorizationCodeOnly
-                } else {
-                    token::AllowedGrants::Both
-                };
-                token::token(state, profile, grants, headers, body)
-            }),
-        )
-        .route(
-            &oauth_path(paths.revoke),
-            post(
-                move |state: State<AppState>, request: Request| async move {
-                    revoke::revoke(state, profile, request).await
+            .post(
+                move |state: State<AppState>, headers: HeaderMap, body: Bytes| {
+                    authorize::decide(state, profile, headers, body)
                 },
             ),
         )
         .route(
-            &format!("/{key}/api/me"),
-            get(move |state: State<AppState>, headers: HeaderMap| {
-                api::me(state, profile, headers)
+            &oauth_path(paths.token),
+            post(
+                move |state: State<AppState>, headers: HeaderMap, body: Bytes| {
+                    let grants = if profile == Profile::AdobeSign {
+                        token::AllowedGrants::AuthorizationCodeOnly
+                    } else {
+                        token::AllowedGrants::Both
+                    };
+                    token::token(state, profile, grants, headers, body)
+                },
+            ),
+        )
+        .route(
+            &oauth_path(paths.revoke),
+            post(move |state: State<AppState>, request: Request| async move {
+                revoke::revoke(state, profile, request).await
             }),
+        )
+        .route(
+            &format!("/{key}/api/me"),
+            get(move |state: State<AppState>, headers: HeaderMap| api::me(state, profile, headers)),
         )
         .route(
             &format!("/{key}/api/echo"),
@@ -107,9 +112,17 @@ fn profile_routes(profile: Profile) -> Router<AppState> {
     if let Some(refresh) = paths.refresh {
         routes = routes.route(
             refresh,
-            post(move |state: State<AppState>, headers: HeaderMap, body: Bytes| {
-                token::token(state, profile, token::AllowedGrants::RefreshTokenOnly, headers, body)
-            }),
+            post(
+                move |state: State<AppState>, headers: HeaderMap, body: Bytes| {
+                    token::token(
+                        state,
+                        profile,
+                        token::AllowedGrants::RefreshTokenOnly,
+                        headers,
+                        body,
+                    )
+                },
+            ),
         );
     }
     routes.merge(api::provider_routes(profile))
@@ -162,20 +175,29 @@ pub fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<HashMap<String, St
 pub fn parse_pairs(input: &[u8]) -> Result<HashMap<String, String>, FormError> {
     let mut params = HashMap::new();
     for (name, value) in url::form_urlencoded::parse(input) {
-        if params.insert(name.to_string(), value.into_owned()).is_some() {
+        if params
+            .insert(name.to_string(), value.into_owned())
+            .is_some()
+        {
             return Err(FormError(format!("The parameter '{name}' is repeated.")));
         }
     }
     Ok(params)
 }
 
+/// An `Authorization: Basic` header that cannot be decoded.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MalformedBasicHeader;
+
 /// Client credentials from `Authorization: Basic` (RFC 6749 §2.3.1: id and secret are each
 /// form-urlencoded before base64). `Ok(None)` when no Basic header was sent.
-pub fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>, ()> {
+pub fn basic_credentials(
+    headers: &HeaderMap,
+) -> Result<Option<(String, String)>, MalformedBasicHeader> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Ok(None);
     };
-    let value = value.to_str().map_err(|_| ())?;
+    let value = value.to_str().map_err(|_| MalformedBasicHeader)?;
     let Some((scheme, encoded)) = value.split_once(' ') else {
         return Ok(None);
     };
@@ -184,9 +206,9 @@ pub fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>
     }
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(encoded.trim())
-        .map_err(|_| ())?;
-    let decoded = String::from_utf8(decoded).map_err(|_| ())?;
-    let (id, secret) = decoded.split_once(':').ok_or(())?;
+        .map_err(|_| MalformedBasicHeader)?;
+    let decoded = String::from_utf8(decoded).map_err(|_| MalformedBasicHeader)?;
+    let (id, secret) = decoded.split_once(':').ok_or(MalformedBasicHeader)?;
     Ok(Some((form_decode(id), form_decode(secret))))
 }
 
@@ -269,14 +291,17 @@ mod tests {
             Ok(Some(("my id".to_string(), "s:cret x".to_string())))
         );
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic !!!"));
-        assert_eq!(basic_credentials(&headers), Err(()));
+        assert_eq!(basic_credentials(&headers), Err(MalformedBasicHeader));
     }
 
     #[test]
     fn repeated_parameters_are_refused() {
         assert!(parse_pairs(b"a=1&a=2").is_err());
         assert_eq!(
-            parse_pairs(b"a=1&b=x+y").expect("valid").get("b").map(String::as_str),
+            parse_pairs(b"a=1&b=x+y")
+                .expect("valid")
+                .get("b")
+                .map(String::as_str),
             Some("x y")
         );
     }

@@ -25,7 +25,11 @@ use crate::state::{RevokeOutcome, Stats};
 /// Revoke bodies are tiny; anything larger is refused rather than buffered.
 const MAX_BODY_BYTES: usize = 64 * 1024;
 
-pub async fn revoke(State(sandbox): State<AppState>, profile: Profile, request: Request) -> Response {
+pub async fn revoke(
+    State(sandbox): State<AppState>,
+    profile: Profile,
+    request: Request,
+) -> Response {
     if let Some(fault) = injected_fault(&sandbox, FaultTarget::Revoke).await {
         Stats::bump(&sandbox.stats.revoke_errors);
         return fault;
@@ -43,7 +47,13 @@ async fn answer(sandbox: &crate::state::Sandbox, profile: Profile, request: Requ
     let (parts, body) = request.into_parts();
     let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
         Ok(body) => body,
-        Err(_) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "The body is too large or unreadable."),
+        Err(_) => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "The body is too large or unreadable.",
+            );
+        }
     };
     // Query parameters first; the form body wins where both name the same parameter.
     let mut params = match parse_pairs(parts.uri.query().unwrap_or("").as_bytes()) {
@@ -54,7 +64,10 @@ async fn answer(sandbox: &crate::state::Sandbox, profile: Profile, request: Requ
         Ok(form) => params.extend(form),
         Err(e) => return bad_input(profile, &e.0),
     }
-    let token = params.get("token").map(|t| t.trim()).filter(|t| !t.is_empty());
+    let token = params
+        .get("token")
+        .map(|t| t.trim())
+        .filter(|t| !t.is_empty());
 
     match profile {
         Profile::AdobeSign => {
@@ -90,7 +103,9 @@ async fn answer(sandbox: &crate::state::Sandbox, profile: Profile, request: Requ
         Profile::Box | Profile::Microsoft | Profile::Generic => {
             // Box requires the client's credentials; RFC 7009 servers check them when sent.
             let sends_credentials = params.contains_key("client_secret")
-                || parts.headers.contains_key(axum::http::header::AUTHORIZATION);
+                || parts
+                    .headers
+                    .contains_key(axum::http::header::AUTHORIZATION);
             if profile == Profile::Box || sends_credentials {
                 let settings = sandbox.settings(profile);
                 if let Err(error) =
@@ -105,7 +120,11 @@ async fn answer(sandbox: &crate::state::Sandbox, profile: Profile, request: Requ
                 }
             }
             let Some(token) = token else {
-                return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "The parameter 'token' is missing.");
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "The parameter 'token' is missing.",
+                );
             };
             // RFC 7009 §2.2: unknown and already-dead tokens answer 200 too.
             let _ = sandbox.revoke(profile, token);
@@ -123,9 +142,15 @@ fn bad_input(profile: Profile, message: &str) -> Response {
 }
 
 fn adobe_error(code: &str, message: &str) -> Response {
-    json_response(StatusCode::BAD_REQUEST, json!({"code": code, "message": message}))
+    json_response(
+        StatusCode::BAD_REQUEST,
+        json!({"code": code, "message": message}),
+    )
 }
 
 fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
-    json_response(status, json!({"error": error, "error_description": description}))
+    json_response(
+        status,
+        json!({"error": error, "error_description": description}),
+    )
 }

@@ -58,8 +58,9 @@ pub fn token_error(
 ) -> Response {
     let mut status = match error.code {
         "invalid_client" => StatusCode::UNAUTHORIZED,
-        "invalid_grant" => StatusCode::from_u16(settings.invalid_grant_status)
-            .unwrap_or(StatusCode::BAD_REQUEST),
+        "invalid_grant" => {
+            StatusCode::from_u16(settings.invalid_grant_status).unwrap_or(StatusCode::BAD_REQUEST)
+        }
         _ => StatusCode::BAD_REQUEST,
     };
     if settings.errors_with_http200 {
@@ -173,7 +174,11 @@ pub fn uuid_like() -> String {
 }
 
 /// Renders a flat token-endpoint body as JSON or form-urlencoded.
-pub fn render_body(status: StatusCode, format: TokenResponseFormat, body: Map<String, Value>) -> Response {
+pub fn render_body(
+    status: StatusCode,
+    format: TokenResponseFormat,
+    body: Map<String, Value>,
+) -> Response {
     let mut response = match format {
         TokenResponseFormat::Json => (status, axum::Json(Value::Object(body))).into_response(),
         TokenResponseFormat::Form => {

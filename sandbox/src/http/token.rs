@@ -46,7 +46,7 @@ pub async fn token(
                 GrantKind::RefreshToken => &sandbox.stats.token_refresh_token,
             });
             let base = base_url(&sandbox, &headers);
-            let body = success_body(profile, &settings, &issued, kind, &base, sandbox.clock.now_ms());
+            let body = success_body(profile, &settings, &issued, &base, sandbox.clock.now_ms());
             render_body(StatusCode::OK, settings.token_response_format, body)
         }
         Err(error) => {
@@ -69,7 +69,10 @@ fn handle(
     let param = |name: &str| form.get(name).map(String::as_str).filter(|v| !v.is_empty());
     let required = |name: &str| {
         param(name).ok_or_else(|| {
-            OAuthError::new("invalid_request", format!("The parameter '{name}' is missing."))
+            OAuthError::new(
+                "invalid_request",
+                format!("The parameter '{name}' is missing."),
+            )
         })
     };
 
@@ -80,7 +83,9 @@ fn handle(
         other => {
             return Err(OAuthError::new(
                 "unsupported_grant_type",
-                format!("The grant type '{other}' is not supported; use authorization_code or refresh_token."),
+                format!(
+                    "The grant type '{other}' is not supported; use authorization_code or refresh_token."
+                ),
             ));
         }
     };
@@ -108,9 +113,12 @@ fn handle(
             required("redirect_uri")?,
             param("code_verifier"),
         ),
-        GrantKind::RefreshToken => {
-            sandbox.refresh(profile, &client_id, required("refresh_token")?, param("scope"))
-        }
+        GrantKind::RefreshToken => sandbox.refresh(
+            profile,
+            &client_id,
+            required("refresh_token")?,
+            param("scope"),
+        ),
     }
     .map_err(OAuthError::from_grant)?;
     Ok((kind, issued))
@@ -130,7 +138,7 @@ pub(super) fn authenticate(
         error
     };
     let basic = basic_credentials(headers)
-        .map_err(|()| invalid_client(true, "The Authorization: Basic header is malformed."))?;
+        .map_err(|_| invalid_client(true, "The Authorization: Basic header is malformed."))?;
     let form_id = form.get("client_id").filter(|v| !v.is_empty());
     let form_secret = form.get("client_secret").filter(|v| !v.is_empty());
     let (method, id, secret) = match (basic, form_secret) {
@@ -142,7 +150,10 @@ pub(super) fn authenticate(
         }
         (Some((id, secret)), None) => {
             if form_id.is_some_and(|f| *f != id) {
-                return Err(invalid_client(true, "client_id in the body differs from the one in the Authorization header."));
+                return Err(invalid_client(
+                    true,
+                    "client_id in the body differs from the one in the Authorization header.",
+                ));
             }
             (ClientAuthMethod::ClientSecretBasic, id, secret)
         }
@@ -150,7 +161,11 @@ pub(super) fn authenticate(
             let Some(id) = form_id else {
                 return Err(invalid_client(false, "client_id is missing."));
             };
-            (ClientAuthMethod::ClientSecretPost, id.clone(), secret.clone())
+            (
+                ClientAuthMethod::ClientSecretPost,
+                id.clone(),
+                secret.clone(),
+            )
         }
         (None, None) => {
             return Err(invalid_client(
@@ -171,7 +186,10 @@ pub(super) fn authenticate(
         ));
     }
     if !sandbox.authenticate_client(&id, &secret) {
-        return Err(invalid_client(basic_used, "The client id or secret is wrong."));
+        return Err(invalid_client(
+            basic_used,
+            "The client id or secret is wrong.",
+        ));
     }
     Ok(id)
 }
@@ -181,13 +199,16 @@ fn success_body(
     profile: Profile,
     settings: &ProfileSettings,
     issued: &IssuedTokens,
-    kind: GrantKind,
     base: &str,
     now: i64,
 ) -> Map<String, Value> {
     let mut body = Map::new();
     body.insert("access_token".into(), json!(issued.access_token));
-    let token_type = if profile == Profile::Box { "bearer" } else { "Bearer" };
+    let token_type = if profile == Profile::Box {
+        "bearer"
+    } else {
+        "Bearer"
+    };
     body.insert("token_type".into(), json!(token_type));
     if settings.include_expires_in {
         let expires_in = if settings.expires_in_as_string {
@@ -216,7 +237,10 @@ fn success_body(
             let issued_at = now.to_string();
             // A real signature is an HMAC over id + issued_at with the client secret; callers
             // never verify it against the sandbox, so random bytes keep it opaque.
-            body.insert("signature".into(), json!(random_string(32).replace(['-', '_'], "A")));
+            body.insert(
+                "signature".into(),
+                json!(random_string(32).replace(['-', '_'], "A")),
+            );
             body.insert("scope".into(), json!(issued.scope));
             body.insert("instance_url".into(), json!(instance_url));
             body.insert("id".into(), json!(id));
@@ -243,7 +267,6 @@ fn success_body(
             }
         }
     }
-    let _ = kind;
     body
 }
 

@@ -1,0 +1,97 @@
+//! `GET /events[?instanceId=…&type=…&before=…&limit=…]` and `GET /audit-logs`, newest first,
+//! paginated with an opaque `before` cursor.
+
+use std::collections::HashMap;
+
+use axum::Json as AxumJson;
+use axum::extract::{Query, State};
+use serde_json::{Value, json};
+
+use super::caller::Caller;
+use super::error::{ApiError, ApiResult};
+use crate::app::SharedApp;
+use crate::instances::iso8601;
+use crate::store::{EventCursor, EventFilter};
+
+fn limit(query: &HashMap<String, String>) -> ApiResult<i64> {
+    match query.get("limit") {
+        None => Ok(100),
+        Some(text) => text
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| ApiError::bad_request("`limit` is a number from 1 to 1000")),
+    }
+}
+
+pub async fn list(
+    State(app): State<SharedApp>,
+    caller: Caller,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<AxumJson<Value>> {
+    let instance_id = match query.get("instanceId") {
+        Some(text) => Some(text.parse::<i64>().map_err(|_| ApiError::bad_request("`instanceId` is a number"))?),
+        None => None,
+    };
+    // With only an Element token, a caller sees its own instance's events.
+    let instance_id = match (&caller.element, caller.has_organization_secret) {
+        (Some(row), false) => Some(row.id),
+        _ => instance_id,
+    };
+    let before = match query.get("before") {
+        Some(cursor) => {
+            let (at, id) = cursor
+                .split_once('_')
+                .and_then(|(at, id)| at.parse::<i64>().ok().map(|at| (at, id.to_string())))
+                .ok_or_else(|| ApiError::bad_request("`before` is a cursor from a previous page"))?;
+            Some(EventCursor { occurred_at: at, id })
+        }
+        None => None,
+    };
+    let rows = app
+        .store
+        .list_events(
+            caller.organization_id,
+            &EventFilter {
+                instance_id,
+                event_type: query.get("type").cloned(),
+                before,
+                limit: limit(&query)?,
+            },
+        )
+        .await?;
+    let next = rows.last().map(|row| format!("{}_{}", row.occurred_at, row.id));
+    let events: Vec<Value> = rows
+        .iter()
+        .map(|row| {
+            let mut body = crate::events::public_body(row);
+            if let Some(object) = body.as_object_mut() {
+                object.insert("delivery".into(), json!({"state": row.delivery_state, "attempts": row.attempts, "lastError": row.last_error}));
+            }
+            body
+        })
+        .collect();
+    Ok(AxumJson(json!({"events": events, "next": next})))
+}
+
+pub async fn audit_logs(
+    State(app): State<SharedApp>,
+    caller: Caller,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<AxumJson<Value>> {
+    caller.require_organization()?;
+    let before = match query.get("before") {
+        Some(text) => Some(text.parse::<i64>().map_err(|_| ApiError::bad_request("`before` is a cursor from a previous page"))?),
+        None => None,
+    };
+    let rows = app.store.list_audit(caller.organization_id, limit(&query)?, before).await?;
+    let next = rows.last().map(|row| row.id.to_string());
+    let entries: Vec<Value> = rows
+        .iter()
+        .map(|row| {
+            json!({"id": row.id, "userId": row.user_id, "action": row.action, "target": row.target,
+                   "requestId": row.request_id, "detail": row.detail, "at": iso8601(row.at)})
+        })
+        .collect();
+    Ok(AxumJson(json!({"auditLogs": entries, "next": next})))
+}

@@ -1,0 +1,85 @@
+//! Operations endpoints outside the base path: `/healthz`, `/metrics`, `/openapi.json`,
+//! `/oauth/callback` (the page a provider redirects to), and the JSON 404 for unknown paths.
+
+use std::collections::HashMap;
+
+use axum::Json as AxumJson;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::error::ApiError;
+use crate::app::SharedApp;
+
+pub async fn healthz(State(app): State<SharedApp>) -> Response {
+    match app.store.ping().await {
+        Ok(()) => AxumJson(json!({"status": "ok", "database": app.store.engine_name()})).into_response(),
+        Err(error) => {
+            tracing::error!("health check: the database does not answer: {error}");
+            (StatusCode::SERVICE_UNAVAILABLE, AxumJson(json!({"status": "unavailable", "database": "not answering"}))).into_response()
+        }
+    }
+}
+
+pub async fn metrics(State(app): State<SharedApp>) -> Response {
+    crate::telemetry::update_gauges(&app).await;
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::telemetry::render_metrics(),
+    )
+        .into_response()
+}
+
+pub async fn openapi() -> AxumJson<Value> {
+    AxumJson(crate::openapi::document())
+}
+
+fn escape(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '<' => "&lt;".to_string(),
+            '>' => "&gt;".to_string(),
+            '&' => "&amp;".to_string(),
+            '"' => "&quot;".to_string(),
+            '\'' => "&#39;".to_string(),
+            other => other.to_string(),
+        })
+        .collect()
+}
+
+/// The page a provider redirects the user to: shows `code` and `state` so they can be copied
+/// into `POST /instances` or `PATCH /instances` (what the articles' users intercept), and posts
+/// them to the opener when it is a popup (the dashboard's Reconnect).
+pub async fn oauth_callback(Query(query): Query<HashMap<String, String>>) -> Response {
+    let field = |name: &str| escape(query.get(name).map(String::as_str).unwrap_or(""));
+    let body = if let Some(error) = query.get("error") {
+        let description = query.get("error_description").map(String::as_str).unwrap_or("");
+        let page = format!(
+            "<!doctype html><html><head><meta charset=utf-8><title>Authorization failed</title></head><body><h1>Authorization failed</h1><p>The provider answered <code id=error>{}</code>: <span id=error_description>{}</span></p><p>state: <code id=state>{}</code></p></body></html>",
+            escape(error),
+            escape(description),
+            field("state"),
+        );
+        return (StatusCode::BAD_REQUEST, Html(page)).into_response();
+    } else {
+        let extras: String = query
+            .iter()
+            .filter(|(name, _)| !matches!(name.as_str(), "code" | "state"))
+            .map(|(name, value)| format!("<li>{}: <code>{}</code></li>", escape(name), escape(value)))
+            .collect();
+        format!(
+            "<!doctype html><html><head><meta charset=utf-8><title>Authorization code</title></head><body><h1>Authorization code received</h1><p>code: <code id=code>{code}</code></p><p>state: <code id=state>{state}</code></p><ul>{extras}</ul><p>Pass it as <code>providerData.code</code> to <code>POST /instances</code> or <code>PATCH /instances</code>.</p><script>if (window.opener) {{ window.opener.postMessage({{type: 'tokenwarden-oauth', code: document.getElementById('code').textContent, state: document.getElementById('state').textContent}}, window.location.origin); }}</script></body></html>",
+            code = field("code"),
+            state = field("state"),
+        )
+    };
+    if !query.contains_key("code") {
+        return (StatusCode::BAD_REQUEST, Html("<!doctype html><p>No <code>code</code> in this redirect.</p>".to_string())).into_response();
+    }
+    Html(body).into_response()
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("There is no such path; the platform API is under /elements/api-v2")
+}
