@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use reqwest::Method;
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER,
+};
 use serde_json::{Map, Value};
 
 use super::error::OAuthError;
@@ -369,7 +371,7 @@ impl OAuthClient {
         }
         request = match body {
             Body::None => request,
-            Body::Empty => request.body(""),
+            Body::Empty => request.header(CONTENT_LENGTH, "0").body(""),
             Body::Form(text) => request
                 .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
                 .body(text),
