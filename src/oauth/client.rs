@@ -145,8 +145,12 @@ impl OAuthClient {
         let mut params = vec![
             ("grant_type", "authorization_code"),
             ("code", code.expose()),
-            ("redirect_uri", redirect_uri),
         ];
+        // RFC 6749 §4.1.3: required when the authorization request had one, which it always
+        // has here; an empty one is left out rather than sent empty.
+        if !redirect_uri.is_empty() {
+            params.push(("redirect_uri", redirect_uri));
+        }
         if let Some(verifier) = code_verifier {
             params.push(("code_verifier", verifier.expose()));
         }

@@ -44,7 +44,7 @@ impl Received {
     /// The decoded `Authorization: Basic` credentials.
     fn basic(&self) -> Option<String> {
         let encoded = self.header("authorization")?.strip_prefix("Basic ")?;
-        Some(String::from_utf8(STANDARD.decode(encoded).ok()?).ok()?)
+        String::from_utf8(STANDARD.decode(encoded).ok()?).ok()
     }
 }
 

@@ -207,6 +207,7 @@ pub(crate) fn find_oauth_error(
     }
     if let Some(Value::String(status)) = object.get("status")
         && !status.trim().is_empty()
+        && !status.trim().bytes().all(|b| b.is_ascii_digit())
         && !["success", "ok", "error", "failure", "failed"]
             .iter()
             .any(|generic| generic.eq_ignore_ascii_case(status.trim()))
@@ -552,6 +553,12 @@ mod tests {
             .unwrap_err(),
         );
         assert_eq!((error.as_str(), permanent), ("BAD_REFRESH_TOKEN", true));
+        // A numeric `status` is not an error code.
+        let error = parse(400, JSON, r#"{"status":"400","message":"bad"}"#).unwrap_err();
+        assert!(
+            matches!(error, OAuthError::Unavailable { status: 400, .. }),
+            "{error:?}"
+        );
         // HubSpot's success carries extras.
         let tokens = parse(
             200,
