@@ -1,4 +1,5 @@
 //! tokenwarden: an OAuth 2.0 connection service. See ARCHITECTURE.md for the map.
 pub mod catalog;
+pub mod oauth;
 pub mod secret;
 pub mod crypto;

@@ -1,0 +1,324 @@
+//! [`OAuthError`]: every way a call to an authorization server can fail, in the classes the
+//! refresh engine acts on.
+//!
+//! **Only `Provider { permanent: true }` means the grant is gone.** Everything else (a rate
+//! limit, a 5xx, a timeout, a body we cannot read, our own configuration) leaves the instance
+//! valid, to be retried later.
+//!
+//! Decisions, for the record:
+//! - A 5xx is always [`OAuthError::Unavailable`], even with `invalid_grant` in its body: a
+//!   server that says it failed is not a trustworthy witness that the grant is gone, and gateways
+//!   in front of authorization servers answer 5xx with bodies of their own. The OAuth error it
+//!   carried is kept in the message.
+//! - A 429 is always [`OAuthError::RateLimited`], whatever its body.
+//! - A 4xx (3xx too) without an OAuth error in its body (an HTML page, an empty body, JSON
+//!   without an error field) is [`OAuthError::Unavailable`]: we cannot tell what happened, so it
+//!   must not invalidate anything.
+//! - A 2xx without an access token and without an error is [`OAuthError::Unparseable`].
+//!
+//! Messages never contain a token or secret: provider text is limited to the `error` and
+//! description fields, cut to 300 characters, and the secrets of the request are redacted from
+//! it by the client.
+
+use super::text::{MAX_ECHO_CHARS, cut, reason_phrase, redact};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OAuthError {
+    /// The provider answered with an OAuth error (any status below 500 but 429, including
+    /// errors sent with HTTP 200 by GitHub and Slack, Atlassian's 403 `invalid_grant`, HubSpot's
+    /// `{"status":"BAD_REFRESH_TOKEN"}`, Zoom's `{"reason":…,"error":…}`).
+    #[error("the provider answered HTTP {status} with error {}", error_with_description(.error, .description))]
+    Provider {
+        status: u16,
+        error: String,
+        description: Option<String>,
+        /// The grant is gone for good: see [`is_permanent_error_code`].
+        permanent: bool,
+    },
+    /// Rate limited (429), with the `Retry-After` seconds when given.
+    #[error("the provider rate-limited the request (HTTP 429){}{}", retry_after_text(.retry_after), colon_message(.message))]
+    RateLimited {
+        retry_after: Option<u64>,
+        message: String,
+    },
+    /// A 5xx, or another failure status without an OAuth error body.
+    #[error("the provider answered HTTP {status}{}", colon_message(.message))]
+    Unavailable { status: u16, message: String },
+    /// Timeout, connection refused, DNS, TLS…: no answer from the provider.
+    #[error("the provider could not be reached: {message}")]
+    Transport { message: String },
+    /// A 2xx whose body is not a token response (no access token), or cannot be read.
+    #[error("the provider's answer (HTTP {status}) is not a token response: {message}")]
+    Unparseable { status: u16, message: String },
+    /// Our side: a bad URL or template, a missing refresh token, an unsupported request.
+    #[error("configuration error: {message}")]
+    Config { message: String },
+}
+
+fn error_with_description(error: &str, description: &Option<String>) -> String {
+    match description {
+        Some(description) => format!("{error}: {description}"),
+        None => error.to_string(),
+    }
+}
+
+fn retry_after_text(retry_after: &Option<u64>) -> String {
+    match retry_after {
+        Some(seconds) => format!(", retry after {seconds} s"),
+        None => String::new(),
+    }
+}
+
+fn colon_message(message: &str) -> String {
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!(": {message}")
+    }
+}
+
+/// Error codes that mean the grant is gone for good, whatever the connector says, compared
+/// without regard to case.
+///
+/// - RFC 6749 §5.2: `invalid_grant` (the refresh token or code is invalid, expired, revoked),
+///   `unauthorized_client`, `invalid_client` (the app's credentials are wrong or the app is
+///   gone: retrying cannot help until someone fixes the instance's configuration).
+/// - Provider kin: GitHub `bad_refresh_token`, Slack `invalid_refresh_token` and
+///   `token_revoked`, HubSpot `BAD_REFRESH_TOKEN` (case-insensitively the same), and the common
+///   `invalid_refresh_token`/`expired_refresh_token` spellings.
+/// - OpenID Connect / Microsoft: `interaction_required`, `consent_required`, `login_required`:
+///   only the user, in a browser, can make the grant work again.
+///
+/// Not permanent: `invalid_request`, `invalid_scope`, `unsupported_grant_type` (our request or
+/// the connector is wrong, not the grant), `temporarily_unavailable`, `server_error`,
+/// `slow_down`, and `expired_token` (in RFC 8628 it is about a device code; a provider that uses
+/// it for refresh tokens can list it in `permanentErrors`).
+const PERMANENT_ERRORS: &[&str] = &[
+    "invalid_grant",
+    "unauthorized_client",
+    "invalid_client",
+    "bad_refresh_token",
+    "invalid_refresh_token",
+    "expired_refresh_token",
+    "token_revoked",
+    "interaction_required",
+    "consent_required",
+    "login_required",
+];
+
+/// Whether a token-endpoint error code means the grant is gone for good: the built-in list
+/// (see [`PERMANENT_ERRORS`]) plus the connector's `permanentErrors`, compared without regard
+/// to case.
+pub fn is_permanent_error_code(code: &str, connector_permanent_errors: &[String]) -> bool {
+    let code = code.trim();
+    !code.is_empty()
+        && (PERMANENT_ERRORS
+            .iter()
+            .any(|known| known.eq_ignore_ascii_case(code))
+            || connector_permanent_errors
+                .iter()
+                .any(|known| known.trim().eq_ignore_ascii_case(code)))
+}
+
+impl OAuthError {
+    pub(crate) fn config(message: impl Into<String>) -> Self {
+        OAuthError::Config {
+            message: message.into(),
+        }
+    }
+
+    /// Whether the grant is gone for good (the instance must be re-authorized). Only a
+    /// provider's OAuth error with a permanent code is.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            OAuthError::Provider {
+                permanent: true,
+                ..
+            }
+        )
+    }
+
+    /// Whether retrying later may succeed (rate limit, provider down, no answer).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            OAuthError::RateLimited { .. }
+                | OAuthError::Unavailable { .. }
+                | OAuthError::Transport { .. }
+                | OAuthError::Unparseable { .. }
+        ) || matches!(
+            self,
+            OAuthError::Provider {
+                permanent: false,
+                ..
+            }
+        )
+    }
+
+    /// The seconds the provider asked us to wait, when it said.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            OAuthError::RateLimited { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// The provider's words for users (`providerMessage`), e.g.
+    /// `invalid_grant: expired access/refresh token`. Never contains a token or secret; at most
+    /// about 300 characters.
+    pub fn provider_message(&self) -> String {
+        let message = match self {
+            OAuthError::Provider {
+                error, description, ..
+            } => error_with_description(error, description),
+            OAuthError::RateLimited { .. }
+            | OAuthError::Unavailable { .. }
+            | OAuthError::Transport { .. }
+            | OAuthError::Unparseable { .. }
+            | OAuthError::Config { .. } => self.to_string(),
+        };
+        cut(&message, MAX_ECHO_CHARS)
+    }
+
+    /// Removes the given secrets (what we sent: code, refresh token, client secret, verifier)
+    /// from any provider text in the error, for providers that echo the token they reject.
+    pub(crate) fn redacted(self, secrets: &[&str]) -> Self {
+        match self {
+            OAuthError::Provider {
+                status,
+                error,
+                description,
+                permanent,
+            } => OAuthError::Provider {
+                status,
+                error: redact(&error, secrets),
+                description: description.map(|d| redact(&d, secrets)),
+                permanent,
+            },
+            OAuthError::RateLimited {
+                retry_after,
+                message,
+            } => OAuthError::RateLimited {
+                retry_after,
+                message: redact(&message, secrets),
+            },
+            OAuthError::Unavailable { status, message } => OAuthError::Unavailable {
+                status,
+                message: redact(&message, secrets),
+            },
+            OAuthError::Transport { message } => OAuthError::Transport {
+                message: redact(&message, secrets),
+            },
+            OAuthError::Unparseable { status, message } => OAuthError::Unparseable {
+                status,
+                message: redact(&message, secrets),
+            },
+            OAuthError::Config { message } => OAuthError::Config {
+                message: redact(&message, secrets),
+            },
+        }
+    }
+
+    /// An `Unavailable` for a status, with the reason phrase and a note.
+    pub(crate) fn unavailable(status: u16, note: impl AsRef<str>) -> Self {
+        let reason = reason_phrase(status);
+        let note = note.as_ref();
+        let message = match (reason.is_empty(), note.is_empty()) {
+            (true, true) => String::new(),
+            (false, true) => reason.to_string(),
+            (true, false) => note.to_string(),
+            (false, false) => format!("{reason}, {note}"),
+        };
+        OAuthError::Unavailable {
+            status,
+            message: cut(&message, MAX_ECHO_CHARS),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permanent_codes() {
+        let connector = vec!["account_suspended".to_string()];
+        for code in [
+            "invalid_grant",
+            "INVALID_GRANT",
+            "unauthorized_client",
+            "invalid_client",
+            "bad_refresh_token",
+            "BAD_REFRESH_TOKEN",
+            "invalid_refresh_token",
+            "token_revoked",
+            "interaction_required",
+            "consent_required",
+            "account_suspended",
+        ] {
+            assert!(is_permanent_error_code(code, &connector), "{code}");
+        }
+        for code in [
+            "invalid_request",
+            "temporarily_unavailable",
+            "server_error",
+            "slow_down",
+            "invalid_scope",
+            "expired_token",
+            "",
+            "grant",
+        ] {
+            assert!(!is_permanent_error_code(code, &connector), "{code}");
+        }
+    }
+
+    #[test]
+    fn classes() {
+        let permanent = OAuthError::Provider {
+            status: 400,
+            error: "invalid_grant".into(),
+            description: Some("expired access/refresh token".into()),
+            permanent: true,
+        };
+        assert!(permanent.is_permanent());
+        assert!(!permanent.is_transient());
+        assert_eq!(
+            permanent.provider_message(),
+            "invalid_grant: expired access/refresh token"
+        );
+        let limited = OAuthError::RateLimited {
+            retry_after: Some(7),
+            message: String::new(),
+        };
+        assert!(!limited.is_permanent());
+        assert!(limited.is_transient());
+        assert_eq!(limited.retry_after(), Some(7));
+        assert_eq!(
+            limited.provider_message(),
+            "the provider rate-limited the request (HTTP 429), retry after 7 s"
+        );
+        let config = OAuthError::config("no refresh token");
+        assert!(!config.is_permanent() && !config.is_transient());
+        assert_eq!(
+            OAuthError::unavailable(503, "").to_string(),
+            "the provider answered HTTP 503: Service Unavailable"
+        );
+    }
+
+    #[test]
+    fn redaction_covers_every_text() {
+        let error = OAuthError::Provider {
+            status: 400,
+            error: "invalid_grant".into(),
+            description: Some("refresh token rt-secret-123 is expired".into()),
+            permanent: true,
+        }
+        .redacted(&["rt-secret-123"]);
+        assert_eq!(
+            error.provider_message(),
+            "invalid_grant: refresh token [redacted] is expired"
+        );
+        assert!(!format!("{error:?}").contains("rt-secret-123"));
+    }
+}

@@ -1,0 +1,369 @@
+//! The OAuth 2.0 client: everything tokenwarden sends to a provider's authorization server, and
+//! the tolerant reading of what comes back.
+//!
+//! - [`authorization_url`], [`new_state`], [`new_pkce`]: the first leg (RFC 6749 §4.1.1, PKCE
+//!   RFC 7636 with S256 only).
+//! - [`OAuthClient`]: code exchange, refresh and revocation, shaped by the connector's
+//!   [`OAuthSpec`](crate::catalog::OAuthSpec) (client authentication, body format, separate
+//!   refresh URL, the revocation style of each provider).
+//! - [`parse_token_response`]: reads JSON or form-encoded token responses, and classifies every
+//!   failure into an [`OAuthError`] class. The refresh engine depends on those classes: only
+//!   [`OAuthError::is_permanent`] errors may invalidate an instance; everything else is a passing
+//!   failure to retry later.
+//! - [`api_rejection`], [`describe_provider_body`]: for the proxy, whether an API answer means
+//!   "the access token was rejected", and the provider's words for users.
+//!
+//! This module never sees users' HTTP requests, never touches the store, and never writes a
+//! token, secret or raw provider body into an error, a `Debug` output or a log line.
+
+mod client;
+mod error;
+mod rejection;
+mod response;
+mod text;
+
+#[cfg(test)]
+mod http_tests;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rand::Rng as _;
+use sha2::{Digest as _, Sha256};
+
+use crate::catalog::OAuthSpec;
+use crate::secret::Secret;
+
+pub use client::{OAuthClient, RevokeOutcome, TokenHint};
+pub use error::{OAuthError, is_permanent_error_code};
+pub use rejection::{api_rejection, describe_provider_body};
+pub use response::{TokenSet, parse_token_response};
+
+/// The `User-Agent` of every request to a provider.
+pub const USER_AGENT: &str = concat!("tokenwarden/", env!("CARGO_PKG_VERSION"));
+
+/// Client credentials of the connector's OAuth app, from the instance configuration.
+/// An empty `client_secret` means a public client (PKCE): only `client_id` is sent.
+#[derive(Debug, Clone)]
+pub struct ClientCredentials {
+    pub client_id: String,
+    pub client_secret: Secret,
+}
+
+/// The connector's endpoints with templates already filled (the caller fills `{tenant}` etc.).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints {
+    pub authorization_url: String,
+    pub token_url: String,
+    /// Equal to `token_url` when the connector has no separate refresh URL.
+    pub refresh_url: String,
+    pub revoke_url: Option<String>,
+}
+
+/// A PKCE pair (RFC 7636, method S256). The verifier is kept by the service until the code
+/// exchange; the challenge goes on the authorization URL.
+#[derive(Debug, Clone)]
+pub struct Pkce {
+    pub verifier: Secret,
+    pub challenge: String,
+}
+
+/// A fresh PKCE pair: the verifier is 32 random bytes, base64url without padding (43 characters
+/// of the RFC's unreserved set, 256 bits), as oauth2-rs does.
+pub fn new_pkce() -> Pkce {
+    let verifier = random_url_safe(32);
+    let challenge = pkce_challenge(&verifier);
+    Pkce {
+        verifier: Secret::new(verifier),
+        challenge,
+    }
+}
+
+/// The S256 challenge of a verifier: `BASE64URL-ENCODE(SHA256(ASCII(code_verifier)))`.
+pub fn pkce_challenge(verifier: &str) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()))
+}
+
+/// A fresh `state` value: 32 random bytes (256 bits), base64url without padding.
+pub fn new_state() -> String {
+    random_url_safe(32)
+}
+
+fn random_url_safe(bytes: usize) -> String {
+    let mut buffer = vec![0u8; bytes];
+    // ThreadRng is a CSPRNG seeded from the operating system.
+    rand::rng().fill_bytes(&mut buffer);
+    URL_SAFE_NO_PAD.encode(&buffer)
+}
+
+/// The parameters this module sets itself on the authorization URL. The connector's
+/// `authorizationParams` and the URL's own query may not override them: `state`,
+/// `redirect_uri` and the PKCE challenge are what make the flow safe.
+const AUTHORIZATION_RESERVED: &[&str] = &[
+    "response_type",
+    "client_id",
+    "redirect_uri",
+    "state",
+    "code_challenge",
+    "code_challenge_method",
+];
+
+/// Builds the authorization URL: `response_type=code`, `client_id`, `redirect_uri`, `scope`
+/// (the connector's scopes joined by its separator, or the caller's override; omitted when
+/// empty), `state`, `code_challenge` and `code_challenge_method=S256` when a challenge is given,
+/// then the connector's `authorizationParams`. The authorization URL's own query parameters are
+/// kept, except those this function sets.
+pub fn authorization_url(
+    spec: &OAuthSpec,
+    endpoints: &Endpoints,
+    client_id: &str,
+    redirect_uri: &str,
+    state: &str,
+    scope_override: Option<&str>,
+    pkce_challenge: Option<&str>,
+) -> Result<url::Url, OAuthError> {
+    if client_id.is_empty() {
+        return Err(OAuthError::config("the client id (oauth.api.key) is empty"));
+    }
+    if state.is_empty() {
+        return Err(OAuthError::config("the state parameter is empty"));
+    }
+    if redirect_uri.is_empty() {
+        return Err(OAuthError::config(
+            "the redirect URI (oauth.callback.url) is empty",
+        ));
+    }
+    let mut url = client::parse_endpoint("authorization", &endpoints.authorization_url)?;
+
+    let scope = match scope_override {
+        Some(scope) => scope.trim().to_string(),
+        None => spec
+            .scopes
+            .iter()
+            .map(|scope| scope.as_str())
+            .filter(|scope| !scope.is_empty())
+            .collect::<Vec<_>>()
+            .join(&spec.scope_separator),
+    };
+
+    let mut ours: Vec<(&str, &str)> = vec![
+        ("response_type", "code"),
+        ("client_id", client_id),
+        ("redirect_uri", redirect_uri),
+    ];
+    if !scope.is_empty() {
+        ours.push(("scope", &scope));
+    }
+    ours.push(("state", state));
+    if let Some(challenge) = pkce_challenge {
+        ours.push(("code_challenge", challenge));
+        ours.push(("code_challenge_method", "S256"));
+    }
+
+    let is_ours = |name: &str| {
+        AUTHORIZATION_RESERVED.contains(&name) || ours.iter().any(|(ours, _)| *ours == name)
+    };
+    let existing: Vec<(String, String)> = url
+        .query_pairs()
+        .filter(|(name, _)| !is_ours(name))
+        .map(|(name, value)| (name.into_owned(), value.into_owned()))
+        .collect();
+
+    {
+        let mut query = url.query_pairs_mut();
+        query.clear();
+        for (name, value) in &existing {
+            query.append_pair(name, value);
+        }
+        for (name, value) in &ours {
+            query.append_pair(name, value);
+        }
+        for (name, value) in &spec.authorization_params {
+            if !is_ours(name) && !existing.iter().any(|(existing, _)| existing == name) {
+                query.append_pair(name, value);
+            }
+        }
+    }
+    if url.query() == Some("") {
+        url.set_query(None);
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use crate::catalog::OAuthSpec;
+
+    /// A standards-compliant connector spec, for tests to adjust.
+    pub fn spec() -> OAuthSpec {
+        serde_json::from_value(serde_json::json!({
+            "authorizationUrl": "https://auth.example.test/authorize",
+            "tokenUrl": "https://auth.example.test/token",
+        }))
+        .expect("minimal spec parses")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::test_support::spec;
+    use super::*;
+
+    fn endpoints(authorization_url: &str) -> Endpoints {
+        Endpoints {
+            authorization_url: authorization_url.to_string(),
+            token_url: "https://auth.example.test/token".to_string(),
+            refresh_url: "https://auth.example.test/token".to_string(),
+            revoke_url: None,
+        }
+    }
+
+    fn query(url: &url::Url) -> Vec<(String, String)> {
+        url.query_pairs()
+            .map(|(name, value)| (name.into_owned(), value.into_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn pkce_matches_rfc_7636_appendix_b() {
+        assert_eq!(
+            pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+        );
+    }
+
+    #[test]
+    fn new_pkce_is_well_formed_and_fresh() {
+        let first = new_pkce();
+        let second = new_pkce();
+        let verifier = first.verifier.expose();
+        assert!((43..=128).contains(&verifier.len()));
+        assert!(
+            verifier
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._~".contains(c))
+        );
+        assert_eq!(first.challenge, pkce_challenge(verifier));
+        assert_ne!(first.verifier, second.verifier);
+        assert!(!format!("{first:?}").contains(verifier));
+    }
+
+    #[test]
+    fn state_is_long_url_safe_and_fresh() {
+        let state = new_state();
+        assert!(state.len() >= 22, "128 bits need 22 base64 characters");
+        assert!(
+            state
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        );
+        assert_ne!(state, new_state());
+    }
+
+    #[test]
+    fn authorization_url_has_every_parameter() {
+        let mut spec = spec();
+        spec.scopes = vec!["offline_access".into(), "User.Read".into()];
+        spec.authorization_params
+            .insert("prompt".into(), "consent".into());
+        let url = authorization_url(
+            &spec,
+            &endpoints("https://auth.example.test/authorize"),
+            "my client",
+            "https://app.example.test/cb?x=1",
+            "st4te",
+            None,
+            Some("chal"),
+        )
+        .unwrap();
+        assert_eq!(url.host_str(), Some("auth.example.test"));
+        assert_eq!(url.path(), "/authorize");
+        assert_eq!(
+            query(&url),
+            vec![
+                ("response_type".into(), "code".into()),
+                ("client_id".into(), "my client".into()),
+                (
+                    "redirect_uri".into(),
+                    "https://app.example.test/cb?x=1".into()
+                ),
+                ("scope".into(), "offline_access User.Read".into()),
+                ("state".into(), "st4te".into()),
+                ("code_challenge".into(), "chal".into()),
+                ("code_challenge_method".into(), "S256".into()),
+                ("prompt".into(), "consent".into()),
+            ]
+        );
+        // Spaces are encoded, and the redirect URI's own query stays inside its value.
+        assert!(url.as_str().contains("client_id=my+client"));
+        assert!(
+            url.as_str()
+                .contains("redirect_uri=https%3A%2F%2Fapp.example.test%2Fcb%3Fx%3D1")
+        );
+    }
+
+    #[test]
+    fn authorization_url_keeps_existing_query_and_uses_separator_and_override() {
+        let mut spec = spec();
+        spec.scopes = vec!["a".into(), "b".into()];
+        spec.scope_separator = ",".into();
+        spec.authorization_params
+            .insert("state".into(), "evil".into());
+        spec.authorization_params
+            .insert("access_type".into(), "offline".into());
+        let ep = endpoints("https://auth.example.test/authorize?audience=api.x&state=old");
+        let url = authorization_url(&spec, &ep, "id", "https://cb", "s", None, None).unwrap();
+        let pairs: HashMap<_, _> = query(&url).into_iter().collect();
+        assert_eq!(pairs["audience"], "api.x");
+        assert_eq!(pairs["scope"], "a,b");
+        assert_eq!(pairs["state"], "s");
+        assert_eq!(pairs["access_type"], "offline");
+        assert!(!pairs.contains_key("code_challenge"));
+        assert_eq!(query(&url).iter().filter(|(n, _)| n == "state").count(), 1);
+
+        let url =
+            authorization_url(&spec, &ep, "id", "https://cb", "s", Some("x y"), None).unwrap();
+        let pairs: HashMap<_, _> = query(&url).into_iter().collect();
+        assert_eq!(pairs["scope"], "x y");
+
+        spec.scopes.clear();
+        let url = authorization_url(&spec, &ep, "id", "https://cb", "s", None, None).unwrap();
+        assert!(!query(&url).iter().any(|(n, _)| n == "scope"));
+    }
+
+    #[test]
+    fn authorization_url_rejects_bad_input() {
+        let spec = spec();
+        let bad = authorization_url(
+            &spec,
+            &endpoints("not a url"),
+            "id",
+            "https://cb",
+            "s",
+            None,
+            None,
+        );
+        assert!(matches!(bad, Err(OAuthError::Config { .. })));
+        let bad = authorization_url(
+            &spec,
+            &endpoints("https://auth.example.test/{tenant}/authorize"),
+            "id",
+            "https://cb",
+            "s",
+            None,
+            None,
+        );
+        assert!(matches!(bad, Err(OAuthError::Config { .. })), "{bad:?}");
+        let empty_state = authorization_url(
+            &spec,
+            &endpoints("https://auth.example.test/a"),
+            "id",
+            "https://cb",
+            "",
+            None,
+            None,
+        );
+        assert!(matches!(empty_state, Err(OAuthError::Config { .. })));
+    }
+}

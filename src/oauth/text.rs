@@ -1,0 +1,133 @@
+//! Small text helpers shared by the error and rejection code: cutting provider text to a safe
+//! length, and removing secrets we sent from text a provider echoes back.
+
+/// The most characters of provider text ever echoed into an error or a `providerMessage`.
+pub(crate) const MAX_ECHO_CHARS: usize = 300;
+
+/// `text` with runs of whitespace collapsed to one space, trimmed, and cut to `max_chars`
+/// characters (an ellipsis marks the cut). Never splits a character.
+pub(crate) fn cut(text: &str, max_chars: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max_chars * 4));
+    let mut count = 0;
+    let mut pending_space = false;
+    for c in text.chars() {
+        if c.is_whitespace() || c.is_control() {
+            pending_space = !out.is_empty();
+            continue;
+        }
+        let needed = if pending_space { 2 } else { 1 };
+        if count + needed > max_chars {
+            out.push('…');
+            return out;
+        }
+        if pending_space {
+            out.push(' ');
+            count += 1;
+            pending_space = false;
+        }
+        out.push(c);
+        count += 1;
+    }
+    out
+}
+
+/// Replaces every occurrence of each secret in `text` with `[redacted]`. Secrets shorter than
+/// 4 characters are ignored: they would redact ordinary words and cannot be meaningful tokens.
+pub(crate) fn redact(text: &str, secrets: &[&str]) -> String {
+    let mut out = text.to_string();
+    for secret in secrets {
+        if secret.len() >= 4 && out.contains(secret) {
+            out = out.replace(secret, "[redacted]");
+        }
+    }
+    out
+}
+
+/// The canonical reason phrase of a status, e.g. "Service Unavailable".
+pub(crate) fn reason_phrase(status: u16) -> &'static str {
+    reqwest::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|status| status.canonical_reason())
+        .unwrap_or("")
+}
+
+/// A short description of a body we will not echo: its kind and size.
+pub(crate) fn describe_unechoed_body(content_type: Option<&str>, body: &[u8]) -> String {
+    let trimmed = trim_body(body);
+    if trimmed.is_empty() {
+        return "an empty body".to_string();
+    }
+    let kind = if looks_like_html(trimmed) {
+        "an HTML page"
+    } else if trimmed.starts_with(b"<") {
+        "an XML body"
+    } else {
+        match content_type {
+            Some(ct) if !ct.trim().is_empty() => {
+                return format!(
+                    "a body ({}) of {} bytes",
+                    cut(ct.split(';').next().unwrap_or(ct), 60),
+                    body.len()
+                );
+            }
+            _ => "a body",
+        }
+    };
+    format!("{kind} of {} bytes", body.len())
+}
+
+/// The body without a UTF-8 byte-order mark and surrounding ASCII whitespace.
+pub(crate) fn trim_body(body: &[u8]) -> &[u8] {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    body.trim_ascii()
+}
+
+pub(crate) fn looks_like_html(body: &[u8]) -> bool {
+    let head: Vec<u8> = body
+        .iter()
+        .take(64)
+        .map(|b| b.to_ascii_lowercase())
+        .collect();
+    head.starts_with(b"<!doctype html") || head.starts_with(b"<html") || head.starts_with(b"<head")
+}
+
+/// The `<title>` of an HTML page, if any.
+pub(crate) fn html_title(body: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(body);
+    let lower = text.to_ascii_lowercase();
+    let start = lower.find("<title")?;
+    let open_end = start + lower[start..].find('>')? + 1;
+    let close = open_end + lower[open_end..].find("</title")?;
+    let title = cut(&text[open_end..close], MAX_ECHO_CHARS);
+    (!title.is_empty()).then_some(title)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cut_collapses_whitespace_and_respects_characters() {
+        assert_eq!(cut("  a \n\t b  ", 10), "a b");
+        assert_eq!(cut("ééééé", 3), "ééé…");
+        assert_eq!(cut("abc", 3), "abc");
+        assert_eq!(cut(&"x".repeat(1000), 300).chars().count(), 301);
+    }
+
+    #[test]
+    fn redact_removes_secrets() {
+        assert_eq!(
+            redact("token abcd1234 is bad", &["abcd1234", "ab"]),
+            "token [redacted] is bad"
+        );
+    }
+
+    #[test]
+    fn html_title_is_found() {
+        assert_eq!(
+            html_title(b"<html><head><TITLE>502 Bad Gateway</title></head></html>").as_deref(),
+            Some("502 Bad Gateway")
+        );
+        assert_eq!(html_title(b"<html></html>"), None);
+    }
+}
