@@ -1,0 +1,160 @@
+//! Events: the outbox. An event is written in the same transaction as the change it reports;
+//! webhook delivery claims pending events, posts them, and records the outcome.
+
+use sqlx::{Any, Transaction};
+
+use super::{DeliveryOutcome, Engine, EventFilter, EventRow, NewEvent, Store, StoreError};
+
+const EVENT_COLUMNS: &str = "id, organization_id, instance_id, element_key, event_type, reason, \
+     occurred_at, payload, delivery_state, attempts, next_attempt_at, last_error, delivered_at";
+
+/// Inserts an event inside a caller's transaction.
+pub(super) async fn insert_event_in(
+    transaction: &mut Transaction<'static, Any>,
+    event: &NewEvent,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO events (id, organization_id, instance_id, element_key, event_type, reason, \
+         occurred_at, payload, delivery_state, attempts, next_attempt_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10)",
+    )
+    .bind(&event.id)
+    .bind(event.organization_id)
+    .bind(event.instance_id)
+    .bind(&event.element_key)
+    .bind(&event.event_type)
+    .bind(&event.reason)
+    .bind(event.occurred_at)
+    .bind(&event.payload)
+    .bind(event.delivery_state.as_str())
+    .bind(event.next_attempt_at)
+    .execute(&mut **transaction)
+    .await?;
+    Ok(())
+}
+
+impl Store {
+    /// Records an event on its own (`Conflict` when the id is taken).
+    pub async fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
+        let mut transaction = self.begin_write().await?;
+        insert_event_in(&mut transaction, event).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    pub async fn get_event(
+        &self,
+        organization_id: i64,
+        id: &str,
+    ) -> Result<Option<EventRow>, StoreError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE organization_id = $1 AND id = $2"
+        );
+        let row = sqlx::query_as::<_, EventRow>(sqlx::AssertSqlSafe(sql))
+            .bind(organization_id)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row)
+    }
+
+    /// An organization's events, newest first, optionally of one instance and/or one type;
+    /// `filter.before` (the last event of the previous page) pages on.
+    pub async fn list_events(
+        &self,
+        organization_id: i64,
+        filter: &EventFilter,
+    ) -> Result<Vec<EventRow>, StoreError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE organization_id = $1 \
+             AND ($2 IS NULL OR instance_id = $2) \
+             AND ($3 IS NULL OR event_type = $3) \
+             AND ($4 IS NULL OR occurred_at < $4 OR (occurred_at = $4 AND id < $5)) \
+             ORDER BY occurred_at DESC, id DESC LIMIT $6"
+        );
+        let (before_at, before_id) = match &filter.before {
+            Some(cursor) => (Some(cursor.occurred_at), Some(cursor.id.clone())),
+            None => (None, None),
+        };
+        let rows = sqlx::query_as::<_, EventRow>(sqlx::AssertSqlSafe(sql))
+            .bind(organization_id)
+            .bind(filter.instance_id)
+            .bind(&filter.event_type)
+            .bind(before_at)
+            .bind(before_id)
+            .bind(filter.limit)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows)
+    }
+
+    /// Claims up to `limit` pending events whose `next_attempt_at` has come: counts the attempt
+    /// and moves `next_attempt_at` to `retry_at`, so that a deliverer that dies leaves them to
+    /// be retried then, and so that two replicas never deliver the same event at once.
+    pub async fn claim_pending_deliveries(
+        &self,
+        now: i64,
+        limit: i64,
+        retry_at: i64,
+    ) -> Result<Vec<EventRow>, StoreError> {
+        let sql = match self.engine {
+            Engine::Postgres => format!(
+                "WITH due AS (SELECT id FROM events \
+                 WHERE delivery_state = 'pending' AND next_attempt_at <= $1 \
+                 ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                 UPDATE events SET attempts = attempts + 1, next_attempt_at = $3 \
+                 FROM due WHERE events.id = due.id RETURNING {}",
+                prefixed("events", EVENT_COLUMNS)
+            ),
+            Engine::Sqlite => format!(
+                "UPDATE events SET attempts = attempts + 1, next_attempt_at = $3 \
+                 WHERE id IN (SELECT id FROM events \
+                 WHERE delivery_state = 'pending' AND next_attempt_at <= $1 \
+                 ORDER BY next_attempt_at LIMIT $2) RETURNING {EVENT_COLUMNS}"
+            ),
+        };
+        let rows = sqlx::query_as::<_, EventRow>(sqlx::AssertSqlSafe(sql))
+            .bind(now)
+            .bind(limit)
+            .bind(retry_at)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows)
+    }
+
+    /// Records the outcome of a delivery attempt. `error` is what went wrong (status, transport
+    /// failure), never a payload or a secret. False when there is no such event.
+    pub async fn mark_delivery(
+        &self,
+        id: &str,
+        outcome: DeliveryOutcome,
+        error: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let (state, next_attempt_at, delivered_at) = match outcome {
+            DeliveryOutcome::Delivered { at } => ("delivered", None, Some(at)),
+            DeliveryOutcome::RetryAt(at) => ("pending", Some(at), None),
+            DeliveryOutcome::Failed => ("failed", None, None),
+        };
+        let result = sqlx::query(
+            "UPDATE events SET delivery_state = $1, next_attempt_at = $2, delivered_at = $3, \
+             last_error = $4 WHERE id = $5",
+        )
+        .bind(state)
+        .bind(next_attempt_at)
+        .bind(delivered_at)
+        .bind(error)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+}
+
+/// `a, b` → `table.a, table.b`, for `UPDATE … FROM … RETURNING` where names are ambiguous.
+pub(super) fn prefixed(table: &str, columns: &str) -> String {
+    columns
+        .split(',')
+        .map(|column| format!("{table}.{}", column.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

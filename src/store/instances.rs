@@ -1,0 +1,589 @@
+//! Instances: their metadata, and the token-state primitives of the refresh engine. Each
+//! primitive is one statement or one short transaction: no caller holds a connection across a
+//! provider call.
+
+use super::events::{insert_event_in, prefixed};
+use super::{
+    EncryptedInstanceFields, Engine, InstanceRow, NewEvent, Reauthentication, Store, StoreError,
+    TokenUpdate, flag, system_now_ms,
+};
+
+const INSTANCE_COLUMNS: &str = "id, organization_id, element_key, name, token_hash, token_enc, \
+     tags, configuration, access_token_enc, refresh_token_enc, token_response_enc, \
+     client_secret_enc, state, state_reason, provider_message, disabled, token_version, \
+     access_expires_at, refresh_expires_at, last_refresh_at, next_due_at, refresh_lease_owner, \
+     refresh_lease_until, refresh_in_flight_since, failing_since, failure_count, backoff_until, \
+     last_failure, verification, created_by, created_at, updated_at";
+
+/// The conditions under which the scheduler may claim a row. `state = 'valid' AND disabled = 0`
+/// is spelled as in the partial index `instances_due` so that both engines use it.
+const CLAIMABLE: &str = "next_due_at <= $1 AND state = 'valid' AND disabled = 0 \
+     AND (refresh_lease_until IS NULL OR refresh_lease_until < $1) \
+     AND (backoff_until IS NULL OR backoff_until <= $1)";
+
+impl Store {
+    /// Inserts a new instance; `Conflict` when its id or token hash is taken, `NotFound` when
+    /// its organization does not exist.
+    pub async fn insert_instance(&self, row: &InstanceRow) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
+             $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, \
+             $26, $27, $28, $29, $30, $31, $32)"
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(row.id)
+            .bind(row.organization_id)
+            .bind(&row.element_key)
+            .bind(&row.name)
+            .bind(&row.token_hash)
+            .bind(&row.token_enc)
+            .bind(&row.tags)
+            .bind(&row.configuration)
+            .bind(&row.access_token_enc)
+            .bind(&row.refresh_token_enc)
+            .bind(&row.token_response_enc)
+            .bind(&row.client_secret_enc)
+            .bind(&row.state)
+            .bind(&row.state_reason)
+            .bind(&row.provider_message)
+            .bind(row.disabled)
+            .bind(row.token_version)
+            .bind(row.access_expires_at)
+            .bind(row.refresh_expires_at)
+            .bind(row.last_refresh_at)
+            .bind(row.next_due_at)
+            .bind(&row.refresh_lease_owner)
+            .bind(row.refresh_lease_until)
+            .bind(row.refresh_in_flight_since)
+            .bind(row.failing_since)
+            .bind(row.failure_count)
+            .bind(row.backoff_until)
+            .bind(&row.last_failure)
+            .bind(&row.verification)
+            .bind(row.created_by)
+            .bind(row.created_at)
+            .bind(row.updated_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// One instance of one organization: another organization's id is simply not found.
+    pub async fn get_instance(
+        &self,
+        organization_id: i64,
+        id: i64,
+    ) -> Result<Option<InstanceRow>, StoreError> {
+        let sql =
+            format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE id = $1 AND organization_id = $2");
+        let row = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .bind(organization_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row)
+    }
+
+    /// One instance whatever its organization, for background work only.
+    pub async fn get_instance_by_id(&self, id: i64) -> Result<Option<InstanceRow>, StoreError> {
+        let sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE id = $1");
+        let row = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row)
+    }
+
+    /// The instance an Element token names, by the token's hash.
+    pub async fn find_instance_by_token_hash(
+        &self,
+        token_hash: &[u8],
+    ) -> Result<Option<InstanceRow>, StoreError> {
+        let sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE token_hash = $1");
+        let row = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
+            .bind(token_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row)
+    }
+
+    /// An organization's instances, oldest first. With tags, only the instances that have ANY
+    /// of them (as Cloud Elements' `tags[]` filter does). The tag filter runs here, not in SQL,
+    /// because the two engines' JSON functions differ; an organization's instances are few
+    /// enough for that.
+    pub async fn list_instances(
+        &self,
+        organization_id: i64,
+        tags: &[String],
+    ) -> Result<Vec<InstanceRow>, StoreError> {
+        let sql = format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE organization_id = $1 \
+             ORDER BY created_at, id"
+        );
+        let rows = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
+            .bind(organization_id)
+            .fetch_all(&self.pool)
+            .await?;
+        if tags.is_empty() {
+            return Ok(rows);
+        }
+        Ok(rows
+            .into_iter()
+            .filter(|row| row.tag_list().iter().any(|tag| tags.contains(tag)))
+            .collect())
+    }
+
+    /// Replaces name, tags (JSON array) and configuration (JSON object); `client_secret_enc`:
+    /// `None` keeps it, `Some(None)` removes it, `Some(Some(..))` sets it. Returns the updated
+    /// row, or `None` when the instance is not this organization's.
+    pub async fn update_instance_metadata(
+        &self,
+        organization_id: i64,
+        id: i64,
+        name: &str,
+        tags_json: &str,
+        configuration_json: &str,
+        client_secret_enc: Option<Option<Vec<u8>>>,
+    ) -> Result<Option<InstanceRow>, StoreError> {
+        let (replace_secret, secret) = match client_secret_enc {
+            None => (0_i64, None),
+            Some(secret) => (1_i64, secret),
+        };
+        let sql = format!(
+            "UPDATE instances SET name = $1, tags = $2, configuration = $3, \
+             client_secret_enc = CASE WHEN $4 = 1 THEN $5 ELSE client_secret_enc END, \
+             updated_at = $6 WHERE id = $7 AND organization_id = $8 RETURNING {INSTANCE_COLUMNS}"
+        );
+        let row = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
+            .bind(name)
+            .bind(tags_json)
+            .bind(configuration_json)
+            .bind(replace_secret)
+            .bind(secret)
+            .bind(system_now_ms())
+            .bind(id)
+            .bind(organization_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row)
+    }
+
+    /// Deletes an instance (and records `event`, e.g. `instance.deleted`, in the same
+    /// transaction). False when it is not this organization's.
+    pub async fn delete_instance(
+        &self,
+        organization_id: i64,
+        id: i64,
+        event: Option<&NewEvent>,
+    ) -> Result<bool, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        let result = sqlx::query("DELETE FROM instances WHERE id = $1 AND organization_id = $2")
+            .bind(id)
+            .bind(organization_id)
+            .execute(&mut *transaction)
+            .await?;
+        if result.rows_affected() != 1 {
+            return Ok(false);
+        }
+        if let Some(event) = event {
+            insert_event_in(&mut transaction, event).await?;
+        }
+        transaction.commit().await?;
+        Ok(true)
+    }
+
+    /// Disables or enables an instance. False when it is not this organization's.
+    pub async fn set_disabled(
+        &self,
+        organization_id: i64,
+        id: i64,
+        disabled: bool,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE instances SET disabled = $1, updated_at = $2 \
+             WHERE id = $3 AND organization_id = $4",
+        )
+        .bind(flag(disabled))
+        .bind(system_now_ms())
+        .bind(id)
+        .bind(organization_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    // ----- token state --------------------------------------------------------------------
+
+    /// Takes the refresh lease of one instance if it is free (never taken, or expired at `now`)
+    /// and returns the row as it is now; `None` when someone else holds it or there is no such
+    /// instance. Moves `next_due_at` to at least `lease_until` (see the module docs).
+    pub async fn try_acquire_refresh_lease(
+        &self,
+        id: i64,
+        owner: &str,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Option<InstanceRow>, StoreError> {
+        let sql = format!(
+            "UPDATE instances SET refresh_lease_owner = $1, refresh_lease_until = $2, \
+             refresh_in_flight_since = $3, \
+             next_due_at = CASE WHEN next_due_at IS NOT NULL AND next_due_at < $2 THEN $2 \
+             ELSE next_due_at END \
+             WHERE id = $4 AND (refresh_lease_until IS NULL OR refresh_lease_until < $3) \
+             RETURNING {INSTANCE_COLUMNS}"
+        );
+        let row = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
+            .bind(owner)
+            .bind(lease_until)
+            .bind(now)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row)
+    }
+
+    /// Gives the lease back, if `owner` still holds it. True when it did.
+    pub async fn release_refresh_lease(&self, id: i64, owner: &str) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE instances SET refresh_lease_owner = NULL, refresh_lease_until = NULL, \
+             refresh_in_flight_since = NULL WHERE id = $1 AND refresh_lease_owner = $2",
+        )
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Persists refreshed tokens if the row is still at `expected_token_version` (compare and
+    /// swap): bumps the version, clears the failure fields, and clears the lease if `owner`
+    /// holds it. `tokens.refresh_token_enc: None` keeps the stored refresh token (the provider
+    /// did not rotate it). `event` is written in the same transaction. False when the version
+    /// moved on (someone else refreshed first) or the instance is gone.
+    pub async fn commit_refreshed_tokens(
+        &self,
+        id: i64,
+        owner: &str,
+        expected_token_version: i64,
+        tokens: &TokenUpdate,
+        event: Option<&NewEvent>,
+    ) -> Result<bool, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        let result = sqlx::query(
+            "UPDATE instances SET access_token_enc = $1, \
+             refresh_token_enc = COALESCE($2, refresh_token_enc), token_response_enc = $3, \
+             access_expires_at = $4, refresh_expires_at = $5, last_refresh_at = $6, \
+             next_due_at = $7, configuration = COALESCE($8, configuration), \
+             token_version = token_version + 1, \
+             failing_since = NULL, failure_count = 0, backoff_until = NULL, last_failure = NULL, \
+             refresh_lease_until = CASE WHEN refresh_lease_owner = $9 THEN NULL \
+             ELSE refresh_lease_until END, \
+             refresh_in_flight_since = CASE WHEN refresh_lease_owner = $9 THEN NULL \
+             ELSE refresh_in_flight_since END, \
+             refresh_lease_owner = CASE WHEN refresh_lease_owner = $9 THEN NULL \
+             ELSE refresh_lease_owner END, \
+             updated_at = $10 WHERE id = $11 AND token_version = $12",
+        )
+        .bind(&tokens.access_token_enc)
+        .bind(&tokens.refresh_token_enc)
+        .bind(&tokens.token_response_enc)
+        .bind(tokens.access_expires_at)
+        .bind(tokens.refresh_expires_at)
+        .bind(tokens.last_refresh_at)
+        .bind(tokens.next_due_at)
+        .bind(&tokens.configuration_json)
+        .bind(owner)
+        .bind(system_now_ms())
+        .bind(id)
+        .bind(expected_token_version)
+        .execute(&mut *transaction)
+        .await?;
+        if result.rows_affected() != 1 {
+            return Ok(false);
+        }
+        if let Some(event) = event {
+            insert_event_in(&mut transaction, event).await?;
+        }
+        transaction.commit().await?;
+        Ok(true)
+    }
+
+    /// The grant is gone: state `invalid` with the reason and the provider's words, lease and
+    /// schedule cleared; `event` (e.g. `instance.invalidated`) in the same transaction. False
+    /// when there is no such instance.
+    pub async fn mark_invalid(
+        &self,
+        id: i64,
+        reason: &str,
+        provider_message: Option<&str>,
+        event: Option<&NewEvent>,
+    ) -> Result<bool, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        let result = sqlx::query(
+            "UPDATE instances SET state = 'invalid', state_reason = $1, provider_message = $2, \
+             refresh_lease_owner = NULL, refresh_lease_until = NULL, \
+             refresh_in_flight_since = NULL, next_due_at = NULL, updated_at = $3 WHERE id = $4",
+        )
+        .bind(reason)
+        .bind(provider_message)
+        .bind(system_now_ms())
+        .bind(id)
+        .execute(&mut *transaction)
+        .await?;
+        if result.rows_affected() != 1 {
+            return Ok(false);
+        }
+        if let Some(event) = event {
+            insert_event_in(&mut transaction, event).await?;
+        }
+        transaction.commit().await?;
+        Ok(true)
+    }
+
+    /// A passing failure: the instance stays valid. Starts `failing_since` if not set, counts
+    /// the failure, keeps `message`, sets `backoff_until` (and moves a scheduled `next_due_at`
+    /// to at least it), and releases the lease if `owner` holds it. False when there is no such
+    /// instance.
+    pub async fn record_transient_failure(
+        &self,
+        id: i64,
+        owner: &str,
+        now: i64,
+        message: &str,
+        backoff_until: i64,
+        event: Option<&NewEvent>,
+    ) -> Result<bool, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        let result = sqlx::query(
+            "UPDATE instances SET failing_since = COALESCE(failing_since, $1), \
+             failure_count = failure_count + 1, last_failure = $2, backoff_until = $3, \
+             next_due_at = CASE WHEN next_due_at IS NOT NULL AND next_due_at < $3 THEN $3 \
+             ELSE next_due_at END, \
+             refresh_lease_until = CASE WHEN refresh_lease_owner = $4 THEN NULL \
+             ELSE refresh_lease_until END, \
+             refresh_in_flight_since = CASE WHEN refresh_lease_owner = $4 THEN NULL \
+             ELSE refresh_in_flight_since END, \
+             refresh_lease_owner = CASE WHEN refresh_lease_owner = $4 THEN NULL \
+             ELSE refresh_lease_owner END, \
+             updated_at = $5 WHERE id = $6",
+        )
+        .bind(now)
+        .bind(message)
+        .bind(backoff_until)
+        .bind(owner)
+        .bind(system_now_ms())
+        .bind(id)
+        .execute(&mut *transaction)
+        .await?;
+        if result.rows_affected() != 1 {
+            return Ok(false);
+        }
+        if let Some(event) = event {
+            insert_event_in(&mut transaction, event).await?;
+        }
+        transaction.commit().await?;
+        Ok(true)
+    }
+
+    /// Re-authentication: new tokens written as given, state `valid`, reasons, failures and
+    /// lease cleared, version bumped; id, Element token, name and tags stay. `event` (e.g.
+    /// `instance.reauthenticated`) in the same transaction. Returns the new row, `None` when
+    /// the instance is not this organization's.
+    pub async fn reauthenticate(
+        &self,
+        organization_id: i64,
+        id: i64,
+        update: &Reauthentication,
+        event: Option<&NewEvent>,
+    ) -> Result<Option<InstanceRow>, StoreError> {
+        let tokens = &update.tokens;
+        let (replace_secret, secret) = match &update.client_secret_enc {
+            None => (0_i64, None),
+            Some(secret) => (1_i64, secret.clone()),
+        };
+        let mut transaction = self.begin_write().await?;
+        let sql = format!(
+            "UPDATE instances SET access_token_enc = $1, refresh_token_enc = $2, \
+             token_response_enc = $3, access_expires_at = $4, refresh_expires_at = $5, \
+             last_refresh_at = $6, next_due_at = $7, configuration = COALESCE($8, configuration), \
+             client_secret_enc = CASE WHEN $9 = 1 THEN $10 ELSE client_secret_enc END, \
+             verification = COALESCE($11, verification), \
+             state = 'valid', state_reason = NULL, provider_message = NULL, \
+             token_version = token_version + 1, \
+             failing_since = NULL, failure_count = 0, backoff_until = NULL, last_failure = NULL, \
+             refresh_lease_owner = NULL, refresh_lease_until = NULL, \
+             refresh_in_flight_since = NULL, updated_at = $12 \
+             WHERE id = $13 AND organization_id = $14 RETURNING {INSTANCE_COLUMNS}"
+        );
+        let row = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
+            .bind(&tokens.access_token_enc)
+            .bind(&tokens.refresh_token_enc)
+            .bind(&tokens.token_response_enc)
+            .bind(tokens.access_expires_at)
+            .bind(tokens.refresh_expires_at)
+            .bind(tokens.last_refresh_at)
+            .bind(tokens.next_due_at)
+            .bind(&tokens.configuration_json)
+            .bind(replace_secret)
+            .bind(secret)
+            .bind(&update.verification)
+            .bind(system_now_ms())
+            .bind(id)
+            .bind(organization_id)
+            .fetch_optional(&mut *transaction)
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        if let Some(event) = event {
+            insert_event_in(&mut transaction, event).await?;
+        }
+        transaction.commit().await?;
+        Ok(Some(row))
+    }
+
+    /// Replaces the tokens as given (an import of existing tokens, or blanking them), bumping
+    /// the version; state and failures are left as they are. Returns the new row, `None` when
+    /// the instance is not this organization's.
+    pub async fn replace_tokens(
+        &self,
+        organization_id: i64,
+        id: i64,
+        tokens: &TokenUpdate,
+    ) -> Result<Option<InstanceRow>, StoreError> {
+        let sql = format!(
+            "UPDATE instances SET access_token_enc = $1, refresh_token_enc = $2, \
+             token_response_enc = $3, access_expires_at = $4, refresh_expires_at = $5, \
+             last_refresh_at = $6, next_due_at = $7, configuration = COALESCE($8, configuration), \
+             token_version = token_version + 1, updated_at = $9 \
+             WHERE id = $10 AND organization_id = $11 RETURNING {INSTANCE_COLUMNS}"
+        );
+        let row = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
+            .bind(&tokens.access_token_enc)
+            .bind(&tokens.refresh_token_enc)
+            .bind(&tokens.token_response_enc)
+            .bind(tokens.access_expires_at)
+            .bind(tokens.refresh_expires_at)
+            .bind(tokens.last_refresh_at)
+            .bind(tokens.next_due_at)
+            .bind(&tokens.configuration_json)
+            .bind(system_now_ms())
+            .bind(id)
+            .bind(organization_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row)
+    }
+
+    /// Claims up to `limit` due instances for `owner`: valid, enabled, `next_due_at <= now`,
+    /// lease free, backoff over. Each claimed row gets the lease until `lease_until` (and
+    /// `next_due_at` moves there, so a crashed claimer's rows come due again). Concurrent
+    /// claimers, in this process or other replicas, never get the same row: PostgreSQL locks
+    /// the candidates with `FOR UPDATE SKIP LOCKED`; SQLite runs one writer at a time.
+    pub async fn claim_due_instances(
+        &self,
+        now: i64,
+        limit: i64,
+        owner: &str,
+        lease_until: i64,
+    ) -> Result<Vec<InstanceRow>, StoreError> {
+        let set = "refresh_lease_owner = $3, refresh_lease_until = $4, \
+                   refresh_in_flight_since = $1, next_due_at = $4";
+        let sql = match self.engine {
+            Engine::Postgres => format!(
+                "WITH due AS (SELECT id FROM instances WHERE {CLAIMABLE} \
+                 ORDER BY next_due_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                 UPDATE instances SET {set} FROM due WHERE instances.id = due.id \
+                 RETURNING {}",
+                prefixed("instances", INSTANCE_COLUMNS)
+            ),
+            Engine::Sqlite => format!(
+                "UPDATE instances SET {set} WHERE id IN (SELECT id FROM instances \
+                 WHERE {CLAIMABLE} ORDER BY next_due_at LIMIT $2) RETURNING {INSTANCE_COLUMNS}"
+            ),
+        };
+        let rows = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
+            .bind(now)
+            .bind(limit)
+            .bind(owner)
+            .bind(lease_until)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows)
+    }
+
+    /// The earliest `next_due_at` of valid, enabled instances (from the index), for the
+    /// scheduler's sleep. It may lie in the past while another refresher's lease runs:
+    /// the scheduler should not spin on it faster than its own minimum interval.
+    pub async fn next_due_time(&self) -> Result<Option<i64>, StoreError> {
+        let next: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(next_due_at) FROM instances \
+             WHERE state = 'valid' AND disabled = 0 AND next_due_at IS NOT NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(next)
+    }
+
+    /// Instances whose refresh started before `older_than` and never finished (crash
+    /// recovery: their lease may still be running, their refresh token may have rotated).
+    pub async fn instances_with_refresh_in_flight(
+        &self,
+        older_than: i64,
+    ) -> Result<Vec<InstanceRow>, StoreError> {
+        let sql = format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances \
+             WHERE refresh_in_flight_since IS NOT NULL AND refresh_in_flight_since < $1 \
+             ORDER BY refresh_in_flight_since"
+        );
+        let rows = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
+            .bind(older_than)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows)
+    }
+
+    // ----- key rotation -------------------------------------------------------------------
+
+    /// The encrypted columns of up to `limit` instances with ids above `after_id`, in id order.
+    pub async fn list_encrypted_batch(
+        &self,
+        after_id: i64,
+        limit: i64,
+    ) -> Result<Vec<EncryptedInstanceFields>, StoreError> {
+        let rows = sqlx::query_as::<_, EncryptedInstanceFields>(
+            "SELECT id, organization_id, token_version, token_enc, access_token_enc, \
+             refresh_token_enc, token_response_enc, client_secret_enc FROM instances \
+             WHERE id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Writes re-encrypted columns back if the row is still at `fields.token_version` (a
+    /// refresh committed in between makes this false: read the row again and retry). The
+    /// version does not change: the plain values are the same.
+    pub async fn update_encrypted_fields(
+        &self,
+        fields: &EncryptedInstanceFields,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE instances SET token_enc = $1, access_token_enc = $2, refresh_token_enc = $3, \
+             token_response_enc = $4, client_secret_enc = $5 \
+             WHERE id = $6 AND token_version = $7",
+        )
+        .bind(&fields.token_enc)
+        .bind(&fields.access_token_enc)
+        .bind(&fields.refresh_token_enc)
+        .bind(&fields.token_response_enc)
+        .bind(&fields.client_secret_enc)
+        .bind(fields.id)
+        .bind(fields.token_version)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+}

@@ -1,0 +1,527 @@
+//! The store: all SQL of tokenwarden, one [`Store`] over SQLite (one process, the default) and
+//! PostgreSQL (several replicas), through `sqlx::Any`.
+//!
+//! The store sees ciphertexts and hashes only: encryption and hashing happen above it, it never
+//! decrypts, and it never logs values (statement logging is off; error messages carry the
+//! database's message, which names columns and constraints but not values).
+//!
+//! # Engines
+//! [`Store::connect`] takes `sqlite://path` (created when missing, WAL journal, 5 s busy timeout,
+//! foreign keys on) or `postgres://…`, and runs the migrations of that engine
+//! (`migrations/sqlite`, `migrations/postgres`, embedded at build time). The SQL is the same for
+//! both engines (`$1, $2…` placeholders, `RETURNING`) except where noted: the claim queries use
+//! `FOR UPDATE SKIP LOCKED` on PostgreSQL, and SQLite write transactions start with
+//! `BEGIN IMMEDIATE` so that they wait for the write lock instead of failing on upgrade.
+//!
+//! # Schema (both engines; ciphertexts are BLOB on SQLite, BYTEA on PostgreSQL)
+//! Ids are BIGINT chosen by the application (random below 2^53; the store never makes ids,
+//! except the audit log's autoincrement). Timestamps are epoch milliseconds, flags BIGINT 0/1,
+//! JSON is TEXT.
+//! - `organizations(id PK, name, secret_hash UNIQUE, webhook_secret_enc, created_at)`
+//! - `users(id PK, organization_id → organizations, name, secret_hash UNIQUE, created_at)`
+//! - `connectors(organization_id → organizations, key, definition /*JSON*/, created_at,
+//!   updated_at, PK(organization_id, key))`
+//! - `oauth_states(state_hash PK, organization_id → organizations, element_key, callback_url,
+//!   api_key, code_verifier_enc NULL, scope NULL, expires_at)`: single use.
+//! - `instances(id PK, organization_id → organizations, element_key, name, token_hash UNIQUE,
+//!   token_enc, tags /*JSON array*/, configuration /*JSON object, non-secret keys*/,
+//!   access_token_enc, refresh_token_enc, token_response_enc, client_secret_enc,
+//!   state 'valid'|'invalid', state_reason, provider_message, disabled, token_version,
+//!   access_expires_at, refresh_expires_at, last_refresh_at, next_due_at, refresh_lease_owner,
+//!   refresh_lease_until, refresh_in_flight_since, failing_since, failure_count, backoff_until,
+//!   last_failure, verification /*JSON*/, created_by, created_at, updated_at)`; indexes on
+//!   `(organization_id, created_at)`, a partial index on `next_due_at` over valid, enabled rows
+//!   (the scheduler's), and a partial one on `refresh_in_flight_since`.
+//! - `events(id PK /*uuid*/, organization_id → organizations, instance_id, element_key,
+//!   event_type, reason, occurred_at, payload /*JSON*/, delivery_state
+//!   'none'|'pending'|'delivered'|'failed', attempts, next_attempt_at, last_error,
+//!   delivered_at)`: the outbox. The column is `event_type`, not `type`, to stay clear of
+//!   keywords. Events have no foreign key to instances: they outlive deleted instances.
+//! - `audit_logs(id autoincrement PK, organization_id → organizations, user_id, action, target,
+//!   request_id, detail, at)`, indexed by `(organization_id, at)`.
+//!
+//! # Time
+//! Everything with a meaning in time (leases, expiry, due dates, backoff) takes `now` from the
+//! caller, so the refresh engine can run on an injected clock. Only the `updated_at`
+//! bookkeeping columns read the system clock.
+//!
+//! # Leases and the schedule
+//! A refresh lease (`refresh_lease_owner`, `refresh_lease_until`) is taken with one
+//! compare-and-set statement; taking one also moves `next_due_at` to at least the lease's end,
+//! and a transient failure moves it to at least `backoff_until`. So `MIN(next_due_at)` (served by
+//! the index) never points at a row that cannot be claimed yet for long, and a crashed
+//! refresher's row comes due again when its lease runs out.
+
+mod rows;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::migrate::Migrator;
+use sqlx::{Any, AnyPool, ConnectOptions, Connection, Transaction};
+
+pub use rows::*;
+
+static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Which database the store runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The row does not exist (or belongs to another organization), or a referenced row
+    /// (organization) does not.
+    #[error("not found")]
+    NotFound,
+    /// A unique constraint refused the write, e.g. a connector key already in use.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Anything else the database said. Never carries a value of an encrypted column.
+    #[error("database error: {0}")]
+    Database(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match &error {
+            sqlx::Error::RowNotFound => StoreError::NotFound,
+            sqlx::Error::Database(database_error) if database_error.is_unique_violation() => {
+                StoreError::Conflict(database_error.message().to_string())
+            }
+            sqlx::Error::Database(database_error) if database_error.is_foreign_key_violation() => {
+                StoreError::NotFound
+            }
+            sqlx::Error::Database(database_error) => {
+                StoreError::Database(database_error.message().to_string())
+            }
+            other => StoreError::Database(other.to_string()),
+        }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(error: sqlx::migrate::MigrateError) -> Self {
+        StoreError::Database(format!("migration failed: {error}"))
+    }
+}
+
+/// Options of [`Store::connect_with`].
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The database. Cheap to clone: it wraps a connection pool.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    engine: Engine,
+}
+
+/// The system clock in epoch milliseconds, for `updated_at` bookkeeping only.
+fn system_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn flag(value: bool) -> i64 {
+    i64::from(value)
+}
+
+impl Store {
+    /// Opens the database at `url` and brings its schema up to date.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        Store::connect_with(url, StoreOptions::default()).await
+    }
+
+    pub async fn connect_with(url: &str, options: StoreOptions) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let (engine, url) = if url.starts_with("sqlite:") {
+            (Engine::Sqlite, Store::prepare_sqlite(url).await?)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            (Engine::Postgres, url.to_string())
+        } else {
+            return Err(StoreError::Database(
+                "unsupported database URL: use sqlite://path or postgres://…".to_string(),
+            ));
+        };
+        let connect_options = AnyConnectOptions::from_str(&url)?.disable_statement_logging();
+        let pool = AnyPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect_options)
+            .await?;
+        let migrator = match engine {
+            Engine::Sqlite => &SQLITE_MIGRATOR,
+            Engine::Postgres => &POSTGRES_MIGRATOR,
+        };
+        migrator.run(&pool).await?;
+        Ok(Store { pool, engine })
+    }
+
+    /// Creates the SQLite file when missing and switches it to WAL (a property of the file,
+    /// so one connection is enough), and returns the URL the pool should use.
+    async fn prepare_sqlite(url: &str) -> Result<String, StoreError> {
+        let url = if url.contains("mode=") {
+            url.to_string()
+        } else if url.contains('?') {
+            format!("{url}&mode=rwc")
+        } else {
+            format!("{url}?mode=rwc")
+        };
+        let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url)?
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true)
+            .disable_statement_logging();
+        let connection = sqlx::SqliteConnection::connect_with(&options).await?;
+        connection.close().await?;
+        Ok(url)
+    }
+
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// The pool, for health checks. All SQL belongs in this module.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// `SELECT 1`: the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// A write transaction. On SQLite it takes the write lock at once (`BEGIN IMMEDIATE`), so a
+    /// transaction that reads before it writes waits on the busy timeout instead of failing.
+    async fn begin_write(&self) -> Result<Transaction<'static, Any>, StoreError> {
+        let transaction = match self.engine {
+            Engine::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Engine::Postgres => self.pool.begin().await?,
+        };
+        Ok(transaction)
+    }
+
+    // ----- organizations and users -------------------------------------------------------
+
+    /// Creates an organization and its first user in one transaction.
+    pub async fn create_organization(&self, new: &NewOrganization) -> Result<(), StoreError> {
+        let mut transaction = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO organizations (id, name, secret_hash, webhook_secret_enc, created_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(new.id)
+        .bind(&new.name)
+        .bind(&new.secret_hash)
+        .bind(&new.webhook_secret_enc)
+        .bind(new.created_at)
+        .execute(&mut *transaction)
+        .await?;
+        insert_user(&mut transaction, new.id, &new.first_user, new.created_at).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// Adds a user to an existing organization (`NotFound` when it does not exist).
+    pub async fn create_user(
+        &self,
+        organization_id: i64,
+        user: &NewUser,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut transaction = self.begin_write().await?;
+        insert_user(&mut transaction, organization_id, user, now).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    pub async fn find_user_by_secret_hash(
+        &self,
+        secret_hash: &[u8],
+    ) -> Result<Option<UserRow>, StoreError> {
+        let row = sqlx::query_as::<_, UserRow>(
+            "SELECT id, organization_id, name, created_at FROM users WHERE secret_hash = $1",
+        )
+        .bind(secret_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row)
+    }
+
+    pub async fn find_organization_by_secret_hash(
+        &self,
+        secret_hash: &[u8],
+    ) -> Result<Option<OrganizationRow>, StoreError> {
+        let row = sqlx::query_as::<_, OrganizationRow>(
+            "SELECT id, name, webhook_secret_enc, created_at FROM organizations \
+             WHERE secret_hash = $1",
+        )
+        .bind(secret_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row)
+    }
+
+    pub async fn get_organization(&self, id: i64) -> Result<Option<OrganizationRow>, StoreError> {
+        let row = sqlx::query_as::<_, OrganizationRow>(
+            "SELECT id, name, webhook_secret_enc, created_at FROM organizations WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row)
+    }
+
+    /// Every organization, for re-encrypting their webhook secrets under a new key.
+    pub async fn list_organizations(&self) -> Result<Vec<OrganizationRow>, StoreError> {
+        let rows = sqlx::query_as::<_, OrganizationRow>(
+            "SELECT id, name, webhook_secret_enc, created_at FROM organizations ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Replaces an organization's webhook secret ciphertext (key rotation). False when the
+    /// organization does not exist.
+    pub async fn update_organization_webhook_secret(
+        &self,
+        id: i64,
+        webhook_secret_enc: &[u8],
+    ) -> Result<bool, StoreError> {
+        let result =
+            sqlx::query("UPDATE organizations SET webhook_secret_enc = $1 WHERE id = $2")
+                .bind(webhook_secret_enc)
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    // ----- connectors ---------------------------------------------------------------------
+
+    /// Registers an organization's own connector; `Conflict` when the key is taken.
+    pub async fn insert_connector(
+        &self,
+        organization_id: i64,
+        key: &str,
+        definition_json: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO connectors (organization_id, key, definition, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $4)",
+        )
+        .bind(organization_id)
+        .bind(key)
+        .bind(definition_json)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Replaces a connector's definition. False when it does not exist.
+    pub async fn update_connector(
+        &self,
+        organization_id: i64,
+        key: &str,
+        definition_json: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE connectors SET definition = $1, updated_at = $2 \
+             WHERE organization_id = $3 AND key = $4",
+        )
+        .bind(definition_json)
+        .bind(now)
+        .bind(organization_id)
+        .bind(key)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    pub async fn list_connectors(
+        &self,
+        organization_id: i64,
+    ) -> Result<Vec<ConnectorRow>, StoreError> {
+        let rows = sqlx::query_as::<_, ConnectorRow>(
+            "SELECT organization_id, key, definition, created_at, updated_at FROM connectors \
+             WHERE organization_id = $1 ORDER BY key",
+        )
+        .bind(organization_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    pub async fn get_connector(
+        &self,
+        organization_id: i64,
+        key: &str,
+    ) -> Result<Option<ConnectorRow>, StoreError> {
+        let row = sqlx::query_as::<_, ConnectorRow>(
+            "SELECT organization_id, key, definition, created_at, updated_at FROM connectors \
+             WHERE organization_id = $1 AND key = $2",
+        )
+        .bind(organization_id)
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row)
+    }
+
+    /// False when there was no such connector.
+    pub async fn delete_connector(
+        &self,
+        organization_id: i64,
+        key: &str,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query("DELETE FROM connectors WHERE organization_id = $1 AND key = $2")
+            .bind(organization_id)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    // ----- OAuth states -------------------------------------------------------------------
+
+    /// `Conflict` when the state is already in use.
+    pub async fn insert_oauth_state(&self, row: &OAuthStateRow) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO oauth_states (state_hash, organization_id, element_key, callback_url, \
+             api_key, code_verifier_enc, scope, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&row.state_hash)
+        .bind(row.organization_id)
+        .bind(&row.element_key)
+        .bind(&row.callback_url)
+        .bind(&row.api_key)
+        .bind(&row.code_verifier_enc)
+        .bind(&row.scope)
+        .bind(row.expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Takes a state once: deletes and returns it if it exists and has not expired. Of two
+    /// concurrent takers exactly one gets it.
+    pub async fn take_oauth_state(
+        &self,
+        state_hash: &[u8],
+        now: i64,
+    ) -> Result<Option<OAuthStateRow>, StoreError> {
+        let row = sqlx::query_as::<_, OAuthStateRow>(
+            "DELETE FROM oauth_states WHERE state_hash = $1 AND expires_at > $2 \
+             RETURNING state_hash, organization_id, element_key, callback_url, api_key, \
+             code_verifier_enc, scope, expires_at",
+        )
+        .bind(state_hash)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row)
+    }
+
+    /// Deletes expired states; returns how many.
+    pub async fn purge_expired_oauth_states(&self, now: i64) -> Result<u64, StoreError> {
+        let result = sqlx::query("DELETE FROM oauth_states WHERE expires_at <= $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(result.rows_affected())
+    }
+
+    // ----- audit log ----------------------------------------------------------------------
+
+    /// Appends to the audit log; returns the entry's id.
+    pub async fn insert_audit(&self, entry: &NewAudit) -> Result<i64, StoreError> {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO audit_logs (organization_id, user_id, action, target, request_id, \
+             detail, at) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+        )
+        .bind(entry.organization_id)
+        .bind(entry.user_id)
+        .bind(&entry.action)
+        .bind(&entry.target)
+        .bind(&entry.request_id)
+        .bind(&entry.detail)
+        .bind(entry.at)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    /// An organization's audit log, newest first; `before_id` pages on.
+    pub async fn list_audit(
+        &self,
+        organization_id: i64,
+        limit: i64,
+        before_id: Option<i64>,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        let rows = sqlx::query_as::<_, AuditRow>(
+            "SELECT id, organization_id, user_id, action, target, request_id, detail, at \
+             FROM audit_logs WHERE organization_id = $1 AND ($2 IS NULL OR id < $2) \
+             ORDER BY id DESC LIMIT $3",
+        )
+        .bind(organization_id)
+        .bind(before_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+}
+
+async fn insert_user(
+    transaction: &mut Transaction<'static, Any>,
+    organization_id: i64,
+    user: &NewUser,
+    now: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO users (id, organization_id, name, secret_hash, created_at) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(user.id)
+    .bind(organization_id)
+    .bind(&user.name)
+    .bind(&user.secret_hash)
+    .bind(now)
+    .execute(&mut **transaction)
+    .await?;
+    Ok(())
+}
+
+mod events;
+mod instances;
