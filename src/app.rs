@@ -50,6 +50,8 @@ pub struct App {
     pub built_in: BTreeMap<String, Connector>,
     /// A name for this process in refresh leases, unique per start.
     pub replica_id: String,
+    pub refresh: crate::refresh::RefreshEngine,
+    pub auth_cache: crate::proxy::AuthCache,
 }
 
 pub type SharedApp = Arc<App>;
@@ -100,12 +102,15 @@ impl App {
             .map(|connector| (connector.key.clone(), connector))
             .collect();
         let http = build_http_client(config.provider_timeout)?;
+        crate::telemetry::install_metrics();
         Ok(Arc::new(App {
             oauth: OAuthClient::new(http.clone()),
             http,
             keyring,
             store,
             built_in,
+            refresh: crate::refresh::RefreshEngine::new(),
+            auth_cache: crate::proxy::AuthCache::default(),
             replica_id: format!("replica-{}", crate::crypto::hex(&crate::crypto::random_bytes::<6>())),
             config,
         }))

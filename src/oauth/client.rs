@@ -518,6 +518,34 @@ pub(crate) fn parse_retry_after(value: &str) -> Option<u64> {
     Some(seconds.max(0) as u64)
 }
 
+/// A transport failure in words, without the URL (a URL may hold a token). The proxy and the
+/// event deliverer use it for their own calls.
+pub fn transport_message(error: &reqwest::Error) -> String {
+    match transport_error_ref(error) {
+        OAuthError::Transport { message } => message,
+        other => other.provider_message(),
+    }
+}
+
+fn transport_error_ref(error: &reqwest::Error) -> OAuthError {
+    let error = reqwest_error_without_url(error);
+    transport_error_inner(&error)
+}
+
+fn reqwest_error_without_url(error: &reqwest::Error) -> String {
+    let mut text = error_chain(error);
+    if let Some(url) = error.url() {
+        text = text.replace(url.as_str(), "[url]");
+    }
+    text
+}
+
+fn transport_error_inner(description: &str) -> OAuthError {
+    OAuthError::Transport {
+        message: cut(description, MAX_ECHO_CHARS),
+    }
+}
+
 /// A transport failure, described without the URL (a revocation URL may hold the token).
 fn transport_error(error: reqwest::Error) -> OAuthError {
     let error = error.without_url();
