@@ -295,14 +295,8 @@ mod tests {
     fn built_in_catalog_parses() {
         let connectors = parse_catalog(BUILT_IN_CATALOG).expect("catalog parses");
         assert!(connectors.iter().any(|c| c.key == "sandbox-adobe-sign"));
-        let adobe = connectors
-            .iter()
-            .find(|c| c.key == "sandbox-adobe-sign")
-            .unwrap();
+        let adobe = connectors.iter().find(|c| c.key == "sandbox-adobe-sign").unwrap();
         assert_eq!(adobe.refresh.keep_alive_seconds, Some(4_320_000));
-        assert_eq!(
-            adobe.oauth.base_url_from.as_deref(),
-            Some("api_access_point")
-        );
+        assert_eq!(adobe.oauth.base_url_from.as_deref(), Some("api_access_point"));
     }
 }
