@@ -47,9 +47,8 @@ impl Store {
         organization_id: i64,
         id: &str,
     ) -> Result<Option<EventRow>, StoreError> {
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE organization_id = $1 AND id = $2"
-        );
+        let sql =
+            format!("SELECT {EVENT_COLUMNS} FROM events WHERE organization_id = $1 AND id = $2");
         let row = sqlx::query_as::<_, EventRow>(sqlx::AssertSqlSafe(sql))
             .bind(organization_id)
             .bind(id)

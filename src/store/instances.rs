@@ -74,8 +74,9 @@ impl Store {
         organization_id: i64,
         id: i64,
     ) -> Result<Option<InstanceRow>, StoreError> {
-        let sql =
-            format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE id = $1 AND organization_id = $2");
+        let sql = format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE id = $1 AND organization_id = $2"
+        );
         let row = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
             .bind(id)
             .bind(organization_id)

@@ -315,12 +315,11 @@ impl Store {
         id: i64,
         webhook_secret_enc: &[u8],
     ) -> Result<bool, StoreError> {
-        let result =
-            sqlx::query("UPDATE organizations SET webhook_secret_enc = $1 WHERE id = $2")
-                .bind(webhook_secret_enc)
-                .bind(id)
-                .execute(&self.pool)
-                .await?;
+        let result = sqlx::query("UPDATE organizations SET webhook_secret_enc = $1 WHERE id = $2")
+            .bind(webhook_secret_enc)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(result.rows_affected() == 1)
     }
 

@@ -274,7 +274,10 @@ impl fmt::Debug for InstanceRow {
             .field("configuration", &self.configuration)
             .field("access_token_enc", &redacted_opt(&self.access_token_enc))
             .field("refresh_token_enc", &redacted_opt(&self.refresh_token_enc))
-            .field("token_response_enc", &redacted_opt(&self.token_response_enc))
+            .field(
+                "token_response_enc",
+                &redacted_opt(&self.token_response_enc),
+            )
             .field("client_secret_enc", &redacted_opt(&self.client_secret_enc))
             .field("state", &self.state)
             .field("state_reason", &self.state_reason)
@@ -325,7 +328,10 @@ impl fmt::Debug for TokenUpdate {
         f.debug_struct("TokenUpdate")
             .field("access_token_enc", &redacted_opt(&self.access_token_enc))
             .field("refresh_token_enc", &redacted_opt(&self.refresh_token_enc))
-            .field("token_response_enc", &redacted_opt(&self.token_response_enc))
+            .field(
+                "token_response_enc",
+                &redacted_opt(&self.token_response_enc),
+            )
             .field("access_expires_at", &self.access_expires_at)
             .field("refresh_expires_at", &self.refresh_expires_at)
             .field("last_refresh_at", &self.last_refresh_at)
@@ -469,7 +475,10 @@ impl fmt::Debug for EncryptedInstanceFields {
             .field("token_enc", &redacted(&self.token_enc))
             .field("access_token_enc", &redacted_opt(&self.access_token_enc))
             .field("refresh_token_enc", &redacted_opt(&self.refresh_token_enc))
-            .field("token_response_enc", &redacted_opt(&self.token_response_enc))
+            .field(
+                "token_response_enc",
+                &redacted_opt(&self.token_response_enc),
+            )
             .field("client_secret_enc", &redacted_opt(&self.client_secret_enc))
             .finish()
     }

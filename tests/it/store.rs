@@ -133,7 +133,13 @@ async fn organizations_and_users() {
             .expect(label);
         assert_eq!(user.organization_id, org);
         assert_eq!(user.name, "Acme admin");
-        assert!(store.find_user_by_secret_hash(b"nope").await.unwrap().is_none());
+        assert!(
+            store
+                .find_user_by_secret_hash(b"nope")
+                .await
+                .unwrap()
+                .is_none()
+        );
 
         let second = NewUser {
             id: random_id(),
@@ -142,24 +148,38 @@ async fn organizations_and_users() {
         };
         store.create_user(org, &second, NOW).await.unwrap();
         assert_eq!(
-            store.find_user_by_secret_hash(b"second-user").await.unwrap().unwrap().id,
+            store
+                .find_user_by_secret_hash(b"second-user")
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
             second.id
         );
         // The same secret hash twice is a conflict; an unknown organization is not found.
-        let duplicate = NewUser { id: random_id(), ..second.clone() };
-        assert!(matches!(
-            store.create_user(org, &duplicate, NOW).await,
-            Err(StoreError::Conflict(_))
-        ), "{label}");
+        let duplicate = NewUser {
+            id: random_id(),
+            ..second.clone()
+        };
+        assert!(
+            matches!(
+                store.create_user(org, &duplicate, NOW).await,
+                Err(StoreError::Conflict(_))
+            ),
+            "{label}"
+        );
         let orphan = NewUser {
             id: random_id(),
             name: "orphan".to_string(),
             secret_hash: bytes("orphan"),
         };
-        assert!(matches!(
-            store.create_user(random_id(), &orphan, NOW).await,
-            Err(StoreError::NotFound)
-        ), "{label}");
+        assert!(
+            matches!(
+                store.create_user(random_id(), &orphan, NOW).await,
+                Err(StoreError::NotFound)
+            ),
+            "{label}"
+        );
 
         // The organization and its first user are one transaction: a conflicting first user
         // leaves no organization behind.
@@ -181,9 +201,19 @@ async fn organizations_and_users() {
         assert!(matches!(result, Err(StoreError::Conflict(_))), "{label}");
         assert_eq!(store.get_organization(id).await.unwrap(), None, "{label}");
 
-        assert!(store.update_organization_webhook_secret(org, b"rotated").await.unwrap());
+        assert!(
+            store
+                .update_organization_webhook_secret(org, b"rotated")
+                .await
+                .unwrap()
+        );
         assert_eq!(
-            store.get_organization(org).await.unwrap().unwrap().webhook_secret_enc,
+            store
+                .get_organization(org)
+                .await
+                .unwrap()
+                .unwrap()
+                .webhook_secret_enc,
             bytes("rotated")
         );
         assert_eq!(store.list_organizations().await.unwrap().len(), 1);
@@ -198,29 +228,62 @@ async fn connectors_are_per_organization() {
         let label = &test.label;
         let org = organization(store, "A").await;
         let other = organization(store, "B").await;
-        store.insert_connector(org, "acme", r#"{"key":"acme"}"#, NOW).await.unwrap();
-        store.insert_connector(org, "beta", r#"{"key":"beta"}"#, NOW).await.unwrap();
-        assert!(matches!(
-            store.insert_connector(org, "acme", "{}", NOW).await,
-            Err(StoreError::Conflict(_))
-        ), "{label}");
+        store
+            .insert_connector(org, "acme", r#"{"key":"acme"}"#, NOW)
+            .await
+            .unwrap();
+        store
+            .insert_connector(org, "beta", r#"{"key":"beta"}"#, NOW)
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                store.insert_connector(org, "acme", "{}", NOW).await,
+                Err(StoreError::Conflict(_))
+            ),
+            "{label}"
+        );
         // Another organization may use the same key.
-        store.insert_connector(other, "acme", "{}", NOW).await.unwrap();
+        store
+            .insert_connector(other, "acme", "{}", NOW)
+            .await
+            .unwrap();
 
-        let keys: Vec<String> =
-            store.list_connectors(org).await.unwrap().into_iter().map(|c| c.key).collect();
+        let keys: Vec<String> = store
+            .list_connectors(org)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.key)
+            .collect();
         assert_eq!(keys, ["acme", "beta"]);
         let acme = store.get_connector(org, "acme").await.unwrap().unwrap();
         assert_eq!(acme.definition, r#"{"key":"acme"}"#);
         assert!(store.get_connector(org, "nope").await.unwrap().is_none());
 
-        assert!(store.update_connector(org, "acme", r#"{"v":2}"#, NOW + 1).await.unwrap());
+        assert!(
+            store
+                .update_connector(org, "acme", r#"{"v":2}"#, NOW + 1)
+                .await
+                .unwrap()
+        );
         let updated = store.get_connector(org, "acme").await.unwrap().unwrap();
-        assert_eq!((updated.definition.as_str(), updated.updated_at), (r#"{"v":2}"#, NOW + 1));
+        assert_eq!(
+            (updated.definition.as_str(), updated.updated_at),
+            (r#"{"v":2}"#, NOW + 1)
+        );
 
         assert!(store.delete_connector(org, "acme").await.unwrap());
         assert!(!store.delete_connector(org, "acme").await.unwrap());
-        assert_eq!(store.get_connector(other, "acme").await.unwrap().unwrap().definition, "{}");
+        assert_eq!(
+            store
+                .get_connector(other, "acme")
+                .await
+                .unwrap()
+                .unwrap()
+                .definition,
+            "{}"
+        );
         test.cleanup().await;
     }
 }
@@ -241,18 +304,34 @@ async fn oauth_states_are_single_use() {
             scope: None,
             expires_at,
         };
-        store.insert_oauth_state(&state("s1", NOW + 600_000)).await.unwrap();
-        assert!(matches!(
-            store.insert_oauth_state(&state("s1", NOW)).await,
-            Err(StoreError::Conflict(_))
-        ), "{label}");
-        let taken = store.take_oauth_state(b"s1", NOW).await.unwrap().expect(label);
+        store
+            .insert_oauth_state(&state("s1", NOW + 600_000))
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                store.insert_oauth_state(&state("s1", NOW)).await,
+                Err(StoreError::Conflict(_))
+            ),
+            "{label}"
+        );
+        let taken = store
+            .take_oauth_state(b"s1", NOW)
+            .await
+            .unwrap()
+            .expect(label);
         assert_eq!(taken, state("s1", NOW + 600_000));
         assert!(store.take_oauth_state(b"s1", NOW).await.unwrap().is_none());
 
         // An expired state cannot be taken, and the purge removes it.
-        store.insert_oauth_state(&state("old", NOW - 1)).await.unwrap();
-        store.insert_oauth_state(&state("fresh", NOW + 1_000)).await.unwrap();
+        store
+            .insert_oauth_state(&state("old", NOW - 1))
+            .await
+            .unwrap();
+        store
+            .insert_oauth_state(&state("fresh", NOW + 1_000))
+            .await
+            .unwrap();
         assert!(store.take_oauth_state(b"old", NOW).await.unwrap().is_none());
         assert_eq!(store.purge_expired_oauth_states(NOW).await.unwrap(), 1);
 
@@ -290,53 +369,111 @@ async fn instances_crud_and_isolation() {
         second.tags = r#"["prod"]"#.to_string();
         second.created_at = NOW + 1;
         store.insert_instance(&second).await.unwrap();
-        store.insert_instance(&instance(other, "theirs")).await.unwrap();
+        store
+            .insert_instance(&instance(other, "theirs"))
+            .await
+            .unwrap();
 
-        assert_eq!(store.get_instance(org, first.id).await.unwrap().as_ref(), Some(&first));
+        assert_eq!(
+            store.get_instance(org, first.id).await.unwrap().as_ref(),
+            Some(&first)
+        );
         // Another organization's id is simply not found, for reads and writes.
-        assert_eq!(store.get_instance(other, first.id).await.unwrap(), None, "{label}");
+        assert_eq!(
+            store.get_instance(other, first.id).await.unwrap(),
+            None,
+            "{label}"
+        );
         assert!(!store.set_disabled(other, first.id, true).await.unwrap());
         assert!(!store.delete_instance(other, first.id, None).await.unwrap());
-        assert!(store
-            .update_instance_metadata(other, first.id, "x", "[]", "{}", None)
-            .await
-            .unwrap()
-            .is_none());
-        assert!(store
-            .reauthenticate(other, first.id, &Reauthentication::default(), None)
-            .await
-            .unwrap()
-            .is_none());
-        assert_eq!(store.get_instance_by_id(first.id).await.unwrap().unwrap().name, "first");
+        assert!(
+            store
+                .update_instance_metadata(other, first.id, "x", "[]", "{}", None)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            store
+                .reauthenticate(other, first.id, &Reauthentication::default(), None)
+                .await
+                .unwrap()
+                .is_none()
+        );
         assert_eq!(
-            store.find_instance_by_token_hash(&first.token_hash).await.unwrap().unwrap().id,
+            store
+                .get_instance_by_id(first.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .name,
+            "first"
+        );
+        assert_eq!(
+            store
+                .find_instance_by_token_hash(&first.token_hash)
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
             first.id
         );
-        assert!(store.find_instance_by_token_hash(b"nope").await.unwrap().is_none());
+        assert!(
+            store
+                .find_instance_by_token_hash(b"nope")
+                .await
+                .unwrap()
+                .is_none()
+        );
 
         // Duplicate ids or Element token hashes are conflicts; an unknown organization is not
         // found.
         let mut clash = instance(org, "clash");
         clash.token_hash = first.token_hash.clone();
-        assert!(matches!(store.insert_instance(&clash).await, Err(StoreError::Conflict(_))));
+        assert!(matches!(
+            store.insert_instance(&clash).await,
+            Err(StoreError::Conflict(_))
+        ));
         let mut clash = instance(org, "clash");
         clash.id = first.id;
-        assert!(matches!(store.insert_instance(&clash).await, Err(StoreError::Conflict(_))));
         assert!(matches!(
-            store.insert_instance(&instance(random_id(), "orphan")).await,
+            store.insert_instance(&clash).await,
+            Err(StoreError::Conflict(_))
+        ));
+        assert!(matches!(
+            store
+                .insert_instance(&instance(random_id(), "orphan"))
+                .await,
             Err(StoreError::NotFound)
         ));
 
         let names = |rows: Vec<InstanceRow>| rows.into_iter().map(|r| r.name).collect::<Vec<_>>();
-        assert_eq!(names(store.list_instances(org, &[]).await.unwrap()), ["first", "second"]);
-        let tags = |list: &[&str]| list.iter().map(|t| t.to_string()).collect::<Vec<_>>();
-        assert_eq!(names(store.list_instances(org, &tags(&["eu"])).await.unwrap()), ["first"]);
         assert_eq!(
-            names(store.list_instances(org, &tags(&["eu", "prod"])).await.unwrap()),
+            names(store.list_instances(org, &[]).await.unwrap()),
+            ["first", "second"]
+        );
+        let tags = |list: &[&str]| list.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            names(store.list_instances(org, &tags(&["eu"])).await.unwrap()),
+            ["first"]
+        );
+        assert_eq!(
+            names(
+                store
+                    .list_instances(org, &tags(&["eu", "prod"]))
+                    .await
+                    .unwrap()
+            ),
             ["first", "second"],
             "tags match ANY"
         );
-        assert!(store.list_instances(org, &tags(&["none"])).await.unwrap().is_empty());
+        assert!(
+            store
+                .list_instances(org, &tags(&["none"]))
+                .await
+                .unwrap()
+                .is_empty()
+        );
 
         // Metadata: None keeps the client secret, Some(None) removes it.
         let updated = store
@@ -345,12 +482,19 @@ async fn instances_crud_and_isolation() {
             .unwrap()
             .unwrap();
         assert_eq!(
-            (updated.name.as_str(), updated.tags.as_str(), updated.configuration.as_str()),
+            (
+                updated.name.as_str(),
+                updated.tags.as_str(),
+                updated.configuration.as_str()
+            ),
             ("renamed", r#"["x"]"#, r#"{"k":"v"}"#)
         );
         assert_eq!(updated.client_secret_enc, Some(bytes("client-secret")));
         assert_eq!(updated.tag_list(), ["x"]);
-        assert_eq!(updated.token_version, first.token_version, "metadata is not a token change");
+        assert_eq!(
+            updated.token_version, first.token_version,
+            "metadata is not a token change"
+        );
         let updated = store
             .update_instance_metadata(org, first.id, "renamed", "[]", "{}", Some(None))
             .await
@@ -365,15 +509,38 @@ async fn instances_crud_and_isolation() {
         assert_eq!(updated.client_secret_enc, Some(bytes("new")));
 
         assert!(store.set_disabled(org, first.id, true).await.unwrap());
-        assert!(store.get_instance(org, first.id).await.unwrap().unwrap().is_disabled());
+        assert!(
+            store
+                .get_instance(org, first.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .is_disabled()
+        );
         assert!(store.set_disabled(org, first.id, false).await.unwrap());
-        assert!(!store.get_instance(org, first.id).await.unwrap().unwrap().is_disabled());
+        assert!(
+            !store
+                .get_instance(org, first.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .is_disabled()
+        );
 
         let deleted = event(org, first.id, "instance.deleted", NOW);
-        assert!(store.delete_instance(org, first.id, Some(&deleted)).await.unwrap());
+        assert!(
+            store
+                .delete_instance(org, first.id, Some(&deleted))
+                .await
+                .unwrap()
+        );
         assert!(store.get_instance(org, first.id).await.unwrap().is_none());
         assert!(!store.delete_instance(org, first.id, None).await.unwrap());
-        assert_eq!(events_of(store, org, first.id).await, ["instance.deleted"], "{label}");
+        assert_eq!(
+            events_of(store, org, first.id).await,
+            ["instance.deleted"],
+            "{label}"
+        );
         test.cleanup().await;
     }
 }
@@ -396,24 +563,43 @@ async fn refresh_lease() {
         assert_eq!(taken.refresh_lease_owner.as_deref(), Some("replica-a"));
         assert_eq!(taken.refresh_lease_until, Some(NOW + 30_000));
         assert_eq!(taken.refresh_in_flight_since, Some(NOW));
-        assert_eq!(taken.next_due_at, Some(NOW + 30_000), "a leased row is not due before its end");
+        assert_eq!(
+            taken.next_due_at,
+            Some(NOW + 30_000),
+            "a leased row is not due before its end"
+        );
         assert_eq!(taken.refresh_token_enc, Some(bytes("refresh-1")));
 
         // A second taker fails while the lease runs, also at its very end.
-        assert!(store
-            .try_acquire_refresh_lease(row.id, "replica-b", NOW + 1_000, NOW + 31_000)
-            .await
-            .unwrap()
-            .is_none());
-        assert!(store
-            .try_acquire_refresh_lease(row.id, "replica-b", NOW + 30_000, NOW + 60_000)
-            .await
-            .unwrap()
-            .is_none());
+        assert!(
+            store
+                .try_acquire_refresh_lease(row.id, "replica-b", NOW + 1_000, NOW + 31_000)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            store
+                .try_acquire_refresh_lease(row.id, "replica-b", NOW + 30_000, NOW + 60_000)
+                .await
+                .unwrap()
+                .is_none()
+        );
         // A non-owner cannot release it.
-        assert!(!store.release_refresh_lease(row.id, "replica-b").await.unwrap());
+        assert!(
+            !store
+                .release_refresh_lease(row.id, "replica-b")
+                .await
+                .unwrap()
+        );
         assert_eq!(
-            store.get_instance_by_id(row.id).await.unwrap().unwrap().refresh_lease_owner.as_deref(),
+            store
+                .get_instance_by_id(row.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .refresh_lease_owner
+                .as_deref(),
             Some("replica-a")
         );
         // An expired lease can be taken.
@@ -424,19 +610,31 @@ async fn refresh_lease() {
             .expect(label);
         assert_eq!(stolen.refresh_lease_owner.as_deref(), Some("replica-b"));
         // The former owner's release does nothing; the owner's clears lease and in-flight.
-        assert!(!store.release_refresh_lease(row.id, "replica-a").await.unwrap());
-        assert!(store.release_refresh_lease(row.id, "replica-b").await.unwrap());
+        assert!(
+            !store
+                .release_refresh_lease(row.id, "replica-a")
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .release_refresh_lease(row.id, "replica-b")
+                .await
+                .unwrap()
+        );
         let released = store.get_instance_by_id(row.id).await.unwrap().unwrap();
         assert_eq!(
             (released.refresh_lease_owner, released.refresh_lease_until),
             (None, None)
         );
         assert_eq!(released.refresh_in_flight_since, None);
-        assert!(store
-            .try_acquire_refresh_lease(random_id(), "x", NOW, NOW + 1)
-            .await
-            .unwrap()
-            .is_none());
+        assert!(
+            store
+                .try_acquire_refresh_lease(random_id(), "x", NOW, NOW + 1)
+                .await
+                .unwrap()
+                .is_none()
+        );
         test.cleanup().await;
     }
 }
@@ -471,22 +669,49 @@ async fn token_commit_is_compare_and_swap_with_its_event() {
             configuration_json: Some(r#"{"base.url":"https://eu.example"}"#.to_string()),
         };
         let refreshed = event(org, row.id, "instance.token.refreshed", NOW);
-        assert!(store
-            .commit_refreshed_tokens(row.id, "me", leased.token_version, &update, Some(&refreshed))
-            .await
-            .unwrap());
+        assert!(
+            store
+                .commit_refreshed_tokens(
+                    row.id,
+                    "me",
+                    leased.token_version,
+                    &update,
+                    Some(&refreshed)
+                )
+                .await
+                .unwrap()
+        );
         let after = store.get_instance(org, row.id).await.unwrap().unwrap();
         assert_eq!(after.token_version, leased.token_version + 1);
         assert_eq!(after.access_token_enc, Some(bytes("access-2")));
-        assert_eq!(after.refresh_token_enc, Some(bytes("refresh-1")), "not rotated: kept");
+        assert_eq!(
+            after.refresh_token_enc,
+            Some(bytes("refresh-1")),
+            "not rotated: kept"
+        );
         assert_eq!(after.token_response_enc, Some(bytes("response-2")));
         assert_eq!(after.configuration, r#"{"base.url":"https://eu.example"}"#);
-        assert_eq!((after.next_due_at, after.last_refresh_at), (Some(NOW + 3_000_000), Some(NOW)));
-        assert_eq!((after.refresh_lease_owner.clone(), after.refresh_in_flight_since), (None, None));
+        assert_eq!(
+            (after.next_due_at, after.last_refresh_at),
+            (Some(NOW + 3_000_000), Some(NOW))
+        );
+        assert_eq!(
+            (
+                after.refresh_lease_owner.clone(),
+                after.refresh_in_flight_since
+            ),
+            (None, None)
+        );
         assert_eq!((after.failing_since, after.failure_count), (None, 0));
-        assert_eq!((after.backoff_until, after.last_failure.clone()), (None, None));
+        assert_eq!(
+            (after.backoff_until, after.last_failure.clone()),
+            (None, None)
+        );
         assert!(after.is_valid());
-        assert_eq!(events_of(store, org, row.id).await, ["instance.token.refreshed"]);
+        assert_eq!(
+            events_of(store, org, row.id).await,
+            ["instance.token.refreshed"]
+        );
 
         // A stale version loses, and its event is not written.
         let stale = event(org, row.id, "instance.token.refreshed", NOW + 1);
@@ -494,39 +719,62 @@ async fn token_commit_is_compare_and_swap_with_its_event() {
             refresh_token_enc: Some(bytes("refresh-3")),
             ..update.clone()
         };
-        assert!(!store
-            .commit_refreshed_tokens(row.id, "me", leased.token_version, &rotated, Some(&stale))
-            .await
-            .unwrap(), "{label}");
+        assert!(
+            !store
+                .commit_refreshed_tokens(row.id, "me", leased.token_version, &rotated, Some(&stale))
+                .await
+                .unwrap(),
+            "{label}"
+        );
         assert_eq!(events_of(store, org, row.id).await.len(), 1, "{label}");
         // The current version wins and stores the rotated refresh token.
-        assert!(store
-            .commit_refreshed_tokens(row.id, "me", after.token_version, &rotated, None)
-            .await
-            .unwrap());
+        assert!(
+            store
+                .commit_refreshed_tokens(row.id, "me", after.token_version, &rotated, None)
+                .await
+                .unwrap()
+        );
         let rotated_row = store.get_instance(org, row.id).await.unwrap().unwrap();
         assert_eq!(rotated_row.refresh_token_enc, Some(bytes("refresh-3")));
 
         // The event is in the same transaction: when it cannot be written (its id is taken),
         // the token update is rolled back too.
-        let duplicate = NewEvent { occurred_at: NOW + 2, ..refreshed.clone() };
+        let duplicate = NewEvent {
+            occurred_at: NOW + 2,
+            ..refreshed.clone()
+        };
         let result = store
             .commit_refreshed_tokens(
                 row.id,
                 "me",
                 rotated_row.token_version,
-                &TokenUpdate { access_token_enc: Some(bytes("lost")), ..update.clone() },
+                &TokenUpdate {
+                    access_token_enc: Some(bytes("lost")),
+                    ..update.clone()
+                },
                 Some(&duplicate),
             )
             .await;
-        assert!(matches!(result, Err(StoreError::Conflict(_))), "{label}: {result:?}");
+        assert!(
+            matches!(result, Err(StoreError::Conflict(_))),
+            "{label}: {result:?}"
+        );
         let unchanged = store.get_instance(org, row.id).await.unwrap().unwrap();
-        assert_eq!(unchanged.token_version, rotated_row.token_version, "{label}");
-        assert_eq!(unchanged.access_token_enc, Some(bytes("access-2")), "{label}");
-        assert!(!store
-            .commit_refreshed_tokens(random_id(), "me", 0, &update, None)
-            .await
-            .unwrap());
+        assert_eq!(
+            unchanged.token_version, rotated_row.token_version,
+            "{label}"
+        );
+        assert_eq!(
+            unchanged.access_token_enc,
+            Some(bytes("access-2")),
+            "{label}"
+        );
+        assert!(
+            !store
+                .commit_refreshed_tokens(random_id(), "me", 0, &update, None)
+                .await
+                .unwrap()
+        );
         test.cleanup().await;
     }
 }
@@ -544,16 +792,38 @@ async fn failures_invalidation_and_reauthentication() {
 
         // Transient failures: the instance stays valid, failing_since stays at the first one,
         // the schedule waits for the backoff, the owner's lease is released.
-        store.try_acquire_refresh_lease(row.id, "me", NOW, NOW + 1_000).await.unwrap().unwrap();
-        assert!(store
-            .record_transient_failure(row.id, "me", NOW, "token endpoint 503", NOW + 60_000, None)
+        store
+            .try_acquire_refresh_lease(row.id, "me", NOW, NOW + 1_000)
             .await
-            .unwrap());
+            .unwrap()
+            .unwrap();
+        assert!(
+            store
+                .record_transient_failure(
+                    row.id,
+                    "me",
+                    NOW,
+                    "token endpoint 503",
+                    NOW + 60_000,
+                    None
+                )
+                .await
+                .unwrap()
+        );
         let failing_event = event(org, row.id, "instance.refresh.failing", NOW + 10);
-        assert!(store
-            .record_transient_failure(row.id, "me", NOW + 10, "timeout", NOW + 120_000, Some(&failing_event))
-            .await
-            .unwrap());
+        assert!(
+            store
+                .record_transient_failure(
+                    row.id,
+                    "me",
+                    NOW + 10,
+                    "timeout",
+                    NOW + 120_000,
+                    Some(&failing_event)
+                )
+                .await
+                .unwrap()
+        );
         let failing = store.get_instance(org, row.id).await.unwrap().unwrap();
         assert!(failing.is_valid(), "{label}");
         assert_eq!(failing.failing_since, Some(NOW));
@@ -562,24 +832,55 @@ async fn failures_invalidation_and_reauthentication() {
         assert_eq!(failing.backoff_until, Some(NOW + 120_000));
         assert_eq!(failing.next_due_at, Some(NOW + 120_000));
         assert_eq!(failing.refresh_lease_owner, None);
-        assert_eq!(events_of(store, org, row.id).await, ["instance.refresh.failing"]);
+        assert_eq!(
+            events_of(store, org, row.id).await,
+            ["instance.refresh.failing"]
+        );
         // In backoff, the row is not claimed.
-        assert!(store.claim_due_instances(NOW + 60_000, 10, "s", NOW + 90_000).await.unwrap().is_empty());
+        assert!(
+            store
+                .claim_due_instances(NOW + 60_000, 10, "s", NOW + 90_000)
+                .await
+                .unwrap()
+                .is_empty()
+        );
 
         // Invalid: reason and provider message kept, lease and schedule cleared, event written.
-        store.try_acquire_refresh_lease(row.id, "me", NOW + 200_000, NOW + 230_000).await.unwrap().unwrap();
-        let invalidated = event(org, row.id, "instance.invalidated", NOW + 200_000);
-        assert!(store
-            .mark_invalid(row.id, "invalid_grant", Some("invalid_grant: revoked"), Some(&invalidated))
+        store
+            .try_acquire_refresh_lease(row.id, "me", NOW + 200_000, NOW + 230_000)
             .await
-            .unwrap());
+            .unwrap()
+            .unwrap();
+        let invalidated = event(org, row.id, "instance.invalidated", NOW + 200_000);
+        assert!(
+            store
+                .mark_invalid(
+                    row.id,
+                    "invalid_grant",
+                    Some("invalid_grant: revoked"),
+                    Some(&invalidated)
+                )
+                .await
+                .unwrap()
+        );
         let invalid = store.get_instance(org, row.id).await.unwrap().unwrap();
         assert_eq!(invalid.instance_state(), InstanceState::Invalid);
         assert_eq!(invalid.state_reason.as_deref(), Some("invalid_grant"));
-        assert_eq!(invalid.provider_message.as_deref(), Some("invalid_grant: revoked"));
-        assert_eq!((invalid.next_due_at, invalid.refresh_lease_owner.clone()), (None, None));
+        assert_eq!(
+            invalid.provider_message.as_deref(),
+            Some("invalid_grant: revoked")
+        );
+        assert_eq!(
+            (invalid.next_due_at, invalid.refresh_lease_owner.clone()),
+            (None, None)
+        );
         assert_eq!(invalid.refresh_in_flight_since, None);
-        assert!(!store.mark_invalid(random_id(), "x", None, None).await.unwrap());
+        assert!(
+            !store
+                .mark_invalid(random_id(), "x", None, None)
+                .await
+                .unwrap()
+        );
 
         // Re-authentication: valid again, same id, token, name and tags; new tokens as given.
         let reauth = Reauthentication {
@@ -599,17 +900,34 @@ async fn failures_invalidation_and_reauthentication() {
             .unwrap()
             .unwrap();
         assert!(valid.is_valid(), "{label}");
-        assert_eq!((valid.state_reason.clone(), valid.provider_message.clone()), (None, None));
-        assert_eq!((valid.failing_since, valid.failure_count, valid.backoff_until), (None, 0, None));
+        assert_eq!(
+            (valid.state_reason.clone(), valid.provider_message.clone()),
+            (None, None)
+        );
+        assert_eq!(
+            (
+                valid.failing_since,
+                valid.failure_count,
+                valid.backoff_until
+            ),
+            (None, 0, None)
+        );
         assert_eq!(valid.token_version, invalid.token_version + 1);
-        assert_eq!((valid.id, &valid.token_enc, &valid.name), (row.id, &row.token_enc, &row.name));
+        assert_eq!(
+            (valid.id, &valid.token_enc, &valid.name),
+            (row.id, &row.token_enc, &row.name)
+        );
         assert_eq!(valid.tags, row.tags);
         assert_eq!(valid.refresh_token_enc, Some(bytes("refresh-new")));
         assert_eq!(valid.client_secret_enc, Some(bytes("secret-new")));
         assert_eq!(valid.verification.as_deref(), Some(r#"{"ok":true}"#));
         assert_eq!(
             events_of(store, org, row.id).await,
-            ["instance.reauthenticated", "instance.invalidated", "instance.refresh.failing"]
+            [
+                "instance.reauthenticated",
+                "instance.invalidated",
+                "instance.refresh.failing"
+            ]
         );
 
         // Replacing tokens (import, blanking) writes them as given and bumps the version.
@@ -618,14 +936,23 @@ async fn failures_invalidation_and_reauthentication() {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!((&blanked.access_token_enc, &blanked.refresh_token_enc), (&None, &None));
+        assert_eq!(
+            (&blanked.access_token_enc, &blanked.refresh_token_enc),
+            (&None, &None)
+        );
         assert_eq!(blanked.token_version, valid.token_version + 1);
         assert!(blanked.is_valid());
-        assert!(store
-            .replace_tokens(organization(store, "B").await, row.id, &TokenUpdate::default())
-            .await
-            .unwrap()
-            .is_none());
+        assert!(
+            store
+                .replace_tokens(
+                    organization(store, "B").await,
+                    row.id,
+                    &TokenUpdate::default()
+                )
+                .await
+                .unwrap()
+                .is_none()
+        );
         test.cleanup().await;
     }
 }
@@ -658,24 +985,62 @@ async fn schedule_due_instances_and_in_flight() {
         }
         // The leased row counts for the schedule (its lease may be abandoned); the invalid and
         // disabled ones do not.
-        assert_eq!(store.next_due_time().await.unwrap(), Some(NOW - 100), "{label}");
+        assert_eq!(
+            store.next_due_time().await.unwrap(),
+            Some(NOW - 100),
+            "{label}"
+        );
 
-        let claimed = store.claim_due_instances(NOW, 10, "me", NOW + 30_000).await.unwrap();
-        assert_eq!(claimed.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["due"]);
+        let claimed = store
+            .claim_due_instances(NOW, 10, "me", NOW + 30_000)
+            .await
+            .unwrap();
+        assert_eq!(
+            claimed.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+            ["due"]
+        );
         assert_eq!(claimed[0].refresh_lease_owner.as_deref(), Some("me"));
         assert_eq!(claimed[0].refresh_in_flight_since, Some(NOW));
         assert_eq!(claimed[0].next_due_at, Some(NOW + 30_000));
-        assert!(store.claim_due_instances(NOW, 10, "me", NOW + 30_000).await.unwrap().is_empty());
+        assert!(
+            store
+                .claim_due_instances(NOW, 10, "me", NOW + 30_000)
+                .await
+                .unwrap()
+                .is_empty()
+        );
 
         // After the other lease runs out, its row is claimable.
-        let claimed = store.claim_due_instances(NOW + 5_001, 10, "me", NOW + 35_000).await.unwrap();
-        assert_eq!(claimed.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["leased"]);
+        let claimed = store
+            .claim_due_instances(NOW + 5_001, 10, "me", NOW + 35_000)
+            .await
+            .unwrap();
+        assert_eq!(
+            claimed.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+            ["leased"]
+        );
         assert_eq!(store.next_due_time().await.unwrap(), Some(NOW + 30_000));
 
         // Crash recovery: refreshes that started before a point and never finished.
-        let in_flight = store.instances_with_refresh_in_flight(NOW + 1).await.unwrap();
-        assert_eq!(in_flight.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["due"]);
-        assert_eq!(store.instances_with_refresh_in_flight(NOW + 5_002).await.unwrap().len(), 2);
+        let in_flight = store
+            .instances_with_refresh_in_flight(NOW + 1)
+            .await
+            .unwrap();
+        assert_eq!(
+            in_flight
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>(),
+            ["due"]
+        );
+        assert_eq!(
+            store
+                .instances_with_refresh_in_flight(NOW + 5_002)
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
         test.cleanup().await;
     }
 }
@@ -686,45 +1051,57 @@ async fn concurrent_claimers_never_share_a_row() {
         let store = &test.store;
         let label = test.label.clone();
         let org = organization(store, "A").await;
-        let mut ids = HashSet::new();
-        for index in 0..200 {
-            let mut row = instance(org, &format!("i{index}"));
-            row.next_due_at = Some(NOW - index);
-            ids.insert(row.id);
-            store.insert_instance(&row).await.unwrap();
-        }
-        let mut claimers = Vec::new();
-        for claimer in 0..4 {
-            let store = store.clone();
-            claimers.push(tokio::spawn(async move {
-                let owner = format!("claimer-{claimer}");
-                let mut mine = Vec::new();
-                loop {
-                    let batch =
-                        store.claim_due_instances(NOW, 7, &owner, NOW + 60_000).await.unwrap();
-                    if batch.is_empty() {
-                        break;
+        // Several rounds make an overlap of the claimers all but certain; claimed rows keep
+        // their lease past every later round, so each round claims only its own rows.
+        for round in 0..4_i64 {
+            let now = NOW + round * 1_000_000;
+            let mut ids = HashSet::new();
+            for index in 0..200 {
+                let mut row = instance(org, &format!("r{round}-i{index}"));
+                row.next_due_at = Some(now - index);
+                ids.insert(row.id);
+                store.insert_instance(&row).await.unwrap();
+            }
+            // The claimers start together and take overlapping batches, so that without row
+            // locking they would pick the same candidates.
+            let start = std::sync::Arc::new(tokio::sync::Barrier::new(4));
+            let mut claimers = Vec::new();
+            for claimer in 0..4 {
+                let store = store.clone();
+                let start = start.clone();
+                claimers.push(tokio::spawn(async move {
+                    let owner = format!("claimer-{claimer}");
+                    let mut mine = Vec::new();
+                    start.wait().await;
+                    loop {
+                        let batch = store
+                            .claim_due_instances(now, 25, &owner, NOW * 2)
+                            .await
+                            .unwrap();
+                        if batch.is_empty() {
+                            break;
+                        }
+                        for row in batch {
+                            assert_eq!(row.refresh_lease_owner.as_deref(), Some(owner.as_str()));
+                            mine.push(row.id);
+                        }
+                        tokio::task::yield_now().await;
                     }
-                    for row in batch {
-                        assert_eq!(row.refresh_lease_owner.as_deref(), Some(owner.as_str()));
-                        mine.push(row.id);
-                    }
-                    tokio::task::yield_now().await;
-                }
-                mine
-            }));
+                    mine
+                }));
+            }
+            let mut all = Vec::new();
+            for claimer in claimers {
+                all.extend(claimer.await.unwrap());
+            }
+            let unique: HashSet<i64> = all.iter().copied().collect();
+            assert_eq!(
+                all.len(),
+                200,
+                "{label}, round {round}: no row claimed twice"
+            );
+            assert_eq!(unique, ids, "{label}, round {round}: every row claimed");
         }
-        let mut all = Vec::new();
-        let mut busy_claimers = 0;
-        for claimer in claimers {
-            let mine = claimer.await.unwrap();
-            busy_claimers += usize::from(!mine.is_empty());
-            all.extend(mine);
-        }
-        let unique: HashSet<i64> = all.iter().copied().collect();
-        assert_eq!(all.len(), 200, "{label}: no row claimed twice");
-        assert_eq!(unique, ids, "{label}: every row claimed");
-        assert!(busy_claimers >= 1);
         test.cleanup().await;
     }
 }
@@ -746,14 +1123,26 @@ async fn events_listing_and_delivery() {
             store.insert_event(&new).await.unwrap();
             inserted.push(new);
         }
-        store.insert_event(&event(other, 1, "instance.deleted", NOW)).await.unwrap();
-        assert!(matches!(
-            store.insert_event(&inserted[0]).await,
-            Err(StoreError::Conflict(_))
-        ), "{label}");
+        store
+            .insert_event(&event(other, 1, "instance.deleted", NOW))
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                store.insert_event(&inserted[0]).await,
+                Err(StoreError::Conflict(_))
+            ),
+            "{label}"
+        );
 
         let all = store
-            .list_events(org, &EventFilter { limit: 100, ..EventFilter::default() })
+            .list_events(
+                org,
+                &EventFilter {
+                    limit: 100,
+                    ..EventFilter::default()
+                },
+            )
             .await
             .unwrap();
         assert_eq!(all.len(), 5, "{label}: only this organization's");
@@ -762,7 +1151,14 @@ async fn events_listing_and_delivery() {
         assert_eq!(all[0].payload, inserted[4].payload);
 
         let of_instance = store
-            .list_events(org, &EventFilter { instance_id: Some(1), limit: 100, ..Default::default() })
+            .list_events(
+                org,
+                &EventFilter {
+                    instance_id: Some(1),
+                    limit: 100,
+                    ..Default::default()
+                },
+            )
             .await
             .unwrap();
         assert_eq!(of_instance.len(), 3);
@@ -784,11 +1180,21 @@ async fn events_listing_and_delivery() {
         let mut before = None;
         loop {
             let page = store
-                .list_events(org, &EventFilter { limit: 2, before: before.clone(), ..Default::default() })
+                .list_events(
+                    org,
+                    &EventFilter {
+                        limit: 2,
+                        before: before.clone(),
+                        ..Default::default()
+                    },
+                )
                 .await
                 .unwrap();
             let Some(last) = page.last() else { break };
-            before = Some(EventCursor { occurred_at: last.occurred_at, id: last.id.clone() });
+            before = Some(EventCursor {
+                occurred_at: last.occurred_at,
+                id: last.id.clone(),
+            });
             seen.extend(page.into_iter().map(|e| e.id));
         }
         assert_eq!(seen, all.iter().map(|e| e.id.clone()).collect::<Vec<_>>());
@@ -804,30 +1210,87 @@ async fn events_listing_and_delivery() {
         future.next_attempt_at = Some(NOW + 10_000);
         store.insert_event(&future).await.unwrap();
 
-        let claimed = store.claim_pending_deliveries(NOW, 10, NOW + 30_000).await.unwrap();
-        assert_eq!(claimed.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), [pending.id.clone()]);
-        assert_eq!((claimed[0].attempts, claimed[0].next_attempt_at), (1, Some(NOW + 30_000)));
-        assert!(store.claim_pending_deliveries(NOW, 10, NOW + 30_000).await.unwrap().is_empty());
-
-        assert!(store
-            .mark_delivery(&pending.id, DeliveryOutcome::RetryAt(NOW + 1), Some("HTTP 500"))
+        let claimed = store
+            .claim_pending_deliveries(NOW, 10, NOW + 30_000)
             .await
-            .unwrap());
-        let retried = store.claim_pending_deliveries(NOW + 1, 10, NOW + 30_000).await.unwrap();
+            .unwrap();
+        assert_eq!(
+            claimed.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+            [pending.id.clone()]
+        );
+        assert_eq!(
+            (claimed[0].attempts, claimed[0].next_attempt_at),
+            (1, Some(NOW + 30_000))
+        );
+        assert!(
+            store
+                .claim_pending_deliveries(NOW, 10, NOW + 30_000)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        assert!(
+            store
+                .mark_delivery(
+                    &pending.id,
+                    DeliveryOutcome::RetryAt(NOW + 1),
+                    Some("HTTP 500")
+                )
+                .await
+                .unwrap()
+        );
+        let retried = store
+            .claim_pending_deliveries(NOW + 1, 10, NOW + 30_000)
+            .await
+            .unwrap();
         assert_eq!(retried.len(), 1);
         assert_eq!(retried[0].attempts, 2);
         assert_eq!(retried[0].last_error.as_deref(), Some("HTTP 500"));
-        assert!(store
-            .mark_delivery(&pending.id, DeliveryOutcome::Delivered { at: NOW + 2 }, None)
-            .await
-            .unwrap());
+        assert!(
+            store
+                .mark_delivery(
+                    &pending.id,
+                    DeliveryOutcome::Delivered { at: NOW + 2 },
+                    None
+                )
+                .await
+                .unwrap()
+        );
         let delivered = store.get_event(org, &pending.id).await.unwrap().unwrap();
         assert_eq!(delivered.delivery_state, "delivered");
-        assert_eq!((delivered.delivered_at, delivered.last_error), (Some(NOW + 2), None));
-        assert!(store.mark_delivery(&future.id, DeliveryOutcome::Failed, Some("gave up")).await.unwrap());
-        assert_eq!(store.get_event(org, &future.id).await.unwrap().unwrap().delivery_state, "failed");
-        assert!(store.claim_pending_deliveries(NOW + 100_000, 10, NOW).await.unwrap().is_empty());
-        assert!(!store.mark_delivery("nope", DeliveryOutcome::Failed, None).await.unwrap());
+        assert_eq!(
+            (delivered.delivered_at, delivered.last_error),
+            (Some(NOW + 2), None)
+        );
+        assert!(
+            store
+                .mark_delivery(&future.id, DeliveryOutcome::Failed, Some("gave up"))
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            store
+                .get_event(org, &future.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .delivery_state,
+            "failed"
+        );
+        assert!(
+            store
+                .claim_pending_deliveries(NOW + 100_000, 10, NOW)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            !store
+                .mark_delivery("nope", DeliveryOutcome::Failed, None)
+                .await
+                .unwrap()
+        );
         test.cleanup().await;
     }
 }
@@ -868,11 +1331,17 @@ async fn audit_log() {
             .await
             .unwrap();
         let page = store.list_audit(org, 2, None).await.unwrap();
-        assert_eq!(page.iter().map(|a| a.action.as_str()).collect::<Vec<_>>(), ["action-2", "action-1"]);
+        assert_eq!(
+            page.iter().map(|a| a.action.as_str()).collect::<Vec<_>>(),
+            ["action-2", "action-1"]
+        );
         assert_eq!(page[0].id, ids[2]);
         assert_eq!(page[0].target.as_deref(), Some("instance/2"));
         let rest = store.list_audit(org, 2, Some(page[1].id)).await.unwrap();
-        assert_eq!(rest.iter().map(|a| a.action.as_str()).collect::<Vec<_>>(), ["action-0"]);
+        assert_eq!(
+            rest.iter().map(|a| a.action.as_str()).collect::<Vec<_>>(),
+            ["action-0"]
+        );
         assert_eq!(store.list_audit(other, 10, None).await.unwrap().len(), 1);
         test.cleanup().await;
     }
@@ -914,7 +1383,10 @@ async fn encrypted_fields_for_key_rotation() {
         assert_eq!(seen, expected, "{label}");
         let after_rotation = store.get_instance(org, rows[0].id).await.unwrap().unwrap();
         assert!(after_rotation.token_enc.starts_with(b"k2:"));
-        assert_eq!(after_rotation.token_version, rows[0].token_version, "same plain values");
+        assert_eq!(
+            after_rotation.token_version, rows[0].token_version,
+            "same plain values"
+        );
 
         // A refresh committed in between makes the rewrite fail instead of undoing it.
         let stale = store.list_encrypted_batch(0, 1).await.unwrap().remove(0);
@@ -923,7 +1395,10 @@ async fn encrypted_fields_for_key_rotation() {
             .await
             .unwrap()
             .unwrap();
-        assert!(!store.update_encrypted_fields(&stale).await.unwrap(), "{label}");
+        assert!(
+            !store.update_encrypted_fields(&stale).await.unwrap(),
+            "{label}"
+        );
         test.cleanup().await;
     }
 }
