@@ -111,7 +111,10 @@ impl App {
             built_in,
             refresh: crate::refresh::RefreshEngine::new(),
             auth_cache: crate::proxy::AuthCache::default(),
-            replica_id: format!("replica-{}", crate::crypto::hex(&crate::crypto::random_bytes::<6>())),
+            replica_id: format!(
+                "replica-{}",
+                crate::crypto::hex(&crate::crypto::random_bytes::<6>())
+            ),
             config,
         }))
     }
@@ -128,7 +131,7 @@ impl App {
         let Some(definition) = self.store.get_connector(organization_id, key).await? else {
             return Ok(None);
         };
-        Ok(serde_json::from_str(&definition).ok())
+        Ok(serde_json::from_str(&definition.definition).ok())
     }
 
     /// Fills a connector template (`{sandbox}`, inputs from the configuration or their defaults).

@@ -6,11 +6,31 @@ use crate::http::caller::Caller;
 use crate::http::error::current_request_id;
 use crate::store::NewAudit;
 
-pub async fn record(app: &App, caller: &Caller, action: &str, target: Option<&str>, detail: Option<&str>) {
-    write(app, caller.organization_id, Some(caller.user_id), action, target, detail).await;
+pub async fn record(
+    app: &App,
+    caller: &Caller,
+    action: &str,
+    target: Option<&str>,
+    detail: Option<&str>,
+) {
+    write(
+        app,
+        caller.organization_id,
+        Some(caller.user_id),
+        action,
+        target,
+        detail,
+    )
+    .await;
 }
 
-pub async fn record_automatic(app: &App, organization_id: i64, action: &str, target: Option<&str>, detail: Option<&str>) {
+pub async fn record_automatic(
+    app: &App,
+    organization_id: i64,
+    action: &str,
+    target: Option<&str>,
+    detail: Option<&str>,
+) {
     write(app, organization_id, None, action, target, detail).await;
 }
 
@@ -31,7 +51,7 @@ async fn write(
         detail: detail.map(str::to_string),
         at: now_ms(),
     };
-    if let Err(error) = app.store.insert_audit(entry).await {
+    if let Err(error) = app.store.insert_audit(&entry).await {
         tracing::warn!("could not write an audit line for {action}: {error}");
     }
 }

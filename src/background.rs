@@ -67,8 +67,15 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
             running.spawn(async move {
                 let id = row.id;
                 let version = row.token_version;
-                if let Err(failure) = app.refresh.refresh(&app, id, Some(version), Some(row)).await {
-                    tracing::debug!(instance = id, "scheduled refresh did not succeed: {failure:?}");
+                if let Err(failure) = app
+                    .refresh
+                    .refresh(&app, id, Some(version), Some(row))
+                    .await
+                {
+                    tracing::debug!(
+                        instance = id,
+                        "scheduled refresh did not succeed: {failure:?}"
+                    );
                 }
                 drop(permit);
             });
@@ -78,7 +85,9 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
             continue; // More may be due right now.
         }
         let sleep = match app.store.next_due_time().await {
-            Ok(Some(due)) => Duration::from_millis((due - now_ms()).clamp(50, SCHEDULER_MAX_SLEEP.as_millis() as i64) as u64),
+            Ok(Some(due)) => Duration::from_millis(
+                (due - now_ms()).clamp(50, SCHEDULER_MAX_SLEEP.as_millis() as i64) as u64,
+            ),
             _ => SCHEDULER_MAX_SLEEP,
         };
         tokio::select! {
@@ -98,8 +107,14 @@ async fn recovery(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
         match app.store.instances_with_refresh_in_flight(now).await {
             Ok(rows) => {
                 for row in rows {
-                    tracing::warn!(instance = row.id, "finishing a refresh that was interrupted");
-                    let _ = app.refresh.refresh(&app, row.id, Some(row.token_version), None).await;
+                    tracing::warn!(
+                        instance = row.id,
+                        "finishing a refresh that was interrupted"
+                    );
+                    let _ = app
+                        .refresh
+                        .refresh(&app, row.id, Some(row.token_version), None)
+                        .await;
                 }
             }
             Err(error) => tracing::warn!("recovery: {error}"),

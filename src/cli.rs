@@ -7,7 +7,11 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "tokenwarden", version, about = "OAuth 2.0 connection service: instances, refresh, proxy, revocation")]
+#[command(
+    name = "tokenwarden",
+    version,
+    about = "OAuth 2.0 connection service: instances, refresh, proxy, revocation"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -41,7 +45,11 @@ pub enum Command {
 #[derive(Debug, Args, Clone)]
 pub struct DatabaseArgs {
     /// `sqlite://path` (embedded, the default) or `postgres://…` (several replicas).
-    #[arg(long, env = "TOKENWARDEN_DATABASE_URL", default_value = "sqlite://tokenwarden.db")]
+    #[arg(
+        long,
+        env = "TOKENWARDEN_DATABASE_URL",
+        default_value = "sqlite://tokenwarden.db"
+    )]
     pub database_url: String,
     /// Base64 of 32 bytes. With SQLite and none set, a key file is created beside the database.
     #[arg(long, env = "TOKENWARDEN_MASTER_KEY", hide_env_values = true)]
@@ -58,7 +66,11 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
     /// Where the sandbox provider runs, for the catalog's `sandbox-*` connectors.
-    #[arg(long, env = "TOKENWARDEN_SANDBOX_URL", default_value = "http://127.0.0.1:4000")]
+    #[arg(
+        long,
+        env = "TOKENWARDEN_SANDBOX_URL",
+        default_value = "http://127.0.0.1:4000"
+    )]
     pub sandbox_url: String,
     /// Runtime worker threads (default: one per core).
     #[arg(long, env = "TOKENWARDEN_WORKERS")]
@@ -67,7 +79,11 @@ pub struct ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct SandboxArgs {
-    #[arg(long, env = "TOKENWARDEN_SANDBOX_BIND", default_value = "127.0.0.1:4000")]
+    #[arg(
+        long,
+        env = "TOKENWARDEN_SANDBOX_BIND",
+        default_value = "127.0.0.1:4000"
+    )]
     pub bind: SocketAddr,
     /// Accept only this client: `ID:SECRET`. Without it any id/secret pair is accepted.
     #[arg(long)]
@@ -178,7 +194,10 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             let created = crate::orgs::create_organization(&app, &name)
                 .await
                 .map_err(|error| error.message)?;
-            println!("{}", serde_json::to_string(&created).map_err(|e| e.to_string())?);
+            println!(
+                "{}",
+                serde_json::to_string(&created).map_err(|e| e.to_string())?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Users {
@@ -193,7 +212,10 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             let created = crate::orgs::create_user(&app, organization_id, &name)
                 .await
                 .map_err(|error| error.message)?;
-            println!("{}", serde_json::to_string(&created).map_err(|e| e.to_string())?);
+            println!(
+                "{}",
+                serde_json::to_string(&created).map_err(|e| e.to_string())?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Keys {

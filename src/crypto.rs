@@ -302,10 +302,7 @@ pub fn sign_event(key: &[u8], unix_seconds: i64, body: &[u8]) -> String {
     mac.update(unix_seconds.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    format!(
-        "t={unix_seconds},v1={}",
-        hex(&mac.finalize().into_bytes())
-    )
+    format!("t={unix_seconds},v1={}", hex(&mac.finalize().into_bytes()))
 }
 
 pub fn random_bytes<const N: usize>() -> [u8; N] {

@@ -22,7 +22,10 @@ impl Printer {
     fn ok(&mut self, title: &str, detail: &str) {
         self.step += 1;
         if self.colour {
-            println!("\x1b[32m✔\x1b[0m {:>2}. \x1b[1m{title}\x1b[0m\n      {detail}", self.step);
+            println!(
+                "\x1b[32m✔\x1b[0m {:>2}. \x1b[1m{title}\x1b[0m\n      {detail}",
+                self.step
+            );
         } else {
             println!("[ok]   {:>2}. {title}\n       {detail}", self.step);
         }
@@ -32,7 +35,10 @@ impl Printer {
         self.step += 1;
         self.failed = true;
         if self.colour {
-            println!("\x1b[31m✘\x1b[0m {:>2}. \x1b[1m{title}\x1b[0m\n      {detail}", self.step);
+            println!(
+                "\x1b[31m✘\x1b[0m {:>2}. \x1b[1m{title}\x1b[0m\n      {detail}",
+                self.step
+            );
         } else {
             println!("[FAIL] {:>2}. {title}\n       {detail}", self.step);
         }
@@ -85,11 +91,14 @@ fn short(value: &str) -> String {
 
 async fn scenario(p: &mut Printer) -> Result<(), String> {
     let loopback: std::net::SocketAddr = "127.0.0.1:0".parse().expect("loopback address");
-    let sandbox = tokenwarden_sandbox::spawn(loopback, tokenwarden_sandbox::SandboxConfig::default())
-        .await
-        .map_err(|e| format!("could not start the sandbox: {e}"))?;
-    let directory = std::env::temp_dir().join(format!("tokenwarden-demo-{}", crate::crypto::new_id()));
-    std::fs::create_dir_all(&directory).map_err(|e| format!("could not make a temporary directory: {e}"))?;
+    let sandbox =
+        tokenwarden_sandbox::spawn(loopback, tokenwarden_sandbox::SandboxConfig::default())
+            .await
+            .map_err(|e| format!("could not start the sandbox: {e}"))?;
+    let directory =
+        std::env::temp_dir().join(format!("tokenwarden-demo-{}", crate::crypto::new_id()));
+    std::fs::create_dir_all(&directory)
+        .map_err(|e| format!("could not make a temporary directory: {e}"))?;
     let mut config = AppConfig::new(format!("sqlite://{}/demo.db", directory.display()));
     config.sandbox_url = sandbox.url.clone();
     let server = crate::startup::spawn(loopback, config)
@@ -97,7 +106,10 @@ async fn scenario(p: &mut Printer) -> Result<(), String> {
         .map_err(|e| format!("could not start the service: {e}"))?;
     p.ok(
         "Start the sandbox provider and the service",
-        &format!("sandbox {} · service {} (temporary SQLite)", sandbox.url, server.url),
+        &format!(
+            "sandbox {} · service {} (temporary SQLite)",
+            sandbox.url, server.url
+        ),
     );
     let result = walk(p, &server.url, &sandbox.url, &server.app).await;
     server.shutdown().await;
@@ -106,64 +118,41 @@ async fn scenario(p: &mut Printer) -> Result<(), String> {
     result
 }
 
-async fn walk(p: &mut Printer, service: &str, sandbox: &str, app: &crate::app::SharedApp) -> Result<(), String> {
-    let http = crate::app::build_http_client(std::time::Duration::from_secs(10)).map_err(|e| e.to_string())?;
+async fn walk(
+    p: &mut Printer,
+    service: &str,
+    sandbox: &str,
+    app: &crate::app::SharedApp,
+) -> Result<(), String> {
+    let http = crate::app::build_http_client(std::time::Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
     let api = format!("{service}/elements/api-v2");
     let org = crate::orgs::create_organization(app, "Demo organization")
         .await
         .map_err(|e| e.message)?;
     p.ok(
         "Create an organization",
-        &format!("tokenwarden orgs create --name 'Demo organization' → organizationId {}", org.organization_id),
+        &format!(
+            "tokenwarden orgs create --name 'Demo organization' → organizationId {}",
+            org.organization_id
+        ),
     );
-    let platform = format!("User {}, Organization {}", org.user_secret, org.organization_secret);
+    let platform = format!(
+        "User {}, Organization {}",
+        org.user_secret, org.organization_secret
+    );
     let callback = format!("{service}/oauth/callback");
     let element = "sandbox-adobe-sign";
-
-    // GET /elements/{key}/oauth/url, then approve at the provider as user "alice".
-    let authorize = |p: &mut Printer, round: &str| {
-        let http = http.clone();
-        let api = api.clone();
-        let platform = platform.clone();
-        let callback = callback.clone();
-        let title = format!("GET /elements/{element}/oauth/url{round}");
-        async move {
-            let response = http
-                .get(format!("{api}/elements/{element}/oauth/url"))
-                .query(&[("apiKey", "demo-client"), ("apiSecret", "demo-secret"), ("callbackUrl", callback.as_str())])
-                .header("authorization", &platform)
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            let status = response.status();
-            let body: Value = response.json().await.map_err(|e| e.to_string())?;
-            let url = body["oauthUrl"].as_str().unwrap_or_default().to_string();
-            p.check(status == 200 && !url.is_empty(), &title, &format!("{status} → oauthUrl {}", short_url(&url)))?;
-            let approve = http
-                .get(format!("{url}&login_hint=alice"))
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            let location = approve
-                .headers()
-                .get("location")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_string();
-            let code = url::Url::parse(&location)
-                .ok()
-                .and_then(|u| u.query_pairs().find(|(k, _)| k == "code").map(|(_, v)| v.into_owned()))
-                .unwrap_or_default();
-            p.check(
-                approve.status().is_redirection() && !code.is_empty(),
-                "Approve at the provider (login_hint=alice) and intercept the code",
-                &format!("{} → redirect to /oauth/callback with code {}", approve.status(), short(&code)),
-            )?;
-            Ok::<(String, String), String>((code, body["state"].as_str().unwrap_or_default().to_string()))
-        }
+    let ctx = Ctx {
+        http: http.clone(),
+        api: api.clone(),
+        platform: platform.clone(),
+        callback: callback.clone(),
+        element,
+        through: String::new(),
     };
 
-    let (code, state) = authorize(p, "").await?;
+    let (code, state) = authorize(p, &ctx, "").await?;
     let configuration = json!({"oauth.api.key": "demo-client", "oauth.api.secret": "demo-secret", "oauth.callback.url": callback});
     let created = http
         .post(format!("{api}/instances"))
@@ -180,7 +169,10 @@ async fn walk(p: &mut Printer, service: &str, sandbox: &str, app: &crate::app::S
     p.check(
         status == 200 && instance["valid"] == true,
         "POST /instances with providerData.code",
-        &format!("{status} → instance {instance_id}, valid {}, verification {}", instance["valid"], instance["verification"]["ok"]),
+        &format!(
+            "{status} → instance {instance_id}, valid {}, verification {}",
+            instance["valid"], instance["verification"]["ok"]
+        ),
     )?;
     let full = format!("{platform}, Element {element_token}");
     let through = format!("User {}, Element {element_token}", org.user_secret);
@@ -194,31 +186,21 @@ async fn walk(p: &mut Printer, service: &str, sandbox: &str, app: &crate::app::S
         .json()
         .await
         .map_err(|e| e.to_string())?;
-    let access_token = listed[0]["configuration"]["oauth.user.token"].as_str().unwrap_or_default().to_string();
+    let access_token = listed[0]["configuration"]["oauth.user.token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     p.check(
         !access_token.is_empty() && access_token != crate::instances::MASK,
         "GET /instances with the Element token and find oauth.user.token",
         &format!("200 → oauth.user.token {}", short(&access_token)),
     )?;
 
-    let call = |p: &mut Printer, title: &'static str, expect: u16| {
-        let http = http.clone();
-        let api = api.clone();
-        let through = through.clone();
-        async move {
-            let response = http
-                .get(format!("{api}/proxy/api/rest/v6/users/me"))
-                .header("authorization", &through)
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            let status = response.status().as_u16();
-            let body = response.text().await.map_err(|e| e.to_string())?;
-            p.check(status == expect, title, &format!("GET /proxy/api/rest/v6/users/me → {status} {}", truncate(&body, 140)))?;
-            Ok::<String, String>(body)
-        }
+    let ctx = Ctx {
+        through: through.clone(),
+        ..ctx
     };
-    call(p, "Call the provider through the instance", 200).await?;
+    call(p, &ctx, "Call the provider through the instance", 200).await?;
 
     let revoke_url = format!("{sandbox}/adobe-sign/oauth/v2/revoke");
     let revoked = http
@@ -227,7 +209,14 @@ async fn walk(p: &mut Printer, service: &str, sandbox: &str, app: &crate::app::S
         .send()
         .await
         .map_err(|e| e.to_string())?;
-    p.check(revoked.status() == 200, "Revoke the token at the provider", &format!("POST /adobe-sign/oauth/v2/revoke?token=… → {}", revoked.status()))?;
+    p.check(
+        revoked.status() == 200,
+        "Revoke the token at the provider",
+        &format!(
+            "POST /adobe-sign/oauth/v2/revoke?token=… → {}",
+            revoked.status()
+        ),
+    )?;
     let again = http
         .post(&revoke_url)
         .query(&[("token", access_token.as_str())])
@@ -242,7 +231,13 @@ async fn walk(p: &mut Printer, service: &str, sandbox: &str, app: &crate::app::S
         &format!("→ {again_status} {}", truncate(&again_body, 120)),
     )?;
 
-    let body = call(p, "Call again: the provider rejects the token, the refresh token is dead too", 401).await?;
+    let body = call(
+        p,
+        &ctx,
+        "Call again: the provider rejects the token, the refresh token is dead too",
+        401,
+    )
+    .await?;
     p.check(
         body.contains("Request failed") && body.contains("INVALID_ACCESS_TOKEN"),
         "The answer is the articles' 401",
@@ -260,10 +255,13 @@ async fn walk(p: &mut Printer, service: &str, sandbox: &str, app: &crate::app::S
     p.check(
         shown["valid"] == false,
         "The instance shows invalid",
-        &format!("GET /instances/{instance_id} → valid {}, reason {}", shown["valid"], shown["stateReason"]),
+        &format!(
+            "GET /instances/{instance_id} → valid {}, reason {}",
+            shown["valid"], shown["stateReason"]
+        ),
     )?;
 
-    let (code, state) = authorize(p, " (again, for re-authentication)").await?;
+    let (code, state) = authorize(p, &ctx, " (again, for re-authentication)").await?;
     let patched = http
         .patch(format!("{api}/instances"))
         .header("authorization", &full)
@@ -275,11 +273,17 @@ async fn walk(p: &mut Printer, service: &str, sandbox: &str, app: &crate::app::S
     let patched_status = patched.status();
     let patched: Value = patched.json().await.map_err(|e| e.to_string())?;
     p.check(
-        patched_status == 200 && patched["valid"] == true && patched["id"].as_i64() == Some(instance_id) && patched["token"] == element_token.as_str(),
+        patched_status == 200
+            && patched["valid"] == true
+            && patched["id"].as_i64() == Some(instance_id)
+            && patched["token"] == element_token.as_str(),
         "PATCH /instances with providerData.code",
-        &format!("{patched_status} → same id {}, same token, valid {}", patched["id"], patched["valid"]),
+        &format!(
+            "{patched_status} → same id {}, same token, valid {}",
+            patched["id"], patched["valid"]
+        ),
     )?;
-    call(p, "Call again: re-authenticated", 200).await?;
+    call(p, &ctx, "Call again: re-authenticated", 200).await?;
 
     // An expired access token is refreshed on the fly.
     let advanced = http
@@ -288,8 +292,18 @@ async fn walk(p: &mut Printer, service: &str, sandbox: &str, app: &crate::app::S
         .send()
         .await
         .map_err(|e| e.to_string())?;
-    p.check(advanced.status() == 200, "Move the provider's clock past the access token's expiry", "POST /__sandbox/clock {\"advanceSeconds\": 3700} → 200")?;
-    call(p, "Call again: the expired access token is refreshed on the fly", 200).await?;
+    p.check(
+        advanced.status() == 200,
+        "Move the provider's clock past the access token's expiry",
+        "POST /__sandbox/clock {\"advanceSeconds\": 3700} → 200",
+    )?;
+    call(
+        p,
+        &ctx,
+        "Call again: the expired access token is refreshed on the fly",
+        200,
+    )
+    .await?;
     let stats: Value = http
         .get(format!("{sandbox}/__sandbox/stats"))
         .send()
@@ -304,6 +318,92 @@ async fn walk(p: &mut Printer, service: &str, sandbox: &str, app: &crate::app::S
         &format!("GET /__sandbox/stats → token {}", stats["token"]),
     )?;
     Ok(())
+}
+
+struct Ctx {
+    http: reqwest::Client,
+    api: String,
+    platform: String,
+    callback: String,
+    element: &'static str,
+    through: String,
+}
+
+/// `GET /elements/{key}/oauth/url`, then approval at the provider as user "alice".
+async fn authorize(p: &mut Printer, ctx: &Ctx, round: &str) -> Result<(String, String), String> {
+    let element = ctx.element;
+    let response = ctx
+        .http
+        .get(format!("{}/elements/{element}/oauth/url", ctx.api))
+        .query(&[
+            ("apiKey", "demo-client"),
+            ("apiSecret", "demo-secret"),
+            ("callbackUrl", ctx.callback.as_str()),
+        ])
+        .header("authorization", &ctx.platform)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body: Value = response.json().await.map_err(|e| e.to_string())?;
+    let url = body["oauthUrl"].as_str().unwrap_or_default().to_string();
+    p.check(
+        status == 200 && !url.is_empty(),
+        &format!("GET /elements/{element}/oauth/url{round}"),
+        &format!("{status} → oauthUrl {}", short_url(&url)),
+    )?;
+    let approve = ctx
+        .http
+        .get(format!("{url}&login_hint=alice"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let location = approve
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let code = url::Url::parse(&location)
+        .ok()
+        .and_then(|u| {
+            u.query_pairs()
+                .find(|(k, _)| k == "code")
+                .map(|(_, v)| v.into_owned())
+        })
+        .unwrap_or_default();
+    p.check(
+        approve.status().is_redirection() && !code.is_empty(),
+        "Approve at the provider (login_hint=alice) and intercept the code",
+        &format!(
+            "{} → redirect to /oauth/callback with code {}",
+            approve.status(),
+            short(&code)
+        ),
+    )?;
+    Ok((code, body["state"].as_str().unwrap_or_default().to_string()))
+}
+
+/// A call to the provider through the instance.
+async fn call(p: &mut Printer, ctx: &Ctx, title: &str, expect: u16) -> Result<String, String> {
+    let response = ctx
+        .http
+        .get(format!("{}/proxy/api/rest/v6/users/me", ctx.api))
+        .header("authorization", &ctx.through)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = response.text().await.map_err(|e| e.to_string())?;
+    p.check(
+        status == expect,
+        title,
+        &format!(
+            "GET /proxy/api/rest/v6/users/me → {status} {}",
+            truncate(&body, 140)
+        ),
+    )?;
+    Ok(body)
 }
 
 fn truncate(text: &str, limit: usize) -> String {

@@ -54,23 +54,20 @@ pub fn new_event(app: &App, row: &InstanceRow, event_type: &str, reason: Option<
     payload.insert("event".into(), body);
     let delivery_state = match (enabled, url) {
         (true, Some(url)) => {
-            if let Some(key) = signing_key(app, row) {
-                let sealed = app.keyring.seal(
-                    &key,
-                    Binding {
-                        table: "events",
-                        row: 0,
-                        field: &id,
-                    },
-                );
-                payload.insert(
-                    "delivery".into(),
-                    json!({"url": url, "key": STANDARD.encode(sealed)}),
-                );
-                DeliveryState::Pending
-            } else {
-                DeliveryState::None
-            }
+            // An empty key means "the organization's webhook secret", read at delivery.
+            let sealed = app.keyring.seal(
+                &signing_key(app, row),
+                Binding {
+                    table: "events",
+                    row: 0,
+                    field: &id,
+                },
+            );
+            payload.insert(
+                "delivery".into(),
+                json!({"url": url, "key": STANDARD.encode(sealed)}),
+            );
+            DeliveryState::Pending
         }
         _ => DeliveryState::None,
     };
@@ -89,18 +86,17 @@ pub fn new_event(app: &App, row: &InstanceRow, event_type: &str, reason: Option<
 }
 
 /// The instance's `event.notification.signature.key`, else the organization's webhook secret.
-fn signing_key(app: &App, row: &InstanceRow) -> Option<Vec<u8>> {
-    if let Ok(secrets) = open_secrets(app, row)
-        && let Some(key) = secrets
-            .secret_configuration
-            .get("event.notification.signature.key")
-            .filter(|k| !k.is_empty())
-    {
-        return Some(key.as_bytes().to_vec());
-    }
-    // The organization's secret is read synchronously from a cache filled at creation; when it
-    // is not there, the deliverer fills it (see `deliver_due`).
-    None.or(Some(Vec::new()))
+fn signing_key(app: &App, row: &InstanceRow) -> Vec<u8> {
+    open_secrets(app, row)
+        .ok()
+        .and_then(|secrets| {
+            secrets
+                .secret_configuration
+                .get("event.notification.signature.key")
+                .cloned()
+        })
+        .unwrap_or_default()
+        .into_bytes()
 }
 
 /// The public body of a stored event.
@@ -114,13 +110,20 @@ pub fn public_body(row: &EventRow) -> Value {
 /// Delivers due webhooks once. Returns how many were attempted.
 pub async fn deliver_due(app: &App) -> usize {
     let now = now_ms();
-    let Ok(due) = app.store.claim_pending_deliveries(now, 50).await else {
+    let Ok(due) = app
+        .store
+        .claim_pending_deliveries(now, 50, now + 60_000)
+        .await
+    else {
         return 0;
     };
     let count = due.len();
     for event in due {
         let outcome = deliver_one(app, &event).await;
-        let _ = app.store.mark_delivery(&event.id, outcome.0, outcome.1.as_deref()).await;
+        let _ = app
+            .store
+            .mark_delivery(&event.id, outcome.0, outcome.1.as_deref())
+            .await;
     }
     count
 }
@@ -131,7 +134,11 @@ async fn deliver_one(
 ) -> (crate::store::DeliveryOutcome, Option<String>) {
     use crate::store::DeliveryOutcome;
     let payload: Value = serde_json::from_str(&event.payload).unwrap_or(Value::Null);
-    let body = payload.get("event").cloned().unwrap_or(Value::Null).to_string();
+    let body = payload
+        .get("event")
+        .cloned()
+        .unwrap_or(Value::Null)
+        .to_string();
     let Some(url) = payload.pointer("/delivery/url").and_then(Value::as_str) else {
         return (DeliveryOutcome::Failed, Some("no callback URL".into()));
     };
@@ -175,7 +182,10 @@ async fn deliver_one(
             return (DeliveryOutcome::Delivered { at: now_ms() }, None);
         }
         Ok(response) => format!("the receiver answered {}", response.status()),
-        Err(error) => format!("the receiver could not be reached: {}", crate::oauth::transport_message(&error)),
+        Err(error) => format!(
+            "the receiver could not be reached: {}",
+            crate::oauth::transport_message(&error)
+        ),
     };
     // Exponential backoff with jitter, for up to a day.
     let attempts = event.attempts + 1;
@@ -185,7 +195,10 @@ async fn deliver_one(
     }
     let base = (5_000i64 << attempts.min(14)).min(3_600_000);
     let jitter = (u64::from_le_bytes(crypto::random_bytes::<8>()) % (base as u64 / 2 + 1)) as i64;
-    (DeliveryOutcome::RetryAt(now_ms() + base / 2 + jitter), Some(error))
+    (
+        DeliveryOutcome::RetryAt(now_ms() + base / 2 + jitter),
+        Some(error),
+    )
 }
 
 async fn organization_webhook_secret(app: &App, organization_id: i64) -> Option<Vec<u8>> {

@@ -50,7 +50,9 @@ pub fn is_secret_key(key: &str) -> bool {
 
 /// A configuration as given by a caller: string values (numbers and booleans are accepted and
 /// turned into strings, as Cloud Elements does).
-pub fn normalize_configuration(value: Option<&Value>) -> Result<BTreeMap<String, String>, ApiError> {
+pub fn normalize_configuration(
+    value: Option<&Value>,
+) -> Result<BTreeMap<String, String>, ApiError> {
     let mut out = BTreeMap::new();
     let Some(value) = value else {
         return Ok(out);
@@ -59,11 +61,15 @@ pub fn normalize_configuration(value: Option<&Value>) -> Result<BTreeMap<String,
         if value.is_null() {
             return Ok(out);
         }
-        return Err(ApiError::bad_request("`configuration` must be a JSON object"));
+        return Err(ApiError::bad_request(
+            "`configuration` must be a JSON object",
+        ));
     };
     for (key, value) in object {
         if key.len() > 200 {
-            return Err(ApiError::bad_request("A configuration key is longer than 200 characters"));
+            return Err(ApiError::bad_request(
+                "A configuration key is longer than 200 characters",
+            ));
         }
         let text = match value {
             Value::String(text) => text.clone(),
@@ -77,7 +83,9 @@ pub fn normalize_configuration(value: Option<&Value>) -> Result<BTreeMap<String,
             }
         };
         if text.len() > 64 * 1024 {
-            return Err(ApiError::bad_request(format!("Configuration key `{key}` is too long")));
+            return Err(ApiError::bad_request(format!(
+                "Configuration key `{key}` is too long"
+            )));
         }
         out.insert(key.clone(), text);
     }
@@ -275,10 +283,14 @@ pub fn apply_token_set(
     }
     let configuration_changed = &new_configuration != configuration;
     let update = TokenUpdate {
-        access_token_enc: Some(keyring.seal_secret(&tokens.access_token, binding(instance_id, "access_token"))),
+        access_token_enc: Some(
+            keyring.seal_secret(&tokens.access_token, binding(instance_id, "access_token")),
+        ),
         refresh_token_enc: refresh_token
             .map(|token| keyring.seal_secret(token, binding(instance_id, "refresh_token"))),
-        token_response_enc: Some(keyring.seal_secret(&tokens.raw, binding(instance_id, "token_response"))),
+        token_response_enc: Some(
+            keyring.seal_secret(&tokens.raw, binding(instance_id, "token_response")),
+        ),
         access_expires_at,
         refresh_expires_at,
         last_refresh_at: Some(now),
@@ -365,7 +377,11 @@ pub fn view(
     configuration.insert(ACCESS_TOKEN.into(), shown(secrets.access_token.as_ref()));
     configuration.insert(REFRESH_TOKEN.into(), shown(secrets.refresh_token.as_ref()));
     for (key, value) in &secrets.secret_configuration {
-        let shown = if reveal { value.clone() } else { MASK.to_string() };
+        let shown = if reveal {
+            value.clone()
+        } else {
+            MASK.to_string()
+        };
         configuration.insert(key.clone(), Value::String(shown));
     }
     configuration.insert(
@@ -415,7 +431,10 @@ pub fn view(
 pub fn iso8601(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .ok()
-        .and_then(|at| at.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|at| {
+            at.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
@@ -429,7 +448,8 @@ pub async fn verify(
 ) -> Option<String> {
     let spec = connector.verify.as_ref()?;
     let url = join_url(base_url, &spec.path);
-    let method = reqwest::Method::from_bytes(spec.method.as_bytes()).unwrap_or(reqwest::Method::GET);
+    let method =
+        reqwest::Method::from_bytes(spec.method.as_bytes()).unwrap_or(reqwest::Method::GET);
     let started = now_ms();
     let outcome = app
         .http
@@ -464,7 +484,11 @@ pub async fn verify(
 
 /// `base` + `/` + `path`, with exactly one slash between them.
 pub fn join_url(base: &str, path: &str) -> String {
-    format!("{}/{}", base.trim_end_matches('/'), path.trim_start_matches('/'))
+    format!(
+        "{}/{}",
+        base.trim_end_matches('/'),
+        path.trim_start_matches('/')
+    )
 }
 
 /// Re-seals every instance and organization secret not under the current key.

@@ -46,14 +46,14 @@ pub async fn create_organization(app: &App, name: &str) -> Result<CreatedOrganiz
         },
     );
     app.store
-        .create_organization(NewOrganization {
+        .create_organization(&NewOrganization {
             id: organization_id,
             name: name.to_string(),
             secret_hash: crypto::hash_secret(organization_secret.expose()),
             webhook_secret_enc,
+            created_at: crate::app::now_ms(),
             first_user: NewUser {
                 id: user_id,
-                organization_id,
                 name: "owner".to_string(),
                 secret_hash: crypto::hash_secret(user_secret.expose()),
             },
@@ -80,12 +80,15 @@ pub async fn create_user(
     let user_secret = crypto::new_platform_secret();
     let user_id = crypto::new_id();
     app.store
-        .create_user(NewUser {
-            id: user_id,
+        .create_user(
             organization_id,
-            name: name.trim().to_string(),
-            secret_hash: crypto::hash_secret(user_secret.expose()),
-        })
+            &NewUser {
+                id: user_id,
+                name: name.trim().to_string(),
+                secret_hash: crypto::hash_secret(user_secret.expose()),
+            },
+            crate::app::now_ms(),
+        )
         .await?;
     Ok(CreatedUser {
         user_secret: user_secret.expose().to_string(),

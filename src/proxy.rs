@@ -17,12 +17,11 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use dashmap::DashMap;
 use futures_util::StreamExt;
-use http_body_util::BodyExt;
 
 use crate::app::{App, SharedApp, now_ms};
 use crate::catalog::RefreshStrategy;
@@ -141,9 +140,12 @@ async fn authenticate(app: &App, headers: &HeaderMap) -> Result<i64, ApiError> {
 
 /// The part of the request path after the proxy prefix, checked to stay under the base URL.
 pub fn confine(base_url: &str, raw_path: &str, query: Option<&str>) -> Result<url::Url, ApiError> {
-    let refuse = |why: &str| ApiError::bad_request(format!("The proxy path is not accepted: {why}"));
+    let refuse =
+        |why: &str| ApiError::bad_request(format!("The proxy path is not accepted: {why}"));
     if raw_path.contains("//") {
-        return Err(refuse("absolute URLs and empty path segments are not accepted"));
+        return Err(refuse(
+            "absolute URLs and empty path segments are not accepted",
+        ));
     }
     for segment in raw_path.split('/') {
         let decoded = percent_decode(segment).ok_or_else(|| refuse("bad percent-encoding"))?;
@@ -199,12 +201,23 @@ enum OutgoingBody {
     Streaming(reqwest::Body),
 }
 
-async fn read_body(body: Body, method: &Method, headers: &HeaderMap) -> Result<OutgoingBody, ApiError> {
+async fn read_body(
+    body: Body,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<OutgoingBody, ApiError> {
     let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared == Some(0) || (declared.is_none() && !headers.contains_key("transfer-encoding") && matches!(*method, Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS)) {
+    if declared == Some(0)
+        || (declared.is_none()
+            && !headers.contains_key("transfer-encoding")
+            && matches!(
+                *method,
+                Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+            ))
+    {
         return Ok(OutgoingBody::Kept(Bytes::new()));
     }
     if declared.is_some_and(|n| n > REPLAYABLE_BODY_BYTES) {
@@ -215,11 +228,16 @@ async fn read_body(body: Body, method: &Method, headers: &HeaderMap) -> Result<O
     let mut stream = body.into_data_stream();
     let mut kept = bytes::BytesMut::new();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|error| ApiError::bad_request(format!("The request body could not be read: {error}")))?;
+        let chunk = chunk.map_err(|error| {
+            ApiError::bad_request(format!("The request body could not be read: {error}"))
+        })?;
         kept.extend_from_slice(&chunk);
         if kept.len() > REPLAYABLE_BODY_BYTES {
-            let head = futures_util::stream::once(async move { Ok::<Bytes, axum::Error>(kept.freeze()) });
-            return Ok(OutgoingBody::Streaming(reqwest::Body::wrap_stream(head.chain(stream))));
+            let head =
+                futures_util::stream::once(async move { Ok::<Bytes, axum::Error>(kept.freeze()) });
+            return Ok(OutgoingBody::Streaming(reqwest::Body::wrap_stream(
+                head.chain(stream),
+            )));
         }
     }
     Ok(OutgoingBody::Kept(kept.freeze()))
@@ -229,7 +247,8 @@ fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
     let mut named_by_connection: Vec<String> = Vec::new();
     for value in headers.get_all(axum::http::header::CONNECTION) {
         if let Ok(text) = value.to_str() {
-            named_by_connection.extend(text.split(',').map(|name| name.trim().to_ascii_lowercase()));
+            named_by_connection
+                .extend(text.split(',').map(|name| name.trim().to_ascii_lowercase()));
         }
     }
     let mut out = HeaderMap::with_capacity(headers.len());
@@ -251,23 +270,39 @@ fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
 async fn proxy(app: &SharedApp, request: Request) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     let instance_id = authenticate(app, &parts.headers).await?;
-    let mut instance = app.refresh.get(app, instance_id).await.map_err(failure_for_call)?;
+    let mut instance = app
+        .refresh
+        .get(app, instance_id)
+        .await
+        .map_err(failure_for_call)?;
     usable(&instance)?;
-    let raw_path = parts.uri.path().strip_prefix(PROXY_PREFIX).unwrap_or("");
+    // Inside the nested router the base path is already stripped.
+    let path = parts.uri.path();
+    let raw_path = path
+        .strip_prefix(PROXY_PREFIX)
+        .or_else(|| path.strip_prefix("/proxy/"))
+        .unwrap_or("");
     let target = confine(&instance.base_url, raw_path, parts.uri.query())?;
     // Refresh ahead of the call when the connector asks for it.
     let strategy = instance.connector.refresh.strategy;
     let now = now_ms();
     let wants_refresh = match strategy {
         RefreshStrategy::EveryRequest => true,
-        RefreshStrategy::BeforeExpiry => instance.expires_soon(now) || instance.access_token.is_none(),
+        RefreshStrategy::BeforeExpiry => {
+            instance.expires_soon(now) || instance.access_token.is_none()
+        }
         RefreshStrategy::On401 => instance.access_token.is_none() || instance.expired(now),
     };
     if wants_refresh {
-        match app.refresh.refresh(app, instance.id, Some(instance.token_version), None).await {
+        match app
+            .refresh
+            .refresh(app, instance.id, Some(instance.token_version), None)
+            .await
+        {
             Ok(fresh) => instance = fresh,
             // A token that has not expired yet still serves while the provider recovers.
-            Err(RefreshFailure::Transient { .. }) if instance.access_token.is_some() && !instance.expired(now) => {}
+            Err(RefreshFailure::Transient { .. })
+                if instance.access_token.is_some() && !instance.expired(now) => {}
             Err(failure) => return Err(failure_for_call(failure)),
         }
     }
@@ -277,26 +312,52 @@ async fn proxy(app: &SharedApp, request: Request) -> Result<Response, ApiError> 
         OutgoingBody::Kept(bytes) => Some(bytes.clone()),
         OutgoingBody::Streaming(_) => None,
     };
-    let first = send(app, &instance, &parts.method, &target, &headers, body, &parts.headers).await?;
+    let first = send(
+        app,
+        &instance,
+        &parts.method,
+        &target,
+        &headers,
+        body,
+        &parts.headers,
+    )
+    .await?;
     let (first, rejection) = inspect(&instance, first).await?;
     let Some(rejection_message) = rejection else {
         return Ok(first);
     };
     // The provider rejected the token: one refresh (shared with every concurrent caller), one retry.
-    match app.refresh.refresh(app, instance.id, Some(instance.token_version), None).await {
+    match app
+        .refresh
+        .refresh(app, instance.id, Some(instance.token_version), None)
+        .await
+    {
         Ok(fresh) => match replayable {
             Some(bytes) => {
-                let second = send(app, &fresh, &parts.method, &target, &headers, OutgoingBody::Kept(bytes), &parts.headers).await?;
-                Ok(second)
+                let second = send(
+                    app,
+                    &fresh,
+                    &parts.method,
+                    &target,
+                    &headers,
+                    OutgoingBody::Kept(bytes),
+                    &parts.headers,
+                )
+                .await?;
+                stream_response(second)
             }
             None => Ok(first),
         },
         Err(RefreshFailure::Invalid { reason, .. }) => {
             // The articles' answer: the API's rejection, in the provider's words, also kept on the
             // instance for the calls that follow.
-            let _ = app.store.mark_invalid(instance.id, &reason, Some(&rejection_message), None).await;
+            let _ = app
+                .store
+                .mark_invalid(instance.id, &reason, Some(&rejection_message), None)
+                .await;
             app.refresh.forget(instance.id);
-            Err(ApiError::new(StatusCode::UNAUTHORIZED, "Request failed").with_provider_message(rejection_message))
+            Err(ApiError::new(StatusCode::UNAUTHORIZED, "Request failed")
+                .with_provider_message(rejection_message))
         }
         Err(failure) => Err(failure_for_call(failure)),
     }
@@ -307,13 +368,14 @@ fn usable(instance: &CachedInstance) -> Result<(), ApiError> {
         return Err(RefreshFailure::Disabled.into_api_error());
     }
     if !instance.valid {
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "Request failed").with_provider_message(
-            instance
-                .provider_message
-                .clone()
-                .or_else(|| instance.state_reason.clone())
-                .unwrap_or_else(|| "The instance needs re-authentication".into()),
-        ));
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "Request failed")
+            .with_provider_message(
+                instance
+                    .provider_message
+                    .clone()
+                    .or_else(|| instance.state_reason.clone())
+                    .unwrap_or_else(|| "The instance needs re-authentication".into()),
+            ));
     }
     Ok(())
 }
@@ -334,7 +396,10 @@ async fn send(
     body: OutgoingBody,
     original: &HeaderMap,
 ) -> Result<reqwest::Response, ApiError> {
-    let mut builder = app.http.request(method.clone(), target.as_str()).headers(headers.clone());
+    let mut builder = app
+        .http
+        .request(method.clone(), target.as_str())
+        .headers(headers.clone());
     if let Some(token) = &instance.access_token {
         builder = builder.bearer_auth(token.expose());
     }
@@ -356,7 +421,10 @@ async fn send(
     builder.send().await.map_err(|error| {
         let mut api = ApiError::new(
             StatusCode::BAD_GATEWAY,
-            format!("The provider could not be reached: {}", crate::oauth::transport_message(&error)),
+            format!(
+                "The provider could not be reached: {}",
+                crate::oauth::transport_message(&error)
+            ),
         );
         if error.is_timeout() {
             api.status = StatusCode::GATEWAY_TIMEOUT;
@@ -366,7 +434,10 @@ async fn send(
 }
 
 /// Turns the provider's answer into ours, reading the body only when it may be a rejection.
-async fn inspect(instance: &CachedInstance, response: reqwest::Response) -> Result<(Response, Option<String>), ApiError> {
+async fn inspect(
+    instance: &CachedInstance,
+    response: reqwest::Response,
+) -> Result<(Response, Option<String>), ApiError> {
     let status = response.status();
     let rejection = &instance.connector.rejection;
     let is_json = response
@@ -377,21 +448,11 @@ async fn inspect(instance: &CachedInstance, response: reqwest::Response) -> Resu
     let maybe_rejected = rejection.statuses.contains(&status.as_u16())
         || (!status.is_success() && !rejection.body_markers.is_empty())
         || (status.is_success() && is_json && !rejection.ok_false_errors.is_empty());
-    let mut builder = Response::builder().status(status.as_u16());
-    let mut response_headers = HeaderMap::with_capacity(response.headers().len());
-    for (name, value) in response.headers() {
-        if HOP_BY_HOP.contains(&name.as_str()) {
-            continue;
-        }
-        response_headers.append(name.clone(), value.clone());
-    }
     if !maybe_rejected {
-        if let Some(headers) = builder.headers_mut() {
-            *headers = response_headers;
-        }
-        let stream = response.bytes_stream();
-        return Ok((builder.body(Body::from_stream(stream)).map_err(ApiError::internal)?, None));
+        return Ok((stream_response(response)?, None));
     }
+    let mut builder = Response::builder().status(status.as_u16());
+    let mut response_headers = end_to_end(response.headers());
     let www = response
         .headers()
         .get(axum::http::header::WWW_AUTHENTICATE)
@@ -403,7 +464,31 @@ async fn inspect(instance: &CachedInstance, response: reqwest::Response) -> Resu
     if let Some(headers) = builder.headers_mut() {
         *headers = response_headers;
     }
-    Ok((builder.body(Body::from(body)).map_err(ApiError::internal)?, message))
+    Ok((
+        builder.body(Body::from(body)).map_err(ApiError::internal)?,
+        message,
+    ))
+}
+
+fn end_to_end(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if !HOP_BY_HOP.contains(&name.as_str()) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+/// The provider's answer as ours, its body streamed through.
+fn stream_response(response: reqwest::Response) -> Result<Response, ApiError> {
+    let mut builder = Response::builder().status(response.status().as_u16());
+    if let Some(headers) = builder.headers_mut() {
+        *headers = end_to_end(response.headers());
+    }
+    builder
+        .body(Body::from_stream(response.bytes_stream()))
+        .map_err(ApiError::internal)
 }
 
 async fn read_limited(response: reqwest::Response, limit: usize) -> Result<Bytes, ApiError> {
@@ -411,7 +496,13 @@ async fn read_limited(response: reqwest::Response, limit: usize) -> Result<Bytes
     let mut out = bytes::BytesMut::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|error| {
-            ApiError::new(StatusCode::BAD_GATEWAY, format!("The provider's answer broke off: {}", crate::oauth::transport_message(&error)))
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "The provider's answer broke off: {}",
+                    crate::oauth::transport_message(&error)
+                ),
+            )
         })?;
         if out.len() + chunk.len() > limit {
             out.extend_from_slice(&chunk[..limit - out.len()]);
@@ -420,11 +511,6 @@ async fn read_limited(response: reqwest::Response, limit: usize) -> Result<Bytes
         out.extend_from_slice(&chunk);
     }
     Ok(out.freeze())
-}
-
-#[allow(dead_code)]
-fn _assert_types(_: HeaderName, _: HeaderValue, _: Body) {
-    let _ = BodyExt::boxed::<Body>;
 }
 
 #[cfg(test)]
@@ -436,10 +522,15 @@ mod tests {
     #[test]
     fn paths_stay_under_the_base() {
         assert_eq!(
-            confine(BASE, "api/rest/v6/users/me", Some("a=1")).unwrap().as_str(),
+            confine(BASE, "api/rest/v6/users/me", Some("a=1"))
+                .unwrap()
+                .as_str(),
             "http://127.0.0.1:4000/adobe-sign/api/rest/v6/users/me?a=1"
         );
-        assert_eq!(confine("http://h/base", "x", None).unwrap().as_str(), "http://h/base/x");
+        assert_eq!(
+            confine("http://h/base", "x", None).unwrap().as_str(),
+            "http://h/base/x"
+        );
         for bad in [
             "../secret",
             "api/../../x",

@@ -29,7 +29,9 @@ use crate::app::{App, now_ms};
 use crate::catalog::Connector;
 use crate::events;
 use crate::http::error::ApiError;
-use crate::instances::{self, BASE_URL, apply_token_set, client_credentials, open_secrets, plain_configuration};
+use crate::instances::{
+    self, BASE_URL, apply_token_set, client_credentials, open_secrets, plain_configuration,
+};
 use crate::oauth::{OAuthError, TokenHint};
 use crate::secret::Secret;
 use crate::store::InstanceRow;
@@ -78,9 +80,16 @@ impl CachedInstance {
 #[derive(Debug)]
 pub enum RefreshFailure {
     /// The grant is gone: the instance is invalid until re-authenticated.
-    Invalid { reason: String, provider_message: Option<String> },
+    Invalid {
+        reason: String,
+        provider_message: Option<String>,
+    },
     /// The provider could not refresh now; the instance stays valid.
-    Transient { message: String, provider_message: Option<String>, retry_after_ms: Option<i64> },
+    Transient {
+        message: String,
+        provider_message: Option<String>,
+        retry_after_ms: Option<i64>,
+    },
     Disabled,
     NotFound,
     Internal(String),
@@ -89,14 +98,21 @@ pub enum RefreshFailure {
 impl RefreshFailure {
     pub fn into_api_error(self) -> ApiError {
         match self {
-            RefreshFailure::Invalid { reason, provider_message } => {
-                ApiError::new(StatusCode::UNAUTHORIZED, "Request failed")
-                    .with_provider_message(provider_message.unwrap_or(reason))
-            }
-            RefreshFailure::Transient { message, provider_message, retry_after_ms } => {
+            RefreshFailure::Invalid {
+                reason,
+                provider_message,
+            } => ApiError::new(StatusCode::UNAUTHORIZED, "Request failed")
+                .with_provider_message(provider_message.unwrap_or(reason)),
+            RefreshFailure::Transient {
+                message,
+                provider_message,
+                retry_after_ms,
+            } => {
                 let mut error = ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!("The provider could not refresh the token just now ({message}); the instance stays valid, try again later"),
+                    format!(
+                        "The provider could not refresh the token just now ({message}); the instance stays valid, try again later"
+                    ),
                 );
                 error.provider_message = provider_message;
                 error.retry_after = retry_after_ms.map(|ms| ((ms + 999) / 1000).max(1) as u64);
@@ -153,12 +169,18 @@ impl RefreshEngine {
         self.remember(app, &row).await
     }
 
-    async fn remember(&self, app: &App, row: &InstanceRow) -> Result<Arc<CachedInstance>, RefreshFailure> {
+    async fn remember(
+        &self,
+        app: &App,
+        row: &InstanceRow,
+    ) -> Result<Arc<CachedInstance>, RefreshFailure> {
         let connector = app
             .connector(row.organization_id, &row.element_key)
             .await
             .map_err(|e| RefreshFailure::Internal(e.to_string()))?
-            .ok_or_else(|| RefreshFailure::Internal(format!("connector {} is gone", row.element_key)))?;
+            .ok_or_else(|| {
+                RefreshFailure::Internal(format!("connector {} is gone", row.element_key))
+            })?;
         let secrets = open_secrets(app, row).map_err(|e| RefreshFailure::Internal(e.message))?;
         let configuration = plain_configuration(row);
         let cached = Arc::new(CachedInstance {
@@ -186,7 +208,11 @@ impl RefreshEngine {
     }
 
     /// `POST /instances/{id}/tokens/refresh`: a refresh whatever the token's age.
-    pub async fn refresh_now(&self, app: &App, id: i64) -> Result<Arc<CachedInstance>, RefreshFailure> {
+    pub async fn refresh_now(
+        &self,
+        app: &App,
+        id: i64,
+    ) -> Result<Arc<CachedInstance>, RefreshFailure> {
         let version = self.get(app, id).await?.token_version;
         self.refresh(app, id, Some(version), None).await
     }
@@ -208,7 +234,8 @@ impl RefreshEngine {
         };
         drop(flight);
         // The map keeps a mutex only while someone uses it.
-        self.flights.remove_if(&id, |_, mutex| Arc::strong_count(mutex) == 1);
+        self.flights
+            .remove_if(&id, |_, mutex| Arc::strong_count(mutex) == 1);
         result
     }
 
@@ -233,7 +260,12 @@ impl RefreshEngine {
                 let deadline = Instant::now() + Duration::from_millis(LEASE_MS as u64 + 5_000);
                 let mut pause = Duration::from_millis(20);
                 loop {
-                    let row = app.store.get_instance_by_id(id).await.map_err(store_error)?.ok_or(RefreshFailure::NotFound)?;
+                    let row = app
+                        .store
+                        .get_instance_by_id(id)
+                        .await
+                        .map_err(store_error)?
+                        .ok_or(RefreshFailure::NotFound)?;
                     if moved_past(row.token_version) && row.is_valid() {
                         return self.remember(app, &row).await;
                     }
@@ -281,25 +313,42 @@ impl RefreshEngine {
     }
 
     /// The provider call and its commit. The lease is held; no connection is.
-    async fn call_provider(&self, app: &App, row: &InstanceRow, interrupted: bool) -> Result<InstanceRow, RefreshFailure> {
+    async fn call_provider(
+        &self,
+        app: &App,
+        row: &InstanceRow,
+        interrupted: bool,
+    ) -> Result<InstanceRow, RefreshFailure> {
         let store_error = |e: crate::store::StoreError| RefreshFailure::Internal(e.to_string());
         let connector = app
             .connector(row.organization_id, &row.element_key)
             .await
             .map_err(store_error)?
-            .ok_or_else(|| RefreshFailure::Internal(format!("connector {} is gone", row.element_key)))?;
+            .ok_or_else(|| {
+                RefreshFailure::Internal(format!("connector {} is gone", row.element_key))
+            })?;
         let secrets = open_secrets(app, row).map_err(|e| RefreshFailure::Internal(e.message))?;
         let configuration = plain_configuration(row);
         let Some(refresh_token) = secrets.refresh_token.as_ref() else {
-            let reason = "no refresh token: the provider gave none; re-authenticate the instance".to_string();
+            let reason = "no refresh token: the provider gave none; re-authenticate the instance"
+                .to_string();
             let message = row.provider_message.clone();
-            self.invalidate(app, row, &reason, message.as_deref()).await?;
-            return Err(RefreshFailure::Invalid { reason, provider_message: message });
+            self.invalidate(app, row, &reason, message.as_deref())
+                .await?;
+            return Err(RefreshFailure::Invalid {
+                reason,
+                provider_message: message,
+            });
         };
-        let endpoints = app.endpoints(&connector, &configuration).map_err(RefreshFailure::Internal)?;
+        let endpoints = app
+            .endpoints(&connector, &configuration)
+            .map_err(RefreshFailure::Internal)?;
         let credentials = client_credentials(&configuration, &secrets.secret_configuration);
         let started = Instant::now();
-        let result = app.oauth.refresh(&connector.oauth, &endpoints, &credentials, refresh_token).await;
+        let result = app
+            .oauth
+            .refresh(&connector.oauth, &endpoints, &credentials, refresh_token)
+            .await;
         let outcome_label = match &result {
             Ok(_) => "ok",
             Err(error) if error.is_permanent() => "invalid",
@@ -310,17 +359,39 @@ impl RefreshEngine {
         match result {
             Ok(tokens) => {
                 let now = now_ms();
-                let applied = apply_token_set(app, &connector, row.id, &tokens, Some(refresh_token), &configuration, now);
+                let applied = apply_token_set(
+                    app,
+                    &connector,
+                    row.id,
+                    &tokens,
+                    Some(refresh_token),
+                    &configuration,
+                    now,
+                );
                 let event = events::new_event(app, row, events::REFRESHED, None);
                 let committed = app
                     .store
-                    .commit_refreshed_tokens(row.id, &app.replica_id, row.token_version, &applied.update, Some(&event))
+                    .commit_refreshed_tokens(
+                        row.id,
+                        &app.replica_id,
+                        row.token_version,
+                        &applied.update,
+                        Some(&event),
+                    )
                     .await
                     .map_err(store_error)?;
-                let stored = app.store.get_instance_by_id(row.id).await.map_err(store_error)?.ok_or(RefreshFailure::NotFound)?;
+                let stored = app
+                    .store
+                    .get_instance_by_id(row.id)
+                    .await
+                    .map_err(store_error)?
+                    .ok_or(RefreshFailure::NotFound)?;
                 if !committed {
                     // Our lease ran out and someone else committed: theirs is the token now.
-                    tracing::warn!(instance = row.id, "a refresh finished after its lease expired; keeping the newer token");
+                    tracing::warn!(
+                        instance = row.id,
+                        "a refresh finished after its lease expired; keeping the newer token"
+                    );
                 } else if row.failing_since.is_some() {
                     let recovered = events::new_event(app, row, events::RECOVERED, None);
                     let _ = app.store.insert_event(&recovered).await;
@@ -331,23 +402,38 @@ impl RefreshEngine {
             Err(error) if error.is_permanent() => {
                 let provider_message = error.provider_message();
                 let reason = if interrupted {
-                    format!("refresh interrupted: the provider no longer accepts the refresh token ({provider_message})")
+                    format!(
+                        "refresh interrupted: the provider no longer accepts the refresh token ({provider_message})"
+                    )
                 } else {
                     provider_message.clone()
                 };
                 tracing::warn!(instance = row.id, connector = %connector.key, reason = %reason, "the grant is gone: instance invalidated");
-                let shown = row.provider_message.clone().filter(|_| false).unwrap_or(provider_message);
+                let shown = row
+                    .provider_message
+                    .clone()
+                    .filter(|_| false)
+                    .unwrap_or(provider_message);
                 self.invalidate(app, row, &reason, Some(&shown)).await?;
-                Err(RefreshFailure::Invalid { reason, provider_message: Some(shown) })
+                Err(RefreshFailure::Invalid {
+                    reason,
+                    provider_message: Some(shown),
+                })
             }
             Err(error) => {
                 let now = now_ms();
                 let retry_after_ms = match &error {
-                    OAuthError::RateLimited { retry_after: Some(seconds), .. } => Some(*seconds as i64 * 1000),
+                    OAuthError::RateLimited {
+                        retry_after: Some(seconds),
+                        ..
+                    } => Some(*seconds as i64 * 1000),
                     _ => None,
                 };
-                let step = BACKOFF_BASE_MS.saturating_mul(1 << row.failure_count.clamp(0, 16)).min(BACKOFF_MAX_MS);
-                let jitter = (u64::from_le_bytes(crate::crypto::random_bytes::<8>()) % (step as u64 / 2 + 1)) as i64;
+                let step = BACKOFF_BASE_MS
+                    .saturating_mul(1 << row.failure_count.clamp(0, 16))
+                    .min(BACKOFF_MAX_MS);
+                let jitter = (u64::from_le_bytes(crate::crypto::random_bytes::<8>())
+                    % (step as u64 / 2 + 1)) as i64;
                 let wait = (step / 2 + jitter).max(retry_after_ms.unwrap_or(0));
                 let message = error.provider_message();
                 let event = row
@@ -355,7 +441,14 @@ impl RefreshEngine {
                     .is_none()
                     .then(|| events::new_event(app, row, events::REFRESH_FAILING, Some(&message)));
                 app.store
-                    .record_transient_failure(row.id, &app.replica_id, now, &message, now + wait, event.as_ref())
+                    .record_transient_failure(
+                        row.id,
+                        &app.replica_id,
+                        now,
+                        &message,
+                        now + wait,
+                        event.as_ref(),
+                    )
                     .await
                     .map_err(store_error)?;
                 tracing::warn!(instance = row.id, connector = %connector.key, "refresh failed for now ({message}); retrying in {} ms", wait);
@@ -368,13 +461,26 @@ impl RefreshEngine {
         }
     }
 
-    async fn invalidate(&self, app: &App, row: &InstanceRow, reason: &str, provider_message: Option<&str>) -> Result<(), RefreshFailure> {
+    async fn invalidate(
+        &self,
+        app: &App,
+        row: &InstanceRow,
+        reason: &str,
+        provider_message: Option<&str>,
+    ) -> Result<(), RefreshFailure> {
         let event = events::new_event(app, row, events::INVALIDATED, Some(reason));
         app.store
             .mark_invalid(row.id, reason, provider_message, Some(&event))
             .await
             .map_err(|e| RefreshFailure::Internal(e.to_string()))?;
-        crate::audit::record_automatic(app, row.organization_id, "instance.invalidated", Some(&row.id.to_string()), Some(reason)).await;
+        crate::audit::record_automatic(
+            app,
+            row.organization_id,
+            "instance.invalidated",
+            Some(&row.id.to_string()),
+            Some(reason),
+        )
+        .await;
         self.forget(row.id);
         Ok(())
     }
@@ -385,7 +491,10 @@ impl RefreshEngine {
         if let Ok(Some(row)) = app.store.get_instance_by_id(id).await
             && !row.is_valid()
         {
-            let _ = app.store.mark_invalid(id, reason, Some(provider_message), None).await;
+            let _ = app
+                .store
+                .mark_invalid(id, reason, Some(provider_message), None)
+                .await;
         }
         self.forget(id);
     }
@@ -395,7 +504,10 @@ fn check_usable(row: &InstanceRow, now: i64) -> Result<(), RefreshFailure> {
     if !row.is_valid() {
         return Err(RefreshFailure::Invalid {
             reason: row.state_reason.clone().unwrap_or_else(|| "invalid".into()),
-            provider_message: row.provider_message.clone().or_else(|| row.state_reason.clone()),
+            provider_message: row
+                .provider_message
+                .clone()
+                .or_else(|| row.state_reason.clone()),
         });
     }
     if row.is_disabled() {
@@ -426,8 +538,12 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
     let endpoints = app
         .endpoints(&connector, &configuration)
         .map_err(|error| ApiError::bad_request(format!("Connector input missing: {error}")))?;
-    if endpoints.revoke_url.is_none() || connector.oauth.revocation == Some(crate::catalog::RevocationStyle::None) {
-        return Ok(json!({"revokedAtProvider": false, "message": "The provider has no revocation endpoint: the instance was invalidated here only"}));
+    if endpoints.revoke_url.is_none()
+        || connector.oauth.revocation == Some(crate::catalog::RevocationStyle::None)
+    {
+        return Ok(
+            json!({"revokedAtProvider": false, "message": "The provider has no revocation endpoint: the instance was invalidated here only"}),
+        );
     }
     let credentials = client_credentials(&configuration, &secrets.secret_configuration);
     let mut attempts = Vec::new();
@@ -440,14 +556,23 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
     let mut revoked = false;
     let mut messages = Vec::new();
     for (token, hint) in attempts {
-        match app.oauth.revoke(&connector.oauth, &endpoints, &credentials, token, hint).await {
+        match app
+            .oauth
+            .revoke(&connector.oauth, &endpoints, &credentials, token, hint)
+            .await
+        {
             Ok(_) => revoked = true,
             Err(error) => messages.push(error.provider_message()),
         }
         if revoked {
             // One successful revocation ends the grant at providers that cascade; the access
             // token's own revocation would only answer "already revoked" there.
-            if matches!(connector.oauth.revocation, Some(crate::catalog::RevocationStyle::QueryToken) | None | Some(crate::catalog::RevocationStyle::Rfc7009)) {
+            if matches!(
+                connector.oauth.revocation,
+                Some(crate::catalog::RevocationStyle::QueryToken)
+                    | None
+                    | Some(crate::catalog::RevocationStyle::Rfc7009)
+            ) {
                 break;
             }
         }

@@ -16,7 +16,9 @@ pub struct PlatformCredentials {
 pub enum HeaderError {
     #[error("the Authorization header names `{0}` more than once")]
     Repeated(&'static str),
-    #[error("the Authorization header has a part `{0}` that is not `User`, `Organization` or `Element`")]
+    #[error(
+        "the Authorization header has a part `{0}` that is not `User`, `Organization` or `Element`"
+    )]
     UnknownPart(String),
     #[error("the Authorization header part `{0}` has no value")]
     Empty(&'static str),
@@ -62,8 +64,7 @@ mod tests {
 
     #[test]
     fn parses_any_order_and_spacing() {
-        let parsed =
-            parse_authorization("  Element  e1 ,Organization o1,   User   u1  ").unwrap();
+        let parsed = parse_authorization("  Element  e1 ,Organization o1,   User   u1  ").unwrap();
         assert_eq!(parsed.user.unwrap().expose(), "u1");
         assert_eq!(parsed.organization.unwrap().expose(), "o1");
         assert_eq!(parsed.element.unwrap().expose(), "e1");
@@ -77,12 +78,21 @@ mod tests {
             parse_authorization("User u, Organisation o"),
             Err(HeaderError::UnknownPart("Organisation".into()))
         );
-        assert_eq!(parse_authorization("User , Organization o"), Err(HeaderError::Empty("User")));
+        assert_eq!(
+            parse_authorization("User , Organization o"),
+            Err(HeaderError::Empty("User"))
+        );
         assert_eq!(
             parse_authorization("User a, User b"),
             Err(HeaderError::Repeated("User"))
         );
-        assert_eq!(parse_authorization("Bearer xyz"), Err(HeaderError::UnknownPart("Bearer".into())));
-        assert_eq!(parse_authorization("").unwrap(), PlatformCredentials::default());
+        assert_eq!(
+            parse_authorization("Bearer xyz"),
+            Err(HeaderError::UnknownPart("Bearer".into()))
+        );
+        assert_eq!(
+            parse_authorization("").unwrap(),
+            PlatformCredentials::default()
+        );
     }
 }

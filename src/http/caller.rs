@@ -35,7 +35,9 @@ impl Caller {
 
     /// Whether the request carries this instance's Element token (secrets are shown then).
     pub fn holds_element_of(&self, instance_id: i64) -> bool {
-        self.element.as_ref().is_some_and(|row| row.id == instance_id)
+        self.element
+            .as_ref()
+            .is_some_and(|row| row.id == instance_id)
     }
 
     pub fn require_element(&self) -> Result<&InstanceRow, ApiError> {
@@ -50,7 +52,10 @@ impl Caller {
 impl FromRequestParts<SharedApp> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, app: &SharedApp) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        app: &SharedApp,
+    ) -> Result<Self, Self::Rejection> {
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
@@ -61,11 +66,12 @@ impl FromRequestParts<SharedApp> for Caller {
             })?
             .to_str()
             .map_err(|_| ApiError::unauthorized("The Authorization header is not readable text"))?;
-        let credentials =
-            parse_authorization(header).map_err(|error| ApiError::unauthorized(format!("Bad Authorization header: {error}")))?;
-        let user_secret = credentials
-            .user
-            .ok_or_else(|| ApiError::unauthorized("The Authorization header needs `User <user secret>`"))?;
+        let credentials = parse_authorization(header).map_err(|error| {
+            ApiError::unauthorized(format!("Bad Authorization header: {error}"))
+        })?;
+        let user_secret = credentials.user.ok_or_else(|| {
+            ApiError::unauthorized("The Authorization header needs `User <user secret>`")
+        })?;
         let user = app
             .store
             .find_user_by_secret_hash(&hash_secret(user_secret.expose()))

@@ -61,7 +61,10 @@ pub async fn get_one(
 ) -> ApiResult<AxumJson<Value>> {
     caller.require_organization()?;
     let connector = find(&app, caller.organization_id, &key).await?;
-    Ok(AxumJson(connector_json(&connector, app.built_in.contains_key(&key))))
+    Ok(AxumJson(connector_json(
+        &connector,
+        app.built_in.contains_key(&key),
+    )))
 }
 
 pub async fn find(app: &SharedApp, organization_id: i64, key: &str) -> ApiResult<Connector> {
@@ -89,7 +92,12 @@ pub async fn create(
     }
     let definition = serde_json::to_string(&connector).map_err(ApiError::internal)?;
     app.store
-        .insert_connector(caller.organization_id, &connector.key, &definition, now_ms())
+        .insert_connector(
+            caller.organization_id,
+            &connector.key,
+            &definition,
+            now_ms(),
+        )
         .await
         .map_err(|error| match error {
             crate::store::StoreError::Conflict(_) => ApiError::conflict(format!(
@@ -98,8 +106,18 @@ pub async fn create(
             )),
             other => other.into(),
         })?;
-    crate::audit::record(&app, &caller, "connector.created", Some(&connector.key), None).await;
-    Ok((StatusCode::CREATED, AxumJson(connector_json(&connector, false))))
+    crate::audit::record(
+        &app,
+        &caller,
+        "connector.created",
+        Some(&connector.key),
+        None,
+    )
+    .await;
+    Ok((
+        StatusCode::CREATED,
+        AxumJson(connector_json(&connector, false)),
+    ))
 }
 
 pub async fn delete(
@@ -114,8 +132,14 @@ pub async fn delete(
             "Built-in connectors cannot be deleted",
         ));
     }
-    if !app.store.delete_connector(caller.organization_id, &key).await? {
-        return Err(ApiError::not_found(format!("There is no connector `{key}`")));
+    if !app
+        .store
+        .delete_connector(caller.organization_id, &key)
+        .await?
+    {
+        return Err(ApiError::not_found(format!(
+            "There is no connector `{key}`"
+        )));
     }
     crate::audit::record(&app, &caller, "connector.deleted", Some(&key), None).await;
     Ok(StatusCode::OK)
@@ -140,11 +164,17 @@ pub async fn oauth_url(
         .filter(|v| !v.is_empty())
         .ok_or_else(|| ApiError::bad_request("`callbackUrl` (the redirect URI) is required"))?;
     if url::Url::parse(callback_url).is_err() {
-        return Err(ApiError::bad_request("`callbackUrl` is not an absolute URL"));
+        return Err(ApiError::bad_request(
+            "`callbackUrl` is not an absolute URL",
+        ));
     }
     let state = match query.get("state").filter(|v| !v.is_empty()) {
         Some(state) if state.len() <= 512 => state.clone(),
-        Some(_) => return Err(ApiError::bad_request("`state` is longer than 512 characters")),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "`state` is longer than 512 characters",
+            ));
+        }
         None => crate::oauth::new_state(),
     };
     let scope = query.get("scope").filter(|v| !v.is_empty()).cloned();
@@ -196,5 +226,7 @@ pub async fn oauth_url(
             }
             other => other.into(),
         })?;
-    Ok(AxumJson(json!({"element": key, "oauthUrl": url.as_str(), "state": state})))
+    Ok(AxumJson(
+        json!({"element": key, "oauthUrl": url.as_str(), "state": state}),
+    ))
 }

@@ -30,7 +30,10 @@ pub async fn list(
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult<AxumJson<Value>> {
     let instance_id = match query.get("instanceId") {
-        Some(text) => Some(text.parse::<i64>().map_err(|_| ApiError::bad_request("`instanceId` is a number"))?),
+        Some(text) => Some(
+            text.parse::<i64>()
+                .map_err(|_| ApiError::bad_request("`instanceId` is a number"))?,
+        ),
         None => None,
     };
     // With only an Element token, a caller sees its own instance's events.
@@ -43,8 +46,13 @@ pub async fn list(
             let (at, id) = cursor
                 .split_once('_')
                 .and_then(|(at, id)| at.parse::<i64>().ok().map(|at| (at, id.to_string())))
-                .ok_or_else(|| ApiError::bad_request("`before` is a cursor from a previous page"))?;
-            Some(EventCursor { occurred_at: at, id })
+                .ok_or_else(|| {
+                    ApiError::bad_request("`before` is a cursor from a previous page")
+                })?;
+            Some(EventCursor {
+                occurred_at: at,
+                id,
+            })
         }
         None => None,
     };
@@ -60,7 +68,9 @@ pub async fn list(
             },
         )
         .await?;
-    let next = rows.last().map(|row| format!("{}_{}", row.occurred_at, row.id));
+    let next = rows
+        .last()
+        .map(|row| format!("{}_{}", row.occurred_at, row.id));
     let events: Vec<Value> = rows
         .iter()
         .map(|row| {
@@ -81,10 +91,16 @@ pub async fn audit_logs(
 ) -> ApiResult<AxumJson<Value>> {
     caller.require_organization()?;
     let before = match query.get("before") {
-        Some(text) => Some(text.parse::<i64>().map_err(|_| ApiError::bad_request("`before` is a cursor from a previous page"))?),
+        Some(text) => Some(
+            text.parse::<i64>()
+                .map_err(|_| ApiError::bad_request("`before` is a cursor from a previous page"))?,
+        ),
         None => None,
     };
-    let rows = app.store.list_audit(caller.organization_id, limit(&query)?, before).await?;
+    let rows = app
+        .store
+        .list_audit(caller.organization_id, limit(&query)?, before)
+        .await?;
     let next = rows.last().map(|row| row.id.to_string());
     let entries: Vec<Value> = rows
         .iter()

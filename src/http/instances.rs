@@ -5,7 +5,7 @@
 //! A failed exchange leaves the store as it was: the provider is asked first, and only its
 //! success is written, in one statement.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use axum::Json as AxumJson;
 use axum::extract::{Path, Query, RawQuery, State};
@@ -91,7 +91,9 @@ fn validate_tags(tags: &[String]) -> ApiResult<()> {
 
 fn validate_name(name: &str) -> ApiResult<()> {
     if name.len() > 200 {
-        return Err(ApiError::bad_request("`name` is longer than 200 characters"));
+        return Err(ApiError::bad_request(
+            "`name` is longer than 200 characters",
+        ));
     }
     Ok(())
 }
@@ -158,7 +160,10 @@ async fn exchange(
     }
     let mut verifier: Option<Secret> = None;
     if let Some(state) = state
-        && let Some(row) = app.store.take_oauth_state(&hash_secret(state), now_ms()).await?
+        && let Some(row) = app
+            .store
+            .take_oauth_state(&hash_secret(state), now_ms())
+            .await?
         && row.organization_id == caller.organization_id
         && row.element_key == connector.key
         && let Some(sealed) = &row.code_verifier_enc
@@ -265,7 +270,16 @@ async fn create_instance(
         .is_some_and(|mode| mode.eq_ignore_ascii_case("initial"));
     let grant = match (body.code(), external) {
         (Some(code), _) => {
-            exchange(app, caller, connector, &plain, &split.secret, &code, body.state()).await?
+            exchange(
+                app,
+                caller,
+                connector,
+                &plain,
+                &split.secret,
+                &code,
+                body.state(),
+            )
+            .await?
         }
         (None, true) => Grant {
             tokens: imported_tokens(&split)?,
@@ -320,21 +334,26 @@ async fn create_instance(
     }
     row.created_by = Some(caller.user_id);
     if !grant.tokens.access_token.is_empty() {
-        let base = plain.get(BASE_URL).and_then(Value::as_str).unwrap_or_default();
-        row.verification = instances::verify(app, connector, base, &grant.tokens.access_token).await;
+        let base = plain
+            .get(BASE_URL)
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        row.verification =
+            instances::verify(app, connector, base, &grant.tokens.access_token).await;
     }
     let event = events::new_event(app, &row, events::CREATED, None);
     app.store.insert_instance(&row, Some(&event)).await?;
-    crate::audit::record(app, caller, "instance.created", Some(&id.to_string()), Some(&connector.key)).await;
+    crate::audit::record(
+        app,
+        caller,
+        "instance.created",
+        Some(&id.to_string()),
+        Some(&connector.key),
+    )
+    .await;
     app.refresh.notify_schedule_changed();
     let view = instances::view(app, &row, Some(&connector.name), true)?;
     Ok((StatusCode::OK, AxumJson(view)))
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ListQuery {
-    #[serde(default, rename = "tags[]")]
-    tags: Vec<String>,
 }
 
 pub async fn list(
@@ -344,14 +363,22 @@ pub async fn list(
 ) -> ApiResult<AxumJson<Vec<Value>>> {
     if let Some(row) = &caller.element {
         let name = connector_name(&app, row).await;
-        return Ok(AxumJson(vec![instances::view(&app, row, name.as_deref(), true)?]));
+        return Ok(AxumJson(vec![instances::view(
+            &app,
+            row,
+            name.as_deref(),
+            true,
+        )?]));
     }
     caller.require_organization()?;
     let tags: Vec<String> = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .filter(|(key, _)| key == "tags[]" || key == "tags")
         .map(|(_, value)| value.into_owned())
         .collect();
-    let rows = app.store.list_instances(caller.organization_id, &tags).await?;
+    let rows = app
+        .store
+        .list_instances(caller.organization_id, &tags)
+        .await?;
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
         let name = connector_name(&app, row).await;
@@ -394,7 +421,12 @@ pub async fn get_one(
 ) -> ApiResult<AxumJson<Value>> {
     let row = load_for_call(&app, &caller, &id).await?;
     let name = connector_name(&app, &row).await;
-    Ok(AxumJson(instances::view(&app, &row, name.as_deref(), caller.holds_element_of(row.id))?))
+    Ok(AxumJson(instances::view(
+        &app,
+        &row,
+        name.as_deref(),
+        caller.holds_element_of(row.id),
+    )?))
 }
 
 pub async fn patch(
@@ -485,7 +517,10 @@ async fn update(
     let split = split_configuration(given);
     let secrets = open_secrets(app, &row)?;
     let (mut plain, mut secret) = match mode {
-        UpdateMode::Merge => (plain_configuration(&row), secrets.secret_configuration.clone()),
+        UpdateMode::Merge => (
+            plain_configuration(&row),
+            secrets.secret_configuration.clone(),
+        ),
         UpdateMode::Replace { .. } => {
             // Keys the service computes are kept; the caller's keys replace the rest.
             let mut kept = Map::new();
@@ -534,10 +569,19 @@ async fn update(
         UpdateMode::Replace { reauthenticate } => reauthenticate,
     };
     if reauthenticate {
-        let code = body.code().ok_or_else(|| {
-            ApiError::bad_request("Re-authentication needs `providerData.code`")
-        })?;
-        let grant = exchange(app, caller, &connector, &plain, &secret, &code, body.state()).await?;
+        let code = body
+            .code()
+            .ok_or_else(|| ApiError::bad_request("Re-authentication needs `providerData.code`"))?;
+        let grant = exchange(
+            app,
+            caller,
+            &connector,
+            &plain,
+            &secret,
+            &code,
+            body.state(),
+        )
+        .await?;
         let now = now_ms();
         let applied = apply_token_set(app, &connector, row.id, &grant.tokens, None, &plain, now);
         let mut update: TokenUpdate = applied.update;
@@ -548,26 +592,47 @@ async fn update(
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string();
-        let verification = instances::verify(app, &connector, &base, &grant.tokens.access_token).await;
+        let verification =
+            instances::verify(app, &connector, &base, &grant.tokens.access_token).await;
         let event = events::new_event(app, &row, events::REAUTHENTICATED, None);
-        let stored = app
-            .store
+        let configuration_json = update.configuration_json.clone().unwrap_or_default();
+        app.store
             .reauthenticate(
                 row.organization_id,
                 row.id,
                 &Reauthentication {
                     tokens: update,
-                    client_secret_enc: Some(instances::seal_secret_configuration(app, row.id, &secret)),
+                    client_secret_enc: Some(instances::seal_secret_configuration(
+                        app, row.id, &secret,
+                    )),
                     verification,
                 },
-                &name,
-                &serde_json::to_string(&tags).unwrap_or_else(|_| "[]".into()),
                 Some(&event),
             )
-            .await?;
+            .await?
+            .ok_or_else(|| ApiError::not_found("The instance was deleted meanwhile"))?;
+        let stored = app
+            .store
+            .update_instance_metadata(
+                row.organization_id,
+                row.id,
+                &name,
+                &serde_json::to_string(&tags).unwrap_or_else(|_| "[]".into()),
+                &configuration_json,
+                None,
+            )
+            .await?
+            .ok_or_else(|| ApiError::not_found("The instance was deleted meanwhile"))?;
         app.refresh.forget(row.id);
         app.refresh.notify_schedule_changed();
-        crate::audit::record(app, caller, "instance.reauthenticated", Some(&row.id.to_string()), None).await;
+        crate::audit::record(
+            app,
+            caller,
+            "instance.reauthenticated",
+            Some(&row.id.to_string()),
+            None,
+        )
+        .await;
         return respond(app, caller, stored).await;
     }
     // No code: merge (or replace) name, tags and configuration. Tokens given in the
@@ -598,7 +663,15 @@ async fn update(
                 .ok_or_else(|| ApiError::not_found("The instance was deleted meanwhile"))?,
         );
         let keep = secrets.refresh_token.as_ref();
-        let applied = apply_token_set(app, &connector, row.id, &imported, keep, &configuration, now);
+        let applied = apply_token_set(
+            app,
+            &connector,
+            row.id,
+            &imported,
+            keep,
+            &configuration,
+            now,
+        );
         let mut update = applied.update;
         if imported.access_token.is_empty() {
             update.access_token_enc = None;
@@ -614,15 +687,20 @@ async fn update(
                     client_secret_enc: None,
                     verification: None,
                 },
-                &name,
-                &serde_json::to_string(&tags).unwrap_or_else(|_| "[]".into()),
                 Some(&event),
             )
             .await?;
         app.refresh.forget(row.id);
     }
     app.refresh.forget(row.id);
-    crate::audit::record(app, caller, "instance.updated", Some(&row.id.to_string()), None).await;
+    crate::audit::record(
+        app,
+        caller,
+        "instance.updated",
+        Some(&row.id.to_string()),
+        None,
+    )
+    .await;
     let stored = app
         .store
         .get_instance(row.organization_id, row.id)
@@ -633,7 +711,12 @@ async fn update(
 
 async fn respond(app: &App, caller: &Caller, row: InstanceRow) -> ApiResult<AxumJson<Value>> {
     let name = connector_name(app, &row).await;
-    Ok(AxumJson(instances::view(app, &row, name.as_deref(), caller.holds_element_of(row.id) || caller.has_organization_secret)?))
+    Ok(AxumJson(instances::view(
+        app,
+        &row,
+        name.as_deref(),
+        caller.holds_element_of(row.id),
+    )?))
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -654,18 +737,42 @@ pub async fn delete(
         revocation = crate::refresh::revoke_at_provider(&app, &row).await?;
     }
     let event = events::new_event(&app, &row, events::DELETED, None);
-    if !app.store.delete_instance(row.organization_id, row.id, Some(&event)).await? {
+    if !app
+        .store
+        .delete_instance(row.organization_id, row.id, Some(&event))
+        .await?
+    {
         return Err(ApiError::not_found(format!("There is no instance {id}")));
     }
     app.refresh.forget(row.id);
-    crate::audit::record(&app, &caller, "instance.deleted", Some(&row.id.to_string()), None).await;
-    Ok(AxumJson(serde_json::json!({"id": row.id, "deleted": true, "revocation": revocation})))
+    crate::audit::record(
+        &app,
+        &caller,
+        "instance.deleted",
+        Some(&row.id.to_string()),
+        None,
+    )
+    .await;
+    Ok(AxumJson(
+        serde_json::json!({"id": row.id, "deleted": true, "revocation": revocation}),
+    ))
 }
 
-async fn set_enabled(app: &SharedApp, caller: &Caller, row: InstanceRow, enabled: bool) -> ApiResult<AxumJson<Value>> {
-    let event_type = if enabled { events::ENABLED } else { events::DISABLED };
+async fn set_enabled(
+    app: &SharedApp,
+    caller: &Caller,
+    row: InstanceRow,
+    enabled: bool,
+) -> ApiResult<AxumJson<Value>> {
+    let event_type = if enabled {
+        events::ENABLED
+    } else {
+        events::DISABLED
+    };
     let event = events::new_event(app, &row, event_type, None);
-    app.store.set_disabled(row.organization_id, row.id, !enabled, Some(&event)).await?;
+    app.store
+        .set_disabled(row.organization_id, row.id, !enabled, Some(&event))
+        .await?;
     app.refresh.forget(row.id);
     app.refresh.notify_schedule_changed();
     crate::audit::record(app, caller, event_type, Some(&row.id.to_string()), None).await;
@@ -687,12 +794,20 @@ pub async fn disable(State(app): State<SharedApp>, caller: Caller) -> ApiResult<
     set_enabled(&app, &caller, row, false).await
 }
 
-pub async fn enable_by_id(State(app): State<SharedApp>, caller: Caller, Path(id): Path<String>) -> ApiResult<AxumJson<Value>> {
+pub async fn enable_by_id(
+    State(app): State<SharedApp>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<AxumJson<Value>> {
     let row = load_for_call(&app, &caller, &id).await?;
     set_enabled(&app, &caller, row, true).await
 }
 
-pub async fn disable_by_id(State(app): State<SharedApp>, caller: Caller, Path(id): Path<String>) -> ApiResult<AxumJson<Value>> {
+pub async fn disable_by_id(
+    State(app): State<SharedApp>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<AxumJson<Value>> {
     let row = load_for_call(&app, &caller, &id).await?;
     set_enabled(&app, &caller, row, false).await
 }
@@ -704,13 +819,22 @@ pub async fn refresh_now(
 ) -> ApiResult<AxumJson<Value>> {
     let row = load_for_call(&app, &caller, &id).await?;
     if row.is_disabled() {
-        return Err(ApiError::conflict("The instance is disabled: enable it first"));
+        return Err(ApiError::conflict(
+            "The instance is disabled: enable it first",
+        ));
     }
     app.refresh
         .refresh_now(&app, row.id)
         .await
         .map_err(|failure| failure.into_api_error())?;
-    crate::audit::record(&app, &caller, "instance.token.refreshed", Some(&row.id.to_string()), None).await;
+    crate::audit::record(
+        &app,
+        &caller,
+        "instance.token.refreshed",
+        Some(&row.id.to_string()),
+        None,
+    )
+    .await;
     let stored = app
         .store
         .get_instance(row.organization_id, row.id)
@@ -728,10 +852,22 @@ pub async fn revoke(
     let revocation = crate::refresh::revoke_at_provider(&app, &row).await?;
     let event = events::new_event(&app, &row, events::INVALIDATED, Some("revoked"));
     app.store
-        .mark_invalid(row.id, "revoked", Some("The grant was revoked through tokenwarden"), Some(&event))
+        .mark_invalid(
+            row.id,
+            "revoked",
+            Some("The grant was revoked through tokenwarden"),
+            Some(&event),
+        )
         .await?;
     app.refresh.forget(row.id);
-    crate::audit::record(&app, &caller, "instance.revoked", Some(&row.id.to_string()), None).await;
+    crate::audit::record(
+        &app,
+        &caller,
+        "instance.revoked",
+        Some(&row.id.to_string()),
+        None,
+    )
+    .await;
     let stored = app
         .store
         .get_instance(row.organization_id, row.id)
@@ -743,6 +879,3 @@ pub async fn revoke(
     }
     Ok(AxumJson(view))
 }
-
-#[allow(dead_code)]
-fn unused(_: HashMap<String, String>) {}

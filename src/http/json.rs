@@ -29,7 +29,10 @@ pub fn json_rejection(rejection: JsonRejection) -> ApiError {
     let status = rejection.status();
     let message = match &rejection {
         JsonRejection::JsonDataError(error) => {
-            format!("The JSON body does not have the expected shape: {}", error.body_text())
+            format!(
+                "The JSON body does not have the expected shape: {}",
+                error.body_text()
+            )
         }
         JsonRejection::JsonSyntaxError(error) => {
             format!("The body is not valid JSON: {}", error.body_text())

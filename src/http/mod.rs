@@ -23,9 +23,15 @@ pub fn router(app: SharedApp) -> Router {
     let max_body = app.config.max_body_bytes;
     let platform = Router::new()
         .route("/elements", get(elements::list).post(elements::create))
-        .route("/elements/{key}", get(elements::get_one).delete(elements::delete))
+        .route(
+            "/elements/{key}",
+            get(elements::get_one).delete(elements::delete),
+        )
         .route("/elements/{key}/oauth/url", get(elements::oauth_url))
-        .route("/elements/{key}/instances", post(instances::create_for_element))
+        .route(
+            "/elements/{key}/instances",
+            post(instances::create_for_element),
+        )
         .route(
             "/instances",
             get(instances::list)
@@ -44,8 +50,14 @@ pub fn router(app: SharedApp) -> Router {
                 .put(instances::put)
                 .delete(instances::delete),
         )
-        .route("/instances/{id}/enabled", put(instances::enable_by_id).delete(instances::disable_by_id))
-        .route("/instances/{id}/tokens/refresh", post(instances::refresh_now))
+        .route(
+            "/instances/{id}/enabled",
+            put(instances::enable_by_id).delete(instances::disable_by_id),
+        )
+        .route(
+            "/instances/{id}/tokens/refresh",
+            post(instances::refresh_now),
+        )
         .route("/instances/{id}/tokens/revoke", post(instances::revoke))
         .route("/events", get(events::list))
         .route("/audit-logs", get(events::audit_logs))

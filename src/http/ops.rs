@@ -14,10 +14,16 @@ use crate::app::SharedApp;
 
 pub async fn healthz(State(app): State<SharedApp>) -> Response {
     match app.store.ping().await {
-        Ok(()) => AxumJson(json!({"status": "ok", "database": app.store.engine_name()})).into_response(),
+        Ok(()) => {
+            AxumJson(json!({"status": "ok", "database": app.store.engine_name()})).into_response()
+        }
         Err(error) => {
             tracing::error!("health check: the database does not answer: {error}");
-            (StatusCode::SERVICE_UNAVAILABLE, AxumJson(json!({"status": "unavailable", "database": "not answering"}))).into_response()
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                AxumJson(json!({"status": "unavailable", "database": "not answering"})),
+            )
+                .into_response()
         }
     }
 }
@@ -54,7 +60,10 @@ fn escape(text: &str) -> String {
 pub async fn oauth_callback(Query(query): Query<HashMap<String, String>>) -> Response {
     let field = |name: &str| escape(query.get(name).map(String::as_str).unwrap_or(""));
     let body = if let Some(error) = query.get("error") {
-        let description = query.get("error_description").map(String::as_str).unwrap_or("");
+        let description = query
+            .get("error_description")
+            .map(String::as_str)
+            .unwrap_or("");
         let page = format!(
             "<!doctype html><html><head><meta charset=utf-8><title>Authorization failed</title></head><body><h1>Authorization failed</h1><p>The provider answered <code id=error>{}</code>: <span id=error_description>{}</span></p><p>state: <code id=state>{}</code></p></body></html>",
             escape(error),
@@ -66,7 +75,9 @@ pub async fn oauth_callback(Query(query): Query<HashMap<String, String>>) -> Res
         let extras: String = query
             .iter()
             .filter(|(name, _)| !matches!(name.as_str(), "code" | "state"))
-            .map(|(name, value)| format!("<li>{}: <code>{}</code></li>", escape(name), escape(value)))
+            .map(|(name, value)| {
+                format!("<li>{}: <code>{}</code></li>", escape(name), escape(value))
+            })
             .collect();
         format!(
             "<!doctype html><html><head><meta charset=utf-8><title>Authorization code</title></head><body><h1>Authorization code received</h1><p>code: <code id=code>{code}</code></p><p>state: <code id=state>{state}</code></p><ul>{extras}</ul><p>Pass it as <code>providerData.code</code> to <code>POST /instances</code> or <code>PATCH /instances</code>.</p><script>if (window.opener) {{ window.opener.postMessage({{type: 'tokenwarden-oauth', code: document.getElementById('code').textContent, state: document.getElementById('state').textContent}}, window.location.origin); }}</script></body></html>",
@@ -75,7 +86,11 @@ pub async fn oauth_callback(Query(query): Query<HashMap<String, String>>) -> Res
         )
     };
     if !query.contains_key("code") {
-        return (StatusCode::BAD_REQUEST, Html("<!doctype html><p>No <code>code</code> in this redirect.</p>".to_string())).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            Html("<!doctype html><p>No <code>code</code> in this redirect.</p>".to_string()),
+        )
+            .into_response();
     }
     Html(body).into_response()
 }

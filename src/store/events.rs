@@ -35,6 +35,15 @@ pub(super) async fn insert_event_in(
 
 impl Store {
     /// Records an event on its own (`Conflict` when the id is taken).
+    /// Events waiting for delivery (the outbox backlog).
+    pub async fn count_pending_deliveries(&self) -> Result<i64, StoreError> {
+        let (count,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM events WHERE delivery_state = 'pending'")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(count)
+    }
+
     pub async fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
         let mut transaction = self.begin_write().await?;
         insert_event_in(&mut transaction, event).await?;

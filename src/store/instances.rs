@@ -24,7 +24,12 @@ const CLAIMABLE: &str = "next_due_at <= $1 AND state = 'valid' AND disabled = 0 
 impl Store {
     /// Inserts a new instance; `Conflict` when its id or token hash is taken, `NotFound` when
     /// its organization does not exist.
-    pub async fn insert_instance(&self, row: &InstanceRow) -> Result<(), StoreError> {
+    pub async fn insert_instance(
+        &self,
+        row: &InstanceRow,
+        event: Option<&NewEvent>,
+    ) -> Result<(), StoreError> {
+        let mut transaction = self.begin_write().await?;
         let sql = format!(
             "INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
              $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, \
@@ -63,8 +68,12 @@ impl Store {
             .bind(row.created_by)
             .bind(row.created_at)
             .bind(row.updated_at)
-            .execute(&self.pool)
+            .execute(&mut *transaction)
             .await?;
+        if let Some(event) = event {
+            insert_event_in(&mut transaction, event).await?;
+        }
+        transaction.commit().await?;
         Ok(())
     }
 
@@ -199,7 +208,9 @@ impl Store {
         organization_id: i64,
         id: i64,
         disabled: bool,
+        event: Option<&NewEvent>,
     ) -> Result<bool, StoreError> {
+        let mut transaction = self.begin_write().await?;
         let result = sqlx::query(
             "UPDATE instances SET disabled = $1, updated_at = $2 \
              WHERE id = $3 AND organization_id = $4",
@@ -208,9 +219,29 @@ impl Store {
         .bind(system_now_ms())
         .bind(id)
         .bind(organization_id)
-        .execute(&self.pool)
+        .execute(&mut *transaction)
         .await?;
-        Ok(result.rows_affected() == 1)
+        if result.rows_affected() != 1 {
+            return Ok(false);
+        }
+        if let Some(event) = event {
+            insert_event_in(&mut transaction, event).await?;
+        }
+        transaction.commit().await?;
+        Ok(true)
+    }
+
+    /// How many instances are in each state (`valid`, `invalid`, `disabled`, `refresh_failing`),
+    /// for the metrics gauges.
+    pub async fn count_instances_by_state(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT CASE WHEN disabled = 1 THEN 'disabled' WHEN state = 'invalid' THEN 'invalid' \
+             WHEN failing_since IS NOT NULL THEN 'refresh_failing' ELSE 'valid' END AS s, \
+             COUNT(*) AS n FROM instances GROUP BY s",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
     }
 
     // ----- token state --------------------------------------------------------------------

@@ -198,6 +198,13 @@ impl Store {
         Ok(url)
     }
 
+    pub fn engine_name(&self) -> &'static str {
+        match self.engine() {
+            Engine::Sqlite => "sqlite",
+            Engine::Postgres => "postgresql",
+        }
+    }
+
     pub fn engine(&self) -> Engine {
         self.engine
     }

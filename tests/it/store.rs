@@ -364,13 +364,13 @@ async fn instances_crud_and_isolation() {
         first.tags = r#"["qa","eu"]"#.to_string();
         first.configuration = r#"{"base.url":"http://x"}"#.to_string();
         first.client_secret_enc = Some(bytes("client-secret"));
-        store.insert_instance(&first).await.unwrap();
+        store.insert_instance(&first, None).await.unwrap();
         let mut second = instance(org, "second");
         second.tags = r#"["prod"]"#.to_string();
         second.created_at = NOW + 1;
-        store.insert_instance(&second).await.unwrap();
+        store.insert_instance(&second, None).await.unwrap();
         store
-            .insert_instance(&instance(other, "theirs"))
+            .insert_instance(&instance(other, "theirs"), None)
             .await
             .unwrap();
 
@@ -384,7 +384,12 @@ async fn instances_crud_and_isolation() {
             None,
             "{label}"
         );
-        assert!(!store.set_disabled(other, first.id, true).await.unwrap());
+        assert!(
+            !store
+                .set_disabled(other, first.id, true, None)
+                .await
+                .unwrap()
+        );
         assert!(!store.delete_instance(other, first.id, None).await.unwrap());
         assert!(
             store
@@ -431,18 +436,18 @@ async fn instances_crud_and_isolation() {
         let mut clash = instance(org, "clash");
         clash.token_hash = first.token_hash.clone();
         assert!(matches!(
-            store.insert_instance(&clash).await,
+            store.insert_instance(&clash, None).await,
             Err(StoreError::Conflict(_))
         ));
         let mut clash = instance(org, "clash");
         clash.id = first.id;
         assert!(matches!(
-            store.insert_instance(&clash).await,
+            store.insert_instance(&clash, None).await,
             Err(StoreError::Conflict(_))
         ));
         assert!(matches!(
             store
-                .insert_instance(&instance(random_id(), "orphan"))
+                .insert_instance(&instance(random_id(), "orphan"), None)
                 .await,
             Err(StoreError::NotFound)
         ));
@@ -508,7 +513,7 @@ async fn instances_crud_and_isolation() {
             .unwrap();
         assert_eq!(updated.client_secret_enc, Some(bytes("new")));
 
-        assert!(store.set_disabled(org, first.id, true).await.unwrap());
+        assert!(store.set_disabled(org, first.id, true, None).await.unwrap());
         assert!(
             store
                 .get_instance(org, first.id)
@@ -517,7 +522,12 @@ async fn instances_crud_and_isolation() {
                 .unwrap()
                 .is_disabled()
         );
-        assert!(store.set_disabled(org, first.id, false).await.unwrap());
+        assert!(
+            store
+                .set_disabled(org, first.id, false, None)
+                .await
+                .unwrap()
+        );
         assert!(
             !store
                 .get_instance(org, first.id)
@@ -553,7 +563,7 @@ async fn refresh_lease() {
         let org = organization(store, "A").await;
         let mut row = instance(org, "leased");
         row.next_due_at = Some(NOW);
-        store.insert_instance(&row).await.unwrap();
+        store.insert_instance(&row, None).await.unwrap();
 
         let taken = store
             .try_acquire_refresh_lease(row.id, "replica-a", NOW, NOW + 30_000)
@@ -646,7 +656,7 @@ async fn token_commit_is_compare_and_swap_with_its_event() {
         let label = &test.label;
         let org = organization(store, "A").await;
         let row = instance(org, "cas");
-        store.insert_instance(&row).await.unwrap();
+        store.insert_instance(&row, None).await.unwrap();
         let leased = store
             .try_acquire_refresh_lease(row.id, "me", NOW, NOW + 30_000)
             .await
@@ -788,7 +798,7 @@ async fn failures_invalidation_and_reauthentication() {
         let mut row = instance(org, "fragile");
         row.next_due_at = Some(NOW);
         row.tags = r#"["keep"]"#.to_string();
-        store.insert_instance(&row).await.unwrap();
+        store.insert_instance(&row, None).await.unwrap();
 
         // Transient failures: the instance stays valid, failing_since stays at the first one,
         // the schedule waits for the backoff, the owner's lease is released.
@@ -981,7 +991,7 @@ async fn schedule_due_instances_and_in_flight() {
         leased.refresh_lease_until = Some(NOW + 5_000);
         let unscheduled = instance(org, "unscheduled");
         for row in [&due, &later, &invalid, &disabled, &leased, &unscheduled] {
-            store.insert_instance(row).await.unwrap();
+            store.insert_instance(row, None).await.unwrap();
         }
         // The leased row counts for the schedule (its lease may be abandoned); the invalid and
         // disabled ones do not.
@@ -1060,7 +1070,7 @@ async fn concurrent_claimers_never_share_a_row() {
                 let mut row = instance(org, &format!("r{round}-i{index}"));
                 row.next_due_at = Some(now - index);
                 ids.insert(row.id);
-                store.insert_instance(&row).await.unwrap();
+                store.insert_instance(&row, None).await.unwrap();
             }
             // The claimers start together and take overlapping batches, so that without row
             // locking they would pick the same candidates.
@@ -1356,7 +1366,7 @@ async fn encrypted_fields_for_key_rotation() {
         let mut rows = Vec::new();
         for index in 0..5 {
             let row = instance(org, &format!("r{index}"));
-            store.insert_instance(&row).await.unwrap();
+            store.insert_instance(&row, None).await.unwrap();
             rows.push(row);
         }
         let mut batches = 0;
