@@ -32,7 +32,10 @@ pub struct Org {
 
 impl Org {
     pub fn platform(&self) -> String {
-        format!("User {}, Organization {}", self.user_secret, self.organization_secret)
+        format!(
+            "User {}, Organization {}",
+            self.user_secret, self.organization_secret
+        )
     }
 
     pub fn with_element(&self, element_token: &str) -> String {
@@ -56,7 +59,9 @@ pub struct Env {
 impl Env {
     /// A sandbox and a server on the given database.
     pub async fn start(label: &str, database_url: &str) -> Env {
-        let sandbox = tokenwarden_sandbox::spawn(loopback(), SandboxConfig::default()).await.unwrap();
+        let sandbox = tokenwarden_sandbox::spawn(loopback(), SandboxConfig::default())
+            .await
+            .unwrap();
         Self::start_with_sandbox(label, database_url, sandbox, |_| {}).await
     }
 
@@ -67,7 +72,9 @@ impl Env {
         adjust: impl FnOnce(&mut AppConfig),
     ) -> Env {
         let server = start_server(database_url, &sandbox.url, adjust).await;
-        let created = tokenwarden::orgs::create_organization(&server.app, "it org").await.unwrap();
+        let created = tokenwarden::orgs::create_organization(&server.app, "it org")
+            .await
+            .unwrap();
         Env {
             label: label.to_string(),
             database_url: database_url.to_string(),
@@ -95,7 +102,9 @@ impl Env {
     }
 
     pub async fn new_org(&self, name: &str) -> Org {
-        let created = tokenwarden::orgs::create_organization(&self.server.app, name).await.unwrap();
+        let created = tokenwarden::orgs::create_organization(&self.server.app, name)
+            .await
+            .unwrap();
         Org {
             id: created.organization_id,
             user_secret: created.user_secret,
@@ -108,7 +117,11 @@ impl Env {
         let response = self
             .http
             .get(self.api(&format!("/elements/{element}/oauth/url")))
-            .query(&[("apiKey", CLIENT_ID), ("apiSecret", CLIENT_SECRET), ("callbackUrl", self.callback().as_str())])
+            .query(&[
+                ("apiKey", CLIENT_ID),
+                ("apiSecret", CLIENT_SECRET),
+                ("callbackUrl", self.callback().as_str()),
+            ])
             .header("authorization", org.platform())
             .send()
             .await
@@ -116,13 +129,37 @@ impl Env {
         assert_eq!(response.status(), 200, "[{}] oauth/url", self.label);
         let body: Value = response.json().await.unwrap();
         let url = body["oauthUrl"].as_str().unwrap().to_string();
-        let approve = self.http.get(format!("{url}&login_hint={user}")).send().await.unwrap();
-        assert!(approve.status().is_redirection(), "[{}] approval redirects: {}", self.label, approve.status());
+        let approve = self
+            .http
+            .get(format!("{url}&login_hint={user}"))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            approve.status().is_redirection(),
+            "[{}] approval redirects: {}",
+            self.label,
+            approve.status()
+        );
         let location = approve.headers()["location"].to_str().unwrap().to_string();
         let location = url::Url::parse(&location).unwrap();
-        let code = location.query_pairs().find(|(k, _)| k == "code").unwrap().1.into_owned();
-        let state = location.query_pairs().find(|(k, _)| k == "state").unwrap().1.into_owned();
-        assert_eq!(state, body["state"].as_str().unwrap(), "state comes back unchanged");
+        let code = location
+            .query_pairs()
+            .find(|(k, _)| k == "code")
+            .unwrap()
+            .1
+            .into_owned();
+        let state = location
+            .query_pairs()
+            .find(|(k, _)| k == "state")
+            .unwrap()
+            .1
+            .into_owned();
+        assert_eq!(
+            state,
+            body["state"].as_str().unwrap(),
+            "state comes back unchanged"
+        );
         (code, state)
     }
 
@@ -148,7 +185,13 @@ impl Env {
         body
     }
 
-    pub async fn proxy(&self, org: &Org, element_token: &str, method: reqwest::Method, path: &str) -> (u16, Value) {
+    pub async fn proxy(
+        &self,
+        org: &Org,
+        element_token: &str,
+        method: reqwest::Method,
+        path: &str,
+    ) -> (u16, Value) {
         let response = self
             .http
             .request(method, self.api(&format!("/proxy/{path}")))
@@ -158,30 +201,69 @@ impl Env {
             .unwrap();
         let status = response.status().as_u16();
         let text = response.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn get_json(&self, url: &str, authorization: &str) -> (u16, Value) {
-        let response = self.http.get(url).header("authorization", authorization).send().await.unwrap();
+        let response = self
+            .http
+            .get(url)
+            .header("authorization", authorization)
+            .send()
+            .await
+            .unwrap();
         let status = response.status().as_u16();
         let text = response.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn sandbox_post(&self, path: &str, body: Value) -> Value {
-        let response = self.http.post(self.sandbox_url(path)).json(&body).send().await.unwrap();
-        assert!(response.status().is_success(), "sandbox {path}: {}", response.status());
+        let response = self
+            .http
+            .post(self.sandbox_url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "sandbox {path}: {}",
+            response.status()
+        );
         response.json().await.unwrap_or(Value::Null)
     }
 
     pub async fn sandbox_put(&self, path: &str, body: Value) -> Value {
-        let response = self.http.put(self.sandbox_url(path)).json(&body).send().await.unwrap();
-        assert!(response.status().is_success(), "sandbox {path}: {}", response.status());
+        let response = self
+            .http
+            .put(self.sandbox_url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "sandbox {path}: {}",
+            response.status()
+        );
         response.json().await.unwrap_or(Value::Null)
     }
 
     pub async fn sandbox_stats(&self) -> Value {
-        self.http.get(self.sandbox_url("/__sandbox/stats")).send().await.unwrap().json().await.unwrap()
+        self.http
+            .get(self.sandbox_url("/__sandbox/stats"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     pub async fn stop(self) {
@@ -190,12 +272,18 @@ impl Env {
     }
 }
 
-pub async fn start_server(database_url: &str, sandbox_url: &str, adjust: impl FnOnce(&mut AppConfig)) -> RunningServer {
+pub async fn start_server(
+    database_url: &str,
+    sandbox_url: &str,
+    adjust: impl FnOnce(&mut AppConfig),
+) -> RunningServer {
     let mut config = AppConfig::new(database_url);
     config.sandbox_url = sandbox_url.to_string();
     config.master_key = Some(TEST_MASTER_KEY.to_string());
     adjust(&mut config);
-    tokenwarden::startup::spawn(loopback(), config).await.unwrap()
+    tokenwarden::startup::spawn(loopback(), config)
+        .await
+        .unwrap()
 }
 
 /// One key for every replica of a test (base64 of 32 bytes).
