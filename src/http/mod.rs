@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod caller;
+pub mod dashboard;
 pub mod elements;
 pub mod error;
 pub mod events;
@@ -68,6 +69,7 @@ pub fn router(app: SharedApp) -> Router {
         .layer(DefaultBodyLimit::disable());
     Router::new()
         .nest(BASE_PATH, platform.merge(proxy))
+        .route("/", get(dashboard::page))
         .route("/healthz", get(ops::healthz))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
