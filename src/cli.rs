@@ -35,6 +35,20 @@ pub enum Command {
         #[command(subcommand)]
         command: UsersCommand,
     },
+    /// Instances of a running server.
+    Instances {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: InstancesCommand,
+    },
+    /// Connectors of a running server.
+    Connectors {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(subcommand)]
+        command: ConnectorsCommand,
+    },
     /// Master keys.
     Keys {
         #[command(subcommand)]
@@ -88,6 +102,64 @@ pub struct SandboxArgs {
     /// Accept only this client: `ID:SECRET`. Without it any id/secret pair is accepted.
     #[arg(long)]
     pub client: Option<String>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RemoteArgs {
+    /// The server to speak to.
+    #[arg(
+        long,
+        env = "TOKENWARDEN_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub url: String,
+    #[arg(
+        long,
+        env = "TOKENWARDEN_USER_SECRET",
+        hide_env_values = true,
+        default_value = "",
+        hide_default_value = true,
+        global = true
+    )]
+    pub user_secret: String,
+    #[arg(
+        long,
+        env = "TOKENWARDEN_ORG_SECRET",
+        hide_env_values = true,
+        default_value = "",
+        hide_default_value = true,
+        global = true
+    )]
+    pub org_secret: String,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InstancesCommand {
+    /// The organization's instances.
+    List,
+    /// One instance, with its configuration (secrets masked).
+    Show { id: i64 },
+    /// Refresh the access token now.
+    Refresh { id: i64 },
+    /// Revoke at the provider; the instance turns invalid.
+    Revoke { id: i64 },
+    /// Enable: provider calls and refreshes resume.
+    Enable { id: i64 },
+    /// Disable: no provider calls, no refreshes.
+    Disable { id: i64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConnectorsCommand {
+    /// The catalog: built-in connectors and the organization's own.
+    List {
+        #[arg(long)]
+        category: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -218,6 +290,28 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Instances { remote, command } => {
+            use crate::remote::InstanceAction;
+            let remote = remote_of(remote);
+            match command {
+                InstancesCommand::List => remote.list_instances().await?,
+                InstancesCommand::Show { id } => remote.show_instance(id).await?,
+                InstancesCommand::Refresh { id } => remote.act(id, InstanceAction::Refresh).await?,
+                InstancesCommand::Revoke { id } => remote.act(id, InstanceAction::Revoke).await?,
+                InstancesCommand::Enable { id } => remote.act(id, InstanceAction::Enable).await?,
+                InstancesCommand::Disable { id } => remote.act(id, InstanceAction::Disable).await?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Connectors {
+            remote,
+            command: ConnectorsCommand::List { category },
+        } => {
+            remote_of(remote)
+                .list_connectors(category.as_deref())
+                .await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Keys {
             command: KeysCommand::Rotate { database },
         } => {
@@ -231,6 +325,15 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn remote_of(args: RemoteArgs) -> crate::remote::Remote {
+    crate::remote::Remote {
+        url: args.url,
+        user_secret: args.user_secret,
+        organization_secret: args.org_secret,
+        json: args.json,
     }
 }
 

@@ -23,6 +23,7 @@ pub mod openapi;
 pub mod orgs;
 pub mod proxy;
 pub mod refresh;
+pub mod remote;
 pub mod secret;
 pub mod startup;
 pub mod store;

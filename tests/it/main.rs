@@ -1,5 +1,6 @@
 //! The one integration-test binary: each module is one area of the service.
 
+mod cli;
 mod dashboard;
 mod harness;
 mod smoke;

@@ -1,0 +1,237 @@
+//! The command line's client side: `tokenwarden instances …` and `tokenwarden connectors list`
+//! speak to a running server over its platform API (`--url` / `TOKENWARDEN_URL`, secrets from
+//! `TOKENWARDEN_USER_SECRET` and `TOKENWARDEN_ORG_SECRET`), and print a table or `--json`.
+
+use serde_json::Value;
+
+pub struct Remote {
+    pub url: String,
+    pub user_secret: String,
+    pub organization_secret: String,
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum InstanceAction {
+    Refresh,
+    Revoke,
+    Enable,
+    Disable,
+}
+
+impl Remote {
+    fn client(&self) -> Result<reqwest::Client, String> {
+        crate::app::build_http_client(std::time::Duration::from_secs(30)).map_err(|e| e.to_string())
+    }
+
+    async fn request(&self, method: reqwest::Method, path: &str) -> Result<Value, String> {
+        if self.user_secret.is_empty() || self.organization_secret.is_empty() {
+            return Err("set TOKENWARDEN_USER_SECRET and TOKENWARDEN_ORG_SECRET (printed by `tokenwarden orgs create`)".into());
+        }
+        let url = format!("{}/elements/api-v2{path}", self.url.trim_end_matches('/'));
+        let response = self
+            .client()?
+            .request(method, &url)
+            .header(
+                "authorization",
+                format!("User {}, Organization {}", self.user_secret, self.organization_secret),
+            )
+            .send()
+            .await
+            .map_err(|error| {
+                format!(
+                    "the server at {} does not answer ({}); is `tokenwarden serve` running, and is --url / TOKENWARDEN_URL right?",
+                    self.url,
+                    crate::oauth::transport_message(&error)
+                )
+            })?;
+        let status = response.status();
+        let text = response.text().await.map_err(|e| e.to_string())?;
+        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if status.is_success() {
+            return Ok(body);
+        }
+        let message = body["message"].as_str().unwrap_or("no message").to_string();
+        let provider = body["providerMessage"]
+            .as_str()
+            .map(|p| format!(" (provider: {p})"))
+            .unwrap_or_default();
+        if status.as_u16() == 401 {
+            return Err(format!("the server refused the secrets: {message}"));
+        }
+        Err(format!("{status}: {message}{provider}"))
+    }
+
+    pub async fn list_instances(&self) -> Result<(), String> {
+        let instances = self.request(reqwest::Method::GET, "/instances").await?;
+        if self.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&instances).unwrap_or_default()
+            );
+            return Ok(());
+        }
+        let rows: Vec<Vec<String>> = instances
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|i| {
+                vec![
+                    i["id"].to_string(),
+                    text(&i["name"]),
+                    text(&i["element"]["key"]),
+                    text(&i["state"]),
+                    text(&i["lastRefreshDate"]),
+                    text(&i["accessTokenExpiresDate"]),
+                    text(&i["providerMessage"]).chars().take(60).collect(),
+                ]
+            })
+            .collect();
+        print_table(
+            &[
+                "ID",
+                "NAME",
+                "CONNECTOR",
+                "STATE",
+                "LAST REFRESH",
+                "ACCESS EXPIRES",
+                "REASON",
+            ],
+            &rows,
+        );
+        Ok(())
+    }
+
+    pub async fn show_instance(&self, id: i64) -> Result<(), String> {
+        let instance = self
+            .request(reqwest::Method::GET, &format!("/instances/{id}"))
+            .await?;
+        if self.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&instance).unwrap_or_default()
+            );
+            return Ok(());
+        }
+        let mut rows = Vec::new();
+        for key in [
+            "id",
+            "name",
+            "state",
+            "valid",
+            "disabled",
+            "stateReason",
+            "providerMessage",
+            "refreshFailingSince",
+            "lastRefreshDate",
+            "accessTokenExpiresDate",
+            "refreshTokenExpiresDate",
+            "createdDate",
+            "updatedDate",
+        ] {
+            rows.push(vec![key.to_string(), text(&instance[key])]);
+        }
+        rows.push(vec!["connector".into(), text(&instance["element"]["key"])]);
+        rows.push(vec!["tags".into(), instance["tags"].to_string()]);
+        if let Some(configuration) = instance["configuration"].as_object() {
+            for (key, value) in configuration {
+                rows.push(vec![key.clone(), text(value)]);
+            }
+        }
+        print_table(&["FIELD", "VALUE"], &rows);
+        Ok(())
+    }
+
+    pub async fn act(&self, id: i64, action: InstanceAction) -> Result<(), String> {
+        let (method, path) = match action {
+            InstanceAction::Refresh => (
+                reqwest::Method::POST,
+                format!("/instances/{id}/tokens/refresh"),
+            ),
+            InstanceAction::Revoke => (
+                reqwest::Method::POST,
+                format!("/instances/{id}/tokens/revoke"),
+            ),
+            InstanceAction::Enable => (reqwest::Method::PUT, format!("/instances/{id}/enabled")),
+            InstanceAction::Disable => {
+                (reqwest::Method::DELETE, format!("/instances/{id}/enabled"))
+            }
+        };
+        let instance = self.request(method, &path).await?;
+        if self.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&instance).unwrap_or_default()
+            );
+        } else {
+            println!("instance {id}: {}", text(&instance["state"]));
+        }
+        Ok(())
+    }
+
+    pub async fn list_connectors(&self, category: Option<&str>) -> Result<(), String> {
+        let path = match category {
+            Some(category) => format!("/elements?category={category}"),
+            None => "/elements".to_string(),
+        };
+        let connectors = self.request(reqwest::Method::GET, &path).await?;
+        if self.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&connectors).unwrap_or_default()
+            );
+            return Ok(());
+        }
+        let rows: Vec<Vec<String>> = connectors
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|c| {
+                vec![
+                    text(&c["key"]),
+                    text(&c["name"]),
+                    text(&c["category"]),
+                    text(&c["refresh"]["strategy"]),
+                ]
+            })
+            .collect();
+        print_table(&["KEY", "NAME", "CATEGORY", "STRATEGY"], &rows);
+        Ok(())
+    }
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::Null => "—".to_string(),
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (index, cell) in row.iter().enumerate() {
+            widths[index] = widths[index].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(index, cell)| format!("{cell:<width$}", width = widths[index]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    println!("{}", line(headers.iter().map(|h| h.to_string()).collect()));
+    for row in rows {
+        println!("{}", line(row.clone()));
+    }
+    if rows.is_empty() {
+        println!("(none)");
+    }
+}

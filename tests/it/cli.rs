@@ -1,0 +1,143 @@
+//! The command line against a running server: tables and JSON, and clear errors when the server
+//! is down or the secrets are wrong.
+
+use std::process::Command;
+
+use crate::harness::Env;
+use crate::support::test_databases;
+
+fn tokenwarden(args: &[&str], envs: &[(&str, &str)]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+        .args(args)
+        .env_remove("TOKENWARDEN_USER_SECRET")
+        .env_remove("TOKENWARDEN_ORG_SECRET")
+        .envs(envs.iter().copied())
+        .output()
+        .expect("the binary runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn instances_and_connectors_from_the_command_line() {
+    let (label, url) = test_databases().await.remove(0);
+    let env = Env::start(&label, &url).await;
+    let instance = env.create_instance(&env.org, "sandbox-box", "carol").await;
+    let id = instance["id"].to_string();
+    let server = env.server.url.clone();
+    let user = env.org.user_secret.clone();
+    let org = env.org.organization_secret.clone();
+    let secrets = [
+        ("TOKENWARDEN_URL", server.as_str()),
+        ("TOKENWARDEN_USER_SECRET", user.as_str()),
+        ("TOKENWARDEN_ORG_SECRET", org.as_str()),
+    ];
+
+    let run = |args: Vec<String>, envs: Vec<(String, String)>| {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let envs: Vec<(&str, &str)> =
+                envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            tokenwarden(&args, &envs)
+        })
+    };
+    let owned = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+    };
+    let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+    let (ok, stdout, stderr) = run(args(&["instances", "list"]), owned(&secrets))
+        .await
+        .unwrap();
+    assert!(ok, "{stderr}");
+    assert!(stdout.starts_with("ID"), "a table: {stdout}");
+    assert!(
+        stdout.contains(&id) && stdout.contains("sandbox-box") && stdout.contains("valid"),
+        "{stdout}"
+    );
+
+    let (ok, stdout, _) = run(args(&["instances", "list", "--json"]), owned(&secrets))
+        .await
+        .unwrap();
+    assert!(ok);
+    let listed: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(listed[0]["id"].to_string(), id);
+    assert_eq!(
+        listed[0]["configuration"]["oauth.user.token"], "********",
+        "masked without the Element token"
+    );
+
+    let (ok, stdout, stderr) = run(args(&["instances", "disable", &id]), owned(&secrets))
+        .await
+        .unwrap();
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("disabled"), "{stdout}");
+    let (ok, stdout, _) = run(args(&["instances", "enable", &id]), owned(&secrets))
+        .await
+        .unwrap();
+    assert!(ok && stdout.contains("valid"), "{stdout}");
+    let (ok, stdout, stderr) = run(args(&["instances", "refresh", &id]), owned(&secrets))
+        .await
+        .unwrap();
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("valid"), "{stdout}");
+    let (ok, stdout, _) = run(args(&["instances", "show", &id]), owned(&secrets))
+        .await
+        .unwrap();
+    assert!(ok && stdout.contains("base.url"), "{stdout}");
+
+    let (ok, stdout, _) = run(
+        args(&["connectors", "list", "--category", "sandbox"]),
+        owned(&secrets),
+    )
+    .await
+    .unwrap();
+    assert!(ok && stdout.contains("sandbox-adobe-sign"), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .skip(1)
+            .all(|line| line.starts_with("sandbox-")),
+        "only the category asked: {stdout}"
+    );
+
+    let wrong = [
+        ("TOKENWARDEN_URL", server.as_str()),
+        ("TOKENWARDEN_USER_SECRET", "nope"),
+        ("TOKENWARDEN_ORG_SECRET", org.as_str()),
+    ];
+    let (ok, _, stderr) = run(args(&["instances", "list"]), owned(&wrong))
+        .await
+        .unwrap();
+    assert!(!ok);
+    assert!(stderr.contains("refused the secrets"), "{stderr}");
+
+    let down = [
+        ("TOKENWARDEN_URL", "http://127.0.0.1:9"),
+        ("TOKENWARDEN_USER_SECRET", user.as_str()),
+        ("TOKENWARDEN_ORG_SECRET", org.as_str()),
+    ];
+    let (ok, _, stderr) = run(args(&["instances", "list"]), owned(&down))
+        .await
+        .unwrap();
+    assert!(!ok);
+    assert!(stderr.contains("does not answer"), "{stderr}");
+
+    let (ok, _, stderr) = run(
+        args(&["instances", "list"]),
+        owned(&[("TOKENWARDEN_URL", server.as_str())]),
+    )
+    .await
+    .unwrap();
+    assert!(
+        !ok && stderr.contains("TOKENWARDEN_USER_SECRET"),
+        "{stderr}"
+    );
+    env.stop().await;
+}
