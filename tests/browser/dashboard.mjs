@@ -24,6 +24,11 @@ try {
   const row = (state) => page.locator(`tr[data-instance="${instanceId}"][data-state="${state}"]`);
   await row("valid").waitFor({ timeout: 15000 });
   step("signed in, the instance is valid");
+  await page.locator('tr[data-connector="sandbox-box"]').waitFor({ timeout: 15000 });
+  await page.selectOption("#category", "crm");
+  await page.locator('tr[data-connector="salesforce"]').waitFor({ timeout: 15000 });
+  if (await page.locator('tr[data-connector="sandbox-box"]').count() !== 0) throw new Error("the category filter kept a sandbox connector");
+  step("the connector catalog filters by category");
   if (page.url().includes(orgSecret) || page.url().includes(userSecret)) throw new Error("a secret is in the URL");
 
   const revoked = await fetch(`${sandbox}/__sandbox/users/alice/revoke`, { method: "POST" });
