@@ -1,6 +1,7 @@
 //! The one integration-test binary: each module is one area of the service.
 
 mod harness;
+mod quirks;
 mod smoke;
 mod store;
 mod support;
