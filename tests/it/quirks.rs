@@ -817,6 +817,17 @@ async fn revocation_semantics_cascade_refresh_only_none_fake_and_delayed() {
     let (id, token) = create(&env, "rev", "olga").await;
     let answer = revoke_through_service(&env, &id, &token).await;
     assert_eq!(answer["valid"], false, "{answer}");
+    assert_eq!(
+        answer["revocation"]["revokedAtProvider"], false,
+        "a 404 is not a revocation: {answer}"
+    );
+    assert!(
+        answer["revocation"]["providerMessage"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not_found"),
+        "{answer}"
+    );
     turns_invalid_locally(&env, &token, "no endpoint").await;
 
     // Fake success (Zendesk current.json): 200, and the grant lives on at the provider.
