@@ -123,17 +123,16 @@ async fn answer(sandbox: &crate::state::Sandbox, profile: Profile, request: Requ
                     .headers
                     .contains_key(axum::http::header::AUTHORIZATION)
                     && bearer.is_none());
-            if profile == Profile::Box || sends_credentials {
-                if let Err(error) =
+            if (profile == Profile::Box || sends_credentials)
+                && let Err(error) =
                     super::token::authenticate(sandbox, &settings, &parts.headers, &params)
-                {
-                    let status = if error.code == "invalid_client" {
-                        StatusCode::UNAUTHORIZED
-                    } else {
-                        StatusCode::BAD_REQUEST
-                    };
-                    return oauth_error(status, error.code, &error.description);
-                }
+            {
+                let status = if error.code == "invalid_client" {
+                    StatusCode::UNAUTHORIZED
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                return oauth_error(status, error.code, &error.description);
             }
             let Some(token) = token else {
                 return oauth_error(
