@@ -6,6 +6,7 @@
 //! the shared PROVIDERS.md; where the real behaviour is unconfirmed, the comment says so.
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Profile {
@@ -119,6 +120,74 @@ pub enum ClientAuthMethod {
     ClientSecretBasic,
 }
 
+/// The body shape of token-endpoint errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ErrorShape {
+    /// RFC 6749 §5.2 `{"error": …, "error_description": …}` (Microsoft adds its AADSTS fields).
+    Oauth,
+    /// HubSpot: `{"status": "BAD_REFRESH_TOKEN", "message": …, "correlationId": …}`.
+    Hubspot,
+    /// Zoom: `{"reason": "Invalid Token!", "error": "invalid_grant"}`.
+    Zoom,
+    /// Slack: HTTP 200 `{"ok": false, "error": "invalid_refresh_token"}`.
+    Slack,
+    /// GitHub: HTTP 200 `{"error": "bad_refresh_token", "error_description": …, "error_uri": …}`.
+    Github,
+}
+
+/// What the revocation endpoint does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RevocationMode {
+    /// The profile's own cascade (see `Sandbox::revoke`).
+    Cascade,
+    /// A refresh token dies alone: access tokens minted with it live on (HubSpot v1).
+    RefreshOnly,
+    /// There is no revocation endpoint: 404 (Microsoft, Atlassian, Spotify).
+    None,
+    /// 200 as if revoked, and nothing changes (Zendesk's `current.json`).
+    FakeSuccess,
+}
+
+/// The shape of the protected API's answer to a bad access token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ApiRejectionShape {
+    /// The profile's own shape (generic: RFC 6750 JSON plus `WWW-Authenticate`).
+    Profile,
+    /// 401, an empty body and `WWW-Authenticate: Bearer …, error="invalid_token"` (Box).
+    EmptyWithWwwAuthenticate,
+    /// 401 with a JSON array `[{"message": …, "errorCode": "INVALID_SESSION_ID"}]` (Salesforce).
+    Array,
+    /// HTTP 200 `{"ok": false, "error": "invalid_auth" | "token_expired" | "token_revoked"}` (Slack).
+    OkFalse,
+    /// 401 with QuickBooks' XML `<IntuitResponse><Fault type="AUTHENTICATION">…` body.
+    Xml,
+}
+
+/// Where the routing field (`routingField`) is handed to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RoutingLocation {
+    /// In the token response (Salesforce `instance_url`, Adobe `api_access_point`).
+    TokenResponse,
+    /// In the authorization redirect, next to `code` (QuickBooks `realmId`, Shopify `shop`).
+    Redirect,
+    Both,
+}
+
+/// What the routing field holds. Either way it names the user's tenant, whose API lives at
+/// `/{profile}/tenants/{tenant}/api/…` and refuses tokens of other tenants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RoutingValue {
+    /// The tenant's API base URL, `http://{sandbox}/{profile}/tenants/{tenant}/`.
+    BaseUrl,
+    /// The tenant id alone (`t-…`), for clients that template it into their URLs.
+    TenantId,
+}
+
 /// Behaviour of one profile, changeable at run time. Serialized in camelCase as the answer of
 /// `GET/PUT /__sandbox/profiles/{profile}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -155,6 +224,38 @@ pub struct ProfileSettings {
     /// HTTP status of `invalid_grant` answers (Atlassian uses 403).
     pub invalid_grant_status: u16,
     pub client_auth_methods: Vec<ClientAuthMethod>,
+    /// 0: unlimited. Otherwise a new authorization of a user beyond this many live grants (per
+    /// user and client) silently revokes the oldest (Google 100, Salesforce 5, Zoom 1).
+    pub max_grants_per_user: u32,
+    /// Empty: no routing data. Otherwise the name of the field or redirect parameter that tells
+    /// the client where the user's tenant lives (`instance_url`, `realmId`, `shop`).
+    pub routing_field: String,
+    pub routing_location: RoutingLocation,
+    pub routing_value: RoutingValue,
+    /// Refreshes go to `/{profile}/refresh` and the token endpoint takes codes only (generic
+    /// only; Adobe Sign always works this way).
+    pub separate_refresh_endpoint: bool,
+    /// A refresh without `scope` is refused with `invalid_request` (older Microsoft docs).
+    pub require_scope_on_refresh: bool,
+    /// Token (and revocation) requests may have a JSON object body as well as a form.
+    pub accept_json_bodies: bool,
+    /// Token (and revocation) requests must have a JSON object body (Notion, Atlassian).
+    pub require_json_bodies: bool,
+    pub error_shape: ErrorShape,
+    /// Empty: none. Otherwise the token-response field that reports the refresh token's
+    /// remaining life in seconds (`x_refresh_token_expires_in` as QuickBooks,
+    /// `refresh_token_expires_in` as LinkedIn). Only sent when the profile has an idle or
+    /// absolute refresh-token limit.
+    pub refresh_token_expires_in_field: String,
+    /// Fields added to every successful token response (`hub_id`, `bot_id`, …).
+    pub extra_token_fields: Map<String, Value>,
+    pub revocation_mode: RevocationMode,
+    /// Revocations (by the endpoint or `/__sandbox/users/{user}/revoke`) take effect this many
+    /// seconds later on the sandbox clock (Microsoft's propagation delay).
+    pub revocation_delay_seconds: u64,
+    /// A new access token is refused for this many seconds after it is minted (LinkedIn).
+    pub access_token_activation_delay_seconds: u64,
+    pub api_rejection_shape: ApiRejectionShape,
 }
 
 impl ProfileSettings {
@@ -179,6 +280,21 @@ impl ProfileSettings {
                 ClientAuthMethod::ClientSecretPost,
                 ClientAuthMethod::ClientSecretBasic,
             ],
+            max_grants_per_user: 0,
+            routing_field: String::new(),
+            routing_location: RoutingLocation::TokenResponse,
+            routing_value: RoutingValue::BaseUrl,
+            separate_refresh_endpoint: false,
+            require_scope_on_refresh: false,
+            accept_json_bodies: false,
+            require_json_bodies: false,
+            error_shape: ErrorShape::Oauth,
+            refresh_token_expires_in_field: String::new(),
+            extra_token_fields: Map::new(),
+            revocation_mode: RevocationMode::Cascade,
+            revocation_delay_seconds: 0,
+            access_token_activation_delay_seconds: 0,
+            api_rejection_shape: ApiRejectionShape::Profile,
         };
         const SIXTY_DAYS: u64 = 60 * 86_400;
         match profile {
@@ -194,6 +310,7 @@ impl ProfileSettings {
                 access_token_ttl_seconds: 7200,
                 include_expires_in: false,
                 omit_refresh_token_on_refresh: true,
+                max_grants_per_user: 5,
                 ..base
             },
             Profile::Box => ProfileSettings {
@@ -226,6 +343,31 @@ impl ProfileSettings {
         {
             return Err("clientAuthMethods must name at least one method".to_string());
         }
+        if let Some(field) = &patch.routing_field
+            && !field.is_empty()
+            && !valid_field_name(field)
+        {
+            return Err(format!(
+                "routingField must be 1 to 64 letters, digits, `_`, `-` or `.`, got '{field}'"
+            ));
+        }
+        if let Some(field) = &patch.refresh_token_expires_in_field
+            && !field.is_empty()
+            && !valid_field_name(field)
+        {
+            return Err(format!(
+                "refreshTokenExpiresInField must be 1 to 64 letters, digits, `_`, `-` or `.`, got '{field}'"
+            ));
+        }
+        if let Some(extra) = &patch.extra_token_fields
+            && let Some(name) = extra.keys().find(|name| {
+                RESERVED_TOKEN_FIELDS.contains(&name.as_str()) || !valid_field_name(name)
+            })
+        {
+            return Err(format!(
+                "extraTokenFields may not set '{name}': the sandbox writes the OAuth fields itself, and names are 1 to 64 letters, digits, `_`, `-` or `.`"
+            ));
+        }
         macro_rules! set {
             ($($field:ident),*) => { $( if let Some(v) = patch.$field { self.$field = v; } )* };
         }
@@ -245,7 +387,22 @@ impl ProfileSettings {
             token_response_format,
             errors_with_http200,
             invalid_grant_status,
-            client_auth_methods
+            client_auth_methods,
+            max_grants_per_user,
+            routing_field,
+            routing_location,
+            routing_value,
+            separate_refresh_endpoint,
+            require_scope_on_refresh,
+            accept_json_bodies,
+            require_json_bodies,
+            error_shape,
+            refresh_token_expires_in_field,
+            extra_token_fields,
+            revocation_mode,
+            revocation_delay_seconds,
+            access_token_activation_delay_seconds,
+            api_rejection_shape
         );
         Ok(())
     }
@@ -272,6 +429,41 @@ pub struct ProfileSettingsPatch {
     pub errors_with_http200: Option<bool>,
     pub invalid_grant_status: Option<u16>,
     pub client_auth_methods: Option<Vec<ClientAuthMethod>>,
+    pub max_grants_per_user: Option<u32>,
+    pub routing_field: Option<String>,
+    pub routing_location: Option<RoutingLocation>,
+    pub routing_value: Option<RoutingValue>,
+    pub separate_refresh_endpoint: Option<bool>,
+    pub require_scope_on_refresh: Option<bool>,
+    pub accept_json_bodies: Option<bool>,
+    pub require_json_bodies: Option<bool>,
+    pub error_shape: Option<ErrorShape>,
+    pub refresh_token_expires_in_field: Option<String>,
+    pub extra_token_fields: Option<Map<String, Value>>,
+    pub revocation_mode: Option<RevocationMode>,
+    pub revocation_delay_seconds: Option<u64>,
+    pub access_token_activation_delay_seconds: Option<u64>,
+    pub api_rejection_shape: Option<ApiRejectionShape>,
+}
+
+/// Token-response fields the sandbox writes itself; `extraTokenFields` may not replace them.
+const RESERVED_TOKEN_FIELDS: &[&str] = &[
+    "access_token",
+    "refresh_token",
+    "token_type",
+    "expires_in",
+    "scope",
+    "error",
+    "error_description",
+    "ok",
+];
+
+/// A field or parameter name the sandbox will put in a body or a redirect.
+fn valid_field_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 #[cfg(test)]

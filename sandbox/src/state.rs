@@ -18,7 +18,7 @@ use sha2::Digest as _;
 
 use crate::clock::{Clock, Millis, plus_seconds};
 use crate::faults::Faults;
-use crate::profiles::{Profile, ProfileSettings};
+use crate::profiles::{Profile, ProfileSettings, RevocationMode};
 
 /// How long dead records are kept so that a second revoke can still say "already revoked".
 const DEAD_RECORD_RETENTION_SECONDS: u64 = 86_400;
@@ -60,7 +60,15 @@ pub struct Grant {
     pub client_id: String,
     pub scope: String,
     pub created_at: Millis,
-    pub revoked: bool,
+    /// When a revocation takes (or took) effect: later than the revocation itself when the
+    /// profile has a `revocationDelaySeconds`.
+    pub revoked_at: Option<Millis>,
+}
+
+impl Grant {
+    pub fn revoked(&self, now: Millis) -> bool {
+        self.revoked_at.is_some_and(|at| now >= at)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -69,8 +77,10 @@ struct AccessTokenRecord {
     /// The refresh token handed out with this access token (or presented to mint it): revoking
     /// that refresh token at Salesforce also kills this access token.
     parent_refresh_token: Option<String>,
+    /// Before this instant the token is refused (`accessTokenActivationDelaySeconds`).
+    active_from: Millis,
     expires_at: Millis,
-    revoked: bool,
+    revoked_at: Option<Millis>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,9 +90,18 @@ enum RefreshStatus {
     Used {
         first_used_at: Millis,
     },
+    /// Revoked as of `at` (in the future while a revocation delay runs). `cascades`: the access
+    /// tokens minted with it die too (Salesforce); not so for refresh-only revocation.
     Revoked {
         at: Millis,
+        cascades: bool,
     },
+}
+
+impl RefreshStatus {
+    fn revoked(self, now: Millis) -> bool {
+        matches!(self, RefreshStatus::Revoked { at, .. } if now >= at)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -99,6 +118,8 @@ pub struct IssuedTokens {
     /// The refresh token to put in the answer, if any.
     pub refresh_token: Option<String>,
     pub expires_in: u64,
+    /// Seconds the answered refresh token has left, when the profile limits its life.
+    pub refresh_token_expires_in: Option<u64>,
     pub scope: String,
     pub user: String,
 }
@@ -167,6 +188,8 @@ pub enum AccessRejection {
     Unknown,
     Expired,
     Revoked,
+    /// Minted less than `accessTokenActivationDelaySeconds` ago.
+    NotYetActive,
 }
 
 impl AccessRejection {
@@ -176,6 +199,7 @@ impl AccessRejection {
             AccessRejection::Unknown => "The access token is not known.",
             AccessRejection::Expired => "The access token has expired.",
             AccessRejection::Revoked => "The access token has been revoked.",
+            AccessRejection::NotYetActive => "The access token is not active yet.",
         }
     }
 }
@@ -420,19 +444,32 @@ impl Sandbox {
                 client_id: request.client_id.clone(),
                 scope: request.scope.clone(),
                 created_at: now,
-                revoked: false,
+                revoked_at: None,
             },
         );
+        if settings.max_grants_per_user > 0 {
+            self.evict_oldest_grants(
+                profile,
+                &request.user,
+                &request.client_id,
+                settings.max_grants_per_user,
+                now,
+            );
+        }
         let wants_refresh_token =
             !settings.require_offline_access_scope || has_scope(&request.scope, "offline_access");
         let refresh_token =
             wants_refresh_token.then(|| self.insert_refresh_token(profile, grant_id, now));
         let access_token =
             self.insert_access_token(profile, grant_id, refresh_token.clone(), now, &settings);
+        let refresh_token_expires_in = refresh_token
+            .as_ref()
+            .and_then(|_| refresh_token_remaining_seconds(&settings, now, now));
         Ok(IssuedTokens {
             access_token,
             refresh_token,
             expires_in: settings.access_token_ttl_seconds,
+            refresh_token_expires_in,
             scope: request.scope,
             user: request.user,
         })
@@ -461,7 +498,7 @@ impl Sandbox {
         if grant.client_id != client_id {
             return Err(GrantError::ClientMismatch);
         }
-        if grant.revoked || matches!(record.status, RefreshStatus::Revoked { .. }) {
+        if grant.revoked(now) || record.status.revoked(now) {
             return Err(GrantError::RefreshTokenRevoked);
         }
         if refresh_token_expired(&record, &grant, &settings, now) {
@@ -493,7 +530,14 @@ impl Sandbox {
                 return Err(GrantError::RefreshTokenUnknown);
             };
             match entry.status {
-                RefreshStatus::Revoked { .. } => return Err(GrantError::RefreshTokenRevoked),
+                RefreshStatus::Revoked { at, .. } if now >= at => {
+                    return Err(GrantError::RefreshTokenRevoked);
+                }
+                // A revocation that has not taken effect yet: the token works, unrotated.
+                RefreshStatus::Revoked { .. } => {
+                    entry.last_used_at = now;
+                    Next::KeepSame
+                }
                 RefreshStatus::Used { first_used_at } => {
                     let grace_ends =
                         plus_seconds(first_used_at, settings.refresh_reuse_grace_seconds);
@@ -503,7 +547,7 @@ impl Sandbox {
                     } else {
                         drop(entry);
                         if settings.revoke_grant_on_reuse {
-                            self.revoke_grant(record.grant_id);
+                            self.revoke_grant(record.grant_id, now);
                         }
                         return Err(GrantError::RefreshTokenReused);
                     }
@@ -535,10 +579,14 @@ impl Sandbox {
         };
         let access_token =
             self.insert_access_token(profile, record.grant_id, Some(parent), now, &settings);
+        let refresh_token_expires_in = answer_refresh_token
+            .as_ref()
+            .and_then(|_| refresh_token_remaining_seconds(&settings, grant.created_at, now));
         Ok(IssuedTokens {
             access_token,
             refresh_token: answer_refresh_token,
             expires_in: settings.access_token_ttl_seconds,
+            refresh_token_expires_in,
             scope,
             user: grant.user,
         })
@@ -561,11 +609,17 @@ impl Sandbox {
         if grant.profile != profile {
             return Err(AccessRejection::Unknown);
         }
-        if record.revoked || grant.revoked || self.parent_revoked(&record) {
+        if record.revoked_at.is_some_and(|at| now >= at)
+            || grant.revoked(now)
+            || self.parent_revoked(&record, now)
+        {
             return Err(AccessRejection::Revoked);
         }
         if now >= record.expires_at {
             return Err(AccessRejection::Expired);
+        }
+        if now < record.active_from {
+            return Err(AccessRejection::NotYetActive);
         }
         Ok(TokenOwner {
             user: grant.user,
@@ -574,11 +628,11 @@ impl Sandbox {
         })
     }
 
-    fn parent_revoked(&self, record: &AccessTokenRecord) -> bool {
+    fn parent_revoked(&self, record: &AccessTokenRecord, now: Millis) -> bool {
         record.parent_refresh_token.as_deref().is_some_and(|rt| {
-            self.refresh_tokens
-                .get(rt)
-                .is_some_and(|r| matches!(r.status, RefreshStatus::Revoked { .. }))
+            self.refresh_tokens.get(rt).is_some_and(
+                |r| matches!(r.status, RefreshStatus::Revoked { at, cascades: true } if now >= at),
+            )
         })
     }
 
@@ -589,9 +643,16 @@ impl Sandbox {
     ///   directions; for Box the cascade is unconfirmed and the sandbox chooses the strict one).
     /// - Salesforce: an access token alone; a refresh token and the access tokens minted with it.
     /// - generic and Microsoft (RFC 7009): an access token alone; a refresh token kills the grant.
+    ///
+    /// With `revocationMode: refreshOnly` every profile revokes the presented token alone
+    /// (HubSpot: access tokens minted with a revoked refresh token live on). The modes `none` and
+    /// `fakeSuccess` never get here: the endpoint answers without revoking. With a
+    /// `revocationDelaySeconds` the revocation takes effect that much later.
     pub fn revoke(&self, profile: Profile, token: &str) -> RevokeOutcome {
         let now = self.clock.now_ms();
         let settings = self.settings(profile);
+        let effective_at = plus_seconds(now, settings.revocation_delay_seconds);
+        let refresh_only = settings.revocation_mode == RevocationMode::RefreshOnly;
         if let Some(record) = self.access_tokens.get(token).map(|r| r.clone()) {
             let Some(grant) = self.grants.get(&record.grant_id).map(|g| g.clone()) else {
                 return RevokeOutcome::Unknown;
@@ -599,18 +660,20 @@ impl Sandbox {
             if grant.profile != profile {
                 return RevokeOutcome::Unknown;
             }
-            if record.revoked
-                || grant.revoked
-                || self.parent_revoked(&record)
+            if record.revoked_at.is_some_and(|at| now >= at)
+                || grant.revoked(now)
+                || self.parent_revoked(&record, now)
                 || now >= record.expires_at
             {
                 return RevokeOutcome::AlreadyDead;
             }
             match profile {
-                Profile::AdobeSign | Profile::Box => self.revoke_grant(record.grant_id),
-                Profile::Salesforce | Profile::Microsoft | Profile::Generic => {
+                Profile::AdobeSign | Profile::Box if !refresh_only => {
+                    self.revoke_grant(record.grant_id, effective_at)
+                }
+                _ => {
                     if let Some(mut entry) = self.access_tokens.get_mut(token) {
-                        entry.revoked = true;
+                        entry.revoked_at = Some(earliest(entry.revoked_at, effective_at));
                     }
                 }
             }
@@ -625,42 +688,91 @@ impl Sandbox {
             }
             let used_outside_grace = matches!(record.status, RefreshStatus::Used { first_used_at }
                 if now > plus_seconds(first_used_at, settings.refresh_reuse_grace_seconds));
-            if grant.revoked
-                || matches!(record.status, RefreshStatus::Revoked { .. })
+            if grant.revoked(now)
+                || record.status.revoked(now)
                 || used_outside_grace
                 || refresh_token_expired(&record, &grant, &settings, now)
             {
                 return RevokeOutcome::AlreadyDead;
             }
-            match profile {
-                Profile::Salesforce => {
-                    if let Some(mut entry) = self.refresh_tokens.get_mut(token) {
-                        entry.status = RefreshStatus::Revoked { at: now };
-                    }
+            if refresh_only || profile == Profile::Salesforce {
+                if let Some(mut entry) = self.refresh_tokens.get_mut(token) {
+                    let at = match entry.status {
+                        RefreshStatus::Revoked { at, .. } => earliest(Some(at), effective_at),
+                        _ => effective_at,
+                    };
+                    entry.status = RefreshStatus::Revoked {
+                        at,
+                        cascades: !refresh_only,
+                    };
                 }
-                _ => self.revoke_grant(record.grant_id),
+            } else {
+                self.revoke_grant(record.grant_id, effective_at);
             }
             return RevokeOutcome::Revoked;
         }
         RevokeOutcome::Unknown
     }
 
-    fn revoke_grant(&self, grant_id: u64) {
+    /// Revokes a grant as of `at`; an earlier pending revocation keeps its time.
+    fn revoke_grant(&self, grant_id: u64, at: Millis) {
         if let Some(mut grant) = self.grants.get_mut(&grant_id) {
-            grant.revoked = true;
+            grant.revoked_at = Some(earliest(grant.revoked_at, at));
         }
     }
 
-    /// The user revokes the app at the provider: every grant of `user`, in every profile.
+    /// Keeps at most `cap` live grants of `user` for `client_id` at `profile`: the oldest go,
+    /// silently, as Google, Salesforce and Zoom evict them.
+    fn evict_oldest_grants(
+        &self,
+        profile: Profile,
+        user: &str,
+        client_id: &str,
+        cap: u32,
+        now: Millis,
+    ) {
+        let mut live: Vec<u64> = self
+            .grants
+            .iter()
+            .filter(|g| {
+                g.profile == profile
+                    && g.user == user
+                    && g.client_id == client_id
+                    && g.revoked_at.is_none()
+            })
+            .map(|g| *g.key())
+            .collect();
+        live.sort_unstable();
+        let excess = live.len().saturating_sub(cap as usize);
+        for grant_id in live.into_iter().take(excess) {
+            self.revoke_grant(grant_id, now);
+        }
+    }
+
+    /// The user revokes the app at the provider: every grant of `user`, in every profile, each
+    /// after its profile's `revocationDelaySeconds`.
     pub fn revoke_user(&self, user: &str) -> usize {
+        let now = self.clock.now_ms();
+        let delays: Vec<u64> = Profile::ALL
+            .iter()
+            .map(|p| self.settings(*p).revocation_delay_seconds)
+            .collect();
         let mut revoked = 0;
         for mut grant in self.grants.iter_mut() {
-            if grant.user == user && !grant.revoked {
-                grant.revoked = true;
+            if grant.user == user && grant.revoked_at.is_none() {
+                let delay = delays[grant.profile.index()];
+                grant.revoked_at = Some(plus_seconds(now, delay));
                 revoked += 1;
             }
         }
         revoked
+    }
+
+    /// The tenant a grant's user belongs to, for routing data: stable per user name.
+    pub fn tenant_of(user: &str) -> String {
+        let digest = sha2::Sha256::digest(user.as_bytes());
+        let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+        format!("t-{hex}")
     }
 
     /// Drops records that are dead for longer than a day of sandbox time, so a long benchmark
@@ -677,7 +789,7 @@ impl Sandbox {
             RefreshStatus::Used { first_used_at } => {
                 now < plus_seconds(first_used_at, retention.saturating_mul(7))
             }
-            RefreshStatus::Revoked { at } => now < plus_seconds(at, retention),
+            RefreshStatus::Revoked { at, .. } => now < plus_seconds(at, retention),
         });
     }
 
@@ -710,8 +822,9 @@ impl Sandbox {
             AccessTokenRecord {
                 grant_id,
                 parent_refresh_token,
+                active_from: plus_seconds(now, settings.access_token_activation_delay_seconds),
                 expires_at: plus_seconds(now, settings.access_token_ttl_seconds),
-                revoked: false,
+                revoked_at: None,
             },
         );
         token
@@ -728,6 +841,34 @@ fn refresh_token_expired(
     let absolute = settings.refresh_token_absolute_ttl_seconds;
     (idle > 0 && now >= plus_seconds(record.last_used_at, idle))
         || (absolute > 0 && now >= plus_seconds(grant.created_at, absolute))
+}
+
+/// The earlier of a pending instant and a new one.
+fn earliest(current: Option<Millis>, new: Millis) -> Millis {
+    current.map_or(new, |current| current.min(new))
+}
+
+/// Seconds a refresh token used (or minted) at `now` has left under the profile's limits:
+/// the idle window restarts now; the absolute one counts from the grant's creation. `None`
+/// when neither limit is set.
+fn refresh_token_remaining_seconds(
+    settings: &ProfileSettings,
+    grant_created_at: Millis,
+    now: Millis,
+) -> Option<u64> {
+    let idle = (settings.refresh_token_idle_ttl_seconds > 0)
+        .then_some(settings.refresh_token_idle_ttl_seconds);
+    let absolute = (settings.refresh_token_absolute_ttl_seconds > 0).then(|| {
+        let ends = plus_seconds(
+            grant_created_at,
+            settings.refresh_token_absolute_ttl_seconds,
+        );
+        u64::try_from(ends.saturating_sub(now) / 1000).unwrap_or(0)
+    });
+    match (idle, absolute) {
+        (Some(idle), Some(absolute)) => Some(idle.min(absolute)),
+        (one, other) => one.or(other),
+    }
 }
 
 /// Whether a space-separated scope string contains `wanted`.

@@ -1772,3 +1772,461 @@ async fn metadata_documents_name_every_endpoint() {
     assert!(r.json::<Value>().await.expect("json")["error"].is_string());
     ctx.sandbox.shutdown().await;
 }
+
+// ----- quirk settings of issue #7 ---------------------------------------------------------
+
+async fn login_as(ctx: &Ctx, p: P, user: &str) -> Tokens {
+    let code = ctx.code(p, "app", &[("login_hint", user)]).await;
+    let (status, body) = ctx.exchange(p, &code).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    Tokens {
+        at: body["access_token"]
+            .as_str()
+            .expect("access_token")
+            .to_string(),
+        rt: body["refresh_token"].as_str().map(str::to_string),
+        body,
+    }
+}
+
+#[tokio::test]
+async fn grant_caps_evict_the_oldest_grant_of_the_user() {
+    let ctx = start().await;
+    assert_eq!(
+        ctx.get("/__sandbox/profiles/salesforce")
+            .await
+            .json::<Value>()
+            .await
+            .expect("json")["maxGrantsPerUser"],
+        5
+    );
+    ctx.settings(GENERIC, json!({"maxGrantsPerUser": 2})).await;
+    let first = login_as(&ctx, GENERIC, "alice").await;
+    let second = login_as(&ctx, GENERIC, "alice").await;
+    let bob = login_as(&ctx, GENERIC, "bob").await;
+    let third = login_as(&ctx, GENERIC, "alice").await;
+    assert_eq!(
+        ctx.api_status(GENERIC.api, &first.at).await,
+        StatusCode::UNAUTHORIZED
+    );
+    let (status, body) = ctx.refresh(GENERIC, first.rt.as_deref().expect("rt")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"], "invalid_grant");
+    for live in [&second, &third, &bob] {
+        assert_eq!(ctx.api_status(GENERIC.api, &live.at).await, StatusCode::OK);
+    }
+}
+
+#[tokio::test]
+async fn routing_data_in_the_token_response_or_the_redirect() {
+    let ctx = start().await;
+    let (status, body) = ctx
+        .json(
+            reqwest::Method::PUT,
+            "/__sandbox/profiles/box",
+            json!({"routingField": "instance_url"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "generic only: {body}");
+    let (status, _) = ctx
+        .json(
+            reqwest::Method::PUT,
+            "/__sandbox/profiles/generic",
+            json!({"routingField": "bad name!"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    ctx.settings(GENERIC, json!({"routingField": "instance_url"}))
+        .await;
+    let alice = ctx.login(GENERIC).await;
+    let base = alice.body["instance_url"]
+        .as_str()
+        .expect("instance_url")
+        .to_string();
+    assert!(base.starts_with(&ctx.url("/generic/tenants/t-")), "{base}");
+    let own = ctx
+        .api(
+            &format!("{}api/me", base.trim_start_matches(&ctx.sandbox.url)),
+            &alice.at,
+        )
+        .await;
+    assert_eq!(own.status(), StatusCode::OK);
+    let me: Value = own.json().await.expect("json");
+    assert!(base.contains(me["tenant"].as_str().expect("tenant")));
+    assert_eq!(
+        ctx.api_status("/generic/tenants/t-000000000000/api/me", &alice.at)
+            .await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        ctx.api_status("/generic/tenants/t-000000000000/api/echo/x", "nope")
+            .await,
+        StatusCode::UNAUTHORIZED
+    );
+
+    ctx.settings(
+        GENERIC,
+        json!({"routingField": "realmId", "routingLocation": "redirect", "routingValue": "tenantId"}),
+    )
+    .await;
+    let pairs = ctx.authorize(GENERIC, "app", &[]).await;
+    let realm = pairs
+        .iter()
+        .find(|(k, _)| k == "realmId")
+        .map(|(_, v)| v.clone());
+    assert_eq!(
+        realm.as_deref(),
+        Some(me["tenant"].as_str().expect("tenant"))
+    );
+    let tokens = ctx.login(GENERIC).await;
+    assert!(tokens.body.get("realmId").is_none(), "{}", tokens.body);
+}
+
+#[tokio::test]
+async fn refresh_variants_separate_endpoint_scope_and_json_bodies() {
+    let ctx = start().await;
+    assert_eq!(
+        ctx.post_form("/generic/refresh", &[], None).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    ctx.settings(GENERIC, json!({"separateRefreshEndpoint": true}))
+        .await;
+    let meta: Value = ctx
+        .get("/generic/.well-known/oauth-authorization-server")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(meta["refresh_endpoint"], ctx.url("/generic/refresh"));
+    let tokens = ctx.login(GENERIC).await;
+    let rt = tokens.rt.clone().expect("rt");
+    let (status, body) = ctx.refresh(GENERIC, &rt).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"], "unsupported_grant_type");
+    let separate = P {
+        refresh: "/generic/refresh",
+        ..GENERIC
+    };
+    let (status, body) = ctx.refresh(separate, &rt).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    ctx.settings(
+        GENERIC,
+        json!({"separateRefreshEndpoint": false, "requireScopeOnRefresh": true}),
+    )
+    .await;
+    let (status, body) = ctx.refresh(GENERIC, &rt).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"], "invalid_request");
+    let mut pairs = vec![
+        ("grant_type", "refresh_token"),
+        ("refresh_token", rt.as_str()),
+        ("client_id", "app"),
+        ("client_secret", "s3cret"),
+        ("scope", "read"),
+    ];
+    let (status, body) = ctx.token(GENERIC.token, &pairs).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["scope"], "read");
+
+    // JSON bodies: refused by default, accepted, then required.
+    pairs.truncate(4);
+    let as_json: serde_json::Map<String, Value> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    let post_json = |body: Value| ctx.http.post(ctx.url(GENERIC.token)).json(&body).send();
+    ctx.settings(GENERIC, json!({"requireScopeOnRefresh": false}))
+        .await;
+    let r = post_json(Value::Object(as_json.clone()))
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    ctx.settings(GENERIC, json!({"acceptJsonBodies": true}))
+        .await;
+    let r = post_json(Value::Object(as_json.clone()))
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), StatusCode::OK);
+    let (status, _) = ctx.token(GENERIC.token, &pairs).await;
+    assert_eq!(status, StatusCode::OK, "forms still work");
+    let r = post_json(json!({"grant_type": ["refresh_token"]}))
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST, "nested values refused");
+    ctx.settings(GENERIC, json!({"requireJsonBodies": true}))
+        .await;
+    let (status, body) = ctx.token(GENERIC.token, &pairs).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error_description"]
+            .as_str()
+            .expect("text")
+            .contains("JSON")
+    );
+    let r = post_json(Value::Object(as_json)).await.expect("POST");
+    assert_eq!(r.status(), StatusCode::OK);
+    // A JSON revocation (QuickBooks) works too.
+    let r = ctx
+        .http
+        .post(ctx.url(GENERIC.revoke))
+        .json(&json!({"token": rt}))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), StatusCode::OK);
+    let (status, _) = ctx.refresh(GENERIC, &rt).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "revoked by the JSON call");
+}
+
+#[tokio::test]
+async fn error_shapes_and_extra_token_fields() {
+    let ctx = start().await;
+    let expect = [
+        (
+            "hubspot",
+            400,
+            json!({"status": "BAD_REFRESH_TOKEN", "message": "missing or invalid refresh token"}),
+        ),
+        (
+            "zoom",
+            400,
+            json!({"reason": "Invalid Token!", "error": "invalid_grant"}),
+        ),
+        (
+            "slack",
+            200,
+            json!({"ok": false, "error": "invalid_refresh_token"}),
+        ),
+        (
+            "github",
+            200,
+            json!({"error": "bad_refresh_token", "error_description": "The refresh token passed is incorrect or expired."}),
+        ),
+        (
+            "oauth",
+            400,
+            json!({"error": "invalid_grant", "error_description": "The refresh token is not known."}),
+        ),
+    ];
+    for (shape, status, fields) in expect {
+        ctx.settings(GENERIC, json!({"errorShape": shape})).await;
+        let (got, body) = ctx.refresh(GENERIC, "gen_rt_unknown").await;
+        assert_eq!(got.as_u16(), status, "{shape}: {body}");
+        for (name, value) in fields.as_object().expect("object") {
+            assert_eq!(&body[name], value, "{shape}: {body}");
+        }
+    }
+    ctx.settings(GENERIC, json!({"errorShape": "hubspot"}))
+        .await;
+    let code = ctx.code(GENERIC, "app", &[]).await;
+    let (_, body) = ctx
+        .token(
+            GENERIC.token,
+            &[
+                ("grant_type", "authorization_code"),
+                ("code", &code),
+                ("redirect_uri", "http://elsewhere/cb"),
+                ("client_id", "app"),
+                ("client_secret", "s3cret"),
+            ],
+        )
+        .await;
+    assert_eq!(body["status"], "BAD_REDIRECT_URI", "{body}");
+
+    let (status, body) = ctx
+        .json(
+            reqwest::Method::PUT,
+            "/__sandbox/profiles/generic",
+            json!({"extraTokenFields": {"access_token": "x"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    ctx.settings(
+        GENERIC,
+        json!({"errorShape": "oauth", "refreshTokenIdleTtlSeconds": 1000, "refreshTokenAbsoluteTtlSeconds": 600,
+               "refreshTokenExpiresInField": "x_refresh_token_expires_in", "extraTokenFields": {"hub_id": 42, "token_use": "access_token"}}),
+    )
+    .await;
+    let tokens = ctx.login(GENERIC).await;
+    assert_eq!(tokens.body["x_refresh_token_expires_in"], 600);
+    assert_eq!(tokens.body["hub_id"], 42);
+    assert_eq!(tokens.body["token_use"], "access_token");
+    ctx.advance(100).await;
+    let (status, body) = ctx
+        .refresh(GENERIC, tokens.rt.as_deref().expect("rt"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let left = body["x_refresh_token_expires_in"]
+        .as_u64()
+        .expect("seconds");
+    assert!(
+        (499..=500).contains(&left),
+        "the absolute cap shrinks: {left}"
+    );
+}
+
+#[tokio::test]
+async fn revocation_modes_and_delays() {
+    let ctx = start().await;
+    // Refresh only: the refresh token dies, its access token lives.
+    ctx.settings(GENERIC, json!({"revocationMode": "refreshOnly"}))
+        .await;
+    let t = ctx.login(GENERIC).await;
+    let rt = t.rt.clone().expect("rt");
+    let r = ctx.post_form(GENERIC.revoke, &[("token", &rt)], None).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(ctx.refresh(GENERIC, &rt).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(ctx.api_status(GENERIC.api, &t.at).await, StatusCode::OK);
+    // Bearer-authenticated revocation of the access token itself (Dropbox, Slack).
+    let r = ctx
+        .http
+        .post(ctx.url(GENERIC.revoke))
+        .bearer_auth(&t.at)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        ctx.api_status(GENERIC.api, &t.at).await,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // No endpoint.
+    ctx.settings(GENERIC, json!({"revocationMode": "none"}))
+        .await;
+    let t = ctx.login(GENERIC).await;
+    let r = ctx
+        .post_form(GENERIC.revoke, &[("token", &t.at)], None)
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
+    // Fake success: 200 and nothing changes.
+    ctx.settings(GENERIC, json!({"revocationMode": "fakeSuccess"}))
+        .await;
+    let r = ctx
+        .post_form(
+            GENERIC.revoke,
+            &[("token", t.rt.as_deref().expect("rt"))],
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(ctx.api_status(GENERIC.api, &t.at).await, StatusCode::OK);
+    assert_eq!(
+        ctx.refresh(GENERIC, t.rt.as_deref().expect("rt")).await.0,
+        StatusCode::OK
+    );
+
+    // A delay: the revocation takes effect later on the sandbox clock, for the endpoint and
+    // for the user's revocation alike.
+    ctx.settings(
+        GENERIC,
+        json!({"revocationMode": "cascade", "revocationDelaySeconds": 60}),
+    )
+    .await;
+    let t = ctx.login(GENERIC).await;
+    let r = ctx
+        .post_form(
+            GENERIC.revoke,
+            &[("token", t.rt.as_deref().expect("rt"))],
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(ctx.api_status(GENERIC.api, &t.at).await, StatusCode::OK);
+    let other = login_as(&ctx, GENERIC, "zed").await;
+    ctx.admin("/__sandbox/users/zed/revoke", json!({})).await;
+    assert_eq!(ctx.api_status(GENERIC.api, &other.at).await, StatusCode::OK);
+    ctx.advance(61).await;
+    assert_eq!(
+        ctx.api_status(GENERIC.api, &t.at).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        ctx.api_status(GENERIC.api, &other.at).await,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn activation_delay_and_api_rejection_shapes() {
+    let ctx = start().await;
+    ctx.settings(GENERIC, json!({"accessTokenActivationDelaySeconds": 5}))
+        .await;
+    let t = ctx.login(GENERIC).await;
+    let r = ctx.api(GENERIC.api, &t.at).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(
+        body["error_description"],
+        "The access token is not active yet."
+    );
+    ctx.advance(5).await;
+    assert_eq!(ctx.api_status(GENERIC.api, &t.at).await, StatusCode::OK);
+
+    ctx.settings(
+        GENERIC,
+        json!({"apiRejectionShape": "emptyWithWwwAuthenticate"}),
+    )
+    .await;
+    let r = ctx.api(GENERIC.api, "gen_at_unknown").await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(
+        r.headers()[WWW_AUTHENTICATE]
+            .to_str()
+            .expect("ascii")
+            .contains("invalid_token")
+    );
+    assert!(r.bytes().await.expect("body").is_empty());
+
+    ctx.settings(GENERIC, json!({"apiRejectionShape": "array"}))
+        .await;
+    let r = ctx.api(GENERIC.api, "gen_at_unknown").await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body[0]["errorCode"], "INVALID_SESSION_ID");
+
+    ctx.settings(GENERIC, json!({"apiRejectionShape": "okFalse"}))
+        .await;
+    let r = ctx.api(GENERIC.api, "gen_at_unknown").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.json::<Value>().await.expect("json"),
+        json!({"ok": false, "error": "invalid_auth"})
+    );
+    ctx.advance(3600).await;
+    let r = ctx.api(GENERIC.api, &t.at).await;
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["error"],
+        "token_expired"
+    );
+
+    ctx.settings(GENERIC, json!({"apiRejectionShape": "xml"}))
+        .await;
+    let r = ctx.api(GENERIC.api, &t.at).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers()[CONTENT_TYPE], "application/xml");
+    let text = r.text().await.expect("text");
+    assert!(
+        text.contains("<Fault type=\"AUTHENTICATION\">") && text.contains("Token expired: "),
+        "{text}"
+    );
+
+    ctx.settings(GENERIC, json!({"apiRejectionShape": "profile"}))
+        .await;
+    let r = ctx.api(GENERIC.api, &t.at).await;
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["error"],
+        "invalid_token"
+    );
+    let (status, _) = ctx
+        .json(
+            reqwest::Method::PUT,
+            "/__sandbox/profiles/generic",
+            json!({"apiRejectionShape": "soap"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}

@@ -3,6 +3,7 @@
 mod cli;
 mod dashboard;
 mod harness;
+mod quirks;
 mod smoke;
 mod store;
 mod support;

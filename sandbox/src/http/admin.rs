@@ -128,6 +128,18 @@ async fn update_profile(
         Ok(patch) => patch,
         Err(response) => return response,
     };
+    if profile != Profile::Generic
+        && (patch.separate_refresh_endpoint.is_some()
+            || patch
+                .routing_field
+                .as_deref()
+                .is_some_and(|f| !f.is_empty()))
+    {
+        return bad_request(
+            "separateRefreshEndpoint and routingField are settings of the generic profile only \
+             (the other profiles have their providers' own URL layout)",
+        );
+    }
     match sandbox.update_settings(profile, |settings| settings.apply(patch)) {
         Ok(settings) => json_response(StatusCode::OK, json!(*settings)),
         Err(message) => bad_request(message),

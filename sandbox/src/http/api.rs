@@ -40,7 +40,13 @@ async fn authorize_call(
         }
         Err(rejection) => {
             Stats::bump(&sandbox.stats.api_unauthorized);
-            Err(api_rejection(profile, rejection, sandbox.clock.now_ms()))
+            let shape = sandbox.settings(profile).api_rejection_shape;
+            Err(api_rejection(
+                profile,
+                shape,
+                rejection,
+                sandbox.clock.now_ms(),
+            ))
         }
     }
 }
@@ -73,11 +79,75 @@ pub async fn me(State(sandbox): State<AppState>, profile: Profile, headers: Head
 
 /// `{ANY} /{profile}/api/echo[/…]`: what the sandbox received, minus the Authorization header.
 pub async fn echo(State(sandbox): State<AppState>, profile: Profile, request: Request) -> Response {
+    echo_for_tenant(sandbox, profile, None, request).await
+}
+
+/// Refuses a token of another tenant than the one in the path: routing data matters only if
+/// using the wrong host fails, as it does at Salesforce or QuickBooks.
+fn check_tenant(owner: &TokenOwner, tenant: &str) -> Result<String, Response> {
+    let own = Sandbox::tenant_of(&owner.user);
+    if own == tenant {
+        Ok(own)
+    } else {
+        Err(json_response(
+            StatusCode::NOT_FOUND,
+            json!({"error": "wrong_tenant", "message": format!("This access token belongs to another tenant than '{tenant}': call the host named by the routing data of the authorization.")}),
+        ))
+    }
+}
+
+/// `GET /generic/tenants/{tenant}/api/me`: `api/me` of one tenant, with its id.
+pub async fn tenant_me(
+    State(sandbox): State<AppState>,
+    profile: Profile,
+    tenant: String,
+    headers: HeaderMap,
+) -> Response {
+    let owner = match authorize_call(&sandbox, profile, &headers).await {
+        Ok(owner) => owner,
+        Err(rejection) => return rejection,
+    };
+    match check_tenant(&owner, &tenant) {
+        Ok(tenant) => json_response(
+            StatusCode::OK,
+            json!({
+                "user": owner.user,
+                "profile": profile.key(),
+                "scope": owner.scope,
+                "clientId": owner.client_id,
+                "tenant": tenant,
+            }),
+        ),
+        Err(response) => response,
+    }
+}
+
+/// `{ANY} /generic/tenants/{tenant}/api/echo[/…]`.
+pub async fn tenant_echo(
+    State(sandbox): State<AppState>,
+    profile: Profile,
+    tenant: String,
+    request: Request,
+) -> Response {
+    echo_for_tenant(sandbox, profile, Some(tenant), request).await
+}
+
+async fn echo_for_tenant(
+    sandbox: AppState,
+    profile: Profile,
+    tenant: Option<String>,
+    request: Request,
+) -> Response {
     let (parts, body) = request.into_parts();
     let owner = match authorize_call(&sandbox, profile, &parts.headers).await {
         Ok(owner) => owner,
         Err(rejection) => return rejection,
     };
+    if let Some(tenant) = &tenant
+        && let Err(response) = check_tenant(&owner, tenant)
+    {
+        return response;
+    }
     let body = match axum::body::to_bytes(body, MAX_ECHO_BODY_BYTES).await {
         Ok(body) => body,
         Err(_) => {

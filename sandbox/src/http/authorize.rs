@@ -12,8 +12,9 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 
+use super::token::routing_pair;
 use super::{AppState, base_url, html_escape, parse_form, parse_pairs};
-use crate::profiles::Profile;
+use crate::profiles::{Profile, RoutingLocation};
 use crate::state::{CodeRequest, PkceChallenge, PkceMethod, Sandbox};
 
 /// `GET`: the authorization request.
@@ -177,6 +178,13 @@ fn approve(
             let access_point = format!("{}/adobe-sign/", base_url(sandbox, headers));
             pairs.append_pair("api_access_point", &access_point);
             pairs.append_pair("web_access_point", &access_point);
+        }
+        let settings = sandbox.settings(profile);
+        if settings.routing_location != RoutingLocation::TokenResponse
+            && let Some((field, value)) =
+                routing_pair(profile, &settings, user, &base_url(sandbox, headers))
+        {
+            pairs.append_pair(&field, &value);
         }
     }
     redirect(&target)

@@ -30,7 +30,10 @@ pub fn document(State(sandbox): State<AppState>, profile: Profile, headers: Head
         "token_endpoint".into(),
         json!(format!("{base}{}", paths.token)),
     );
-    if let Some(refresh) = paths.refresh {
+    let refresh = paths.refresh.or((profile == Profile::Generic
+        && settings.separate_refresh_endpoint)
+        .then_some("/generic/refresh"));
+    if let Some(refresh) = refresh {
         // Adobe Sign refreshes at a separate URL; not an RFC 8414 field.
         doc.insert("refresh_endpoint".into(), json!(format!("{base}{refresh}")));
     }

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
@@ -41,13 +41,15 @@ pub fn router(sandbox: AppState) -> Router {
     for profile in Profile::ALL {
         app = app.merge(profile_routes(profile));
     }
-    app.fallback(|| async {
-        json_response(
-            StatusCode::NOT_FOUND,
-            json!({"error": "not_found", "message": "No sandbox endpoint at this path. See GET /{profile}/.well-known/oauth-authorization-server for a profile's endpoints."}),
-        )
-    })
-    .with_state(sandbox)
+    app.fallback(|| async { not_found() }).with_state(sandbox)
+}
+
+/// The answer for paths the sandbox does not serve (or, by a setting, does not serve now).
+pub fn not_found() -> Response {
+    json_response(
+        StatusCode::NOT_FOUND,
+        json!({"error": "not_found", "message": "No sandbox endpoint at this path. See GET /{profile}/.well-known/oauth-authorization-server for a profile's endpoints."}),
+    )
 }
 
 /// The OAuth endpoints, metadata and protected API of one profile. Handlers are closures that
@@ -109,6 +111,56 @@ fn profile_routes(profile: Profile) -> Router<AppState> {
             &format!("/{key}/api/echo/{{*rest}}"),
             any(move |state: State<AppState>, request: Request| api::echo(state, profile, request)),
         );
+    if profile == Profile::Generic {
+        // The generic profile refreshes here only while `separateRefreshEndpoint` is on.
+        routes = routes
+            .route(
+                "/generic/refresh",
+                post(
+                    move |state: State<AppState>, headers: HeaderMap, body: Bytes| async move {
+                        if !state.settings(profile).separate_refresh_endpoint {
+                            return not_found();
+                        }
+                        token::token(
+                            state,
+                            profile,
+                            token::AllowedGrants::RefreshTokenOnly,
+                            headers,
+                            body,
+                        )
+                        .await
+                    },
+                ),
+            )
+            .route(
+                "/generic/tenants/{tenant}/api/me",
+                get(
+                    move |state: State<AppState>,
+                          Path(tenant): Path<String>,
+                          headers: HeaderMap| {
+                        api::tenant_me(state, profile, tenant, headers)
+                    },
+                ),
+            )
+            .route(
+                "/generic/tenants/{tenant}/api/echo",
+                any(
+                    move |state: State<AppState>, Path(tenant): Path<String>, request: Request| {
+                        api::tenant_echo(state, profile, tenant, request)
+                    },
+                ),
+            )
+            .route(
+                "/generic/tenants/{tenant}/api/echo/{*rest}",
+                any(
+                    move |state: State<AppState>,
+                          Path((tenant, _rest)): Path<(String, String)>,
+                          request: Request| {
+                        api::tenant_echo(state, profile, tenant, request)
+                    },
+                ),
+            );
+    }
     if let Some(refresh) = paths.refresh {
         routes = routes.route(
             refresh,
@@ -169,6 +221,64 @@ pub fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<HashMap<String, St
         }
     }
     parse_pairs(body)
+}
+
+/// Parses the parameters of a token or revocation request: a form (see [`parse_form`]), or a
+/// JSON object when the profile accepts or requires JSON bodies (`acceptJsonBodies`,
+/// `requireJsonBodies`). JSON numbers and booleans become their text; nested values are refused.
+pub fn parse_request_params(
+    headers: &HeaderMap,
+    body: &[u8],
+    settings: &crate::profiles::ProfileSettings,
+) -> Result<HashMap<String, String>, FormError> {
+    let media_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase());
+    let is_json = media_type
+        .as_deref()
+        .is_some_and(|m| m == "application/json" || m.ends_with("+json"));
+    let json_allowed = settings.accept_json_bodies || settings.require_json_bodies;
+    if !is_json {
+        if settings.require_json_bodies && !body.is_empty() {
+            return Err(FormError(
+                "This server takes JSON request bodies: send Content-Type: application/json with a JSON object."
+                    .to_string(),
+            ));
+        }
+        return parse_form(headers, body);
+    }
+    if !json_allowed {
+        return Err(FormError(
+            "The body must be application/x-www-form-urlencoded, not 'application/json'."
+                .to_string(),
+        ));
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(HashMap::new());
+    }
+    let object = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(object)) => object,
+        Ok(_) => return Err(FormError("The JSON body must be an object.".to_string())),
+        Err(e) => return Err(FormError(format!("The JSON body is invalid: {e}"))),
+    };
+    let mut params = HashMap::new();
+    for (name, value) in object {
+        let text = match value {
+            serde_json::Value::String(s) => s,
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::Bool(b) => b.to_string(),
+            serde_json::Value::Null => continue,
+            _ => {
+                return Err(FormError(format!(
+                    "The parameter '{name}' must be a string, not a JSON array or object."
+                )));
+            }
+        };
+        params.insert(name, text);
+    }
+    Ok(params)
 }
 
 /// Parses form-encoded pairs (a body or a query string), refusing repeated parameters.

@@ -17,9 +17,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::{AppState, injected_fault, json_response, parse_form, parse_pairs};
+use super::{
+    AppState, bearer_token, injected_fault, json_response, parse_pairs, parse_request_params,
+};
 use crate::faults::FaultTarget;
-use crate::profiles::Profile;
+use crate::profiles::{Profile, RevocationMode};
 use crate::state::{RevokeOutcome, Stats};
 
 /// Revoke bodies are tiny; anything larger is refused rather than buffered.
@@ -44,6 +46,10 @@ pub async fn revoke(
 }
 
 async fn answer(sandbox: &crate::state::Sandbox, profile: Profile, request: Request) -> Response {
+    let settings = sandbox.settings(profile);
+    if settings.revocation_mode == RevocationMode::None {
+        return super::not_found();
+    }
     let (parts, body) = request.into_parts();
     let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
         Ok(body) => body,
@@ -60,20 +66,27 @@ async fn answer(sandbox: &crate::state::Sandbox, profile: Profile, request: Requ
         Ok(params) => params,
         Err(e) => return bad_input(profile, &e.0),
     };
-    match parse_form(&parts.headers, &body) {
+    match parse_request_params(&parts.headers, &body, &settings) {
         Ok(form) => params.extend(form),
         Err(e) => return bad_input(profile, &e.0),
     }
+    // Dropbox and Slack revoke the token that authenticates the call.
+    let bearer = bearer_token(&parts.headers);
     let token = params
         .get("token")
         .map(|t| t.trim())
-        .filter(|t| !t.is_empty());
+        .filter(|t| !t.is_empty())
+        .or(bearer);
+    let fake_success = settings.revocation_mode == RevocationMode::FakeSuccess;
 
     match profile {
         Profile::AdobeSign => {
             let Some(token) = token else {
                 return adobe_error("INVALID_REQUEST", "Empty or missing token");
             };
+            if fake_success {
+                return StatusCode::OK.into_response();
+            }
             match sandbox.revoke(profile, token) {
                 RevokeOutcome::Revoked => StatusCode::OK.into_response(),
                 RevokeOutcome::AlreadyDead => {
@@ -93,6 +106,9 @@ async fn answer(sandbox: &crate::state::Sandbox, profile: Profile, request: Requ
                     "this token type is not supported",
                 );
             };
+            if fake_success {
+                return StatusCode::OK.into_response();
+            }
             match sandbox.revoke(profile, token) {
                 RevokeOutcome::Revoked => StatusCode::OK.into_response(),
                 RevokeOutcome::AlreadyDead | RevokeOutcome::Unknown => {
@@ -103,21 +119,20 @@ async fn answer(sandbox: &crate::state::Sandbox, profile: Profile, request: Requ
         Profile::Box | Profile::Microsoft | Profile::Generic => {
             // Box requires the client's credentials; RFC 7009 servers check them when sent.
             let sends_credentials = params.contains_key("client_secret")
-                || parts
+                || (parts
                     .headers
-                    .contains_key(axum::http::header::AUTHORIZATION);
-            if profile == Profile::Box || sends_credentials {
-                let settings = sandbox.settings(profile);
-                if let Err(error) =
+                    .contains_key(axum::http::header::AUTHORIZATION)
+                    && bearer.is_none());
+            if (profile == Profile::Box || sends_credentials)
+                && let Err(error) =
                     super::token::authenticate(sandbox, &settings, &parts.headers, &params)
-                {
-                    let status = if error.code == "invalid_client" {
-                        StatusCode::UNAUTHORIZED
-                    } else {
-                        StatusCode::BAD_REQUEST
-                    };
-                    return oauth_error(status, error.code, &error.description);
-                }
+            {
+                let status = if error.code == "invalid_client" {
+                    StatusCode::UNAUTHORIZED
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                return oauth_error(status, error.code, &error.description);
             }
             let Some(token) = token else {
                 return oauth_error(
@@ -127,7 +142,9 @@ async fn answer(sandbox: &crate::state::Sandbox, profile: Profile, request: Requ
                 );
             };
             // RFC 7009 §2.2: unknown and already-dead tokens answer 200 too.
-            let _ = sandbox.revoke(profile, token);
+            if !fake_success {
+                let _ = sandbox.revoke(profile, token);
+            }
             StatusCode::OK.into_response()
         }
     }

@@ -9,7 +9,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use crate::clock::{Millis, rfc3339};
-use crate::profiles::{Profile, ProfileSettings, TokenResponseFormat};
+use crate::profiles::{
+    ApiRejectionShape, ErrorShape, Profile, ProfileSettings, TokenResponseFormat,
+};
 use crate::state::{AccessRejection, GrantError, random_string};
 
 /// An RFC 6749 §5.2 error of the token endpoint, before it is shaped for a profile.
@@ -87,6 +89,10 @@ pub fn token_error(
     } else {
         body.insert("error_description".into(), json!(description));
     }
+    let (status, body) = match settings.error_shape {
+        ErrorShape::Oauth => (status, body),
+        shape => provider_error_body(shape, status, error),
+    };
     let mut response = render_body(status, settings.token_response_format, body);
     if error.code == "invalid_client" && error.basic_auth_used {
         response.headers_mut().insert(
@@ -95,6 +101,110 @@ pub fn token_error(
         );
     }
     response
+}
+
+/// What went wrong, coarsely, for the providers whose error codes name the failing input.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Failing {
+    RefreshToken,
+    Code,
+    Client,
+    RedirectUri,
+    Other,
+}
+
+fn failing(error: &OAuthError) -> Failing {
+    match (error.code, error.grant_error) {
+        (_, Some(e)) if e.concerns_refresh_token() => Failing::RefreshToken,
+        (_, Some(GrantError::RedirectUriMismatch)) => Failing::RedirectUri,
+        (_, Some(GrantError::ClientMismatch)) | ("invalid_client", _) => Failing::Client,
+        (_, Some(_)) => Failing::Code,
+        _ => Failing::Other,
+    }
+}
+
+/// A token-endpoint error in a non-OAuth provider shape (`errorShape`). Slack and GitHub
+/// answer every error with HTTP 200.
+fn provider_error_body(
+    shape: ErrorShape,
+    status: StatusCode,
+    error: &OAuthError,
+) -> (StatusCode, Map<String, Value>) {
+    let what = failing(error);
+    let mut body = Map::new();
+    match shape {
+        ErrorShape::Oauth => {
+            body.insert("error".into(), json!(error.code));
+            body.insert("error_description".into(), json!(error.description));
+            (status, body)
+        }
+        ErrorShape::Hubspot => {
+            let (code, message) = match what {
+                Failing::RefreshToken => ("BAD_REFRESH_TOKEN", "missing or invalid refresh token"),
+                Failing::Code => ("BAD_AUTH_CODE", "missing or unknown auth code"),
+                Failing::Client => ("BAD_CLIENT_ID", "missing or invalid client id or secret"),
+                Failing::RedirectUri => ("BAD_REDIRECT_URI", "redirect_uri does not match"),
+                Failing::Other => ("BAD_REQUEST", error.description.as_str()),
+            };
+            body.insert("status".into(), json!(code));
+            body.insert("message".into(), json!(message));
+            body.insert("correlationId".into(), json!(uuid_like()));
+            (status, body)
+        }
+        ErrorShape::Zoom => {
+            let reason = match what {
+                Failing::RefreshToken => "Invalid Token!".to_string(),
+                Failing::Code => "Invalid authorization code".to_string(),
+                Failing::Client => "Invalid client_id or client_secret".to_string(),
+                Failing::RedirectUri => "Redirect URI mismatch.".to_string(),
+                Failing::Other => error.description.clone(),
+            };
+            body.insert("reason".into(), json!(reason));
+            body.insert("error".into(), json!(error.code));
+            (status, body)
+        }
+        ErrorShape::Slack => {
+            let code = match what {
+                Failing::RefreshToken => "invalid_refresh_token",
+                Failing::Code => "invalid_code",
+                Failing::Client => "invalid_client_id",
+                Failing::RedirectUri => "bad_redirect_uri",
+                Failing::Other => error.code,
+            };
+            body.insert("ok".into(), json!(false));
+            body.insert("error".into(), json!(code));
+            (StatusCode::OK, body)
+        }
+        ErrorShape::Github => {
+            let (code, description) = match what {
+                Failing::RefreshToken => (
+                    "bad_refresh_token",
+                    "The refresh token passed is incorrect or expired.".to_string(),
+                ),
+                Failing::Code => (
+                    "bad_verification_code",
+                    "The code passed is incorrect or expired.".to_string(),
+                ),
+                Failing::Client => (
+                    "incorrect_client_credentials",
+                    "The client_id and/or client_secret passed are incorrect.".to_string(),
+                ),
+                Failing::RedirectUri => (
+                    "redirect_uri_mismatch",
+                    "The redirect_uri MUST match the registered callback URL for this application."
+                        .to_string(),
+                ),
+                Failing::Other => (error.code, error.description.clone()),
+            };
+            body.insert("error".into(), json!(code));
+            body.insert("error_description".into(), json!(description));
+            body.insert(
+                "error_uri".into(),
+                json!("https://docs.github.com/apps/managing-oauth-apps/troubleshooting-oauth-app-access-token-request-errors"),
+            );
+            (StatusCode::OK, body)
+        }
+    }
 }
 
 fn profile_error_description(profile: Profile, error: &OAuthError) -> String {
@@ -205,9 +315,75 @@ pub fn render_body(
     response
 }
 
-/// The answer of the protected API to a missing, unknown, expired or revoked token.
-pub fn api_rejection(profile: Profile, rejection: AccessRejection, now: Millis) -> Response {
+/// The answer of the protected API to a missing, unknown, expired or revoked token, in the
+/// `apiRejectionShape` of the profile's settings, or the profile's own shape.
+pub fn api_rejection(
+    profile: Profile,
+    shape: ApiRejectionShape,
+    rejection: AccessRejection,
+    now: Millis,
+) -> Response {
     let unauthorized = StatusCode::UNAUTHORIZED;
+    match shape {
+        ApiRejectionShape::Profile => {}
+        ApiRejectionShape::EmptyWithWwwAuthenticate => {
+            let challenge = if rejection == AccessRejection::Missing {
+                "Bearer realm=\"Service\"".to_string()
+            } else {
+                format!(
+                    "Bearer realm=\"Service\", error=\"invalid_token\", error_description=\"{}\"",
+                    rejection.description()
+                )
+            };
+            let mut response = unauthorized.into_response();
+            if let Ok(value) = HeaderValue::from_str(&challenge) {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, value);
+            }
+            return response;
+        }
+        ApiRejectionShape::Array => {
+            return (
+                unauthorized,
+                axum::Json(json!([{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}])),
+            )
+                .into_response();
+        }
+        ApiRejectionShape::OkFalse => {
+            let error = match rejection {
+                AccessRejection::Missing => "not_authed",
+                AccessRejection::Unknown | AccessRejection::NotYetActive => "invalid_auth",
+                AccessRejection::Expired => "token_expired",
+                AccessRejection::Revoked => "token_revoked",
+            };
+            return (
+                StatusCode::OK,
+                axum::Json(json!({"ok": false, "error": error})),
+            )
+                .into_response();
+        }
+        ApiRejectionShape::Xml => {
+            let detail = match rejection {
+                AccessRejection::Expired => format!("Token expired: {}", rfc3339(now)),
+                other => other.description().to_string(),
+            };
+            let body = format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\" standalone=\"yes\"?>\
+                 <IntuitResponse time=\"{}\"><Fault type=\"AUTHENTICATION\"><Error code=\"3200\">\
+                 <Message>message=AuthenticationFailed; errorCode=003200; statusCode=401</Message>\
+                 <Detail>{}</Detail></Error></Fault></IntuitResponse>",
+                rfc3339(now),
+                super::html_escape(&detail)
+            );
+            return (
+                unauthorized,
+                [(header::CONTENT_TYPE, "application/xml")],
+                body,
+            )
+                .into_response();
+        }
+    }
     match profile {
         Profile::AdobeSign => {
             let body = if rejection == AccessRejection::Missing {
@@ -238,7 +414,9 @@ pub fn api_rejection(profile: Profile, rejection: AccessRejection, now: Millis) 
             let message = match rejection {
                 AccessRejection::Missing => "Access token is empty.",
                 AccessRejection::Unknown => "CompactToken parsing failed with error code: 80049217",
-                AccessRejection::Expired | AccessRejection::Revoked => {
+                AccessRejection::Expired
+                | AccessRejection::Revoked
+                | AccessRejection::NotYetActive => {
                     "Access token has expired or is not yet valid."
                 }
             };

@@ -8,9 +8,10 @@ use axum::response::Response;
 use serde_json::{Map, Value, json};
 
 use super::shapes::{OAuthError, render_body, token_error};
-use super::{AppState, base_url, basic_credentials, injected_fault, parse_form};
+use super::{AppState, base_url, basic_credentials, injected_fault, parse_request_params};
 use crate::faults::FaultTarget;
 use crate::profiles::{ClientAuthMethod, Profile, ProfileSettings};
+use crate::profiles::{RoutingLocation, RoutingValue};
 use crate::state::{IssuedTokens, Sandbox, Stats, random_string};
 
 /// Which grant types an endpoint takes: Adobe Sign splits them over two URLs.
@@ -39,6 +40,15 @@ pub async fn token(
         return fault;
     }
     let settings = sandbox.settings(profile);
+    // The generic profile's token endpoint gives up refreshes while a separate one is on.
+    let allowed = if profile == Profile::Generic
+        && allowed == AllowedGrants::Both
+        && settings.separate_refresh_endpoint
+    {
+        AllowedGrants::AuthorizationCodeOnly
+    } else {
+        allowed
+    };
     match handle(&sandbox, profile, allowed, &settings, &headers, &body) {
         Ok((kind, issued)) => {
             Stats::bump(match kind {
@@ -64,7 +74,8 @@ fn handle(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<(GrantKind, IssuedTokens), OAuthError> {
-    let form = parse_form(headers, body).map_err(|e| OAuthError::new("invalid_request", e.0))?;
+    let form = parse_request_params(headers, body, settings)
+        .map_err(|e| OAuthError::new("invalid_request", e.0))?;
     let client_id = authenticate(sandbox, settings, headers, &form)?;
     let param = |name: &str| form.get(name).map(String::as_str).filter(|v| !v.is_empty());
     let required = |name: &str| {
@@ -93,13 +104,13 @@ fn handle(
         (AllowedGrants::AuthorizationCodeOnly, GrantKind::RefreshToken) => {
             return Err(OAuthError::new(
                 "unsupported_grant_type",
-                "This endpoint only exchanges authorization codes; refresh at oauth/v2/refresh.",
+                "This endpoint only exchanges authorization codes; refresh at the refresh_endpoint of the metadata.",
             ));
         }
         (AllowedGrants::RefreshTokenOnly, GrantKind::AuthorizationCode) => {
             return Err(OAuthError::new(
                 "unsupported_grant_type",
-                "This endpoint only refreshes; exchange codes at oauth/v2/token.",
+                "This endpoint only refreshes; exchange codes at the token_endpoint of the metadata.",
             ));
         }
         _ => {}
@@ -113,12 +124,16 @@ fn handle(
             required("redirect_uri")?,
             param("code_verifier"),
         ),
-        GrantKind::RefreshToken => sandbox.refresh(
-            profile,
-            &client_id,
-            required("refresh_token")?,
-            param("scope"),
-        ),
+        GrantKind::RefreshToken => {
+            let refresh_token = required("refresh_token")?;
+            if settings.require_scope_on_refresh && param("scope").is_none() {
+                return Err(OAuthError::new(
+                    "invalid_request",
+                    "The parameter 'scope' is required on refresh at this server.",
+                ));
+            }
+            sandbox.refresh(profile, &client_id, refresh_token, param("scope"))
+        }
     }
     .map_err(OAuthError::from_grant)?;
     Ok((kind, issued))
@@ -267,7 +282,43 @@ fn success_body(
             }
         }
     }
+    if !settings.refresh_token_expires_in_field.is_empty()
+        && let Some(seconds) = issued.refresh_token_expires_in
+    {
+        let value = if settings.expires_in_as_string {
+            json!(seconds.to_string())
+        } else {
+            json!(seconds)
+        };
+        body.insert(settings.refresh_token_expires_in_field.clone(), value);
+    }
+    if settings.routing_location != RoutingLocation::Redirect
+        && let Some((field, value)) = routing_pair(profile, settings, &issued.user, base)
+    {
+        body.insert(field, json!(value));
+    }
+    for (name, value) in &settings.extra_token_fields {
+        body.insert(name.clone(), value.clone());
+    }
     body
+}
+
+/// The routing field and its value for `user`, when the profile hands out routing data.
+pub fn routing_pair(
+    profile: Profile,
+    settings: &ProfileSettings,
+    user: &str,
+    base: &str,
+) -> Option<(String, String)> {
+    if settings.routing_field.is_empty() {
+        return None;
+    }
+    let tenant = Sandbox::tenant_of(user);
+    let value = match settings.routing_value {
+        RoutingValue::BaseUrl => format!("{base}/{}/tenants/{tenant}/", profile.key()),
+        RoutingValue::TenantId => tenant,
+    };
+    Some((settings.routing_field.clone(), value))
 }
 
 /// The sandbox's one Salesforce org.

@@ -1,0 +1,944 @@
+//! Every quirk class of PROVIDERS.md, end to end: an organization connector (`POST /elements`)
+//! pointing at the sandbox's `generic` profile configured for the quirk, an instance made from a
+//! real code flow, and proof that the instance keeps working while the grant lives and turns
+//! invalid, with the provider's words, when it does not.
+//!
+//! SQLite only: the store is tested on both engines elsewhere, and these tests are about what
+//! the service makes of providers' answers. Time moves on the sandbox clock, never by sleeping.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::harness::{CLIENT_ID, CLIENT_SECRET, Env};
+use crate::support::sqlite_database;
+
+async fn start(label: &str) -> Env {
+    Env::start(label, &sqlite_database()).await
+}
+
+/// `PUT /__sandbox/profiles/generic`.
+async fn configure(env: &Env, settings: Value) {
+    env.sandbox_put("/__sandbox/profiles/generic", settings)
+        .await;
+}
+
+async fn advance(env: &Env, seconds: u64) {
+    env.sandbox_post("/__sandbox/clock", json!({"advanceSeconds": seconds}))
+        .await;
+}
+
+async fn revoke_user(env: &Env, user: &str) {
+    env.sandbox_post(&format!("/__sandbox/users/{user}/revoke"), json!({}))
+        .await;
+}
+
+/// Merges `patch` into `base`, object by object.
+fn merge(base: &mut Value, patch: &Value) {
+    match (base, patch) {
+        (Value::Object(base), Value::Object(patch)) => {
+            for (name, value) in patch {
+                merge(base.entry(name.clone()).or_insert(Value::Null), value);
+            }
+        }
+        (base, patch) => *base = patch.clone(),
+    }
+}
+
+/// Registers an organization connector `key` for the generic profile, with `quirks` merged into
+/// a plain RFC 6749/7009 definition.
+async fn register(env: &Env, key: &str, quirks: Value) {
+    let mut connector = json!({
+        "key": key,
+        "name": format!("Quirk {key}"),
+        "baseUrl": "{sandbox}/generic/",
+        "oauth": {
+            "authorizationUrl": "{sandbox}/generic/authorize",
+            "tokenUrl": "{sandbox}/generic/token",
+            "revokeUrl": "{sandbox}/generic/revoke",
+            "scopes": ["read", "write"],
+        },
+    });
+    merge(&mut connector, &quirks);
+    let response = env
+        .http
+        .post(env.api("/elements"))
+        .header("authorization", env.org.platform())
+        .json(&connector)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let body = response.text().await.unwrap();
+    assert!(status.is_success(), "register {key}: {status} {body}");
+}
+
+/// An instance of `key` for sandbox user `user`: (id, element token).
+async fn create(env: &Env, key: &str, user: &str) -> (String, String) {
+    let instance = env.create_instance(&env.org, key, user).await;
+    (
+        instance["id"].to_string().trim_matches('"').to_string(),
+        instance["token"].as_str().unwrap().to_string(),
+    )
+}
+
+/// `POST /instances` from a fresh code, answering the status and body whatever they are.
+async fn try_create(env: &Env, key: &str, user: &str, configuration: Value) -> (u16, Value) {
+    let (code, state) = env.authorize(&env.org, key, user).await;
+    let mut config = env.configuration();
+    merge(&mut config, &configuration);
+    let response = env
+        .http
+        .post(env.api("/instances"))
+        .header("authorization", env.org.platform())
+        .json(
+            &json!({"element": {"key": key}, "providerData": {"code": code, "state": state},
+                      "configuration": config, "name": format!("{user}'s {key}")}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// The instance as its own Element token sees it (token values unmasked).
+async fn instance(env: &Env, element_token: &str) -> Value {
+    let (status, listed) = env
+        .get_json(&env.api("/instances"), &env.org.with_element(element_token))
+        .await;
+    assert_eq!(status, 200, "{listed}");
+    listed[0].clone()
+}
+
+async fn refresh_token_of(env: &Env, element_token: &str) -> String {
+    instance(env, element_token).await["configuration"]["oauth.user.refresh_token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+async fn access_token_of(env: &Env, element_token: &str) -> String {
+    instance(env, element_token).await["configuration"]["oauth.user.token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `POST /instances/{id}/tokens/refresh`.
+async fn refresh(env: &Env, id: &str, element_token: &str) -> (u16, Value) {
+    let response = env
+        .http
+        .post(env.api(&format!("/instances/{id}/tokens/refresh")))
+        .header("authorization", env.org.with_element(element_token))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+async fn refresh_ok(env: &Env, id: &str, element_token: &str, case: &str) {
+    let (status, body) = refresh(env, id, element_token).await;
+    assert_eq!(status, 200, "[{case}] refresh: {body}");
+    assert_eq!(body["valid"], true, "[{case}] {body}");
+}
+
+async fn me(env: &Env, element_token: &str, path: &str) -> (u16, Value) {
+    env.proxy(&env.org, element_token, Method::GET, path).await
+}
+
+/// A proxied call answers 200 from the sandbox: the grant works through the service.
+async fn works(env: &Env, element_token: &str, case: &str) -> Value {
+    let (status, body) = me(env, element_token, "api/me").await;
+    assert_eq!(status, 200, "[{case}] proxied api/me: {body}");
+    body
+}
+
+/// The instance is invalid for good: a proxied call answers 401 "Request failed" with the
+/// provider's words, and the instance says `valid: false`.
+async fn turns_invalid(env: &Env, element_token: &str, path: &str, words: &str, case: &str) {
+    let (status, body) = me(env, element_token, path).await;
+    assert_eq!(status, 401, "[{case}] proxied {path}: {body}");
+    assert_eq!(body["message"], "Request failed", "[{case}] {body}");
+    let provider_message = body["providerMessage"].as_str().unwrap_or_default();
+    assert!(
+        provider_message.contains(words),
+        "[{case}] providerMessage `{provider_message}` lacks `{words}`"
+    );
+    assert_eq!(
+        instance(env, element_token).await["valid"],
+        false,
+        "[{case}] instance stays valid"
+    );
+}
+
+/// A refresh through the service fails for good with the provider's words, and the instance
+/// is invalid afterwards.
+async fn refresh_fails_for_good(env: &Env, id: &str, element_token: &str, words: &str, case: &str) {
+    let (status, body) = refresh(env, id, element_token).await;
+    assert_eq!(status, 401, "[{case}] refresh: {body}");
+    let provider_message = body["providerMessage"].as_str().unwrap_or_default();
+    assert!(
+        provider_message.contains(words),
+        "[{case}] providerMessage `{provider_message}` lacks `{words}`"
+    );
+    turns_invalid(env, element_token, "api/me", words, case).await;
+}
+
+fn form(pairs: &[(&str, &str)]) -> String {
+    let mut serializer = url::form_urlencoded::Serializer::new(String::new());
+    for (name, value) in pairs {
+        serializer.append_pair(name, value);
+    }
+    serializer.finish()
+}
+
+/// A direct refresh at the sandbox with a token the service holds (a leaked or replayed copy).
+async fn sandbox_refresh(env: &Env, refresh_token: &str) -> (u16, Value) {
+    let response = env
+        .http
+        .post(env.sandbox_url("/generic/token"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token),
+            ("client_id", CLIENT_ID),
+            ("client_secret", CLIENT_SECRET),
+        ]))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// A direct API call at the sandbox with a token the service holds.
+async fn sandbox_api_status(env: &Env, access_token: &str) -> u16 {
+    env.http
+        .get(env.sandbox_url("/generic/api/me"))
+        .bearer_auth(access_token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+async fn sandbox_revoke(env: &Env, token: &str) {
+    let response = env
+        .http
+        .post(env.sandbox_url("/generic/revoke"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form(&[("token", token)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+/// `POST /instances/{id}/tokens/revoke`.
+async fn revoke_through_service(env: &Env, id: &str, element_token: &str) -> Value {
+    let response = env
+        .http
+        .post(env.api(&format!("/instances/{id}/tokens/revoke")))
+        .header("authorization", env.org.with_element(element_token))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    assert_eq!(status, 200, "revoke: {body}");
+    body
+}
+
+// ----- 1. rotation modes ------------------------------------------------------------------
+
+#[tokio::test]
+async fn rotation_modes_keep_instances_working_and_reuse_kills_the_family() {
+    let env = start("rotation").await;
+    register(&env, "rot", json!({})).await;
+    // (case, settings, whether each refresh changes the refresh token)
+    let cases = [
+        ("none", json!({"rotateRefreshTokens": false}), false),
+        ("single use", json!({"rotateRefreshTokens": true}), true),
+        (
+            "with grace",
+            json!({"rotateRefreshTokens": true, "refreshReuseGraceSeconds": 1800}),
+            true,
+        ),
+        (
+            "old stays valid",
+            json!({"rotateRefreshTokens": false, "oldRefreshTokenStaysValid": true}),
+            true,
+        ),
+        (
+            "omitted",
+            json!({"oldRefreshTokenStaysValid": false, "omitRefreshTokenOnRefresh": true}),
+            false,
+        ),
+    ];
+    for (index, (case, settings, rotates)) in cases.iter().enumerate() {
+        configure(&env, settings.clone()).await;
+        let user = format!("rot{index}");
+        let (id, token) = create(&env, "rot", &user).await;
+        let first = refresh_token_of(&env, &token).await;
+        refresh_ok(&env, &id, &token, case).await;
+        let second = refresh_token_of(&env, &token).await;
+        assert_eq!(first != second, *rotates, "[{case}] rotation");
+        assert!(!second.is_empty(), "[{case}] the refresh token is kept");
+        // A second refresh proves the kept token is the live one.
+        refresh_ok(&env, &id, &token, case).await;
+        works(&env, &token, case).await;
+        if *case == "single use" {
+            let (status, body) = sandbox_refresh(&env, &first).await;
+            assert_eq!(status, 400, "[{case}] the first token is used up: {body}");
+        }
+    }
+
+    // Family revoked on reuse: a replayed old token kills the grant the service holds.
+    configure(
+        &env,
+        json!({"rotateRefreshTokens": true, "refreshReuseGraceSeconds": 0, "revokeGrantOnReuse": true, "omitRefreshTokenOnRefresh": false}),
+    )
+    .await;
+    let (id, token) = create(&env, "rot", "family").await;
+    let leaked = refresh_token_of(&env, &token).await;
+    refresh_ok(&env, &id, &token, "family").await;
+    works(&env, &token, "family").await;
+    let (status, body) = sandbox_refresh(&env, &leaked).await;
+    assert_eq!(status, 400, "replay refused: {body}");
+    refresh_fails_for_good(
+        &env,
+        &id,
+        &token,
+        "invalid_grant: The refresh token has been revoked.",
+        "family",
+    )
+    .await;
+    env.stop().await;
+}
+
+// ----- 2. expiry models -------------------------------------------------------------------
+
+#[tokio::test]
+async fn expiry_models_idle_absolute_and_both() {
+    let env = start("expiry").await;
+    register(&env, "exp", json!({})).await;
+
+    // No expiry: a year of silence changes nothing.
+    let (id, token) = create(&env, "exp", "forever").await;
+    advance(&env, 365 * 86_400).await;
+    refresh_ok(&env, &id, &token, "none").await;
+    works(&env, &token, "none").await;
+
+    // Idle, sliding: each use restarts the window.
+    configure(&env, json!({"refreshTokenIdleTtlSeconds": 100})).await;
+    let (id, token) = create(&env, "exp", "idle").await;
+    for _ in 0..3 {
+        advance(&env, 90).await;
+        refresh_ok(&env, &id, &token, "idle").await;
+    }
+    works(&env, &token, "idle").await;
+    advance(&env, 101).await;
+    refresh_fails_for_good(
+        &env,
+        &id,
+        &token,
+        "invalid_grant: The refresh token has expired.",
+        "idle",
+    )
+    .await;
+
+    // Absolute: use does not extend it.
+    configure(
+        &env,
+        json!({"refreshTokenIdleTtlSeconds": 0, "refreshTokenAbsoluteTtlSeconds": 250}),
+    )
+    .await;
+    let (id, token) = create(&env, "exp", "absolute").await;
+    advance(&env, 120).await;
+    refresh_ok(&env, &id, &token, "absolute").await;
+    advance(&env, 120).await;
+    refresh_ok(&env, &id, &token, "absolute").await;
+    works(&env, &token, "absolute").await;
+    advance(&env, 11).await;
+    refresh_fails_for_good(&env, &id, &token, "expired", "absolute").await;
+
+    // Both: the absolute cap wins although the token was never idle for long.
+    configure(
+        &env,
+        json!({"refreshTokenIdleTtlSeconds": 100, "refreshTokenAbsoluteTtlSeconds": 250}),
+    )
+    .await;
+    let (id, token) = create(&env, "exp", "both").await;
+    for _ in 0..2 {
+        advance(&env, 90).await;
+        refresh_ok(&env, &id, &token, "both").await;
+    }
+    advance(&env, 90).await;
+    refresh_fails_for_good(&env, &id, &token, "expired", "both").await;
+    env.stop().await;
+}
+
+// ----- 3. grant-count caps ----------------------------------------------------------------
+
+#[tokio::test]
+async fn grant_caps_evict_the_oldest_instance_of_a_user() {
+    let env = start("caps").await;
+    register(&env, "cap", json!({})).await;
+    configure(&env, json!({"maxGrantsPerUser": 2})).await;
+    let (_, oldest) = create(&env, "cap", "carol").await;
+    let (_, middle) = create(&env, "cap", "carol").await;
+    works(&env, &oldest, "cap 2, before").await;
+    let (_, newest) = create(&env, "cap", "carol").await;
+    // Another user's grants are not counted.
+    let (_, other) = create(&env, "cap", "dave").await;
+    works(&env, &middle, "cap 2, middle").await;
+    works(&env, &newest, "cap 2, newest").await;
+    works(&env, &other, "cap 2, other user").await;
+    turns_invalid(&env, &oldest, "api/me", "invalid_token", "cap 2, evicted").await;
+
+    // Zoom's cap of one: re-authorizing an instance in place keeps it working, and the grant
+    // of the user's other instance goes.
+    configure(&env, json!({"maxGrantsPerUser": 1})).await;
+    let (_, first) = create(&env, "cap", "erin").await;
+    let (_, second) = create(&env, "cap", "erin").await;
+    works(&env, &second, "cap 1, second").await;
+    let (code, state) = env.authorize(&env.org, "cap", "erin").await;
+    let patched = env
+        .http
+        .patch(env.api("/instances"))
+        .header("authorization", env.org.with_element(&second))
+        .json(&json!({"providerData": {"code": code, "state": state}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), 200);
+    works(&env, &second, "cap 1, re-authorized").await;
+    turns_invalid(&env, &first, "api/me", "invalid_token", "cap 1, evicted").await;
+    env.stop().await;
+}
+
+// ----- 4. routing data --------------------------------------------------------------------
+
+#[tokio::test]
+async fn routing_data_from_the_token_response_or_the_redirect_sets_the_base_url() {
+    let env = start("routing").await;
+    // The connector's own base URL names no tenant: only the routing data makes calls work.
+    register(
+        &env,
+        "sfdc-like",
+        json!({"baseUrl": "{sandbox}/generic/tenants/unrouted/",
+               "oauth": {"tokenResponseFields": ["instance_url"], "baseUrlFrom": "instance_url"}}),
+    )
+    .await;
+    configure(
+        &env,
+        json!({"routingField": "instance_url", "routingLocation": "tokenResponse", "routingValue": "baseUrl"}),
+    )
+    .await;
+    let (id, token) = create(&env, "sfdc-like", "frank").await;
+    let body = works(&env, &token, "instance_url").await;
+    let tenant = body["tenant"].as_str().unwrap().to_string();
+    let configuration = instance(&env, &token).await["configuration"].clone();
+    assert_eq!(
+        configuration["base.url"],
+        env.sandbox_url(&format!("/generic/tenants/{tenant}/")),
+        "{configuration}"
+    );
+    assert_eq!(
+        configuration["oauth.provider.instance_url"],
+        configuration["base.url"]
+    );
+    refresh_ok(&env, &id, &token, "instance_url").await;
+    works(&env, &token, "instance_url after refresh").await;
+
+    // Adobe-style access point plus a suffix.
+    register(
+        &env,
+        "adobe-like",
+        json!({"baseUrl": "{sandbox}/generic/tenants/unrouted/",
+               "oauth": {"tokenResponseFields": ["api_access_point"], "baseUrlFrom": "api_access_point", "baseUrlSuffix": "api/"}}),
+    )
+    .await;
+    configure(&env, json!({"routingField": "api_access_point"})).await;
+    let (_, adobe) = create(&env, "adobe-like", "frank").await;
+    let (status, body) = me(&env, &adobe, "me").await;
+    assert_eq!(status, 200, "api_access_point + suffix: {body}");
+
+    // QuickBooks: realmId comes in the redirect; the user passes it as the connector's input.
+    register(
+        &env,
+        "qbo-like",
+        json!({"baseUrl": "{sandbox}/generic/tenants/{realmId}/",
+               "inputs": {"realmId": {"description": "the realmId of the authorization redirect"}}}),
+    )
+    .await;
+    configure(
+        &env,
+        json!({"routingField": "realmId", "routingLocation": "redirect", "routingValue": "tenantId"}),
+    )
+    .await;
+    let (realm, location) = authorize_with_redirect(&env, "qbo-like", "grace").await;
+    assert!(
+        realm.starts_with("t-"),
+        "realmId in the redirect: {location}"
+    );
+    let (code, state) = (param(&location, "code"), param(&location, "state"));
+    let response = env
+        .http
+        .post(env.api("/instances"))
+        .header("authorization", env.org.platform())
+        .json(&json!({"element": {"key": "qbo-like"}, "providerData": {"code": code, "state": state},
+                      "configuration": merged(env.configuration(), json!({"realmId": realm})), "name": "qbo"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let created: Value = response.json().await.unwrap();
+    let qbo = created["token"].as_str().unwrap().to_string();
+    works(&env, &qbo, "realmId").await;
+
+    // Where the grant is gone, routed instances turn invalid like any other.
+    revoke_user(&env, "frank").await;
+    turns_invalid(
+        &env,
+        &token,
+        "api/me",
+        "invalid_token",
+        "instance_url revoked",
+    )
+    .await;
+    revoke_user(&env, "grace").await;
+    turns_invalid(&env, &qbo, "api/me", "invalid_token", "realmId revoked").await;
+    env.stop().await;
+}
+
+fn merged(mut base: Value, patch: Value) -> Value {
+    merge(&mut base, &patch);
+    base
+}
+
+fn param(url: &url::Url, name: &str) -> String {
+    url.query_pairs()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+/// Approval at the sandbox, answering the routing parameter and the whole redirect URL.
+async fn authorize_with_redirect(env: &Env, key: &str, user: &str) -> (String, url::Url) {
+    let (status, body) = env
+        .get_json(
+            &format!(
+                "{}?apiKey={CLIENT_ID}&apiSecret={CLIENT_SECRET}&callbackUrl={}",
+                env.api(&format!("/elements/{key}/oauth/url")),
+                url::form_urlencoded::byte_serialize(env.callback().as_bytes()).collect::<String>()
+            ),
+            &env.org.platform(),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let approve = env
+        .http
+        .get(format!(
+            "{}&login_hint={user}",
+            body["oauthUrl"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap();
+    let location = url::Url::parse(approve.headers()["location"].to_str().unwrap()).unwrap();
+    (param(&location, "realmId"), location)
+}
+
+// ----- 5. refresh-request variants --------------------------------------------------------
+
+#[tokio::test]
+async fn refresh_request_variants_separate_url_scope_and_json_bodies() {
+    let env = start("refresh-variants").await;
+
+    // A separate refresh URL: the connector that names it keeps working; one that refreshes
+    // at the token URL is refused, which must not invalidate anything.
+    configure(&env, json!({"separateRefreshEndpoint": true})).await;
+    register(
+        &env,
+        "own-refresh",
+        json!({"oauth": {"refreshUrl": "{sandbox}/generic/refresh"}}),
+    )
+    .await;
+    register(&env, "no-refresh-url", json!({})).await;
+    let (id, token) = create(&env, "own-refresh", "hank").await;
+    refresh_ok(&env, &id, &token, "refreshUrl").await;
+    works(&env, &token, "refreshUrl").await;
+    let (id2, token2) = create(&env, "no-refresh-url", "hank").await;
+    let (status, body) = refresh(&env, &id2, &token2).await;
+    assert_eq!(
+        status, 503,
+        "unsupported_grant_type is not the grant's death: {body}"
+    );
+    assert!(
+        body["providerMessage"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("unsupported_grant_type"),
+        "{body}"
+    );
+    assert_eq!(instance(&env, &token2).await["valid"], true);
+    configure(&env, json!({"separateRefreshEndpoint": false})).await;
+
+    // scope required on refresh.
+    configure(&env, json!({"requireScopeOnRefresh": true})).await;
+    register(
+        &env,
+        "scoped",
+        json!({"oauth": {"refreshParams": {"scope": "read write"}}}),
+    )
+    .await;
+    let (id, token) = create(&env, "scoped", "ivan").await;
+    refresh_ok(&env, &id, &token, "scope on refresh").await;
+    let (id2, token2) = create(&env, "no-refresh-url", "ivan").await;
+    let (status, body) = refresh(&env, &id2, &token2).await;
+    assert_eq!(
+        status, 503,
+        "invalid_request is not the grant's death: {body}"
+    );
+    assert_eq!(instance(&env, &token2).await["valid"], true);
+    configure(&env, json!({"requireScopeOnRefresh": false})).await;
+
+    // JSON bodies required: a JSON connector works end to end; a form one cannot even
+    // exchange its code, and says why.
+    configure(&env, json!({"requireJsonBodies": true})).await;
+    register(
+        &env,
+        "json-body",
+        json!({"oauth": {"tokenRequestFormat": "json"}}),
+    )
+    .await;
+    let (id, token) = create(&env, "json-body", "judy").await;
+    refresh_ok(&env, &id, &token, "json").await;
+    works(&env, &token, "json").await;
+    let (status, body) = try_create(&env, "no-refresh-url", "judy", json!({})).await;
+    assert!(
+        (400..500).contains(&status),
+        "form body refused: {status} {body}"
+    );
+    assert!(
+        body["providerMessage"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("JSON"),
+        "{body}"
+    );
+
+    // The grant dies: the JSON connector's instance turns invalid with the provider's words.
+    revoke_user(&env, "judy").await;
+    refresh_fails_for_good(&env, &id, &token, "invalid_grant", "json revoked").await;
+    env.stop().await;
+}
+
+// ----- 6. client authentication -----------------------------------------------------------
+
+#[tokio::test]
+async fn client_authentication_basic_only_and_body_only() {
+    let env = start("client-auth").await;
+    register(
+        &env,
+        "basic",
+        json!({"oauth": {"clientAuth": "client_secret_basic"}}),
+    )
+    .await;
+    register(
+        &env,
+        "post",
+        json!({"oauth": {"clientAuth": "client_secret_post"}}),
+    )
+    .await;
+
+    configure(&env, json!({"clientAuthMethods": ["client_secret_basic"]})).await;
+    let (id, token) = create(&env, "basic", "kim").await;
+    refresh_ok(&env, &id, &token, "basic only").await;
+    works(&env, &token, "basic only").await;
+    let (status, body) = try_create(&env, "post", "kim", json!({})).await;
+    assert!((400..500).contains(&status), "{status} {body}");
+    assert!(
+        body["providerMessage"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("invalid_client"),
+        "{body}"
+    );
+
+    configure(&env, json!({"clientAuthMethods": ["client_secret_post"]})).await;
+    let (id, token) = create(&env, "post", "lee").await;
+    refresh_ok(&env, &id, &token, "body only").await;
+    works(&env, &token, "body only").await;
+
+    // The provider stops accepting the instance's method: the refresh is refused for good.
+    configure(&env, json!({"clientAuthMethods": ["client_secret_basic"]})).await;
+    refresh_fails_for_good(
+        &env,
+        &id,
+        &token,
+        "invalid_client: The client authentication method client_secret_post is not allowed",
+        "method withdrawn",
+    )
+    .await;
+    env.stop().await;
+}
+
+// ----- 7. non-standard token responses ----------------------------------------------------
+
+#[tokio::test]
+async fn non_standard_token_responses_are_read_and_their_errors_understood() {
+    let env = start("token-responses").await;
+    register(
+        &env,
+        "odd",
+        json!({"oauth": {"tokenResponseFields": ["hub_id"], "permanentErrors": ["BAD_REFRESH_TOKEN"]}}),
+    )
+    .await;
+    let plain = json!({"tokenResponseFormat": "json", "errorsWithHttp200": false,
+                       "invalidGrantStatus": 400, "expiresInAsString": false, "errorShape": "oauth"});
+    // (case, settings, words of the refresh failure once the grant is gone)
+    let cases = [
+        (
+            "form-encoded",
+            json!({"tokenResponseFormat": "form"}),
+            "invalid_grant: The refresh token has been revoked.",
+        ),
+        (
+            "errors with HTTP 200",
+            json!({"errorsWithHttp200": true}),
+            "invalid_grant",
+        ),
+        (
+            "403 invalid_grant",
+            json!({"invalidGrantStatus": 403}),
+            "invalid_grant",
+        ),
+        (
+            "string expires_in",
+            json!({"expiresInAsString": true}),
+            "invalid_grant",
+        ),
+        (
+            "hubspot",
+            json!({"errorShape": "hubspot"}),
+            "BAD_REFRESH_TOKEN: missing or invalid refresh token",
+        ),
+        (
+            "zoom",
+            json!({"errorShape": "zoom"}),
+            "invalid_grant: Invalid Token!",
+        ),
+        (
+            "slack",
+            json!({"errorShape": "slack"}),
+            "invalid_refresh_token",
+        ),
+        (
+            "github",
+            json!({"errorShape": "github", "tokenResponseFormat": "form"}),
+            "bad_refresh_token: The refresh token passed is incorrect or expired.",
+        ),
+        (
+            "extra fields",
+            json!({"refreshTokenIdleTtlSeconds": 8_640_000, "refreshTokenExpiresInField": "x_refresh_token_expires_in",
+                   "extraTokenFields": {"hub_id": 4242}}),
+            "invalid_grant",
+        ),
+    ];
+    for (index, (case, settings, words)) in cases.iter().enumerate() {
+        configure(&env, merged(plain.clone(), settings.clone())).await;
+        let user = format!("odd{index}");
+        let (id, token) = create(&env, "odd", &user).await;
+        refresh_ok(&env, &id, &token, case).await;
+        works(&env, &token, case).await;
+        let configuration = instance(&env, &token).await["configuration"].clone();
+        assert_eq!(
+            configuration["oauth.user.refresh_interval"], "3600",
+            "[{case}] expires_in read: {configuration}"
+        );
+        if *case == "extra fields" {
+            assert_eq!(
+                configuration["oauth.provider.hub_id"], "4242",
+                "{configuration}"
+            );
+        }
+        revoke_user(&env, &user).await;
+        refresh_fails_for_good(&env, &id, &token, words, case).await;
+    }
+    env.stop().await;
+}
+
+// ----- 8. revocation semantics ------------------------------------------------------------
+
+#[tokio::test]
+async fn revocation_semantics_cascade_refresh_only_none_fake_and_delayed() {
+    let env = start("revocation").await;
+    register(&env, "rev", json!({})).await;
+
+    // Cascade (RFC 7009 generic): revoking through the service kills the grant at the provider.
+    let (id, token) = create(&env, "rev", "mia").await;
+    let access = access_token_of(&env, &token).await;
+    let answer = revoke_through_service(&env, &id, &token).await;
+    assert_eq!(answer["valid"], false, "{answer}");
+    assert_eq!(sandbox_api_status(&env, &access).await, 401);
+
+    // Refresh-only (HubSpot): the refresh token dies, the access token lives until it expires;
+    // the instance works until then and turns invalid after.
+    configure(&env, json!({"revocationMode": "refreshOnly"})).await;
+    let (_, token) = create(&env, "rev", "ned").await;
+    let rt = refresh_token_of(&env, &token).await;
+    sandbox_revoke(&env, &rt).await;
+    works(&env, &token, "refresh-only, access token alive").await;
+    advance(&env, 3601).await;
+    turns_invalid(
+        &env,
+        &token,
+        "api/me",
+        "invalid_token",
+        "refresh-only, access token expired",
+    )
+    .await;
+
+    // No endpoint (404): the service says it could not revoke at the provider, and still
+    // invalidates the instance locally.
+    configure(&env, json!({"revocationMode": "none"})).await;
+    let (id, token) = create(&env, "rev", "olga").await;
+    let answer = revoke_through_service(&env, &id, &token).await;
+    assert_eq!(answer["valid"], false, "{answer}");
+    assert_eq!(
+        answer["revocation"]["revokedAtProvider"], false,
+        "a 404 is not a revocation: {answer}"
+    );
+    assert!(
+        answer["revocation"]["providerMessage"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not_found"),
+        "{answer}"
+    );
+    turns_invalid_locally(&env, &token, "no endpoint").await;
+
+    // Fake success (Zendesk current.json): 200, and the grant lives on at the provider.
+    configure(&env, json!({"revocationMode": "fakeSuccess"})).await;
+    let (id, token) = create(&env, "rev", "pam").await;
+    let access = access_token_of(&env, &token).await;
+    let answer = revoke_through_service(&env, &id, &token).await;
+    assert_eq!(answer["valid"], false, "{answer}");
+    turns_invalid_locally(&env, &token, "fake success").await;
+    assert_eq!(
+        sandbox_api_status(&env, &access).await,
+        200,
+        "the provider did not revoke"
+    );
+
+    // Delayed revocation (Microsoft): the grant works until the revocation takes effect.
+    configure(
+        &env,
+        json!({"revocationMode": "cascade", "revocationDelaySeconds": 120}),
+    )
+    .await;
+    let (id, token) = create(&env, "rev", "quinn").await;
+    revoke_user(&env, "quinn").await;
+    refresh_ok(&env, &id, &token, "delay, pending").await;
+    works(&env, &token, "delay, pending").await;
+    advance(&env, 121).await;
+    turns_invalid(&env, &token, "api/me", "invalid_token", "delay, effective").await;
+    env.stop().await;
+}
+
+/// The instance is invalid in the service (a proxied call is refused with 401 without a call
+/// to the provider).
+async fn turns_invalid_locally(env: &Env, element_token: &str, case: &str) {
+    let (status, body) = me(env, element_token, "api/me").await;
+    assert_eq!(status, 401, "[{case}] {body}");
+    assert_eq!(
+        instance(env, element_token).await["valid"],
+        false,
+        "[{case}]"
+    );
+}
+
+// ----- 9. API rejection shapes ------------------------------------------------------------
+
+#[tokio::test]
+async fn api_rejection_shapes_trigger_refresh_and_report_the_providers_words() {
+    let env = start("api-rejections").await;
+    // (case, shape, connector rejection spec, words of the rejection)
+    let cases = [
+        (
+            "empty body + WWW-Authenticate",
+            "emptyWithWwwAuthenticate",
+            json!({}),
+            "error - invalid_token, error_description - The access token has been revoked.",
+        ),
+        (
+            "array",
+            "array",
+            json!({"bodyMarkers": ["INVALID_SESSION_ID"]}),
+            "INVALID_SESSION_ID",
+        ),
+        (
+            "200 ok:false",
+            "okFalse",
+            json!({"okFalseErrors": ["invalid_auth", "token_expired", "token_revoked"]}),
+            "token_revoked",
+        ),
+        ("xml", "xml", json!({}), "AuthenticationFailed"),
+    ];
+    for (index, (case, shape, rejection, words)) in cases.iter().enumerate() {
+        let key = format!("shape{index}");
+        register(&env, &key, json!({"rejection": rejection})).await;
+        configure(&env, json!({"apiRejectionShape": shape})).await;
+        let user = format!("shape{index}");
+        let (_, token) = create(&env, &key, &user).await;
+        let before = access_token_of(&env, &token).await;
+        // The access token expires at the provider: the rejection makes the service refresh and
+        // retry, and the caller sees only the success.
+        advance(&env, 3601).await;
+        works(&env, &token, case).await;
+        assert_ne!(
+            access_token_of(&env, &token).await,
+            before,
+            "[{case}] refreshed after the rejection"
+        );
+        revoke_user(&env, &user).await;
+        turns_invalid(&env, &token, "api/me", words, case).await;
+    }
+    env.stop().await;
+}
+
+// ----- 11. timing: new-token activation delay ---------------------------------------------
+
+#[tokio::test]
+async fn a_new_access_token_that_is_not_active_yet_does_not_invalidate_the_instance() {
+    let env = start("activation").await;
+    register(&env, "slow", json!({})).await;
+    configure(&env, json!({"accessTokenActivationDelaySeconds": 5})).await;
+    let (_, token) = create(&env, "slow", "rita").await;
+    advance(&env, 5).await;
+    works(&env, &token, "active").await;
+    // The access token expires; the refreshed one is not active yet when the retry goes out.
+    advance(&env, 3600).await;
+    let (status, body) = me(&env, &token, "api/me").await;
+    assert_eq!(status, 401, "not active yet: {body}");
+    assert_eq!(
+        instance(&env, &token).await["valid"],
+        true,
+        "a working grant must not be invalidated: {body}"
+    );
+    advance(&env, 5).await;
+    works(&env, &token, "activated").await;
+    env.stop().await;
+}
