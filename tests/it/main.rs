@@ -2,6 +2,7 @@
 
 mod crash;
 mod harness;
+mod proxy;
 mod refresh;
 mod replicas;
 mod smoke;
