@@ -206,7 +206,7 @@ async fn authenticate(app: &SharedApp, headers: &HeaderMap) -> Result<i64, ApiEr
 pub fn confine(base_url: &str, raw_path: &str, query: Option<&str>) -> Result<url::Url, ApiError> {
     let refuse =
         |why: &str| ApiError::bad_request(format!("The proxy path is not accepted: {why}"));
-    if raw_path.contains("//") {
+    if raw_path.contains("//") || raw_path.starts_with('/') {
         return Err(refuse(
             "absolute URLs and empty path segments are not accepted",
         ));
