@@ -104,7 +104,8 @@ impl App {
         let http = build_http_client(config.provider_timeout)?;
         crate::telemetry::install_metrics();
         Ok(Arc::new(App {
-            oauth: OAuthClient::new(http.clone()),
+            // Token calls get the configured provider timeout (the client's default is 30 s).
+            oauth: OAuthClient::new(http.clone()).with_timeout(config.provider_timeout),
             http,
             keyring,
             store,

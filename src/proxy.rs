@@ -38,11 +38,17 @@ const REJECTION_BODY_BYTES: usize = 256 * 1024;
 /// How long a checked secret is trusted before it is checked against the store again.
 const AUTH_TTL: Duration = Duration::from_secs(5);
 
-/// Short-lived memory of checked proxy credentials, keyed by the secrets' hashes.
+/// Short-lived memory of checked proxy credentials, keyed by the secrets' hashes. A checked
+/// secret older than [`AUTH_TTL`] is still accepted while it is checked again in the
+/// background (once at a time), so a warm call makes no query; a revoked secret or deleted
+/// instance is refused from the call after that check.
 #[derive(Default)]
 pub struct AuthCache {
     users: DashMap<Vec<u8>, (i64, Instant)>,
     elements: DashMap<Vec<u8>, (i64, i64, Instant)>,
+    rechecking: DashMap<Vec<u8>, ()>,
+    /// Credential lookups a caller waited for.
+    awaited_lookups: std::sync::atomic::AtomicU64,
 }
 
 impl AuthCache {
@@ -50,6 +56,51 @@ impl AuthCache {
         self.users.clear();
         self.elements.clear();
     }
+
+    pub fn awaited_lookups(&self) -> u64 {
+        self.awaited_lookups
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count_lookup(&self) {
+        self.awaited_lookups
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Checks a user secret and an Element token again in the background.
+fn recheck_in_background(app: &SharedApp, user_hash: Vec<u8>, element_hash: Vec<u8>) {
+    let key = [user_hash.as_slice(), element_hash.as_slice()].concat();
+    if app.auth_cache.rechecking.insert(key.clone(), ()).is_some() {
+        return;
+    }
+    let app = Arc::clone(app);
+    tokio::spawn(async move {
+        let cache = &app.auth_cache;
+        match app.store.find_user_by_secret_hash(&user_hash).await {
+            Ok(Some(user)) => {
+                cache
+                    .users
+                    .insert(user_hash, (user.organization_id, Instant::now()));
+            }
+            Ok(None) => {
+                cache.users.remove(&user_hash);
+            }
+            Err(error) => tracing::warn!("re-checking a user secret: {error}"),
+        }
+        match app.store.find_instance_by_token_hash(&element_hash).await {
+            Ok(Some(row)) => {
+                cache
+                    .elements
+                    .insert(element_hash, (row.id, row.organization_id, Instant::now()));
+            }
+            Ok(None) => {
+                cache.elements.remove(&element_hash);
+            }
+            Err(error) => tracing::warn!("re-checking an Element token: {error}"),
+        }
+        cache.rechecking.remove(&key);
+    });
 }
 
 const HOP_BY_HOP: &[&str] = &[
@@ -84,7 +135,7 @@ pub async fn handle(State(app): State<SharedApp>, request: Request) -> Response 
 }
 
 /// Who is calling: `User <secret>, Element <token>`; answers the instance id.
-async fn authenticate(app: &App, headers: &HeaderMap) -> Result<i64, ApiError> {
+async fn authenticate(app: &SharedApp, headers: &HeaderMap) -> Result<i64, ApiError> {
     let header = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
@@ -103,7 +154,21 @@ async fn authenticate(app: &App, headers: &HeaderMap) -> Result<i64, ApiError> {
     let user_hash = hash_secret(user.expose());
     let element_hash = hash_secret(element.expose());
     let cache = &app.auth_cache;
-    let organization_id = match cache.users.get(&user_hash).map(|entry| *entry) {
+    let cached_user = cache.users.get(&user_hash).map(|entry| *entry);
+    let cached_element = cache.elements.get(&element_hash).map(|entry| *entry);
+    if let (Some((organization_id, user_checked)), Some((id, instance_organization, checked))) =
+        (cached_user, cached_element)
+    {
+        if user_checked.elapsed() >= AUTH_TTL || checked.elapsed() >= AUTH_TTL {
+            recheck_in_background(app, user_hash, element_hash);
+        }
+        if instance_organization != organization_id {
+            return Err(ApiError::unauthorized("The Element token is not valid"));
+        }
+        return Ok(id);
+    }
+    cache.count_lookup();
+    let organization_id = match cached_user {
         Some((organization_id, checked)) if checked.elapsed() < AUTH_TTL => organization_id,
         _ => {
             let user = app
@@ -117,21 +182,20 @@ async fn authenticate(app: &App, headers: &HeaderMap) -> Result<i64, ApiError> {
             user.organization_id
         }
     };
-    let (instance_id, instance_organization) =
-        match cache.elements.get(&element_hash).map(|entry| *entry) {
-            Some((id, organization, checked)) if checked.elapsed() < AUTH_TTL => (id, organization),
-            _ => {
-                let row = app
-                    .store
-                    .find_instance_by_token_hash(&element_hash)
-                    .await?
-                    .ok_or_else(|| ApiError::unauthorized("The Element token is not valid"))?;
-                cache
-                    .elements
-                    .insert(element_hash, (row.id, row.organization_id, Instant::now()));
-                (row.id, row.organization_id)
-            }
-        };
+    let (instance_id, instance_organization) = match cached_element {
+        Some((id, organization, checked)) if checked.elapsed() < AUTH_TTL => (id, organization),
+        _ => {
+            let row = app
+                .store
+                .find_instance_by_token_hash(&element_hash)
+                .await?
+                .ok_or_else(|| ApiError::unauthorized("The Element token is not valid"))?;
+            cache
+                .elements
+                .insert(element_hash, (row.id, row.organization_id, Instant::now()));
+            (row.id, row.organization_id)
+        }
+    };
     if instance_organization != organization_id {
         return Err(ApiError::unauthorized("The Element token is not valid"));
     }
@@ -142,7 +206,7 @@ async fn authenticate(app: &App, headers: &HeaderMap) -> Result<i64, ApiError> {
 pub fn confine(base_url: &str, raw_path: &str, query: Option<&str>) -> Result<url::Url, ApiError> {
     let refuse =
         |why: &str| ApiError::bad_request(format!("The proxy path is not accepted: {why}"));
-    if raw_path.contains("//") {
+    if raw_path.contains("//") || raw_path.starts_with('/') {
         return Err(refuse(
             "absolute URLs and empty path segments are not accepted",
         ));
@@ -243,7 +307,8 @@ async fn read_body(
     Ok(OutgoingBody::Kept(kept.freeze()))
 }
 
-fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
+/// The headers a `Connection` header names: hop-by-hop too (RFC 9110 §7.6.1).
+fn connection_named(headers: &HeaderMap) -> Vec<String> {
     let mut named_by_connection: Vec<String> = Vec::new();
     for value in headers.get_all(axum::http::header::CONNECTION) {
         if let Ok(text) = value.to_str() {
@@ -251,6 +316,11 @@ fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
                 .extend(text.split(',').map(|name| name.trim().to_ascii_lowercase()));
         }
     }
+    named_by_connection
+}
+
+fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
+    let named_by_connection = connection_named(headers);
     let mut out = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
         let lower = name.as_str();
@@ -291,7 +361,8 @@ async fn proxy(app: &SharedApp, request: Request) -> Result<Response, ApiError> 
         RefreshStrategy::BeforeExpiry => {
             instance.expires_soon(now) || instance.access_token.is_none()
         }
-        RefreshStrategy::On401 => instance.access_token.is_none() || instance.expired(now),
+        // `on_401`: only a rejection (or no token at all) refreshes, whatever the expiry says.
+        RefreshStrategy::On401 => instance.access_token.is_none(),
     };
     if wants_refresh {
         match app
@@ -452,28 +523,37 @@ async fn inspect(
         return Ok((stream_response(response)?, None));
     }
     let mut builder = Response::builder().status(status.as_u16());
-    let mut response_headers = end_to_end(response.headers());
+    let response_headers = end_to_end(response.headers());
     let www = response
         .headers()
         .get(axum::http::header::WWW_AUTHENTICATE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let body = read_limited(response, REJECTION_BODY_BYTES).await?;
-    let message = crate::oauth::api_rejection(rejection, status.as_u16(), www.as_deref(), &body);
-    response_headers.remove(axum::http::header::CONTENT_LENGTH);
+    // The head of the body is read to find the provider's words; the answer given back is the
+    // whole body, head and rest, whatever its size (the length header stays true).
+    let mut stream = response.bytes_stream();
+    let head = read_limited(&mut stream, REJECTION_BODY_BYTES).await?;
+    let message = crate::oauth::api_rejection(rejection, status.as_u16(), www.as_deref(), &head);
     if let Some(headers) = builder.headers_mut() {
         *headers = response_headers;
     }
+    let whole =
+        futures_util::stream::once(async move { Ok::<Bytes, reqwest::Error>(head) }).chain(stream);
     Ok((
-        builder.body(Body::from(body)).map_err(ApiError::internal)?,
+        builder
+            .body(Body::from_stream(whole))
+            .map_err(ApiError::internal)?,
         message,
     ))
 }
 
 fn end_to_end(headers: &HeaderMap) -> HeaderMap {
+    let named_by_connection = connection_named(headers);
     let mut out = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
-        if !HOP_BY_HOP.contains(&name.as_str()) {
+        if !HOP_BY_HOP.contains(&name.as_str())
+            && !named_by_connection.iter().any(|n| n == name.as_str())
+        {
             out.append(name.clone(), value.clone());
         }
     }
@@ -491,8 +571,11 @@ fn stream_response(response: reqwest::Response) -> Result<Response, ApiError> {
         .map_err(ApiError::internal)
 }
 
-async fn read_limited(response: reqwest::Response, limit: usize) -> Result<Bytes, ApiError> {
-    let mut stream = response.bytes_stream();
+/// Reads at least `limit` bytes (or all) of a body; the rest stays in the stream.
+async fn read_limited(
+    stream: &mut (impl futures_util::Stream<Item = reqwest::Result<Bytes>> + Unpin),
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let mut out = bytes::BytesMut::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|error| {
@@ -504,11 +587,10 @@ async fn read_limited(response: reqwest::Response, limit: usize) -> Result<Bytes
                 ),
             )
         })?;
-        if out.len() + chunk.len() > limit {
-            out.extend_from_slice(&chunk[..limit - out.len()]);
+        out.extend_from_slice(&chunk);
+        if out.len() >= limit {
             break;
         }
-        out.extend_from_slice(&chunk);
     }
     Ok(out.freeze())
 }

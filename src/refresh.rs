@@ -18,6 +18,7 @@
 //!   "refresh interrupted", and an event fires.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
@@ -36,8 +37,13 @@ use crate::oauth::{OAuthError, TokenHint};
 use crate::secret::Secret;
 use crate::store::InstanceRow;
 
-/// How long a refresh lease lasts: longer than one provider call with its timeout.
-pub const LEASE_MS: i64 = 45_000;
+/// How long a refresh lease lasts without renewal. The holder renews it every
+/// [`LEASE_RENEW_MS`] while its provider call runs (a heartbeat, one short `UPDATE` each), so a
+/// live refresh keeps it however slow the provider is, and a dead replica's lease runs out within
+/// this time: then another replica (or the restarted one) finishes the refresh.
+pub const LEASE_MS: i64 = 10_000;
+/// How often the lease holder renews its lease during the provider call.
+const LEASE_RENEW_MS: u64 = 3_000;
 /// How long an in-memory copy of an instance is trusted before it is re-read (other replicas may
 /// have disabled, deleted or refreshed it). While it is trusted, a proxied call makes no query.
 const REVALIDATE_AFTER: Duration = Duration::from_secs(5);
@@ -61,6 +67,8 @@ pub struct CachedInstance {
     pub backoff_until: Option<i64>,
     pub last_failure: Option<String>,
     loaded_at: Instant,
+    /// A background re-read is under way (one at a time per copy).
+    revalidating: AtomicBool,
 }
 
 impl CachedInstance {
@@ -133,6 +141,9 @@ pub struct RefreshEngine {
     flights: DashMap<i64, Arc<Mutex<()>>>,
     cache: DashMap<i64, Arc<CachedInstance>>,
     schedule_changed: Notify,
+    /// Instance reads a caller waited for (`get` missing its copy, refresh turns): the hot
+    /// path's database work, which stays flat while cached tokens are fresh.
+    awaited_reads: AtomicU64,
 }
 
 impl RefreshEngine {
@@ -153,13 +164,54 @@ impl RefreshEngine {
         self.schedule_changed.notified().await;
     }
 
-    /// The instance as the proxy needs it: from memory while trusted, else from the store.
-    pub async fn get(&self, app: &App, id: i64) -> Result<Arc<CachedInstance>, RefreshFailure> {
-        if let Some(cached) = self.cache.get(&id)
-            && cached.loaded_at.elapsed() < REVALIDATE_AFTER
-        {
-            return Ok(Arc::clone(&cached));
+    /// How many instance reads callers have waited for since start (see `awaited_reads`).
+    pub fn awaited_reads(&self) -> u64 {
+        self.awaited_reads.load(Ordering::Relaxed)
+    }
+
+    /// The instance as the proxy needs it: from memory, else from the store. A copy older than
+    /// [`REVALIDATE_AFTER`] is still served while its access token has not expired, and re-read
+    /// in the background (one re-read at a time), so the hot path makes no query while the
+    /// token is fresh; a change made on another replica (disabled, deleted, re-authenticated)
+    /// shows from the call after that re-read. A rejected token always re-reads the row first
+    /// (see [`RefreshEngine::refresh`]).
+    pub async fn get(
+        &self,
+        app: &crate::app::SharedApp,
+        id: i64,
+    ) -> Result<Arc<CachedInstance>, RefreshFailure> {
+        if let Some(cached) = self.cache.get(&id).map(|c| Arc::clone(&c)) {
+            if cached.loaded_at.elapsed() < REVALIDATE_AFTER {
+                return Ok(cached);
+            }
+            if !cached.expired(now_ms()) {
+                if !cached.revalidating.swap(true, Ordering::AcqRel) {
+                    // `self` is `app.refresh`: the task reaches it through the app.
+                    let app = Arc::clone(app);
+                    tokio::spawn(async move {
+                        match app.store.get_instance_by_id(id).await {
+                            Ok(Some(row)) => {
+                                let _ = app.refresh.remember(&app, &row).await;
+                            }
+                            Ok(None) => app.refresh.forget(id),
+                            Err(error) => {
+                                tracing::warn!(instance = id, "re-reading the instance: {error}");
+                                if let Some(cached) = app.refresh.cache.get(&id) {
+                                    cached.revalidating.store(false, Ordering::Release);
+                                }
+                            }
+                        }
+                    });
+                }
+                return Ok(cached);
+            }
         }
+        self.load(app, id).await
+    }
+
+    /// The instance read from the store now.
+    pub async fn load(&self, app: &App, id: i64) -> Result<Arc<CachedInstance>, RefreshFailure> {
+        self.awaited_reads.fetch_add(1, Ordering::Relaxed);
         let row = app
             .store
             .get_instance_by_id(id)
@@ -181,6 +233,13 @@ impl RefreshEngine {
             .ok_or_else(|| {
                 RefreshFailure::Internal(format!("connector {} is gone", row.element_key))
             })?;
+        if let Some(newer) = self.cache.get(&row.id).map(|c| Arc::clone(&c))
+            && newer.token_version > row.token_version
+        {
+            // A slow re-read must not put back a token that a refresh already replaced.
+            newer.revalidating.store(false, Ordering::Release);
+            return Ok(newer);
+        }
         let secrets = open_secrets(app, row).map_err(|e| RefreshFailure::Internal(e.message))?;
         let configuration = plain_configuration(row);
         let cached = Arc::new(CachedInstance {
@@ -202,6 +261,7 @@ impl RefreshEngine {
             backoff_until: row.backoff_until,
             last_failure: row.last_failure.clone(),
             loaded_at: Instant::now(),
+            revalidating: AtomicBool::new(false),
         });
         self.cache.insert(row.id, Arc::clone(&cached));
         Ok(cached)
@@ -213,7 +273,7 @@ impl RefreshEngine {
         app: &App,
         id: i64,
     ) -> Result<Arc<CachedInstance>, RefreshFailure> {
-        let version = self.get(app, id).await?.token_version;
+        let version = self.load(app, id).await?.token_version;
         self.refresh(app, id, Some(version), None).await
     }
 
@@ -254,12 +314,33 @@ impl RefreshEngine {
             return Ok(cached);
         }
         let store_error = |e: crate::store::StoreError| RefreshFailure::Internal(e.to_string());
+        // The scheduler's claim: make sure the lease is still ours (it may have waited for a
+        // permit past the lease's end, and another replica may have taken over).
+        let claimed = match claimed {
+            Some(row) => {
+                // A claim keeps the start of a flight that never finished (see the store).
+                let claimed_at = row.refresh_lease_until.unwrap_or(i64::MAX) - LEASE_MS;
+                let interrupted = row.refresh_in_flight_since.is_some_and(|t| t < claimed_at);
+                self.awaited_reads.fetch_add(1, Ordering::Relaxed);
+                app.store
+                    .renew_refresh_lease(id, &app.replica_id, now_ms() + LEASE_MS)
+                    .await
+                    .map_err(store_error)?
+                    .map(|row| (row, interrupted))
+            }
+            None => None,
+        };
         let (leased, interrupted) = match claimed {
-            Some(row) => (row, false),
+            Some(claimed) => claimed,
             None => {
-                let deadline = Instant::now() + Duration::from_millis(LEASE_MS as u64 + 5_000);
+                // Waiting for another replica: as long as its provider call may take, plus a
+                // lease that runs out if that replica died.
+                let deadline = Instant::now()
+                    + app.config.provider_timeout
+                    + Duration::from_millis(2 * LEASE_MS as u64);
                 let mut pause = Duration::from_millis(20);
                 loop {
+                    self.awaited_reads.fetch_add(1, Ordering::Relaxed);
                     let row = app
                         .store
                         .get_instance_by_id(id)
@@ -269,16 +350,19 @@ impl RefreshEngine {
                     if moved_past(row.token_version) && row.is_valid() {
                         return self.remember(app, &row).await;
                     }
-                    check_usable(&row, now_ms())?;
+                    if let Err(failure) = check_usable(&row, now_ms()) {
+                        self.forget(id);
+                        return Err(failure);
+                    }
                     let now = now_ms();
-                    let interrupted = row.refresh_in_flight_since.is_some()
-                        && row.refresh_lease_until.is_none_or(|until| until < now);
                     if let Some(leased) = app
                         .store
                         .try_acquire_refresh_lease(id, &app.replica_id, now, now + LEASE_MS)
                         .await
                         .map_err(store_error)?
                     {
+                        // The store keeps the start of a flight that never finished.
+                        let interrupted = leased.refresh_in_flight_since.is_some_and(|t| t < now);
                         break (leased, interrupted);
                     }
                     // Another replica is refreshing: wait for its result, bounded.
@@ -294,13 +378,20 @@ impl RefreshEngine {
                 }
             }
         };
-        if moved_past(leased.token_version) {
+        if moved_past(leased.token_version) && leased.is_valid() {
             let _ = app.store.release_refresh_lease(id, &app.replica_id).await;
             return self.remember(app, &leased).await;
         }
         if let Err(failure) = check_usable(&leased, now_ms()) {
             let _ = app.store.release_refresh_lease(id, &app.replica_id).await;
+            self.forget(id);
             return Err(failure);
+        }
+        if interrupted {
+            tracing::warn!(
+                instance = id,
+                "a previous refresh of this instance was interrupted; retrying with the stored refresh token"
+            );
         }
         let outcome = self.call_provider(app, &leased, interrupted).await;
         match outcome {
@@ -345,10 +436,36 @@ impl RefreshEngine {
             .map_err(RefreshFailure::Internal)?;
         let credentials = client_credentials(&configuration, &secrets.secret_configuration);
         let started = Instant::now();
-        let result = app
-            .oauth
-            .refresh(&connector.oauth, &endpoints, &credentials, refresh_token)
-            .await;
+        // The lease's heartbeat runs beside the provider call: one short UPDATE every few
+        // seconds, no connection held in between.
+        let heartbeat = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(LEASE_RENEW_MS)).await;
+                match app
+                    .store
+                    .renew_refresh_lease(row.id, &app.replica_id, now_ms() + LEASE_MS)
+                    .await
+                {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        tracing::warn!(
+                            instance = row.id,
+                            "the refresh lease was taken over during a slow provider call"
+                        );
+                        std::future::pending::<()>().await;
+                    }
+                    Err(error) => {
+                        tracing::warn!(instance = row.id, "lease renewal failed: {error}")
+                    }
+                }
+            }
+        };
+        let result = tokio::select! {
+            result = app
+                .oauth
+                .refresh(&connector.oauth, &endpoints, &credentials, refresh_token) => result,
+            () = heartbeat => unreachable!("the heartbeat never ends"),
+        };
         let outcome_label = match &result {
             Ok(_) => "ok",
             Err(error) if error.is_permanent() => "invalid",

@@ -249,6 +249,9 @@ impl Store {
     /// Takes the refresh lease of one instance if it is free (never taken, or expired at `now`)
     /// and returns the row as it is now; `None` when someone else holds it or there is no such
     /// instance. Moves `next_due_at` to at least `lease_until` (see the module docs).
+    /// `refresh_in_flight_since` keeps an earlier value when a previous flight never finished
+    /// (its owner died): a returned value below `now` tells the taker that a refresh was
+    /// interrupted, so the provider may already have rotated the refresh token away.
     pub async fn try_acquire_refresh_lease(
         &self,
         id: i64,
@@ -258,7 +261,7 @@ impl Store {
     ) -> Result<Option<InstanceRow>, StoreError> {
         let sql = format!(
             "UPDATE instances SET refresh_lease_owner = $1, refresh_lease_until = $2, \
-             refresh_in_flight_since = $3, \
+             refresh_in_flight_since = COALESCE(refresh_in_flight_since, $3), \
              next_due_at = CASE WHEN next_due_at IS NOT NULL AND next_due_at < $2 THEN $2 \
              ELSE next_due_at END \
              WHERE id = $4 AND (refresh_lease_until IS NULL OR refresh_lease_until < $3) \
@@ -269,6 +272,30 @@ impl Store {
             .bind(lease_until)
             .bind(now)
             .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row)
+    }
+
+    /// Extends the lease to `lease_until` if `owner` still holds it (even expired, as long as
+    /// nobody took it over), and returns the row; `None` when someone else took it. The
+    /// refresher's heartbeat: a lease stays short, so a dead replica's lease runs out soon.
+    pub async fn renew_refresh_lease(
+        &self,
+        id: i64,
+        owner: &str,
+        lease_until: i64,
+    ) -> Result<Option<InstanceRow>, StoreError> {
+        let sql = format!(
+            "UPDATE instances SET refresh_lease_until = $1, \
+             next_due_at = CASE WHEN next_due_at IS NOT NULL AND next_due_at < $1 THEN $1 \
+             ELSE next_due_at END \
+             WHERE id = $2 AND refresh_lease_owner = $3 RETURNING {INSTANCE_COLUMNS}"
+        );
+        let row = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
+            .bind(lease_until)
+            .bind(id)
+            .bind(owner)
             .fetch_optional(&self.pool)
             .await?;
         Ok(row)
@@ -520,7 +547,8 @@ impl Store {
         lease_until: i64,
     ) -> Result<Vec<InstanceRow>, StoreError> {
         let set = "refresh_lease_owner = $3, refresh_lease_until = $4, \
-                   refresh_in_flight_since = $1, next_due_at = $4";
+                   refresh_in_flight_since = COALESCE(refresh_in_flight_since, $1), \
+                   next_due_at = $4";
         let sql = match self.engine {
             Engine::Postgres => format!(
                 "WITH due AS (SELECT id FROM instances WHERE {CLAIMABLE} \

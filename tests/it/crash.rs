@@ -1,0 +1,243 @@
+//! Crash safety: `tokenwarden serve` as a real process, killed with SIGKILL while a refresh is
+//! in flight at the provider, then started again on the same database. The instance is never
+//! silently broken: it works (the provider did not rotate, or keeps a grace period), or it is
+//! invalid with reason "refresh interrupted" and an `instance.invalidated` event.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokenwarden_sandbox::RunningSandbox;
+
+use crate::harness::{CLIENT_ID, CLIENT_SECRET, Env, Org, TEST_MASTER_KEY, loopback};
+use crate::refresh::{eventually, generic_profile, strict_rotation};
+use crate::support::{drop_test_database, sqlite_database};
+
+struct Child {
+    process: tokio::process::Child,
+    url: String,
+}
+
+async fn spawn_serve(database_url: &str, sandbox_url: &str, http: &reqwest::Client) -> Child {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+        .args([
+            "serve",
+            "--bind",
+            &format!("127.0.0.1:{port}"),
+            "--database-url",
+            database_url,
+        ])
+        .env("TOKENWARDEN_MASTER_KEY", TEST_MASTER_KEY)
+        .env("TOKENWARDEN_SANDBOX_URL", sandbox_url)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("tokenwarden serve starts");
+    let url = format!("http://127.0.0.1:{port}");
+    eventually("serve to answer", Duration::from_secs(20), || async {
+        let answer = http.get(format!("{url}/healthz")).send().await.ok()?;
+        answer.status().is_success().then_some(())
+    })
+    .await;
+    Child { process, url }
+}
+
+async fn call(http: &reqwest::Client, server: &str, org: &Org, token: &str) -> (u16, Value) {
+    let response = http
+        .request(
+            Method::GET,
+            format!("{server}/elements/api-v2/proxy/api/me"),
+        )
+        .header("authorization", org.through(token))
+        .timeout(Duration::from_secs(40))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+async fn get(http: &reqwest::Client, url: &str, authorization: &str) -> Value {
+    let response = http
+        .get(url)
+        .header("authorization", authorization)
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success());
+    response.json().await.unwrap()
+}
+
+async fn stats(http: &reqwest::Client, sandbox: &str) -> Value {
+    get(http, &format!("{sandbox}/__sandbox/stats"), "").await
+}
+
+/// One scenario: a fresh sandbox with `settings`, one instance, a refresh killed mid-flight.
+/// `rotated_away`: the provider processed the lost request (its new refresh token died with
+/// the process). Answers the instance after the restart, its events, and the call's answer.
+async fn killed_mid_refresh(label: &str, settings: Value) -> (Value, Vec<String>, (u16, Value)) {
+    let url = sqlite_database();
+    let sandbox: RunningSandbox = tokenwarden_sandbox::spawn(loopback(), Default::default())
+        .await
+        .unwrap();
+    let sandbox_url = sandbox.url.clone();
+    // The in-process server only sets the scene (organization, instance), then stops.
+    let env = Env::start_with_sandbox(label, &url, sandbox, |_| {}).await;
+    generic_profile(&env, settings).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "crashy")
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    let id = created["id"].as_i64().unwrap();
+    let stored = crate::refresh::instance(&env, &env.server.url.clone(), &token).await;
+    let refresh_token = stored["configuration"]["oauth.user.refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let Env {
+        server,
+        sandbox,
+        http,
+        org,
+        ..
+    } = env;
+    server.shutdown().await;
+
+    let mut first = spawn_serve(&url, &sandbox_url, &http).await;
+    let sandbox_post = |path: &str, body: Value| {
+        let http = http.clone();
+        let url = format!("{sandbox_url}{path}");
+        async move {
+            let answer = http.post(url).json(&body).send().await.unwrap();
+            assert!(answer.status().is_success());
+        }
+    };
+    sandbox_post("/__sandbox/clock", json!({"advanceSeconds": 10_000})).await;
+    sandbox_post(
+        "/__sandbox/faults",
+        json!({"target": "token", "status": 0, "delayMs": 3_000, "count": 1}),
+    )
+    .await;
+    let caller = {
+        let (http, server, org_through, token) = (
+            http.clone(),
+            first.url.clone(),
+            org.through(&token),
+            token.clone(),
+        );
+        tokio::spawn(async move {
+            let _ = http
+                .get(format!("{server}/elements/api-v2/proxy/api/me"))
+                .header("authorization", org_through)
+                .send()
+                .await;
+            drop(token);
+        })
+    };
+    // The refresh request has reached the provider and is held there.
+    eventually("the refresh in flight", Duration::from_secs(20), || async {
+        (stats(&http, &sandbox_url).await["faultsInjected"].as_u64() == Some(1)).then_some(())
+    })
+    .await;
+    first.process.start_kill().unwrap(); // SIGKILL
+    first.process.wait().await.unwrap();
+    let _ = caller.await;
+    // Did the provider finish the lost request (rotating the token away)? If it dropped it,
+    // play the provider that did: the stored refresh token is used once more, now.
+    tokio::time::sleep(Duration::from_millis(3_300)).await;
+    let processed = stats(&http, &sandbox_url).await["token"]["refresh_token"].as_u64() == Some(1);
+    if !processed {
+        let answer = http
+            .post(format!("{sandbox_url}/generic/token"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(
+                url::form_urlencoded::Serializer::new(String::new())
+                    .append_pair("grant_type", "refresh_token")
+                    .append_pair("refresh_token", &refresh_token)
+                    .append_pair("client_id", CLIENT_ID)
+                    .append_pair("client_secret", CLIENT_SECRET)
+                    .finish(),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert!(answer.status().is_success(), "[{label}] the lost refresh");
+    }
+
+    let second = spawn_serve(&url, &sandbox_url, &http).await;
+    let answer = call(&http, &second.url, &org, &token).await;
+    let shown = get(
+        &http,
+        &format!("{}/elements/api-v2/instances", second.url),
+        &org.with_element(&token),
+    )
+    .await[0]
+        .clone();
+    let events: Vec<String> = get(
+        &http,
+        &format!("{}/elements/api-v2/events?instanceId={id}", second.url),
+        &org.platform(),
+    )
+    .await["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_string())
+        .collect();
+    drop(second);
+    sandbox.shutdown().await;
+    drop_test_database(&url).await;
+    (shown, events, answer)
+}
+
+#[tokio::test]
+async fn a_refresh_killed_in_flight_never_leaves_the_instance_silently_broken() {
+    let (strict, grace, plain) = tokio::join!(
+        killed_mid_refresh("strict", strict_rotation()),
+        killed_mid_refresh(
+            "grace",
+            json!({"rotateRefreshTokens": true, "refreshReuseGraceSeconds": 600,
+                   "revokeGrantOnReuse": true})
+        ),
+        killed_mid_refresh("plain", json!({"rotateRefreshTokens": false})),
+    );
+
+    // Strict rotation: the token the provider handed out died with the process.
+    let (shown, events, (status, body)) = strict;
+    assert_eq!(status, 401, "strict: {body}");
+    assert_eq!(body["message"], "Request failed");
+    assert_eq!(shown["valid"], false, "strict: {shown}");
+    assert!(
+        shown["stateReason"]
+            .as_str()
+            .unwrap()
+            .contains("refresh interrupted"),
+        "strict: {shown}"
+    );
+    assert!(
+        events.iter().any(|e| e == "instance.invalidated"),
+        "strict: {events:?}"
+    );
+
+    // A grace period, or no rotation at all: the retry with what was stored works.
+    for (label, (shown, events, (status, body))) in [("grace", grace), ("plain", plain)] {
+        assert_eq!(status, 200, "{label}: {body}");
+        assert_eq!(shown["valid"], true, "{label}: {shown}");
+        assert!(
+            !events.iter().any(|e| e == "instance.invalidated"),
+            "{label}: {events:?}"
+        );
+    }
+}

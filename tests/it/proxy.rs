@@ -1,0 +1,374 @@
+//! The proxy: confinement to the base URL, what reaches the provider and what comes back,
+//! streaming both ways, redirects, and the providers' ways of rejecting a token.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use futures_util::StreamExt;
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::Env;
+use crate::refresh::{
+    api_calls, expire_access_tokens, instance, proxy_at, refreshes, register_connector,
+};
+use crate::support::{drop_test_database, sqlite_database};
+
+/// A request written by hand, so that no client normalizes the path: the status line's code.
+async fn raw_status(addr: SocketAddr, path: &str, authorization: &str) -> u16 {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {authorization}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    text.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn paths_that_leave_the_base_url_are_refused_before_any_call() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "confined")
+        .await;
+    let token = created["token"].as_str().unwrap();
+    let authorization = env.org.through(token);
+    let before = api_calls(&env).await;
+    let stats_before = env.sandbox_stats().await;
+    for path in [
+        "../__sandbox/stats",
+        "api/../../__sandbox/stats",
+        "%2e%2e/__sandbox/stats",
+        "api/%2E%2E/%2e%2e/__sandbox/stats",
+        ".%2e/__sandbox/stats",
+        "api%2f..%2f..%2f__sandbox%2fstats",
+        "api/..%5c..%5c__sandbox/stats",
+        "http://evil.test/x",
+        "http:%2f%2fevil.test/x",
+        "/evil.test/x",
+        "api/./me",
+    ] {
+        let status = raw_status(
+            env.server.addr,
+            &format!("/elements/api-v2/proxy/{path}"),
+            &authorization,
+        )
+        .await;
+        // `proxy//…` does not even match the proxy route (the router answers 404).
+        let refused = if path.starts_with('/') {
+            [400, 404].contains(&status)
+        } else {
+            status == 400
+        };
+        assert!(refused, "{path} is refused: {status}");
+    }
+    assert_eq!(
+        api_calls(&env).await,
+        before,
+        "the provider was never called"
+    );
+    assert_eq!(
+        env.sandbox_stats().await["faultsInjected"],
+        stats_before["faultsInjected"]
+    );
+    // The same path without tricks goes through.
+    let status = raw_status(
+        env.server.addr,
+        "/elements/api-v2/proxy/api/me",
+        &authorization,
+    )
+    .await;
+    assert_eq!(status, 200);
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+#[tokio::test]
+async fn the_request_arrives_as_sent_with_the_token_swapped_in() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "echoer")
+        .await;
+    let token = created["token"].as_str().unwrap();
+    let response = env
+        .http
+        .post(env.api("/proxy/api/echo/sub/path?a=1&b=two%20words&a=3"))
+        .header("authorization", env.org.through(token))
+        .header("x-custom", "kept")
+        .header("accept", "application/json")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "dropped")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic c2VjcmV0")
+        .json(&json!({"hello": "world", "n": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let echo: Value = response.json().await.unwrap();
+    assert_eq!(echo["method"], "POST");
+    assert_eq!(echo["path"], "/generic/api/echo/sub/path");
+    assert_eq!(echo["query"], "a=1&b=two%20words&a=3");
+    assert_eq!(
+        serde_json::from_str::<Value>(echo["body"].as_str().unwrap()).unwrap(),
+        json!({"hello": "world", "n": 1})
+    );
+    let headers = echo["headers"].as_object().unwrap();
+    assert_eq!(headers["x-custom"], "kept");
+    assert_eq!(headers["content-type"], "application/json");
+    for gone in ["x-hop", "keep-alive", "proxy-authorization", "connection"] {
+        assert!(!headers.contains_key(gone), "{gone} forwarded: {echo}");
+    }
+    let everything = echo.to_string();
+    assert!(
+        !everything.contains(&env.org.user_secret) && !everything.contains(token),
+        "the caller's credentials never reach the provider: {echo}"
+    );
+    // The echo answered at all: the bearer token replaced the caller's Authorization.
+    assert_eq!(echo["user"], "echoer");
+
+    // 5 MiB streamed up: the echo takes at most 1 MiB and says so; its answer comes back as is.
+    let chunks = futures_util::stream::iter(
+        (0..80).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 64 * 1024]))),
+    );
+    let response = env
+        .http
+        .put(env.api("/proxy/api/echo"))
+        .header("authorization", env.org.through(token))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "payload_too_large", "{body}");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+/// A stranger's server under the proxy: counts uploads, serves a large download in chunks,
+/// redirects, and answers with headers of its own.
+async fn upstream() -> (String, Arc<AtomicUsize>, Arc<std::sync::Mutex<Vec<String>>>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let seen_authorization = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (h1, a1) = (Arc::clone(&hits), Arc::clone(&seen_authorization));
+    let app = Router::new()
+        .route(
+            "/base/up",
+            any(move |request: Request| {
+                let (hits, seen) = (Arc::clone(&h1), Arc::clone(&a1));
+                async move {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    if let Some(value) = request.headers().get("authorization") {
+                        seen.lock()
+                            .unwrap()
+                            .push(value.to_str().unwrap().to_string());
+                    }
+                    let mut stream = request.into_body().into_data_stream();
+                    let (mut total, mut sum) = (0usize, 0u64);
+                    while let Some(chunk) = stream.next().await {
+                        let chunk = chunk.unwrap();
+                        total += chunk.len();
+                        sum += chunk.iter().map(|b| *b as u64).sum::<u64>();
+                    }
+                    axum::Json(json!({"bytes": total, "sum": sum}))
+                }
+            }),
+        )
+        .route(
+            "/base/down",
+            get(|| async {
+                let chunks = futures_util::stream::iter(
+                    (0..128u32).map(|i| Ok::<_, std::io::Error>(vec![(i % 251) as u8; 64 * 1024])),
+                );
+                let mut response = Response::new(Body::from_stream(chunks));
+                response
+                    .headers_mut()
+                    .insert("x-upstream", "yes".parse().unwrap());
+                response
+                    .headers_mut()
+                    .insert("content-type", "application/octet-stream".parse().unwrap());
+                response
+            }),
+        )
+        .route(
+            "/base/moved",
+            get(|| async {
+                (
+                    StatusCode::FOUND,
+                    [("location", "http://127.0.0.1:9/stolen")],
+                    "moved",
+                )
+                    .into_response()
+            }),
+        )
+        .route(
+            "/base/teapot",
+            get(|headers: HeaderMap| async move {
+                let _ = headers;
+                (
+                    StatusCode::IM_A_TEAPOT,
+                    [("x-provider", "teapot"), ("content-type", "text/plain")],
+                    "short and stout",
+                )
+                    .into_response()
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (format!("http://{addr}/base/"), hits, seen_authorization)
+}
+
+#[tokio::test]
+async fn bodies_stream_both_ways_and_answers_come_back_as_they_are() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let (base, hits, seen) = upstream().await;
+    register_connector(&env, "stranger", json!({"baseUrl": base})).await;
+    let created = env.create_instance(&env.org, "stranger", "streamer").await;
+    let token = created["token"].as_str().unwrap();
+
+    // 5 MiB up, in chunks, never whole in memory on our side.
+    let chunks = futures_util::stream::iter(
+        (0..80u32)
+            .map(|i| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![(i % 7) as u8; 64 * 1024]))),
+    );
+    let expected_sum: u64 = (0..80u64).map(|i| (i % 7) * 64 * 1024).sum();
+    let response = env
+        .http
+        .post(env.api("/proxy/up"))
+        .header("authorization", env.org.through(token))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let counted: Value = response.json().await.unwrap();
+    assert_eq!(
+        counted,
+        json!({"bytes": 5 * 1024 * 1024, "sum": expected_sum})
+    );
+    assert!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .all(|a| a.starts_with("Bearer ")),
+        "{:?}",
+        seen.lock().unwrap()
+    );
+
+    // 8 MiB down, chunk by chunk.
+    let response = env
+        .http
+        .get(env.api("/proxy/down"))
+        .header("authorization", env.org.through(token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-upstream"], "yes");
+    let mut stream = response.bytes_stream();
+    let (mut total, mut chunks_seen) = (0usize, 0usize);
+    while let Some(chunk) = stream.next().await {
+        total += chunk.unwrap().len();
+        chunks_seen += 1;
+    }
+    assert_eq!(total, 8 * 1024 * 1024);
+    assert!(chunks_seen > 1, "the download came in pieces");
+
+    // The provider's status, headers and body as they are; a redirect is not followed.
+    let (status, body, headers) = proxy_at(
+        &env,
+        &env.server.url,
+        &env.org,
+        token,
+        Method::GET,
+        "teapot",
+    )
+    .await;
+    assert_eq!(status, 418);
+    assert_eq!(body, "short and stout");
+    assert_eq!(headers["x-provider"], "teapot");
+    let before = hits.load(Ordering::SeqCst);
+    let (status, _, headers) =
+        proxy_at(&env, &env.server.url, &env.org, token, Method::GET, "moved").await;
+    assert_eq!(status, 302);
+    assert_eq!(headers["location"], "http://127.0.0.1:9/stolen");
+    assert_eq!(hits.load(Ordering::SeqCst), before);
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+/// Salesforce's `INVALID_SESSION_ID` array, Box's empty 401 with `WWW-Authenticate`, Microsoft
+/// Graph's error object: each makes one refresh and one retry; once the user revoked the app,
+/// `401 Request failed` with the provider's words.
+#[tokio::test]
+async fn every_rejection_shape_refreshes_and_reports_the_providers_words() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let server = env.server.url.clone();
+    let cases = [
+        (
+            "sandbox-salesforce",
+            "sf-user",
+            "services/data/v59.0/sobjects",
+            "INVALID_SESSION_ID",
+        ),
+        ("sandbox-box", "box-user", "2.0/users/me", "invalid_token"),
+        (
+            "sandbox-microsoft",
+            "ms-user",
+            "v1.0/me",
+            "InvalidAuthenticationToken",
+        ),
+    ];
+    let mut tokens = Vec::new();
+    for (element, user, path, _) in cases {
+        let created = env.create_instance(&env.org, element, user).await;
+        let token = created["token"].as_str().unwrap().to_string();
+        let (status, body, _) = proxy_at(&env, &server, &env.org, &token, Method::GET, path).await;
+        assert_eq!(status, 200, "{element}: {body}");
+        tokens.push(token);
+    }
+    expire_access_tokens(&env).await;
+    for ((element, _, path, _), token) in cases.iter().zip(&tokens) {
+        let before = refreshes(&env).await;
+        let (status, body, _) = proxy_at(&env, &server, &env.org, token, Method::GET, path).await;
+        assert_eq!(status, 200, "{element} after expiry: {body}");
+        assert_eq!(refreshes(&env).await, before + 1, "{element}: one refresh");
+    }
+    for ((element, user, path, words), token) in cases.iter().zip(&tokens) {
+        env.sandbox_post(&format!("/__sandbox/users/{user}/revoke"), json!({}))
+            .await;
+        let (status, body, _) = proxy_at(&env, &server, &env.org, token, Method::GET, path).await;
+        assert_eq!(status, 401, "{element} revoked: {body}");
+        assert_eq!(body["message"], "Request failed", "{element}");
+        assert!(
+            body["providerMessage"].as_str().unwrap().contains(words),
+            "{element}: {body}"
+        );
+        let shown = instance(&env, &server, token).await;
+        assert_eq!(shown["valid"], false, "{element}: {shown}");
+        assert!(
+            shown["providerMessage"].as_str().unwrap().contains(words),
+            "{element}: {shown}"
+        );
+    }
+    env.stop().await;
+    drop_test_database(&url).await;
+}

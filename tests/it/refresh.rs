@@ -1,0 +1,640 @@
+//! The refresh engine as users meet it: storms of rejected calls, each strategy, every failure
+//! class of the token endpoint, rotation persisted across a restart. Every assertion is on what
+//! the provider saw (sandbox stats) and on the instance's JSON and events.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::harness::{Env, Org, loopback, start_server};
+use crate::support::{create_postgres_database, drop_test_database, sqlite_database};
+
+// ----- helpers shared by the proxy, replica and crash tests ---------------------------------
+
+/// The instance as its own Element token shows it (tokens revealed).
+pub(crate) async fn instance(env: &Env, server_url: &str, token: &str) -> Value {
+    let (status, body) = env
+        .get_json(
+            &format!("{server_url}/elements/api-v2/instances"),
+            &env.org.with_element(token),
+        )
+        .await;
+    assert_eq!(status, 200, "[{}] instance: {body}", env.label);
+    body[0].clone()
+}
+
+/// The types of an instance's events, oldest first.
+pub(crate) async fn event_types(env: &Env, server_url: &str, id: i64) -> Vec<String> {
+    let (status, body) = env
+        .get_json(
+            &format!("{server_url}/elements/api-v2/events?instanceId={id}&limit=200"),
+            &env.org.platform(),
+        )
+        .await;
+    assert_eq!(status, 200, "[{}] events: {body}", env.label);
+    let mut types: Vec<String> = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|event| event["type"].as_str().unwrap().to_string())
+        .collect();
+    types.reverse();
+    types
+}
+
+pub(crate) fn count(events: &[String], kind: &str) -> usize {
+    events.iter().filter(|e| e.as_str() == kind).count()
+}
+
+/// One number of `GET /__sandbox/stats`, by path.
+pub(crate) async fn stat(env: &Env, path: &[&str]) -> u64 {
+    let stats = env.sandbox_stats().await;
+    let mut value = &stats;
+    for key in path {
+        value = &value[*key];
+    }
+    value
+        .as_u64()
+        .unwrap_or_else(|| panic!("stats {path:?}: {stats}"))
+}
+
+pub(crate) async fn refreshes(env: &Env) -> u64 {
+    stat(env, &["token", "refresh_token"]).await
+}
+
+pub(crate) async fn api_calls(env: &Env) -> u64 {
+    stat(env, &["api", "ok"]).await + stat(env, &["api", "unauthorized"]).await
+}
+
+/// A proxied call to any replica.
+pub(crate) async fn proxy_at(
+    env: &Env,
+    server_url: &str,
+    org: &Org,
+    token: &str,
+    method: Method,
+    path: &str,
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    let response = env
+        .http
+        .request(method, format!("{server_url}/elements/api-v2/proxy/{path}"))
+        .header("authorization", org.through(token))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        headers,
+    )
+}
+
+/// The generic profile's behaviour.
+pub(crate) async fn generic_profile(env: &Env, settings: Value) {
+    env.sandbox_put("/__sandbox/profiles/generic", settings)
+        .await;
+}
+
+/// A strict rotating provider: any second use of a refresh token kills the grant.
+pub(crate) fn strict_rotation() -> Value {
+    json!({"rotateRefreshTokens": true, "refreshReuseGraceSeconds": 0, "revokeGrantOnReuse": true})
+}
+
+/// Registers an organization connector on the sandbox's generic profile ("a stranger's
+/// standards-compliant server"), with the given extra fields (`refresh`, `baseUrl`…).
+pub(crate) async fn register_connector(env: &Env, key: &str, extra: Value) {
+    let sandbox = env.sandbox.url.trim_end_matches('/');
+    let mut body = json!({
+        "key": key, "name": format!("Test {key}"),
+        "baseUrl": format!("{sandbox}/generic/"),
+        "oauth": {"authorizationUrl": format!("{sandbox}/generic/authorize"),
+                  "tokenUrl": format!("{sandbox}/generic/token"),
+                  "revokeUrl": format!("{sandbox}/generic/revoke"),
+                  "clientAuth": "client_secret_post", "pkce": false}
+    });
+    for (name, value) in extra.as_object().unwrap() {
+        body[name] = value.clone();
+    }
+    let response = env
+        .http
+        .post(env.api("/elements"))
+        .header("authorization", env.org.platform())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    assert!(status.is_success(), "register {key}: {status} {text}");
+}
+
+/// Polls `check` until it answers `Some`, at most `limit`.
+pub(crate) async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Moves the sandbox's clock past every access token's life.
+pub(crate) async fn expire_access_tokens(env: &Env) {
+    env.sandbox_post("/__sandbox/clock", json!({"advanceSeconds": 10_000}))
+        .await;
+}
+
+async fn fault(env: &Env, body: Value) {
+    env.sandbox_post("/__sandbox/faults", body).await;
+}
+
+async fn clear_faults(env: &Env) {
+    let response = env
+        .http
+        .delete(env.sandbox_url("/__sandbox/faults"))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success());
+}
+
+/// `n` concurrent proxied calls of `path`, spread over the given replicas; their statuses.
+pub(crate) async fn storm(
+    env: &Env,
+    servers: &[String],
+    token: &str,
+    n: usize,
+    path: &str,
+) -> Vec<(u16, Value)> {
+    let calls = (0..n).map(|i| {
+        let server = servers[i % servers.len()].clone();
+        async move {
+            let (status, body, _) =
+                proxy_at(env, &server, &env.org, token, Method::GET, path).await;
+            (status, body)
+        }
+    });
+    futures_util::future::join_all(calls).await
+}
+
+pub(crate) fn assert_all_ok(label: &str, answers: &[(u16, Value)]) {
+    let failed: Vec<&(u16, Value)> = answers.iter().filter(|(s, _)| *s != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "[{label}] {} of {} calls failed, e.g. {:?}",
+        failed.len(),
+        answers.len(),
+        failed.first()
+    );
+}
+
+// ----- 1. the storm on one replica --------------------------------------------------------
+
+/// 300 concurrent calls whose token the provider rejects, on a provider that kills the grant
+/// at any second use of a refresh token: one refresh, 300 answers 200.
+#[tokio::test]
+async fn storm_of_rejected_calls_makes_one_refresh_on_sqlite() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    generic_profile(&env, strict_rotation()).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "storm")
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    let id = created["id"].as_i64().unwrap();
+    let server = env.server.url.clone();
+    let (status, _, _) = proxy_at(&env, &server, &env.org, &token, Method::GET, "api/me").await;
+    assert_eq!(status, 200);
+    let before = instance(&env, &server, &token).await;
+    expire_access_tokens(&env).await;
+
+    let answers = storm(&env, &[server.clone()], &token, 300, "api/me").await;
+    assert_all_ok("sqlite storm", &answers);
+    assert_eq!(refreshes(&env).await, 1, "exactly one refresh");
+    assert_eq!(stat(&env, &["tokenErrors"]).await, 0);
+    let after = instance(&env, &server, &token).await;
+    assert_eq!(after["valid"], true, "{after}");
+    assert_ne!(
+        after["configuration"]["oauth.user.refresh_token"],
+        before["configuration"]["oauth.user.refresh_token"],
+        "the rotated refresh token is stored"
+    );
+    let events = event_types(&env, &server, id).await;
+    assert_eq!(count(&events, "instance.token.refreshed"), 1, "{events:?}");
+    // The grant is alive at the provider: the next expiry refreshes again.
+    expire_access_tokens(&env).await;
+    let (status, body, _) = proxy_at(&env, &server, &env.org, &token, Method::GET, "api/me").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(refreshes(&env).await, 2);
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+// ----- 3. strategies ----------------------------------------------------------------------
+
+/// Each strategy on a stranger's server (the generic profile as an organization connector).
+/// The scheduler is off so that only the proxy refreshes.
+#[tokio::test]
+async fn each_strategy_refreshes_when_it_should() {
+    let url = sqlite_database();
+    let sandbox = tokenwarden_sandbox::spawn(loopback(), Default::default())
+        .await
+        .unwrap();
+    let env = Env::start_with_sandbox("sqlite", &url, sandbox, |config| {
+        config.background_tasks = false;
+    })
+    .await;
+    let server = env.server.url.clone();
+
+    // before_expiry: a token issued for 2 s with a 60 s buffer is "within the buffer" at once.
+    generic_profile(&env, json!({"accessTokenTtlSeconds": 2})).await;
+    register_connector(
+        &env,
+        "t-before",
+        json!({"refresh": {"strategy": "before_expiry", "bufferSeconds": 60}}),
+    )
+    .await;
+    let before = env.create_instance(&env.org, "t-before", "bea").await;
+    let token = before["token"].as_str().unwrap();
+    let start = refreshes(&env).await;
+    let unauthorized = stat(&env, &["api", "unauthorized"]).await;
+    let (status, body, _) = proxy_at(&env, &server, &env.org, token, Method::GET, "api/me").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(refreshes(&env).await, start + 1, "before_expiry refreshed");
+    assert_eq!(
+        stat(&env, &["api", "unauthorized"]).await,
+        unauthorized,
+        "before_expiry refreshed without a rejection"
+    );
+
+    // on_401: a token "within the buffer" (30 s left, 60 s buffer) is used as it is until the
+    // provider rejects it.
+    generic_profile(&env, json!({"accessTokenTtlSeconds": 30})).await;
+    register_connector(
+        &env,
+        "t-on401",
+        json!({"refresh": {"strategy": "on_401", "bufferSeconds": 60}}),
+    )
+    .await;
+    let on401 = env.create_instance(&env.org, "t-on401", "oscar").await;
+    let token = on401["token"].as_str().unwrap();
+    let start = refreshes(&env).await;
+    for _ in 0..3 {
+        let (status, body, _) =
+            proxy_at(&env, &server, &env.org, token, Method::GET, "api/me").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(
+        refreshes(&env).await,
+        start,
+        "on_401: no rejection, no refresh"
+    );
+    expire_access_tokens(&env).await;
+    let (status, body, _) = proxy_at(&env, &server, &env.org, token, Method::GET, "api/me").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        refreshes(&env).await,
+        start + 1,
+        "on_401: one refresh on the 401"
+    );
+
+    // every_request: one refresh per call.
+    register_connector(
+        &env,
+        "t-every",
+        json!({"refresh": {"strategy": "every_request"}}),
+    )
+    .await;
+    let every = env.create_instance(&env.org, "t-every", "eve").await;
+    let token = every["token"].as_str().unwrap();
+    let start = refreshes(&env).await;
+    for _ in 0..4 {
+        let (status, body, _) =
+            proxy_at(&env, &server, &env.org, token, Method::GET, "api/me").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(
+        refreshes(&env).await,
+        start + 4,
+        "every_request: one per call"
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+// ----- 4. failure classes -----------------------------------------------------------------
+
+/// The token endpoint answers 503 for a while: calls answer 503 with a clear message, the
+/// instance stays valid and shows the failing run, at most one attempt per backoff step
+/// however many calls arrive, and it recovers when the provider does.
+#[tokio::test]
+async fn token_endpoint_outage_is_transient_and_single_flight() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let server = env.server.url.clone();
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "outage")
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    let id = created["id"].as_i64().unwrap();
+    expire_access_tokens(&env).await;
+    fault(
+        &env,
+        json!({"target": "token", "status": 503, "count": 1000}),
+    )
+    .await;
+
+    let started = Instant::now();
+    let answers = storm(&env, &[server.clone()], &token, 100, "api/me").await;
+    let elapsed = started.elapsed();
+    for (status, body) in &answers {
+        assert_eq!(*status, 503, "{body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("stays valid"),
+            "{body}"
+        );
+        assert!(
+            body["providerMessage"].as_str().unwrap().contains("503"),
+            "{body}"
+        );
+    }
+    // The first backoff step is at least 1 s: one attempt per started second at most.
+    let attempts = stat(&env, &["tokenErrors"]).await;
+    assert!(
+        attempts >= 1 && attempts <= 1 + elapsed.as_secs(),
+        "{attempts} token attempts for 100 calls in {elapsed:?}"
+    );
+    let failing = instance(&env, &server, &token).await;
+    assert_eq!(failing["valid"], true, "{failing}");
+    assert!(failing["refreshFailingSince"].is_string(), "{failing}");
+    assert_eq!(failing["state"], "refresh_failing");
+
+    // A second burst inside the backoff makes no attempt at all.
+    let attempts = stat(&env, &["tokenErrors"]).await;
+    let answers = storm(&env, &[server.clone()], &token, 20, "api/me").await;
+    assert!(answers.iter().all(|(s, _)| *s == 503));
+    let after = stat(&env, &["tokenErrors"]).await;
+    assert!(after <= attempts + 1, "{attempts} → {after}");
+
+    clear_faults(&env).await;
+    let (status, body) = eventually("recovery", Duration::from_secs(20), || async {
+        let (status, body, _) =
+            proxy_at(&env, &server, &env.org, &token, Method::GET, "api/me").await;
+        (status == 200).then_some((status, body))
+    })
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let recovered = instance(&env, &server, &token).await;
+    assert_eq!(recovered["valid"], true);
+    assert!(recovered["refreshFailingSince"].is_null(), "{recovered}");
+    let events = event_types(&env, &server, id).await;
+    assert_eq!(count(&events, "instance.refresh_failing"), 1, "{events:?}");
+    assert_eq!(count(&events, "instance.recovered"), 1, "{events:?}");
+    assert_eq!(count(&events, "instance.invalidated"), 0, "{events:?}");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+/// 429 with Retry-After, and a token endpoint slower than the provider timeout: both
+/// transient, the instance valid, the caller told when to come back.
+#[tokio::test]
+async fn rate_limits_and_timeouts_are_transient() {
+    let url = sqlite_database();
+    let sandbox = tokenwarden_sandbox::spawn(loopback(), Default::default())
+        .await
+        .unwrap();
+    let env = Env::start_with_sandbox("sqlite", &url, sandbox, |config| {
+        config.provider_timeout = Duration::from_millis(1_500);
+    })
+    .await;
+    let server = env.server.url.clone();
+    let limited = env
+        .create_instance(&env.org, "sandbox-generic", "ratelimited")
+        .await;
+    let slow = env
+        .create_instance(&env.org, "sandbox-generic", "slowpoke")
+        .await;
+    expire_access_tokens(&env).await;
+
+    fault(&env, json!({"target": "token", "status": 429, "count": 1})).await;
+    let token = limited["token"].as_str().unwrap();
+    let (status, body, headers) =
+        proxy_at(&env, &server, &env.org, token, Method::GET, "api/me").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["providerMessage"].as_str().unwrap().contains("429"),
+        "{body}"
+    );
+    let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry_after >= 1, "Retry-After honoured: {retry_after}");
+    let errors = stat(&env, &["tokenErrors"]).await;
+    let (status, _, _) = proxy_at(&env, &server, &env.org, token, Method::GET, "api/me").await;
+    assert_eq!(status, 503, "inside the Retry-After: no attempt");
+    assert_eq!(stat(&env, &["tokenErrors"]).await, errors);
+    assert_eq!(instance(&env, &server, token).await["valid"], true);
+    let (status, body) = eventually("429 recovery", Duration::from_secs(20), || async {
+        let (status, body, _) =
+            proxy_at(&env, &server, &env.org, token, Method::GET, "api/me").await;
+        (status == 200).then_some((status, body))
+    })
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    fault(
+        &env,
+        json!({"target": "token", "status": 0, "delayMs": 5_000, "count": 1}),
+    )
+    .await;
+    let token = slow["token"].as_str().unwrap();
+    let started = Instant::now();
+    let (status, body, _) = proxy_at(&env, &server, &env.org, token, Method::GET, "api/me").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_millis(4_500),
+        "the provider timeout cut the call"
+    );
+    assert!(
+        body["providerMessage"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("time"),
+        "{body}"
+    );
+    let shown = instance(&env, &server, token).await;
+    assert_eq!(shown["valid"], true, "{shown}");
+    assert!(shown["refreshFailingSince"].is_string(), "{shown}");
+    let (status, body) = eventually("timeout recovery", Duration::from_secs(20), || async {
+        let (status, body, _) =
+            proxy_at(&env, &server, &env.org, token, Method::GET, "api/me").await;
+        (status == 200).then_some((status, body))
+    })
+    .await;
+    assert_eq!(status, 200, "{body}");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+/// The user revokes the app at the provider: the instance turns invalid with the provider's
+/// words and an event, calls answer 401 at once without calling the provider, and a new code
+/// brings it back.
+#[tokio::test]
+async fn revoked_grant_invalidates_until_reauthentication() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let server = env.server.url.clone();
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "revoker")
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    let id = created["id"].as_i64().unwrap();
+    let (status, _, _) = proxy_at(&env, &server, &env.org, &token, Method::GET, "api/me").await;
+    assert_eq!(status, 200);
+    env.sandbox_post("/__sandbox/users/revoker/revoke", json!({}))
+        .await;
+
+    let (status, body, _) = proxy_at(&env, &server, &env.org, &token, Method::GET, "api/me").await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["message"], "Request failed");
+    assert!(body["requestId"].is_string(), "{body}");
+    assert!(body["providerMessage"].is_string(), "{body}");
+    let shown = instance(&env, &server, &token).await;
+    assert_eq!(shown["valid"], false, "{shown}");
+    assert!(
+        shown["stateReason"]
+            .as_str()
+            .unwrap()
+            .contains("invalid_grant"),
+        "the provider's words: {shown}"
+    );
+    let events = event_types(&env, &server, id).await;
+    assert_eq!(count(&events, "instance.invalidated"), 1, "{events:?}");
+
+    let (api, tokens) = (api_calls(&env).await, stat(&env, &["tokenErrors"]).await);
+    let refreshed = refreshes(&env).await;
+    for _ in 0..5 {
+        let (status, again, _) =
+            proxy_at(&env, &server, &env.org, &token, Method::GET, "api/me").await;
+        assert_eq!(status, 401, "{again}");
+        assert_eq!(again["message"], "Request failed");
+        assert_eq!(again["providerMessage"], body["providerMessage"]);
+    }
+    assert_eq!(
+        api_calls(&env).await,
+        api,
+        "no API call for an invalid instance"
+    );
+    assert_eq!(stat(&env, &["tokenErrors"]).await, tokens, "no token call");
+    assert_eq!(refreshes(&env).await, refreshed);
+
+    let (code, state) = env.authorize(&env.org, "sandbox-generic", "revoker").await;
+    let patched = env
+        .http
+        .patch(env.api(&format!("/instances/{id}")))
+        .header("authorization", env.org.platform())
+        .json(&json!({"providerData": {"code": code, "state": state}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), 200);
+    let (status, body, _) = proxy_at(&env, &server, &env.org, &token, Method::GET, "api/me").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(instance(&env, &server, &token).await["valid"], true);
+    // And it refreshes again like any other.
+    expire_access_tokens(&env).await;
+    let (status, body, _) = proxy_at(&env, &server, &env.org, &token, Method::GET, "api/me").await;
+    assert_eq!(status, 200, "{body}");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+// ----- 5. rotation persisted before use ---------------------------------------------------
+
+/// After a rotating refresh, a restarted server refreshes with the rotated token (so it was
+/// stored before the new access token was used), on both engines.
+#[tokio::test]
+async fn rotated_refresh_token_survives_a_restart() {
+    let mut databases = vec![("sqlite".to_string(), sqlite_database())];
+    if let Ok(url) = create_postgres_database().await {
+        databases.push(("postgres".to_string(), url));
+    }
+    for (label, url) in databases {
+        let mut env = Env::start(&label, &url).await;
+        generic_profile(&env, strict_rotation()).await;
+        let created = env
+            .create_instance(&env.org, "sandbox-generic", "rotor")
+            .await;
+        let token = created["token"].as_str().unwrap().to_string();
+        expire_access_tokens(&env).await;
+        let (status, body) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
+        assert_eq!(status, 200, "[{label}] {body}");
+        assert_eq!(refreshes(&env).await, 1);
+
+        let sandbox_url = env.sandbox.url.clone();
+        let old = std::mem::replace(
+            &mut env.server,
+            start_server(&url, &sandbox_url, |_| {}).await,
+        );
+        old.shutdown().await;
+        expire_access_tokens(&env).await;
+        let (status, body) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
+        assert_eq!(status, 200, "[{label}] after restart: {body}");
+        assert_eq!(refreshes(&env).await, 2, "[{label}]");
+        assert_eq!(stat(&env, &["tokenErrors"]).await, 0, "[{label}] no reuse");
+        let server = env.server.url.clone();
+        assert_eq!(instance(&env, &server, &token).await["valid"], true);
+        env.stop().await;
+        drop_test_database(&url).await;
+    }
+}
+
+// ----- the hot path -----------------------------------------------------------------------
+
+/// While the cached token is fresh, proxied calls make no database query the caller waits
+/// for, even past the cache's revalidation age.
+#[tokio::test]
+async fn warm_calls_make_no_awaited_database_query() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "warm")
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    let (status, _) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
+    assert_eq!(status, 200);
+    let app = &env.server.app;
+    let reads = app.refresh.awaited_reads();
+    let lookups = app.auth_cache.awaited_lookups();
+    for round in 0..2 {
+        for _ in 0..20 {
+            let (status, _) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
+            assert_eq!(status, 200);
+        }
+        if round == 0 {
+            tokio::time::sleep(Duration::from_millis(5_200)).await; // past the revalidation age
+        }
+    }
+    assert_eq!(
+        app.refresh.awaited_reads(),
+        reads,
+        "instance reads on the hot path"
+    );
+    assert_eq!(
+        app.auth_cache.awaited_lookups(),
+        lookups,
+        "credential lookups on the hot path"
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}

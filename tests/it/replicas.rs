@@ -1,0 +1,68 @@
+//! Three replicas on one PostgreSQL database: the lease makes one refresh for all of them.
+
+use crate::harness::{Env, start_server};
+use crate::refresh::{
+    assert_all_ok, count, event_types, expire_access_tokens, generic_profile, instance, refreshes,
+    stat, storm, strict_rotation,
+};
+use crate::support::{create_postgres_database, drop_test_database};
+
+/// 300 concurrent rejected calls, 100 on each of three replicas, on a provider that kills the
+/// grant at any second use of a refresh token: all answer 200 and the provider saw one refresh.
+#[tokio::test]
+async fn storm_across_three_replicas_makes_one_refresh() {
+    let url = match create_postgres_database().await {
+        Ok(url) => url,
+        Err(error) => {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "PostgreSQL is required: {error}"
+            );
+            eprintln!("warning: PostgreSQL unreachable ({error}); replica test skipped");
+            return;
+        }
+    };
+    let env = Env::start("postgres", &url).await;
+    let second = start_server(&url, &env.sandbox.url, |_| {}).await;
+    let third = start_server(&url, &env.sandbox.url, |_| {}).await;
+    generic_profile(&env, strict_rotation()).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "replicated")
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    let id = created["id"].as_i64().unwrap();
+    let servers = vec![
+        env.server.url.clone(),
+        second.url.clone(),
+        third.url.clone(),
+    ];
+    // Every replica has the instance in memory with the first access token.
+    let warm = storm(&env, &servers, &token, 3, "api/me").await;
+    assert_all_ok("warm-up", &warm);
+    expire_access_tokens(&env).await;
+
+    let answers = storm(&env, &servers, &token, 300, "api/me").await;
+    assert_all_ok("three replicas", &answers);
+    assert_eq!(
+        refreshes(&env).await,
+        1,
+        "exactly one refresh over all replicas"
+    );
+    assert_eq!(stat(&env, &["tokenErrors"]).await, 0);
+    for server in &servers {
+        let shown = instance(&env, server, &token).await;
+        assert_eq!(shown["valid"], true, "{shown}");
+    }
+    let events = event_types(&env, &servers[0], id).await;
+    assert_eq!(count(&events, "instance.token.refreshed"), 1, "{events:?}");
+    // The grant is alive: another round refreshes once more, from any replica.
+    expire_access_tokens(&env).await;
+    let answers = storm(&env, &servers, &token, 30, "api/me").await;
+    assert_all_ok("second round", &answers);
+    assert_eq!(refreshes(&env).await, 2);
+    second.shutdown().await;
+    third.shutdown().await;
+    env.stop().await;
+    drop_test_database(&url).await;
+}
