@@ -26,8 +26,10 @@ try {
   step("signed in, the instance is valid");
   await page.locator('tr[data-connector="sandbox-box"]').waitFor({ timeout: 15000 });
   await page.selectOption("#category", "crm");
-  await page.locator('tr[data-connector="salesforce"]').waitFor({ timeout: 15000 });
-  if (await page.locator('tr[data-connector="sandbox-box"]').count() !== 0) throw new Error("the category filter kept a sandbox connector");
+  // The filtered list replaces the whole one: the sandbox connectors go, CRM ones stay.
+  await page.locator('tr[data-connector="sandbox-box"]').waitFor({ state: "detached", timeout: 15000 });
+  if (await page.locator('tr[data-connector="salesforce"]').count() !== 1) throw new Error("the crm filter lost Salesforce");
+  if (await page.locator('tr[data-connector="dropbox"]').count() !== 0) throw new Error("the crm filter kept a file-storage connector");
   step("the connector catalog filters by category");
   if (page.url().includes(orgSecret) || page.url().includes(userSecret)) throw new Error("a secret is in the URL");
 
