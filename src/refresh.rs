@@ -31,7 +31,7 @@ use crate::catalog::Connector;
 use crate::events;
 use crate::http::error::ApiError;
 use crate::instances::{
-    self, BASE_URL, apply_token_set, client_credentials, open_secrets, plain_configuration,
+    BASE_URL, apply_token_set, client_credentials, open_secrets, plain_configuration,
 };
 use crate::oauth::{OAuthError, TokenHint};
 use crate::secret::Secret;
@@ -670,31 +670,27 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
     if let Some(token) = &secrets.access_token {
         attempts.push((token, TokenHint::AccessToken));
     }
+    // Both tokens are revoked: providers that revoke only the refresh token (HubSpot) leave
+    // the access token alive otherwise. Once one revocation succeeded, the other one failing is
+    // expected at providers that cascade (Adobe answers EXPIRED_TOKEN) and is not reported.
     let mut revoked = false;
     let mut messages = Vec::new();
     for (token, hint) in attempts {
+        if hint == TokenHint::AccessToken
+            && connector.oauth.revocation == Some(crate::catalog::RevocationStyle::DeleteRefreshTokenPath)
+        {
+            continue; // That endpoint takes refresh tokens only.
+        }
         match app
             .oauth
             .revoke(&connector.oauth, &endpoints, &credentials, token, hint)
             .await
         {
             Ok(_) => revoked = true,
+            Err(_) if revoked => {}
             Err(error) => messages.push(error.provider_message()),
         }
-        if revoked {
-            // One successful revocation ends the grant at providers that cascade; the access
-            // token's own revocation would only answer "already revoked" there.
-            if matches!(
-                connector.oauth.revocation,
-                Some(crate::catalog::RevocationStyle::QueryToken)
-                    | None
-                    | Some(crate::catalog::RevocationStyle::Rfc7009)
-            ) {
-                break;
-            }
-        }
     }
-    let _ = instances::MASK;
     Ok(json!({
         "revokedAtProvider": revoked,
         "providerMessage": if messages.is_empty() { Value::Null } else { Value::String(messages.join("; ")) },
