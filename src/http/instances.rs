@@ -199,23 +199,31 @@ async fn exchange(
         ));
     }
     let mut verifier: Option<Secret> = None;
+    let mut taken_state = None;
     if let Some(state) = state {
         // A state is single use: one that was never issued to this organization for this
         // connector, has expired, or was used already is refused (CSRF, replayed codes).
         let state_hash = hash_secret(state);
-        let row = app
-            .store
-            .take_oauth_state(&state_hash, now_ms())
-            .await?
-            .filter(|row| {
-                row.organization_id == caller.organization_id && row.element_key == connector.key
-            })
-            .ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "`providerData.state` is unknown, expired or already used: get a new authorization URL from GET /elements/{}/oauth/url",
-                    connector.key
-                ))
-            })?;
+        let unknown = || {
+            ApiError::bad_request(format!(
+                "`providerData.state` is unknown, expired or already used: get a new authorization URL from GET /elements/{}/oauth/url",
+                connector.key
+            ))
+        };
+        let row = match app.store.take_oauth_state(&state_hash, now_ms()).await? {
+            Some(row)
+                if row.organization_id == caller.organization_id
+                    && row.element_key == connector.key =>
+            {
+                row
+            }
+            Some(theirs) => {
+                // Not this caller's: put it back untouched for its owner.
+                let _ = app.store.insert_oauth_state(&theirs).await;
+                return Err(unknown());
+            }
+            None => return Err(unknown()),
+        };
         if let Some(sealed) = &row.code_verifier_enc {
             let field = crypto::hex(&state_hash);
             verifier = Some(app.keyring.open_secret(
@@ -227,17 +235,31 @@ async fn exchange(
                 },
             )?);
         }
+        taken_state = Some(row);
     }
+    // A failed exchange leaves the store as it was: the state (and its PKCE verifier) is given
+    // back, so that a passing provider failure does not burn the authorization.
+    let give_back = |taken: Option<crate::store::OAuthStateRow>| async move {
+        if let Some(row) = taken {
+            let _ = app.store.insert_oauth_state(&row).await;
+        }
+    };
     if connector.oauth.pkce && verifier.is_none() {
         return Err(ApiError::bad_request(format!(
             "Connector `{}` uses PKCE: pass the `state` returned by GET /elements/{}/oauth/url as `providerData.state`",
             connector.key, connector.key
         )));
     }
-    let endpoints = app
-        .endpoints(connector, plain)
-        .map_err(|error| ApiError::bad_request(format!("Connector input missing: {error}")))?;
-    let tokens = app
+    let endpoints = match app.endpoints(connector, plain) {
+        Ok(endpoints) => endpoints,
+        Err(error) => {
+            give_back(taken_state).await;
+            return Err(ApiError::bad_request(format!(
+                "Connector input missing: {error}"
+            )));
+        }
+    };
+    let exchanged = app
         .oauth
         .exchange_code(
             &connector.oauth,
@@ -247,8 +269,14 @@ async fn exchange(
             callback,
             verifier.as_ref(),
         )
-        .await
-        .map_err(|error| instances::exchange_error(&error))?;
+        .await;
+    let tokens = match exchanged {
+        Ok(tokens) => tokens,
+        Err(error) => {
+            give_back(taken_state).await;
+            return Err(instances::exchange_error(&error));
+        }
+    };
     Ok(Grant {
         tokens,
         verifier_used: verifier.is_some(),

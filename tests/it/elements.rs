@@ -548,6 +548,18 @@ async fn oauth_url_makes_state_and_keeps_pkce_verifier() {
         )
         .await;
         assert_eq!(refused.status, 400, "[{label}] {}", refused.body);
+        // … and was not consumed by the attempt: its owner still completes the authorization.
+        let own = json!({"element": {"key": "sandbox-generic"}, "providerData": {"code": code6, "state": state6},
+                         "configuration": env.configuration()});
+        let ok = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&auth),
+            Some(own),
+        )
+        .await;
+        assert_eq!(ok.status, 200, "[{label}] {}", ok.body);
         env.stop().await;
     }
 }

@@ -499,9 +499,17 @@ async fn failed_creates_answer_4xx_and_create_nothing() {
             json!({"target": "token", "status": 503, "count": 1}),
         )
         .await;
-        let (code, _) = env.authorize(&env.org, "sandbox-box", "dan").await;
-        let down = call(&env, Method::POST, &env.api("/instances"), Some(&auth),
-                        Some(json!({"element": {"key": "sandbox-box"}, "providerData": {"code": code}, "configuration": env.configuration()}))).await;
+        let (code, state) = env.authorize(&env.org, "sandbox-generic", "dan").await;
+        let body = json!({"element": {"key": "sandbox-generic"}, "providerData": {"code": code, "state": state},
+                          "configuration": env.configuration()});
+        let down = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&auth),
+            Some(body.clone()),
+        )
+        .await;
         assert!(
             down.status == 502 || down.status == 503,
             "[{label}] {}",
@@ -511,6 +519,21 @@ async fn failed_creates_answer_4xx_and_create_nothing() {
             instances_of(&env, &env.org).await.len(),
             count,
             "[{label}] failed creates stored something"
+        );
+        // The failed exchange did not burn the state (and its PKCE verifier): the same code
+        // and state work once the provider is back.
+        let retried = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&auth),
+            Some(body),
+        )
+        .await;
+        assert_eq!(
+            retried.status, 200,
+            "[{label}] retry after a provider failure: {}",
+            retried.body
         );
         env.stop().await;
     }
