@@ -545,10 +545,8 @@ pub async fn reseal_all(app: &App) -> Result<u64, ApiError> {
             let id = fields.id;
             let mut current = fields;
             let mut attempt = 0;
-            loop {
-                let Some(resealed) = reseal_instance_fields(app, &current)? else {
-                    break; // Everything already under the current key.
-                };
+            // `None`: everything already under the current key.
+            while let Some(resealed) = reseal_instance_fields(app, &current)? {
                 if app
                     .store
                     .reseal_encrypted_fields(&current, &resealed)

@@ -326,6 +326,8 @@ async fn database_and_trace_log_hold_no_secret() {
         &log[..log.len().min(2000)]
     );
 
+    // Every request is logged under its request id.
+    assert!(log.contains("request_id="), "no request id in the log");
     let mut stored = Vec::new();
     for suffix in ["", "-wal"] {
         if let Ok(bytes) = std::fs::read(format!("{db_path}{suffix}")) {
