@@ -10,8 +10,8 @@ use crate::crypto::Keyring;
 use crate::oauth::{Endpoints, OAuthClient};
 use crate::store::Store;
 
-/// What `serve` (and the tests, and the demo) configure.
-#[derive(Debug, Clone)]
+/// What `serve` (and the tests, and the demo) configure. `Debug` hides the master keys.
+#[derive(Clone)]
 pub struct AppConfig {
     pub database_url: String,
     pub master_key: Option<String>,
@@ -24,6 +24,24 @@ pub struct AppConfig {
     pub max_body_bytes: usize,
     /// Run the scheduler and the event deliverer in this process.
     pub background_tasks: bool,
+}
+
+impl std::fmt::Debug for AppConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |value: &Option<String>| value.as_ref().map(|_| "[redacted]");
+        f.debug_struct("AppConfig")
+            .field("database_url", &self.database_url)
+            .field("master_key", &redacted(&self.master_key))
+            .field(
+                "previous_master_keys",
+                &redacted(&self.previous_master_keys),
+            )
+            .field("sandbox_url", &self.sandbox_url)
+            .field("provider_timeout", &self.provider_timeout)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("background_tasks", &self.background_tasks)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AppConfig {

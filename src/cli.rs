@@ -56,7 +56,7 @@ pub enum Command {
     },
 }
 
-#[derive(Debug, Args, Clone)]
+#[derive(Args, Clone)]
 pub struct DatabaseArgs {
     /// `sqlite://path` (embedded, the default) or `postgres://…` (several replicas).
     #[arg(
@@ -71,6 +71,21 @@ pub struct DatabaseArgs {
     /// Older master keys (comma-separated base64) still accepted for reading, during a rotation.
     #[arg(long, env = "TOKENWARDEN_PREVIOUS_MASTER_KEYS", hide_env_values = true)]
     pub previous_master_keys: Option<String>,
+}
+
+/// `Debug` hides the master keys (the command line is `Debug`).
+impl std::fmt::Debug for DatabaseArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |value: &Option<String>| value.as_ref().map(|_| "[redacted]");
+        f.debug_struct("DatabaseArgs")
+            .field("database_url", &self.database_url)
+            .field("master_key", &redacted(&self.master_key))
+            .field(
+                "previous_master_keys",
+                &redacted(&self.previous_master_keys),
+            )
+            .finish()
+    }
 }
 
 #[derive(Debug, Args)]

@@ -11,11 +11,11 @@ use serde_json::{Map, Value, json};
 
 use crate::app::{App, now_ms};
 use crate::catalog::{Connector, RefreshStrategy};
-use crate::crypto::Binding;
+use crate::crypto::{self, Binding};
 use crate::http::error::ApiError;
 use crate::oauth::{ClientCredentials, OAuthError, TokenSet};
 use crate::secret::Secret;
-use crate::store::{InstanceRow, TokenUpdate};
+use crate::store::{EncryptedInstanceFields, InstanceRow, TokenUpdate};
 
 pub const ACCESS_TOKEN: &str = "oauth.user.token";
 pub const REFRESH_TOKEN: &str = "oauth.user.refresh_token";
@@ -390,6 +390,17 @@ pub fn view(
             .map(|ms| Value::String(ms.to_string()))
             .unwrap_or(Value::Null),
     );
+    // Every key of the contract is present, null when there is no value.
+    for key in [
+        REFRESH_URL,
+        CALLBACK_URL,
+        API_KEY,
+        API_SECRET,
+        BASE_URL,
+        REFRESH_INTERVAL,
+    ] {
+        configuration.entry(key.to_string()).or_insert(Value::Null);
+    }
     configuration.insert(
         "oauth.user.token.expires_at".into(),
         row.access_expires_at
@@ -426,6 +437,29 @@ pub fn view(
         "verification": row.verification.as_deref().and_then(|text| serde_json::from_str::<Value>(text).ok()),
         "configuration": configuration,
     }))
+}
+
+/// An instance whose stored secrets do not open (a damaged row, or one sealed under a key this
+/// process does not have), as a list shows it: no secrets, and a message saying so.
+pub fn damaged_view(row: &InstanceRow, connector_name: Option<&str>) -> Value {
+    tracing::error!(
+        instance_id = row.id,
+        "the stored secrets of an instance do not open: altered, copied from another row, or sealed under a master key this process does not have"
+    );
+    json!({
+        "id": row.id,
+        "name": row.name,
+        "token": Value::Null,
+        "element": {"key": row.element_key, "name": connector_name.unwrap_or(&row.element_key)},
+        "valid": row.is_valid(),
+        "disabled": row.is_disabled(),
+        "state": "unreadable",
+        "stateReason": "The stored secrets of this instance do not open (altered, or sealed under a master key the service does not have)",
+        "tags": row.tag_list(),
+        "createdDate": iso8601(row.created_at),
+        "updatedDate": iso8601(row.updated_at),
+        "configuration": plain_configuration(row),
+    })
 }
 
 pub fn iso8601(ms: i64) -> String {
@@ -491,8 +525,14 @@ pub fn join_url(base: &str, path: &str) -> String {
     )
 }
 
-/// Re-seals every instance and organization secret not under the current key.
+/// Re-seals every instance and organization secret, and every pending PKCE verifier, not
+/// under the current key, in batches, while the service runs. A row written concurrently (a
+/// refresh, a re-authentication, a configuration update) is read again and retried, so that
+/// when this returns every value present at its start is under the current key and no
+/// concurrent write was overwritten. Returns how many rows changed.
 pub async fn reseal_all(app: &App) -> Result<u64, ApiError> {
+    const ATTEMPTS: usize = 100;
+    let keyring = &app.keyring;
     let mut changed = 0u64;
     let mut after_id = 0i64;
     loop {
@@ -501,42 +541,128 @@ pub async fn reseal_all(app: &App) -> Result<u64, ApiError> {
             break;
         };
         after_id = last.id;
-        for mut fields in batch {
-            let keyring = &app.keyring;
-            let all_current = keyring.is_current(&fields.token_enc)
-                && [
-                    &fields.access_token_enc,
-                    &fields.refresh_token_enc,
-                    &fields.token_response_enc,
-                    &fields.client_secret_enc,
-                ]
-                .iter()
-                .all(|value| value.as_ref().is_none_or(|v| keyring.is_current(v)));
-            if all_current {
-                continue;
-            }
-            let reseal = |value: &[u8], field: &'static str| -> Result<Vec<u8>, ApiError> {
-                let plain = keyring.open(value, binding(fields.id, field))?;
-                Ok(keyring.seal(&plain, binding(fields.id, field)))
-            };
-            fields.token_enc = reseal(&fields.token_enc, "token")?;
-            if let Some(v) = &fields.access_token_enc {
-                fields.access_token_enc = Some(reseal(v, "access_token")?);
-            }
-            if let Some(v) = &fields.refresh_token_enc {
-                fields.refresh_token_enc = Some(reseal(v, "refresh_token")?);
-            }
-            if let Some(v) = &fields.token_response_enc {
-                fields.token_response_enc = Some(reseal(v, "token_response")?);
-            }
-            if let Some(v) = &fields.client_secret_enc {
-                fields.client_secret_enc = Some(reseal(v, "secret_configuration")?);
-            }
-            // A refresh committed in between wins; the next run re-seals its values.
-            if app.store.update_encrypted_fields(&fields).await? {
-                changed += 1;
+        for fields in batch {
+            let id = fields.id;
+            let mut current = fields;
+            let mut attempt = 0;
+            // `None`: everything already under the current key.
+            while let Some(resealed) = reseal_instance_fields(app, &current)? {
+                if app
+                    .store
+                    .reseal_encrypted_fields(&current, &resealed)
+                    .await?
+                {
+                    changed += 1;
+                    break;
+                }
+                attempt += 1;
+                if attempt >= ATTEMPTS {
+                    return Err(ApiError::internal(format!(
+                        "instance {id} changed {ATTEMPTS} times while being re-encrypted; run `tokenwarden keys rotate` again"
+                    )));
+                }
+                match app.store.get_encrypted_fields(id).await? {
+                    Some(row) => current = row,
+                    None => break, // Deleted meanwhile.
+                }
             }
         }
     }
+    for organization in app.store.list_organizations().await? {
+        let mut sealed = organization.webhook_secret_enc.clone();
+        for attempt in 0..ATTEMPTS {
+            if keyring.is_current(&sealed) {
+                break;
+            }
+            let binding = Binding {
+                table: "organizations",
+                row: organization.id,
+                field: "webhook_secret",
+            };
+            let plain = keyring.open(&sealed, binding)?;
+            let resealed = keyring.seal(&plain, binding);
+            if app
+                .store
+                .reseal_organization_webhook_secret(organization.id, &sealed, &resealed)
+                .await?
+            {
+                changed += 1;
+                break;
+            }
+            match app.store.get_organization(organization.id).await? {
+                Some(row) => sealed = row.webhook_secret_enc,
+                None => break,
+            }
+            if attempt + 1 == ATTEMPTS {
+                return Err(ApiError::internal(format!(
+                    "organization {} changed {ATTEMPTS} times while being re-encrypted",
+                    organization.id
+                )));
+            }
+        }
+    }
+    for (state_hash, sealed) in app.store.list_oauth_state_verifiers().await? {
+        if keyring.is_current(&sealed) {
+            continue;
+        }
+        let field = crypto::hex(&state_hash);
+        let binding = Binding {
+            table: "oauth_states",
+            row: 0,
+            field: &field,
+        };
+        let Ok(plain) = keyring.open(&sealed, binding) else {
+            // A state sealed by an older version (bound differently): it expires on its own.
+            continue;
+        };
+        let resealed = keyring.seal(&plain, binding);
+        // Taken meanwhile (used or expired): nothing to do.
+        if app
+            .store
+            .reseal_oauth_state_verifier(&state_hash, &sealed, &resealed)
+            .await?
+        {
+            changed += 1;
+        }
+    }
     Ok(changed)
+}
+
+/// The instance's encrypted columns re-sealed under the current key, or `None` when they all
+/// are already.
+fn reseal_instance_fields(
+    app: &App,
+    fields: &EncryptedInstanceFields,
+) -> Result<Option<EncryptedInstanceFields>, ApiError> {
+    let keyring = &app.keyring;
+    let all_current = keyring.is_current(&fields.token_enc)
+        && [
+            &fields.access_token_enc,
+            &fields.refresh_token_enc,
+            &fields.token_response_enc,
+            &fields.client_secret_enc,
+        ]
+        .iter()
+        .all(|value| value.as_ref().is_none_or(|v| keyring.is_current(v)));
+    if all_current {
+        return Ok(None);
+    }
+    let reseal = |value: &[u8], field: &'static str| -> Result<Vec<u8>, ApiError> {
+        let plain = keyring.open(value, binding(fields.id, field))?;
+        Ok(keyring.seal(&plain, binding(fields.id, field)))
+    };
+    let reseal_opt =
+        |value: &Option<Vec<u8>>, field: &'static str| -> Result<Option<Vec<u8>>, ApiError> {
+            value.as_deref().map(|v| reseal(v, field)).transpose()
+        };
+    Ok(Some(EncryptedInstanceFields {
+        id: fields.id,
+        organization_id: fields.organization_id,
+        token_version: fields.token_version,
+        token_enc: reseal(&fields.token_enc, "token")?,
+        access_token_enc: reseal_opt(&fields.access_token_enc, "access_token")?,
+        refresh_token_enc: reseal_opt(&fields.refresh_token_enc, "refresh_token")?,
+        token_response_enc: reseal_opt(&fields.token_response_enc, "token_response")?,
+        client_secret_enc: reseal_opt(&fields.client_secret_enc, "secret_configuration")?,
+    }))
 }

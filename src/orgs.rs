@@ -8,7 +8,7 @@ use crate::crypto::{self, Binding};
 use crate::http::error::ApiError;
 use crate::store::{NewOrganization, NewUser};
 
-#[derive(Debug, Serialize)]
+#[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CreatedOrganization {
     pub organization_secret: String,
@@ -17,12 +17,33 @@ pub struct CreatedOrganization {
     pub user_id: i64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CreatedUser {
     pub user_secret: String,
     pub organization_id: i64,
     pub user_id: i64,
+}
+
+impl std::fmt::Debug for CreatedOrganization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedOrganization")
+            .field("organization_secret", &"[redacted]")
+            .field("user_secret", &"[redacted]")
+            .field("organization_id", &self.organization_id)
+            .field("user_id", &self.user_id)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for CreatedUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedUser")
+            .field("user_secret", &"[redacted]")
+            .field("organization_id", &self.organization_id)
+            .field("user_id", &self.user_id)
+            .finish()
+    }
 }
 
 pub async fn create_organization(app: &App, name: &str) -> Result<CreatedOrganization, ApiError> {

@@ -4,13 +4,13 @@
 use std::collections::HashMap;
 
 use axum::Json as AxumJson;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::caller::Caller;
 use super::error::{ApiError, ApiResult};
-use super::json::Json;
+use super::json::{Json, Query};
 use crate::app::{SharedApp, now_ms};
 use crate::catalog::{self, Connector};
 use crate::crypto::{Binding, hash_secret};
@@ -79,7 +79,13 @@ pub async fn create(
     Json(body): Json<Value>,
 ) -> ApiResult<(StatusCode, AxumJson<Value>)> {
     caller.require_organization()?;
-    let connector: Connector = serde_json::from_value(body).map_err(|error| {
+    if !body.is_object() {
+        return Err(ApiError::bad_request(
+            "The connector definition must be a JSON object",
+        ));
+    }
+    // The path names the field at fault (`oauth.clientAuth: unknown variant …`).
+    let connector: Connector = serde_path_to_error::deserialize(body).map_err(|error| {
         ApiError::bad_request(format!("The connector definition is not valid: {error}"))
     })?;
     catalog::validate(&connector, false)
@@ -198,13 +204,16 @@ pub async fn oauth_url(
     )
     .map_err(|error| ApiError::bad_request(error.provider_message()))?;
     let state_hash = hash_secret(&state);
+    // Bound to the row's key (the state's hash), so that key rotation can re-seal it without
+    // knowing the state itself.
+    let state_field = crate::crypto::hex(&state_hash);
     let code_verifier_enc = pkce.as_ref().map(|pkce| {
         app.keyring.seal_secret(
             &pkce.verifier,
             Binding {
                 table: "oauth_states",
                 row: 0,
-                field: &state,
+                field: &state_field,
             },
         )
     });

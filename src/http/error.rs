@@ -42,12 +42,35 @@ pub async fn request_id_layer(request: Request, next: Next) -> Response {
         .map(str::to_string)
         .unwrap_or_else(new_request_id);
     let span = tracing::info_span!("request", request_id = %request_id, method = %request.method(), path = %request.uri().path());
+    // The proxy answers what the provider answered, untouched; everything else answers errors
+    // as JSON, including the router's own 405.
+    let proxied = request
+        .uri()
+        .path()
+        .starts_with(&format!("{}/proxy/", super::BASE_PATH));
     let mut response = REQUEST_ID
         .scope(request_id.clone(), {
             use tracing::Instrument;
             next.run(request).instrument(span)
         })
         .await;
+    if !proxied && response.status() == StatusCode::METHOD_NOT_ALLOWED {
+        let allow = response.headers().get(axum::http::header::ALLOW).cloned();
+        let message = match allow.as_ref().and_then(|value| value.to_str().ok()) {
+            Some(allowed) if !allowed.is_empty() => {
+                format!("This path does not take this method; it takes {allowed}")
+            }
+            _ => "This path does not take this method".to_string(),
+        };
+        response = REQUEST_ID.sync_scope(request_id.clone(), || {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, message).into_response()
+        });
+        if let Some(allow) = allow {
+            response
+                .headers_mut()
+                .insert(axum::http::header::ALLOW, allow);
+        }
+    }
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", value);
     }

@@ -105,7 +105,7 @@ pub async fn audit_logs(
     let entries: Vec<Value> = rows
         .iter()
         .map(|row| {
-            json!({"id": row.id, "userId": row.user_id, "action": row.action, "target": row.target,
+            json!({"id": row.id, "userId": row.user_id, "userName": row.user_name, "action": row.action, "target": row.target,
                    "requestId": row.request_id, "detail": row.detail, "at": iso8601(row.at)})
         })
         .collect();

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use axum::Json as AxumJson;
-use axum::extract::{Path, Query, RawQuery, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use super::caller::Caller;
 use super::elements::find;
 use super::error::{ApiError, ApiResult};
-use super::json::Json;
+use super::json::{Json, Query};
 use crate::app::{App, SharedApp, now_ms};
 use crate::catalog::Connector;
 use crate::crypto::{self, Binding, hash_secret};
@@ -30,9 +30,49 @@ use crate::oauth::TokenSet;
 use crate::secret::Secret;
 use crate::store::{InstanceRow, Reauthentication, TokenUpdate};
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
+/// The body of `POST`/`PATCH`/`PUT /instances…`: a JSON object (an array or a scalar is a 400,
+/// not an empty update).
+#[derive(Debug, Default)]
 pub struct InstanceBody {
+    element: Option<ElementRef>,
+    provider_data: Option<ProviderData>,
+    configuration: Option<Value>,
+    name: Option<String>,
+    tags: Option<Vec<String>>,
+    external_authentication: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for InstanceBody {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectOnly;
+        impl<'de> serde::de::Visitor<'de> for ObjectOnly {
+            type Value = InstanceBody;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<InstanceBody, A::Error> {
+                let fields =
+                    InstanceFields::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(InstanceBody {
+                    element: fields.element,
+                    provider_data: fields.provider_data,
+                    configuration: fields.configuration,
+                    name: fields.name,
+                    tags: fields.tags,
+                    external_authentication: fields.external_authentication,
+                })
+            }
+        }
+        deserializer.deserialize_map(ObjectOnly)
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct InstanceFields {
     #[serde(default)]
     element: Option<ElementRef>,
     #[serde(default)]
@@ -159,34 +199,67 @@ async fn exchange(
         ));
     }
     let mut verifier: Option<Secret> = None;
-    if let Some(state) = state
-        && let Some(row) = app
-            .store
-            .take_oauth_state(&hash_secret(state), now_ms())
-            .await?
-        && row.organization_id == caller.organization_id
-        && row.element_key == connector.key
-        && let Some(sealed) = &row.code_verifier_enc
-    {
-        verifier = Some(app.keyring.open_secret(
-            sealed,
-            Binding {
-                table: "oauth_states",
-                row: 0,
-                field: state,
-            },
-        )?);
+    let mut taken_state = None;
+    if let Some(state) = state {
+        // A state is single use: one that was never issued to this organization for this
+        // connector, has expired, or was used already is refused (CSRF, replayed codes).
+        let state_hash = hash_secret(state);
+        let unknown = || {
+            ApiError::bad_request(format!(
+                "`providerData.state` is unknown, expired or already used: get a new authorization URL from GET /elements/{}/oauth/url",
+                connector.key
+            ))
+        };
+        let row = match app.store.take_oauth_state(&state_hash, now_ms()).await? {
+            Some(row)
+                if row.organization_id == caller.organization_id
+                    && row.element_key == connector.key =>
+            {
+                row
+            }
+            Some(theirs) => {
+                // Not this caller's: put it back untouched for its owner.
+                let _ = app.store.insert_oauth_state(&theirs).await;
+                return Err(unknown());
+            }
+            None => return Err(unknown()),
+        };
+        if let Some(sealed) = &row.code_verifier_enc {
+            let field = crypto::hex(&state_hash);
+            verifier = Some(app.keyring.open_secret(
+                sealed,
+                Binding {
+                    table: "oauth_states",
+                    row: 0,
+                    field: &field,
+                },
+            )?);
+        }
+        taken_state = Some(row);
     }
+    // A failed exchange leaves the store as it was: the state (and its PKCE verifier) is given
+    // back, so that a passing provider failure does not burn the authorization.
+    let give_back = |taken: Option<crate::store::OAuthStateRow>| async move {
+        if let Some(row) = taken {
+            let _ = app.store.insert_oauth_state(&row).await;
+        }
+    };
     if connector.oauth.pkce && verifier.is_none() {
         return Err(ApiError::bad_request(format!(
             "Connector `{}` uses PKCE: pass the `state` returned by GET /elements/{}/oauth/url as `providerData.state`",
             connector.key, connector.key
         )));
     }
-    let endpoints = app
-        .endpoints(connector, plain)
-        .map_err(|error| ApiError::bad_request(format!("Connector input missing: {error}")))?;
-    let tokens = app
+    let endpoints = match app.endpoints(connector, plain) {
+        Ok(endpoints) => endpoints,
+        Err(error) => {
+            give_back(taken_state).await;
+            return Err(ApiError::bad_request(format!(
+                "Connector input missing: {error}"
+            )));
+        }
+    };
+    let exchanged = app
         .oauth
         .exchange_code(
             &connector.oauth,
@@ -196,8 +269,14 @@ async fn exchange(
             callback,
             verifier.as_ref(),
         )
-        .await
-        .map_err(|error| instances::exchange_error(&error))?;
+        .await;
+    let tokens = match exchanged {
+        Ok(tokens) => tokens,
+        Err(error) => {
+            give_back(taken_state).await;
+            return Err(instances::exchange_error(&error));
+        }
+    };
     Ok(Grant {
         tokens,
         verifier_used: verifier.is_some(),
@@ -352,7 +431,9 @@ async fn create_instance(
     )
     .await;
     app.refresh.notify_schedule_changed();
-    let view = instances::view(app, &row, Some(&connector.name), true)?;
+    // The request cannot carry the new instance's Element token: token values and client
+    // secrets are masked here like everywhere else (GET it with the Element token to see them).
+    let view = instances::view(app, &row, Some(&connector.name), false)?;
     Ok((StatusCode::OK, AxumJson(view)))
 }
 
@@ -382,7 +463,12 @@ pub async fn list(
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
         let name = connector_name(&app, row).await;
-        out.push(instances::view(&app, row, name.as_deref(), false)?);
+        // One instance whose stored secrets do not open (damaged, or sealed under a key this
+        // process lacks) must not hide the organization's other instances.
+        match instances::view(&app, row, name.as_deref(), false) {
+            Ok(view) => out.push(view),
+            Err(_) => out.push(instances::damaged_view(row, name.as_deref())),
+        }
     }
     Ok(AxumJson(out))
 }

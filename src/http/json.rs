@@ -1,9 +1,10 @@
 //! A JSON extractor whose rejections answer in the API's error shape (axum's
 //! `examples/error-handling`), so bad JSON is a clear 400 (or 413, 415) and never a bare text.
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
+use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
@@ -25,8 +26,39 @@ where
     }
 }
 
+/// A query-string extractor whose rejections answer in the API's error shape (400 with a
+/// message naming the parameter), not axum's plain text.
+pub struct Query<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for Query<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Query(value)),
+            Err(rejection) => Err(query_rejection(rejection)),
+        }
+    }
+}
+
+pub fn query_rejection(rejection: QueryRejection) -> ApiError {
+    ApiError::bad_request(format!(
+        "The query string is not valid: {}",
+        rejection.body_text()
+    ))
+}
+
 pub fn json_rejection(rejection: JsonRejection) -> ApiError {
-    let status = rejection.status();
+    // A body of the wrong shape (wrong field types) is a plain 400 like every other invalid
+    // input of the API, not axum's 422.
+    let status = match &rejection {
+        JsonRejection::JsonDataError(_) => StatusCode::BAD_REQUEST,
+        other => other.status(),
+    };
     let message = match &rejection {
         JsonRejection::JsonDataError(error) => {
             format!(

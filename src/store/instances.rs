@@ -623,6 +623,57 @@ impl Store {
         Ok(rows)
     }
 
+    /// The encrypted columns of one instance (key rotation re-reads a row that changed).
+    pub async fn get_encrypted_fields(
+        &self,
+        id: i64,
+    ) -> Result<Option<EncryptedInstanceFields>, StoreError> {
+        let row = sqlx::query_as::<_, EncryptedInstanceFields>(
+            "SELECT id, organization_id, token_version, token_enc, access_token_enc, \
+             refresh_token_enc, token_response_enc, client_secret_enc FROM instances WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row)
+    }
+
+    /// Key rotation: writes `new`'s re-encrypted columns only if every encrypted column still
+    /// holds exactly `old`'s bytes (and the version is unchanged). Unlike
+    /// [`Self::update_encrypted_fields`], this also loses to writes that do not move the token
+    /// version, such as a configuration update re-sealing the client secret, so that no
+    /// concurrent write is ever overwritten by an older value. False: read again and retry.
+    pub async fn reseal_encrypted_fields(
+        &self,
+        old: &EncryptedInstanceFields,
+        new: &EncryptedInstanceFields,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE instances SET token_enc = $1, access_token_enc = $2, refresh_token_enc = $3, \
+             token_response_enc = $4, client_secret_enc = $5 \
+             WHERE id = $6 AND token_version = $7 AND token_enc = $8 \
+             AND (access_token_enc = $9 OR (access_token_enc IS NULL AND $9 IS NULL)) \
+             AND (refresh_token_enc = $10 OR (refresh_token_enc IS NULL AND $10 IS NULL)) \
+             AND (token_response_enc = $11 OR (token_response_enc IS NULL AND $11 IS NULL)) \
+             AND (client_secret_enc = $12 OR (client_secret_enc IS NULL AND $12 IS NULL))",
+        )
+        .bind(&new.token_enc)
+        .bind(&new.access_token_enc)
+        .bind(&new.refresh_token_enc)
+        .bind(&new.token_response_enc)
+        .bind(&new.client_secret_enc)
+        .bind(old.id)
+        .bind(old.token_version)
+        .bind(&old.token_enc)
+        .bind(&old.access_token_enc)
+        .bind(&old.refresh_token_enc)
+        .bind(&old.token_response_enc)
+        .bind(&old.client_secret_enc)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
     /// Writes re-encrypted columns back if the row is still at `fields.token_version` (a
     /// refresh committed in between makes this false: read the row again and retry). The
     /// version does not change: the plain values are the same.

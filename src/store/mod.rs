@@ -330,6 +330,25 @@ impl Store {
         Ok(result.rows_affected() == 1)
     }
 
+    /// Key rotation: replaces an organization's webhook secret ciphertext only if it is still
+    /// `old` (a concurrent change wins; read again and retry).
+    pub async fn reseal_organization_webhook_secret(
+        &self,
+        id: i64,
+        old: &[u8],
+        new: &[u8],
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE organizations SET webhook_secret_enc = $1 WHERE id = $2 AND webhook_secret_enc = $3",
+        )
+        .bind(new)
+        .bind(id)
+        .bind(old)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
     // ----- connectors ---------------------------------------------------------------------
 
     /// Registers an organization's own connector; `Conflict` when the key is taken.
@@ -459,6 +478,35 @@ impl Store {
         Ok(row)
     }
 
+    /// Key rotation: every pending state's sealed PKCE verifier, with the state's hash.
+    pub async fn list_oauth_state_verifiers(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = sqlx::query_as(
+            "SELECT state_hash, code_verifier_enc FROM oauth_states \
+             WHERE code_verifier_enc IS NOT NULL ORDER BY state_hash",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Key rotation: replaces a state's sealed verifier only if it is still `old`.
+    pub async fn reseal_oauth_state_verifier(
+        &self,
+        state_hash: &[u8],
+        old: &[u8],
+        new: &[u8],
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE oauth_states SET code_verifier_enc = $1 WHERE state_hash = $2 AND code_verifier_enc = $3",
+        )
+        .bind(new)
+        .bind(state_hash)
+        .bind(old)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
     /// Deletes expired states; returns how many.
     pub async fn purge_expired_oauth_states(&self, now: i64) -> Result<u64, StoreError> {
         let result = sqlx::query("DELETE FROM oauth_states WHERE expires_at <= $1")
@@ -496,9 +544,11 @@ impl Store {
         before_id: Option<i64>,
     ) -> Result<Vec<AuditRow>, StoreError> {
         let rows = sqlx::query_as::<_, AuditRow>(
-            "SELECT id, organization_id, user_id, action, target, request_id, detail, at \
-             FROM audit_logs WHERE organization_id = $1 AND ($2 IS NULL OR id < $2) \
-             ORDER BY id DESC LIMIT $3",
+            "SELECT a.id, a.organization_id, a.user_id, u.name AS user_name, a.action, a.target, \
+             a.request_id, a.detail, a.at FROM audit_logs a \
+             LEFT JOIN users u ON u.id = a.user_id AND u.organization_id = a.organization_id \
+             WHERE a.organization_id = $1 AND ($2 IS NULL OR a.id < $2) \
+             ORDER BY a.id DESC LIMIT $3",
         )
         .bind(organization_id)
         .bind(before_id)

@@ -445,6 +445,8 @@ pub struct AuditRow {
     pub id: i64,
     pub organization_id: i64,
     pub user_id: Option<i64>,
+    /// The user's name (`tokenwarden users create --name`), when the line has a user.
+    pub user_name: Option<String>,
     pub action: String,
     pub target: Option<String>,
     pub request_id: Option<String>,

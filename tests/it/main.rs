@@ -3,11 +3,16 @@
 mod cli;
 mod crash;
 mod dashboard;
+mod elements;
 mod harness;
+mod instances;
+mod isolation;
+mod keys;
 mod proxy;
 mod quirks;
 mod refresh;
 mod replicas;
+mod secrets;
 mod smoke;
 mod store;
 mod support;

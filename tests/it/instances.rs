@@ -1,0 +1,1484 @@
+//! The "Instances" section of the contract, endpoint by endpoint, on both engines: create (from a
+//! code, from imported tokens, failures that create nothing), the instance JSON and its masking,
+//! listing and tags, re-authentication and updates (`PATCH`, `PUT`), enable/disable, refresh,
+//! revoke, delete, the callback page, users and the audit log, authentication, bad input.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::harness::{CLIENT_ID, CLIENT_SECRET, Env, Org};
+use crate::support::{drop_test_database, test_databases};
+
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub request_id: Option<String>,
+    pub content_type: Option<String>,
+}
+
+/// One platform call: JSON in (when given), JSON (or text) out.
+pub async fn call(
+    env: &Env,
+    method: Method,
+    url: &str,
+    auth: Option<&str>,
+    body: Option<Value>,
+) -> Reply {
+    let mut request = env.http.request(method, url);
+    if let Some(auth) = auth {
+        request = request.header("authorization", auth);
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    reply(response).await
+}
+
+pub async fn reply(response: reqwest::Response) -> Reply {
+    let status = response.status().as_u16();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let request_id = header("x-request-id");
+    let content_type = header("content-type");
+    let text = response.text().await.unwrap();
+    Reply {
+        status,
+        body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        request_id,
+        content_type,
+    }
+}
+
+/// Asserts the error shape of the contract: JSON with `requestId` (the `X-Request-Id` header) and
+/// a non-empty `message`.
+pub fn assert_error(reply: &Reply, status: u16, context: &str) {
+    assert_eq!(reply.status, status, "{context}: {}", reply.body);
+    let message = reply.body["message"].as_str().unwrap_or_default();
+    assert!(
+        !message.is_empty(),
+        "{context}: no message in {}",
+        reply.body
+    );
+    let request_id = reply.body["requestId"].as_str().unwrap_or_default();
+    assert!(
+        !request_id.is_empty(),
+        "{context}: no requestId in {}",
+        reply.body
+    );
+    assert_eq!(
+        reply.request_id.as_deref(),
+        Some(request_id),
+        "{context}: X-Request-Id"
+    );
+    assert!(
+        reply
+            .content_type
+            .as_deref()
+            .is_some_and(|t| t.starts_with("application/json")),
+        "{context}: content type {:?}",
+        reply.content_type
+    );
+}
+
+pub async fn instances_of(env: &Env, org: &Org) -> Vec<Value> {
+    let listed = call(
+        env,
+        Method::GET,
+        &env.api("/instances"),
+        Some(&org.platform()),
+        None,
+    )
+    .await;
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    listed.body.as_array().unwrap().clone()
+}
+
+pub async fn stats(env: &Env) -> Value {
+    env.sandbox_stats().await
+}
+
+fn id_of(instance: &Value) -> i64 {
+    instance["id"].as_i64().unwrap()
+}
+
+/// What a given instance answers with its Element token (secrets revealed).
+pub async fn revealed(env: &Env, org: &Org, instance: &Value) -> Value {
+    let token = instance["token"].as_str().unwrap();
+    let got = call(
+        env,
+        Method::GET,
+        &env.api(&format!("/instances/{}", id_of(instance))),
+        Some(&org.with_element(token)),
+        None,
+    )
+    .await;
+    assert_eq!(got.status, 200, "{}", got.body);
+    got.body
+}
+
+#[tokio::test]
+async fn create_from_code_shows_the_contract_fields_masked() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let auth = env.org.platform();
+        let before = stats(&env).await;
+        let instance = env
+            .create_instance(&env.org, "sandbox-adobe-sign", "alice")
+            .await;
+        for field in [
+            "id",
+            "name",
+            "token",
+            "element",
+            "valid",
+            "disabled",
+            "tags",
+            "createdDate",
+            "updatedDate",
+            "configuration",
+        ] {
+            assert!(
+                instance.get(field).is_some(),
+                "[{label}] `{field}` missing from {instance}"
+            );
+        }
+        assert!(instance["id"].is_i64());
+        assert_eq!(instance["name"], "alice's sandbox-adobe-sign");
+        assert_eq!(instance["element"]["key"], "sandbox-adobe-sign");
+        assert_eq!(instance["valid"], true);
+        assert_eq!(instance["disabled"], false);
+        assert_eq!(instance["tags"], json!(["it", "alice"]));
+        assert!(instance["createdDate"].as_str().unwrap().starts_with("20"));
+        assert!(instance["updatedDate"].as_str().unwrap().starts_with("20"));
+        assert_eq!(instance["verification"]["ok"], true, "[{label}] {instance}");
+        let configuration = &instance["configuration"];
+        for key in [
+            "oauth.user.token",
+            "oauth.user.refresh_token",
+            "oauth.user.refresh_time",
+            "oauth.token.refresh_url",
+            "oauth.callback.url",
+            "oauth.api.key",
+            "oauth.api.secret",
+            "base.url",
+            "oauth.user.refresh_interval",
+        ] {
+            assert!(
+                configuration.get(key).is_some(),
+                "[{label}] configuration `{key}` missing: {configuration}"
+            );
+        }
+        assert_eq!(configuration["oauth.api.key"], CLIENT_ID);
+        assert_eq!(configuration["oauth.callback.url"], env.callback());
+        assert!(
+            configuration["oauth.token.refresh_url"]
+                .as_str()
+                .unwrap()
+                .ends_with("/adobe-sign/oauth/v2/refresh")
+        );
+        assert!(
+            configuration["base.url"]
+                .as_str()
+                .unwrap()
+                .starts_with(&env.sandbox.url),
+            "{configuration}"
+        );
+        assert!(
+            configuration["oauth.user.refresh_time"]
+                .as_str()
+                .unwrap()
+                .parse::<i64>()
+                .unwrap()
+                > 1_600_000_000_000
+        );
+        assert!(
+            configuration["oauth.user.refresh_interval"]
+                .as_str()
+                .unwrap()
+                .parse::<i64>()
+                .unwrap()
+                > 0
+        );
+        // The create answer does not carry the Element token: secrets are masked.
+        let masked_answer = instance.to_string();
+        assert!(
+            !masked_answer.contains(CLIENT_SECRET),
+            "[{label}] client secret shown on create"
+        );
+        let after = stats(&env).await;
+        assert_eq!(
+            after["token"]["authorization_code"].as_i64().unwrap(),
+            before["token"]["authorization_code"].as_i64().unwrap() + 1
+        );
+
+        // With the instance's Element token: shown. Without: masked.
+        let shown = revealed(&env, &env.org, &instance).await;
+        let access = shown["configuration"]["oauth.user.token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let refresh = shown["configuration"]["oauth.user.refresh_token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(shown["configuration"]["oauth.api.secret"], CLIENT_SECRET);
+        assert!(
+            access.len() > 10 && refresh.len() > 10 && access != refresh,
+            "[{label}] {shown}"
+        );
+        assert!(
+            !masked_answer.contains(&access) && !masked_answer.contains(&refresh),
+            "[{label}] tokens shown on create"
+        );
+        let by_org = call(
+            &env,
+            Method::GET,
+            &env.api(&format!("/instances/{}", id_of(&instance))),
+            Some(&auth),
+            None,
+        )
+        .await;
+        assert_eq!(by_org.status, 200);
+        let text = by_org.body.to_string();
+        assert!(
+            !text.contains(&access) && !text.contains(&refresh) && !text.contains(CLIENT_SECRET),
+            "[{label}] {text}"
+        );
+        assert_eq!(by_org.body["configuration"]["oauth.user.token"], "********");
+        assert_eq!(by_org.body["configuration"]["oauth.api.secret"], "********");
+        assert_eq!(by_org.body["token"], instance["token"]);
+
+        // Another instance's Element token does not reveal this one.
+        let second = env.create_instance(&env.org, "sandbox-box", "bob").await;
+        let cross = call(
+            &env,
+            Method::GET,
+            &env.api(&format!("/instances/{}", id_of(&instance))),
+            Some(&env.org.with_element(second["token"].as_str().unwrap())),
+            None,
+        )
+        .await;
+        assert_eq!(cross.status, 200, "[{label}] {}", cross.body);
+        assert!(
+            !cross.body.to_string().contains(&access),
+            "[{label}] revealed with another Element token"
+        );
+        // Element token alone (no Organization) may read its own instance only.
+        let own = call(
+            &env,
+            Method::GET,
+            &env.api(&format!("/instances/{}", id_of(&instance))),
+            Some(&env.org.through(instance["token"].as_str().unwrap())),
+            None,
+        )
+        .await;
+        assert_eq!(own.status, 200, "[{label}] {}", own.body);
+        let not_own = call(
+            &env,
+            Method::GET,
+            &env.api(&format!("/instances/{}", id_of(&second))),
+            Some(&env.org.through(instance["token"].as_str().unwrap())),
+            None,
+        )
+        .await;
+        assert_error(&not_own, 404, &label);
+
+        // POST /elements/{key}/instances: the same without `element` in the body.
+        let (code, state) = env.authorize(&env.org, "sandbox-microsoft", "carol").await;
+        let by_path = call(&env, Method::POST, &env.api("/elements/sandbox-microsoft/instances"), Some(&auth),
+                           Some(json!({"providerData": {"code": code, "state": state}, "configuration": env.configuration(),
+                                       "name": "carol", "tags": ["qa"]}))).await;
+        assert_eq!(by_path.status, 200, "[{label}] {}", by_path.body);
+        assert_eq!(by_path.body["element"]["key"], "sandbox-microsoft");
+        assert_eq!(by_path.body["verification"]["ok"], true);
+        let (status, _) = env
+            .proxy(
+                &env.org,
+                by_path.body["token"].as_str().unwrap(),
+                Method::GET,
+                "v1.0/me",
+            )
+            .await;
+        assert_eq!(status, 200, "[{label}]");
+
+        // GET /instances: the organization's; with an Element token, that one alone.
+        let all = instances_of(&env, &env.org).await;
+        assert_eq!(all.len(), 3, "[{label}]");
+        assert!(!Value::Array(all.clone()).to_string().contains(&access));
+        let alone = call(
+            &env,
+            Method::GET,
+            &env.api("/instances"),
+            Some(&env.org.with_element(instance["token"].as_str().unwrap())),
+            None,
+        )
+        .await;
+        assert_eq!(alone.status, 200);
+        let alone = alone.body.as_array().unwrap();
+        assert_eq!(alone.len(), 1, "[{label}]");
+        assert_eq!(alone[0]["id"], instance["id"]);
+        assert_eq!(
+            alone[0]["configuration"]["oauth.user.token"],
+            access.as_str()
+        );
+        // tags[] filter, as a browser or the articles' Swagger page encodes it, and repeated.
+        for (query, expected) in [
+            ("?tags[]=qa", vec![id_of(&by_path.body)]),
+            ("?tags%5B%5D=qa", vec![id_of(&by_path.body)]),
+            ("?tags[]=alice", vec![id_of(&instance)]),
+            ("?tags[]=it", vec![id_of(&instance), id_of(&second)]),
+            (
+                "?tags[]=alice&tags[]=qa",
+                vec![id_of(&instance), id_of(&by_path.body)],
+            ),
+            ("?tags[]=nobody", vec![]),
+        ] {
+            let filtered = call(
+                &env,
+                Method::GET,
+                &env.api(&format!("/instances{query}")),
+                Some(&auth),
+                None,
+            )
+            .await;
+            assert_eq!(filtered.status, 200, "[{label}] {query}: {}", filtered.body);
+            let mut ids: Vec<i64> = filtered
+                .body
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(id_of)
+                .collect();
+            let mut expected = expected.clone();
+            ids.sort();
+            expected.sort();
+            assert_eq!(ids, expected, "[{label}] {query}");
+        }
+        let missing = call(
+            &env,
+            Method::GET,
+            &env.api("/instances/123456789"),
+            Some(&auth),
+            None,
+        )
+        .await;
+        assert_error(&missing, 404, &label);
+        let not_a_number = call(
+            &env,
+            Method::GET,
+            &env.api("/instances/abc"),
+            Some(&auth),
+            None,
+        )
+        .await;
+        assert_error(&not_a_number, 404, &label);
+        env.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn failed_creates_answer_4xx_and_create_nothing() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let auth = env.org.platform();
+        // A bogus code: the provider's words in providerMessage.
+        let bogus = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&auth),
+            Some(
+                json!({"element": {"key": "sandbox-box"}, "providerData": {"code": "bogus-code"},
+                                     "configuration": env.configuration()}),
+            ),
+        )
+        .await;
+        assert_error(&bogus, 400, &label);
+        let provider = bogus.body["providerMessage"].as_str().unwrap_or_default();
+        assert!(
+            provider.contains("invalid_grant"),
+            "[{label}] providerMessage {provider:?}"
+        );
+        // A used code.
+        let (code, state) = env.authorize(&env.org, "sandbox-box", "dan").await;
+        let body = json!({"element": {"key": "sandbox-box"}, "providerData": {"code": code},
+                          "configuration": env.configuration()});
+        let first = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&auth),
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(first.status, 200, "[{label}] {}", first.body);
+        let count = instances_of(&env, &env.org).await.len();
+        let used = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&auth),
+            Some(body),
+        )
+        .await;
+        assert_error(&used, 400, &label);
+        assert!(
+            used.body["providerMessage"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("invalid_grant"),
+            "{}",
+            used.body
+        );
+        let _ = state;
+        // Unknown connector (both paths), missing configuration keys, neither code nor tokens.
+        let unknown = call(&env, Method::POST, &env.api("/instances"), Some(&auth),
+                           Some(json!({"element": {"key": "nope"}, "providerData": {"code": "x"}, "configuration": env.configuration()}))).await;
+        assert!(
+            unknown.status == 400 || unknown.status == 404,
+            "[{label}] {}",
+            unknown.body
+        );
+        assert_error(&unknown, unknown.status, &label);
+        assert!(unknown.body["message"].as_str().unwrap().contains("nope"));
+        let unknown_path = call(
+            &env,
+            Method::POST,
+            &env.api("/elements/nope/instances"),
+            Some(&auth),
+            Some(json!({"providerData": {"code": "x"}, "configuration": env.configuration()})),
+        )
+        .await;
+        assert_error(&unknown_path, 404, &label);
+        let no_element = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&auth),
+            Some(json!({"providerData": {"code": "x"}, "configuration": env.configuration()})),
+        )
+        .await;
+        assert_error(&no_element, 400, &label);
+        for (missing, expected) in [
+            ("oauth.callback.url", "oauth.callback.url"),
+            ("oauth.api.key", "oauth.api.key"),
+        ] {
+            let (code, _) = env.authorize(&env.org, "sandbox-box", "dan").await;
+            let mut configuration = env.configuration();
+            configuration.as_object_mut().unwrap().remove(missing);
+            let answer = call(&env, Method::POST, &env.api("/instances"), Some(&auth),
+                              Some(json!({"element": {"key": "sandbox-box"}, "providerData": {"code": code}, "configuration": configuration}))).await;
+            assert_error(&answer, 400, &label);
+            assert!(
+                answer.body["message"].as_str().unwrap().contains(expected),
+                "[{label}] {}",
+                answer.body
+            );
+        }
+        let nothing = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&auth),
+            Some(json!({"element": {"key": "sandbox-box"}, "configuration": env.configuration()})),
+        )
+        .await;
+        assert_error(&nothing, 400, &label);
+        let import_nothing = call(&env, Method::POST, &env.api("/instances"), Some(&auth),
+                                  Some(json!({"element": {"key": "sandbox-box"}, "externalAuthentication": "initial", "configuration": env.configuration()}))).await;
+        assert_error(&import_nothing, 400, &label);
+        // The provider down: 5xx from the provider is a 502, still nothing created.
+        env.sandbox_post(
+            "/__sandbox/faults",
+            json!({"target": "token", "status": 503, "count": 1}),
+        )
+        .await;
+        let (code, state) = env.authorize(&env.org, "sandbox-generic", "dan").await;
+        let body = json!({"element": {"key": "sandbox-generic"}, "providerData": {"code": code, "state": state},
+                          "configuration": env.configuration()});
+        let down = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&auth),
+            Some(body.clone()),
+        )
+        .await;
+        assert!(
+            down.status == 502 || down.status == 503,
+            "[{label}] {}",
+            down.body
+        );
+        assert_eq!(
+            instances_of(&env, &env.org).await.len(),
+            count,
+            "[{label}] failed creates stored something"
+        );
+        // The failed exchange did not burn the state (and its PKCE verifier): the same code
+        // and state work once the provider is back.
+        let retried = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&auth),
+            Some(body),
+        )
+        .await;
+        assert_eq!(
+            retried.status, 200,
+            "[{label}] retry after a provider failure: {}",
+            retried.body
+        );
+        env.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn existing_tokens_can_be_imported() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        // Get real tokens from the sandbox with a first instance, then import them.
+        let source = env
+            .create_instance(&env.org, "sandbox-salesforce", "erin")
+            .await;
+        let shown = revealed(&env, &env.org, &source).await;
+        let access = shown["configuration"]["oauth.user.token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let refresh = shown["configuration"]["oauth.user.refresh_token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let mut configuration = env.configuration();
+        configuration["oauth.user.token"] = json!(access);
+        configuration["oauth.user.refresh_token"] = json!(refresh);
+        configuration["base.url"] = shown["configuration"]["base.url"].clone();
+        let imported = call(&env, Method::POST, &env.api("/instances"), Some(&env.org.platform()),
+                            Some(json!({"element": {"key": "sandbox-salesforce"}, "externalAuthentication": "initial",
+                                        "configuration": configuration, "name": "imported"}))).await;
+        assert_eq!(imported.status, 200, "[{label}] {}", imported.body);
+        assert_eq!(imported.body["name"], "imported");
+        assert_eq!(imported.body["valid"], true);
+        assert_ne!(imported.body["token"], source["token"]);
+        let again = revealed(&env, &env.org, &imported.body).await;
+        assert_eq!(again["configuration"]["oauth.user.token"], access.as_str());
+        assert_eq!(
+            again["configuration"]["oauth.user.refresh_token"],
+            refresh.as_str()
+        );
+        let (status, body) = env
+            .proxy(
+                &env.org,
+                imported.body["token"].as_str().unwrap(),
+                Method::GET,
+                "api/me",
+            )
+            .await;
+        assert_eq!(status, 200, "[{label}] {body}");
+        // Only a refresh token: the scheduler refreshes it at once; then it works.
+        let mut only_refresh = env.configuration();
+        only_refresh["oauth.user.refresh_token"] = json!(refresh);
+        let imported = call(&env, Method::POST, &env.api("/instances"), Some(&env.org.platform()),
+                            Some(json!({"element": {"key": "sandbox-salesforce"}, "externalAuthentication": "initial",
+                                        "configuration": only_refresh}))).await;
+        assert_eq!(imported.status, 200, "[{label}] {}", imported.body);
+        assert_eq!(
+            imported.body["configuration"]["oauth.user.token"],
+            Value::Null
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let shown = revealed(&env, &env.org, &imported.body).await;
+            if shown["configuration"]["oauth.user.token"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "[{label}] the scheduler did not refresh an imported refresh token: {shown}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let (status, body) = env
+            .proxy(
+                &env.org,
+                imported.body["token"].as_str().unwrap(),
+                Method::GET,
+                "api/me",
+            )
+            .await;
+        assert_eq!(status, 200, "[{label}] {body}");
+        env.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn reauthentication_and_updates_keep_identity() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let auth = env.org.platform();
+        let instance = env
+            .create_instance(&env.org, "sandbox-salesforce", "fred")
+            .await;
+        let id = id_of(&instance);
+        let token = instance["token"].as_str().unwrap().to_string();
+        let old_access =
+            revealed(&env, &env.org, &instance).await["configuration"]["oauth.user.token"]
+                .as_str()
+                .unwrap()
+                .to_string();
+
+        // PATCH without a code merges name, tags and configuration.
+        let merged = call(&env, Method::PATCH, &env.api(&format!("/instances/{id}")), Some(&auth),
+                          Some(json!({"name": "renamed", "configuration": {"custom.setting": "one", "webhook.secret": "w-s-1"}}))).await;
+        assert_eq!(merged.status, 200, "[{label}] {}", merged.body);
+        assert_eq!(merged.body["name"], "renamed");
+        assert_eq!(
+            merged.body["tags"], instance["tags"],
+            "[{label}] tags kept when not given"
+        );
+        assert_eq!(merged.body["configuration"]["custom.setting"], "one");
+        assert_eq!(merged.body["configuration"]["webhook.secret"], "********");
+        assert_eq!(merged.body["configuration"]["oauth.api.key"], CLIENT_ID);
+        assert_eq!(merged.body["token"], token.as_str());
+        let tagged = call(
+            &env,
+            Method::PATCH,
+            &env.api(&format!("/instances/{id}")),
+            Some(&auth),
+            Some(json!({"tags": ["prod"]})),
+        )
+        .await;
+        assert_eq!(tagged.body["tags"], json!(["prod"]));
+        assert_eq!(tagged.body["name"], "renamed");
+        assert_eq!(tagged.body["configuration"]["custom.setting"], "one");
+        let shown = revealed(&env, &env.org, &instance).await;
+        assert_eq!(
+            shown["configuration"]["oauth.user.token"],
+            old_access.as_str(),
+            "[{label}] merge kept the tokens"
+        );
+        assert_eq!(shown["configuration"]["webhook.secret"], "w-s-1");
+        assert_eq!(shown["configuration"]["oauth.api.secret"], CLIENT_SECRET);
+
+        // Re-authentication with a bad code: an error with the provider's words, and the
+        // instance still works with its old token.
+        let bad = call(&env, Method::PATCH, &env.api("/instances"), Some(&env.org.with_element(&token)),
+                       Some(json!({"providerData": {"code": "not-a-code"}, "configuration": {"oauth.user.token": "", "oauth.user.refresh_token": ""}}))).await;
+        assert_error(&bad, 400, &label);
+        assert!(
+            bad.body["providerMessage"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("invalid_grant"),
+            "{}",
+            bad.body
+        );
+        let after_bad = revealed(&env, &env.org, &instance).await;
+        assert_eq!(
+            after_bad["configuration"]["oauth.user.token"],
+            old_access.as_str(),
+            "[{label}] failed re-auth changed the token"
+        );
+        assert_eq!(after_bad["name"], "renamed");
+        assert_eq!(after_bad["valid"], true);
+        let (status, _) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
+        assert_eq!(status, 200, "[{label}] still works after a failed re-auth");
+
+        // PATCH /instances with a code and blanked tokens (the Salesforce article): same id,
+        // token, name and tags; valid; a new access token.
+        let (code, state) = env.authorize(&env.org, "sandbox-salesforce", "fred").await;
+        let patched = call(&env, Method::PATCH, &env.api("/instances"), Some(&env.org.with_element(&token)),
+                           Some(json!({"providerData": {"code": code, "state": state},
+                                       "configuration": {"oauth.user.token": "", "oauth.user.refresh_token": ""}}))).await;
+        assert_eq!(patched.status, 200, "[{label}] {}", patched.body);
+        assert_eq!(patched.body["id"], id);
+        assert_eq!(patched.body["token"], token.as_str());
+        assert_eq!(patched.body["name"], "renamed");
+        assert_eq!(patched.body["tags"], json!(["prod"]));
+        assert_eq!(patched.body["valid"], true);
+        assert_eq!(patched.body["verification"]["ok"], true, "{}", patched.body);
+        let new_access = patched.body["configuration"]["oauth.user.token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            new_access != old_access && new_access != "********" && !new_access.is_empty(),
+            "[{label}] {new_access}"
+        );
+        assert_eq!(patched.body["configuration"]["custom.setting"], "one");
+        let (status, _) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
+        assert_eq!(status, 200);
+
+        // PATCH /instances/{id} with a code, organization secret only.
+        let (code, state) = env.authorize(&env.org, "sandbox-salesforce", "fred").await;
+        let by_id = call(
+            &env,
+            Method::PATCH,
+            &env.api(&format!("/instances/{id}")),
+            Some(&auth),
+            Some(json!({"providerData": {"code": code, "state": state}})),
+        )
+        .await;
+        assert_eq!(by_id.status, 200, "[{label}] {}", by_id.body);
+        assert_eq!(by_id.body["token"], token.as_str());
+        assert_eq!(by_id.body["configuration"]["oauth.user.token"], "********");
+
+        // PUT: the configuration replaced whole, id and token kept.
+        let mut replacement = env.configuration();
+        replacement["other.setting"] = json!("two");
+        let put = call(
+            &env,
+            Method::PUT,
+            &env.api(&format!("/instances/{id}")),
+            Some(&auth),
+            Some(json!({"name": "replaced", "configuration": replacement})),
+        )
+        .await;
+        assert_eq!(put.status, 200, "[{label}] {}", put.body);
+        assert_eq!(put.body["id"], id);
+        assert_eq!(put.body["token"], token.as_str());
+        assert_eq!(put.body["name"], "replaced");
+        assert_eq!(put.body["configuration"]["other.setting"], "two");
+        assert!(
+            put.body["configuration"].get("custom.setting").is_none(),
+            "[{label}] PUT kept a key it did not send: {}",
+            put.body
+        );
+        assert!(
+            put.body["configuration"].get("webhook.secret").is_none(),
+            "[{label}] PUT kept a secret key it did not send"
+        );
+        let (status, _) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
+        assert_eq!(status, 200, "[{label}] tokens survive a PUT without a code");
+
+        // PUT with a code but without ?reAuthenticate=true: the code is not exchanged.
+        let before = stats(&env).await;
+        let (code, state) = env.authorize(&env.org, "sandbox-salesforce", "fred").await;
+        let put_code = call(&env, Method::PUT, &env.api(&format!("/instances/{id}")), Some(&auth),
+                            Some(json!({"providerData": {"code": code.clone(), "state": state.clone()}, "configuration": env.configuration()}))).await;
+        assert_eq!(put_code.status, 200, "[{label}] {}", put_code.body);
+        assert_eq!(
+            stats(&env).await["token"]["authorization_code"],
+            before["token"]["authorization_code"]
+        );
+        // PUT /instances?reAuthenticate=true with a code.
+        let (code, state) = env.authorize(&env.org, "sandbox-salesforce", "fred").await;
+        let reauth = call(&env, Method::PUT, &env.api("/instances?reAuthenticate=true"), Some(&env.org.with_element(&token)),
+                          Some(json!({"providerData": {"code": code, "state": state}, "configuration": env.configuration(), "name": "put-reauth"}))).await;
+        assert_eq!(reauth.status, 200, "[{label}] {}", reauth.body);
+        assert_eq!(reauth.body["id"], id);
+        assert_eq!(reauth.body["token"], token.as_str());
+        assert_eq!(reauth.body["name"], "put-reauth");
+        assert_eq!(
+            stats(&env).await["token"]["authorization_code"]
+                .as_i64()
+                .unwrap(),
+            before["token"]["authorization_code"].as_i64().unwrap() + 1
+        );
+        let reauth_access = reauth.body["configuration"]["oauth.user.token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_ne!(reauth_access, new_access);
+        // PUT ?reAuthenticate=true without a code: 400, nothing changed.
+        let no_code = call(
+            &env,
+            Method::PUT,
+            &env.api(&format!("/instances/{id}?reAuthenticate=true")),
+            Some(&auth),
+            Some(json!({"configuration": env.configuration()})),
+        )
+        .await;
+        assert_error(&no_code, 400, &label);
+        let bad_flag = call(
+            &env,
+            Method::PUT,
+            &env.api(&format!("/instances/{id}?reAuthenticate=maybe")),
+            Some(&auth),
+            Some(json!({"configuration": env.configuration()})),
+        )
+        .await;
+        assert_error(&bad_flag, 400, &label);
+        // PUT re-auth with a bad code leaves everything as it was.
+        let bad_put = call(&env, Method::PUT, &env.api(&format!("/instances/{id}?reAuthenticate=true")), Some(&auth),
+                           Some(json!({"providerData": {"code": "nope"}, "name": "should-not-stick", "configuration": {"oauth.api.key": CLIENT_ID, "oauth.callback.url": env.callback(), "x": "y"}}))).await;
+        assert_error(&bad_put, 400, &label);
+        let now = revealed(&env, &env.org, &instance).await;
+        assert_eq!(now["name"], "put-reauth");
+        assert_eq!(
+            now["configuration"]["oauth.user.token"],
+            reauth_access.as_str()
+        );
+        assert!(now["configuration"].get("x").is_none());
+        let (status, _) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
+        assert_eq!(status, 200, "[{label}]");
+        // PATCH /instances and PUT /instances need an Element token.
+        let no_element = call(
+            &env,
+            Method::PATCH,
+            &env.api("/instances"),
+            Some(&auth),
+            Some(json!({"name": "x"})),
+        )
+        .await;
+        assert_error(&no_element, 400, &label);
+        env.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn enable_disable_refresh_revoke_delete() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let auth = env.org.platform();
+        let instance = env.create_instance(&env.org, "sandbox-box", "gina").await;
+        let id = id_of(&instance);
+        let token = instance["token"].as_str().unwrap().to_string();
+        let (status, _) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
+        assert_eq!(status, 200);
+
+        // Disable: the proxy refuses, the provider is not called, no refresh either.
+        let disabled = call(
+            &env,
+            Method::DELETE,
+            &env.api("/instances/enabled"),
+            Some(&env.org.with_element(&token)),
+            None,
+        )
+        .await;
+        assert_eq!(disabled.status, 200, "[{label}] {}", disabled.body);
+        assert_eq!(disabled.body["disabled"], true);
+        let before = stats(&env).await;
+        let (status, body) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
+        assert!(
+            (400..500).contains(&status),
+            "[{label}] disabled proxy: {status} {body}"
+        );
+        let refreshed = call(
+            &env,
+            Method::POST,
+            &env.api(&format!("/instances/{id}/tokens/refresh")),
+            Some(&auth),
+            None,
+        )
+        .await;
+        assert!(
+            (400..500).contains(&refreshed.status),
+            "[{label}] {}",
+            refreshed.body
+        );
+        let after = stats(&env).await;
+        assert_eq!(
+            after["api"], before["api"],
+            "[{label}] a disabled instance called the provider"
+        );
+        assert_eq!(
+            after["token"], before["token"],
+            "[{label}] a disabled instance refreshed"
+        );
+        let listed = call(
+            &env,
+            Method::GET,
+            &env.api(&format!("/instances/{id}")),
+            Some(&auth),
+            None,
+        )
+        .await;
+        assert_eq!(listed.body["disabled"], true);
+        let no_element = call(
+            &env,
+            Method::DELETE,
+            &env.api("/instances/enabled"),
+            Some(&auth),
+            None,
+        )
+        .await;
+        assert_error(&no_element, 400, &label);
+        let enabled = call(
+            &env,
+            Method::PUT,
+            &env.api("/instances/enabled"),
+            Some(&env.org.with_element(&token)),
+            None,
+        )
+        .await;
+        assert_eq!(enabled.status, 200, "[{label}] {}", enabled.body);
+        assert_eq!(enabled.body["disabled"], false);
+        let (status, _) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
+        assert_eq!(status, 200, "[{label}] enabled again");
+
+        // Refresh now: a refresh_token grant at the provider, a new access token.
+        let old_access =
+            revealed(&env, &env.org, &instance).await["configuration"]["oauth.user.token"]
+                .as_str()
+                .unwrap()
+                .to_string();
+        let before = stats(&env).await;
+        let refreshed = call(
+            &env,
+            Method::POST,
+            &env.api(&format!("/instances/{id}/tokens/refresh")),
+            Some(&env.org.with_element(&token)),
+            None,
+        )
+        .await;
+        assert_eq!(refreshed.status, 200, "[{label}] {}", refreshed.body);
+        let after = stats(&env).await;
+        assert_eq!(
+            after["token"]["refresh_token"].as_i64().unwrap(),
+            before["token"]["refresh_token"].as_i64().unwrap() + 1
+        );
+        let new_access = refreshed.body["configuration"]["oauth.user.token"]
+            .as_str()
+            .unwrap();
+        assert_ne!(new_access, old_access);
+        let (status, _) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
+        assert_eq!(status, 200);
+
+        // Revoke: reaches the sandbox's revocation endpoint; the instance turns invalid.
+        let before = stats(&env).await;
+        let revoked = call(
+            &env,
+            Method::POST,
+            &env.api(&format!("/instances/{id}/tokens/revoke")),
+            Some(&auth),
+            None,
+        )
+        .await;
+        assert_eq!(revoked.status, 200, "[{label}] {}", revoked.body);
+        assert_eq!(revoked.body["valid"], false);
+        let after = stats(&env).await;
+        assert!(
+            after["revoke"].as_i64().unwrap() > before["revoke"].as_i64().unwrap(),
+            "[{label}] {after}"
+        );
+        let (status, body) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
+        assert_eq!(status, 401, "[{label}] {body}");
+        let shown = call(
+            &env,
+            Method::GET,
+            &env.api(&format!("/instances/{id}")),
+            Some(&auth),
+            None,
+        )
+        .await;
+        assert_eq!(shown.body["valid"], false);
+
+        // Delete: gone, a second delete is a 404.
+        let deleted = call(
+            &env,
+            Method::DELETE,
+            &env.api(&format!("/instances/{id}")),
+            Some(&auth),
+            None,
+        )
+        .await;
+        assert_eq!(deleted.status, 200, "[{label}] {}", deleted.body);
+        let gone = call(
+            &env,
+            Method::GET,
+            &env.api(&format!("/instances/{id}")),
+            Some(&auth),
+            None,
+        )
+        .await;
+        assert_error(&gone, 404, &label);
+        let again = call(
+            &env,
+            Method::DELETE,
+            &env.api(&format!("/instances/{id}")),
+            Some(&auth),
+            None,
+        )
+        .await;
+        assert_error(&again, 404, &label);
+        assert!(instances_of(&env, &env.org).await.is_empty());
+        let (status, _) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
+        assert_eq!(
+            status, 401,
+            "[{label}] a deleted instance's token is refused"
+        );
+        for (method, path) in [
+            (Method::POST, "tokens/refresh"),
+            (Method::POST, "tokens/revoke"),
+            (Method::PATCH, ""),
+            (Method::PUT, ""),
+        ] {
+            let url = if path.is_empty() {
+                env.api(&format!("/instances/{id}"))
+            } else {
+                env.api(&format!("/instances/{id}/{path}"))
+            };
+            let answer = call(&env, method.clone(), &url, Some(&auth), Some(json!({}))).await;
+            assert_error(
+                &answer,
+                404,
+                &format!("[{label}] {method} {path} of a deleted instance"),
+            );
+        }
+        env.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn oauth_callback_page_shows_code_and_state() {
+    let env = Env::start("sqlite", &crate::support::sqlite_database()).await;
+    let page = env
+        .http
+        .get(format!("{}?code=abc%3C123&state=st-1", env.callback()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let text = page.text().await.unwrap();
+    assert!(
+        text.contains("abc&lt;123") && text.contains("st-1"),
+        "{text}"
+    );
+    assert!(!text.contains("abc<123"), "the code is escaped");
+    let error = env
+        .http
+        .get(format!(
+            "{}?error=access_denied&error_description=The+user+said+no&state=st-2",
+            env.callback()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error.status(), 400);
+    let text = error.text().await.unwrap();
+    assert!(
+        text.contains("access_denied")
+            && text.contains("The user said no")
+            && text.contains("st-2"),
+        "{text}"
+    );
+    // The sandbox's redirect lands on it.
+    let (code, state) = env.authorize(&env.org, "sandbox-box", "hank").await;
+    let landed = env
+        .http
+        .get(format!("{}?code={code}&state={state}", env.callback()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(landed.contains(&code) && landed.contains(&state));
+    let url = env.database_url.clone();
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+pub fn binary() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tokenwarden"));
+    command
+        .env_remove("TOKENWARDEN_MASTER_KEY")
+        .env_remove("TOKENWARDEN_PREVIOUS_MASTER_KEYS")
+        .env_remove("TOKENWARDEN_DATABASE_URL")
+        .env_remove("RUST_LOG");
+    command
+}
+
+#[tokio::test]
+async fn users_and_orgs_from_the_command_line_and_the_audit_log() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let run = |args: Vec<String>| {
+            let output = binary()
+                .args(&args)
+                .env("TOKENWARDEN_MASTER_KEY", crate::harness::TEST_MASTER_KEY)
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "[{label}] {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let text = String::from_utf8(output.stdout).unwrap();
+            serde_json::from_str::<Value>(text.trim())
+                .unwrap_or_else(|_| panic!("[{label}] not one JSON object: {text:?}"))
+        };
+        let org = run(vec![
+            "orgs".into(),
+            "create".into(),
+            "--name".into(),
+            "Acme QA".into(),
+            "--database-url".into(),
+            url.clone(),
+        ]);
+        for field in ["organizationSecret", "userSecret", "organizationId"] {
+            assert!(
+                org.get(field).is_some(),
+                "[{label}] {field} missing from {org}"
+            );
+        }
+        assert!(org["organizationId"].is_i64());
+        let first = Org {
+            id: org["organizationId"].as_i64().unwrap(),
+            user_secret: org["userSecret"].as_str().unwrap().into(),
+            organization_secret: org["organizationSecret"].as_str().unwrap().into(),
+        };
+        let user = run(vec![
+            "users".into(),
+            "create".into(),
+            "--organization-id".into(),
+            first.id.to_string(),
+            "--name".into(),
+            "Second User".into(),
+            "--database-url".into(),
+            url.clone(),
+        ]);
+        let second = Org {
+            id: first.id,
+            user_secret: user["userSecret"].as_str().unwrap().into(),
+            organization_secret: first.organization_secret.clone(),
+        };
+        assert_ne!(second.user_secret, first.user_secret);
+        // Both users use the API, and see the same instances.
+        let instance = env.create_instance(&second, "sandbox-box", "ivy").await;
+        assert_eq!(instances_of(&env, &first).await.len(), 1);
+        assert_eq!(instances_of(&env, &second).await[0]["id"], instance["id"]);
+        let renamed = call(
+            &env,
+            Method::PATCH,
+            &env.api(&format!("/instances/{}", id_of(&instance))),
+            Some(&first.platform()),
+            Some(json!({"name": "by first"})),
+        )
+        .await;
+        assert_eq!(renamed.status, 200);
+        // The audit log names who did what.
+        let audit = call(
+            &env,
+            Method::GET,
+            &env.api("/audit-logs"),
+            Some(&first.platform()),
+            None,
+        )
+        .await;
+        assert_eq!(audit.status, 200, "[{label}] {}", audit.body);
+        let entries = audit.body["auditLogs"].as_array().unwrap();
+        let created = entries
+            .iter()
+            .find(|e| e["action"] == "instance.created")
+            .expect("instance.created audited");
+        assert_eq!(created["userId"], user["userId"], "[{label}] {created}");
+        assert_eq!(created["userName"], "Second User", "[{label}] {created}");
+        assert_eq!(created["target"], instance["id"].to_string());
+        let updated = entries
+            .iter()
+            .find(|e| e["action"] == "instance.updated")
+            .expect("instance.updated audited");
+        assert_eq!(updated["userName"], "owner", "[{label}] {updated}");
+        assert!(created["requestId"].as_str().is_some_and(|r| !r.is_empty()));
+        assert!(!audit.body.to_string().contains(&second.user_secret));
+        // A user of one org with another org's secret: 401.
+        let mixed = format!(
+            "User {}, Organization {}",
+            second.user_secret, env.org.organization_secret
+        );
+        let refused = call(
+            &env,
+            Method::GET,
+            &env.api("/instances"),
+            Some(&mixed),
+            None,
+        )
+        .await;
+        assert_error(&refused, 401, &label);
+        // users create for an organization that does not exist fails with a message.
+        let output = binary()
+            .args([
+                "users",
+                "create",
+                "--organization-id",
+                "42",
+                "--name",
+                "x",
+                "--database-url",
+                &url,
+            ])
+            .env("TOKENWARDEN_MASTER_KEY", crate::harness::TEST_MASTER_KEY)
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        assert!(String::from_utf8_lossy(&output.stderr).contains("42"));
+        env.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn authentication_rules() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let org = &env.org;
+        let list = env.api("/instances");
+        let instance = env.create_instance(org, "sandbox-box", "jay").await;
+        let element = instance["token"].as_str().unwrap();
+        for (auth, context) in [
+            (None, "no header"),
+            (Some(String::new()), "empty header"),
+            (Some(format!("User {}", org.user_secret)), "user only"),
+            (
+                Some(format!("Organization {}", org.organization_secret)),
+                "organization only",
+            ),
+            (
+                Some(format!(
+                    "User nope, Organization {}",
+                    org.organization_secret
+                )),
+                "wrong user",
+            ),
+            (
+                Some(format!("User {}, Organization nope", org.user_secret)),
+                "wrong organization",
+            ),
+            (
+                Some(format!(
+                    "User {}, Organisation {}",
+                    org.user_secret, org.organization_secret
+                )),
+                "misspelt part",
+            ),
+            (Some(format!("Bearer {}", org.user_secret)), "bearer"),
+            (
+                Some(format!("User {}, Element nope", org.user_secret)),
+                "wrong element",
+            ),
+            (
+                Some(format!("{}, Element nope", org.platform())),
+                "wrong element with organization",
+            ),
+        ] {
+            let answer = call(&env, Method::GET, &list, auth.as_deref(), None).await;
+            assert_error(&answer, 401, &format!("[{label}] {context}"));
+            assert!(
+                !answer.body.to_string().contains(&org.user_secret),
+                "[{label}] {context}: secret echoed"
+            );
+        }
+        for auth in [
+            format!(
+                "Organization {}, User {}",
+                org.organization_secret, org.user_secret
+            ),
+            format!(
+                "  User   {} ,   Organization {}  ",
+                org.user_secret, org.organization_secret
+            ),
+            format!(
+                "user {},organization {}",
+                org.user_secret, org.organization_secret
+            ),
+            format!(
+                "Element {element}, Organization {}, User {}",
+                org.organization_secret, org.user_secret
+            ),
+        ] {
+            let answer = call(&env, Method::GET, &list, Some(&auth), None).await;
+            assert_eq!(answer.status, 200, "[{label}] {auth:?}: {}", answer.body);
+        }
+        // Every endpoint refuses without credentials.
+        let id = id_of(&instance);
+        for (method, path) in [
+            (Method::GET, "/elements".to_string()),
+            (Method::POST, "/elements".into()),
+            (Method::GET, "/elements/sandbox-box".into()),
+            (Method::GET, "/elements/sandbox-box/oauth/url".into()),
+            (Method::POST, "/instances".into()),
+            (Method::POST, "/elements/sandbox-box/instances".into()),
+            (Method::GET, format!("/instances/{id}")),
+            (Method::PATCH, format!("/instances/{id}")),
+            (Method::PUT, format!("/instances/{id}")),
+            (Method::DELETE, format!("/instances/{id}")),
+            (Method::PATCH, "/instances".into()),
+            (Method::PUT, "/instances".into()),
+            (Method::PUT, "/instances/enabled".into()),
+            (Method::DELETE, "/instances/enabled".into()),
+            (Method::POST, format!("/instances/{id}/tokens/refresh")),
+            (Method::POST, format!("/instances/{id}/tokens/revoke")),
+            (Method::GET, "/events".into()),
+            (Method::GET, "/audit-logs".into()),
+            (Method::GET, "/proxy/api/me".into()),
+        ] {
+            let answer = call(&env, method.clone(), &env.api(&path), None, Some(json!({}))).await;
+            assert_error(&answer, 401, &format!("[{label}] {method} {path}"));
+        }
+        env.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn bad_input_answers_clear_json_errors() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let auth = env.org.platform();
+        let instance = env.create_instance(&env.org, "sandbox-box", "kim").await;
+        let id = id_of(&instance);
+        let raw =
+            |method: Method, path: String, content_type: Option<&'static str>, body: Vec<u8>| {
+                let mut request = env
+                    .http
+                    .request(method, env.api(&path))
+                    .header("authorization", auth.clone())
+                    .body(body);
+                if let Some(content_type) = content_type {
+                    request = request.header("content-type", content_type);
+                }
+                async move { reply(request.send().await.unwrap()).await }
+            };
+        let json_type = Some("application/json");
+        for (method, path) in [
+            (Method::POST, "/instances".to_string()),
+            (Method::PATCH, format!("/instances/{id}")),
+            (Method::PUT, format!("/instances/{id}")),
+            (Method::POST, "/elements".to_string()),
+            (Method::POST, "/elements/sandbox-box/instances".to_string()),
+        ] {
+            let context = format!("[{label}] {method} {path}");
+            let answer = raw(
+                method.clone(),
+                path.clone(),
+                json_type,
+                b"{\"name\": ".to_vec(),
+            )
+            .await;
+            assert_error(&answer, 400, &format!("{context} bad JSON"));
+            let answer = raw(
+                method.clone(),
+                path.clone(),
+                Some("text/plain"),
+                b"{}".to_vec(),
+            )
+            .await;
+            assert_error(&answer, 415, &format!("{context} wrong content type"));
+            let answer = raw(method.clone(), path.clone(), None, b"{}".to_vec()).await;
+            assert_error(&answer, 415, &format!("{context} no content type"));
+            let big = format!("{{\"name\": \"{}\"}}", "x".repeat(1024 * 1024 + 10)).into_bytes();
+            let answer = raw(method.clone(), path.clone(), json_type, big).await;
+            assert_error(&answer, 413, &format!("{context} oversized body"));
+        }
+        for body in [
+            json!({"name": 5}),
+            json!({"tags": "qa"}),
+            json!({"tags": [1, 2]}),
+            json!({"configuration": "x"}),
+            json!({"configuration": {"a": {"nested": true}}}),
+            json!({"providerData": "code"}),
+            json!([]),
+        ] {
+            let answer = call(
+                &env,
+                Method::PATCH,
+                &env.api(&format!("/instances/{id}")),
+                Some(&auth),
+                Some(body.clone()),
+            )
+            .await;
+            assert_error(&answer, 400, &format!("[{label}] PATCH {body}"));
+            let mut create = body.clone();
+            if let Some(object) = create.as_object_mut() {
+                object.insert("element".into(), json!({"key": "sandbox-box"}));
+            }
+            let answer = call(
+                &env,
+                Method::POST,
+                &env.api("/instances"),
+                Some(&auth),
+                Some(create.clone()),
+            )
+            .await;
+            assert_error(&answer, 400, &format!("[{label}] POST {create}"));
+        }
+        let too_many_tags: Vec<String> = (0..60).map(|i| format!("t{i}")).collect();
+        let answer = call(
+            &env,
+            Method::PATCH,
+            &env.api(&format!("/instances/{id}")),
+            Some(&auth),
+            Some(json!({"tags": too_many_tags})),
+        )
+        .await;
+        assert_error(&answer, 400, &label);
+        // Unknown paths and methods, inside and outside the base path.
+        for (method, url) in [
+            (Method::GET, env.api("/nothing-here")),
+            (Method::GET, format!("{}/nothing", env.server.url)),
+            (Method::GET, env.api(&format!("/instances/{id}/nothing"))),
+        ] {
+            let answer = call(&env, method, &url, Some(&auth), None).await;
+            assert_error(&answer, 404, &format!("[{label}] {url}"));
+        }
+        let wrong_method = call(
+            &env,
+            Method::DELETE,
+            &env.api("/audit-logs"),
+            Some(&auth),
+            None,
+        )
+        .await;
+        assert_error(&wrong_method, 405, &format!("[{label}] DELETE /audit-logs"));
+        let bad_query = call(
+            &env,
+            Method::DELETE,
+            &env.api(&format!("/instances/{id}?revoke=perhaps")),
+            Some(&auth),
+            None,
+        )
+        .await;
+        assert_error(&bad_query, 400, &format!("[{label}] bad query"));
+        let bad_events = call(
+            &env,
+            Method::GET,
+            &env.api("/events?instanceId=abc"),
+            Some(&auth),
+            None,
+        )
+        .await;
+        assert_error(&bad_events, 400, &label);
+        // Every response carries X-Request-Id, successes too; a well-formed incoming one is kept.
+        let ok = call(&env, Method::GET, &env.api("/instances"), Some(&auth), None).await;
+        assert!(ok.request_id.as_deref().is_some_and(|r| !r.is_empty()));
+        let health = env
+            .http
+            .get(format!("{}/healthz", env.server.url))
+            .header("x-request-id", "given-id-1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(health.headers()["x-request-id"], "given-id-1");
+        let (status, _) = env
+            .proxy(
+                &env.org,
+                instance["token"].as_str().unwrap(),
+                Method::GET,
+                "api/me",
+            )
+            .await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            instances_of(&env, &env.org).await.len(),
+            1,
+            "[{label}] bad input created something"
+        );
+        env.stop().await;
+    }
+}

@@ -1,0 +1,214 @@
+//! `tokenwarden keys rotate` while a server holding both keys serves traffic (proxied calls,
+//! reads with secrets, refreshes, configuration updates): afterwards everything works with only
+//! the new key configured, including organizations' webhook secrets and a pending PKCE state.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::harness::{Env, TEST_MASTER_KEY, start_server};
+use crate::instances::{binary, call, revealed};
+use crate::support::test_databases;
+
+#[tokio::test]
+async fn rotation_under_traffic_leaves_everything_readable_with_the_new_key() {
+    for (label, url) in test_databases().await {
+        let mut env = Env::start(&label, &url).await;
+        let (_, new_key) = tokenwarden::crypto::MasterKey::generate();
+        let new_key = new_key.expose().to_string();
+        let mut instances: Vec<Value> = Vec::new();
+        for i in 0..12 {
+            let element = if i % 2 == 0 {
+                "sandbox-salesforce"
+            } else {
+                "sandbox-microsoft"
+            };
+            instances.push(
+                env.create_instance(&env.org, element, &format!("rot-{i}"))
+                    .await,
+            );
+        }
+        // A PKCE authorization begun before the rotation, finished after it.
+        let pending_callback = env.callback();
+        let (pending_code, pending_state) =
+            env.authorize(&env.org, "sandbox-generic", "rot-pkce").await;
+
+        // A replica with the new key and the old one, as during a rotation.
+        let both = start_server(&url, &env.sandbox.url, |config| {
+            config.master_key = Some(new_key.clone());
+            config.previous_master_keys = Some(TEST_MASTER_KEY.to_string());
+        })
+        .await;
+        let old = std::mem::replace(&mut env.server, both);
+        old.shutdown().await;
+        let env = Arc::new(env);
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let calls = Arc::new(AtomicU64::new(0));
+        let mut traffic = Vec::new();
+        for (n, instance) in instances.iter().enumerate() {
+            let (env, stop, failures, calls, instance) = (
+                Arc::clone(&env),
+                Arc::clone(&stop),
+                Arc::clone(&failures),
+                Arc::clone(&calls),
+                instance.clone(),
+            );
+            traffic.push(tokio::spawn(async move {
+                let token = instance["token"].as_str().unwrap().to_string();
+                let id = instance["id"].as_i64().unwrap();
+                let mut round = 0u64;
+                let mut last_patch: Option<String> = None;
+                loop {
+                    round += 1;
+                    let (status, body) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
+                    if status != 200 {
+                        failures.lock().unwrap().push(format!("proxy {id}: {status} {body}"));
+                    }
+                    let shown = call(&env, Method::GET, &env.api(&format!("/instances/{id}")), Some(&env.org.with_element(&token)), None).await;
+                    if shown.status != 200 {
+                        failures.lock().unwrap().push(format!("get {id}: {} {}", shown.status, shown.body));
+                    }
+                    if round % 3 == (n as u64) % 3 {
+                        let refreshed = call(&env, Method::POST, &env.api(&format!("/instances/{id}/tokens/refresh")), Some(&env.org.platform()), None).await;
+                        if refreshed.status != 200 {
+                            failures.lock().unwrap().push(format!("refresh {id}: {} {}", refreshed.status, refreshed.body));
+                        }
+                    } else {
+                        let patched = call(&env, Method::PATCH, &env.api(&format!("/instances/{id}")), Some(&env.org.platform()),
+                                           Some(json!({"configuration": {"signing.secret": format!("s-{id}-{round}")}}))).await;
+                        if patched.status != 200 {
+                            failures.lock().unwrap().push(format!("patch {id}: {} {}", patched.status, patched.body));
+                        }
+                        last_patch = Some(format!("s-{id}-{round}"));
+                    }
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    if stop.load(Ordering::Relaxed) {
+                        // The last value written must survive the rotation.
+                        return (id, last_patch);
+                    }
+                }
+            }));
+        }
+        while calls.load(Ordering::Relaxed) < 20 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let rotate_url = url.clone();
+        let rotate_key = new_key.clone();
+        let output = tokio::task::spawn_blocking(move || {
+            binary()
+                .args(["keys", "rotate", "--database-url", &rotate_url])
+                .env("TOKENWARDEN_MASTER_KEY", &rotate_key)
+                .env("TOKENWARDEN_PREVIOUS_MASTER_KEYS", TEST_MASTER_KEY)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(
+            output.status.success(),
+            "[{label}] keys rotate: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let during = calls.load(Ordering::Relaxed);
+        stop.store(true, Ordering::Relaxed);
+        let mut last_secrets = Vec::new();
+        for task in traffic {
+            last_secrets.push(task.await.unwrap());
+        }
+        let failures = failures.lock().unwrap().clone();
+        assert!(
+            failures.is_empty(),
+            "[{label}] traffic failed during the rotation ({during} rounds):\n{}",
+            failures.join("\n")
+        );
+        let Ok(env) = Arc::try_unwrap(env) else {
+            panic!("traffic tasks still hold the env")
+        };
+        let mut env = env;
+
+        // Only the new key from now on.
+        let new_only = start_server(&url, &env.sandbox.url, |config| {
+            config.master_key = Some(new_key.clone());
+            config.previous_master_keys = None;
+        })
+        .await;
+        let both = std::mem::replace(&mut env.server, new_only);
+        both.shutdown().await;
+        for (instance, (id, last_secret)) in instances.iter().zip(&last_secrets) {
+            let shown = revealed(&env, &env.org, instance).await;
+            assert_eq!(shown["valid"], true, "[{label}] {shown}");
+            assert!(
+                shown["configuration"]["oauth.user.token"]
+                    .as_str()
+                    .is_some_and(|t| t.len() > 8)
+            );
+            if let Some(last_secret) = last_secret {
+                assert_eq!(
+                    shown["configuration"]["signing.secret"],
+                    last_secret.as_str(),
+                    "[{label}] instance {id}: an update made during the rotation was lost"
+                );
+            }
+            let (status, body) = env
+                .proxy(
+                    &env.org,
+                    instance["token"].as_str().unwrap(),
+                    Method::GET,
+                    "api/me",
+                )
+                .await;
+            assert_eq!(status, 200, "[{label}] {body}");
+            let refreshed = call(
+                &env,
+                Method::POST,
+                &env.api(&format!("/instances/{id}/tokens/refresh")),
+                Some(&env.org.platform()),
+                None,
+            )
+            .await;
+            assert_eq!(refreshed.status, 200, "[{label}] {}", refreshed.body);
+        }
+        let listed = call(
+            &env,
+            Method::GET,
+            &env.api("/instances"),
+            Some(&env.org.platform()),
+            None,
+        )
+        .await;
+        assert_eq!(listed.status, 200, "[{label}] {}", listed.body);
+        // The organization's webhook secret opens under the new key alone.
+        let app = &env.server.app;
+        let organization = app
+            .store
+            .get_organization(env.org.id)
+            .await
+            .unwrap()
+            .unwrap();
+        app.keyring
+            .open(
+                &organization.webhook_secret_enc,
+                tokenwarden::crypto::Binding {
+                    table: "organizations",
+                    row: organization.id,
+                    field: "webhook_secret",
+                },
+            )
+            .unwrap_or_else(|e| panic!("[{label}] webhook secret after rotation: {e}"));
+        // The PKCE authorization begun before the rotation completes.
+        let finished = call(&env, Method::POST, &env.api("/instances"), Some(&env.org.platform()),
+                            Some(json!({"element": {"key": "sandbox-generic"}, "providerData": {"code": pending_code, "state": pending_state},
+                                        "configuration": {"oauth.api.key": crate::harness::CLIENT_ID, "oauth.api.secret": crate::harness::CLIENT_SECRET,
+                                                          "oauth.callback.url": pending_callback}}))).await;
+        assert_eq!(
+            finished.status, 200,
+            "[{label}] pending PKCE state after rotation: {}",
+            finished.body
+        );
+        env.stop().await;
+    }
+}
