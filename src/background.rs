@@ -331,9 +331,13 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
             }
         };
         let sleep = plan::sleep_for(now_ms(), next_due);
+        // While a claimed row's refresh runs, its due time is its lease end; the refresh's
+        // commit sets the real next one. So a finished refresh is a reason to look again, as
+        // is a change made through the API (notified by the handlers).
         tokio::select! {
             () = tokio::time::sleep(sleep) => {}
             () = app.refresh.schedule_changed() => {}
+            Some(_) = running.join_next(), if !running.is_empty() => {}
             _ = shutdown.changed() => {}
         }
     }
