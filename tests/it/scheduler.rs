@@ -344,3 +344,102 @@ async fn two_replicas_share_due_work_without_refreshing_anything_twice() {
     drop(app);
     drop_test_database(&url).await;
 }
+
+/// The due query at 100,000 instances: both engines read the partial index `instances_due`
+/// (rows that can never be due — invalid, disabled, unscheduled — are not in it), and claiming
+/// a batch stays fast. Most rows are scheduled in the future, as in production.
+#[tokio::test]
+async fn the_due_query_reads_the_partial_index_and_is_fast_at_100k_rows() {
+    use tokenwarden::store::{NewOrganization, NewUser, Store};
+    const ROWS: i64 = 100_000;
+    const NOW: i64 = 1_700_000_000_000;
+    for (label, url) in test_databases().await {
+        let store = Store::connect(&url).await.unwrap();
+        let org = crate::support::random_id();
+        store
+            .create_organization(&NewOrganization {
+                id: org,
+                name: "bulk".into(),
+                secret_hash: format!("org-{org}").into_bytes(),
+                webhook_secret_enc: b"x".to_vec(),
+                created_at: NOW,
+                first_user: NewUser {
+                    id: crate::support::random_id(),
+                    name: "u".into(),
+                    secret_hash: format!("user-{org}").into_bytes(),
+                },
+            })
+            .await
+            .unwrap();
+        // Every 2,000th row is due; every 7th is invalid and every 11th disabled, with a due
+        // time in the past that must not count; the rest are due in the future.
+        let (series, hash) = if label == "postgres" {
+            (
+                format!("SELECT n FROM generate_series(1, {ROWS}) AS n"),
+                "decode(lpad(to_hex(n), 16, '0'), 'hex')",
+            )
+        } else {
+            (
+                format!(
+                    "WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s \
+                     WHERE n < {ROWS}) SELECT n FROM s"
+                ),
+                "CAST(printf('%016x', n) AS BLOB)",
+            )
+        };
+        let insert = format!(
+            "INSERT INTO instances (id, organization_id, element_key, name, token_hash, \
+             token_enc, state, disabled, next_due_at, created_at, updated_at) \
+             SELECT n, {org}, 'sandbox-generic', 'bulk', {hash}, {hash}, \
+             CASE WHEN n % 7 = 0 THEN 'invalid' ELSE 'valid' END, \
+             CASE WHEN n % 11 = 0 THEN 1 ELSE 0 END, \
+             CASE WHEN n % 2000 = 0 OR n % 7 = 0 OR n % 11 = 0 THEN {NOW} - n \
+             ELSE {NOW} + n * 1000 END, {NOW}, {NOW} FROM ({series}) AS numbers"
+        );
+        let mut connection = {
+            use sqlx::Connection;
+            sqlx::any::install_default_drivers();
+            sqlx::AnyConnection::connect(&url).await.unwrap()
+        };
+        sqlx::query(sqlx::AssertSqlSafe(insert))
+            .execute(&mut connection)
+            .await
+            .unwrap();
+        sqlx::query("ANALYZE")
+            .execute(&mut connection)
+            .await
+            .unwrap();
+        drop(connection);
+
+        let plan = store.explain_due_query(NOW, 64).await.unwrap();
+        assert!(
+            plan.contains("instances_due"),
+            "[{label}] the due query uses the partial index:\n{plan}"
+        );
+        let started = Instant::now();
+        let claimed = store
+            .claim_due(NOW, 64, "bench", NOW + 45_000)
+            .await
+            .unwrap();
+        let claim_time = started.elapsed();
+        // n % 2000 == 0 and neither invalid nor disabled.
+        let expected = (1..=ROWS)
+            .filter(|n| n % 2000 == 0 && n % 7 != 0 && n % 11 != 0)
+            .count();
+        assert_eq!(claimed.len(), expected, "[{label}]");
+        assert!(
+            claimed.windows(2).all(|w| w[0].1 <= w[1].1),
+            "[{label}] earliest due first"
+        );
+        let started = Instant::now();
+        let next = store.next_due_time().await.unwrap();
+        let next_time = started.elapsed();
+        assert_eq!(next, Some(NOW + 1_000), "[{label}] the next due row");
+        assert!(
+            claim_time < Duration::from_millis(500) && next_time < Duration::from_millis(200),
+            "[{label}] claim {claim_time:?}, next due {next_time:?} at {ROWS} rows"
+        );
+        store.close().await;
+        drop_test_database(&url).await;
+    }
+}
