@@ -561,3 +561,92 @@ async fn revocation_reaches_the_sandbox_in_each_shape() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// `instance.recovered` is written in the commit's transaction, exactly when the commit ends a
+/// failure streak (the store call the refresh engine is to use instead of a separate insert).
+#[tokio::test]
+async fn recovered_is_written_with_the_commit_that_ends_a_failure_streak() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let instance = env
+        .create_instance(&env.org, "sandbox-generic", "rita")
+        .await;
+    let id = instance["id"].as_i64().unwrap();
+    let app = std::sync::Arc::clone(&env.server.app);
+    let row = app.store.get_instance_by_id(id).await.unwrap().unwrap();
+    let event = |kind: &str| tokenwarden::events::new_event(&app, &row, kind, None);
+    let now = tokenwarden::app::now_ms();
+    app.store
+        .record_transient_failure(id, "x", now, "503", now, None)
+        .await
+        .unwrap();
+    let version = app
+        .store
+        .get_instance_by_id(id)
+        .await
+        .unwrap()
+        .unwrap()
+        .token_version;
+    let update = tokenwarden::store::TokenUpdate::default();
+    let (refreshed, recovered) = (
+        event("instance.token.refreshed"),
+        event("instance.recovered"),
+    );
+    assert!(
+        app.store
+            .commit_refreshed_tokens_recovering(
+                id,
+                "x",
+                version,
+                &update,
+                Some(&refreshed),
+                Some(&recovered)
+            )
+            .await
+            .unwrap()
+    );
+    // Not failing any more: a second commit writes no recovered event.
+    let (again, not_recovered) = (
+        event("instance.token.refreshed"),
+        event("instance.recovered"),
+    );
+    assert!(
+        app.store
+            .commit_refreshed_tokens_recovering(
+                id,
+                "x",
+                version + 1,
+                &update,
+                Some(&again),
+                Some(&not_recovered)
+            )
+            .await
+            .unwrap()
+    );
+    let (_, events) = env
+        .get_json(
+            &env.api(&format!("/events?instanceId={id}")),
+            &env.org.platform(),
+        )
+        .await;
+    let types: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types.iter().filter(|t| **t == "instance.recovered").count(),
+        1,
+        "[{label}] {types:?}"
+    );
+    assert_eq!(
+        types
+            .iter()
+            .filter(|t| **t == "instance.token.refreshed")
+            .count(),
+        2
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
