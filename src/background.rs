@@ -1,46 +1,267 @@
 //! Work the service does on its own, as named tasks that stop on shutdown:
-//! - `scheduler`: sleeps until the next due instance (or a notification), claims a batch of due
-//!   instances with a lease (on PostgreSQL `FOR UPDATE SKIP LOCKED`, so replicas share the work
-//!   without a coordinator) and refreshes them through the same single-flight path as the proxy,
-//!   with bounded concurrency;
-//! - `recovery`: finds refreshes interrupted by a crash (in flight, lease expired) and finishes them;
-//! - `deliverer`: sends due webhooks from the outbox.
+//! - `scheduler`: sleeps until the next due instance (or a notification that the schedule
+//!   changed), claims a batch of due instances with a lease (on PostgreSQL `FOR UPDATE SKIP
+//!   LOCKED`, so replicas share the work without a coordinator) and refreshes them through the
+//!   same single-flight path as the proxy, with bounded concurrency and a per-connector rate
+//!   limit;
+//! - `recovery`: finds refreshes interrupted by a crash (in flight, lease expired) and finishes
+//!   them;
+//! - `deliverer`: sends due webhooks from the outbox (see [`crate::events`]).
+//!
+//! The decisions (how many rows to claim, how long to sleep, whether a connector's rate allows
+//! another refresh now) are pure functions in [`plan`], tested on an injected clock; the tasks
+//! only carry them out.
+//!
+//! **The scheduler never claims more rows than it can start at once**: a claimed row's lease
+//! (`LEASE_MS`) must not run out before its refresh starts, or another replica could claim it
+//! again and present the same refresh token twice (fatal at strict, rotating providers).
+//! **It never spins**: between two claims it waits for a free slot, or sleeps until the next due
+//! time, at least [`plan::MIN_SLEEP`]. Memory is bounded by the concurrency and by the number of
+//! connectors, not by the number of instances.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::app::{SharedApp, now_ms};
 use crate::refresh::LEASE_MS;
 
-/// How many refreshes the scheduler runs at once.
-const SCHEDULER_CONCURRENCY: usize = 16;
-const SCHEDULER_BATCH: i64 = 64;
-/// The longest the scheduler sleeps without looking (other replicas may add due work).
-const SCHEDULER_MAX_SLEEP: Duration = Duration::from_secs(15);
+/// How many scheduled refreshes run at once in one replica.
+pub const SCHEDULER_CONCURRENCY: usize = 16;
 
 pub fn spawn_all(app: &SharedApp, tasks: &mut JoinSet<()>, shutdown: &mut watch::Receiver<bool>) {
     if !app.config.background_tasks {
         return;
     }
-    tasks.spawn(scheduler(Arc::clone(app), shutdown.clone()));
-    tasks.spawn(recovery(Arc::clone(app), shutdown.clone()));
-    tasks.spawn(deliverer(Arc::clone(app), shutdown.clone()));
+    tasks.spawn(named(
+        "scheduler",
+        scheduler(Arc::clone(app), shutdown.clone()),
+    ));
+    tasks.spawn(named(
+        "recovery",
+        recovery(Arc::clone(app), shutdown.clone()),
+    ));
+    tasks.spawn(named(
+        "deliverer",
+        deliverer(Arc::clone(app), shutdown.clone()),
+    ));
 }
 
+/// Runs a task inside a tracing span with its name, and logs its start and end.
+async fn named(name: &'static str, task: impl std::future::Future<Output = ()>) {
+    use tracing::Instrument as _;
+    async move {
+        tracing::debug!("background task started");
+        task.await;
+        tracing::debug!("background task stopped");
+    }
+    .instrument(tracing::info_span!("task", name))
+    .await;
+}
+
+/// The scheduler's decisions, without I/O or a clock of their own (times are epoch ms given by
+/// the caller).
+pub mod plan {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    /// The longest the scheduler sleeps without looking: another replica may have added due
+    /// work it was not notified of.
+    pub const MAX_SLEEP: Duration = Duration::from_secs(15);
+    /// The shortest sleep: the earliest due row may be in the past yet unclaimable for a moment
+    /// (leased by another replica that has not moved it yet); looking again at once would spin.
+    pub const MIN_SLEEP: Duration = Duration::from_millis(100);
+    /// Rows claimed at most per query.
+    pub const BATCH: usize = 64;
+
+    /// How many rows to claim now: as many as there are free slots, at most a batch.
+    pub fn claim_limit(concurrency: usize, running: usize) -> usize {
+        concurrency.saturating_sub(running).min(BATCH)
+    }
+
+    /// How long to sleep after a claim, from the earliest due time in the store (`None`: no
+    /// instance is scheduled at all).
+    pub fn sleep_for(now: i64, next_due: Option<i64>) -> Duration {
+        match next_due {
+            None => MAX_SLEEP,
+            Some(due) => {
+                let wait = (due - now).max(0) as u64;
+                Duration::from_millis(wait).clamp(MIN_SLEEP, MAX_SLEEP)
+            }
+        }
+    }
+
+    /// A token bucket: `burst` refreshes at once, then `per_second`.
+    #[derive(Debug, Clone)]
+    pub struct TokenBucket {
+        tokens: f64,
+        updated_at: i64,
+    }
+
+    /// Per-connector rate limits (one bucket per provider: built-in connectors by key,
+    /// organization connectors by organization and key). Buckets that are full again are
+    /// forgotten, so memory grows with the connectors in use, not with the instances.
+    #[derive(Debug)]
+    pub struct RateLimiter {
+        pub per_second: f64,
+        pub burst: f64,
+        /// A refresh that would have to wait longer than this is put back (due again then)
+        /// rather than held: its claim's lease would be running.
+        pub max_wait_ms: i64,
+        buckets: HashMap<String, TokenBucket>,
+    }
+
+    /// What the rate limit says about one more refresh now.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Admission {
+        /// Start after this many ms (0: at once). The token is taken.
+        After(i64),
+        /// Too long a wait: give the row back, due again at this time. No token is taken.
+        Defer(i64),
+    }
+
+    impl RateLimiter {
+        pub fn new(per_second: f64, burst: f64, max_wait_ms: i64) -> Self {
+            RateLimiter {
+                per_second,
+                burst,
+                max_wait_ms,
+                buckets: HashMap::new(),
+            }
+        }
+
+        pub fn admit(&mut self, key: &str, now: i64) -> Admission {
+            let (per_second, burst) = (self.per_second, self.burst);
+            let bucket = self.buckets.entry(key.to_string()).or_insert(TokenBucket {
+                tokens: burst,
+                updated_at: now,
+            });
+            let elapsed = (now - bucket.updated_at).max(0) as f64 / 1000.0;
+            bucket.tokens = (bucket.tokens + elapsed * per_second).min(burst);
+            bucket.updated_at = now.max(bucket.updated_at);
+            // Tokens may go negative: each admitted refresh reserves the next free slot.
+            let wait_ms = if bucket.tokens >= 1.0 {
+                0
+            } else {
+                ((1.0 - bucket.tokens) / per_second * 1000.0).ceil() as i64
+            };
+            if wait_ms > self.max_wait_ms {
+                return Admission::Defer(now + wait_ms);
+            }
+            bucket.tokens -= 1.0;
+            Admission::After(wait_ms)
+        }
+
+        /// Forgets buckets that have refilled completely by `now`.
+        pub fn forget_idle(&mut self, now: i64) {
+            let (per_second, burst) = (self.per_second, self.burst);
+            self.buckets.retain(|_, bucket| {
+                let elapsed = (now - bucket.updated_at).max(0) as f64 / 1000.0;
+                bucket.tokens + elapsed * per_second < burst
+            });
+        }
+
+        pub fn buckets(&self) -> usize {
+            self.buckets.len()
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        const NOW: i64 = 1_700_000_000_000;
+
+        #[test]
+        fn claims_only_what_it_can_start() {
+            assert_eq!(claim_limit(16, 0), 16);
+            assert_eq!(claim_limit(16, 10), 6);
+            assert_eq!(claim_limit(16, 16), 0);
+            assert_eq!(claim_limit(16, 20), 0);
+            assert_eq!(claim_limit(1000, 0), BATCH);
+        }
+
+        #[test]
+        fn sleeps_until_the_next_due_time_within_bounds() {
+            assert_eq!(sleep_for(NOW, None), MAX_SLEEP);
+            assert_eq!(
+                sleep_for(NOW, Some(NOW + 2_500)),
+                Duration::from_millis(2_500)
+            );
+            assert_eq!(sleep_for(NOW, Some(NOW + 3_600_000)), MAX_SLEEP);
+            // Due already (another replica's lease, a backoff): never a busy loop.
+            assert_eq!(sleep_for(NOW, Some(NOW - 60_000)), MIN_SLEEP);
+            assert_eq!(sleep_for(NOW, Some(NOW)), MIN_SLEEP);
+        }
+
+        #[test]
+        fn the_rate_limit_allows_a_burst_then_a_steady_rate() {
+            let mut limiter = RateLimiter::new(2.0, 3.0, 2_000);
+            for _ in 0..3 {
+                assert_eq!(limiter.admit("box", NOW), Admission::After(0));
+            }
+            // The fourth waits for the next token (500 ms at 2/s), the fifth for the one after.
+            assert_eq!(limiter.admit("box", NOW), Admission::After(500));
+            assert_eq!(limiter.admit("box", NOW), Admission::After(1_000));
+            // Another connector has its own bucket.
+            assert_eq!(limiter.admit("adobe", NOW), Admission::After(0));
+            // A second later two tokens came back, both already reserved.
+            assert_eq!(limiter.admit("box", NOW + 1_000), Admission::After(500));
+        }
+
+        #[test]
+        fn a_long_wait_defers_the_row_instead_of_holding_its_lease() {
+            let mut limiter = RateLimiter::new(1.0, 1.0, 1_500);
+            assert_eq!(limiter.admit("k", NOW), Admission::After(0));
+            assert_eq!(limiter.admit("k", NOW), Admission::After(1_000));
+            assert_eq!(limiter.admit("k", NOW), Admission::Defer(NOW + 2_000));
+            // A deferral takes no token: later, the wait is back to what was reserved.
+            assert_eq!(limiter.admit("k", NOW + 1_000), Admission::After(1_000));
+        }
+
+        #[test]
+        fn full_buckets_are_forgotten() {
+            let mut limiter = RateLimiter::new(10.0, 5.0, 1_000);
+            limiter.admit("a", NOW);
+            limiter.admit("b", NOW + 1_000);
+            limiter.forget_idle(NOW + 50);
+            assert_eq!(limiter.buckets(), 2);
+            limiter.forget_idle(NOW + 1_050);
+            assert_eq!(limiter.buckets(), 1, "a refilled, b not yet");
+            limiter.forget_idle(NOW + 10_000);
+            assert_eq!(limiter.buckets(), 0);
+        }
+    }
+}
+
+/// Scheduled refreshes per connector and second (one replica), and the burst allowed.
+const RATE_PER_SECOND: f64 = 10.0;
+const RATE_BURST: f64 = 20.0;
+const RATE_MAX_WAIT_MS: i64 = 2_000;
+
 async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
-    let permits = Arc::new(Semaphore::new(SCHEDULER_CONCURRENCY));
-    let mut running = JoinSet::new();
+    let mut running: JoinSet<()> = JoinSet::new();
+    let mut limiter = plan::RateLimiter::new(RATE_PER_SECOND, RATE_BURST, RATE_MAX_WAIT_MS);
     loop {
+        while running.try_join_next().is_some() {}
         if *shutdown.borrow() {
             break;
+        }
+        let limit = plan::claim_limit(SCHEDULER_CONCURRENCY, running.len());
+        if limit == 0 {
+            // Every slot is busy: wait for one to free, not on a timer.
+            tokio::select! {
+                _ = running.join_next() => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
         }
         let now = now_ms();
         let claimed = match app
             .store
-            .claim_due_instances(now, SCHEDULER_BATCH, &app.replica_id, now + LEASE_MS)
+            .claim_due(now, limit as i64, &app.replica_id, now + LEASE_MS)
             .await
         {
             Ok(rows) => rows,
@@ -50,63 +271,115 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
             }
         };
         let claimed_count = claimed.len();
-        if claimed_count > 0 {
-            metrics::histogram!("tokenwarden_scheduler_lag_seconds").record(
-                claimed
-                    .iter()
-                    .filter_map(|row| row.next_due_at)
-                    .map(|due| (now - due).max(0) as f64 / 1000.0)
-                    .fold(0.0, f64::max),
-            );
-        }
-        for row in claimed {
-            let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-                break;
+        for (row, due_at) in claimed {
+            metrics::histogram!("tokenwarden_scheduler_lag_seconds")
+                .record((now - due_at).max(0) as f64 / 1000.0);
+            let rate_key = if app.built_in.contains_key(&row.element_key) {
+                row.element_key.clone()
+            } else {
+                format!("{}/{}", row.organization_id, row.element_key)
+            };
+            let delay_ms = match limiter.admit(&rate_key, now) {
+                plan::Admission::After(ms) => ms,
+                plan::Admission::Defer(at) => {
+                    metrics::counter!("tokenwarden_scheduler_deferred_total").increment(1);
+                    release(&app, &row, at).await;
+                    continue;
+                }
             };
             let app = Arc::clone(&app);
+            let mut stop = shutdown.clone();
             running.spawn(async move {
-                let id = row.id;
-                let version = row.token_version;
-                if let Err(failure) = app
+                if delay_ms > 0 {
+                    let stopped = tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(delay_ms as u64)) => false,
+                        result = stop.wait_for(|stop| *stop) => result.is_ok(),
+                    };
+                    if stopped {
+                        // Not started: give the row back, due at once for another replica.
+                        release(&app, &row, due_at).await;
+                        return;
+                    }
+                }
+                let (id, version) = (row.id, row.token_version);
+                let outcome = match app
                     .refresh
                     .refresh(&app, id, Some(version), Some(row))
                     .await
                 {
-                    tracing::debug!(
-                        instance = id,
-                        "scheduled refresh did not succeed: {failure:?}"
-                    );
-                }
-                drop(permit);
+                    Ok(_) => "ok",
+                    Err(crate::refresh::RefreshFailure::Invalid { .. }) => "invalid",
+                    Err(crate::refresh::RefreshFailure::Transient { .. }) => "transient",
+                    Err(failure) => {
+                        tracing::debug!(instance = id, "scheduled refresh skipped: {failure:?}");
+                        "skipped"
+                    }
+                };
+                metrics::counter!("tokenwarden_scheduler_refreshes_total", "outcome" => outcome)
+                    .increment(1);
             });
         }
-        while running.try_join_next().is_some() {}
-        if claimed_count as i64 == SCHEDULER_BATCH {
-            continue; // More may be due right now.
+        limiter.forget_idle(now);
+        if claimed_count == limit {
+            continue; // More may be due right now; the next turn waits for a free slot.
         }
-        let sleep = match app.store.next_due_time().await {
-            Ok(Some(due)) => Duration::from_millis(
-                (due - now_ms()).clamp(50, SCHEDULER_MAX_SLEEP.as_millis() as i64) as u64,
-            ),
-            _ => SCHEDULER_MAX_SLEEP,
+        let next_due = match app.store.next_due_time().await {
+            Ok(next) => next,
+            Err(error) => {
+                tracing::warn!("scheduler: could not read the next due time: {error}");
+                None
+            }
         };
+        let sleep = plan::sleep_for(now_ms(), next_due);
+        // While a claimed row's refresh runs, its due time is its lease end; the refresh's
+        // commit sets the real next one. So a finished refresh is a reason to look again, as
+        // is a change made through the API (notified by the handlers).
         tokio::select! {
             () = tokio::time::sleep(sleep) => {}
             () = app.refresh.schedule_changed() => {}
+            Some(_) = running.join_next(), if !running.is_empty() => {}
             _ = shutdown.changed() => {}
         }
     }
-    // Graceful: let running refreshes commit (their leases would expire anyway).
+    // Graceful: refreshes already at the provider finish and commit (a rotated refresh token
+    // must be stored); those still waiting for their rate slot gave their rows back above.
     let drain = async { while running.join_next().await.is_some() {} };
-    let _ = tokio::time::timeout(Duration::from_secs(8), drain).await;
+    if tokio::time::timeout(Duration::from_secs(8), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("scheduler: refreshes still running at shutdown; their leases will expire");
+        running.abort_all();
+    }
 }
+
+/// Gives a claimed row back, due at `due_at`.
+async fn release(app: &SharedApp, row: &crate::store::InstanceRow, due_at: i64) {
+    if let Err(error) = app
+        .store
+        .release_claim(row.id, &app.replica_id, row.token_version, due_at)
+        .await
+    {
+        tracing::warn!(
+            instance = row.id,
+            "could not give back a claimed instance ({error}); its lease will expire"
+        );
+    }
+}
+
+/// How often crash recovery looks for interrupted refreshes. They are rare (a replica died
+/// during a provider call), and their leases last [`LEASE_MS`] anyway.
+const RECOVERY_INTERVAL: Duration = Duration::from_secs(10);
 
 async fn recovery(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
     loop {
         let now = now_ms();
-        match app.store.instances_with_refresh_in_flight(now).await {
+        match app.store.interrupted_refreshes(now, 50).await {
             Ok(rows) => {
                 for row in rows {
+                    if *shutdown.borrow() {
+                        break;
+                    }
                     tracing::warn!(
                         instance = row.id,
                         "finishing a refresh that was interrupted"
@@ -120,21 +393,33 @@ async fn recovery(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
             Err(error) => tracing::warn!("recovery: {error}"),
         }
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(10)) => {}
+            () = tokio::time::sleep(RECOVERY_INTERVAL) => {}
             _ = shutdown.changed() => break,
         }
     }
 }
 
 async fn deliverer(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
+    let mut last_purge = 0;
     loop {
         let attempted = crate::events::deliver_due(&app).await;
+        if *shutdown.borrow() {
+            break;
+        }
         if attempted > 0 {
             continue;
         }
-        let _ = app.store.purge_expired_oauth_states(now_ms()).await;
+        let now = now_ms();
+        if now - last_purge > 60_000 {
+            let _ = app.store.purge_expired_oauth_states(now).await;
+            last_purge = now;
+        }
+        let sleep = match app.store.next_delivery_time().await {
+            Ok(next) => crate::events::delivery_sleep(now_ms(), next),
+            Err(_) => crate::events::DELIVERY_MAX_SLEEP,
+        };
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            () = tokio::time::sleep(sleep) => {}
             _ = shutdown.changed() => break,
         }
     }

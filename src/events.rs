@@ -107,24 +107,89 @@ pub fn public_body(row: &EventRow) -> Value {
         .unwrap_or_else(|| json!({"id": row.id, "type": row.event_type}))
 }
 
-/// Delivers due webhooks once. Returns how many were attempted.
+/// How long `instance.refresh_failing` waits: a streak of transient refresh failures is
+/// reported once it has lasted this long (a single 503 that the next attempt cures is noise for
+/// a webhook receiver; a provider down for minutes is not). The refresh engine decides with
+/// [`refresh_failing_due`].
+pub const REFRESH_FAILING_AFTER_MS: i64 = 5 * 60_000;
+
+/// Whether a transient refresh failure at `now` should fire `instance.refresh_failing`: the
+/// streak began at `failing_since` (the failure being recorded starts it when `None`) and has
+/// lasted [`REFRESH_FAILING_AFTER_MS`], and it was not announced yet (`announced`).
+pub fn refresh_failing_due(failing_since: Option<i64>, now: i64, announced: bool) -> bool {
+    !announced && now - failing_since.unwrap_or(now) >= REFRESH_FAILING_AFTER_MS
+}
+
+/// The first webhook retry waits about this long; each further one twice as long.
+pub const DELIVERY_FIRST_RETRY_MS: i64 = 1_000;
+/// The longest wait between two attempts.
+pub const DELIVERY_MAX_RETRY_MS: i64 = 3_600_000;
+/// A webhook is retried for this long after its event, then marked failed.
+pub const DELIVERY_GIVE_UP_AFTER_MS: i64 = 24 * 3_600_000;
+/// How long a deliverer holds a claimed event (longer than one attempt with its timeout).
+const DELIVERY_LEASE_MS: i64 = 60_000;
+const DELIVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Deliveries in flight at once in one replica, and claimed per query.
+const DELIVERY_CONCURRENCY: usize = 16;
+/// The deliverer looks at the outbox at least this often (new events are due at once).
+pub const DELIVERY_MAX_SLEEP: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// When to try again after failed attempt number `attempt` (1 for the first) of an event that
+/// occurred at `occurred_at`: exponential (1 s, 2 s, 4 s … capped at an hour) with jitter
+/// (`random` in `[0, 1)` picks a point in the upper half of the step), or `None` once a day has
+/// passed since the event.
+pub fn retry_at(attempt: i64, occurred_at: i64, now: i64, random: f64) -> Option<i64> {
+    if now - occurred_at >= DELIVERY_GIVE_UP_AFTER_MS {
+        return None;
+    }
+    let step = DELIVERY_FIRST_RETRY_MS
+        .saturating_mul(1_i64 << (attempt - 1).clamp(0, 30))
+        .min(DELIVERY_MAX_RETRY_MS);
+    let jittered = step / 2 + ((step / 2) as f64 * random.clamp(0.0, 1.0)) as i64;
+    Some((now + jittered).min(occurred_at + DELIVERY_GIVE_UP_AFTER_MS))
+}
+
+/// How long the deliverer sleeps when nothing was due, from the earliest pending attempt.
+pub fn delivery_sleep(now: i64, next_attempt: Option<i64>) -> std::time::Duration {
+    let wait = next_attempt.map_or(i64::MAX, |at| (at - now).max(0));
+    std::time::Duration::from_millis(wait.clamp(50, DELIVERY_MAX_SLEEP.as_millis() as i64) as u64)
+}
+
+/// Delivers due webhooks once, several at a time. Returns how many were attempted. An event is
+/// claimed (attempt counted, next attempt moved a lease ahead) before it is posted, so two
+/// replicas never post it at once and a deliverer that dies leaves it to be retried: delivery
+/// is at least once, and receivers de-duplicate by `X-Tokenwarden-Event-Id`.
 pub async fn deliver_due(app: &App) -> usize {
     let now = now_ms();
-    let Ok(due) = app
+    let due = match app
         .store
-        .claim_pending_deliveries(now, 50, now + 60_000)
+        .claim_pending_deliveries(now, DELIVERY_CONCURRENCY as i64, now + DELIVERY_LEASE_MS)
         .await
-    else {
-        return 0;
+    {
+        Ok(due) => due,
+        Err(error) => {
+            tracing::warn!("deliverer: could not claim pending events: {error}");
+            return 0;
+        }
     };
     let count = due.len();
-    for event in due {
-        let outcome = deliver_one(app, &event).await;
-        let _ = app
+    let attempts = due.iter().map(|event| async move {
+        let (outcome, error) = deliver_one(app, event).await;
+        let label = match outcome {
+            crate::store::DeliveryOutcome::Delivered { .. } => "delivered",
+            crate::store::DeliveryOutcome::RetryAt(_) => "retry",
+            crate::store::DeliveryOutcome::Failed => "failed",
+        };
+        metrics::counter!("tokenwarden_webhook_deliveries_total", "outcome" => label).increment(1);
+        if let Err(store_error) = app
             .store
-            .mark_delivery(&event.id, outcome.0, outcome.1.as_deref())
-            .await;
-    }
+            .mark_delivery(&event.id, outcome, error.as_deref())
+            .await
+        {
+            tracing::warn!(event = %event.id, "could not record a delivery outcome: {store_error}");
+        }
+    });
+    futures_util::future::join_all(attempts).await;
     count
 }
 
@@ -160,9 +225,15 @@ async fn deliver_one(
         })
         .unwrap_or_default();
     if key.is_empty() {
-        key = organization_webhook_secret(app, event.organization_id)
-            .await
-            .unwrap_or_default();
+        match organization_webhook_secret(app, event.organization_id).await {
+            Some(secret) => key = secret,
+            None => {
+                return (
+                    DeliveryOutcome::Failed,
+                    Some("the organization's webhook secret could not be read".into()),
+                );
+            }
+        }
     }
     let timestamp = now_ms() / 1000;
     let signature = crypto::sign_event(&key, timestamp, body.as_bytes());
@@ -174,7 +245,7 @@ async fn deliver_one(
         .header("x-tokenwarden-event-id", &event.id)
         .header("x-tokenwarden-event-type", &event.event_type)
         .body(body)
-        .timeout(std::time::Duration::from_secs(10))
+        .timeout(DELIVERY_TIMEOUT)
         .send()
         .await;
     let error = match result {
@@ -187,18 +258,23 @@ async fn deliver_one(
             crate::oauth::transport_message(&error)
         ),
     };
-    // Exponential backoff with jitter, for up to a day.
-    let attempts = event.attempts + 1;
-    let age = now_ms() - event.occurred_at;
-    if age > 24 * 3600 * 1000 {
-        return (DeliveryOutcome::Failed, Some(error));
+    // `attempts` was counted by the claim: it is this attempt's number.
+    let random = u64::from_le_bytes(crypto::random_bytes::<8>()) as f64 / u64::MAX as f64;
+    match retry_at(event.attempts, event.occurred_at, now_ms(), random) {
+        Some(at) => (DeliveryOutcome::RetryAt(at), Some(error)),
+        None => (
+            DeliveryOutcome::Failed,
+            Some(format!("{error}; gave up a day after the event")),
+        ),
     }
-    let base = (5_000i64 << attempts.min(14)).min(3_600_000);
-    let jitter = (u64::from_le_bytes(crypto::random_bytes::<8>()) % (base as u64 / 2 + 1)) as i64;
-    (
-        DeliveryOutcome::RetryAt(now_ms() + base / 2 + jitter),
-        Some(error),
-    )
+}
+
+/// The organization's webhook secret (the signing key of events whose instance has no
+/// `event.notification.signature.key`), as `GET /events/webhook-secret` shows it.
+pub async fn organization_webhook_secret_text(app: &App, organization_id: i64) -> Option<String> {
+    organization_webhook_secret(app, organization_id)
+        .await
+        .and_then(|bytes| String::from_utf8(bytes).ok())
 }
 
 async fn organization_webhook_secret(app: &App, organization_id: i64) -> Option<Vec<u8>> {
@@ -213,4 +289,75 @@ async fn organization_webhook_secret(app: &App, organization_id: i64) -> Option<
             },
         )
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: i64 = 1_700_000_000_000;
+
+    #[test]
+    fn retries_back_off_exponentially_with_jitter_for_a_day() {
+        // Lowest and highest jitter bound each step.
+        assert_eq!(retry_at(1, T0, T0, 0.0), Some(T0 + 500));
+        assert_eq!(retry_at(1, T0, T0, 1.0), Some(T0 + 1_000));
+        assert_eq!(retry_at(2, T0, T0, 0.0), Some(T0 + 1_000));
+        assert_eq!(retry_at(4, T0, T0, 1.0), Some(T0 + 8_000));
+        // Capped at an hour between attempts.
+        assert_eq!(retry_at(40, T0, T0, 1.0), Some(T0 + DELIVERY_MAX_RETRY_MS));
+        // Never scheduled past the day, and given up after it.
+        let late = T0 + DELIVERY_GIVE_UP_AFTER_MS - 60_000;
+        assert_eq!(
+            retry_at(30, T0, late, 1.0),
+            Some(T0 + DELIVERY_GIVE_UP_AFTER_MS)
+        );
+        assert_eq!(retry_at(31, T0, T0 + DELIVERY_GIVE_UP_AFTER_MS, 0.5), None);
+    }
+
+    #[test]
+    fn about_a_day_of_attempts_is_a_few_dozen_requests() {
+        let mut now = T0;
+        let mut attempts = 0;
+        while let Some(next) = retry_at(attempts + 1, T0, now, 1.0) {
+            attempts += 1;
+            now = next;
+        }
+        assert!(
+            (30..=45).contains(&attempts),
+            "{attempts} attempts in a day"
+        );
+    }
+
+    #[test]
+    fn refresh_failing_fires_once_the_streak_is_long_enough() {
+        assert!(
+            !refresh_failing_due(None, T0, false),
+            "a first failure is not yet failing"
+        );
+        assert!(!refresh_failing_due(Some(T0), T0 + 60_000, false));
+        assert!(refresh_failing_due(
+            Some(T0),
+            T0 + REFRESH_FAILING_AFTER_MS,
+            false
+        ));
+        assert!(!refresh_failing_due(
+            Some(T0),
+            T0 + REFRESH_FAILING_AFTER_MS,
+            true
+        ));
+    }
+
+    #[test]
+    fn the_deliverer_sleeps_until_the_next_attempt_within_bounds() {
+        assert_eq!(delivery_sleep(T0, None), DELIVERY_MAX_SLEEP);
+        assert_eq!(
+            delivery_sleep(T0, Some(T0 + 300)),
+            std::time::Duration::from_millis(300)
+        );
+        assert_eq!(
+            delivery_sleep(T0, Some(T0 - 5)),
+            std::time::Duration::from_millis(50)
+        );
+    }
 }

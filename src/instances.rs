@@ -197,7 +197,24 @@ pub fn split_configuration(configuration: BTreeMap<String, String>) -> SplitConf
     split
 }
 
-/// When the scheduler should next look at an instance, from its connector's refresh settings.
+/// The shortest time between two scheduled refreshes of one instance. A buffer larger than the
+/// token's whole lifetime (or a provider answering `expires_in: 0`) would otherwise make an
+/// instance due again the moment it was refreshed, and the scheduler would refresh it in a loop.
+pub const MIN_SCHEDULED_INTERVAL_MS: i64 = 1_000;
+
+/// When the scheduler should next refresh an instance, from its connector's refresh settings;
+/// `None` when it never needs to (no refresh token, or nothing that expires).
+///
+/// The earliest of:
+/// - `before_expiry`: the access token's expiry minus `bufferSeconds`, but not before half of
+///   the token's lifetime has passed (a buffer longer than the lifetime then refreshes at
+///   half-life instead of right away);
+/// - `keepAliveSeconds`: the last refresh plus that, so refresh tokens that die of inactivity
+///   (Adobe Sign: 60 idle days) are used in time — whatever the strategy;
+/// - a refresh token's own announced expiry (`refresh_token_expires_in`,
+///   `x_refresh_token_expires_in`): a tenth of its remaining life ahead, at most a day ahead.
+///
+/// Never earlier than [`MIN_SCHEDULED_INTERVAL_MS`] after the last refresh.
 pub fn next_due_at(
     connector: &Connector,
     has_refresh_token: bool,
@@ -213,19 +230,20 @@ pub fn next_due_at(
     if refresh.strategy == RefreshStrategy::BeforeExpiry
         && let Some(expires) = access_expires_at
     {
-        due.push(expires - (refresh.buffer_seconds as i64) * 1000);
+        let half_life = last_refresh_at + (expires - last_refresh_at).max(0) / 2;
+        due.push((expires - (refresh.buffer_seconds as i64) * 1000).max(half_life));
     }
     if let Some(keep_alive) = refresh.keep_alive_seconds {
         due.push(last_refresh_at + keep_alive as i64 * 1000);
     }
     if let Some(refresh_expires) = refresh_expires_at {
-        // Refresh while a tenth of the refresh token's remaining life is left, at most a day
-        // ahead, so that a provider-announced expiry is never reached.
         let lifetime = (refresh_expires - last_refresh_at).max(0);
         let margin = (lifetime / 10).min(86_400_000);
         due.push(refresh_expires - margin);
     }
-    due.into_iter().min()
+    due.into_iter()
+        .min()
+        .map(|at| at.max(last_refresh_at + MIN_SCHEDULED_INTERVAL_MS))
 }
 
 /// What a token response means for the stored columns and the configuration.
@@ -628,6 +646,7 @@ pub async fn reseal_all(app: &App) -> Result<u64, ApiError> {
     Ok(changed)
 }
 
+<<<<<<< HEAD
 /// The instance's encrypted columns re-sealed under the current key, or `None` when they all
 /// are already.
 fn reseal_instance_fields(
@@ -665,4 +684,102 @@ fn reseal_instance_fields(
         token_response_enc: reseal_opt(&fields.token_response_enc, "token_response")?,
         client_secret_enc: reseal_opt(&fields.client_secret_enc, "secret_configuration")?,
     }))
+=======
+#[cfg(test)]
+mod schedule_tests {
+    //! The schedule formula on an injected clock: `last_refresh_at` is "now".
+    use super::*;
+    use crate::catalog::{RefreshSpec, RefreshStrategy};
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    fn connector(refresh: RefreshSpec) -> Connector {
+        let mut connector = crate::catalog::load_built_in()
+            .unwrap()
+            .into_iter()
+            .find(|c| c.key == "sandbox-generic")
+            .unwrap();
+        connector.refresh = refresh;
+        connector
+    }
+
+    fn spec(strategy: RefreshStrategy, buffer: u64, keep_alive: Option<u64>) -> RefreshSpec {
+        RefreshSpec {
+            strategy,
+            buffer_seconds: buffer,
+            keep_alive_seconds: keep_alive,
+            ..RefreshSpec::default()
+        }
+    }
+
+    #[test]
+    fn before_expiry_is_expiry_minus_buffer() {
+        let c = connector(spec(RefreshStrategy::BeforeExpiry, 300, None));
+        assert_eq!(
+            next_due_at(&c, true, Some(NOW + 3_600_000), None, NOW),
+            Some(NOW + 3_300_000)
+        );
+    }
+
+    #[test]
+    fn nothing_is_due_without_a_refresh_token_or_an_expiry() {
+        let c = connector(spec(RefreshStrategy::BeforeExpiry, 300, None));
+        assert_eq!(
+            next_due_at(&c, false, Some(NOW + 3_600_000), None, NOW),
+            None
+        );
+        assert_eq!(next_due_at(&c, true, None, None, NOW), None);
+        let on_401 = connector(spec(RefreshStrategy::On401, 300, None));
+        assert_eq!(
+            next_due_at(&on_401, true, Some(NOW + 3_600_000), None, NOW),
+            None
+        );
+    }
+
+    #[test]
+    fn keep_alive_applies_whatever_the_strategy() {
+        let c = connector(spec(RefreshStrategy::On401, 300, Some(50 * 86_400)));
+        assert_eq!(
+            next_due_at(&c, true, Some(NOW + 3_600_000), None, NOW),
+            Some(NOW + 50 * 86_400_000)
+        );
+        // With before_expiry too, the earlier one wins.
+        let c = connector(spec(RefreshStrategy::BeforeExpiry, 2, Some(2)));
+        assert_eq!(
+            next_due_at(&c, true, Some(NOW + 60_000), None, NOW),
+            Some(NOW + 2_000)
+        );
+    }
+
+    #[test]
+    fn a_refresh_tokens_own_expiry_is_anticipated() {
+        let c = connector(spec(RefreshStrategy::On401, 300, None));
+        // 100 days of life: a day ahead (a tenth would be 10 days; capped at one).
+        let expires = NOW + 100 * 86_400_000;
+        assert_eq!(
+            next_due_at(&c, true, None, Some(expires), NOW),
+            Some(expires - 86_400_000)
+        );
+        // 100 s of life: a tenth ahead.
+        assert_eq!(
+            next_due_at(&c, true, None, Some(NOW + 100_000), NOW),
+            Some(NOW + 90_000)
+        );
+    }
+
+    #[test]
+    fn a_buffer_longer_than_the_lifetime_never_makes_a_refresh_loop() {
+        let c = connector(spec(RefreshStrategy::BeforeExpiry, 300, None));
+        // A 60 s token with a 300 s buffer: at half-life, not at once.
+        assert_eq!(
+            next_due_at(&c, true, Some(NOW + 60_000), None, NOW),
+            Some(NOW + 30_000)
+        );
+        // Already expired (expires_in 0): at least the minimum interval ahead.
+        assert_eq!(
+            next_due_at(&c, true, Some(NOW), None, NOW),
+            Some(NOW + MIN_SCHEDULED_INTERVAL_MS)
+        );
+    }
+>>>>>>> ops
 }

@@ -100,6 +100,11 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     ),
     (
         "get",
+        "/elements/api-v2/events/webhook-secret",
+        "The organization's webhook secret (the signing key of events of instances without `event.notification.signature.key`)",
+    ),
+    (
+        "get",
         "/elements/api-v2/audit-logs",
         "Who did what, newest first",
     ),

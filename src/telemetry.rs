@@ -16,9 +16,30 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// Latency buckets (seconds) of every histogram: provider calls take milliseconds to the
+/// provider timeout; scheduler lag is near zero unless the scheduler falls behind.
+const BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
 /// Installs the Prometheus recorder once per process (tests start several apps in one).
+/// Histograms are exported as Prometheus histograms (`_bucket`, `_sum`, `_count`), which can be
+/// aggregated across replicas, not as per-process summaries.
+///
+/// The families: `tokenwarden_refresh_attempts_total{connector,outcome}`,
+/// `tokenwarden_refresh_seconds`, `tokenwarden_proxy_requests_total{status}` (status class),
+/// `tokenwarden_proxy_seconds`, `tokenwarden_instances{state}`,
+/// `tokenwarden_scheduler_lag_seconds` (claim time minus due time),
+/// `tokenwarden_scheduler_refreshes_total{outcome}`, `tokenwarden_scheduler_deferred_total`,
+/// `tokenwarden_outbox_backlog`, `tokenwarden_webhook_deliveries_total{outcome}`.
 pub fn install_metrics() {
-    PROMETHEUS.get_or_init(|| PrometheusBuilder::new().install_recorder().ok());
+    PROMETHEUS.get_or_init(|| {
+        PrometheusBuilder::new()
+            .set_buckets(BUCKETS)
+            .ok()?
+            .install_recorder()
+            .ok()
+    });
 }
 
 pub fn render_metrics() -> String {
@@ -33,7 +54,13 @@ pub fn render_metrics() -> String {
 /// Gauges read from the store when `/metrics` is scraped: instances by state, outbox backlog.
 pub async fn update_gauges(app: &crate::app::App) {
     if let Ok(counts) = app.store.count_instances_by_state().await {
-        for (state, count) in counts {
+        // Every state is set, to 0 when absent, so a state that empties does not keep its
+        // last count.
+        for state in ["valid", "invalid", "disabled", "refresh_failing"] {
+            let count = counts
+                .iter()
+                .find(|(name, _)| name == state)
+                .map_or(0, |(_, count)| *count);
             metrics::gauge!("tokenwarden_instances", "state" => state).set(count as f64);
         }
     }

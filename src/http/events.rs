@@ -111,3 +111,22 @@ pub async fn audit_logs(
         .collect();
     Ok(AxumJson(json!({"auditLogs": entries, "next": next})))
 }
+
+/// `GET /events/webhook-secret`: the organization's webhook secret, the key of the
+/// `X-Tokenwarden-Signature` HMAC for instances without their own
+/// `event.notification.signature.key`. Needs the organization secret: whoever can manage the
+/// organization can verify its webhooks.
+pub async fn webhook_secret(
+    State(app): State<SharedApp>,
+    caller: Caller,
+) -> ApiResult<AxumJson<Value>> {
+    caller.require_organization()?;
+    let secret = crate::events::organization_webhook_secret_text(&app, caller.organization_id)
+        .await
+        .ok_or_else(|| ApiError::internal("the organization's webhook secret could not be read"))?;
+    Ok(AxumJson(json!({
+        "webhookSecret": secret,
+        "signatureHeader": "X-Tokenwarden-Signature",
+        "signatureScheme": "t=<unix seconds>,v1=<hex HMAC-SHA256 of \"<t>.<body>\">"
+    })))
+}

@@ -34,7 +34,6 @@ pub(super) async fn insert_event_in(
 }
 
 impl Store {
-    /// Records an event on its own (`Conflict` when the id is taken).
     /// Events waiting for delivery (the outbox backlog).
     pub async fn count_pending_deliveries(&self) -> Result<i64, StoreError> {
         let (count,): (i64,) =
@@ -44,6 +43,17 @@ impl Store {
         Ok(count)
     }
 
+    /// The earliest pending delivery attempt (from the `events_pending` partial index).
+    pub async fn next_delivery_time(&self) -> Result<Option<i64>, StoreError> {
+        let next: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(next_attempt_at) FROM events WHERE delivery_state = 'pending'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(next)
+    }
+
+    /// Records an event on its own (`Conflict` when the id is taken).
     pub async fn insert_event(&self, event: &NewEvent) -> Result<(), StoreError> {
         let mut transaction = self.begin_write().await?;
         insert_event_in(&mut transaction, event).await?;

@@ -327,7 +327,49 @@ impl Store {
         tokens: &TokenUpdate,
         event: Option<&NewEvent>,
     ) -> Result<bool, StoreError> {
+        self.commit_refreshed_tokens_recovering(
+            id,
+            owner,
+            expected_token_version,
+            tokens,
+            event,
+            None,
+        )
+        .await
+    }
+
+    /// [`Store::commit_refreshed_tokens`], and `recovered` (the `instance.recovered` event) in
+    /// the same transaction when the row was failing (`failing_since` set) at the commit: the
+    /// end of a failure streak is recorded exactly once, by whoever clears it.
+    pub async fn commit_refreshed_tokens_recovering(
+        &self,
+        id: i64,
+        owner: &str,
+        expected_token_version: i64,
+        tokens: &TokenUpdate,
+        event: Option<&NewEvent>,
+        recovered: Option<&NewEvent>,
+    ) -> Result<bool, StoreError> {
         let mut transaction = self.begin_write().await?;
+        let was_failing = match recovered {
+            None => false,
+            Some(_) => {
+                let lock = match self.engine {
+                    Engine::Postgres => " FOR UPDATE",
+                    Engine::Sqlite => "",
+                };
+                let failing: Option<Option<i64>> = sqlx::query_scalar(sqlx::AssertSqlSafe(
+                    format!(
+                        "SELECT failing_since FROM instances WHERE id = $1 AND token_version = $2{lock}"
+                    ),
+                ))
+                .bind(id)
+                .bind(expected_token_version)
+                .fetch_optional(&mut *transaction)
+                .await?;
+                matches!(failing, Some(Some(_)))
+            }
+        };
         let result = sqlx::query(
             "UPDATE instances SET access_token_enc = $1, \
              refresh_token_enc = COALESCE($2, refresh_token_enc), token_response_enc = $3, \
@@ -362,6 +404,9 @@ impl Store {
         }
         if let Some(event) = event {
             insert_event_in(&mut transaction, event).await?;
+        }
+        if was_failing && let Some(recovered) = recovered {
+            insert_event_in(&mut transaction, recovered).await?;
         }
         transaction.commit().await?;
         Ok(true)
@@ -546,7 +591,31 @@ impl Store {
         owner: &str,
         lease_until: i64,
     ) -> Result<Vec<InstanceRow>, StoreError> {
+        Ok(self
+            .claim_due(now, limit, owner, lease_until)
+            .await?
+            .into_iter()
+            .map(|(row, _)| row)
+            .collect())
+    }
+
+    /// [`Store::claim_due_instances`], answering with each row the due time it had before the
+    /// claim moved it to the lease end (the scheduler's lag is measured from it). Earliest due
+    /// first. Both engines read the candidates from the partial index `instances_due` (see the
+    /// query-plan test), so the cost grows with the due rows, not with the table.
+    pub async fn claim_due(
+        &self,
+        now: i64,
+        limit: i64,
+        owner: &str,
+        lease_until: i64,
+    ) -> Result<Vec<(InstanceRow, i64)>, StoreError> {
+        use sqlx::{FromRow, Row};
+        if limit <= 0 {
+            return Ok(Vec::new());
+        }
         let set = "refresh_lease_owner = $3, refresh_lease_until = $4, \
+<<<<<<< HEAD
                    refresh_in_flight_since = COALESCE(refresh_in_flight_since, $1), \
                    next_due_at = $4";
         let sql = match self.engine {
@@ -570,11 +639,93 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
         Ok(rows)
+=======
+                   refresh_in_flight_since = $1, next_due_at = $4";
+        match self.engine {
+            Engine::Postgres => {
+                let sql = format!(
+                    "WITH due AS (SELECT id, next_due_at AS claimed_due_at FROM instances \
+                     WHERE {CLAIMABLE} ORDER BY next_due_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                     UPDATE instances SET {set} FROM due WHERE instances.id = due.id \
+                     RETURNING {}, due.claimed_due_at",
+                    prefixed("instances", INSTANCE_COLUMNS)
+                );
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(now)
+                    .bind(limit)
+                    .bind(owner)
+                    .bind(lease_until)
+                    .fetch_all(&self.pool)
+                    .await?;
+                let mut claimed = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let due: i64 = row.try_get("claimed_due_at")?;
+                    claimed.push((InstanceRow::from_row(&row)?, due));
+                }
+                claimed.sort_by_key(|(_, due)| *due);
+                Ok(claimed)
+            }
+            Engine::Sqlite => {
+                // SQLite's RETURNING shows the new values only: read the due times first, in
+                // the same write transaction (BEGIN IMMEDIATE: no other writer in between).
+                let mut transaction = self.begin_write().await?;
+                let candidates: Vec<(i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT id, next_due_at FROM instances WHERE {CLAIMABLE} \
+                     ORDER BY next_due_at LIMIT $2"
+                )))
+                .bind(now)
+                .bind(limit)
+                .fetch_all(&mut *transaction)
+                .await?;
+                let mut claimed = Vec::with_capacity(candidates.len());
+                let sql = format!(
+                    "UPDATE instances SET {set} WHERE id = $2 RETURNING {INSTANCE_COLUMNS}"
+                );
+                for (id, due) in candidates {
+                    let row = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql.clone()))
+                        .bind(now)
+                        .bind(id)
+                        .bind(owner)
+                        .bind(lease_until)
+                        .fetch_one(&mut *transaction)
+                        .await?;
+                    claimed.push((row, due));
+                }
+                transaction.commit().await?;
+                Ok(claimed)
+            }
+        }
+    }
+
+    /// Gives back a claim the scheduler did not act on (shutdown, or the connector's rate limit
+    /// is exhausted): lease and in-flight mark cleared, due again at `due_at`. Only rows whose
+    /// lease `owner` still holds and whose token version is still `token_version` are touched,
+    /// so a refresh that committed meanwhile keeps its schedule. True when it released.
+    pub async fn release_claim(
+        &self,
+        id: i64,
+        owner: &str,
+        token_version: i64,
+        due_at: i64,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE instances SET refresh_lease_owner = NULL, refresh_lease_until = NULL, \
+             refresh_in_flight_since = NULL, next_due_at = $1 \
+             WHERE id = $2 AND refresh_lease_owner = $3 AND token_version = $4",
+        )
+        .bind(due_at)
+        .bind(id)
+        .bind(owner)
+        .bind(token_version)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+>>>>>>> ops
     }
 
     /// The earliest `next_due_at` of valid, enabled instances (from the index), for the
-    /// scheduler's sleep. It may lie in the past while another refresher's lease runs:
-    /// the scheduler should not spin on it faster than its own minimum interval.
+    /// scheduler's sleep. It may lie in the past while another refresher's lease runs or a
+    /// backoff is pending: the scheduler bounds its sleep from below, so it never spins on it.
     pub async fn next_due_time(&self) -> Result<Option<i64>, StoreError> {
         let next: Option<i64> = sqlx::query_scalar(
             "SELECT MIN(next_due_at) FROM instances \
@@ -601,6 +752,55 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
         Ok(rows)
+    }
+
+    /// Up to `limit` refreshes that were interrupted: in flight, and whose lease has run out at
+    /// `now` (a crashed replica's). Valid and enabled ones only; from the `instances_in_flight`
+    /// partial index. A refresh running under a live lease is not interrupted and not listed.
+    pub async fn interrupted_refreshes(
+        &self,
+        now: i64,
+        limit: i64,
+    ) -> Result<Vec<InstanceRow>, StoreError> {
+        let sql = format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances \
+             WHERE refresh_in_flight_since IS NOT NULL AND refresh_in_flight_since < $1 \
+             AND (refresh_lease_until IS NULL OR refresh_lease_until < $1) \
+             AND state = 'valid' AND disabled = 0 \
+             ORDER BY refresh_in_flight_since LIMIT $2"
+        );
+        let rows = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows)
+    }
+
+    /// The query plan of the scheduler's due query, one line per plan row, so that a test can
+    /// check that it reads the partial index `instances_due` rather than the table.
+    pub async fn explain_due_query(&self, now: i64, limit: i64) -> Result<String, StoreError> {
+        use sqlx::Row;
+        let select =
+            format!("SELECT id FROM instances WHERE {CLAIMABLE} ORDER BY next_due_at LIMIT $2");
+        let sql = match self.engine {
+            Engine::Postgres => format!("EXPLAIN {select}"),
+            Engine::Sqlite => format!("EXPLAIN QUERY PLAN {select}"),
+        };
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut lines = Vec::new();
+        for row in rows {
+            let line: String = match self.engine {
+                Engine::Postgres => row.try_get(0)?,
+                Engine::Sqlite => row.try_get("detail")?,
+            };
+            lines.push(line);
+        }
+        Ok(lines.join("\n"))
     }
 
     // ----- key rotation -------------------------------------------------------------------

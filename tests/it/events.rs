@@ -1,0 +1,652 @@
+//! Events, webhooks, audit logs and revocation, as a user meets them: signed webhooks arrive at
+//! a real receiver after it failed twice; every event type of a life cycle is listed, paginated
+//! and filtered; no event or webhook carries a token or secret; revocation reaches the sandbox
+//! in each catalog shape.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::{HeaderMap, StatusCode};
+use hmac::{KeyInit, Mac};
+use serde_json::{Value, json};
+
+use crate::harness::{Env, Org};
+use crate::scheduler::{eventually, register_generic_connector};
+use crate::support::{drop_test_database, test_databases};
+
+/// What the receiver got: headers and body of each request, in order.
+type Received = Arc<Mutex<Vec<(HeaderMap, String)>>>;
+
+/// A webhook receiver on port 0 that answers 500 to its first `failures` requests, then 200.
+async fn receiver(failures: usize) -> (String, Received) {
+    let received: Received = Arc::default();
+    let seen = Arc::clone(&received);
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: String| {
+            let seen = Arc::clone(&seen);
+            async move {
+                let mut seen = seen.lock().unwrap();
+                seen.push((headers, body));
+                if seen.len() <= failures {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    StatusCode::OK
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/hook"), received)
+}
+
+/// Checks `X-Tokenwarden-Signature: t=…,v1=…` over `"<t>.<body>"` with `key`, independently of
+/// the service's code.
+fn signature_verifies(header: &str, body: &str, key: &[u8]) -> bool {
+    let mut t = None;
+    let mut v1 = None;
+    for part in header.split(',') {
+        match part.split_once('=') {
+            Some(("t", value)) => t = Some(value.to_string()),
+            Some(("v1", value)) => v1 = Some(value.to_string()),
+            _ => {}
+        }
+    }
+    let (Some(t), Some(v1)) = (t, v1) else {
+        return false;
+    };
+    let age = time::OffsetDateTime::now_utc().unix_timestamp() - t.parse::<i64>().unwrap();
+    if !(0..300).contains(&age) {
+        return false;
+    }
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+    mac.update(format!("{t}.{body}").as_bytes());
+    let expected: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    expected == v1
+}
+
+async fn create_with(env: &Env, org: &Org, element: &str, user: &str, extra: Value) -> Value {
+    let (code, state) = env.authorize(org, element, user).await;
+    let mut configuration = env.configuration();
+    for (k, v) in extra.as_object().unwrap() {
+        configuration[k] = v.clone();
+    }
+    let response = env
+        .http
+        .post(env.api("/instances"))
+        .header("authorization", org.platform())
+        .json(
+            &json!({"element": {"key": element}, "providerData": {"code": code, "state": state},
+                      "configuration": configuration, "name": format!("{user}'s {element}")}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(status, 200, "[{}] create: {body}", env.label);
+    body
+}
+
+async fn send(env: &Env, method: reqwest::Method, path: &str, auth: &str) -> (u16, Value) {
+    let response = env
+        .http
+        .request(method, env.api(path))
+        .header("authorization", auth)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// Every page of a paginated list (`limit` per page), following `next`.
+async fn all_pages(env: &Env, path: &str, field: &str, limit: usize) -> Vec<Value> {
+    let mut items = Vec::new();
+    let mut next: Option<String> = None;
+    let separator = if path.contains('?') { '&' } else { '?' };
+    for _ in 0..200 {
+        let url = match &next {
+            Some(cursor) => format!("{path}{separator}limit={limit}&before={cursor}"),
+            None => format!("{path}{separator}limit={limit}"),
+        };
+        let (status, page) = env.get_json(&env.api(&url), &env.org.platform()).await;
+        assert_eq!(status, 200, "{page}");
+        let got = page[field].as_array().unwrap().clone();
+        assert!(got.len() <= limit);
+        if got.is_empty() {
+            return items;
+        }
+        items.extend(got);
+        next = page["next"].as_str().map(str::to_string);
+        if next.is_none() {
+            return items;
+        }
+    }
+    panic!("pagination did not end");
+}
+
+async fn webhook_scenario(label: String, url: String) {
+    let env = Env::start(&label, &url).await;
+    let (hook, received) = receiver(2).await;
+    let (status, secret) = send(
+        &env,
+        reqwest::Method::GET,
+        "/events/webhook-secret",
+        &env.org.platform(),
+    )
+    .await;
+    assert_eq!(status, 200, "[{label}] {secret}");
+    let org_secret = secret["webhookSecret"].as_str().unwrap().to_string();
+
+    // Signed with the organization's webhook secret (no key of its own).
+    let instance = create_with(
+        &env,
+        &env.org,
+        "sandbox-generic",
+        "wendy",
+        json!({"event.notification.enabled": "true", "event.notification.callback.url": hook}),
+    )
+    .await;
+    let id = instance["id"].as_i64().unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            received.lock().unwrap().len() >= 3
+        })
+        .await,
+        "[{label}] the created event arrives after two failures: {} attempts",
+        received.lock().unwrap().len()
+    );
+    let attempts = received.lock().unwrap().clone();
+    let event_ids: Vec<&str> = attempts
+        .iter()
+        .map(|(headers, _)| headers["x-tokenwarden-event-id"].to_str().unwrap())
+        .collect();
+    assert!(
+        event_ids.iter().all(|e| *e == event_ids[0]),
+        "[{label}] retries carry the same event id"
+    );
+    let (headers, body) = &attempts[2];
+    let signature = headers["x-tokenwarden-signature"].to_str().unwrap();
+    assert!(
+        signature_verifies(signature, body, org_secret.as_bytes()),
+        "[{label}] signature verifies with the org's webhook secret"
+    );
+    let event: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(event["type"], "instance.created");
+    assert_eq!(event["instanceId"], id);
+    assert_eq!(event["id"], event_ids[0]);
+    for field in ["elementKey", "occurredAt"] {
+        assert!(event.get(field).is_some(), "[{label}] {field} in {event}");
+    }
+    // The outbox shows it delivered, on the third attempt.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let (_, events) = env
+                .get_json(
+                    &env.api(&format!("/events?instanceId={id}&type=instance.created")),
+                    &env.org.platform(),
+                )
+                .await;
+            events["events"][0]["delivery"]["state"] == "delivered"
+        })
+        .await,
+        "[{label}] delivered"
+    );
+    let (_, events) = env
+        .get_json(
+            &env.api(&format!("/events?instanceId={id}&type=instance.created")),
+            &env.org.platform(),
+        )
+        .await;
+    assert_eq!(events["events"][0]["delivery"]["attempts"], 3, "[{label}]");
+
+    // With a key of its own, that key signs.
+    let keyed = create_with(
+        &env,
+        &env.org,
+        "sandbox-generic",
+        "kim",
+        json!({"event.notification.enabled": "true", "event.notification.callback.url": hook,
+               "event.notification.signature.key": "kims-own-signing-key"}),
+    )
+    .await;
+    let keyed_id = keyed["id"].as_i64().unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            received
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(_, body)| body.contains(&format!("\"instanceId\":{keyed_id}")))
+        })
+        .await,
+        "[{label}] the keyed instance's event arrives"
+    );
+    let (headers, body) = received
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(_, body)| body.contains(&format!("\"instanceId\":{keyed_id}")))
+        .cloned()
+        .unwrap();
+    let signature = headers["x-tokenwarden-signature"].to_str().unwrap();
+    assert!(signature_verifies(
+        signature,
+        &body,
+        b"kims-own-signing-key"
+    ));
+    assert!(!signature_verifies(signature, &body, org_secret.as_bytes()));
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+#[tokio::test]
+async fn webhooks_arrive_signed_after_a_receiver_that_first_fails() {
+    let scenarios = test_databases()
+        .await
+        .into_iter()
+        .map(|(label, url)| webhook_scenario(label, url));
+    futures_util::future::join_all(scenarios).await;
+}
+
+/// The tokens and secrets of an instance, as its Element token holder sees them.
+async fn secrets_of(env: &Env, element: &str) -> Vec<String> {
+    let (_, listed) = env
+        .get_json(&env.api("/instances"), &env.org.with_element(element))
+        .await;
+    let configuration = &listed[0]["configuration"];
+    let mut secrets = vec![element.to_string()];
+    for key in [
+        "oauth.user.token",
+        "oauth.user.refresh_token",
+        "oauth.api.secret",
+        "event.notification.signature.key",
+    ] {
+        if let Some(value) = configuration[key].as_str()
+            && value.len() >= 6
+        {
+            secrets.push(value.to_string());
+        }
+    }
+    secrets
+}
+
+async fn life_cycle_scenario(label: String, url: String) {
+    let env = Env::start(&label, &url).await;
+    let (hook, received) = receiver(0).await;
+    let platform = env.org.platform();
+    let instance = create_with(
+        &env,
+        &env.org,
+        "sandbox-generic",
+        "lena",
+        json!({"event.notification.enabled": "true", "event.notification.callback.url": hook,
+               "event.notification.signature.key": "lenas-signing-key"}),
+    )
+    .await;
+    let id = instance["id"].as_i64().unwrap();
+    let element = instance["token"].as_str().unwrap().to_string();
+    let mut secrets = secrets_of(&env, &element).await;
+    let path = |tail: &str| format!("/instances/{id}{tail}");
+    let (status, _) = send(
+        &env,
+        reqwest::Method::POST,
+        &path("/tokens/refresh"),
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 200);
+    secrets.extend(secrets_of(&env, &element).await);
+    let (status, _) = send(&env, reqwest::Method::DELETE, &path("/enabled"), &platform).await;
+    assert_eq!(status, 200);
+    let (status, _) = send(&env, reqwest::Method::PUT, &path("/enabled"), &platform).await;
+    assert_eq!(status, 200);
+    // The user revokes the app at the provider: the next refresh finds the grant gone.
+    env.sandbox_post("/__sandbox/users/lena/revoke", json!({}))
+        .await;
+    let (status, _) = send(
+        &env,
+        reqwest::Method::POST,
+        &path("/tokens/refresh"),
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 401);
+    // Re-authentication in place.
+    let (code, state) = env.authorize(&env.org, "sandbox-generic", "lena").await;
+    let patched = env
+        .http
+        .patch(env.api(&path("")))
+        .header("authorization", &platform)
+        .json(&json!({"providerData": {"code": code, "state": state}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), 200);
+    secrets.extend(secrets_of(&env, &element).await);
+    let (status, _) = send(&env, reqwest::Method::DELETE, &path(""), &platform).await;
+    assert_eq!(status, 200);
+
+    let expected = [
+        "instance.created",
+        "instance.token.refreshed",
+        "instance.disabled",
+        "instance.enabled",
+        "instance.invalidated",
+        "instance.reauthenticated",
+        "instance.deleted",
+    ];
+    // Paginated two at a time, newest first, no duplicates.
+    let events = all_pages(&env, &format!("/events?instanceId={id}"), "events", 2).await;
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    let mut oldest_first = types.clone();
+    oldest_first.reverse();
+    assert_eq!(oldest_first, expected, "[{label}]");
+    let ids: std::collections::HashSet<&str> =
+        events.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        ids.len(),
+        events.len(),
+        "[{label}] no duplicates across pages"
+    );
+    let invalidated = events
+        .iter()
+        .find(|e| e["type"] == "instance.invalidated")
+        .unwrap();
+    assert!(
+        invalidated["reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "[{label}] invalidated carries a reason: {invalidated}"
+    );
+    // Filtered by type.
+    let (_, filtered) = env
+        .get_json(&env.api("/events?type=instance.disabled"), &platform)
+        .await;
+    assert_eq!(
+        filtered["events"].as_array().unwrap().len(),
+        1,
+        "{filtered}"
+    );
+    // Every event arrives as a webhook.
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            received.lock().unwrap().len() >= expected.len()
+        })
+        .await,
+        "[{label}] all webhooks arrive"
+    );
+    // No token or secret in any event or webhook body.
+    let mut bodies: Vec<String> = events.iter().map(Value::to_string).collect();
+    bodies.extend(
+        received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, body)| body.clone()),
+    );
+    secrets.push(crate::harness::CLIENT_SECRET.to_string());
+    secrets.push("lenas-signing-key".to_string());
+    for body in &bodies {
+        for secret in &secrets {
+            assert!(
+                !body.contains(secret.as_str()),
+                "[{label}] a secret leaked into {body}"
+            );
+        }
+    }
+    // The audit log: each mutating call, who and under which request id, paginated.
+    let audit = all_pages(&env, "/audit-logs", "auditLogs", 3).await;
+    let actions: Vec<&str> = audit
+        .iter()
+        .map(|a| a["action"].as_str().unwrap())
+        .collect();
+    for action in [
+        "instance.created",
+        "instance.token.refreshed",
+        "instance.disabled",
+        "instance.enabled",
+        "instance.invalidated",
+        "instance.reauthenticated",
+        "instance.deleted",
+    ] {
+        assert!(
+            actions.contains(&action),
+            "[{label}] {action} in {actions:?}"
+        );
+    }
+    for entry in &audit {
+        assert!(entry["requestId"].as_str().is_some(), "{entry}");
+        assert!(entry["at"].as_str().is_some(), "{entry}");
+    }
+    let automatic = audit
+        .iter()
+        .find(|a| a["action"] == "instance.invalidated")
+        .unwrap();
+    assert!(
+        automatic["userId"].is_null(),
+        "an automatic change has no user"
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+#[tokio::test]
+async fn a_life_cycle_is_in_events_and_audit_logs_without_any_secret() {
+    let scenarios = test_databases()
+        .await
+        .into_iter()
+        .map(|(label, url)| life_cycle_scenario(label, url));
+    futures_util::future::join_all(scenarios).await;
+}
+
+#[tokio::test]
+async fn revocation_reaches_the_sandbox_in_each_shape() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let platform = env.org.platform();
+    for (element, user) in [
+        ("sandbox-adobe-sign", "ada"),
+        ("sandbox-box", "bob"),
+        ("sandbox-generic", "gil"),
+    ] {
+        let instance = env.create_instance(&env.org, element, user).await;
+        let id = instance["id"].as_i64().unwrap();
+        let token = instance["token"].as_str().unwrap();
+        let before = env.sandbox_stats().await["revoke"].as_u64().unwrap();
+        let (status, body) = send(
+            &env,
+            reqwest::Method::POST,
+            &format!("/instances/{id}/tokens/revoke"),
+            &platform,
+        )
+        .await;
+        assert_eq!(status, 200, "{element}: {body}");
+        assert_eq!(
+            body["revocation"]["revokedAtProvider"], true,
+            "{element}: {body}"
+        );
+        assert_eq!(body["valid"], false, "{element}: {body}");
+        let stats = env.sandbox_stats().await;
+        assert!(
+            stats["revoke"].as_u64().unwrap() > before,
+            "{element}: the sandbox saw the revocation: {stats}"
+        );
+        assert_eq!(stats["revokeErrors"], 0, "{element}: accepted: {stats}");
+        let (status, body) = env
+            .proxy(&env.org, token, reqwest::Method::GET, "api/me")
+            .await;
+        assert_eq!(status, 401, "{element}: {body}");
+    }
+    // A connector without a revocation endpoint: invalid here, and it says so.
+    let sandbox = env.sandbox.url.clone();
+    let response = env
+        .http
+        .post(env.api("/elements"))
+        .header("authorization", &platform)
+        .json(&json!({"key": "norevoke", "name": "No revocation",
+            "baseUrl": format!("{sandbox}/generic/"),
+            "oauth": {"authorizationUrl": format!("{sandbox}/generic/authorize"),
+                      "tokenUrl": format!("{sandbox}/generic/token"), "scopes": ["api"]}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.status().is_success(),
+        "{}",
+        response.text().await.unwrap()
+    );
+    let instance = env.create_instance(&env.org, "norevoke", "nora").await;
+    let id = instance["id"].as_i64().unwrap();
+    let before = env.sandbox_stats().await["revoke"].as_u64().unwrap();
+    let (status, body) = send(
+        &env,
+        reqwest::Method::POST,
+        &format!("/instances/{id}/tokens/revoke"),
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["revocation"]["revokedAtProvider"], false, "{body}");
+    assert!(
+        body["revocation"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no revocation endpoint")),
+        "{body}"
+    );
+    assert_eq!(body["valid"], false);
+    assert_eq!(
+        env.sandbox_stats().await["revoke"].as_u64().unwrap(),
+        before
+    );
+    // DELETE ?revoke=true revokes, then deletes.
+    register_generic_connector(&env, &env.org, "gone", json!({})).await;
+    let instance = env.create_instance(&env.org, "gone", "gail").await;
+    let id = instance["id"].as_i64().unwrap();
+    let before = env.sandbox_stats().await["revoke"].as_u64().unwrap();
+    let (status, body) = send(
+        &env,
+        reqwest::Method::DELETE,
+        &format!("/instances/{id}?revoke=true"),
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["revocation"]["revokedAtProvider"], true, "{body}");
+    assert!(env.sandbox_stats().await["revoke"].as_u64().unwrap() > before);
+    let (status, _) = send(
+        &env,
+        reqwest::Method::GET,
+        &format!("/instances/{id}"),
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (_, events) = env
+        .get_json(&env.api(&format!("/events?instanceId={id}")), &platform)
+        .await;
+    assert_eq!(events["events"][0]["type"], "instance.deleted");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+/// `instance.recovered` is written in the commit's transaction, exactly when the commit ends a
+/// failure streak (the store call the refresh engine is to use instead of a separate insert).
+#[tokio::test]
+async fn recovered_is_written_with_the_commit_that_ends_a_failure_streak() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let instance = env
+        .create_instance(&env.org, "sandbox-generic", "rita")
+        .await;
+    let id = instance["id"].as_i64().unwrap();
+    let app = std::sync::Arc::clone(&env.server.app);
+    let row = app.store.get_instance_by_id(id).await.unwrap().unwrap();
+    let event = |kind: &str| tokenwarden::events::new_event(&app, &row, kind, None);
+    let now = tokenwarden::app::now_ms();
+    app.store
+        .record_transient_failure(id, "x", now, "503", now, None)
+        .await
+        .unwrap();
+    let version = app
+        .store
+        .get_instance_by_id(id)
+        .await
+        .unwrap()
+        .unwrap()
+        .token_version;
+    let update = tokenwarden::store::TokenUpdate::default();
+    let (refreshed, recovered) = (
+        event("instance.token.refreshed"),
+        event("instance.recovered"),
+    );
+    assert!(
+        app.store
+            .commit_refreshed_tokens_recovering(
+                id,
+                "x",
+                version,
+                &update,
+                Some(&refreshed),
+                Some(&recovered)
+            )
+            .await
+            .unwrap()
+    );
+    // Not failing any more: a second commit writes no recovered event.
+    let (again, not_recovered) = (
+        event("instance.token.refreshed"),
+        event("instance.recovered"),
+    );
+    assert!(
+        app.store
+            .commit_refreshed_tokens_recovering(
+                id,
+                "x",
+                version + 1,
+                &update,
+                Some(&again),
+                Some(&not_recovered)
+            )
+            .await
+            .unwrap()
+    );
+    let (_, events) = env
+        .get_json(
+            &env.api(&format!("/events?instanceId={id}")),
+            &env.org.platform(),
+        )
+        .await;
+    let types: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types.iter().filter(|t| **t == "instance.recovered").count(),
+        1,
+        "[{label}] {types:?}"
+    );
+    assert_eq!(
+        types
+            .iter()
+            .filter(|t| **t == "instance.token.refreshed")
+            .count(),
+        2
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}

@@ -1,0 +1,231 @@
+//! The operations endpoints: `/metrics` has every family after a scenario, `/openapi.json`
+//! documents exactly the routes the router serves, `/healthz` checks the database.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::harness::Env;
+use crate::scheduler::{eventually, refresh_count, register_generic_connector};
+use crate::support::{drop_test_database, test_databases};
+
+#[tokio::test]
+async fn metrics_has_every_family_after_a_scenario() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    env.sandbox_put(
+        "/__sandbox/profiles/generic",
+        json!({"accessTokenTtlSeconds": 2}),
+    )
+    .await;
+    register_generic_connector(
+        &env,
+        &env.org,
+        "metered",
+        json!({"strategy": "before_expiry", "bufferSeconds": 1}),
+    )
+    .await;
+    let instance = env.create_instance(&env.org, "metered", "mia").await;
+    let token = instance["token"].as_str().unwrap();
+    let (status, _) = env.proxy(&env.org, token, Method::GET, "api/me").await;
+    assert_eq!(status, 200);
+    let before = refresh_count(&env).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            refresh_count(&env).await > before
+        })
+        .await,
+        "a scheduled refresh happened"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await; // Its metrics are recorded after.
+    let response = env
+        .http
+        .get(format!("{}/metrics", env.server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = response.text().await.unwrap();
+    for family in [
+        "tokenwarden_refresh_attempts_total{connector=\"metered\",outcome=\"ok\"}",
+        "tokenwarden_proxy_requests_total{status=\"2xx\"}",
+        "tokenwarden_proxy_seconds_bucket{le=",
+        "tokenwarden_instances{state=\"valid\"}",
+        "tokenwarden_instances{state=\"invalid\"}",
+        "tokenwarden_scheduler_lag_seconds_bucket{le=",
+        "tokenwarden_outbox_backlog",
+    ] {
+        assert!(text.contains(family), "{family} missing from:\n{text}");
+    }
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+/// The routes `src/http/mod.rs` registers, as (method, full path), read from its source: the
+/// router offers no list of its routes, and this reading needs no discipline from whoever adds
+/// one.
+fn routes_in_router_source() -> Vec<(String, String)> {
+    let source = include_str!("../../src/http/mod.rs");
+    let top_level = source
+        .find(".nest(BASE_PATH")
+        .expect("the router nests the platform API under BASE_PATH");
+    let mut routes = Vec::new();
+    let mut rest = source;
+    let mut offset = 0;
+    while let Some(at) = rest.find(".route(") {
+        let start = offset + at;
+        let after = &source[start + ".route(".len()..];
+        let open = after.find('"').unwrap();
+        let close = after[open + 1..].find('"').unwrap();
+        let path = &after[open + 1..open + 1 + close];
+        // The handler expression runs to the parenthesis that closes `.route(`.
+        let mut depth = 1;
+        let mut end = 0;
+        for (i, c) in after.char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = i;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let handlers = &after[open + close + 2..end];
+        let full = if start < top_level {
+            format!("/elements/api-v2{path}")
+        } else {
+            path.to_string()
+        }
+        .replace("{*path}", "{path}");
+        for method in ["get", "post", "put", "patch", "delete", "any"] {
+            let called = handlers.contains(&format!("{method}("));
+            if called {
+                routes.push((method.to_string(), full.clone()));
+            }
+        }
+        offset = start + ".route(".len();
+        rest = &source[offset..];
+    }
+    routes
+}
+
+fn concrete(path: &str) -> String {
+    path.replace("{id}", "1")
+        .replace("{key}", "sandbox-generic")
+        .replace("{path}", "api/me")
+}
+
+const FALLBACK: &str = "There is no such path";
+
+#[tokio::test]
+async fn openapi_documents_exactly_the_routes_served() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let response = env
+        .http
+        .get(format!("{}/openapi.json", env.server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let document: Value = response.json().await.unwrap();
+    assert_eq!(document["openapi"], "3.1.0");
+    let paths = document["paths"].as_object().unwrap();
+    let mut documented: Vec<(String, String)> = Vec::new();
+    for (path, operations) in paths {
+        for method in operations.as_object().unwrap().keys() {
+            documented.push((method.clone(), path.clone()));
+        }
+    }
+    // Every route the router registers is documented (a proxy `any` as at least `get`).
+    let served = routes_in_router_source();
+    assert!(
+        served.len() >= 25,
+        "the source reading found the routes: {served:?}"
+    );
+    for (method, path) in &served {
+        let method = if method == "any" { "get" } else { method };
+        assert!(
+            documented.contains(&(method.to_string(), path.clone())),
+            "{method} {path} is served but not in /openapi.json"
+        );
+    }
+    // Every documented route answers something other than the fallback, and every other
+    // method on a documented path is refused (405) or falls back: none is served undocumented.
+    let methods = ["get", "post", "put", "patch", "delete"];
+    for (path, operations) in paths {
+        let target = format!("{}{}", env.server.url, concrete(path));
+        for method in methods {
+            let response = env
+                .http
+                .request(method.to_uppercase().parse::<Method>().unwrap(), &target)
+                .header("authorization", "User nobody, Organization nobody")
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let body = response.text().await.unwrap();
+            let fallback = status == 404 && body.contains(FALLBACK);
+            if operations.get(method).is_some() {
+                assert!(
+                    !fallback && status != 405,
+                    "{method} {path} is documented but not served: {status} {body}"
+                );
+            } else if !path.contains("/proxy/") {
+                assert!(
+                    fallback || status == 405,
+                    "{method} {path} answers {status} but is not documented"
+                );
+            }
+        }
+    }
+    // The fallback itself is what the check above relies on.
+    let response = env
+        .http
+        .get(format!("{}/no/such/route", env.server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    assert!(response.text().await.unwrap().contains(FALLBACK));
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+#[tokio::test]
+async fn healthz_checks_the_database() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let (status, body) = env
+            .get_json(&format!("{}/healthz", env.server.url), "")
+            .await;
+        assert_eq!(status, 200, "[{label}] {body}");
+        assert_eq!(body["status"], "ok");
+        assert!(
+            body["database"]
+                .as_str()
+                .unwrap()
+                .starts_with(label.as_str()),
+            "{body}"
+        );
+        // With the database gone, it says so.
+        env.server.app.store.close().await;
+        let (status, body) = env
+            .get_json(&format!("{}/healthz", env.server.url), "")
+            .await;
+        assert_eq!(status, 503, "[{label}] {body}");
+        env.stop().await;
+        drop_test_database(&url).await;
+    }
+}
