@@ -20,6 +20,8 @@ pub struct AppConfig {
     pub sandbox_url: String,
     /// Timeout of one provider call (token endpoint or proxied API call).
     pub provider_timeout: Duration,
+    /// A run of transient refresh failures this long fires `instance.refresh_failing`.
+    pub refresh_failing_after: Duration,
     /// Largest JSON body the platform API accepts.
     pub max_body_bytes: usize,
     /// Run the scheduler and the event deliverer in this process.
@@ -52,6 +54,9 @@ impl AppConfig {
             previous_master_keys: None,
             sandbox_url: "http://127.0.0.1:4000".to_string(),
             provider_timeout: Duration::from_secs(30),
+            refresh_failing_after: Duration::from_millis(
+                crate::events::REFRESH_FAILING_AFTER_MS as u64,
+            ),
             max_body_bytes: 1024 * 1024,
             background_tasks: true,
         }

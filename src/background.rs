@@ -392,12 +392,18 @@ async fn recovery(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
             }
             Err(error) => tracing::warn!("recovery: {error}"),
         }
+        // Memory follows what calls use: idle in-memory copies go.
+        app.refresh.evict_idle(IDLE_CACHE_EVICTION);
+        app.auth_cache.evict_idle(IDLE_CACHE_EVICTION);
         tokio::select! {
             () = tokio::time::sleep(RECOVERY_INTERVAL) => {}
             _ = shutdown.changed() => break,
         }
     }
 }
+
+/// In-memory copies of instances and credentials unused this long are dropped.
+const IDLE_CACHE_EVICTION: Duration = Duration::from_secs(600);
 
 async fn deliverer(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
     let mut last_purge = 0;

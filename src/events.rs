@@ -115,9 +115,15 @@ pub const REFRESH_FAILING_AFTER_MS: i64 = 5 * 60_000;
 
 /// Whether a transient refresh failure at `now` should fire `instance.refresh_failing`: the
 /// streak began at `failing_since` (the failure being recorded starts it when `None`) and has
-/// lasted [`REFRESH_FAILING_AFTER_MS`], and it was not announced yet (`announced`).
-pub fn refresh_failing_due(failing_since: Option<i64>, now: i64, announced: bool) -> bool {
-    !announced && now - failing_since.unwrap_or(now) >= REFRESH_FAILING_AFTER_MS
+/// lasted `threshold_ms` (by default [`REFRESH_FAILING_AFTER_MS`]), and it was not announced
+/// yet (`announced`).
+pub fn refresh_failing_due(
+    failing_since: Option<i64>,
+    now: i64,
+    announced: bool,
+    threshold_ms: i64,
+) -> bool {
+    !announced && now - failing_since.unwrap_or(now) >= threshold_ms
 }
 
 /// The first webhook retry waits about this long; each further one twice as long.
@@ -332,19 +338,26 @@ mod tests {
     #[test]
     fn refresh_failing_fires_once_the_streak_is_long_enough() {
         assert!(
-            !refresh_failing_due(None, T0, false),
+            !refresh_failing_due(None, T0, false, REFRESH_FAILING_AFTER_MS),
             "a first failure is not yet failing"
         );
-        assert!(!refresh_failing_due(Some(T0), T0 + 60_000, false));
+        assert!(!refresh_failing_due(
+            Some(T0),
+            T0 + 60_000,
+            false,
+            REFRESH_FAILING_AFTER_MS
+        ));
         assert!(refresh_failing_due(
             Some(T0),
             T0 + REFRESH_FAILING_AFTER_MS,
-            false
+            false,
+            REFRESH_FAILING_AFTER_MS
         ));
         assert!(!refresh_failing_due(
             Some(T0),
             T0 + REFRESH_FAILING_AFTER_MS,
-            true
+            true,
+            REFRESH_FAILING_AFTER_MS
         ));
     }
 

@@ -646,7 +646,6 @@ pub async fn reseal_all(app: &App) -> Result<u64, ApiError> {
     Ok(changed)
 }
 
-<<<<<<< HEAD
 /// The instance's encrypted columns re-sealed under the current key, or `None` when they all
 /// are already.
 fn reseal_instance_fields(
@@ -684,7 +683,8 @@ fn reseal_instance_fields(
         token_response_enc: reseal_opt(&fields.token_response_enc, "token_response")?,
         client_secret_enc: reseal_opt(&fields.client_secret_enc, "secret_configuration")?,
     }))
-=======
+}
+
 #[cfg(test)]
 mod schedule_tests {
     //! The schedule formula on an injected clock: `last_refresh_at` is "now".
@@ -781,5 +781,4 @@ mod schedule_tests {
             Some(NOW + MIN_SCHEDULED_INTERVAL_MS)
         );
     }
->>>>>>> ops
 }

@@ -57,6 +57,15 @@ impl AuthCache {
         self.elements.clear();
     }
 
+    /// Drops credentials not checked for `idle` (a used entry is re-checked every few seconds,
+    /// so only unused ones age out): memory follows the callers, not the tables.
+    pub fn evict_idle(&self, idle: Duration) {
+        self.users
+            .retain(|_, (_, checked)| checked.elapsed() < idle);
+        self.elements
+            .retain(|_, (_, _, checked)| checked.elapsed() < idle);
+    }
+
     pub fn awaited_lookups(&self) -> u64 {
         self.awaited_lookups
             .load(std::sync::atomic::Ordering::Relaxed)

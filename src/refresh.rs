@@ -18,7 +18,7 @@
 //!   "refresh interrupted", and an event fires.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
@@ -69,6 +69,8 @@ pub struct CachedInstance {
     loaded_at: Instant,
     /// A background re-read is under way (one at a time per copy).
     revalidating: AtomicBool,
+    /// When a call last used this copy (ms), for eviction of idle copies.
+    last_used: AtomicI64,
 }
 
 impl CachedInstance {
@@ -136,6 +138,13 @@ impl RefreshFailure {
     }
 }
 
+/// Whether a freshly read instance goes into the in-memory copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    Always,
+    IfPresent,
+}
+
 #[derive(Default)]
 pub struct RefreshEngine {
     flights: DashMap<i64, Arc<Mutex<()>>>,
@@ -181,6 +190,7 @@ impl RefreshEngine {
         id: i64,
     ) -> Result<Arc<CachedInstance>, RefreshFailure> {
         if let Some(cached) = self.cache.get(&id).map(|c| Arc::clone(&c)) {
+            cached.last_used.store(now_ms(), Ordering::Relaxed);
             if cached.loaded_at.elapsed() < REVALIDATE_AFTER {
                 return Ok(cached);
             }
@@ -191,7 +201,7 @@ impl RefreshEngine {
                     tokio::spawn(async move {
                         match app.store.get_instance_by_id(id).await {
                             Ok(Some(row)) => {
-                                let _ = app.refresh.remember(&app, &row).await;
+                                let _ = app.refresh.remember(&app, &row, Keep::IfPresent).await;
                             }
                             Ok(None) => app.refresh.forget(id),
                             Err(error) => {
@@ -218,13 +228,14 @@ impl RefreshEngine {
             .await
             .map_err(|e| RefreshFailure::Internal(e.to_string()))?
             .ok_or(RefreshFailure::NotFound)?;
-        self.remember(app, &row).await
+        self.remember(app, &row, Keep::Always).await
     }
 
     async fn remember(
         &self,
         app: &App,
         row: &InstanceRow,
+        keep: Keep,
     ) -> Result<Arc<CachedInstance>, RefreshFailure> {
         let connector = app
             .connector(row.organization_id, &row.element_key)
@@ -262,9 +273,35 @@ impl RefreshEngine {
             last_failure: row.last_failure.clone(),
             loaded_at: Instant::now(),
             revalidating: AtomicBool::new(false),
+            last_used: AtomicI64::new(now_ms()),
         });
-        self.cache.insert(row.id, Arc::clone(&cached));
+        // Only instances that calls use are kept in memory: a scheduled refresh of an instance
+        // nobody calls updates a copy that exists, and adds none, so memory follows the calls,
+        // not the table.
+        match keep {
+            Keep::Always => {
+                self.cache.insert(row.id, Arc::clone(&cached));
+            }
+            Keep::IfPresent => {
+                if let Some(mut entry) = self.cache.get_mut(&row.id) {
+                    *entry = Arc::clone(&cached);
+                }
+            }
+        }
         Ok(cached)
+    }
+
+    /// Drops copies no call has used for `idle`; answers how many went.
+    pub fn evict_idle(&self, idle: Duration) -> usize {
+        let cutoff = now_ms() - idle.as_millis() as i64;
+        let before = self.cache.len();
+        self.cache
+            .retain(|_, cached| cached.last_used.load(Ordering::Relaxed) >= cutoff);
+        before - self.cache.len()
+    }
+
+    pub fn cached_instances(&self) -> usize {
+        self.cache.len()
     }
 
     /// `POST /instances/{id}/tokens/refresh`: a refresh whatever the token's age.
@@ -307,6 +344,12 @@ impl RefreshEngine {
         claimed: Option<InstanceRow>,
     ) -> Result<Arc<CachedInstance>, RefreshFailure> {
         let moved_past = |version: i64| observed.is_some_and(|seen| version > seen);
+        // A scheduled refresh (a claimed row) keeps no new copy in memory.
+        let keep = if claimed.is_some() {
+            Keep::IfPresent
+        } else {
+            Keep::Always
+        };
         if let Some(cached) = self.cache.get(&id).map(|c| Arc::clone(&c))
             && moved_past(cached.token_version)
             && cached.valid
@@ -348,7 +391,7 @@ impl RefreshEngine {
                         .map_err(store_error)?
                         .ok_or(RefreshFailure::NotFound)?;
                     if moved_past(row.token_version) && row.is_valid() {
-                        return self.remember(app, &row).await;
+                        return self.remember(app, &row, keep).await;
                     }
                     if let Err(failure) = check_usable(&row, now_ms()) {
                         self.forget(id);
@@ -365,6 +408,22 @@ impl RefreshEngine {
                         let interrupted = leased.refresh_in_flight_since.is_some_and(|t| t < now);
                         break (leased, interrupted);
                     }
+                    // Our own scheduler claimed the row and waits for this instance's turn,
+                    // which we hold: take its claim over rather than wait for ourselves. When
+                    // it gets its turn, the version has moved and it refreshes nothing.
+                    if row.refresh_lease_owner.as_deref() == Some(app.replica_id.as_str()) {
+                        let claimed_at = row.refresh_lease_until.unwrap_or(i64::MAX) - LEASE_MS;
+                        let interrupted =
+                            row.refresh_in_flight_since.is_some_and(|t| t < claimed_at);
+                        if let Some(leased) = app
+                            .store
+                            .renew_refresh_lease(id, &app.replica_id, now + LEASE_MS)
+                            .await
+                            .map_err(store_error)?
+                        {
+                            break (leased, interrupted);
+                        }
+                    }
                     // Another replica is refreshing: wait for its result, bounded.
                     if Instant::now() > deadline {
                         return Err(RefreshFailure::Transient {
@@ -380,7 +439,7 @@ impl RefreshEngine {
         };
         if moved_past(leased.token_version) && leased.is_valid() {
             let _ = app.store.release_refresh_lease(id, &app.replica_id).await;
-            return self.remember(app, &leased).await;
+            return self.remember(app, &leased, keep).await;
         }
         if let Err(failure) = check_usable(&leased, now_ms()) {
             let _ = app.store.release_refresh_lease(id, &app.replica_id).await;
@@ -395,7 +454,7 @@ impl RefreshEngine {
         }
         let outcome = self.call_provider(app, &leased, interrupted).await;
         match outcome {
-            Ok(row) => self.remember(app, &row).await,
+            Ok(row) => self.remember(app, &row, keep).await,
             Err(failure) => {
                 self.forget(id);
                 Err(failure)
@@ -486,14 +545,21 @@ impl RefreshEngine {
                     now,
                 );
                 let event = events::new_event(app, row, events::REFRESHED, None);
+                // Ending a run of transient failures: `instance.recovered`, in the same
+                // transaction (the store writes it only if the row was still failing).
+                let recovered = row
+                    .failing_since
+                    .is_some()
+                    .then(|| events::new_event(app, row, events::RECOVERED, None));
                 let committed = app
                     .store
-                    .commit_refreshed_tokens(
+                    .commit_refreshed_tokens_recovering(
                         row.id,
                         &app.replica_id,
                         row.token_version,
                         &applied.update,
                         Some(&event),
+                        recovered.as_ref(),
                     )
                     .await
                     .map_err(store_error)?;
@@ -509,9 +575,6 @@ impl RefreshEngine {
                         instance = row.id,
                         "a refresh finished after its lease expired; keeping the newer token"
                     );
-                } else if row.failing_since.is_some() {
-                    let recovered = events::new_event(app, row, events::RECOVERED, None);
-                    let _ = app.store.insert_event(&recovered).await;
                 }
                 tracing::info!(instance = row.id, connector = %connector.key, version = stored.token_version, "token refreshed");
                 Ok(stored)
@@ -553,9 +616,13 @@ impl RefreshEngine {
                     % (step as u64 / 2 + 1)) as i64;
                 let wait = (step / 2 + jitter).max(retry_after_ms.unwrap_or(0));
                 let message = error.provider_message();
-                let event = row
-                    .failing_since
-                    .is_none()
+                // `instance.refresh_failing` once per run of failures, when the run has lasted
+                // the configured threshold (a single blip is not news).
+                let threshold = app.config.refresh_failing_after.as_millis() as i64;
+                let since = row.failing_since.unwrap_or(now);
+                let announce = events::refresh_failing_due(Some(since), now, false, threshold)
+                    && !self.failing_announced(app, row, since).await;
+                let event = announce
                     .then(|| events::new_event(app, row, events::REFRESH_FAILING, Some(&message)));
                 app.store
                     .record_transient_failure(
@@ -575,6 +642,23 @@ impl RefreshEngine {
                     retry_after_ms: Some(wait),
                 })
             }
+        }
+    }
+
+    /// Whether `instance.refresh_failing` was already fired for the run of failures that
+    /// began at `since`.
+    async fn failing_announced(&self, app: &App, row: &InstanceRow, since: i64) -> bool {
+        let filter = crate::store::EventFilter {
+            instance_id: Some(row.id),
+            event_type: Some(events::REFRESH_FAILING.to_string()),
+            before: None,
+            limit: 1,
+        };
+        match app.store.list_events(row.organization_id, &filter).await {
+            Ok(found) => found
+                .first()
+                .is_some_and(|event| event.occurred_at >= since),
+            Err(_) => false,
         }
     }
 
@@ -677,7 +761,8 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
     let mut messages = Vec::new();
     for (token, hint) in attempts {
         if hint == TokenHint::AccessToken
-            && connector.oauth.revocation == Some(crate::catalog::RevocationStyle::DeleteRefreshTokenPath)
+            && connector.oauth.revocation
+                == Some(crate::catalog::RevocationStyle::DeleteRefreshTokenPath)
         {
             continue; // That endpoint takes refresh tokens only.
         }

@@ -101,9 +101,27 @@ struct ProviderData {
     code: Option<String>,
     #[serde(default)]
     state: Option<String>,
+    /// Other parameters of the provider's redirect (Adobe's `api_access_point`, QuickBooks'
+    /// `realmId`, a shop host): routing data, used like token-response fields.
+    #[serde(flatten)]
+    redirect: Map<String, Value>,
 }
 
 impl InstanceBody {
+    /// The redirect's routing parameters (string values only).
+    fn redirect_fields(&self) -> Map<String, Value> {
+        self.provider_data
+            .as_ref()
+            .map(|data| {
+                data.redirect
+                    .iter()
+                    .filter(|(_, value)| value.is_string())
+                    .map(|(key, value)| (key.clone(), value.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn code(&self) -> Option<Secret> {
         self.provider_data
             .as_ref()
@@ -182,6 +200,7 @@ async fn exchange(
     secrets: &BTreeMap<String, String>,
     code: &Secret,
     state: Option<&str>,
+    redirect_fields: &Map<String, Value>,
 ) -> ApiResult<Grant> {
     let callback = plain
         .get(CALLBACK_URL)
@@ -277,6 +296,14 @@ async fn exchange(
             return Err(instances::exchange_error(&error));
         }
     };
+    // Routing data the provider put in its redirect counts like token-response fields; the
+    // token response wins where both carry a field.
+    let mut tokens = tokens;
+    for (key, value) in redirect_fields {
+        if !tokens.fields.contains_key(key) && !crate::instances::is_secret_key(key) {
+            tokens.fields.insert(key.clone(), value.clone());
+        }
+    }
     Ok(Grant {
         tokens,
         verifier_used: verifier.is_some(),
@@ -357,6 +384,7 @@ async fn create_instance(
                 &split.secret,
                 &code,
                 body.state(),
+                &body.redirect_fields(),
             )
             .await?
         }
@@ -666,6 +694,7 @@ async fn update(
             &secret,
             &code,
             body.state(),
+            &body.redirect_fields(),
         )
         .await?;
         let now = now_ms();

@@ -615,32 +615,8 @@ impl Store {
             return Ok(Vec::new());
         }
         let set = "refresh_lease_owner = $3, refresh_lease_until = $4, \
-<<<<<<< HEAD
                    refresh_in_flight_since = COALESCE(refresh_in_flight_since, $1), \
                    next_due_at = $4";
-        let sql = match self.engine {
-            Engine::Postgres => format!(
-                "WITH due AS (SELECT id FROM instances WHERE {CLAIMABLE} \
-                 ORDER BY next_due_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
-                 UPDATE instances SET {set} FROM due WHERE instances.id = due.id \
-                 RETURNING {}",
-                prefixed("instances", INSTANCE_COLUMNS)
-            ),
-            Engine::Sqlite => format!(
-                "UPDATE instances SET {set} WHERE id IN (SELECT id FROM instances \
-                 WHERE {CLAIMABLE} ORDER BY next_due_at LIMIT $2) RETURNING {INSTANCE_COLUMNS}"
-            ),
-        };
-        let rows = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
-            .bind(now)
-            .bind(limit)
-            .bind(owner)
-            .bind(lease_until)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows)
-=======
-                   refresh_in_flight_since = $1, next_due_at = $4";
         match self.engine {
             Engine::Postgres => {
                 let sql = format!(
@@ -720,7 +696,6 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(result.rows_affected() == 1)
->>>>>>> ops
     }
 
     /// The earliest `next_due_at` of valid, enabled instances (from the index), for the

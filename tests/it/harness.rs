@@ -280,6 +280,8 @@ pub async fn start_server(
     let mut config = AppConfig::new(database_url);
     config.sandbox_url = sandbox_url.to_string();
     config.master_key = Some(TEST_MASTER_KEY.to_string());
+    // Tests watch `instance.refresh_failing` without waiting five minutes.
+    config.refresh_failing_after = std::time::Duration::ZERO;
     adjust(&mut config);
     tokenwarden::startup::spawn(loopback(), config)
         .await

@@ -507,6 +507,44 @@ async fn routing_data_from_the_token_response_or_the_redirect_sets_the_base_url(
     let qbo = created["token"].as_str().unwrap().to_string();
     works(&env, &qbo, "realmId").await;
 
+    // Routing data in the redirect only (`instance_url` as a redirect parameter): passed back in
+    // `providerData` with the code, it sets the base URL like a token-response field.
+    register(
+        &env,
+        "redirect-routed",
+        json!({"baseUrl": "{sandbox}/generic/tenants/unrouted/",
+               "oauth": {"tokenResponseFields": ["instance_url"], "baseUrlFrom": "instance_url"}}),
+    )
+    .await;
+    configure(
+        &env,
+        json!({"routingField": "instance_url", "routingLocation": "redirect", "routingValue": "baseUrl"}),
+    )
+    .await;
+    let (_, location) = authorize_with_redirect(&env, "redirect-routed", "frank").await;
+    let routed = param(&location, "instance_url");
+    assert!(routed.contains("/tenants/t-"), "{location}");
+    let response = env
+        .http
+        .post(env.api("/instances"))
+        .header("authorization", env.org.platform())
+        .json(&json!({"element": {"key": "redirect-routed"},
+                      "providerData": {"code": param(&location, "code"), "state": param(&location, "state"),
+                                       "instance_url": routed},
+                      "configuration": env.configuration(), "name": "redirect-routed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let created: Value = response.json().await.unwrap();
+    assert_eq!(
+        created["configuration"]["base.url"],
+        routed.as_str(),
+        "{created}"
+    );
+    let redirected = created["token"].as_str().unwrap().to_string();
+    works(&env, &redirected, "instance_url from the redirect").await;
+
     // Where the grant is gone, routed instances turn invalid like any other.
     revoke_user(&env, "frank").await;
     turns_invalid(
@@ -794,9 +832,21 @@ async fn revocation_semantics_cascade_refresh_only_none_fake_and_delayed() {
     assert_eq!(answer["valid"], false, "{answer}");
     assert_eq!(sandbox_api_status(&env, &access).await, 401);
 
-    // Refresh-only (HubSpot): the refresh token dies, the access token lives until it expires;
-    // the instance works until then and turns invalid after.
+    // Refresh-only (HubSpot): revoking through the service revokes the access token too, so
+    // nothing of the grant works at the provider afterwards.
     configure(&env, json!({"revocationMode": "refreshOnly"})).await;
+    let (id, token) = create(&env, "rev", "hub").await;
+    let access = access_token_of(&env, &token).await;
+    let answer = revoke_through_service(&env, &id, &token).await;
+    assert_eq!(answer["revocation"]["revokedAtProvider"], true, "{answer}");
+    assert_eq!(
+        sandbox_api_status(&env, &access).await,
+        401,
+        "the access token must not outlive a revocation through the service"
+    );
+
+    // Refresh-only, revoked by someone else: the refresh token dies, the access token lives
+    // until it expires; the instance works until then and turns invalid after.
     let (_, token) = create(&env, "rev", "ned").await;
     let rt = refresh_token_of(&env, &token).await;
     sandbox_revoke(&env, &rt).await;
