@@ -70,6 +70,11 @@ pub struct OAuthSpec {
     /// The shape of the revocation request. Default: RFC 7009 when `revokeUrl` is set, else none.
     #[serde(default)]
     pub revocation: Option<RevocationStyle>,
+    /// Revoking one token of a grant revokes the others (Adobe Sign, Google, Dropbox, Box): one
+    /// revocation suffices. Otherwise both the refresh and the access token are revoked, so a
+    /// provider that revokes only the refresh token (HubSpot) leaves nothing alive.
+    #[serde(default)]
+    pub revocation_cascades: bool,
     #[serde(default)]
     /// May contain `{input}` placeholders (Dynamics: `https://{org}.crm.dynamics.com/...`), filled
     /// like the URLs.

@@ -113,6 +113,11 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
         "/elements/api-v2/proxy/{path}",
         "Call the provider through an instance (any method)",
     ),
+    (
+        "get",
+        "/",
+        "The dashboard (an HTML page): instances, states, events, Reconnect",
+    ),
     ("get", "/healthz", "Health, with a database check"),
     ("get", "/metrics", "Prometheus metrics"),
     ("get", "/openapi.json", "This document"),

@@ -766,6 +766,9 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
         {
             continue; // That endpoint takes refresh tokens only.
         }
+        if revoked && connector.oauth.revocation_cascades {
+            break;
+        }
         match app
             .oauth
             .revoke(&connector.oauth, &endpoints, &credentials, token, hint)
