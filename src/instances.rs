@@ -548,7 +548,7 @@ pub fn join_url(base: &str, path: &str) -> String {
 /// refresh, a re-authentication, a configuration update) is read again and retried, so that
 /// when this returns every value present at its start is under the current key and no
 /// concurrent write was overwritten. Returns how many rows changed.
-pub async fn reseal_all(app: &App) -> Result<u64, ApiError> {
+pub async fn reseal_all(app: &App, progress: &mut dyn FnMut(u64)) -> Result<u64, ApiError> {
     const ATTEMPTS: usize = 100;
     let keyring = &app.keyring;
     let mut changed = 0u64;
@@ -559,6 +559,7 @@ pub async fn reseal_all(app: &App) -> Result<u64, ApiError> {
             break;
         };
         after_id = last.id;
+        let seen = batch.len() as u64;
         for fields in batch {
             let id = fields.id;
             let mut current = fields;
@@ -585,6 +586,7 @@ pub async fn reseal_all(app: &App) -> Result<u64, ApiError> {
                 }
             }
         }
+        progress(seen);
     }
     for organization in app.store.list_organizations().await? {
         let mut sealed = organization.webhook_secret_enc.clone();

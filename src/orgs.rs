@@ -121,5 +121,76 @@ pub async fn create_user(
 /// Re-seals every encrypted value that is not under the current key, in batches, while the
 /// service runs. Returns how many rows changed.
 pub async fn rotate_keys(app: &App) -> Result<u64, ApiError> {
-    crate::instances::reseal_all(app).await
+    let total: i64 = app
+        .store
+        .count_instances_by_state()
+        .await?
+        .iter()
+        .map(|(_, count)| count)
+        .sum();
+    let mut bar = ProgressBar::new(total.max(0) as u64, "instances re-sealed");
+    let changed = crate::instances::reseal_all(app, &mut |seen| bar.advance(seen)).await?;
+    bar.finish();
+    Ok(changed)
+}
+
+/// A progress bar on standard error: redrawn in place on a terminal, a line every tenth
+/// otherwise (logs and CI).
+struct ProgressBar {
+    total: u64,
+    done: u64,
+    label: &'static str,
+    terminal: bool,
+    last_tenth: u64,
+}
+
+impl ProgressBar {
+    fn new(total: u64, label: &'static str) -> Self {
+        use std::io::IsTerminal;
+        ProgressBar {
+            total,
+            done: 0,
+            label,
+            terminal: std::io::stderr().is_terminal(),
+            last_tenth: 0,
+        }
+    }
+
+    fn advance(&mut self, by: u64) {
+        self.done += by;
+        let fraction = if self.total == 0 {
+            1.0
+        } else {
+            (self.done as f64 / self.total as f64).min(1.0)
+        };
+        if self.terminal {
+            let filled = (fraction * 30.0).round() as usize;
+            eprint!(
+                "\r[{}{}] {}/{} {}",
+                "#".repeat(filled),
+                " ".repeat(30 - filled),
+                self.done,
+                self.total,
+                self.label
+            );
+        } else {
+            let tenth = (fraction * 10.0).floor() as u64;
+            if tenth > self.last_tenth {
+                self.last_tenth = tenth;
+                eprintln!(
+                    "{}% ({}/{}) {}",
+                    tenth * 10,
+                    self.done,
+                    self.total,
+                    self.label
+                );
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if self.terminal {
+            eprintln!();
+        }
+    }
 }

@@ -23,8 +23,13 @@ fn tokenwarden(args: &[&str], envs: &[(&str, &str)]) -> (bool, String, String) {
 
 #[tokio::test]
 async fn instances_and_connectors_from_the_command_line() {
-    let (label, url) = test_databases().await.remove(0);
-    let env = Env::start(&label, &url).await;
+    for (label, url) in test_databases().await {
+        command_line_on(Env::start(&label, &url).await).await;
+        crate::support::drop_test_database(&url).await;
+    }
+}
+
+async fn command_line_on(env: Env) {
     let instance = env.create_instance(&env.org, "sandbox-box", "carol").await;
     let id = instance["id"].to_string();
     let server = env.server.url.clone();

@@ -40,8 +40,13 @@ async fn dashboard_reconnect_in_chromium() {
         eprintln!("SKIPPED dashboard_reconnect_in_chromium: {missing}");
         return;
     }
-    let (label, url) = test_databases().await.remove(0);
-    let env = Env::start(&label, &url).await;
+    for (label, url) in test_databases().await {
+        dashboard_on(Env::start(&label, &url).await).await;
+        crate::support::drop_test_database(&url).await;
+    }
+}
+
+async fn dashboard_on(env: Env) {
     let instance = env
         .create_instance(&env.org, "sandbox-adobe-sign", "alice")
         .await;

@@ -108,10 +108,12 @@ async fn rotation_under_traffic_leaves_everything_readable_with_the_new_key() {
         })
         .await
         .unwrap();
+        let progress = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "[{label}] keys rotate: {progress}");
+        // Not a terminal: the progress bar prints a line per tenth, ending at 100%.
         assert!(
-            output.status.success(),
-            "[{label}] keys rotate: {}",
-            String::from_utf8_lossy(&output.stderr)
+            progress.contains("100% (") && progress.contains("instances re-sealed"),
+            "[{label}] progress: {progress}"
         );
         let during = calls.load(Ordering::Relaxed);
         stop.store(true, Ordering::Relaxed);

@@ -3,18 +3,13 @@
 //! real code flow, and proof that the instance keeps working while the grant lives and turns
 //! invalid, with the provider's words, when it does not.
 //!
-//! SQLite only: the store is tested on both engines elsewhere, and these tests are about what
-//! the service makes of providers' answers. Time moves on the sandbox clock, never by sleeping.
+//! Each runs on SQLite and on PostgreSQL. Time moves on the sandbox clock, never by sleeping.
 
 use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::harness::{CLIENT_ID, CLIENT_SECRET, Env};
-use crate::support::sqlite_database;
-
-async fn start(label: &str) -> Env {
-    Env::start(label, &sqlite_database()).await
-}
+use crate::support::{drop_test_database, test_databases};
 
 /// `PUT /__sandbox/profiles/generic`.
 async fn configure(env: &Env, settings: Value) {
@@ -263,7 +258,16 @@ async fn revoke_through_service(env: &Env, id: &str, element_token: &str) -> Val
 
 #[tokio::test]
 async fn rotation_modes_keep_instances_working_and_reuse_kills_the_family() {
-    let env = start("rotation").await;
+    for (engine, url) in test_databases().await {
+        rotation_modes_keep_instances_working_and_reuse_kills_the_family_on(
+            Env::start(&format!("rotation/{engine}"), &url).await,
+        )
+        .await;
+        drop_test_database(&url).await;
+    }
+}
+
+async fn rotation_modes_keep_instances_working_and_reuse_kills_the_family_on(env: Env) {
     register(&env, "rot", json!({})).await;
     // (case, settings, whether each refresh changes the refresh token)
     let cases = [
@@ -330,7 +334,16 @@ async fn rotation_modes_keep_instances_working_and_reuse_kills_the_family() {
 
 #[tokio::test]
 async fn expiry_models_idle_absolute_and_both() {
-    let env = start("expiry").await;
+    for (engine, url) in test_databases().await {
+        expiry_models_idle_absolute_and_both_on(
+            Env::start(&format!("expiry/{engine}"), &url).await,
+        )
+        .await;
+        drop_test_database(&url).await;
+    }
+}
+
+async fn expiry_models_idle_absolute_and_both_on(env: Env) {
     register(&env, "exp", json!({})).await;
 
     // No expiry: a year of silence changes nothing.
@@ -392,7 +405,16 @@ async fn expiry_models_idle_absolute_and_both() {
 
 #[tokio::test]
 async fn grant_caps_evict_the_oldest_instance_of_a_user() {
-    let env = start("caps").await;
+    for (engine, url) in test_databases().await {
+        grant_caps_evict_the_oldest_instance_of_a_user_on(
+            Env::start(&format!("caps/{engine}"), &url).await,
+        )
+        .await;
+        drop_test_database(&url).await;
+    }
+}
+
+async fn grant_caps_evict_the_oldest_instance_of_a_user_on(env: Env) {
     register(&env, "cap", json!({})).await;
     configure(&env, json!({"maxGrantsPerUser": 2})).await;
     let (_, oldest) = create(&env, "cap", "carol").await;
@@ -431,7 +453,16 @@ async fn grant_caps_evict_the_oldest_instance_of_a_user() {
 
 #[tokio::test]
 async fn routing_data_from_the_token_response_or_the_redirect_sets_the_base_url() {
-    let env = start("routing").await;
+    for (engine, url) in test_databases().await {
+        routing_data_from_the_token_response_or_the_redirect_sets_the_base_url_on(
+            Env::start(&format!("routing/{engine}"), &url).await,
+        )
+        .await;
+        drop_test_database(&url).await;
+    }
+}
+
+async fn routing_data_from_the_token_response_or_the_redirect_sets_the_base_url_on(env: Env) {
     // The connector's own base URL names no tenant: only the routing data makes calls work.
     register(
         &env,
@@ -602,8 +633,16 @@ async fn authorize_with_redirect(env: &Env, key: &str, user: &str) -> (String, u
 
 #[tokio::test]
 async fn refresh_request_variants_separate_url_scope_and_json_bodies() {
-    let env = start("refresh-variants").await;
+    for (engine, url) in test_databases().await {
+        refresh_request_variants_separate_url_scope_and_json_bodies_on(
+            Env::start(&format!("refresh-variants/{engine}"), &url).await,
+        )
+        .await;
+        drop_test_database(&url).await;
+    }
+}
 
+async fn refresh_request_variants_separate_url_scope_and_json_bodies_on(env: Env) {
     // A separate refresh URL: the connector that names it keeps working; one that refreshes
     // at the token URL is refused, which must not invalidate anything.
     configure(&env, json!({"separateRefreshEndpoint": true})).await;
@@ -687,7 +726,16 @@ async fn refresh_request_variants_separate_url_scope_and_json_bodies() {
 
 #[tokio::test]
 async fn client_authentication_basic_only_and_body_only() {
-    let env = start("client-auth").await;
+    for (engine, url) in test_databases().await {
+        client_authentication_basic_only_and_body_only_on(
+            Env::start(&format!("client-auth/{engine}"), &url).await,
+        )
+        .await;
+        drop_test_database(&url).await;
+    }
+}
+
+async fn client_authentication_basic_only_and_body_only_on(env: Env) {
     register(
         &env,
         "basic",
@@ -737,7 +785,16 @@ async fn client_authentication_basic_only_and_body_only() {
 
 #[tokio::test]
 async fn non_standard_token_responses_are_read_and_their_errors_understood() {
-    let env = start("token-responses").await;
+    for (engine, url) in test_databases().await {
+        non_standard_token_responses_are_read_and_their_errors_understood_on(
+            Env::start(&format!("token-responses/{engine}"), &url).await,
+        )
+        .await;
+        drop_test_database(&url).await;
+    }
+}
+
+async fn non_standard_token_responses_are_read_and_their_errors_understood_on(env: Env) {
     register(
         &env,
         "odd",
@@ -822,7 +879,16 @@ async fn non_standard_token_responses_are_read_and_their_errors_understood() {
 
 #[tokio::test]
 async fn revocation_semantics_cascade_refresh_only_none_fake_and_delayed() {
-    let env = start("revocation").await;
+    for (engine, url) in test_databases().await {
+        revocation_semantics_cascade_refresh_only_none_fake_and_delayed_on(
+            Env::start(&format!("revocation/{engine}"), &url).await,
+        )
+        .await;
+        drop_test_database(&url).await;
+    }
+}
+
+async fn revocation_semantics_cascade_refresh_only_none_fake_and_delayed_on(env: Env) {
     register(&env, "rev", json!({})).await;
 
     // Cascade (RFC 7009 generic): revoking through the service kills the grant at the provider.
@@ -924,7 +990,16 @@ async fn turns_invalid_locally(env: &Env, element_token: &str, case: &str) {
 
 #[tokio::test]
 async fn api_rejection_shapes_trigger_refresh_and_report_the_providers_words() {
-    let env = start("api-rejections").await;
+    for (engine, url) in test_databases().await {
+        api_rejection_shapes_trigger_refresh_and_report_the_providers_words_on(
+            Env::start(&format!("api-rejections/{engine}"), &url).await,
+        )
+        .await;
+        drop_test_database(&url).await;
+    }
+}
+
+async fn api_rejection_shapes_trigger_refresh_and_report_the_providers_words_on(env: Env) {
     // (case, shape, connector rejection spec, words of the rejection)
     let cases = [
         (
@@ -973,7 +1048,16 @@ async fn api_rejection_shapes_trigger_refresh_and_report_the_providers_words() {
 
 #[tokio::test]
 async fn a_new_access_token_that_is_not_active_yet_does_not_invalidate_the_instance() {
-    let env = start("activation").await;
+    for (engine, url) in test_databases().await {
+        a_new_access_token_that_is_not_active_yet_does_not_invalidate_the_instance_on(
+            Env::start(&format!("activation/{engine}"), &url).await,
+        )
+        .await;
+        drop_test_database(&url).await;
+    }
+}
+
+async fn a_new_access_token_that_is_not_active_yet_does_not_invalidate_the_instance_on(env: Env) {
     register(&env, "slow", json!({})).await;
     configure(&env, json!({"accessTokenActivationDelaySeconds": 5})).await;
     let (_, token) = create(&env, "slow", "rita").await;

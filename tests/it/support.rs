@@ -52,10 +52,17 @@ async fn admin_connection() -> Result<(sqlx::PgConnection, String), String> {
     Err(failures.join("; "))
 }
 
-/// Creates `tw_test_<random>` and returns its URL.
+/// Creates `tw_test_<unix seconds>_<random>` and returns its URL. Databases of earlier runs
+/// (older than an hour, or named before the time was in the name) are dropped on the way, so a
+/// machine that runs the suite every day does not fill up with them.
 pub async fn create_postgres_database() -> Result<String, String> {
     let (mut admin, admin_url) = admin_connection().await?;
-    let name = format!("tw_test_{}", random_suffix());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    drop_stale_databases(&mut admin, now).await;
+    let name = format!("tw_test_{now}_{}", random_suffix());
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&mut admin)
         .await
@@ -64,6 +71,38 @@ pub async fn create_postgres_database() -> Result<String, String> {
     let mut url = url::Url::parse(&admin_url).map_err(|error| error.to_string())?;
     url.set_path(&format!("/{name}"));
     Ok(url.to_string())
+}
+
+/// Drops `tw_test_` databases of runs that ended long ago (best effort; at most once a minute
+/// per process).
+async fn drop_stale_databases(admin: &mut sqlx::PgConnection, now: u64) {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if now.saturating_sub(LAST.swap(now, std::sync::atomic::Ordering::Relaxed)) < 60 {
+        return;
+    }
+    let Ok(names) = sqlx::query_scalar::<_, String>(
+        "SELECT datname FROM pg_database WHERE datname LIKE 'tw\\_test\\_%'",
+    )
+    .fetch_all(&mut *admin)
+    .await
+    else {
+        return;
+    };
+    for name in names {
+        let created = name
+            .strip_prefix("tw_test_")
+            .and_then(|rest| rest.split('_').next())
+            .and_then(|secs| secs.parse::<u64>().ok())
+            .filter(|secs| *secs > 1_000_000_000);
+        let stale = created.is_none_or(|secs| now.saturating_sub(secs) > 3600);
+        if stale && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&mut *admin)
+            .await;
+        }
+    }
 }
 
 /// A fresh SQLite file in the temporary directory.
