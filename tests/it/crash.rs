@@ -241,3 +241,100 @@ async fn a_refresh_killed_in_flight_never_leaves_the_instance_silently_broken() 
         );
     }
 }
+
+/// SIGTERM while a refresh is at the provider: the service lets the call finish (its refresh
+/// committed, the caller answered 200), releases what it holds, and exits 0; a new process on
+/// the same database works at once, and the provider saw one refresh.
+#[tokio::test]
+async fn sigterm_finishes_the_refresh_in_flight_and_exits_cleanly() {
+    let url = sqlite_database();
+    let sandbox: RunningSandbox = tokenwarden_sandbox::spawn(loopback(), Default::default())
+        .await
+        .unwrap();
+    let sandbox_url = sandbox.url.clone();
+    let env = Env::start_with_sandbox("sigterm", &url, sandbox, |_| {}).await;
+    generic_profile(&env, strict_rotation()).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "graceful")
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    let id = created["id"].as_i64().unwrap();
+    let Env {
+        server,
+        sandbox,
+        http,
+        org,
+        ..
+    } = env;
+    server.shutdown().await;
+
+    let mut first = spawn_serve(&url, &sandbox_url, &http).await;
+    for (path, body) in [
+        ("/__sandbox/clock", json!({"advanceSeconds": 10_000})),
+        (
+            "/__sandbox/faults",
+            json!({"target": "token", "status": 0, "delayMs": 1_500, "count": 1}),
+        ),
+    ] {
+        let answer = http
+            .post(format!("{sandbox_url}{path}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(answer.status().is_success());
+    }
+    let caller = {
+        let (http, server, org, token) = (
+            http.clone(),
+            first.url.clone(),
+            org.through(&token),
+            token.clone(),
+        );
+        tokio::spawn(async move {
+            let response = http
+                .get(format!("{server}/elements/api-v2/proxy/api/me"))
+                .header("authorization", org)
+                .send()
+                .await
+                .unwrap();
+            drop(token);
+            response.status().as_u16()
+        })
+    };
+    eventually("the refresh in flight", Duration::from_secs(20), || async {
+        (stats(&http, &sandbox_url).await["faultsInjected"].as_u64() == Some(1)).then_some(())
+    })
+    .await;
+    let pid = first.process.id().expect("running").to_string();
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    assert_eq!(caller.await.unwrap(), 200, "the call in flight is answered");
+    let exit = tokio::time::timeout(Duration::from_secs(20), first.process.wait())
+        .await
+        .expect("serve exits within 20 s of SIGTERM")
+        .unwrap();
+    assert!(exit.success(), "serve exits cleanly: {exit:?}");
+
+    // Nothing is left held: no lease, no refresh marked in flight.
+    let store = tokenwarden::store::Store::connect(&url).await.unwrap();
+    let row = store.get_instance_by_id(id).await.unwrap().unwrap();
+    assert_eq!(row.refresh_lease_owner, None, "{row:?}");
+    assert_eq!(row.refresh_in_flight_since, None, "{row:?}");
+    store.close().await;
+
+    let second = spawn_serve(&url, &sandbox_url, &http).await;
+    let (status, body) = call(&http, &second.url, &org, &token).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        stats(&http, &sandbox_url).await["token"]["refresh_token"],
+        1,
+        "one refresh, kept across the restart"
+    );
+    drop(second);
+    sandbox.shutdown().await;
+    drop_test_database(&url).await;
+}
