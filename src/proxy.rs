@@ -125,6 +125,21 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+#[utoipa::path(
+    method(get, post, put, patch, delete),
+    path = "/elements/api-v2/proxy/{path}",
+    operation_id = "proxy_handle",
+    tag = "proxy",
+    summary = "Call the provider through an instance: forwarded to base.url + /{path} with the access token injected; needs `User <user secret>, Element <instance token>`",
+    params(("path" = String, Path, description = "the provider path under the instance's base.url")),
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "The provider's answer, as it is"),
+        (status = 400, description = "A path that would leave the instance's base URL", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Request failed: the grant is gone (providerMessage has the provider's words), or bad secrets", body = crate::openapi::ErrorBody),
+        (status = 503, description = "The provider's token endpoint is failing for now; the instance stays valid", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn handle(State(app): State<SharedApp>, request: Request) -> Response {
     let started = Instant::now();
     let response = match proxy(&app, request).await {

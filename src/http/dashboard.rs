@@ -7,6 +7,14 @@ use axum::response::{Html, IntoResponse, Response};
 
 const PAGE: &str = include_str!("../../assets/dashboard.html");
 
+#[utoipa::path(
+    get,
+    path = "/",
+    operation_id = "dashboard_page",
+    tag = "operations",
+    summary = "The dashboard (an HTML page): instances, states, events, Reconnect",
+    responses((status = 200, description = "Success")),
+)]
 pub async fn page() -> Response {
     (
         [

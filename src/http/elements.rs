@@ -28,6 +28,20 @@ pub fn connector_json(connector: &Connector, built_in: bool) -> Value {
     value
 }
 
+#[utoipa::path(
+    get,
+    path = "/elements/api-v2/elements",
+    operation_id = "elements_list",
+    tag = "connectors",
+    summary = "The connector catalog (built-in and the organization's own); `?category=` filters",
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn list(
     State(app): State<SharedApp>,
     caller: Caller,
@@ -54,6 +68,21 @@ pub async fn list(
     Ok(AxumJson(out))
 }
 
+#[utoipa::path(
+    get,
+    path = "/elements/api-v2/elements/{key}",
+    operation_id = "elements_get_one",
+    tag = "connectors",
+    summary = "One connector",
+    params(("key" = String, Path, description = "the connector key")),
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn get_one(
     State(app): State<SharedApp>,
     caller: Caller,
@@ -73,6 +102,20 @@ pub async fn find(app: &SharedApp, organization_id: i64, key: &str) -> ApiResult
         .ok_or_else(|| ApiError::not_found(format!("There is no connector `{key}`")))
 }
 
+#[utoipa::path(
+    post,
+    path = "/elements/api-v2/elements",
+    operation_id = "elements_create",
+    tag = "connectors",
+    summary = "Register an organization's own OAuth2 connector",
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn create(
     State(app): State<SharedApp>,
     caller: Caller,
@@ -126,6 +169,21 @@ pub async fn create(
     ))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/elements/api-v2/elements/{key}",
+    operation_id = "elements_delete",
+    tag = "connectors",
+    summary = "Delete an organization's own connector",
+    params(("key" = String, Path, description = "the connector key")),
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn delete(
     State(app): State<SharedApp>,
     caller: Caller,
@@ -153,6 +211,21 @@ pub async fn delete(
 
 /// `GET /elements/{key}/oauth/url?apiKey=…&apiSecret=…&callbackUrl=…[&state=…][&scope=…]`.
 /// Other query parameters fill the connector's inputs (e.g. `tenant`, `shop`).
+#[utoipa::path(
+    get,
+    path = "/elements/api-v2/elements/{key}/oauth/url",
+    operation_id = "elements_oauth_url",
+    tag = "connectors",
+    summary = "The provider's authorization URL (`apiKey`, `callbackUrl`, optional `state`, `scope`); the PKCE verifier stays server-side",
+    params(("key" = String, Path, description = "the connector key")),
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn oauth_url(
     State(app): State<SharedApp>,
     caller: Caller,

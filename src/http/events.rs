@@ -24,6 +24,20 @@ fn limit(query: &HashMap<String, String>) -> ApiResult<i64> {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/elements/api-v2/events",
+    operation_id = "events_list",
+    tag = "events",
+    summary = "Events, newest first; `?instanceId=&type=&before=&limit=`",
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn list(
     State(app): State<SharedApp>,
     caller: Caller,
@@ -84,6 +98,20 @@ pub async fn list(
     Ok(AxumJson(json!({"events": events, "next": next})))
 }
 
+#[utoipa::path(
+    get,
+    path = "/elements/api-v2/audit-logs",
+    operation_id = "events_audit_logs",
+    tag = "events",
+    summary = "Who did what, newest first",
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn audit_logs(
     State(app): State<SharedApp>,
     caller: Caller,
@@ -116,6 +144,20 @@ pub async fn audit_logs(
 /// `X-Tokenwarden-Signature` HMAC for instances without their own
 /// `event.notification.signature.key`. Needs the organization secret: whoever can manage the
 /// organization can verify its webhooks.
+#[utoipa::path(
+    get,
+    path = "/elements/api-v2/events/webhook-secret",
+    operation_id = "events_webhook_secret",
+    tag = "events",
+    summary = "The organization's webhook secret (the signing key of events of instances without `event.notification.signature.key`)",
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn webhook_secret(
     State(app): State<SharedApp>,
     caller: Caller,

@@ -156,6 +156,20 @@ fn validate_name(name: &str) -> ApiResult<()> {
     Ok(())
 }
 
+#[utoipa::path(
+    post,
+    path = "/elements/api-v2/instances",
+    operation_id = "instances_create",
+    tag = "instances",
+    summary = "Create an instance from a provider's code or imported tokens",
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn create(
     State(app): State<SharedApp>,
     caller: Caller,
@@ -176,6 +190,21 @@ pub async fn create(
     create_instance(&app, &caller, &connector, body).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/elements/api-v2/elements/{key}/instances",
+    operation_id = "instances_create_for_element",
+    tag = "instances",
+    summary = "Create an instance of this connector",
+    params(("key" = String, Path, description = "the connector key")),
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn create_for_element(
     State(app): State<SharedApp>,
     caller: Caller,
@@ -465,6 +494,20 @@ async fn create_instance(
     Ok((StatusCode::OK, AxumJson(view)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/elements/api-v2/instances",
+    operation_id = "instances_list",
+    tag = "instances",
+    summary = "The organization's instances (or the Element token's one); `?tags[]=`",
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn list(
     State(app): State<SharedApp>,
     caller: Caller,
@@ -528,6 +571,21 @@ async fn load_for_call(app: &App, caller: &Caller, id: &str) -> ApiResult<Instan
     Ok(row)
 }
 
+#[utoipa::path(
+    get,
+    path = "/elements/api-v2/instances/{id}",
+    operation_id = "instances_get_one",
+    tag = "instances",
+    summary = "One instance",
+    params(("id" = String, Path, description = "the instance id")),
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn get_one(
     State(app): State<SharedApp>,
     caller: Caller,
@@ -543,6 +601,21 @@ pub async fn get_one(
     )?))
 }
 
+#[utoipa::path(
+    patch,
+    path = "/elements/api-v2/instances/{id}",
+    operation_id = "instances_patch",
+    tag = "instances",
+    summary = "Re-authenticate (`providerData.code`) or merge name, tags, configuration",
+    params(("id" = String, Path, description = "the instance id")),
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn patch(
     State(app): State<SharedApp>,
     caller: Caller,
@@ -553,6 +626,20 @@ pub async fn patch(
     update(&app, &caller, row, body, UpdateMode::Merge).await
 }
 
+#[utoipa::path(
+    patch,
+    path = "/elements/api-v2/instances",
+    operation_id = "instances_patch_by_token",
+    tag = "instances",
+    summary = "Re-authenticate or update the instance named by the Element token",
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn patch_by_token(
     State(app): State<SharedApp>,
     caller: Caller,
@@ -569,6 +656,21 @@ pub struct PutQuery {
     re_authenticate: Option<bool>,
 }
 
+#[utoipa::path(
+    put,
+    path = "/elements/api-v2/instances/{id}",
+    operation_id = "instances_put",
+    tag = "instances",
+    summary = "Replace the configuration; `?reAuthenticate=true` with a code re-authenticates",
+    params(("id" = String, Path, description = "the instance id")),
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn put(
     State(app): State<SharedApp>,
     caller: Caller,
@@ -583,6 +685,20 @@ pub async fn put(
     update(&app, &caller, row, body, mode).await
 }
 
+#[utoipa::path(
+    put,
+    path = "/elements/api-v2/instances",
+    operation_id = "instances_put_by_token",
+    tag = "instances",
+    summary = "Replace the configuration of the instance named by the Element token",
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn put_by_token(
     State(app): State<SharedApp>,
     caller: Caller,
@@ -840,6 +956,21 @@ pub struct DeleteQuery {
     revoke: Option<bool>,
 }
 
+#[utoipa::path(
+    delete,
+    path = "/elements/api-v2/instances/{id}",
+    operation_id = "instances_delete",
+    tag = "instances",
+    summary = "Delete; `?revoke=true` revokes at the provider first",
+    params(("id" = String, Path, description = "the instance id")),
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn delete(
     State(app): State<SharedApp>,
     caller: Caller,
@@ -899,16 +1030,59 @@ async fn set_enabled(
     respond(app, caller, stored).await
 }
 
+#[utoipa::path(
+    put,
+    path = "/elements/api-v2/instances/enabled",
+    operation_id = "instances_enable",
+    tag = "instances",
+    summary = "Enable the instance named by the Element token",
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn enable(State(app): State<SharedApp>, caller: Caller) -> ApiResult<AxumJson<Value>> {
     let row = caller.require_element()?.clone();
     set_enabled(&app, &caller, row, true).await
 }
 
+#[utoipa::path(
+    delete,
+    path = "/elements/api-v2/instances/enabled",
+    operation_id = "instances_disable",
+    tag = "instances",
+    summary = "Disable the instance named by the Element token",
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn disable(State(app): State<SharedApp>, caller: Caller) -> ApiResult<AxumJson<Value>> {
     let row = caller.require_element()?.clone();
     set_enabled(&app, &caller, row, false).await
 }
 
+#[utoipa::path(
+    put,
+    path = "/elements/api-v2/instances/{id}/enabled",
+    operation_id = "instances_enable_by_id",
+    tag = "instances",
+    summary = "Enable",
+    params(("id" = String, Path, description = "the instance id")),
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn enable_by_id(
     State(app): State<SharedApp>,
     caller: Caller,
@@ -918,6 +1092,21 @@ pub async fn enable_by_id(
     set_enabled(&app, &caller, row, true).await
 }
 
+#[utoipa::path(
+    delete,
+    path = "/elements/api-v2/instances/{id}/enabled",
+    operation_id = "instances_disable_by_id",
+    tag = "instances",
+    summary = "Disable: no provider calls, no refreshes",
+    params(("id" = String, Path, description = "the instance id")),
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn disable_by_id(
     State(app): State<SharedApp>,
     caller: Caller,
@@ -927,6 +1116,21 @@ pub async fn disable_by_id(
     set_enabled(&app, &caller, row, false).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/elements/api-v2/instances/{id}/tokens/refresh",
+    operation_id = "instances_refresh_now",
+    tag = "instances",
+    summary = "Refresh the access token now",
+    params(("id" = String, Path, description = "the instance id")),
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn refresh_now(
     State(app): State<SharedApp>,
     caller: Caller,
@@ -958,6 +1162,21 @@ pub async fn refresh_now(
     respond(&app, &caller, stored).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/elements/api-v2/instances/{id}/tokens/revoke",
+    operation_id = "instances_revoke",
+    tag = "instances",
+    summary = "Revoke at the provider; the instance turns invalid",
+    params(("id" = String, Path, description = "the instance id")),
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "Success"),
+        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
+    ),
+)]
 pub async fn revoke(
     State(app): State<SharedApp>,
     caller: Caller,

@@ -12,6 +12,14 @@ use serde_json::{Value, json};
 use super::error::ApiError;
 use crate::app::SharedApp;
 
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    operation_id = "ops_healthz",
+    tag = "operations",
+    summary = "Health, with a database check",
+    responses((status = 200, description = "Success")),
+)]
 pub async fn healthz(State(app): State<SharedApp>) -> Response {
     match app.store.ping().await {
         Ok(()) => {
@@ -28,6 +36,14 @@ pub async fn healthz(State(app): State<SharedApp>) -> Response {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "ops_metrics",
+    tag = "operations",
+    summary = "Prometheus metrics",
+    responses((status = 200, description = "Success")),
+)]
 pub async fn metrics(State(app): State<SharedApp>) -> Response {
     crate::telemetry::update_gauges(&app).await;
     (
@@ -37,6 +53,14 @@ pub async fn metrics(State(app): State<SharedApp>) -> Response {
         .into_response()
 }
 
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    operation_id = "ops_openapi",
+    tag = "operations",
+    summary = "This document",
+    responses((status = 200, description = "Success")),
+)]
 pub async fn openapi() -> AxumJson<Value> {
     AxumJson(crate::openapi::document())
 }
@@ -57,6 +81,14 @@ fn escape(text: &str) -> String {
 /// The page a provider redirects the user to: shows `code` and `state` so they can be copied
 /// into `POST /instances` or `PATCH /instances` (what the articles' users intercept), and posts
 /// them to the opener when it is a popup (the dashboard's Reconnect).
+#[utoipa::path(
+    get,
+    path = "/oauth/callback",
+    operation_id = "ops_oauth_callback",
+    tag = "operations",
+    summary = "The page a provider redirects to: shows code and state",
+    responses((status = 200, description = "Success")),
+)]
 pub async fn oauth_callback(Query(query): Query<HashMap<String, String>>) -> Response {
     let field = |name: &str| escape(query.get(name).map(String::as_str).unwrap_or(""));
     let body = if let Some(error) = query.get("error") {

@@ -142,6 +142,17 @@ async fn openapi_documents_exactly_the_routes_served() {
     let document: Value = response.json().await.unwrap();
     assert_eq!(document["openapi"], "3.1.0");
     let paths = document["paths"].as_object().unwrap();
+    // Generated from the handlers' attributes: every operation has its own id.
+    let mut ids: Vec<&str> = paths
+        .values()
+        .flat_map(|operations| operations.as_object().unwrap().values())
+        .map(|operation| operation["operationId"].as_str().unwrap_or(""))
+        .collect();
+    let count = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), count, "operation ids are unique: {ids:?}");
+    assert!(ids.iter().all(|id| !id.is_empty()));
     let mut documented: Vec<(String, String)> = Vec::new();
     for (path, operations) in paths {
         for method in operations.as_object().unwrap().keys() {
