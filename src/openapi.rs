@@ -80,5 +80,22 @@ impl Modify for PlatformSecurity {
 struct ApiDoc;
 
 pub fn document() -> Value {
-    serde_json::to_value(ApiDoc::openapi()).unwrap_or(Value::Null)
+    let mut document = serde_json::to_value(ApiDoc::openapi()).unwrap_or(Value::Null);
+    // One handler serving several methods (the proxy) gets one operation id per method, as
+    // OpenAPI wants them unique.
+    if let Some(paths) = document.get_mut("paths").and_then(Value::as_object_mut) {
+        for operations in paths.values_mut().filter_map(Value::as_object_mut) {
+            if operations.len() < 2 {
+                continue;
+            }
+            for (method, operation) in operations.iter_mut() {
+                if let Some(id) = operation.get("operationId").and_then(Value::as_str)
+                    && id == "proxy_handle"
+                {
+                    operation["operationId"] = Value::String(format!("{id}_{method}"));
+                }
+            }
+        }
+    }
+    document
 }
