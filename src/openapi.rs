@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::{IntoResponses, Modify, OpenApi, ToSchema};
 
 use crate::http;
 
@@ -20,6 +20,23 @@ pub struct ErrorBody {
     /// The provider's own words, when the provider said something.
     #[schema(rename = "providerMessage")]
     provider_message: Option<String>,
+}
+
+/// The answers every platform call can give besides its own success body.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum PlatformResponses {
+    #[response(status = 200, description = "Success")]
+    Success,
+    #[response(status = 400, description = "Bad input")]
+    BadInput(ErrorBody),
+    #[response(status = 401, description = "Missing or wrong secrets")]
+    Unauthorized(ErrorBody),
+    #[response(
+        status = 404,
+        description = "Not found (also for other organizations' ids)"
+    )]
+    NotFound(ErrorBody),
 }
 
 struct PlatformSecurity;

@@ -35,12 +35,7 @@ pub fn connector_json(connector: &Connector, built_in: bool) -> Value {
     tag = "connectors",
     summary = "The connector catalog (built-in and the organization's own); `?category=` filters",
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn list(
     State(app): State<SharedApp>,
@@ -76,12 +71,7 @@ pub async fn list(
     summary = "One connector",
     params(("key" = String, Path, description = "the connector key")),
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn get_one(
     State(app): State<SharedApp>,
@@ -109,12 +99,7 @@ pub async fn find(app: &SharedApp, organization_id: i64, key: &str) -> ApiResult
     tag = "connectors",
     summary = "Register an organization's own OAuth2 connector",
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn create(
     State(app): State<SharedApp>,
@@ -177,12 +162,7 @@ pub async fn create(
     summary = "Delete an organization's own connector",
     params(("key" = String, Path, description = "the connector key")),
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn delete(
     State(app): State<SharedApp>,
@@ -219,12 +199,7 @@ pub async fn delete(
     summary = "The provider's authorization URL (`apiKey`, `callbackUrl`, optional `state`, `scope`); the PKCE verifier stays server-side",
     params(("key" = String, Path, description = "the connector key")),
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn oauth_url(
     State(app): State<SharedApp>,

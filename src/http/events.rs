@@ -31,12 +31,7 @@ fn limit(query: &HashMap<String, String>) -> ApiResult<i64> {
     tag = "events",
     summary = "Events, newest first; `?instanceId=&type=&before=&limit=`",
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn list(
     State(app): State<SharedApp>,
@@ -105,12 +100,7 @@ pub async fn list(
     tag = "events",
     summary = "Who did what, newest first",
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn audit_logs(
     State(app): State<SharedApp>,
@@ -151,12 +141,7 @@ pub async fn audit_logs(
     tag = "events",
     summary = "The organization's webhook secret (the signing key of events of instances without `event.notification.signature.key`)",
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn webhook_secret(
     State(app): State<SharedApp>,

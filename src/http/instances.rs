@@ -163,12 +163,7 @@ fn validate_name(name: &str) -> ApiResult<()> {
     tag = "instances",
     summary = "Create an instance from a provider's code or imported tokens",
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn create(
     State(app): State<SharedApp>,
@@ -198,12 +193,7 @@ pub async fn create(
     summary = "Create an instance of this connector",
     params(("key" = String, Path, description = "the connector key")),
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn create_for_element(
     State(app): State<SharedApp>,
@@ -501,12 +491,7 @@ async fn create_instance(
     tag = "instances",
     summary = "The organization's instances (or the Element token's one); `?tags[]=`",
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn list(
     State(app): State<SharedApp>,
@@ -579,12 +564,7 @@ async fn load_for_call(app: &App, caller: &Caller, id: &str) -> ApiResult<Instan
     summary = "One instance",
     params(("id" = String, Path, description = "the instance id")),
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn get_one(
     State(app): State<SharedApp>,
@@ -609,12 +589,7 @@ pub async fn get_one(
     summary = "Re-authenticate (`providerData.code`) or merge name, tags, configuration",
     params(("id" = String, Path, description = "the instance id")),
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn patch(
     State(app): State<SharedApp>,
@@ -633,12 +608,7 @@ pub async fn patch(
     tag = "instances",
     summary = "Re-authenticate or update the instance named by the Element token",
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn patch_by_token(
     State(app): State<SharedApp>,
@@ -664,12 +634,7 @@ pub struct PutQuery {
     summary = "Replace the configuration; `?reAuthenticate=true` with a code re-authenticates",
     params(("id" = String, Path, description = "the instance id")),
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn put(
     State(app): State<SharedApp>,
@@ -692,12 +657,7 @@ pub async fn put(
     tag = "instances",
     summary = "Replace the configuration of the instance named by the Element token",
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn put_by_token(
     State(app): State<SharedApp>,
@@ -964,12 +924,7 @@ pub struct DeleteQuery {
     summary = "Delete; `?revoke=true` revokes at the provider first",
     params(("id" = String, Path, description = "the instance id")),
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn delete(
     State(app): State<SharedApp>,
@@ -1037,12 +992,7 @@ async fn set_enabled(
     tag = "instances",
     summary = "Enable the instance named by the Element token",
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn enable(State(app): State<SharedApp>, caller: Caller) -> ApiResult<AxumJson<Value>> {
     let row = caller.require_element()?.clone();
@@ -1056,12 +1006,7 @@ pub async fn enable(State(app): State<SharedApp>, caller: Caller) -> ApiResult<A
     tag = "instances",
     summary = "Disable the instance named by the Element token",
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn disable(State(app): State<SharedApp>, caller: Caller) -> ApiResult<AxumJson<Value>> {
     let row = caller.require_element()?.clone();
@@ -1076,12 +1021,7 @@ pub async fn disable(State(app): State<SharedApp>, caller: Caller) -> ApiResult<
     summary = "Enable",
     params(("id" = String, Path, description = "the instance id")),
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn enable_by_id(
     State(app): State<SharedApp>,
@@ -1100,12 +1040,7 @@ pub async fn enable_by_id(
     summary = "Disable: no provider calls, no refreshes",
     params(("id" = String, Path, description = "the instance id")),
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn disable_by_id(
     State(app): State<SharedApp>,
@@ -1124,12 +1059,7 @@ pub async fn disable_by_id(
     summary = "Refresh the access token now",
     params(("id" = String, Path, description = "the instance id")),
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn refresh_now(
     State(app): State<SharedApp>,
@@ -1170,12 +1100,7 @@ pub async fn refresh_now(
     summary = "Revoke at the provider; the instance turns invalid",
     params(("id" = String, Path, description = "the instance id")),
     security(("platform" = [])),
-    responses(
-        (status = 200, description = "Success"),
-        (status = 400, description = "Bad input", body = crate::openapi::ErrorBody),
-        (status = 401, description = "Missing or wrong secrets", body = crate::openapi::ErrorBody),
-        (status = 404, description = "Not found (also for other organizations' ids)", body = crate::openapi::ErrorBody),
-    ),
+    responses(crate::openapi::PlatformResponses),
 )]
 pub async fn revoke(
     State(app): State<SharedApp>,
