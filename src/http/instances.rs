@@ -847,12 +847,7 @@ async fn update(
             refresh_token: split.refresh_token.clone(),
         })?;
         let now = now_ms();
-        let configuration = plain_configuration(
-            &app.store
-                .get_instance(row.organization_id, row.id)
-                .await?
-                .ok_or_else(|| ApiError::not_found("The instance was deleted meanwhile"))?,
-        );
+        let configuration = plain_configuration(&reload(app, &row).await?);
         let keep = secrets.refresh_token.as_ref();
         let applied = apply_token_set(
             app,
@@ -892,11 +887,7 @@ async fn update(
         None,
     )
     .await;
-    let stored = app
-        .store
-        .get_instance(row.organization_id, row.id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("The instance was deleted meanwhile"))?;
+    let stored = reload(app, &row).await?;
     respond(app, caller, stored).await
 }
 
@@ -977,11 +968,7 @@ async fn set_enabled(
     app.refresh.forget(row.id);
     app.refresh.notify_schedule_changed();
     crate::audit::record(app, caller, event_type, Some(&row.id.to_string()), None).await;
-    let stored = app
-        .store
-        .get_instance(row.organization_id, row.id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("The instance was deleted meanwhile"))?;
+    let stored = reload(app, &row).await?;
     respond(app, caller, stored).await
 }
 
@@ -1084,11 +1071,7 @@ pub async fn refresh_now(
         None,
     )
     .await;
-    let stored = app
-        .store
-        .get_instance(row.organization_id, row.id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("The instance was deleted meanwhile"))?;
+    let stored = reload(&app, &row).await?;
     respond(&app, &caller, stored).await
 }
 
@@ -1127,14 +1110,18 @@ pub async fn revoke(
         None,
     )
     .await;
-    let stored = app
-        .store
-        .get_instance(row.organization_id, row.id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("The instance was deleted meanwhile"))?;
+    let stored = reload(&app, &row).await?;
     let mut view = instances::view(&app, &stored, None, caller.holds_element_of(row.id))?;
     if let Some(object) = view.as_object_mut() {
         object.insert("revocation".into(), revocation);
     }
     Ok(AxumJson(view))
+}
+
+/// The instance as stored now (after a change made by this request).
+async fn reload(app: &App, row: &InstanceRow) -> ApiResult<InstanceRow> {
+    app.store
+        .get_instance(row.organization_id, row.id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("The instance was deleted meanwhile"))
 }
