@@ -238,6 +238,14 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 async fn run_command(command: Command) -> Result<ExitCode, String> {
+    // Administrative commands log warnings and errors (to standard error; standard output stays
+    // their JSON), so an internal fault says what it was.
+    if !matches!(
+        command,
+        Command::Serve(_) | Command::Sandbox(_) | Command::Demo
+    ) {
+        crate::telemetry::init_with_default("warn");
+    }
     match command {
         Command::Serve(args) => {
             crate::telemetry::init();

@@ -2,8 +2,13 @@
 //! level: secrets are `Secret`s, whose formatting is `[redacted]`.
 
 pub fn init() {
+    init_with_default("info");
+}
+
+/// Logging with `default` as the filter when `RUST_LOG` is not set.
+pub fn init_with_default(default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -1096,33 +1096,45 @@ pub fn binary() -> std::process::Command {
     command
 }
 
+/// Runs the binary off the test's runtime thread, so the in-process server keeps serving (and
+/// finishing its SQLite transactions) while the command runs; answers its JSON output.
+async fn run_binary(label: &str, args: Vec<String>) -> Value {
+    let shown = format!("[{label}] {args:?}");
+    let output = tokio::task::spawn_blocking(move || {
+        binary()
+            .args(&args)
+            .env("TOKENWARDEN_MASTER_KEY", crate::harness::TEST_MASTER_KEY)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{shown}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    serde_json::from_str::<Value>(text.trim())
+        .unwrap_or_else(|_| panic!("{shown}: not one JSON object: {text:?}"))
+}
+
 #[tokio::test]
 async fn users_and_orgs_from_the_command_line_and_the_audit_log() {
     for (label, url) in test_databases().await {
         let env = Env::start(&label, &url).await;
-        let run = |args: Vec<String>| {
-            let output = binary()
-                .args(&args)
-                .env("TOKENWARDEN_MASTER_KEY", crate::harness::TEST_MASTER_KEY)
-                .output()
-                .unwrap();
-            assert!(
-                output.status.success(),
-                "[{label}] {args:?}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            let text = String::from_utf8(output.stdout).unwrap();
-            serde_json::from_str::<Value>(text.trim())
-                .unwrap_or_else(|_| panic!("[{label}] not one JSON object: {text:?}"))
-        };
-        let org = run(vec![
-            "orgs".into(),
-            "create".into(),
-            "--name".into(),
-            "Acme QA".into(),
-            "--database-url".into(),
-            url.clone(),
-        ]);
+        let org = run_binary(
+            &label,
+            vec![
+                "orgs".into(),
+                "create".into(),
+                "--name".into(),
+                "Acme QA".into(),
+                "--database-url".into(),
+                url.clone(),
+            ],
+        )
+        .await;
         for field in ["organizationSecret", "userSecret", "organizationId"] {
             assert!(
                 org.get(field).is_some(),
@@ -1135,16 +1147,20 @@ async fn users_and_orgs_from_the_command_line_and_the_audit_log() {
             user_secret: org["userSecret"].as_str().unwrap().into(),
             organization_secret: org["organizationSecret"].as_str().unwrap().into(),
         };
-        let user = run(vec![
-            "users".into(),
-            "create".into(),
-            "--organization-id".into(),
-            first.id.to_string(),
-            "--name".into(),
-            "Second User".into(),
-            "--database-url".into(),
-            url.clone(),
-        ]);
+        let user = run_binary(
+            &label,
+            vec![
+                "users".into(),
+                "create".into(),
+                "--organization-id".into(),
+                first.id.to_string(),
+                "--name".into(),
+                "Second User".into(),
+                "--database-url".into(),
+                url.clone(),
+            ],
+        )
+        .await;
         let second = Org {
             id: first.id,
             user_secret: user["userSecret"].as_str().unwrap().into(),
@@ -1204,20 +1220,25 @@ async fn users_and_orgs_from_the_command_line_and_the_audit_log() {
         .await;
         assert_error(&refused, 401, &label);
         // users create for an organization that does not exist fails with a message.
-        let output = binary()
-            .args([
-                "users",
-                "create",
-                "--organization-id",
-                "42",
-                "--name",
-                "x",
-                "--database-url",
-                &url,
-            ])
-            .env("TOKENWARDEN_MASTER_KEY", crate::harness::TEST_MASTER_KEY)
-            .output()
-            .unwrap();
+        let database = url.clone();
+        let output = tokio::task::spawn_blocking(move || {
+            binary()
+                .args([
+                    "users",
+                    "create",
+                    "--organization-id",
+                    "42",
+                    "--name",
+                    "x",
+                    "--database-url",
+                    &database,
+                ])
+                .env("TOKENWARDEN_MASTER_KEY", crate::harness::TEST_MASTER_KEY)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
         assert!(!output.status.success());
         assert!(String::from_utf8_lossy(&output.stderr).contains("42"));
         env.stop().await;
