@@ -443,12 +443,20 @@ async fn proxy(app: &SharedApp, request: Request) -> Result<Response, ApiError> 
             }
             None => Ok(first),
         },
-        Err(RefreshFailure::Invalid { reason, .. }) => {
+        Err(RefreshFailure::Invalid {
+            reason, version, ..
+        }) => {
             // The articles' answer: the API's rejection, in the provider's words, also kept on the
             // instance for the calls that follow.
             let _ = app
                 .store
-                .mark_invalid(instance.id, &reason, Some(&rejection_message), None)
+                .mark_invalid(
+                    instance.id,
+                    &reason,
+                    Some(&rejection_message),
+                    None,
+                    version,
+                )
                 .await;
             app.refresh.forget(instance.id);
             Err(ApiError::new(StatusCode::UNAUTHORIZED, "Request failed")

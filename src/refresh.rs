@@ -26,7 +26,7 @@ use dashmap::DashMap;
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, Notify};
 
-use crate::app::{App, now_ms};
+use crate::app::{App, SharedApp, now_ms};
 use crate::catalog::Connector;
 use crate::events;
 use crate::http::error::ApiError;
@@ -93,6 +93,9 @@ pub enum RefreshFailure {
     Invalid {
         reason: String,
         provider_message: Option<String>,
+        /// The token version the instance was invalidated at (to make follow-up writes
+        /// conditional on it).
+        version: Option<i64>,
     },
     /// The provider could not refresh now; the instance stays valid.
     Transient {
@@ -111,6 +114,7 @@ impl RefreshFailure {
             RefreshFailure::Invalid {
                 reason,
                 provider_message,
+                ..
             } => ApiError::new(StatusCode::UNAUTHORIZED, "Request failed")
                 .with_provider_message(provider_message.unwrap_or(reason)),
             RefreshFailure::Transient {
@@ -307,7 +311,7 @@ impl RefreshEngine {
     /// `POST /instances/{id}/tokens/refresh`: a refresh whatever the token's age.
     pub async fn refresh_now(
         &self,
-        app: &App,
+        app: &SharedApp,
         id: i64,
     ) -> Result<Arc<CachedInstance>, RefreshFailure> {
         let version = self.load(app, id).await?.token_version;
@@ -317,7 +321,29 @@ impl RefreshEngine {
     /// Refreshes instance `id` unless its token version already moved past `observed` (someone
     /// else refreshed meanwhile: that token is returned). `claimed` is a row whose lease this
     /// replica already holds (the scheduler's claim).
+    ///
+    /// The work runs in a task of its own: a caller that goes away (a client that hangs up, a
+    /// request timeout) does not cancel a refresh between the provider's answer and the commit,
+    /// which would lose a rotated refresh token.
     pub async fn refresh(
+        &self,
+        app: &SharedApp,
+        id: i64,
+        observed: Option<i64>,
+        claimed: Option<InstanceRow>,
+    ) -> Result<Arc<CachedInstance>, RefreshFailure> {
+        let owned = Arc::clone(app);
+        let task = tokio::spawn(async move {
+            owned
+                .refresh
+                .refresh_here(&owned, id, observed, claimed)
+                .await
+        });
+        task.await
+            .unwrap_or_else(|error| Err(RefreshFailure::Internal(format!("refresh task: {error}"))))
+    }
+
+    async fn refresh_here(
         &self,
         app: &App,
         id: i64,
@@ -455,6 +481,35 @@ impl RefreshEngine {
         let outcome = self.call_provider(app, &leased, interrupted).await;
         match outcome {
             Ok(row) => self.remember(app, &row, keep).await,
+            Err(RefreshFailure::Internal(detail)) => {
+                // Our own fault after the lease was taken (a store error, a connector gone):
+                // back off like a transient failure, which also gives the lease back, so neither
+                // the scheduler nor recovery retries it in a tight loop.
+                tracing::error!(instance = id, "refresh failed on our side: {detail}");
+                let now = now_ms();
+                let _ = app
+                    .store
+                    .record_transient_failure(
+                        id,
+                        &app.replica_id,
+                        now,
+                        "the service could not complete the refresh (see its log)",
+                        now + BACKOFF_BASE_MS * 5,
+                        None,
+                        Some(leased.token_version),
+                    )
+                    .await;
+                self.forget(id);
+                Err(RefreshFailure::Internal(detail))
+            }
+            Err(failure @ RefreshFailure::Transient { .. }) => {
+                // Keep a copy that knows the backoff: calls inside it neither reload the row nor
+                // try to refresh again while the old token still works.
+                if self.cache.contains_key(&id) {
+                    let _ = self.load(app, id).await;
+                }
+                Err(failure)
+            }
             Err(failure) => {
                 self.forget(id);
                 Err(failure)
@@ -483,11 +538,16 @@ impl RefreshEngine {
             let reason = "no refresh token: the provider gave none; re-authenticate the instance"
                 .to_string();
             let message = row.provider_message.clone();
-            self.invalidate(app, row, &reason, message.as_deref())
-                .await?;
+            if !self
+                .invalidate(app, row, &reason, message.as_deref())
+                .await?
+            {
+                return self.moved_on(app, row).await;
+            }
             return Err(RefreshFailure::Invalid {
                 reason,
                 provider_message: message,
+                version: Some(row.token_version),
             });
         };
         let endpoints = app
@@ -571,6 +631,10 @@ impl RefreshEngine {
                     .ok_or(RefreshFailure::NotFound)?;
                 if !committed {
                     // Our lease ran out and someone else committed: theirs is the token now.
+                    let _ = app
+                        .store
+                        .release_refresh_lease(row.id, &app.replica_id)
+                        .await;
                     tracing::warn!(
                         instance = row.id,
                         "a refresh finished after its lease expired; keeping the newer token"
@@ -589,15 +653,19 @@ impl RefreshEngine {
                     provider_message.clone()
                 };
                 tracing::warn!(instance = row.id, connector = %connector.key, reason = %reason, "the grant is gone: instance invalidated");
-                let shown = row
-                    .provider_message
-                    .clone()
-                    .filter(|_| false)
-                    .unwrap_or(provider_message);
-                self.invalidate(app, row, &reason, Some(&shown)).await?;
+                if !self
+                    .invalidate(app, row, &reason, Some(&provider_message))
+                    .await?
+                {
+                    // The grant moved on while we asked (re-authenticated, or refreshed by
+                    // another replica): the answer was about a token that is not the instance's
+                    // any more.
+                    return self.moved_on(app, row).await;
+                }
                 Err(RefreshFailure::Invalid {
                     reason,
-                    provider_message: Some(shown),
+                    provider_message: Some(provider_message),
+                    version: Some(row.token_version),
                 })
             }
             Err(error) => {
@@ -624,7 +692,8 @@ impl RefreshEngine {
                     && !self.failing_announced(app, row, since).await;
                 let event = announce
                     .then(|| events::new_event(app, row, events::REFRESH_FAILING, Some(&message)));
-                app.store
+                let recorded = app
+                    .store
                     .record_transient_failure(
                         row.id,
                         &app.replica_id,
@@ -632,9 +701,13 @@ impl RefreshEngine {
                         &message,
                         now + wait,
                         event.as_ref(),
+                        Some(row.token_version),
                     )
                     .await
                     .map_err(store_error)?;
+                if !recorded {
+                    return self.moved_on(app, row).await;
+                }
                 tracing::warn!(instance = row.id, connector = %connector.key, "refresh failed for now ({message}); retrying in {} ms", wait);
                 Err(RefreshFailure::Transient {
                     message: "the provider's token endpoint failed".into(),
@@ -668,12 +741,22 @@ impl RefreshEngine {
         row: &InstanceRow,
         reason: &str,
         provider_message: Option<&str>,
-    ) -> Result<(), RefreshFailure> {
+    ) -> Result<bool, RefreshFailure> {
         let event = events::new_event(app, row, events::INVALIDATED, Some(reason));
-        app.store
-            .mark_invalid(row.id, reason, provider_message, Some(&event))
+        let written = app
+            .store
+            .mark_invalid(
+                row.id,
+                reason,
+                provider_message,
+                Some(&event),
+                Some(row.token_version),
+            )
             .await
             .map_err(|e| RefreshFailure::Internal(e.to_string()))?;
+        if !written {
+            return Ok(false);
+        }
         crate::audit::record_automatic(
             app,
             row.organization_id,
@@ -683,21 +766,25 @@ impl RefreshEngine {
         )
         .await;
         self.forget(row.id);
-        Ok(())
+        Ok(true)
     }
 
-    /// Records that the provider rejected a call in a way that shows the grant is gone, keeping
-    /// the rejection as the provider message shown to callers.
-    pub async fn record_rejection(&self, app: &App, id: i64, reason: &str, provider_message: &str) {
-        if let Ok(Some(row)) = app.store.get_instance_by_id(id).await
-            && !row.is_valid()
-        {
-            let _ = app
-                .store
-                .mark_invalid(id, reason, Some(provider_message), None)
-                .await;
-        }
-        self.forget(id);
+    /// The instance's token version moved on while the provider answered about the old one:
+    /// give our lease back and answer the instance as it is now.
+    async fn moved_on(&self, app: &App, row: &InstanceRow) -> Result<InstanceRow, RefreshFailure> {
+        let _ = app
+            .store
+            .release_refresh_lease(row.id, &app.replica_id)
+            .await;
+        self.forget(row.id);
+        let now = app
+            .store
+            .get_instance_by_id(row.id)
+            .await
+            .map_err(|e| RefreshFailure::Internal(e.to_string()))?
+            .ok_or(RefreshFailure::NotFound)?;
+        check_usable(&now, now_ms())?;
+        Ok(now)
     }
 }
 
@@ -709,6 +796,7 @@ fn check_usable(row: &InstanceRow, now: i64) -> Result<(), RefreshFailure> {
                 .provider_message
                 .clone()
                 .or_else(|| row.state_reason.clone()),
+            version: Some(row.token_version),
         });
     }
     if row.is_disabled() {

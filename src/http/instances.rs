@@ -1099,6 +1099,7 @@ pub async fn revoke(
             "revoked",
             Some("The grant was revoked through tokenwarden"),
             Some(&event),
+            None,
         )
         .await?;
     app.refresh.forget(row.id);

@@ -413,25 +413,30 @@ impl Store {
     }
 
     /// The grant is gone: state `invalid` with the reason and the provider's words, lease and
-    /// schedule cleared; `event` (e.g. `instance.invalidated`) in the same transaction. False
-    /// when there is no such instance.
+    /// schedule cleared; `event` (e.g. `instance.invalidated`) in the same transaction. With
+    /// `expected_version`, only if the token version is still that one: a grant that moved on
+    /// meanwhile (re-authenticated, or refreshed by another replica) is not invalidated by an
+    /// answer about the old one. False when nothing was written.
     pub async fn mark_invalid(
         &self,
         id: i64,
         reason: &str,
         provider_message: Option<&str>,
         event: Option<&NewEvent>,
+        expected_version: Option<i64>,
     ) -> Result<bool, StoreError> {
         let mut transaction = self.begin_write().await?;
         let result = sqlx::query(
             "UPDATE instances SET state = 'invalid', state_reason = $1, provider_message = $2, \
              refresh_lease_owner = NULL, refresh_lease_until = NULL, \
-             refresh_in_flight_since = NULL, next_due_at = NULL, updated_at = $3 WHERE id = $4",
+             refresh_in_flight_since = NULL, next_due_at = NULL, updated_at = $3 \
+             WHERE id = $4 AND token_version = COALESCE($5, token_version)",
         )
         .bind(reason)
         .bind(provider_message)
         .bind(system_now_ms())
         .bind(id)
+        .bind(expected_version)
         .execute(&mut *transaction)
         .await?;
         if result.rows_affected() != 1 {
@@ -447,7 +452,8 @@ impl Store {
     /// A passing failure: the instance stays valid. Starts `failing_since` if not set, counts
     /// the failure, keeps `message`, sets `backoff_until` (and moves a scheduled `next_due_at`
     /// to at least it), and releases the lease if `owner` holds it. False when there is no such
-    /// instance.
+    /// instance, or (with `expected_version`) when its token version moved on meanwhile.
+    #[allow(clippy::too_many_arguments)]
     pub async fn record_transient_failure(
         &self,
         id: i64,
@@ -456,6 +462,7 @@ impl Store {
         message: &str,
         backoff_until: i64,
         event: Option<&NewEvent>,
+        expected_version: Option<i64>,
     ) -> Result<bool, StoreError> {
         let mut transaction = self.begin_write().await?;
         let result = sqlx::query(
@@ -469,7 +476,7 @@ impl Store {
              ELSE refresh_in_flight_since END, \
              refresh_lease_owner = CASE WHEN refresh_lease_owner = $4 THEN NULL \
              ELSE refresh_lease_owner END, \
-             updated_at = $5 WHERE id = $6",
+             updated_at = $5 WHERE id = $6 AND token_version = COALESCE($7, token_version)",
         )
         .bind(now)
         .bind(message)
@@ -477,6 +484,7 @@ impl Store {
         .bind(owner)
         .bind(system_now_ms())
         .bind(id)
+        .bind(expected_version)
         .execute(&mut *transaction)
         .await?;
         if result.rows_affected() != 1 {

@@ -9,7 +9,9 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::harness::{Env, Org, loopback, start_server};
-use crate::support::{create_postgres_database, drop_test_database, sqlite_database};
+use crate::support::{
+    create_postgres_database, drop_test_database, sqlite_database, test_databases,
+};
 
 // ----- helpers shared by the proxy, replica and crash tests ---------------------------------
 
@@ -637,4 +639,53 @@ async fn warm_calls_make_no_awaited_database_query() {
     );
     env.stop().await;
     drop_test_database(&url).await;
+}
+
+/// A caller that hangs up while the refresh is at the provider does not cancel it: the rotated
+/// token is committed anyway, so the strict provider's grant lives on and the next call works
+/// without another refresh.
+#[tokio::test]
+async fn a_caller_hanging_up_does_not_cancel_the_refresh() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        generic_profile(&env, strict_rotation()).await;
+        let created = env
+            .create_instance(&env.org, "sandbox-generic", "hangup")
+            .await;
+        let token = created["token"].as_str().unwrap().to_string();
+        expire_access_tokens(&env).await;
+        fault(
+            &env,
+            json!({"target": "token", "status": 0, "delayMs": 1_500, "count": 1}),
+        )
+        .await;
+        let impatient = env
+            .http
+            .get(env.api("/proxy/api/me"))
+            .header("authorization", env.org.through(&token))
+            .timeout(Duration::from_millis(300))
+            .send()
+            .await;
+        assert!(impatient.is_err(), "[{label}] the caller gave up");
+        eventually("the refresh to commit", Duration::from_secs(15), || async {
+            let shown = instance(&env, &env.server.url, &token).await;
+            (refreshes(&env).await == 1 && shown["lastRefreshDate"] != created["lastRefreshDate"])
+                .then_some(())
+        })
+        .await;
+        let (status, body, _) = proxy_at(
+            &env,
+            &env.server.url,
+            &env.org,
+            &token,
+            Method::GET,
+            "api/me",
+        )
+        .await;
+        assert_eq!(status, 200, "[{label}] {body}");
+        assert_eq!(refreshes(&env).await, 1, "[{label}] no second refresh");
+        assert_eq!(stat(&env, &["tokenErrors"]).await, 0, "[{label}] no reuse");
+        env.stop().await;
+        drop_test_database(&url).await;
+    }
 }

@@ -664,7 +664,7 @@ async fn token_commit_is_compare_and_swap_with_its_event() {
             .unwrap();
         // A refresh that was in trouble before.
         store
-            .record_transient_failure(row.id, "someone-else", NOW, "503", NOW + 5_000, None)
+            .record_transient_failure(row.id, "someone-else", NOW, "503", NOW + 5_000, None, None)
             .await
             .unwrap();
 
@@ -815,6 +815,7 @@ async fn failures_invalidation_and_reauthentication() {
                     NOW,
                     "token endpoint 503",
                     NOW + 60_000,
+                    None,
                     None
                 )
                 .await
@@ -829,7 +830,8 @@ async fn failures_invalidation_and_reauthentication() {
                     NOW + 10,
                     "timeout",
                     NOW + 120_000,
-                    Some(&failing_event)
+                    Some(&failing_event),
+                    None
                 )
                 .await
                 .unwrap()
@@ -868,7 +870,8 @@ async fn failures_invalidation_and_reauthentication() {
                     row.id,
                     "invalid_grant",
                     Some("invalid_grant: revoked"),
-                    Some(&invalidated)
+                    Some(&invalidated),
+                    None
                 )
                 .await
                 .unwrap()
@@ -887,7 +890,7 @@ async fn failures_invalidation_and_reauthentication() {
         assert_eq!(invalid.refresh_in_flight_since, None);
         assert!(
             !store
-                .mark_invalid(random_id(), "x", None, None)
+                .mark_invalid(random_id(), "x", None, None, None)
                 .await
                 .unwrap()
         );
@@ -1408,6 +1411,64 @@ async fn encrypted_fields_for_key_rotation() {
         assert!(
             !store.update_encrypted_fields(&stale).await.unwrap(),
             "{label}"
+        );
+        test.cleanup().await;
+    }
+}
+
+/// An answer about an old grant (a refresh that raced a re-authentication, or another
+/// replica's refresh) must not invalidate or back off the grant that replaced it.
+#[tokio::test]
+async fn invalidation_and_backoff_are_conditional_on_the_token_version() {
+    for test in test_stores().await {
+        let store = &test.store;
+        let org = organization(store, "versions").await;
+        let row = instance(org, "moved on");
+        store.insert_instance(&row, None).await.unwrap();
+        let stale = row.token_version - 1;
+        assert!(
+            !store
+                .mark_invalid(
+                    row.id,
+                    "invalid_grant",
+                    Some("old grant"),
+                    None,
+                    Some(stale)
+                )
+                .await
+                .unwrap(),
+            "[{}] a stale version does not invalidate",
+            test.label
+        );
+        assert!(
+            !store
+                .record_transient_failure(row.id, "me", 1, "503", 10, None, Some(stale))
+                .await
+                .unwrap(),
+            "[{}] a stale version does not back off",
+            test.label
+        );
+        let now = store.get_instance_by_id(row.id).await.unwrap().unwrap();
+        assert!(
+            now.is_valid() && now.backoff_until.is_none(),
+            "[{}] {now:?}",
+            test.label
+        );
+        assert!(
+            store
+                .mark_invalid(row.id, "invalid_grant", None, None, Some(row.token_version))
+                .await
+                .unwrap(),
+            "[{}] the current version does",
+            test.label
+        );
+        assert!(
+            !store
+                .get_instance_by_id(row.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .is_valid()
         );
         test.cleanup().await;
     }
