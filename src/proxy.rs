@@ -237,7 +237,9 @@ pub fn confine(base_url: &str, raw_path: &str, query: Option<&str>) -> Result<ur
     }
     for segment in raw_path.split('/') {
         let decoded = percent_decode(segment).ok_or_else(|| refuse("bad percent-encoding"))?;
-        if decoded == "." || decoded == ".." {
+        // `..;x` is `..` to servers that take `;` as path parameters (Tomcat, Spring).
+        let before_parameters = decoded.split(';').next().unwrap_or("");
+        if matches!(before_parameters, "." | "..") {
             return Err(refuse("`.` and `..` segments are not accepted"));
         }
         if decoded.contains('/') || decoded.contains('\\') {
@@ -350,6 +352,8 @@ fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
         let lower = name.as_str();
         if HOP_BY_HOP.contains(&lower)
             || lower == "host"
+            // The proxy answered `100-continue` to its caller already; the client does not do it.
+            || lower == "expect"
             || lower == "authorization"
             || lower == "content-length"
             || named_by_connection.iter().any(|n| n == lower)
@@ -382,6 +386,10 @@ async fn proxy(app: &SharedApp, request: Request) -> Result<Response, ApiError> 
     let now = now_ms();
     let wants_refresh = match strategy {
         RefreshStrategy::EveryRequest => true,
+        // While a failed refresh backs off, a token that still works serves without a retry.
+        RefreshStrategy::BeforeExpiry if instance.backing_off(now) && !instance.expired(now) => {
+            false
+        }
         RefreshStrategy::BeforeExpiry => {
             instance.expires_soon(now) || instance.access_token.is_none()
         }
@@ -394,9 +402,13 @@ async fn proxy(app: &SharedApp, request: Request) -> Result<Response, ApiError> 
             .refresh(app, instance.id, Some(instance.token_version), None)
             .await
         {
-            Ok(fresh) => instance = fresh,
-            // A token that has not expired yet still serves while the provider recovers.
-            Err(RefreshFailure::Transient { .. })
+            Ok(fresh) => {
+                usable(&fresh)?;
+                instance = fresh;
+            }
+            // A token that has not expired yet still serves while the provider (or our store)
+            // recovers.
+            Err(RefreshFailure::Transient { .. } | RefreshFailure::Internal(_))
                 if instance.access_token.is_some() && !instance.expired(now) => {}
             Err(failure) => return Err(failure_for_call(failure)),
         }
@@ -500,7 +512,7 @@ async fn send(
     original: &HeaderMap,
 ) -> Result<reqwest::Response, ApiError> {
     let mut builder = app
-        .http
+        .proxy_http
         .request(method.clone(), target.as_str())
         .headers(headers.clone());
     if let Some(token) = &instance.access_token {
@@ -521,7 +533,19 @@ async fn send(
             builder.body(stream)
         }
     };
-    builder.send().await.map_err(|error| {
+    // The answer's headers must come within the provider timeout; its body then streams for
+    // as long as it keeps coming.
+    let answered = tokio::time::timeout(app.config.provider_timeout, builder.send()).await;
+    let Ok(answered) = answered else {
+        return Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "The provider did not answer within {} s",
+                app.config.provider_timeout.as_secs()
+            ),
+        ));
+    };
+    answered.map_err(|error| {
         let mut api = ApiError::new(
             StatusCode::BAD_GATEWAY,
             format!(
@@ -657,6 +681,8 @@ mod tests {
             "a/./b",
             "%00",
             "%zz",
+            "..;/x",
+            "a/..;jsessionid=1/b",
         ] {
             assert!(confine(BASE, bad, None).is_err(), "{bad} must be refused");
         }

@@ -46,6 +46,9 @@ pub const LEASE_MS: i64 = 10_000;
 const LEASE_RENEW_MS: u64 = 3_000;
 /// How long an in-memory copy of an instance is trusted before it is re-read (other replicas may
 /// have disabled, deleted or refreshed it). While it is trusted, a proxied call makes no query.
+/// A copy is never served older than this, re-read or not (its token may not say when it
+/// expires, as Salesforce's do not).
+const SERVE_STALE_AT_MOST: Duration = Duration::from_secs(60);
 const REVALIDATE_AFTER: Duration = Duration::from_secs(5);
 /// The first step of the transient-failure backoff, and the largest.
 const BACKOFF_BASE_MS: i64 = 2_000;
@@ -60,6 +63,7 @@ pub struct CachedInstance {
     pub access_token: Option<Secret>,
     pub token_version: i64,
     pub access_expires_at: Option<i64>,
+    pub last_refresh_at: Option<i64>,
     pub valid: bool,
     pub disabled: bool,
     pub state_reason: Option<String>,
@@ -75,11 +79,25 @@ pub struct CachedInstance {
 
 impl CachedInstance {
     /// Whether `before_expiry` wants a refresh before the next call.
+    /// Never before half the token's lifetime has passed, as the schedule (`next_due_at`), so
+    /// a token that lives less than the buffer does not make every call refresh.
     pub fn expires_soon(&self, now: i64) -> bool {
         match self.access_expires_at {
-            Some(expires) => expires - (self.connector.refresh.buffer_seconds as i64) * 1000 <= now,
+            Some(expires) => {
+                let buffered = expires - (self.connector.refresh.buffer_seconds as i64) * 1000;
+                let half_life = self
+                    .last_refresh_at
+                    .map(|refreshed| refreshed + (expires - refreshed) / 2)
+                    .unwrap_or(buffered);
+                buffered.max(half_life) <= now
+            }
             None => false,
         }
+    }
+
+    /// Whether the last refresh attempt failed and the next is not due yet.
+    pub fn backing_off(&self, now: i64) -> bool {
+        self.backoff_until.is_some_and(|until| until > now)
     }
 
     pub fn expired(&self, now: i64) -> bool {
@@ -198,22 +216,26 @@ impl RefreshEngine {
             if cached.loaded_at.elapsed() < REVALIDATE_AFTER {
                 return Ok(cached);
             }
-            if !cached.expired(now_ms()) {
+            // Served while its token is fresh and the copy not too old; re-read meanwhile.
+            if !cached.expired(now_ms()) && cached.loaded_at.elapsed() < SERVE_STALE_AT_MOST {
                 if !cached.revalidating.swap(true, Ordering::AcqRel) {
                     // `self` is `app.refresh`: the task reaches it through the app.
                     let app = Arc::clone(app);
                     tokio::spawn(async move {
-                        match app.store.get_instance_by_id(id).await {
-                            Ok(Some(row)) => {
-                                let _ = app.refresh.remember(&app, &row, Keep::IfPresent).await;
-                            }
-                            Ok(None) => app.refresh.forget(id),
-                            Err(error) => {
-                                tracing::warn!(instance = id, "re-reading the instance: {error}");
-                                if let Some(cached) = app.refresh.cache.get(&id) {
-                                    cached.revalidating.store(false, Ordering::Release);
-                                }
-                            }
+                        let reread = match app.store.get_instance_by_id(id).await {
+                            Ok(Some(row)) => app
+                                .refresh
+                                .remember(&app, &row, Keep::IfPresent)
+                                .await
+                                .map(|_| ())
+                                .map_err(|failure| format!("{failure:?}")),
+                            Ok(None) => Err("the instance is gone".to_string()),
+                            Err(error) => Err(error.to_string()),
+                        };
+                        if let Err(why) = reread {
+                            // Whatever went wrong, the next call reads the row itself.
+                            tracing::debug!(instance = id, "re-reading the instance: {why}");
+                            app.refresh.forget(id);
                         }
                     });
                 }
@@ -269,6 +291,7 @@ impl RefreshEngine {
             access_token: secrets.access_token,
             token_version: row.token_version,
             access_expires_at: row.access_expires_at,
+            last_refresh_at: row.last_refresh_at,
             valid: row.is_valid(),
             disabled: row.is_disabled(),
             state_reason: row.state_reason.clone(),
