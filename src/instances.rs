@@ -293,12 +293,6 @@ pub fn apply_token_set(
         }
         new_configuration.insert(BASE_URL.to_string(), Value::String(base));
     }
-    if let Some(seconds) = tokens.expires_in {
-        new_configuration.insert(
-            REFRESH_INTERVAL.to_string(),
-            Value::String(seconds.to_string()),
-        );
-    }
     let configuration_changed = &new_configuration != configuration;
     let update = TokenUpdate {
         access_token_enc: Some(
@@ -408,6 +402,15 @@ pub fn view(
             .map(|ms| Value::String(ms.to_string()))
             .unwrap_or(Value::Null),
     );
+    // The access token's lifetime, from the stored times rather than stored itself: a value
+    // that changes on every refresh (Microsoft's 60–90 minutes) would otherwise rewrite the
+    // configuration each time, racing a caller's update of it.
+    if let (Some(expires), Some(refreshed)) = (row.access_expires_at, row.last_refresh_at) {
+        configuration.insert(
+            REFRESH_INTERVAL.into(),
+            Value::String(((expires - refreshed) / 1000).max(0).to_string()),
+        );
+    }
     // Every key of the contract is present, null when there is no value.
     for key in [
         REFRESH_URL,
