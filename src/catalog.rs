@@ -582,7 +582,10 @@ pub fn validate(connector: &Connector, built_in: bool) -> Result<(), CatalogErro
             )));
         }
         (None, Some(_))
-            if refresh.refresh_token_absolute_ttl_seconds.is_none()
+            // The contract lets an organization's own connector ask for keep-alive alone (it
+            // knows its server); the built-in catalog must say why.
+            if built_in
+                && refresh.refresh_token_absolute_ttl_seconds.is_none()
                 && !connector.unconfirmed.iter().any(|fact| {
                     fact.to_ascii_lowercase().contains("idle")
                         || fact.to_ascii_lowercase().contains("inactiv")
@@ -992,10 +995,12 @@ verify.path = "me"
         refused(&c, false, &["keepAliveSeconds", "smaller"]);
         let mut c = good();
         c.refresh.refresh_token_idle_ttl_seconds = None;
-        refused(&c, false, &["keepAliveSeconds", "unconfirmed"]);
+        refused(&c, true, &["keepAliveSeconds", "unconfirmed"]);
+        // An organization's own connector may ask for keep-alive alone, as the contract shows.
+        validate(&c, false).unwrap();
         c.unconfirmed
             .push("refresh tokens are reported to expire after some inactivity".to_string());
-        validate(&c, false).unwrap();
+        validate(&c, true).unwrap();
         let mut c = good();
         c.refresh.refresh_token_idle_ttl_seconds = None;
         c.refresh.refresh_token_absolute_ttl_seconds = Some(31_536_000);

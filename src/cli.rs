@@ -119,7 +119,7 @@ pub struct SandboxArgs {
     pub client: Option<String>,
 }
 
-#[derive(Debug, Args, Clone)]
+#[derive(Args, Clone)]
 pub struct RemoteArgs {
     /// The server to speak to.
     #[arg(
@@ -150,6 +150,17 @@ pub struct RemoteArgs {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+}
+
+impl std::fmt::Debug for RemoteArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteArgs")
+            .field("url", &self.url)
+            .field("user_secret", &"[redacted]")
+            .field("org_secret", &"[redacted]")
+            .field("json", &self.json)
+            .finish()
+    }
 }
 
 #[derive(Debug, Subcommand)]

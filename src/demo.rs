@@ -81,11 +81,13 @@ pub async fn run() -> ExitCode {
     }
 }
 
+/// A token or code as the demo shows it: its kind prefix only (`ads_at_…`), never its value.
 fn short(value: &str) -> String {
-    if value.len() > 12 {
-        format!("{}…", &value[..12])
+    let kind: String = value.chars().take(7).collect();
+    if value.len() > 7 {
+        format!("{kind}…")
     } else {
-        value.to_string()
+        "…".to_string()
     }
 }
 

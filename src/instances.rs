@@ -526,7 +526,9 @@ pub async fn verify(
                 json!({"ok": true, "status": status, "path": spec.path, "checkedAt": iso8601(started)})
             } else {
                 json!({"ok": false, "status": status, "path": spec.path, "checkedAt": iso8601(started),
-                       "providerMessage": crate::oauth::describe_provider_body(status, www.as_deref(), &body)})
+                       "providerMessage": crate::oauth::redact(
+                           &crate::oauth::describe_provider_body(status, www.as_deref(), &body),
+                           &[access_token.expose()])})
             }
         }
         Err(error) => {

@@ -45,6 +45,7 @@ const AUTH_TTL: Duration = Duration::from_secs(5);
 #[derive(Default)]
 pub struct AuthCache {
     users: DashMap<Vec<u8>, (i64, Instant)>,
+    organizations: DashMap<Vec<u8>, (i64, Instant)>,
     elements: DashMap<Vec<u8>, (i64, i64, Instant)>,
     rechecking: DashMap<Vec<u8>, ()>,
     /// Credential lookups a caller waited for.
@@ -61,6 +62,8 @@ impl AuthCache {
     /// so only unused ones age out): memory follows the callers, not the tables.
     pub fn evict_idle(&self, idle: Duration) {
         self.users
+            .retain(|_, (_, checked)| checked.elapsed() < idle);
+        self.organizations
             .retain(|_, (_, checked)| checked.elapsed() < idle);
         self.elements
             .retain(|_, (_, _, checked)| checked.elapsed() < idle);
@@ -178,6 +181,11 @@ async fn authenticate(app: &SharedApp, headers: &HeaderMap) -> Result<i64, ApiEr
     let user_hash = hash_secret(user.expose());
     let element_hash = hash_secret(element.expose());
     let cache = &app.auth_cache;
+    // The `Organization` part is optional here, but a wrong one is refused, not ignored.
+    let organization_check = match credentials.organization {
+        Some(secret) => Some(organization_of(app, &hash_secret(secret.expose())).await?),
+        None => None,
+    };
     let cached_user = cache.users.get(&user_hash).map(|entry| *entry);
     let cached_element = cache.elements.get(&element_hash).map(|entry| *entry);
     if let (Some((organization_id, user_checked)), Some((id, instance_organization, checked))) =
@@ -188,6 +196,11 @@ async fn authenticate(app: &SharedApp, headers: &HeaderMap) -> Result<i64, ApiEr
         }
         if instance_organization != organization_id {
             return Err(ApiError::unauthorized("The Element token is not valid"));
+        }
+        if organization_check.is_some_and(|org| org != organization_id) {
+            return Err(ApiError::unauthorized(
+                "The organization secret is not valid for this user",
+            ));
         }
         return Ok(id);
     }
@@ -223,7 +236,32 @@ async fn authenticate(app: &SharedApp, headers: &HeaderMap) -> Result<i64, ApiEr
     if instance_organization != organization_id {
         return Err(ApiError::unauthorized("The Element token is not valid"));
     }
+    if organization_check.is_some_and(|org| org != organization_id) {
+        return Err(ApiError::unauthorized(
+            "The organization secret is not valid for this user",
+        ));
+    }
     Ok(instance_id)
+}
+
+/// The organization of an organization secret (by its hash), from memory while trusted.
+async fn organization_of(app: &SharedApp, hash: &[u8]) -> Result<i64, ApiError> {
+    if let Some((id, checked)) = app.auth_cache.organizations.get(hash).map(|e| *e)
+        && checked.elapsed() < AUTH_TTL
+    {
+        return Ok(id);
+    }
+    let organization = app
+        .store
+        .find_organization_by_secret_hash(hash)
+        .await?
+        .ok_or_else(|| {
+            ApiError::unauthorized("The organization secret is not valid for this user")
+        })?;
+    app.auth_cache
+        .organizations
+        .insert(hash.to_vec(), (organization.id, Instant::now()));
+    Ok(organization.id)
 }
 
 /// The part of the request path after the proxy prefix, checked to stay under the base URL.
@@ -589,7 +627,14 @@ async fn inspect(
     // whole body, head and rest, whatever its size (the length header stays true).
     let mut stream = response.bytes_stream();
     let head = read_limited(&mut stream, REJECTION_BODY_BYTES).await?;
-    let message = crate::oauth::api_rejection(rejection, status.as_u16(), www.as_deref(), &head);
+    // An API that echoes the token it rejects must not get it into `providerMessage`.
+    let token = instance
+        .access_token
+        .as_ref()
+        .map(|t| t.expose())
+        .unwrap_or("");
+    let message = crate::oauth::api_rejection(rejection, status.as_u16(), www.as_deref(), &head)
+        .map(|text| crate::oauth::redact(&text, &[token]));
     if let Some(headers) = builder.headers_mut() {
         *headers = response_headers;
     }

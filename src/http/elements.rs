@@ -176,6 +176,19 @@ pub async fn delete(
             "Built-in connectors cannot be deleted",
         ));
     }
+    // Instances of a connector need it for every refresh and call: it goes after them.
+    let in_use = app
+        .store
+        .list_instances(caller.organization_id, &[])
+        .await?
+        .iter()
+        .filter(|row| row.element_key == key)
+        .count();
+    if in_use > 0 {
+        return Err(ApiError::conflict(format!(
+            "Connector `{key}` still has {in_use} instance(s): delete them first"
+        )));
+    }
     if !app
         .store
         .delete_connector(caller.organization_id, &key)
@@ -251,7 +264,7 @@ pub async fn oauth_url(
         pkce.as_ref().map(|p| p.challenge.as_str()),
     )
     .map_err(|error| ApiError::bad_request(error.provider_message()))?;
-    let state_hash = hash_secret(&state);
+    let state_hash = state_key(caller.organization_id, &state);
     // Bound to the row's key (the state's hash), so that key rotation can re-seal it without
     // knowing the state itself.
     let state_field = crate::crypto::hex(&state_hash);
@@ -286,4 +299,10 @@ pub async fn oauth_url(
     Ok(AxumJson(
         json!({"element": key, "oauthUrl": url.as_str(), "state": state}),
     ))
+}
+
+/// Where a `state` is kept: per organization, so one organization can neither learn that
+/// another holds a state value nor consume it.
+pub fn state_key(organization_id: i64, state: &str) -> Vec<u8> {
+    hash_secret(&format!("oauth-state/{organization_id}/{state}"))
 }

@@ -32,7 +32,8 @@ use crate::store::{InstanceRow, Reauthentication, TokenUpdate};
 
 /// The body of `POST`/`PATCH`/`PUT /instances…`: a JSON object (an array or a scalar is a 400,
 /// not an empty update).
-#[derive(Debug, Default)]
+/// No `Debug`: it holds the authorization code and the caller's secrets.
+#[derive(Default)]
 pub struct InstanceBody {
     element: Option<ElementRef>,
     provider_data: Option<ProviderData>,
@@ -95,7 +96,8 @@ enum ElementRef {
     Plain(String),
 }
 
-#[derive(Debug, Deserialize, Default)]
+/// No `Debug`: it holds the authorization code.
+#[derive(Deserialize, Default)]
 struct ProviderData {
     #[serde(default)]
     code: Option<String>,
@@ -170,6 +172,8 @@ pub async fn create(
     caller: Caller,
     Json(body): Json<InstanceBody>,
 ) -> ApiResult<(StatusCode, AxumJson<Value>)> {
+    // A new instance is the organization's act: an Element token names an existing one only.
+    caller.require_organization()?;
     let key = match &body.element {
         Some(ElementRef::Key { key }) | Some(ElementRef::Plain(key)) => key.clone(),
         None => {
@@ -201,6 +205,7 @@ pub async fn create_for_element(
     Path(key): Path<String>,
     Json(body): Json<InstanceBody>,
 ) -> ApiResult<(StatusCode, AxumJson<Value>)> {
+    caller.require_organization()?;
     let connector = find(&app, caller.organization_id, &key).await?;
     create_instance(&app, &caller, &connector, body).await
 }
@@ -241,7 +246,7 @@ async fn exchange(
     if let Some(state) = state {
         // A state is single use: one that was never issued to this organization for this
         // connector, has expired, or was used already is refused (CSRF, replayed codes).
-        let state_hash = hash_secret(state);
+        let state_hash = super::elements::state_key(caller.organization_id, state);
         let unknown = || {
             ApiError::bad_request(format!(
                 "`providerData.state` is unknown, expired or already used: get a new authorization URL from GET /elements/{}/oauth/url",

@@ -37,6 +37,7 @@ pub use client::{OAuthClient, RevokeOutcome, TokenHint, transport_message};
 pub use error::{OAuthError, is_permanent_error_code};
 pub use rejection::{api_rejection, describe_provider_body};
 pub use response::{TokenSet, parse_token_response};
+pub use text::redact;
 
 /// The `User-Agent` of every request to a provider.
 pub const USER_AGENT: &str = concat!("tokenwarden/", env!("CARGO_PKG_VERSION"));

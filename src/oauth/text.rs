@@ -33,11 +33,26 @@ pub(crate) fn cut(text: &str, max_chars: usize) -> String {
 
 /// Replaces every occurrence of each secret in `text` with `[redacted]`. Secrets shorter than
 /// 4 characters are ignored: they would redact ordinary words and cannot be meaningful tokens.
-pub(crate) fn redact(text: &str, secrets: &[&str]) -> String {
+pub fn redact(text: &str, secrets: &[&str]) -> String {
     let mut out = text.to_string();
     for secret in secrets {
         if secret.len() >= 4 && out.contains(secret) {
             out = out.replace(secret, "[redacted]");
+        }
+    }
+    // Text already cut (ending in `…`) may end with the beginning of a secret.
+    if let Some(head) = out.strip_suffix('…') {
+        for secret in secrets.iter().filter(|secret| secret.len() >= 8) {
+            let longest = secret.len().min(head.len());
+            let tail = (4..=longest).rev().find(|&k| {
+                secret.is_char_boundary(k)
+                    && head.is_char_boundary(head.len() - k)
+                    && head.ends_with(&secret[..k])
+            });
+            if let Some(k) = tail {
+                out = format!("{}[redacted]…", &head[..head.len() - k]);
+                break;
+            }
         }
     }
     out

@@ -5,6 +5,7 @@ mod crash;
 mod dashboard;
 mod elements;
 mod events;
+mod hardening;
 mod harness;
 mod instances;
 mod isolation;

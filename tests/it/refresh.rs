@@ -259,7 +259,9 @@ async fn each_strategy_refreshes_when_it_should() {
     .await;
     let server = env.server.url.clone();
 
-    // before_expiry: a token issued for 2 s with a 60 s buffer is "within the buffer" at once.
+    // before_expiry: a token issued for 2 s with a 60 s buffer is "within the buffer" at once,
+    // and refreshed ahead of the call once half its lifetime has passed (never sooner, or a
+    // token shorter than the buffer would make every call refresh).
     generic_profile(&env, json!({"accessTokenTtlSeconds": 2})).await;
     register_connector(
         &env,
@@ -271,6 +273,14 @@ async fn each_strategy_refreshes_when_it_should() {
     let token = before["token"].as_str().unwrap();
     let start = refreshes(&env).await;
     let unauthorized = stat(&env, &["api", "unauthorized"]).await;
+    let (status, body, _) = proxy_at(&env, &server, &env.org, token, Method::GET, "api/me").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        refreshes(&env).await,
+        start,
+        "not before half the token's lifetime"
+    );
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
     let (status, body, _) = proxy_at(&env, &server, &env.org, token, Method::GET, "api/me").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(refreshes(&env).await, start + 1, "before_expiry refreshed");

@@ -1,0 +1,186 @@
+//! Findings of the security review, each pinned by a test: who may create instances, per-
+//! organization OAuth states, connectors in use, the contract's keep-alive shape, a wrong
+//! `Organization` part on the proxy.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::harness::{CLIENT_ID, CLIENT_SECRET, Env};
+use crate::support::{drop_test_database, test_databases};
+
+async fn send(
+    env: &Env,
+    method: Method,
+    url: &str,
+    authorization: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = env
+        .http
+        .request(method, url)
+        .header("authorization", authorization);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn own_connector(key: &str, env: &Env) -> Value {
+    let sandbox = &env.sandbox.url;
+    json!({"key": key, "name": "Acme", "baseUrl": format!("{sandbox}/generic/"),
+           "oauth": {"authorizationUrl": format!("{sandbox}/generic/authorize"),
+                     "tokenUrl": format!("{sandbox}/generic/token"),
+                     "revokeUrl": format!("{sandbox}/generic/revoke"),
+                     "scopes": ["api", "offline_access"], "scopeSeparator": " ",
+                     "clientAuth": "client_secret_post", "pkce": false,
+                     "authorizationParams": {"prompt": "consent"}},
+           "refresh": {"strategy": "before_expiry", "bufferSeconds": 60, "keepAliveSeconds": 86400}})
+}
+
+#[tokio::test]
+async fn review_findings_stay_fixed() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let platform = env.org.platform();
+
+        // The contract's own connector shape, keep-alive without an idle TTL, is accepted.
+        let (status, body) = send(
+            &env,
+            Method::POST,
+            &env.api("/elements"),
+            &platform,
+            Some(own_connector("acme", &env)),
+        )
+        .await;
+        assert_eq!(status, 201, "[{label}] {body}");
+
+        // An Element token alone names an instance; it cannot create one.
+        let instance = env.create_instance(&env.org, "acme", "kim").await;
+        let token = instance["token"].as_str().unwrap();
+        let (code, state) = env.authorize(&env.org, "acme", "kim").await;
+        let body = json!({"element": {"key": "acme"}, "providerData": {"code": code, "state": state},
+                          "configuration": env.configuration()});
+        let (status, answer) = send(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            &env.org.through(token),
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(status, 401, "[{label}] {answer}");
+        let (status, answer) = send(
+            &env,
+            Method::POST,
+            &env.api("/elements/acme/instances"),
+            &env.org.through(token),
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, 401, "[{label}] {answer}");
+
+        // A connector in use cannot be deleted from under its instances.
+        let (status, answer) = send(
+            &env,
+            Method::DELETE,
+            &env.api("/elements/acme"),
+            &platform,
+            None,
+        )
+        .await;
+        assert_eq!(status, 409, "[{label}] {answer}");
+        let (status, answer) = env.proxy(&env.org, token, Method::GET, "api/me").await;
+        assert_eq!(status, 200, "[{label}] still works: {answer}");
+
+        // OAuth states belong to their organization: another may hold the same value (no 409
+        // tells it the value is taken), and presenting someone else's state is refused before
+        // any provider call, without consuming it.
+        let other = env.new_org("other").await;
+        let oauth_url = |state: &str| {
+            format!(
+                "{}?apiKey={CLIENT_ID}&apiSecret={CLIENT_SECRET}&callbackUrl={}&state={state}",
+                env.api("/elements/sandbox-generic/oauth/url"),
+                url::form_urlencoded::byte_serialize(env.callback().as_bytes()).collect::<String>()
+            )
+        };
+        let suffix = crate::support::random_id();
+        let (shared, mine_only) = (format!("shared-{suffix}"), format!("mine-{suffix}"));
+        let (status, body) = env.get_json(&oauth_url(&shared), &platform).await;
+        assert_eq!(status, 200, "[{label}] {body}");
+        let (status, theirs) = env.get_json(&oauth_url(&shared), &other.platform()).await;
+        assert_eq!(
+            status, 200,
+            "[{label}] the same value in another organization: {theirs}"
+        );
+        let (status, mine) = env.get_json(&oauth_url(&mine_only), &platform).await;
+        assert_eq!(status, 200, "[{label}] {mine}");
+        let approve = env
+            .http
+            .get(format!(
+                "{}&login_hint=kim",
+                mine["oauthUrl"].as_str().unwrap()
+            ))
+            .send()
+            .await
+            .unwrap();
+        let location = url::Url::parse(approve.headers()["location"].to_str().unwrap()).unwrap();
+        let code = location
+            .query_pairs()
+            .find(|(k, _)| k == "code")
+            .unwrap()
+            .1
+            .into_owned();
+        let presented = json!({"element": {"key": "sandbox-generic"},
+                               "providerData": {"code": code, "state": mine_only},
+                               "configuration": env.configuration()});
+        let before = env.sandbox_stats().await;
+        let (status, answer) = send(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            &other.platform(),
+            Some(presented.clone()),
+        )
+        .await;
+        assert_eq!(status, 400, "[{label}] {answer}");
+        assert_eq!(
+            env.sandbox_stats().await["tokenErrors"],
+            before["tokenErrors"],
+            "[{label}] no provider call"
+        );
+        let (status, created) = send(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            &platform,
+            Some(presented),
+        )
+        .await;
+        assert_eq!(
+            status, 200,
+            "[{label}] the owner's state still works: {created}"
+        );
+
+        // A wrong `Organization` part on the proxy is refused, not ignored.
+        let wrong = format!(
+            "User {}, Organization nope, Element {token}",
+            env.org.user_secret
+        );
+        let (status, answer) =
+            send(&env, Method::GET, &env.api("/proxy/api/me"), &wrong, None).await;
+        assert_eq!(status, 401, "[{label}] {answer}");
+        let right = format!("{}, Element {token}", env.org.platform());
+        let (status, answer) =
+            send(&env, Method::GET, &env.api("/proxy/api/me"), &right, None).await;
+        assert_eq!(status, 200, "[{label}] {answer}");
+
+        env.stop().await;
+        drop_test_database(&url).await;
+    }
+}
