@@ -100,6 +100,7 @@ pub fn build_http_client(timeout: Duration) -> Result<reqwest::Client, StartupEr
     install_crypto_provider();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        .dns_resolver(Arc::new(crate::egress::GuardedResolver))
         .connect_timeout(Duration::from_secs(10))
         .timeout(timeout)
         .pool_max_idle_per_host(256)
@@ -117,6 +118,7 @@ pub fn build_proxy_client(idle: Duration) -> Result<reqwest::Client, StartupErro
     install_crypto_provider();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        .dns_resolver(Arc::new(crate::egress::GuardedResolver))
         .connect_timeout(Duration::from_secs(10))
         .read_timeout(idle)
         .pool_max_idle_per_host(256)
@@ -211,19 +213,32 @@ impl App {
         configuration: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<Endpoints, String> {
         let oauth = &connector.oauth;
-        let token_url = self.fill(connector, &oauth.token_url, configuration)?;
+        let token_url = checked(self.fill(connector, &oauth.token_url, configuration)?)?;
         Ok(Endpoints {
-            authorization_url: self.fill(connector, &oauth.authorization_url, configuration)?,
+            authorization_url: checked(self.fill(
+                connector,
+                &oauth.authorization_url,
+                configuration,
+            )?)?,
             refresh_url: match &oauth.refresh_url {
-                Some(url) => self.fill(connector, url, configuration)?,
+                Some(url) => checked(self.fill(connector, url, configuration)?)?,
                 None => token_url.clone(),
             },
             token_url,
             revoke_url: match &oauth.revoke_url {
-                Some(url) => Some(self.fill(connector, url, configuration)?),
+                Some(url) => Some(checked(self.fill(connector, url, configuration)?)?),
                 None => None,
             },
         })
+    }
+}
+
+/// A filled endpoint URL, refused when it points where no provider lives (see `egress`).
+/// A URL that does not parse (a template with `{client_id}` left for the OAuth client) passes.
+fn checked(url: String) -> Result<String, String> {
+    match url::Url::parse(&url) {
+        Ok(parsed) => crate::egress::check_url(&parsed).map(|()| url),
+        Err(_) => Ok(url),
     }
 }
 

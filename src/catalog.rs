@@ -693,6 +693,7 @@ fn check_url(
     let filled = fill_template(template, &samples).map_err(invalid)?;
     let parsed = url::Url::parse(&filled)
         .map_err(|error| invalid(format!("`{template}` is not an absolute URL ({error})")))?;
+    crate::egress::check_url(&parsed).map_err(invalid)?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(invalid(format!(
             "`{template}` must be an http or https URL, not `{}`",

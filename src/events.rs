@@ -213,6 +213,14 @@ async fn deliver_one(
     let Some(url) = payload.pointer("/delivery/url").and_then(Value::as_str) else {
         return (DeliveryOutcome::Failed, Some("no callback URL".into()));
     };
+    // Delivery outcomes are shown to the organization: a callback URL must not turn them into
+    // a scanner of the metadata service.
+    if let Err(why) = url::Url::parse(url)
+        .map_err(|error| error.to_string())
+        .and_then(|parsed| crate::egress::check_url(&parsed))
+    {
+        return (DeliveryOutcome::Failed, Some(why));
+    }
     let mut key = payload
         .pointer("/delivery/key")
         .and_then(Value::as_str)

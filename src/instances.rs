@@ -503,6 +503,12 @@ pub async fn verify(
 ) -> Option<String> {
     let spec = connector.verify.as_ref()?;
     let url = join_url(base_url, &spec.path);
+    if let Err(why) = url::Url::parse(&url)
+        .map_err(|error| error.to_string())
+        .and_then(|parsed| crate::egress::check_url(&parsed))
+    {
+        return Some(json!({"ok": false, "path": spec.path, "message": format!("the verification call was not made: {why}")}).to_string());
+    }
     let method =
         reqwest::Method::from_bytes(spec.method.as_bytes()).unwrap_or(reqwest::Method::GET);
     let started = now_ms();

@@ -15,6 +15,7 @@ pub mod catalog;
 pub mod cli;
 pub mod crypto;
 pub mod demo;
+pub mod egress;
 pub mod events;
 pub mod http;
 pub mod instances;

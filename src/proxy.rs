@@ -303,6 +303,7 @@ pub fn confine(base_url: &str, raw_path: &str, query: Option<&str>) -> Result<ur
     {
         return Err(refuse("it leaves the instance's base URL"));
     }
+    crate::egress::check_url(&target).map_err(|why| refuse(&why))?;
     Ok(target)
 }
 

@@ -364,6 +364,7 @@ fn starting_configuration(
         .into_iter()
         .map(|(key, value)| (key, Value::String(value)))
         .collect();
+    check_base_url(&configuration)?;
     if !configuration.contains_key(BASE_URL) {
         let base = app
             .fill(connector, &connector.base_url, &configuration)
@@ -757,6 +758,7 @@ async fn update(
             secret.insert(instances::API_SECRET.to_string(), value.clone());
         }
     }
+    check_base_url(&plain)?;
     let name = body.name.clone().unwrap_or_else(|| row.name.clone());
     let tags = body.tags.clone().unwrap_or_else(|| row.tag_list());
     let reauthenticate = match mode {
@@ -1130,4 +1132,21 @@ async fn reload(app: &App, row: &InstanceRow) -> ApiResult<InstanceRow> {
         .get_instance(row.organization_id, row.id)
         .await?
         .ok_or_else(|| ApiError::not_found("The instance was deleted meanwhile"))
+}
+
+/// A `base.url` given by a caller: an absolute http(s) URL, and not one where no provider
+/// lives (see `egress`).
+fn check_base_url(configuration: &Map<String, Value>) -> ApiResult<()> {
+    let Some(base) = configuration.get(BASE_URL).and_then(Value::as_str) else {
+        return Ok(());
+    };
+    let parsed = url::Url::parse(base)
+        .map_err(|_| ApiError::bad_request("`base.url` must be an absolute http(s) URL"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(ApiError::bad_request(
+            "`base.url` must be an absolute http(s) URL",
+        ));
+    }
+    crate::egress::check_url(&parsed)
+        .map_err(|why| ApiError::bad_request(format!("`base.url`: {why}")))
 }

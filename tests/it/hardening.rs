@@ -167,6 +167,34 @@ async fn review_findings_stay_fixed() {
             "[{label}] the owner's state still works: {created}"
         );
 
+        // Nothing points at the metadata service: not a connector, not a base URL.
+        let mut metadata = own_connector("meta", &env);
+        metadata["oauth"]["tokenUrl"] = json!("http://169.254.169.254/latest/meta-data/");
+        let (status, answer) = send(
+            &env,
+            Method::POST,
+            &env.api("/elements"),
+            &platform,
+            Some(metadata),
+        )
+        .await;
+        assert_eq!(status, 400, "[{label}] {answer}");
+        let id = instance["id"].as_i64().unwrap();
+        let (status, answer) = send(
+            &env,
+            Method::PATCH,
+            &env.api(&format!("/instances/{id}")),
+            &platform,
+            Some(json!({"configuration": {"base.url": "http://169.254.169.254/latest/"}})),
+        )
+        .await;
+        assert_eq!(status, 400, "[{label}] {answer}");
+        let (status, answer) = env.proxy(&env.org, token, Method::GET, "api/me").await;
+        assert_eq!(
+            status, 200,
+            "[{label}] the instance kept its base URL: {answer}"
+        );
+
         // A wrong `Organization` part on the proxy is refused, not ignored.
         let wrong = format!(
             "User {}, Organization nope, Element {token}",
