@@ -201,6 +201,18 @@ impl App {
                 .map(str::to_string)
                 .or_else(|| input.default.clone());
             if let Some(value) = given {
+                // An input fills one part of a URL (a shop, a tenant, a My Domain host): it may
+                // not bring a path, a query, a port or credentials of its own.
+                let plain = !value.is_empty()
+                    && value.len() <= 253
+                    && value
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+                if !plain {
+                    return Err(format!(
+                        "connector input `{name}` may hold only letters, digits, `.`, `-` and `_`"
+                    ));
+                }
                 values.insert(name.clone(), value);
             }
         }

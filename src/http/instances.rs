@@ -759,6 +759,9 @@ async fn update(
         }
     }
     check_base_url(&plain)?;
+    // Inputs that fill the connector's URLs are checked now, not at the next refresh.
+    app.endpoints(&connector, &plain)
+        .map_err(|error| ApiError::bad_request(format!("Connector input: {error}")))?;
     let name = body.name.clone().unwrap_or_else(|| row.name.clone());
     let tags = body.tags.clone().unwrap_or_else(|| row.tag_list());
     let reauthenticate = match mode {

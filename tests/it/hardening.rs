@@ -194,6 +194,23 @@ async fn review_findings_stay_fixed() {
             status, 200,
             "[{label}] the instance kept its base URL: {answer}"
         );
+        // A connector input brings one part of a URL, never a host, port, path or query.
+        let microsoft = env
+            .create_instance(&env.org, "sandbox-microsoft", "lee")
+            .await;
+        let (status, answer) = send(
+            &env,
+            Method::PATCH,
+            &env.api(&format!("/instances/{}", microsoft["id"])),
+            &platform,
+            Some(json!({"configuration": {"tenant": "127.0.0.1:4199/x?"}})),
+        )
+        .await;
+        assert_eq!(status, 400, "[{label}] {answer}");
+        assert!(
+            answer["message"].as_str().unwrap().contains("tenant"),
+            "{answer}"
+        );
 
         // A wrong `Organization` part on the proxy is refused, not ignored.
         let wrong = format!(
