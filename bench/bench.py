@@ -682,14 +682,67 @@ def bench_scale():
 
 
 # ---------------------------------------------------------------------------------------------
+# outage: the token endpoint answers 503 while instances fall due
 
 
-MODES = {"proxy": bench_proxy, "storm": bench_storm, "scale": bench_scale}
+OUTAGE_SECS = int(os.environ.get("BENCH_OUTAGE_SECONDS", "60"))
+
+
+def backoff_attempt_bound(seconds, base_s=2.0, cap_s=300.0):
+    """Most attempts one instance can make in `seconds` under the engine's backoff (step
+    base*2^n capped, wait at least step/2): the first attempt at 0, then the shortest waits."""
+    attempts, elapsed, step = 1, 0.0, base_s
+    while True:
+        elapsed += step / 2
+        if elapsed > seconds:
+            return attempts
+        attempts += 1
+        step = min(step * 2, cap_s)
+
+
+def bench_outage():
+    context = machine_context("outage")
+    sandbox = Sandbox("outage-sandbox")
+    db = SqliteDb(os.path.join(OUT, "outage.db"))
+    service = Service("outage", db.url, sandbox)
+    ids = [i for i, _ in service.create_instances("sandbox-generic", REAL, 16)]
+    stats0 = http("GET", sandbox.url + "/__sandbox/stats")[1]
+    sandbox.post("/__sandbox/faults", {"target": "token", "status": 503, "count": 10_000_000})
+    db.make_due(ids, now_ms() - 1000)
+    began = time.time()
+    time.sleep(OUTAGE_SECS)
+    stats1 = http("GET", sandbox.url + "/__sandbox/stats")[1]
+    http("DELETE", sandbox.url + "/__sandbox/faults")
+    recovered_at = time.time()
+    attempts = stats1["faultsInjected"] - stats0["faultsInjected"]
+    states_during = db.count_states(ids)
+    watched = json.loads(loadgen("watch", sandbox.url, len(ids), 240, timeout=300))
+    states = db.count_states(ids)
+    bound = backoff_attempt_bound(time.time() - began)
+    all_within_s = (watched["lastMs"] or 0) / 1000
+    table(f"outage: token endpoint 503 for {OUTAGE_SECS}s while {len(ids)} instances fall due  [{context}]",
+          ["instances", "attempts during outage", "per instance", "bound per instance",
+           "states at recovery", "refreshed after", "last refreshed s after recovery", "states at end"],
+          [(len(ids), attempts, attempts / len(ids), bound, json.dumps(states_during),
+            watched["delta"], all_within_s, json.dumps(states))])
+    figure("outage_invalidated", states.get("invalid", 0), "target 0")
+    figure("outage_refreshed_after_recovery", watched["delta"], f"of {len(ids)}")
+    figure("outage_all_refreshed_s_after_recovery", None if watched["timedOut"] else all_within_s,
+           "target <= 60 (n/a: not all within 240 s)")
+    figure("outage_attempts_per_instance", attempts / len(ids),
+           f"bound by the backoff: {bound} per instance")
+    stop_all()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+MODES = {"proxy": bench_proxy, "storm": bench_storm, "scale": bench_scale, "outage": bench_outage}
 
 
 def main():
     mode = sys.argv[1] if len(sys.argv) > 1 else "all"
-    chosen = list(MODES) if mode == "all" else [mode]
+    chosen = ["proxy", "storm", "scale"] if mode == "all" else [mode]
     if any(m not in MODES for m in chosen):
         raise SystemExit(f"usage: bench/run [{'|'.join(MODES)}|all]")
     raise_fd_limit()
