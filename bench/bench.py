@@ -211,7 +211,16 @@ class Service:
         args = [TW, "serve", "--bind", f"127.0.0.1:{port}", "--database-url", database_url]
         if workers:
             args += ["--workers", str(workers)]
+        self.args, self.env = args, env
         self.process = spawn(name, args, env=env)
+        wait_ready(self.url + "/healthz", self.process)
+
+    def kill9(self):
+        self.process.kill()  # SIGKILL
+        self.process.wait(10)
+
+    def restart(self):
+        self.process = spawn(self.name, self.args, env=self.env)
         wait_ready(self.url + "/healthz", self.process)
 
     def through(self, element_token):
@@ -735,9 +744,107 @@ def bench_outage():
 
 
 # ---------------------------------------------------------------------------------------------
+# chaos: kill -9 of serve during refresh storms against a rotating provider
 
 
-MODES = {"proxy": bench_proxy, "storm": bench_storm, "scale": bench_scale, "outage": bench_outage}
+CHAOS_CYCLES = int(os.environ.get("BENCH_CHAOS_CYCLES", "10"))
+CHAOS_INSTANCES = int(os.environ.get("BENCH_CHAOS_INSTANCES", "200"))
+CHAOS_GRACE = int(os.environ.get("BENCH_CHAOS_GRACE", "120"))
+
+
+def chaos_run(grace):
+    import random
+    label = f"grace {grace}s" if grace else "no grace"
+    sandbox = Sandbox(f"chaos-g{grace}-sandbox")
+    status, _ = http("PUT", sandbox.url + "/__sandbox/profiles/generic",
+                     {"rotateRefreshTokens": True, "refreshReuseGraceSeconds": grace,
+                      "revokeGrantOnReuse": True})
+    assert status == 200, status
+    db = SqliteDb(os.path.join(OUT, f"chaos-g{grace}.db"))
+    service = Service(f"chaos-g{grace}", db.url, sandbox)
+    made = service.create_instances("sandbox-generic", CHAOS_INSTANCES, 16)
+    ids = [i for i, _ in made]
+    ids_file = os.path.join(OUT, f"chaos-g{grace}-ids.txt")
+    with open(ids_file, "w") as f:
+        f.write("\n".join(ids) + "\n")
+    interrupted = 0
+    for cycle in range(CHAOS_CYCLES):
+        storm = subprocess.Popen([LG, "refresh", service.api, service.platform, ids_file, 64, 3],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(random.uniform(0.3, 2.0))
+        service.kill9()
+        try:
+            storm.wait(120)
+        except subprocess.TimeoutExpired:
+            storm.kill()
+            storm.wait()
+        with db.connect() as c:
+            in_flight = c.execute("SELECT COUNT(*) FROM instances WHERE "
+                                  "refresh_in_flight_since IS NOT NULL").fetchone()[0]
+        interrupted += in_flight
+        log(f"  chaos {label}: cycle {cycle + 1}/{CHAOS_CYCLES}: killed with {in_flight} "
+            f"refreshes in flight")
+        service.restart()
+    # Leases of the killed processes expire (45 s), then the recovery task finishes them.
+    deadline = time.time() + 150
+    while time.time() < deadline:
+        with db.connect() as c:
+            left = c.execute("SELECT COUNT(*) FROM instances WHERE "
+                             "refresh_in_flight_since IS NOT NULL").fetchone()[0]
+        if left == 0:
+            break
+        time.sleep(2)
+    with db.connect() as c:
+        marks = ",".join(ids)
+        states = dict(c.execute(f"SELECT state, COUNT(*) FROM instances WHERE id IN ({marks}) "
+                                "GROUP BY state").fetchall())
+        no_reason = c.execute(f"SELECT COUNT(*) FROM instances WHERE id IN ({marks}) AND "
+                              "state = 'invalid' AND (state_reason IS NULL OR state_reason = '')"
+                              ).fetchone()[0]
+        reasons = c.execute(f"SELECT state_reason, COUNT(*) FROM instances WHERE id IN ({marks}) "
+                            "AND state = 'invalid' GROUP BY state_reason").fetchall()
+        valid_ids = [str(r[0]) for r in c.execute(
+            f"SELECT id FROM instances WHERE id IN ({marks}) AND state = 'valid'")]
+    # Every instance the service calls valid must really work: a refresh with its stored refresh
+    # token, then a call through it. One that fails is silently broken.
+    silently_broken = 0
+    tokens = dict(made)
+    for instance_id in valid_ids:
+        status, _ = http("POST", f"{service.api}/instances/{instance_id}/tokens/refresh",
+                         headers={"authorization": service.platform})
+        call, _ = http("GET", service.api + "/proxy/api/me",
+                       headers={"authorization": service.through(tokens[instance_id])})
+        if status != 200 or call != 200:
+            silently_broken += 1
+    stop_all()
+    return {"label": label, "instances": len(ids), "interrupted": interrupted,
+            "valid": states.get("valid", 0), "invalid": states.get("invalid", 0),
+            "no_reason": no_reason, "silently_broken": silently_broken,
+            "recovered": left == 0, "reasons": reasons}
+
+
+def bench_chaos():
+    context = machine_context("chaos")
+    results = [chaos_run(0), chaos_run(CHAOS_GRACE)]
+    table(f"chaos: {CHAOS_CYCLES} x kill -9 of serve during refresh storms (64 concurrent "
+          f"refreshes), rotating provider revoking the grant on reuse  [{context}]",
+          ["provider", "instances", "refreshes cut", "valid", "invalid", "invalid w/o reason",
+           "silently broken", "in flight left", "reasons"],
+          [(r["label"], r["instances"], r["interrupted"], r["valid"], r["invalid"], r["no_reason"],
+            r["silently_broken"], 0 if r["recovered"] else "some", json.dumps(r["reasons"]))
+           for r in results])
+    for r, key in zip(results, ("no_grace", "grace")):
+        figure(f"chaos_{key}_invalid", r["invalid"], "target 0 with grace")
+        figure(f"chaos_{key}_invalid_without_reason", r["no_reason"], "target 0")
+        figure(f"chaos_{key}_silently_broken", r["silently_broken"], "target 0")
+        figure(f"chaos_{key}_refreshes_cut", r["interrupted"])
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+MODES = {"proxy": bench_proxy, "storm": bench_storm, "scale": bench_scale, "outage": bench_outage,
+         "chaos": bench_chaos}
 
 
 def main():
