@@ -670,8 +670,9 @@ def bench_scale_engine(db):
     # 2) the scheduler: every real instance made due now, left to the scheduler; rounds
     scheduler_rates, scheduler_rows = [], []
     for round_index in range(ROUNDS):
+        base = sandbox.refreshes()  # before: the scheduler may start at once
         db.make_due(ids, now_ms() - 1000)
-        watched = json.loads(loadgen("watch", sandbox.url, len(ids), 90, timeout=150))
+        watched = json.loads(loadgen("watch", sandbox.url, len(ids), 90, base, timeout=150))
         span_s = ((watched["lastMs"] or 0) - (watched["firstMs"] or 0)) / 1000
         rate = (watched["delta"] - 1) / span_s if span_s > 0 else None
         scheduler_rates.append(rate)
@@ -759,7 +760,8 @@ def bench_outage():
     recovered_at = time.time()
     attempts = stats1["faultsInjected"] - stats0["faultsInjected"]
     states_during = db.count_states(ids)
-    watched = json.loads(loadgen("watch", sandbox.url, len(ids), 240, timeout=300))
+    watched = json.loads(loadgen("watch", sandbox.url, len(ids), 240,
+                                 stats1["token"]["refresh_token"], timeout=300))
     states = db.count_states(ids)
     bound = backoff_attempt_bound(time.time() - began)
     all_within_s = (watched["lastMs"] or 0) / 1000

@@ -8,8 +8,9 @@
 //!                                           (sandbox login_hint); prints "id token" lines
 //! - `refresh API AUTH IDSFILE CONC SECONDS` POST /instances/{id}/tokens/refresh round-robin for
 //!                                           SECONDS; prints JSON {requests, seconds, statuses}
-//! - `watch SANDBOX DELTA TIMEOUT_S`          polls /__sandbox/stats token.refresh_token until it
-//!                                           grew by DELTA; prints JSON {delta, firstMs, lastMs}
+//! - `watch SANDBOX DELTA TIMEOUT_S [BASE]`   polls /__sandbox/stats token.refresh_token until it
+//!                                           grew by DELTA over BASE (default: the count at
+//!                                           start); prints JSON {delta, firstMs, lastMs}
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -406,7 +407,11 @@ async fn watch(args: &[String]) -> Result<(), String> {
     let delta: i64 = arg(args, 1, "DELTA")?;
     let timeout: f64 = arg(args, 2, "TIMEOUT_S")?;
     let client = client();
-    let base = refresh_count(&client, &sandbox).await?;
+    // The count to measure from: given (taken before the work was started), or now.
+    let base = match args.get(3) {
+        Some(base) => base.parse().map_err(|_| "bad BASE".to_string())?,
+        None => refresh_count(&client, &sandbox).await?,
+    };
     let began = Instant::now();
     let mut first: Option<f64> = None;
     let mut last = 0.0;
