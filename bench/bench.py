@@ -9,7 +9,7 @@ the median over rounds is reported.
 Environment: BENCH_SECONDS (default 15), BENCH_ROUNDS (3), BENCH_SCALE_ROWS (1000000),
 BENCH_REAL_INSTANCES (3000), BENCH_STORM_CALLS (1000), BENCH_OUTAGE_SECONDS (60),
 BENCH_OUTAGE_INSTANCES (1000), BENCH_CHAOS_CYCLES (10), BENCH_CHAOS_INSTANCES (200),
-BENCH_CHAOS_GRACE (120), BENCH_PG_URL (postgres://postgres@127.0.0.1:5432).
+BENCH_CHAOS_GRACE (120), BENCH_PERF (1: perf profile of the proxy after its rounds), BENCH_PG_URL (postgres://postgres@127.0.0.1:5432).
 """
 
 import base64
@@ -345,8 +345,9 @@ def bench_proxy():
     wait_ready(f"http://127.0.0.1:{nginx_port}/data", nginx)
     sandbox = Sandbox("proxy-sandbox")
     targets = {"direct": (direct, None), "nginx": (f"http://127.0.0.1:{nginx_port}/data", None)}
+    services = {}
     for workers in (1, 2):
-        service = Service(f"proxy-w{workers}", f"sqlite://{OUT}/proxy-w{workers}.db", sandbox,
+        service = services[workers] = Service(f"proxy-w{workers}", f"sqlite://{OUT}/proxy-w{workers}.db", sandbox,
                           workers=workers)
         # An organization connector whose API is the minimal upstream and whose OAuth endpoints
         # are the sandbox's generic profile; on_401 so nothing refreshes during the run.
@@ -420,6 +421,22 @@ def bench_proxy():
             figure(f"proxy_p50_us_{name}_c{connections}", median([r["p50"] for r in results]))
             figure(f"proxy_p99_us_{name}_c{connections}", median([r["p99"] for r in results]))
     figure("proxy_errors", sum(r["errors"] for results in runs.values() for r in results), "target 0")
+    if os.environ.get("BENCH_PERF") == "1":
+        # After the measured rounds, not counted: where the service spends its CPU at 64
+        # connections (perf, call graphs), for whoever makes it faster.
+        service = services[1]
+        data = os.path.join(OUT, "perf-proxy.data")
+        recorder = subprocess.Popen(["perf", "record", "-F", "499", "-g", "-o", data, "-p",
+                                     str(service.process.pid), "--", "sleep", "10"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url, header = targets["tw_w1"]
+        wrk(url, 64, 10, header)
+        recorder.wait(60)
+        with open(os.path.join(OUT, "perf-proxy.txt"), "w") as f:
+            subprocess.run(["perf", "report", "-i", data, "--no-children", "--stdio",
+                            "--percent-limit", "0.7", "-g", "none", "--sort", "dso,symbol"],
+                           stdout=f, stderr=subprocess.DEVNULL, timeout=300)
+        log(f"  perf profile of tw_w1 at 64 connections: {OUT}/perf-proxy.txt")
     stop_all()
 
 
@@ -805,7 +822,7 @@ def chaos_run(grace):
         f.write("\n".join(ids) + "\n")
     interrupted = set()
     for cycle in range(CHAOS_CYCLES):
-        storm = subprocess.Popen([LG, "refresh", service.api, service.platform, ids_file, "64", "3"],
+        storm = subprocess.Popen([LG, "refresh", service.api, service.platform, ids_file, "64", "3", "2000"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(random.uniform(0.3, 2.0))
         service.kill9()

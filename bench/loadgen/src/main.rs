@@ -6,7 +6,8 @@
 //! - `create API AUTH ELEMENT COUNT CONC CALLBACK`
 //!                                           creates COUNT instances through the OAuth flow
 //!                                           (sandbox login_hint); prints "id token" lines
-//! - `refresh API AUTH IDSFILE CONC SECONDS` POST /instances/{id}/tokens/refresh round-robin for
+//! - `refresh API AUTH IDSFILE CONC SECONDS [TIMEOUT_MS]`
+//!                                           POST /instances/{id}/tokens/refresh round-robin for
 //!                                           SECONDS; prints JSON {requests, seconds, statuses}
 //! - `watch SANDBOX DELTA TIMEOUT_S [BASE]`   polls /__sandbox/stats token.refresh_token until it
 //!                                           grew by DELTA over BASE (default: the count at
@@ -347,6 +348,12 @@ async fn refresh(args: &[String]) -> Result<(), String> {
     let file: String = arg(args, 2, "IDSFILE")?;
     let concurrency: usize = arg(args, 3, "CONC")?;
     let seconds: f64 = arg(args, 4, "SECONDS")?;
+    // Optional: give up on a request after this many ms (chaos: a refresh waiting on a lease
+    // held by a killed process would otherwise hold its worker for the whole lease).
+    let give_up = match args.get(5) {
+        Some(ms) => Some(Duration::from_millis(ms.parse().map_err(|_| "bad TIMEOUT_MS")?)),
+        None => None,
+    };
     let ids: Vec<String> = std::fs::read_to_string(&file)
         .map_err(|e| format!("{file}: {e}"))?
         .lines()
@@ -369,7 +376,18 @@ async fn refresh(args: &[String]) -> Result<(), String> {
             while Instant::now() < deadline {
                 let i = next.fetch_add(1, Ordering::Relaxed) % ids.len();
                 let url = format!("{api}/instances/{}/tokens/refresh", ids[i]);
-                let status = match send(&client, "POST", &url, Some(&auth), None).await {
+                let sent = send(&client, "POST", &url, Some(&auth), None);
+                let answer = match give_up {
+                    Some(limit) => match tokio::time::timeout(limit, sent).await {
+                        Ok(answer) => answer,
+                        Err(_) => {
+                            *statuses.entry("timeout".to_string()).or_default() += 1;
+                            continue;
+                        }
+                    },
+                    None => sent.await,
+                };
+                let status = match answer {
                     Ok((status, _, _)) => status,
                     Err(_) => {
                         // The service is down (chaos): do not spin.
