@@ -822,6 +822,10 @@ def chaos_run(grace):
         f.write("\n".join(ids) + "\n")
     interrupted = set()
     for cycle in range(CHAOS_CYCLES):
+        # The storm leaves out instances already cut (their leases, held by a dead process,
+        # would stall its workers), so each cycle cuts new refreshes.
+        with open(ids_file, "w") as f:
+            f.write("\n".join(i for i in ids if int(i) not in interrupted) + "\n")
         storm = subprocess.Popen([LG, "refresh", service.api, service.platform, ids_file, "64", "3", "2000"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(random.uniform(0.3, 2.0))
