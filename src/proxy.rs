@@ -434,7 +434,7 @@ async fn proxy(app: &SharedApp, request: Request) -> Result<Response, ApiError> 
         }
         // `on_401`: only a rejection (or no token at all) refreshes, whatever the expiry says.
         RefreshStrategy::On401 => instance.access_token.is_none(),
-    };
+    } || instance.rejected();
     if wants_refresh {
         match app
             .refresh
@@ -472,6 +472,9 @@ async fn proxy(app: &SharedApp, request: Request) -> Result<Response, ApiError> 
     let Some(rejection_message) = rejection else {
         return Ok(first);
     };
+    // Calls that have not gone out yet with this token join the refresh instead of
+    // presenting a token the provider has just refused (a storm costs one round trip less).
+    instance.mark_rejected();
     // The provider rejected the token: one refresh (shared with every concurrent caller), one retry.
     match app
         .refresh
@@ -552,7 +555,7 @@ async fn send(
 ) -> Result<reqwest::Response, ApiError> {
     let mut builder = app
         .proxy_http
-        .request(method.clone(), target.as_str())
+        .request(method.clone(), target.clone())
         .headers(headers.clone());
     if let Some(token) = &instance.access_token {
         builder = builder.bearer_auth(token.expose());

@@ -75,6 +75,8 @@ pub struct CachedInstance {
     revalidating: AtomicBool,
     /// When a call last used this copy (ms), for eviction of idle copies.
     last_used: AtomicI64,
+    /// The provider refused this copy's access token.
+    rejected: AtomicBool,
 }
 
 impl CachedInstance {
@@ -93,6 +95,16 @@ impl CachedInstance {
             }
             None => false,
         }
+    }
+
+    /// The provider refused this token: calls about to send it refresh (or join the refresh
+    /// under way) first.
+    pub fn mark_rejected(&self) {
+        self.rejected.store(true, Ordering::Relaxed);
+    }
+
+    pub fn rejected(&self) -> bool {
+        self.rejected.load(Ordering::Relaxed)
     }
 
     /// Whether the last refresh attempt failed and the next is not due yet.
@@ -301,6 +313,7 @@ impl RefreshEngine {
             loaded_at: Instant::now(),
             revalidating: AtomicBool::new(false),
             last_used: AtomicI64::new(now_ms()),
+            rejected: AtomicBool::new(false),
         });
         // Only instances that calls use are kept in memory: a scheduled refresh of an instance
         // nobody calls updates a copy that exists, and adds none, so memory follows the calls,

@@ -468,7 +468,8 @@ impl Store {
         let result = sqlx::query(
             "UPDATE instances SET failing_since = COALESCE(failing_since, $1), \
              failure_count = failure_count + 1, last_failure = $2, backoff_until = $3, \
-             next_due_at = CASE WHEN next_due_at IS NOT NULL AND next_due_at < $3 THEN $3 \
+             next_due_at = CASE WHEN next_due_at IS NOT NULL AND refresh_lease_owner = $4 THEN $3 \
+             WHEN next_due_at IS NOT NULL AND next_due_at < $3 THEN $3 \
              ELSE next_due_at END, \
              refresh_lease_until = CASE WHEN refresh_lease_owner = $4 THEN NULL \
              ELSE refresh_lease_until END, \
