@@ -192,14 +192,7 @@ impl Store {
             .bind(organization_id)
             .execute(&mut *transaction)
             .await?;
-        if result.rows_affected() != 1 {
-            return Ok(false);
-        }
-        if let Some(event) = event {
-            insert_event_in(&mut transaction, event).await?;
-        }
-        transaction.commit().await?;
-        Ok(true)
+        commit_with_event(transaction, result.rows_affected() == 1, event).await
     }
 
     /// Disables or enables an instance. False when it is not this organization's.
@@ -221,14 +214,7 @@ impl Store {
         .bind(organization_id)
         .execute(&mut *transaction)
         .await?;
-        if result.rows_affected() != 1 {
-            return Ok(false);
-        }
-        if let Some(event) = event {
-            insert_event_in(&mut transaction, event).await?;
-        }
-        transaction.commit().await?;
-        Ok(true)
+        commit_with_event(transaction, result.rows_affected() == 1, event).await
     }
 
     /// How many instances are in each state (`valid`, `invalid`, `disabled`, `refresh_failing`),
@@ -439,14 +425,7 @@ impl Store {
         .bind(expected_version)
         .execute(&mut *transaction)
         .await?;
-        if result.rows_affected() != 1 {
-            return Ok(false);
-        }
-        if let Some(event) = event {
-            insert_event_in(&mut transaction, event).await?;
-        }
-        transaction.commit().await?;
-        Ok(true)
+        commit_with_event(transaction, result.rows_affected() == 1, event).await
     }
 
     /// A passing failure: the instance stays valid. Starts `failing_since` if not set, counts
@@ -488,14 +467,7 @@ impl Store {
         .bind(expected_version)
         .execute(&mut *transaction)
         .await?;
-        if result.rows_affected() != 1 {
-            return Ok(false);
-        }
-        if let Some(event) = event {
-            insert_event_in(&mut transaction, event).await?;
-        }
-        transaction.commit().await?;
-        Ok(true)
+        commit_with_event(transaction, result.rows_affected() == 1, event).await
     }
 
     /// Re-authentication: new tokens written as given, state `valid`, reasons, failures and
@@ -881,4 +853,22 @@ impl Store {
         .await?;
         Ok(result.rows_affected() == 1)
     }
+}
+
+/// Ends a one-row state change: when it touched its row, writes `event` (the outbox) in the
+/// same transaction and commits; otherwise the transaction is dropped (rolled back). True when
+/// the row was touched.
+async fn commit_with_event(
+    mut transaction: sqlx::Transaction<'static, sqlx::Any>,
+    touched: bool,
+    event: Option<&NewEvent>,
+) -> Result<bool, StoreError> {
+    if !touched {
+        return Ok(false);
+    }
+    if let Some(event) = event {
+        insert_event_in(&mut transaction, event).await?;
+    }
+    transaction.commit().await?;
+    Ok(true)
 }
