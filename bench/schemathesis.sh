@@ -89,7 +89,7 @@ PIDS+=($!)
 TOKENWARDEN_SANDBOX_URL=$SANDBOX "$BIN" serve --bind "127.0.0.1:$PORT" --database-url "$DB" \
     >"$WORK/serve.log" 2>&1 &
 PIDS+=($!)
-wait_for "$SANDBOX/.well-known/oauth-authorization-server" || wait_for "$SANDBOX/"
+wait_for "$SANDBOX/__sandbox/profiles"
 wait_for "$BASE/healthz"
 
 json() { # expression, reading JSON on stdin
@@ -101,40 +101,82 @@ USER_SECRET=$(echo "$ORG" | json 'd["userSecret"]')
 ORG_SECRET=$(echo "$ORG" | json 'd["organizationSecret"]')
 PLATFORM="User $USER_SECRET, Organization $ORG_SECRET"
 
-# One instance, through the sandbox: authorization URL → approval (login_hint, no browser) →
-# code and state from the redirect → POST /instances.
-OAUTH_URL=$(curl -fsS -G "$API/elements/sandbox-box/oauth/url" -H "Authorization: $PLATFORM" \
-    --data-urlencode apiKey=a --data-urlencode apiSecret=b --data-urlencode "callbackUrl=$CALLBACK" |
-    json 'd["oauthUrl"]')
-LOCATION=$(curl -sS -o /dev/null -w '%{redirect_url}' "$OAUTH_URL&login_hint=alice")
-read -r CODE STATE < <(python3 -c '
+# An instance, through the sandbox: authorization URL → approval (login_hint, no browser) →
+# code and state from the redirect → POST /instances. Prints "<id> <Element token>".
+create_instance() {
+    local oauth_url location code state created
+    oauth_url=$(curl -fsS -G "$API/elements/sandbox-box/oauth/url" -H "Authorization: $PLATFORM" \
+        --data-urlencode apiKey=a --data-urlencode apiSecret=b --data-urlencode "callbackUrl=$CALLBACK" |
+        json 'd["oauthUrl"]')
+    location=$(curl -sS -o /dev/null -w '%{redirect_url}' "$oauth_url&login_hint=alice")
+    read -r code state < <(python3 -c '
 import sys, urllib.parse
 q = urllib.parse.parse_qs(urllib.parse.urlsplit(sys.argv[1]).query)
-print(q["code"][0], q["state"][0])' "$LOCATION")
-INSTANCE=$(curl -fsS -X POST "$API/instances" -H "Authorization: $PLATFORM" \
-    -H 'Content-Type: application/json' -d @- <<EOF
-{"element":{"key":"sandbox-box"},"providerData":{"code":"$CODE","state":"$STATE"},
- "configuration":{"oauth.api.key":"a","oauth.api.secret":"b","oauth.callback.url":"$CALLBACK"},
- "name":"schemathesis"}
-EOF
-)
-ELEMENT=$(echo "$INSTANCE" | json 'd["token"]')
-log "service at $BASE, sandbox at $SANDBOX, instance $(echo "$INSTANCE" | json 'd["id"]')"
+print(q["code"][0], q["state"][0])' "$location")
+    created=$(curl -fsS -X POST "$API/instances" -H "Authorization: $PLATFORM" \
+        -H 'Content-Type: application/json' \
+        -d "{\"element\":{\"key\":\"sandbox-box\"},\"providerData\":{\"code\":\"$code\",\"state\":\"$state\"},
+             \"configuration\":{\"oauth.api.key\":\"a\",\"oauth.api.secret\":\"b\",\"oauth.callback.url\":\"$CALLBACK\"},
+             \"name\":\"schemathesis\"}")
+    echo "$created" | json 'd["id"], d["token"]'
+}
+
+new_instance() { # sets INSTANCE_ID and ELEMENT, or stops the script
+    read -r INSTANCE_ID ELEMENT < <(create_instance) || true
+    if [ -z "${ELEMENT:-}" ]; then
+        log "could not create an instance through the sandbox"
+        exit 1
+    fi
+}
+
+log "service at $BASE, sandbox at $SANDBOX"
+
+
+run_schemathesis() { # label, then the arguments of `st` up to and including `run URL`
+    local label=$1
+    shift
+    log "pass $label"
+    "$ST" "$@" \
+        --header "Authorization: $PLATFORM, Element $ELEMENT" \
+        --checks "$CHECKS" \
+        --max-examples "$MAX_EXAMPLES" \
+        --phases "$PHASES" \
+        --seed "$SEED" \
+        --workers 2 \
+        --request-timeout 30 \
+        --max-redirects 0 \
+        --suppress-health-check all \
+        --report junit --report-junit-path "$ROOT/target/schemathesis-$label.xml" \
+        "${EXTRA[@]}"
+}
+EXTRA=("$@")
 
 set +e
-"$ST" run "$BASE/openapi.json" \
-    --header "Authorization: $PLATFORM, Element $ELEMENT" \
-    --checks "$CHECKS" \
-    --max-examples "$MAX_EXAMPLES" \
-    --phases "$PHASES" \
-    --seed "$SEED" \
-    --workers 2 \
-    --request-timeout 30 \
-    --max-redirects 0 \
-    --suppress-health-check all \
-    --report junit --report-junit-path "$ROOT/target/schemathesis-junit.xml" \
-    "$@"
-STATUS=$?
+STATUS=0
+record() { [ "$STATUS" -ne 0 ] || STATUS=$1; }
+
+# Pass 1, the proxy with a live instance: generated paths, queries, bodies and methods go through
+# confinement, the credential check and the call to the sandbox's API.
+new_instance
+run_schemathesis proxy run "$BASE/openapi.json" --include-path-regex '/proxy/'
+record $?
+
+# Pass 2, the operations that take an id, a key or a proxy path, pointed at a fresh instance,
+# the sandbox connector and an API path the sandbox serves, so that generated bodies and queries
+# reach the handlers' logic. DELETEs are left out: a deleted instance would turn the rest of the
+# pass into 404s.
+new_instance
+printf '[parameters]\n"path.id" = %s\n"path.key" = "sandbox-box"\n"path.path" = "2.0/users/me"\n' \
+    "$INSTANCE_ID" >"$WORK/schemathesis.toml"
+run_schemathesis existing --config-file "$WORK/schemathesis.toml" run "$BASE/openapi.json" \
+    --exclude-method DELETE
+record $?
+
+# Pass 3, every operation (DELETEs too) with generated values: ids, keys and paths that mostly
+# do not exist, bodies and queries of every shape.
+new_instance
+run_schemathesis generated run "$BASE/openapi.json"
+record $?
 set -e
 
 # An internal error or a panic (a panicking handler drops the connection: no 5xx to see) is in
@@ -145,5 +187,5 @@ if grep -E 'internal error|panicked' "$WORK/serve.log" >/dev/null; then
     cp "$WORK/serve.log" "$ROOT/target/schemathesis-serve.log"
     [ "$STATUS" -ne 0 ] || STATUS=1
 fi
-log "schemathesis exited $STATUS (junit: target/schemathesis-junit.xml)"
+log "schemathesis exited $STATUS (junit: target/schemathesis-{proxy,existing,generated}.xml)"
 exit "$STATUS"
