@@ -289,7 +289,10 @@ pub fn confine(base_url: &str, raw_path: &str, query: Option<&str>) -> Result<ur
     }
     let base = url::Url::parse(base_url)
         .map_err(|_| ApiError::conflict("The instance's `base.url` is not a valid URL"))?;
-    let mut joined = format!("{}/{}", base_url.trim_end_matches('/'), raw_path);
+    // Joined to the parsed base, not the raw string: what the check below compares with is the
+    // parsed base, and the two differ when the string has characters the parser strips (leading
+    // or trailing spaces and control characters), which would land the path beside the base.
+    let mut joined = format!("{}/{}", base.as_str().trim_end_matches('/'), raw_path);
     if let Some(query) = query {
         joined.push('?');
         joined.push_str(query);
