@@ -292,13 +292,19 @@ pub fn confine(base_url: &str, raw_path: &str, query: Option<&str>) -> Result<ur
     // Joined to the parsed base, not the raw string: what the check below compares with is the
     // parsed base, and the two differ when the string has characters the parser strips (leading
     // or trailing spaces and control characters), which would land the path beside the base.
-    let mut joined = format!("{}/{}", base.as_str().trim_end_matches('/'), raw_path);
+    // One trailing slash is dropped, not all: `/api//` stays `/api//`, not its parent `/api/`.
+    let base_text = base.as_str();
+    let mut joined = format!(
+        "{}/{}",
+        base_text.strip_suffix('/').unwrap_or(base_text),
+        raw_path
+    );
     if let Some(query) = query {
         joined.push('?');
         joined.push_str(query);
     }
     let target = url::Url::parse(&joined).map_err(|_| refuse("it does not make a valid URL"))?;
-    let base_path = base.path().trim_end_matches('/');
+    let base_path = base.path().strip_suffix('/').unwrap_or(base.path());
     if target.scheme() != base.scheme()
         || target.host_str() != base.host_str()
         || target.port_or_known_default() != base.port_or_known_default()

@@ -75,3 +75,15 @@ fn a_base_url_with_trailing_junk_keeps_paths_under_it() {
         assert_eq!(url.as_str(), "https://api.example.com/v1/users/me?a=1", "{base:?}");
     }
 }
+
+/// fuzz/proxy_confine: a base path ending in `//` lost all its trailing slashes, so the path
+/// went to the base's parent (`/api/x` for the base `/api//`).
+#[test]
+fn a_base_path_keeps_its_empty_last_segment() {
+    let url = tokenwarden::proxy::confine("https://api.example.com/api//", "x", None).unwrap();
+    assert_eq!(url.path(), "/api//x");
+    let url = tokenwarden::proxy::confine("https://api.example.com/api/", "x", None).unwrap();
+    assert_eq!(url.path(), "/api/x");
+    let url = tokenwarden::proxy::confine("https://api.example.com", "x", None).unwrap();
+    assert_eq!(url.path(), "/x");
+}
