@@ -268,6 +268,12 @@ async fn organization_of(app: &SharedApp, hash: &[u8]) -> Result<i64, ApiError> 
 pub fn confine(base_url: &str, raw_path: &str, query: Option<&str>) -> Result<url::Url, ApiError> {
     let refuse =
         |why: &str| ApiError::bad_request(format!("The proxy path is not accepted: {why}"));
+    // A request path never holds `?` or `#` (the query comes separately); in a joined URL they
+    // would end the path inside a segment checked below as a whole (`..#x` is `..` to the URL
+    // parser).
+    if raw_path.contains(['?', '#']) {
+        return Err(refuse("`?` and `#` are not accepted in the path"));
+    }
     if raw_path.contains("//") || raw_path.starts_with('/') {
         return Err(refuse(
             "absolute URLs and empty path segments are not accepted",

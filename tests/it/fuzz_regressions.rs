@@ -87,3 +87,15 @@ fn a_base_path_keeps_its_empty_last_segment() {
     let url = tokenwarden::proxy::confine("https://api.example.com", "x", None).unwrap();
     assert_eq!(url.path(), "/x");
 }
+
+/// fuzz/proxy_confine: `..` checks ran on `/`-separated segments, but a `#` or `?` in the path
+/// ends the URL's path inside a segment: `%2e.#x` is `..` to the URL parser, which then popped
+/// the base's empty last segment (`/api//` → `/api/`).
+#[test]
+fn fragments_and_queries_in_the_path_are_refused() {
+    for path in ["%2e.#om", "users/..#x", "..?x=1", "a?b", "a#b"] {
+        let refused = tokenwarden::proxy::confine("https://api.example.com/api//", path, None);
+        assert!(refused.is_err(), "{path:?} accepted: {refused:?}");
+    }
+}
+
