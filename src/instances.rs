@@ -234,7 +234,7 @@ pub fn next_due_at(
         due.push((expires - (refresh.buffer_seconds as i64) * 1000).max(half_life));
     }
     if let Some(keep_alive) = refresh.keep_alive_seconds {
-        due.push(last_refresh_at + keep_alive as i64 * 1000);
+        due.push(after_seconds(last_refresh_at, keep_alive));
     }
     if let Some(refresh_expires) = refresh_expires_at {
         let lifetime = (refresh_expires - last_refresh_at).max(0);
@@ -244,6 +244,13 @@ pub fn next_due_at(
     due.into_iter()
         .min()
         .map(|at| at.max(last_refresh_at + MIN_SCHEDULED_INTERVAL_MS))
+}
+
+/// `at_ms` plus `seconds`, saturating: a provider's `expires_in` of 1e17 or an organization
+/// connector's huge `keepAliveSeconds` must mean "far ahead", not overflow (a panic in debug
+/// builds, a time in the past — a refresh every second — in release builds).
+fn after_seconds(at_ms: i64, seconds: u64) -> i64 {
+    at_ms.saturating_add(i64::try_from(seconds).unwrap_or(i64::MAX).saturating_mul(1000))
 }
 
 /// What a token response means for the stored columns and the configuration.
@@ -267,10 +274,10 @@ pub fn apply_token_set(
 ) -> AppliedTokens {
     let keyring = &app.keyring;
     let refresh_token = tokens.refresh_token.as_ref().or(previous_refresh_token);
-    let access_expires_at = tokens.expires_in.map(|seconds| now + seconds as i64 * 1000);
+    let access_expires_at = tokens.expires_in.map(|seconds| after_seconds(now, seconds));
     let refresh_expires_at = tokens
         .refresh_token_expires_in
-        .map(|seconds| now + seconds as i64 * 1000);
+        .map(|seconds| after_seconds(now, seconds));
     let mut new_configuration = configuration.clone();
     for field in &connector.oauth.token_response_fields {
         if let Some(value) = tokens.fields.get(field) {

@@ -268,6 +268,12 @@ async fn organization_of(app: &SharedApp, hash: &[u8]) -> Result<i64, ApiError> 
 pub fn confine(base_url: &str, raw_path: &str, query: Option<&str>) -> Result<url::Url, ApiError> {
     let refuse =
         |why: &str| ApiError::bad_request(format!("The proxy path is not accepted: {why}"));
+    // A request path never holds `?` or `#` (the query comes separately); in a joined URL they
+    // would end the path inside a segment checked below as a whole (`..#x` is `..` to the URL
+    // parser).
+    if raw_path.contains(['?', '#']) {
+        return Err(refuse("`?` and `#` are not accepted in the path"));
+    }
     if raw_path.contains("//") || raw_path.starts_with('/') {
         return Err(refuse(
             "absolute URLs and empty path segments are not accepted",
@@ -289,13 +295,22 @@ pub fn confine(base_url: &str, raw_path: &str, query: Option<&str>) -> Result<ur
     }
     let base = url::Url::parse(base_url)
         .map_err(|_| ApiError::conflict("The instance's `base.url` is not a valid URL"))?;
-    let mut joined = format!("{}/{}", base_url.trim_end_matches('/'), raw_path);
+    // Joined to the parsed base, not the raw string: what the check below compares with is the
+    // parsed base, and the two differ when the string has characters the parser strips (leading
+    // or trailing spaces and control characters), which would land the path beside the base.
+    // One trailing slash is dropped, not all: `/api//` stays `/api//`, not its parent `/api/`.
+    let base_text = base.as_str();
+    let mut joined = format!(
+        "{}/{}",
+        base_text.strip_suffix('/').unwrap_or(base_text),
+        raw_path
+    );
     if let Some(query) = query {
         joined.push('?');
         joined.push_str(query);
     }
     let target = url::Url::parse(&joined).map_err(|_| refuse("it does not make a valid URL"))?;
-    let base_path = base.path().trim_end_matches('/');
+    let base_path = base.path().strip_suffix('/').unwrap_or(base.path());
     if target.scheme() != base.scheme()
         || target.host_str() != base.host_str()
         || target.port_or_known_default() != base.port_or_known_default()

@@ -5,6 +5,7 @@ mod crash;
 mod dashboard;
 mod elements;
 mod events;
+mod fuzz_regressions;
 mod hardening;
 mod harness;
 mod instances;
