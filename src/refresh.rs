@@ -710,7 +710,7 @@ impl RefreshEngine {
                     OAuthError::RateLimited {
                         retry_after: Some(seconds),
                         ..
-                    } => Some(*seconds as i64 * 1000),
+                    } => Some((*seconds).min(86_400 * 365) as i64 * 1000),
                     _ => None,
                 };
                 let step = BACKOFF_BASE_MS
