@@ -250,7 +250,11 @@ pub fn next_due_at(
 /// connector's huge `keepAliveSeconds` must mean "far ahead", not overflow (a panic in debug
 /// builds, a time in the past — a refresh every second — in release builds).
 fn after_seconds(at_ms: i64, seconds: u64) -> i64 {
-    at_ms.saturating_add(i64::try_from(seconds).unwrap_or(i64::MAX).saturating_mul(1000))
+    at_ms.saturating_add(
+        i64::try_from(seconds)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000),
+    )
 }
 
 /// What a token response means for the stored columns and the configuration.

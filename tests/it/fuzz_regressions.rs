@@ -55,9 +55,15 @@ fn a_huge_keep_alive_does_not_overflow_the_schedule() {
         connector.refresh.keep_alive_seconds = Some(keep_alive);
         let due = next_due_at(&connector, true, Some(NOW + 3_600_000), None, NOW).unwrap();
         assert!(due >= NOW + MIN_SCHEDULED_INTERVAL_MS, "{due}");
-        assert!(due <= NOW + 3_600_000, "the access token's expiry still decides: {due}");
+        assert!(
+            due <= NOW + 3_600_000,
+            "the access token's expiry still decides: {due}"
+        );
         let idle = next_due_at(&connector, true, None, None, NOW).unwrap();
-        assert!(idle > NOW + 100 * 365 * 86_400_000, "keep-alive far ahead, not past: {idle}");
+        assert!(
+            idle > NOW + 100 * 365 * 86_400_000,
+            "keep-alive far ahead, not past: {idle}"
+        );
     }
 }
 
@@ -72,7 +78,11 @@ fn a_base_url_with_trailing_junk_keeps_paths_under_it() {
         " https://api.example.com/v1/\t",
     ] {
         let url = tokenwarden::proxy::confine(base, "users/me", Some("a=1")).unwrap();
-        assert_eq!(url.as_str(), "https://api.example.com/v1/users/me?a=1", "{base:?}");
+        assert_eq!(
+            url.as_str(),
+            "https://api.example.com/v1/users/me?a=1",
+            "{base:?}"
+        );
     }
 }
 
@@ -98,4 +108,3 @@ fn fragments_and_queries_in_the_path_are_refused() {
         assert!(refused.is_err(), "{path:?} accepted: {refused:?}");
     }
 }
-
