@@ -156,11 +156,20 @@ pub fn token_response(data: &[u8]) {
     );
     match parsed {
         Ok(tokens) => {
-            assert!((200..300).contains(&status), "a token set from HTTP {status}");
+            assert!(
+                (200..300).contains(&status),
+                "a token set from HTTP {status}"
+            );
             let access = tokens.access_token.expose();
-            assert!(!access.is_empty() && access == access.trim(), "bad access token");
+            assert!(
+                !access.is_empty() && access == access.trim(),
+                "bad access token"
+            );
             if let Some(refresh) = &tokens.refresh_token {
-                assert!(!refresh.expose().trim().is_empty(), "blank refresh token kept");
+                assert!(
+                    !refresh.expose().trim().is_empty(),
+                    "blank refresh token kept"
+                );
             }
             let raw: Value =
                 serde_json::from_str(tokens.raw.expose()).expect("the raw response is JSON");
@@ -180,11 +189,17 @@ pub fn token_response(data: &[u8]) {
             let update = &applied.update;
             if tokens.expires_in.is_some() {
                 let at = update.access_expires_at.expect("an access expiry");
-                assert!(at >= NOW_MS, "access token expires before it was issued: {at}");
+                assert!(
+                    at >= NOW_MS,
+                    "access token expires before it was issued: {at}"
+                );
             }
             if tokens.refresh_token_expires_in.is_some() {
                 let at = update.refresh_expires_at.expect("a refresh expiry");
-                assert!(at >= NOW_MS, "refresh token expires before it was issued: {at}");
+                assert!(
+                    at >= NOW_MS,
+                    "refresh token expires before it was issued: {at}"
+                );
             }
             if let Some(due) = update.next_due_at {
                 assert!(
@@ -203,7 +218,8 @@ pub fn token_response(data: &[u8]) {
         }
     }
 
-    let described = tokenwarden::oauth::describe_provider_body(status, www_authenticate.as_deref(), body);
+    let described =
+        tokenwarden::oauth::describe_provider_body(status, www_authenticate.as_deref(), body);
     assert!(!described.is_empty(), "empty provider description");
     assert!(
         described.chars().count() <= MAX_DESCRIBED_CHARS,
@@ -268,17 +284,23 @@ pub fn proxy_confine(data: &[u8]) {
 pub fn connector_definition(data: &[u8]) {
     if data.first() == Some(&b'{') {
         // As `POST /elements` reads it: a JSON object, then the connector type, then `validate`.
-        let Ok(value) = serde_json::from_slice::<Value>(data) else { return };
+        let Ok(value) = serde_json::from_slice::<Value>(data) else {
+            return;
+        };
         if !value.is_object() {
             return;
         }
-        let Ok(connector) = serde_json::from_value::<Connector>(value) else { return };
+        let Ok(connector) = serde_json::from_value::<Connector>(value) else {
+            return;
+        };
         if catalog::validate(&connector, false).is_ok() {
             check_valid_connector(&connector, false);
         }
     } else {
         let text = String::from_utf8_lossy(data);
-        let Ok(connectors) = catalog::parse_catalog(&text) else { return };
+        let Ok(connectors) = catalog::parse_catalog(&text) else {
+            return;
+        };
         for connector in &connectors {
             if catalog::validate(connector, true).is_ok() {
                 check_valid_connector(connector, true);
@@ -292,7 +314,10 @@ fn check_valid_connector(connector: &Connector, built_in: bool) {
     // Stored as JSON and read back on every use: the round trip must give it back, valid.
     let stored = serde_json::to_string(connector).expect("a valid connector serializes");
     let read: Connector = serde_json::from_str(&stored).expect("a stored connector reads back");
-    assert_eq!(&read, connector, "the stored connector reads back different");
+    assert_eq!(
+        &read, connector,
+        "the stored connector reads back different"
+    );
     catalog::validate(&read, built_in).expect("a stored connector validates again");
 
     // Its URLs filled as for a new instance, and an authorization URL built from them.
@@ -304,7 +329,10 @@ fn check_valid_connector(connector: &Connector, built_in: bool) {
     for (name, input) in &connector.inputs {
         values.insert(
             name.clone(),
-            input.default.clone().unwrap_or_else(|| "tenant1".to_string()),
+            input
+                .default
+                .clone()
+                .unwrap_or_else(|| "tenant1".to_string()),
         );
     }
     let fill = |template: &str| catalog::fill_template(template, &values);
@@ -350,8 +378,12 @@ fn check_valid_connector(connector: &Connector, built_in: bool) {
             );
         }
         if let (Some(keep_alive), Some(due)) = (connector.refresh.keep_alive_seconds, due) {
-            let keep_alive_due = NOW_MS.saturating_add(keep_alive.saturating_mul(1000).min(i64::MAX as u64) as i64);
-            assert!(due <= keep_alive_due.max(NOW_MS + 1_000), "keep-alive refresh comes late");
+            let keep_alive_due =
+                NOW_MS.saturating_add(keep_alive.saturating_mul(1000).min(i64::MAX as u64) as i64);
+            assert!(
+                due <= keep_alive_due.max(NOW_MS + 1_000),
+                "keep-alive refresh comes late"
+            );
         }
     }
 }

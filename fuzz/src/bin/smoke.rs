@@ -17,23 +17,98 @@ use std::time::{Duration, Instant};
 type Check = fn(&[u8]);
 
 const TARGETS: &[(&str, Check)] = &[
-    ("authorization_header", tokenwarden_fuzz::authorization_header),
+    (
+        "authorization_header",
+        tokenwarden_fuzz::authorization_header,
+    ),
     ("token_response", tokenwarden_fuzz::token_response),
     ("proxy_confine", tokenwarden_fuzz::proxy_confine),
-    ("connector_definition", tokenwarden_fuzz::connector_definition),
+    (
+        "connector_definition",
+        tokenwarden_fuzz::connector_definition,
+    ),
 ];
 
 /// Pieces the mutator inserts: separators, encodings, numbers at the edges, JSON fragments.
 const DICTIONARY: &[&str] = &[
-    ",", " ", "\t", "\n", "\r", "\0", "User ", "Organization ", "Element ", "user", "ELEMENT",
-    "/", "//", "\\", "..", ".", "%2e", "%2E", "%2f", "%2F", "%5c", "%00", "%", "%%", "%+f", ";",
-    "..;", "?", "#", "@", ":", "http://", "https://", "file://", "//evil.test", "127.0.0.1",
-    "169.254.169.254", "[::1]", "\u{ff0e}", "\u{2025}", "é", "\u{feff}", "{", "}", "[", "]",
-    "\"", "\":", "null", "true", "false", "0", "-1", "1e17", "1e308", "18446744073709551615",
-    "9223372036854775807", "-9223372036854775808", "0.5", "\"access_token\":\"a\"",
-    "\"expires_in\":", "\"refresh_token_expires_in\":", "\"error\":", "\"ok\":false", "{}",
-    "&", "=", "access_token=", "error=", "application/json", "text/html", "<title>", "</title>",
-    "{sandbox}", "{tenant}", "{", "\"keepAliveSeconds\":", "\"bufferSeconds\":",
+    ",",
+    " ",
+    "\t",
+    "\n",
+    "\r",
+    "\0",
+    "User ",
+    "Organization ",
+    "Element ",
+    "user",
+    "ELEMENT",
+    "/",
+    "//",
+    "\\",
+    "..",
+    ".",
+    "%2e",
+    "%2E",
+    "%2f",
+    "%2F",
+    "%5c",
+    "%00",
+    "%",
+    "%%",
+    "%+f",
+    ";",
+    "..;",
+    "?",
+    "#",
+    "@",
+    ":",
+    "http://",
+    "https://",
+    "file://",
+    "//evil.test",
+    "127.0.0.1",
+    "169.254.169.254",
+    "[::1]",
+    "\u{ff0e}",
+    "\u{2025}",
+    "é",
+    "\u{feff}",
+    "{",
+    "}",
+    "[",
+    "]",
+    "\"",
+    "\":",
+    "null",
+    "true",
+    "false",
+    "0",
+    "-1",
+    "1e17",
+    "1e308",
+    "18446744073709551615",
+    "9223372036854775807",
+    "-9223372036854775808",
+    "0.5",
+    "\"access_token\":\"a\"",
+    "\"expires_in\":",
+    "\"refresh_token_expires_in\":",
+    "\"error\":",
+    "\"ok\":false",
+    "{}",
+    "&",
+    "=",
+    "access_token=",
+    "error=",
+    "application/json",
+    "text/html",
+    "<title>",
+    "</title>",
+    "{sandbox}",
+    "{tenant}",
+    "{",
+    "\"keepAliveSeconds\":",
+    "\"bufferSeconds\":",
     "\"refreshTokenIdleTtlSeconds\":",
 ];
 
@@ -48,7 +123,11 @@ impl Rng {
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
     fn below(&mut self, n: usize) -> usize {
-        if n == 0 { 0 } else { (self.next() % n as u64) as usize }
+        if n == 0 {
+            0
+        } else {
+            (self.next() % n as u64) as usize
+        }
     }
 }
 
@@ -161,7 +240,8 @@ fn main() {
         let mut crashes = 0u64;
         // The seeds themselves first, then mutations of them.
         let mut queue: Vec<Vec<u8>> = seeds.clone();
-        while executions < iterations && (executions < seeds.len() as u64 || Instant::now() < deadline)
+        while executions < iterations
+            && (executions < seeds.len() as u64 || Instant::now() < deadline)
         {
             let input = if let Some(input) = queue.pop() {
                 input
