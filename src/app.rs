@@ -71,8 +71,9 @@ pub struct App {
     /// The outbound HTTP client of token, revocation, verification and webhook calls (pooling,
     /// timeouts, no redirects).
     pub http: reqwest::Client,
-    /// The proxy's client: no total timeout, so bodies of any length stream.
-    pub proxy_http: reqwest::Client,
+    /// The proxy's client (hyper's, used straight): no total timeout, so bodies of any length
+    /// stream; see [`crate::proxy::client`].
+    pub proxy_http: crate::proxy::client::ProxyClient,
     pub built_in: BTreeMap<String, Connector>,
     /// A name for this process in refresh leases, unique per start.
     pub replica_id: String,
@@ -111,24 +112,6 @@ pub fn build_http_client(timeout: Duration) -> Result<reqwest::Client, StartupEr
         .map_err(|error| StartupError::Http(error.to_string()))
 }
 
-/// The proxy's client: like [`build_http_client`] but without a total timeout, which would cut
-/// a long download or upload mid-stream; a provider that stops sending for `idle` is given up.
-/// (The wait for the answer's headers is bounded by the proxy itself.)
-pub fn build_proxy_client(idle: Duration) -> Result<reqwest::Client, StartupError> {
-    install_crypto_provider();
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .dns_resolver(Arc::new(crate::egress::GuardedResolver))
-        .connect_timeout(Duration::from_secs(10))
-        .read_timeout(idle)
-        .pool_max_idle_per_host(256)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .tcp_nodelay(true)
-        .user_agent(concat!("tokenwarden/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|error| StartupError::Http(error.to_string()))
-}
-
 /// rustls needs one process-wide crypto provider; ring is the one every crate here uses.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -148,7 +131,7 @@ impl App {
             .collect();
         let http = build_http_client(config.provider_timeout)?;
         crate::telemetry::install_metrics();
-        let proxy_http = build_proxy_client(config.provider_timeout)?;
+        let proxy_http = crate::proxy::client::build().map_err(StartupError::Http)?;
         Ok(Arc::new(App {
             proxy_http,
             // Token calls get the configured provider timeout (the client's default is 30 s).

@@ -61,20 +61,25 @@ pub struct GuardedResolver;
 impl Resolve for GuardedResolver {
     fn resolve(&self, name: Name) -> Resolving {
         let host = name.as_str().to_string();
-        Box::pin(async move {
-            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .filter(|address| !forbidden(address.ip()))
-                .collect();
-            if found.is_empty() {
-                return Err(format!(
-                    "{host} resolves to no address the service may reach (link-local addresses are refused)"
-                )
-                .into());
-            }
-            Ok(Box::new(found.into_iter()) as Addrs)
-        })
+        Box::pin(async move { Ok(Box::new(resolve(&host).await?.into_iter()) as Addrs) })
     }
+}
+
+/// The addresses of `host` the service may reach; an error when none is left.
+pub async fn resolve(
+    host: &str,
+) -> Result<Vec<SocketAddr>, Box<dyn std::error::Error + Send + Sync>> {
+    let found: Vec<SocketAddr> = tokio::net::lookup_host((host, 0))
+        .await?
+        .filter(|address| !forbidden(address.ip()))
+        .collect();
+    if found.is_empty() {
+        return Err(format!(
+            "{host} resolves to no address the service may reach (link-local addresses are refused)"
+        )
+        .into());
+    }
+    Ok(found)
 }
 
 #[cfg(test)]

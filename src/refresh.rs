@@ -59,8 +59,11 @@ pub struct CachedInstance {
     pub id: i64,
     pub organization_id: i64,
     pub connector: Arc<Connector>,
-    pub base_url: String,
+    /// `base.url`, parsed once for every call that uses this copy (or why it cannot be used).
+    pub proxy_base: Result<crate::proxy::ProxyBase, String>,
     pub access_token: Option<Secret>,
+    /// `Bearer <access token>`, built once (none when the token cannot be a header value).
+    pub bearer: Option<axum::http::HeaderValue>,
     pub token_version: i64,
     pub access_expires_at: Option<i64>,
     pub last_refresh_at: Option<i64>,
@@ -295,11 +298,18 @@ impl RefreshEngine {
             id: row.id,
             organization_id: row.organization_id,
             connector: Arc::new(connector),
-            base_url: configuration
-                .get(BASE_URL)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
+            proxy_base: crate::proxy::ProxyBase::parse(
+                configuration
+                    .get(BASE_URL)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default(),
+            ),
+            bearer: secrets.access_token.as_ref().and_then(|token| {
+                let mut value =
+                    axum::http::HeaderValue::try_from(format!("Bearer {}", token.expose())).ok()?;
+                value.set_sensitive(true);
+                Some(value)
+            }),
             access_token: secrets.access_token,
             token_version: row.token_version,
             access_expires_at: row.access_expires_at,

@@ -246,9 +246,11 @@ pub fn proxy_confine(data: &[u8]) {
     let raw_path = lines.next().unwrap_or("");
     let query = lines.next();
 
-    let Ok(target) = tokenwarden::proxy::confine(base_url, raw_path, query) else {
+    let Ok(uri) = tokenwarden::proxy::confine(base_url, raw_path, query) else {
         return;
     };
+    // What the provider gets, read by a WHATWG URL parser.
+    let target = url::Url::parse(&uri.to_string()).expect("confine made an unparseable URL");
     // The invariant: an accepted URL stays under the instance's base URL.
     let base = url::Url::parse(base_url).expect("confine accepted an unparseable base URL");
     assert_eq!(target.scheme(), base.scheme(), "scheme changed: {target}");

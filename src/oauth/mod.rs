@@ -33,10 +33,11 @@ use sha2::{Digest as _, Sha256};
 use crate::catalog::OAuthSpec;
 use crate::secret::Secret;
 
-pub use client::{OAuthClient, RevokeOutcome, TokenHint, transport_message};
+pub use client::{OAuthClient, RevokeOutcome, TokenHint, error_chain, transport_message};
 pub use error::{OAuthError, is_permanent_error_code};
 pub use rejection::{api_rejection, describe_provider_body};
 pub use response::{TokenSet, parse_token_response};
+pub(crate) use text::cut as cut_text;
 pub use text::redact;
 
 /// The `User-Agent` of every request to a provider.

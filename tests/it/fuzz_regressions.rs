@@ -79,7 +79,7 @@ fn a_base_url_with_trailing_junk_keeps_paths_under_it() {
     ] {
         let url = tokenwarden::proxy::confine(base, "users/me", Some("a=1")).unwrap();
         assert_eq!(
-            url.as_str(),
+            url.to_string(),
             "https://api.example.com/v1/users/me?a=1",
             "{base:?}"
         );

@@ -1,0 +1,196 @@
+//! Who calls through the proxy: `User <secret>, Element <token>` checked against short-lived
+//! in-memory copies of the store's answers, so a warm call makes no query.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderMap;
+use dashmap::DashMap;
+
+use crate::app::SharedApp;
+use crate::crypto::hash_secret;
+use crate::http::auth::parse_authorization;
+use crate::http::error::ApiError;
+
+/// How long a checked secret is trusted before it is checked against the store again.
+const AUTH_TTL: Duration = Duration::from_secs(5);
+
+/// Short-lived memory of checked proxy credentials, keyed by the secrets' hashes. A checked
+/// secret older than [`AUTH_TTL`] is still accepted while it is checked again in the
+/// background (once at a time), so a warm call makes no query; a revoked secret or deleted
+/// instance is refused from the call after that check.
+#[derive(Default)]
+pub struct AuthCache {
+    users: DashMap<Vec<u8>, (i64, Instant)>,
+    organizations: DashMap<Vec<u8>, (i64, Instant)>,
+    elements: DashMap<Vec<u8>, (i64, i64, Instant)>,
+    rechecking: DashMap<Vec<u8>, ()>,
+    /// Credential lookups a caller waited for.
+    awaited_lookups: std::sync::atomic::AtomicU64,
+}
+
+impl AuthCache {
+    pub fn forget_all(&self) {
+        self.users.clear();
+        self.elements.clear();
+    }
+
+    /// Drops credentials not checked for `idle` (a used entry is re-checked every few seconds,
+    /// so only unused ones age out): memory follows the callers, not the tables.
+    pub fn evict_idle(&self, idle: Duration) {
+        self.users
+            .retain(|_, (_, checked)| checked.elapsed() < idle);
+        self.organizations
+            .retain(|_, (_, checked)| checked.elapsed() < idle);
+        self.elements
+            .retain(|_, (_, _, checked)| checked.elapsed() < idle);
+    }
+
+    pub fn awaited_lookups(&self) -> u64 {
+        self.awaited_lookups
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count_lookup(&self) {
+        self.awaited_lookups
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Checks a user secret and an Element token again in the background.
+fn recheck_in_background(app: &SharedApp, user_hash: Vec<u8>, element_hash: Vec<u8>) {
+    let key = [user_hash.as_slice(), element_hash.as_slice()].concat();
+    if app.auth_cache.rechecking.insert(key.clone(), ()).is_some() {
+        return;
+    }
+    let app = Arc::clone(app);
+    tokio::spawn(async move {
+        let cache = &app.auth_cache;
+        match app.store.find_user_by_secret_hash(&user_hash).await {
+            Ok(Some(user)) => {
+                cache
+                    .users
+                    .insert(user_hash, (user.organization_id, Instant::now()));
+            }
+            Ok(None) => {
+                cache.users.remove(&user_hash);
+            }
+            Err(error) => tracing::warn!("re-checking a user secret: {error}"),
+        }
+        match app.store.find_instance_by_token_hash(&element_hash).await {
+            Ok(Some(row)) => {
+                cache
+                    .elements
+                    .insert(element_hash, (row.id, row.organization_id, Instant::now()));
+            }
+            Ok(None) => {
+                cache.elements.remove(&element_hash);
+            }
+            Err(error) => tracing::warn!("re-checking an Element token: {error}"),
+        }
+        cache.rechecking.remove(&key);
+    });
+}
+
+/// Who is calling: `User <secret>, Element <token>`; answers the instance id.
+pub(super) async fn authenticate(app: &SharedApp, headers: &HeaderMap) -> Result<i64, ApiError> {
+    let header = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .ok_or_else(|| {
+            ApiError::unauthorized(
+                "Calls through an instance need `Authorization: User <user secret>, Element <instance token>`",
+            )
+        })?;
+    let credentials = parse_authorization(header)
+        .map_err(|error| ApiError::unauthorized(format!("Bad Authorization header: {error}")))?;
+    let (Some(user), Some(element)) = (credentials.user, credentials.element) else {
+        return Err(ApiError::unauthorized(
+            "Calls through an instance need `Authorization: User <user secret>, Element <instance token>`",
+        ));
+    };
+    let user_hash = hash_secret(user.expose());
+    let element_hash = hash_secret(element.expose());
+    let cache = &app.auth_cache;
+    // The `Organization` part is optional here, but a wrong one is refused, not ignored.
+    let organization_check = match credentials.organization {
+        Some(secret) => Some(organization_of(app, &hash_secret(secret.expose())).await?),
+        None => None,
+    };
+    let cached_user = cache.users.get(&user_hash).map(|entry| *entry);
+    let cached_element = cache.elements.get(&element_hash).map(|entry| *entry);
+    if let (Some((organization_id, user_checked)), Some((id, instance_organization, checked))) =
+        (cached_user, cached_element)
+    {
+        if user_checked.elapsed() >= AUTH_TTL || checked.elapsed() >= AUTH_TTL {
+            recheck_in_background(app, user_hash, element_hash);
+        }
+        if instance_organization != organization_id {
+            return Err(ApiError::unauthorized("The Element token is not valid"));
+        }
+        if organization_check.is_some_and(|org| org != organization_id) {
+            return Err(ApiError::unauthorized(
+                "The organization secret is not valid for this user",
+            ));
+        }
+        return Ok(id);
+    }
+    cache.count_lookup();
+    let organization_id = match cached_user {
+        Some((organization_id, checked)) if checked.elapsed() < AUTH_TTL => organization_id,
+        _ => {
+            let user = app
+                .store
+                .find_user_by_secret_hash(&user_hash)
+                .await?
+                .ok_or_else(|| ApiError::unauthorized("The user secret is not valid"))?;
+            cache
+                .users
+                .insert(user_hash, (user.organization_id, Instant::now()));
+            user.organization_id
+        }
+    };
+    let (instance_id, instance_organization) = match cached_element {
+        Some((id, organization, checked)) if checked.elapsed() < AUTH_TTL => (id, organization),
+        _ => {
+            let row = app
+                .store
+                .find_instance_by_token_hash(&element_hash)
+                .await?
+                .ok_or_else(|| ApiError::unauthorized("The Element token is not valid"))?;
+            cache
+                .elements
+                .insert(element_hash, (row.id, row.organization_id, Instant::now()));
+            (row.id, row.organization_id)
+        }
+    };
+    if instance_organization != organization_id {
+        return Err(ApiError::unauthorized("The Element token is not valid"));
+    }
+    if organization_check.is_some_and(|org| org != organization_id) {
+        return Err(ApiError::unauthorized(
+            "The organization secret is not valid for this user",
+        ));
+    }
+    Ok(instance_id)
+}
+
+/// The organization of an organization secret (by its hash), from memory while trusted.
+async fn organization_of(app: &SharedApp, hash: &[u8]) -> Result<i64, ApiError> {
+    if let Some((id, checked)) = app.auth_cache.organizations.get(hash).map(|e| *e)
+        && checked.elapsed() < AUTH_TTL
+    {
+        return Ok(id);
+    }
+    let organization = app
+        .store
+        .find_organization_by_secret_hash(hash)
+        .await?
+        .ok_or_else(|| {
+            ApiError::unauthorized("The organization secret is not valid for this user")
+        })?;
+    app.auth_cache
+        .organizations
+        .insert(hash.to_vec(), (organization.id, Instant::now()));
+    Ok(organization.id)
+}

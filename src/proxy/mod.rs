@@ -1,0 +1,501 @@
+//! `{ANY} /elements/api-v2/proxy/{path}`: a call to the provider through an instance.
+//!
+//! The request goes to the instance's `base.url` + `/{path}` with its query, method, body and
+//! end-to-end headers, and `Authorization: Bearer <access token>`; the provider's answer comes
+//! back as it is (hop-by-hop headers removed). Bodies stream both ways. A request body of up to
+//! [`REPLAYABLE_BODY_BYTES`] is kept so the call can be retried once after a refresh; a larger
+//! upload streams straight through, and a rejection of it triggers the refresh for the next call
+//! but is answered as the provider gave it.
+//!
+//! **The hot path makes no database query while the cached access token is fresh**: the caller's
+//! secrets and the instance are checked against short-lived in-memory copies.
+//! **No path leaves the instance's base URL**: dot segments, encoded slashes, backslashes and
+//! absolute URLs are refused, and the joined URL is checked to keep the base's origin and path.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use crate::app::{App, SharedApp, now_ms};
+use crate::catalog::RefreshStrategy;
+use crate::http::error::ApiError;
+use crate::refresh::{CachedInstance, RefreshFailure};
+
+mod auth;
+pub mod client;
+pub mod target;
+
+pub use auth::AuthCache;
+pub use target::{ProxyBase, confine};
+
+pub const PROXY_PREFIX: &str = "/elements/api-v2/proxy/";
+/// Request bodies up to this size are kept for the retry after a refresh.
+pub const REPLAYABLE_BODY_BYTES: usize = 1024 * 1024;
+/// Rejection bodies are read up to this size to find the provider's words.
+const REJECTION_BODY_BYTES: usize = 256 * 1024;
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+];
+
+#[utoipa::path(
+    method(get, post, put, patch, delete),
+    path = "/elements/api-v2/proxy/{path}",
+    operation_id = "proxy_handle",
+    tag = "proxy",
+    summary = "Call the provider through an instance: forwarded to base.url + /{path} with the access token injected; needs `User <user secret>, Element <instance token>`",
+    params(("path" = String, Path, description = "the provider path under the instance's base.url")),
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "The provider's answer, as it is"),
+        (status = 400, description = "A path that would leave the instance's base URL", body = crate::openapi::ErrorBody),
+        (status = 401, description = "Request failed: the grant is gone (providerMessage has the provider's words), or bad secrets", body = crate::openapi::ErrorBody),
+        (status = 503, description = "The provider's token endpoint is failing for now; the instance stays valid", body = crate::openapi::ErrorBody),
+    ),
+)]
+pub async fn handle(State(app): State<SharedApp>, request: Request) -> Response {
+    let started = Instant::now();
+    let response = match proxy(&app, request).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    };
+    let class = match response.status().as_u16() {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
+    };
+    let handles = proxy_metrics();
+    handles.requests[class].increment(1);
+    handles.seconds.record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The proxy's metric handles, looked up once (a lookup by name and labels on every call was
+/// a measurable share of the hot path).
+struct ProxyMetrics {
+    /// By status class: 1xx, 2xx, 3xx, 4xx, 5xx.
+    requests: [metrics::Counter; 5],
+    seconds: metrics::Histogram,
+}
+
+fn proxy_metrics() -> &'static ProxyMetrics {
+    static HANDLES: OnceLock<ProxyMetrics> = OnceLock::new();
+    HANDLES.get_or_init(|| {
+        crate::telemetry::install_metrics();
+        let class = |status: &'static str| {
+            metrics::counter!("tokenwarden_proxy_requests_total", "status" => status)
+        };
+        ProxyMetrics {
+            requests: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            seconds: metrics::histogram!("tokenwarden_proxy_seconds"),
+        }
+    })
+}
+
+/// A request body: kept whole (replayable) or streaming (sent once).
+enum OutgoingBody {
+    Kept(Bytes),
+    Streaming(Body),
+}
+
+async fn read_body(
+    body: Body,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<OutgoingBody, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared == Some(0)
+        || (declared.is_none()
+            && !headers.contains_key(header::TRANSFER_ENCODING)
+            && matches!(
+                *method,
+                Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+            ))
+    {
+        return Ok(OutgoingBody::Kept(Bytes::new()));
+    }
+    if declared.is_some_and(|n| n > REPLAYABLE_BODY_BYTES) {
+        return Ok(OutgoingBody::Streaming(body));
+    }
+    // Read up to the limit; past it, what was read and the rest go on as one stream.
+    let mut stream = body.into_data_stream();
+    let mut kept = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|error| {
+            ApiError::bad_request(format!("The request body could not be read: {error}"))
+        })?;
+        kept.extend_from_slice(&chunk);
+        if kept.len() > REPLAYABLE_BODY_BYTES {
+            let head =
+                futures_util::stream::once(async move { Ok::<Bytes, axum::Error>(kept.freeze()) });
+            return Ok(OutgoingBody::Streaming(Body::from_stream(
+                head.chain(stream),
+            )));
+        }
+    }
+    Ok(OutgoingBody::Kept(kept.freeze()))
+}
+
+/// Whether a header is hop-by-hop: in the fixed list, or named by a `Connection` header
+/// (RFC 9110 §7.6.1).
+fn hop_by_hop(name: &str, named_by_connection: &[String]) -> bool {
+    HOP_BY_HOP.contains(&name) || named_by_connection.iter().any(|n| n == name)
+}
+
+/// The headers a `Connection` header names: hop-by-hop too.
+fn connection_named(headers: &HeaderMap) -> Vec<String> {
+    let mut named_by_connection: Vec<String> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        if let Ok(text) = value.to_str() {
+            named_by_connection
+                .extend(text.split(',').map(|name| name.trim().to_ascii_lowercase()));
+        }
+    }
+    named_by_connection
+}
+
+/// Removes, in place, the headers that are not passed on: hop-by-hop ones, and `also`.
+fn strip(headers: &mut HeaderMap, also: &[header::HeaderName]) {
+    let named_by_connection = connection_named(headers);
+    let doomed: Vec<header::HeaderName> = headers
+        .keys()
+        .filter(|name| hop_by_hop(name.as_str(), &named_by_connection) || also.contains(name))
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(name);
+    }
+}
+
+/// The caller's headers as they go to the provider: without hop-by-hop ones, `Host` (the
+/// client sets the provider's), `Expect` (the proxy answered `100-continue` to its caller
+/// already), the caller's `Authorization` (ours replaces it) and `Content-Length` (set from
+/// the body sent).
+fn forwarded_headers(mut headers: HeaderMap) -> HeaderMap {
+    strip(
+        &mut headers,
+        &[
+            header::HOST,
+            header::EXPECT,
+            header::AUTHORIZATION,
+            header::CONTENT_LENGTH,
+        ],
+    );
+    if !headers.contains_key(header::USER_AGENT) {
+        headers.insert(
+            header::USER_AGENT,
+            HeaderValue::from_static(concat!("tokenwarden/", env!("CARGO_PKG_VERSION"))),
+        );
+    }
+    headers
+}
+
+async fn proxy(app: &SharedApp, request: Request) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let instance_id = auth::authenticate(app, &parts.headers).await?;
+    let mut instance = app
+        .refresh
+        .get(app, instance_id)
+        .await
+        .map_err(failure_for_call)?;
+    usable(&instance)?;
+    // Inside the nested router the base path is already stripped.
+    let path = parts.uri.path();
+    let raw_path = path
+        .strip_prefix(PROXY_PREFIX)
+        .or_else(|| path.strip_prefix("/proxy/"))
+        .unwrap_or("");
+    let target = match &instance.proxy_base {
+        Ok(base) => base.join(raw_path, parts.uri.query())?,
+        Err(why) => return Err(ApiError::conflict(why.clone())),
+    };
+    // Refresh ahead of the call when the connector asks for it.
+    let strategy = instance.connector.refresh.strategy;
+    let now = now_ms();
+    let wants_refresh = match strategy {
+        RefreshStrategy::EveryRequest => true,
+        // While a failed refresh backs off, a token that still works serves without a retry.
+        RefreshStrategy::BeforeExpiry if instance.backing_off(now) && !instance.expired(now) => {
+            false
+        }
+        RefreshStrategy::BeforeExpiry => {
+            instance.expires_soon(now) || instance.access_token.is_none()
+        }
+        // `on_401`: only a rejection (or no token at all) refreshes, whatever the expiry says.
+        RefreshStrategy::On401 => instance.access_token.is_none(),
+    } || instance.rejected();
+    if wants_refresh {
+        match app
+            .refresh
+            .refresh(app, instance.id, Some(instance.token_version), None)
+            .await
+        {
+            Ok(fresh) => {
+                usable(&fresh)?;
+                instance = fresh;
+            }
+            // A token that has not expired yet still serves while the provider (or our store)
+            // recovers.
+            Err(RefreshFailure::Transient { .. } | RefreshFailure::Internal(_))
+                if instance.access_token.is_some() && !instance.expired(now) => {}
+            Err(failure) => return Err(failure_for_call(failure)),
+        }
+    }
+    let body = read_body(body, &parts.method, &parts.headers).await?;
+    let declared_length = parts.headers.get(header::CONTENT_LENGTH).cloned();
+    let headers = forwarded_headers(parts.headers);
+    let outgoing = Outgoing {
+        method: &parts.method,
+        target: &target,
+        declared_length: declared_length.as_ref(),
+    };
+    let (first_body, replayable) = match body {
+        OutgoingBody::Kept(bytes) => (OutgoingBody::Kept(bytes.clone()), Some(bytes)),
+        streaming => (streaming, None),
+    };
+    // The headers are needed again only for a retry, which only a kept body allows.
+    let (first_headers, retry_headers) = if replayable.is_some() {
+        (headers.clone(), Some(headers))
+    } else {
+        (headers, None)
+    };
+    let first = send(app, &instance, &outgoing, first_headers, first_body).await?;
+    let (first, rejection) = inspect(app, &instance, first).await?;
+    let Some(rejection_message) = rejection else {
+        return Ok(first);
+    };
+    // Calls that have not gone out yet with this token join the refresh instead of
+    // presenting a token the provider has just refused (a storm costs one round trip less).
+    instance.mark_rejected();
+    // The provider rejected the token: one refresh (shared with every concurrent caller), one retry.
+    match app
+        .refresh
+        .refresh(app, instance.id, Some(instance.token_version), None)
+        .await
+    {
+        Ok(fresh) => match (replayable, retry_headers) {
+            (Some(bytes), Some(headers)) => {
+                let second =
+                    send(app, &fresh, &outgoing, headers, OutgoingBody::Kept(bytes)).await?;
+                Ok(answer(app, second))
+            }
+            _ => Ok(first),
+        },
+        Err(RefreshFailure::Invalid {
+            reason, version, ..
+        }) => {
+            // The articles' answer: the API's rejection, in the provider's words, also kept on the
+            // instance for the calls that follow.
+            let _ = app
+                .store
+                .mark_invalid(
+                    instance.id,
+                    &reason,
+                    Some(&rejection_message),
+                    None,
+                    version,
+                )
+                .await;
+            app.refresh.forget(instance.id);
+            Err(ApiError::new(StatusCode::UNAUTHORIZED, "Request failed")
+                .with_provider_message(rejection_message))
+        }
+        Err(failure) => Err(failure_for_call(failure)),
+    }
+}
+
+fn usable(instance: &CachedInstance) -> Result<(), ApiError> {
+    if instance.disabled {
+        return Err(RefreshFailure::Disabled.into_api_error());
+    }
+    if !instance.valid {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "Request failed")
+            .with_provider_message(
+                instance
+                    .provider_message
+                    .clone()
+                    .or_else(|| instance.state_reason.clone())
+                    .unwrap_or_else(|| "The instance needs re-authentication".into()),
+            ));
+    }
+    Ok(())
+}
+
+fn failure_for_call(failure: RefreshFailure) -> ApiError {
+    match failure {
+        RefreshFailure::NotFound => ApiError::unauthorized("The Element token is not valid"),
+        other => other.into_api_error(),
+    }
+}
+
+/// What stays the same between a call and its retry.
+struct Outgoing<'a> {
+    method: &'a Method,
+    target: &'a Uri,
+    /// The caller's `Content-Length`, passed on with a streamed body.
+    declared_length: Option<&'a HeaderValue>,
+}
+
+async fn send(
+    app: &App,
+    instance: &CachedInstance,
+    outgoing: &Outgoing<'_>,
+    mut headers: HeaderMap,
+    body: OutgoingBody,
+) -> Result<axum::http::Response<hyper::body::Incoming>, ApiError> {
+    match (&instance.bearer, &instance.access_token) {
+        (Some(bearer), _) => {
+            headers.insert(header::AUTHORIZATION, bearer.clone());
+        }
+        (None, Some(_)) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "The provider's access token holds characters no HTTP header can carry",
+            ));
+        }
+        (None, None) => {}
+    }
+    let body = match body {
+        OutgoingBody::Kept(bytes) => {
+            if bytes.is_empty() && outgoing.declared_length.is_none() {
+                Body::empty()
+            } else {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+                Body::from(bytes)
+            }
+        }
+        OutgoingBody::Streaming(body) => {
+            if let Some(length) = outgoing.declared_length {
+                headers.insert(header::CONTENT_LENGTH, length.clone());
+            }
+            body
+        }
+    };
+    let mut request = axum::http::Request::new(body);
+    *request.method_mut() = outgoing.method.clone();
+    *request.uri_mut() = outgoing.target.clone();
+    *request.headers_mut() = headers;
+    // The answer's headers must come within the provider timeout; its body then streams for
+    // as long as it keeps coming.
+    let answered =
+        tokio::time::timeout(app.config.provider_timeout, app.proxy_http.request(request)).await;
+    let Ok(answered) = answered else {
+        return Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "The provider did not answer within {} s",
+                app.config.provider_timeout.as_secs()
+            ),
+        ));
+    };
+    answered.map_err(|error| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "The provider could not be reached: {}",
+                client::failure_message(&error)
+            ),
+        )
+    })
+}
+
+/// The provider's answer as ours: hop-by-hop headers removed, the body streamed through.
+fn answer(app: &App, response: axum::http::Response<hyper::body::Incoming>) -> Response {
+    let (mut parts, body) = response.into_parts();
+    strip(&mut parts.headers, &[]);
+    let body = client::IdleTimeout::new(body, app.config.provider_timeout).into_body();
+    Response::from_parts(parts, body)
+}
+
+/// Turns the provider's answer into ours, reading the body only when it may be a rejection.
+async fn inspect(
+    app: &App,
+    instance: &CachedInstance,
+    response: axum::http::Response<hyper::body::Incoming>,
+) -> Result<(Response, Option<String>), ApiError> {
+    let status = response.status();
+    let rejection = &instance.connector.rejection;
+    let maybe_rejected = rejection.statuses.contains(&status.as_u16())
+        || (!status.is_success() && !rejection.body_markers.is_empty())
+        || (status.is_success() && !rejection.ok_false_errors.is_empty() && {
+            response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("json"))
+        });
+    let response = answer(app, response);
+    if !maybe_rejected {
+        return Ok((response, None));
+    }
+    let www = response
+        .headers()
+        .get(header::WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let (parts, body) = response.into_parts();
+    // The head of the body is read to find the provider's words; the answer given back is the
+    // whole body, head and rest, whatever its size (the length header stays true).
+    let mut stream = body.into_data_stream();
+    let head = read_limited(&mut stream, REJECTION_BODY_BYTES).await?;
+    // An API that echoes the token it rejects must not get it into `providerMessage`.
+    let token = instance
+        .access_token
+        .as_ref()
+        .map(|t| t.expose())
+        .unwrap_or("");
+    let message = crate::oauth::api_rejection(rejection, status.as_u16(), www.as_deref(), &head)
+        .map(|text| crate::oauth::redact(&text, &[token]));
+    let whole =
+        futures_util::stream::once(async move { Ok::<Bytes, axum::Error>(head) }).chain(stream);
+    Ok((
+        Response::from_parts(parts, Body::from_stream(whole)),
+        message,
+    ))
+}
+
+/// Reads at least `limit` bytes (or all) of a body; the rest stays in the stream.
+async fn read_limited(
+    stream: &mut (impl futures_util::Stream<Item = Result<Bytes, axum::Error>> + Unpin),
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    let mut out = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|error| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("The provider's answer broke off: {error}"),
+            )
+        })?;
+        out.extend_from_slice(&chunk);
+        if out.len() >= limit {
+            break;
+        }
+    }
+    Ok(out.freeze())
+}

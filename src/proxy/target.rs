@@ -1,0 +1,214 @@
+//! Where a proxied call goes: the instance's `base.url`, parsed once per cached instance, and the
+//! caller's path joined under it.
+//!
+//! **No path leaves the base URL**: dot segments (plain, percent-encoded or followed by `;`
+//! parameters), encoded slashes, backslashes, empty segments, control characters, `?` and `#`
+//! are refused, and the target is built from the base's parsed scheme, authority and path with
+//! the checked path appended, so the caller's text can neither name another host nor climb out
+//! of the base path. The base itself passed the egress check (no link-local or metadata host)
+//! when it was parsed.
+
+use axum::http::Uri;
+
+use crate::http::error::ApiError;
+
+/// An instance's `base.url`, as the proxy joins paths to it.
+#[derive(Debug, Clone)]
+pub struct ProxyBase {
+    /// `scheme://authority` as the URL parser normalized it (host lowercased, IDNA to ASCII,
+    /// default port left out).
+    origin: String,
+    /// The base path without its trailing slash: `""` for `https://api.example.com/`.
+    path: String,
+}
+
+impl ProxyBase {
+    /// Parses and checks a `base.url`; the error says why it cannot be one.
+    pub fn parse(base_url: &str) -> Result<ProxyBase, String> {
+        let base = url::Url::parse(base_url)
+            .map_err(|_| "The instance's `base.url` is not a valid URL".to_string())?;
+        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+            return Err("The instance's `base.url` is not an absolute http(s) URL".into());
+        }
+        if base.query().is_some() || base.fragment().is_some() {
+            return Err(
+                "The instance's `base.url` has a query or fragment; a base takes neither".into(),
+            );
+        }
+        if !base.username().is_empty() || base.password().is_some() {
+            return Err("The instance's `base.url` holds user info; a base takes none".into());
+        }
+        crate::egress::check_url(&base)?;
+        let origin = base.origin().ascii_serialization();
+        let path = base.path();
+        let path = path.strip_suffix('/').unwrap_or(path).to_string();
+        // The target is parsed as an `http::Uri` on every call; a base it refuses is refused now.
+        format!("{origin}{path}/")
+            .parse::<Uri>()
+            .map_err(|_| "The instance's `base.url` is not a valid URL".to_string())?;
+        Ok(ProxyBase { origin, path })
+    }
+
+    /// `base/raw_path?query`, with `raw_path` (the request path after the proxy prefix, as the
+    /// caller sent it) checked to stay under the base.
+    pub fn join(&self, raw_path: &str, query: Option<&str>) -> Result<Uri, ApiError> {
+        check_path(raw_path)?;
+        let mut joined = String::with_capacity(
+            self.origin.len()
+                + self.path.len()
+                + raw_path.len()
+                + query.map_or(0, |q| q.len() + 1)
+                + 1,
+        );
+        joined.push_str(&self.origin);
+        joined.push_str(&self.path);
+        joined.push('/');
+        joined.push_str(raw_path);
+        if let Some(query) = query {
+            joined.push('?');
+            joined.push_str(query);
+        }
+        Uri::try_from(joined).map_err(|_| refuse("it does not make a valid URL"))
+    }
+}
+
+fn refuse(why: &str) -> ApiError {
+    ApiError::bad_request(format!("The proxy path is not accepted: {why}"))
+}
+
+/// The checks of a path under the base; see the module's documentation.
+fn check_path(raw_path: &str) -> Result<(), ApiError> {
+    // A request path never holds `?` or `#` (the query comes separately); in a joined URL they
+    // would end the path inside a segment.
+    if raw_path.contains(['?', '#']) {
+        return Err(refuse("`?` and `#` are not accepted in the path"));
+    }
+    if raw_path.contains("//") || raw_path.starts_with('/') {
+        return Err(refuse(
+            "absolute URLs and empty path segments are not accepted",
+        ));
+    }
+    for segment in raw_path.split('/') {
+        if !segment.contains('%') {
+            check_segment(segment.as_bytes())?;
+            continue;
+        }
+        let decoded = percent_decode(segment).ok_or_else(|| refuse("bad percent-encoding"))?;
+        check_segment(&decoded)?;
+    }
+    Ok(())
+}
+
+fn check_segment(decoded: &[u8]) -> Result<(), ApiError> {
+    // `..;x` is `..` to servers that take `;` as path parameters (Tomcat, Spring).
+    let before_parameters = decoded.split(|b| *b == b';').next().unwrap_or(b"");
+    if matches!(before_parameters, b"." | b"..") {
+        return Err(refuse("`.` and `..` segments are not accepted"));
+    }
+    if decoded.iter().any(|b| matches!(b, b'/' | b'\\')) {
+        return Err(refuse("encoded slashes and backslashes are not accepted"));
+    }
+    if String::from_utf8_lossy(decoded)
+        .chars()
+        .any(char::is_control)
+    {
+        return Err(refuse("control characters are not accepted"));
+    }
+    Ok(())
+}
+
+fn percent_decode(segment: &str) -> Option<Vec<u8>> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'%' {
+            let hex = segment.get(index + 1..index + 3)?;
+            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            index += 3;
+        } else {
+            out.push(bytes[index]);
+            index += 1;
+        }
+    }
+    Some(out)
+}
+
+/// The target of a call: `base_url` parsed and `raw_path` joined under it.
+pub fn confine(base_url: &str, raw_path: &str, query: Option<&str>) -> Result<Uri, ApiError> {
+    ProxyBase::parse(base_url)
+        .map_err(ApiError::conflict)?
+        .join(raw_path, query)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::confine;
+
+    const BASE: &str = "http://127.0.0.1:4000/adobe-sign/";
+
+    #[test]
+    fn paths_stay_under_the_base() {
+        assert_eq!(
+            confine(BASE, "api/rest/v6/users/me", Some("a=1"))
+                .unwrap()
+                .to_string(),
+            "http://127.0.0.1:4000/adobe-sign/api/rest/v6/users/me?a=1"
+        );
+        assert_eq!(
+            confine("http://h/base", "x", None).unwrap().to_string(),
+            "http://h/base/x"
+        );
+        assert_eq!(
+            confine("HTTPS://API.Example.COM:443", "v1/x", Some(""))
+                .unwrap()
+                .to_string(),
+            "https://api.example.com/v1/x?"
+        );
+        assert_eq!(
+            confine("http://h/a%20b/", "c", None).unwrap().to_string(),
+            "http://h/a%20b/c"
+        );
+        for bad in [
+            "../secret",
+            "api/../../x",
+            "%2e%2e/x",
+            "%2E%2E/x",
+            "%2e/x",
+            "api%2f..%2f..%2fx",
+            "a%5cb",
+            "a\\b",
+            "http://evil.test/x",
+            "/evil",
+            "a//b",
+            "a/./b",
+            "%00",
+            "%zz",
+            "%+1",
+            "%1",
+            "..;/x",
+            "a/..;jsessionid=1/b",
+            "a?b",
+            "a#b",
+        ] {
+            assert!(confine(BASE, bad, None).is_err(), "{bad} must be refused");
+        }
+        for bad_base in [
+            "not a url",
+            "ftp://h/",
+            "http://h/?q=1",
+            "http://h/#f",
+            "http://user:pw@h/",
+            "http://169.254.169.254/",
+            "mailto:a@b",
+        ] {
+            assert!(
+                confine(bad_base, "x", None).is_err(),
+                "{bad_base} must be refused"
+            );
+        }
+    }
+}
