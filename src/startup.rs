@@ -44,18 +44,8 @@ pub async fn spawn(bind: SocketAddr, config: AppConfig) -> Result<RunningServer,
         .map_err(|error| StartupError::Http(error.to_string()))?;
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
-    let router = crate::http::router(Arc::clone(&app));
-    let mut server_shutdown = shutdown_rx.clone();
-    tasks.spawn(async move {
-        let result = axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = server_shutdown.wait_for(|stop| *stop).await;
-            })
-            .await;
-        if let Err(error) = result {
-            tracing::error!("the HTTP server stopped: {error}");
-        }
-    });
+    let service = crate::http::Service::new(Arc::clone(&app));
+    tasks.spawn(serve_http(listener, service, shutdown_rx.clone()));
     crate::background::spawn_all(&app, &mut tasks, &mut shutdown_rx);
     tracing::info!(%addr, replica = %app.replica_id, "tokenwarden is serving");
     Ok(RunningServer {
@@ -65,6 +55,49 @@ pub async fn spawn(bind: SocketAddr, config: AppConfig) -> Result<RunningServer,
         shutdown,
         tasks,
     })
+}
+
+/// Accepts connections until shutdown, then lets the requests under way finish (the caller
+/// bounds the wait). HTTP/1.1 and HTTP/2 (prior knowledge), `TCP_NODELAY` on every connection.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    service: crate::http::Service,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of file descriptors and the like: the listener stays; try again soon.
+                tracing::warn!("accepting a connection: {error}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        let connection = builder.serve_connection(
+            TokioIo::new(stream),
+            hyper::service::service_fn(move |request| {
+                let service = service.clone();
+                async move { Ok::<_, std::convert::Infallible>(service.call(request).await) }
+            }),
+        );
+        let connection = graceful.watch(connection.into_owned());
+        tokio::spawn(async move {
+            // A connection's errors (a caller hanging up) are the caller's business.
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// `tokenwarden serve`: runs until SIGTERM or Ctrl-C, then shuts down gracefully.

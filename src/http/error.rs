@@ -25,11 +25,11 @@ fn new_request_id() -> String {
     crate::crypto::hex(&crate::crypto::random_bytes::<12>())
 }
 
-/// Middleware: gives every request an id (kept from a well-formed incoming `X-Request-Id`),
-/// makes it available to handlers and errors, and returns it in `X-Request-Id`.
-pub async fn request_id_layer(request: Request, next: Next) -> Response {
-    let request_id = request
-        .headers()
+const PROXY_PATH: &str = "/elements/api-v2/proxy/";
+
+/// The id of a request: its well-formed `X-Request-Id`, or a new one.
+pub fn request_id_of(headers: &axum::http::HeaderMap) -> String {
+    headers
         .get("x-request-id")
         .and_then(|value| value.to_str().ok())
         .filter(|value| {
@@ -40,14 +40,33 @@ pub async fn request_id_layer(request: Request, next: Next) -> Response {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
         .map(str::to_string)
-        .unwrap_or_else(new_request_id);
+        .unwrap_or_else(new_request_id)
+}
+
+/// Runs `work` in `span` as the request `request_id` (errors carry it) and returns the id in
+/// `X-Request-Id`: what the router's middleware does, for the proxy's hot path.
+pub async fn with_request_id(
+    request_id: String,
+    span: tracing::Span,
+    work: impl Future<Output = Response>,
+) -> Response {
+    use tracing::Instrument;
+    let header = HeaderValue::from_str(&request_id).ok();
+    let mut response = REQUEST_ID.scope(request_id, work.instrument(span)).await;
+    if let Some(value) = header {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+/// Middleware: gives every request an id (kept from a well-formed incoming `X-Request-Id`),
+/// makes it available to handlers and errors, and returns it in `X-Request-Id`.
+pub async fn request_id_layer(request: Request, next: Next) -> Response {
+    let request_id = request_id_of(request.headers());
     let span = tracing::info_span!("request", request_id = %request_id, method = %request.method(), path = %request.uri().path());
     // The proxy answers what the provider answered, untouched; everything else answers errors
     // as JSON, including the router's own 405.
-    let proxied = request
-        .uri()
-        .path()
-        .starts_with(&format!("{}/proxy/", super::BASE_PATH));
+    let proxied = request.uri().path().starts_with(PROXY_PATH);
     let mut response = REQUEST_ID
         .scope(request_id.clone(), {
             use tracing::Instrument;

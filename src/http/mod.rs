@@ -79,3 +79,42 @@ pub fn router(app: SharedApp) -> Router {
         .layer(axum::middleware::from_fn(error::request_id_layer))
         .with_state(app)
 }
+
+/// The whole HTTP service: calls through the proxy go straight to it (its hot path skips the
+/// router and its middleware, which cost as much as the proxying itself); everything else
+/// goes through the router. The router serves the proxy route too, with the same handler, for
+/// whoever uses it on its own.
+#[derive(Clone)]
+pub struct Service {
+    app: SharedApp,
+    router: Router,
+}
+
+impl Service {
+    pub fn new(app: SharedApp) -> Self {
+        Service {
+            router: router(app.clone()),
+            app,
+        }
+    }
+
+    pub async fn call(
+        self,
+        request: axum::http::Request<
+            impl axum::body::HttpBody<Data = bytes::Bytes, Error: Into<axum::BoxError>> + Send + 'static,
+        >,
+    ) -> axum::response::Response {
+        let request = request.map(axum::body::Body::new);
+        let path = request.uri().path();
+        if path.len() > crate::proxy::PROXY_PREFIX.len()
+            && path.starts_with(crate::proxy::PROXY_PREFIX)
+        {
+            return crate::proxy::entry(self.app, request).await;
+        }
+        use tower::ServiceExt;
+        match self.router.oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }
+    }
+}

@@ -68,6 +68,19 @@ const HOP_BY_HOP: &[&str] = &[
     ),
 )]
 pub async fn handle(State(app): State<SharedApp>, request: Request) -> Response {
+    measured(app, request).await
+}
+
+/// The proxy's hot path, called by [`crate::http::Service`] without the router: the request id
+/// the router's middleware gives every other call, then the call.
+pub async fn entry(app: SharedApp, request: Request) -> Response {
+    let request_id = crate::http::error::request_id_of(request.headers());
+    // At debug level only: at the default level a proxied call costs no span.
+    let span = tracing::debug_span!("request", request_id = %request_id, method = %request.method(), path = request.uri().path());
+    crate::http::error::with_request_id(request_id, span, measured(app, request)).await
+}
+
+async fn measured(app: SharedApp, request: Request) -> Response {
     let started = Instant::now();
     let response = match proxy(&app, request).await {
         Ok(response) => response,
