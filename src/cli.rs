@@ -101,7 +101,9 @@ pub struct ServeArgs {
         default_value = "http://127.0.0.1:4000"
     )]
     pub sandbox_url: String,
-    /// Runtime worker threads (default: one per core).
+    /// Runtime worker threads (default: one per core). With 1, everything runs on one thread
+    /// without work stealing (tokio's current-thread scheduler), which is the fastest setting
+    /// when the service shares a small machine with its load.
     #[arg(long, env = "TOKENWARDEN_WORKERS")]
     pub workers: Option<usize>,
 }
@@ -227,9 +229,12 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve(args) => args.workers,
         _ => None,
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    let mut builder = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
     builder.enable_all();
-    if let Some(workers) = workers.filter(|n| *n > 0) {
+    if let Some(workers) = workers.filter(|n| *n > 1) {
         builder.worker_threads(workers);
     }
     let runtime = match builder.build() {

@@ -1,6 +1,9 @@
 //! tw-loadgen: the bench's helper binary. Every command talks only to loopback URLs it is given.
 //!
 //! - `upstream ADDR`                         minimal hyper server: any request -> small JSON body
+//! - `minproxy ADDR UPSTREAM_PORT`          the reference: the least a Rust proxy can do (hyper
+//!                                           server and pooled client, one thread, a static
+//!                                           `Authorization` added); prints its port
 //! - `burst URL N [HEADER: VALUE]...`        N connections opened first, then N GETs at once;
 //!                                           prints JSON {wallMs, statuses, p50Ms, p99Ms, maxMs}
 //! - `create API AUTH ELEMENT COUNT CONC CALLBACK`
@@ -36,6 +39,7 @@ fn main() {
         // The upstream is deliberately single-threaded, the same for every path measured.
         "upstream" => current_thread().block_on(upstream(&args[1])),
         "burst" => multi_thread().block_on(burst(&args[1..])),
+        "minproxy" => current_thread().block_on(minproxy(&args[1..])),
         "create" => multi_thread().block_on(create(&args[1..])),
         "refresh" => multi_thread().block_on(refresh(&args[1..])),
         "watch" => current_thread().block_on(watch(&args[1..])),
@@ -88,6 +92,56 @@ async fn upstream(addr: &str) -> Result<(), String> {
                         .body(Full::new(Bytes::from_static(BODY)))
                         .unwrap(),
                 )
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// The least a Rust proxy does: the same stack as tokenwarden's (hyper server, hyper-util's
+/// pooled client) with nothing else: no authentication, no lookup, no checks.
+async fn minproxy(args: &[String]) -> Result<(), String> {
+    let addr: String = arg(args, 0, "ADDR")?;
+    let upstream_port: u16 = arg(args, 1, "UPSTREAM_PORT")?;
+    let listener = tokio::net::TcpListener::bind(addr.as_str())
+        .await
+        .map_err(|e| e.to_string())?;
+    println!("{}", listener.local_addr().unwrap().port());
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<HttpConnector, hyper::body::Incoming> =
+        Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(256)
+            .build(connector);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let client = client.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                let client = client.clone();
+                async move {
+                    let (mut parts, body) = request.into_parts();
+                    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                    parts.uri = format!("http://127.0.0.1:{upstream_port}{path}").parse().unwrap();
+                    parts.headers.remove("host");
+                    parts.headers.insert(
+                        "authorization",
+                        hyper::header::HeaderValue::from_static("Bearer bench-static-token"),
+                    );
+                    let answer = client.request(Request::from_parts(parts, body)).await;
+                    Ok::<_, Infallible>(match answer {
+                        Ok(response) => response.map(|b| b.boxed()),
+                        Err(_) => Response::builder()
+                            .status(502)
+                            .body(Empty::new().map_err(|never| match never {}).boxed())
+                            .unwrap(),
+                    })
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
