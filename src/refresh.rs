@@ -185,7 +185,7 @@ enum Keep {
 #[derive(Default)]
 pub struct RefreshEngine {
     flights: DashMap<i64, Arc<Mutex<()>>>,
-    cache: DashMap<i64, Arc<CachedInstance>>,
+    cache: DashMap<i64, Arc<CachedInstance>, crate::proxy::PrehashedKeys>,
     schedule_changed: Notify,
     /// Instance reads a caller waited for (`get` missing its copy, refresh turns): the hot
     /// path's database work, which stays flat while cached tokens are fresh.

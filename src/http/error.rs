@@ -21,16 +21,35 @@ pub fn current_request_id() -> String {
         .unwrap_or_else(|_| new_request_id())
 }
 
+/// 24 hex digits: a random prefix drawn once per process and a counter that starts at a random
+/// value, so ids are unique across replicas and restarts without drawing randomness per call.
 fn new_request_id() -> String {
-    crate::crypto::hex(&crate::crypto::random_bytes::<12>())
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STATE: OnceLock<(u32, AtomicU64)> = OnceLock::new();
+    let (prefix, counter) = STATE.get_or_init(|| {
+        let bytes = crate::crypto::random_bytes::<12>();
+        let prefix = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let start = u64::from_le_bytes(bytes[4..].try_into().expect("8 bytes"));
+        (prefix, AtomicU64::new(start))
+    });
+    let value = (u128::from(*prefix) << 64) | u128::from(counter.fetch_add(1, Ordering::Relaxed));
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 24];
+    for (index, digit) in out.iter_mut().enumerate() {
+        *digit = DIGITS[((value >> ((23 - index) * 4)) & 0xf) as usize];
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 const PROXY_PATH: &str = "/elements/api-v2/proxy/";
 
 /// The id of a request: its well-formed `X-Request-Id`, or a new one.
 pub fn request_id_of(headers: &axum::http::HeaderMap) -> String {
+    const X_REQUEST_ID: axum::http::HeaderName =
+        axum::http::HeaderName::from_static("x-request-id");
     headers
-        .get("x-request-id")
+        .get(X_REQUEST_ID)
         .and_then(|value| value.to_str().ok())
         .filter(|value| {
             !value.is_empty()

@@ -31,7 +31,7 @@ mod auth;
 pub mod client;
 pub mod target;
 
-pub use auth::AuthCache;
+pub use auth::{AuthCache, PrehashedKeys};
 pub use target::{ProxyBase, confine};
 
 pub const PROXY_PREFIX: &str = "/elements/api-v2/proxy/";
@@ -39,18 +39,6 @@ pub const PROXY_PREFIX: &str = "/elements/api-v2/proxy/";
 pub const REPLAYABLE_BODY_BYTES: usize = 1024 * 1024;
 /// Rejection bodies are read up to this size to find the provider's words.
 const REJECTION_BODY_BYTES: usize = 256 * 1024;
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "trailers",
-    "transfer-encoding",
-    "upgrade",
-];
 
 #[utoipa::path(
     method(get, post, put, patch, delete),
@@ -77,7 +65,9 @@ pub async fn entry(app: SharedApp, request: Request) -> Response {
     let request_id = crate::http::error::request_id_of(request.headers());
     // At debug level only: at the default level a proxied call costs no span.
     let span = tracing::debug_span!("request", request_id = %request_id, method = %request.method(), path = request.uri().path());
-    crate::http::error::with_request_id(request_id, span, measured(app, request)).await
+    // Boxed, so the layers around it move a pointer, not the whole call's state.
+    let call = Box::pin(measured(app, request));
+    crate::http::error::with_request_id(request_id, span, call).await
 }
 
 async fn measured(app: SharedApp, request: Request) -> Response {
@@ -176,8 +166,20 @@ async fn read_body(
 
 /// Whether a header is hop-by-hop: in the fixed list, or named by a `Connection` header
 /// (RFC 9110 §7.6.1).
-fn hop_by_hop(name: &str, named_by_connection: &[String]) -> bool {
-    HOP_BY_HOP.contains(&name) || named_by_connection.iter().any(|n| n == name)
+fn hop_by_hop(name: &header::HeaderName, named_by_connection: &[String]) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "trailers"
+            | "transfer-encoding"
+            | "upgrade"
+    ) || named_by_connection.iter().any(|n| n == name.as_str())
 }
 
 /// The headers a `Connection` header names: hop-by-hop too.
@@ -193,14 +195,18 @@ fn connection_named(headers: &HeaderMap) -> Vec<String> {
 }
 
 /// Removes, in place, the headers that are not passed on: hop-by-hop ones, and `also`.
+/// Allocates nothing when there is nothing to remove, the usual case.
 fn strip(headers: &mut HeaderMap, also: &[header::HeaderName]) {
     let named_by_connection = connection_named(headers);
-    let doomed: Vec<header::HeaderName> = headers
-        .keys()
-        .filter(|name| hop_by_hop(name.as_str(), &named_by_connection) || also.contains(name))
-        .cloned()
-        .collect();
-    for name in doomed {
+    for name in also {
+        headers.remove(name);
+    }
+    let doomed = |name: &header::HeaderName| hop_by_hop(name, &named_by_connection);
+    if !headers.keys().any(doomed) {
+        return;
+    }
+    let names: Vec<header::HeaderName> = headers.keys().filter(|n| doomed(n)).cloned().collect();
+    for name in names {
         headers.remove(name);
     }
 }
@@ -243,8 +249,8 @@ async fn proxy(app: &SharedApp, request: Request) -> Result<Response, ApiError> 
         .strip_prefix(PROXY_PREFIX)
         .or_else(|| path.strip_prefix("/proxy/"))
         .unwrap_or("");
-    let target = match &instance.proxy_base {
-        Ok(base) => base.join(raw_path, parts.uri.query())?,
+    let (target, host) = match &instance.proxy_base {
+        Ok(base) => (base.join(raw_path, parts.uri.query())?, base.host().clone()),
         Err(why) => return Err(ApiError::conflict(why.clone())),
     };
     // Refresh ahead of the call when the connector asks for it.
@@ -285,6 +291,7 @@ async fn proxy(app: &SharedApp, request: Request) -> Result<Response, ApiError> 
     let outgoing = Outgoing {
         method: &parts.method,
         target: &target,
+        host: &host,
         declared_length: declared_length.as_ref(),
     };
     let (first_body, replayable) = match body {
@@ -370,6 +377,7 @@ fn failure_for_call(failure: RefreshFailure) -> ApiError {
 struct Outgoing<'a> {
     method: &'a Method,
     target: &'a Uri,
+    host: &'a HeaderValue,
     /// The caller's `Content-Length`, passed on with a streamed body.
     declared_length: Option<&'a HeaderValue>,
 }
@@ -393,6 +401,7 @@ async fn send(
         }
         (None, None) => {}
     }
+    headers.insert(header::HOST, outgoing.host.clone());
     let body = match body {
         OutgoingBody::Kept(bytes) => {
             if bytes.is_empty() && outgoing.declared_length.is_none() {

@@ -9,15 +9,19 @@
 //! when it was parsed.
 
 use axum::http::Uri;
+use axum::http::uri::{Authority, PathAndQuery, Scheme};
 
 use crate::http::error::ApiError;
 
 /// An instance's `base.url`, as the proxy joins paths to it.
 #[derive(Debug, Clone)]
 pub struct ProxyBase {
-    /// `scheme://authority` as the URL parser normalized it (host lowercased, IDNA to ASCII,
-    /// default port left out).
-    origin: String,
+    /// The scheme and authority as the URL parser normalized them (host lowercased, IDNA to
+    /// ASCII, default port left out), parsed once.
+    scheme: Scheme,
+    authority: Authority,
+    /// The `Host` header for it, built once (the client would format one per call).
+    host: axum::http::HeaderValue,
     /// The base path without its trailing slash: `""` for `https://api.example.com/`.
     path: String,
 }
@@ -42,11 +46,23 @@ impl ProxyBase {
         let origin = base.origin().ascii_serialization();
         let path = base.path();
         let path = path.strip_suffix('/').unwrap_or(path).to_string();
-        // The target is parsed as an `http::Uri` on every call; a base it refuses is refused now.
-        format!("{origin}{path}/")
+        let invalid = || "The instance's `base.url` is not a valid URL".to_string();
+        let parsed = format!("{origin}{path}/")
             .parse::<Uri>()
-            .map_err(|_| "The instance's `base.url` is not a valid URL".to_string())?;
-        Ok(ProxyBase { origin, path })
+            .map_err(|_| invalid())?;
+        let parts = parsed.into_parts();
+        let authority = parts.authority.ok_or_else(invalid)?;
+        Ok(ProxyBase {
+            scheme: parts.scheme.ok_or_else(invalid)?,
+            host: axum::http::HeaderValue::from_str(authority.as_str()).map_err(|_| invalid())?,
+            authority,
+            path,
+        })
+    }
+
+    /// The `Host` header of calls under this base.
+    pub fn host(&self) -> &axum::http::HeaderValue {
+        &self.host
     }
 
     /// `base/raw_path?query`, with `raw_path` (the request path after the proxy prefix, as the
@@ -54,13 +70,8 @@ impl ProxyBase {
     pub fn join(&self, raw_path: &str, query: Option<&str>) -> Result<Uri, ApiError> {
         check_path(raw_path)?;
         let mut joined = String::with_capacity(
-            self.origin.len()
-                + self.path.len()
-                + raw_path.len()
-                + query.map_or(0, |q| q.len() + 1)
-                + 1,
+            self.path.len() + raw_path.len() + query.map_or(0, |q| q.len() + 1) + 1,
         );
-        joined.push_str(&self.origin);
         joined.push_str(&self.path);
         joined.push('/');
         joined.push_str(raw_path);
@@ -68,7 +79,13 @@ impl ProxyBase {
             joined.push('?');
             joined.push_str(query);
         }
-        Uri::try_from(joined).map_err(|_| refuse("it does not make a valid URL"))
+        let invalid = || refuse("it does not make a valid URL");
+        let mut parts = axum::http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query =
+            Some(PathAndQuery::from_maybe_shared(joined).map_err(|_| invalid())?);
+        Uri::from_parts(parts).map_err(|_| invalid())
     }
 }
 
