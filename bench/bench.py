@@ -37,6 +37,7 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 SCALE_ROWS = int(os.environ.get("BENCH_SCALE_ROWS", "1000000"))
 REAL = int(os.environ.get("BENCH_REAL_INSTANCES", "3000"))
 STORM_CALLS = int(os.environ.get("BENCH_STORM_CALLS", "1000"))
+REFRESH_CONCURRENCY = int(os.environ.get("BENCH_REFRESH_CONCURRENCY", "64"))
 PG_URL = os.environ.get("BENCH_PG_URL", "postgres://postgres@127.0.0.1:5432")
 MASTER_KEY = base64.b64encode(os.urandom(32)).decode()
 OUT = os.path.join(HERE, "out", time.strftime("%Y%m%d-%H%M%S"))
@@ -193,7 +194,7 @@ class Sandbox:
 
 
 class Service:
-    def __init__(self, name, database_url, sandbox, workers=None):
+    def __init__(self, name, database_url, sandbox, workers=None, extra=()):
         self.name = name
         self.database_url = database_url
         env = {"TOKENWARDEN_MASTER_KEY": MASTER_KEY, "TOKENWARDEN_SANDBOX_URL": sandbox.url}
@@ -213,6 +214,7 @@ class Service:
         args = [TW, "serve", "--bind", f"127.0.0.1:{port}", "--database-url", database_url]
         if workers:
             args += ["--workers", str(workers)]
+        args += list(extra)
         self.args, self.env = args, env
         self.process = spawn(name, args, env=env)
         wait_ready(self.url + "/healthz", self.process)
@@ -344,7 +346,14 @@ def bench_proxy():
                             "-e", os.path.join(nginx_dir, "error.log")])
     wait_ready(f"http://127.0.0.1:{nginx_port}/data", nginx)
     sandbox = Sandbox("proxy-sandbox")
-    targets = {"direct": (direct, None), "nginx": (f"http://127.0.0.1:{nginx_port}/data", None)}
+    # The floor of our own stack: hyper's server and pooled client with nothing else, one
+    # thread (tw-loadgen minproxy). Not a target; it shows how much of the gap to nginx is
+    # the stack's and how much is the service's own work.
+    minproxy = spawn("minproxy", [LG, "minproxy", "127.0.0.1:0", str(upstream_port)],
+                     stdout=subprocess.PIPE)
+    minproxy_port = int(minproxy.stdout.readline())
+    targets = {"direct": (direct, None), "nginx": (f"http://127.0.0.1:{nginx_port}/data", None),
+               "minproxy": (f"http://127.0.0.1:{minproxy_port}/data", None)}
     services = {}
     for workers in (1, 2):
         service = services[workers] = Service(f"proxy-w{workers}", f"sqlite://{OUT}/proxy-w{workers}.db", sandbox,
@@ -409,6 +418,9 @@ def bench_proxy():
     figure("proxy_best_workers", best)
     figure("proxy_rps_ratio_vs_nginx", per_round(tw, 64, "rps", "nginx", ratio), "target >= 1.0")
     figure("proxy_rps_ratio_vs_direct", per_round(tw, 64, "rps", "direct", ratio))
+    figure("proxy_rps_ratio_vs_minproxy", per_round(tw, 64, "rps", "minproxy", ratio))
+    figure("proxy_minproxy_rps_ratio_vs_nginx", per_round("minproxy", 64, "rps", "nginx", ratio),
+           "the stack's own floor")
     # (ours - direct) - (nginx - direct) per round, at 1 connection
     figure("proxy_p50_added_vs_nginx_us", per_round(tw, 1, "p50", "nginx", diff), "target <= 50")
     figure("proxy_p50_added_vs_direct_us", per_round(tw, 1, "p50", "direct", diff))
@@ -637,7 +649,10 @@ def bench_scale_engine(db):
     engine = db.engine
     context = machine_context(f"scale ({engine})")
     sandbox = Sandbox(f"scale-{engine}-sandbox")
-    service = Service(f"scale-{engine}", db.url, sandbox)
+    # Capacity, not policy: the per-connector rate limit (100/s by default, for providers'
+    # sake) is lifted, and the concurrency is the bench's (BENCH_REFRESH_CONCURRENCY).
+    service = Service(f"scale-{engine}", db.url, sandbox,
+                      extra=["--refresh-rate", "0", "--refresh-concurrency", str(REFRESH_CONCURRENCY)])
     began = time.time()
     real = service.create_instances("sandbox-generic", REAL, 16)
     created_s = time.time() - began

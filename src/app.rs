@@ -26,6 +26,10 @@ pub struct AppConfig {
     pub max_body_bytes: usize,
     /// Run the scheduler and the event deliverer in this process.
     pub background_tasks: bool,
+    /// Scheduled refreshes run at once.
+    pub refresh_concurrency: usize,
+    /// Scheduled refreshes per connector and second; 0 lifts the limit.
+    pub refresh_rate_per_connector: f64,
 }
 
 impl std::fmt::Debug for AppConfig {
@@ -42,6 +46,11 @@ impl std::fmt::Debug for AppConfig {
             .field("provider_timeout", &self.provider_timeout)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("background_tasks", &self.background_tasks)
+            .field("refresh_concurrency", &self.refresh_concurrency)
+            .field(
+                "refresh_rate_per_connector",
+                &self.refresh_rate_per_connector,
+            )
             .finish_non_exhaustive()
     }
 }
@@ -59,6 +68,8 @@ impl AppConfig {
             ),
             max_body_bytes: 1024 * 1024,
             background_tasks: true,
+            refresh_concurrency: crate::background::SCHEDULER_CONCURRENCY,
+            refresh_rate_per_connector: crate::background::RATE_PER_SECOND,
         }
     }
 }

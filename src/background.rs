@@ -28,8 +28,9 @@ use tokio::task::JoinSet;
 use crate::app::{SharedApp, now_ms};
 use crate::refresh::LEASE_MS;
 
-/// How many scheduled refreshes run at once in one replica.
-pub const SCHEDULER_CONCURRENCY: usize = 16;
+/// How many scheduled refreshes run at once in one replica, unless `serve
+/// --refresh-concurrency` says otherwise.
+pub const SCHEDULER_CONCURRENCY: usize = 32;
 
 pub fn spawn_all(app: &SharedApp, tasks: &mut JoinSet<()>, shutdown: &mut watch::Receiver<bool>) {
     if !app.config.background_tasks {
@@ -236,20 +237,23 @@ pub mod plan {
     }
 }
 
-/// Scheduled refreshes per connector and second (one replica), and the burst allowed.
-const RATE_PER_SECOND: f64 = 10.0;
-const RATE_BURST: f64 = 20.0;
+/// Scheduled refreshes per connector and second (one replica), unless `serve --refresh-rate`
+/// says otherwise; the burst allowed is twice that.
+pub const RATE_PER_SECOND: f64 = 100.0;
 const RATE_MAX_WAIT_MS: i64 = 2_000;
 
 async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
     let mut running: JoinSet<()> = JoinSet::new();
-    let mut limiter = plan::RateLimiter::new(RATE_PER_SECOND, RATE_BURST, RATE_MAX_WAIT_MS);
+    let rate = app.config.refresh_rate_per_connector;
+    let mut limiter =
+        (rate > 0.0).then(|| plan::RateLimiter::new(rate, rate * 2.0, RATE_MAX_WAIT_MS));
+    let concurrency = app.config.refresh_concurrency.max(1);
     loop {
         while running.try_join_next().is_some() {}
         if *shutdown.borrow() {
             break;
         }
-        let limit = plan::claim_limit(SCHEDULER_CONCURRENCY, running.len());
+        let limit = plan::claim_limit(concurrency, running.len());
         if limit == 0 {
             // Every slot is busy: wait for one to free, not on a timer.
             tokio::select! {
@@ -274,14 +278,18 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
         for (row, due_at) in claimed {
             metrics::histogram!("tokenwarden_scheduler_lag_seconds")
                 .record((now - due_at).max(0) as f64 / 1000.0);
-            let rate_key = if app.built_in.contains_key(&row.element_key) {
-                row.element_key.clone()
-            } else {
-                format!("{}/{}", row.organization_id, row.element_key)
-            };
-            let delay_ms = match limiter.admit(&rate_key, now) {
-                plan::Admission::After(ms) => ms,
-                plan::Admission::Defer(at) => {
+            let admission = limiter.as_mut().map(|limiter| {
+                let rate_key = if app.built_in.contains_key(&row.element_key) {
+                    row.element_key.clone()
+                } else {
+                    format!("{}/{}", row.organization_id, row.element_key)
+                };
+                limiter.admit(&rate_key, now)
+            });
+            let delay_ms = match admission {
+                None => 0,
+                Some(plan::Admission::After(ms)) => ms,
+                Some(plan::Admission::Defer(at)) => {
                     metrics::counter!("tokenwarden_scheduler_deferred_total").increment(1);
                     release(&app, &row, at).await;
                     continue;
@@ -319,7 +327,9 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
                     .increment(1);
             });
         }
-        limiter.forget_idle(now);
+        if let Some(limiter) = limiter.as_mut() {
+            limiter.forget_idle(now);
+        }
         if claimed_count == limit {
             continue; // More may be due right now; the next turn waits for a free slot.
         }

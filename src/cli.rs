@@ -106,6 +106,13 @@ pub struct ServeArgs {
     /// when the service shares a small machine with its load.
     #[arg(long, env = "TOKENWARDEN_WORKERS")]
     pub workers: Option<usize>,
+    /// Scheduled refreshes run at once in this replica.
+    #[arg(long, env = "TOKENWARDEN_REFRESH_CONCURRENCY", default_value_t = crate::background::SCHEDULER_CONCURRENCY as u16, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub refresh_concurrency: u16,
+    /// Scheduled refreshes per connector and second in this replica (a provider's token
+    /// endpoint is not flooded when many instances fall due at once); 0 lifts the limit.
+    #[arg(long, env = "TOKENWARDEN_REFRESH_RATE", default_value_t = crate::background::RATE_PER_SECOND)]
+    pub refresh_rate: f64,
 }
 
 #[derive(Debug, Args)]
@@ -269,6 +276,11 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             config.master_key = args.database.master_key;
             config.previous_master_keys = args.database.previous_master_keys;
             config.sandbox_url = args.sandbox_url;
+            config.refresh_concurrency = usize::from(args.refresh_concurrency);
+            if !args.refresh_rate.is_finite() || args.refresh_rate < 0.0 {
+                return Err("--refresh-rate must be 0 (no limit) or a positive number".into());
+            }
+            config.refresh_rate_per_connector = args.refresh_rate;
             crate::startup::serve(args.bind, config)
                 .await
                 .map_err(|error| error.to_string())?;
