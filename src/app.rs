@@ -85,7 +85,8 @@ pub struct App {
     /// The proxy's client (hyper's, used straight): no total timeout, so bodies of any length
     /// stream; see [`crate::proxy::client`].
     pub proxy_http: crate::proxy::client::ProxyClient,
-    pub built_in: BTreeMap<String, Connector>,
+    /// The catalog, shared: a refresh or a cached instance takes a reference, not a copy.
+    pub built_in: BTreeMap<String, Arc<Connector>>,
     /// A name for this process in refresh leases, unique per start.
     pub replica_id: String,
     pub refresh: crate::refresh::RefreshEngine,
@@ -138,7 +139,7 @@ impl App {
         let store = Store::connect(&config.database_url).await?;
         let built_in = catalog::load_built_in()?
             .into_iter()
-            .map(|connector| (connector.key.clone(), connector))
+            .map(|connector| (connector.key.clone(), Arc::new(connector)))
             .collect();
         let http = build_http_client(config.provider_timeout)?;
         crate::telemetry::install_metrics();
@@ -166,14 +167,16 @@ impl App {
         &self,
         organization_id: i64,
         key: &str,
-    ) -> Result<Option<Connector>, crate::store::StoreError> {
+    ) -> Result<Option<Arc<Connector>>, crate::store::StoreError> {
         if let Some(connector) = self.built_in.get(key) {
-            return Ok(Some(connector.clone()));
+            return Ok(Some(Arc::clone(connector)));
         }
         let Some(definition) = self.store.get_connector(organization_id, key).await? else {
             return Ok(None);
         };
-        Ok(serde_json::from_str(&definition.definition).ok())
+        Ok(serde_json::from_str(&definition.definition)
+            .ok()
+            .map(Arc::new))
     }
 
     /// Fills a connector template (`{sandbox}`, inputs from the configuration or their defaults).

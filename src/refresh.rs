@@ -297,7 +297,7 @@ impl RefreshEngine {
         let cached = Arc::new(CachedInstance {
             id: row.id,
             organization_id: row.organization_id,
-            connector: Arc::new(connector),
+            connector,
             proxy_base: crate::proxy::ProxyBase::parse(
                 configuration
                     .get(BASE_URL)
@@ -659,7 +659,7 @@ impl RefreshEngine {
                     .then(|| events::new_event(app, row, events::RECOVERED, None));
                 let committed = app
                     .store
-                    .commit_refreshed_tokens_recovering(
+                    .commit_refreshed_tokens_returning(
                         row.id,
                         &app.replica_id,
                         row.token_version,
@@ -669,13 +669,17 @@ impl RefreshEngine {
                     )
                     .await
                     .map_err(store_error)?;
-                let stored = app
-                    .store
-                    .get_instance_by_id(row.id)
-                    .await
-                    .map_err(store_error)?
-                    .ok_or(RefreshFailure::NotFound)?;
-                if !committed {
+                let was_committed = committed.is_some();
+                let stored = match committed {
+                    Some(stored) => stored,
+                    None => app
+                        .store
+                        .get_instance_by_id(row.id)
+                        .await
+                        .map_err(store_error)?
+                        .ok_or(RefreshFailure::NotFound)?,
+                };
+                if !was_committed {
                     // Our lease ran out and someone else committed: theirs is the token now.
                     let _ = app
                         .store

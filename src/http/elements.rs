@@ -89,6 +89,7 @@ pub async fn get_one(
 pub async fn find(app: &SharedApp, organization_id: i64, key: &str) -> ApiResult<Connector> {
     app.connector(organization_id, key)
         .await?
+        .map(std::sync::Arc::unwrap_or_clone)
         .ok_or_else(|| ApiError::not_found(format!("There is no connector `{key}`")))
 }
 

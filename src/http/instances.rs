@@ -540,7 +540,7 @@ async fn connector_name(app: &App, row: &InstanceRow) -> Option<String> {
         .await
         .ok()
         .flatten()
-        .map(|c| c.name)
+        .map(|c| c.name.clone())
 }
 
 /// The instance `id` of the caller's organization, or 404 exactly as for an id that does not

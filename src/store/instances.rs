@@ -336,6 +336,30 @@ impl Store {
         event: Option<&NewEvent>,
         recovered: Option<&NewEvent>,
     ) -> Result<bool, StoreError> {
+        Ok(self
+            .commit_refreshed_tokens_returning(
+                id,
+                owner,
+                expected_token_version,
+                tokens,
+                event,
+                recovered,
+            )
+            .await?
+            .is_some())
+    }
+
+    /// [`Store::commit_refreshed_tokens_recovering`] answering the committed row (`None` when
+    /// nothing was written), so the refresh needs no read after its write.
+    pub async fn commit_refreshed_tokens_returning(
+        &self,
+        id: i64,
+        owner: &str,
+        expected_token_version: i64,
+        tokens: &TokenUpdate,
+        event: Option<&NewEvent>,
+        recovered: Option<&NewEvent>,
+    ) -> Result<Option<InstanceRow>, StoreError> {
         let mut transaction = self.begin_write().await?;
         let was_failing = match recovered {
             None => false,
@@ -356,7 +380,7 @@ impl Store {
                 matches!(failing, Some(Some(_)))
             }
         };
-        let result = sqlx::query(
+        let sql = format!(
             "UPDATE instances SET access_token_enc = $1, \
              refresh_token_enc = COALESCE($2, refresh_token_enc), token_response_enc = $3, \
              access_expires_at = $4, refresh_expires_at = $5, last_refresh_at = $6, \
@@ -369,25 +393,26 @@ impl Store {
              ELSE refresh_in_flight_since END, \
              refresh_lease_owner = CASE WHEN refresh_lease_owner = $9 THEN NULL \
              ELSE refresh_lease_owner END, \
-             updated_at = $10 WHERE id = $11 AND token_version = $12",
-        )
-        .bind(&tokens.access_token_enc)
-        .bind(&tokens.refresh_token_enc)
-        .bind(&tokens.token_response_enc)
-        .bind(tokens.access_expires_at)
-        .bind(tokens.refresh_expires_at)
-        .bind(tokens.last_refresh_at)
-        .bind(tokens.next_due_at)
-        .bind(&tokens.configuration_json)
-        .bind(owner)
-        .bind(system_now_ms())
-        .bind(id)
-        .bind(expected_token_version)
-        .execute(&mut *transaction)
-        .await?;
-        if result.rows_affected() != 1 {
-            return Ok(false);
-        }
+             updated_at = $10 WHERE id = $11 AND token_version = $12 RETURNING {INSTANCE_COLUMNS}"
+        );
+        let committed = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
+            .bind(&tokens.access_token_enc)
+            .bind(&tokens.refresh_token_enc)
+            .bind(&tokens.token_response_enc)
+            .bind(tokens.access_expires_at)
+            .bind(tokens.refresh_expires_at)
+            .bind(tokens.last_refresh_at)
+            .bind(tokens.next_due_at)
+            .bind(&tokens.configuration_json)
+            .bind(owner)
+            .bind(system_now_ms())
+            .bind(id)
+            .bind(expected_token_version)
+            .fetch_optional(&mut *transaction)
+            .await?;
+        let Some(committed) = committed else {
+            return Ok(None);
+        };
         if let Some(event) = event {
             insert_event_in(&mut transaction, event).await?;
         }
@@ -395,7 +420,7 @@ impl Store {
             insert_event_in(&mut transaction, recovered).await?;
         }
         transaction.commit().await?;
-        Ok(true)
+        Ok(Some(committed))
     }
 
     /// The grant is gone: state `invalid` with the reason and the provider's words, lease and
