@@ -38,7 +38,9 @@ SCALE_ROWS = int(os.environ.get("BENCH_SCALE_ROWS", "1000000"))
 REAL = int(os.environ.get("BENCH_REAL_INSTANCES", "3000"))
 STORM_CALLS = int(os.environ.get("BENCH_STORM_CALLS", "1000"))
 REFRESH_CONCURRENCY = int(os.environ.get("BENCH_REFRESH_CONCURRENCY", "64"))
+# Loopback: no TLS (sqlx would negotiate it by default, and both ends would encrypt).
 PG_URL = os.environ.get("BENCH_PG_URL", "postgres://postgres@127.0.0.1:5432")
+PG_OPTIONS = os.environ.get("BENCH_PG_OPTIONS", "sslmode=disable")
 MASTER_KEY = base64.b64encode(os.urandom(32)).decode()
 OUT = os.path.join(HERE, "out", time.strftime("%Y%m%d-%H%M%S"))
 os.makedirs(OUT, exist_ok=True)
@@ -592,7 +594,7 @@ class PostgresDb:
     def __init__(self):
         self.name = f"tw_bench_{secrets.token_hex(4)}"
         self.admin = PG_URL + "/postgres"
-        self.url = f"{PG_URL}/{self.name}"
+        self.url = f"{PG_URL}/{self.name}" + (f"?{PG_OPTIONS}" if PG_OPTIONS else "")
         self.psql(f"CREATE DATABASE {self.name}", self.admin)
 
     def psql(self, sql, url=None):
