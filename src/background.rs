@@ -263,6 +263,8 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
             continue;
         }
         let now = now_ms();
+        // Read before the claim: see `refresh::Claimed`.
+        let epoch = app.refresh.epoch();
         let claimed = match app
             .store
             .claim_due(now, limit as i64, &app.replica_id, now + LEASE_MS)
@@ -312,7 +314,12 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
                 let (id, version) = (row.id, row.token_version);
                 let outcome = match app
                     .refresh
-                    .refresh(&app, id, Some(version), Some(row))
+                    .refresh(
+                        &app,
+                        id,
+                        Some(version),
+                        Some(crate::refresh::Claimed { row, epoch }),
+                    )
                     .await
                 {
                     Ok(_) => "ok",

@@ -190,6 +190,18 @@ pub struct RefreshEngine {
     /// Instance reads a caller waited for (`get` missing its copy, refresh turns): the hot
     /// path's database work, which stays flat while cached tokens are fresh.
     awaited_reads: AtomicU64,
+    /// Moves whenever this process starts a refresh that is not the scheduler's, or drops a
+    /// copy after a change: a scheduler claim taken before it may be stale (see [`Claimed`]).
+    epoch: AtomicU64,
+}
+
+/// A row the scheduler claimed (its lease held by this replica), and the engine's epoch read
+/// before the claim. While the lease is young and the epoch has not moved, nothing in this
+/// process has refreshed or changed the instance since, and no other replica may (the lease
+/// is ours): the claimed row is current and the refresh starts without another write.
+pub struct Claimed {
+    pub row: InstanceRow,
+    pub epoch: u64,
 }
 
 impl RefreshEngine {
@@ -199,7 +211,13 @@ impl RefreshEngine {
 
     /// Drops the in-memory copy (after a change made through the API).
     pub fn forget(&self, id: i64) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         self.cache.remove(&id);
+    }
+
+    /// See [`Claimed`].
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
     pub fn notify_schedule_changed(&self) {
@@ -376,7 +394,7 @@ impl RefreshEngine {
         app: &SharedApp,
         id: i64,
         observed: Option<i64>,
-        claimed: Option<InstanceRow>,
+        claimed: Option<Claimed>,
     ) -> Result<Arc<CachedInstance>, RefreshFailure> {
         let owned = Arc::clone(app);
         let task = tokio::spawn(async move {
@@ -394,7 +412,7 @@ impl RefreshEngine {
         app: &App,
         id: i64,
         observed: Option<i64>,
-        claimed: Option<InstanceRow>,
+        claimed: Option<Claimed>,
     ) -> Result<Arc<CachedInstance>, RefreshFailure> {
         let flight = Arc::clone(&self.flights.entry(id).or_default());
         let result = {
@@ -413,8 +431,11 @@ impl RefreshEngine {
         app: &App,
         id: i64,
         observed: Option<i64>,
-        claimed: Option<InstanceRow>,
+        claimed: Option<Claimed>,
     ) -> Result<Arc<CachedInstance>, RefreshFailure> {
+        if claimed.is_none() {
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+        }
         let moved_past = |version: i64| observed.is_some_and(|seen| version > seen);
         // A scheduled refresh (a claimed row) keeps no new copy in memory.
         let keep = if claimed.is_some() {
@@ -432,16 +453,20 @@ impl RefreshEngine {
         // The scheduler's claim: make sure the lease is still ours (it may have waited for a
         // permit past the lease's end, and another replica may have taken over).
         let claimed = match claimed {
-            Some(row) => {
+            Some(Claimed { row, epoch }) => {
                 // A claim keeps the start of a flight that never finished (see the store).
                 let claimed_at = row.refresh_lease_until.unwrap_or(i64::MAX) - LEASE_MS;
                 let interrupted = row.refresh_in_flight_since.is_some_and(|t| t < claimed_at);
-                self.awaited_reads.fetch_add(1, Ordering::Relaxed);
-                app.store
-                    .renew_refresh_lease(id, &app.replica_id, now_ms() + LEASE_MS)
-                    .await
-                    .map_err(store_error)?
-                    .map(|row| (row, interrupted))
+                if now_ms() < claimed_at + LEASE_MS / 2 && self.epoch() == epoch {
+                    Some((row, interrupted))
+                } else {
+                    self.awaited_reads.fetch_add(1, Ordering::Relaxed);
+                    app.store
+                        .renew_refresh_lease(id, &app.replica_id, now_ms() + LEASE_MS)
+                        .await
+                        .map_err(store_error)?
+                        .map(|row| (row, interrupted))
+                }
             }
             None => None,
         };
