@@ -77,9 +77,15 @@ pub mod plan {
     /// Rows claimed at most per query.
     pub const BATCH: usize = 64;
 
-    /// How many rows to claim now: as many as there are free slots, at most a batch.
+    /// How many rows to claim now: as many as there are free slots, at most a batch, and
+    /// nothing until a quarter of the slots are free: under load, claiming each freed slot on
+    /// its own made one claim query (and one commit) per refresh.
     pub fn claim_limit(concurrency: usize, running: usize) -> usize {
-        concurrency.saturating_sub(running).min(BATCH)
+        let free = concurrency.saturating_sub(running);
+        if free < (concurrency / 4).max(1) {
+            return 0;
+        }
+        free.min(BATCH)
     }
 
     /// How long to sleep after a claim, from the earliest due time in the store (`None`: no
@@ -180,6 +186,10 @@ pub mod plan {
             assert_eq!(claim_limit(16, 0), 16);
             assert_eq!(claim_limit(16, 10), 6);
             assert_eq!(claim_limit(16, 16), 0);
+            assert_eq!(claim_limit(16, 13), 0, "fewer than a quarter free: wait");
+            assert_eq!(claim_limit(16, 12), 4);
+            assert_eq!(claim_limit(1, 0), 1);
+            assert_eq!(claim_limit(2, 1), 1);
             assert_eq!(claim_limit(16, 20), 0);
             assert_eq!(claim_limit(1000, 0), BATCH);
         }
