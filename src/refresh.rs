@@ -310,25 +310,36 @@ impl RefreshEngine {
             newer.revalidating.store(false, Ordering::Release);
             return Ok(newer);
         }
-        let secrets = open_secrets(app, row).map_err(|e| RefreshFailure::Internal(e.message))?;
-        let configuration = plain_configuration(row);
-        let cached = Arc::new(CachedInstance {
-            id: row.id,
-            organization_id: row.organization_id,
-            connector,
-            proxy_base: crate::proxy::ProxyBase::parse(
+        // A scheduled refresh of an instance no call uses keeps no copy (below), and its
+        // caller only reads the outcome: the copy it gets is the row's state without the
+        // decrypted token or the parsed base, which are not worth making for nobody.
+        let unkept = matches!(keep, Keep::IfPresent) && !self.cache.contains_key(&row.id);
+        let (access_token, proxy_base) = if unkept {
+            (None, Err("a copy that no call uses".to_string()))
+        } else {
+            let secrets =
+                open_secrets(app, row).map_err(|e| RefreshFailure::Internal(e.message))?;
+            let configuration = plain_configuration(row);
+            let base = crate::proxy::ProxyBase::parse(
                 configuration
                     .get(BASE_URL)
                     .and_then(Value::as_str)
                     .unwrap_or_default(),
-            ),
-            bearer: secrets.access_token.as_ref().and_then(|token| {
+            );
+            (secrets.access_token, base)
+        };
+        let cached = Arc::new(CachedInstance {
+            id: row.id,
+            organization_id: row.organization_id,
+            connector,
+            proxy_base,
+            bearer: access_token.as_ref().and_then(|token| {
                 let mut value =
                     axum::http::HeaderValue::try_from(format!("Bearer {}", token.expose())).ok()?;
                 value.set_sensitive(true);
                 Some(value)
             }),
-            access_token: secrets.access_token,
+            access_token,
             token_version: row.token_version,
             access_expires_at: row.access_expires_at,
             last_refresh_at: row.last_refresh_at,
@@ -351,8 +362,15 @@ impl RefreshEngine {
                 self.cache.insert(row.id, Arc::clone(&cached));
             }
             Keep::IfPresent => {
+                // An unkept copy never replaces one a call loaded meanwhile; that one is
+                // dropped instead, so the next call reads the refreshed row.
                 if let Some(mut entry) = self.cache.get_mut(&row.id) {
-                    *entry = Arc::clone(&cached);
+                    if unkept {
+                        drop(entry);
+                        self.cache.remove(&row.id);
+                    } else {
+                        *entry = Arc::clone(&cached);
+                    }
                 }
             }
         }
