@@ -53,6 +53,8 @@ const REVALIDATE_AFTER: Duration = Duration::from_secs(5);
 /// The first step of the transient-failure backoff, and the largest.
 const BACKOFF_BASE_MS: i64 = 2_000;
 const BACKOFF_MAX_MS: i64 = 300_000;
+/// At most this often per connector are backed-off instances made due after a recovery.
+const EXPEDITE_EVERY_MS: i64 = 10_000;
 
 /// What the proxy needs of an instance, decrypted, kept in memory.
 pub struct CachedInstance {
@@ -193,6 +195,9 @@ pub struct RefreshEngine {
     /// Moves whenever this process starts a refresh that is not the scheduler's, or drops a
     /// copy after a change: a scheduler claim taken before it may be stale (see [`Claimed`]).
     epoch: AtomicU64,
+    /// When backed-off instances were last made due, per connector (and organization, for an
+    /// organization's own connector).
+    expedited: DashMap<(Option<i64>, String), i64>,
 }
 
 /// A row the scheduler claimed (its lease held by this replica), and the engine's epoch read
@@ -606,6 +611,47 @@ impl RefreshEngine {
         }
     }
 
+    /// A failing instance refreshed: its provider answers again, so the other instances of
+    /// the connector that back off after the same outage are made due now (at most once per
+    /// connector every [`EXPEDITE_EVERY_MS`]; the scheduler's rate limit spreads them).
+    async fn expedite_backoffs(&self, app: &App, row: &InstanceRow, now: i64) {
+        let organization =
+            (!app.built_in.contains_key(&row.element_key)).then_some(row.organization_id);
+        let scope = (organization, row.element_key.clone());
+        let mut first = false;
+        self.expedited
+            .entry(scope)
+            .and_modify(|last| {
+                if now - *last >= EXPEDITE_EVERY_MS {
+                    *last = now;
+                    first = true;
+                }
+            })
+            .or_insert_with(|| {
+                first = true;
+                now
+            });
+        if !first {
+            return;
+        }
+        match app
+            .store
+            .expedite_backoffs(organization, &row.element_key, now, BACKOFF_MAX_MS)
+            .await
+        {
+            Ok(0) => {}
+            Ok(moved) => {
+                tracing::info!(
+                    connector = %row.element_key,
+                    instances = moved,
+                    "the provider answers again: instances backing off are due now"
+                );
+                self.notify_schedule_changed();
+            }
+            Err(error) => tracing::warn!("expediting backed-off instances: {error}"),
+        }
+    }
+
     /// The provider call and its commit. The lease is held; no connection is.
     async fn call_provider(
         &self,
@@ -734,6 +780,9 @@ impl RefreshEngine {
                     );
                 }
                 tracing::info!(instance = row.id, connector = %connector.key, version = stored.token_version, "token refreshed");
+                if was_committed && row.failing_since.is_some() {
+                    self.expedite_backoffs(app, row, now).await;
+                }
                 Ok(stored)
             }
             Err(error) if error.is_permanent() => {

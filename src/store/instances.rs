@@ -495,6 +495,39 @@ impl Store {
         commit_with_event(transaction, result.rows_affected() == 1, event).await
     }
 
+    /// The provider answers again: instances of the same connector (of `organization_id`, for
+    /// an organization's own connector) waiting out a transient-failure backoff that ends
+    /// within `horizon` become due now, instead of each waiting for its own next step. Reads
+    /// the due index (`instances_due`), so only the rows due within the horizon are looked at.
+    /// Answers how many rows moved.
+    pub async fn expedite_backoffs(
+        &self,
+        organization_id: Option<i64>,
+        element_key: &str,
+        now: i64,
+        horizon: i64,
+    ) -> Result<u64, StoreError> {
+        let scope = match organization_id {
+            Some(_) => " AND organization_id = $5",
+            None => "",
+        };
+        let sql = format!(
+            "UPDATE instances SET backoff_until = NULL, next_due_at = $1, updated_at = $2 \
+             WHERE state = 'valid' AND disabled = 0 AND next_due_at IS NOT NULL \
+             AND next_due_at > $1 AND next_due_at <= $3 AND failing_since IS NOT NULL \
+             AND refresh_lease_owner IS NULL AND element_key = $4{scope}"
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(now)
+            .bind(system_now_ms())
+            .bind(now + horizon)
+            .bind(element_key);
+        if let Some(organization_id) = organization_id {
+            query = query.bind(organization_id);
+        }
+        Ok(query.execute(&self.pool).await?.rows_affected())
+    }
+
     /// Re-authentication: new tokens written as given, state `valid`, reasons, failures and
     /// lease cleared, version bumped; id, Element token, name and tags stay. `event` (e.g.
     /// `instance.reauthenticated`) in the same transaction. Returns the new row, `None` when

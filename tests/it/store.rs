@@ -1473,3 +1473,89 @@ async fn invalidation_and_backoff_are_conditional_on_the_token_version() {
         test.cleanup().await;
     }
 }
+
+/// After an outage, the first instance that refreshes again makes the other instances of the
+/// connector that back off due now: those of the same connector key, in backoff that ends
+/// within the horizon, valid, enabled and not leased; nothing else moves.
+#[tokio::test]
+async fn a_recovery_makes_backed_off_instances_of_the_connector_due_now() {
+    for test in test_stores().await {
+        let store = &test.store;
+        let label = &test.label;
+        let org = organization(store, "A").await;
+        let other_org = organization(store, "B").await;
+        let mut rows = Vec::new();
+        for (owner, name, key) in [
+            (org, "backing-off", "acme"),
+            (org, "far-off", "acme"),
+            (org, "leased", "acme"),
+            (org, "other-connector", "globex"),
+            (other_org, "other-org", "acme"),
+        ] {
+            let mut row = instance(owner, name);
+            row.element_key = key.to_string();
+            row.next_due_at = Some(NOW);
+            store.insert_instance(&row, None).await.unwrap();
+            let backoff = if name == "far-off" {
+                NOW + 900_000
+            } else {
+                NOW + 60_000
+            };
+            assert!(
+                store
+                    .record_transient_failure(row.id, "me", NOW, "503", backoff, None, None)
+                    .await
+                    .unwrap()
+            );
+            rows.push(row);
+        }
+        store
+            .try_acquire_refresh_lease(rows[2].id, "me", NOW + 60_000, NOW + 70_000)
+            .await
+            .unwrap()
+            .unwrap();
+        let now = NOW + 1_000;
+        // An organization's connector: only that organization's instances.
+        let moved = store
+            .expedite_backoffs(Some(org), "acme", now, 300_000)
+            .await
+            .unwrap();
+        assert_eq!(
+            moved, 1,
+            "[{label}] only the one in a near backoff, not leased"
+        );
+        let row = |index: usize| {
+            let (owner, id) = (rows[index].organization_id, rows[index].id);
+            async move { store.get_instance(owner, id).await.unwrap().unwrap() }
+        };
+        let expedited = row(0).await;
+        assert_eq!(expedited.next_due_at, Some(now), "[{label}]");
+        assert_eq!(expedited.backoff_until, None, "[{label}]");
+        assert!(
+            expedited.failing_since.is_some(),
+            "[{label}] still failing until it refreshes"
+        );
+        assert_eq!(
+            row(1).await.next_due_at,
+            Some(NOW + 900_000),
+            "[{label}] beyond the horizon"
+        );
+        assert_eq!(
+            row(3).await.next_due_at,
+            Some(NOW + 60_000),
+            "[{label}] another connector"
+        );
+        assert_eq!(
+            row(4).await.next_due_at,
+            Some(NOW + 60_000),
+            "[{label}] another organization"
+        );
+        // A built-in connector: every organization's instances of it.
+        let moved = store
+            .expedite_backoffs(None, "acme", now, 300_000)
+            .await
+            .unwrap();
+        assert_eq!(moved, 1, "[{label}] the other organization's one");
+        assert_eq!(row(4).await.next_due_at, Some(now), "[{label}]");
+    }
+}
