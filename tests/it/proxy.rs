@@ -372,3 +372,78 @@ async fn every_rejection_shape_refreshes_and_reports_the_providers_words() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// A provider that stops answering is given up: no headers within the provider timeout answer
+/// 504, and an answer whose body stops coming is cut after that long without data, instead of
+/// holding the caller (and a pooled connection) forever.
+#[tokio::test]
+async fn a_provider_that_stalls_is_given_up() {
+    let url = sqlite_database();
+    let sandbox = tokenwarden_sandbox::spawn(
+        crate::harness::loopback(),
+        tokenwarden_sandbox::SandboxConfig::default(),
+    )
+    .await
+    .unwrap();
+    let env = Env::start_with_sandbox("sqlite", &url, sandbox, |config| {
+        config.provider_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    // Answers nothing to `/silent`, and to anything else a head and 7 of 100 promised bytes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                if !seen.starts_with(b"GET /silent") {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+                        .await;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                drop(stream);
+            });
+        }
+    });
+    register_connector(
+        &env,
+        "staller",
+        json!({"baseUrl": format!("http://{addr}/")}),
+    )
+    .await;
+    let created = env.create_instance(&env.org, "staller", "patient").await;
+    let token = created["token"].as_str().unwrap();
+
+    let started = std::time::Instant::now();
+    let (status, body) = env.proxy(&env.org, token, Method::GET, "silent").await;
+    assert_eq!(status, 504, "{body}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+
+    let started = std::time::Instant::now();
+    let response = env
+        .http
+        .get(env.api("/proxy/stalls"))
+        .header("authorization", env.org.through(token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = tokio::time::timeout(std::time::Duration::from_secs(10), response.bytes())
+        .await
+        .expect("the stalled body is cut, not awaited forever");
+    assert!(body.is_err(), "a body cut short is an error: {body:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    env.stop().await;
+    drop_test_database(&url).await;
+}
