@@ -162,6 +162,13 @@ impl App {
         }))
     }
 
+    /// Whose connector `key` is, as seen from `organization_id`: `None` for a built-in one
+    /// (every organization shares its provider), else the organization. Per-connector limits
+    /// and recoveries are kept per this scope.
+    pub fn connector_owner(&self, organization_id: i64, key: &str) -> Option<i64> {
+        (!self.built_in.contains_key(key)).then_some(organization_id)
+    }
+
     /// A connector visible to an organization: built-in, or its own.
     pub async fn connector(
         &self,

@@ -291,10 +291,9 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
             metrics::histogram!("tokenwarden_scheduler_lag_seconds")
                 .record((now - due_at).max(0) as f64 / 1000.0);
             let admission = limiter.as_mut().map(|limiter| {
-                let rate_key = if app.built_in.contains_key(&row.element_key) {
-                    row.element_key.clone()
-                } else {
-                    format!("{}/{}", row.organization_id, row.element_key)
+                let rate_key = match app.connector_owner(row.organization_id, &row.element_key) {
+                    None => row.element_key.clone(),
+                    Some(organization) => format!("{organization}/{}", row.element_key),
                 };
                 limiter.admit(&rate_key, now)
             });

@@ -615,8 +615,7 @@ impl RefreshEngine {
     /// the connector that back off after the same outage are made due now (at most once per
     /// connector every [`EXPEDITE_EVERY_MS`]; the scheduler's rate limit spreads them).
     async fn expedite_backoffs(&self, app: &App, row: &InstanceRow, now: i64) {
-        let organization =
-            (!app.built_in.contains_key(&row.element_key)).then_some(row.organization_id);
+        let organization = app.connector_owner(row.organization_id, &row.element_key);
         let scope = (organization, row.element_key.clone());
         let mut first = false;
         self.expedited

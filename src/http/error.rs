@@ -26,23 +26,18 @@ pub fn current_request_id() -> String {
 fn new_request_id() -> String {
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU64, Ordering};
-    static STATE: OnceLock<(u32, AtomicU64)> = OnceLock::new();
+    static STATE: OnceLock<([u8; 4], AtomicU64)> = OnceLock::new();
     let (prefix, counter) = STATE.get_or_init(|| {
         let bytes = crate::crypto::random_bytes::<12>();
-        let prefix = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-        let start = u64::from_le_bytes(bytes[4..].try_into().expect("8 bytes"));
-        (prefix, AtomicU64::new(start))
+        let start = u64::from_be_bytes(bytes[4..].try_into().expect("8 bytes"));
+        (
+            [bytes[0], bytes[1], bytes[2], bytes[3]],
+            AtomicU64::new(start),
+        )
     });
-    let value = (u128::from(*prefix) << 64) | u128::from(counter.fetch_add(1, Ordering::Relaxed));
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = [0u8; 24];
-    for (index, digit) in out.iter_mut().enumerate() {
-        *digit = DIGITS[((value >> ((23 - index) * 4)) & 0xf) as usize];
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    let count = counter.fetch_add(1, Ordering::Relaxed).to_be_bytes();
+    crate::crypto::hex(&[prefix.as_slice(), count.as_slice()].concat())
 }
-
-const PROXY_PATH: &str = "/elements/api-v2/proxy/";
 
 /// The id of a request: its well-formed `X-Request-Id`, or a new one.
 pub fn request_id_of(headers: &axum::http::HeaderMap) -> String {
@@ -85,7 +80,7 @@ pub async fn request_id_layer(request: Request, next: Next) -> Response {
     let span = tracing::info_span!("request", request_id = %request_id, method = %request.method(), path = %request.uri().path());
     // The proxy answers what the provider answered, untouched; everything else answers errors
     // as JSON, including the router's own 405.
-    let proxied = request.uri().path().starts_with(PROXY_PATH);
+    let proxied = request.uri().path().starts_with(crate::proxy::PROXY_PREFIX);
     let mut response = REQUEST_ID
         .scope(request_id.clone(), {
             use tracing::Instrument;

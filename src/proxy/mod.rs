@@ -249,10 +249,8 @@ async fn proxy(app: &SharedApp, request: Request) -> Result<Response, ApiError> 
         .strip_prefix(PROXY_PREFIX)
         .or_else(|| path.strip_prefix("/proxy/"))
         .unwrap_or("");
-    let (target, host) = match &instance.proxy_base {
-        Ok(base) => (base.join(raw_path, parts.uri.query())?, base.host().clone()),
-        Err(why) => return Err(ApiError::conflict(why.clone())),
-    };
+    let query = parts.uri.query();
+    let mut target = target_of(&instance, raw_path, query)?;
     // Refresh ahead of the call when the connector asks for it.
     let strategy = instance.connector.refresh.strategy;
     let now = now_ms();
@@ -276,6 +274,8 @@ async fn proxy(app: &SharedApp, request: Request) -> Result<Response, ApiError> 
         {
             Ok(fresh) => {
                 usable(&fresh)?;
+                // A refresh may move the base (`oauth.baseUrlFrom`: Salesforce's instance_url).
+                target = target_of(&fresh, raw_path, query)?;
                 instance = fresh;
             }
             // A token that has not expired yet still serves while the provider (or our store)
@@ -290,8 +290,6 @@ async fn proxy(app: &SharedApp, request: Request) -> Result<Response, ApiError> 
     let headers = forwarded_headers(parts.headers);
     let outgoing = Outgoing {
         method: &parts.method,
-        target: &target,
-        host: &host,
         declared_length: declared_length.as_ref(),
     };
     let (first_body, replayable) = match body {
@@ -304,7 +302,15 @@ async fn proxy(app: &SharedApp, request: Request) -> Result<Response, ApiError> 
     } else {
         (headers, None)
     };
-    let first = send(app, &instance, &outgoing, first_headers, first_body).await?;
+    let first = send(
+        app,
+        &instance,
+        &outgoing,
+        &target,
+        first_headers,
+        first_body,
+    )
+    .await?;
     let (first, rejection) = inspect(app, &instance, first).await?;
     let Some(rejection_message) = rejection else {
         return Ok(first);
@@ -320,8 +326,16 @@ async fn proxy(app: &SharedApp, request: Request) -> Result<Response, ApiError> 
     {
         Ok(fresh) => match (replayable, retry_headers) {
             (Some(bytes), Some(headers)) => {
-                let second =
-                    send(app, &fresh, &outgoing, headers, OutgoingBody::Kept(bytes)).await?;
+                let target = target_of(&fresh, raw_path, query)?;
+                let second = send(
+                    app,
+                    &fresh,
+                    &outgoing,
+                    &target,
+                    headers,
+                    OutgoingBody::Kept(bytes),
+                )
+                .await?;
                 Ok(answer(app, second))
             }
             _ => Ok(first),
@@ -373,11 +387,21 @@ fn failure_for_call(failure: RefreshFailure) -> ApiError {
     }
 }
 
+/// Where a call goes with this copy of the instance: the target under its base, and `Host`.
+fn target_of(
+    instance: &CachedInstance,
+    raw_path: &str,
+    query: Option<&str>,
+) -> Result<(Uri, HeaderValue), ApiError> {
+    match &instance.proxy_base {
+        Ok(base) => Ok((base.join(raw_path, query)?, base.host().clone())),
+        Err(why) => Err(ApiError::conflict(why.clone())),
+    }
+}
+
 /// What stays the same between a call and its retry.
 struct Outgoing<'a> {
     method: &'a Method,
-    target: &'a Uri,
-    host: &'a HeaderValue,
     /// The caller's `Content-Length`, passed on with a streamed body.
     declared_length: Option<&'a HeaderValue>,
 }
@@ -386,6 +410,7 @@ async fn send(
     app: &App,
     instance: &CachedInstance,
     outgoing: &Outgoing<'_>,
+    (target, host): &(Uri, HeaderValue),
     mut headers: HeaderMap,
     body: OutgoingBody,
 ) -> Result<axum::http::Response<hyper::body::Incoming>, ApiError> {
@@ -401,7 +426,7 @@ async fn send(
         }
         (None, None) => {}
     }
-    headers.insert(header::HOST, outgoing.host.clone());
+    headers.insert(header::HOST, host.clone());
     let body = match body {
         OutgoingBody::Kept(bytes) => {
             if bytes.is_empty() && outgoing.declared_length.is_none() {
@@ -420,7 +445,7 @@ async fn send(
     };
     let mut request = axum::http::Request::new(body);
     *request.method_mut() = outgoing.method.clone();
-    *request.uri_mut() = outgoing.target.clone();
+    *request.uri_mut() = target.clone();
     *request.headers_mut() = headers;
     // The answer's headers must come within the provider timeout; its body then streams for
     // as long as it keeps coming.
