@@ -447,3 +447,54 @@ async fn a_provider_that_stalls_is_given_up() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// The proxy's hot path bypasses the router's middleware, so it keeps the contract's request
+/// ids by itself: every answer carries `X-Request-Id` (the caller's well-formed one, or a new
+/// one), and an error body's `requestId` is that id.
+#[tokio::test]
+async fn proxied_answers_carry_the_request_id() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "traced")
+        .await;
+    let token = created["token"].as_str().unwrap();
+    let call = |path: &'static str, given: Option<&'static str>| {
+        let mut request = env
+            .http
+            .get(env.api(&format!("/proxy/{path}")))
+            .header("authorization", env.org.through(token));
+        if let Some(id) = given {
+            request = request.header("x-request-id", id);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let id = response.headers()["x-request-id"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            (status, id, body)
+        }
+    };
+    let (status, id, _) = call("api/me", Some("trace-me-1")).await;
+    assert_eq!((status, id.as_str()), (200, "trace-me-1"));
+    let (status, id, _) = call("api/me", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(id.len(), 24, "a new id: {id}");
+    let (other_status, other, _) = call("api/me", None).await;
+    assert_eq!(other_status, 200);
+    assert_ne!(id, other, "each call its own id");
+    // An error answered by the proxy itself: the body's requestId is the header's.
+    let (status, id, body) = call("api%5cx", Some("bad-path-7")).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(id, "bad-path-7");
+    assert_eq!(body["requestId"], "bad-path-7", "{body}");
+    let (status, id, body) = call("api%5cx", Some("not a valid id!")).await;
+    assert_eq!(status, 400);
+    assert_ne!(id, "not a valid id!", "a malformed id is replaced");
+    assert_eq!(body["requestId"], id.as_str(), "{body}");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
