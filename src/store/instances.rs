@@ -8,12 +8,28 @@ use super::{
     TokenUpdate, flag, system_now_ms,
 };
 
-const INSTANCE_COLUMNS: &str = "id, organization_id, element_key, name, token_hash, token_enc, \
+pub(super) const INSTANCE_COLUMNS: &str = "id, organization_id, element_key, name, token_hash, token_enc, \
      tags, configuration, access_token_enc, refresh_token_enc, token_response_enc, \
      client_secret_enc, state, state_reason, provider_message, disabled, token_version, \
      access_expires_at, refresh_expires_at, last_refresh_at, next_due_at, refresh_lease_owner, \
      refresh_lease_until, refresh_in_flight_since, failing_since, failure_count, backoff_until, \
      last_failure, verification, created_by, created_at, updated_at";
+
+/// The assignments and compare-and-swap of a commit of refreshed tokens: $1 to $8 the new
+/// token fields, $9 the lease owner, $10 the time, $11 the id, $12 the expected token version.
+const REFRESHED_SET: &str = "access_token_enc = $1, \
+         refresh_token_enc = COALESCE($2, refresh_token_enc), token_response_enc = $3, \
+         access_expires_at = $4, refresh_expires_at = $5, last_refresh_at = $6, \
+         next_due_at = $7, configuration = COALESCE($8, configuration), \
+         token_version = token_version + 1, \
+         failing_since = NULL, failure_count = 0, backoff_until = NULL, last_failure = NULL, \
+         refresh_lease_until = CASE WHEN refresh_lease_owner = $9 THEN NULL \
+         ELSE refresh_lease_until END, \
+         refresh_in_flight_since = CASE WHEN refresh_lease_owner = $9 THEN NULL \
+         ELSE refresh_in_flight_since END, \
+         refresh_lease_owner = CASE WHEN refresh_lease_owner = $9 THEN NULL \
+         ELSE refresh_lease_owner END, \
+         updated_at = $10 WHERE id = $11 AND token_version = $12";
 
 /// The conditions under which the scheduler may claim a row. `state = 'valid' AND disabled = 0`
 /// is spelled as in the partial index `instances_due` so that both engines use it.
@@ -360,6 +376,32 @@ impl Store {
         event: Option<&NewEvent>,
         recovered: Option<&NewEvent>,
     ) -> Result<Option<InstanceRow>, StoreError> {
+        let set = REFRESHED_SET;
+        if self.engine == Engine::Postgres && recovered.is_none() {
+            // The usual refresh on PostgreSQL: grouped with the commits waiting beside it (see
+            // the `commits` module), or one statement of its own.
+            if let Some(queue) = &self.commits {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                let pending = super::commits::PendingCommit {
+                    id,
+                    owner: owner.to_string(),
+                    expected_token_version,
+                    tokens: tokens.clone(),
+                    event: event.cloned(),
+                    reply,
+                };
+                if queue.send(pending).is_ok() {
+                    return answer.await.unwrap_or_else(|_| {
+                        Err(StoreError::Database(
+                            "the commit was dropped before an answer".to_string(),
+                        ))
+                    });
+                }
+            }
+            return self
+                .commit_refreshed_single(id, owner, expected_token_version, tokens, event)
+                .await;
+        }
         let mut transaction = self.begin_write().await?;
         let was_failing = match recovered {
             None => false,
@@ -380,21 +422,7 @@ impl Store {
                 matches!(failing, Some(Some(_)))
             }
         };
-        let sql = format!(
-            "UPDATE instances SET access_token_enc = $1, \
-             refresh_token_enc = COALESCE($2, refresh_token_enc), token_response_enc = $3, \
-             access_expires_at = $4, refresh_expires_at = $5, last_refresh_at = $6, \
-             next_due_at = $7, configuration = COALESCE($8, configuration), \
-             token_version = token_version + 1, \
-             failing_since = NULL, failure_count = 0, backoff_until = NULL, last_failure = NULL, \
-             refresh_lease_until = CASE WHEN refresh_lease_owner = $9 THEN NULL \
-             ELSE refresh_lease_until END, \
-             refresh_in_flight_since = CASE WHEN refresh_lease_owner = $9 THEN NULL \
-             ELSE refresh_in_flight_since END, \
-             refresh_lease_owner = CASE WHEN refresh_lease_owner = $9 THEN NULL \
-             ELSE refresh_lease_owner END, \
-             updated_at = $10 WHERE id = $11 AND token_version = $12 RETURNING {INSTANCE_COLUMNS}"
-        );
+        let sql = format!("UPDATE instances SET {set} RETURNING {INSTANCE_COLUMNS}");
         let committed = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
             .bind(&tokens.access_token_enc)
             .bind(&tokens.refresh_token_enc)
@@ -421,6 +449,58 @@ impl Store {
         }
         transaction.commit().await?;
         Ok(Some(committed))
+    }
+
+    /// A commit of refreshed tokens on PostgreSQL as one statement: the compare-and-swap and
+    /// its event in one implicit transaction, one round trip (BEGIN, UPDATE, INSERT and COMMIT
+    /// apart cost the database more than the rows; see bench/RESULTS.md).
+    pub(super) async fn commit_refreshed_single(
+        &self,
+        id: i64,
+        owner: &str,
+        expected_token_version: i64,
+        tokens: &TokenUpdate,
+        event: Option<&NewEvent>,
+    ) -> Result<Option<InstanceRow>, StoreError> {
+        let set = REFRESHED_SET;
+        let sql = match event {
+            Some(_) => format!(
+                "WITH updated AS (UPDATE instances SET {set} RETURNING {INSTANCE_COLUMNS}), \
+                 logged AS (INSERT INTO events (id, organization_id, instance_id, \
+                 element_key, event_type, reason, occurred_at, payload, delivery_state, \
+                 attempts, next_attempt_at) SELECT $13::text, $14::bigint, $15::bigint, \
+                 $16::text, $17::text, $18::text, $19::bigint, $20::text, $21::text, 0, \
+                 $22::bigint FROM updated) SELECT * FROM updated"
+            ),
+            None => format!("UPDATE instances SET {set} RETURNING {INSTANCE_COLUMNS}"),
+        };
+        let mut query = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
+            .bind(&tokens.access_token_enc)
+            .bind(&tokens.refresh_token_enc)
+            .bind(&tokens.token_response_enc)
+            .bind(tokens.access_expires_at)
+            .bind(tokens.refresh_expires_at)
+            .bind(tokens.last_refresh_at)
+            .bind(tokens.next_due_at)
+            .bind(&tokens.configuration_json)
+            .bind(owner)
+            .bind(system_now_ms())
+            .bind(id)
+            .bind(expected_token_version);
+        if let Some(event) = event {
+            query = query
+                .bind(&event.id)
+                .bind(event.organization_id)
+                .bind(event.instance_id)
+                .bind(&event.element_key)
+                .bind(&event.event_type)
+                .bind(&event.reason)
+                .bind(event.occurred_at)
+                .bind(&event.payload)
+                .bind(event.delivery_state.as_str())
+                .bind(event.next_attempt_at);
+        }
+        Ok(query.fetch_optional(&self.pool).await?)
     }
 
     /// The grant is gone: state `invalid` with the reason and the provider's words, lease and

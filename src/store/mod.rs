@@ -132,6 +132,8 @@ impl Default for StoreOptions {
 pub struct Store {
     pool: AnyPool,
     engine: Engine,
+    /// PostgreSQL: the group commit of refreshed tokens (see `commits`).
+    commits: Option<commits::CommitQueue>,
 }
 
 /// The system clock in epoch milliseconds, for `updated_at` bookkeeping only.
@@ -184,7 +186,15 @@ impl Store {
             Engine::Postgres => &POSTGRES_MIGRATOR,
         };
         migrator.run(&pool).await?;
-        Ok(Store { pool, engine })
+        let mut store = Store {
+            pool,
+            engine,
+            commits: None,
+        };
+        if engine == Engine::Postgres {
+            store.commits = Some(commits::CommitQueue::start(store.clone()));
+        }
+        Ok(store)
     }
 
     /// Creates the SQLite file when missing and switches it to WAL (a property of the file,
@@ -222,6 +232,14 @@ impl Store {
     /// The pool, for health checks. All SQL belongs in this module.
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// Refreshed-token commits that went out grouped with others (PostgreSQL's group commit;
+    /// always 0 on SQLite).
+    pub fn grouped_commits(&self) -> u64 {
+        self.commits
+            .as_ref()
+            .map_or(0, commits::CommitQueue::grouped)
     }
 
     pub async fn close(&self) {
@@ -589,5 +607,6 @@ async fn insert_user(
     Ok(())
 }
 
+mod commits;
 mod events;
 mod instances;

@@ -789,6 +789,151 @@ async fn token_commit_is_compare_and_swap_with_its_event() {
     }
 }
 
+const GROUP: usize = 40;
+
+fn group_update(n: usize) -> TokenUpdate {
+    TokenUpdate {
+        access_token_enc: Some(bytes(&format!("access-{n}"))),
+        refresh_token_enc: (n % 2 == 0).then(|| bytes(&format!("refresh-{n}"))),
+        token_response_enc: Some(bytes(&format!("response-{n}"))),
+        access_expires_at: Some(NOW + n as i64),
+        refresh_expires_at: None,
+        last_refresh_at: Some(NOW),
+        next_due_at: Some(NOW + 1_000 + n as i64),
+        configuration_json: None,
+    }
+}
+
+/// Every fifth commit of a round presents a stale version.
+fn stale(n: usize) -> bool {
+    n % 5 == 4
+}
+
+/// Commits a new token set to every row at once, each with its event; commit 17's event gets
+/// the id `taken` when given.
+async fn commit_round(
+    store: &Store,
+    org: i64,
+    rows: &[InstanceRow],
+    taken: Option<&str>,
+) -> Vec<Result<Option<InstanceRow>, StoreError>> {
+    futures_util::future::join_all(rows.iter().enumerate().map(|(n, row)| {
+        let mut refreshed = event(org, row.id, "instance.token.refreshed", NOW);
+        if n == 17
+            && let Some(taken) = taken
+        {
+            refreshed.id = taken.to_string();
+        }
+        let version = row.token_version - i64::from(stale(n));
+        async move {
+            store
+                .commit_refreshed_tokens_returning(
+                    row.id,
+                    "me",
+                    version,
+                    &group_update(n),
+                    Some(&refreshed),
+                    None,
+                )
+                .await
+        }
+    }))
+    .await
+}
+
+/// Commits made at the same moment: PostgreSQL groups them in one statement (each row keeps its
+/// own compare-and-swap and its own event); a batch with a bad commit in it is retried one by
+/// one, so only that commit fails. SQLite commits each in its own transaction: same outcome.
+#[tokio::test]
+async fn concurrent_token_commits_each_keep_their_compare_and_swap() {
+    for test in test_stores().await {
+        let store = &test.store;
+        let label = &test.label;
+        let org = organization(store, "A").await;
+        let mut rows = Vec::new();
+        for n in 0..GROUP {
+            let row = instance(org, &format!("group-{n}"));
+            store.insert_instance(&row, None).await.unwrap();
+            rows.push(store.get_instance(org, row.id).await.unwrap().unwrap());
+        }
+        let results = commit_round(store, org, &rows, None).await;
+        for (n, (row, result)) in rows.iter().zip(&results).enumerate() {
+            let committed = result.as_ref().unwrap();
+            let after = store.get_instance(org, row.id).await.unwrap().unwrap();
+            if stale(n) {
+                assert!(committed.is_none(), "{label}: commit {n} was stale");
+                assert_eq!(after.token_version, row.token_version, "{label}");
+                assert_eq!(after.access_token_enc, Some(bytes("access-1")), "{label}");
+                assert!(
+                    events_of(store, org, row.id).await.is_empty(),
+                    "{label}: {n}"
+                );
+            } else {
+                let committed = committed.as_ref().expect("committed");
+                assert_eq!(committed, &after, "{label}: the answer is the stored row");
+                assert_eq!(after.token_version, row.token_version + 1, "{label}");
+                assert_eq!(after.access_token_enc, Some(bytes(&format!("access-{n}"))));
+                let refresh = if n % 2 == 0 {
+                    format!("refresh-{n}")
+                } else {
+                    "refresh-1".to_string()
+                };
+                assert_eq!(after.refresh_token_enc, Some(bytes(&refresh)), "{label}");
+                assert_eq!(after.next_due_at, Some(NOW + 1_000 + n as i64));
+                assert_eq!(
+                    events_of(store, org, row.id).await,
+                    ["instance.token.refreshed"],
+                    "{label}: {n}"
+                );
+            }
+        }
+        if store.engine() == Engine::Postgres {
+            assert!(
+                store.grouped_commits() > 0,
+                "{label}: concurrent commits went out grouped"
+            );
+        }
+
+        // A second round in which commit 17's event id is already taken: that commit fails
+        // and writes nothing; every other one is as if it had been alone.
+        let taken = store
+            .list_events(
+                org,
+                &EventFilter {
+                    limit: 1,
+                    ..EventFilter::default()
+                },
+            )
+            .await
+            .unwrap()[0]
+            .id
+            .clone();
+        let mut before = Vec::new();
+        for row in &rows {
+            before.push(store.get_instance(org, row.id).await.unwrap().unwrap());
+        }
+        let rows = before;
+        let results = commit_round(store, org, &rows, Some(&taken)).await;
+        for (n, (row, result)) in rows.iter().zip(&results).enumerate() {
+            let after = store.get_instance(org, row.id).await.unwrap().unwrap();
+            if n == 17 {
+                assert!(
+                    matches!(result, Err(StoreError::Conflict(_))),
+                    "{label}: {result:?}"
+                );
+                assert_eq!(after.token_version, row.token_version, "{label}");
+            } else if stale(n) {
+                assert!(result.as_ref().unwrap().is_none(), "{label}: {n}");
+                assert_eq!(after.token_version, row.token_version, "{label}");
+            } else {
+                assert!(result.as_ref().unwrap().is_some(), "{label}: {n}");
+                assert_eq!(after.token_version, row.token_version + 1, "{label}");
+            }
+        }
+        test.cleanup().await;
+    }
+}
+
 #[tokio::test]
 async fn failures_invalidation_and_reauthentication() {
     for test in test_stores().await {

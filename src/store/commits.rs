@@ -1,0 +1,296 @@
+//! Group commit of refreshed tokens on PostgreSQL.
+//!
+//! A refresh ends with a compare-and-swap of the instance's tokens and its
+//! `instance.token.refreshed` event. Alone, that is one statement and one transaction per
+//! refresh, and at a few thousand refreshes a second PostgreSQL spends more on starting
+//! statements and flushing commits than on the rows (see bench/RESULTS.md). Here the commits
+//! that wait at the same moment go out as one statement: one `UPDATE … FROM (VALUES …)` whose
+//! rows each keep their own compare-and-swap, and the events of the rows it updated, in one
+//! transaction. Nobody waits for a batch to fill: a commit goes at once when a slot is free,
+//! and commits queue only while [`CONCURRENT_BATCHES`] are already running.
+//!
+//! A caller learns its result only after the transaction committed, so a rotated refresh token
+//! is as durable as with a statement of its own. When a batch fails, each of its commits is
+//! retried alone, so one bad row cannot fail the others.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::events::prefixed;
+use super::instances::INSTANCE_COLUMNS;
+use super::{InstanceRow, NewEvent, Store, StoreError, TokenUpdate};
+
+/// The most commits in one statement.
+const MAX_BATCH: usize = 32;
+/// Batches running at once (each on its own pooled connection).
+const CONCURRENT_BATCHES: usize = 4;
+/// Parameters per commit and per event in the statement.
+const COMMIT_PARAMETERS: usize = 12;
+const EVENT_PARAMETERS: usize = 11;
+
+pub(super) struct PendingCommit {
+    pub id: i64,
+    pub owner: String,
+    pub expected_token_version: i64,
+    pub tokens: TokenUpdate,
+    pub event: Option<NewEvent>,
+    pub reply: oneshot::Sender<Result<Option<InstanceRow>, StoreError>>,
+}
+
+/// The queue in front of the committing task.
+#[derive(Clone)]
+pub(super) struct CommitQueue {
+    sender: mpsc::UnboundedSender<PendingCommit>,
+    /// Commits that went out in a statement with others.
+    grouped: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for CommitQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CommitQueue")
+    }
+}
+
+impl CommitQueue {
+    /// Starts the committing task on the current runtime. `store` must have no queue of its
+    /// own: the task ends when every store that sends to it is gone.
+    pub fn start(store: Store) -> CommitQueue {
+        let (sender, mut receiver) = mpsc::unbounded_channel::<PendingCommit>();
+        let grouped = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&grouped);
+        tokio::spawn(async move {
+            let permits = Arc::new(Semaphore::new(CONCURRENT_BATCHES));
+            loop {
+                let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                    break;
+                };
+                let Some(first) = receiver.recv().await else {
+                    break;
+                };
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match receiver.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let store = store.clone();
+                let counter = Arc::clone(&counter);
+                tokio::spawn(async move {
+                    let grouped = store.commit_batch(batch).await;
+                    counter.fetch_add(grouped as u64, Ordering::Relaxed);
+                    drop(permit);
+                });
+            }
+        });
+        CommitQueue { sender, grouped }
+    }
+
+    /// How many commits went out in a statement with others, since the start.
+    pub fn grouped(&self) -> u64 {
+        self.grouped.load(Ordering::Relaxed)
+    }
+
+    /// Queues a commit; `Err` gives it back when the task is gone.
+    pub fn send(&self, pending: PendingCommit) -> Result<(), PendingCommit> {
+        self.sender.send(pending).map_err(|error| error.0)
+    }
+}
+
+/// The smallest of 1, 2, 4, … 32 that holds `n`: statements come in a few shapes, each
+/// prepared once per connection; the rest of a shape is padded with rows that match nothing.
+fn shape(n: usize) -> usize {
+    n.next_power_of_two().min(MAX_BATCH)
+}
+
+/// `(VALUES (…), (…))` rows: `used` with parameters from `$first` on, the rest NULL.
+fn values_rows(types: &[&str], used: usize, total: usize, first: usize) -> String {
+    let mut rows = Vec::with_capacity(total);
+    let mut next = first;
+    for row in 0..total {
+        let cells: Vec<String> = types
+            .iter()
+            .map(|ty| {
+                if row < used {
+                    next += 1;
+                    format!("${}::{ty}", next - 1)
+                } else {
+                    format!("NULL::{ty}")
+                }
+            })
+            .collect();
+        rows.push(format!("({})", cells.join(", ")));
+    }
+    rows.join(", ")
+}
+
+const COMMIT_TYPES: [&str; COMMIT_PARAMETERS] = [
+    "bigint", "bigint", "text", "bytea", "bytea", "bytea", "bigint", "bigint", "bigint", "bigint",
+    "text", "bigint",
+];
+const EVENT_TYPES: [&str; EVENT_PARAMETERS] = [
+    "bigint", "text", "bigint", "bigint", "text", "text", "text", "bigint", "text", "text",
+    "bigint",
+];
+
+/// The statement for `commits` commits (padded to `rows`) and `events` events (padded to
+/// `rows`, or none).
+fn batch_sql(commits: usize, events: usize, rows: usize) -> String {
+    let updated = format!(
+        "v (id, expected, owner, access_enc, refresh_enc, response_enc, access_exp, \
+         refresh_exp, last_refresh, next_due, configuration, now) AS (VALUES {}), \
+         updated AS (UPDATE instances AS i SET access_token_enc = v.access_enc, \
+         refresh_token_enc = COALESCE(v.refresh_enc, i.refresh_token_enc), \
+         token_response_enc = v.response_enc, access_expires_at = v.access_exp, \
+         refresh_expires_at = v.refresh_exp, last_refresh_at = v.last_refresh, \
+         next_due_at = v.next_due, configuration = COALESCE(v.configuration, i.configuration), \
+         token_version = i.token_version + 1, failing_since = NULL, failure_count = 0, \
+         backoff_until = NULL, last_failure = NULL, \
+         refresh_lease_until = CASE WHEN i.refresh_lease_owner = v.owner THEN NULL \
+         ELSE i.refresh_lease_until END, \
+         refresh_in_flight_since = CASE WHEN i.refresh_lease_owner = v.owner THEN NULL \
+         ELSE i.refresh_in_flight_since END, \
+         refresh_lease_owner = CASE WHEN i.refresh_lease_owner = v.owner THEN NULL \
+         ELSE i.refresh_lease_owner END, \
+         updated_at = v.now FROM v WHERE i.id = v.id AND i.token_version = v.expected \
+         RETURNING {})",
+        values_rows(&COMMIT_TYPES, commits, rows, 1),
+        prefixed("i", INSTANCE_COLUMNS),
+    );
+    if events == 0 {
+        return format!("WITH {updated} SELECT * FROM updated");
+    }
+    format!(
+        "WITH {updated}, e (for_id, id, organization_id, instance_id, element_key, event_type, \
+         reason, occurred_at, payload, delivery_state, next_attempt_at) AS (VALUES {}), \
+         logged AS (INSERT INTO events (id, organization_id, instance_id, element_key, \
+         event_type, reason, occurred_at, payload, delivery_state, attempts, next_attempt_at) \
+         SELECT e.id, e.organization_id, e.instance_id, e.element_key, e.event_type, e.reason, \
+         e.occurred_at, e.payload, e.delivery_state, 0, e.next_attempt_at \
+         FROM e JOIN updated ON updated.id = e.for_id) \
+         SELECT * FROM updated",
+        values_rows(&EVENT_TYPES, events, rows, 1 + commits * COMMIT_PARAMETERS),
+    )
+}
+
+impl Store {
+    /// Commits `batch` in one statement and answers each commit; see the module. Answers how
+    /// many went out together.
+    async fn commit_batch(&self, batch: Vec<PendingCommit>) -> usize {
+        // One row per instance in a statement: a second commit of the same instance (not made
+        // by the refresh engine, which refreshes an instance once at a time) goes alone.
+        let mut seen = HashSet::with_capacity(batch.len());
+        let (batch, alone): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|pending| seen.insert(pending.id));
+        for pending in alone {
+            self.commit_alone(pending).await;
+        }
+        if batch.len() == 1 {
+            let pending = batch.into_iter().next().expect("one commit");
+            self.commit_alone(pending).await;
+            return 0;
+        }
+        let rows = shape(batch.len());
+        let events = batch.iter().filter(|p| p.event.is_some()).count();
+        let sql = batch_sql(batch.len(), events, rows);
+        let mut query = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql));
+        let now = super::system_now_ms();
+        for pending in &batch {
+            let tokens = &pending.tokens;
+            query = query
+                .bind(pending.id)
+                .bind(pending.expected_token_version)
+                .bind(pending.owner.as_str())
+                .bind(tokens.access_token_enc.as_deref())
+                .bind(tokens.refresh_token_enc.as_deref())
+                .bind(tokens.token_response_enc.as_deref())
+                .bind(tokens.access_expires_at)
+                .bind(tokens.refresh_expires_at)
+                .bind(tokens.last_refresh_at)
+                .bind(tokens.next_due_at)
+                .bind(tokens.configuration_json.as_deref())
+                .bind(now);
+        }
+        for pending in &batch {
+            if let Some(event) = &pending.event {
+                query = query
+                    .bind(pending.id)
+                    .bind(event.id.as_str())
+                    .bind(event.organization_id)
+                    .bind(event.instance_id)
+                    .bind(event.element_key.as_deref())
+                    .bind(event.event_type.as_str())
+                    .bind(event.reason.as_deref())
+                    .bind(event.occurred_at)
+                    .bind(event.payload.as_str())
+                    .bind(event.delivery_state.as_str())
+                    .bind(event.next_attempt_at);
+            }
+        }
+        match query.fetch_all(&self.pool).await {
+            Ok(committed) => {
+                let grouped = batch.len();
+                let mut committed: std::collections::HashMap<i64, InstanceRow> =
+                    committed.into_iter().map(|row| (row.id, row)).collect();
+                for pending in batch {
+                    let _ = pending.reply.send(Ok(committed.remove(&pending.id)));
+                }
+                grouped
+            }
+            Err(error) => {
+                tracing::warn!(
+                    commits = batch.len(),
+                    "a batch of token commits failed ({}); committing each alone",
+                    StoreError::from(error)
+                );
+                for pending in batch {
+                    self.commit_alone(pending).await;
+                }
+                0
+            }
+        }
+    }
+
+    async fn commit_alone(&self, pending: PendingCommit) {
+        let result = self
+            .commit_refreshed_single(
+                pending.id,
+                &pending.owner,
+                pending.expected_token_version,
+                &pending.tokens,
+                pending.event.as_ref(),
+            )
+            .await;
+        let _ = pending.reply.send(result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_are_powers_of_two_up_to_the_batch_limit() {
+        assert_eq!([1, 2, 3, 4, 5, 17, 32].map(shape), [1, 2, 4, 4, 8, 32, 32]);
+    }
+
+    #[test]
+    fn parameters_are_numbered_across_commits_and_events() {
+        let sql = batch_sql(2, 1, 4);
+        // 2 commits x 12 parameters, then 1 event x 11 from $25 to $35; padded rows are NULL.
+        assert!(sql.contains("$24::bigint)"), "{sql}");
+        assert!(sql.contains("($25::bigint, $26::text"), "{sql}");
+        assert!(sql.contains("$35::bigint)"), "{sql}");
+        assert!(!sql.contains("$36"), "{sql}");
+        assert_eq!(
+            sql.matches("(NULL::bigint, NULL::bigint, NULL::text")
+                .count(),
+            2
+        );
+        assert!(!batch_sql(3, 0, 4).contains("INSERT INTO events"));
+    }
+}
