@@ -84,7 +84,7 @@ pub struct App {
     pub http: reqwest::Client,
     /// The proxy's client (hyper's, used straight): no total timeout, so bodies of any length
     /// stream; see [`crate::proxy::client`].
-    pub proxy_http: crate::proxy::client::ProxyClient,
+    pub proxy_http: std::sync::Arc<crate::proxy::client::ProxyClient>,
     /// The catalog, shared: a refresh or a cached instance takes a reference, not a copy.
     pub built_in: BTreeMap<String, Arc<Connector>>,
     /// A name for this process in refresh leases, unique per start.
@@ -143,7 +143,8 @@ impl App {
             .collect();
         let http = build_http_client(config.provider_timeout)?;
         crate::telemetry::install_metrics();
-        let proxy_http = crate::proxy::client::build().map_err(StartupError::Http)?;
+        let proxy_http =
+            std::sync::Arc::new(crate::proxy::client::build().map_err(StartupError::Http)?);
         Ok(Arc::new(App {
             proxy_http,
             // Token calls get the configured provider timeout (the client's default is 30 s).

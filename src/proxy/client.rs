@@ -1,34 +1,69 @@
-//! The proxy's outbound client: hyper's pooled client, used straight.
+//! The proxy's outbound client: hyper's HTTP/1.1 connections in a pool of our own.
 //!
-//! reqwest (which the token, revocation and webhook calls use) parses every URL again, converts
-//! it, and wraps each call in layers the proxy does not need; on the proxy's hot path that cost
-//! more than the proxying itself. Here the target arrives as an `http::Uri` built from the
-//! instance's base parsed once, and bodies pass through as they are.
+//! reqwest (which the token, revocation and webhook calls use) parses every URL again and wraps
+//! each call in layers the proxy does not need, and hyper-util's pooled client hashes the
+//! target's authority twice per call and spawns a task per answer to put the connection back;
+//! on the proxy's hot path each cost more than the proxying itself. Here the target arrives as
+//! an `http::Uri` built from the instance's base parsed once, with a key for its origin
+//! computed then; a connection is taken from the origin's idle list and goes back there when
+//! the answer's body has been read to its end (see [`IdleTimeout`]), so a call costs two short
+//! lock holds and no task.
 //!
 //! What it keeps of the service's outbound rules: names resolved through the egress guard (no
-//! link-local or metadata address), redirects never followed (the client does not follow
-//! them), TLS by rustls with the platform's roots, HTTP/2 where the provider offers it,
-//! `TCP_NODELAY`, a connect timeout, and an idle timeout on the answer's body: a provider that
-//! stops sending for that long is given up, however long the whole body takes.
+//! link-local or metadata address), redirects never followed, TLS by rustls with the
+//! platform's roots, `TCP_NODELAY`, a connect timeout, and an idle timeout on the answer's body:
+//! a provider that stops sending for that long is given up, however long the whole body takes.
+//! Connections speak HTTP/1.1, as nginx's `proxy_pass` does: every provider speaks it, and a
+//! connection per call in flight is what the pool keeps anyway. A pooled connection that the
+//! provider closed meanwhile is noticed before the request goes out, and the request goes on
+//! a new connection instead.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
+use axum::http::uri::{Authority, PathAndQuery, Scheme};
+use axum::http::{Request, Response, Uri};
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::dns::Name;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-pub type ProxyClient = Client<hyper_rustls::HttpsConnector<HttpConnector<GuardedNames>>, Body>;
+type Connector = hyper_rustls::HttpsConnector<HttpConnector<GuardedNames>>;
+
+/// Idle connections kept per origin.
+const MAX_IDLE_PER_ORIGIN: usize = 256;
+/// An idle connection older than this is closed rather than used.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often idle lists are swept of closed and old connections.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// The proxy's connections to providers.
+pub struct ProxyClient {
+    connector: Connector,
+    idle: Mutex<IdleLists>,
+}
+
+struct IdleLists {
+    origins: HashMap<u64, Origin, super::PrehashedKeys>,
+    swept: Instant,
+}
+
+/// One origin's idle connections, newest last.
+struct Origin {
+    https: bool,
+    authority: Authority,
+    connections: Vec<(SendRequest<Body>, Instant)>,
+}
 
 /// Builds the proxy's client.
 pub fn build() -> Result<ProxyClient, String> {
@@ -44,14 +79,190 @@ pub fn build() -> Result<ProxyClient, String> {
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .enable_http2()
         .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(256)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector))
+    Ok(ProxyClient {
+        connector,
+        idle: Mutex::new(IdleLists {
+            origins: HashMap::default(),
+            swept: Instant::now(),
+        }),
+    })
+}
+
+/// Why a call did not get an answer.
+#[derive(Debug)]
+pub enum CallError {
+    /// No connection could be made.
+    Connect(BoxError),
+    /// The connection failed during the exchange.
+    Exchange(hyper::Error),
+}
+
+impl CallError {
+    /// In words, without addresses beyond what the error itself says.
+    pub fn message(&self) -> String {
+        let (kind, chain) = match self {
+            CallError::Connect(error) => (
+                "the connection failed",
+                crate::oauth::error_chain(error.as_ref()),
+            ),
+            CallError::Exchange(error) => ("the request failed", crate::oauth::error_chain(error)),
+        };
+        crate::oauth::cut_text(&format!("{kind}: {chain}"), 300)
+    }
+}
+
+/// A connection lent to one call: back to its origin's idle list when the answer's body has
+/// been read to its end, closed otherwise.
+pub struct Lease {
+    client: Arc<ProxyClient>,
+    key: u64,
+    https: bool,
+    authority: Authority,
+    sender: SendRequest<Body>,
+}
+
+impl ProxyClient {
+    /// Sends `request` (an absolute URI) on a pooled or new connection to its origin, `key`
+    /// being the origin's key ([`super::ProxyBase::origin_key`]).
+    pub async fn request(
+        self: &Arc<Self>,
+        key: u64,
+        mut request: Request<Body>,
+    ) -> Result<(Response<Incoming>, Lease), CallError> {
+        let parts = std::mem::take(request.uri_mut()).into_parts();
+        let https = parts.scheme.as_ref() == Some(&Scheme::HTTPS);
+        let Some(authority) = parts.authority else {
+            return Err(CallError::Connect("the target has no host".into()));
+        };
+        // HTTP/1.1 to an origin server: the request line carries the path only.
+        *request.uri_mut() = Uri::from(
+            parts
+                .path_and_query
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        loop {
+            let (mut sender, pooled) = match self.take(key, https, &authority) {
+                Some(sender) => (sender, true),
+                None => (self.connect(https, &authority).await?, false),
+            };
+            if sender.ready().await.is_err() {
+                if pooled {
+                    continue;
+                }
+                return Err(CallError::Connect(
+                    "the new connection closed at once".into(),
+                ));
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    let lease = Lease {
+                        client: Arc::clone(self),
+                        key,
+                        https,
+                        authority,
+                        sender,
+                    };
+                    return Ok((response, lease));
+                }
+                Err(mut error) => match error.take_message() {
+                    // The pooled connection was closed before the request went out: it goes
+                    // on another one, unsent and whole.
+                    Some(unsent) if pooled => request = unsent,
+                    _ => return Err(CallError::Exchange(error.into_error())),
+                },
+            }
+        }
+    }
+
+    fn take(&self, key: u64, https: bool, authority: &Authority) -> Option<SendRequest<Body>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let origin = idle.origins.get_mut(&key)?;
+        // Keys are hashes: a collision of two origins is not a match.
+        if origin.https != https || origin.authority != *authority {
+            return None;
+        }
+        while let Some((sender, since)) = origin.connections.pop() {
+            if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn give_back(
+        &self,
+        lease_key: u64,
+        https: bool,
+        authority: Authority,
+        sender: SendRequest<Body>,
+    ) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if now.duration_since(idle.swept) > SWEEP_EVERY {
+            idle.swept = now;
+            idle.origins.retain(|_, origin| {
+                origin.connections.retain(|(sender, since)| {
+                    !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT
+                });
+                !origin.connections.is_empty()
+            });
+        }
+        let origin = idle.origins.entry(lease_key).or_insert_with(|| Origin {
+            https,
+            authority: authority.clone(),
+            connections: Vec::new(),
+        });
+        if origin.https == https
+            && origin.authority == authority
+            && origin.connections.len() < MAX_IDLE_PER_ORIGIN
+        {
+            origin.connections.push((sender, now));
+        }
+    }
+
+    async fn connect(
+        &self,
+        https: bool,
+        authority: &Authority,
+    ) -> Result<SendRequest<Body>, CallError> {
+        use tower::ServiceExt;
+        let scheme = if https { "https" } else { "http" };
+        let uri: Uri = format!("{scheme}://{authority}/")
+            .parse()
+            .map_err(|error: axum::http::uri::InvalidUri| CallError::Connect(error.into()))?;
+        let io = self
+            .connector
+            .clone()
+            .oneshot(uri)
+            .await
+            .map_err(CallError::Connect)?;
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .handshake::<_, Body>(io)
+            .await
+            .map_err(CallError::Exchange)?;
+        tokio::spawn(async move {
+            // A connection's end (the provider closing it, a broken body) is seen by its lease.
+            let _ = connection.await;
+        });
+        Ok(sender)
+    }
+}
+
+impl Lease {
+    fn give_back(self) {
+        let Lease {
+            client,
+            key,
+            https,
+            authority,
+            sender,
+        } = self;
+        client.give_back(key, https, authority, sender);
+    }
 }
 
 /// Name resolution through the egress guard (see [`crate::egress`]).
@@ -77,20 +288,34 @@ impl tower::Service<Name> for GuardedNames {
 
 /// A provider's answer body, given up when no data comes for `idle`. The timer is only set
 /// while the body waits, so a body that is already there costs none.
+///
+/// It also holds the connection's [`Lease`]: the connection goes back to the pool as soon as
+/// the body has ended (a caller may stop polling at `is_end_stream` and drop the body), and is
+/// closed with the body otherwise.
 pub struct IdleTimeout {
     inner: Incoming,
     idle: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     waiting: bool,
+    lease: Option<Lease>,
 }
 
 impl IdleTimeout {
-    pub fn new(inner: Incoming, idle: Duration) -> Self {
+    pub fn new(inner: Incoming, idle: Duration, lease: Option<Lease>) -> Self {
         IdleTimeout {
             inner,
             idle,
             timer: None,
             waiting: false,
+            lease,
+        }
+    }
+
+    fn give_back_when_ended(&mut self) {
+        if self.inner.is_end_stream()
+            && let Some(lease) = self.lease.take()
+        {
+            lease.give_back();
         }
     }
 
@@ -115,6 +340,16 @@ impl HttpBody for IdleTimeout {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 this.waiting = false;
+                match &frame {
+                    Some(Ok(_)) => this.give_back_when_ended(),
+                    None => {
+                        if let Some(lease) = this.lease.take() {
+                            lease.give_back();
+                        }
+                    }
+                    // A broken body: the connection goes with it.
+                    Some(Err(_)) => this.lease = None,
+                }
                 Poll::Ready(frame.map(|result| result.map_err(BoxError::from)))
             }
             Poll::Pending => {
@@ -150,13 +385,9 @@ impl HttpBody for IdleTimeout {
     }
 }
 
-/// A transport failure in words, without addresses beyond what the error itself says.
-pub fn failure_message(error: &hyper_util::client::legacy::Error) -> String {
-    let chain = crate::oauth::error_chain(error);
-    let kind = if error.is_connect() {
-        "the connection failed"
-    } else {
-        "the request failed"
-    };
-    crate::oauth::cut_text(&format!("{kind}: {chain}"), 300)
+impl Drop for IdleTimeout {
+    fn drop(&mut self) {
+        // An answer without a body (a 204, a HEAD) or one its reader stopped at the end of.
+        self.give_back_when_ended();
+    }
 }

@@ -387,17 +387,32 @@ fn failure_for_call(failure: RefreshFailure) -> ApiError {
     }
 }
 
-/// Where a call goes with this copy of the instance: the target under its base, and `Host`.
+/// Where a call goes with this copy of the instance.
+struct Target {
+    /// The target under the instance's base.
+    uri: Uri,
+    host: HeaderValue,
+    /// The origin's key in the client's pool.
+    origin_key: u64,
+}
+
 fn target_of(
     instance: &CachedInstance,
     raw_path: &str,
     query: Option<&str>,
-) -> Result<(Uri, HeaderValue), ApiError> {
+) -> Result<Target, ApiError> {
     match &instance.proxy_base {
-        Ok(base) => Ok((base.join(raw_path, query)?, base.host().clone())),
+        Ok(base) => Ok(Target {
+            uri: base.join(raw_path, query)?,
+            host: base.host().clone(),
+            origin_key: base.origin_key(),
+        }),
         Err(why) => Err(ApiError::conflict(why.clone())),
     }
 }
+
+/// The provider's answer, and the connection it came on.
+type Answered = (axum::http::Response<hyper::body::Incoming>, client::Lease);
 
 /// What stays the same between a call and its retry.
 struct Outgoing<'a> {
@@ -410,10 +425,10 @@ async fn send(
     app: &App,
     instance: &CachedInstance,
     outgoing: &Outgoing<'_>,
-    (target, host): &(Uri, HeaderValue),
+    target: &Target,
     mut headers: HeaderMap,
     body: OutgoingBody,
-) -> Result<axum::http::Response<hyper::body::Incoming>, ApiError> {
+) -> Result<Answered, ApiError> {
     match (&instance.bearer, &instance.access_token) {
         (Some(bearer), _) => {
             headers.insert(header::AUTHORIZATION, bearer.clone());
@@ -426,7 +441,7 @@ async fn send(
         }
         (None, None) => {}
     }
-    headers.insert(header::HOST, host.clone());
+    headers.insert(header::HOST, target.host.clone());
     let body = match body {
         OutgoingBody::Kept(bytes) => {
             if bytes.is_empty() && outgoing.declared_length.is_none() {
@@ -445,12 +460,15 @@ async fn send(
     };
     let mut request = axum::http::Request::new(body);
     *request.method_mut() = outgoing.method.clone();
-    *request.uri_mut() = target.clone();
+    *request.uri_mut() = target.uri.clone();
     *request.headers_mut() = headers;
     // The answer's headers must come within the provider timeout; its body then streams for
     // as long as it keeps coming.
-    let answered =
-        tokio::time::timeout(app.config.provider_timeout, app.proxy_http.request(request)).await;
+    let answered = tokio::time::timeout(
+        app.config.provider_timeout,
+        app.proxy_http.request(target.origin_key, request),
+    )
+    .await;
     let Ok(answered) = answered else {
         return Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
@@ -463,19 +481,16 @@ async fn send(
     answered.map_err(|error| {
         ApiError::new(
             StatusCode::BAD_GATEWAY,
-            format!(
-                "The provider could not be reached: {}",
-                client::failure_message(&error)
-            ),
+            format!("The provider could not be reached: {}", error.message()),
         )
     })
 }
 
 /// The provider's answer as ours: hop-by-hop headers removed, the body streamed through.
-fn answer(app: &App, response: axum::http::Response<hyper::body::Incoming>) -> Response {
+fn answer(app: &App, (response, lease): Answered) -> Response {
     let (mut parts, body) = response.into_parts();
     strip(&mut parts.headers, &[]);
-    let body = client::IdleTimeout::new(body, app.config.provider_timeout).into_body();
+    let body = client::IdleTimeout::new(body, app.config.provider_timeout, Some(lease)).into_body();
     Response::from_parts(parts, body)
 }
 
@@ -483,8 +498,9 @@ fn answer(app: &App, response: axum::http::Response<hyper::body::Incoming>) -> R
 async fn inspect(
     app: &App,
     instance: &CachedInstance,
-    response: axum::http::Response<hyper::body::Incoming>,
+    answered: Answered,
 ) -> Result<(Response, Option<String>), ApiError> {
+    let response = &answered.0;
     let status = response.status();
     let rejection = &instance.connector.rejection;
     let maybe_rejected = rejection.statuses.contains(&status.as_u16())
@@ -496,7 +512,7 @@ async fn inspect(
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.contains("json"))
         });
-    let response = answer(app, response);
+    let response = answer(app, answered);
     if !maybe_rejected {
         return Ok((response, None));
     }

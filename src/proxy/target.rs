@@ -24,6 +24,8 @@ pub struct ProxyBase {
     host: axum::http::HeaderValue,
     /// The base path without its trailing slash: `""` for `https://api.example.com/`.
     path: String,
+    /// The origin's key in the client's pool of connections: a hash of scheme and authority.
+    origin_key: u64,
 }
 
 impl ProxyBase {
@@ -52,15 +54,22 @@ impl ProxyBase {
             .map_err(|_| invalid())?;
         let parts = parsed.into_parts();
         let authority = parts.authority.ok_or_else(invalid)?;
+        let scheme = parts.scheme.ok_or_else(invalid)?;
         Ok(ProxyBase {
-            scheme: parts.scheme.ok_or_else(invalid)?,
+            origin_key: origin_key(&scheme, &authority),
             host: axum::http::HeaderValue::from_str(authority.as_str()).map_err(|_| invalid())?,
+            scheme,
             authority,
             path,
         })
     }
 
     /// The `Host` header of calls under this base.
+    /// The origin's key in the client's pool of connections.
+    pub fn origin_key(&self) -> u64 {
+        self.origin_key
+    }
+
     pub fn host(&self) -> &axum::http::HeaderValue {
         &self.host
     }
@@ -87,6 +96,15 @@ impl ProxyBase {
             Some(PathAndQuery::from_maybe_shared(joined).map_err(|_| invalid())?);
         Uri::from_parts(parts).map_err(|_| invalid())
     }
+}
+
+/// A hash of scheme and authority, keyed per process (the pool compares the authority too).
+fn origin_key(scheme: &Scheme, authority: &Authority) -> u64 {
+    use std::hash::BuildHasher;
+    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    KEYS.get_or_init(Default::default)
+        .hash_one((scheme.as_str(), authority.as_str()))
 }
 
 fn refuse(why: &str) -> ApiError {

@@ -498,3 +498,124 @@ async fn proxied_answers_carry_the_request_id() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// Connections to a provider are kept and reused (one connection for calls one after another,
+/// also after an answer without a body), a connection the provider closed is not used again,
+/// and concurrent calls each get a connection of their own. The provider here is a stranger's
+/// HTTP/1.1 server written by hand: it counts the connections it accepts and answers each
+/// request with the connection's number and the request's number on it.
+#[tokio::test]
+async fn provider_connections_are_reused_and_closed_ones_are_not() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let connection = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buffer = [0u8; 4096];
+                for request in 1.. {
+                    let end = loop {
+                        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break end + 4;
+                        }
+                        match stream.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buffer[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&seen[..end]).to_string();
+                    seen.drain(..end);
+                    let body = format!(r#"{{"connection":{connection},"request":{request}}}"#);
+                    let answer = if head.starts_with("GET /empty") {
+                        "HTTP/1.1 204 No Content\r\n\r\n".to_string()
+                    } else if head.starts_with("HEAD ") {
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
+                    } else {
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                    };
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    if head.starts_with("GET /hang-up") {
+                        // As a provider's keep-alive timeout does: closed without a word.
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    register_connector(
+        &env,
+        "keeper",
+        json!({"baseUrl": format!("http://{addr}/")}),
+    )
+    .await;
+    let created = env.create_instance(&env.org, "keeper", "reuse").await;
+    let token = created["token"].as_str().unwrap();
+
+    for request in 1..=4 {
+        let (status, body) = env.proxy(&env.org, token, Method::GET, "data").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body, json!({"connection": 1, "request": request}));
+    }
+    let head = env
+        .http
+        .head(env.api("/proxy/data"))
+        .header("authorization", env.org.through(token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    let (status, _) = env.proxy(&env.org, token, Method::GET, "empty").await;
+    assert_eq!(status, 204);
+    let (status, body) = env.proxy(&env.org, token, Method::GET, "data").await;
+    assert_eq!(
+        (status, &body),
+        (200, &json!({"connection": 1, "request": 7}))
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection so far");
+
+    // The provider hangs up after an answer: the next call goes on a new connection.
+    let (status, body) = env.proxy(&env.org, token, Method::GET, "hang-up").await;
+    assert_eq!(
+        (status, &body),
+        (200, &json!({"connection": 1, "request": 8}))
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let (status, body) = env.proxy(&env.org, token, Method::GET, "data").await;
+    assert_eq!(
+        (status, &body),
+        (200, &json!({"connection": 2, "request": 1}))
+    );
+
+    // Calls at the same time: one connection each at most, every answer its own.
+    let calls = (0..8).map(|_| env.proxy(&env.org, token, Method::GET, "data"));
+    let answers = futures_util::future::join_all(calls).await;
+    let mut pairs: Vec<(u64, u64)> = answers
+        .iter()
+        .map(|(status, body)| {
+            assert_eq!(*status, 200, "{body}");
+            (
+                body["connection"].as_u64().unwrap(),
+                body["request"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    pairs.sort();
+    pairs.dedup();
+    assert_eq!(pairs.len(), 8, "no answer given twice: {pairs:?}");
+    assert!(accepted.load(Ordering::SeqCst) <= 2 + 8);
+    env.stop().await;
+    drop_test_database(&url).await;
+}
