@@ -64,12 +64,12 @@ impl ProxyBase {
         })
     }
 
-    /// The `Host` header of calls under this base.
     /// The origin's key in the client's pool of connections.
     pub fn origin_key(&self) -> u64 {
         self.origin_key
     }
 
+    /// The `Host` header of calls under this base.
     pub fn host(&self) -> &axum::http::HeaderValue {
         &self.host
     }
