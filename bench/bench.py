@@ -571,6 +571,10 @@ class SqliteDb:
                 timings.append((time.perf_counter() - began) * 1000)
             return median(timings), len(rows), plan
 
+    def rows(self, sql):
+        with self.connect() as c:
+            return [tuple(row) for row in c.execute(sql).fetchall()]
+
     def make_due(self, ids, when):
         with self.connect() as c:
             c.execute("BEGIN IMMEDIATE")
@@ -627,6 +631,16 @@ class PostgresDb:
                           or "Seq Scan" in line)
         count = len(self.psql(sql).split())
         return median(timings), count, plan
+
+    def rows(self, sql):
+        """Rows as tuples of text (None for NULL), like the SQLite class's."""
+        out = subprocess.run(["psql", self.url, "-X", "-q", "-A", "-t", "-F", "\x1f", "-P",
+                              "null=\x1e", "-v", "ON_ERROR_STOP=1", "-c", sql],
+                             capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            raise SystemExit(f"psql: {out.stderr.strip()}")
+        return [tuple(None if v == "\x1e" else v for v in line.split("\x1f"))
+                for line in out.stdout.splitlines() if line]
 
     def make_due(self, ids, when):
         self.psql(f"UPDATE instances SET next_due_at = {when} WHERE id IN ({','.join(ids)})")
@@ -825,16 +839,16 @@ CHAOS_INSTANCES = int(os.environ.get("BENCH_CHAOS_INSTANCES", "200"))
 CHAOS_GRACE = int(os.environ.get("BENCH_CHAOS_GRACE", "120"))
 
 
-def chaos_run(grace):
+def chaos_run(grace, engine="sqlite"):
     import random
-    label = f"grace {grace}s" if grace else "no grace"
+    label = f"{engine}, grace {grace}s" if grace else f"{engine}, no grace"
     sandbox = Sandbox(f"chaos-g{grace}-sandbox")
     status, _ = http("PUT", sandbox.url + "/__sandbox/profiles/generic",
                      {"rotateRefreshTokens": True, "refreshReuseGraceSeconds": grace,
                       "revokeGrantOnReuse": True})
     assert status == 200, status
-    db = SqliteDb(os.path.join(OUT, f"chaos-g{grace}.db"))
-    service = Service(f"chaos-g{grace}", db.url, sandbox)
+    db = PostgresDb() if engine == "postgres" else SqliteDb(os.path.join(OUT, f"chaos-g{grace}.db"))
+    service = Service(f"chaos-{engine}-g{grace}", db.url, sandbox)
     made = service.create_instances("sandbox-generic", CHAOS_INSTANCES, 16)
     ids = [i for i, _ in made]
     ids_file = os.path.join(OUT, f"chaos-g{grace}-ids.txt")
@@ -855,9 +869,8 @@ def chaos_run(grace):
         except subprocess.TimeoutExpired:
             storm.kill()
             storm.wait()
-        with db.connect() as c:
-            in_flight = {r[0] for r in c.execute(
-                "SELECT id FROM instances WHERE refresh_in_flight_since IS NOT NULL")}
+        in_flight = {int(r[0]) for r in db.rows(
+            "SELECT id FROM instances WHERE refresh_in_flight_since IS NOT NULL")}
         fresh_cuts = in_flight - interrupted
         interrupted |= in_flight
         log(f"  chaos {label}: cycle {cycle + 1}/{CHAOS_CYCLES}: killed with {len(in_flight)} "
@@ -866,23 +879,22 @@ def chaos_run(grace):
     # Leases of the killed processes expire (45 s), then the recovery task finishes them.
     deadline = time.time() + 150
     while time.time() < deadline:
-        with db.connect() as c:
-            left = c.execute("SELECT COUNT(*) FROM instances WHERE "
-                             "refresh_in_flight_since IS NOT NULL").fetchone()[0]
+        left = int(db.rows("SELECT COUNT(*) FROM instances WHERE "
+                           "refresh_in_flight_since IS NOT NULL")[0][0])
         if left == 0:
             break
         time.sleep(2)
-    with db.connect() as c:
-        marks = ",".join(ids)
-        states = dict(c.execute(f"SELECT state, COUNT(*) FROM instances WHERE id IN ({marks}) "
-                                "GROUP BY state").fetchall())
-        no_reason = c.execute(f"SELECT COUNT(*) FROM instances WHERE id IN ({marks}) AND "
-                              "state = 'invalid' AND (state_reason IS NULL OR state_reason = '')"
-                              ).fetchone()[0]
-        reasons = c.execute(f"SELECT state_reason, COUNT(*) FROM instances WHERE id IN ({marks}) "
-                            "AND state = 'invalid' GROUP BY state_reason").fetchall()
-        valid_ids = [str(r[0]) for r in c.execute(
-            f"SELECT id FROM instances WHERE id IN ({marks}) AND state = 'valid'")]
+    marks = ",".join(ids)
+    states = {k: int(v) for k, v in db.rows(
+        f"SELECT state, COUNT(*) FROM instances WHERE id IN ({marks}) GROUP BY state")}
+    no_reason = int(db.rows(f"SELECT COUNT(*) FROM instances WHERE id IN ({marks}) AND "
+                            "state = 'invalid' AND (state_reason IS NULL OR state_reason = '')"
+                            )[0][0])
+    reasons = [(r, int(n)) for r, n in db.rows(
+        f"SELECT state_reason, COUNT(*) FROM instances WHERE id IN ({marks}) "
+        "AND state = 'invalid' GROUP BY state_reason")]
+    valid_ids = [str(r[0]) for r in db.rows(
+        f"SELECT id FROM instances WHERE id IN ({marks}) AND state = 'valid'")]
     # Every instance the service calls valid must really work: a refresh with its stored refresh
     # token, then a call through it. One that fails is silently broken.
     silently_broken = 0
@@ -895,6 +907,7 @@ def chaos_run(grace):
         if status != 200 or call != 200:
             silently_broken += 1
     stop_all()
+    db.drop()
     return {"label": label, "instances": len(ids), "interrupted": len(interrupted),
             "valid": states.get("valid", 0), "invalid": states.get("invalid", 0),
             "no_reason": no_reason, "silently_broken": silently_broken,
@@ -903,7 +916,13 @@ def chaos_run(grace):
 
 def bench_chaos():
     context = machine_context("chaos")
-    results = [chaos_run(0), chaos_run(CHAOS_GRACE)]
+    engines = ["sqlite"]
+    if subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", "5432"],
+                      capture_output=True).returncode == 0:
+        engines.append("postgres")  # its token commits go out grouped: the same checks
+    runs = [(engine, key, chaos_run(grace, engine)) for engine in engines
+            for key, grace in (("no_grace", 0), ("grace", CHAOS_GRACE))]
+    results = [r for _, _, r in runs]
     table(f"chaos: {CHAOS_CYCLES} x kill -9 of serve during refresh storms (64 concurrent "
           f"refreshes), rotating provider revoking the grant on reuse  [{context}]",
           ["provider", "instances", "instances cut mid-refresh", "valid", "invalid", "invalid w/o reason",
@@ -911,11 +930,12 @@ def bench_chaos():
           [(r["label"], r["instances"], r["interrupted"], r["valid"], r["invalid"], r["no_reason"],
             r["silently_broken"], 0 if r["recovered"] else "some", json.dumps(r["reasons"]))
            for r in results])
-    for r, key in zip(results, ("no_grace", "grace")):
-        figure(f"chaos_{key}_invalid", r["invalid"], "target 0 with grace")
-        figure(f"chaos_{key}_invalid_without_reason", r["no_reason"], "target 0")
-        figure(f"chaos_{key}_silently_broken", r["silently_broken"], "target 0")
-        figure(f"chaos_{key}_refreshes_cut", r["interrupted"])
+    for engine, key, r in runs:
+        prefix = "chaos" if engine == "sqlite" else f"chaos_{engine}"
+        figure(f"{prefix}_{key}_invalid", r["invalid"], "target 0 with grace")
+        figure(f"{prefix}_{key}_invalid_without_reason", r["no_reason"], "target 0")
+        figure(f"{prefix}_{key}_silently_broken", r["silently_broken"], "target 0")
+        figure(f"{prefix}_{key}_refreshes_cut", r["interrupted"])
 
 
 # ---------------------------------------------------------------------------------------------
