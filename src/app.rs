@@ -259,6 +259,10 @@ fn checked(url: String) -> Result<String, String> {
     }
 }
 
+/// The wall clock in epoch milliseconds. (Not `OffsetDateTime::now_utc`: it works out the
+/// calendar date on every call, and the proxy asks the time on every call.)
 pub fn now_ms() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as i64)
 }

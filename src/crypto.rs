@@ -319,12 +319,13 @@ pub fn new_id() -> i64 {
 
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut text = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        text.push(DIGITS[(byte >> 4) as usize] as char);
-        text.push(DIGITS[(byte & 0xf) as usize] as char);
-    }
-    text
+    // Bytes first, then one check: pushing `char`s encodes each one (request ids are made per
+    // proxied call).
+    let text: Vec<u8> = bytes
+        .iter()
+        .flat_map(|byte| [DIGITS[(byte >> 4) as usize], DIGITS[(byte & 0xf) as usize]])
+        .collect();
+    String::from_utf8(text).expect("hex digits are ASCII")
 }
 
 #[cfg(test)]

@@ -178,8 +178,9 @@ impl ProxyClient {
     fn take(&self, key: u64, https: bool, authority: &Authority) -> Option<SendRequest<Body>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let origin = idle.origins.get_mut(&key)?;
-        // Keys are hashes: a collision of two origins is not a match.
-        if origin.https != https || origin.authority != *authority {
+        // Keys are hashes: a collision of two origins is not a match. (Bytes compared:
+        // `Authority`'s own equality ignores case byte by byte, and both come normalized.)
+        if origin.https != https || origin.authority.as_str() != authority.as_str() {
             return None;
         }
         while let Some((sender, since)) = origin.connections.pop() {
@@ -217,7 +218,7 @@ impl ProxyClient {
             connections: Vec::new(),
         });
         if origin.https == https
-            && origin.authority == authority
+            && origin.authority.as_str() == authority.as_str()
             && origin.connections.len() < MAX_IDLE_PER_ORIGIN
         {
             origin.connections.push((sender, now));
