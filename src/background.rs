@@ -421,6 +421,7 @@ async fn recovery(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
         // Memory follows what calls use: idle in-memory copies go.
         app.refresh.evict_idle(IDLE_CACHE_EVICTION);
         app.auth_cache.evict_idle(IDLE_CACHE_EVICTION);
+        app.proxy_http.sweep_idle();
         tokio::select! {
             () = tokio::time::sleep(RECOVERY_INTERVAL) => {}
             _ = shutdown.changed() => break,

@@ -191,26 +191,35 @@ impl ProxyClient {
         None
     }
 
+    /// Puts a connection whose answer has ended back in its origin's idle list. One that cannot
+    /// take the next request yet (it still sends the request's body: an answer may end before
+    /// an upload has, a 413 say) is put back only once it can, by a task of its own; a pooled
+    /// connection is always ready for the next call.
     fn give_back(
-        &self,
+        self: Arc<Self>,
         lease_key: u64,
         https: bool,
         authority: Authority,
-        sender: SendRequest<Body>,
+        mut sender: SendRequest<Body>,
     ) {
         if sender.is_closed() {
+            return;
+        }
+        if !sender.is_ready() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    if let Ok(Ok(())) = tokio::time::timeout(IDLE_TIMEOUT, sender.ready()).await {
+                        self.give_back(lease_key, https, authority, sender);
+                    }
+                });
+            }
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         if now.duration_since(idle.swept) > SWEEP_EVERY {
             idle.swept = now;
-            idle.origins.retain(|_, origin| {
-                origin.connections.retain(|(sender, since)| {
-                    !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT
-                });
-                !origin.connections.is_empty()
-            });
+            sweep(&mut idle);
         }
         let origin = idle.origins.entry(lease_key).or_insert_with(|| Origin {
             https,
@@ -223,6 +232,14 @@ impl ProxyClient {
         {
             origin.connections.push((sender, now));
         }
+    }
+
+    /// Closes idle connections that are too old or that the provider closed (the background
+    /// loop calls this, so they go also when no call comes any more).
+    pub fn sweep_idle(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.swept = Instant::now();
+        sweep(&mut idle);
     }
 
     async fn connect(
@@ -251,6 +268,15 @@ impl ProxyClient {
         });
         Ok(sender)
     }
+}
+
+fn sweep(idle: &mut IdleLists) {
+    idle.origins.retain(|_, origin| {
+        origin
+            .connections
+            .retain(|(sender, since)| !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT);
+        !origin.connections.is_empty()
+    });
 }
 
 impl Lease {

@@ -100,26 +100,23 @@ impl CommitQueue {
     }
 }
 
-/// The smallest of 1, 2, 4, … 32 that holds `n`: statements come in a few shapes, each
-/// prepared once per connection; the rest of a shape is padded with rows that match nothing.
+/// The smallest of 1, 2, 4, … 32 that holds `n`: statements come in a few shapes (the text
+/// depends only on the shape and on whether there are events), each prepared once per
+/// connection; the rest of a shape is rows of NULL parameters, which match nothing.
 fn shape(n: usize) -> usize {
     n.next_power_of_two().min(MAX_BATCH)
 }
 
-/// `(VALUES (…), (…))` rows: `used` with parameters from `$first` on, the rest NULL.
-fn values_rows(types: &[&str], used: usize, total: usize, first: usize) -> String {
+/// `total` rows of `(VALUES (…), (…))` parameters, numbered from `$first` on.
+fn values_rows(types: &[&str], total: usize, first: usize) -> String {
     let mut rows = Vec::with_capacity(total);
     let mut next = first;
-    for row in 0..total {
+    for _ in 0..total {
         let cells: Vec<String> = types
             .iter()
             .map(|ty| {
-                if row < used {
-                    next += 1;
-                    format!("${}::{ty}", next - 1)
-                } else {
-                    format!("NULL::{ty}")
-                }
+                next += 1;
+                format!("${}::{ty}", next - 1)
             })
             .collect();
         rows.push(format!("({})", cells.join(", ")));
@@ -136,9 +133,8 @@ const EVENT_TYPES: [&str; EVENT_PARAMETERS] = [
     "bigint",
 ];
 
-/// The statement for `commits` commits (padded to `rows`) and `events` events (padded to
-/// `rows`, or none).
-fn batch_sql(commits: usize, events: usize, rows: usize) -> String {
+/// The statement for `rows` commits and, when `with_events`, `rows` events (padding included).
+fn batch_sql(rows: usize, with_events: bool) -> String {
     let updated = format!(
         "v (id, expected, owner, access_enc, refresh_enc, response_enc, access_exp, \
          refresh_exp, last_refresh, next_due, configuration, now) AS (VALUES {}), \
@@ -157,10 +153,10 @@ fn batch_sql(commits: usize, events: usize, rows: usize) -> String {
          ELSE i.refresh_lease_owner END, \
          updated_at = v.now FROM v WHERE i.id = v.id AND i.token_version = v.expected \
          RETURNING {})",
-        values_rows(&COMMIT_TYPES, commits, rows, 1),
+        values_rows(&COMMIT_TYPES, rows, 1),
         prefixed("i", INSTANCE_COLUMNS),
     );
-    if events == 0 {
+    if !with_events {
         return format!("WITH {updated} SELECT * FROM updated");
     }
     format!(
@@ -172,7 +168,7 @@ fn batch_sql(commits: usize, events: usize, rows: usize) -> String {
          e.occurred_at, e.payload, e.delivery_state, 0, e.next_attempt_at \
          FROM e JOIN updated ON updated.id = e.for_id) \
          SELECT * FROM updated",
-        values_rows(&EVENT_TYPES, events, rows, 1 + commits * COMMIT_PARAMETERS),
+        values_rows(&EVENT_TYPES, rows, 1 + rows * COMMIT_PARAMETERS),
     )
 }
 
@@ -181,30 +177,37 @@ impl Store {
     /// many went out together.
     async fn commit_batch(&self, batch: Vec<PendingCommit>) -> usize {
         // One row per instance in a statement: a second commit of the same instance (not made
-        // by the refresh engine, which refreshes an instance once at a time) goes alone.
+        // by the refresh engine, which refreshes an instance once at a time) goes alone, after
+        // the batch, in the order they came.
         let mut seen = HashSet::with_capacity(batch.len());
-        let (batch, alone): (Vec<_>, Vec<_>) = batch
+        let (batch, later): (Vec<_>, Vec<_>) = batch
             .into_iter()
             .partition(|pending| seen.insert(pending.id));
-        for pending in alone {
-            self.commit_alone(pending).await;
-        }
-        if batch.len() == 1 {
+        let grouped = if batch.len() == 1 {
             let pending = batch.into_iter().next().expect("one commit");
             self.commit_alone(pending).await;
-            return 0;
+            0
+        } else {
+            self.commit_together(batch).await
+        };
+        for pending in later {
+            self.commit_alone(pending).await;
         }
+        grouped
+    }
+
+    async fn commit_together(&self, batch: Vec<PendingCommit>) -> usize {
         let rows = shape(batch.len());
-        let events = batch.iter().filter(|p| p.event.is_some()).count();
-        let sql = batch_sql(batch.len(), events, rows);
+        let with_events = batch.iter().any(|p| p.event.is_some());
+        let sql = batch_sql(rows, with_events);
         let mut query = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql));
         let now = super::system_now_ms();
         for pending in &batch {
             let tokens = &pending.tokens;
             query = query
-                .bind(pending.id)
-                .bind(pending.expected_token_version)
-                .bind(pending.owner.as_str())
+                .bind(Some(pending.id))
+                .bind(Some(pending.expected_token_version))
+                .bind(Some(pending.owner.as_str()))
                 .bind(tokens.access_token_enc.as_deref())
                 .bind(tokens.refresh_token_enc.as_deref())
                 .bind(tokens.token_response_enc.as_deref())
@@ -213,22 +216,55 @@ impl Store {
                 .bind(tokens.last_refresh_at)
                 .bind(tokens.next_due_at)
                 .bind(tokens.configuration_json.as_deref())
-                .bind(now);
+                .bind(Some(now));
         }
-        for pending in &batch {
-            if let Some(event) = &pending.event {
+        for _ in batch.len()..rows {
+            query = query
+                .bind(None::<i64>)
+                .bind(None::<i64>)
+                .bind(None::<&str>)
+                .bind(None::<&[u8]>)
+                .bind(None::<&[u8]>)
+                .bind(None::<&[u8]>)
+                .bind(None::<i64>)
+                .bind(None::<i64>)
+                .bind(None::<i64>)
+                .bind(None::<i64>)
+                .bind(None::<&str>)
+                .bind(None::<i64>);
+        }
+        if with_events {
+            let mut bound = 0;
+            for pending in &batch {
+                if let Some(event) = &pending.event {
+                    bound += 1;
+                    query = query
+                        .bind(Some(pending.id))
+                        .bind(Some(event.id.as_str()))
+                        .bind(Some(event.organization_id))
+                        .bind(event.instance_id)
+                        .bind(event.element_key.as_deref())
+                        .bind(Some(event.event_type.as_str()))
+                        .bind(event.reason.as_deref())
+                        .bind(Some(event.occurred_at))
+                        .bind(Some(event.payload.as_str()))
+                        .bind(Some(event.delivery_state.as_str()))
+                        .bind(event.next_attempt_at);
+                }
+            }
+            for _ in bound..rows {
                 query = query
-                    .bind(pending.id)
-                    .bind(event.id.as_str())
-                    .bind(event.organization_id)
-                    .bind(event.instance_id)
-                    .bind(event.element_key.as_deref())
-                    .bind(event.event_type.as_str())
-                    .bind(event.reason.as_deref())
-                    .bind(event.occurred_at)
-                    .bind(event.payload.as_str())
-                    .bind(event.delivery_state.as_str())
-                    .bind(event.next_attempt_at);
+                    .bind(None::<i64>)
+                    .bind(None::<&str>)
+                    .bind(None::<i64>)
+                    .bind(None::<i64>)
+                    .bind(None::<&str>)
+                    .bind(None::<&str>)
+                    .bind(None::<&str>)
+                    .bind(None::<i64>)
+                    .bind(None::<&str>)
+                    .bind(None::<&str>)
+                    .bind(None::<i64>);
             }
         }
         match query.fetch_all(&self.pool).await {
@@ -241,14 +277,28 @@ impl Store {
                 }
                 grouped
             }
-            Err(error) => {
+            // The database refused the statement (a constraint, say): it rolled back whole, and
+            // each commit is tried alone, at once, so only the bad one fails.
+            Err(sqlx::Error::Database(refused)) => {
                 tracing::warn!(
                     commits = batch.len(),
-                    "a batch of token commits failed ({}); committing each alone",
-                    StoreError::from(error)
+                    "a batch of token commits was refused ({}); committing each alone",
+                    refused.message()
                 );
+                futures_util::future::join_all(
+                    batch.into_iter().map(|pending| self.commit_alone(pending)),
+                )
+                .await;
+                0
+            }
+            // No answer (the pool, the connection): every commit of the batch fails as one
+            // alone would, without a retry that could wait as long again for each of them.
+            Err(error) => {
+                let message = StoreError::from(error).to_string();
                 for pending in batch {
-                    self.commit_alone(pending).await;
+                    let _ = pending
+                        .reply
+                        .send(Err(StoreError::Database(message.clone())));
                 }
                 0
             }

@@ -619,3 +619,102 @@ async fn provider_connections_are_reused_and_closed_ones_are_not() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// A provider may answer before it has read the request's body (a 413 to a large upload). The
+/// connection is still busy sending that body, so the next call must not wait for it: it goes
+/// on another connection, and this one is pooled again once the upload is done.
+#[tokio::test]
+async fn a_connection_still_uploading_is_not_lent_to_the_next_call() {
+    const UPLOAD: usize = 2 * 1024 * 1024;
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buffer = vec![0u8; 64 * 1024];
+                loop {
+                    let end = loop {
+                        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break end + 4;
+                        }
+                        match stream.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buffer[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&seen[..end]).to_string();
+                    seen.drain(..end);
+                    if head.starts_with("POST /upload") {
+                        // Refused at once; the body is then read (and dropped) as it comes.
+                        let refused =
+                            "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 7\r\n\r\ntoo big";
+                        if stream.write_all(refused.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        let mut left = UPLOAD - seen.len().min(UPLOAD);
+                        seen.drain(..(UPLOAD - left));
+                        while left > 0 {
+                            match stream.read(&mut buffer).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => {
+                                    let used = n.min(left);
+                                    left -= used;
+                                    seen.extend_from_slice(&buffer[used..n]);
+                                }
+                            }
+                        }
+                    } else {
+                        let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if stream.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    register_connector(
+        &env,
+        "refuser",
+        json!({"baseUrl": format!("http://{addr}/")}),
+    )
+    .await;
+    let created = env.create_instance(&env.org, "refuser", "upload").await;
+    let token = created["token"].as_str().unwrap().to_string();
+    let (status, _) = env.proxy(&env.org, &token, Method::GET, "warm").await;
+    assert_eq!(status, 200);
+
+    // 2 MiB in 16 pieces, one every 100 ms: the upload lasts about 1.6 s.
+    let pieces = futures_util::stream::iter(0..16).then(|_| async {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        Ok::<_, std::io::Error>(vec![7u8; UPLOAD / 16])
+    });
+    let upload = env
+        .http
+        .post(env.api("/proxy/upload"))
+        .header("authorization", env.org.through(&token))
+        .header("content-length", UPLOAD.to_string())
+        .body(reqwest::Body::wrap_stream(pieces))
+        .send();
+    let uploading = tokio::spawn(upload);
+    // Once the refusal is back (its body read to the end), the next call.
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let started = std::time::Instant::now();
+    let (status, body) = env.proxy(&env.org, &token, Method::GET, "next").await;
+    assert_eq!((status, body), (200, json!("ok")));
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(800),
+        "the next call waited for someone else's upload: {:?}",
+        started.elapsed()
+    );
+    let refused = uploading.await.unwrap().unwrap();
+    assert_eq!(refused.status(), 413);
+    env.stop().await;
+    drop_test_database(&url).await;
+}
