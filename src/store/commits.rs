@@ -1,17 +1,21 @@
-//! Group commit of refreshed tokens on PostgreSQL.
+//! Group commit of refreshed tokens.
 //!
 //! A refresh ends with a compare-and-swap of the instance's tokens and its
-//! `instance.token.refreshed` event. Alone, that is one statement and one transaction per
-//! refresh, and at a few thousand refreshes a second PostgreSQL spends more on starting
-//! statements and flushing commits than on the rows (see bench/RESULTS.md). Here the commits
-//! that wait at the same moment go out as one statement: one `UPDATE … FROM (VALUES …)` whose
-//! rows each keep their own compare-and-swap, and the events of the rows it updated, in one
-//! transaction. Nobody waits for a batch to fill: a commit goes at once when a slot is free,
-//! and commits queue only while [`CONCURRENT_BATCHES`] are already running.
+//! `instance.token.refreshed` event. Alone, that is one transaction per refresh: on PostgreSQL
+//! the database then spends more on starting statements and flushing commits than on the rows,
+//! and on SQLite every commit waits for its own write of the log to disk (see
+//! bench/RESULTS.md). Here the commits that wait at the same moment go out together, in one
+//! transaction, each row keeping its own compare-and-swap and its own event:
+//! - PostgreSQL: one `UPDATE … FROM (VALUES …)` statement, and the events of the rows it
+//!   updated; [`CONCURRENT_BATCHES`] batches at a time;
+//! - SQLite: the statements one after another in one transaction; one batch at a time (it
+//!   writes through one connection), the next gathering what came meanwhile.
 //!
-//! A caller learns its result only after the transaction committed, so a rotated refresh token
-//! is as durable as with a statement of its own. When a batch fails, each of its commits is
-//! retried alone, so one bad row cannot fail the others.
+//! Nobody waits for a batch to fill: a commit goes at once when a slot is free, and commits
+//! queue only while the slots are taken. A caller learns its result only after the transaction
+//! committed, so a rotated refresh token is as durable as with a transaction of its own. A
+//! batch the database refused is retried commit by commit, so one bad row cannot fail the
+//! others.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -25,7 +29,8 @@ use super::{InstanceRow, NewEvent, Store, StoreError, TokenUpdate};
 
 /// The most commits in one statement.
 const MAX_BATCH: usize = 32;
-/// Batches running at once (each on its own pooled connection).
+/// Batches running at once on PostgreSQL (each on its own pooled connection). SQLite writes
+/// through one connection: one batch at a time, and the next gathers what came meanwhile.
 const CONCURRENT_BATCHES: usize = 4;
 /// Parameters per commit and per event in the statement.
 const COMMIT_PARAMETERS: usize = 12;
@@ -62,7 +67,11 @@ impl CommitQueue {
         let grouped = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&grouped);
         tokio::spawn(async move {
-            let permits = Arc::new(Semaphore::new(CONCURRENT_BATCHES));
+            let concurrency = match store.engine {
+                super::Engine::Postgres => CONCURRENT_BATCHES,
+                super::Engine::Sqlite => 1,
+            };
+            let permits = Arc::new(Semaphore::new(concurrency));
             loop {
                 let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
                     break;
@@ -187,6 +196,8 @@ impl Store {
             let pending = batch.into_iter().next().expect("one commit");
             self.commit_alone(pending).await;
             0
+        } else if self.engine == super::Engine::Sqlite {
+            self.commit_together_sqlite(batch).await
         } else {
             self.commit_together(batch).await
         };
@@ -305,9 +316,44 @@ impl Store {
         }
     }
 
+    async fn commit_together_sqlite(&self, batch: Vec<PendingCommit>) -> usize {
+        let rows: Vec<_> = batch
+            .iter()
+            .map(|p| {
+                (
+                    p.id,
+                    p.owner.as_str(),
+                    p.expected_token_version,
+                    &p.tokens,
+                    p.event.as_ref(),
+                )
+            })
+            .collect();
+        match self.commit_refreshed_batch_sqlite(&rows).await {
+            Ok(committed) => {
+                let grouped = batch.len();
+                for (pending, row) in batch.into_iter().zip(committed) {
+                    let _ = pending.reply.send(Ok(row));
+                }
+                grouped
+            }
+            Err(error) => {
+                // Rolled back whole: each commit alone, so only a bad one fails.
+                tracing::warn!(
+                    commits = batch.len(),
+                    "a batch of token commits failed ({error}); committing each alone"
+                );
+                for pending in batch {
+                    self.commit_alone(pending).await;
+                }
+                0
+            }
+        }
+    }
+
     async fn commit_alone(&self, pending: PendingCommit) {
         let result = self
-            .commit_refreshed_single(
+            .commit_refreshed_alone(
                 pending.id,
                 &pending.owner,
                 pending.expected_token_version,

@@ -376,10 +376,9 @@ impl Store {
         event: Option<&NewEvent>,
         recovered: Option<&NewEvent>,
     ) -> Result<Option<InstanceRow>, StoreError> {
-        let set = REFRESHED_SET;
-        if self.engine == Engine::Postgres && recovered.is_none() {
-            // The usual refresh on PostgreSQL: grouped with the commits waiting beside it (see
-            // the `commits` module), or one statement of its own.
+        if recovered.is_none() {
+            // The usual refresh: grouped with the commits waiting beside it (see the `commits`
+            // module), or alone.
             if let Some(queue) = &self.commits {
                 let (reply, answer) = tokio::sync::oneshot::channel();
                 let pending = super::commits::PendingCommit {
@@ -399,9 +398,61 @@ impl Store {
                 }
             }
             return self
-                .commit_refreshed_single(id, owner, expected_token_version, tokens, event)
+                .commit_refreshed_alone(id, owner, expected_token_version, tokens, event)
                 .await;
         }
+        self.commit_refreshed_in_transaction(
+            id,
+            owner,
+            expected_token_version,
+            tokens,
+            event,
+            recovered,
+        )
+        .await
+    }
+
+    /// One commit of refreshed tokens, not grouped: one statement on PostgreSQL, one
+    /// transaction on SQLite.
+    pub(super) async fn commit_refreshed_alone(
+        &self,
+        id: i64,
+        owner: &str,
+        expected_token_version: i64,
+        tokens: &TokenUpdate,
+        event: Option<&NewEvent>,
+    ) -> Result<Option<InstanceRow>, StoreError> {
+        match self.engine {
+            Engine::Postgres => {
+                self.commit_refreshed_single(id, owner, expected_token_version, tokens, event)
+                    .await
+            }
+            Engine::Sqlite => {
+                self.commit_refreshed_in_transaction(
+                    id,
+                    owner,
+                    expected_token_version,
+                    tokens,
+                    event,
+                    None,
+                )
+                .await
+            }
+        }
+    }
+
+    /// A commit of refreshed tokens in a transaction of its own, with `recovered` when the row
+    /// was failing.
+    async fn commit_refreshed_in_transaction(
+        &self,
+        id: i64,
+        owner: &str,
+        expected_token_version: i64,
+        tokens: &TokenUpdate,
+        event: Option<&NewEvent>,
+        recovered: Option<&NewEvent>,
+    ) -> Result<Option<InstanceRow>, StoreError> {
+        let set = REFRESHED_SET;
         let mut transaction = self.begin_write().await?;
         let was_failing = match recovered {
             None => false,
@@ -449,6 +500,43 @@ impl Store {
         }
         transaction.commit().await?;
         Ok(Some(committed))
+    }
+
+    /// SQLite's grouped commit: the commits one after another in one transaction (one write of
+    /// the log to disk for all of them), each with its own compare-and-swap and event.
+    pub(super) async fn commit_refreshed_batch_sqlite(
+        &self,
+        batch: &[(i64, &str, i64, &TokenUpdate, Option<&NewEvent>)],
+    ) -> Result<Vec<Option<InstanceRow>>, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        let sql = format!("UPDATE instances SET {REFRESHED_SET} RETURNING {INSTANCE_COLUMNS}");
+        let now = system_now_ms();
+        let mut committed = Vec::with_capacity(batch.len());
+        for &(id, owner, expected_token_version, tokens, event) in batch {
+            let row = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql.as_str()))
+                .bind(&tokens.access_token_enc)
+                .bind(&tokens.refresh_token_enc)
+                .bind(&tokens.token_response_enc)
+                .bind(tokens.access_expires_at)
+                .bind(tokens.refresh_expires_at)
+                .bind(tokens.last_refresh_at)
+                .bind(tokens.next_due_at)
+                .bind(&tokens.configuration_json)
+                .bind(owner)
+                .bind(now)
+                .bind(id)
+                .bind(expected_token_version)
+                .fetch_optional(&mut *transaction)
+                .await?;
+            if row.is_some()
+                && let Some(event) = event
+            {
+                insert_event_in(&mut transaction, event).await?;
+            }
+            committed.push(row);
+        }
+        transaction.commit().await?;
+        Ok(committed)
     }
 
     /// A commit of refreshed tokens on PostgreSQL as one statement: the compare-and-swap and

@@ -132,7 +132,7 @@ impl Default for StoreOptions {
 pub struct Store {
     pool: AnyPool,
     engine: Engine,
-    /// PostgreSQL: the group commit of refreshed tokens (see `commits`).
+    /// The group commit of refreshed tokens (see `commits`).
     commits: Option<commits::CommitQueue>,
 }
 
@@ -191,9 +191,7 @@ impl Store {
             engine,
             commits: None,
         };
-        if engine == Engine::Postgres {
-            store.commits = Some(commits::CommitQueue::start(store.clone()));
-        }
+        store.commits = Some(commits::CommitQueue::start(store.clone()));
         Ok(store)
     }
 
@@ -234,8 +232,7 @@ impl Store {
         &self.pool
     }
 
-    /// Refreshed-token commits that went out grouped with others (PostgreSQL's group commit;
-    /// always 0 on SQLite).
+    /// Refreshed-token commits that went out grouped with others (see `commits`).
     pub fn grouped_commits(&self) -> u64 {
         self.commits
             .as_ref()

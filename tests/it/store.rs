@@ -841,9 +841,9 @@ async fn commit_round(
     .await
 }
 
-/// Commits made at the same moment: PostgreSQL groups them in one statement (each row keeps its
-/// own compare-and-swap and its own event); a batch with a bad commit in it is retried one by
-/// one, so only that commit fails. SQLite commits each in its own transaction: same outcome.
+/// Commits made at the same moment go out grouped (PostgreSQL: one statement; SQLite: one
+/// transaction), each row keeping its own compare-and-swap and its own event; a batch with a
+/// bad commit in it is retried one by one, so only that commit fails.
 #[tokio::test]
 async fn concurrent_token_commits_each_keep_their_compare_and_swap() {
     for test in test_stores().await {
@@ -887,12 +887,10 @@ async fn concurrent_token_commits_each_keep_their_compare_and_swap() {
                 );
             }
         }
-        if store.engine() == Engine::Postgres {
-            assert!(
-                store.grouped_commits() > 0,
-                "{label}: concurrent commits went out grouped"
-            );
-        }
+        assert!(
+            store.grouped_commits() > 0,
+            "{label}: concurrent commits went out grouped"
+        );
 
         // A second round in which commit 17's event id is already taken: that commit fails
         // and writes nothing; every other one is as if it had been alone.
