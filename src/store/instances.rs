@@ -31,6 +31,32 @@ const REFRESHED_SET: &str = "access_token_enc = $1, \
          ELSE refresh_lease_owner END, \
          updated_at = $10 WHERE id = $11 AND token_version = $12";
 
+/// A query that returns instance rows, with its arguments.
+type RowQuery<'q> = sqlx::query::QueryAs<'q, sqlx::Any, InstanceRow, sqlx::any::AnyArguments>;
+
+/// Binds [`REFRESHED_SET`]'s $1 to $12, in its order.
+fn bind_refreshed<'q>(
+    query: RowQuery<'q>,
+    id: i64,
+    owner: &'q str,
+    expected_token_version: i64,
+    tokens: &'q TokenUpdate,
+) -> RowQuery<'q> {
+    query
+        .bind(tokens.access_token_enc.as_deref())
+        .bind(tokens.refresh_token_enc.as_deref())
+        .bind(tokens.token_response_enc.as_deref())
+        .bind(tokens.access_expires_at)
+        .bind(tokens.refresh_expires_at)
+        .bind(tokens.last_refresh_at)
+        .bind(tokens.next_due_at)
+        .bind(tokens.configuration_json.as_deref())
+        .bind(owner)
+        .bind(system_now_ms())
+        .bind(id)
+        .bind(expected_token_version)
+}
+
 /// The conditions under which the scheduler may claim a row. `state = 'valid' AND disabled = 0`
 /// is spelled as in the partial index `instances_due` so that both engines use it.
 const CLAIMABLE: &str = "next_due_at <= $1 AND state = 'valid' AND disabled = 0 \
@@ -474,19 +500,8 @@ impl Store {
             }
         };
         let sql = format!("UPDATE instances SET {set} RETURNING {INSTANCE_COLUMNS}");
-        let committed = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
-            .bind(&tokens.access_token_enc)
-            .bind(&tokens.refresh_token_enc)
-            .bind(&tokens.token_response_enc)
-            .bind(tokens.access_expires_at)
-            .bind(tokens.refresh_expires_at)
-            .bind(tokens.last_refresh_at)
-            .bind(tokens.next_due_at)
-            .bind(&tokens.configuration_json)
-            .bind(owner)
-            .bind(system_now_ms())
-            .bind(id)
-            .bind(expected_token_version)
+        let query = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql));
+        let committed = bind_refreshed(query, id, owner, expected_token_version, tokens)
             .fetch_optional(&mut *transaction)
             .await?;
         let Some(committed) = committed else {
@@ -510,22 +525,10 @@ impl Store {
     ) -> Result<Vec<Option<InstanceRow>>, StoreError> {
         let mut transaction = self.begin_write().await?;
         let sql = format!("UPDATE instances SET {REFRESHED_SET} RETURNING {INSTANCE_COLUMNS}");
-        let now = system_now_ms();
         let mut committed = Vec::with_capacity(batch.len());
         for &(id, owner, expected_token_version, tokens, event) in batch {
-            let row = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql.as_str()))
-                .bind(&tokens.access_token_enc)
-                .bind(&tokens.refresh_token_enc)
-                .bind(&tokens.token_response_enc)
-                .bind(tokens.access_expires_at)
-                .bind(tokens.refresh_expires_at)
-                .bind(tokens.last_refresh_at)
-                .bind(tokens.next_due_at)
-                .bind(&tokens.configuration_json)
-                .bind(owner)
-                .bind(now)
-                .bind(id)
-                .bind(expected_token_version)
+            let query = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql.as_str()));
+            let row = bind_refreshed(query, id, owner, expected_token_version, tokens)
                 .fetch_optional(&mut *transaction)
                 .await?;
             if row.is_some()
@@ -562,19 +565,8 @@ impl Store {
             ),
             None => format!("UPDATE instances SET {set} RETURNING {INSTANCE_COLUMNS}"),
         };
-        let mut query = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
-            .bind(&tokens.access_token_enc)
-            .bind(&tokens.refresh_token_enc)
-            .bind(&tokens.token_response_enc)
-            .bind(tokens.access_expires_at)
-            .bind(tokens.refresh_expires_at)
-            .bind(tokens.last_refresh_at)
-            .bind(tokens.next_due_at)
-            .bind(&tokens.configuration_json)
-            .bind(owner)
-            .bind(system_now_ms())
-            .bind(id)
-            .bind(expected_token_version);
+        let query = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql));
+        let mut query = bind_refreshed(query, id, owner, expected_token_version, tokens);
         if let Some(event) = event {
             query = query
                 .bind(&event.id)

@@ -499,6 +499,27 @@ async fn proxied_answers_carry_the_request_id() {
     drop_test_database(&url).await;
 }
 
+/// The next request head a hand-written server reads from `stream` (`seen` keeps what came
+/// after it); `None` when the connection ends first.
+async fn next_head(
+    stream: &mut tokio::net::TcpStream,
+    seen: &mut Vec<u8>,
+    buffer: &mut [u8],
+) -> Option<String> {
+    let end = loop {
+        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        match stream.read(buffer).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => seen.extend_from_slice(&buffer[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&seen[..end]).to_string();
+    seen.drain(..end);
+    Some(head)
+}
+
 /// Connections to a provider are kept and reused (one connection for calls one after another,
 /// also after an answer without a body), a connection the provider closed is not used again,
 /// and concurrent calls each get a connection of their own. The provider here is a stranger's
@@ -522,17 +543,9 @@ async fn provider_connections_are_reused_and_closed_ones_are_not() {
                 let mut seen = Vec::new();
                 let mut buffer = [0u8; 4096];
                 for request in 1.. {
-                    let end = loop {
-                        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break end + 4;
-                        }
-                        match stream.read(&mut buffer).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => seen.extend_from_slice(&buffer[..n]),
-                        }
+                    let Some(head) = next_head(&mut stream, &mut seen, &mut buffer).await else {
+                        return;
                     };
-                    let head = String::from_utf8_lossy(&seen[..end]).to_string();
-                    seen.drain(..end);
                     let body = format!(r#"{{"connection":{connection},"request":{request}}}"#);
                     let answer = if head.starts_with("GET /empty") {
                         "HTTP/1.1 204 No Content\r\n\r\n".to_string()
@@ -639,17 +652,9 @@ async fn a_connection_still_uploading_is_not_lent_to_the_next_call() {
                 let mut seen = Vec::new();
                 let mut buffer = vec![0u8; 64 * 1024];
                 loop {
-                    let end = loop {
-                        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break end + 4;
-                        }
-                        match stream.read(&mut buffer).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => seen.extend_from_slice(&buffer[..n]),
-                        }
+                    let Some(head) = next_head(&mut stream, &mut seen, &mut buffer).await else {
+                        return;
                     };
-                    let head = String::from_utf8_lossy(&seen[..end]).to_string();
-                    seen.drain(..end);
                     if head.starts_with("POST /upload") {
                         // Refused at once; the body is then read (and dropped) as it comes.
                         let refused =
