@@ -26,23 +26,32 @@ pub fn current_request_id() -> String {
 fn new_request_id() -> String {
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU64, Ordering};
-    static STATE: OnceLock<([u8; 4], AtomicU64)> = OnceLock::new();
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    static STATE: OnceLock<([u8; 8], AtomicU64)> = OnceLock::new();
     let (prefix, counter) = STATE.get_or_init(|| {
         let bytes = crate::crypto::random_bytes::<12>();
         let start = u64::from_be_bytes(bytes[4..].try_into().expect("8 bytes"));
-        (
-            [bytes[0], bytes[1], bytes[2], bytes[3]],
-            AtomicU64::new(start),
-        )
+        let mut prefix = [0u8; 8];
+        prefix.copy_from_slice(crate::crypto::hex(&bytes[..4]).as_bytes());
+        (prefix, AtomicU64::new(start))
     });
-    let count = counter.fetch_add(1, Ordering::Relaxed).to_be_bytes();
-    crate::crypto::hex(&[prefix.as_slice(), count.as_slice()].concat())
+    let count = counter.fetch_add(1, Ordering::Relaxed);
+    // Formatted in place: the proxy's hot path makes one per call.
+    let mut text = Vec::with_capacity(24);
+    text.extend_from_slice(prefix);
+    text.extend(
+        (0..16)
+            .rev()
+            .map(|i| DIGITS[((count >> (i * 4)) & 0xf) as usize]),
+    );
+    String::from_utf8(text).expect("hex digits are ASCII")
 }
+
+/// `X-Request-Id`, built once: a header named by a string is parsed, and allocated, per use.
+const X_REQUEST_ID: axum::http::HeaderName = axum::http::HeaderName::from_static("x-request-id");
 
 /// The id of a request: its well-formed `X-Request-Id`, or a new one.
 pub fn request_id_of(headers: &axum::http::HeaderMap) -> String {
-    const X_REQUEST_ID: axum::http::HeaderName =
-        axum::http::HeaderName::from_static("x-request-id");
     headers
         .get(X_REQUEST_ID)
         .and_then(|value| value.to_str().ok())
@@ -68,7 +77,7 @@ pub async fn with_request_id(
     let header = HeaderValue::from_str(&request_id).ok();
     let mut response = REQUEST_ID.scope(request_id, work.instrument(span)).await;
     if let Some(value) = header {
-        response.headers_mut().insert("x-request-id", value);
+        response.headers_mut().insert(X_REQUEST_ID, value);
     }
     response
 }
@@ -105,7 +114,7 @@ pub async fn request_id_layer(request: Request, next: Next) -> Response {
         }
     }
     if let Ok(value) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert("x-request-id", value);
+        response.headers_mut().insert(X_REQUEST_ID, value);
     }
     response
 }

@@ -3,11 +3,12 @@
 //! reqwest (which the token, revocation and webhook calls use) parses every URL again and wraps
 //! each call in layers the proxy does not need, and hyper-util's pooled client hashes the
 //! target's authority twice per call and spawns a task per answer to put the connection back;
-//! on the proxy's hot path each cost more than the proxying itself. Here the target arrives as
-//! an `http::Uri` built from the instance's base parsed once, with a key for its origin
-//! computed then; a connection is taken from the origin's idle list and goes back there when
-//! the answer's body has been read to its end (see [`IdleTimeout`]), so a call costs two short
-//! lock holds and no task.
+//! on the proxy's hot path each cost more than the proxying itself. Here a call arrives as its
+//! origin (scheme and authority of the instance's base, parsed once, with a key computed then)
+//! and its path and query; a connection is taken from the origin's idle list and goes back
+//! there when the answer's body has been read to its end (see [`IdleTimeout`]), so a call
+//! costs two short lock holds and no task. Each connection keeps one timer for the answer's
+//! headers, moved forward per call rather than made anew.
 //!
 //! What it keeps of the service's outbound rules: names resolved through the egress guard (no
 //! link-local or metadata address), redirects never followed, TLS by rustls with the
@@ -27,7 +28,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::uri::{Authority, PathAndQuery, Scheme};
+use axum::http::uri::Authority;
 use axum::http::{Request, Response, Uri};
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -58,11 +59,20 @@ struct IdleLists {
     swept: Instant,
 }
 
-/// One origin's idle connections, newest last.
+/// One origin's idle connections, newest last, with when each was put back.
 struct Origin {
     https: bool,
     authority: Authority,
-    connections: Vec<(SendRequest<Body>, Instant)>,
+    connections: Vec<(Connection, Instant)>,
+}
+
+/// A connection to a provider, and its timer for the answer's headers. The timer lives as long
+/// as the connection and is moved forward for each call: moving a registered tokio timer later
+/// is an atomic store, where a timer per call is put in and taken out of the timer wheel each
+/// time (a measurable share of a proxied call).
+struct Connection {
+    sender: SendRequest<Body>,
+    headers_due: Pin<Box<tokio::time::Sleep>>,
 }
 
 /// Builds the proxy's client.
@@ -96,6 +106,8 @@ pub enum CallError {
     Connect(BoxError),
     /// The connection failed during the exchange.
     Exchange(hyper::Error),
+    /// No answer's headers came in time (connecting included).
+    TimedOut,
 }
 
 impl CallError {
@@ -107,6 +119,7 @@ impl CallError {
                 crate::oauth::error_chain(error.as_ref()),
             ),
             CallError::Exchange(error) => ("the request failed", crate::oauth::error_chain(error)),
+            CallError::TimedOut => return "no answer came in time".into(),
         };
         crate::oauth::cut_text(&format!("{kind}: {chain}"), 300)
     }
@@ -119,33 +132,41 @@ pub struct Lease {
     key: u64,
     https: bool,
     authority: Authority,
-    sender: SendRequest<Body>,
+    connection: Connection,
 }
 
 impl ProxyClient {
-    /// Sends `request` (an absolute URI) on a pooled or new connection to its origin, `key`
-    /// being the origin's key ([`super::ProxyBase::origin_key`]).
+    /// Sends `request` (its URI the path and query alone, as an HTTP/1.1 request line to an
+    /// origin server carries them) on a pooled or new connection to the origin `https` and
+    /// `authority`, `key` being the origin's key ([`super::ProxyBase::origin_key`]). The
+    /// answer's headers must come within `timeout`, connecting included.
     pub async fn request(
         self: &Arc<Self>,
         key: u64,
+        https: bool,
+        authority: &Authority,
         mut request: Request<Body>,
+        timeout: Duration,
     ) -> Result<(Response<Incoming>, Lease), CallError> {
-        let parts = std::mem::take(request.uri_mut()).into_parts();
-        let https = parts.scheme.as_ref() == Some(&Scheme::HTTPS);
-        let Some(authority) = parts.authority else {
-            return Err(CallError::Connect("the target has no host".into()));
-        };
-        // HTTP/1.1 to an origin server: the request line carries the path only.
-        *request.uri_mut() = Uri::from(
-            parts
-                .path_and_query
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let (mut sender, pooled) = match self.take(key, https, &authority) {
-                Some(sender) => (sender, true),
-                None => (self.connect(https, &authority).await?, false),
+            let (mut connection, pooled) = match self.take(key, https, authority) {
+                Some(connection) => (connection, true),
+                // Boxed: the connection's set-up is a large future, and unboxed it would make
+                // every call's future as large (and copied as often) for the rare call that
+                // connects.
+                None => {
+                    let connecting = Box::pin(self.connect(https, authority, deadline));
+                    match tokio::time::timeout_at(deadline, connecting).await {
+                        Ok(connected) => (connected?, false),
+                        Err(_) => return Err(CallError::TimedOut),
+                    }
+                }
             };
+            let Connection {
+                sender,
+                headers_due,
+            } = &mut connection;
             if sender.ready().await.is_err() {
                 if pooled {
                     continue;
@@ -154,28 +175,37 @@ impl ProxyClient {
                     "the new connection closed at once".into(),
                 ));
             }
-            match sender.try_send_request(request).await {
-                Ok(response) => {
+            headers_due.as_mut().reset(deadline);
+            let mut sending = std::pin::pin!(sender.try_send_request(request));
+            let sent = std::future::poll_fn(|cx| match sending.as_mut().poll(cx) {
+                Poll::Ready(sent) => Poll::Ready(Some(sent)),
+                Poll::Pending => headers_due.as_mut().poll(cx).map(|()| None),
+            })
+            .await;
+            match sent {
+                Some(Ok(response)) => {
                     let lease = Lease {
                         client: Arc::clone(self),
                         key,
                         https,
-                        authority,
-                        sender,
+                        authority: authority.clone(),
+                        connection,
                     };
                     return Ok((response, lease));
                 }
-                Err(mut error) => match error.take_message() {
+                Some(Err(mut error)) => match error.take_message() {
                     // The pooled connection was closed before the request went out: it goes
                     // on another one, unsent and whole.
                     Some(unsent) if pooled => request = unsent,
                     _ => return Err(CallError::Exchange(error.into_error())),
                 },
+                // The connection goes with the request still out on it.
+                None => return Err(CallError::TimedOut),
             }
         }
     }
 
-    fn take(&self, key: u64, https: bool, authority: &Authority) -> Option<SendRequest<Body>> {
+    fn take(&self, key: u64, https: bool, authority: &Authority) -> Option<Connection> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let origin = idle.origins.get_mut(&key)?;
         // Keys are hashes: a collision of two origins is not a match. (Bytes compared:
@@ -183,9 +213,9 @@ impl ProxyClient {
         if origin.https != https || origin.authority.as_str() != authority.as_str() {
             return None;
         }
-        while let Some((sender, since)) = origin.connections.pop() {
-            if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
-                return Some(sender);
+        while let Some((connection, since)) = origin.connections.pop() {
+            if !connection.sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+                return Some(connection);
             }
         }
         None
@@ -200,16 +230,17 @@ impl ProxyClient {
         lease_key: u64,
         https: bool,
         authority: Authority,
-        mut sender: SendRequest<Body>,
+        mut connection: Connection,
     ) {
-        if sender.is_closed() {
+        if connection.sender.is_closed() {
             return;
         }
-        if !sender.is_ready() {
+        if !connection.sender.is_ready() {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
-                    if let Ok(Ok(())) = tokio::time::timeout(IDLE_TIMEOUT, sender.ready()).await {
-                        self.give_back(lease_key, https, authority, sender);
+                    let ready = tokio::time::timeout(IDLE_TIMEOUT, connection.sender.ready()).await;
+                    if let Ok(Ok(())) = ready {
+                        self.give_back(lease_key, https, authority, connection);
                     }
                 });
             }
@@ -230,7 +261,7 @@ impl ProxyClient {
             && origin.authority.as_str() == authority.as_str()
             && origin.connections.len() < MAX_IDLE_PER_ORIGIN
         {
-            origin.connections.push((sender, now));
+            origin.connections.push((connection, now));
         }
     }
 
@@ -246,7 +277,8 @@ impl ProxyClient {
         &self,
         https: bool,
         authority: &Authority,
-    ) -> Result<SendRequest<Body>, CallError> {
+        deadline: tokio::time::Instant,
+    ) -> Result<Connection, CallError> {
         use tower::ServiceExt;
         let scheme = if https { "https" } else { "http" };
         let uri: Uri = format!("{scheme}://{authority}/")
@@ -266,15 +298,18 @@ impl ProxyClient {
             // A connection's end (the provider closing it, a broken body) is seen by its lease.
             let _ = connection.await;
         });
-        Ok(sender)
+        Ok(Connection {
+            sender,
+            headers_due: Box::pin(tokio::time::sleep_until(deadline)),
+        })
     }
 }
 
 fn sweep(idle: &mut IdleLists) {
     idle.origins.retain(|_, origin| {
-        origin
-            .connections
-            .retain(|(sender, since)| !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT);
+        origin.connections.retain(|(connection, since)| {
+            !connection.sender.is_closed() && since.elapsed() < IDLE_TIMEOUT
+        });
         !origin.connections.is_empty()
     });
 }
@@ -286,9 +321,9 @@ impl Lease {
             key,
             https,
             authority,
-            sender,
+            connection,
         } = self;
-        client.give_back(key, https, authority, sender);
+        client.give_back(key, https, authority, connection);
     }
 }
 

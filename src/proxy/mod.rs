@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
+use axum::http::uri::{Authority, PathAndQuery};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -164,22 +165,21 @@ async fn read_body(
     Ok(OutgoingBody::Kept(kept.freeze()))
 }
 
-/// Whether a header is hop-by-hop: in the fixed list, or named by a `Connection` header
-/// (RFC 9110 §7.6.1).
-fn hop_by_hop(name: &header::HeaderName, named_by_connection: &[String]) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "trailers"
-            | "transfer-encoding"
-            | "upgrade"
-    ) || named_by_connection.iter().any(|n| n == name.as_str())
+/// Whether a header is hop-by-hop by its name alone (RFC 9110 §7.6.1): `Connection` and the
+/// fixed list. Standard names compare as small integers, so a scan of a request's headers
+/// costs little.
+fn hop_by_hop_name(name: &header::HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || matches!(
+            name.as_str(),
+            "keep-alive" | "proxy-connection" | "trailers"
+        )
 }
 
 /// The headers a `Connection` header names: hop-by-hop too.
@@ -194,37 +194,35 @@ fn connection_named(headers: &HeaderMap) -> Vec<String> {
     named_by_connection
 }
 
-/// Removes, in place, the headers that are not passed on: hop-by-hop ones, and `also`.
-/// Allocates nothing when there is nothing to remove, the usual case.
+/// Removes, in place, the headers that are not passed on: hop-by-hop ones (those a
+/// `Connection` header names too), and `also`. One scan of the names when there is nothing to
+/// remove, the usual case.
 fn strip(headers: &mut HeaderMap, also: &[header::HeaderName]) {
-    let named_by_connection = connection_named(headers);
-    for name in also {
-        headers.remove(name);
-    }
-    let doomed = |name: &header::HeaderName| hop_by_hop(name, &named_by_connection);
-    if !headers.keys().any(doomed) {
+    if !headers
+        .keys()
+        .any(|name| hop_by_hop_name(name) || also.contains(name))
+    {
         return;
     }
+    // A name can be listed by `Connection` only when there is one, which is itself hop-by-hop:
+    // so this is reached whenever it matters.
+    let named_by_connection = connection_named(headers);
+    let doomed = |name: &header::HeaderName| {
+        hop_by_hop_name(name)
+            || also.contains(name)
+            || named_by_connection.iter().any(|n| n == name.as_str())
+    };
     let names: Vec<header::HeaderName> = headers.keys().filter(|n| doomed(n)).cloned().collect();
     for name in names {
         headers.remove(name);
     }
 }
 
-/// The caller's headers as they go to the provider: without hop-by-hop ones, `Host` (the
-/// client sets the provider's), `Expect` (the proxy answered `100-continue` to its caller
-/// already), the caller's `Authorization` (ours replaces it) and `Content-Length` (set from
-/// the body sent).
+/// The caller's headers as they go to the provider: without hop-by-hop ones, `Expect` (the
+/// proxy answered `100-continue` to its caller already) and `Content-Length` (set from the body
+/// sent). `Host` and the caller's `Authorization` are replaced (or removed) by [`send`].
 fn forwarded_headers(mut headers: HeaderMap) -> HeaderMap {
-    strip(
-        &mut headers,
-        &[
-            header::HOST,
-            header::EXPECT,
-            header::AUTHORIZATION,
-            header::CONTENT_LENGTH,
-        ],
-    );
+    strip(&mut headers, &[header::EXPECT, header::CONTENT_LENGTH]);
     if !headers.contains_key(header::USER_AGENT) {
         headers.insert(
             header::USER_AGENT,
@@ -302,15 +300,7 @@ async fn proxy(app: &SharedApp, request: Request) -> Result<Response, ApiError> 
     } else {
         (headers, None)
     };
-    let first = send(
-        app,
-        &instance,
-        &outgoing,
-        &target,
-        first_headers,
-        first_body,
-    )
-    .await?;
+    let first = send(app, &instance, &outgoing, target, first_headers, first_body).await?;
     let (first, rejection) = inspect(app, &instance, first).await?;
     let Some(rejection_message) = rejection else {
         return Ok(first);
@@ -331,7 +321,7 @@ async fn proxy(app: &SharedApp, request: Request) -> Result<Response, ApiError> 
                     app,
                     &fresh,
                     &outgoing,
-                    &target,
+                    target,
                     headers,
                     OutgoingBody::Kept(bytes),
                 )
@@ -389,8 +379,10 @@ fn failure_for_call(failure: RefreshFailure) -> ApiError {
 
 /// Where a call goes with this copy of the instance.
 struct Target {
-    /// The target under the instance's base.
-    uri: Uri,
+    /// The path and query under the instance's base, as the request line carries them.
+    path: PathAndQuery,
+    https: bool,
+    authority: Authority,
     host: HeaderValue,
     /// The origin's key in the client's pool.
     origin_key: u64,
@@ -403,7 +395,9 @@ fn target_of(
 ) -> Result<Target, ApiError> {
     match &instance.proxy_base {
         Ok(base) => Ok(Target {
-            uri: base.join(raw_path, query)?,
+            path: base.join_path(raw_path, query)?,
+            https: base.is_https(),
+            authority: base.authority().clone(),
             host: base.host().clone(),
             origin_key: base.origin_key(),
         }),
@@ -425,7 +419,7 @@ async fn send(
     app: &App,
     instance: &CachedInstance,
     outgoing: &Outgoing<'_>,
-    target: &Target,
+    target: Target,
     mut headers: HeaderMap,
     body: OutgoingBody,
 ) -> Result<Answered, ApiError> {
@@ -439,9 +433,13 @@ async fn send(
                 "The provider's access token holds characters no HTTP header can carry",
             ));
         }
-        (None, None) => {}
+        // No token at all: the caller's `Authorization` (its secrets) must not go on either.
+        (None, None) => {
+            headers.remove(header::AUTHORIZATION);
+        }
     }
-    headers.insert(header::HOST, target.host.clone());
+    // Replaces the caller's.
+    headers.insert(header::HOST, target.host);
     let body = match body {
         OutgoingBody::Kept(bytes) => {
             if bytes.is_empty() && outgoing.declared_length.is_none() {
@@ -460,30 +458,30 @@ async fn send(
     };
     let mut request = axum::http::Request::new(body);
     *request.method_mut() = outgoing.method.clone();
-    *request.uri_mut() = target.uri.clone();
+    *request.uri_mut() = Uri::from(target.path);
     *request.headers_mut() = headers;
     // The answer's headers must come within the provider timeout; its body then streams for
     // as long as it keeps coming.
-    let answered = tokio::time::timeout(
-        app.config.provider_timeout,
-        app.proxy_http.request(target.origin_key, request),
-    )
-    .await;
-    let Ok(answered) = answered else {
-        return Err(ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            format!(
-                "The provider did not answer within {} s",
-                app.config.provider_timeout.as_secs()
-            ),
-        ));
-    };
-    answered.map_err(|error| {
-        ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            format!("The provider could not be reached: {}", error.message()),
+    let timeout = app.config.provider_timeout;
+    app.proxy_http
+        .request(
+            target.origin_key,
+            target.https,
+            &target.authority,
+            request,
+            timeout,
         )
-    })
+        .await
+        .map_err(|error| match error {
+            client::CallError::TimedOut => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("The provider did not answer within {} s", timeout.as_secs()),
+            ),
+            error => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("The provider could not be reached: {}", error.message()),
+            ),
+        })
 }
 
 /// The provider's answer as ours: hop-by-hop headers removed, the body streamed through.

@@ -74,9 +74,29 @@ impl ProxyBase {
         &self.host
     }
 
+    /// Whether calls under this base go over TLS.
+    pub fn is_https(&self) -> bool {
+        self.scheme == Scheme::HTTPS
+    }
+
+    /// The base's authority (host and port as normalized).
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
     /// `base/raw_path?query`, with `raw_path` (the request path after the proxy prefix, as the
     /// caller sent it) checked to stay under the base.
     pub fn join(&self, raw_path: &str, query: Option<&str>) -> Result<Uri, ApiError> {
+        let mut parts = axum::http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(self.join_path(raw_path, query)?);
+        Uri::from_parts(parts).map_err(|_| refuse("it does not make a valid URL"))
+    }
+
+    /// The path and query of [`ProxyBase::join`] alone: what an HTTP/1.1 request line to the
+    /// base's origin carries (the proxy's hot path builds no whole URI).
+    pub fn join_path(&self, raw_path: &str, query: Option<&str>) -> Result<PathAndQuery, ApiError> {
         check_path(raw_path)?;
         let mut joined = String::with_capacity(
             self.path.len() + raw_path.len() + query.map_or(0, |q| q.len() + 1) + 1,
@@ -88,13 +108,7 @@ impl ProxyBase {
             joined.push('?');
             joined.push_str(query);
         }
-        let invalid = || refuse("it does not make a valid URL");
-        let mut parts = axum::http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query =
-            Some(PathAndQuery::from_maybe_shared(joined).map_err(|_| invalid())?);
-        Uri::from_parts(parts).map_err(|_| invalid())
+        PathAndQuery::from_maybe_shared(joined).map_err(|_| refuse("it does not make a valid URL"))
     }
 }
 
