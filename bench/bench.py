@@ -354,8 +354,14 @@ def bench_proxy():
     minproxy = spawn("minproxy", [LG, "minproxy", "127.0.0.1:0", str(upstream_port)],
                      stdout=subprocess.PIPE)
     minproxy_port = int(minproxy.stdout.readline())
+    # The same without hyper-util's pool: a plain list of idle connections, as tokenwarden's
+    # own pool (tw-loadgen bareproxy). The stack's floor as tokenwarden uses it.
+    bareproxy = spawn("bareproxy", [LG, "bareproxy", "127.0.0.1:0", str(upstream_port)],
+                      stdout=subprocess.PIPE)
+    bareproxy_port = int(bareproxy.stdout.readline())
     targets = {"direct": (direct, None), "nginx": (f"http://127.0.0.1:{nginx_port}/data", None),
-               "minproxy": (f"http://127.0.0.1:{minproxy_port}/data", None)}
+               "minproxy": (f"http://127.0.0.1:{minproxy_port}/data", None),
+               "bareproxy": (f"http://127.0.0.1:{bareproxy_port}/data", None)}
     services = {}
     for workers in (1, 2):
         service = services[workers] = Service(f"proxy-w{workers}", f"sqlite://{OUT}/proxy-w{workers}.db", sandbox,
@@ -422,7 +428,10 @@ def bench_proxy():
     figure("proxy_rps_ratio_vs_direct", per_round(tw, 64, "rps", "direct", ratio))
     figure("proxy_rps_ratio_vs_minproxy", per_round(tw, 64, "rps", "minproxy", ratio))
     figure("proxy_minproxy_rps_ratio_vs_nginx", per_round("minproxy", 64, "rps", "nginx", ratio),
-           "the stack's own floor")
+           "hyper with hyper-util's pool, nothing else")
+    figure("proxy_rps_ratio_vs_bareproxy", per_round(tw, 64, "rps", "bareproxy", ratio))
+    figure("proxy_bareproxy_rps_ratio_vs_nginx", per_round("bareproxy", 64, "rps", "nginx", ratio),
+           "the stack's own floor: hyper with a plain pool, nothing else")
     # (ours - direct) - (nginx - direct) per round, at 1 connection
     figure("proxy_p50_added_vs_nginx_us", per_round(tw, 1, "p50", "nginx", diff), "target <= 50")
     figure("proxy_p50_added_vs_direct_us", per_round(tw, 1, "p50", "direct", diff))

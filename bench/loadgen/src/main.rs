@@ -4,6 +4,9 @@
 //! - `minproxy ADDR UPSTREAM_PORT`          the reference: the least a Rust proxy can do (hyper
 //!                                           server and pooled client, one thread, a static
 //!                                           `Authorization` added); prints its port
+//! - `bareproxy ADDR UPSTREAM_PORT`         a bare hyper proxy: the same, with a plain list of
+//!                                           idle connections instead of hyper-util's pool (as
+//!                                           tokenwarden's own pool); prints its port
 //! - `burst URL N [HEADER: VALUE]...`        N connections opened first, then N GETs at once;
 //!                                           prints JSON {wallMs, statuses, p50Ms, p99Ms, maxMs}
 //! - `create API AUTH ELEMENT COUNT CONC CALLBACK`
@@ -40,10 +43,13 @@ fn main() {
         "upstream" => current_thread().block_on(upstream(&args[1])),
         "burst" => multi_thread().block_on(burst(&args[1..])),
         "minproxy" => current_thread().block_on(minproxy(&args[1..])),
+        "bareproxy" => current_thread().block_on(bareproxy(&args[1..])),
         "create" => multi_thread().block_on(create(&args[1..])),
         "refresh" => multi_thread().block_on(refresh(&args[1..])),
         "watch" => current_thread().block_on(watch(&args[1..])),
-        _ => Err(format!("unknown command {command:?}; see the source header")),
+        _ => Err(format!(
+            "unknown command {command:?}; see the source header"
+        )),
     };
     if let Err(message) = result {
         eprintln!("tw-loadgen {command}: {message}");
@@ -85,14 +91,15 @@ async fn upstream(addr: &str) -> Result<(), String> {
         };
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(|_request: Request<hyper::body::Incoming>| async {
-                Ok::<_, Infallible>(
-                    Response::builder()
-                        .header("content-type", "application/json")
-                        .body(Full::new(Bytes::from_static(BODY)))
-                        .unwrap(),
-                )
-            });
+            let service =
+                hyper::service::service_fn(|_request: Request<hyper::body::Incoming>| async {
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from_static(BODY)))
+                            .unwrap(),
+                    )
+                });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
@@ -122,27 +129,157 @@ async fn minproxy(args: &[String]) -> Result<(), String> {
         let _ = stream.set_nodelay(true);
         let client = client.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                let client = client.clone();
-                async move {
-                    let (mut parts, body) = request.into_parts();
-                    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-                    parts.uri = format!("http://127.0.0.1:{upstream_port}{path}").parse().unwrap();
-                    parts.headers.remove("host");
-                    parts.headers.insert(
-                        "authorization",
-                        hyper::header::HeaderValue::from_static("Bearer bench-static-token"),
-                    );
-                    let answer = client.request(Request::from_parts(parts, body)).await;
-                    Ok::<_, Infallible>(match answer {
-                        Ok(response) => response.map(|b| b.boxed()),
-                        Err(_) => Response::builder()
-                            .status(502)
-                            .body(Empty::new().map_err(|never| match never {}).boxed())
-                            .unwrap(),
-                    })
-                }
-            });
+            let service =
+                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let client = client.clone();
+                    async move {
+                        let (mut parts, body) = request.into_parts();
+                        let path = parts
+                            .uri
+                            .path_and_query()
+                            .map(|p| p.as_str())
+                            .unwrap_or("/");
+                        parts.uri = format!("http://127.0.0.1:{upstream_port}{path}")
+                            .parse()
+                            .unwrap();
+                        parts.headers.remove("host");
+                        parts.headers.insert(
+                            "authorization",
+                            hyper::header::HeaderValue::from_static("Bearer bench-static-token"),
+                        );
+                        let answer = client.request(Request::from_parts(parts, body)).await;
+                        Ok::<_, Infallible>(match answer {
+                            Ok(response) => response.map(|b| b.boxed()),
+                            Err(_) => Response::builder()
+                                .status(502)
+                                .body(Empty::new().map_err(|never| match never {}).boxed())
+                                .unwrap(),
+                        })
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// An idle upstream connection, and the pool of them.
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+type IdleConnections = Arc<std::sync::Mutex<Vec<Sender>>>;
+
+/// An answer's body that puts its connection back in the pool once it has ended.
+struct GiveBack {
+    body: hyper::body::Incoming,
+    sender: Option<Sender>,
+    idle: IdleConnections,
+}
+
+impl GiveBack {
+    fn give_back_if_ended(&mut self) {
+        if http_body::Body::is_end_stream(&self.body)
+            && let Some(sender) = self.sender.take()
+        {
+            self.idle.lock().unwrap().push(sender);
+        }
+    }
+}
+
+impl http_body::Body for GiveBack {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        self.give_back_if_ended();
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        http_body::Body::is_end_stream(&self.body)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::Body::size_hint(&self.body)
+    }
+}
+
+impl Drop for GiveBack {
+    fn drop(&mut self) {
+        self.give_back_if_ended();
+    }
+}
+
+/// A bare hyper proxy: hyper's server and HTTP/1.1 client connections with a plain list of
+/// idle ones, one thread, a static `Authorization` added, GET only. It shows what the stack
+/// costs without hyper-util's pool, as tokenwarden's own pool does without it.
+async fn bareproxy(args: &[String]) -> Result<(), String> {
+    let addr: String = arg(args, 0, "ADDR")?;
+    let upstream_port: u16 = arg(args, 1, "UPSTREAM_PORT")?;
+    let listener = tokio::net::TcpListener::bind(addr.as_str())
+        .await
+        .map_err(|e| e.to_string())?;
+    println!("{}", listener.local_addr().unwrap().port());
+    let idle: IdleConnections = Arc::default();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let idle = idle.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let idle = idle.clone();
+                    async move {
+                        let (mut parts, _body) = request.into_parts();
+                        parts.uri = hyper::Uri::from(parts.uri.path_and_query().cloned().unwrap());
+                        parts
+                            .headers
+                            .insert("host", hyper::header::HeaderValue::from_static("127.0.0.1"));
+                        parts.headers.insert(
+                            "authorization",
+                            hyper::header::HeaderValue::from_static("Bearer bench-static-token"),
+                        );
+                        let pooled = idle.lock().unwrap().pop();
+                        let mut sender = match pooled {
+                            Some(sender) => sender,
+                            None => {
+                                let stream =
+                                    tokio::net::TcpStream::connect(("127.0.0.1", upstream_port))
+                                        .await
+                                        .map_err(|e| e.to_string())?;
+                                let _ = stream.set_nodelay(true);
+                                let (sender, connection) =
+                                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                                        .await
+                                        .map_err(|e| e.to_string())?;
+                                tokio::spawn(connection);
+                                sender
+                            }
+                        };
+                        let answer = sender
+                            .send_request(Request::from_parts(parts, Empty::new()))
+                            .await;
+                        Ok::<_, String>(match answer {
+                            Ok(response) => response.map(|body| {
+                                GiveBack {
+                                    body,
+                                    sender: Some(sender),
+                                    idle,
+                                }
+                                .boxed()
+                            }),
+                            Err(_) => Response::builder()
+                                .status(502)
+                                .body(Empty::new().map_err(|never| match never {}).boxed())
+                                .unwrap(),
+                        })
+                    }
+                });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
@@ -328,7 +465,10 @@ async fn create_one(
     );
     let (status, _, body) = send(client, "GET", &url, Some(auth), None).await?;
     if status != 200 {
-        return Err(format!("oauth/url {status}: {}", String::from_utf8_lossy(&body)));
+        return Err(format!(
+            "oauth/url {status}: {}",
+            String::from_utf8_lossy(&body)
+        ));
     }
     let answer: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
     let oauth_url = answer["oauthUrl"].as_str().ok_or("no oauthUrl")?;
@@ -350,10 +490,19 @@ async fn create_one(
         "configuration": {"oauth.api.key": "bench-client", "oauth.api.secret": "bench-secret",
                           "oauth.callback.url": callback},
         "name": format!("bench {user}"), "tags": ["bench"]});
-    let (status, _, answer) =
-        send(client, "POST", &format!("{api}/instances"), Some(auth), Some(&body)).await?;
+    let (status, _, answer) = send(
+        client,
+        "POST",
+        &format!("{api}/instances"),
+        Some(auth),
+        Some(&body),
+    )
+    .await?;
     if status != 200 {
-        return Err(format!("POST /instances {status}: {}", String::from_utf8_lossy(&answer)));
+        return Err(format!(
+            "POST /instances {status}: {}",
+            String::from_utf8_lossy(&answer)
+        ));
     }
     let answer: Value = serde_json::from_slice(&answer).map_err(|e| e.to_string())?;
     Ok((
@@ -405,7 +554,9 @@ async fn refresh(args: &[String]) -> Result<(), String> {
     // Optional: give up on a request after this many ms (chaos: a refresh waiting on a lease
     // held by a killed process would otherwise hold its worker for the whole lease).
     let give_up = match args.get(5) {
-        Some(ms) => Some(Duration::from_millis(ms.parse().map_err(|_| "bad TIMEOUT_MS")?)),
+        Some(ms) => Some(Duration::from_millis(
+            ms.parse().map_err(|_| "bad TIMEOUT_MS")?,
+        )),
         None => None,
     };
     let ids: Vec<String> = std::fs::read_to_string(&file)
@@ -469,7 +620,14 @@ async fn refresh(args: &[String]) -> Result<(), String> {
 }
 
 async fn refresh_count(client: &HttpClient, sandbox: &str) -> Result<i64, String> {
-    let (_, _, body) = send(client, "GET", &format!("{sandbox}/__sandbox/stats"), None, None).await?;
+    let (_, _, body) = send(
+        client,
+        "GET",
+        &format!("{sandbox}/__sandbox/stats"),
+        None,
+        None,
+    )
+    .await?;
     let stats: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
     Ok(stats["token"]["refresh_token"].as_i64().unwrap_or(0))
 }
