@@ -80,7 +80,16 @@ fn arg<T: std::str::FromStr>(args: &[String], index: usize, name: &str) -> Resul
 
 const BODY: &[u8] = br#"{"id":"bench","ok":true,"items":[1,2,3],"name":"a small JSON body"}"#;
 
-async fn upstream(addr: &str) -> Result<(), String> {
+/// Binds `addr`, prints the port, and serves each connection it accepts with hyper's HTTP/1.1
+/// server and a service from `service()`.
+async fn serve<S>(addr: &str, service: impl Fn() -> S) -> Result<(), String>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming> + Send + 'static,
+    S::Future: Send,
+    S::ResBody: Send + 'static,
+    <S::ResBody as http_body::Body>::Data: Send,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| e.to_string())?;
@@ -90,21 +99,26 @@ async fn upstream(addr: &str) -> Result<(), String> {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let connection = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service());
         tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(|_request: Request<hyper::body::Incoming>| async {
-                    Ok::<_, Infallible>(
-                        Response::builder()
-                            .header("content-type", "application/json")
-                            .body(Full::new(Bytes::from_static(BODY)))
-                            .unwrap(),
-                    )
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _ = connection.await;
         });
     }
+}
+
+async fn upstream(addr: &str) -> Result<(), String> {
+    serve(addr, || {
+        hyper::service::service_fn(|_request: Request<hyper::body::Incoming>| async {
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from_static(BODY)))
+                    .unwrap(),
+            )
+        })
+    })
+    .await
 }
 
 /// The least a Rust proxy does: the same stack as tokenwarden's (hyper server, hyper-util's
@@ -112,56 +126,43 @@ async fn upstream(addr: &str) -> Result<(), String> {
 async fn minproxy(args: &[String]) -> Result<(), String> {
     let addr: String = arg(args, 0, "ADDR")?;
     let upstream_port: u16 = arg(args, 1, "UPSTREAM_PORT")?;
-    let listener = tokio::net::TcpListener::bind(addr.as_str())
-        .await
-        .map_err(|e| e.to_string())?;
-    println!("{}", listener.local_addr().unwrap().port());
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let client: Client<HttpConnector, hyper::body::Incoming> =
         Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(256)
             .build(connector);
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
+    serve(&addr, move || {
         let client = client.clone();
-        tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let client = client.clone();
-                    async move {
-                        let (mut parts, body) = request.into_parts();
-                        let path = parts
-                            .uri
-                            .path_and_query()
-                            .map(|p| p.as_str())
-                            .unwrap_or("/");
-                        parts.uri = format!("http://127.0.0.1:{upstream_port}{path}")
-                            .parse()
-                            .unwrap();
-                        parts.headers.remove("host");
-                        parts.headers.insert(
-                            "authorization",
-                            hyper::header::HeaderValue::from_static("Bearer bench-static-token"),
-                        );
-                        let answer = client.request(Request::from_parts(parts, body)).await;
-                        Ok::<_, Infallible>(match answer {
-                            Ok(response) => response.map(|b| b.boxed()),
-                            Err(_) => Response::builder()
-                                .status(502)
-                                .body(Empty::new().map_err(|never| match never {}).boxed())
-                                .unwrap(),
-                        })
-                    }
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+        hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+            let client = client.clone();
+            async move {
+                let (mut parts, body) = request.into_parts();
+                let path = parts
+                    .uri
+                    .path_and_query()
+                    .map(|p| p.as_str())
+                    .unwrap_or("/");
+                parts.uri = format!("http://127.0.0.1:{upstream_port}{path}")
+                    .parse()
+                    .unwrap();
+                parts.headers.remove("host");
+                parts.headers.insert(
+                    "authorization",
+                    hyper::header::HeaderValue::from_static("Bearer bench-static-token"),
+                );
+                let answer = client.request(Request::from_parts(parts, body)).await;
+                Ok::<_, Infallible>(match answer {
+                    Ok(response) => response.map(|b| b.boxed()),
+                    Err(_) => Response::builder()
+                        .status(502)
+                        .body(Empty::new().map_err(|never| match never {}).boxed())
+                        .unwrap(),
+                })
+            }
+        })
+    })
+    .await
 }
 
 /// An idle upstream connection, and the pool of them.
@@ -219,72 +220,58 @@ impl Drop for GiveBack {
 async fn bareproxy(args: &[String]) -> Result<(), String> {
     let addr: String = arg(args, 0, "ADDR")?;
     let upstream_port: u16 = arg(args, 1, "UPSTREAM_PORT")?;
-    let listener = tokio::net::TcpListener::bind(addr.as_str())
-        .await
-        .map_err(|e| e.to_string())?;
-    println!("{}", listener.local_addr().unwrap().port());
     let idle: IdleConnections = Arc::default();
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
+    serve(&addr, move || {
         let idle = idle.clone();
-        tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let idle = idle.clone();
-                    async move {
-                        let (mut parts, _body) = request.into_parts();
-                        parts.uri = hyper::Uri::from(parts.uri.path_and_query().cloned().unwrap());
-                        parts
-                            .headers
-                            .insert("host", hyper::header::HeaderValue::from_static("127.0.0.1"));
-                        parts.headers.insert(
-                            "authorization",
-                            hyper::header::HeaderValue::from_static("Bearer bench-static-token"),
-                        );
-                        let pooled = idle.lock().unwrap().pop();
-                        let mut sender = match pooled {
-                            Some(sender) => sender,
-                            None => {
-                                let stream =
-                                    tokio::net::TcpStream::connect(("127.0.0.1", upstream_port))
-                                        .await
-                                        .map_err(|e| e.to_string())?;
-                                let _ = stream.set_nodelay(true);
-                                let (sender, connection) =
-                                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                                        .await
-                                        .map_err(|e| e.to_string())?;
-                                tokio::spawn(connection);
-                                sender
-                            }
-                        };
-                        let answer = sender
-                            .send_request(Request::from_parts(parts, Empty::new()))
-                            .await;
-                        Ok::<_, String>(match answer {
-                            Ok(response) => response.map(|body| {
-                                GiveBack {
-                                    body,
-                                    sender: Some(sender),
-                                    idle,
-                                }
-                                .boxed()
-                            }),
-                            Err(_) => Response::builder()
-                                .status(502)
-                                .body(Empty::new().map_err(|never| match never {}).boxed())
-                                .unwrap(),
-                        })
+        hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+            let idle = idle.clone();
+            async move {
+                let (mut parts, _body) = request.into_parts();
+                parts.uri = hyper::Uri::from(parts.uri.path_and_query().cloned().unwrap());
+                parts
+                    .headers
+                    .insert("host", hyper::header::HeaderValue::from_static("127.0.0.1"));
+                parts.headers.insert(
+                    "authorization",
+                    hyper::header::HeaderValue::from_static("Bearer bench-static-token"),
+                );
+                let pooled = idle.lock().unwrap().pop();
+                let mut sender = match pooled {
+                    Some(sender) => sender,
+                    None => {
+                        let stream = tokio::net::TcpStream::connect(("127.0.0.1", upstream_port))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        let _ = stream.set_nodelay(true);
+                        let (sender, connection) =
+                            hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                                .await
+                                .map_err(|e| e.to_string())?;
+                        tokio::spawn(connection);
+                        sender
                     }
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+                };
+                let answer = sender
+                    .send_request(Request::from_parts(parts, Empty::new()))
+                    .await;
+                Ok::<_, String>(match answer {
+                    Ok(response) => response.map(|body| {
+                        GiveBack {
+                            body,
+                            sender: Some(sender),
+                            idle,
+                        }
+                        .boxed()
+                    }),
+                    Err(_) => Response::builder()
+                        .status(502)
+                        .body(Empty::new().map_err(|never| match never {}).boxed())
+                        .unwrap(),
+                })
+            }
+        })
+    })
+    .await
 }
 
 fn split_url(url: &str) -> Result<(String, String), String> {
