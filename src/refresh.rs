@@ -243,19 +243,22 @@ impl RefreshEngine {
     /// in the background (one re-read at a time), so the hot path makes no query while the
     /// token is fresh; a change made on another replica (disabled, deleted, re-authenticated)
     /// shows from the call after that re-read. A rejected token always re-reads the row first
-    /// (see [`RefreshEngine::refresh`]).
+    /// (see [`RefreshEngine::refresh`]). `now` is the call's start.
     pub async fn get(
         &self,
         app: &crate::app::SharedApp,
         id: i64,
+        now: Instant,
     ) -> Result<Arc<CachedInstance>, RefreshFailure> {
         if let Some(cached) = self.cache.get(&id).map(|c| Arc::clone(&c)) {
-            cached.last_used.store(now_ms(), Ordering::Relaxed);
-            if cached.loaded_at.elapsed() < REVALIDATE_AFTER {
+            let wall = now_ms();
+            cached.last_used.store(wall, Ordering::Relaxed);
+            let age = now.saturating_duration_since(cached.loaded_at);
+            if age < REVALIDATE_AFTER {
                 return Ok(cached);
             }
             // Served while its token is fresh and the copy not too old; re-read meanwhile.
-            if !cached.expired(now_ms()) && cached.loaded_at.elapsed() < SERVE_STALE_AT_MOST {
+            if !cached.expired(wall) && age < SERVE_STALE_AT_MOST {
                 if !cached.revalidating.swap(true, Ordering::AcqRel) {
                     // `self` is `app.refresh`: the task reaches it through the app.
                     let app = Arc::clone(app);

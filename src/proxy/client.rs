@@ -139,18 +139,18 @@ impl ProxyClient {
     /// Sends `request` (its URI the path and query alone, as an HTTP/1.1 request line to an
     /// origin server carries them) on a pooled or new connection to the origin `https` and
     /// `authority`, `key` being the origin's key ([`super::ProxyBase::origin_key`]). The
-    /// answer's headers must come within `timeout`, connecting included.
+    /// answer's headers must come by `deadline`, connecting included.
     pub async fn request(
         self: &Arc<Self>,
         key: u64,
         https: bool,
         authority: &Authority,
         mut request: Request<Body>,
-        timeout: Duration,
+        deadline: tokio::time::Instant,
     ) -> Result<(Response<Incoming>, Lease), CallError> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let now = Instant::now();
         loop {
-            let (mut connection, pooled) = match self.take(key, https, authority) {
+            let (mut connection, pooled) = match self.take(key, https, authority, now) {
                 Some(connection) => (connection, true),
                 // Boxed: the connection's set-up is a large future, and unboxed it would make
                 // every call's future as large (and copied as often) for the rare call that
@@ -205,7 +205,13 @@ impl ProxyClient {
         }
     }
 
-    fn take(&self, key: u64, https: bool, authority: &Authority) -> Option<Connection> {
+    fn take(
+        &self,
+        key: u64,
+        https: bool,
+        authority: &Authority,
+        now: Instant,
+    ) -> Option<Connection> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let origin = idle.origins.get_mut(&key)?;
         // Keys are hashes: a collision of two origins is not a match. (Bytes compared:
@@ -214,7 +220,8 @@ impl ProxyClient {
             return None;
         }
         while let Some((connection, since)) = origin.connections.pop() {
-            if !connection.sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+            if !connection.sender.is_closed() && now.saturating_duration_since(since) < IDLE_TIMEOUT
+            {
                 return Some(connection);
             }
         }

@@ -73,7 +73,7 @@ pub async fn entry(app: SharedApp, request: Request) -> Response {
 
 async fn measured(app: SharedApp, request: Request) -> Response {
     let started = Instant::now();
-    let response = match proxy(&app, request).await {
+    let response = match proxy(&app, request, started).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
@@ -232,12 +232,14 @@ fn forwarded_headers(mut headers: HeaderMap) -> HeaderMap {
     headers
 }
 
-async fn proxy(app: &SharedApp, request: Request) -> Result<Response, ApiError> {
+/// A call through the proxy, `started` when it came (one clock reading serves the call's
+/// freshness checks).
+async fn proxy(app: &SharedApp, request: Request, started: Instant) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
-    let instance_id = auth::authenticate(app, &parts.headers).await?;
+    let instance_id = auth::authenticate(app, &parts.headers, started).await?;
     let mut instance = app
         .refresh
-        .get(app, instance_id)
+        .get(app, instance_id, started)
         .await
         .map_err(failure_for_call)?;
     usable(&instance)?;
@@ -300,7 +302,16 @@ async fn proxy(app: &SharedApp, request: Request) -> Result<Response, ApiError> 
     } else {
         (headers, None)
     };
-    let first = send(app, &instance, &outgoing, target, first_headers, first_body).await?;
+    let first = send(
+        app,
+        &instance,
+        &outgoing,
+        target,
+        first_headers,
+        first_body,
+        started,
+    )
+    .await?;
     let (first, rejection) = inspect(app, &instance, first).await?;
     let Some(rejection_message) = rejection else {
         return Ok(first);
@@ -324,6 +335,7 @@ async fn proxy(app: &SharedApp, request: Request) -> Result<Response, ApiError> 
                     target,
                     headers,
                     OutgoingBody::Kept(bytes),
+                    Instant::now(),
                 )
                 .await?;
                 Ok(answer(app, second))
@@ -422,6 +434,7 @@ async fn send(
     target: Target,
     mut headers: HeaderMap,
     body: OutgoingBody,
+    now: Instant,
 ) -> Result<Answered, ApiError> {
     match (&instance.bearer, &instance.access_token) {
         (Some(bearer), _) => {
@@ -469,7 +482,7 @@ async fn send(
             target.https,
             &target.authority,
             request,
-            timeout,
+            tokio::time::Instant::from_std(now) + timeout,
         )
         .await
         .map_err(|error| match error {

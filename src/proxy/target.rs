@@ -127,6 +127,9 @@ fn refuse(why: &str) -> ApiError {
 
 /// The checks of a path under the base; see the module's documentation.
 fn check_path(raw_path: &str) -> Result<(), ApiError> {
+    if plain(raw_path) {
+        return Ok(());
+    }
     // A request path never holds `?` or `#` (the query comes separately); in a joined URL they
     // would end the path inside a segment.
     if raw_path.contains(['?', '#']) {
@@ -146,6 +149,39 @@ fn check_path(raw_path: &str) -> Result<(), ApiError> {
         check_segment(&decoded)?;
     }
     Ok(())
+}
+
+/// Whether a path is made of plain segments only: none empty, `.` or `..`, each of letters,
+/// digits and `-._~!$&'()*+,=:@` (no `%`, `;`, `\\`, `?`, `#` or control characters). Such a path
+/// passes every check below; it is what nearly every call sends, so it skips them (the percent
+/// decoding and the per-segment scans were a measurable share of a proxied call). Anything
+/// else gets the whole check.
+fn plain(raw_path: &str) -> bool {
+    !raw_path.is_empty()
+        && raw_path.as_bytes().split(|b| *b == b'/').all(|segment| {
+            !matches!(segment, b"" | b"." | b"..")
+                && segment.iter().all(|b| {
+                    b.is_ascii_alphanumeric()
+                        || matches!(
+                            b,
+                            b'-' | b'.'
+                                | b'_'
+                                | b'~'
+                                | b'!'
+                                | b'$'
+                                | b'&'
+                                | b'\''
+                                | b'('
+                                | b')'
+                                | b'*'
+                                | b'+'
+                                | b','
+                                | b'='
+                                | b':'
+                                | b'@'
+                        )
+                })
+        })
 }
 
 fn check_segment(decoded: &[u8]) -> Result<(), ApiError> {
@@ -195,7 +231,44 @@ pub fn confine(base_url: &str, raw_path: &str, query: Option<&str>) -> Result<Ur
 
 #[cfg(test)]
 mod tests {
-    use super::confine;
+    use super::{check_path, confine, plain};
+
+    #[test]
+    fn plain_paths_are_a_subset_of_the_accepted_ones() {
+        for path in [
+            "data",
+            "api/rest/v6/users/me",
+            "a.b/c-d/e_f/~g/h:i@j/k=l,m+n*o(p)q'r&s$t!u",
+            "v1/.well-known/x",
+            "...",
+        ] {
+            assert!(plain(path), "{path}");
+            assert!(check_path(path).is_ok(), "{path}");
+        }
+        // Whatever the fast path does not take goes to the whole check, which decides.
+        for path in [
+            "",
+            "/",
+            "a//b",
+            "/etc/passwd",
+            "a/../b",
+            "..",
+            ".",
+            "a/./b",
+            "..;x/b",
+            "a/%2e%2e/b",
+            "a/%2F/b",
+            "a\\b",
+            "a?b",
+            "a#b",
+            "a/\u{7f}",
+            "a b",
+            "a/",
+            "é",
+        ] {
+            assert!(!plain(path), "{path:?} is not plain");
+        }
+    }
 
     const BASE: &str = "http://127.0.0.1:4000/adobe-sign/";
 
