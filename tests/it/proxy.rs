@@ -448,6 +448,93 @@ async fn a_provider_that_stalls_is_given_up() {
     drop_test_database(&url).await;
 }
 
+/// Each pooled connection keeps one timer for the answer's headers and moves it forward per
+/// call. A connection that sat idle past the timeout (its timer fired meanwhile) still serves
+/// the next call, calls one after another keep being answered on it, and a provider that then
+/// stops answering on that same connection is still given up in time.
+#[tokio::test]
+async fn a_pooled_connections_header_timer_serves_call_after_call() {
+    let url = sqlite_database();
+    let sandbox = tokenwarden_sandbox::spawn(
+        crate::harness::loopback(),
+        tokenwarden_sandbox::SandboxConfig::default(),
+    )
+    .await
+    .unwrap();
+    let env = Env::start_with_sandbox("sqlite", &url, sandbox, |config| {
+        config.provider_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    // Answers `/silent` never, anything else at once with the connection's number.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let connection = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while let Some(head) = next_head(&mut stream, &mut seen, &mut buffer).await {
+                    if head.starts_with("GET /silent") {
+                        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                        return;
+                    }
+                    let body = format!(r#"{{"connection":{connection}}}"#);
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    register_connector(
+        &env,
+        "timely",
+        json!({"baseUrl": format!("http://{addr}/")}),
+    )
+    .await;
+    let created = env.create_instance(&env.org, "timely", "clock").await;
+    let token = created["token"].as_str().unwrap();
+
+    let (status, body) = env.proxy(&env.org, token, Method::GET, "data").await;
+    assert_eq!((status, body), (200, json!({"connection": 1})));
+    // Idle past the provider timeout: the connection's timer fires while it waits in the pool.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    for _ in 0..5 {
+        let (status, body) = env.proxy(&env.org, token, Method::GET, "data").await;
+        assert_eq!(
+            (status, body),
+            (200, json!({"connection": 1})),
+            "the same connection, its timer moved forward"
+        );
+    }
+    // The provider stops answering on that connection: given up after about the timeout.
+    let started = std::time::Instant::now();
+    let (status, body) = env.proxy(&env.org, token, Method::GET, "silent").await;
+    assert_eq!(status, 504, "{body}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(900)
+            && waited < std::time::Duration::from_secs(5),
+        "given up after {waited:?}"
+    );
+    // That connection went with the call; the next call opens another.
+    let (status, body) = env.proxy(&env.org, token, Method::GET, "data").await;
+    assert_eq!((status, body), (200, json!({"connection": 2})));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// The proxy's hot path bypasses the router's middleware, so it keeps the contract's request
 /// ids by itself: every answer carries `X-Request-Id` (the caller's well-formed one, or a new
 /// one), and an error body's `requestId` is that id.
