@@ -287,6 +287,17 @@ def table(title, header, rows):
 WRK_UNITS = {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0}
 
 
+def cpu_seconds(pid):
+    """User plus system CPU time a process has used so far, in seconds (from /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # utime and stime are the 14th and 15th fields; 11th and 12th after the command's ")".
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wrk(url, connections, seconds, header=None):
     args = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
     if header:
@@ -362,6 +373,11 @@ def bench_proxy():
     targets = {"direct": (direct, None), "nginx": (f"http://127.0.0.1:{nginx_port}/data", None),
                "minproxy": (f"http://127.0.0.1:{minproxy_port}/data", None),
                "bareproxy": (f"http://127.0.0.1:{bareproxy_port}/data", None)}
+    # Whose CPU time each target's calls cost: the proxy's process (nginx's one worker).
+    workers = subprocess.run(["pgrep", "-P", str(nginx.pid)], capture_output=True,
+                             text=True).stdout.split()
+    pids = {"nginx": int(workers[0]) if workers else None, "minproxy": minproxy.pid,
+            "bareproxy": bareproxy.pid}
     services = {}
     for workers in (1, 2):
         service = services[workers] = Service(f"proxy-w{workers}", f"sqlite://{OUT}/proxy-w{workers}.db", sandbox,
@@ -384,6 +400,7 @@ def bench_proxy():
         status, body = http("GET", url, headers={"authorization": service.through(token)})
         assert status == 200 and body.get("id") == "bench", f"proxy check: {status} {body}"
         targets[f"tw_w{workers}"] = (url, service.through(token))
+        pids[f"tw_w{workers}"] = service.process.pid
     for name, (url, header) in targets.items():  # warm-up, not counted
         wrk(url, 64, 1, header)
     names = list(targets)
@@ -393,18 +410,28 @@ def bench_proxy():
         for connections in (1, 64):
             for name in order:
                 url, header = targets[name]
+                before = cpu_seconds(pids[name]) if name in pids else None
                 result = wrk(url, connections, SECS, header)
+                after = cpu_seconds(pids[name]) if name in pids else None
+                # The proxy's CPU per call (user + system): steadier than req/s on a machine
+                # whose speed drifts, since each proxy fills its one core at 64 connections.
+                result["cpu_us"] = ((after - before) * 1e6 / result["requests"]
+                                    if before is not None and after is not None
+                                    and result["requests"] else None)
                 runs.setdefault((name, connections), []).append(result)
                 log(f"  round {round_index + 1}/{ROUNDS} c={connections:<2} {name:<7} "
                     f"rps={fmt(result['rps'])} p50={fmt(result['p50'])}us "
-                    f"p99={fmt(result['p99'])}us errors={result['errors']}")
+                    f"p99={fmt(result['p99'])}us"
+                    + (f" cpu={fmt(result['cpu_us'])}us/call" if result["cpu_us"] else "")
+                    + f" errors={result['errors']}")
     rows = []
     for (name, connections), results in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        cpu = [r["cpu_us"] for r in results if r.get("cpu_us") is not None]
         rows.append((name, connections, median([r["rps"] for r in results]),
                      median([r["p50"] for r in results]), median([r["p99"] for r in results]),
-                     sum(r["errors"] for r in results)))
+                     median(cpu) if cpu else None, sum(r["errors"] for r in results)))
     table(f"proxy: GET of a small JSON body, wrk -t1, {ROUNDS} rounds x {SECS}s, medians  [{context}]",
-          ["target", "conns", "req/s", "p50 us", "p99 us", "errors"], rows)
+          ["target", "conns", "req/s", "p50 us", "p99 us", "proxy CPU us/call", "errors"], rows)
 
     def per_round(name, connections, key, other, fn):
         a, b = runs[(name, connections)], runs[(other, connections)]
@@ -432,6 +459,14 @@ def bench_proxy():
     figure("proxy_rps_ratio_vs_bareproxy", per_round(tw, 64, "rps", "bareproxy", ratio))
     figure("proxy_bareproxy_rps_ratio_vs_nginx", per_round("bareproxy", 64, "rps", "nginx", ratio),
            "the stack's own floor: hyper with a plain pool, nothing else")
+    # CPU (user + system) per call at 64 connections, ours over nginx's: 1.0 costs as much as
+    # nginx, lower is better. Each proxy fills one core there, so this is what sets req/s,
+    # measured without the drift of the machine's speed between one run and the next.
+    figure("proxy_cpu_per_call_vs_nginx", per_round(tw, 64, "cpu_us", "nginx", ratio),
+           "ours / nginx's; 1.0 = as much CPU per call as nginx")
+    figure("proxy_cpu_per_call_vs_bareproxy", per_round(tw, 64, "cpu_us", "bareproxy", ratio))
+    figure("proxy_bareproxy_cpu_per_call_vs_nginx",
+           per_round("bareproxy", 64, "cpu_us", "nginx", ratio))
     # (ours - direct) - (nginx - direct) per round, at 1 connection
     figure("proxy_p50_added_vs_nginx_us", per_round(tw, 1, "p50", "nginx", diff), "target <= 50")
     figure("proxy_p50_added_vs_direct_us", per_round(tw, 1, "p50", "direct", diff))
@@ -443,6 +478,9 @@ def bench_proxy():
             figure(f"proxy_rps_{name}_c{connections}", median([r["rps"] for r in results]))
             figure(f"proxy_p50_us_{name}_c{connections}", median([r["p50"] for r in results]))
             figure(f"proxy_p99_us_{name}_c{connections}", median([r["p99"] for r in results]))
+            cpu = [r["cpu_us"] for r in results if r.get("cpu_us") is not None]
+            if cpu:
+                figure(f"proxy_cpu_us_per_call_{name}_c{connections}", median(cpu))
     figure("proxy_errors", sum(r["errors"] for results in runs.values() for r in results), "target 0")
     if os.environ.get("BENCH_PERF") == "1":
         # After the measured rounds, not counted: where the service spends its CPU at 64
