@@ -373,22 +373,27 @@ async fn every_rejection_shape_refreshes_and_reports_the_providers_words() {
     drop_test_database(&url).await;
 }
 
-/// A provider that stops answering is given up: no headers within the provider timeout answer
-/// 504, and an answer whose body stops coming is cut after that long without data, instead of
-/// holding the caller (and a pooled connection) forever.
-#[tokio::test]
-async fn a_provider_that_stalls_is_given_up() {
-    let url = sqlite_database();
+/// A service on SQLite whose provider timeout is 1 s, with a sandbox of its own.
+async fn env_with_a_one_second_provider_timeout(url: &str) -> Env {
     let sandbox = tokenwarden_sandbox::spawn(
         crate::harness::loopback(),
         tokenwarden_sandbox::SandboxConfig::default(),
     )
     .await
     .unwrap();
-    let env = Env::start_with_sandbox("sqlite", &url, sandbox, |config| {
+    Env::start_with_sandbox("sqlite", url, sandbox, |config| {
         config.provider_timeout = std::time::Duration::from_secs(1);
     })
-    .await;
+    .await
+}
+
+/// A provider that stops answering is given up: no headers within the provider timeout answer
+/// 504, and an answer whose body stops coming is cut after that long without data, instead of
+/// holding the caller (and a pooled connection) forever.
+#[tokio::test]
+async fn a_provider_that_stalls_is_given_up() {
+    let url = sqlite_database();
+    let env = env_with_a_one_second_provider_timeout(&url).await;
     // Answers nothing to `/silent`, and to anything else a head and 7 of 100 promised bytes.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -455,16 +460,7 @@ async fn a_provider_that_stalls_is_given_up() {
 #[tokio::test]
 async fn a_pooled_connections_header_timer_serves_call_after_call() {
     let url = sqlite_database();
-    let sandbox = tokenwarden_sandbox::spawn(
-        crate::harness::loopback(),
-        tokenwarden_sandbox::SandboxConfig::default(),
-    )
-    .await
-    .unwrap();
-    let env = Env::start_with_sandbox("sqlite", &url, sandbox, |config| {
-        config.provider_timeout = std::time::Duration::from_secs(1);
-    })
-    .await;
+    let env = env_with_a_one_second_provider_timeout(&url).await;
     // Answers `/silent` never, anything else at once with the connection's number.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
