@@ -373,6 +373,35 @@ async fn every_rejection_shape_refreshes_and_reports_the_providers_words() {
     drop_test_database(&url).await;
 }
 
+/// A provider written by hand, as a stranger's HTTP/1.1 server would be: each connection it
+/// accepts goes to `serve` with its number (from 1). It is registered as connector `key`, with
+/// one instance for `user`; answers that instance's Element token and the count of connections
+/// accepted so far.
+async fn hand_written_provider<F, Fut>(
+    env: &Env,
+    key: &str,
+    user: &str,
+    serve: F,
+) -> (String, Arc<AtomicUsize>)
+where
+    F: Fn(tokio::net::TcpStream, usize) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let connection = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::spawn(serve(stream, connection));
+        }
+    });
+    register_connector(env, key, json!({"baseUrl": format!("http://{addr}/")})).await;
+    let created = env.create_instance(&env.org, key, user).await;
+    (created["token"].as_str().unwrap().to_string(), accepted)
+}
+
 /// A service on SQLite whose provider timeout is 1 s, with a sandbox of its own.
 async fn env_with_a_one_second_provider_timeout(url: &str) -> Env {
     let sandbox = tokenwarden_sandbox::spawn(
@@ -395,40 +424,26 @@ async fn a_provider_that_stalls_is_given_up() {
     let url = sqlite_database();
     let env = env_with_a_one_second_provider_timeout(&url).await;
     // Answers nothing to `/silent`, and to anything else a head and 7 of 100 promised bytes.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buffer = [0u8; 4096];
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buffer).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buffer[..n]),
-                    }
-                }
-                if !seen.starts_with(b"GET /silent") {
-                    let _ = stream
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
-                        .await;
-                }
-                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
-                drop(stream);
-            });
-        }
-    });
-    register_connector(
+    let (token, _) = hand_written_provider(
         &env,
         "staller",
-        json!({"baseUrl": format!("http://{addr}/")}),
+        "patient",
+        |mut stream, _connection| async move {
+            let (mut seen, mut buffer) = (Vec::new(), [0u8; 4096]);
+            let Some(head) = next_head(&mut stream, &mut seen, &mut buffer).await else {
+                return;
+            };
+            if !head.starts_with("GET /silent") {
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+                    .await;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            drop(stream);
+        },
     )
     .await;
-    let created = env.create_instance(&env.org, "staller", "patient").await;
-    let token = created["token"].as_str().unwrap();
+    let token = token.as_str();
 
     let started = std::time::Instant::now();
     let (status, body) = env.proxy(&env.org, token, Method::GET, "silent").await;
@@ -462,44 +477,26 @@ async fn a_pooled_connections_header_timer_serves_call_after_call() {
     let url = sqlite_database();
     let env = env_with_a_one_second_provider_timeout(&url).await;
     // Answers `/silent` never, anything else at once with the connection's number.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&accepted);
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
+    let (token, accepted) = hand_written_provider(&env, "timely", "clock", |mut stream, connection| async move {
+        let mut seen = Vec::new();
+        let mut buffer = [0u8; 4096];
+        while let Some(head) = next_head(&mut stream, &mut seen, &mut buffer).await {
+            if head.starts_with("GET /silent") {
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
                 return;
-            };
-            let connection = counter.fetch_add(1, Ordering::SeqCst) + 1;
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buffer = [0u8; 4096];
-                while let Some(head) = next_head(&mut stream, &mut seen, &mut buffer).await {
-                    if head.starts_with("GET /silent") {
-                        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
-                        return;
-                    }
-                    let body = format!(r#"{{"connection":{connection}}}"#);
-                    let answer = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    if stream.write_all(answer.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
+            }
+            let body = format!(r#"{{"connection":{connection}}}"#);
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if stream.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
         }
-    });
-    register_connector(
-        &env,
-        "timely",
-        json!({"baseUrl": format!("http://{addr}/")}),
-    )
+    })
     .await;
-    let created = env.create_instance(&env.org, "timely", "clock").await;
-    let token = created["token"].as_str().unwrap();
+    let token = token.as_str();
 
     let (status, body) = env.proxy(&env.org, token, Method::GET, "data").await;
     assert_eq!((status, body), (200, json!({"connection": 1})));
@@ -612,53 +609,35 @@ async fn next_head(
 async fn provider_connections_are_reused_and_closed_ones_are_not() {
     let url = sqlite_database();
     let env = Env::start("sqlite", &url).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&accepted);
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
+    let (token, accepted) = hand_written_provider(&env, "keeper", "reuse", |mut stream, connection| async move {
+        let mut seen = Vec::new();
+        let mut buffer = [0u8; 4096];
+        for request in 1.. {
+            let Some(head) = next_head(&mut stream, &mut seen, &mut buffer).await else {
                 return;
             };
-            let connection = counter.fetch_add(1, Ordering::SeqCst) + 1;
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buffer = [0u8; 4096];
-                for request in 1.. {
-                    let Some(head) = next_head(&mut stream, &mut seen, &mut buffer).await else {
-                        return;
-                    };
-                    let body = format!(r#"{{"connection":{connection},"request":{request}}}"#);
-                    let answer = if head.starts_with("GET /empty") {
-                        "HTTP/1.1 204 No Content\r\n\r\n".to_string()
-                    } else if head.starts_with("HEAD ") {
-                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
-                    } else {
-                        format!(
-                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                            body.len()
-                        )
-                    };
-                    if stream.write_all(answer.as_bytes()).await.is_err() {
-                        return;
-                    }
-                    if head.starts_with("GET /hang-up") {
-                        // As a provider's keep-alive timeout does: closed without a word.
-                        return;
-                    }
-                }
-            });
+            let body = format!(r#"{{"connection":{connection},"request":{request}}}"#);
+            let answer = if head.starts_with("GET /empty") {
+                "HTTP/1.1 204 No Content\r\n\r\n".to_string()
+            } else if head.starts_with("HEAD ") {
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
+            } else {
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+            };
+            if stream.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+            if head.starts_with("GET /hang-up") {
+                // As a provider's keep-alive timeout does: closed without a word.
+                return;
+            }
         }
-    });
-    register_connector(
-        &env,
-        "keeper",
-        json!({"baseUrl": format!("http://{addr}/")}),
-    )
+    })
     .await;
-    let created = env.create_instance(&env.org, "keeper", "reuse").await;
-    let token = created["token"].as_str().unwrap();
+    let token = token.as_str();
 
     for request in 1..=4 {
         let (status, body) = env.proxy(&env.org, token, Method::GET, "data").await;
@@ -724,57 +703,46 @@ async fn a_connection_still_uploading_is_not_lent_to_the_next_call() {
     const UPLOAD: usize = 2 * 1024 * 1024;
     let url = sqlite_database();
     let env = Env::start("sqlite", &url).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buffer = vec![0u8; 64 * 1024];
-                loop {
-                    let Some(head) = next_head(&mut stream, &mut seen, &mut buffer).await else {
-                        return;
-                    };
-                    if head.starts_with("POST /upload") {
-                        // Refused at once; the body is then read (and dropped) as it comes.
-                        let refused =
-                            "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 7\r\n\r\ntoo big";
-                        if stream.write_all(refused.as_bytes()).await.is_err() {
-                            return;
-                        }
-                        let mut left = UPLOAD - seen.len().min(UPLOAD);
-                        seen.drain(..(UPLOAD - left));
-                        while left > 0 {
-                            match stream.read(&mut buffer).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => {
-                                    let used = n.min(left);
-                                    left -= used;
-                                    seen.extend_from_slice(&buffer[used..n]);
-                                }
-                            }
-                        }
-                    } else {
-                        let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                        if stream.write_all(answer.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    register_connector(
+    let (token, _) = hand_written_provider(
         &env,
         "refuser",
-        json!({"baseUrl": format!("http://{addr}/")}),
+        "upload",
+        |mut stream, _connection| async move {
+            let mut seen = Vec::new();
+            let mut buffer = vec![0u8; 64 * 1024];
+            loop {
+                let Some(head) = next_head(&mut stream, &mut seen, &mut buffer).await else {
+                    return;
+                };
+                if head.starts_with("POST /upload") {
+                    // Refused at once; the body is then read (and dropped) as it comes.
+                    let refused =
+                        "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 7\r\n\r\ntoo big";
+                    if stream.write_all(refused.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let mut left = UPLOAD - seen.len().min(UPLOAD);
+                    seen.drain(..(UPLOAD - left));
+                    while left > 0 {
+                        match stream.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                let used = n.min(left);
+                                left -= used;
+                                seen.extend_from_slice(&buffer[used..n]);
+                            }
+                        }
+                    }
+                } else {
+                    let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        },
     )
     .await;
-    let created = env.create_instance(&env.org, "refuser", "upload").await;
-    let token = created["token"].as_str().unwrap().to_string();
     let (status, _) = env.proxy(&env.org, &token, Method::GET, "warm").await;
     assert_eq!(status, 200);
 
