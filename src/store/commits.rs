@@ -214,20 +214,11 @@ impl Store {
         let mut query = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql));
         let now = super::system_now_ms();
         for pending in &batch {
-            let tokens = &pending.tokens;
             query = query
                 .bind(Some(pending.id))
                 .bind(Some(pending.expected_token_version))
-                .bind(Some(pending.owner.as_str()))
-                .bind(tokens.access_token_enc.as_deref())
-                .bind(tokens.refresh_token_enc.as_deref())
-                .bind(tokens.token_response_enc.as_deref())
-                .bind(tokens.access_expires_at)
-                .bind(tokens.refresh_expires_at)
-                .bind(tokens.last_refresh_at)
-                .bind(tokens.next_due_at)
-                .bind(tokens.configuration_json.as_deref())
-                .bind(Some(now));
+                .bind(Some(pending.owner.as_str()));
+            query = bind_tokens!(query, &pending.tokens).bind(Some(now));
         }
         for _ in batch.len()..rows {
             query = query
@@ -249,18 +240,7 @@ impl Store {
             for pending in &batch {
                 if let Some(event) = &pending.event {
                     bound += 1;
-                    query = query
-                        .bind(Some(pending.id))
-                        .bind(Some(event.id.as_str()))
-                        .bind(Some(event.organization_id))
-                        .bind(event.instance_id)
-                        .bind(event.element_key.as_deref())
-                        .bind(Some(event.event_type.as_str()))
-                        .bind(event.reason.as_deref())
-                        .bind(Some(event.occurred_at))
-                        .bind(Some(event.payload.as_str()))
-                        .bind(Some(event.delivery_state.as_str()))
-                        .bind(event.next_attempt_at);
+                    query = bind_event!(query.bind(Some(pending.id)), event);
                 }
             }
             for _ in bound..rows {

@@ -13,23 +13,14 @@ pub(super) async fn insert_event_in(
     transaction: &mut Transaction<'static, Any>,
     event: &NewEvent,
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    let query = sqlx::query(
         "INSERT INTO events (id, organization_id, instance_id, element_key, event_type, reason, \
          occurred_at, payload, delivery_state, attempts, next_attempt_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10)",
-    )
-    .bind(&event.id)
-    .bind(event.organization_id)
-    .bind(event.instance_id)
-    .bind(&event.element_key)
-    .bind(&event.event_type)
-    .bind(&event.reason)
-    .bind(event.occurred_at)
-    .bind(&event.payload)
-    .bind(event.delivery_state.as_str())
-    .bind(event.next_attempt_at)
-    .execute(&mut **transaction)
-    .await?;
+    );
+    bind_event!(query, event)
+        .execute(&mut **transaction)
+        .await?;
     Ok(())
 }
 

@@ -42,15 +42,7 @@ fn bind_refreshed<'q>(
     expected_token_version: i64,
     tokens: &'q TokenUpdate,
 ) -> RowQuery<'q> {
-    query
-        .bind(tokens.access_token_enc.as_deref())
-        .bind(tokens.refresh_token_enc.as_deref())
-        .bind(tokens.token_response_enc.as_deref())
-        .bind(tokens.access_expires_at)
-        .bind(tokens.refresh_expires_at)
-        .bind(tokens.last_refresh_at)
-        .bind(tokens.next_due_at)
-        .bind(tokens.configuration_json.as_deref())
+    bind_tokens!(query, tokens)
         .bind(owner)
         .bind(system_now_ms())
         .bind(id)
@@ -568,17 +560,7 @@ impl Store {
         let query = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql));
         let mut query = bind_refreshed(query, id, owner, expected_token_version, tokens);
         if let Some(event) = event {
-            query = query
-                .bind(&event.id)
-                .bind(event.organization_id)
-                .bind(event.instance_id)
-                .bind(&event.element_key)
-                .bind(&event.event_type)
-                .bind(&event.reason)
-                .bind(event.occurred_at)
-                .bind(&event.payload)
-                .bind(event.delivery_state.as_str())
-                .bind(event.next_attempt_at);
+            query = bind_event!(query, event);
         }
         Ok(query.fetch_optional(&self.pool).await?)
     }

@@ -604,6 +604,45 @@ async fn insert_user(
     Ok(())
 }
 
+/// Binds an event's columns `id, organization_id, instance_id, element_key, event_type, reason,
+/// occurred_at, payload, delivery_state, next_attempt_at`, in that order, to a query or a
+/// query-as (they share no trait). Values go as options, so a batch's padding rows can bind
+/// NULLs of the same types.
+macro_rules! bind_event {
+    ($query:expr, $event:expr) => {{
+        let event: &NewEvent = $event;
+        $query
+            .bind(Some(event.id.as_str()))
+            .bind(Some(event.organization_id))
+            .bind(event.instance_id)
+            .bind(event.element_key.as_deref())
+            .bind(Some(event.event_type.as_str()))
+            .bind(event.reason.as_deref())
+            .bind(Some(event.occurred_at))
+            .bind(Some(event.payload.as_str()))
+            .bind(Some(event.delivery_state.as_str()))
+            .bind(event.next_attempt_at)
+    }};
+}
+
+/// Binds refreshed tokens' columns `access_token_enc, refresh_token_enc, token_response_enc,
+/// access_expires_at, refresh_expires_at, last_refresh_at, next_due_at, configuration`, in that
+/// order.
+macro_rules! bind_tokens {
+    ($query:expr, $tokens:expr) => {{
+        let tokens: &TokenUpdate = $tokens;
+        $query
+            .bind(tokens.access_token_enc.as_deref())
+            .bind(tokens.refresh_token_enc.as_deref())
+            .bind(tokens.token_response_enc.as_deref())
+            .bind(tokens.access_expires_at)
+            .bind(tokens.refresh_expires_at)
+            .bind(tokens.last_refresh_at)
+            .bind(tokens.next_due_at)
+            .bind(tokens.configuration_json.as_deref())
+    }};
+}
+
 mod commits;
 mod events;
 mod instances;
