@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::events::prefixed;
-use super::instances::INSTANCE_COLUMNS;
+use super::instances::{INSTANCE_COLUMNS, RefreshedCommit};
 use super::{InstanceRow, NewEvent, Store, StoreError, TokenUpdate};
 
 /// The most commits in one statement.
@@ -43,6 +43,18 @@ pub(super) struct PendingCommit {
     pub tokens: TokenUpdate,
     pub event: Option<NewEvent>,
     pub reply: oneshot::Sender<Result<Option<InstanceRow>, StoreError>>,
+}
+
+impl PendingCommit {
+    fn commit(&self) -> RefreshedCommit<'_> {
+        RefreshedCommit {
+            id: self.id,
+            owner: &self.owner,
+            expected_token_version: self.expected_token_version,
+            tokens: &self.tokens,
+            event: self.event.as_ref(),
+        }
+    }
 }
 
 /// The queue in front of the committing task.
@@ -297,18 +309,7 @@ impl Store {
     }
 
     async fn commit_together_sqlite(&self, batch: Vec<PendingCommit>) -> usize {
-        let rows: Vec<_> = batch
-            .iter()
-            .map(|p| {
-                (
-                    p.id,
-                    p.owner.as_str(),
-                    p.expected_token_version,
-                    &p.tokens,
-                    p.event.as_ref(),
-                )
-            })
-            .collect();
+        let rows: Vec<_> = batch.iter().map(PendingCommit::commit).collect();
         match self.commit_refreshed_batch_sqlite(&rows).await {
             Ok(committed) => {
                 let grouped = batch.len();
@@ -332,15 +333,7 @@ impl Store {
     }
 
     async fn commit_alone(&self, pending: PendingCommit) {
-        let result = self
-            .commit_refreshed_alone(
-                pending.id,
-                &pending.owner,
-                pending.expected_token_version,
-                &pending.tokens,
-                pending.event.as_ref(),
-            )
-            .await;
+        let result = self.commit_refreshed_alone(pending.commit()).await;
         let _ = pending.reply.send(result);
     }
 }

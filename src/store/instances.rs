@@ -34,19 +34,24 @@ const REFRESHED_SET: &str = "access_token_enc = $1, \
 /// A query that returns instance rows, with its arguments.
 type RowQuery<'q> = sqlx::query::QueryAs<'q, sqlx::Any, InstanceRow, sqlx::any::AnyArguments>;
 
+/// One commit of refreshed tokens, as the store's commit paths pass it along: the row, its
+/// expected version (the compare-and-swap), the lease `owner`, the tokens and the event.
+#[derive(Clone, Copy)]
+pub(super) struct RefreshedCommit<'a> {
+    pub id: i64,
+    pub owner: &'a str,
+    pub expected_token_version: i64,
+    pub tokens: &'a TokenUpdate,
+    pub event: Option<&'a NewEvent>,
+}
+
 /// Binds [`REFRESHED_SET`]'s $1 to $12, in its order.
-fn bind_refreshed<'q>(
-    query: RowQuery<'q>,
-    id: i64,
-    owner: &'q str,
-    expected_token_version: i64,
-    tokens: &'q TokenUpdate,
-) -> RowQuery<'q> {
-    bind_tokens!(query, tokens)
-        .bind(owner)
+fn bind_refreshed<'q>(query: RowQuery<'q>, commit: RefreshedCommit<'q>) -> RowQuery<'q> {
+    bind_tokens!(query, commit.tokens)
+        .bind(commit.owner)
         .bind(system_now_ms())
-        .bind(id)
-        .bind(expected_token_version)
+        .bind(commit.id)
+        .bind(commit.expected_token_version)
 }
 
 /// The conditions under which the scheduler may claim a row. `state = 'valid' AND disabled = 0`
@@ -394,6 +399,13 @@ impl Store {
         event: Option<&NewEvent>,
         recovered: Option<&NewEvent>,
     ) -> Result<Option<InstanceRow>, StoreError> {
+        let commit = RefreshedCommit {
+            id,
+            owner,
+            expected_token_version,
+            tokens,
+            event,
+        };
         if recovered.is_none() {
             // The usual refresh: grouped with the commits waiting beside it (see the `commits`
             // module), or alone.
@@ -415,47 +427,21 @@ impl Store {
                     });
                 }
             }
-            return self
-                .commit_refreshed_alone(id, owner, expected_token_version, tokens, event)
-                .await;
+            return self.commit_refreshed_alone(commit).await;
         }
-        self.commit_refreshed_in_transaction(
-            id,
-            owner,
-            expected_token_version,
-            tokens,
-            event,
-            recovered,
-        )
-        .await
+        self.commit_refreshed_in_transaction(commit, recovered)
+            .await
     }
 
     /// One commit of refreshed tokens, not grouped: one statement on PostgreSQL, one
     /// transaction on SQLite.
     pub(super) async fn commit_refreshed_alone(
         &self,
-        id: i64,
-        owner: &str,
-        expected_token_version: i64,
-        tokens: &TokenUpdate,
-        event: Option<&NewEvent>,
+        commit: RefreshedCommit<'_>,
     ) -> Result<Option<InstanceRow>, StoreError> {
         match self.engine {
-            Engine::Postgres => {
-                self.commit_refreshed_single(id, owner, expected_token_version, tokens, event)
-                    .await
-            }
-            Engine::Sqlite => {
-                self.commit_refreshed_in_transaction(
-                    id,
-                    owner,
-                    expected_token_version,
-                    tokens,
-                    event,
-                    None,
-                )
-                .await
-            }
+            Engine::Postgres => self.commit_refreshed_single(commit).await,
+            Engine::Sqlite => self.commit_refreshed_in_transaction(commit, None).await,
         }
     }
 
@@ -463,11 +449,7 @@ impl Store {
     /// was failing.
     async fn commit_refreshed_in_transaction(
         &self,
-        id: i64,
-        owner: &str,
-        expected_token_version: i64,
-        tokens: &TokenUpdate,
-        event: Option<&NewEvent>,
+        commit: RefreshedCommit<'_>,
         recovered: Option<&NewEvent>,
     ) -> Result<Option<InstanceRow>, StoreError> {
         let set = REFRESHED_SET;
@@ -484,8 +466,8 @@ impl Store {
                         "SELECT failing_since FROM instances WHERE id = $1 AND token_version = $2{lock}"
                     ),
                 ))
-                .bind(id)
-                .bind(expected_token_version)
+                .bind(commit.id)
+                .bind(commit.expected_token_version)
                 .fetch_optional(&mut *transaction)
                 .await?;
                 matches!(failing, Some(Some(_)))
@@ -493,13 +475,13 @@ impl Store {
         };
         let sql = format!("UPDATE instances SET {set} RETURNING {INSTANCE_COLUMNS}");
         let query = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql));
-        let committed = bind_refreshed(query, id, owner, expected_token_version, tokens)
+        let committed = bind_refreshed(query, commit)
             .fetch_optional(&mut *transaction)
             .await?;
         let Some(committed) = committed else {
             return Ok(None);
         };
-        if let Some(event) = event {
+        if let Some(event) = commit.event {
             insert_event_in(&mut transaction, event).await?;
         }
         if was_failing && let Some(recovered) = recovered {
@@ -513,18 +495,18 @@ impl Store {
     /// the log to disk for all of them), each with its own compare-and-swap and event.
     pub(super) async fn commit_refreshed_batch_sqlite(
         &self,
-        batch: &[(i64, &str, i64, &TokenUpdate, Option<&NewEvent>)],
+        batch: &[RefreshedCommit<'_>],
     ) -> Result<Vec<Option<InstanceRow>>, StoreError> {
         let mut transaction = self.begin_write().await?;
         let sql = format!("UPDATE instances SET {REFRESHED_SET} RETURNING {INSTANCE_COLUMNS}");
         let mut committed = Vec::with_capacity(batch.len());
-        for &(id, owner, expected_token_version, tokens, event) in batch {
+        for &commit in batch {
             let query = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql.as_str()));
-            let row = bind_refreshed(query, id, owner, expected_token_version, tokens)
+            let row = bind_refreshed(query, commit)
                 .fetch_optional(&mut *transaction)
                 .await?;
             if row.is_some()
-                && let Some(event) = event
+                && let Some(event) = commit.event
             {
                 insert_event_in(&mut transaction, event).await?;
             }
@@ -539,14 +521,10 @@ impl Store {
     /// apart cost the database more than the rows; see bench/RESULTS.md).
     pub(super) async fn commit_refreshed_single(
         &self,
-        id: i64,
-        owner: &str,
-        expected_token_version: i64,
-        tokens: &TokenUpdate,
-        event: Option<&NewEvent>,
+        commit: RefreshedCommit<'_>,
     ) -> Result<Option<InstanceRow>, StoreError> {
         let set = REFRESHED_SET;
-        let sql = match event {
+        let sql = match commit.event {
             Some(_) => format!(
                 "WITH updated AS (UPDATE instances SET {set} RETURNING {INSTANCE_COLUMNS}), \
                  logged AS (INSERT INTO events (id, organization_id, instance_id, \
@@ -558,8 +536,8 @@ impl Store {
             None => format!("UPDATE instances SET {set} RETURNING {INSTANCE_COLUMNS}"),
         };
         let query = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql));
-        let mut query = bind_refreshed(query, id, owner, expected_token_version, tokens);
-        if let Some(event) = event {
+        let mut query = bind_refreshed(query, commit);
+        if let Some(event) = commit.event {
             query = bind_event!(query, event);
         }
         Ok(query.fetch_optional(&self.pool).await?)
