@@ -403,6 +403,7 @@ def bench_proxy():
         pids[f"tw_w{workers}"] = service.process.pid
     for name, (url, header) in targets.items():  # warm-up, not counted
         wrk(url, 64, 1, header)
+    rss_before = {w: services[w].memory_mb()["VmRSS"] for w in services}
     names = list(targets)
     runs = {}  # (name, connections) -> [result per round]
     for round_index in range(ROUNDS):
@@ -482,6 +483,13 @@ def bench_proxy():
             if cpu:
                 figure(f"proxy_cpu_us_per_call_{name}_c{connections}", median(cpu))
     figure("proxy_errors", sum(r["errors"] for results in runs.values() for r in results), "target 0")
+    # Memory must follow connections and instances, not the number of calls served: a growth
+    # here over millions of calls is a leak (a histogram's samples kept until a scrape was one).
+    for w in services:
+        calls = sum(r["requests"] for (name, _), results in runs.items() if name == f"tw_w{w}"
+                    for r in results)
+        figure(f"proxy_rss_growth_mb_w{w}", services[w].memory_mb()["VmRSS"] - rss_before[w],
+               f"over {calls:,} calls; target ~0")
     if os.environ.get("BENCH_PERF") == "1":
         # After the measured rounds, not counted: where the service spends its CPU at 64
         # connections (perf, call graphs), for whoever makes it faster.

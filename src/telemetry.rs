@@ -39,15 +39,33 @@ const BUCKETS: &[f64] = &[
 /// `tokenwarden_scheduler_lag_seconds` (claim time minus due time),
 /// `tokenwarden_scheduler_refreshes_total{outcome}`, `tokenwarden_scheduler_deferred_total`,
 /// `tokenwarden_outbox_backlog`, `tokenwarden_webhook_deliveries_total{outcome}`.
+///
+/// A thread drains histogram samples into their buckets every [`UPKEEP_EVERY`]: the exporter
+/// keeps each recorded value until then (or until a scrape), so without it a proxy nobody
+/// scrapes would grow by every call's sample.
 pub fn install_metrics() {
     PROMETHEUS.get_or_init(|| {
-        PrometheusBuilder::new()
+        let handle = PrometheusBuilder::new()
             .set_buckets(BUCKETS)
             .ok()?
             .install_recorder()
-            .ok()
+            .ok()?;
+        let upkept = handle.clone();
+        // Without the thread (none could be made), scrapes still drain the samples.
+        let _ = std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(UPKEEP_EVERY);
+                    upkept.run_upkeep();
+                }
+            });
+        Some(handle)
     });
 }
+
+/// How often histogram samples are drained into their buckets.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub fn render_metrics() -> String {
     install_metrics();
@@ -73,5 +91,36 @@ pub async fn update_gauges(app: &crate::app::App) {
     }
     if let Ok(backlog) = app.store.count_pending_deliveries().await {
         metrics::gauge!("tokenwarden_outbox_backlog").set(backlog as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The exporter keeps every histogram sample until it is drained: a process nobody scrapes
+    /// would grow by each proxied call's sample if no thread drained them.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_thread_drains_histogram_samples_without_a_scrape() {
+        super::install_metrics();
+        let threads = || -> Vec<String> {
+            std::fs::read_dir("/proc/self/task")
+                .expect("the process's threads")
+                .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+                .map(|name| name.trim().to_string())
+                .collect()
+        };
+        // A new thread names itself once it runs.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut names = threads();
+        while !names.iter().any(|name| name == "metrics-upkeep")
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            names = threads();
+        }
+        assert!(
+            names.iter().any(|name| name == "metrics-upkeep"),
+            "threads: {names:?}"
+        );
     }
 }
