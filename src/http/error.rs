@@ -11,19 +11,23 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 tokio::task_local! {
-    static REQUEST_ID: String;
+    /// As the header carries it: taken from the caller's header or made once, then shared by
+    /// reference count with the answer's header (the proxy's hot path copies no id).
+    pub static REQUEST_ID: HeaderValue;
 }
 
 /// The id of the request being served, or a fresh one outside a request.
 pub fn current_request_id() -> String {
-    REQUEST_ID
+    let id = REQUEST_ID
         .try_with(Clone::clone)
-        .unwrap_or_else(|_| new_request_id())
+        .unwrap_or_else(|_| new_request_id());
+    // Only visible ASCII gets in: see `request_id_of`.
+    id.to_str().unwrap_or_default().to_owned()
 }
 
 /// 24 hex digits: a random prefix drawn once per process and a counter that starts at a random
 /// value, so ids are unique across replicas and restarts without drawing randomness per call.
-fn new_request_id() -> String {
+fn new_request_id() -> HeaderValue {
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU64, Ordering};
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -44,49 +48,39 @@ fn new_request_id() -> String {
             .rev()
             .map(|i| DIGITS[((count >> (i * 4)) & 0xf) as usize]),
     );
-    String::from_utf8(text).expect("hex digits are ASCII")
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).expect("hex digits make a header")
 }
 
 /// `X-Request-Id`, built once: a header named by a string is parsed, and allocated, per use.
-const X_REQUEST_ID: axum::http::HeaderName = axum::http::HeaderName::from_static("x-request-id");
+pub const X_REQUEST_ID: axum::http::HeaderName =
+    axum::http::HeaderName::from_static("x-request-id");
 
 /// The id of a request: its well-formed `X-Request-Id`, or a new one.
-pub fn request_id_of(headers: &axum::http::HeaderMap) -> String {
+pub fn request_id_of(headers: &axum::http::HeaderMap) -> HeaderValue {
     headers
         .get(X_REQUEST_ID)
-        .and_then(|value| value.to_str().ok())
         .filter(|value| {
+            let value = value.as_bytes();
             !value.is_empty()
                 && value.len() <= 64
                 && value
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    .iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
-        .map(str::to_string)
+        .cloned()
         .unwrap_or_else(new_request_id)
 }
 
-/// Runs `work` in `span` as the request `request_id` (errors carry it) and returns the id in
-/// `X-Request-Id`: what the router's middleware does, for the proxy's hot path.
-pub async fn with_request_id(
-    request_id: String,
-    span: tracing::Span,
-    work: impl Future<Output = Response>,
-) -> Response {
-    use tracing::Instrument;
-    let header = HeaderValue::from_str(&request_id).ok();
-    let mut response = REQUEST_ID.scope(request_id, work.instrument(span)).await;
-    if let Some(value) = header {
-        response.headers_mut().insert(X_REQUEST_ID, value);
-    }
-    response
+/// A request id as text, for logs (ids are visible ASCII).
+pub fn request_id_text(id: &HeaderValue) -> &str {
+    id.to_str().unwrap_or_default()
 }
 
 /// Middleware: gives every request an id (kept from a well-formed incoming `X-Request-Id`),
 /// makes it available to handlers and errors, and returns it in `X-Request-Id`.
 pub async fn request_id_layer(request: Request, next: Next) -> Response {
     let request_id = request_id_of(request.headers());
-    let span = tracing::info_span!("request", request_id = %request_id, method = %request.method(), path = %request.uri().path());
+    let span = tracing::info_span!("request", request_id = request_id_text(&request_id), method = %request.method(), path = %request.uri().path());
     // The proxy answers what the provider answered, untouched; everything else answers errors
     // as JSON, including the router's own 405.
     let proxied = request.uri().path().starts_with(crate::proxy::PROXY_PREFIX);
@@ -113,9 +107,7 @@ pub async fn request_id_layer(request: Request, next: Next) -> Response {
                 .insert(axum::http::header::ALLOW, allow);
         }
     }
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert(X_REQUEST_ID, value);
-    }
+    response.headers_mut().insert(X_REQUEST_ID, request_id);
     response
 }
 

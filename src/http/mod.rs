@@ -100,21 +100,17 @@ impl Service {
 
     pub async fn call(
         self,
-        request: axum::http::Request<
-            impl axum::body::HttpBody<Data = bytes::Bytes, Error: Into<axum::BoxError>> + Send + 'static,
-        >,
+        request: axum::http::Request<hyper::body::Incoming>,
     ) -> axum::response::Response {
-        let request = request.map(axum::body::Body::new);
         let path = request.uri().path();
         if path.len() > crate::proxy::PROXY_PREFIX.len()
             && path.starts_with(crate::proxy::PROXY_PREFIX)
         {
-            // Boxed: the call's future is large, and unboxed it would be copied whole into each
-            // layer that wraps it (a measurable share of the proxy's time).
-            return Box::pin(crate::proxy::entry(self.app, request)).await;
+            // Small: the call's large state is boxed inside.
+            return crate::proxy::entry(self.app, request).await;
         }
         use tower::ServiceExt;
-        match Box::pin(self.router.oneshot(request)).await {
+        match Box::pin(self.router.oneshot(request.map(axum::body::Body::new))).await {
             Ok(response) => response,
             Err(never) => match never {},
         }

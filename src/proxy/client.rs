@@ -387,10 +387,6 @@ impl IdleTimeout {
             lease.give_back();
         }
     }
-
-    pub fn into_body(self) -> Body {
-        Body::new(self)
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -22,6 +22,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::StreamExt;
+use hyper::body::Incoming;
 
 use crate::app::{App, SharedApp, now_ms};
 use crate::catalog::RefreshStrategy;
@@ -57,26 +58,45 @@ const REJECTION_BODY_BYTES: usize = 256 * 1024;
     ),
 )]
 pub async fn handle(State(app): State<SharedApp>, request: Request) -> Response {
-    measured(app, request).await
+    measured(app, request, None).await
 }
 
 /// The proxy's hot path, called by [`crate::http::Service`] without the router: the request id
-/// the router's middleware gives every other call, then the call.
-pub async fn entry(app: SharedApp, request: Request) -> Response {
+/// the router's middleware gives every other call (in `X-Request-Id` and in errors), then the
+/// call. The call's state is boxed once, here: each layer around it would copy it whole.
+pub fn entry(
+    app: SharedApp,
+    request: axum::http::Request<Incoming>,
+) -> impl Future<Output = Response> + Send {
+    use tracing::Instrument;
     let request_id = crate::http::error::request_id_of(request.headers());
     // At debug level only: at the default level a proxied call costs no span.
-    let span = tracing::debug_span!("request", request_id = %request_id, method = %request.method(), path = request.uri().path());
-    // Boxed, so the layers around it move a pointer, not the whole call's state.
-    let call = Box::pin(measured(app, request));
-    crate::http::error::with_request_id(request_id, span, call).await
+    let span = tracing::debug_span!("request", request_id = crate::http::error::request_id_text(&request_id), method = %request.method(), path = request.uri().path());
+    crate::http::error::REQUEST_ID.scope(
+        request_id.clone(),
+        Box::pin(measured(app, request, Some(request_id))).instrument(span),
+    )
 }
 
-async fn measured(app: SharedApp, request: Request) -> Response {
+/// A call, counted and timed; `request_id` goes into the answer's `X-Request-Id` when given.
+async fn measured<B>(
+    app: SharedApp,
+    request: axum::http::Request<B>,
+    request_id: Option<HeaderValue>,
+) -> Response
+where
+    B: http_body::Body<Data = Bytes, Error: Into<axum::BoxError>> + Send + 'static,
+{
     let started = Instant::now();
-    let response = match proxy(&app, request, started).await {
+    let mut response = match proxy(&app, request, started).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
+    if let Some(request_id) = request_id {
+        response
+            .headers_mut()
+            .insert(crate::http::error::X_REQUEST_ID, request_id);
+    }
     let class = match response.status().as_u16() {
         100..=199 => 0,
         200..=299 => 1,
@@ -124,11 +144,14 @@ enum OutgoingBody {
     Streaming(Body),
 }
 
-async fn read_body(
-    body: Body,
+async fn read_body<B>(
+    body: B,
     method: &Method,
     headers: &HeaderMap,
-) -> Result<OutgoingBody, ApiError> {
+) -> Result<OutgoingBody, ApiError>
+where
+    B: http_body::Body<Data = Bytes, Error: Into<axum::BoxError>> + Send + 'static,
+{
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -143,6 +166,8 @@ async fn read_body(
     {
         return Ok(OutgoingBody::Kept(Bytes::new()));
     }
+    // Boxed only here: a call without a body (the usual GET) never is.
+    let body = Body::new(body);
     if declared.is_some_and(|n| n > REPLAYABLE_BODY_BYTES) {
         return Ok(OutgoingBody::Streaming(body));
     }
@@ -234,7 +259,14 @@ fn forwarded_headers(mut headers: HeaderMap) -> HeaderMap {
 
 /// A call through the proxy, `started` when it came (one clock reading serves the call's
 /// freshness checks).
-async fn proxy(app: &SharedApp, request: Request, started: Instant) -> Result<Response, ApiError> {
+async fn proxy<B>(
+    app: &SharedApp,
+    request: axum::http::Request<B>,
+    started: Instant,
+) -> Result<Response, ApiError>
+where
+    B: http_body::Body<Data = Bytes, Error: Into<axum::BoxError>> + Send + 'static,
+{
     let (parts, body) = request.into_parts();
     let instance_id = auth::authenticate(app, &parts.headers, started).await?;
     let mut instance = app
@@ -501,8 +533,8 @@ async fn send(
 fn answer(app: &App, (response, lease): Answered) -> Response {
     let (mut parts, body) = response.into_parts();
     strip(&mut parts.headers, &[]);
-    let body = client::IdleTimeout::new(body, app.config.provider_timeout, Some(lease)).into_body();
-    Response::from_parts(parts, body)
+    let body = client::IdleTimeout::new(body, app.config.provider_timeout, Some(lease));
+    Response::from_parts(parts, Body::new(body))
 }
 
 /// Turns the provider's answer into ours, reading the body only when it may be a rejection.

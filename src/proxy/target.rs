@@ -108,7 +108,9 @@ impl ProxyBase {
             joined.push('?');
             joined.push_str(query);
         }
-        PathAndQuery::from_maybe_shared(joined).map_err(|_| refuse("it does not make a valid URL"))
+        // As `Bytes` taking the string's buffer: from a `String` it would be copied again.
+        PathAndQuery::from_maybe_shared(bytes::Bytes::from(joined.into_bytes()))
+            .map_err(|_| refuse("it does not make a valid URL"))
     }
 }
 
