@@ -83,6 +83,13 @@ def cpu_busy_percent(seconds=1.0):
     return 100.0 * (1 - (idle1 - idle0) / max(1, total1 - total0))
 
 
+def stolen_ticks():
+    """(steal, total) clock ticks of all cores so far, from /proc/stat: time the hypervisor gave
+    this machine's cores to someone else."""
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return fields[7], sum(fields)
+
+
 def machine_context(label):
     load = " ".join(open("/proc/loadavg").read().split()[:3])
     busy = cpu_busy_percent()
@@ -412,8 +419,14 @@ def bench_proxy():
             for name in order:
                 url, header = targets[name]
                 before = cpu_seconds(pids[name]) if name in pids else None
+                steal0 = stolen_ticks()
                 result = wrk(url, connections, SECS, header)
+                steal1 = stolen_ticks()
                 after = cpu_seconds(pids[name]) if name in pids else None
+                # A virtual machine's cores taken by its host during the run make every figure
+                # of that run worse, whoever's turn it was: shown so such rounds can be told.
+                result["steal_pct"] = (100.0 * (steal1[0] - steal0[0])
+                                       / max(1, steal1[1] - steal0[1]))
                 # The proxy's CPU per call (user + system): steadier than req/s on a machine
                 # whose speed drifts, since each proxy fills its one core at 64 connections.
                 result["cpu_us"] = ((after - before) * 1e6 / result["requests"]
@@ -424,6 +437,7 @@ def bench_proxy():
                     f"rps={fmt(result['rps'])} p50={fmt(result['p50'])}us "
                     f"p99={fmt(result['p99'])}us"
                     + (f" cpu={fmt(result['cpu_us'])}us/call" if result["cpu_us"] else "")
+                    + f" steal={result['steal_pct']:.1f}%"
                     + f" errors={result['errors']}")
     rows = []
     for (name, connections), results in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -483,6 +497,8 @@ def bench_proxy():
             if cpu:
                 figure(f"proxy_cpu_us_per_call_{name}_c{connections}", median(cpu))
     figure("proxy_errors", sum(r["errors"] for results in runs.values() for r in results), "target 0")
+    figure("proxy_steal_pct_max", max(r["steal_pct"] for results in runs.values() for r in results),
+           "the most of the cores the host took during one run")
     # Memory must follow connections and instances, not the number of calls served: a growth
     # here over millions of calls is a leak (a histogram's samples kept until a scrape was one).
     for w in services:
