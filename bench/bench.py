@@ -6,7 +6,8 @@ prints a readable table, then one `BENCH <name> <value>` line per figure. Ratios
 round between runs made back to back (targets alternate, the order rotating each round), and
 the median over rounds is reported.
 
-Environment: BENCH_SECONDS (default 15), BENCH_ROUNDS (3), BENCH_SCALE_ROWS (1000000),
+Environment: BENCH_SECONDS (default 15), BENCH_ROUNDS (3), BENCH_PAIRS (20), BENCH_PAIR_SECONDS (2),
+BENCH_SCALE_ROWS (1000000),
 BENCH_REAL_INSTANCES (3000), BENCH_STORM_CALLS (1000), BENCH_OUTAGE_SECONDS (60),
 BENCH_OUTAGE_INSTANCES (1000), BENCH_CHAOS_CYCLES (10), BENCH_CHAOS_INSTANCES (200),
 BENCH_CHAOS_GRACE (120), BENCH_PERF (1: perf profile of the proxy after its rounds), BENCH_PG_URL (postgres://postgres@127.0.0.1:5432).
@@ -34,6 +35,8 @@ TW = os.path.join(ROOT, "target", "release", "tokenwarden")
 LG = os.path.join(HERE, "loadgen", "target", "release", "tw-loadgen")
 SECS = int(os.environ.get("BENCH_SECONDS", "15"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+PAIRS = int(os.environ.get("BENCH_PAIRS", "20"))
+PAIR_SECONDS = int(os.environ.get("BENCH_PAIR_SECONDS", "2"))
 SCALE_ROWS = int(os.environ.get("BENCH_SCALE_ROWS", "1000000"))
 REAL = int(os.environ.get("BENCH_REAL_INSTANCES", "3000"))
 STORM_CALLS = int(os.environ.get("BENCH_STORM_CALLS", "1000"))
@@ -482,6 +485,27 @@ def bench_proxy():
     figure("proxy_cpu_per_call_vs_bareproxy", per_round(tw, 64, "cpu_us", "bareproxy", ratio))
     figure("proxy_bareproxy_cpu_per_call_vs_nginx",
            per_round("bareproxy", 64, "cpu_us", "nginx", ratio))
+    # Paired short runs. This machine's speed drifts for tens of seconds at a time, with no steal
+    # (in one run nginx's own CPU per call went from 20 to 34 us between rounds), which 15 s runs
+    # in rotation do not average out. Two short runs back to back, the order swapped each pair,
+    # see nearly the same machine: the median of the pairs' ratios is the steadier figure.
+    paired = {tw: [], "bareproxy": []}
+    for pair in range(PAIRS):
+        for name in paired:
+            order = [name, "nginx"] if pair % 2 == 0 else ["nginx", name]
+            result = {}
+            for target in order:
+                url, header = targets[target]
+                result[target] = wrk(url, 64, PAIR_SECONDS, header)["rps"]
+            if result[name] and result["nginx"]:
+                paired[name].append(result[name] / result["nginx"])
+    for name, ratios in paired.items():
+        ratios.sort()
+        log(f"  paired {name} / nginx over {len(ratios)} pairs of {PAIR_SECONDS} s: "
+            + " ".join(f"{r:.2f}" for r in ratios))
+    figure("proxy_rps_ratio_vs_nginx_paired", median(paired[tw]),
+           f"{PAIRS} pairs of {PAIR_SECONDS} s runs at 64 conns, median; target >= 1.0")
+    figure("proxy_bareproxy_rps_ratio_vs_nginx_paired", median(paired["bareproxy"]))
     # (ours - direct) - (nginx - direct) per round, at 1 connection
     figure("proxy_p50_added_vs_nginx_us", per_round(tw, 1, "p50", "nginx", diff), "target <= 50")
     figure("proxy_p50_added_vs_direct_us", per_round(tw, 1, "p50", "direct", diff))
