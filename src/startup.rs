@@ -64,9 +64,7 @@ async fn serve_http(
     service: crate::http::Service,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let open = Arc::new(OpenConnections::default());
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -82,22 +80,164 @@ async fn serve_http(
             }
         };
         let _ = stream.set_nodelay(true);
-        let service = service.clone();
-        let connection = builder.serve_connection(
-            TokioIo::new(stream),
-            hyper::service::service_fn(move |request| {
-                let service = service.clone();
-                async move { Ok::<_, std::convert::Infallible>(service.call(request).await) }
-            }),
-        );
-        let connection = graceful.watch(connection.into_owned());
-        tokio::spawn(async move {
-            // A connection's errors (a caller hanging up) are the caller's business.
-            let _ = connection.await;
-        });
+        tokio::spawn(serve_connection(
+            stream,
+            service.clone(),
+            Arc::clone(&open),
+            shutdown.clone(),
+        ));
     }
     drop(listener);
-    graceful.shutdown().await;
+    open.finish().await;
+}
+
+/// What an HTTP/2 client with prior knowledge sends first (RFC 9113 §3.4).
+const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// One connection, in the protocol its first bytes show. They are peeked at, not read, so the
+/// connection is served by hyper's HTTP/1 or HTTP/2 connection straight on the socket: hyper-util's
+/// auto-detecting connection reads through a rewinding wrapper for the connection's whole life,
+/// a cost on every proxied call. A client that sends the HTTP/2 preface in pieces (none seen in
+/// practice) gets that auto-detecting connection.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    service: crate::http::Service,
+    open: Arc<OpenConnections>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let mut head = [0u8; 24];
+    let peeked = tokio::select! {
+        peeked = stream.peek(&mut head) => peeked,
+        _ = shutdown.wait_for(|stop| *stop) => return,
+    };
+    let seen = match peeked {
+        Ok(0) | Err(_) => return,
+        Ok(n) => &head[..n],
+    };
+    let service = hyper::service::service_fn(move |request| {
+        let service = service.clone();
+        async move { Ok::<_, std::convert::Infallible>(service.call(request).await) }
+    });
+    let io = TokioIo::new(stream);
+    // A connection's errors (a caller hanging up) are the caller's business.
+    if seen == HTTP2_PREFACE {
+        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, service);
+        let _ = open.watch(connection).await;
+    } else if HTTP2_PREFACE.starts_with(seen) {
+        let connection = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(io, service)
+            .into_owned();
+        let _ = open.watch(connection).await;
+    } else {
+        let connection = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+        let _ = open.watch(connection).await;
+    }
+}
+
+/// The connections being served, so that shutdown can ask each to finish (an HTTP/1 connection
+/// answers what it is reading and closes; an idle one closes at once) and wait until all have.
+///
+/// hyper-util's graceful watcher polls a channel every time a connection is woken, once or
+/// twice per proxied call. Here a connection's poll reads one flag, and leaves its waker only
+/// when the waker changes (for a task, never): shutdown sets the flag, then wakes them all.
+#[derive(Default)]
+struct OpenConnections {
+    stopping: std::sync::atomic::AtomicBool,
+    next_id: std::sync::atomic::AtomicU64,
+    /// Each open connection's waker, by id.
+    wakers: std::sync::Mutex<std::collections::HashMap<u64, std::task::Waker>>,
+    /// Notified when the last connection closes after shutdown began.
+    all_closed: tokio::sync::Notify,
+}
+
+impl OpenConnections {
+    fn watch<C>(self: &Arc<Self>, connection: C) -> Watched<C>
+    where
+        C: hyper_util::server::graceful::GracefulConnection,
+    {
+        use std::sync::atomic::Ordering;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let waker = std::task::Waker::noop().clone();
+        self.wakers.lock().unwrap().insert(id, waker.clone());
+        Watched {
+            connection: Box::pin(connection),
+            open: Arc::clone(self),
+            id,
+            waker,
+            asked: false,
+        }
+    }
+
+    /// Asks every connection to finish, and waits until they have.
+    async fn finish(&self) {
+        use std::sync::atomic::Ordering;
+        self.stopping.store(true, Ordering::SeqCst);
+        let closed = self.all_closed.notified();
+        tokio::pin!(closed);
+        closed.as_mut().enable();
+        {
+            let wakers = self.wakers.lock().unwrap();
+            if wakers.is_empty() {
+                return;
+            }
+            for waker in wakers.values() {
+                waker.wake_by_ref();
+            }
+        }
+        closed.await;
+    }
+}
+
+/// A connection that finishes gracefully when its server shuts down.
+struct Watched<C> {
+    connection: std::pin::Pin<Box<C>>,
+    open: Arc<OpenConnections>,
+    id: u64,
+    waker: std::task::Waker,
+    /// Whether it was asked to finish already.
+    asked: bool,
+}
+
+impl<C> std::future::Future for Watched<C>
+where
+    C: hyper_util::server::graceful::GracefulConnection,
+{
+    type Output = C::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<C::Output> {
+        use std::sync::atomic::Ordering;
+        let this = self.get_mut();
+        if !this.asked {
+            // The waker first, the flag after: shutdown sets the flag before it takes the lock
+            // to wake, so a connection either sees the flag here or is woken.
+            if !this.waker.will_wake(cx.waker()) {
+                this.waker = cx.waker().clone();
+                let mut wakers = this.open.wakers.lock().unwrap();
+                wakers.insert(this.id, this.waker.clone());
+            }
+            if this.open.stopping.load(Ordering::SeqCst) {
+                this.asked = true;
+                this.connection.as_mut().graceful_shutdown();
+            }
+        }
+        this.connection.as_mut().poll(cx)
+    }
+}
+
+impl<C> Drop for Watched<C> {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        let mut wakers = self.open.wakers.lock().unwrap();
+        wakers.remove(&self.id);
+        if wakers.is_empty() && self.open.stopping.load(Ordering::SeqCst) {
+            self.open.all_closed.notify_waiters();
+        }
+    }
 }
 
 /// `tokenwarden serve`: runs until SIGTERM or Ctrl-C, then shuts down gracefully.

@@ -240,3 +240,58 @@ async fn healthz_checks_the_database() {
         drop_test_database(&url).await;
     }
 }
+
+/// The server speaks HTTP/1.1 and HTTP/2 with prior knowledge on the same port (the first bytes
+/// decide, a preface sent in pieces included), and shutting down closes idle keep-alive
+/// connections at once instead of waiting for their callers to go.
+#[tokio::test]
+async fn http1_and_http2_on_one_port_and_shutdown_closes_idle_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let url = crate::support::sqlite_database();
+    let env = Env::start("protocols", &url).await;
+    let healthz = format!("{}/healthz", env.server.url);
+
+    let http1 = env.http.get(&healthz).send().await.unwrap();
+    assert_eq!(http1.version(), reqwest::Version::HTTP_11);
+    assert_eq!(http1.status(), 200);
+    let h2c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let http2 = h2c.get(&healthz).send().await.unwrap();
+    assert_eq!(http2.version(), reqwest::Version::HTTP_2);
+    assert_eq!(http2.status(), 200);
+    assert_eq!(http2.json::<Value>().await.unwrap()["status"], "ok");
+
+    // The preface in two writes: the server answers with its SETTINGS frame (type 4).
+    let mut raw = tokio::net::TcpStream::connect(env.server.addr)
+        .await
+        .unwrap();
+    raw.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    raw.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    raw.write_all(b"\r\nSM\r\n\r\n").await.unwrap();
+    raw.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let mut frame = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), raw.read_exact(&mut frame))
+        .await
+        .expect("no answer to a preface sent in pieces")
+        .unwrap();
+    assert_eq!(frame[3], 4, "the first frame is SETTINGS: {frame:?}");
+    drop(raw);
+
+    // Both clients keep their connections open, idle. The service's own bound on shutdown is
+    // 10 s; the connections must not be what it waits for.
+    let started = std::time::Instant::now();
+    let Env {
+        server, sandbox, ..
+    } = env;
+    server.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown waited {:?} for idle connections",
+        started.elapsed()
+    );
+    sandbox.shutdown().await;
+    drop_test_database(&url).await;
+}
