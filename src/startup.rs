@@ -80,10 +80,12 @@ async fn serve_http(
             }
         };
         let _ = stream.set_nodelay(true);
+        // Counted from here, so that shutdown waits for it whatever it is doing.
+        let registration = open.register();
         tokio::spawn(serve_connection(
             stream,
             service.clone(),
-            Arc::clone(&open),
+            registration,
             shutdown.clone(),
         ));
     }
@@ -102,7 +104,7 @@ const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     service: crate::http::Service,
-    open: Arc<OpenConnections>,
+    registration: Registration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -124,15 +126,15 @@ async fn serve_connection(
     if seen == HTTP2_PREFACE {
         let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .serve_connection(io, service);
-        let _ = open.watch(connection).await;
+        let _ = registration.watch(connection).await;
     } else if HTTP2_PREFACE.starts_with(seen) {
         let connection = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
             .serve_connection(io, service)
             .into_owned();
-        let _ = open.watch(connection).await;
+        let _ = registration.watch(connection).await;
     } else {
         let connection = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
-        let _ = open.watch(connection).await;
+        let _ = registration.watch(connection).await;
     }
 }
 
@@ -153,20 +155,17 @@ struct OpenConnections {
 }
 
 impl OpenConnections {
-    fn watch<C>(self: &Arc<Self>, connection: C) -> Watched<C>
-    where
-        C: hyper_util::server::graceful::GracefulConnection,
-    {
+    /// Counts a connection in until the registration is dropped.
+    fn register(self: &Arc<Self>) -> Registration {
         use std::sync::atomic::Ordering;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let waker = std::task::Waker::noop().clone();
-        self.wakers.lock().unwrap().insert(id, waker.clone());
-        Watched {
-            connection: Box::pin(connection),
+        self.wakers
+            .lock()
+            .unwrap()
+            .insert(id, std::task::Waker::noop().clone());
+        Registration {
             open: Arc::clone(self),
             id,
-            waker,
-            asked: false,
         }
     }
 
@@ -190,11 +189,43 @@ impl OpenConnections {
     }
 }
 
+/// A connection counted among the open ones.
+struct Registration {
+    open: Arc<OpenConnections>,
+    id: u64,
+}
+
+impl Registration {
+    /// The connection, finishing gracefully when the server shuts down.
+    fn watch<C>(self, connection: C) -> Watched<C>
+    where
+        C: hyper_util::server::graceful::GracefulConnection,
+    {
+        Watched {
+            connection: Box::pin(connection),
+            registration: self,
+            waker: std::task::Waker::noop().clone(),
+            asked: false,
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        let mut wakers = self.open.wakers.lock().unwrap();
+        wakers.remove(&self.id);
+        if wakers.is_empty() && self.open.stopping.load(Ordering::SeqCst) {
+            self.open.all_closed.notify_waiters();
+        }
+    }
+}
+
 /// A connection that finishes gracefully when its server shuts down.
 struct Watched<C> {
     connection: std::pin::Pin<Box<C>>,
-    open: Arc<OpenConnections>,
-    id: u64,
+    registration: Registration,
+    /// The waker left with the registration.
     waker: std::task::Waker,
     /// Whether it was asked to finish already.
     asked: bool,
@@ -213,30 +244,20 @@ where
         use std::sync::atomic::Ordering;
         let this = self.get_mut();
         if !this.asked {
+            let open = &this.registration.open;
             // The waker first, the flag after: shutdown sets the flag before it takes the lock
             // to wake, so a connection either sees the flag here or is woken.
             if !this.waker.will_wake(cx.waker()) {
                 this.waker = cx.waker().clone();
-                let mut wakers = this.open.wakers.lock().unwrap();
-                wakers.insert(this.id, this.waker.clone());
+                let mut wakers = open.wakers.lock().unwrap();
+                wakers.insert(this.registration.id, this.waker.clone());
             }
-            if this.open.stopping.load(Ordering::SeqCst) {
+            if open.stopping.load(Ordering::SeqCst) {
                 this.asked = true;
                 this.connection.as_mut().graceful_shutdown();
             }
         }
         this.connection.as_mut().poll(cx)
-    }
-}
-
-impl<C> Drop for Watched<C> {
-    fn drop(&mut self) {
-        use std::sync::atomic::Ordering;
-        let mut wakers = self.open.wakers.lock().unwrap();
-        wakers.remove(&self.id);
-        if wakers.is_empty() && self.open.stopping.load(Ordering::SeqCst) {
-            self.open.all_closed.notify_waiters();
-        }
     }
 }
 

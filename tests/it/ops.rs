@@ -280,8 +280,13 @@ async fn http1_and_http2_on_one_port_and_shutdown_closes_idle_connections() {
     assert_eq!(frame[3], 4, "the first frame is SETTINGS: {frame:?}");
     drop(raw);
 
-    // Both clients keep their connections open, idle. The service's own bound on shutdown is
-    // 10 s; the connections must not be what it waits for.
+    // Both clients keep their connections open, idle, and one more connection has sent nothing
+    // yet. The service's own bound on shutdown is 10 s; the connections must not be what it
+    // waits for.
+    let silent = tokio::net::TcpStream::connect(env.server.addr)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let started = std::time::Instant::now();
     let Env {
         server, sandbox, ..
@@ -292,6 +297,7 @@ async fn http1_and_http2_on_one_port_and_shutdown_closes_idle_connections() {
         "shutdown waited {:?} for idle connections",
         started.elapsed()
     );
+    drop(silent);
     sandbox.shutdown().await;
     drop_test_database(&url).await;
 }
