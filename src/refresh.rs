@@ -243,15 +243,16 @@ impl RefreshEngine {
     /// in the background (one re-read at a time), so the hot path makes no query while the
     /// token is fresh; a change made on another replica (disabled, deleted, re-authenticated)
     /// shows from the call after that re-read. A rejected token always re-reads the row first
-    /// (see [`RefreshEngine::refresh`]). `now` is the call's start.
+    /// (see [`RefreshEngine::refresh`]). `now` is the call's start, `wall` the same in
+    /// milliseconds since the epoch (one clock reading each serves the whole call).
     pub async fn get(
         &self,
         app: &crate::app::SharedApp,
         id: i64,
         now: Instant,
+        wall: i64,
     ) -> Result<Arc<CachedInstance>, RefreshFailure> {
         if let Some(cached) = self.cache.get(&id).map(|c| Arc::clone(&c)) {
-            let wall = now_ms();
             cached.last_used.store(wall, Ordering::Relaxed);
             let age = now.saturating_duration_since(cached.loaded_at);
             if age < REVALIDATE_AFTER {

@@ -133,22 +133,27 @@ pub struct Lease {
     https: bool,
     authority: Authority,
     connection: Connection,
+    /// When the call began.
+    started: Instant,
 }
 
 impl ProxyClient {
     /// Sends `request` (its URI the path and query alone, as an HTTP/1.1 request line to an
     /// origin server carries them) on a pooled or new connection to the origin `https` and
     /// `authority`, `key` being the origin's key ([`super::ProxyBase::origin_key`]). The
-    /// answer's headers must come by `deadline`, connecting included.
+    /// answer's headers must come by `deadline`, connecting included. `now` is the call's
+    /// start: pooled connections are aged by it, and the connection goes back to the pool
+    /// stamped with it, idle from then on as far as the pool knows (so one is closed early
+    /// rather than late, and a call costs no clock reading of its own).
     pub async fn request(
         self: &Arc<Self>,
         key: u64,
         https: bool,
         authority: &Authority,
         mut request: Request<Body>,
+        now: Instant,
         deadline: tokio::time::Instant,
     ) -> Result<(Response<Incoming>, Lease), CallError> {
-        let now = Instant::now();
         loop {
             let (mut connection, pooled) = match self.take(key, https, authority, now) {
                 Some(connection) => (connection, true),
@@ -190,6 +195,7 @@ impl ProxyClient {
                         https,
                         authority: authority.clone(),
                         connection,
+                        started: now,
                     };
                     return Ok((response, lease));
                 }
@@ -232,12 +238,14 @@ impl ProxyClient {
     /// take the next request yet (it still sends the request's body: an answer may end before
     /// an upload has, a 413 say) is put back only once it can, by a task of its own; a pooled
     /// connection is always ready for the next call.
+    /// `now`: when the call that used it began, or later.
     fn give_back(
         self: Arc<Self>,
         lease_key: u64,
         https: bool,
         authority: Authority,
         mut connection: Connection,
+        now: Instant,
     ) {
         if connection.sender.is_closed() {
             return;
@@ -247,15 +255,14 @@ impl ProxyClient {
                 runtime.spawn(async move {
                     let ready = tokio::time::timeout(IDLE_TIMEOUT, connection.sender.ready()).await;
                     if let Ok(Ok(())) = ready {
-                        self.give_back(lease_key, https, authority, connection);
+                        self.give_back(lease_key, https, authority, connection, Instant::now());
                     }
                 });
             }
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if now.duration_since(idle.swept) > SWEEP_EVERY {
+        if now.saturating_duration_since(idle.swept) > SWEEP_EVERY {
             idle.swept = now;
             sweep(&mut idle);
         }
@@ -329,8 +336,9 @@ impl Lease {
             https,
             authority,
             connection,
+            started,
         } = self;
-        client.give_back(key, https, authority, connection);
+        client.give_back(key, https, authority, connection, started);
     }
 }
 

@@ -104,37 +104,28 @@ where
         400..=499 => 3,
         _ => 4,
     };
-    let handles = proxy_metrics();
-    handles.requests[class].increment(1);
-    handles.seconds.record(started.elapsed().as_secs_f64());
+    proxy_requests()[class].increment(1);
+    crate::telemetry::PROXY_SECONDS.record(started.elapsed());
     response
 }
 
-/// The proxy's metric handles, looked up once (a lookup by name and labels on every call was
-/// a measurable share of the hot path).
-struct ProxyMetrics {
-    /// By status class: 1xx, 2xx, 3xx, 4xx, 5xx.
-    requests: [metrics::Counter; 5],
-    seconds: metrics::Histogram,
-}
-
-fn proxy_metrics() -> &'static ProxyMetrics {
-    static HANDLES: OnceLock<ProxyMetrics> = OnceLock::new();
+/// `tokenwarden_proxy_requests_total` by status class (1xx, 2xx, 3xx, 4xx, 5xx), looked up
+/// once (a lookup by name and labels on every call was a measurable share of the hot path).
+/// The call's time goes to [`crate::telemetry::PROXY_SECONDS`].
+fn proxy_requests() -> &'static [metrics::Counter; 5] {
+    static HANDLES: OnceLock<[metrics::Counter; 5]> = OnceLock::new();
     HANDLES.get_or_init(|| {
         crate::telemetry::install_metrics();
         let class = |status: &'static str| {
             metrics::counter!("tokenwarden_proxy_requests_total", "status" => status)
         };
-        ProxyMetrics {
-            requests: [
-                class("1xx"),
-                class("2xx"),
-                class("3xx"),
-                class("4xx"),
-                class("5xx"),
-            ],
-            seconds: metrics::histogram!("tokenwarden_proxy_seconds"),
-        }
+        [
+            class("1xx"),
+            class("2xx"),
+            class("3xx"),
+            class("4xx"),
+            class("5xx"),
+        ]
     })
 }
 
@@ -144,21 +135,18 @@ enum OutgoingBody {
     Streaming(Body),
 }
 
-async fn read_body<B>(
-    body: B,
-    method: &Method,
-    headers: &HeaderMap,
-) -> Result<OutgoingBody, ApiError>
+async fn read_body<B>(body: B, method: &Method, seen: &Surveyed) -> Result<OutgoingBody, ApiError>
 where
     B: http_body::Body<Data = Bytes, Error: Into<axum::BoxError>> + Send + 'static,
 {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
+    let declared = seen
+        .content_length
+        .as_ref()
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared == Some(0)
         || (declared.is_none()
-            && !headers.contains_key(header::TRANSFER_ENCODING)
+            && !seen.transfer_encoding
             && matches!(
                 *method,
                 Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
@@ -243,12 +231,49 @@ fn strip(headers: &mut HeaderMap, also: &[header::HeaderName]) {
     }
 }
 
+/// What the proxy needs to know of a caller's headers, found in one pass over them (a lookup
+/// by name hashes the name each time).
+struct Surveyed {
+    /// The first `Content-Length`.
+    content_length: Option<HeaderValue>,
+    transfer_encoding: bool,
+    user_agent: bool,
+    /// A hop-by-hop header (`Connection` among them) or `Expect`.
+    hop_by_hop: bool,
+}
+
+fn survey(headers: &HeaderMap) -> Surveyed {
+    let mut seen = Surveyed {
+        content_length: None,
+        transfer_encoding: false,
+        user_agent: false,
+        hop_by_hop: false,
+    };
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH {
+            if seen.content_length.is_none() {
+                seen.content_length = Some(value.clone());
+            }
+        } else if name == header::USER_AGENT {
+            seen.user_agent = true;
+        } else if name == header::EXPECT || hop_by_hop_name(name) {
+            seen.hop_by_hop = true;
+            seen.transfer_encoding |= name == header::TRANSFER_ENCODING;
+        }
+    }
+    seen
+}
+
 /// The caller's headers as they go to the provider: without hop-by-hop ones, `Expect` (the
 /// proxy answered `100-continue` to its caller already) and `Content-Length` (set from the body
 /// sent). `Host` and the caller's `Authorization` are replaced (or removed) by [`send`].
-fn forwarded_headers(mut headers: HeaderMap) -> HeaderMap {
-    strip(&mut headers, &[header::EXPECT, header::CONTENT_LENGTH]);
-    if !headers.contains_key(header::USER_AGENT) {
+fn forwarded_headers(mut headers: HeaderMap, seen: &Surveyed) -> HeaderMap {
+    if seen.hop_by_hop {
+        strip(&mut headers, &[header::EXPECT, header::CONTENT_LENGTH]);
+    } else if seen.content_length.is_some() {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    if !seen.user_agent {
         headers.insert(
             header::USER_AGENT,
             HeaderValue::from_static(concat!("tokenwarden/", env!("CARGO_PKG_VERSION"))),
@@ -269,9 +294,11 @@ where
 {
     let (parts, body) = request.into_parts();
     let instance_id = auth::authenticate(app, &parts.headers, started).await?;
+    // The wall clock, read once for the call's freshness checks.
+    let now = now_ms();
     let mut instance = app
         .refresh
-        .get(app, instance_id, started)
+        .get(app, instance_id, started, now)
         .await
         .map_err(failure_for_call)?;
     usable(&instance)?;
@@ -285,7 +312,6 @@ where
     let mut target = target_of(&instance, raw_path, query)?;
     // Refresh ahead of the call when the connector asks for it.
     let strategy = instance.connector.refresh.strategy;
-    let now = now_ms();
     let wants_refresh = match strategy {
         RefreshStrategy::EveryRequest => true,
         // While a failed refresh backs off, a token that still works serves without a retry.
@@ -317,12 +343,12 @@ where
             Err(failure) => return Err(failure_for_call(failure)),
         }
     }
-    let body = read_body(body, &parts.method, &parts.headers).await?;
-    let declared_length = parts.headers.get(header::CONTENT_LENGTH).cloned();
-    let headers = forwarded_headers(parts.headers);
+    let seen = survey(&parts.headers);
+    let body = read_body(body, &parts.method, &seen).await?;
+    let headers = forwarded_headers(parts.headers, &seen);
     let outgoing = Outgoing {
         method: &parts.method,
-        declared_length: declared_length.as_ref(),
+        declared_length: seen.content_length.as_ref(),
     };
     let (first_body, replayable) = match body {
         OutgoingBody::Kept(bytes) => (OutgoingBody::Kept(bytes.clone()), Some(bytes)),
@@ -514,6 +540,7 @@ async fn send(
             target.https,
             &target.authority,
             request,
+            now,
             tokio::time::Instant::from_std(now) + timeout,
         )
         .await

@@ -138,6 +138,26 @@ async fn the_request_arrives_as_sent_with_the_token_swapped_in() {
     );
     // The echo answered at all: the bearer token replaced the caller's Authorization.
     assert_eq!(echo["user"], "echoer");
+    // reqwest sends no User-Agent: ours goes instead.
+    let agent = headers["user-agent"].as_str().unwrap();
+    assert!(agent.starts_with("tokenwarden/"), "{echo}");
+
+    // No hop-by-hop header at all: the caller's User-Agent goes on, and one Content-Length,
+    // the body's.
+    let response = env
+        .http
+        .post(env.api("/proxy/api/echo"))
+        .header("authorization", env.org.through(token))
+        .header("user-agent", "caller/1.0")
+        .body("abc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let echo: Value = response.json().await.unwrap();
+    assert_eq!(echo["body"], "abc", "{echo}");
+    assert_eq!(echo["headers"]["user-agent"], "caller/1.0", "{echo}");
+    assert_eq!(echo["headers"]["content-length"], "3", "{echo}");
 
     // 5 MiB streamed up: the echo takes at most 1 MiB and says so; its answer comes back as is.
     let chunks = futures_util::stream::iter(
