@@ -74,8 +74,49 @@ pub fn render_metrics() -> String {
         .and_then(|handle| handle.as_ref())
         .map(|handle| handle.render())
         .unwrap_or_default();
+    PROXY_REQUESTS.render(&mut text);
     PROXY_SECONDS.render(&mut text);
     text
+}
+
+/// `tokenwarden_proxy_requests_total{status}`: proxied calls by the answer's status class.
+pub static PROXY_REQUESTS: StatusClassCounter =
+    StatusClassCounter::new("tokenwarden_proxy_requests_total");
+
+/// A counter by status class (`1xx` … `5xx`) of our own, rendered as the exporter renders its
+/// counters: a call costs one relaxed atomic addition (the exporter's also moves a generation
+/// counter, through a shared handle).
+pub struct StatusClassCounter {
+    name: &'static str,
+    counts: [std::sync::atomic::AtomicU64; 5],
+}
+
+impl StatusClassCounter {
+    pub const fn new(name: &'static str) -> Self {
+        StatusClassCounter {
+            name,
+            counts: [const { std::sync::atomic::AtomicU64::new(0) }; 5],
+        }
+    }
+
+    pub fn count(&self, status: u16) {
+        let class = usize::from((status / 100).clamp(1, 5)) - 1;
+        self.counts[class].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Appends the family in Prometheus' text format.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let name = self.name;
+        if !out.is_empty() && !out.ends_with("\n\n") {
+            out.push('\n');
+        }
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for (class, count) in self.counts.iter().enumerate() {
+            let count = count.load(std::sync::atomic::Ordering::Relaxed);
+            let _ = writeln!(out, "{name}{{status=\"{}xx\"}} {count}", class + 1);
+        }
+    }
 }
 
 /// `tokenwarden_proxy_seconds`: a proxied call's time, recorded on the proxy's hot path.
@@ -164,6 +205,21 @@ pub async fn update_gauges(app: &crate::app::App) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_status_class_counter_counts_each_class() {
+        let counter = super::StatusClassCounter::new("t_total");
+        for status in [200, 204, 302, 401, 404, 503, 101] {
+            counter.count(status);
+        }
+        let mut text = String::new();
+        counter.render(&mut text);
+        assert_eq!(
+            text,
+            "# TYPE t_total counter\nt_total{status=\"1xx\"} 1\nt_total{status=\"2xx\"} 2\n\
+             t_total{status=\"3xx\"} 1\nt_total{status=\"4xx\"} 2\nt_total{status=\"5xx\"} 1\n"
+        );
+    }
+
     #[test]
     fn a_latency_histogram_renders_cumulative_buckets_as_the_exporter_does() {
         use std::time::Duration;

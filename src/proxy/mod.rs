@@ -12,7 +12,6 @@
 //! **No path leaves the instance's base URL**: dot segments, encoded slashes, backslashes and
 //! absolute URLs are refused, and the joined URL is checked to keep the base's origin and path.
 
-use std::sync::OnceLock;
 use std::time::Instant;
 
 use axum::body::Body;
@@ -97,36 +96,9 @@ where
             .headers_mut()
             .insert(crate::http::error::X_REQUEST_ID, request_id);
     }
-    let class = match response.status().as_u16() {
-        100..=199 => 0,
-        200..=299 => 1,
-        300..=399 => 2,
-        400..=499 => 3,
-        _ => 4,
-    };
-    proxy_requests()[class].increment(1);
+    crate::telemetry::PROXY_REQUESTS.count(response.status().as_u16());
     crate::telemetry::PROXY_SECONDS.record(started.elapsed());
     response
-}
-
-/// `tokenwarden_proxy_requests_total` by status class (1xx, 2xx, 3xx, 4xx, 5xx), looked up
-/// once (a lookup by name and labels on every call was a measurable share of the hot path).
-/// The call's time goes to [`crate::telemetry::PROXY_SECONDS`].
-fn proxy_requests() -> &'static [metrics::Counter; 5] {
-    static HANDLES: OnceLock<[metrics::Counter; 5]> = OnceLock::new();
-    HANDLES.get_or_init(|| {
-        crate::telemetry::install_metrics();
-        let class = |status: &'static str| {
-            metrics::counter!("tokenwarden_proxy_requests_total", "status" => status)
-        };
-        [
-            class("1xx"),
-            class("2xx"),
-            class("3xx"),
-            class("4xx"),
-            class("5xx"),
-        ]
-    })
 }
 
 /// A request body: kept whole (replayable) or streaming (sent once).

@@ -221,7 +221,7 @@ async fn storm_of_rejected_calls_makes_one_refresh_on_sqlite() {
     let before = instance(&env, &server, &token).await;
     expire_access_tokens(&env).await;
 
-    let answers = storm(&env, &[server.clone()], &token, 300, "api/me").await;
+    let answers = storm(&env, std::slice::from_ref(&server), &token, 300, "api/me").await;
     assert_all_ok("sqlite storm", &answers);
     assert_eq!(refreshes(&env).await, 1, "exactly one refresh");
     assert_eq!(stat(&env, &["tokenErrors"]).await, 0);
@@ -368,7 +368,7 @@ async fn token_endpoint_outage_is_transient_and_single_flight() {
     .await;
 
     let started = Instant::now();
-    let answers = storm(&env, &[server.clone()], &token, 100, "api/me").await;
+    let answers = storm(&env, std::slice::from_ref(&server), &token, 100, "api/me").await;
     let elapsed = started.elapsed();
     for (status, body) in &answers {
         assert_eq!(*status, 503, "{body}");
@@ -394,7 +394,7 @@ async fn token_endpoint_outage_is_transient_and_single_flight() {
 
     // A second burst inside the backoff makes no attempt at all.
     let attempts = stat(&env, &["tokenErrors"]).await;
-    let answers = storm(&env, &[server.clone()], &token, 20, "api/me").await;
+    let answers = storm(&env, std::slice::from_ref(&server), &token, 20, "api/me").await;
     assert!(answers.iter().all(|(s, _)| *s == 503));
     let after = stat(&env, &["tokenErrors"]).await;
     assert!(after <= attempts + 1, "{attempts} → {after}");

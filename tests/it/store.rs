@@ -794,7 +794,7 @@ const GROUP: usize = 40;
 fn group_update(n: usize) -> TokenUpdate {
     TokenUpdate {
         access_token_enc: Some(bytes(&format!("access-{n}"))),
-        refresh_token_enc: (n % 2 == 0).then(|| bytes(&format!("refresh-{n}"))),
+        refresh_token_enc: n.is_multiple_of(2).then(|| bytes(&format!("refresh-{n}"))),
         token_response_enc: Some(bytes(&format!("response-{n}"))),
         access_expires_at: Some(NOW + n as i64),
         refresh_expires_at: None,
