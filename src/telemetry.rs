@@ -108,15 +108,20 @@ impl StatusClassCounter {
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write;
         let name = self.name;
-        if !out.is_empty() && !out.ends_with("\n\n") {
-            out.push('\n');
-        }
-        let _ = writeln!(out, "# TYPE {name} counter");
+        begin_family(out, name, "counter");
         for (class, count) in self.counts.iter().enumerate() {
             let count = count.load(std::sync::atomic::Ordering::Relaxed);
             let _ = writeln!(out, "{name}{{status=\"{}xx\"}} {count}", class + 1);
         }
     }
+}
+
+/// A family's `# TYPE` line, after a blank line as the exporter separates its families.
+fn begin_family(out: &mut String, name: &str, kind: &str) {
+    if !out.is_empty() && !out.ends_with("\n\n") {
+        out.push('\n');
+    }
+    out.push_str(&format!("# TYPE {name} {kind}\n"));
 }
 
 /// `tokenwarden_proxy_seconds`: a proxied call's time, recorded on the proxy's hot path.
@@ -168,10 +173,7 @@ impl LatencyHistogram {
         use std::fmt::Write;
         use std::sync::atomic::Ordering::Relaxed;
         let name = self.name;
-        if !out.is_empty() && !out.ends_with("\n\n") {
-            out.push('\n');
-        }
-        let _ = writeln!(out, "# TYPE {name} histogram");
+        begin_family(out, name, "histogram");
         let mut cumulative = 0u64;
         for (bound, count) in BUCKETS.iter().zip(&self.counts) {
             cumulative += count.load(Relaxed);
