@@ -36,8 +36,7 @@ impl RunningServer {
 pub async fn spawn(bind: SocketAddr, config: AppConfig) -> Result<RunningServer, StartupError> {
     crate::app::install_crypto_provider();
     let app = App::build(config).await?;
-    let listener = tokio::net::TcpListener::bind(bind)
-        .await
+    let listener = listen(bind)
         .map_err(|error| StartupError::Http(format!("could not listen on {bind}: {error}")))?;
     let addr = listener
         .local_addr()
@@ -55,6 +54,27 @@ pub async fn spawn(bind: SocketAddr, config: AppConfig) -> Result<RunningServer,
         shutdown,
         tasks,
     })
+}
+
+/// Connections the kernel completes and queues for the accept loop. tokio's `bind` asks for
+/// 128 (the standard library's value): a burst of more connections than that while the
+/// service is busy overflows the queue, and the kernel drops the handshakes' last step, so
+/// those callers wait for a retransmission, one second at least (`bench/run storm` opening 1,000
+/// connections saw it on most rounds). The kernel caps it at `net.core.somaxconn` (4096 by
+/// default since Linux 5.4).
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// A listener on `bind` (port 0 allowed) with [`LISTEN_BACKLOG`]; `SO_REUSEADDR` as the standard
+/// library sets it, so a restart does not wait for the old connections' `TIME_WAIT`.
+fn listen(bind: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if bind.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(bind)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Accepts connections until shutdown, then lets the requests under way finish (the caller
@@ -290,5 +310,36 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A burst of connections larger than tokio's default backlog (128) is queued whole while
+    /// nothing accepts: every one of them is there to accept at once, none waits for the
+    /// kernel's retransmission (a second or more).
+    #[tokio::test]
+    async fn a_burst_of_connections_is_queued_while_nothing_accepts() {
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        const BURST: usize = 300;
+        let mut clients = Vec::with_capacity(BURST);
+        for n in 0..BURST {
+            // A full queue drops the handshake: the connect then waits for retransmissions.
+            let connecting = tokio::net::TcpStream::connect(addr);
+            match tokio::time::timeout(std::time::Duration::from_secs(3), connecting).await {
+                Ok(connected) => clients.push(connected.unwrap()),
+                Err(_) => panic!("connection {n} of {BURST} was not taken into the queue"),
+            }
+        }
+        let mut accepted = 0;
+        while let Ok(Ok(_)) =
+            tokio::time::timeout(std::time::Duration::from_millis(300), listener.accept()).await
+        {
+            accepted += 1;
+        }
+        assert_eq!(accepted, BURST, "connections dropped from the accept queue");
     }
 }
