@@ -300,8 +300,7 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
                 client,
                 ..Default::default()
             };
-            let listener = tokio::net::TcpListener::bind(args.bind)
-                .await
+            let listener = crate::startup::listen(args.bind)
                 .map_err(|error| format!("could not listen on {}: {error}", args.bind))?;
             eprintln!("tokenwarden sandbox listening on http://{}", args.bind);
             tokenwarden_sandbox::serve(listener, config, crate::startup::shutdown_signal())

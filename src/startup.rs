@@ -65,8 +65,10 @@ pub async fn spawn(bind: SocketAddr, config: AppConfig) -> Result<RunningServer,
 const LISTEN_BACKLOG: u32 = 1024;
 
 /// A listener on `bind` (port 0 allowed) with [`LISTEN_BACKLOG`]; `SO_REUSEADDR` as the standard
-/// library sets it, so a restart does not wait for the old connections' `TIME_WAIT`.
-fn listen(bind: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+/// library sets it, so a restart does not wait for the old connections' `TIME_WAIT`. The
+/// `sandbox` command listens with it too: a provider takes a burst of new connections from the
+/// proxy's pool (1,000 calls at once open up to 1,000), as real ones do.
+pub fn listen(bind: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let socket = if bind.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
