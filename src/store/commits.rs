@@ -115,9 +115,9 @@ impl CommitQueue {
         self.grouped.load(Ordering::Relaxed)
     }
 
-    /// Queues a commit; `Err` gives it back when the task is gone.
-    pub fn send(&self, pending: PendingCommit) -> Result<(), PendingCommit> {
-        self.sender.send(pending).map_err(|error| error.0)
+    /// Queues a commit: false when the task is gone (the caller then commits alone).
+    pub fn send(&self, pending: PendingCommit) -> bool {
+        self.sender.send(pending).is_ok()
     }
 }
 

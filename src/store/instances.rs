@@ -419,7 +419,7 @@ impl Store {
                     event: event.cloned(),
                     reply,
                 };
-                if queue.send(pending).is_ok() {
+                if queue.send(pending) {
                     return answer.await.unwrap_or_else(|_| {
                         Err(StoreError::Database(
                             "the commit was dropped before an answer".to_string(),
