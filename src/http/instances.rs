@@ -216,16 +216,27 @@ struct Grant {
     verifier_used: bool,
 }
 
+/// What the provider's redirect brought back to the caller (`providerData`).
+struct Redirect<'a> {
+    code: &'a Secret,
+    state: Option<&'a str>,
+    /// The redirect's routing parameters (Adobe's `api_access_point`, QuickBooks' `realmId`).
+    fields: &'a Map<String, Value>,
+}
+
 async fn exchange(
     app: &App,
     caller: &Caller,
     connector: &Connector,
     plain: &Map<String, Value>,
     secrets: &BTreeMap<String, String>,
-    code: &Secret,
-    state: Option<&str>,
-    redirect_fields: &Map<String, Value>,
+    redirect: Redirect<'_>,
 ) -> ApiResult<Grant> {
+    let Redirect {
+        code,
+        state,
+        fields: redirect_fields,
+    } = redirect;
     let callback = plain
         .get(CALLBACK_URL)
         .and_then(Value::as_str)
@@ -407,9 +418,11 @@ async fn create_instance(
                 connector,
                 &plain,
                 &split.secret,
-                &code,
-                body.state(),
-                &body.redirect_fields(),
+                Redirect {
+                    code: &code,
+                    state: body.state(),
+                    fields: &body.redirect_fields(),
+                },
             )
             .await?
         }
@@ -710,8 +723,22 @@ async fn update(
         validate_name(name)?;
     }
     let given = normalize_configuration(body.configuration.as_ref())?;
-    let split = split_configuration(given);
+    let mut split = split_configuration(given);
     let secrets = open_secrets(app, &row)?;
+    // A configuration read, edited and written back carries the tokens as they were shown:
+    // masked, or (to the holder of the Element token) as they are. Neither is an import: the
+    // instance keeps its tokens, and a masked value never becomes one.
+    let as_shown = |given: &Option<String>, stored: &Option<Secret>| {
+        given.as_deref().is_some_and(|value| {
+            value == instances::MASK || stored.as_ref().is_some_and(|s| s.expose() == value)
+        })
+    };
+    if as_shown(&split.access_token, &secrets.access_token) {
+        split.access_token = None;
+    }
+    if as_shown(&split.refresh_token, &secrets.refresh_token) {
+        split.refresh_token = None;
+    }
     let (mut plain, mut secret) = match mode {
         UpdateMode::Merge => (
             plain_configuration(&row),
@@ -739,7 +766,11 @@ async fn update(
     }
     for (key, value) in split.secret {
         if value == instances::MASK {
-            continue; // A masked value sent back unchanged means "keep it".
+            // A masked value sent back unchanged means "keep it", in a replacement too.
+            if let Some(kept) = secrets.secret_configuration.get(&key) {
+                secret.insert(key, kept.clone());
+            }
+            continue;
         }
         secret.insert(key, value);
     }
@@ -778,9 +809,11 @@ async fn update(
             &connector,
             &plain,
             &secret,
-            &code,
-            body.state(),
-            &body.redirect_fields(),
+            Redirect {
+                code: &code,
+                state: body.state(),
+                fields: &body.redirect_fields(),
+            },
         )
         .await?;
         let now = now_ms();

@@ -836,6 +836,89 @@ async fn reauthentication_and_updates_keep_identity() {
     }
 }
 
+/// An instance read, edited and written back as it was shown keeps its tokens and secrets:
+/// masked values are neither imported as tokens (`PATCH`) nor dropped (`PUT`), and the real
+/// tokens the Element token's holder sends back unchanged are no import either.
+#[tokio::test]
+async fn an_instance_written_back_as_shown_keeps_its_tokens_and_secrets() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let auth = env.org.platform();
+        let instance = env
+            .create_instance(&env.org, "sandbox-salesforce", "gina")
+            .await;
+        let id = id_of(&instance);
+        let token = instance["token"].as_str().unwrap().to_string();
+        let path = env.api(&format!("/instances/{id}"));
+        let with_secret = call(
+            &env,
+            Method::PATCH,
+            &path,
+            Some(&auth),
+            Some(json!({"configuration": {"webhook.secret": "w-s-1"}})),
+        )
+        .await;
+        assert_eq!(with_secret.status, 200, "[{label}] {}", with_secret.body);
+        let before = revealed(&env, &env.org, &instance).await;
+        let shown = call(&env, Method::GET, &path, Some(&auth), None).await;
+        assert_eq!(shown.status, 200, "[{label}] {}", shown.body);
+        assert_eq!(shown.body["configuration"]["oauth.user.token"], "********");
+        assert_eq!(shown.body["configuration"]["webhook.secret"], "********");
+        let secret_keys = [
+            "oauth.user.token",
+            "oauth.user.refresh_token",
+            "oauth.api.secret",
+            "webhook.secret",
+        ];
+        for method in [Method::PATCH, Method::PUT] {
+            let written = call(
+                &env,
+                method.clone(),
+                &path,
+                Some(&auth),
+                Some(json!({"name": "edited", "configuration": shown.body["configuration"]})),
+            )
+            .await;
+            assert_eq!(written.status, 200, "[{label}] {method}: {}", written.body);
+            assert_eq!(written.body["valid"], true, "[{label}] {method}");
+            let after = revealed(&env, &env.org, &instance).await;
+            for key in secret_keys {
+                assert_eq!(
+                    after["configuration"][key], before["configuration"][key],
+                    "[{label}] {method} changed {key}"
+                );
+            }
+            let (status, body) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
+            assert_eq!(status, 200, "[{label}] {method}: {body}");
+        }
+        // The holder of the Element token sees the real values and sends them back as they are.
+        let written = call(
+            &env,
+            Method::PATCH,
+            &env.api("/instances"),
+            Some(&env.org.with_element(&token)),
+            Some(json!({"configuration": before["configuration"]})),
+        )
+        .await;
+        assert_eq!(written.status, 200, "[{label}] {}", written.body);
+        let after = revealed(&env, &env.org, &instance).await;
+        for key in secret_keys {
+            assert_eq!(
+                after["configuration"][key], before["configuration"][key],
+                "[{label}] written back unchanged, {key} changed"
+            );
+        }
+        let events = crate::refresh::event_types(&env, &env.server.url, id).await;
+        assert_eq!(
+            crate::refresh::count(&events, "instance.reauthenticated"),
+            0,
+            "[{label}] nothing was imported: {events:?}"
+        );
+        env.stop().await;
+        drop_test_database(&url).await;
+    }
+}
+
 #[tokio::test]
 async fn enable_disable_refresh_revoke_delete() {
     for (label, url) in test_databases().await {
