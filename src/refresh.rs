@@ -53,6 +53,10 @@ const REVALIDATE_AFTER: Duration = Duration::from_secs(5);
 /// The first step of the transient-failure backoff, and the largest.
 const BACKOFF_BASE_MS: i64 = 2_000;
 const BACKOFF_MAX_MS: i64 = 300_000;
+/// The longest a provider's `Retry-After` holds an instance's refreshes back: an hour. While it
+/// does, a call whose token has expired answers 503, so a provider that asks for a day (or a
+/// date a year ahead) must not take an instance out of service for that long.
+const RETRY_AFTER_MAX_S: u64 = 3_600;
 /// At most this often per connector are backed-off instances made due after a recovery.
 const EXPEDITE_EVERY_MS: i64 = 10_000;
 
@@ -819,7 +823,7 @@ impl RefreshEngine {
                     OAuthError::RateLimited {
                         retry_after: Some(seconds),
                         ..
-                    } => Some((*seconds).min(86_400 * 365) as i64 * 1000),
+                    } => Some((*seconds).min(RETRY_AFTER_MAX_S) as i64 * 1000),
                     _ => None,
                 };
                 let step = BACKOFF_BASE_MS

@@ -33,6 +33,8 @@ pub struct Fault {
     /// 0: no failure, only the delay.
     pub status: u16,
     pub delay_ms: u64,
+    /// The `Retry-After` seconds a 429 carries.
+    pub retry_after: u64,
 }
 
 #[derive(Debug)]
@@ -51,6 +53,8 @@ pub struct FaultRequest {
     pub count: Option<u32>,
     #[serde(default)]
     pub delay_ms: u64,
+    /// `Retry-After` of a 429, in seconds (default 1).
+    pub retry_after: Option<u64>,
 }
 
 /// The longest delay a fault may ask for; longer ones would only hang test suites.
@@ -86,6 +90,7 @@ impl Faults {
             fault: Fault {
                 status: request.status,
                 delay_ms: request.delay_ms,
+                retry_after: request.retry_after.unwrap_or(1),
             },
             remaining: count,
         });
@@ -152,6 +157,7 @@ mod tests {
             status,
             count,
             delay_ms: 0,
+            retry_after: None,
         };
         faults.add(req(503, Some(2))).expect("valid");
         faults.add(req(429, None)).expect("valid");

@@ -418,6 +418,37 @@ async fn token_endpoint_outage_is_transient_and_single_flight() {
     drop_test_database(&url).await;
 }
 
+/// A provider that asks to come back in a year (a 429 with `Retry-After: 31536000`) holds the
+/// instance's refreshes back for an hour at most: calls on an expired token answer 503 while it
+/// lasts, so a longer wait would take the instance out of service.
+#[tokio::test]
+async fn a_retry_after_far_ahead_holds_refreshes_back_an_hour_at_most() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let server = env.server.url.clone();
+    let limited = env
+        .create_instance(&env.org, "sandbox-generic", "a-year-later")
+        .await;
+    expire_access_tokens(&env).await;
+    fault(
+        &env,
+        json!({"target": "token", "status": 429, "count": 1, "retryAfter": 31_536_000}),
+    )
+    .await;
+    let token = limited["token"].as_str().unwrap();
+    let (status, body, headers) =
+        proxy_at(&env, &server, &env.org, token, Method::GET, "api/me").await;
+    assert_eq!(status, 503, "{body}");
+    let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(
+        (3_000..=3_600).contains(&retry_after),
+        "the provider's year became {retry_after} s"
+    );
+    assert_eq!(instance(&env, &server, token).await["valid"], true);
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// 429 with Retry-After, and a token endpoint slower than the provider timeout: both
 /// transient, the instance valid, the caller told when to come back.
 #[tokio::test]

@@ -363,7 +363,7 @@ pub async fn injected_fault(sandbox: &Sandbox, target: FaultTarget) -> Option<Re
     if status == StatusCode::TOO_MANY_REQUESTS {
         response
             .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            .insert(header::RETRY_AFTER, HeaderValue::from(fault.retry_after));
     }
     Some(response)
 }
