@@ -44,6 +44,10 @@ use crate::store::InstanceRow;
 pub const LEASE_MS: i64 = 10_000;
 /// How often the lease holder renews its lease during the provider call.
 const LEASE_RENEW_MS: u64 = 3_000;
+/// How many times a commit of refreshed tokens the store failed is tried again, after
+/// [`COMMIT_RETRY_MS`] × 2, × 4, … (in all well inside one lease).
+const COMMIT_RETRIES: u32 = 4;
+const COMMIT_RETRY_MS: u64 = 125;
 /// How long an in-memory copy of an instance is trusted before it is re-read (other replicas may
 /// have disabled, deleted or refreshed it). While it is trusted, a proxied call makes no query.
 /// A copy is never served older than this, re-read or not (its token may not say when it
@@ -753,18 +757,42 @@ impl RefreshEngine {
                     .failing_since
                     .is_some()
                     .then(|| events::new_event(app, row, events::RECOVERED, None));
-                let committed = app
-                    .store
-                    .commit_refreshed_tokens_returning(
-                        row.id,
-                        &app.replica_id,
-                        row.token_version,
-                        &applied.update,
-                        Some(&event),
-                        recovered.as_ref(),
-                    )
-                    .await
-                    .map_err(store_error)?;
+                // The provider has rotated the grant already: a failing store (a dropped
+                // connection, a pool timeout) is tried again before the new tokens are given
+                // up, with the lease kept meanwhile. The version check makes a retry safe: it
+                // commits, or finds the row moved on (by a commit whose answer was lost, ours).
+                let mut attempt = 0;
+                let committed = loop {
+                    let tried = app
+                        .store
+                        .commit_refreshed_tokens_returning(
+                            row.id,
+                            &app.replica_id,
+                            row.token_version,
+                            &applied.update,
+                            Some(&event),
+                            recovered.as_ref(),
+                        )
+                        .await;
+                    match tried {
+                        Ok(committed) => break committed,
+                        Err(error) if attempt < COMMIT_RETRIES => {
+                            attempt += 1;
+                            tracing::warn!(
+                                instance = row.id,
+                                attempt,
+                                "committing refreshed tokens failed, trying again: {error}"
+                            );
+                            tokio::time::sleep(Duration::from_millis(COMMIT_RETRY_MS << attempt))
+                                .await;
+                            let _ = app
+                                .store
+                                .renew_refresh_lease(row.id, &app.replica_id, now_ms() + LEASE_MS)
+                                .await;
+                        }
+                        Err(error) => return Err(store_error(error)),
+                    }
+                };
                 let was_committed = committed.is_some();
                 let stored = match committed {
                     Some(stored) => stored,

@@ -682,6 +682,71 @@ async fn warm_calls_make_no_awaited_database_query() {
     drop_test_database(&url).await;
 }
 
+/// A store that fails the commit of rotated tokens for a while (here SQLite's file locked by
+/// another writer for longer than a commit's two busy timeouts, batch and alone) does not lose
+/// them: the commit is tried again, so the strict provider's grant lives on and the next call
+/// works without another refresh. Without the retry the call failed, and the next refresh
+/// presented the retired refresh token, which killed the grant.
+#[tokio::test]
+async fn a_failing_commit_of_rotated_tokens_is_tried_again() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    generic_profile(&env, strict_rotation()).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "locked-out")
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    expire_access_tokens(&env).await;
+    let faults = stat(&env, &["faultsInjected"]).await;
+    fault(
+        &env,
+        json!({"target": "token", "status": 0, "delayMs": 1_000, "count": 1}),
+    )
+    .await;
+    let call = proxy_at(
+        &env,
+        &env.server.url,
+        &env.org,
+        &token,
+        Method::GET,
+        "api/me",
+    );
+    let lock = async {
+        // Once the refresh is at the provider (its lease taken), another writer holds the file.
+        eventually(
+            "the refresh at the provider",
+            Duration::from_secs(10),
+            || async { (stat(&env, &["faultsInjected"]).await > faults).then_some(()) },
+        )
+        .await;
+        use sqlx::Connection;
+        sqlx::any::install_default_drivers();
+        let mut other = sqlx::AnyConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN EXCLUSIVE")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(11_500)).await;
+        sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    };
+    let ((status, body, _), ()) = tokio::join!(call, lock);
+    assert_eq!(status, 200, "the call waited for the commit: {body}");
+    let (status, body, _) = proxy_at(
+        &env,
+        &env.server.url,
+        &env.org,
+        &token,
+        Method::GET,
+        "api/me",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(refreshes(&env).await, 1, "no second refresh");
+    assert_eq!(stat(&env, &["tokenErrors"]).await, 0, "no reuse");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// A caller that hangs up while the refresh is at the provider does not cancel it: the rotated
 /// token is committed anyway, so the strict provider's grant lives on and the next call works
 /// without another refresh.
