@@ -262,6 +262,10 @@ pub struct AppliedTokens {
     pub update: TokenUpdate,
     pub configuration: Map<String, Value>,
     pub configuration_changed: bool,
+    /// Only the keys the token response set to new values, as a JSON object (`None` when there
+    /// are none): what a refresh merges into the stored configuration, so that a change made
+    /// to other keys while it was at the provider stays.
+    pub configuration_patch: Option<String>,
 }
 
 /// Turns a token response into the token columns of `instance_id`: the new refresh token, or
@@ -305,6 +309,11 @@ pub fn apply_token_set(
         new_configuration.insert(BASE_URL.to_string(), Value::String(base));
     }
     let configuration_changed = &new_configuration != configuration;
+    let patch: Map<String, Value> = new_configuration
+        .iter()
+        .filter(|(key, value)| configuration.get(*key) != Some(*value))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
     let update = TokenUpdate {
         access_token_enc: Some(
             keyring.seal_secret(&tokens.access_token, binding(instance_id, "access_token")),
@@ -331,6 +340,7 @@ pub fn apply_token_set(
         update,
         configuration: new_configuration,
         configuration_changed,
+        configuration_patch: (!patch.is_empty()).then(|| Value::Object(patch).to_string()),
     }
 }
 

@@ -750,6 +750,11 @@ impl RefreshEngine {
                     &configuration,
                     now,
                 );
+                // The configuration read with the lease may have changed while the provider
+                // answered (a PATCH of other keys): the commit merges in only the keys the
+                // token response set.
+                let mut update = applied.update;
+                update.configuration_json = applied.configuration_patch;
                 let event = events::new_event(app, row, events::REFRESHED, None);
                 // Ending a run of transient failures: `instance.recovered`, in the same
                 // transaction (the store writes it only if the row was still failing).
@@ -769,7 +774,7 @@ impl RefreshEngine {
                             row.id,
                             &app.replica_id,
                             row.token_version,
-                            &applied.update,
+                            &update,
                             Some(&event),
                             recovered.as_ref(),
                         )

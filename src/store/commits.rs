@@ -163,7 +163,8 @@ fn batch_sql(rows: usize, with_events: bool) -> String {
          refresh_token_enc = COALESCE(v.refresh_enc, i.refresh_token_enc), \
          token_response_enc = v.response_enc, access_expires_at = v.access_exp, \
          refresh_expires_at = v.refresh_exp, last_refresh_at = v.last_refresh, \
-         next_due_at = v.next_due, configuration = COALESCE(v.configuration, i.configuration), \
+         next_due_at = v.next_due, configuration = CASE WHEN v.configuration IS NULL \
+         THEN i.configuration ELSE (i.configuration::jsonb || v.configuration::jsonb)::text END, \
          token_version = i.token_version + 1, failing_since = NULL, failure_count = 0, \
          backoff_until = NULL, last_failure = NULL, \
          refresh_lease_until = CASE WHEN i.refresh_lease_owner = v.owner THEN NULL \

@@ -17,11 +17,19 @@ pub(super) const INSTANCE_COLUMNS: &str = "id, organization_id, element_key, nam
 
 /// The assignments and compare-and-swap of a commit of refreshed tokens: $1 to $8 the new
 /// token fields, $9 the lease owner, $10 the time, $11 the id, $12 the expected token version.
-const REFRESHED_SET: &str = "access_token_enc = $1, \
+/// $8 is a JSON object of configuration keys merged into the stored configuration (the keys a
+/// token response sets), so that other keys changed meanwhile stay: SQLite's `json_patch`,
+/// PostgreSQL's `jsonb ||` (the grouped commit in `commits.rs` does the same).
+macro_rules! refreshed_set {
+    ($merge:literal) => {
+        concat!(
+            "access_token_enc = $1, \
          refresh_token_enc = COALESCE($2, refresh_token_enc), token_response_enc = $3, \
          access_expires_at = $4, refresh_expires_at = $5, last_refresh_at = $6, \
-         next_due_at = $7, configuration = COALESCE($8, configuration), \
-         token_version = token_version + 1, \
+         next_due_at = $7, configuration = CASE WHEN $8 IS NULL THEN configuration \
+         ELSE ",
+            $merge,
+            " END, token_version = token_version + 1, \
          failing_since = NULL, failure_count = 0, backoff_until = NULL, last_failure = NULL, \
          refresh_lease_until = CASE WHEN refresh_lease_owner = $9 THEN NULL \
          ELSE refresh_lease_until END, \
@@ -29,7 +37,21 @@ const REFRESHED_SET: &str = "access_token_enc = $1, \
          ELSE refresh_in_flight_since END, \
          refresh_lease_owner = CASE WHEN refresh_lease_owner = $9 THEN NULL \
          ELSE refresh_lease_owner END, \
-         updated_at = $10 WHERE id = $11 AND token_version = $12";
+         updated_at = $10 WHERE id = $11 AND token_version = $12"
+        )
+    };
+}
+const REFRESHED_SET_SQLITE: &str = refreshed_set!("json_patch(configuration, $8)");
+const REFRESHED_SET_POSTGRES: &str = refreshed_set!("(configuration::jsonb || $8::jsonb)::text");
+
+impl Store {
+    fn refreshed_set(&self) -> &'static str {
+        match self.engine {
+            Engine::Sqlite => REFRESHED_SET_SQLITE,
+            Engine::Postgres => REFRESHED_SET_POSTGRES,
+        }
+    }
+}
 
 /// A query that returns instance rows, with its arguments.
 type RowQuery<'q> = sqlx::query::QueryAs<'q, sqlx::Any, InstanceRow, sqlx::any::AnyArguments>;
@@ -45,7 +67,7 @@ pub(super) struct RefreshedCommit<'a> {
     pub event: Option<&'a NewEvent>,
 }
 
-/// Binds [`REFRESHED_SET`]'s $1 to $12, in its order.
+/// Binds the refreshed set's $1 to $12, in its order.
 fn bind_refreshed<'q>(query: RowQuery<'q>, commit: RefreshedCommit<'q>) -> RowQuery<'q> {
     bind_tokens!(query, commit.tokens)
         .bind(commit.owner)
@@ -452,7 +474,7 @@ impl Store {
         commit: RefreshedCommit<'_>,
         recovered: Option<&NewEvent>,
     ) -> Result<Option<InstanceRow>, StoreError> {
-        let set = REFRESHED_SET;
+        let set = self.refreshed_set();
         let mut transaction = self.begin_write().await?;
         let was_failing = match recovered {
             None => false,
@@ -498,7 +520,10 @@ impl Store {
         batch: &[RefreshedCommit<'_>],
     ) -> Result<Vec<Option<InstanceRow>>, StoreError> {
         let mut transaction = self.begin_write().await?;
-        let sql = format!("UPDATE instances SET {REFRESHED_SET} RETURNING {INSTANCE_COLUMNS}");
+        let sql = format!(
+            "UPDATE instances SET {} RETURNING {INSTANCE_COLUMNS}",
+            self.refreshed_set()
+        );
         let mut committed = Vec::with_capacity(batch.len());
         for &commit in batch {
             let query = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql.as_str()));
@@ -523,7 +548,7 @@ impl Store {
         &self,
         commit: RefreshedCommit<'_>,
     ) -> Result<Option<InstanceRow>, StoreError> {
-        let set = REFRESHED_SET;
+        let set = self.refreshed_set();
         let sql = match commit.event {
             Some(_) => format!(
                 "WITH updated AS (UPDATE instances SET {set} RETURNING {INSTANCE_COLUMNS}), \

@@ -682,6 +682,73 @@ async fn warm_calls_make_no_awaited_database_query() {
     drop_test_database(&url).await;
 }
 
+/// A configuration change made while a refresh is at the provider stays: the refresh commits
+/// only the keys its token response sets (Salesforce's `issued_at`, which changes at every
+/// refresh), not the whole configuration it read before the call.
+#[tokio::test]
+async fn a_configuration_change_during_a_refresh_stays() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let created = env
+            .create_instance(&env.org, "sandbox-salesforce", "patched-meanwhile")
+            .await;
+        let token = created["token"].as_str().unwrap().to_string();
+        let id = created["id"].as_i64().unwrap();
+        let before = crate::instances::revealed(&env, &env.org, &created).await;
+        expire_access_tokens(&env).await;
+        let faults = stat(&env, &["faultsInjected"]).await;
+        fault(
+            &env,
+            json!({"target": "token", "status": 0, "delayMs": 1_000, "count": 1}),
+        )
+        .await;
+        let call = proxy_at(
+            &env,
+            &env.server.url,
+            &env.org,
+            &token,
+            Method::GET,
+            "api/me",
+        );
+        let patch = async {
+            eventually(
+                "the refresh at the provider",
+                Duration::from_secs(10),
+                || async { (stat(&env, &["faultsInjected"]).await > faults).then_some(()) },
+            )
+            .await;
+            crate::instances::call(
+                &env,
+                Method::PATCH,
+                &env.api(&format!("/instances/{id}")),
+                Some(&env.org.platform()),
+                Some(json!({"configuration": {"custom.setting": "kept"}})),
+            )
+            .await
+        };
+        let ((status, body, _), patched) = tokio::join!(call, patch);
+        assert_eq!(status, 200, "[{label}] {body}");
+        assert_eq!(patched.status, 200, "[{label}] {}", patched.body);
+        assert_eq!(refreshes(&env).await, 1, "[{label}]");
+        let after = crate::instances::revealed(&env, &env.org, &created).await;
+        assert_eq!(
+            after["configuration"]["custom.setting"], "kept",
+            "[{label}] the refresh's commit undid the PATCH: {after}"
+        );
+        assert_ne!(
+            after["configuration"]["oauth.provider.issued_at"],
+            before["configuration"]["oauth.provider.issued_at"],
+            "[{label}] the refresh's own keys were merged in"
+        );
+        assert_eq!(
+            after["configuration"]["base.url"], before["configuration"]["base.url"],
+            "[{label}]"
+        );
+        env.stop().await;
+        drop_test_database(&url).await;
+    }
+}
+
 /// A store that fails the commit of rotated tokens for a while (here SQLite's file locked by
 /// another writer for longer than a commit's two busy timeouts, batch and alone) does not lose
 /// them: the commit is tried again, so the strict provider's grant lives on and the next call

@@ -655,7 +655,10 @@ async fn token_commit_is_compare_and_swap_with_its_event() {
         let store = &test.store;
         let label = &test.label;
         let org = organization(store, "A").await;
-        let row = instance(org, "cas");
+        let row = InstanceRow {
+            configuration: r#"{"base.url":"https://us.example","custom":"kept"}"#.to_string(),
+            ..instance(org, "cas")
+        };
         store.insert_instance(&row, None).await.unwrap();
         let leased = store
             .try_acquire_refresh_lease(row.id, "me", NOW, NOW + 30_000)
@@ -700,7 +703,13 @@ async fn token_commit_is_compare_and_swap_with_its_event() {
             "not rotated: kept"
         );
         assert_eq!(after.token_response_enc, Some(bytes("response-2")));
-        assert_eq!(after.configuration, r#"{"base.url":"https://eu.example"}"#);
+        // The commit's configuration keys are merged in; the others stay.
+        let configuration: serde_json::Value = serde_json::from_str(&after.configuration).unwrap();
+        assert_eq!(
+            configuration,
+            serde_json::json!({"base.url": "https://eu.example", "custom": "kept"}),
+            "[{label}]"
+        );
         assert_eq!(
             (after.next_due_at, after.last_refresh_at),
             (Some(NOW + 3_000_000), Some(NOW))
