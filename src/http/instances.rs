@@ -700,13 +700,43 @@ enum UpdateMode {
     Replace { reauthenticate: bool },
 }
 
+/// How many times an update is computed again from a fresh read when a refresh committed
+/// between its read and its write.
+const UPDATE_ATTEMPTS: usize = 3;
+
 async fn update(
     app: &SharedApp,
     caller: &Caller,
-    row: InstanceRow,
+    mut row: InstanceRow,
     body: InstanceBody,
     mode: UpdateMode,
 ) -> ApiResult<AxumJson<Value>> {
+    for _ in 0..UPDATE_ATTEMPTS {
+        let (organization_id, id) = (row.organization_id, row.id);
+        if let Some(answer) = update_once(app, caller, row, &body, mode).await? {
+            return Ok(answer);
+        }
+        row = app
+            .store
+            .get_instance(organization_id, id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("The instance was deleted meanwhile"))?;
+    }
+    Err(ApiError::conflict(
+        "The instance's tokens kept being refreshed while it was updated; send the update again",
+    ))
+}
+
+/// One attempt of [`update`]: `None` when a refresh committed since `row` was read (its
+/// configuration keys would be undone by a configuration computed from `row`), and nothing
+/// was written.
+async fn update_once(
+    app: &SharedApp,
+    caller: &Caller,
+    row: InstanceRow,
+    body: &InstanceBody,
+    mode: UpdateMode,
+) -> ApiResult<Option<AxumJson<Value>>> {
     let connector = app
         .connector(row.organization_id, &row.element_key)
         .await?
@@ -854,6 +884,7 @@ async fn update(
                 &serde_json::to_string(&tags).unwrap_or_else(|_| "[]".into()),
                 &configuration_json,
                 None,
+                None,
             )
             .await?
             .ok_or_else(|| ApiError::not_found("The instance was deleted meanwhile"))?;
@@ -867,12 +898,13 @@ async fn update(
             None,
         )
         .await;
-        return respond(app, caller, stored).await;
+        return respond(app, caller, stored).await.map(Some);
     }
     // No code: merge (or replace) name, tags and configuration. Tokens given in the
     // configuration are imported as they are (`externalAuthentication`).
     let configuration_json = Value::Object(plain).to_string();
-    app.store
+    let written = app
+        .store
         .update_instance_metadata(
             row.organization_id,
             row.id,
@@ -880,8 +912,12 @@ async fn update(
             &serde_json::to_string(&tags).unwrap_or_else(|_| "[]".into()),
             &configuration_json,
             Some(instances::seal_secret_configuration(app, row.id, &secret)),
+            Some(row.token_version),
         )
         .await?;
+    if written.is_none() {
+        return Ok(None);
+    }
     if split.access_token.is_some() || split.refresh_token.is_some() {
         let imported = imported_tokens(&SplitConfiguration {
             plain: BTreeMap::new(),
@@ -931,7 +967,7 @@ async fn update(
     )
     .await;
     let stored = reload(app, &row).await?;
-    respond(app, caller, stored).await
+    respond(app, caller, stored).await.map(Some)
 }
 
 async fn respond(app: &App, caller: &Caller, row: InstanceRow) -> ApiResult<AxumJson<Value>> {

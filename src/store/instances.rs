@@ -205,8 +205,12 @@ impl Store {
     }
 
     /// Replaces name, tags (JSON array) and configuration (JSON object); `client_secret_enc`:
-    /// `None` keeps it, `Some(None)` removes it, `Some(Some(..))` sets it. Returns the updated
-    /// row, or `None` when the instance is not this organization's.
+    /// `None` keeps it, `Some(None)` removes it, `Some(Some(..))` sets it. With
+    /// `expected_token_version`, only while the token version is still that one: a refresh
+    /// that committed since the row was read may have set configuration keys (`base.url`) that
+    /// a configuration computed from that read would undo. Returns the updated row, or `None`
+    /// when the instance is not this organization's (or its version moved on).
+    #[allow(clippy::too_many_arguments)]
     pub async fn update_instance_metadata(
         &self,
         organization_id: i64,
@@ -215,6 +219,7 @@ impl Store {
         tags_json: &str,
         configuration_json: &str,
         client_secret_enc: Option<Option<Vec<u8>>>,
+        expected_token_version: Option<i64>,
     ) -> Result<Option<InstanceRow>, StoreError> {
         let (replace_secret, secret) = match client_secret_enc {
             None => (0_i64, None),
@@ -223,7 +228,8 @@ impl Store {
         let sql = format!(
             "UPDATE instances SET name = $1, tags = $2, configuration = $3, \
              client_secret_enc = CASE WHEN $4 = 1 THEN $5 ELSE client_secret_enc END, \
-             updated_at = $6 WHERE id = $7 AND organization_id = $8 RETURNING {INSTANCE_COLUMNS}"
+             updated_at = $6 WHERE id = $7 AND organization_id = $8 \
+             AND token_version = COALESCE($9, token_version) RETURNING {INSTANCE_COLUMNS}"
         );
         let row = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
             .bind(name)
@@ -234,6 +240,7 @@ impl Store {
             .bind(system_now_ms())
             .bind(id)
             .bind(organization_id)
+            .bind(expected_token_version)
             .fetch_optional(&self.pool)
             .await?;
         Ok(row)

@@ -393,7 +393,7 @@ async fn instances_crud_and_isolation() {
         assert!(!store.delete_instance(other, first.id, None).await.unwrap());
         assert!(
             store
-                .update_instance_metadata(other, first.id, "x", "[]", "{}", None)
+                .update_instance_metadata(other, first.id, "x", "[]", "{}", None, None)
                 .await
                 .unwrap()
                 .is_none()
@@ -482,7 +482,15 @@ async fn instances_crud_and_isolation() {
 
         // Metadata: None keeps the client secret, Some(None) removes it.
         let updated = store
-            .update_instance_metadata(org, first.id, "renamed", r#"["x"]"#, r#"{"k":"v"}"#, None)
+            .update_instance_metadata(
+                org,
+                first.id,
+                "renamed",
+                r#"["x"]"#,
+                r#"{"k":"v"}"#,
+                None,
+                None,
+            )
             .await
             .unwrap()
             .unwrap();
@@ -501,17 +509,49 @@ async fn instances_crud_and_isolation() {
             "metadata is not a token change"
         );
         let updated = store
-            .update_instance_metadata(org, first.id, "renamed", "[]", "{}", Some(None))
+            .update_instance_metadata(org, first.id, "renamed", "[]", "{}", Some(None), None)
             .await
             .unwrap()
             .unwrap();
         assert_eq!(updated.client_secret_enc, None);
         let updated = store
-            .update_instance_metadata(org, first.id, "r", "[]", "{}", Some(Some(bytes("new"))))
+            .update_instance_metadata(
+                org,
+                first.id,
+                "r",
+                "[]",
+                "{}",
+                Some(Some(bytes("new"))),
+                None,
+            )
             .await
             .unwrap()
             .unwrap();
         assert_eq!(updated.client_secret_enc, Some(bytes("new")));
+        // With the token version it was computed at: written while that is still the version,
+        // not once a refresh has moved it on.
+        let current = updated.token_version;
+        assert!(
+            store
+                .update_instance_metadata(
+                    org,
+                    first.id,
+                    "stale",
+                    "[]",
+                    "{}",
+                    None,
+                    Some(current - 1)
+                )
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let updated = store
+            .update_instance_metadata(org, first.id, "fresh", "[]", "{}", None, Some(current))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(updated.name, "fresh");
 
         assert!(store.set_disabled(org, first.id, true, None).await.unwrap());
         assert!(
