@@ -161,6 +161,28 @@ async fn fault(env: &Env, body: Value) {
     env.sandbox_post("/__sandbox/faults", body).await;
 }
 
+/// Holds the next call to the token endpoints for `delay_ms`; what it answers is for
+/// [`at_the_provider`].
+async fn hold_next_token_call(env: &Env, delay_ms: u64) -> u64 {
+    let before = stat(env, &["faultsInjected"]).await;
+    fault(
+        env,
+        json!({"target": "token", "status": 0, "delayMs": delay_ms, "count": 1}),
+    )
+    .await;
+    before
+}
+
+/// Waits until the call [`hold_next_token_call`] holds has reached the provider.
+async fn at_the_provider(env: &Env, held: u64) {
+    eventually(
+        "the refresh at the provider",
+        Duration::from_secs(10),
+        || async { (stat(env, &["faultsInjected"]).await > held).then_some(()) },
+    )
+    .await;
+}
+
 async fn clear_faults(env: &Env) {
     let response = env
         .http
@@ -696,12 +718,7 @@ async fn a_configuration_change_during_a_refresh_stays() {
         let id = created["id"].as_i64().unwrap();
         let before = crate::instances::revealed(&env, &env.org, &created).await;
         expire_access_tokens(&env).await;
-        let faults = stat(&env, &["faultsInjected"]).await;
-        fault(
-            &env,
-            json!({"target": "token", "status": 0, "delayMs": 1_000, "count": 1}),
-        )
-        .await;
+        let held = hold_next_token_call(&env, 1_000).await;
         let call = proxy_at(
             &env,
             &env.server.url,
@@ -711,12 +728,7 @@ async fn a_configuration_change_during_a_refresh_stays() {
             "api/me",
         );
         let patch = async {
-            eventually(
-                "the refresh at the provider",
-                Duration::from_secs(10),
-                || async { (stat(&env, &["faultsInjected"]).await > faults).then_some(()) },
-            )
-            .await;
+            at_the_provider(&env, held).await;
             crate::instances::call(
                 &env,
                 Method::PATCH,
@@ -764,12 +776,7 @@ async fn a_failing_commit_of_rotated_tokens_is_tried_again() {
         .await;
     let token = created["token"].as_str().unwrap().to_string();
     expire_access_tokens(&env).await;
-    let faults = stat(&env, &["faultsInjected"]).await;
-    fault(
-        &env,
-        json!({"target": "token", "status": 0, "delayMs": 1_000, "count": 1}),
-    )
-    .await;
+    let held = hold_next_token_call(&env, 1_000).await;
     let call = proxy_at(
         &env,
         &env.server.url,
@@ -780,12 +787,7 @@ async fn a_failing_commit_of_rotated_tokens_is_tried_again() {
     );
     let lock = async {
         // Once the refresh is at the provider (its lease taken), another writer holds the file.
-        eventually(
-            "the refresh at the provider",
-            Duration::from_secs(10),
-            || async { (stat(&env, &["faultsInjected"]).await > faults).then_some(()) },
-        )
-        .await;
+        at_the_provider(&env, held).await;
         use sqlx::Connection;
         sqlx::any::install_default_drivers();
         let mut other = sqlx::AnyConnection::connect(&url).await.unwrap();
