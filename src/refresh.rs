@@ -701,9 +701,9 @@ impl RefreshEngine {
             .map_err(RefreshFailure::Internal)?;
         let credentials = client_credentials(&configuration, &secrets.secret_configuration);
         let started = Instant::now();
-        // The lease's heartbeat runs beside the provider call: one short UPDATE every few
-        // seconds, no connection held in between.
-        let heartbeat = async {
+        // The lease's heartbeat runs beside the provider call and the commit: one short UPDATE
+        // every few seconds, no connection held in between.
+        let heartbeat = || async {
             loop {
                 tokio::time::sleep(Duration::from_millis(LEASE_RENEW_MS)).await;
                 match app
@@ -715,7 +715,7 @@ impl RefreshEngine {
                     Ok(None) => {
                         tracing::warn!(
                             instance = row.id,
-                            "the refresh lease was taken over during a slow provider call"
+                            "the refresh lease was taken over during a slow provider call or commit"
                         );
                         std::future::pending::<()>().await;
                     }
@@ -729,7 +729,7 @@ impl RefreshEngine {
             result = app
                 .oauth
                 .refresh(&connector.oauth, &endpoints, &credentials, refresh_token) => result,
-            () = heartbeat => unreachable!("the heartbeat never ends"),
+            () = heartbeat() => unreachable!("the heartbeat never ends"),
         };
         let outcome_label = match &result {
             Ok(_) => "ok",
@@ -764,39 +764,44 @@ impl RefreshEngine {
                     .then(|| events::new_event(app, row, events::RECOVERED, None));
                 // The provider has rotated the grant already: a failing store (a dropped
                 // connection, a pool timeout) is tried again before the new tokens are given
-                // up, with the lease kept meanwhile. The version check makes a retry safe: it
-                // commits, or finds the row moved on (by a commit whose answer was lost, ours).
-                let mut attempt = 0;
-                let committed = loop {
-                    let tried = app
-                        .store
-                        .commit_refreshed_tokens_returning(
-                            row.id,
-                            &app.replica_id,
-                            row.token_version,
-                            &update,
-                            Some(&event),
-                            recovered.as_ref(),
-                        )
-                        .await;
-                    match tried {
-                        Ok(committed) => break committed,
-                        Err(error) if attempt < COMMIT_RETRIES => {
-                            attempt += 1;
-                            tracing::warn!(
-                                instance = row.id,
-                                attempt,
-                                "committing refreshed tokens failed, trying again: {error}"
-                            );
-                            tokio::time::sleep(Duration::from_millis(COMMIT_RETRY_MS << attempt))
+                // up, and the heartbeat keeps the lease meanwhile (another replica taking it
+                // over would present the retired refresh token). The version check makes a
+                // retry safe: it commits, or finds the row moved on (by a commit whose answer
+                // was lost, ours).
+                let commit = async {
+                    let mut attempt = 0;
+                    loop {
+                        let tried = app
+                            .store
+                            .commit_refreshed_tokens_returning(
+                                row.id,
+                                &app.replica_id,
+                                row.token_version,
+                                &update,
+                                Some(&event),
+                                recovered.as_ref(),
+                            )
+                            .await;
+                        match tried {
+                            Err(error) if attempt < COMMIT_RETRIES => {
+                                attempt += 1;
+                                tracing::warn!(
+                                    instance = row.id,
+                                    attempt,
+                                    "committing refreshed tokens failed, trying again: {error}"
+                                );
+                                tokio::time::sleep(Duration::from_millis(
+                                    COMMIT_RETRY_MS << attempt,
+                                ))
                                 .await;
-                            let _ = app
-                                .store
-                                .renew_refresh_lease(row.id, &app.replica_id, now_ms() + LEASE_MS)
-                                .await;
+                            }
+                            done => return done,
                         }
-                        Err(error) => return Err(store_error(error)),
                     }
+                };
+                let committed = tokio::select! {
+                    committed = commit => committed.map_err(store_error)?,
+                    () = heartbeat() => unreachable!("the heartbeat never ends"),
                 };
                 let was_committed = committed.is_some();
                 let stored = match committed {
