@@ -187,14 +187,54 @@ impl App {
             .map(Arc::new))
     }
 
-    /// Fills a connector template (`{sandbox}`, inputs from the configuration or their defaults).
+    /// Fills a connector template (`{sandbox}`, inputs from the configuration or their defaults;
+    /// `{client_id}` stays for the OAuth client, which fills it where it is allowed).
     pub fn fill(
         &self,
         connector: &Connector,
         template: &str,
         configuration: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String, String> {
+        catalog::fill_template(template, &self.template_values(connector, configuration)?)
+    }
+
+    /// The connector's OAuth settings for this configuration: its scopes and extra parameters
+    /// with the inputs they name filled in (Dynamics' `https://{org}.crm.dynamics.com/…` scope).
+    /// A `{…}` that names no input stays as it is: parameter values may hold braces of their
+    /// own (a JSON `claims` parameter).
+    pub fn oauth_spec(
+        &self,
+        connector: &Connector,
+        configuration: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<crate::catalog::OAuthSpec, String> {
+        let values = self.template_values(connector, configuration)?;
+        let fill = |text: &mut String| {
+            for (name, value) in &values {
+                let placeholder = format!("{{{name}}}");
+                if text.contains(&placeholder) {
+                    *text = text.replace(&placeholder, value);
+                }
+            }
+        };
+        let mut spec = connector.oauth.clone();
+        spec.scopes.iter_mut().for_each(&fill);
+        for params in [
+            &mut spec.authorization_params,
+            &mut spec.token_params,
+            &mut spec.refresh_params,
+        ] {
+            params.values_mut().for_each(&fill);
+        }
+        Ok(spec)
+    }
+
+    fn template_values(
+        &self,
+        connector: &Connector,
+        configuration: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<BTreeMap<String, String>, String> {
         let mut values = BTreeMap::new();
+        values.insert("client_id".to_string(), "{client_id}".to_string());
         values.insert(
             "sandbox".to_string(),
             self.config.sandbox_url.trim_end_matches('/').to_string(),
@@ -221,7 +261,7 @@ impl App {
                 values.insert(name.clone(), value);
             }
         }
-        catalog::fill_template(template, &values)
+        Ok(values)
     }
 
     pub fn endpoints(

@@ -699,6 +699,9 @@ impl RefreshEngine {
         let endpoints = app
             .endpoints(&connector, &configuration)
             .map_err(RefreshFailure::Internal)?;
+        let spec = app
+            .oauth_spec(&connector, &configuration)
+            .map_err(RefreshFailure::Internal)?;
         let credentials = client_credentials(&configuration, &secrets.secret_configuration);
         let started = Instant::now();
         // The lease's heartbeat runs beside the provider call and the commit: one short UPDATE
@@ -728,7 +731,7 @@ impl RefreshEngine {
         let result = tokio::select! {
             result = app
                 .oauth
-                .refresh(&connector.oauth, &endpoints, &credentials, refresh_token) => result,
+                .refresh(&spec, &endpoints, &credentials, refresh_token) => result,
             () = heartbeat() => unreachable!("the heartbeat never ends"),
         };
         let outcome_label = match &result {
@@ -1011,8 +1014,9 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
         .ok_or_else(|| ApiError::conflict("The connector of this instance no longer exists"))?;
     let secrets = open_secrets(app, row)?;
     let configuration = plain_configuration(row);
-    let endpoints = app
+    let (endpoints, spec) = app
         .endpoints(&connector, &configuration)
+        .and_then(|endpoints| Ok((endpoints, app.oauth_spec(&connector, &configuration)?)))
         .map_err(|error| ApiError::bad_request(format!("Connector input missing: {error}")))?;
     if endpoints.revoke_url.is_none()
         || connector.oauth.revocation == Some(crate::catalog::RevocationStyle::None)
@@ -1046,7 +1050,7 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
         }
         match app
             .oauth
-            .revoke(&connector.oauth, &endpoints, &credentials, token, hint)
+            .revoke(&spec, &endpoints, &credentials, token, hint)
             .await
         {
             Ok(_) => revoked = true,

@@ -251,12 +251,13 @@ pub async fn oauth_url(
         .filter(|(name, _)| connector.inputs.contains_key(*name))
         .map(|(name, value)| (name.clone(), Value::String(value.clone())))
         .collect();
-    let endpoints = app
+    let (endpoints, spec) = app
         .endpoints(&connector, &inputs)
+        .and_then(|endpoints| Ok((endpoints, app.oauth_spec(&connector, &inputs)?)))
         .map_err(|error| ApiError::bad_request(format!("Connector input missing: {error}")))?;
     let pkce = connector.oauth.pkce.then(crate::oauth::new_pkce);
     let url = crate::oauth::authorization_url(
-        &connector.oauth,
+        &spec,
         &endpoints,
         api_key,
         callback_url,

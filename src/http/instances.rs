@@ -304,8 +304,11 @@ async fn exchange(
             connector.key, connector.key
         )));
     }
-    let endpoints = match app.endpoints(connector, plain) {
-        Ok(endpoints) => endpoints,
+    let settings = app
+        .endpoints(connector, plain)
+        .and_then(|endpoints| Ok((endpoints, app.oauth_spec(connector, plain)?)));
+    let (endpoints, spec) = match settings {
+        Ok(settings) => settings,
         Err(error) => {
             give_back(taken_state).await;
             return Err(ApiError::bad_request(format!(
@@ -316,7 +319,7 @@ async fn exchange(
     let exchanged = app
         .oauth
         .exchange_code(
-            &connector.oauth,
+            &spec,
             &endpoints,
             &credentials,
             code,

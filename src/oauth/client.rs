@@ -154,6 +154,22 @@ impl OAuthClient {
         if let Some(verifier) = code_verifier {
             params.push(("code_verifier", verifier.expose()));
         }
+        for (name, value) in &spec.token_params {
+            // The connector adds parameters (Basecamp's `type`, Withings' `action`); it cannot
+            // replace the grant, the code or the credentials.
+            if ![
+                "grant_type",
+                "code",
+                "redirect_uri",
+                "code_verifier",
+                "client_id",
+                "client_secret",
+            ]
+            .contains(&name.as_str())
+            {
+                params.push((name, value));
+            }
+        }
         let mut secrets = vec![code.expose(), creds.client_secret.expose()];
         if let Some(verifier) = code_verifier {
             secrets.push(verifier.expose());
@@ -231,6 +247,8 @@ impl OAuthClient {
             "revocation",
             &revoke_url.replace("{client_id}", &client_id_in_path),
         )?;
+        // The client id filled in last: the URL it makes is checked like every other endpoint.
+        crate::egress::check_url(&url).map_err(OAuthError::config)?;
         let secret = creds.client_secret.expose();
 
         let (method, auth, body) = match style {

@@ -200,6 +200,31 @@ async fn exchange_code_with_client_secret_post_and_pkce() {
 }
 
 #[tokio::test]
+async fn exchange_code_adds_the_connectors_token_params() {
+    let (base, provider) = start(vec![]).await;
+    let mut spec = spec();
+    spec.token_params.insert("type".into(), "web_server".into());
+    spec.token_params.insert("code".into(), "evil".into());
+    client()
+        .exchange_code(
+            &spec,
+            &endpoints(&base),
+            &creds(),
+            &Secret::new("the-code"),
+            "https://app.test/cb",
+            None,
+        )
+        .await
+        .unwrap();
+    let form = provider.only().form();
+    assert_eq!(form["type"], "web_server");
+    assert_eq!(
+        form["code"], "the-code",
+        "a parameter cannot replace the code"
+    );
+}
+
+#[tokio::test]
 async fn exchange_code_with_client_secret_basic() {
     let (base, provider) = start(vec![]).await;
     let mut spec = spec();

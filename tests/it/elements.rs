@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use crate::harness::{CLIENT_ID, CLIENT_SECRET, Env};
 use crate::instances::call;
-use crate::support::test_databases;
+use crate::support::{drop_test_database, test_databases};
 
 /// An organization's own connector pointing at the sandbox's generic profile.
 pub fn own_connector(env: &Env, key: &str) -> Value {
@@ -566,4 +566,52 @@ async fn oauth_url_makes_state_and_keeps_pkce_verifier() {
 
 pub fn urlencode(text: &str) -> String {
     url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
+
+/// Built-in connectors whose templates name the client id (GitHub's revocation URL) or an
+/// input in their scopes (Dynamics' `https://{org}.crm.dynamics.com/…`) make authorization
+/// URLs with everything filled in.
+#[tokio::test]
+async fn authorization_urls_fill_scopes_and_leave_the_client_id_to_the_client() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let auth = env.org.platform();
+        let github = call(
+            &env,
+            Method::GET,
+            &env.api(&format!(
+                "/elements/github/oauth/url?apiKey=gh-client&callbackUrl={}",
+                env.callback()
+            )),
+            Some(&auth),
+            None,
+        )
+        .await;
+        assert_eq!(github.status, 200, "[{label}] {}", github.body);
+        let dynamics = call(
+            &env,
+            Method::GET,
+            &env.api(&format!(
+                "/elements/microsoft-dynamics/oauth/url?apiKey=d-client&org=contoso&callbackUrl={}",
+                env.callback()
+            )),
+            Some(&auth),
+            None,
+        )
+        .await;
+        assert_eq!(dynamics.status, 200, "[{label}] {}", dynamics.body);
+        let oauth_url = dynamics.body["oauthUrl"].as_str().unwrap_or_default();
+        let parsed = url::Url::parse(oauth_url).unwrap();
+        let scope: String = parsed
+            .query_pairs()
+            .find(|(name, _)| name == "scope")
+            .map(|(_, value)| value.into_owned())
+            .unwrap_or_default();
+        assert_eq!(
+            scope, "offline_access https://contoso.crm.dynamics.com/user_impersonation",
+            "[{label}] {oauth_url}"
+        );
+        env.stop().await;
+        drop_test_database(&url).await;
+    }
 }
