@@ -87,6 +87,11 @@ pub fn normalize_configuration(
                 "Configuration key `{key}` is too long"
             )));
         }
+        if key.contains('\0') || text.contains('\0') {
+            return Err(ApiError::bad_request(
+                "A configuration key or value holds the NUL character",
+            ));
+        }
         out.insert(key.clone(), text);
     }
     Ok(out)

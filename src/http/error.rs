@@ -193,6 +193,9 @@ impl From<crate::store::StoreError> for ApiError {
         match error {
             crate::store::StoreError::NotFound => ApiError::not_found("Not found"),
             crate::store::StoreError::Conflict(message) => ApiError::conflict(message),
+            crate::store::StoreError::InvalidText(_) => {
+                ApiError::bad_request("A text value holds a character that cannot be stored (NUL)")
+            }
             other => ApiError::internal(other),
         }
     }

@@ -146,14 +146,22 @@ fn validate_tags(tags: &[String]) -> ApiResult<()> {
             "`tags` takes at most 50 tags of 1 to 100 characters",
         ));
     }
+    if tags.iter().any(|tag| tag.chars().any(char::is_control)) {
+        return Err(ApiError::bad_request("A tag holds a control character"));
+    }
     Ok(())
 }
 
+/// Checked before any provider call: a name the database cannot store must not cost the
+/// caller an authorization code already exchanged.
 fn validate_name(name: &str) -> ApiResult<()> {
     if name.len() > 200 {
         return Err(ApiError::bad_request(
             "`name` is longer than 200 characters",
         ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ApiError::bad_request("`name` holds a control character"));
     }
     Ok(())
 }

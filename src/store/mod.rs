@@ -82,6 +82,9 @@ pub enum StoreError {
     /// A unique constraint refused the write, e.g. a connector key already in use.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A value the database cannot store as text (PostgreSQL refuses the NUL character).
+    #[error("invalid text: {0}")]
+    InvalidText(String),
     /// Anything else the database said. Never carries a value of an encrypted column.
     #[error("database error: {0}")]
     Database(String),
@@ -96,6 +99,12 @@ impl From<sqlx::Error> for StoreError {
             }
             sqlx::Error::Database(database_error) if database_error.is_foreign_key_violation() => {
                 StoreError::NotFound
+            }
+            // character_not_in_repertoire, untranslatable_character: a NUL in a text value.
+            sqlx::Error::Database(database_error)
+                if matches!(database_error.code().as_deref(), Some("22021" | "22P05")) =>
+            {
+                StoreError::InvalidText(database_error.message().to_string())
             }
             sqlx::Error::Database(database_error) => {
                 StoreError::Database(database_error.message().to_string())

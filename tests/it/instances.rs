@@ -382,6 +382,67 @@ async fn create_from_code_shows_the_contract_fields_masked() {
     }
 }
 
+/// The NUL character, which PostgreSQL cannot store in text: a 400 wherever it comes, and on a
+/// create before the code is exchanged, so the code and its state still work afterwards.
+#[tokio::test]
+async fn nul_characters_answer_400_before_anything_is_spent() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let auth = env.org.platform();
+        let lookup = call(
+            &env,
+            Method::GET,
+            &env.api("/elements/a%00b"),
+            Some(&auth),
+            None,
+        )
+        .await;
+        assert!(
+            [400, 404].contains(&lookup.status),
+            "[{label}] {} {}",
+            lookup.status,
+            lookup.body
+        );
+        let (code, state) = env.authorize(&env.org, "sandbox-box", "nul").await;
+        let body = |name: &str| {
+            json!({"element": {"key": "sandbox-box"}, "providerData": {"code": code, "state": state},
+                   "configuration": env.configuration(), "name": name})
+        };
+        for name in ["x\u{0}y", "tab\there"] {
+            let refused = call(
+                &env,
+                Method::POST,
+                &env.api("/instances"),
+                Some(&auth),
+                Some(body(name)),
+            )
+            .await;
+            assert_error(&refused, 400, &label);
+        }
+        let mut configuration = env.configuration();
+        configuration["custom"] = json!("a\u{0}b");
+        let refused = call(&env, Method::POST, &env.api("/instances"), Some(&auth),
+                           Some(json!({"element": {"key": "sandbox-box"}, "providerData": {"code": code, "state": state},
+                                       "configuration": configuration}))).await;
+        assert_error(&refused, 400, &label);
+        let created = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&auth),
+            Some(body("fine")),
+        )
+        .await;
+        assert_eq!(
+            created.status, 200,
+            "[{label}] the code was spent: {}",
+            created.body
+        );
+        env.stop().await;
+        drop_test_database(&url).await;
+    }
+}
+
 #[tokio::test]
 async fn failed_creates_answer_4xx_and_create_nothing() {
     for (label, url) in test_databases().await {
