@@ -1017,6 +1017,17 @@ pub async fn delete(
     let mut revocation = Value::Null;
     if query.revoke.unwrap_or(false) {
         revocation = crate::refresh::revoke_at_provider(&app, &row).await?;
+        // The provider was asked and confirmed nothing (down, timing out, refusing): deleted
+        // now, the tokens could never be revoked again while the grant lives on there.
+        if revocation["revokedAtProvider"] == false
+            && let Some(message) = revocation["providerMessage"].as_str()
+        {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "The provider did not confirm the revocation: the instance is kept so that it can be tried again (DELETE without `?revoke=true` deletes it at once)",
+            )
+            .with_provider_message(message.to_string()));
+        }
     }
     let event = events::new_event(&app, &row, events::DELETED, None);
     if !app

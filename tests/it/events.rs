@@ -535,6 +535,29 @@ async fn revocation_reaches_the_sandbox_in_each_shape() {
     register_generic_connector(&env, &env.org, "gone", json!({})).await;
     let instance = env.create_instance(&env.org, "gone", "gail").await;
     let id = instance["id"].as_i64().unwrap();
+    // A revocation endpoint that fails: the instance is kept, to be revoked later.
+    env.sandbox_post(
+        "/__sandbox/faults",
+        json!({"target": "revoke", "status": 503, "count": 2}),
+    )
+    .await;
+    let (status, body) = send(
+        &env,
+        reqwest::Method::DELETE,
+        &format!("/instances/{id}?revoke=true"),
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body["providerMessage"].is_string(), "{body}");
+    let (status, _) = send(
+        &env,
+        reqwest::Method::GET,
+        &format!("/instances/{id}"),
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 200, "kept after the failed revocation");
     let before = env.sandbox_stats().await["revoke"].as_u64().unwrap();
     let (status, body) = send(
         &env,
