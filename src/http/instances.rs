@@ -484,8 +484,11 @@ async fn create_instance(
     row.refresh_expires_at = update.refresh_expires_at;
     row.last_refresh_at = update.last_refresh_at;
     row.next_due_at = update.next_due_at;
-    if external && grant.tokens.access_token.is_empty() {
-        // Only a refresh token was imported: refresh as soon as the scheduler looks.
+    if external && grant.tokens.refresh_token.is_some() {
+        // Imported tokens are refreshed as soon as the scheduler looks: that proves the grant
+        // works (or finds it dead now, not when it is first needed), and starts the inactivity
+        // clock of refresh tokens that die unused (Adobe Sign's 60 days) from here, since when
+        // the token was last used elsewhere is unknown.
         row.next_due_at = Some(now);
     }
     row.created_by = Some(caller.user_id);
@@ -951,6 +954,9 @@ async fn update_once(
         let mut update = applied.update;
         if imported.access_token.is_empty() {
             update.access_token_enc = None;
+        }
+        if imported.refresh_token.is_some() {
+            // As for a create from imported tokens: refreshed as soon as the scheduler looks.
             update.next_due_at = Some(now);
         }
         let event = events::new_event(app, &row, events::REAUTHENTICATED, Some("tokens imported"));
