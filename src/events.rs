@@ -221,11 +221,11 @@ async fn deliver_one(
     {
         return (DeliveryOutcome::Failed, Some(why));
     }
-    let mut key = payload
-        .pointer("/delivery/key")
-        .and_then(Value::as_str)
-        .and_then(|text| STANDARD.decode(text).ok())
-        .and_then(|sealed| {
+    // The instance's own signing key, when it has one; it must open: signing with another key
+    // would make the receiver refuse the event without saying why.
+    let own_key = match payload.pointer("/delivery/key").and_then(Value::as_str) {
+        None => None,
+        Some(text) => match STANDARD.decode(text).ok().and_then(|sealed| {
             app.keyring
                 .open(
                     &sealed,
@@ -236,19 +236,30 @@ async fn deliver_one(
                     },
                 )
                 .ok()
-        })
-        .unwrap_or_default();
-    if key.is_empty() {
-        match organization_webhook_secret(app, event.organization_id).await {
-            Some(secret) => key = secret,
+        }) {
+            Some(key) => Some(key),
             None => {
+                return (
+                    DeliveryOutcome::Failed,
+                    Some("the instance's signing key cannot be opened with the master keys this service has".into()),
+                );
+            }
+        },
+    };
+    let key = match own_key.filter(|key| !key.is_empty()) {
+        Some(key) => key,
+        None => match organization_webhook_secret(app, event.organization_id).await {
+            Ok(Some(secret)) => secret,
+            Ok(None) => {
                 return (
                     DeliveryOutcome::Failed,
                     Some("the organization's webhook secret could not be read".into()),
                 );
             }
-        }
-    }
+            // The store failing for now: the delivery is tried again like a receiver's failure.
+            Err(error) => return retry_or_give_up(event, format!("the store failed: {error}")),
+        },
+    };
     let timestamp = now_ms() / 1000;
     let signature = crypto::sign_event(&key, timestamp, body.as_bytes());
     let result = app
@@ -272,6 +283,15 @@ async fn deliver_one(
             crate::oauth::transport_message(&error)
         ),
     };
+    retry_or_give_up(event, error)
+}
+
+/// The next attempt of a delivery that failed with `error`, or the end of its tries.
+fn retry_or_give_up(
+    event: &EventRow,
+    error: String,
+) -> (crate::store::DeliveryOutcome, Option<String>) {
+    use crate::store::DeliveryOutcome;
     // `attempts` was counted by the claim: it is this attempt's number.
     let random = u64::from_le_bytes(crypto::random_bytes::<8>()) as f64 / u64::MAX as f64;
     match retry_at(event.attempts, event.occurred_at, now_ms(), random) {
@@ -288,12 +308,21 @@ async fn deliver_one(
 pub async fn organization_webhook_secret_text(app: &App, organization_id: i64) -> Option<String> {
     organization_webhook_secret(app, organization_id)
         .await
+        .ok()
+        .flatten()
         .and_then(|bytes| String::from_utf8(bytes).ok())
 }
 
-async fn organization_webhook_secret(app: &App, organization_id: i64) -> Option<Vec<u8>> {
-    let organization = app.store.get_organization(organization_id).await.ok()??;
-    app.keyring
+/// `Err` when the store failed (try again later), `Ok(None)` when there is no secret to open.
+async fn organization_webhook_secret(
+    app: &App,
+    organization_id: i64,
+) -> Result<Option<Vec<u8>>, crate::store::StoreError> {
+    let Some(organization) = app.store.get_organization(organization_id).await? else {
+        return Ok(None);
+    };
+    Ok(app
+        .keyring
         .open(
             &organization.webhook_secret_enc,
             Binding {
@@ -302,7 +331,7 @@ async fn organization_webhook_secret(app: &App, organization_id: i64) -> Option<
                 field: "webhook_secret",
             },
         )
-        .ok()
+        .ok())
 }
 
 #[cfg(test)]
