@@ -30,6 +30,8 @@ pub struct AppConfig {
     pub refresh_concurrency: usize,
     /// Scheduled refreshes per connector and second; 0 lifts the limit.
     pub refresh_rate_per_connector: f64,
+    /// How long events are kept once they are not waiting to be delivered.
+    pub event_retention: Duration,
 }
 
 impl std::fmt::Debug for AppConfig {
@@ -70,6 +72,7 @@ impl AppConfig {
             background_tasks: true,
             refresh_concurrency: crate::background::SCHEDULER_CONCURRENCY,
             refresh_rate_per_connector: crate::background::RATE_PER_SECOND,
+            event_retention: Duration::from_secs(30 * 86_400),
         }
     }
 }

@@ -429,6 +429,22 @@ async fn recovery(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
+/// Deletes events past the retention, a batch at a time so that no statement runs long.
+async fn purge_old_events(app: &crate::app::App, now: i64) {
+    const BATCH: i64 = 1_000;
+    let before = now - app.config.event_retention.as_millis() as i64;
+    for _ in 0..100 {
+        match app.store.purge_old_events(before, BATCH).await {
+            Ok(deleted) if deleted as i64 == BATCH => continue,
+            Ok(_) => break,
+            Err(error) => {
+                tracing::warn!("purging old events failed: {error}");
+                break;
+            }
+        }
+    }
+}
+
 /// In-memory copies of instances and credentials unused this long are dropped.
 const IDLE_CACHE_EVICTION: Duration = Duration::from_secs(600);
 
@@ -445,6 +461,7 @@ async fn deliverer(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
         let now = now_ms();
         if now - last_purge > 60_000 {
             let _ = app.store.purge_expired_oauth_states(now).await;
+            purge_old_events(&app, now).await;
             last_purge = now;
         }
         let sleep = match app.store.next_delivery_time().await {

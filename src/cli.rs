@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -113,6 +114,10 @@ pub struct ServeArgs {
     /// endpoint is not flooded when many instances fall due at once); 0 lifts the limit.
     #[arg(long, env = "TOKENWARDEN_REFRESH_RATE", default_value_t = crate::background::RATE_PER_SECOND)]
     pub refresh_rate: f64,
+    /// Events (and their delivery records) older than this many days are deleted, except those
+    /// still waiting to be delivered; the audit log is kept.
+    #[arg(long, env = "TOKENWARDEN_EVENT_RETENTION_DAYS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    pub event_retention_days: u32,
 }
 
 #[derive(Debug, Args)]
@@ -281,6 +286,8 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
                 return Err("--refresh-rate must be 0 (no limit) or a positive number".into());
             }
             config.refresh_rate_per_connector = args.refresh_rate;
+            config.event_retention =
+                Duration::from_secs(u64::from(args.event_retention_days) * 86_400);
             crate::startup::serve(args.bind, config)
                 .await
                 .map_err(|error| error.to_string())?;

@@ -550,6 +550,20 @@ impl Store {
         Ok(result.rows_affected())
     }
 
+    /// Deletes up to `limit` events that occurred before `before` and are not waiting to be
+    /// delivered (the outbox keeps those until they are delivered or given up); returns how many.
+    pub async fn purge_old_events(&self, before: i64, limit: i64) -> Result<u64, StoreError> {
+        let result = sqlx::query(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE occurred_at < $1 \
+             AND delivery_state <> 'pending' ORDER BY occurred_at LIMIT $2)",
+        )
+        .bind(before)
+        .bind(limit)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected())
+    }
+
     // ----- audit log ----------------------------------------------------------------------
 
     /// Appends to the audit log; returns the entry's id.

@@ -1751,3 +1751,55 @@ async fn a_recovery_makes_backed_off_instances_of_the_connector_due_now() {
         assert_eq!(row(4).await.next_due_at, Some(now), "[{label}]");
     }
 }
+
+/// Events past the retention go, in batches, except those still waiting to be delivered.
+#[tokio::test]
+async fn old_events_are_purged_but_not_those_waiting_for_delivery() {
+    for test in test_stores().await {
+        let store = &test.store;
+        let label = &test.label;
+        let org = organization(store, "A").await;
+        let day = 86_400_000;
+        let mut old = Vec::new();
+        for n in 0..3 {
+            let recorded = event(org, 1, "instance.token.refreshed", NOW - 40 * day - n);
+            store.insert_event(&recorded).await.unwrap();
+            old.push(recorded.id);
+        }
+        let mut waiting = event(org, 1, "instance.invalidated", NOW - 40 * day);
+        waiting.delivery_state = DeliveryState::Pending;
+        waiting.next_attempt_at = Some(NOW);
+        store.insert_event(&waiting).await.unwrap();
+        let recent = event(org, 1, "instance.token.refreshed", NOW - day);
+        store.insert_event(&recent).await.unwrap();
+
+        let before = NOW - 30 * day;
+        assert_eq!(
+            store.purge_old_events(before, 2).await.unwrap(),
+            2,
+            "[{label}]"
+        );
+        assert_eq!(
+            store.purge_old_events(before, 2).await.unwrap(),
+            1,
+            "[{label}]"
+        );
+        assert_eq!(
+            store.purge_old_events(before, 2).await.unwrap(),
+            0,
+            "[{label}]"
+        );
+        for id in &old {
+            assert_eq!(store.get_event(org, id).await.unwrap(), None, "[{label}]");
+        }
+        assert!(
+            store.get_event(org, &waiting.id).await.unwrap().is_some(),
+            "[{label}]"
+        );
+        assert!(
+            store.get_event(org, &recent.id).await.unwrap().is_some(),
+            "[{label}]"
+        );
+        test.cleanup().await;
+    }
+}
