@@ -455,14 +455,15 @@ async fn deliverer(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
         if *shutdown.borrow() {
             break;
         }
-        if attempted > 0 {
-            continue;
-        }
+        // Once a minute, busy or not (under a steady stream of deliveries too).
         let now = now_ms();
         if now - last_purge > 60_000 {
             let _ = app.store.purge_expired_oauth_states(now).await;
             purge_old_events(&app, now).await;
             last_purge = now;
+        }
+        if attempted > 0 {
+            continue;
         }
         let sleep = match app.store.next_delivery_time().await {
             Ok(next) => crate::events::delivery_sleep(now_ms(), next),
