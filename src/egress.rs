@@ -1,7 +1,8 @@
 //! Where the service may send requests. Providers, organizations' own OAuth servers and the
 //! sandbox may live on loopback or private networks, so those stay reachable; what is refused
 //! everywhere is the link-local range, where cloud metadata services answer (169.254.169.254
-//! hands out the machine's credentials): no connector, base URL or webhook may point there,
+//! hands out the machine's credentials; Alibaba Cloud's 100.100.100.200 and AWS's
+//! fd00:ec2::254 as well): no connector, base URL or webhook may point there,
 //! whether by an IP literal or by a name that resolves to it.
 
 use std::net::{IpAddr, SocketAddr};
@@ -13,7 +14,9 @@ pub fn forbidden(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
             let o = v4.octets();
-            v4.is_link_local() || o[0] == 0 || v4.is_broadcast()
+            // Alibaba Cloud's metadata service answers on 100.100.100.200, outside the
+            // link-local range.
+            v4.is_link_local() || o[0] == 0 || v4.is_broadcast() || o == [100, 100, 100, 200]
         }
         IpAddr::V6(v6) => {
             if let Some(v4) = v6.to_ipv4_mapped() {
@@ -93,6 +96,7 @@ mod tests {
             "http://[fe80::1]/",
             "http://[::ffff:169.254.169.254]/",
             "http://[fd00:ec2::254]/",
+            "http://100.100.100.200/latest/meta-data/",
             "http://metadata.google.internal/computeMetadata/v1/",
             "http://0.0.0.0/",
         ] {
