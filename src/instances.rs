@@ -682,6 +682,50 @@ pub async fn reseal_all(app: &App, progress: &mut dyn FnMut(u64)) -> Result<u64,
             changed += 1;
         }
     }
+    changed += reseal_pending_events(app).await?;
+    Ok(changed)
+}
+
+/// The signing keys of events still waiting to be delivered, re-sealed under the current key:
+/// once the old key is dropped they could not be opened, and the deliveries would fail.
+async fn reseal_pending_events(app: &App) -> Result<u64, ApiError> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    let keyring = &app.keyring;
+    let mut changed = 0;
+    for (id, payload) in app.store.list_pending_event_payloads().await? {
+        let Ok(mut parsed) = serde_json::from_str::<Value>(&payload) else {
+            continue;
+        };
+        let Some(sealed) = parsed
+            .pointer("/delivery/key")
+            .and_then(Value::as_str)
+            .and_then(|text| STANDARD.decode(text).ok())
+        else {
+            continue;
+        };
+        if keyring.is_current(&sealed) {
+            continue;
+        }
+        let binding = Binding {
+            table: "events",
+            row: 0,
+            field: &id,
+        };
+        let Ok(plain) = keyring.open(&sealed, binding) else {
+            continue; // Its delivery reports that the key cannot be opened.
+        };
+        parsed["delivery"]["key"] = Value::String(STANDARD.encode(keyring.seal(&plain, binding)));
+        // Delivered or retried meanwhile (the payload does not change then, the state does):
+        // a payload that changed is left as it is.
+        if app
+            .store
+            .reseal_event_payload(&id, &payload, &parsed.to_string())
+            .await?
+        {
+            changed += 1;
+        }
+    }
     Ok(changed)
 }
 

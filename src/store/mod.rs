@@ -541,6 +541,33 @@ impl Store {
         Ok(result.rows_affected() == 1)
     }
 
+    /// Key rotation: the events still waiting to be delivered, with their payloads (which hold
+    /// the sealed signing key).
+    pub async fn list_pending_event_payloads(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT id, payload FROM events WHERE delivery_state = 'pending' ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Key rotation: replaces an event's payload only if it is still `old`.
+    pub async fn reseal_event_payload(
+        &self,
+        id: &str,
+        old: &str,
+        new: &str,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query("UPDATE events SET payload = $1 WHERE id = $2 AND payload = $3")
+            .bind(new)
+            .bind(id)
+            .bind(old)
+            .execute(&self.pool)
+            .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
     /// Deletes expired states; returns how many.
     pub async fn purge_expired_oauth_states(&self, now: i64) -> Result<u64, StoreError> {
         let result = sqlx::query("DELETE FROM oauth_states WHERE expires_at <= $1")

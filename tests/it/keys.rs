@@ -30,6 +30,34 @@ async fn rotation_under_traffic_leaves_everything_readable_with_the_new_key() {
                     .await,
             );
         }
+        // An event waiting for delivery, signed with its instance's own key (sealed in the
+        // event): its receiver is down for now.
+        let hooked = env
+            .create_instance(&env.org, "sandbox-generic", "rot-webhook")
+            .await;
+        let hooked_id = hooked["id"].as_i64().unwrap();
+        let patched = call(
+            &env,
+            Method::PATCH,
+            &env.api(&format!("/instances/{hooked_id}")),
+            Some(&env.org.platform()),
+            Some(
+                json!({"configuration": {"event.notification.enabled": "true",
+                                       "event.notification.callback.url": "http://127.0.0.1:9/down",
+                                       "event.notification.signature.key": "rot-signing-key"}}),
+            ),
+        )
+        .await;
+        assert_eq!(patched.status, 200, "[{label}] {}", patched.body);
+        let refreshed = call(
+            &env,
+            Method::POST,
+            &env.api(&format!("/instances/{hooked_id}/tokens/refresh")),
+            Some(&env.org.platform()),
+            None,
+        )
+        .await;
+        assert_eq!(refreshed.status, 200, "[{label}] {}", refreshed.body);
         // A PKCE authorization begun before the rotation, finished after it.
         let pending_callback = env.callback();
         let (pending_code, pending_state) =
@@ -140,6 +168,29 @@ async fn rotation_under_traffic_leaves_everything_readable_with_the_new_key() {
         .await;
         let both = std::mem::replace(&mut env.server, new_only);
         both.shutdown().await;
+        // The waiting event's signing key opens with the new key alone.
+        {
+            use base64::Engine as _;
+            let app = &env.server.app;
+            let pending = app.store.list_pending_event_payloads().await.unwrap();
+            assert!(!pending.is_empty(), "[{label}] no event waits for delivery");
+            for (id, payload) in pending {
+                let payload: Value = serde_json::from_str(&payload).unwrap();
+                let sealed = base64::engine::general_purpose::STANDARD
+                    .decode(payload["delivery"]["key"].as_str().unwrap())
+                    .unwrap();
+                let binding = tokenwarden::crypto::Binding {
+                    table: "events",
+                    row: 0,
+                    field: &id,
+                };
+                assert_eq!(
+                    app.keyring.open(&sealed, binding).ok().as_deref(),
+                    Some(b"rot-signing-key".as_slice()),
+                    "[{label}] event {id}: its signing key was not re-sealed"
+                );
+            }
+        }
         for (instance, (id, last_secret)) in instances.iter().zip(&last_secrets) {
             let shown = revealed(&env, &env.org, instance).await;
             assert_eq!(shown["valid"], true, "[{label}] {shown}");
