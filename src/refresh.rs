@@ -739,7 +739,15 @@ impl RefreshEngine {
             Err(error) if error.is_permanent() => "invalid",
             Err(_) => "transient",
         };
-        metrics::counter!("tokenwarden_refresh_attempts_total", "connector" => connector.key.clone(), "outcome" => outcome_label).increment(1);
+        // Built-in connectors by key; an organization's own under one label: `/metrics` is
+        // read without credentials, and organizations name their connectors as they like
+        // (without bound on the number of series, too).
+        let connector_label = if app.built_in.contains_key(&connector.key) {
+            connector.key.clone()
+        } else {
+            "organization".to_string()
+        };
+        metrics::counter!("tokenwarden_refresh_attempts_total", "connector" => connector_label, "outcome" => outcome_label).increment(1);
         metrics::histogram!("tokenwarden_refresh_seconds").record(started.elapsed().as_secs_f64());
         match result {
             Ok(tokens) => {

@@ -54,7 +54,8 @@ async fn metrics_has_every_family_after_a_scenario() {
     );
     let text = response.text().await.unwrap();
     for family in [
-        "tokenwarden_refresh_attempts_total{connector=\"metered\",outcome=\"ok\"}",
+        // An organization's connector is counted under one label: its key is its own.
+        "tokenwarden_refresh_attempts_total{connector=\"organization\",outcome=\"ok\"}",
         "tokenwarden_proxy_requests_total{status=\"2xx\"}",
         "tokenwarden_proxy_seconds_bucket{le=",
         "tokenwarden_instances{state=\"valid\"}",
@@ -64,6 +65,10 @@ async fn metrics_has_every_family_after_a_scenario() {
     ] {
         assert!(text.contains(family), "{family} missing from:\n{text}");
     }
+    assert!(
+        !text.contains("metered"),
+        "an organization's connector key in:\n{text}"
+    );
     env.stop().await;
     drop_test_database(&url).await;
 }
