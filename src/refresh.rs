@@ -61,6 +61,9 @@ const BACKOFF_MAX_MS: i64 = 300_000;
 /// does, a call whose token has expired answers 503, so a provider that asks for a day (or a
 /// date a year ahead) must not take an instance out of service for that long.
 const RETRY_AFTER_MAX_S: u64 = 3_600;
+/// How long [`RefreshEngine::with_instance_held`] waits for a running refresh: a lease's life
+/// and a little more, so a dead replica's lease runs out within it.
+const HOLD_WAIT: Duration = Duration::from_millis(LEASE_MS as u64 + 5_000);
 /// At most this often per connector are backed-off instances made due after a recovery.
 const EXPEDITE_EVERY_MS: i64 = 10_000;
 
@@ -456,6 +459,56 @@ impl RefreshEngine {
         };
         drop(flight);
         // The map keeps a mutex only while someone uses it.
+        self.flights
+            .remove_if(&id, |_, mutex| Arc::strong_count(mutex) == 1);
+        result
+    }
+
+    /// Runs `work` on instance `id` held against refreshes: this process's flight for it and
+    /// the row's lease are taken first, so no refresh of it runs anywhere meanwhile, and `work`
+    /// gets the row as the last refresh committed it. A revocation that read the row while a
+    /// refresh was at the provider revoked the refresh token that refresh was retiring, and
+    /// the new one lived on. Waits up to [`HOLD_WAIT`] for a refresh that is running.
+    pub async fn with_instance_held<T, F, Fut>(
+        &self,
+        app: &App,
+        id: i64,
+        work: F,
+    ) -> Result<T, ApiError>
+    where
+        F: FnOnce(InstanceRow) -> Fut,
+        Fut: Future<Output = Result<T, ApiError>>,
+    {
+        let flight = Arc::clone(&self.flights.entry(id).or_default());
+        let result = async {
+            let _turn = flight.lock().await;
+            let deadline = Instant::now() + HOLD_WAIT;
+            let leased = loop {
+                let now = now_ms();
+                if let Some(row) = app
+                    .store
+                    .try_acquire_refresh_lease(id, &app.replica_id, now, now + LEASE_MS)
+                    .await?
+                {
+                    break row;
+                }
+                if app.store.get_instance_by_id(id).await?.is_none() {
+                    return Err(ApiError::not_found("The instance was deleted meanwhile"));
+                }
+                if Instant::now() > deadline {
+                    return Err(ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "A refresh of this instance is still running: try again in a few seconds",
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            let done = work(leased).await;
+            let _ = app.store.release_refresh_lease(id, &app.replica_id).await;
+            done
+        }
+        .await;
+        drop(flight);
         self.flights
             .remove_if(&id, |_, mutex| Arc::strong_count(mutex) == 1);
         result

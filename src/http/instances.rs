@@ -1020,29 +1020,39 @@ pub async fn delete(
     Query(query): Query<DeleteQuery>,
 ) -> ApiResult<AxumJson<Value>> {
     let row = load_for_call(&app, &caller, &id).await?;
-    let mut revocation = Value::Null;
-    if query.revoke.unwrap_or(false) {
-        revocation = crate::refresh::revoke_at_provider(&app, &row).await?;
-        // The provider was asked and confirmed nothing (down, timing out, refusing): deleted
-        // now, the tokens could never be revoked again while the grant lives on there.
-        if revocation["revokedAtProvider"] == false
-            && let Some(message) = revocation["providerMessage"].as_str()
-        {
-            return Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "The provider did not confirm the revocation: the instance is kept so that it can be tried again (DELETE without `?revoke=true` deletes it at once)",
-            )
-            .with_provider_message(message.to_string()));
-        }
-    }
-    let event = events::new_event(&app, &row, events::DELETED, None);
-    if !app
-        .store
-        .delete_instance(row.organization_id, row.id, Some(&event))
-        .await?
-    {
-        return Err(ApiError::not_found(format!("There is no instance {id}")));
-    }
+    let revoke = query.revoke.unwrap_or(false);
+    // No refresh runs meanwhile: the tokens revoked are the ones the instance holds, and no
+    // refresh commits onto a row being deleted.
+    let revocation = app
+        .refresh
+        .with_instance_held(&app, row.id, async |held| {
+            let mut revocation = Value::Null;
+            if revoke {
+                revocation = crate::refresh::revoke_at_provider(&app, &held).await?;
+                // The provider was asked and confirmed nothing (down, timing out, refusing):
+                // deleted now, the tokens could never be revoked again while the grant lives
+                // on there.
+                if revocation["revokedAtProvider"] == false
+                    && let Some(message) = revocation["providerMessage"].as_str()
+                {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "The provider did not confirm the revocation: the instance is kept so that it can be tried again (DELETE without `?revoke=true` deletes it at once)",
+                    )
+                    .with_provider_message(message.to_string()));
+                }
+            }
+            let event = events::new_event(&app, &held, events::DELETED, None);
+            if !app
+                .store
+                .delete_instance(held.organization_id, held.id, Some(&event))
+                .await?
+            {
+                return Err(ApiError::not_found(format!("There is no instance {id}")));
+            }
+            Ok(revocation)
+        })
+        .await?;
     app.refresh.forget(row.id);
     crate::audit::record(
         &app,
@@ -1198,16 +1208,23 @@ pub async fn revoke(
     Path(id): Path<String>,
 ) -> ApiResult<AxumJson<Value>> {
     let row = load_for_call(&app, &caller, &id).await?;
-    let revocation = crate::refresh::revoke_at_provider(&app, &row).await?;
-    let event = events::new_event(&app, &row, events::INVALIDATED, Some("revoked"));
-    app.store
-        .mark_invalid(
-            row.id,
-            "revoked",
-            Some("The grant was revoked through tokenwarden"),
-            Some(&event),
-            None,
-        )
+    // No refresh runs meanwhile: the tokens revoked are the ones the instance holds.
+    let revocation = app
+        .refresh
+        .with_instance_held(&app, row.id, async |held| {
+            let revocation = crate::refresh::revoke_at_provider(&app, &held).await?;
+            let event = events::new_event(&app, &held, events::INVALIDATED, Some("revoked"));
+            app.store
+                .mark_invalid(
+                    held.id,
+                    "revoked",
+                    Some("The grant was revoked through tokenwarden"),
+                    Some(&event),
+                    None,
+                )
+                .await?;
+            Ok(revocation)
+        })
         .await?;
     app.refresh.forget(row.id);
     crate::audit::record(

@@ -761,6 +761,93 @@ async fn a_configuration_change_during_a_refresh_stays() {
     }
 }
 
+/// A revocation while a refresh is between the provider's answer and its commit (held here by
+/// a row lock on PostgreSQL) waits for the refresh, then revokes the refresh token the refresh
+/// stored: the one it read before revoked the token the provider had just retired, and the new
+/// one lived on at the provider while the instance showed as revoked.
+#[tokio::test]
+async fn a_revocation_during_a_refresh_revokes_the_new_token() {
+    let Some((label, url)) = test_databases()
+        .await
+        .into_iter()
+        .find(|(label, _)| label == "postgres")
+    else {
+        return; // PostgreSQL only: SQLite's one connection serializes the two anyway.
+    };
+    let env = Env::start(&label, &url).await;
+    generic_profile(
+        &env,
+        json!({"rotateRefreshTokens": true, "refreshReuseGraceSeconds": 0, "revokeGrantOnReuse": false}),
+    )
+    .await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "revoked-meanwhile")
+        .await;
+    let id = created["id"].as_i64().unwrap();
+    let held = hold_next_token_call(&env, 1_000).await;
+    let refreshed_before = refreshes(&env).await;
+    let platform = env.org.platform();
+    let refresh_path = env.api(&format!("/instances/{id}/tokens/refresh"));
+    let revoke_path = env.api(&format!("/instances/{id}/tokens/revoke"));
+    let refresh = crate::instances::call(&env, Method::POST, &refresh_path, Some(&platform), None);
+    let revoke = async {
+        at_the_provider(&env, held).await;
+        // The refresh's commit waits on this row lock once the provider has answered.
+        use sqlx::Connection;
+        sqlx::any::install_default_drivers();
+        let mut other = sqlx::AnyConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+        sqlx::query("SELECT id FROM instances WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .execute(&mut other)
+            .await
+            .unwrap();
+        eventually("the provider's answer", Duration::from_secs(10), || async {
+            (refreshes(&env).await > refreshed_before).then_some(())
+        })
+        .await;
+        let revoking =
+            crate::instances::call(&env, Method::POST, &revoke_path, Some(&platform), None);
+        let unlock = async {
+            tokio::time::sleep(Duration::from_millis(1_000)).await;
+            sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+        };
+        tokio::join!(revoking, unlock).0
+    };
+    let (refreshed, revoked) = tokio::join!(refresh, revoke);
+    assert_eq!(refreshed.status, 200, "{}", refreshed.body);
+    assert_eq!(revoked.status, 200, "{}", revoked.body);
+    assert_eq!(revoked.body["valid"], false, "{}", revoked.body);
+    // The refresh token the instance holds now is dead at the provider.
+    let shown = crate::instances::revealed(&env, &env.org, &created).await;
+    let refresh_token = shown["configuration"]["oauth.user.refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut form = url::form_urlencoded::Serializer::new(String::new());
+    let form = form
+        .append_pair("grant_type", "refresh_token")
+        .append_pair("refresh_token", &refresh_token)
+        .append_pair("client_id", crate::harness::CLIENT_ID)
+        .append_pair("client_secret", crate::harness::CLIENT_SECRET)
+        .finish();
+    let answer = env
+        .http
+        .post(env.sandbox_url("/generic/token"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.status().as_u16(),
+        400,
+        "the refresh token stored after the revocation still works at the provider"
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// A store that fails the commit of rotated tokens for a while (here SQLite's file locked by
 /// another writer for longer than a commit's two busy timeouts, batch and alone) does not lose
 /// them: the commit is tried again, so the strict provider's grant lives on and the next call
