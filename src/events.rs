@@ -137,6 +137,8 @@ const DELIVERY_LEASE_MS: i64 = 60_000;
 const DELIVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Deliveries in flight at once in one replica, and claimed per query.
 const DELIVERY_CONCURRENCY: usize = 16;
+/// How long one pass of [`deliver_due`] keeps claiming new events.
+const DELIVERY_PASS: std::time::Duration = std::time::Duration::from_secs(30);
 /// The deliverer looks at the outbox at least this often (new events are due at once).
 pub const DELIVERY_MAX_SLEEP: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -161,42 +163,65 @@ pub fn delivery_sleep(now: i64, next_attempt: Option<i64>) -> std::time::Duratio
     std::time::Duration::from_millis(wait.clamp(50, DELIVERY_MAX_SLEEP.as_millis() as i64) as u64)
 }
 
-/// Delivers due webhooks once, several at a time. Returns how many were attempted. An event is
-/// claimed (attempt counted, next attempt moved a lease ahead) before it is posted, so two
-/// replicas never post it at once and a deliverer that dies leaves it to be retried: delivery
-/// is at least once, and receivers de-duplicate by `X-Tokenwarden-Event-Id`.
+/// Delivers due webhooks, [`DELIVERY_CONCURRENCY`] at a time: each slot is refilled with the
+/// next due event as soon as its delivery ends, so a receiver that is slow to answer holds one
+/// slot, not every delivery of every organization. Returns how many were attempted; it returns
+/// once nothing more is due (or after [`DELIVERY_PASS`], so that the deliverer's other upkeep
+/// runs). An event is claimed (attempt counted, next attempt moved a lease ahead) before it is
+/// posted, so two replicas never post it at once and a deliverer that dies leaves it to be
+/// retried: delivery is at least once, and receivers de-duplicate by `X-Tokenwarden-Event-Id`.
 pub async fn deliver_due(app: &App) -> usize {
-    let now = now_ms();
-    let due = match app
+    use futures_util::StreamExt;
+    let started = std::time::Instant::now();
+    let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    let mut attempted = 0;
+    loop {
+        let free = DELIVERY_CONCURRENCY - in_flight.len();
+        if free > 0 && started.elapsed() < DELIVERY_PASS {
+            let now = now_ms();
+            match app
+                .store
+                .claim_pending_deliveries(now, free as i64, now + DELIVERY_LEASE_MS)
+                .await
+            {
+                Ok(due) => {
+                    attempted += due.len();
+                    in_flight.extend(due.into_iter().map(|event| deliver_and_record(app, event)));
+                }
+                Err(error) => {
+                    tracing::warn!("deliverer: could not claim pending events: {error}");
+                }
+            }
+        }
+        if in_flight.is_empty() {
+            return attempted;
+        }
+        // A slot that is free is offered to events that fall due meanwhile, not only when a
+        // delivery ends (one that hangs ends only at its timeout).
+        let claiming = in_flight.len() < DELIVERY_CONCURRENCY && started.elapsed() < DELIVERY_PASS;
+        tokio::select! {
+            _ = in_flight.next() => {}
+            () = tokio::time::sleep(std::time::Duration::from_millis(200)), if claiming => {}
+        }
+    }
+}
+
+/// One delivery, its outcome recorded.
+async fn deliver_and_record(app: &App, event: EventRow) {
+    let (outcome, error) = deliver_one(app, &event).await;
+    let label = match outcome {
+        crate::store::DeliveryOutcome::Delivered { .. } => "delivered",
+        crate::store::DeliveryOutcome::RetryAt(_) => "retry",
+        crate::store::DeliveryOutcome::Failed => "failed",
+    };
+    metrics::counter!("tokenwarden_webhook_deliveries_total", "outcome" => label).increment(1);
+    if let Err(store_error) = app
         .store
-        .claim_pending_deliveries(now, DELIVERY_CONCURRENCY as i64, now + DELIVERY_LEASE_MS)
+        .mark_delivery(&event.id, outcome, error.as_deref())
         .await
     {
-        Ok(due) => due,
-        Err(error) => {
-            tracing::warn!("deliverer: could not claim pending events: {error}");
-            return 0;
-        }
-    };
-    let count = due.len();
-    let attempts = due.iter().map(|event| async move {
-        let (outcome, error) = deliver_one(app, event).await;
-        let label = match outcome {
-            crate::store::DeliveryOutcome::Delivered { .. } => "delivered",
-            crate::store::DeliveryOutcome::RetryAt(_) => "retry",
-            crate::store::DeliveryOutcome::Failed => "failed",
-        };
-        metrics::counter!("tokenwarden_webhook_deliveries_total", "outcome" => label).increment(1);
-        if let Err(store_error) = app
-            .store
-            .mark_delivery(&event.id, outcome, error.as_deref())
-            .await
-        {
-            tracing::warn!(event = %event.id, "could not record a delivery outcome: {store_error}");
-        }
-    });
-    futures_util::future::join_all(attempts).await;
-    count
+        tracing::warn!(event = %event.id, "could not record a delivery outcome: {store_error}");
+    }
 }
 
 async fn deliver_one(

@@ -585,6 +585,53 @@ async fn revocation_reaches_the_sandbox_in_each_shape() {
     drop_test_database(&url).await;
 }
 
+/// A receiver that never answers holds one delivery slot until its timeout (10 s), not the
+/// deliverer: an event for another receiver that falls due meanwhile arrives at once. (The
+/// deliverer used to claim a batch and wait for all of it before claiming again.)
+#[tokio::test]
+async fn a_hanging_receiver_does_not_hold_up_other_deliveries() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hanging_url = format!("http://{}/hook", hanging.local_addr().unwrap());
+    let accepted = Arc::new(tokio::sync::Notify::new());
+    let on_accept = Arc::clone(&accepted);
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = hanging.accept().await {
+            held.push(stream);
+            on_accept.notify_one();
+        }
+    });
+    let (hook, received) = receiver(0).await;
+    create_with(&env, &env.org, "sandbox-generic", "hung",
+                json!({"event.notification.enabled": "true", "event.notification.callback.url": hanging_url})).await;
+    // The deliverer is in the hanging delivery.
+    tokio::time::timeout(std::time::Duration::from_secs(10), accepted.notified())
+        .await
+        .expect("the hanging receiver was called");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    create_with(
+        &env,
+        &env.org,
+        "sandbox-generic",
+        "quick",
+        json!({"event.notification.enabled": "true", "event.notification.callback.url": hook}),
+    )
+    .await;
+    while received.lock().unwrap().is_empty() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "[{label}] the other receiver's event waited for the hanging one"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    holder.abort();
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// `instance.recovered` is written in the commit's transaction, exactly when the commit ends a
 /// failure streak (the store call the refresh engine is to use instead of a separate insert).
 #[tokio::test]
