@@ -170,10 +170,11 @@ pub fn delivery_sleep(now: i64, next_attempt: Option<i64>) -> std::time::Duratio
 /// runs). An event is claimed (attempt counted, next attempt moved a lease ahead) before it is
 /// posted, so two replicas never post it at once and a deliverer that dies leaves it to be
 /// retried: delivery is at least once, and receivers de-duplicate by `X-Tokenwarden-Event-Id`.
-pub async fn deliver_due(app: &App) -> usize {
-    use futures_util::StreamExt;
+pub async fn deliver_due(app: &crate::app::SharedApp) -> usize {
     let started = std::time::Instant::now();
-    let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    // Tasks of their own: a delivery waiting for the store must make progress while this
+    // loop waits for the store too (SQLite has one connection).
+    let mut in_flight = tokio::task::JoinSet::new();
     let mut attempted = 0;
     loop {
         let free = DELIVERY_CONCURRENCY - in_flight.len();
@@ -186,7 +187,10 @@ pub async fn deliver_due(app: &App) -> usize {
             {
                 Ok(due) => {
                     attempted += due.len();
-                    in_flight.extend(due.into_iter().map(|event| deliver_and_record(app, event)));
+                    for event in due {
+                        let app = std::sync::Arc::clone(app);
+                        in_flight.spawn(async move { deliver_and_record(&app, event).await });
+                    }
                 }
                 Err(error) => {
                     tracing::warn!("deliverer: could not claim pending events: {error}");
@@ -200,7 +204,7 @@ pub async fn deliver_due(app: &App) -> usize {
         // delivery ends (one that hangs ends only at its timeout).
         let claiming = in_flight.len() < DELIVERY_CONCURRENCY && started.elapsed() < DELIVERY_PASS;
         tokio::select! {
-            _ = in_flight.next() => {}
+            _ = in_flight.join_next() => {}
             () = tokio::time::sleep(std::time::Duration::from_millis(200)), if claiming => {}
         }
     }
