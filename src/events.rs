@@ -137,8 +137,9 @@ const DELIVERY_LEASE_MS: i64 = 60_000;
 const DELIVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Deliveries in flight at once in one replica, and claimed per query.
 const DELIVERY_CONCURRENCY: usize = 16;
-/// How long one pass of [`deliver_due`] keeps claiming new events.
-const DELIVERY_PASS: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long one pass of [`deliver_due`] keeps claiming new events (the deliverer checks for
+/// shutdown and does its upkeep between passes).
+const DELIVERY_PASS: std::time::Duration = std::time::Duration::from_secs(5);
 /// The deliverer looks at the outbox at least this often (new events are due at once).
 pub const DELIVERY_MAX_SLEEP: std::time::Duration = std::time::Duration::from_secs(1);
 
