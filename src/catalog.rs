@@ -681,15 +681,10 @@ fn check_url(
             )));
         }
     }
-    // An input that stands for a whole URL prefix gets a URL as its sample.
-    if let Some(first) = template
-        .strip_prefix('{')
-        .and_then(|rest| rest.split('}').next())
-        && let Some(sample) = samples.get(first)
-        && !sample.contains("://")
-    {
-        samples.insert(first.to_string(), "https://example.com".to_string());
-    }
+    // `{sandbox}` (its sample a URL) stands for a whole URL prefix. A connector's own input
+    // never does: at run time it may fill one part of a URL only (no `:` or `/`), so a
+    // template that begins with one could never be filled, and is refused here as not an
+    // absolute URL.
     let filled = fill_template(template, &samples).map_err(invalid)?;
     let parsed = url::Url::parse(&filled)
         .map_err(|error| invalid(format!("`{template}` is not an absolute URL ({error})")))?;
@@ -929,6 +924,13 @@ verify.path = "me"
         validate(&c, false).unwrap();
         c.base_url = "https://api.acme.test/apps/{client_id}/".to_string();
         refused(&c, false, &["baseUrl", "{client_id}"]);
+    }
+
+    #[test]
+    fn a_template_cannot_begin_with_an_input() {
+        let mut c = good();
+        c.base_url = "{subdomain}/api/".to_string();
+        refused(&c, false, &["baseUrl", "absolute URL"]);
     }
 
     #[test]
