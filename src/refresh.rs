@@ -503,7 +503,23 @@ impl RefreshEngine {
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             };
-            let done = work(leased).await;
+            // A claim this process's scheduler made before is not fresh any more.
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+            // The lease is renewed while `work` runs (two provider calls may take longer than
+            // a lease), so no other replica takes the instance meanwhile.
+            let heartbeat = async {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(LEASE_RENEW_MS)).await;
+                    let _ = app
+                        .store
+                        .renew_refresh_lease(id, &app.replica_id, now_ms() + LEASE_MS)
+                        .await;
+                }
+            };
+            let done = tokio::select! {
+                done = work(leased) => done,
+                () = heartbeat => unreachable!("the heartbeat never ends"),
+            };
             let _ = app.store.release_refresh_lease(id, &app.replica_id).await;
             done
         }
@@ -1098,6 +1114,7 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
     // the access token alive otherwise. Once one revocation succeeded, the other one failing is
     // expected at providers that cascade (Adobe answers EXPIRED_TOKEN) and is not reported.
     let mut revoked = false;
+    let mut retryable = false;
     let mut messages = Vec::new();
     for (token, hint) in attempts {
         if hint == TokenHint::AccessToken
@@ -1116,11 +1133,20 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
         {
             Ok(_) => revoked = true,
             Err(_) if revoked => {}
-            Err(error) => messages.push(error.provider_message()),
+            Err(error) => {
+                // No answer, a 5xx or a 429: the provider may revoke on a later try. A refusal
+                // (a 4xx: the token is dead already, or the app is gone) will not change.
+                retryable |= matches!(
+                    error,
+                    OAuthError::RateLimited { .. } | OAuthError::Transport { .. }
+                ) || matches!(error, OAuthError::Unavailable { status, .. } if status >= 500);
+                messages.push(error.provider_message());
+            }
         }
     }
     Ok(json!({
         "revokedAtProvider": revoked,
+        "retryable": !revoked && retryable,
         "providerMessage": if messages.is_empty() { Value::Null } else { Value::String(messages.join("; ")) },
     }))
 }

@@ -484,11 +484,15 @@ async fn create_instance(
     row.refresh_expires_at = update.refresh_expires_at;
     row.last_refresh_at = update.last_refresh_at;
     row.next_due_at = update.next_due_at;
-    if external && grant.tokens.refresh_token.is_some() {
-        // Imported tokens are refreshed as soon as the scheduler looks: that proves the grant
-        // works (or finds it dead now, not when it is first needed), and starts the inactivity
-        // clock of refresh tokens that die unused (Adobe Sign's 60 days) from here, since when
-        // the token was last used elsewhere is unknown.
+    if external
+        && grant.tokens.refresh_token.is_some()
+        && (grant.tokens.access_token.is_empty() || refreshes_on_schedule(connector))
+    {
+        // Imported tokens are refreshed as soon as the scheduler looks (without an access
+        // token, whatever the strategy; with one, on connectors refreshed on a schedule, not
+        // `on_401` ones): that proves the grant works, and starts the inactivity clock of
+        // refresh tokens that die unused (Adobe Sign's 60 days) from here, since when the
+        // token was last used elsewhere is unknown.
         row.next_due_at = Some(now);
     }
     row.created_by = Some(caller.user_id);
@@ -725,9 +729,13 @@ async fn update(
     body: InstanceBody,
     mode: UpdateMode,
 ) -> ApiResult<AxumJson<Value>> {
+    // The tokens the caller saw are those of the first read: a token given back equal to them
+    // is "as shown" on every attempt (a refresh between two attempts must not turn it into an
+    // import of the token that refresh retired).
+    let seen = open_secrets(app, &row)?;
     for _ in 0..UPDATE_ATTEMPTS {
         let (organization_id, id) = (row.organization_id, row.id);
-        if let Some(answer) = update_once(app, caller, row, &body, mode).await? {
+        if let Some(answer) = update_once(app, caller, row, &body, mode, &seen).await? {
             return Ok(answer);
         }
         row = app
@@ -750,6 +758,7 @@ async fn update_once(
     row: InstanceRow,
     body: &InstanceBody,
     mode: UpdateMode,
+    seen: &instances::InstanceSecrets,
 ) -> ApiResult<Option<AxumJson<Value>>> {
     let connector = app
         .connector(row.organization_id, &row.element_key)
@@ -777,10 +786,21 @@ async fn update_once(
             value == instances::MASK || stored.as_ref().is_some_and(|s| s.expose() == value)
         })
     };
-    if as_shown(&split.access_token, &secrets.access_token) {
+    let given_back = |given: &Option<String>, stored: &Option<Secret>, first: &Option<Secret>| {
+        as_shown(given, stored) || as_shown(given, first)
+    };
+    if given_back(
+        &split.access_token,
+        &secrets.access_token,
+        &seen.access_token,
+    ) {
         split.access_token = None;
     }
-    if as_shown(&split.refresh_token, &secrets.refresh_token) {
+    if given_back(
+        &split.refresh_token,
+        &secrets.refresh_token,
+        &seen.refresh_token,
+    ) {
         split.refresh_token = None;
     }
     let (mut plain, mut secret) = match mode {
@@ -955,7 +975,9 @@ async fn update_once(
         if imported.access_token.is_empty() {
             update.access_token_enc = None;
         }
-        if imported.refresh_token.is_some() {
+        if imported.refresh_token.is_some()
+            && (imported.access_token.is_empty() || refreshes_on_schedule(&connector))
+        {
             // As for a create from imported tokens: refreshed as soon as the scheduler looks.
             update.next_due_at = Some(now);
         }
@@ -1029,10 +1051,10 @@ pub async fn delete(
             let mut revocation = Value::Null;
             if revoke {
                 revocation = crate::refresh::revoke_at_provider(&app, &held).await?;
-                // The provider was asked and confirmed nothing (down, timing out, refusing):
-                // deleted now, the tokens could never be revoked again while the grant lives
-                // on there.
-                if revocation["revokedAtProvider"] == false
+                // The provider could not answer (down, timing out, rate limiting): deleted now,
+                // the tokens could never be revoked again while the grant lives on there. A
+                // refusal (tokens dead already) deletes.
+                if revocation["retryable"] == true
                     && let Some(message) = revocation["providerMessage"].as_str()
                 {
                     return Err(ApiError::new(
@@ -1241,6 +1263,13 @@ pub async fn revoke(
         object.insert("revocation".into(), revocation);
     }
     Ok(AxumJson(view))
+}
+
+/// Whether the connector's instances are refreshed by the scheduler at all: before expiry, or
+/// kept alive. An `on_401` connector without a keep-alive refreshes only on a rejection.
+fn refreshes_on_schedule(connector: &Connector) -> bool {
+    connector.refresh.strategy != crate::catalog::RefreshStrategy::On401
+        || connector.refresh.keep_alive_seconds.is_some()
 }
 
 /// The instance as stored now (after a change made by this request).

@@ -625,24 +625,13 @@ async fn existing_tokens_can_be_imported() {
                             Some(json!({"element": {"key": "sandbox-salesforce"}, "externalAuthentication": "initial",
                                         "configuration": configuration, "name": "imported"}))).await;
         assert_eq!(imported.status, 200, "[{label}] {}", imported.body);
-        // Imported tokens are refreshed at once by the scheduler (the grant proved, the
-        // inactivity clock started), however long the access token may still live.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while revealed(&env, &env.org, &imported.body).await["configuration"]["oauth.user.token"]
-            == access.as_str()
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "[{label}] the scheduler did not refresh imported tokens"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
         assert_eq!(imported.body["name"], "imported");
         assert_eq!(imported.body["valid"], true);
         assert_ne!(imported.body["token"], source["token"]);
-        // The imported refresh token was used (Salesforce keeps it), the access token renewed.
+        // An `on_401` connector without a keep-alive: the tokens stay as imported until a
+        // rejection.
         let again = revealed(&env, &env.org, &imported.body).await;
-        assert_ne!(again["configuration"]["oauth.user.token"], access.as_str());
+        assert_eq!(again["configuration"]["oauth.user.token"], access.as_str());
         assert_eq!(
             again["configuration"]["oauth.user.refresh_token"],
             refresh.as_str()
@@ -691,6 +680,42 @@ async fn existing_tokens_can_be_imported() {
             )
             .await;
         assert_eq!(status, 200, "[{label}] {body}");
+        // A connector refreshed on a schedule: imported tokens are refreshed at once (the
+        // grant proved now, the inactivity clock started here).
+        let generic = env
+            .create_instance(&env.org, "sandbox-generic", "erin-generic")
+            .await;
+        let generic_shown = revealed(&env, &env.org, &generic).await;
+        let generic_access = generic_shown["configuration"]["oauth.user.token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let mut configuration = env.configuration();
+        configuration["oauth.user.token"] = json!(generic_access);
+        configuration["oauth.user.refresh_token"] =
+            generic_shown["configuration"]["oauth.user.refresh_token"].clone();
+        let imported = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&env.org.platform()),
+            Some(
+                json!({"element": {"key": "sandbox-generic"}, "externalAuthentication": "initial",
+                                        "configuration": configuration}),
+            ),
+        )
+        .await;
+        assert_eq!(imported.status, 200, "[{label}] {}", imported.body);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while revealed(&env, &env.org, &imported.body).await["configuration"]["oauth.user.token"]
+            == generic_access.as_str()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "[{label}] the scheduler did not refresh imported tokens"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         env.stop().await;
     }
 }
