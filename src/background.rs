@@ -398,6 +398,7 @@ async fn release(app: &SharedApp, row: &crate::store::InstanceRow, due_at: i64) 
 const RECOVERY_INTERVAL: Duration = Duration::from_secs(10);
 
 async fn recovery(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
+    let mut last_purge = 0;
     loop {
         let now = now_ms();
         match app.store.interrupted_refreshes(now, 50).await {
@@ -422,6 +423,13 @@ async fn recovery(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
         app.refresh.evict_idle(IDLE_CACHE_EVICTION);
         app.auth_cache.evict_idle(IDLE_CACHE_EVICTION);
         app.proxy_http.sweep_idle();
+        // The database too: expired OAuth states and events past their retention, once a
+        // minute.
+        if now - last_purge > 60_000 {
+            let _ = app.store.purge_expired_oauth_states(now).await;
+            purge_old_events(&app, now).await;
+            last_purge = now;
+        }
         tokio::select! {
             () = tokio::time::sleep(RECOVERY_INTERVAL) => {}
             _ = shutdown.changed() => break,
@@ -449,18 +457,10 @@ async fn purge_old_events(app: &crate::app::App, now: i64) {
 const IDLE_CACHE_EVICTION: Duration = Duration::from_secs(600);
 
 async fn deliverer(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
-    let mut last_purge = 0;
     loop {
-        let attempted = crate::events::deliver_due(&app).await;
+        let attempted = crate::events::deliver_due(&app, &shutdown).await;
         if *shutdown.borrow() {
             break;
-        }
-        // Once a minute, busy or not (under a steady stream of deliveries too).
-        let now = now_ms();
-        if now - last_purge > 60_000 {
-            let _ = app.store.purge_expired_oauth_states(now).await;
-            purge_old_events(&app, now).await;
-            last_purge = now;
         }
         if attempted > 0 {
             continue;

@@ -137,9 +137,6 @@ const DELIVERY_LEASE_MS: i64 = 60_000;
 const DELIVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Deliveries in flight at once in one replica, and claimed per query.
 const DELIVERY_CONCURRENCY: usize = 16;
-/// How long one pass of [`deliver_due`] keeps claiming new events (the deliverer checks for
-/// shutdown and does its upkeep between passes).
-const DELIVERY_PASS: std::time::Duration = std::time::Duration::from_secs(5);
 /// The deliverer looks at the outbox at least this often (new events are due at once).
 pub const DELIVERY_MAX_SLEEP: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -166,20 +163,22 @@ pub fn delivery_sleep(now: i64, next_attempt: Option<i64>) -> std::time::Duratio
 
 /// Delivers due webhooks, [`DELIVERY_CONCURRENCY`] at a time: each slot is refilled with the
 /// next due event as soon as its delivery ends, so a receiver that is slow to answer holds one
-/// slot, not every delivery of every organization. Returns how many were attempted; it returns
-/// once nothing more is due (or after [`DELIVERY_PASS`], so that the deliverer's other upkeep
-/// runs). An event is claimed (attempt counted, next attempt moved a lease ahead) before it is
+/// slot, not every delivery of every organization. Returns how many were attempted, once
+/// nothing more is due and nothing is in flight; after `shutdown`, it claims no more and lets
+/// the deliveries in flight end. An event is claimed (attempt counted, next attempt moved a lease ahead) before it is
 /// posted, so two replicas never post it at once and a deliverer that dies leaves it to be
 /// retried: delivery is at least once, and receivers de-duplicate by `X-Tokenwarden-Event-Id`.
-pub async fn deliver_due(app: &crate::app::SharedApp) -> usize {
-    let started = std::time::Instant::now();
+pub async fn deliver_due(
+    app: &crate::app::SharedApp,
+    shutdown: &tokio::sync::watch::Receiver<bool>,
+) -> usize {
     // Tasks of their own: a delivery waiting for the store must make progress while this
     // loop waits for the store too (SQLite has one connection).
     let mut in_flight = tokio::task::JoinSet::new();
     let mut attempted = 0;
     loop {
         let free = DELIVERY_CONCURRENCY - in_flight.len();
-        if free > 0 && started.elapsed() < DELIVERY_PASS {
+        if free > 0 && !*shutdown.borrow() {
             let now = now_ms();
             match app
                 .store
@@ -203,7 +202,7 @@ pub async fn deliver_due(app: &crate::app::SharedApp) -> usize {
         }
         // A slot that is free is offered to events that fall due meanwhile, not only when a
         // delivery ends (one that hangs ends only at its timeout).
-        let claiming = in_flight.len() < DELIVERY_CONCURRENCY && started.elapsed() < DELIVERY_PASS;
+        let claiming = in_flight.len() < DELIVERY_CONCURRENCY && !*shutdown.borrow();
         tokio::select! {
             _ = in_flight.join_next() => {}
             () = tokio::time::sleep(std::time::Duration::from_millis(200)), if claiming => {}
