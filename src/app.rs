@@ -201,15 +201,15 @@ impl App {
         catalog::fill_template(template, &self.template_values(connector, configuration)?)
     }
 
-    /// The connector's OAuth settings for this configuration: its scopes and extra parameters
-    /// with the inputs they name filled in (Dynamics' `https://{org}.crm.dynamics.com/…` scope).
-    /// A `{…}` that names no input stays as it is: parameter values may hold braces of their
-    /// own (a JSON `claims` parameter).
-    pub fn oauth_spec(
+    /// The connector's endpoints and OAuth settings for this configuration, the inputs filled
+    /// in once for both: the URLs (checked), and the scopes and extra parameters (Dynamics'
+    /// `https://{org}.crm.dynamics.com/…` scope). In scopes and parameters a `{…}` that names
+    /// no input stays as it is: their values may hold braces of their own (a JSON `claims`).
+    pub fn oauth_settings(
         &self,
         connector: &Connector,
         configuration: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<crate::catalog::OAuthSpec, String> {
+    ) -> Result<(Endpoints, crate::catalog::OAuthSpec), String> {
         let values = self.template_values(connector, configuration)?;
         let fill = |text: &mut String| {
             for (name, value) in &values {
@@ -228,7 +228,7 @@ impl App {
         ] {
             params.values_mut().for_each(&fill);
         }
-        Ok(spec)
+        Ok((endpoints_from(&connector.oauth, &values)?, spec))
     }
 
     fn template_values(
@@ -267,30 +267,34 @@ impl App {
         Ok(values)
     }
 
+    /// The connector's endpoint URLs for this configuration, filled and checked.
     pub fn endpoints(
         &self,
         connector: &Connector,
         configuration: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<Endpoints, String> {
-        let oauth = &connector.oauth;
-        let token_url = checked(self.fill(connector, &oauth.token_url, configuration)?)?;
-        Ok(Endpoints {
-            authorization_url: checked(self.fill(
-                connector,
-                &oauth.authorization_url,
-                configuration,
-            )?)?,
-            refresh_url: match &oauth.refresh_url {
-                Some(url) => checked(self.fill(connector, url, configuration)?)?,
-                None => token_url.clone(),
-            },
-            token_url,
-            revoke_url: match &oauth.revoke_url {
-                Some(url) => Some(checked(self.fill(connector, url, configuration)?)?),
-                None => None,
-            },
-        })
+        endpoints_from(
+            &connector.oauth,
+            &self.template_values(connector, configuration)?,
+        )
     }
+}
+
+fn endpoints_from(
+    oauth: &crate::catalog::OAuthSpec,
+    values: &BTreeMap<String, String>,
+) -> Result<Endpoints, String> {
+    let url = |template: &str| checked(catalog::fill_template(template, values)?);
+    let token_url = url(&oauth.token_url)?;
+    Ok(Endpoints {
+        authorization_url: url(&oauth.authorization_url)?,
+        refresh_url: match &oauth.refresh_url {
+            Some(template) => url(template)?,
+            None => token_url.clone(),
+        },
+        token_url,
+        revoke_url: oauth.revoke_url.as_deref().map(url).transpose()?,
+    })
 }
 
 /// A filled endpoint URL, refused when it points where no provider lives (see `egress`).

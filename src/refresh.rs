@@ -61,6 +61,30 @@ const BACKOFF_MAX_MS: i64 = 300_000;
 /// does, a call whose token has expired answers 503, so a provider that asks for a day (or a
 /// date a year ahead) must not take an instance out of service for that long.
 const RETRY_AFTER_MAX_S: u64 = 3_600;
+/// Renews this replica's lease on instance `id` every [`LEASE_RENEW_MS`], for as long as it is
+/// polled (one short UPDATE each time, no connection held in between); never ends. A lease
+/// taken over by another replica is no longer renewed.
+async fn lease_heartbeat(app: &App, id: i64) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(LEASE_RENEW_MS)).await;
+        match app
+            .store
+            .renew_refresh_lease(id, &app.replica_id, now_ms() + LEASE_MS)
+            .await
+        {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                tracing::warn!(
+                    instance = id,
+                    "the refresh lease was taken over while this replica still worked on the instance"
+                );
+                std::future::pending::<()>().await;
+            }
+            Err(error) => tracing::warn!(instance = id, "lease renewal failed: {error}"),
+        }
+    }
+}
+
 /// How long [`RefreshEngine::with_instance_held`] waits for a running refresh: a lease's life
 /// and a little more, so a dead replica's lease runs out within it.
 const HOLD_WAIT: Duration = Duration::from_millis(LEASE_MS as u64 + 5_000);
@@ -507,18 +531,9 @@ impl RefreshEngine {
             self.epoch.fetch_add(1, Ordering::AcqRel);
             // The lease is renewed while `work` runs (two provider calls may take longer than
             // a lease), so no other replica takes the instance meanwhile.
-            let heartbeat = async {
-                loop {
-                    tokio::time::sleep(Duration::from_millis(LEASE_RENEW_MS)).await;
-                    let _ = app
-                        .store
-                        .renew_refresh_lease(id, &app.replica_id, now_ms() + LEASE_MS)
-                        .await;
-                }
-            };
             let done = tokio::select! {
                 done = work(leased) => done,
-                () = heartbeat => unreachable!("the heartbeat never ends"),
+                () = lease_heartbeat(app, id) => unreachable!("the heartbeat never ends"),
             };
             let _ = app.store.release_refresh_lease(id, &app.replica_id).await;
             done
@@ -765,38 +780,13 @@ impl RefreshEngine {
                 version: Some(row.token_version),
             });
         };
-        let endpoints = app
-            .endpoints(&connector, &configuration)
-            .map_err(RefreshFailure::Internal)?;
-        let spec = app
-            .oauth_spec(&connector, &configuration)
+        let (endpoints, spec) = app
+            .oauth_settings(&connector, &configuration)
             .map_err(RefreshFailure::Internal)?;
         let credentials = client_credentials(&configuration, &secrets.secret_configuration);
         let started = Instant::now();
-        // The lease's heartbeat runs beside the provider call and the commit: one short UPDATE
-        // every few seconds, no connection held in between.
-        let heartbeat = || async {
-            loop {
-                tokio::time::sleep(Duration::from_millis(LEASE_RENEW_MS)).await;
-                match app
-                    .store
-                    .renew_refresh_lease(row.id, &app.replica_id, now_ms() + LEASE_MS)
-                    .await
-                {
-                    Ok(Some(_)) => {}
-                    Ok(None) => {
-                        tracing::warn!(
-                            instance = row.id,
-                            "the refresh lease was taken over during a slow provider call or commit"
-                        );
-                        std::future::pending::<()>().await;
-                    }
-                    Err(error) => {
-                        tracing::warn!(instance = row.id, "lease renewal failed: {error}")
-                    }
-                }
-            }
-        };
+        // The lease's heartbeat runs beside the provider call and the commit.
+        let heartbeat = || lease_heartbeat(app, row.id);
         let result = tokio::select! {
             result = app
                 .oauth
@@ -1092,8 +1082,7 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
     let secrets = open_secrets(app, row)?;
     let configuration = plain_configuration(row);
     let (endpoints, spec) = app
-        .endpoints(&connector, &configuration)
-        .and_then(|endpoints| Ok((endpoints, app.oauth_spec(&connector, &configuration)?)))
+        .oauth_settings(&connector, &configuration)
         .map_err(|error| ApiError::bad_request(format!("Connector input missing: {error}")))?;
     if endpoints.revoke_url.is_none()
         || connector.oauth.revocation == Some(crate::catalog::RevocationStyle::None)

@@ -252,8 +252,7 @@ pub async fn oauth_url(
         .map(|(name, value)| (name.clone(), Value::String(value.clone())))
         .collect();
     let (endpoints, spec) = app
-        .endpoints(&connector, &inputs)
-        .and_then(|endpoints| Ok((endpoints, app.oauth_spec(&connector, &inputs)?)))
+        .oauth_settings(&connector, &inputs)
         .map_err(|error| ApiError::bad_request(format!("Connector input missing: {error}")))?;
     let pkce = connector.oauth.pkce.then(crate::oauth::new_pkce);
     let url = crate::oauth::authorization_url(

@@ -312,9 +312,7 @@ async fn exchange(
             connector.key, connector.key
         )));
     }
-    let settings = app
-        .endpoints(connector, plain)
-        .and_then(|endpoints| Ok((endpoints, app.oauth_spec(connector, plain)?)));
+    let settings = app.oauth_settings(connector, plain);
     let (endpoints, spec) = match settings {
         Ok(settings) => settings,
         Err(error) => {
