@@ -34,14 +34,36 @@ impl Store {
         Ok(count)
     }
 
-    /// The earliest pending delivery attempt (from the `events_pending` partial index).
+    /// The earliest attempt of a pending delivery that may go out then: one waiting behind an
+    /// earlier event of its instance is not counted (its turn comes when that one ends).
     pub async fn next_delivery_time(&self) -> Result<Option<i64>, StoreError> {
-        let next: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(next_attempt_at) FROM events WHERE delivery_state = 'pending'",
-        )
-        .fetch_one(&self.pool)
-        .await?;
+        let sql = format!(
+            "SELECT MIN(e.next_attempt_at) FROM events e WHERE e.delivery_state = 'pending' AND {}",
+            self.first_of_its_instance()
+        );
+        let next: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&self.pool)
+            .await?;
         Ok(next)
+    }
+
+    /// SQL condition on a pending event `e`: no earlier event of its instance is still pending
+    /// (being delivered, or waiting for its next attempt). Webhooks of one instance thus go
+    /// out one at a time, in the order their events were written, so a receiver never sees
+    /// `instance.reauthenticated` before the `instance.invalidated` it follows; an event that
+    /// is given up (a day of tries) lets the next one go. Events without an instance are not
+    /// held. The order is `seq` on PostgreSQL, the rowid on SQLite (migration 0003).
+    fn first_of_its_instance(&self) -> &'static str {
+        match self.engine {
+            Engine::Postgres => {
+                "NOT EXISTS (SELECT 1 FROM events p WHERE p.delivery_state = 'pending' \
+                 AND p.instance_id = e.instance_id AND p.seq < e.seq)"
+            }
+            Engine::Sqlite => {
+                "NOT EXISTS (SELECT 1 FROM events p WHERE p.delivery_state = 'pending' \
+                 AND p.instance_id = e.instance_id AND p.rowid < e.rowid)"
+            }
+        }
     }
 
     /// Records an event on its own (`Conflict` when the id is taken).
@@ -99,27 +121,31 @@ impl Store {
 
     /// Claims up to `limit` pending events whose `next_attempt_at` has come: counts the attempt
     /// and moves `next_attempt_at` to `retry_at`, so that a deliverer that dies leaves them to
-    /// be retried then, and so that two replicas never deliver the same event at once.
+    /// be retried then, and so that two replicas never deliver the same event at once. Only
+    /// the first pending event of each instance is claimed ([`Self::first_of_its_instance`]).
     pub async fn claim_pending_deliveries(
         &self,
         now: i64,
         limit: i64,
         retry_at: i64,
     ) -> Result<Vec<EventRow>, StoreError> {
+        let first = self.first_of_its_instance();
         let sql = match self.engine {
+            // A replica that claims meanwhile skips the rows locked here, and still sees them
+            // pending: the events behind them wait in both.
             Engine::Postgres => format!(
-                "WITH due AS (SELECT id FROM events \
-                 WHERE delivery_state = 'pending' AND next_attempt_at <= $1 \
-                 ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                "WITH due AS (SELECT e.id FROM events e \
+                 WHERE e.delivery_state = 'pending' AND e.next_attempt_at <= $1 AND {first} \
+                 ORDER BY e.next_attempt_at LIMIT $2 FOR UPDATE OF e SKIP LOCKED) \
                  UPDATE events SET attempts = attempts + 1, next_attempt_at = $3 \
                  FROM due WHERE events.id = due.id RETURNING {}",
                 prefixed("events", EVENT_COLUMNS)
             ),
             Engine::Sqlite => format!(
                 "UPDATE events SET attempts = attempts + 1, next_attempt_at = $3 \
-                 WHERE id IN (SELECT id FROM events \
-                 WHERE delivery_state = 'pending' AND next_attempt_at <= $1 \
-                 ORDER BY next_attempt_at LIMIT $2) RETURNING {EVENT_COLUMNS}"
+                 WHERE id IN (SELECT e.id FROM events e \
+                 WHERE e.delivery_state = 'pending' AND e.next_attempt_at <= $1 AND {first} \
+                 ORDER BY e.next_attempt_at LIMIT $2) RETURNING {EVENT_COLUMNS}"
             ),
         };
         let rows = sqlx::query_as::<_, EventRow>(sqlx::AssertSqlSafe(sql))

@@ -632,6 +632,73 @@ async fn a_hanging_receiver_does_not_hold_up_other_deliveries() {
     drop_test_database(&url).await;
 }
 
+/// Webhooks of one instance go out in the order of its events: when the first one fails, the
+/// events written after it wait for its retry instead of arriving before it (a receiver that
+/// saw `instance.enabled` before `instance.disabled` would think the instance off).
+#[tokio::test]
+async fn webhooks_of_one_instance_arrive_in_the_order_of_their_events() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let (hook, received) = receiver(1).await;
+        let platform = env.org.platform();
+        let instance = create_with(
+            &env,
+            &env.org,
+            "sandbox-generic",
+            "orderly",
+            json!({"event.notification.enabled": "true", "event.notification.callback.url": hook}),
+        )
+        .await;
+        let id = instance["id"].as_i64().unwrap();
+        // `instance.created` is refused once; its retry comes a second later.
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                !received.lock().unwrap().is_empty()
+            })
+            .await,
+            "[{label}] the first webhook did not come"
+        );
+        let path = |tail: &str| format!("/instances/{id}{tail}");
+        for (method, tail) in [
+            (reqwest::Method::DELETE, "/enabled"),
+            (reqwest::Method::PUT, "/enabled"),
+            (reqwest::Method::POST, "/tokens/refresh"),
+        ] {
+            let (status, body) = send(&env, method, &path(tail), &platform).await;
+            assert_eq!(status, 200, "[{label}] {tail}: {body}");
+        }
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                received.lock().unwrap().len() >= 5
+            })
+            .await,
+            "[{label}] not every webhook came: {}",
+            received.lock().unwrap().len()
+        );
+        let types: Vec<String> = received.lock().unwrap()[1..]
+            .iter()
+            .map(|(headers, _)| {
+                headers["x-tokenwarden-event-type"]
+                    .to_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            types,
+            [
+                "instance.created",
+                "instance.disabled",
+                "instance.enabled",
+                "instance.token.refreshed"
+            ],
+            "[{label}] webhooks delivered out of order"
+        );
+        env.stop().await;
+        drop_test_database(&url).await;
+    }
+}
+
 /// `instance.recovered` is written in the commit's transaction, exactly when the commit ends a
 /// failure streak (the store call the refresh engine is to use instead of a separate insert).
 #[tokio::test]

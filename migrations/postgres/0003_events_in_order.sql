@@ -1,0 +1,5 @@
+-- Webhooks of one instance go out in the order their events were written: `seq` is that order
+-- (an event's row is written in the transaction of the change it reports, after the change).
+-- Existing rows are numbered as they lie; only pending ones are ever compared.
+ALTER TABLE events ADD COLUMN seq BIGSERIAL;
+CREATE INDEX events_pending_instance ON events(instance_id, seq) WHERE delivery_state = 'pending';
