@@ -1073,7 +1073,9 @@ fn check_usable(row: &InstanceRow, now: i64) -> Result<(), RefreshFailure> {
 
 /// Revokes an instance's grant at the provider, in the connector's shape. The refresh token is
 /// revoked first (it ends the grant at most providers), then the access token. Answers what
-/// happened; the caller invalidates the instance in any case.
+/// happened; the caller invalidates the instance in any case. The grant counts as revoked when
+/// its refresh token was (or there is none), or when the connector's revocations cascade: an
+/// access token revoked alone ends that token, and the refresh token lives on (RFC 7009).
 pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, ApiError> {
     let connector = app
         .connector(row.organization_id, &row.element_key)
@@ -1102,6 +1104,7 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
     // Both tokens are revoked: providers that revoke only the refresh token (HubSpot) leave
     // the access token alive otherwise. Once one revocation succeeded, the other one failing is
     // expected at providers that cascade (Adobe answers EXPIRED_TOKEN) and is not reported.
+    let cascades = connector.oauth.revocation_cascades;
     let mut revoked = false;
     let mut retryable = false;
     let mut messages = Vec::new();
@@ -1112,7 +1115,7 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
         {
             continue; // That endpoint takes refresh tokens only.
         }
-        if revoked && connector.oauth.revocation_cascades {
+        if revoked && cascades {
             break;
         }
         match app
@@ -1120,7 +1123,16 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
             .revoke(&spec, &endpoints, &credentials, token, hint)
             .await
         {
-            Ok(_) => revoked = true,
+            // A refresh token revoked ends the grant; an access token only when it is the
+            // grant's one token or the provider cascades.
+            Ok(_) => {
+                let ends_grant =
+                    hint == TokenHint::RefreshToken || secrets.refresh_token.is_none() || cascades;
+                revoked |= ends_grant;
+                if !ends_grant {
+                    messages.push("the access token was revoked, the refresh token was not".into());
+                }
+            }
             Err(_) if revoked => {}
             Err(error) => {
                 // No answer, a 5xx or a 429: the provider may revoke on a later try. A refusal

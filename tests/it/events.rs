@@ -533,6 +533,38 @@ async fn revocation_reaches_the_sandbox_in_each_shape() {
     );
     // DELETE ?revoke=true revokes, then deletes.
     register_generic_connector(&env, &env.org, "gone", json!({})).await;
+    // Only the access token's revocation goes through: at this provider (RFC 7009) that ends
+    // the access token alone, and the refresh token keeps the grant alive. Not revoked, then,
+    // and the instance is kept (it was deleted, reported revoked, with a live grant).
+    let partial = env.create_instance(&env.org, "gone", "pat").await;
+    let partial_id = partial["id"].as_i64().unwrap();
+    env.sandbox_post(
+        "/__sandbox/faults",
+        json!({"target": "revoke", "status": 503, "count": 1}),
+    )
+    .await;
+    let (status, body) = send(
+        &env,
+        reqwest::Method::DELETE,
+        &format!("/instances/{partial_id}?revoke=true"),
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body["providerMessage"]
+            .as_str()
+            .is_some_and(|m| m.contains("the refresh token was not")),
+        "{body}"
+    );
+    let (status, body) = send(
+        &env,
+        reqwest::Method::POST,
+        &format!("/instances/{partial_id}/tokens/refresh"),
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 200, "the grant is alive: {body}");
     let instance = env.create_instance(&env.org, "gone", "gail").await;
     let id = instance["id"].as_i64().unwrap();
     // A revocation endpoint that fails: the instance is kept, to be revoked later.
