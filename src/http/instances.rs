@@ -1049,9 +1049,10 @@ pub async fn delete(
             let mut revocation = Value::Null;
             if revoke {
                 revocation = crate::refresh::revoke_at_provider(&app, &held).await?;
-                // The provider could not answer (down, timing out, rate limiting): deleted now,
-                // the tokens could never be revoked again while the grant lives on there. A
-                // refusal (tokens dead already) deletes.
+                // The provider could not answer (down, timing out, rate limiting) and the grant
+                // may live on: the instance is kept, since once deleted its tokens could never
+                // be revoked again. A refusal (tokens dead already, or a token the provider
+                // cannot revoke) will not change on a retry: it deletes.
                 if revocation["retryable"] == true
                     && let Some(message) = revocation["providerMessage"].as_str()
                 {

@@ -565,6 +565,31 @@ async fn revocation_reaches_the_sandbox_in_each_shape() {
     )
     .await;
     assert_eq!(status, 200, "the grant is alive: {body}");
+    // A provider that refuses both revocations (a 4xx will not change on a retry): the
+    // instance is deleted all the same, and the answer says the grant was not revoked.
+    env.sandbox_post(
+        "/__sandbox/faults",
+        json!({"target": "revoke", "status": 400, "count": 2}),
+    )
+    .await;
+    let (status, body) = send(
+        &env,
+        reqwest::Method::DELETE,
+        &format!("/instances/{partial_id}?revoke=true"),
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["revocation"]["revokedAtProvider"], false, "{body}");
+    assert_eq!(body["revocation"]["retryable"], false, "{body}");
+    let (status, _) = send(
+        &env,
+        reqwest::Method::GET,
+        &format!("/instances/{partial_id}"),
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 404, "deleted after the refusal");
     let instance = env.create_instance(&env.org, "gone", "gail").await;
     let id = instance["id"].as_i64().unwrap();
     // A revocation endpoint that fails: the instance is kept, to be revoked later.
