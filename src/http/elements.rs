@@ -4,13 +4,13 @@
 use std::collections::HashMap;
 
 use axum::Json as AxumJson;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::caller::Caller;
 use super::error::{ApiError, ApiResult};
-use super::json::{Json, Query};
+use super::json::{Json, Path, Query};
 use crate::app::{SharedApp, now_ms};
 use crate::catalog::{self, Connector};
 use crate::crypto::{Binding, hash_secret};

@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 
 use axum::Json as AxumJson;
-use axum::extract::{Query, State};
+use axum::extract::State;
+
+use super::json::Query;
 use serde_json::{Value, json};
 
 use super::caller::Caller;

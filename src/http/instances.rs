@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use axum::Json as AxumJson;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use super::caller::Caller;
 use super::elements::find;
 use super::error::{ApiError, ApiResult};
-use super::json::{Json, Query};
+use super::json::{Json, Path, Query};
 use crate::app::{App, SharedApp, now_ms};
 use crate::catalog::Connector;
 use crate::crypto::{self, Binding, hash_secret};

@@ -1,7 +1,7 @@
 //! A JSON extractor whose rejections answer in the API's error shape (axum's
 //! `examples/error-handling`), so bad JSON is a clear 400 (or 413, 415) and never a bare text.
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
@@ -42,6 +42,37 @@ where
             Ok(axum::extract::Query(value)) => Ok(Query(value)),
             Err(rejection) => Err(query_rejection(rejection)),
         }
+    }
+}
+
+/// A path-parameter extractor whose rejections answer in the API's error shape: a segment that
+/// is not UTF-8 once percent-decoded (`/instances/%FF`) is a 400 with a message, not axum's
+/// plain text.
+pub struct Path<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for Path<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Path(value)),
+            Err(rejection) => Err(path_rejection(rejection)),
+        }
+    }
+}
+
+fn path_rejection(rejection: PathRejection) -> ApiError {
+    match rejection {
+        PathRejection::FailedToDeserializePathParams(error) => ApiError::bad_request(format!(
+            "The URL's path is not valid: {}",
+            error.body_text()
+        )),
+        // Only a route without parameters could get here: a fault of ours, not of the input.
+        other => ApiError::internal(format!("path parameters: {}", other.body_text())),
     }
 }
 

@@ -378,6 +378,17 @@ async fn create_from_code_shows_the_contract_fields_masked() {
         )
         .await;
         assert_error(&not_a_number, 404, &label);
+        // Path segments and query values that are not UTF-8 once decoded: the API's JSON 400,
+        // not the router's plain text.
+        for path in [
+            "/instances/%FF",
+            "/elements/%C3",
+            "/elements/%C3/oauth/url",
+            "/events?instanceId=%FF",
+        ] {
+            let refused = call(&env, Method::GET, &env.api(path), Some(&auth), None).await;
+            assert_error(&refused, 400, &format!("{label} {path}"));
+        }
         env.stop().await;
     }
 }
