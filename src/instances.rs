@@ -535,8 +535,9 @@ pub async fn verify(
     {
         return Some(json!({"ok": false, "path": spec.path, "message": format!("the verification call was not made: {why}")}).to_string());
     }
-    let method =
-        reqwest::Method::from_bytes(spec.method.as_bytes()).unwrap_or(reqwest::Method::GET);
+    // Validated case-insensitively (`get` is GET): sent as the standard method, not a custom one.
+    let method = reqwest::Method::from_bytes(spec.method.to_ascii_uppercase().as_bytes())
+        .unwrap_or(reqwest::Method::GET);
     let started = now_ms();
     let outcome = app
         .http

@@ -56,7 +56,8 @@ impl Remote {
             .as_str()
             .map(|p| format!(" (provider: {p})"))
             .unwrap_or_default();
-        if status.as_u16() == 401 {
+        // A 401 with the provider's words is about the instance's grant, not our secrets.
+        if status.as_u16() == 401 && provider.is_empty() {
             return Err(format!("the server refused the secrets: {message}"));
         }
         Err(format!("{status}: {message}{provider}"))

@@ -141,7 +141,11 @@ impl InstanceBody {
 }
 
 fn validate_tags(tags: &[String]) -> ApiResult<()> {
-    if tags.len() > 50 || tags.iter().any(|tag| tag.is_empty() || tag.len() > 100) {
+    if tags.len() > 50
+        || tags
+            .iter()
+            .any(|tag| tag.is_empty() || tag.chars().count() > 100)
+    {
         return Err(ApiError::bad_request(
             "`tags` takes at most 50 tags of 1 to 100 characters",
         ));
@@ -155,7 +159,7 @@ fn validate_tags(tags: &[String]) -> ApiResult<()> {
 /// Checked before any provider call: a name the database cannot store must not cost the
 /// caller an authorization code already exchanged.
 fn validate_name(name: &str) -> ApiResult<()> {
-    if name.len() > 200 {
+    if name.chars().count() > 200 {
         return Err(ApiError::bad_request(
             "`name` is longer than 200 characters",
         ));
@@ -771,6 +775,10 @@ async fn update_once(
         validate_tags(tags)?;
     }
     if let Some(name) = &body.name {
+        // An instance always has a name (a create without one gets the connector's).
+        if name.trim().is_empty() {
+            return Err(ApiError::bad_request("`name` cannot be blank"));
+        }
         validate_name(name)?;
     }
     let given = normalize_configuration(body.configuration.as_ref())?;
@@ -993,6 +1001,8 @@ async fn update_once(
             )
             .await?;
         app.refresh.forget(row.id);
+        // The scheduler sleeps until its next due instance: an import due now wakes it.
+        app.refresh.notify_schedule_changed();
     }
     app.refresh.forget(row.id);
     crate::audit::record(

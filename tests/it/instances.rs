@@ -1696,3 +1696,71 @@ async fn bad_input_answers_clear_json_errors() {
         env.stop().await;
     }
 }
+
+/// Small input rules a user meets: a connector's `verify.method` written in lower case is sent
+/// as the standard method (it went out as the custom method `get`, and every verification
+/// failed); a name cannot be blanked by PATCH; name and tag limits count characters, not bytes.
+#[tokio::test]
+async fn verification_method_case_and_name_limits() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let auth = env.org.platform();
+    let sandbox = env.sandbox.url.clone();
+    let registered = call(
+        &env,
+        Method::POST,
+        &env.api("/elements"),
+        Some(&auth),
+        Some(json!({
+            "key": "lowercase-verify", "name": "Lower-case verify",
+            "baseUrl": format!("{sandbox}/generic/"),
+            "oauth": {"authorizationUrl": format!("{sandbox}/generic/authorize"),
+                      "tokenUrl": format!("{sandbox}/generic/token"), "scopes": ["api"]},
+            "verify": {"method": "get", "path": "api/me"},
+        })),
+    )
+    .await;
+    assert!(
+        registered.status < 300,
+        "[{label}] {} {}",
+        registered.status,
+        registered.body
+    );
+    let instance = env
+        .create_instance(&env.org, "lowercase-verify", "lower")
+        .await;
+    assert_eq!(instance["verification"]["ok"], true, "[{label}] {instance}");
+    let path = env.api(&format!("/instances/{}", id_of(&instance)));
+    let blank = call(
+        &env,
+        Method::PATCH,
+        &path,
+        Some(&auth),
+        Some(json!({"name": "  "})),
+    )
+    .await;
+    assert_error(&blank, 400, &label);
+    // 70 characters of three bytes each: within the 200-character limit.
+    let wide = "名".repeat(70);
+    let renamed = call(
+        &env,
+        Method::PATCH,
+        &path,
+        Some(&auth),
+        Some(json!({"name": wide, "tags": ["標".repeat(40)]})),
+    )
+    .await;
+    assert_eq!(renamed.status, 200, "[{label}] {}", renamed.body);
+    assert_eq!(renamed.body["name"], wide.as_str());
+    let long = call(
+        &env,
+        Method::PATCH,
+        &path,
+        Some(&auth),
+        Some(json!({"name": "名".repeat(201)})),
+    )
+    .await;
+    assert_error(&long, 400, &label);
+    env.stop().await;
+    drop_test_database(&url).await;
+}
