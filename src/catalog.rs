@@ -350,6 +350,29 @@ pub fn fill_template(template: &str, values: &BTreeMap<String, String>) -> Resul
     Ok(out)
 }
 
+/// In a scope or a parameter, as [`crate::app::App::oauth_settings`] fills them: a `{name}`
+/// made of name characters must be one of the connector's inputs (a typo would go to the
+/// provider as it is); other braces are the value's own (an OpenID `claims` JSON) and stay.
+fn unknown_input(value: &str, values: &BTreeMap<String, String>) -> Result<(), String> {
+    let mut rest = value;
+    while let Some(start) = rest.find('{') {
+        let after = &rest[start + 1..];
+        let Some(end) = after.find('}') else {
+            return Ok(());
+        };
+        let name = &after[..end];
+        let name_like = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if name_like && !values.contains_key(name) {
+            return Err(format!("unknown placeholder `{{{name}}}` in `{value}`"));
+        }
+        rest = &after[end + 1..];
+    }
+    Ok(())
+}
+
 /// The `{name}` placeholders of a template, in order (an unclosed `{` is reported as an error).
 fn placeholders(template: &str) -> Result<Vec<&str>, String> {
     let mut names = Vec::new();
@@ -455,7 +478,7 @@ pub fn validate(connector: &Connector, built_in: bool) -> Result<(), CatalogErro
         check_url(connector, "documentationUrl", url, &BTreeMap::new(), false)?;
     }
     for scope in &oauth.scopes {
-        fill_template(scope, &samples)
+        unknown_input(scope, &samples)
             .map_err(|problem| invalid(format!("`oauth.scopes`: {problem}")))?;
     }
     for (field, params) in [
@@ -464,7 +487,7 @@ pub fn validate(connector: &Connector, built_in: bool) -> Result<(), CatalogErro
         ("oauth.refreshParams", &oauth.refresh_params),
     ] {
         for (name, value) in params {
-            fill_template(value, &samples)
+            unknown_input(value, &samples)
                 .map_err(|problem| invalid(format!("`{field}.{name}`: {problem}")))?;
         }
     }
@@ -871,6 +894,23 @@ verify.path = "me"
         let mut c = good();
         c.key = "0acme-2".to_string();
         validate(&c, false).unwrap();
+    }
+
+    #[test]
+    fn braces_in_scopes_and_parameters_are_placeholders_only_when_named() {
+        // An OpenID `claims` parameter is JSON: its braces go to the provider as they are.
+        let mut c = good();
+        c.oauth
+            .authorization_params
+            .insert("claims".into(), r#"{"id_token":{"acr":null}}"#.into());
+        c.oauth.scopes.push("{unclosed".into());
+        validate(&c, false).unwrap();
+        // A name in braces that is no input is a typo, refused.
+        let mut c = good();
+        c.oauth
+            .scopes
+            .push("https://{orgg}.example.com/.default".into());
+        refused(&c, false, &["oauth.scopes", "{orgg}"]);
     }
 
     #[test]
