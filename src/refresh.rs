@@ -1109,11 +1109,22 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
     let mut retryable = false;
     let mut messages = Vec::new();
     for (token, hint) in attempts {
+        use crate::catalog::RevocationStyle;
         if hint == TokenHint::AccessToken
-            && connector.oauth.revocation
-                == Some(crate::catalog::RevocationStyle::DeleteRefreshTokenPath)
+            && connector.oauth.revocation == Some(RevocationStyle::DeleteRefreshTokenPath)
         {
             continue; // That endpoint takes refresh tokens only.
+        }
+        // These take access tokens only: a refresh token cannot authenticate Slack's or
+        // Strava's call, nor name an authorization at GitHub, and its refusal said nothing.
+        if hint == TokenHint::RefreshToken
+            && matches!(
+                connector.oauth.revocation,
+                Some(RevocationStyle::Bearer | RevocationStyle::GithubDelete)
+            )
+            && secrets.access_token.is_some()
+        {
+            continue;
         }
         if revoked && cascades {
             break;

@@ -63,6 +63,8 @@ const ALREADY_INVALID: &[&str] = &[
     "invalid_auth",
     "token_revoked",
     "token_expired",
+    // Adobe Acrobat Sign's `{"code":"EXPIRED_TOKEN"}`: a refresh token dead of inactivity.
+    "expired_token",
 ];
 
 /// The OAuth 2.0 client: one shared `reqwest::Client` (connection pool), cheap to clone.

@@ -225,7 +225,10 @@ mod tests {
         let bad_field = br#"{"error":{"message":"(#100) Tried accessing nonexisting field","type":"OAuthException","code":100}}"#;
         let limited = br#"{"error":{"message":"(#4) Application request limit reached","type":"OAuthException","is_transient":true,"code":4}}"#;
         let dead = br#"{"error":{"message":"Error validating access token: Session has expired","type":"OAuthException","code":190,"error_subcode":463}}"#;
-        assert_eq!(api_rejection(&facebook.rejection, 400, None, bad_field), None);
+        assert_eq!(
+            api_rejection(&facebook.rejection, 400, None, bad_field),
+            None
+        );
         assert_eq!(api_rejection(&facebook.rejection, 403, None, limited), None);
         assert!(api_rejection(&facebook.rejection, 400, None, dead).is_some());
     }

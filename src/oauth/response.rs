@@ -314,19 +314,25 @@ fn token_set(object: Map<String, Value>, access_token: String) -> TokenSet {
     }
 }
 
-/// A number of seconds from a number (floats are cut down), or a string holding one.
+/// A number of seconds from a number (floats are cut down), or a string holding one. Zero is
+/// no lifetime at all: providers send `expires_in: 0` for a token that does not expire
+/// (Mailchimp), and read as "expired now" it made every call refresh first.
 fn seconds(value: &Value) -> Option<u64> {
     let number = match value {
         Value::Number(number) => number.as_f64()?,
         Value::String(text) => text.trim().parse::<f64>().ok()?,
         _ => return None,
     };
-    (number.is_finite() && number >= 0.0 && number < u64::MAX as f64).then_some(number as u64)
+    (number.is_finite() && number >= 1.0 && number < u64::MAX as f64).then_some(number as u64)
 }
 
 /// Whether a field name may carry a secret.
 fn is_secret_name(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
+    // Lifetimes of tokens are no secrets (QuickBooks' `x_refresh_token_expires_in`).
+    if lower.ends_with("_expires_in") || lower.ends_with("_expires_at") {
+        return false;
+    }
     ["token", "secret", "password", "credential"]
         .iter()
         .any(|word| lower.contains(word))
@@ -394,6 +400,31 @@ mod tests {
         assert_eq!(raw["id_token"], "jwt");
         let debug = format!("{tokens:?}");
         assert!(!debug.contains("at-1") && !debug.contains("rt-1") && !debug.contains("jwt"));
+    }
+
+    #[test]
+    fn zero_lifetimes_are_no_lifetime_and_lifetimes_are_kept() {
+        for zero in ["0", "\"0\"", "0.4"] {
+            let tokens = parse(
+                200,
+                JSON,
+                &format!(
+                    r#"{{"access_token":"at","expires_in":{zero},"refresh_token_expires_in":0}}"#
+                ),
+            )
+            .unwrap();
+            assert_eq!(tokens.expires_in, None, "{zero}");
+            assert_eq!(tokens.refresh_token_expires_in, None, "{zero}");
+        }
+        let tokens = parse(
+            200,
+            JSON,
+            r#"{"access_token":"at","refresh_token":"rt","expires_in":3600,"x_refresh_token_expires_in":8726400,"x_refresh_token_hard_expires_in":157680000}"#,
+        )
+        .unwrap();
+        assert_eq!(tokens.fields["x_refresh_token_expires_in"], 8726400);
+        assert_eq!(tokens.fields["x_refresh_token_hard_expires_in"], 157680000);
+        assert!(!tokens.fields.contains_key("refresh_token"));
     }
 
     #[test]
