@@ -147,8 +147,21 @@ fn check_path(raw_path: &str) -> Result<(), ApiError> {
             check_segment(segment.as_bytes())?;
             continue;
         }
-        let decoded = percent_decode(segment).ok_or_else(|| refuse("bad percent-encoding"))?;
+        let mut decoded = percent_decode(segment).ok_or_else(|| refuse("bad percent-encoding"))?;
         check_segment(&decoded)?;
+        // Encoded more than once (`%252e%252e`): a server or gateway that decodes again would
+        // see `..`. Each further decoding is checked too, as far as it is valid encoding.
+        for _ in 0..3 {
+            let Some(again) = std::str::from_utf8(&decoded)
+                .ok()
+                .filter(|text| text.contains('%'))
+                .and_then(percent_decode)
+            else {
+                break;
+            };
+            check_segment(&again)?;
+            decoded = again;
+        }
     }
     Ok(())
 }
@@ -161,7 +174,7 @@ fn check_path(raw_path: &str) -> Result<(), ApiError> {
 fn plain(raw_path: &str) -> bool {
     !raw_path.is_empty()
         && raw_path.as_bytes().split(|b| *b == b'/').all(|segment| {
-            !matches!(segment, b"" | b"." | b"..")
+            !segment.iter().all(|b| *b == b'.')
                 && segment.iter().all(|b| {
                     b.is_ascii_alphanumeric()
                         || matches!(
@@ -189,7 +202,11 @@ fn plain(raw_path: &str) -> bool {
 fn check_segment(decoded: &[u8]) -> Result<(), ApiError> {
     // `..;x` is `..` to servers that take `;` as path parameters (Tomcat, Spring).
     let before_parameters = decoded.split(|b| *b == b';').next().unwrap_or(b"");
-    if matches!(before_parameters, b"." | b"..") {
+    // Dots and spaces alone (`...`, `.. `): Windows servers trim trailing dots and spaces,
+    // which leaves `..`.
+    if before_parameters.contains(&b'.')
+        && before_parameters.iter().all(|b| matches!(b, b'.' | b' '))
+    {
         return Err(refuse("`.` and `..` segments are not accepted"));
     }
     if decoded.iter().any(|b| matches!(b, b'/' | b'\\')) {
@@ -242,7 +259,7 @@ mod tests {
             "api/rest/v6/users/me",
             "a.b/c-d/e_f/~g/h:i@j/k=l,m+n*o(p)q'r&s$t!u",
             "v1/.well-known/x",
-            "...",
+            "..a",
         ] {
             assert!(plain(path), "{path}");
             assert!(check_path(path).is_ok(), "{path}");
@@ -256,6 +273,7 @@ mod tests {
             "a/../b",
             "..",
             ".",
+            "...",
             "a/./b",
             "..;x/b",
             "a/%2e%2e/b",
@@ -317,8 +335,18 @@ mod tests {
             "a/..;jsessionid=1/b",
             "a?b",
             "a#b",
+            "a/%252e%252e/x",
+            "a/%25252e%25252e/x",
+            "a/%252f/x",
+            "a/..%20/x",
+            "a/.../x",
+            "a/%2e%2e%2e/x",
         ] {
             assert!(confine(BASE, bad, None).is_err(), "{bad} must be refused");
+        }
+        // A literal percent (not an encoding once decoded) and dots within names still pass.
+        for good in ["search/100%25", "a/v1.2/x", "a/.well-known/x", "a/%2561"] {
+            assert!(confine(BASE, good, None).is_ok(), "{good} must pass");
         }
         for bad_base in [
             "not a url",
