@@ -784,6 +784,17 @@ async fn update_once(
     let given = normalize_configuration(body.configuration.as_ref())?;
     let mut split = split_configuration(given);
     let secrets = open_secrets(app, &row)?;
+    // Tokens are brought in only when the body says so, as at a create. A configuration read
+    // and written back carries the tokens of its read, which a refresh may have retired since
+    // (the provider rotated them): imported, they would kill the grant at its next use.
+    let importing = body
+        .external_authentication
+        .as_deref()
+        .is_some_and(|mode| mode.eq_ignore_ascii_case("initial"));
+    if !importing {
+        split.access_token = None;
+        split.refresh_token = None;
+    }
     // A configuration read, edited and written back carries the tokens as they were shown:
     // masked, or (to the holder of the Element token) as they are. Neither is an import: the
     // instance keeps its tokens, and a masked value never becomes one.
@@ -941,7 +952,7 @@ async fn update_once(
         return respond(app, caller, stored).await.map(Some);
     }
     // No code: merge (or replace) name, tags and configuration. Tokens given in the
-    // configuration are imported as they are (`externalAuthentication`).
+    // configuration with `externalAuthentication: "initial"` are imported as they are.
     let configuration_json = Value::Object(plain).to_string();
     let written = app
         .store
@@ -965,40 +976,56 @@ async fn update_once(
             access_token: split.access_token.clone(),
             refresh_token: split.refresh_token.clone(),
         })?;
-        let now = now_ms();
-        let configuration = plain_configuration(&reload(app, &row).await?);
-        let keep = secrets.refresh_token.as_ref();
-        let applied = apply_token_set(
-            app,
-            &connector,
-            row.id,
-            &imported,
-            keep,
-            &configuration,
-            now,
-        );
-        let mut update = applied.update;
-        if imported.access_token.is_empty() {
-            update.access_token_enc = None;
-        }
-        if imported.refresh_token.is_some()
-            && (imported.access_token.is_empty() || refreshes_on_schedule(&connector))
-        {
-            // As for a create from imported tokens: refreshed as soon as the scheduler looks.
-            update.next_due_at = Some(now);
-        }
-        let event = events::new_event(app, &row, events::REAUTHENTICATED, Some("tokens imported"));
-        app.store
-            .reauthenticate(
-                row.organization_id,
-                row.id,
-                &Reauthentication {
-                    tokens: update,
-                    client_secret_enc: None,
-                    verification: None,
-                },
-                Some(&event),
-            )
+        // Held like a revocation: no refresh of this instance is at the provider meanwhile
+        // (its rotated token would be lost under the import, or the kept refresh token be one
+        // it retired), here or in another replica.
+        app.refresh
+            .with_instance_held(app, row.id, async |held| {
+                let now = now_ms();
+                let configuration = plain_configuration(&held);
+                let held_secrets = open_secrets(app, &held)?;
+                let keep = held_secrets.refresh_token.as_ref();
+                let applied = apply_token_set(
+                    app,
+                    &connector,
+                    held.id,
+                    &imported,
+                    keep,
+                    &configuration,
+                    now,
+                );
+                let mut update = applied.update;
+                if imported.access_token.is_empty() {
+                    update.access_token_enc = None;
+                }
+                if imported.refresh_token.is_none() {
+                    // The refresh token kept was not used now: its clocks run on.
+                    update.last_refresh_at = held.last_refresh_at;
+                    update.refresh_expires_at = held.refresh_expires_at;
+                }
+                if imported.refresh_token.is_some()
+                    && (imported.access_token.is_empty() || refreshes_on_schedule(&connector))
+                {
+                    // As for a create from imported tokens: refreshed as soon as the scheduler
+                    // looks.
+                    update.next_due_at = Some(now);
+                }
+                let event =
+                    events::new_event(app, &held, events::REAUTHENTICATED, Some("tokens imported"));
+                app.store
+                    .reauthenticate(
+                        held.organization_id,
+                        held.id,
+                        &Reauthentication {
+                            tokens: update,
+                            client_secret_enc: None,
+                            verification: None,
+                        },
+                        Some(&event),
+                    )
+                    .await?;
+                Ok(())
+            })
             .await?;
         app.refresh.forget(row.id);
         // The scheduler sleeps until its next due instance: an import due now wakes it.

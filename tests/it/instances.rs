@@ -1029,6 +1029,79 @@ async fn an_instance_written_back_as_shown_keeps_its_tokens_and_secrets() {
     }
 }
 
+/// A configuration read, then written back after a refresh rotated the tokens, carries the
+/// retired ones: they are no import (at a single-use provider they would kill the grant at the
+/// next refresh). Tokens are imported by `PATCH` only with `externalAuthentication: "initial"`.
+#[tokio::test]
+async fn a_stale_write_back_does_not_bring_back_retired_tokens() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let auth = env.org.platform();
+        let instance = env.create_instance(&env.org, "sandbox-box", "stale").await;
+        let id = id_of(&instance);
+        let path = env.api(&format!("/instances/{id}"));
+        let read = revealed(&env, &env.org, &instance).await;
+        let refresh = env.api(&format!("/instances/{id}/tokens/refresh"));
+        let refreshed = call(&env, Method::POST, &refresh, Some(&auth), None).await;
+        assert_eq!(refreshed.status, 200, "[{label}] {}", refreshed.body);
+        let current = revealed(&env, &env.org, &instance).await;
+        assert_ne!(
+            current["configuration"]["oauth.user.refresh_token"],
+            read["configuration"]["oauth.user.refresh_token"],
+            "[{label}] Box rotates"
+        );
+        for method in [Method::PATCH, Method::PUT] {
+            let written = call(
+                &env,
+                method.clone(),
+                &path,
+                Some(&auth),
+                Some(json!({"name": "renamed", "configuration": read["configuration"]})),
+            )
+            .await;
+            assert_eq!(written.status, 200, "[{label}] {method}: {}", written.body);
+            let after = revealed(&env, &env.org, &instance).await;
+            for key in ["oauth.user.token", "oauth.user.refresh_token"] {
+                assert_eq!(
+                    after["configuration"][key], current["configuration"][key],
+                    "[{label}] {method} brought back the retired {key}"
+                );
+            }
+        }
+        let refreshed = call(&env, Method::POST, &refresh, Some(&auth), None).await;
+        assert_eq!(
+            refreshed.status, 200,
+            "[{label}] the grant lives: {}",
+            refreshed.body
+        );
+        // An explicit import: another grant's tokens replace this instance's.
+        let other = env.create_instance(&env.org, "sandbox-box", "other").await;
+        let other_shown = revealed(&env, &env.org, &other).await;
+        let mut configuration = json!({});
+        for key in ["oauth.user.token", "oauth.user.refresh_token"] {
+            configuration[key] = other_shown["configuration"][key].clone();
+        }
+        let imported = call(
+            &env,
+            Method::PATCH,
+            &path,
+            Some(&auth),
+            Some(json!({"externalAuthentication": "initial", "configuration": configuration})),
+        )
+        .await;
+        assert_eq!(imported.status, 200, "[{label}] {}", imported.body);
+        // (Box is refreshed on a schedule: the imported refresh token is used at once.)
+        let events = crate::refresh::event_types(&env, &env.server.url, id).await;
+        assert_eq!(
+            crate::refresh::count(&events, "instance.reauthenticated"),
+            1,
+            "[{label}] imported once: {events:?}"
+        );
+        env.stop().await;
+        drop_test_database(&url).await;
+    }
+}
+
 #[tokio::test]
 async fn enable_disable_refresh_revoke_delete() {
     for (label, url) in test_databases().await {
