@@ -99,6 +99,9 @@ pub struct CachedInstance {
     /// `base.url`, parsed once for every call that uses this copy (or why it cannot be used).
     pub proxy_base: Result<crate::proxy::ProxyBase, String>,
     pub access_token: Option<Secret>,
+    /// Whether the instance holds a refresh token: without one, only a rejection of the
+    /// access token is worth a refresh (which then ends the instance).
+    pub has_refresh_token: bool,
     /// `Bearer <access token>`, built once (none when the token cannot be a header value).
     pub bearer: Option<axum::http::HeaderValue>,
     pub token_version: i64,
@@ -384,6 +387,10 @@ impl RefreshEngine {
                 Some(value)
             }),
             access_token,
+            has_refresh_token: row
+                .refresh_token_enc
+                .as_ref()
+                .is_some_and(|token| !token.is_empty()),
             token_version: row.token_version,
             access_expires_at: row.access_expires_at,
             last_refresh_at: row.last_refresh_at,

@@ -1234,6 +1234,16 @@ pub async fn refresh_now(
             "The instance is disabled: enable it first",
         ));
     }
+    // Without a refresh token there is nothing to refresh with: the instance stays as it is
+    // (its access token may well work; a refresh attempt would only end it).
+    if row.is_valid()
+        && row.access_token_enc.is_some()
+        && open_secrets(&app, &row)?.refresh_token.is_none()
+    {
+        return Err(ApiError::conflict(
+            "The provider gave this instance no refresh token, so it cannot be refreshed; re-authenticate it for new tokens",
+        ));
+    }
     app.refresh
         .refresh_now(&app, row.id)
         .await

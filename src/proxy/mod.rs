@@ -285,6 +285,9 @@ where
     // Refresh ahead of the call when the connector asks for it.
     let strategy = instance.connector.refresh.strategy;
     let wants_refresh = match strategy {
+        // Without a refresh token a refresh could only end the instance: the token serves
+        // until the provider rejects it (then the refresh below says why).
+        _ if !instance.has_refresh_token && instance.access_token.is_some() => false,
         RefreshStrategy::EveryRequest => true,
         // While a failed refresh backs off, a token that still works serves without a retry.
         RefreshStrategy::BeforeExpiry if instance.backing_off(now) && !instance.expired(now) => {

@@ -1837,3 +1837,63 @@ async fn verification_method_case_and_name_limits() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// An instance without a refresh token (imported with its access token alone) is not ended by
+/// a refresh it cannot make: "refresh now" answers 409 and leaves it valid, and a connector
+/// that refreshes before every call serves with the token it has.
+#[tokio::test]
+async fn an_instance_without_refresh_token_is_not_ended_by_a_refresh_it_cannot_make() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let auth = env.org.platform();
+    crate::scheduler::register_generic_connector(
+        &env,
+        &env.org,
+        "every-call",
+        json!({"strategy": "every_request"}),
+    )
+    .await;
+    let source = env.create_instance(&env.org, "every-call", "source").await;
+    let access = revealed(&env, &env.org, &source).await["configuration"]["oauth.user.token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut configuration = env.configuration();
+    configuration["oauth.user.token"] = json!(access);
+    let imported = call(
+        &env,
+        Method::POST,
+        &env.api("/instances"),
+        Some(&auth),
+        Some(
+            json!({"element": {"key": "every-call"}, "externalAuthentication": "initial",
+                    "configuration": configuration}),
+        ),
+    )
+    .await;
+    assert_eq!(imported.status, 200, "[{label}] {}", imported.body);
+    let id = id_of(&imported.body);
+    let token = imported.body["token"].as_str().unwrap().to_string();
+    let refreshed = call(
+        &env,
+        Method::POST,
+        &env.api(&format!("/instances/{id}/tokens/refresh")),
+        Some(&auth),
+        None,
+    )
+    .await;
+    assert_error(&refreshed, 409, &label);
+    let (status, body) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
+    assert_eq!(status, 200, "[{label}] {body}");
+    let shown = call(
+        &env,
+        Method::GET,
+        &env.api(&format!("/instances/{id}")),
+        Some(&auth),
+        None,
+    )
+    .await;
+    assert_eq!(shown.body["valid"], true, "[{label}] {}", shown.body);
+    env.stop().await;
+    drop_test_database(&url).await;
+}
