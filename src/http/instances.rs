@@ -1079,9 +1079,12 @@ pub async fn delete(
     let row = load_for_call(&app, &caller, &id).await?;
     let revoke = query.revoke.unwrap_or(false);
     // No refresh runs meanwhile: the tokens revoked are the ones the instance holds, and no
-    // refresh commits onto a row being deleted.
-    let revocation = app
-        .refresh
+    // refresh commits onto a row being deleted. A task of its own, like a refresh: a caller
+    // hanging up must not cut it between the revocation and the delete.
+    let task_app = std::sync::Arc::clone(&app);
+    let revocation = tokio::spawn(async move {
+        let app = task_app;
+        app.refresh
         .with_instance_held(&app, row.id, async |held| {
             let mut revocation = Value::Null;
             if revoke {
@@ -1110,7 +1113,10 @@ pub async fn delete(
             }
             Ok(revocation)
         })
-        .await?;
+        .await
+    })
+    .await
+    .map_err(|error| ApiError::internal(format!("the deletion stopped: {error}")))??;
     app.refresh.forget(row.id);
     crate::audit::record(
         &app,
@@ -1276,24 +1282,46 @@ pub async fn revoke(
     Path(id): Path<String>,
 ) -> ApiResult<AxumJson<Value>> {
     let row = load_for_call(&app, &caller, &id).await?;
-    // No refresh runs meanwhile: the tokens revoked are the ones the instance holds.
-    let revocation = app
-        .refresh
-        .with_instance_held(&app, row.id, async |held| {
-            let revocation = crate::refresh::revoke_at_provider(&app, &held).await?;
-            let event = events::new_event(&app, &held, events::INVALIDATED, Some("revoked"));
-            app.store
-                .mark_invalid(
-                    held.id,
-                    "revoked",
-                    Some("The grant was revoked through tokenwarden"),
-                    Some(&event),
-                    None,
-                )
-                .await?;
-            Ok(revocation)
-        })
-        .await?;
+    // No refresh runs meanwhile: the tokens revoked are the ones the instance holds. A task of
+    // its own, like a refresh: a caller hanging up must not cut it between the revocation and
+    // the invalidation.
+    let task_app = std::sync::Arc::clone(&app);
+    let id = row.id;
+    let revocation = tokio::spawn(async move {
+        let app = task_app;
+        app.refresh
+            .with_instance_held(&app, id, async |held| {
+                let revocation = crate::refresh::revoke_at_provider(&app, &held).await?;
+                // Invalid whatever the provider said (the contract); the reason says what it
+                // confirmed.
+                let message = if revocation["revokedAtProvider"] == true {
+                    "The grant was revoked through tokenwarden".to_string()
+                } else {
+                    format!(
+                        "Revoked through tokenwarden; the provider did not confirm it: {}",
+                        revocation["providerMessage"]
+                            .as_str()
+                            .or(revocation["message"].as_str())
+                            .unwrap_or("no answer")
+                    )
+                };
+                let event = events::new_event(&app, &held, events::INVALIDATED, Some("revoked"));
+                // At the version held: a re-authentication that came first is not undone.
+                app.store
+                    .mark_invalid(
+                        held.id,
+                        "revoked",
+                        Some(&message),
+                        Some(&event),
+                        Some(held.token_version),
+                    )
+                    .await?;
+                Ok(revocation)
+            })
+            .await
+    })
+    .await
+    .map_err(|error| ApiError::internal(format!("the revocation stopped: {error}")))??;
     app.refresh.forget(row.id);
     crate::audit::record(
         &app,

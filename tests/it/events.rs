@@ -590,6 +590,30 @@ async fn revocation_reaches_the_sandbox_in_each_shape() {
     )
     .await;
     assert_eq!(status, 404, "deleted after the refusal");
+    // `tokens/revoke` while the provider fails: invalid all the same (the contract), and the
+    // instance says the provider did not confirm it.
+    let unconfirmed = env.create_instance(&env.org, "gone", "una").await;
+    env.sandbox_post(
+        "/__sandbox/faults",
+        json!({"target": "revoke", "status": 503, "count": 2}),
+    )
+    .await;
+    let (status, body) = send(
+        &env,
+        reqwest::Method::POST,
+        &format!("/instances/{}/tokens/revoke", unconfirmed["id"]),
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["valid"], false, "{body}");
+    assert_eq!(body["revocation"]["revokedAtProvider"], false, "{body}");
+    assert!(
+        body["providerMessage"]
+            .as_str()
+            .is_some_and(|m| m.contains("did not confirm")),
+        "{body}"
+    );
     let instance = env.create_instance(&env.org, "gone", "gail").await;
     let id = instance["id"].as_i64().unwrap();
     // A revocation endpoint that fails: the instance is kept, to be revoked later.
