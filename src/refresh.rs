@@ -682,17 +682,22 @@ impl RefreshEngine {
                 // Our own fault after the lease was taken (a store error, a connector gone):
                 // back off like a transient failure, which also gives the lease back, so neither
                 // the scheduler nor recovery retries it in a tight loop.
+                // The same growing steps and announcement: a cause that lasts (a connector
+                // input missing, a key dropped too early) is retried ever less often, and
+                // `instance.refresh_failing` tells the organization.
                 tracing::error!(instance = id, "refresh failed on our side: {detail}");
                 let now = now_ms();
+                let message = "the service could not complete the refresh (see its log)";
+                let event = self.failing_event(app, &leased, now, message).await;
                 let _ = app
                     .store
                     .record_transient_failure(
                         id,
                         &app.replica_id,
                         now,
-                        "the service could not complete the refresh (see its log)",
-                        now + BACKOFF_BASE_MS * 5,
-                        None,
+                        message,
+                        now + backoff_step(leased.failure_count).max(BACKOFF_BASE_MS * 5),
+                        event.as_ref(),
                         Some(leased.token_version),
                     )
                     .await;
@@ -941,21 +946,9 @@ impl RefreshEngine {
                     } => Some((*seconds).min(RETRY_AFTER_MAX_S) as i64 * 1000),
                     _ => None,
                 };
-                let step = BACKOFF_BASE_MS
-                    .saturating_mul(1 << row.failure_count.clamp(0, 16))
-                    .min(BACKOFF_MAX_MS);
-                let jitter = (u64::from_le_bytes(crate::crypto::random_bytes::<8>())
-                    % (step as u64 / 2 + 1)) as i64;
-                let wait = (step / 2 + jitter).max(retry_after_ms.unwrap_or(0));
+                let wait = backoff_step(row.failure_count).max(retry_after_ms.unwrap_or(0));
                 let message = error.provider_message();
-                // `instance.refresh_failing` once per run of failures, when the run has lasted
-                // the configured threshold (a single blip is not news).
-                let threshold = app.config.refresh_failing_after.as_millis() as i64;
-                let since = row.failing_since.unwrap_or(now);
-                let announce = events::refresh_failing_due(Some(since), now, false, threshold)
-                    && !self.failing_announced(app, row, since).await;
-                let event = announce
-                    .then(|| events::new_event(app, row, events::REFRESH_FAILING, Some(&message)));
+                let event = self.failing_event(app, row, now, &message).await;
                 let recorded = app
                     .store
                     .record_transient_failure(
@@ -980,6 +973,22 @@ impl RefreshEngine {
                 })
             }
         }
+    }
+
+    /// `instance.refresh_failing` once per run of failures, when the run has lasted the
+    /// configured threshold (a single blip is not news).
+    async fn failing_event(
+        &self,
+        app: &App,
+        row: &InstanceRow,
+        now: i64,
+        message: &str,
+    ) -> Option<crate::store::NewEvent> {
+        let threshold = app.config.refresh_failing_after.as_millis() as i64;
+        let since = row.failing_since.unwrap_or(now);
+        let announce = events::refresh_failing_due(Some(since), now, false, threshold)
+            && !self.failing_announced(app, row, since).await;
+        announce.then(|| events::new_event(app, row, events::REFRESH_FAILING, Some(message)))
     }
 
     /// Whether `instance.refresh_failing` was already fired for the run of failures that
@@ -1076,6 +1085,17 @@ fn check_usable(row: &InstanceRow, now: i64) -> Result<(), RefreshFailure> {
         });
     }
     Ok(())
+}
+
+/// The wait before the next attempt after `failure_count` failures in a row: exponential from
+/// [`BACKOFF_BASE_MS`] up to [`BACKOFF_MAX_MS`], a random point in the step's upper half.
+fn backoff_step(failure_count: i64) -> i64 {
+    let step = BACKOFF_BASE_MS
+        .saturating_mul(1 << failure_count.clamp(0, 16))
+        .min(BACKOFF_MAX_MS);
+    let jitter =
+        (u64::from_le_bytes(crate::crypto::random_bytes::<8>()) % (step as u64 / 2 + 1)) as i64;
+    step / 2 + jitter
 }
 
 /// Revokes an instance's grant at the provider, in the connector's shape. The refresh token is
