@@ -22,6 +22,10 @@
 
 use super::text::{MAX_ECHO_CHARS, cut, reason_phrase, redact};
 
+/// How the text of a rate limit ([`OAuthError::RateLimited`]) begins: the store tells by it the
+/// instances whose backoff a provider asked for (see `Store::expedite_backoffs`).
+pub const RATE_LIMITED_TEXT: &str = "the provider rate-limited the request";
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OAuthError {
     /// The provider answered with an OAuth error (any status below 500 but 429, including
@@ -35,7 +39,8 @@ pub enum OAuthError {
         /// The grant is gone for good: see [`is_permanent_error_code`].
         permanent: bool,
     },
-    /// Rate limited (429), with the `Retry-After` seconds when given.
+    /// Rate limited (429), with the `Retry-After` seconds when given. Its text begins with
+    /// [`RATE_LIMITED_TEXT`].
     #[error("the provider rate-limited the request (HTTP 429){}{}", retry_after_text(.retry_after), colon_message(.message))]
     RateLimited {
         retry_after: Option<u64>,
@@ -240,6 +245,16 @@ impl OAuthError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rate_limit_says_so_first() {
+        let limited = OAuthError::RateLimited {
+            retry_after: Some(60),
+            message: "slow down".into(),
+        };
+        assert!(limited.to_string().starts_with(RATE_LIMITED_TEXT));
+        assert!(limited.provider_message().starts_with(RATE_LIMITED_TEXT));
+    }
 
     #[test]
     fn permanent_codes() {

@@ -34,7 +34,7 @@ use crate::catalog::OAuthSpec;
 use crate::secret::Secret;
 
 pub use client::{OAuthClient, RevokeOutcome, TokenHint, error_chain, transport_message};
-pub use error::{OAuthError, is_permanent_error_code};
+pub use error::{OAuthError, RATE_LIMITED_TEXT, is_permanent_error_code};
 pub use rejection::{api_rejection, describe_provider_body};
 pub use response::{TokenSet, parse_token_response};
 pub(crate) use text::cut as cut_text;

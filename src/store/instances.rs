@@ -651,7 +651,8 @@ impl Store {
     /// an organization's own connector) waiting out a transient-failure backoff that ends
     /// within `horizon` become due now, instead of each waiting for its own next step. Reads
     /// the due index (`instances_due`), so only the rows due within the horizon are looked at.
-    /// Answers how many rows moved.
+    /// A wait the provider asked for (a 429's `Retry-After`) stays: one call that got through
+    /// does not lift a rate limit. Answers how many rows moved.
     pub async fn expedite_backoffs(
         &self,
         organization_id: Option<i64>,
@@ -667,7 +668,9 @@ impl Store {
             "UPDATE instances SET backoff_until = NULL, next_due_at = $1, updated_at = $2 \
              WHERE state = 'valid' AND disabled = 0 AND next_due_at IS NOT NULL \
              AND next_due_at > $1 AND next_due_at <= $3 AND failing_since IS NOT NULL \
-             AND refresh_lease_owner IS NULL AND element_key = $4{scope}"
+             AND refresh_lease_owner IS NULL AND element_key = $4{scope} \
+             AND (last_failure IS NULL OR last_failure NOT LIKE '{}%')",
+            crate::oauth::RATE_LIMITED_TEXT
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(now)

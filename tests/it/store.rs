@@ -1683,6 +1683,7 @@ async fn a_recovery_makes_backed_off_instances_of_the_connector_due_now() {
             (org, "leased", "acme"),
             (org, "other-connector", "globex"),
             (other_org, "other-org", "acme"),
+            (org, "rate-limited", "acme"),
         ] {
             let mut row = instance(owner, name);
             row.element_key = key.to_string();
@@ -1693,9 +1694,18 @@ async fn a_recovery_makes_backed_off_instances_of_the_connector_due_now() {
             } else {
                 NOW + 60_000
             };
+            // A provider's 429 asked for its wait: a success elsewhere does not lift it.
+            let failure = if name == "rate-limited" {
+                format!(
+                    "{} (HTTP 429), retry after 60 s",
+                    tokenwarden::oauth::RATE_LIMITED_TEXT
+                )
+            } else {
+                "503".to_string()
+            };
             assert!(
                 store
-                    .record_transient_failure(row.id, "me", NOW, "503", backoff, None, None)
+                    .record_transient_failure(row.id, "me", NOW, &failure, backoff, None, None)
                     .await
                     .unwrap()
             );
@@ -1749,6 +1759,11 @@ async fn a_recovery_makes_backed_off_instances_of_the_connector_due_now() {
             .unwrap();
         assert_eq!(moved, 1, "[{label}] the other organization's one");
         assert_eq!(row(4).await.next_due_at, Some(now), "[{label}]");
+        assert_eq!(
+            row(5).await.next_due_at,
+            Some(NOW + 60_000),
+            "[{label}] a rate limit keeps its wait"
+        );
     }
 }
 
