@@ -18,7 +18,7 @@
 //!   "refresh interrupted", and an event fires.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
@@ -236,6 +236,39 @@ pub struct RefreshEngine {
     /// When backed-off instances were last made due, per connector (and organization, for an
     /// organization's own connector).
     expedited: DashMap<(Option<i64>, String), i64>,
+    /// Work under way that shutdown waits for ([`spawn_to_the_end`]): refreshes and revocations.
+    running: AtomicUsize,
+    done: Notify,
+}
+
+/// Runs `work` as a task of its own that shutdown waits for (up to a bound, see
+/// [`RefreshEngine::wait_until_done`]): a refresh between the provider's answer and its commit,
+/// or a revocation before the instance is marked, must not be cut by a caller hanging up nor
+/// by a rolling restart (a rotated refresh token would be lost).
+pub fn spawn_to_the_end<F>(
+    app: &crate::app::SharedApp,
+    work: F,
+) -> tokio::task::JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    app.refresh.running.fetch_add(1, Ordering::AcqRel);
+    let guard = RunningGuard(Arc::clone(app));
+    tokio::spawn(async move {
+        let _guard = guard;
+        work.await
+    })
+}
+
+struct RunningGuard(crate::app::SharedApp);
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        if self.0.refresh.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.refresh.done.notify_waiters();
+        }
+    }
 }
 
 /// A row the scheduler claimed (its lease held by this replica), and the engine's epoch read
@@ -250,6 +283,23 @@ pub struct Claimed {
 impl RefreshEngine {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Waits until no work started by [`spawn_to_the_end`] runs, for at most `limit`; false
+    /// when some still runs then.
+    pub async fn wait_until_done(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.done.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.running.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.running.load(Ordering::Acquire) == 0;
+            }
+        }
     }
 
     /// Drops the in-memory copy (after a change made through the API).
@@ -466,7 +516,7 @@ impl RefreshEngine {
         claimed: Option<Claimed>,
     ) -> Result<Arc<CachedInstance>, RefreshFailure> {
         let owned = Arc::clone(app);
-        let task = tokio::spawn(async move {
+        let task = spawn_to_the_end(app, async move {
             owned
                 .refresh
                 .refresh_here(&owned, id, observed, claimed)

@@ -1082,7 +1082,7 @@ pub async fn delete(
     // refresh commits onto a row being deleted. A task of its own, like a refresh: a caller
     // hanging up must not cut it between the revocation and the delete.
     let task_app = std::sync::Arc::clone(&app);
-    let revocation = tokio::spawn(async move {
+    let revocation = crate::refresh::spawn_to_the_end(&app, async move {
         let app = task_app;
         app.refresh
         .with_instance_held(&app, row.id, async |held| {
@@ -1287,7 +1287,7 @@ pub async fn revoke(
     // the invalidation.
     let task_app = std::sync::Arc::clone(&app);
     let id = row.id;
-    let revocation = tokio::spawn(async move {
+    let revocation = crate::refresh::spawn_to_the_end(&app, async move {
         let app = task_app;
         app.refresh
             .with_instance_held(&app, id, async |held| {

@@ -247,6 +247,18 @@ async fn a_refresh_killed_in_flight_never_leaves_the_instance_silently_broken() 
 /// the same database works at once, and the provider saw one refresh.
 #[tokio::test]
 async fn sigterm_finishes_the_refresh_in_flight_and_exits_cleanly() {
+    sigterm_during_a_refresh(true).await;
+}
+
+/// The same when the caller whose call started the refresh has hung up: nothing holds the
+/// server open but the refresh itself, which still ends with its commit (the process used to
+/// exit at once, cutting it after the provider had rotated the refresh token).
+#[tokio::test]
+async fn sigterm_finishes_a_refresh_whose_caller_hung_up() {
+    sigterm_during_a_refresh(false).await;
+}
+
+async fn sigterm_during_a_refresh(caller_stays: bool) {
     let url = sqlite_database();
     let sandbox: RunningSandbox = tokenwarden_sandbox::spawn(loopback(), Default::default())
         .await
@@ -306,13 +318,19 @@ async fn sigterm_finishes_the_refresh_in_flight_and_exits_cleanly() {
         (stats(&http, &sandbox_url).await["faultsInjected"].as_u64() == Some(1)).then_some(())
     })
     .await;
+    if !caller_stays {
+        caller.abort();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let pid = first.process.id().expect("running").to_string();
     let signalled = std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .unwrap();
     assert!(signalled.success());
-    assert_eq!(caller.await.unwrap(), 200, "the call in flight is answered");
+    if caller_stays {
+        assert_eq!(caller.await.unwrap(), 200, "the call in flight is answered");
+    }
     let exit = tokio::time::timeout(Duration::from_secs(20), first.process.wait())
         .await
         .expect("serve exits within 20 s of SIGTERM")
