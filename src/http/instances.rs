@@ -842,8 +842,23 @@ async fn update_once(
             (kept, BTreeMap::new())
         }
     };
+    let old_plain = plain_configuration(&row);
+    let base_given = split.plain.contains_key(BASE_URL);
     for (key, value) in split.plain {
         plain.insert(key, Value::String(value));
+    }
+    // A `base.url` the connector's inputs made follows them when they change (Dynamics'
+    // `{org}`); one set otherwise (by the caller, or by a token response: Salesforce's
+    // `instance_url`) stays.
+    if !base_given
+        && let (Ok(old_default), Some(stored)) = (
+            app.fill(&connector, &connector.base_url, &old_plain),
+            old_plain.get(BASE_URL).and_then(Value::as_str),
+        )
+        && stored == old_default
+        && let Ok(new_default) = app.fill(&connector, &connector.base_url, &plain)
+    {
+        plain.insert(BASE_URL.to_string(), Value::String(new_default));
     }
     for (key, value) in split.secret {
         if value == instances::MASK {
@@ -871,9 +886,15 @@ async fn update_once(
         }
     }
     check_base_url(&plain)?;
-    // Inputs that fill the connector's URLs are checked now, not at the next refresh.
-    app.endpoints(&connector, &plain)
+    // Inputs that fill the connector's URLs are checked now, not at the next refresh; the
+    // refresh URL shown follows them.
+    let endpoints = app
+        .endpoints(&connector, &plain)
         .map_err(|error| ApiError::bad_request(format!("Connector input: {error}")))?;
+    plain.insert(
+        REFRESH_URL.to_string(),
+        Value::String(endpoints.refresh_url),
+    );
     let name = body.name.clone().unwrap_or_else(|| row.name.clone());
     let tags = body.tags.clone().unwrap_or_else(|| row.tag_list());
     let reauthenticate = match mode {

@@ -1897,3 +1897,89 @@ async fn an_instance_without_refresh_token_is_not_ended_by_a_refresh_it_cannot_m
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// A connector input that fills the connector's URLs changes them when PATCH changes it:
+/// `base.url` (when the inputs made it, not when it was set) and the refresh URL shown.
+#[tokio::test]
+async fn changing_a_connector_input_moves_the_urls_it_fills() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let auth = env.org.platform();
+    let sandbox = env.sandbox.url.clone();
+    let registered = call(
+        &env,
+        Method::POST,
+        &env.api("/elements"),
+        Some(&auth),
+        Some(json!({
+            "key": "tenanted", "name": "Tenanted",
+            "baseUrl": format!("{sandbox}/generic/{{tenant}}/"),
+            "inputs": {"tenant": {"description": "the tenant"}},
+            "oauth": {"authorizationUrl": format!("{sandbox}/generic/authorize"),
+                      "tokenUrl": format!("{sandbox}/generic/token"),
+                      "refreshUrl": format!("{sandbox}/generic/token?tenant={{tenant}}"),
+                      "scopes": ["api"]},
+        })),
+    )
+    .await;
+    assert!(registered.status < 300, "[{label}] {}", registered.body);
+    // Brought in with the tokens of another grant (the code flow is not what this is about).
+    let source = env
+        .create_instance(&env.org, "sandbox-generic", "tenant-user")
+        .await;
+    let shown = revealed(&env, &env.org, &source).await;
+    let mut configuration = env.configuration();
+    configuration["tenant"] = json!("alpha");
+    configuration["oauth.user.token"] = shown["configuration"]["oauth.user.token"].clone();
+    let created = call(
+        &env,
+        Method::POST,
+        &env.api("/instances"),
+        Some(&auth),
+        Some(
+            json!({"element": {"key": "tenanted"}, "externalAuthentication": "initial",
+                    "configuration": configuration}),
+        ),
+    )
+    .await;
+    assert_eq!(created.status, 200, "[{label}] {}", created.body);
+    let path = env.api(&format!("/instances/{}", id_of(&created.body)));
+    let patch = |configuration: Value| {
+        let (env, path, auth) = (&env, &path, &auth);
+        async move {
+            let patched = call(
+                env,
+                Method::PATCH,
+                path,
+                Some(auth),
+                Some(json!({"configuration": configuration})),
+            )
+            .await;
+            assert_eq!(patched.status, 200, "{}", patched.body);
+            patched.body["configuration"].clone()
+        }
+    };
+    let moved = patch(json!({"tenant": "beta"})).await;
+    assert_eq!(
+        moved["base.url"],
+        format!("{sandbox}/generic/beta/"),
+        "[{label}]"
+    );
+    assert_eq!(
+        moved["oauth.token.refresh_url"],
+        format!("{sandbox}/generic/token?tenant=beta"),
+        "[{label}]"
+    );
+    // A base set by hand stays when the input changes again.
+    let own = format!("{sandbox}/generic/own/");
+    patch(json!({"base.url": own})).await;
+    let kept = patch(json!({"tenant": "gamma"})).await;
+    assert_eq!(kept["base.url"], own.as_str(), "[{label}]");
+    assert_eq!(
+        kept["oauth.token.refresh_url"],
+        format!("{sandbox}/generic/token?tenant=gamma"),
+        "[{label}]"
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
