@@ -524,11 +524,22 @@ pub fn iso8601(ms: i64) -> String {
 pub async fn verify(
     app: &App,
     connector: &Connector,
-    base_url: &str,
+    configuration: &Map<String, Value>,
     access_token: &Secret,
 ) -> Option<String> {
     let spec = connector.verify.as_ref()?;
-    let url = join_url(base_url, &spec.path);
+    let base_url = configuration
+        .get(BASE_URL)
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    // The path may name the connector's inputs (QuickBooks' `{realmId}`).
+    let path = match app.fill(connector, &spec.path, configuration) {
+        Ok(path) => path,
+        Err(why) => {
+            return Some(json!({"ok": false, "path": spec.path, "message": format!("the verification call was not made: {why}")}).to_string());
+        }
+    };
+    let url = join_url(base_url, &path);
     if let Err(why) = url::Url::parse(&url)
         .map_err(|error| error.to_string())
         .and_then(|parsed| crate::egress::check_url(&parsed))

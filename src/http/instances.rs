@@ -499,12 +499,8 @@ async fn create_instance(
     }
     row.created_by = Some(caller.user_id);
     if !grant.tokens.access_token.is_empty() {
-        let base = plain
-            .get(BASE_URL)
-            .and_then(Value::as_str)
-            .unwrap_or_default();
         row.verification =
-            instances::verify(app, connector, base, &grant.tokens.access_token).await;
+            instances::verify(app, connector, &plain, &grant.tokens.access_token).await;
     }
     let event = events::new_event(app, &row, events::CREATED, None);
     app.store.insert_instance(&row, Some(&event)).await?;
@@ -922,14 +918,13 @@ async fn update_once(
         let applied = apply_token_set(app, &connector, row.id, &grant.tokens, None, &plain, now);
         let mut update: TokenUpdate = applied.update;
         update.configuration_json = Some(Value::Object(applied.configuration.clone()).to_string());
-        let base = applied
-            .configuration
-            .get(BASE_URL)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
-        let verification =
-            instances::verify(app, &connector, &base, &grant.tokens.access_token).await;
+        let verification = instances::verify(
+            app,
+            &connector,
+            &applied.configuration,
+            &grant.tokens.access_token,
+        )
+        .await;
         let event = events::new_event(app, &row, events::REAUTHENTICATED, None);
         let configuration_json = update.configuration_json.clone().unwrap_or_default();
         app.store

@@ -1772,7 +1772,7 @@ async fn bad_input_answers_clear_json_errors() {
 
 /// Small input rules a user meets: a connector's `verify.method` written in lower case is sent
 /// as the standard method (it went out as the custom method `get`, and every verification
-/// failed); a name cannot be blanked by PATCH; name and tag limits count characters, not bytes.
+/// failed), and its path's inputs are filled (QuickBooks' `{realmId}` went out as it was); a name cannot be blanked by PATCH; name and tag limits count characters, not bytes.
 #[tokio::test]
 async fn verification_method_case_and_name_limits() {
     let (label, url) = test_databases().await.into_iter().next().unwrap();
@@ -1789,7 +1789,8 @@ async fn verification_method_case_and_name_limits() {
             "baseUrl": format!("{sandbox}/generic/"),
             "oauth": {"authorizationUrl": format!("{sandbox}/generic/authorize"),
                       "tokenUrl": format!("{sandbox}/generic/token"), "scopes": ["api"]},
-            "verify": {"method": "get", "path": "api/me"},
+            "inputs": {"who": {"description": "whose profile", "default": "me"}},
+            "verify": {"method": "get", "path": "api/{who}"},
         })),
     )
     .await;
