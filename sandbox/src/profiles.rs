@@ -256,6 +256,10 @@ pub struct ProfileSettings {
     /// A new access token is refused for this many seconds after it is minted (LinkedIn).
     pub access_token_activation_delay_seconds: u64,
     pub api_rejection_shape: ApiRejectionShape,
+    /// The protected API's rejections come gzip-encoded to a caller that accepts gzip (as
+    /// Slack's and most providers' do): what a proxy reads of them must be decoded, or asked
+    /// for plain.
+    pub api_gzip: bool,
 }
 
 impl ProfileSettings {
@@ -295,6 +299,7 @@ impl ProfileSettings {
             revocation_delay_seconds: 0,
             access_token_activation_delay_seconds: 0,
             api_rejection_shape: ApiRejectionShape::Profile,
+            api_gzip: false,
         };
         const SIXTY_DAYS: u64 = 60 * 86_400;
         match profile {
@@ -402,7 +407,8 @@ impl ProfileSettings {
             revocation_mode,
             revocation_delay_seconds,
             access_token_activation_delay_seconds,
-            api_rejection_shape
+            api_rejection_shape,
+            api_gzip
         );
         Ok(())
     }
@@ -444,6 +450,7 @@ pub struct ProfileSettingsPatch {
     pub revocation_delay_seconds: Option<u64>,
     pub access_token_activation_delay_seconds: Option<u64>,
     pub api_rejection_shape: Option<ApiRejectionShape>,
+    pub api_gzip: Option<bool>,
 }
 
 /// Token-response fields the sandbox writes itself; `extraTokenFields` may not replace them.

@@ -486,6 +486,13 @@ async fn send(
     }
     // Replaces the caller's.
     headers.insert(header::HOST, target.host);
+    // A connector whose rejections are told by their body (Slack's 200 `ok:false`, body
+    // markers) gets its answers plain: a gzip body (what Python's requests and browsers ask
+    // for) could not be read for them, and a dead token would go unnoticed.
+    let rejection = &instance.connector.rejection;
+    if !rejection.body_markers.is_empty() || !rejection.ok_false_errors.is_empty() {
+        headers.remove(header::ACCEPT_ENCODING);
+    }
     let body = match body {
         OutgoingBody::Kept(bytes) => {
             if bytes.is_empty() && outgoing.declared_length.is_none() {
@@ -577,7 +584,15 @@ async fn inspect(
         .as_ref()
         .map(|t| t.expose())
         .unwrap_or("");
-    let message = crate::oauth::api_rejection(rejection, status.as_u16(), www.as_deref(), &head)
+    // An encoded body (the provider compressed it anyway) cannot be read here: the status and
+    // `WWW-Authenticate` decide alone, and say why (no garbled bytes in `providerMessage`).
+    let encoded = parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| !v.trim().eq_ignore_ascii_case("identity"));
+    let readable: &[u8] = if encoded { &[] } else { &head };
+    let message = crate::oauth::api_rejection(rejection, status.as_u16(), www.as_deref(), readable)
         .map(|text| crate::oauth::redact(&text, &[token]));
     let whole =
         futures_util::stream::once(async move { Ok::<Bytes, axum::Error>(head) }).chain(stream);

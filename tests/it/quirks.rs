@@ -1044,6 +1044,69 @@ async fn api_rejection_shapes_trigger_refresh_and_report_the_providers_words_on(
     env.stop().await;
 }
 
+/// A caller that accepts gzip (Python's requests, browsers) and a provider that compresses its
+/// rejections: a rejection told by its body (Slack's 200 `ok:false`) is still seen, since such
+/// a connector's answers are asked for plain; one told by its status keeps a readable message.
+#[tokio::test]
+async fn compressed_rejections_are_still_recognised() {
+    let (engine, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&format!("gzip/{engine}"), &url).await;
+    let gzip_call = |token: String| {
+        let env = &env;
+        async move {
+            let response = env
+                .http
+                .get(env.api("/proxy/api/me"))
+                .header("authorization", env.org.through(&token))
+                .header("accept-encoding", "gzip, deflate")
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let bytes = response.bytes().await.unwrap();
+            (status, String::from_utf8_lossy(&bytes).to_string())
+        }
+    };
+    // Told by the body.
+    register(
+        &env,
+        "gzip-ok-false",
+        json!({"rejection": {"okFalseErrors": ["invalid_auth", "token_expired", "token_revoked"]}}),
+    )
+    .await;
+    configure(
+        &env,
+        json!({"apiRejectionShape": "okFalse", "apiGzip": true}),
+    )
+    .await;
+    let (_, token) = create(&env, "gzip-ok-false", "gzip-slack").await;
+    let before = access_token_of(&env, &token).await;
+    advance(&env, 3601).await;
+    let (status, body) = gzip_call(token.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("gzip-slack"),
+        "the retried call's answer: {body}"
+    );
+    assert_ne!(
+        access_token_of(&env, &token).await,
+        before,
+        "the expired token was seen and refreshed"
+    );
+    // Told by the status: the message says what the status says, not compressed bytes.
+    register(&env, "gzip-status", json!({})).await;
+    configure(&env, json!({"apiRejectionShape": "array", "apiGzip": true})).await;
+    let (_, token) = create(&env, "gzip-status", "gzip-status-user").await;
+    revoke_user(&env, "gzip-status-user").await;
+    let (status, body) = gzip_call(token.clone()).await;
+    assert_eq!(status, 401, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    let words = answer["providerMessage"].as_str().unwrap_or_default();
+    assert!(!words.is_empty() && !words.contains('\u{fffd}'), "{answer}");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 // ----- 11. timing: new-token activation delay ---------------------------------------------
 
 #[tokio::test]

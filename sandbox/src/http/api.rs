@@ -6,7 +6,7 @@
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Map, Value, json};
 
@@ -40,15 +40,70 @@ async fn authorize_call(
         }
         Err(rejection) => {
             Stats::bump(&sandbox.stats.api_unauthorized);
-            let shape = sandbox.settings(profile).api_rejection_shape;
-            Err(api_rejection(
+            let settings = sandbox.settings(profile);
+            let answer = api_rejection(
                 profile,
-                shape,
+                settings.api_rejection_shape,
                 rejection,
                 sandbox.clock.now_ms(),
-            ))
+            );
+            let accepts_gzip = headers
+                .get(axum::http::header::ACCEPT_ENCODING)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.to_ascii_lowercase().contains("gzip"));
+            if settings.api_gzip && accepts_gzip {
+                return Err(gzipped(answer).await);
+            }
+            Err(answer)
         }
     }
+}
+
+/// The answer with its body gzip-encoded (`Content-Encoding: gzip`). The encoding is gzip's
+/// simplest valid form, one stored deflate block: what matters is that a reader must decode it.
+async fn gzipped(answer: Response) -> Response {
+    use axum::http::{HeaderValue, header};
+    let (mut parts, body) = answer.into_parts();
+    let Ok(plain) = axum::body::to_bytes(body, MAX_ECHO_BODY_BYTES).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    // Header: magic, deflate, no flags, no time, no extra flags, unknown OS.
+    let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
+    let mut chunks = plain.chunks(65_535).peekable();
+    if chunks.peek().is_none() {
+        out.extend_from_slice(&[1, 0, 0, 0xff, 0xff]);
+    }
+    while let Some(chunk) = chunks.next() {
+        let last = u8::from(chunks.peek().is_none());
+        let len = chunk.len() as u16;
+        out.push(last);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out.extend_from_slice(&crc32(&plain).to_le_bytes());
+    out.extend_from_slice(&(plain.len() as u32).to_le_bytes());
+    parts
+        .headers
+        .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(out))
+}
+
+/// CRC-32 (IEEE, as gzip's trailer has it), bit by bit: rejections are small.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for byte in bytes {
+        crc ^= u32::from(*byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
 }
 
 /// Runs `answer` for an authorized call, or answers the rejection.
@@ -310,4 +365,13 @@ fn graph_user(owner: &TokenOwner, _base: &str) -> Value {
         "mail": email(&owner.user),
         "userPrincipalName": email(&owner.user),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn crc32_is_gzips() {
+        assert_eq!(super::crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(super::crc32(b""), 0);
+    }
 }
