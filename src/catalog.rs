@@ -55,6 +55,35 @@ pub struct ConnectorInput {
     pub description: String,
     #[serde(default)]
     pub default: Option<String>,
+    /// A field of the authorization redirect that names the input's value inside a URL of the
+    /// connector's `baseUrl` shape (Adobe Acrobat Sign's `api_access_point`,
+    /// `https://api.eu1.adobesign.com/`, gives `shard` = `eu1`): taken when the configuration
+    /// does not give the input, so the code is exchanged at the account's own host.
+    #[serde(default)]
+    pub from_redirect: Option<String>,
+}
+
+/// The value of input `name` in `url`, read against `template` (a URL with `{name}` in it and
+/// no other placeholder): `https://api.{shard}.adobesign.com/` and
+/// `https://api.eu1.adobesign.com` give `eu1`. `None` when `url` is not of that shape.
+pub fn input_in_url(template: &str, name: &str, url: &str) -> Option<String> {
+    let placeholder = format!("{{{name}}}");
+    let (prefix, suffix) = template.split_once(&placeholder)?;
+    if prefix.contains('{') || suffix.contains('{') {
+        return None;
+    }
+    let url = url.trim().to_ascii_lowercase();
+    let rest = url.strip_prefix(&prefix.to_ascii_lowercase())?;
+    let suffix = suffix.to_ascii_lowercase();
+    // With or without the template's trailing slash.
+    let value = rest
+        .strip_suffix(&suffix)
+        .or_else(|| rest.strip_suffix(suffix.trim_end_matches('/')))?;
+    let plain = !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'));
+    plain.then(|| value.to_string())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -914,6 +943,36 @@ verify.path = "me"
     }
 
     #[test]
+    fn an_input_is_read_from_a_url_of_the_base_shape() {
+        let template = "https://api.{shard}.adobesign.com/";
+        for url in [
+            "https://api.eu1.adobesign.com/",
+            "https://api.eu1.adobesign.com",
+            "HTTPS://API.EU1.adobesign.com/",
+        ] {
+            assert_eq!(
+                input_in_url(template, "shard", url).as_deref(),
+                Some("eu1"),
+                "{url}"
+            );
+        }
+        // A placeholder that is a whole path segment.
+        for url in ["http://h:1/eu1/", "http://h:1/eu1"] {
+            let found = input_in_url("http://h:1/{shard}/", "shard", url);
+            assert_eq!(found.as_deref(), Some("eu1"), "{url}");
+        }
+        for url in [
+            "https://api.eu1.adobesign.com.evil.test/",
+            "https://evil.test/api.eu1.adobesign.com/",
+            "https://api.a/b.adobesign.com/",
+            "https://api..adobesign.com/",
+            "https://secure.echosign.com/",
+        ] {
+            assert_eq!(input_in_url(template, "shard", url), None, "{url}");
+        }
+    }
+
+    #[test]
     fn empty_name_is_refused() {
         let mut c = good();
         c.name = "  ".to_string();
@@ -984,6 +1043,7 @@ verify.path = "me"
             ConnectorInput {
                 description: "x".to_string(),
                 default: None,
+                from_redirect: None,
             },
         );
         refused(&c, false, &["sandbox", "reserved"]);

@@ -379,6 +379,36 @@ fn imported_tokens(split: &SplitConfiguration) -> ApiResult<TokenSet> {
     })
 }
 
+/// Inputs the authorization redirect names ([`crate::catalog::ConnectorInput::from_redirect`]),
+/// into `plain` where the caller gave none: the code is then exchanged at the account's own
+/// host (Adobe Acrobat Sign's shard), and the instance keeps the value.
+fn inputs_from_redirect(
+    app: &App,
+    connector: &Connector,
+    redirect: &Map<String, Value>,
+    plain: &mut BTreeMap<String, String>,
+) {
+    let template = connector
+        .base_url
+        .replace("{sandbox}", app.config.sandbox_url.trim_end_matches('/'));
+    for (name, input) in &connector.inputs {
+        if plain.contains_key(name) {
+            continue;
+        }
+        let Some(url) = input
+            .from_redirect
+            .as_ref()
+            .and_then(|field| redirect.get(field))
+            .and_then(Value::as_str)
+        else {
+            continue;
+        };
+        if let Some(value) = crate::catalog::input_in_url(&template, name, url) {
+            plain.insert(name.clone(), value);
+        }
+    }
+}
+
 fn starting_configuration(
     app: &App,
     connector: &Connector,
@@ -418,7 +448,9 @@ async fn create_instance(
         .unwrap_or_else(|| format!("{} instance", connector.name));
     validate_name(&name)?;
     let split = split_configuration(configuration);
-    let mut plain = starting_configuration(app, connector, split.plain.clone())?;
+    let mut given = split.plain.clone();
+    inputs_from_redirect(app, connector, &body.redirect_fields(), &mut given);
+    let mut plain = starting_configuration(app, connector, given)?;
     let external = body
         .external_authentication
         .as_deref()
@@ -838,6 +870,10 @@ async fn update_once(
             (kept, BTreeMap::new())
         }
     };
+    if body.code().is_some() {
+        // The new redirect names the account's host again (it may have moved).
+        inputs_from_redirect(app, &connector, &body.redirect_fields(), &mut split.plain);
+    }
     let old_plain = plain_configuration(&row);
     let base_given = split.plain.contains_key(BASE_URL);
     for (key, value) in split.plain {

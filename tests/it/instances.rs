@@ -1984,3 +1984,79 @@ async fn changing_a_connector_input_moves_the_urls_it_fills() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// A connector input the authorization redirect names (Adobe Acrobat Sign's shard, from
+/// `api_access_point`): the code is exchanged at the host it names, not at the input's
+/// default, and the instance keeps the value.
+#[tokio::test]
+async fn an_input_named_by_the_redirect_routes_the_exchange() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let auth = env.org.platform();
+    let sandbox = env.sandbox.url.clone();
+    // `{profile}` stands for the shard: its default would send the code to the wrong host.
+    let registered = call(
+        &env,
+        Method::POST,
+        &env.api("/elements"),
+        Some(&auth),
+        Some(json!({
+            "key": "sharded", "name": "Sharded",
+            "baseUrl": "{sandbox}/{profile}/",
+            "inputs": {"profile": {"description": "the shard", "default": "generic",
+                                   "fromRedirect": "api_access_point"}},
+            "oauth": {"authorizationUrl": format!("{sandbox}/adobe-sign/public/oauth/v2"),
+                      "tokenUrl": "{sandbox}/{profile}/oauth/v2/token",
+                      "refreshUrl": "{sandbox}/{profile}/oauth/v2/refresh",
+                      "scopes": ["user_login:self"], "clientAuth": "client_secret_post"},
+        })),
+    )
+    .await;
+    assert!(registered.status < 300, "[{label}] {}", registered.body);
+    let oauth_url = call(
+        &env,
+        Method::GET,
+        &format!(
+            "{}?apiKey={}&callbackUrl={}",
+            env.api("/elements/sharded/oauth/url"),
+            crate::harness::CLIENT_ID,
+            env.callback()
+        ),
+        Some(&auth),
+        None,
+    )
+    .await;
+    assert_eq!(oauth_url.status, 200, "[{label}] {}", oauth_url.body);
+    let approve = env
+        .http
+        .get(format!(
+            "{}&login_hint=shard-user",
+            oauth_url.body["oauthUrl"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap();
+    let location = url::Url::parse(approve.headers()["location"].to_str().unwrap()).unwrap();
+    let redirect: serde_json::Map<String, Value> = location
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), json!(v.into_owned())))
+        .collect();
+    assert!(redirect.contains_key("api_access_point"), "{redirect:?}");
+    let created = call(
+        &env,
+        Method::POST,
+        &env.api("/instances"),
+        Some(&auth),
+        Some(json!({"element": {"key": "sharded"},
+                    "providerData": redirect, "configuration": env.configuration()})),
+    )
+    .await;
+    assert_eq!(created.status, 200, "[{label}] {}", created.body);
+    assert_eq!(created.body["configuration"]["profile"], "adobe-sign");
+    assert_eq!(
+        created.body["configuration"]["oauth.token.refresh_url"],
+        format!("{sandbox}/adobe-sign/oauth/v2/refresh")
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
