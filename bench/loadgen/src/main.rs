@@ -1,6 +1,7 @@
 //! tw-loadgen: the bench's helper binary. Every command talks only to loopback URLs it is given.
 //!
 //! - `upstream ADDR`                         minimal hyper server: any request -> small JSON body
+//!                                           (a path ending in `/big`: 1 MiB)
 //! - `minproxy ADDR UPSTREAM_PORT`          the reference: the least a Rust proxy can do (hyper
 //!                                           server and pooled client, one thread, a static
 //!                                           `Authorization` added); prints its port
@@ -109,11 +110,18 @@ where
 
 async fn upstream(addr: &str) -> Result<(), String> {
     serve(addr, || {
-        hyper::service::service_fn(|_request: Request<hyper::body::Incoming>| async {
+        hyper::service::service_fn(|request: Request<hyper::body::Incoming>| async move {
+            // `/big`: a 1 MiB answer, for what a large body costs a proxy.
+            let body = if request.uri().path().ends_with("/big") {
+                static BIG: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+                BIG.get_or_init(|| Bytes::from(vec![b'x'; 1 << 20])).clone()
+            } else {
+                Bytes::from_static(BODY)
+            };
             Ok::<_, Infallible>(
                 Response::builder()
                     .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from_static(BODY)))
+                    .body(Full::new(body))
                     .unwrap(),
             )
         })
