@@ -875,7 +875,10 @@ async fn update_once(
         inputs_from_redirect(app, &connector, &body.redirect_fields(), &mut split.plain);
     }
     let old_plain = plain_configuration(&row);
-    let base_given = split.plain.contains_key(BASE_URL);
+    // Given means changed: a configuration written back as read carries the stored one.
+    let base_given = split.plain.get(BASE_URL).is_some_and(|given| {
+        old_plain.get(BASE_URL).and_then(Value::as_str) != Some(given.as_str())
+    });
     for (key, value) in split.plain {
         plain.insert(key, Value::String(value));
     }

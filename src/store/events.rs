@@ -5,6 +5,10 @@ use sqlx::{Any, Transaction};
 
 use super::{DeliveryOutcome, Engine, EventFilter, EventRow, NewEvent, Store, StoreError};
 
+/// Attempts during which a failing webhook holds back the later ones of its instance (with
+/// the retry steps of 1, 2, 4 and 8 s, about half a minute).
+pub const ORDERED_ATTEMPTS: i64 = 5;
+
 const EVENT_COLUMNS: &str = "id, organization_id, instance_id, element_key, event_type, reason, \
      occurred_at, payload, delivery_state, attempts, next_attempt_at, last_error, delivered_at";
 
@@ -48,22 +52,23 @@ impl Store {
     }
 
     /// SQL condition on a pending event `e`: no earlier event of its instance is still pending
-    /// (being delivered, or waiting for its next attempt). Webhooks of one instance thus go
-    /// out one at a time, in the order their events were written, so a receiver never sees
-    /// `instance.reauthenticated` before the `instance.invalidated` it follows; an event that
-    /// is given up (a day of tries) lets the next one go. Events without an instance are not
-    /// held. The order is `seq` on PostgreSQL, the rowid on SQLite (migration 0003).
-    fn first_of_its_instance(&self) -> &'static str {
-        match self.engine {
-            Engine::Postgres => {
-                "NOT EXISTS (SELECT 1 FROM events p WHERE p.delivery_state = 'pending' \
-                 AND p.instance_id = e.instance_id AND p.seq < e.seq)"
-            }
-            Engine::Sqlite => {
-                "NOT EXISTS (SELECT 1 FROM events p WHERE p.delivery_state = 'pending' \
-                 AND p.instance_id = e.instance_id AND p.rowid < e.rowid)"
-            }
-        }
+    /// within its first [`ORDERED_ATTEMPTS`] attempts (being delivered, or waiting for its
+    /// next one). Webhooks of one instance thus go out one at a time, in the order their
+    /// events were written, through a receiver's restart or a short outage: a receiver does
+    /// not see `instance.reauthenticated` before the `instance.invalidated` it follows. An
+    /// event that keeps failing (a receiver that refuses one type, a callback URL fixed since)
+    /// stops holding the others after those attempts (about half a minute) and goes on being
+    /// retried beside them. Events without an instance are not held. The order is `seq` on
+    /// PostgreSQL, the rowid on SQLite (migration 0003).
+    fn first_of_its_instance(&self) -> String {
+        let order = match self.engine {
+            Engine::Postgres => "p.seq < e.seq",
+            Engine::Sqlite => "p.rowid < e.rowid",
+        };
+        format!(
+            "NOT EXISTS (SELECT 1 FROM events p WHERE p.delivery_state = 'pending' \
+             AND p.instance_id = e.instance_id AND {order} AND p.attempts < {ORDERED_ATTEMPTS})"
+        )
     }
 
     /// Records an event on its own (`Conflict` when the id is taken).

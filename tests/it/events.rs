@@ -780,6 +780,74 @@ async fn webhooks_of_one_instance_arrive_in_the_order_of_their_events() {
     }
 }
 
+/// A webhook its receiver keeps refusing holds the later ones of its instance only for its
+/// first attempts: after about half a minute they go out (it used to be a day).
+#[tokio::test]
+async fn a_webhook_that_keeps_failing_stops_holding_the_later_ones() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let received: Received = Arc::default();
+    let seen = Arc::clone(&received);
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: String| {
+            let seen = Arc::clone(&seen);
+            async move {
+                let refused = headers["x-tokenwarden-event-type"] == "instance.created";
+                seen.lock().unwrap().push((headers, body));
+                if refused {
+                    StatusCode::BAD_REQUEST
+                } else {
+                    StatusCode::OK
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let instance = create_with(
+        &env,
+        &env.org,
+        "sandbox-generic",
+        "stubborn",
+        json!({"event.notification.enabled": "true", "event.notification.callback.url": hook}),
+    )
+    .await;
+    let id = instance["id"].as_i64().unwrap();
+    let (status, body) = send(
+        &env,
+        reqwest::Method::DELETE,
+        &format!("/instances/{id}/enabled"),
+        &env.org.platform(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let disabled_arrived = || {
+        received
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(headers, _)| headers["x-tokenwarden-event-type"] == "instance.disabled")
+    };
+    assert!(
+        eventually(Duration::from_secs(40), || async { disabled_arrived() }).await,
+        "[{label}] the later webhook is still held"
+    );
+    let refusals = received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(headers, _)| headers["x-tokenwarden-event-type"] == "instance.created")
+        .count();
+    assert!(
+        refusals >= 4,
+        "[{label}] held during the first attempts: {refusals}"
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// `instance.recovered` is written in the commit's transaction, exactly when the commit ends a
 /// failure streak (the store call the refresh engine is to use instead of a separate insert).
 #[tokio::test]
