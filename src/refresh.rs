@@ -1213,12 +1213,21 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
         {
             // A refresh token revoked ends the grant; an access token only when it is the
             // grant's one token or the provider cascades.
-            Ok(_) => {
-                let ends_grant =
-                    hint == TokenHint::RefreshToken || secrets.refresh_token.is_none() || cascades;
+            Ok(outcome) => {
+                // A token found dead already ended nothing by its revocation: only a refresh
+                // token's death (or the grant's only token's) means the grant is gone.
+                let ends_grant = hint == TokenHint::RefreshToken
+                    || secrets.refresh_token.is_none()
+                    || (cascades && matches!(outcome, crate::oauth::RevokeOutcome::Revoked));
                 revoked |= ends_grant;
                 if !ends_grant {
-                    messages.push("the access token was revoked, the refresh token was not".into());
+                    messages.push(match outcome {
+                        crate::oauth::RevokeOutcome::AlreadyInvalid { .. } => {
+                            "the access token was dead already, the refresh token was not revoked"
+                                .into()
+                        }
+                        _ => "the access token was revoked, the refresh token was not".into(),
+                    });
                 }
             }
             Err(_) if revoked => {}
