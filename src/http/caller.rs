@@ -22,6 +22,17 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Who made the request, for an audit entry written after the request's own future (by a
+    /// task that outlives a caller hanging up).
+    pub fn for_the_record(&self) -> Caller {
+        Caller {
+            user_id: self.user_id,
+            organization_id: self.organization_id,
+            element: None,
+            has_organization_secret: self.has_organization_secret,
+        }
+    }
+
     /// Organization-wide calls need the organization secret, or at least an Element token.
     pub fn require_organization(&self) -> Result<(), ApiError> {
         if self.has_organization_secret {

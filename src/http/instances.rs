@@ -1137,50 +1137,48 @@ pub async fn delete(
     // refresh commits onto a row being deleted. A task of its own, like a refresh: a caller
     // hanging up must not cut it between the revocation and the delete.
     let task_app = std::sync::Arc::clone(&app);
-    let revocation = crate::refresh::spawn_to_the_end(&app, async move {
+    let by = caller.for_the_record();
+    let instance_id = row.id;
+    let revocation = crate::refresh::spawn_to_the_end(&app, in_this_request(async move {
         let app = task_app;
-        app.refresh
-        .with_instance_held(&app, row.id, async |held| {
-            let mut revocation = Value::Null;
-            if revoke {
-                revocation = crate::refresh::revoke_at_provider(&app, &held).await?;
-                // The provider could not answer (down, timing out, rate limiting) and the grant
-                // may live on: the instance is kept, since once deleted its tokens could never
-                // be revoked again. A refusal (tokens dead already, or a token the provider
-                // cannot revoke) will not change on a retry: it deletes.
-                if revocation["retryable"] == true
-                    && let Some(message) = revocation["providerMessage"].as_str()
-                {
-                    return Err(ApiError::new(
-                        StatusCode::BAD_GATEWAY,
-                        "The provider did not confirm the revocation: the instance is kept so that it can be tried again (DELETE without `?revoke=true` deletes it at once)",
-                    )
-                    .with_provider_message(message.to_string()));
+        let revocation = app
+            .refresh
+            .with_instance_held(&app, instance_id, async |held| {
+                let mut revocation = Value::Null;
+                if revoke {
+                    revocation = crate::refresh::revoke_at_provider(&app, &held).await?;
+                    // The provider could not answer (down, timing out, rate limiting) and the
+                    // grant may live on: the instance is kept, since once deleted its tokens
+                    // could never be revoked again. A refusal (tokens dead already, or a token
+                    // the provider cannot revoke) will not change on a retry: it deletes.
+                    if revocation["retryable"] == true
+                        && let Some(message) = revocation["providerMessage"].as_str()
+                    {
+                        return Err(ApiError::new(
+                            StatusCode::BAD_GATEWAY,
+                            "The provider did not confirm the revocation: the instance is kept so that it can be tried again (DELETE without `?revoke=true` deletes it at once)",
+                        )
+                        .with_provider_message(message.to_string()));
+                    }
                 }
-            }
-            let event = events::new_event(&app, &held, events::DELETED, None);
-            if !app
-                .store
-                .delete_instance(held.organization_id, held.id, Some(&event))
-                .await?
-            {
-                return Err(ApiError::not_found(format!("There is no instance {id}")));
-            }
-            Ok(revocation)
-        })
-        .await
-    })
+                let event = events::new_event(&app, &held, events::DELETED, None);
+                if !app
+                    .store
+                    .delete_instance(held.organization_id, held.id, Some(&event))
+                    .await?
+                {
+                    return Err(ApiError::not_found(format!("There is no instance {id}")));
+                }
+                Ok(revocation)
+            })
+            .await?;
+        app.refresh.forget(instance_id);
+        let target = instance_id.to_string();
+        crate::audit::record(&app, &by, "instance.deleted", Some(&target), None).await;
+        Ok::<_, ApiError>(revocation)
+    }))
     .await
     .map_err(|error| ApiError::internal(format!("the deletion stopped: {error}")))??;
-    app.refresh.forget(row.id);
-    crate::audit::record(
-        &app,
-        &caller,
-        "instance.deleted",
-        Some(&row.id.to_string()),
-        None,
-    )
-    .await;
     Ok(AxumJson(
         serde_json::json!({"id": row.id, "deleted": true, "revocation": revocation}),
     ))
@@ -1341,57 +1339,68 @@ pub async fn revoke(
     // its own, like a refresh: a caller hanging up must not cut it between the revocation and
     // the invalidation.
     let task_app = std::sync::Arc::clone(&app);
+    let by = caller.for_the_record();
     let id = row.id;
-    let revocation = crate::refresh::spawn_to_the_end(&app, async move {
-        let app = task_app;
-        app.refresh
-            .with_instance_held(&app, id, async |held| {
-                let revocation = crate::refresh::revoke_at_provider(&app, &held).await?;
-                // Invalid whatever the provider said (the contract); the reason says what it
-                // confirmed.
-                let message = if revocation["revokedAtProvider"] == true {
-                    "The grant was revoked through tokenwarden".to_string()
-                } else {
-                    format!(
-                        "Revoked through tokenwarden; the provider did not confirm it: {}",
-                        revocation["providerMessage"]
-                            .as_str()
-                            .or(revocation["message"].as_str())
-                            .unwrap_or("no answer")
-                    )
-                };
-                let event = events::new_event(&app, &held, events::INVALIDATED, Some("revoked"));
-                // At the version held: a re-authentication that came first is not undone.
-                app.store
-                    .mark_invalid(
-                        held.id,
-                        "revoked",
-                        Some(&message),
-                        Some(&event),
-                        Some(held.token_version),
-                    )
-                    .await?;
-                Ok(revocation)
-            })
-            .await
-    })
+    let revocation = crate::refresh::spawn_to_the_end(
+        &app,
+        in_this_request(async move {
+            let app = task_app;
+            let revocation = app
+                .refresh
+                .with_instance_held(&app, id, async |held| {
+                    let mut revocation = crate::refresh::revoke_at_provider(&app, &held).await?;
+                    // Invalid whatever the provider said (the contract); the reason says what it
+                    // confirmed.
+                    let message = if revocation["revokedAtProvider"] == true {
+                        "The grant was revoked through tokenwarden".to_string()
+                    } else {
+                        format!(
+                            "Revoked through tokenwarden; the provider did not confirm it: {}",
+                            revocation["providerMessage"]
+                                .as_str()
+                                .or(revocation["message"].as_str())
+                                .unwrap_or("no answer")
+                        )
+                    };
+                    let event =
+                        events::new_event(&app, &held, events::INVALIDATED, Some("revoked"));
+                    // At the version held: a re-authentication that came first is not undone (and
+                    // the answer says the instance was not invalidated).
+                    let invalidated = app
+                        .store
+                        .mark_invalid(
+                            held.id,
+                            "revoked",
+                            Some(&message),
+                            Some(&event),
+                            Some(held.token_version),
+                        )
+                        .await?;
+                    revocation["instanceInvalidated"] = Value::Bool(invalidated);
+                    Ok(revocation)
+                })
+                .await?;
+            app.refresh.forget(id);
+            crate::audit::record(&app, &by, "instance.revoked", Some(&id.to_string()), None).await;
+            Ok::<_, ApiError>(revocation)
+        }),
+    )
     .await
     .map_err(|error| ApiError::internal(format!("the revocation stopped: {error}")))??;
-    app.refresh.forget(row.id);
-    crate::audit::record(
-        &app,
-        &caller,
-        "instance.revoked",
-        Some(&row.id.to_string()),
-        None,
-    )
-    .await;
     let stored = reload(&app, &row).await?;
     let mut view = instances::view(&app, &stored, None, caller.holds_element_of(row.id))?;
     if let Some(object) = view.as_object_mut() {
         object.insert("revocation".into(), revocation);
     }
     Ok(AxumJson(view))
+}
+
+/// `work` keeps this request's id (for the audit log and errors) when it runs as a task of its
+/// own.
+fn in_this_request<F: Future>(work: F) -> impl Future<Output = F::Output> {
+    let request_id = axum::http::HeaderValue::from_str(&crate::http::error::current_request_id())
+        .unwrap_or_else(|_| axum::http::HeaderValue::from_static("0"));
+    crate::http::error::REQUEST_ID.scope(request_id, work)
 }
 
 /// Whether the connector's instances are refreshed by the scheduler at all: before expiry, or
