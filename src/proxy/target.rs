@@ -150,17 +150,14 @@ fn check_path(raw_path: &str) -> Result<(), ApiError> {
         let mut decoded = percent_decode(segment).ok_or_else(|| refuse("bad percent-encoding"))?;
         check_segment(&decoded)?;
         // Encoded more than once (`%252e%252e`): a server or gateway that decodes again would
-        // see `..`. Each further decoding is checked too, as far as it is valid encoding.
+        // see `..`. Each further decoding is checked too, decoded as leniently as such a
+        // gateway would (an escape that is not one stays as it is).
         for _ in 0..3 {
-            let Some(again) = std::str::from_utf8(&decoded)
-                .ok()
-                .filter(|text| text.contains('%'))
-                .and_then(percent_decode)
-            else {
+            if !decoded.contains(&b'%') {
                 break;
-            };
-            check_segment(&again)?;
-            decoded = again;
+            }
+            decoded = lenient_decode(&decoded);
+            check_segment(&decoded)?;
         }
     }
     Ok(())
@@ -219,6 +216,28 @@ fn check_segment(decoded: &[u8]) -> Result<(), ApiError> {
         return Err(refuse("control characters are not accepted"));
     }
     Ok(())
+}
+
+/// Percent-decoding that keeps what is not a valid escape (`%` not followed by two hex digits).
+fn lenient_decode(bytes: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'%'
+            && let (Some(high), Some(low)) = (
+                bytes.get(index + 1).copied().and_then(hex),
+                bytes.get(index + 2).copied().and_then(hex),
+            )
+        {
+            out.push(high << 4 | low);
+            index += 3;
+        } else {
+            out.push(bytes[index]);
+            index += 1;
+        }
+    }
+    out
 }
 
 fn percent_decode(segment: &str) -> Option<Vec<u8>> {
@@ -341,6 +360,8 @@ mod tests {
             "a/..%20/x",
             "a/.../x",
             "a/%2e%2e%2e/x",
+            "a/%252e%252e;%25/x",
+            "a/%252e%252e;%FF/x",
         ] {
             assert!(confine(BASE, bad, None).is_err(), "{bad} must be refused");
         }
