@@ -29,10 +29,10 @@ impl RunningServer {
             tracing::warn!("shutdown: tasks still running after 10 s; leaving them");
             self.tasks.abort_all();
         }
-        // Refreshes and revocations under way end with their commit: one at the provider may
-        // take its timeout, then the commit its retries. (Give the process that long to stop:
-        // a termination grace period of at least 45 s.)
-        let limit = self.app.config.provider_timeout + std::time::Duration::from_secs(15);
+        // Refreshes and revocations under way end with their commit: a revocation may wait
+        // for the instance (15 s) and make two provider calls, then commit with retries. (Give
+        // the process that long to stop: a termination grace period of 80 s.)
+        let limit = self.app.config.provider_timeout * 2 + std::time::Duration::from_secs(20);
         if !self.app.refresh.wait_until_done(limit).await {
             tracing::warn!(
                 "shutdown: refreshes still running after {} s; their leases will expire",

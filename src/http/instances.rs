@@ -763,6 +763,23 @@ async fn update(
     // is "as shown" on every attempt (a refresh between two attempts must not turn it into an
     // import of the token that refresh retired).
     let seen = open_secrets(app, &row)?;
+    // Tokens brought in: the instance is held from before anything is written (no refresh of
+    // it runs meanwhile, in any replica), so the import cannot fail after the rest was stored.
+    if imports_tokens(&body) {
+        let (body, seen) = (&body, &seen);
+        return app
+            .refresh
+            .with_instance_held(app, row.id, async |held| {
+                update_once(app, caller, held, body, mode, seen)
+                    .await?
+                    .ok_or_else(|| {
+                        ApiError::conflict(
+                            "The instance was re-authenticated while it was updated; send the update again",
+                        )
+                    })
+            })
+            .await;
+    }
     for _ in 0..UPDATE_ATTEMPTS {
         let (organization_id, id) = (row.organization_id, row.id);
         if let Some(answer) = update_once(app, caller, row, &body, mode, &seen).await? {
@@ -777,6 +794,25 @@ async fn update(
     Err(ApiError::conflict(
         "The instance's tokens kept being refreshed while it was updated; send the update again",
     ))
+}
+
+/// Whether an update brings tokens in (`externalAuthentication: "initial"`, no code, a token
+/// key in the configuration).
+fn imports_tokens(body: &InstanceBody) -> bool {
+    body.code().is_none()
+        && body
+            .external_authentication
+            .as_deref()
+            .is_some_and(|mode| mode.eq_ignore_ascii_case("initial"))
+        && body
+            .configuration
+            .as_ref()
+            .and_then(Value::as_object)
+            .is_some_and(|configuration| {
+                [instances::ACCESS_TOKEN, instances::REFRESH_TOKEN]
+                    .iter()
+                    .any(|key| configuration.contains_key(*key))
+            })
 }
 
 /// One attempt of [`update`]: `None` when a refresh committed since `row` was read (its
@@ -1031,57 +1067,67 @@ async fn update_once(
             access_token: split.access_token.clone(),
             refresh_token: split.refresh_token.clone(),
         })?;
-        // Held like a revocation: no refresh of this instance is at the provider meanwhile
-        // (its rotated token would be lost under the import, or the kept refresh token be one
-        // it retired), here or in another replica.
-        app.refresh
-            .with_instance_held(app, row.id, async |held| {
-                let now = now_ms();
-                let configuration = plain_configuration(&held);
-                let held_secrets = open_secrets(app, &held)?;
-                let keep = held_secrets.refresh_token.as_ref();
-                let applied = apply_token_set(
-                    app,
+        // The caller ([`update`]) holds the instance like a revocation does: no refresh of it
+        // is at the provider meanwhile (its rotated token would be lost under the import, or
+        // the kept refresh token be one it retired), here or in another replica. The row as
+        // just written:
+        let held = reload(app, &row).await?;
+        let imported_now: ApiResult<()> = async {
+            let now = now_ms();
+            let configuration = plain_configuration(&held);
+            let held_secrets = open_secrets(app, &held)?;
+            let keep = held_secrets.refresh_token.as_ref();
+            let applied = apply_token_set(
+                app,
+                &connector,
+                held.id,
+                &imported,
+                keep,
+                &configuration,
+                now,
+            );
+            let mut update = applied.update;
+            if imported.access_token.is_empty() {
+                update.access_token_enc = None;
+            }
+            if imported.refresh_token.is_none() {
+                // The refresh token kept was not used now: its clocks run on, and the
+                // schedule (its keep-alive, its expiry) follows them.
+                update.last_refresh_at = held.last_refresh_at;
+                update.refresh_expires_at = held.refresh_expires_at;
+                update.next_due_at = instances::next_due_at(
                     &connector,
-                    held.id,
-                    &imported,
-                    keep,
-                    &configuration,
-                    now,
+                    keep.is_some(),
+                    update.access_expires_at,
+                    held.refresh_expires_at,
+                    held.last_refresh_at.unwrap_or(now),
                 );
-                let mut update = applied.update;
-                if imported.access_token.is_empty() {
-                    update.access_token_enc = None;
-                }
-                if imported.refresh_token.is_none() {
-                    // The refresh token kept was not used now: its clocks run on.
-                    update.last_refresh_at = held.last_refresh_at;
-                    update.refresh_expires_at = held.refresh_expires_at;
-                }
-                if imported.refresh_token.is_some()
-                    && (imported.access_token.is_empty() || refreshes_on_schedule(&connector))
-                {
-                    // As for a create from imported tokens: refreshed as soon as the scheduler
-                    // looks.
-                    update.next_due_at = Some(now);
-                }
-                let event =
-                    events::new_event(app, &held, events::REAUTHENTICATED, Some("tokens imported"));
-                app.store
-                    .reauthenticate(
-                        held.organization_id,
-                        held.id,
-                        &Reauthentication {
-                            tokens: update,
-                            client_secret_enc: None,
-                            verification: None,
-                        },
-                        Some(&event),
-                    )
-                    .await?;
-                Ok(())
-            })
-            .await?;
+            }
+            if imported.refresh_token.is_some()
+                && (imported.access_token.is_empty() || refreshes_on_schedule(&connector))
+            {
+                // As for a create from imported tokens: refreshed as soon as the scheduler
+                // looks.
+                update.next_due_at = Some(now);
+            }
+            let event =
+                events::new_event(app, &held, events::REAUTHENTICATED, Some("tokens imported"));
+            app.store
+                .reauthenticate(
+                    held.organization_id,
+                    held.id,
+                    &Reauthentication {
+                        tokens: update,
+                        client_secret_enc: None,
+                        verification: None,
+                    },
+                    Some(&event),
+                )
+                .await?;
+            Ok(())
+        }
+        .await;
+        imported_now?;
         app.refresh.forget(row.id);
         // The scheduler sleeps until its next due instance: an import due now wakes it.
         app.refresh.notify_schedule_changed();
