@@ -19,16 +19,25 @@ type Received = Arc<Mutex<Vec<(HeaderMap, String)>>>;
 
 /// A webhook receiver on port 0 that answers 500 to its first `failures` requests, then 200.
 async fn receiver(failures: usize) -> (String, Received) {
+    refusing_receiver(move |_, count| count <= failures).await
+}
+
+/// A webhook receiver on port 0 that answers 500 to the requests `refuse` picks (by their
+/// headers and their number, from 1), 200 to the others.
+async fn refusing_receiver(
+    refuse: impl Fn(&HeaderMap, usize) -> bool + Clone + Send + Sync + 'static,
+) -> (String, Received) {
     let received: Received = Arc::default();
     let seen = Arc::clone(&received);
     let app = axum::Router::new().route(
         "/hook",
         axum::routing::post(move |headers: HeaderMap, body: String| {
-            let seen = Arc::clone(&seen);
+            let (seen, refuse) = (Arc::clone(&seen), refuse.clone());
             async move {
                 let mut seen = seen.lock().unwrap();
+                let refused = refuse(&headers, seen.len() + 1);
                 seen.push((headers, body));
-                if seen.len() <= failures {
+                if refused {
                     StatusCode::INTERNAL_SERVER_ERROR
                 } else {
                     StatusCode::OK
@@ -786,26 +795,9 @@ async fn webhooks_of_one_instance_arrive_in_the_order_of_their_events() {
 async fn a_webhook_that_keeps_failing_stops_holding_the_later_ones() {
     let (label, url) = test_databases().await.into_iter().next().unwrap();
     let env = Env::start(&label, &url).await;
-    let received: Received = Arc::default();
-    let seen = Arc::clone(&received);
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |headers: HeaderMap, body: String| {
-            let seen = Arc::clone(&seen);
-            async move {
-                let refused = headers["x-tokenwarden-event-type"] == "instance.created";
-                seen.lock().unwrap().push((headers, body));
-                if refused {
-                    StatusCode::BAD_REQUEST
-                } else {
-                    StatusCode::OK
-                }
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let (hook, received) =
+        refusing_receiver(|headers, _| headers["x-tokenwarden-event-type"] == "instance.created")
+            .await;
     let instance = create_with(
         &env,
         &env.org,

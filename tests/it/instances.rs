@@ -1770,6 +1770,25 @@ async fn bad_input_answers_clear_json_errors() {
     }
 }
 
+/// Registers an organization connector (`POST /elements`), which must succeed.
+async fn register_connector(env: &Env, connector: Value) {
+    let registered = call(
+        env,
+        Method::POST,
+        &env.api("/elements"),
+        Some(&env.org.platform()),
+        Some(connector),
+    )
+    .await;
+    assert!(
+        registered.status < 300,
+        "[{}] {} {}",
+        env.label,
+        registered.status,
+        registered.body
+    );
+}
+
 /// Small input rules a user meets: a connector's `verify.method` written in lower case is sent
 /// as the standard method (it went out as the custom method `get`, and every verification
 /// failed), and its path's inputs are filled (QuickBooks' `{realmId}` went out as it was); a name cannot be blanked by PATCH; name and tag limits count characters, not bytes.
@@ -1779,27 +1798,18 @@ async fn verification_method_case_and_name_limits() {
     let env = Env::start(&label, &url).await;
     let auth = env.org.platform();
     let sandbox = env.sandbox.url.clone();
-    let registered = call(
+    register_connector(
         &env,
-        Method::POST,
-        &env.api("/elements"),
-        Some(&auth),
-        Some(json!({
-            "key": "lowercase-verify", "name": "Lower-case verify",
-            "baseUrl": format!("{sandbox}/generic/"),
-            "oauth": {"authorizationUrl": format!("{sandbox}/generic/authorize"),
-                      "tokenUrl": format!("{sandbox}/generic/token"), "scopes": ["api"]},
-            "inputs": {"who": {"description": "whose profile", "default": "me"}},
-            "verify": {"method": "get", "path": "api/{who}"},
-        })),
+        json!({
+                "key": "lowercase-verify", "name": "Lower-case verify",
+                "baseUrl": format!("{sandbox}/generic/"),
+                "oauth": {"authorizationUrl": format!("{sandbox}/generic/authorize"),
+                          "tokenUrl": format!("{sandbox}/generic/token"), "scopes": ["api"]},
+                "inputs": {"who": {"description": "whose profile", "default": "me"}},
+                "verify": {"method": "get", "path": "api/{who}"},
+        }),
     )
     .await;
-    assert!(
-        registered.status < 300,
-        "[{label}] {} {}",
-        registered.status,
-        registered.body
-    );
     let instance = env
         .create_instance(&env.org, "lowercase-verify", "lower")
         .await;
@@ -1907,23 +1917,19 @@ async fn changing_a_connector_input_moves_the_urls_it_fills() {
     let env = Env::start(&label, &url).await;
     let auth = env.org.platform();
     let sandbox = env.sandbox.url.clone();
-    let registered = call(
+    register_connector(
         &env,
-        Method::POST,
-        &env.api("/elements"),
-        Some(&auth),
-        Some(json!({
-            "key": "tenanted", "name": "Tenanted",
-            "baseUrl": format!("{sandbox}/generic/{{tenant}}/"),
-            "inputs": {"tenant": {"description": "the tenant"}},
-            "oauth": {"authorizationUrl": format!("{sandbox}/generic/authorize"),
-                      "tokenUrl": format!("{sandbox}/generic/token"),
-                      "refreshUrl": format!("{sandbox}/generic/token?tenant={{tenant}}"),
-                      "scopes": ["api"]},
-        })),
+        json!({
+                "key": "tenanted", "name": "Tenanted",
+                "baseUrl": format!("{sandbox}/generic/{{tenant}}/"),
+                "inputs": {"tenant": {"description": "the tenant"}},
+                "oauth": {"authorizationUrl": format!("{sandbox}/generic/authorize"),
+                          "tokenUrl": format!("{sandbox}/generic/token"),
+                          "refreshUrl": format!("{sandbox}/generic/token?tenant={{tenant}}"),
+                          "scopes": ["api"]},
+        }),
     )
     .await;
-    assert!(registered.status < 300, "[{label}] {}", registered.body);
     // Brought in with the tokens of another grant (the code flow is not what this is about).
     let source = env
         .create_instance(&env.org, "sandbox-generic", "tenant-user")
@@ -1998,24 +2004,20 @@ async fn an_input_named_by_the_redirect_routes_the_exchange() {
     let auth = env.org.platform();
     let sandbox = env.sandbox.url.clone();
     // `{profile}` stands for the shard: its default would send the code to the wrong host.
-    let registered = call(
+    register_connector(
         &env,
-        Method::POST,
-        &env.api("/elements"),
-        Some(&auth),
-        Some(json!({
-            "key": "sharded", "name": "Sharded",
-            "baseUrl": "{sandbox}/{profile}/",
-            "inputs": {"profile": {"description": "the shard", "default": "generic",
-                                   "fromRedirect": "api_access_point"}},
-            "oauth": {"authorizationUrl": format!("{sandbox}/adobe-sign/public/oauth/v2"),
-                      "tokenUrl": "{sandbox}/{profile}/oauth/v2/token",
-                      "refreshUrl": "{sandbox}/{profile}/oauth/v2/refresh",
-                      "scopes": ["user_login:self"], "clientAuth": "client_secret_post"},
-        })),
+        json!({
+                "key": "sharded", "name": "Sharded",
+                "baseUrl": "{sandbox}/{profile}/",
+                "inputs": {"profile": {"description": "the shard", "default": "generic",
+                                       "fromRedirect": "api_access_point"}},
+                "oauth": {"authorizationUrl": format!("{sandbox}/adobe-sign/public/oauth/v2"),
+                          "tokenUrl": "{sandbox}/{profile}/oauth/v2/token",
+                          "refreshUrl": "{sandbox}/{profile}/oauth/v2/refresh",
+                          "scopes": ["user_login:self"], "clientAuth": "client_secret_post"},
+        }),
     )
     .await;
-    assert!(registered.status < 300, "[{label}] {}", registered.body);
     let oauth_url = call(
         &env,
         Method::GET,
