@@ -765,7 +765,7 @@ async fn update(
     let seen = open_secrets(app, &row)?;
     // Tokens brought in: the instance is held from before anything is written (no refresh of
     // it runs meanwhile, in any replica), so the import cannot fail after the rest was stored.
-    if imports_tokens(&body) {
+    if imports_tokens(&body, mode) {
         let (body, seen) = (&body, &seen);
         return app
             .refresh
@@ -796,10 +796,19 @@ async fn update(
     ))
 }
 
-/// Whether an update brings tokens in (`externalAuthentication: "initial"`, no code, a token
-/// key in the configuration).
-fn imports_tokens(body: &InstanceBody) -> bool {
-    body.code().is_none()
+/// Whether an update re-authenticates with a code: `PATCH` with one, `PUT` with one and
+/// `?reAuthenticate=true`.
+fn reauthenticates(body: &InstanceBody, mode: UpdateMode) -> bool {
+    match mode {
+        UpdateMode::Merge => body.code().is_some(),
+        UpdateMode::Replace { reauthenticate } => reauthenticate,
+    }
+}
+
+/// Whether an update brings tokens in (`externalAuthentication: "initial"`, a token key in
+/// the configuration, no re-authentication).
+fn imports_tokens(body: &InstanceBody, mode: UpdateMode) -> bool {
+    !reauthenticates(body, mode)
         && body
             .external_authentication
             .as_deref()
@@ -851,11 +860,8 @@ async fn update_once(
     // Tokens are brought in only when the body says so, as at a create. A configuration read
     // and written back carries the tokens of its read, which a refresh may have retired since
     // (the provider rotated them): imported, they would kill the grant at its next use.
-    let importing = body
-        .external_authentication
-        .as_deref()
-        .is_some_and(|mode| mode.eq_ignore_ascii_case("initial"));
-    if !importing {
+    // (`update` holds the instance exactly when this is true.)
+    if !imports_tokens(body, mode) {
         split.access_token = None;
         split.refresh_token = None;
     }
@@ -968,10 +974,7 @@ async fn update_once(
     );
     let name = body.name.clone().unwrap_or_else(|| row.name.clone());
     let tags = body.tags.clone().unwrap_or_else(|| row.tag_list());
-    let reauthenticate = match mode {
-        UpdateMode::Merge => body.code().is_some(),
-        UpdateMode::Replace { reauthenticate } => reauthenticate,
-    };
+    let reauthenticate = reauthenticates(body, mode);
     if reauthenticate {
         let code = body
             .code()

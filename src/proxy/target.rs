@@ -159,6 +159,9 @@ fn check_path(raw_path: &str) -> Result<(), ApiError> {
             decoded = lenient_decode(&decoded);
             check_segment(&decoded)?;
         }
+        if lenient_decode(&decoded) != decoded {
+            return Err(refuse("a path segment encoded more than four times"));
+        }
     }
     Ok(())
 }
@@ -362,6 +365,7 @@ mod tests {
             "a/%2e%2e%2e/x",
             "a/%252e%252e;%25/x",
             "a/%252e%252e;%FF/x",
+            "a/%252525252e%252525252e/x",
         ] {
             assert!(confine(BASE, bad, None).is_err(), "{bad} must be refused");
         }

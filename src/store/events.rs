@@ -53,7 +53,7 @@ impl Store {
 
     /// SQL condition on a pending event `e`: no earlier event of its instance is still pending
     /// within its first [`ORDERED_ATTEMPTS`] attempts (being delivered, or waiting for its
-    /// next one). Webhooks of one instance thus go out one at a time, in the order their
+    /// next one; a claim counts the attempt it starts). Webhooks of one instance thus go out one at a time, in the order their
     /// events were written, through a receiver's restart or a short outage: a receiver does
     /// not see `instance.reauthenticated` before the `instance.invalidated` it follows. An
     /// event that keeps failing (a receiver that refuses one type, a callback URL fixed since)
@@ -67,7 +67,7 @@ impl Store {
         };
         format!(
             "NOT EXISTS (SELECT 1 FROM events p WHERE p.delivery_state = 'pending' \
-             AND p.instance_id = e.instance_id AND {order} AND p.attempts < {ORDERED_ATTEMPTS})"
+             AND p.instance_id = e.instance_id AND {order} AND p.attempts <= {ORDERED_ATTEMPTS})"
         )
     }
 
