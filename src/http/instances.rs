@@ -912,7 +912,7 @@ async fn update_once(
             (kept, BTreeMap::new())
         }
     };
-    if body.code().is_some() {
+    if reauthenticates(body, mode) {
         // The new redirect names the account's host again (it may have moved).
         inputs_from_redirect(app, &connector, &body.redirect_fields(), &mut split.plain);
     }
