@@ -190,6 +190,23 @@ pub enum RevocationStyle {
     None,
 }
 
+impl RevocationStyle {
+    /// Whether the endpoint takes refresh tokens: the bearer and GitHub shapes take an access
+    /// token only (a refresh token cannot authenticate Slack's or Strava's call, nor name an
+    /// authorization at GitHub).
+    pub fn takes_refresh_tokens(self) -> bool {
+        !matches!(
+            self,
+            RevocationStyle::Bearer | RevocationStyle::GithubDelete
+        )
+    }
+
+    /// Whether the endpoint takes access tokens: HubSpot's `DELETE …/{refresh_token}` does not.
+    pub fn takes_access_tokens(self) -> bool {
+        self != RevocationStyle::DeleteRefreshTokenPath
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RefreshSpec {
@@ -970,6 +987,17 @@ verify.path = "me"
         ] {
             assert_eq!(input_in_url(template, "shard", url), None, "{url}");
         }
+    }
+
+    #[test]
+    fn revocation_styles_say_which_tokens_they_take() {
+        use RevocationStyle::*;
+        for style in [Bearer, GithubDelete] {
+            assert!(!style.takes_refresh_tokens() && style.takes_access_tokens());
+        }
+        assert!(!DeleteRefreshTokenPath.takes_access_tokens());
+        assert!(DeleteRefreshTokenPath.takes_refresh_tokens());
+        assert!(Rfc7009.takes_refresh_tokens() && Rfc7009.takes_access_tokens());
     }
 
     #[test]

@@ -729,12 +729,11 @@ impl RefreshEngine {
         match outcome {
             Ok(row) => self.remember(app, &row, keep).await,
             Err(RefreshFailure::Internal(detail)) => {
-                // Our own fault after the lease was taken (a store error, a connector gone):
-                // back off like a transient failure, which also gives the lease back, so neither
-                // the scheduler nor recovery retries it in a tight loop.
-                // The same growing steps and announcement: a cause that lasts (a connector
-                // input missing, a key dropped too early) is retried ever less often, and
-                // `instance.refresh_failing` tells the organization.
+                // Our own fault after the lease was taken (a store error, a connector gone or
+                // missing an input, a key dropped too early): back off like a transient
+                // failure, in the same growing steps and with the same announcement, which also
+                // gives the lease back, so neither the scheduler nor recovery retries it in a
+                // tight loop, and `instance.refresh_failing` tells the organization.
                 tracing::error!(instance = id, "refresh failed on our side: {detail}");
                 let now = now_ms();
                 let message = "the service could not complete the refresh (see its log)";
@@ -1171,11 +1170,18 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
         );
     }
     let credentials = client_credentials(&configuration, &secrets.secret_configuration);
+    // Each token the connector's revocation shape takes (a refresh token all the same when
+    // there is no access token to present).
+    let style = connector.oauth.revocation;
     let mut attempts = Vec::new();
-    if let Some(token) = &secrets.refresh_token {
+    if let Some(token) = &secrets.refresh_token
+        && (style.is_none_or(|s| s.takes_refresh_tokens()) || secrets.access_token.is_none())
+    {
         attempts.push((token, TokenHint::RefreshToken));
     }
-    if let Some(token) = &secrets.access_token {
+    if let Some(token) = &secrets.access_token
+        && style.is_none_or(|s| s.takes_access_tokens())
+    {
         attempts.push((token, TokenHint::AccessToken));
     }
     // Both tokens are revoked: providers that revoke only the refresh token (HubSpot) leave
@@ -1186,23 +1192,6 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
     let mut retryable = false;
     let mut messages = Vec::new();
     for (token, hint) in attempts {
-        use crate::catalog::RevocationStyle;
-        if hint == TokenHint::AccessToken
-            && connector.oauth.revocation == Some(RevocationStyle::DeleteRefreshTokenPath)
-        {
-            continue; // That endpoint takes refresh tokens only.
-        }
-        // These take access tokens only: a refresh token cannot authenticate Slack's or
-        // Strava's call, nor name an authorization at GitHub, and its refusal said nothing.
-        if hint == TokenHint::RefreshToken
-            && matches!(
-                connector.oauth.revocation,
-                Some(RevocationStyle::Bearer | RevocationStyle::GithubDelete)
-            )
-            && secrets.access_token.is_some()
-        {
-            continue;
-        }
         if revoked && cascades {
             break;
         }
@@ -1211,11 +1200,10 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
             .revoke(&spec, &endpoints, &credentials, token, hint)
             .await
         {
-            // A refresh token revoked ends the grant; an access token only when it is the
-            // grant's one token or the provider cascades.
+            // A refresh token revoked (or found dead) ends the grant; an access token only
+            // when it is the grant's one token, or when the provider cascades and it was
+            // revoked now (one found dead already ended nothing).
             Ok(outcome) => {
-                // A token found dead already ended nothing by its revocation: only a refresh
-                // token's death (or the grant's only token's) means the grant is gone.
                 let ends_grant = hint == TokenHint::RefreshToken
                     || secrets.refresh_token.is_none()
                     || (cascades && matches!(outcome, crate::oauth::RevokeOutcome::Revoked));

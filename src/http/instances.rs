@@ -1060,9 +1060,9 @@ async fn update_once(
             Some(row.token_version),
         )
         .await?;
-    if written.is_none() {
+    let Some(written) = written else {
         return Ok(None);
-    }
+    };
     if split.access_token.is_some() || split.refresh_token.is_some() {
         let imported = imported_tokens(&SplitConfiguration {
             plain: BTreeMap::new(),
@@ -1072,66 +1072,58 @@ async fn update_once(
         })?;
         // The caller ([`update`]) holds the instance like a revocation does: no refresh of it
         // is at the provider meanwhile (its rotated token would be lost under the import, or
-        // the kept refresh token be one it retired), here or in another replica. The row as
-        // just written:
-        let held = reload(app, &row).await?;
-        let imported_now: ApiResult<()> = async {
-            let now = now_ms();
-            let configuration = plain_configuration(&held);
-            let held_secrets = open_secrets(app, &held)?;
-            let keep = held_secrets.refresh_token.as_ref();
-            let applied = apply_token_set(
-                app,
-                &connector,
-                held.id,
-                &imported,
-                keep,
-                &configuration,
-                now,
-            );
-            let mut update = applied.update;
-            if imported.access_token.is_empty() {
-                update.access_token_enc = None;
-            }
-            if imported.refresh_token.is_none() {
-                // The refresh token kept was not used now: its clocks run on, and the
-                // schedule (its keep-alive, its expiry) follows them.
-                update.last_refresh_at = held.last_refresh_at;
-                update.refresh_expires_at = held.refresh_expires_at;
-                update.next_due_at = instances::next_due_at(
-                    &connector,
-                    keep.is_some(),
-                    update.access_expires_at,
-                    held.refresh_expires_at,
-                    held.last_refresh_at.unwrap_or(now),
-                );
-            }
-            if imported.refresh_token.is_some()
-                && (imported.access_token.is_empty() || refreshes_on_schedule(&connector))
-            {
-                // As for a create from imported tokens: refreshed as soon as the scheduler
-                // looks.
-                update.next_due_at = Some(now);
-            }
-            let event =
-                events::new_event(app, &held, events::REAUTHENTICATED, Some("tokens imported"));
-            app.store
-                .reauthenticate(
-                    held.organization_id,
-                    held.id,
-                    &Reauthentication {
-                        tokens: update,
-                        client_secret_enc: None,
-                        verification: None,
-                    },
-                    Some(&event),
-                )
-                .await?;
-            Ok(())
+        // the kept refresh token be one it retired), here or in another replica. `written` is
+        // the row as just stored.
+        let held = written;
+        let now = now_ms();
+        let configuration = plain_configuration(&held);
+        let held_secrets = open_secrets(app, &held)?;
+        let keep = held_secrets.refresh_token.as_ref();
+        let applied = apply_token_set(
+            app,
+            &connector,
+            held.id,
+            &imported,
+            keep,
+            &configuration,
+            now,
+        );
+        let mut update = applied.update;
+        if imported.access_token.is_empty() {
+            update.access_token_enc = None;
         }
-        .await;
-        imported_now?;
-        app.refresh.forget(row.id);
+        if imported.refresh_token.is_none() {
+            // The refresh token kept was not used now: its clocks run on, and the schedule
+            // (its keep-alive, its expiry) follows them.
+            update.last_refresh_at = held.last_refresh_at;
+            update.refresh_expires_at = held.refresh_expires_at;
+            update.next_due_at = instances::next_due_at(
+                &connector,
+                keep.is_some(),
+                update.access_expires_at,
+                held.refresh_expires_at,
+                held.last_refresh_at.unwrap_or(now),
+            );
+        }
+        if imported.refresh_token.is_some()
+            && (imported.access_token.is_empty() || refreshes_on_schedule(&connector))
+        {
+            // As for a create from imported tokens: refreshed as soon as the scheduler looks.
+            update.next_due_at = Some(now);
+        }
+        let event = events::new_event(app, &held, events::REAUTHENTICATED, Some("tokens imported"));
+        app.store
+            .reauthenticate(
+                held.organization_id,
+                held.id,
+                &Reauthentication {
+                    tokens: update,
+                    client_secret_enc: None,
+                    verification: None,
+                },
+                Some(&event),
+            )
+            .await?;
         // The scheduler sleeps until its next due instance: an import due now wakes it.
         app.refresh.notify_schedule_changed();
     }

@@ -6,7 +6,7 @@ use sqlx::{Any, Transaction};
 use super::{DeliveryOutcome, Engine, EventFilter, EventRow, NewEvent, Store, StoreError};
 
 /// Attempts during which a failing webhook holds back the later ones of its instance (with
-/// the retry steps of 1, 2, 4 and 8 s, about half a minute).
+/// the retry steps of 1, 2, 4, 8 and 16 s, jittered: about half a minute).
 pub const ORDERED_ATTEMPTS: i64 = 5;
 
 const EVENT_COLUMNS: &str = "id, organization_id, instance_id, element_key, event_type, reason, \
@@ -53,8 +53,9 @@ impl Store {
 
     /// SQL condition on a pending event `e`: no earlier event of its instance is still pending
     /// within its first [`ORDERED_ATTEMPTS`] attempts (being delivered, or waiting for its
-    /// next one; a claim counts the attempt it starts). Webhooks of one instance thus go out one at a time, in the order their
-    /// events were written, through a receiver's restart or a short outage: a receiver does
+    /// next one; a claim counts the attempt it starts). Webhooks of one instance thus go out
+    /// one at a time, in the order their events were written, through a receiver's restart or
+    /// a short outage: a receiver does
     /// not see `instance.reauthenticated` before the `instance.invalidated` it follows. An
     /// event that keeps failing (a receiver that refuses one type, a callback URL fixed since)
     /// stops holding the others after those attempts (about half a minute) and goes on being
