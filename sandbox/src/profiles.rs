@@ -305,6 +305,9 @@ impl ProfileSettings {
         match profile {
             Profile::AdobeSign => ProfileSettings {
                 refresh_token_idle_ttl_seconds: SIXTY_DAYS,
+                // Adobe Sign, Salesforce and Box take the client's credentials in the body
+                // only: a connector set to Basic fails here as it would there.
+                client_auth_methods: vec![ClientAuthMethod::ClientSecretPost],
                 authorization_code_ttl_seconds: 300,
                 // Not rotated; that the refresh answer carries no refresh_token is unconfirmed.
                 omit_refresh_token_on_refresh: true,
@@ -316,11 +319,13 @@ impl ProfileSettings {
                 include_expires_in: false,
                 omit_refresh_token_on_refresh: true,
                 max_grants_per_user: 5,
+                client_auth_methods: vec![ClientAuthMethod::ClientSecretPost],
                 ..base
             },
             Profile::Box => ProfileSettings {
                 refresh_token_idle_ttl_seconds: SIXTY_DAYS,
                 rotate_refresh_tokens: true,
+                client_auth_methods: vec![ClientAuthMethod::ClientSecretPost],
                 ..base
             },
             Profile::Microsoft => ProfileSettings {

@@ -284,8 +284,6 @@ pub struct Sandbox {
     pub stats: Stats,
     pub faults: Faults,
     settings: [RwLock<Arc<ProfileSettings>>; 5],
-    /// Clients remembered at first use: id to secret.
-    clients: DashMap<String, String>,
     codes: DashMap<String, AuthorizationCode>,
     grants: DashMap<u64, Grant>,
     access_tokens: DashMap<String, AccessTokenRecord>,
@@ -302,7 +300,6 @@ impl Sandbox {
             stats: Stats::default(),
             faults: Faults::default(),
             settings: Profile::ALL.map(|p| RwLock::new(Arc::new(ProfileSettings::defaults(p)))),
-            clients: DashMap::new(),
             codes: DashMap::new(),
             grants: DashMap::new(),
             access_tokens: DashMap::new(),
@@ -340,7 +337,6 @@ impl Sandbox {
         self.grants.clear();
         self.access_tokens.clear();
         self.refresh_tokens.clear();
-        self.clients.clear();
         self.stats.reset();
         self.faults.clear();
         self.clock.reset();
@@ -352,17 +348,14 @@ impl Sandbox {
         }
     }
 
-    /// Whether the client may use the sandbox. Without `--client`, the first secret seen for an
-    /// id is remembered and later calls must repeat it.
+    /// Whether the client may use the sandbox: any id and secret without `--client` (the
+    /// contract's rule: several apps, or one app whose secret was rotated, share one sandbox),
+    /// only that pair with it. Codes and tokens stay bound to the client id they were issued to.
     pub fn authenticate_client(&self, client_id: &str, client_secret: &str) -> bool {
-        if let Some((id, secret)) = &self.fixed_client {
-            return id == client_id && secret == client_secret;
+        match &self.fixed_client {
+            Some((id, secret)) => id == client_id && secret == client_secret,
+            None => true,
         }
-        let remembered = self
-            .clients
-            .entry(client_id.to_string())
-            .or_insert_with(|| client_secret.to_string());
-        remembered.value() == client_secret
     }
 
     /// Whether the authorize endpoint may accept this client id (only `--client` restricts it).
