@@ -23,6 +23,14 @@ pub fn forbidden(ip: IpAddr) -> bool {
                 return forbidden(IpAddr::V4(v4));
             }
             let segments = v6.segments();
+            // An IPv4 address inside an IPv6 one reaches that IPv4 address: IPv4-compatible
+            // (`::a9fe:a9fe`, not `::1` or `::`) and NAT64's well-known prefix 64:ff9b::/96.
+            let embedded = std::net::Ipv4Addr::from_bits(v6.to_bits() as u32);
+            let compatible = segments[..6] == [0; 6] && segments[6] != 0;
+            let nat64 = segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+            if (compatible || nat64) && forbidden(IpAddr::V4(embedded)) {
+                return true;
+            }
             // fe80::/10 link-local, and AWS's IPv6 metadata address fd00:ec2::254.
             (segments[0] & 0xffc0) == 0xfe80
                 || v6
@@ -95,6 +103,8 @@ mod tests {
             "http://169.254.169.254/latest/meta-data/",
             "http://[fe80::1]/",
             "http://[::ffff:169.254.169.254]/",
+            "http://[::a9fe:a9fe]/",
+            "http://[64:ff9b::a9fe:a9fe]/",
             "http://[fd00:ec2::254]/",
             "http://100.100.100.200/latest/meta-data/",
             "http://metadata.google.internal/computeMetadata/v1/",

@@ -304,12 +304,17 @@ pub fn apply_token_set(
     if let Some(field) = &connector.oauth.base_url_from
         && let Some(Value::String(value)) = tokens.fields.get(field)
     {
+        // A root the proxy's paths go under, ending in `/` like every other `base.url`
+        // (Salesforce's `instance_url` comes without it).
         let mut base = value.clone();
+        if !base.ends_with('/') {
+            base.push('/');
+        }
         if let Some(suffix) = &connector.oauth.base_url_suffix {
+            base.push_str(suffix.trim_start_matches('/'));
             if !base.ends_with('/') {
                 base.push('/');
             }
-            base.push_str(suffix.trim_start_matches('/'));
         }
         new_configuration.insert(BASE_URL.to_string(), Value::String(base));
     }
@@ -565,7 +570,13 @@ pub async fn verify(
                 .get("www-authenticate")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
-            let body = response.bytes().await.unwrap_or_default();
+            // A success needs no body; a refusal's words are in its first bytes. Read no more:
+            // whoever answers may send without end.
+            let body = if (200..300).contains(&status) {
+                Vec::new()
+            } else {
+                read_at_most(response, VERIFY_BODY_BYTES).await
+            };
             if (200..300).contains(&status) {
                 json!({"ok": true, "status": status, "path": spec.path, "checkedAt": iso8601(started)})
             } else {
@@ -581,6 +592,23 @@ pub async fn verify(
         }
     };
     Some(result.to_string())
+}
+
+/// How much of a refused verification call's answer is read for the provider's words.
+const VERIFY_BODY_BYTES: usize = 64 * 1024;
+
+/// The first `limit` bytes of an answer's body (fewer if it ends first or fails midway).
+async fn read_at_most(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = limit - body.len();
+        if chunk.len() >= room {
+            body.extend_from_slice(&chunk[..room]);
+            break;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    body
 }
 
 /// `base` + `/` + `path`, with exactly one slash between them.

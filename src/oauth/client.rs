@@ -299,7 +299,8 @@ impl OAuthClient {
             RevocationStyle::None => return Ok(RevokeOutcome::NoEndpoint),
         };
 
-        let secrets = [token_value, secret];
+        let basic = basic_credentials(&creds.client_id, secret);
+        let secrets = [token_value, secret, &basic];
         let answer = self
             .send(method, url, auth, body)
             .await
@@ -339,6 +340,9 @@ impl OAuthClient {
         secrets: &[&str],
     ) -> Result<TokenSet, OAuthError> {
         let url = parse_endpoint(endpoint_name, endpoint)?;
+        let basic = basic_credentials(&creds.client_id, creds.client_secret.expose());
+        let secrets: Vec<&str> = secrets.iter().copied().chain([basic.as_str()]).collect();
+        let secrets = secrets.as_slice();
         let auth = client_auth(spec.client_auth, creds, &mut params);
         let body = match spec.token_request_format {
             BodyFormat::Form => Body::Form(form(&params)),
@@ -488,13 +492,18 @@ fn client_auth<'a>(
 /// RFC 6749 §2.3.1: the client id and secret are form-urlencoded, then joined with `:` and
 /// base64-encoded.
 fn basic_auth(client_id: &str, secret: &str) -> Result<HeaderValue, OAuthError> {
-    let encode =
-        |text: &str| url::form_urlencoded::byte_serialize(text.as_bytes()).collect::<String>();
-    let credentials = format!("{}:{}", encode(client_id), encode(secret));
-    let mut value = HeaderValue::from_str(&format!("Basic {}", STANDARD.encode(credentials)))
-        .map_err(|_| OAuthError::config("the client credentials cannot be put in a header"))?;
+    let mut value =
+        HeaderValue::from_str(&format!("Basic {}", basic_credentials(client_id, secret)))
+            .map_err(|_| OAuthError::config("the client credentials cannot be put in a header"))?;
     value.set_sensitive(true);
     Ok(value)
+}
+
+/// The base64 part of `Authorization: Basic`: also a secret, should a provider echo it.
+fn basic_credentials(client_id: &str, secret: &str) -> String {
+    let encode =
+        |text: &str| url::form_urlencoded::byte_serialize(text.as_bytes()).collect::<String>();
+    STANDARD.encode(format!("{}:{}", encode(client_id), encode(secret)))
 }
 
 fn form(params: &[(&str, &str)]) -> String {

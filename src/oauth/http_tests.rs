@@ -662,12 +662,13 @@ async fn refresh_failure_classes() {
 async fn echoed_secrets_are_redacted() {
     let error = refresh_against(vec![reply(
         400,
-        r#"{"error":"invalid_grant","error_description":"refresh token rt-secret-value is unknown; client secret s3cret:/& rejected"}"#,
+        r#"{"error":"invalid_grant","error_description":"refresh token rt-secret-value is unknown; client secret s3cret:/& rejected; you sent client_secret=s3cret%3A%2F%26"}"#,
     )])
     .await;
     let shown = format!("{error} {error:?} {}", error.provider_message());
     assert!(!shown.contains("rt-secret-value"), "{shown}");
     assert!(!shown.contains("s3cret:/&"), "{shown}");
+    assert!(!shown.contains("s3cret%3A%2F%26"), "{shown}");
     assert!(error.is_permanent());
 }
 

@@ -31,13 +31,17 @@ pub(crate) fn cut(text: &str, max_chars: usize) -> String {
     out
 }
 
-/// Replaces every occurrence of each secret in `text` with `[redacted]`. Secrets shorter than
-/// 4 characters are ignored: they would redact ordinary words and cannot be meaningful tokens.
+/// Replaces every occurrence of each secret in `text` with `[redacted]`, in the forms a provider
+/// echoes what it was sent: as it is, form-encoded (`+` or `%20` for a space, upper- or
+/// lower-case hex) and with JSON's escaped `/`. Secrets shorter than 4 characters are ignored:
+/// they would redact ordinary words and cannot be meaningful tokens.
 pub fn redact(text: &str, secrets: &[&str]) -> String {
     let mut out = text.to_string();
-    for secret in secrets {
-        if secret.len() >= 4 && out.contains(secret) {
-            out = out.replace(secret, "[redacted]");
+    for secret in secrets.iter().filter(|secret| secret.len() >= 4) {
+        for form in echoed_forms(secret) {
+            if out.contains(form.as_str()) {
+                out = out.replace(form.as_str(), "[redacted]");
+            }
         }
     }
     // Text already cut (ending in `…`) may end with the beginning of a secret.
@@ -53,6 +57,40 @@ pub fn redact(text: &str, secrets: &[&str]) -> String {
                 out = format!("{}[redacted]…", &head[..head.len() - k]);
                 break;
             }
+        }
+    }
+    out
+}
+
+/// The forms in which a provider may echo a secret it was sent, the longest first (so that a
+/// form containing another goes whole).
+fn echoed_forms(secret: &str) -> Vec<String> {
+    let form: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+    let mut forms = vec![secret.to_string()];
+    if form != secret {
+        let spaced = form.replace('+', "%20");
+        let lower = lower_hex(&spaced);
+        forms.extend([lower_hex(&form), lower, spaced, form]);
+    }
+    forms.push(secret.replace('/', "\\/"));
+    forms.sort_by_key(|form| std::cmp::Reverse(form.len()));
+    forms.dedup();
+    forms
+}
+
+/// `%2F` as `%2f`: percent-encoding's hex digits in lower case.
+fn lower_hex(encoded: &str) -> String {
+    let mut out = String::with_capacity(encoded.len());
+    let mut hex_left = 0;
+    for c in encoded.chars() {
+        if c == '%' {
+            hex_left = 2;
+            out.push(c);
+        } else if hex_left > 0 {
+            hex_left -= 1;
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
         }
     }
     out
@@ -120,6 +158,32 @@ pub(crate) fn html_title(body: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redaction_covers_the_encoded_forms_a_provider_echoes() {
+        let secret = "ab/cd+ef== x";
+        for echoed in [
+            "ab/cd+ef== x",
+            "ab%2Fcd%2Bef%3D%3D+x",
+            "ab%2fcd%2bef%3d%3d+x",
+            "ab%2Fcd%2Bef%3D%3D%20x",
+            "ab%2fcd%2bef%3d%3d%20x",
+            "ab\\/cd+ef== x",
+        ] {
+            let text = format!("refresh_token={echoed}&grant_type=refresh_token");
+            let shown = redact(&text, &[secret]);
+            assert_eq!(
+                shown, "refresh_token=[redacted]&grant_type=refresh_token",
+                "{echoed}"
+            );
+        }
+        // A plain token has one form; ordinary text stays.
+        assert_eq!(
+            redact("token abcd1234 ok", &["abcd1234"]),
+            "token [redacted] ok"
+        );
+        assert_eq!(redact("nothing here", &["abcd1234"]), "nothing here");
+    }
 
     #[test]
     fn cut_collapses_whitespace_and_respects_characters() {

@@ -620,6 +620,13 @@ async fn existing_tokens_can_be_imported() {
             .create_instance(&env.org, "sandbox-salesforce", "erin")
             .await;
         let shown = revealed(&env, &env.org, &source).await;
+        // The contract's profile root, trailing `/` included, though Salesforce's
+        // `instance_url` (which moves `base.url`) comes without it.
+        assert_eq!(
+            shown["configuration"]["base.url"],
+            env.sandbox_url("/salesforce/"),
+            "[{label}]"
+        );
         let access = shown["configuration"]["oauth.user.token"]
             .as_str()
             .unwrap()
@@ -2061,6 +2068,72 @@ async fn an_input_named_by_the_redirect_routes_the_exchange() {
     assert_eq!(
         created.body["configuration"]["oauth.token.refresh_url"],
         format!("{sandbox}/adobe-sign/oauth/v2/refresh")
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+/// A verification call whose answer never ends: the service reads the first 64 KiB of a
+/// refusal for the provider's words and stops (it read the whole body, for as long as the
+/// provider timeout allowed, into memory: a way for any caller to exhaust it).
+#[tokio::test]
+async fn an_endless_verification_answer_is_not_read_whole() {
+    use tokio::io::AsyncWriteExt;
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = [0u8; 4096];
+                let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut head).await;
+                let start = "HTTP/1.1 401 Unauthorized\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n";
+                if stream.write_all(start.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = format!("4000\r\n{}\r\n", "x".repeat(0x4000));
+                // 16 KiB every 5 ms, until the reader hangs up.
+                while stream.write_all(chunk.as_bytes()).await.is_ok() {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            });
+        }
+    });
+    let sandbox = env.sandbox.url.clone();
+    register_connector(
+        &env,
+        json!({
+            "key": "endless-verify", "name": "Endless verify",
+            "baseUrl": format!("http://{addr}/"),
+            "oauth": {"authorizationUrl": format!("{sandbox}/generic/authorize"),
+                      "tokenUrl": format!("{sandbox}/generic/token")},
+            "verify": {"path": "api/me"},
+        }),
+    )
+    .await;
+    let mut configuration = env.configuration();
+    configuration["oauth.user.token"] = json!("an-imported-access-token");
+    let started = std::time::Instant::now();
+    let imported = call(
+        &env,
+        Method::POST,
+        &env.api("/instances"),
+        Some(&env.org.platform()),
+        Some(
+            json!({"element": {"key": "endless-verify"}, "externalAuthentication": "initial",
+                    "configuration": configuration}),
+        ),
+    )
+    .await;
+    assert_eq!(imported.status, 200, "[{label}] {}", imported.body);
+    let verification = &imported.body["verification"];
+    assert_eq!(verification["ok"], false, "{verification}");
+    assert_eq!(verification["status"], 401, "{verification}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "the endless answer was read for {:?}",
+        started.elapsed()
     );
     env.stop().await;
     drop_test_database(&url).await;
