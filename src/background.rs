@@ -383,7 +383,13 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
 async fn release(app: &SharedApp, row: &crate::store::InstanceRow, due_at: i64) {
     if let Err(error) = app
         .store
-        .release_claim(row.id, &app.replica_id, row.token_version, due_at)
+        .release_claim(
+            row.id,
+            &app.replica_id,
+            row.refresh_lease_until.unwrap_or_default(),
+            row.token_version,
+            due_at,
+        )
         .await
     {
         tracing::warn!(

@@ -46,8 +46,14 @@ pub const LEASE_MS: i64 = 10_000;
 const LEASE_RENEW_MS: u64 = 3_000;
 /// How many times a commit of refreshed tokens the store failed is tried again, after
 /// [`COMMIT_RETRY_MS`] × 2, × 4, … (in all well inside one lease).
-const COMMIT_RETRIES: u32 = 4;
+/// How long the commit of rotated tokens is tried again while the store fails (a database
+/// failing over takes tens of seconds; the provider has retired the old refresh token already,
+/// so giving up loses the grant at strict providers). With the provider timeout, within what
+/// shutdown waits for a refresh.
+const COMMIT_RETRY_FOR: Duration = Duration::from_secs(30);
+/// The first pause between commit attempts, doubling up to [`COMMIT_RETRY_MAX_MS`].
 const COMMIT_RETRY_MS: u64 = 125;
+const COMMIT_RETRY_MAX_MS: u64 = 2_000;
 /// How long an in-memory copy of an instance is trusted before it is re-read (other replicas may
 /// have disabled, deleted or refreshed it). While it is trusted, a proxied call makes no query.
 /// A copy is never served older than this, re-read or not (its token may not say when it
@@ -178,6 +184,11 @@ pub enum RefreshFailure {
     },
     Disabled,
     NotFound,
+    /// The instance's connector no longer gives it a token endpoint (the connector is gone, or
+    /// it was changed so that it needs an input the instance lacks): a refresh cannot be made
+    /// until the configuration is fixed. The instance stays valid; the detail names what is
+    /// missing and holds no secret.
+    Misconfigured(String),
     Internal(String),
 }
 
@@ -210,6 +221,9 @@ impl RefreshFailure {
                 "The instance is disabled: it makes no provider calls until enabled",
             ),
             RefreshFailure::NotFound => ApiError::not_found("There is no such instance"),
+            RefreshFailure::Misconfigured(detail) => ApiError::conflict(format!(
+                "The instance cannot be refreshed as it is configured ({detail}); the instance stays valid: fix its configuration with PATCH or re-create it"
+            )),
             RefreshFailure::Internal(detail) => ApiError::internal(detail),
         }
     }
@@ -398,7 +412,7 @@ impl RefreshEngine {
             .await
             .map_err(|e| RefreshFailure::Internal(e.to_string()))?
             .ok_or_else(|| {
-                RefreshFailure::Internal(format!("connector {} is gone", row.element_key))
+                RefreshFailure::Misconfigured(format!("connector {} is gone", row.element_key))
             })?;
         if let Some(newer) = self.cache.get(&row.id).map(|c| Arc::clone(&c))
             && newer.token_version > row.token_version
@@ -573,8 +587,21 @@ impl RefreshEngine {
                 {
                     break row;
                 }
-                if app.store.get_instance_by_id(id).await?.is_none() {
+                let Some(row) = app.store.get_instance_by_id(id).await? else {
                     return Err(ApiError::not_found("The instance was deleted meanwhile"));
+                };
+                // This replica's scheduler claimed the row and waits (its rate limit's delay,
+                // then this flight, which we hold): take its claim over, as a refresh does,
+                // rather than wait for the lease to run out. No refresh of this process runs
+                // on it: they all hold this flight. The claim, when its turn comes, finds the
+                // row moved on or its lease gone, and refreshes nothing.
+                if row.refresh_lease_owner.as_deref() == Some(app.replica_id.as_str())
+                    && let Some(row) = app
+                        .store
+                        .renew_refresh_lease(id, &app.replica_id, now + LEASE_MS)
+                        .await?
+                {
+                    break row;
                 }
                 if Instant::now() > deadline {
                     return Err(ApiError::new(
@@ -728,15 +755,26 @@ impl RefreshEngine {
         let outcome = self.call_provider(app, &leased, interrupted).await;
         match outcome {
             Ok(row) => self.remember(app, &row, keep).await,
-            Err(RefreshFailure::Internal(detail)) => {
-                // Our own fault after the lease was taken (a store error, a connector gone or
-                // missing an input, a key dropped too early): back off like a transient
+            Err(failure @ (RefreshFailure::Internal(_) | RefreshFailure::Misconfigured(_))) => {
+                // Our own side's fault after the lease was taken (a store error, a connector gone
+                // or missing an input, a key dropped too early): back off like a transient
                 // failure, in the same growing steps and with the same announcement, which also
                 // gives the lease back, so neither the scheduler nor recovery retries it in a
-                // tight loop, and `instance.refresh_failing` tells the organization.
-                tracing::error!(instance = id, "refresh failed on our side: {detail}");
+                // tight loop, and `instance.refresh_failing` tells the organization. A
+                // configuration at fault is named in the instance's last failure (the detail
+                // holds no secret); a store error only in the log.
+                let message = match &failure {
+                    RefreshFailure::Misconfigured(detail) => {
+                        tracing::warn!(instance = id, "refresh impossible as configured: {detail}");
+                        format!("the instance cannot be refreshed as it is configured: {detail}")
+                    }
+                    failure => {
+                        tracing::error!(instance = id, "refresh failed on our side: {failure:?}");
+                        "the service could not complete the refresh (see its log)".to_string()
+                    }
+                };
+                let message = message.as_str();
                 let now = now_ms();
-                let message = "the service could not complete the refresh (see its log)";
                 let event = self.failing_event(app, &leased, now, message).await;
                 let _ = app
                     .store
@@ -751,7 +789,7 @@ impl RefreshEngine {
                     )
                     .await;
                 self.forget(id);
-                Err(RefreshFailure::Internal(detail))
+                Err(failure)
             }
             Err(failure @ RefreshFailure::Transient { .. }) => {
                 // Keep a copy that knows the backoff: calls inside it neither reload the row nor
@@ -821,7 +859,7 @@ impl RefreshEngine {
             .await
             .map_err(store_error)?
             .ok_or_else(|| {
-                RefreshFailure::Internal(format!("connector {} is gone", row.element_key))
+                RefreshFailure::Misconfigured(format!("connector {} is gone", row.element_key))
             })?;
         let secrets = open_secrets(app, row).map_err(|e| RefreshFailure::Internal(e.message))?;
         let configuration = plain_configuration(row);
@@ -843,7 +881,7 @@ impl RefreshEngine {
         };
         let (endpoints, spec) = app
             .oauth_settings(&connector, &configuration)
-            .map_err(RefreshFailure::Internal)?;
+            .map_err(RefreshFailure::Misconfigured)?;
         let credentials = client_credentials(&configuration, &secrets.secret_configuration);
         let started = Instant::now();
         // The lease's heartbeat runs beside the provider call and the commit.
@@ -901,6 +939,7 @@ impl RefreshEngine {
                 // was lost, ours).
                 let commit = async {
                     let mut attempt = 0;
+                    let first = Instant::now();
                     loop {
                         let tried = app
                             .store
@@ -914,7 +953,7 @@ impl RefreshEngine {
                             )
                             .await;
                         match tried {
-                            Err(error) if attempt < COMMIT_RETRIES => {
+                            Err(error) if first.elapsed() < COMMIT_RETRY_FOR => {
                                 attempt += 1;
                                 tracing::warn!(
                                     instance = row.id,
@@ -922,9 +961,17 @@ impl RefreshEngine {
                                     "committing refreshed tokens failed, trying again: {error}"
                                 );
                                 tokio::time::sleep(Duration::from_millis(
-                                    COMMIT_RETRY_MS << attempt,
+                                    (COMMIT_RETRY_MS << attempt.min(5)).min(COMMIT_RETRY_MAX_MS),
                                 ))
                                 .await;
+                            }
+                            Err(error) => {
+                                tracing::error!(
+                                    instance = row.id,
+                                    "the rotated tokens could not be stored for {} s; the provider may have retired the stored refresh token: {error}",
+                                    COMMIT_RETRY_FOR.as_secs()
+                                );
+                                return Err(error);
                             }
                             done => return done,
                         }

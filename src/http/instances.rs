@@ -1015,6 +1015,7 @@ async fn update_once(
                         app, row.id, &secret,
                     )),
                     verification,
+                    lease_held: false,
                 },
                 Some(&event),
             )
@@ -1120,6 +1121,10 @@ async fn update_once(
                     tokens: update,
                     client_secret_enc: None,
                     verification: None,
+                    // Cleared here, the lease could be claimed by this replica's scheduler at
+                    // once and then cleared by the hold's end, the claimed refresh running
+                    // unleased beside another replica's.
+                    lease_held: true,
                 },
                 Some(&event),
             )

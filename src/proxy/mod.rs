@@ -313,8 +313,11 @@ where
             }
             // A token that has not expired yet still serves while the provider (or our store)
             // recovers.
-            Err(RefreshFailure::Transient { .. } | RefreshFailure::Internal(_))
-                if instance.access_token.is_some() && !instance.expired(now) => {}
+            Err(
+                RefreshFailure::Transient { .. }
+                | RefreshFailure::Internal(_)
+                | RefreshFailure::Misconfigured(_),
+            ) if instance.access_token.is_some() && !instance.expired(now) => {}
             Err(failure) => return Err(failure_for_call(failure)),
         }
     }

@@ -340,8 +340,12 @@ impl Store {
         owner: &str,
         lease_until: i64,
     ) -> Result<Option<InstanceRow>, StoreError> {
+        // The lease's end moves on every renewal, even within one millisecond: a claim given
+        // back by the scheduler names the end it claimed, and must not clear a lease that a
+        // flight of the same replica took over meanwhile (see `release_claim`).
         let sql = format!(
-            "UPDATE instances SET refresh_lease_until = $1, \
+            "UPDATE instances SET refresh_lease_until = CASE WHEN refresh_lease_until IS NOT NULL \
+             AND refresh_lease_until >= $1 THEN refresh_lease_until + 1 ELSE $1 END, \
              next_due_at = CASE WHEN next_due_at IS NOT NULL AND next_due_at < $1 THEN $1 \
              ELSE next_due_at END \
              WHERE id = $2 AND refresh_lease_owner = $3 RETURNING {INSTANCE_COLUMNS}"
@@ -709,8 +713,10 @@ impl Store {
              state = 'valid', state_reason = NULL, provider_message = NULL, \
              token_version = token_version + 1, \
              failing_since = NULL, failure_count = 0, backoff_until = NULL, last_failure = NULL, \
-             refresh_lease_owner = NULL, refresh_lease_until = NULL, \
-             refresh_in_flight_since = NULL, updated_at = $12 \
+             refresh_lease_owner = CASE WHEN $15 = 1 THEN refresh_lease_owner ELSE NULL END, \
+             refresh_lease_until = CASE WHEN $15 = 1 THEN refresh_lease_until ELSE NULL END, \
+             refresh_in_flight_since = CASE WHEN $15 = 1 THEN refresh_in_flight_since \
+             ELSE NULL END, updated_at = $12 \
              WHERE id = $13 AND organization_id = $14 RETURNING {INSTANCE_COLUMNS}"
         );
         let row = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
@@ -728,6 +734,7 @@ impl Store {
             .bind(system_now_ms())
             .bind(id)
             .bind(organization_id)
+            .bind(i64::from(update.lease_held))
             .fetch_optional(&mut *transaction)
             .await?;
         let Some(row) = row else {
@@ -869,23 +876,28 @@ impl Store {
 
     /// Gives back a claim the scheduler did not act on (shutdown, or the connector's rate limit
     /// is exhausted): lease and in-flight mark cleared, due again at `due_at`. Only rows whose
-    /// lease `owner` still holds and whose token version is still `token_version` are touched,
-    /// so a refresh that committed meanwhile keeps its schedule. True when it released.
+    /// lease `owner` still holds as claimed (its end still `lease_until`: a flight of the same
+    /// replica that took the claim over renewed it) and whose token version is still
+    /// `token_version` are touched, so a refresh under way or committed meanwhile keeps its
+    /// lease and schedule. True when it released.
     pub async fn release_claim(
         &self,
         id: i64,
         owner: &str,
+        lease_until: i64,
         token_version: i64,
         due_at: i64,
     ) -> Result<bool, StoreError> {
         let result = sqlx::query(
             "UPDATE instances SET refresh_lease_owner = NULL, refresh_lease_until = NULL, \
              refresh_in_flight_since = NULL, next_due_at = $1 \
-             WHERE id = $2 AND refresh_lease_owner = $3 AND token_version = $4",
+             WHERE id = $2 AND refresh_lease_owner = $3 AND refresh_lease_until = $4 \
+             AND token_version = $5",
         )
         .bind(due_at)
         .bind(id)
         .bind(owner)
+        .bind(lease_until)
         .bind(token_version)
         .execute(&self.pool)
         .await?;

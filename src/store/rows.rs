@@ -348,6 +348,10 @@ pub struct Reauthentication {
     /// `None` keeps the stored client secret; `Some(None)` removes it; `Some(Some(..))` sets it.
     pub client_secret_enc: Option<Option<Vec<u8>>>,
     pub verification: Option<String>,
+    /// The writer holds the instance's lease (`RefreshEngine::with_instance_held`): the lease
+    /// stays, and goes when the hold ends. Otherwise it is cleared (a refresh of the old grant
+    /// that still runs cannot commit over the new one: the token version moved).
+    pub lease_held: bool,
 }
 
 /// Where an event stands in the outbox.

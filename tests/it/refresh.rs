@@ -903,6 +903,144 @@ async fn a_failing_commit_of_rotated_tokens_is_tried_again() {
     drop_test_database(&url).await;
 }
 
+/// A connector changed under its instance (a new release's definition, an operator's edit) so
+/// that its token endpoint needs an input the instance lacks: a refresh cannot be made, which
+/// is the configuration's fault, not the provider's and not the grant's. "Refresh now" answers
+/// 409 naming the input (it answered 500), the instance stays valid, the organization hears
+/// `instance.refresh_failing`, and calls keep serving with the token the instance has.
+#[tokio::test]
+async fn a_connector_that_no_longer_fits_its_instance_answers_409() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    register_connector(&env, "changed", json!({"refresh": {"strategy": "on_401"}})).await;
+    let created = env.create_instance(&env.org, "changed", "moved").await;
+    let (id, token) = (
+        created["id"].as_i64().unwrap(),
+        created["token"].as_str().unwrap().to_string(),
+    );
+    let store = &env.server.app.store;
+    let stored = store
+        .get_connector(env.org.id, "changed")
+        .await
+        .unwrap()
+        .unwrap();
+    let mut definition: Value = serde_json::from_str(&stored.definition).unwrap();
+    let token_url = definition["oauth"]["tokenUrl"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    definition["oauth"]["tokenUrl"] = json!(format!("{token_url}?tenant={{tenant}}"));
+    definition["inputs"] = json!({"tenant": {"description": "the tenant"}});
+    assert!(store.delete_connector(env.org.id, "changed").await.unwrap());
+    store
+        .insert_connector(env.org.id, "changed", &definition.to_string(), 0)
+        .await
+        .unwrap();
+
+    let refreshed = crate::instances::call(
+        &env,
+        Method::POST,
+        &env.api(&format!("/instances/{id}/tokens/refresh")),
+        Some(&env.org.platform()),
+        None,
+    )
+    .await;
+    assert_eq!(refreshed.status, 409, "{}", refreshed.body);
+    let message = refreshed.body["message"].as_str().unwrap();
+    assert!(message.contains("{tenant}"), "{message}");
+    assert_eq!(refreshes(&env).await, 0);
+    let now = instance(&env, &env.server.url, &token).await;
+    assert_eq!(now["valid"], true, "{now}");
+    assert!(
+        now["lastRefreshFailure"]
+            .as_str()
+            .unwrap()
+            .contains("{tenant}"),
+        "{now}"
+    );
+    let events = event_types(&env, &env.server.url, id).await;
+    assert_eq!(count(&events, "instance.refresh_failing"), 1, "{events:?}");
+    assert_eq!(count(&events, "instance.invalidated"), 0, "{events:?}");
+    let (status, body, _) = proxy_at(
+        &env,
+        &env.server.url,
+        &env.org,
+        &token,
+        Method::GET,
+        "api/me",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+/// PostgreSQL unreachable for longer than a few retries (a failover: here every connection to
+/// the test's database is cut, again and again, for 8 s) while rotated tokens wait for their
+/// commit: the commit is tried again until the database is back, so the strict provider's grant
+/// lives on. It was given up after four tries over about 4 s, and the next refresh presented
+/// the retired refresh token.
+#[tokio::test]
+async fn rotated_tokens_wait_for_a_database_failing_over() {
+    let Ok(url) = create_postgres_database().await else {
+        panic!("PostgreSQL is needed for this test (.ci/run starts it)");
+    };
+    let env = Env::start("postgres", &url).await;
+    generic_profile(&env, strict_rotation()).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "failover")
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    expire_access_tokens(&env).await;
+    let held = hold_next_token_call(&env, 1_000).await;
+    let call = proxy_at(
+        &env,
+        &env.server.url,
+        &env.org,
+        &token,
+        Method::GET,
+        "api/me",
+    );
+    let outage = async {
+        at_the_provider(&env, held).await;
+        use sqlx::Connection;
+        let database = url.rsplit('/').next().unwrap().to_string();
+        let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+        let until = Instant::now() + Duration::from_secs(8);
+        let mut cut = 0;
+        while Instant::now() < until {
+            cut += sqlx::query_scalar::<_, bool>(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+            )
+            .bind(&database)
+            .fetch_all(&mut admin)
+            .await
+            .unwrap()
+            .len();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cut
+    };
+    let ((status, body, _), cut) = tokio::join!(call, outage);
+    assert!(cut > 0, "no connection was cut");
+    assert_eq!(status, 200, "the call waited for the commit: {body}");
+    let (status, body, _) = proxy_at(
+        &env,
+        &env.server.url,
+        &env.org,
+        &token,
+        Method::GET,
+        "api/me",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(refreshes(&env).await, 1, "no second refresh");
+    assert_eq!(stat(&env, &["tokenErrors"]).await, 0, "no reuse");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// A caller that hangs up while the refresh is at the provider does not cancel it: the rotated
 /// token is committed anyway, so the strict provider's grant lives on and the next call works
 /// without another refresh.

@@ -443,3 +443,76 @@ async fn the_due_query_reads_the_partial_index_and_is_fast_at_100k_rows() {
         drop_test_database(&url).await;
     }
 }
+
+/// An instance this replica's scheduler has claimed and holds back for the connector's rate
+/// limit is deleted at once: the DELETE takes the claim over, as a refresh does. It waited
+/// for the claim's lease to run out (10 s), the scheduler's task being stuck behind the
+/// DELETE's own hold.
+#[tokio::test]
+async fn a_delete_does_not_wait_for_its_own_schedulers_claim() {
+    let url = crate::support::sqlite_database();
+    let sandbox = tokenwarden_sandbox::spawn(crate::harness::loopback(), Default::default())
+        .await
+        .unwrap();
+    // One refresh every 2 s per connector: the second of two due instances waits 2 s.
+    let env = Env::start_with_sandbox("sqlite", &url, sandbox, |config| {
+        config.refresh_rate_per_connector = 0.5;
+    })
+    .await;
+    register_generic_connector(
+        &env,
+        &env.org,
+        "limited",
+        json!({"strategy": "before_expiry", "bufferSeconds": 60}),
+    )
+    .await;
+    let first = env.create_instance(&env.org, "limited", "first").await;
+    let second = env.create_instance(&env.org, "limited", "second").await;
+    let (first, second) = (
+        first["id"].as_i64().unwrap(),
+        second["id"].as_i64().unwrap(),
+    );
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let mut db = sqlx::AnyConnection::connect(&url).await.unwrap();
+    for (id, due) in [(first, 1_i64), (second, 2)] {
+        sqlx::query("UPDATE instances SET next_due_at = $1 WHERE id = $2")
+            .bind(due)
+            .bind(id)
+            .execute(&mut db)
+            .await
+            .unwrap();
+    }
+    env.server.app.refresh.notify_schedule_changed();
+    // Both are claimed together; the second then waits for its turn under the rate limit.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let owner: Option<String> =
+            sqlx::query_scalar("SELECT refresh_lease_owner FROM instances WHERE id = $1")
+                .bind(second)
+                .fetch_one(&mut db)
+                .await
+                .unwrap();
+        if owner.is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the scheduler never claimed the second instance"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let started = Instant::now();
+    let deleted = env
+        .http
+        .delete(env.api(&format!("/instances/{second}")))
+        .header("authorization", env.org.platform())
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(deleted.status(), 200, "{}", deleted.text().await.unwrap());
+    assert!(took < Duration::from_secs(3), "the DELETE waited {took:?}");
+    env.stop().await;
+    drop_test_database(&url).await;
+}

@@ -689,6 +689,130 @@ async fn refresh_lease() {
     }
 }
 
+/// Two ways one replica used to clear a lease another part of itself had just taken, leaving a
+/// refresh running unleased, so that another replica could present the same refresh token:
+/// a token import under a hold (`lease_held`) cleared the hold's lease, which this replica's
+/// scheduler could claim before the hold's end cleared it again; and the scheduler giving a
+/// claim back cleared it after a proxy flight of the same replica had taken it over.
+#[tokio::test]
+async fn a_lease_is_not_cleared_under_the_one_who_took_it() {
+    for test in test_stores().await {
+        let store = &test.store;
+        let label = &test.label;
+        let org = organization(store, "A").await;
+        let mut row = instance(org, "held");
+        row.next_due_at = Some(NOW + 3_600_000);
+        store.insert_instance(&row, None).await.unwrap();
+
+        // An import under a hold, due at once: the hold's lease stays, so the scheduler cannot
+        // claim the row before the hold ends, and no other replica can take it.
+        store
+            .try_acquire_refresh_lease(row.id, "replica-a", NOW, NOW + 10_000)
+            .await
+            .unwrap()
+            .expect(label);
+        let imported = Reauthentication {
+            tokens: TokenUpdate {
+                refresh_token_enc: Some(bytes("refresh-imported")),
+                next_due_at: Some(NOW),
+                ..TokenUpdate::default()
+            },
+            client_secret_enc: None,
+            verification: None,
+            lease_held: true,
+        };
+        let written = store
+            .reauthenticate(org, row.id, &imported, None)
+            .await
+            .unwrap()
+            .expect(label);
+        assert_eq!(
+            written.refresh_lease_owner.as_deref(),
+            Some("replica-a"),
+            "[{label}]"
+        );
+        assert!(
+            store
+                .claim_due(NOW + 1, 10, "replica-a", NOW + 30_000)
+                .await
+                .unwrap()
+                .is_empty(),
+            "[{label}] the scheduler claimed a held row"
+        );
+        assert!(
+            store
+                .try_acquire_refresh_lease(row.id, "replica-b", NOW + 1, NOW + 10_000)
+                .await
+                .unwrap()
+                .is_none(),
+            "[{label}]"
+        );
+        assert!(
+            store
+                .release_refresh_lease(row.id, "replica-a")
+                .await
+                .unwrap()
+        );
+
+        // Now due and free: the scheduler claims it; a flight of the same replica takes the
+        // claim over (renews it, even within the same millisecond); the scheduler's give-back
+        // of its claim then leaves the flight's lease alone.
+        let claimed = store
+            .claim_due(NOW + 2, 10, "replica-a", NOW + 30_000)
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1, "[{label}]");
+        let (claimed, _) = &claimed[0];
+        let claimed_until = claimed.refresh_lease_until.expect(label);
+        let taken_over = store
+            .renew_refresh_lease(row.id, "replica-a", claimed_until)
+            .await
+            .unwrap()
+            .expect(label);
+        assert!(
+            taken_over.refresh_lease_until > Some(claimed_until),
+            "[{label}]"
+        );
+        assert!(
+            !store
+                .release_claim(
+                    row.id,
+                    "replica-a",
+                    claimed_until,
+                    claimed.token_version,
+                    NOW
+                )
+                .await
+                .unwrap(),
+            "[{label}] the give-back cleared the flight's lease"
+        );
+        let now = store.get_instance_by_id(row.id).await.unwrap().unwrap();
+        assert_eq!(
+            now.refresh_lease_owner.as_deref(),
+            Some("replica-a"),
+            "[{label}]"
+        );
+        assert!(
+            store
+                .try_acquire_refresh_lease(row.id, "replica-b", NOW + 3, NOW + 10_000)
+                .await
+                .unwrap()
+                .is_none(),
+            "[{label}]"
+        );
+        // A claim nobody took over is given back.
+        let until = now.refresh_lease_until.unwrap();
+        assert!(
+            store
+                .release_claim(row.id, "replica-a", until, now.token_version, NOW + 5)
+                .await
+                .unwrap(),
+            "[{label}]"
+        );
+        test.cleanup().await;
+    }
+}
+
 #[tokio::test]
 async fn token_commit_is_compare_and_swap_with_its_event() {
     for test in test_stores().await {
@@ -1097,6 +1221,7 @@ async fn failures_invalidation_and_reauthentication() {
             },
             client_secret_enc: Some(Some(bytes("secret-new"))),
             verification: Some(r#"{"ok":true}"#.to_string()),
+            lease_held: false,
         };
         let reauthenticated = event(org, row.id, "instance.reauthenticated", NOW + 300_000);
         let valid = store
