@@ -373,14 +373,24 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             command: KeysCommand::Rotate { database },
         } => {
             let app = open_app(database).await?;
-            let count = crate::orgs::rotate_keys(&app)
+            let resealed = crate::orgs::rotate_keys(&app)
                 .await
                 .map_err(|error| error.message)?;
             eprintln!(
-                "re-encrypted {count} rows under key {}",
+                "re-encrypted {} rows under key {}",
+                resealed.changed,
                 app.keyring.current_key_id()
             );
-            Ok(ExitCode::SUCCESS)
+            if resealed.unreadable.is_empty() {
+                return Ok(ExitCode::SUCCESS);
+            }
+            // Everything else is done; these need a person (exit 2: not a failed rotation).
+            eprintln!(
+                "{} row(s) open with none of the keys given and were left as they are: {} (altered, or sealed under a key no longer configured: give that key in TOKENWARDEN_PREVIOUS_MASTER_KEYS and rotate again, or delete the instances)",
+                resealed.unreadable.len(),
+                resealed.unreadable.join(", ")
+            );
+            Ok(ExitCode::from(2))
         }
     }
 }

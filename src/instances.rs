@@ -624,11 +624,14 @@ pub fn join_url(base: &str, path: &str) -> String {
 /// under the current key, in batches, while the service runs. A row written concurrently (a
 /// refresh, a re-authentication, a configuration update) is read again and retried, so that
 /// when this returns every value present at its start is under the current key and no
-/// concurrent write was overwritten. Returns how many rows changed.
-pub async fn reseal_all(app: &App, progress: &mut dyn FnMut(u64)) -> Result<u64, ApiError> {
+/// concurrent write was overwritten. A row whose values open with none of the keys (altered, or
+/// sealed under a key no longer given) is left as it is and named in the answer: the rest is
+/// re-sealed all the same (one damaged row stopped the whole rotation).
+pub async fn reseal_all(app: &App, progress: &mut dyn FnMut(u64)) -> Result<Resealed, ApiError> {
     const ATTEMPTS: usize = 100;
     let keyring = &app.keyring;
     let mut changed = 0u64;
+    let mut unreadable = Vec::new();
     let mut after_id = 0i64;
     loop {
         let batch = app.store.list_encrypted_batch(after_id, 200).await?;
@@ -642,7 +645,19 @@ pub async fn reseal_all(app: &App, progress: &mut dyn FnMut(u64)) -> Result<u64,
             let mut current = fields;
             let mut attempt = 0;
             // `None`: everything already under the current key.
-            while let Some(resealed) = reseal_instance_fields(app, &current)? {
+            loop {
+                let resealed = match reseal_instance_fields(app, &current) {
+                    Ok(Some(resealed)) => resealed,
+                    Ok(None) => break,
+                    Err(_) => {
+                        tracing::error!(
+                            instance_id = id,
+                            "key rotation: the instance's stored secrets open with none of the keys; left as they are"
+                        );
+                        unreadable.push(format!("instance {id}"));
+                        break;
+                    }
+                };
                 if app
                     .store
                     .reseal_encrypted_fields(&current, &resealed)
@@ -676,7 +691,10 @@ pub async fn reseal_all(app: &App, progress: &mut dyn FnMut(u64)) -> Result<u64,
                 row: organization.id,
                 field: "webhook_secret",
             };
-            let plain = keyring.open(&sealed, binding)?;
+            let Ok(plain) = keyring.open(&sealed, binding) else {
+                unreadable.push(format!("organization {}", organization.id));
+                break;
+            };
             let resealed = keyring.seal(&plain, binding);
             if app
                 .store
@@ -723,7 +741,18 @@ pub async fn reseal_all(app: &App, progress: &mut dyn FnMut(u64)) -> Result<u64,
         }
     }
     changed += reseal_pending_events(app).await?;
-    Ok(changed)
+    Ok(Resealed {
+        changed,
+        unreadable,
+    })
+}
+
+/// What a key rotation did.
+pub struct Resealed {
+    /// Rows re-sealed under the current key.
+    pub changed: u64,
+    /// Rows left as they were because no key opens them (`instance 42`, `organization 7`).
+    pub unreadable: Vec<String>,
 }
 
 /// The signing keys of events still waiting to be delivered, re-sealed under the current key:

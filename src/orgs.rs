@@ -119,8 +119,8 @@ pub async fn create_user(
 }
 
 /// Re-seals every encrypted value that is not under the current key, in batches, while the
-/// service runs. Returns how many rows changed.
-pub async fn rotate_keys(app: &App) -> Result<u64, ApiError> {
+/// service runs. Answers how many rows changed, and the rows no key opens.
+pub async fn rotate_keys(app: &App) -> Result<crate::instances::Resealed, ApiError> {
     let total: i64 = app
         .store
         .count_instances_by_state()
@@ -129,9 +129,9 @@ pub async fn rotate_keys(app: &App) -> Result<u64, ApiError> {
         .map(|(_, count)| count)
         .sum();
     let mut bar = ProgressBar::new(total.max(0) as u64, "instances re-sealed");
-    let changed = crate::instances::reseal_all(app, &mut |seen| bar.advance(seen)).await?;
+    let resealed = crate::instances::reseal_all(app, &mut |seen| bar.advance(seen)).await?;
     bar.finish();
-    Ok(changed)
+    Ok(resealed)
 }
 
 /// A progress bar on standard error: redrawn in place on a terminal, a line every tenth

@@ -265,3 +265,74 @@ async fn rotation_under_traffic_leaves_everything_readable_with_the_new_key() {
         env.stop().await;
     }
 }
+
+/// One instance whose stored secrets open with no key (here its access token was copied into
+/// its refresh token's column, where the binding does not match) does not stop the rotation:
+/// it is named and left as it is, the exit status is 2, and the instances after it are
+/// re-sealed all the same (the first such row ended the whole rotation).
+#[tokio::test]
+async fn a_row_no_key_opens_is_named_and_the_rest_rotated() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let mut env = Env::start(&label, &url).await;
+    let damaged = env
+        .create_instance(&env.org, "sandbox-generic", "damaged")
+        .await;
+    let damaged_id = damaged["id"].as_i64().unwrap();
+    // Rows are re-sealed in id order, and ids are random: one that comes after it.
+    let mut after = Value::Null;
+    for n in 0..40 {
+        let created = env
+            .create_instance(&env.org, "sandbox-generic", &format!("after-{n}"))
+            .await;
+        if created["id"].as_i64().unwrap() > damaged_id {
+            after = created;
+            break;
+        }
+    }
+    assert!(
+        after.is_object(),
+        "[{label}] no instance came after the damaged one"
+    );
+    {
+        use sqlx::Connection;
+        sqlx::any::install_default_drivers();
+        let mut db = sqlx::AnyConnection::connect(&url).await.unwrap();
+        sqlx::query("UPDATE instances SET refresh_token_enc = access_token_enc WHERE id = $1")
+            .bind(damaged_id)
+            .execute(&mut db)
+            .await
+            .unwrap();
+    }
+    let (_, new_key) = tokenwarden::crypto::MasterKey::generate();
+    let new_key = new_key.expose().to_string();
+    let output = binary()
+        .args(["keys", "rotate", "--database-url", &url])
+        .env("TOKENWARDEN_MASTER_KEY", &new_key)
+        .env("TOKENWARDEN_PREVIOUS_MASTER_KEYS", TEST_MASTER_KEY)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "[{label}] {said}");
+    assert!(
+        said.contains(&format!("instance {damaged_id}")),
+        "[{label}] {said}"
+    );
+    // The instance after the damaged one (and the organization's secrets) under the new key.
+    let new_only = start_server(&url, &env.sandbox.url, |config| {
+        config.master_key = Some(new_key.clone());
+        config.previous_master_keys = None;
+    })
+    .await;
+    let old = std::mem::replace(&mut env.server, new_only);
+    old.shutdown().await;
+    let shown = revealed(&env, &env.org, &after).await;
+    assert_eq!(shown["valid"], true, "[{label}] {shown}");
+    assert!(
+        shown["configuration"]["oauth.user.refresh_token"]
+            .as_str()
+            .is_some_and(|t| t.len() > 8),
+        "[{label}] {shown}"
+    );
+    env.stop().await;
+    crate::support::drop_test_database(&url).await;
+}
