@@ -137,6 +137,9 @@ const DELIVERY_LEASE_MS: i64 = 60_000;
 const DELIVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Deliveries in flight at once in one replica, and claimed per query.
 const DELIVERY_CONCURRENCY: usize = 16;
+/// One organization's share of them: its receivers hanging up to their timeout hold at most
+/// this many slots (and briefly up to twice as many), the rest stay for the others.
+const DELIVERY_PER_ORGANIZATION: usize = 4;
 /// The deliverer looks at the outbox at least this often (new events are due at once).
 pub const DELIVERY_MAX_SLEEP: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -175,21 +178,42 @@ pub async fn deliver_due(
     // Tasks of their own: a delivery waiting for the store must make progress while this
     // loop waits for the store too (SQLite has one connection).
     let mut in_flight = tokio::task::JoinSet::new();
+    // Deliveries in flight per organization, for the fair share.
+    let mut per_organization: std::collections::HashMap<i64, usize> = Default::default();
     let mut attempted = 0;
     loop {
+        while let Some(Ok(organization)) = in_flight.try_join_next() {
+            ended(&mut per_organization, organization);
+        }
         let free = DELIVERY_CONCURRENCY - in_flight.len();
         if free > 0 && !*shutdown.borrow() {
             let now = now_ms();
+            let full: Vec<i64> = per_organization
+                .iter()
+                .filter(|(_, count)| **count >= DELIVERY_PER_ORGANIZATION)
+                .map(|(organization, _)| *organization)
+                .collect();
             match app
                 .store
-                .claim_pending_deliveries(now, free as i64, now + DELIVERY_LEASE_MS)
+                .claim_pending_deliveries(
+                    now,
+                    free as i64,
+                    now + DELIVERY_LEASE_MS,
+                    DELIVERY_PER_ORGANIZATION as i64,
+                    &full,
+                )
                 .await
             {
                 Ok(due) => {
                     attempted += due.len();
                     for event in due {
                         let app = std::sync::Arc::clone(app);
-                        in_flight.spawn(async move { deliver_and_record(&app, event).await });
+                        let organization = event.organization_id;
+                        *per_organization.entry(organization).or_default() += 1;
+                        in_flight.spawn(async move {
+                            deliver_and_record(&app, event).await;
+                            organization
+                        });
                     }
                 }
                 Err(error) => {
@@ -204,8 +228,22 @@ pub async fn deliver_due(
         // delivery ends (one that hangs ends only at its timeout).
         let claiming = in_flight.len() < DELIVERY_CONCURRENCY && !*shutdown.borrow();
         tokio::select! {
-            _ = in_flight.join_next() => {}
+            done = in_flight.join_next() => {
+                if let Some(Ok(organization)) = done {
+                    ended(&mut per_organization, organization);
+                }
+            }
             () = tokio::time::sleep(std::time::Duration::from_millis(200)), if claiming => {}
+        }
+    }
+}
+
+/// One delivery of `organization` ended.
+fn ended(per_organization: &mut std::collections::HashMap<i64, usize>, organization: i64) {
+    if let Some(count) = per_organization.get_mut(&organization) {
+        *count -= 1;
+        if *count == 0 {
+            per_organization.remove(&organization);
         }
     }
 }

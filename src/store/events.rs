@@ -129,35 +129,56 @@ impl Store {
     /// and moves `next_attempt_at` to `retry_at`, so that a deliverer that dies leaves them to
     /// be retried then, and so that two replicas never deliver the same event at once. Only
     /// the first pending event of each instance is claimed ([`Self::first_of_its_instance`]).
+    /// A fair share: at most `per_organization` events of one organization, and none of the
+    /// organizations in `skip` (those with that many in flight already), so that one
+    /// organization's slow receivers cannot hold every slot.
     pub async fn claim_pending_deliveries(
         &self,
         now: i64,
         limit: i64,
         retry_at: i64,
+        per_organization: i64,
+        skip: &[i64],
     ) -> Result<Vec<EventRow>, StoreError> {
         let first = self.first_of_its_instance();
+        // Organization ids are our own integers: written into the query, not bound.
+        let skipped = if skip.is_empty() {
+            String::new()
+        } else {
+            let ids: Vec<String> = skip.iter().map(i64::to_string).collect();
+            format!(" AND e.organization_id NOT IN ({})", ids.join(", "))
+        };
+        // The candidates (locked on PostgreSQL, where locking and ranking cannot share a
+        // query level), then at most `per_organization` of each, the earliest first.
+        let ranked = "SELECT id FROM (SELECT id, next_attempt_at, ROW_NUMBER() OVER \
+                      (PARTITION BY organization_id ORDER BY next_attempt_at, id) AS nth \
+                      FROM candidates) ranked WHERE nth <= $4 \
+                      ORDER BY next_attempt_at LIMIT $2";
         let sql = match self.engine {
             // A replica that claims meanwhile skips the rows locked here, and still sees them
             // pending: the events behind them wait in both.
             Engine::Postgres => format!(
-                "WITH due AS (SELECT e.id FROM events e \
-                 WHERE e.delivery_state = 'pending' AND e.next_attempt_at <= $1 AND {first} \
-                 ORDER BY e.next_attempt_at LIMIT $2 FOR UPDATE OF e SKIP LOCKED) \
+                "WITH candidates AS (SELECT e.id, e.organization_id, e.next_attempt_at \
+                 FROM events e WHERE e.delivery_state = 'pending' AND e.next_attempt_at <= $1 \
+                 AND {first}{skipped} ORDER BY e.next_attempt_at LIMIT $2 * 4 \
+                 FOR UPDATE OF e SKIP LOCKED), due AS ({ranked}) \
                  UPDATE events SET attempts = attempts + 1, next_attempt_at = $3 \
                  FROM due WHERE events.id = due.id RETURNING {}",
                 prefixed("events", EVENT_COLUMNS)
             ),
             Engine::Sqlite => format!(
-                "UPDATE events SET attempts = attempts + 1, next_attempt_at = $3 \
-                 WHERE id IN (SELECT e.id FROM events e \
-                 WHERE e.delivery_state = 'pending' AND e.next_attempt_at <= $1 AND {first} \
-                 ORDER BY e.next_attempt_at LIMIT $2) RETURNING {EVENT_COLUMNS}"
+                "WITH candidates AS (SELECT e.id, e.organization_id, e.next_attempt_at \
+                 FROM events e WHERE e.delivery_state = 'pending' AND e.next_attempt_at <= $1 \
+                 AND {first}{skipped} ORDER BY e.next_attempt_at LIMIT $2 * 4) \
+                 UPDATE events SET attempts = attempts + 1, next_attempt_at = $3 \
+                 WHERE id IN ({ranked}) RETURNING {EVENT_COLUMNS}"
             ),
         };
         let rows = sqlx::query_as::<_, EventRow>(sqlx::AssertSqlSafe(sql))
             .bind(now)
             .bind(limit)
             .bind(retry_at)
+            .bind(per_organization)
             .fetch_all(&self.pool)
             .await?;
         Ok(rows)

@@ -1541,7 +1541,7 @@ async fn events_listing_and_delivery() {
         store.insert_event(&future).await.unwrap();
 
         let claimed = store
-            .claim_pending_deliveries(NOW, 10, NOW + 30_000)
+            .claim_pending_deliveries(NOW, 10, NOW + 30_000, 10, &[])
             .await
             .unwrap();
         assert_eq!(
@@ -1554,7 +1554,7 @@ async fn events_listing_and_delivery() {
         );
         assert!(
             store
-                .claim_pending_deliveries(NOW, 10, NOW + 30_000)
+                .claim_pending_deliveries(NOW, 10, NOW + 30_000, 10, &[])
                 .await
                 .unwrap()
                 .is_empty()
@@ -1571,7 +1571,7 @@ async fn events_listing_and_delivery() {
                 .unwrap()
         );
         let retried = store
-            .claim_pending_deliveries(NOW + 1, 10, NOW + 30_000)
+            .claim_pending_deliveries(NOW + 1, 10, NOW + 30_000, 10, &[])
             .await
             .unwrap();
         assert_eq!(retried.len(), 1);
@@ -1610,7 +1610,7 @@ async fn events_listing_and_delivery() {
         );
         assert!(
             store
-                .claim_pending_deliveries(NOW + 100_000, 10, NOW)
+                .claim_pending_deliveries(NOW + 100_000, 10, NOW, 10, &[])
                 .await
                 .unwrap()
                 .is_empty()
@@ -1620,6 +1620,61 @@ async fn events_listing_and_delivery() {
                 .mark_delivery("nope", DeliveryOutcome::Failed, None)
                 .await
                 .unwrap()
+        );
+        test.cleanup().await;
+    }
+}
+
+/// One organization's many due webhooks (slow receivers, say) take at most its share of a
+/// claim, and none while it has that many in flight: the other organizations' events go out
+/// beside them. They took every slot, in the order they fell due.
+#[tokio::test]
+async fn webhook_claims_give_each_organization_a_fair_share() {
+    for test in test_stores().await {
+        let store = &test.store;
+        let label = &test.label;
+        let busy = organization(store, "busy").await;
+        let quiet = organization(store, "quiet").await;
+        let due = |org: i64, instance: i64, at: i64| {
+            let mut pending = event(org, instance, "instance.token.refreshed", at);
+            pending.delivery_state = DeliveryState::Pending;
+            pending.next_attempt_at = Some(at);
+            pending
+        };
+        // The busy organization's events fall due first, one per instance.
+        for n in 0..10 {
+            store
+                .insert_event(&due(busy, 100 + n, NOW - 1_000 + n))
+                .await
+                .unwrap();
+        }
+        for n in 0..2 {
+            store.insert_event(&due(quiet, 200 + n, NOW)).await.unwrap();
+        }
+        let claimed = store
+            .claim_pending_deliveries(NOW, 16, NOW + 30_000, 4, &[])
+            .await
+            .unwrap();
+        let of = |org: i64, rows: &[tokenwarden::store::EventRow]| {
+            rows.iter().filter(|e| e.organization_id == org).count()
+        };
+        assert_eq!(
+            (of(busy, &claimed), of(quiet, &claimed)),
+            (4, 2),
+            "[{label}]"
+        );
+        // With its share in flight, the busy organization gets nothing more for now.
+        for n in 0..3 {
+            store.insert_event(&due(quiet, 300 + n, NOW)).await.unwrap();
+        }
+        let claimed = store
+            .claim_pending_deliveries(NOW, 16, NOW + 30_000, 4, &[busy])
+            .await
+            .unwrap();
+        assert_eq!(
+            (of(busy, &claimed), of(quiet, &claimed)),
+            (0, 3),
+            "[{label}]"
         );
         test.cleanup().await;
     }
