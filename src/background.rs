@@ -287,6 +287,7 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
             }
         };
         let claimed_count = claimed.len();
+        let mut deferred = false;
         for (row, due_at) in claimed {
             metrics::histogram!("tokenwarden_scheduler_lag_seconds")
                 .record((now - due_at).max(0) as f64 / 1000.0);
@@ -301,6 +302,7 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
                 None => 0,
                 Some(plan::Admission::After(ms)) => ms,
                 Some(plan::Admission::Defer(at)) => {
+                    deferred = true;
                     metrics::counter!("tokenwarden_scheduler_deferred_total").increment(1);
                     release(&app, &row, at).await;
                     continue;
@@ -346,8 +348,11 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
         if let Some(limiter) = limiter.as_mut() {
             limiter.forget_idle(now);
         }
-        if claimed_count == limit {
-            continue; // More may be due right now; the next turn waits for a free slot.
+        // More may be due right now; the next turn waits for a free slot. Not when the rate
+        // limit deferred some: claiming the backlog again at once would only give it back
+        // again (a write per row and turn), so the loop sleeps its shortest sleep first.
+        if claimed_count == limit && !deferred {
+            continue;
         }
         let next_due = match app.store.next_due_time().await {
             Ok(next) => next,
