@@ -13,6 +13,7 @@ use crate::app::SharedApp;
 use crate::crypto::hash_secret;
 use crate::store::InstanceRow;
 
+#[derive(Clone)]
 pub struct Caller {
     pub user_id: i64,
     pub organization_id: i64,

@@ -198,7 +198,7 @@ pub async fn create(
         .connector(caller.organization_id, &key)
         .await?
         .ok_or_else(|| ApiError::bad_request(format!("There is no connector `{key}`")))?;
-    create_instance(&app, &caller, &connector, body).await
+    create_to_the_end(&app, &caller, connector, body).await
 }
 
 #[utoipa::path(
@@ -219,7 +219,26 @@ pub async fn create_for_element(
 ) -> ApiResult<(StatusCode, AxumJson<Value>)> {
     caller.require_organization()?;
     let connector = find(&app, caller.organization_id, &key).await?;
-    create_instance(&app, &caller, &connector, body).await
+    create_to_the_end(&app, &caller, std::sync::Arc::new(connector), body).await
+}
+
+/// A creation runs in a task of its own, to its end: once the provider has exchanged the code
+/// (single use) its tokens are stored, whether the caller waits or hangs up (cut between the
+/// exchange and the insert, the grant lived on at the provider with nobody holding its tokens,
+/// and the caller's retry found its code used).
+async fn create_to_the_end(
+    app: &SharedApp,
+    caller: &Caller,
+    connector: std::sync::Arc<Connector>,
+    body: InstanceBody,
+) -> ApiResult<(StatusCode, AxumJson<Value>)> {
+    let (task_app, by) = (std::sync::Arc::clone(app), caller.clone());
+    crate::refresh::spawn_to_the_end(
+        app,
+        in_this_request(async move { create_instance(&task_app, &by, &connector, body).await }),
+    )
+    .await
+    .map_err(|error| ApiError::internal(format!("the creation stopped: {error}")))?
 }
 
 /// What an exchange or an import produced, before anything is stored.
@@ -752,7 +771,26 @@ enum UpdateMode {
 /// between its read and its write.
 const UPDATE_ATTEMPTS: usize = 3;
 
+/// An update runs in a task of its own, to its end, as a creation does: a re-authentication's
+/// exchanged code must be stored, and a token import's hold ended, whether the caller waits or
+/// hangs up.
 async fn update(
+    app: &SharedApp,
+    caller: &Caller,
+    row: InstanceRow,
+    body: InstanceBody,
+    mode: UpdateMode,
+) -> ApiResult<AxumJson<Value>> {
+    let (task_app, by) = (std::sync::Arc::clone(app), caller.clone());
+    crate::refresh::spawn_to_the_end(
+        app,
+        in_this_request(async move { update_now(&task_app, &by, row, body, mode).await }),
+    )
+    .await
+    .map_err(|error| ApiError::internal(format!("the update stopped: {error}")))?
+}
+
+async fn update_now(
     app: &SharedApp,
     caller: &Caller,
     mut row: InstanceRow,

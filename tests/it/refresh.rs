@@ -1041,6 +1041,48 @@ async fn rotated_tokens_wait_for_a_database_failing_over() {
     drop_test_database(&url).await;
 }
 
+/// A caller that hangs up while its code is being exchanged does not cancel the creation: the
+/// provider issues tokens for a single-use code, and they are stored (the creation was cut,
+/// the grant lived on at the provider with nobody holding its tokens, and a retry found the
+/// code used).
+#[tokio::test]
+async fn a_caller_hanging_up_does_not_cancel_a_creation() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let (code, state) = env
+        .authorize(&env.org, "sandbox-generic", "impatient")
+        .await;
+    fault(
+        &env,
+        json!({"target": "token", "status": 0, "delayMs": 1_500, "count": 1}),
+    )
+    .await;
+    let impatient = env
+        .http
+        .post(env.api("/instances"))
+        .header("authorization", env.org.platform())
+        .json(&json!({"element": {"key": "sandbox-generic"},
+                      "providerData": {"code": code, "state": state},
+                      "configuration": env.configuration(), "name": "impatient"}))
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(impatient.is_err(), "the caller gave up");
+    let listed = eventually("the creation to end", Duration::from_secs(15), || async {
+        let (status, body) = env
+            .get_json(&env.api("/instances"), &env.org.platform())
+            .await;
+        assert_eq!(status, 200, "{body}");
+        (body.as_array().unwrap().len() == 1).then_some(body)
+    })
+    .await;
+    assert_eq!(listed[0]["name"], "impatient", "{listed}");
+    assert_eq!(listed[0]["valid"], true, "{listed}");
+    assert_eq!(stat(&env, &["token", "authorization_code"]).await, 1);
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// A caller that hangs up while the refresh is at the provider does not cancel it: the rotated
 /// token is committed anyway, so the strict provider's grant lives on and the next call works
 /// without another refresh.
