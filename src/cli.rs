@@ -386,7 +386,7 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             }
             // Everything else is done; these need a person (exit 2: not a failed rotation).
             eprintln!(
-                "{} row(s) open with none of the keys given and were left as they are: {} (altered, or sealed under a key no longer configured: give that key in TOKENWARDEN_PREVIOUS_MASTER_KEYS and rotate again, or delete the instances)",
+                "{} row(s) open with none of the keys given and were left as they are, all their values under their old keys: {} (altered, or sealed under a key no longer configured: give that key in TOKENWARDEN_PREVIOUS_MASTER_KEYS and rotate again, or delete the instances; keep the old key until then)",
                 resealed.unreadable.len(),
                 resealed.unreadable.join(", ")
             );

@@ -178,16 +178,21 @@ pub async fn deliver_due(
     // Tasks of their own: a delivery waiting for the store must make progress while this
     // loop waits for the store too (SQLite has one connection).
     let mut in_flight = tokio::task::JoinSet::new();
-    // Deliveries in flight per organization, for the fair share.
-    let mut per_organization: std::collections::HashMap<i64, usize> = Default::default();
+    // Whose delivery each task is, for the fair share: a task that ends in any way (a panic
+    // too) leaves it, by its id.
+    let mut owners: std::collections::HashMap<tokio::task::Id, i64> = Default::default();
     let mut attempted = 0;
     loop {
-        while let Some(Ok(organization)) = in_flight.try_join_next() {
-            ended(&mut per_organization, organization);
+        while let Some(done) = in_flight.try_join_next_with_id() {
+            owners.remove(&ended_task(done));
         }
         let free = DELIVERY_CONCURRENCY - in_flight.len();
         if free > 0 && !*shutdown.borrow() {
             let now = now_ms();
+            let mut per_organization: std::collections::HashMap<i64, usize> = Default::default();
+            for organization in owners.values() {
+                *per_organization.entry(*organization).or_default() += 1;
+            }
             let full: Vec<i64> = per_organization
                 .iter()
                 .filter(|(_, count)| **count >= DELIVERY_PER_ORGANIZATION)
@@ -209,11 +214,9 @@ pub async fn deliver_due(
                     for event in due {
                         let app = std::sync::Arc::clone(app);
                         let organization = event.organization_id;
-                        *per_organization.entry(organization).or_default() += 1;
-                        in_flight.spawn(async move {
-                            deliver_and_record(&app, event).await;
-                            organization
-                        });
+                        let task =
+                            in_flight.spawn(async move { deliver_and_record(&app, event).await });
+                        owners.insert(task.id(), organization);
                     }
                 }
                 Err(error) => {
@@ -228,9 +231,9 @@ pub async fn deliver_due(
         // delivery ends (one that hangs ends only at its timeout).
         let claiming = in_flight.len() < DELIVERY_CONCURRENCY && !*shutdown.borrow();
         tokio::select! {
-            done = in_flight.join_next() => {
-                if let Some(Ok(organization)) = done {
-                    ended(&mut per_organization, organization);
+            done = in_flight.join_next_with_id() => {
+                if let Some(done) = done {
+                    owners.remove(&ended_task(done));
                 }
             }
             () = tokio::time::sleep(std::time::Duration::from_millis(200)), if claiming => {}
@@ -238,12 +241,13 @@ pub async fn deliver_due(
     }
 }
 
-/// One delivery of `organization` ended.
-fn ended(per_organization: &mut std::collections::HashMap<i64, usize>, organization: i64) {
-    if let Some(count) = per_organization.get_mut(&organization) {
-        *count -= 1;
-        if *count == 0 {
-            per_organization.remove(&organization);
+/// The id of a delivery task that ended, however it ended.
+fn ended_task(done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) -> tokio::task::Id {
+    match done {
+        Ok((id, ())) => id,
+        Err(error) => {
+            tracing::error!("a webhook delivery task failed: {error}");
+            error.id()
         }
     }
 }

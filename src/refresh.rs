@@ -50,7 +50,7 @@ const LEASE_RENEW_MS: u64 = 3_000;
 /// failing over takes tens of seconds; the provider has retired the old refresh token already,
 /// so giving up loses the grant at strict providers). With the provider timeout, within what
 /// shutdown waits for a refresh.
-const COMMIT_RETRY_FOR: Duration = Duration::from_secs(30);
+pub const COMMIT_RETRY_FOR: Duration = Duration::from_secs(30);
 /// The first pause between commit attempts, doubling up to [`COMMIT_RETRY_MAX_MS`].
 const COMMIT_RETRY_MS: u64 = 125;
 const COMMIT_RETRY_MAX_MS: u64 = 2_000;

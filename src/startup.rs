@@ -32,7 +32,12 @@ impl RunningServer {
         // Refreshes and revocations under way end with their commit: a revocation may wait
         // for the instance (15 s) and make two provider calls, then commit with retries. (Give
         // the process that long to stop: a termination grace period of 80 s.)
-        let limit = self.app.config.provider_timeout * 2 + std::time::Duration::from_secs(20);
+        let limit = (self.app.config.provider_timeout * 2 + std::time::Duration::from_secs(20))
+            .max(
+                self.app.config.provider_timeout
+                    + crate::refresh::COMMIT_RETRY_FOR
+                    + std::time::Duration::from_secs(10),
+            );
         if !self.app.refresh.wait_until_done(limit).await {
             tracing::warn!(
                 "shutdown: refreshes still running after {} s; their leases will expire",

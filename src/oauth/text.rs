@@ -44,9 +44,15 @@ pub fn redact(text: &str, secrets: &[&str]) -> String {
             }
         }
     }
-    // Text already cut (ending in `…`) may end with the beginning of a secret.
+    // Text already cut (ending in `…`) may end with the beginning of a secret, in any of its
+    // forms.
     if let Some(head) = out.strip_suffix('…') {
-        for secret in secrets.iter().filter(|secret| secret.len() >= 8) {
+        let forms: Vec<String> = secrets
+            .iter()
+            .filter(|secret| secret.len() >= 8)
+            .flat_map(|secret| echoed_forms(secret))
+            .collect();
+        for secret in &forms {
             let longest = secret.len().min(head.len());
             let tail = (4..=longest).rev().find(|&k| {
                 secret.is_char_boundary(k)
@@ -177,6 +183,11 @@ mod tests {
                 "{echoed}"
             );
         }
+        // Cut in the middle of an encoded form.
+        assert_eq!(
+            redact("refresh_token=ab%2Fcd%2Bef…", &[secret]),
+            "refresh_token=[redacted]…"
+        );
         // A plain token has one form; ordinary text stays.
         assert_eq!(
             redact("token abcd1234 ok", &["abcd1234"]),

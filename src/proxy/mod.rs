@@ -107,7 +107,7 @@ enum OutgoingBody {
     Streaming(Body),
 }
 
-async fn read_body<B>(body: B, method: &Method, seen: &Surveyed) -> Result<OutgoingBody, ApiError>
+async fn read_body<B>(body: B, seen: &Surveyed) -> Result<OutgoingBody, ApiError>
 where
     B: http_body::Body<Data = Bytes, Error: Into<axum::BoxError>> + Send + 'static,
 {
@@ -116,14 +116,10 @@ where
         .as_ref()
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared == Some(0)
-        || (declared.is_none()
-            && !seen.transfer_encoding
-            && matches!(
-                *method,
-                Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
-            ))
-    {
+    // No body: told by the body itself (HTTP/1 without a length or chunking, an HTTP/2 request
+    // whose headers ended the stream), whatever the method. An HTTP/2 request carries no
+    // `Transfer-Encoding` and need not carry a length: a `DELETE` with a body has neither.
+    if declared == Some(0) || body.is_end_stream() {
         return Ok(OutgoingBody::Kept(Bytes::new()));
     }
     // Boxed only here: a call without a body (the usual GET) never is.
@@ -208,7 +204,6 @@ fn strip(headers: &mut HeaderMap, also: &[header::HeaderName]) {
 struct Surveyed {
     /// The first `Content-Length`.
     content_length: Option<HeaderValue>,
-    transfer_encoding: bool,
     user_agent: bool,
     /// A hop-by-hop header (`Connection` among them) or `Expect`.
     hop_by_hop: bool,
@@ -217,7 +212,6 @@ struct Surveyed {
 fn survey(headers: &HeaderMap) -> Surveyed {
     let mut seen = Surveyed {
         content_length: None,
-        transfer_encoding: false,
         user_agent: false,
         hop_by_hop: false,
     };
@@ -230,7 +224,6 @@ fn survey(headers: &HeaderMap) -> Surveyed {
             seen.user_agent = true;
         } else if name == header::EXPECT || hop_by_hop_name(name) {
             seen.hop_by_hop = true;
-            seen.transfer_encoding |= name == header::TRANSFER_ENCODING;
         }
     }
     seen
@@ -322,7 +315,7 @@ where
         }
     }
     let seen = survey(&parts.headers);
-    let body = read_body(body, &parts.method, &seen).await?;
+    let body = read_body(body, &seen).await?;
     let headers = forwarded_headers(parts.headers, &seen);
     let outgoing = Outgoing {
         method: &parts.method,
@@ -499,6 +492,11 @@ async fn send(
     let body = match body {
         OutgoingBody::Kept(bytes) => {
             if bytes.is_empty() && outgoing.declared_length.is_none() {
+                // A method that carries content says it carries none (RFC 9110 §8.6: some
+                // providers answer 411 otherwise); hyper writes no length for an empty body.
+                if matches!(*outgoing.method, Method::POST | Method::PUT | Method::PATCH) {
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+                }
                 Body::empty()
             } else {
                 headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));

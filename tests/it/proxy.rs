@@ -178,6 +178,55 @@ async fn the_request_arrives_as_sent_with_the_token_swapped_in() {
     drop_test_database(&url).await;
 }
 
+/// Bodies are told by the request itself, not by its method: an HTTP/2 caller's `DELETE` with a
+/// body and no length (HTTP/2 has no chunked encoding and needs no length) reaches the provider
+/// whole (it was dropped as "a DELETE has no body"), and an empty `POST` goes with
+/// `Content-Length: 0` (it went with no length at all, which some providers answer with 411).
+#[tokio::test]
+async fn bodies_are_told_by_the_request_not_its_method() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "bodies")
+        .await;
+    let token = created["token"].as_str().unwrap();
+    let h2c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let chunks = futures_util::stream::iter(
+        ["{\"delete\":", "\"these\"}"]
+            .map(|part| Ok::<_, std::io::Error>(bytes::Bytes::from(part))),
+    );
+    let response = h2c
+        .delete(env.api("/proxy/api/echo"))
+        .header("authorization", env.org.through(token))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    let echo: Value = response.json().await.unwrap();
+    assert_eq!(echo["method"], "DELETE", "{echo}");
+    assert_eq!(echo["body"], "{\"delete\":\"these\"}", "{echo}");
+
+    let response = env
+        .http
+        .post(env.api("/proxy/api/echo"))
+        .header("authorization", env.org.through(token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let echo: Value = response.json().await.unwrap();
+    assert_eq!(echo["headers"]["content-length"], "0", "{echo}");
+    assert_eq!(echo["body"], "", "{echo}");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// A stranger's server under the proxy: counts uploads, serves a large download in chunks,
 /// redirects, and answers with headers of its own.
 async fn upstream() -> (String, Arc<AtomicUsize>, Arc<std::sync::Mutex<Vec<String>>>) {
