@@ -106,6 +106,10 @@ pub enum CallError {
     Connect(BoxError),
     /// The connection failed during the exchange.
     Exchange(hyper::Error),
+    /// A pooled connection closed with the request on it and no answer: the provider closed
+    /// it as the request went out (its keep-alive ended). The request may have reached it; an
+    /// idempotent one can be sent again on a new connection.
+    Stale(hyper::Error),
     /// No answer's headers came in time (connecting included).
     TimedOut,
 }
@@ -118,7 +122,9 @@ impl CallError {
                 "the connection failed",
                 crate::oauth::error_chain(error.as_ref()),
             ),
-            CallError::Exchange(error) => ("the request failed", crate::oauth::error_chain(error)),
+            CallError::Exchange(error) | CallError::Stale(error) => {
+                ("the request failed", crate::oauth::error_chain(error))
+            }
             CallError::TimedOut => return "no answer came in time".into(),
         };
         crate::oauth::cut_text(&format!("{kind}: {chain}"), 300)
@@ -144,7 +150,11 @@ impl ProxyClient {
     /// answer's headers must come by `deadline`, connecting included. `now` is the call's
     /// start: pooled connections are aged by it, and the connection goes back to the pool
     /// stamped with it, idle from then on as far as the pool knows (so one is closed early
-    /// rather than late, and a call costs no clock reading of its own).
+    /// rather than late, and a call costs no clock reading of its own). `fresh`: on a new
+    /// connection, not a pooled one. `upload`: a streamed request body's progress; while it
+    /// goes on, the wait for the answer's headers is counted from its last chunk, not from
+    /// `now` (a provider answers once the upload is in, however long it takes).
+    #[allow(clippy::too_many_arguments)]
     pub async fn request(
         self: &Arc<Self>,
         key: u64,
@@ -153,9 +163,16 @@ impl ProxyClient {
         mut request: Request<Body>,
         now: Instant,
         deadline: tokio::time::Instant,
+        fresh: bool,
+        upload: Option<Arc<UploadProgress>>,
     ) -> Result<(Response<Incoming>, Lease), CallError> {
         loop {
-            let (mut connection, pooled) = match self.take(key, https, authority, now) {
+            let pooled = if fresh {
+                None
+            } else {
+                self.take(key, https, authority, now)
+            };
+            let (mut connection, pooled) = match pooled {
                 Some(connection) => (connection, true),
                 // Boxed: the connection's set-up is a large future, and unboxed it would make
                 // every call's future as large (and copied as often) for the rare call that
@@ -184,7 +201,23 @@ impl ProxyClient {
             let mut sending = std::pin::pin!(sender.try_send_request(request));
             let sent = std::future::poll_fn(|cx| match sending.as_mut().poll(cx) {
                 Poll::Ready(sent) => Poll::Ready(Some(sent)),
-                Poll::Pending => headers_due.as_mut().poll(cx).map(|()| None),
+                Poll::Pending => loop {
+                    if headers_due.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    // Due: unless the upload moved since, then counted from its last chunk.
+                    let moved = upload.as_ref().map(|upload| {
+                        tokio::time::Instant::from_std(upload.last(now))
+                            + deadline
+                                .saturating_duration_since(tokio::time::Instant::from_std(now))
+                    });
+                    match moved {
+                        Some(due) if due > tokio::time::Instant::now() => {
+                            headers_due.as_mut().reset(due);
+                        }
+                        _ => return Poll::Ready(None),
+                    }
+                },
             })
             .await;
             match sent {
@@ -203,7 +236,14 @@ impl ProxyClient {
                     // The pooled connection was closed before the request went out: it goes
                     // on another one, unsent and whole.
                     Some(unsent) if pooled => request = unsent,
-                    _ => return Err(CallError::Exchange(error.into_error())),
+                    _ => {
+                        let error = error.into_error();
+                        return Err(if pooled && error.is_incomplete_message() {
+                            CallError::Stale(error)
+                        } else {
+                            CallError::Exchange(error)
+                        });
+                    }
                 },
                 // The connection goes with the request still out on it.
                 None => return Err(CallError::TimedOut),
@@ -339,6 +379,64 @@ impl Lease {
             started,
         } = self;
         client.give_back(key, https, authority, connection, started);
+    }
+}
+
+/// How far a streamed request body has gone: when its last chunk went, in milliseconds after
+/// the call began.
+#[derive(Default)]
+pub struct UploadProgress {
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl UploadProgress {
+    /// When the last chunk went (`began` when none has).
+    fn last(&self, began: Instant) -> Instant {
+        began + Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// A streamed request body that records its progress in an [`UploadProgress`].
+pub struct Uploading {
+    inner: Body,
+    began: Instant,
+    progress: Arc<UploadProgress>,
+}
+
+impl Uploading {
+    pub fn new(inner: Body, began: Instant, progress: Arc<UploadProgress>) -> Self {
+        Uploading {
+            inner,
+            began,
+            progress,
+        }
+    }
+}
+
+impl HttpBody for Uploading {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_)) | None) = &frame {
+            let since = self.began.elapsed().as_millis() as u64;
+            self.progress
+                .last_ms
+                .store(since, std::sync::atomic::Ordering::Relaxed);
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -275,6 +275,9 @@ where
         .unwrap_or("");
     let query = parts.uri.query();
     let mut target = target_of(&instance, raw_path, query)?;
+    // When the call goes out: its start, or after a refresh made first (the provider's time
+    // to answer is counted from here, not eaten by a slow token endpoint).
+    let mut sent_at = started;
     // Refresh ahead of the call when the connector asks for it.
     let strategy = instance.connector.refresh.strategy;
     let wants_refresh = match strategy {
@@ -303,6 +306,7 @@ where
                 // A refresh may move the base (`oauth.baseUrlFrom`: Salesforce's instance_url).
                 target = target_of(&fresh, raw_path, query)?;
                 instance = fresh;
+                sent_at = Instant::now();
             }
             // A token that has not expired yet still serves while the provider (or our store)
             // recovers.
@@ -316,6 +320,10 @@ where
     }
     let seen = survey(&parts.headers);
     let body = read_body(body, &seen).await?;
+    // Reading a body took the caller's time, not the provider's.
+    if !matches!(&body, OutgoingBody::Kept(bytes) if bytes.is_empty()) {
+        sent_at = Instant::now();
+    }
     let headers = forwarded_headers(parts.headers, &seen);
     let outgoing = Outgoing {
         method: &parts.method,
@@ -331,16 +339,40 @@ where
     } else {
         (headers, None)
     };
-    let first = send(
+    let first = match send(
         app,
         &instance,
         &outgoing,
         target,
         first_headers,
         first_body,
-        started,
+        sent_at,
+        false,
     )
-    .await?;
+    .await
+    {
+        Ok(first) => first,
+        // A pooled connection the provider closed as the request went out (its keep-alive
+        // ended): an idempotent request with a kept body goes once more, on a new connection,
+        // as nginx does. Any other is not sent twice.
+        Err(SendError::Stale(error)) => match (&replayable, &retry_headers) {
+            (Some(bytes), Some(headers)) if idempotent(outgoing.method) => {
+                send(
+                    app,
+                    &instance,
+                    &outgoing,
+                    target_of(&instance, raw_path, query)?,
+                    headers.clone(),
+                    OutgoingBody::Kept(bytes.clone()),
+                    Instant::now(),
+                    true,
+                )
+                .await?
+            }
+            _ => return Err(error),
+        },
+        Err(SendError::Failed(error)) => return Err(error),
+    };
     let (first, rejection) = inspect(app, &instance, first).await?;
     let Some(rejection_message) = rejection else {
         return Ok(first);
@@ -365,6 +397,7 @@ where
                     headers,
                     OutgoingBody::Kept(bytes),
                     Instant::now(),
+                    false,
                 )
                 .await?;
                 Ok(answer(app, second))
@@ -456,6 +489,32 @@ struct Outgoing<'a> {
     declared_length: Option<&'a HeaderValue>,
 }
 
+/// Why [`send`] got no answer.
+enum SendError {
+    Failed(ApiError),
+    /// On a pooled connection the provider closed with the request on it (see
+    /// [`client::CallError::Stale`]).
+    Stale(ApiError),
+}
+
+impl From<SendError> for ApiError {
+    fn from(error: SendError) -> Self {
+        match error {
+            SendError::Failed(error) | SendError::Stale(error) => error,
+        }
+    }
+}
+
+/// Methods that may be sent twice with the same effect (RFC 9110 §9.2.2).
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
+    )
+}
+
+/// Sends the call (`fresh`: on a new connection) and waits for the answer's headers.
+#[allow(clippy::too_many_arguments)]
 async fn send(
     app: &App,
     instance: &CachedInstance,
@@ -464,16 +523,17 @@ async fn send(
     mut headers: HeaderMap,
     body: OutgoingBody,
     now: Instant,
-) -> Result<Answered, ApiError> {
+    fresh: bool,
+) -> Result<Answered, SendError> {
     match (&instance.bearer, &instance.access_token) {
         (Some(bearer), _) => {
             headers.insert(header::AUTHORIZATION, bearer.clone());
         }
         (None, Some(_)) => {
-            return Err(ApiError::new(
+            return Err(SendError::Failed(ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "The provider's access token holds characters no HTTP header can carry",
-            ));
+            )));
         }
         // No token at all: the caller's `Authorization` (its secrets) must not go on either.
         (None, None) => {
@@ -489,6 +549,7 @@ async fn send(
     if !rejection.body_markers.is_empty() || !rejection.ok_false_errors.is_empty() {
         headers.remove(header::ACCEPT_ENCODING);
     }
+    let mut upload = None;
     let body = match body {
         OutgoingBody::Kept(bytes) => {
             if bytes.is_empty() && outgoing.declared_length.is_none() {
@@ -507,7 +568,9 @@ async fn send(
             if let Some(length) = outgoing.declared_length {
                 headers.insert(header::CONTENT_LENGTH, length.clone());
             }
-            body
+            let progress = std::sync::Arc::new(client::UploadProgress::default());
+            upload = Some(std::sync::Arc::clone(&progress));
+            Body::new(client::Uploading::new(body, now, progress))
         }
     };
     let mut request = axum::http::Request::new(body);
@@ -525,17 +588,27 @@ async fn send(
             request,
             now,
             tokio::time::Instant::from_std(now) + timeout,
+            fresh,
+            upload,
         )
         .await
         .map_err(|error| match error {
-            client::CallError::TimedOut => ApiError::new(
+            client::CallError::TimedOut => SendError::Failed(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!("The provider did not answer within {} s", timeout.as_secs()),
-            ),
-            error => ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                format!("The provider could not be reached: {}", error.message()),
-            ),
+            )),
+            error => {
+                let stale = matches!(error, client::CallError::Stale(_));
+                let error = ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!("The provider could not be reached: {}", error.message()),
+                );
+                if stale {
+                    SendError::Stale(error)
+                } else {
+                    SendError::Failed(error)
+                }
+            }
         })
 }
 

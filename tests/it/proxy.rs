@@ -843,3 +843,117 @@ async fn a_connection_still_uploading_is_not_lent_to_the_next_call() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// An upload that takes longer than the provider timeout goes through: the wait for the
+/// answer's headers is counted from the upload's last chunk, not from the call's start (a 1 s
+/// timeout here, against an upload of 3 s; it answered 504 partway through).
+#[tokio::test]
+async fn a_slow_upload_is_not_cut_by_the_provider_timeout() {
+    let url = sqlite_database();
+    let sandbox = tokenwarden_sandbox::spawn(crate::harness::loopback(), Default::default())
+        .await
+        .unwrap();
+    let env = Env::start_with_sandbox("sqlite", &url, sandbox, |config| {
+        config.provider_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let (base, _, _) = upstream().await;
+    register_connector(&env, "slow-upload", json!({"baseUrl": base})).await;
+    let created = env
+        .create_instance(&env.org, "slow-upload", "uploader")
+        .await;
+    let token = created["token"].as_str().unwrap();
+    // 24 chunks of 128 KiB, 150 ms apart: 1 MiB is read first, the rest streams for 2 s.
+    let chunks = futures_util::stream::iter(0..24u32).then(|i| async move {
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        Ok::<_, std::io::Error>(bytes::Bytes::from(vec![(i % 5) as u8; 128 * 1024]))
+    });
+    let expected_sum: u64 = (0..24u64).map(|i| (i % 5) * 128 * 1024).sum();
+    let response = env
+        .http
+        .post(env.api("/proxy/up"))
+        .header("authorization", env.org.through(token))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let body = response.text().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let counted: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        counted,
+        json!({"bytes": 24 * 128 * 1024, "sum": expected_sum})
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+/// A provider that closes a kept-alive connection as the next request arrives on it (its
+/// keep-alive timeout ran out then): a GET goes once more on a new connection and succeeds
+/// (the caller got a 502); a POST is never sent twice and gets the 502.
+#[tokio::test]
+async fn a_pooled_connection_closed_under_a_request_is_retried_only_when_idempotent() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&requests);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counted = Arc::clone(&counted);
+            tokio::spawn(async move {
+                // Each connection answers its first request and closes on the second.
+                for nth in 0.. {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match stream.read(&mut byte).await {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    if nth > 0 {
+                        return;
+                    }
+                    let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}";
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    register_connector(
+        &env,
+        "closing",
+        json!({"baseUrl": format!("http://{addr}/")}),
+    )
+    .await;
+    let created = env.create_instance(&env.org, "closing", "closer").await;
+    let token = created["token"].as_str().unwrap();
+    let call = |method: Method| {
+        env.http
+            .request(method, env.api("/proxy/thing"))
+            .header("authorization", env.org.through(token))
+            .send()
+    };
+    // The first GET opens a connection; the second finds it pooled, and the provider closes it.
+    for n in 0..2 {
+        let response = call(Method::GET).await.unwrap();
+        let status = response.status();
+        assert_eq!(status, 200, "GET {n}: {}", response.text().await.unwrap());
+    }
+    assert_eq!(
+        requests.load(Ordering::SeqCst),
+        3,
+        "the second GET went twice"
+    );
+    let response = call(Method::POST).await.unwrap();
+    assert_eq!(response.status(), 502);
+    assert_eq!(requests.load(Ordering::SeqCst), 4, "the POST went once");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
