@@ -2,8 +2,8 @@
 //! caller's path joined under it.
 //!
 //! **No path leaves the base URL**: dot segments (plain, percent-encoded or followed by `;`
-//! parameters), encoded slashes, backslashes, empty segments, control characters, `?` and `#`
-//! are refused, and the target is built from the base's parsed scheme, authority and path with
+//! parameters, also between encoded slashes), encoded slashes that would make an empty segment,
+//! backslashes, empty segments, control characters, `?` and `#` are refused, and the target is built from the base's parsed scheme, authority and path with
 //! the checked path appended, so the caller's text can neither name another host nor climb out
 //! of the base path. The base itself passed the egress check (no link-local or metadata host)
 //! when it was parsed.
@@ -200,17 +200,28 @@ fn plain(raw_path: &str) -> bool {
 }
 
 fn check_segment(decoded: &[u8]) -> Result<(), ApiError> {
-    // `..;x` is `..` to servers that take `;` as path parameters (Tomcat, Spring).
-    let before_parameters = decoded.split(|b| *b == b';').next().unwrap_or(b"");
-    // Dots and spaces alone (`...`, `.. `): Windows servers trim trailing dots and spaces,
-    // which leaves `..`.
-    if before_parameters.contains(&b'.')
-        && before_parameters.iter().all(|b| matches!(b, b'.' | b' '))
-    {
-        return Err(refuse("`.` and `..` segments are not accepted"));
+    // An encoded slash is part of the segment for the provider (GitLab's `group%2Fproject`,
+    // Cloud Storage's `folder%2Ffile`); one that decodes it anyway sees the pieces as
+    // segments, so each piece is checked as one, and none may be empty (no `//`, no leading
+    // `/`). Backslashes, which some servers take as slashes, stay refused.
+    if decoded.contains(&b'\\') {
+        return Err(refuse("encoded backslashes are not accepted"));
     }
-    if decoded.iter().any(|b| matches!(b, b'/' | b'\\')) {
-        return Err(refuse("encoded slashes and backslashes are not accepted"));
+    for piece in decoded.split(|b| *b == b'/') {
+        if piece.is_empty() && decoded.contains(&b'/') {
+            return Err(refuse(
+                "an encoded slash must come between two non-empty parts of a segment",
+            ));
+        }
+        // `..;x` is `..` to servers that take `;` as path parameters (Tomcat, Spring).
+        let before_parameters = piece.split(|b| *b == b';').next().unwrap_or(b"");
+        // Dots and spaces alone (`...`, `.. `): Windows servers trim trailing dots and
+        // spaces, which leaves `..`.
+        if before_parameters.contains(&b'.')
+            && before_parameters.iter().all(|b| matches!(b, b'.' | b' '))
+        {
+            return Err(refuse("`.` and `..` segments are not accepted"));
+        }
     }
     if String::from_utf8_lossy(decoded)
         .chars()
@@ -366,11 +377,26 @@ mod tests {
             "a/%252e%252e;%25/x",
             "a/%252e%252e;%FF/x",
             "a/%252525252e%252525252e/x",
+            "a%2F..%2Fb",
+            "a%2F%2e%2e%2Fb",
+            "%2Fetc/passwd",
+            "a%2F/b",
+            "a%2F%2Fb",
+            "a%2F.%2Fb",
+            "a%2F..;x%2Fb",
         ] {
             assert!(confine(BASE, bad, None).is_err(), "{bad} must be refused");
         }
-        // A literal percent (not an encoding once decoded) and dots within names still pass.
-        for good in ["search/100%25", "a/v1.2/x", "a/.well-known/x", "a/%2561"] {
+        // A literal percent (not an encoding once decoded) and dots within names still pass,
+        // and so does an encoded slash inside a segment (GitLab's `group%2Fproject`).
+        for good in [
+            "search/100%25",
+            "a/v1.2/x",
+            "a/.well-known/x",
+            "a/%2561",
+            "projects/group%2Fproject/issues",
+            "o/folder%2fsub%2Ffile.txt",
+        ] {
             assert!(confine(BASE, good, None).is_ok(), "{good} must pass");
         }
         for bad_base in [

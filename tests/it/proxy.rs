@@ -82,10 +82,18 @@ async fn paths_that_leave_the_base_url_are_refused_before_any_call() {
         env.sandbox_stats().await["faultsInjected"],
         stats_before["faultsInjected"]
     );
-    // The same path without tricks goes through.
+    // The same path without tricks goes through, and so does an encoded slash inside a
+    // segment (GitLab's `projects/group%2Fproject`), which was refused.
     let status = raw_status(
         env.server.addr,
         "/elements/api-v2/proxy/api/me",
+        &authorization,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let status = raw_status(
+        env.server.addr,
+        "/elements/api-v2/proxy/api/echo/group%2Fproject",
         &authorization,
     )
     .await;
