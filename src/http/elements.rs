@@ -279,8 +279,11 @@ pub async fn oauth_url(
             },
         )
     });
-    app.store
-        .insert_oauth_state(&OAuthStateRow {
+    // A state asked for again (a reload, an integration that passes a fixed one) gets the new
+    // authorization in place of the old one, for the same connector.
+    let kept = app
+        .store
+        .replace_oauth_state(&OAuthStateRow {
             state_hash,
             organization_id: caller.organization_id,
             element_key: key.clone(),
@@ -290,13 +293,12 @@ pub async fn oauth_url(
             scope,
             expires_at: now_ms() + STATE_TTL_MS,
         })
-        .await
-        .map_err(|error| match error {
-            crate::store::StoreError::Conflict(_) => {
-                ApiError::conflict("This `state` is already in use; let the service make one")
-            }
-            other => other.into(),
-        })?;
+        .await?;
+    if !kept {
+        return Err(ApiError::conflict(
+            "This `state` is in use for another connector; choose another or let the service make one",
+        ));
+    }
     Ok(AxumJson(
         json!({"element": key, "oauthUrl": url.as_str(), "state": state}),
     ))

@@ -493,6 +493,34 @@ impl Store {
         Ok(())
     }
 
+    /// Keeps a state a caller chose again (a page reloaded, an integration that passes a fixed
+    /// state): its earlier authorization for the same connector is replaced by this one (the
+    /// newest URL is the one the user follows; an older one's PKCE verifier goes). False when
+    /// the state is held for another connector.
+    pub async fn replace_oauth_state(&self, row: &OAuthStateRow) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "INSERT INTO oauth_states (state_hash, organization_id, element_key, callback_url, \
+             api_key, code_verifier_enc, scope, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (state_hash) DO UPDATE SET callback_url = excluded.callback_url, \
+             api_key = excluded.api_key, code_verifier_enc = excluded.code_verifier_enc, \
+             scope = excluded.scope, expires_at = excluded.expires_at \
+             WHERE oauth_states.organization_id = excluded.organization_id \
+             AND oauth_states.element_key = excluded.element_key",
+        )
+        .bind(&row.state_hash)
+        .bind(row.organization_id)
+        .bind(&row.element_key)
+        .bind(&row.callback_url)
+        .bind(&row.api_key)
+        .bind(&row.code_verifier_enc)
+        .bind(&row.scope)
+        .bind(row.expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
     /// Takes a state once: deletes and returns it if it exists and has not expired. Of two
     /// concurrent takers exactly one gets it.
     pub async fn take_oauth_state(

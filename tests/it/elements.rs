@@ -376,7 +376,9 @@ async fn oauth_url_makes_state_and_keeps_pkce_verifier() {
             "the client secret never goes into the URL"
         );
 
-        // A given state is echoed, and cannot be registered twice.
+        // A given state is echoed; asked for again for the same connector (a reload, a fixed
+        // state), the new authorization replaces the old one (it answered 409 for 15
+        // minutes); for another connector, it is refused.
         let given = call(
             &env,
             Method::GET,
@@ -399,7 +401,51 @@ async fn oauth_url_makes_state_and_keeps_pkce_verifier() {
             None,
         )
         .await;
-        assert_eq!(reused.status, 409, "[{label}] {}", reused.body);
+        assert_eq!(reused.status, 200, "[{label}] {}", reused.body);
+        let elsewhere = call(
+            &env,
+            Method::GET,
+            &oauth_url("sandbox-box", "&state=my-own-state-123"),
+            Some(&auth),
+            None,
+        )
+        .await;
+        assert_eq!(elsewhere.status, 409, "[{label}] {}", elsewhere.body);
+        // With PKCE: the newest URL's verifier is the one kept, and its code is exchanged.
+        let mut newest = Value::Null;
+        for _ in 0..2 {
+            newest = call(
+                &env,
+                Method::GET,
+                &oauth_url("sandbox-generic", "&state=fixed-pkce-state"),
+                Some(&auth),
+                None,
+            )
+            .await
+            .body;
+        }
+        let approved = env
+            .http
+            .get(format!(
+                "{}&login_hint=fixed",
+                newest["oauthUrl"].as_str().unwrap()
+            ))
+            .send()
+            .await
+            .unwrap();
+        let location = approved.headers()["location"].to_str().unwrap().to_string();
+        let code = query_of(&location)["code"].clone();
+        let created = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&auth),
+            Some(json!({"element": {"key": "sandbox-generic"},
+                        "providerData": {"code": code, "state": "fixed-pkce-state"},
+                        "configuration": env.configuration()})),
+        )
+        .await;
+        assert_eq!(created.status, 200, "[{label}] {}", created.body);
 
         // Missing apiKey or callbackUrl: 400 naming it.
         let no_key = call(
