@@ -250,7 +250,16 @@ fn load_or_create_key_file(path: &Path) -> Result<MasterKey, CryptoError> {
         Ok(text) => MasterKey::from_base64(&text),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             let (key, text) = MasterKey::generate();
-            write_private_file(path, text.expose().as_bytes()).map_err(key_file_error)?;
+            match write_private_file(path, text.expose().as_bytes()) {
+                Ok(()) => {}
+                // Another process (`serve` and `orgs create` started together) made it first:
+                // its key, whole (the file appears only once written), is the one.
+                Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let text = std::fs::read_to_string(path).map_err(key_file_error)?;
+                    return MasterKey::from_base64(&text);
+                }
+                Err(error) => return Err(key_file_error(error)),
+            }
             tracing::warn!(
                 key_file = %path.display(),
                 key_id = %key.id_hex(),
@@ -263,6 +272,9 @@ fn load_or_create_key_file(path: &Path) -> Result<MasterKey, CryptoError> {
     }
 }
 
+/// Creates `path` with `contents`, readable by its owner only, all at once: written to a file
+/// of its own first and then linked into place, so that no reader ever sees it half written;
+/// `AlreadyExists` when `path` exists (never replaced).
 fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
@@ -272,9 +284,17 @@ fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    let mut file = options.open(path)?;
-    file.write_all(contents)?;
-    file.sync_all()
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{}.tmp", hex(&random_bytes::<6>())));
+    let staged = std::path::PathBuf::from(name);
+    let written = (|| {
+        let mut file = options.open(&staged)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        std::fs::hard_link(&staged, path)
+    })();
+    let _ = std::fs::remove_file(&staged);
+    written
 }
 
 /// A new 256-bit random secret, URL-safe base64 (organization, user and Element secrets).
@@ -404,6 +424,35 @@ mod tests {
         let error = load_keyring(None, None, "postgres://localhost/x").unwrap_err();
         assert!(error.to_string().contains("TOKENWARDEN_MASTER_KEY"));
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// Processes started together on a new database (`serve &` then `orgs create`) agree on
+    /// one key: the loser of the race read the winner's file (it failed on `AlreadyExists`, or
+    /// read it half written).
+    #[test]
+    fn processes_starting_together_share_one_key_file() {
+        for _ in 0..20 {
+            let dir = std::env::temp_dir().join(format!("tw-key-race-{}", new_id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let url = format!("sqlite://{}/tokenwarden.db?mode=rwc", dir.display());
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+            let ids: Vec<String> = (0..8)
+                .map(|_| {
+                    let (url, barrier) = (url.clone(), std::sync::Arc::clone(&barrier));
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        load_keyring(None, None, &url).unwrap().current_key_id()
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|thread| thread.join().unwrap())
+                .collect();
+            assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+            let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+            assert_eq!(left.len(), 1, "staged files left behind");
+            std::fs::remove_dir_all(dir).ok();
+        }
     }
 
     #[test]

@@ -1482,9 +1482,11 @@ pub async fn revoke(
 /// `work` keeps this request's id (for the audit log and errors) when it runs as a task of its
 /// own.
 fn in_this_request<F: Future>(work: F) -> impl Future<Output = F::Output> {
+    use tracing::Instrument;
     let request_id = axum::http::HeaderValue::from_str(&crate::http::error::current_request_id())
         .unwrap_or_else(|_| axum::http::HeaderValue::from_static("0"));
-    crate::http::error::REQUEST_ID.scope(request_id, work)
+    // The request's span too, so that what the task logs names the request.
+    crate::http::error::REQUEST_ID.scope(request_id, work.instrument(tracing::Span::current()))
 }
 
 /// Whether the connector's instances are refreshed by the scheduler at all: before expiry, or

@@ -47,6 +47,13 @@ const MAX_IDLE_PER_ORIGIN: usize = 256;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How often idle lists are swept of closed and old connections.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// A pooled connection that closes this soon after a request went out on it was closed by the
+/// provider as the request arrived (its keep-alive ended): the request is [`CallError::Stale`].
+/// One that closes later may have been worked on, and is not.
+const STALE_WITHIN: Duration = Duration::from_secs(1);
+/// The longest an upload keeps extending the wait for the answer (a caller trickling bytes
+/// would hold the call open for good otherwise).
+const UPLOAD_AT_MOST: Duration = Duration::from_secs(3600);
 
 /// The proxy's connections to providers.
 pub struct ProxyClient {
@@ -205,12 +212,17 @@ impl ProxyClient {
                     if headers_due.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
                     }
-                    // Due: unless the upload moved since, then counted from its last chunk.
-                    let moved = upload.as_ref().map(|upload| {
-                        tokio::time::Instant::from_std(upload.last(now))
-                            + deadline
-                                .saturating_duration_since(tokio::time::Instant::from_std(now))
-                    });
+                    // Due: unless the upload moved since, then counted from its last chunk (for
+                    // an hour of upload at most).
+                    let moved = upload
+                        .as_ref()
+                        .map(|upload| upload.last(now))
+                        .filter(|last| last.saturating_duration_since(now) < UPLOAD_AT_MOST)
+                        .map(|last| {
+                            tokio::time::Instant::from_std(last)
+                                + deadline
+                                    .saturating_duration_since(tokio::time::Instant::from_std(now))
+                        });
                     match moved {
                         Some(due) if due > tokio::time::Instant::now() => {
                             headers_due.as_mut().reset(due);
@@ -238,11 +250,16 @@ impl ProxyClient {
                     Some(unsent) if pooled => request = unsent,
                     _ => {
                         let error = error.into_error();
-                        return Err(if pooled && error.is_incomplete_message() {
-                            CallError::Stale(error)
-                        } else {
-                            CallError::Exchange(error)
-                        });
+                        return Err(
+                            if pooled
+                                && error.is_incomplete_message()
+                                && now.elapsed() < STALE_WITHIN
+                            {
+                                CallError::Stale(error)
+                            } else {
+                                CallError::Exchange(error)
+                            },
+                        );
                     }
                 },
                 // The connection goes with the request still out on it.

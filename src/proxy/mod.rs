@@ -9,8 +9,8 @@
 //!
 //! **The hot path makes no database query while the cached access token is fresh**: the caller's
 //! secrets and the instance are checked against short-lived in-memory copies.
-//! **No path leaves the instance's base URL**: dot segments, encoded slashes, backslashes and
-//! absolute URLs are refused, and the joined URL is checked to keep the base's origin and path.
+//! **No path leaves the instance's base URL**: dot segments (also between encoded slashes),
+//! backslashes and absolute URLs are refused, and the joined URL is checked to keep the base's origin and path.
 
 use std::time::Instant;
 
@@ -296,17 +296,18 @@ where
         RefreshStrategy::On401 => instance.access_token.is_none(),
     } || instance.rejected();
     if wants_refresh {
-        match app
+        let refreshed = app
             .refresh
             .refresh(app, instance.id, Some(instance.token_version), None)
-            .await
-        {
+            .await;
+        // However it went, the refresh took the caller's time, not the provider's.
+        sent_at = Instant::now();
+        match refreshed {
             Ok(fresh) => {
                 usable(&fresh)?;
                 // A refresh may move the base (`oauth.baseUrlFrom`: Salesforce's instance_url).
                 target = target_of(&fresh, raw_path, query)?;
                 instance = fresh;
-                sent_at = Instant::now();
             }
             // A token that has not expired yet still serves while the provider (or our store)
             // recovers.
