@@ -39,6 +39,21 @@ pub enum PlatformResponses {
     NotFound(ErrorBody),
 }
 
+/// The errors every platform call can give, for a call whose success is not a plain 200.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum PlatformErrors {
+    #[response(status = 400, description = "Bad input")]
+    BadInput(ErrorBody),
+    #[response(status = 401, description = "Missing or wrong secrets")]
+    Unauthorized(ErrorBody),
+    #[response(
+        status = 404,
+        description = "Not found (also for other organizations' ids)"
+    )]
+    NotFound(ErrorBody),
+}
+
 struct PlatformSecurity;
 
 impl Modify for PlatformSecurity {

@@ -187,17 +187,41 @@ impl LatencyHistogram {
     }
 }
 
-/// Gauges read from the store when `/metrics` is scraped: instances by state, outbox backlog.
+/// How often a scrape reads the gauges from the store; scrapes in between see the last values
+/// (a count over every instance per scrape would hold up SQLite's one connection at scale).
+const GAUGES_EVERY_MS: i64 = 15_000;
+
+/// Gauges read from the store when `/metrics` is scraped, at most every [`GAUGES_EVERY_MS`]:
+/// instances by state (the API's state names), outbox backlog. They count the whole database,
+/// so every replica reports the same totals: aggregate them across replicas with `max`, not
+/// `sum`.
 pub async fn update_gauges(app: &crate::app::App) {
+    use std::sync::atomic::Ordering::Relaxed;
+    // Per process: one service runs per process (the tests' one scrape included).
+    static LAST_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(i64::MIN);
+    let now = crate::app::now_ms();
+    let last = LAST_MS.load(Relaxed);
+    if now.saturating_sub(last) < GAUGES_EVERY_MS
+        || LAST_MS
+            .compare_exchange(last, now, Relaxed, Relaxed)
+            .is_err()
+    {
+        return;
+    }
     if let Ok(counts) = app.store.count_instances_by_state().await {
         // Every state is set, to 0 when absent, so a state that empties does not keep its
         // last count.
-        for state in ["valid", "invalid", "disabled", "refresh_failing"] {
+        for (stored, shown) in [
+            ("valid", "valid"),
+            ("invalid", "needs_reauthentication"),
+            ("disabled", "disabled"),
+            ("refresh_failing", "refresh_failing"),
+        ] {
             let count = counts
                 .iter()
-                .find(|(name, _)| name == state)
+                .find(|(name, _)| name == stored)
                 .map_or(0, |(_, count)| *count);
-            metrics::gauge!("tokenwarden_instances", "state" => state).set(count as f64);
+            metrics::gauge!("tokenwarden_instances", "state" => shown).set(count as f64);
         }
     }
     if let Ok(backlog) = app.store.count_pending_deliveries().await {

@@ -100,7 +100,11 @@ pub async fn find(app: &SharedApp, organization_id: i64, key: &str) -> ApiResult
     tag = "connectors",
     summary = "Register an organization's own OAuth2 connector",
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        (status = 201, description = "Registered: the connector"),
+        (status = 409, description = "The key is taken (a built-in connector's, or one of the organization's)", body = crate::openapi::ErrorBody),
+        crate::openapi::PlatformErrors,
+    ),
 )]
 pub async fn create(
     State(app): State<SharedApp>,

@@ -18,7 +18,10 @@ use crate::app::SharedApp;
     operation_id = "ops_healthz",
     tag = "operations",
     summary = "Health, with a database check",
-    responses((status = 200, description = "Success")),
+    responses(
+        (status = 200, description = "Up, its database answering"),
+        (status = 503, description = "The database does not answer"),
+    ),
 )]
 pub async fn healthz(State(app): State<SharedApp>) -> Response {
     match app.store.ping().await {
@@ -87,7 +90,10 @@ fn escape(text: &str) -> String {
     operation_id = "ops_oauth_callback",
     tag = "operations",
     summary = "The page a provider redirects to: shows code and state",
-    responses((status = 200, description = "Success")),
+    responses(
+        (status = 200, description = "The code and state, shown"),
+        (status = 400, description = "The provider refused (`error`), or sent no code"),
+    ),
 )]
 pub async fn oauth_callback(Query(query): Query<HashMap<String, String>>) -> Response {
     let field = |name: &str| escape(query.get(name).map(String::as_str).unwrap_or(""));
@@ -96,13 +102,15 @@ pub async fn oauth_callback(Query(query): Query<HashMap<String, String>>) -> Res
             .get("error_description")
             .map(String::as_str)
             .unwrap_or("");
+        // The window that opened this one (the dashboard's Reconnect) hears of the refusal at
+        // once, not after waiting out its five minutes.
         let page = format!(
-            "<!doctype html><html><head><meta charset=utf-8><title>Authorization failed</title></head><body><h1>Authorization failed</h1><p>The provider answered <code id=error>{}</code>: <span id=error_description>{}</span></p><p>state: <code id=state>{}</code></p></body></html>",
+            "<!doctype html><html><head><meta charset=utf-8><title>Authorization failed</title></head><body><h1>Authorization failed</h1><p>The provider answered <code id=error>{}</code>: <span id=error_description>{}</span></p><p>state: <code id=state>{}</code></p><script>if (window.opener) {{ window.opener.postMessage({{type: 'tokenwarden-oauth', error: document.getElementById('error').textContent, errorDescription: document.getElementById('error_description').textContent, state: document.getElementById('state').textContent}}, window.location.origin); }}</script></body></html>",
             escape(error),
             escape(description),
             field("state"),
         );
-        return (StatusCode::BAD_REQUEST, Html(page)).into_response();
+        return (StatusCode::BAD_REQUEST, NO_STORE, Html(page)).into_response();
     } else {
         let extras: String = query
             .iter()
@@ -124,8 +132,12 @@ pub async fn oauth_callback(Query(query): Query<HashMap<String, String>>) -> Res
         )
             .into_response();
     }
-    Html(body).into_response()
+    (NO_STORE, Html(body)).into_response()
 }
+
+/// The page shows an authorization code: no cache keeps it.
+const NO_STORE: [(axum::http::HeaderName, &str); 1] =
+    [(axum::http::header::CACHE_CONTROL, "no-store")];
 
 pub async fn not_found() -> ApiError {
     ApiError::not_found("There is no such path; the platform API is under /elements/api-v2")

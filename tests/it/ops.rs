@@ -59,7 +59,7 @@ async fn metrics_has_every_family_after_a_scenario() {
         "tokenwarden_proxy_requests_total{status=\"2xx\"}",
         "tokenwarden_proxy_seconds_bucket{le=",
         "tokenwarden_instances{state=\"valid\"}",
-        "tokenwarden_instances{state=\"invalid\"}",
+        "tokenwarden_instances{state=\"needs_reauthentication\"}",
         "tokenwarden_scheduler_lag_seconds_bucket{le=",
         "tokenwarden_outbox_backlog",
     ] {
@@ -305,4 +305,35 @@ async fn http1_and_http2_on_one_port_and_shutdown_closes_idle_connections() {
     drop(silent);
     sandbox.shutdown().await;
     drop_test_database(&url).await;
+}
+
+/// `/oauth/callback` shows a code with `Cache-Control: no-store` (no cache keeps it), and a
+/// refusal tells the window that opened it (the dashboard's Reconnect waited its full five
+/// minutes), also uncached.
+#[tokio::test]
+async fn the_callback_page_is_not_cached_and_reports_a_refusal() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let page = |query: &str| {
+        env.http
+            .get(format!("{}/oauth/callback?{query}", env.server.url))
+            .send()
+    };
+    let shown = page("code=abc&state=xyz").await.unwrap();
+    assert_eq!(shown.status(), 200);
+    assert_eq!(shown.headers()["cache-control"], "no-store");
+    assert!(shown.text().await.unwrap().contains("abc"));
+    let refused = page("error=access_denied&error_description=no&state=xyz")
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    assert_eq!(refused.headers()["cache-control"], "no-store");
+    let text = refused.text().await.unwrap();
+    assert!(text.contains("access_denied"), "{text}");
+    assert!(
+        text.contains("postMessage") && text.contains("error:"),
+        "the refusal is posted to the opener: {text}"
+    );
+    env.stop().await;
+    crate::support::drop_test_database(&url).await;
 }
