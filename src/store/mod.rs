@@ -475,21 +475,7 @@ impl Store {
 
     /// `Conflict` when the state is already in use.
     pub async fn insert_oauth_state(&self, row: &OAuthStateRow) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO oauth_states (state_hash, organization_id, element_key, callback_url, \
-             api_key, code_verifier_enc, scope, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(&row.state_hash)
-        .bind(row.organization_id)
-        .bind(&row.element_key)
-        .bind(&row.callback_url)
-        .bind(&row.api_key)
-        .bind(&row.code_verifier_enc)
-        .bind(&row.scope)
-        .bind(row.expires_at)
-        .execute(&self.pool)
-        .await?;
+        self.write_oauth_state(row, "").await?;
         Ok(())
     }
 
@@ -498,26 +484,40 @@ impl Store {
     /// newest URL is the one the user follows; an older one's PKCE verifier goes). False when
     /// the state is held for another connector.
     pub async fn replace_oauth_state(&self, row: &OAuthStateRow) -> Result<bool, StoreError> {
-        let result = sqlx::query(
-            "INSERT INTO oauth_states (state_hash, organization_id, element_key, callback_url, \
-             api_key, code_verifier_enc, scope, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-             ON CONFLICT (state_hash) DO UPDATE SET callback_url = excluded.callback_url, \
+        self.write_oauth_state(
+            row,
+            " ON CONFLICT (state_hash) DO UPDATE SET callback_url = excluded.callback_url, \
              api_key = excluded.api_key, code_verifier_enc = excluded.code_verifier_enc, \
              scope = excluded.scope, expires_at = excluded.expires_at \
              WHERE oauth_states.organization_id = excluded.organization_id \
              AND oauth_states.element_key = excluded.element_key",
         )
-        .bind(&row.state_hash)
-        .bind(row.organization_id)
-        .bind(&row.element_key)
-        .bind(&row.callback_url)
-        .bind(&row.api_key)
-        .bind(&row.code_verifier_enc)
-        .bind(&row.scope)
-        .bind(row.expires_at)
-        .execute(&self.pool)
-        .await?;
+        .await
+    }
+
+    /// Inserts a state row, `on_conflict` deciding what a taken state does; true when a row
+    /// was written.
+    async fn write_oauth_state(
+        &self,
+        row: &OAuthStateRow,
+        on_conflict: &'static str,
+    ) -> Result<bool, StoreError> {
+        let sql = format!(
+            "INSERT INTO oauth_states (state_hash, organization_id, element_key, callback_url, \
+             api_key, code_verifier_enc, scope, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8){on_conflict}"
+        );
+        let result = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&row.state_hash)
+            .bind(row.organization_id)
+            .bind(&row.element_key)
+            .bind(&row.callback_url)
+            .bind(&row.api_key)
+            .bind(&row.code_verifier_enc)
+            .bind(&row.scope)
+            .bind(row.expires_at)
+            .execute(&self.pool)
+            .await?;
         Ok(result.rows_affected() == 1)
     }
 

@@ -848,6 +848,45 @@ async fn a_revocation_during_a_refresh_revokes_the_new_token() {
     drop_test_database(&url).await;
 }
 
+/// A strict rotating provider's refresh while `disturb` (given the held token call) makes the
+/// store fail once the refresh is at the provider: the call still answers 200, the next call
+/// needs no refresh, and no refresh token went to the provider twice.
+async fn rotated_tokens_outlast<F, Fut>(env: &Env, disturb: F)
+where
+    F: FnOnce(u64) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    generic_profile(env, strict_rotation()).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "disturbed")
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    expire_access_tokens(env).await;
+    let held = hold_next_token_call(env, 1_000).await;
+    let call = proxy_at(
+        env,
+        &env.server.url,
+        &env.org,
+        &token,
+        Method::GET,
+        "api/me",
+    );
+    let ((status, body, _), ()) = tokio::join!(call, disturb(held));
+    assert_eq!(status, 200, "the call waited for the commit: {body}");
+    let (status, body, _) = proxy_at(
+        env,
+        &env.server.url,
+        &env.org,
+        &token,
+        Method::GET,
+        "api/me",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(refreshes(env).await, 1, "no second refresh");
+    assert_eq!(stat(env, &["tokenErrors"]).await, 0, "no reuse");
+}
+
 /// A store that fails the commit of rotated tokens for a while (here SQLite's file locked by
 /// another writer for longer than a commit's two busy timeouts, batch and alone) does not lose
 /// them: the commit is tried again, so the strict provider's grant lives on and the next call
@@ -857,48 +896,24 @@ async fn a_revocation_during_a_refresh_revokes_the_new_token() {
 async fn a_failing_commit_of_rotated_tokens_is_tried_again() {
     let url = sqlite_database();
     let env = Env::start("sqlite", &url).await;
-    generic_profile(&env, strict_rotation()).await;
-    let created = env
-        .create_instance(&env.org, "sandbox-generic", "locked-out")
-        .await;
-    let token = created["token"].as_str().unwrap().to_string();
-    expire_access_tokens(&env).await;
-    let held = hold_next_token_call(&env, 1_000).await;
-    let call = proxy_at(
-        &env,
-        &env.server.url,
-        &env.org,
-        &token,
-        Method::GET,
-        "api/me",
-    );
-    let lock = async {
-        // Once the refresh is at the provider (its lease taken), another writer holds the file.
-        at_the_provider(&env, held).await;
-        use sqlx::Connection;
-        sqlx::any::install_default_drivers();
-        let mut other = sqlx::AnyConnection::connect(&url).await.unwrap();
-        sqlx::query("BEGIN EXCLUSIVE")
-            .execute(&mut other)
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(11_500)).await;
-        sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
-    };
-    let ((status, body, _), ()) = tokio::join!(call, lock);
-    assert_eq!(status, 200, "the call waited for the commit: {body}");
-    let (status, body, _) = proxy_at(
-        &env,
-        &env.server.url,
-        &env.org,
-        &token,
-        Method::GET,
-        "api/me",
-    )
+    rotated_tokens_outlast(&env, |held| {
+        let (env, url) = (&env, &url);
+        async move {
+            // Once the refresh is at the provider (its lease taken), another writer holds the
+            // file.
+            at_the_provider(env, held).await;
+            use sqlx::Connection;
+            sqlx::any::install_default_drivers();
+            let mut other = sqlx::AnyConnection::connect(url).await.unwrap();
+            sqlx::query("BEGIN EXCLUSIVE")
+                .execute(&mut other)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(11_500)).await;
+            sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+        }
+    })
     .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(refreshes(&env).await, 1, "no second refresh");
-    assert_eq!(stat(&env, &["tokenErrors"]).await, 0, "no reuse");
     env.stop().await;
     drop_test_database(&url).await;
 }
@@ -986,57 +1001,31 @@ async fn rotated_tokens_wait_for_a_database_failing_over() {
         panic!("PostgreSQL is needed for this test (.ci/run starts it)");
     };
     let env = Env::start("postgres", &url).await;
-    generic_profile(&env, strict_rotation()).await;
-    let created = env
-        .create_instance(&env.org, "sandbox-generic", "failover")
-        .await;
-    let token = created["token"].as_str().unwrap().to_string();
-    expire_access_tokens(&env).await;
-    let held = hold_next_token_call(&env, 1_000).await;
-    let call = proxy_at(
-        &env,
-        &env.server.url,
-        &env.org,
-        &token,
-        Method::GET,
-        "api/me",
-    );
-    let outage = async {
-        at_the_provider(&env, held).await;
-        use sqlx::Connection;
-        let database = url.rsplit('/').next().unwrap().to_string();
-        let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
-        let until = Instant::now() + Duration::from_secs(8);
-        let mut cut = 0;
-        while Instant::now() < until {
-            cut += sqlx::query_scalar::<_, bool>(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE datname = $1 AND pid <> pg_backend_pid()",
-            )
-            .bind(&database)
-            .fetch_all(&mut admin)
-            .await
-            .unwrap()
-            .len();
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    rotated_tokens_outlast(&env, |held| {
+        let (env, url) = (&env, &url);
+        async move {
+            at_the_provider(env, held).await;
+            use sqlx::Connection;
+            let database = url.rsplit('/').next().unwrap().to_string();
+            let mut admin = sqlx::PgConnection::connect(url).await.unwrap();
+            let until = Instant::now() + Duration::from_secs(8);
+            let mut cut = 0;
+            while Instant::now() < until {
+                cut += sqlx::query_scalar::<_, bool>(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = $1 AND pid <> pg_backend_pid()",
+                )
+                .bind(&database)
+                .fetch_all(&mut admin)
+                .await
+                .unwrap()
+                .len();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(cut > 0, "no connection was cut");
         }
-        cut
-    };
-    let ((status, body, _), cut) = tokio::join!(call, outage);
-    assert!(cut > 0, "no connection was cut");
-    assert_eq!(status, 200, "the call waited for the commit: {body}");
-    let (status, body, _) = proxy_at(
-        &env,
-        &env.server.url,
-        &env.org,
-        &token,
-        Method::GET,
-        "api/me",
-    )
+    })
     .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(refreshes(&env).await, 1, "no second refresh");
-    assert_eq!(stat(&env, &["tokenErrors"]).await, 0, "no reuse");
     env.stop().await;
     drop_test_database(&url).await;
 }
