@@ -575,7 +575,11 @@ pub async fn verify(
             let body = if (200..300).contains(&status) {
                 Vec::new()
             } else {
-                read_at_most(response, VERIFY_BODY_BYTES).await
+                let mut response = response;
+                crate::oauth::read_capped(&mut response, VERIFY_BODY_BYTES)
+                    .await
+                    .map(|(body, _)| body)
+                    .unwrap_or_default()
             };
             if (200..300).contains(&status) {
                 json!({"ok": true, "status": status, "path": spec.path, "checkedAt": iso8601(started)})
@@ -596,20 +600,6 @@ pub async fn verify(
 
 /// How much of a refused verification call's answer is read for the provider's words.
 const VERIFY_BODY_BYTES: usize = 64 * 1024;
-
-/// The first `limit` bytes of an answer's body (fewer if it ends first or fails midway).
-async fn read_at_most(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
-    let mut body = Vec::new();
-    while let Ok(Some(chunk)) = response.chunk().await {
-        let room = limit - body.len();
-        if chunk.len() >= room {
-            body.extend_from_slice(&chunk[..room]);
-            break;
-        }
-        body.extend_from_slice(&chunk);
-    }
-    body
-}
 
 /// `base` + `/` + `path`, with exactly one slash between them.
 pub fn join_url(base: &str, path: &str) -> String {

@@ -595,12 +595,7 @@ impl RefreshEngine {
                 // rather than wait for the lease to run out. No refresh of this process runs
                 // on it: they all hold this flight. The claim, when its turn comes, finds the
                 // row moved on or its lease gone, and refreshes nothing.
-                if row.refresh_lease_owner.as_deref() == Some(app.replica_id.as_str())
-                    && let Some(row) = app
-                        .store
-                        .renew_refresh_lease(id, &app.replica_id, now + LEASE_MS)
-                        .await?
-                {
+                if let Some(row) = take_over_own_claim(app, &row, now).await? {
                     break row;
                 }
                 if Instant::now() > deadline {
@@ -711,18 +706,13 @@ impl RefreshEngine {
                     // Our own scheduler claimed the row and waits for this instance's turn,
                     // which we hold: take its claim over rather than wait for ourselves. When
                     // it gets its turn, the version has moved and it refreshes nothing.
-                    if row.refresh_lease_owner.as_deref() == Some(app.replica_id.as_str()) {
-                        let claimed_at = row.refresh_lease_until.unwrap_or(i64::MAX) - LEASE_MS;
-                        let interrupted =
-                            row.refresh_in_flight_since.is_some_and(|t| t < claimed_at);
-                        if let Some(leased) = app
-                            .store
-                            .renew_refresh_lease(id, &app.replica_id, now + LEASE_MS)
-                            .await
-                            .map_err(store_error)?
-                        {
-                            break (leased, interrupted);
-                        }
+                    let claimed_at = row.refresh_lease_until.unwrap_or(i64::MAX) - LEASE_MS;
+                    let interrupted = row.refresh_in_flight_since.is_some_and(|t| t < claimed_at);
+                    if let Some(leased) = take_over_own_claim(app, &row, now)
+                        .await
+                        .map_err(store_error)?
+                    {
+                        break (leased, interrupted);
                     }
                     // Another replica is refreshing: wait for its result, bounded.
                     if Instant::now() > deadline {
@@ -1155,6 +1145,22 @@ impl RefreshEngine {
         check_usable(&now, now_ms())?;
         Ok(now)
     }
+}
+
+/// The row's lease renewed for us when this replica's scheduler holds it (a claim waiting for the
+/// instance's flight, which the caller holds): taken over rather than waited for. `None` when
+/// the lease is another replica's, or went meanwhile.
+async fn take_over_own_claim(
+    app: &App,
+    row: &InstanceRow,
+    now: i64,
+) -> Result<Option<InstanceRow>, crate::store::StoreError> {
+    if row.refresh_lease_owner.as_deref() != Some(app.replica_id.as_str()) {
+        return Ok(None);
+    }
+    app.store
+        .renew_refresh_lease(row.id, &app.replica_id, now + LEASE_MS)
+        .await
 }
 
 fn check_usable(row: &InstanceRow, now: i64) -> Result<(), RefreshFailure> {

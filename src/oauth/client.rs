@@ -417,17 +417,9 @@ impl OAuthClient {
         };
         let content_type = header_text(CONTENT_TYPE);
         let retry_after = header_text(RETRY_AFTER).and_then(|value| parse_retry_after(&value));
-        let mut body = Vec::new();
-        let mut truncated = false;
-        while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
-            let room = MAX_BODY_BYTES - body.len();
-            if chunk.len() > room {
-                body.extend_from_slice(&chunk[..room]);
-                truncated = true;
-                break;
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let (body, truncated) = read_capped(&mut response, MAX_BODY_BYTES)
+            .await
+            .map_err(transport_error)?;
         tracing::debug!(
             %method,
             host,
@@ -487,6 +479,24 @@ fn client_auth<'a>(
             Auth::None
         }
     }
+}
+
+/// An answer's body up to `limit` bytes, and whether there was more (not read: whoever answers
+/// may send without end).
+pub async fn read_capped(
+    response: &mut reqwest::Response,
+    limit: usize,
+) -> Result<(Vec<u8>, bool), reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = limit - body.len();
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok((body, true));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((body, false))
 }
 
 /// RFC 6749 §2.3.1: the client id and secret are form-urlencoded, then joined with `:` and

@@ -33,7 +33,9 @@ use sha2::{Digest as _, Sha256};
 use crate::catalog::OAuthSpec;
 use crate::secret::Secret;
 
-pub use client::{OAuthClient, RevokeOutcome, TokenHint, error_chain, transport_message};
+pub use client::{
+    OAuthClient, RevokeOutcome, TokenHint, error_chain, read_capped, transport_message,
+};
 pub use error::{OAuthError, RATE_LIMITED_TEXT, is_permanent_error_code};
 pub use rejection::{api_rejection, describe_provider_body};
 pub use response::{TokenSet, parse_token_response};
