@@ -943,7 +943,14 @@ impl RefreshEngine {
                             )
                             .await;
                         match tried {
-                            Err(error) if first.elapsed() < COMMIT_RETRY_FOR => {
+                            // A value the database refuses is refused again: not retried.
+                            Err(error)
+                                if first.elapsed() < COMMIT_RETRY_FOR
+                                    && !matches!(
+                                        error,
+                                        crate::store::StoreError::InvalidText(_)
+                                    ) =>
+                            {
                                 attempt += 1;
                                 tracing::warn!(
                                     instance = row.id,

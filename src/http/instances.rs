@@ -57,6 +57,17 @@ impl<'de> Deserialize<'de> for InstanceBody {
             ) -> Result<InstanceBody, A::Error> {
                 let fields =
                     InstanceFields::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                // The redirect's fields are kept in the configuration, which PostgreSQL reads
+                // as `jsonb`: a NUL there would fail every later commit of the instance.
+                if fields.provider_data.as_ref().is_some_and(|data| {
+                    data.redirect.iter().any(|(key, value)| {
+                        key.contains('\0') || value.as_str().is_some_and(|v| v.contains('\0'))
+                    })
+                }) {
+                    return Err(serde::de::Error::custom(
+                        "a providerData field holds the NUL character",
+                    ));
+                }
                 Ok(InstanceBody {
                     element: fields.element,
                     provider_data: fields.provider_data,
@@ -1042,8 +1053,8 @@ async fn update_once(
         )
         .await;
         let event = events::new_event(app, &row, events::REAUTHENTICATED, None);
-        let configuration_json = update.configuration_json.clone().unwrap_or_default();
-        app.store
+        let stored = app
+            .store
             .reauthenticate(
                 row.organization_id,
                 row.id,
@@ -1054,21 +1065,13 @@ async fn update_once(
                     )),
                     verification,
                     lease_held: false,
+                    // With the tokens, in one statement: a second write after it could fail
+                    // with the re-authentication done (its code spent), and would put back a
+                    // configuration a refresh committed in between.
+                    name: Some(name),
+                    tags_json: Some(serde_json::to_string(&tags).unwrap_or_else(|_| "[]".into())),
                 },
                 Some(&event),
-            )
-            .await?
-            .ok_or_else(|| ApiError::not_found("The instance was deleted meanwhile"))?;
-        let stored = app
-            .store
-            .update_instance_metadata(
-                row.organization_id,
-                row.id,
-                &name,
-                &serde_json::to_string(&tags).unwrap_or_else(|_| "[]".into()),
-                &configuration_json,
-                None,
-                None,
             )
             .await?
             .ok_or_else(|| ApiError::not_found("The instance was deleted meanwhile"))?;
@@ -1163,6 +1166,8 @@ async fn update_once(
                     // once and then cleared by the hold's end, the claimed refresh running
                     // unleased beside another replica's.
                     lease_held: true,
+                    name: None,
+                    tags_json: None,
                 },
                 Some(&event),
             )

@@ -338,10 +338,13 @@ fn is_secret_name(name: &str) -> bool {
         .any(|word| lower.contains(word))
 }
 
+/// The fields kept in the instance's configuration. PostgreSQL's `jsonb` refuses the NUL
+/// character, so a provider's stray one is taken out (a name holding one is left out): kept,
+/// it would fail every commit of the instance's tokens, after the provider rotated them.
 fn non_secret_fields(object: &Map<String, Value>) -> Map<String, Value> {
     object
         .iter()
-        .filter(|(name, _)| !is_secret_name(name))
+        .filter(|(name, _)| !is_secret_name(name) && !name.contains('\0'))
         .map(|(name, value)| (name.clone(), without_secrets(value)))
         .collect()
 }
@@ -350,6 +353,7 @@ fn without_secrets(value: &Value) -> Value {
     match value {
         Value::Object(object) => Value::Object(non_secret_fields(object)),
         Value::Array(items) => Value::Array(items.iter().map(without_secrets).collect()),
+        Value::String(text) if text.contains('\0') => Value::String(text.replace('\0', "")),
         other => other.clone(),
     }
 }
@@ -377,6 +381,19 @@ mod tests {
             } => (status, error, description, permanent),
             other => panic!("expected a provider error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_nul_in_a_field_is_taken_out() {
+        let tokens = parse(
+            200,
+            JSON,
+            r#"{"access_token":"at","realmId":"12\u00003","x\u0000y":1,"nested":{"a":["b\u0000"]}}"#,
+        )
+        .unwrap();
+        assert_eq!(tokens.fields["realmId"], "123");
+        assert!(!tokens.fields.contains_key("x\0y"));
+        assert_eq!(tokens.fields["nested"], json!({"a": ["b"]}));
     }
 
     #[test]

@@ -716,7 +716,8 @@ impl Store {
              refresh_lease_owner = CASE WHEN $15 = 1 THEN refresh_lease_owner ELSE NULL END, \
              refresh_lease_until = CASE WHEN $15 = 1 THEN refresh_lease_until ELSE NULL END, \
              refresh_in_flight_since = CASE WHEN $15 = 1 THEN refresh_in_flight_since \
-             ELSE NULL END, updated_at = $12 \
+             ELSE NULL END, updated_at = $12, \
+             name = COALESCE($16, name), tags = COALESCE($17, tags) \
              WHERE id = $13 AND organization_id = $14 RETURNING {INSTANCE_COLUMNS}"
         );
         let row = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
@@ -735,6 +736,8 @@ impl Store {
             .bind(id)
             .bind(organization_id)
             .bind(i64::from(update.lease_held))
+            .bind(&update.name)
+            .bind(&update.tags_json)
             .fetch_optional(&mut *transaction)
             .await?;
         let Some(row) = row else {

@@ -352,6 +352,10 @@ pub struct Reauthentication {
     /// stays, and goes when the hold ends. Otherwise it is cleared (a refresh of the old grant
     /// that still runs cannot commit over the new one: the token version moved).
     pub lease_held: bool,
+    /// The name and tags (a JSON array) given with a re-authentication, written with its
+    /// tokens in one statement; `None` keeps them.
+    pub name: Option<String>,
+    pub tags_json: Option<String>,
 }
 
 /// Where an event stands in the outbox.

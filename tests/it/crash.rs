@@ -20,28 +20,39 @@ struct Child {
 }
 
 async fn spawn_serve(database_url: &str, sandbox_url: &str, http: &reqwest::Client) -> Child {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+    use tokio::io::AsyncBufReadExt;
+    // Port 0, and the address read from what `serve` announces: a port picked here and bound
+    // later by the child could be taken meanwhile, by another test's server even.
+    let mut process = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
         .args([
             "serve",
             "--bind",
-            &format!("127.0.0.1:{port}"),
+            "127.0.0.1:0",
             "--database-url",
             database_url,
         ])
         .env("TOKENWARDEN_MASTER_KEY", TEST_MASTER_KEY)
         .env("TOKENWARDEN_SANDBOX_URL", sandbox_url)
         .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("tokenwarden serve starts");
-    let url = format!("http://127.0.0.1:{port}");
+    let mut lines = tokio::io::BufReader::new(process.stderr.take().unwrap()).lines();
+    let url = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.split("serving on ").nth(1) {
+                return rest.trim().to_string();
+            }
+        }
+        panic!("serve ended without announcing its address");
+    })
+    .await
+    .expect("serve announces its address");
+    // The rest of its log is read and dropped, so that the pipe never fills.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     eventually("serve to answer", Duration::from_secs(20), || async {
         let answer = http.get(format!("{url}/healthz")).send().await.ok()?;
         answer.status().is_success().then_some(())

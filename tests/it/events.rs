@@ -700,8 +700,10 @@ async fn a_hanging_receiver_does_not_hold_up_other_deliveries() {
     tokio::time::timeout(std::time::Duration::from_secs(10), accepted.notified())
         .await
         .expect("the hanging receiver was called");
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Counted from the hanging delivery's start: held behind it, the other event would come
+    // only when its 10 s delivery timeout ends it.
     let started = std::time::Instant::now();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     create_with(
         &env,
         &env.org,
@@ -712,7 +714,7 @@ async fn a_hanging_receiver_does_not_hold_up_other_deliveries() {
     .await;
     while received.lock().unwrap().is_empty() {
         assert!(
-            started.elapsed() < std::time::Duration::from_secs(5),
+            started.elapsed() < std::time::Duration::from_millis(9_500),
             "[{label}] the other receiver's event waited for the hanging one"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -823,7 +825,8 @@ async fn a_webhook_that_keeps_failing_stops_holding_the_later_ones() {
             .any(|(headers, _)| headers["x-tokenwarden-event-type"] == "instance.disabled")
     };
     assert!(
-        eventually(Duration::from_secs(40), || async { disabled_arrived() }).await,
+        // Five ordered attempts back off for 15.5–31 s in all, with jitter.
+        eventually(Duration::from_secs(75), || async { disabled_arrived() }).await,
         "[{label}] the later webhook is still held"
     );
     let refusals = received

@@ -436,6 +436,18 @@ async fn nul_characters_answer_400_before_anything_is_spent() {
                            Some(json!({"element": {"key": "sandbox-box"}, "providerData": {"code": code, "state": state},
                                        "configuration": configuration}))).await;
         assert_error(&refused, 400, &label);
+        // The redirect's fields are kept in the configuration too (PostgreSQL's `jsonb`
+        // refused them at every later commit of the instance's tokens).
+        let refused = call(&env, Method::POST, &env.api("/instances"), Some(&auth),
+                           Some(json!({"element": {"key": "sandbox-box"},
+                                       "providerData": {"code": code, "state": state, "realmId": "12\u{0}3"},
+                                       "configuration": env.configuration()}))).await;
+        assert_error(&refused, 400, &label);
+        assert!(
+            refused.body["message"].as_str().unwrap().contains("NUL"),
+            "[{label}] {}",
+            refused.body
+        );
         let created = call(
             &env,
             Method::POST,

@@ -10,6 +10,31 @@ use crate::harness::Env;
 use crate::scheduler::{eventually, refresh_count, register_generic_connector};
 use crate::support::{drop_test_database, test_databases};
 
+/// `/metrics` as text, checked to be Prometheus' text format.
+async fn scrape(env: &Env) -> String {
+    let response = env
+        .http
+        .get(format!("{}/metrics", env.server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    response.text().await.unwrap()
+}
+
+/// The value of the sample named (with its labels) in `text`; 0 when it is not there.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 #[tokio::test]
 async fn metrics_has_every_family_after_a_scenario() {
     let (label, url) = test_databases().await.into_iter().next().unwrap();
@@ -28,35 +53,39 @@ async fn metrics_has_every_family_after_a_scenario() {
     .await;
     let instance = env.create_instance(&env.org, "metered", "mia").await;
     let token = instance["token"].as_str().unwrap();
-    let (status, _) = env.proxy(&env.org, token, Method::GET, "api/me").await;
-    assert_eq!(status, 200);
-    let before = refresh_count(&env).await;
+    // The counters are the process's (tests run side by side in it): each must go up by at
+    // least what this scenario does.
+    const PROXIED: &str = "tokenwarden_proxy_requests_total{status=\"2xx\"}";
+    // An organization's connector is counted under one label: its key is its own.
+    const REFRESHED: &str =
+        "tokenwarden_refresh_attempts_total{connector=\"organization\",outcome=\"ok\"}";
+    let before = scrape(&env).await;
+    for _ in 0..3 {
+        let (status, _) = env.proxy(&env.org, token, Method::GET, "api/me").await;
+        assert_eq!(status, 200);
+    }
+    let refreshes = refresh_count(&env).await;
     assert!(
         eventually(Duration::from_secs(10), || async {
-            refresh_count(&env).await > before
+            refresh_count(&env).await > refreshes
         })
         .await,
         "a scheduled refresh happened"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await; // Its metrics are recorded after.
-    let response = env
-        .http
-        .get(format!("{}/metrics", env.server.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    // Its metrics are recorded after the provider's answer.
     assert!(
-        response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/plain")
+        eventually(Duration::from_secs(10), || async {
+            sample(&scrape(&env).await, REFRESHED) > sample(&before, REFRESHED)
+        })
+        .await,
+        "the scheduled refresh was counted"
     );
-    let text = response.text().await.unwrap();
+    let text = scrape(&env).await;
+    assert!(
+        sample(&text, PROXIED) >= sample(&before, PROXIED) + 3.0,
+        "three proxied calls counted:\n{text}"
+    );
     for family in [
-        // An organization's connector is counted under one label: its key is its own.
-        "tokenwarden_refresh_attempts_total{connector=\"organization\",outcome=\"ok\"}",
-        "tokenwarden_proxy_requests_total{status=\"2xx\"}",
         "tokenwarden_proxy_seconds_bucket{le=",
         "tokenwarden_instances{state=\"valid\"}",
         "tokenwarden_instances{state=\"needs_reauthentication\"}",
@@ -65,6 +94,10 @@ async fn metrics_has_every_family_after_a_scenario() {
     ] {
         assert!(text.contains(family), "{family} missing from:\n{text}");
     }
+    assert!(
+        sample(&text, "tokenwarden_proxy_seconds_count") >= 3.0,
+        "the calls' durations recorded:\n{text}"
+    );
     assert!(
         !text.contains("metered"),
         "an organization's connector key in:\n{text}"

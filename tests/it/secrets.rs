@@ -19,6 +19,8 @@ pub struct Served {
     pub child: Child,
     pub url: String,
     pub log: Arc<Mutex<String>>,
+    /// The thread reading the log: it ends at the end of the log, after the process.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Served {
@@ -45,7 +47,7 @@ impl Served {
         let log = Arc::new(Mutex::new(String::new()));
         let (url_tx, url_rx) = std::sync::mpsc::channel();
         let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut url_tx = Some(url_tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
@@ -62,7 +64,12 @@ impl Served {
         let url = url_rx
             .recv_timeout(std::time::Duration::from_secs(30))
             .unwrap_or_else(|_| panic!("serve did not start: {}", log.lock().unwrap()));
-        Served { child, url, log }
+        Served {
+            child,
+            url,
+            log,
+            reader: Some(reader),
+        }
     }
 
     pub fn api(&self, path: &str) -> String {
@@ -75,7 +82,9 @@ impl Served {
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let _ = self.child.wait();
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
         self.log.lock().unwrap().clone()
     }
 }

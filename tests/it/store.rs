@@ -720,6 +720,8 @@ async fn a_lease_is_not_cleared_under_the_one_who_took_it() {
             client_secret_enc: None,
             verification: None,
             lease_held: true,
+            name: None,
+            tags_json: None,
         };
         let written = store
             .reauthenticate(org, row.id, &imported, None)
@@ -1222,6 +1224,8 @@ async fn failures_invalidation_and_reauthentication() {
             client_secret_enc: Some(Some(bytes("secret-new"))),
             verification: Some(r#"{"ok":true}"#.to_string()),
             lease_held: false,
+            name: None,
+            tags_json: None,
         };
         let reauthenticated = event(org, row.id, "instance.reauthenticated", NOW + 300_000);
         let valid = store

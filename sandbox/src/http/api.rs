@@ -59,6 +59,35 @@ async fn authorize_call(
     }
 }
 
+/// Most of a too-large body read and dropped before the refusal.
+const DRAIN_AT_MOST: usize = 64 * 1024 * 1024;
+
+/// A request body of at most [`MAX_ECHO_BODY_BYTES`]; `None` when it is larger or breaks off.
+/// Past the limit the rest is read and dropped (up to [`DRAIN_AT_MOST`]) before the answer,
+/// as servers linger before closing: a connection closed with unread bytes is reset, and a
+/// reset throws away the refusal the caller has not read yet.
+async fn read_or_drain(mut body: axum::body::Body) -> Option<axum::body::Bytes> {
+    use axum::body::HttpBody;
+    let mut kept = Vec::new();
+    let mut over = 0_usize;
+    while let Some(frame) =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    {
+        let Ok(data) = frame.ok()?.into_data() else {
+            continue;
+        };
+        if over > 0 || kept.len() + data.len() > MAX_ECHO_BODY_BYTES {
+            over += data.len();
+            if over > DRAIN_AT_MOST {
+                break;
+            }
+        } else {
+            kept.extend_from_slice(&data);
+        }
+    }
+    (over == 0).then(|| kept.into())
+}
+
 /// The answer with its body gzip-encoded (`Content-Encoding: gzip`). The encoding is gzip's
 /// simplest valid form, one stored deflate block: what matters is that a reader must decode it.
 async fn gzipped(answer: Response) -> Response {
@@ -203,9 +232,9 @@ async fn echo_for_tenant(
     {
         return response;
     }
-    let body = match axum::body::to_bytes(body, MAX_ECHO_BODY_BYTES).await {
-        Ok(body) => body,
-        Err(_) => {
+    let body = match read_or_drain(body).await {
+        Some(body) => body,
+        None => {
             return json_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 json!({"error": "payload_too_large", "message": "The echo endpoint takes at most 1 MiB."}),
