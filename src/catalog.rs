@@ -150,11 +150,15 @@ fn default_scope_separator() -> String {
     " ".to_string()
 }
 
+/// How the client authenticates at the token (and revocation) endpoint. HTTP Basic by default:
+/// RFC 6749 §2.3.1 has every server support it, while credentials in the body are optional
+/// for a server and not recommended (a server registering each client's method, as Okta or
+/// Spring Authorization Server do, refuses the other). The built-in connectors name theirs.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientAuth {
-    #[default]
     ClientSecretPost,
+    #[default]
     ClientSecretBasic,
 }
 

@@ -209,7 +209,8 @@ pub struct ProfileSettings {
     /// A used refresh token presented outside the grace kills the whole grant.
     pub revoke_grant_on_reuse: bool,
     /// Each refresh returns a new refresh token, but the presented one stays valid (Microsoft).
-    /// Takes precedence over `rotateRefreshTokens`.
+    /// Takes precedence over `rotateRefreshTokens`; a patch setting `rotateRefreshTokens: true`
+    /// without naming this one turns it off.
     pub old_refresh_token_stays_valid: bool,
     /// Refresh answers carry no `refresh_token` when none was minted (Salesforce, Spotify).
     pub omit_refresh_token_on_refresh: bool,
@@ -377,6 +378,14 @@ impl ProfileSettings {
             return Err(format!(
                 "extraTokenFields may not set '{name}': the sandbox writes the OAuth fields itself, and names are 1 to 64 letters, digits, `_`, `-` or `.`"
             ));
+        }
+        // Asking for strict rotation ends a profile's keeping of old refresh tokens
+        // (Microsoft's), unless the same patch keeps it: else the rotation asked for would
+        // silently not happen.
+        if patch.rotate_refresh_tokens == Some(true)
+            && patch.old_refresh_token_stays_valid.is_none()
+        {
+            self.old_refresh_token_stays_valid = false;
         }
         macro_rules! set {
             ($($field:ident),*) => { $( if let Some(v) = patch.$field { self.$field = v; } )* };

@@ -50,6 +50,9 @@ pub struct CodeRequest {
 struct AuthorizationCode {
     request: CodeRequest,
     expires_at: Millis,
+    /// `None` until its first exchange; then `Some` of the grant it gave, if any. Kept until
+    /// it would have expired, so that a second exchange revokes that grant (RFC 6749 §4.1.2).
+    used: Option<Option<u64>>,
 }
 
 /// A user's consent to a client at one profile; every token belongs to one.
@@ -128,6 +131,8 @@ pub struct IssuedTokens {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GrantError {
     CodeUnknown,
+    /// A code exchanged already, for tokens that are revoked now.
+    CodeReused,
     CodeExpired,
     ClientMismatch,
     RedirectUriMismatch,
@@ -157,6 +162,9 @@ impl GrantError {
         match self {
             GrantError::CodeUnknown => {
                 "The authorization code is invalid or was already used. Authorize again."
+            }
+            GrantError::CodeReused => {
+                "The authorization code was already used; the tokens issued for it are revoked."
             }
             GrantError::CodeExpired => "The authorization code has expired. Authorize again.",
             GrantError::ClientMismatch => "The grant was issued to another client.",
@@ -379,6 +387,7 @@ impl Sandbox {
             AuthorizationCode {
                 request,
                 expires_at: plus_seconds(now, ttl),
+                used: None,
             },
         );
         Stats::bump(&self.stats.authorize);
@@ -386,7 +395,8 @@ impl Sandbox {
     }
 
     /// Redeems a code. The code is consumed by the first attempt whatever its outcome, so a
-    /// code can never be tried twice.
+    /// code can never be tried twice; tried again after it gave tokens, it revokes their grant
+    /// (RFC 6749 §4.1.2: a code presented twice may have been stolen).
     pub fn exchange_code(
         &self,
         profile: Profile,
@@ -396,14 +406,27 @@ impl Sandbox {
         code_verifier: Option<&str>,
     ) -> Result<IssuedTokens, GrantError> {
         let now = self.clock.now_ms();
-        let Some((_, stored)) = self.codes.remove(code) else {
-            return Err(GrantError::CodeUnknown);
+        let stored = {
+            let Some(mut stored) = self.codes.get_mut(code) else {
+                return Err(GrantError::CodeUnknown);
+            };
+            if stored.request.profile != profile {
+                return Err(GrantError::CodeUnknown);
+            }
+            match stored.used {
+                None => {}
+                Some(None) => return Err(GrantError::CodeUnknown),
+                Some(Some(grant_id)) => {
+                    drop(stored);
+                    self.revoke_grant(grant_id, now);
+                    return Err(GrantError::CodeReused);
+                }
+            }
+            stored.used = Some(None);
+            (stored.request.clone(), stored.expires_at)
         };
-        let request = stored.request;
-        if request.profile != profile {
-            return Err(GrantError::CodeUnknown);
-        }
-        if now >= stored.expires_at {
+        let (request, expires_at) = stored;
+        if now >= expires_at {
             return Err(GrantError::CodeExpired);
         }
         if request.client_id != client_id {
@@ -429,6 +452,9 @@ impl Sandbox {
 
         let settings = self.settings(profile);
         let grant_id = self.next_grant_id.fetch_add(1, Ordering::Relaxed);
+        if let Some(mut stored) = self.codes.get_mut(code) {
+            stored.used = Some(Some(grant_id));
+        }
         self.grants.insert(
             grant_id,
             Grant {
@@ -777,11 +803,34 @@ impl Sandbox {
             .retain(|_, c| now < plus_seconds(c.expires_at, retention));
         self.access_tokens
             .retain(|_, t| now < plus_seconds(t.expires_at, retention));
+        // A used refresh token is remembered while its grant lives and could still be
+        // refreshed: presented again it must still be known as reused (and kill the grant
+        // where the profile says so), not be "unknown" because the clock was moved on.
+        let live_grants: std::collections::HashMap<u64, Profile> = self
+            .grants
+            .iter()
+            .filter(|grant| grant.revoked_at.is_none())
+            .map(|grant| (*grant.key(), grant.profile))
+            .collect();
+        let settings = Profile::ALL.map(|profile| self.settings(profile));
+        let week = retention.saturating_mul(7);
+        // How long after its first use a used token is remembered: a week, or as long as its
+        // grant's tokens can live when that is longer (forever when they never die of age).
+        let remembered = |grant_id: u64, first_used_at: Millis| -> bool {
+            let Some(profile) = live_grants.get(&grant_id) else {
+                return now < plus_seconds(first_used_at, week);
+            };
+            let settings = &settings[profile.index()];
+            let (idle, absolute) = (
+                settings.refresh_token_idle_ttl_seconds,
+                settings.refresh_token_absolute_ttl_seconds,
+            );
+            (idle == 0 && absolute == 0)
+                || now < plus_seconds(first_used_at, idle.max(absolute).max(week))
+        };
         self.refresh_tokens.retain(|_, t| match t.status {
             RefreshStatus::Active => true,
-            RefreshStatus::Used { first_used_at } => {
-                now < plus_seconds(first_used_at, retention.saturating_mul(7))
-            }
+            RefreshStatus::Used { first_used_at } => remembered(t.grant_id, first_used_at),
             RefreshStatus::Revoked { at, .. } => now < plus_seconds(at, retention),
         });
     }
@@ -880,4 +929,58 @@ pub fn random_string(len: usize) -> String {
     let mut bytes = vec![0u8; len];
     rand::rng().fill(&mut bytes[..]);
     URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A used refresh token presented again after the clock moved past the purge's week, while
+    /// its grant could still be refreshed (a 60-day idle limit), is still known as reused and
+    /// kills the grant: the purger had forgotten it ("not known") and the grant survived.
+    #[test]
+    fn the_purge_keeps_used_tokens_while_their_grant_can_be_refreshed() {
+        let sandbox = Sandbox::new(None, None);
+        sandbox
+            .update_settings(Profile::Generic, |settings| {
+                settings.rotate_refresh_tokens = true;
+                settings.revoke_grant_on_reuse = true;
+                settings.refresh_token_idle_ttl_seconds = 60 * 86_400;
+                Ok(())
+            })
+            .unwrap();
+        let code = sandbox.issue_code(CodeRequest {
+            profile: Profile::Generic,
+            user: "alice".into(),
+            client_id: "app".into(),
+            redirect_uri: "https://app.test/cb".into(),
+            scope: "read".into(),
+            challenge: None,
+        });
+        let first = sandbox
+            .exchange_code(Profile::Generic, "app", &code, "https://app.test/cb", None)
+            .unwrap();
+        let used = first.refresh_token.unwrap();
+        let second = sandbox
+            .refresh(Profile::Generic, "app", &used, None)
+            .unwrap();
+        sandbox.clock.advance_seconds(8 * 86_400);
+        sandbox.purge();
+        assert_eq!(
+            sandbox.refresh(Profile::Generic, "app", &used, None).err(),
+            Some(GrantError::RefreshTokenReused)
+        );
+        assert_eq!(
+            sandbox
+                .refresh(
+                    Profile::Generic,
+                    "app",
+                    &second.refresh_token.unwrap(),
+                    None
+                )
+                .err(),
+            Some(GrantError::RefreshTokenRevoked),
+            "the reuse killed the grant"
+        );
+    }
 }

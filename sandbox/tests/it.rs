@@ -433,10 +433,40 @@ async fn token_and_api_shapes_imitate_each_provider() {
 async fn codes_are_single_use_short_lived_and_bound() {
     let ctx = start().await;
     let code = ctx.code(GENERIC, "app", &[]).await;
-    assert_eq!(ctx.exchange(GENERIC, &code).await.0, StatusCode::OK);
+    let (status, first) = ctx.exchange(GENERIC, &code).await;
+    assert_eq!(status, StatusCode::OK);
+    let at = first["access_token"].as_str().unwrap();
+    assert_eq!(ctx.api_status("/generic/api/me", at).await, StatusCode::OK);
     let (status, body) = ctx.exchange(GENERIC, &code).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["error"], "invalid_grant");
+    // A code presented twice may have been stolen: the tokens it gave are revoked (RFC 6749
+    // §4.1.2).
+    assert_eq!(
+        ctx.api_status("/generic/api/me", at).await,
+        StatusCode::UNAUTHORIZED
+    );
+    let rt = first["refresh_token"].as_str().unwrap();
+    assert_eq!(ctx.refresh(GENERIC, rt).await.1["error"], "invalid_grant");
+    // A code whose first exchange failed is gone all the same, without a grant to revoke.
+    let code = ctx.code(GENERIC, "app", &[]).await;
+    let (status, _) = ctx
+        .token(
+            "/generic/token",
+            &[
+                ("grant_type", "authorization_code"),
+                ("code", &code),
+                ("redirect_uri", "https://elsewhere.test/cb"),
+                ("client_id", "app"),
+                ("client_secret", "s3cret"),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        ctx.exchange(GENERIC, &code).await.0,
+        StatusCode::BAD_REQUEST
+    );
 
     // Adobe codes live 5 minutes.
     let code = ctx.code(ADOBE, "app", &[]).await;
@@ -823,6 +853,21 @@ async fn microsoft_keeps_old_refresh_tokens_and_needs_offline_access() {
     assert_ne!(rt1, rt2);
     assert_eq!(ctx.refresh(MICROSOFT, &rt1).await.0, StatusCode::OK);
     assert_eq!(ctx.refresh(MICROSOFT, &rt2).await.0, StatusCode::OK);
+
+    // Strict rotation asked for: the old token stops working (it silently stayed valid).
+    ctx.settings(MICROSOFT, json!({"rotateRefreshTokens": true}))
+        .await;
+    let strict = ctx.login(MICROSOFT).await.rt.expect("rt");
+    assert_eq!(ctx.refresh(MICROSOFT, &strict).await.0, StatusCode::OK);
+    assert_eq!(
+        ctx.refresh(MICROSOFT, &strict).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    ctx.settings(
+        MICROSOFT,
+        json!({"rotateRefreshTokens": false, "oldRefreshTokenStaysValid": true}),
+    )
+    .await;
 
     // Without offline_access: no refresh token.
     let code = ctx.code(MICROSOFT, "app", &[("scope", "User.Read")]).await;
@@ -1238,7 +1283,24 @@ async fn faults_fail_delay_and_queue() {
         "adobe refresh counts as token"
     );
     assert_eq!(r.headers()[RETRY_AFTER], "1");
-    assert_eq!(ctx.refresh(GENERIC, &rt).await.0, StatusCode::OK);
+    // A token answer, failed or not, is not to be cached (RFC 6749 §5.1).
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    assert_eq!(r.headers()["pragma"], "no-cache");
+    let r = ctx
+        .post_form(
+            GENERIC.token,
+            &[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", &rt),
+                ("client_id", "app"),
+                ("client_secret", "s3cret"),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    assert_eq!(r.headers()["pragma"], "no-cache");
 
     // API and revoke targets, any profile.
     ctx.admin("/__sandbox/faults", json!({"target": "api", "status": 500}))
@@ -1743,7 +1805,10 @@ async fn metadata_documents_name_every_endpoint() {
         );
         assert_eq!(doc["token_endpoint"], format!("{base}{}", p.token));
         assert_eq!(doc["revocation_endpoint"], format!("{base}{}", p.revoke));
-        assert_eq!(doc["code_challenge_methods_supported"], json!(["S256"]));
+        assert_eq!(
+            doc["code_challenge_methods_supported"],
+            json!(["S256", "plain"])
+        );
         assert_eq!(
             doc["grant_types_supported"],
             json!(["authorization_code", "refresh_token"])

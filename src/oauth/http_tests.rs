@@ -159,9 +159,11 @@ fn assert_common_headers(received: &Received) {
 #[tokio::test]
 async fn exchange_code_with_client_secret_post_and_pkce() {
     let (base, provider) = start(vec![]).await;
+    let mut spec = spec();
+    spec.client_auth = ClientAuth::ClientSecretPost;
     let tokens = client()
         .exchange_code(
-            &spec(),
+            &spec,
             &endpoints(&base),
             &creds(),
             &Secret::new("the-code"),
@@ -280,6 +282,7 @@ async fn refresh_posts_json_to_the_refresh_url_with_refresh_params() {
     )])
     .await;
     let mut spec = spec();
+    spec.client_auth = ClientAuth::ClientSecretPost;
     spec.token_request_format = BodyFormat::Json;
     spec.refresh_params
         .insert("scope".into(), "offline_access User.Read".into());

@@ -749,10 +749,16 @@ async fn client_authentication_basic_only_and_body_only_on(env: Env) {
     )
     .await;
 
+    // Named by none: HTTP Basic, which RFC 6749 has every server support.
+    register(&env, "unnamed", json!({})).await;
+
     configure(&env, json!({"clientAuthMethods": ["client_secret_basic"]})).await;
     let (id, token) = create(&env, "basic", "kim").await;
     refresh_ok(&env, &id, &token, "basic only").await;
     works(&env, &token, "basic only").await;
+    let (id, token) = create(&env, "unnamed", "kit").await;
+    refresh_ok(&env, &id, &token, "basic only, by default").await;
+    works(&env, &token, "basic only, by default").await;
     let (status, body) = try_create(&env, "post", "kim", json!({})).await;
     assert!((400..500).contains(&status), "{status} {body}");
     assert!(

@@ -62,7 +62,10 @@ pub fn document(State(sandbox): State<AppState>, profile: Profile, headers: Head
         "revocation_endpoint_auth_methods_supported".into(),
         json!(auth_methods),
     );
-    doc.insert("code_challenge_methods_supported".into(), json!(["S256"]));
+    doc.insert(
+        "code_challenge_methods_supported".into(),
+        json!(["S256", "plain"]),
+    );
     doc.insert(
         "api_base".into(),
         json!(format!("{base}/{}/", profile.key())),

@@ -365,6 +365,10 @@ pub async fn injected_fault(sandbox: &Sandbox, target: FaultTarget) -> Option<Re
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(fault.retry_after));
     }
+    // An injected failure of the token endpoint is a token answer like the others.
+    if target == FaultTarget::Token {
+        shapes::not_cached(&mut response);
+    }
     Some(response)
 }
 

@@ -248,7 +248,9 @@ fn aadsts_code(error: &OAuthError) -> u32 {
         (_, Some(GrantError::RefreshTokenExpired)) => 700082,
         (_, Some(GrantError::RefreshTokenRevoked | GrantError::RefreshTokenReused)) => 50173,
         (_, Some(GrantError::RefreshTokenUnknown)) => 9002313,
-        (_, Some(GrantError::CodeExpired | GrantError::CodeUnknown)) => 70008,
+        (_, Some(GrantError::CodeExpired | GrantError::CodeUnknown | GrantError::CodeReused)) => {
+            70008
+        }
         (
             _,
             Some(
@@ -308,11 +310,15 @@ pub fn render_body(
                 .into_response()
         }
     };
-    // RFC 6749 §5.1: token answers must not be cached.
+    not_cached(&mut response);
     response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+}
+
+/// RFC 6749 §5.1: token answers carry `Cache-Control: no-store` and `Pragma: no-cache`.
+pub fn not_cached(response: &mut Response) {
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
 }
 
 /// The answer of the protected API to a missing, unknown, expired or revoked token, in the
