@@ -90,6 +90,12 @@ pub struct App {
     pub proxy_http: std::sync::Arc<crate::proxy::client::ProxyClient>,
     /// The catalog, shared: a refresh or a cached instance takes a reference, not a copy.
     pub built_in: BTreeMap<String, Arc<Connector>>,
+    /// Organizations' own connectors whose key a later release gave a built-in connector (a
+    /// key in use cannot be taken by a new connector, so this changes only with the catalog,
+    /// at start): for that organization its own stays the connector of that key. Otherwise
+    /// its instances would refresh against the built-in's endpoints, sending their refresh
+    /// tokens and client secret to another provider.
+    pub shadowed: std::collections::HashSet<(i64, String)>,
     /// A name for this process in refresh leases, unique per start.
     pub replica_id: String,
     pub refresh: crate::refresh::RefreshEngine,
@@ -140,10 +146,23 @@ impl App {
             &config.database_url,
         )?;
         let store = Store::connect(&config.database_url).await?;
-        let built_in = catalog::load_built_in()?
+        let built_in: BTreeMap<String, Arc<Connector>> = catalog::load_built_in()?
             .into_iter()
             .map(|connector| (connector.key.clone(), Arc::new(connector)))
             .collect();
+        let shadowed: std::collections::HashSet<(i64, String)> = store
+            .connector_keys()
+            .await?
+            .into_iter()
+            .filter(|(_, key)| built_in.contains_key(key))
+            .collect();
+        for (organization_id, key) in &shadowed {
+            tracing::warn!(
+                organization_id,
+                key,
+                "an organization's own connector has the key of a built-in connector: it stays that organization's `{key}`"
+            );
+        }
         let http = build_http_client(config.provider_timeout)?;
         crate::telemetry::install_metrics();
         let proxy_http =
@@ -156,6 +175,7 @@ impl App {
             keyring,
             store,
             built_in,
+            shadowed,
             refresh: crate::refresh::RefreshEngine::new(),
             auth_cache: crate::proxy::AuthCache::default(),
             replica_id: format!(
@@ -170,7 +190,15 @@ impl App {
     /// (every organization shares its provider), else the organization. Per-connector limits
     /// and recoveries are kept per this scope.
     pub fn connector_owner(&self, organization_id: i64, key: &str) -> Option<i64> {
-        (!self.built_in.contains_key(key)).then_some(organization_id)
+        (!self.is_built_in(organization_id, key)).then_some(organization_id)
+    }
+
+    /// Whether `key` names a built-in connector for this organization (not when the
+    /// organization has its own of that key: see [`App::shadowed`]).
+    pub fn is_built_in(&self, organization_id: i64, key: &str) -> bool {
+        self.built_in.contains_key(key)
+            && (self.shadowed.is_empty()
+                || !self.shadowed.contains(&(organization_id, key.to_string())))
     }
 
     /// A connector visible to an organization: built-in, or its own.
@@ -179,11 +207,15 @@ impl App {
         organization_id: i64,
         key: &str,
     ) -> Result<Option<Arc<Connector>>, crate::store::StoreError> {
-        if let Some(connector) = self.built_in.get(key) {
+        let built_in = self.built_in.get(key);
+        if let Some(connector) = built_in
+            && self.is_built_in(organization_id, key)
+        {
             return Ok(Some(Arc::clone(connector)));
         }
         let Some(definition) = self.store.get_connector(organization_id, key).await? else {
-            return Ok(None);
+            // An organization's own that shadowed a built-in, deleted since the start.
+            return Ok(built_in.cloned());
         };
         Ok(serde_json::from_str(&definition.definition)
             .ok()

@@ -890,7 +890,7 @@ impl RefreshEngine {
         // Built-in connectors by key; an organization's own under one label: `/metrics` is
         // read without credentials, and organizations name their connectors as they like
         // (without bound on the number of series, too).
-        let connector_label = if app.built_in.contains_key(&connector.key) {
+        let connector_label = if app.is_built_in(row.organization_id, &connector.key) {
             connector.key.clone()
         } else {
             "organization".to_string()

@@ -50,7 +50,7 @@ pub async fn list(
     let mut out: Vec<Value> = app
         .built_in
         .values()
-        .filter(|c| matches(c))
+        .filter(|c| matches(c) && app.is_built_in(caller.organization_id, &c.key))
         .map(|connector| connector_json(connector, true))
         .collect();
     for row in app.store.list_connectors(caller.organization_id).await? {
@@ -82,7 +82,7 @@ pub async fn get_one(
     let connector = find(&app, caller.organization_id, &key).await?;
     Ok(AxumJson(connector_json(
         &connector,
-        app.built_in.contains_key(&key),
+        app.is_built_in(caller.organization_id, &key),
     )))
 }
 
@@ -175,33 +175,29 @@ pub async fn delete(
     Path(key): Path<String>,
 ) -> ApiResult<StatusCode> {
     caller.require_organization()?;
-    if app.built_in.contains_key(&key) {
+    if app.is_built_in(caller.organization_id, &key) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "Built-in connectors cannot be deleted",
         ));
     }
     // Instances of a connector need it for every refresh and call: it goes after them.
-    let in_use = app
-        .store
-        .list_instances(caller.organization_id, &[])
-        .await?
-        .iter()
-        .filter(|row| row.element_key == key)
-        .count();
-    if in_use > 0 {
-        return Err(ApiError::conflict(format!(
-            "Connector `{key}` still has {in_use} instance(s): delete them first"
-        )));
-    }
-    if !app
+    match app
         .store
         .delete_connector(caller.organization_id, &key)
         .await?
     {
-        return Err(ApiError::not_found(format!(
-            "There is no connector `{key}`"
-        )));
+        crate::store::ConnectorDeletion::Deleted => {}
+        crate::store::ConnectorDeletion::InUse(in_use) => {
+            return Err(ApiError::conflict(format!(
+                "Connector `{key}` still has {in_use} instance(s): delete them first"
+            )));
+        }
+        crate::store::ConnectorDeletion::NotFound => {
+            return Err(ApiError::not_found(format!(
+                "There is no connector `{key}`"
+            )));
+        }
     }
     crate::audit::record(&app, &caller, "connector.deleted", Some(&key), None).await;
     Ok(StatusCode::OK)

@@ -5,7 +5,7 @@
 //! A failed exchange leaves the store as it was: the provider is asked first, and only its
 //! success is written, in one statement.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::Json as AxumJson;
 use axum::extract::{RawQuery, State};
@@ -565,7 +565,19 @@ async fn create_instance(
             instances::verify(app, connector, &plain, &grant.tokens.access_token).await;
     }
     let event = events::new_event(app, &row, events::CREATED, None);
-    app.store.insert_instance(&row, Some(&event)).await?;
+    let own_connector = app
+        .connector_owner(caller.organization_id, &connector.key)
+        .is_some();
+    if !app
+        .store
+        .insert_instance_of(&row, Some(&event), own_connector)
+        .await?
+    {
+        return Err(ApiError::conflict(format!(
+            "Connector `{}` was deleted while the instance was being created",
+            connector.key
+        )));
+    }
     crate::audit::record(
         app,
         caller,
@@ -613,9 +625,19 @@ pub async fn list(
         .store
         .list_instances(caller.organization_id, &tags)
         .await?;
+    // Each connector's name read once (a query per instance held SQLite's one connection
+    // for as many queries as the organization has instances).
+    let mut names: HashMap<&str, Option<String>> = HashMap::new();
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
-        let name = connector_name(&app, row).await;
+        let name = match names.get(row.element_key.as_str()) {
+            Some(name) => name.clone(),
+            None => {
+                let name = connector_name(&app, row).await;
+                names.insert(&row.element_key, name.clone());
+                name
+            }
+        };
         // One instance whose stored secrets do not open (damaged, or sealed under a key this
         // process lacks) must not hide the organization's other instances.
         match instances::view(&app, row, name.as_deref(), false) {

@@ -97,31 +97,48 @@ impl Store {
 
     /// An organization's events, newest first, optionally of one instance and/or one type;
     /// `filter.before` (the last event of the previous page) pages on.
+    ///
+    /// Only the filters given are in the query: a filter written `($n IS NULL OR column = $n)`
+    /// cannot use an index, and the walk through the organization's whole history it made
+    /// instead (for an instance's events: every refresh's, held on SQLite's one connection)
+    /// stalled the commits of refreshed tokens behind it.
     pub async fn list_events(
         &self,
         organization_id: i64,
         filter: &EventFilter,
     ) -> Result<Vec<EventRow>, StoreError> {
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE organization_id = $1 \
-             AND ($2 IS NULL OR instance_id = $2) \
-             AND ($3 IS NULL OR event_type = $3) \
-             AND ($4 IS NULL OR occurred_at < $4 OR (occurred_at = $4 AND id < $5)) \
-             ORDER BY occurred_at DESC, id DESC LIMIT $6"
-        );
-        let (before_at, before_id) = match &filter.before {
-            Some(cursor) => (Some(cursor.occurred_at), Some(cursor.id.clone())),
-            None => (None, None),
+        let mut sql = format!("SELECT {EVENT_COLUMNS} FROM events WHERE organization_id = $1");
+        let mut next = 2;
+        let mut placeholder = || {
+            next += 1;
+            format!("${}", next - 1)
         };
-        let rows = sqlx::query_as::<_, EventRow>(sqlx::AssertSqlSafe(sql))
-            .bind(organization_id)
-            .bind(filter.instance_id)
-            .bind(&filter.event_type)
-            .bind(before_at)
-            .bind(before_id)
-            .bind(filter.limit)
-            .fetch_all(&self.pool)
-            .await?;
+        if filter.instance_id.is_some() {
+            sql += &format!(" AND instance_id = {}", placeholder());
+        }
+        if filter.event_type.is_some() {
+            sql += &format!(" AND event_type = {}", placeholder());
+        }
+        if filter.before.is_some() {
+            let (at, id) = (placeholder(), placeholder());
+            sql += &format!(" AND (occurred_at < {at} OR (occurred_at = {at} AND id < {id}))");
+        }
+        sql += &format!(
+            " ORDER BY occurred_at DESC, id DESC LIMIT {}",
+            placeholder()
+        );
+        let mut query =
+            sqlx::query_as::<_, EventRow>(sqlx::AssertSqlSafe(sql)).bind(organization_id);
+        if let Some(instance_id) = filter.instance_id {
+            query = query.bind(instance_id);
+        }
+        if let Some(event_type) = &filter.event_type {
+            query = query.bind(event_type.clone());
+        }
+        if let Some(cursor) = &filter.before {
+            query = query.bind(cursor.occurred_at).bind(cursor.id.clone());
+        }
+        let rows = query.bind(filter.limit).fetch_all(&self.pool).await?;
         Ok(rows)
     }
 

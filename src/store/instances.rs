@@ -90,7 +90,36 @@ impl Store {
         row: &InstanceRow,
         event: Option<&NewEvent>,
     ) -> Result<(), StoreError> {
+        self.insert_instance_of(row, event, false).await.map(drop)
+    }
+
+    /// [`Self::insert_instance`]; with `own_connector`, only while the organization's connector
+    /// of that key exists (false when it was deleted meanwhile: a creation spends seconds at
+    /// the provider between reading the connector and this insert). On PostgreSQL the row is
+    /// share-locked until the commit, so a deletion waits for it and then sees the instance.
+    pub async fn insert_instance_of(
+        &self,
+        row: &InstanceRow,
+        event: Option<&NewEvent>,
+        own_connector: bool,
+    ) -> Result<bool, StoreError> {
         let mut transaction = self.begin_write().await?;
+        if own_connector {
+            let lock = match self.engine() {
+                Engine::Postgres => " FOR SHARE",
+                Engine::Sqlite => "",
+            };
+            let sql =
+                format!("SELECT 1 FROM connectors WHERE organization_id = $1 AND key = $2{lock}");
+            let exists = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(row.organization_id)
+                .bind(&row.element_key)
+                .fetch_optional(&mut *transaction)
+                .await?;
+            if exists.is_none() {
+                return Ok(false);
+            }
+        }
         let sql = format!(
             "INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
              $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, \
@@ -135,7 +164,7 @@ impl Store {
             insert_event_in(&mut transaction, event).await?;
         }
         transaction.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     /// One instance of one organization: another organization's id is simply not found.

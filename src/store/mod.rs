@@ -90,6 +90,15 @@ pub enum StoreError {
     Database(String),
 }
 
+/// What [`Store::delete_connector`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectorDeletion {
+    Deleted,
+    NotFound,
+    /// Not deleted: this many instances use it.
+    InUse(i64),
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
         match &error {
@@ -458,17 +467,55 @@ impl Store {
     }
 
     /// False when there was no such connector.
+    /// Deletes an organization's connector unless instances of it exist, in one transaction:
+    /// the connector row is locked first (PostgreSQL; SQLite's write transaction serializes),
+    /// so an instance whose creation checked the connector is counted here.
+    /// Every organization's own connector keys, as (organization id, key).
+    pub async fn connector_keys(&self) -> Result<Vec<(i64, String)>, StoreError> {
+        let rows: Vec<(i64, String)> =
+            sqlx::query_as("SELECT organization_id, key FROM connectors")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows)
+    }
+
     pub async fn delete_connector(
         &self,
         organization_id: i64,
         key: &str,
-    ) -> Result<bool, StoreError> {
-        let result = sqlx::query("DELETE FROM connectors WHERE organization_id = $1 AND key = $2")
+    ) -> Result<ConnectorDeletion, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        let lock = match self.engine() {
+            Engine::Postgres => " FOR UPDATE",
+            Engine::Sqlite => "",
+        };
+        let found = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT 1 FROM connectors WHERE organization_id = $1 AND key = $2{lock}"
+        )))
+        .bind(organization_id)
+        .bind(key)
+        .fetch_optional(&mut *transaction)
+        .await?;
+        if found.is_none() {
+            return Ok(ConnectorDeletion::NotFound);
+        }
+        let (instances,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM instances WHERE organization_id = $1 AND element_key = $2",
+        )
+        .bind(organization_id)
+        .bind(key)
+        .fetch_one(&mut *transaction)
+        .await?;
+        if instances > 0 {
+            return Ok(ConnectorDeletion::InUse(instances));
+        }
+        sqlx::query("DELETE FROM connectors WHERE organization_id = $1 AND key = $2")
             .bind(organization_id)
             .bind(key)
-            .execute(&self.pool)
+            .execute(&mut *transaction)
             .await?;
-        Ok(result.rows_affected() == 1)
+        transaction.commit().await?;
+        Ok(ConnectorDeletion::Deleted)
     }
 
     // ----- OAuth states -------------------------------------------------------------------
@@ -646,18 +693,24 @@ impl Store {
         limit: i64,
         before_id: Option<i64>,
     ) -> Result<Vec<AuditRow>, StoreError> {
-        let rows = sqlx::query_as::<_, AuditRow>(
-            "SELECT a.id, a.organization_id, a.user_id, u.name AS user_name, a.action, a.target, \
-             a.request_id, a.detail, a.at FROM audit_logs a \
+        // The cursor only when given (`$n IS NULL OR …` cannot use the index), and the order
+        // the index `audit_logs_organization_id` keeps.
+        const COLUMNS: &str = "SELECT a.id, a.organization_id, a.user_id, u.name AS user_name, \
+             a.action, a.target, a.request_id, a.detail, a.at FROM audit_logs a \
              LEFT JOIN users u ON u.id = a.user_id AND u.organization_id = a.organization_id \
-             WHERE a.organization_id = $1 AND ($2 IS NULL OR a.id < $2) \
-             ORDER BY a.id DESC LIMIT $3",
-        )
-        .bind(organization_id)
-        .bind(before_id)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+             WHERE a.organization_id = $1";
+        let query = match before_id {
+            Some(before_id) => sqlx::query_as::<_, AuditRow>(sqlx::AssertSqlSafe(format!(
+                "{COLUMNS} AND a.id < $2 ORDER BY a.id DESC LIMIT $3"
+            )))
+            .bind(organization_id)
+            .bind(before_id),
+            None => sqlx::query_as::<_, AuditRow>(sqlx::AssertSqlSafe(format!(
+                "{COLUMNS} ORDER BY a.id DESC LIMIT $2"
+            )))
+            .bind(organization_id),
+        };
+        let rows = query.bind(limit).fetch_all(&self.pool).await?;
         Ok(rows)
     }
 }

@@ -229,3 +229,102 @@ async fn review_findings_stay_fixed() {
         drop_test_database(&url).await;
     }
 }
+
+/// An organization's own connector whose key a later release gives a built-in connector stays
+/// that organization's connector (its instances refreshed against the built-in's endpoints,
+/// sending refresh tokens and the client secret there), and can still be deleted (403 as a
+/// built-in). Other organizations see the built-in.
+#[tokio::test]
+async fn an_own_connector_keeps_its_key_when_a_built_in_takes_it() {
+    let url = crate::support::sqlite_database();
+    let mut env = Env::start("sqlite", &url).await;
+    // As left by an earlier release: the organization's `sandbox-box`, on the generic profile.
+    let mut own = own_connector("sandbox-box", &env);
+    own["name"] = json!("Our own box");
+    env.server
+        .app
+        .store
+        .insert_connector(env.org.id, "sandbox-box", &own.to_string(), 0)
+        .await
+        .unwrap();
+    let upgraded = crate::harness::start_server(&url, &env.sandbox.url, |_| {}).await;
+    let old = std::mem::replace(&mut env.server, upgraded);
+    old.shutdown().await;
+    let other = env.new_org("other").await;
+
+    let (status, body) = send(
+        &env,
+        Method::GET,
+        &env.api("/elements/sandbox-box"),
+        &env.org.platform(),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["name"].as_str(), body["builtIn"].as_bool()),
+        (Some("Our own box"), Some(false)),
+        "{body}"
+    );
+    let (_, body) = send(
+        &env,
+        Method::GET,
+        &env.api("/elements/sandbox-box"),
+        &other.platform(),
+        None,
+    )
+    .await;
+    assert_eq!(body["builtIn"], true, "{body}");
+    let (_, listed) = send(
+        &env,
+        Method::GET,
+        &env.api("/elements"),
+        &env.org.platform(),
+        None,
+    )
+    .await;
+    let boxes: Vec<&Value> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["key"] == "sandbox-box")
+        .collect();
+    assert_eq!(boxes.len(), 1, "{boxes:?}");
+    assert_eq!(boxes[0]["builtIn"], false);
+
+    // Its instances use its endpoints: the generic profile's tokens, refreshed there.
+    let instance = env.create_instance(&env.org, "sandbox-box", "own").await;
+    let token = instance["token"].as_str().unwrap();
+    let (status, body) = env.proxy(&env.org, token, Method::GET, "api/me").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = send(
+        &env,
+        Method::DELETE,
+        &env.api(&format!("/instances/{}", instance["id"])),
+        &env.org.platform(),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let (status, body) = send(
+        &env,
+        Method::DELETE,
+        &env.api("/elements/sandbox-box"),
+        &env.org.platform(),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    // Gone, the built-in is the organization's `sandbox-box` again.
+    let (_, body) = send(
+        &env,
+        Method::GET,
+        &env.api("/elements/sandbox-box"),
+        &env.org.platform(),
+        None,
+    )
+    .await;
+    assert_eq!(body["name"], "Sandbox: Box", "{body}");
+    env.stop().await;
+}

@@ -947,11 +947,12 @@ async fn a_connector_that_no_longer_fits_its_instance_answers_409() {
         .to_string();
     definition["oauth"]["tokenUrl"] = json!(format!("{token_url}?tenant={{tenant}}"));
     definition["inputs"] = json!({"tenant": {"description": "the tenant"}});
-    assert!(store.delete_connector(env.org.id, "changed").await.unwrap());
-    store
-        .insert_connector(env.org.id, "changed", &definition.to_string(), 0)
-        .await
-        .unwrap();
+    assert!(
+        store
+            .update_connector(env.org.id, "changed", &definition.to_string(), 0)
+            .await
+            .unwrap()
+    );
 
     let refreshed = crate::instances::call(
         &env,

@@ -4,9 +4,9 @@
 use std::collections::HashSet;
 
 use tokenwarden::store::{
-    DeliveryOutcome, DeliveryState, EncryptedInstanceFields, Engine, EventCursor, EventFilter,
-    InstanceRow, InstanceState, NewAudit, NewEvent, NewOrganization, NewUser, OAuthStateRow,
-    Reauthentication, Store, StoreError, TokenUpdate,
+    ConnectorDeletion, DeliveryOutcome, DeliveryState, EncryptedInstanceFields, Engine,
+    EventCursor, EventFilter, InstanceRow, InstanceState, NewAudit, NewEvent, NewOrganization,
+    NewUser, OAuthStateRow, Reauthentication, Store, StoreError, TokenUpdate,
 };
 
 use crate::support::{random_id, test_stores};
@@ -273,8 +273,28 @@ async fn connectors_are_per_organization() {
             (r#"{"v":2}"#, NOW + 1)
         );
 
-        assert!(store.delete_connector(org, "acme").await.unwrap());
-        assert!(!store.delete_connector(org, "acme").await.unwrap());
+        // An instance of it keeps it; its creation, finishing after a deletion, does not
+        // leave an instance of a connector that is gone.
+        let mut used = instance(org, "user");
+        used.element_key = "acme".into();
+        assert!(store.insert_instance_of(&used, None, true).await.unwrap());
+        assert_eq!(
+            store.delete_connector(org, "acme").await.unwrap(),
+            ConnectorDeletion::InUse(1)
+        );
+        assert!(store.delete_instance(org, used.id, None).await.unwrap());
+        assert_eq!(
+            store.delete_connector(org, "acme").await.unwrap(),
+            ConnectorDeletion::Deleted
+        );
+        assert_eq!(
+            store.delete_connector(org, "acme").await.unwrap(),
+            ConnectorDeletion::NotFound
+        );
+        let mut late = instance(org, "late");
+        late.element_key = "acme".into();
+        assert!(!store.insert_instance_of(&late, None, true).await.unwrap());
+        assert!(store.get_instance(org, late.id).await.unwrap().is_none());
         assert_eq!(
             store
                 .get_connector(other, "acme")
