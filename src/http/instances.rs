@@ -1121,7 +1121,7 @@ async fn update_once(
             &serde_json::to_string(&tags).unwrap_or_else(|_| "[]".into()),
             &configuration_json,
             Some(instances::seal_secret_configuration(app, row.id, &secret)),
-            Some(row.token_version),
+            Some(crate::store::RowVersion::of(&row)),
         )
         .await?;
     let Some(written) = written else {

@@ -4,8 +4,8 @@
 
 use super::events::{insert_event_in, prefixed};
 use super::{
-    EncryptedInstanceFields, Engine, InstanceRow, NewEvent, Reauthentication, Store, StoreError,
-    TokenUpdate, flag, system_now_ms,
+    EncryptedInstanceFields, Engine, InstanceRow, NewEvent, Reauthentication, RowVersion, Store,
+    StoreError, TokenUpdate, flag, system_now_ms,
 };
 
 pub(super) const INSTANCE_COLUMNS: &str = "id, organization_id, element_key, name, token_hash, token_enc, \
@@ -234,11 +234,13 @@ impl Store {
     }
 
     /// Replaces name, tags (JSON array) and configuration (JSON object); `client_secret_enc`:
-    /// `None` keeps it, `Some(None)` removes it, `Some(Some(..))` sets it. With
-    /// `expected_token_version`, only while the token version is still that one: a refresh
-    /// that committed since the row was read may have set configuration keys (`base.url`) that
-    /// a configuration computed from that read would undo. Returns the updated row, or `None`
-    /// when the instance is not this organization's (or its version moved on).
+    /// `None` keeps it, `Some(None)` removes it, `Some(Some(..))` sets it. With `expected`,
+    /// only while the row is still as read: a refresh that committed since may have set
+    /// configuration keys (`base.url`) that a configuration computed from that read would undo,
+    /// and another update may have set keys this one would put back (two PATCHes merging into
+    /// the same read lost one's change). Every such write moves `updated_at` forward, by a
+    /// millisecond at least, so that it tells them apart. Returns the updated row, or `None`
+    /// when the instance is not this organization's (or it moved on).
     #[allow(clippy::too_many_arguments)]
     pub async fn update_instance_metadata(
         &self,
@@ -248,7 +250,7 @@ impl Store {
         tags_json: &str,
         configuration_json: &str,
         client_secret_enc: Option<Option<Vec<u8>>>,
-        expected_token_version: Option<i64>,
+        expected: Option<RowVersion>,
     ) -> Result<Option<InstanceRow>, StoreError> {
         let (replace_secret, secret) = match client_secret_enc {
             None => (0_i64, None),
@@ -257,8 +259,10 @@ impl Store {
         let sql = format!(
             "UPDATE instances SET name = $1, tags = $2, configuration = $3, \
              client_secret_enc = CASE WHEN $4 = 1 THEN $5 ELSE client_secret_enc END, \
-             updated_at = $6 WHERE id = $7 AND organization_id = $8 \
-             AND token_version = COALESCE($9, token_version) RETURNING {INSTANCE_COLUMNS}"
+             updated_at = CASE WHEN $6 > updated_at THEN $6 ELSE updated_at + 1 END \
+             WHERE id = $7 AND organization_id = $8 \
+             AND token_version = COALESCE($9, token_version) \
+             AND updated_at = COALESCE($10, updated_at) RETURNING {INSTANCE_COLUMNS}"
         );
         let row = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
             .bind(name)
@@ -269,7 +273,8 @@ impl Store {
             .bind(system_now_ms())
             .bind(id)
             .bind(organization_id)
-            .bind(expected_token_version)
+            .bind(expected.map(|row| row.token_version))
+            .bind(expected.map(|row| row.updated_at))
             .fetch_optional(&self.pool)
             .await?;
         Ok(row)

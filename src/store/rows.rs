@@ -358,6 +358,22 @@ pub struct Reauthentication {
     pub tags_json: Option<String>,
 }
 
+/// What a conditional write expects of a row: as read, neither refreshed nor updated since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowVersion {
+    pub token_version: i64,
+    pub updated_at: i64,
+}
+
+impl RowVersion {
+    pub fn of(row: &InstanceRow) -> RowVersion {
+        RowVersion {
+            token_version: row.token_version,
+            updated_at: row.updated_at,
+        }
+    }
+}
+
 /// Where an event stands in the outbox.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeliveryState {

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use tokenwarden::store::{
     ConnectorDeletion, DeliveryOutcome, DeliveryState, EncryptedInstanceFields, Engine,
     EventCursor, EventFilter, InstanceRow, InstanceState, NewAudit, NewEvent, NewOrganization,
-    NewUser, OAuthStateRow, Reauthentication, Store, StoreError, TokenUpdate,
+    NewUser, OAuthStateRow, Reauthentication, RowVersion, Store, StoreError, TokenUpdate,
 };
 
 use crate::support::{random_id, test_stores};
@@ -560,18 +560,31 @@ async fn instances_crud_and_isolation() {
                     "[]",
                     "{}",
                     None,
-                    Some(current - 1)
+                    Some(RowVersion {
+                        token_version: current - 1,
+                        ..RowVersion::of(&updated)
+                    })
                 )
                 .await
                 .unwrap()
                 .is_none()
         );
+        let read = RowVersion::of(&updated);
         let updated = store
-            .update_instance_metadata(org, first.id, "fresh", "[]", "{}", None, Some(current))
+            .update_instance_metadata(org, first.id, "fresh", "[]", "{}", None, Some(read))
             .await
             .unwrap()
             .unwrap();
         assert_eq!(updated.name, "fresh");
+        // Another update that read the row before this one (within the same millisecond even)
+        // does not write over it: it reads again and merges into what is there.
+        assert!(
+            store
+                .update_instance_metadata(org, first.id, "lost", "[]", "{}", None, Some(read))
+                .await
+                .unwrap()
+                .is_none()
+        );
 
         assert!(store.set_disabled(org, first.id, true, None).await.unwrap());
         assert!(
