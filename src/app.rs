@@ -146,6 +146,7 @@ impl App {
             &config.database_url,
         )?;
         let store = Store::connect(&config.database_url).await?;
+        align_clock(&store).await;
         let built_in: BTreeMap<String, Arc<Connector>> = catalog::load_built_in()?
             .into_iter()
             .map(|connector| (connector.key.clone(), Arc::new(connector)))
@@ -338,10 +339,48 @@ fn checked(url: String) -> Result<String, String> {
     }
 }
 
-/// The wall clock in epoch milliseconds. (Not `OffsetDateTime::now_utc`: it works out the
-/// calendar date on every call, and the proxy asks the time on every call.)
+/// The wall clock in epoch milliseconds, on the database's clock when that is PostgreSQL
+/// (see [`set_clock_offset`]). (Not `OffsetDateTime::now_utc`: it works out the calendar date
+/// on every call, and the proxy asks the time on every call.)
 pub fn now_ms() -> i64 {
+    system_now_ms() + CLOCK_OFFSET_MS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// This machine's wall clock in epoch milliseconds.
+pub fn system_now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis() as i64)
+}
+
+static CLOCK_OFFSET_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// Puts [`now_ms`] on the shared database's clock: `offset_ms` is how far it is ahead of this
+/// machine's. Replicas compare each other's refresh leases (an end time written by one, read
+/// by the others), so they must read one clock: with this machine's clock 8 s ahead of
+/// another replica's, it would see that replica's live leases as run out and present the
+/// same refresh token beside it.
+pub fn set_clock_offset(offset_ms: i64) {
+    CLOCK_OFFSET_MS.store(offset_ms, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// How far off the database's clock this machine's may be before it is said in the log.
+pub const CLOCK_OFFSET_WARNING_MS: i64 = 1_000;
+
+/// Measures the database's clock against this machine's and puts [`now_ms`] on it
+/// (PostgreSQL only: SQLite is read by one process).
+pub async fn align_clock(store: &Store) {
+    match store.clock_offset_ms(system_now_ms).await {
+        Ok(Some(offset)) => {
+            if offset.abs() > CLOCK_OFFSET_WARNING_MS {
+                tracing::warn!(
+                    offset_ms = offset,
+                    "this machine's clock is off the database's; refresh leases follow the database's"
+                );
+            }
+            set_clock_offset(offset);
+        }
+        Ok(None) => {}
+        Err(error) => tracing::warn!("reading the database's clock: {error}"),
+    }
 }

@@ -154,12 +154,9 @@ pub struct Store {
     commits: Option<commits::CommitQueue>,
 }
 
-/// The system clock in epoch milliseconds, for `updated_at` bookkeeping only.
+/// The clock of `updated_at` bookkeeping: the service's ([`crate::app::now_ms`]).
 fn system_now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as i64)
-        .unwrap_or(0)
+    crate::app::now_ms()
 }
 
 fn flag(value: bool) -> i64 {
@@ -470,6 +467,25 @@ impl Store {
     /// Deletes an organization's connector unless instances of it exist, in one transaction:
     /// the connector row is locked first (PostgreSQL; SQLite's write transaction serializes),
     /// so an instance whose creation checked the connector is counted here.
+    /// How far the database's clock is ahead of `local` (this machine's), in milliseconds,
+    /// from one query, counted from the middle of its round trip; `None` on SQLite, whose
+    /// clock is the machine's.
+    pub async fn clock_offset_ms(
+        &self,
+        local: impl Fn() -> i64,
+    ) -> Result<Option<i64>, StoreError> {
+        if self.engine() != Engine::Postgres {
+            return Ok(None);
+        }
+        let before = local();
+        let (database,): (i64,) =
+            sqlx::query_as("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
+                .fetch_one(&self.pool)
+                .await?;
+        let after = local();
+        Ok(Some(database - before - (after - before) / 2))
+    }
+
     /// Every organization's own connector keys, as (organization id, key).
     pub async fn connector_keys(&self) -> Result<Vec<(i64, String)>, StoreError> {
         let rows: Vec<(i64, String)> =

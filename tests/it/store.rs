@@ -308,6 +308,28 @@ async fn connectors_are_per_organization() {
     }
 }
 
+/// Replicas read one clock, the database's: a machine whose clock is 30 s ahead measures the
+/// database 30 s behind it (the service then adds that to its own time). SQLite's clock is
+/// the machine's.
+#[tokio::test]
+async fn the_database_clock_is_measured() {
+    for test in test_stores().await {
+        let ahead = || tokenwarden::app::system_now_ms() + 30_000;
+        let offset = test.store.clock_offset_ms(ahead).await.unwrap();
+        if test.label == "sqlite" {
+            assert_eq!(offset, None);
+        } else {
+            let offset = offset.expect("PostgreSQL's clock is read");
+            assert!(
+                (-32_000..=-28_000).contains(&offset),
+                "[{}] {offset} ms",
+                test.label
+            );
+        }
+        test.cleanup().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn oauth_states_are_single_use() {
     for test in test_stores().await {
