@@ -366,6 +366,21 @@ impl Sandbox {
         }
     }
 
+    /// Whether the sandbox was started for one client (`--client`).
+    pub fn has_fixed_client(&self) -> bool {
+        self.fixed_client.is_some()
+    }
+
+    /// The client an access or refresh token of `profile` was issued to, if the token is known.
+    pub fn token_client(&self, profile: Profile, token: &str) -> Option<String> {
+        let grant_id = match self.access_tokens.get(token) {
+            Some(record) => record.grant_id,
+            None => self.refresh_tokens.get(token)?.grant_id,
+        };
+        let grant = self.grants.get(&grant_id)?;
+        (grant.profile == profile).then(|| grant.client_id.clone())
+    }
+
     /// Whether the authorize endpoint may accept this client id (only `--client` restricts it).
     pub fn client_id_allowed(&self, client_id: &str) -> bool {
         match &self.fixed_client {

@@ -1082,6 +1082,23 @@ async fn salesforce_box_and_generic_revocation() {
     let rt = g.rt.expect("rt");
     let (_, body) = ctx.refresh(GENERIC, &rt).await;
     let at2 = body["access_token"].as_str().expect("at").to_string();
+    // Another client cannot revoke it (RFC 7009 §2.1: the token must be the client's).
+    let r = ctx
+        .post_form(
+            GENERIC.revoke,
+            &[("token", &rt)],
+            Some(basic("other-app", "s3cret")),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["error"],
+        "unauthorized_client"
+    );
+    assert_eq!(
+        ctx.api_status("/generic/api/me", &at2).await,
+        StatusCode::OK
+    );
     let r = ctx
         .post_form(
             GENERIC.revoke,
@@ -1777,7 +1794,21 @@ async fn fixed_client_restricts_who_may_authenticate() {
         (status, body["error"].as_str()),
         (StatusCode::UNAUTHORIZED, Some("invalid_client"))
     );
-    assert_eq!(pairs("pw").await.0, StatusCode::OK);
+    let (status, tokens) = pairs("pw").await;
+    assert_eq!(status, StatusCode::OK);
+    // Revocation asks for the client too: nobody else may end its grants.
+    let at = tokens["access_token"].as_str().expect("at");
+    let r = ctx.post_form(GENERIC.revoke, &[("token", at)], None).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(ctx.api_status("/generic/api/me", at).await, StatusCode::OK);
+    let r = ctx
+        .post_form(GENERIC.revoke, &[("token", at)], Some(basic("only", "pw")))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        ctx.api_status("/generic/api/me", at).await,
+        StatusCode::UNAUTHORIZED
+    );
     ctx.sandbox.shutdown().await;
 }
 

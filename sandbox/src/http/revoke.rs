@@ -117,23 +117,29 @@ async fn answer(sandbox: &crate::state::Sandbox, profile: Profile, request: Requ
             }
         }
         Profile::Box | Profile::Microsoft | Profile::Generic => {
-            // Box requires the client's credentials; RFC 7009 servers check them when sent.
+            // Box requires the client's credentials, and so does a sandbox started for one
+            // client (`--client`); otherwise they are checked when sent (RFC 7009 §2.1).
             let sends_credentials = params.contains_key("client_secret")
                 || (parts
                     .headers
                     .contains_key(axum::http::header::AUTHORIZATION)
                     && bearer.is_none());
-            if (profile == Profile::Box || sends_credentials)
-                && let Err(error) =
-                    super::token::authenticate(sandbox, &settings, &parts.headers, &params)
-            {
-                let status = if error.code == "invalid_client" {
-                    StatusCode::UNAUTHORIZED
+            let client =
+                if profile == Profile::Box || sends_credentials || sandbox.has_fixed_client() {
+                    match super::token::authenticate(sandbox, &settings, &parts.headers, &params) {
+                        Ok(client) => Some(client),
+                        Err(error) => {
+                            let status = if error.code == "invalid_client" {
+                                StatusCode::UNAUTHORIZED
+                            } else {
+                                StatusCode::BAD_REQUEST
+                            };
+                            return oauth_error(status, error.code, &error.description);
+                        }
+                    }
                 } else {
-                    StatusCode::BAD_REQUEST
+                    None
                 };
-                return oauth_error(status, error.code, &error.description);
-            }
             let Some(token) = token else {
                 return oauth_error(
                     StatusCode::BAD_REQUEST,
@@ -141,6 +147,18 @@ async fn answer(sandbox: &crate::state::Sandbox, profile: Profile, request: Requ
                     "The parameter 'token' is missing.",
                 );
             };
+            // RFC 7009 §2.1: the token must have been issued to the client revoking it.
+            if let Some(client) = &client
+                && sandbox
+                    .token_client(profile, token)
+                    .is_some_and(|owner| owner != *client)
+            {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "unauthorized_client",
+                    "The token was not issued to this client.",
+                );
+            }
             // RFC 7009 §2.2: unknown and already-dead tokens answer 200 too.
             if !fake_success {
                 let _ = sandbox.revoke(profile, token);
