@@ -66,6 +66,9 @@ pub struct Grant {
     /// When a revocation takes (or took) effect: later than the revocation itself when the
     /// profile has a `revocationDelaySeconds`.
     pub revoked_at: Option<Millis>,
+    /// Made for a public client (RFC 6749 §2.1: no secret, PKCE instead): refreshed with the
+    /// client id alone. A confidential client's grant needs its secret.
+    pub public: bool,
 }
 
 impl Grant {
@@ -366,6 +369,21 @@ impl Sandbox {
         }
     }
 
+    /// Whether an unused code was asked for with a PKCE challenge (`None`: unknown or used).
+    pub fn code_has_challenge(&self, code: &str) -> Option<bool> {
+        let stored = self.codes.get(code)?;
+        stored
+            .used
+            .is_none()
+            .then(|| stored.request.challenge.is_some())
+    }
+
+    /// Whether a refresh token's grant was made for a public client (`None`: unknown token).
+    pub fn refresh_token_public(&self, refresh_token: &str) -> Option<bool> {
+        let grant_id = self.refresh_tokens.get(refresh_token)?.grant_id;
+        Some(self.grants.get(&grant_id)?.public)
+    }
+
     /// Whether the sandbox was started for one client (`--client`).
     pub fn has_fixed_client(&self) -> bool {
         self.fixed_client.is_some()
@@ -419,6 +437,7 @@ impl Sandbox {
         code: &str,
         redirect_uri: &str,
         code_verifier: Option<&str>,
+        public: bool,
     ) -> Result<IssuedTokens, GrantError> {
         let now = self.clock.now_ms();
         let stored = {
@@ -479,6 +498,7 @@ impl Sandbox {
                 scope: request.scope.clone(),
                 created_at: now,
                 revoked_at: None,
+                public,
             },
         );
         if settings.max_grants_per_user > 0 {
@@ -973,7 +993,14 @@ mod tests {
             challenge: None,
         });
         let first = sandbox
-            .exchange_code(Profile::Generic, "app", &code, "https://app.test/cb", None)
+            .exchange_code(
+                Profile::Generic,
+                "app",
+                &code,
+                "https://app.test/cb",
+                None,
+                false,
+            )
             .unwrap();
         let used = first.refresh_token.unwrap();
         let second = sandbox

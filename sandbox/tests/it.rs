@@ -583,6 +583,86 @@ async fn pkce_is_checked_when_a_challenge_was_sent() {
     );
 }
 
+/// A public client (RFC 6749 §2.1: no secret) at the generic profile: its id and PKCE for the
+/// code, its id alone for the refresh. Without PKCE it is refused, and a confidential client's
+/// grant is never refreshed without the secret.
+#[tokio::test]
+async fn public_clients_use_pkce_and_their_id_alone() {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let ctx = start().await;
+    let verifier = "public-client-verifier-0123456789-0123456789";
+    let challenge =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier));
+    let s256 = [
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+    ];
+    let code = ctx.code(GENERIC, "spa", &s256).await;
+    let (status, body) = ctx
+        .token(
+            GENERIC.token,
+            &[
+                ("grant_type", "authorization_code"),
+                ("code", &code),
+                ("redirect_uri", REDIRECT),
+                ("client_id", "spa"),
+                ("code_verifier", verifier),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let rt = body["refresh_token"].as_str().expect("rt");
+    let (status, body) = ctx
+        .token(
+            GENERIC.token,
+            &[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", rt),
+                ("client_id", "spa"),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // No PKCE, no secret: refused, and the code is still good for the client with its secret.
+    let code = ctx.code(GENERIC, "app", &[]).await;
+    let (status, body) = ctx
+        .token(
+            GENERIC.token,
+            &[
+                ("grant_type", "authorization_code"),
+                ("code", &code),
+                ("redirect_uri", REDIRECT),
+                ("client_id", "app"),
+            ],
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_client")),
+        "{body}"
+    );
+    let (status, body) = ctx.exchange(GENERIC, &code).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let rt = body["refresh_token"].as_str().expect("rt");
+    let (status, body) = ctx
+        .token(
+            GENERIC.token,
+            &[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", rt),
+                ("client_id", "app"),
+            ],
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_client")),
+        "{body}"
+    );
+}
+
 #[tokio::test]
 async fn consent_page_and_authorize_errors() {
     let ctx = start().await;
@@ -1514,13 +1594,15 @@ async fn bad_token_requests_answer_oauth_errors() {
             "invalid_grant",
         ),
         (
+            // A client id alone is a public client (RFC 6749 §2.1): the unknown token is what
+            // is refused.
             vec![
                 ("grant_type", "refresh_token"),
                 ("refresh_token", "x"),
                 ("client_id", "app"),
             ],
-            401,
-            "invalid_client",
+            400,
+            "invalid_grant",
         ),
         (
             vec![("grant_type", "refresh_token"), ("refresh_token", "x")],

@@ -774,6 +774,18 @@ async fn client_authentication_basic_only_and_body_only_on(env: Env) {
     refresh_ok(&env, &id, &token, "body only").await;
     works(&env, &token, "body only").await;
 
+    // A public client (no secret; PKCE instead): the code and the refreshes carry its id
+    // alone, whatever the connector's method.
+    register(&env, "public", json!({"oauth": {"pkce": true}})).await;
+    let (status, body) = try_create(&env, "public", "pia", json!({"oauth.api.secret": ""})).await;
+    assert_eq!(status, 200, "{body}");
+    let (public_id, public_token) = (
+        body["id"].to_string().trim_matches('"').to_string(),
+        body["token"].as_str().unwrap().to_string(),
+    );
+    refresh_ok(&env, &public_id, &public_token, "public client").await;
+    works(&env, &public_token, "public client").await;
+
     // The provider stops accepting the instance's method: the refresh is refused for good.
     configure(&env, json!({"clientAuthMethods": ["client_secret_basic"]})).await;
     refresh_fails_for_good(

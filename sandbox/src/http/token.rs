@@ -76,7 +76,19 @@ fn handle(
 ) -> Result<(GrantKind, IssuedTokens), OAuthError> {
     let form = parse_request_params(headers, body, settings)
         .map_err(|e| OAuthError::new("invalid_request", e.0))?;
-    let client_id = authenticate(sandbox, settings, headers, &form)?;
+    // A public client (RFC 6749 §2.1, §3.2.1): its id and no secret at all, at the generic
+    // profile of a sandbox not started for one (confidential) client. It must use PKCE, and
+    // its grants are refreshed the same way; a confidential client's never without its secret.
+    let public = profile == Profile::Generic
+        && !sandbox.has_fixed_client()
+        && !headers.contains_key(axum::http::header::AUTHORIZATION)
+        && form.get("client_secret").is_none_or(String::is_empty)
+        && form.get("client_id").is_some_and(|id| !id.is_empty());
+    let client_id = if public {
+        form.get("client_id").cloned().unwrap_or_default()
+    } else {
+        authenticate(sandbox, settings, headers, &form)?
+    };
     let param = |name: &str| form.get(name).map(String::as_str).filter(|v| !v.is_empty());
     let required = |name: &str| {
         param(name).ok_or_else(|| {
@@ -116,20 +128,40 @@ fn handle(
         _ => {}
     }
 
+    let without_secret = |what: &str| {
+        OAuthError::new(
+            "invalid_client",
+            format!("Client authentication is required: {what}."),
+        )
+    };
     let issued = match kind {
-        GrantKind::AuthorizationCode => sandbox.exchange_code(
-            profile,
-            &client_id,
-            required("code")?,
-            required("redirect_uri")?,
-            param("code_verifier"),
-        ),
+        GrantKind::AuthorizationCode => {
+            let code = required("code")?;
+            if public && sandbox.code_has_challenge(code) == Some(false) {
+                return Err(without_secret(
+                    "a client without a secret must use PKCE (RFC 7636)",
+                ));
+            }
+            sandbox.exchange_code(
+                profile,
+                &client_id,
+                code,
+                required("redirect_uri")?,
+                param("code_verifier"),
+                public,
+            )
+        }
         GrantKind::RefreshToken => {
             let refresh_token = required("refresh_token")?;
             if settings.require_scope_on_refresh && param("scope").is_none() {
                 return Err(OAuthError::new(
                     "invalid_request",
                     "The parameter 'scope' is required on refresh at this server.",
+                ));
+            }
+            if public && sandbox.refresh_token_public(refresh_token) == Some(false) {
+                return Err(without_secret(
+                    "this grant was made for a confidential client",
                 ));
             }
             sandbox.refresh(profile, &client_id, refresh_token, param("scope"))
