@@ -252,6 +252,9 @@ async fn create_to_the_end(
     .map_err(|error| ApiError::internal(format!("the creation stopped: {error}")))?
 }
 
+/// How long an exchanged authorization code is remembered (providers' codes live minutes).
+const USED_CODE_MEMORY_MS: i64 = 60 * 60 * 1000;
+
 /// What an exchange or an import produced, before anything is stored.
 struct Grant {
     tokens: TokenSet,
@@ -356,6 +359,28 @@ async fn exchange(
             )));
         }
     };
+    // A code is presented once: a request repeated with it (a client retrying after a
+    // timeout) would present it again, and a provider may then revoke the tokens the first
+    // exchange gave (RFC 6749 §4.1.2), leaving the instance it created without a grant.
+    let code_key = crypto::hash_secret(&format!(
+        "oauth-code/{}/{}",
+        caller.organization_id,
+        code.expose()
+    ));
+    if !app
+        .store
+        .claim_code(
+            &code_key,
+            caller.organization_id,
+            now_ms() + USED_CODE_MEMORY_MS,
+        )
+        .await?
+    {
+        give_back(taken_state).await;
+        return Err(ApiError::conflict(
+            "This authorization code was used already, by an earlier request (a retry?): a code is exchanged once, since a provider may revoke the tokens of a code presented twice. GET /instances shows what that request made; authorize again for a new code",
+        ));
+    }
     let exchanged = app
         .oauth
         .exchange_code(
@@ -370,6 +395,8 @@ async fn exchange(
     let tokens = match exchanged {
         Ok(tokens) => tokens,
         Err(error) => {
+            // Not exchanged: the code may be tried again (after a passing provider failure).
+            let _ = app.store.release_code(&code_key).await;
             give_back(taken_state).await;
             return Err(instances::exchange_error(&error));
         }

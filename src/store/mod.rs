@@ -665,7 +665,41 @@ impl Store {
             .bind(now)
             .execute(&self.pool)
             .await?;
+        sqlx::query("DELETE FROM used_codes WHERE expires_at <= $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
         Ok(result.rows_affected())
+    }
+
+    /// Records an authorization code (its hash) as exchanged until `expires_at`; false when it
+    /// was already (by another request, or one that is still running).
+    pub async fn claim_code(
+        &self,
+        code_hash: &[u8],
+        organization_id: i64,
+        expires_at: i64,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "INSERT INTO used_codes (code_hash, organization_id, expires_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (code_hash) DO NOTHING",
+        )
+        .bind(code_hash)
+        .bind(organization_id)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Forgets a code recorded by [`Self::claim_code`]: its exchange failed, and it may be
+    /// tried again.
+    pub async fn release_code(&self, code_hash: &[u8]) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM used_codes WHERE code_hash = $1")
+            .bind(code_hash)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Deletes up to `limit` events that occurred before `before` and are not waiting to be

@@ -511,14 +511,25 @@ async fn failed_creates_answer_4xx_and_create_nothing() {
             Some(body),
         )
         .await;
-        assert_error(&used, 400, &label);
+        // Refused before the provider sees it again: presented twice, a code has its tokens
+        // revoked (RFC 6749 §4.1.2; the sandbox does it), and the first instance would be left
+        // without a grant.
+        assert_error(&used, 409, &label);
         assert!(
-            used.body["providerMessage"]
+            used.body["message"]
                 .as_str()
                 .unwrap_or_default()
-                .contains("invalid_grant"),
+                .contains("used already"),
             "{}",
             used.body
+        );
+        let token = first.body["token"].as_str().unwrap();
+        let (status, body) = env
+            .proxy(&env.org, token, Method::GET, "2.0/users/me")
+            .await;
+        assert_eq!(
+            status, 200,
+            "[{label}] the first instance's grant lives: {body}"
         );
         let _ = state;
         // Unknown connector (both paths), missing configuration keys, neither code nor tokens.
