@@ -214,7 +214,8 @@ pub struct ProfileSettings {
     pub old_refresh_token_stays_valid: bool,
     /// Refresh answers carry no `refresh_token` when none was minted (Salesforce, Spotify).
     pub omit_refresh_token_on_refresh: bool,
-    /// No refresh token unless the granted scope contains `offline_access` (Microsoft).
+    /// No refresh token unless the granted scope contains `offline_access` (Microsoft), or at
+    /// Salesforce `refresh_token` or `offline_access`.
     pub require_offline_access_scope: bool,
     /// Salesforce sends no `expires_in` at all.
     pub include_expires_in: bool,
@@ -319,6 +320,8 @@ impl ProfileSettings {
                 access_token_ttl_seconds: 7200,
                 include_expires_in: false,
                 omit_refresh_token_on_refresh: true,
+                // A refresh token only for the `refresh_token` (or `offline_access`) scope.
+                require_offline_access_scope: true,
                 max_grants_per_user: 5,
                 client_auth_methods: vec![ClientAuthMethod::ClientSecretPost],
                 ..base

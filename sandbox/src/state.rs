@@ -87,6 +87,9 @@ struct AccessTokenRecord {
     active_from: Millis,
     expires_at: Millis,
     revoked_at: Option<Millis>,
+    /// What it may do: the grant's scope, or the narrower one its refresh asked for (RFC 6749
+    /// §6).
+    scope: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -510,12 +513,19 @@ impl Sandbox {
                 now,
             );
         }
-        let wants_refresh_token =
-            !settings.require_offline_access_scope || has_scope(&request.scope, "offline_access");
+        let wants_refresh_token = !settings.require_offline_access_scope
+            || has_scope(&request.scope, "offline_access")
+            || (profile == Profile::Salesforce && has_scope(&request.scope, "refresh_token"));
         let refresh_token =
             wants_refresh_token.then(|| self.insert_refresh_token(profile, grant_id, now));
-        let access_token =
-            self.insert_access_token(profile, grant_id, refresh_token.clone(), now, &settings);
+        let access_token = self.insert_access_token(
+            profile,
+            grant_id,
+            refresh_token.clone(),
+            now,
+            &settings,
+            &request.scope,
+        );
         let refresh_token_expires_in = refresh_token
             .as_ref()
             .and_then(|_| refresh_token_remaining_seconds(&settings, now, now));
@@ -631,8 +641,14 @@ impl Sandbox {
                 (same, answer)
             }
         };
-        let access_token =
-            self.insert_access_token(profile, record.grant_id, Some(parent), now, &settings);
+        let access_token = self.insert_access_token(
+            profile,
+            record.grant_id,
+            Some(parent),
+            now,
+            &settings,
+            &scope,
+        );
         let refresh_token_expires_in = answer_refresh_token
             .as_ref()
             .and_then(|_| refresh_token_remaining_seconds(&settings, grant.created_at, now));
@@ -678,7 +694,7 @@ impl Sandbox {
         Ok(TokenOwner {
             user: grant.user,
             client_id: grant.client_id,
-            scope: grant.scope,
+            scope: record.scope,
         })
     }
 
@@ -892,6 +908,7 @@ impl Sandbox {
         parent_refresh_token: Option<String>,
         now: Millis,
         settings: &ProfileSettings,
+        scope: &str,
     ) -> String {
         let token = random_token(profile, "at");
         self.access_tokens.insert(
@@ -902,6 +919,7 @@ impl Sandbox {
                 active_from: plus_seconds(now, settings.access_token_activation_delay_seconds),
                 expires_at: plus_seconds(now, settings.access_token_ttl_seconds),
                 revoked_at: None,
+                scope: scope.to_string(),
             },
         );
         token

@@ -949,6 +949,17 @@ async fn microsoft_keeps_old_refresh_tokens_and_needs_offline_access() {
     )
     .await;
 
+    // Salesforce gives a refresh token only for the `refresh_token` (or `offline_access`)
+    // scope.
+    let code = ctx.code(SALESFORCE, "app", &[("scope", "api")]).await;
+    let (status, body) = ctx.exchange(SALESFORCE, &code).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.get("refresh_token").is_none(), "{body}");
+    let code = ctx
+        .code(SALESFORCE, "app", &[("scope", "api offline_access")])
+        .await;
+    assert!(ctx.exchange(SALESFORCE, &code).await.1["refresh_token"].is_string());
+
     // Without offline_access: no refresh token.
     let code = ctx.code(MICROSOFT, "app", &[("scope", "User.Read")]).await;
     let (status, body) = ctx.exchange(MICROSOFT, &code).await;
@@ -2112,6 +2123,15 @@ async fn refresh_variants_separate_endpoint_scope_and_json_bodies() {
     let (status, body) = ctx.token(GENERIC.token, &pairs).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["scope"], "read");
+    // The narrower scope is the new access token's (RFC 6749 §6), not the grant's.
+    let narrow = body["access_token"].as_str().expect("at");
+    let me: Value = ctx
+        .api("/generic/api/me", narrow)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(me["scope"], "read", "{me}");
 
     // JSON bodies: refused by default, accepted, then required.
     pairs.truncate(4);
