@@ -443,26 +443,26 @@ impl Sandbox {
         public: bool,
     ) -> Result<IssuedTokens, GrantError> {
         let now = self.clock.now_ms();
-        let stored = {
-            let Some(mut stored) = self.codes.get_mut(code) else {
-                return Err(GrantError::CodeUnknown);
-            };
-            if stored.request.profile != profile {
-                return Err(GrantError::CodeUnknown);
-            }
-            match stored.used {
-                None => {}
-                Some(None) => return Err(GrantError::CodeUnknown),
-                Some(Some(grant_id)) => {
-                    drop(stored);
-                    self.revoke_grant(grant_id, now);
-                    return Err(GrantError::CodeReused);
-                }
-            }
-            stored.used = Some(None);
-            (stored.request.clone(), stored.expires_at)
+        // The code's entry stays locked to the end: an exchange of it at the same moment waits,
+        // then finds the grant this one made (and revokes it). Only maps other than `codes` are
+        // locked meanwhile, and no path locks `codes` after them.
+        let Some(mut stored) = self.codes.get_mut(code) else {
+            return Err(GrantError::CodeUnknown);
         };
-        let (request, expires_at) = stored;
+        if stored.request.profile != profile {
+            return Err(GrantError::CodeUnknown);
+        }
+        match stored.used {
+            None => {}
+            Some(None) => return Err(GrantError::CodeUnknown),
+            Some(Some(grant_id)) => {
+                drop(stored);
+                self.revoke_grant(grant_id, now);
+                return Err(GrantError::CodeReused);
+            }
+        }
+        stored.used = Some(None);
+        let (request, expires_at) = (stored.request.clone(), stored.expires_at);
         if now >= expires_at {
             return Err(GrantError::CodeExpired);
         }
@@ -489,9 +489,7 @@ impl Sandbox {
 
         let settings = self.settings(profile);
         let grant_id = self.next_grant_id.fetch_add(1, Ordering::Relaxed);
-        if let Some(mut stored) = self.codes.get_mut(code) {
-            stored.used = Some(Some(grant_id));
-        }
+        stored.used = Some(Some(grant_id));
         self.grants.insert(
             grant_id,
             Grant {
@@ -854,30 +852,30 @@ impl Sandbox {
             .retain(|_, c| now < plus_seconds(c.expires_at, retention));
         self.access_tokens
             .retain(|_, t| now < plus_seconds(t.expires_at, retention));
-        // A used refresh token is remembered while its grant lives and could still be
-        // refreshed: presented again it must still be known as reused (and kill the grant
-        // where the profile says so), not be "unknown" because the clock was moved on.
-        let live_grants: std::collections::HashMap<u64, Profile> = self
+        // A used refresh token is remembered while its grant can still be refreshed (it is not
+        // revoked, and one of its refresh tokens is alive): presented again it must still be
+        // known as reused (and kill the grant where the profile says so), not be "unknown"
+        // because the clock was moved on. Otherwise a week after its first use.
+        let grants: std::collections::HashMap<u64, Grant> = self
             .grants
             .iter()
-            .filter(|grant| grant.revoked_at.is_none())
-            .map(|grant| (*grant.key(), grant.profile))
+            .filter(|grant| !grant.revoked(now))
+            .map(|grant| (*grant.key(), grant.clone()))
             .collect();
         let settings = Profile::ALL.map(|profile| self.settings(profile));
+        let refreshable: std::collections::HashSet<u64> = self
+            .refresh_tokens
+            .iter()
+            .filter(|record| record.status == RefreshStatus::Active)
+            .filter_map(|record| {
+                let grant = grants.get(&record.grant_id)?;
+                let settings = &settings[grant.profile.index()];
+                (!refresh_token_expired(&record, grant, settings, now)).then_some(record.grant_id)
+            })
+            .collect();
         let week = retention.saturating_mul(7);
-        // How long after its first use a used token is remembered: a week, or as long as its
-        // grant's tokens can live when that is longer (forever when they never die of age).
         let remembered = |grant_id: u64, first_used_at: Millis| -> bool {
-            let Some(profile) = live_grants.get(&grant_id) else {
-                return now < plus_seconds(first_used_at, week);
-            };
-            let settings = &settings[profile.index()];
-            let (idle, absolute) = (
-                settings.refresh_token_idle_ttl_seconds,
-                settings.refresh_token_absolute_ttl_seconds,
-            );
-            (idle == 0 && absolute == 0)
-                || now < plus_seconds(first_used_at, idle.max(absolute).max(week))
+            refreshable.contains(&grant_id) || now < plus_seconds(first_used_at, week)
         };
         self.refresh_tokens.retain(|_, t| match t.status {
             RefreshStatus::Active => true,
@@ -988,9 +986,10 @@ pub fn random_string(len: usize) -> String {
 mod tests {
     use super::*;
 
-    /// A used refresh token presented again after the clock moved past the purge's week, while
-    /// its grant could still be refreshed (a 60-day idle limit), is still known as reused and
-    /// kills the grant: the purger had forgotten it ("not known") and the grant survived.
+    /// A used refresh token presented again weeks after its first use, while it and its grant
+    /// could still be refreshed (a 60-day idle limit; the grant refreshed every 9 days), is still
+    /// known as reused and kills the grant: the purger had forgotten it after a week ("not
+    /// known") and the grant survived.
     #[test]
     fn the_purge_keeps_used_tokens_while_their_grant_can_be_refreshed() {
         let sandbox = Sandbox::new(None, None);
@@ -1021,23 +1020,23 @@ mod tests {
             )
             .unwrap();
         let used = first.refresh_token.unwrap();
-        let second = sandbox
-            .refresh(Profile::Generic, "app", &used, None)
-            .unwrap();
-        sandbox.clock.advance_seconds(8 * 86_400);
-        sandbox.purge();
+        let mut latest = used.clone();
+        for _ in 0..3 {
+            latest = sandbox
+                .refresh(Profile::Generic, "app", &latest, None)
+                .unwrap()
+                .refresh_token
+                .unwrap();
+            sandbox.clock.advance_seconds(9 * 86_400);
+            sandbox.purge();
+        }
         assert_eq!(
             sandbox.refresh(Profile::Generic, "app", &used, None).err(),
             Some(GrantError::RefreshTokenReused)
         );
         assert_eq!(
             sandbox
-                .refresh(
-                    Profile::Generic,
-                    "app",
-                    &second.refresh_token.unwrap(),
-                    None
-                )
+                .refresh(Profile::Generic, "app", &latest, None)
                 .err(),
             Some(GrantError::RefreshTokenRevoked),
             "the reuse killed the grant"

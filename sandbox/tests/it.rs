@@ -624,6 +624,25 @@ async fn public_clients_use_pkce_and_their_id_alone() {
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // Its revocation names it too: another client's name does not revoke its tokens.
+    let at = body["access_token"].as_str().expect("at");
+    let r = ctx
+        .post_form(
+            GENERIC.revoke,
+            &[("token", at), ("client_id", "other")],
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(ctx.api_status("/generic/api/me", at).await, StatusCode::OK);
+    let r = ctx
+        .post_form(GENERIC.revoke, &[("token", at), ("client_id", "spa")], None)
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        ctx.api_status("/generic/api/me", at).await,
+        StatusCode::UNAUTHORIZED
+    );
 
     // No PKCE, no secret: refused, and the code is still good for the client with its secret.
     let code = ctx.code(GENERIC, "app", &[]).await;
@@ -1894,6 +1913,29 @@ async fn fixed_client_restricts_who_may_authenticate() {
     let r = ctx.post_form(GENERIC.revoke, &[("token", at)], None).await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(ctx.api_status("/generic/api/me", at).await, StatusCode::OK);
+    // A token that authenticates the call itself (`Authorization: Bearer`, no body) is enough.
+    let second = ctx.code(GENERIC, "only", &[]).await;
+    let (_, other) = ctx
+        .token(
+            GENERIC.token,
+            &[
+                ("grant_type", "authorization_code"),
+                ("code", &second),
+                ("redirect_uri", REDIRECT),
+                ("client_id", "only"),
+                ("client_secret", "pw"),
+            ],
+        )
+        .await;
+    let bearer = other["access_token"].as_str().expect("at");
+    let r = ctx
+        .post_form(GENERIC.revoke, &[], Some(format!("Bearer {bearer}")))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        ctx.api_status("/generic/api/me", bearer).await,
+        StatusCode::UNAUTHORIZED
+    );
     let r = ctx
         .post_form(GENERIC.revoke, &[("token", at)], Some(basic("only", "pw")))
         .await;
@@ -1939,6 +1981,9 @@ async fn metadata_documents_name_every_endpoint() {
         );
         let methods = if BODY_ONLY.contains(&p.key) {
             json!(["client_secret_post"])
+        } else if p.key == "generic" {
+            // And public clients.
+            json!(["client_secret_post", "client_secret_basic", "none"])
         } else {
             json!(["client_secret_post", "client_secret_basic"])
         };

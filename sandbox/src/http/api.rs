@@ -59,33 +59,55 @@ async fn authorize_call(
     }
 }
 
-/// Most of a too-large body read and dropped before the refusal.
+/// Most of a body read and dropped before a refusal, and for how long at most.
 const DRAIN_AT_MOST: usize = 64 * 1024 * 1024;
+const DRAIN_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A request body of at most [`MAX_ECHO_BODY_BYTES`]; `None` when it is larger or breaks off.
-/// Past the limit the rest is read and dropped (up to [`DRAIN_AT_MOST`]) before the answer,
-/// as servers linger before closing: a connection closed with unread bytes is reset, and a
-/// reset throws away the refusal the caller has not read yet.
+/// Past the limit the rest is read and dropped ([`drain`]) before the answer, as servers
+/// linger before closing: a connection closed with unread bytes is reset, and a reset throws
+/// away the refusal the caller has not read yet.
 async fn read_or_drain(mut body: axum::body::Body) -> Option<axum::body::Bytes> {
     use axum::body::HttpBody;
     let mut kept = Vec::new();
-    let mut over = 0_usize;
     while let Some(frame) =
         std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
     {
         let Ok(data) = frame.ok()?.into_data() else {
             continue;
         };
-        if over > 0 || kept.len() + data.len() > MAX_ECHO_BODY_BYTES {
-            over += data.len();
-            if over > DRAIN_AT_MOST {
+        if kept.len() + data.len() > MAX_ECHO_BODY_BYTES {
+            drain(body).await;
+            return None;
+        }
+        kept.extend_from_slice(&data);
+    }
+    Some(kept.into())
+}
+
+/// Reads a body to its end and drops it, up to [`DRAIN_AT_MOST`] bytes and [`DRAIN_FOR`]
+/// (a body declared larger is not read at all): what a refusal does before it answers.
+async fn drain(mut body: axum::body::Body) {
+    use axum::body::HttpBody;
+    if body
+        .size_hint()
+        .exact()
+        .is_some_and(|length| length > DRAIN_AT_MOST as u64)
+    {
+        return;
+    }
+    let _ = tokio::time::timeout(DRAIN_FOR, async {
+        let mut read = 0_usize;
+        while let Some(Ok(frame)) =
+            std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+        {
+            read += frame.data_ref().map_or(0, |data| data.len());
+            if read > DRAIN_AT_MOST {
                 break;
             }
-        } else {
-            kept.extend_from_slice(&data);
         }
-    }
-    (over == 0).then(|| kept.into())
+    })
+    .await;
 }
 
 /// The answer with its body gzip-encoded (`Content-Encoding: gzip`). The encoding is gzip's
@@ -225,11 +247,15 @@ async fn echo_for_tenant(
     let (parts, body) = request.into_parts();
     let owner = match authorize_call(&sandbox, profile, &parts.headers).await {
         Ok(owner) => owner,
-        Err(rejection) => return rejection,
+        Err(rejection) => {
+            drain(body).await;
+            return rejection;
+        }
     };
     if let Some(tenant) = &tenant
         && let Err(response) = check_tenant(&owner, tenant)
     {
+        drain(body).await;
         return response;
     }
     let body = match read_or_drain(body).await {

@@ -12,7 +12,7 @@ pub fn document(State(sandbox): State<AppState>, profile: Profile, headers: Head
     let base = base_url(&sandbox, &headers);
     let paths = profile.paths();
     let settings = sandbox.settings(profile);
-    let auth_methods: Vec<&str> = settings
+    let mut auth_methods: Vec<&str> = settings
         .client_auth_methods
         .iter()
         .map(|m| match m {
@@ -20,6 +20,11 @@ pub fn document(State(sandbox): State<AppState>, profile: Profile, headers: Head
             ClientAuthMethod::ClientSecretBasic => "client_secret_basic",
         })
         .collect();
+    // Public clients (an id and no secret) at the generic profile, unless the sandbox runs for
+    // one confidential client.
+    if crate::http::token::public_clients_allowed(&sandbox, profile) {
+        auth_methods.push("none");
+    }
     let mut doc = Map::new();
     doc.insert("issuer".into(), json!(format!("{base}/{}", profile.key())));
     doc.insert(

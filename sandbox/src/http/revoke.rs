@@ -119,27 +119,36 @@ async fn answer(sandbox: &crate::state::Sandbox, profile: Profile, request: Requ
         Profile::Box | Profile::Microsoft | Profile::Generic => {
             // Box requires the client's credentials, and so does a sandbox started for one
             // client (`--client`); otherwise they are checked when sent (RFC 7009 §2.1).
-            let sends_credentials = params.contains_key("client_secret")
+            let sends_credentials = params.get("client_secret").is_some_and(|s| !s.is_empty())
                 || (parts
                     .headers
                     .contains_key(axum::http::header::AUTHORIZATION)
                     && bearer.is_none());
-            let client =
-                if profile == Profile::Box || sends_credentials || sandbox.has_fixed_client() {
-                    match super::token::authenticate(sandbox, &settings, &parts.headers, &params) {
-                        Ok(client) => Some(client),
-                        Err(error) => {
-                            let status = if error.code == "invalid_client" {
-                                StatusCode::UNAUTHORIZED
-                            } else {
-                                StatusCode::BAD_REQUEST
-                            };
-                            return oauth_error(status, error.code, &error.description);
-                        }
+            // A token sent as `Authorization: Bearer` alone authenticates the call itself
+            // (Dropbox, Slack).
+            let bearer_only = bearer.is_some() && !params.contains_key("token");
+            let public = super::token::public_client(sandbox, profile, &parts.headers, &params);
+            let client = if let (Some(id), false) = (public, sends_credentials) {
+                // A public client names itself: its tokens are checked against that name.
+                Some(id.to_string())
+            } else if profile == Profile::Box
+                || sends_credentials
+                || (sandbox.has_fixed_client() && !bearer_only)
+            {
+                match super::token::authenticate(sandbox, &settings, &parts.headers, &params) {
+                    Ok(client) => Some(client),
+                    Err(error) => {
+                        let status = if error.code == "invalid_client" {
+                            StatusCode::UNAUTHORIZED
+                        } else {
+                            StatusCode::BAD_REQUEST
+                        };
+                        return oauth_error(status, error.code, &error.description);
                     }
-                } else {
-                    None
-                };
+                }
+            } else {
+                None
+            };
             let Some(token) = token else {
                 return oauth_error(
                     StatusCode::BAD_REQUEST,

@@ -79,11 +79,7 @@ fn handle(
     // A public client (RFC 6749 §2.1, §3.2.1): its id and no secret at all, at the generic
     // profile of a sandbox not started for one (confidential) client. It must use PKCE, and
     // its grants are refreshed the same way; a confidential client's never without its secret.
-    let public = profile == Profile::Generic
-        && !sandbox.has_fixed_client()
-        && !headers.contains_key(axum::http::header::AUTHORIZATION)
-        && form.get("client_secret").is_none_or(String::is_empty)
-        && form.get("client_id").is_some_and(|id| !id.is_empty());
+    let public = public_client(sandbox, profile, headers, &form).is_some();
     let client_id = if public {
         form.get("client_id").cloned().unwrap_or_default()
     } else {
@@ -169,6 +165,28 @@ fn handle(
     }
     .map_err(OAuthError::from_grant)?;
     Ok((kind, issued))
+}
+
+/// Whether a profile takes public clients: the generic one, unless the sandbox runs for one
+/// (confidential) client.
+pub fn public_clients_allowed(sandbox: &Sandbox, profile: Profile) -> bool {
+    profile == Profile::Generic && !sandbox.has_fixed_client()
+}
+
+/// The id of a public client making this request (RFC 6749 §2.1, §3.2.1): its `client_id`
+/// and no secret at all (an empty one counts as none), where public clients are taken.
+pub(super) fn public_client<'a>(
+    sandbox: &Sandbox,
+    profile: Profile,
+    headers: &HeaderMap,
+    form: &'a std::collections::HashMap<String, String>,
+) -> Option<&'a str> {
+    let public = public_clients_allowed(sandbox, profile)
+        && !headers.contains_key(axum::http::header::AUTHORIZATION)
+        && form.get("client_secret").is_none_or(String::is_empty);
+    form.get("client_id")
+        .map(String::as_str)
+        .filter(|id| public && !id.is_empty())
 }
 
 /// Authenticates the client by `client_secret_basic` or `client_secret_post` (never both at
