@@ -90,12 +90,12 @@ pub struct App {
     pub proxy_http: std::sync::Arc<crate::proxy::client::ProxyClient>,
     /// The catalog, shared: a refresh or a cached instance takes a reference, not a copy.
     pub built_in: BTreeMap<String, Arc<Connector>>,
-    /// Organizations' own connectors whose key a later release gave a built-in connector (a
-    /// key in use cannot be taken by a new connector, so this changes only with the catalog,
-    /// at start): for that organization its own stays the connector of that key. Otherwise
-    /// its instances would refresh against the built-in's endpoints, sending their refresh
-    /// tokens and client secret to another provider.
-    pub shadowed: std::collections::HashSet<(i64, String)>,
+    /// Organizations' own connectors whose key a later release gave a built-in connector: for
+    /// that organization its own stays the connector of that key. Otherwise its instances
+    /// would refresh against the built-in's endpoints, sending their refresh tokens and client
+    /// secret to another provider. Read at start and every minute ([`App::refresh_shadowed`]:
+    /// a replica of the earlier release may register one during a rolling upgrade).
+    pub shadowed: std::sync::RwLock<std::collections::HashSet<(i64, String)>>,
     /// A name for this process in refresh leases, unique per start.
     pub replica_id: String,
     pub refresh: crate::refresh::RefreshEngine,
@@ -151,12 +151,7 @@ impl App {
             .into_iter()
             .map(|connector| (connector.key.clone(), Arc::new(connector)))
             .collect();
-        let shadowed: std::collections::HashSet<(i64, String)> = store
-            .connector_keys()
-            .await?
-            .into_iter()
-            .filter(|(_, key)| built_in.contains_key(key))
-            .collect();
+        let shadowed = shadowed_keys(&store, &built_in).await?;
         for (organization_id, key) in &shadowed {
             tracing::warn!(
                 organization_id,
@@ -164,6 +159,7 @@ impl App {
                 "an organization's own connector has the key of a built-in connector: it stays that organization's `{key}`"
             );
         }
+        let shadowed = std::sync::RwLock::new(shadowed);
         let http = build_http_client(config.provider_timeout)?;
         crate::telemetry::install_metrics();
         let proxy_http =
@@ -194,12 +190,30 @@ impl App {
         (!self.is_built_in(organization_id, key)).then_some(organization_id)
     }
 
+    /// Reads [`App::shadowed`] again from the store.
+    pub async fn refresh_shadowed(&self) {
+        match shadowed_keys(&self.store, &self.built_in).await {
+            Ok(keys) => {
+                *self
+                    .shadowed
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = keys;
+            }
+            Err(error) => tracing::warn!("reading connector keys: {error}"),
+        }
+    }
+
     /// Whether `key` names a built-in connector for this organization (not when the
     /// organization has its own of that key: see [`App::shadowed`]).
     pub fn is_built_in(&self, organization_id: i64, key: &str) -> bool {
-        self.built_in.contains_key(key)
-            && (self.shadowed.is_empty()
-                || !self.shadowed.contains(&(organization_id, key.to_string())))
+        if !self.built_in.contains_key(key) {
+            return false;
+        }
+        let shadowed = self
+            .shadowed
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        shadowed.is_empty() || !shadowed.contains(&(organization_id, key.to_string()))
     }
 
     /// A connector visible to an organization: built-in, or its own.
@@ -337,6 +351,19 @@ fn checked(url: String) -> Result<String, String> {
         Ok(parsed) => crate::egress::check_url(&parsed).map(|()| url),
         Err(_) => Ok(url),
     }
+}
+
+/// The organizations' own connectors whose keys are those of built-in ones.
+async fn shadowed_keys(
+    store: &Store,
+    built_in: &BTreeMap<String, Arc<Connector>>,
+) -> Result<std::collections::HashSet<(i64, String)>, crate::store::StoreError> {
+    Ok(store
+        .connector_keys()
+        .await?
+        .into_iter()
+        .filter(|(_, key)| built_in.contains_key(key))
+        .collect())
 }
 
 /// The wall clock in epoch milliseconds, on the database's clock when that is PostgreSQL

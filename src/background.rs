@@ -439,6 +439,7 @@ async fn recovery(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
         if now - last_purge > 60_000 {
             // A clock stepped since the start (NTP, a resumed virtual machine) is followed.
             crate::app::align_clock(&app.store).await;
+            app.refresh_shadowed().await;
             let _ = app.store.purge_expired_oauth_states(now).await;
             purge_old_events(&app, now).await;
             last_purge = now;

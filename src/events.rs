@@ -331,7 +331,8 @@ async fn deliver_one(
             Err(error) => return retry_or_give_up(event, format!("the store failed: {error}")),
         },
     };
-    let timestamp = now_ms() / 1000;
+    // The receiver checks it against its own clock: this machine's, not the database's.
+    let timestamp = crate::app::system_now_ms() / 1000;
     let signature = crypto::sign_event(&key, timestamp, body.as_bytes());
     let result = app
         .http

@@ -187,7 +187,11 @@ pub async fn delete(
         .delete_connector(caller.organization_id, &key)
         .await?
     {
-        crate::store::ConnectorDeletion::Deleted => {}
+        crate::store::ConnectorDeletion::Deleted => {
+            // Its key may be a built-in's, which is the organization's connector of that key
+            // from now on.
+            app.refresh_shadowed().await;
+        }
         crate::store::ConnectorDeletion::InUse(in_use) => {
             return Err(ApiError::conflict(format!(
                 "Connector `{key}` still has {in_use} instance(s): delete them first"

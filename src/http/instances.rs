@@ -367,15 +367,23 @@ async fn exchange(
         caller.organization_id,
         code.expose()
     ));
-    if !app
+    let claimed = app
         .store
         .claim_code(
             &code_key,
             caller.organization_id,
             now_ms() + USED_CODE_MEMORY_MS,
         )
-        .await?
-    {
+        .await;
+    let claimed = match claimed {
+        Ok(claimed) => claimed,
+        Err(error) => {
+            // The state stays usable: nothing was presented to the provider.
+            give_back(taken_state).await;
+            return Err(error.into());
+        }
+    };
+    if !claimed {
         give_back(taken_state).await;
         return Err(ApiError::conflict(
             "This authorization code was used already, by an earlier request (a retry?): a code is exchanged once, since a provider may revoke the tokens of a code presented twice. GET /instances shows what that request made; authorize again for a new code",

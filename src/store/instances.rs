@@ -37,7 +37,7 @@ macro_rules! refreshed_set {
          ELSE refresh_in_flight_since END, \
          refresh_lease_owner = CASE WHEN refresh_lease_owner = $9 THEN NULL \
          ELSE refresh_lease_owner END, \
-         updated_at = $10 WHERE id = $11 AND token_version = $12"
+         updated_at = CASE WHEN $10 > updated_at THEN $10 ELSE updated_at + 1 END WHERE id = $11 AND token_version = $12"
         )
     };
 }
@@ -238,8 +238,8 @@ impl Store {
     /// only while the row is still as read: a refresh that committed since may have set
     /// configuration keys (`base.url`) that a configuration computed from that read would undo,
     /// and another update may have set keys this one would put back (two PATCHes merging into
-    /// the same read lost one's change). Every such write moves `updated_at` forward, by a
-    /// millisecond at least, so that it tells them apart. Returns the updated row, or `None`
+    /// the same read lost one's change). Every write of an instance moves `updated_at`
+    /// forward, by a millisecond at least, so that it tells them apart. Returns the updated row, or `None`
     /// when the instance is not this organization's (or it moved on).
     #[allow(clippy::too_many_arguments)]
     pub async fn update_instance_metadata(
@@ -307,7 +307,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let mut transaction = self.begin_write().await?;
         let result = sqlx::query(
-            "UPDATE instances SET disabled = $1, updated_at = $2 \
+            "UPDATE instances SET disabled = $1, updated_at = CASE WHEN $2 > updated_at THEN $2 ELSE updated_at + 1 END \
              WHERE id = $3 AND organization_id = $4",
         )
         .bind(flag(disabled))
@@ -630,7 +630,7 @@ impl Store {
         let result = sqlx::query(
             "UPDATE instances SET state = 'invalid', state_reason = $1, provider_message = $2, \
              refresh_lease_owner = NULL, refresh_lease_until = NULL, \
-             refresh_in_flight_since = NULL, next_due_at = NULL, updated_at = $3 \
+             refresh_in_flight_since = NULL, next_due_at = NULL, updated_at = CASE WHEN $3 > updated_at THEN $3 ELSE updated_at + 1 END \
              WHERE id = $4 AND token_version = COALESCE($5, token_version)",
         )
         .bind(reason)
@@ -671,7 +671,7 @@ impl Store {
              ELSE refresh_in_flight_since END, \
              refresh_lease_owner = CASE WHEN refresh_lease_owner = $4 THEN NULL \
              ELSE refresh_lease_owner END, \
-             updated_at = $5 WHERE id = $6 AND token_version = COALESCE($7, token_version)",
+             updated_at = CASE WHEN $5 > updated_at THEN $5 ELSE updated_at + 1 END WHERE id = $6 AND token_version = COALESCE($7, token_version)",
         )
         .bind(now)
         .bind(message)
@@ -703,7 +703,7 @@ impl Store {
             None => "",
         };
         let sql = format!(
-            "UPDATE instances SET backoff_until = NULL, next_due_at = $1, updated_at = $2 \
+            "UPDATE instances SET backoff_until = NULL, next_due_at = $1, updated_at = CASE WHEN $2 > updated_at THEN $2 ELSE updated_at + 1 END \
              WHERE state = 'valid' AND disabled = 0 AND next_due_at IS NOT NULL \
              AND next_due_at > $1 AND next_due_at <= $3 AND failing_since IS NOT NULL \
              AND refresh_lease_owner IS NULL AND element_key = $4{scope} \
@@ -750,7 +750,7 @@ impl Store {
              refresh_lease_owner = CASE WHEN $15 = 1 THEN refresh_lease_owner ELSE NULL END, \
              refresh_lease_until = CASE WHEN $15 = 1 THEN refresh_lease_until ELSE NULL END, \
              refresh_in_flight_since = CASE WHEN $15 = 1 THEN refresh_in_flight_since \
-             ELSE NULL END, updated_at = $12, \
+             ELSE NULL END, updated_at = CASE WHEN $12 > updated_at THEN $12 ELSE updated_at + 1 END, \
              name = COALESCE($16, name), tags = COALESCE($17, tags) \
              WHERE id = $13 AND organization_id = $14 RETURNING {INSTANCE_COLUMNS}"
         );
@@ -797,7 +797,7 @@ impl Store {
             "UPDATE instances SET access_token_enc = $1, refresh_token_enc = $2, \
              token_response_enc = $3, access_expires_at = $4, refresh_expires_at = $5, \
              last_refresh_at = $6, next_due_at = $7, configuration = COALESCE($8, configuration), \
-             token_version = token_version + 1, updated_at = $9 \
+             token_version = token_version + 1, updated_at = CASE WHEN $9 > updated_at THEN $9 ELSE updated_at + 1 END \
              WHERE id = $10 AND organization_id = $11 RETURNING {INSTANCE_COLUMNS}"
         );
         let row = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
