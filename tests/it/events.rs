@@ -686,11 +686,21 @@ async fn a_hanging_receiver_does_not_hold_up_other_deliveries() {
     let hanging_url = format!("http://{}/hook", hanging.local_addr().unwrap());
     let accepted = Arc::new(tokio::sync::Notify::new());
     let on_accept = Arc::clone(&accepted);
+    // Set when the deliverer gives up on the hanging receiver (its 10 s timeout): the other
+    // event must have arrived before that.
+    let hang_ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let on_end = Arc::clone(&hang_ended);
     let holder = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = hanging.accept().await {
-            held.push(stream);
+        while let Ok((mut stream, _)) = hanging.accept().await {
             on_accept.notify_one();
+            let on_end = Arc::clone(&on_end);
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buffer = [0u8; 4096];
+                // Read and never answer, until the deliverer closes its end.
+                while matches!(stream.read(&mut buffer).await, Ok(n) if n > 0) {}
+                on_end.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
         }
     });
     let (hook, received) = receiver(0).await;
@@ -700,10 +710,6 @@ async fn a_hanging_receiver_does_not_hold_up_other_deliveries() {
     tokio::time::timeout(std::time::Duration::from_secs(10), accepted.notified())
         .await
         .expect("the hanging receiver was called");
-    // Counted from the hanging delivery's start: held behind it, the other event would come
-    // only when its 10 s delivery timeout ends it.
-    let started = std::time::Instant::now();
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     create_with(
         &env,
         &env.org,
@@ -712,13 +718,22 @@ async fn a_hanging_receiver_does_not_hold_up_other_deliveries() {
         json!({"event.notification.enabled": "true", "event.notification.callback.url": hook}),
     )
     .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while received.lock().unwrap().is_empty() {
         assert!(
-            started.elapsed() < std::time::Duration::from_millis(9_500),
+            !hang_ended.load(std::sync::atomic::Ordering::SeqCst),
             "[{label}] the other receiver's event waited for the hanging one"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "[{label}] no delivery"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    assert!(
+        !hang_ended.load(std::sync::atomic::Ordering::SeqCst),
+        "[{label}] the other receiver's event waited for the hanging one"
+    );
     holder.abort();
     env.stop().await;
     drop_test_database(&url).await;

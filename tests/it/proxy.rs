@@ -780,46 +780,49 @@ async fn a_connection_still_uploading_is_not_lent_to_the_next_call() {
     const UPLOAD: usize = 2 * 1024 * 1024;
     let url = sqlite_database();
     let env = Env::start("sqlite", &url).await;
-    let (token, _) = hand_written_provider(
-        &env,
-        "refuser",
-        "upload",
-        |mut stream, _connection| async move {
-            let mut seen = Vec::new();
-            let mut buffer = vec![0u8; 64 * 1024];
-            loop {
-                let Some(head) = next_head(&mut stream, &mut seen, &mut buffer).await else {
-                    return;
-                };
-                if head.starts_with("POST /upload") {
-                    // Refused at once; the body is then read (and dropped) as it comes.
-                    let refused =
-                        "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 7\r\n\r\ntoo big";
-                    if stream.write_all(refused.as_bytes()).await.is_err() {
+    // Told when the provider has written its refusal of the upload.
+    let refused_sent = Arc::new(tokio::sync::Notify::new());
+    let on_refusal = Arc::clone(&refused_sent);
+    let (token, _) =
+        hand_written_provider(&env, "refuser", "upload", move |mut stream, _connection| {
+            let on_refusal = Arc::clone(&on_refusal);
+            async move {
+                let mut seen = Vec::new();
+                let mut buffer = vec![0u8; 64 * 1024];
+                loop {
+                    let Some(head) = next_head(&mut stream, &mut seen, &mut buffer).await else {
                         return;
-                    }
-                    let mut left = UPLOAD - seen.len().min(UPLOAD);
-                    seen.drain(..(UPLOAD - left));
-                    while left > 0 {
-                        match stream.read(&mut buffer).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => {
-                                let used = n.min(left);
-                                left -= used;
-                                seen.extend_from_slice(&buffer[used..n]);
+                    };
+                    if head.starts_with("POST /upload") {
+                        // Refused at once; the body is then read (and dropped) as it comes.
+                        let refused =
+                            "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 7\r\n\r\ntoo big";
+                        if stream.write_all(refused.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        on_refusal.notify_one();
+                        let mut left = UPLOAD - seen.len().min(UPLOAD);
+                        seen.drain(..(UPLOAD - left));
+                        while left > 0 {
+                            match stream.read(&mut buffer).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => {
+                                    let used = n.min(left);
+                                    left -= used;
+                                    seen.extend_from_slice(&buffer[used..n]);
+                                }
                             }
                         }
-                    }
-                } else {
-                    let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                    if stream.write_all(answer.as_bytes()).await.is_err() {
-                        return;
+                    } else {
+                        let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if stream.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
                     }
                 }
             }
-        },
-    )
-    .await;
+        })
+        .await;
     let (status, _) = env.proxy(&env.org, &token, Method::GET, "warm").await;
     assert_eq!(status, 200);
 
@@ -845,9 +848,12 @@ async fn a_connection_still_uploading_is_not_lent_to_the_next_call() {
         .body(reqwest::Body::wrap_stream(pieces))
         .send();
     let uploading = tokio::spawn(upload);
-    // Once the refusal is back at the proxy (sooner, the connection is simply busy), the next
-    // call.
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    // Once the refusal is back at the proxy (sooner, the connection would simply be busy, and
+    // nothing tested), the next call.
+    tokio::time::timeout(std::time::Duration::from_secs(15), refused_sent.notified())
+        .await
+        .expect("the provider refused the upload");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let next = tokio::time::timeout(
         std::time::Duration::from_secs(15),
         env.proxy(&env.org, &token, Method::GET, "next"),
