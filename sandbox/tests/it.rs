@@ -519,14 +519,18 @@ async fn codes_are_single_use_short_lived_and_bound() {
     assert_eq!(ctx.exchange(BOX, &code).await.1["error"], "invalid_grant");
 }
 
-#[tokio::test]
-async fn pkce_is_checked_when_a_challenge_was_sent() {
+/// The S256 code challenge of a PKCE verifier (RFC 7636 §4.2).
+fn s256_challenge(verifier: &str) -> String {
     use base64::Engine as _;
     use sha2::Digest as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier))
+}
+
+#[tokio::test]
+async fn pkce_is_checked_when_a_challenge_was_sent() {
     let ctx = start().await;
     let verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
-    let challenge =
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier));
+    let challenge = s256_challenge(verifier);
     let s256 = [
         ("code_challenge", challenge.as_str()),
         ("code_challenge_method", "S256"),
@@ -588,12 +592,9 @@ async fn pkce_is_checked_when_a_challenge_was_sent() {
 /// grant is never refreshed without the secret.
 #[tokio::test]
 async fn public_clients_use_pkce_and_their_id_alone() {
-    use base64::Engine as _;
-    use sha2::Digest as _;
     let ctx = start().await;
     let verifier = "public-client-verifier-0123456789-0123456789";
-    let challenge =
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier));
+    let challenge = s256_challenge(verifier);
     let s256 = [
         ("code_challenge", challenge.as_str()),
         ("code_challenge_method", "S256"),

@@ -47,13 +47,17 @@ pub async fn list(
     let matches = |connector: &Connector| {
         category.is_none_or(|wanted| connector.category.as_deref() == Some(wanted))
     };
+    // The organization's own connector of a key wins over a built-in of that key.
+    let own = app.store.list_connectors(caller.organization_id).await?;
+    let own_keys: std::collections::HashSet<&str> =
+        own.iter().map(|row| row.key.as_str()).collect();
     let mut out: Vec<Value> = app
         .built_in
         .values()
-        .filter(|c| matches(c) && app.is_built_in(caller.organization_id, &c.key))
+        .filter(|c| matches(c) && !own_keys.contains(c.key.as_str()))
         .map(|connector| connector_json(connector, true))
         .collect();
-    for row in app.store.list_connectors(caller.organization_id).await? {
+    for row in &own {
         if let Ok(connector) = serde_json::from_str::<Connector>(&row.definition)
             && matches(&connector)
         {

@@ -14,7 +14,6 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::caller::Caller;
-use super::elements::find;
 use super::error::{ApiError, ApiResult};
 use super::json::{Json, Path, Query};
 use crate::app::{App, SharedApp, now_ms};
@@ -229,8 +228,12 @@ pub async fn create_for_element(
     Json(body): Json<InstanceBody>,
 ) -> ApiResult<(StatusCode, AxumJson<Value>)> {
     caller.require_organization()?;
-    let connector = find(&app, caller.organization_id, &key).await?;
-    create_to_the_end(&app, &caller, std::sync::Arc::new(connector), body).await
+    // The catalog's own `Arc` for a built-in connector (the creation tells it by that).
+    let connector = app
+        .connector(caller.organization_id, &key)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("There is no connector `{key}`")))?;
+    create_to_the_end(&app, &caller, connector, body).await
 }
 
 /// A creation runs in a task of its own, to its end: once the provider has exchanged the code
@@ -385,8 +388,12 @@ async fn exchange(
     };
     if !claimed {
         give_back(taken_state).await;
-        return Err(ApiError::conflict(
-            "This authorization code was used already, by an earlier request (a retry?): a code is exchanged once, since a provider may revoke the tokens of a code presented twice. GET /instances shows what that request made; authorize again for a new code",
+        // Refused as the provider would refuse it (`invalid_grant`), without presenting it.
+        return Err(ApiError::bad_request(
+            "The provider refused the authorization code; get a new code and try again",
+        )
+        .with_provider_message(
+            "invalid_grant: this authorization code was exchanged already, by an earlier request (a retry?); tokenwarden does not present a code twice, since a provider may then revoke the tokens of its first exchange",
         ));
     }
     let exchanged = app
@@ -600,9 +607,13 @@ async fn create_instance(
             instances::verify(app, connector, &plain, &grant.tokens.access_token).await;
     }
     let event = events::new_event(app, &row, events::CREATED, None);
-    let own_connector = app
-        .connector_owner(caller.organization_id, &connector.key)
-        .is_some();
+    // The organization's own connector unless it is the built-in one itself, the catalog's
+    // `Arc` that `App::connector` hands out (a built-in needs no row: a connector of the
+    // organization that shadowed it may have been deleted since).
+    let own_connector = !app
+        .built_in
+        .get(&connector.key)
+        .is_some_and(|built_in| std::ptr::eq(built_in.as_ref(), connector));
     if !app
         .store
         .insert_instance_of(&row, Some(&event), own_connector)

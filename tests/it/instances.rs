@@ -511,15 +511,13 @@ async fn failed_creates_answer_4xx_and_create_nothing() {
             Some(body),
         )
         .await;
-        // Refused before the provider sees it again: presented twice, a code has its tokens
-        // revoked (RFC 6749 §4.1.2; the sandbox does it), and the first instance would be left
-        // without a grant.
-        assert_error(&used, 409, &label);
+        // Refused as the provider refuses it, before the provider sees it again: presented
+        // twice, a code has its tokens revoked (RFC 6749 §4.1.2; the sandbox does it), and the
+        // first instance would be left without a grant.
+        assert_error(&used, 400, &label);
+        let provider = used.body["providerMessage"].as_str().unwrap_or_default();
         assert!(
-            used.body["message"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("used already"),
+            provider.contains("invalid_grant") && provider.contains("exchanged already"),
             "{}",
             used.body
         );

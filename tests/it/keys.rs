@@ -12,6 +12,23 @@ use crate::harness::{Env, TEST_MASTER_KEY, start_server};
 use crate::instances::{binary, call, revealed};
 use crate::support::test_databases;
 
+/// `tokenwarden keys rotate` to `new_key` (the test key as the previous one), off the
+/// runtime: the in-process server on it must be able to finish a SQLite transaction the
+/// command waits for.
+async fn rotate_keys(url: &str, new_key: &str) -> std::process::Output {
+    let (url, new_key) = (url.to_string(), new_key.to_string());
+    tokio::task::spawn_blocking(move || {
+        binary()
+            .args(["keys", "rotate", "--database-url", &url])
+            .env("TOKENWARDEN_MASTER_KEY", &new_key)
+            .env("TOKENWARDEN_PREVIOUS_MASTER_KEYS", TEST_MASTER_KEY)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn rotation_under_traffic_leaves_everything_readable_with_the_new_key() {
     for (label, url) in test_databases().await {
@@ -124,18 +141,7 @@ async fn rotation_under_traffic_leaves_everything_readable_with_the_new_key() {
         while calls.load(Ordering::Relaxed) < 20 {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        let rotate_url = url.clone();
-        let rotate_key = new_key.clone();
-        let output = tokio::task::spawn_blocking(move || {
-            binary()
-                .args(["keys", "rotate", "--database-url", &rotate_url])
-                .env("TOKENWARDEN_MASTER_KEY", &rotate_key)
-                .env("TOKENWARDEN_PREVIOUS_MASTER_KEYS", TEST_MASTER_KEY)
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap();
+        let output = rotate_keys(&url, &new_key).await;
         let progress = String::from_utf8_lossy(&output.stderr);
         assert!(output.status.success(), "[{label}] keys rotate: {progress}");
         // Not a terminal: the progress bar prints a line per tenth, ending at 100%.
@@ -300,19 +306,7 @@ async fn a_row_no_key_opens_is_named_and_the_rest_rotated() {
     }
     let (_, new_key) = tokenwarden::crypto::MasterKey::generate();
     let new_key = new_key.expose().to_string();
-    // Off the runtime: the in-process server on it must be able to finish a SQLite
-    // transaction the command waits for.
-    let (rotate_url, rotate_key) = (url.clone(), new_key.clone());
-    let output = tokio::task::spawn_blocking(move || {
-        binary()
-            .args(["keys", "rotate", "--database-url", &rotate_url])
-            .env("TOKENWARDEN_MASTER_KEY", &rotate_key)
-            .env("TOKENWARDEN_PREVIOUS_MASTER_KEYS", TEST_MASTER_KEY)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let output = rotate_keys(&url, &new_key).await;
     let said = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "[{label}] {said}");
     assert!(
