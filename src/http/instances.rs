@@ -887,7 +887,7 @@ async fn update_now(
         return app
             .refresh
             .with_instance_held(app, row.id, async |held| {
-                update_once(app, caller, held, body, mode, seen)
+                update_once(app, caller, held, body, mode, seen, &mut None)
                     .await?
                     .ok_or_else(|| {
                         ApiError::conflict(
@@ -897,9 +897,14 @@ async fn update_now(
             })
             .await;
     }
+    // A re-authentication's exchange (the code is single use) and verification, kept for the
+    // next attempt when the row moved on before it was written.
+    let mut exchanged = None;
     for _ in 0..UPDATE_ATTEMPTS {
         let (organization_id, id) = (row.organization_id, row.id);
-        if let Some(answer) = update_once(app, caller, row, &body, mode, &seen).await? {
+        if let Some(answer) =
+            update_once(app, caller, row, &body, mode, &seen, &mut exchanged).await?
+        {
             return Ok(answer);
         }
         row = app
@@ -951,6 +956,7 @@ async fn update_once(
     body: &InstanceBody,
     mode: UpdateMode,
     seen: &instances::InstanceSecrets,
+    exchanged: &mut Option<(Grant, Option<String>)>,
 ) -> ApiResult<Option<AxumJson<Value>>> {
     let connector = app
         .connector(row.organization_id, &row.element_key)
@@ -1096,32 +1102,43 @@ async fn update_once(
         let code = body
             .code()
             .ok_or_else(|| ApiError::bad_request("Re-authentication needs `providerData.code`"))?;
-        let grant = exchange(
-            app,
-            caller,
-            &connector,
-            &plain,
-            &secret,
-            Redirect {
-                code: &code,
-                state: body.state(),
-                fields: &body.redirect_fields(),
-            },
-        )
-        .await?;
+        let (grant, verified) = match exchanged.take() {
+            Some((grant, verification)) => (grant, Some(verification)),
+            None => {
+                let grant = exchange(
+                    app,
+                    caller,
+                    &connector,
+                    &plain,
+                    &secret,
+                    Redirect {
+                        code: &code,
+                        state: body.state(),
+                        fields: &body.redirect_fields(),
+                    },
+                )
+                .await?;
+                (grant, None)
+            }
+        };
         let now = now_ms();
         let applied = apply_token_set(app, &connector, row.id, &grant.tokens, None, &plain, now);
         let mut update: TokenUpdate = applied.update;
         update.configuration_json = Some(Value::Object(applied.configuration.clone()).to_string());
-        let verification = instances::verify(
-            app,
-            &connector,
-            &applied.configuration,
-            &grant.tokens.access_token,
-        )
-        .await;
+        let verification = match verified {
+            Some(verification) => verification,
+            None => {
+                instances::verify(
+                    app,
+                    &connector,
+                    &applied.configuration,
+                    &grant.tokens.access_token,
+                )
+                .await
+            }
+        };
         let event = events::new_event(app, &row, events::REAUTHENTICATED, None);
-        let stored = app
+        let written = app
             .store
             .reauthenticate(
                 row.organization_id,
@@ -1131,18 +1148,26 @@ async fn update_once(
                     client_secret_enc: Some(instances::seal_secret_configuration(
                         app, row.id, &secret,
                     )),
-                    verification,
+                    verification: verification.clone(),
                     lease_held: false,
                     // With the tokens, in one statement: a second write after it could fail
                     // with the re-authentication done (its code spent), and would put back a
                     // configuration a refresh committed in between.
                     name: Some(name),
                     tags_json: Some(serde_json::to_string(&tags).unwrap_or_else(|_| "[]".into())),
+                    // Only over the row as read: the configuration written was merged from it,
+                    // and a PATCH or a refresh that wrote since (the exchange takes seconds)
+                    // would be undone. Then the caller reads it again and merges anew, with
+                    // this exchange's tokens.
+                    expected_updated_at: Some(row.updated_at),
                 },
                 Some(&event),
             )
-            .await?
-            .ok_or_else(|| ApiError::not_found("The instance was deleted meanwhile"))?;
+            .await?;
+        let Some(stored) = written else {
+            *exchanged = Some((grant, verification));
+            return Ok(None);
+        };
         app.refresh.forget(row.id);
         app.refresh.notify_schedule_changed();
         crate::audit::record(
@@ -1236,6 +1261,7 @@ async fn update_once(
                     lease_held: true,
                     name: None,
                     tags_json: None,
+                    expected_updated_at: None,
                 },
                 Some(&event),
             )

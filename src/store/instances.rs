@@ -752,7 +752,8 @@ impl Store {
              refresh_in_flight_since = CASE WHEN $15 = 1 THEN refresh_in_flight_since \
              ELSE NULL END, updated_at = CASE WHEN $12 > updated_at THEN $12 ELSE updated_at + 1 END, \
              name = COALESCE($16, name), tags = COALESCE($17, tags) \
-             WHERE id = $13 AND organization_id = $14 RETURNING {INSTANCE_COLUMNS}"
+             WHERE id = $13 AND organization_id = $14 \
+             AND updated_at = COALESCE($18, updated_at) RETURNING {INSTANCE_COLUMNS}"
         );
         let row = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
             .bind(&tokens.access_token_enc)
@@ -772,6 +773,7 @@ impl Store {
             .bind(i64::from(update.lease_held))
             .bind(&update.name)
             .bind(&update.tags_json)
+            .bind(update.expected_updated_at)
             .fetch_optional(&mut *transaction)
             .await?;
         let Some(row) = row else {

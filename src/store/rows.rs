@@ -356,6 +356,8 @@ pub struct Reauthentication {
     /// tokens in one statement; `None` keeps them.
     pub name: Option<String>,
     pub tags_json: Option<String>,
+    /// Only while the row's `updated_at` is this (it was not written since it was read).
+    pub expected_updated_at: Option<i64>,
 }
 
 /// What a conditional write expects of a row: as read, neither refreshed nor updated since.

@@ -1122,3 +1122,52 @@ async fn a_caller_hanging_up_does_not_cancel_the_refresh() {
         drop_test_database(&url).await;
     }
 }
+
+/// A PATCH that lands while a re-authentication is at the provider (its exchange takes
+/// seconds) stays: the re-authentication wrote a configuration merged from the row it read
+/// before, and put back what the PATCH had changed. It now writes only over the row as read,
+/// and otherwise merges again with the tokens it got.
+#[tokio::test]
+async fn a_patch_during_a_reauthentication_stays() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "rhea")
+        .await;
+    let instance = format!("/instances/{}", created["id"]);
+    let before = crate::instances::revealed(&env, &env.org, &created).await["configuration"]
+        ["oauth.user.token"]
+        .clone();
+    let (code, state) = env.authorize(&env.org, "sandbox-generic", "rhea").await;
+    let held = hold_next_token_call(&env, 2_000).await;
+    let reauthenticate = env
+        .http
+        .patch(env.api(&instance))
+        .header("authorization", env.org.platform())
+        .json(&json!({"providerData": {"code": code, "state": state}}))
+        .send();
+    let reauthenticating = tokio::spawn(reauthenticate);
+    at_the_provider(&env, held).await;
+    let patched = env
+        .http
+        .patch(env.api(&instance))
+        .header("authorization", env.org.platform())
+        .json(&json!({"configuration": {"custom.setting": "set meanwhile"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), 200);
+    let reauthenticated = reauthenticating.await.unwrap().unwrap();
+    assert_eq!(reauthenticated.status(), 200);
+    let shown: Value = reauthenticated.json().await.unwrap();
+    assert_eq!(
+        shown["configuration"]["custom.setting"], "set meanwhile",
+        "{shown}"
+    );
+    assert_ne!(
+        crate::instances::revealed(&env, &env.org, &created).await["configuration"]["oauth.user.token"],
+        before,
+        "the re-authentication's token is the instance's"
+    );
+    env.stop().await;
+}

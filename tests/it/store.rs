@@ -777,6 +777,7 @@ async fn a_lease_is_not_cleared_under_the_one_who_took_it() {
             lease_held: true,
             name: None,
             tags_json: None,
+            expected_updated_at: None,
         };
         let written = store
             .reauthenticate(org, row.id, &imported, None)
@@ -1281,6 +1282,7 @@ async fn failures_invalidation_and_reauthentication() {
             lease_held: false,
             name: None,
             tags_json: None,
+            expected_updated_at: None,
         };
         let reauthenticated = event(org, row.id, "instance.reauthenticated", NOW + 300_000);
         let valid = store
