@@ -216,6 +216,14 @@ impl App {
         shadowed.is_empty() || !shadowed.contains(&(organization_id, key.to_string()))
     }
 
+    /// Whether `connector` is the catalog's own, as [`App::connector`] hands it out (the same
+    /// allocation), rather than an organization's.
+    pub fn is_catalog_connector(&self, connector: &Connector) -> bool {
+        self.built_in
+            .get(&connector.key)
+            .is_some_and(|built_in| std::ptr::eq(built_in.as_ref(), connector))
+    }
+
     /// A connector visible to an organization: built-in, or its own.
     pub async fn connector(
         &self,

@@ -607,13 +607,9 @@ async fn create_instance(
             instances::verify(app, connector, &plain, &grant.tokens.access_token).await;
     }
     let event = events::new_event(app, &row, events::CREATED, None);
-    // The organization's own connector unless it is the built-in one itself, the catalog's
-    // `Arc` that `App::connector` hands out (a built-in needs no row: a connector of the
-    // organization that shadowed it may have been deleted since).
-    let own_connector = !app
-        .built_in
-        .get(&connector.key)
-        .is_some_and(|built_in| std::ptr::eq(built_in.as_ref(), connector));
+    // A built-in needs no row (a connector of the organization that shadowed it may have been
+    // deleted since); the organization's own must still exist.
+    let own_connector = !app.is_catalog_connector(connector);
     if !app
         .store
         .insert_instance_of(&row, Some(&event), own_connector)

@@ -225,7 +225,7 @@ impl Store {
         let with_events = batch.iter().any(|p| p.event.is_some());
         let sql = batch_sql(rows, with_events);
         let mut query = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql));
-        let now = super::system_now_ms();
+        let now = crate::app::now_ms();
         for pending in &batch {
             query = query
                 .bind(Some(pending.id))

@@ -5,7 +5,7 @@
 use super::events::{insert_event_in, prefixed};
 use super::{
     EncryptedInstanceFields, Engine, InstanceRow, NewEvent, Reauthentication, RowVersion, Store,
-    StoreError, TokenUpdate, flag, system_now_ms,
+    StoreError, TokenUpdate, flag,
 };
 
 pub(super) const INSTANCE_COLUMNS: &str = "id, organization_id, element_key, name, token_hash, token_enc, \
@@ -71,7 +71,7 @@ pub(super) struct RefreshedCommit<'a> {
 fn bind_refreshed<'q>(query: RowQuery<'q>, commit: RefreshedCommit<'q>) -> RowQuery<'q> {
     bind_tokens!(query, commit.tokens)
         .bind(commit.owner)
-        .bind(system_now_ms())
+        .bind(crate::app::now_ms())
         .bind(commit.id)
         .bind(commit.expected_token_version)
 }
@@ -270,7 +270,7 @@ impl Store {
             .bind(configuration_json)
             .bind(replace_secret)
             .bind(secret)
-            .bind(system_now_ms())
+            .bind(crate::app::now_ms())
             .bind(id)
             .bind(organization_id)
             .bind(expected.map(|row| row.token_version))
@@ -311,7 +311,7 @@ impl Store {
              WHERE id = $3 AND organization_id = $4",
         )
         .bind(flag(disabled))
-        .bind(system_now_ms())
+        .bind(crate::app::now_ms())
         .bind(id)
         .bind(organization_id)
         .execute(&mut *transaction)
@@ -635,7 +635,7 @@ impl Store {
         )
         .bind(reason)
         .bind(provider_message)
-        .bind(system_now_ms())
+        .bind(crate::app::now_ms())
         .bind(id)
         .bind(expected_version)
         .execute(&mut *transaction)
@@ -677,7 +677,7 @@ impl Store {
         .bind(message)
         .bind(backoff_until)
         .bind(owner)
-        .bind(system_now_ms())
+        .bind(crate::app::now_ms())
         .bind(id)
         .bind(expected_version)
         .execute(&mut *transaction)
@@ -712,7 +712,7 @@ impl Store {
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(now)
-            .bind(system_now_ms())
+            .bind(crate::app::now_ms())
             .bind(now + horizon)
             .bind(element_key);
         if let Some(organization_id) = organization_id {
@@ -767,7 +767,7 @@ impl Store {
             .bind(replace_secret)
             .bind(secret)
             .bind(&update.verification)
-            .bind(system_now_ms())
+            .bind(crate::app::now_ms())
             .bind(id)
             .bind(organization_id)
             .bind(i64::from(update.lease_held))
@@ -811,7 +811,7 @@ impl Store {
             .bind(tokens.last_refresh_at)
             .bind(tokens.next_due_at)
             .bind(&tokens.configuration_json)
-            .bind(system_now_ms())
+            .bind(crate::app::now_ms())
             .bind(id)
             .bind(organization_id)
             .fetch_optional(&self.pool)

@@ -157,11 +157,6 @@ pub struct Store {
     commits: Option<commits::CommitQueue>,
 }
 
-/// The clock of `updated_at` bookkeeping: the service's ([`crate::app::now_ms`]).
-fn system_now_ms() -> i64 {
-    crate::app::now_ms()
-}
-
 fn flag(value: bool) -> i64 {
     i64::from(value)
 }
