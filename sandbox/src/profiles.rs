@@ -255,6 +255,10 @@ pub struct ProfileSettings {
     /// Revocations (by the endpoint or `/__sandbox/users/{user}/revoke`) take effect this many
     /// seconds later on the sandbox clock (Microsoft's propagation delay).
     pub revocation_delay_seconds: u64,
+    /// A revoked grant's access tokens stay valid until they expire: only its refresh tokens
+    /// die (Microsoft: access tokens are self-contained JWTs, and revoking a user's sign-in
+    /// sessions reaches refresh tokens only). An access token revoked by itself still dies.
+    pub revocation_spares_access_tokens: bool,
     /// A new access token is refused for this many seconds after it is minted (LinkedIn).
     pub access_token_activation_delay_seconds: u64,
     pub api_rejection_shape: ApiRejectionShape,
@@ -299,6 +303,7 @@ impl ProfileSettings {
             extra_token_fields: Map::new(),
             revocation_mode: RevocationMode::Cascade,
             revocation_delay_seconds: 0,
+            revocation_spares_access_tokens: false,
             access_token_activation_delay_seconds: 0,
             api_rejection_shape: ApiRejectionShape::Profile,
             api_gzip: false,
@@ -337,6 +342,9 @@ impl ProfileSettings {
                 refresh_token_idle_ttl_seconds: 90 * 86_400,
                 old_refresh_token_stays_valid: true,
                 require_offline_access_scope: true,
+                // Revoking sign-in sessions kills refresh tokens; issued access tokens live on.
+                // (The real revocation also takes a few minutes: `revocationDelaySeconds`.)
+                revocation_spares_access_tokens: true,
                 ..base
             },
             Profile::Generic => base,
@@ -423,6 +431,7 @@ impl ProfileSettings {
             extra_token_fields,
             revocation_mode,
             revocation_delay_seconds,
+            revocation_spares_access_tokens,
             access_token_activation_delay_seconds,
             api_rejection_shape,
             api_gzip
@@ -465,6 +474,7 @@ pub struct ProfileSettingsPatch {
     pub extra_token_fields: Option<Map<String, Value>>,
     pub revocation_mode: Option<RevocationMode>,
     pub revocation_delay_seconds: Option<u64>,
+    pub revocation_spares_access_tokens: Option<bool>,
     pub access_token_activation_delay_seconds: Option<u64>,
     pub api_rejection_shape: Option<ApiRejectionShape>,
     pub api_gzip: Option<bool>,

@@ -677,10 +677,11 @@ impl Sandbox {
         if grant.profile != profile {
             return Err(AccessRejection::Unknown);
         }
-        if record.revoked_at.is_some_and(|at| now >= at)
-            || grant.revoked(now)
-            || self.parent_revoked(&record, now)
-        {
+        // Where revocation spares access tokens (Microsoft), only the token's own revocation
+        // ends it before it expires.
+        let cascaded = !self.settings(profile).revocation_spares_access_tokens
+            && (grant.revoked(now) || self.parent_revoked(&record, now));
+        if record.revoked_at.is_some_and(|at| now >= at) || cascaded {
             return Err(AccessRejection::Revoked);
         }
         if now >= record.expires_at {

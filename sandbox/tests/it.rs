@@ -1008,6 +1008,33 @@ async fn microsoft_keeps_old_refresh_tokens_and_needs_offline_access() {
     assert_eq!(body["error_codes"], json!([50173]));
 }
 
+/// Revoking a user's sign-in sessions at Microsoft kills refresh tokens; the access tokens
+/// already issued (JWTs) work until they expire. Turned off, the grant's tokens die together.
+#[tokio::test]
+async fn microsoft_revocation_spares_issued_access_tokens() {
+    let ctx = start().await;
+    let ms = login_as(&ctx, MICROSOFT, "spared").await;
+    ctx.admin("/__sandbox/users/spared/revoke", json!({})).await;
+    let (status, body) = ctx.refresh(MICROSOFT, ms.rt.as_deref().expect("rt")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error_codes"], json!([50173]));
+    assert_eq!(ctx.api_status(MICROSOFT.api, &ms.at).await, StatusCode::OK);
+    ctx.advance(3601).await;
+    assert_eq!(
+        ctx.api_status(MICROSOFT.api, &ms.at).await,
+        StatusCode::UNAUTHORIZED
+    );
+
+    ctx.settings(MICROSOFT, json!({"revocationSparesAccessTokens": false}))
+        .await;
+    let strict = login_as(&ctx, MICROSOFT, "unspared").await;
+    ctx.admin("/__sandbox/users/unspared/revoke", json!({})).await;
+    assert_eq!(
+        ctx.api_status(MICROSOFT.api, &strict.at).await,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
 #[tokio::test]
 async fn adobe_revoke_cascades_and_reports_like_adobe() {
     let ctx = start().await;
