@@ -1165,9 +1165,17 @@ async fn take_over_own_claim(
     if row.refresh_lease_owner.as_deref() != Some(app.replica_id.as_str()) {
         return Ok(None);
     }
-    app.store
+    let taken = app
+        .store
         .renew_refresh_lease(row.id, &app.replica_id, now + LEASE_MS)
-        .await
+        .await?;
+    if taken.is_some() {
+        // The claim may have read the epoch after the flight taking it over began: moved
+        // now, it reads the row again when its turn comes (the lease it holds is gone, and a
+        // backoff may have been set) instead of refreshing with the row as it claimed it.
+        app.refresh.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+    Ok(taken)
 }
 
 fn check_usable(row: &InstanceRow, now: i64) -> Result<(), RefreshFailure> {

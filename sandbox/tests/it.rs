@@ -1028,7 +1028,8 @@ async fn microsoft_revocation_spares_issued_access_tokens() {
     ctx.settings(MICROSOFT, json!({"revocationSparesAccessTokens": false}))
         .await;
     let strict = login_as(&ctx, MICROSOFT, "unspared").await;
-    ctx.admin("/__sandbox/users/unspared/revoke", json!({})).await;
+    ctx.admin("/__sandbox/users/unspared/revoke", json!({}))
+        .await;
     assert_eq!(
         ctx.api_status(MICROSOFT.api, &strict.at).await,
         StatusCode::UNAUTHORIZED

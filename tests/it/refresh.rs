@@ -1171,3 +1171,88 @@ async fn a_patch_during_a_reauthentication_stays() {
     );
     env.stop().await;
 }
+
+/// A refresh that takes over its own scheduler's claim tells the claim so: the claim read the
+/// engine's epoch after that refresh had begun, and, finding it unchanged, went to the
+/// provider with its row as claimed, without the lease the refresh had given back and
+/// through the backoff the refresh's transient failure had just set: the same refresh token
+/// twice, the second unleased, while another replica could present it too.
+#[tokio::test]
+async fn a_claim_taken_over_by_a_refresh_is_read_again() {
+    use tokenwarden::refresh::{Claimed, LEASE_MS};
+    let url = sqlite_database();
+    let sandbox = tokenwarden_sandbox::spawn(loopback(), Default::default())
+        .await
+        .unwrap();
+    let env = Env::start_with_sandbox("sqlite", &url, sandbox, |config| {
+        config.background_tasks = false;
+    })
+    .await;
+    let app = env.server.app.clone();
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "claimed")
+        .await;
+    let id = created["id"].as_i64().unwrap();
+    let version = app
+        .store
+        .get_instance_by_id(id)
+        .await
+        .unwrap()
+        .unwrap()
+        .token_version;
+    // Another replica refreshes: the call's refresh waits for its lease.
+    let now = tokenwarden::app::now_ms();
+    app.store
+        .try_acquire_refresh_lease(id, "other", now, now + LEASE_MS)
+        .await
+        .unwrap()
+        .expect("the lease");
+    let waiting = {
+        let app = app.clone();
+        tokio::spawn(async move { app.refresh.refresh(&app, id, Some(version), None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Our scheduler's claim, after the refresh began: it reads the epoch, then the lease
+    // passes to this replica in one write.
+    let epoch = app.refresh.epoch();
+    fault(&env, json!({"target": "token", "status": 503, "count": 1})).await;
+    let claimed_until = tokenwarden::app::now_ms() + LEASE_MS;
+    {
+        use sqlx::Connection;
+        sqlx::any::install_default_drivers();
+        let mut connection = sqlx::AnyConnection::connect(&url).await.unwrap();
+        sqlx::query(
+            "UPDATE instances SET refresh_lease_owner = $1, refresh_lease_until = $2, \
+             refresh_in_flight_since = NULL WHERE id = $3",
+        )
+        .bind(app.replica_id.clone())
+        .bind(claimed_until)
+        .bind(id)
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    }
+    let row = app.store.get_instance_by_id(id).await.unwrap().unwrap();
+    // The waiting refresh takes the claim over and meets the provider's 503.
+    let first = waiting.await.unwrap();
+    assert!(first.is_err(), "the 503 is a failure");
+    assert_eq!(
+        stat(&env, &["faultsInjected"]).await,
+        1,
+        "the refresh met the 503"
+    );
+    assert_eq!(refreshes(&env).await, 0);
+    // Then the claim's turn: the backoff holds, and the provider sees nothing more.
+    let second = app
+        .refresh
+        .refresh(&app, id, Some(version), Some(Claimed { row, epoch }))
+        .await;
+    assert!(second.is_err(), "the backoff holds the claim back");
+    assert_eq!(
+        refreshes(&env).await,
+        0,
+        "no second presentation of the refresh token"
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
