@@ -241,7 +241,9 @@ pub fn next_due_at(
     if let Some(keep_alive) = refresh.keep_alive_seconds {
         due.push(after_seconds(last_refresh_at, keep_alive));
     }
-    if let Some(refresh_expires) = refresh_expires_at {
+    // An expiry at or before the last refresh would leave no margin (a refresh every
+    // `MIN_SCHEDULED_INTERVAL_MS`): it says nothing of when to refresh.
+    if let Some(refresh_expires) = refresh_expires_at.filter(|at| *at > last_refresh_at) {
         let lifetime = (refresh_expires - last_refresh_at).max(0);
         let margin = (lifetime / 10).min(86_400_000);
         due.push(refresh_expires - margin);
@@ -273,6 +275,14 @@ pub struct AppliedTokens {
     pub configuration_patch: Option<String>,
 }
 
+/// The refresh token an instance held before a token response, with the expiry known of it:
+/// kept when the response brings none.
+#[derive(Clone, Copy)]
+pub struct KeptRefreshToken<'a> {
+    pub token: &'a Secret,
+    pub expires_at: Option<i64>,
+}
+
 /// Turns a token response into the token columns of `instance_id`: the new refresh token, or
 /// the old one kept when the response has none; the whole response sealed; routing fields into
 /// the configuration (and `base.url` when the connector says which field sets it).
@@ -281,16 +291,26 @@ pub fn apply_token_set(
     connector: &Connector,
     instance_id: i64,
     tokens: &TokenSet,
-    previous_refresh_token: Option<&Secret>,
+    previous: Option<KeptRefreshToken<'_>>,
     configuration: &Map<String, Value>,
     now: i64,
 ) -> AppliedTokens {
     let keyring = &app.keyring;
-    let refresh_token = tokens.refresh_token.as_ref().or(previous_refresh_token);
+    let refresh_token = tokens
+        .refresh_token
+        .as_ref()
+        .or(previous.as_ref().map(|kept| kept.token));
     let access_expires_at = tokens.expires_in.map(|seconds| after_seconds(now, seconds));
-    let refresh_expires_at = tokens
-        .refresh_token_expires_in
-        .map(|seconds| after_seconds(now, seconds));
+    let refresh_expires_at = match (tokens.refresh_token_expires_in, &tokens.refresh_token) {
+        (Some(seconds), _) => Some(after_seconds(now, seconds)),
+        // The answer kept the refresh token and said nothing of its life: what was known of it
+        // still holds (at least), so its keep-alive stays on the schedule; a time already
+        // passed says nothing any more.
+        (None, None) => previous
+            .and_then(|kept| kept.expires_at)
+            .filter(|at| *at > now),
+        (None, Some(_)) => None,
+    };
     let mut new_configuration = configuration.clone();
     for field in &connector.oauth.token_response_fields {
         if let Some(value) = tokens.fields.get(field) {

@@ -905,7 +905,10 @@ impl RefreshEngine {
                     &connector,
                     row.id,
                     &tokens,
-                    Some(refresh_token),
+                    Some(crate::instances::KeptRefreshToken {
+                        token: refresh_token,
+                        expires_at: row.refresh_expires_at,
+                    }),
                     &configuration,
                     now,
                 );

@@ -1215,7 +1215,10 @@ async fn update_once(
             &connector,
             held.id,
             &imported,
-            keep,
+            keep.map(|token| instances::KeptRefreshToken {
+                token,
+                expires_at: held.refresh_expires_at,
+            }),
             &configuration,
             now,
         );

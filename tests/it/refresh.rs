@@ -1256,3 +1256,54 @@ async fn a_claim_taken_over_by_a_refresh_is_read_again() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// A refresh whose answer keeps the refresh token and says nothing of its life (Adobe Sign's
+/// shape) keeps what the exchange said of it: the keep-alive before it dies of inactivity
+/// stays on the schedule. The expiry was dropped, and an `on_401` instance without calls had
+/// nothing scheduled until its refresh token died.
+#[tokio::test]
+async fn a_kept_refresh_token_keeps_its_known_expiry() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    generic_profile(
+        &env,
+        json!({"refreshTokenIdleTtlSeconds": 864_000, "omitRefreshTokenOnRefresh": true,
+               "refreshTokenExpiresInField": "refresh_token_expires_in"}),
+    )
+    .await;
+    register_connector(&env, "t-kept", json!({"refresh": {"strategy": "on_401"}})).await;
+    let created = env.create_instance(&env.org, "t-kept", "keeper").await;
+    let id = created["id"].as_i64().unwrap();
+    let token = created["token"].as_str().unwrap();
+    let expiry = |view: &Value| view["refreshTokenExpiresDate"].as_str().map(str::to_string);
+    let announced = expiry(&instance(&env, &env.server.url, token).await);
+    assert!(announced.is_some(), "the exchange said when it dies");
+    let due = |env: &Env| {
+        let app = env.server.app.clone();
+        async move {
+            app.store
+                .get_instance_by_id(id)
+                .await
+                .unwrap()
+                .unwrap()
+                .next_due_at
+        }
+    };
+    assert!(due(&env).await.is_some(), "a keep-alive before it");
+
+    let refreshed = crate::instances::call(
+        &env,
+        Method::POST,
+        &env.api(&format!("/instances/{id}/tokens/refresh")),
+        Some(&env.org.platform()),
+        None,
+    )
+    .await;
+    assert_eq!(refreshed.status, 200, "{}", refreshed.body);
+    assert_eq!(refreshes(&env).await, 1);
+    let view = instance(&env, &env.server.url, token).await;
+    assert_eq!(expiry(&view), announced, "{view}");
+    assert!(due(&env).await.is_some(), "the keep-alive stays scheduled");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
