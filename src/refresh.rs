@@ -874,6 +874,10 @@ impl RefreshEngine {
             .map_err(RefreshFailure::Misconfigured)?;
         let credentials = client_credentials(&configuration, &secrets.secret_configuration);
         let started = Instant::now();
+        // The tokens' lives are counted from when the request went out: a provider that takes
+        // its time to answer has started the clock of what it answers before (counted from its
+        // answer, a token would be taken for fresh up to a provider timeout after it expired).
+        let sent_at = now_ms();
         // The lease's heartbeat runs beside the provider call and the commit.
         let heartbeat = || lease_heartbeat(app, row.id);
         let result = tokio::select! {
@@ -899,7 +903,7 @@ impl RefreshEngine {
         metrics::histogram!("tokenwarden_refresh_seconds").record(started.elapsed().as_secs_f64());
         match result {
             Ok(tokens) => {
-                let now = now_ms();
+                let now = sent_at;
                 let applied = apply_token_set(
                     app,
                     &connector,

@@ -1307,3 +1307,52 @@ async fn a_kept_refresh_token_keeps_its_known_expiry() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// A token's life counts from when the refresh went out, not from the provider's slow answer:
+/// counted from the answer, a token could be taken for fresh up to a provider timeout after
+/// it expired.
+#[tokio::test]
+async fn a_slow_answer_does_not_lengthen_the_tokens_life() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "slowpoke")
+        .await;
+    let id = created["id"].as_i64().unwrap();
+    fault(
+        &env,
+        json!({"target": "token", "status": 0, "delayMs": 2_000, "count": 1}),
+    )
+    .await;
+    let before = tokenwarden::app::now_ms();
+    let refreshed = crate::instances::call(
+        &env,
+        Method::POST,
+        &env.api(&format!("/instances/{id}/tokens/refresh")),
+        Some(&env.org.platform()),
+        None,
+    )
+    .await;
+    assert_eq!(refreshed.status, 200, "{}", refreshed.body);
+    assert!(
+        tokenwarden::app::now_ms() >= before + 2_000,
+        "the answer was held"
+    );
+    let row = env
+        .server
+        .app
+        .store
+        .get_instance_by_id(id)
+        .await
+        .unwrap()
+        .unwrap();
+    // The sandbox's access tokens live an hour; the request went out within a second.
+    let expires = row.access_expires_at.unwrap();
+    assert!(
+        expires < before + 3_600_000 + 1_000,
+        "expires {} ms after an hour from the call",
+        expires - before - 3_600_000
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
