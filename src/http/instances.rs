@@ -909,9 +909,24 @@ async fn update_now(
             .await?
             .ok_or_else(|| ApiError::not_found("The instance was deleted meanwhile"))?;
     }
-    Err(ApiError::conflict(
-        "The instance's tokens kept being refreshed while it was updated; send the update again",
-    ))
+    let conflict = || {
+        ApiError::conflict(
+            "The instance's tokens kept being refreshed while it was updated; send the update again",
+        )
+    };
+    if exchanged.is_none() {
+        return Err(conflict());
+    }
+    // The code is spent and its grant in hand (sent again, the code is refused): the last
+    // attempt holds the instance, so that no refresh commits between its read and its write.
+    let (body, seen, exchanged) = (&body, &seen, &mut exchanged);
+    app.refresh
+        .with_instance_held(app, row.id, async |held| {
+            update_once(app, caller, held, body, mode, seen, exchanged)
+                .await?
+                .ok_or_else(conflict)
+        })
+        .await
 }
 
 /// Whether an update re-authenticates with a code: `PATCH` with one, `PUT` with one and
