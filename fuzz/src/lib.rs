@@ -57,9 +57,11 @@ pub fn authorization_header(data: &[u8]) {
         }
         Err(HeaderError::UnknownPart(shown)) => {
             // The message names the part, never what follows it (a secret, a Bearer token).
-            assert!(shown.chars().count() <= 32, "unknown part shown whole");
+            // Its leading letters only (a secret glued to the name, `User:…`, is cut off).
+            let letters = shown.strip_suffix('…').unwrap_or(&shown);
+            assert!(letters.chars().count() <= 32, "unknown part shown whole");
             assert!(
-                !shown.contains(char::is_whitespace) && !shown.contains(','),
+                letters.chars().all(|c| c.is_ascii_alphabetic()),
                 "unknown part shows more than its name: {shown:?}"
             );
         }

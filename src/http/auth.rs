@@ -17,7 +17,7 @@ pub enum HeaderError {
     #[error("the Authorization header names `{0}` more than once")]
     Repeated(&'static str),
     #[error(
-        "the Authorization header has a part `{0}` that is not `User`, `Organization` or `Element`"
+        "the Authorization header has a part `{0}` that is not `User`, `Organization` or `Element` (each followed by a space and its value)"
     )]
     UnknownPart(String),
     #[error("the Authorization header part `{0}` has no value")]
@@ -44,7 +44,18 @@ pub fn parse_authorization(value: &str) -> Result<PlatformCredentials, HeaderErr
         } else if name.eq_ignore_ascii_case("element") {
             ("Element", &mut credentials.element)
         } else {
-            let shown: String = name.chars().take(32).collect();
+            // Only the leading letters: a part written `User:<secret>` or `Element=<token>`
+            // is one word, and the rest of it is a secret.
+            let letters: String = name
+                .chars()
+                .take_while(char::is_ascii_alphabetic)
+                .take(32)
+                .collect();
+            let shown = if letters.len() < name.len() {
+                format!("{letters}…")
+            } else {
+                letters
+            };
             return Err(HeaderError::UnknownPart(shown));
         };
         if secret.is_empty() {
@@ -89,6 +100,18 @@ mod tests {
         assert_eq!(
             parse_authorization("Bearer xyz"),
             Err(HeaderError::UnknownPart("Bearer".into()))
+        );
+        // Glued to its name, a secret is never shown.
+        for glued in ["User:s3cr3t-value", "Element=tok3n", "User\u{00e9}s3cr3t"] {
+            let refused = parse_authorization(glued).unwrap_err().to_string();
+            assert!(
+                !refused.contains("s3cr3t") && !refused.contains("tok3n"),
+                "{refused}"
+            );
+        }
+        assert_eq!(
+            parse_authorization("User:abc"),
+            Err(HeaderError::UnknownPart("User…".into()))
         );
         assert_eq!(
             parse_authorization("").unwrap(),
