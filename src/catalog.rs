@@ -467,6 +467,18 @@ pub fn validate(connector: &Connector, built_in: bool) -> Result<(), CatalogErro
     if connector.name.trim().is_empty() {
         return Err(invalid("`name` must not be empty".to_string()));
     }
+    // An instance's name is the connector's and " instance" unless the caller names it, and
+    // an instance's name takes at most 200 characters.
+    if connector.name.chars().count() > MAX_NAME_CHARS {
+        return Err(invalid(format!(
+            "`name` is longer than {MAX_NAME_CHARS} characters"
+        )));
+    }
+    if let Some(field) = control_characters(connector) {
+        return Err(invalid(format!(
+            "`{field}` holds a control character (descriptions may hold line breaks and tabs)"
+        )));
+    }
 
     // Inputs: names usable as placeholders, each with a description.
     for (name, input) in &connector.inputs {
@@ -503,6 +515,15 @@ pub fn validate(connector: &Connector, built_in: bool) -> Result<(), CatalogErro
     samples.insert(SANDBOX_PLACEHOLDER.to_string(), SANDBOX_SAMPLE.to_string());
 
     check_url(connector, "baseUrl", &connector.base_url, &samples, false)?;
+    // And a base the proxy can go under: no user info, query or fragment.
+    let base = fill_template(&connector.base_url, &samples)
+        .map_err(|problem| invalid(format!("`baseUrl`: {problem}")))?;
+    crate::proxy::ProxyBase::parse(&base).map_err(|problem| {
+        invalid(format!(
+            "`baseUrl`: {}",
+            problem.replace("The instance's `base.url`", "the base")
+        ))
+    })?;
     let oauth = &connector.oauth;
     check_url(
         connector,
@@ -721,6 +742,43 @@ fn valid_input_name(name: &str) -> bool {
         && name.len() <= 64
 }
 
+/// The longest connector name: its instances are named after it.
+const MAX_NAME_CHARS: usize = 190;
+
+/// The first field (a dotted path) of the definition whose text holds a control character:
+/// a NUL copied from a URL template into an instance's configuration made every later commit
+/// of its tokens fail on PostgreSQL (`jsonb` refuses it), and a line break in a name made every
+/// instance named after it refused. Descriptions and notes may hold line breaks and tabs.
+fn control_characters(connector: &Connector) -> Option<String> {
+    fn walk(value: &serde_json::Value, path: &str) -> Option<String> {
+        let free_text = path.ends_with("description") || path.starts_with("unconfirmed");
+        let refused = |text: &str| {
+            text.chars()
+                .any(|c| c.is_control() && !(free_text && matches!(c, '\n' | '\r' | '\t')))
+        };
+        match value {
+            serde_json::Value::String(text) => refused(text).then(|| path.to_string()),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(i, item)| walk(item, &format!("{path}[{i}]"))),
+            serde_json::Value::Object(fields) => fields.iter().find_map(|(name, item)| {
+                let inner = if path.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{path}.{name}")
+                };
+                if name.chars().any(char::is_control) {
+                    return Some(inner);
+                }
+                walk(item, &inner)
+            }),
+            _ => None,
+        }
+    }
+    walk(&serde_json::to_value(connector).ok()?, "")
+}
+
 /// Checks that a URL template uses only declared placeholders and, filled with sample values, is
 /// an absolute http(s) URL.
 fn check_url(
@@ -923,6 +981,39 @@ verify.path = "me"
         own.category = None;
         own.documentation_url = None;
         validate(&own, false).unwrap();
+    }
+
+    #[test]
+    fn control_characters_long_names_and_unusable_bases_are_refused() {
+        let mut c = good();
+        c.base_url = "https://api.acme.test/v1\u{0}x/".to_string();
+        refused(&c, false, &["`baseUrl`", "control character"]);
+        let mut c = good();
+        c.oauth.scopes.push("read\u{0}".to_string());
+        refused(&c, false, &["`oauth.scopes[2]`"]);
+        let mut c = good();
+        c.name = "Acme\nCRM".to_string();
+        refused(&c, false, &["`name`"]);
+        let mut c = good();
+        c.name = "a".repeat(191);
+        refused(&c, false, &["`name`", "190"]);
+        c.name = "a".repeat(190);
+        validate(&c, false).unwrap();
+        for base in [
+            "https://api.acme.test/v1?x=1",
+            "https://api.acme.test/v1#top",
+            "https://user:pass@api.acme.test/v1/",
+        ] {
+            let mut c = good();
+            c.base_url = base.to_string();
+            refused(&c, false, &["`baseUrl`"]);
+        }
+        // Descriptions may run over lines.
+        let mut c = good();
+        for input in c.inputs.values_mut() {
+            input.description = "The tenant.\nSee the admin page.".to_string();
+        }
+        validate(&c, false).unwrap();
     }
 
     #[test]

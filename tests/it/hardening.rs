@@ -180,15 +180,25 @@ async fn review_findings_stay_fixed() {
         .await;
         assert_eq!(status, 400, "[{label}] {answer}");
         let id = instance["id"].as_i64().unwrap();
-        let (status, answer) = send(
-            &env,
-            Method::PATCH,
-            &env.api(&format!("/instances/{id}")),
-            &platform,
-            Some(json!({"configuration": {"base.url": "http://169.254.169.254/latest/"}})),
-        )
-        .await;
-        assert_eq!(status, 400, "[{label}] {answer}");
+        // Nor a base the proxy could not go under (each was accepted, and every proxied call
+        // of the instance then answered 409; the user info was shown in plain text).
+        for base in [
+            "http://169.254.169.254/latest/",
+            "https://apiuser:s3cr3t@api.example.com/v1",
+            "https://api.example.com/v1?key=abc",
+            "https://api.example.com/v1#part",
+        ] {
+            let (status, answer) = send(
+                &env,
+                Method::PATCH,
+                &env.api(&format!("/instances/{id}")),
+                &platform,
+                Some(json!({"configuration": {"base.url": base}})),
+            )
+            .await;
+            assert_eq!(status, 400, "[{label}] {base}: {answer}");
+            assert!(!answer.to_string().contains("s3cr3t"), "{answer}");
+        }
         let (status, answer) = env.proxy(&env.org, token, Method::GET, "api/me").await;
         assert_eq!(
             status, 200,
