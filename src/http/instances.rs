@@ -543,10 +543,16 @@ async fn create_instance(
             )
             .await?
         }
-        (None, true) => Grant {
-            tokens: imported_tokens(&split)?,
-            verifier_used: false,
-        },
+        (None, true) => {
+            let tokens = imported_tokens(&split)?;
+            if tokens.refresh_token.is_some() {
+                require_client_id(&plain)?;
+            }
+            Grant {
+                tokens,
+                verifier_used: false,
+            }
+        }
         (None, false) => {
             return Err(ApiError::bad_request(
                 "Give `providerData.code` (the provider's authorization code), or `externalAuthentication: \"initial\"` with existing tokens",
@@ -1097,6 +1103,9 @@ async fn update_once(
         }
     }
     check_base_url(&plain)?;
+    if row.refresh_token_enc.is_some() || split.refresh_token.is_some() {
+        require_client_id(&plain)?;
+    }
     // Inputs that fill the connector's URLs are checked now, not at the next refresh; the
     // refresh URL shown follows them.
     let endpoints = app
@@ -1615,6 +1624,23 @@ async fn reload(app: &App, row: &InstanceRow) -> ApiResult<InstanceRow> {
         .get_instance(row.organization_id, row.id)
         .await?
         .ok_or_else(|| ApiError::not_found("The instance was deleted meanwhile"))
+}
+
+/// An instance with a refresh token needs the client id to refresh it: without one, the
+/// provider's `invalid_client` would end the instance at its first refresh, moments after the
+/// 200 that created or changed it.
+fn require_client_id(plain: &Map<String, Value>) -> ApiResult<()> {
+    let given = plain
+        .get(API_KEY)
+        .and_then(Value::as_str)
+        .is_some_and(|id| !id.trim().is_empty());
+    if given {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "`configuration.oauth.api.key` (the OAuth client id) is required to refresh the instance's tokens",
+        ))
+    }
 }
 
 /// A `base.url` given by a caller: one the proxy can go under (an absolute http(s) URL without

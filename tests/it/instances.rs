@@ -684,6 +684,32 @@ async fn existing_tokens_can_be_imported() {
             )
             .await;
         assert_eq!(status, 200, "[{label}] {body}");
+        // A refresh token without the client id to refresh it: refused, not an instance
+        // that dies at its first refresh (`invalid_client`); nor can a change take it away.
+        let mut no_client = env.configuration();
+        no_client["oauth.user.refresh_token"] = json!(refresh);
+        no_client.as_object_mut().unwrap().remove("oauth.api.key");
+        let refused = call(&env, Method::POST, &env.api("/instances"), Some(&env.org.platform()),
+                           Some(json!({"element": {"key": "sandbox-salesforce"}, "externalAuthentication": "initial",
+                                       "configuration": no_client}))).await;
+        assert_error(&refused, 400, &label);
+        assert!(
+            refused.body["message"]
+                .as_str()
+                .unwrap()
+                .contains("oauth.api.key"),
+            "{}",
+            refused.body
+        );
+        let emptied = call(
+            &env,
+            Method::PATCH,
+            &env.api(&format!("/instances/{}", imported.body["id"])),
+            Some(&env.org.platform()),
+            Some(json!({"configuration": {"oauth.api.key": " "}})),
+        )
+        .await;
+        assert_error(&emptied, 400, &label);
         // Only a refresh token: the scheduler refreshes it at once; then it works.
         let mut only_refresh = env.configuration();
         only_refresh["oauth.user.refresh_token"] = json!(refresh);
