@@ -1402,12 +1402,17 @@ async fn set_enabled(
         events::DISABLED
     };
     let event = events::new_event(app, &row, event_type, None);
-    app.store
+    // Enabling an enabled instance (or disabling a disabled one) changes nothing, and tells no
+    // one: no event, no webhook, no audit entry.
+    let changed = app
+        .store
         .set_disabled(row.organization_id, row.id, !enabled, Some(&event))
         .await?;
     app.refresh.forget(row.id);
-    app.refresh.notify_schedule_changed();
-    crate::audit::record(app, caller, event_type, Some(&row.id.to_string()), None).await;
+    if changed {
+        app.refresh.notify_schedule_changed();
+        crate::audit::record(app, caller, event_type, Some(&row.id.to_string()), None).await;
+    }
     let stored = reload(app, &row).await?;
     respond(app, caller, stored).await
 }
@@ -1594,7 +1599,13 @@ pub async fn revoke(
     .await
     .map_err(|error| ApiError::internal(format!("the revocation stopped: {error}")))??;
     let stored = reload(&app, &row).await?;
-    let mut view = instances::view(&app, &stored, None, caller.holds_element_of(row.id))?;
+    let name = connector_name(&app, &stored).await;
+    let mut view = instances::view(
+        &app,
+        &stored,
+        name.as_deref(),
+        caller.holds_element_of(row.id),
+    )?;
     if let Some(object) = view.as_object_mut() {
         object.insert("revocation".into(), revocation);
     }

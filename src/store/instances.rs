@@ -297,7 +297,8 @@ impl Store {
         commit_with_event(transaction, result.rows_affected() == 1, event).await
     }
 
-    /// Disables or enables an instance. False when it is not this organization's.
+    /// Disables or enables an instance. False when it is not this organization's, or was so
+    /// already (then no event is written).
     pub async fn set_disabled(
         &self,
         organization_id: i64,
@@ -308,7 +309,7 @@ impl Store {
         let mut transaction = self.begin_write().await?;
         let result = sqlx::query(
             "UPDATE instances SET disabled = $1, updated_at = CASE WHEN $2 > updated_at THEN $2 ELSE updated_at + 1 END \
-             WHERE id = $3 AND organization_id = $4",
+             WHERE id = $3 AND organization_id = $4 AND disabled <> $1",
         )
         .bind(flag(disabled))
         .bind(crate::app::now_ms())

@@ -1236,6 +1236,24 @@ async fn enable_disable_refresh_revoke_delete() {
         assert_eq!(enabled.body["disabled"], false);
         let (status, _) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
         assert_eq!(status, 200, "[{label}] enabled again");
+        // Enabling what is enabled changes nothing and tells no one.
+        let again = call(
+            &env,
+            Method::PUT,
+            &env.api("/instances/enabled"),
+            Some(&env.org.with_element(&token)),
+            None,
+        )
+        .await;
+        assert_eq!(again.status, 200, "[{label}] {}", again.body);
+        assert_eq!(again.body["disabled"], false);
+        let types = crate::refresh::event_types(&env, &env.server.url, id).await;
+        let count = |kind: &str| types.iter().filter(|t| t.as_str() == kind).count();
+        assert_eq!(
+            (count("instance.disabled"), count("instance.enabled")),
+            (1, 1),
+            "[{label}] {types:?}"
+        );
 
         // Refresh now: a refresh_token grant at the provider, a new access token.
         let old_access =
