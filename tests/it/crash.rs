@@ -14,12 +14,17 @@ use crate::harness::{CLIENT_ID, CLIENT_SECRET, Env, Org, TEST_MASTER_KEY, loopba
 use crate::refresh::{eventually, generic_profile, strict_rotation};
 use crate::support::{drop_test_database, sqlite_database};
 
-struct Child {
+pub(crate) struct Child {
     process: tokio::process::Child,
-    url: String,
+    pub(crate) url: String,
 }
 
-async fn spawn_serve(database_url: &str, sandbox_url: &str, http: &reqwest::Client) -> Child {
+/// `tokenwarden serve` as a process of its own on `database_url`, once it answers.
+pub(crate) async fn spawn_serve(
+    database_url: &str,
+    sandbox_url: &str,
+    http: &reqwest::Client,
+) -> Child {
     use tokio::io::AsyncBufReadExt;
     // Port 0, and the address read from what `serve` announces: a port picked here and bound
     // later by the child could be taken meanwhile, by another test's server even.
@@ -61,7 +66,12 @@ async fn spawn_serve(database_url: &str, sandbox_url: &str, http: &reqwest::Clie
     Child { process, url }
 }
 
-async fn call(http: &reqwest::Client, server: &str, org: &Org, token: &str) -> (u16, Value) {
+pub(crate) async fn call(
+    http: &reqwest::Client,
+    server: &str,
+    org: &Org,
+    token: &str,
+) -> (u16, Value) {
     let response = http
         .request(
             Method::GET,
@@ -91,7 +101,7 @@ async fn get(http: &reqwest::Client, url: &str, authorization: &str) -> Value {
     response.json().await.unwrap()
 }
 
-async fn stats(http: &reqwest::Client, sandbox: &str) -> Value {
+pub(crate) async fn stats(http: &reqwest::Client, sandbox: &str) -> Value {
     get(http, &format!("{sandbox}/__sandbox/stats"), "").await
 }
 
