@@ -275,12 +275,32 @@ pub struct AppliedTokens {
     pub configuration_patch: Option<String>,
 }
 
-/// The refresh token an instance held before a token response, with the expiry known of it:
-/// kept when the response brings none.
+/// The refresh token an instance held before a token response, with the expiry known of it
+/// and when it was last used: kept when the response brings none.
 #[derive(Clone, Copy)]
 pub struct KeptRefreshToken<'a> {
     pub token: &'a Secret,
     pub expires_at: Option<i64>,
+    pub last_refresh_at: Option<i64>,
+}
+
+/// The expiry of a refresh token kept by a refresh whose answer said nothing of it (Adobe
+/// Sign's shape). Most such tokens die of inactivity: the life known of it counts again from
+/// this use (kept as a fixed time, it drew the keep-alive ever closer, and once passed left
+/// nothing on the schedule while the token lived on). Where the connector says its refresh
+/// tokens die at a fixed time whatever their use, the time stays, until it has passed.
+fn kept_expiry(connector: &Connector, kept: KeptRefreshToken<'_>, now: i64) -> Option<i64> {
+    let at = kept.expires_at?;
+    if connector
+        .refresh
+        .refresh_token_absolute_ttl_seconds
+        .is_none()
+        && let Some(last) = kept.last_refresh_at
+        && at > last
+    {
+        return Some(now.saturating_add(at - last));
+    }
+    Some(at).filter(|at| *at > now)
 }
 
 /// Turns a token response into the token columns of `instance_id`: the new refresh token, or
@@ -304,11 +324,8 @@ pub fn apply_token_set(
     let refresh_expires_at = match (tokens.refresh_token_expires_in, &tokens.refresh_token) {
         (Some(seconds), _) => Some(after_seconds(now, seconds)),
         // The answer kept the refresh token and said nothing of its life: what was known of it
-        // still holds (at least), so its keep-alive stays on the schedule; a time already
-        // passed says nothing any more.
-        (None, None) => previous
-            .and_then(|kept| kept.expires_at)
-            .filter(|at| *at > now),
+        // still holds, so its keep-alive stays on the schedule.
+        (None, None) => previous.and_then(|kept| kept_expiry(connector, kept, now)),
         (None, Some(_)) => None,
     };
     let mut new_configuration = configuration.clone();

@@ -874,10 +874,6 @@ impl RefreshEngine {
             .map_err(RefreshFailure::Misconfigured)?;
         let credentials = client_credentials(&configuration, &secrets.secret_configuration);
         let started = Instant::now();
-        // The tokens' lives are counted from when the request went out: a provider that takes
-        // its time to answer has started the clock of what it answers before (counted from its
-        // answer, a token would be taken for fresh up to a provider timeout after it expired).
-        let sent_at = now_ms();
         // The lease's heartbeat runs beside the provider call and the commit.
         let heartbeat = || lease_heartbeat(app, row.id);
         let result = tokio::select! {
@@ -902,8 +898,17 @@ impl RefreshEngine {
         metrics::counter!("tokenwarden_refresh_attempts_total", "connector" => connector_label, "outcome" => outcome_label).increment(1);
         metrics::histogram!("tokenwarden_refresh_seconds").record(started.elapsed().as_secs_f64());
         match result {
-            Ok(tokens) => {
-                let now = sent_at;
+            Ok(mut tokens) => {
+                let now = now_ms();
+                // The lives the provider gave count from when the request went out: the whole
+                // seconds its answer took are already gone (counted from the answer, a token
+                // was taken for fresh up to a provider timeout after it expired). The refresh
+                // itself, and the floor between two, date from the answer.
+                let taken = started.elapsed().as_secs();
+                tokens.expires_in = tokens.expires_in.map(|life| life.saturating_sub(taken));
+                tokens.refresh_token_expires_in = tokens
+                    .refresh_token_expires_in
+                    .map(|life| life.saturating_sub(taken));
                 let applied = apply_token_set(
                     app,
                     &connector,
@@ -912,6 +917,7 @@ impl RefreshEngine {
                     Some(crate::instances::KeptRefreshToken {
                         token: refresh_token,
                         expires_at: row.refresh_expires_at,
+                        last_refresh_at: row.last_refresh_at,
                     }),
                     &configuration,
                     now,

@@ -729,10 +729,11 @@ impl Sandbox {
             if grant.profile != profile {
                 return RevokeOutcome::Unknown;
             }
-            if record.revoked_at.is_some_and(|at| now >= at)
-                || grant.revoked(now)
-                || self.parent_revoked(&record, now)
-                || now >= record.expires_at
+            // Where revocation spares access tokens (Microsoft), one outlives its grant until it
+            // is revoked itself.
+            let cascaded = !settings.revocation_spares_access_tokens
+                && (grant.revoked(now) || self.parent_revoked(&record, now));
+            if record.revoked_at.is_some_and(|at| now >= at) || cascaded || now >= record.expires_at
             {
                 return RevokeOutcome::AlreadyDead;
             }

@@ -1270,6 +1270,15 @@ async fn salesforce_box_and_generic_revocation() {
         "invalid_grant"
     );
     assert_eq!(ctx.api_status(MICROSOFT.api, &ms.at).await, StatusCode::OK);
+    // Revoked itself after its grant, the access token dies.
+    let r = ctx
+        .post_form(MICROSOFT.revoke, &[("token", &ms.at)], None)
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        ctx.api_status(MICROSOFT.api, &ms.at).await,
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 #[tokio::test]

@@ -44,19 +44,7 @@ pub fn parse_authorization(value: &str) -> Result<PlatformCredentials, HeaderErr
         } else if name.eq_ignore_ascii_case("element") {
             ("Element", &mut credentials.element)
         } else {
-            // Only the leading letters: a part written `User:<secret>` or `Element=<token>`
-            // is one word, and the rest of it is a secret.
-            let letters: String = name
-                .chars()
-                .take_while(char::is_ascii_alphabetic)
-                .take(32)
-                .collect();
-            let shown = if letters.len() < name.len() {
-                format!("{letters}…")
-            } else {
-                letters
-            };
-            return Err(HeaderError::UnknownPart(shown));
+            return Err(HeaderError::UnknownPart(shown_part(name)));
         };
         if secret.is_empty() {
             return Err(HeaderError::Empty(label));
@@ -67,6 +55,24 @@ pub fn parse_authorization(value: &str) -> Result<PlatformCredentials, HeaderErr
         *slot = Some(Secret::new(secret));
     }
     Ok(credentials)
+}
+
+/// What a refused part's message may show of its name: the name itself when it is a short
+/// word (`Organisation`, `Bearer`); else only the known name it starts with (`User…` for
+/// `User:<secret>`), or nothing. A secret glued to a name, or given alone, is never shown.
+fn shown_part(name: &str) -> String {
+    if name.len() <= 16 && name.chars().all(|c| c.is_ascii_alphabetic()) {
+        return name.to_string();
+    }
+    for known in ["Organization", "Element", "User"] {
+        if name
+            .get(..known.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(known))
+        {
+            return format!("{known}…");
+        }
+    }
+    "…".to_string()
 }
 
 #[cfg(test)]
@@ -102,7 +108,13 @@ mod tests {
             Err(HeaderError::UnknownPart("Bearer".into()))
         );
         // Glued to its name, a secret is never shown.
-        for glued in ["User:s3cr3t-value", "Element=tok3n", "User\u{00e9}s3cr3t"] {
+        for glued in [
+            "User:s3cr3t-value",
+            "Element=tok3n",
+            "User\u{00e9}s3cr3t",
+            "Usersecretsecretsecret",
+            "abcdefghsecretsecretxyz0",
+        ] {
             let refused = parse_authorization(glued).unwrap_err().to_string();
             assert!(
                 !refused.contains("s3cr3t") && !refused.contains("tok3n"),

@@ -889,7 +889,12 @@ async fn update_now(
         return app
             .refresh
             .with_instance_held(app, row.id, async |held| {
-                update_once(app, caller, held, body, mode, seen, &mut None)
+                let attempt = Attempt {
+                    seen,
+                    exchanged: &mut None,
+                    held: true,
+                };
+                update_once(app, caller, held, body, mode, attempt)
                     .await?
                     .ok_or_else(|| {
                         ApiError::conflict(
@@ -904,8 +909,19 @@ async fn update_now(
     let mut exchanged = None;
     for _ in 0..UPDATE_ATTEMPTS {
         let (organization_id, id) = (row.organization_id, row.id);
-        if let Some(answer) =
-            update_once(app, caller, row, &body, mode, &seen, &mut exchanged).await?
+        if let Some(answer) = update_once(
+            app,
+            caller,
+            row,
+            &body,
+            mode,
+            Attempt {
+                seen: &seen,
+                exchanged: &mut exchanged,
+                held: false,
+            },
+        )
+        .await?
         {
             return Ok(answer);
         }
@@ -928,7 +944,12 @@ async fn update_now(
     let (body, seen, exchanged) = (&body, &seen, &mut exchanged);
     app.refresh
         .with_instance_held(app, row.id, async |held| {
-            update_once(app, caller, held, body, mode, seen, exchanged)
+            let attempt = Attempt {
+                seen,
+                exchanged,
+                held: true,
+            };
+            update_once(app, caller, held, body, mode, attempt)
                 .await?
                 .ok_or_else(conflict)
         })
@@ -966,15 +987,29 @@ fn imports_tokens(body: &InstanceBody, mode: UpdateMode) -> bool {
 /// One attempt of [`update`]: `None` when a refresh committed since `row` was read (its
 /// configuration keys would be undone by a configuration computed from `row`), and nothing
 /// was written.
+/// What one attempt of an update carries from the ones before it.
+struct Attempt<'a> {
+    /// The tokens as the caller saw them (the first read).
+    seen: &'a instances::InstanceSecrets,
+    /// A re-authentication's exchanged grant and verification, once the code is spent.
+    exchanged: &'a mut Option<(Grant, Option<String>)>,
+    /// Whether the instance is held against refreshes (its lease is the hold's).
+    held: bool,
+}
+
 async fn update_once(
     app: &SharedApp,
     caller: &Caller,
     row: InstanceRow,
     body: &InstanceBody,
     mode: UpdateMode,
-    seen: &instances::InstanceSecrets,
-    exchanged: &mut Option<(Grant, Option<String>)>,
+    attempt: Attempt<'_>,
 ) -> ApiResult<Option<AxumJson<Value>>> {
+    let Attempt {
+        seen,
+        exchanged,
+        held,
+    } = attempt;
     let connector = app
         .connector(row.organization_id, &row.element_key)
         .await?
@@ -1061,6 +1096,7 @@ async fn update_once(
     let base_given = split.plain.get(BASE_URL).is_some_and(|given| {
         old_plain.get(BASE_URL).and_then(Value::as_str) != Some(given.as_str())
     });
+    let client_id_given = split.plain.contains_key(API_KEY);
     for (key, value) in split.plain {
         plain.insert(key, Value::String(value));
     }
@@ -1102,8 +1138,12 @@ async fn update_once(
             secret.insert(instances::API_SECRET.to_string(), value.clone());
         }
     }
-    check_base_url(&plain)?;
-    if row.refresh_token_enc.is_some() || split.refresh_token.is_some() {
+    // What this update changes is checked; a value stored before (under older rules) stays
+    // and does not block other changes.
+    if base_given {
+        check_base_url(&plain)?;
+    }
+    if split.refresh_token.is_some() || (client_id_given && row.refresh_token_enc.is_some()) {
         require_client_id(&plain)?;
     }
     // Inputs that fill the connector's URLs are checked now, not at the next refresh; the
@@ -1169,7 +1209,8 @@ async fn update_once(
                         app, row.id, &secret,
                     )),
                     verification: verification.clone(),
-                    lease_held: false,
+                    // Under a hold (`held`), its lease stays until the hold ends.
+                    lease_held: held,
                     // With the tokens, in one statement: a second write after it could fail
                     // with the re-authentication done (its code spent), and would put back a
                     // configuration a refresh committed in between.
@@ -1242,6 +1283,7 @@ async fn update_once(
             keep.map(|token| instances::KeptRefreshToken {
                 token,
                 expires_at: held.refresh_expires_at,
+                last_refresh_at: held.last_refresh_at,
             }),
             &configuration,
             now,
@@ -1664,5 +1706,11 @@ fn check_base_url(configuration: &Map<String, Value>) -> ApiResult<()> {
     };
     crate::proxy::ProxyBase::parse(base)
         .map(|_| ())
-        .map_err(|why| ApiError::bad_request(format!("`base.url`: {why}")))
+        .map_err(|why| {
+            let named = match why.strip_prefix("The instance's `base.url`") {
+                Some(rest) => format!("`base.url`{rest}"),
+                None => format!("`base.url`: {why}"),
+            };
+            ApiError::bad_request(named)
+        })
 }
