@@ -133,7 +133,9 @@ pub mod plan {
         pub fn new(per_second: f64, burst: f64, max_wait_ms: i64) -> Self {
             RateLimiter {
                 per_second,
-                burst,
+                // A bucket that never holds a whole token admits nothing: below a rate of one
+                // refresh in two seconds, every claim was deferred, for ever.
+                burst: burst.max(1.0),
                 max_wait_ms,
                 buckets: HashMap::new(),
             }
@@ -155,7 +157,7 @@ pub mod plan {
                 ((1.0 - bucket.tokens) / per_second * 1000.0).ceil() as i64
             };
             if wait_ms > self.max_wait_ms {
-                return Admission::Defer(now + wait_ms);
+                return Admission::Defer(now.saturating_add(wait_ms));
             }
             bucket.tokens -= 1.0;
             Admission::After(wait_ms)
@@ -180,6 +182,16 @@ pub mod plan {
         use super::*;
 
         const NOW: i64 = 1_700_000_000_000;
+
+        #[test]
+        fn a_slow_rate_still_admits() {
+            // One refresh in ten seconds: the first at once, the next deferred to when its
+            // token is there, and admitted then.
+            let mut limiter = RateLimiter::new(0.1, 0.2, 2_000);
+            assert_eq!(limiter.admit("c", NOW), Admission::After(0));
+            assert_eq!(limiter.admit("c", NOW), Admission::Defer(NOW + 10_000));
+            assert_eq!(limiter.admit("c", NOW + 10_000), Admission::After(0));
+        }
 
         #[test]
         fn claims_only_what_it_can_start() {

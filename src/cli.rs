@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+/// The slowest `--refresh-rate` other than 0: one refresh per connector in 1,000 s.
+const MIN_REFRESH_RATE: f64 = 0.001;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "tokenwarden",
@@ -105,8 +108,8 @@ pub struct ServeArgs {
     /// Runtime worker threads (default: one per core). With 1, everything runs on one thread
     /// without work stealing (tokio's current-thread scheduler), which is the fastest setting
     /// when the service shares a small machine with its load.
-    #[arg(long, env = "TOKENWARDEN_WORKERS")]
-    pub workers: Option<usize>,
+    #[arg(long, env = "TOKENWARDEN_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
     /// Scheduled refreshes run at once in this replica.
     #[arg(long, env = "TOKENWARDEN_REFRESH_CONCURRENCY", default_value_t = crate::background::SCHEDULER_CONCURRENCY as u16, value_parser = clap::value_parser!(u16).range(1..=4096))]
     pub refresh_concurrency: u16,
@@ -247,7 +250,7 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     builder.enable_all();
     if let Some(workers) = workers.filter(|n| *n > 1) {
-        builder.worker_threads(workers);
+        builder.worker_threads(usize::from(workers));
     }
     let runtime = match builder.build() {
         Ok(runtime) => runtime,
@@ -282,8 +285,12 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             config.previous_master_keys = args.database.previous_master_keys;
             config.sandbox_url = args.sandbox_url;
             config.refresh_concurrency = usize::from(args.refresh_concurrency);
-            if !args.refresh_rate.is_finite() || args.refresh_rate < 0.0 {
-                return Err("--refresh-rate must be 0 (no limit) or a positive number".into());
+            let rate = args.refresh_rate;
+            if !rate.is_finite() || rate < 0.0 || (rate > 0.0 && rate < MIN_REFRESH_RATE) {
+                return Err(format!(
+                    "--refresh-rate must be 0 (no limit) or at least {MIN_REFRESH_RATE} (one refresh per connector in 1,000 s)"
+                )
+                .into());
             }
             config.refresh_rate_per_connector = args.refresh_rate;
             config.event_retention =

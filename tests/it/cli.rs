@@ -146,3 +146,35 @@ async fn command_line_on(env: Env) {
     );
     env.stop().await;
 }
+
+/// `serve` refuses settings it cannot honour, with a message and before it binds or opens a
+/// database: no panic, no setting silently ignored (`--workers 0` meant one per core; a worker
+/// count past the machine's threads panicked in the runtime; a refresh rate below one in two
+/// seconds deferred every scheduled refresh for ever).
+#[test]
+fn serve_refuses_settings_it_cannot_honour() {
+    for (flag, value, words) in [
+        ("--workers", "0", "--workers"),
+        ("--workers", "10000000", "--workers"),
+        ("--refresh-rate", "1e-300", "--refresh-rate"),
+        ("--refresh-rate", "-1", "--refresh-rate"),
+    ] {
+        let setting = format!("{flag}={value}");
+        let (ok, _, stderr) = tokenwarden(
+            &[
+                "serve",
+                "--bind",
+                "127.0.0.1:0",
+                // Never opened when the settings are refused; a database that cannot be
+                // opened ends a `serve` that accepted them at once, instead of serving.
+                "--database-url",
+                "sqlite:///nonexistent-directory/tokenwarden.db",
+                &setting,
+            ],
+            &[],
+        );
+        assert!(!ok, "{flag} {value} accepted");
+        assert!(stderr.contains(words), "{flag} {value}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{flag} {value}: {stderr}");
+    }
+}
