@@ -309,10 +309,13 @@ async fn deliver_one(
                 .ok()
         }) {
             Some(key) => Some(key),
+            // During a rotation of the master key another replica may hold the key it was
+            // sealed with: tried again (there, or here once this replica has it) until the
+            // event's day is over, not given up at once.
             None => {
-                return (
-                    DeliveryOutcome::Failed,
-                    Some("the instance's signing key cannot be opened with the master keys this service has".into()),
+                return retry_or_give_up(
+                    event,
+                    "the instance's signing key cannot be opened with the master keys this replica has".into(),
                 );
             }
         },
@@ -322,9 +325,9 @@ async fn deliver_one(
         None => match organization_webhook_secret(app, event.organization_id).await {
             Ok(Some(secret)) => secret,
             Ok(None) => {
-                return (
-                    DeliveryOutcome::Failed,
-                    Some("the organization's webhook secret could not be read".into()),
+                return retry_or_give_up(
+                    event,
+                    "the organization's webhook secret could not be read with the master keys this replica has".into(),
                 );
             }
             // The store failing for now: the delivery is tried again like a receiver's failure.
