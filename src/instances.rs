@@ -767,7 +767,7 @@ pub async fn reseal_all(app: &App, progress: &mut dyn FnMut(u64)) -> Result<Rese
             changed += 1;
         }
     }
-    changed += reseal_pending_events(app).await?;
+    changed += reseal_pending_events(app, &mut unreadable).await?;
     Ok(Resealed {
         changed,
         unreadable,
@@ -778,13 +778,14 @@ pub async fn reseal_all(app: &App, progress: &mut dyn FnMut(u64)) -> Result<Rese
 pub struct Resealed {
     /// Rows re-sealed under the current key.
     pub changed: u64,
-    /// Rows left as they were because no key opens them (`instance 42`, `organization 7`).
+    /// Rows left as they were because no key opens them (`instance 42`, `organization 7`,
+    /// `event 0c2f…`).
     pub unreadable: Vec<String>,
 }
 
 /// The signing keys of events still waiting to be delivered, re-sealed under the current key:
 /// once the old key is dropped they could not be opened, and the deliveries would fail.
-async fn reseal_pending_events(app: &App) -> Result<u64, ApiError> {
+async fn reseal_pending_events(app: &App, unreadable: &mut Vec<String>) -> Result<u64, ApiError> {
     use base64::Engine as _;
     use base64::engine::general_purpose::STANDARD;
     let keyring = &app.keyring;
@@ -809,7 +810,10 @@ async fn reseal_pending_events(app: &App) -> Result<u64, ApiError> {
             field: &id,
         };
         let Ok(plain) = keyring.open(&sealed, binding) else {
-            continue; // Its delivery reports that the key cannot be opened.
+            // Named like the other rows no key opens: once the key it needs is dropped, the
+            // webhook can never be signed.
+            unreadable.push(format!("event {id}"));
+            continue;
         };
         parsed["delivery"]["key"] = Value::String(STANDARD.encode(keyring.seal(&plain, binding)));
         // Delivered or retried meanwhile (the payload does not change then, the state does):

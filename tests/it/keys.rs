@@ -332,3 +332,67 @@ async fn a_row_no_key_opens_is_named_and_the_rest_rotated() {
     env.stop().await;
     crate::support::drop_test_database(&url).await;
 }
+
+/// A webhook waiting to be delivered whose signing key no key opens is named by `keys rotate`
+/// like the other rows, with exit status 2: it was skipped in silence, and once the old key
+/// was dropped the webhook could never be signed.
+#[tokio::test]
+async fn a_pending_webhook_no_key_opens_is_named() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "hooked")
+        .await;
+    let id = created["id"].as_i64().unwrap();
+    let patched = call(
+        &env,
+        Method::PATCH,
+        &env.api(&format!("/instances/{id}")),
+        Some(&env.org.platform()),
+        Some(json!({"configuration": {"event.notification.enabled": "true",
+                                      "event.notification.callback.url": "http://127.0.0.1:9/down"}})),
+    )
+    .await;
+    assert_eq!(patched.status, 200, "{}", patched.body);
+    for _ in 0..2 {
+        let refreshed = call(
+            &env,
+            Method::POST,
+            &env.api(&format!("/instances/{id}/tokens/refresh")),
+            Some(&env.org.platform()),
+            None,
+        )
+        .await;
+        assert_eq!(refreshed.status, 200, "{}", refreshed.body);
+    }
+    env.stop().await;
+    // One event's key given the other's: sealed for another event, it opens for neither id.
+    let damaged = {
+        use sqlx::Connection;
+        sqlx::any::install_default_drivers();
+        let mut db = sqlx::AnyConnection::connect(&url).await.unwrap();
+        let pending: Vec<(String, String)> = sqlx::query_as(
+            "SELECT id, payload FROM events WHERE delivery_state = 'pending' ORDER BY id",
+        )
+        .fetch_all(&mut db)
+        .await
+        .unwrap();
+        assert_eq!(pending.len(), 2, "{pending:?}");
+        let other: Value = serde_json::from_str(&pending[1].1).unwrap();
+        let mut payload: Value = serde_json::from_str(&pending[0].1).unwrap();
+        payload["delivery"]["key"] = other["delivery"]["key"].clone();
+        sqlx::query("UPDATE events SET payload = $1 WHERE id = $2")
+            .bind(payload.to_string())
+            .bind(pending[0].0.clone())
+            .execute(&mut db)
+            .await
+            .unwrap();
+        pending[0].0.clone()
+    };
+    let (_, new_key) = tokenwarden::crypto::MasterKey::generate();
+    let output = rotate_keys(&url, new_key.expose()).await;
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{said}");
+    assert!(said.contains(&format!("event {damaged}")), "{said}");
+    crate::support::drop_test_database(&url).await;
+}
