@@ -143,19 +143,30 @@ const DELIVERY_PER_ORGANIZATION: usize = 4;
 /// The deliverer looks at the outbox at least this often (new events are due at once).
 pub const DELIVERY_MAX_SLEEP: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The attempts the schedule makes in about a day (30 to 45 with its jitter).
+const DELIVERY_ATTEMPTS_IN_A_DAY: i64 = 30;
+
 /// When to try again after failed attempt number `attempt` (1 for the first) of an event that
 /// occurred at `occurred_at`: exponential (1 s, 2 s, 4 s … capped at an hour) with jitter
 /// (`random` in `[0, 1)` picks a point in the upper half of the step), or `None` once a day has
-/// passed since the event.
+/// passed since the event and the event has had the attempts of a day. An event first tried
+/// late (the service was stopped over a weekend) gets its day of attempts too: it was given up
+/// at its first failure.
 pub fn retry_at(attempt: i64, occurred_at: i64, now: i64, random: f64) -> Option<i64> {
-    if now - occurred_at >= DELIVERY_GIVE_UP_AFTER_MS {
+    let day_over = now - occurred_at >= DELIVERY_GIVE_UP_AFTER_MS;
+    if day_over && attempt >= DELIVERY_ATTEMPTS_IN_A_DAY {
         return None;
     }
     let step = DELIVERY_FIRST_RETRY_MS
         .saturating_mul(1_i64 << (attempt - 1).clamp(0, 30))
         .min(DELIVERY_MAX_RETRY_MS);
     let jittered = step / 2 + ((step / 2) as f64 * random.clamp(0.0, 1.0)) as i64;
-    Some((now + jittered).min(occurred_at + DELIVERY_GIVE_UP_AFTER_MS))
+    let at = now.saturating_add(jittered);
+    Some(if day_over {
+        at
+    } else {
+        at.min(occurred_at + DELIVERY_GIVE_UP_AFTER_MS)
+    })
 }
 
 /// How long the deliverer sleeps when nothing was due, from the earliest pending attempt.
@@ -373,7 +384,7 @@ fn retry_or_give_up(
         Some(at) => (DeliveryOutcome::RetryAt(at), Some(error)),
         None => (
             DeliveryOutcome::Failed,
-            Some(format!("{error}; gave up a day after the event")),
+            Some(format!("{error}; gave up after a day of attempts")),
         ),
     }
 }
@@ -431,6 +442,14 @@ mod tests {
             Some(T0 + DELIVERY_GIVE_UP_AFTER_MS)
         );
         assert_eq!(retry_at(31, T0, T0 + DELIVERY_GIVE_UP_AFTER_MS, 0.5), None);
+        // First tried two days late: its attempts go on past the event's day.
+        let weekend = T0 + 2 * DELIVERY_GIVE_UP_AFTER_MS;
+        assert_eq!(retry_at(1, T0, weekend, 1.0), Some(weekend + 1_000));
+        assert_eq!(
+            retry_at(29, T0, weekend, 1.0),
+            Some(weekend + DELIVERY_MAX_RETRY_MS)
+        );
+        assert_eq!(retry_at(30, T0, weekend, 1.0), None);
     }
 
     #[test]
