@@ -114,6 +114,48 @@ pub enum StartupError {
     Catalog(#[from] crate::catalog::CatalogError),
     #[error("could not build the HTTP client: {0}")]
     Http(String),
+    #[error("{0}")]
+    WrongKey(String),
+}
+
+/// Refuses a master key that opens none of the database's secrets: a database restored without
+/// its key file (a new one is made beside it), a typo in `TOKENWARDEN_MASTER_KEY`, or the old
+/// key dropped before `keys rotate` ran. The service started healthy, and every read of a token
+/// and every webhook failed.
+async fn check_key_opens_the_database(
+    store: &Store,
+    keyring: &crate::crypto::Keyring,
+    config: &AppConfig,
+) -> Result<(), StartupError> {
+    let sample = store.newest_organization_secrets(16).await?;
+    let opens = |(id, sealed): &(i64, Vec<u8>)| {
+        let binding = crate::crypto::Binding {
+            table: "organizations",
+            row: *id,
+            field: "webhook_secret",
+        };
+        keyring.open(sealed, binding).is_ok()
+    };
+    if sample.is_empty() || sample.iter().any(opens) {
+        return Ok(());
+    }
+    let source = match (
+        config
+            .master_key
+            .as_deref()
+            .filter(|key| !key.trim().is_empty()),
+        crate::crypto::sqlite_path(&config.database_url),
+    ) {
+        (Some(_), _) => "TOKENWARDEN_MASTER_KEY (and TOKENWARDEN_PREVIOUS_MASTER_KEYS)".to_string(),
+        (None, Some(path)) => format!(
+            "the key file {path}.key (made now if it was missing: replace it with this database's own)"
+        ),
+        (None, None) => "no key".to_string(),
+    };
+    Err(StartupError::WrongKey(format!(
+        "the master key from {source} opens none of this database's secrets (the newest {}          organizations tried): it is not the key they were sealed with. Start with the key this          database was used with; after a change of key, keep the old one in          TOKENWARDEN_PREVIOUS_MASTER_KEYS until `tokenwarden keys rotate` has run",
+        sample.len()
+    )))
 }
 
 /// The outbound HTTP client: redirects are never followed (a redirect would carry a token or a
@@ -146,6 +188,7 @@ impl App {
             &config.database_url,
         )?;
         let store = Store::connect(&config.database_url).await?;
+        check_key_opens_the_database(&store, &keyring, &config).await?;
         align_clock(&store).await;
         let built_in: BTreeMap<String, Arc<Connector>> = catalog::load_built_in()?
             .into_iter()

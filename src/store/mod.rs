@@ -343,6 +343,22 @@ impl Store {
         Ok(row)
     }
 
+    /// The webhook secrets of the `limit` newest organizations (the likeliest to be sealed
+    /// under the current key), for the check at start that the master key opens this
+    /// database's secrets.
+    pub async fn newest_organization_secrets(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, webhook_secret_enc FROM organizations ORDER BY created_at DESC, id LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
     /// Every organization, for re-encrypting their webhook secrets under a new key.
     pub async fn list_organizations(&self) -> Result<Vec<OrganizationRow>, StoreError> {
         let rows = sqlx::query_as::<_, OrganizationRow>(

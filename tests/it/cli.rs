@@ -178,3 +178,47 @@ fn serve_refuses_settings_it_cannot_honour() {
         assert!(!stderr.contains("panicked"), "{flag} {value}: {stderr}");
     }
 }
+
+/// A database whose key is lost (restored without its key file) or mistyped: `serve` refuses
+/// to start and names where its key came from, instead of starting healthy with a new key and
+/// failing every read of a token and every webhook.
+#[tokio::test]
+async fn serve_refuses_a_key_that_opens_nothing_of_the_database() {
+    let url = crate::support::sqlite_database();
+    let path = tokenwarden::crypto::sqlite_path(&url).unwrap();
+    let (ok, _, stderr) = tokenwarden(
+        &["orgs", "create", "--name", "keyed", "--database-url", &url],
+        &[],
+    );
+    assert!(ok, "{stderr}");
+    std::fs::remove_file(format!("{path}.key")).unwrap();
+    let serve = |envs: Vec<(&'static str, String)>| {
+        let url = url.clone();
+        async move {
+            let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+                .args(["serve", "--bind", "127.0.0.1:0", "--database-url", &url])
+                .env_remove("TOKENWARDEN_MASTER_KEY")
+                .envs(envs)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+            tokio::time::timeout(std::time::Duration::from_secs(30), child.wait_with_output())
+                .await
+                .expect("serve stopped instead of serving")
+                .unwrap()
+        }
+    };
+    let output = serve(vec![]).await;
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{said}");
+    assert!(said.contains(&format!("{path}.key")), "{said}");
+    let (_, other) = tokenwarden::crypto::MasterKey::generate();
+    let output = serve(vec![("TOKENWARDEN_MASTER_KEY", other.expose().to_string())]).await;
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{said}");
+    assert!(said.contains("TOKENWARDEN_MASTER_KEY"), "{said}");
+    let _ = std::fs::remove_file(format!("{path}.key"));
+    crate::support::drop_test_database(&url).await;
+}
