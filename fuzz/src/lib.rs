@@ -116,10 +116,14 @@ fn optional_header(line: &[u8]) -> Option<String> {
 fn assert_no_secret_names(fields: &Map<String, Value>, path: &str) {
     for (name, value) in fields {
         let lower = name.to_ascii_lowercase();
+        // Lifetimes of tokens are kept, as the service means to (QuickBooks'
+        // `x_refresh_token_expires_in`).
+        let lifetime = lower.ends_with("_expires_in") || lower.ends_with("_expires_at");
         assert!(
-            !["token", "secret", "password", "credential"]
-                .iter()
-                .any(|word| lower.contains(word)),
+            lifetime
+                || !["token", "secret", "password", "credential"]
+                    .iter()
+                    .any(|word| lower.contains(word)),
             "secret-looking field `{path}{name}` kept among the plain fields"
         );
         if let Value::Object(inner) = value {
