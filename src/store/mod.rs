@@ -854,3 +854,84 @@ macro_rules! bind_tokens {
 mod commits;
 mod events;
 mod instances;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// sqlx refuses to start on a database where an applied migration's file has changed since
+    /// (its checksum is kept in `_sqlx_migrations`), even a comment of it: a migration, once
+    /// released, is never edited. A new one goes in a new file, and its checksum here.
+    #[test]
+    fn released_migrations_never_change() {
+        let expected: [(&Migrator, &[(i64, &str)]); 2] = [
+            (
+                &SQLITE_MIGRATOR,
+                &[
+                    (
+                        1,
+                        "4a0e5a2d133d46897cb7065518a39942a62380f19052ca51a7e441a7265b83bad7caf7b1eaf2ba15aa9ff388d3ec76f5",
+                    ),
+                    (
+                        2,
+                        "ec0b23d6a5cd2fb036df6bba6eb419ae258c42bebf3cd4cd3a5355cabde5de249ee8139cc1cbfc96187f1b7e8dac580f",
+                    ),
+                    (
+                        3,
+                        "59d9c57de6c84fa754808b1be0afd1028b89de4a6ac106e9c97e8486eb0ae8dc0c8f634f574693bd50769028009f414a",
+                    ),
+                    (
+                        4,
+                        "7603ae43d92b32e1e26e078eb67f42b033f3499acf7c550eeddf02dd566989bda78b633181acd68e7711d094014b2fe2",
+                    ),
+                    (
+                        5,
+                        "5cd075ae4bb7c2e295d4e010b21b339fbad9e849993ec2f162eca535a9b749b44ab80b5ab93fe0080e5bbf89187dbedd",
+                    ),
+                ],
+            ),
+            (
+                &POSTGRES_MIGRATOR,
+                &[
+                    (
+                        1,
+                        "d8b8331f50b45f52cd36d887f3806c9a2ada45bb2bfe3980c27270177941167cfffc13cccbc9c92f00283c3c74511d63",
+                    ),
+                    (
+                        2,
+                        "ec0b23d6a5cd2fb036df6bba6eb419ae258c42bebf3cd4cd3a5355cabde5de249ee8139cc1cbfc96187f1b7e8dac580f",
+                    ),
+                    (
+                        3,
+                        "6fbf7ee36d0e9e59e218e07e00d066f062e2dfd41ac2014b00ec88fd344e33da1124c5c6f0e2b603f79619286745ee21",
+                    ),
+                    (
+                        4,
+                        "7603ae43d92b32e1e26e078eb67f42b033f3499acf7c550eeddf02dd566989bda78b633181acd68e7711d094014b2fe2",
+                    ),
+                    (
+                        5,
+                        "5b67db794298b572f3f4162f1926bf10341fe61ad41d27ef861048ef1ac1acbdf8e84a904525e24dc4c022b8c954df07",
+                    ),
+                ],
+            ),
+        ];
+        for (migrator, released) in expected {
+            let found: Vec<(i64, String)> = migrator
+                .iter()
+                .map(|migration| (migration.version, crate::crypto::hex(&migration.checksum)))
+                .collect();
+            for (version, checksum) in released {
+                assert!(
+                    found.contains(&(*version, checksum.to_string())),
+                    "migration {version} changed or is gone: {found:?}"
+                );
+            }
+            assert_eq!(
+                found.len(),
+                released.len(),
+                "a new migration: add its checksum here"
+            );
+        }
+    }
+}
