@@ -289,8 +289,7 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             if !rate.is_finite() || rate < 0.0 || (rate > 0.0 && rate < MIN_REFRESH_RATE) {
                 return Err(format!(
                     "--refresh-rate must be 0 (no limit) or at least {MIN_REFRESH_RATE} (one refresh per connector in 1,000 s)"
-                )
-                .into());
+                ));
             }
             config.refresh_rate_per_connector = args.refresh_rate;
             config.event_retention =
