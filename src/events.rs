@@ -140,6 +140,9 @@ const DELIVERY_CONCURRENCY: usize = 16;
 /// One organization's share of them: its receivers hanging up to their timeout hold at most
 /// this many slots (and briefly up to twice as many), the rest stay for the others.
 const DELIVERY_PER_ORGANIZATION: usize = 4;
+/// Slots only an organization with no delivery in flight may take: however many
+/// organizations' receivers hang, another organization's webhook finds a slot.
+const DELIVERY_RESERVED_FOR_IDLE: usize = 4;
 /// The deliverer looks at the outbox at least this often (new events are due at once).
 pub const DELIVERY_MAX_SLEEP: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -197,26 +200,40 @@ pub async fn deliver_due(
         while let Some(done) = in_flight.try_join_next_with_id() {
             owners.remove(&ended_task(done));
         }
-        let free = DELIVERY_CONCURRENCY - in_flight.len();
-        if free > 0 && !*shutdown.borrow() {
+        // Two claims: first one event of each organization with nothing in flight, in any
+        // free slot; then more of any organization not at its share, while more than
+        // `DELIVERY_RESERVED_FOR_IDLE` slots are free. Organizations whose receivers all hang
+        // can so hold the others' slots only down to that reserve: an organization with
+        // nothing in flight always finds one (with one claim, four such organizations took
+        // every slot, and everyone else's webhooks waited for their timeouts, hour after hour).
+        for reserve in [0, DELIVERY_RESERVED_FOR_IDLE] {
+            let free = DELIVERY_CONCURRENCY - in_flight.len();
+            if free <= reserve || *shutdown.borrow() {
+                break;
+            }
             let now = now_ms();
             let mut per_organization: std::collections::HashMap<i64, usize> = Default::default();
             for organization in owners.values() {
                 *per_organization.entry(*organization).or_default() += 1;
             }
-            let full: Vec<i64> = per_organization
-                .iter()
-                .filter(|(_, count)| **count >= DELIVERY_PER_ORGANIZATION)
-                .map(|(organization, _)| *organization)
-                .collect();
+            let (skip, share): (Vec<i64>, usize) = if reserve == 0 {
+                (per_organization.keys().copied().collect(), 1)
+            } else {
+                let full = per_organization
+                    .iter()
+                    .filter(|(_, count)| **count >= DELIVERY_PER_ORGANIZATION)
+                    .map(|(organization, _)| *organization)
+                    .collect();
+                (full, DELIVERY_PER_ORGANIZATION)
+            };
             match app
                 .store
                 .claim_pending_deliveries(
                     now,
-                    free as i64,
+                    (free - reserve) as i64,
                     now + DELIVERY_LEASE_MS,
-                    DELIVERY_PER_ORGANIZATION as i64,
-                    &full,
+                    share as i64,
+                    &skip,
                 )
                 .await
             {
@@ -232,6 +249,7 @@ pub async fn deliver_due(
                 }
                 Err(error) => {
                     tracing::warn!("deliverer: could not claim pending events: {error}");
+                    break;
                 }
             }
         }

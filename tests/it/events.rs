@@ -739,6 +739,75 @@ async fn a_hanging_receiver_does_not_hold_up_other_deliveries() {
     drop_test_database(&url).await;
 }
 
+/// Organizations whose receivers all hang hold the delivery slots only down to a reserve: four
+/// of them, five webhooks each, took all sixteen slots, and another organization's webhook
+/// waited for their 10 s timeouts (hours, with a backlog of retries).
+#[tokio::test]
+async fn hanging_receivers_of_several_organizations_leave_a_slot_for_another() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hanging_url = format!("http://{}/hook", hanging.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let hang_ended = Arc::new(AtomicBool::new(false));
+    let holder = {
+        let (accepted, hang_ended) = (Arc::clone(&accepted), Arc::clone(&hang_ended));
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = hanging.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let hang_ended = Arc::clone(&hang_ended);
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut buffer = [0u8; 4096];
+                    while matches!(stream.read(&mut buffer).await, Ok(n) if n > 0) {}
+                    hang_ended.store(true, Ordering::SeqCst);
+                });
+            }
+        })
+    };
+    for n in 0..4 {
+        let org = env.new_org(&format!("hung-{n}")).await;
+        for i in 0..5 {
+            create_with(&env, &org, "sandbox-generic", &format!("hung-{n}-{i}"),
+                        json!({"event.notification.enabled": "true", "event.notification.callback.url": hanging_url})).await;
+        }
+    }
+    // The hanging deliveries have taken what they may.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            accepted.load(Ordering::SeqCst) >= 12
+        })
+        .await,
+        "the hanging receivers were called"
+    );
+    let (hook, received) = receiver(0).await;
+    let other = env.new_org("quick").await;
+    create_with(
+        &env,
+        &other,
+        "sandbox-generic",
+        "quick",
+        json!({"event.notification.enabled": "true", "event.notification.callback.url": hook}),
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(8), || async {
+            !received.lock().unwrap().is_empty() || hang_ended.load(Ordering::SeqCst)
+        })
+        .await,
+        "nothing happened"
+    );
+    assert!(
+        !received.lock().unwrap().is_empty() && !hang_ended.load(Ordering::SeqCst),
+        "the other organization's webhook waited for the hanging ones ({} of them called)",
+        accepted.load(Ordering::SeqCst)
+    );
+    holder.abort();
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// Webhooks of one instance go out in the order of its events: when the first one fails, the
 /// events written after it wait for its retry instead of arriving before it (a receiver that
 /// saw `instance.enabled` before `instance.disabled` would think the instance off).
