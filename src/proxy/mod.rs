@@ -616,6 +616,11 @@ async fn send(
 /// The provider's answer as ours: hop-by-hop headers removed, the body streamed through.
 fn answer(app: &App, (response, lease): Answered) -> Response {
     let (mut parts, body) = response.into_parts();
+    // A length beside a transfer coding is not the body's (RFC 9112 §6.3: a proxy removes it):
+    // passed on, the answer was cut at it, or broken off when it was longer.
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     strip(&mut parts.headers, &[]);
     let body = client::IdleTimeout::new(body, app.config.provider_timeout, Some(lease));
     Response::from_parts(parts, Body::new(body))

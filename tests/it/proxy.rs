@@ -988,3 +988,39 @@ async fn a_pooled_connection_closed_under_a_request_is_retried_only_when_idempot
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// An answer with both `Transfer-Encoding: chunked` and a `Content-Length` (a misconfigured
+/// compression layer sends them) is the chunked body, whole: the length is not passed on
+/// (RFC 9112 §6.3). Passed on, it cut the body at the length given, or broke the answer off
+/// when the length was longer.
+#[tokio::test]
+async fn a_length_beside_chunked_coding_does_not_cut_the_answer() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let (token, _) = hand_written_provider(&env, "both", "lengths", |mut stream, _| async move {
+        let (mut seen, mut buffer) = (Vec::new(), [0u8; 4096]);
+        while let Some(head) = next_head(&mut stream, &mut seen, &mut buffer).await {
+            let length = if head.starts_with("GET /longer") {
+                50
+            } else {
+                3
+            };
+            let body = r#"{"whole":true}"#;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\
+                 Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                body.len()
+            );
+            if stream.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    for path in ["shorter", "longer"] {
+        let (status, body) = env.proxy(&env.org, &token, Method::GET, path).await;
+        assert_eq!((status, &body), (200, &json!({"whole": true})), "{path}");
+    }
+    env.stop().await;
+    drop_test_database(&url).await;
+}
