@@ -164,6 +164,11 @@ pub fn build_http_client(timeout: Duration) -> Result<reqwest::Client, StartupEr
     install_crypto_provider();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        // `HTTP(S)_PROXY` from the environment is not followed: a proxy resolves names itself,
+        // past the egress guard below, and one set for a machine's other traffic sent the
+        // service's calls to loopback (the sandbox, the demo) through it. The proxied calls'
+        // own client never used one either.
+        .no_proxy()
         .dns_resolver(Arc::new(crate::egress::GuardedResolver))
         .connect_timeout(Duration::from_secs(10))
         .timeout(timeout)

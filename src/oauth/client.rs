@@ -119,6 +119,7 @@ impl OAuthClient {
     pub fn build_http_client() -> Result<reqwest::Client, OAuthError> {
         reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
             .connect_timeout(Duration::from_secs(10))
             .timeout(DEFAULT_TIMEOUT)
             .user_agent(USER_AGENT)

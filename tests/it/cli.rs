@@ -222,3 +222,30 @@ async fn serve_refuses_a_key_that_opens_nothing_of_the_database() {
     let _ = std::fs::remove_file(format!("{path}.key"));
     crate::support::drop_test_database(&url).await;
 }
+
+/// `tokenwarden demo` walks its steps and exits 0, also on a machine whose environment names an
+/// HTTP proxy for other traffic (one that answers nothing here): the service's calls did not
+/// reach the sandbox on loopback through it, and a proxy would resolve names past the egress
+/// guard.
+#[test]
+fn the_demo_holds_with_a_proxy_in_the_environment() {
+    let output = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+        .arg("demo")
+        .env("HTTP_PROXY", "http://127.0.0.1:9")
+        .env("HTTPS_PROXY", "http://127.0.0.1:9")
+        .env("ALL_PROXY", "http://127.0.0.1:9")
+        .env("http_proxy", "http://127.0.0.1:9")
+        .env("https_proxy", "http://127.0.0.1:9")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("the binary runs");
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{said}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!said.contains("[FAIL]") && said.contains("[ok]"), "{said}");
+}
