@@ -239,10 +239,28 @@ pub async fn oauth_url(
         .get("callbackUrl")
         .filter(|v| !v.is_empty())
         .ok_or_else(|| ApiError::bad_request("`callbackUrl` (the redirect URI) is required"))?;
-    if url::Url::parse(callback_url).is_err() {
-        return Err(ApiError::bad_request(
-            "`callbackUrl` is not an absolute URL",
-        ));
+    // RFC 6749 §3.1.2: absolute, without a fragment. A native app's own scheme passes
+    // (`com.example.app:/callback`, RFC 8252); a URL that is no place to return to does not.
+    match url::Url::parse(callback_url) {
+        Err(_) => {
+            return Err(ApiError::bad_request(
+                "`callbackUrl` is not an absolute URL",
+            ));
+        }
+        Ok(parsed) if parsed.fragment().is_some() => {
+            return Err(ApiError::bad_request(
+                "`callbackUrl` has a fragment; a redirect URI takes none (RFC 6749 §3.1.2)",
+            ));
+        }
+        Ok(parsed)
+            if parsed.cannot_be_a_base()
+                || matches!(parsed.scheme(), "javascript" | "data" | "file" | "vbscript") =>
+        {
+            return Err(ApiError::bad_request(
+                "`callbackUrl` is not a URL a provider can redirect to",
+            ));
+        }
+        Ok(_) => {}
     }
     let state = match query.get("state").filter(|v| !v.is_empty()) {
         Some(state) if state.len() <= 512 => state.clone(),

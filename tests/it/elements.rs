@@ -476,6 +476,30 @@ async fn oauth_url_makes_state_and_keeps_pkce_verifier() {
                 .unwrap()
                 .contains("callbackUrl")
         );
+        // A redirect URI takes no fragment, and must be a place to return to; a native app's
+        // own scheme is one (RFC 8252).
+        for (callback, expected) in [
+            ("https://app.test/cb#part", 400),
+            ("javascript:alert(1)", 400),
+            ("com.example.app:/oauth2redirect", 200),
+        ] {
+            let answer = call(
+                &env,
+                Method::GET,
+                &env.api(&format!(
+                    "/elements/sandbox-box/oauth/url?apiKey=x&callbackUrl={}",
+                    urlencode(callback)
+                )),
+                Some(&auth),
+                None,
+            )
+            .await;
+            assert_eq!(
+                answer.status, expected,
+                "[{label}] {callback}: {}",
+                answer.body
+            );
+        }
         let unknown = call(
             &env,
             Method::GET,
