@@ -412,6 +412,13 @@ pub fn exchange_error(error: &OAuthError) -> ApiError {
     use axum::http::StatusCode;
     let provider_message = error.provider_message();
     match error {
+        // The provider took the code and answered, but not with tokens this service can read:
+        // not the caller's fault, and the code is spent.
+        OAuthError::Unparseable { status, .. } if (200..300).contains(status) => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "The provider's answer to the code exchange could not be read (no access token in it); get a new code once the connector is fixed",
+        )
+        .with_provider_message(provider_message),
         OAuthError::Provider { .. } | OAuthError::Unparseable { .. } => ApiError::new(
             StatusCode::BAD_REQUEST,
             "The provider refused the authorization code; get a new code and try again",

@@ -411,7 +411,13 @@ async fn exchange(
         Ok(tokens) => tokens,
         Err(error) => {
             // Not exchanged: the code may be tried again (after a passing provider failure).
-            let _ = app.store.release_code(&code_key).await;
+            // Unless the provider took it and answered 2xx, unreadably: presented again, it
+            // would be a code used twice.
+            let spent = matches!(&error, crate::oauth::OAuthError::Unparseable { status, .. }
+                if (200..300).contains(status));
+            if !spent {
+                let _ = app.store.release_code(&code_key).await;
+            }
             give_back(taken_state).await;
             return Err(instances::exchange_error(&error));
         }

@@ -2203,3 +2203,74 @@ async fn an_endless_verification_answer_is_not_read_whole() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// A token endpoint that takes the code and answers 200 without tokens this service can read:
+/// a 502 that says so (the caller's code was not refused), and the code stays spent, so a
+/// retry with it is refused here rather than presented again.
+#[tokio::test]
+async fn an_unreadable_answer_to_the_code_exchange_is_not_a_refusal() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let app = axum::Router::new().route(
+        "/token",
+        axum::routing::post(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { axum::Json(json!({"hello": "world"})) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let registered = call(
+        &env,
+        Method::POST,
+        &env.api("/elements"),
+        Some(&env.org.platform()),
+        Some(
+            json!({"key": "mumbler", "name": "Mumbler", "baseUrl": format!("{server}/api/"),
+                    "oauth": {"authorizationUrl": format!("{server}/authorize"),
+                              "tokenUrl": format!("{server}/token")}}),
+        ),
+    )
+    .await;
+    assert_eq!(registered.status, 201, "{}", registered.body);
+    let body = json!({"element": {"key": "mumbler"}, "providerData": {"code": "a-code"},
+                      "configuration": env.configuration()});
+    let first = call(
+        &env,
+        Method::POST,
+        &env.api("/instances"),
+        Some(&env.org.platform()),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(first.status, 502, "{}", first.body);
+    assert!(
+        first.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("could not be read"),
+        "{}",
+        first.body
+    );
+    let again = call(
+        &env,
+        Method::POST,
+        &env.api("/instances"),
+        Some(&env.org.platform()),
+        Some(body),
+    )
+    .await;
+    assert_eq!(again.status, 400, "{}", again.body);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the spent code went to the provider again"
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
