@@ -389,6 +389,8 @@ where
     {
         Ok(fresh) => match (replayable, retry_headers) {
             (Some(bytes), Some(headers)) => {
+                // Disabled (or ended) meanwhile: no further call to the provider.
+                usable(&fresh)?;
                 let target = target_of(&fresh, raw_path, query)?;
                 let second = send(
                     app,
@@ -409,18 +411,21 @@ where
             reason, version, ..
         }) => {
             // The articles' answer: the API's rejection, in the provider's words, also kept on the
-            // instance for the calls that follow.
-            let _ = app
-                .store
-                .mark_invalid(
-                    instance.id,
-                    &reason,
-                    Some(&rejection_message),
-                    None,
-                    version,
-                )
-                .await;
-            app.refresh.forget(instance.id);
+            // instance for the calls that follow; written to its end even when the caller
+            // hangs up meanwhile.
+            let (owned, id, words) = (
+                std::sync::Arc::clone(app),
+                instance.id,
+                rejection_message.clone(),
+            );
+            let _ = crate::refresh::spawn_to_the_end(app, async move {
+                let _ = owned
+                    .store
+                    .mark_invalid(id, &reason, Some(&words), None, version)
+                    .await;
+                owned.refresh.forget(id);
+            })
+            .await;
             Err(ApiError::new(StatusCode::UNAUTHORIZED, "Request failed")
                 .with_provider_message(rejection_message))
         }
