@@ -285,15 +285,15 @@ async fn exchange(
         state,
         fields: redirect_fields,
     } = redirect;
-    let callback = plain
+    let stored_callback = plain
         .get(CALLBACK_URL)
         .and_then(Value::as_str)
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "`configuration.oauth.callback.url` (the redirect URI the code was issued for) is required",
-            )
-        })?;
+        .filter(|v| !v.is_empty());
+    if state.is_none() && stored_callback.is_none() {
+        return Err(ApiError::bad_request(
+            "`configuration.oauth.callback.url` (the redirect URI the code was issued for) is required",
+        ));
+    }
     let credentials = client_credentials(plain, secrets);
     if credentials.client_id.is_empty() {
         return Err(ApiError::bad_request(
@@ -346,6 +346,20 @@ async fn exchange(
             let _ = app.store.insert_oauth_state(&row).await;
         }
     };
+    // The redirect URI the code was issued for (RFC 6749 §4.1.3): the one its authorization
+    // URL was made with, when the state says; else the instance's. (A re-authentication from
+    // the dashboard's own callback page, with the instance's stored URI, was refused.)
+    let callback = match (&taken_state, stored_callback) {
+        (Some(row), _) if !row.callback_url.is_empty() => row.callback_url.clone(),
+        (_, Some(stored)) => stored.to_string(),
+        _ => {
+            give_back(taken_state).await;
+            return Err(ApiError::bad_request(
+                "`configuration.oauth.callback.url` (the redirect URI the code was issued for) is required",
+            ));
+        }
+    };
+    let callback = callback.as_str();
     if connector.oauth.pkce && verifier.is_none() {
         return Err(ApiError::bad_request(format!(
             "Connector `{}` uses PKCE: pass the `state` returned by GET /elements/{}/oauth/url as `providerData.state`",

@@ -2274,3 +2274,59 @@ async fn an_unreadable_answer_to_the_code_exchange_is_not_a_refusal() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// A re-authentication through an authorization URL made for another redirect URI (the
+/// dashboard's callback page, where the instance was created with the platform's own) sends
+/// the provider the URI the code was issued for, the state's: it sent the instance's, and the
+/// provider refused the code (RFC 6749 §4.1.3). The instance keeps its own URI.
+#[tokio::test]
+async fn a_reauthentication_uses_the_redirect_uri_of_its_state() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "elsewhere")
+        .await;
+    let other_callback = "http://127.0.0.1:1/oauth/callback";
+    let made: Value = env
+        .http
+        .get(env.api("/elements/sandbox-generic/oauth/url"))
+        .query(&[("apiKey", CLIENT_ID), ("callbackUrl", other_callback)])
+        .header("authorization", env.org.platform())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let approve = env
+        .http
+        .get(format!(
+            "{}&login_hint=elsewhere",
+            made["oauthUrl"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap();
+    let location = url::Url::parse(approve.headers()["location"].to_str().unwrap()).unwrap();
+    let code = location
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .unwrap()
+        .1
+        .into_owned();
+    let reauthenticated = call(
+        &env,
+        Method::PATCH,
+        &env.api(&format!("/instances/{}", created["id"])),
+        Some(&env.org.platform()),
+        Some(json!({"providerData": {"code": code, "state": made["state"]}})),
+    )
+    .await;
+    assert_eq!(reauthenticated.status, 200, "{}", reauthenticated.body);
+    assert_eq!(
+        reauthenticated.body["configuration"]["oauth.callback.url"],
+        env.callback()
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
