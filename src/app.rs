@@ -331,6 +331,18 @@ impl App {
         ] {
             params.values_mut().for_each(&fill);
         }
+        // A connector that names a scope on refresh (Microsoft's: the scope selects the
+        // resource) asks for the instance's own when its authorization asked for another: the
+        // connector's would narrow or widen what the user consented to (a widening is refused,
+        // `invalid_grant`, and ended the instance).
+        if let Some(asked) = configuration
+            .get(crate::instances::SCOPE)
+            .and_then(serde_json::Value::as_str)
+            .filter(|scope| !scope.trim().is_empty())
+            && let Some(scope) = spec.refresh_params.get_mut("scope")
+        {
+            *scope = asked.to_string();
+        }
         Ok((endpoints_from(&connector.oauth, &values)?, spec))
     }
 

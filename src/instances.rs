@@ -24,6 +24,9 @@ pub const REFRESH_INTERVAL: &str = "oauth.user.refresh_interval";
 pub const REFRESH_URL: &str = "oauth.token.refresh_url";
 pub const CALLBACK_URL: &str = "oauth.callback.url";
 pub const API_KEY: &str = "oauth.api.key";
+/// The scope the instance's authorization asked for, when not the connector's own: its
+/// refreshes ask for it again where the connector names a scope on refresh (Microsoft's).
+pub const SCOPE: &str = "oauth.scope";
 pub const API_SECRET: &str = "oauth.api.secret";
 pub const BASE_URL: &str = "base.url";
 pub const MASK: &str = "********";

@@ -262,6 +262,24 @@ const USED_CODE_MEMORY_MS: i64 = 60 * 60 * 1000;
 struct Grant {
     tokens: TokenSet,
     verifier_used: bool,
+    /// The scope the authorization asked for, when its state says: `Some(None)` for the
+    /// connector's own scopes. `None` when nothing is known (no state, an import).
+    scope: Option<Option<String>>,
+}
+
+impl Grant {
+    /// The scope asked for, kept in the configuration the instance is stored with.
+    fn keep_scope(&self, plain: &mut Map<String, Value>) {
+        match &self.scope {
+            Some(Some(scope)) => {
+                plain.insert(instances::SCOPE.into(), Value::String(scope.clone()));
+            }
+            Some(None) => {
+                plain.remove(instances::SCOPE);
+            }
+            None => {}
+        }
+    }
 }
 
 /// What the provider's redirect brought back to the caller (`providerData`).
@@ -346,6 +364,7 @@ async fn exchange(
             let _ = app.store.insert_oauth_state(&row).await;
         }
     };
+    let scope_asked = taken_state.as_ref().map(|row| row.scope.clone());
     // The redirect URI the code was issued for (RFC 6749 §4.1.3): the one its authorization
     // URL was made with, when the state says; else the instance's. (A re-authentication from
     // the dashboard's own callback page, with the instance's stored URI, was refused.)
@@ -447,6 +466,7 @@ async fn exchange(
     Ok(Grant {
         tokens,
         verifier_used: verifier.is_some(),
+        scope: scope_asked,
     })
 }
 
@@ -571,6 +591,7 @@ async fn create_instance(
             Grant {
                 tokens,
                 verifier_used: false,
+                scope: None,
             }
         }
         (None, false) => {
@@ -580,6 +601,7 @@ async fn create_instance(
         }
     };
     let _ = grant.verifier_used;
+    grant.keep_scope(&mut plain);
     let id = crypto::new_id();
     let now = now_ms();
     let element_token = crypto::new_platform_secret();
@@ -1201,6 +1223,7 @@ async fn update_once(
                 (grant, None)
             }
         };
+        grant.keep_scope(&mut plain);
         let now = now_ms();
         let applied = apply_token_set(app, &connector, row.id, &grant.tokens, None, &plain, now);
         let mut update: TokenUpdate = applied.update;

@@ -2330,3 +2330,79 @@ async fn a_reauthentication_uses_the_redirect_uri_of_its_state() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// A scope asked for at `oauth/url` stays the instance's: its refreshes ask for it again where
+/// the connector names a scope on refresh (Microsoft's), instead of the connector's own, which
+/// narrowed what the user had consented to (or, wider, was refused and ended the instance).
+#[tokio::test]
+async fn the_scope_asked_for_survives_the_refresh() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let asked = "offline_access User.Read Mail.Send";
+    let made: Value = env
+        .http
+        .get(env.api("/elements/sandbox-microsoft/oauth/url"))
+        .query(&[
+            ("apiKey", CLIENT_ID),
+            ("callbackUrl", env.callback().as_str()),
+            ("scope", asked),
+        ])
+        .header("authorization", env.org.platform())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let approve = env
+        .http
+        .get(format!(
+            "{}&login_hint=scoped",
+            made["oauthUrl"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap();
+    let location = url::Url::parse(approve.headers()["location"].to_str().unwrap()).unwrap();
+    let code = location
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .unwrap()
+        .1
+        .into_owned();
+    let created = call(
+        &env,
+        Method::POST,
+        &env.api("/instances"),
+        Some(&env.org.platform()),
+        Some(json!({"element": {"key": "sandbox-microsoft"},
+                    "providerData": {"code": code, "state": made["state"]},
+                    "configuration": env.configuration()})),
+    )
+    .await;
+    assert_eq!(created.status, 200, "{}", created.body);
+    assert_eq!(created.body["configuration"]["oauth.scope"], asked);
+    let token = created.body["token"].as_str().unwrap();
+    let scope_now = || async {
+        let (status, me) = env.proxy(&env.org, token, Method::GET, "api/me").await;
+        assert_eq!(status, 200, "{me}");
+        me["scope"].as_str().unwrap_or_default().to_string()
+    };
+    assert!(scope_now().await.contains("Mail.Send"));
+    let refreshed = call(
+        &env,
+        Method::POST,
+        &env.api(&format!("/instances/{}/tokens/refresh", created.body["id"])),
+        Some(&env.org.platform()),
+        None,
+    )
+    .await;
+    assert_eq!(refreshed.status, 200, "{}", refreshed.body);
+    let after = scope_now().await;
+    assert!(
+        after.contains("Mail.Send"),
+        "the refreshed token's scope: {after}"
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
