@@ -605,9 +605,17 @@ async fn send(
             )),
             error => {
                 let stale = matches!(error, client::CallError::Stale(_));
+                // An answer came but could not be read (a malformed head, more than 100
+                // header lines): the request reached the provider, which may have acted on it.
+                let unreadable = matches!(&error, client::CallError::Exchange(e) if e.is_parse());
+                let what = if unreadable {
+                    "The provider's answer could not be read (the request reached it)"
+                } else {
+                    "The provider could not be reached"
+                };
                 let error = ApiError::new(
                     StatusCode::BAD_GATEWAY,
-                    format!("The provider could not be reached: {}", error.message()),
+                    format!("{what}: {}", error.message()),
                 );
                 if stale {
                     SendError::Stale(error)

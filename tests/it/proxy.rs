@@ -1024,3 +1024,41 @@ async fn a_length_beside_chunked_coding_does_not_cut_the_answer() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// An answer the proxy cannot read (here more header lines than it takes) is a 502 that says
+/// the request reached the provider, not that the provider could not be reached: a POST may
+/// have been acted on.
+#[tokio::test]
+async fn an_unreadable_answer_says_the_request_reached_the_provider() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let (token, _) =
+        hand_written_provider(&env, "verbose", "headers", |mut stream, _| async move {
+            let (mut seen, mut buffer) = (Vec::new(), [0u8; 4096]);
+            while next_head(&mut stream, &mut seen, &mut buffer)
+                .await
+                .is_some()
+            {
+                let mut answer = String::from("HTTP/1.1 200 OK\r\n");
+                for n in 0..120 {
+                    answer.push_str(&format!("X-Header-{n}: {n}\r\n"));
+                }
+                answer.push_str("Content-Length: 2\r\n\r\n{}");
+                if stream.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    let (status, body) = env.proxy(&env.org, &token, Method::POST, "data").await;
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("could not be read"),
+        "{body}"
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
