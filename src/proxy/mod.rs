@@ -207,6 +207,8 @@ struct Surveyed {
     user_agent: bool,
     /// A hop-by-hop header (`Connection` among them) or `Expect`.
     hop_by_hop: bool,
+    /// `Cookie` fields seen: an HTTP/2 caller splits its cookie into several.
+    cookies: u8,
 }
 
 fn survey(headers: &HeaderMap) -> Surveyed {
@@ -214,6 +216,7 @@ fn survey(headers: &HeaderMap) -> Surveyed {
         content_length: None,
         user_agent: false,
         hop_by_hop: false,
+        cookies: 0,
     };
     for (name, value) in headers {
         if name == header::CONTENT_LENGTH {
@@ -222,11 +225,28 @@ fn survey(headers: &HeaderMap) -> Surveyed {
             }
         } else if name == header::USER_AGENT {
             seen.user_agent = true;
+        } else if name == header::COOKIE {
+            seen.cookies = seen.cookies.saturating_add(1);
         } else if name == header::EXPECT || hop_by_hop_name(name) {
             seen.hop_by_hop = true;
         }
     }
     seen
+}
+
+/// Several `Cookie` fields as one, joined by `; ` (RFC 9113 §8.2.3: an HTTP/2 caller's split
+/// cookie is joined before it goes on over HTTP/1.1, where many servers read only the first).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut joined = Vec::new();
+    for value in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
 }
 
 /// The caller's headers as they go to the provider: without hop-by-hop ones, `Expect` (the
@@ -237,6 +257,9 @@ fn forwarded_headers(mut headers: HeaderMap, seen: &Surveyed) -> HeaderMap {
         strip(&mut headers, &[header::EXPECT, header::CONTENT_LENGTH]);
     } else if seen.content_length.is_some() {
         headers.remove(header::CONTENT_LENGTH);
+    }
+    if seen.cookies > 1 {
+        join_cookies(&mut headers);
     }
     if !seen.user_agent {
         headers.insert(

@@ -219,6 +219,18 @@ async fn bodies_are_told_by_the_request_not_its_method() {
     let echo: Value = response.json().await.unwrap();
     assert_eq!(echo["method"], "DELETE", "{echo}");
     assert_eq!(echo["body"], "{\"delete\":\"these\"}", "{echo}");
+    // An HTTP/2 caller's cookie split into fields goes on as one (RFC 9113 §8.2.3).
+    let response = h2c
+        .get(env.api("/proxy/api/echo"))
+        .header("authorization", env.org.through(token))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let echo: Value = response.json().await.unwrap();
+    assert_eq!(echo["headers"]["cookie"], "a=1; b=2", "{echo}");
 
     let response = env
         .http
