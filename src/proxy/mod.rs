@@ -78,6 +78,10 @@ pub fn entry(
 }
 
 /// A call, counted and timed; `request_id` goes into the answer's `X-Request-Id` when given.
+/// The provider's `X-Request-Id`, passed on under this name (ours takes `X-Request-Id`).
+const X_PROVIDER_REQUEST_ID: header::HeaderName =
+    header::HeaderName::from_static("x-provider-request-id");
+
 async fn measured<B>(
     app: SharedApp,
     request: axum::http::Request<B>,
@@ -92,9 +96,14 @@ where
         Err(error) => error.into_response(),
     };
     if let Some(request_id) = request_id {
-        response
-            .headers_mut()
-            .insert(crate::http::error::X_REQUEST_ID, request_id);
+        let headers = response.headers_mut();
+        // The provider's own request id (Shopify's, Zendesk's: what its support asks for) is
+        // kept beside ours.
+        if let Some(theirs) = headers.insert(crate::http::error::X_REQUEST_ID, request_id)
+            && headers.get(crate::http::error::X_REQUEST_ID) != Some(&theirs)
+        {
+            headers.insert(X_PROVIDER_REQUEST_ID, theirs);
+        }
     }
     crate::telemetry::PROXY_REQUESTS.count(response.status().as_u16());
     crate::telemetry::PROXY_SECONDS.record(started.elapsed());

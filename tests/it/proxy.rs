@@ -1074,3 +1074,33 @@ async fn an_unreadable_answer_says_the_request_reached_the_provider() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// The provider's own `X-Request-Id` (what its support asks for) reaches the caller as
+/// `X-Provider-Request-Id`, beside the service's `X-Request-Id`: ours replaced it.
+#[tokio::test]
+async fn the_providers_request_id_is_kept_beside_ours() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let (token, _) = hand_written_provider(&env, "traced", "ids", |mut stream, _| async move {
+        let (mut seen, mut buffer) = (Vec::new(), [0u8; 4096]);
+        while next_head(&mut stream, &mut seen, &mut buffer).await.is_some() {
+            let answer = "HTTP/1.1 200 OK\r\nX-Request-Id: prov-abc\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+            if stream.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let response = env
+        .http
+        .get(env.api("/proxy/data"))
+        .header("authorization", env.org.through(&token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-provider-request-id"], "prov-abc");
+    assert_ne!(response.headers()["x-request-id"], "prov-abc");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
