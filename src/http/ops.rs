@@ -105,12 +105,12 @@ pub async fn oauth_callback(Query(query): Query<HashMap<String, String>>) -> Res
         // The window that opened this one (the dashboard's Reconnect) hears of the refusal at
         // once, not after waiting out its five minutes.
         let page = format!(
-            "<!doctype html><html><head><meta charset=utf-8><title>Authorization failed</title></head><body><h1>Authorization failed</h1><p>The provider answered <code id=error>{}</code>: <span id=error_description>{}</span></p><p>state: <code id=state>{}</code></p><script>if (window.opener) {{ window.opener.postMessage({{type: 'tokenwarden-oauth', error: document.getElementById('error').textContent, errorDescription: document.getElementById('error_description').textContent, state: document.getElementById('state').textContent}}, window.location.origin); }}</script></body></html>",
+            "<!doctype html><html><head><meta charset=utf-8><title>Authorization failed</title></head><body><h1>Authorization failed</h1><p>The provider answered <code id=error>{}</code>: <span id=error_description>{}</span></p><p>state: <code id=state>{}</code></p><script>{REFUSED_SCRIPT}</script></body></html>",
             escape(error),
             escape(description),
             field("state"),
         );
-        return (StatusCode::BAD_REQUEST, NO_STORE, Html(page)).into_response();
+        return (StatusCode::BAD_REQUEST, callback_headers(), Html(page)).into_response();
     } else {
         let extras: String = query
             .iter()
@@ -120,7 +120,7 @@ pub async fn oauth_callback(Query(query): Query<HashMap<String, String>>) -> Res
             })
             .collect();
         format!(
-            "<!doctype html><html><head><meta charset=utf-8><title>Authorization code</title></head><body><h1>Authorization code received</h1><p>code: <code id=code>{code}</code></p><p>state: <code id=state>{state}</code></p><ul>{extras}</ul><p>Pass it as <code>providerData.code</code> to <code>POST /instances</code> or <code>PATCH /instances</code>.</p><script>if (window.opener) {{ window.opener.postMessage({{type: 'tokenwarden-oauth', code: document.getElementById('code').textContent, state: document.getElementById('state').textContent}}, window.location.origin); }}</script></body></html>",
+            "<!doctype html><html><head><meta charset=utf-8><title>Authorization code</title></head><body><h1>Authorization code received</h1><p>code: <code id=code>{code}</code></p><p>state: <code id=state>{state}</code></p><ul>{extras}</ul><p>Pass it as <code>providerData.code</code> to <code>POST /instances</code> or <code>PATCH /instances</code>.</p><script>{CODE_SCRIPT}</script></body></html>",
             code = field("code"),
             state = field("state"),
         )
@@ -132,12 +132,35 @@ pub async fn oauth_callback(Query(query): Query<HashMap<String, String>>) -> Res
         )
             .into_response();
     }
-    (NO_STORE, Html(body)).into_response()
+    (callback_headers(), Html(body)).into_response()
 }
 
-/// The page shows an authorization code: no cache keeps it.
-const NO_STORE: [(axum::http::HeaderName, &str); 1] =
-    [(axum::http::header::CACHE_CONTROL, "no-store")];
+/// What the callback page runs: it tells the window that opened it (the dashboard's
+/// Reconnect) what the provider sent, on this origin only.
+const CODE_SCRIPT: &str = "if (window.opener) { window.opener.postMessage({type: 'tokenwarden-oauth', code: document.getElementById('code').textContent, state: document.getElementById('state').textContent}, window.location.origin); }";
+const REFUSED_SCRIPT: &str = "if (window.opener) { window.opener.postMessage({type: 'tokenwarden-oauth', error: document.getElementById('error').textContent, errorDescription: document.getElementById('error_description').textContent, state: document.getElementById('state').textContent}, window.location.origin); }";
+
+/// The page shows an authorization code: no cache keeps it, no other page frames it, it sends
+/// no referrer, and only its own script runs (a provider's text in it cannot bring one).
+fn callback_headers() -> [(axum::http::HeaderName, String); 3] {
+    static POLICY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let policy = POLICY.get_or_init(|| {
+        let scripts = crate::http::dashboard::script_sources(&format!(
+            "<script>{CODE_SCRIPT}</script><script>{REFUSED_SCRIPT}</script>"
+        ));
+        format!(
+            "default-src 'none'; script-src {scripts}; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        )
+    });
+    [
+        (axum::http::header::CACHE_CONTROL, "no-store".to_string()),
+        (axum::http::header::CONTENT_SECURITY_POLICY, policy.clone()),
+        (
+            axum::http::header::REFERRER_POLICY,
+            "no-referrer".to_string(),
+        ),
+    ]
+}
 
 pub async fn not_found() -> ApiError {
     ApiError::not_found("There is no such path; the platform API is under /elements/api-v2")

@@ -369,6 +369,31 @@ async fn the_callback_page_is_not_cached_and_reports_a_refusal() {
     let shown = page("code=abc&state=xyz").await.unwrap();
     assert_eq!(shown.status(), 200);
     assert_eq!(shown.headers()["cache-control"], "no-store");
+    // Only its own script runs (a provider's text on the page cannot bring one), in no frame.
+    let policy = shown.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        policy.contains("script-src 'sha256-")
+            && !policy.contains("unsafe-inline")
+            && policy.contains("frame-ancestors 'none'"),
+        "{policy}"
+    );
+    assert_eq!(shown.headers()["referrer-policy"], "no-referrer");
+    let dashboard = env
+        .http
+        .get(format!("{}/", env.server.url))
+        .send()
+        .await
+        .unwrap();
+    let policy = dashboard.headers()["content-security-policy"]
+        .to_str()
+        .unwrap();
+    assert!(
+        policy.contains("script-src 'sha256-") && !policy.contains("script-src 'unsafe-inline'"),
+        "{policy}"
+    );
     assert!(shown.text().await.unwrap().contains("abc"));
     let refused = page("error=access_denied&error_description=no&state=xyz")
         .await
