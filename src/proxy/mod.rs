@@ -307,9 +307,11 @@ where
         .unwrap_or("");
     let query = parts.uri.query();
     let mut target = target_of(&instance, raw_path, query)?;
-    // When the call goes out: its start, or after a refresh made first (the provider's time
-    // to answer is counted from here, not eaten by a slow token endpoint).
-    let mut sent_at = started;
+    // When the call goes out: now (the credentials and the instance may have been read from
+    // the database first), or after a refresh made first (the provider's time to answer, and
+    // the window in which a closed pooled connection is retried, are counted from here, not
+    // eaten by a slow database or token endpoint).
+    let mut sent_at = Instant::now();
     // Refresh ahead of the call when the connector asks for it.
     let strategy = instance.connector.refresh.strategy;
     let wants_refresh = match strategy {
