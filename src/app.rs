@@ -32,6 +32,9 @@ pub struct AppConfig {
     pub refresh_rate_per_connector: f64,
     /// How long events are kept once they are not waiting to be delivered.
     pub event_retention: Duration,
+    /// The proxy for token calls, revocations, verifications and webhooks, where the network's
+    /// only way out is one (`HTTP(S)_PROXY` is not followed).
+    pub outbound_proxy: Option<String>,
 }
 
 impl std::fmt::Debug for AppConfig {
@@ -73,6 +76,7 @@ impl AppConfig {
             refresh_concurrency: crate::background::SCHEDULER_CONCURRENCY,
             refresh_rate_per_connector: crate::background::RATE_PER_SECOND,
             event_retention: Duration::from_secs(30 * 86_400),
+            outbound_proxy: None,
         }
     }
 }
@@ -127,7 +131,9 @@ async fn check_key_opens_the_database(
     keyring: &crate::crypto::Keyring,
     config: &AppConfig,
 ) -> Result<(), StartupError> {
-    let sample = store.newest_organization_secrets(16).await?;
+    // The newest and the oldest: during a rotation, organizations made by replicas already
+    // given the new key are the newest, and a replica still on the old key opens the others.
+    let sample = store.organization_secrets_sample(8).await?;
     let opens = |(id, sealed): &(i64, Vec<u8>)| {
         let binding = crate::crypto::Binding {
             table: "organizations",
@@ -153,7 +159,10 @@ async fn check_key_opens_the_database(
         (None, None) => "no key".to_string(),
     };
     Err(StartupError::WrongKey(format!(
-        "the master key from {source} opens none of this database's secrets (the newest {}          organizations tried): it is not the key they were sealed with. Start with the key this          database was used with; after a change of key, keep the old one in          TOKENWARDEN_PREVIOUS_MASTER_KEYS until `tokenwarden keys rotate` has run",
+        "the master key from {source} opens none of this database's secrets ({} organizations \
+         tried, the newest and the oldest): it is not the key they were sealed with. Start with \
+         the key this database was used with; after a change of key, keep the old one in \
+         TOKENWARDEN_PREVIOUS_MASTER_KEYS until `tokenwarden keys rotate` has run",
         sample.len()
     )))
 }
@@ -161,14 +170,32 @@ async fn check_key_opens_the_database(
 /// The outbound HTTP client: redirects are never followed (a redirect would carry a token or a
 /// client secret to another host), bounded timeouts, a pool large enough for proxy load.
 pub fn build_http_client(timeout: Duration) -> Result<reqwest::Client, StartupError> {
+    build_http_client_through(timeout, None)
+}
+
+/// [`build_http_client`], through `outbound_proxy` when one is given (`serve
+/// --outbound-proxy`, for networks whose only way out is a proxy: token calls, revocations,
+/// verifications and webhooks go through it; the proxy resolves names itself, so the guard
+/// against metadata addresses sees only IP literals then).
+pub fn build_http_client_through(
+    timeout: Duration,
+    outbound_proxy: Option<&str>,
+) -> Result<reqwest::Client, StartupError> {
     install_crypto_provider();
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         // `HTTP(S)_PROXY` from the environment is not followed: a proxy resolves names itself,
         // past the egress guard below, and one set for a machine's other traffic sent the
         // service's calls to loopback (the sandbox, the demo) through it. The proxied calls'
-        // own client never used one either.
-        .no_proxy()
+        // own client never used one either. A proxy is used only when named.
+        .no_proxy();
+    if let Some(url) = outbound_proxy.filter(|url| !url.trim().is_empty()) {
+        let proxy = reqwest::Proxy::all(url).map_err(|error| {
+            StartupError::Http(format!("the outbound proxy `{url}` is not usable: {error}"))
+        })?;
+        builder = builder.proxy(proxy);
+    }
+    builder
         .dns_resolver(Arc::new(crate::egress::GuardedResolver))
         .connect_timeout(Duration::from_secs(10))
         .timeout(timeout)
@@ -208,7 +235,8 @@ impl App {
             );
         }
         let shadowed = std::sync::RwLock::new(shadowed);
-        let http = build_http_client(config.provider_timeout)?;
+        let http =
+            build_http_client_through(config.provider_timeout, config.outbound_proxy.as_deref())?;
         crate::telemetry::install_metrics();
         let proxy_http =
             std::sync::Arc::new(crate::proxy::client::build().map_err(StartupError::Http)?);

@@ -105,10 +105,15 @@ pub struct ServeArgs {
         default_value = "http://127.0.0.1:4000"
     )]
     pub sandbox_url: String,
+    /// A proxy for token calls, revocations, verifications and webhooks, where the network's
+    /// only way out is one (`HTTP(S)_PROXY` is not followed). Proxied API calls go direct.
+    #[arg(long, env = "TOKENWARDEN_OUTBOUND_PROXY")]
+    pub outbound_proxy: Option<String>,
     /// Runtime worker threads (default: one per core). With 1, everything runs on one thread
     /// without work stealing (tokio's current-thread scheduler), which is the fastest setting
     /// when the service shares a small machine with its load.
-    #[arg(long, env = "TOKENWARDEN_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    /// 0 means one per core too.
+    #[arg(long, env = "TOKENWARDEN_WORKERS", value_parser = clap::value_parser!(u16).range(0..=1024))]
     pub workers: Option<u16>,
     /// Scheduled refreshes run at once in this replica.
     #[arg(long, env = "TOKENWARDEN_REFRESH_CONCURRENCY", default_value_t = crate::background::SCHEDULER_CONCURRENCY as u16, value_parser = clap::value_parser!(u16).range(1..=4096))]
@@ -292,6 +297,7 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
                 ));
             }
             config.refresh_rate_per_connector = args.refresh_rate;
+            config.outbound_proxy = args.outbound_proxy;
             config.event_retention =
                 Duration::from_secs(u64::from(args.event_retention_days) * 86_400);
             crate::startup::serve(args.bind, config)

@@ -20,8 +20,16 @@ pub enum InstanceAction {
 }
 
 impl Remote {
+    /// A client for the service's own API: unlike the service's clients, it follows
+    /// `HTTP(S)_PROXY` like any command-line tool (the service may be reached through one).
     fn client(&self) -> Result<reqwest::Client, String> {
-        crate::app::build_http_client(std::time::Duration::from_secs(30)).map_err(|e| e.to_string())
+        crate::app::install_crypto_provider();
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(std::time::Duration::from_secs(30))
+            .user_agent(concat!("tokenwarden-cli/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|error| error.to_string())
     }
 
     async fn request(&self, method: reqwest::Method, path: &str) -> Result<Value, String> {

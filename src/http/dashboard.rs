@@ -48,7 +48,10 @@ pub fn script_sources(page: &str) -> String {
         let Some(end) = body.find("</script>") else {
             break;
         };
-        let digest = sha2::Sha256::digest(body[..end].as_bytes());
+        // As the browser hashes it: its HTML parser turns CR LF (a checkout with Windows line
+        // endings) and a lone CR into LF first.
+        let script = body[..end].replace("\r\n", "\n").replace('\r', "\n");
+        let digest = sha2::Sha256::digest(script.as_bytes());
         sources.push(format!(
             "'sha256-{}'",
             base64::engine::general_purpose::STANDARD.encode(digest)
@@ -59,5 +62,22 @@ pub fn script_sources(page: &str) -> String {
         "'none'".to_string()
     } else {
         sources.join(" ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_script_is_hashed_as_the_browser_reads_it() {
+        let lf = script_sources("<p>x</p><script>\nlet a = 1;\n</script>");
+        assert!(lf.starts_with("'sha256-"), "{lf}");
+        assert_eq!(
+            script_sources("<p>x</p><script>\r\nlet a = 1;\r\n</script>"),
+            lf
+        );
+        assert_eq!(script_sources("<p>no script</p>"), "'none'");
+        assert!(script_sources(PAGE).starts_with("'sha256-"));
     }
 }

@@ -252,8 +252,9 @@ pub async fn oauth_url(
                 "`callbackUrl` has a fragment; a redirect URI takes none (RFC 6749 §3.1.2)",
             ));
         }
+        // `urn:ietf:wg:oauth:2.0:oob` (the out-of-band flow) is no hierarchical URL, and stays.
         Ok(parsed)
-            if parsed.cannot_be_a_base()
+            if (parsed.cannot_be_a_base() && parsed.scheme() != "urn")
                 || matches!(parsed.scheme(), "javascript" | "data" | "file" | "vbscript") =>
         {
             return Err(ApiError::bad_request(

@@ -265,11 +265,23 @@ struct Grant {
     /// The scope the authorization asked for, when its state says: `Some(None)` for the
     /// connector's own scopes. `None` when nothing is known (no state, an import).
     scope: Option<Option<String>>,
+    /// The redirect URI the code was exchanged with.
+    callback: Option<String>,
 }
 
 impl Grant {
-    /// The scope asked for, kept in the configuration the instance is stored with.
+    /// What the authorization said, kept in the configuration the instance is stored with:
+    /// the scope asked for, and the redirect URI the code was issued for where the instance
+    /// has none (a later re-authentication without a state needs it).
     fn keep_scope(&self, plain: &mut Map<String, Value>) {
+        if let Some(callback) = &self.callback
+            && plain
+                .get(CALLBACK_URL)
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+        {
+            plain.insert(CALLBACK_URL.into(), Value::String(callback.clone()));
+        }
         match &self.scope {
             Some(Some(scope)) => {
                 plain.insert(instances::SCOPE.into(), Value::String(scope.clone()));
@@ -467,6 +479,7 @@ async fn exchange(
         tokens,
         verifier_used: verifier.is_some(),
         scope: scope_asked,
+        callback: Some(callback.to_string()),
     })
 }
 
@@ -592,6 +605,7 @@ async fn create_instance(
                 tokens,
                 verifier_used: false,
                 scope: None,
+                callback: None,
             }
         }
         (None, false) => {
@@ -1166,8 +1180,9 @@ async fn update_once(
         secret.insert(key, value);
     }
     if matches!(mode, UpdateMode::Replace { .. }) {
-        // A replaced configuration still needs the client credentials it had, unless given.
-        for key in [API_KEY, CALLBACK_URL] {
+        // A replaced configuration still needs the client credentials it had, and the scope
+        // its authorization asked for, unless given.
+        for key in [API_KEY, CALLBACK_URL, instances::SCOPE] {
             if !plain.contains_key(key)
                 && let Some(value) = plain_configuration(&row).get(key)
             {

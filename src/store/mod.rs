@@ -343,19 +343,28 @@ impl Store {
         Ok(row)
     }
 
-    /// The webhook secrets of the `limit` newest organizations (the likeliest to be sealed
-    /// under the current key), for the check at start that the master key opens this
-    /// database's secrets.
-    pub async fn newest_organization_secrets(
+    /// The webhook secrets of the `each` newest and the `each` oldest organizations, for the
+    /// check at start that the master key opens this database's secrets.
+    pub async fn organization_secrets_sample(
         &self,
-        limit: i64,
+        each: i64,
     ) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
-        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
-            "SELECT id, webhook_secret_enc FROM organizations ORDER BY created_at DESC, id LIMIT $1",
-        )
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let mut rows: Vec<(i64, Vec<u8>)> = Vec::new();
+        for order in ["DESC", "ASC"] {
+            let sql = format!(
+                "SELECT id, webhook_secret_enc FROM organizations \
+                 ORDER BY created_at {order}, id {order} LIMIT $1"
+            );
+            let found: Vec<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(each)
+                .fetch_all(&self.pool)
+                .await?;
+            for row in found {
+                if !rows.iter().any(|(id, _)| *id == row.0) {
+                    rows.push(row);
+                }
+            }
+        }
         Ok(rows)
     }
 

@@ -482,6 +482,7 @@ async fn oauth_url_makes_state_and_keeps_pkce_verifier() {
             ("https://app.test/cb#part", 400),
             ("javascript:alert(1)", 400),
             ("com.example.app:/oauth2redirect", 200),
+            ("urn:ietf:wg:oauth:2.0:oob", 200),
         ] {
             let answer = call(
                 &env,

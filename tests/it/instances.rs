@@ -2375,13 +2375,18 @@ async fn the_scope_asked_for_survives_the_refresh() {
         Method::POST,
         &env.api("/instances"),
         Some(&env.org.platform()),
+        // No redirect URI in the configuration: the state's becomes the instance's.
         Some(json!({"element": {"key": "sandbox-microsoft"},
                     "providerData": {"code": code, "state": made["state"]},
-                    "configuration": env.configuration()})),
+                    "configuration": {"oauth.api.key": CLIENT_ID, "oauth.api.secret": CLIENT_SECRET}})),
     )
     .await;
     assert_eq!(created.status, 200, "{}", created.body);
     assert_eq!(created.body["configuration"]["oauth.scope"], asked);
+    assert_eq!(
+        created.body["configuration"]["oauth.callback.url"],
+        env.callback()
+    );
     let token = created.body["token"].as_str().unwrap();
     let scope_now = || async {
         let (status, me) = env.proxy(&env.org, token, Method::GET, "api/me").await;
@@ -2402,6 +2407,64 @@ async fn the_scope_asked_for_survives_the_refresh() {
     assert!(
         after.contains("Mail.Send"),
         "the refreshed token's scope: {after}"
+    );
+    // A replacement of the configuration that does not name the scope keeps it, as it keeps
+    // the client's credentials.
+    let shown = revealed(&env, &env.org, &created.body).await;
+    let mut configuration = shown["configuration"].clone();
+    configuration.as_object_mut().unwrap().remove("oauth.scope");
+    let replaced = call(
+        &env,
+        Method::PUT,
+        &env.api(&format!("/instances/{}", created.body["id"])),
+        Some(&env.org.platform()),
+        Some(json!({"configuration": configuration})),
+    )
+    .await;
+    assert_eq!(replaced.status, 200, "{}", replaced.body);
+    assert_eq!(replaced.body["configuration"]["oauth.scope"], asked);
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+/// Where the network's only way out is a proxy (`serve --outbound-proxy`), token calls go
+/// through it (the environment's `HTTP(S)_PROXY` is not followed). Here the "proxy" answers
+/// every request itself, with tokens of its own: the instance holds them.
+#[tokio::test]
+async fn token_calls_go_through_the_outbound_proxy_named() {
+    use std::sync::{Arc, Mutex};
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let recorded = Arc::clone(&seen);
+    let proxy = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let recorded = Arc::clone(&recorded);
+        async move {
+            recorded.lock().unwrap().push(request.uri().to_string());
+            axum::Json(
+                json!({"access_token": "from-the-proxy", "token_type": "Bearer",
+                              "expires_in": 3600, "refresh_token": "rt-from-the-proxy"}),
+            )
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, proxy).await.unwrap() });
+    let url = crate::support::sqlite_database();
+    let sandbox = tokenwarden_sandbox::spawn(crate::harness::loopback(), Default::default())
+        .await
+        .unwrap();
+    let env = Env::start_with_sandbox("sqlite", &url, sandbox, |config| {
+        config.outbound_proxy = Some(proxy_url.clone());
+    })
+    .await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "proxied")
+        .await;
+    let shown = revealed(&env, &env.org, &created).await;
+    assert_eq!(shown["configuration"]["oauth.user.token"], "from-the-proxy");
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().any(|uri| uri.contains("/generic/token")),
+        "the token call went through the proxy: {seen:?}"
     );
     env.stop().await;
     drop_test_database(&url).await;
