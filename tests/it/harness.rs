@@ -114,14 +114,32 @@ impl Env {
 
     /// `GET /elements/{key}/oauth/url`, then approval at the sandbox as `user`: (code, state).
     pub async fn authorize(&self, org: &Org, element: &str, user: &str) -> (String, String) {
+        let callback = self.callback();
+        self.authorize_with(
+            org,
+            element,
+            user,
+            &[
+                ("apiKey", CLIENT_ID),
+                ("apiSecret", CLIENT_SECRET),
+                ("callbackUrl", callback.as_str()),
+            ],
+        )
+        .await
+    }
+
+    /// [`Env::authorize`] with the `oauth/url` query given (a callback, a scope of its own).
+    pub async fn authorize_with(
+        &self,
+        org: &Org,
+        element: &str,
+        user: &str,
+        query: &[(&str, &str)],
+    ) -> (String, String) {
         let response = self
             .http
             .get(self.api(&format!("/elements/{element}/oauth/url")))
-            .query(&[
-                ("apiKey", CLIENT_ID),
-                ("apiSecret", CLIENT_SECRET),
-                ("callbackUrl", self.callback().as_str()),
-            ])
+            .query(query)
             .header("authorization", org.platform())
             .send()
             .await

@@ -2287,39 +2287,20 @@ async fn a_reauthentication_uses_the_redirect_uri_of_its_state() {
         .create_instance(&env.org, "sandbox-generic", "elsewhere")
         .await;
     let other_callback = "http://127.0.0.1:1/oauth/callback";
-    let made: Value = env
-        .http
-        .get(env.api("/elements/sandbox-generic/oauth/url"))
-        .query(&[("apiKey", CLIENT_ID), ("callbackUrl", other_callback)])
-        .header("authorization", env.org.platform())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let approve = env
-        .http
-        .get(format!(
-            "{}&login_hint=elsewhere",
-            made["oauthUrl"].as_str().unwrap()
-        ))
-        .send()
-        .await
-        .unwrap();
-    let location = url::Url::parse(approve.headers()["location"].to_str().unwrap()).unwrap();
-    let code = location
-        .query_pairs()
-        .find(|(k, _)| k == "code")
-        .unwrap()
-        .1
-        .into_owned();
+    let (code, state) = env
+        .authorize_with(
+            &env.org,
+            "sandbox-generic",
+            "elsewhere",
+            &[("apiKey", CLIENT_ID), ("callbackUrl", other_callback)],
+        )
+        .await;
     let reauthenticated = call(
         &env,
         Method::PATCH,
         &env.api(&format!("/instances/{}", created["id"])),
         Some(&env.org.platform()),
-        Some(json!({"providerData": {"code": code, "state": made["state"]}})),
+        Some(json!({"providerData": {"code": code, "state": state}})),
     )
     .await;
     assert_eq!(reauthenticated.status, 200, "{}", reauthenticated.body);
@@ -2339,37 +2320,19 @@ async fn the_scope_asked_for_survives_the_refresh() {
     let url = crate::support::sqlite_database();
     let env = Env::start("sqlite", &url).await;
     let asked = "offline_access User.Read Mail.Send";
-    let made: Value = env
-        .http
-        .get(env.api("/elements/sandbox-microsoft/oauth/url"))
-        .query(&[
-            ("apiKey", CLIENT_ID),
-            ("callbackUrl", env.callback().as_str()),
-            ("scope", asked),
-        ])
-        .header("authorization", env.org.platform())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let approve = env
-        .http
-        .get(format!(
-            "{}&login_hint=scoped",
-            made["oauthUrl"].as_str().unwrap()
-        ))
-        .send()
-        .await
-        .unwrap();
-    let location = url::Url::parse(approve.headers()["location"].to_str().unwrap()).unwrap();
-    let code = location
-        .query_pairs()
-        .find(|(k, _)| k == "code")
-        .unwrap()
-        .1
-        .into_owned();
+    let callback = env.callback();
+    let (code, state) = env
+        .authorize_with(
+            &env.org,
+            "sandbox-microsoft",
+            "scoped",
+            &[
+                ("apiKey", CLIENT_ID),
+                ("callbackUrl", callback.as_str()),
+                ("scope", asked),
+            ],
+        )
+        .await;
     let created = call(
         &env,
         Method::POST,
@@ -2377,7 +2340,7 @@ async fn the_scope_asked_for_survives_the_refresh() {
         Some(&env.org.platform()),
         // No redirect URI in the configuration: the state's becomes the instance's.
         Some(json!({"element": {"key": "sandbox-microsoft"},
-                    "providerData": {"code": code, "state": made["state"]},
+                    "providerData": {"code": code, "state": state},
                     "configuration": {"oauth.api.key": CLIENT_ID, "oauth.api.secret": CLIENT_SECRET}})),
     )
     .await;
