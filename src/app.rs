@@ -167,6 +167,31 @@ async fn check_key_opens_the_database(
     )))
 }
 
+/// `--outbound-proxy` as a proxy: an http(s) URL (reqwest would take any scheme and then send
+/// nothing through one it cannot speak: `htpp://…` went direct, `socks5://…` failed every call),
+/// used for every destination but loopback (the sandbox, a provider on this machine: a proxy
+/// out of the network cannot reach them). Its user info never appears in a message.
+fn outbound_proxy_of(text: &str) -> Result<reqwest::Proxy, StartupError> {
+    let refused = |why: &str| {
+        let shown = url::Url::parse(text)
+            .map(|mut url| {
+                let _ = url.set_username("");
+                let _ = url.set_password(None);
+                url.to_string()
+            })
+            .unwrap_or_else(|_| "(not a URL)".to_string());
+        StartupError::Http(format!("the outbound proxy {shown} is not usable: {why}"))
+    };
+    let url = url::Url::parse(text).map_err(|_| refused("it is not a URL"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+        return Err(refused(
+            "give an http:// or https:// proxy with a host (SOCKS is not supported)",
+        ));
+    }
+    let proxy = reqwest::Proxy::all(url.as_str()).map_err(|error| refused(&error.to_string()))?;
+    Ok(proxy.no_proxy(reqwest::NoProxy::from_string("localhost,127.0.0.1,::1")))
+}
+
 /// The outbound HTTP client: redirects are never followed (a redirect would carry a token or a
 /// client secret to another host), bounded timeouts, a pool large enough for proxy load.
 pub fn build_http_client(timeout: Duration) -> Result<reqwest::Client, StartupError> {
@@ -190,10 +215,7 @@ pub fn build_http_client_through(
         // own client never used one either. A proxy is used only when named.
         .no_proxy();
     if let Some(url) = outbound_proxy.filter(|url| !url.trim().is_empty()) {
-        let proxy = reqwest::Proxy::all(url).map_err(|error| {
-            StartupError::Http(format!("the outbound proxy `{url}` is not usable: {error}"))
-        })?;
-        builder = builder.proxy(proxy);
+        builder = builder.proxy(outbound_proxy_of(url)?);
     }
     builder
         .dns_resolver(Arc::new(crate::egress::GuardedResolver))

@@ -24,7 +24,20 @@ impl Remote {
     /// `HTTP(S)_PROXY` like any command-line tool (the service may be reached through one).
     fn client(&self) -> Result<reqwest::Client, String> {
         crate::app::install_crypto_provider();
-        reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        // A service on this machine is reached directly, whatever the environment's proxy.
+        let loopback = url::Url::parse(&self.url)
+            .ok()
+            .is_some_and(|url| match url.host() {
+                Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                None => false,
+            });
+        if loopback {
+            builder = builder.no_proxy();
+        }
+        builder
             .redirect(reqwest::redirect::Policy::none())
             .timeout(std::time::Duration::from_secs(30))
             .user_agent(concat!("tokenwarden-cli/", env!("CARGO_PKG_VERSION")))

@@ -254,7 +254,11 @@ pub async fn oauth_url(
         }
         // `urn:ietf:wg:oauth:2.0:oob` (the out-of-band flow) is no hierarchical URL, and stays.
         Ok(parsed)
-            if (parsed.cannot_be_a_base() && parsed.scheme() != "urn")
+            if (parsed.cannot_be_a_base()
+                && !matches!(
+                    parsed.as_str(),
+                    "urn:ietf:wg:oauth:2.0:oob" | "urn:ietf:wg:oauth:2.0:oob:auto"
+                ))
                 || matches!(parsed.scheme(), "javascript" | "data" | "file" | "vbscript") =>
         {
             return Err(ApiError::bad_request(

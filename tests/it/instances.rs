@@ -2391,8 +2391,10 @@ async fn the_scope_asked_for_survives_the_refresh() {
 }
 
 /// Where the network's only way out is a proxy (`serve --outbound-proxy`), token calls go
-/// through it (the environment's `HTTP(S)_PROXY` is not followed). Here the "proxy" answers
-/// every request itself, with tokens of its own: the instance holds them.
+/// through it (the environment's `HTTP(S)_PROXY` is not followed), except to this machine. Here
+/// the "proxy" answers every request itself, with tokens of its own, for a provider name only it
+/// knows; the sandbox on loopback is reached directly all the same. A proxy this service cannot
+/// speak to (`socks5://`, a mistyped scheme) is refused at start, without its credentials.
 #[tokio::test]
 async fn token_calls_go_through_the_outbound_proxy_named() {
     use std::sync::{Arc, Mutex};
@@ -2419,16 +2421,68 @@ async fn token_calls_go_through_the_outbound_proxy_named() {
         config.outbound_proxy = Some(proxy_url.clone());
     })
     .await;
-    let created = env
-        .create_instance(&env.org, "sandbox-generic", "proxied")
+    // The sandbox, on loopback: directly.
+    let direct = env
+        .create_instance(&env.org, "sandbox-generic", "direct")
         .await;
-    let shown = revealed(&env, &env.org, &created).await;
+    let shown = revealed(&env, &env.org, &direct).await;
+    assert_ne!(shown["configuration"]["oauth.user.token"], "from-the-proxy");
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "loopback went through the proxy"
+    );
+    // A provider out there: through the proxy.
+    let registered = call(
+        &env,
+        Method::POST,
+        &env.api("/elements"),
+        Some(&env.org.platform()),
+        Some(
+            json!({"key": "far-away", "name": "Far away", "baseUrl": "http://provider.invalid/api/",
+                    "oauth": {"authorizationUrl": "http://provider.invalid/authorize",
+                              "tokenUrl": "http://provider.invalid/token"}}),
+        ),
+    )
+    .await;
+    assert_eq!(registered.status, 201, "{}", registered.body);
+    let created = call(
+        &env,
+        Method::POST,
+        &env.api("/instances"),
+        Some(&env.org.platform()),
+        Some(
+            json!({"element": {"key": "far-away"}, "providerData": {"code": "a-code"},
+                    "configuration": env.configuration()}),
+        ),
+    )
+    .await;
+    assert_eq!(created.status, 200, "{}", created.body);
+    let shown = revealed(&env, &env.org, &created.body).await;
     assert_eq!(shown["configuration"]["oauth.user.token"], "from-the-proxy");
     let seen = seen.lock().unwrap().clone();
     assert!(
-        seen.iter().any(|uri| uri.contains("/generic/token")),
+        seen.iter()
+            .any(|uri| uri.contains("provider.invalid/token")),
         "the token call went through the proxy: {seen:?}"
     );
     env.stop().await;
     drop_test_database(&url).await;
+
+    for refused in [
+        "socks5://user:s3cr3t@127.0.0.1:1080",
+        "htpp://user:s3cr3t@proxy:3128",
+    ] {
+        let mut config = tokenwarden::app::AppConfig::new(crate::support::sqlite_database());
+        config.master_key = Some(crate::harness::TEST_MASTER_KEY.to_string());
+        config.outbound_proxy = Some(refused.to_string());
+        let error = tokenwarden::app::App::build(config)
+            .await
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            error.contains("outbound proxy") && !error.contains("s3cr3t"),
+            "{error}"
+        );
+    }
 }

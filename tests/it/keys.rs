@@ -396,3 +396,36 @@ async fn a_pending_webhook_no_key_opens_is_named() {
     assert!(said.contains(&format!("event {damaged}")), "{said}");
     crate::support::drop_test_database(&url).await;
 }
+
+/// The start-up key check reads the newest and the oldest organizations' secrets, each once,
+/// on both engines.
+#[tokio::test]
+async fn the_key_check_samples_both_ends_of_the_organizations() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let mut made = vec![env.org.id];
+        for n in 0..19 {
+            let created =
+                tokenwarden::orgs::create_organization(&env.server.app, &format!("org {n}"))
+                    .await
+                    .unwrap();
+            made.push(created.organization_id);
+        }
+        let sample = env
+            .server
+            .app
+            .store
+            .organization_secrets_sample(8)
+            .await
+            .unwrap();
+        let ids: Vec<i64> = sample.iter().map(|(id, _)| *id).collect();
+        let mut distinct = ids.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!((ids.len(), distinct.len()), (16, 16), "[{label}] {ids:?}");
+        // The first, made before the others (at start): among the oldest.
+        assert!(ids.contains(&made[0]), "[{label}] {ids:?}");
+        env.stop().await;
+        crate::support::drop_test_database(&url).await;
+    }
+}
