@@ -353,6 +353,53 @@ impl ProfileSettings {
 
     /// Applies a partial update; validation happens before anything changes.
     pub fn apply(&mut self, patch: ProfileSettingsPatch) -> Result<(), String> {
+        for (name, value) in [
+            ("accessTokenTtlSeconds", patch.access_token_ttl_seconds),
+            (
+                "refreshTokenIdleTtlSeconds",
+                patch.refresh_token_idle_ttl_seconds,
+            ),
+            (
+                "refreshTokenAbsoluteTtlSeconds",
+                patch.refresh_token_absolute_ttl_seconds,
+            ),
+            (
+                "authorizationCodeTtlSeconds",
+                patch.authorization_code_ttl_seconds,
+            ),
+            (
+                "refreshReuseGraceSeconds",
+                patch.refresh_reuse_grace_seconds,
+            ),
+            ("revocationDelaySeconds", patch.revocation_delay_seconds),
+            (
+                "accessTokenActivationDelaySeconds",
+                patch.access_token_activation_delay_seconds,
+            ),
+        ] {
+            if value.is_some_and(|seconds| seconds > MAX_SECONDS) {
+                return Err(format!(
+                    "{name} must be at most {MAX_SECONDS} (a hundred years)"
+                ));
+            }
+        }
+        // Names the sandbox writes itself cannot be taken by a routing or lifetime field.
+        for (name, field) in [
+            ("routingField", &patch.routing_field),
+            (
+                "refreshTokenExpiresInField",
+                &patch.refresh_token_expires_in_field,
+            ),
+        ] {
+            if let Some(field) = field
+                && (RESERVED_TOKEN_FIELDS.contains(&field.as_str())
+                    || matches!(field.as_str(), "code" | "state" | "error_uri"))
+            {
+                return Err(format!(
+                    "{name} may not be '{field}': the sandbox writes that field itself"
+                ));
+            }
+        }
         if let Some(status) = patch.invalid_grant_status
             && !(200..=599).contains(&status)
         {
@@ -479,6 +526,10 @@ pub struct ProfileSettingsPatch {
     pub api_rejection_shape: Option<ApiRejectionShape>,
     pub api_gzip: Option<bool>,
 }
+
+/// The longest time any setting or clock advance may name: a hundred years (more overflowed
+/// the sandbox's millisecond clock, and JSON readers' numbers).
+pub const MAX_SECONDS: u64 = 100 * 365 * 86_400;
 
 /// Token-response fields the sandbox writes itself; `extraTokenFields` may not replace them.
 const RESERVED_TOKEN_FIELDS: &[&str] = &[

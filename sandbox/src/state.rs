@@ -563,9 +563,24 @@ impl Sandbox {
         if grant.revoked(now) || record.status.revoked(now) {
             return Err(GrantError::RefreshTokenRevoked);
         }
+        // A used token presented again outside the grace is a reuse before it is anything else:
+        // past its idle life, it was answered "expired" and the grant (with the thief's newer
+        // tokens) lived on, though `revokeGrantOnReuse` was asked for.
+        if let RefreshStatus::Used { first_used_at } = record.status
+            && !(settings.refresh_reuse_grace_seconds > 0
+                && now <= plus_seconds(first_used_at, settings.refresh_reuse_grace_seconds))
+        {
+            if settings.revoke_grant_on_reuse {
+                self.revoke_grant(record.grant_id, now);
+            }
+            return Err(GrantError::RefreshTokenReused);
+        }
         if refresh_token_expired(&record, &grant, &settings, now) {
             return Err(GrantError::RefreshTokenExpired);
         }
+        // A revocation of the whole grant that has not taken effect yet: its tokens work, and
+        // refresh tokens do not rotate (as the token's own pending revocation below).
+        let revocation_pending = grant.revoked_at.is_some_and(|at| at > now);
         let scope = match requested_scope.map(str::trim).filter(|s| !s.is_empty()) {
             // Microsoft's scope on refresh selects a resource rather than narrowing the grant.
             Some(requested) if profile == Profile::Microsoft => requested.to_string(),
@@ -616,7 +631,9 @@ impl Sandbox {
                 }
                 RefreshStatus::Active => {
                     entry.last_used_at = now;
-                    if settings.old_refresh_token_stays_valid {
+                    if revocation_pending {
+                        Next::KeepSame
+                    } else if settings.old_refresh_token_stays_valid {
                         Next::MintNew
                     } else if settings.rotate_refresh_tokens {
                         entry.status = RefreshStatus::Used { first_used_at: now };
@@ -739,7 +756,12 @@ impl Sandbox {
             }
             match profile {
                 Profile::AdobeSign | Profile::Box if !refresh_only => {
-                    self.revoke_grant(record.grant_id, effective_at)
+                    self.revoke_grant(record.grant_id, effective_at);
+                    // Itself too: where revocation spares access tokens, the grant's end alone
+                    // would leave this one working.
+                    if let Some(mut entry) = self.access_tokens.get_mut(token) {
+                        entry.revoked_at = Some(earliest(entry.revoked_at, effective_at));
+                    }
                 }
                 _ => {
                     if let Some(mut entry) = self.access_tokens.get_mut(token) {

@@ -2526,3 +2526,107 @@ async fn activation_delay_and_api_rejection_shapes() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
+
+/// Review findings of session 13, each once: a used refresh token presented again after its idle
+/// life is a reuse (with `revokeGrantOnReuse`, the grant dies); a grant whose revocation is
+/// pending refreshes without rotating; times past a century are refused; a routing field cannot
+/// take an OAuth field's name; the revocation endpoint's `invalid_client` for Basic names the
+/// scheme.
+#[tokio::test]
+async fn session_13_sandbox_findings_stay_fixed() {
+    let ctx = start().await;
+    ctx.settings(
+        GENERIC,
+        json!({"rotateRefreshTokens": true, "revokeGrantOnReuse": true,
+               "refreshTokenIdleTtlSeconds": 86_400}),
+    )
+    .await;
+    let rt1 = ctx.login(GENERIC).await.rt.expect("rt");
+    let (_, body) = ctx.refresh(GENERIC, &rt1).await;
+    let rt2 = body["refresh_token"].as_str().expect("rt2").to_string();
+    ctx.advance(43_200).await;
+    let (_, body) = ctx.refresh(GENERIC, &rt2).await;
+    let rt3 = body["refresh_token"].as_str().expect("rt3").to_string();
+    ctx.advance(43_201).await;
+    let (status, body) = ctx.refresh(GENERIC, &rt1).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(
+        ctx.refresh(GENERIC, &rt3).await.1["error"],
+        "invalid_grant",
+        "the reuse killed the grant"
+    );
+
+    // A pending revocation of the grant (a delay): refreshes work, unrotated.
+    ctx.admin("/__sandbox/reset", json!({})).await;
+    ctx.settings(BOX, json!({"revocationDelaySeconds": 60}))
+        .await;
+    let tokens = ctx.login(BOX).await;
+    let rt = tokens.rt.expect("rt");
+    let r = ctx
+        .post_form(
+            BOX.revoke,
+            &[
+                ("token", &rt),
+                ("client_id", "app"),
+                ("client_secret", "s3cret"),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    for _ in 0..2 {
+        let (status, body) = ctx.refresh(BOX, &rt).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["refresh_token"], rt.as_str(), "{body}");
+    }
+
+    // Limits.
+    let (status, _) = ctx
+        .json(
+            reqwest::Method::POST,
+            "/__sandbox/clock",
+            json!({"advanceSeconds": u64::MAX}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    for body in [
+        json!({"accessTokenTtlSeconds": u64::MAX}),
+        json!({"routingField": "access_token"}),
+        json!({"refreshTokenExpiresInField": "refresh_token"}),
+    ] {
+        let (status, answer) = ctx
+            .json(
+                reqwest::Method::PUT,
+                "/__sandbox/profiles/generic",
+                body.clone(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
+    }
+    assert!(
+        ctx.login(GENERIC).await.rt.is_some(),
+        "the sandbox still works"
+    );
+
+    // invalid_client at the revocation endpoint, Basic tried: the scheme is named.
+    let r = ctx
+        .post_form(
+            GENERIC.revoke,
+            &[("token", "x")],
+            Some(basic("app", "wrong")),
+        )
+        .await;
+    let r = if r.status() == StatusCode::UNAUTHORIZED {
+        r
+    } else {
+        // Any secret passes unless the sandbox holds a fixed client: a malformed header then.
+        ctx.post_form(
+            GENERIC.revoke,
+            &[("token", "x")],
+            Some("Basic %%%".to_string()),
+        )
+        .await
+    };
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(r.headers().contains_key("www-authenticate"));
+}

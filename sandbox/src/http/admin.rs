@@ -96,6 +96,14 @@ async fn advance_clock(State(sandbox): State<AppState>, body: Bytes) -> Response
         Ok(r) => r,
         Err(response) => return response,
     };
+    // A century at most: past it the clock saturated, every code was expired when issued,
+    // and only a reset brought the sandbox back.
+    if request.advance_seconds > crate::profiles::MAX_SECONDS {
+        return bad_request(format!(
+            "advanceSeconds must be at most {} (a hundred years)",
+            crate::profiles::MAX_SECONDS
+        ));
+    }
     sandbox.clock.advance_seconds(request.advance_seconds);
     clock_answer(&sandbox)
 }

@@ -143,7 +143,18 @@ async fn answer(sandbox: &crate::state::Sandbox, profile: Profile, request: Requ
                         } else {
                             StatusCode::BAD_REQUEST
                         };
-                        return oauth_error(status, error.code, &error.description);
+                        let mut response = oauth_error(status, error.code, &error.description);
+                        // RFC 6749 §5.2 (RFC 7009 §2.2.1): a client that tried Basic learns the
+                        // scheme the endpoint takes.
+                        if error.code == "invalid_client" && error.basic_auth_used {
+                            response.headers_mut().insert(
+                                axum::http::header::WWW_AUTHENTICATE,
+                                axum::http::HeaderValue::from_static(
+                                    "Basic realm=\"tokenwarden-sandbox\"",
+                                ),
+                            );
+                        }
+                        return response;
                     }
                 }
             } else {
