@@ -477,6 +477,9 @@ impl Sandbox {
             (None, Some(_)) => return Err(GrantError::PkceVerifierUnexpected),
             (Some(_), None) => return Err(GrantError::PkceVerifierMissing),
             (Some(challenge), Some(verifier)) => {
+                if !crate::http::authorize::pkce_text(verifier) {
+                    return Err(GrantError::PkceMismatch);
+                }
                 let computed = match challenge.method {
                     PkceMethod::S256 => URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier)),
                     PkceMethod::Plain => verifier.to_string(),

@@ -573,14 +573,14 @@ async fn pkce_is_checked_when_a_challenge_was_sent() {
             &[
                 (
                     "code_challenge",
-                    "plain-verifier-0123456789-0123456789-0123",
+                    "plain-verifier-0123456789-0123456789-012345",
                 ),
                 ("code_challenge_method", "plain"),
             ],
         )
         .await;
     assert_eq!(
-        exchange(code, Some("plain-verifier-0123456789-0123456789-0123"))
+        exchange(code, Some("plain-verifier-0123456789-0123456789-012345"))
             .await
             .0,
         StatusCode::OK
@@ -2607,6 +2607,24 @@ async fn session_13_sandbox_findings_stay_fixed() {
         ctx.login(GENERIC).await.rt.is_some(),
         "the sandbox still works"
     );
+
+    // PKCE as RFC 7636 spells it: a challenge of 43 to 128 unreserved characters, and a method
+    // only with a challenge (a client sending either wrong passes no real provider).
+    for extra in [
+        vec![
+            ("code_challenge", "abc"),
+            ("code_challenge_method", "plain"),
+        ],
+        vec![("code_challenge_method", "S256")],
+    ] {
+        let pairs = ctx.authorize(GENERIC, "app", &extra).await;
+        assert!(
+            pairs
+                .iter()
+                .any(|(k, v)| k == "error" && v == "invalid_request"),
+            "{extra:?}: {pairs:?}"
+        );
+    }
 
     // invalid_client at the revocation endpoint, Basic tried: the scheme is named.
     let r = ctx

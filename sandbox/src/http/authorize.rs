@@ -130,7 +130,23 @@ fn validate(sandbox: &Sandbox, params: &HashMap<String, String>) -> Result<Valid
             ));
         }
     }
+    if get("code_challenge").is_none() && get("code_challenge_method").is_some() {
+        return Err(redirect_error(
+            &validated,
+            "invalid_request",
+            "code_challenge_method was given without a code_challenge.",
+        ));
+    }
     if let Some(challenge) = get("code_challenge") {
+        // RFC 7636 §4.2: 43 to 128 unreserved characters (an S256 challenge is 43). A client
+        // that sends another passes no real provider either.
+        if !pkce_text(challenge) {
+            return Err(redirect_error(
+                &validated,
+                "invalid_request",
+                "code_challenge must be 43 to 128 characters of A-Z, a-z, 0-9, '-', '.', '_' and '~' (RFC 7636).",
+            ));
+        }
         let method = match get("code_challenge_method") {
             Some("S256") => PkceMethod::S256,
             // RFC 7636 §4.3: a missing method means plain.
@@ -253,4 +269,12 @@ fn consent_page(profile: Profile, path: &str, params: &HashMap<String, String>) 
         action = html_escape(path),
     );
     Html(body).into_response()
+}
+
+/// A PKCE verifier or challenge as RFC 7636 §4.1 spells one: 43 to 128 unreserved characters.
+pub(crate) fn pkce_text(text: &str) -> bool {
+    (43..=128).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
 }
