@@ -518,12 +518,7 @@ pub fn validate(connector: &Connector, built_in: bool) -> Result<(), CatalogErro
     // And a base the proxy can go under: no user info, query or fragment.
     let base = fill_template(&connector.base_url, &samples)
         .map_err(|problem| invalid(format!("`baseUrl`: {problem}")))?;
-    crate::proxy::ProxyBase::parse(&base).map_err(|problem| {
-        invalid(format!(
-            "`baseUrl`: {}",
-            problem.replace("The instance's `base.url`", "the base")
-        ))
-    })?;
+    crate::proxy::ProxyBase::parse_named(&base, "`baseUrl`").map_err(invalid)?;
     let oauth = &connector.oauth;
     check_url(
         connector,

@@ -273,7 +273,7 @@ impl Grant {
     /// What the authorization said, kept in the configuration the instance is stored with:
     /// the scope asked for, and the redirect URI the code was issued for where the instance
     /// has none (a later re-authentication without a state needs it).
-    fn keep_scope(&self, plain: &mut Map<String, Value>) {
+    fn keep_authorization(&self, plain: &mut Map<String, Value>) {
         if let Some(callback) = &self.callback
             && plain
                 .get(CALLBACK_URL)
@@ -319,11 +319,6 @@ async fn exchange(
         .get(CALLBACK_URL)
         .and_then(Value::as_str)
         .filter(|v| !v.is_empty());
-    if state.is_none() && stored_callback.is_none() {
-        return Err(ApiError::bad_request(
-            "`configuration.oauth.callback.url` (the redirect URI the code was issued for) is required",
-        ));
-    }
     let credentials = client_credentials(plain, secrets);
     if credentials.client_id.is_empty() {
         return Err(ApiError::bad_request(
@@ -615,7 +610,7 @@ async fn create_instance(
         }
     };
     let _ = grant.verifier_used;
-    grant.keep_scope(&mut plain);
+    grant.keep_authorization(&mut plain);
     let id = crypto::new_id();
     let now = now_ms();
     let element_token = crypto::new_platform_secret();
@@ -1238,7 +1233,7 @@ async fn update_once(
                 (grant, None)
             }
         };
-        grant.keep_scope(&mut plain);
+        grant.keep_authorization(&mut plain);
         let now = now_ms();
         let applied = apply_token_set(app, &connector, row.id, &grant.tokens, None, &plain, now);
         let mut update: TokenUpdate = applied.update;
@@ -1762,13 +1757,7 @@ fn check_base_url(configuration: &Map<String, Value>) -> ApiResult<()> {
     let Some(base) = configuration.get(BASE_URL).and_then(Value::as_str) else {
         return Ok(());
     };
-    crate::proxy::ProxyBase::parse(base)
+    crate::proxy::ProxyBase::parse_named(base, "`base.url`")
         .map(|_| ())
-        .map_err(|why| {
-            let named = match why.strip_prefix("The instance's `base.url`") {
-                Some(rest) => format!("`base.url`{rest}"),
-                None => format!("`base.url`: {why}"),
-            };
-            ApiError::bad_request(named)
-        })
+        .map_err(ApiError::bad_request)
 }

@@ -77,11 +77,11 @@ pub fn entry(
     )
 }
 
-/// A call, counted and timed; `request_id` goes into the answer's `X-Request-Id` when given.
 /// The provider's `X-Request-Id`, passed on under this name (ours takes `X-Request-Id`).
 const X_PROVIDER_REQUEST_ID: header::HeaderName =
     header::HeaderName::from_static("x-provider-request-id");
 
+/// A call, counted and timed; `request_id` goes into the answer's `X-Request-Id` when given.
 async fn measured<B>(
     app: SharedApp,
     request: axum::http::Request<B>,

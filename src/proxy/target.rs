@@ -31,20 +31,26 @@ pub struct ProxyBase {
 impl ProxyBase {
     /// Parses and checks a `base.url`; the error says why it cannot be one.
     pub fn parse(base_url: &str) -> Result<ProxyBase, String> {
-        let base = url::Url::parse(base_url)
-            .map_err(|_| "The instance's `base.url` is not a valid URL".to_string())?;
+        Self::parse_named(base_url, "The instance's `base.url`")
+    }
+
+    /// [`ProxyBase::parse`], the error naming the value `subject` (a connector's `baseUrl`, a
+    /// `base.url` a caller gives): one check for every place a base is taken in.
+    pub fn parse_named(base_url: &str, subject: &str) -> Result<ProxyBase, String> {
+        let base =
+            url::Url::parse(base_url).map_err(|_| format!("{subject} is not a valid URL"))?;
         if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
-            return Err("The instance's `base.url` is not an absolute http(s) URL".into());
+            return Err(format!("{subject} is not an absolute http(s) URL"));
         }
         if base.query().is_some() || base.fragment().is_some() {
-            return Err(
-                "The instance's `base.url` has a query or fragment; a base takes neither".into(),
-            );
+            return Err(format!(
+                "{subject} has a query or fragment; a base takes neither"
+            ));
         }
         if !base.username().is_empty() || base.password().is_some() {
-            return Err("The instance's `base.url` holds user info; a base takes none".into());
+            return Err(format!("{subject} holds user info; a base takes none"));
         }
-        crate::egress::check_url(&base)?;
+        crate::egress::check_url(&base).map_err(|why| format!("{subject}: {why}"))?;
         let origin = base.origin().ascii_serialization();
         let path = base.path();
         let path = path.strip_suffix('/').unwrap_or(path).to_string();
