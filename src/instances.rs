@@ -413,12 +413,16 @@ pub fn client_credentials(
 /// 400 with its words; a provider that is down is a 502/503 (nothing was created either way).
 pub fn exchange_error(error: &OAuthError) -> ApiError {
     use axum::http::StatusCode;
+    // A failed exchange answers 4xx (the contract's promise, and the caller's next step is
+    // the same in every case: a new code, once the provider is back). One that failed at the
+    // provider, not because of the code, says so with 424 (Failed Dependency), or 429 with
+    // the provider's `Retry-After`.
     let provider_message = error.provider_message();
     match error {
         // The provider took the code and answered, but not with tokens this service can read:
         // not the caller's fault, and the code is spent.
         OAuthError::Unparseable { status, .. } if (200..300).contains(status) => ApiError::new(
-            StatusCode::BAD_GATEWAY,
+            StatusCode::FAILED_DEPENDENCY,
             "The provider's answer to the code exchange could not be read (no access token in it); get a new code once the connector is fixed",
         )
         .with_provider_message(provider_message),
@@ -429,7 +433,7 @@ pub fn exchange_error(error: &OAuthError) -> ApiError {
         .with_provider_message(provider_message),
         OAuthError::RateLimited { retry_after, .. } => {
             let mut api = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
+                StatusCode::TOO_MANY_REQUESTS,
                 "The provider is rate limiting the token endpoint; try again later",
             )
             .with_provider_message(provider_message);
@@ -437,7 +441,7 @@ pub fn exchange_error(error: &OAuthError) -> ApiError {
             api
         }
         OAuthError::Unavailable { .. } | OAuthError::Transport { .. } => ApiError::new(
-            StatusCode::BAD_GATEWAY,
+            StatusCode::FAILED_DEPENDENCY,
             "The provider's token endpoint could not be reached or failed; try again later",
         )
         .with_provider_message(provider_message),

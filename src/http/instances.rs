@@ -351,18 +351,35 @@ async fn exchange(
             }
             None => return Err(unknown()),
         };
-        if let Some(sealed) = &row.code_verifier_enc {
-            let field = crypto::hex(&state_hash);
-            verifier = Some(app.keyring.open_secret(
-                sealed,
-                Binding {
-                    table: "oauth_states",
-                    row: 0,
-                    field: &field,
-                },
-            )?);
-        }
         taken_state = Some(row);
+    } else if connector.oauth.pkce {
+        // A PKCE connector's code without its state (the articles' body carries the code
+        // alone): the newest authorization this organization began for the connector, for
+        // this redirect URI, is the one whose URL the user followed. With none pending, the
+        // code goes without a verifier (its authorization URL was made elsewhere) and the
+        // provider judges it.
+        taken_state = app
+            .store
+            .take_newest_oauth_state(
+                caller.organization_id,
+                &connector.key,
+                stored_callback,
+                now_ms(),
+            )
+            .await?;
+    }
+    if let Some(row) = &taken_state
+        && let Some(sealed) = &row.code_verifier_enc
+    {
+        let field = crypto::hex(&row.state_hash);
+        verifier = Some(app.keyring.open_secret(
+            sealed,
+            Binding {
+                table: "oauth_states",
+                row: 0,
+                field: &field,
+            },
+        )?);
     }
     // A failed exchange leaves the store as it was: the state (and its PKCE verifier) is given
     // back, so that a passing provider failure does not burn the authorization.
@@ -386,12 +403,6 @@ async fn exchange(
         }
     };
     let callback = callback.as_str();
-    if connector.oauth.pkce && verifier.is_none() {
-        return Err(ApiError::bad_request(format!(
-            "Connector `{}` uses PKCE: pass the `state` returned by GET /elements/{}/oauth/url as `providerData.state`",
-            connector.key, connector.key
-        )));
-    }
     let settings = app.oauth_settings(connector, plain);
     let (endpoints, spec) = match settings {
         Ok(settings) => settings,

@@ -639,6 +639,40 @@ impl Store {
         Ok(row)
     }
 
+    /// Takes the newest pending authorization with a PKCE verifier that an organization began
+    /// for a connector (for `callback_url` when given, or made without one): the one whose URL
+    /// the user followed last, for a code that comes back without its `state`. Of two
+    /// concurrent takers exactly one gets it.
+    pub async fn take_newest_oauth_state(
+        &self,
+        organization_id: i64,
+        element_key: &str,
+        callback_url: Option<&str>,
+        now: i64,
+    ) -> Result<Option<OAuthStateRow>, StoreError> {
+        let for_callback = if callback_url.is_some() {
+            " AND (callback_url = $4 OR callback_url = '')"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "DELETE FROM oauth_states WHERE expires_at > $3 AND state_hash = \
+             (SELECT state_hash FROM oauth_states WHERE organization_id = $1 AND element_key = $2 \
+             AND expires_at > $3 AND code_verifier_enc IS NOT NULL{for_callback} \
+             ORDER BY expires_at DESC, state_hash LIMIT 1) \
+             RETURNING state_hash, organization_id, element_key, callback_url, api_key, \
+             code_verifier_enc, scope, expires_at"
+        );
+        let mut query = sqlx::query_as::<_, OAuthStateRow>(sqlx::AssertSqlSafe(sql))
+            .bind(organization_id)
+            .bind(element_key)
+            .bind(now);
+        if let Some(callback_url) = callback_url {
+            query = query.bind(callback_url);
+        }
+        Ok(query.fetch_optional(&self.pool).await?)
+    }
+
     /// Key rotation: every pending state's sealed PKCE verifier, with the state's hash.
     pub async fn list_oauth_state_verifiers(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
         let rows: Vec<(Vec<u8>, Vec<u8>)> = sqlx::query_as(

@@ -566,11 +566,13 @@ async fn oauth_url_makes_state_and_keeps_pkce_verifier() {
             "{}",
             refused.body
         );
-        // Without the state at all, a PKCE connector cannot exchange either.
+        // Without the state (the contract's body carries the code alone): the newest
+        // authorization begun for the connector is the one the user followed, and its
+        // verifier goes with the code.
         let (code3, _) = env.authorize(&env.org, "sandbox-generic", "pkce-two").await;
         let stateless = json!({"element": {"key": "sandbox-generic"}, "providerData": {"code": code3},
                                "configuration": env.configuration()});
-        let refused = call(
+        let created = call(
             &env,
             Method::POST,
             &env.api("/instances"),
@@ -578,7 +580,42 @@ async fn oauth_url_makes_state_and_keeps_pkce_verifier() {
             Some(stateless),
         )
         .await;
-        assert_eq!(refused.status, 400, "[{label}] {}", refused.body);
+        assert_eq!(created.status, 200, "[{label}] {}", created.body);
+        assert_eq!(created.body["valid"], true, "[{label}] {}", created.body);
+        // A URL asked for after the one followed takes its place: the code goes with the newer
+        // verifier, which the provider refuses, in its words.
+        let (code4, _) = env
+            .authorize(&env.org, "sandbox-generic", "pkce-three")
+            .await;
+        let newer = call(
+            &env,
+            Method::GET,
+            &oauth_url("sandbox-generic", ""),
+            Some(&auth),
+            None,
+        )
+        .await;
+        assert_eq!(newer.status, 200, "[{label}] {}", newer.body);
+        let mismatched = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&auth),
+            Some(
+                json!({"element": {"key": "sandbox-generic"}, "providerData": {"code": code4},
+                        "configuration": env.configuration()}),
+            ),
+        )
+        .await;
+        assert_eq!(mismatched.status, 400, "[{label}] {}", mismatched.body);
+        assert!(
+            mismatched.body["providerMessage"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("code_verifier"),
+            "[{label}] {}",
+            mismatched.body
+        );
 
         // Non-PKCE connector: a state already used (or never issued) is refused too.
         let (code4, state4) = env.authorize(&env.org, "sandbox-box", "bea").await;

@@ -586,7 +586,7 @@ async fn failed_creates_answer_4xx_and_create_nothing() {
         let import_nothing = call(&env, Method::POST, &env.api("/instances"), Some(&auth),
                                   Some(json!({"element": {"key": "sandbox-box"}, "externalAuthentication": "initial", "configuration": env.configuration()}))).await;
         assert_error(&import_nothing, 400, &label);
-        // The provider down: 5xx from the provider is a 502, still nothing created.
+        // The provider down: still nothing created.
         env.sandbox_post(
             "/__sandbox/faults",
             json!({"target": "token", "status": 503, "count": 1}),
@@ -603,11 +603,8 @@ async fn failed_creates_answer_4xx_and_create_nothing() {
             Some(body.clone()),
         )
         .await;
-        assert!(
-            down.status == 502 || down.status == 503,
-            "[{label}] {}",
-            down.body
-        );
+        // A failed exchange answers 4xx (the contract), 424 when the provider failed.
+        assert_eq!(down.status, 424, "[{label}] {}", down.body);
         assert_eq!(
             instances_of(&env, &env.org).await.len(),
             count,
@@ -2248,7 +2245,7 @@ async fn an_unreadable_answer_to_the_code_exchange_is_not_a_refusal() {
         Some(body.clone()),
     )
     .await;
-    assert_eq!(first.status, 502, "{}", first.body);
+    assert_eq!(first.status, 424, "{}", first.body);
     assert!(
         first.body["message"]
             .as_str()
