@@ -140,8 +140,10 @@ pub struct OAuthSpec {
     #[serde(default)]
     pub base_url_suffix: Option<String>,
     /// Error codes of the token endpoint that mean the grant is gone for good (beyond the RFC's
-    /// `invalid_grant`, `unauthorized_client`, `invalid_client`), e.g. GitHub's
-    /// `bad_refresh_token`, Slack's `invalid_refresh_token`, HubSpot's `BAD_REFRESH_TOKEN`.
+    /// `invalid_grant` and its known kin), e.g. GitHub's `bad_refresh_token`, Slack's
+    /// `invalid_refresh_token`, HubSpot's `BAD_REFRESH_TOKEN`; also `invalid_client` or
+    /// `unauthorized_client` for a provider where they mean a dead grant (by default they mean
+    /// the app's credentials: the instance stays valid until they are fixed).
     #[serde(default)]
     pub permanent_errors: Vec<String>,
 }

@@ -1018,6 +1018,15 @@ impl RefreshEngine {
                 }
                 Ok(stored)
             }
+            // The app's credentials refused, not the grant: like a configuration at fault, the
+            // instance stays valid and backs off (see `refresh`), and the organization hears
+            // of it; fixed credentials make the grant work again at the next attempt.
+            Err(error) if error.is_client_rejected() => {
+                Err(RefreshFailure::Misconfigured(format!(
+                    "the provider refused the app's credentials ({}); fix `oauth.api.key` and `oauth.api.secret`",
+                    error.provider_message()
+                )))
+            }
             Err(error) if error.is_permanent() => {
                 let provider_message = error.provider_message();
                 let reason = if interrupted {

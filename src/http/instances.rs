@@ -1307,6 +1307,12 @@ async fn update_once(
     }
     // No code: merge (or replace) name, tags and configuration. Tokens given in the
     // configuration with `externalAuthentication: "initial"` are imported as they are.
+    // Changed client credentials or token endpoint end a backoff (the fix of an
+    // `invalid_client` is tried at once).
+    let retry_now = plain.get(API_KEY) != old_plain.get(API_KEY)
+        || plain.get(REFRESH_URL) != old_plain.get(REFRESH_URL)
+        || secret.get(instances::API_SECRET)
+            != secrets.secret_configuration.get(instances::API_SECRET);
     let configuration_json = Value::Object(plain).to_string();
     let written = app
         .store
@@ -1318,6 +1324,7 @@ async fn update_once(
             &configuration_json,
             Some(instances::seal_secret_configuration(app, row.id, &secret)),
             Some(crate::store::RowVersion::of(&row)),
+            retry_now,
         )
         .await?;
     let Some(written) = written else {

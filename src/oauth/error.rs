@@ -85,9 +85,7 @@ fn colon_message(message: &str) -> String {
 /// Error codes that mean the grant is gone for good, whatever the connector says, compared
 /// without regard to case.
 ///
-/// - RFC 6749 §5.2: `invalid_grant` (the refresh token or code is invalid, expired, revoked),
-///   `unauthorized_client`, `invalid_client` (the app's credentials are wrong or the app is
-///   gone: retrying cannot help until someone fixes the instance's configuration).
+/// - RFC 6749 §5.2: `invalid_grant` (the refresh token or code is invalid, expired, revoked).
 /// - Provider kin: GitHub `bad_refresh_token`, Slack `invalid_refresh_token` and
 ///   `token_revoked`, HubSpot `BAD_REFRESH_TOKEN` (case-insensitively the same), and the common
 ///   `invalid_refresh_token`/`expired_refresh_token` spellings.
@@ -97,11 +95,10 @@ fn colon_message(message: &str) -> String {
 /// Not permanent: `invalid_request`, `invalid_scope`, `unsupported_grant_type` (our request or
 /// the connector is wrong, not the grant), `temporarily_unavailable`, `server_error`,
 /// `slow_down`, and `expired_token` (in RFC 8628 it is about a device code; a provider that uses
-/// it for refresh tokens can list it in `permanentErrors`).
+/// it for refresh tokens can list it in `permanentErrors`). Nor are the app's own errors,
+/// [`CLIENT_ERRORS`]: the user's grant was not refused.
 const PERMANENT_ERRORS: &[&str] = &[
     "invalid_grant",
-    "unauthorized_client",
-    "invalid_client",
     "bad_refresh_token",
     "invalid_refresh_token",
     "expired_refresh_token",
@@ -110,6 +107,15 @@ const PERMANENT_ERRORS: &[&str] = &[
     "consent_required",
     "login_required",
 ];
+
+/// Token-endpoint errors about the app, not the user's grant (RFC 6749 §5.2):
+/// `invalid_client` (its credentials are wrong: a client secret expired or rotated, as Entra's
+/// do every two years at most) and `unauthorized_client` (the client may not use the grant: a
+/// client id changed, a grant type withdrawn). Every instance of the app gets them at once,
+/// and fixing `oauth.api.key` / `oauth.api.secret` makes the same grants work again: the
+/// instances stay valid and back off, and no user has to consent again. A connector that
+/// knows them to mean a dead grant lists them in `permanentErrors`.
+pub const CLIENT_ERRORS: &[&str] = &["invalid_client", "unauthorized_client"];
 
 /// Whether a token-endpoint error code means the grant is gone for good: the built-in list
 /// (see [`PERMANENT_ERRORS`]) plus the connector's `permanentErrors`, compared without regard
@@ -141,6 +147,19 @@ impl OAuthError {
                 permanent: true,
                 ..
             }
+        )
+    }
+
+    /// Whether the provider refused the app rather than the grant ([`CLIENT_ERRORS`]), unless
+    /// the connector counts the code as permanent.
+    pub fn is_client_rejected(&self) -> bool {
+        matches!(
+            self,
+            OAuthError::Provider {
+                error,
+                permanent: false,
+                ..
+            } if CLIENT_ERRORS.iter().any(|known| known.eq_ignore_ascii_case(error.trim()))
         )
     }
 
@@ -262,8 +281,6 @@ mod tests {
         for code in [
             "invalid_grant",
             "INVALID_GRANT",
-            "unauthorized_client",
-            "invalid_client",
             "bad_refresh_token",
             "BAD_REFRESH_TOKEN",
             "invalid_refresh_token",
@@ -273,6 +290,18 @@ mod tests {
             "account_suspended",
         ] {
             assert!(is_permanent_error_code(code, &connector), "{code}");
+        }
+        // The app's credentials, not the grant; unless the connector says otherwise.
+        for code in CLIENT_ERRORS {
+            assert!(!is_permanent_error_code(code, &connector), "{code}");
+            assert!(is_permanent_error_code(code, &[code.to_string()]), "{code}");
+            let refused = OAuthError::Provider {
+                status: 401,
+                error: code.to_string(),
+                description: None,
+                permanent: false,
+            };
+            assert!(refused.is_client_rejected() && refused.is_transient());
         }
         for code in [
             "invalid_request",

@@ -251,14 +251,21 @@ impl Store {
         configuration_json: &str,
         client_secret_enc: Option<Option<Vec<u8>>>,
         expected: Option<RowVersion>,
+        retry_now: bool,
     ) -> Result<Option<InstanceRow>, StoreError> {
         let (replace_secret, secret) = match client_secret_enc {
             None => (0_i64, None),
             Some(secret) => (1_i64, secret),
         };
+        // `retry_now`: what the refresh needs changed (the app's credentials, its endpoints),
+        // so a backoff from failures under the old values ends and the refresh is due at once.
+        // (SET expressions read the row as it was.)
         let sql = format!(
             "UPDATE instances SET name = $1, tags = $2, configuration = $3, \
              client_secret_enc = CASE WHEN $4 = 1 THEN $5 ELSE client_secret_enc END, \
+             next_due_at = CASE WHEN $11 = 1 AND backoff_until IS NOT NULL \
+             AND next_due_at IS NOT NULL THEN $6 ELSE next_due_at END, \
+             backoff_until = CASE WHEN $11 = 1 THEN NULL ELSE backoff_until END, \
              updated_at = CASE WHEN $6 > updated_at THEN $6 ELSE updated_at + 1 END \
              WHERE id = $7 AND organization_id = $8 \
              AND token_version = COALESCE($9, token_version) \
@@ -275,6 +282,7 @@ impl Store {
             .bind(organization_id)
             .bind(expected.map(|row| row.token_version))
             .bind(expected.map(|row| row.updated_at))
+            .bind(i64::from(retry_now))
             .fetch_optional(&self.pool)
             .await?;
         Ok(row)

@@ -786,16 +786,35 @@ async fn client_authentication_basic_only_and_body_only_on(env: Env) {
     refresh_ok(&env, &public_id, &public_token, "public client").await;
     works(&env, &public_token, "public client").await;
 
-    // The provider stops accepting the instance's method: the refresh is refused for good.
+    // The provider stops accepting the instance's method: the app's credentials are refused
+    // (`invalid_client`), not the user's grant. The instance stays valid and says why, and
+    // once the app is fixed (the provider takes the method again and the instance's secret is
+    // set anew) the same grant refreshes, without a new consent.
     configure(&env, json!({"clientAuthMethods": ["client_secret_basic"]})).await;
-    refresh_fails_for_good(
-        &env,
-        &id,
-        &token,
-        "invalid_client: The client authentication method client_secret_post is not allowed",
-        "method withdrawn",
-    )
-    .await;
+    let (status, body) = refresh(&env, &id, &token).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["message"].as_str().unwrap_or_default().contains(
+            "invalid_client: The client authentication method client_secret_post is not allowed"
+        ),
+        "{body}"
+    );
+    let shown = instance(&env, &token).await;
+    assert_eq!(shown["valid"], true, "{shown}");
+    configure(&env, json!({"clientAuthMethods": ["client_secret_post"]})).await;
+    let (status, body) = refresh(&env, &id, &token).await;
+    assert_eq!(status, 503, "inside the backoff, no attempt: {body}");
+    let patched = env
+        .http
+        .patch(env.api(&format!("/instances/{id}")))
+        .header("authorization", env.org.with_element(&token))
+        .json(&json!({"configuration": {"oauth.api.secret": "a-new-secret"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), 200);
+    refresh_ok(&env, &id, &token, "credentials fixed").await;
+    works(&env, &token, "credentials fixed").await;
     env.stop().await;
 }
 

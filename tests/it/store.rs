@@ -435,7 +435,7 @@ async fn instances_crud_and_isolation() {
         assert!(!store.delete_instance(other, first.id, None).await.unwrap());
         assert!(
             store
-                .update_instance_metadata(other, first.id, "x", "[]", "{}", None, None)
+                .update_instance_metadata(other, first.id, "x", "[]", "{}", None, None, false)
                 .await
                 .unwrap()
                 .is_none()
@@ -532,6 +532,7 @@ async fn instances_crud_and_isolation() {
                 r#"{"k":"v"}"#,
                 None,
                 None,
+                false,
             )
             .await
             .unwrap()
@@ -551,7 +552,16 @@ async fn instances_crud_and_isolation() {
             "metadata is not a token change"
         );
         let updated = store
-            .update_instance_metadata(org, first.id, "renamed", "[]", "{}", Some(None), None)
+            .update_instance_metadata(
+                org,
+                first.id,
+                "renamed",
+                "[]",
+                "{}",
+                Some(None),
+                None,
+                false,
+            )
             .await
             .unwrap()
             .unwrap();
@@ -565,6 +575,7 @@ async fn instances_crud_and_isolation() {
                 "{}",
                 Some(Some(bytes("new"))),
                 None,
+                false,
             )
             .await
             .unwrap()
@@ -585,7 +596,8 @@ async fn instances_crud_and_isolation() {
                     Some(RowVersion {
                         token_version: current - 1,
                         ..RowVersion::of(&updated)
-                    })
+                    }),
+                    false
                 )
                 .await
                 .unwrap()
@@ -593,7 +605,7 @@ async fn instances_crud_and_isolation() {
         );
         let read = RowVersion::of(&updated);
         let updated = store
-            .update_instance_metadata(org, first.id, "fresh", "[]", "{}", None, Some(read))
+            .update_instance_metadata(org, first.id, "fresh", "[]", "{}", None, Some(read), false)
             .await
             .unwrap()
             .unwrap();
@@ -602,7 +614,16 @@ async fn instances_crud_and_isolation() {
         // does not write over it: it reads again and merges into what is there.
         assert!(
             store
-                .update_instance_metadata(org, first.id, "lost", "[]", "{}", None, Some(read))
+                .update_instance_metadata(
+                    org,
+                    first.id,
+                    "lost",
+                    "[]",
+                    "{}",
+                    None,
+                    Some(read),
+                    false
+                )
                 .await
                 .unwrap()
                 .is_none()
