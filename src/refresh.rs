@@ -67,18 +67,30 @@ const BACKOFF_MAX_MS: i64 = 300_000;
 /// does, a call whose token has expired answers 503, so a provider that asks for a day (or a
 /// date a year ahead) must not take an instance out of service for that long.
 const RETRY_AFTER_MAX_S: u64 = 3_600;
-/// Renews this replica's lease on instance `id` every [`LEASE_RENEW_MS`], for as long as it is
-/// polled (one short UPDATE each time, no connection held in between); never ends. A lease
-/// taken over by another replica is no longer renewed.
-async fn lease_heartbeat(app: &App, id: i64) {
+/// Renews this replica's lease on instance `id` once it is [`LEASE_RENEW_MS`] old, for as long
+/// as it is polled (one short UPDATE each time, no connection held in between); never ends.
+/// `lease_until`: the end of the lease as taken, so that one taken a while ago (a claim that
+/// waited for its turn) is renewed at once rather than [`LEASE_RENEW_MS`] later, when it may
+/// have run out and another replica taken it. A failed renewal is tried again within half a
+/// second. A lease taken over by another replica is no longer renewed.
+async fn lease_heartbeat(app: &App, id: i64, lease_until: Option<i64>) {
+    let mut until = lease_until.unwrap_or_else(|| now_ms() + LEASE_MS);
     loop {
-        tokio::time::sleep(Duration::from_millis(LEASE_RENEW_MS)).await;
+        let renew_at = until - LEASE_MS + LEASE_RENEW_MS as i64;
+        let wait = renew_at - now_ms();
+        if wait > 0 {
+            tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+        }
         match app
             .store
             .renew_refresh_lease(id, &app.replica_id, now_ms() + LEASE_MS)
             .await
         {
-            Ok(Some(_)) => {}
+            Ok(Some(row)) => {
+                until = row
+                    .refresh_lease_until
+                    .unwrap_or_else(|| now_ms() + LEASE_MS);
+            }
             Ok(None) => {
                 tracing::warn!(
                     instance = id,
@@ -86,7 +98,10 @@ async fn lease_heartbeat(app: &App, id: i64) {
                 );
                 std::future::pending::<()>().await;
             }
-            Err(error) => tracing::warn!(instance = id, "lease renewal failed: {error}"),
+            Err(error) => {
+                tracing::warn!(instance = id, "lease renewal failed: {error}");
+                until = now_ms() + 500 + LEASE_MS - LEASE_RENEW_MS as i64;
+            }
         }
     }
 }
@@ -608,11 +623,12 @@ impl RefreshEngine {
             };
             // A claim this process's scheduler made before is not fresh any more.
             self.epoch.fetch_add(1, Ordering::AcqRel);
+            let leased_until = leased.refresh_lease_until;
             // The lease is renewed while `work` runs (two provider calls may take longer than
             // a lease), so no other replica takes the instance meanwhile.
             let done = tokio::select! {
                 done = work(leased) => done,
-                () = lease_heartbeat(app, id) => unreachable!("the heartbeat never ends"),
+                () = lease_heartbeat(app, id, leased_until) => unreachable!("the heartbeat never ends"),
             };
             let _ = app.store.release_refresh_lease(id, &app.replica_id).await;
             done
@@ -742,7 +758,12 @@ impl RefreshEngine {
                 "a previous refresh of this instance was interrupted; retrying with the stored refresh token"
             );
         }
-        let outcome = self.call_provider(app, &leased, interrupted).await;
+        // The lease is renewed from here to the commit's end (the connector's lookup, the
+        // provider call, the commit and its retries), counted from when it was taken.
+        let outcome = tokio::select! {
+            outcome = self.call_provider(app, &leased, interrupted) => outcome,
+            () = lease_heartbeat(app, id, leased.refresh_lease_until) => unreachable!("the heartbeat never ends"),
+        };
         match outcome {
             Ok(row) => self.remember(app, &row, keep).await,
             Err(failure @ (RefreshFailure::Internal(_) | RefreshFailure::Misconfigured(_))) => {
@@ -873,15 +894,30 @@ impl RefreshEngine {
             .oauth_settings(&connector, &configuration)
             .map_err(RefreshFailure::Misconfigured)?;
         let credentials = client_credentials(&configuration, &secrets.secret_configuration);
+        // The request goes out only under a lease with time left: one read a while ago (a claim
+        // that waited, a slow lookup) is renewed first, and a lease another replica took
+        // meanwhile is theirs to refresh (both would present the same refresh token).
+        if row
+            .refresh_lease_until
+            .is_none_or(|until| until - now_ms() < LEASE_MS / 2)
+            && app
+                .store
+                .renew_refresh_lease(row.id, &app.replica_id, now_ms() + LEASE_MS)
+                .await
+                .map_err(store_error)?
+                .is_none()
+        {
+            tracing::warn!(
+                instance = row.id,
+                "the refresh lease was taken over before the provider was asked; leaving the refresh to its holder"
+            );
+            return self.moved_on(app, row).await;
+        }
         let started = Instant::now();
-        // The lease's heartbeat runs beside the provider call and the commit.
-        let heartbeat = || lease_heartbeat(app, row.id);
-        let result = tokio::select! {
-            result = app
-                .oauth
-                .refresh(&spec, &endpoints, &credentials, refresh_token) => result,
-            () = heartbeat() => unreachable!("the heartbeat never ends"),
-        };
+        let result = app
+            .oauth
+            .refresh(&spec, &endpoints, &credentials, refresh_token)
+            .await;
         let outcome_label = match &result {
             Ok(_) => "ok",
             Err(error) if error.is_permanent() => "invalid",
@@ -987,10 +1023,7 @@ impl RefreshEngine {
                         }
                     }
                 };
-                let committed = tokio::select! {
-                    committed = commit => committed.map_err(store_error)?,
-                    () = heartbeat() => unreachable!("the heartbeat never ends"),
-                };
+                let committed = commit.await.map_err(store_error)?;
                 let was_committed = committed.is_some();
                 let stored = match committed {
                     Some(stored) => stored,
@@ -1139,6 +1172,7 @@ impl RefreshEngine {
                 provider_message,
                 Some(&event),
                 Some(row.token_version),
+                false,
             )
             .await
             .map_err(|e| RefreshFailure::Internal(e.to_string()))?;

@@ -1698,6 +1698,7 @@ pub async fn revoke(
                             Some(&message),
                             Some(&event),
                             Some(held.token_version),
+                            true,
                         )
                         .await?;
                     revocation["instanceInvalidated"] = Value::Bool(invalidated);

@@ -455,7 +455,7 @@ where
             let _ = crate::refresh::spawn_to_the_end(app, async move {
                 let _ = owned
                     .store
-                    .mark_invalid(id, &reason, Some(&words), None, version)
+                    .mark_invalid(id, &reason, Some(&words), None, version, false)
                     .await;
                 owned.refresh.forget(id);
             })

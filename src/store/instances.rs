@@ -15,6 +15,11 @@ pub(super) const INSTANCE_COLUMNS: &str = "id, organization_id, element_key, nam
      refresh_lease_until, refresh_in_flight_since, failing_since, failure_count, backoff_until, \
      last_failure, verification, created_by, created_at, updated_at";
 
+/// A commit at the version it refreshed makes the instance valid again: the provider has just
+/// given tokens for the grant, and an invalidation at that same version came from an answer
+/// about the refresh token this one retired (another replica presenting it once its lease ran
+/// out). A revocation moves the version, so no commit lands after it.
+///
 /// The assignments and compare-and-swap of a commit of refreshed tokens: $1 to $8 the new
 /// token fields, $9 the lease owner, $10 the time, $11 the id, $12 the expected token version.
 /// $8 is a JSON object of configuration keys merged into the stored configuration (the keys a
@@ -30,6 +35,8 @@ macro_rules! refreshed_set {
          ELSE ",
             $merge,
             " END, token_version = token_version + 1, \
+         state = 'valid', state_reason = CASE WHEN state = 'invalid' THEN NULL ELSE state_reason END, \
+         provider_message = CASE WHEN state = 'invalid' THEN NULL ELSE provider_message END, \
          failing_since = NULL, failure_count = 0, backoff_until = NULL, last_failure = NULL, \
          refresh_lease_until = CASE WHEN refresh_lease_owner = $9 THEN NULL \
          ELSE refresh_lease_until END, \
@@ -634,12 +641,16 @@ impl Store {
         provider_message: Option<&str>,
         event: Option<&NewEvent>,
         expected_version: Option<i64>,
+        retire_tokens: bool,
     ) -> Result<bool, StoreError> {
         let mut transaction = self.begin_write().await?;
+        // `retire_tokens` (a revocation): the version moves, so that a refresh in flight
+        // cannot commit tokens of the revoked grant afterwards and make it valid again.
         let result = sqlx::query(
             "UPDATE instances SET state = 'invalid', state_reason = $1, provider_message = $2, \
              refresh_lease_owner = NULL, refresh_lease_until = NULL, \
-             refresh_in_flight_since = NULL, next_due_at = NULL, updated_at = CASE WHEN $3 > updated_at THEN $3 ELSE updated_at + 1 END \
+             refresh_in_flight_since = NULL, next_due_at = NULL, updated_at = CASE WHEN $3 > updated_at THEN $3 ELSE updated_at + 1 END, \
+             token_version = token_version + $6 \
              WHERE id = $4 AND token_version = COALESCE($5, token_version)",
         )
         .bind(reason)
@@ -647,6 +658,7 @@ impl Store {
         .bind(crate::app::now_ms())
         .bind(id)
         .bind(expected_version)
+        .bind(i64::from(retire_tokens))
         .execute(&mut *transaction)
         .await?;
         commit_with_event(transaction, result.rows_affected() == 1, event).await

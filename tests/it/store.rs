@@ -1266,7 +1266,8 @@ async fn failures_invalidation_and_reauthentication() {
                     "invalid_grant",
                     Some("invalid_grant: revoked"),
                     Some(&invalidated),
-                    None
+                    None,
+                    false
                 )
                 .await
                 .unwrap()
@@ -1285,7 +1286,7 @@ async fn failures_invalidation_and_reauthentication() {
         assert_eq!(invalid.refresh_in_flight_since, None);
         assert!(
             !store
-                .mark_invalid(random_id(), "x", None, None, None)
+                .mark_invalid(random_id(), "x", None, None, None, false)
                 .await
                 .unwrap()
         );
@@ -1887,7 +1888,8 @@ async fn invalidation_and_backoff_are_conditional_on_the_token_version() {
                     "invalid_grant",
                     Some("old grant"),
                     None,
-                    Some(stale)
+                    Some(stale),
+                    false
                 )
                 .await
                 .unwrap(),
@@ -1910,10 +1912,70 @@ async fn invalidation_and_backoff_are_conditional_on_the_token_version() {
         );
         assert!(
             store
-                .mark_invalid(row.id, "invalid_grant", None, None, Some(row.token_version))
+                .mark_invalid(
+                    row.id,
+                    "invalid_grant",
+                    None,
+                    None,
+                    Some(row.token_version),
+                    false
+                )
                 .await
                 .unwrap(),
             "[{}] the current version does",
+            test.label
+        );
+        assert!(
+            !store
+                .get_instance_by_id(row.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .is_valid()
+        );
+        // Tokens committed at the version that was invalidated (the rejection was about the
+        // refresh token this refresh retired, presented by another replica after its lease
+        // ran out): the grant lives, and the instance is valid again.
+        let late = TokenUpdate {
+            access_token_enc: Some(bytes("access-late")),
+            ..TokenUpdate::default()
+        };
+        assert!(
+            store
+                .commit_refreshed_tokens(row.id, "me", row.token_version, &late, None)
+                .await
+                .unwrap(),
+            "[{}]",
+            test.label
+        );
+        let revived = store.get_instance_by_id(row.id).await.unwrap().unwrap();
+        assert!(
+            revived.is_valid()
+                && revived.state_reason.is_none()
+                && revived.provider_message.is_none(),
+            "[{}] {revived:?}",
+            test.label
+        );
+        // A revocation moves the version: a refresh in flight cannot commit after it.
+        assert!(
+            store
+                .mark_invalid(
+                    row.id,
+                    "revoked",
+                    None,
+                    None,
+                    Some(revived.token_version),
+                    true
+                )
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .commit_refreshed_tokens(row.id, "me", revived.token_version, &late, None)
+                .await
+                .unwrap(),
+            "[{}] a commit after a revocation",
             test.label
         );
         assert!(
