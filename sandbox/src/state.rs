@@ -345,12 +345,15 @@ impl Sandbox {
         Ok(slot.clone())
     }
 
-    /// Clears everything back to the state of a fresh start.
-    pub fn reset(&self) {
-        self.codes.clear();
-        self.grants.clear();
-        self.access_tokens.clear();
-        self.refresh_tokens.clear();
+    /// Statistics, faults, the clock and the profiles' settings back to a fresh start; with
+    /// `grants`, every issued code, grant and token forgotten too.
+    pub fn reset(&self, grants: bool) {
+        if grants {
+            self.codes.clear();
+            self.grants.clear();
+            self.access_tokens.clear();
+            self.refresh_tokens.clear();
+        }
         self.stats.reset();
         self.faults.clear();
         self.clock.reset();

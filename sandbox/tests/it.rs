@@ -1594,6 +1594,17 @@ async fn stats_count_and_reset_clears_everything() {
         json!({"authorization_code": 0, "refresh_token": 0})
     );
     assert_eq!(stats["api"], json!({"ok": 0, "unauthorized": 0}));
+    // Counting from zero does not end the connections a service holds.
+    let (status, body) = ctx.refresh(GENERIC, &rt).await;
+    assert_eq!(status, StatusCode::OK, "grants stay: {body}");
+    let rt = body["refresh_token"]
+        .as_str()
+        .map_or(rt.clone(), str::to_string);
+    assert_eq!(ctx.stats().await["token"]["refresh_token"], 1);
+    // Unless asked to forget them too.
+    ctx.admin("/__sandbox/faults", json!({"target": "api", "status": 503}))
+        .await;
+    ctx.admin("/__sandbox/reset", json!({"grants": true})).await;
     assert_eq!(
         ctx.refresh(GENERIC, &rt).await.1["error"],
         "invalid_grant",

@@ -187,7 +187,29 @@ async fn stats(State(sandbox): State<AppState>) -> Response {
     json_response(StatusCode::OK, sandbox.stats.snapshot())
 }
 
-async fn reset(State(sandbox): State<AppState>) -> Response {
-    sandbox.reset();
-    json_response(StatusCode::OK, json!({"reset": true}))
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Reset {
+    /// Also forget every code, grant and token issued (the users' consents).
+    #[serde(default)]
+    grants: bool,
+}
+
+/// Statistics, faults, the clock and every profile's settings back to a fresh start. Issued
+/// codes, grants and tokens stay unless `{"grants": true}`: a reset between two checks (to
+/// count from zero) must not end the connections a service holds.
+async fn reset(State(sandbox): State<AppState>, body: Bytes) -> Response {
+    let request: Reset = if body.iter().all(u8::is_ascii_whitespace) {
+        Reset::default()
+    } else {
+        match parse_json(&body) {
+            Ok(r) => r,
+            Err(response) => return response,
+        }
+    };
+    sandbox.reset(request.grants);
+    json_response(
+        StatusCode::OK,
+        json!({"reset": true, "grants": request.grants}),
+    )
 }
