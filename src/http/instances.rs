@@ -658,15 +658,7 @@ async fn create_instance(
     row.refresh_expires_at = update.refresh_expires_at;
     row.last_refresh_at = update.last_refresh_at;
     row.next_due_at = update.next_due_at;
-    if external
-        && grant.tokens.refresh_token.is_some()
-        && (grant.tokens.access_token.is_empty() || refreshes_on_schedule(connector))
-    {
-        // Imported tokens are refreshed as soon as the scheduler looks (without an access
-        // token, whatever the strategy; with one, on connectors refreshed on a schedule, not
-        // `on_401` ones): that proves the grant works, and starts the inactivity clock of
-        // refresh tokens that die unused (Adobe Sign's 60 days) from here, since when the
-        // token was last used elsewhere is unknown.
+    if external && refresh_import_at_once(connector, &grant.tokens) {
         row.next_due_at = Some(now);
     }
     row.created_by = Some(caller.user_id);
@@ -1376,10 +1368,7 @@ async fn update_once(
                 held.last_refresh_at.unwrap_or(now),
             );
         }
-        if imported.refresh_token.is_some()
-            && (imported.access_token.is_empty() || refreshes_on_schedule(&connector))
-        {
-            // As for a create from imported tokens: refreshed as soon as the scheduler looks.
+        if refresh_import_at_once(&connector, &imported) {
             update.next_due_at = Some(now);
         }
         let event = events::new_event(app, &held, events::REAUTHENTICATED, Some("tokens imported"));
@@ -1738,9 +1727,15 @@ fn in_this_request<F: Future>(work: F) -> impl Future<Output = F::Output> {
 
 /// Whether the connector's instances are refreshed by the scheduler at all: before expiry, or
 /// kept alive. An `on_401` connector without a keep-alive refreshes only on a rejection.
-fn refreshes_on_schedule(connector: &Connector) -> bool {
-    connector.refresh.strategy != crate::catalog::RefreshStrategy::On401
-        || connector.refresh.keep_alive_seconds.is_some()
+/// Whether imported tokens are refreshed as soon as the scheduler looks: a refresh token
+/// without an access token (nothing to call with otherwise), or one that dies unused (a
+/// connector with a keep-alive: Adobe Sign's 60 days, Box's), whose inactivity clock then
+/// starts here, since when it was last used elsewhere is unknown. Otherwise the tokens serve
+/// as they were brought in, until their expiry or a rejection: an import does not rotate them
+/// behind the caller's back (nor retire the copy another system may still hold).
+fn refresh_import_at_once(connector: &Connector, imported: &crate::oauth::TokenSet) -> bool {
+    imported.refresh_token.is_some()
+        && (imported.access_token.is_empty() || connector.refresh.keep_alive_seconds.is_some())
 }
 
 /// The instance as stored now (after a change made by this request).

@@ -742,8 +742,8 @@ async fn existing_tokens_can_be_imported() {
             )
             .await;
         assert_eq!(status, 200, "[{label}] {body}");
-        // A connector refreshed on a schedule: imported tokens are refreshed at once (the
-        // grant proved now, the inactivity clock started here).
+        // A connector refreshed before expiry, without a keep-alive: the tokens serve as they
+        // were brought in (no refresh behind the caller's back).
         let generic = env
             .create_instance(&env.org, "sandbox-generic", "erin-generic")
             .await;
@@ -768,9 +768,57 @@ async fn existing_tokens_can_be_imported() {
         )
         .await;
         assert_eq!(imported.status, 200, "[{label}] {}", imported.body);
+        let refreshes = env.sandbox_stats().await["token"]["refresh_token"].clone();
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let (status, body) = env
+            .proxy(
+                &env.org,
+                imported.body["token"].as_str().unwrap(),
+                Method::GET,
+                "api/me",
+            )
+            .await;
+        assert_eq!(status, 200, "[{label}] {body}");
+        let shown = revealed(&env, &env.org, &imported.body).await;
+        assert_eq!(
+            shown["configuration"]["oauth.user.token"],
+            generic_access.as_str(),
+            "[{label}] {shown}"
+        );
+        assert_eq!(
+            env.sandbox_stats().await["token"]["refresh_token"],
+            refreshes,
+            "[{label}] an imported grant was refreshed"
+        );
+        // A connector whose refresh tokens die unused (a keep-alive): refreshed at once, the
+        // grant proved now and the inactivity clock started here.
+        let boxed = env
+            .create_instance(&env.org, "sandbox-box", "erin-box")
+            .await;
+        let boxed_shown = revealed(&env, &env.org, &boxed).await;
+        let boxed_access = boxed_shown["configuration"]["oauth.user.token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let mut configuration = env.configuration();
+        configuration["oauth.user.token"] = json!(boxed_access);
+        configuration["oauth.user.refresh_token"] =
+            boxed_shown["configuration"]["oauth.user.refresh_token"].clone();
+        let imported = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&env.org.platform()),
+            Some(
+                json!({"element": {"key": "sandbox-box"}, "externalAuthentication": "initial",
+                                        "configuration": configuration}),
+            ),
+        )
+        .await;
+        assert_eq!(imported.status, 200, "[{label}] {}", imported.body);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while revealed(&env, &env.org, &imported.body).await["configuration"]["oauth.user.token"]
-            == generic_access.as_str()
+            == boxed_access.as_str()
         {
             assert!(
                 std::time::Instant::now() < deadline,
