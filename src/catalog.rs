@@ -61,6 +61,11 @@ pub struct ConnectorInput {
     /// does not give the input, so the code is exchanged at the account's own host.
     #[serde(default)]
     pub from_redirect: Option<String>,
+    /// Other URL shapes that field takes, besides `baseUrl`'s, with the input's placeholder
+    /// (Adobe answers `https://api.{shard}.echosign.com/` as often as the adobesign.com form).
+    /// Only the placeholder's value is taken from the redirect, never a host of its own.
+    #[serde(default)]
+    pub redirect_shapes: Vec<String>,
 }
 
 /// The value of input `name` in `url`, read against `template` (a URL with `{name}` in it and
@@ -1070,6 +1075,22 @@ verify.path = "me"
             let found = input_in_url("http://h:1/{shard}/", "shard", url);
             assert_eq!(found.as_deref(), Some("eu1"), "{url}");
         }
+        // Adobe's own redirect names the echosign.com host: the built-in connector reads it.
+        let adobe = load_built_in()
+            .unwrap()
+            .into_iter()
+            .find(|c| c.key == "adobe-esign")
+            .unwrap()
+            .inputs["shard"]
+            .redirect_shapes
+            .clone();
+        assert!(
+            adobe.iter().any(
+                |shape| input_in_url(shape, "shard", "https://api.eu1.echosign.com/").as_deref()
+                    == Some("eu1")
+            ),
+            "{adobe:?}"
+        );
         for url in [
             "https://api.eu1.adobesign.com.evil.test/",
             "https://evil.test/api.eu1.adobesign.com/",
@@ -1164,6 +1185,7 @@ verify.path = "me"
                 description: "x".to_string(),
                 default: None,
                 from_redirect: None,
+                redirect_shapes: Vec::new(),
             },
         );
         refused(&c, false, &["sandbox", "reserved"]);

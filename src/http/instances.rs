@@ -534,7 +534,14 @@ fn inputs_from_redirect(
         else {
             continue;
         };
-        if let Some(value) = crate::catalog::input_in_url(&template, name, url) {
+        let shapes = input
+            .redirect_shapes
+            .iter()
+            .map(|shape| shape.replace("{sandbox}", app.config.sandbox_url.trim_end_matches('/')));
+        if let Some(value) = std::iter::once(template.clone())
+            .chain(shapes)
+            .find_map(|shape| crate::catalog::input_in_url(&shape, name, url))
+        {
             plain.insert(name.clone(), value);
         }
     }

@@ -2179,6 +2179,41 @@ async fn an_input_named_by_the_redirect_routes_the_exchange() {
         created.body["configuration"]["oauth.token.refresh_url"],
         format!("{sandbox}/adobe-sign/oauth/v2/refresh")
     );
+    // A redirect that names the host in another of the provider's shapes (Adobe's
+    // `api.{shard}.echosign.com` beside `api.{shard}.adobesign.com`): read by its
+    // `redirectShapes`, not left at the default.
+    let port = url::Url::parse(&sandbox).unwrap().port().unwrap();
+    register_connector(
+        &env,
+        json!({
+                "key": "sharded-shapes", "name": "Sharded, two shapes",
+                "baseUrl": format!("http://localhost:{port}/{{profile}}/"),
+                "inputs": {"profile": {"description": "the shard", "default": "generic",
+                                       "fromRedirect": "api_access_point",
+                                       "redirectShapes": ["{sandbox}/{profile}/"]}},
+                "oauth": {"authorizationUrl": format!("{sandbox}/adobe-sign/public/oauth/v2"),
+                          "tokenUrl": "{sandbox}/{profile}/oauth/v2/token",
+                          "refreshUrl": "{sandbox}/{profile}/oauth/v2/refresh",
+                          "scopes": ["user_login:self"], "clientAuth": "client_secret_post"},
+        }),
+    )
+    .await;
+    let (code, state) = env
+        .authorize(&env.org, "sharded-shapes", "shape-user")
+        .await;
+    let created = call(
+        &env,
+        Method::POST,
+        &env.api("/instances"),
+        Some(&auth),
+        Some(json!({"element": {"key": "sharded-shapes"},
+                    "providerData": {"code": code, "state": state,
+                                     "api_access_point": format!("{sandbox}/adobe-sign/")},
+                    "configuration": env.configuration()})),
+    )
+    .await;
+    assert_eq!(created.status, 200, "[{label}] {}", created.body);
+    assert_eq!(created.body["configuration"]["profile"], "adobe-sign");
     env.stop().await;
     drop_test_database(&url).await;
 }
