@@ -1087,13 +1087,9 @@ impl RefreshEngine {
             }
             Err(error) => {
                 let now = now_ms();
-                let retry_after_ms = match &error {
-                    OAuthError::RateLimited {
-                        retry_after: Some(seconds),
-                        ..
-                    } => Some((*seconds).min(RETRY_AFTER_MAX_S) as i64 * 1000),
-                    _ => None,
-                };
+                let retry_after_ms = error
+                    .retry_after()
+                    .map(|seconds| seconds.min(RETRY_AFTER_MAX_S) as i64 * 1000);
                 let wait = backoff_step(row.failure_count).max(retry_after_ms.unwrap_or(0));
                 let message = error.provider_message();
                 let event = self.failing_event(app, row, now, &message).await;

@@ -33,8 +33,9 @@ pub struct Fault {
     /// 0: no failure, only the delay.
     pub status: u16,
     pub delay_ms: u64,
-    /// The `Retry-After` seconds a 429 carries.
-    pub retry_after: u64,
+    /// The `Retry-After` seconds the failure carries: a 429's (1 unless given), another
+    /// status's when given (a 503's maintenance window).
+    pub retry_after: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -53,7 +54,7 @@ pub struct FaultRequest {
     pub count: Option<u32>,
     #[serde(default)]
     pub delay_ms: u64,
-    /// `Retry-After` of a 429, in seconds (default 1).
+    /// `Retry-After` in seconds: a 429's (default 1), or another failing status's.
     pub retry_after: Option<u64>,
 }
 
@@ -90,7 +91,10 @@ impl Faults {
             fault: Fault {
                 status: request.status,
                 delay_ms: request.delay_ms,
-                retry_after: request.retry_after.unwrap_or(1),
+                retry_after: request
+                    .retry_after
+                    .or((request.status == 429).then_some(1))
+                    .filter(|_| request.status != 0),
             },
             remaining: count,
         });

@@ -542,6 +542,16 @@ fn with_retry_after(error: OAuthError, header: Option<u64>) -> OAuthError {
             retry_after: retry_after.or(header),
             message,
         },
+        // A maintenance window announced with its length: waited out, not polled.
+        OAuthError::Unavailable {
+            status: 503,
+            message,
+            retry_after,
+        } => OAuthError::Unavailable {
+            status: 503,
+            message,
+            retry_after: retry_after.or(header),
+        },
         other => other,
     }
 }

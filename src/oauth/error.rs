@@ -48,7 +48,12 @@ pub enum OAuthError {
     },
     /// A 5xx, or another failure status without an OAuth error body.
     #[error("the provider answered HTTP {status}{}", colon_message(.message))]
-    Unavailable { status: u16, message: String },
+    Unavailable {
+        status: u16,
+        message: String,
+        /// A 503's `Retry-After` seconds (RFC 9110 §10.2.3: how long it expects to be down).
+        retry_after: Option<u64>,
+    },
     /// Timeout, connection refused, DNS, TLS…: no answer from the provider.
     #[error("the provider could not be reached: {message}")]
     Transport { message: String },
@@ -180,10 +185,12 @@ impl OAuthError {
         )
     }
 
-    /// The seconds the provider asked us to wait, when it said.
+    /// The seconds the provider asked us to wait, when it said (a 429's or a 503's
+    /// `Retry-After`).
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            OAuthError::RateLimited { retry_after, .. } => *retry_after,
+            OAuthError::RateLimited { retry_after, .. }
+            | OAuthError::Unavailable { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -227,9 +234,14 @@ impl OAuthError {
                 retry_after,
                 message: redact(&message, secrets),
             },
-            OAuthError::Unavailable { status, message } => OAuthError::Unavailable {
+            OAuthError::Unavailable {
+                status,
+                message,
+                retry_after,
+            } => OAuthError::Unavailable {
                 status,
                 message: redact(&message, secrets),
+                retry_after,
             },
             OAuthError::Transport { message } => OAuthError::Transport {
                 message: redact(&message, secrets),
@@ -257,6 +269,7 @@ impl OAuthError {
         OAuthError::Unavailable {
             status,
             message: cut(&message, MAX_ECHO_CHARS),
+            retry_after: None,
         }
     }
 }

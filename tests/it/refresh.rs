@@ -491,6 +491,9 @@ async fn rate_limits_and_timeouts_are_transient() {
     let slow = env
         .create_instance(&env.org, "sandbox-generic", "slowpoke")
         .await;
+    let maintained = env
+        .create_instance(&env.org, "sandbox-generic", "maintained")
+        .await;
     expire_access_tokens(&env).await;
 
     fault(&env, json!({"target": "token", "status": 429, "count": 1})).await;
@@ -516,6 +519,24 @@ async fn rate_limits_and_timeouts_are_transient() {
     })
     .await;
     assert_eq!(status, 200, "{body}");
+
+    // A 503 that says how long it lasts (`Retry-After`: a maintenance window) is waited out,
+    // not polled every few seconds.
+    fault(
+        &env,
+        json!({"target": "token", "status": 503, "count": 1, "retryAfter": 40}),
+    )
+    .await;
+    let token = maintained["token"].as_str().unwrap();
+    let (status, body, headers) =
+        proxy_at(&env, &server, &env.org, token, Method::GET, "api/me").await;
+    assert_eq!(status, 503, "{body}");
+    let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(
+        retry_after >= 39,
+        "the 503's Retry-After honoured: {retry_after}"
+    );
+    assert_eq!(instance(&env, &server, token).await["valid"], true);
 
     fault(
         &env,

@@ -360,10 +360,10 @@ pub async fn injected_fault(sandbox: &Sandbox, target: FaultTarget) -> Option<Re
         status,
         json!({"error": error, "error_description": format!("Injected fault: HTTP {}.", fault.status)}),
     );
-    if status == StatusCode::TOO_MANY_REQUESTS {
+    if let Some(seconds) = fault.retry_after {
         response
             .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(fault.retry_after));
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
     }
     // An injected failure of the token endpoint is a token answer like the others.
     if target == FaultTarget::Token {
