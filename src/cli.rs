@@ -66,6 +66,7 @@ pub struct DatabaseArgs {
     #[arg(
         long,
         env = "TOKENWARDEN_DATABASE_URL",
+        hide_env_values = true,
         default_value = "sqlite://tokenwarden.db"
     )]
     pub database_url: String,
@@ -107,7 +108,7 @@ pub struct ServeArgs {
     pub sandbox_url: String,
     /// A proxy for token calls, revocations, verifications and webhooks, where the network's
     /// only way out is one (`HTTP(S)_PROXY` is not followed). Proxied API calls go direct.
-    #[arg(long, env = "TOKENWARDEN_OUTBOUND_PROXY")]
+    #[arg(long, env = "TOKENWARDEN_OUTBOUND_PROXY", hide_env_values = true)]
     pub outbound_proxy: Option<String>,
     /// Runtime worker threads (default: one per core). With 1, everything runs on one thread
     /// without work stealing (tokio's current-thread scheduler), which is the fastest setting
@@ -147,6 +148,7 @@ pub struct RemoteArgs {
     #[arg(
         long,
         env = "TOKENWARDEN_URL",
+        hide_env_values = true,
         default_value = "http://127.0.0.1:8080",
         global = true
     )]

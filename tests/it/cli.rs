@@ -248,3 +248,33 @@ fn the_demo_holds_with_a_proxy_in_the_environment() {
     );
     assert!(!said.contains("[FAIL]") && said.contains("[ok]"), "{said}");
 }
+
+/// `--help` shows which variables a flag reads, never their values: a database URL or a proxy
+/// carries a password, a server URL may carry user info.
+#[test]
+fn help_never_shows_the_environment_values() {
+    let envs = [
+        ("TOKENWARDEN_DATABASE_URL", "postgres://u:hunter2-db@h/db"),
+        (
+            "TOKENWARDEN_OUTBOUND_PROXY",
+            "http://u:hunter2-proxy@proxy:3128",
+        ),
+        ("TOKENWARDEN_URL", "https://u:hunter2-url@tw.example"),
+        (
+            "TOKENWARDEN_MASTER_KEY",
+            "aHVudGVyMi1rZXktaHVudGVyMi1rZXktaHVudGVyMg==",
+        ),
+    ];
+    for command in [
+        &["serve", "--help"][..],
+        &["orgs", "create", "--help"],
+        &["instances", "list", "--help"],
+    ] {
+        let (ok, stdout, stderr) = tokenwarden(command, &envs);
+        assert!(ok, "{command:?}: {stderr}");
+        assert!(
+            !stdout.contains("hunter2") && !stderr.contains("hunter2"),
+            "{command:?} showed a value: {stdout}"
+        );
+    }
+}
