@@ -41,14 +41,25 @@ const DERIVED_KEYS: &[&str] = &[
     "oauth.user.refresh_token.expires_at",
 ];
 
-/// Whether a configuration key holds a secret, stored sealed and shown masked.
+/// Whether a configuration key holds a secret, stored sealed and shown masked: the client
+/// secret, and keys that name a secret, a password, a credential or a private key, or whose
+/// last word is a token or a key (`api.token`, `bot_token`, `x-api-key`, `apikey`,
+/// `OAuth.User.Token` in another case). `oauth.api.key`, the client id, is shown (the
+/// contract's key).
 pub fn is_secret_key(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
+    if key == API_KEY {
+        return false;
+    }
+    let last = key.rsplit(['.', '_', '-', ' ']).next().unwrap_or_default();
     key == API_SECRET
-        || key.contains("secret")
-        || key.contains("password")
-        || key.ends_with("signature.key")
+        || ["secret", "password", "passwd", "credential", "private"]
+            .iter()
+            .any(|word| key.contains(word))
         || key.ends_with(".apikey.value")
+        || last.ends_with("token")
+        || last == "key"
+        || last == "apikey"
 }
 
 /// A configuration as given by a caller: string values (numbers and booleans are accepted and
@@ -468,6 +479,14 @@ pub fn view(
             None => Value::Null,
         }
     };
+    // A key stored in the open under older rules that now names a secret is masked too.
+    if !reveal {
+        for (key, value) in configuration.iter_mut() {
+            if value.is_string() && is_secret_key(key) {
+                *value = Value::String(MASK.to_string());
+            }
+        }
+    }
     configuration.insert(ACCESS_TOKEN.into(), shown(secrets.access_token.as_ref()));
     configuration.insert(REFRESH_TOKEN.into(), shown(secrets.refresh_token.as_ref()));
     for (key, value) in &secrets.secret_configuration {
@@ -977,5 +996,47 @@ mod schedule_tests {
             next_due_at(&c, true, Some(NOW), None, NOW),
             Some(NOW + MIN_SCHEDULED_INTERVAL_MS)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_keys_are_told_by_their_names() {
+        for key in [
+            "oauth.api.secret",
+            "webhook.secret",
+            "db.password",
+            "api.token",
+            "bot_token",
+            "x-api-key",
+            "apikey",
+            "service.apikey.value",
+            "OAuth.User.Token",
+            "private.key",
+            "credentials",
+            "event.notification.signature.key",
+            "slack.accessToken",
+        ] {
+            assert!(is_secret_key(key), "{key}");
+        }
+        for key in [
+            API_KEY,
+            BASE_URL,
+            CALLBACK_URL,
+            REFRESH_URL,
+            REFRESH_TIME,
+            REFRESH_INTERVAL,
+            SCOPE,
+            "oauth.user.token.expires_at",
+            "event.notification.enabled",
+            "event.notification.callback.url",
+            "shard",
+            "tenant",
+        ] {
+            assert!(!is_secret_key(key), "{key}");
+        }
     }
 }

@@ -1175,10 +1175,17 @@ async fn update_once(
         plain.insert(BASE_URL.to_string(), Value::String(new_default));
     }
     for (key, value) in split.secret {
+        // Stored in the open under older rules: sealed from now on.
+        plain.remove(&key);
         if value == instances::MASK {
             // A masked value sent back unchanged means "keep it", in a replacement too.
-            if let Some(kept) = secrets.secret_configuration.get(&key) {
-                secret.insert(key, kept.clone());
+            if let Some(kept) = secrets.secret_configuration.get(&key).cloned().or_else(|| {
+                old_plain
+                    .get(&key)
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            }) {
+                secret.insert(key, kept);
             }
             continue;
         }

@@ -173,6 +173,8 @@ async fn approve(
 
 const SCAN_CLIENT_SECRET: &str = "scan-client-secret-0d5e7a";
 const SCAN_WEBHOOK_SECRET: &str = "scan-webhook-secret-9c1f42";
+/// A token under a name of the caller's (`api.token`): a secret by its name.
+const SCAN_CALLER_TOKEN: &str = "scan-caller-token-5e0b77";
 
 #[tokio::test]
 async fn database_and_trace_log_hold_no_secret() {
@@ -219,6 +221,7 @@ async fn database_and_trace_log_hold_no_secret() {
             "secret configuration value".into(),
             SCAN_WEBHOOK_SECRET.into(),
         ),
+        ("caller's token".into(), SCAN_CALLER_TOKEN.into()),
         ("master key".into(), master_key.clone()),
     ];
     let callback = format!("{}/oauth/callback", served.url);
@@ -263,8 +266,19 @@ async fn database_and_trace_log_hold_no_secret() {
             .unwrap();
         assert_eq!(response.status(), 200);
         let (status, _) = json_call(&client, Method::PATCH, &served.api(&format!("/instances/{id}")), &auth,
-            Some(json!({"configuration": {"webhook.secret": SCAN_WEBHOOK_SECRET, "event.notification.enabled": "false"}}))).await;
+            Some(json!({"configuration": {"webhook.secret": SCAN_WEBHOOK_SECRET, "api.token": SCAN_CALLER_TOKEN, "event.notification.enabled": "false"}}))).await;
         assert_eq!(status, 200);
+        // Shown to the organization's callers masked, as every secret.
+        let (status, seen) = json_call(
+            &client,
+            Method::GET,
+            &served.api(&format!("/instances/{id}")),
+            &auth,
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{seen}");
+        assert_eq!(seen["configuration"]["api.token"], "********", "{seen}");
         let (status, refreshed) = json_call(
             &client,
             Method::POST,
