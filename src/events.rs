@@ -292,7 +292,7 @@ async fn deliver_and_record(app: &App, event: EventRow) {
     metrics::counter!("tokenwarden_webhook_deliveries_total", "outcome" => label).increment(1);
     if let Err(store_error) = app
         .store
-        .mark_delivery(&event.id, outcome, error.as_deref())
+        .mark_delivery(&event.id, outcome, error.as_deref(), Some(event.attempts))
         .await
     {
         tracing::warn!(event = %event.id, "could not record a delivery outcome: {store_error}");

@@ -202,12 +202,16 @@ impl Store {
     }
 
     /// Records the outcome of a delivery attempt. `error` is what went wrong (status, transport
-    /// failure), never a payload or a secret. False when there is no such event.
+    /// failure), never a payload or a secret. `attempt`: the claim's attempt count, so that a
+    /// deliverer whose claim ran out (a replica stalled past the lease) does not write over
+    /// the outcome of the one that claimed the event after it. False when there is no such
+    /// event, or it was claimed again.
     pub async fn mark_delivery(
         &self,
         id: &str,
         outcome: DeliveryOutcome,
         error: Option<&str>,
+        attempt: Option<i64>,
     ) -> Result<bool, StoreError> {
         let (state, next_attempt_at, delivered_at) = match outcome {
             DeliveryOutcome::Delivered { at } => ("delivered", None, Some(at)),
@@ -216,13 +220,14 @@ impl Store {
         };
         let result = sqlx::query(
             "UPDATE events SET delivery_state = $1, next_attempt_at = $2, delivered_at = $3, \
-             last_error = $4 WHERE id = $5",
+             last_error = $4 WHERE id = $5 AND attempts = COALESCE($6, attempts)",
         )
         .bind(state)
         .bind(next_attempt_at)
         .bind(delivered_at)
         .bind(error)
         .bind(id)
+        .bind(attempt)
         .execute(&self.pool)
         .await?;
         Ok(result.rows_affected() == 1)

@@ -1648,7 +1648,8 @@ async fn events_listing_and_delivery() {
                 .mark_delivery(
                     &pending.id,
                     DeliveryOutcome::RetryAt(NOW + 1),
-                    Some("HTTP 500")
+                    Some("HTTP 500"),
+                    Some(1)
                 )
                 .await
                 .unwrap()
@@ -1660,12 +1661,26 @@ async fn events_listing_and_delivery() {
         assert_eq!(retried.len(), 1);
         assert_eq!(retried[0].attempts, 2);
         assert_eq!(retried[0].last_error.as_deref(), Some("HTTP 500"));
+        // The first claim's deliverer, late (its claim ran out and the event was claimed
+        // again): its outcome is not written over the second claim's.
+        assert!(
+            !store
+                .mark_delivery(
+                    &pending.id,
+                    DeliveryOutcome::RetryAt(NOW + 5),
+                    Some("HTTP 500"),
+                    Some(1)
+                )
+                .await
+                .unwrap()
+        );
         assert!(
             store
                 .mark_delivery(
                     &pending.id,
                     DeliveryOutcome::Delivered { at: NOW + 2 },
-                    None
+                    None,
+                    Some(2)
                 )
                 .await
                 .unwrap()
@@ -1678,7 +1693,7 @@ async fn events_listing_and_delivery() {
         );
         assert!(
             store
-                .mark_delivery(&future.id, DeliveryOutcome::Failed, Some("gave up"))
+                .mark_delivery(&future.id, DeliveryOutcome::Failed, Some("gave up"), None)
                 .await
                 .unwrap()
         );
@@ -1700,7 +1715,7 @@ async fn events_listing_and_delivery() {
         );
         assert!(
             !store
-                .mark_delivery("nope", DeliveryOutcome::Failed, None)
+                .mark_delivery("nope", DeliveryOutcome::Failed, None, None)
                 .await
                 .unwrap()
         );
