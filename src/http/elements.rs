@@ -285,6 +285,9 @@ pub async fn oauth_url(
     let (endpoints, spec) = app
         .oauth_settings(&connector, &inputs)
         .map_err(|error| ApiError::bad_request(format!("Connector input missing: {error}")))?;
+    // The scope asked for keeps the connector's refresh-token scopes (`offline_access`): it is
+    // stored as asked and sent again at refreshes.
+    let scope = scope.map(|asked| crate::oauth::with_offline_scopes(&asked, &spec));
     let pkce = connector.oauth.pkce.then(crate::oauth::new_pkce);
     let url = crate::oauth::authorization_url(
         &spec,

@@ -111,6 +111,51 @@ const AUTHORIZATION_RESERVED: &[&str] = &[
     "code_challenge_method",
 ];
 
+/// Scopes that ask for a refresh token rather than for access: Microsoft's, Xero's and
+/// Atlassian's `offline_access`, Salesforce's `refresh_token`, Ory's `offline`, X's
+/// `offline.access`.
+const OFFLINE_SCOPES: &[&str] = &[
+    "offline_access",
+    "offline",
+    "offline.access",
+    "refresh_token",
+];
+
+/// The scope a caller asked for (`oauth/url`'s `scope`), with the connector's scopes that ask
+/// for a refresh token added when it left them out: without them the provider gives no refresh
+/// token, and the instance dies with its first access token (a `scope=Mail.Read` at
+/// Microsoft). What the scope grants access to stays the caller's choice.
+pub fn with_offline_scopes(asked: &str, spec: &OAuthSpec) -> String {
+    let asked = asked.trim();
+    let separator = if spec.scope_separator.is_empty() {
+        " "
+    } else {
+        spec.scope_separator.as_str()
+    };
+    let given: Vec<&str> = asked
+        .split(|c: char| c.is_whitespace() || separator.contains(c))
+        .filter(|part| !part.is_empty())
+        .collect();
+    let missing: Vec<&str> = spec
+        .scopes
+        .iter()
+        .map(String::as_str)
+        .filter(|scope| {
+            OFFLINE_SCOPES
+                .iter()
+                .any(|offline| offline.eq_ignore_ascii_case(scope))
+        })
+        .filter(|scope| !given.iter().any(|part| part.eq_ignore_ascii_case(scope)))
+        .collect();
+    if missing.is_empty() || asked.is_empty() {
+        return asked.to_string();
+    }
+    std::iter::once(asked)
+        .chain(missing)
+        .collect::<Vec<_>>()
+        .join(separator)
+}
+
 /// Builds the authorization URL: `response_type=code`, `client_id`, `redirect_uri`, `scope`
 /// (the connector's scopes joined by its separator, or the caller's override; omitted when
 /// empty), `state`, `code_challenge` and `code_challenge_method=S256` when a challenge is given,
@@ -209,6 +254,37 @@ pub(crate) mod test_support {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_asked_scope_keeps_the_connectors_offline_scopes() {
+        let spec = |scopes: &[&str], separator: &str| crate::catalog::OAuthSpec {
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            scope_separator: separator.to_string(),
+            ..super::test_support::spec()
+        };
+        let microsoft = spec(&["offline_access", "User.Read"], " ");
+        assert_eq!(
+            super::with_offline_scopes("Mail.Read", &microsoft),
+            "Mail.Read offline_access"
+        );
+        assert_eq!(
+            super::with_offline_scopes("OFFLINE_ACCESS Mail.Read", &microsoft),
+            "OFFLINE_ACCESS Mail.Read"
+        );
+        let salesforce = spec(&["api", "refresh_token"], " ");
+        assert_eq!(
+            super::with_offline_scopes("api", &salesforce),
+            "api refresh_token"
+        );
+        let commas = spec(&["read", "offline"], ",");
+        assert_eq!(
+            super::with_offline_scopes("write", &commas),
+            "write,offline"
+        );
+        // A connector without one: the caller's scope as it is.
+        let plain = spec(&["read"], " ");
+        assert_eq!(super::with_offline_scopes(" write ", &plain), "write");
+    }
     use std::collections::HashMap;
 
     use super::test_support::spec;

@@ -719,6 +719,28 @@ async fn authorization_urls_fill_scopes_and_leave_the_client_id_to_the_client() 
             scope, "offline_access https://contoso.crm.dynamics.com/user_impersonation",
             "[{label}] {oauth_url}"
         );
+        // A scope of the caller's keeps the connector's refresh-token scope: a Graph
+        // `scope=Mail.Read` without `offline_access` got no refresh token, and its instance
+        // died with its first access token.
+        let asked = call(
+            &env,
+            Method::GET,
+            &env.api(&format!(
+                "/elements/microsoft-graph/oauth/url?apiKey=m-client&scope=Mail.Read&callbackUrl={}",
+                env.callback()
+            )),
+            Some(&auth),
+            None,
+        )
+        .await;
+        assert_eq!(asked.status, 200, "[{label}] {}", asked.body);
+        let asked_url = url::Url::parse(asked.body["oauthUrl"].as_str().unwrap()).unwrap();
+        let scope: String = asked_url
+            .query_pairs()
+            .find(|(name, _)| name == "scope")
+            .map(|(_, value)| value.into_owned())
+            .unwrap_or_default();
+        assert_eq!(scope, "Mail.Read offline_access", "[{label}] {asked_url}");
         env.stop().await;
         drop_test_database(&url).await;
     }
