@@ -163,9 +163,9 @@ async fn walk(
                       "configuration": configuration, "name": "Alice's Adobe Sign", "tags": ["demo"]}))
         .send()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.without_url().to_string())?;
     let status = created.status();
-    let instance: Value = created.json().await.map_err(|e| e.to_string())?;
+    let instance: Value = created.json().await.map_err(|e| e.without_url().to_string())?;
     let instance_id = instance["id"].as_i64().unwrap_or_default();
     let element_token = instance["token"].as_str().unwrap_or_default().to_string();
     p.check(
@@ -184,10 +184,10 @@ async fn walk(
         .header("authorization", &full)
         .send()
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| e.without_url().to_string())?
         .json()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.without_url().to_string())?;
     let access_token = listed[0]["configuration"]["oauth.user.token"]
         .as_str()
         .unwrap_or_default()
@@ -210,7 +210,7 @@ async fn walk(
         .query(&[("token", access_token.as_str())])
         .send()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.without_url().to_string())?;
     p.check(
         revoked.status() == 200,
         "Revoke the token at the provider",
@@ -224,7 +224,7 @@ async fn walk(
         .query(&[("token", access_token.as_str())])
         .send()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.without_url().to_string())?;
     let again_status = again.status();
     let again_body = again.text().await.unwrap_or_default();
     p.check(
@@ -250,10 +250,10 @@ async fn walk(
         .header("authorization", &platform)
         .send()
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| e.without_url().to_string())?
         .json()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.without_url().to_string())?;
     p.check(
         shown["valid"] == false,
         "The instance shows invalid",
@@ -271,9 +271,9 @@ async fn walk(
                       "configuration": {"oauth.user.token": "", "oauth.user.refresh_token": ""}}))
         .send()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.without_url().to_string())?;
     let patched_status = patched.status();
-    let patched: Value = patched.json().await.map_err(|e| e.to_string())?;
+    let patched: Value = patched.json().await.map_err(|e| e.without_url().to_string())?;
     p.check(
         patched_status == 200
             && patched["valid"] == true
@@ -293,7 +293,7 @@ async fn walk(
         .json(&json!({"advanceSeconds": 3700}))
         .send()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.without_url().to_string())?;
     p.check(
         advanced.status() == 200,
         "Move the provider's clock past the access token's expiry",
@@ -310,10 +310,10 @@ async fn walk(
         .get(format!("{sandbox}/__sandbox/stats"))
         .send()
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| e.without_url().to_string())?
         .json()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.without_url().to_string())?;
     p.check(
         stats["token"]["refresh_token"].as_u64().unwrap_or(0) >= 1,
         "The provider saw the refresh",
@@ -345,9 +345,9 @@ async fn authorize(p: &mut Printer, ctx: &Ctx, round: &str) -> Result<(String, S
         .header("authorization", &ctx.platform)
         .send()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.without_url().to_string())?;
     let status = response.status();
-    let body: Value = response.json().await.map_err(|e| e.to_string())?;
+    let body: Value = response.json().await.map_err(|e| e.without_url().to_string())?;
     let url = body["oauthUrl"].as_str().unwrap_or_default().to_string();
     p.check(
         status == 200 && !url.is_empty(),
@@ -359,7 +359,7 @@ async fn authorize(p: &mut Printer, ctx: &Ctx, round: &str) -> Result<(String, S
         .get(format!("{url}&login_hint=alice"))
         .send()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.without_url().to_string())?;
     let location = approve
         .headers()
         .get("location")
@@ -394,9 +394,9 @@ async fn call(p: &mut Printer, ctx: &Ctx, title: &str, expect: u16) -> Result<St
         .header("authorization", &ctx.through)
         .send()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.without_url().to_string())?;
     let status = response.status().as_u16();
-    let body = response.text().await.map_err(|e| e.to_string())?;
+    let body = response.text().await.map_err(|e| e.without_url().to_string())?;
     p.check(
         status == expect,
         title,
