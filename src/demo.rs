@@ -165,7 +165,10 @@ async fn walk(
         .await
         .map_err(|e| e.without_url().to_string())?;
     let status = created.status();
-    let instance: Value = created.json().await.map_err(|e| e.without_url().to_string())?;
+    let instance: Value = created
+        .json()
+        .await
+        .map_err(|e| e.without_url().to_string())?;
     let instance_id = instance["id"].as_i64().unwrap_or_default();
     let element_token = instance["token"].as_str().unwrap_or_default().to_string();
     p.check(
@@ -273,7 +276,10 @@ async fn walk(
         .await
         .map_err(|e| e.without_url().to_string())?;
     let patched_status = patched.status();
-    let patched: Value = patched.json().await.map_err(|e| e.without_url().to_string())?;
+    let patched: Value = patched
+        .json()
+        .await
+        .map_err(|e| e.without_url().to_string())?;
     p.check(
         patched_status == 200
             && patched["valid"] == true
@@ -347,7 +353,10 @@ async fn authorize(p: &mut Printer, ctx: &Ctx, round: &str) -> Result<(String, S
         .await
         .map_err(|e| e.without_url().to_string())?;
     let status = response.status();
-    let body: Value = response.json().await.map_err(|e| e.without_url().to_string())?;
+    let body: Value = response
+        .json()
+        .await
+        .map_err(|e| e.without_url().to_string())?;
     let url = body["oauthUrl"].as_str().unwrap_or_default().to_string();
     p.check(
         status == 200 && !url.is_empty(),
@@ -396,7 +405,10 @@ async fn call(p: &mut Printer, ctx: &Ctx, title: &str, expect: u16) -> Result<St
         .await
         .map_err(|e| e.without_url().to_string())?;
     let status = response.status().as_u16();
-    let body = response.text().await.map_err(|e| e.without_url().to_string())?;
+    let body = response
+        .text()
+        .await
+        .map_err(|e| e.without_url().to_string())?;
     p.check(
         status == expect,
         title,

@@ -71,14 +71,32 @@ pub fn redact(text: &str, secrets: &[&str]) -> String {
 /// The forms in which a provider may echo a secret it was sent, the longest first (so that a
 /// form containing another goes whole).
 fn echoed_forms(secret: &str) -> Vec<String> {
-    let form: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
-    let mut forms = vec![secret.to_string()];
-    if form != secret {
-        let spaced = form.replace('+', "%20");
-        let lower = lower_hex(&spaced);
-        forms.extend([lower_hex(&form), lower, spaced, form]);
+    let mut forms = Vec::new();
+    // As sent, and as [`cut`] shows text (runs of whitespace and control characters as one
+    // space, none at the ends): a secret pasted with a trailing newline, echoed in a provider's
+    // description, is cut before it is redacted.
+    let collapsed = cut(secret, secret.len() + 1);
+    for text in [secret, collapsed.as_str()] {
+        if text.len() < 4 {
+            continue;
+        }
+        let form: String = url::form_urlencoded::byte_serialize(text.as_bytes()).collect();
+        forms.push(text.to_string());
+        if form != text {
+            let spaced = form.replace('+', "%20");
+            let lower = lower_hex(&spaced);
+            forms.extend([lower_hex(&form), lower, spaced, form]);
+        }
+        forms.push(text.replace('/', "\\/"));
+        // As a URL path segment (a revocation by path): `/` and spaces encoded, `+`, `=`
+        // and `:` not.
+        let mut url = url::Url::parse("http://x/").expect("a valid URL");
+        if let Ok(mut segments) = url.path_segments_mut() {
+            segments.clear().push(text);
+        }
+        let segment = url.path().trim_start_matches('/').to_string();
+        forms.extend([lower_hex(&segment), segment]);
     }
-    forms.push(secret.replace('/', "\\/"));
     forms.sort_by_key(|form| std::cmp::Reverse(form.len()));
     forms.dedup();
     forms
@@ -164,6 +182,21 @@ pub(crate) fn html_title(body: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redaction_covers_a_secret_cut_or_in_a_path() {
+        // Pasted with a newline and double spaces, echoed, then cut to one line.
+        let secret = "s3cret-value  tail\n";
+        let shown = redact(
+            &cut(&format!("client_secret {secret} rejected"), 300),
+            &[secret],
+        );
+        assert_eq!(shown, "client_secret [redacted] rejected");
+        // As a path segment, as a revocation by path sends it.
+        let token = "rt+ab/c==";
+        let shown = redact("not found: /refresh-tokens/rt+ab%2Fc==", &[token]);
+        assert_eq!(shown, "not found: /refresh-tokens/[redacted]");
+    }
 
     #[test]
     fn redaction_covers_the_encoded_forms_a_provider_echoes() {
