@@ -525,6 +525,9 @@ pub async fn align_clock(store: &Store) {
             }
             set_clock_offset(offset);
         }
+        Ok(None) if store.engine() == crate::store::Engine::Postgres => tracing::warn!(
+            "the database's clock could not be read within its time limit; refresh leases keep the last offset measured until the next try"
+        ),
         Ok(None) => {}
         Err(error) => tracing::warn!("reading the database's clock: {error}"),
     }
