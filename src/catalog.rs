@@ -505,6 +505,13 @@ pub fn validate(connector: &Connector, built_in: bool) -> Result<(), CatalogErro
                 "input `{name}`: `description` must not be empty"
             )));
         }
+        // An input fills part of a URL and is kept in the open; a name that reads like a
+        // secret's would be sealed and masked, and then not found where the URL is made.
+        if crate::instances::is_secret_key(name) {
+            return Err(invalid(format!(
+                "input `{name}`: the name reads like a secret's (token, key, password…), and an input is a part of a URL kept in the open: name it otherwise"
+            )));
+        }
     }
 
     let mut samples: BTreeMap<String, String> = connector

@@ -42,24 +42,29 @@ const DERIVED_KEYS: &[&str] = &[
 ];
 
 /// Whether a configuration key holds a secret, stored sealed and shown masked: the client
-/// secret, and keys that name a secret, a password, a credential or a private key, or whose
-/// last word is a token or a key (`api.token`, `bot_token`, `x-api-key`, `apikey`,
-/// `OAuth.User.Token` in another case). `oauth.api.key`, the client id, is shown (the
-/// contract's key).
+/// secret, and keys that name a secret, a password or a credential, whose last word is a token
+/// (`api.token`, `bot_token`, `OAuth.User.Token` in another case), or a key of an API, an
+/// access or a private key (`x-api-key`, `apikey`, `access_key`, `private.key`). Not
+/// `oauth.api.key` (the client id, shown: the contract's key), nor the fields the service
+/// keeps from token responses (`oauth.provider.*`, already sifted of secrets), nor a key
+/// that only names one (`site_key`, `region_key`: connector inputs may be called so).
 pub fn is_secret_key(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    if key == API_KEY {
+    if key == API_KEY || key.starts_with("oauth.provider.") {
         return false;
     }
     let last = key.rsplit(['.', '_', '-', ' ']).next().unwrap_or_default();
     key == API_SECRET
-        || ["secret", "password", "passwd", "credential", "private"]
+        || ["secret", "password", "passwd", "credential"]
             .iter()
             .any(|word| key.contains(word))
         || key.ends_with(".apikey.value")
         || last.ends_with("token")
-        || last == "key"
         || last == "apikey"
+        || (last == "key"
+            && ["api", "access", "private", "signature", "auth"]
+                .iter()
+                .any(|word| key.contains(word)))
 }
 
 /// A configuration as given by a caller: string values (numbers and booleans are accepted and
@@ -420,14 +425,12 @@ pub fn client_credentials(
     }
 }
 
-/// An OAuth failure during a code exchange, as the caller sees it: the provider's refusal is a
-/// 400 with its words; a provider that is down is a 502/503 (nothing was created either way).
+/// An OAuth failure during a code exchange, as the caller sees it, always a 4xx (the
+/// contract's promise; nothing was created either way): the provider's refusal is a 400 with
+/// its words; a provider that failed, not because of the code, a 424 (Failed Dependency), with
+/// a 503's `Retry-After`; a rate limit a 429 with its `Retry-After`.
 pub fn exchange_error(error: &OAuthError) -> ApiError {
     use axum::http::StatusCode;
-    // A failed exchange answers 4xx (the contract's promise, and the caller's next step is
-    // the same in every case: a new code, once the provider is back). One that failed at the
-    // provider, not because of the code, says so with 424 (Failed Dependency), or 429 with
-    // the provider's `Retry-After`.
     let provider_message = error.provider_message();
     match error {
         // The provider took the code and answered, but not with tokens this service can read:
@@ -451,11 +454,16 @@ pub fn exchange_error(error: &OAuthError) -> ApiError {
             api.retry_after = *retry_after;
             api
         }
-        OAuthError::Unavailable { .. } | OAuthError::Transport { .. } => ApiError::new(
-            StatusCode::FAILED_DEPENDENCY,
-            "The provider's token endpoint could not be reached or failed; try again later",
-        )
-        .with_provider_message(provider_message),
+        OAuthError::Unavailable { .. } | OAuthError::Transport { .. } => {
+            let mut api = ApiError::new(
+                StatusCode::FAILED_DEPENDENCY,
+                "The provider's token endpoint could not be reached or failed; try again later",
+            )
+            .with_provider_message(provider_message);
+            // A 503's announced length (a maintenance window).
+            api.retry_after = error.retry_after();
+            api
+        }
         OAuthError::Config { message } => ApiError::bad_request(format!(
             "The connector's OAuth settings are not usable: {message}"
         )),
@@ -1016,6 +1024,7 @@ mod tests {
             "service.apikey.value",
             "OAuth.User.Token",
             "private.key",
+            "access_key",
             "credentials",
             "event.notification.signature.key",
             "slack.accessToken",
@@ -1035,6 +1044,10 @@ mod tests {
             "event.notification.callback.url",
             "shard",
             "tenant",
+            "site_key",
+            "region_key",
+            "private_host",
+            "oauth.provider.stripe_publishable_key",
         ] {
             assert!(!is_secret_key(key), "{key}");
         }

@@ -345,18 +345,20 @@ impl Sandbox {
         Ok(slot.clone())
     }
 
-    /// Statistics, faults, the clock and the profiles' settings back to a fresh start; with
-    /// `grants`, every issued code, grant and token forgotten too.
+    /// Statistics, faults and the profiles' settings back to a fresh start; with `grants`,
+    /// every issued code, grant and token forgotten too, and the clock back to real time (kept
+    /// otherwise: the times the grants hold, a revocation, a use, an expiry, are on it, and
+    /// turned back they would come alive again).
     pub fn reset(&self, grants: bool) {
         if grants {
             self.codes.clear();
             self.grants.clear();
             self.access_tokens.clear();
             self.refresh_tokens.clear();
+            self.clock.reset();
         }
         self.stats.reset();
         self.faults.clear();
-        self.clock.reset();
         for profile in Profile::ALL {
             let _ = self.update_settings(profile, |s| {
                 *s = ProfileSettings::defaults(profile);

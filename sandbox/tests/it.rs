@@ -1557,7 +1557,7 @@ async fn faults_fail_delay_and_queue() {
 }
 
 #[tokio::test]
-async fn stats_count_and_reset_clears_everything() {
+async fn stats_count_and_reset_starts_over() {
     let ctx = start().await;
     let g = ctx.login(GENERIC).await;
     let rt = g.rt.clone().expect("rt");
@@ -1594,7 +1594,15 @@ async fn stats_count_and_reset_clears_everything() {
         json!({"authorization_code": 0, "refresh_token": 0})
     );
     assert_eq!(stats["api"], json!({"ok": 0, "unauthorized": 0}));
-    // Counting from zero does not end the connections a service holds.
+    // Counting from zero does not end the connections a service holds, nor turn their clock
+    // back (a revoked or used token would come alive again).
+    let clock: Value = ctx
+        .get("/__sandbox/clock")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(clock["offsetSeconds"], 1000);
     let (status, body) = ctx.refresh(GENERIC, &rt).await;
     assert_eq!(status, StatusCode::OK, "grants stay: {body}");
     let rt = body["refresh_token"]

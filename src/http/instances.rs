@@ -354,32 +354,70 @@ async fn exchange(
         taken_state = Some(row);
     } else if connector.oauth.pkce {
         // A PKCE connector's code without its state (the articles' body carries the code
-        // alone): the newest authorization this organization began for the connector, for
-        // this redirect URI, is the one whose URL the user followed. With none pending, the
-        // code goes without a verifier (its authorization URL was made elsewhere) and the
-        // provider judges it.
-        taken_state = app
+        // alone): the authorization this organization began for the connector, with this
+        // client id and redirect URI, when there is exactly one pending. With several, which
+        // one the user followed is unknown, and a wrong verifier would spend the code: the
+        // state is asked for, the code not presented. With none, the code goes without a
+        // verifier (its authorization URL was made elsewhere) and the provider judges it.
+        let ask_for_state = |why: &str| {
+            ApiError::bad_request(format!(
+                "Connector `{}` uses PKCE and {why}: pass the `state` the provider's redirect carried as `providerData.state`",
+                connector.key
+            ))
+        };
+        let pending = app
             .store
-            .take_newest_oauth_state(
+            .pending_oauth_states(
                 caller.organization_id,
                 &connector.key,
+                &credentials.client_id,
                 stored_callback,
                 now_ms(),
+                2,
             )
             .await?;
+        match pending.as_slice() {
+            [] => {}
+            [only] => {
+                taken_state = Some(
+                    app.store
+                        .take_oauth_state(only, now_ms())
+                        .await?
+                        .ok_or_else(|| {
+                            ask_for_state(
+                                "its pending authorization was just used by another request",
+                            )
+                        })?,
+                );
+            }
+            _ => {
+                return Err(ask_for_state(
+                    "several of its authorizations are pending for this client and redirect URI",
+                ));
+            }
+        }
     }
     if let Some(row) = &taken_state
         && let Some(sealed) = &row.code_verifier_enc
     {
         let field = crypto::hex(&row.state_hash);
-        verifier = Some(app.keyring.open_secret(
+        let opened = app.keyring.open_secret(
             sealed,
             Binding {
                 table: "oauth_states",
                 row: 0,
                 field: &field,
             },
-        )?);
+        );
+        match opened {
+            Ok(opened) => verifier = Some(opened),
+            Err(error) => {
+                // Not opened here (a key another replica has and this one has not yet): the
+                // state stays for a try that can.
+                let _ = app.store.insert_oauth_state(row).await;
+                return Err(error.into());
+            }
+        }
     }
     // A failed exchange leaves the store as it was: the state (and its PKCE verifier) is given
     // back, so that a passing provider failure does not burn the authorization.

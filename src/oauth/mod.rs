@@ -147,13 +147,19 @@ pub fn with_offline_scopes(asked: &str, spec: &OAuthSpec) -> String {
         })
         .filter(|scope| !given.iter().any(|part| part.eq_ignore_ascii_case(scope)))
         .collect();
-    if missing.is_empty() || asked.is_empty() {
+    if missing.is_empty() || given.is_empty() {
         return asked.to_string();
     }
+    // Joined as the caller joined its own (spaces where the connector says commas, say).
+    let joiner = if !asked.contains(separator) && asked.contains(char::is_whitespace) {
+        " "
+    } else {
+        separator
+    };
     std::iter::once(asked)
         .chain(missing)
         .collect::<Vec<_>>()
-        .join(separator)
+        .join(joiner)
 }
 
 /// Builds the authorization URL: `response_type=code`, `client_id`, `redirect_uri`, `scope`
@@ -281,6 +287,8 @@ mod tests {
             super::with_offline_scopes("write", &commas),
             "write,offline"
         );
+        assert_eq!(super::with_offline_scopes("a b", &commas), "a b offline");
+        assert_eq!(super::with_offline_scopes(",", &commas), ",");
         // A connector without one: the caller's scope as it is.
         let plain = spec(&["read"], " ");
         assert_eq!(super::with_offline_scopes(" write ", &plain), "write");

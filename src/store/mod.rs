@@ -639,38 +639,39 @@ impl Store {
         Ok(row)
     }
 
-    /// Takes the newest pending authorization with a PKCE verifier that an organization began
-    /// for a connector (for `callback_url` when given, or made without one): the one whose URL
-    /// the user followed last, for a code that comes back without its `state`. Of two
-    /// concurrent takers exactly one gets it.
-    pub async fn take_newest_oauth_state(
+    /// The pending authorizations with a PKCE verifier that an organization began for a
+    /// connector with client id `api_key` (for `callback_url` when given, or made without
+    /// one), by state hash, at most `limit`: for a code that comes back without its `state`.
+    pub async fn pending_oauth_states(
         &self,
         organization_id: i64,
         element_key: &str,
+        api_key: &str,
         callback_url: Option<&str>,
         now: i64,
-    ) -> Result<Option<OAuthStateRow>, StoreError> {
+        limit: i64,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
         let for_callback = if callback_url.is_some() {
-            " AND (callback_url = $4 OR callback_url = '')"
+            " AND (callback_url = $6 OR callback_url = '')"
         } else {
             ""
         };
         let sql = format!(
-            "DELETE FROM oauth_states WHERE expires_at > $3 AND state_hash = \
-             (SELECT state_hash FROM oauth_states WHERE organization_id = $1 AND element_key = $2 \
-             AND expires_at > $3 AND code_verifier_enc IS NOT NULL{for_callback} \
-             ORDER BY expires_at DESC, state_hash LIMIT 1) \
-             RETURNING state_hash, organization_id, element_key, callback_url, api_key, \
-             code_verifier_enc, scope, expires_at"
+            "SELECT state_hash FROM oauth_states WHERE organization_id = $1 AND element_key = $2 \
+             AND api_key = $3 AND expires_at > $4 AND code_verifier_enc IS NOT NULL{for_callback} \
+             ORDER BY state_hash LIMIT $5"
         );
-        let mut query = sqlx::query_as::<_, OAuthStateRow>(sqlx::AssertSqlSafe(sql))
+        let mut query = sqlx::query_as::<_, (Vec<u8>,)>(sqlx::AssertSqlSafe(sql))
             .bind(organization_id)
             .bind(element_key)
-            .bind(now);
+            .bind(api_key)
+            .bind(now)
+            .bind(limit);
         if let Some(callback_url) = callback_url {
             query = query.bind(callback_url);
         }
-        Ok(query.fetch_optional(&self.pool).await?)
+        let rows = query.fetch_all(&self.pool).await?;
+        Ok(rows.into_iter().map(|(hash,)| hash).collect())
     }
 
     /// Key rotation: every pending state's sealed PKCE verifier, with the state's hash.

@@ -566,56 +566,72 @@ async fn oauth_url_makes_state_and_keeps_pkce_verifier() {
             "{}",
             refused.body
         );
-        // Without the state (the contract's body carries the code alone): the newest
-        // authorization begun for the connector is the one the user followed, and its
-        // verifier goes with the code.
-        let (code3, _) = env.authorize(&env.org, "sandbox-generic", "pkce-two").await;
+        // Without the state (the contract's body carries the code alone): the one
+        // authorization pending for the connector, client and redirect URI is the one the
+        // user followed, and its verifier goes with the code.
+        // (An organization of its own: the authorizations above are still pending here.)
+        let fresh = env.new_org("stateless").await;
+        let fresh_auth = fresh.platform();
+        let (code3, _) = env.authorize(&fresh, "sandbox-generic", "pkce-two").await;
         let stateless = json!({"element": {"key": "sandbox-generic"}, "providerData": {"code": code3},
                                "configuration": env.configuration()});
         let created = call(
             &env,
             Method::POST,
             &env.api("/instances"),
-            Some(&auth),
+            Some(&fresh_auth),
             Some(stateless),
         )
         .await;
         assert_eq!(created.status, 200, "[{label}] {}", created.body);
         assert_eq!(created.body["valid"], true, "[{label}] {}", created.body);
-        // A URL asked for after the one followed takes its place: the code goes with the newer
-        // verifier, which the provider refuses, in its words.
-        let (code4, _) = env
-            .authorize(&env.org, "sandbox-generic", "pkce-three")
-            .await;
+        // With two pending (another URL asked for since), which one the user followed is
+        // unknown: the state is asked for, and the code is not presented (a wrong verifier
+        // would spend it); with its state it works.
+        let (code4, state4) = env.authorize(&fresh, "sandbox-generic", "pkce-three").await;
         let newer = call(
             &env,
             Method::GET,
             &oauth_url("sandbox-generic", ""),
-            Some(&auth),
+            Some(&fresh_auth),
             None,
         )
         .await;
         assert_eq!(newer.status, 200, "[{label}] {}", newer.body);
-        let mismatched = call(
+        let exchanges = env.sandbox_stats().await["token"]["authorization_code"].clone();
+        let ambiguous = call(
             &env,
             Method::POST,
             &env.api("/instances"),
-            Some(&auth),
-            Some(
-                json!({"element": {"key": "sandbox-generic"}, "providerData": {"code": code4},
-                        "configuration": env.configuration()}),
-            ),
+            Some(&fresh_auth),
+            Some(json!({"element": {"key": "sandbox-generic"}, "providerData": {"code": code4.clone()},
+                        "configuration": env.configuration()})),
         )
         .await;
-        assert_eq!(mismatched.status, 400, "[{label}] {}", mismatched.body);
+        assert_eq!(ambiguous.status, 400, "[{label}] {}", ambiguous.body);
         assert!(
-            mismatched.body["providerMessage"]
+            ambiguous.body["message"]
                 .as_str()
                 .unwrap_or_default()
-                .contains("code_verifier"),
+                .contains("providerData.state"),
             "[{label}] {}",
-            mismatched.body
+            ambiguous.body
         );
+        assert_eq!(
+            env.sandbox_stats().await["token"]["authorization_code"],
+            exchanges,
+            "[{label}] the code was presented"
+        );
+        let with_state = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&fresh_auth),
+            Some(json!({"element": {"key": "sandbox-generic"}, "providerData": {"code": code4, "state": state4},
+                        "configuration": env.configuration()})),
+        )
+        .await;
+        assert_eq!(with_state.status, 200, "[{label}] {}", with_state.body);
 
         // Non-PKCE connector: a state already used (or never issued) is refused too.
         let (code4, state4) = env.authorize(&env.org, "sandbox-box", "bea").await;
