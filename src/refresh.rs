@@ -106,6 +106,10 @@ async fn lease_heartbeat(app: &App, id: i64, lease_until: Option<i64>) {
     }
 }
 
+/// How the last failure of an instance whose configuration is at fault begins (the store's
+/// recovery does not cut its backoff short: the provider answering others does not fix it).
+pub const MISCONFIGURED_TEXT: &str = "the instance cannot be refreshed as it is configured";
+
 /// How long [`RefreshEngine::with_instance_held`] waits for a running refresh: a lease's life
 /// and a little more, so a dead replica's lease runs out within it.
 const HOLD_WAIT: Duration = Duration::from_millis(LEASE_MS as u64 + 5_000);
@@ -777,7 +781,7 @@ impl RefreshEngine {
                 let message = match &failure {
                     RefreshFailure::Misconfigured(detail) => {
                         tracing::warn!(instance = id, "refresh impossible as configured: {detail}");
-                        format!("the instance cannot be refreshed as it is configured: {detail}")
+                        format!("{MISCONFIGURED_TEXT}: {detail}")
                     }
                     failure => {
                         tracing::error!(instance = id, "refresh failed on our side: {failure:?}");
@@ -787,7 +791,9 @@ impl RefreshEngine {
                 let message = message.as_str();
                 let now = now_ms();
                 let event = self.failing_event(app, &leased, now, message).await;
-                let _ = app
+                // A configuration at fault is the one read with the lease: one a PATCH has
+                // changed since (the fix) is not backed off for it.
+                let recorded = app
                     .store
                     .record_transient_failure(
                         id,
@@ -797,8 +803,13 @@ impl RefreshEngine {
                         now + backoff_step(leased.failure_count).max(BACKOFF_BASE_MS * 5),
                         event.as_ref(),
                         Some(leased.token_version),
+                        matches!(failure, RefreshFailure::Misconfigured(_))
+                            .then_some(leased.updated_at),
                     )
                     .await;
+                if !matches!(recorded, Ok(true)) {
+                    let _ = app.store.release_refresh_lease(id, &app.replica_id).await;
+                }
                 self.forget(id);
                 Err(failure)
             }
@@ -911,7 +922,13 @@ impl RefreshEngine {
                 instance = row.id,
                 "the refresh lease was taken over before the provider was asked; leaving the refresh to its holder"
             );
-            return self.moved_on(app, row).await;
+            // Not a refresh: the holder's result is read at the next call.
+            self.forget(row.id);
+            return Err(RefreshFailure::Transient {
+                message: "another replica took this refresh over".into(),
+                provider_message: None,
+                retry_after_ms: Some(1_000),
+            });
         }
         let started = Instant::now();
         let result = app
@@ -1091,7 +1108,16 @@ impl RefreshEngine {
                     .retry_after()
                     .map(|seconds| seconds.min(RETRY_AFTER_MAX_S) as i64 * 1000);
                 let wait = backoff_step(row.failure_count).max(retry_after_ms.unwrap_or(0));
-                let message = error.provider_message();
+                // A wait the provider asked for says so first: a recovery elsewhere does not cut
+                // it short (`Store::expedite_backoffs`).
+                let message = match (&error, error.retry_after()) {
+                    (OAuthError::Unavailable { .. }, Some(seconds)) => format!(
+                        "{} {seconds} s: {}",
+                        crate::oauth::ASKED_TO_WAIT_TEXT,
+                        error.provider_message()
+                    ),
+                    _ => error.provider_message(),
+                };
                 let event = self.failing_event(app, row, now, &message).await;
                 let recorded = app
                     .store
@@ -1103,6 +1129,7 @@ impl RefreshEngine {
                         now + wait,
                         event.as_ref(),
                         Some(row.token_version),
+                        None,
                     )
                     .await
                     .map_err(store_error)?;

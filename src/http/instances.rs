@@ -1445,6 +1445,9 @@ async fn update_once(
             .await?;
         // The scheduler sleeps until its next due instance: an import due now wakes it.
         app.refresh.notify_schedule_changed();
+    } else if retry_now {
+        // A backoff ended: the refresh is due now.
+        app.refresh.notify_schedule_changed();
     }
     app.refresh.forget(row.id);
     crate::audit::record(

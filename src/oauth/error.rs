@@ -25,6 +25,9 @@ use super::text::{MAX_ECHO_CHARS, cut, reason_phrase, redact};
 /// How the text of a rate limit ([`OAuthError::RateLimited`]) begins: the store tells by it the
 /// instances whose backoff a provider asked for (see `Store::expedite_backoffs`).
 pub const RATE_LIMITED_TEXT: &str = "the provider rate-limited the request";
+/// How the recorded text of a failure whose wait the provider set (a 503's `Retry-After`)
+/// begins, for the same reason.
+pub const ASKED_TO_WAIT_TEXT: &str = "the provider asked to wait";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OAuthError {

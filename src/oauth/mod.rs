@@ -36,7 +36,7 @@ use crate::secret::Secret;
 pub use client::{
     OAuthClient, RevokeOutcome, TokenHint, error_chain, read_capped, transport_message,
 };
-pub use error::{OAuthError, RATE_LIMITED_TEXT, is_permanent_error_code};
+pub use error::{ASKED_TO_WAIT_TEXT, OAuthError, RATE_LIMITED_TEXT, is_permanent_error_code};
 pub use rejection::{api_rejection, describe_provider_body};
 pub use response::{TokenSet, parse_token_response};
 pub(crate) use text::cut as cut_text;

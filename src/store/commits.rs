@@ -165,9 +165,10 @@ fn batch_sql(rows: usize, with_events: bool) -> String {
          refresh_expires_at = v.refresh_exp, last_refresh_at = v.last_refresh, \
          next_due_at = v.next_due, configuration = CASE WHEN v.configuration IS NULL \
          THEN i.configuration ELSE (i.configuration::jsonb || v.configuration::jsonb)::text END, \
-         token_version = i.token_version + 1, state = 'valid', \
-         state_reason = CASE WHEN i.state = 'invalid' THEN NULL ELSE i.state_reason END, \
-         provider_message = CASE WHEN i.state = 'invalid' THEN NULL ELSE i.provider_message END, \
+         token_version = i.token_version + 1, \
+         state = CASE WHEN i.state = 'invalid' AND i.state_reason LIKE 'refresh interrupted%' THEN 'valid' ELSE i.state END, \
+         state_reason = CASE WHEN i.state = 'invalid' AND i.state_reason LIKE 'refresh interrupted%' THEN NULL ELSE i.state_reason END, \
+         provider_message = CASE WHEN i.state = 'invalid' AND i.state_reason LIKE 'refresh interrupted%' THEN NULL ELSE i.provider_message END, \
          failing_since = NULL, failure_count = 0, \
          backoff_until = NULL, last_failure = NULL, \
          refresh_lease_until = CASE WHEN i.refresh_lease_owner = v.owner THEN NULL \

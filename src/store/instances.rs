@@ -15,10 +15,11 @@ pub(super) const INSTANCE_COLUMNS: &str = "id, organization_id, element_key, nam
      refresh_lease_until, refresh_in_flight_since, failing_since, failure_count, backoff_until, \
      last_failure, verification, created_by, created_at, updated_at";
 
-/// A commit at the version it refreshed makes the instance valid again: the provider has just
-/// given tokens for the grant, and an invalidation at that same version came from an answer
-/// about the refresh token this one retired (another replica presenting it once its lease ran
-/// out). A revocation moves the version, so no commit lands after it.
+/// A commit at the version it refreshed makes an instance invalidated as "refresh interrupted"
+/// valid again: the provider has just given tokens for the grant, and that invalidation, at the
+/// same version, came from an answer about the refresh token this one retired (another replica
+/// took the refresh over once the lease ran out, and presented it). A revocation moves the
+/// version, so no commit lands after it.
 ///
 /// The assignments and compare-and-swap of a commit of refreshed tokens: $1 to $8 the new
 /// token fields, $9 the lease owner, $10 the time, $11 the id, $12 the expected token version.
@@ -35,8 +36,9 @@ macro_rules! refreshed_set {
          ELSE ",
             $merge,
             " END, token_version = token_version + 1, \
-         state = 'valid', state_reason = CASE WHEN state = 'invalid' THEN NULL ELSE state_reason END, \
-         provider_message = CASE WHEN state = 'invalid' THEN NULL ELSE provider_message END, \
+         state = CASE WHEN state = 'invalid' AND state_reason LIKE 'refresh interrupted%' THEN 'valid' ELSE state END, \
+         provider_message = CASE WHEN state = 'invalid' AND state_reason LIKE 'refresh interrupted%' THEN NULL ELSE provider_message END, \
+         state_reason = CASE WHEN state = 'invalid' AND state_reason LIKE 'refresh interrupted%' THEN NULL ELSE state_reason END, \
          failing_since = NULL, failure_count = 0, backoff_until = NULL, last_failure = NULL, \
          refresh_lease_until = CASE WHEN refresh_lease_owner = $9 THEN NULL \
          ELSE refresh_lease_until END, \
@@ -667,7 +669,9 @@ impl Store {
     /// A passing failure: the instance stays valid. Starts `failing_since` if not set, counts
     /// the failure, keeps `message`, sets `backoff_until` (and moves a scheduled `next_due_at`
     /// to at least it), and releases the lease if `owner` holds it. False when there is no such
-    /// instance, or (with `expected_version`) when its token version moved on meanwhile.
+    /// instance, or (with `expected_version`) when its token version moved on meanwhile, or
+    /// (with `expected_updated_at`) when it was written since (a failure of the configuration
+    /// as it was read, which a PATCH has changed since).
     #[allow(clippy::too_many_arguments)]
     pub async fn record_transient_failure(
         &self,
@@ -678,6 +682,7 @@ impl Store {
         backoff_until: i64,
         event: Option<&NewEvent>,
         expected_version: Option<i64>,
+        expected_updated_at: Option<i64>,
     ) -> Result<bool, StoreError> {
         let mut transaction = self.begin_write().await?;
         let result = sqlx::query(
@@ -692,7 +697,8 @@ impl Store {
              ELSE refresh_in_flight_since END, \
              refresh_lease_owner = CASE WHEN refresh_lease_owner = $4 THEN NULL \
              ELSE refresh_lease_owner END, \
-             updated_at = CASE WHEN $5 > updated_at THEN $5 ELSE updated_at + 1 END WHERE id = $6 AND token_version = COALESCE($7, token_version)",
+             updated_at = CASE WHEN $5 > updated_at THEN $5 ELSE updated_at + 1 END WHERE id = $6 AND token_version = COALESCE($7, token_version) \
+             AND updated_at = COALESCE($8, updated_at)",
         )
         .bind(now)
         .bind(message)
@@ -701,6 +707,7 @@ impl Store {
         .bind(crate::app::now_ms())
         .bind(id)
         .bind(expected_version)
+        .bind(expected_updated_at)
         .execute(&mut *transaction)
         .await?;
         commit_with_event(transaction, result.rows_affected() == 1, event).await
@@ -710,8 +717,10 @@ impl Store {
     /// an organization's own connector) waiting out a transient-failure backoff that ends
     /// within `horizon` become due now, instead of each waiting for its own next step. Reads
     /// the due index (`instances_due`), so only the rows due within the horizon are looked at.
-    /// A wait the provider asked for (a 429's `Retry-After`) stays: one call that got through
-    /// does not lift a rate limit. Answers how many rows moved.
+    /// A wait the provider asked for (a 429's or a 503's `Retry-After`) stays: one call that
+    /// got through does not lift a rate limit; so does one for a configuration at fault (an
+    /// app's refused credentials), which others' recovery does not fix. Answers how many rows
+    /// moved.
     pub async fn expedite_backoffs(
         &self,
         organization_id: Option<i64>,
@@ -728,8 +737,11 @@ impl Store {
              WHERE state = 'valid' AND disabled = 0 AND next_due_at IS NOT NULL \
              AND next_due_at > $1 AND next_due_at <= $3 AND failing_since IS NOT NULL \
              AND refresh_lease_owner IS NULL AND element_key = $4{scope} \
-             AND (last_failure IS NULL OR last_failure NOT LIKE '{}%')",
-            crate::oauth::RATE_LIMITED_TEXT
+             AND (last_failure IS NULL OR (last_failure NOT LIKE '{}%' \
+             AND last_failure NOT LIKE '{}%' AND last_failure NOT LIKE '{}%'))",
+            crate::oauth::RATE_LIMITED_TEXT,
+            crate::oauth::ASKED_TO_WAIT_TEXT,
+            crate::refresh::MISCONFIGURED_TEXT,
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(now)

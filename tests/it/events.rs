@@ -942,7 +942,7 @@ async fn recovered_is_written_with_the_commit_that_ends_a_failure_streak() {
     let event = |kind: &str| tokenwarden::events::new_event(&app, &row, kind, None);
     let now = tokenwarden::app::now_ms();
     app.store
-        .record_transient_failure(id, "x", now, "503", now, None, None)
+        .record_transient_failure(id, "x", now, "503", now, None, None, None)
         .await
         .unwrap();
     let version = app

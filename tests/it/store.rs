@@ -910,7 +910,16 @@ async fn token_commit_is_compare_and_swap_with_its_event() {
             .unwrap();
         // A refresh that was in trouble before.
         store
-            .record_transient_failure(row.id, "someone-else", NOW, "503", NOW + 5_000, None, None)
+            .record_transient_failure(
+                row.id,
+                "someone-else",
+                NOW,
+                "503",
+                NOW + 5_000,
+                None,
+                None,
+                None,
+            )
             .await
             .unwrap();
 
@@ -1211,6 +1220,7 @@ async fn failures_invalidation_and_reauthentication() {
                     "token endpoint 503",
                     NOW + 60_000,
                     None,
+                    None,
                     None
                 )
                 .await
@@ -1226,6 +1236,7 @@ async fn failures_invalidation_and_reauthentication() {
                     "timeout",
                     NOW + 120_000,
                     Some(&failing_event),
+                    None,
                     None
                 )
                 .await
@@ -1913,7 +1924,7 @@ async fn invalidation_and_backoff_are_conditional_on_the_token_version() {
         );
         assert!(
             !store
-                .record_transient_failure(row.id, "me", 1, "503", 10, None, Some(stale))
+                .record_transient_failure(row.id, "me", 1, "503", 10, None, Some(stale), None)
                 .await
                 .unwrap(),
             "[{}] a stale version does not back off",
@@ -1925,11 +1936,45 @@ async fn invalidation_and_backoff_are_conditional_on_the_token_version() {
             "[{}] {now:?}",
             test.label
         );
+        // A failure of the configuration as it was read, recorded after a PATCH changed it
+        // (the fix): not backed off for.
+        let read = now.updated_at;
+        store
+            .update_instance_metadata(
+                now.organization_id,
+                now.id,
+                &now.name,
+                "[]",
+                "{}",
+                None,
+                None,
+                true,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            !store
+                .record_transient_failure(
+                    row.id,
+                    "me",
+                    1,
+                    "misconfigured",
+                    10,
+                    None,
+                    None,
+                    Some(read)
+                )
+                .await
+                .unwrap(),
+            "[{}] a failure of a configuration changed since",
+            test.label
+        );
         assert!(
             store
                 .mark_invalid(
                     row.id,
-                    "invalid_grant",
+                    "refresh interrupted: the provider no longer accepts the refresh token (invalid_grant)",
                     None,
                     None,
                     Some(row.token_version),
@@ -1948,9 +1993,10 @@ async fn invalidation_and_backoff_are_conditional_on_the_token_version() {
                 .unwrap()
                 .is_valid()
         );
-        // Tokens committed at the version that was invalidated (the rejection was about the
-        // refresh token this refresh retired, presented by another replica after its lease
-        // ran out): the grant lives, and the instance is valid again.
+        // Tokens committed at the version that was invalidated as "refresh interrupted" (the
+        // rejection was about the refresh token this refresh retired, presented by the
+        // replica that took the refresh over after the lease ran out): the grant lives, and
+        // the instance is valid again.
         let late = TokenUpdate {
             access_token_enc: Some(bytes("access-late")),
             ..TokenUpdate::default()
@@ -2023,6 +2069,8 @@ async fn a_recovery_makes_backed_off_instances_of_the_connector_due_now() {
             (org, "other-connector", "globex"),
             (other_org, "other-org", "acme"),
             (org, "rate-limited", "acme"),
+            (org, "asked-to-wait", "acme"),
+            (org, "misconfigured", "acme"),
         ] {
             let mut row = instance(owner, name);
             row.element_key = key.to_string();
@@ -2034,17 +2082,28 @@ async fn a_recovery_makes_backed_off_instances_of_the_connector_due_now() {
                 NOW + 60_000
             };
             // A provider's 429 asked for its wait: a success elsewhere does not lift it.
-            let failure = if name == "rate-limited" {
-                format!(
+            // Nor one a 503's `Retry-After` asked for, nor one for the app's refused
+            // credentials (others' recovery does not fix them).
+            let failure = match name {
+                "rate-limited" => format!(
                     "{} (HTTP 429), retry after 60 s",
                     tokenwarden::oauth::RATE_LIMITED_TEXT
-                )
-            } else {
-                "503".to_string()
+                ),
+                "asked-to-wait" => format!(
+                    "{} 60 s: the provider answered HTTP 503",
+                    tokenwarden::oauth::ASKED_TO_WAIT_TEXT
+                ),
+                "misconfigured" => format!(
+                    "{}: the provider refused the app's credentials (invalid_client)",
+                    tokenwarden::refresh::MISCONFIGURED_TEXT
+                ),
+                _ => "503".to_string(),
             };
             assert!(
                 store
-                    .record_transient_failure(row.id, "me", NOW, &failure, backoff, None, None)
+                    .record_transient_failure(
+                        row.id, "me", NOW, &failure, backoff, None, None, None
+                    )
                     .await
                     .unwrap()
             );
@@ -2098,11 +2157,14 @@ async fn a_recovery_makes_backed_off_instances_of_the_connector_due_now() {
             .unwrap();
         assert_eq!(moved, 1, "[{label}] the other organization's one");
         assert_eq!(row(4).await.next_due_at, Some(now), "[{label}]");
-        assert_eq!(
-            row(5).await.next_due_at,
-            Some(NOW + 60_000),
-            "[{label}] a rate limit keeps its wait"
-        );
+        for index in [5, 6, 7] {
+            assert_eq!(
+                row(index).await.next_due_at,
+                Some(NOW + 60_000),
+                "[{label}] {} keeps its wait",
+                rows[index].name
+            );
+        }
     }
 }
 
