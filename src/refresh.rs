@@ -1274,6 +1274,16 @@ fn check_usable(row: &InstanceRow, now: i64) -> Result<(), RefreshFailure> {
     if let Some(until) = row.backoff_until
         && until > now
     {
+        // A configuration at fault says so again (409), not "try again later".
+        if let Some(detail) = row
+            .last_failure
+            .as_deref()
+            .and_then(|failure| failure.strip_prefix(MISCONFIGURED_TEXT))
+        {
+            return Err(RefreshFailure::Misconfigured(
+                detail.trim_start_matches(": ").to_string(),
+            ));
+        }
         return Err(RefreshFailure::Transient {
             message: "the last refresh attempt failed; waiting before the next".into(),
             provider_message: row.last_failure.clone(),

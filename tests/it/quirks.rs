@@ -803,7 +803,17 @@ async fn client_authentication_basic_only_and_body_only_on(env: Env) {
     assert_eq!(shown["valid"], true, "{shown}");
     configure(&env, json!({"clientAuthMethods": ["client_secret_post"]})).await;
     let (status, body) = refresh(&env, &id, &token).await;
-    assert_eq!(status, 503, "inside the backoff, no attempt: {body}");
+    assert_eq!(
+        status, 409,
+        "inside the backoff, no attempt, the same words: {body}"
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("invalid_client"),
+        "{body}"
+    );
     let patched = env
         .http
         .patch(env.api(&format!("/instances/{id}")))
