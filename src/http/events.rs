@@ -79,6 +79,31 @@ pub async fn list(
             },
         )
         .await?;
+    // An instance id this organization knows nothing of (another organization's, or none's)
+    // is a 404, as everywhere; a deleted instance's events stay listed.
+    if rows.is_empty()
+        && let Some(id) = instance_id
+        && app
+            .store
+            .get_instance(caller.organization_id, id)
+            .await?
+            .is_none()
+        && app
+            .store
+            .list_events(
+                caller.organization_id,
+                &EventFilter {
+                    instance_id: Some(id),
+                    event_type: None,
+                    before: None,
+                    limit: 1,
+                },
+            )
+            .await?
+            .is_empty()
+    {
+        return Err(ApiError::not_found("There is no such instance"));
+    }
     let next = rows
         .last()
         .map(|row| format!("{}_{}", row.occurred_at, row.id));

@@ -216,14 +216,13 @@ async fn a_second_organization_sees_and_touches_nothing() {
             None,
         )
         .await;
-        assert_eq!(b_events.status, b_missing.status, "[{label}]");
-        if b_events.status == 200 {
-            assert_eq!(
-                b_events.body["events"],
-                json!([]),
-                "[{label}] org B sees org A's events"
-            );
-        }
+        // Another organization's instance id is a 404, exactly as one that does not exist.
+        assert_eq!(b_events.status, 404, "[{label}] {}", b_events.body);
+        assert_eq!(b_missing.status, 404, "[{label}] {}", b_missing.body);
+        assert_eq!(
+            b_events.body["message"], b_missing.body["message"],
+            "[{label}]"
+        );
         let b_all_events = call(
             &env,
             Method::GET,
