@@ -695,6 +695,16 @@ pub fn urlencode(text: &str) -> String {
 /// Built-in connectors whose templates name the client id (GitHub's revocation URL) or an
 /// input in their scopes (Dynamics' `https://{org}.crm.dynamics.com/…`) make authorization
 /// URLs with everything filled in.
+/// The `scope` parameter of an authorization URL.
+fn scope_in(url: &str) -> String {
+    url::Url::parse(url)
+        .unwrap()
+        .query_pairs()
+        .find(|(name, _)| name == "scope")
+        .map(|(_, value)| value.into_owned())
+        .unwrap_or_default()
+}
+
 #[tokio::test]
 async fn authorization_urls_fill_scopes_and_leave_the_client_id_to_the_client() {
     for (label, url) in test_databases().await {
@@ -725,12 +735,7 @@ async fn authorization_urls_fill_scopes_and_leave_the_client_id_to_the_client() 
         .await;
         assert_eq!(dynamics.status, 200, "[{label}] {}", dynamics.body);
         let oauth_url = dynamics.body["oauthUrl"].as_str().unwrap_or_default();
-        let parsed = url::Url::parse(oauth_url).unwrap();
-        let scope: String = parsed
-            .query_pairs()
-            .find(|(name, _)| name == "scope")
-            .map(|(_, value)| value.into_owned())
-            .unwrap_or_default();
+        let scope = scope_in(oauth_url);
         assert_eq!(
             scope, "offline_access https://contoso.crm.dynamics.com/user_impersonation",
             "[{label}] {oauth_url}"
@@ -750,13 +755,12 @@ async fn authorization_urls_fill_scopes_and_leave_the_client_id_to_the_client() 
         )
         .await;
         assert_eq!(asked.status, 200, "[{label}] {}", asked.body);
-        let asked_url = url::Url::parse(asked.body["oauthUrl"].as_str().unwrap()).unwrap();
-        let scope: String = asked_url
-            .query_pairs()
-            .find(|(name, _)| name == "scope")
-            .map(|(_, value)| value.into_owned())
-            .unwrap_or_default();
-        assert_eq!(scope, "Mail.Read offline_access", "[{label}] {asked_url}");
+        let asked_url = asked.body["oauthUrl"].as_str().unwrap();
+        assert_eq!(
+            scope_in(asked_url),
+            "Mail.Read offline_access",
+            "[{label}] {asked_url}"
+        );
         env.stop().await;
         drop_test_database(&url).await;
     }

@@ -629,6 +629,34 @@ async fn failed_creates_answer_4xx_and_create_nothing() {
     }
 }
 
+/// A new instance of `key` for `user`, then its tokens imported into another
+/// (`externalAuthentication: "initial"`): the import's answer and the access token imported.
+async fn import_tokens_of_a_new_instance(env: &Env, key: &str, user: &str) -> (Reply, String) {
+    let source = env.create_instance(&env.org, key, user).await;
+    let shown = revealed(env, &env.org, &source).await;
+    let access = shown["configuration"]["oauth.user.token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut configuration = env.configuration();
+    configuration["oauth.user.token"] = json!(access);
+    configuration["oauth.user.refresh_token"] =
+        shown["configuration"]["oauth.user.refresh_token"].clone();
+    let imported = call(
+        env,
+        Method::POST,
+        &env.api("/instances"),
+        Some(&env.org.platform()),
+        Some(
+            json!({"element": {"key": key}, "externalAuthentication": "initial",
+                    "configuration": configuration}),
+        ),
+    )
+    .await;
+    assert_eq!(imported.status, 200, "[{}] {}", env.label, imported.body);
+    (imported, access)
+}
+
 #[tokio::test]
 async fn existing_tokens_can_be_imported() {
     for (label, url) in test_databases().await {
@@ -744,30 +772,8 @@ async fn existing_tokens_can_be_imported() {
         assert_eq!(status, 200, "[{label}] {body}");
         // A connector refreshed before expiry, without a keep-alive: the tokens serve as they
         // were brought in (no refresh behind the caller's back).
-        let generic = env
-            .create_instance(&env.org, "sandbox-generic", "erin-generic")
-            .await;
-        let generic_shown = revealed(&env, &env.org, &generic).await;
-        let generic_access = generic_shown["configuration"]["oauth.user.token"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let mut configuration = env.configuration();
-        configuration["oauth.user.token"] = json!(generic_access);
-        configuration["oauth.user.refresh_token"] =
-            generic_shown["configuration"]["oauth.user.refresh_token"].clone();
-        let imported = call(
-            &env,
-            Method::POST,
-            &env.api("/instances"),
-            Some(&env.org.platform()),
-            Some(
-                json!({"element": {"key": "sandbox-generic"}, "externalAuthentication": "initial",
-                                        "configuration": configuration}),
-            ),
-        )
-        .await;
-        assert_eq!(imported.status, 200, "[{label}] {}", imported.body);
+        let (imported, generic_access) =
+            import_tokens_of_a_new_instance(&env, "sandbox-generic", "erin-generic").await;
         let refreshes = env.sandbox_stats().await["token"]["refresh_token"].clone();
         tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
         let (status, body) = env
@@ -792,30 +798,8 @@ async fn existing_tokens_can_be_imported() {
         );
         // A connector whose refresh tokens die unused (a keep-alive): refreshed at once, the
         // grant proved now and the inactivity clock started here.
-        let boxed = env
-            .create_instance(&env.org, "sandbox-box", "erin-box")
-            .await;
-        let boxed_shown = revealed(&env, &env.org, &boxed).await;
-        let boxed_access = boxed_shown["configuration"]["oauth.user.token"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let mut configuration = env.configuration();
-        configuration["oauth.user.token"] = json!(boxed_access);
-        configuration["oauth.user.refresh_token"] =
-            boxed_shown["configuration"]["oauth.user.refresh_token"].clone();
-        let imported = call(
-            &env,
-            Method::POST,
-            &env.api("/instances"),
-            Some(&env.org.platform()),
-            Some(
-                json!({"element": {"key": "sandbox-box"}, "externalAuthentication": "initial",
-                                        "configuration": configuration}),
-            ),
-        )
-        .await;
-        assert_eq!(imported.status, 200, "[{label}] {}", imported.body);
+        let (imported, boxed_access) =
+            import_tokens_of_a_new_instance(&env, "sandbox-box", "erin-box").await;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while revealed(&env, &env.org, &imported.body).await["configuration"]["oauth.user.token"]
             == boxed_access.as_str()
