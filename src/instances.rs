@@ -42,29 +42,25 @@ const DERIVED_KEYS: &[&str] = &[
 ];
 
 /// Whether a configuration key holds a secret, stored sealed and shown masked: the client
-/// secret, and keys that name a secret, a password or a credential, whose last word is a token
-/// (`api.token`, `bot_token`, `OAuth.User.Token` in another case), or a key of an API, an
-/// access or a private key (`x-api-key`, `apikey`, `access_key`, `private.key`). Not
-/// `oauth.api.key` (the client id, shown: the contract's key), nor the fields the service
-/// keeps from token responses (`oauth.provider.*`, already sifted of secrets), nor a key
-/// that only names one (`site_key`, `region_key`: connector inputs may be called so).
+/// secret, and keys that name a secret, a password, a credential or something private, or
+/// whose last word is a token or a key (`api.token`, `bot_token`, `x-api-key`, `hmac_key`,
+/// `OAuth.User.Token` in another case). Not `oauth.api.key` (the client id, shown: the
+/// contract's key), nor a token-response field the service keeps (`oauth.provider.*`, sifted
+/// of tokens and secrets already) for its last word alone (Stripe's publishable key). A
+/// connector's inputs, kept in the open, may not be named so (`catalog::validate`).
 pub fn is_secret_key(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    if key == API_KEY || key.starts_with("oauth.provider.") {
+    if key == API_KEY {
         return false;
     }
     let last = key.rsplit(['.', '_', '-', ' ']).next().unwrap_or_default();
+    let kept_from_token_response = key.starts_with("oauth.provider.");
     key == API_SECRET
-        || ["secret", "password", "passwd", "credential"]
+        || ["secret", "password", "passwd", "credential", "private"]
             .iter()
             .any(|word| key.contains(word))
         || key.ends_with(".apikey.value")
-        || last.ends_with("token")
-        || last == "apikey"
-        || (last == "key"
-            && ["api", "access", "private", "signature", "auth"]
-                .iter()
-                .any(|word| key.contains(word)))
+        || (!kept_from_token_response && (last.ends_with("token") || last.ends_with("key")))
 }
 
 /// A configuration as given by a caller: string values (numbers and booleans are accepted and
@@ -451,7 +447,7 @@ pub fn exchange_error(error: &OAuthError) -> ApiError {
                 "The provider is rate limiting the token endpoint; try again later",
             )
             .with_provider_message(provider_message);
-            api.retry_after = *retry_after;
+            api.retry_after = retry_after.map(|seconds| seconds.min(crate::refresh::RETRY_AFTER_MAX_S));
             api
         }
         OAuthError::Unavailable { .. } | OAuthError::Transport { .. } => {
@@ -460,8 +456,10 @@ pub fn exchange_error(error: &OAuthError) -> ApiError {
                 "The provider's token endpoint could not be reached or failed; try again later",
             )
             .with_provider_message(provider_message);
-            // A 503's announced length (a maintenance window).
-            api.retry_after = error.retry_after();
+            // A 503's announced length (a maintenance window), an hour at most.
+            api.retry_after = error
+                .retry_after()
+                .map(|seconds| seconds.min(crate::refresh::RETRY_AFTER_MAX_S));
             api
         }
         OAuthError::Config { message } => ApiError::bad_request(format!(
@@ -1025,6 +1023,11 @@ mod tests {
             "OAuth.User.Token",
             "private.key",
             "access_key",
+            "hmac_key",
+            "signing_key",
+            "privatekey",
+            "private_key_pem",
+            "oauth.provider.client_secret",
             "credentials",
             "event.notification.signature.key",
             "slack.accessToken",
@@ -1044,10 +1047,8 @@ mod tests {
             "event.notification.callback.url",
             "shard",
             "tenant",
-            "site_key",
-            "region_key",
-            "private_host",
             "oauth.provider.stripe_publishable_key",
+            "oauth.provider.api_access_point",
         ] {
             assert!(!is_secret_key(key), "{key}");
         }

@@ -66,7 +66,7 @@ const BACKOFF_MAX_MS: i64 = 300_000;
 /// The longest a provider's `Retry-After` holds an instance's refreshes back: an hour. While it
 /// does, a call whose token has expired answers 503, so a provider that asks for a day (or a
 /// date a year ahead) must not take an instance out of service for that long.
-const RETRY_AFTER_MAX_S: u64 = 3_600;
+pub const RETRY_AFTER_MAX_S: u64 = 3_600;
 /// Renews this replica's lease on instance `id` once it is [`LEASE_RENEW_MS`] old, for as long
 /// as it is polled (one short UPDATE each time, no connection held in between); never ends.
 /// `lease_until`: the end of the lease as taken, so that one taken a while ago (a claim that
@@ -922,7 +922,17 @@ impl RefreshEngine {
                 instance = row.id,
                 "the refresh lease was taken over before the provider was asked; leaving the refresh to its holder"
             );
-            // Not a refresh: the holder's result is read at the next call.
+            // Not a refresh: a revocation or a re-authentication that ended the lease is
+            // answered as it left the instance; another replica's refresh at the next call.
+            let now_row = app
+                .store
+                .get_instance_by_id(row.id)
+                .await
+                .map_err(store_error)?
+                .ok_or(RefreshFailure::NotFound)?;
+            if now_row.token_version != row.token_version || !now_row.is_valid() {
+                return self.moved_on(app, row).await;
+            }
             self.forget(row.id);
             return Err(RefreshFailure::Transient {
                 message: "another replica took this refresh over".into(),
@@ -1053,14 +1063,31 @@ impl RefreshEngine {
                 };
                 if !was_committed {
                     // Our lease ran out and someone else committed: theirs is the token now.
+                    // Or the instance was ended meanwhile (revoked, invalidated other than by
+                    // an interrupted refresh): these tokens are not stored, and the caller
+                    // hears how it was left.
                     let _ = app
                         .store
                         .release_refresh_lease(row.id, &app.replica_id)
                         .await;
                     tracing::warn!(
                         instance = row.id,
-                        "a refresh finished after its lease expired; keeping the newer token"
+                        "a refresh finished after its lease expired; keeping what the instance holds now"
                     );
+                    if !stored.is_valid() {
+                        self.forget(row.id);
+                        return Err(RefreshFailure::Invalid {
+                            reason: stored
+                                .state_reason
+                                .clone()
+                                .unwrap_or_else(|| "invalid".into()),
+                            provider_message: stored
+                                .provider_message
+                                .clone()
+                                .or_else(|| stored.state_reason.clone()),
+                            version: Some(stored.token_version),
+                        });
+                    }
                 }
                 tracing::info!(instance = row.id, connector = %connector.key, version = stored.token_version, "token refreshed");
                 if was_committed && row.failing_since.is_some() {
@@ -1110,10 +1137,11 @@ impl RefreshEngine {
                 let wait = backoff_step(row.failure_count).max(retry_after_ms.unwrap_or(0));
                 // A wait the provider asked for says so first: a recovery elsewhere does not cut
                 // it short (`Store::expedite_backoffs`).
-                let message = match (&error, error.retry_after()) {
-                    (OAuthError::Unavailable { .. }, Some(seconds)) => format!(
-                        "{} {seconds} s: {}",
+                let message = match (&error, retry_after_ms) {
+                    (OAuthError::Unavailable { .. }, Some(ms)) => format!(
+                        "{} {} s: {}",
                         crate::oauth::ASKED_TO_WAIT_TEXT,
+                        ms / 1000,
                         error.provider_message()
                     ),
                     _ => error.provider_message(),

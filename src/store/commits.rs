@@ -178,6 +178,7 @@ fn batch_sql(rows: usize, with_events: bool) -> String {
          refresh_lease_owner = CASE WHEN i.refresh_lease_owner = v.owner THEN NULL \
          ELSE i.refresh_lease_owner END, \
          updated_at = CASE WHEN v.now > i.updated_at THEN v.now ELSE i.updated_at + 1 END FROM v WHERE i.id = v.id AND i.token_version = v.expected \
+         AND (i.state <> 'invalid' OR i.state_reason LIKE 'refresh interrupted%') \
          RETURNING {})",
         values_rows(&COMMIT_TYPES, rows, 1),
         prefixed("i", INSTANCE_COLUMNS),

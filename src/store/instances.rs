@@ -46,7 +46,8 @@ macro_rules! refreshed_set {
          ELSE refresh_in_flight_since END, \
          refresh_lease_owner = CASE WHEN refresh_lease_owner = $9 THEN NULL \
          ELSE refresh_lease_owner END, \
-         updated_at = CASE WHEN $10 > updated_at THEN $10 ELSE updated_at + 1 END WHERE id = $11 AND token_version = $12"
+         updated_at = CASE WHEN $10 > updated_at THEN $10 ELSE updated_at + 1 END WHERE id = $11 AND token_version = $12 \
+         AND (state <> 'invalid' OR state_reason LIKE 'refresh interrupted%')"
         )
     };
 }

@@ -1993,6 +1993,45 @@ async fn invalidation_and_backoff_are_conditional_on_the_token_version() {
                 .unwrap()
                 .is_valid()
         );
+        // Not over an invalidation of another kind (a grant refused outright): such an
+        // instance stays invalid, and the tokens are not stored.
+        let other = instance(org, "refused");
+        store.insert_instance(&other, None).await.unwrap();
+        assert!(
+            store
+                .mark_invalid(
+                    other.id,
+                    "invalid_grant: revoked",
+                    None,
+                    None,
+                    Some(other.token_version),
+                    false
+                )
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .commit_refreshed_tokens(
+                    other.id,
+                    "me",
+                    other.token_version,
+                    &TokenUpdate::default(),
+                    None
+                )
+                .await
+                .unwrap(),
+            "[{}] a commit over a refused grant",
+            test.label
+        );
+        assert!(
+            !store
+                .get_instance_by_id(other.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .is_valid()
+        );
         // Tokens committed at the version that was invalidated as "refresh interrupted" (the
         // rejection was about the refresh token this refresh retired, presented by the
         // replica that took the refresh over after the lease ran out): the grant lives, and

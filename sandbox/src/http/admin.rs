@@ -195,9 +195,9 @@ struct Reset {
     grants: bool,
 }
 
-/// Statistics, faults, the clock and every profile's settings back to a fresh start. Issued
-/// codes, grants and tokens stay unless `{"grants": true}`: a reset between two checks (to
-/// count from zero) must not end the connections a service holds.
+/// Statistics, faults and every profile's settings back to a fresh start. Issued codes,
+/// grants and tokens, and the clock they live on, stay unless `{"grants": true}`: a reset
+/// between two checks (to count from zero) must not end the connections a service holds.
 async fn reset(State(sandbox): State<AppState>, body: Bytes) -> Response {
     let request: Reset = if body.iter().all(u8::is_ascii_whitespace) {
         Reset::default()
