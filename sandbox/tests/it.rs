@@ -1596,13 +1596,15 @@ async fn stats_count_and_reset_starts_over() {
     assert_eq!(stats["api"], json!({"ok": 0, "unauthorized": 0}));
     // Counting from zero does not end the connections a service holds, nor turn their clock
     // back (a revoked or used token would come alive again).
-    let clock: Value = ctx
-        .get("/__sandbox/clock")
-        .await
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(clock["offsetSeconds"], 1000);
+    let offset = || async {
+        ctx.get("/__sandbox/clock")
+            .await
+            .json::<Value>()
+            .await
+            .expect("json")["offsetSeconds"]
+            .clone()
+    };
+    assert_eq!(offset().await, 1000);
     let (status, body) = ctx.refresh(GENERIC, &rt).await;
     assert_eq!(status, StatusCode::OK, "grants stay: {body}");
     let rt = body["refresh_token"]
@@ -1618,13 +1620,7 @@ async fn stats_count_and_reset_starts_over() {
         "invalid_grant",
         "grants are gone"
     );
-    let clock: Value = ctx
-        .get("/__sandbox/clock")
-        .await
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(clock["offsetSeconds"], 0);
+    assert_eq!(offset().await, 0);
     let settings: Value = ctx
         .get("/__sandbox/profiles/generic")
         .await
