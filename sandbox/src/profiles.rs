@@ -333,6 +333,9 @@ impl ProfileSettings {
             },
             Profile::Box => ProfileSettings {
                 refresh_token_idle_ttl_seconds: SIXTY_DAYS,
+                // Box's authorization codes expire after 30 seconds (developer.box.com, "Token
+                // & URL expiration"): a client slow to exchange them fails there.
+                authorization_code_ttl_seconds: 30,
                 rotate_refresh_tokens: true,
                 client_auth_methods: vec![ClientAuthMethod::ClientSecretPost],
                 ..base

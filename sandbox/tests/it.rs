@@ -517,6 +517,10 @@ async fn codes_are_single_use_short_lived_and_bound() {
     );
     let code = ctx.code(GENERIC, "app", &[]).await;
     assert_eq!(ctx.exchange(BOX, &code).await.1["error"], "invalid_grant");
+    // Box's codes live 30 seconds.
+    let code = ctx.code(BOX, "app", &[]).await;
+    ctx.advance(31).await;
+    assert_eq!(ctx.exchange(BOX, &code).await.1["error"], "invalid_grant");
 }
 
 /// The S256 code challenge of a PKCE verifier (RFC 7636 §4.2).
