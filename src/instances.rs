@@ -427,45 +427,37 @@ pub fn client_credentials(
 /// a 503's `Retry-After`; a rate limit a 429 with its `Retry-After`.
 pub fn exchange_error(error: &OAuthError) -> ApiError {
     use axum::http::StatusCode;
-    let provider_message = error.provider_message();
-    match error {
+    let (status, message) = match error {
         // The provider took the code and answered, but not with tokens this service can read:
         // not the caller's fault, and the code is spent.
-        OAuthError::Unparseable { status, .. } if (200..300).contains(status) => ApiError::new(
+        OAuthError::Unparseable { status, .. } if (200..300).contains(status) => (
             StatusCode::FAILED_DEPENDENCY,
             "The provider's answer to the code exchange could not be read (no access token in it); get a new code once the connector is fixed",
-        )
-        .with_provider_message(provider_message),
-        OAuthError::Provider { .. } | OAuthError::Unparseable { .. } => ApiError::new(
+        ),
+        OAuthError::Provider { .. } | OAuthError::Unparseable { .. } => (
             StatusCode::BAD_REQUEST,
             "The provider refused the authorization code; get a new code and try again",
-        )
-        .with_provider_message(provider_message),
-        OAuthError::RateLimited { retry_after, .. } => {
-            let mut api = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "The provider is rate limiting the token endpoint; try again later",
-            )
-            .with_provider_message(provider_message);
-            api.retry_after = retry_after.map(|seconds| seconds.min(crate::refresh::RETRY_AFTER_MAX_S));
-            api
+        ),
+        OAuthError::RateLimited { .. } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "The provider is rate limiting the token endpoint; try again later",
+        ),
+        OAuthError::Unavailable { .. } | OAuthError::Transport { .. } => (
+            StatusCode::FAILED_DEPENDENCY,
+            "The provider's token endpoint could not be reached or failed; try again later",
+        ),
+        OAuthError::Config { message } => {
+            return ApiError::bad_request(format!(
+                "The connector's OAuth settings are not usable: {message}"
+            ));
         }
-        OAuthError::Unavailable { .. } | OAuthError::Transport { .. } => {
-            let mut api = ApiError::new(
-                StatusCode::FAILED_DEPENDENCY,
-                "The provider's token endpoint could not be reached or failed; try again later",
-            )
-            .with_provider_message(provider_message);
-            // A 503's announced length (a maintenance window), an hour at most.
-            api.retry_after = error
-                .retry_after()
-                .map(|seconds| seconds.min(crate::refresh::RETRY_AFTER_MAX_S));
-            api
-        }
-        OAuthError::Config { message } => ApiError::bad_request(format!(
-            "The connector's OAuth settings are not usable: {message}"
-        )),
-    }
+    };
+    let mut api = ApiError::new(status, message).with_provider_message(error.provider_message());
+    // The wait a 429 or a 503 announced (a maintenance window), an hour at most.
+    api.retry_after = error
+        .retry_after()
+        .map(|seconds| seconds.min(crate::refresh::RETRY_AFTER_MAX_S));
+    api
 }
 
 /// The instance as the API shows it. Secrets are masked unless `reveal` (the request carries

@@ -1083,9 +1083,6 @@ fn imports_tokens(body: &InstanceBody, mode: UpdateMode) -> bool {
             })
 }
 
-/// One attempt of [`update`]: `None` when a refresh committed since `row` was read (its
-/// configuration keys would be undone by a configuration computed from `row`), and nothing
-/// was written.
 /// What one attempt of an update carries from the ones before it.
 struct Attempt<'a> {
     /// The tokens as the caller saw them (the first read).
@@ -1096,6 +1093,9 @@ struct Attempt<'a> {
     held: bool,
 }
 
+/// One attempt of [`update`]: `None` when a refresh committed since `row` was read (its
+/// configuration keys would be undone by a configuration computed from `row`), and nothing
+/// was written.
 async fn update_once(
     app: &SharedApp,
     caller: &Caller,
@@ -1164,25 +1164,19 @@ async fn update_once(
     ) {
         split.refresh_token = None;
     }
+    let old_plain = plain_configuration(&row);
     let (mut plain, mut secret) = match mode {
-        UpdateMode::Merge => (
-            plain_configuration(&row),
-            secrets.secret_configuration.clone(),
-        ),
+        UpdateMode::Merge => (old_plain.clone(), secrets.secret_configuration.clone()),
         UpdateMode::Replace { .. } => {
             // Keys the service computes are kept; the caller's keys replace the rest.
-            let mut kept = Map::new();
-            let old = plain_configuration(&row);
-            for key in [BASE_URL, REFRESH_URL] {
-                if let Some(value) = old.get(key) {
-                    kept.insert(key.to_string(), value.clone());
-                }
-            }
-            for (key, value) in old {
-                if key.starts_with("oauth.provider.") {
-                    kept.insert(key, value);
-                }
-            }
+            let kept: Map<String, Value> = old_plain
+                .iter()
+                .filter(|(key, _)| {
+                    [BASE_URL, REFRESH_URL].contains(&key.as_str())
+                        || key.starts_with("oauth.provider.")
+                })
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect();
             (kept, BTreeMap::new())
         }
     };
@@ -1190,7 +1184,6 @@ async fn update_once(
         // The new redirect names the account's host again (it may have moved).
         inputs_from_redirect(app, &connector, &body.redirect_fields(), &mut split.plain);
     }
-    let old_plain = plain_configuration(&row);
     // Given means changed: a configuration written back as read carries the stored one.
     let base_given = split.plain.get(BASE_URL).is_some_and(|given| {
         old_plain.get(BASE_URL).and_then(Value::as_str) != Some(given.as_str())
@@ -1234,7 +1227,7 @@ async fn update_once(
         // its authorization asked for, unless given.
         for key in [API_KEY, CALLBACK_URL, instances::SCOPE] {
             if !plain.contains_key(key)
-                && let Some(value) = plain_configuration(&row).get(key)
+                && let Some(value) = old_plain.get(key)
             {
                 plain.insert(key.to_string(), value.clone());
             }

@@ -2269,7 +2269,7 @@ async fn an_endless_verification_answer_is_not_read_whole() {
 }
 
 /// A token endpoint that takes the code and answers 200 without tokens this service can read:
-/// a 502 that says so (the caller's code was not refused), and the code stays spent, so a
+/// a 424 that says so (the caller's code was not refused), and the code stays spent, so a
 /// retry with it is refused here rather than presented again.
 #[tokio::test]
 async fn an_unreadable_answer_to_the_code_exchange_is_not_a_refusal() {
