@@ -14,6 +14,7 @@ pub mod ops;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::response::IntoResponse;
 use axum::routing::{any, get, post, put};
 
 use crate::app::SharedApp;
@@ -110,9 +111,29 @@ impl Service {
             return crate::proxy::entry(self.app, request).await;
         }
         use tower::ServiceExt;
-        match Box::pin(self.router.oneshot(request.map(axum::body::Body::new))).await {
-            Ok(response) => response,
-            Err(never) => match never {},
+        let changes = !matches!(
+            *request.method(),
+            axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+        );
+        let routed = Box::pin(self.router.oneshot(request.map(axum::body::Body::new)));
+        if !changes {
+            return match routed.await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            };
+        }
+        // A change, once its request has arrived, is carried out to its end whether the caller
+        // waits for the answer or hangs up: cut at one of its awaits (hyper drops the call of a
+        // connection that closed), it left a change written without its audit entry, or a
+        // deletion without its scheduler told. A task of its own, counted like a refresh, so a
+        // shutdown waits for it too.
+        match crate::refresh::spawn_to_the_end(&self.app, routed).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(never)) => match never {},
+            Err(stopped) => {
+                tracing::error!("a request stopped before its answer: {stopped}");
+                error::ApiError::internal("The request stopped before its answer").into_response()
+            }
         }
     }
 }

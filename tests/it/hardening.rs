@@ -338,3 +338,97 @@ async fn an_own_connector_keeps_its_key_when_a_built_in_takes_it() {
     assert_eq!(body["name"], "Sandbox: Box", "{body}");
     env.stop().await;
 }
+
+/// A change whose caller hangs up as soon as the request is sent is carried out whole, with its
+/// audit entry: cut at one of its awaits, a rename was lost half the time and a disabling was
+/// written without the audit entry that says who did it.
+#[tokio::test]
+async fn a_change_is_carried_out_when_its_caller_hangs_up() {
+    use tokio::io::AsyncWriteExt;
+    let url = crate::support::sqlite_database();
+    let env = Env::start("hang-up", &url).await;
+    let platform = env.org.platform();
+    let instance = env
+        .create_instance(&env.org, "sandbox-generic", "hangup")
+        .await;
+    let id = instance["id"].as_i64().unwrap();
+    let element_token = instance["token"].as_str().unwrap().to_string();
+    let send_and_hang_up = |request: String| async move {
+        let mut stream = tokio::net::TcpStream::connect(env.server.addr)
+            .await
+            .unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        stream.flush().await.unwrap();
+        drop(stream);
+    };
+    let renames = 20;
+    for n in 0..renames {
+        let body = json!({"name": format!("renamed {n}")}).to_string();
+        send_and_hang_up(format!(
+            "PATCH /elements/api-v2/instances/{id} HTTP/1.1\r\nHost: x\r\nAuthorization: {platform}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ))
+        .await;
+        // Each rename arrives after the last one ended.
+        let wanted = format!("renamed {n}");
+        let mut name = Value::Null;
+        for _ in 0..100 {
+            let (_, shown) = send(
+                &env,
+                Method::GET,
+                &env.api(&format!("/instances/{id}")),
+                &platform,
+                None,
+            )
+            .await;
+            name = shown["name"].clone();
+            if name == wanted.as_str() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            name,
+            wanted.as_str(),
+            "rename {n} was lost when its caller hung up"
+        );
+    }
+    let element_auth = format!("{platform}, Element {element_token}");
+    send_and_hang_up(format!(
+        "DELETE /elements/api-v2/instances/enabled HTTP/1.1\r\nHost: x\r\nAuthorization: {element_auth}\r\n\r\n"
+    ))
+    .await;
+    let mut audited = (0, false);
+    for _ in 0..100 {
+        let (_, audit) = send(&env, Method::GET, &env.api("/audit-logs"), &platform, None).await;
+        let entries = audit["auditLogs"].as_array().cloned().unwrap_or_default();
+        audited = (
+            entries
+                .iter()
+                .filter(|e| e["action"] == "instance.updated")
+                .count(),
+            entries.iter().any(|e| e["action"] == "instance.disabled"),
+        );
+        if audited == (renames, true) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        audited,
+        (renames, true),
+        "(renames audited, disabling audited)"
+    );
+    let (_, shown) = send(
+        &env,
+        Method::GET,
+        &env.api(&format!("/instances/{id}")),
+        &platform,
+        None,
+    )
+    .await;
+    assert_eq!(shown["disabled"], true, "{shown}");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
