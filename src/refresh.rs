@@ -1089,6 +1089,24 @@ impl RefreshEngine {
                         });
                     }
                 }
+                if was_committed && let Some(undone) = &stored.revived_reason {
+                    // Another replica took this refresh over after our lease ran out, presented
+                    // the refresh token we had just used, and invalidated the instance on the
+                    // provider's refusal; our commit made it valid again. Whoever heard of the
+                    // invalidation hears of this: an event of its own (not in the commit's
+                    // transaction; lost only if the process dies between the two).
+                    tracing::warn!(
+                        instance = row.id,
+                        "a refresh completed after another replica invalidated the instance for it: valid again"
+                    );
+                    let reason = format!(
+                        "valid again: a refresh interrupted on one replica completed after all, and undid the invalidation ({undone})"
+                    );
+                    let event = events::new_event(app, &stored, events::RECOVERED, Some(&reason));
+                    if let Err(error) = app.store.insert_event(&event).await {
+                        tracing::warn!(instance = row.id, "recording the revival: {error}");
+                    }
+                }
                 tracing::info!(instance = row.id, connector = %connector.key, version = stored.token_version, "token refreshed");
                 if was_committed && row.failing_since.is_some() {
                     self.expedite_backoffs(app, row, now).await;

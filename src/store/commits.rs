@@ -166,6 +166,7 @@ fn batch_sql(rows: usize, with_events: bool) -> String {
          next_due_at = v.next_due, configuration = CASE WHEN v.configuration IS NULL \
          THEN i.configuration ELSE (i.configuration::jsonb || v.configuration::jsonb)::text END, \
          token_version = i.token_version + 1, \
+         revived_reason = CASE WHEN i.state = 'invalid' AND i.state_reason LIKE 'refresh interrupted%' THEN i.state_reason ELSE NULL END, \
          state = CASE WHEN i.state = 'invalid' AND i.state_reason LIKE 'refresh interrupted%' THEN 'valid' ELSE i.state END, \
          state_reason = CASE WHEN i.state = 'invalid' AND i.state_reason LIKE 'refresh interrupted%' THEN NULL ELSE i.state_reason END, \
          provider_message = CASE WHEN i.state = 'invalid' AND i.state_reason LIKE 'refresh interrupted%' THEN NULL ELSE i.provider_message END, \
@@ -179,7 +180,7 @@ fn batch_sql(rows: usize, with_events: bool) -> String {
          ELSE i.refresh_lease_owner END, \
          updated_at = CASE WHEN v.now > i.updated_at THEN v.now ELSE i.updated_at + 1 END FROM v WHERE i.id = v.id AND i.token_version = v.expected \
          AND (i.state <> 'invalid' OR i.state_reason LIKE 'refresh interrupted%') \
-         RETURNING {})",
+         RETURNING {}, i.revived_reason)",
         values_rows(&COMMIT_TYPES, rows, 1),
         prefixed("i", INSTANCE_COLUMNS),
     );

@@ -19,7 +19,8 @@ pub(super) const INSTANCE_COLUMNS: &str = "id, organization_id, element_key, nam
 /// valid again: the provider has just given tokens for the grant, and that invalidation, at the
 /// same version, came from an answer about the refresh token this one retired (another replica
 /// took the refresh over once the lease ran out, and presented it). A revocation moves the
-/// version, so no commit lands after it.
+/// version, so no commit lands after it. Such a commit writes the reason it undid in
+/// `revived_reason` (NULL otherwise), which its answer carries.
 ///
 /// The assignments and compare-and-swap of a commit of refreshed tokens: $1 to $8 the new
 /// token fields, $9 the lease owner, $10 the time, $11 the id, $12 the expected token version.
@@ -36,6 +37,7 @@ macro_rules! refreshed_set {
          ELSE ",
             $merge,
             " END, token_version = token_version + 1, \
+         revived_reason = CASE WHEN state = 'invalid' AND state_reason LIKE 'refresh interrupted%' THEN state_reason ELSE NULL END, \
          state = CASE WHEN state = 'invalid' AND state_reason LIKE 'refresh interrupted%' THEN 'valid' ELSE state END, \
          provider_message = CASE WHEN state = 'invalid' AND state_reason LIKE 'refresh interrupted%' THEN NULL ELSE provider_message END, \
          state_reason = CASE WHEN state = 'invalid' AND state_reason LIKE 'refresh interrupted%' THEN NULL ELSE state_reason END, \
@@ -559,7 +561,8 @@ impl Store {
                 matches!(failing, Some(Some(_)))
             }
         };
-        let sql = format!("UPDATE instances SET {set} RETURNING {INSTANCE_COLUMNS}");
+        let sql =
+            format!("UPDATE instances SET {set} RETURNING {INSTANCE_COLUMNS}, revived_reason");
         let query = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql));
         let committed = bind_refreshed(query, commit)
             .fetch_optional(&mut *transaction)
@@ -585,7 +588,7 @@ impl Store {
     ) -> Result<Vec<Option<InstanceRow>>, StoreError> {
         let mut transaction = self.begin_write().await?;
         let sql = format!(
-            "UPDATE instances SET {} RETURNING {INSTANCE_COLUMNS}",
+            "UPDATE instances SET {} RETURNING {INSTANCE_COLUMNS}, revived_reason",
             self.refreshed_set()
         );
         let mut committed = Vec::with_capacity(batch.len());
@@ -615,14 +618,16 @@ impl Store {
         let set = self.refreshed_set();
         let sql = match commit.event {
             Some(_) => format!(
-                "WITH updated AS (UPDATE instances SET {set} RETURNING {INSTANCE_COLUMNS}), \
+                "WITH updated AS (UPDATE instances SET {set} RETURNING {INSTANCE_COLUMNS}, revived_reason), \
                  logged AS (INSERT INTO events (id, organization_id, instance_id, \
                  element_key, event_type, reason, occurred_at, payload, delivery_state, \
                  attempts, next_attempt_at) SELECT $13::text, $14::bigint, $15::bigint, \
                  $16::text, $17::text, $18::text, $19::bigint, $20::text, $21::text, 0, \
                  $22::bigint FROM updated) SELECT * FROM updated"
             ),
-            None => format!("UPDATE instances SET {set} RETURNING {INSTANCE_COLUMNS}"),
+            None => {
+                format!("UPDATE instances SET {set} RETURNING {INSTANCE_COLUMNS}, revived_reason")
+            }
         };
         let query = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql));
         let mut query = bind_refreshed(query, commit);

@@ -932,6 +932,10 @@ mod tests {
                         5,
                         "5cd075ae4bb7c2e295d4e010b21b339fbad9e849993ec2f162eca535a9b749b44ab80b5ab93fe0080e5bbf89187dbedd",
                     ),
+                    (
+                        6,
+                        "c3c684b57aa7fa15c14a7b7050773d5e3d21062bf5cd4662a6d13d70b0add77810852f14f9fa8c04cf49a780d989d2c8",
+                    ),
                 ],
             ),
             (
@@ -956,6 +960,10 @@ mod tests {
                     (
                         5,
                         "5b67db794298b572f3f4162f1926bf10341fe61ad41d27ef861048ef1ac1acbdf8e84a904525e24dc4c022b8c954df07",
+                    ),
+                    (
+                        6,
+                        "c3c684b57aa7fa15c14a7b7050773d5e3d21062bf5cd4662a6d13d70b0add77810852f14f9fa8c04cf49a780d989d2c8",
                     ),
                 ],
             ),

@@ -187,6 +187,10 @@ pub struct InstanceRow {
     pub created_by: Option<i64>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// Only in the row a commit of refreshed tokens answers (other reads leave it `None`): the
+    /// reason of the invalidation that commit undid (see `refreshed_set!`).
+    #[sqlx(default)]
+    pub revived_reason: Option<String>,
 }
 
 impl InstanceRow {
@@ -235,6 +239,7 @@ impl InstanceRow {
             created_by: None,
             created_at: now,
             updated_at: now,
+            revived_reason: None,
         }
     }
 
@@ -299,6 +304,7 @@ impl fmt::Debug for InstanceRow {
             .field("created_by", &self.created_by)
             .field("created_at", &self.created_at)
             .field("updated_at", &self.updated_at)
+            .field("revived_reason", &self.revived_reason)
             .finish()
     }
 }

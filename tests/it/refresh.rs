@@ -870,6 +870,65 @@ async fn a_revocation_during_a_refresh_revokes_the_new_token() {
     drop_test_database(&url).await;
 }
 
+/// A refresh whose instance another replica invalidated as "refresh interrupted" meanwhile (it
+/// took the refresh over when the lease ran out and presented the refresh token this one had
+/// just used) commits after all: the instance is valid again, and says so with an event of
+/// its own. Before, `instance.invalidated` was the last word a webhook heard of it.
+#[tokio::test]
+async fn a_late_commit_that_revives_an_instance_announces_it() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let created = env
+            .create_instance(&env.org, "sandbox-generic", "revived")
+            .await;
+        let id = created["id"].as_i64().unwrap();
+        let store = tokenwarden::store::Store::connect(&url).await.unwrap();
+        let held = hold_next_token_call(&env, 1_500).await;
+        let platform = env.org.platform();
+        let refresh_path = env.api(&format!("/instances/{id}/tokens/refresh"));
+        let refresh =
+            crate::instances::call(&env, Method::POST, &refresh_path, Some(&platform), None);
+        let interrupt = async {
+            at_the_provider(&env, held).await;
+            let row = store.get_instance_by_id(id).await.unwrap().unwrap();
+            assert!(
+                store
+                    .mark_invalid(
+                        id,
+                        "refresh interrupted: the provider no longer accepts the refresh token (invalid_grant: used)",
+                        None,
+                        None,
+                        Some(row.token_version),
+                        false,
+                    )
+                    .await
+                    .unwrap()
+            );
+        };
+        let (refreshed, ()) = tokio::join!(refresh, interrupt);
+        assert_eq!(refreshed.status, 200, "[{label}] {}", refreshed.body);
+        let shown = instance(&env, &env.server.url, created["token"].as_str().unwrap()).await;
+        assert_eq!(shown["valid"], true, "[{label}] {shown}");
+        let events_path = env.api(&format!("/events?instanceId={id}"));
+        let revival = eventually("the revival's event", Duration::from_secs(5), || async {
+            let (_, body) = env.get_json(&events_path, &platform).await;
+            body["events"]
+                .as_array()
+                .and_then(|events| events.iter().find(|e| e["type"] == "instance.recovered"))
+                .cloned()
+        })
+        .await;
+        let reason = revival["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.starts_with("valid again") && reason.contains("invalid_grant: used"),
+            "[{label}] {revival}"
+        );
+        store.close().await;
+        env.stop().await;
+        drop_test_database(&url).await;
+    }
+}
+
 /// A strict rotating provider's refresh while `disturb` (given the held token call) makes the
 /// store fail once the refresh is at the provider: the call still answers 200, the next call
 /// needs no refresh, and no refresh token went to the provider twice.

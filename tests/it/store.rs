@@ -2040,11 +2040,17 @@ async fn invalidation_and_backoff_are_conditional_on_the_token_version() {
             access_token_enc: Some(bytes("access-late")),
             ..TokenUpdate::default()
         };
-        assert!(
-            store
-                .commit_refreshed_tokens(row.id, "me", row.token_version, &late, None)
-                .await
-                .unwrap(),
+        let answered = store
+            .commit_refreshed_tokens_returning(row.id, "me", row.token_version, &late, None, None)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("[{}] the late commit was refused", test.label));
+        // The answer says what it undid, so that the revival is announced.
+        assert_eq!(
+            answered.revived_reason.as_deref(),
+            Some(
+                "refresh interrupted: the provider no longer accepts the refresh token (invalid_grant)"
+            ),
             "[{}]",
             test.label
         );
@@ -2056,6 +2062,63 @@ async fn invalidation_and_backoff_are_conditional_on_the_token_version() {
             "[{}] {revived:?}",
             test.label
         );
+        // The next commit undoes nothing.
+        let next = store
+            .commit_refreshed_tokens_returning(
+                row.id,
+                "me",
+                revived.token_version,
+                &late,
+                None,
+                None,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(next.revived_reason, None, "[{}]", test.label);
+        let revived = next;
+        // Commits arriving together (grouped into one statement on PostgreSQL) say so each.
+        let mut interrupted = Vec::new();
+        for n in 0..4 {
+            let other = instance(org, &format!("grouped {n}"));
+            store.insert_instance(&other, None).await.unwrap();
+            let reason = format!("refresh interrupted: grouped {n}");
+            assert!(
+                store
+                    .mark_invalid(
+                        other.id,
+                        &reason,
+                        None,
+                        None,
+                        Some(other.token_version),
+                        false
+                    )
+                    .await
+                    .unwrap()
+            );
+            interrupted.push((other, reason));
+        }
+        let answers = futures_util::future::join_all(interrupted.iter().map(|(other, _)| {
+            store.commit_refreshed_tokens_returning(
+                other.id,
+                "me",
+                other.token_version,
+                &late,
+                None,
+                None,
+            )
+        }))
+        .await;
+        for ((_, reason), answer) in interrupted.iter().zip(answers) {
+            let answer = answer.unwrap().expect("committed");
+            assert!(answer.is_valid(), "[{}] {answer:?}", test.label);
+            assert_eq!(
+                answer.revived_reason.as_deref(),
+                Some(reason.as_str()),
+                "[{}]",
+                test.label
+            );
+        }
         // A revocation moves the version: a refresh in flight cannot commit after it.
         assert!(
             store
