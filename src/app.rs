@@ -104,6 +104,8 @@ pub struct App {
     pub replica_id: String,
     pub refresh: crate::refresh::RefreshEngine,
     pub auth_cache: crate::proxy::AuthCache,
+    /// Background tasks restarted after a panic since start (`/healthz` shows it).
+    pub background_restarts: std::sync::atomic::AtomicU64,
 }
 
 pub type SharedApp = Arc<App>;
@@ -273,6 +275,7 @@ impl App {
             shadowed,
             refresh: crate::refresh::RefreshEngine::new(),
             auth_cache: crate::proxy::AuthCache::default(),
+            background_restarts: std::sync::atomic::AtomicU64::new(0),
             replica_id: format!(
                 "replica-{}",
                 crate::crypto::hex(&crate::crypto::random_bytes::<6>())

@@ -36,18 +36,73 @@ pub fn spawn_all(app: &SharedApp, tasks: &mut JoinSet<()>, shutdown: &mut watch:
     if !app.config.background_tasks {
         return;
     }
-    tasks.spawn(named(
-        "scheduler",
-        scheduler(Arc::clone(app), shutdown.clone()),
-    ));
-    tasks.spawn(named(
-        "recovery",
-        recovery(Arc::clone(app), shutdown.clone()),
-    ));
-    tasks.spawn(named(
-        "deliverer",
-        deliverer(Arc::clone(app), shutdown.clone()),
-    ));
+    let (task_app, stop) = (Arc::clone(app), shutdown.clone());
+    tasks.spawn(supervised(Arc::clone(app), "scheduler", move || {
+        scheduler(Arc::clone(&task_app), stop.clone())
+    }));
+    let (task_app, stop) = (Arc::clone(app), shutdown.clone());
+    tasks.spawn(supervised(Arc::clone(app), "recovery", move || {
+        recovery(Arc::clone(&task_app), stop.clone())
+    }));
+    let (task_app, stop) = (Arc::clone(app), shutdown.clone());
+    tasks.spawn(supervised(Arc::clone(app), "deliverer", move || {
+        deliverer(Arc::clone(&task_app), stop.clone())
+    }));
+}
+
+/// How long a background task that panicked waits before it starts again.
+#[cfg(not(test))]
+const RESTART_AFTER: Duration = Duration::from_secs(1);
+#[cfg(test)]
+const RESTART_AFTER: Duration = Duration::from_millis(10);
+
+/// Runs the task `start` makes, [`named`], and starts it again if it panics: a scheduler that
+/// died of one bad row left the replica serving calls while no refresh or keep-alive ran
+/// again, and nothing said so. Its leases run out and its work is claimed anew, so a restart
+/// is safe. Counted in `tokenwarden_background_restarts_total` and `/healthz`. Ends when the
+/// task ends by itself (at shutdown); dropped, it stops the task too.
+async fn supervised<F, Fut>(app: SharedApp, name: &'static str, start: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    supervise(name, start, move || {
+        app.background_restarts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    })
+    .await;
+}
+
+async fn supervise<F, Fut>(name: &'static str, start: F, restarted: impl Fn())
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    /// Aborts the task when the supervisor is dropped (a server dropped without shutdown).
+    struct AbortOnDrop(tokio::task::AbortHandle);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    loop {
+        let task = tokio::spawn(named(name, start()));
+        let _abort = AbortOnDrop(task.abort_handle());
+        match task.await {
+            Err(error) if error.is_panic() => {
+                tracing::error!(
+                    task = name,
+                    "a background task panicked; it starts again in {} ms",
+                    RESTART_AFTER.as_millis()
+                );
+                metrics::counter!("tokenwarden_background_restarts_total", "task" => name)
+                    .increment(1);
+                restarted();
+                tokio::time::sleep(RESTART_AFTER).await;
+            }
+            _ => return,
+        }
+    }
 }
 
 /// Runs a task inside a tracing span with its name, and logs its start and end.
@@ -499,5 +554,36 @@ async fn deliverer(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
             () = tokio::time::sleep(sleep) => {}
             _ = shutdown.changed() => break,
         }
+    }
+}
+
+#[cfg(test)]
+mod supervision_tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A task that panics is started again; one that ends is not.
+    #[tokio::test]
+    async fn a_task_that_panics_starts_again() {
+        let starts = Arc::new(AtomicUsize::new(0));
+        let restarts = Arc::new(AtomicUsize::new(0));
+        let (counted, restarted) = (Arc::clone(&starts), Arc::clone(&restarts));
+        super::supervise(
+            "test",
+            move || {
+                let n = counted.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n < 2 {
+                        panic!("a bad row");
+                    }
+                }
+            },
+            move || {
+                restarted.fetch_add(1, Ordering::SeqCst);
+            },
+        )
+        .await;
+        assert_eq!(starts.load(Ordering::SeqCst), 3);
+        assert_eq!(restarts.load(Ordering::SeqCst), 2);
     }
 }

@@ -25,9 +25,14 @@ use crate::app::SharedApp;
 )]
 pub async fn healthz(State(app): State<SharedApp>) -> Response {
     match app.store.ping().await {
-        Ok(()) => {
-            AxumJson(json!({"status": "ok", "database": app.store.engine_name()})).into_response()
-        }
+        Ok(()) => AxumJson(json!({
+            "status": "ok",
+            "database": app.store.engine_name(),
+            "backgroundRestarts": app
+                .background_restarts
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }))
+        .into_response(),
         Err(error) => {
             tracing::error!("health check: the database does not answer: {error}");
             (
