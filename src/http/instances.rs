@@ -536,6 +536,19 @@ fn imported_tokens(split: &SplitConfiguration) -> ApiResult<TokenSet> {
             "`externalAuthentication: \"initial\"` needs `oauth.user.token` and/or `oauth.user.refresh_token` in the configuration",
         ));
     }
+    for (key, token) in [
+        ("oauth.user.token", &access),
+        ("oauth.user.refresh_token", &refresh),
+    ] {
+        if token
+            .as_deref()
+            .is_some_and(crate::oauth::has_control_characters)
+        {
+            return Err(ApiError::bad_request(format!(
+                "`{key}` holds a control character (a line break copied with it?): no provider issues such a token, and no HTTP header can carry it"
+            )));
+        }
+    }
     Ok(TokenSet {
         access_token: Secret::new(access.unwrap_or_default()),
         refresh_token: refresh.map(Secret::new),

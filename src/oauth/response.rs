@@ -97,6 +97,7 @@ pub fn parse_token_response(
         && object.get("ok") != Some(&Value::Bool(false))
         && let Some(Value::String(access_token)) = object.get("access_token")
         && !access_token.trim().is_empty()
+        && !has_control_characters(access_token.trim())
     {
         return Ok(token_set(object.clone(), access_token.trim().to_string()));
     }
@@ -107,6 +108,14 @@ pub fn parse_token_response(
         &parsed,
         &spec.permanent_errors,
     ))
+}
+
+/// Whether a token holds a character no HTTP header can carry (a control character other than
+/// a tab): as `Authorization: Bearer …` it could never be sent, so the instance would answer
+/// every call with an error and never learn that its token was unusable (RFC 6750's token is
+/// printable ASCII).
+pub fn has_control_characters(token: &str) -> bool {
+    token.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
 }
 
 /// The error class of an answer that is not a success: by status first (429, 5xx), then by the
@@ -154,6 +163,15 @@ pub(crate) fn classify_failure(
     }
     if (200..300).contains(&status) {
         let message = match parsed {
+            ParsedBody::Object(object)
+                if object
+                    .get("access_token")
+                    .and_then(Value::as_str)
+                    .is_some_and(|token| has_control_characters(token.trim())) =>
+            {
+                "the access_token holds a control character, which no HTTP header can carry"
+                    .to_string()
+            }
             ParsedBody::Object(_) => "no access_token in the response".to_string(),
             ParsedBody::NotAnObject(kind) => format!("the body is {kind}"),
             ParsedBody::Empty => "the body is empty".to_string(),
@@ -394,6 +412,17 @@ mod tests {
         assert_eq!(tokens.fields["realmId"], "123");
         assert!(!tokens.fields.contains_key("x\0y"));
         assert_eq!(tokens.fields["nested"], json!({"a": ["b"]}));
+    }
+
+    #[test]
+    fn an_access_token_no_header_can_carry_is_no_success() {
+        let error = parse(200, JSON, r#"{"access_token":"a\nb","refresh_token":"r"}"#).unwrap_err();
+        assert!(
+            matches!(&error, OAuthError::Unparseable { message, .. } if message.contains("control character")),
+            "{error:?}"
+        );
+        // A tab is allowed in a header value; the ends are trimmed.
+        assert!(parse(200, JSON, r#"{"access_token":" a\tb\n"}"#).is_ok());
     }
 
     #[test]

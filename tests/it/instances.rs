@@ -586,6 +586,20 @@ async fn failed_creates_answer_4xx_and_create_nothing() {
         let import_nothing = call(&env, Method::POST, &env.api("/instances"), Some(&auth),
                                   Some(json!({"element": {"key": "sandbox-box"}, "externalAuthentication": "initial", "configuration": env.configuration()}))).await;
         assert_error(&import_nothing, 400, &label);
+        // A token with a line break pasted in: no header could carry it, so every call would
+        // have failed for good.
+        for key in ["oauth.user.token", "oauth.user.refresh_token"] {
+            let mut configuration = env.configuration();
+            configuration[key] = json!("abc\ndef");
+            let broken = call(&env, Method::POST, &env.api("/instances"), Some(&auth),
+                              Some(json!({"element": {"key": "sandbox-box"}, "externalAuthentication": "initial", "configuration": configuration}))).await;
+            assert_error(&broken, 400, &label);
+            assert!(
+                broken.body["message"].as_str().unwrap().contains(key),
+                "[{label}] {}",
+                broken.body
+            );
+        }
         // The provider down: still nothing created.
         env.sandbox_post(
             "/__sandbox/faults",
