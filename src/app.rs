@@ -24,6 +24,11 @@ pub struct AppConfig {
     pub refresh_failing_after: Duration,
     /// Largest JSON body the platform API accepts.
     pub max_body_bytes: usize,
+    /// How long a connection may take to send a request's head, the first one or the next on
+    /// a kept-alive connection (then it is closed): a caller that opens connections and sends
+    /// nothing, or a byte at a time, no longer holds them (and the process's descriptors) for
+    /// good. nginx's `keepalive_timeout` is 75 s.
+    pub header_read_timeout: Duration,
     /// Run the scheduler and the event deliverer in this process.
     pub background_tasks: bool,
     /// Scheduled refreshes run at once.
@@ -72,6 +77,7 @@ impl AppConfig {
                 crate::events::REFRESH_FAILING_AFTER_MS as u64,
             ),
             max_body_bytes: 1024 * 1024,
+            header_read_timeout: Duration::from_secs(75),
             background_tasks: true,
             refresh_concurrency: crate::background::SCHEDULER_CONCURRENCY,
             refresh_rate_per_connector: crate::background::RATE_PER_SECOND,

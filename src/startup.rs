@@ -144,15 +144,16 @@ async fn serve_connection(
     registration: Registration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let header_read_timeout = service.app().config.header_read_timeout;
     let mut head = [0u8; 24];
     let peeked = tokio::select! {
-        peeked = stream.peek(&mut head) => peeked,
+        peeked = tokio::time::timeout(header_read_timeout, stream.peek(&mut head)) => peeked,
         _ = shutdown.wait_for(|stop| *stop) => return,
     };
     let seen = match peeked {
-        Ok(0) | Err(_) => return,
-        Ok(n) => &head[..n],
+        Ok(Ok(0) | Err(_)) | Err(_) => return,
+        Ok(Ok(n)) => &head[..n],
     };
     let service = hyper::service::service_fn(move |request| {
         let service = service.clone();
@@ -160,17 +161,31 @@ async fn serve_connection(
     });
     let io = TokioIo::new(stream);
     // A connection's errors (a caller hanging up) are the caller's business.
+    // HTTP/1: hyper's header read timeout, which needs its timer (without one it is off).
+    // HTTP/2: pings find peers that went away.
     if seen == HTTP2_PREFACE {
         let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(header_read_timeout))
             .serve_connection(io, service);
         let _ = registration.watch(connection).await;
     } else if HTTP2_PREFACE.starts_with(seen) {
-        let connection = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-            .serve_connection(io, service)
-            .into_owned();
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(header_read_timeout));
+        let connection = builder.serve_connection(io, service).into_owned();
         let _ = registration.watch(connection).await;
     } else {
-        let connection = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
+            .serve_connection(io, service);
         let _ = registration.watch(connection).await;
     }
 }

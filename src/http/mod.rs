@@ -92,6 +92,10 @@ pub struct Service {
 }
 
 impl Service {
+    pub fn app(&self) -> &SharedApp {
+        &self.app
+    }
+
     pub fn new(app: SharedApp) -> Self {
         Service {
             router: router(app.clone()),

@@ -409,3 +409,69 @@ async fn the_callback_page_is_not_cached_and_reports_a_refusal() {
     env.stop().await;
     crate::support::drop_test_database(&url).await;
 }
+
+/// A connection that sends no request head, or only part of one, or nothing more after an
+/// answer, is closed after the header read timeout: without hyper's timer the timeout was off,
+/// and such connections held the process's descriptors for good.
+#[tokio::test]
+async fn connections_that_send_no_request_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let url = crate::support::sqlite_database();
+    let sandbox = tokenwarden_sandbox::spawn(
+        crate::harness::loopback(),
+        tokenwarden_sandbox::SandboxConfig::default(),
+    )
+    .await
+    .unwrap();
+    let env = Env::start_with_sandbox("slow callers", &url, sandbox, |config| {
+        config.header_read_timeout = Duration::from_millis(800);
+    })
+    .await;
+    let closed_within = |mut stream: tokio::net::TcpStream| async move {
+        let started = std::time::Instant::now();
+        let mut rest = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "the connection is still open after 10 s");
+        (
+            started.elapsed(),
+            String::from_utf8_lossy(&rest).to_string(),
+        )
+    };
+    let silent = tokio::net::TcpStream::connect(env.server.addr)
+        .await
+        .unwrap();
+    let mut partial = tokio::net::TcpStream::connect(env.server.addr)
+        .await
+        .unwrap();
+    partial
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut kept_alive = tokio::net::TcpStream::connect(env.server.addr)
+        .await
+        .unwrap();
+    kept_alive
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (silent, partial, kept_alive) = tokio::join!(
+        closed_within(silent),
+        closed_within(partial),
+        closed_within(kept_alive)
+    );
+    for (what, (after, _)) in [
+        ("silent", &silent),
+        ("partial", &partial),
+        ("kept alive", &kept_alive),
+    ] {
+        assert!(
+            *after < Duration::from_secs(5),
+            "{what}: closed after {after:?}"
+        );
+    }
+    // The kept-alive connection had its answer first.
+    assert!(kept_alive.1.starts_with("HTTP/1.1 200"), "{}", kept_alive.1);
+    env.stop().await;
+    drop_test_database(&url).await;
+}
