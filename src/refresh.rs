@@ -1410,8 +1410,10 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
                 let ends_grant = hint == TokenHint::RefreshToken
                     || secrets.refresh_token.is_none()
                     || (cascades && matches!(outcome, crate::oauth::RevokeOutcome::Revoked));
-                revoked |= ends_grant;
-                if !ends_grant {
+                // The access token alone, with the refresh token not revoked before it: the
+                // grant lives on, and the answer says so (after the refresh token's revocation
+                // there is nothing to tell).
+                if !ends_grant && !revoked {
                     messages.push(match outcome {
                         crate::oauth::RevokeOutcome::AlreadyInvalid { .. } => {
                             "the access token was dead already, the refresh token was not revoked"
@@ -1420,6 +1422,7 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
                         _ => "the access token was revoked, the refresh token was not".into(),
                     });
                 }
+                revoked |= ends_grant;
             }
             Err(_) if revoked => {}
             Err(error) => {

@@ -468,6 +468,8 @@ async fn revocation_reaches_the_sandbox_in_each_shape() {
     let platform = env.org.platform();
     for (element, user) in [
         ("sandbox-adobe-sign", "ada"),
+        ("sandbox-salesforce", "sal"),
+        ("sandbox-microsoft", "mia"),
         ("sandbox-box", "bob"),
         ("sandbox-generic", "gil"),
     ] {
@@ -485,6 +487,13 @@ async fn revocation_reaches_the_sandbox_in_each_shape() {
         assert_eq!(status, 200, "{element}: {body}");
         assert_eq!(
             body["revocation"]["revokedAtProvider"], true,
+            "{element}: {body}"
+        );
+        // Nothing to tell: both tokens went (it said "the refresh token was not revoked"
+        // after revoking it, when the access token's revocation came second).
+        assert_eq!(
+            body["revocation"]["providerMessage"],
+            Value::Null,
             "{element}: {body}"
         );
         assert_eq!(body["valid"], false, "{element}: {body}");
