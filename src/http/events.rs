@@ -47,9 +47,18 @@ pub async fn list(
         ),
         None => None,
     };
-    // With only an Element token, a caller sees its own instance's events.
+    // With only an Element token, a caller sees its own instance's events; another id is
+    // one it may not see (404, as for ids that do not exist), not a request for its own.
     let instance_id = match (&caller.element, caller.has_organization_secret) {
-        (Some(row), false) => Some(row.id),
+        (Some(row), false) => {
+            if instance_id.is_some_and(|asked| asked != row.id) {
+                return Err(ApiError::not_found(format!(
+                    "There is no instance {}",
+                    instance_id.unwrap_or_default()
+                )));
+            }
+            Some(row.id)
+        }
         _ => instance_id,
     };
     let before = match query.get("before") {

@@ -608,6 +608,7 @@ fn starting_configuration(
         .map(|(key, value)| (key, Value::String(value)))
         .collect();
     check_base_url(&configuration)?;
+    check_webhook_url(&configuration)?;
     if !configuration.contains_key(BASE_URL) {
         let base = app
             .fill(connector, &connector.base_url, &configuration)
@@ -974,6 +975,19 @@ async fn update(
     body: InstanceBody,
     mode: UpdateMode,
 ) -> ApiResult<AxumJson<Value>> {
+    // An empty code is refused rather than taken for no code: the caller would take the 200
+    // for a re-authentication. (A PUT's code without `?reAuthenticate=true` is not exchanged,
+    // as the contract has it.)
+    if body
+        .provider_data
+        .as_ref()
+        .and_then(|data| data.code.as_deref())
+        .is_some_and(str::is_empty)
+    {
+        return Err(ApiError::bad_request(
+            "`providerData.code` is empty: give the code the provider's redirect carried",
+        ));
+    }
     let (task_app, by) = (std::sync::Arc::clone(app), caller.clone());
     crate::refresh::spawn_to_the_end(
         app,
@@ -1202,6 +1216,9 @@ async fn update_once(
         old_plain.get(BASE_URL).and_then(Value::as_str) != Some(given.as_str())
     });
     let client_id_given = split.plain.contains_key(API_KEY);
+    let webhook_given = split.plain.get(WEBHOOK_URL).is_some_and(|given| {
+        old_plain.get(WEBHOOK_URL).and_then(Value::as_str) != Some(given.as_str())
+    });
     for (key, value) in split.plain {
         plain.insert(key, Value::String(value));
     }
@@ -1255,6 +1272,9 @@ async fn update_once(
     // and does not block other changes.
     if base_given {
         check_base_url(&plain)?;
+    }
+    if webhook_given {
+        check_webhook_url(&plain)?;
     }
     if split.refresh_token.is_some() || (client_id_given && row.refresh_token_enc.is_some()) {
         require_client_id(&plain)?;
@@ -1822,6 +1842,32 @@ fn require_client_id(plain: &Map<String, Value>) -> ApiResult<()> {
             "`configuration.oauth.api.key` (the OAuth client id) is required to refresh the instance's tokens",
         ))
     }
+}
+
+/// The instance configuration key of its webhook's URL.
+const WEBHOOK_URL: &str = "event.notification.callback.url";
+
+/// A webhook URL given by a caller: an absolute http(s) URL with a host, not where no receiver
+/// lives (see `egress`); empty means none. Accepted otherwise, it failed only at delivery,
+/// shown in an event's `lastError`, and a scheme no delivery can use was retried for a day,
+/// holding the instance's later webhooks behind it.
+fn check_webhook_url(configuration: &Map<String, Value>) -> ApiResult<()> {
+    let Some(given) = configuration.get(WEBHOOK_URL).and_then(Value::as_str) else {
+        return Ok(());
+    };
+    if given.trim().is_empty() {
+        return Ok(());
+    }
+    let refused = |why: String| {
+        ApiError::bad_request(format!(
+            "`{WEBHOOK_URL}` is not a URL webhooks can go to: {why}"
+        ))
+    };
+    let url = url::Url::parse(given.trim()).map_err(|error| refused(error.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+        return Err(refused("an http or https URL with a host is needed".into()));
+    }
+    crate::egress::check_url(&url).map_err(refused)
 }
 
 /// A `base.url` given by a caller: one the proxy can go under (an absolute http(s) URL without

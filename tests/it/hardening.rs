@@ -432,3 +432,95 @@ async fn a_change_is_carried_out_when_its_caller_hangs_up() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// Inputs the service used to take and drop (or keep until they failed elsewhere): an empty
+/// code, a webhook URL no delivery can use, another
+/// instance's id in `/events?instanceId=` asked with an Element token.
+#[tokio::test]
+async fn unusable_update_inputs_are_refused() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("unusable inputs", &url).await;
+    let platform = env.org.platform();
+    let instance = env
+        .create_instance(&env.org, "sandbox-generic", "una")
+        .await;
+    let other = env
+        .create_instance(&env.org, "sandbox-generic", "otto")
+        .await;
+    let id = instance["id"].as_i64().unwrap();
+    let path = env.api(&format!("/instances/{id}"));
+    let before = env.sandbox_stats().await["token"]["authorization_code"].clone();
+    let (status, body) = send(
+        &env,
+        Method::PATCH,
+        &path,
+        &platform,
+        Some(json!({"providerData": {"code": ""}})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        env.sandbox_stats().await["token"]["authorization_code"],
+        before,
+        "no code went out"
+    );
+    for bad in [
+        "not a url",
+        "ftp://example.test/hook",
+        "http://169.254.169.254/latest",
+    ] {
+        let (status, body) = send(
+            &env,
+            Method::PATCH,
+            &path,
+            &platform,
+            Some(json!({"configuration": {"event.notification.enabled": "true", "event.notification.callback.url": bad}})),
+        )
+        .await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("event.notification.callback.url"),
+            "{body}"
+        );
+    }
+    let (status, body) = send(
+        &env,
+        Method::PATCH,
+        &path,
+        &platform,
+        Some(json!({"configuration": {"event.notification.enabled": "true", "event.notification.callback.url": "https://hooks.example.test/in"}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let element_only = format!(
+        "User {}, Element {}",
+        env.org.user_secret,
+        instance["token"].as_str().unwrap()
+    );
+    let (status, body) = send(
+        &env,
+        Method::GET,
+        &env.api(&format!("/events?instanceId={}", other["id"])),
+        &element_only,
+        None,
+    )
+    .await;
+    assert_eq!(
+        status, 404,
+        "another instance's events, asked with this one's token: {body}"
+    );
+    let (status, _) = send(
+        &env,
+        Method::GET,
+        &env.api(&format!("/events?instanceId={id}")),
+        &element_only,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    env.stop().await;
+    drop_test_database(&url).await;
+}
