@@ -1697,6 +1697,16 @@ pub async fn refresh_now(
             "The provider gave this instance no refresh token, so it cannot be refreshed; re-authenticate it for new tokens",
         ));
     }
+    // "Now" means now: a backoff from earlier transient failures does not hold an explicit
+    // refresh back (it answered 503 "waiting before the next" without asking the provider).
+    // A wait the provider asked for, or a configuration at fault, still does.
+    if row
+        .backoff_until
+        .is_some_and(|until| until > crate::app::now_ms())
+        && app.store.end_transient_backoff(row.id).await?
+    {
+        app.refresh.forget(row.id);
+    }
     app.refresh
         .refresh_now(&app, row.id)
         .await

@@ -760,6 +760,25 @@ impl Store {
         Ok(query.execute(&self.pool).await?.rows_affected())
     }
 
+    /// Ends an instance's backoff from transient failures, for a refresh asked for now (`POST
+    /// …/tokens/refresh`): not one the provider asked for (a 429 or a 503's `Retry-After`) nor
+    /// one for a configuration at fault. False when there was none to end.
+    pub async fn end_transient_backoff(&self, id: i64) -> Result<bool, StoreError> {
+        let sql = format!(
+            "UPDATE instances SET backoff_until = NULL WHERE id = $1 AND backoff_until IS NOT NULL \
+             AND (last_failure IS NULL OR (last_failure NOT LIKE '{}%' \
+             AND last_failure NOT LIKE '{}%' AND last_failure NOT LIKE '{}%'))",
+            crate::oauth::RATE_LIMITED_TEXT,
+            crate::oauth::ASKED_TO_WAIT_TEXT,
+            crate::refresh::MISCONFIGURED_TEXT,
+        );
+        let result = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
     /// Re-authentication: new tokens written as given, state `valid`, reasons, failures and
     /// lease cleared, version bumped; id, Element token, name and tags stay. `event` (e.g.
     /// `instance.reauthenticated`) in the same transaction. Returns the new row, `None` when

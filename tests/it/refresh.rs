@@ -870,6 +870,46 @@ async fn a_revocation_during_a_refresh_revokes_the_new_token() {
     drop_test_database(&url).await;
 }
 
+/// `POST …/tokens/refresh` asks the provider now, even while the instance backs off from a
+/// transient failure (it answered 503 "waiting before the next" without asking); a wait the
+/// provider asked for (a 429) still holds it back.
+#[tokio::test]
+async fn a_refresh_asked_for_now_does_not_wait_out_a_backoff() {
+    let url = sqlite_database();
+    let env = Env::start("refresh now", &url).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "impatient")
+        .await;
+    let id = created["id"].as_i64().unwrap();
+    let platform = env.org.platform();
+    let path = env.api(&format!("/instances/{id}/tokens/refresh"));
+    fault(&env, json!({"target": "token", "status": 503, "count": 1})).await;
+    let failed = crate::instances::call(&env, Method::POST, &path, Some(&platform), None).await;
+    assert_eq!(failed.status, 503, "{}", failed.body);
+    let before = refreshes(&env).await;
+    let now = crate::instances::call(&env, Method::POST, &path, Some(&platform), None).await;
+    assert_eq!(now.status, 200, "{}", now.body);
+    assert_eq!(refreshes(&env).await, before + 1, "the provider was asked");
+    // A 429's wait is the provider's: still waited out.
+    fault(
+        &env,
+        json!({"target": "token", "status": 429, "count": 1, "retryAfter": 60}),
+    )
+    .await;
+    let limited = crate::instances::call(&env, Method::POST, &path, Some(&platform), None).await;
+    assert_eq!(limited.status, 503, "{}", limited.body);
+    let asked = stat(&env, &["token", "refresh_token"]).await;
+    let again = crate::instances::call(&env, Method::POST, &path, Some(&platform), None).await;
+    assert_ne!(again.status, 200, "{}", again.body);
+    assert_eq!(
+        stat(&env, &["token", "refresh_token"]).await,
+        asked,
+        "the provider was not asked again"
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// A refresh whose instance another replica invalidated as "refresh interrupted" meanwhile (it
 /// took the refresh over when the lease ran out and presented the refresh token this one had
 /// just used) commits after all: the instance is valid again, and says so with an event of
