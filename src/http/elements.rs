@@ -19,8 +19,23 @@ use crate::store::OAuthStateRow;
 /// How long a `state` from `oauth/url` stays usable.
 const STATE_TTL_MS: i64 = 15 * 60 * 1000;
 
-pub fn connector_json(connector: &Connector, built_in: bool) -> Value {
+/// A connector as the API shows it: `{sandbox}` in its URLs is the sandbox this service uses
+/// (`TOKENWARDEN_SANDBOX_URL`), as in the instances made from it.
+pub fn connector_json(connector: &Connector, built_in: bool, sandbox_url: &str) -> Value {
+    fn resolve(value: &mut Value, sandbox: &str) {
+        match value {
+            Value::String(text) if text.contains("{sandbox}") => {
+                *text = text.replace("{sandbox}", sandbox);
+            }
+            Value::Array(items) => items.iter_mut().for_each(|item| resolve(item, sandbox)),
+            Value::Object(fields) => fields
+                .values_mut()
+                .for_each(|field| resolve(field, sandbox)),
+            _ => {}
+        }
+    }
     let mut value = serde_json::to_value(connector).unwrap_or_else(|_| json!({}));
+    resolve(&mut value, sandbox_url.trim_end_matches('/'));
     if let Some(object) = value.as_object_mut() {
         object.insert("authentication".into(), json!({"type": "oauth2"}));
         object.insert("builtIn".into(), Value::Bool(built_in));
@@ -55,13 +70,13 @@ pub async fn list(
         .built_in
         .values()
         .filter(|c| matches(c) && !own_keys.contains(c.key.as_str()))
-        .map(|connector| connector_json(connector, true))
+        .map(|connector| connector_json(connector, true, &app.config.sandbox_url))
         .collect();
     for row in &own {
         if let Ok(connector) = serde_json::from_str::<Connector>(&row.definition)
             && matches(&connector)
         {
-            out.push(connector_json(&connector, false));
+            out.push(connector_json(&connector, false, &app.config.sandbox_url));
         }
     }
     Ok(AxumJson(out))
@@ -87,6 +102,7 @@ pub async fn get_one(
     Ok(AxumJson(connector_json(
         &connector,
         app.is_built_in(caller.organization_id, &key),
+        &app.config.sandbox_url,
     )))
 }
 
@@ -159,7 +175,7 @@ pub async fn create(
     .await;
     Ok((
         StatusCode::CREATED,
-        AxumJson(connector_json(&connector, false)),
+        AxumJson(connector_json(&connector, false, &app.config.sandbox_url)),
     ))
 }
 

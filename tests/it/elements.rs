@@ -73,6 +73,13 @@ async fn catalog_lists_and_filters_built_in_connectors() {
             "[{label}] sandbox category: {filtered:?}"
         );
         assert!(filtered.iter().all(|e| e["category"] == "sandbox"));
+        // The sandbox connectors show the sandbox this service uses, not a placeholder.
+        let shown = serde_json::to_string(filtered).unwrap();
+        assert!(!shown.contains("{sandbox}"), "[{label}] {shown}");
+        assert!(
+            shown.contains(&format!("{}/generic/", env.sandbox.url)),
+            "[{label}] {shown}"
+        );
         let none = call(
             &env,
             Method::GET,
