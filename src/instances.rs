@@ -368,7 +368,19 @@ pub fn apply_token_set(
                 base.push('/');
             }
         }
-        new_configuration.insert(BASE_URL.to_string(), Value::String(base));
+        // Only a root the proxy can go under: a provider's odd value (a tenant id where a URL
+        // was expected, a metadata address) would otherwise replace a working `base.url` at
+        // a refresh and make every call answer 409. The instance keeps the one it has.
+        match crate::proxy::ProxyBase::parse_named(&base, "`base.url`") {
+            Ok(_) => {
+                new_configuration.insert(BASE_URL.to_string(), Value::String(base));
+            }
+            Err(why) => tracing::warn!(
+                connector = %connector.key,
+                field = %field,
+                "the provider's routing value is not a URL calls can go to; base.url is kept: {why}"
+            ),
+        }
     }
     let configuration_changed = &new_configuration != configuration;
     let patch: Map<String, Value> = new_configuration

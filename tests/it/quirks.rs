@@ -491,6 +491,14 @@ async fn routing_data_from_the_token_response_or_the_redirect_sets_the_base_url_
     );
     refresh_ok(&env, &id, &token, "instance_url").await;
     works(&env, &token, "instance_url after refresh").await;
+    // A refresh whose routing value is no URL (a bare tenant id) leaves the working base.url
+    // as it was: adopted, it made every call answer 409.
+    configure(&env, json!({"routingValue": "tenantId"})).await;
+    refresh_ok(&env, &id, &token, "a tenant id for a URL").await;
+    let after = instance(&env, &token).await["configuration"].clone();
+    assert_eq!(after["base.url"], configuration["base.url"], "{after}");
+    works(&env, &token, "after a refresh with a tenant id").await;
+    configure(&env, json!({"routingValue": "baseUrl"})).await;
 
     // Adobe-style access point plus a suffix.
     register(
