@@ -334,15 +334,22 @@ fn token_set(object: Map<String, Value>, access_token: String) -> TokenSet {
 
 /// A number of seconds from a number (floats are cut down), or a string holding one. Zero is
 /// no lifetime at all: providers send `expires_in: 0` for a token that does not expire
-/// (Mailchimp), and read as "expired now" it made every call refresh first.
+/// (Mailchimp), and read as "expired now" it made every call refresh first. Nor is a life
+/// longer than [`LONGEST_LIFE_SECONDS`]: `i64::MAX` seconds made expiry dates no calendar can
+/// show (the instance showed them as empty strings) and a refresh interval of 292 billion
+/// years.
 fn seconds(value: &Value) -> Option<u64> {
     let number = match value {
         Value::Number(number) => number.as_f64()?,
         Value::String(text) => text.trim().parse::<f64>().ok()?,
         _ => return None,
     };
-    (number.is_finite() && number >= 1.0 && number < u64::MAX as f64).then_some(number as u64)
+    (number.is_finite() && number >= 1.0 && number <= LONGEST_LIFE_SECONDS as f64)
+        .then_some(number as u64)
 }
+
+/// A hundred years: a token said to live longer does not expire, for any purpose.
+const LONGEST_LIFE_SECONDS: u64 = 100 * 365 * 86_400;
 
 /// Whether a field name may carry a secret.
 fn is_secret_name(name: &str) -> bool {
@@ -412,6 +419,22 @@ mod tests {
         assert_eq!(tokens.fields["realmId"], "123");
         assert!(!tokens.fields.contains_key("x\0y"));
         assert_eq!(tokens.fields["nested"], json!({"a": ["b"]}));
+    }
+
+    #[test]
+    fn lifetimes_past_a_hundred_years_are_no_expiry() {
+        let tokens = parse(
+            200,
+            JSON,
+            r#"{"access_token":"a","expires_in":9223372036854775807,"refresh_token_expires_in":"1e19"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (tokens.expires_in, tokens.refresh_token_expires_in),
+            (None, None)
+        );
+        let tokens = parse(200, JSON, r#"{"access_token":"a","expires_in":3153600000}"#).unwrap();
+        assert_eq!(tokens.expires_in, Some(3_153_600_000));
     }
 
     #[test]
