@@ -1931,6 +1931,27 @@ async fn profile_settings_change_answers() {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    // A century in one step, and not a second more in all: repeated centuries saturated the
+    // clock, and every code was expired when issued.
+    let century = 3_153_600_000_u64;
+    let advance = |seconds: u64| {
+        ctx.json(
+            reqwest::Method::POST,
+            "/__sandbox/clock",
+            json!({"advanceSeconds": seconds}),
+        )
+    };
+    let (status, _) = ctx
+        .json(
+            reqwest::Method::POST,
+            "/__sandbox/reset",
+            json!({"grants": true}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(advance(century - 10).await.0, StatusCode::OK);
+    assert_eq!(advance(century).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(advance(5).await.0, StatusCode::OK);
 }
 
 #[tokio::test]

@@ -130,7 +130,7 @@ pub async fn oauth_callback(Query(query): Query<HashMap<String, String>>) -> Res
             state = field("state"),
         )
     };
-    if !query.contains_key("code") {
+    if query.get("code").is_none_or(|code| code.trim().is_empty()) {
         return (
             StatusCode::BAD_REQUEST,
             Html("<!doctype html><p>No <code>code</code> in this redirect.</p>".to_string()),

@@ -16,6 +16,11 @@ use crate::http::error::ApiError;
 
 /// How long a checked secret is trusted before it is checked against the store again.
 const AUTH_TTL: Duration = Duration::from_secs(5);
+/// Whole `Authorization` values remembered at most. Each spelling of the same secrets (spaces,
+/// order, case) is a value of its own: a caller varying them made one entry per call, kept for
+/// ten idle minutes (millions at a high rate). Past the cap a new value is checked secret by
+/// secret, which those maps remember.
+const MAX_REMEMBERED_HEADERS: usize = 100_000;
 
 /// Short-lived memory of checked proxy credentials, keyed by the secrets' hashes. A checked
 /// secret older than [`AUTH_TTL`] is still accepted while it is checked again in the
@@ -126,7 +131,9 @@ pub(super) async fn authenticate(
         .map_err(|_| ApiError::unauthorized("Bad Authorization header: it is not visible ASCII"))?;
     match check_secrets(app, header).await {
         Ok((id, checked)) => {
-            cache.headers.insert(key, (id, checked));
+            if cache.headers.len() < MAX_REMEMBERED_HEADERS {
+                cache.headers.insert(key, (id, checked));
+            }
             Ok(id)
         }
         Err(error) => {

@@ -366,6 +366,8 @@ async fn the_callback_page_is_not_cached_and_reports_a_refusal() {
             .get(format!("{}/oauth/callback?{query}", env.server.url))
             .send()
     };
+    // A redirect with an empty code has none to show.
+    assert_eq!(page("code=&state=xyz").await.unwrap().status(), 400);
     let shown = page("code=abc&state=xyz").await.unwrap();
     assert_eq!(shown.status(), 200);
     assert_eq!(shown.headers()["cache-control"], "no-store");

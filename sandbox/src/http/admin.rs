@@ -98,10 +98,18 @@ async fn advance_clock(State(sandbox): State<AppState>, body: Bytes) -> Response
     };
     // A century at most: past it the clock saturated, every code was expired when issued,
     // and only a reset brought the sandbox back.
-    if request.advance_seconds > crate::profiles::MAX_SECONDS {
+    // And a century in all: advances of a century each, repeated, saturated it just the same.
+    let total = sandbox
+        .clock
+        .offset_seconds()
+        .saturating_add(i64::try_from(request.advance_seconds).unwrap_or(i64::MAX));
+    if request.advance_seconds > crate::profiles::MAX_SECONDS
+        || total > crate::profiles::MAX_SECONDS as i64
+    {
         return bad_request(format!(
-            "advanceSeconds must be at most {} (a hundred years)",
-            crate::profiles::MAX_SECONDS
+            "advanceSeconds must be at most {} (a hundred years), and the clock at most that far ahead in all (now {} s; POST /__sandbox/reset with {{\"grants\": true}} sets it back)",
+            crate::profiles::MAX_SECONDS,
+            sandbox.clock.offset_seconds()
         ));
     }
     sandbox.clock.advance_seconds(request.advance_seconds);
