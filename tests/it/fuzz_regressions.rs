@@ -37,10 +37,26 @@ async fn absurd_token_lifetimes_mean_far_ahead() {
     )
     .unwrap();
     let applied = apply_token_set(&app, &connector, 1, &tokens, None, &Map::new(), NOW);
+    // Lives past a hundred years are no expiry at all (they were dates no calendar shows).
+    assert_eq!(applied.update.access_expires_at, None);
+    assert_eq!(applied.update.refresh_expires_at, None);
+    if let Some(due) = applied.update.next_due_at {
+        assert!(due > NOW + 86_400_000 / 2, "due too soon: {due}");
+    }
+    // Just under a hundred years: far ahead, without overflow.
+    let body = br#"{"access_token":"a1b2c3d4","refresh_token":"r1","expires_in":3000000000,"refresh_token_expires_in":"3000000000"}"#;
+    let tokens = tokenwarden::oauth::parse_token_response(
+        200,
+        Some("application/json"),
+        body,
+        &connector.oauth,
+    )
+    .unwrap();
+    let applied = apply_token_set(&app, &connector, 1, &tokens, None, &Map::new(), NOW);
     let access = applied.update.access_expires_at.unwrap();
     let refresh = applied.update.refresh_expires_at.unwrap();
-    assert!(access > NOW + 100 * 365 * 86_400_000, "{access}");
-    assert!(refresh > NOW + 100 * 365 * 86_400_000, "{refresh}");
+    assert!(access > NOW + 90 * 365 * 86_400_000, "{access}");
+    assert!(refresh > NOW + 90 * 365 * 86_400_000, "{refresh}");
     let due = applied.update.next_due_at.unwrap();
     assert!(due > NOW + 86_400_000 / 2, "due too soon: {due}");
 }
