@@ -1058,6 +1058,20 @@ async fn adobe_revoke_cascades_and_reports_like_adobe() {
     );
     // Revoking the AT revoked its RT too.
     assert_eq!(ctx.refresh(ADOBE, &rt).await.1["error"], "invalid_grant");
+    // The article's path, `/oauth/revoke?token=`, revokes too.
+    let other = ctx.login(ADOBE).await;
+    let r = ctx
+        .http
+        .post(ctx.url(&format!("/adobe-sign/oauth/revoke?token={}", other.at)))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        ctx.api(ADOBE.api, &other.at).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
     let adobe_error = |r: reqwest::Response| async move {
         assert_eq!(r.status(), StatusCode::BAD_REQUEST);
         r.json::<Value>().await.expect("json")["code"]
@@ -1144,9 +1158,13 @@ async fn salesforce_box_and_generic_revocation() {
     let (status, body) = ctx.refresh(SALESFORCE, &rt).await;
     assert_eq!(status, StatusCode::OK);
     let at2 = body["access_token"].as_str().expect("at").to_string();
+    // As the Cloud Elements article sends it: the token in the query, a JSON content type,
+    // no body.
     let r = ctx
         .http
         .post(ctx.url(&format!("{}?token={rt}", SALESFORCE.revoke)))
+        .header("content-type", "application/json")
+        .header("cache-control", "no-cache")
         .send()
         .await
         .expect("POST");

@@ -177,6 +177,16 @@ fn profile_routes(profile: Profile) -> Router<AppState> {
             ),
         );
     }
+    if profile == Profile::AdobeSign {
+        // The path the Cloud Elements article revokes at (`/oauth/revoke?token=`), beside the
+        // v2 one the metadata names.
+        routes = routes.route(
+            "/adobe-sign/oauth/revoke",
+            post(move |state: State<AppState>, request: Request| async move {
+                revoke::revoke(state, profile, request).await
+            }),
+        );
+    }
     routes.merge(api::provider_routes(profile))
 }
 
@@ -249,14 +259,16 @@ pub fn parse_request_params(
         }
         return parse_form(headers, body);
     }
+    // No body at all says nothing in any type: the parameters are in the query (the
+    // Salesforce article's revocation sends `Content-Type: application/json` with none).
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(HashMap::new());
+    }
     if !json_allowed {
         return Err(FormError(
             "The body must be application/x-www-form-urlencoded, not 'application/json'."
                 .to_string(),
         ));
-    }
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(HashMap::new());
     }
     let object = match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(serde_json::Value::Object(object)) => object,
