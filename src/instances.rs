@@ -65,6 +65,9 @@ pub fn is_secret_key(key: &str) -> bool {
 
 /// A configuration as given by a caller: string values (numbers and booleans are accepted and
 /// turned into strings, as Cloud Elements does).
+/// Configuration keys an instance takes at most.
+pub const MAX_CONFIGURATION_KEYS: usize = 1000;
+
 pub fn normalize_configuration(
     value: Option<&Value>,
 ) -> Result<BTreeMap<String, String>, ApiError> {
@@ -80,7 +83,19 @@ pub fn normalize_configuration(
             "`configuration` must be a JSON object",
         ));
     };
+    // Each key is stored with the instance and read at every use of it.
+    if object.len() > MAX_CONFIGURATION_KEYS {
+        return Err(ApiError::bad_request(format!(
+            "`configuration` has {} keys; an instance takes at most {MAX_CONFIGURATION_KEYS}",
+            object.len()
+        )));
+    }
     for (key, value) in object {
+        if key.trim().is_empty() {
+            return Err(ApiError::bad_request(
+                "A configuration key is empty: name each setting",
+            ));
+        }
         if key.len() > 200 {
             return Err(ApiError::bad_request(
                 "A configuration key is longer than 200 characters",

@@ -464,6 +464,20 @@ async fn unusable_update_inputs_are_refused() {
         before,
         "no code went out"
     );
+    // An empty key, and more keys than an instance takes.
+    let many: serde_json::Map<String, Value> =
+        (0..1001).map(|n| (format!("k{n}"), json!("v"))).collect();
+    for configuration in [json!({"": "x"}), json!({" ": "x"}), Value::Object(many)] {
+        let (status, body) = send(
+            &env,
+            Method::PATCH,
+            &path,
+            &platform,
+            Some(json!({"configuration": configuration})),
+        )
+        .await;
+        assert_eq!(status, 400, "{body}");
+    }
     for bad in [
         "not a url",
         "ftp://example.test/hook",
