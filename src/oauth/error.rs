@@ -58,7 +58,7 @@ pub enum OAuthError {
         retry_after: Option<u64>,
     },
     /// Timeout, connection refused, DNS, TLS…: no answer from the provider.
-    #[error("the provider could not be reached: {message}")]
+    #[error("no answer from the provider: {message}")]
     Transport { message: String },
     /// A 2xx whose body is not a token response (no access token), or cannot be read.
     #[error("the provider's answer (HTTP {status}) is not a token response: {message}")]

@@ -134,7 +134,12 @@ pub(crate) fn describe_unechoed_body(content_type: Option<&str>, body: &[u8]) ->
     if trimmed.is_empty() {
         return "an empty body".to_string();
     }
-    let kind = if looks_like_html(trimmed) {
+    let html_type = content_type.is_some_and(|ct| {
+        ct.split(';')
+            .next()
+            .is_some_and(|media| media.trim().eq_ignore_ascii_case("text/html"))
+    });
+    let kind = if looks_like_html(trimmed) || (html_type && trimmed.starts_with(b"<")) {
         "an HTML page"
     } else if trimmed.starts_with(b"<") {
         "an XML body"
@@ -182,6 +187,16 @@ pub(crate) fn html_title(body: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_html_body_is_told_by_its_type_too() {
+        let body = b"<h1>Bad Gateway</h1>";
+        assert!(
+            describe_unechoed_body(Some("text/html; charset=utf-8"), body)
+                .starts_with("an HTML page")
+        );
+        assert!(describe_unechoed_body(Some("application/xml"), body).starts_with("an XML body"));
+    }
 
     #[test]
     fn redaction_covers_a_secret_cut_or_in_a_path() {
