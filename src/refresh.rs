@@ -60,6 +60,13 @@ const COMMIT_RETRY_MAX_MS: u64 = 2_000;
 /// expires, as Salesforce's do not).
 const SERVE_STALE_AT_MOST: Duration = Duration::from_secs(60);
 const REVALIDATE_AFTER: Duration = Duration::from_secs(5);
+/// A copy this old (an instance idle meanwhile: under traffic it is re-read every
+/// [`REVALIDATE_AFTER`]) is re-read before it serves: served first, a disable, deletion or
+/// re-authentication made through another replica up to a minute before was ignored by the
+/// first call. Only a database that does not answer within [`REREAD_WAIT`] lets it serve, up to
+/// [`SERVE_STALE_AT_MOST`].
+const REREAD_FIRST_AFTER: Duration = Duration::from_secs(10);
+const REREAD_WAIT: Duration = Duration::from_secs(2);
 /// The first step of the transient-failure backoff, and the largest.
 const BACKOFF_BASE_MS: i64 = 2_000;
 const BACKOFF_MAX_MS: i64 = 300_000;
@@ -208,10 +215,20 @@ pub enum RefreshFailure {
     /// until the configuration is fixed. The instance stays valid; the detail names what is
     /// missing and holds no secret.
     Misconfigured(String),
+    /// The service's own database does not answer (see `StoreError::Unavailable`): 503.
+    StoreUnavailable(String),
     Internal(String),
 }
 
 impl RefreshFailure {
+    /// A store error as a failure: one of a database that does not answer is passing.
+    fn from_store(error: crate::store::StoreError) -> Self {
+        match error {
+            crate::store::StoreError::Unavailable(why) => RefreshFailure::StoreUnavailable(why),
+            other => RefreshFailure::Internal(other.to_string()),
+        }
+    }
+
     pub fn into_api_error(self) -> ApiError {
         match self {
             RefreshFailure::Invalid {
@@ -240,6 +257,9 @@ impl RefreshFailure {
                 "The instance is disabled: it makes no provider calls until enabled",
             ),
             RefreshFailure::NotFound => ApiError::not_found("There is no such instance"),
+            RefreshFailure::StoreUnavailable(why) => {
+                ApiError::from(crate::store::StoreError::Unavailable(why))
+            }
             RefreshFailure::Misconfigured(detail) => ApiError::conflict(format!(
                 "The instance cannot be refreshed as it is configured ({detail}); the instance stays valid: fix its configuration with PATCH or re-create it"
             )),
@@ -379,6 +399,19 @@ impl RefreshEngine {
             if age < REVALIDATE_AFTER {
                 return Ok(cached);
             }
+            if !cached.expired(wall) && age >= REREAD_FIRST_AFTER && age < SERVE_STALE_AT_MOST {
+                match tokio::time::timeout(REREAD_WAIT, self.load(app, id)).await {
+                    Ok(Err(RefreshFailure::StoreUnavailable(_) | RefreshFailure::Internal(_)))
+                    | Err(_) => {
+                        tracing::debug!(
+                            instance = id,
+                            "the store does not answer: an older copy serves"
+                        );
+                        return Ok(cached);
+                    }
+                    Ok(read) => return read,
+                }
+            }
             // Served while its token is fresh and the copy not too old; re-read meanwhile.
             if !cached.expired(wall) && age < SERVE_STALE_AT_MOST {
                 if !cached.revalidating.swap(true, Ordering::AcqRel) {
@@ -415,7 +448,7 @@ impl RefreshEngine {
             .store
             .get_instance_by_id(id)
             .await
-            .map_err(|e| RefreshFailure::Internal(e.to_string()))?
+            .map_err(RefreshFailure::from_store)?
             .ok_or(RefreshFailure::NotFound)?;
         self.remember(app, &row, Keep::Always).await
     }

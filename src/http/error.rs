@@ -160,6 +160,12 @@ impl ApiError {
         self
     }
 
+    /// With `Retry-After: <seconds>`.
+    pub fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
     /// An internal fault: the detail goes to the log with the request id, the caller gets an
     /// opaque message. The detail must not contain secrets (our error types never carry them).
     pub fn internal(detail: impl std::fmt::Display) -> Self {
@@ -195,6 +201,14 @@ impl From<crate::store::StoreError> for ApiError {
             crate::store::StoreError::Conflict(message) => ApiError::conflict(message),
             crate::store::StoreError::InvalidText(_) => {
                 ApiError::bad_request("A text value holds a character that cannot be stored (NUL)")
+            }
+            crate::store::StoreError::Unavailable(why) => {
+                tracing::warn!("the database does not answer: {why}");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "The service's database does not answer just now; try again shortly",
+                )
+                .with_retry_after(5)
             }
             other => ApiError::internal(other),
         }

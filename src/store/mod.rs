@@ -88,6 +88,10 @@ pub enum StoreError {
     /// Anything else the database said. Never carries a value of an encrypted column.
     #[error("database error: {0}")]
     Database(String),
+    /// No connection to the database could be had (refused, timed out, the pool closed):
+    /// a passing state, answered 503.
+    #[error("the database does not answer: {0}")]
+    Unavailable(String),
 }
 
 /// The longest round trip of a reading of the database's clock that is believed.
@@ -121,6 +125,9 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::Database(database_error) => {
                 StoreError::Database(database_error.message().to_string())
             }
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+                StoreError::Unavailable(error.to_string())
+            }
             other => StoreError::Database(other.to_string()),
         }
     }
@@ -129,6 +136,18 @@ impl From<sqlx::Error> for StoreError {
 impl From<sqlx::migrate::MigrateError> for StoreError {
     fn from(error: sqlx::migrate::MigrateError) -> Self {
         StoreError::Database(format!("migration failed: {error}"))
+    }
+}
+
+/// A database URL as it may be shown: without its password or query (which may hold one).
+fn display_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            let _ = parsed.set_password(None);
+            parsed.set_query(None);
+            parsed.to_string()
+        }
+        Err(_) => "the database URL".to_string(),
     }
 }
 
@@ -186,6 +205,36 @@ impl Store {
             Engine::Sqlite => 1,
             Engine::Postgres => options.max_connections,
         };
+        // The first connection is made on its own: the pool's error for one that cannot be
+        // made is "pool timed out", after its whole wait, where the connection's own names the
+        // cause (connection refused, and where).
+        {
+            use sqlx::Connection;
+            let first = tokio::time::timeout(
+                options.acquire_timeout,
+                sqlx::AnyConnection::connect_with(&connect_options),
+            )
+            .await;
+            match first {
+                Ok(Ok(connection)) => {
+                    let _ = connection.close().await;
+                }
+                Ok(Err(error)) => {
+                    let error = StoreError::from(error);
+                    return Err(StoreError::Database(format!(
+                        "could not connect to {}: {error}",
+                        display_url(&url)
+                    )));
+                }
+                Err(_) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "no connection to {} within {} s",
+                        display_url(&url),
+                        options.acquire_timeout.as_secs()
+                    )));
+                }
+            }
+        }
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(options.acquire_timeout)
@@ -211,6 +260,22 @@ impl Store {
     /// Creates the SQLite file when missing and switches it to WAL (a property of the file,
     /// so one connection is enough), and returns the URL the pool should use.
     async fn prepare_sqlite(url: &str) -> Result<String, StoreError> {
+        // A new SQLite database file is readable by its owner only (its tokens are sealed, but
+        // names, configuration and audit lines are not for every local user); SQLite gives its
+        // journal files the database file's mode.
+        #[cfg(unix)]
+        if let Some(path) = crate::crypto::sqlite_path(url)
+            && !path.is_empty()
+            && path != ":memory:"
+            && !path.starts_with("file::memory:")
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path);
+        }
         let url = if url.contains("mode=") {
             url.to_string()
         } else if url.contains('?') {
@@ -902,6 +967,22 @@ mod instances;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A database that does not answer is a passing state: 503 with a `Retry-After`, not 500.
+    #[test]
+    fn a_database_that_does_not_answer_is_503() {
+        for error in [sqlx::Error::PoolTimedOut, sqlx::Error::PoolClosed] {
+            let error = StoreError::from(error);
+            assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
+            let answer = crate::http::error::ApiError::from(error);
+            assert_eq!(answer.status.as_u16(), 503);
+            assert_eq!(answer.retry_after, Some(5));
+        }
+        assert!(matches!(
+            StoreError::from(sqlx::Error::RowNotFound),
+            StoreError::NotFound
+        ));
+    }
 
     /// sqlx refuses to start on a database where an applied migration's file has changed since
     /// (its checksum is kept in `_sqlx_migrations`), even a comment of it: a migration, once

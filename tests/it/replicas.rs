@@ -66,3 +66,69 @@ async fn storm_across_three_replicas_makes_one_refresh() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// An instance disabled through one replica, and idle meanwhile in another's memory, makes no
+/// provider call through the other once its copy is ten seconds old: that copy served the first
+/// call up to a minute after the disable.
+#[tokio::test]
+async fn a_disable_through_one_replica_holds_in_the_others_soon() {
+    let url = match create_postgres_database().await {
+        Ok(url) => url,
+        Err(error) => {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "PostgreSQL is required: {error}"
+            );
+            eprintln!("warning: PostgreSQL unreachable ({error}); replica test skipped");
+            return;
+        }
+    };
+    let env = Env::start("postgres", &url).await;
+    let second = start_server(&url, &env.sandbox.url, |_| {}).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "disabled-elsewhere")
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    // The first replica holds the instance in memory.
+    let warm = storm(
+        &env,
+        std::slice::from_ref(&env.server.url),
+        &token,
+        1,
+        "api/me",
+    )
+    .await;
+    assert_all_ok("warm-up", &warm);
+    let disabled = env
+        .http
+        .delete(format!("{}/elements/api-v2/instances/enabled", second.url))
+        .header("authorization", env.org.with_element(&token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(disabled.status(), 200);
+    tokio::time::sleep(std::time::Duration::from_millis(10_500)).await;
+    let calls_before = stat(&env, &["api", "ok"]).await;
+    let (status, body, _) = crate::refresh::proxy_at(
+        &env,
+        &env.server.url,
+        &env.org,
+        &token,
+        reqwest::Method::GET,
+        "api/me",
+    )
+    .await;
+    assert_eq!(
+        status, 409,
+        "a disabled instance answered through the other replica: {body}"
+    );
+    assert_eq!(
+        stat(&env, &["api", "ok"]).await,
+        calls_before,
+        "the provider was called"
+    );
+    second.shutdown().await;
+    env.stop().await;
+    drop_test_database(&url).await;
+}
