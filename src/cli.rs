@@ -103,7 +103,8 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "TOKENWARDEN_SANDBOX_URL",
-        default_value = "http://127.0.0.1:4000"
+        default_value = "http://127.0.0.1:4000",
+        hide_env_values = true
     )]
     pub sandbox_url: String,
     /// A proxy for token calls, revocations, verifications and webhooks, where the network's

@@ -261,6 +261,10 @@ fn help_never_shows_the_environment_values() {
         ),
         ("TOKENWARDEN_URL", "https://u:hunter2-url@tw.example"),
         (
+            "TOKENWARDEN_SANDBOX_URL",
+            "http://u:hunter2-sandbox@sb.example",
+        ),
+        (
             "TOKENWARDEN_MASTER_KEY",
             "aHVudGVyMi1rZXktaHVudGVyMi1rZXktaHVudGVyMg==",
         ),
@@ -277,4 +281,36 @@ fn help_never_shows_the_environment_values() {
             "{command:?} showed a value: {stdout}"
         );
     }
+}
+
+/// A database that refuses connections is named in the error at once, with the cause (it said
+/// "pool timed out while waiting for an open connection" after ten seconds), and without the
+/// URL's password.
+#[test]
+fn a_database_that_refuses_connections_is_named_at_once() {
+    let started = std::time::Instant::now();
+    let (ok, _, stderr) = tokenwarden(
+        &[
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--database-url",
+            "postgres://postgres:hunter2-db@127.0.0.1:1/nothing",
+        ],
+        &[(
+            "TOKENWARDEN_MASTER_KEY",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        )],
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("127.0.0.1:1") && stderr.to_lowercase().contains("refused"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
 }

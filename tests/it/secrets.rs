@@ -195,6 +195,14 @@ async fn database_and_trace_log_hold_no_secret() {
             0o600,
             "key file mode"
         );
+        // The database file, and the journal SQLite gives the database's mode, too.
+        for path in [db_path.clone(), format!("{db_path}-wal")] {
+            let mode = std::fs::metadata(&path)
+                .unwrap_or_else(|e| panic!("{path}: {e}"))
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{path} mode");
+        }
     }
     let master_key = std::fs::read_to_string(&key_path)
         .unwrap()
