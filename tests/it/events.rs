@@ -461,6 +461,43 @@ async fn a_life_cycle_is_in_events_and_audit_logs_without_any_secret() {
     futures_util::future::join_all(scenarios).await;
 }
 
+/// Salesforce's revocations cascade one way only (the refresh token's takes its access tokens):
+/// a refresh token whose revocation failed for now is not revoked by revoking the access
+/// token, so a deletion with `?revoke=true` keeps the instance for another try.
+#[tokio::test]
+async fn a_refresh_token_not_revoked_keeps_the_instance() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let platform = env.org.platform();
+    let instance = env
+        .create_instance(&env.org, "sandbox-salesforce", "sam")
+        .await;
+    let id = instance["id"].as_i64().unwrap();
+    env.sandbox_post(
+        "/__sandbox/faults",
+        json!({"target": "revoke", "status": 503, "count": 1}),
+    )
+    .await;
+    let (status, body) = send(
+        &env,
+        reqwest::Method::DELETE,
+        &format!("/instances/{id}?revoke=true"),
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 502, "{body}");
+    let (status, body) = send(
+        &env,
+        reqwest::Method::GET,
+        &format!("/instances/{id}"),
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 200, "the instance was deleted: {body}");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 #[tokio::test]
 async fn revocation_reaches_the_sandbox_in_each_shape() {
     let (label, url) = test_databases().await.into_iter().next().unwrap();
@@ -477,6 +514,7 @@ async fn revocation_reaches_the_sandbox_in_each_shape() {
         let id = instance["id"].as_i64().unwrap();
         let token = instance["token"].as_str().unwrap();
         let before = env.sandbox_stats().await["revoke"].as_u64().unwrap();
+        let errors_before = env.sandbox_stats().await["revokeErrors"].clone();
         let (status, body) = send(
             &env,
             reqwest::Method::POST,
@@ -502,7 +540,14 @@ async fn revocation_reaches_the_sandbox_in_each_shape() {
             stats["revoke"].as_u64().unwrap() > before,
             "{element}: the sandbox saw the revocation: {stats}"
         );
-        assert_eq!(stats["revokeErrors"], 0, "{element}: accepted: {stats}");
+        // Salesforce's and Microsoft's access tokens die with the refresh token revoked first:
+        // the second revocation finds it dead (an error there, ignored here).
+        if !matches!(element, "sandbox-salesforce" | "sandbox-microsoft") {
+            assert_eq!(
+                stats["revokeErrors"], errors_before,
+                "{element}: accepted: {stats}"
+            );
+        }
         let (status, body) = env
             .proxy(&env.org, token, reqwest::Method::GET, "api/me")
             .await;
