@@ -124,6 +124,11 @@ pub struct ServeArgs {
     /// endpoint is not flooded when many instances fall due at once); 0 lifts the limit.
     #[arg(long, env = "TOKENWARDEN_REFRESH_RATE", default_value_t = crate::background::RATE_PER_SECOND)]
     pub refresh_rate: f64,
+    /// Seconds a connection has to send a request head, the first or the next one on a
+    /// kept-alive connection; then it is closed. Behind a load balancer that keeps idle
+    /// connections to its backends longer (Google Cloud's: 600 s), set it above that.
+    #[arg(long, env = "TOKENWARDEN_IDLE_TIMEOUT", default_value_t = 75, value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    pub idle_timeout: u32,
     /// Events (and their delivery records) older than this many days are deleted, except those
     /// still waiting to be delivered; the audit log is kept.
     #[arg(long, env = "TOKENWARDEN_EVENT_RETENTION_DAYS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=3650))]
@@ -293,6 +298,8 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             config.previous_master_keys = args.database.previous_master_keys;
             config.sandbox_url = args.sandbox_url;
             config.refresh_concurrency = usize::from(args.refresh_concurrency);
+            config.header_read_timeout =
+                std::time::Duration::from_secs(u64::from(args.idle_timeout));
             let rate = args.refresh_rate;
             if !rate.is_finite() || rate < 0.0 || (rate > 0.0 && rate < MIN_REFRESH_RATE) {
                 return Err(format!(

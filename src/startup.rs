@@ -137,7 +137,7 @@ const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// connection is served by hyper's HTTP/1 or HTTP/2 connection straight on the socket: hyper-util's
 /// auto-detecting connection reads through a rewinding wrapper for the connection's whole life,
 /// a cost on every proxied call. A client that sends the HTTP/2 preface in pieces (none seen in
-/// practice) gets that auto-detecting connection.
+/// practice) is peeked at again until the bytes tell, within the header read timeout.
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     service: crate::http::Service,
@@ -147,8 +147,20 @@ async fn serve_connection(
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     let header_read_timeout = service.app().config.header_read_timeout;
     let mut head = [0u8; 24];
+    // The first bytes, until they tell the protocol: a client that sends part of the HTTP/2
+    // preface and stops is given up with the rest at the header read timeout.
+    let told = async {
+        loop {
+            let n = stream.peek(&mut head).await?;
+            if n == 0 || n == head.len() || !HTTP2_PREFACE.starts_with(&head[..n]) {
+                return Ok::<usize, std::io::Error>(n);
+            }
+            // More of the preface may come: a pause, so as not to spin on the same bytes.
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
     let peeked = tokio::select! {
-        peeked = tokio::time::timeout(header_read_timeout, stream.peek(&mut head)) => peeked,
+        peeked = tokio::time::timeout(header_read_timeout, told) => peeked,
         _ = shutdown.wait_for(|stop| *stop) => return,
     };
     let seen = match peeked {
@@ -168,18 +180,6 @@ async fn serve_connection(
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(header_read_timeout))
             .serve_connection(io, service);
-        let _ = registration.watch(connection).await;
-    } else if HTTP2_PREFACE.starts_with(seen) {
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_read_timeout);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Some(header_read_timeout));
-        let connection = builder.serve_connection(io, service).into_owned();
         let _ = registration.watch(connection).await;
     } else {
         let connection = hyper::server::conn::http1::Builder::new()

@@ -450,6 +450,11 @@ async fn connections_that_send_no_request_are_closed() {
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
+    // Part of the HTTP/2 preface, then nothing.
+    let mut preface = tokio::net::TcpStream::connect(env.server.addr)
+        .await
+        .unwrap();
+    preface.write_all(b"PRI * HT").await.unwrap();
     let mut kept_alive = tokio::net::TcpStream::connect(env.server.addr)
         .await
         .unwrap();
@@ -457,14 +462,16 @@ async fn connections_that_send_no_request_are_closed() {
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let (silent, partial, kept_alive) = tokio::join!(
+    let (silent, partial, preface, kept_alive) = tokio::join!(
         closed_within(silent),
         closed_within(partial),
+        closed_within(preface),
         closed_within(kept_alive)
     );
     for (what, (after, _)) in [
         ("silent", &silent),
         ("partial", &partial),
+        ("part of the HTTP/2 preface", &preface),
         ("kept alive", &kept_alive),
     ] {
         assert!(
