@@ -55,6 +55,8 @@ pub fn spawn_all(app: &SharedApp, tasks: &mut JoinSet<()>, shutdown: &mut watch:
 const RESTART_AFTER: Duration = Duration::from_secs(1);
 #[cfg(test)]
 const RESTART_AFTER: Duration = Duration::from_millis(10);
+/// The longest pause between restarts.
+const RESTART_AFTER_AT_MOST: Duration = Duration::from_secs(60);
 
 /// Runs the task `start` makes, [`named`], and starts it again if it panics: a scheduler that
 /// died of one bad row left the replica serving calls while no refresh or keep-alive ran
@@ -85,20 +87,28 @@ where
             self.0.abort();
         }
     }
+    // The pause doubles while the task keeps panicking soon after its start (a bad row it
+    // meets at once), up to a minute; a run longer than that starts the count again.
+    let mut pause = RESTART_AFTER;
     loop {
+        let started = tokio::time::Instant::now();
         let task = tokio::spawn(named(name, start()));
         let _abort = AbortOnDrop(task.abort_handle());
         match task.await {
             Err(error) if error.is_panic() => {
+                if started.elapsed() > RESTART_AFTER_AT_MOST {
+                    pause = RESTART_AFTER;
+                }
                 tracing::error!(
                     task = name,
-                    "a background task panicked; it starts again in {} ms",
-                    RESTART_AFTER.as_millis()
+                    "a background task panicked ({error}); it starts again in {} ms",
+                    pause.as_millis()
                 );
                 metrics::counter!("tokenwarden_background_restarts_total", "task" => name)
                     .increment(1);
                 restarted();
-                tokio::time::sleep(RESTART_AFTER).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RESTART_AFTER_AT_MOST);
             }
             _ => return,
         }

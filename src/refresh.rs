@@ -292,7 +292,14 @@ pub struct RefreshEngine {
     /// Work under way that shutdown waits for ([`spawn_to_the_end`]): refreshes and revocations.
     running: AtomicUsize,
     done: Notify,
+    /// When a refresh asked for now last went through an instance's backoff, per instance.
+    forced: DashMap<i64, Instant>,
 }
+
+/// A refresh asked for now goes through an instance's backoff at most this often: a client
+/// retrying `…/tokens/refresh` on every 503 would otherwise send each retry to a failing
+/// provider.
+const FORCE_AT_MOST_EVERY: Duration = Duration::from_secs(5);
 
 /// Runs `work` as a task of its own that shutdown waits for (up to a bound, see
 /// [`RefreshEngine::wait_until_done`]): a refresh between the provider's answer and its commit,
@@ -336,6 +343,30 @@ pub struct Claimed {
 impl RefreshEngine {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Whether a refresh asked for now may go through instance `id`'s backoff (see
+    /// [`FORCE_AT_MOST_EVERY`]); counts it when it may.
+    pub fn may_force(&self, id: i64) -> bool {
+        let now = Instant::now();
+        if self.forced.len() > 10_000 {
+            self.forced
+                .retain(|_, at| now.saturating_duration_since(*at) < FORCE_AT_MOST_EVERY);
+        }
+        let mut allowed = false;
+        self.forced
+            .entry(id)
+            .and_modify(|at| {
+                if now.saturating_duration_since(*at) >= FORCE_AT_MOST_EVERY {
+                    *at = now;
+                    allowed = true;
+                }
+            })
+            .or_insert_with(|| {
+                allowed = true;
+                now
+            });
+        allowed
     }
 
     /// Waits until no work started by [`spawn_to_the_end`] runs, for at most `limit`; false

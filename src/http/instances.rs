@@ -1698,11 +1698,13 @@ pub async fn refresh_now(
         ));
     }
     // "Now" means now: a backoff from earlier transient failures does not hold an explicit
-    // refresh back (it answered 503 "waiting before the next" without asking the provider).
-    // A wait the provider asked for, or a configuration at fault, still does.
+    // refresh back (it answered 503 "waiting before the next" without asking the provider),
+    // once in a few seconds per instance. A wait the provider asked for, or a configuration
+    // at fault, still does.
     if row
         .backoff_until
         .is_some_and(|until| until > crate::app::now_ms())
+        && app.refresh.may_force(row.id)
         && app.store.end_transient_backoff(row.id).await?
     {
         app.refresh.forget(row.id);

@@ -119,8 +119,8 @@ impl Service {
             *request.method(),
             axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
         );
-        let routed = Box::pin(self.router.oneshot(request.map(axum::body::Body::new)));
         if !changes {
+            let routed = Box::pin(self.router.oneshot(request.map(axum::body::Body::new)));
             return match routed.await {
                 Ok(response) => response,
                 Err(never) => match never {},
@@ -129,15 +129,31 @@ impl Service {
         // A change, once its request has arrived, is carried out to its end whether the caller
         // waits for the answer or hangs up: cut at one of its awaits (hyper drops the call of a
         // connection that closed), it left a change written without its audit entry, or a
-        // deletion without its scheduler told. A task of its own, counted like a refresh, so a
-        // shutdown waits for it too.
-        match crate::refresh::spawn_to_the_end(&self.app, routed).await {
+        // deletion without its scheduler told. A task of its own; not counted like a refresh
+        // (a caller stalling its body would hold a shutdown), while the work that must outlive
+        // a shutdown's start (an exchange, a revocation) is, inside it. The request id is fixed
+        // here, so that an answer to a task that failed carries it too.
+        let mut request = request;
+        let request_id = error::request_id_of(request.headers());
+        request
+            .headers_mut()
+            .insert(error::X_REQUEST_ID, request_id.clone());
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        let routed = Box::pin(self.router.oneshot(request.map(axum::body::Body::new)));
+        match tokio::spawn(routed).await {
             Ok(Ok(response)) => response,
             Ok(Err(never)) => match never {},
-            Err(stopped) => {
-                tracing::error!("a request stopped before its answer: {stopped}");
-                error::ApiError::internal("The request stopped before its answer").into_response()
-            }
+            Err(stopped) => error::REQUEST_ID.sync_scope(request_id.clone(), || {
+                tracing::error!(request_id = error::request_id_text(&request_id), %method, %path, "a request stopped before its answer: {stopped}");
+                let mut response =
+                    error::ApiError::internal("The request stopped before its answer")
+                        .into_response();
+                response
+                    .headers_mut()
+                    .insert(error::X_REQUEST_ID, request_id.clone());
+                response
+            }),
         }
     }
 }

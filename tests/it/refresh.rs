@@ -890,6 +890,23 @@ async fn a_refresh_asked_for_now_does_not_wait_out_a_backoff() {
     let now = crate::instances::call(&env, Method::POST, &path, Some(&platform), None).await;
     assert_eq!(now.status, 200, "{}", now.body);
     assert_eq!(refreshes(&env).await, before + 1, "the provider was asked");
+    // Once in a few seconds: a client retrying on every 503 does not reach a failing provider
+    // with each retry.
+    fault(&env, json!({"target": "token", "status": 503, "count": 5})).await;
+    let failed = crate::instances::call(&env, Method::POST, &path, Some(&platform), None).await;
+    assert_eq!(failed.status, 503, "{}", failed.body);
+    let asked = stat(&env, &["faultsInjected"]).await;
+    let held = crate::instances::call(&env, Method::POST, &path, Some(&platform), None).await;
+    assert_eq!(held.status, 503, "{}", held.body);
+    assert_eq!(
+        stat(&env, &["faultsInjected"]).await,
+        asked,
+        "the provider was asked again at once"
+    );
+    clear_faults(&env).await;
+    tokio::time::sleep(Duration::from_millis(5_100)).await;
+    let later = crate::instances::call(&env, Method::POST, &path, Some(&platform), None).await;
+    assert_eq!(later.status, 200, "{}", later.body);
     // A 429's wait is the provider's: still waited out.
     fault(
         &env,
