@@ -48,7 +48,7 @@ pub fn new_event(app: &App, row: &InstanceRow, event_type: &str, reason: Option<
     let url = configuration
         .get("event.notification.callback.url")
         .and_then(Value::as_str)
-        .filter(|url| !url.is_empty())
+        .filter(|url| !url.trim().is_empty())
         .map(str::to_string);
     let mut payload = Map::new();
     payload.insert("event".into(), body);

@@ -1153,7 +1153,12 @@ impl RefreshEngine {
                         });
                     }
                 }
-                if was_committed && let Some(undone) = &stored.revived_reason {
+                // (A row that was failing too had `instance.recovered` written with the commit:
+                // one event says it.)
+                if was_committed
+                    && recovered.is_none()
+                    && let Some(undone) = &stored.revived_reason
+                {
                     // Another replica took this refresh over after our lease ran out, presented
                     // the refresh token we had just used, and invalidated the instance on the
                     // provider's refusal; our commit made it valid again. Whoever heard of the

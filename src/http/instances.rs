@@ -138,6 +138,7 @@ impl InstanceBody {
         self.provider_data
             .as_ref()
             .and_then(|data| data.code.as_deref())
+            .map(str::trim)
             .filter(|code| !code.is_empty())
             .map(Secret::new)
     }
@@ -529,8 +530,16 @@ async fn exchange(
 
 /// Tokens brought in with `externalAuthentication: "initial"`.
 fn imported_tokens(split: &SplitConfiguration) -> ApiResult<TokenSet> {
-    let access = split.access_token.clone();
-    let refresh = split.refresh_token.clone();
+    // Whitespace around a pasted token is no part of it (a provider's answer is read so too).
+    let trimmed = |token: &Option<String>| {
+        token
+            .as_deref()
+            .map(str::trim)
+            .filter(|token| !token.is_empty())
+            .map(str::to_string)
+    };
+    let access = trimmed(&split.access_token);
+    let refresh = trimmed(&split.refresh_token);
     if access.is_none() && refresh.is_none() {
         return Err(ApiError::bad_request(
             "`externalAuthentication: \"initial\"` needs `oauth.user.token` and/or `oauth.user.refresh_token` in the configuration",
@@ -982,7 +991,7 @@ async fn update(
         .provider_data
         .as_ref()
         .and_then(|data| data.code.as_deref())
-        .is_some_and(str::is_empty)
+        .is_some_and(|code| code.trim().is_empty())
     {
         return Err(ApiError::bad_request(
             "`providerData.code` is empty: give the code the provider's redirect carried",
@@ -1221,6 +1230,15 @@ async fn update_once(
     });
     for (key, value) in split.plain {
         plain.insert(key, Value::String(value));
+    }
+    // The limit holds for what the instance keeps, not only for one request's keys (PATCHes
+    // merge).
+    if plain.len() > instances::MAX_CONFIGURATION_KEYS && plain.len() > old_plain.len() {
+        return Err(ApiError::bad_request(format!(
+            "The instance would keep {} configuration keys; it takes at most {}",
+            plain.len(),
+            instances::MAX_CONFIGURATION_KEYS
+        )));
     }
     // A `base.url` the connector's inputs made follows them when they change (Dynamics'
     // `{org}`); one set otherwise (by the caller, or by a token response: Salesforce's

@@ -464,7 +464,67 @@ async fn unusable_update_inputs_are_refused() {
         before,
         "no code went out"
     );
-    // An empty key, and more keys than an instance takes.
+    // A pasted token's surrounding whitespace is no part of it.
+    let mut configuration = env.configuration();
+    configuration["oauth.user.token"] = json!("  pasted-access-token\n");
+    let (status, imported) = send(
+        &env,
+        Method::POST,
+        &env.api("/instances"),
+        &platform,
+        Some(json!({"element": {"key": "sandbox-generic"}, "externalAuthentication": "initial", "configuration": configuration})),
+    )
+    .await;
+    assert_eq!(status, 200, "{imported}");
+    let (_, shown) = send(
+        &env,
+        Method::GET,
+        &env.api("/instances"),
+        &format!(
+            "{platform}, Element {}",
+            imported["token"].as_str().unwrap()
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(
+        shown[0]["configuration"]["oauth.user.token"], "pasted-access-token",
+        "{shown}"
+    );
+    // More keys than an instance takes, over two PATCHes.
+    let half = |from: usize| -> serde_json::Map<String, Value> {
+        (from..from + 600)
+            .map(|n| (format!("k{n}"), json!("v")))
+            .collect()
+    };
+    let (status, body) = send(
+        &env,
+        Method::PATCH,
+        &path,
+        &platform,
+        Some(json!({"configuration": half(0)})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = send(
+        &env,
+        Method::PATCH,
+        &path,
+        &platform,
+        Some(json!({"configuration": half(600)})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    // An empty key, a blank code, and more keys than an instance takes.
+    let (status, body) = send(
+        &env,
+        Method::PATCH,
+        &path,
+        &platform,
+        Some(json!({"providerData": {"code": "  "}})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
     let many: serde_json::Map<String, Value> =
         (0..1001).map(|n| (format!("k{n}"), json!("v"))).collect();
     for configuration in [json!({"": "x"}), json!({" ": "x"}), Value::Object(many)] {

@@ -940,7 +940,8 @@ async fn a_late_commit_that_revives_an_instance_announces_it() {
             .await;
         let id = created["id"].as_i64().unwrap();
         let store = tokenwarden::store::Store::connect(&url).await.unwrap();
-        let held = hold_next_token_call(&env, 1_500).await;
+        // Held long enough for the invalidation to land meanwhile on a loaded machine.
+        let held = hold_next_token_call(&env, 4_000).await;
         let platform = env.org.platform();
         let refresh_path = env.api(&format!("/instances/{id}/tokens/refresh"));
         let refresh =
