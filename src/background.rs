@@ -37,17 +37,26 @@ pub fn spawn_all(app: &SharedApp, tasks: &mut JoinSet<()>, shutdown: &mut watch:
         return;
     }
     let (task_app, stop) = (Arc::clone(app), shutdown.clone());
-    tasks.spawn(supervised(Arc::clone(app), "scheduler", move || {
-        scheduler(Arc::clone(&task_app), stop.clone())
-    }));
+    tasks.spawn(supervised(
+        Arc::clone(app),
+        "scheduler",
+        shutdown.clone(),
+        move || scheduler(Arc::clone(&task_app), stop.clone()),
+    ));
     let (task_app, stop) = (Arc::clone(app), shutdown.clone());
-    tasks.spawn(supervised(Arc::clone(app), "recovery", move || {
-        recovery(Arc::clone(&task_app), stop.clone())
-    }));
+    tasks.spawn(supervised(
+        Arc::clone(app),
+        "recovery",
+        shutdown.clone(),
+        move || recovery(Arc::clone(&task_app), stop.clone()),
+    ));
     let (task_app, stop) = (Arc::clone(app), shutdown.clone());
-    tasks.spawn(supervised(Arc::clone(app), "deliverer", move || {
-        deliverer(Arc::clone(&task_app), stop.clone())
-    }));
+    tasks.spawn(supervised(
+        Arc::clone(app),
+        "deliverer",
+        shutdown.clone(),
+        move || deliverer(Arc::clone(&task_app), stop.clone()),
+    ));
 }
 
 /// How long a background task that panicked waits before it starts again.
@@ -63,20 +72,28 @@ const RESTART_AFTER_AT_MOST: Duration = Duration::from_secs(60);
 /// again, and nothing said so. Its leases run out and its work is claimed anew, so a restart
 /// is safe. Counted in `tokenwarden_background_restarts_total` and `/healthz`. Ends when the
 /// task ends by itself (at shutdown); dropped, it stops the task too.
-async fn supervised<F, Fut>(app: SharedApp, name: &'static str, start: F)
-where
+async fn supervised<F, Fut>(
+    app: SharedApp,
+    name: &'static str,
+    shutdown: watch::Receiver<bool>,
+    start: F,
+) where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    supervise(name, start, move || {
+    supervise(name, shutdown, start, move || {
         app.background_restarts
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     })
     .await;
 }
 
-async fn supervise<F, Fut>(name: &'static str, start: F, restarted: impl Fn())
-where
+async fn supervise<F, Fut>(
+    name: &'static str,
+    mut shutdown: watch::Receiver<bool>,
+    start: F,
+    restarted: impl Fn(),
+) where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -107,7 +124,11 @@ where
                 metrics::counter!("tokenwarden_background_restarts_total", "task" => name)
                     .increment(1);
                 restarted();
-                tokio::time::sleep(pause).await;
+                // A shutdown meanwhile ends the wait, and the supervision.
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
                 pause = (pause * 2).min(RESTART_AFTER_AT_MOST);
             }
             _ => return,
@@ -578,8 +599,10 @@ mod supervision_tests {
         let starts = Arc::new(AtomicUsize::new(0));
         let restarts = Arc::new(AtomicUsize::new(0));
         let (counted, restarted) = (Arc::clone(&starts), Arc::clone(&restarts));
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
         super::supervise(
             "test",
+            shutdown,
             move || {
                 let n = counted.fetch_add(1, Ordering::SeqCst);
                 async move {

@@ -67,6 +67,9 @@ const REVALIDATE_AFTER: Duration = Duration::from_secs(5);
 /// [`SERVE_STALE_AT_MOST`].
 const REREAD_FIRST_AFTER: Duration = Duration::from_secs(10);
 const REREAD_WAIT: Duration = Duration::from_secs(2);
+/// After a re-read the store did not answer, a copy serves this long (ms) before another is
+/// tried: every call would wait [`REREAD_WAIT`] otherwise, for the whole outage.
+const STORE_DOWN_PAUSE_MS: i64 = 5_000;
 /// The first step of the transient-failure backoff, and the largest.
 const BACKOFF_BASE_MS: i64 = 2_000;
 const BACKOFF_MAX_MS: i64 = 300_000;
@@ -146,8 +149,10 @@ pub struct CachedInstance {
     pub backoff_until: Option<i64>,
     pub last_failure: Option<String>,
     loaded_at: Instant,
-    /// A background re-read is under way (one at a time per copy).
+    /// A re-read is under way (one at a time per copy).
     revalidating: AtomicBool,
+    /// Until when (ms) the copy serves without a re-read: the store did not answer the last.
+    store_down_until: AtomicI64,
     /// When a call last used this copy (ms), for eviction of idle copies.
     last_used: AtomicI64,
     /// The provider refused this copy's access token.
@@ -155,6 +160,14 @@ pub struct CachedInstance {
 }
 
 impl CachedInstance {
+    /// The store did not answer a re-read of this copy at `wall`: it serves without one for a
+    /// while, and the next re-read may start then.
+    fn store_unanswered(&self, wall: i64) {
+        self.store_down_until
+            .store(wall + STORE_DOWN_PAUSE_MS, Ordering::Relaxed);
+        self.revalidating.store(false, Ordering::Release);
+    }
+
     /// Whether `before_expiry` wants a refresh before the next call.
     /// Never before half the token's lifetime has passed, as the schedule (`next_due_at`), so
     /// a token that lives less than the buffer does not make every call refresh.
@@ -412,9 +425,13 @@ impl RefreshEngine {
 
     /// The instance as the proxy needs it: from memory, else from the store. A copy older than
     /// [`REVALIDATE_AFTER`] is still served while its access token has not expired, and re-read
-    /// in the background (one re-read at a time), so the hot path makes no query while the
-    /// token is fresh; a change made on another replica (disabled, deleted, re-authenticated)
-    /// shows from the call after that re-read. A rejected token always re-reads the row first
+    /// in the background (one re-read at a time), so under steady traffic the hot path makes
+    /// no query while the token is fresh; a change made on another replica (disabled, deleted,
+    /// re-authenticated) shows from the call after that re-read. A copy idle for
+    /// [`REREAD_FIRST_AFTER`] is re-read before it serves (one awaited query for a call after
+    /// ten idle seconds), unless the store does not answer within [`REREAD_WAIT`]: then the
+    /// copy serves, without another try for [`STORE_DOWN_PAUSE_MS`], up to
+    /// [`SERVE_STALE_AT_MOST`]. A rejected token always re-reads the row first
     /// (see [`RefreshEngine::refresh`]). `now` is the call's start, `wall` the same in
     /// milliseconds since the epoch (one clock reading each serves the whole call).
     pub async fn get(
@@ -430,42 +447,59 @@ impl RefreshEngine {
             if age < REVALIDATE_AFTER {
                 return Ok(cached);
             }
-            if !cached.expired(wall) && age >= REREAD_FIRST_AFTER && age < SERVE_STALE_AT_MOST {
-                match tokio::time::timeout(REREAD_WAIT, self.load(app, id)).await {
-                    Ok(Err(RefreshFailure::StoreUnavailable(_) | RefreshFailure::Internal(_)))
-                    | Err(_) => {
-                        tracing::debug!(
-                            instance = id,
-                            "the store does not answer: an older copy serves"
-                        );
-                        return Ok(cached);
-                    }
-                    Ok(read) => return read,
-                }
-            }
-            // Served while its token is fresh and the copy not too old; re-read meanwhile.
             if !cached.expired(wall) && age < SERVE_STALE_AT_MOST {
-                if !cached.revalidating.swap(true, Ordering::AcqRel) {
-                    // `self` is `app.refresh`: the task reaches it through the app.
-                    let app = Arc::clone(app);
-                    tokio::spawn(async move {
-                        let reread = match app.store.get_instance_by_id(id).await {
-                            Ok(Some(row)) => app
-                                .refresh
-                                .remember(&app, &row, Keep::IfPresent)
-                                .await
-                                .map(|_| ())
-                                .map_err(|failure| format!("{failure:?}")),
-                            Ok(None) => Err("the instance is gone".to_string()),
-                            Err(error) => Err(error.to_string()),
-                        };
-                        if let Err(why) = reread {
-                            // Whatever went wrong, the next call reads the row itself.
-                            tracing::debug!(instance = id, "re-reading the instance: {why}");
-                            app.refresh.forget(id);
-                        }
-                    });
+                // The store did not answer a moment ago: the copy serves without waiting.
+                if cached.store_down_until.load(Ordering::Relaxed) > wall {
+                    return Ok(cached);
                 }
+                // One re-read at a time per copy; the calls meanwhile are served the copy.
+                if cached.revalidating.swap(true, Ordering::AcqRel) {
+                    return Ok(cached);
+                }
+                if age >= REREAD_FIRST_AFTER {
+                    return match tokio::time::timeout(REREAD_WAIT, self.load(app, id)).await {
+                        Ok(Err(RefreshFailure::StoreUnavailable(_))) | Err(_) => {
+                            tracing::debug!(
+                                instance = id,
+                                "the store does not answer: an older copy serves"
+                            );
+                            cached.store_unanswered(wall);
+                            Ok(cached)
+                        }
+                        Ok(Err(failure)) => {
+                            self.forget(id);
+                            Err(failure)
+                        }
+                        Ok(read) => read,
+                    };
+                }
+                // Served while its token is fresh and the copy not too old; re-read meanwhile.
+                // `self` is `app.refresh`: the task reaches it through the app.
+                let app = Arc::clone(app);
+                let copy = Arc::clone(&cached);
+                tokio::spawn(async move {
+                    let reread = match app.store.get_instance_by_id(id).await {
+                        Ok(Some(row)) => app
+                            .refresh
+                            .remember(&app, &row, Keep::IfPresent)
+                            .await
+                            .map(|_| ())
+                            .map_err(|failure| format!("{failure:?}")),
+                        Ok(None) => Err("the instance is gone".to_string()),
+                        Err(crate::store::StoreError::Unavailable(why)) => {
+                            // Kept: it serves while the store does not answer.
+                            tracing::debug!(instance = id, "re-reading the instance: {why}");
+                            copy.store_unanswered(now_ms());
+                            return;
+                        }
+                        Err(error) => Err(error.to_string()),
+                    };
+                    if let Err(why) = reread {
+                        // The next call reads the row itself.
+                        tracing::debug!(instance = id, "re-reading the instance: {why}");
+                        app.refresh.forget(id);
+                    }
+                });
                 return Ok(cached);
             }
         }
@@ -549,6 +583,7 @@ impl RefreshEngine {
             last_failure: row.last_failure.clone(),
             loaded_at: Instant::now(),
             revalidating: AtomicBool::new(false),
+            store_down_until: AtomicI64::new(0),
             last_used: AtomicI64::new(now_ms()),
             rejected: AtomicBool::new(false),
         });

@@ -150,13 +150,16 @@ async fn serve_connection(
     // The first bytes, until they tell the protocol: a client that sends part of the HTTP/2
     // preface and stops is given up with the rest at the header read timeout.
     let told = async {
+        let mut pause = std::time::Duration::from_millis(5);
         loop {
             let n = stream.peek(&mut head).await?;
             if n == 0 || n == head.len() || !HTTP2_PREFACE.starts_with(&head[..n]) {
                 return Ok::<usize, std::io::Error>(n);
             }
-            // More of the preface may come: a pause, so as not to spin on the same bytes.
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            // More of the preface may come: a pause, growing (a client that stops there costs
+            // a look now and then, not 200 a second), so as not to spin on the same bytes.
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_millis(250));
         }
     };
     let peeked = tokio::select! {

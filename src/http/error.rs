@@ -203,7 +203,7 @@ impl From<crate::store::StoreError> for ApiError {
                 ApiError::bad_request("A text value holds a character that cannot be stored (NUL)")
             }
             crate::store::StoreError::Unavailable(why) => {
-                tracing::warn!("the database does not answer: {why}");
+                tracing::debug!("the database does not answer: {why}");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "The service's database does not answer just now; try again shortly",

@@ -1179,7 +1179,7 @@ async fn update_once(
     // masked, or (to the holder of the Element token) as they are. Neither is an import: the
     // instance keeps its tokens, and a masked value never becomes one.
     let as_shown = |given: &Option<String>, stored: &Option<Secret>| {
-        given.as_deref().is_some_and(|value| {
+        given.as_deref().map(str::trim).is_some_and(|value| {
             value == instances::MASK || stored.as_ref().is_some_and(|s| s.expose() == value)
         })
     };
@@ -1231,15 +1231,6 @@ async fn update_once(
     for (key, value) in split.plain {
         plain.insert(key, Value::String(value));
     }
-    // The limit holds for what the instance keeps, not only for one request's keys (PATCHes
-    // merge).
-    if plain.len() > instances::MAX_CONFIGURATION_KEYS && plain.len() > old_plain.len() {
-        return Err(ApiError::bad_request(format!(
-            "The instance would keep {} configuration keys; it takes at most {}",
-            plain.len(),
-            instances::MAX_CONFIGURATION_KEYS
-        )));
-    }
     // A `base.url` the connector's inputs made follows them when they change (Dynamics'
     // `{org}`); one set otherwise (by the caller, or by a token response: Salesforce's
     // `instance_url`) stays.
@@ -1285,6 +1276,17 @@ async fn update_once(
         {
             secret.insert(instances::API_SECRET.to_string(), value.clone());
         }
+    }
+    // The limit holds for what the instance keeps, sealed keys included, not only for one
+    // request's keys (PATCHes merge); an update that adds none is not refused for it.
+    let kept = plain.len() + secret.len();
+    if kept > instances::MAX_CONFIGURATION_KEYS
+        && kept > old_plain.len() + secrets.secret_configuration.len()
+    {
+        return Err(ApiError::bad_request(format!(
+            "The instance would keep {kept} configuration keys; it takes at most {}",
+            instances::MAX_CONFIGURATION_KEYS
+        )));
     }
     // What this update changes is checked; a value stored before (under older rules) stays
     // and does not block other changes.
@@ -1401,6 +1403,18 @@ async fn update_once(
         || plain.get(REFRESH_URL) != old_plain.get(REFRESH_URL)
         || secret.get(instances::API_SECRET)
             != secrets.secret_configuration.get(instances::API_SECRET);
+    // Tokens brought in are checked before anything is written: a refusal after the write
+    // answered 400 for an update that had half happened.
+    let imported = if split.access_token.is_some() || split.refresh_token.is_some() {
+        Some(imported_tokens(&SplitConfiguration {
+            plain: BTreeMap::new(),
+            secret: BTreeMap::new(),
+            access_token: split.access_token.clone(),
+            refresh_token: split.refresh_token.clone(),
+        })?)
+    } else {
+        None
+    };
     let configuration_json = Value::Object(plain).to_string();
     let written = app
         .store
@@ -1418,13 +1432,7 @@ async fn update_once(
     let Some(written) = written else {
         return Ok(None);
     };
-    if split.access_token.is_some() || split.refresh_token.is_some() {
-        let imported = imported_tokens(&SplitConfiguration {
-            plain: BTreeMap::new(),
-            secret: BTreeMap::new(),
-            access_token: split.access_token.clone(),
-            refresh_token: split.refresh_token.clone(),
-        })?;
+    if let Some(imported) = imported {
         // The caller ([`update`]) holds the instance like a revocation does: no refresh of it
         // is at the provider meanwhile (its rotated token would be lost under the import, or
         // the kept refresh token be one it retired), here or in another replica. `written` is

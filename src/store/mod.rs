@@ -122,6 +122,20 @@ impl From<sqlx::Error> for StoreError {
             {
                 StoreError::InvalidText(database_error.message().to_string())
             }
+            // Passing states: PostgreSQL's connection exceptions (class 08), a server shutting
+            // down or starting (57P01–57P03), too many connections (53300); SQLite busy or
+            // locked past its busy timeout (5, 6).
+            sqlx::Error::Database(database_error)
+                if database_error.code().is_some_and(|code| {
+                    code.starts_with("08")
+                        || matches!(
+                            code.as_ref(),
+                            "57P01" | "57P02" | "57P03" | "53300" | "5" | "6"
+                        )
+                }) =>
+            {
+                StoreError::Unavailable(database_error.message().to_string())
+            }
             sqlx::Error::Database(database_error) => {
                 StoreError::Database(database_error.message().to_string())
             }
@@ -207,32 +221,41 @@ impl Store {
         };
         // The first connection is made on its own: the pool's error for one that cannot be
         // made is "pool timed out", after its whole wait, where the connection's own names the
-        // cause (connection refused, and where).
+        // cause (connection refused, and where). A database that is starting (refusing
+        // connections, or saying so) is waited for, as the pool would, within its wait.
         {
             use sqlx::Connection;
-            let first = tokio::time::timeout(
-                options.acquire_timeout,
-                sqlx::AnyConnection::connect_with(&connect_options),
-            )
-            .await;
-            match first {
-                Ok(Ok(connection)) => {
-                    let _ = connection.close().await;
-                }
-                Ok(Err(error)) => {
-                    let error = StoreError::from(error);
+            let deadline = tokio::time::Instant::now() + options.acquire_timeout;
+            let mut pause = Duration::from_millis(100);
+            loop {
+                let tried = tokio::time::timeout_at(
+                    deadline,
+                    sqlx::AnyConnection::connect_with(&connect_options),
+                )
+                .await;
+                let error = match tried {
+                    Ok(Ok(connection)) => {
+                        let _ = connection.close().await;
+                        break;
+                    }
+                    Ok(Err(error)) => StoreError::from(error),
+                    Err(_) => StoreError::Unavailable("no answer".to_string()),
+                };
+                let passing = matches!(error, StoreError::Unavailable(_));
+                if !passing || tokio::time::Instant::now() + pause >= deadline {
+                    let within = if passing {
+                        format!(" (tried for {} s)", options.acquire_timeout.as_secs())
+                    } else {
+                        String::new()
+                    };
                     return Err(StoreError::Database(format!(
-                        "could not connect to {}: {error}",
+                        "could not connect to {}{within}: {error}",
                         display_url(&url)
                     )));
                 }
-                Err(_) => {
-                    return Err(StoreError::Unavailable(format!(
-                        "no connection to {} within {} s",
-                        display_url(&url),
-                        options.acquire_timeout.as_secs()
-                    )));
-                }
+                tracing::info!("waiting for the database at {}: {error}", display_url(&url));
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
             }
         }
         let pool = AnyPoolOptions::new()
@@ -262,19 +285,23 @@ impl Store {
     async fn prepare_sqlite(url: &str) -> Result<String, StoreError> {
         // A new SQLite database file is readable by its owner only (its tokens are sealed, but
         // names, configuration and audit lines are not for every local user); SQLite gives its
-        // journal files the database file's mode.
+        // journal files the database file's mode. The file is named as SQLite will open it
+        // (percent-decoded); in-memory, read-only and `file:` URI databases are left alone.
         #[cfg(unix)]
-        if let Some(path) = crate::crypto::sqlite_path(url)
-            && !path.is_empty()
-            && path != ":memory:"
-            && !path.starts_with("file::memory:")
+        if !url.contains("mode=ro")
+            && !url.contains("mode=memory")
+            && let Ok(options) = sqlx::sqlite::SqliteConnectOptions::from_str(url)
         {
             use std::os::unix::fs::OpenOptionsExt;
-            let _ = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path);
+            let path = options.get_filename();
+            let name = path.to_string_lossy();
+            if !name.is_empty() && !name.contains(":memory:") && !name.starts_with("file:") {
+                let _ = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path);
+            }
         }
         let url = if url.contains("mode=") {
             url.to_string()

@@ -283,9 +283,9 @@ fn help_never_shows_the_environment_values() {
     }
 }
 
-/// A database that refuses connections is named in the error at once, with the cause (it said
-/// "pool timed out while waiting for an open connection" after ten seconds), and without the
-/// URL's password.
+/// A database that refuses connections is named in the error with the cause (it said "pool
+/// timed out while waiting for an open connection"), and without the URL's password, after the
+/// wait a starting database is given.
 #[test]
 fn a_database_that_refuses_connections_is_named_at_once() {
     let started = std::time::Instant::now();
@@ -309,7 +309,7 @@ fn a_database_that_refuses_connections_is_named_at_once() {
     );
     assert!(!stderr.contains("hunter2"), "{stderr}");
     assert!(
-        started.elapsed() < std::time::Duration::from_secs(8),
+        started.elapsed() < std::time::Duration::from_secs(20),
         "{:?}",
         started.elapsed()
     );

@@ -491,6 +491,18 @@ async fn unusable_update_inputs_are_refused() {
         shown[0]["configuration"]["oauth.user.token"], "pasted-access-token",
         "{shown}"
     );
+    // A refused import changes nothing else either.
+    let (status, body) = send(
+        &env,
+        Method::PATCH,
+        &path,
+        &platform,
+        Some(json!({"name": "half done", "externalAuthentication": "initial", "configuration": {"oauth.user.token": "a\nb"}})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let (_, shown) = send(&env, Method::GET, &path, &platform, None).await;
+    assert_ne!(shown["name"], "half done", "{shown}");
     // More keys than an instance takes, over two PATCHes.
     let half = |from: usize| -> serde_json::Map<String, Value> {
         (from..from + 600)
