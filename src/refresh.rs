@@ -153,6 +153,8 @@ pub struct CachedInstance {
     revalidating: AtomicBool,
     /// Until when (ms) the copy serves without a re-read: the store did not answer the last.
     store_down_until: AtomicI64,
+    /// Woken when a re-read of this copy ends.
+    reread_done: Notify,
     /// When a call last used this copy (ms), for eviction of idle copies.
     last_used: AtomicI64,
     /// The provider refused this copy's access token.
@@ -165,7 +167,6 @@ impl CachedInstance {
     fn store_unanswered(&self, wall: i64) {
         self.store_down_until
             .store(wall + STORE_DOWN_PAUSE_MS, Ordering::Relaxed);
-        self.revalidating.store(false, Ordering::Release);
     }
 
     /// Whether `before_expiry` wants a refresh before the next call.
@@ -452,58 +453,97 @@ impl RefreshEngine {
                 if cached.store_down_until.load(Ordering::Relaxed) > wall {
                     return Ok(cached);
                 }
-                // One re-read at a time per copy; the calls meanwhile are served the copy.
-                if cached.revalidating.swap(true, Ordering::AcqRel) {
+                // One re-read at a time per copy, in a task of its own: a caller that goes
+                // away does not leave it half done.
+                if age < REREAD_FIRST_AFTER {
+                    // In steady use: served, the re-read meanwhile.
+                    if !cached.revalidating.swap(true, Ordering::AcqRel) {
+                        self.spawn_reread(app, &cached, id);
+                    }
                     return Ok(cached);
                 }
-                if age >= REREAD_FIRST_AFTER {
-                    return match tokio::time::timeout(REREAD_WAIT, self.load(app, id)).await {
-                        Ok(Err(RefreshFailure::StoreUnavailable(_))) | Err(_) => {
-                            tracing::debug!(
-                                instance = id,
-                                "the store does not answer: an older copy serves"
-                            );
-                            cached.store_unanswered(wall);
-                            Ok(cached)
-                        }
-                        Ok(Err(failure)) => {
-                            self.forget(id);
-                            Err(failure)
-                        }
-                        Ok(read) => read,
-                    };
-                }
-                // Served while its token is fresh and the copy not too old; re-read meanwhile.
-                // `self` is `app.refresh`: the task reaches it through the app.
-                let app = Arc::clone(app);
-                let copy = Arc::clone(&cached);
-                tokio::spawn(async move {
-                    let reread = match app.store.get_instance_by_id(id).await {
-                        Ok(Some(row)) => app
-                            .refresh
-                            .remember(&app, &row, Keep::IfPresent)
-                            .await
-                            .map(|_| ())
-                            .map_err(|failure| format!("{failure:?}")),
-                        Ok(None) => Err("the instance is gone".to_string()),
-                        Err(crate::store::StoreError::Unavailable(why)) => {
-                            // Kept: it serves while the store does not answer.
-                            tracing::debug!(instance = id, "re-reading the instance: {why}");
-                            copy.store_unanswered(now_ms());
-                            return;
-                        }
-                        Err(error) => Err(error.to_string()),
-                    };
-                    if let Err(why) = reread {
-                        // The next call reads the row itself.
-                        tracing::debug!(instance = id, "re-reading the instance: {why}");
-                        app.refresh.forget(id);
+                // Idle: every call waits for the re-read (a disable or deletion made through
+                // another replica holds from this call on), for as long as the store takes
+                // to answer at most. Registered before the re-read can end, so that its end
+                // is not missed.
+                self.awaited_reads.fetch_add(1, Ordering::Relaxed);
+                {
+                    let reread = cached.reread_done.notified();
+                    let mut reread = std::pin::pin!(reread);
+                    reread.as_mut().enable();
+                    if !cached.revalidating.swap(true, Ordering::AcqRel) {
+                        self.spawn_reread(app, &cached, id);
                     }
-                });
-                return Ok(cached);
+                    if cached.revalidating.load(Ordering::Acquire) {
+                        let _ =
+                            tokio::time::timeout(REREAD_WAIT + Duration::from_millis(100), reread)
+                                .await;
+                    }
+                }
+                match self.cache.get(&id).map(|c| Arc::clone(&c)) {
+                    // Replaced by the re-read.
+                    Some(copy) if !Arc::ptr_eq(&copy, &cached) => return Ok(copy),
+                    // Kept: the store did not answer (or is still at it).
+                    Some(copy)
+                        if copy.store_down_until.load(Ordering::Relaxed) > now_ms()
+                            || copy.revalidating.load(Ordering::Acquire) =>
+                    {
+                        return Ok(copy);
+                    }
+                    // Dropped (the instance is gone, or the copy could not be renewed): read
+                    // now, which says why.
+                    _ => {}
+                }
             }
         }
         self.load(app, id).await
+    }
+
+    /// Re-reads instance `id` for its copy `copy` in a task of its own (`revalidating` is set):
+    /// replaces the copy, keeps it while the store does not answer (see
+    /// [`CachedInstance::store_unanswered`]), or drops it; then wakes the calls waiting.
+    fn spawn_reread(&self, app: &crate::app::SharedApp, copy: &Arc<CachedInstance>, id: i64) {
+        // `self` is `app.refresh`: the task reaches it through the app.
+        let app = Arc::clone(app);
+        let copy = Arc::clone(copy);
+        tokio::spawn(async move {
+            let read = tokio::time::timeout(REREAD_WAIT, async {
+                match app.store.get_instance_by_id(id).await {
+                    Ok(Some(row)) => app
+                        .refresh
+                        .remember(&app, &row, Keep::IfPresent)
+                        .await
+                        .map(drop),
+                    Ok(None) => Err(RefreshFailure::NotFound),
+                    Err(error) => Err(RefreshFailure::from_store(error)),
+                }
+            })
+            .await;
+            match read {
+                Ok(Ok(())) => {}
+                Ok(Err(RefreshFailure::StoreUnavailable(why))) => {
+                    tracing::debug!(
+                        instance = id,
+                        "re-reading the instance: {why}; the copy serves"
+                    );
+                    copy.store_unanswered(now_ms());
+                }
+                Err(_) => {
+                    tracing::debug!(
+                        instance = id,
+                        "re-reading the instance: no answer; the copy serves"
+                    );
+                    copy.store_unanswered(now_ms());
+                }
+                Ok(Err(failure)) => {
+                    // The next call reads the row itself.
+                    tracing::debug!(instance = id, "re-reading the instance: {failure:?}");
+                    app.refresh.forget(id);
+                }
+            }
+            copy.revalidating.store(false, Ordering::Release);
+            copy.reread_done.notify_waiters();
+        });
     }
 
     /// The instance read from the store now.
@@ -527,7 +567,7 @@ impl RefreshEngine {
         let connector = app
             .connector(row.organization_id, &row.element_key)
             .await
-            .map_err(|e| RefreshFailure::Internal(e.to_string()))?
+            .map_err(RefreshFailure::from_store)?
             .ok_or_else(|| {
                 RefreshFailure::Misconfigured(format!("connector {} is gone", row.element_key))
             })?;
@@ -584,6 +624,7 @@ impl RefreshEngine {
             loaded_at: Instant::now(),
             revalidating: AtomicBool::new(false),
             store_down_until: AtomicI64::new(0),
+            reread_done: Notify::new(),
             last_used: AtomicI64::new(now_ms()),
             rejected: AtomicBool::new(false),
         });

@@ -128,10 +128,10 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::Database(database_error)
                 if database_error.code().is_some_and(|code| {
                     code.starts_with("08")
-                        || matches!(
-                            code.as_ref(),
-                            "57P01" | "57P02" | "57P03" | "53300" | "5" | "6"
-                        )
+                        || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "53300")
+                        // SQLite's extended codes: BUSY (5) and LOCKED (6) in their low byte
+                        // (BUSY_SNAPSHOT is 517).
+                        || code.parse::<u32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6))
                 }) =>
             {
                 StoreError::Unavailable(database_error.message().to_string())
@@ -244,7 +244,7 @@ impl Store {
                 let passing = matches!(error, StoreError::Unavailable(_));
                 if !passing || tokio::time::Instant::now() + pause >= deadline {
                     let within = if passing {
-                        format!(" (tried for {} s)", options.acquire_timeout.as_secs())
+                        format!(" (tried for about {} s)", options.acquire_timeout.as_secs())
                     } else {
                         String::new()
                     };
