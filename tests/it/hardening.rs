@@ -449,15 +449,9 @@ async fn unusable_update_inputs_are_refused() {
         .await;
     let id = instance["id"].as_i64().unwrap();
     let path = env.api(&format!("/instances/{id}"));
+    let patch = |body: Value| send(&env, Method::PATCH, &path, &platform, Some(body));
     let before = env.sandbox_stats().await["token"]["authorization_code"].clone();
-    let (status, body) = send(
-        &env,
-        Method::PATCH,
-        &path,
-        &platform,
-        Some(json!({"providerData": {"code": ""}})),
-    )
-    .await;
+    let (status, body) = patch(json!({"providerData": {"code": ""}})).await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(
         env.sandbox_stats().await["token"]["authorization_code"],
@@ -492,14 +486,7 @@ async fn unusable_update_inputs_are_refused() {
         "{shown}"
     );
     // A refused import changes nothing else either.
-    let (status, body) = send(
-        &env,
-        Method::PATCH,
-        &path,
-        &platform,
-        Some(json!({"name": "half done", "externalAuthentication": "initial", "configuration": {"oauth.user.token": "a\nb"}})),
-    )
-    .await;
+    let (status, body) = patch(json!({"name": "half done", "externalAuthentication": "initial", "configuration": {"oauth.user.token": "a\nb"}})).await;
     assert_eq!(status, 400, "{body}");
     let (_, shown) = send(&env, Method::GET, &path, &platform, None).await;
     assert_ne!(shown["name"], "half done", "{shown}");
@@ -509,45 +496,17 @@ async fn unusable_update_inputs_are_refused() {
             .map(|n| (format!("k{n}"), json!("v")))
             .collect()
     };
-    let (status, body) = send(
-        &env,
-        Method::PATCH,
-        &path,
-        &platform,
-        Some(json!({"configuration": half(0)})),
-    )
-    .await;
+    let (status, body) = patch(json!({"configuration": half(0)})).await;
     assert_eq!(status, 200, "{body}");
-    let (status, body) = send(
-        &env,
-        Method::PATCH,
-        &path,
-        &platform,
-        Some(json!({"configuration": half(600)})),
-    )
-    .await;
+    let (status, body) = patch(json!({"configuration": half(600)})).await;
     assert_eq!(status, 400, "{body}");
     // An empty key, a blank code, and more keys than an instance takes.
-    let (status, body) = send(
-        &env,
-        Method::PATCH,
-        &path,
-        &platform,
-        Some(json!({"providerData": {"code": "  "}})),
-    )
-    .await;
+    let (status, body) = patch(json!({"providerData": {"code": "  "}})).await;
     assert_eq!(status, 400, "{body}");
     let many: serde_json::Map<String, Value> =
         (0..1001).map(|n| (format!("k{n}"), json!("v"))).collect();
     for configuration in [json!({"": "x"}), json!({" ": "x"}), Value::Object(many)] {
-        let (status, body) = send(
-            &env,
-            Method::PATCH,
-            &path,
-            &platform,
-            Some(json!({"configuration": configuration})),
-        )
-        .await;
+        let (status, body) = patch(json!({"configuration": configuration})).await;
         assert_eq!(status, 400, "{body}");
     }
     for bad in [
@@ -555,14 +514,7 @@ async fn unusable_update_inputs_are_refused() {
         "ftp://example.test/hook",
         "http://169.254.169.254/latest",
     ] {
-        let (status, body) = send(
-            &env,
-            Method::PATCH,
-            &path,
-            &platform,
-            Some(json!({"configuration": {"event.notification.enabled": "true", "event.notification.callback.url": bad}})),
-        )
-        .await;
+        let (status, body) = patch(json!({"configuration": {"event.notification.enabled": "true", "event.notification.callback.url": bad}})).await;
         assert_eq!(status, 400, "{bad}: {body}");
         assert!(
             body["message"]
@@ -572,14 +524,7 @@ async fn unusable_update_inputs_are_refused() {
             "{body}"
         );
     }
-    let (status, body) = send(
-        &env,
-        Method::PATCH,
-        &path,
-        &platform,
-        Some(json!({"configuration": {"event.notification.enabled": "true", "event.notification.callback.url": "https://hooks.example.test/in"}})),
-    )
-    .await;
+    let (status, body) = patch(json!({"configuration": {"event.notification.enabled": "true", "event.notification.callback.url": "https://hooks.example.test/in"}})).await;
     assert_eq!(status, 200, "{body}");
     let element_only = format!(
         "User {}, Element {}",
