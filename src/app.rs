@@ -181,13 +181,8 @@ async fn check_key_opens_the_database(
 /// out of the network cannot reach them). Its user info never appears in a message.
 fn outbound_proxy_of(text: &str) -> Result<reqwest::Proxy, StartupError> {
     let refused = |why: &str| {
-        let shown = url::Url::parse(text)
-            .map(|mut url| {
-                let _ = url.set_username("");
-                let _ = url.set_password(None);
-                url.to_string()
-            })
-            .unwrap_or_else(|_| "(not a URL)".to_string());
+        let shown = crate::secret::url_without_credentials(text)
+            .unwrap_or_else(|| "(not a URL)".to_string());
         StartupError::Http(format!("the outbound proxy {shown} is not usable: {why}"))
     };
     let url = url::Url::parse(text).map_err(|_| refused("it is not a URL"))?;

@@ -42,11 +42,11 @@ pub fn new_event(app: &App, row: &InstanceRow, event_type: &str, reason: Option<
     });
     let configuration = plain_configuration(row);
     let enabled = configuration
-        .get("event.notification.enabled")
+        .get(crate::instances::WEBHOOK_ENABLED)
         .and_then(Value::as_str)
         .is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let url = configuration
-        .get("event.notification.callback.url")
+        .get(crate::instances::WEBHOOK_URL)
         .and_then(Value::as_str)
         .filter(|url| !url.trim().is_empty())
         .map(str::to_string);

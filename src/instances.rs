@@ -30,6 +30,9 @@ pub const SCOPE: &str = "oauth.scope";
 pub const API_SECRET: &str = "oauth.api.secret";
 pub const BASE_URL: &str = "base.url";
 pub const MASK: &str = "********";
+/// The instance configuration keys of its webhook: on when `"true"`, and where it goes.
+pub const WEBHOOK_ENABLED: &str = "event.notification.enabled";
+pub const WEBHOOK_URL: &str = "event.notification.callback.url";
 
 /// Keys computed from the token columns: never stored in the plain configuration.
 const DERIVED_KEYS: &[&str] = &[
@@ -1062,8 +1065,8 @@ mod tests {
             REFRESH_INTERVAL,
             SCOPE,
             "oauth.user.token.expires_at",
-            "event.notification.enabled",
-            "event.notification.callback.url",
+            WEBHOOK_ENABLED,
+            WEBHOOK_URL,
             "shard",
             "tenant",
             "oauth.provider.stripe_publishable_key",

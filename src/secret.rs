@@ -55,6 +55,16 @@ impl Drop for Secret {
     }
 }
 
+/// A URL as it may be shown in a message: without user info or query (either may hold a
+/// credential); `None` when it is not a URL.
+pub fn url_without_credentials(text: &str) -> Option<String> {
+    let mut url = url::Url::parse(text).ok()?;
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.set_query(None);
+    Some(url.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

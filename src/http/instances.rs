@@ -1225,9 +1225,15 @@ async fn update_once(
         old_plain.get(BASE_URL).and_then(Value::as_str) != Some(given.as_str())
     });
     let client_id_given = split.plain.contains_key(API_KEY);
-    let webhook_given = split.plain.get(WEBHOOK_URL).is_some_and(|given| {
-        old_plain.get(WEBHOOK_URL).and_then(Value::as_str) != Some(given.as_str())
-    });
+    let webhook_given = split
+        .plain
+        .get(instances::WEBHOOK_URL)
+        .is_some_and(|given| {
+            old_plain
+                .get(instances::WEBHOOK_URL)
+                .and_then(Value::as_str)
+                != Some(given.as_str())
+        });
     for (key, value) in split.plain {
         plain.insert(key, Value::String(value));
     }
@@ -1882,15 +1888,15 @@ fn require_client_id(plain: &Map<String, Value>) -> ApiResult<()> {
     }
 }
 
-/// The instance configuration key of its webhook's URL.
-const WEBHOOK_URL: &str = "event.notification.callback.url";
-
 /// A webhook URL given by a caller: an absolute http(s) URL with a host, not where no receiver
 /// lives (see `egress`); empty means none. Accepted otherwise, it failed only at delivery,
 /// shown in an event's `lastError`, and a scheme no delivery can use was retried for a day,
 /// holding the instance's later webhooks behind it.
 fn check_webhook_url(configuration: &Map<String, Value>) -> ApiResult<()> {
-    let Some(given) = configuration.get(WEBHOOK_URL).and_then(Value::as_str) else {
+    let Some(given) = configuration
+        .get(instances::WEBHOOK_URL)
+        .and_then(Value::as_str)
+    else {
         return Ok(());
     };
     if given.trim().is_empty() {
@@ -1898,7 +1904,8 @@ fn check_webhook_url(configuration: &Map<String, Value>) -> ApiResult<()> {
     }
     let refused = |why: String| {
         ApiError::bad_request(format!(
-            "`{WEBHOOK_URL}` is not a URL webhooks can go to: {why}"
+            "`{}` is not a URL webhooks can go to: {why}",
+            instances::WEBHOOK_URL
         ))
     };
     let url = url::Url::parse(given.trim()).map_err(|error| refused(error.to_string()))?;

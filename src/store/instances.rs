@@ -88,6 +88,19 @@ fn bind_refreshed<'q>(query: RowQuery<'q>, commit: RefreshedCommit<'q>) -> RowQu
         .bind(commit.expected_token_version)
 }
 
+/// A row whose backoff is of the service's own making (transient failures), not one the
+/// provider asked for (a 429, a 503's `Retry-After`) nor one for a configuration at fault:
+/// such a backoff may be cut short.
+fn backoff_of_our_making() -> String {
+    format!(
+        "(last_failure IS NULL OR (last_failure NOT LIKE '{}%' \
+         AND last_failure NOT LIKE '{}%' AND last_failure NOT LIKE '{}%'))",
+        crate::oauth::RATE_LIMITED_TEXT,
+        crate::oauth::ASKED_TO_WAIT_TEXT,
+        crate::refresh::MISCONFIGURED_TEXT,
+    )
+}
+
 /// The conditions under which the scheduler may claim a row. `state = 'valid' AND disabled = 0`
 /// is spelled as in the partial index `instances_due` so that both engines use it.
 const CLAIMABLE: &str = "next_due_at <= $1 AND state = 'valid' AND disabled = 0 \
@@ -743,11 +756,8 @@ impl Store {
              WHERE state = 'valid' AND disabled = 0 AND next_due_at IS NOT NULL \
              AND next_due_at > $1 AND next_due_at <= $3 AND failing_since IS NOT NULL \
              AND refresh_lease_owner IS NULL AND element_key = $4{scope} \
-             AND (last_failure IS NULL OR (last_failure NOT LIKE '{}%' \
-             AND last_failure NOT LIKE '{}%' AND last_failure NOT LIKE '{}%'))",
-            crate::oauth::RATE_LIMITED_TEXT,
-            crate::oauth::ASKED_TO_WAIT_TEXT,
-            crate::refresh::MISCONFIGURED_TEXT,
+             AND {}",
+            backoff_of_our_making(),
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(now)
@@ -766,11 +776,8 @@ impl Store {
     pub async fn end_transient_backoff(&self, id: i64) -> Result<bool, StoreError> {
         let sql = format!(
             "UPDATE instances SET backoff_until = NULL WHERE id = $1 AND backoff_until IS NOT NULL \
-             AND (last_failure IS NULL OR (last_failure NOT LIKE '{}%' \
-             AND last_failure NOT LIKE '{}%' AND last_failure NOT LIKE '{}%'))",
-            crate::oauth::RATE_LIMITED_TEXT,
-            crate::oauth::ASKED_TO_WAIT_TEXT,
-            crate::refresh::MISCONFIGURED_TEXT,
+             AND {}",
+            backoff_of_our_making(),
         );
         let result = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(id)

@@ -153,16 +153,9 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
     }
 }
 
-/// A database URL as it may be shown: without its password or query (which may hold one).
+/// A database URL as it may be shown (see [`crate::secret::url_without_credentials`]).
 fn display_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) => {
-            let _ = parsed.set_password(None);
-            parsed.set_query(None);
-            parsed.to_string()
-        }
-        Err(_) => "the database URL".to_string(),
-    }
+    crate::secret::url_without_credentials(url).unwrap_or_else(|| "the database URL".to_string())
 }
 
 /// Options of [`Store::connect_with`].

@@ -104,6 +104,28 @@ async fn create_with(env: &Env, org: &Org, element: &str, user: &str, extra: Val
     body
 }
 
+/// `DELETE /instances/{id}?revoke=true` while the provider's revocation endpoint answers 503
+/// `failures` times.
+async fn delete_while_revocation_fails(
+    env: &Env,
+    id: i64,
+    auth: &str,
+    failures: u32,
+) -> (u16, Value) {
+    env.sandbox_post(
+        "/__sandbox/faults",
+        json!({"target": "revoke", "status": 503, "count": failures}),
+    )
+    .await;
+    send(
+        env,
+        reqwest::Method::DELETE,
+        &format!("/instances/{id}?revoke=true"),
+        auth,
+    )
+    .await
+}
+
 async fn send(env: &Env, method: reqwest::Method, path: &str, auth: &str) -> (u16, Value) {
     let response = env
         .http
@@ -473,18 +495,7 @@ async fn a_refresh_token_not_revoked_keeps_the_instance() {
         .create_instance(&env.org, "sandbox-salesforce", "sam")
         .await;
     let id = instance["id"].as_i64().unwrap();
-    env.sandbox_post(
-        "/__sandbox/faults",
-        json!({"target": "revoke", "status": 503, "count": 1}),
-    )
-    .await;
-    let (status, body) = send(
-        &env,
-        reqwest::Method::DELETE,
-        &format!("/instances/{id}?revoke=true"),
-        &platform,
-    )
-    .await;
+    let (status, body) = delete_while_revocation_fails(&env, id, &platform, 1).await;
     assert_eq!(status, 502, "{body}");
     let (status, body) = send(
         &env,
@@ -680,18 +691,7 @@ async fn revocation_reaches_the_sandbox_in_each_shape() {
     let instance = env.create_instance(&env.org, "gone", "gail").await;
     let id = instance["id"].as_i64().unwrap();
     // A revocation endpoint that fails: the instance is kept, to be revoked later.
-    env.sandbox_post(
-        "/__sandbox/faults",
-        json!({"target": "revoke", "status": 503, "count": 2}),
-    )
-    .await;
-    let (status, body) = send(
-        &env,
-        reqwest::Method::DELETE,
-        &format!("/instances/{id}?revoke=true"),
-        &platform,
-    )
-    .await;
+    let (status, body) = delete_while_revocation_fails(&env, id, &platform, 2).await;
     assert_eq!(status, 502, "{body}");
     assert!(body["providerMessage"].is_string(), "{body}");
     let (status, _) = send(

@@ -28,15 +28,17 @@ async fn absurd_token_lifetimes_mean_far_ahead() {
     config.background_tasks = false;
     let app = App::build(config).await.unwrap();
     let connector = connector("sandbox-generic");
-    let body = br#"{"access_token":"a1b2c3d4","refresh_token":"r1","expires_in":1e17,"refresh_token_expires_in":"99999999999999999"}"#;
-    let tokens = tokenwarden::oauth::parse_token_response(
-        200,
-        Some("application/json"),
-        body,
-        &connector.oauth,
-    )
-    .unwrap();
-    let applied = apply_token_set(&app, &connector, 1, &tokens, None, &Map::new(), NOW);
+    let applied_for = |body: &[u8]| {
+        let tokens = tokenwarden::oauth::parse_token_response(
+            200,
+            Some("application/json"),
+            body,
+            &connector.oauth,
+        )
+        .unwrap();
+        apply_token_set(&app, &connector, 1, &tokens, None, &Map::new(), NOW)
+    };
+    let applied = applied_for(br#"{"access_token":"a1b2c3d4","refresh_token":"r1","expires_in":1e17,"refresh_token_expires_in":"99999999999999999"}"#);
     // Lives past a hundred years are no expiry at all (they were dates no calendar shows).
     assert_eq!(applied.update.access_expires_at, None);
     assert_eq!(applied.update.refresh_expires_at, None);
@@ -44,15 +46,7 @@ async fn absurd_token_lifetimes_mean_far_ahead() {
         assert!(due > NOW + 86_400_000 / 2, "due too soon: {due}");
     }
     // Just under a hundred years: far ahead, without overflow.
-    let body = br#"{"access_token":"a1b2c3d4","refresh_token":"r1","expires_in":3000000000,"refresh_token_expires_in":"3000000000"}"#;
-    let tokens = tokenwarden::oauth::parse_token_response(
-        200,
-        Some("application/json"),
-        body,
-        &connector.oauth,
-    )
-    .unwrap();
-    let applied = apply_token_set(&app, &connector, 1, &tokens, None, &Map::new(), NOW);
+    let applied = applied_for(br#"{"access_token":"a1b2c3d4","refresh_token":"r1","expires_in":3000000000,"refresh_token_expires_in":"3000000000"}"#);
     let access = applied.update.access_expires_at.unwrap();
     let refresh = applied.update.refresh_expires_at.unwrap();
     assert!(access > NOW + 90 * 365 * 86_400_000, "{access}");
