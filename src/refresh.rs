@@ -807,7 +807,7 @@ impl RefreshEngine {
         {
             return Ok(cached);
         }
-        let store_error = |e: crate::store::StoreError| RefreshFailure::Internal(e.to_string());
+        let store_error = RefreshFailure::from_store;
         // The scheduler's claim: make sure the lease is still ours (it may have waited for a
         // permit past the lease's end, and another replica may have taken over).
         let claimed = match claimed {
@@ -910,7 +910,11 @@ impl RefreshEngine {
         };
         match outcome {
             Ok(row) => self.remember(app, &row, keep).await,
-            Err(failure @ (RefreshFailure::Internal(_) | RefreshFailure::Misconfigured(_))) => {
+            Err(
+                failure @ (RefreshFailure::Internal(_)
+                | RefreshFailure::StoreUnavailable(_)
+                | RefreshFailure::Misconfigured(_)),
+            ) => {
                 // Our own side's fault after the lease was taken (a store error, a connector gone
                 // or missing an input, a key dropped too early): back off like a transient
                 // failure, in the same growing steps and with the same announcement, which also
@@ -1015,7 +1019,7 @@ impl RefreshEngine {
         row: &InstanceRow,
         interrupted: bool,
     ) -> Result<InstanceRow, RefreshFailure> {
-        let store_error = |e: crate::store::StoreError| RefreshFailure::Internal(e.to_string());
+        let store_error = RefreshFailure::from_store;
         let connector = app
             .connector(row.organization_id, &row.element_key)
             .await
@@ -1389,7 +1393,7 @@ impl RefreshEngine {
                 false,
             )
             .await
-            .map_err(|e| RefreshFailure::Internal(e.to_string()))?;
+            .map_err(RefreshFailure::from_store)?;
         if !written {
             return Ok(false);
         }
@@ -1417,7 +1421,7 @@ impl RefreshEngine {
             .store
             .get_instance_by_id(row.id)
             .await
-            .map_err(|e| RefreshFailure::Internal(e.to_string()))?
+            .map_err(RefreshFailure::from_store)?
             .ok_or(RefreshFailure::NotFound)?;
         check_usable(&now, now_ms())?;
         Ok(now)

@@ -348,6 +348,7 @@ where
             Err(
                 RefreshFailure::Transient { .. }
                 | RefreshFailure::Internal(_)
+                | RefreshFailure::StoreUnavailable(_)
                 | RefreshFailure::Misconfigured(_),
             ) if instance.access_token.is_some() && !instance.expired(now) => {}
             Err(failure) => return Err(failure_for_call(failure)),

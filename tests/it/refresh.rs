@@ -441,6 +441,35 @@ async fn token_endpoint_outage_is_transient_and_single_flight() {
     drop_test_database(&url).await;
 }
 
+/// Our own database stops answering just as the provider rejects a token: the refresh that
+/// follows cannot take its lease, and the call answers 503 with a `Retry-After` (the service's
+/// passing state, as for every other call then), not 500; the instance is left as it was.
+#[tokio::test]
+async fn a_refresh_while_the_database_does_not_answer_is_503() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let server = env.server.url.clone();
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "store-down")
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    // A first call: the caller's credentials and the instance are in memory now.
+    let (status, body, _) = proxy_at(&env, &server, &env.org, &token, Method::GET, "api/me").await;
+    assert_eq!(status, 200, "{body}");
+    expire_access_tokens(&env).await;
+    env.server.app.store.close().await;
+    let (status, body, headers) =
+        proxy_at(&env, &server, &env.org, &token, Method::GET, "api/me").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(headers.contains_key("retry-after"), "{headers:?}");
+    assert!(
+        body["message"].as_str().unwrap().contains("database"),
+        "{body}"
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// A provider that asks to come back in a year (a 429 with `Retry-After: 31536000`) holds the
 /// instance's refreshes back for an hour at most: calls on an expired token answer 503 while it
 /// lasts, so a longer wait would take the instance out of service.
