@@ -161,9 +161,7 @@ async fn check_key_opens_the_database(
         crate::crypto::sqlite_path(&config.database_url),
     ) {
         (Some(_), _) => "TOKENWARDEN_MASTER_KEY (and TOKENWARDEN_PREVIOUS_MASTER_KEYS)".to_string(),
-        (None, Some(path)) => format!(
-            "the key file {path}.key (made now if it was missing: replace it with this database's own)"
-        ),
+        (None, Some(path)) => format!("the key file {path}.key"),
         (None, None) => "no key".to_string(),
     };
     Err(StartupError::WrongKey(format!(
@@ -239,13 +237,45 @@ pub fn install_crypto_provider() {
 
 impl App {
     pub async fn build(config: AppConfig) -> Result<SharedApp, StartupError> {
-        let keyring = crate::crypto::load_keyring(
-            config.master_key.as_deref(),
-            config.previous_master_keys.as_deref(),
-            &config.database_url,
-        )?;
-        let store = Store::connect(&config.database_url).await?;
-        check_key_opens_the_database(&store, &keyring, &config).await?;
+        let load = |make_key_file| {
+            crate::crypto::load_keyring_making(
+                config.master_key.as_deref(),
+                config.previous_master_keys.as_deref(),
+                &config.database_url,
+                make_key_file,
+            )
+        };
+        let keyring = load(false);
+        // The key is checked before the schema is brought up to date: a replica started with
+        // a wrong key changes nothing.
+        let store =
+            Store::open_with(&config.database_url, crate::store::StoreOptions::default()).await?;
+        let has_schema = store.has_schema().await?;
+        let keyring = match keyring {
+            Err(crate::crypto::CryptoError::KeyFileMissing { path }) => {
+                // A key file is made for a database with nothing sealed in it yet. One that
+                // holds secrets was sealed with a key kept elsewhere (lost, or given in
+                // TOKENWARDEN_MASTER_KEY before): unless another process made the file
+                // meanwhile (`orgs create` beside `serve` on a new database), say so.
+                let sealed = has_schema && !store.organization_secrets_sample(1).await?.is_empty();
+                match load(!sealed) {
+                    Err(crate::crypto::CryptoError::KeyFileMissing { .. }) => {
+                        return Err(StartupError::WrongKey(format!(
+                            "this database holds sealed secrets but its key file {path} is \
+                             missing, and TOKENWARDEN_MASTER_KEY is not set: restore the key \
+                             file from your backup, or set TOKENWARDEN_MASTER_KEY to the key \
+                             the database was used with (no new key is made for it)"
+                        )));
+                    }
+                    other => other?,
+                }
+            }
+            other => other?,
+        };
+        if has_schema {
+            check_key_opens_the_database(&store, &keyring, &config).await?;
+        }
+        store.migrate().await?;
         align_clock(&store).await;
         let built_in: BTreeMap<String, Arc<Connector>> = catalog::load_built_in()?
             .into_iter()

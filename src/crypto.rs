@@ -42,6 +42,9 @@ pub enum CryptoError {
     Format,
     #[error("could not read or write the key file {path}: {message}")]
     KeyFile { path: String, message: String },
+    /// No key file where one was looked for, and none was to be made.
+    #[error("the key file {path} is missing")]
+    KeyFileMissing { path: String },
 }
 
 /// A 256-bit master key and its id (the first bytes of a hash of the key, never the key itself).
@@ -210,6 +213,18 @@ pub fn load_keyring(
     previous: Option<&str>,
     database_url: &str,
 ) -> Result<Keyring, CryptoError> {
+    load_keyring_making(master_key, previous, database_url, true)
+}
+
+/// [`load_keyring`], where a missing key file is made only when `make_key_file` (else
+/// [`CryptoError::KeyFileMissing`]): a database that holds sealed secrets was sealed with
+/// another key, and a new file would only stand where the lost one belongs.
+pub fn load_keyring_making(
+    master_key: Option<&str>,
+    previous: Option<&str>,
+    database_url: &str,
+    make_key_file: bool,
+) -> Result<Keyring, CryptoError> {
     let previous_keys = previous
         .unwrap_or("")
         .split(',')
@@ -228,7 +243,7 @@ pub fn load_keyring(
         ));
     };
     let key_path = format!("{database_path}.key");
-    let key = load_or_create_key_file(Path::new(&key_path))?;
+    let key = load_or_create_key_file(Path::new(&key_path), make_key_file)?;
     Ok(Keyring::new(key, previous_keys))
 }
 
@@ -241,13 +256,18 @@ pub fn sqlite_path(database_url: &str) -> Option<String> {
     Some(path.to_string())
 }
 
-fn load_or_create_key_file(path: &Path) -> Result<MasterKey, CryptoError> {
+fn load_or_create_key_file(path: &Path, create: bool) -> Result<MasterKey, CryptoError> {
     let key_file_error = |error: std::io::Error| CryptoError::KeyFile {
         path: path.display().to_string(),
         message: error.to_string(),
     };
     match std::fs::read_to_string(path) {
         Ok(text) => MasterKey::from_base64(&text),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound && !create => {
+            Err(CryptoError::KeyFileMissing {
+                path: path.display().to_string(),
+            })
+        }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             let (key, text) = MasterKey::generate();
             match write_private_file(path, text.expose().as_bytes()) {

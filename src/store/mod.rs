@@ -194,6 +194,14 @@ impl Store {
     }
 
     pub async fn connect_with(url: &str, options: StoreOptions) -> Result<Store, StoreError> {
+        let store = Store::open_with(url, options).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Connects without bringing the schema up to date (see [`Store::migrate`]): what a start
+    /// checks before it changes anything (the master key) is checked on the database as it is.
+    pub async fn open_with(url: &str, options: StoreOptions) -> Result<Store, StoreError> {
         sqlx::any::install_default_drivers();
         let (engine, url) = if url.starts_with("sqlite:") {
             (Engine::Sqlite, Store::prepare_sqlite(url).await?)
@@ -259,11 +267,6 @@ impl Store {
             .test_before_acquire(false)
             .connect_with(connect_options)
             .await?;
-        let migrator = match engine {
-            Engine::Sqlite => &SQLITE_MIGRATOR,
-            Engine::Postgres => &POSTGRES_MIGRATOR,
-        };
-        migrator.run(&pool).await?;
         let mut store = Store {
             pool,
             engine,
@@ -271,6 +274,31 @@ impl Store {
         };
         store.commits = Some(commits::CommitQueue::start(store.clone()));
         Ok(store)
+    }
+
+    /// Applies the migrations not applied yet.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let migrator = match self.engine {
+            Engine::Sqlite => &SQLITE_MIGRATOR,
+            Engine::Postgres => &POSTGRES_MIGRATOR,
+        };
+        migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Whether the schema has been made (a new database has no tables yet).
+    pub async fn has_schema(&self) -> Result<bool, StoreError> {
+        let sql = match self.engine {
+            Engine::Sqlite => {
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'organizations'"
+            }
+            Engine::Postgres => {
+                "SELECT COUNT(*) FROM information_schema.tables \
+                 WHERE table_name = 'organizations' AND table_schema = current_schema()"
+            }
+        };
+        let (found,): (i64,) = sqlx::query_as(sql).fetch_one(&self.pool).await?;
+        Ok(found > 0)
     }
 
     /// Creates the SQLite file when missing and switches it to WAL (a property of the file,

@@ -180,7 +180,9 @@ fn serve_refuses_settings_it_cannot_honour() {
 
 /// A database whose key is lost (restored without its key file) or mistyped: `serve` refuses
 /// to start and names where its key came from, instead of starting healthy with a new key and
-/// failing every read of a token and every webhook.
+/// failing every read of a token and every webhook. No new key file is made beside a database
+/// that holds sealed secrets (it would stand where the lost one belongs), and a refused start
+/// changes nothing: migrations wait for a key that opens the database.
 #[tokio::test]
 async fn serve_refuses_a_key_that_opens_nothing_of_the_database() {
     let url = crate::support::sqlite_database();
@@ -190,7 +192,44 @@ async fn serve_refuses_a_key_that_opens_nothing_of_the_database() {
         &[],
     );
     assert!(ok, "{stderr}");
+    let key = std::fs::read_to_string(format!("{path}.key")).unwrap();
     std::fs::remove_file(format!("{path}.key")).unwrap();
+    // The database as an older release left it: the last migration not applied yet.
+    let last_migration = {
+        use sqlx::Connection;
+        sqlx::any::install_default_drivers();
+        let mut db = sqlx::AnyConnection::connect(&url).await.unwrap();
+        let (last,): (i64,) = sqlx::query_as("SELECT MAX(version) FROM _sqlx_migrations")
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+        sqlx::query("DELETE FROM _sqlx_migrations WHERE version = $1")
+            .bind(last)
+            .execute(&mut db)
+            .await
+            .unwrap();
+        sqlx::query("ALTER TABLE instances DROP COLUMN revived_reason")
+            .execute(&mut db)
+            .await
+            .unwrap();
+        db.close().await.unwrap();
+        last
+    };
+    let applied = || {
+        let url = url.clone();
+        async move {
+            use sqlx::Connection;
+            let mut db = sqlx::AnyConnection::connect(&url).await.unwrap();
+            let (count,): (i64,) =
+                sqlx::query_as("SELECT COUNT(*) FROM _sqlx_migrations WHERE version = $1")
+                    .bind(last_migration)
+                    .fetch_one(&mut db)
+                    .await
+                    .unwrap();
+            db.close().await.unwrap();
+            count == 1
+        }
+    };
     let serve = |envs: Vec<(&'static str, String)>| {
         let url = url.clone();
         async move {
@@ -212,12 +251,27 @@ async fn serve_refuses_a_key_that_opens_nothing_of_the_database() {
     let output = serve(vec![]).await;
     let said = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{said}");
-    assert!(said.contains(&format!("{path}.key")), "{said}");
+    assert!(said.contains(&format!("{path}.key is missing")), "{said}");
+    assert!(
+        !std::path::Path::new(&format!("{path}.key")).exists(),
+        "a new key file was made beside a database with sealed secrets"
+    );
     let (_, other) = tokenwarden::crypto::MasterKey::generate();
     let output = serve(vec![("TOKENWARDEN_MASTER_KEY", other.expose().to_string())]).await;
     let said = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{said}");
     assert!(said.contains("TOKENWARDEN_MASTER_KEY"), "{said}");
+    assert!(
+        !applied().await,
+        "a start with a wrong key migrated the database"
+    );
+    // With its own key, the database is brought up to date.
+    let (ok, _, stderr) = tokenwarden(
+        &["orgs", "create", "--name", "again", "--database-url", &url],
+        &[("TOKENWARDEN_MASTER_KEY", key.trim())],
+    );
+    assert!(ok, "{stderr}");
+    assert!(applied().await);
     let _ = std::fs::remove_file(format!("{path}.key"));
     crate::support::drop_test_database(&url).await;
 }
