@@ -29,6 +29,9 @@ pub struct AppConfig {
     /// nothing, or a byte at a time, no longer holds them (and the process's descriptors) for
     /// good. nginx's `keepalive_timeout` is 75 s.
     pub header_read_timeout: Duration,
+    /// Caller connections served at once; more wait in the listen backlog until one closes.
+    /// `None`: from the open-file limit (see [`crate::startup::default_max_connections`]).
+    pub max_connections: Option<usize>,
     /// Run the scheduler and the event deliverer in this process.
     pub background_tasks: bool,
     /// Scheduled refreshes run at once.
@@ -78,6 +81,7 @@ impl AppConfig {
             ),
             max_body_bytes: 1024 * 1024,
             header_read_timeout: Duration::from_secs(75),
+            max_connections: None,
             background_tasks: true,
             refresh_concurrency: crate::background::SCHEDULER_CONCURRENCY,
             refresh_rate_per_connector: crate::background::RATE_PER_SECOND,
@@ -112,6 +116,15 @@ pub struct App {
     pub auth_cache: crate::proxy::AuthCache,
     /// Background tasks restarted after a panic since start (`/healthz` shows it).
     pub background_restarts: std::sync::atomic::AtomicU64,
+    /// Caller connections open now, and the most served at once (`/healthz` shows them).
+    pub connections: Connections,
+}
+
+/// Caller connections open now, and the most served at once (0 until the server listens).
+#[derive(Debug, Default)]
+pub struct Connections {
+    pub open: std::sync::atomic::AtomicU64,
+    pub max: std::sync::atomic::AtomicU64,
 }
 
 pub type SharedApp = Arc<App>;
@@ -307,6 +320,7 @@ impl App {
             refresh: crate::refresh::RefreshEngine::new(),
             auth_cache: crate::proxy::AuthCache::default(),
             background_restarts: std::sync::atomic::AtomicU64::new(0),
+            connections: Connections::default(),
             replica_id: format!(
                 "replica-{}",
                 crate::crypto::hex(&crate::crypto::random_bytes::<6>())

@@ -129,6 +129,11 @@ pub struct ServeArgs {
     /// connections to its backends longer (Google Cloud's: 600 s), set it above that.
     #[arg(long, env = "TOKENWARDEN_IDLE_TIMEOUT", default_value_t = 75, value_parser = clap::value_parser!(u32).range(1..=86_400))]
     pub idle_timeout: u32,
+    /// Caller connections served at once; more wait in the listen backlog until one closes.
+    /// Default: half of the open-file limit (raised to its hard limit at start), less 256 kept
+    /// for the database and providers: each call in flight holds a connection to a provider.
+    #[arg(long, env = "TOKENWARDEN_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_connections: Option<u32>,
     /// Events (and their delivery records) older than this many days are deleted, except those
     /// still waiting to be delivered; the audit log is kept.
     #[arg(long, env = "TOKENWARDEN_EVENT_RETENTION_DAYS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=3650))]
@@ -300,6 +305,7 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             config.refresh_concurrency = usize::from(args.refresh_concurrency);
             config.header_read_timeout =
                 std::time::Duration::from_secs(u64::from(args.idle_timeout));
+            config.max_connections = args.max_connections.map(|n| n as usize);
             let rate = args.refresh_rate;
             if !rate.is_finite() || rate < 0.0 || (rate > 0.0 && rate < MIN_REFRESH_RATE) {
                 return Err(format!(

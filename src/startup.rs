@@ -58,8 +58,20 @@ pub async fn spawn(bind: SocketAddr, config: AppConfig) -> Result<RunningServer,
         .map_err(|error| StartupError::Http(error.to_string()))?;
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    let max_connections = app
+        .config
+        .max_connections
+        .unwrap_or_else(|| default_max_connections(raise_open_file_limit()));
+    app.connections
+        .max
+        .store(max_connections as u64, std::sync::atomic::Ordering::Relaxed);
     let service = crate::http::Service::new(Arc::clone(&app));
-    tasks.spawn(serve_http(listener, service, shutdown_rx.clone()));
+    tasks.spawn(serve_http(
+        listener,
+        service,
+        max_connections,
+        shutdown_rx.clone(),
+    ));
     crate::background::spawn_all(&app, &mut tasks, &mut shutdown_rx);
     tracing::info!(%addr, replica = %app.replica_id, "tokenwarden is serving");
     Ok(RunningServer {
@@ -94,15 +106,90 @@ pub fn listen(bind: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// File descriptors kept for the database's connections, the providers' pooled ones beyond
+/// one per call, the key file and the like, when the caller connections are capped by default.
+const KEPT_DESCRIPTORS: u64 = 256;
+
+/// The open-file limit, raised to its hard limit (as Go's runtime does at start): the soft
+/// limit is 1,024 on most systems, which a proxy holding two descriptors per call in flight
+/// reaches at about 500 callers. What it is afterwards; `None` where it cannot be read.
+// `rlim_t` is not `u64` on every platform.
+#[allow(clippy::unnecessary_cast)]
+pub fn raise_open_file_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit read and write the one struct given, which lives
+        // on this stack frame for both calls.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+            return None;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            // SAFETY: as above.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+        Some(limit.rlim_cur as u64)
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+/// Caller connections served at once when `serve --max-connections` is not given: half of the
+/// open-file limit less [`KEPT_DESCRIPTORS`] (each call in flight also holds a connection to
+/// its provider), at least 64, at most a million; 10,000 where the limit is unknown.
+pub fn default_max_connections(open_file_limit: Option<u64>) -> usize {
+    match open_file_limit {
+        Some(limit) => (limit.saturating_sub(KEPT_DESCRIPTORS) / 2).clamp(64, 1_000_000) as usize,
+        None => 10_000,
+    }
+}
+
 /// Accepts connections until shutdown, then lets the requests under way finish (the caller
 /// bounds the wait). HTTP/1.1 and HTTP/2 (prior knowledge), `TCP_NODELAY` on every connection.
+/// At most `max_connections` are served at once: past that, the next waits in the listen
+/// backlog until one closes (as nginx's `worker_connections`), rather than taking the
+/// descriptors the database and the providers' connections need.
 async fn serve_http(
     listener: tokio::net::TcpListener,
     service: crate::http::Service,
+    max_connections: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let open = Arc::new(OpenConnections::default());
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    // When the cap was last said to be reached (once a minute at most).
+    let mut said_full: Option<std::time::Instant> = None;
     loop {
+        let slot = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if said_full.is_none_or(|at| at.elapsed() > std::time::Duration::from_secs(60)) {
+                    said_full = Some(std::time::Instant::now());
+                    tracing::warn!(
+                        max_connections,
+                        "{max_connections} connections open, the most served at once: new ones wait until one closes (serve --max-connections)"
+                    );
+                }
+                tokio::select! {
+                    slot = Arc::clone(&slots).acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => break,
+                    },
+                    _ = shutdown.wait_for(|stop| *stop) => break,
+                }
+            }
+        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = shutdown.wait_for(|stop| *stop) => break,
@@ -119,15 +206,41 @@ async fn serve_http(
         let _ = stream.set_nodelay(true);
         // Counted from here, so that shutdown waits for it whatever it is doing.
         let registration = open.register();
-        tokio::spawn(serve_connection(
-            stream,
-            service.clone(),
-            registration,
-            shutdown.clone(),
-        ));
+        let service = service.clone();
+        let shutdown = shutdown.clone();
+        let counted = Counted::new(Arc::clone(service.app()), slot);
+        tokio::spawn(async move {
+            serve_connection(stream, service, registration, shutdown).await;
+            drop(counted);
+        });
     }
     drop(listener);
     open.finish().await;
+}
+
+/// A connection's place among those served at once, and in the count `/healthz` shows: given
+/// back when the connection's task ends, however it ends.
+struct Counted {
+    app: SharedApp,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Counted {
+    fn new(app: SharedApp, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+        app.connections
+            .open
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Counted { app, _slot: slot }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.app
+            .connections
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// What an HTTP/2 client with prior knowledge sends first (RFC 9113 §3.4).
@@ -351,6 +464,19 @@ pub async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The default cap leaves a descriptor per call in flight for its provider, and 256 for the
+    /// rest; the open-file limit is raised, never lowered.
+    #[test]
+    fn the_default_cap_follows_the_open_file_limit() {
+        assert_eq!(default_max_connections(Some(1024)), 384);
+        assert_eq!(default_max_connections(Some(1_048_576)), 524_160);
+        assert_eq!(default_max_connections(Some(100)), 64);
+        assert_eq!(default_max_connections(Some(u64::MAX)), 1_000_000);
+        assert_eq!(default_max_connections(None), 10_000);
+        let before = raise_open_file_limit().unwrap();
+        assert!(raise_open_file_limit().unwrap() >= before);
+    }
 
     /// A burst of connections larger than tokio's default backlog (128) is queued whole while
     /// nothing accepts: every one of them is there to accept at once, none waits for the

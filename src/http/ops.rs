@@ -31,6 +31,10 @@ pub async fn healthz(State(app): State<SharedApp>) -> Response {
             "backgroundRestarts": app
                 .background_restarts
                 .load(std::sync::atomic::Ordering::Relaxed),
+            "connections": {
+                "open": app.connections.open.load(std::sync::atomic::Ordering::Relaxed),
+                "max": app.connections.max.load(std::sync::atomic::Ordering::Relaxed),
+            },
         }))
         .into_response(),
         Err(error) => {

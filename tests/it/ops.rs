@@ -484,3 +484,64 @@ async fn connections_that_send_no_request_are_closed() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// At most `max_connections` callers are served at once: the next waits, its request
+/// unanswered, until one closes, and is then served (the descriptors the database and the
+/// providers need are not taken by callers). `/healthz` shows the count and the cap.
+#[tokio::test]
+async fn connections_past_the_cap_wait_until_one_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let url = crate::support::sqlite_database();
+    let sandbox = tokenwarden_sandbox::spawn(
+        crate::harness::loopback(),
+        tokenwarden_sandbox::SandboxConfig::default(),
+    )
+    .await
+    .unwrap();
+    let env = Env::start_with_sandbox("capped", &url, sandbox, |config| {
+        config.max_connections = Some(2);
+    })
+    .await;
+    let request = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n";
+    // Reads one answer's head and body (a small JSON body, in one read or a few).
+    async fn answer(stream: &mut tokio::net::TcpStream) -> String {
+        let mut seen = Vec::new();
+        let mut buffer = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains('}') {
+            let n = stream.read(&mut buffer).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buffer[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    }
+    let mut first = tokio::net::TcpStream::connect(env.server.addr)
+        .await
+        .unwrap();
+    first.write_all(request).await.unwrap();
+    let said = answer(&mut first).await;
+    assert!(said.contains("200 OK"), "{said}");
+    let mut second = tokio::net::TcpStream::connect(env.server.addr)
+        .await
+        .unwrap();
+    second.write_all(request).await.unwrap();
+    let said = answer(&mut second).await;
+    assert!(
+        said.contains(r#""connections":{"max":2,"open":2}"#),
+        "{said}"
+    );
+    // The third is connected by the kernel, but not served while two are open.
+    let mut third = tokio::net::TcpStream::connect(env.server.addr)
+        .await
+        .unwrap();
+    third.write_all(request).await.unwrap();
+    let waited = tokio::time::timeout(Duration::from_millis(500), answer(&mut third)).await;
+    assert!(waited.is_err(), "served past the cap: {waited:?}");
+    drop(first);
+    let said = tokio::time::timeout(Duration::from_secs(5), answer(&mut third))
+        .await
+        .expect("served once a connection closed");
+    assert!(said.contains("200 OK"), "{said}");
+    drop((second, third));
+    env.stop().await;
+    drop_test_database(&url).await;
+}
