@@ -464,6 +464,12 @@ pub fn exchange_error(error: &OAuthError) -> ApiError {
             StatusCode::FAILED_DEPENDENCY,
             "The provider's answer to the code exchange could not be read (no access token in it); get a new code once the connector is fixed",
         ),
+        // `invalid_client`, `unauthorized_client`: the app's credentials or rights, not the
+        // code, which the provider did not take (RFC 6749 §5.2 checks the client first).
+        error @ OAuthError::Provider { .. } if error.is_client_rejected() => (
+            StatusCode::BAD_REQUEST,
+            "The provider refused the client's credentials, not the code: check oauth.api.key and oauth.api.secret (and that the app may use the authorization code grant), then present the code again",
+        ),
         OAuthError::Provider { .. } | OAuthError::Unparseable { .. } => (
             StatusCode::BAD_REQUEST,
             "The provider refused the authorization code; get a new code and try again",
@@ -1029,6 +1035,37 @@ mod schedule_tests {
 
 #[cfg(test)]
 mod tests {
+
+    /// A code exchange the provider refuses for the client's credentials (`invalid_client`)
+    /// names them, not the code: the code was not taken, and presenting it again with the
+    /// right secret works.
+    #[test]
+    fn an_exchange_refused_for_the_client_names_its_credentials() {
+        let refused = |error: &str| {
+            exchange_error(&OAuthError::Provider {
+                status: 401,
+                error: error.to_string(),
+                description: Some("client authentication failed".into()),
+                permanent: false,
+            })
+        };
+        for code in ["invalid_client", "unauthorized_client"] {
+            let answer = refused(code);
+            assert_eq!(answer.status.as_u16(), 400);
+            assert!(
+                answer.message.contains("oauth.api.secret"),
+                "{}",
+                answer.message
+            );
+            assert!(!answer.message.contains("new code"), "{}", answer.message);
+        }
+        let answer = refused("invalid_grant");
+        assert!(
+            answer.message.contains("get a new code"),
+            "{}",
+            answer.message
+        );
+    }
     use super::*;
 
     #[test]
