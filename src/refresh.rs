@@ -308,7 +308,18 @@ pub struct RefreshEngine {
     done: Notify,
     /// When a refresh asked for now last went through an instance's backoff, per instance.
     forced: DashMap<i64, Instant>,
+    /// Tokens the provider's API rejected right after a refresh made for an earlier rejection,
+    /// per instance: the token's version and when (see [`FRESH_REJECTION_HOLDS`]).
+    fresh_rejections: DashMap<i64, (i64, Instant)>,
 }
+
+/// How long the API's rejections of a token that a refresh has just replaced pass through
+/// without another refresh. A brand-new token rejected too is not an expired one: the API
+/// refuses the user (a licence or permission withdrawn, an account locked, a wrong base URL),
+/// and a refresh per call would only load the token endpoint (its rate limit), rotate
+/// refresh tokens for nothing and hold every call for a round trip. After this, a rejection
+/// refreshes again (a grant revoked meanwhile is found then).
+pub const FRESH_REJECTION_HOLDS: Duration = Duration::from_secs(60);
 
 /// A refresh asked for now goes through an instance's backoff at most this often: a client
 /// retrying `…/tokens/refresh` on every 503 would otherwise send each retry to a failing
@@ -357,6 +368,26 @@ pub struct Claimed {
 impl RefreshEngine {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The API rejected version `version` of instance `id`'s token, which a refresh made for
+    /// a rejection had just given: see [`FRESH_REJECTION_HOLDS`].
+    pub fn fresh_token_rejected(&self, id: i64, version: i64) {
+        let now = Instant::now();
+        if self.fresh_rejections.len() > 10_000 {
+            self.fresh_rejections
+                .retain(|_, (_, at)| now.saturating_duration_since(*at) < FRESH_REJECTION_HOLDS);
+        }
+        self.fresh_rejections.insert(id, (version, now));
+    }
+
+    /// Whether a rejection of version `version` of instance `id`'s token passes through
+    /// without a refresh (see [`FRESH_REJECTION_HOLDS`]). One map lookup: rejections only.
+    pub fn holds_rejections(&self, id: i64, version: i64, now: Instant) -> bool {
+        self.fresh_rejections.get(&id).is_some_and(|held| {
+            let (held_version, at) = *held;
+            held_version == version && now.saturating_duration_since(at) < FRESH_REJECTION_HOLDS
+        })
     }
 
     /// Whether a refresh asked for now may go through instance `id`'s backoff (see

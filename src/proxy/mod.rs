@@ -413,6 +413,15 @@ where
     let Some(rejection_message) = rejection else {
         return Ok(first);
     };
+    // The token a refresh made for a rejection has just given is rejected too: the API
+    // refuses the user, not the token's age; its answer passes through (see
+    // `FRESH_REJECTION_HOLDS`).
+    if app
+        .refresh
+        .holds_rejections(instance.id, instance.token_version, started)
+    {
+        return Ok(first);
+    }
     // Calls that have not gone out yet with this token join the refresh instead of
     // presenting a token the provider has just refused (a storm costs one round trip less).
     instance.mark_rejected();
@@ -438,7 +447,12 @@ where
                     false,
                 )
                 .await?;
-                Ok(answer(app, second))
+                let (second, rejected_again) = inspect(app, &fresh, second).await?;
+                if rejected_again.is_some() {
+                    app.refresh
+                        .fresh_token_rejected(fresh.id, fresh.token_version);
+                }
+                Ok(second)
             }
             _ => Ok(first),
         },

@@ -441,6 +441,42 @@ async fn token_endpoint_outage_is_transient_and_single_flight() {
     drop_test_database(&url).await;
 }
 
+/// An API that rejects even the token a refresh has just given (a user's licence withdrawn,
+/// an account locked): the first rejection refreshes and retries once, as always; the calls
+/// that follow get the API's 401 as it is, without a refresh each (one per call loaded the
+/// token endpoint and rotated refresh tokens for nothing); the instance stays valid, and its
+/// token serves again as soon as the API takes it.
+#[tokio::test]
+async fn an_api_that_rejects_fresh_tokens_costs_one_refresh_not_one_per_call() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let server = env.server.url.clone();
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "locked-out")
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    let before = refreshes(&env).await;
+    fault(&env, json!({"target": "api", "status": 401, "count": 100})).await;
+    for call in 0..6 {
+        let (status, body, _) =
+            proxy_at(&env, &server, &env.org, &token, Method::GET, "api/me").await;
+        assert_eq!(status, 401, "call {call}: {body}");
+    }
+    assert_eq!(
+        refreshes(&env).await,
+        before + 1,
+        "one refresh for six rejections"
+    );
+    let kept = instance(&env, &server, &token).await;
+    assert_eq!(kept["valid"], true, "{kept}");
+    clear_faults(&env).await;
+    let (status, body, _) = proxy_at(&env, &server, &env.org, &token, Method::GET, "api/me").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(refreshes(&env).await, before + 1);
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// Our own database stops answering just as the provider rejects a token: the refresh that
 /// follows cannot take its lease, and the call answers 503 with a `Retry-After` (the service's
 /// passing state, as for every other call then), not 500; the instance is left as it was.
