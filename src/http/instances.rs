@@ -1731,8 +1731,9 @@ pub async fn refresh_now(
     }
     // "Now" means now: a backoff from earlier transient failures does not hold an explicit
     // refresh back (it answered 503 "waiting before the next" without asking the provider),
-    // once in a few seconds per instance. A wait the provider asked for, or a configuration
-    // at fault, still does.
+    // once in a few seconds per instance; nor does one after the provider refused the app's
+    // credentials (they may have been fixed at the provider, where a PATCH sees no change).
+    // A wait the provider asked for still does.
     if row
         .backoff_until
         .is_some_and(|until| until > crate::app::now_ms())

@@ -89,15 +89,22 @@ fn bind_refreshed<'q>(query: RowQuery<'q>, commit: RefreshedCommit<'q>) -> RowQu
 }
 
 /// A row whose backoff is of the service's own making (transient failures), not one the
-/// provider asked for (a 429, a 503's `Retry-After`) nor one for a configuration at fault:
-/// such a backoff may be cut short.
-fn backoff_of_our_making() -> String {
+/// provider asked for (a 429, a 503's `Retry-After`) nor, unless `with_configuration`, one
+/// for a configuration at fault: such a backoff may be cut short.
+fn backoff_of_our_making(with_configuration: bool) -> String {
+    let configuration = if with_configuration {
+        String::new()
+    } else {
+        format!(
+            " AND last_failure NOT LIKE '{}%'",
+            crate::refresh::MISCONFIGURED_TEXT
+        )
+    };
     format!(
         "(last_failure IS NULL OR (last_failure NOT LIKE '{}%' \
-         AND last_failure NOT LIKE '{}%' AND last_failure NOT LIKE '{}%'))",
+         AND last_failure NOT LIKE '{}%'{configuration}))",
         crate::oauth::RATE_LIMITED_TEXT,
         crate::oauth::ASKED_TO_WAIT_TEXT,
-        crate::refresh::MISCONFIGURED_TEXT,
     )
 }
 
@@ -757,7 +764,7 @@ impl Store {
              AND next_due_at > $1 AND next_due_at <= $3 AND failing_since IS NOT NULL \
              AND refresh_lease_owner IS NULL AND element_key = $4{scope} \
              AND {}",
-            backoff_of_our_making(),
+            backoff_of_our_making(false),
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(now)
@@ -770,14 +777,15 @@ impl Store {
         Ok(query.execute(&self.pool).await?.rows_affected())
     }
 
-    /// Ends an instance's backoff from transient failures, for a refresh asked for now (`POST
-    /// …/tokens/refresh`): not one the provider asked for (a 429 or a 503's `Retry-After`) nor
-    /// one for a configuration at fault. False when there was none to end.
+    /// Ends an instance's backoff from transient failures or from a configuration at fault
+    /// (`invalid_client`: the fix may have been made at the provider), for a refresh asked for
+    /// now (`POST …/tokens/refresh`): not one the provider asked for (a 429 or a 503's
+    /// `Retry-After`). False when there was none to end.
     pub async fn end_transient_backoff(&self, id: i64) -> Result<bool, StoreError> {
         let sql = format!(
             "UPDATE instances SET backoff_until = NULL WHERE id = $1 AND backoff_until IS NOT NULL \
              AND {}",
-            backoff_of_our_making(),
+            backoff_of_our_making(true),
         );
         let result = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(id)

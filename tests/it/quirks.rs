@@ -809,11 +809,18 @@ async fn client_authentication_basic_only_and_body_only_on(env: Env) {
     );
     let shown = instance(&env, &token).await;
     assert_eq!(shown["valid"], true, "{shown}");
+    // Fixed at the provider (where a PATCH sees no change): a refresh asked for now goes
+    // through the backoff.
+    configure(&env, json!({"clientAuthMethods": ["client_secret_post"]})).await;
+    refresh_ok(&env, &id, &token, "fixed at the provider, asked for now").await;
+    configure(&env, json!({"clientAuthMethods": ["client_secret_basic"]})).await;
+    let (status, body) = refresh(&env, &id, &token).await;
+    assert_eq!(status, 409, "{body}");
     configure(&env, json!({"clientAuthMethods": ["client_secret_post"]})).await;
     let (status, body) = refresh(&env, &id, &token).await;
     assert_eq!(
         status, 409,
-        "inside the backoff, no attempt, the same words: {body}"
+        "inside the backoff, once asked for now in the last 5 s, no attempt, the same words: {body}"
     );
     assert!(
         body["message"]
