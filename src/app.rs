@@ -139,6 +139,9 @@ pub enum StartupError {
     Catalog(#[from] crate::catalog::CatalogError),
     #[error("could not build the HTTP client: {0}")]
     Http(String),
+    /// The listening socket could not be made (the port in use, an address not on this host).
+    #[error("{0}")]
+    Listen(String),
     #[error("{0}")]
     WrongKey(String),
 }
@@ -250,6 +253,7 @@ pub fn install_crypto_provider() {
 
 impl App {
     pub async fn build(config: AppConfig) -> Result<SharedApp, StartupError> {
+        Store::check_url(&config.database_url)?;
         let load = |make_key_file| {
             crate::crypto::load_keyring_making(
                 config.master_key.as_deref(),

@@ -52,10 +52,10 @@ pub async fn spawn(bind: SocketAddr, config: AppConfig) -> Result<RunningServer,
     crate::app::install_crypto_provider();
     let app = App::build(config).await?;
     let listener = listen(bind)
-        .map_err(|error| StartupError::Http(format!("could not listen on {bind}: {error}")))?;
+        .map_err(|error| StartupError::Listen(format!("could not listen on {bind}: {error}")))?;
     let addr = listener
         .local_addr()
-        .map_err(|error| StartupError::Http(error.to_string()))?;
+        .map_err(|error| StartupError::Listen(error.to_string()))?;
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     let max_connections = app

@@ -189,6 +189,27 @@ fn flag(value: bool) -> i64 {
 
 impl Store {
     /// Opens the database at `url` and brings its schema up to date.
+    /// Refuses, before anything else is read or made, a database URL that names no database
+    /// this service can use: another scheme (a bare file name, `mysql://`), or `sqlite://`
+    /// without a path (SQLite would keep everything in memory and lose it at exit).
+    pub fn check_url(url: &str) -> Result<(), StoreError> {
+        if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            return Ok(());
+        }
+        let Some(path) = crate::crypto::sqlite_path(url) else {
+            return Err(StoreError::Database(
+                "unsupported database URL: use sqlite://path or postgres://…".to_string(),
+            ));
+        };
+        let in_memory = path.contains(":memory:") || url.contains("mode=memory");
+        if path.trim().is_empty() && !in_memory {
+            return Err(StoreError::Database(
+                "the database URL names no file: use sqlite://path/to/file.db".to_string(),
+            ));
+        }
+        Ok(())
+    }
+
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
         Store::connect_with(url, StoreOptions::default()).await
     }

@@ -368,3 +368,42 @@ fn a_database_that_refuses_connections_is_named_at_once() {
         started.elapsed()
     );
 }
+
+/// A port in use is named as such (it was "could not build the HTTP client"), and a database
+/// URL of no use (a bare file name, another database's scheme, `sqlite://` without a path) is
+/// refused as a URL before anything is made (it was taken for PostgreSQL and asked for a
+/// master key; `sqlite://` made an organization in memory and a key file in the current
+/// directory, and exited 0).
+#[test]
+fn a_port_in_use_and_a_database_url_of_no_use_are_named() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let url = crate::support::sqlite_database();
+    let (ok, _, stderr) = tokenwarden(&["serve", "--bind", &addr, "--database-url", &url], &[]);
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains(&format!("could not listen on {addr}")) && !stderr.contains("HTTP client"),
+        "{stderr}"
+    );
+    let dir = std::env::temp_dir().join(format!("tw-urls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for bad in ["tokenwarden.db", "mysql://db.example/tw", "sqlite://"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+            .args(["orgs", "create", "--name", "x", "--database-url", bad])
+            .env_remove("TOKENWARDEN_MASTER_KEY")
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{bad}: {said}");
+        assert!(said.contains("database URL"), "{bad}: {said}");
+        assert!(!said.contains("PostgreSQL every replica"), "{bad}: {said}");
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "{bad}: a file was made"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    drop(taken);
+}
