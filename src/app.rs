@@ -176,7 +176,10 @@ async fn check_key_opens_the_database(
             .filter(|key| !key.trim().is_empty()),
         crate::crypto::sqlite_path(&config.database_url),
     ) {
-        (Some(_), _) => "TOKENWARDEN_MASTER_KEY (and TOKENWARDEN_PREVIOUS_MASTER_KEYS)".to_string(),
+        (Some(_), _) => {
+            "--master-key / TOKENWARDEN_MASTER_KEY (and TOKENWARDEN_PREVIOUS_MASTER_KEYS)"
+                .to_string()
+        }
         (None, Some(path)) => format!("the key file {path}.key"),
         (None, None) => "no key".to_string(),
     };

@@ -81,9 +81,15 @@ impl MasterKey {
 
     /// Parses the base64 form used by `TOKENWARDEN_MASTER_KEY` and key files.
     pub fn from_base64(text: &str) -> Result<Self, CryptoError> {
-        let bytes = STANDARD
+        // Either alphabet, padded or not (`openssl rand -base64 32` pads; other tools do not).
+        use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+        let any_padding =
+            GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+        let bytes = GeneralPurpose::new(&base64::alphabet::STANDARD, any_padding)
             .decode(text.trim())
-            .or_else(|_| URL_SAFE_NO_PAD.decode(text.trim()))
+            .or_else(|_| {
+                GeneralPurpose::new(&base64::alphabet::URL_SAFE, any_padding).decode(text.trim())
+            })
             .map_err(|_| {
                 CryptoError::BadKey(
                     "it is not base64; make one with `openssl rand -base64 32`".into(),
@@ -225,14 +231,29 @@ pub fn load_keyring_making(
     database_url: &str,
     make_key_file: bool,
 ) -> Result<Keyring, CryptoError> {
+    // A key that does not parse is named by where it came from.
+    let named = |source: String| {
+        move |error: CryptoError| match error {
+            CryptoError::BadKey(why) => CryptoError::BadKey(format!("{source}: {why}")),
+            other => other,
+        }
+    };
     let previous_keys = previous
         .unwrap_or("")
         .split(',')
         .filter(|part| !part.trim().is_empty())
-        .map(MasterKey::from_base64)
+        .enumerate()
+        .map(|(index, text)| {
+            MasterKey::from_base64(text).map_err(named(format!(
+                "key {} of TOKENWARDEN_PREVIOUS_MASTER_KEYS",
+                index + 1
+            )))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     if let Some(text) = master_key.filter(|text| !text.trim().is_empty()) {
-        return Ok(Keyring::new(MasterKey::from_base64(text)?, previous_keys));
+        let key = MasterKey::from_base64(text)
+            .map_err(named("--master-key / TOKENWARDEN_MASTER_KEY".to_string()))?;
+        return Ok(Keyring::new(key, previous_keys));
     }
     let Some(database_path) = sqlite_path(database_url) else {
         return Err(CryptoError::BadKey(
@@ -261,8 +282,14 @@ fn load_or_create_key_file(path: &Path, create: bool) -> Result<MasterKey, Crypt
         path: path.display().to_string(),
         message: error.to_string(),
     };
+    let in_the_file = |error: CryptoError| match error {
+        CryptoError::BadKey(why) => {
+            CryptoError::BadKey(format!("the key file {}: {why}", path.display()))
+        }
+        other => other,
+    };
     match std::fs::read_to_string(path) {
-        Ok(text) => MasterKey::from_base64(&text),
+        Ok(text) => MasterKey::from_base64(&text).map_err(in_the_file),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound && !create => {
             Err(CryptoError::KeyFileMissing {
                 path: path.display().to_string(),
@@ -276,7 +303,7 @@ fn load_or_create_key_file(path: &Path, create: bool) -> Result<MasterKey, Crypt
                 // its key, whole (the file appears only once written), is the one.
                 Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
                     let text = std::fs::read_to_string(path).map_err(key_file_error)?;
-                    return MasterKey::from_base64(&text);
+                    return MasterKey::from_base64(&text).map_err(in_the_file);
                 }
                 Err(error) => return Err(key_file_error(error)),
             }
@@ -422,6 +449,45 @@ mod tests {
             Err(CryptoError::UnknownKey(id)) => assert_eq!(id, old.id_hex()),
             other => panic!("expected UnknownKey, got {other:?}"),
         }
+    }
+
+    /// A key is read in either base64 alphabet, padded or not; one that does not parse is
+    /// named by where it came from (the flag or variable, which previous key, the key file).
+    #[test]
+    fn keys_parse_in_any_base64_and_bad_ones_say_where_they_came_from() {
+        use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE};
+        let bytes = [0xfbu8; 32];
+        let expected = MasterKey::from_bytes(&bytes).unwrap().id_hex();
+        for text in [
+            STANDARD.encode(bytes),
+            STANDARD_NO_PAD.encode(bytes),
+            URL_SAFE.encode(bytes),
+            URL_SAFE_NO_PAD.encode(bytes),
+        ] {
+            assert_eq!(
+                MasterKey::from_base64(&text).unwrap().id_hex(),
+                expected,
+                "{text}"
+            );
+        }
+        let good = STANDARD.encode(bytes);
+        let said = |result: Result<Keyring, CryptoError>| result.unwrap_err().to_string();
+        let url = "postgres://localhost/x";
+        assert!(
+            said(load_keyring(Some("garbage!"), None, url))
+                .contains("--master-key / TOKENWARDEN_MASTER_KEY"),
+        );
+        let previous = format!("{good},garbage!");
+        assert!(
+            said(load_keyring(Some(&good), Some(&previous), url))
+                .contains("key 2 of TOKENWARDEN_PREVIOUS_MASTER_KEYS"),
+        );
+        let dir = std::env::temp_dir().join(format!("tw-keyfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("t.db.key"), "garbage!").unwrap();
+        let url = format!("sqlite://{}/t.db", dir.display());
+        assert!(said(load_keyring(None, None, &url)).contains("t.db.key"));
+        std::fs::remove_dir_all(dir).ok();
     }
 
     #[test]
