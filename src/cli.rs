@@ -258,6 +258,23 @@ pub enum KeysCommand {
 }
 
 pub fn run(cli: Cli) -> ExitCode {
+    // The commands that print and end (`instances list | head`) end quietly when their reader
+    // does, as command-line tools do: Rust ignores SIGPIPE, and printing to a closed pipe
+    // panicked with a backtrace. The service, the sandbox and a key rotation keep ignoring it
+    // (their sockets' writes never raise it on Linux: they are sent with MSG_NOSIGNAL).
+    #[cfg(unix)]
+    if matches!(
+        cli.command,
+        Command::Instances { .. }
+            | Command::Connectors { .. }
+            | Command::Orgs { .. }
+            | Command::Users { .. }
+    ) {
+        // SAFETY: sets the disposition of one signal to its default, before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let workers = match &cli.command {
         Command::Serve(args) => args.workers,
         _ => None,

@@ -144,6 +144,20 @@ async fn command_line_on(env: Env) {
         !ok && stderr.contains("TOKENWARDEN_USER_SECRET"),
         "{stderr}"
     );
+
+    // A reader that stops (`connectors list | head -1`): the command ends quietly, without a
+    // panic's backtrace on standard error.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+        .args(["connectors", "list"])
+        .envs(secrets.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
     env.stop().await;
 }
 
