@@ -117,7 +117,7 @@ pub fn normalize_configuration(
         };
         if text.len() > 64 * 1024 {
             return Err(ApiError::bad_request(format!(
-                "Configuration key `{key}` is too long"
+                "The value of configuration key `{key}` is too long (64 KB at most)"
             )));
         }
         if key.contains('\0') || text.contains('\0') {

@@ -22,6 +22,10 @@ pub enum HeaderError {
     UnknownPart(String),
     #[error("the Authorization header part `{0}` has no value")]
     Empty(&'static str),
+    #[error(
+        "the Authorization header part `{0}` holds more than one word: separate the parts with commas (`User <secret>, Organization <secret>`)"
+    )]
+    Unseparated(&'static str),
 }
 
 /// Parses the header value. Unknown parts are refused rather than ignored, so a typo
@@ -48,6 +52,11 @@ pub fn parse_authorization(value: &str) -> Result<PlatformCredentials, HeaderErr
         };
         if secret.is_empty() {
             return Err(HeaderError::Empty(label));
+        }
+        // No secret holds a space: `User X; Organization Y` or `User X Organization Y` lacks
+        // its comma (said so, rather than "the user secret is not valid").
+        if secret.contains(char::is_whitespace) {
+            return Err(HeaderError::Unseparated(label));
         }
         if slot.is_some() {
             return Err(HeaderError::Repeated(label));
@@ -107,6 +116,13 @@ mod tests {
             parse_authorization("Bearer xyz"),
             Err(HeaderError::UnknownPart("Bearer".into()))
         );
+        // A missing comma is named, not taken for a wrong secret, and the secrets not shown.
+        for unseparated in ["User u1; Organization o1", "User u1 Organization o1"] {
+            let refused = parse_authorization(unseparated);
+            assert_eq!(refused, Err(HeaderError::Unseparated("User")));
+            let said = refused.unwrap_err().to_string();
+            assert!(!said.contains("u1") && !said.contains("o1"), "{said}");
+        }
         // Glued to its name, a secret is never shown.
         for glued in [
             "User:s3cr3t-value",

@@ -100,7 +100,7 @@ struct InstanceFields {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = r#"a connector's key: "box" or {"key": "box"}"#)]
 enum ElementRef {
     Key { key: String },
     Plain(String),
@@ -1927,4 +1927,22 @@ fn check_base_url(configuration: &Map<String, Value>) -> ApiResult<()> {
     crate::proxy::ProxyBase::parse_named(base, "`base.url`")
         .map(|_| ())
         .map_err(ApiError::bad_request)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wrong `element` says what it takes, not the name of a Rust type.
+    #[test]
+    fn a_wrong_element_says_what_it_takes() {
+        let said = serde_json::from_str::<ElementRef>(r#"{"id": 5}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            said.contains(r#"a connector's key: "box" or {"key": "box"}"#),
+            "{said}"
+        );
+        assert!(!said.contains("ElementRef"), "{said}");
+    }
 }

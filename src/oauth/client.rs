@@ -587,6 +587,17 @@ fn reqwest_error_without_url(error: &reqwest::Error) -> String {
     if let Some(url) = error.url() {
         text = text.replace(url.as_str(), "[url]");
     }
+    // reqwest's own words before the cause say nothing the reader needs (and `[url]` puzzles):
+    // "error sending request for url ([url]): … Connection refused" says "could not connect".
+    for noise in [
+        "error sending request for url ([url]): ",
+        "error sending request: ",
+    ] {
+        if let Some(cause) = text.strip_prefix(noise) {
+            text = format!("the request could not be sent: {cause}");
+            break;
+        }
+    }
     text
 }
 
@@ -630,6 +641,26 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failed connection reads as one, without reqwest's "error sending request for url
+    /// ([url])" in front (webhook failures and the command line showed it).
+    #[tokio::test]
+    async fn a_refused_connection_is_said_plainly() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", closed.local_addr().unwrap());
+        drop(closed);
+        crate::app::install_crypto_provider();
+        let error = reqwest::Client::new().get(&url).send().await.unwrap_err();
+        let said = transport_message(&error);
+        assert!(
+            said.starts_with("the request could not be sent: "),
+            "{said}"
+        );
+        assert!(
+            !said.contains("error sending request") && !said.contains("[url]"),
+            "{said}"
+        );
+    }
 
     #[test]
     fn basic_auth_form_encodes_before_base64() {
