@@ -257,6 +257,23 @@ pub enum KeysCommand {
     },
 }
 
+/// `--sandbox-url`: an http(s) URL with a host (the sandbox connectors' URLs are made from
+/// it; `notaurl` was taken, and every call of theirs failed later). Shown without user info,
+/// and not at all when it is no URL (checked here, not by clap, whose message shows the value).
+fn sandbox_url(text: &str) -> Result<String, String> {
+    match url::Url::parse(text.trim()) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
+            Ok(text.trim().to_string())
+        }
+        _ => Err(match crate::secret::url_without_credentials(text) {
+            Some(shown) => {
+                format!("`{shown}` is not an http(s) URL with a host (e.g. http://127.0.0.1:4000)")
+            }
+            None => "it is not a URL (e.g. http://127.0.0.1:4000)".to_string(),
+        }),
+    }
+}
+
 pub fn run(cli: Cli) -> ExitCode {
     // The commands that print and end (`instances list | head`) end quietly when their reader
     // does, as command-line tools do: Rust ignores SIGPIPE, and printing to a closed pipe
@@ -318,7 +335,8 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             let mut config = crate::app::AppConfig::new(args.database.database_url);
             config.master_key = args.database.master_key;
             config.previous_master_keys = args.database.previous_master_keys;
-            config.sandbox_url = args.sandbox_url;
+            config.sandbox_url = sandbox_url(&args.sandbox_url)
+                .map_err(|why| format!("--sandbox-url / TOKENWARDEN_SANDBOX_URL: {why}"))?;
             config.refresh_concurrency = usize::from(args.refresh_concurrency);
             config.header_read_timeout =
                 std::time::Duration::from_secs(u64::from(args.idle_timeout));

@@ -289,7 +289,10 @@ fn load_or_create_key_file(path: &Path, create: bool) -> Result<MasterKey, Crypt
         other => other,
     };
     match std::fs::read_to_string(path) {
-        Ok(text) => MasterKey::from_base64(&text).map_err(in_the_file),
+        Ok(text) => {
+            warn_if_shared(path);
+            MasterKey::from_base64(&text).map_err(in_the_file)
+        }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound && !create => {
             Err(CryptoError::KeyFileMissing {
                 path: path.display().to_string(),
@@ -316,6 +319,24 @@ fn load_or_create_key_file(path: &Path, create: bool) -> Result<MasterKey, Crypt
             Ok(key)
         }
         Err(error) => Err(key_file_error(error)),
+    }
+}
+
+/// Warns when a key file can be read by other users than its owner (copied or restored with
+/// another mode): the key opens every token.
+fn warn_if_shared(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(metadata) = std::fs::metadata(path) {
+            let mode = metadata.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    key_file = %path.display(),
+                    "the master key file can be read by other users (mode {mode:o}): `chmod 600` it; the key opens every stored token"
+                );
+            }
+        }
     }
 }
 

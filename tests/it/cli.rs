@@ -171,6 +171,8 @@ fn serve_refuses_settings_it_cannot_honour() {
         ("--workers", "10000000", "--workers"),
         ("--refresh-rate", "1e-300", "--refresh-rate"),
         ("--refresh-rate", "-1", "--refresh-rate"),
+        ("--sandbox-url", "notaurl", "--sandbox-url"),
+        ("--sandbox-url", "ftp://u:hunter2@sandbox/", "not an http(s) URL"),
     ] {
         let setting = format!("{flag}={value}");
         let (ok, _, stderr) = tokenwarden(
@@ -189,6 +191,7 @@ fn serve_refuses_settings_it_cannot_honour() {
         assert!(!ok, "{flag} {value} accepted");
         assert!(stderr.contains(words), "{flag} {value}: {stderr}");
         assert!(!stderr.contains("panicked"), "{flag} {value}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "{flag} {value}: {stderr}");
     }
 }
 
