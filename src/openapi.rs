@@ -37,6 +37,11 @@ pub enum PlatformResponses {
         description = "Not found (also for other organizations' ids)"
     )]
     NotFound(ErrorBody),
+    #[response(
+        status = 503,
+        description = "The service's database does not answer just now (`Retry-After`)"
+    )]
+    Unavailable(ErrorBody),
 }
 
 /// The errors every platform call can give, for a call whose success is not a plain 200.
@@ -52,6 +57,45 @@ pub enum PlatformErrors {
         description = "Not found (also for other organizations' ids)"
     )]
     NotFound(ErrorBody),
+    #[response(
+        status = 503,
+        description = "The service's database does not answer just now (`Retry-After`)"
+    )]
+    Unavailable(ErrorBody),
+}
+
+/// The errors of a call with a JSON body.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum BodyErrors {
+    #[response(
+        status = 413,
+        description = "The body is larger than the service takes"
+    )]
+    TooLarge(ErrorBody),
+    #[response(status = 415, description = "The body is not JSON (`Content-Type`)")]
+    NotJson(ErrorBody),
+}
+
+/// The errors of a call that exchanges a code at the provider.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum ExchangeErrors {
+    #[response(
+        status = 409,
+        description = "The instance or its connector cannot take this now (disabled, a configuration that cannot work)"
+    )]
+    Conflict(ErrorBody),
+    #[response(
+        status = 424,
+        description = "The provider's token endpoint failed or could not be reached; try again (`Retry-After` when it said)"
+    )]
+    ProviderFailed(ErrorBody),
+    #[response(
+        status = 429,
+        description = "The provider rate-limits its token endpoint (`Retry-After`)"
+    )]
+    RateLimited(ErrorBody),
 }
 
 struct PlatformSecurity;

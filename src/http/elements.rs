@@ -49,6 +49,7 @@ pub fn connector_json(connector: &Connector, built_in: bool, sandbox_url: &str) 
     operation_id = "elements_list",
     tag = "connectors",
     summary = "The connector catalog (built-in and the organization's own); `?category=` filters",
+    params(("category" = Option<String>, Query, description = "only the connectors of this category")),
     security(("platform" = [])),
     responses(crate::openapi::PlatformResponses),
 )]
@@ -119,11 +120,13 @@ pub async fn find(app: &SharedApp, organization_id: i64, key: &str) -> ApiResult
     operation_id = "elements_create",
     tag = "connectors",
     summary = "Register an organization's own OAuth2 connector",
+    request_body(content = Object, content_type = "application/json", description = "The connector", example = json!({"key": "acme", "name": "Acme", "baseUrl": "https://api.acme.example/", "oauth": {"authorizationUrl": "https://acme.example/oauth/authorize", "tokenUrl": "https://acme.example/oauth/token", "revokeUrl": "https://acme.example/oauth/revoke", "scopes": ["read"]}, "refresh": {"strategy": "on_401"}})),
     security(("platform" = [])),
     responses(
         (status = 201, description = "Registered: the connector"),
         (status = 409, description = "The key is taken (a built-in connector's, or one of the organization's)", body = crate::openapi::ErrorBody),
         crate::openapi::PlatformErrors,
+        crate::openapi::BodyErrors,
     ),
 )]
 pub async fn create(
@@ -235,7 +238,7 @@ pub async fn delete(
     operation_id = "elements_oauth_url",
     tag = "connectors",
     summary = "The provider's authorization URL (`apiKey`, `callbackUrl`, optional `state`, `scope`); the PKCE verifier stays server-side",
-    params(("key" = String, Path, description = "the connector key")),
+    params(("key" = String, Path, description = "the connector key"), ("apiKey" = String, Query, description = "the OAuth client id"), ("apiSecret" = Option<String>, Query, description = "the client secret (kept for the exchange when given)"), ("callbackUrl" = String, Query, description = "the redirect URI registered at the provider"), ("state" = Option<String>, Query, description = "your own state (else one is made); single use, 15 minutes"), ("scope" = Option<String>, Query, description = "scopes, space-separated (else the connector's)")),
     security(("platform" = [])),
     responses(crate::openapi::PlatformResponses),
 )]

@@ -187,8 +187,13 @@ fn validate_name(name: &str) -> ApiResult<()> {
     operation_id = "instances_create",
     tag = "instances",
     summary = "Create an instance from a provider's code or imported tokens",
+    request_body(content = Object, content_type = "application/json", description = "A code to exchange (`providerData.code`, with the `state` of oauth/url for PKCE), or tokens to import (`externalAuthentication: initial` with `oauth.user.token` / `oauth.user.refresh_token` in the configuration)", example = json!({"element": {"key": "sandbox-generic"}, "providerData": {"code": "the code from the callback", "state": "the state from oauth/url"}, "configuration": {"oauth.api.key": "client id", "oauth.api.secret": "client secret", "oauth.callback.url": "https://app.example/callback"}, "name": "Alice's account", "tags": ["qa"]})),
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        crate::openapi::PlatformResponses,
+        crate::openapi::BodyErrors,
+        crate::openapi::ExchangeErrors
+    ),
 )]
 pub async fn create(
     State(app): State<SharedApp>,
@@ -218,9 +223,14 @@ pub async fn create(
     operation_id = "instances_create_for_element",
     tag = "instances",
     summary = "Create an instance of this connector",
+    request_body(content = Object, content_type = "application/json", description = "As for POST /instances, without `element`", example = json!({"providerData": {"code": "the code from the callback"}, "configuration": {"oauth.api.key": "client id", "oauth.api.secret": "client secret", "oauth.callback.url": "https://app.example/callback"}, "name": "Alice's account"})),
     params(("key" = String, Path, description = "the connector key")),
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        crate::openapi::PlatformResponses,
+        crate::openapi::BodyErrors,
+        crate::openapi::ExchangeErrors
+    ),
 )]
 pub async fn create_for_element(
     State(app): State<SharedApp>,
@@ -769,6 +779,7 @@ async fn create_instance(
     operation_id = "instances_list",
     tag = "instances",
     summary = "The organization's instances (or the Element token's one); `?tags[]=`",
+    params(("tags[]" = Option<String>, Query, description = "only instances with this tag (repeatable)")),
     security(("platform" = [])),
     responses(crate::openapi::PlatformResponses),
 )]
@@ -876,9 +887,14 @@ pub async fn get_one(
     operation_id = "instances_patch",
     tag = "instances",
     summary = "Re-authenticate (`providerData.code`) or merge name, tags, configuration",
+    request_body(content = Object, content_type = "application/json", description = "Merged: name, tags, configuration; with `providerData.code`, a re-authentication", example = json!({"name": "renamed", "tags": ["prod"], "configuration": {"event.notification.enabled": "true", "event.notification.callback.url": "https://app.example/hooks"}})),
     params(("id" = String, Path, description = "the instance id")),
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        crate::openapi::PlatformResponses,
+        crate::openapi::BodyErrors,
+        crate::openapi::ExchangeErrors
+    ),
 )]
 pub async fn patch(
     State(app): State<SharedApp>,
@@ -896,8 +912,13 @@ pub async fn patch(
     operation_id = "instances_patch_by_token",
     tag = "instances",
     summary = "Re-authenticate or update the instance named by the Element token",
+    request_body(content = Object, content_type = "application/json", description = "Merged: name, tags, configuration; with `providerData.code`, a re-authentication", example = json!({"name": "renamed", "tags": ["prod"], "configuration": {"event.notification.enabled": "true", "event.notification.callback.url": "https://app.example/hooks"}})),
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        crate::openapi::PlatformResponses,
+        crate::openapi::BodyErrors,
+        crate::openapi::ExchangeErrors
+    ),
 )]
 pub async fn patch_by_token(
     State(app): State<SharedApp>,
@@ -921,9 +942,14 @@ pub struct PutQuery {
     operation_id = "instances_put",
     tag = "instances",
     summary = "Replace the configuration; `?reAuthenticate=true` with a code re-authenticates",
-    params(("id" = String, Path, description = "the instance id")),
+    request_body(content = Object, content_type = "application/json", description = "The whole configuration (replaced)", example = json!({"providerData": {"code": "a new code"}, "configuration": {"oauth.api.key": "client id", "oauth.api.secret": "client secret", "oauth.callback.url": "https://app.example/callback"}})),
+    params(("id" = String, Path, description = "the instance id"), ("reAuthenticate" = Option<bool>, Query, description = "with `providerData.code`: re-authenticate")),
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        crate::openapi::PlatformResponses,
+        crate::openapi::BodyErrors,
+        crate::openapi::ExchangeErrors
+    ),
 )]
 pub async fn put(
     State(app): State<SharedApp>,
@@ -945,8 +971,14 @@ pub async fn put(
     operation_id = "instances_put_by_token",
     tag = "instances",
     summary = "Replace the configuration of the instance named by the Element token",
+    request_body(content = Object, content_type = "application/json", description = "The whole configuration (replaced)", example = json!({"providerData": {"code": "a new code"}, "configuration": {"oauth.api.key": "client id", "oauth.api.secret": "client secret", "oauth.callback.url": "https://app.example/callback"}})),
+    params(("reAuthenticate" = Option<bool>, Query, description = "with `providerData.code`: re-authenticate")),
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        crate::openapi::PlatformResponses,
+        crate::openapi::BodyErrors,
+        crate::openapi::ExchangeErrors
+    ),
 )]
 pub async fn put_by_token(
     State(app): State<SharedApp>,
@@ -1542,7 +1574,7 @@ pub struct DeleteQuery {
     operation_id = "instances_delete",
     tag = "instances",
     summary = "Delete; `?revoke=true` revokes at the provider first",
-    params(("id" = String, Path, description = "the instance id")),
+    params(("id" = String, Path, description = "the instance id"), ("revoke" = Option<bool>, Query, description = "revoke the tokens at the provider first")),
     security(("platform" = [])),
     responses(crate::openapi::PlatformResponses),
 )]

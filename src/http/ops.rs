@@ -99,6 +99,7 @@ fn escape(text: &str) -> String {
     operation_id = "ops_oauth_callback",
     tag = "operations",
     summary = "The page a provider redirects to: shows code and state",
+    params(("code" = Option<String>, Query, description = "the authorization code"), ("state" = Option<String>, Query, description = "the state"), ("error" = Option<String>, Query, description = "the provider's error, when the user refused")),
     responses(
         (status = 200, description = "The code and state, shown"),
         (status = 400, description = "The provider refused (`error`), or sent no code"),

@@ -172,7 +172,11 @@ fn serve_refuses_settings_it_cannot_honour() {
         ("--refresh-rate", "1e-300", "--refresh-rate"),
         ("--refresh-rate", "-1", "--refresh-rate"),
         ("--sandbox-url", "notaurl", "--sandbox-url"),
-        ("--sandbox-url", "ftp://u:hunter2@sandbox/", "not an http(s) URL"),
+        (
+            "--sandbox-url",
+            "ftp://u:hunter2@sandbox/",
+            "not an http(s) URL",
+        ),
     ] {
         let setting = format!("{flag}={value}");
         let (ok, _, stderr) = tokenwarden(

@@ -205,6 +205,68 @@ async fn openapi_documents_exactly_the_routes_served() {
     ids.dedup();
     assert_eq!(ids.len(), count, "operation ids are unique: {ids:?}");
     assert!(ids.iter().all(|id| !id.is_empty()));
+    // Bodies and query parameters are described, so a client can be generated from it.
+    let api = |path: &str| format!("/elements/api-v2{path}");
+    for (method, path) in [
+        ("post", "/elements"),
+        ("post", "/instances"),
+        ("post", "/elements/{key}/instances"),
+        ("patch", "/instances/{id}"),
+        ("patch", "/instances"),
+        ("put", "/instances/{id}"),
+        ("put", "/instances"),
+    ] {
+        let body = &paths[&api(path)][method]["requestBody"]["content"]["application/json"];
+        assert!(body["example"].is_object(), "{method} {path}: {body}");
+    }
+    let query = |method: &str, path: &str| -> Vec<(String, bool)> {
+        paths[&api(path)][method]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["in"] == "query")
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap().to_string(),
+                    p["required"] == true,
+                )
+            })
+            .collect()
+    };
+    for (method, path, expected) in [
+        (
+            "get",
+            "/events",
+            &["instanceId", "type", "before", "limit"][..],
+        ),
+        ("get", "/audit-logs", &["before", "limit"]),
+        ("get", "/instances", &["tags[]"]),
+        ("get", "/elements", &["category"]),
+        ("delete", "/instances/{id}", &["revoke"]),
+        ("put", "/instances/{id}", &["reAuthenticate"]),
+        (
+            "get",
+            "/elements/{key}/oauth/url",
+            &["apiKey", "apiSecret", "callbackUrl", "state", "scope"],
+        ),
+    ] {
+        let found = query(method, path);
+        for name in expected {
+            assert!(
+                found.iter().any(|(n, _)| n == name),
+                "{method} {path}: {found:?}"
+            );
+        }
+    }
+    let oauth_url = query("get", "/elements/{key}/oauth/url");
+    assert!(
+        oauth_url.contains(&("apiKey".to_string(), true)),
+        "{oauth_url:?}"
+    );
+    assert!(
+        oauth_url.contains(&("state".to_string(), false)),
+        "{oauth_url:?}"
+    );
     let mut documented: Vec<(String, String)> = Vec::new();
     for (path, operations) in paths {
         for method in operations.as_object().unwrap().keys() {
