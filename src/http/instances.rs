@@ -269,6 +269,21 @@ async fn create_to_the_end(
 /// How long an exchanged authorization code is remembered (providers' codes live minutes).
 const USED_CODE_MEMORY_MS: i64 = 60 * 60 * 1000;
 
+/// The key under which an organization's exchanged code is remembered (a hash: the code is a
+/// secret).
+fn code_key(organization_id: i64, code: &Secret) -> Vec<u8> {
+    crypto::hash_secret(&format!("oauth-code/{organization_id}/{}", code.expose())).to_vec()
+}
+
+/// A code exchanged already, refused as the provider would refuse it (`invalid_grant`),
+/// without presenting it.
+fn code_used_already() -> ApiError {
+    ApiError::bad_request("The provider refused the authorization code; get a new code and try again")
+        .with_provider_message(
+            "invalid_grant: this authorization code was exchanged already, by an earlier request (a retry?); tokenwarden does not present a code twice, since a provider may then revoke the tokens of its first exchange",
+        )
+}
+
 /// What an exchange or an import produced, before anything is stored.
 struct Grant {
     tokens: TokenSet,
@@ -359,6 +374,15 @@ async fn exchange(
                 // Not this caller's: put it back untouched for its owner.
                 let _ = app.store.insert_oauth_state(&theirs).await;
                 return Err(unknown());
+            }
+            // A request repeated with its state and code (a retry after a timeout): the state
+            // went with the first, and so did the code; said as for a code repeated alone.
+            None if app
+                .store
+                .code_claimed(&code_key(caller.organization_id, code), now_ms())
+                .await? =>
+            {
+                return Err(code_used_already());
             }
             None => return Err(unknown()),
         };
@@ -465,11 +489,7 @@ async fn exchange(
     // A code is presented once: a request repeated with it (a client retrying after a
     // timeout) would present it again, and a provider may then revoke the tokens the first
     // exchange gave (RFC 6749 §4.1.2), leaving the instance it created without a grant.
-    let code_key = crypto::hash_secret(&format!(
-        "oauth-code/{}/{}",
-        caller.organization_id,
-        code.expose()
-    ));
+    let code_key = code_key(caller.organization_id, code);
     let claimed = app
         .store
         .claim_code(
@@ -488,13 +508,7 @@ async fn exchange(
     };
     if !claimed {
         give_back(taken_state).await;
-        // Refused as the provider would refuse it (`invalid_grant`), without presenting it.
-        return Err(ApiError::bad_request(
-            "The provider refused the authorization code; get a new code and try again",
-        )
-        .with_provider_message(
-            "invalid_grant: this authorization code was exchanged already, by an earlier request (a retry?); tokenwarden does not present a code twice, since a provider may then revoke the tokens of its first exchange",
-        ));
+        return Err(code_used_already());
     }
     let exchanged = app
         .oauth

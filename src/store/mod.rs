@@ -897,6 +897,18 @@ impl Store {
         Ok(result.rows_affected() == 1)
     }
 
+    /// Whether a code was recorded by [`Self::claim_code`] and is still remembered at `now`.
+    pub async fn code_claimed(&self, code_hash: &[u8], now: i64) -> Result<bool, StoreError> {
+        let (found,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM used_codes WHERE code_hash = $1 AND expires_at > $2",
+        )
+        .bind(code_hash)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(found > 0)
+    }
+
     /// Forgets a code recorded by [`Self::claim_code`]: its exchange failed, and it may be
     /// tried again.
     pub async fn release_code(&self, code_hash: &[u8]) -> Result<(), StoreError> {

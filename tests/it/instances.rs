@@ -490,7 +490,7 @@ async fn failed_creates_answer_4xx_and_create_nothing() {
             "[{label}] providerMessage {provider:?}"
         );
         // A used code.
-        let (code, state) = env.authorize(&env.org, "sandbox-box", "dan").await;
+        let (code, _state) = env.authorize(&env.org, "sandbox-box", "dan").await;
         let body = json!({"element": {"key": "sandbox-box"}, "providerData": {"code": code},
                           "configuration": env.configuration()});
         let first = call(
@@ -529,7 +529,37 @@ async fn failed_creates_answer_4xx_and_create_nothing() {
             status, 200,
             "[{label}] the first instance's grant lives: {body}"
         );
-        let _ = state;
+        // The same repeated with its state (a retry of the whole request): the state went
+        // with the first too, and the answer is the same `invalid_grant`, not "unknown state".
+        let (code, state) = env.authorize(&env.org, "sandbox-box", "dee").await;
+        let body = json!({"element": {"key": "sandbox-box"},
+                          "providerData": {"code": code, "state": state},
+                          "configuration": env.configuration()});
+        let first = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&auth),
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(first.status, 200, "[{label}] {}", first.body);
+        let again = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&auth),
+            Some(body),
+        )
+        .await;
+        assert_error(&again, 400, &label);
+        let provider = again.body["providerMessage"].as_str().unwrap_or_default();
+        assert!(
+            provider.contains("exchanged already"),
+            "[{label}] {}",
+            again.body
+        );
+        let count = count + 1;
         // Unknown connector (both paths), missing configuration keys, neither code nor tokens.
         let unknown = call(&env, Method::POST, &env.api("/instances"), Some(&auth),
                            Some(json!({"element": {"key": "nope"}, "providerData": {"code": "x"}, "configuration": env.configuration()}))).await;
