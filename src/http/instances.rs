@@ -1114,14 +1114,14 @@ async fn update_now(
     }
     let conflict = || {
         ApiError::conflict(
-            "The instance's tokens kept being refreshed while it was updated; send the update again",
+            "The instance kept changing while it was updated (other updates, refreshes or a revocation); send the update again",
         )
     };
-    if exchanged.is_none() {
-        return Err(conflict());
-    }
-    // The code is spent and its grant in hand (sent again, the code is refused): the last
-    // attempt holds the instance, so that no refresh commits between its read and its write.
+    // The row kept moving (concurrent updates of the instance, refreshes, or a revocation or
+    // refresh holding it: a re-authentication waits for those to end rather than write under
+    // them). The last attempt holds the instance, so that its read and its write are not
+    // separated by another update of this process or a refresh of any; a code spent already
+    // (its grant in hand) is not presented again.
     let (body, seen, exchanged) = (&body, &seen, &mut exchanged);
     app.refresh
         .with_instance_held(app, row.id, async |held| {

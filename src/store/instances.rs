@@ -795,7 +795,9 @@ impl Store {
     }
 
     /// Re-authentication: new tokens written as given, state `valid`, reasons, failures and
-    /// lease cleared, version bumped; id, Element token, name and tags stay. `event` (e.g.
+    /// lease cleared, version bumped; not while another holds the lease (unless
+    /// `lease_held`: the writer's own hold), so that a revocation or refresh under way ends
+    /// first and the re-authentication comes after it, not under it; id, Element token, name and tags stay. `event` (e.g.
     /// `instance.reauthenticated`) in the same transaction. Returns the new row, `None` when
     /// the instance is not this organization's.
     pub async fn reauthenticate(
@@ -826,7 +828,9 @@ impl Store {
              ELSE NULL END, updated_at = CASE WHEN $12 > updated_at THEN $12 ELSE updated_at + 1 END, \
              name = COALESCE($16, name), tags = COALESCE($17, tags) \
              WHERE id = $13 AND organization_id = $14 \
-             AND updated_at = COALESCE($18, updated_at) RETURNING {INSTANCE_COLUMNS}"
+             AND updated_at = COALESCE($18, updated_at) \
+             AND ($15 = 1 OR refresh_lease_owner IS NULL OR refresh_lease_until < $12) \
+             RETURNING {INSTANCE_COLUMNS}"
         );
         let row = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
             .bind(&tokens.access_token_enc)

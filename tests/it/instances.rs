@@ -2594,3 +2594,100 @@ async fn token_calls_go_through_the_outbound_proxy_named() {
         );
     }
 }
+
+/// A revocation and a re-authentication of one instance at once: the re-authentication waits
+/// for the revocation's hold instead of writing under it, so the revocation ends the old grant
+/// (the instance invalid, `instance.invalidated`) and the re-authentication then connects the
+/// new one (valid, `instance.reauthenticated` after). Written under it, the revocation answered
+/// 200 with the instance still valid and no event, its audit entry after the re-authentication.
+#[tokio::test]
+async fn a_reauthentication_during_a_revocation_comes_after_it() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let auth = env.org.platform();
+        let created = env
+            .create_instance(&env.org, "sandbox-generic", "rita")
+            .await;
+        let id = created["id"].as_i64().unwrap();
+        let token = created["token"].as_str().unwrap().to_string();
+        let (code, state) = env.authorize(&env.org, "sandbox-generic", "rosa").await;
+        env.sandbox_post(
+            "/__sandbox/faults",
+            json!({"target": "revoke", "status": 0, "delayMs": 400, "count": 2}),
+        )
+        .await;
+        let revoke_url = env.api(&format!("/instances/{id}/tokens/revoke"));
+        let revoking = call(&env, Method::POST, &revoke_url, Some(&auth), None);
+        let instance_url = env.api(&format!("/instances/{id}"));
+        let reauthenticating = async {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            call(
+                &env,
+                Method::PATCH,
+                &instance_url,
+                Some(&auth),
+                Some(json!({"providerData": {"code": code, "state": state}})),
+            )
+            .await
+        };
+        let (revoked, reauthenticated) = tokio::join!(revoking, reauthenticating);
+        assert_eq!(revoked.status, 200, "[{label}] {}", revoked.body);
+        assert_eq!(revoked.body["valid"], false, "[{label}] {}", revoked.body);
+        assert_eq!(
+            reauthenticated.status, 200,
+            "[{label}] {}",
+            reauthenticated.body
+        );
+        assert_eq!(reauthenticated.body["valid"], true, "[{label}]");
+        let events = crate::refresh::event_types(&env, &env.server.url, id).await;
+        let invalidated = events.iter().position(|e| e == "instance.invalidated");
+        let reauth = events.iter().position(|e| e == "instance.reauthenticated");
+        assert!(
+            matches!((invalidated, reauth), (Some(i), Some(r)) if i < r),
+            "[{label}] {events:?}"
+        );
+        let (status, body) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
+        assert_eq!(status, 200, "[{label}] the new grant serves: {body}");
+        env.stop().await;
+        drop_test_database(&url).await;
+    }
+}
+
+/// Concurrent PATCHes of one instance all land: past their unheld attempts they take turns
+/// holding the instance, instead of answering 409 "kept being refreshed" with no refresh
+/// running.
+#[tokio::test]
+async fn concurrent_patches_of_one_instance_all_land() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let auth = env.org.platform();
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "pat")
+        .await;
+    let id = created["id"].as_i64().unwrap();
+    let instance_url = env.api(&format!("/instances/{id}"));
+    let patches = (0..24).map(|k| {
+        call(
+            &env,
+            Method::PATCH,
+            &instance_url,
+            Some(&auth),
+            Some(json!({"configuration": {format!("custom.k{k}"): "v"}})),
+        )
+    });
+    let answers = futures_util::future::join_all(patches).await;
+    for answer in &answers {
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+    let shown = call(&env, Method::GET, &instance_url, Some(&auth), None).await;
+    for k in 0..24 {
+        assert_eq!(
+            shown.body["configuration"][format!("custom.k{k}")],
+            "v",
+            "{}",
+            shown.body
+        );
+    }
+    env.stop().await;
+    drop_test_database(&url).await;
+}
