@@ -148,6 +148,9 @@ pub struct CachedInstance {
     pub provider_message: Option<String>,
     pub backoff_until: Option<i64>,
     pub last_failure: Option<String>,
+    /// When this process got this copy's token from the provider (its refresh's commit):
+    /// unset for a token read from the store (another replica's refresh, an earlier one).
+    pub fetched_at: std::sync::OnceLock<Instant>,
     loaded_at: Instant,
     /// A re-read is under way (one at a time per copy).
     revalidating: AtomicBool,
@@ -658,6 +661,7 @@ impl RefreshEngine {
             reread_done: Notify::new(),
             last_used: AtomicI64::new(now_ms()),
             rejected: AtomicBool::new(false),
+            fetched_at: std::sync::OnceLock::new(),
         });
         // Only instances that calls use are kept in memory: a scheduled refresh of an instance
         // nobody calls updates a copy that exists, and adds none, so memory follows the calls,
@@ -940,7 +944,13 @@ impl RefreshEngine {
             () = lease_heartbeat(app, id, leased.refresh_lease_until) => unreachable!("the heartbeat never ends"),
         };
         match outcome {
-            Ok(row) => self.remember(app, &row, keep).await,
+            Ok(row) => {
+                let copy = self.remember(app, &row, keep).await?;
+                if copy.token_version == row.token_version {
+                    let _ = copy.fetched_at.set(Instant::now());
+                }
+                Ok(copy)
+            }
             Err(
                 failure @ (RefreshFailure::Internal(_)
                 | RefreshFailure::StoreUnavailable(_)

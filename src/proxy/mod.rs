@@ -418,7 +418,7 @@ where
     // `FRESH_REJECTION_HOLDS`).
     if app
         .refresh
-        .holds_rejections(instance.id, instance.token_version, started)
+        .holds_rejections(instance.id, instance.token_version, Instant::now())
     {
         return Ok(first);
     }
@@ -441,18 +441,51 @@ where
                     &fresh,
                     &outgoing,
                     target,
+                    headers.clone(),
+                    OutgoingBody::Kept(bytes.clone()),
+                    Instant::now(),
+                    false,
+                )
+                .await?;
+                let (second, rejected_again) = inspect(app, &fresh, second).await?;
+                if rejected_again.is_none() {
+                    return Ok(second);
+                }
+                // A token this call's refresh got from the provider, rejected too: the API
+                // refuses the user, not the token (see `FRESH_REJECTION_HOLDS`).
+                if fetched_since(&fresh, started) {
+                    app.refresh
+                        .fresh_token_rejected(fresh.id, fresh.token_version);
+                    return Ok(second);
+                }
+                // The token came from the store (another replica's refresh, which this copy
+                // had not seen), and it is no better: a refresh of this call's own, and one
+                // more try with what it gets.
+                drop(second);
+                let newer = app
+                    .refresh
+                    .refresh(app, fresh.id, Some(fresh.token_version), None)
+                    .await
+                    .map_err(failure_for_call)?;
+                usable(&newer)?;
+                let target = target_of(&newer, raw_path, query)?;
+                let third = send(
+                    app,
+                    &newer,
+                    &outgoing,
+                    target,
                     headers,
                     OutgoingBody::Kept(bytes),
                     Instant::now(),
                     false,
                 )
                 .await?;
-                let (second, rejected_again) = inspect(app, &fresh, second).await?;
-                if rejected_again.is_some() {
+                let (third, rejected) = inspect(app, &newer, third).await?;
+                if rejected.is_some() && fetched_since(&newer, started) {
                     app.refresh
-                        .fresh_token_rejected(fresh.id, fresh.token_version);
+                        .fresh_token_rejected(newer.id, newer.token_version);
                 }
-                Ok(second)
+                Ok(third)
             }
             _ => Ok(first),
         },
@@ -480,6 +513,11 @@ where
         }
         Err(failure) => Err(failure_for_call(failure)),
     }
+}
+
+/// Whether this copy's token was got from the provider by this process since `started`.
+fn fetched_since(instance: &CachedInstance, started: Instant) -> bool {
+    instance.fetched_at.get().is_some_and(|at| *at >= started)
 }
 
 fn usable(instance: &CachedInstance) -> Result<(), ApiError> {

@@ -135,3 +135,44 @@ async fn a_disable_through_one_replica_holds_in_the_others_soon() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// A replica whose copy of the instance is older than the token another replica stored, both
+/// tokens dead by the time of the call: the API's rejection makes this replica take the newer
+/// token from the store, and when that is rejected too, refresh for itself and try once more
+/// (the stored token was another's, not one this call got): 200, not the provider's 401.
+#[tokio::test]
+async fn a_stale_copy_whose_stored_token_is_dead_too_refreshes_for_itself() {
+    let Some(url) = postgres_or_skip().await else {
+        return;
+    };
+    let env = Env::start("postgres", &url).await;
+    let second = start_server(&url, &env.sandbox.url, |_| {}).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "stale-copy")
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    let id = created["id"].as_i64().unwrap();
+    // The second replica holds the first token in memory.
+    let warm = storm(&env, std::slice::from_ref(&second.url), &token, 1, "api/me").await;
+    assert_all_ok("warm-up", &warm);
+    // The first replica refreshes: the row holds a second token the other has not seen.
+    let refreshed = env
+        .http
+        .post(format!(
+            "{}/elements/api-v2/instances/{id}/tokens/refresh",
+            env.server.url
+        ))
+        .header("authorization", env.org.platform())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refreshed.status(), 200);
+    expire_access_tokens(&env).await;
+    let before = refreshes(&env).await;
+    let answers = storm(&env, std::slice::from_ref(&second.url), &token, 1, "api/me").await;
+    assert_all_ok("stale copy, stored token dead too", &answers);
+    assert_eq!(refreshes(&env).await, before + 1);
+    second.shutdown().await;
+    env.stop().await;
+    drop_test_database(&url).await;
+}
