@@ -29,7 +29,7 @@ pub struct AppConfig {
     /// nothing, or a byte at a time, no longer holds them (and the process's descriptors) for
     /// good. nginx's `keepalive_timeout` is 75 s.
     pub header_read_timeout: Duration,
-    /// Caller connections served at once; more wait in the listen backlog until one closes.
+    /// Caller connections served at once; past it, the oldest are asked to finish for new ones.
     /// `None`: from the open-file limit (see [`crate::startup::default_max_connections`]).
     pub max_connections: Option<usize>,
     /// Run the scheduler and the event deliverer in this process.

@@ -129,7 +129,8 @@ pub struct ServeArgs {
     /// connections to its backends longer (Google Cloud's: 600 s), set it above that.
     #[arg(long, env = "TOKENWARDEN_IDLE_TIMEOUT", default_value_t = 75, value_parser = clap::value_parser!(u32).range(1..=86_400))]
     pub idle_timeout: u32,
-    /// Caller connections served at once; more wait in the listen backlog until one closes.
+    /// Caller connections served at once; past it, the oldest are asked to finish for new ones
+    /// (an idle kept-alive one closes at once, a busy one after its answer).
     /// Default: half of the open-file limit (raised to its hard limit at start), less 256 kept
     /// for the database and providers: each call in flight holds a connection to a provider.
     #[arg(long, env = "TOKENWARDEN_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..=10_000_000))]

@@ -58,10 +58,21 @@ pub async fn spawn(bind: SocketAddr, config: AppConfig) -> Result<RunningServer,
         .map_err(|error| StartupError::Listen(error.to_string()))?;
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    // Raised whatever the cap: a cap given above the limit would meet EMFILE first.
+    let open_file_limit = raise_open_file_limit();
     let max_connections = app
         .config
         .max_connections
-        .unwrap_or_else(|| default_max_connections(raise_open_file_limit()));
+        .unwrap_or_else(|| default_max_connections(open_file_limit));
+    if let Some(limit) = open_file_limit
+        && max_connections as u64 > default_max_connections(Some(limit)) as u64
+    {
+        tracing::warn!(
+            max_connections,
+            open_file_limit = limit,
+            "--max-connections is above half the open-file limit: calls in flight may run out of descriptors for their providers' connections"
+        );
+    }
     app.connections
         .max
         .store(max_connections as u64, std::sync::atomic::Ordering::Relaxed);
@@ -157,9 +168,12 @@ pub fn default_max_connections(open_file_limit: Option<u64>) -> usize {
 
 /// Accepts connections until shutdown, then lets the requests under way finish (the caller
 /// bounds the wait). HTTP/1.1 and HTTP/2 (prior knowledge), `TCP_NODELAY` on every connection.
-/// At most `max_connections` are served at once: past that, the next waits in the listen
-/// backlog until one closes (as nginx's `worker_connections`), rather than taking the
-/// descriptors the database and the providers' connections need.
+/// At most `max_connections` are served at once, rather than taking the descriptors the
+/// database and the providers' connections need: past that, the oldest connections are asked
+/// to finish (an idle kept-alive one closes at once, a busy one after its answer), a few every
+/// second while none frees its place, and the next connection waits in the listen backlog
+/// meanwhile (as nginx reuses kept-alive connections when its `worker_connections` run out:
+/// clients' idle pools, or a load balancer's, must not shut out new callers and health checks).
 async fn serve_http(
     listener: tokio::net::TcpListener,
     service: crate::http::Service,
@@ -171,25 +185,6 @@ async fn serve_http(
     // When the cap was last said to be reached (once a minute at most).
     let mut said_full: Option<std::time::Instant> = None;
     loop {
-        let slot = match Arc::clone(&slots).try_acquire_owned() {
-            Ok(slot) => slot,
-            Err(_) => {
-                if said_full.is_none_or(|at| at.elapsed() > std::time::Duration::from_secs(60)) {
-                    said_full = Some(std::time::Instant::now());
-                    tracing::warn!(
-                        max_connections,
-                        "{max_connections} connections open, the most served at once: new ones wait until one closes (serve --max-connections)"
-                    );
-                }
-                tokio::select! {
-                    slot = Arc::clone(&slots).acquire_owned() => match slot {
-                        Ok(slot) => slot,
-                        Err(_) => break,
-                    },
-                    _ = shutdown.wait_for(|stop| *stop) => break,
-                }
-            }
-        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = shutdown.wait_for(|stop| *stop) => break,
@@ -201,6 +196,34 @@ async fn serve_http(
                 tracing::warn!("accepting a connection: {error}");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
+            }
+        };
+        // A place for it: past the cap, the oldest connections are asked to finish while it
+        // waits (it alone, one descriptor over the cap; the rest wait in the backlog), only
+        // when a connection has come, not to keep a place free.
+        let slot = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if said_full.is_none_or(|at| at.elapsed() > std::time::Duration::from_secs(60)) {
+                    said_full = Some(std::time::Instant::now());
+                    tracing::warn!(
+                        max_connections,
+                        "{max_connections} connections open, the most served at once: the oldest are asked to finish for new ones (serve --max-connections)"
+                    );
+                }
+                let shed = (max_connections / 64).max(1);
+                let waited = loop {
+                    open.ask_oldest_to_finish(shed);
+                    tokio::select! {
+                        slot = Arc::clone(&slots).acquire_owned() => break slot.ok(),
+                        () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                        _ = shutdown.wait_for(|stop| *stop) => break None,
+                    }
+                };
+                match waited {
+                    Some(slot) => slot,
+                    None => break,
+                }
             }
         };
         let _ = stream.set_nodelay(true);
@@ -316,8 +339,10 @@ async fn serve_connection(
 struct OpenConnections {
     stopping: std::sync::atomic::AtomicBool,
     next_id: std::sync::atomic::AtomicU64,
-    /// Each open connection's waker, by id.
-    wakers: std::sync::Mutex<std::collections::HashMap<u64, std::task::Waker>>,
+    /// Connections with a smaller id are asked to finish (the cap reached: the oldest go).
+    finish_before: std::sync::atomic::AtomicU64,
+    /// Each open connection's waker, by id (ids grow: the oldest first).
+    wakers: std::sync::Mutex<std::collections::BTreeMap<u64, std::task::Waker>>,
     /// Notified when the last connection closes after shutdown began.
     all_closed: tokio::sync::Notify,
 }
@@ -334,6 +359,22 @@ impl OpenConnections {
         Registration {
             open: Arc::clone(self),
             id,
+        }
+    }
+
+    /// Asks the `count` oldest connections not asked yet to finish (gracefully: an idle one
+    /// closes at once, a busy one after its answer).
+    fn ask_oldest_to_finish(&self, count: usize) {
+        use std::sync::atomic::Ordering;
+        let wakers = self.wakers.lock().unwrap();
+        let from = self.finish_before.load(Ordering::SeqCst);
+        let chosen: Vec<(&u64, &std::task::Waker)> = wakers.range(from..).take(count).collect();
+        let Some((last, _)) = chosen.last() else {
+            return;
+        };
+        self.finish_before.store(**last + 1, Ordering::SeqCst);
+        for (_, waker) in chosen {
+            waker.wake_by_ref();
         }
     }
 
@@ -420,7 +461,9 @@ where
                 let mut wakers = open.wakers.lock().unwrap();
                 wakers.insert(this.registration.id, this.waker.clone());
             }
-            if open.stopping.load(Ordering::SeqCst) {
+            if open.stopping.load(Ordering::SeqCst)
+                || this.registration.id < open.finish_before.load(Ordering::SeqCst)
+            {
                 this.asked = true;
                 this.connection.as_mut().graceful_shutdown();
             }
