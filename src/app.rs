@@ -265,7 +265,13 @@ impl App {
                 make_key_file,
             )
         };
-        let keyring = load(false);
+        // A key that does not parse (or none with PostgreSQL) is said before the database is
+        // opened or made; only a missing key file waits for what the database holds.
+        let keyring = match load(false) {
+            Err(error @ crate::crypto::CryptoError::KeyFileMissing { .. }) => Err(error),
+            Err(error) => return Err(error.into()),
+            Ok(keyring) => Ok(keyring),
+        };
         // The key is checked before the schema is brought up to date: a replica started with
         // a wrong key changes nothing.
         let store =

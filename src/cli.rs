@@ -258,6 +258,25 @@ pub enum KeysCommand {
     },
 }
 
+/// Writes a line of a command's output; when its reader has stopped (a closed pipe), ends the
+/// process quietly (status 0: what was wanted was read). SIGPIPE stays ignored, as Rust sets
+/// it: restored to its default, a reset connection's `writev` would kill a command silently.
+pub fn write_out(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(line)
+        .and_then(|()| stdout.write_all(b"\n"));
+    match written {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(error) => {
+            eprintln!("tokenwarden: writing the output: {error}");
+            std::process::exit(1);
+        }
+    }
+}
+
 /// `--sandbox-url`: an http(s) URL with a host (the sandbox connectors' URLs are made from
 /// it; `notaurl` was taken, and every call of theirs failed later). Shown without user info,
 /// and not at all when it is no URL (checked here, not by clap, whose message shows the value).
@@ -266,33 +285,17 @@ fn sandbox_url(text: &str) -> Result<String, String> {
         Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
             Ok(text.trim().to_string())
         }
-        _ => Err(match crate::secret::url_without_credentials(text) {
-            Some(shown) => {
-                format!("`{shown}` is not an http(s) URL with a host (e.g. http://127.0.0.1:4000)")
-            }
-            None => "it is not a URL (e.g. http://127.0.0.1:4000)".to_string(),
-        }),
+        // Shown only when it parses with a host, its user info taken out: `user:pw@host` parses
+        // as a scheme and an opaque path that would show the password.
+        Ok(url) if url.host().is_some() => Err(format!(
+            "`{}` is not an http(s) URL (e.g. http://127.0.0.1:4000)",
+            crate::secret::url_without_credentials(text).unwrap_or_default()
+        )),
+        _ => Err("it is not a URL with a host (e.g. http://127.0.0.1:4000)".to_string()),
     }
 }
 
 pub fn run(cli: Cli) -> ExitCode {
-    // The commands that print and end (`instances list | head`) end quietly when their reader
-    // does, as command-line tools do: Rust ignores SIGPIPE, and printing to a closed pipe
-    // panicked with a backtrace. The service, the sandbox and a key rotation keep ignoring it
-    // (their sockets' writes never raise it on Linux: they are sent with MSG_NOSIGNAL).
-    #[cfg(unix)]
-    if matches!(
-        cli.command,
-        Command::Instances { .. }
-            | Command::Connectors { .. }
-            | Command::Orgs { .. }
-            | Command::Users { .. }
-    ) {
-        // SAFETY: sets the disposition of one signal to its default, before any thread starts.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
-    }
     let workers = match &cli.command {
         Command::Serve(args) => args.workers,
         _ => None,
@@ -387,7 +390,7 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             let created = crate::orgs::create_organization(&app, &name)
                 .await
                 .map_err(|error| error.message)?;
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string(&created).map_err(|e| e.to_string())?
             );
@@ -405,7 +408,7 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             let created = crate::orgs::create_user(&app, organization_id, &name)
                 .await
                 .map_err(|error| error.message)?;
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string(&created).map_err(|e| e.to_string())?
             );

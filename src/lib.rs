@@ -8,6 +8,14 @@
 //! what happened; `background` runs the scheduler, crash recovery and webhook delivery; `http` is
 //! the axum router; `startup`, `cli`, `telemetry`, `openapi` and `demo` are the edges.
 
+/// `println!` for a command's output: a reader that stops (`instances list | head`) ends the
+/// command quietly, where `println!` panicked with a backtrace (see [`cli::write_out`]).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*))
+    };
+}
+
 pub mod app;
 pub mod audit;
 pub mod background;

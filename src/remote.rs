@@ -87,7 +87,7 @@ impl Remote {
     pub async fn list_instances(&self) -> Result<(), String> {
         let instances = self.request(reqwest::Method::GET, "/instances").await?;
         if self.json {
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&instances).unwrap_or_default()
             );
@@ -130,7 +130,7 @@ impl Remote {
             .request(reqwest::Method::GET, &format!("/instances/{id}"))
             .await?;
         if self.json {
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&instance).unwrap_or_default()
             );
@@ -182,12 +182,12 @@ impl Remote {
         };
         let instance = self.request(method, &path).await?;
         if self.json {
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&instance).unwrap_or_default()
             );
         } else {
-            println!("instance {id}: {}", text(&instance["state"]));
+            outln!("instance {id}: {}", text(&instance["state"]));
         }
         Ok(())
     }
@@ -199,7 +199,7 @@ impl Remote {
         };
         let connectors = self.request(reqwest::Method::GET, &path).await?;
         if self.json {
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&connectors).unwrap_or_default()
             );
@@ -249,11 +249,11 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
             .trim_end()
             .to_string()
     };
-    println!("{}", line(headers.iter().map(|h| h.to_string()).collect()));
+    outln!("{}", line(headers.iter().map(|h| h.to_string()).collect()));
     for row in rows {
-        println!("{}", line(row.clone()));
+        outln!("{}", line(row.clone()));
     }
     if rows.is_empty() {
-        println!("(none)");
+        outln!("(none)");
     }
 }

@@ -174,6 +174,11 @@ fn serve_refuses_settings_it_cannot_honour() {
         ("--sandbox-url", "notaurl", "--sandbox-url"),
         (
             "--sandbox-url",
+            "user:hunter2@sandbox.example:4000",
+            "--sandbox-url",
+        ),
+        (
+            "--sandbox-url",
             "ftp://u:hunter2@sandbox/",
             "not an http(s) URL",
         ),
@@ -425,6 +430,23 @@ fn a_port_in_use_and_a_database_url_of_no_use_are_named() {
             "{bad}: a file was made"
         );
     }
+    // A master key that does not parse is said before the database is made.
+    let url = format!("sqlite://{}/new.db", dir.display());
+    let output = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+        .args(["orgs", "create", "--name", "x", "--database-url", &url])
+        .env("TOKENWARDEN_MASTER_KEY", "not-a-key!")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && said.contains("TOKENWARDEN_MASTER_KEY"),
+        "{said}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "the database was made"
+    );
     std::fs::remove_dir_all(&dir).ok();
     drop(taken);
 }
