@@ -120,6 +120,10 @@ async fn lease_heartbeat(app: &App, id: i64, lease_until: Option<i64>) {
 /// recovery does not cut its backoff short: the provider answering others does not fix it).
 pub const MISCONFIGURED_TEXT: &str = "the instance cannot be refreshed as it is configured";
 
+/// How a refusal of the app's credentials (`invalid_client`) begins, after
+/// [`MISCONFIGURED_TEXT`]: a fix at the provider can end it, unlike a connector gone.
+pub const CLIENT_REFUSED_TEXT: &str = "the provider refused the app's credentials";
+
 /// How long [`RefreshEngine::with_instance_held`] waits for a running refresh: a lease's life
 /// and a little more, so a dead replica's lease runs out within it.
 const HOLD_WAIT: Duration = Duration::from_millis(LEASE_MS as u64 + 5_000);
@@ -1308,7 +1312,7 @@ impl RefreshEngine {
             // of it; fixed credentials make the grant work again at the next attempt.
             Err(error) if error.is_client_rejected() => {
                 Err(RefreshFailure::Misconfigured(format!(
-                    "the provider refused the app's credentials ({}); fix `oauth.api.key` and `oauth.api.secret`",
+                    "{CLIENT_REFUSED_TEXT} ({}); fix `oauth.api.key` and `oauth.api.secret`",
                     error.provider_message()
                 )))
             }

@@ -89,16 +89,22 @@ fn bind_refreshed<'q>(query: RowQuery<'q>, commit: RefreshedCommit<'q>) -> RowQu
 }
 
 /// A row whose backoff is of the service's own making (transient failures), not one the
-/// provider asked for (a 429, a 503's `Retry-After`) nor, unless `with_configuration`, one
-/// for a configuration at fault: such a backoff may be cut short.
+/// provider asked for (a 429, a 503's `Retry-After`) nor one for a configuration at fault,
+/// except, with `with_configuration`, the app's credentials refused: such a backoff may be
+/// cut short.
 fn backoff_of_our_making(with_configuration: bool) -> String {
+    let misconfigured = crate::refresh::MISCONFIGURED_TEXT;
     let configuration = if with_configuration {
-        String::new()
-    } else {
+        // Only the app's credentials refused (fixable at the provider): a connector gone or
+        // an input missing fails again at once, on our side.
         format!(
-            " AND last_failure NOT LIKE '{}%'",
-            crate::refresh::MISCONFIGURED_TEXT
+            " AND (last_failure NOT LIKE '{misconfigured}%' \
+             OR last_failure LIKE '{misconfigured}: {}%')",
+            // A quote in SQL's literal is doubled ("app's").
+            crate::refresh::CLIENT_REFUSED_TEXT.replace('\'', "''")
         )
+    } else {
+        format!(" AND last_failure NOT LIKE '{misconfigured}%'")
     };
     format!(
         "(last_failure IS NULL OR (last_failure NOT LIKE '{}%' \

@@ -2321,3 +2321,58 @@ async fn old_events_are_purged_but_not_those_waiting_for_delivery() {
         test.cleanup().await;
     }
 }
+
+/// A refresh asked for now ends a backoff of the service's own making and one after the app's
+/// credentials were refused (fixable at the provider), not one the provider asked for, nor
+/// one for a configuration no fix at the provider can mend (a connector gone).
+#[tokio::test]
+async fn a_refresh_asked_for_now_ends_only_the_backoffs_it_may() {
+    for test in test_stores().await {
+        let store = &test.store;
+        let label = &test.label;
+        let org = organization(store, "A").await;
+        let misconfigured = tokenwarden::refresh::MISCONFIGURED_TEXT;
+        for (failure, ends) in [
+            ("the provider answered HTTP 503".to_string(), true),
+            (
+                format!(
+                    "{misconfigured}: {} (invalid_client: bad secret); fix `oauth.api.key` and `oauth.api.secret`",
+                    tokenwarden::refresh::CLIENT_REFUSED_TEXT
+                ),
+                true,
+            ),
+            (format!("{misconfigured}: connector acme is gone"), false),
+            (
+                format!(
+                    "{} (HTTP 429), retry after 60 s",
+                    tokenwarden::oauth::RATE_LIMITED_TEXT
+                ),
+                false,
+            ),
+        ] {
+            let row = instance(org, &failure);
+            store.insert_instance(&row, None).await.unwrap();
+            assert!(
+                store
+                    .record_transient_failure(
+                        row.id,
+                        "me",
+                        NOW,
+                        &failure,
+                        NOW + 60_000,
+                        None,
+                        None,
+                        None
+                    )
+                    .await
+                    .unwrap()
+            );
+            assert_eq!(
+                store.end_transient_backoff(row.id).await.unwrap(),
+                ends,
+                "[{label}] {failure}"
+            );
+        }
+        test.cleanup().await;
+    }
+}
