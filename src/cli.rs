@@ -472,6 +472,14 @@ fn remote_of(args: RemoteArgs) -> crate::remote::Remote {
 }
 
 async fn open_app(database: DatabaseArgs) -> Result<crate::app::SharedApp, String> {
+    // What an administrative command writes would end with it: its secrets printed for an
+    // organization that no longer exists.
+    if database.database_url.contains(":memory:") || database.database_url.contains("mode=memory") {
+        return Err(
+            "an in-memory database ends with this command: give the database `serve` uses"
+                .to_string(),
+        );
+    }
     let mut config = crate::app::AppConfig::new(database.database_url);
     config.master_key = database.master_key;
     config.previous_master_keys = database.previous_master_keys;

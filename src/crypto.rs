@@ -263,7 +263,17 @@ pub fn load_keyring_making(
                 .into(),
         ));
     };
-    let key_path = format!("{database_path}.key");
+    // An in-memory database lives as long as the process: so does a key of its own (a file
+    // named `:memory:.key` appeared in the current directory).
+    if database_path.contains(":memory:") || database_url.contains("mode=memory") {
+        return Ok(Keyring::new(MasterKey::generate().0, previous_keys));
+    }
+    // A `file:` URI names its file after the prefix (`sqlite:file:/var/db/tw.db?mode=rwc`).
+    let file = database_path
+        .strip_prefix("file://")
+        .or_else(|| database_path.strip_prefix("file:"))
+        .unwrap_or(&database_path);
+    let key_path = format!("{file}.key");
     let key = load_or_create_key_file(Path::new(&key_path), make_key_file)?;
     Ok(Keyring::new(key, previous_keys))
 }
@@ -508,6 +518,17 @@ mod tests {
         std::fs::write(dir.join("t.db.key"), "garbage!").unwrap();
         let url = format!("sqlite://{}/t.db", dir.display());
         assert!(said(load_keyring(None, None, &url)).contains("t.db.key"));
+        // A `file:` URI's key file is beside its file; an in-memory database's key is its own
+        // and made nowhere.
+        let url = format!("sqlite:file:{}/u.db?mode=rwc", dir.display());
+        let made = load_keyring(None, None, &url).unwrap();
+        assert_eq!(
+            load_keyring(None, None, &url).unwrap().current_key_id(),
+            made.current_key_id()
+        );
+        assert!(dir.join("u.db.key").exists());
+        load_keyring(None, None, "sqlite::memory:").unwrap();
+        assert!(!std::path::Path::new(":memory:.key").exists());
         std::fs::remove_dir_all(dir).ok();
     }
 

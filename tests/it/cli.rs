@@ -430,6 +430,31 @@ fn a_port_in_use_and_a_database_url_of_no_use_are_named() {
             "{bad}: a file was made"
         );
     }
+    // An in-memory database for an administrative command: refused (its organization would
+    // end with it), and no key file made in the current directory.
+    let output = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+        .args([
+            "orgs",
+            "create",
+            "--name",
+            "x",
+            "--database-url",
+            "sqlite::memory:",
+        ])
+        .env_remove("TOKENWARDEN_MASTER_KEY")
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && said.contains("in-memory"),
+        "{said}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "a file was made"
+    );
     // A master key that does not parse is said before the database is made.
     let url = format!("sqlite://{}/new.db", dir.display());
     let output = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
