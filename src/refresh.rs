@@ -1180,12 +1180,16 @@ impl RefreshEngine {
                 let mut update = applied.update;
                 update.configuration_json = applied.configuration_patch;
                 let event = events::new_event(app, row, events::REFRESHED, None);
-                // Ending a run of transient failures: `instance.recovered`, in the same
-                // transaction (the store writes it only if the row was still failing).
-                let recovered = row
-                    .failing_since
-                    .is_some()
-                    .then(|| events::new_event(app, row, events::RECOVERED, None));
+                // Ending a run of transient failures that `instance.refresh_failing` announced:
+                // `instance.recovered`, in the same transaction (the store writes it only if
+                // the row was still failing). A run too short to be announced ends quietly: a
+                // receiver would hear of a recovery from a failure it never heard of.
+                let recovered = match row.failing_since {
+                    Some(since) if self.failing_announced(app, row, since).await => {
+                        Some(events::new_event(app, row, events::RECOVERED, None))
+                    }
+                    _ => None,
+                };
                 // The provider has rotated the grant already: a failing store (a dropped
                 // connection, a pool timeout) is tried again before the new tokens are given
                 // up, and the heartbeat keeps the lease meanwhile (another replica taking it

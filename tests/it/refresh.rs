@@ -441,6 +441,47 @@ async fn token_endpoint_outage_is_transient_and_single_flight() {
     drop_test_database(&url).await;
 }
 
+/// A run of failures too short to be announced (`instance.refresh_failing` waits 5 minutes)
+/// ends quietly: no `instance.recovered` for a failure no receiver heard of.
+#[tokio::test]
+async fn a_failure_too_short_to_be_announced_ends_without_a_recovery_event() {
+    let url = sqlite_database();
+    let sandbox =
+        tokenwarden_sandbox::spawn(loopback(), tokenwarden_sandbox::SandboxConfig::default())
+            .await
+            .unwrap();
+    // The default wait before a failing run is announced (the tests' is none).
+    let env = Env::start_with_sandbox("sqlite", &url, sandbox, |config| {
+        config.refresh_failing_after =
+            Duration::from_millis(tokenwarden::events::REFRESH_FAILING_AFTER_MS as u64);
+    })
+    .await;
+    let server = env.server.url.clone();
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "blip")
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    let id = created["id"].as_i64().unwrap();
+    expire_access_tokens(&env).await;
+    fault(&env, json!({"target": "token", "status": 503, "count": 1})).await;
+    let (status, body, _) = proxy_at(&env, &server, &env.org, &token, Method::GET, "api/me").await;
+    assert_eq!(status, 503, "{body}");
+    let refreshed = env
+        .http
+        .post(env.api(&format!("/instances/{id}/tokens/refresh")))
+        .header("authorization", env.org.platform())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refreshed.status(), 200);
+    let events = event_types(&env, &server, id).await;
+    assert_eq!(count(&events, "instance.refresh_failing"), 0, "{events:?}");
+    assert_eq!(count(&events, "instance.recovered"), 0, "{events:?}");
+    assert_eq!(count(&events, "instance.token.refreshed"), 1, "{events:?}");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// An API that rejects even the token a refresh has just given (a user's licence withdrawn,
 /// an account locked): the first rejection refreshes and retries once, as always; the calls
 /// that follow get the API's 401 as it is, without a refresh each (one per call loaded the
