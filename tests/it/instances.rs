@@ -2613,14 +2613,29 @@ async fn a_reauthentication_during_a_revocation_comes_after_it() {
         let (code, state) = env.authorize(&env.org, "sandbox-generic", "rosa").await;
         env.sandbox_post(
             "/__sandbox/faults",
-            json!({"target": "revoke", "status": 0, "delayMs": 400, "count": 2}),
+            json!({"target": "revoke", "status": 0, "delayMs": 1500, "count": 2}),
         )
         .await;
+        let held_before = env.sandbox_stats().await["faultsInjected"]
+            .as_u64()
+            .unwrap();
         let revoke_url = env.api(&format!("/instances/{id}/tokens/revoke"));
         let revoking = call(&env, Method::POST, &revoke_url, Some(&auth), None);
         let instance_url = env.api(&format!("/instances/{id}"));
         let reauthenticating = async {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            // Once the revocation is at the provider (it holds the instance by then).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while env.sandbox_stats().await["faultsInjected"]
+                .as_u64()
+                .unwrap()
+                == held_before
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "[{label}] no revocation came"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
             call(
                 &env,
                 Method::PATCH,
