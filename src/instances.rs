@@ -619,12 +619,14 @@ pub fn damaged_view(row: &InstanceRow, connector_name: Option<&str>) -> Value {
 }
 
 pub fn iso8601(ms: i64) -> String {
+    // Always three fractional digits (RFC 3339 allows any number; `time`'s own form drops
+    // trailing zeros): `…28.9Z` beside `…28.902Z` sorted wrong as text.
+    const FORMAT: &[time::format_description::FormatItem<'_>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .ok()
-        .and_then(|at| {
-            at.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
+        .and_then(|at| at.format(FORMAT).ok())
         .unwrap_or_default()
 }
 
@@ -1035,6 +1037,14 @@ mod schedule_tests {
 
 #[cfg(test)]
 mod tests {
+
+    /// Times always carry three fractional digits, so that they sort as text.
+    #[test]
+    fn times_have_three_fractional_digits() {
+        assert_eq!(iso8601(1_700_000_000_900), "2023-11-14T22:13:20.900Z");
+        assert_eq!(iso8601(1_700_000_000_000), "2023-11-14T22:13:20.000Z");
+        assert_eq!(iso8601(1_700_000_000_902), "2023-11-14T22:13:20.902Z");
+    }
 
     /// A code exchange the provider refuses for the client's credentials (`invalid_client`)
     /// names them, not the code: the code was not taken, and presenting it again with the
