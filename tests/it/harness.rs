@@ -59,10 +59,19 @@ pub struct Env {
 impl Env {
     /// A sandbox and a server on the given database.
     pub async fn start(label: &str, database_url: &str) -> Env {
+        Self::start_adjusted(label, database_url, |_| {}).await
+    }
+
+    /// A sandbox of its own and a server whose configuration `adjust` changes.
+    pub async fn start_adjusted(
+        label: &str,
+        database_url: &str,
+        adjust: impl FnOnce(&mut AppConfig),
+    ) -> Env {
         let sandbox = tokenwarden_sandbox::spawn(loopback(), SandboxConfig::default())
             .await
             .unwrap();
-        Self::start_with_sandbox(label, database_url, sandbox, |_| {}).await
+        Self::start_with_sandbox(label, database_url, sandbox, adjust).await
     }
 
     pub async fn start_with_sandbox(

@@ -481,13 +481,7 @@ async fn the_callback_page_is_not_cached_and_reports_a_refusal() {
 async fn connections_that_send_no_request_are_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let url = crate::support::sqlite_database();
-    let sandbox = tokenwarden_sandbox::spawn(
-        crate::harness::loopback(),
-        tokenwarden_sandbox::SandboxConfig::default(),
-    )
-    .await
-    .unwrap();
-    let env = Env::start_with_sandbox("slow callers", &url, sandbox, |config| {
+    let env = Env::start_adjusted("slow callers", &url, |config| {
         config.header_read_timeout = Duration::from_millis(800);
     })
     .await;
@@ -555,13 +549,7 @@ async fn connections_that_send_no_request_are_closed() {
 async fn connections_past_the_cap_make_the_oldest_idle_one_close() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let url = crate::support::sqlite_database();
-    let sandbox = tokenwarden_sandbox::spawn(
-        crate::harness::loopback(),
-        tokenwarden_sandbox::SandboxConfig::default(),
-    )
-    .await
-    .unwrap();
-    let env = Env::start_with_sandbox("capped", &url, sandbox, |config| {
+    let env = Env::start_adjusted("capped", &url, |config| {
         config.max_connections = Some(2);
     })
     .await;

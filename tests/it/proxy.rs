@@ -500,13 +500,7 @@ where
 
 /// A service on SQLite whose provider timeout is 1 s, with a sandbox of its own.
 async fn env_with_a_one_second_provider_timeout(url: &str) -> Env {
-    let sandbox = tokenwarden_sandbox::spawn(
-        crate::harness::loopback(),
-        tokenwarden_sandbox::SandboxConfig::default(),
-    )
-    .await
-    .unwrap();
-    Env::start_with_sandbox("sqlite", url, sandbox, |config| {
+    Env::start_adjusted("sqlite", url, |config| {
         config.provider_timeout = std::time::Duration::from_secs(1);
     })
     .await

@@ -446,12 +446,8 @@ async fn token_endpoint_outage_is_transient_and_single_flight() {
 #[tokio::test]
 async fn a_failure_too_short_to_be_announced_ends_without_a_recovery_event() {
     let url = sqlite_database();
-    let sandbox =
-        tokenwarden_sandbox::spawn(loopback(), tokenwarden_sandbox::SandboxConfig::default())
-            .await
-            .unwrap();
     // The default wait before a failing run is announced (the tests' is none).
-    let env = Env::start_with_sandbox("sqlite", &url, sandbox, |config| {
+    let env = Env::start_adjusted("sqlite", &url, |config| {
         config.refresh_failing_after =
             Duration::from_millis(tokenwarden::events::REFRESH_FAILING_AFTER_MS as u64);
     })
