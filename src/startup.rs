@@ -211,14 +211,20 @@ async fn serve_http(
                         "{max_connections} connections open, the most served at once: the oldest are asked to finish for new ones (serve --max-connections)"
                     );
                 }
-                let shed = (max_connections / 64).max(1);
+                // A moment for a place to free itself, then the oldest are asked, one first,
+                // twice as many each quarter of a second while none frees its place (up to a
+                // sixty-fourth of the cap at a time): no more go than the new ones need.
+                let mut shed = 0;
                 let waited = loop {
-                    open.ask_oldest_to_finish(shed);
+                    if shed > 0 {
+                        open.ask_oldest_to_finish(shed);
+                    }
                     tokio::select! {
                         slot = Arc::clone(&slots).acquire_owned() => break slot.ok(),
-                        () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                        () = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
                         _ = shutdown.wait_for(|stop| *stop) => break None,
                     }
+                    shed = (shed * 2).clamp(1, (max_connections / 64).max(1));
                 };
                 match waited {
                     Some(slot) => slot,
@@ -301,6 +307,8 @@ async fn serve_connection(
     let peeked = tokio::select! {
         peeked = tokio::time::timeout(header_read_timeout, told) => peeked,
         _ = shutdown.wait_for(|stop| *stop) => return,
+        // The cap reached: a connection that has sent nothing yet is among the first to go.
+        () = registration.asked_to_finish() => return,
     };
     let seen = match peeked {
         Ok(Ok(0) | Err(_)) | Err(_) => return,
@@ -405,6 +413,32 @@ struct Registration {
 }
 
 impl Registration {
+    /// Completes when the connection is asked to finish (shutdown, or the cap reached), before
+    /// it is served: its waker is left where [`OpenConnections`] wakes them.
+    async fn asked_to_finish(&self) {
+        use std::sync::atomic::Ordering;
+        let mut left: Option<std::task::Waker> = None;
+        std::future::poll_fn(|cx| {
+            let open = &self.open;
+            if left
+                .as_ref()
+                .is_none_or(|waker| !waker.will_wake(cx.waker()))
+            {
+                let waker = cx.waker().clone();
+                open.wakers.lock().unwrap().insert(self.id, waker.clone());
+                left = Some(waker);
+            }
+            if open.stopping.load(Ordering::SeqCst)
+                || self.id < open.finish_before.load(Ordering::SeqCst)
+            {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
+
     /// The connection, finishing gracefully when the server shuts down.
     fn watch<C>(self, connection: C) -> Watched<C>
     where

@@ -606,3 +606,47 @@ async fn connections_past_the_cap_make_the_oldest_idle_one_close() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// Past the cap, connections that have sent nothing yet are asked to finish too, and close
+/// (a load balancer's pre-opened connections held their places until the idle timeout).
+#[tokio::test]
+async fn silent_connections_past_the_cap_close_for_a_caller() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let url = crate::support::sqlite_database();
+    let env = Env::start_adjusted("capped-silent", &url, |config| {
+        config.max_connections = Some(2);
+    })
+    .await;
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(
+            tokio::net::TcpStream::connect(env.server.addr)
+                .await
+                .unwrap(),
+        );
+    }
+    // Both are accepted and counted before the caller comes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut caller = tokio::net::TcpStream::connect(env.server.addr)
+        .await
+        .unwrap();
+    caller
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut said = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), caller.read_to_end(&mut said))
+        .await
+        .expect("the caller was served once a silent connection closed")
+        .unwrap();
+    let said = String::from_utf8_lossy(&said);
+    assert!(said.contains("200 OK"), "{said}");
+    let mut first = silent.remove(0);
+    let mut rest = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(5), first.read(&mut rest))
+        .await
+        .expect("the oldest silent connection was closed");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
