@@ -126,7 +126,7 @@ pub const CLIENT_REFUSED_TEXT: &str = "the provider refused the app's credential
 
 /// How long [`RefreshEngine::with_instance_held`] waits for a running refresh: a lease's life
 /// and a little more, so a dead replica's lease runs out within it.
-const HOLD_WAIT: Duration = Duration::from_millis(LEASE_MS as u64 + 5_000);
+pub const HOLD_WAIT: Duration = Duration::from_millis(LEASE_MS as u64 + 5_000);
 /// At most this often per connector are backed-off instances made due after a recovery.
 const EXPEDITE_EVERY_MS: i64 = 10_000;
 
@@ -602,6 +602,19 @@ impl RefreshEngine {
         row: &InstanceRow,
         keep: Keep,
     ) -> Result<Arc<CachedInstance>, RefreshFailure> {
+        self.remember_fetched(app, row, keep, None).await
+    }
+
+    /// [`Self::remember`], `fetched` when this process got the row's token from the provider
+    /// just now (see [`CachedInstance::fetched_at`]); a copy of the same version read later
+    /// keeps it.
+    async fn remember_fetched(
+        &self,
+        app: &App,
+        row: &InstanceRow,
+        keep: Keep,
+        fetched: Option<Instant>,
+    ) -> Result<Arc<CachedInstance>, RefreshFailure> {
         let connector = app
             .connector(row.organization_id, &row.element_key)
             .await
@@ -609,12 +622,22 @@ impl RefreshEngine {
             .ok_or_else(|| {
                 RefreshFailure::Misconfigured(format!("connector {} is gone", row.element_key))
             })?;
-        if let Some(newer) = self.cache.get(&row.id).map(|c| Arc::clone(&c))
+        let present = self.cache.get(&row.id).map(|c| Arc::clone(&c));
+        if let Some(newer) = &present
             && newer.token_version > row.token_version
         {
             // A slow re-read must not put back a token that a refresh already replaced.
             newer.revalidating.store(false, Ordering::Release);
-            return Ok(newer);
+            return Ok(Arc::clone(newer));
+        }
+        let fetched_at = std::sync::OnceLock::new();
+        if let Some(at) = fetched.or_else(|| {
+            present
+                .as_ref()
+                .filter(|copy| copy.token_version == row.token_version)
+                .and_then(|copy| copy.fetched_at.get().copied())
+        }) {
+            let _ = fetched_at.set(at);
         }
         // A scheduled refresh of an instance no call uses keeps no copy (below), and its
         // caller only reads the outcome: the copy it gets is the row's state without the
@@ -665,7 +688,7 @@ impl RefreshEngine {
             reread_done: Notify::new(),
             last_used: AtomicI64::new(now_ms()),
             rejected: AtomicBool::new(false),
-            fetched_at: std::sync::OnceLock::new(),
+            fetched_at,
         });
         // Only instances that calls use are kept in memory: a scheduled refresh of an instance
         // nobody calls updates a copy that exists, and adds none, so memory follows the calls,
@@ -772,10 +795,26 @@ impl RefreshEngine {
         F: FnOnce(InstanceRow) -> Fut,
         Fut: Future<Output = Result<T, ApiError>>,
     {
+        self.with_instance_held_within(app, id, HOLD_WAIT, work)
+            .await
+    }
+
+    /// [`Self::with_instance_held`], waiting up to `wait` for the instance.
+    pub async fn with_instance_held_within<T, F, Fut>(
+        &self,
+        app: &App,
+        id: i64,
+        wait: Duration,
+        work: F,
+    ) -> Result<T, ApiError>
+    where
+        F: FnOnce(InstanceRow) -> Fut,
+        Fut: Future<Output = Result<T, ApiError>>,
+    {
         let flight = Arc::clone(&self.flights.entry(id).or_default());
         let result = async {
             let _turn = flight.lock().await;
-            let deadline = Instant::now() + HOLD_WAIT;
+            let deadline = Instant::now() + wait;
             let leased = loop {
                 let now = now_ms();
                 if let Some(row) = app
@@ -948,12 +987,9 @@ impl RefreshEngine {
             () = lease_heartbeat(app, id, leased.refresh_lease_until) => unreachable!("the heartbeat never ends"),
         };
         match outcome {
-            Ok(row) => {
-                let copy = self.remember(app, &row, keep).await?;
-                if copy.token_version == row.token_version {
-                    let _ = copy.fetched_at.set(Instant::now());
-                }
-                Ok(copy)
+            Ok((row, committed)) => {
+                self.remember_fetched(app, &row, keep, committed.then(Instant::now))
+                    .await
             }
             Err(
                 failure @ (RefreshFailure::Internal(_)
@@ -1057,13 +1093,14 @@ impl RefreshEngine {
         }
     }
 
-    /// The provider call and its commit. The lease is held; no connection is.
+    /// The provider call and its commit. The lease is held; no connection is. With the row,
+    /// whether this call's tokens were committed (not another's found in their place).
     async fn call_provider(
         &self,
         app: &App,
         row: &InstanceRow,
         interrupted: bool,
-    ) -> Result<InstanceRow, RefreshFailure> {
+    ) -> Result<(InstanceRow, bool), RefreshFailure> {
         let store_error = RefreshFailure::from_store;
         let connector = app
             .connector(row.organization_id, &row.element_key)
@@ -1082,7 +1119,7 @@ impl RefreshEngine {
                 .invalidate(app, row, &reason, message.as_deref())
                 .await?
             {
-                return self.moved_on(app, row).await;
+                return self.moved_on(app, row).await.map(|row| (row, false));
             }
             return Err(RefreshFailure::Invalid {
                 reason,
@@ -1120,7 +1157,7 @@ impl RefreshEngine {
                 .map_err(store_error)?
                 .ok_or(RefreshFailure::NotFound)?;
             if now_row.token_version != row.token_version || !now_row.is_valid() {
-                return self.moved_on(app, row).await;
+                return self.moved_on(app, row).await.map(|row| (row, false));
             }
             self.forget(row.id);
             return Err(RefreshFailure::Transient {
@@ -1185,7 +1222,7 @@ impl RefreshEngine {
                 // the row was still failing). A run too short to be announced ends quietly: a
                 // receiver would hear of a recovery from a failure it never heard of.
                 let recovered = match row.failing_since {
-                    Some(since) if self.failing_announced(app, row, since).await => {
+                    Some(since) if self.failing_announced(app, row, since, true).await => {
                         Some(events::new_event(app, row, events::RECOVERED, None))
                     }
                     _ => None,
@@ -1309,7 +1346,7 @@ impl RefreshEngine {
                 if was_committed && row.failing_since.is_some() {
                     self.expedite_backoffs(app, row, now).await;
                 }
-                Ok(stored)
+                Ok((stored, was_committed))
             }
             // The app's credentials refused, not the grant: like a configuration at fault, the
             // instance stays valid and backs off (see `refresh`), and the organization hears
@@ -1337,7 +1374,7 @@ impl RefreshEngine {
                     // The grant moved on while we asked (re-authenticated, or refreshed by
                     // another replica): the answer was about a token that is not the instance's
                     // any more.
-                    return self.moved_on(app, row).await;
+                    return self.moved_on(app, row).await.map(|row| (row, false));
                 }
                 Err(RefreshFailure::Invalid {
                     reason,
@@ -1378,7 +1415,7 @@ impl RefreshEngine {
                     .await
                     .map_err(store_error)?;
                 if !recorded {
-                    return self.moved_on(app, row).await;
+                    return self.moved_on(app, row).await.map(|row| (row, false));
                 }
                 tracing::warn!(instance = row.id, connector = %connector.key, "refresh failed for now ({message}); retrying in {} ms", wait);
                 Err(RefreshFailure::Transient {
@@ -1402,13 +1439,19 @@ impl RefreshEngine {
         let threshold = app.config.refresh_failing_after.as_millis() as i64;
         let since = row.failing_since.unwrap_or(now);
         let announce = events::refresh_failing_due(Some(since), now, false, threshold)
-            && !self.failing_announced(app, row, since).await;
+            && !self.failing_announced(app, row, since, false).await;
         announce.then(|| events::new_event(app, row, events::REFRESH_FAILING, Some(message)))
     }
 
     /// Whether `instance.refresh_failing` was already fired for the run of failures that
-    /// began at `since`.
-    async fn failing_announced(&self, app: &App, row: &InstanceRow, since: i64) -> bool {
+    /// began at `since`; `unknown` when the store does not say.
+    async fn failing_announced(
+        &self,
+        app: &App,
+        row: &InstanceRow,
+        since: i64,
+        unknown: bool,
+    ) -> bool {
         let filter = crate::store::EventFilter {
             instance_id: Some(row.id),
             event_type: Some(events::REFRESH_FAILING.to_string()),
@@ -1419,7 +1462,7 @@ impl RefreshEngine {
             Ok(found) => found
                 .first()
                 .is_some_and(|event| event.occurred_at >= since),
-            Err(_) => false,
+            Err(_) => unknown,
         }
     }
 

@@ -1122,9 +1122,19 @@ async fn update_now(
     // them). The last attempt holds the instance, so that its read and its write are not
     // separated by another update of this process or a refresh of any; a code spent already
     // (its grant in hand) is not presented again.
+    // With a grant in hand (the code spent), as long as a refresh or revocation elsewhere may
+    // hold the instance (its provider calls and its commit's retries): given up, the grant
+    // would be lost and the code refused when sent again.
+    let wait = if exchanged.is_some() {
+        app.config.provider_timeout * 2
+            + crate::refresh::COMMIT_RETRY_FOR
+            + std::time::Duration::from_millis(crate::refresh::LEASE_MS as u64)
+    } else {
+        crate::refresh::HOLD_WAIT
+    };
     let (body, seen, exchanged) = (&body, &seen, &mut exchanged);
     app.refresh
-        .with_instance_held(app, row.id, async |held| {
+        .with_instance_held_within(app, row.id, wait, async |held| {
             let attempt = Attempt {
                 seen,
                 exchanged,

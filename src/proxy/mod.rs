@@ -460,13 +460,24 @@ where
                 }
                 // The token came from the store (another replica's refresh, which this copy
                 // had not seen), and it is no better: a refresh of this call's own, and one
-                // more try with what it gets.
-                drop(second);
-                let newer = app
+                // more try with what it gets. Its failures are answered as the first
+                // refresh's are: the grant gone in the API's words; a passing failure leaves
+                // the API's answer as it came.
+                let newer = match app
                     .refresh
                     .refresh(app, fresh.id, Some(fresh.token_version), None)
                     .await
-                    .map_err(failure_for_call)?;
+                {
+                    Ok(newer) => newer,
+                    Err(RefreshFailure::Invalid {
+                        reason, version, ..
+                    }) => {
+                        let words = rejected_again.unwrap_or(rejection_message);
+                        return Err(grant_gone(app, fresh.id, reason, version, words).await);
+                    }
+                    Err(_) => return Ok(second),
+                };
+                drop(second);
                 usable(&newer)?;
                 let target = target_of(&newer, raw_path, query)?;
                 let third = send(
@@ -491,28 +502,31 @@ where
         },
         Err(RefreshFailure::Invalid {
             reason, version, ..
-        }) => {
-            // The articles' answer: the API's rejection, in the provider's words, also kept on the
-            // instance for the calls that follow; written to its end even when the caller
-            // hangs up meanwhile.
-            let (owned, id, words) = (
-                std::sync::Arc::clone(app),
-                instance.id,
-                rejection_message.clone(),
-            );
-            let _ = crate::refresh::spawn_to_the_end(app, async move {
-                let _ = owned
-                    .store
-                    .mark_invalid(id, &reason, Some(&words), None, version, false)
-                    .await;
-                owned.refresh.forget(id);
-            })
-            .await;
-            Err(ApiError::new(StatusCode::UNAUTHORIZED, "Request failed")
-                .with_provider_message(rejection_message))
-        }
+        }) => Err(grant_gone(app, instance.id, reason, version, rejection_message).await),
         Err(failure) => Err(failure_for_call(failure)),
     }
+}
+
+/// The articles' answer when a refresh after the API's rejection finds the grant gone: the
+/// API's rejection, in the provider's words, also kept on the instance for the calls that
+/// follow (written to its end even when the caller hangs up meanwhile).
+async fn grant_gone(
+    app: &SharedApp,
+    id: i64,
+    reason: String,
+    version: Option<i64>,
+    words: String,
+) -> ApiError {
+    let (owned, kept) = (std::sync::Arc::clone(app), words.clone());
+    let _ = crate::refresh::spawn_to_the_end(app, async move {
+        let _ = owned
+            .store
+            .mark_invalid(id, &reason, Some(&kept), None, version, false)
+            .await;
+        owned.refresh.forget(id);
+    })
+    .await;
+    ApiError::new(StatusCode::UNAUTHORIZED, "Request failed").with_provider_message(words)
 }
 
 /// Whether this copy's token was got from the provider by this process since `started`.

@@ -176,3 +176,59 @@ async fn a_stale_copy_whose_stored_token_is_dead_too_refreshes_for_itself() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// The same, the grant revoked at the provider meanwhile: the refresh of this replica's own
+/// finds it gone, and the call answers as the contract has it, 401 "Request failed" in the
+/// API's words, the instance invalid on every replica.
+#[tokio::test]
+async fn a_stale_copy_whose_grant_is_gone_answers_in_the_apis_words() {
+    let Some(url) = postgres_or_skip().await else {
+        return;
+    };
+    let env = Env::start("postgres", &url).await;
+    let second = start_server(&url, &env.sandbox.url, |_| {}).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "gone-meanwhile")
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    let id = created["id"].as_i64().unwrap();
+    let warm = storm(&env, std::slice::from_ref(&second.url), &token, 1, "api/me").await;
+    assert_all_ok("warm-up", &warm);
+    let refreshed = env
+        .http
+        .post(format!(
+            "{}/elements/api-v2/instances/{id}/tokens/refresh",
+            env.server.url
+        ))
+        .header("authorization", env.org.platform())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refreshed.status(), 200);
+    env.sandbox_post(
+        "/__sandbox/users/gone-meanwhile/revoke",
+        serde_json::json!({}),
+    )
+    .await;
+    let (status, body, _) = crate::refresh::proxy_at(
+        &env,
+        &second.url,
+        &env.org,
+        &token,
+        reqwest::Method::GET,
+        "api/me",
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["message"], "Request failed", "{body}");
+    let words = body["providerMessage"].as_str().unwrap_or_default();
+    assert!(
+        !words.is_empty() && !words.contains("invalid_grant"),
+        "the API's words: {body}"
+    );
+    let shown = instance(&env, &env.server.url, &token).await;
+    assert_eq!(shown["valid"], false, "{shown}");
+    second.shutdown().await;
+    env.stop().await;
+    drop_test_database(&url).await;
+}
