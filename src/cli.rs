@@ -259,8 +259,10 @@ pub enum KeysCommand {
 }
 
 /// Writes a line of a command's output; when its reader has stopped (a closed pipe), ends the
-/// process quietly (status 0: what was wanted was read). SIGPIPE stays ignored, as Rust sets
-/// it: restored to its default, a reset connection's `writev` would kill a command silently.
+/// process quietly with status 141, as a shell reports a command SIGPIPE ended (`pipefail`
+/// sees it: the output may have held the only copy of new secrets). SIGPIPE stays ignored, as
+/// Rust sets it: restored to its default, a reset connection's `writev` would kill a command
+/// without a word.
 pub fn write_out(line: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
@@ -269,7 +271,7 @@ pub fn write_out(line: std::fmt::Arguments<'_>) {
         .and_then(|()| stdout.write_all(b"\n"));
     match written {
         Ok(()) => {}
-        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(141),
         Err(error) => {
             eprintln!("tokenwarden: writing the output: {error}");
             std::process::exit(1);

@@ -268,12 +268,31 @@ pub fn load_keyring_making(
     if database_path.contains(":memory:") || database_url.contains("mode=memory") {
         return Ok(Keyring::new(MasterKey::generate().0, previous_keys));
     }
-    // A `file:` URI names its file after the prefix (`sqlite:file:/var/db/tw.db?mode=rwc`).
-    let file = database_path
-        .strip_prefix("file://")
-        .or_else(|| database_path.strip_prefix("file:"))
-        .unwrap_or(&database_path);
-    let key_path = format!("{file}.key");
+    // Beside the file as SQLite opens it (a `file:` URI's, percent-decoded: the store names it
+    // the same way).
+    let file = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(database_url)
+        .map(|options| options.get_filename().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| database_path.clone());
+    // A `file:` URI as SQLite reads it (RFC 8089): `file:/p`, `file:///p`, `file://localhost/p`.
+    let file = match file.strip_prefix("file:") {
+        Some(rest) => {
+            let rest = rest.split(['?', '#']).next().unwrap_or(rest);
+            match rest.strip_prefix("//") {
+                Some(authority_and_path) => authority_and_path
+                    .strip_prefix("localhost")
+                    .unwrap_or(authority_and_path)
+                    .to_string(),
+                None => rest.to_string(),
+            }
+        }
+        None => file,
+    };
+    let mut key_path = format!("{file}.key");
+    // Where earlier releases put it (the URL's path as written), when that is where it is.
+    let written = format!("{database_path}.key");
+    if written != key_path && !Path::new(&key_path).exists() && Path::new(&written).exists() {
+        key_path = written;
+    }
     let key = load_or_create_key_file(Path::new(&key_path), make_key_file)?;
     Ok(Keyring::new(key, previous_keys))
 }
