@@ -47,6 +47,10 @@ pub fn authorization_header(data: &[u8]) {
                 assert!(!secret.is_empty(), "{label}: empty secret accepted");
                 assert_eq!(secret, secret.trim(), "{label}: secret not trimmed");
                 assert!(!secret.contains(','), "{label}: secret holds the separator");
+                assert!(
+                    !secret.contains(char::is_whitespace),
+                    "{label}: secret holds a space (a missing comma)"
+                );
                 assert!(value.contains(secret), "{label}: secret not from the input");
                 rebuilt.push(format!("{label} {secret}"));
             }
@@ -65,7 +69,7 @@ pub fn authorization_header(data: &[u8]) {
                 "unknown part shows more than its name: {shown:?}"
             );
         }
-        Err(HeaderError::Empty(_) | HeaderError::Repeated(_)) => {}
+        Err(HeaderError::Empty(_) | HeaderError::Repeated(_) | HeaderError::Unseparated(_)) => {}
     }
 }
 

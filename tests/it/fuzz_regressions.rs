@@ -118,3 +118,35 @@ fn fragments_and_queries_in_the_path_are_refused() {
         assert!(refused.is_err(), "{path:?} accepted: {refused:?}");
     }
 }
+
+/// The fuzz targets' checks (`fuzz/src/lib.rs`), compiled with the suite, so that a change of
+/// the library they call cannot leave them broken unseen (the fuzz crate is a workspace of its
+/// own, which `cargo test --workspace` does not build: a new `HeaderError` variant broke it
+/// once), and run over their seed corpora.
+#[path = "../../fuzz/src/lib.rs"]
+mod fuzz_checks;
+
+#[test]
+fn the_fuzz_checks_hold_on_their_seed_corpora() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus");
+    type Check = fn(&[u8]);
+    let targets: [(&str, Check); 4] = [
+        ("authorization_header", fuzz_checks::authorization_header),
+        ("token_response", fuzz_checks::token_response),
+        ("proxy_confine", fuzz_checks::proxy_confine),
+        ("connector_definition", fuzz_checks::connector_definition),
+    ];
+    for (name, check) in targets {
+        let mut seen = 0;
+        for entry in std::fs::read_dir(format!("{root}/{name}")).unwrap() {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            check(&data);
+            seen += 1;
+        }
+        assert!(seen > 0, "{name}: no seeds");
+    }
+    // The checks' own database, made beside the process's temporary files.
+    let _ = std::fs::remove_dir_all(
+        std::env::temp_dir().join(format!("tokenwarden-fuzz-{}", std::process::id())),
+    );
+}
