@@ -169,11 +169,13 @@ pub fn default_max_connections(open_file_limit: Option<u64>) -> usize {
 /// Accepts connections until shutdown, then lets the requests under way finish (the caller
 /// bounds the wait). HTTP/1.1 and HTTP/2 (prior knowledge), `TCP_NODELAY` on every connection.
 /// At most `max_connections` are served at once, rather than taking the descriptors the
-/// database and the providers' connections need: past that, the oldest connections are asked
-/// to finish (an idle kept-alive one closes at once, a busy one after its answer), a few every
-/// second while none frees its place, and the next connection waits in the listen backlog
-/// meanwhile (as nginx reuses kept-alive connections when its `worker_connections` run out:
-/// clients' idle pools, or a load balancer's, must not shut out new callers and health checks).
+/// database and the providers' connections need: past that, a connection accepted waits a
+/// quarter second for a place, then the oldest connections are asked to finish (one that has
+/// sent nothing, or an idle kept-alive one, closes at once, a busy one after its answer), one
+/// first and twice as many each quarter second while none frees its place; the next ones wait
+/// in the listen backlog meanwhile (as nginx reuses kept-alive connections when its
+/// `worker_connections` run out: clients' idle pools, or a load balancer's, must not shut out
+/// new callers and health checks).
 async fn serve_http(
     listener: tokio::net::TcpListener,
     service: crate::http::Service,
