@@ -136,26 +136,20 @@ async fn a_disable_through_one_replica_holds_in_the_others_soon() {
     drop_test_database(&url).await;
 }
 
-/// A replica whose copy of the instance is older than the token another replica stored, both
-/// tokens dead by the time of the call: the API's rejection makes this replica take the newer
-/// token from the store, and when that is rejected too, refresh for itself and try once more
-/// (the stored token was another's, not one this call got): 200, not the provider's 401.
-#[tokio::test]
-async fn a_stale_copy_whose_stored_token_is_dead_too_refreshes_for_itself() {
-    let Some(url) = postgres_or_skip().await else {
-        return;
-    };
-    let env = Env::start("postgres", &url).await;
-    let second = start_server(&url, &env.sandbox.url, |_| {}).await;
-    let created = env
-        .create_instance(&env.org, "sandbox-generic", "stale-copy")
-        .await;
+/// Two replicas on `url` and an instance of `user`: the second holds the instance's first
+/// token in memory, the first has refreshed it since (the row holds a token the second has
+/// not seen). Answers the first replica's environment, the second, and the Element token.
+async fn stale_copy_on_a_second_replica(
+    url: &str,
+    user: &str,
+) -> (Env, tokenwarden::startup::RunningServer, String) {
+    let env = Env::start("postgres", url).await;
+    let second = start_server(url, &env.sandbox.url, |_| {}).await;
+    let created = env.create_instance(&env.org, "sandbox-generic", user).await;
     let token = created["token"].as_str().unwrap().to_string();
     let id = created["id"].as_i64().unwrap();
-    // The second replica holds the first token in memory.
     let warm = storm(&env, std::slice::from_ref(&second.url), &token, 1, "api/me").await;
     assert_all_ok("warm-up", &warm);
-    // The first replica refreshes: the row holds a second token the other has not seen.
     let refreshed = env
         .http
         .post(format!(
@@ -167,6 +161,19 @@ async fn a_stale_copy_whose_stored_token_is_dead_too_refreshes_for_itself() {
         .await
         .unwrap();
     assert_eq!(refreshed.status(), 200);
+    (env, second, token)
+}
+
+/// A replica whose copy of the instance is older than the token another replica stored, both
+/// tokens dead by the time of the call: the API's rejection makes this replica take the newer
+/// token from the store, and when that is rejected too, refresh for itself and try once more
+/// (the stored token was another's, not one this call got): 200, not the provider's 401.
+#[tokio::test]
+async fn a_stale_copy_whose_stored_token_is_dead_too_refreshes_for_itself() {
+    let Some(url) = postgres_or_skip().await else {
+        return;
+    };
+    let (env, second, token) = stale_copy_on_a_second_replica(&url, "stale-copy").await;
     expire_access_tokens(&env).await;
     let before = refreshes(&env).await;
     let answers = storm(&env, std::slice::from_ref(&second.url), &token, 1, "api/me").await;
@@ -185,26 +192,7 @@ async fn a_stale_copy_whose_grant_is_gone_answers_in_the_apis_words() {
     let Some(url) = postgres_or_skip().await else {
         return;
     };
-    let env = Env::start("postgres", &url).await;
-    let second = start_server(&url, &env.sandbox.url, |_| {}).await;
-    let created = env
-        .create_instance(&env.org, "sandbox-generic", "gone-meanwhile")
-        .await;
-    let token = created["token"].as_str().unwrap().to_string();
-    let id = created["id"].as_i64().unwrap();
-    let warm = storm(&env, std::slice::from_ref(&second.url), &token, 1, "api/me").await;
-    assert_all_ok("warm-up", &warm);
-    let refreshed = env
-        .http
-        .post(format!(
-            "{}/elements/api-v2/instances/{id}/tokens/refresh",
-            env.server.url
-        ))
-        .header("authorization", env.org.platform())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(refreshed.status(), 200);
+    let (env, second, token) = stale_copy_on_a_second_replica(&url, "gone-meanwhile").await;
     env.sandbox_post(
         "/__sandbox/users/gone-meanwhile/revoke",
         serde_json::json!({}),
