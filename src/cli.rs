@@ -476,7 +476,7 @@ fn remote_of(args: RemoteArgs) -> crate::remote::Remote {
 async fn open_app(database: DatabaseArgs) -> Result<crate::app::SharedApp, String> {
     // What an administrative command writes would end with it: its secrets printed for an
     // organization that no longer exists.
-    if database.database_url.contains(":memory:") || database.database_url.contains("mode=memory") {
+    if crate::store::sqlite_in_memory(&database.database_url) {
         return Err(
             "an in-memory database ends with this command: give the database `serve` uses"
                 .to_string(),

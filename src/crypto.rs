@@ -264,28 +264,10 @@ pub fn load_keyring_making(
         ));
     };
     // An in-memory database lives as long as the process: so does a key of its own (a file
-    // named `:memory:.key` appeared in the current directory).
-    if database_path.contains(":memory:") || database_url.contains("mode=memory") {
+    // named `:memory:.key` appeared in the current directory). Else beside the file as SQLite
+    // opens it.
+    let Some(file) = crate::store::sqlite_file(database_url) else {
         return Ok(Keyring::new(MasterKey::generate().0, previous_keys));
-    }
-    // Beside the file as SQLite opens it (a `file:` URI's, percent-decoded: the store names it
-    // the same way).
-    let file = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(database_url)
-        .map(|options| options.get_filename().to_string_lossy().into_owned())
-        .unwrap_or_else(|_| database_path.clone());
-    // A `file:` URI as SQLite reads it (RFC 8089): `file:/p`, `file:///p`, `file://localhost/p`.
-    let file = match file.strip_prefix("file:") {
-        Some(rest) => {
-            let rest = rest.split(['?', '#']).next().unwrap_or(rest);
-            match rest.strip_prefix("//") {
-                Some(authority_and_path) => authority_and_path
-                    .strip_prefix("localhost")
-                    .unwrap_or(authority_and_path)
-                    .to_string(),
-                None => rest.to_string(),
-            }
-        }
-        None => file,
     };
     let mut key_path = format!("{file}.key");
     // Where earlier releases put it (the URL's path as written), when that is where it is.

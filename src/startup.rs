@@ -415,10 +415,17 @@ struct Registration {
 }
 
 impl Registration {
+    /// Whether the connection is asked to finish: shutdown, or the cap reached and it among the
+    /// oldest.
+    fn asked(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.open.stopping.load(Ordering::SeqCst)
+            || self.id < self.open.finish_before.load(Ordering::SeqCst)
+    }
+
     /// Completes when the connection is asked to finish (shutdown, or the cap reached), before
     /// it is served: its waker is left where [`OpenConnections`] wakes them.
     async fn asked_to_finish(&self) {
-        use std::sync::atomic::Ordering;
         let mut left: Option<std::task::Waker> = None;
         std::future::poll_fn(|cx| {
             let open = &self.open;
@@ -430,9 +437,7 @@ impl Registration {
                 open.wakers.lock().unwrap().insert(self.id, waker.clone());
                 left = Some(waker);
             }
-            if open.stopping.load(Ordering::SeqCst)
-                || self.id < open.finish_before.load(Ordering::SeqCst)
-            {
+            if self.asked() {
                 std::task::Poll::Ready(())
             } else {
                 std::task::Poll::Pending
@@ -486,7 +491,6 @@ where
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<C::Output> {
-        use std::sync::atomic::Ordering;
         let this = self.get_mut();
         if !this.asked {
             let open = &this.registration.open;
@@ -497,9 +501,7 @@ where
                 let mut wakers = open.wakers.lock().unwrap();
                 wakers.insert(this.registration.id, this.waker.clone());
             }
-            if open.stopping.load(Ordering::SeqCst)
-                || this.registration.id < open.finish_before.load(Ordering::SeqCst)
-            {
+            if this.registration.asked() {
                 this.asked = true;
                 this.connection.as_mut().graceful_shutdown();
             }

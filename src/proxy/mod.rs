@@ -433,21 +433,24 @@ where
     {
         Ok(fresh) => match (replayable, retry_headers) {
             (Some(bytes), Some(headers)) => {
-                // Disabled (or ended) meanwhile: no further call to the provider.
-                usable(&fresh)?;
-                let target = target_of(&fresh, raw_path, query)?;
-                let second = send(
-                    app,
-                    &fresh,
-                    &outgoing,
-                    target,
-                    headers.clone(),
-                    OutgoingBody::Kept(bytes.clone()),
-                    Instant::now(),
-                    false,
-                )
-                .await?;
-                let (second, rejected_again) = inspect(app, &fresh, second).await?;
+                let resend = async |copy: &CachedInstance| {
+                    // Disabled (or ended) meanwhile: no further call to the provider.
+                    usable(copy)?;
+                    let target = target_of(copy, raw_path, query)?;
+                    let answered = send(
+                        app,
+                        copy,
+                        &outgoing,
+                        target,
+                        headers.clone(),
+                        OutgoingBody::Kept(bytes.clone()),
+                        Instant::now(),
+                        false,
+                    )
+                    .await?;
+                    inspect(app, copy, answered).await
+                };
+                let (second, rejected_again) = resend(&fresh).await?;
                 if rejected_again.is_none() {
                     return Ok(second);
                 }
@@ -478,20 +481,7 @@ where
                     Err(_) => return Ok(second),
                 };
                 drop(second);
-                usable(&newer)?;
-                let target = target_of(&newer, raw_path, query)?;
-                let third = send(
-                    app,
-                    &newer,
-                    &outgoing,
-                    target,
-                    headers,
-                    OutgoingBody::Kept(bytes),
-                    Instant::now(),
-                    false,
-                )
-                .await?;
-                let (third, rejected) = inspect(app, &newer, third).await?;
+                let (third, rejected) = resend(&newer).await?;
                 if rejected.is_some() && fetched_since(&newer, started) {
                     app.refresh
                         .fresh_token_rejected(newer.id, newer.token_version);

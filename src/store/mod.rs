@@ -187,8 +187,39 @@ fn flag(value: bool) -> i64 {
     i64::from(value)
 }
 
+/// Whether a SQLite URL keeps its database in memory (`sqlite::memory:`, `mode=memory`): it
+/// lives as long as the process, and has no file.
+pub fn sqlite_in_memory(url: &str) -> bool {
+    url.contains(":memory:") || url.contains("mode=memory")
+}
+
+/// The file a SQLite URL names, as SQLite opens it (percent-decoded; a `file:` URI's path,
+/// RFC 8089: `file:/p`, `file:///p`, `file://localhost/p`); `None` in memory or not SQLite.
+pub fn sqlite_file(url: &str) -> Option<String> {
+    if !url.starts_with("sqlite:") || sqlite_in_memory(url) {
+        return None;
+    }
+    let named = sqlx::sqlite::SqliteConnectOptions::from_str(url)
+        .map(|options| options.get_filename().to_string_lossy().into_owned())
+        .ok()
+        .or_else(|| crate::crypto::sqlite_path(url))?;
+    let file = match named.strip_prefix("file:") {
+        Some(rest) => {
+            let rest = rest.split(['?', '#']).next().unwrap_or(rest);
+            match rest.strip_prefix("//") {
+                Some(authority_and_path) => authority_and_path
+                    .strip_prefix("localhost")
+                    .unwrap_or(authority_and_path)
+                    .to_string(),
+                None => rest.to_string(),
+            }
+        }
+        None => named,
+    };
+    Some(file).filter(|file| !file.is_empty())
+}
+
 impl Store {
-    /// Opens the database at `url` and brings its schema up to date.
     /// Refuses, before anything else is read or made, a database URL that names no database
     /// this service can use: another scheme (a bare file name, `mysql://`), or `sqlite://`
     /// without a path (SQLite would keep everything in memory and lose it at exit).
@@ -201,8 +232,7 @@ impl Store {
                 "unsupported database URL: use sqlite://path or postgres://…".to_string(),
             ));
         };
-        let in_memory = path.contains(":memory:") || url.contains("mode=memory");
-        if path.trim().is_empty() && !in_memory {
+        if path.trim().is_empty() && !sqlite_in_memory(url) {
             return Err(StoreError::Database(
                 "the database URL names no file: use sqlite://path/to/file.db".to_string(),
             ));
@@ -210,6 +240,7 @@ impl Store {
         Ok(())
     }
 
+    /// Opens the database at `url` and brings its schema up to date.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
         Store::connect_with(url, StoreOptions::default()).await
     }
@@ -328,22 +359,17 @@ impl Store {
         // A new SQLite database file is readable by its owner only (its tokens are sealed, but
         // names, configuration and audit lines are not for every local user); SQLite gives its
         // journal files the database file's mode. The file is named as SQLite will open it
-        // (percent-decoded); in-memory, read-only and `file:` URI databases are left alone.
+        // (see `sqlite_file`); in-memory and read-only databases are left alone.
         #[cfg(unix)]
         if !url.contains("mode=ro")
-            && !url.contains("mode=memory")
-            && let Ok(options) = sqlx::sqlite::SqliteConnectOptions::from_str(url)
+            && let Some(path) = sqlite_file(url)
         {
             use std::os::unix::fs::OpenOptionsExt;
-            let path = options.get_filename();
-            let name = path.to_string_lossy();
-            if !name.is_empty() && !name.contains(":memory:") && !name.starts_with("file:") {
-                let _ = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path);
-            }
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path);
         }
         let url = if url.contains("mode=") {
             url.to_string()
