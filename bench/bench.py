@@ -93,6 +93,12 @@ def stolen_ticks():
     return fields[7], sum(fields)
 
 
+def idle_ticks():
+    """Idle and I/O-wait clock ticks of all cores so far, from /proc/stat."""
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return fields[3] + fields[4]
+
+
 def machine_context(label):
     load = " ".join(open("/proc/loadavg").read().split()[:3])
     busy = cpu_busy_percent()
@@ -380,14 +386,21 @@ def bench_proxy():
     bareproxy = spawn("bareproxy", [LG, "bareproxy", "127.0.0.1:0", str(upstream_port)],
                       stdout=subprocess.PIPE)
     bareproxy_port = int(bareproxy.stdout.readline())
+    # The least any proxy can do, without hyper (tw-loadgen rawproxy: httparse on both sides,
+    # one thread, nothing checked). Not a target: it shows this machine's ceiling for a proxy
+    # on one thread beside wrk and the upstream on two cores.
+    rawproxy = spawn("rawproxy", [LG, "rawproxy", "127.0.0.1:0", str(upstream_port)],
+                     stdout=subprocess.PIPE)
+    rawproxy_port = int(rawproxy.stdout.readline())
     targets = {"direct": (direct, None), "nginx": (f"http://127.0.0.1:{nginx_port}/data", None),
                "minproxy": (f"http://127.0.0.1:{minproxy_port}/data", None),
-               "bareproxy": (f"http://127.0.0.1:{bareproxy_port}/data", None)}
+               "bareproxy": (f"http://127.0.0.1:{bareproxy_port}/data", None),
+               "rawproxy": (f"http://127.0.0.1:{rawproxy_port}/data", None)}
     # Whose CPU time each target's calls cost: the proxy's process (nginx's one worker).
     workers = subprocess.run(["pgrep", "-P", str(nginx.pid)], capture_output=True,
                              text=True).stdout.split()
     pids = {"nginx": int(workers[0]) if workers else None, "minproxy": minproxy.pid,
-            "bareproxy": bareproxy.pid}
+            "bareproxy": bareproxy.pid, "rawproxy": rawproxy.pid}
     services = {}
     for workers in (1, 2):
         service = services[workers] = Service(f"proxy-w{workers}", f"sqlite://{OUT}/proxy-w{workers}.db", sandbox,
@@ -423,13 +436,19 @@ def bench_proxy():
                 url, header = targets[name]
                 before = cpu_seconds(pids[name]) if name in pids else None
                 steal0 = stolen_ticks()
+                idle0 = idle_ticks()
                 result = wrk(url, connections, SECS, header)
                 steal1 = stolen_ticks()
+                idle1 = idle_ticks()
                 after = cpu_seconds(pids[name]) if name in pids else None
                 # A virtual machine's cores taken by its host during the run make every figure
                 # of that run worse, whoever's turn it was: shown so such rounds can be told.
                 result["steal_pct"] = (100.0 * (steal1[0] - steal0[0])
                                        / max(1, steal1[1] - steal0[1]))
+                # How busy the two cores were (wrk, the upstream and the proxy share them): a
+                # proxy that leaves them idle is not what limits req/s.
+                result["busy_pct"] = 100.0 - (100.0 * (idle1 - idle0)
+                                              / max(1, steal1[1] - steal0[1]))
                 # The proxy's CPU per call (user + system): steadier than req/s on a machine
                 # whose speed drifts, since each proxy fills its one core at 64 connections.
                 result["cpu_us"] = ((after - before) * 1e6 / result["requests"]
@@ -485,11 +504,18 @@ def bench_proxy():
     figure("proxy_cpu_per_call_vs_bareproxy", per_round(tw, 64, "cpu_us", "bareproxy", ratio))
     figure("proxy_bareproxy_cpu_per_call_vs_nginx",
            per_round("bareproxy", 64, "cpu_us", "nginx", ratio))
+    figure("proxy_rawproxy_rps_ratio_vs_nginx", per_round("rawproxy", 64, "rps", "nginx", ratio),
+           "no hyper, nothing checked: this machine's ceiling for a proxy on one thread")
+    figure("proxy_rawproxy_cpu_per_call_vs_nginx",
+           per_round("rawproxy", 64, "cpu_us", "nginx", ratio))
+    for name in ("nginx", "rawproxy", tw):
+        figure(f"proxy_busy_pct_{name}_c64", median([r["busy_pct"] for r in runs[(name, 64)]]),
+               "both cores' busy share during its runs")
     # Paired short runs. This machine's speed drifts for tens of seconds at a time, with no steal
     # (in one run nginx's own CPU per call went from 20 to 34 us between rounds), which 15 s runs
     # in rotation do not average out. Two short runs back to back, the order swapped each pair,
     # see nearly the same machine: the median of the pairs' ratios is the steadier figure.
-    paired = {tw: [], "bareproxy": []}
+    paired = {tw: [], "bareproxy": [], "rawproxy": []}
     for pair in range(PAIRS):
         for name in paired:
             order = [name, "nginx"] if pair % 2 == 0 else ["nginx", name]
@@ -506,6 +532,7 @@ def bench_proxy():
     figure("proxy_rps_ratio_vs_nginx_paired", median(paired[tw]),
            f"{PAIRS} pairs of {PAIR_SECONDS} s runs at 64 conns, median; target >= 1.0")
     figure("proxy_bareproxy_rps_ratio_vs_nginx_paired", median(paired["bareproxy"]))
+    figure("proxy_rawproxy_rps_ratio_vs_nginx_paired", median(paired["rawproxy"]))
     # (ours - direct) - (nginx - direct) per round, at 1 connection
     figure("proxy_p50_added_vs_nginx_us", per_round(tw, 1, "p50", "nginx", diff), "target <= 50")
     figure("proxy_p50_added_vs_direct_us", per_round(tw, 1, "p50", "direct", diff))
