@@ -1426,7 +1426,7 @@ async fn update_once(
                     )),
                     verification: verification.clone(),
                     // Under a hold (`held`), its lease stays until the hold ends.
-                    lease_held: held,
+                    lease_held_by: held.then(|| app.replica_id.clone()),
                     // With the tokens, in one statement: a second write after it could fail
                     // with the re-authentication done (its code spent), and would put back a
                     // configuration a refresh committed in between.
@@ -1538,7 +1538,8 @@ async fn update_once(
             update.next_due_at = Some(now);
         }
         let event = events::new_event(app, &held, events::REAUTHENTICATED, Some("tokens imported"));
-        app.store
+        let imported_row = app
+            .store
             .reauthenticate(
                 held.organization_id,
                 held.id,
@@ -1549,7 +1550,7 @@ async fn update_once(
                     // Cleared here, the lease could be claimed by this replica's scheduler at
                     // once and then cleared by the hold's end, the claimed refresh running
                     // unleased beside another replica's.
-                    lease_held: true,
+                    lease_held_by: Some(app.replica_id.clone()),
                     name: None,
                     tags_json: None,
                     expected_updated_at: None,
@@ -1557,6 +1558,13 @@ async fn update_once(
                 Some(&event),
             )
             .await?;
+        if imported_row.is_none() {
+            // The hold's lease went to a refresh elsewhere (its renewals failed): the tokens
+            // are not written under that refresh, which would retire them.
+            return Err(ApiError::conflict(
+                "A refresh elsewhere took the instance while its tokens were imported: the rest of the update was saved, the tokens were not; send the update again",
+            ));
+        }
         // The scheduler sleeps until its next due instance: an import due now wakes it.
         app.refresh.notify_schedule_changed();
     } else if retry_now {

@@ -801,8 +801,8 @@ impl Store {
     }
 
     /// Re-authentication: new tokens written as given, state `valid`, reasons, failures and
-    /// lease cleared, version bumped; not while another holds the lease (unless
-    /// `lease_held`: the writer's own hold), so that a revocation or refresh under way ends
+    /// lease cleared, version bumped; not while another holds the lease (with
+    /// `lease_held_by`: only while the writer's own hold has it), so that a revocation or refresh under way ends
     /// first and the re-authentication comes after it, not under it; id, Element token, name and tags stay. `event` (e.g.
     /// `instance.reauthenticated`) in the same transaction. Returns the new row, `None` when
     /// the instance is not this organization's.
@@ -835,7 +835,8 @@ impl Store {
              name = COALESCE($16, name), tags = COALESCE($17, tags) \
              WHERE id = $13 AND organization_id = $14 \
              AND updated_at = COALESCE($18, updated_at) \
-             AND ($15 = 1 OR refresh_lease_owner IS NULL OR refresh_lease_until < $12) \
+             AND (($15 = 1 AND refresh_lease_owner = $19) OR ($15 = 0 AND \
+             (refresh_lease_owner IS NULL OR refresh_lease_until < $12))) \
              RETURNING {INSTANCE_COLUMNS}"
         );
         let row = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
@@ -853,10 +854,11 @@ impl Store {
             .bind(crate::app::now_ms())
             .bind(id)
             .bind(organization_id)
-            .bind(i64::from(update.lease_held))
+            .bind(i64::from(update.lease_held_by.is_some()))
             .bind(&update.name)
             .bind(&update.tags_json)
             .bind(update.expected_updated_at)
+            .bind(update.lease_held_by.as_deref().unwrap_or(""))
             .fetch_optional(&mut *transaction)
             .await?;
         let Some(row) = row else {

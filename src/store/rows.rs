@@ -354,10 +354,12 @@ pub struct Reauthentication {
     /// `None` keeps the stored client secret; `Some(None)` removes it; `Some(Some(..))` sets it.
     pub client_secret_enc: Option<Option<Vec<u8>>>,
     pub verification: Option<String>,
-    /// The writer holds the instance's lease (`RefreshEngine::with_instance_held`): the lease
-    /// stays, and goes when the hold ends. Otherwise it is cleared (a refresh of the old grant
-    /// that still runs cannot commit over the new one: the token version moved).
-    pub lease_held: bool,
+    /// The writer holds the instance's lease under this owner
+    /// (`RefreshEngine::with_instance_held`): written only while it still does (a hold whose
+    /// renewals failed may have lost it to another replica's refresh), and the lease stays,
+    /// to go when the hold ends. Otherwise it is cleared (a refresh of the old grant that
+    /// still runs cannot commit over the new one: the token version moved).
+    pub lease_held_by: Option<String>,
     /// The name and tags (a JSON array) given with a re-authentication, written with its
     /// tokens in one statement; `None` keeps them.
     pub name: Option<String>,

@@ -795,11 +795,33 @@ async fn a_lease_is_not_cleared_under_the_one_who_took_it() {
             },
             client_secret_enc: None,
             verification: None,
-            lease_held: true,
+            lease_held_by: Some("replica-a".to_string()),
             name: None,
             tags_json: None,
             expected_updated_at: None,
         };
+        // A hold that lost its lease (its renewals failed and another replica took it) writes
+        // nothing under the other's.
+        let lost = Reauthentication {
+            lease_held_by: Some("replica-b".to_string()),
+            tokens: TokenUpdate {
+                refresh_token_enc: Some(bytes("refresh-lost")),
+                ..TokenUpdate::default()
+            },
+            client_secret_enc: None,
+            verification: None,
+            name: None,
+            tags_json: None,
+            expected_updated_at: None,
+        };
+        assert!(
+            store
+                .reauthenticate(org, row.id, &lost, None)
+                .await
+                .unwrap()
+                .is_none(),
+            "[{label}] written under another's lease"
+        );
         let written = store
             .reauthenticate(org, row.id, &imported, None)
             .await
@@ -1312,7 +1334,7 @@ async fn failures_invalidation_and_reauthentication() {
             },
             client_secret_enc: Some(Some(bytes("secret-new"))),
             verification: Some(r#"{"ok":true}"#.to_string()),
-            lease_held: false,
+            lease_held_by: None,
             name: None,
             tags_json: None,
             expected_updated_at: None,
