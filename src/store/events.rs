@@ -119,12 +119,22 @@ impl Store {
         if filter.event_type.is_some() {
             sql += &format!(" AND event_type = {}", placeholder());
         }
+        // Events of one millisecond are listed in the order they were written (an
+        // invalidation before the recovery that followed it): SQLite's rowid, PostgreSQL's
+        // `seq` (see migration 0003). The cursor names an event by its id.
+        let written = match self.engine {
+            Engine::Postgres => "seq",
+            Engine::Sqlite => "rowid",
+        };
         if filter.before.is_some() {
             let (at, id) = (placeholder(), placeholder());
-            sql += &format!(" AND (occurred_at < {at} OR (occurred_at = {at} AND id < {id}))");
+            sql += &format!(
+                " AND (occurred_at < {at} OR (occurred_at = {at} AND {written} < \
+                 (SELECT {written} FROM events WHERE id = {id})))"
+            );
         }
         sql += &format!(
-            " ORDER BY occurred_at DESC, id DESC LIMIT {}",
+            " ORDER BY occurred_at DESC, {written} DESC LIMIT {}",
             placeholder()
         );
         let mut query =

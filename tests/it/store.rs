@@ -1646,6 +1646,53 @@ async fn events_listing_and_delivery() {
         assert_eq!(seen, all.iter().map(|e| e.id.clone()).collect::<Vec<_>>());
         assert_eq!(store.get_event(other, &inserted[0].id).await.unwrap(), None);
 
+        // Events of one millisecond (an invalidation and the recovery after it): newest first
+        // as they were written, whatever their ids say; paging walks them so too.
+        let third = organization(store, "C").await;
+        for id in ["evt-d", "evt-c", "evt-b", "evt-a"] {
+            let mut new = event(third, 1, "instance.token.refreshed", NOW);
+            new.id = id.to_string();
+            store.insert_event(&new).await.unwrap();
+        }
+        let newest_first = ["evt-a", "evt-b", "evt-c", "evt-d"];
+        let listed = store
+            .list_events(
+                third,
+                &EventFilter {
+                    limit: 100,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            listed.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+            newest_first,
+            "{label}"
+        );
+        let mut paged = Vec::new();
+        let mut before = None;
+        loop {
+            let page = store
+                .list_events(
+                    third,
+                    &EventFilter {
+                        limit: 1,
+                        before: before.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            let Some(last) = page.last() else { break };
+            before = Some(EventCursor {
+                occurred_at: last.occurred_at,
+                id: last.id.clone(),
+            });
+            paged.extend(page.into_iter().map(|e| e.id));
+        }
+        assert_eq!(paged, newest_first, "{label}");
+
         // Delivery: only pending events whose time has come are claimed, once.
         let mut pending = event(org, 9, "instance.token.refreshed", NOW);
         pending.delivery_state = DeliveryState::Pending;
