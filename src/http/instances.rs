@@ -293,6 +293,66 @@ struct Grant {
     scope: Option<Option<String>>,
     /// The redirect URI the code was exchanged with.
     callback: Option<String>,
+    /// The key of the code this request claimed and exchanged: where it landed is recorded
+    /// under it ([`code_landed`]) for a request that repeats the code.
+    claimed: Option<Vec<u8>>,
+}
+
+/// What an exchange of a code gave.
+enum Exchanged {
+    /// The provider's grant, to be stored.
+    Grant(Box<Grant>),
+    /// The code was exchanged by an earlier request (a client's retry after a timeout, or the
+    /// same request sent twice), which stored its grant on this instance; claimed at the time
+    /// given (epoch ms).
+    Landed { instance_id: i64, claimed_at: i64 },
+}
+
+/// How often a request repeating a code looks whether the first one has ended.
+const REPEATED_CODE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A request repeating a code another request claimed: waits for that one to end, for as
+/// long as it may take (its exchange, the token's check and its write, each within the
+/// provider timeout), and says where the code landed; `None` when its exchange failed and
+/// gave the code (with its state) back, so that it may be presented. A code spent without an
+/// instance, or whose first request never said (its process ended), is refused as the
+/// provider would refuse it.
+async fn repeated(app: &App, code_key: &[u8]) -> ApiResult<Option<Exchanged>> {
+    let patience = i64::try_from((2 * app.config.provider_timeout).as_millis())
+        .unwrap_or(i64::MAX)
+        .saturating_add(5_000);
+    loop {
+        let now = now_ms();
+        match app.store.used_code(code_key, now).await? {
+            None => return Ok(None),
+            Some((expires_at, landed)) => {
+                let claimed_at = expires_at - USED_CODE_MEMORY_MS;
+                match landed {
+                    Some(instance_id) if instance_id > 0 => {
+                        return Ok(Some(Exchanged::Landed {
+                            instance_id,
+                            claimed_at,
+                        }));
+                    }
+                    Some(_) => return Err(code_used_already()),
+                    None if now > claimed_at.saturating_add(patience) => {
+                        return Err(code_used_already());
+                    }
+                    None => tokio::time::sleep(REPEATED_CODE_POLL).await,
+                }
+            }
+        }
+    }
+}
+
+/// Records where the code this request claimed landed (`instance_id`, or 0 for nowhere), for
+/// the requests that repeat it; a failure to record only makes them wait and refuse it.
+async fn code_landed(app: &App, claimed: Option<&[u8]>, instance_id: i64) {
+    if let Some(key) = claimed
+        && let Err(error) = app.store.code_landed(key, instance_id).await
+    {
+        tracing::warn!(%error, "where an exchanged code landed could not be recorded");
+    }
 }
 
 impl Grant {
@@ -321,6 +381,7 @@ impl Grant {
 }
 
 /// What the provider's redirect brought back to the caller (`providerData`).
+#[derive(Clone, Copy)]
 struct Redirect<'a> {
     code: &'a Secret,
     state: Option<&'a str>,
@@ -328,6 +389,8 @@ struct Redirect<'a> {
     fields: &'a Map<String, Value>,
 }
 
+/// Exchanges a code, or says where an earlier request that exchanged it landed (waiting for
+/// it while it runs). A code is presented to the provider once, whatever the requests.
 async fn exchange(
     app: &App,
     caller: &Caller,
@@ -335,7 +398,28 @@ async fn exchange(
     plain: &Map<String, Value>,
     secrets: &BTreeMap<String, String>,
     redirect: Redirect<'_>,
-) -> ApiResult<Grant> {
+) -> ApiResult<Exchanged> {
+    // An earlier request's exchange failed and gave the code back while this one waited: it
+    // goes again (a few times at most: each turn waited for another request's whole exchange).
+    for _ in 0..3 {
+        if let Some(exchanged) =
+            exchange_once(app, caller, connector, plain, secrets, redirect).await?
+        {
+            return Ok(exchanged);
+        }
+    }
+    Err(code_used_already())
+}
+
+/// One turn of [`exchange`]: `None` when an earlier request holding the code gave it back.
+async fn exchange_once(
+    app: &App,
+    caller: &Caller,
+    connector: &Connector,
+    plain: &Map<String, Value>,
+    secrets: &BTreeMap<String, String>,
+    redirect: Redirect<'_>,
+) -> ApiResult<Option<Exchanged>> {
     let Redirect {
         code,
         state,
@@ -376,15 +460,14 @@ async fn exchange(
                 return Err(unknown());
             }
             // A request repeated with its state and code (a retry after a timeout): the state
-            // went with the first, and so did the code; said as for a code repeated alone.
-            None if app
-                .store
-                .code_claimed(&code_key(caller.organization_id, code), now_ms())
-                .await? =>
-            {
-                return Err(code_used_already());
+            // went with the first, and so did the code; answered as a code repeated alone.
+            None => {
+                let key = code_key(caller.organization_id, code);
+                if app.store.used_code(&key, now_ms()).await?.is_none() {
+                    return Err(unknown());
+                }
+                return repeated(app, &key).await;
             }
-            None => return Err(unknown()),
         };
         taken_state = Some(row);
     } else if connector.oauth.pkce {
@@ -508,7 +591,7 @@ async fn exchange(
     };
     if !claimed {
         give_back(taken_state).await;
-        return Err(code_used_already());
+        return repeated(app, &code_key).await;
     }
     let exchanged = app
         .oauth
@@ -529,10 +612,14 @@ async fn exchange(
             // would be a code used twice.
             let spent = matches!(&error, crate::oauth::OAuthError::Unparseable { status, .. }
                 if (200..300).contains(status));
-            if !spent {
+            // The state first: a request waiting on the code takes it as soon as the code is
+            // given back.
+            give_back(taken_state).await;
+            if spent {
+                code_landed(app, Some(&code_key), 0).await;
+            } else {
                 let _ = app.store.release_code(&code_key).await;
             }
-            give_back(taken_state).await;
             return Err(instances::exchange_error(&error));
         }
     };
@@ -544,12 +631,13 @@ async fn exchange(
             tokens.fields.insert(key.clone(), value.clone());
         }
     }
-    Ok(Grant {
+    Ok(Some(Exchanged::Grant(Box::new(Grant {
         tokens,
         verifier_used: verifier.is_some(),
         scope: scope_asked,
         callback: Some(callback.to_string()),
-    })
+        claimed: Some(code_key),
+    }))))
 }
 
 /// Tokens brought in with `externalAuthentication: "initial"`.
@@ -673,14 +761,14 @@ async fn create_instance(
     let split = split_configuration(configuration);
     let mut given = split.plain.clone();
     inputs_from_redirect(app, connector, &body.redirect_fields(), &mut given);
-    let mut plain = starting_configuration(app, connector, given)?;
+    let plain = starting_configuration(app, connector, given)?;
     let external = body
         .external_authentication
         .as_deref()
         .is_some_and(|mode| mode.eq_ignore_ascii_case("initial"));
     let grant = match (body.code(), external) {
         (Some(code), _) => {
-            exchange(
+            let exchanged = exchange(
                 app,
                 caller,
                 connector,
@@ -692,7 +780,16 @@ async fn create_instance(
                     fields: &body.redirect_fields(),
                 },
             )
-            .await?
+            .await?;
+            match exchanged {
+                Exchanged::Grant(grant) => *grant,
+                Exchanged::Landed {
+                    instance_id,
+                    claimed_at,
+                } => {
+                    return created_before(app, caller, connector, instance_id, claimed_at).await;
+                }
+            }
         }
         (None, true) => {
             let tokens = imported_tokens(&split)?;
@@ -704,6 +801,7 @@ async fn create_instance(
                 verifier_used: false,
                 scope: None,
                 callback: None,
+                claimed: None,
             }
         }
         (None, false) => {
@@ -712,9 +810,85 @@ async fn create_instance(
             ));
         }
     };
+    let id = crypto::new_id();
+    let claimed = grant.claimed.clone();
+    let created = store_created(
+        app,
+        caller,
+        connector,
+        Created {
+            id,
+            name,
+            tags,
+            plain,
+            secret: &split.secret,
+            external,
+        },
+        grant,
+    )
+    .await;
+    // A request repeating the code is answered with this instance (or refused when none was
+    // stored).
+    code_landed(
+        app,
+        claimed.as_deref(),
+        if created.is_ok() { id } else { 0 },
+    )
+    .await;
+    created
+}
+
+/// A create repeating a code that an earlier request exchanged: the instance that request
+/// created with it, as a create answers it. A code that went to re-authenticate an instance
+/// (created before the code was claimed), or whose instance was deleted since, is refused.
+async fn created_before(
+    app: &App,
+    caller: &Caller,
+    connector: &Connector,
+    instance_id: i64,
+    claimed_at: i64,
+) -> ApiResult<(StatusCode, AxumJson<Value>)> {
+    match app
+        .store
+        .get_instance(caller.organization_id, instance_id)
+        .await?
+    {
+        Some(row) if row.element_key == connector.key && row.created_at >= claimed_at => {
+            let view = instances::view(app, &row, Some(&connector.name), false)?;
+            Ok((StatusCode::OK, AxumJson(view)))
+        }
+        _ => Err(code_used_already()),
+    }
+}
+
+/// What a create stores besides the grant.
+struct Created<'a> {
+    id: i64,
+    name: String,
+    tags: Vec<String>,
+    plain: Map<String, Value>,
+    secret: &'a BTreeMap<String, String>,
+    /// Tokens brought in (`externalAuthentication`) rather than exchanged.
+    external: bool,
+}
+
+async fn store_created(
+    app: &SharedApp,
+    caller: &Caller,
+    connector: &Connector,
+    created: Created<'_>,
+    grant: Grant,
+) -> ApiResult<(StatusCode, AxumJson<Value>)> {
+    let Created {
+        id,
+        name,
+        tags,
+        mut plain,
+        secret,
+        external,
+    } = created;
     let _ = grant.verifier_used;
     grant.keep_authorization(&mut plain);
-    let id = crypto::new_id();
     let now = now_ms();
     let element_token = crypto::new_platform_secret();
     let applied = apply_token_set(app, connector, id, &grant.tokens, None, &plain, now);
@@ -737,7 +911,7 @@ async fn create_instance(
     );
     row.tags = serde_json::to_string(&tags).unwrap_or_else(|_| "[]".into());
     row.configuration = Value::Object(plain.clone()).to_string();
-    row.client_secret_enc = instances::seal_secret_configuration(app, id, &split.secret);
+    row.client_secret_enc = instances::seal_secret_configuration(app, id, secret);
     let update = applied.update;
     row.access_token_enc = if grant.tokens.access_token.is_empty() {
         None
@@ -1380,7 +1554,7 @@ async fn update_once(
         let (grant, verified) = match exchanged.take() {
             Some((grant, verification)) => (grant, Some(verification)),
             None => {
-                let grant = exchange(
+                let exchanged = exchange(
                     app,
                     caller,
                     &connector,
@@ -1393,7 +1567,22 @@ async fn update_once(
                     },
                 )
                 .await?;
-                (grant, None)
+                match exchanged {
+                    Exchanged::Grant(grant) => (*grant, None),
+                    // The same re-authentication, repeated (a retry after a timeout): it
+                    // landed, and the instance is answered as it is now.
+                    Exchanged::Landed { instance_id, .. } if instance_id == row.id => {
+                        let now = app
+                            .store
+                            .get_instance(row.organization_id, row.id)
+                            .await?
+                            .ok_or_else(|| {
+                                ApiError::not_found("The instance was deleted meanwhile")
+                            })?;
+                        return respond(app, caller, now).await.map(Some);
+                    }
+                    Exchanged::Landed { .. } => return Err(code_used_already()),
+                }
             }
         };
         grant.keep_authorization(&mut plain);
@@ -1445,6 +1634,7 @@ async fn update_once(
             *exchanged = Some((grant, verification));
             return Ok(None);
         };
+        code_landed(app, grant.claimed.as_deref(), row.id).await;
         app.refresh.forget(row.id);
         app.refresh.notify_schedule_changed();
         crate::audit::record(

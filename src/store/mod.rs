@@ -923,16 +923,33 @@ impl Store {
         Ok(result.rows_affected() == 1)
     }
 
-    /// Whether a code was recorded by [`Self::claim_code`] and is still remembered at `now`.
-    pub async fn code_claimed(&self, code_hash: &[u8], now: i64) -> Result<bool, StoreError> {
-        let (found,): (i64,) = sqlx::query_as(
-            "SELECT COUNT(*) FROM used_codes WHERE code_hash = $1 AND expires_at > $2",
+    /// A code recorded by [`Self::claim_code`] and still remembered at `now`: `(expires_at,
+    /// instance_id)`, the instance as [`Self::code_landed`] recorded it (`None` while the
+    /// exchange runs).
+    pub async fn used_code(
+        &self,
+        code_hash: &[u8],
+        now: i64,
+    ) -> Result<Option<(i64, Option<i64>)>, StoreError> {
+        let row = sqlx::query_as(
+            "SELECT expires_at, instance_id FROM used_codes WHERE code_hash = $1 AND expires_at > $2",
         )
         .bind(code_hash)
         .bind(now)
-        .fetch_one(&self.pool)
+        .fetch_optional(&self.pool)
         .await?;
-        Ok(found > 0)
+        Ok(row)
+    }
+
+    /// Records where a claimed code's exchange landed: the instance it created or
+    /// re-authenticated, or 0 when it was spent without one.
+    pub async fn code_landed(&self, code_hash: &[u8], instance_id: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE used_codes SET instance_id = $2 WHERE code_hash = $1")
+            .bind(code_hash)
+            .bind(instance_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Forgets a code recorded by [`Self::claim_code`]: its exchange failed, and it may be
@@ -1124,6 +1141,10 @@ mod tests {
                         6,
                         "c3c684b57aa7fa15c14a7b7050773d5e3d21062bf5cd4662a6d13d70b0add77810852f14f9fa8c04cf49a780d989d2c8",
                     ),
+                    (
+                        7,
+                        "ff33aa65dee339258045ab29a8c35ea4117c65ebbb191f1534b4f4e84ec2aa60dac89db434a9933d5c9f4ae6c17b8118",
+                    ),
                 ],
             ),
             (
@@ -1152,6 +1173,10 @@ mod tests {
                     (
                         6,
                         "c3c684b57aa7fa15c14a7b7050773d5e3d21062bf5cd4662a6d13d70b0add77810852f14f9fa8c04cf49a780d989d2c8",
+                    ),
+                    (
+                        7,
+                        "ff33aa65dee339258045ab29a8c35ea4117c65ebbb191f1534b4f4e84ec2aa60dac89db434a9933d5c9f4ae6c17b8118",
                     ),
                 ],
             ),

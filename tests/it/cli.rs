@@ -234,7 +234,8 @@ async fn serve_refuses_a_key_that_opens_nothing_of_the_database() {
             .execute(&mut db)
             .await
             .unwrap();
-        sqlx::query("ALTER TABLE instances DROP COLUMN revived_reason")
+        // What the last migration (0007) added, taken out again.
+        sqlx::query("ALTER TABLE used_codes DROP COLUMN instance_id")
             .execute(&mut db)
             .await
             .unwrap();

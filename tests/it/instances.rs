@@ -511,15 +511,15 @@ async fn failed_creates_answer_4xx_and_create_nothing() {
             Some(body),
         )
         .await;
-        // Refused as the provider refuses it, before the provider sees it again: presented
-        // twice, a code has its tokens revoked (RFC 6749 §4.1.2; the sandbox does it), and the
-        // first instance would be left without a grant.
-        assert_error(&used, 400, &label);
-        let provider = used.body["providerMessage"].as_str().unwrap_or_default();
-        assert!(
-            provider.contains("invalid_grant") && provider.contains("exchanged already"),
-            "{}",
-            used.body
+        // A retry (after a timeout, say) is answered with the instance the first created, and
+        // the code is not presented again: presented twice, a code has its tokens revoked
+        // (RFC 6749 §4.1.2; the sandbox does it), and that instance would lose its grant.
+        assert_eq!(used.status, 200, "[{label}] {}", used.body);
+        assert_eq!(used.body["id"], first.body["id"], "[{label}] {}", used.body);
+        assert_eq!(
+            instances_of(&env, &env.org).await.len(),
+            count,
+            "[{label}] no second instance"
         );
         let token = first.body["token"].as_str().unwrap();
         let (status, body) = env
@@ -552,12 +552,30 @@ async fn failed_creates_answer_4xx_and_create_nothing() {
             Some(body),
         )
         .await;
-        assert_error(&again, 400, &label);
-        let provider = again.body["providerMessage"].as_str().unwrap_or_default();
-        assert!(
-            provider.contains("exchanged already"),
+        assert_eq!(again.status, 200, "[{label}] {}", again.body);
+        assert_eq!(
+            again.body["id"], first.body["id"],
             "[{label}] {}",
             again.body
+        );
+        // The same code for another connector is no retry of that create: refused as the
+        // provider would refuse it, without presenting it.
+        let other = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&auth),
+            Some(json!({"element": {"key": "sandbox-generic"},
+                        "providerData": {"code": code},
+                        "configuration": env.configuration()})),
+        )
+        .await;
+        assert_error(&other, 400, &label);
+        let provider = other.body["providerMessage"].as_str().unwrap_or_default();
+        assert!(
+            provider.contains("invalid_grant") && provider.contains("exchanged already"),
+            "[{label}] {}",
+            other.body
         );
         let count = count + 1;
         // Unknown connector (both paths), missing configuration keys, neither code nor tokens.
@@ -675,6 +693,93 @@ async fn failed_creates_answer_4xx_and_create_nothing() {
 
 /// A new instance of `key` for `user`, then its tokens imported into another
 /// (`externalAuthentication: "initial"`): the import's answer and the access token imported.
+/// Two creates with one code at once (a client's retry while its first request still waits
+/// on the provider): the code is presented once, and both are answered with the one instance it
+/// made. When the first request's exchange fails for a passing reason, the code is given back
+/// and the waiting request exchanges it.
+#[tokio::test]
+async fn a_code_sent_twice_at_once_is_exchanged_once() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let auth = env.org.platform();
+        let create = |body: Value| {
+            let (env, auth) = (&env, auth.clone());
+            async move {
+                call(
+                    env,
+                    Method::POST,
+                    &env.api("/instances"),
+                    Some(&auth),
+                    Some(body),
+                )
+                .await
+            }
+        };
+        let exchanges = || async {
+            env.sandbox_stats().await["token"]["authorization_code"]
+                .as_u64()
+                .unwrap()
+        };
+        let (code, state) = env.authorize(&env.org, "sandbox-box", "gus").await;
+        let body = json!({"element": {"key": "sandbox-box"},
+                          "providerData": {"code": code, "state": state},
+                          "configuration": env.configuration()});
+        let before = exchanges().await;
+        // The provider takes a second and a half to answer the first.
+        env.sandbox_post(
+            "/__sandbox/faults",
+            json!({"target": "token", "delayMs": 1500, "count": 1}),
+        )
+        .await;
+        let first = create(body.clone());
+        let second = async {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            create(body.clone()).await
+        };
+        let (first, second) = tokio::join!(first, second);
+        assert_eq!(first.status, 200, "[{label}] {}", first.body);
+        assert_eq!(second.status, 200, "[{label}] {}", second.body);
+        assert_eq!(
+            first.body["id"], second.body["id"],
+            "[{label}] one instance"
+        );
+        assert_eq!(
+            exchanges().await,
+            before + 1,
+            "[{label}] the code went once"
+        );
+        assert_eq!(instances_of(&env, &env.org).await.len(), 1, "[{label}]");
+        let token = first.body["token"].as_str().unwrap();
+        let (status, reply) = env
+            .proxy(&env.org, token, Method::GET, "2.0/users/me")
+            .await;
+        assert_eq!(status, 200, "[{label}] its grant lives: {reply}");
+
+        // The first request's exchange fails (503 after a second): the second, waiting
+        // meanwhile, exchanges the code itself.
+        let (code, state) = env.authorize(&env.org, "sandbox-box", "hal").await;
+        let body = json!({"element": {"key": "sandbox-box"},
+                          "providerData": {"code": code, "state": state},
+                          "configuration": env.configuration()});
+        env.sandbox_post(
+            "/__sandbox/faults",
+            json!({"target": "token", "status": 503, "delayMs": 1000, "count": 1}),
+        )
+        .await;
+        let first = create(body.clone());
+        let second = async {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            create(body.clone()).await
+        };
+        let (first, second) = tokio::join!(first, second);
+        assert_error(&first, 424, &label);
+        assert_eq!(second.status, 200, "[{label}] {}", second.body);
+        assert_eq!(instances_of(&env, &env.org).await.len(), 2, "[{label}]");
+        env.stop().await;
+        drop_test_database(&url).await;
+    }
+}
+
 async fn import_tokens_of_a_new_instance(env: &Env, key: &str, user: &str) -> (Reply, String) {
     let source = env.create_instance(&env.org, key, user).await;
     let shown = revealed(env, &env.org, &source).await;
@@ -958,17 +1063,65 @@ async fn reauthentication_and_updates_keep_identity() {
 
         // PATCH /instances/{id} with a code, organization secret only.
         let (code, state) = env.authorize(&env.org, "sandbox-salesforce", "fred").await;
+        let reauthentication = json!({"providerData": {"code": code, "state": state}});
         let by_id = call(
             &env,
             Method::PATCH,
             &env.api(&format!("/instances/{id}")),
             Some(&auth),
-            Some(json!({"providerData": {"code": code, "state": state}})),
+            Some(reauthentication.clone()),
         )
         .await;
         assert_eq!(by_id.status, 200, "[{label}] {}", by_id.body);
         assert_eq!(by_id.body["token"], token.as_str());
         assert_eq!(by_id.body["configuration"]["oauth.user.token"], "********");
+        let access =
+            revealed(&env, &env.org, &instance).await["configuration"]["oauth.user.token"].clone();
+        // The same re-authentication again (a retry after a timeout): answered with the
+        // instance as it is, the code not presented again (the sandbox revokes what a code
+        // gave when it comes twice).
+        let again = call(
+            &env,
+            Method::PATCH,
+            &env.api(&format!("/instances/{id}")),
+            Some(&auth),
+            Some(reauthentication),
+        )
+        .await;
+        assert_eq!(again.status, 200, "[{label}] {}", again.body);
+        assert_eq!(again.body["id"], id);
+        assert_eq!(again.body["valid"], true);
+        assert_eq!(
+            revealed(&env, &env.org, &instance).await["configuration"]["oauth.user.token"],
+            access,
+            "[{label}] the repeat changed nothing"
+        );
+        let (status, body) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
+        assert_eq!(
+            status, 200,
+            "[{label}] the first exchange's grant lives: {body}"
+        );
+        // A create with that code made nothing with it: refused, not answered with this
+        // instance.
+        let create = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&auth),
+            Some(json!({"element": {"key": "sandbox-salesforce"},
+                        "providerData": {"code": code},
+                        "configuration": env.configuration()})),
+        )
+        .await;
+        assert_error(&create, 400, &label);
+        assert!(
+            create.body["providerMessage"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("exchanged already"),
+            "[{label}] {}",
+            create.body
+        );
 
         // PUT: the configuration replaced whole, id and token kept.
         let mut replacement = env.configuration();
