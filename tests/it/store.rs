@@ -1552,6 +1552,32 @@ async fn concurrent_claimers_never_share_a_row() {
     }
 }
 
+/// An organization's event ids as paging through them with `limit` a page gives them.
+async fn paged_event_ids(store: &Store, organization_id: i64, limit: i64) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut before = None;
+    loop {
+        let page = store
+            .list_events(
+                organization_id,
+                &EventFilter {
+                    limit,
+                    before: before.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let Some(last) = page.last() else { break };
+        before = Some(EventCursor {
+            occurred_at: last.occurred_at,
+            id: last.id.clone(),
+        });
+        ids.extend(page.into_iter().map(|e| e.id));
+    }
+    ids
+}
+
 #[tokio::test]
 async fn events_listing_and_delivery() {
     for test in test_stores().await {
@@ -1622,27 +1648,7 @@ async fn events_listing_and_delivery() {
         assert_eq!(of_type.len(), 1);
 
         // Paging with a cursor walks every event once.
-        let mut seen = Vec::new();
-        let mut before = None;
-        loop {
-            let page = store
-                .list_events(
-                    org,
-                    &EventFilter {
-                        limit: 2,
-                        before: before.clone(),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
-            let Some(last) = page.last() else { break };
-            before = Some(EventCursor {
-                occurred_at: last.occurred_at,
-                id: last.id.clone(),
-            });
-            seen.extend(page.into_iter().map(|e| e.id));
-        }
+        let seen = paged_event_ids(store, org, 2).await;
         assert_eq!(seen, all.iter().map(|e| e.id.clone()).collect::<Vec<_>>());
         assert_eq!(store.get_event(other, &inserted[0].id).await.unwrap(), None);
 
@@ -1670,28 +1676,11 @@ async fn events_listing_and_delivery() {
             newest_first,
             "{label}"
         );
-        let mut paged = Vec::new();
-        let mut before = None;
-        loop {
-            let page = store
-                .list_events(
-                    third,
-                    &EventFilter {
-                        limit: 1,
-                        before: before.clone(),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
-            let Some(last) = page.last() else { break };
-            before = Some(EventCursor {
-                occurred_at: last.occurred_at,
-                id: last.id.clone(),
-            });
-            paged.extend(page.into_iter().map(|e| e.id));
-        }
-        assert_eq!(paged, newest_first, "{label}");
+        assert_eq!(
+            paged_event_ids(store, third, 1).await,
+            newest_first,
+            "{label}"
+        );
 
         // Delivery: only pending events whose time has come are claimed, once.
         let mut pending = event(org, 9, "instance.token.refreshed", NOW);
