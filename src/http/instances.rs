@@ -318,9 +318,12 @@ const REPEATED_CODE_POLL: std::time::Duration = std::time::Duration::from_millis
 /// instance, or whose first request never said (its process ended), is refused as the
 /// provider would refuse it.
 async fn repeated(app: &App, code_key: &[u8]) -> ApiResult<Option<Exchanged>> {
-    let patience = i64::try_from((2 * app.config.provider_timeout).as_millis())
-        .unwrap_or(i64::MAX)
-        .saturating_add(5_000);
+    // The longest a request with a code may run: its exchange and the token's check, and for
+    // a re-authentication the wait of its last attempt for a hold (see `update_now`).
+    let patience = 4 * app.config.provider_timeout
+        + crate::refresh::COMMIT_RETRY_FOR
+        + std::time::Duration::from_millis(crate::refresh::LEASE_MS as u64 + 5_000);
+    let patience = i64::try_from(patience.as_millis()).unwrap_or(i64::MAX);
     loop {
         let now = now_ms();
         match app.store.used_code(code_key, now).await? {
@@ -345,8 +348,28 @@ async fn repeated(app: &App, code_key: &[u8]) -> ApiResult<Option<Exchanged>> {
     }
 }
 
-/// Records where the code this request claimed landed (`instance_id`, or 0 for nowhere), for
-/// the requests that repeat it; a failure to record only makes them wait and refuse it.
+/// How long a request whose state or pending PKCE authorization another request took just
+/// before looks for that request's claim of the same code (two identical requests sent at
+/// once: the other claims the code a few queries after taking the state).
+const CLAIM_SOON: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether another request claims this code within [`CLAIM_SOON`].
+async fn claimed_soon(app: &App, code_key: &[u8]) -> ApiResult<bool> {
+    let until = std::time::Instant::now() + CLAIM_SOON;
+    loop {
+        if app.store.used_code(code_key, now_ms()).await?.is_some() {
+            return Ok(true);
+        }
+        if std::time::Instant::now() >= until {
+            return Ok(false);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Records that the code this request claimed was spent without an instance (`instance_id`
+/// 0), for the requests that repeat it; one that landed says so already (written with the
+/// instance), and is not changed. A failure to record only makes them wait and refuse it.
 async fn code_landed(app: &App, claimed: Option<&[u8]>, instance_id: i64) {
     if let Some(key) = claimed
         && let Err(error) = app.store.code_landed(key, instance_id).await
@@ -390,7 +413,9 @@ struct Redirect<'a> {
 }
 
 /// Exchanges a code, or says where an earlier request that exchanged it landed (waiting for
-/// it while it runs). A code is presented to the provider once, whatever the requests.
+/// it while it runs). Two requests never present a code at once, and a code whose exchange
+/// gave tokens is never presented again; one whose exchange failed may be (the provider
+/// judges it).
 async fn exchange(
     app: &App,
     caller: &Caller,
@@ -463,7 +488,7 @@ async fn exchange_once(
             // went with the first, and so did the code; answered as a code repeated alone.
             None => {
                 let key = code_key(caller.organization_id, code);
-                if app.store.used_code(&key, now_ms()).await?.is_none() {
+                if !claimed_soon(app, &key).await? {
                     return Err(unknown());
                 }
                 return repeated(app, &key).await;
@@ -496,18 +521,19 @@ async fn exchange_once(
             .await?;
         match pending.as_slice() {
             [] => {}
-            [only] => {
-                taken_state = Some(
-                    app.store
-                        .take_oauth_state(only, now_ms())
-                        .await?
-                        .ok_or_else(|| {
-                            ask_for_state(
-                                "its pending authorization was just used by another request",
-                            )
-                        })?,
-                );
-            }
+            [only] => match app.store.take_oauth_state(only, now_ms()).await? {
+                Some(row) => taken_state = Some(row),
+                // Taken by the same request sent twice at once: its answer is this one's.
+                None => {
+                    let key = code_key(caller.organization_id, code);
+                    if claimed_soon(app, &key).await? {
+                        return repeated(app, &key).await;
+                    }
+                    return Err(ask_for_state(
+                        "its pending authorization was just used by another request",
+                    ));
+                }
+            },
             _ => {
                 return Err(ask_for_state(
                     "several of its authorizations are pending for this client and redirect URI",
@@ -810,14 +836,12 @@ async fn create_instance(
             ));
         }
     };
-    let id = crypto::new_id();
     let claimed = grant.claimed.clone();
     let created = store_created(
         app,
         caller,
         connector,
         Created {
-            id,
             name,
             tags,
             plain,
@@ -827,14 +851,11 @@ async fn create_instance(
         grant,
     )
     .await;
-    // A request repeating the code is answered with this instance (or refused when none was
-    // stored).
-    code_landed(
-        app,
-        claimed.as_deref(),
-        if created.is_ok() { id } else { 0 },
-    )
-    .await;
+    // A request repeating the code is answered with this instance (marked with it), or
+    // refused when none was stored.
+    if created.is_err() {
+        code_landed(app, claimed.as_deref(), 0).await;
+    }
     created
 }
 
@@ -863,7 +884,6 @@ async fn created_before(
 
 /// What a create stores besides the grant.
 struct Created<'a> {
-    id: i64,
     name: String,
     tags: Vec<String>,
     plain: Map<String, Value>,
@@ -880,7 +900,6 @@ async fn store_created(
     grant: Grant,
 ) -> ApiResult<(StatusCode, AxumJson<Value>)> {
     let Created {
-        id,
         name,
         tags,
         mut plain,
@@ -889,6 +908,7 @@ async fn store_created(
     } = created;
     let _ = grant.verifier_used;
     grant.keep_authorization(&mut plain);
+    let id = crypto::new_id();
     let now = now_ms();
     let element_token = crypto::new_platform_secret();
     let applied = apply_token_set(app, connector, id, &grant.tokens, None, &plain, now);
@@ -938,7 +958,7 @@ async fn store_created(
     let own_connector = !app.is_catalog_connector(connector);
     if !app
         .store
-        .insert_instance_of(&row, Some(&event), own_connector)
+        .insert_instance_of(&row, Some(&event), own_connector, grant.claimed.as_deref())
         .await?
     {
         return Err(ApiError::conflict(format!(
@@ -1229,9 +1249,28 @@ async fn update(
 async fn update_now(
     app: &SharedApp,
     caller: &Caller,
+    row: InstanceRow,
+    body: InstanceBody,
+    mode: UpdateMode,
+) -> ApiResult<AxumJson<Value>> {
+    let mut spent = None;
+    let updated = update_turns(app, caller, row, body, mode, &mut spent).await;
+    // A code exchanged for a re-authentication that was not stored: a request repeating it
+    // is refused at once, not after waiting for this one.
+    if updated.is_err() {
+        code_landed(app, spent.as_deref(), 0).await;
+    }
+    updated
+}
+
+/// [`update_now`]'s attempts; `spent`: the code a re-authentication claimed and exchanged.
+async fn update_turns(
+    app: &SharedApp,
+    caller: &Caller,
     mut row: InstanceRow,
     body: InstanceBody,
     mode: UpdateMode,
+    spent: &mut Option<Vec<u8>>,
 ) -> ApiResult<AxumJson<Value>> {
     // The tokens the caller saw are those of the first read: a token given back equal to them
     // is "as shown" on every attempt (a refresh between two attempts must not turn it into an
@@ -1247,6 +1286,7 @@ async fn update_now(
                 let attempt = Attempt {
                     seen,
                     exchanged: &mut None,
+                    spent: &mut None,
                     held: true,
                 };
                 update_once(app, caller, held, body, mode, attempt)
@@ -1273,6 +1313,7 @@ async fn update_now(
             Attempt {
                 seen: &seen,
                 exchanged: &mut exchanged,
+                spent: &mut *spent,
                 held: false,
             },
         )
@@ -1312,6 +1353,7 @@ async fn update_now(
             let attempt = Attempt {
                 seen,
                 exchanged,
+                spent,
                 held: true,
             };
             update_once(app, caller, held, body, mode, attempt)
@@ -1355,6 +1397,8 @@ struct Attempt<'a> {
     seen: &'a instances::InstanceSecrets,
     /// A re-authentication's exchanged grant and verification, once the code is spent.
     exchanged: &'a mut Option<(Grant, Option<String>)>,
+    /// The code it claimed and exchanged.
+    spent: &'a mut Option<Vec<u8>>,
     /// Whether the instance is held against refreshes (its lease is the hold's).
     held: bool,
 }
@@ -1373,6 +1417,7 @@ async fn update_once(
     let Attempt {
         seen,
         exchanged,
+        spent,
         held,
     } = attempt;
     let connector = app
@@ -1568,7 +1613,10 @@ async fn update_once(
                 )
                 .await?;
                 match exchanged {
-                    Exchanged::Grant(grant) => (*grant, None),
+                    Exchanged::Grant(grant) => {
+                        spent.clone_from(&grant.claimed);
+                        (*grant, None)
+                    }
                     // The same re-authentication, repeated (a retry after a timeout): it
                     // landed, and the instance is answered as it is now.
                     Exchanged::Landed { instance_id, .. } if instance_id == row.id => {
@@ -1616,6 +1664,8 @@ async fn update_once(
                     verification: verification.clone(),
                     // Under a hold (`held`), its lease stays until the hold ends.
                     lease_held_by: held.then(|| app.replica_id.clone()),
+                    // A request repeating the code is answered with this instance.
+                    landed_code: grant.claimed.clone(),
                     // With the tokens, in one statement: a second write after it could fail
                     // with the re-authentication done (its code spent), and would put back a
                     // configuration a refresh committed in between.
@@ -1634,7 +1684,6 @@ async fn update_once(
             *exchanged = Some((grant, verification));
             return Ok(None);
         };
-        code_landed(app, grant.claimed.as_deref(), row.id).await;
         app.refresh.forget(row.id);
         app.refresh.notify_schedule_changed();
         crate::audit::record(
@@ -1741,6 +1790,7 @@ async fn update_once(
                     // once and then cleared by the hold's end, the claimed refresh running
                     // unleased beside another replica's.
                     lease_held_by: Some(app.replica_id.clone()),
+                    landed_code: None,
                     name: None,
                     tags_json: None,
                     expected_updated_at: None,

@@ -121,7 +121,8 @@ impl Store {
         }
         // Events of one millisecond are listed in the order they were written (an
         // invalidation before the recovery that followed it): SQLite's rowid, PostgreSQL's
-        // `seq` (see migration 0003). The cursor names an event by its id.
+        // `seq` (see migration 0003). The cursor names an event by its id; one deleted since
+        // (the retention purge) lists its millisecond again rather than skip it.
         let written = match self.engine {
             Engine::Postgres => "seq",
             Engine::Sqlite => "rowid",
@@ -130,7 +131,9 @@ impl Store {
             let (at, id) = (placeholder(), placeholder());
             sql += &format!(
                 " AND (occurred_at < {at} OR (occurred_at = {at} AND {written} < \
-                 (SELECT {written} FROM events WHERE id = {id})))"
+                 COALESCE((SELECT {written} FROM events WHERE organization_id = $1 \
+                 AND id = {id}), {})))",
+                i64::MAX
             );
         }
         sql += &format!(

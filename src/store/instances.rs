@@ -128,18 +128,23 @@ impl Store {
         row: &InstanceRow,
         event: Option<&NewEvent>,
     ) -> Result<(), StoreError> {
-        self.insert_instance_of(row, event, false).await.map(drop)
+        self.insert_instance_of(row, event, false, None)
+            .await
+            .map(drop)
     }
 
     /// [`Self::insert_instance`]; with `own_connector`, only while the organization's connector
     /// of that key exists (false when it was deleted meanwhile: a creation spends seconds at
     /// the provider between reading the connector and this insert). On PostgreSQL the row is
     /// share-locked until the commit, so a deletion waits for it and then sees the instance.
+    /// `code`: the claimed authorization code (its hash) the instance was made from, marked as
+    /// landed on it in the same transaction (see [`Self::code_landed`]).
     pub async fn insert_instance_of(
         &self,
         row: &InstanceRow,
         event: Option<&NewEvent>,
         own_connector: bool,
+        code: Option<&[u8]>,
     ) -> Result<bool, StoreError> {
         let mut transaction = self.begin_write().await?;
         if own_connector {
@@ -200,6 +205,9 @@ impl Store {
             .await?;
         if let Some(event) = event {
             insert_event_in(&mut transaction, event).await?;
+        }
+        if let Some(code) = code {
+            super::code_landed_in(&mut transaction, code, row.id).await?;
         }
         transaction.commit().await?;
         Ok(true)
@@ -802,7 +810,7 @@ impl Store {
 
     /// Re-authentication: new tokens written as given, state `valid`, reasons, failures and
     /// lease cleared, version bumped; not while another holds the lease (with
-    /// `lease_held_by`: only while the writer's own hold has it), so that a revocation or refresh under way ends
+    /// `lease_held_by`, the writer's own hold may), so that a revocation or refresh under way ends
     /// first and the re-authentication comes after it, not under it; id, Element token, name and tags stay. `event` (e.g.
     /// `instance.reauthenticated`) in the same transaction. Returns the new row, `None` when
     /// the instance is not this organization's.
@@ -835,8 +843,8 @@ impl Store {
              name = COALESCE($16, name), tags = COALESCE($17, tags) \
              WHERE id = $13 AND organization_id = $14 \
              AND updated_at = COALESCE($18, updated_at) \
-             AND (($15 = 1 AND refresh_lease_owner = $19) OR ($15 = 0 AND \
-             (refresh_lease_owner IS NULL OR refresh_lease_until < $12))) \
+             AND (refresh_lease_owner = $19 OR refresh_lease_owner IS NULL \
+             OR refresh_lease_until < $12) \
              RETURNING {INSTANCE_COLUMNS}"
         );
         let row = sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
@@ -866,6 +874,9 @@ impl Store {
         };
         if let Some(event) = event {
             insert_event_in(&mut transaction, event).await?;
+        }
+        if let Some(code) = &update.landed_code {
+            super::code_landed_in(&mut transaction, code, id).await?;
         }
         transaction.commit().await?;
         Ok(Some(row))

@@ -187,6 +187,23 @@ fn flag(value: bool) -> i64 {
     i64::from(value)
 }
 
+const CODE_LANDED: &str =
+    "UPDATE used_codes SET instance_id = $2 WHERE code_hash = $1 AND instance_id IS NULL";
+
+/// [`Store::code_landed`] inside the transaction that stores the code's grant.
+pub(crate) async fn code_landed_in(
+    transaction: &mut sqlx::Transaction<'_, sqlx::Any>,
+    code_hash: &[u8],
+    instance_id: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(CODE_LANDED)
+        .bind(code_hash)
+        .bind(instance_id)
+        .execute(&mut **transaction)
+        .await?;
+    Ok(())
+}
+
 /// Whether a SQLite URL keeps its database in memory (`sqlite::memory:`, `mode=memory`): it
 /// lives as long as the process, and has no file.
 pub fn sqlite_in_memory(url: &str) -> bool {
@@ -941,10 +958,11 @@ impl Store {
         Ok(row)
     }
 
-    /// Records where a claimed code's exchange landed: the instance it created or
-    /// re-authenticated, or 0 when it was spent without one.
+    /// Records where a claimed code's exchange landed, once: the instance it created or
+    /// re-authenticated (written with it, [`code_landed_in`]), or 0 when it was spent without
+    /// one.
     pub async fn code_landed(&self, code_hash: &[u8], instance_id: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE used_codes SET instance_id = $2 WHERE code_hash = $1")
+        sqlx::query(CODE_LANDED)
             .bind(code_hash)
             .bind(instance_id)
             .execute(&self.pool)

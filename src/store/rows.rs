@@ -355,11 +355,15 @@ pub struct Reauthentication {
     pub client_secret_enc: Option<Option<Vec<u8>>>,
     pub verification: Option<String>,
     /// The writer holds the instance's lease under this owner
-    /// (`RefreshEngine::with_instance_held`): written only while it still does (a hold whose
-    /// renewals failed may have lost it to another replica's refresh), and the lease stays,
-    /// to go when the hold ends. Otherwise it is cleared (a refresh of the old grant that
-    /// still runs cannot commit over the new one: the token version moved).
+    /// (`RefreshEngine::with_instance_held`): written while it still does or the lease is free
+    /// (a hold whose renewals failed may have lost it to another replica's refresh, which is
+    /// not written under), and the lease stays, to go when the hold ends. Otherwise it is
+    /// cleared (a refresh of the old grant that still runs cannot commit over the new one:
+    /// the token version moved).
     pub lease_held_by: Option<String>,
+    /// The claimed authorization code (its hash) the new grant came from, marked as landed on
+    /// the instance in the same transaction (see `Store::code_landed`).
+    pub landed_code: Option<Vec<u8>>,
     /// The name and tags (a JSON array) given with a re-authentication, written with its
     /// tokens in one statement; `None` keeps them.
     pub name: Option<String>,

@@ -277,7 +277,12 @@ async fn connectors_are_per_organization() {
         // leave an instance of a connector that is gone.
         let mut used = instance(org, "user");
         used.element_key = "acme".into();
-        assert!(store.insert_instance_of(&used, None, true).await.unwrap());
+        assert!(
+            store
+                .insert_instance_of(&used, None, true, None)
+                .await
+                .unwrap()
+        );
         assert_eq!(
             store.delete_connector(org, "acme").await.unwrap(),
             ConnectorDeletion::InUse(1)
@@ -293,7 +298,12 @@ async fn connectors_are_per_organization() {
         );
         let mut late = instance(org, "late");
         late.element_key = "acme".into();
-        assert!(!store.insert_instance_of(&late, None, true).await.unwrap());
+        assert!(
+            !store
+                .insert_instance_of(&late, None, true, None)
+                .await
+                .unwrap()
+        );
         assert!(store.get_instance(org, late.id).await.unwrap().is_none());
         assert_eq!(
             store
@@ -796,31 +806,51 @@ async fn a_lease_is_not_cleared_under_the_one_who_took_it() {
             client_secret_enc: None,
             verification: None,
             lease_held_by: Some("replica-a".to_string()),
+            landed_code: None,
             name: None,
             tags_json: None,
             expected_updated_at: None,
         };
         // A hold that lost its lease (its renewals failed and another replica took it) writes
-        // nothing under the other's.
+        // nothing under the other's live lease; under its own it writes.
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let taken = instance(org, "taken");
+        store.insert_instance(&taken, None).await.unwrap();
+        store
+            .try_acquire_refresh_lease(taken.id, "replica-b", wall, wall + 60_000)
+            .await
+            .unwrap()
+            .expect(label);
         let lost = Reauthentication {
-            lease_held_by: Some("replica-b".to_string()),
+            lease_held_by: Some("replica-c".to_string()),
             tokens: TokenUpdate {
                 refresh_token_enc: Some(bytes("refresh-lost")),
                 ..TokenUpdate::default()
             },
-            client_secret_enc: None,
-            verification: None,
-            name: None,
-            tags_json: None,
-            expected_updated_at: None,
+            ..Reauthentication::default()
         };
         assert!(
             store
-                .reauthenticate(org, row.id, &lost, None)
+                .reauthenticate(org, taken.id, &lost, None)
                 .await
                 .unwrap()
                 .is_none(),
             "[{label}] written under another's lease"
+        );
+        let own = Reauthentication {
+            lease_held_by: Some("replica-b".to_string()),
+            ..lost.clone()
+        };
+        assert!(
+            store
+                .reauthenticate(org, taken.id, &own, None)
+                .await
+                .unwrap()
+                .is_some(),
+            "[{label}] not written under its own lease"
         );
         let written = store
             .reauthenticate(org, row.id, &imported, None)
@@ -1335,6 +1365,7 @@ async fn failures_invalidation_and_reauthentication() {
             client_secret_enc: Some(Some(bytes("secret-new"))),
             verification: Some(r#"{"ok":true}"#.to_string()),
             lease_held_by: None,
+            landed_code: None,
             name: None,
             tags_json: None,
             expected_updated_at: None,
