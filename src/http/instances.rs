@@ -269,10 +269,12 @@ async fn create_to_the_end(
 /// How long an exchanged authorization code is remembered (providers' codes live minutes).
 const USED_CODE_MEMORY_MS: i64 = 60 * 60 * 1000;
 
-/// The key under which an organization's exchanged code is remembered (a hash: the code is a
-/// secret).
-fn code_key(organization_id: i64, code: &Secret) -> Vec<u8> {
-    crypto::hash_secret(&format!("oauth-code/{organization_id}/{}", code.expose())).to_vec()
+/// The key under which an exchanged code is remembered (a hash: the code is a secret). Not
+/// per organization: another organization presenting a code (copied, or a user's second
+/// account) would have the first exchange's tokens revoked by the provider; it is refused
+/// instead, and sees nothing of the instance the code made.
+fn code_key(code: &Secret) -> Vec<u8> {
+    crypto::hash_secret(&format!("oauth-code/{}", code.expose())).to_vec()
 }
 
 /// A code exchanged already, refused as the provider would refuse it (`invalid_grant`),
@@ -345,25 +347,6 @@ async fn repeated(app: &App, code_key: &[u8]) -> ApiResult<Option<Exchanged>> {
                 }
             }
         }
-    }
-}
-
-/// How long a request whose state or pending PKCE authorization another request took just
-/// before looks for that request's claim of the same code (two identical requests sent at
-/// once: the other claims the code a few queries after taking the state).
-const CLAIM_SOON: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Whether another request claims this code within [`CLAIM_SOON`].
-async fn claimed_soon(app: &App, code_key: &[u8]) -> ApiResult<bool> {
-    let until = std::time::Instant::now() + CLAIM_SOON;
-    loop {
-        if app.store.used_code(code_key, now_ms()).await?.is_some() {
-            return Ok(true);
-        }
-        if std::time::Instant::now() >= until {
-            return Ok(false);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 
@@ -445,6 +428,70 @@ async fn exchange_once(
     secrets: &BTreeMap<String, String>,
     redirect: Redirect<'_>,
 ) -> ApiResult<Option<Exchanged>> {
+    let credentials = client_credentials(plain, secrets);
+    if credentials.client_id.is_empty() {
+        return Err(ApiError::bad_request(
+            "`configuration.oauth.api.key` (the OAuth client id) is required",
+        ));
+    }
+    // The code is claimed before its state (or pending PKCE authorization) is taken: of the
+    // requests that carry one code at once (the same request sent twice, a retry while the
+    // first waits on the provider), one goes on and the others wait for it. Presented twice,
+    // a code may have the tokens of its first exchange revoked (RFC 6749 §4.1.2); taken
+    // second, a state was gone ("unknown state") or a PKCE code went without its verifier
+    // and was burnt at the provider.
+    let code_key = code_key(redirect.code);
+    if !app
+        .store
+        .claim_code(
+            &code_key,
+            caller.organization_id,
+            now_ms() + USED_CODE_MEMORY_MS,
+        )
+        .await?
+    {
+        return repeated(app, &code_key).await;
+    }
+    let mut spent = false;
+    let exchanged = exchange_claimed(
+        app,
+        caller,
+        connector,
+        plain,
+        &credentials,
+        redirect,
+        &mut spent,
+    )
+    .await;
+    match exchanged {
+        Ok(mut grant) => {
+            grant.claimed = Some(code_key);
+            Ok(Some(Exchanged::Grant(Box::new(grant))))
+        }
+        // Refused before the provider took it: the code may be presented again, by this
+        // caller or a request waiting on it (its state was given back first).
+        Err(error) => {
+            if spent {
+                code_landed(app, Some(&code_key), 0).await;
+            } else {
+                let _ = app.store.release_code(&code_key).await;
+            }
+            Err(error)
+        }
+    }
+}
+
+/// The exchange of a code this request claimed: `spent` is set when it failed with the code
+/// taken by the provider.
+async fn exchange_claimed(
+    app: &App,
+    caller: &Caller,
+    connector: &Connector,
+    plain: &Map<String, Value>,
+    credentials: &crate::oauth::ClientCredentials,
+    redirect: Redirect<'_>,
+    spent: &mut bool,
+) -> ApiResult<Grant> {
     let Redirect {
         code,
         state,
@@ -454,12 +501,6 @@ async fn exchange_once(
         .get(CALLBACK_URL)
         .and_then(Value::as_str)
         .filter(|v| !v.is_empty());
-    let credentials = client_credentials(plain, secrets);
-    if credentials.client_id.is_empty() {
-        return Err(ApiError::bad_request(
-            "`configuration.oauth.api.key` (the OAuth client id) is required",
-        ));
-    }
     let mut verifier: Option<Secret> = None;
     let mut taken_state = None;
     if let Some(state) = state {
@@ -484,15 +525,7 @@ async fn exchange_once(
                 let _ = app.store.insert_oauth_state(&theirs).await;
                 return Err(unknown());
             }
-            // A request repeated with its state and code (a retry after a timeout): the state
-            // went with the first, and so did the code; answered as a code repeated alone.
-            None => {
-                let key = code_key(caller.organization_id, code);
-                if !claimed_soon(app, &key).await? {
-                    return Err(unknown());
-                }
-                return repeated(app, &key).await;
-            }
+            None => return Err(unknown()),
         };
         taken_state = Some(row);
     } else if connector.oauth.pkce {
@@ -521,19 +554,18 @@ async fn exchange_once(
             .await?;
         match pending.as_slice() {
             [] => {}
-            [only] => match app.store.take_oauth_state(only, now_ms()).await? {
-                Some(row) => taken_state = Some(row),
-                // Taken by the same request sent twice at once: its answer is this one's.
-                None => {
-                    let key = code_key(caller.organization_id, code);
-                    if claimed_soon(app, &key).await? {
-                        return repeated(app, &key).await;
-                    }
-                    return Err(ask_for_state(
-                        "its pending authorization was just used by another request",
-                    ));
-                }
-            },
+            [only] => {
+                taken_state = Some(
+                    app.store
+                        .take_oauth_state(only, now_ms())
+                        .await?
+                        .ok_or_else(|| {
+                            ask_for_state(
+                                "its pending authorization was just used by another request",
+                            )
+                        })?,
+                );
+            }
             _ => {
                 return Err(ask_for_state(
                     "several of its authorizations are pending for this client and redirect URI",
@@ -595,36 +627,12 @@ async fn exchange_once(
             )));
         }
     };
-    // A code is presented once: a request repeated with it (a client retrying after a
-    // timeout) would present it again, and a provider may then revoke the tokens the first
-    // exchange gave (RFC 6749 §4.1.2), leaving the instance it created without a grant.
-    let code_key = code_key(caller.organization_id, code);
-    let claimed = app
-        .store
-        .claim_code(
-            &code_key,
-            caller.organization_id,
-            now_ms() + USED_CODE_MEMORY_MS,
-        )
-        .await;
-    let claimed = match claimed {
-        Ok(claimed) => claimed,
-        Err(error) => {
-            // The state stays usable: nothing was presented to the provider.
-            give_back(taken_state).await;
-            return Err(error.into());
-        }
-    };
-    if !claimed {
-        give_back(taken_state).await;
-        return repeated(app, &code_key).await;
-    }
     let exchanged = app
         .oauth
         .exchange_code(
             &spec,
             &endpoints,
-            &credentials,
+            credentials,
             code,
             callback,
             verifier.as_ref(),
@@ -636,16 +644,11 @@ async fn exchange_once(
             // Not exchanged: the code may be tried again (after a passing provider failure).
             // Unless the provider took it and answered 2xx, unreadably: presented again, it
             // would be a code used twice.
-            let spent = matches!(&error, crate::oauth::OAuthError::Unparseable { status, .. }
+            *spent = matches!(&error, crate::oauth::OAuthError::Unparseable { status, .. }
                 if (200..300).contains(status));
             // The state first: a request waiting on the code takes it as soon as the code is
             // given back.
             give_back(taken_state).await;
-            if spent {
-                code_landed(app, Some(&code_key), 0).await;
-            } else {
-                let _ = app.store.release_code(&code_key).await;
-            }
             return Err(instances::exchange_error(&error));
         }
     };
@@ -657,13 +660,13 @@ async fn exchange_once(
             tokens.fields.insert(key.clone(), value.clone());
         }
     }
-    Ok(Some(Exchanged::Grant(Box::new(Grant {
+    Ok(Grant {
         tokens,
         verifier_used: verifier.is_some(),
         scope: scope_asked,
         callback: Some(callback.to_string()),
-        claimed: Some(code_key),
-    }))))
+        claimed: None,
+    })
 }
 
 /// Tokens brought in with `externalAuthentication: "initial"`.

@@ -759,6 +759,56 @@ async fn a_code_sent_twice_at_once_is_exchanged_once() {
             .await;
         assert_eq!(status, 200, "[{label}] its grant lives: {reply}");
 
+        // Another organization with that code (copied, or a user's second account) is refused
+        // without presenting it: presented again, it would have the first exchange's tokens
+        // revoked (the sandbox does, as RFC 6749 §4.1.2 allows).
+        let other_org = env.new_org("other").await;
+        let before = exchanges().await;
+        let theirs = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&other_org.platform()),
+            Some(json!({"element": {"key": "sandbox-box"},
+                        "providerData": {"code": code},
+                        "configuration": env.configuration()})),
+        )
+        .await;
+        assert_error(&theirs, 400, &label);
+        assert!(
+            theirs.body["providerMessage"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("exchanged already"),
+            "[{label}] {}",
+            theirs.body
+        );
+        assert_eq!(exchanges().await, before, "[{label}] the code went again");
+        let (status, reply) = env
+            .proxy(&env.org, token, Method::GET, "2.0/users/me")
+            .await;
+        assert_eq!(status, 200, "[{label}] the first grant lives on: {reply}");
+
+        // A PKCE connector's code without its state, sent six times at once: one request
+        // takes the one pending authorization (with its verifier); none presents the code
+        // without it.
+        let (code, _state) = env.authorize(&env.org, "sandbox-generic", "ida").await;
+        let body = json!({"element": {"key": "sandbox-generic"},
+                          "providerData": {"code": code},
+                          "configuration": env.configuration()});
+        let before = exchanges().await;
+        let answers = futures_util::future::join_all((0..6).map(|_| create(body.clone()))).await;
+        for answer in &answers {
+            assert_eq!(answer.status, 200, "[{label}] {}", answer.body);
+            assert_eq!(answer.body["id"], answers[0].body["id"], "[{label}]");
+            assert_eq!(answer.body["valid"], true, "[{label}]");
+        }
+        assert_eq!(
+            exchanges().await,
+            before + 1,
+            "[{label}] the code went once"
+        );
+
         // The first request's exchange fails (503 after a second): the second, waiting
         // meanwhile, exchanges the code itself.
         let (code, state) = env.authorize(&env.org, "sandbox-box", "hal").await;
@@ -778,7 +828,7 @@ async fn a_code_sent_twice_at_once_is_exchanged_once() {
         let (first, second) = tokio::join!(first, second);
         assert_error(&first, 424, &label);
         assert_eq!(second.status, 200, "[{label}] {}", second.body);
-        assert_eq!(instances_of(&env, &env.org).await.len(), 2, "[{label}]");
+        assert_eq!(instances_of(&env, &env.org).await.len(), 3, "[{label}]");
         env.stop().await;
         drop_test_database(&url).await;
     }
