@@ -43,6 +43,11 @@ pub struct AppConfig {
     /// The proxy for token calls, revocations, verifications and webhooks, where the network's
     /// only way out is one (`HTTP(S)_PROXY` is not followed).
     pub outbound_proxy: Option<String>,
+    /// How long the commit of rotated tokens is tried again while the store fails.
+    pub rotated_tokens_kept_for: Duration,
+    /// How long a caller waits for a refresh; `None`: two provider timeouts, the commit's
+    /// retries and a lease (see `RefreshEngine::refresh`).
+    pub refresh_caller_wait: Option<Duration>,
 }
 
 impl std::fmt::Debug for AppConfig {
@@ -87,6 +92,8 @@ impl AppConfig {
             refresh_rate_per_connector: crate::background::RATE_PER_SECOND,
             event_retention: Duration::from_secs(30 * 86_400),
             outbound_proxy: None,
+            rotated_tokens_kept_for: crate::refresh::ROTATED_TOKENS_KEPT_FOR,
+            refresh_caller_wait: None,
         }
     }
 }

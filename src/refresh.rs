@@ -46,11 +46,15 @@ pub const LEASE_MS: i64 = 10_000;
 const LEASE_RENEW_MS: u64 = 3_000;
 /// How many times a commit of refreshed tokens the store failed is tried again, after
 /// [`COMMIT_RETRY_MS`] × 2, × 4, … (in all well inside one lease).
-/// How long the commit of rotated tokens is tried again while the store fails (a database
-/// failing over takes tens of seconds; the provider has retired the old refresh token already,
-/// so giving up loses the grant at strict providers). With the provider timeout, within what
-/// shutdown waits for a refresh.
+/// How long a caller waits for the commit of rotated tokens the store fails (a database failing
+/// over takes tens of seconds). With the provider timeout, within what shutdown waits for a
+/// refresh.
 pub const COMMIT_RETRY_FOR: Duration = Duration::from_secs(30);
+/// How long the commit of rotated tokens is tried again while the store fails, after its
+/// callers stopped waiting (see [`RefreshEngine::refresh`]): the provider has retired the old
+/// refresh token already, so giving up loses the grant at strict providers, and while the
+/// database is down no replica can refresh the instance anyway.
+pub const ROTATED_TOKENS_KEPT_FOR: Duration = Duration::from_secs(15 * 60);
 /// The first pause between commit attempts, doubling up to [`COMMIT_RETRY_MAX_MS`].
 const COMMIT_RETRY_MS: u64 = 125;
 const COMMIT_RETRY_MAX_MS: u64 = 2_000;
@@ -757,8 +761,24 @@ impl RefreshEngine {
                 .refresh_here(&owned, id, observed, claimed)
                 .await
         });
-        task.await
-            .unwrap_or_else(|error| Err(RefreshFailure::Internal(format!("refresh task: {error}"))))
+        // A refresh whose rotated tokens the store keeps refusing (a database down for longer
+        // than a failover) goes on trying to store them, in its task, holding this process's
+        // flight of the instance so that no refresh here presents the retired refresh token;
+        // its callers are answered 503 meanwhile.
+        let wait = app.config.refresh_caller_wait.unwrap_or(
+            app.config.provider_timeout * 2
+                + COMMIT_RETRY_FOR
+                + Duration::from_millis(LEASE_MS as u64 + 5_000),
+        );
+        match tokio::time::timeout(wait, task).await {
+            Ok(joined) => joined.unwrap_or_else(|error| {
+                Err(RefreshFailure::Internal(format!("refresh task: {error}")))
+            }),
+            Err(_) => Err(RefreshFailure::StoreUnavailable(format!(
+                "the refresh has not finished within {} s: its tokens are kept and stored as soon as the database answers",
+                wait.as_secs()
+            ))),
+        }
     }
 
     async fn refresh_here(
@@ -1234,7 +1254,7 @@ impl RefreshEngine {
                 // retry safe: it commits, or finds the row moved on (by a commit whose answer
                 // was lost, ours).
                 let commit = async {
-                    let mut attempt = 0;
+                    let mut attempt: u32 = 0;
                     let first = Instant::now();
                     loop {
                         let tried = app
@@ -1251,18 +1271,20 @@ impl RefreshEngine {
                         match tried {
                             // A value the database refuses is refused again: not retried.
                             Err(error)
-                                if first.elapsed() < COMMIT_RETRY_FOR
+                                if first.elapsed() < app.config.rotated_tokens_kept_for
                                     && !matches!(
                                         error,
                                         crate::store::StoreError::InvalidText(_)
                                     ) =>
                             {
                                 attempt += 1;
-                                tracing::warn!(
-                                    instance = row.id,
-                                    attempt,
-                                    "committing refreshed tokens failed, trying again: {error}"
-                                );
+                                if attempt.is_power_of_two() || attempt.is_multiple_of(60) {
+                                    tracing::warn!(
+                                        instance = row.id,
+                                        attempt,
+                                        "committing refreshed tokens failed, trying again: {error}"
+                                    );
+                                }
                                 tokio::time::sleep(Duration::from_millis(
                                     (COMMIT_RETRY_MS << attempt.min(5)).min(COMMIT_RETRY_MAX_MS),
                                 ))
@@ -1272,7 +1294,7 @@ impl RefreshEngine {
                                 tracing::error!(
                                     instance = row.id,
                                     "the rotated tokens could not be stored for {} s; the provider may have retired the stored refresh token: {error}",
-                                    COMMIT_RETRY_FOR.as_secs()
+                                    first.elapsed().as_secs()
                                 );
                                 return Err(error);
                             }

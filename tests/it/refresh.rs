@@ -1274,6 +1274,80 @@ async fn rotated_tokens_wait_for_a_database_failing_over() {
     drop_test_database(&url).await;
 }
 
+/// PostgreSQL unreachable for longer than a caller waits for a refresh (here 2 s; by default
+/// two provider timeouts and 45 s) while rotated tokens wait for their commit: the caller is
+/// answered 503, and the commit goes on being tried until the database is back, so the strict
+/// provider's grant lives on and the next call works without another refresh. It was given up
+/// after 30 s, and the next refresh presented the retired refresh token.
+#[tokio::test]
+async fn rotated_tokens_outlive_the_callers_wait_for_the_database() {
+    let Ok(url) = create_postgres_database().await else {
+        panic!("PostgreSQL is needed for this test (.ci/run starts it)");
+    };
+    let env = Env::start_adjusted("postgres", &url, |config| {
+        config.refresh_caller_wait = Some(Duration::from_secs(2));
+        config.rotated_tokens_kept_for = Duration::from_secs(60);
+    })
+    .await;
+    generic_profile(&env, strict_rotation()).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "outlived")
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    expire_access_tokens(&env).await;
+    let held = hold_next_token_call(&env, 500).await;
+    let call = proxy_at(
+        &env,
+        &env.server.url,
+        &env.org,
+        &token,
+        Method::GET,
+        "api/me",
+    );
+    let outage = async {
+        at_the_provider(&env, held).await;
+        use sqlx::Connection;
+        let database = url.rsplit('/').next().unwrap().to_string();
+        let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+        let until = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < until {
+            sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+                .bind(&database)
+                .execute(&mut admin)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let ((status, body, _), ()) = tokio::join!(call, outage);
+    assert_eq!(
+        status, 503,
+        "the caller did not wait for the database: {body}"
+    );
+    // The database is back: the kept tokens are stored, and they serve.
+    eventually(
+        "the kept tokens to serve",
+        Duration::from_secs(20),
+        || async {
+            let (status, _, _) = proxy_at(
+                &env,
+                &env.server.url,
+                &env.org,
+                &token,
+                Method::GET,
+                "api/me",
+            )
+            .await;
+            (status == 200).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(refreshes(&env).await, 1, "no second refresh");
+    assert_eq!(stat(&env, &["tokenErrors"]).await, 0, "no reuse");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// A caller that hangs up while its code is being exchanged does not cancel the creation: the
 /// provider issues tokens for a single-use code, and they are stored (the creation was cut,
 /// the grant lived on at the provider with nobody holding its tokens, and a retry found the
