@@ -269,12 +269,18 @@ async fn create_to_the_end(
 /// How long an exchanged authorization code is remembered (providers' codes live minutes).
 const USED_CODE_MEMORY_MS: i64 = 60 * 60 * 1000;
 
-/// The key under which an exchanged code is remembered (a hash: the code is a secret). Not
-/// per organization: another organization presenting a code (copied, or a user's second
-/// account) would have the first exchange's tokens revoked by the provider; it is refused
-/// instead, and sees nothing of the instance the code made.
-fn code_key(code: &Secret) -> Vec<u8> {
-    crypto::hash_secret(&format!("oauth-code/{}", code.expose())).to_vec()
+/// The key under which an exchanged code is remembered (a hash: the code is a secret): the
+/// code as the provider's token endpoint knows it, issued to one client. Not per organization:
+/// another organization presenting it (copied, or a user's second account) would have the
+/// first exchange's tokens revoked by the provider; it is refused instead, and sees nothing
+/// of the instance the code made. (An organization's own connector, with another token
+/// endpoint, claims a key of its own.)
+fn code_key(token_url: &str, client_id: &str, code: &Secret) -> Vec<u8> {
+    crypto::hash_secret(&format!(
+        "oauth-code\n{token_url}\n{client_id}\n{}",
+        code.expose()
+    ))
+    .to_vec()
 }
 
 /// A code exchanged already, refused as the provider would refuse it (`invalid_grant`),
@@ -416,7 +422,10 @@ async fn exchange(
             return Ok(exchanged);
         }
     }
-    Err(code_used_already())
+    Err(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Earlier requests with this code failed at the provider one after another while this one waited: try again",
+    ))
 }
 
 /// One turn of [`exchange`]: `None` when an earlier request holding the code gave it back.
@@ -440,7 +449,10 @@ async fn exchange_once(
     // a code may have the tokens of its first exchange revoked (RFC 6749 §4.1.2); taken
     // second, a state was gone ("unknown state") or a PKCE code went without its verifier
     // and was burnt at the provider.
-    let code_key = code_key(redirect.code);
+    let (endpoints, spec) = app
+        .oauth_settings(connector, plain)
+        .map_err(|error| ApiError::bad_request(format!("Connector input missing: {error}")))?;
+    let code_key = code_key(&endpoints.token_url, &credentials.client_id, redirect.code);
     if !app
         .store
         .claim_code(
@@ -459,6 +471,7 @@ async fn exchange_once(
         connector,
         plain,
         &credentials,
+        (&endpoints, &spec),
         redirect,
         &mut spent,
     )
@@ -489,6 +502,7 @@ async fn exchange_claimed(
     connector: &Connector,
     plain: &Map<String, Value>,
     credentials: &crate::oauth::ClientCredentials,
+    settings: (&crate::oauth::Endpoints, &crate::catalog::OAuthSpec),
     redirect: Redirect<'_>,
     spent: &mut bool,
 ) -> ApiResult<Grant> {
@@ -617,16 +631,7 @@ async fn exchange_claimed(
         }
     };
     let callback = callback.as_str();
-    let settings = app.oauth_settings(connector, plain);
-    let (endpoints, spec) = match settings {
-        Ok(settings) => settings,
-        Err(error) => {
-            give_back(taken_state).await;
-            return Err(ApiError::bad_request(format!(
-                "Connector input missing: {error}"
-            )));
-        }
-    };
+    let (endpoints, spec) = settings;
     let exchanged = app
         .oauth
         .exchange_code(
