@@ -43,11 +43,11 @@ pub struct AppConfig {
     /// The proxy for token calls, revocations, verifications and webhooks, where the network's
     /// only way out is one (`HTTP(S)_PROXY` is not followed).
     pub outbound_proxy: Option<String>,
-    /// How long the commit of rotated tokens is tried again while the store fails.
+    /// How long the commit of rotated tokens is tried again while its callers wait.
+    pub commit_retry_for: Duration,
+    /// How long rotated tokens the store does not take are kept in memory for it after that
+    /// (see `RefreshEngine::commit_parked`).
     pub rotated_tokens_kept_for: Duration,
-    /// How long a caller waits for a refresh; `None`: two provider timeouts, the commit's
-    /// retries and a lease (see `RefreshEngine::refresh`).
-    pub refresh_caller_wait: Option<Duration>,
 }
 
 impl std::fmt::Debug for AppConfig {
@@ -92,8 +92,8 @@ impl AppConfig {
             refresh_rate_per_connector: crate::background::RATE_PER_SECOND,
             event_retention: Duration::from_secs(30 * 86_400),
             outbound_proxy: None,
+            commit_retry_for: crate::refresh::COMMIT_RETRY_FOR,
             rotated_tokens_kept_for: crate::refresh::ROTATED_TOKENS_KEPT_FOR,
-            refresh_caller_wait: None,
         }
     }
 }
@@ -328,7 +328,7 @@ impl App {
         crate::telemetry::install_metrics();
         let proxy_http =
             std::sync::Arc::new(crate::proxy::client::build().map_err(StartupError::Http)?);
-        Ok(Arc::new(App {
+        let app = Arc::new(App {
             proxy_http,
             // Token calls get the configured provider timeout (the client's default is 30 s).
             oauth: OAuthClient::new(http.clone()).with_timeout(config.provider_timeout),
@@ -346,7 +346,9 @@ impl App {
                 crate::crypto::hex(&crate::crypto::random_bytes::<6>())
             ),
             config,
-        }))
+        });
+        app.refresh.know_app(&app);
+        Ok(app)
     }
 
     /// Whose connector `key` is, as seen from `organization_id`: `None` for a built-in one

@@ -46,15 +46,27 @@ pub const LEASE_MS: i64 = 10_000;
 const LEASE_RENEW_MS: u64 = 3_000;
 /// How many times a commit of refreshed tokens the store failed is tried again, after
 /// [`COMMIT_RETRY_MS`] × 2, × 4, … (in all well inside one lease).
-/// How long a caller waits for the commit of rotated tokens the store fails (a database failing
-/// over takes tens of seconds). With the provider timeout, within what shutdown waits for a
+/// How long the commit of rotated tokens is tried again while the store fails (a database
+/// failing over takes tens of seconds; the provider has retired the old refresh token
+/// already), its callers waiting. With the provider timeout, within what shutdown waits for a
 /// refresh.
 pub const COMMIT_RETRY_FOR: Duration = Duration::from_secs(30);
-/// How long the commit of rotated tokens is tried again while the store fails, after its
-/// callers stopped waiting (see [`RefreshEngine::refresh`]): the provider has retired the old
-/// refresh token already, so giving up loses the grant at strict providers, and while the
-/// database is down no replica can refresh the instance anyway.
+/// How long rotated tokens whose store stays down past [`COMMIT_RETRY_FOR`] are kept in memory,
+/// their commit tried again every [`PARKED_RETRY_EVERY`] (see [`RefreshEngine::commit_parked`]):
+/// lost, they would end the grant at a strict provider.
 pub const ROTATED_TOKENS_KEPT_FOR: Duration = Duration::from_secs(15 * 60);
+const PARKED_RETRY_EVERY: Duration = Duration::from_secs(1);
+
+/// Rotated tokens the store did not take (it was down past [`COMMIT_RETRY_FOR`]): the commit
+/// as the refresh made it, sealed (no token in the clear), kept until the store takes it.
+#[derive(Clone)]
+struct ParkedCommit {
+    version: i64,
+    update: crate::store::TokenUpdate,
+    event: crate::store::NewEvent,
+    recovered: Option<crate::store::NewEvent>,
+    parked_at: Instant,
+}
 /// The first pause between commit attempts, doubling up to [`COMMIT_RETRY_MAX_MS`].
 const COMMIT_RETRY_MS: u64 = 125;
 const COMMIT_RETRY_MAX_MS: u64 = 2_000;
@@ -322,6 +334,10 @@ pub struct RefreshEngine {
     /// Tokens the provider's API rejected right after a refresh made for an earlier rejection,
     /// per instance: the token's version and when (see [`FRESH_REJECTION_HOLDS`]).
     fresh_rejections: DashMap<i64, (i64, Instant)>,
+    /// Rotated tokens waiting for the store, per instance (see [`ParkedCommit`]).
+    parked: DashMap<i64, ParkedCommit>,
+    /// The app this engine serves, for the tasks that store parked commits.
+    app: std::sync::OnceLock<std::sync::Weak<App>>,
 }
 
 /// How long the API's rejections of a token that a refresh has just replaced pass through
@@ -379,6 +395,93 @@ pub struct Claimed {
 impl RefreshEngine {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Called once the app is built (see [`ParkedCommit`]).
+    pub fn know_app(&self, app: &SharedApp) {
+        let _ = self.app.set(Arc::downgrade(app));
+    }
+
+    /// Keeps rotated tokens the store did not take, and tries their commit again every
+    /// [`PARKED_RETRY_EVERY`] for [`AppConfig::rotated_tokens_kept_for`](crate::app::AppConfig).
+    fn park(&self, id: i64, parked: ParkedCommit) {
+        self.parked.insert(id, parked);
+        let Some(weak) = self.app.get().cloned() else {
+            return;
+        };
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PARKED_RETRY_EVERY).await;
+                let Some(app) = weak.upgrade() else { return };
+                match app.refresh.commit_parked(&app, id).await {
+                    Ok(_) => return,
+                    Err(failure) => {
+                        let Some(parked_at) = app.refresh.parked.get(&id).map(|p| p.parked_at)
+                        else {
+                            return;
+                        };
+                        if parked_at.elapsed() >= app.config.rotated_tokens_kept_for {
+                            app.refresh.parked.remove(&id);
+                            tracing::error!(
+                                instance = id,
+                                "rotated tokens kept for {} s were never taken by the store and are dropped; the provider may have retired the stored refresh token: {failure:?}",
+                                parked_at.elapsed().as_secs()
+                            );
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Stores the rotated tokens kept for instance `id` (see [`ParkedCommit`]), if any: the
+    /// row as it is then (`None` when none were kept). Nothing refreshes or holds an instance
+    /// before its kept tokens are stored: the stored refresh token is the one the provider
+    /// retired. A row that moved on meanwhile (revoked, re-authenticated) keeps what it has.
+    async fn commit_parked(
+        &self,
+        app: &App,
+        id: i64,
+    ) -> Result<Option<InstanceRow>, RefreshFailure> {
+        let Some(parked) = self.parked.get(&id).map(|p| p.clone()) else {
+            return Ok(None);
+        };
+        let committed = app
+            .store
+            .commit_refreshed_tokens_returning(
+                id,
+                &app.replica_id,
+                parked.version,
+                &parked.update,
+                Some(&parked.event),
+                parked.recovered.as_ref(),
+            )
+            .await
+            .map_err(RefreshFailure::from_store)?;
+        self.parked.remove(&id);
+        self.forget(id);
+        let row = match committed {
+            Some(row) => {
+                tracing::info!(
+                    instance = id,
+                    "rotated tokens kept while the store was down are stored"
+                );
+                row
+            }
+            None => {
+                tracing::warn!(
+                    instance = id,
+                    "rotated tokens kept while the store was down were not stored: the instance moved on meanwhile"
+                );
+                app.store
+                    .get_instance_by_id(id)
+                    .await
+                    .map_err(RefreshFailure::from_store)?
+                    .ok_or(RefreshFailure::NotFound)?
+            }
+        };
+        Ok(Some(row))
     }
 
     /// The API rejected version `version` of instance `id`'s token, which a refresh made for
@@ -761,24 +864,8 @@ impl RefreshEngine {
                 .refresh_here(&owned, id, observed, claimed)
                 .await
         });
-        // A refresh whose rotated tokens the store keeps refusing (a database down for longer
-        // than a failover) goes on trying to store them, in its task, holding this process's
-        // flight of the instance so that no refresh here presents the retired refresh token;
-        // its callers are answered 503 meanwhile.
-        let wait = app.config.refresh_caller_wait.unwrap_or(
-            app.config.provider_timeout * 2
-                + COMMIT_RETRY_FOR
-                + Duration::from_millis(LEASE_MS as u64 + 5_000),
-        );
-        match tokio::time::timeout(wait, task).await {
-            Ok(joined) => joined.unwrap_or_else(|error| {
-                Err(RefreshFailure::Internal(format!("refresh task: {error}")))
-            }),
-            Err(_) => Err(RefreshFailure::StoreUnavailable(format!(
-                "the refresh has not finished within {} s: its tokens are kept and stored as soon as the database answers",
-                wait.as_secs()
-            ))),
-        }
+        task.await
+            .unwrap_or_else(|error| Err(RefreshFailure::Internal(format!("refresh task: {error}"))))
     }
 
     async fn refresh_here(
@@ -834,6 +921,11 @@ impl RefreshEngine {
         let flight = Arc::clone(&self.flights.entry(id).or_default());
         let result = async {
             let _turn = flight.lock().await;
+            // Rotated tokens kept for the store go in first: a revocation or re-authentication
+            // would work on the retired refresh token.
+            self.commit_parked(app, id)
+                .await
+                .map_err(RefreshFailure::into_api_error)?;
             let deadline = Instant::now() + wait;
             let leased = loop {
                 let now = now_ms();
@@ -906,6 +998,14 @@ impl RefreshEngine {
             return Ok(cached);
         }
         let store_error = RefreshFailure::from_store;
+        // Rotated tokens a refresh here could not store yet (the store was down) are that
+        // refresh: stored first, or nothing refreshes (the stored refresh token is retired).
+        if let Some(row) = self.commit_parked(app, id).await? {
+            if claimed.is_some() {
+                let _ = app.store.release_refresh_lease(id, &app.replica_id).await;
+            }
+            return self.remember(app, &row, keep).await;
+        }
         // The scheduler's claim: make sure the lease is still ours (it may have waited for a
         // permit past the lease's end, and another replica may have taken over).
         let claimed = match claimed {
@@ -1271,7 +1371,7 @@ impl RefreshEngine {
                         match tried {
                             // A value the database refuses is refused again: not retried.
                             Err(error)
-                                if first.elapsed() < app.config.rotated_tokens_kept_for
+                                if first.elapsed() < app.config.commit_retry_for
                                     && !matches!(
                                         error,
                                         crate::store::StoreError::InvalidText(_)
@@ -1289,6 +1389,27 @@ impl RefreshEngine {
                                     (COMMIT_RETRY_MS << attempt.min(5)).min(COMMIT_RETRY_MAX_MS),
                                 ))
                                 .await;
+                            }
+                            // The store is down (a database failing over for longer): the
+                            // tokens are kept and stored when it answers, before anything
+                            // refreshes the instance here.
+                            Err(error @ crate::store::StoreError::Unavailable(_)) => {
+                                tracing::error!(
+                                    instance = row.id,
+                                    "the rotated tokens could not be stored for {} s; they are kept, and stored as soon as the store answers: {error}",
+                                    first.elapsed().as_secs()
+                                );
+                                self.park(
+                                    row.id,
+                                    ParkedCommit {
+                                        version: row.token_version,
+                                        update: update.clone(),
+                                        event: event.clone(),
+                                        recovered: recovered.clone(),
+                                        parked_at: Instant::now(),
+                                    },
+                                );
+                                return Err(error);
                             }
                             Err(error) => {
                                 tracing::error!(

@@ -470,8 +470,7 @@ async fn exchange_once(
         caller,
         connector,
         plain,
-        &credentials,
-        (&endpoints, &spec),
+        (&credentials, &endpoints, &spec),
         redirect,
         &mut spent,
     )
@@ -501,8 +500,11 @@ async fn exchange_claimed(
     caller: &Caller,
     connector: &Connector,
     plain: &Map<String, Value>,
-    credentials: &crate::oauth::ClientCredentials,
-    settings: (&crate::oauth::Endpoints, &crate::catalog::OAuthSpec),
+    (credentials, endpoints, spec): (
+        &crate::oauth::ClientCredentials,
+        &crate::oauth::Endpoints,
+        &crate::catalog::OAuthSpec,
+    ),
     redirect: Redirect<'_>,
     spent: &mut bool,
 ) -> ApiResult<Grant> {
@@ -631,12 +633,11 @@ async fn exchange_claimed(
         }
     };
     let callback = callback.as_str();
-    let (endpoints, spec) = settings;
     let exchanged = app
         .oauth
         .exchange_code(
-            &spec,
-            &endpoints,
+            spec,
+            endpoints,
             credentials,
             code,
             callback,

@@ -123,12 +123,17 @@ impl From<sqlx::Error> for StoreError {
                 StoreError::InvalidText(database_error.message().to_string())
             }
             // Passing states: PostgreSQL's connection exceptions (class 08), a server shutting
-            // down or starting (57P01–57P03), too many connections (53300); SQLite busy or
-            // locked past its busy timeout (5, 6).
+            // down or starting (57P01–57P03), too many connections (53300), a database not
+            // accepting connections (55000: `ALLOW_CONNECTIONS false`, maintenance), a
+            // primary turned standby by a failover (25006: read-only transaction); SQLite busy
+            // or locked past its busy timeout (5, 6).
             sqlx::Error::Database(database_error)
                 if database_error.code().is_some_and(|code| {
                     code.starts_with("08")
-                        || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "53300")
+                        || matches!(
+                            code.as_ref(),
+                            "57P01" | "57P02" | "57P03" | "53300" | "55000" | "25006"
+                        )
                         // SQLite's extended codes: BUSY (5) and LOCKED (6) in their low byte
                         // (BUSY_SNAPSHOT is 517).
                         || code.parse::<u32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6))
