@@ -397,6 +397,11 @@ impl RefreshEngine {
         Self::default()
     }
 
+    /// The instances whose rotated tokens wait for the store (see [`ParkedCommit`]).
+    pub fn kept_instances(&self) -> Vec<i64> {
+        self.parked.iter().map(|entry| *entry.key()).collect()
+    }
+
     /// Called once the app is built (see [`ParkedCommit`]).
     pub fn know_app(&self, app: &SharedApp) {
         let _ = self.app.set(Arc::downgrade(app));

@@ -44,6 +44,13 @@ impl RunningServer {
                 limit.as_secs()
             );
         }
+        let kept = self.app.refresh.kept_instances();
+        if !kept.is_empty() {
+            tracing::error!(
+                instances = ?kept,
+                "shutdown: rotated tokens the store never took are dropped; the provider may have retired these instances' stored refresh tokens"
+            );
+        }
     }
 }
 
