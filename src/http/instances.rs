@@ -324,8 +324,9 @@ const REPEATED_CODE_POLL: std::time::Duration = std::time::Duration::from_millis
 /// provider timeout), and says where the code landed; `None` when its exchange failed and
 /// gave the code (with its state) back, so that it may be presented. A code spent without an
 /// instance, or whose first request never said (its process ended), is refused as the
-/// provider would refuse it.
-async fn repeated(app: &App, code_key: &[u8]) -> ApiResult<Option<Exchanged>> {
+/// provider would refuse it; so is one another organization claimed, at once (it neither
+/// waits on that organization's exchange nor takes the code over when it fails).
+async fn repeated(app: &App, caller: &Caller, code_key: &[u8]) -> ApiResult<Option<Exchanged>> {
     // The longest a request with a code may run: its exchange and the token's check, and for
     // a re-authentication the wait of its last attempt for a hold (see `update_now`).
     let patience = 4 * app.config.provider_timeout
@@ -336,7 +337,10 @@ async fn repeated(app: &App, code_key: &[u8]) -> ApiResult<Option<Exchanged>> {
         let now = now_ms();
         match app.store.used_code(code_key, now).await? {
             None => return Ok(None),
-            Some((expires_at, landed)) => {
+            Some((_, _, organization_id)) if organization_id != caller.organization_id => {
+                return Err(code_used_already());
+            }
+            Some((expires_at, landed, _)) => {
                 let claimed_at = expires_at - USED_CODE_MEMORY_MS;
                 match landed {
                     Some(instance_id) if instance_id > 0 => {
@@ -462,7 +466,7 @@ async fn exchange_once(
         )
         .await?
     {
-        return repeated(app, &code_key).await;
+        return repeated(app, caller, &code_key).await;
     }
     let mut spent = false;
     let exchanged = exchange_claimed(

@@ -946,15 +946,16 @@ impl Store {
     }
 
     /// A code recorded by [`Self::claim_code`] and still remembered at `now`: `(expires_at,
-    /// instance_id)`, the instance as [`Self::code_landed`] recorded it (`None` while the
-    /// exchange runs).
+    /// instance_id, organization_id)`, the instance as [`Self::code_landed`] recorded it
+    /// (`None` while the exchange runs), and the organization that claimed it.
     pub async fn used_code(
         &self,
         code_hash: &[u8],
         now: i64,
-    ) -> Result<Option<(i64, Option<i64>)>, StoreError> {
+    ) -> Result<Option<(i64, Option<i64>, i64)>, StoreError> {
         let row = sqlx::query_as(
-            "SELECT expires_at, instance_id FROM used_codes WHERE code_hash = $1 AND expires_at > $2",
+            "SELECT expires_at, instance_id, organization_id FROM used_codes \
+             WHERE code_hash = $1 AND expires_at > $2",
         )
         .bind(code_hash)
         .bind(now)

@@ -789,6 +789,41 @@ async fn a_code_sent_twice_at_once_is_exchanged_once() {
             .await;
         assert_eq!(status, 200, "[{label}] the first grant lives on: {reply}");
 
+        // Nor does it wait on the first organization's exchange, or take the code over when
+        // that exchange fails: the first organization's retry gets the grant.
+        let (code, _) = env.authorize(&env.org, "sandbox-box", "joe").await;
+        let code_only = json!({"element": {"key": "sandbox-box"},
+                               "providerData": {"code": code},
+                               "configuration": env.configuration()});
+        env.sandbox_post(
+            "/__sandbox/faults",
+            json!({"target": "token", "status": 503, "delayMs": 1000, "count": 1}),
+        )
+        .await;
+        let first = create(code_only.clone());
+        let theirs = async {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let started = std::time::Instant::now();
+            let answer = call(
+                &env,
+                Method::POST,
+                &env.api("/instances"),
+                Some(&other_org.platform()),
+                Some(code_only.clone()),
+            )
+            .await;
+            (answer, started.elapsed())
+        };
+        let (first, (theirs, waited)) = tokio::join!(first, theirs);
+        assert_error(&first, 424, &label);
+        assert_error(&theirs, 400, &label);
+        assert!(
+            waited < std::time::Duration::from_millis(500),
+            "[{label}] waited {waited:?} on another organization's exchange"
+        );
+        let again = create(code_only).await;
+        assert_eq!(again.status, 200, "[{label}] {}", again.body);
+
         // A PKCE connector's code without its state, sent six times at once: one request
         // takes the one pending authorization (with its verifier); none presents the code
         // without it.
@@ -828,7 +863,7 @@ async fn a_code_sent_twice_at_once_is_exchanged_once() {
         let (first, second) = tokio::join!(first, second);
         assert_error(&first, 424, &label);
         assert_eq!(second.status, 200, "[{label}] {}", second.body);
-        assert_eq!(instances_of(&env, &env.org).await.len(), 3, "[{label}]");
+        assert_eq!(instances_of(&env, &env.org).await.len(), 4, "[{label}]");
         env.stop().await;
         drop_test_database(&url).await;
     }
