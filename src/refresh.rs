@@ -418,7 +418,17 @@ impl RefreshEngine {
             loop {
                 tokio::time::sleep(PARKED_RETRY_EVERY).await;
                 let Some(app) = weak.upgrade() else { return };
-                match app.refresh.commit_parked(&app, id).await {
+                // In the instance's flight, as a refresh would commit them: not beside one.
+                let flight = Arc::clone(&app.refresh.flights.entry(id).or_default());
+                let committed = {
+                    let _turn = flight.lock().await;
+                    app.refresh.commit_parked(&app, id).await
+                };
+                drop(flight);
+                app.refresh
+                    .flights
+                    .remove_if(&id, |_, mutex| Arc::strong_count(mutex) == 1);
+                match committed {
                     Ok(_) => return,
                     Err(failure) => {
                         let Some(parked_at) = app.refresh.parked.get(&id).map(|p| p.parked_at)
