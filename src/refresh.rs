@@ -430,6 +430,15 @@ impl RefreshEngine {
                     .remove_if(&id, |_, mutex| Arc::strong_count(mutex) == 1);
                 match committed {
                     Ok(_) => return,
+                    // Not a store that is down: it would refuse them again.
+                    Err(failure) if !matches!(failure, RefreshFailure::StoreUnavailable(_)) => {
+                        app.refresh.parked.remove(&id);
+                        tracing::error!(
+                            instance = id,
+                            "rotated tokens kept for the store were refused by it and are dropped; the provider may have retired the stored refresh token: {failure:?}"
+                        );
+                        return;
+                    }
                     Err(failure) => {
                         let Some(parked_at) = app.refresh.parked.get(&id).map(|p| p.parked_at)
                         else {

@@ -303,12 +303,12 @@ impl Store {
             }
             // No answer (the pool, the connection): every commit of the batch fails as one
             // alone would, without a retry that could wait as long again for each of them.
+            // (As the error it is: a store that does not answer is told apart, and the
+            // refresh keeps its rotated tokens for it.)
             Err(error) => {
-                let message = StoreError::from(error).to_string();
+                let error = StoreError::from(error);
                 for pending in batch {
-                    let _ = pending
-                        .reply
-                        .send(Err(StoreError::Database(message.clone())));
+                    let _ = pending.reply.send(Err(error.clone()));
                 }
                 0
             }

@@ -73,7 +73,7 @@ pub enum Engine {
     Postgres,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The row does not exist (or belongs to another organization), or a referenced row
     /// (organization) does not.
@@ -124,15 +124,14 @@ impl From<sqlx::Error> for StoreError {
             }
             // Passing states: PostgreSQL's connection exceptions (class 08), a server shutting
             // down or starting (57P01–57P03), too many connections (53300), a database not
-            // accepting connections (55000: `ALLOW_CONNECTIONS false`, maintenance), a
-            // primary turned standby by a failover (25006: read-only transaction); SQLite busy
-            // or locked past its busy timeout (5, 6).
+            // accepting connections (55000: `ALLOW_CONNECTIONS false`, maintenance); SQLite
+            // busy or locked past its busy timeout (5, 6).
             sqlx::Error::Database(database_error)
                 if database_error.code().is_some_and(|code| {
                     code.starts_with("08")
                         || matches!(
                             code.as_ref(),
-                            "57P01" | "57P02" | "57P03" | "53300" | "55000" | "25006"
+                            "57P01" | "57P02" | "57P03" | "53300" | "55000"
                         )
                         // SQLite's extended codes: BUSY (5) and LOCKED (6) in their low byte
                         // (BUSY_SNAPSHOT is 517).
