@@ -9,7 +9,7 @@ use tokenwarden::store::{
     NewUser, OAuthStateRow, Reauthentication, RowVersion, Store, StoreError, TokenUpdate,
 };
 
-use crate::support::{random_id, test_stores};
+use crate::support::{drop_test_database, random_id, test_stores};
 
 const NOW: i64 = 1_700_000_000_000;
 
@@ -780,6 +780,47 @@ async fn refresh_lease() {
 /// a token import under a hold (`lease_held`) cleared the hold's lease, which this replica's
 /// scheduler could claim before the hold's end cleared it again; and the scheduler giving a
 /// claim back cleared it after a proxy flight of the same replica had taken it over.
+/// Commits of refreshed tokens to a store that does not answer (here its pool closed) fail as
+/// `Unavailable`, grouped or alone: the refresh keeps rotated tokens only for a store that is
+/// down. A group of them on PostgreSQL failed as a generic database error, and its tokens were
+/// dropped.
+#[tokio::test]
+async fn commits_to_a_store_that_does_not_answer_say_so() {
+    for test in test_stores().await {
+        let store = &test.store;
+        let label = &test.label;
+        let org = organization(store, "A").await;
+        let mut rows = Vec::new();
+        for index in 0..8 {
+            let row = instance(org, &format!("down-{index}"));
+            store.insert_instance(&row, None).await.unwrap();
+            rows.push(row);
+        }
+        store.close().await;
+        let update = TokenUpdate {
+            access_token_enc: Some(bytes("access-2")),
+            ..TokenUpdate::default()
+        };
+        let commits = rows.iter().map(|row| {
+            store.commit_refreshed_tokens_returning(
+                row.id,
+                "replica-a",
+                row.token_version,
+                &update,
+                None,
+                None,
+            )
+        });
+        for result in futures_util::future::join_all(commits).await {
+            assert!(
+                matches!(result, Err(StoreError::Unavailable(_))),
+                "[{label}] {result:?}"
+            );
+        }
+        drop_test_database(&test.url).await;
+    }
+}
+
 #[tokio::test]
 async fn a_lease_is_not_cleared_under_the_one_who_took_it() {
     for test in test_stores().await {
