@@ -44,8 +44,6 @@ use crate::store::InstanceRow;
 pub const LEASE_MS: i64 = 10_000;
 /// How often the lease holder renews its lease during the provider call.
 const LEASE_RENEW_MS: u64 = 3_000;
-/// How many times a commit of refreshed tokens the store failed is tried again, after
-/// [`COMMIT_RETRY_MS`] × 2, × 4, … (in all well inside one lease).
 /// How long the commit of rotated tokens is tried again while the store fails (a database
 /// failing over takes tens of seconds; the provider has retired the old refresh token
 /// already), its callers waiting. With the provider timeout, within what shutdown waits for a
@@ -419,15 +417,10 @@ impl RefreshEngine {
                 tokio::time::sleep(PARKED_RETRY_EVERY).await;
                 let Some(app) = weak.upgrade() else { return };
                 // In the instance's flight, as a refresh would commit them: not beside one.
-                let flight = Arc::clone(&app.refresh.flights.entry(id).or_default());
-                let committed = {
-                    let _turn = flight.lock().await;
-                    app.refresh.commit_parked(&app, id).await
-                };
-                drop(flight);
-                app.refresh
-                    .flights
-                    .remove_if(&id, |_, mutex| Arc::strong_count(mutex) == 1);
+                let committed = app
+                    .refresh
+                    .in_flight(id, app.refresh.commit_parked(&app, id))
+                    .await;
                 match committed {
                     Ok(_) => return,
                     // Not a store that is down: it would refuse them again.
@@ -899,10 +892,17 @@ impl RefreshEngine {
         observed: Option<i64>,
         claimed: Option<Claimed>,
     ) -> Result<Arc<CachedInstance>, RefreshFailure> {
+        self.in_flight(id, self.refresh_in_turn(app, id, observed, claimed))
+            .await
+    }
+
+    /// Runs `work` in instance `id`'s flight of this process: after the refreshes, holds and
+    /// kept commits of it that came first, before those that come after.
+    async fn in_flight<T>(&self, id: i64, work: impl Future<Output = T>) -> T {
         let flight = Arc::clone(&self.flights.entry(id).or_default());
         let result = {
             let _turn = flight.lock().await;
-            self.refresh_in_turn(app, id, observed, claimed).await
+            work.await
         };
         drop(flight);
         // The map keeps a mutex only while someone uses it.
@@ -942,9 +942,7 @@ impl RefreshEngine {
         F: FnOnce(InstanceRow) -> Fut,
         Fut: Future<Output = Result<T, ApiError>>,
     {
-        let flight = Arc::clone(&self.flights.entry(id).or_default());
-        let result = async {
-            let _turn = flight.lock().await;
+        self.in_flight(id, async {
             // Rotated tokens kept for the store go in first: a revocation or re-authentication
             // would work on the retired refresh token.
             self.commit_parked(app, id)
@@ -990,12 +988,8 @@ impl RefreshEngine {
             };
             let _ = app.store.release_refresh_lease(id, &app.replica_id).await;
             done
-        }
-        .await;
-        drop(flight);
-        self.flights
-            .remove_if(&id, |_, mutex| Arc::strong_count(mutex) == 1);
-        result
+        })
+        .await
     }
 
     async fn refresh_in_turn(

@@ -302,7 +302,8 @@ struct Grant {
     /// The redirect URI the code was exchanged with.
     callback: Option<String>,
     /// The key of the code this request claimed and exchanged: where it landed is recorded
-    /// under it ([`code_landed`]) for a request that repeats the code.
+    /// under it (with the instance's write, or [`code_spent`]) for a request that repeats the
+    /// code.
     claimed: Option<Vec<u8>>,
 }
 
@@ -328,10 +329,10 @@ const REPEATED_CODE_POLL: std::time::Duration = std::time::Duration::from_millis
 /// waits on that organization's exchange nor takes the code over when it fails).
 async fn repeated(app: &App, caller: &Caller, code_key: &[u8]) -> ApiResult<Option<Exchanged>> {
     // The longest a request with a code may run: its exchange and the token's check, and for
-    // a re-authentication the wait of its last attempt for a hold (see `update_now`).
-    let patience = 4 * app.config.provider_timeout
-        + crate::refresh::COMMIT_RETRY_FOR
-        + std::time::Duration::from_millis(crate::refresh::LEASE_MS as u64 + 5_000);
+    // a re-authentication the wait of its last attempt for a hold.
+    let patience = 2 * app.config.provider_timeout
+        + grant_in_hand_wait(app)
+        + std::time::Duration::from_secs(5);
     let patience = i64::try_from(patience.as_millis()).unwrap_or(i64::MAX);
     loop {
         let now = now_ms();
@@ -360,12 +361,21 @@ async fn repeated(app: &App, caller: &Caller, code_key: &[u8]) -> ApiResult<Opti
     }
 }
 
+/// How long a re-authentication with its grant in hand (the code spent) waits for the
+/// instance, held by a refresh or revocation elsewhere (its provider calls and its commit's
+/// retries): given up, the grant would be lost and the code refused when sent again.
+fn grant_in_hand_wait(app: &App) -> std::time::Duration {
+    app.config.provider_timeout * 2
+        + crate::refresh::COMMIT_RETRY_FOR
+        + std::time::Duration::from_millis(crate::refresh::LEASE_MS as u64)
+}
+
 /// Records that the code this request claimed was spent without an instance (`instance_id`
 /// 0), for the requests that repeat it; one that landed says so already (written with the
 /// instance), and is not changed. A failure to record only makes them wait and refuse it.
-async fn code_landed(app: &App, claimed: Option<&[u8]>, instance_id: i64) {
+async fn code_spent(app: &App, claimed: Option<&[u8]>) {
     if let Some(key) = claimed
-        && let Err(error) = app.store.code_landed(key, instance_id).await
+        && let Err(error) = app.store.code_landed(key, 0).await
     {
         tracing::warn!(%error, "where an exchanged code landed could not be recorded");
     }
@@ -484,11 +494,11 @@ async fn exchange_once(
             grant.claimed = Some(code_key);
             Ok(Some(Exchanged::Grant(Box::new(grant))))
         }
-        // Refused before the provider took it: the code may be presented again, by this
+        // Not exchanged: unless the provider took the code, it may be presented again, by this
         // caller or a request waiting on it (its state was given back first).
         Err(error) => {
             if spent {
-                code_landed(app, Some(&code_key), 0).await;
+                code_spent(app, Some(&code_key)).await;
             } else {
                 let _ = app.store.release_code(&code_key).await;
             }
@@ -867,7 +877,7 @@ async fn create_instance(
     // A request repeating the code is answered with this instance (marked with it), or
     // refused when none was stored.
     if created.is_err() {
-        code_landed(app, claimed.as_deref(), 0).await;
+        code_spent(app, claimed.as_deref()).await;
     }
     created
 }
@@ -1271,7 +1281,7 @@ async fn update_now(
     // A code exchanged for a re-authentication that was not stored: a request repeating it
     // is refused at once, not after waiting for this one.
     if updated.is_err() {
-        code_landed(app, spent.as_deref(), 0).await;
+        code_spent(app, spent.as_deref()).await;
     }
     updated
 }
@@ -1350,13 +1360,8 @@ async fn update_turns(
     // them). The last attempt holds the instance, so that its read and its write are not
     // separated by another update of this process or a refresh of any; a code spent already
     // (its grant in hand) is not presented again.
-    // With a grant in hand (the code spent), as long as a refresh or revocation elsewhere may
-    // hold the instance (its provider calls and its commit's retries): given up, the grant
-    // would be lost and the code refused when sent again.
     let wait = if exchanged.is_some() {
-        app.config.provider_timeout * 2
-            + crate::refresh::COMMIT_RETRY_FOR
-            + std::time::Duration::from_millis(crate::refresh::LEASE_MS as u64)
+        grant_in_hand_wait(app)
     } else {
         crate::refresh::HOLD_WAIT
     };
