@@ -83,7 +83,7 @@ pub async fn request_id_layer(request: Request, next: Next) -> Response {
     let span = tracing::info_span!("request", request_id = request_id_text(&request_id), method = %request.method(), path = %request.uri().path());
     // The proxy answers what the provider answered, untouched; everything else answers errors
     // as JSON, including the router's own 405.
-    let proxied = request.uri().path().starts_with(crate::proxy::PROXY_PREFIX);
+    let proxied = crate::proxy::is_proxied(request.uri().path());
     let mut response = REQUEST_ID
         .scope(request_id.clone(), {
             use tracing::Instrument;

@@ -68,6 +68,8 @@ pub fn router(app: SharedApp) -> Router {
     // The proxy streams bodies of any size: no body limit there.
     let proxy = Router::new()
         .route("/proxy/{*path}", any(crate::proxy::handle))
+        .route("/proxy/", any(crate::proxy::handle))
+        .route("/proxy", any(crate::proxy::handle))
         .layer(DefaultBodyLimit::disable());
     Router::new()
         .nest(BASE_PATH, platform.merge(proxy))
@@ -108,9 +110,7 @@ impl Service {
         request: axum::http::Request<hyper::body::Incoming>,
     ) -> axum::response::Response {
         let path = request.uri().path();
-        if path.len() > crate::proxy::PROXY_PREFIX.len()
-            && path.starts_with(crate::proxy::PROXY_PREFIX)
-        {
+        if crate::proxy::is_proxied(path) {
             // Small: the call's large state is boxed inside.
             return crate::proxy::entry(self.app, request).await;
         }

@@ -36,6 +36,13 @@ pub use auth::{AuthCache, PrehashedKeys};
 pub use target::{ProxyBase, confine};
 
 pub const PROXY_PREFIX: &str = "/elements/api-v2/proxy/";
+/// Whether a request path is a call through the proxy: under [`PROXY_PREFIX`], or the prefix
+/// itself with or without its slash (a call to `base.url` itself: monday's whole API is
+/// `POST https://api.monday.com/v2`).
+pub fn is_proxied(path: &str) -> bool {
+    path.starts_with(PROXY_PREFIX) || path == &PROXY_PREFIX[..PROXY_PREFIX.len() - 1]
+}
+
 /// Request bodies up to this size are kept for the retry after a refresh.
 pub const REPLAYABLE_BODY_BYTES: usize = 1024 * 1024;
 /// Rejection bodies are read up to this size to find the provider's words.

@@ -24,6 +24,9 @@ pub struct ProxyBase {
     host: axum::http::HeaderValue,
     /// The base path without its trailing slash: `""` for `https://api.example.com/`.
     path: String,
+    /// Whether the base path ended with a slash: a call to the base itself (an empty path)
+    /// goes to the base as it is written (`https://api.monday.com/v2`, not `…/v2/`).
+    slash: bool,
     /// The origin's key in the client's pool of connections: a hash of scheme and authority.
     origin_key: u64,
 }
@@ -53,6 +56,7 @@ impl ProxyBase {
         crate::egress::check_url(&base).map_err(|why| format!("{subject}: {why}"))?;
         let origin = base.origin().ascii_serialization();
         let path = base.path();
+        let slash = path.ends_with('/');
         let path = path.strip_suffix('/').unwrap_or(path).to_string();
         let invalid = || "The instance's `base.url` is not a valid URL".to_string();
         let parsed = format!("{origin}{path}/")
@@ -67,6 +71,7 @@ impl ProxyBase {
             scheme,
             authority,
             path,
+            slash,
         })
     }
 
@@ -108,7 +113,9 @@ impl ProxyBase {
             self.path.len() + raw_path.len() + query.map_or(0, |q| q.len() + 1) + 1,
         );
         joined.push_str(&self.path);
-        joined.push('/');
+        if !raw_path.is_empty() || self.slash {
+            joined.push('/');
+        }
         joined.push_str(raw_path);
         if let Some(query) = query {
             joined.push('?');
@@ -353,6 +360,23 @@ mod tests {
             confine("http://h/a%20b/", "c", None).unwrap().to_string(),
             "http://h/a%20b/c"
         );
+        // The base itself, as it is written.
+        for (base, query, joined) in [
+            (
+                "https://api.monday.com/v2",
+                None,
+                "https://api.monday.com/v2",
+            ),
+            (
+                "https://api.myob.com/accountright/",
+                None,
+                "https://api.myob.com/accountright/",
+            ),
+            ("http://h", Some("a=1"), "http://h/?a=1"),
+            ("http://h/v2", Some("a=1"), "http://h/v2?a=1"),
+        ] {
+            assert_eq!(confine(base, "", query).unwrap().to_string(), joined);
+        }
         for bad in [
             "../secret",
             "api/../../x",
