@@ -429,6 +429,13 @@ where
     {
         return Ok(first);
     }
+    // So is a token the provider gave for this very call (a refresh ahead of it: before every
+    // call, or before an expiry): a second refresh could only give another one.
+    if fetched_since(&instance, started) {
+        app.refresh
+            .fresh_token_rejected(instance.id, instance.token_version);
+        return Ok(first);
+    }
     // Calls that have not gone out yet with this token join the refresh instead of
     // presenting a token the provider has just refused (a storm costs one round trip less).
     instance.mark_rejected();

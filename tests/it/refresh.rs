@@ -510,6 +510,33 @@ async fn an_api_that_rejects_fresh_tokens_costs_one_refresh_not_one_per_call() {
     let (status, body, _) = proxy_at(&env, &server, &env.org, &token, Method::GET, "api/me").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(refreshes(&env).await, before + 1);
+
+    // A connector that refreshes before every call: the token the call has just been given,
+    // rejected, is not refreshed a second time (each call cost two refreshes and two calls).
+    register_connector(
+        &env,
+        "t-every-locked",
+        json!({"refresh": {"strategy": "every_request"}}),
+    )
+    .await;
+    let every = env
+        .create_instance(&env.org, "t-every-locked", "locked-out-too")
+        .await;
+    let token = every["token"].as_str().unwrap();
+    let before = refreshes(&env).await;
+    fault(&env, json!({"target": "api", "status": 401, "count": 100})).await;
+    for call in 0..3 {
+        let (status, body, _) =
+            proxy_at(&env, &server, &env.org, token, Method::GET, "api/me").await;
+        assert_eq!(status, 401, "call {call}: {body}");
+    }
+    assert_eq!(
+        refreshes(&env).await,
+        before + 3,
+        "every_request: one refresh per call, rejected or not"
+    );
+    let kept = instance(&env, &server, token).await;
+    assert_eq!(kept["valid"], true, "{kept}");
     env.stop().await;
     drop_test_database(&url).await;
 }
