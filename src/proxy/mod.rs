@@ -450,18 +450,25 @@ where
                 let resend = async |copy: &CachedInstance| {
                     // Disabled (or ended) meanwhile: no further call to the provider.
                     usable(copy)?;
-                    let target = target_of(copy, raw_path, query)?;
-                    let answered = send(
-                        app,
-                        copy,
-                        &outgoing,
-                        target,
-                        headers.clone(),
-                        OutgoingBody::Kept(bytes.clone()),
-                        Instant::now(),
-                        false,
-                    )
-                    .await?;
+                    let go = async |fresh: bool| {
+                        send(
+                            app,
+                            copy,
+                            &outgoing,
+                            target_of(copy, raw_path, query).map_err(SendError::Failed)?,
+                            headers.clone(),
+                            OutgoingBody::Kept(bytes.clone()),
+                            Instant::now(),
+                            fresh,
+                        )
+                        .await
+                    };
+                    // A pooled connection closed under it goes again on a new one, as the
+                    // first send does.
+                    let answered = match go(false).await {
+                        Err(SendError::Stale(_)) if idempotent(outgoing.method) => go(true).await?,
+                        answered => answered?,
+                    };
                     inspect(app, copy, answered).await
                 };
                 let (second, rejected_again) = resend(&fresh).await?;
@@ -713,10 +720,14 @@ async fn send(
                 // An answer came but could not be read (a malformed head, more than 100
                 // header lines): the request reached the provider, which may have acted on it.
                 let unreadable = matches!(&error, client::CallError::Exchange(e) if e.is_parse());
+                // Cut during the exchange: the request went out, whole or in part, and may
+                // have been acted on (a caller must not take it for one never sent).
                 let what = if unreadable {
                     "The provider's answer could not be read (the request reached it)"
-                } else {
+                } else if matches!(error, client::CallError::Connect(_)) {
                     "The provider could not be reached"
+                } else {
+                    "The connection to the provider broke during the request (it may have reached the provider)"
                 };
                 let error = ApiError::new(
                     StatusCode::BAD_GATEWAY,

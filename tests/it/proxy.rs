@@ -1057,9 +1057,9 @@ async fn a_length_beside_chunked_coding_does_not_cut_the_answer() {
     drop_test_database(&url).await;
 }
 
-/// An answer the proxy cannot read (here more header lines than it takes) is a 502 that says
-/// the request reached the provider, not that the provider could not be reached: a POST may
-/// have been acted on.
+/// An answer the proxy cannot read (here more header lines than it takes), or none after the
+/// request went out, is a 502 that says the request reached the provider (or may have), not
+/// that the provider could not be reached: a POST may have been acted on.
 #[tokio::test]
 async fn an_unreadable_answer_says_the_request_reached_the_provider() {
     let url = sqlite_database();
@@ -1091,6 +1091,19 @@ async fn an_unreadable_answer_says_the_request_reached_the_provider() {
             .contains("could not be read"),
         "{body}"
     );
+
+    // A provider that takes the request and hangs up without an answer may have acted on it:
+    // the 502 said it "could not be reached", and a caller trusting that sent the POST again.
+    let (token, _) = hand_written_provider(&env, "hang-up", "silent", |mut stream, _| async move {
+        let (mut seen, mut buffer) = (Vec::new(), [0u8; 4096]);
+        let _ = next_head(&mut stream, &mut seen, &mut buffer).await;
+    })
+    .await;
+    let (status, body) = env.proxy(&env.org, &token, Method::POST, "data").await;
+    assert_eq!(status, 502, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("may have reached"), "{body}");
+    assert!(!message.contains("could not be reached"), "{body}");
     env.stop().await;
     drop_test_database(&url).await;
 }
