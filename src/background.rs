@@ -186,6 +186,18 @@ pub mod plan {
         }
     }
 
+    /// The least the scheduler sleeps after `failures` claims in a row failed (a database
+    /// that answers reads but refuses writes, after a failover): doubling from
+    /// [`MIN_SLEEP`] to 5 s, not a claim and a warning every 100 ms.
+    pub fn pause_after_failed_claims(failures: u32) -> Duration {
+        if failures == 0 {
+            return Duration::ZERO;
+        }
+        MIN_SLEEP
+            .saturating_mul(1 << failures.min(6))
+            .min(Duration::from_secs(5))
+    }
+
     /// A token bucket: `burst` refreshes at once, then `per_second`.
     #[derive(Debug, Clone)]
     pub struct TokenBucket {
@@ -303,6 +315,12 @@ pub mod plan {
             // Due already (another replica's lease, a backoff): never a busy loop.
             assert_eq!(sleep_for(NOW, Some(NOW - 60_000)), MIN_SLEEP);
             assert_eq!(sleep_for(NOW, Some(NOW)), MIN_SLEEP);
+            // Claims failing: longer each time, 5 s at most.
+            assert_eq!(pause_after_failed_claims(0), Duration::ZERO);
+            assert_eq!(pause_after_failed_claims(1), Duration::from_millis(200));
+            assert_eq!(pause_after_failed_claims(3), Duration::from_millis(800));
+            assert_eq!(pause_after_failed_claims(6), Duration::from_secs(5));
+            assert_eq!(pause_after_failed_claims(u32::MAX), Duration::from_secs(5));
         }
 
         #[test]
@@ -356,6 +374,7 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
     let mut limiter =
         (rate > 0.0).then(|| plan::RateLimiter::new(rate, rate * 2.0, RATE_MAX_WAIT_MS));
     let concurrency = app.config.refresh_concurrency.max(1);
+    let mut failed_claims = 0u32;
     loop {
         while running.try_join_next().is_some() {}
         if *shutdown.borrow() {
@@ -378,8 +397,12 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
             .claim_due(now, limit as i64, &app.replica_id, now + LEASE_MS)
             .await
         {
-            Ok(rows) => rows,
+            Ok(rows) => {
+                failed_claims = 0;
+                rows
+            }
             Err(error) => {
+                failed_claims = failed_claims.saturating_add(1);
                 tracing::warn!("scheduler: could not claim due instances: {error}");
                 Vec::new()
             }
@@ -402,7 +425,7 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
                 Some(plan::Admission::Defer(at)) => {
                     deferred = true;
                     metrics::counter!("tokenwarden_scheduler_deferred_total").increment(1);
-                    release(&app, &row, at).await;
+                    release(&app, &row, now, at).await;
                     continue;
                 }
             };
@@ -416,7 +439,7 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
                     };
                     if stopped {
                         // Not started: give the row back, due at once for another replica.
-                        release(&app, &row, due_at).await;
+                        release(&app, &row, now, due_at).await;
                         return;
                     }
                 }
@@ -459,7 +482,8 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
                 None
             }
         };
-        let sleep = plan::sleep_for(now_ms(), next_due);
+        let sleep =
+            plan::sleep_for(now_ms(), next_due).max(plan::pause_after_failed_claims(failed_claims));
         // While a claimed row's refresh runs, its due time is its lease end; the refresh's
         // commit sets the real next one. So a finished refresh is a reason to look again, as
         // is a change made through the API (notified by the handlers).
@@ -482,8 +506,8 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// Gives a claimed row back, due at `due_at`.
-async fn release(app: &SharedApp, row: &crate::store::InstanceRow, due_at: i64) {
+/// Gives a row claimed at `claimed_at` back, due at `due_at`.
+async fn release(app: &SharedApp, row: &crate::store::InstanceRow, claimed_at: i64, due_at: i64) {
     if let Err(error) = app
         .store
         .release_claim(
@@ -491,6 +515,7 @@ async fn release(app: &SharedApp, row: &crate::store::InstanceRow, due_at: i64) 
             &app.replica_id,
             row.refresh_lease_until.unwrap_or_default(),
             row.token_version,
+            claimed_at,
             due_at,
         )
         .await

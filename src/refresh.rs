@@ -953,7 +953,7 @@ impl RefreshEngine {
                 let now = now_ms();
                 if let Some(row) = app
                     .store
-                    .try_acquire_refresh_lease(id, &app.replica_id, now, now + LEASE_MS)
+                    .try_acquire_refresh_lease(id, &app.replica_id, now, now + LEASE_MS, false)
                     .await?
                 {
                     break row;
@@ -1071,7 +1071,7 @@ impl RefreshEngine {
                     let now = now_ms();
                     if let Some(leased) = app
                         .store
-                        .try_acquire_refresh_lease(id, &app.replica_id, now, now + LEASE_MS)
+                        .try_acquire_refresh_lease(id, &app.replica_id, now, now + LEASE_MS, true)
                         .await
                         .map_err(store_error)?
                     {

@@ -395,16 +395,22 @@ impl Store {
     /// `refresh_in_flight_since` keeps an earlier value when a previous flight never finished
     /// (its owner died): a returned value below `now` tells the taker that a refresh was
     /// interrupted, so the provider may already have rotated the refresh token away.
+    /// `refreshing`: the lease is taken for a refresh, which is marked in flight from `now`; a
+    /// hold (a revocation, a deletion, an import) presents no refresh token and marks nothing
+    /// (crash recovery would refresh an instance it left marked, and end one without a refresh
+    /// token).
     pub async fn try_acquire_refresh_lease(
         &self,
         id: i64,
         owner: &str,
         now: i64,
         lease_until: i64,
+        refreshing: bool,
     ) -> Result<Option<InstanceRow>, StoreError> {
         let sql = format!(
             "UPDATE instances SET refresh_lease_owner = $1, refresh_lease_until = $2, \
-             refresh_in_flight_since = COALESCE(refresh_in_flight_since, $3), \
+             refresh_in_flight_since = CASE WHEN $5 = 1 THEN COALESCE(refresh_in_flight_since, $3) \
+             ELSE refresh_in_flight_since END, \
              next_due_at = CASE WHEN next_due_at IS NOT NULL AND next_due_at < $2 THEN $2 \
              ELSE next_due_at END \
              WHERE id = $4 AND (refresh_lease_until IS NULL OR refresh_lease_until < $3) \
@@ -415,6 +421,7 @@ impl Store {
             .bind(lease_until)
             .bind(now)
             .bind(id)
+            .bind(i64::from(refreshing))
             .fetch_optional(&self.pool)
             .await?;
         Ok(row)
@@ -1010,22 +1017,26 @@ impl Store {
     }
 
     /// Gives back a claim the scheduler did not act on (shutdown, or the connector's rate limit
-    /// is exhausted): lease and in-flight mark cleared, due again at `due_at`. Only rows whose
+    /// is exhausted): lease cleared, due again at `due_at`. Only rows whose
     /// lease `owner` still holds as claimed (its end still `lease_until`: a flight of the same
     /// replica that took the claim over renewed it) and whose token version is still
     /// `token_version` are touched, so a refresh under way or committed meanwhile keeps its
-    /// lease and schedule. True when it released.
+    /// lease and schedule. The in-flight mark the claim made (at `claimed_at`) goes; an
+    /// earlier one stays (an interrupted refresh: the next taker must know that the provider
+    /// may have rotated the refresh token away). True when it released.
     pub async fn release_claim(
         &self,
         id: i64,
         owner: &str,
         lease_until: i64,
         token_version: i64,
+        claimed_at: i64,
         due_at: i64,
     ) -> Result<bool, StoreError> {
         let result = sqlx::query(
             "UPDATE instances SET refresh_lease_owner = NULL, refresh_lease_until = NULL, \
-             refresh_in_flight_since = NULL, next_due_at = $1 \
+             refresh_in_flight_since = CASE WHEN refresh_in_flight_since < $6 \
+             THEN refresh_in_flight_since ELSE NULL END, next_due_at = $1 \
              WHERE id = $2 AND refresh_lease_owner = $3 AND refresh_lease_until = $4 \
              AND token_version = $5",
         )
@@ -1034,6 +1045,7 @@ impl Store {
         .bind(owner)
         .bind(lease_until)
         .bind(token_version)
+        .bind(claimed_at)
         .execute(&self.pool)
         .await?;
         Ok(result.rows_affected() == 1)

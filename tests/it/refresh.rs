@@ -1560,7 +1560,7 @@ async fn a_claim_taken_over_by_a_refresh_is_read_again() {
     // Another replica refreshes: the call's refresh waits for its lease.
     let now = tokenwarden::app::now_ms();
     app.store
-        .try_acquire_refresh_lease(id, "other", now, now + LEASE_MS)
+        .try_acquire_refresh_lease(id, "other", now, now + LEASE_MS, true)
         .await
         .unwrap()
         .expect("the lease");

@@ -692,7 +692,7 @@ async fn refresh_lease() {
         store.insert_instance(&row, None).await.unwrap();
 
         let taken = store
-            .try_acquire_refresh_lease(row.id, "replica-a", NOW, NOW + 30_000)
+            .try_acquire_refresh_lease(row.id, "replica-a", NOW, NOW + 30_000, true)
             .await
             .unwrap()
             .expect(label);
@@ -709,14 +709,14 @@ async fn refresh_lease() {
         // A second taker fails while the lease runs, also at its very end.
         assert!(
             store
-                .try_acquire_refresh_lease(row.id, "replica-b", NOW + 1_000, NOW + 31_000)
+                .try_acquire_refresh_lease(row.id, "replica-b", NOW + 1_000, NOW + 31_000, true)
                 .await
                 .unwrap()
                 .is_none()
         );
         assert!(
             store
-                .try_acquire_refresh_lease(row.id, "replica-b", NOW + 30_000, NOW + 60_000)
+                .try_acquire_refresh_lease(row.id, "replica-b", NOW + 30_000, NOW + 60_000, true)
                 .await
                 .unwrap()
                 .is_none()
@@ -740,7 +740,7 @@ async fn refresh_lease() {
         );
         // An expired lease can be taken.
         let stolen = store
-            .try_acquire_refresh_lease(row.id, "replica-b", NOW + 30_001, NOW + 60_000)
+            .try_acquire_refresh_lease(row.id, "replica-b", NOW + 30_001, NOW + 60_000, true)
             .await
             .unwrap()
             .expect(label);
@@ -764,9 +764,33 @@ async fn refresh_lease() {
             (None, None)
         );
         assert_eq!(released.refresh_in_flight_since, None);
+        // A hold (no refresh token presented) marks nothing in flight: crash recovery would
+        // refresh what it left marked. It keeps the mark of a refresh that was interrupted.
+        let held = store
+            .try_acquire_refresh_lease(row.id, "replica-c", NOW + 60_001, NOW + 70_000, false)
+            .await
+            .unwrap()
+            .expect(label);
+        assert_eq!(held.refresh_lease_owner.as_deref(), Some("replica-c"));
+        assert_eq!(held.refresh_in_flight_since, None, "{label}");
+        store
+            .release_refresh_lease(row.id, "replica-c")
+            .await
+            .unwrap();
+        store
+            .try_acquire_refresh_lease(row.id, "replica-a", NOW + 70_001, NOW + 80_000, true)
+            .await
+            .unwrap()
+            .expect(label);
+        let held = store
+            .try_acquire_refresh_lease(row.id, "replica-c", NOW + 80_001, NOW + 90_000, false)
+            .await
+            .unwrap()
+            .expect(label);
+        assert_eq!(held.refresh_in_flight_since, Some(NOW + 70_001), "{label}");
         assert!(
             store
-                .try_acquire_refresh_lease(random_id(), "x", NOW, NOW + 1)
+                .try_acquire_refresh_lease(random_id(), "x", NOW, NOW + 1, true)
                 .await
                 .unwrap()
                 .is_none()
@@ -834,7 +858,7 @@ async fn a_lease_is_not_cleared_under_the_one_who_took_it() {
         // An import under a hold, due at once: the hold's lease stays, so the scheduler cannot
         // claim the row before the hold ends, and no other replica can take it.
         store
-            .try_acquire_refresh_lease(row.id, "replica-a", NOW, NOW + 10_000)
+            .try_acquire_refresh_lease(row.id, "replica-a", NOW, NOW + 10_000, true)
             .await
             .unwrap()
             .expect(label);
@@ -861,7 +885,7 @@ async fn a_lease_is_not_cleared_under_the_one_who_took_it() {
         let taken = instance(org, "taken");
         store.insert_instance(&taken, None).await.unwrap();
         store
-            .try_acquire_refresh_lease(taken.id, "replica-b", wall, wall + 60_000)
+            .try_acquire_refresh_lease(taken.id, "replica-b", wall, wall + 60_000, true)
             .await
             .unwrap()
             .expect(label);
@@ -913,7 +937,7 @@ async fn a_lease_is_not_cleared_under_the_one_who_took_it() {
         );
         assert!(
             store
-                .try_acquire_refresh_lease(row.id, "replica-b", NOW + 1, NOW + 10_000)
+                .try_acquire_refresh_lease(row.id, "replica-b", NOW + 1, NOW + 10_000, true)
                 .await
                 .unwrap()
                 .is_none(),
@@ -952,6 +976,7 @@ async fn a_lease_is_not_cleared_under_the_one_who_took_it() {
                     "replica-a",
                     claimed_until,
                     claimed.token_version,
+                    NOW + 2,
                     NOW
                 )
                 .await
@@ -966,20 +991,71 @@ async fn a_lease_is_not_cleared_under_the_one_who_took_it() {
         );
         assert!(
             store
-                .try_acquire_refresh_lease(row.id, "replica-b", NOW + 3, NOW + 10_000)
+                .try_acquire_refresh_lease(row.id, "replica-b", NOW + 3, NOW + 10_000, true)
                 .await
                 .unwrap()
                 .is_none(),
             "[{label}]"
         );
-        // A claim nobody took over is given back.
+        // A claim nobody took over is given back, and the mark it made goes with it.
         let until = now.refresh_lease_until.unwrap();
         assert!(
             store
-                .release_claim(row.id, "replica-a", until, now.token_version, NOW + 5)
+                .release_claim(
+                    row.id,
+                    "replica-a",
+                    until,
+                    now.token_version,
+                    NOW + 2,
+                    NOW + 5
+                )
                 .await
                 .unwrap(),
             "[{label}]"
+        );
+        let released = store.get_instance_by_id(row.id).await.unwrap().unwrap();
+        assert_eq!(released.refresh_in_flight_since, None, "[{label}]");
+
+        // A refresh that never finished (its replica stalled past its lease): the claim of
+        // another replica given back (its rate limit) keeps that mark. It was cleared, and
+        // the next taker presented a refresh token the provider may have rotated away, with
+        // no "refresh interrupted" to explain the `invalid_grant`.
+        store
+            .try_acquire_refresh_lease(row.id, "replica-a", NOW + 100, NOW + 200, true)
+            .await
+            .unwrap()
+            .expect(label);
+        let claimed = store
+            .claim_due(NOW + 300, 10, "replica-b", NOW + 30_300)
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1, "[{label}]");
+        let (claimed, _) = &claimed[0];
+        assert_eq!(
+            claimed.refresh_in_flight_since,
+            Some(NOW + 100),
+            "[{label}]"
+        );
+        assert!(
+            store
+                .release_claim(
+                    row.id,
+                    "replica-b",
+                    NOW + 30_300,
+                    claimed.token_version,
+                    NOW + 300,
+                    NOW + 400
+                )
+                .await
+                .unwrap(),
+            "[{label}]"
+        );
+        let released = store.get_instance_by_id(row.id).await.unwrap().unwrap();
+        assert_eq!(released.refresh_lease_owner, None, "[{label}]");
+        assert_eq!(
+            released.refresh_in_flight_since,
+            Some(NOW + 100),
+            "[{label}] the interrupted refresh's mark was lost"
         );
         test.cleanup().await;
     }
@@ -997,7 +1073,7 @@ async fn token_commit_is_compare_and_swap_with_its_event() {
         };
         store.insert_instance(&row, None).await.unwrap();
         let leased = store
-            .try_acquire_refresh_lease(row.id, "me", NOW, NOW + 30_000)
+            .try_acquire_refresh_lease(row.id, "me", NOW, NOW + 30_000, true)
             .await
             .unwrap()
             .unwrap();
@@ -1300,7 +1376,7 @@ async fn failures_invalidation_and_reauthentication() {
         // Transient failures: the instance stays valid, failing_since stays at the first one,
         // the schedule waits for the backoff, the owner's lease is released.
         store
-            .try_acquire_refresh_lease(row.id, "me", NOW, NOW + 1_000)
+            .try_acquire_refresh_lease(row.id, "me", NOW, NOW + 1_000, true)
             .await
             .unwrap()
             .unwrap();
@@ -1358,7 +1434,7 @@ async fn failures_invalidation_and_reauthentication() {
 
         // Invalid: reason and provider message kept, lease and schedule cleared, event written.
         store
-            .try_acquire_refresh_lease(row.id, "me", NOW + 200_000, NOW + 230_000)
+            .try_acquire_refresh_lease(row.id, "me", NOW + 200_000, NOW + 230_000, true)
             .await
             .unwrap()
             .unwrap();
@@ -2342,7 +2418,7 @@ async fn a_recovery_makes_backed_off_instances_of_the_connector_due_now() {
             rows.push(row);
         }
         store
-            .try_acquire_refresh_lease(rows[2].id, "me", NOW + 60_000, NOW + 70_000)
+            .try_acquire_refresh_lease(rows[2].id, "me", NOW + 60_000, NOW + 70_000, true)
             .await
             .unwrap()
             .unwrap();
