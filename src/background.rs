@@ -2,8 +2,9 @@
 //! - `scheduler`: sleeps until the next due instance (or a notification that the schedule
 //!   changed), claims a batch of due instances with a lease (on PostgreSQL `FOR UPDATE SKIP
 //!   LOCKED`, so replicas share the work without a coordinator) and refreshes them through the
-//!   same single-flight path as the proxy, with bounded concurrency and a per-connector rate
-//!   limit;
+//!   same single-flight path as the proxy, with bounded concurrency, a per-connector rate
+//!   limit, and a share of the slots for a connector whose token endpoint is failing for now
+//!   (one that hangs would hold them all: [`plan::Slots`]);
 //! - `recovery`: finds refreshes interrupted by a crash (in flight, lease expired) and finishes
 //!   them;
 //! - `deliverer`: sends due webhooks from the outbox (see [`crate::events`]).
@@ -198,6 +199,77 @@ pub mod plan {
             .min(Duration::from_secs(5))
     }
 
+    /// How long a connector's rows wait when its share of the slots is full (see
+    /// [`Slots`]): long enough that the scheduler's claims move past its backlog to other
+    /// connectors' due rows, rather than claim and give back the same rows turn after turn.
+    pub const CROWDED_OUT_MS: i64 = 30_000;
+
+    /// The scheduler's slots by connector. A connector whose last scheduled refresh failed for
+    /// a passing reason (a token endpoint timing out, refusing, answering 5xx) runs at most
+    /// an eighth of the slots (2 at least) until one of its refreshes gets an answer: a
+    /// provider that hangs for the whole provider timeout kept every slot of every replica
+    /// busy with its backlog (each failure due again within its backoff), and every other
+    /// connector's refreshes came late.
+    #[derive(Debug)]
+    pub struct Slots<T> {
+        /// Each running refresh's connector, by its task.
+        tasks: HashMap<T, String>,
+        running: HashMap<String, usize>,
+        failing: std::collections::HashSet<String>,
+    }
+
+    impl<T> Default for Slots<T> {
+        fn default() -> Self {
+            Slots {
+                tasks: HashMap::new(),
+                running: HashMap::new(),
+                failing: std::collections::HashSet::new(),
+            }
+        }
+    }
+
+    impl<T: std::hash::Hash + Eq> Slots<T> {
+        /// The most refreshes of a failing connector at once, of `concurrency` slots.
+        pub fn failing_share(concurrency: usize) -> usize {
+            (concurrency / 8).max(2)
+        }
+
+        /// Whether a refresh of connector `key` may start now.
+        pub fn may_start(&self, key: &str, concurrency: usize) -> bool {
+            !self.failing.contains(key)
+                || self.running.get(key).copied().unwrap_or(0) < Self::failing_share(concurrency)
+        }
+
+        /// Task `task` refreshes an instance of connector `key`.
+        pub fn started(&mut self, task: T, key: String) {
+            *self.running.entry(key.clone()).or_insert(0) += 1;
+            self.tasks.insert(task, key);
+        }
+
+        /// Task `task` ended; `passing_failure`: its provider failed for now.
+        pub fn finished(&mut self, task: &T, passing_failure: bool) {
+            let Some(key) = self.tasks.remove(task) else {
+                return;
+            };
+            if let Some(running) = self.running.get_mut(&key) {
+                *running = running.saturating_sub(1);
+                if *running == 0 {
+                    self.running.remove(&key);
+                }
+            }
+            if passing_failure {
+                self.failing.insert(key);
+            } else {
+                self.failing.remove(&key);
+            }
+        }
+
+        /// The connectors with refreshes running (for the tests).
+        pub fn busy(&self) -> usize {
+            self.running.len()
+        }
+    }
+
     /// A token bucket: `burst` refreshes at once, then `per_second`.
     #[derive(Debug, Clone)]
     pub struct TokenBucket {
@@ -339,6 +411,40 @@ pub mod plan {
         }
 
         #[test]
+        fn a_failing_connector_runs_a_share_of_the_slots() {
+            let mut slots = Slots::<u32>::default();
+            // Healthy: every slot if it has the rows.
+            for task in 0..32 {
+                assert!(slots.may_start("box", 32));
+                slots.started(task, "box".into());
+            }
+            for task in 0..32 {
+                slots.finished(&task, false);
+            }
+            assert_eq!(slots.busy(), 0);
+            // Its refresh failed for now: 4 of 32 at once, others unaffected.
+            slots.started(100, "org/hangs".into());
+            slots.finished(&100, true);
+            for task in 101..105 {
+                assert!(slots.may_start("org/hangs", 32));
+                slots.started(task, "org/hangs".into());
+            }
+            assert!(!slots.may_start("org/hangs", 32));
+            assert!(slots.may_start("box", 32));
+            // A slot freed: one more; an answer ends the limit.
+            slots.finished(&101, true);
+            assert!(slots.may_start("org/hangs", 32));
+            slots.started(105, "org/hangs".into());
+            assert!(!slots.may_start("org/hangs", 32));
+            slots.finished(&102, false);
+            assert!(slots.may_start("org/hangs", 32));
+            // A task ended twice (or never counted) changes nothing.
+            slots.finished(&102, true);
+            assert!(slots.may_start("org/hangs", 32));
+            assert_eq!(Slots::<u32>::failing_share(4), 2);
+        }
+
+        #[test]
         fn a_long_wait_defers_the_row_instead_of_holding_its_lease() {
             let mut limiter = RateLimiter::new(1.0, 1.0, 1_500);
             assert_eq!(limiter.admit("k", NOW), Admission::After(0));
@@ -369,14 +475,18 @@ pub const RATE_PER_SECOND: f64 = 100.0;
 const RATE_MAX_WAIT_MS: i64 = 2_000;
 
 async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
-    let mut running: JoinSet<()> = JoinSet::new();
+    // Each scheduled refresh answers whether its provider failed for now.
+    let mut running: JoinSet<bool> = JoinSet::new();
+    let mut slots = plan::Slots::default();
     let rate = app.config.refresh_rate_per_connector;
     let mut limiter =
         (rate > 0.0).then(|| plan::RateLimiter::new(rate, rate * 2.0, RATE_MAX_WAIT_MS));
     let concurrency = app.config.refresh_concurrency.max(1);
     let mut failed_claims = 0u32;
     loop {
-        while running.try_join_next().is_some() {}
+        while let Some(ended) = running.try_join_next_with_id() {
+            settle(&mut slots, ended);
+        }
         if *shutdown.borrow() {
             break;
         }
@@ -384,7 +494,7 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
         if limit == 0 {
             // Every slot is busy: wait for one to free, not on a timer.
             tokio::select! {
-                _ = running.join_next() => {}
+                Some(ended) = running.join_next_with_id() => settle(&mut slots, ended),
                 _ = shutdown.changed() => {}
             }
             continue;
@@ -412,13 +522,19 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
         for (row, due_at) in claimed {
             metrics::histogram!("tokenwarden_scheduler_lag_seconds")
                 .record((now - due_at).max(0) as f64 / 1000.0);
-            let admission = limiter.as_mut().map(|limiter| {
-                let rate_key = match app.connector_owner(row.organization_id, &row.element_key) {
-                    None => row.element_key.clone(),
-                    Some(organization) => format!("{organization}/{}", row.element_key),
-                };
-                limiter.admit(&rate_key, now)
-            });
+            let connector_key = match app.connector_owner(row.organization_id, &row.element_key) {
+                None => row.element_key.clone(),
+                Some(organization) => format!("{organization}/{}", row.element_key),
+            };
+            if !slots.may_start(&connector_key, concurrency) {
+                deferred = true;
+                metrics::counter!("tokenwarden_scheduler_crowded_out_total").increment(1);
+                release(&app, &row, now, now + plan::CROWDED_OUT_MS).await;
+                continue;
+            }
+            let admission = limiter
+                .as_mut()
+                .map(|limiter| limiter.admit(&connector_key, now));
             let delay_ms = match admission {
                 None => 0,
                 Some(plan::Admission::After(ms)) => ms,
@@ -431,7 +547,8 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
             };
             let app = Arc::clone(&app);
             let mut stop = shutdown.clone();
-            running.spawn(async move {
+            let key = connector_key;
+            let task = running.spawn(async move {
                 if delay_ms > 0 {
                     let stopped = tokio::select! {
                         () = tokio::time::sleep(Duration::from_millis(delay_ms as u64)) => false,
@@ -440,7 +557,7 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
                     if stopped {
                         // Not started: give the row back, due at once for another replica.
                         release(&app, &row, now, due_at).await;
-                        return;
+                        return false;
                     }
                 }
                 let (id, version) = (row.id, row.token_version);
@@ -464,7 +581,9 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
                 };
                 metrics::counter!("tokenwarden_scheduler_refreshes_total", "outcome" => outcome)
                     .increment(1);
+                outcome == "transient"
             });
+            slots.started(task.id(), key);
         }
         if let Some(limiter) = limiter.as_mut() {
             limiter.forget_idle(now);
@@ -490,7 +609,9 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
         tokio::select! {
             () = tokio::time::sleep(sleep) => {}
             () = app.refresh.schedule_changed() => {}
-            Some(_) = running.join_next(), if !running.is_empty() => {}
+            Some(ended) = running.join_next_with_id(), if !running.is_empty() => {
+                settle(&mut slots, ended);
+            }
             _ = shutdown.changed() => {}
         }
     }
@@ -503,6 +624,17 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
     {
         tracing::warn!("scheduler: refreshes still running at shutdown; their leases will expire");
         running.abort_all();
+    }
+}
+
+/// A scheduled refresh ended (a panicked one counts as no failure of its provider's).
+fn settle(
+    slots: &mut plan::Slots<tokio::task::Id>,
+    ended: Result<(tokio::task::Id, bool), tokio::task::JoinError>,
+) {
+    match ended {
+        Ok((task, passing_failure)) => slots.finished(&task, passing_failure),
+        Err(error) => slots.finished(&error.id(), false),
     }
 }
 

@@ -518,3 +518,139 @@ async fn a_delete_does_not_wait_for_its_own_schedulers_claim() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// An organization's token endpoint that stops answering (each refresh hangs for the whole
+/// provider timeout, then is due again within its backoff) runs at most its share of the
+/// scheduler's slots (2 of 8 here): it held every slot, and every other connector's refreshes
+/// waited behind its backlog. The other connector's instances go on being refreshed.
+#[tokio::test]
+async fn a_token_endpoint_that_hangs_does_not_take_every_scheduler_slot() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let url = crate::support::sqlite_database();
+    let env = Env::start_adjusted("sqlite", &url, |config| {
+        config.refresh_concurrency = 8;
+        config.provider_timeout = Duration::from_secs(2);
+    })
+    .await;
+    env.sandbox_put(
+        "/__sandbox/profiles/generic",
+        json!({"accessTokenTtlSeconds": 3}),
+    )
+    .await;
+
+    // The organization's server: the sandbox's token endpoint behind a relay that can hang.
+    #[derive(Clone, Default)]
+    struct Relay {
+        hang: Arc<AtomicBool>,
+        waiting: Arc<AtomicUsize>,
+        most_waiting: Arc<AtomicUsize>,
+    }
+    struct Waiting(Relay);
+    impl Drop for Waiting {
+        fn drop(&mut self) {
+            self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let relay = Relay::default();
+    let sandbox_token = format!("{}/generic/token", env.sandbox.url.trim_end_matches('/'));
+    let app = {
+        let relay = relay.clone();
+        axum::Router::new().route(
+            "/token",
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+                let (relay, sandbox_token) = (relay.clone(), sandbox_token.clone());
+                async move {
+                    if relay.hang.load(Ordering::SeqCst) {
+                        let now = relay.waiting.fetch_add(1, Ordering::SeqCst) + 1;
+                        relay.most_waiting.fetch_max(now, Ordering::SeqCst);
+                        let _waiting = Waiting(relay.clone());
+                        std::future::pending::<()>().await;
+                    }
+                    let mut forwarded = reqwest::Client::new().post(&sandbox_token).body(body);
+                    for name in ["content-type", "authorization", "accept"] {
+                        if let Some(value) = headers.get(name) {
+                            forwarded = forwarded.header(name, value.as_bytes());
+                        }
+                    }
+                    let answer = forwarded.send().await.unwrap();
+                    let status = answer.status().as_u16();
+                    let text = answer.text().await.unwrap();
+                    (
+                        axum::http::StatusCode::from_u16(status).unwrap(),
+                        [("content-type", "application/json")],
+                        text,
+                    )
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_url = format!("http://{}/token", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let sandbox = env.sandbox.url.trim_end_matches('/').to_string();
+    let refresh = json!({"strategy": "before_expiry", "bufferSeconds": 1});
+    let response = env
+        .http
+        .post(env.api("/elements"))
+        .header("authorization", env.org.platform())
+        .json(&json!({
+            "key": "hangs", "name": "Hangs",
+            "baseUrl": format!("{sandbox}/generic/"),
+            "oauth": {"authorizationUrl": format!("{sandbox}/generic/authorize"),
+                      "tokenUrl": relay_url,
+                      "scopes": ["api", "offline_access"]},
+            "refresh": refresh,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.status().is_success(),
+        "{}",
+        response.text().await.unwrap()
+    );
+    register_generic_connector(&env, &env.org, "healthy", refresh).await;
+    for n in 0..24 {
+        env.create_instance(&env.org, "hangs", &format!("h{n}"))
+            .await;
+    }
+    for n in 0..2 {
+        env.create_instance(&env.org, "healthy", &format!("ok{n}"))
+            .await;
+    }
+    relay.hang.store(true, Ordering::SeqCst);
+
+    // The first refreshes find the server hanging (nothing known against it yet, so up to
+    // every slot: they start within the 2 s before the first of them times out), and have all
+    // timed out 4 s after the first came; from then on it runs its share.
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            relay.most_waiting.load(Ordering::SeqCst) > 0
+        })
+        .await,
+        "no refresh reached the hanging server"
+    );
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    relay
+        .most_waiting
+        .store(relay.waiting.load(Ordering::SeqCst), Ordering::SeqCst);
+    let before = refresh_count(&env).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let most = relay.most_waiting.load(Ordering::SeqCst);
+    assert!(
+        most <= 2,
+        "{most} refreshes of the hanging server at once, of 8 slots"
+    );
+    assert!(most >= 1, "the hanging server was not tried again");
+    // The healthy connector's two instances, due every 2 s, were refreshed meanwhile.
+    let healthy = refresh_count(&env).await - before;
+    assert!(
+        healthy >= 4,
+        "{healthy} refreshes of the healthy connector in 6 s"
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
