@@ -3,8 +3,8 @@
 //!   changed), claims a batch of due instances with a lease (on PostgreSQL `FOR UPDATE SKIP
 //!   LOCKED`, so replicas share the work without a coordinator) and refreshes them through the
 //!   same single-flight path as the proxy, with bounded concurrency, a per-connector rate
-//!   limit, and a share of the slots for a connector whose token endpoint is failing for now
-//!   (one that hangs would hold them all: [`plan::Slots`]);
+//!   limit, and a share of the slots for a connector whose token endpoint fails slowly for
+//!   now (one that hangs would hold them all: [`plan::Slots`]);
 //! - `recovery`: finds refreshes interrupted by a crash (in flight, lease expired) and finishes
 //!   them;
 //! - `deliverer`: sends due webhooks from the outbox (see [`crate::events`]).
@@ -204,12 +204,16 @@ pub mod plan {
     /// connectors' due rows, rather than claim and give back the same rows turn after turn.
     pub const CROWDED_OUT_MS: i64 = 30_000;
 
-    /// The scheduler's slots by connector. A connector whose last scheduled refresh failed for
-    /// a passing reason (a token endpoint timing out, refusing, answering 5xx) runs at most
-    /// an eighth of the slots (2 at least) until one of its refreshes gets an answer: a
-    /// provider that hangs for the whole provider timeout kept every slot of every replica
-    /// busy with its backlog (each failure due again within its backoff), and every other
-    /// connector's refreshes came late.
+    /// A passing failure that took this long holds a slot for long: see [`Slots`].
+    pub const SLOW_FAILURE: Duration = Duration::from_secs(1);
+
+    /// The scheduler's slots by connector. A connector whose last scheduled refresh failed
+    /// slowly for a passing reason (a token endpoint timing out, or failing after
+    /// [`SLOW_FAILURE`]) runs at most an eighth of the slots (2 at least) until one of its
+    /// refreshes ends otherwise: a provider that hangs for the whole provider timeout kept
+    /// every slot of every replica busy with its backlog (each failure due again within its
+    /// backoff), and every other connector's refreshes came late. One that fails fast (a 503
+    /// at once) frees its slots at once, and keeps them all: it recovers at full speed.
     #[derive(Debug)]
     pub struct Slots<T> {
         /// Each running refresh's connector, by its task.
@@ -246,7 +250,7 @@ pub mod plan {
             self.tasks.insert(task, key);
         }
 
-        /// Task `task` ended; `passing_failure`: its provider failed for now.
+        /// Task `task` ended; `passing_failure`: its provider failed for now, slowly.
         pub fn finished(&mut self, task: &T, passing_failure: bool) {
             let Some(key) = self.tasks.remove(task) else {
                 return;
@@ -561,6 +565,7 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
                     }
                 }
                 let (id, version) = (row.id, row.token_version);
+                let started = std::time::Instant::now();
                 let outcome = match app
                     .refresh
                     .refresh(
@@ -581,7 +586,7 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
                 };
                 metrics::counter!("tokenwarden_scheduler_refreshes_total", "outcome" => outcome)
                     .increment(1);
-                outcome == "transient"
+                outcome == "transient" && started.elapsed() >= plan::SLOW_FAILURE
             });
             slots.started(task.id(), key);
         }
