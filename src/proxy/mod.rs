@@ -5,7 +5,8 @@
 //! back as it is (hop-by-hop headers removed). Bodies stream both ways. A request body of up to
 //! [`REPLAYABLE_BODY_BYTES`] is kept so the call can be retried once after a refresh; a larger
 //! upload streams straight through, and a rejection of it triggers the refresh for the next call
-//! but is answered as the provider gave it.
+//! but is answered as the provider gave it; so it never goes with a token known to have
+//! expired (an `on_401` connector refreshes that one first too).
 //!
 //! **The hot path makes no database query while the cached access token is fresh**: the caller's
 //! secrets and the instance are checked against short-lived in-memory copies.
@@ -319,6 +320,10 @@ where
     // the window in which a closed pooled connection is retried, are counted from here, not
     // eaten by a slow database or token endpoint).
     let mut sent_at = Instant::now();
+    // The body first: one too large to keep for a retry is sent once only (below).
+    let seen = survey(&parts.headers);
+    let body = read_body(body, &seen).await?;
+    let kept = matches!(body, OutgoingBody::Kept(_));
     // Refresh ahead of the call when the connector asks for it.
     let strategy = instance.connector.refresh.strategy;
     let wants_refresh = match strategy {
@@ -333,8 +338,12 @@ where
         RefreshStrategy::BeforeExpiry => {
             instance.expires_soon(now) || instance.access_token.is_none()
         }
-        // `on_401`: only a rejection (or no token at all) refreshes, whatever the expiry says.
-        RefreshStrategy::On401 => instance.access_token.is_none(),
+        // `on_401`: only a rejection (or no token at all) refreshes, whatever the expiry
+        // says; except for a body too large to send twice, which a token past its expiry
+        // would get rejected with no retry.
+        RefreshStrategy::On401 => {
+            instance.access_token.is_none() || (!kept && instance.expired(now))
+        }
     } || instance.rejected();
     if wants_refresh {
         let refreshed = app
@@ -361,8 +370,6 @@ where
             Err(failure) => return Err(failure_for_call(failure)),
         }
     }
-    let seen = survey(&parts.headers);
-    let body = read_body(body, &seen).await?;
     // Reading a body took the caller's time, not the provider's.
     if !matches!(&body, OutgoingBody::Kept(bytes) if bytes.is_empty()) {
         sent_at = Instant::now();

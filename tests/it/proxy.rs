@@ -1137,3 +1137,54 @@ async fn the_providers_request_id_is_kept_beside_ours() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// A body too large to keep for the retry after a refresh (over 1 MiB) is sent once only: on
+/// a connector that refreshes on a 401 alone, a token known to have expired is refreshed
+/// before it goes. It went with the expired token, and the caller got the provider's 401
+/// although a refresh followed.
+#[tokio::test]
+async fn a_body_too_large_to_resend_does_not_go_with_an_expired_token() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    env.sandbox_put(
+        "/__sandbox/profiles/generic",
+        json!({"accessTokenTtlSeconds": 1}),
+    )
+    .await;
+    register_connector(
+        &env,
+        "upload-on-401",
+        json!({"refresh": {"strategy": "on_401"}}),
+    )
+    .await;
+    let created = env
+        .create_instance(&env.org, "upload-on-401", "uploader")
+        .await;
+    let token = created["token"].as_str().unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let before = refreshes(&env).await;
+    let chunks = futures_util::stream::iter(
+        (0..32).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 64 * 1024]))),
+    );
+    let response = env
+        .http
+        .put(env.api("/proxy/api/echo"))
+        .header("authorization", env.org.through(token))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    // The echo took the token, then refused a body over its 1 MiB.
+    let status = response.status();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(refreshes(&env).await, before + 1);
+    // A small body still goes with the token as it is (the connector's choice): the 401 it
+    // gets is answered by a refresh and a retry.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let (status, body) = env.proxy(&env.org, token, Method::POST, "api/echo").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(refreshes(&env).await, before + 2);
+    env.stop().await;
+    drop_test_database(&url).await;
+}
