@@ -157,6 +157,35 @@ struct ApiDoc;
 
 pub fn document() -> Value {
     let mut document = serde_json::to_value(ApiDoc::openapi()).unwrap_or(Value::Null);
+    // A call to `base.url` itself (`/proxy/`, or `/proxy`): the proxy's operations without
+    // their path.
+    if let Some(paths) = document.get_mut("paths").and_then(Value::as_object_mut)
+        && let Some(item) = paths.get("/elements/api-v2/proxy/{path}").cloned()
+    {
+        for (path, id) in [
+            ("/elements/api-v2/proxy/", "proxy_base"),
+            ("/elements/api-v2/proxy", "proxy_base_unslashed"),
+        ] {
+            let mut item = item.clone();
+            for operation in item
+                .as_object_mut()
+                .into_iter()
+                .flat_map(|o| o.values_mut())
+            {
+                if let Some(parameters) = operation
+                    .get_mut("parameters")
+                    .and_then(Value::as_array_mut)
+                {
+                    parameters.retain(|parameter| parameter["name"] != "path");
+                }
+                operation["summary"] = Value::String(
+                    "Call the instance's `base.url` itself through the proxy (as `/elements/api-v2/proxy/{path}` with an empty path)".into(),
+                );
+                operation["operationId"] = Value::String(id.into());
+            }
+            paths.insert(path.into(), item);
+        }
+    }
     // One handler serving several methods (the proxy) gets one operation id per method, as
     // OpenAPI wants them unique.
     if let Some(paths) = document.get_mut("paths").and_then(Value::as_object_mut) {
@@ -166,7 +195,7 @@ pub fn document() -> Value {
             }
             for (method, operation) in operations.iter_mut() {
                 if let Some(id) = operation.get("operationId").and_then(Value::as_str)
-                    && id == "proxy_handle"
+                    && id.starts_with("proxy_")
                 {
                     operation["operationId"] = Value::String(format!("{id}_{method}"));
                 }
