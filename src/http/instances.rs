@@ -1941,10 +1941,24 @@ async fn set_enabled(
     let event = events::new_event(app, &row, event_type, None);
     // Enabling an enabled instance (or disabling a disabled one) changes nothing, and tells no
     // one: no event, no webhook, no audit entry.
-    let changed = app
-        .store
-        .set_disabled(row.organization_id, row.id, !enabled, Some(&event))
-        .await?;
+    let changed = if enabled {
+        app.store
+            .set_disabled(row.organization_id, row.id, false, Some(&event))
+            .await?
+    } else {
+        // Under the instance's hold: a refresh under way (another replica's scheduler may
+        // have claimed the instance a moment ago, and trusts its claim for a few seconds)
+        // ends first, and none starts after the 200. The contract: a disabled instance makes
+        // no provider calls and no refreshes.
+        app.refresh
+            .with_instance_held(app, row.id, async |held| {
+                Ok(app
+                    .store
+                    .set_disabled(held.organization_id, held.id, true, Some(&event))
+                    .await?)
+            })
+            .await?
+    };
     app.refresh.forget(row.id);
     if changed {
         app.refresh.notify_schedule_changed();

@@ -2960,3 +2960,54 @@ async fn concurrent_patches_of_one_instance_all_land() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// A disable waits for a refresh under way on another replica (here its lease, taken for
+/// 2 s): that replica's scheduler trusts a claim for a few seconds, and would have presented
+/// the refresh token after the 200 said the instance makes no more provider calls. The
+/// disable answers when the refresh's lease ends, and the instance is disabled.
+#[tokio::test]
+async fn a_disable_waits_for_a_refresh_under_way_elsewhere() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let instance = env.create_instance(&env.org, "sandbox-box", "hana").await;
+    let id = id_of(&instance);
+    let now = tokenwarden::app::now_ms();
+    env.server
+        .app
+        .store
+        .try_acquire_refresh_lease(id, "another-replica", now, now + 2_000, true)
+        .await
+        .unwrap()
+        .expect("the lease");
+    let started = std::time::Instant::now();
+    let disabled = call(
+        &env,
+        Method::DELETE,
+        &env.api(&format!("/instances/{id}/enabled")),
+        Some(&env.org.platform()),
+        None,
+    )
+    .await;
+    let waited = started.elapsed();
+    assert_eq!(disabled.status, 200, "{}", disabled.body);
+    assert_eq!(disabled.body["disabled"], true);
+    assert!(
+        waited >= std::time::Duration::from_millis(1_500),
+        "answered after {waited:?}, with the refresh still under way"
+    );
+    // Enabling waits for nothing.
+    let started = std::time::Instant::now();
+    let enabled = call(
+        &env,
+        Method::PUT,
+        &env.api(&format!("/instances/{id}/enabled")),
+        Some(&env.org.platform()),
+        None,
+    )
+    .await;
+    assert_eq!(enabled.status, 200, "{}", enabled.body);
+    assert_eq!(enabled.body["disabled"], false);
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    env.stop().await;
+    drop_test_database(&url).await;
+}
