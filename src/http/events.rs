@@ -77,7 +77,9 @@ pub async fn list(
         }
         None => None,
     };
-    let rows = app
+    // One more than the page: whether another page follows (`next` is `null` on the last).
+    let page = limit(&query)?;
+    let mut rows = app
         .store
         .list_events(
             caller.organization_id,
@@ -85,10 +87,12 @@ pub async fn list(
                 instance_id,
                 event_type: query.get("type").cloned(),
                 before,
-                limit: limit(&query)?,
+                limit: page + 1,
             },
         )
         .await?;
+    let more = rows.len() as i64 > page;
+    rows.truncate(page as usize);
     // An instance id this organization knows nothing of (another organization's, or none's)
     // is a 404, as everywhere; a deleted instance's events stay listed.
     if rows.is_empty()
@@ -116,6 +120,7 @@ pub async fn list(
     }
     let next = rows
         .last()
+        .filter(|_| more)
         .map(|row| format!("{}_{}", row.occurred_at, row.id));
     let events: Vec<Value> = rows
         .iter()
@@ -153,11 +158,14 @@ pub async fn audit_logs(
         ),
         None => None,
     };
-    let rows = app
+    let page = limit(&query)?;
+    let mut rows = app
         .store
-        .list_audit(caller.organization_id, limit(&query)?, before)
+        .list_audit(caller.organization_id, page + 1, before)
         .await?;
-    let next = rows.last().map(|row| row.id.to_string());
+    let more = rows.len() as i64 > page;
+    rows.truncate(page as usize);
+    let next = rows.last().filter(|_| more).map(|row| row.id.to_string());
     let entries: Vec<Value> = rows
         .iter()
         .map(|row| {

@@ -156,7 +156,12 @@ async fn all_pages(env: &Env, path: &str, field: &str, limit: usize) -> Vec<Valu
         assert_eq!(status, 200, "{page}");
         let got = page[field].as_array().unwrap().clone();
         assert!(got.len() <= limit);
+        // The last page says so (`next` null), full or not: never an empty page after it.
+        if got.len() < limit {
+            assert!(page["next"].is_null(), "a short page is the last: {page}");
+        }
         if got.is_empty() {
+            assert!(items.is_empty(), "an empty page after the last: {page}");
             return items;
         }
         items.extend(got);
