@@ -1019,7 +1019,15 @@ pub async fn list(
     caller: Caller,
     RawQuery(query): RawQuery,
 ) -> ApiResult<AxumJson<Vec<Value>>> {
+    let tags: Vec<String> = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .filter(|(key, _)| key == "tags[]" || key == "tags")
+        .map(|(_, value)| value.into_owned())
+        .collect();
     if let Some(row) = &caller.element {
+        // The instance alone, filtered as the organization's list is (a tag it lacks: `[]`).
+        if !tags.is_empty() && !row.tag_list().iter().any(|tag| tags.contains(tag)) {
+            return Ok(AxumJson(Vec::new()));
+        }
         let name = connector_name(&app, row).await;
         return Ok(AxumJson(vec![instances::view(
             &app,
@@ -1029,10 +1037,6 @@ pub async fn list(
         )?]));
     }
     caller.require_organization()?;
-    let tags: Vec<String> = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
-        .filter(|(key, _)| key == "tags[]" || key == "tags")
-        .map(|(_, value)| value.into_owned())
-        .collect();
     let rows = app
         .store
         .list_instances(caller.organization_id, &tags)

@@ -360,6 +360,29 @@ async fn create_from_code_shows_the_contract_fields_masked() {
             expected.sort();
             assert_eq!(ids, expected, "[{label}] {query}");
         }
+        // With an Element token, that instance filtered the same way.
+        let element = env.org.with_element(instance["token"].as_str().unwrap());
+        for (query, found) in [
+            ("?tags[]=alice", 1),
+            ("?tags[]=qa", 0),
+            ("?tags[]=qa&tags[]=it", 1),
+        ] {
+            let filtered = call(
+                &env,
+                Method::GET,
+                &env.api(&format!("/instances{query}")),
+                Some(&element),
+                None,
+            )
+            .await;
+            assert_eq!(filtered.status, 200, "[{label}] {query}: {}", filtered.body);
+            assert_eq!(
+                filtered.body.as_array().unwrap().len(),
+                found,
+                "[{label}] {query}: {}",
+                filtered.body
+            );
+        }
         let missing = call(
             &env,
             Method::GET,
