@@ -1518,6 +1518,14 @@ impl RefreshEngine {
                     error.provider_message()
                 )))
             }
+            // The refresh request itself refused (a parameter the provider wants): sent again
+            // as it is, it is refused again; the configuration at fault is named.
+            Err(error) if error.is_request_rejected() => {
+                Err(RefreshFailure::Misconfigured(format!(
+                    "the provider refused the refresh request ({}); fix the connector's refresh parameters or the instance's `oauth.scope`",
+                    error.provider_message()
+                )))
+            }
             Err(error) if error.is_permanent() => {
                 let provider_message = error.provider_message();
                 let reason = if interrupted {

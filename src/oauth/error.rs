@@ -125,6 +125,13 @@ const PERMANENT_ERRORS: &[&str] = &[
 /// knows them to mean a dead grant lists them in `permanentErrors`.
 pub const CLIENT_ERRORS: &[&str] = &["invalid_client", "unauthorized_client"];
 
+/// Token-endpoint errors about the request itself (RFC 6749 §5.2): `invalid_request` (a
+/// parameter missing or wrong: a scope the provider wants on every refresh), `invalid_scope`,
+/// `unsupported_grant_type`. Sent again as it is, the same request is refused again: the
+/// connector's settings or the instance's configuration must change, not the grant. The
+/// instances stay valid and back off, and the organization is told what to fix.
+pub const REQUEST_ERRORS: &[&str] = &["invalid_request", "invalid_scope", "unsupported_grant_type"];
+
 /// Whether a token-endpoint error code means the grant is gone for good: the built-in list
 /// (see [`PERMANENT_ERRORS`]) plus the connector's `permanentErrors`, compared without regard
 /// to case.
@@ -168,6 +175,19 @@ impl OAuthError {
                 permanent: false,
                 ..
             } if CLIENT_ERRORS.iter().any(|known| known.eq_ignore_ascii_case(error.trim()))
+        )
+    }
+
+    /// Whether the provider refused the request rather than the grant ([`REQUEST_ERRORS`]),
+    /// unless the connector counts the code as permanent.
+    pub fn is_request_rejected(&self) -> bool {
+        matches!(
+            self,
+            OAuthError::Provider {
+                error,
+                permanent: false,
+                ..
+            } if REQUEST_ERRORS.iter().any(|known| known.eq_ignore_ascii_case(error.trim()))
         )
     }
 
@@ -318,6 +338,18 @@ mod tests {
                 permanent: false,
             };
             assert!(refused.is_client_rejected() && refused.is_transient());
+            assert!(!refused.is_request_rejected());
+        }
+        // The request, not the grant nor the app.
+        for code in REQUEST_ERRORS {
+            assert!(!is_permanent_error_code(code, &connector), "{code}");
+            let refused = OAuthError::Provider {
+                status: 400,
+                error: code.to_ascii_uppercase(),
+                description: None,
+                permanent: false,
+            };
+            assert!(refused.is_request_rejected() && !refused.is_client_rejected());
         }
         for code in [
             "invalid_request",

@@ -666,15 +666,16 @@ async fn refresh_request_variants_separate_url_scope_and_json_bodies_on(env: Env
     works(&env, &token, "refreshUrl").await;
     let (id2, token2) = create(&env, "no-refresh-url", "hank").await;
     let (status, body) = refresh(&env, &id2, &token2).await;
+    // Not the grant's death, nor a passing failure: the same request is refused again until
+    // the connector is fixed, and the answer says what to fix (it was a 503 "try again later").
     assert_eq!(
-        status, 503,
+        status, 409,
         "unsupported_grant_type is not the grant's death: {body}"
     );
+    let message = body["message"].as_str().unwrap_or_default();
     assert!(
-        body["providerMessage"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("unsupported_grant_type"),
+        message.contains("unsupported_grant_type")
+            && message.contains("refused the refresh request"),
         "{body}"
     );
     assert_eq!(instance(&env, &token2).await["valid"], true);
@@ -693,8 +694,15 @@ async fn refresh_request_variants_separate_url_scope_and_json_bodies_on(env: Env
     let (id2, token2) = create(&env, "no-refresh-url", "ivan").await;
     let (status, body) = refresh(&env, &id2, &token2).await;
     assert_eq!(
-        status, 503,
+        status, 409,
         "invalid_request is not the grant's death: {body}"
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("invalid_request"),
+        "{body}"
     );
     assert_eq!(instance(&env, &token2).await["valid"], true);
     configure(&env, json!({"requireScopeOnRefresh": false})).await;
