@@ -137,6 +137,9 @@ pub const MISCONFIGURED_TEXT: &str = "the instance cannot be refreshed as it is 
 /// How a refusal of the app's credentials (`invalid_client`) begins, after
 /// [`MISCONFIGURED_TEXT`]: a fix at the provider can end it, unlike a connector gone.
 pub const CLIENT_REFUSED_TEXT: &str = "the provider refused the app's credentials";
+/// [`RefreshFailure::Misconfigured`]'s detail when the provider refused the refresh request
+/// itself (`invalid_request`, …).
+pub const REQUEST_REFUSED_TEXT: &str = "the provider refused the refresh request";
 
 /// How long [`RefreshEngine::with_instance_held`] waits for a running refresh: a lease's life
 /// and a little more, so a dead replica's lease runs out within it.
@@ -1522,7 +1525,7 @@ impl RefreshEngine {
             // as it is, it is refused again; the configuration at fault is named.
             Err(error) if error.is_request_rejected() => {
                 Err(RefreshFailure::Misconfigured(format!(
-                    "the provider refused the refresh request ({}); fix the connector's refresh parameters or the instance's `oauth.scope`",
+                    "{REQUEST_REFUSED_TEXT} ({}); fix the connector's refresh parameters or the instance's `oauth.scope`",
                     error.provider_message()
                 )))
             }

@@ -95,13 +95,16 @@ fn bind_refreshed<'q>(query: RowQuery<'q>, commit: RefreshedCommit<'q>) -> RowQu
 fn backoff_of_our_making(with_configuration: bool) -> String {
     let misconfigured = crate::refresh::MISCONFIGURED_TEXT;
     let configuration = if with_configuration {
-        // Only the app's credentials refused (fixable at the provider): a connector gone or
-        // an input missing fails again at once, on our side.
+        // Only the app's credentials or the refresh request refused (fixable at the provider,
+        // or in the organization's connector): a connector gone or an input missing fails
+        // again at once, on our side.
         format!(
             " AND (last_failure NOT LIKE '{misconfigured}%' \
+             OR last_failure LIKE '{misconfigured}: {}%' \
              OR last_failure LIKE '{misconfigured}: {}%')",
             // A quote in SQL's literal is doubled ("app's").
-            crate::refresh::CLIENT_REFUSED_TEXT.replace('\'', "''")
+            crate::refresh::CLIENT_REFUSED_TEXT.replace('\'', "''"),
+            crate::refresh::REQUEST_REFUSED_TEXT.replace('\'', "''")
         )
     } else {
         format!(" AND last_failure NOT LIKE '{misconfigured}%'")

@@ -706,6 +706,9 @@ async fn refresh_request_variants_separate_url_scope_and_json_bodies_on(env: Env
     );
     assert_eq!(instance(&env, &token2).await["valid"], true);
     configure(&env, json!({"requireScopeOnRefresh": false})).await;
+    // Fixed at the provider (or in the connector): a refresh asked for goes through the
+    // backoff at once, as after `invalid_client`.
+    refresh_ok(&env, &id2, &token2, "after the fix").await;
 
     // JSON bodies required: a JSON connector works end to end; a form one cannot even
     // exchange its code, and says why.
