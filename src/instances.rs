@@ -582,7 +582,9 @@ pub fn view(
         "state": state,
         "stateReason": row.state_reason,
         "providerMessage": row.provider_message,
-        "refreshFailingSince": row.failing_since.map(iso8601),
+        // A failing streak of a valid instance: one whose grant is gone is not failing to
+        // refresh any more (`stateReason` says why it stopped).
+        "refreshFailingSince": row.failing_since.filter(|_| row.is_valid()).map(iso8601),
         "lastRefreshFailure": row.last_failure,
         "tags": row.tag_list(),
         "createdDate": iso8601(row.created_at),

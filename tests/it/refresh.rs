@@ -1717,3 +1717,41 @@ async fn a_slow_answer_does_not_lengthen_the_tokens_life() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// An instance whose refreshes were failing and whose grant then ended shows no failing streak:
+/// `refreshFailingSince` stayed beside `needs_reauthentication`.
+#[tokio::test]
+async fn an_ended_grant_shows_no_failing_streak() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let server = env.server.url.clone();
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "streak")
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    let id = created["id"].as_i64().unwrap();
+    fault(&env, json!({"target": "token", "status": 503, "count": 1})).await;
+    let refreshed = env
+        .http
+        .post(env.api(&format!("/instances/{id}/tokens/refresh")))
+        .header("authorization", env.org.platform())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refreshed.status(), 503);
+    let failing = instance(&env, &server, &token).await;
+    assert!(failing["refreshFailingSince"].is_string(), "{failing}");
+    let revoked = env
+        .http
+        .post(env.api(&format!("/instances/{id}/tokens/revoke")))
+        .header("authorization", env.org.platform())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    let ended = instance(&env, &server, &token).await;
+    assert_eq!(ended["state"], "needs_reauthentication", "{ended}");
+    assert!(ended["refreshFailingSince"].is_null(), "{ended}");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
