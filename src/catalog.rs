@@ -561,6 +561,17 @@ pub fn validate(connector: &Connector, built_in: bool) -> Result<(), CatalogErro
         unknown_input(scope, &samples)
             .map_err(|problem| invalid(format!("`oauth.scopes`: {problem}")))?;
     }
+    // The authorization URL's own parameters are the service's (the flow's safety rests on
+    // them): one given here was dropped without a word.
+    if let Some(name) = oauth
+        .authorization_params
+        .keys()
+        .find(|name| crate::oauth::AUTHORIZATION_RESERVED.contains(&name.as_str()))
+    {
+        return Err(invalid(format!(
+            "`oauth.authorizationParams.{name}`: the service sets `{name}` itself"
+        )));
+    }
     for (field, params) in [
         ("oauth.authorizationParams", &oauth.authorization_params),
         ("oauth.tokenParams", &oauth.token_params),
@@ -838,6 +849,14 @@ fn check_url(
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err(invalid(format!("`{template}` has no host")));
     }
+    // Credentials in a URL would be sent as Basic authentication whatever `clientAuth` says,
+    // and shown wherever the URL is (an instance's `oauth.token.refresh_url`, the audit log).
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(invalid(
+            "the URL holds user info; client credentials go in the instance's configuration"
+                .to_string(),
+        ));
+    }
     Ok(())
 }
 
@@ -1016,6 +1035,22 @@ verify.path = "me"
             let mut c = good();
             c.base_url = base.to_string();
             refused(&c, false, &["`baseUrl`"]);
+        }
+        // Nor OAuth URLs with credentials in them (sent as Basic whatever `clientAuth` says,
+        // and shown in every instance's `oauth.token.refresh_url`), nor authorization
+        // parameters the service sets itself (they were dropped without a word).
+        let mut c = good();
+        c.oauth.token_url = "https://id:secret@login.acme.test/token".to_string();
+        refused(&c, false, &["`oauth.tokenUrl`", "user info"]);
+        let mut c = good();
+        c.oauth.revoke_url = Some("https://id@login.acme.test/revoke".to_string());
+        refused(&c, false, &["`oauth.revokeUrl`", "user info"]);
+        for name in ["redirect_uri", "client_id", "state"] {
+            let mut c = good();
+            c.oauth
+                .authorization_params
+                .insert(name.to_string(), "x".to_string());
+            refused(&c, false, &["`oauth.authorizationParams", name]);
         }
         // Descriptions may run over lines.
         let mut c = good();

@@ -102,7 +102,7 @@ fn random_url_safe(bytes: usize) -> String {
 /// The parameters this module sets itself on the authorization URL. The connector's
 /// `authorizationParams` and the URL's own query may not override them: `state`,
 /// `redirect_uri` and the PKCE challenge are what make the flow safe.
-const AUTHORIZATION_RESERVED: &[&str] = &[
+pub const AUTHORIZATION_RESERVED: &[&str] = &[
     "response_type",
     "client_id",
     "redirect_uri",
