@@ -770,6 +770,15 @@ async fn inspect(
 ) -> Result<(Response, Option<String>), ApiError> {
     let response = &answered.0;
     let status = response.status();
+    // A switch of protocols (a WebSocket) cannot pass: its `Upgrade` and `Connection` headers
+    // are hop-by-hop and the connection is not handed over, so the caller got a bare 101 and
+    // a closed connection.
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "The provider answered 101 Switching Protocols: protocol upgrades (WebSocket) are not proxied",
+        ));
+    }
     let rejection = &instance.connector.rejection;
     let maybe_rejected = rejection.statuses.contains(&status.as_u16())
         || (!status.is_success() && !rejection.body_markers.is_empty())

@@ -1104,6 +1104,22 @@ async fn an_unreadable_answer_says_the_request_reached_the_provider() {
     let message = body["message"].as_str().unwrap();
     assert!(message.contains("may have reached"), "{body}");
     assert!(!message.contains("could not be reached"), "{body}");
+
+    // A 101 cannot pass (its headers are hop-by-hop, the connection is not handed over): the
+    // caller got a bare 101 and a closed connection.
+    let (token, _) = hand_written_provider(&env, "upgrades", "ws", |mut stream, _| async move {
+        let (mut seen, mut buffer) = (Vec::new(), [0u8; 4096]);
+        if next_head(&mut stream, &mut seen, &mut buffer).await.is_some() {
+            let _ = stream
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                .await;
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        }
+    })
+    .await;
+    let (status, body) = env.proxy(&env.org, &token, Method::GET, "socket").await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("101"), "{body}");
     env.stop().await;
     drop_test_database(&url).await;
 }
