@@ -70,6 +70,27 @@ pub fn is_secret_key(key: &str) -> bool {
 /// turned into strings, as Cloud Elements does).
 /// Configuration keys an instance takes at most.
 pub const MAX_CONFIGURATION_KEYS: usize = 1000;
+/// Bytes of configuration (keys and values, sealed ones included) an instance keeps at most:
+/// a create's body holds 1 MiB at most, and PATCHes that merge keys in must not grow it past
+/// that (one instance of 60 MB made every read and write of it take seconds, and held
+/// SQLite's one connection meanwhile).
+pub const MAX_CONFIGURATION_BYTES: usize = 1024 * 1024;
+
+/// The size [`MAX_CONFIGURATION_BYTES`] bounds.
+pub fn configuration_bytes<'a>(
+    plain: &serde_json::Map<String, Value>,
+    secret: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> usize {
+    plain
+        .iter()
+        .map(|(key, value)| key.len() + value.as_str().map_or(0, str::len))
+        .chain(
+            secret
+                .into_iter()
+                .map(|(key, value)| key.len() + value.len()),
+        )
+        .sum()
+}
 
 pub fn normalize_configuration(
     value: Option<&Value>,

@@ -1591,6 +1591,15 @@ async fn update_once(
             instances::MAX_CONFIGURATION_KEYS
         )));
     }
+    let size = instances::configuration_bytes(&plain, &secret);
+    if size > instances::MAX_CONFIGURATION_BYTES
+        && size > instances::configuration_bytes(&old_plain, &secrets.secret_configuration)
+    {
+        return Err(ApiError::bad_request(format!(
+            "The instance would keep {size} bytes of configuration; it takes at most {}",
+            instances::MAX_CONFIGURATION_BYTES
+        )));
+    }
     // What this update changes is checked; a value stored before (under older rules) stays
     // and does not block other changes.
     if base_given {

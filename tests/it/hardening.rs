@@ -500,6 +500,27 @@ async fn unusable_update_inputs_are_refused() {
     assert_eq!(status, 200, "{body}");
     let (status, body) = patch(json!({"configuration": half(600)})).await;
     assert_eq!(status, 400, "{body}");
+    // More bytes than an instance takes, PATCH after PATCH (each body well under 1 MiB): one
+    // instance grew to 60 MB, and every read and write of it took seconds.
+    let big = |from: usize| -> serde_json::Map<String, Value> {
+        (from..from + 6)
+            .map(|n| (format!("big{n}"), json!("x".repeat(60_000))))
+            .collect()
+    };
+    let mut refused = None;
+    for round in 0..5 {
+        let (status, body) = patch(json!({"configuration": big(round * 6)})).await;
+        if status != 200 {
+            refused = Some((round, status, body));
+            break;
+        }
+    }
+    let (round, status, body) = refused.expect("the configuration grew past 1 MiB");
+    assert_eq!((round, status), (2, 400), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("bytes"),
+        "{body}"
+    );
     // An empty key, a blank code, and more keys than an instance takes.
     let (status, body) = patch(json!({"providerData": {"code": "  "}})).await;
     assert_eq!(status, 400, "{body}");
