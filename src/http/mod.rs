@@ -93,6 +93,16 @@ pub struct Service {
     router: Router,
 }
 
+/// A platform request's body, cut when no byte of it comes for the idle timeout (a client
+/// that crashed or hung mid-body held its connection, and a slot of `--max-connections`, for
+/// good): the call answers 408.
+fn stalls_cut(
+    app: &crate::app::App,
+) -> impl FnOnce(hyper::body::Incoming) -> axum::body::Body + use<> {
+    let timeout = app.config.header_read_timeout;
+    move |body| axum::body::Body::new(tower_http::timeout::TimeoutBody::new(timeout, body))
+}
+
 impl Service {
     pub fn app(&self) -> &SharedApp {
         &self.app
@@ -120,7 +130,7 @@ impl Service {
             axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
         );
         if !changes {
-            let routed = Box::pin(self.router.oneshot(request.map(axum::body::Body::new)));
+            let routed = Box::pin(self.router.oneshot(request.map(stalls_cut(&self.app))));
             return match routed.await {
                 Ok(response) => response,
                 Err(never) => match never {},
@@ -140,7 +150,7 @@ impl Service {
             .insert(error::X_REQUEST_ID, request_id.clone());
         let method = request.method().clone();
         let path = request.uri().path().to_string();
-        let routed = Box::pin(self.router.oneshot(request.map(axum::body::Body::new)));
+        let routed = Box::pin(self.router.oneshot(request.map(stalls_cut(&self.app))));
         match tokio::spawn(routed).await {
             Ok(Ok(response)) => response,
             Ok(Err(never)) => match never {},

@@ -124,7 +124,11 @@ enum OutgoingBody {
     Streaming(Body),
 }
 
-async fn read_body<B>(body: B, seen: &Surveyed) -> Result<OutgoingBody, ApiError>
+async fn read_body<B>(
+    body: B,
+    seen: &Surveyed,
+    stall: std::time::Duration,
+) -> Result<OutgoingBody, ApiError>
 where
     B: http_body::Body<Data = Bytes, Error: Into<axum::BoxError>> + Send + 'static,
 {
@@ -147,7 +151,18 @@ where
     // Read up to the limit; past it, what was read and the rest go on as one stream.
     let mut stream = body.into_data_stream();
     let mut kept = bytes::BytesMut::new();
-    while let Some(chunk) = stream.next().await {
+    // A body that stops coming is cut after `stall` (the idle timeout): a client that
+    // crashed mid-body held its connection for good.
+    loop {
+        let Ok(next) = tokio::time::timeout(stall, stream.next()).await else {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "The request body stopped coming before its end",
+            ));
+        };
+        let Some(chunk) = next else {
+            break;
+        };
         let chunk = chunk.map_err(|error| {
             ApiError::bad_request(format!("The request body could not be read: {error}"))
         })?;
@@ -322,7 +337,7 @@ where
     let mut sent_at = Instant::now();
     // The body first: one too large to keep for a retry is sent once only (below).
     let seen = survey(&parts.headers);
-    let body = read_body(body, &seen).await?;
+    let body = read_body(body, &seen, app.config.header_read_timeout).await?;
     let kept = matches!(body, OutgoingBody::Kept(_));
     // Refresh ahead of the call when the connector asks for it.
     let strategy = instance.connector.refresh.strategy;

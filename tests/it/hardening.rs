@@ -576,3 +576,52 @@ async fn unusable_update_inputs_are_refused() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// A request body that stops coming before its end (a client that crashed or hung mid-body)
+/// is cut after the idle timeout with a 408, on the platform API and on the proxy: it held its
+/// connection, and a slot of `--max-connections`, for good.
+#[tokio::test]
+async fn a_body_that_stops_coming_is_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let url = crate::support::sqlite_database();
+    let env = Env::start_adjusted("sqlite", &url, |config| {
+        config.header_read_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let instance = env
+        .create_instance(&env.org, "sandbox-generic", "stalled")
+        .await;
+    let token = instance["token"].as_str().unwrap();
+    for (path, authorization) in [
+        ("/elements/api-v2/instances".to_string(), env.org.platform()),
+        (
+            "/elements/api-v2/proxy/api/echo".to_string(),
+            env.org.through(token),
+        ),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(env.server.addr)
+            .await
+            .unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {authorization}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            let mut buffer = [0u8; 4096];
+            while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut buffer).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                answer.extend_from_slice(&buffer[..n]);
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "{path}: no answer 10 s into a stalled body");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{path}: {answer}");
+    }
+    env.stop().await;
+    drop_test_database(&url).await;
+}
