@@ -388,6 +388,8 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
         Command::Orgs {
             command: OrgsCommand::Create { name, database },
         } => {
+            // Checked before the database is opened (created, on a first run).
+            crate::orgs::organization_name(&name).map_err(|error| error.message)?;
             let app = open_app(database).await?;
             let created = crate::orgs::create_organization(&app, &name)
                 .await
@@ -406,6 +408,7 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
                     database,
                 },
         } => {
+            existing_database(&database)?;
             let app = open_app(database).await?;
             let created = crate::orgs::create_user(&app, organization_id, &name)
                 .await
@@ -441,6 +444,7 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
         Command::Keys {
             command: KeysCommand::Rotate { database },
         } => {
+            existing_database(&database)?;
             let app = open_app(database).await?;
             let resealed = crate::orgs::rotate_keys(&app)
                 .await
@@ -470,6 +474,18 @@ fn remote_of(args: RemoteArgs) -> crate::remote::Remote {
         user_secret: args.user_secret,
         organization_secret: args.org_secret,
         json: args.json,
+    }
+}
+
+/// A command that works on what a database holds refuses a SQLite file that is not there: a
+/// mistyped path made a new database (and its key file), and `keys rotate` said it had
+/// re-encrypted 0 rows and succeeded.
+fn existing_database(database: &DatabaseArgs) -> Result<(), String> {
+    match crate::store::sqlite_file(&database.database_url) {
+        Some(file) if !std::path::Path::new(&file).exists() => Err(format!(
+            "there is no database at {file}: give the database `serve` uses"
+        )),
+        _ => Ok(()),
     }
 }
 

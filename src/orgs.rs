@@ -46,13 +46,20 @@ impl std::fmt::Debug for CreatedUser {
     }
 }
 
-pub async fn create_organization(app: &App, name: &str) -> Result<CreatedOrganization, ApiError> {
+/// An organization's name as it is kept: 1 to 200 characters, no control character (a line
+/// break would forge lines where the name is shown: logs, the CLI's output).
+pub fn organization_name(name: &str) -> Result<&str, ApiError> {
     let name = name.trim();
-    if name.is_empty() || name.len() > 200 {
+    if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
         return Err(ApiError::bad_request(
-            "An organization needs a name of 1 to 200 characters",
+            "An organization needs a name of 1 to 200 characters, without control characters",
         ));
     }
+    Ok(name)
+}
+
+pub async fn create_organization(app: &App, name: &str) -> Result<CreatedOrganization, ApiError> {
+    let name = organization_name(name)?;
     let organization_secret = crypto::new_platform_secret();
     let user_secret = crypto::new_platform_secret();
     let organization_id = crypto::new_id();

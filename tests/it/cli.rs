@@ -476,3 +476,42 @@ fn a_port_in_use_and_a_database_url_of_no_use_are_named() {
     std::fs::remove_dir_all(&dir).ok();
     drop(taken);
 }
+
+/// Administrative commands with a mistyped SQLite path or a name that is refused leave no
+/// database behind: `keys rotate` made a new one, said it had re-encrypted 0 rows and exited
+/// 0; `orgs create --name ""` failed after it had made one.
+#[test]
+fn a_mistyped_database_or_a_refused_name_makes_no_database() {
+    let dir = std::env::temp_dir().join(format!("tw-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("typo.db");
+    let url = format!("sqlite://{}", file.display());
+    let (ok, _, stderr) = tokenwarden(&["keys", "rotate", "--database-url", &url], &[]);
+    assert!(!ok, "{stderr}");
+    assert!(stderr.contains("no database"), "{stderr}");
+    let (ok, _, stderr) = tokenwarden(
+        &[
+            "users",
+            "create",
+            "--organization-id",
+            "1",
+            "--name",
+            "u",
+            "--database-url",
+            &url,
+        ],
+        &[],
+    );
+    assert!(!ok, "{stderr}");
+    for name in ["", "a\nb"] {
+        let (ok, _, stderr) = tokenwarden(
+            &["orgs", "create", "--name", name, "--database-url", &url],
+            &[],
+        );
+        assert!(!ok, "{name:?}: {stderr}");
+        assert!(stderr.contains("name"), "{stderr}");
+    }
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(left.is_empty(), "files made: {left:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
