@@ -710,10 +710,11 @@ fn imported_tokens(split: &SplitConfiguration) -> ApiResult<TokenSet> {
         ("oauth.user.token", &access),
         ("oauth.user.refresh_token", &refresh),
     ] {
-        if token
-            .as_deref()
-            .is_some_and(crate::oauth::has_control_characters)
-        {
+        // C1 controls too (U+0080–U+009F: a paste from a document, never a token).
+        if token.as_deref().is_some_and(|token| {
+            crate::oauth::has_control_characters(token)
+                || token.chars().any(|c| ('\u{80}'..='\u{9f}').contains(&c))
+        }) {
             return Err(ApiError::bad_request(format!(
                 "`{key}` holds a control character (a line break copied with it?): no provider issues such a token, and no HTTP header can carry it"
             )));

@@ -488,6 +488,9 @@ async fn unusable_update_inputs_are_refused() {
     // A refused import changes nothing else either.
     let (status, body) = patch(json!({"name": "half done", "externalAuthentication": "initial", "configuration": {"oauth.user.token": "a\nb"}})).await;
     assert_eq!(status, 400, "{body}");
+    // A C1 control (a paste from a document) is no part of a token either.
+    let (status, body) = patch(json!({"externalAuthentication": "initial", "configuration": {"oauth.user.token": "UPAT_\u{85}nel"}})).await;
+    assert_eq!(status, 400, "{body}");
     let (_, shown) = send(&env, Method::GET, &path, &platform, None).await;
     assert_ne!(shown["name"], "half done", "{shown}");
     // More keys than an instance takes, over two PATCHes.
