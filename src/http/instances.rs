@@ -1020,7 +1020,19 @@ pub async fn list(
     caller: Caller,
     RawQuery(query): RawQuery,
 ) -> ApiResult<AxumJson<Vec<Value>>> {
-    let tags: Vec<String> = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+    let query = query.unwrap_or_default();
+    let parameters = url::form_urlencoded::parse(query.as_bytes());
+    // Another spelling of the filter (`tags[0]`, `tags[][]`) is refused, not ignored: the
+    // caller would take the whole list for the filtered one.
+    if let Some((odd, _)) = parameters
+        .clone()
+        .find(|(key, _)| key.starts_with("tags") && key != "tags[]" && key != "tags")
+    {
+        return Err(ApiError::bad_request(format!(
+            "`{odd}` is no filter: repeat `tags[]=…` for each tag"
+        )));
+    }
+    let tags: Vec<String> = parameters
         .filter(|(key, _)| key == "tags[]" || key == "tags")
         .map(|(_, value)| value.into_owned())
         .collect();

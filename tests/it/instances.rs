@@ -338,6 +338,7 @@ async fn create_from_code_shows_the_contract_fields_masked() {
                 vec![id_of(&instance), id_of(&by_path.body)],
             ),
             ("?tags[]=nobody", vec![]),
+            ("?tags=qa", vec![id_of(&by_path.body)]),
         ] {
             let filtered = call(
                 &env,
@@ -359,6 +360,18 @@ async fn create_from_code_shows_the_contract_fields_masked() {
             ids.sort();
             expected.sort();
             assert_eq!(ids, expected, "[{label}] {query}");
+        }
+        // Another spelling of the filter is refused, not ignored (the whole list came back).
+        for query in ["?tags[0]=qa", "?tags[][]=qa"] {
+            let refused = call(
+                &env,
+                Method::GET,
+                &env.api(&format!("/instances{query}")),
+                Some(&auth),
+                None,
+            )
+            .await;
+            assert_error(&refused, 400, &format!("{label} {query}"));
         }
         // With an Element token, that instance filtered the same way.
         let element = env.org.with_element(instance["token"].as_str().unwrap());
