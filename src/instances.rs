@@ -835,11 +835,31 @@ pub async fn reseal_all(app: &App, progress: &mut dyn FnMut(u64)) -> Result<Rese
             }
         }
     }
-    for (state_hash, sealed) in app.store.list_oauth_state_verifiers().await? {
+    for column in [
+        crate::store::OAuthStateSealed::Verifier,
+        crate::store::OAuthStateSealed::ClientSecret,
+    ] {
+        changed += reseal_oauth_states(app, keyring, column).await?;
+    }
+    changed += reseal_pending_events(app, &mut unreadable).await?;
+    Ok(Resealed {
+        changed,
+        unreadable,
+    })
+}
+
+/// Key rotation of the pending authorizations' sealed `column`; how many were resealed.
+async fn reseal_oauth_states(
+    app: &App,
+    keyring: &crypto::Keyring,
+    column: crate::store::OAuthStateSealed,
+) -> Result<u64, ApiError> {
+    let mut changed = 0;
+    for (state_hash, sealed) in app.store.list_oauth_state_sealed(column).await? {
         if keyring.is_current(&sealed) {
             continue;
         }
-        let field = crypto::hex(&state_hash);
+        let field = column.binding_field(&state_hash);
         let binding = Binding {
             table: "oauth_states",
             row: 0,
@@ -853,17 +873,13 @@ pub async fn reseal_all(app: &App, progress: &mut dyn FnMut(u64)) -> Result<Rese
         // Taken meanwhile (used or expired): nothing to do.
         if app
             .store
-            .reseal_oauth_state_verifier(&state_hash, &sealed, &resealed)
+            .reseal_oauth_state(column, &state_hash, &sealed, &resealed)
             .await?
         {
             changed += 1;
         }
     }
-    changed += reseal_pending_events(app, &mut unreadable).await?;
-    Ok(Resealed {
-        changed,
-        unreadable,
-    })
+    Ok(changed)
 }
 
 /// What a key rotation did.

@@ -332,6 +332,22 @@ pub async fn oauth_url(
             },
         )
     });
+    // The client secret, when given, is kept for the code's exchange (a create whose
+    // configuration leaves it out), sealed like the verifier.
+    let api_secret_enc = query
+        .get("apiSecret")
+        .filter(|secret| !secret.is_empty())
+        .map(|secret| {
+            let field = crate::store::OAuthStateSealed::ClientSecret.binding_field(&state_hash);
+            app.keyring.seal_secret(
+                &crate::secret::Secret::new(secret.clone()),
+                Binding {
+                    table: "oauth_states",
+                    row: 0,
+                    field: &field,
+                },
+            )
+        });
     // A state asked for again (a reload, an integration that passes a fixed one) gets the new
     // authorization in place of the old one, for the same connector.
     let kept = app
@@ -345,6 +361,7 @@ pub async fn oauth_url(
             code_verifier_enc,
             scope,
             expires_at: now_ms() + STATE_TTL_MS,
+            api_secret_enc,
         })
         .await?;
     if !kept {

@@ -305,6 +305,23 @@ struct Grant {
     /// under it (with the instance's write, or [`code_spent`]) for a request that repeats the
     /// code.
     claimed: Option<Vec<u8>>,
+    /// The client secret the authorization URL's request gave (`apiSecret`), used for the
+    /// exchange because the configuration had none: the instance keeps it.
+    client_secret: Option<String>,
+}
+
+impl Grant {
+    /// The secret configuration an instance is stored with: `secret`, and the client secret
+    /// the exchange used where it holds none.
+    fn with_client_secret(&self, secret: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let mut secret = secret.clone();
+        if let Some(client_secret) = &self.client_secret {
+            secret
+                .entry(instances::API_SECRET.to_string())
+                .or_insert_with(|| client_secret.clone());
+        }
+        secret
+    }
 }
 
 /// What an exchange of a code gave.
@@ -625,6 +642,39 @@ async fn exchange_claimed(
             }
         }
     }
+    // The client secret given with the authorization URL, for a configuration without one.
+    let mut kept_secret = None;
+    if credentials.client_secret.expose().is_empty()
+        && let Some(row) = &taken_state
+        && let Some(sealed) = &row.api_secret_enc
+    {
+        let field = crate::store::OAuthStateSealed::ClientSecret.binding_field(&row.state_hash);
+        match app.keyring.open_secret(
+            sealed,
+            Binding {
+                table: "oauth_states",
+                row: 0,
+                field: &field,
+            },
+        ) {
+            Ok(opened) => kept_secret = Some(opened),
+            Err(error) => {
+                let _ = app.store.insert_oauth_state(row).await;
+                return Err(error.into());
+            }
+        }
+    }
+    let with_kept_secret;
+    let credentials = match &kept_secret {
+        Some(secret) => {
+            with_kept_secret = crate::oauth::ClientCredentials {
+                client_id: credentials.client_id.clone(),
+                client_secret: secret.clone(),
+            };
+            &with_kept_secret
+        }
+        None => credentials,
+    };
     // A failed exchange leaves the store as it was: the state (and its PKCE verifier) is given
     // back, so that a passing provider failure does not burn the authorization.
     let give_back = |taken: Option<crate::store::OAuthStateRow>| async move {
@@ -686,6 +736,7 @@ async fn exchange_claimed(
         scope: scope_asked,
         callback: Some(callback.to_string()),
         claimed: None,
+        client_secret: kept_secret.map(|secret| secret.expose().to_string()),
     })
 }
 
@@ -852,6 +903,7 @@ async fn create_instance(
                 scope: None,
                 callback: None,
                 claimed: None,
+                client_secret: None,
             }
         }
         (None, false) => {
@@ -861,6 +913,7 @@ async fn create_instance(
         }
     };
     let claimed = grant.claimed.clone();
+    let secret = grant.with_client_secret(&split.secret);
     let created = store_created(
         app,
         caller,
@@ -869,7 +922,7 @@ async fn create_instance(
             name,
             tags,
             plain,
-            secret: &split.secret,
+            secret: &secret,
             external,
         },
         grant,
@@ -1703,7 +1756,9 @@ async fn update_once(
                 &Reauthentication {
                     tokens: update,
                     client_secret_enc: Some(instances::seal_secret_configuration(
-                        app, row.id, &secret,
+                        app,
+                        row.id,
+                        &grant.with_client_secret(&secret),
                     )),
                     verification: verification.clone(),
                     // Under a hold (`held`), its lease stays until the hold ends.

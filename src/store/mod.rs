@@ -22,7 +22,8 @@
 //! - `connectors(organization_id → organizations, key, definition /*JSON*/, created_at,
 //!   updated_at, PK(organization_id, key))`
 //! - `oauth_states(state_hash PK, organization_id → organizations, element_key, callback_url,
-//!   api_key, code_verifier_enc NULL, scope NULL, expires_at)`: single use.
+//!   api_key, code_verifier_enc NULL, scope NULL, expires_at, api_secret_enc NULL)`: single
+//!   use.
 //! - `instances(id PK, organization_id → organizations, element_key, name, token_hash UNIQUE,
 //!   token_enc, tags /*JSON array*/, configuration /*JSON object, non-secret keys*/,
 //!   access_token_enc, refresh_token_enc, token_response_enc, client_secret_enc,
@@ -96,6 +97,34 @@ pub enum StoreError {
 
 /// The longest round trip of a reading of the database's clock that is believed.
 pub const CLOCK_READING_MAX_MS: i64 = 100;
+
+/// The sealed values a pending authorization (`oauth_states`) may keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OAuthStateSealed {
+    /// The PKCE code verifier.
+    Verifier,
+    /// The client secret given with the authorization URL's request (`apiSecret`).
+    ClientSecret,
+}
+
+impl OAuthStateSealed {
+    fn name(self) -> &'static str {
+        match self {
+            OAuthStateSealed::Verifier => "code_verifier_enc",
+            OAuthStateSealed::ClientSecret => "api_secret_enc",
+        }
+    }
+
+    /// The field its seal is bound to: the state's hash (in hex), and for the secret a suffix.
+    pub fn binding_field(self, state_hash: &[u8]) -> String {
+        match self {
+            OAuthStateSealed::Verifier => crate::crypto::hex(state_hash),
+            OAuthStateSealed::ClientSecret => {
+                format!("{}/api-secret", crate::crypto::hex(state_hash))
+            }
+        }
+    }
+}
 
 /// What [`Store::delete_connector`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -768,7 +797,8 @@ impl Store {
             row,
             " ON CONFLICT (state_hash) DO UPDATE SET callback_url = excluded.callback_url, \
              api_key = excluded.api_key, code_verifier_enc = excluded.code_verifier_enc, \
-             scope = excluded.scope, expires_at = excluded.expires_at \
+             scope = excluded.scope, expires_at = excluded.expires_at, \
+             api_secret_enc = excluded.api_secret_enc \
              WHERE oauth_states.organization_id = excluded.organization_id \
              AND oauth_states.element_key = excluded.element_key",
         )
@@ -784,8 +814,8 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let sql = format!(
             "INSERT INTO oauth_states (state_hash, organization_id, element_key, callback_url, \
-             api_key, code_verifier_enc, scope, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8){on_conflict}"
+             api_key, code_verifier_enc, scope, expires_at, api_secret_enc) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9){on_conflict}"
         );
         let result = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(&row.state_hash)
@@ -796,6 +826,7 @@ impl Store {
             .bind(&row.code_verifier_enc)
             .bind(&row.scope)
             .bind(row.expires_at)
+            .bind(&row.api_secret_enc)
             .execute(&self.pool)
             .await?;
         Ok(result.rows_affected() == 1)
@@ -811,7 +842,7 @@ impl Store {
         let row = sqlx::query_as::<_, OAuthStateRow>(
             "DELETE FROM oauth_states WHERE state_hash = $1 AND expires_at > $2 \
              RETURNING state_hash, organization_id, element_key, callback_url, api_key, \
-             code_verifier_enc, scope, expires_at",
+             code_verifier_enc, scope, expires_at, api_secret_enc",
         )
         .bind(state_hash)
         .bind(now)
@@ -855,32 +886,41 @@ impl Store {
         Ok(rows.into_iter().map(|(hash,)| hash).collect())
     }
 
-    /// Key rotation: every pending state's sealed PKCE verifier, with the state's hash.
-    pub async fn list_oauth_state_verifiers(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
-        let rows: Vec<(Vec<u8>, Vec<u8>)> = sqlx::query_as(
-            "SELECT state_hash, code_verifier_enc FROM oauth_states \
-             WHERE code_verifier_enc IS NOT NULL ORDER BY state_hash",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+    /// Key rotation: every pending state's sealed value of `column` (its PKCE verifier, or its
+    /// client secret), with the state's hash.
+    pub async fn list_oauth_state_sealed(
+        &self,
+        column: OAuthStateSealed,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let column = column.name();
+        let sql = format!(
+            "SELECT state_hash, {column} FROM oauth_states \
+             WHERE {column} IS NOT NULL ORDER BY state_hash"
+        );
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows)
     }
 
-    /// Key rotation: replaces a state's sealed verifier only if it is still `old`.
-    pub async fn reseal_oauth_state_verifier(
+    /// Key rotation: replaces a state's sealed value of `column` only if it is still `old`.
+    pub async fn reseal_oauth_state(
         &self,
+        column: OAuthStateSealed,
         state_hash: &[u8],
         old: &[u8],
         new: &[u8],
     ) -> Result<bool, StoreError> {
-        let result = sqlx::query(
-            "UPDATE oauth_states SET code_verifier_enc = $1 WHERE state_hash = $2 AND code_verifier_enc = $3",
-        )
-        .bind(new)
-        .bind(state_hash)
-        .bind(old)
-        .execute(&self.pool)
-        .await?;
+        let column = column.name();
+        let sql = format!(
+            "UPDATE oauth_states SET {column} = $1 WHERE state_hash = $2 AND {column} = $3"
+        );
+        let result = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(new)
+            .bind(state_hash)
+            .bind(old)
+            .execute(&self.pool)
+            .await?;
         Ok(result.rows_affected() == 1)
     }
 
@@ -1168,6 +1208,10 @@ mod tests {
                         7,
                         "ff33aa65dee339258045ab29a8c35ea4117c65ebbb191f1534b4f4e84ec2aa60dac89db434a9933d5c9f4ae6c17b8118",
                     ),
+                    (
+                        8,
+                        "a6b2efa58aab3d5e6f46978280cd9221de62983e5a9c16af6bcab8bef59e63a4ab4a8b0c760f521cc91d67a39b8a8ca3",
+                    ),
                 ],
             ),
             (
@@ -1200,6 +1244,10 @@ mod tests {
                     (
                         7,
                         "ff33aa65dee339258045ab29a8c35ea4117c65ebbb191f1534b4f4e84ec2aa60dac89db434a9933d5c9f4ae6c17b8118",
+                    ),
+                    (
+                        8,
+                        "ece8047907ad65071a91568cee6b2ef3c6d577ed34600ff00f9bc58c99b42f300f511f2d38f84d688857e02c88b19128",
                     ),
                 ],
             ),

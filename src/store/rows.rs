@@ -116,6 +116,8 @@ pub struct OAuthStateRow {
     pub code_verifier_enc: Option<Vec<u8>>,
     pub scope: Option<String>,
     pub expires_at: i64,
+    /// The client secret given with the authorization URL's request, sealed.
+    pub api_secret_enc: Option<Vec<u8>>,
 }
 
 impl fmt::Debug for OAuthStateRow {
@@ -129,6 +131,7 @@ impl fmt::Debug for OAuthStateRow {
             .field("code_verifier_enc", &redacted_opt(&self.code_verifier_enc))
             .field("scope", &self.scope)
             .field("expires_at", &self.expires_at)
+            .field("api_secret_enc", &redacted_opt(&self.api_secret_enc))
             .finish()
     }
 }

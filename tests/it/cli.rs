@@ -234,8 +234,8 @@ async fn serve_refuses_a_key_that_opens_nothing_of_the_database() {
             .execute(&mut db)
             .await
             .unwrap();
-        // What the last migration (0007) added, taken out again.
-        sqlx::query("ALTER TABLE used_codes DROP COLUMN instance_id")
+        // What the last migration (0008) added, taken out again.
+        sqlx::query("ALTER TABLE oauth_states DROP COLUMN api_secret_enc")
             .execute(&mut db)
             .await
             .unwrap();

@@ -3047,3 +3047,52 @@ async fn a_disable_waits_for_a_refresh_under_way_elsewhere() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// The client secret given to `oauth/url` (`apiSecret`, "kept for the exchange when given")
+/// serves a create whose configuration leaves it out, and the instance keeps it for its
+/// refreshes: the exchange went without a secret, and the provider refused the client.
+#[tokio::test]
+async fn the_secret_given_with_the_authorization_url_serves_the_exchange() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let (code, state) = env.authorize(&env.org, "sandbox-box", "kiri").await;
+        let mut configuration = env.configuration();
+        configuration
+            .as_object_mut()
+            .unwrap()
+            .remove("oauth.api.secret");
+        let created = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&env.org.platform()),
+            Some(json!({"element": {"key": "sandbox-box"},
+                        "providerData": {"code": code, "state": state},
+                        "configuration": configuration})),
+        )
+        .await;
+        assert_eq!(created.status, 200, "[{label}] {}", created.body);
+        let id = id_of(&created.body);
+        let token = created.body["token"].as_str().unwrap();
+        // Kept by the instance: shown to the Element token's holder, and used to refresh.
+        let (_, shown) = env
+            .get_json(&env.api("/instances"), &env.org.with_element(token))
+            .await;
+        assert_eq!(
+            shown[0]["configuration"]["oauth.api.secret"], CLIENT_SECRET,
+            "[{label}] {shown}"
+        );
+        let refreshed = call(
+            &env,
+            Method::POST,
+            &env.api(&format!("/instances/{id}/tokens/refresh")),
+            Some(&env.org.platform()),
+            None,
+        )
+        .await;
+        assert_eq!(refreshed.status, 200, "[{label}] {}", refreshed.body);
+        // (Through a key rotation while the authorization is pending: `keys.rs`.)
+        env.stop().await;
+        drop_test_database(&url).await;
+    }
+}

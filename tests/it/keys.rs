@@ -258,10 +258,11 @@ async fn rotation_under_traffic_leaves_everything_readable_with_the_new_key() {
                 },
             )
             .unwrap_or_else(|e| panic!("[{label}] webhook secret after rotation: {e}"));
-        // The PKCE authorization begun before the rotation completes.
+        // The PKCE authorization begun before the rotation completes, with the client secret
+        // it was given (re-sealed with its verifier).
         let finished = call(&env, Method::POST, &env.api("/instances"), Some(&env.org.platform()),
                             Some(json!({"element": {"key": "sandbox-generic"}, "providerData": {"code": pending_code, "state": pending_state},
-                                        "configuration": {"oauth.api.key": crate::harness::CLIENT_ID, "oauth.api.secret": crate::harness::CLIENT_SECRET,
+                                        "configuration": {"oauth.api.key": crate::harness::CLIENT_ID,
                                                           "oauth.callback.url": pending_callback}}))).await;
         assert_eq!(
             finished.status, 200,

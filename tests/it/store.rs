@@ -355,6 +355,7 @@ async fn oauth_states_are_single_use() {
             code_verifier_enc: Some(bytes("verifier")),
             scope: None,
             expires_at,
+            api_secret_enc: Some(bytes("secret")),
         };
         store
             .insert_oauth_state(&state("s1", NOW + 600_000))
