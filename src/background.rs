@@ -250,8 +250,9 @@ pub mod plan {
             self.tasks.insert(task, key);
         }
 
-        /// Task `task` ended; `passing_failure`: its provider failed for now, slowly.
-        pub fn finished(&mut self, task: &T, passing_failure: bool) {
+        /// Task `task` ended; `passing_failure`: whether its provider failed for now, slowly
+        /// (`None`: the refresh did not reach the provider, and tells nothing of it).
+        pub fn finished(&mut self, task: &T, passing_failure: Option<bool>) {
             let Some(key) = self.tasks.remove(task) else {
                 return;
             };
@@ -261,10 +262,14 @@ pub mod plan {
                     self.running.remove(&key);
                 }
             }
-            if passing_failure {
-                self.failing.insert(key);
-            } else {
-                self.failing.remove(&key);
+            match passing_failure {
+                Some(true) => {
+                    self.failing.insert(key);
+                }
+                Some(false) => {
+                    self.failing.remove(&key);
+                }
+                None => {}
             }
         }
 
@@ -423,12 +428,12 @@ pub mod plan {
                 slots.started(task, "box".into());
             }
             for task in 0..32 {
-                slots.finished(&task, false);
+                slots.finished(&task, Some(false));
             }
             assert_eq!(slots.busy(), 0);
             // Its refresh failed for now: 4 of 32 at once, others unaffected.
             slots.started(100, "org/hangs".into());
-            slots.finished(&100, true);
+            slots.finished(&100, Some(true));
             for task in 101..105 {
                 assert!(slots.may_start("org/hangs", 32));
                 slots.started(task, "org/hangs".into());
@@ -436,15 +441,24 @@ pub mod plan {
             assert!(!slots.may_start("org/hangs", 32));
             assert!(slots.may_start("box", 32));
             // A slot freed: one more; an answer ends the limit.
-            slots.finished(&101, true);
+            slots.finished(&101, Some(true));
             assert!(slots.may_start("org/hangs", 32));
             slots.started(105, "org/hangs".into());
             assert!(!slots.may_start("org/hangs", 32));
-            slots.finished(&102, false);
+            slots.finished(&102, Some(false));
             assert!(slots.may_start("org/hangs", 32));
-            // A task ended twice (or never counted) changes nothing.
-            slots.finished(&102, true);
+            // A task ended twice (or never counted) changes nothing; nor does one that never
+            // reached the provider.
+            slots.finished(&102, Some(true));
             assert!(slots.may_start("org/hangs", 32));
+            slots.started(106, "org/hangs".into());
+            slots.finished(&106, Some(true));
+            slots.started(107, "org/hangs".into());
+            slots.finished(&107, None);
+            assert!(slots.may_start("org/hangs", 32));
+            slots.started(108, "org/hangs".into());
+            slots.started(109, "org/hangs".into());
+            assert!(!slots.may_start("org/hangs", 32), "still failing");
             assert_eq!(Slots::<u32>::failing_share(4), 2);
         }
 
@@ -480,7 +494,7 @@ const RATE_MAX_WAIT_MS: i64 = 2_000;
 
 async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
     // Each scheduled refresh answers whether its provider failed for now.
-    let mut running: JoinSet<bool> = JoinSet::new();
+    let mut running: JoinSet<Option<bool>> = JoinSet::new();
     let mut slots = plan::Slots::default();
     let rate = app.config.refresh_rate_per_connector;
     let mut limiter =
@@ -561,7 +575,7 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
                     if stopped {
                         // Not started: give the row back, due at once for another replica.
                         release(&app, &row, now, due_at).await;
-                        return false;
+                        return None;
                     }
                 }
                 let (id, version) = (row.id, row.token_version);
@@ -586,7 +600,8 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
                 };
                 metrics::counter!("tokenwarden_scheduler_refreshes_total", "outcome" => outcome)
                     .increment(1);
-                outcome == "transient" && started.elapsed() >= plan::SLOW_FAILURE
+                (outcome != "skipped")
+                    .then(|| outcome == "transient" && started.elapsed() >= plan::SLOW_FAILURE)
             });
             slots.started(task.id(), key);
         }
@@ -632,14 +647,14 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// A scheduled refresh ended (a panicked one counts as no failure of its provider's).
+/// A scheduled refresh ended (a panicked one tells nothing of its provider).
 fn settle(
     slots: &mut plan::Slots<tokio::task::Id>,
-    ended: Result<(tokio::task::Id, bool), tokio::task::JoinError>,
+    ended: Result<(tokio::task::Id, Option<bool>), tokio::task::JoinError>,
 ) {
     match ended {
         Ok((task, passing_failure)) => slots.finished(&task, passing_failure),
-        Err(error) => slots.finished(&error.id(), false),
+        Err(error) => slots.finished(&error.id(), None),
     }
 }
 
@@ -677,6 +692,12 @@ async fn recovery(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
                 for row in rows {
                     if *shutdown.borrow() {
                         break;
+                    }
+                    // Without a refresh token no refresh was under way (a hold's or a store's
+                    // mark), and one now could only end an instance whose token may well work.
+                    if row.refresh_token_enc.is_none() {
+                        let _ = app.store.forget_interrupted(row.id, now).await;
+                        continue;
                     }
                     tracing::warn!(
                         instance = row.id,

@@ -952,14 +952,15 @@ impl RefreshEngine {
                 .await
                 .map_err(RefreshFailure::into_api_error)?;
             let deadline = Instant::now() + wait;
-            let leased = loop {
+            // `held_at`: marks of a refresh in flight from before it stay when the hold ends.
+            let (leased, held_at) = loop {
                 let now = now_ms();
                 if let Some(row) = app
                     .store
                     .try_acquire_refresh_lease(id, &app.replica_id, now, now + LEASE_MS, false)
                     .await?
                 {
-                    break row;
+                    break (row, now);
                 }
                 let Some(row) = app.store.get_instance_by_id(id).await? else {
                     return Err(ApiError::not_found("The instance was deleted meanwhile"));
@@ -969,8 +970,13 @@ impl RefreshEngine {
                 // rather than wait for the lease to run out. No refresh of this process runs
                 // on it: they all hold this flight. The claim, when its turn comes, finds the
                 // row moved on or its lease gone, and refreshes nothing.
-                if let Some(row) = take_over_own_claim(app, &row, now).await? {
-                    break row;
+                if let Some(taken) = take_over_own_claim(app, &row, now).await? {
+                    // The claim's own mark (made as it was claimed, never a refresh: this
+                    // flight is held) goes with the hold; an older one stays.
+                    let claimed_at = row
+                        .refresh_lease_until
+                        .map_or(now, |until| until - LEASE_MS);
+                    break (taken, claimed_at.min(now));
                 }
                 if Instant::now() > deadline {
                     return Err(ApiError::new(
@@ -989,7 +995,7 @@ impl RefreshEngine {
                 done = work(leased) => done,
                 () = lease_heartbeat(app, id, leased_until) => unreachable!("the heartbeat never ends"),
             };
-            let _ = app.store.release_refresh_lease(id, &app.replica_id).await;
+            let _ = app.store.release_hold(id, &app.replica_id, held_at).await;
             done
         })
         .await

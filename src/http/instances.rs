@@ -1073,6 +1073,17 @@ pub async fn list(
     caller: Caller,
     RawQuery(query): RawQuery,
 ) -> ApiResult<AxumJson<Vec<Value>>> {
+    if let Some(row) = &caller.element {
+        // That instance alone, as a one-element array (the contract), whatever the query.
+        let name = connector_name(&app, row).await;
+        return Ok(AxumJson(vec![instances::view(
+            &app,
+            row,
+            name.as_deref(),
+            true,
+        )?]));
+    }
+    caller.require_organization()?;
     let query = query.unwrap_or_default();
     let parameters = url::form_urlencoded::parse(query.as_bytes());
     // Another spelling of the filter (`tags[0]`, `tags[][]`) is refused, not ignored: the
@@ -1089,20 +1100,6 @@ pub async fn list(
         .filter(|(key, _)| key == "tags[]" || key == "tags")
         .map(|(_, value)| value.into_owned())
         .collect();
-    if let Some(row) = &caller.element {
-        // The instance alone, filtered as the organization's list is (a tag it lacks: `[]`).
-        if !tags.is_empty() && !row.tag_list().iter().any(|tag| tags.contains(tag)) {
-            return Ok(AxumJson(Vec::new()));
-        }
-        let name = connector_name(&app, row).await;
-        return Ok(AxumJson(vec![instances::view(
-            &app,
-            row,
-            name.as_deref(),
-            true,
-        )?]));
-    }
-    caller.require_organization()?;
     let rows = app
         .store
         .list_instances(caller.organization_id, &tags)
@@ -1801,6 +1798,8 @@ async fn update_once(
     // `invalid_client` is tried at once).
     let retry_now = plain.get(API_KEY) != old_plain.get(API_KEY)
         || plain.get(REFRESH_URL) != old_plain.get(REFRESH_URL)
+        // The scope a refresh asks for (a provider refused the refresh request without it).
+        || plain.get(instances::SCOPE) != old_plain.get(instances::SCOPE)
         || secret.get(instances::API_SECRET)
             != secrets.secret_configuration.get(instances::API_SECRET);
     // Tokens brought in are checked before anything is written: a refusal after the write
@@ -2022,24 +2021,21 @@ async fn set_enabled(
     let event = events::new_event(app, &row, event_type, None);
     // Enabling an enabled instance (or disabling a disabled one) changes nothing, and tells no
     // one: no event, no webhook, no audit entry.
-    let changed = if enabled {
-        app.store
-            .set_disabled(row.organization_id, row.id, false, Some(&event))
-            .await?
-    } else {
-        // Under the instance's hold: a refresh under way (another replica's scheduler may
-        // have claimed the instance a moment ago, and trusts its claim for a few seconds)
-        // ends first, and none starts after the 200. The contract: a disabled instance makes
-        // no provider calls and no refreshes.
-        app.refresh
-            .with_instance_held(app, row.id, async |held| {
-                Ok(app
-                    .store
-                    .set_disabled(held.organization_id, held.id, true, Some(&event))
-                    .await?)
-            })
-            .await?
-    };
+    let changed = app
+        .store
+        .set_disabled(row.organization_id, row.id, !enabled, Some(&event))
+        .await?;
+    if !enabled {
+        // Then the instance's hold, taken and given back: a refresh under way (another
+        // replica's scheduler may have claimed the instance a moment ago, and trusts its claim
+        // for a few seconds) ends before the 200, so none runs after it (the contract: a
+        // disabled instance makes no provider calls and no refreshes). A refresh that hangs
+        // at its provider past the hold's wait does not keep the disable from answering.
+        let _ = app
+            .refresh
+            .with_instance_held(app, row.id, async |_| Ok(()))
+            .await;
+    }
     app.refresh.forget(row.id);
     if changed {
         app.refresh.notify_schedule_changed();

@@ -339,8 +339,21 @@ where
     let seen = survey(&parts.headers);
     let body = read_body(body, &seen, app.config.header_read_timeout).await?;
     let kept = matches!(body, OutgoingBody::Kept(_));
+    // The clock again once a body came: its reading may have taken long (a slow upload), and
+    // the token's freshness is judged for when the call goes out.
+    let now = if matches!(&body, OutgoingBody::Kept(bytes) if bytes.is_empty()) {
+        now
+    } else {
+        now_ms()
+    };
     // Refresh ahead of the call when the connector asks for it.
     let strategy = instance.connector.refresh.strategy;
+    // A body too large to send twice with a token past its expiry, on a connector that
+    // refreshes on a rejection only: refreshed first (see below).
+    let upload_ahead = strategy == RefreshStrategy::On401
+        && !kept
+        && instance.has_refresh_token
+        && instance.expired(now);
     let wants_refresh = match strategy {
         // Without a refresh token a refresh could only end the instance: the token serves
         // until the provider rejects it (then the refresh below says why).
@@ -356,9 +369,7 @@ where
         // `on_401`: only a rejection (or no token at all) refreshes, whatever the expiry
         // says; except for a body too large to send twice, which a token past its expiry
         // would get rejected with no retry.
-        RefreshStrategy::On401 => {
-            instance.access_token.is_none() || (!kept && instance.expired(now))
-        }
+        RefreshStrategy::On401 => instance.access_token.is_none() || upload_ahead,
     } || instance.rejected();
     if wants_refresh {
         let refreshed = app
@@ -375,13 +386,14 @@ where
                 instance = fresh;
             }
             // A token that has not expired yet still serves while the provider (or our store)
-            // recovers.
+            // recovers; so does an `on_401` connector's token for an upload (its expiry is
+            // not the connector's word: the provider may well take it still).
             Err(
                 RefreshFailure::Transient { .. }
                 | RefreshFailure::Internal(_)
                 | RefreshFailure::StoreUnavailable(_)
                 | RefreshFailure::Misconfigured(_),
-            ) if instance.access_token.is_some() && !instance.expired(now) => {}
+            ) if instance.access_token.is_some() && (!instance.expired(now) || upload_ahead) => {}
             Err(failure) => return Err(failure_for_call(failure)),
         }
     }

@@ -458,6 +458,44 @@ impl Store {
         Ok(row)
     }
 
+    /// Gives back the lease of a hold taken at `held_at`, if `owner` still holds it: a mark
+    /// of a refresh in flight from before it stays (an interrupted refresh, which the hold did
+    /// not finish: the next taker must know the provider may have rotated the refresh token
+    /// away; a change of the tokens under the hold clears it itself). True when it did.
+    pub async fn release_hold(
+        &self,
+        id: i64,
+        owner: &str,
+        held_at: i64,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE instances SET refresh_lease_owner = NULL, refresh_lease_until = NULL, \
+             refresh_in_flight_since = CASE WHEN refresh_in_flight_since < $3 \
+             THEN refresh_in_flight_since ELSE NULL END \
+             WHERE id = $1 AND refresh_lease_owner = $2",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(held_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Clears the in-flight mark of an instance nobody holds at `now` (crash recovery, for an
+    /// instance with nothing to finish).
+    pub async fn forget_interrupted(&self, id: i64, now: i64) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE instances SET refresh_in_flight_since = NULL \
+             WHERE id = $1 AND (refresh_lease_until IS NULL OR refresh_lease_until < $2)",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
     /// Gives the lease back, if `owner` still holds it. True when it did.
     pub async fn release_refresh_lease(&self, id: i64, owner: &str) -> Result<bool, StoreError> {
         let result = sqlx::query(
@@ -848,8 +886,8 @@ impl Store {
              failing_since = NULL, failure_count = 0, backoff_until = NULL, last_failure = NULL, \
              refresh_lease_owner = CASE WHEN $15 = 1 THEN refresh_lease_owner ELSE NULL END, \
              refresh_lease_until = CASE WHEN $15 = 1 THEN refresh_lease_until ELSE NULL END, \
-             refresh_in_flight_since = CASE WHEN $15 = 1 THEN refresh_in_flight_since \
-             ELSE NULL END, updated_at = CASE WHEN $12 > updated_at THEN $12 ELSE updated_at + 1 END, \
+             refresh_in_flight_since = NULL, \
+             updated_at = CASE WHEN $12 > updated_at THEN $12 ELSE updated_at + 1 END, \
              name = COALESCE($16, name), tags = COALESCE($17, tags) \
              WHERE id = $13 AND organization_id = $14 \
              AND updated_at = COALESCE($18, updated_at) \

@@ -789,6 +789,54 @@ async fn refresh_lease() {
             .unwrap()
             .expect(label);
         assert_eq!(held.refresh_in_flight_since, Some(NOW + 70_001), "{label}");
+        // The hold's end keeps that mark (the hold finished no refresh; a disable cleared
+        // it), and clears one made while it held.
+        assert!(
+            store
+                .release_hold(row.id, "replica-c", NOW + 80_001)
+                .await
+                .unwrap()
+        );
+        let after = store.get_instance_by_id(row.id).await.unwrap().unwrap();
+        assert_eq!(after.refresh_lease_owner, None, "{label}");
+        assert_eq!(after.refresh_in_flight_since, Some(NOW + 70_001), "{label}");
+        store
+            .try_acquire_refresh_lease(row.id, "replica-c", NOW + 90_001, NOW + 95_000, false)
+            .await
+            .unwrap()
+            .expect(label);
+        assert!(
+            store
+                .release_hold(row.id, "replica-c", NOW + 60_000)
+                .await
+                .unwrap()
+        );
+        let after = store.get_instance_by_id(row.id).await.unwrap().unwrap();
+        assert_eq!(after.refresh_in_flight_since, None, "{label}");
+        // Recovery's way to drop a mark with nothing to finish: only once nobody holds it.
+        store
+            .try_acquire_refresh_lease(row.id, "replica-a", NOW + 95_001, NOW + 99_000, true)
+            .await
+            .unwrap()
+            .expect(label);
+        assert!(
+            !store
+                .forget_interrupted(row.id, NOW + 98_000)
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .forget_interrupted(row.id, NOW + 99_001)
+                .await
+                .unwrap()
+        );
+        let after = store.get_instance_by_id(row.id).await.unwrap().unwrap();
+        assert_eq!(after.refresh_in_flight_since, None, "{label}");
+        store
+            .release_refresh_lease(row.id, "replica-a")
+            .await
+            .unwrap();
         assert!(
             store
                 .try_acquire_refresh_lease(random_id(), "x", NOW, NOW + 1, true)
