@@ -501,7 +501,13 @@ async fn exchange_once(
         caller,
         connector,
         plain,
-        (&credentials, &endpoints, &spec),
+        // An empty secret given is a public client's: only one left out is looked for.
+        (
+            &credentials,
+            !secrets.contains_key(instances::API_SECRET),
+            &endpoints,
+            &spec,
+        ),
         redirect,
         &mut spent,
     )
@@ -531,8 +537,9 @@ async fn exchange_claimed(
     caller: &Caller,
     connector: &Connector,
     plain: &Map<String, Value>,
-    (credentials, endpoints, spec): (
+    (credentials, secret_left_out, endpoints, spec): (
         &crate::oauth::ClientCredentials,
+        bool,
         &crate::oauth::Endpoints,
         &crate::catalog::OAuthSpec,
     ),
@@ -644,7 +651,7 @@ async fn exchange_claimed(
     }
     // The client secret given with the authorization URL, for a configuration without one.
     let mut kept_secret = None;
-    if credentials.client_secret.expose().is_empty()
+    if secret_left_out
         && let Some(row) = &taken_state
         && let Some(sealed) = &row.api_secret_enc
     {
