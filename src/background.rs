@@ -209,7 +209,7 @@ pub mod plan {
 
     /// The scheduler's slots by connector. A connector whose last scheduled refresh failed
     /// slowly for a passing reason (a token endpoint timing out, or failing after
-    /// [`SLOW_FAILURE`]) runs at most an eighth of the slots (2 at least) until one of its
+    /// [`SLOW_FAILURE`]) runs at most an eighth of the slots (1 at least, never all) until one of its
     /// refreshes ends otherwise: a provider that hangs for the whole provider timeout kept
     /// every slot of every replica busy with its backlog (each failure due again within its
     /// backoff), and every other connector's refreshes came late. One that fails fast (a 503
@@ -233,9 +233,10 @@ pub mod plan {
     }
 
     impl<T: std::hash::Hash + Eq> Slots<T> {
-        /// The most refreshes of a failing connector at once, of `concurrency` slots.
+        /// The most refreshes of a failing connector at once, of `concurrency` slots: an
+        /// eighth, and always fewer than all of them (with 2 slots, one stays for the others).
         pub fn failing_share(concurrency: usize) -> usize {
-            (concurrency / 8).max(2)
+            (concurrency / 8).clamp(1, concurrency.saturating_sub(1).max(1))
         }
 
         /// Whether a refresh of connector `key` may start now.
@@ -459,7 +460,12 @@ pub mod plan {
             slots.started(108, "org/hangs".into());
             slots.started(109, "org/hangs".into());
             assert!(!slots.may_start("org/hangs", 32), "still failing");
-            assert_eq!(Slots::<u32>::failing_share(4), 2);
+            // Fewer than all the slots, however few: with 2, one stays for the others (the
+            // share was 2 of 2).
+            assert_eq!(Slots::<u32>::failing_share(2), 1);
+            assert_eq!(Slots::<u32>::failing_share(4), 1);
+            assert_eq!(Slots::<u32>::failing_share(16), 2);
+            assert_eq!(Slots::<u32>::failing_share(1), 1);
         }
 
         #[test]

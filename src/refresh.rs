@@ -1531,7 +1531,7 @@ impl RefreshEngine {
             // as it is, it is refused again; the configuration at fault is named.
             Err(error) if error.is_request_rejected() => {
                 Err(RefreshFailure::Misconfigured(format!(
-                    "{REQUEST_REFUSED_TEXT} ({}); fix the connector's refresh parameters or the instance's `oauth.scope`",
+                    "{REQUEST_REFUSED_TEXT} ({}); the connector's refresh parameters (`oauth.refreshParams`) or the provider's settings need a fix",
                     error.provider_message()
                 )))
             }

@@ -649,10 +649,12 @@ async fn exchange_claimed(
             }
         }
     }
-    // The client secret given with the authorization URL, for a configuration without one.
+    // The client secret given with the authorization URL, for a configuration without one
+    // and the same client.
     let mut kept_secret = None;
     if secret_left_out
         && let Some(row) = &taken_state
+        && row.api_key == credentials.client_id
         && let Some(sealed) = &row.api_secret_enc
     {
         let field = crate::store::OAuthStateSealed::ClientSecret.binding_field(&row.state_hash);
@@ -866,7 +868,10 @@ async fn create_instance(
         .filter(|n| !n.trim().is_empty())
         .unwrap_or_else(|| format!("{} instance", connector.name));
     validate_name(&name)?;
-    let split = split_configuration(configuration);
+    let mut split = split_configuration(configuration);
+    // A masked value in a create stands for nothing to keep: it is left out (the client
+    // secret kept with the authorization may then serve), never sent or stored as a value.
+    split.secret.retain(|_, value| value != instances::MASK);
     let mut given = split.plain.clone();
     inputs_from_redirect(app, connector, &body.redirect_fields(), &mut given);
     let plain = starting_configuration(app, connector, given)?;

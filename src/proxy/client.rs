@@ -51,6 +51,28 @@ const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// provider as the request arrived (its keep-alive ended): the request is [`CallError::Stale`].
 /// One that closes later may have been worked on, and is not.
 const STALE_WITHIN: Duration = Duration::from_secs(1);
+/// Whether a pooled connection was closed under a request: ended without an answer, or reset
+/// (a provider that closes an idle connection with unread bytes on it, the request's, resets
+/// it: the request was never read).
+fn closed_under(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+            );
+        }
+        source = cause.source();
+    }
+    false
+}
+
 /// The longest an upload keeps extending the wait for the answer (a caller trickling bytes
 /// would hold the call open for good otherwise).
 const UPLOAD_AT_MOST: Duration = Duration::from_secs(3600);
@@ -251,10 +273,7 @@ impl ProxyClient {
                     _ => {
                         let error = error.into_error();
                         return Err(
-                            if pooled
-                                && error.is_incomplete_message()
-                                && now.elapsed() < STALE_WITHIN
-                            {
+                            if pooled && closed_under(&error) && now.elapsed() < STALE_WITHIN {
                                 CallError::Stale(error)
                             } else {
                                 CallError::Exchange(error)

@@ -3081,6 +3081,30 @@ async fn the_secret_given_with_the_authorization_url_serves_the_exchange() {
         )
         .await;
         assert_eq!(refreshed.status, 200, "[{label}] {}", refreshed.body);
+        // A masked secret in a create is no value: left out, the kept one serves (the mask
+        // went to the provider as the secret).
+        let (code, state) = env.authorize(&env.org, "sandbox-box", "kiri").await;
+        let mut masked = configuration.clone();
+        masked["oauth.api.secret"] = json!("********");
+        let created = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&env.org.platform()),
+            Some(json!({"element": {"key": "sandbox-box"},
+                        "providerData": {"code": code, "state": state},
+                        "configuration": masked})),
+        )
+        .await;
+        assert_eq!(created.status, 200, "[{label}] {}", created.body);
+        let token = created.body["token"].as_str().unwrap();
+        let (_, shown) = env
+            .get_json(&env.api("/instances"), &env.org.with_element(token))
+            .await;
+        assert_eq!(
+            shown[0]["configuration"]["oauth.api.secret"], CLIENT_SECRET,
+            "[{label}] {shown}"
+        );
         // (Through a key rotation while the authorization is pending: `keys.rs`.)
         env.stop().await;
         drop_test_database(&url).await;

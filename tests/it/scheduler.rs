@@ -641,7 +641,7 @@ async fn a_token_endpoint_that_hangs_does_not_take_every_scheduler_slot() {
     tokio::time::sleep(Duration::from_secs(6)).await;
     let most = relay.most_waiting.load(Ordering::SeqCst);
     assert!(
-        most <= 2,
+        most <= 1,
         "{most} refreshes of the hanging server at once, of 8 slots"
     );
     assert!(most >= 1, "the hanging server was not tried again");
