@@ -83,18 +83,15 @@ pub fn query_rejection(rejection: QueryRejection) -> ApiError {
     ))
 }
 
-/// What tower-http's body timeout says when it cuts a body.
-const STALLED_BODY: &str = "designated timeout";
-
 pub fn json_rejection(rejection: JsonRejection) -> ApiError {
+    // A body that stopped coming (see `http::stalls_cut`): 408.
+    if crate::http::stalled(&rejection) {
+        return crate::http::stalled_body();
+    }
     // A body of the wrong shape (wrong field types) is a plain 400 like every other invalid
     // input of the API, not axum's 422.
-    // A body that stopped coming (see `http::stalls_cut`): 408.
-    let stalled = matches!(&rejection, JsonRejection::BytesRejection(_))
-        && rejection.body_text().contains(STALLED_BODY);
     let status = match &rejection {
         JsonRejection::JsonDataError(_) => StatusCode::BAD_REQUEST,
-        _ if stalled => StatusCode::REQUEST_TIMEOUT,
         other => other.status(),
     };
     let message = match &rejection {
@@ -110,7 +107,6 @@ pub fn json_rejection(rejection: JsonRejection) -> ApiError {
         JsonRejection::MissingJsonContentType(_) => {
             "Send the body as JSON with `Content-Type: application/json`".to_string()
         }
-        _ if stalled => "The request body stopped coming before its end".to_string(),
         other => {
             if status == StatusCode::PAYLOAD_TOO_LARGE {
                 "The body is larger than the service accepts".to_string()

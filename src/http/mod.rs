@@ -103,6 +103,26 @@ fn stalls_cut(
     move |body| axum::body::Body::new(tower_http::timeout::TimeoutBody::new(timeout, body))
 }
 
+/// Whether an error is (or was caused by) a request body cut by [`stalls_cut`]'s timeout.
+pub fn stalled(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
+/// The answer to a request whose body stopped coming.
+pub fn stalled_body() -> error::ApiError {
+    error::ApiError::new(
+        axum::http::StatusCode::REQUEST_TIMEOUT,
+        "The request body stopped coming before its end",
+    )
+}
+
 impl Service {
     pub fn app(&self) -> &SharedApp {
         &self.app

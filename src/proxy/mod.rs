@@ -143,27 +143,21 @@ where
     if declared == Some(0) || body.is_end_stream() {
         return Ok(OutgoingBody::Kept(Bytes::new()));
     }
-    // Boxed only here: a call without a body (the usual GET) never is.
-    let body = Body::new(body);
+    // Boxed only here: a call without a body (the usual GET) never is. Cut when it stops
+    // coming for `stall` (the idle timeout), the part streamed on to the provider too: a
+    // client that crashed mid-body held its connection for good.
+    let body = Body::new(tower_http::timeout::TimeoutBody::new(stall, body));
     if declared.is_some_and(|n| n > REPLAYABLE_BODY_BYTES) {
         return Ok(OutgoingBody::Streaming(body));
     }
     // Read up to the limit; past it, what was read and the rest go on as one stream.
     let mut stream = body.into_data_stream();
     let mut kept = bytes::BytesMut::new();
-    // A body that stops coming is cut after `stall` (the idle timeout): a client that
-    // crashed mid-body held its connection for good.
-    loop {
-        let Ok(next) = tokio::time::timeout(stall, stream.next()).await else {
-            return Err(ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "The request body stopped coming before its end",
-            ));
-        };
-        let Some(chunk) = next else {
-            break;
-        };
+    while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|error| {
+            if crate::http::stalled(&error) {
+                return crate::http::stalled_body();
+            }
             ApiError::bad_request(format!("The request body could not be read: {error}"))
         })?;
         kept.extend_from_slice(&chunk);
@@ -339,13 +333,10 @@ where
     let seen = survey(&parts.headers);
     let body = read_body(body, &seen, app.config.header_read_timeout).await?;
     let kept = matches!(body, OutgoingBody::Kept(_));
+    let bodiless = matches!(&body, OutgoingBody::Kept(bytes) if bytes.is_empty());
     // The clock again once a body came: its reading may have taken long (a slow upload), and
     // the token's freshness is judged for when the call goes out.
-    let now = if matches!(&body, OutgoingBody::Kept(bytes) if bytes.is_empty()) {
-        now
-    } else {
-        now_ms()
-    };
+    let now = if bodiless { now } else { now_ms() };
     // Refresh ahead of the call when the connector asks for it.
     let strategy = instance.connector.refresh.strategy;
     // A body too large to send twice with a token past its expiry, on a connector that
@@ -398,7 +389,7 @@ where
         }
     }
     // Reading a body took the caller's time, not the provider's.
-    if !matches!(&body, OutgoingBody::Kept(bytes) if bytes.is_empty()) {
+    if !bodiless {
         sent_at = Instant::now();
     }
     let headers = forwarded_headers(parts.headers, &seen);
@@ -416,6 +407,26 @@ where
     } else {
         (headers, None)
     };
+    // The kept body sent again with `copy`'s token: after a refresh, or on a new connection
+    // (`fresh`) when the pooled one closed under it.
+    let again = async |copy: &CachedInstance, fresh: bool| match (&replayable, &retry_headers) {
+        (Some(bytes), Some(headers)) => {
+            send(
+                app,
+                copy,
+                &outgoing,
+                target_of(copy, raw_path, query).map_err(SendError::Failed)?,
+                headers.clone(),
+                OutgoingBody::Kept(bytes.clone()),
+                Instant::now(),
+                fresh,
+            )
+            .await
+        }
+        _ => Err(SendError::Failed(ApiError::internal(
+            "a body that was not kept cannot be sent again",
+        ))),
+    };
     let first = match send(
         app,
         &instance,
@@ -432,42 +443,16 @@ where
         // A pooled connection the provider closed as the request went out (its keep-alive
         // ended): an idempotent request with a kept body goes once more, on a new connection,
         // as nginx does. Any other is not sent twice.
-        Err(SendError::Stale(error)) => match (&replayable, &retry_headers) {
-            (Some(bytes), Some(headers)) if idempotent(outgoing.method) => {
-                send(
-                    app,
-                    &instance,
-                    &outgoing,
-                    target_of(&instance, raw_path, query)?,
-                    headers.clone(),
-                    OutgoingBody::Kept(bytes.clone()),
-                    Instant::now(),
-                    true,
-                )
-                .await?
-            }
-            _ => return Err(error),
-        },
-        Err(SendError::Failed(error)) => return Err(error),
+        Err(SendError::Stale(_)) if replayable.is_some() && idempotent(outgoing.method) => {
+            again(&instance, true).await?
+        }
+        Err(error) => return Err(error.into()),
     };
     let (first, rejection) = inspect(app, &instance, first).await?;
     let Some(rejection_message) = rejection else {
         return Ok(first);
     };
-    // The token a refresh made for a rejection has just given is rejected too: the API
-    // refuses the user, not the token's age; its answer passes through (see
-    // `FRESH_REJECTION_HOLDS`).
-    if app
-        .refresh
-        .holds_rejections(instance.id, instance.token_version, Instant::now())
-    {
-        return Ok(first);
-    }
-    // So is a token the provider gave for this very call (a refresh ahead of it: before every
-    // call, or before an expiry): a second refresh could only give another one.
-    if fetched_since(&instance, started) {
-        app.refresh
-            .fresh_token_rejected(instance.id, instance.token_version);
+    if rejection_passes(app, &instance, started) {
         return Ok(first);
     }
     // Calls that have not gone out yet with this token join the refresh instead of
@@ -479,72 +464,53 @@ where
         .refresh(app, instance.id, Some(instance.token_version), None)
         .await
     {
-        Ok(fresh) => match (replayable, retry_headers) {
-            (Some(bytes), Some(headers)) => {
-                let resend = async |copy: &CachedInstance| {
-                    // Disabled (or ended) meanwhile: no further call to the provider.
-                    usable(copy)?;
-                    let go = async |fresh: bool| {
-                        send(
-                            app,
-                            copy,
-                            &outgoing,
-                            target_of(copy, raw_path, query).map_err(SendError::Failed)?,
-                            headers.clone(),
-                            OutgoingBody::Kept(bytes.clone()),
-                            Instant::now(),
-                            fresh,
-                        )
-                        .await
-                    };
-                    // A pooled connection closed under it goes again on a new one, as the
-                    // first send does.
-                    let answered = match go(false).await {
-                        Err(SendError::Stale(_)) if idempotent(outgoing.method) => go(true).await?,
-                        answered => answered?,
-                    };
-                    inspect(app, copy, answered).await
-                };
-                let (second, rejected_again) = resend(&fresh).await?;
-                if rejected_again.is_none() {
-                    return Ok(second);
-                }
-                // A token this call's refresh got from the provider, rejected too: the API
-                // refuses the user, not the token (see `FRESH_REJECTION_HOLDS`).
-                if fetched_since(&fresh, started) {
-                    app.refresh
-                        .fresh_token_rejected(fresh.id, fresh.token_version);
-                    return Ok(second);
-                }
-                // The token came from the store (another replica's refresh, which this copy
-                // had not seen), and it is no better: a refresh of this call's own, and one
-                // more try with what it gets. Its failures are answered as the first
-                // refresh's are: the grant gone in the API's words; a passing failure leaves
-                // the API's answer as it came.
-                let newer = match app
-                    .refresh
-                    .refresh(app, fresh.id, Some(fresh.token_version), None)
-                    .await
-                {
-                    Ok(newer) => newer,
-                    Err(RefreshFailure::Invalid {
-                        reason, version, ..
-                    }) => {
-                        let words = rejected_again.unwrap_or(rejection_message);
-                        return Err(grant_gone(app, fresh.id, reason, version, words).await);
+        Ok(fresh) if replayable.is_some() => {
+            let resend = async |copy: &CachedInstance| {
+                // Disabled (or ended) meanwhile: no further call to the provider.
+                usable(copy)?;
+                // A pooled connection closed under it goes again on a new one, as the
+                // first send does.
+                let answered = match again(copy, false).await {
+                    Err(SendError::Stale(_)) if idempotent(outgoing.method) => {
+                        again(copy, true).await?
                     }
-                    Err(_) => return Ok(second),
+                    answered => answered?,
                 };
-                drop(second);
-                let (third, rejected) = resend(&newer).await?;
-                if rejected.is_some() && fetched_since(&newer, started) {
-                    app.refresh
-                        .fresh_token_rejected(newer.id, newer.token_version);
-                }
-                Ok(third)
+                inspect(app, copy, answered).await
+            };
+            let (second, rejected_again) = resend(&fresh).await?;
+            if rejected_again.is_none() || rejection_passes(app, &fresh, started) {
+                return Ok(second);
             }
-            _ => Ok(first),
-        },
+            // The token came from the store (another replica's refresh, which this copy
+            // had not seen), and it is no better: a refresh of this call's own, and one
+            // more try with what it gets. Its failures are answered as the first
+            // refresh's are: the grant gone in the API's words; a passing failure leaves
+            // the API's answer as it came.
+            let newer = match app
+                .refresh
+                .refresh(app, fresh.id, Some(fresh.token_version), None)
+                .await
+            {
+                Ok(newer) => newer,
+                Err(RefreshFailure::Invalid {
+                    reason, version, ..
+                }) => {
+                    let words = rejected_again.unwrap_or(rejection_message);
+                    return Err(grant_gone(app, fresh.id, reason, version, words).await);
+                }
+                Err(_) => return Ok(second),
+            };
+            drop(second);
+            let (third, rejected) = resend(&newer).await?;
+            if rejected.is_some() {
+                // Only to hold its rejections for the calls that follow.
+                rejection_passes(app, &newer, started);
+            }
+            Ok(third)
+        }
+        // A body that was not kept is not sent again: the refresh serves the next call.
+        Ok(_) => Ok(first),
         Err(RefreshFailure::Invalid {
             reason, version, ..
         }) => Err(grant_gone(app, instance.id, reason, version, rejection_message).await),
@@ -575,6 +541,20 @@ async fn grant_gone(
 }
 
 /// Whether this copy's token was got from the provider by this process since `started`.
+/// Whether a rejection of `copy`'s token passes through as the API gave it, without a refresh:
+/// the API refuses the user, not the token's age. So it is for a token a refresh gave during
+/// this call (its rejections then pass through for a while: `FRESH_REJECTION_HOLDS`), and for
+/// one whose rejections pass through already.
+fn rejection_passes(app: &App, copy: &CachedInstance, started: Instant) -> bool {
+    if fetched_since(copy, started) {
+        app.refresh
+            .fresh_token_rejected(copy.id, copy.token_version);
+        return true;
+    }
+    app.refresh
+        .holds_rejections(copy.id, copy.token_version, Instant::now())
+}
+
 fn fetched_since(instance: &CachedInstance, started: Instant) -> bool {
     instance.fetched_at.get().is_some_and(|at| *at >= started)
 }
@@ -749,6 +729,10 @@ async fn send(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!("The provider did not answer within {} s", timeout.as_secs()),
             )),
+            // The caller's upload stopped coming, not the provider.
+            client::CallError::Exchange(error) if crate::http::stalled(&error) => {
+                SendError::Failed(crate::http::stalled_body())
+            }
             error => {
                 let stale = matches!(error, client::CallError::Stale(_));
                 // An answer came but could not be read (a malformed head, more than 100

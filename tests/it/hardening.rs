@@ -595,20 +595,37 @@ async fn a_body_that_stops_coming_is_cut() {
         .create_instance(&env.org, "sandbox-generic", "stalled")
         .await;
     let token = instance["token"].as_str().unwrap();
-    for (path, authorization) in [
-        ("/elements/api-v2/instances".to_string(), env.org.platform()),
+    // The platform API, the proxy, and the proxy with an upload too large to keep (1.5 MB of
+    // 3 MB sent, streaming on to the provider: a 504 after the provider timeout, 30 s).
+    let big = vec![b'x'; 1_500_000];
+    for (path, authorization, length, sent) in [
         (
-            "/elements/api-v2/proxy/api/echo".to_string(),
+            "/elements/api-v2/instances",
+            env.org.platform(),
+            1000,
+            &b"{"[..],
+        ),
+        (
+            "/elements/api-v2/proxy/api/echo",
             env.org.through(token),
+            1000,
+            &b"{"[..],
+        ),
+        (
+            "/elements/api-v2/proxy/api/echo",
+            env.org.through(token),
+            3_000_000,
+            &big[..],
         ),
     ] {
         let mut stream = tokio::net::TcpStream::connect(env.server.addr)
             .await
             .unwrap();
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {authorization}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{"
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {authorization}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
         );
         stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(sent).await.unwrap();
         let mut answer = Vec::new();
         let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
             let mut buffer = [0u8; 4096];
@@ -621,9 +638,15 @@ async fn a_body_that_stops_coming_is_cut() {
             }
         })
         .await;
-        assert!(read.is_ok(), "{path}: no answer 10 s into a stalled body");
+        assert!(
+            read.is_ok(),
+            "{path} ({length}): no answer 10 s into a stalled body"
+        );
         let answer = String::from_utf8_lossy(&answer);
-        assert!(answer.starts_with("HTTP/1.1 408"), "{path}: {answer}");
+        assert!(
+            answer.starts_with("HTTP/1.1 408"),
+            "{path} ({length}): {answer}"
+        );
     }
     env.stop().await;
     drop_test_database(&url).await;
