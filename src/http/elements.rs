@@ -238,7 +238,7 @@ pub async fn delete(
     operation_id = "elements_oauth_url",
     tag = "connectors",
     summary = "The provider's authorization URL (`apiKey`, `callbackUrl`, optional `state`, `scope`); the PKCE verifier stays server-side",
-    params(("key" = String, Path, description = "the connector key"), ("apiKey" = String, Query, description = "the OAuth client id"), ("apiSecret" = Option<String>, Query, description = "the client secret (kept for the exchange when given)"), ("callbackUrl" = String, Query, description = "the redirect URI registered at the provider"), ("state" = Option<String>, Query, description = "your own state (else one is made); single use, 15 minutes"), ("scope" = Option<String>, Query, description = "scopes, space-separated (else the connector's)")),
+    params(("key" = String, Path, description = "the connector key"), ("apiKey" = String, Query, description = "the OAuth client id"), ("apiSecret" = Option<String>, Query, description = "the client secret (kept for the exchange when given; a re-authentication whose request gives no secret takes it too, and the instance keeps it)"), ("callbackUrl" = String, Query, description = "the redirect URI registered at the provider"), ("state" = Option<String>, Query, description = "your own state (else one is made); single use, 15 minutes"), ("scope" = Option<String>, Query, description = "scopes, space-separated (else the connector's)")),
     security(("platform" = [])),
     responses(crate::openapi::PlatformResponses),
 )]

@@ -306,19 +306,18 @@ struct Grant {
     /// code.
     claimed: Option<Vec<u8>>,
     /// The client secret the authorization URL's request gave (`apiSecret`), used for the
-    /// exchange because the configuration had none: the instance keeps it.
+    /// exchange because the configuration had none (or a re-authentication gave none): the
+    /// instance keeps it.
     client_secret: Option<String>,
 }
 
 impl Grant {
     /// The secret configuration an instance is stored with: `secret`, and the client secret
-    /// the exchange used where it holds none.
+    /// the exchange used, which the provider has just accepted.
     fn with_client_secret(&self, secret: &BTreeMap<String, String>) -> BTreeMap<String, String> {
         let mut secret = secret.clone();
         if let Some(client_secret) = &self.client_secret {
-            secret
-                .entry(instances::API_SECRET.to_string())
-                .or_insert_with(|| client_secret.clone());
+            secret.insert(instances::API_SECRET.to_string(), client_secret.clone());
         }
         secret
     }
@@ -430,6 +429,11 @@ struct Redirect<'a> {
     state: Option<&'a str>,
     /// The redirect's routing parameters (Adobe's `api_access_point`, QuickBooks' `realmId`).
     fields: &'a Map<String, Value>,
+    /// Whether the client secret given to `oauth/url` with this authorization (`apiSecret`)
+    /// serves the exchange before the configuration's: a re-authentication whose request
+    /// gives no secret (the user rotated it at the provider and began a new authorization
+    /// with the new one; the instance's is the old one).
+    kept_secret_first: bool,
 }
 
 /// Exchanges a code, or says where an earlier request that exchanged it landed (waiting for
@@ -501,10 +505,11 @@ async fn exchange_once(
         caller,
         connector,
         plain,
-        // An empty secret given is a public client's: only one left out is looked for.
+        // An empty secret given is a public client's: only one left out is looked for (or, by
+        // a re-authentication, one its request did not give).
         (
             &credentials,
-            !secrets.contains_key(instances::API_SECRET),
+            redirect.kept_secret_first || !secrets.contains_key(instances::API_SECRET),
             &endpoints,
             &spec,
         ),
@@ -550,6 +555,7 @@ async fn exchange_claimed(
         code,
         state,
         fields: redirect_fields,
+        ..
     } = redirect;
     let stored_callback = plain
         .get(CALLBACK_URL)
@@ -891,6 +897,7 @@ async fn create_instance(
                     code: &code,
                     state: body.state(),
                     fields: &body.redirect_fields(),
+                    kept_secret_first: false,
                 },
             )
             .await?;
@@ -1538,6 +1545,11 @@ async fn update_once(
     }
     let given = normalize_configuration(body.configuration.as_ref())?;
     let mut split = split_configuration(given);
+    // A client secret this request gives (a masked one stands for the instance's).
+    let secret_given = split
+        .secret
+        .get(instances::API_SECRET)
+        .is_some_and(|value| value != instances::MASK);
     let secrets = open_secrets(app, &row)?;
     // Tokens are brought in only when the body says so, as at a create. A configuration read
     // and written back carries the tokens of its read, which a refresh may have retired since
@@ -1715,6 +1727,7 @@ async fn update_once(
                         code: &code,
                         state: body.state(),
                         fields: &body.redirect_fields(),
+                        kept_secret_first: !secret_given,
                     },
                 )
                 .await?;
@@ -2242,7 +2255,9 @@ pub async fn revoke(
                         )
                         .await?;
                     revocation["instanceInvalidated"] = Value::Bool(invalidated);
-                    Ok(revocation)
+                    // The instance as the revocation left it, read before the hold ends: a
+                    // re-authentication waiting for it writes next.
+                    Ok((revocation, reload(&app, &held).await?))
                 })
                 .await?;
             app.refresh.forget(id);
@@ -2252,7 +2267,7 @@ pub async fn revoke(
     )
     .await
     .map_err(|error| ApiError::internal(format!("the revocation stopped: {error}")))??;
-    let stored = reload(&app, &row).await?;
+    let (revocation, stored) = revocation;
     let name = connector_name(&app, &stored).await;
     let mut view = instances::view(
         &app,

@@ -3110,3 +3110,88 @@ async fn the_secret_given_with_the_authorization_url_serves_the_exchange() {
         drop_test_database(&url).await;
     }
 }
+
+/// A client secret rotated at the provider: the user begins a new authorization with the new
+/// one (`apiSecret`) and re-authenticates the instance with its code, the request giving no
+/// secret. The exchange goes with the new secret, not the instance's old one (the provider
+/// refused the client, and the re-authentication failed), and the instance keeps it.
+#[tokio::test]
+async fn a_re_authentication_takes_the_secret_its_authorization_was_given() {
+    const ROTATED: &str = "it-secret-rotated";
+    for (label, url) in test_databases().await {
+        // A provider that knows only the rotated secret.
+        let sandbox = tokenwarden_sandbox::spawn(
+            crate::harness::loopback(),
+            tokenwarden_sandbox::SandboxConfig {
+                client: Some((CLIENT_ID.to_string(), ROTATED.to_string())),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let env = Env::start_with_sandbox(&label, &url, sandbox, |_| {}).await;
+        // The instance as it was before the rotation: tokens and the old secret.
+        let mut configuration = env.configuration();
+        configuration["oauth.user.token"] = json!("old-access-token");
+        configuration["oauth.user.refresh_token"] = json!("old-refresh-token");
+        let imported = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&env.org.platform()),
+            Some(
+                json!({"element": {"key": "sandbox-box"}, "externalAuthentication": "initial",
+                        "configuration": configuration}),
+            ),
+        )
+        .await;
+        assert_eq!(imported.status, 200, "[{label}] {}", imported.body);
+        let id = id_of(&imported.body);
+        let token = imported.body["token"].as_str().unwrap().to_string();
+        let callback = env.callback();
+        let (code, state) = env
+            .authorize_with(
+                &env.org,
+                "sandbox-box",
+                "kiri",
+                &[
+                    ("apiKey", CLIENT_ID),
+                    ("apiSecret", ROTATED),
+                    ("callbackUrl", callback.as_str()),
+                ],
+            )
+            .await;
+        let reauthenticated = call(
+            &env,
+            Method::PATCH,
+            &env.api(&format!("/instances/{id}")),
+            Some(&env.org.platform()),
+            Some(json!({"providerData": {"code": code, "state": state}})),
+        )
+        .await;
+        assert_eq!(
+            reauthenticated.status, 200,
+            "[{label}] {}",
+            reauthenticated.body
+        );
+        assert_eq!(reauthenticated.body["valid"], true, "[{label}]");
+        let (_, shown) = env
+            .get_json(&env.api("/instances"), &env.org.with_element(&token))
+            .await;
+        assert_eq!(
+            shown[0]["configuration"]["oauth.api.secret"], ROTATED,
+            "[{label}] {shown}"
+        );
+        let refreshed = call(
+            &env,
+            Method::POST,
+            &env.api(&format!("/instances/{id}/tokens/refresh")),
+            Some(&env.org.platform()),
+            None,
+        )
+        .await;
+        assert_eq!(refreshed.status, 200, "[{label}] {}", refreshed.body);
+        env.stop().await;
+        drop_test_database(&url).await;
+    }
+}
