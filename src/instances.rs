@@ -491,6 +491,12 @@ pub fn exchange_error(error: &OAuthError) -> ApiError {
             StatusCode::BAD_REQUEST,
             "The provider refused the client's credentials, not the code: check oauth.api.key and oauth.api.secret (and that the app may use the authorization code grant), then present the code again",
         ),
+        // The provider said it cannot answer now (with a 400, or Slack's 200 `ratelimited`):
+        // the code was not taken.
+        error @ OAuthError::Provider { .. } if error.is_passing() => (
+            StatusCode::FAILED_DEPENDENCY,
+            "The provider's token endpoint failed for now; present the code again shortly",
+        ),
         OAuthError::Provider { .. } | OAuthError::Unparseable { .. } => (
             StatusCode::BAD_REQUEST,
             "The provider refused the authorization code; get a new code and try again",
@@ -1098,7 +1104,7 @@ mod tests {
                 permanent: false,
             })
         };
-        for code in ["invalid_client", "unauthorized_client"] {
+        for code in ["invalid_client", "unauthorized_client", "BAD_CLIENT_SECRET"] {
             let answer = refused(code);
             assert_eq!(answer.status.as_u16(), 400);
             assert!(
@@ -1113,7 +1119,13 @@ mod tests {
             answer.message.contains("get a new code"),
             "{}",
             answer.message
-        );
+        ); // A provider failing for now, with a 400 or Slack's 200: the code was not taken.
+        for code in ["temporarily_unavailable", "ratelimited"] {
+            let answer = refused(code);
+            assert_eq!(answer.status.as_u16(), 424);
+            assert!(answer.message.contains("again"), "{}", answer.message);
+            assert!(!answer.message.contains("new code"), "{}", answer.message);
+        }
     }
     use super::*;
 

@@ -123,7 +123,31 @@ const PERMANENT_ERRORS: &[&str] = &[
 /// and fixing `oauth.api.key` / `oauth.api.secret` makes the same grants work again: the
 /// instances stay valid and back off, and no user has to consent again. A connector that
 /// knows them to mean a dead grant lists them in `permanentErrors`.
-pub const CLIENT_ERRORS: &[&str] = &["invalid_client", "unauthorized_client"];
+///
+/// Providers' own names for the same: Salesforce's and Slack's `invalid_client_id`, Slack's
+/// `bad_client_secret`, HubSpot's `BAD_CLIENT_ID` / `BAD_CLIENT_SECRET`, GitHub's
+/// `incorrect_client_credentials`, Strava's `Application:invalid`.
+pub const CLIENT_ERRORS: &[&str] = &[
+    "invalid_client",
+    "unauthorized_client",
+    "invalid_client_id",
+    "bad_client_secret",
+    "bad_client_id",
+    "incorrect_client_credentials",
+    "Application:invalid",
+];
+
+/// Token-endpoint errors that say the provider cannot answer just now (RFC 6749 §5.2's
+/// `temporarily_unavailable` and `server_error`, RFC 8628's `slow_down`, Slack's
+/// `ratelimited`), whatever the status they come with: tried again later, the same request
+/// may succeed.
+pub const PASSING_ERRORS: &[&str] = &[
+    "temporarily_unavailable",
+    "server_error",
+    "slow_down",
+    "ratelimited",
+    "rate_limited",
+];
 
 /// Token-endpoint errors about the request itself (RFC 6749 §5.2): `invalid_request` (a
 /// parameter missing or wrong: a scope the provider wants on every refresh), `invalid_scope`,
@@ -188,6 +212,19 @@ impl OAuthError {
                 permanent: false,
                 ..
             } if REQUEST_ERRORS.iter().any(|known| known.eq_ignore_ascii_case(error.trim()))
+        )
+    }
+
+    /// Whether the provider said, with an error code in its answer, that it cannot answer just
+    /// now ([`PASSING_ERRORS`]).
+    pub fn is_passing(&self) -> bool {
+        matches!(
+            self,
+            OAuthError::Provider {
+                error,
+                permanent: false,
+                ..
+            } if PASSING_ERRORS.iter().any(|known| known.eq_ignore_ascii_case(error.trim()))
         )
     }
 

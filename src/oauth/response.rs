@@ -54,7 +54,15 @@ pub(crate) fn parse_body(content_type: Option<&str>, body: &[u8]) -> ParsedBody 
     }
     let content_type = content_type.unwrap_or("").to_ascii_lowercase();
     if trimmed.starts_with(b"{") || trimmed.starts_with(b"[") || content_type.contains("json") {
-        return match serde_json::from_slice::<Value>(trimmed) {
+        // A body in another encoding than UTF-8 (Latin-1 from an in-house server's localised
+        // description) is read with its odd characters replaced, so that its error is seen.
+        let read = serde_json::from_slice::<Value>(trimmed).or_else(|error| {
+            match std::str::from_utf8(trimmed) {
+                Ok(_) => Err(error),
+                Err(_) => serde_json::from_str::<Value>(&String::from_utf8_lossy(trimmed)),
+            }
+        });
+        return match read {
             Ok(Value::Object(object)) => ParsedBody::Object(object),
             Ok(Value::Array(_)) => ParsedBody::NotAnObject("a JSON array"),
             Ok(_) => ParsedBody::NotAnObject("a JSON scalar"),
@@ -95,11 +103,14 @@ pub fn parse_token_response(
     if (200..300).contains(&status)
         && let ParsedBody::Object(object) = &parsed
         && object.get("ok") != Some(&Value::Bool(false))
-        && let Some(Value::String(access_token)) = object.get("access_token")
-        && !access_token.trim().is_empty()
-        && !has_control_characters(access_token.trim())
     {
-        return Ok(token_set(object.clone(), access_token.trim().to_string()));
+        if let Some(access_token) = usable_access_token(object) {
+            return Ok(token_set(object.clone(), access_token));
+        }
+        if let Some(unwrapped) = unwrapped(object) {
+            let access_token = usable_access_token(&unwrapped).unwrap_or_default();
+            return Ok(token_set(unwrapped, access_token));
+        }
     }
     Err(classify_failure(
         status,
@@ -108,6 +119,58 @@ pub fn parse_token_response(
         &parsed,
         &spec.permanent_errors,
     ))
+}
+
+/// The `access_token` of a response object, when it is one a header can carry.
+fn usable_access_token(object: &Map<String, Value>) -> Option<String> {
+    match object.get("access_token") {
+        Some(Value::String(token))
+            if !token.trim().is_empty() && !has_control_characters(token.trim()) =>
+        {
+            Some(token.trim().to_string())
+        }
+        _ => None,
+    }
+}
+
+/// Fields some providers wrap their token response in, when it has none at its top:
+/// Withings' `body` (`{"status": 0, "body": {"access_token": …}}`) and Slack's `authed_user`
+/// (an install that asked for user scopes only).
+const TOKEN_ENVELOPES: &[&str] = &["body", "authed_user"];
+
+/// A response whose tokens sit in one of [`TOKEN_ENVELOPES`], read as one object: the
+/// envelope's fields over the top level's (Withings' `status`, Slack's `team`), the envelope
+/// itself left out. `None` when no envelope holds a usable access token, or more than one.
+fn unwrapped(object: &Map<String, Value>) -> Option<Map<String, Value>> {
+    let mut found = TOKEN_ENVELOPES
+        .iter()
+        .filter_map(|name| match object.get(*name) {
+            Some(Value::Object(inner)) if usable_access_token(inner).is_some() => {
+                Some((*name, inner))
+            }
+            _ => None,
+        });
+    let (name, inner) = found.next()?;
+    if found.next().is_some() {
+        return None;
+    }
+    // Withings says a failure with a non-zero `status` (in an HTTP 200).
+    if object
+        .get("status")
+        .and_then(Value::as_i64)
+        .is_some_and(|status| status != 0)
+    {
+        return None;
+    }
+    let mut merged: Map<String, Value> = object
+        .iter()
+        .filter(|(key, _)| key.as_str() != name)
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
+    for (key, value) in inner {
+        merged.insert(key.clone(), value.clone());
+    }
+    Some(merged)
 }
 
 /// Whether a token holds a character no HTTP header can carry (a control character other than
@@ -222,6 +285,30 @@ pub(crate) fn find_oauth_error(
             description = inner.get("message").and_then(scalar_text);
         }
         _ => {}
+    }
+    // A list of errors (Fitbit's `errorType`; Strava's `code` for a `resource`, given as
+    // `RefreshToken:invalid` so that a connector can tell which thing was refused).
+    let listed = match object.get("errors") {
+        Some(Value::Array(errors)) => errors.first().and_then(Value::as_object),
+        _ => None,
+    };
+    if let Some(first) = listed {
+        if let Some(code) = first
+            .get("errorType")
+            .or_else(|| first.get("error"))
+            .and_then(scalar_text)
+        {
+            codes.push(code);
+        }
+        if let Some(code) = first.get("code").and_then(scalar_text) {
+            match first.get("resource").and_then(scalar_text) {
+                Some(resource) => codes.push(format!("{resource}:{code}")),
+                None => codes.push(code),
+            }
+        }
+        if description.is_none() {
+            description = first.get("message").and_then(scalar_text);
+        }
     }
     if let Some(Value::String(status)) = object.get("status")
         && !status.trim().is_empty()
@@ -406,6 +493,94 @@ mod tests {
             } => (status, error, description, permanent),
             other => panic!("expected a provider error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn errors_listed_in_an_array_are_read() {
+        // Fitbit: the refresh token is dead.
+        let (status, error, description, permanent) = provider(
+            parse(
+                400,
+                JSON,
+                r#"{"errors":[{"errorType":"invalid_grant","message":"Refresh token invalid: abc. Visit https://dev.fitbit.com/docs/oauth2 for more information on the Fitbit Web API authorization process."}],"success":false}"#,
+            )
+            .unwrap_err(),
+        );
+        assert_eq!(
+            (status, error.as_str(), permanent),
+            (400, "invalid_grant", true)
+        );
+        assert!(description.unwrap().starts_with("Refresh token invalid"));
+        // Strava: the thing refused is named; the connector says which one is the grant.
+        let strava = |body: &str| {
+            let mut spec = spec();
+            spec.permanent_errors = vec!["RefreshToken:invalid".to_string()];
+            parse_token_response(400, JSON, body.as_bytes(), &spec).unwrap_err()
+        };
+        let (_, error, _, permanent) = provider(strava(
+            r#"{"message":"Bad Request","errors":[{"resource":"RefreshToken","field":"refresh_token","code":"invalid"}]}"#,
+        ));
+        assert_eq!((error.as_str(), permanent), ("RefreshToken:invalid", true));
+        let refused = strava(
+            r#"{"message":"Bad Request","errors":[{"resource":"Application","field":"client_id","code":"invalid"}]}"#,
+        );
+        assert!(
+            refused.is_client_rejected() && !refused.is_permanent(),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn tokens_in_an_envelope_are_read() {
+        // Withings.
+        let tokens = parse(
+            200,
+            JSON,
+            r#"{"status":0,"body":{"userid":"363","access_token":"a","refresh_token":"r","expires_in":10800,"scope":"user.info","token_type":"Bearer"}}"#,
+        )
+        .unwrap();
+        assert_eq!(tokens.access_token.expose(), "a");
+        assert_eq!(tokens.refresh_token.unwrap().expose(), "r");
+        assert_eq!(tokens.expires_in, Some(10_800));
+        assert_eq!(tokens.fields["userid"], "363");
+        assert_eq!(tokens.fields["status"], 0);
+        assert!(!tokens.fields.contains_key("body"));
+        // Withings' failure: a non-zero status, in a 200.
+        assert!(parse(200, JSON, r#"{"status":601,"body":{"access_token":"a"}}"#).is_err());
+        // Slack, an install with user scopes only.
+        let tokens = parse(
+            200,
+            JSON,
+            r#"{"ok":true,"app_id":"A1","authed_user":{"id":"U1","scope":"users:read","access_token":"xoxp-1","token_type":"user","refresh_token":"xoxe-1","expires_in":43200},"team":{"id":"T1"}}"#,
+        )
+        .unwrap();
+        assert_eq!(tokens.access_token.expose(), "xoxp-1");
+        assert_eq!(tokens.refresh_token.unwrap().expose(), "xoxe-1");
+        assert_eq!(tokens.fields["team"], json!({"id": "T1"}));
+        // A token at the top wins (Slack's bot token beside the user's).
+        let tokens = parse(
+            200,
+            JSON,
+            r#"{"ok":true,"access_token":"xoxb-1","authed_user":{"access_token":"xoxp-1"}}"#,
+        )
+        .unwrap();
+        assert_eq!(tokens.access_token.expose(), "xoxb-1");
+        // Two envelopes with a token: which one is meant is unknown.
+        assert!(
+            parse(
+                200,
+                JSON,
+                r#"{"body":{"access_token":"a"},"authed_user":{"access_token":"b"}}"#
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn an_error_in_latin_1_is_read() {
+        let body = b"{\"error\":\"invalid_grant\",\"error_description\":\"jeton p\xe9rim\xe9\"}";
+        let error = parse_token_response(400, JSON, body, &spec()).unwrap_err();
+        assert!(error.is_permanent(), "{error:?}");
     }
 
     #[test]

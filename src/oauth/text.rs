@@ -5,12 +5,17 @@
 pub(crate) const MAX_ECHO_CHARS: usize = 300;
 
 /// `text` with runs of whitespace collapsed to one space, trimmed, and cut to `max_chars`
-/// characters (an ellipsis marks the cut). Never splits a character.
+/// characters (an ellipsis marks the cut). Never splits a character. Characters that show
+/// nothing but change how the rest shows (bidirectional overrides, zero-width characters, a
+/// byte-order mark) are left out: a provider's message must read in a dashboard as it is.
 pub(crate) fn cut(text: &str, max_chars: usize) -> String {
     let mut out = String::with_capacity(text.len().min(max_chars * 4));
     let mut count = 0;
     let mut pending_space = false;
     for c in text.chars() {
+        if invisible(c) {
+            continue;
+        }
         if c.is_whitespace() || c.is_control() {
             pending_space = !out.is_empty();
             continue;
@@ -31,6 +36,15 @@ pub(crate) fn cut(text: &str, max_chars: usize) -> String {
     out
 }
 
+/// Unicode's format characters that matter in displayed text: the Arabic letter mark, the
+/// Mongolian vowel separator, zero-width spaces and joiners, directional marks, embeddings,
+/// overrides and isolates, invisible operators, and the byte-order mark.
+fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}' | '\u{FEFF}')
+}
+
 /// Replaces every occurrence of each secret in `text` with `[redacted]`, in the forms a provider
 /// echoes what it was sent: as it is, form-encoded (`+` or `%20` for a space, upper- or
 /// lower-case hex) and with JSON's escaped `/`. Secrets shorter than 4 characters are ignored:
@@ -44,28 +58,47 @@ pub fn redact(text: &str, secrets: &[&str]) -> String {
             }
         }
     }
-    // Text already cut (ending in `…`) may end with the beginning of a secret, in any of its
-    // forms.
-    if let Some(head) = out.strip_suffix('…') {
-        let forms: Vec<String> = secrets
-            .iter()
-            .filter(|secret| secret.len() >= 8)
-            .flat_map(|secret| echoed_forms(secret))
-            .collect();
-        for secret in &forms {
-            let longest = secret.len().min(head.len());
-            let tail = (4..=longest).rev().find(|&k| {
-                secret.is_char_boundary(k)
-                    && head.is_char_boundary(head.len() - k)
-                    && head.ends_with(&secret[..k])
-            });
-            if let Some(k) = tail {
-                out = format!("{}[redacted]…", &head[..head.len() - k]);
-                break;
+    // Text cut (an `…` where it was cut) may hold the beginning of a secret just before it, in
+    // any of its forms: at the end, or in the middle when a cut field was joined to another
+    // (`error: description`).
+    if !out.contains('…') {
+        return out;
+    }
+    let forms: Vec<String> = secrets
+        .iter()
+        .filter(|secret| secret.len() >= 8)
+        .flat_map(|secret| echoed_forms(secret))
+        .collect();
+    let pieces: Vec<&str> = out.split('…').collect();
+    let last = pieces.len() - 1;
+    let mut redacted = String::with_capacity(out.len());
+    for (index, piece) in pieces.iter().enumerate() {
+        let mut head = *piece;
+        let mut cut_secret = false;
+        if index < last {
+            for secret in &forms {
+                let longest = secret.len().min(head.len());
+                let tail = (4..=longest).rev().find(|&k| {
+                    secret.is_char_boundary(k)
+                        && head.is_char_boundary(head.len() - k)
+                        && head.ends_with(&secret[..k])
+                });
+                if let Some(k) = tail {
+                    head = &head[..head.len() - k];
+                    cut_secret = true;
+                    break;
+                }
             }
         }
+        redacted.push_str(head);
+        if cut_secret {
+            redacted.push_str("[redacted]");
+        }
+        if index < last {
+            redacted.push('…');
+        }
     }
-    out
+    redacted
 }
 
 /// The forms in which a provider may echo a secret it was sent, the longest first (so that a
@@ -196,6 +229,27 @@ mod tests {
                 .starts_with("an HTML page")
         );
         assert!(describe_unechoed_body(Some("application/xml"), body).starts_with("an XML body"));
+    }
+
+    #[test]
+    fn redaction_covers_a_secret_cut_in_the_middle_of_a_text() {
+        // A long `error` holding the token, cut to 100 characters, joined to a description.
+        let token = "rt-0123456789abcdefghijklmnopqrstuvwxyz";
+        let error = cut(&format!("{} {token} was refused", "x".repeat(80)), 100);
+        let joined = format!("{error}: try again");
+        let shown = redact(&joined, &[token]);
+        assert!(!shown.contains("rt-0123"), "{shown}");
+        assert!(shown.ends_with("[redacted]…: try again"), "{shown}");
+        // A provider's own ellipsis after ordinary words stays as it was.
+        assert_eq!(redact("wait… then retry", &[token]), "wait… then retry");
+    }
+
+    #[test]
+    fn invisible_characters_are_left_out() {
+        assert_eq!(
+            cut("token \u{202E}dilavni\u{202C} \u{200B}expired\u{FEFF}", 300),
+            "token dilavni expired"
+        );
     }
 
     #[test]
