@@ -2292,7 +2292,8 @@ fn in_this_request<F: Future>(work: F) -> impl Future<Output = F::Output> {
 }
 
 /// Whether the connector's instances are refreshed by the scheduler at all: before expiry, or
-/// kept alive. An `on_401` connector without a keep-alive refreshes only on a rejection.
+/// kept alive. An `on_401` connector without a keep-alive refreshes only on a rejection (and,
+/// once such a refresh failed for now, after each backoff until one ends the failure).
 /// Whether imported tokens are refreshed as soon as the scheduler looks: a refresh token
 /// without an access token (nothing to call with otherwise), or one that dies unused (a
 /// connector with a keep-alive: Adobe Sign's 60 days, Box's), whose inactivity clock then

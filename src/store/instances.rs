@@ -756,7 +756,10 @@ impl Store {
 
     /// A passing failure: the instance stays valid. Starts `failing_since` if not set, counts
     /// the failure, keeps `message`, sets `backoff_until` (and moves a scheduled `next_due_at`
-    /// to at least it), and releases the lease if `owner` holds it. False when there is no such
+    /// to at least it; an instance the scheduler had no refresh for, an `on_401` one whose
+    /// refresh on a call failed, comes due then, so that the scheduler tries again until the
+    /// refresh ends either way rather than the instance staying failing until its next call),
+    /// and releases the lease if `owner` holds it. False when there is no such
     /// instance, or (with `expected_version`) when its token version moved on meanwhile, or
     /// (with `expected_updated_at`) when it was written since (a failure of the configuration
     /// as it was read, which a PATCH has changed since).
@@ -776,9 +779,8 @@ impl Store {
         let result = sqlx::query(
             "UPDATE instances SET failing_since = COALESCE(failing_since, $1), \
              failure_count = failure_count + 1, last_failure = $2, backoff_until = $3, \
-             next_due_at = CASE WHEN next_due_at IS NOT NULL AND refresh_lease_owner = $4 THEN $3 \
-             WHEN next_due_at IS NOT NULL AND next_due_at < $3 THEN $3 \
-             ELSE next_due_at END, \
+             next_due_at = CASE WHEN next_due_at IS NULL OR refresh_lease_owner = $4 THEN $3 \
+             WHEN next_due_at < $3 THEN $3 ELSE next_due_at END, \
              refresh_lease_until = CASE WHEN refresh_lease_owner = $4 THEN NULL \
              ELSE refresh_lease_until END, \
              refresh_in_flight_since = CASE WHEN refresh_lease_owner = $4 THEN NULL \

@@ -478,6 +478,53 @@ async fn a_failure_too_short_to_be_announced_ends_without_a_recovery_event() {
     drop_test_database(&url).await;
 }
 
+/// An `on_401` connector (no scheduled refreshes) whose refresh on a call failed for now is
+/// tried again by the scheduler after its backoff: it stayed `refresh_failing` until a caller
+/// happened to call again, its `instance.refresh_failing` never came, and a grant that had
+/// died meanwhile was not found out.
+#[tokio::test]
+async fn a_refresh_failed_on_a_call_is_tried_again_without_one() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let server = env.server.url.clone();
+        let created = env
+            .create_instance(&env.org, "sandbox-salesforce", "ulla")
+            .await;
+        let token = created["token"].as_str().unwrap().to_string();
+        expire_access_tokens(&env).await;
+        fault(&env, json!({"target": "token", "status": 503, "count": 1})).await;
+        let before = refreshes(&env).await;
+        let (status, body, _) =
+            proxy_at(&env, &server, &env.org, &token, Method::GET, "api/me").await;
+        assert_eq!(status, 503, "[{label}] {body}");
+        assert_eq!(
+            instance(&env, &server, &token).await["state"],
+            "refresh_failing",
+            "[{label}]"
+        );
+        // No call comes; the scheduler refreshes it once its backoff (a few seconds) ends.
+        let shown = eventually(
+            "the refresh tried again",
+            Duration::from_secs(30),
+            || async {
+                let shown = instance(&env, &server, &token).await;
+                (shown["state"] == "valid").then_some(shown)
+            },
+        )
+        .await;
+        assert!(shown["refreshFailingSince"].is_null(), "[{label}] {shown}");
+        assert_eq!(refreshes(&env).await, before + 1, "[{label}]");
+        let (status, body, _) =
+            proxy_at(&env, &server, &env.org, &token, Method::GET, "api/me").await;
+        assert_eq!(status, 200, "[{label}] {body}");
+        // Refreshed, the instance is not due again: an on_401 one refreshes on a rejection.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(refreshes(&env).await, before + 1, "[{label}]");
+        env.stop().await;
+        drop_test_database(&url).await;
+    }
+}
+
 /// An API that rejects even the token a refresh has just given (a user's licence withdrawn,
 /// an account locked): the first rejection refreshes and retries once, as always; the calls
 /// that follow get the API's 401 as it is, without a refresh each (one per call loaded the
