@@ -32,7 +32,7 @@ fn limit(query: &HashMap<String, String>) -> ApiResult<i64> {
     operation_id = "events_list",
     tag = "events",
     summary = "Events, newest first; `?instanceId=&type=&before=&limit=`",
-    params(("instanceId" = Option<i64>, Query, description = "one instance's events"), ("type" = Option<String>, Query, description = "one event type, e.g. instance.invalidated"), ("before" = Option<i64>, Query, description = "the `next` cursor of the previous page"), ("limit" = Option<i64>, Query, description = "page size, 1 to 1000")),
+    params(("instanceId" = Option<i64>, Query, description = "one instance's events"), ("type" = Option<String>, Query, description = "one event type, e.g. instance.invalidated"), ("before" = Option<String>, Query, description = "the `next` cursor of the previous page (a string)"), ("limit" = Option<i64>, Query, description = "page size, 1 to 1000")),
     security(("platform" = [])),
     responses(crate::openapi::PlatformResponses),
 )]
@@ -141,7 +141,7 @@ pub async fn list(
     operation_id = "events_audit_logs",
     tag = "events",
     summary = "Who did what, newest first",
-    params(("before" = Option<i64>, Query, description = "the `next` cursor of the previous page"), ("limit" = Option<i64>, Query, description = "page size, 1 to 1000")),
+    params(("before" = Option<String>, Query, description = "the `next` cursor of the previous page (a string)"), ("limit" = Option<i64>, Query, description = "page size, 1 to 1000")),
     security(("platform" = [])),
     responses(crate::openapi::PlatformResponses),
 )]

@@ -1333,9 +1333,22 @@ async fn update(
     body: InstanceBody,
     mode: UpdateMode,
 ) -> ApiResult<AxumJson<Value>> {
+    // A PUT's code re-authenticates only with `?reAuthenticate=true` (the contract): one sent
+    // without it is refused, not dropped, since the caller would take the 200 for a
+    // re-authentication while the instance stayed as it was.
+    if matches!(
+        mode,
+        UpdateMode::Replace {
+            reauthenticate: false
+        }
+    ) && body.code().is_some()
+    {
+        return Err(ApiError::bad_request(
+            "A PUT with `providerData.code` re-authenticates only with `?reAuthenticate=true` (or send it with PATCH); nothing was changed",
+        ));
+    }
     // An empty code is refused rather than taken for no code: the caller would take the 200
-    // for a re-authentication. (A PUT's code without `?reAuthenticate=true` is not exchanged,
-    // as the contract has it.)
+    // for a re-authentication.
     if body
         .provider_data
         .as_ref()

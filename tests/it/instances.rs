@@ -1266,12 +1266,25 @@ async fn reauthentication_and_updates_keep_identity() {
         let (status, _) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
         assert_eq!(status, 200, "[{label}] tokens survive a PUT without a code");
 
-        // PUT with a code but without ?reAuthenticate=true: the code is not exchanged.
+        // PUT with a code but without ?reAuthenticate=true: refused, the code not exchanged
+        // (it answered 200 with the instance as it was, taken for a re-authentication).
         let before = stats(&env).await;
         let (code, state) = env.authorize(&env.org, "sandbox-salesforce", "fred").await;
         let put_code = call(&env, Method::PUT, &env.api(&format!("/instances/{id}")), Some(&auth),
-                            Some(json!({"providerData": {"code": code.clone(), "state": state.clone()}, "configuration": env.configuration()}))).await;
-        assert_eq!(put_code.status, 200, "[{label}] {}", put_code.body);
+                            Some(json!({"providerData": {"code": code.clone(), "state": state.clone()}, "configuration": env.configuration(), "name": "not this"}))).await;
+        assert_eq!(put_code.status, 400, "[{label}] {}", put_code.body);
+        assert!(
+            put_code.body["message"]
+                .as_str()
+                .unwrap()
+                .contains("reAuthenticate=true"),
+            "[{label}] {}",
+            put_code.body
+        );
+        let (_, unchanged) = env
+            .get_json(&env.api(&format!("/instances/{id}")), &auth)
+            .await;
+        assert_eq!(unchanged["name"], "replaced", "[{label}] {unchanged}");
         assert_eq!(
             stats(&env).await["token"]["authorization_code"],
             before["token"]["authorization_code"]

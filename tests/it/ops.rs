@@ -258,6 +258,17 @@ async fn openapi_documents_exactly_the_routes_served() {
             );
         }
     }
+    // The paging cursors are strings (the events' is `<ms>_<id>`): a client generated with an
+    // integer could not page.
+    for path in ["/events", "/audit-logs"] {
+        let before = paths[&api(path)]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "before")
+            .unwrap();
+        assert_eq!(before["schema"]["type"], "string", "{path}: {before}");
+    }
     let oauth_url = query("get", "/elements/{key}/oauth/url");
     assert!(
         oauth_url.contains(&("apiKey".to_string(), true)),
