@@ -1489,6 +1489,43 @@ impl RefreshEngine {
                         });
                     }
                 }
+                // A provider that ends the whole grant when a retired refresh token is presented
+                // (reuse detection, RFC 9700 §4.14.2) has ended the tokens of a revival too: the
+                // connector's verification call says so, and the instance is invalid again
+                // rather than valid on dead tokens, with an event after the commit's.
+                if was_committed
+                    && let Some(undone) = &stored.revived_reason
+                    && let Some(refused) = revived_tokens_refused(app, &connector, &stored).await
+                {
+                    let reason = format!(
+                        "refresh interrupted: the provider ended the grant when the retired refresh token was presented ({undone}), and refuses the tokens of the refresh that completed late too ({refused})"
+                    );
+                    tracing::warn!(
+                        instance = row.id,
+                        "a refresh completed after another replica invalidated the instance for it, and the provider refuses its tokens: invalid again"
+                    );
+                    let event = events::new_event(app, &stored, events::INVALIDATED, Some(&reason));
+                    if let Err(error) = app
+                        .store
+                        .mark_invalid(
+                            row.id,
+                            &reason,
+                            Some(&refused),
+                            Some(&event),
+                            Some(stored.token_version),
+                            false,
+                        )
+                        .await
+                    {
+                        tracing::warn!(instance = row.id, "invalidating the revival: {error}");
+                    }
+                    self.forget(row.id);
+                    return Err(RefreshFailure::Invalid {
+                        reason,
+                        provider_message: Some(refused),
+                        version: Some(stored.token_version),
+                    });
+                }
                 // (A row that was failing too had `instance.recovered` written with the commit:
                 // one event says it.)
                 if was_committed
@@ -1860,4 +1897,26 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
         "retryable": !revoked && retryable,
         "providerMessage": if messages.is_empty() { Value::Null } else { Value::String(messages.join("; ")) },
     }))
+}
+
+/// The provider's words when it refuses the tokens a revival committed (the connector's
+/// verification call answered a token rejection); `None` when it accepts them, or cannot tell
+/// (no verification call, a passing failure): the revival then stands.
+async fn revived_tokens_refused(
+    app: &App,
+    connector: &Connector,
+    stored: &InstanceRow,
+) -> Option<String> {
+    let access_token = open_secrets(app, stored).ok()?.access_token?;
+    let configuration = plain_configuration(stored);
+    let outcome = crate::instances::verify(app, connector, &configuration, &access_token).await?;
+    let outcome: Value = serde_json::from_str(&outcome).ok()?;
+    let status = u16::try_from(outcome["status"].as_u64()?).ok()?;
+    let refused = status == 401 || connector.rejection.statuses.contains(&status);
+    refused.then(|| {
+        outcome["providerMessage"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("HTTP {status}"))
+    })
 }

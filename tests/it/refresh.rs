@@ -1165,6 +1165,76 @@ async fn a_late_commit_that_revives_an_instance_announces_it() {
     }
 }
 
+/// The same late commit against a provider that ended the whole grant when the retired refresh
+/// token was presented (reuse detection): the tokens the late refresh brought are dead too, so
+/// the instance is not made valid on them. It was: `valid: true` and `instance.recovered` on
+/// revoked tokens, until the next call found out (a black-box tester, with a replica paused
+/// past its lease). The connector's verification call tells.
+#[tokio::test]
+async fn a_late_commit_of_tokens_the_provider_ended_does_not_revive() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let created = env
+            .create_instance(&env.org, "sandbox-generic", "unrevived")
+            .await;
+        let id = created["id"].as_i64().unwrap();
+        let store = tokenwarden::store::Store::connect(&url).await.unwrap();
+        let held = hold_next_token_call(&env, 4_000).await;
+        // What the provider answers the tokens of the late refresh: refused.
+        fault(&env, json!({"target": "api", "status": 401, "count": 1})).await;
+        let platform = env.org.platform();
+        let refresh_path = env.api(&format!("/instances/{id}/tokens/refresh"));
+        let refresh =
+            crate::instances::call(&env, Method::POST, &refresh_path, Some(&platform), None);
+        let interrupt = async {
+            at_the_provider(&env, held).await;
+            let row = store.get_instance_by_id(id).await.unwrap().unwrap();
+            assert!(
+                store
+                    .mark_invalid(
+                        id,
+                        "refresh interrupted: the provider no longer accepts the refresh token (invalid_grant: used)",
+                        None,
+                        None,
+                        Some(row.token_version),
+                        false,
+                    )
+                    .await
+                    .unwrap()
+            );
+        };
+        let (refreshed, ()) = tokio::join!(refresh, interrupt);
+        assert_eq!(refreshed.status, 401, "[{label}] {}", refreshed.body);
+        let (_, shown) = env
+            .get_json(&env.api(&format!("/instances/{id}")), &platform)
+            .await;
+        assert_eq!(shown["valid"], false, "[{label}] {shown}");
+        assert!(
+            shown["stateReason"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("refuses the tokens"),
+            "[{label}] {shown}"
+        );
+        let (_, body) = env
+            .get_json(&env.api(&format!("/events?instanceId={id}")), &platform)
+            .await;
+        let events = body["events"].as_array().unwrap();
+        assert!(
+            !events.iter().any(|e| e["type"] == "instance.recovered"),
+            "[{label}] {body}"
+        );
+        // Newest first: the last word is the invalidation.
+        assert_eq!(
+            events[0]["type"], "instance.invalidated",
+            "[{label}] {body}"
+        );
+        store.close().await;
+        env.stop().await;
+        drop_test_database(&url).await;
+    }
+}
+
 /// A strict rotating provider's refresh while `disturb` (given the held token call) makes the
 /// store fail once the refresh is at the provider: the call still answers 200, the next call
 /// needs no refresh, and no refresh token went to the provider twice.
