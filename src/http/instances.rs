@@ -2238,9 +2238,34 @@ pub async fn revoke(
             let revocation = app
                 .refresh
                 .with_instance_held(&app, id, async |held| {
-                    let mut revocation = crate::refresh::revoke_at_provider(&app, &held).await?;
-                    // Invalid whatever the provider said (the contract); the reason says what it
-                    // confirmed.
+                    // Invalid first, then the provider: a process that dies while the provider
+                    // revokes leaves the instance invalid, not valid on revoked tokens. At the
+                    // version held, retiring its tokens (no refresh in flight commits after).
+                    let event =
+                        events::new_event(&app, &held, events::INVALIDATED, Some("revoked"));
+                    let invalidated = app
+                        .store
+                        .mark_invalid(
+                            held.id,
+                            "revoked",
+                            Some(REVOCATION_UNDER_WAY),
+                            Some(&event),
+                            Some(held.token_version),
+                            true,
+                        )
+                        .await?;
+                    // The contract's order holds for the answer: invalid whatever the provider
+                    // said. A revocation that could not be sent says why.
+                    let mut revocation = match crate::refresh::revoke_at_provider(&app, &held).await
+                    {
+                        Ok(revocation) => revocation,
+                        Err(error) => serde_json::json!({
+                            "revokedAtProvider": false,
+                            "retryable": false,
+                            "message": error.message,
+                        }),
+                    };
+                    // The reason says what the provider confirmed.
                     let message = if revocation["revokedAtProvider"] == true {
                         "The grant was revoked through tokenwarden".to_string()
                     } else {
@@ -2252,21 +2277,18 @@ pub async fn revoke(
                                 .unwrap_or("no answer")
                         )
                     };
-                    let event =
-                        events::new_event(&app, &held, events::INVALIDATED, Some("revoked"));
-                    // At the version held: a re-authentication that came first is not undone (and
-                    // the answer says the instance was not invalidated).
-                    let invalidated = app
-                        .store
-                        .mark_invalid(
-                            held.id,
-                            "revoked",
-                            Some(&message),
-                            Some(&event),
-                            Some(held.token_version),
-                            true,
-                        )
-                        .await?;
+                    if invalidated {
+                        app.store
+                            .mark_invalid(
+                                held.id,
+                                "revoked",
+                                Some(&message),
+                                None,
+                                Some(held.token_version + 1),
+                                false,
+                            )
+                            .await?;
+                    }
                     revocation["instanceInvalidated"] = Value::Bool(invalidated);
                     // The instance as the revocation left it, read before the hold ends: a
                     // re-authentication waiting for it writes next.
@@ -2293,6 +2315,11 @@ pub async fn revoke(
     }
     Ok(AxumJson(view))
 }
+
+/// An instance's reason while its revocation is at the provider: what stays if the process
+/// dies before the provider answers.
+const REVOCATION_UNDER_WAY: &str =
+    "Revoked through tokenwarden; the revocation at the provider was under way";
 
 /// `work` keeps this request's id (for the audit log and errors) when it runs as a task of its
 /// own.

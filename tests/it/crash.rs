@@ -223,6 +223,94 @@ async fn killed_mid_refresh(label: &str, settings: Value) -> (Value, Vec<String>
     (shown, events, answer)
 }
 
+/// `serve` killed while a revocation is at the provider: the instance is invalid after the
+/// restart (reason `revoked`, an `instance.invalidated`), not valid on tokens the provider may
+/// have revoked (it was, with neither an event nor a reason, until a call found out; a
+/// black-box tester).
+#[tokio::test]
+async fn a_revocation_killed_at_the_provider_leaves_the_instance_invalid() {
+    let url = sqlite_database();
+    let sandbox: RunningSandbox = tokenwarden_sandbox::spawn(loopback(), Default::default())
+        .await
+        .unwrap();
+    let sandbox_url = sandbox.url.clone();
+    let env = Env::start_with_sandbox("sqlite", &url, sandbox, |_| {}).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "revoked-mid-way")
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    let id = created["id"].as_i64().unwrap();
+    let Env {
+        server,
+        sandbox,
+        http,
+        org,
+        ..
+    } = env;
+    server.shutdown().await;
+
+    let mut first = spawn_serve(&url, &sandbox_url, &http).await;
+    let answer = http
+        .post(format!("{sandbox_url}/__sandbox/faults"))
+        .json(&json!({"target": "revoke", "status": 0, "delayMs": 5_000, "count": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert!(answer.status().is_success());
+    let revoking = {
+        let (http, server, platform) = (http.clone(), first.url.clone(), org.platform());
+        tokio::spawn(async move {
+            let _ = http
+                .post(format!(
+                    "{server}/elements/api-v2/instances/{id}/tokens/revoke"
+                ))
+                .header("authorization", platform)
+                .send()
+                .await;
+        })
+    };
+    eventually(
+        "the revocation at the provider",
+        Duration::from_secs(20),
+        || async {
+            (stats(&http, &sandbox_url).await["faultsInjected"].as_u64() == Some(1)).then_some(())
+        },
+    )
+    .await;
+    first.process.start_kill().unwrap(); // SIGKILL
+    first.process.wait().await.unwrap();
+    let _ = revoking.await;
+
+    let second = spawn_serve(&url, &sandbox_url, &http).await;
+    let shown = get(
+        &http,
+        &format!("{}/elements/api-v2/instances/{id}", second.url),
+        &org.platform(),
+    )
+    .await;
+    assert_eq!(shown["valid"], false, "{shown}");
+    assert_eq!(shown["stateReason"], "revoked", "{shown}");
+    let events = get(
+        &http,
+        &format!("{}/elements/api-v2/events?instanceId={id}", second.url),
+        &org.platform(),
+    )
+    .await;
+    assert!(
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["type"] == "instance.invalidated"),
+        "{events}"
+    );
+    let (status, body) = call(&http, &second.url, &org, &token).await;
+    assert_eq!(status, 401, "{body}");
+    drop(second);
+    sandbox.shutdown().await;
+    drop_test_database(&url).await;
+}
+
 #[tokio::test]
 async fn a_refresh_killed_in_flight_never_leaves_the_instance_silently_broken() {
     let (strict, grace, plain) = tokio::join!(
