@@ -176,7 +176,79 @@ async fn check_key_opens_the_database(
     if sample.is_empty() || sample.iter().any(opens) {
         return Ok(());
     }
-    let source = match (
+    let source = key_source(config);
+    Err(StartupError::WrongKey(format!(
+        "the master key from {source} opens none of this database's secrets ({} organizations \
+         tried, the newest and the oldest): it is not the key they were sealed with. Start with \
+         the key this database was used with; after a change of key, keep the old one in \
+         TOKENWARDEN_PREVIOUS_MASTER_KEYS until `tokenwarden keys rotate` has run",
+        sample.len()
+    )))
+}
+
+/// What a key check seals.
+const KEY_CHECK_TEXT: &[u8] = b"tokenwarden key check";
+
+/// The binding of a key check's sealed value.
+pub fn key_check_binding(id: i64) -> crate::crypto::Binding<'static> {
+    crate::crypto::Binding {
+        table: "key_checks",
+        row: id,
+        field: "check",
+    }
+}
+
+/// Refuses a master key that does not open the first key check, which the first process to
+/// start on the database sealed: two replicas started with different keys on a new database
+/// (nothing sealed yet for [`check_key_opens_the_database`] to try) each sealed instances
+/// and organizations the other could not open. A start whose master key has no check yet adds
+/// one (after a rotation, the new key's), and a start refused takes its own away again.
+async fn check_key_matches_the_first(
+    store: &Store,
+    keyring: &crate::crypto::Keyring,
+    config: &AppConfig,
+) -> Result<(), StartupError> {
+    let opens =
+        |(id, sealed): &(i64, Vec<u8>)| keyring.open(sealed, key_check_binding(*id)).is_ok();
+    let refused = || {
+        StartupError::WrongKey(format!(
+            "the master key from {} does not open this database's key check: another \
+             replica started on it with a different key. Give every replica the same \
+             TOKENWARDEN_MASTER_KEY (and, during a rotation, the old key in \
+             TOKENWARDEN_PREVIOUS_MASTER_KEYS)",
+            key_source(config)
+        ))
+    };
+    let checks = store.key_checks().await?;
+    if checks.first().is_some_and(|first| !opens(first)) {
+        return Err(refused());
+    }
+    if checks
+        .iter()
+        .any(|check| opens(check) && keyring.is_current(&check.1))
+    {
+        return Ok(());
+    }
+    let id = crate::crypto::new_id();
+    store
+        .insert_key_check(id, &keyring.seal(KEY_CHECK_TEXT, key_check_binding(id)))
+        .await?;
+    // Another replica with another key may have added its check first, at the same moment.
+    if store
+        .key_checks()
+        .await?
+        .first()
+        .is_some_and(|first| !opens(first))
+    {
+        let _ = store.update_key_check(id, None).await;
+        return Err(refused());
+    }
+    Ok(())
+}
+
+/// Where the master key came from, for a refusal.
+fn key_source(config: &AppConfig) -> String {
+    match (
         config
             .master_key
             .as_deref()
@@ -189,14 +261,7 @@ async fn check_key_opens_the_database(
         }
         (None, Some(path)) => format!("the key file {path}.key"),
         (None, None) => "no key".to_string(),
-    };
-    Err(StartupError::WrongKey(format!(
-        "the master key from {source} opens none of this database's secrets ({} organizations \
-         tried, the newest and the oldest): it is not the key they were sealed with. Start with \
-         the key this database was used with; after a change of key, keep the old one in \
-         TOKENWARDEN_PREVIOUS_MASTER_KEYS until `tokenwarden keys rotate` has run",
-        sample.len()
-    )))
+    }
 }
 
 /// `--outbound-proxy` as a proxy: an http(s) URL (reqwest would take any scheme and then send
@@ -309,6 +374,7 @@ impl App {
             check_key_opens_the_database(&store, &keyring, &config).await?;
         }
         store.migrate().await?;
+        check_key_matches_the_first(&store, &keyring, &config).await?;
         align_clock(&store).await;
         let built_in: BTreeMap<String, Arc<Connector>> = catalog::load_built_in()?
             .into_iter()

@@ -493,6 +493,10 @@ pub fn exchange_error(error: &OAuthError) -> ApiError {
         ),
         // The provider said it cannot answer now (with a 400, or Slack's 200 `ratelimited`):
         // the code was not taken.
+        error @ OAuthError::Provider { .. } if error.is_rate_limit_code() => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "The provider is rate limiting the token endpoint; present the code again shortly",
+        ),
         error @ OAuthError::Provider { .. } if error.is_passing() => (
             StatusCode::FAILED_DEPENDENCY,
             "The provider's token endpoint failed for now; present the code again shortly",
@@ -667,24 +671,48 @@ pub async fn verify(
     configuration: &Map<String, Value>,
     access_token: &Secret,
 ) -> Option<String> {
+    verification(app, connector, configuration, access_token)
+        .await
+        .map(|verified| verified.outcome.to_string())
+}
+
+/// A verification call's outcome.
+pub struct Verification {
+    /// As recorded on the instance.
+    pub outcome: Value,
+    /// The provider's words when it rejected the token, read as the proxy reads an API's
+    /// answer (the connector's rejection statuses, body markers, Slack's `ok: false`).
+    pub rejection: Option<String>,
+}
+
+/// [`verify`], with whether the provider rejected the token; `None` without a verification
+/// call.
+pub async fn verification(
+    app: &App,
+    connector: &Connector,
+    configuration: &Map<String, Value>,
+    access_token: &Secret,
+) -> Option<Verification> {
     let spec = connector.verify.as_ref()?;
     let base_url = configuration
         .get(BASE_URL)
         .and_then(Value::as_str)
         .unwrap_or_default();
+    let not_made = |why: String| Verification {
+        outcome: json!({"ok": false, "path": spec.path, "message": format!("the verification call was not made: {why}")}),
+        rejection: None,
+    };
     // The path may name the connector's inputs (QuickBooks' `{realmId}`).
     let path = match app.fill(connector, &spec.path, configuration) {
         Ok(path) => path,
-        Err(why) => {
-            return Some(json!({"ok": false, "path": spec.path, "message": format!("the verification call was not made: {why}")}).to_string());
-        }
+        Err(why) => return Some(not_made(why.to_string())),
     };
     let url = join_url(base_url, &path);
     if let Err(why) = url::Url::parse(&url)
         .map_err(|error| error.to_string())
         .and_then(|parsed| crate::egress::check_url(&parsed))
     {
-        return Some(json!({"ok": false, "path": spec.path, "message": format!("the verification call was not made: {why}")}).to_string());
+        return Some(not_made(why));
     }
     // Validated case-insensitively (`get` is GET): sent as the standard method, not a custom one.
     let method = reqwest::Method::from_bytes(spec.method.to_ascii_uppercase().as_bytes())
@@ -697,7 +725,7 @@ pub async fn verify(
         .header("accept", "application/json")
         .send()
         .await;
-    let result = match outcome {
+    let verified = match outcome {
         Ok(response) => {
             let status = response.status().as_u16();
             let www = response
@@ -705,9 +733,11 @@ pub async fn verify(
                 .get("www-authenticate")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
-            // A success needs no body; a refusal's words are in its first bytes. Read no more:
-            // whoever answers may send without end.
-            let body = if (200..300).contains(&status) {
+            let success = (200..300).contains(&status);
+            // A success needs no body, unless the connector reads rejections in one (Slack's
+            // `ok: false`); a refusal's words are in its first bytes. Read no more: whoever
+            // answers may send without end.
+            let body = if success && connector.rejection.ok_false_errors.is_empty() {
                 Vec::new()
             } else {
                 let mut response = response;
@@ -716,21 +746,26 @@ pub async fn verify(
                     .map(|(body, _)| body)
                     .unwrap_or_default()
             };
-            if (200..300).contains(&status) {
+            let rejection =
+                crate::oauth::api_rejection(&connector.rejection, status, www.as_deref(), &body)
+                    .map(|words| crate::oauth::redact(&words, &[access_token.expose()]));
+            let outcome = if success && rejection.is_none() {
                 json!({"ok": true, "status": status, "path": spec.path, "checkedAt": iso8601(started)})
             } else {
                 json!({"ok": false, "status": status, "path": spec.path, "checkedAt": iso8601(started),
-                       "providerMessage": crate::oauth::redact(
+                       "providerMessage": rejection.clone().unwrap_or_else(|| crate::oauth::redact(
                            &crate::oauth::describe_provider_body(status, www.as_deref(), &body),
-                           &[access_token.expose()])})
-            }
+                           &[access_token.expose()]))})
+            };
+            Verification { outcome, rejection }
         }
-        Err(error) => {
-            json!({"ok": false, "path": spec.path, "checkedAt": iso8601(started),
-                   "message": format!("the verification call failed: {}", crate::oauth::transport_message(&error))})
-        }
+        Err(error) => Verification {
+            outcome: json!({"ok": false, "path": spec.path, "checkedAt": iso8601(started),
+                   "message": format!("the verification call failed: {}", crate::oauth::transport_message(&error))}),
+            rejection: None,
+        },
     };
-    Some(result.to_string())
+    Some(verified)
 }
 
 /// How much of a refused verification call's answer is read for the provider's words.
@@ -848,6 +883,29 @@ pub async fn reseal_all(app: &App, progress: &mut dyn FnMut(u64)) -> Result<Rese
         changed += reseal_oauth_states(app, keyring, column).await?;
     }
     changed += reseal_pending_events(app, &mut unreadable).await?;
+    // The key checks: under the current key, so that the old one can go. One no key opens
+    // was left by a start that was refused (this process's keys open the first one: it
+    // started): it goes.
+    for (id, sealed) in app.store.key_checks().await? {
+        if keyring.is_current(&sealed) {
+            continue;
+        }
+        let binding = crate::app::key_check_binding(id);
+        match keyring.open(&sealed, binding) {
+            Ok(plain) => {
+                if app
+                    .store
+                    .update_key_check(id, Some(&keyring.seal(&plain, binding)))
+                    .await?
+                {
+                    changed += 1;
+                }
+            }
+            Err(_) => {
+                app.store.update_key_check(id, None).await?;
+            }
+        }
+    }
     Ok(Resealed {
         changed,
         unreadable,
@@ -1119,10 +1177,11 @@ mod tests {
             answer.message.contains("get a new code"),
             "{}",
             answer.message
-        ); // A provider failing for now, with a 400 or Slack's 200: the code was not taken.
-        for code in ["temporarily_unavailable", "ratelimited"] {
+        );
+        // A provider failing for now, with a 400 or Slack's 200: the code was not taken.
+        for (code, status) in [("temporarily_unavailable", 424), ("ratelimited", 429)] {
             let answer = refused(code);
-            assert_eq!(answer.status.as_u16(), 424);
+            assert_eq!(answer.status.as_u16(), status);
             assert!(answer.message.contains("again"), "{}", answer.message);
             assert!(!answer.message.contains("new code"), "{}", answer.message);
         }

@@ -482,6 +482,25 @@ impl RefreshEngine {
         self.parked.remove(&id);
         self.forget(id);
         let row = match committed {
+            Some(row) if row.revived_reason.is_some() => {
+                tracing::info!(
+                    instance = id,
+                    "rotated tokens kept while the store was down are stored, and made the instance valid again"
+                );
+                match self
+                    .settle_revival(app, &row, parked.recovered.is_some())
+                    .await
+                {
+                    Revival::Stands => row,
+                    // Read again: invalid once more, or moved on.
+                    Revival::Refused(_) | Revival::MovedOn => app
+                        .store
+                        .get_instance_by_id(id)
+                        .await
+                        .map_err(RefreshFailure::from_store)?
+                        .ok_or(RefreshFailure::NotFound)?,
+                }
+            }
             Some(row) => {
                 tracing::info!(
                     instance = id,
@@ -1179,7 +1198,9 @@ impl RefreshEngine {
                             .then_some(leased.updated_at),
                     )
                     .await;
-                if !matches!(recorded, Ok(true)) {
+                if matches!(recorded, Ok(true)) {
+                    self.notify_schedule_changed();
+                } else {
                     let _ = app.store.release_refresh_lease(id, &app.replica_id).await;
                 }
                 self.forget(id);
@@ -1489,64 +1510,14 @@ impl RefreshEngine {
                         });
                     }
                 }
-                // A provider that ends the whole grant when a retired refresh token is presented
-                // (reuse detection, RFC 9700 §4.14.2) has ended the tokens of a revival too: the
-                // connector's verification call says so, and the instance is invalid again
-                // rather than valid on dead tokens, with an event after the commit's.
-                if was_committed
-                    && let Some(undone) = &stored.revived_reason
-                    && let Some(refused) = revived_tokens_refused(app, &connector, &stored).await
-                {
-                    let reason = format!(
-                        "refresh interrupted: the provider ended the grant when the retired refresh token was presented ({undone}), and refuses the tokens of the refresh that completed late too ({refused})"
-                    );
-                    tracing::warn!(
-                        instance = row.id,
-                        "a refresh completed after another replica invalidated the instance for it, and the provider refuses its tokens: invalid again"
-                    );
-                    let event = events::new_event(app, &stored, events::INVALIDATED, Some(&reason));
-                    if let Err(error) = app
-                        .store
-                        .mark_invalid(
-                            row.id,
-                            &reason,
-                            Some(&refused),
-                            Some(&event),
-                            Some(stored.token_version),
-                            false,
-                        )
-                        .await
-                    {
-                        tracing::warn!(instance = row.id, "invalidating the revival: {error}");
-                    }
-                    self.forget(row.id);
-                    return Err(RefreshFailure::Invalid {
-                        reason,
-                        provider_message: Some(refused),
-                        version: Some(stored.token_version),
-                    });
-                }
-                // (A row that was failing too had `instance.recovered` written with the commit:
-                // one event says it.)
-                if was_committed
-                    && recovered.is_none()
-                    && let Some(undone) = &stored.revived_reason
-                {
-                    // Another replica took this refresh over after our lease ran out, presented
-                    // the refresh token we had just used, and invalidated the instance on the
-                    // provider's refusal; our commit made it valid again. Whoever heard of the
-                    // invalidation hears of this: an event of its own (not in the commit's
-                    // transaction; lost only if the process dies between the two).
-                    tracing::warn!(
-                        instance = row.id,
-                        "a refresh completed after another replica invalidated the instance for it: valid again"
-                    );
-                    let reason = format!(
-                        "valid again: a refresh interrupted on one replica completed after all, and undid the invalidation ({undone})"
-                    );
-                    let event = events::new_event(app, &stored, events::RECOVERED, Some(&reason));
-                    if let Err(error) = app.store.insert_event(&event).await {
-                        tracing::warn!(instance = row.id, "recording the revival: {error}");
+                // A commit that made an instance valid again (see `settle_revival`).
+                if was_committed && stored.revived_reason.is_some() {
+                    match self.settle_revival(app, &stored, recovered.is_some()).await {
+                        Revival::Stands => {}
+                        Revival::Refused(failure) => return Err(failure),
+                        Revival::MovedOn => {
+                            return self.moved_on(app, row).await.map(|row| (row, false));
+                        }
                     }
                 }
                 tracing::info!(instance = row.id, connector = %connector.key, version = stored.token_version, "token refreshed");
@@ -1632,6 +1603,9 @@ impl RefreshEngine {
                 if !recorded {
                     return self.moved_on(app, row).await.map(|row| (row, false));
                 }
+                // Due at the backoff's end, whatever the strategy: the scheduler wakes for it
+                // rather than at its longest sleep.
+                self.notify_schedule_changed();
                 tracing::warn!(instance = row.id, connector = %connector.key, "refresh failed for now ({message}); retrying in {} ms", wait);
                 Err(RefreshFailure::Transient {
                     message: "the provider's token endpoint failed".into(),
@@ -1718,6 +1692,87 @@ impl RefreshEngine {
 
     /// The instance's token version moved on while the provider answered about the old one:
     /// give our lease back and answer the instance as it is now.
+    /// After a commit that made an instance valid again (`stored.revived_reason`: another
+    /// replica took this refresh over once its lease ran out, presented the refresh token it
+    /// had just used, and invalidated the instance on the provider's refusal). A provider that
+    /// ends the whole grant when a retired refresh token is presented (reuse detection, RFC
+    /// 9700 §4.14.2) has ended these tokens too: the connector's verification call says so,
+    /// and the instance is invalid again, with an event after the commit's, rather than valid
+    /// on dead tokens. Otherwise the revival is announced (`recovery_announced`: the commit
+    /// wrote `instance.recovered` already).
+    async fn settle_revival(
+        &self,
+        app: &App,
+        stored: &InstanceRow,
+        recovery_announced: bool,
+    ) -> Revival {
+        let Some(undone) = &stored.revived_reason else {
+            return Revival::Stands;
+        };
+        let connector = app
+            .connector(stored.organization_id, &stored.element_key)
+            .await
+            .ok()
+            .flatten();
+        if let Some(connector) = connector
+            && let Some(refused) = revived_tokens_refused(app, &connector, stored).await
+        {
+            // Not "refresh interrupted": no commit may make it valid on such tokens again.
+            let reason = format!(
+                "the provider ended the grant when the retired refresh token was presented ({undone}), and refuses the tokens of the refresh that completed late too ({refused})"
+            );
+            tracing::warn!(
+                instance = stored.id,
+                "a refresh completed after another replica invalidated the instance for it, and the provider refuses its tokens: invalid again"
+            );
+            let event = events::new_event(app, stored, events::INVALIDATED, Some(&reason));
+            match app
+                .store
+                .mark_invalid(
+                    stored.id,
+                    &reason,
+                    Some(&refused),
+                    Some(&event),
+                    Some(stored.token_version),
+                    false,
+                )
+                .await
+            {
+                Ok(true) => {
+                    self.forget(stored.id);
+                    return Revival::Refused(RefreshFailure::Invalid {
+                        reason,
+                        provider_message: Some(refused),
+                        version: Some(stored.token_version),
+                    });
+                }
+                // Re-authenticated or refreshed meanwhile: as it is now.
+                Ok(false) => return Revival::MovedOn,
+                // The next call finds the tokens refused and ends the grant then.
+                Err(error) => {
+                    tracing::warn!(instance = stored.id, "invalidating the revival: {error}");
+                    return Revival::Stands;
+                }
+            }
+        }
+        if !recovery_announced {
+            // Whoever heard of the invalidation hears of this: an event of its own (not in the
+            // commit's transaction; lost only if the process dies between the two).
+            tracing::warn!(
+                instance = stored.id,
+                "a refresh completed after another replica invalidated the instance for it: valid again"
+            );
+            let reason = format!(
+                "valid again: a refresh interrupted on one replica completed after all, and undid the invalidation ({undone})"
+            );
+            let event = events::new_event(app, stored, events::RECOVERED, Some(&reason));
+            if let Err(error) = app.store.insert_event(&event).await {
+                tracing::warn!(instance = stored.id, "recording the revival: {error}");
+            }
+        }
+        Revival::Stands
+    }
+
     async fn moved_on(&self, app: &App, row: &InstanceRow) -> Result<InstanceRow, RefreshFailure> {
         let _ = app
             .store
@@ -1899,6 +1954,16 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
     }))
 }
 
+/// How a revival ended (see [`RefreshEngine::settle_revival`]).
+enum Revival {
+    /// Valid on the committed tokens.
+    Stands,
+    /// Invalid again: the provider refuses the committed tokens.
+    Refused(RefreshFailure),
+    /// The instance moved on (re-authenticated, refreshed) before it could be invalidated.
+    MovedOn,
+}
+
 /// The provider's words when it refuses the tokens a revival committed (the connector's
 /// verification call answered a token rejection); `None` when it accepts them, or cannot tell
 /// (no verification call, a passing failure): the revival then stands.
@@ -1909,14 +1974,7 @@ async fn revived_tokens_refused(
 ) -> Option<String> {
     let access_token = open_secrets(app, stored).ok()?.access_token?;
     let configuration = plain_configuration(stored);
-    let outcome = crate::instances::verify(app, connector, &configuration, &access_token).await?;
-    let outcome: Value = serde_json::from_str(&outcome).ok()?;
-    let status = u16::try_from(outcome["status"].as_u64()?).ok()?;
-    let refused = status == 401 || connector.rejection.statuses.contains(&status);
-    refused.then(|| {
-        outcome["providerMessage"]
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| format!("HTTP {status}"))
-    })
+    let verified =
+        crate::instances::verification(app, connector, &configuration, &access_token).await?;
+    verified.rejection
 }

@@ -334,9 +334,10 @@ pub async fn oauth_url(
     });
     // The client secret, when given, is kept for the code's exchange (a create whose
     // configuration leaves it out), sealed like the verifier.
+    // A masked value (read from an instance without its Element token) is no secret.
     let api_secret_enc = query
         .get("apiSecret")
-        .filter(|secret| !secret.is_empty())
+        .filter(|secret| !secret.is_empty() && secret.as_str() != crate::instances::MASK)
         .map(|secret| {
             let field = crate::store::OAuthStateSealed::ClientSecret.binding_field(&state_hash);
             app.keyring.seal_secret(

@@ -2243,27 +2243,39 @@ pub async fn revoke(
                     // version held, retiring its tokens (no refresh in flight commits after).
                     let event =
                         events::new_event(&app, &held, events::INVALIDATED, Some("revoked"));
+                    // The lease stays the hold's: nothing else writes while the provider is
+                    // asked.
                     let invalidated = app
                         .store
-                        .mark_invalid(
+                        .mark_invalid_held(
                             held.id,
                             "revoked",
                             Some(REVOCATION_UNDER_WAY),
                             Some(&event),
-                            Some(held.token_version),
+                            held.token_version,
                             true,
                         )
                         .await?;
                     // The contract's order holds for the answer: invalid whatever the provider
-                    // said. A revocation that could not be sent says why.
-                    let mut revocation = match crate::refresh::revoke_at_provider(&app, &held).await
-                    {
-                        Ok(revocation) => revocation,
-                        Err(error) => serde_json::json!({
+                    // said. A revocation that could not be sent says why, and whether trying
+                    // again may help (our side failing: the database, a key). Tokens the
+                    // instance no longer holds (a refresh committed under the hold) are not
+                    // revoked: the revocation is to be sent again.
+                    let mut revocation = if !invalidated {
+                        serde_json::json!({
                             "revokedAtProvider": false,
-                            "retryable": false,
-                            "message": error.message,
-                        }),
+                            "retryable": true,
+                            "message": "The instance changed while it was revoked (a refresh completed): nothing was revoked; revoke it again",
+                        })
+                    } else {
+                        match crate::refresh::revoke_at_provider(&app, &held).await {
+                            Ok(revocation) => revocation,
+                            Err(error) => serde_json::json!({
+                                "revokedAtProvider": false,
+                                "retryable": error.status.is_server_error(),
+                                "message": format!("The revocation could not be sent: {}", error.message),
+                            }),
+                        }
                     };
                     // The reason says what the provider confirmed.
                     let message = if revocation["revokedAtProvider"] == true {
@@ -2279,12 +2291,12 @@ pub async fn revoke(
                     };
                     if invalidated {
                         app.store
-                            .mark_invalid(
+                            .mark_invalid_held(
                                 held.id,
                                 "revoked",
                                 Some(&message),
                                 None,
-                                Some(held.token_version + 1),
+                                held.token_version + 1,
                                 false,
                             )
                             .await?;

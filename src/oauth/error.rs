@@ -149,6 +149,9 @@ pub const PASSING_ERRORS: &[&str] = &[
     "rate_limited",
 ];
 
+/// Of [`PASSING_ERRORS`], those that say the caller is asking too often.
+pub const RATE_LIMIT_ERRORS: &[&str] = &["slow_down", "ratelimited", "rate_limited"];
+
 /// Token-endpoint errors about the request itself (RFC 6749 §5.2): `invalid_request` (a
 /// parameter missing or wrong: a scope the provider wants on every refresh), `invalid_scope`,
 /// `unsupported_grant_type`. Sent again as it is, the same request is refused again: the
@@ -225,6 +228,19 @@ impl OAuthError {
                 permanent: false,
                 ..
             } if PASSING_ERRORS.iter().any(|known| known.eq_ignore_ascii_case(error.trim()))
+        )
+    }
+
+    /// Whether the provider said, with an error code in its answer, that it is rate limiting
+    /// ([`RATE_LIMIT_ERRORS`]).
+    pub fn is_rate_limit_code(&self) -> bool {
+        matches!(
+            self,
+            OAuthError::Provider {
+                error,
+                permanent: false,
+                ..
+            } if RATE_LIMIT_ERRORS.iter().any(|known| known.eq_ignore_ascii_case(error.trim()))
         )
     }
 

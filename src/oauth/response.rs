@@ -100,9 +100,12 @@ pub fn parse_token_response(
     spec: &OAuthSpec,
 ) -> Result<TokenSet, OAuthError> {
     let parsed = parse_body(content_type, body);
+    // Tokens are read from UTF-8 only: a body in another encoding is read leniently for its
+    // error, but its characters replaced would make a token that works nowhere.
     if (200..300).contains(&status)
         && let ParsedBody::Object(object) = &parsed
         && object.get("ok") != Some(&Value::Bool(false))
+        && std::str::from_utf8(body).is_ok()
     {
         if let Some(access_token) = usable_access_token(object) {
             return Ok(token_set(object.clone(), access_token));
@@ -287,7 +290,9 @@ pub(crate) fn find_oauth_error(
         _ => {}
     }
     // A list of errors (Fitbit's `errorType`; Strava's `code` for a `resource`, given as
-    // `RefreshToken:invalid` so that a connector can tell which thing was refused).
+    // `RefreshToken:invalid` so that a connector can tell which thing was refused). Its
+    // message describes it when the top level has no description.
+    let mut listed_message = None;
     let listed = match object.get("errors") {
         Some(Value::Array(errors)) => errors.first().and_then(Value::as_object),
         _ => None,
@@ -306,9 +311,7 @@ pub(crate) fn find_oauth_error(
                 None => codes.push(code),
             }
         }
-        if description.is_none() {
-            description = first.get("message").and_then(scalar_text);
-        }
+        listed_message = first.get("message").and_then(scalar_text);
     }
     if let Some(Value::String(status)) = object.get("status")
         && !status.trim().is_empty()
@@ -350,6 +353,8 @@ pub(crate) fn find_oauth_error(
         ]
         .iter()
         .find_map(|name| object.get(*name).and_then(scalar_text))
+        .filter(|found| !found.trim().is_empty())
+        .or(listed_message)
     });
     let mut description = description.filter(|d| !d.trim().is_empty());
     if let Some(Value::String(subtype)) = object.get("error_subtype") {
@@ -359,8 +364,20 @@ pub(crate) fn find_oauth_error(
             None => note,
         });
     }
+    // A connector's `"code: description"` entry names a code that means a dead grant only
+    // with those words (X's invalid_request "Value passed for the token was invalid").
+    let described = description
+        .as_deref()
+        .map(|description| format!("{chosen}: {description}").to_lowercase());
+    let described_permanent = |entry: &String| {
+        entry.contains(": ")
+            && described
+                .as_deref()
+                .is_some_and(|text| text.starts_with(entry.trim().to_lowercase().as_str()))
+    };
     Some(FoundError {
-        permanent: is_permanent_error_code(&chosen, connector_permanent_errors),
+        permanent: is_permanent_error_code(&chosen, connector_permanent_errors)
+            || connector_permanent_errors.iter().any(described_permanent),
         error: chosen,
         description: description.map(|d| cut(&d, MAX_ECHO_CHARS)),
     })
@@ -581,6 +598,29 @@ mod tests {
         let body = b"{\"error\":\"invalid_grant\",\"error_description\":\"jeton p\xe9rim\xe9\"}";
         let error = parse_token_response(400, JSON, body, &spec()).unwrap_err();
         assert!(error.is_permanent(), "{error:?}");
+        // Tokens are not: replaced characters would make one that works nowhere.
+        let body = b"{\"access_token\":\"a\xe9b\"}";
+        assert!(parse_token_response(200, JSON, body, &spec()).is_err());
+    }
+
+    #[test]
+    fn a_code_means_a_dead_grant_with_the_words_a_connector_names() {
+        let mut spec = spec();
+        spec.permanent_errors =
+            vec!["invalid_request: Value passed for the token was invalid".to_string()];
+        let parse =
+            |body: &str| parse_token_response(400, JSON, body.as_bytes(), &spec).unwrap_err();
+        let dead = parse(
+            r#"{"error":"invalid_request","error_description":"Value passed for the token was invalid."}"#,
+        );
+        assert!(dead.is_permanent(), "{dead:?}");
+        let asked = parse(
+            r#"{"error":"invalid_request","error_description":"Missing required parameter [refresh_token]."}"#,
+        );
+        assert!(
+            !asked.is_permanent() && asked.is_request_rejected(),
+            "{asked:?}"
+        );
     }
 
     #[test]

@@ -36,13 +36,15 @@ pub(crate) fn cut(text: &str, max_chars: usize) -> String {
     out
 }
 
-/// Unicode's format characters that matter in displayed text: the Arabic letter mark, the
-/// Mongolian vowel separator, zero-width spaces and joiners, directional marks, embeddings,
-/// overrides and isolates, invisible operators, and the byte-order mark.
+/// Unicode's format characters that matter in displayed text: the soft hyphen, the Arabic
+/// letter mark, the Mongolian vowel separator, zero-width spaces and joiners, directional
+/// marks, embeddings, overrides and isolates, invisible operators, variation selectors, the
+/// byte-order mark and the tag characters (text hidden in plain sight).
 fn invisible(c: char) -> bool {
     matches!(c,
-        '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'..='\u{206F}' | '\u{FEFF}')
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
+            | '\u{E0000}'..='\u{E007F}')
 }
 
 /// Replaces every occurrence of each secret in `text` with `[redacted]`, in the forms a provider
@@ -250,6 +252,7 @@ mod tests {
             cut("token \u{202E}dilavni\u{202C} \u{200B}expired\u{FEFF}", 300),
             "token dilavni expired"
         );
+        assert_eq!(cut("hid\u{E0041}\u{E0042}den\u{00AD}", 300), "hidden");
     }
 
     #[test]

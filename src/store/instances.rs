@@ -754,6 +754,36 @@ impl Store {
         commit_with_event(transaction, result.rows_affected() == 1, event).await
     }
 
+    /// [`Store::mark_invalid`] by the holder of the instance (a revocation): the lease, which
+    /// is the hold's, stays until the hold ends, so that no re-authentication, import or other
+    /// hold writes while the provider is asked.
+    pub async fn mark_invalid_held(
+        &self,
+        id: i64,
+        reason: &str,
+        provider_message: Option<&str>,
+        event: Option<&NewEvent>,
+        expected_version: i64,
+        retire_tokens: bool,
+    ) -> Result<bool, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        let result = sqlx::query(
+            "UPDATE instances SET state = 'invalid', state_reason = $1, provider_message = $2, \
+             next_due_at = NULL, updated_at = CASE WHEN $3 > updated_at THEN $3 ELSE updated_at + 1 END, \
+             token_version = token_version + $6 \
+             WHERE id = $4 AND token_version = $5",
+        )
+        .bind(reason)
+        .bind(provider_message)
+        .bind(crate::app::now_ms())
+        .bind(id)
+        .bind(expected_version)
+        .bind(i64::from(retire_tokens))
+        .execute(&mut *transaction)
+        .await?;
+        commit_with_event(transaction, result.rows_affected() == 1, event).await
+    }
+
     /// A passing failure: the instance stays valid. Starts `failing_since` if not set, counts
     /// the failure, keeps `message`, sets `backoff_until` (and moves a scheduled `next_due_at`
     /// to at least it; an instance the scheduler had no refresh for, an `on_401` one whose
@@ -779,7 +809,8 @@ impl Store {
         let result = sqlx::query(
             "UPDATE instances SET failing_since = COALESCE(failing_since, $1), \
              failure_count = failure_count + 1, last_failure = $2, backoff_until = $3, \
-             next_due_at = CASE WHEN next_due_at IS NULL OR refresh_lease_owner = $4 THEN $3 \
+             next_due_at = CASE WHEN next_due_at IS NULL AND (state <> 'valid' OR disabled <> 0) \
+             THEN NULL WHEN next_due_at IS NULL OR refresh_lease_owner = $4 THEN $3 \
              WHEN next_due_at < $3 THEN $3 ELSE next_due_at END, \
              refresh_lease_until = CASE WHEN refresh_lease_owner = $4 THEN NULL \
              ELSE refresh_lease_until END, \

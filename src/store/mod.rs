@@ -578,6 +578,51 @@ impl Store {
         Ok(rows)
     }
 
+    /// The key checks (`key_checks`), the first made first: (id, sealed value).
+    pub async fn key_checks(&self) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+        Ok(
+            sqlx::query_as("SELECT id, sealed FROM key_checks ORDER BY created_at, id")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Adds a key check (a value sealed under the starting process's master key).
+    pub async fn insert_key_check(&self, id: i64, sealed: &[u8]) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO key_checks (id, sealed, created_at) VALUES ($1, $2, $3)")
+            .bind(id)
+            .bind(sealed)
+            .bind(crate::app::now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes a key check away (one a refused start added), or replaces its sealed value
+    /// (`sealed`: a key rotation). False when there is no such row.
+    pub async fn update_key_check(
+        &self,
+        id: i64,
+        sealed: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        let result = match sealed {
+            Some(sealed) => {
+                sqlx::query("UPDATE key_checks SET sealed = $1 WHERE id = $2")
+                    .bind(sealed)
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query("DELETE FROM key_checks WHERE id = $1")
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?
+            }
+        };
+        Ok(result.rows_affected() == 1)
+    }
+
     /// Every organization, for re-encrypting their webhook secrets under a new key.
     pub async fn list_organizations(&self) -> Result<Vec<OrganizationRow>, StoreError> {
         let rows = sqlx::query_as::<_, OrganizationRow>(
@@ -1212,6 +1257,10 @@ mod tests {
                         8,
                         "a6b2efa58aab3d5e6f46978280cd9221de62983e5a9c16af6bcab8bef59e63a4ab4a8b0c760f521cc91d67a39b8a8ca3",
                     ),
+                    (
+                        9,
+                        "3d7c01876235c3fbb810a921a3eaa52a11b88cd291b1be4dcb8cbe44334b62d58e076f9002461b45c09e25f8621f3dcb",
+                    ),
                 ],
             ),
             (
@@ -1248,6 +1297,10 @@ mod tests {
                     (
                         8,
                         "ece8047907ad65071a91568cee6b2ef3c6d577ed34600ff00f9bc58c99b42f300f511f2d38f84d688857e02c88b19128",
+                    ),
+                    (
+                        9,
+                        "43418e974fb0a15d0df5e86f1c80f883149e947b38f27b35e24f8d75319d6626b67186de76c8d2a13a8ddadf58a7b120",
                     ),
                 ],
             ),

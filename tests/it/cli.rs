@@ -234,8 +234,8 @@ async fn serve_refuses_a_key_that_opens_nothing_of_the_database() {
             .execute(&mut db)
             .await
             .unwrap();
-        // What the last migration (0008) added, taken out again.
-        sqlx::query("ALTER TABLE oauth_states DROP COLUMN api_secret_enc")
+        // What the last migration (0009) added, taken out again.
+        sqlx::query("DROP TABLE key_checks")
             .execute(&mut db)
             .await
             .unwrap();
@@ -300,6 +300,81 @@ async fn serve_refuses_a_key_that_opens_nothing_of_the_database() {
     assert!(ok, "{stderr}");
     assert!(applied().await);
     let _ = std::fs::remove_file(format!("{path}.key"));
+    crate::support::drop_test_database(&url).await;
+}
+
+/// Two replicas given different master keys on a new database, which holds nothing sealed for
+/// the first check to try: the second is refused at its start (each sealed instances the
+/// other could not open), and a replica with the first key (or, during a rotation, a new key
+/// with the first one as a previous key) starts.
+#[tokio::test]
+async fn a_second_replica_with_another_key_is_refused_on_a_new_database() {
+    use tokio::io::AsyncBufReadExt;
+    let url = crate::support::sqlite_database();
+    let (_, first_key) = tokenwarden::crypto::MasterKey::generate();
+    let (_, other_key) = tokenwarden::crypto::MasterKey::generate();
+    let spawn = |envs: Vec<(&'static str, String)>| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+            .args(["serve", "--bind", "127.0.0.1:0", "--database-url", &url])
+            .env_remove("TOKENWARDEN_MASTER_KEY")
+            .env_remove("TOKENWARDEN_PREVIOUS_MASTER_KEYS")
+            .envs(envs)
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    // Serving, or ended: (serving, what it said).
+    let outcome = |mut child: tokio::process::Child| async move {
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut said = String::new();
+        let serving = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("serving on ") {
+                    return true;
+                }
+                said.push_str(&line);
+                said.push('\n');
+            }
+            false
+        })
+        .await
+        .expect("serve neither served nor ended");
+        (serving, said, child)
+    };
+    let (serving, said, first) = outcome(spawn(vec![(
+        "TOKENWARDEN_MASTER_KEY",
+        first_key.expose().to_string(),
+    )]))
+    .await;
+    assert!(serving, "{said}");
+    let (serving, said, _) = outcome(spawn(vec![(
+        "TOKENWARDEN_MASTER_KEY",
+        other_key.expose().to_string(),
+    )]))
+    .await;
+    assert!(!serving, "a replica with another key started");
+    assert!(said.contains("key check"), "{said}");
+    assert!(said.contains("TOKENWARDEN_MASTER_KEY"), "{said}");
+    let (serving, said, same) = outcome(spawn(vec![(
+        "TOKENWARDEN_MASTER_KEY",
+        first_key.expose().to_string(),
+    )]))
+    .await;
+    assert!(serving, "{said}");
+    drop(same);
+    let (serving, said, rotated) = outcome(spawn(vec![
+        ("TOKENWARDEN_MASTER_KEY", other_key.expose().to_string()),
+        (
+            "TOKENWARDEN_PREVIOUS_MASTER_KEYS",
+            first_key.expose().to_string(),
+        ),
+    ]))
+    .await;
+    assert!(serving, "{said}");
+    drop((first, rotated));
     crate::support::drop_test_database(&url).await;
 }
 

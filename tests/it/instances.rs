@@ -3118,6 +3118,40 @@ async fn the_secret_given_with_the_authorization_url_serves_the_exchange() {
             shown[0]["configuration"]["oauth.api.secret"], CLIENT_SECRET,
             "[{label}] {shown}"
         );
+        // A masked apiSecret (read from an instance without its Element token) is no secret:
+        // not kept, not sent (the exchange goes without one, and this provider refuses the
+        // client; it took the mask for a secret, and the instance kept it).
+        let callback = env.callback();
+        let (code, state) = env
+            .authorize_with(
+                &env.org,
+                "sandbox-box",
+                "kiri",
+                &[
+                    ("apiKey", CLIENT_ID),
+                    ("apiSecret", "********"),
+                    ("callbackUrl", callback.as_str()),
+                ],
+            )
+            .await;
+        let created = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&env.org.platform()),
+            Some(json!({"element": {"key": "sandbox-box"},
+                        "providerData": {"code": code, "state": state},
+                        "configuration": configuration})),
+        )
+        .await;
+        assert_eq!(created.status, 400, "[{label}] {}", created.body);
+        assert!(
+            created.body["providerMessage"]
+                .as_str()
+                .is_some_and(|said| said.contains("invalid_client")),
+            "[{label}] {}",
+            created.body
+        );
         // (Through a key rotation while the authorization is pending: `keys.rs`.)
         env.stop().await;
         drop_test_database(&url).await;
