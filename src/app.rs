@@ -355,7 +355,14 @@ impl App {
                 // holds secrets was sealed with a key kept elsewhere (lost, or given in
                 // TOKENWARDEN_MASTER_KEY before): unless another process made the file
                 // meanwhile (`orgs create` beside `serve` on a new database), say so.
-                let sealed = has_schema && !store.organization_secrets_sample(1).await?.is_empty();
+                // (A key check counts: the first start sealed it. Before migration 0009 there
+                // is no such table.)
+                let sealed = has_schema
+                    && (!store.organization_secrets_sample(1).await?.is_empty()
+                        || store
+                            .key_checks()
+                            .await
+                            .is_ok_and(|checks| !checks.is_empty()));
                 match load(!sealed) {
                     Err(crate::crypto::CryptoError::KeyFileMissing { .. }) => {
                         return Err(StartupError::WrongKey(format!(

@@ -588,6 +588,27 @@ async fn exchange_claimed(
             None => return Err(unknown()),
         };
         taken_state = Some(row);
+    } else if !connector.oauth.pkce && secret_left_out {
+        // A code without its state (the articles' body), and no client secret of the
+        // request's own: the authorization this organization began for the connector, with
+        // this client id and redirect URI, when exactly one is pending, gives the secret its
+        // URL was given (a secret rotated at the provider). With none or several, the
+        // configuration's serves, as before.
+        let pending = app
+            .store
+            .pending_oauth_states(
+                caller.organization_id,
+                &connector.key,
+                &credentials.client_id,
+                stored_callback,
+                now_ms(),
+                2,
+                crate::store::OAuthStateSealed::ClientSecret,
+            )
+            .await?;
+        if let [only] = pending.as_slice() {
+            taken_state = app.store.take_oauth_state(only, now_ms()).await?;
+        }
     } else if connector.oauth.pkce {
         // A PKCE connector's code without its state (the articles' body carries the code
         // alone): the authorization this organization began for the connector, with this
@@ -610,6 +631,7 @@ async fn exchange_claimed(
                 stored_callback,
                 now_ms(),
                 2,
+                crate::store::OAuthStateSealed::Verifier,
             )
             .await?;
         match pending.as_slice() {

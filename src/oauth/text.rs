@@ -22,6 +22,11 @@ pub(crate) fn cut(text: &str, max_chars: usize) -> String {
         }
         let needed = if pending_space { 2 } else { 1 };
         if count + needed > max_chars {
+            // A word cut in its middle goes whole: the beginning of a token a provider echoed
+            // would otherwise show, even a character or two too short to be told for one.
+            if !pending_space && let Some(space) = out.rfind(' ') {
+                out.truncate(space);
+            }
             out.push('…');
             return out;
         }
@@ -237,11 +242,17 @@ mod tests {
     fn redaction_covers_a_secret_cut_in_the_middle_of_a_text() {
         // A long `error` holding the token, cut to 100 characters, joined to a description.
         let token = "rt-0123456789abcdefghijklmnopqrstuvwxyz";
-        let error = cut(&format!("{} {token} was refused", "x".repeat(80)), 100);
-        let joined = format!("{error}: try again");
+        let joined = format!("{}…: try again", "x".repeat(80) + " rt-0123456789abcdef");
         let shown = redact(&joined, &[token]);
         assert!(!shown.contains("rt-0123"), "{shown}");
         assert!(shown.ends_with("[redacted]…: try again"), "{shown}");
+        // Cut, a word goes whole: no beginning of the token shows, however short.
+        for at in 95..100 {
+            let text = format!("{} {token} was refused", "x".repeat(at - 1));
+            let shown = cut(&text, 100);
+            assert!(!shown.contains(" r"), "{at}: {shown}");
+            assert!(shown.ends_with('…'), "{at}: {shown}");
+        }
         // A provider's own ellipsis after ordinary words stays as it was.
         assert_eq!(redact("wait… then retry", &[token]), "wait… then retry");
     }

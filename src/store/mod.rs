@@ -896,9 +896,11 @@ impl Store {
         Ok(row)
     }
 
-    /// The pending authorizations with a PKCE verifier that an organization began for a
-    /// connector with client id `api_key` (for `callback_url` when given, or made without
-    /// one), by state hash, at most `limit`: for a code that comes back without its `state`.
+    /// The pending authorizations holding `holding` (a PKCE verifier, a client secret) that an
+    /// organization began for a connector with client id `api_key` (for `callback_url` when
+    /// given, or made without one), by state hash, at most `limit`: for a code that comes back
+    /// without its `state`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn pending_oauth_states(
         &self,
         organization_id: i64,
@@ -907,7 +909,9 @@ impl Store {
         callback_url: Option<&str>,
         now: i64,
         limit: i64,
+        holding: OAuthStateSealed,
     ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let holding = holding.name();
         let for_callback = if callback_url.is_some() {
             " AND (callback_url = $6 OR callback_url = '')"
         } else {
@@ -915,7 +919,7 @@ impl Store {
         };
         let sql = format!(
             "SELECT state_hash FROM oauth_states WHERE organization_id = $1 AND element_key = $2 \
-             AND api_key = $3 AND expires_at > $4 AND code_verifier_enc IS NOT NULL{for_callback} \
+             AND api_key = $3 AND expires_at > $4 AND {holding} IS NOT NULL{for_callback} \
              ORDER BY state_hash LIMIT $5"
         );
         let mut query = sqlx::query_as::<_, (Vec<u8>,)>(sqlx::AssertSqlSafe(sql))

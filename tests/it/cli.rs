@@ -375,6 +375,13 @@ async fn a_second_replica_with_another_key_is_refused_on_a_new_database() {
     .await;
     assert!(serving, "{said}");
     drop((first, rotated));
+    // Without a key, beside a database whose only sealed value is its key check: no key file
+    // is made for it (one was, and every later start without the variable was refused).
+    let path = tokenwarden::crypto::sqlite_path(&url).unwrap();
+    let (serving, said, _) = outcome(spawn(vec![])).await;
+    assert!(!serving, "{said}");
+    assert!(said.contains(&format!("{path}.key is missing")), "{said}");
+    assert!(!std::path::Path::new(&format!("{path}.key")).exists());
     crate::support::drop_test_database(&url).await;
 }
 

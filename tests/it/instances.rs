@@ -3238,6 +3238,46 @@ async fn a_re_authentication_takes_the_secret_its_authorization_was_given() {
         )
         .await;
         assert_eq!(refreshed.status, 200, "[{label}] {}", refreshed.body);
+        // The code alone (the articles' body, no state): the one pending authorization of
+        // this client and redirect URI gives its secret all the same.
+        let imported = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&env.org.platform()),
+            Some(
+                json!({"element": {"key": "sandbox-box"}, "externalAuthentication": "initial",
+                        "configuration": configuration}),
+            ),
+        )
+        .await;
+        assert_eq!(imported.status, 200, "[{label}] {}", imported.body);
+        let id = id_of(&imported.body);
+        let (code, _) = env
+            .authorize_with(
+                &env.org,
+                "sandbox-box",
+                "kiri",
+                &[
+                    ("apiKey", CLIENT_ID),
+                    ("apiSecret", ROTATED),
+                    ("callbackUrl", callback.as_str()),
+                ],
+            )
+            .await;
+        let reauthenticated = call(
+            &env,
+            Method::PATCH,
+            &env.api(&format!("/instances/{id}")),
+            Some(&env.org.platform()),
+            Some(json!({"providerData": {"code": code}})),
+        )
+        .await;
+        assert_eq!(
+            reauthenticated.status, 200,
+            "[{label}] {}",
+            reauthenticated.body
+        );
         env.stop().await;
         drop_test_database(&url).await;
     }
