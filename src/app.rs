@@ -198,52 +198,39 @@ pub fn key_check_binding(id: i64) -> crate::crypto::Binding<'static> {
     }
 }
 
-/// Refuses a master key that does not open the first key check, which the first process to
-/// start on the database sealed: two replicas started with different keys on a new database
-/// (nothing sealed yet for [`check_key_opens_the_database`] to try) each sealed instances
-/// and organizations the other could not open. A start whose master key has no check yet adds
-/// one (after a rotation, the new key's), and a start refused takes its own away again.
+/// The id of the key check every process compares its keys with.
+const FIRST_KEY_CHECK: i64 = 1;
+
+/// Refuses a master key that does not open the key check the first process to start on the
+/// database sealed: two replicas started with different keys on a new database (nothing
+/// sealed yet for [`check_key_opens_the_database`] to try) each sealed instances and
+/// organizations the other could not open. Of processes starting at once, the database keeps
+/// one check (its primary key); `keys rotate` re-seals it under the new key.
 async fn check_key_matches_the_first(
     store: &Store,
     keyring: &crate::crypto::Keyring,
     config: &AppConfig,
 ) -> Result<(), StartupError> {
-    let opens =
-        |(id, sealed): &(i64, Vec<u8>)| keyring.open(sealed, key_check_binding(*id)).is_ok();
-    let refused = || {
-        StartupError::WrongKey(format!(
-            "the master key from {} does not open this database's key check: another \
-             replica started on it with a different key. Give every replica the same \
-             TOKENWARDEN_MASTER_KEY (and, during a rotation, the old key in \
-             TOKENWARDEN_PREVIOUS_MASTER_KEYS)",
-            key_source(config)
-        ))
-    };
+    store
+        .insert_key_check(
+            FIRST_KEY_CHECK,
+            &keyring.seal(KEY_CHECK_TEXT, key_check_binding(FIRST_KEY_CHECK)),
+        )
+        .await?;
     let checks = store.key_checks().await?;
-    if checks.first().is_some_and(|first| !opens(first)) {
-        return Err(refused());
-    }
-    if checks
-        .iter()
-        .any(|check| opens(check) && keyring.is_current(&check.1))
-    {
+    let opens = checks.iter().any(|(id, sealed)| {
+        *id == FIRST_KEY_CHECK && keyring.open(sealed, key_check_binding(*id)).is_ok()
+    });
+    if opens {
         return Ok(());
     }
-    let id = crate::crypto::new_id();
-    store
-        .insert_key_check(id, &keyring.seal(KEY_CHECK_TEXT, key_check_binding(id)))
-        .await?;
-    // Another replica with another key may have added its check first, at the same moment.
-    if store
-        .key_checks()
-        .await?
-        .first()
-        .is_some_and(|first| !opens(first))
-    {
-        let _ = store.update_key_check(id, None).await;
-        return Err(refused());
-    }
-    Ok(())
+    Err(StartupError::WrongKey(format!(
+        "the master key from {} does not open this database's key check: another replica \
+         started on it with a different key. Give every replica the same \
+         TOKENWARDEN_MASTER_KEY (and, during a rotation, the old key in \
+         TOKENWARDEN_PREVIOUS_MASTER_KEYS)",
+        key_source(config)
+    )))
 }
 
 /// Where the master key came from, for a refusal.

@@ -746,8 +746,15 @@ pub async fn verification(
                     .map(|(body, _)| body)
                     .unwrap_or_default()
             };
+            // (A 401 is a rejection whatever the connector lists: RFC 6750's answer to a
+            // token refused.)
             let rejection =
                 crate::oauth::api_rejection(&connector.rejection, status, www.as_deref(), &body)
+                    .or_else(|| {
+                        (status == 401).then(|| {
+                            crate::oauth::describe_provider_body(status, www.as_deref(), &body)
+                        })
+                    })
                     .map(|words| crate::oauth::redact(&words, &[access_token.expose()]));
             let outcome = if success && rejection.is_none() {
                 json!({"ok": true, "status": status, "path": spec.path, "checkedAt": iso8601(started)})

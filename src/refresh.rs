@@ -1726,15 +1726,17 @@ impl RefreshEngine {
                 "a refresh completed after another replica invalidated the instance for it, and the provider refuses its tokens: invalid again"
             );
             let event = events::new_event(app, stored, events::INVALIDATED, Some(&reason));
+            // Not under another process's lease (a revocation's hold, a refresh taken up
+            // meanwhile): it decides.
             match app
                 .store
-                .mark_invalid(
+                .mark_invalid_unleased(
                     stored.id,
+                    &app.replica_id,
                     &reason,
                     Some(&refused),
                     Some(&event),
-                    Some(stored.token_version),
-                    false,
+                    stored.token_version,
                 )
                 .await
             {
@@ -1746,7 +1748,7 @@ impl RefreshEngine {
                         version: Some(stored.token_version),
                     });
                 }
-                // Re-authenticated or refreshed meanwhile: as it is now.
+                // Re-authenticated, refreshed or held meanwhile: as it is now.
                 Ok(false) => return Revival::MovedOn,
                 // The next call finds the tokens refused and ends the grant then.
                 Err(error) => {

@@ -563,6 +563,8 @@ async fn exchange_claimed(
         .filter(|v| !v.is_empty());
     let mut verifier: Option<Secret> = None;
     let mut taken_state = None;
+    // A pending authorization read for the client secret it keeps (a code without its state).
+    let mut peeked_state: Option<crate::store::OAuthStateRow> = None;
     if let Some(state) = state {
         // A state is single use: one that was never issued to this organization for this
         // connector, has expired, or was used already is refused (CSRF, replayed codes).
@@ -606,8 +608,10 @@ async fn exchange_claimed(
                 crate::store::OAuthStateSealed::ClientSecret,
             )
             .await?;
+        // Read, not taken: the secret is the app's, not single use, and the state stays for
+        // the request that presents it.
         if let [only] = pending.as_slice() {
-            taken_state = app.store.take_oauth_state(only, now_ms()).await?;
+            peeked_state = app.store.peek_oauth_state(only, now_ms()).await?;
         }
     } else if connector.oauth.pkce {
         // A PKCE connector's code without its state (the articles' body carries the code
@@ -681,7 +685,7 @@ async fn exchange_claimed(
     // and the same client.
     let mut kept_secret = None;
     if secret_left_out
-        && let Some(row) = &taken_state
+        && let Some(row) = taken_state.as_ref().or(peeked_state.as_ref())
         && row.api_key == credentials.client_id
         && let Some(sealed) = &row.api_secret_enc
     {
@@ -696,7 +700,9 @@ async fn exchange_claimed(
         ) {
             Ok(opened) => kept_secret = Some(opened),
             Err(error) => {
-                let _ = app.store.insert_oauth_state(row).await;
+                if taken_state.is_some() {
+                    let _ = app.store.insert_oauth_state(row).await;
+                }
                 return Err(error.into());
             }
         }
@@ -2029,14 +2035,47 @@ pub async fn delete(
             .with_instance_held(&app, instance_id, async |held| {
                 let mut revocation = Value::Null;
                 if revoke {
+                    // Invalid first, as a revocation is (no event: the deletion's is the one
+                    // that counts): a process dying while the provider revokes leaves the
+                    // instance invalid, not valid on revoked tokens. The hold keeps its lease.
+                    if !app
+                        .store
+                        .mark_invalid_held(
+                            held.id,
+                            "revoked",
+                            Some(DELETION_UNDER_WAY),
+                            None,
+                            held.token_version,
+                            true,
+                        )
+                        .await?
+                    {
+                        return Err(ApiError::conflict(
+                            "The instance changed while it was deleted (a refresh completed): send the DELETE again",
+                        ));
+                    }
                     revocation = crate::refresh::revoke_at_provider(&app, &held).await?;
                     // The provider could not answer (down, timing out, rate limiting) and the
-                    // grant may live on: the instance is kept, since once deleted its tokens
-                    // could never be revoked again. A refusal (tokens dead already, or a token
-                    // the provider cannot revoke) will not change on a retry: it deletes.
+                    // grant may live on: the instance is kept, invalid, since once deleted its
+                    // tokens could never be revoked again. A refusal (tokens dead already, or a
+                    // token the provider cannot revoke) will not change on a retry: it deletes.
                     if revocation["retryable"] == true
                         && let Some(message) = revocation["providerMessage"].as_str()
                     {
+                        let reason = format!(
+                            "Deleted with a revocation through tokenwarden, which the provider did not confirm ({message}): kept so that the DELETE can be sent again"
+                        );
+                        let _ = app
+                            .store
+                            .mark_invalid_held(
+                                held.id,
+                                "revoked",
+                                Some(&reason),
+                                None,
+                                held.token_version + 1,
+                                false,
+                            )
+                            .await;
                         return Err(ApiError::new(
                             StatusCode::BAD_GATEWAY,
                             "The provider did not confirm the revocation: the instance is kept so that it can be tried again (DELETE without `?revoke=true` deletes it at once)",
@@ -2263,21 +2302,31 @@ pub async fn revoke(
                     // Invalid first, then the provider: a process that dies while the provider
                     // revokes leaves the instance invalid, not valid on revoked tokens. At the
                     // version held, retiring its tokens (no refresh in flight commits after).
-                    let event =
-                        events::new_event(&app, &held, events::INVALIDATED, Some("revoked"));
                     // The lease stays the hold's: nothing else writes while the provider is
-                    // asked.
-                    let invalidated = app
-                        .store
-                        .mark_invalid_held(
-                            held.id,
-                            "revoked",
-                            Some(REVOCATION_UNDER_WAY),
-                            Some(&event),
-                            held.token_version,
-                            true,
-                        )
-                        .await?;
+                    // asked. A refresh that outlived its lease may still commit under the
+                    // hold: the tokens revoked are then the ones it stored, read again.
+                    let mut held = held;
+                    let mut invalidated = false;
+                    for _ in 0..3 {
+                        let event =
+                            events::new_event(&app, &held, events::INVALIDATED, Some("revoked"));
+                        if app
+                            .store
+                            .mark_invalid_held(
+                                held.id,
+                                "revoked",
+                                Some(REVOCATION_UNDER_WAY),
+                                Some(&event),
+                                held.token_version,
+                                true,
+                            )
+                            .await?
+                        {
+                            invalidated = true;
+                            break;
+                        }
+                        held = reload(&app, &held).await?;
+                    }
                     // The contract's order holds for the answer: invalid whatever the provider
                     // said. A revocation that could not be sent says why, and whether trying
                     // again may help (our side failing: the database, a key). Tokens the
@@ -2287,7 +2336,7 @@ pub async fn revoke(
                         serde_json::json!({
                             "revokedAtProvider": false,
                             "retryable": true,
-                            "message": "The instance changed while it was revoked (a refresh completed): nothing was revoked; revoke it again",
+                            "message": "The instance kept changing while it was revoked (refreshes completed): nothing was revoked; revoke it again",
                         })
                     } else {
                         match crate::refresh::revoke_at_provider(&app, &held).await {
@@ -2349,6 +2398,10 @@ pub async fn revoke(
     }
     Ok(AxumJson(view))
 }
+
+/// An instance's reason while a DELETE's revocation is at the provider.
+const DELETION_UNDER_WAY: &str =
+    "Deleted with a revocation through tokenwarden; the revocation at the provider was under way";
 
 /// An instance's reason while its revocation is at the provider: what stays if the process
 /// dies before the provider answers.

@@ -100,13 +100,24 @@ pub fn parse_token_response(
     spec: &OAuthSpec,
 ) -> Result<TokenSet, OAuthError> {
     let parsed = parse_body(content_type, body);
-    // Tokens are read from UTF-8 only: a body in another encoding is read leniently for its
-    // error, but its characters replaced would make a token that works nowhere.
     if (200..300).contains(&status)
         && let ParsedBody::Object(object) = &parsed
         && object.get("ok") != Some(&Value::Bool(false))
-        && std::str::from_utf8(body).is_ok()
     {
+        // A body in another encoding than UTF-8 is read with its odd characters replaced:
+        // fine in a name, but a token holding one would work nowhere (nor one whose form
+        // encoding decoded to no character).
+        if let Some(key) = ["access_token", "refresh_token"].into_iter().find(|key| {
+            object
+                .get(*key)
+                .and_then(Value::as_str)
+                .is_some_and(|token| token.contains(char::REPLACEMENT_CHARACTER))
+        }) {
+            return Err(OAuthError::Unparseable {
+                status,
+                message: format!("the {key} holds bytes that are not UTF-8 text"),
+            });
+        }
         if let Some(access_token) = usable_access_token(object) {
             return Ok(token_set(object.clone(), access_token));
         }
@@ -128,7 +139,9 @@ pub fn parse_token_response(
 fn usable_access_token(object: &Map<String, Value>) -> Option<String> {
     match object.get("access_token") {
         Some(Value::String(token))
-            if !token.trim().is_empty() && !has_control_characters(token.trim()) =>
+            if !token.trim().is_empty()
+                && !has_control_characters(token.trim())
+                && !token.contains(char::REPLACEMENT_CHARACTER) =>
         {
             Some(token.trim().to_string())
         }
@@ -598,9 +611,15 @@ mod tests {
         let body = b"{\"error\":\"invalid_grant\",\"error_description\":\"jeton p\xe9rim\xe9\"}";
         let error = parse_token_response(400, JSON, body, &spec()).unwrap_err();
         assert!(error.is_permanent(), "{error:?}");
-        // Tokens are not: replaced characters would make one that works nowhere.
+        // Tokens are not: replaced characters would make one that works nowhere. Other fields
+        // may be (a name).
         let body = b"{\"access_token\":\"a\xe9b\"}";
         assert!(parse_token_response(200, JSON, body, &spec()).is_err());
+        let body = b"{\"access_token\":\"ab\",\"refresh_token\":\"r\xe9\"}";
+        assert!(parse_token_response(200, JSON, body, &spec()).is_err());
+        let body = b"{\"access_token\":\"ab\",\"name\":\"Jos\xe9\"}";
+        let tokens = parse_token_response(200, JSON, body, &spec()).unwrap();
+        assert_eq!(tokens.access_token.expose(), "ab");
     }
 
     #[test]

@@ -754,6 +754,42 @@ impl Store {
         commit_with_event(transaction, result.rows_affected() == 1, event).await
     }
 
+    /// [`Store::mark_invalid`] at `expected_version` unless another process holds the
+    /// instance's lease now (a hold, a refresh): their work decides, and this returns false.
+    /// A lease of `owner`'s is ended.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn mark_invalid_unleased(
+        &self,
+        id: i64,
+        owner: &str,
+        reason: &str,
+        provider_message: Option<&str>,
+        event: Option<&NewEvent>,
+        expected_version: i64,
+    ) -> Result<bool, StoreError> {
+        let now = crate::app::now_ms();
+        let mut transaction = self.begin_write().await?;
+        let result = sqlx::query(
+            "UPDATE instances SET state = 'invalid', state_reason = $1, provider_message = $2, \
+             next_due_at = NULL, \
+             refresh_lease_until = CASE WHEN refresh_lease_owner = $6 THEN NULL ELSE refresh_lease_until END, \
+             refresh_in_flight_since = CASE WHEN refresh_lease_owner = $6 THEN NULL ELSE refresh_in_flight_since END, \
+             refresh_lease_owner = CASE WHEN refresh_lease_owner = $6 THEN NULL ELSE refresh_lease_owner END, \
+             updated_at = CASE WHEN $3 > updated_at THEN $3 ELSE updated_at + 1 END \
+             WHERE id = $4 AND token_version = $5 AND (refresh_lease_owner IS NULL \
+             OR refresh_lease_owner = $6 OR refresh_lease_until IS NULL OR refresh_lease_until < $3)",
+        )
+        .bind(reason)
+        .bind(provider_message)
+        .bind(now)
+        .bind(id)
+        .bind(expected_version)
+        .bind(owner)
+        .execute(&mut *transaction)
+        .await?;
+        commit_with_event(transaction, result.rows_affected() == 1, event).await
+    }
+
     /// [`Store::mark_invalid`] by the holder of the instance (a revocation): the lease, which
     /// is the hold's, stays until the hold ends, so that no re-authentication, import or other
     /// hold writes while the provider is asked.

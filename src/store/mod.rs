@@ -587,14 +587,18 @@ impl Store {
         )
     }
 
-    /// Adds a key check (a value sealed under the starting process's master key).
+    /// Adds a key check (a value sealed under the starting process's master key), unless one
+    /// of that id exists: of processes starting at once, the database keeps the first.
     pub async fn insert_key_check(&self, id: i64, sealed: &[u8]) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO key_checks (id, sealed, created_at) VALUES ($1, $2, $3)")
-            .bind(id)
-            .bind(sealed)
-            .bind(crate::app::now_ms())
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO key_checks (id, sealed, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(sealed)
+        .bind(crate::app::now_ms())
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -875,6 +879,25 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(result.rows_affected() == 1)
+    }
+
+    /// A pending state as it is, left in place (for the client secret it keeps, which is the
+    /// app's and not single use).
+    pub async fn peek_oauth_state(
+        &self,
+        state_hash: &[u8],
+        now: i64,
+    ) -> Result<Option<OAuthStateRow>, StoreError> {
+        let row = sqlx::query_as::<_, OAuthStateRow>(
+            "SELECT state_hash, organization_id, element_key, callback_url, api_key, \
+             code_verifier_enc, scope, expires_at, api_secret_enc FROM oauth_states \
+             WHERE state_hash = $1 AND expires_at > $2",
+        )
+        .bind(state_hash)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row)
     }
 
     /// Takes a state once: deletes and returns it if it exists and has not expired. Of two
@@ -1263,7 +1286,7 @@ mod tests {
                     ),
                     (
                         9,
-                        "3d7c01876235c3fbb810a921a3eaa52a11b88cd291b1be4dcb8cbe44334b62d58e076f9002461b45c09e25f8621f3dcb",
+                        "54680009fc86dce28e696f4c4c285319642db840156c5002ecaef7f1f4b034dba6be26f9204cd105a320c6fec39fbaf1",
                     ),
                 ],
             ),
@@ -1304,7 +1327,7 @@ mod tests {
                     ),
                     (
                         9,
-                        "43418e974fb0a15d0df5e86f1c80f883149e947b38f27b35e24f8d75319d6626b67186de76c8d2a13a8ddadf58a7b120",
+                        "0d11b3571c9ad28e74a5eb58144c9657350dcd6173df28f06b9165cd5cdeea78a7e7fda6cf03d4021150499b34317a08",
                     ),
                 ],
             ),

@@ -344,6 +344,25 @@ async fn a_second_replica_with_another_key_is_refused_on_a_new_database() {
         .expect("serve neither served nor ended");
         (serving, said, child)
     };
+    // Started at the same moment: one of them serves (the database keeps one key check).
+    let (one, two) = tokio::join!(
+        outcome(spawn(vec![(
+            "TOKENWARDEN_MASTER_KEY",
+            first_key.expose().to_string()
+        )])),
+        outcome(spawn(vec![(
+            "TOKENWARDEN_MASTER_KEY",
+            other_key.expose().to_string()
+        )])),
+    );
+    assert!(one.0 != two.0, "{}\n{}", one.1, two.1);
+    // Whichever won is the database's key from now on.
+    let (first_key, other_key) = if one.0 {
+        (first_key, other_key)
+    } else {
+        (other_key, first_key)
+    };
+    drop((one, two));
     let (serving, said, first) = outcome(spawn(vec![(
         "TOKENWARDEN_MASTER_KEY",
         first_key.expose().to_string(),

@@ -229,6 +229,17 @@ async fn killed_mid_refresh(label: &str, settings: Value) -> (Value, Vec<String>
 /// black-box tester).
 #[tokio::test]
 async fn a_revocation_killed_at_the_provider_leaves_the_instance_invalid() {
+    killed_while_revoking(false).await;
+}
+
+/// The same for `DELETE ?revoke=true`: the instance, not deleted yet, is invalid after the
+/// restart (it was valid on revoked tokens).
+#[tokio::test]
+async fn a_deletion_killed_while_it_revokes_leaves_the_instance_invalid() {
+    killed_while_revoking(true).await;
+}
+
+async fn killed_while_revoking(delete: bool) {
     let url = sqlite_database();
     let sandbox: RunningSandbox = tokenwarden_sandbox::spawn(loopback(), Default::default())
         .await
@@ -260,13 +271,16 @@ async fn a_revocation_killed_at_the_provider_leaves_the_instance_invalid() {
     let revoking = {
         let (http, server, platform) = (http.clone(), first.url.clone(), org.platform());
         tokio::spawn(async move {
-            let _ = http
-                .post(format!(
+            let request = if delete {
+                http.delete(format!(
+                    "{server}/elements/api-v2/instances/{id}?revoke=true"
+                ))
+            } else {
+                http.post(format!(
                     "{server}/elements/api-v2/instances/{id}/tokens/revoke"
                 ))
-                .header("authorization", platform)
-                .send()
-                .await;
+            };
+            let _ = request.header("authorization", platform).send().await;
         })
     };
     eventually(
@@ -290,6 +304,14 @@ async fn a_revocation_killed_at_the_provider_leaves_the_instance_invalid() {
     .await;
     assert_eq!(shown["valid"], false, "{shown}");
     assert_eq!(shown["stateReason"], "revoked", "{shown}");
+    if delete {
+        let (status, body) = call(&http, &second.url, &org, &token).await;
+        assert_eq!(status, 401, "{body}");
+        drop(second);
+        sandbox.shutdown().await;
+        drop_test_database(&url).await;
+        return;
+    }
     let events = get(
         &http,
         &format!("{}/elements/api-v2/events?instanceId={id}", second.url),

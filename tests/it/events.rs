@@ -636,14 +636,23 @@ async fn revocation_reaches_the_sandbox_in_each_shape() {
             .is_some_and(|m| m.contains("the refresh token was not")),
         "{body}"
     );
+    // Kept, and invalid (the DELETE made it so before it asked the provider, so that a
+    // process dying meanwhile leaves no valid instance on revoked tokens), saying why.
     let (status, body) = send(
         &env,
-        reqwest::Method::POST,
-        &format!("/instances/{partial_id}/tokens/refresh"),
+        reqwest::Method::GET,
+        &format!("/instances/{partial_id}"),
         &platform,
     )
     .await;
-    assert_eq!(status, 200, "the grant is alive: {body}");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["valid"], false, "{body}");
+    assert!(
+        body["providerMessage"]
+            .as_str()
+            .is_some_and(|m| m.contains("the DELETE can be sent again")),
+        "{body}"
+    );
     // A provider that refuses both revocations (a 4xx will not change on a retry): the
     // instance is deleted all the same, and the answer says the grant was not revoked.
     env.sandbox_post(
