@@ -561,6 +561,19 @@ async fn exchange_claimed(
         .get(CALLBACK_URL)
         .and_then(Value::as_str)
         .filter(|v| !v.is_empty());
+    // The pending authorizations (two at most) this organization began for the connector,
+    // with this client id and redirect URI, that keep `holding`: for a code without its state.
+    let pending = |holding| {
+        app.store.pending_oauth_states(
+            caller.organization_id,
+            &connector.key,
+            &credentials.client_id,
+            stored_callback,
+            now_ms(),
+            2,
+            holding,
+        )
+    };
     let mut verifier: Option<Secret> = None;
     let mut taken_state = None;
     // A pending authorization read for the client secret it keeps (a code without its state).
@@ -596,18 +609,7 @@ async fn exchange_claimed(
         // this client id and redirect URI, when exactly one is pending, gives the secret its
         // URL was given (a secret rotated at the provider). With none or several, the
         // configuration's serves, as before.
-        let pending = app
-            .store
-            .pending_oauth_states(
-                caller.organization_id,
-                &connector.key,
-                &credentials.client_id,
-                stored_callback,
-                now_ms(),
-                2,
-                crate::store::OAuthStateSealed::ClientSecret,
-            )
-            .await?;
+        let pending = pending(crate::store::OAuthStateSealed::ClientSecret).await?;
         // Read, not taken: the secret is the app's, not single use, and the state stays for
         // the request that presents it.
         if let [only] = pending.as_slice() {
@@ -626,18 +628,7 @@ async fn exchange_claimed(
                 connector.key
             ))
         };
-        let pending = app
-            .store
-            .pending_oauth_states(
-                caller.organization_id,
-                &connector.key,
-                &credentials.client_id,
-                stored_callback,
-                now_ms(),
-                2,
-                crate::store::OAuthStateSealed::Verifier,
-            )
-            .await?;
+        let pending = pending(crate::store::OAuthStateSealed::Verifier).await?;
         match pending.as_slice() {
             [] => {}
             [only] => {

@@ -56,6 +56,26 @@ macro_rules! refreshed_set {
 const REFRESHED_SET_SQLITE: &str = refreshed_set!("json_patch(configuration, $8)");
 const REFRESHED_SET_POSTGRES: &str = refreshed_set!("(configuration::jsonb || $8::jsonb)::text");
 
+/// What an invalidation writes (see `Store::invalidate`).
+struct Invalidation<'a> {
+    reason: &'a str,
+    provider_message: Option<&'a str>,
+    event: Option<&'a NewEvent>,
+    expected_version: Option<i64>,
+    retire_tokens: bool,
+}
+
+/// What an invalidation does with the instance's refresh lease.
+#[derive(Clone, Copy)]
+enum LeaseOnInvalidation<'a> {
+    /// Ended, whoever held it (and the in-flight mark with it).
+    Ended,
+    /// Left as it is: the caller holds it (a revocation's hold).
+    Kept,
+    /// Written only when no other process holds it; ended when `owner` does.
+    UnlessOthers(&'a str),
+}
+
 impl Store {
     fn refreshed_set(&self) -> &'static str {
         match self.engine {
@@ -733,31 +753,20 @@ impl Store {
         expected_version: Option<i64>,
         retire_tokens: bool,
     ) -> Result<bool, StoreError> {
-        let mut transaction = self.begin_write().await?;
-        // `retire_tokens` (a revocation): the version moves, so that a refresh in flight
-        // cannot commit tokens of the revoked grant afterwards and make it valid again.
-        let result = sqlx::query(
-            "UPDATE instances SET state = 'invalid', state_reason = $1, provider_message = $2, \
-             refresh_lease_owner = NULL, refresh_lease_until = NULL, \
-             refresh_in_flight_since = NULL, next_due_at = NULL, updated_at = CASE WHEN $3 > updated_at THEN $3 ELSE updated_at + 1 END, \
-             token_version = token_version + $6 \
-             WHERE id = $4 AND token_version = COALESCE($5, token_version)",
-        )
-        .bind(reason)
-        .bind(provider_message)
-        .bind(crate::app::now_ms())
-        .bind(id)
-        .bind(expected_version)
-        .bind(i64::from(retire_tokens))
-        .execute(&mut *transaction)
-        .await?;
-        commit_with_event(transaction, result.rows_affected() == 1, event).await
+        let change = Invalidation {
+            reason,
+            provider_message,
+            event,
+            expected_version,
+            retire_tokens,
+        };
+        self.invalidate(id, change, LeaseOnInvalidation::Ended)
+            .await
     }
 
     /// [`Store::mark_invalid`] at `expected_version` unless another process holds the
     /// instance's lease now (a hold, a refresh): their work decides, and this returns false.
     /// A lease of `owner`'s is ended.
-    #[allow(clippy::too_many_arguments)]
     pub async fn mark_invalid_unleased(
         &self,
         id: i64,
@@ -767,27 +776,15 @@ impl Store {
         event: Option<&NewEvent>,
         expected_version: i64,
     ) -> Result<bool, StoreError> {
-        let now = crate::app::now_ms();
-        let mut transaction = self.begin_write().await?;
-        let result = sqlx::query(
-            "UPDATE instances SET state = 'invalid', state_reason = $1, provider_message = $2, \
-             next_due_at = NULL, \
-             refresh_lease_until = CASE WHEN refresh_lease_owner = $6 THEN NULL ELSE refresh_lease_until END, \
-             refresh_in_flight_since = CASE WHEN refresh_lease_owner = $6 THEN NULL ELSE refresh_in_flight_since END, \
-             refresh_lease_owner = CASE WHEN refresh_lease_owner = $6 THEN NULL ELSE refresh_lease_owner END, \
-             updated_at = CASE WHEN $3 > updated_at THEN $3 ELSE updated_at + 1 END \
-             WHERE id = $4 AND token_version = $5 AND (refresh_lease_owner IS NULL \
-             OR refresh_lease_owner = $6 OR refresh_lease_until IS NULL OR refresh_lease_until < $3)",
-        )
-        .bind(reason)
-        .bind(provider_message)
-        .bind(now)
-        .bind(id)
-        .bind(expected_version)
-        .bind(owner)
-        .execute(&mut *transaction)
-        .await?;
-        commit_with_event(transaction, result.rows_affected() == 1, event).await
+        let change = Invalidation {
+            reason,
+            provider_message,
+            event,
+            expected_version: Some(expected_version),
+            retire_tokens: false,
+        };
+        self.invalidate(id, change, LeaseOnInvalidation::UnlessOthers(owner))
+            .await
     }
 
     /// [`Store::mark_invalid`] by the holder of the instance (a revocation): the lease, which
@@ -802,22 +799,62 @@ impl Store {
         expected_version: i64,
         retire_tokens: bool,
     ) -> Result<bool, StoreError> {
-        let mut transaction = self.begin_write().await?;
-        let result = sqlx::query(
+        let change = Invalidation {
+            reason,
+            provider_message,
+            event,
+            expected_version: Some(expected_version),
+            retire_tokens,
+        };
+        self.invalidate(id, change, LeaseOnInvalidation::Kept).await
+    }
+
+    /// The one statement of the `mark_invalid*` functions: the instance invalid with its
+    /// reason, no refresh due, at `expected_version` (any when `None`), its version moved when
+    /// `retire_tokens` (a revocation: a refresh in flight cannot commit tokens of the revoked
+    /// grant afterwards and make it valid again), its lease as `lease` says; the event in the
+    /// same transaction.
+    async fn invalidate(
+        &self,
+        id: i64,
+        change: Invalidation<'_>,
+        lease: LeaseOnInvalidation<'_>,
+    ) -> Result<bool, StoreError> {
+        let (lease_set, lease_condition) = match lease {
+            LeaseOnInvalidation::Ended => (
+                "refresh_lease_owner = NULL, refresh_lease_until = NULL, \
+                 refresh_in_flight_since = NULL,",
+                "",
+            ),
+            LeaseOnInvalidation::Kept => ("", ""),
+            LeaseOnInvalidation::UnlessOthers(_) => (
+                "refresh_lease_until = CASE WHEN refresh_lease_owner = $7 THEN NULL ELSE refresh_lease_until END, \
+                 refresh_in_flight_since = CASE WHEN refresh_lease_owner = $7 THEN NULL ELSE refresh_in_flight_since END, \
+                 refresh_lease_owner = CASE WHEN refresh_lease_owner = $7 THEN NULL ELSE refresh_lease_owner END,",
+                " AND (refresh_lease_owner IS NULL OR refresh_lease_owner = $7 \
+                 OR refresh_lease_until IS NULL OR refresh_lease_until < $3)",
+            ),
+        };
+        let sql = format!(
             "UPDATE instances SET state = 'invalid', state_reason = $1, provider_message = $2, \
-             next_due_at = NULL, updated_at = CASE WHEN $3 > updated_at THEN $3 ELSE updated_at + 1 END, \
+             {lease_set} next_due_at = NULL, \
+             updated_at = CASE WHEN $3 > updated_at THEN $3 ELSE updated_at + 1 END, \
              token_version = token_version + $6 \
-             WHERE id = $4 AND token_version = $5",
-        )
-        .bind(reason)
-        .bind(provider_message)
-        .bind(crate::app::now_ms())
-        .bind(id)
-        .bind(expected_version)
-        .bind(i64::from(retire_tokens))
-        .execute(&mut *transaction)
-        .await?;
-        commit_with_event(transaction, result.rows_affected() == 1, event).await
+             WHERE id = $4 AND token_version = COALESCE($5, token_version){lease_condition}"
+        );
+        let mut transaction = self.begin_write().await?;
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(change.reason)
+            .bind(change.provider_message)
+            .bind(crate::app::now_ms())
+            .bind(id)
+            .bind(change.expected_version)
+            .bind(i64::from(change.retire_tokens));
+        if let LeaseOnInvalidation::UnlessOthers(owner) = lease {
+            query = query.bind(owner);
+        }
+        let result = query.execute(&mut *transaction).await?;
+        commit_with_event(transaction, result.rows_affected() == 1, change.event).await
     }
 
     /// A passing failure: the instance stays valid. Starts `failing_since` if not set, counts
