@@ -605,16 +605,21 @@ async fn exchange_claimed(
         taken_state = Some(row);
     } else if !connector.oauth.pkce && secret_left_out {
         // A code without its state (the articles' body), and no client secret of the
-        // request's own: the authorization this organization began for the connector, with
-        // this client id and redirect URI, when exactly one is pending, gives the secret its
-        // URL was given (a secret rotated at the provider). With none or several, the
-        // configuration's serves, as before.
-        let pending = pending(crate::store::OAuthStateSealed::ClientSecret).await?;
-        // Read, not taken: the secret is the app's, not single use, and the state stays for
-        // the request that presents it.
-        if let [only] = pending.as_slice() {
-            peeked_state = app.store.peek_oauth_state(only, now_ms()).await?;
-        }
+        // request's own: the newest authorization this organization began for the connector,
+        // with this client id and redirect URI, that was given a secret gives it (a secret
+        // rotated at the provider). Read, not taken: the secret is the app's, not single use,
+        // and the state stays for a request that presents it. With none, the configuration's
+        // serves, as before.
+        peeked_state = app
+            .store
+            .newest_kept_secret_state(
+                caller.organization_id,
+                &connector.key,
+                &credentials.client_id,
+                stored_callback,
+                now_ms(),
+            )
+            .await?;
     } else if connector.oauth.pkce {
         // A PKCE connector's code without its state (the articles' body carries the code
         // alone): the authorization this organization began for the connector, with this

@@ -881,23 +881,39 @@ impl Store {
         Ok(result.rows_affected() == 1)
     }
 
-    /// A pending state as it is, left in place (for the client secret it keeps, which is the
-    /// app's and not single use).
-    pub async fn peek_oauth_state(
+    /// The newest pending authorization an organization began for a connector with client id
+    /// `api_key` (for `callback_url` when given, or made without one) that keeps a client
+    /// secret, left in place: the secret is the app's, not single use, and the newest is the
+    /// one a rotation gave last.
+    pub async fn newest_kept_secret_state(
         &self,
-        state_hash: &[u8],
+        organization_id: i64,
+        element_key: &str,
+        api_key: &str,
+        callback_url: Option<&str>,
         now: i64,
     ) -> Result<Option<OAuthStateRow>, StoreError> {
-        let row = sqlx::query_as::<_, OAuthStateRow>(
+        let for_callback = if callback_url.is_some() {
+            " AND (callback_url = $5 OR callback_url = '')"
+        } else {
+            ""
+        };
+        let sql = format!(
             "SELECT state_hash, organization_id, element_key, callback_url, api_key, \
              code_verifier_enc, scope, expires_at, api_secret_enc FROM oauth_states \
-             WHERE state_hash = $1 AND expires_at > $2",
-        )
-        .bind(state_hash)
-        .bind(now)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row)
+             WHERE organization_id = $1 AND element_key = $2 AND api_key = $3 \
+             AND expires_at > $4 AND api_secret_enc IS NOT NULL{for_callback} \
+             ORDER BY expires_at DESC, state_hash LIMIT 1"
+        );
+        let mut query = sqlx::query_as::<_, OAuthStateRow>(sqlx::AssertSqlSafe(sql))
+            .bind(organization_id)
+            .bind(element_key)
+            .bind(api_key)
+            .bind(now);
+        if let Some(callback_url) = callback_url {
+            query = query.bind(callback_url);
+        }
+        Ok(query.fetch_optional(&self.pool).await?)
     }
 
     /// Takes a state once: deletes and returns it if it exists and has not expired. Of two

@@ -3265,6 +3265,19 @@ async fn a_re_authentication_takes_the_secret_its_authorization_was_given() {
                 ],
             )
             .await;
+        // Another user's authorization of the same app, pending beside it.
+        let (other_code, other_state) = env
+            .authorize_with(
+                &env.org,
+                "sandbox-box",
+                "kaito",
+                &[
+                    ("apiKey", CLIENT_ID),
+                    ("apiSecret", ROTATED),
+                    ("callbackUrl", callback.as_str()),
+                ],
+            )
+            .await;
         let reauthenticated = call(
             &env,
             Method::PATCH,
@@ -3278,6 +3291,23 @@ async fn a_re_authentication_takes_the_secret_its_authorization_was_given() {
             "[{label}] {}",
             reauthenticated.body
         );
+        // That one is left for its own request (read for the secret, not taken).
+        let mut without_secret = env.configuration();
+        without_secret
+            .as_object_mut()
+            .unwrap()
+            .remove("oauth.api.secret");
+        let created = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&env.org.platform()),
+            Some(json!({"element": {"key": "sandbox-box"},
+                        "providerData": {"code": other_code, "state": other_state},
+                        "configuration": without_secret})),
+        )
+        .await;
+        assert_eq!(created.status, 200, "[{label}] {}", created.body);
         env.stop().await;
         drop_test_database(&url).await;
     }
