@@ -186,6 +186,24 @@ async fn check_key_opens_the_database(
     )))
 }
 
+/// An exclusive advisory lock on a SQLite database file (`flock`, apart from SQLite's own
+/// locks), held while the value lives; `None` for PostgreSQL, an in-memory database, or a file
+/// that cannot be opened (the start goes on unserialized, as before).
+async fn sqlite_turn(database_url: &str) -> Option<std::fs::File> {
+    let path = crate::crypto::sqlite_path(database_url)?;
+    if path.is_empty() || path.contains(":memory:") || database_url.contains("mode=memory") {
+        return None;
+    }
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&path).ok()?;
+        file.lock().ok()?;
+        Some(file)
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
 /// What a key check seals.
 const KEY_CHECK_TEXT: &[u8] = b"tokenwarden key check";
 
@@ -367,8 +385,13 @@ impl App {
         if has_schema {
             check_key_opens_the_database(&store, &keyring, &config).await?;
         }
+        // Processes starting at once on one SQLite file take turns (PostgreSQL's migrator
+        // locks for itself): run side by side, their migrations failed with "table already
+        // exists".
+        let turn = sqlite_turn(&config.database_url).await;
         store.migrate().await?;
         check_key_matches_the_first(&store, &keyring, &config).await?;
+        drop(turn);
         align_clock(&store).await;
         let built_in: BTreeMap<String, Arc<Connector>> = catalog::load_built_in()?
             .into_iter()

@@ -344,25 +344,30 @@ async fn a_second_replica_with_another_key_is_refused_on_a_new_database() {
         .expect("serve neither served nor ended");
         (serving, said, child)
     };
-    // Started at the same moment: one of them serves (the database keeps one key check).
-    let (one, two) = tokio::join!(
+    // Started at the same moment, two with each key: the two with one key serve (the
+    // database keeps one key check, and the starts on one SQLite file take turns: side by side
+    // their migrations failed with "table already exists").
+    let with = |key: &tokenwarden::secret::Secret| {
         outcome(spawn(vec![(
             "TOKENWARDEN_MASTER_KEY",
-            first_key.expose().to_string()
-        )])),
-        outcome(spawn(vec![(
-            "TOKENWARDEN_MASTER_KEY",
-            other_key.expose().to_string()
-        )])),
+            key.expose().to_string(),
+        )]))
+    };
+    let (a1, b1, a2, b2) = tokio::join!(
+        with(&first_key),
+        with(&other_key),
+        with(&first_key),
+        with(&other_key)
     );
-    assert!(one.0 != two.0, "{}\n{}", one.1, two.1);
+    let said = format!("{}\n{}\n{}\n{}", a1.1, b1.1, a2.1, b2.1);
+    assert!(a1.0 == a2.0 && b1.0 == b2.0 && a1.0 != b1.0, "{said}");
     // Whichever won is the database's key from now on.
-    let (first_key, other_key) = if one.0 {
+    let (first_key, other_key) = if a1.0 {
         (first_key, other_key)
     } else {
         (other_key, first_key)
     };
-    drop((one, two));
+    drop((a1, b1, a2, b2));
     let (serving, said, first) = outcome(spawn(vec![(
         "TOKENWARDEN_MASTER_KEY",
         first_key.expose().to_string(),
