@@ -890,27 +890,18 @@ pub async fn reseal_all(app: &App, progress: &mut dyn FnMut(u64)) -> Result<Rese
         changed += reseal_oauth_states(app, keyring, column).await?;
     }
     changed += reseal_pending_events(app, &mut unreadable).await?;
-    // The key checks: under the current key, so that the old one can go. One no key opens
-    // was left by a start that was refused (this process's keys open the first one: it
-    // started): it goes.
+    // The key check: under the current key, so that the old one can go. (This process's keys
+    // open it: its start checked them.)
     for (id, sealed) in app.store.key_checks().await? {
-        if keyring.is_current(&sealed) {
-            continue;
-        }
         let binding = crate::app::key_check_binding(id);
-        match keyring.open(&sealed, binding) {
-            Ok(plain) => {
-                if app
-                    .store
-                    .update_key_check(id, Some(&keyring.seal(&plain, binding)))
-                    .await?
-                {
-                    changed += 1;
-                }
-            }
-            Err(_) => {
-                app.store.update_key_check(id, None).await?;
-            }
+        if !keyring.is_current(&sealed)
+            && let Ok(plain) = keyring.open(&sealed, binding)
+            && app
+                .store
+                .reseal_key_check(id, &keyring.seal(&plain, binding))
+                .await?
+        {
+            changed += 1;
         }
     }
     Ok(Resealed {

@@ -561,19 +561,6 @@ async fn exchange_claimed(
         .get(CALLBACK_URL)
         .and_then(Value::as_str)
         .filter(|v| !v.is_empty());
-    // The pending authorizations (two at most) this organization began for the connector,
-    // with this client id and redirect URI, that keep `holding`: for a code without its state.
-    let pending = |holding| {
-        app.store.pending_oauth_states(
-            caller.organization_id,
-            &connector.key,
-            &credentials.client_id,
-            stored_callback,
-            now_ms(),
-            2,
-            holding,
-        )
-    };
     let mut verifier: Option<Secret> = None;
     let mut taken_state = None;
     // A pending authorization read for the client secret it keeps (a code without its state).
@@ -633,7 +620,17 @@ async fn exchange_claimed(
                 connector.key
             ))
         };
-        let pending = pending(crate::store::OAuthStateSealed::Verifier).await?;
+        let pending = app
+            .store
+            .pending_oauth_states(
+                caller.organization_id,
+                &connector.key,
+                &credentials.client_id,
+                stored_callback,
+                now_ms(),
+                2,
+            )
+            .await?;
         match pending.as_slice() {
             [] => {}
             [only] => {

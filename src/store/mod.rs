@@ -578,10 +578,10 @@ impl Store {
         Ok(rows)
     }
 
-    /// The key checks (`key_checks`), the first made first: (id, sealed value).
+    /// The key checks (`key_checks`): (id, sealed value).
     pub async fn key_checks(&self) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
         Ok(
-            sqlx::query_as("SELECT id, sealed FROM key_checks ORDER BY created_at, id")
+            sqlx::query_as("SELECT id, sealed FROM key_checks ORDER BY id")
                 .fetch_all(&self.pool)
                 .await?,
         )
@@ -602,28 +602,13 @@ impl Store {
         Ok(())
     }
 
-    /// Takes a key check away (one a refused start added), or replaces its sealed value
-    /// (`sealed`: a key rotation). False when there is no such row.
-    pub async fn update_key_check(
-        &self,
-        id: i64,
-        sealed: Option<&[u8]>,
-    ) -> Result<bool, StoreError> {
-        let result = match sealed {
-            Some(sealed) => {
-                sqlx::query("UPDATE key_checks SET sealed = $1 WHERE id = $2")
-                    .bind(sealed)
-                    .bind(id)
-                    .execute(&self.pool)
-                    .await?
-            }
-            None => {
-                sqlx::query("DELETE FROM key_checks WHERE id = $1")
-                    .bind(id)
-                    .execute(&self.pool)
-                    .await?
-            }
-        };
+    /// Replaces a key check's sealed value (a key rotation). False when there is no such row.
+    pub async fn reseal_key_check(&self, id: i64, sealed: &[u8]) -> Result<bool, StoreError> {
+        let result = sqlx::query("UPDATE key_checks SET sealed = $1 WHERE id = $2")
+            .bind(sealed)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(result.rows_affected() == 1)
     }
 
@@ -935,11 +920,9 @@ impl Store {
         Ok(row)
     }
 
-    /// The pending authorizations holding `holding` (a PKCE verifier, a client secret) that an
-    /// organization began for a connector with client id `api_key` (for `callback_url` when
-    /// given, or made without one), by state hash, at most `limit`: for a code that comes back
-    /// without its `state`.
-    #[allow(clippy::too_many_arguments)]
+    /// The pending authorizations with a PKCE verifier that an organization began for a
+    /// connector with client id `api_key` (for `callback_url` when given, or made without
+    /// one), by state hash, at most `limit`: for a code that comes back without its `state`.
     pub async fn pending_oauth_states(
         &self,
         organization_id: i64,
@@ -948,9 +931,7 @@ impl Store {
         callback_url: Option<&str>,
         now: i64,
         limit: i64,
-        holding: OAuthStateSealed,
     ) -> Result<Vec<Vec<u8>>, StoreError> {
-        let holding = holding.name();
         let for_callback = if callback_url.is_some() {
             " AND (callback_url = $6 OR callback_url = '')"
         } else {
@@ -958,7 +939,7 @@ impl Store {
         };
         let sql = format!(
             "SELECT state_hash FROM oauth_states WHERE organization_id = $1 AND element_key = $2 \
-             AND api_key = $3 AND expires_at > $4 AND {holding} IS NOT NULL{for_callback} \
+             AND api_key = $3 AND expires_at > $4 AND code_verifier_enc IS NOT NULL{for_callback} \
              ORDER BY state_hash LIMIT $5"
         );
         let mut query = sqlx::query_as::<_, (Vec<u8>,)>(sqlx::AssertSqlSafe(sql))
