@@ -2631,3 +2631,162 @@ async fn a_refresh_asked_for_now_ends_only_the_backoffs_it_may() {
         test.cleanup().await;
     }
 }
+
+/// The invalidations' leases: one by the holder (a revocation) keeps its hold's lease, so that
+/// nothing else writes while the provider is asked; one after a revival (`unleased`) writes
+/// only when no other process holds the lease (its work decides), ends its own, and is free to
+/// write over a lease that ran out.
+#[tokio::test]
+async fn invalidations_keep_or_respect_leases_as_they_say() {
+    for test in test_stores().await {
+        let store = &test.store;
+        let label = &test.label;
+        let org = organization(store, "leases").await;
+        let wall = tokenwarden::app::now_ms();
+        let lease = |row: &InstanceRow| (row.refresh_lease_owner.clone(), row.refresh_lease_until);
+
+        // Held by a revocation: invalid, the lease still the hold's.
+        let held = instance(org, "held");
+        store.insert_instance(&held, None).await.unwrap();
+        let taken = store
+            .try_acquire_refresh_lease(held.id, "holder", wall, wall + 60_000, false)
+            .await
+            .unwrap()
+            .expect("free");
+        assert!(
+            store
+                .mark_invalid_held(held.id, "revoked", None, None, taken.token_version, true)
+                .await
+                .unwrap(),
+            "[{label}]"
+        );
+        let now = store.get_instance_by_id(held.id).await.unwrap().unwrap();
+        assert!(!now.is_valid(), "[{label}] {now:?}");
+        assert_eq!(
+            lease(&now),
+            (Some("holder".to_string()), Some(wall + 60_000)),
+            "[{label}] the hold keeps its lease"
+        );
+        assert_eq!(
+            now.token_version,
+            taken.token_version + 1,
+            "[{label}] retired"
+        );
+
+        // Another process's live lease: not written.
+        let other = instance(org, "other's");
+        store.insert_instance(&other, None).await.unwrap();
+        let taken = store
+            .try_acquire_refresh_lease(other.id, "replica-b", wall, wall + 60_000, true)
+            .await
+            .unwrap()
+            .expect("free");
+        let refused = NewEvent {
+            reason: Some("refused".into()),
+            ..event(org, other.id, "instance.invalidated", wall)
+        };
+        assert!(
+            !store
+                .mark_invalid_unleased(
+                    other.id,
+                    "replica-a",
+                    "refused",
+                    None,
+                    Some(&refused),
+                    taken.token_version
+                )
+                .await
+                .unwrap(),
+            "[{label}] written under another process's lease"
+        );
+        let now = store.get_instance_by_id(other.id).await.unwrap().unwrap();
+        assert!(now.is_valid(), "[{label}] {now:?}");
+        assert_eq!(
+            lease(&now),
+            (Some("replica-b".to_string()), Some(wall + 60_000)),
+            "[{label}]"
+        );
+        assert!(
+            events_of(store, org, other.id).await.is_empty(),
+            "[{label}] the event of a change not made"
+        );
+
+        // Its own lease: written, and ended.
+        let own = instance(org, "own");
+        store.insert_instance(&own, None).await.unwrap();
+        let taken = store
+            .try_acquire_refresh_lease(own.id, "replica-a", wall, wall + 60_000, true)
+            .await
+            .unwrap()
+            .expect("free");
+        let event = event(org, own.id, "instance.invalidated", wall);
+        assert!(
+            store
+                .mark_invalid_unleased(
+                    own.id,
+                    "replica-a",
+                    "refused",
+                    Some("401"),
+                    Some(&event),
+                    taken.token_version
+                )
+                .await
+                .unwrap(),
+            "[{label}]"
+        );
+        let now = store.get_instance_by_id(own.id).await.unwrap().unwrap();
+        assert!(!now.is_valid(), "[{label}] {now:?}");
+        assert_eq!(lease(&now), (None, None), "[{label}]");
+        assert!(now.refresh_in_flight_since.is_none(), "[{label}] {now:?}");
+        assert_eq!(
+            events_of(store, org, own.id).await,
+            ["instance.invalidated"],
+            "[{label}]"
+        );
+
+        // Another's lease that ran out: written (a dead replica's lease does not protect),
+        // and left for its owner to find gone.
+        let expired = instance(org, "expired");
+        store.insert_instance(&expired, None).await.unwrap();
+        let taken = store
+            .try_acquire_refresh_lease(expired.id, "replica-b", wall - 60_000, wall - 30_000, true)
+            .await
+            .unwrap()
+            .expect("free");
+        assert!(
+            store
+                .mark_invalid_unleased(
+                    expired.id,
+                    "replica-a",
+                    "refused",
+                    None,
+                    None,
+                    taken.token_version
+                )
+                .await
+                .unwrap(),
+            "[{label}]"
+        );
+        let now = store.get_instance_by_id(expired.id).await.unwrap().unwrap();
+        assert!(!now.is_valid(), "[{label}] {now:?}");
+
+        // A version moved on: not written.
+        let moved = instance(org, "moved");
+        store.insert_instance(&moved, None).await.unwrap();
+        assert!(
+            !store
+                .mark_invalid_unleased(
+                    moved.id,
+                    "replica-a",
+                    "refused",
+                    None,
+                    None,
+                    moved.token_version - 1
+                )
+                .await
+                .unwrap(),
+            "[{label}]"
+        );
+        test.cleanup().await;
+    }
+}
