@@ -1506,6 +1506,128 @@ async fn rotated_tokens_outlive_the_callers_wait_for_the_database() {
     drop_test_database(&url).await;
 }
 
+/// The late commit of `a_late_commit_of_tokens_the_provider_ended_does_not_revive`, made by
+/// the tokens kept while PostgreSQL was unreachable rather than by the refresh itself: once
+/// stored, they too are checked by the connector's verification call, and the instance that
+/// another replica invalidated meanwhile is not made valid on tokens the provider refuses.
+#[tokio::test]
+async fn kept_tokens_the_provider_ended_do_not_revive_once_stored() {
+    let Ok(url) = create_postgres_database().await else {
+        panic!("PostgreSQL is needed for this test (.ci/run starts it)");
+    };
+    let env = Env::start_adjusted("postgres", &url, |config| {
+        config.commit_retry_for = Duration::from_secs(2);
+        config.rotated_tokens_kept_for = Duration::from_secs(60);
+    })
+    .await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "kept, unrevived")
+        .await;
+    let id = created["id"].as_i64().unwrap();
+    let token = created["token"].as_str().unwrap().to_string();
+    expire_access_tokens(&env).await;
+    let held = hold_next_token_call(&env, 500).await;
+    let call = proxy_at(
+        &env,
+        &env.server.url,
+        &env.org,
+        &token,
+        Method::GET,
+        "api/me",
+    );
+    // While the provider answers: another replica invalidates the instance ("refresh
+    // interrupted"), the provider will refuse the new tokens, and the database takes no
+    // connection for 5 s.
+    let interrupt_then_outage = async {
+        at_the_provider(&env, held).await;
+        let store = tokenwarden::store::Store::connect(&url).await.unwrap();
+        let row = store.get_instance_by_id(id).await.unwrap().unwrap();
+        assert!(
+            store
+                .mark_invalid(
+                    id,
+                    "refresh interrupted: the provider no longer accepts the refresh token (invalid_grant: used)",
+                    None,
+                    None,
+                    Some(row.token_version),
+                    false,
+                )
+                .await
+                .unwrap()
+        );
+        store.close().await;
+        fault(&env, json!({"target": "api", "status": 401, "count": 1})).await;
+        use sqlx::Connection;
+        let (server, database) = url.rsplit_once('/').unwrap();
+        let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres"))
+            .await
+            .unwrap();
+        let allow = |yes: bool| {
+            format!(
+                "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS {}",
+                if yes { "true" } else { "false" }
+            )
+        };
+        sqlx::query(sqlx::AssertSqlSafe(allow(false)))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+            .bind(database)
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        sqlx::query(sqlx::AssertSqlSafe(allow(true)))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    };
+    let ((status, body, _), ()) = tokio::join!(call, interrupt_then_outage);
+    assert_eq!(status, 503, "the tokens were not kept: {body}");
+    // The database is back: the kept tokens are stored, refused, and the instance is invalid
+    // again, the invalidation its last word.
+    let platform = env.org.platform();
+    let shown = eventually(
+        "the kept tokens to be stored and refused",
+        Duration::from_secs(20),
+        || async {
+            let (status, shown) = env
+                .get_json(&env.api(&format!("/instances/{id}")), &platform)
+                .await;
+            (status == 200
+                && shown["stateReason"]
+                    .as_str()
+                    .is_some_and(|reason| reason.contains("refuses the tokens")))
+            .then_some(shown)
+        },
+    )
+    .await;
+    assert_eq!(shown["valid"], false, "{shown}");
+    assert_eq!(
+        stat(&env, &["api", "unauthorized"]).await,
+        1,
+        "verified once"
+    );
+    let (_, body) = env
+        .get_json(&env.api(&format!("/events?instanceId={id}")), &platform)
+        .await;
+    let events = body["events"].as_array().unwrap();
+    assert_eq!(events[0]["type"], "instance.invalidated", "{body}");
+    let (status, body, _) = proxy_at(
+        &env,
+        &env.server.url,
+        &env.org,
+        &token,
+        Method::GET,
+        "api/me",
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// A caller that hangs up while its code is being exchanged does not cancel the creation: the
 /// provider issues tokens for a single-use code, and they are stored (the creation was cut,
 /// the grant lived on at the provider with nobody holding its tokens, and a retry found the
