@@ -2047,16 +2047,11 @@ pub async fn delete(
                             "The instance changed while it was deleted (a refresh completed): send the DELETE again",
                         ));
                     }
-                    revocation = crate::refresh::revoke_at_provider(&app, &held).await?;
-                    // The provider could not answer (down, timing out, rate limiting) and the
-                    // grant may live on: the instance is kept, invalid, since once deleted its
-                    // tokens could never be revoked again. A refusal (tokens dead already, or a
-                    // token the provider cannot revoke) will not change on a retry: it deletes.
-                    if revocation["retryable"] == true
-                        && let Some(message) = revocation["providerMessage"].as_str()
-                    {
+                    // The instance is kept, invalid, with the reason: once deleted, its tokens
+                    // could never be revoked again.
+                    let kept = async |why: String| {
                         let reason = format!(
-                            "Deleted with a revocation through tokenwarden, which the provider did not confirm ({message}): kept so that the DELETE can be sent again"
+                            "Deleted with a revocation through tokenwarden, {why}: kept so that the DELETE can be sent again"
                         );
                         let _ = app
                             .store
@@ -2069,6 +2064,23 @@ pub async fn delete(
                                 false,
                             )
                             .await;
+                    };
+                    revocation = match crate::refresh::revoke_at_provider(&app, &held).await {
+                        Ok(revocation) => revocation,
+                        // Not sent (our side failed: the database, a key, the connector): the
+                        // reason says so rather than "under way".
+                        Err(error) => {
+                            kept(format!("which could not be sent ({})", error.message)).await;
+                            return Err(error);
+                        }
+                    };
+                    // The provider could not answer (down, timing out, rate limiting) and the
+                    // grant may live on. A refusal (tokens dead already, or a token the
+                    // provider cannot revoke) will not change on a retry: it deletes.
+                    if revocation["retryable"] == true
+                        && let Some(message) = revocation["providerMessage"].as_str()
+                    {
+                        kept(format!("which the provider did not confirm ({message})")).await;
                         return Err(ApiError::new(
                             StatusCode::BAD_GATEWAY,
                             "The provider did not confirm the revocation: the instance is kept so that it can be tried again (DELETE without `?revoke=true` deletes it at once)",
