@@ -1545,7 +1545,7 @@ impl RefreshEngine {
             }
             Err(error) if error.is_permanent() => {
                 let provider_message = error.provider_message();
-                let reason = if interrupted {
+                let reason = if interrupted || outcome_was_unknown(row) {
                     format!(
                         "refresh interrupted: the provider no longer accepts the refresh token ({provider_message})"
                     )
@@ -1584,6 +1584,13 @@ impl RefreshEngine {
                         error.provider_message()
                     ),
                     _ => error.provider_message(),
+                };
+                // Said at the end (the store reads the beginnings), and kept through the run
+                // of failures: the next `invalid_grant` may be of this refresh's making.
+                let message = if error.outcome_unknown() || outcome_was_unknown(row) {
+                    format!("{message}{OUTCOME_UNKNOWN_TEXT}")
+                } else {
+                    message
                 };
                 let event = self.failing_event(app, row, now, &message).await;
                 let recorded = app
@@ -1861,6 +1868,21 @@ fn backoff_step(failure_count: i64) -> i64 {
     let jitter =
         (u64::from_le_bytes(crate::crypto::random_bytes::<8>()) % (step as u64 / 2 + 1)) as i64;
     step / 2 + jitter
+}
+
+/// The end of a passing failure's text when the provider may have acted on a refresh whose
+/// answer was lost ([`OAuthError::outcome_unknown`]), kept on the failures that follow it until
+/// a refresh succeeds.
+pub const OUTCOME_UNKNOWN_TEXT: &str =
+    " (the provider may have acted on an earlier attempt, whose answer was lost)";
+
+/// Whether the instance's run of failures holds a refresh whose outcome is unknown: a provider
+/// that rotates refresh tokens may have retired the stored one then, and its refusal now is
+/// the interruption's doing rather than the user's.
+fn outcome_was_unknown(row: &InstanceRow) -> bool {
+    row.last_failure
+        .as_deref()
+        .is_some_and(|failure| failure.ends_with(OUTCOME_UNKNOWN_TEXT))
 }
 
 /// Revokes an instance's grant at the provider, in the connector's shape. The refresh token is

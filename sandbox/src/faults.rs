@@ -36,6 +36,10 @@ pub struct Fault {
     /// The `Retry-After` seconds the failure carries: a 429's (1 unless given), another
     /// status's when given (a 503's maintenance window).
     pub retry_after: Option<u64>,
+    /// The request is handled first and its answer held for the delay: a provider that acts
+    /// and answers too late (a client's timeout loses the answer, not the work: a refresh
+    /// token rotated all the same). Token endpoints only.
+    pub answer_late: bool,
 }
 
 #[derive(Debug)]
@@ -56,6 +60,9 @@ pub struct FaultRequest {
     pub delay_ms: u64,
     /// `Retry-After` in seconds: a 429's (default 1), or another failing status's.
     pub retry_after: Option<u64>,
+    /// See [`Fault::answer_late`]: with `status` 0 and a `delayMs`.
+    #[serde(default)]
+    pub answer_late: bool,
 }
 
 /// The longest delay a fault may ask for; longer ones would only hang test suites.
@@ -79,6 +86,15 @@ impl Faults {
         if request.status == 0 && request.delay_ms == 0 {
             return Err("a fault needs a failing status, a delayMs, or both".to_string());
         }
+        if request.answer_late
+            && (request.target != FaultTarget::Token
+                || request.status != 0
+                || request.delay_ms == 0)
+        {
+            return Err(
+                "answerLate is for the token target, with status 0 and a delayMs".to_string(),
+            );
+        }
         if request.delay_ms > MAX_DELAY_MS {
             return Err(format!("delayMs must be at most {MAX_DELAY_MS}"));
         }
@@ -95,6 +111,7 @@ impl Faults {
                     .retry_after
                     .or((request.status == 429).then_some(1))
                     .filter(|_| request.status != 0),
+                answer_late: request.answer_late,
             },
             remaining: count,
         });
@@ -162,6 +179,7 @@ mod tests {
             count,
             delay_ms: 0,
             retry_after: None,
+            answer_late: false,
         };
         faults.add(req(503, Some(2))).expect("valid");
         faults.add(req(429, None)).expect("valid");
@@ -172,5 +190,19 @@ mod tests {
         assert_eq!(statuses, vec![503, 503, 429]);
         assert!(faults.add(req(200, None)).is_err());
         assert!(faults.add(req(503, Some(0))).is_err());
+        // A late answer: handled first, so only a delay, of a token endpoint.
+        let late = |target, status, delay_ms| FaultRequest {
+            target,
+            status,
+            count: None,
+            delay_ms,
+            retry_after: None,
+            answer_late: true,
+        };
+        assert!(faults.add(late(FaultTarget::Token, 0, 100)).is_ok());
+        assert!(faults.take(FaultTarget::Token).unwrap().answer_late);
+        assert!(faults.add(late(FaultTarget::Token, 503, 100)).is_err());
+        assert!(faults.add(late(FaultTarget::Token, 0, 0)).is_err());
+        assert!(faults.add(late(FaultTarget::Api, 0, 100)).is_err());
     }
 }

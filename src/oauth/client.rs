@@ -613,7 +613,7 @@ fn transport_error(error: reqwest::Error) -> OAuthError {
     let kind = if error.is_timeout() {
         "the request timed out"
     } else if error.is_connect() {
-        "the connection failed"
+        super::error::CONNECTION_FAILED_TEXT
     } else if error.is_body() || error.is_decode() {
         "reading the answer failed"
     } else {

@@ -29,6 +29,10 @@ pub const RATE_LIMITED_TEXT: &str = "the provider rate-limited the request";
 /// begins, for the same reason.
 pub const ASKED_TO_WAIT_TEXT: &str = "the provider asked to wait";
 
+/// How a transport failure's text begins when no connection was made: the request was not
+/// sent, and the provider did nothing.
+pub(crate) const CONNECTION_FAILED_TEXT: &str = "the connection failed";
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OAuthError {
     /// The provider answered with an OAuth error (any status below 500 but 429, including
@@ -259,6 +263,17 @@ impl OAuthError {
                 ..
             }
         )
+    }
+
+    /// Whether the provider may have acted on the request while its answer was lost: a timeout
+    /// or a connection cut once it was sent, or a 2xx that was not read as tokens. A refresh
+    /// of a provider that rotates refresh tokens may then have retired the one presented.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            OAuthError::Transport { message } => !message.starts_with(CONNECTION_FAILED_TEXT),
+            OAuthError::Unparseable { status, .. } => (200..300).contains(status),
+            _ => false,
+        }
     }
 
     /// The seconds the provider asked us to wait, when it said (a 429's or a 503's

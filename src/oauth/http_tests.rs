@@ -696,6 +696,7 @@ async fn timeout_is_transport() {
         other => panic!("expected Transport, got {other:?}"),
     }
     assert!(!error.is_permanent());
+    assert!(error.outcome_unknown(), "sent: the provider may have acted");
 }
 
 #[tokio::test]
@@ -709,6 +710,7 @@ async fn connection_refused_is_transport_and_hides_the_url() {
         .await
         .unwrap_err();
     assert!(matches!(error, OAuthError::Transport { .. }), "{error:?}");
+    assert!(!error.outcome_unknown(), "never sent: {error:?}");
 
     // A query-token revocation puts the token in the URL: it must not reach the message.
     let mut spec = spec();

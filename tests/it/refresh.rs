@@ -1628,6 +1628,69 @@ async fn kept_tokens_the_provider_ended_do_not_revive_once_stored() {
     drop_test_database(&url).await;
 }
 
+/// A refresh that timed out at a provider that rotates refresh tokens: the provider may have
+/// retired the stored refresh token meanwhile, so its refusal of that token next reads as the
+/// interruption's doing, "refresh interrupted", with the refusal's words; it read as the
+/// provider's words alone, as if the user had revoked the app. A passing failure in between
+/// does not lose it.
+#[tokio::test]
+async fn a_refusal_after_a_refresh_timed_out_reads_as_interrupted() {
+    let url = sqlite_database();
+    let env = Env::start_adjusted("sqlite", &url, |config| {
+        config.provider_timeout = Duration::from_secs(1);
+    })
+    .await;
+    generic_profile(&env, strict_rotation()).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "timed out")
+        .await;
+    let id = created["id"].as_i64().unwrap();
+    let token = created["token"].as_str().unwrap().to_string();
+    let platform = env.org.platform();
+    let path = env.api(&format!("/instances/{id}/tokens/refresh"));
+    // Answered after the timeout: the provider rotates, nobody reads it.
+    fault(
+        &env,
+        json!({"target": "token", "status": 0, "delayMs": 1_800, "count": 1, "answerLate": true}),
+    )
+    .await;
+    let failed = crate::instances::call(&env, Method::POST, &path, Some(&platform), None).await;
+    assert_eq!(failed.status, 503, "{}", failed.body);
+    eventually(
+        "the provider to rotate",
+        Duration::from_secs(10),
+        || async { (refreshes(&env).await == 1).then_some(()) },
+    )
+    .await;
+    let shown = instance(&env, &env.server.url, &token).await;
+    assert_eq!(shown["valid"], true, "{shown}");
+    assert!(
+        shown["lastRefreshFailure"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with(tokenwarden::refresh::OUTCOME_UNKNOWN_TEXT),
+        "{shown}"
+    );
+    // A 503 for the next attempt (the scheduler's, or one asked for), then the retired
+    // refresh token is refused.
+    fault(&env, json!({"target": "token", "status": 503, "count": 1})).await;
+    let refused = eventually("the refusal", Duration::from_secs(20), || async {
+        let answer = crate::instances::call(&env, Method::POST, &path, Some(&platform), None).await;
+        (answer.status == 401).then_some(answer.body)
+    })
+    .await;
+    assert_eq!(stat(&env, &["faultsInjected"]).await, 2, "the 503 was met");
+    let shown = instance(&env, &env.server.url, &token).await;
+    assert_eq!(shown["valid"], false, "{shown}");
+    let reason = shown["stateReason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("refresh interrupted") && reason.contains("invalid_grant"),
+        "{shown} {refused}"
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// A caller that hangs up while its code is being exchanged does not cancel the creation: the
 /// provider issues tokens for a single-use code, and they are stored (the creation was cut,
 /// the grant lived on at the provider with nobody holding its tokens, and a retry found the

@@ -354,13 +354,40 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 /// Applies the next queued fault for `target`, if any: sleeps its delay (with no lock held),
 /// then answers the failure when it has a status. `None` means "go on serving".
 pub async fn injected_fault(sandbox: &Sandbox, target: FaultTarget) -> Option<Response> {
-    let fault = sandbox.faults.take(target)?;
+    match injected_fault_or_late_answer(sandbox, target).await {
+        Injected::Answer(response) => Some(response),
+        Injected::Late(delay) => {
+            tokio::time::sleep(delay).await;
+            None
+        }
+        Injected::Nothing => None,
+    }
+}
+
+/// What a fault makes of a request.
+pub enum Injected {
+    /// Served as usual.
+    Nothing,
+    /// Answered with this failure.
+    Answer(Response),
+    /// Served, and its answer held this long ([`crate::faults::Fault::answer_late`]).
+    Late(Duration),
+}
+
+/// [`injected_fault`], for handlers that can answer late: a late answer is theirs to hold.
+pub async fn injected_fault_or_late_answer(sandbox: &Sandbox, target: FaultTarget) -> Injected {
+    let Some(fault) = sandbox.faults.take(target) else {
+        return Injected::Nothing;
+    };
     Stats::bump(&sandbox.stats.faults_injected);
+    if fault.answer_late {
+        return Injected::Late(Duration::from_millis(fault.delay_ms));
+    }
     if fault.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(fault.delay_ms)).await;
     }
     if fault.status == 0 {
-        return None;
+        return Injected::Nothing;
     }
     let status = StatusCode::from_u16(fault.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let error = if status == StatusCode::TOO_MANY_REQUESTS {
@@ -381,7 +408,7 @@ pub async fn injected_fault(sandbox: &Sandbox, target: FaultTarget) -> Option<Re
     if target == FaultTarget::Token {
         shapes::not_cached(&mut response);
     }
-    Some(response)
+    Injected::Answer(response)
 }
 
 /// Escapes text for HTML element content and attribute values.

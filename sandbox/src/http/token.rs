@@ -8,7 +8,10 @@ use axum::response::Response;
 use serde_json::{Map, Value, json};
 
 use super::shapes::{OAuthError, render_body, token_error};
-use super::{AppState, base_url, basic_credentials, injected_fault, parse_request_params};
+use super::{
+    AppState, Injected, base_url, basic_credentials, injected_fault_or_late_answer,
+    parse_request_params,
+};
 use crate::faults::FaultTarget;
 use crate::profiles::{ClientAuthMethod, Profile, ProfileSettings};
 use crate::profiles::{RoutingLocation, RoutingValue};
@@ -35,10 +38,29 @@ pub async fn token(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(fault) = injected_fault(&sandbox, FaultTarget::Token).await {
-        Stats::bump(&sandbox.stats.token_errors);
-        return fault;
+    let late = match injected_fault_or_late_answer(&sandbox, FaultTarget::Token).await {
+        Injected::Answer(fault) => {
+            Stats::bump(&sandbox.stats.token_errors);
+            return fault;
+        }
+        Injected::Late(delay) => Some(delay),
+        Injected::Nothing => None,
+    };
+    let answer = answer(&sandbox, profile, allowed, &headers, &body);
+    // Handled: the client may hang up while the answer is held, the work is done.
+    if let Some(delay) = late {
+        tokio::time::sleep(delay).await;
     }
+    answer
+}
+
+fn answer(
+    sandbox: &AppState,
+    profile: Profile,
+    allowed: AllowedGrants,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Response {
     let settings = sandbox.settings(profile);
     // The generic profile's token endpoint gives up refreshes while a separate one is on.
     let allowed = if profile == Profile::Generic
@@ -49,13 +71,13 @@ pub async fn token(
     } else {
         allowed
     };
-    match handle(&sandbox, profile, allowed, &settings, &headers, &body) {
+    match handle(sandbox, profile, allowed, &settings, headers, body) {
         Ok((kind, issued)) => {
             Stats::bump(match kind {
                 GrantKind::AuthorizationCode => &sandbox.stats.token_authorization_code,
                 GrantKind::RefreshToken => &sandbox.stats.token_refresh_token,
             });
-            let base = base_url(&sandbox, &headers);
+            let base = base_url(sandbox, headers);
             let body = success_body(profile, &settings, &issued, &base, sandbox.clock.now_ms());
             render_body(StatusCode::OK, settings.token_response_format, body)
         }
