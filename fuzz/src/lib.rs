@@ -288,6 +288,57 @@ pub fn proxy_confine(data: &[u8]) {
         target.path()
     );
     tokenwarden::egress::check_url(&target).expect("confine accepted a forbidden destination");
+    // And for a server that decodes the path (encoded slashes too, and again, as a gateway in
+    // front of it may) and resolves dot segments as the most lenient servers read them.
+    let resolved = |path: &str| {
+        let mut bytes = path.as_bytes().to_vec();
+        for _ in 0..6 {
+            bytes = lenient_decode(&bytes);
+        }
+        let text = String::from_utf8_lossy(&bytes).replace('\\', "/");
+        let mut kept: Vec<String> = Vec::new();
+        for segment in text.split('/') {
+            // `..;x` is `..` to Tomcat; `...` and `.. ` are `..` to servers that trim dots
+            // and spaces.
+            let name = segment.split(';').next().unwrap_or("");
+            let dots = name.contains('.') && name.chars().all(|c| c == '.' || c == ' ');
+            if dots && name.trim_end() != "." {
+                kept.pop();
+            } else if !dots && !segment.is_empty() {
+                kept.push(segment.to_string());
+            }
+        }
+        kept
+    };
+    let under = resolved(target.path());
+    let base_segments = resolved(base_path);
+    assert!(
+        under.starts_with(&base_segments),
+        "path {} leaves the base path {base_path} once decoded and resolved",
+        target.path()
+    );
+}
+
+/// Percent-decoding that keeps what is not a valid escape.
+fn lenient_decode(bytes: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'%'
+            && let (Some(high), Some(low)) = (
+                bytes.get(index + 1).copied().and_then(hex),
+                bytes.get(index + 2).copied().and_then(hex),
+            )
+        {
+            out.push(high << 4 | low);
+            index += 3;
+        } else {
+            out.push(bytes[index]);
+            index += 1;
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------------

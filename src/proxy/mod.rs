@@ -99,10 +99,28 @@ where
     B: http_body::Body<Data = Bytes, Error: Into<axum::BoxError>> + Send + 'static,
 {
     let started = Instant::now();
-    let mut response = match proxy(&app, request, started).await {
-        Ok(response) => response,
-        Err(error) => error.into_response(),
+    // A tunnel is not a call: a provider's 2xx to it left the caller's connection with
+    // nothing, and the token went along.
+    let mut response = if request.method() == Method::CONNECT {
+        let mut refused = ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not proxied: the proxy forwards calls to the provider's API, not tunnels",
+        )
+        .into_response();
+        refused.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+        );
+        refused
+    } else {
+        match proxy(&app, request, started).await {
+            Ok(response) => response,
+            Err(error) => error.into_response(),
+        }
     };
+    // Ours, not the provider's (RFC 9110 §6.2): an HTTP/1.0 answer passed on as one closed the
+    // caller's connection after it. hyper answers an HTTP/1.0 caller in 1.0 all the same.
+    *response.version_mut() = axum::http::Version::HTTP_11;
     if let Some(request_id) = request_id {
         let headers = response.headers_mut();
         // The provider's own request id (Shopify's, Zendesk's: what its support asks for) is

@@ -2,8 +2,9 @@
 //! caller's path joined under it.
 //!
 //! **No path leaves the base URL**: dot segments (plain, percent-encoded or followed by `;`
-//! parameters, also between encoded slashes), encoded slashes that would make an empty segment,
-//! backslashes, empty segments, control characters, `?` and `#` are refused, and the target is built from the base's parsed scheme, authority and path with
+//! parameters, also between encoded slashes), an encoded slash at the path's beginning or
+//! standing alone, backslashes, empty segments, control characters, `?` and `#` are refused,
+//! and the target is built from the base's parsed scheme, authority and path with
 //! the checked path appended, so the caller's text can neither name another host nor climb out
 //! of the base path. The base itself passed the egress check (no link-local or metadata host)
 //! when it was parsed.
@@ -155,13 +156,14 @@ fn check_path(raw_path: &str) -> Result<(), ApiError> {
             "absolute URLs and empty path segments are not accepted",
         ));
     }
-    for segment in raw_path.split('/') {
+    for (index, segment) in raw_path.split('/').enumerate() {
+        let first = index == 0;
         if !segment.contains('%') {
-            check_segment(segment.as_bytes())?;
+            check_segment(segment.as_bytes(), first)?;
             continue;
         }
         let mut decoded = percent_decode(segment).ok_or_else(|| refuse("bad percent-encoding"))?;
-        check_segment(&decoded)?;
+        check_segment(&decoded, first)?;
         // Encoded more than once (`%252e%252e`): a server or gateway that decodes again would
         // see `..`. Each further decoding is checked too, decoded as leniently as such a
         // gateway would (an escape that is not one stays as it is).
@@ -170,7 +172,7 @@ fn check_path(raw_path: &str) -> Result<(), ApiError> {
                 break;
             }
             decoded = lenient_decode(&decoded);
-            check_segment(&decoded)?;
+            check_segment(&decoded, first)?;
         }
         if lenient_decode(&decoded) != decoded {
             return Err(refuse("a path segment encoded more than four times"));
@@ -212,20 +214,25 @@ fn plain(raw_path: &str) -> bool {
         })
 }
 
-fn check_segment(decoded: &[u8]) -> Result<(), ApiError> {
+/// `first`: the path's first segment, which must not begin with an encoded slash.
+fn check_segment(decoded: &[u8], first: bool) -> Result<(), ApiError> {
     // An encoded slash is part of the segment for the provider (GitLab's `group%2Fproject`,
-    // Cloud Storage's `folder%2Ffile`); one that decodes it anyway sees the pieces as
-    // segments, so each piece is checked as one, and none may be empty (no `//`, no leading
-    // `/`). Backslashes, which some servers take as slashes, stay refused.
+    // Cloud Storage's `folder%2Ffile` and `folder%2F`, Search Console's
+    // `sites/https%3A%2F%2Fexample.com%2F`); one that decodes it anyway sees the pieces as
+    // segments, so each piece is checked as one. Empty pieces climb nowhere; only the path's
+    // beginning may not be one (`%2F%2Fhost` would read as a network path under a base at
+    // the root). Backslashes, which some servers take as slashes, stay refused.
     if decoded.contains(&b'\\') {
         return Err(refuse("encoded backslashes are not accepted"));
     }
+    if first && decoded.first() == Some(&b'/') {
+        return Err(refuse("the path may not begin with an encoded slash"));
+    }
+    // Slashes alone are empty segments, as a literal `//` is.
+    if !decoded.is_empty() && decoded.iter().all(|b| *b == b'/') {
+        return Err(refuse("empty path segments are not accepted"));
+    }
     for piece in decoded.split(|b| *b == b'/') {
-        if piece.is_empty() && decoded.contains(&b'/') {
-            return Err(refuse(
-                "an encoded slash must come between two non-empty parts of a segment",
-            ));
-        }
         // `..;x` is `..` to servers that take `;` as path parameters (Tomcat, Spring).
         let before_parameters = piece.split(|b| *b == b';').next().unwrap_or(b"");
         // Dots and spaces alone (`...`, `.. `): Windows servers trim trailing dots and
@@ -410,8 +417,10 @@ mod tests {
             "a%2F..%2Fb",
             "a%2F%2e%2e%2Fb",
             "%2Fetc/passwd",
-            "a%2F/b",
-            "a%2F%2Fb",
+            "%2F%2Fevil.test/x",
+            "%252F%252Fevil.test/x",
+            "a/%2F..%2Fb",
+            "a/x%2F%2F..",
             "a%2F.%2Fb",
             "a%2F..;x%2Fb",
         ] {
@@ -426,6 +435,11 @@ mod tests {
             "a/%2561",
             "projects/group%2Fproject/issues",
             "o/folder%2fsub%2Ffile.txt",
+            // Search Console's site URL, Cloud Storage's "folder" objects.
+            "webmasters/v3/sites/https%3A%2F%2Fwww.example.com%2F/searchAnalytics/query",
+            "storage/v1/b/bkt/o/photos%2F",
+            "o/a%2F%2Fb",
+            "a%2F/b",
         ] {
             assert!(confine(BASE, good, None).is_ok(), "{good} must pass");
         }

@@ -55,7 +55,7 @@ async fn paths_that_leave_the_base_url_are_refused_before_any_call() {
         "api%2f..%2f..%2f__sandbox%2fstats",
         "api/..%5c..%5c__sandbox/stats",
         "http://evil.test/x",
-        "http:%2f%2fevil.test/x",
+        "%2f%2fevil.test/x",
         "/evil.test/x",
         "api/./me",
     ] {
@@ -1201,6 +1201,89 @@ async fn a_body_too_large_to_resend_does_not_go_with_an_expired_token() {
     let (status, body) = env.proxy(&env.org, token, Method::POST, "api/echo").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(refreshes(&env).await, before + 2);
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+/// The proxy as an HTTP/1.1 citizen towards its caller, whatever the provider speaks:
+/// - an HTTP/1.0 answer delimited by the connection's close comes back as HTTP/1.1, and the
+///   caller's connection stays open for its next request (it was answered `HTTP/1.0` and
+///   closed, losing a pipelined request);
+/// - `CONNECT` is refused with 405 and `Allow`, and never reaches the provider (it was sent
+///   there, with the token, and a 2xx left the caller with nothing);
+/// - an encoded slash may stand next to another or end a segment (Search Console's
+///   `sites/https%3A%2F%2Fexample.com%2F`, Cloud Storage's `folder%2F` objects): passed on as
+///   sent (it was refused with 400).
+#[tokio::test]
+async fn the_caller_gets_http_1_1_whatever_the_provider_speaks() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let lines = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen_lines = Arc::clone(&lines);
+    let (token, _) = hand_written_provider(&env, "old-timer", "nostalgic", move |mut stream, _| {
+        let lines = Arc::clone(&seen_lines);
+        async move {
+            let (mut seen, mut buffer) = (Vec::new(), [0u8; 4096]);
+            let Some(head) = next_head(&mut stream, &mut seen, &mut buffer).await else {
+                return;
+            };
+            let line = head.lines().next().unwrap_or_default().to_string();
+            lines.lock().unwrap().push(line.clone());
+            let body = format!("{{\"line\": {:?}}}", line);
+            let _ = stream
+                .write_all(
+                    format!("HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{body}")
+                        .as_bytes(),
+                )
+                .await;
+            // The body ends with the connection.
+        }
+    })
+    .await;
+    let authorization = env.org.through(&token);
+    let addr = env.server.addr;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let path = "/elements/api-v2/proxy/webmasters/v3/sites/https%3A%2F%2Fwww.example.com%2F/query";
+    let gcs = "/elements/api-v2/proxy/o/photos%2F";
+    // Two requests at once on one connection: both answered, in order, in HTTP/1.1.
+    let requests = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {authorization}\r\n\r\n\
+         GET {gcs} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {authorization}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(requests.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        stream.read_to_end(&mut answer),
+    )
+    .await
+    .expect("both answered")
+    .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+    assert!(!text.contains("HTTP/1.0"), "{text}");
+    assert_eq!(
+        *lines.lock().unwrap(),
+        [
+            "GET /webmasters/v3/sites/https%3A%2F%2Fwww.example.com%2F/query HTTP/1.1",
+            "GET /o/photos%2F HTTP/1.1"
+        ],
+        "passed on as sent"
+    );
+
+    // CONNECT: refused here.
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "CONNECT /elements/api-v2/proxy/echo HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {authorization}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let text = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(text.starts_with("http/1.1 405"), "{text}");
+    assert!(text.contains("\r\nallow: get, "), "{text}");
+    assert!(text.contains("connect is not proxied"), "{text}");
+    assert_eq!(lines.lock().unwrap().len(), 2, "the provider heard of it");
     env.stop().await;
     drop_test_database(&url).await;
 }
