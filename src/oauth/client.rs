@@ -383,6 +383,8 @@ impl OAuthClient {
             .request(method.clone(), url)
             .timeout(self.timeout)
             .header(ACCEPT, "application/json")
+            // Without it any coding may come (RFC 9110 §12.5.3), and this client decodes none.
+            .header(reqwest::header::ACCEPT_ENCODING, "identity")
             .header(reqwest::header::USER_AGENT, USER_AGENT);
         match auth {
             Auth::None => {}

@@ -148,6 +148,9 @@ fn creds() -> ClientCredentials {
 
 fn assert_common_headers(received: &Received) {
     assert_eq!(received.header("accept"), Some("application/json"));
+    // No compressed answer, which a client that names no coding would have to take
+    // (RFC 9110 §12.5.3): a gzipped token response was unreadable, and its code spent.
+    assert_eq!(received.header("accept-encoding"), Some("identity"));
     assert!(
         received
             .header("user-agent")
