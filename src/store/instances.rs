@@ -352,9 +352,9 @@ impl Store {
             .bind(expected.map(|row| row.token_version))
             .bind(expected.map(|row| row.updated_at))
             .bind(i64::from(retry_now))
-            .fetch_optional(&self.pool)
+            .fetch_all(&self.pool)
             .await?;
-        Ok(row)
+        Ok(only_row(row))
     }
 
     /// Deletes an instance (and records `event`, e.g. `instance.deleted`, in the same
@@ -445,8 +445,9 @@ impl Store {
             .bind(now)
             .bind(id)
             .bind(i64::from(refreshing))
-            .fetch_optional(&self.pool)
-            .await?;
+            .fetch_all(&self.pool)
+            .await
+            .map(only_row)?;
         Ok(row)
     }
 
@@ -473,9 +474,9 @@ impl Store {
             .bind(lease_until)
             .bind(id)
             .bind(owner)
-            .fetch_optional(&self.pool)
+            .fetch_all(&self.pool)
             .await?;
-        Ok(row)
+        Ok(only_row(row))
     }
 
     /// Gives back the lease of a hold taken at `held_at`, if `owner` still holds it: a mark
@@ -736,7 +737,7 @@ impl Store {
         if let Some(event) = commit.event {
             query = bind_event!(query, event);
         }
-        Ok(query.fetch_optional(&self.pool).await?)
+        Ok(only_row(query.fetch_all(&self.pool).await?))
     }
 
     /// The grant is gone: state `invalid` with the reason and the provider's words, lease and
@@ -1064,9 +1065,9 @@ impl Store {
             .bind(crate::app::now_ms())
             .bind(id)
             .bind(organization_id)
-            .fetch_optional(&self.pool)
+            .fetch_all(&self.pool)
             .await?;
-        Ok(row)
+        Ok(only_row(row))
     }
 
     /// Claims up to `limit` due instances for `owner`: valid, enabled, `next_due_at <= now`,
@@ -1377,6 +1378,14 @@ impl Store {
 /// Ends a one-row state change: when it touched its row, writes `event` (the outbox) in the
 /// same transaction and commits; otherwise the transaction is dropped (rolled back). True when
 /// the row was touched.
+/// The one row of a write's `RETURNING`, read with `fetch_all`: a write outside a transaction
+/// is read to its end, where SQLite commits it and says when it could not (a full disk);
+/// `fetch_optional` stops at the first row and drops that error, and the caller took a change
+/// that was never stored for made.
+pub(super) fn only_row<T>(rows: Vec<T>) -> Option<T> {
+    rows.into_iter().next()
+}
+
 async fn commit_with_event(
     mut transaction: sqlx::Transaction<'static, sqlx::Any>,
     touched: bool,

@@ -151,20 +151,29 @@ impl From<sqlx::Error> for StoreError {
             {
                 StoreError::InvalidText(database_error.message().to_string())
             }
-            // Passing states: PostgreSQL's connection exceptions (class 08), a server shutting
-            // down or starting (57P01–57P03), too many connections (53300), a database not
-            // accepting connections (55000: `ALLOW_CONNECTIONS false`, maintenance); SQLite
-            // busy or locked past its busy timeout (5, 6).
+            // Passing states, of the database and not of the data: PostgreSQL's connection
+            // exceptions (class 08), insufficient resources (class 53: a full disk, memory,
+            // too many connections), a server shutting down or starting (57P01–57P03), an I/O
+            // error (58030), a database not accepting connections (55000: `ALLOW_CONNECTIONS
+            // false`, maintenance), a read-only transaction (25006: a standby after a
+            // failover), a serialization failure or deadlock (40001, 40P01); SQLite busy or
+            // locked past its busy timeout (5, 6), read-only (8), an I/O error (10) or a full
+            // disk (13). The rotated tokens of a refresh are kept then, and stored once the
+            // database takes them.
             sqlx::Error::Database(database_error)
                 if database_error.code().is_some_and(|code| {
                     code.starts_with("08")
+                        || code.starts_with("53")
                         || matches!(
                             code.as_ref(),
-                            "57P01" | "57P02" | "57P03" | "53300" | "55000"
+                            "57P01" | "57P02" | "57P03" | "58030" | "55000" | "25006" | "40001"
+                                | "40P01"
                         )
-                        // SQLite's extended codes: BUSY (5) and LOCKED (6) in their low byte
+                        // SQLite's extended codes carry the primary one in their low byte
                         // (BUSY_SNAPSHOT is 517).
-                        || code.parse::<u32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6))
+                        || code
+                            .parse::<u32>()
+                            .is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 8 | 10 | 13))
                 }) =>
             {
                 StoreError::Unavailable(database_error.message().to_string())
@@ -367,6 +376,27 @@ impl Store {
             // No ping before each use: it doubled the round trips of every query (a broken
             // connection fails its query instead, and the pool drops it).
             .test_before_acquire(false)
+            // A connection still in a transaction once its rollback ran is not given out again:
+            // SQLite ends a transaction by itself on some errors (a full disk), the rollback
+            // then fails, and sqlx would refuse every later `BEGIN` on it ("non-zero
+            // transaction depth"): with SQLite's one connection, every write until a restart.
+            .after_release(|connection, _| {
+                Box::pin(async move {
+                    use sqlx::Connection;
+                    if !connection.is_in_transaction() {
+                        return Ok(true);
+                    }
+                    // The rollback a dropped transaction queued runs before the ping.
+                    connection.ping().await?;
+                    if connection.is_in_transaction() {
+                        tracing::warn!(
+                            "a database connection is left in a transaction its rollback could not end; it is closed"
+                        );
+                        return Ok(false);
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(connect_options)
             .await?;
         let mut store = Store {
@@ -915,9 +945,9 @@ impl Store {
         )
         .bind(state_hash)
         .bind(now)
-        .fetch_optional(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(row)
+        Ok(instances::only_row(row))
     }
 
     /// The pending authorizations with a PKCE verifier that an organization began for a
@@ -1123,8 +1153,10 @@ impl Store {
         .bind(&entry.request_id)
         .bind(&entry.detail)
         .bind(entry.at)
-        .fetch_one(&self.pool)
-        .await?;
+        .fetch_all(&self.pool)
+        .await
+        .map(instances::only_row)?
+        .ok_or(StoreError::NotFound)?;
         Ok(id)
     }
 

@@ -2790,3 +2790,68 @@ async fn invalidations_keep_or_respect_leases_as_they_say() {
         test.cleanup().await;
     }
 }
+
+/// SQLite with no room to grow (a full disk, here its page limit): each write says it failed,
+/// and once there is room the store writes again. A write that answered with its row before
+/// SQLite had stored it (`UPDATE … RETURNING` read for one row) reported the change made, and a
+/// failed transaction left the one connection unable to begin another until a restart.
+#[tokio::test]
+async fn a_full_sqlite_database_fails_writes_and_recovers() {
+    let url = crate::support::sqlite_database();
+    let store = Store::connect(&url).await.unwrap();
+    let org = organization(&store, "full").await;
+    let row = instance(org, "full");
+    store.insert_instance(&row, None).await.unwrap();
+    let pool = store.pool().clone();
+    let limit = async |pages: i64| {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "PRAGMA max_page_count = {pages}"
+        )))
+        .execute(&pool)
+        .await
+        .unwrap();
+    };
+    let (pages,): (i64,) = sqlx::query_as("PRAGMA page_count")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    limit(pages).await;
+    let big = format!("{{\"note\": \"{}\"}}", "x".repeat(200_000));
+    let updated = store
+        .update_instance_metadata(org, row.id, "renamed", "[]", &big, None, None, false)
+        .await;
+    // A passing state of the database, like one that does not answer: refreshed tokens are
+    // kept for it, and callers are answered 503.
+    assert!(
+        matches!(updated, Err(StoreError::Unavailable(_))),
+        "a write with no room: {updated:?}"
+    );
+    let mut event = event(org, row.id, "instance.invalidated", NOW);
+    event.payload = big.clone();
+    let invalidated = store
+        .mark_invalid(row.id, "gone", None, Some(&event), None, false)
+        .await;
+    assert!(
+        matches!(invalidated, Err(StoreError::Unavailable(_))),
+        "{invalidated:?}"
+    );
+    let stored = store.get_instance_by_id(row.id).await.unwrap().unwrap();
+    assert_eq!(stored.name, row.name);
+    assert!(stored.is_valid());
+    // Room again: writes, in and out of transactions.
+    limit(1_000_000).await;
+    let updated = store
+        .update_instance_metadata(org, row.id, "renamed", "[]", &big, None, None, false)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(updated.name, "renamed");
+    assert!(
+        store
+            .mark_invalid(row.id, "gone", None, Some(&event), None, false)
+            .await
+            .unwrap()
+    );
+    store.close().await;
+    drop_test_database(&url).await;
+}
