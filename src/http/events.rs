@@ -197,6 +197,8 @@ pub async fn webhook_secret(
     let secret = crate::events::organization_webhook_secret_text(&app, caller.organization_id)
         .await
         .ok_or_else(|| ApiError::internal("the organization's webhook secret could not be read"))?;
+    // Who read the key that signs the organization's events.
+    crate::audit::record(&app, &caller, "webhook_secret.read", None, None).await;
     Ok(AxumJson(json!({
         "webhookSecret": secret,
         "signatureHeader": "X-Tokenwarden-Signature",

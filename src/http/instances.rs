@@ -1873,6 +1873,14 @@ async fn update_once(
     } else {
         None
     };
+    // What the audit entry says changed: names of keys, never their values.
+    let changes = update_changes(
+        (&row.name, &name),
+        (&row.tag_list(), &tags),
+        (&old_plain, &plain),
+        (&secrets.secret_configuration, &secret),
+        imported.is_some(),
+    );
     let configuration_json = Value::Object(plain).to_string();
     let written = app
         .store
@@ -1974,11 +1982,74 @@ async fn update_once(
         caller,
         "instance.updated",
         Some(&row.id.to_string()),
-        None,
+        Some(&changes),
     )
     .await;
     let stored = reload(app, &row).await?;
     respond(app, caller, stored).await.map(Some)
+}
+
+/// An update's audit detail: what it changed, by name (`name`, `tags`, the configuration keys
+/// added, changed or removed, sealed ones included, and `tokens imported`), never a value.
+fn update_changes(
+    name: (&String, &String),
+    tags: (&Vec<String>, &Vec<String>),
+    plain: (
+        &serde_json::Map<String, Value>,
+        &serde_json::Map<String, Value>,
+    ),
+    secret: (&BTreeMap<String, String>, &BTreeMap<String, String>),
+    tokens_imported: bool,
+) -> String {
+    let mut changed = Vec::new();
+    if name.0 != name.1 {
+        changed.push("name".to_string());
+    }
+    if tags.0 != tags.1 {
+        changed.push("tags".to_string());
+    }
+    // A key's value wherever it is kept: one moved from the open to sealed is not changed.
+    let value =
+        |plain: &serde_json::Map<String, Value>, secret: &BTreeMap<String, String>, key: &str| {
+            plain
+                .get(key)
+                .map(|value| {
+                    value
+                        .as_str()
+                        .map_or_else(|| value.to_string(), str::to_string)
+                })
+                .or_else(|| secret.get(key).cloned())
+        };
+    let mut keys: Vec<&String> = plain
+        .0
+        .keys()
+        .chain(plain.1.keys())
+        .chain(secret.0.keys())
+        .chain(secret.1.keys())
+        .filter(|key| value(plain.0, secret.0, key) != value(plain.1, secret.1, key))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    if !keys.is_empty() {
+        const SHOWN: usize = 20;
+        let mut names: Vec<String> = keys
+            .iter()
+            .take(SHOWN)
+            .map(|key| key.chars().take(100).collect())
+            .collect();
+        if keys.len() > SHOWN {
+            names.push(format!("and {} more", keys.len() - SHOWN));
+        }
+        changed.push(format!("configuration ({})", names.join(", ")));
+    }
+    if tokens_imported {
+        changed.push("tokens imported".to_string());
+    }
+    if changed.is_empty() {
+        "changed: nothing".to_string()
+    } else {
+        format!("changed: {}", changed.join(", "))
+    }
 }
 
 async fn respond(app: &App, caller: &Caller, row: InstanceRow) -> ApiResult<AxumJson<Value>> {

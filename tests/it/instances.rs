@@ -1868,10 +1868,19 @@ async fn users_and_orgs_from_the_command_line_and_the_audit_log() {
             Method::PATCH,
             &env.api(&format!("/instances/{}", id_of(&instance))),
             Some(&first.platform()),
-            Some(json!({"name": "by first"})),
+            Some(json!({"name": "by first", "configuration": {"oauth.api.secret": "rotated-secret", "region": "eu"}})),
         )
         .await;
         assert_eq!(renamed.status, 200);
+        let secret_read = call(
+            &env,
+            Method::GET,
+            &env.api("/events/webhook-secret"),
+            Some(&first.platform()),
+            None,
+        )
+        .await;
+        assert_eq!(secret_read.status, 200, "[{label}] {}", secret_read.body);
         // The audit log names who did what.
         let audit = call(
             &env,
@@ -1895,6 +1904,19 @@ async fn users_and_orgs_from_the_command_line_and_the_audit_log() {
             .find(|e| e["action"] == "instance.updated")
             .expect("instance.updated audited");
         assert_eq!(updated["userName"], "owner", "[{label}] {updated}");
+        // What it changed, by name: an operator tells a rename from a swapped secret.
+        assert_eq!(
+            updated["detail"], "changed: name, configuration (oauth.api.secret, region)",
+            "[{label}] {updated}"
+        );
+        assert!(
+            !audit.body.to_string().contains("rotated-secret"),
+            "[{label}] a value in the audit log"
+        );
+        assert!(
+            entries.iter().any(|e| e["action"] == "webhook_secret.read"),
+            "[{label}] reading the signing key is audited"
+        );
         assert!(created["requestId"].as_str().is_some_and(|r| !r.is_empty()));
         assert!(!audit.body.to_string().contains(&second.user_secret));
         // A user of one org with another org's secret: 401.
