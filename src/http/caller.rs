@@ -1,8 +1,8 @@
 //! Who is calling: the `Authorization` header checked against the store.
 //!
-//! `User` is always required. Organization-wide calls also need `Organization`; calls about one
-//! instance may name it with `Element` instead. An Element token of another organization is
-//! refused exactly like an unknown one.
+//! `User` and `Organization` are always required; `Element` names one instance besides (calls
+//! through an instance, which need only `User` and `Element`, are authenticated by the proxy).
+//! An Element token of another organization is refused exactly like an unknown one.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -118,9 +118,13 @@ impl FromRequestParts<SharedApp> for Caller {
             }
             None => None,
         };
-        if !has_organization_secret && element.is_none() {
+        // Platform calls need both secrets, as the contract says: `User` and `Element` alone are
+        // what calls through an instance (the proxy, which does not come here) carry, and the
+        // runtime that holds them for that must not read the instance's refresh token and
+        // client secret, repoint it or delete it with them.
+        if !has_organization_secret {
             return Err(ApiError::unauthorized(
-                "The Authorization header needs `Organization <organization secret>` (or `Element <instance token>` for calls about one instance)",
+                "The Authorization header needs `Organization <organization secret>` beside `User <user secret>` (calls through an instance, at /proxy, need only `User` and `Element`)",
             ));
         }
         Ok(Caller {
