@@ -158,7 +158,7 @@ impl Remote {
         rows.push(vec!["tags".into(), instance["tags"].to_string()]);
         if let Some(configuration) = instance["configuration"].as_object() {
             for (key, value) in configuration {
-                rows.push(vec![key.clone(), text(value)]);
+                rows.push(vec![text(&Value::String(key.clone())), text(value)]);
             }
         }
         print_table(&["FIELD", "VALUE"], &rows);
@@ -224,10 +224,21 @@ impl Remote {
     }
 }
 
+/// A value as a table shows it: text with its control characters escaped (`\u{1b}`), since a
+/// tenant, or a provider, writes the values a terminal would otherwise obey.
 fn text(value: &Value) -> String {
     match value {
         Value::Null => "—".to_string(),
-        Value::String(text) => text.clone(),
+        Value::String(text) => text
+            .chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_unicode().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
         other => other.to_string(),
     }
 }

@@ -92,10 +92,26 @@ async fn command_line_on(env: Env) {
         .unwrap();
     assert!(ok, "{stderr}");
     assert!(stdout.contains("valid"), "{stdout}");
+    // A value holding terminal controls (a tenant's, or a provider's) is shown escaped: raw,
+    // it cleared the operator's screen and set the terminal's title.
+    let patched = env
+        .http
+        .patch(env.api(&format!("/instances/{id}")))
+        .header("authorization", env.org.platform())
+        .json(&serde_json::json!({"configuration": {"note": "\u{1b}]0;owned\u{7}\u{1b}[2Jhi"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), 200);
     let (ok, stdout, _) = run(args(&["instances", "show", &id]), owned(&secrets))
         .await
         .unwrap();
     assert!(ok && stdout.contains("base.url"), "{stdout}");
+    assert!(
+        !stdout.contains('\u{1b}') && !stdout.contains('\u{7}'),
+        "{stdout:?}"
+    );
+    assert!(stdout.contains("\\u{1b}]0;owned"), "{stdout:?}");
 
     let (ok, stdout, _) = run(
         args(&["connectors", "list", "--category", "sandbox"]),
