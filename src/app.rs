@@ -569,14 +569,17 @@ impl App {
             if let Some(value) = given {
                 // An input fills one part of a URL (a shop, a tenant, a My Domain host): it may
                 // not bring a path, a query, a port or credentials of its own.
+                // Nor be a dot segment: `..` in a path climbs out of its part
+                // (`…/{tenant}/oauth2/token` became `…/oauth2/token` elsewhere on the host).
                 let plain = !value.is_empty()
                     && value.len() <= 253
                     && value
                         .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+                    && !value.chars().all(|c| c == '.');
                 if !plain {
                     return Err(format!(
-                        "connector input `{name}` may hold only letters, digits, `.`, `-` and `_`"
+                        "connector input `{name}` may hold only letters, digits, `.`, `-` and `_`, and not dots alone"
                     ));
                 }
                 values.insert(name.clone(), value);

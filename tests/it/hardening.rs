@@ -208,19 +208,32 @@ async fn review_findings_stay_fixed() {
         let microsoft = env
             .create_instance(&env.org, "sandbox-microsoft", "lee")
             .await;
+        // Nor a dot segment, which moved the token endpoint (`…/microsoft/../oauth2/…`): the
+        // refresh token and client secret went elsewhere on the host.
+        for tenant in ["127.0.0.1:4199/x?", "..", ".", "..."] {
+            let (status, answer) = send(
+                &env,
+                Method::PATCH,
+                &env.api(&format!("/instances/{}", microsoft["id"])),
+                &platform,
+                Some(json!({"configuration": {"tenant": tenant}})),
+            )
+            .await;
+            assert_eq!(status, 400, "[{label}] {tenant}: {answer}");
+            assert!(
+                answer["message"].as_str().unwrap().contains("tenant"),
+                "{answer}"
+            );
+        }
         let (status, answer) = send(
             &env,
-            Method::PATCH,
-            &env.api(&format!("/instances/{}", microsoft["id"])),
+            Method::GET,
+            &env.api("/elements/sandbox-microsoft/oauth/url?apiKey=k&callbackUrl=http://127.0.0.1/cb&tenant=.."),
             &platform,
-            Some(json!({"configuration": {"tenant": "127.0.0.1:4199/x?"}})),
+            None,
         )
         .await;
         assert_eq!(status, 400, "[{label}] {answer}");
-        assert!(
-            answer["message"].as_str().unwrap().contains("tenant"),
-            "{answer}"
-        );
 
         // A wrong `Organization` part on the proxy is refused, not ignored.
         let wrong = format!(
