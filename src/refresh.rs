@@ -1179,6 +1179,12 @@ impl RefreshEngine {
                         "the service could not complete the refresh (see its log)".to_string()
                     }
                 };
+                // An earlier attempt's lost answer is still said (see `OUTCOME_UNKNOWN_TEXT`).
+                let message = if outcome_was_unknown(&leased) {
+                    format!("{message}{OUTCOME_UNKNOWN_TEXT}")
+                } else {
+                    message
+                };
                 let message = message.as_str();
                 let now = now_ms();
                 let event = self.failing_event(app, &leased, now, message).await;

@@ -310,6 +310,23 @@ pub fn proxy_confine(data: &[u8]) {
         }
         kept
     };
+    // No segment begins with a slash once decoded (a network path where it begins the path, or
+    // behind a gateway that strips the segments before it), also after `;` parameters and
+    // spaces that servers drop.
+    for segment in below.split('/') {
+        let mut bytes = segment.as_bytes().to_vec();
+        for _ in 0..6 {
+            let text = String::from_utf8_lossy(&bytes).replace('\\', "/");
+            if let Some((head, _)) = text.split_once('/') {
+                let head = head.split(';').next().unwrap_or("");
+                assert!(
+                    !head.trim().is_empty(),
+                    "segment {segment} begins with a slash once decoded: {target}"
+                );
+            }
+            bytes = lenient_decode(&bytes);
+        }
+    }
     let under = resolved(target.path());
     let base_segments = resolved(base_path);
     assert!(

@@ -206,7 +206,7 @@ impl From<crate::store::StoreError> for ApiError {
                 tracing::debug!("the database does not answer: {why}");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "The service's database does not answer just now; try again shortly",
+                    "The service's database does not answer, or cannot write (full, read-only), just now; try again shortly",
                 )
                 .with_retry_after(5)
             }

@@ -2121,9 +2121,7 @@ pub async fn delete(
                     // The instance is kept, invalid, with the reason: once deleted, its tokens
                     // could never be revoked again.
                     let kept = async |why: String| {
-                        let reason = format!(
-                            "Deleted with a revocation through tokenwarden, {why}: kept so that the DELETE can be sent again"
-                        );
+                        let reason = format!("Deleted with a revocation through tokenwarden, {why}");
                         let _ = app
                             .store
                             .mark_invalid_held(
@@ -2141,7 +2139,21 @@ pub async fn delete(
                         // Not sent (our side failed: the database, a key, the connector): the
                         // reason says so rather than "under way".
                         Err(error) => {
-                            kept(format!("which could not be sent ({})", error.message)).await;
+                            // Our side failing may pass; a connector gone or missing an input
+                            // will not, and the instance is deleted without the revocation.
+                            let why = if error.status.is_client_error() {
+                                format!(
+                                    "which cannot be sent ({}): kept; DELETE without `?revoke=true` deletes it",
+                                    error.message
+                                )
+                            } else {
+                                format!(
+                                    "which could not be sent ({}; request {}): kept so that the DELETE can be sent again",
+                                    error.message,
+                                    crate::http::error::current_request_id()
+                                )
+                            };
+                            kept(why).await;
                             return Err(error);
                         }
                     };
@@ -2151,7 +2163,10 @@ pub async fn delete(
                     if revocation["retryable"] == true
                         && let Some(message) = revocation["providerMessage"].as_str()
                     {
-                        kept(format!("which the provider did not confirm ({message})")).await;
+                        kept(format!(
+                            "which the provider did not confirm ({message}): kept so that the DELETE can be sent again"
+                        ))
+                        .await;
                         return Err(ApiError::new(
                             StatusCode::BAD_GATEWAY,
                             "The provider did not confirm the revocation: the instance is kept so that it can be tried again (DELETE without `?revoke=true` deletes it at once)",

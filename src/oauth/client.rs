@@ -612,10 +612,12 @@ fn transport_error_inner(description: &str) -> OAuthError {
 /// A transport failure, described without the URL (a revocation URL may hold the token).
 fn transport_error(error: reqwest::Error) -> OAuthError {
     let error = error.without_url();
-    let kind = if error.is_timeout() {
-        "the request timed out"
-    } else if error.is_connect() {
+    // A connection that timed out is one that failed: the request was never sent (its
+    // outcome is known, see `OAuthError::outcome_unknown`).
+    let kind = if error.is_connect() {
         super::error::CONNECTION_FAILED_TEXT
+    } else if error.is_timeout() {
+        "the request timed out"
     } else if error.is_body() || error.is_decode() {
         "reading the answer failed"
     } else {

@@ -101,10 +101,15 @@ where
     let started = Instant::now();
     // A tunnel is not a call: a provider's 2xx to it left the caller's connection with
     // nothing, and the token went along.
-    let mut response = if request.method() == Method::CONNECT {
+    // Nor is TRACE, which a provider answers with the request it received: the access token
+    // the proxy put in, to a caller who holds only the Element token.
+    let mut response = if matches!(*request.method(), Method::CONNECT | Method::TRACE) {
         let mut refused = ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
-            "CONNECT is not proxied: the proxy forwards calls to the provider's API, not tunnels",
+            format!(
+                "{} is not proxied: the proxy forwards calls to the provider's API, not tunnels or traces",
+                request.method()
+            ),
         )
         .into_response();
         refused.headers_mut().insert(
@@ -659,7 +664,7 @@ impl From<SendError> for ApiError {
 fn idempotent(method: &Method) -> bool {
     matches!(
         *method,
-        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
     )
 }
 

@@ -2,11 +2,11 @@
 //! caller's path joined under it.
 //!
 //! **No path leaves the base URL**: dot segments (plain, percent-encoded or followed by `;`
-//! parameters, also between encoded slashes), an encoded slash at the path's beginning or
-//! standing alone, backslashes, empty segments, control characters, `?` and `#` are refused,
-//! and the target is built from the base's parsed scheme, authority and path with
-//! the checked path appended, so the caller's text can neither name another host nor climb out
-//! of the base path. The base itself passed the egress check (no link-local or metadata host)
+//! parameters, also between encoded slashes), an encoded slash beginning a segment (after
+//! `;` parameters and spaces), backslashes, empty segments, control characters, `?` and `#`
+//! are refused, and the target is built from the base's parsed scheme, authority and path
+//! with the checked path appended, so the caller's text can neither name another host nor
+//! climb out of the base path. The base itself passed the egress check (no link-local or metadata host)
 //! when it was parsed.
 
 use axum::http::Uri;
@@ -156,14 +156,13 @@ fn check_path(raw_path: &str) -> Result<(), ApiError> {
             "absolute URLs and empty path segments are not accepted",
         ));
     }
-    for (index, segment) in raw_path.split('/').enumerate() {
-        let first = index == 0;
+    for segment in raw_path.split('/') {
         if !segment.contains('%') {
-            check_segment(segment.as_bytes(), first)?;
+            check_segment(segment.as_bytes())?;
             continue;
         }
         let mut decoded = percent_decode(segment).ok_or_else(|| refuse("bad percent-encoding"))?;
-        check_segment(&decoded, first)?;
+        check_segment(&decoded)?;
         // Encoded more than once (`%252e%252e`): a server or gateway that decodes again would
         // see `..`. Each further decoding is checked too, decoded as leniently as such a
         // gateway would (an escape that is not one stays as it is).
@@ -172,7 +171,7 @@ fn check_path(raw_path: &str) -> Result<(), ApiError> {
                 break;
             }
             decoded = lenient_decode(&decoded);
-            check_segment(&decoded, first)?;
+            check_segment(&decoded)?;
         }
         if lenient_decode(&decoded) != decoded {
             return Err(refuse("a path segment encoded more than four times"));
@@ -214,23 +213,24 @@ fn plain(raw_path: &str) -> bool {
         })
 }
 
-/// `first`: the path's first segment, which must not begin with an encoded slash.
-fn check_segment(decoded: &[u8], first: bool) -> Result<(), ApiError> {
+fn check_segment(decoded: &[u8]) -> Result<(), ApiError> {
     // An encoded slash is part of the segment for the provider (GitLab's `group%2Fproject`,
     // Cloud Storage's `folder%2Ffile` and `folder%2F`, Search Console's
     // `sites/https%3A%2F%2Fexample.com%2F`); one that decodes it anyway sees the pieces as
-    // segments, so each piece is checked as one. Empty pieces climb nowhere; only the path's
-    // beginning may not be one (`%2F%2Fhost` would read as a network path under a base at
-    // the root). Backslashes, which some servers take as slashes, stay refused.
+    // segments, so each piece is checked as one. Empty pieces climb nowhere, but a segment may
+    // not begin with one: `%2F%2Fhost` reads as a network path where it begins the path, under
+    // a base at the root or behind a gateway that strips the segments before it; so do
+    // `;%2F%2Fhost` and `%20%2F%2Fhost` at servers that drop `;` parameters or trim spaces.
+    // Backslashes, which some servers take as slashes, stay refused.
     if decoded.contains(&b'\\') {
         return Err(refuse("encoded backslashes are not accepted"));
     }
-    if first && decoded.first() == Some(&b'/') {
-        return Err(refuse("the path may not begin with an encoded slash"));
-    }
-    // Slashes alone are empty segments, as a literal `//` is.
-    if !decoded.is_empty() && decoded.iter().all(|b| *b == b'/') {
-        return Err(refuse("empty path segments are not accepted"));
+    if let Some(slash) = decoded.iter().position(|b| *b == b'/') {
+        let head = &decoded[..slash];
+        let head = head.split(|b| *b == b';').next().unwrap_or(b"");
+        if String::from_utf8_lossy(head).trim().is_empty() {
+            return Err(refuse("a path segment may not begin with an encoded slash"));
+        }
     }
     for piece in decoded.split(|b| *b == b'/') {
         // `..;x` is `..` to servers that take `;` as path parameters (Tomcat, Spring).
@@ -419,6 +419,11 @@ mod tests {
             "%2Fetc/passwd",
             "%2F%2Fevil.test/x",
             "%252F%252Fevil.test/x",
+            ";%2F%2Fevil.test/x",
+            "%20%2F%2Fevil.test/x",
+            "svc/%2F%2Fevil.test/x",
+            "svc/%3Bx%2F%2Fevil.test/x",
+            "o/%2F",
             "a/%2F..%2Fb",
             "a/x%2F%2F..",
             "a%2F.%2Fb",

@@ -288,8 +288,10 @@ impl Store {
                 grouped
             }
             // The database refused the statement (a constraint, say): it rolled back whole, and
-            // each commit is tried alone, at once, so only the bad one fails.
-            Err(sqlx::Error::Database(refused)) => {
+            // each commit is tried alone, at once, so only the bad one fails. Not a database in
+            // a passing state (full, read-only, out of connections): as one that does not
+            // answer, below, rather than as many attempts at once.
+            Err(sqlx::Error::Database(refused)) if !super::passing(refused.as_ref()) => {
                 tracing::warn!(
                     commits = batch.len(),
                     "a batch of token commits was refused ({}); committing each alone",

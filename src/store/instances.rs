@@ -1375,9 +1375,6 @@ impl Store {
     }
 }
 
-/// Ends a one-row state change: when it touched its row, writes `event` (the outbox) in the
-/// same transaction and commits; otherwise the transaction is dropped (rolled back). True when
-/// the row was touched.
 /// The one row of a write's `RETURNING`, read with `fetch_all`: a write outside a transaction
 /// is read to its end, where SQLite commits it and says when it could not (a full disk);
 /// `fetch_optional` stops at the first row and drops that error, and the caller took a change
@@ -1386,6 +1383,9 @@ pub(super) fn only_row<T>(rows: Vec<T>) -> Option<T> {
     rows.into_iter().next()
 }
 
+/// Ends a one-row state change: when it touched its row, writes `event` (the outbox) in the
+/// same transaction and commits; otherwise the transaction is dropped (rolled back). True when
+/// the row was touched.
 async fn commit_with_event(
     mut transaction: sqlx::Transaction<'static, sqlx::Any>,
     touched: bool,

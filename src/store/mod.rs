@@ -151,31 +151,7 @@ impl From<sqlx::Error> for StoreError {
             {
                 StoreError::InvalidText(database_error.message().to_string())
             }
-            // Passing states, of the database and not of the data: PostgreSQL's connection
-            // exceptions (class 08), insufficient resources (class 53: a full disk, memory,
-            // too many connections), a server shutting down or starting (57P01–57P03), an I/O
-            // error (58030), a database not accepting connections (55000: `ALLOW_CONNECTIONS
-            // false`, maintenance), a read-only transaction (25006: a standby after a
-            // failover), a serialization failure or deadlock (40001, 40P01); SQLite busy or
-            // locked past its busy timeout (5, 6), read-only (8), an I/O error (10) or a full
-            // disk (13). The rotated tokens of a refresh are kept then, and stored once the
-            // database takes them.
-            sqlx::Error::Database(database_error)
-                if database_error.code().is_some_and(|code| {
-                    code.starts_with("08")
-                        || code.starts_with("53")
-                        || matches!(
-                            code.as_ref(),
-                            "57P01" | "57P02" | "57P03" | "58030" | "55000" | "25006" | "40001"
-                                | "40P01"
-                        )
-                        // SQLite's extended codes carry the primary one in their low byte
-                        // (BUSY_SNAPSHOT is 517).
-                        || code
-                            .parse::<u32>()
-                            .is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 8 | 10 | 13))
-                }) =>
-            {
+            sqlx::Error::Database(database_error) if passing(database_error.as_ref()) => {
                 StoreError::Unavailable(database_error.message().to_string())
             }
             sqlx::Error::Database(database_error) => {
@@ -187,6 +163,31 @@ impl From<sqlx::Error> for StoreError {
             other => StoreError::Database(other.to_string()),
         }
     }
+}
+
+/// Whether a database error is a passing state of the database, not of the data: PostgreSQL's
+/// connection exceptions (class 08), insufficient resources (class 53: a full disk, memory, too
+/// many connections), a server shutting down or starting (57P01–57P03), an I/O error (58030), a
+/// database not accepting connections (55000: `ALLOW_CONNECTIONS false`, maintenance), a
+/// read-only transaction (25006: a standby after a failover), a serialization failure or a
+/// deadlock (40001, 40P01); SQLite busy or locked past its busy timeout (5, 6), read-only (8),
+/// an I/O error (10) or a full disk (13). The rotated tokens of a refresh are kept then, and
+/// stored once the database takes them.
+pub(super) fn passing(error: &dyn sqlx::error::DatabaseError) -> bool {
+    const POSTGRES: &[&str] = &[
+        "57P01", "57P02", "57P03", "58030", "55000", "25006", "40001", "40P01",
+    ];
+    error.code().is_some_and(|code| {
+        if code.len() == 5 {
+            // A SQLSTATE (PostgreSQL's are 5 characters; its `42501` is no SQLite BUSY).
+            code.starts_with("08") || code.starts_with("53") || POSTGRES.contains(&code.as_ref())
+        } else {
+            // SQLite's extended codes carry the primary one in their low byte (BUSY_SNAPSHOT
+            // is 517), in at most 4 digits.
+            code.parse::<u32>()
+                .is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 8 | 10 | 13))
+        }
+    })
 }
 
 impl From<sqlx::migrate::MigrateError> for StoreError {

@@ -1210,7 +1210,8 @@ async fn a_body_too_large_to_resend_does_not_go_with_an_expired_token() {
 ///   caller's connection stays open for its next request (it was answered `HTTP/1.0` and
 ///   closed, losing a pipelined request);
 /// - `CONNECT` is refused with 405 and `Allow`, and never reaches the provider (it was sent
-///   there, with the token, and a 2xx left the caller with nothing);
+///   there, with the token, and a 2xx left the caller with nothing); so is `TRACE`, whose
+///   answer echoes the token the proxy put in;
 /// - an encoded slash may stand next to another or end a segment (Search Console's
 ///   `sites/https%3A%2F%2Fexample.com%2F`, Cloud Storage's `folder%2F` objects): passed on as
 ///   sent (it was refused with 400).
@@ -1271,18 +1272,23 @@ async fn the_caller_gets_http_1_1_whatever_the_provider_speaks() {
         "passed on as sent"
     );
 
-    // CONNECT: refused here.
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!(
-        "CONNECT /elements/api-v2/proxy/echo HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {authorization}\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await.unwrap();
-    let text = String::from_utf8_lossy(&answer).to_lowercase();
-    assert!(text.starts_with("http/1.1 405"), "{text}");
-    assert!(text.contains("\r\nallow: get, "), "{text}");
-    assert!(text.contains("connect is not proxied"), "{text}");
+    // CONNECT and TRACE (which echoes the token the proxy put in): refused here.
+    for method in ["CONNECT", "TRACE"] {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!(
+            "{method} /elements/api-v2/proxy/echo HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {authorization}\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        let text = String::from_utf8_lossy(&answer).to_lowercase();
+        assert!(text.starts_with("http/1.1 405"), "{text}");
+        assert!(text.contains("\r\nallow: get, "), "{text}");
+        assert!(
+            text.contains(&format!("{} is not proxied", method.to_lowercase())),
+            "{text}"
+        );
+    }
     assert_eq!(lines.lock().unwrap().len(), 2, "the provider heard of it");
     env.stop().await;
     drop_test_database(&url).await;

@@ -1526,7 +1526,15 @@ async fn kept_tokens_the_provider_ended_do_not_revive_once_stored() {
     let id = created["id"].as_i64().unwrap();
     let token = created["token"].as_str().unwrap().to_string();
     expire_access_tokens(&env).await;
-    let held = hold_next_token_call(&env, 500).await;
+    // Connected before the call: what happens while the provider holds its answer must take
+    // less than the hold on a loaded machine.
+    use sqlx::Connection;
+    let store = tokenwarden::store::Store::connect(&url).await.unwrap();
+    let (server, database) = url.rsplit_once('/').unwrap();
+    let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres"))
+        .await
+        .unwrap();
+    let held = hold_next_token_call(&env, 2_500).await;
     let call = proxy_at(
         &env,
         &env.server.url,
@@ -1540,7 +1548,6 @@ async fn kept_tokens_the_provider_ended_do_not_revive_once_stored() {
     // connection for 5 s.
     let interrupt_then_outage = async {
         at_the_provider(&env, held).await;
-        let store = tokenwarden::store::Store::connect(&url).await.unwrap();
         let row = store.get_instance_by_id(id).await.unwrap().unwrap();
         assert!(
             store
@@ -1557,11 +1564,6 @@ async fn kept_tokens_the_provider_ended_do_not_revive_once_stored() {
         );
         store.close().await;
         fault(&env, json!({"target": "api", "status": 401, "count": 1})).await;
-        use sqlx::Connection;
-        let (server, database) = url.rsplit_once('/').unwrap();
-        let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres"))
-            .await
-            .unwrap();
         let allow = |yes: bool| {
             format!(
                 "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS {}",
@@ -1648,12 +1650,15 @@ async fn a_refusal_after_a_refresh_timed_out_reads_as_interrupted() {
     let token = created["token"].as_str().unwrap().to_string();
     let platform = env.org.platform();
     let path = env.api(&format!("/instances/{id}/tokens/refresh"));
-    // Answered after the timeout: the provider rotates, nobody reads it.
+    // Answered after the timeout: the provider rotates, nobody reads it. Then a 503 for the
+    // next attempt (the scheduler's, or one asked for), queued now: the scheduler's retry may
+    // come before anything here could queue it.
     fault(
         &env,
         json!({"target": "token", "status": 0, "delayMs": 1_800, "count": 1, "answerLate": true}),
     )
     .await;
+    fault(&env, json!({"target": "token", "status": 503, "count": 1})).await;
     let failed = crate::instances::call(&env, Method::POST, &path, Some(&platform), None).await;
     assert_eq!(failed.status, 503, "{}", failed.body);
     eventually(
@@ -1671,9 +1676,7 @@ async fn a_refusal_after_a_refresh_timed_out_reads_as_interrupted() {
             .ends_with(tokenwarden::refresh::OUTCOME_UNKNOWN_TEXT),
         "{shown}"
     );
-    // A 503 for the next attempt (the scheduler's, or one asked for), then the retired
-    // refresh token is refused.
-    fault(&env, json!({"target": "token", "status": 503, "count": 1})).await;
+    // Then the retired refresh token is refused.
     let refused = eventually("the refusal", Duration::from_secs(20), || async {
         let answer = crate::instances::call(&env, Method::POST, &path, Some(&platform), None).await;
         (answer.status == 401).then_some(answer.body)

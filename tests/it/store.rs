@@ -2855,3 +2855,32 @@ async fn a_full_sqlite_database_fails_writes_and_recovers() {
     store.close().await;
     drop_test_database(&url).await;
 }
+
+/// A write outside a transaction whose failure SQLite reports only at the statement's end (here
+/// a deferred constraint, checked as the statement commits; a full disk's log write is another)
+/// says it failed. Read for its first `RETURNING` row only, it answered the row, and a PATCH
+/// answered 200 with nothing stored.
+#[tokio::test]
+async fn a_write_refused_at_its_end_is_no_change() {
+    let url = crate::support::sqlite_database();
+    let store = Store::connect(&url).await.unwrap();
+    let org = organization(&store, "deferred").await;
+    let row = instance(org, "deferred");
+    store.insert_instance(&row, None).await.unwrap();
+    for statement in [
+        "CREATE TABLE trap_parent (id INTEGER PRIMARY KEY)",
+        "CREATE TABLE trap (parent INTEGER REFERENCES trap_parent(id) DEFERRABLE INITIALLY DEFERRED)",
+        "CREATE TRIGGER trap_rename AFTER UPDATE OF name ON instances WHEN NEW.name = 'trapped' \
+         BEGIN INSERT INTO trap VALUES (42); END",
+    ] {
+        sqlx::query(statement).execute(store.pool()).await.unwrap();
+    }
+    let updated = store
+        .update_instance_metadata(org, row.id, "trapped", "[]", "{}", None, None, false)
+        .await;
+    assert!(updated.is_err(), "{updated:?}");
+    let stored = store.get_instance_by_id(row.id).await.unwrap().unwrap();
+    assert_eq!(stored.name, row.name);
+    store.close().await;
+    drop_test_database(&url).await;
+}
