@@ -1418,6 +1418,35 @@ async fn rotated_tokens_wait_for_a_database_failing_over() {
     drop_test_database(&url).await;
 }
 
+/// A connection to the PostgreSQL server of test database `url`, outside that database.
+async fn admin_connection(url: &str) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    let (server, _) = url.rsplit_once('/').unwrap();
+    sqlx::PgConnection::connect(&format!("{server}/postgres"))
+        .await
+        .unwrap()
+}
+
+/// Test database `url` takes no connection for `lasting`, and those it had are cut.
+async fn database_outage(admin: &mut sqlx::PgConnection, url: &str, lasting: Duration) {
+    let (_, database) = url.rsplit_once('/').unwrap();
+    let allow = |yes: bool| format!("ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS {yes}");
+    sqlx::query(sqlx::AssertSqlSafe(allow(false)))
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(database)
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+    tokio::time::sleep(lasting).await;
+    sqlx::query(sqlx::AssertSqlSafe(allow(true)))
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+}
+
 /// PostgreSQL unreachable for longer than the commit of rotated tokens is tried while its caller
 /// waits (here 2 s; by default 30 s): the caller is answered 503, the tokens are kept, and
 /// their commit goes on being tried until the database is back, so the strict provider's grant
@@ -1451,31 +1480,8 @@ async fn rotated_tokens_outlive_the_callers_wait_for_the_database() {
     // The database takes no connection for 6 s, and those it had are cut.
     let outage = async {
         at_the_provider(&env, held).await;
-        use sqlx::Connection;
-        let (server, database) = url.rsplit_once('/').unwrap();
-        let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres"))
-            .await
-            .unwrap();
-        let allow = |yes: bool| {
-            format!(
-                "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS {}",
-                if yes { "true" } else { "false" }
-            )
-        };
-        sqlx::query(sqlx::AssertSqlSafe(allow(false)))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-            .bind(database)
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_secs(6)).await;
-        sqlx::query(sqlx::AssertSqlSafe(allow(true)))
-            .execute(&mut admin)
-            .await
-            .unwrap();
+        let mut admin = admin_connection(&url).await;
+        database_outage(&mut admin, &url, Duration::from_secs(6)).await;
     };
     let ((status, body, _), ()) = tokio::join!(call, outage);
     assert_eq!(
@@ -1528,12 +1534,8 @@ async fn kept_tokens_the_provider_ended_do_not_revive_once_stored() {
     expire_access_tokens(&env).await;
     // Connected before the call: what happens while the provider holds its answer must take
     // less than the hold on a loaded machine.
-    use sqlx::Connection;
     let store = tokenwarden::store::Store::connect(&url).await.unwrap();
-    let (server, database) = url.rsplit_once('/').unwrap();
-    let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres"))
-        .await
-        .unwrap();
+    let mut admin = admin_connection(&url).await;
     let held = hold_next_token_call(&env, 2_500).await;
     let call = proxy_at(
         &env,
@@ -1564,26 +1566,7 @@ async fn kept_tokens_the_provider_ended_do_not_revive_once_stored() {
         );
         store.close().await;
         fault(&env, json!({"target": "api", "status": 401, "count": 1})).await;
-        let allow = |yes: bool| {
-            format!(
-                "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS {}",
-                if yes { "true" } else { "false" }
-            )
-        };
-        sqlx::query(sqlx::AssertSqlSafe(allow(false)))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-            .bind(database)
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        sqlx::query(sqlx::AssertSqlSafe(allow(true)))
-            .execute(&mut admin)
-            .await
-            .unwrap();
+        database_outage(&mut admin, &url, Duration::from_secs(5)).await;
     };
     let ((status, body, _), ()) = tokio::join!(call, interrupt_then_outage);
     assert_eq!(status, 503, "the tokens were not kept: {body}");
