@@ -125,6 +125,12 @@ pub struct App {
     pub background_restarts: std::sync::atomic::AtomicU64,
     /// Caller connections open now, and the most served at once (`/healthz` shows them).
     pub connections: Connections,
+    /// The SQLite database file as [`sqlite_turn`] opened it, unlocked, kept open for as long
+    /// as the app: closing any descriptor of a file drops every POSIX lock the process holds
+    /// on it, SQLite's own included, and another process's SQLite then took the database for
+    /// unused, checkpointed it and deleted its live write-ahead log (writes answered 2xx were
+    /// lost at the next crash).
+    _database_file: Option<std::fs::File>,
 }
 
 /// Caller connections open now, and the most served at once (0 until the server listens).
@@ -391,7 +397,11 @@ impl App {
         let turn = sqlite_turn(&config.database_url).await;
         store.migrate().await?;
         check_key_matches_the_first(&store, &keyring, &config).await?;
-        drop(turn);
+        // The turn ends; the file stays open (see `App::database_file`).
+        let database_file = turn.map(|file| {
+            let _ = file.unlock();
+            file
+        });
         align_clock(&store).await;
         let built_in: BTreeMap<String, Arc<Connector>> = catalog::load_built_in()?
             .into_iter()
@@ -424,6 +434,7 @@ impl App {
             auth_cache: crate::proxy::AuthCache::default(),
             background_restarts: std::sync::atomic::AtomicU64::new(0),
             connections: Connections::default(),
+            _database_file: database_file,
             replica_id: format!(
                 "replica-{}",
                 crate::crypto::hex(&crate::crypto::random_bytes::<6>())

@@ -661,3 +661,34 @@ async fn silent_connections_past_the_cap_close_for_a_caller() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// The service holds SQLite's own locks on its database file for as long as it runs. The start
+/// closed a descriptor of the file it had opened to take its turn at the migrations, which
+/// dropped every POSIX lock of the process on it: another process's SQLite (an operator's
+/// `sqlite3`, a backup) then took the database for unused, checkpointed it and deleted the
+/// live write-ahead log, and writes answered 2xx were lost at the next crash (a black-box
+/// tester). Seen in `/proc/locks`: a lock of this process on the database file's inode.
+#[tokio::test]
+async fn the_service_keeps_its_locks_on_the_sqlite_file() {
+    use std::os::unix::fs::MetadataExt;
+    let url = crate::support::sqlite_database();
+    let env = crate::harness::Env::start("sqlite", &url).await;
+    // A write and a read, so that SQLite holds what it holds at rest.
+    let _ = env
+        .create_instance(&env.org, "sandbox-generic", "locked")
+        .await;
+    let path = url.strip_prefix("sqlite://").unwrap();
+    let inode = std::fs::metadata(path).unwrap().ino();
+    let pid = std::process::id().to_string();
+    let locks = std::fs::read_to_string("/proc/locks").unwrap();
+    let held = locks.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() > 5
+            && fields[1] == "POSIX"
+            && fields[4] == pid
+            && fields[5].rsplit(':').next() == Some(&inode.to_string())
+    });
+    assert!(held, "no lock of pid {pid} on inode {inode}:\n{locks}");
+    env.stop().await;
+    crate::support::drop_test_database(&url).await;
+}
