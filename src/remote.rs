@@ -155,7 +155,10 @@ impl Remote {
             rows.push(vec![key.to_string(), text(&instance[key])]);
         }
         rows.push(vec!["connector".into(), text(&instance["element"]["key"])]);
-        rows.push(vec!["tags".into(), instance["tags"].to_string()]);
+        rows.push(vec![
+            "tags".into(),
+            text(&Value::String(instance["tags"].to_string())),
+        ]);
         if let Some(configuration) = instance["configuration"].as_object() {
             for (key, value) in configuration {
                 rows.push(vec![text(&Value::String(key.clone())), text(value)]);
@@ -225,14 +228,19 @@ impl Remote {
 }
 
 /// A value as a table shows it: text with its control characters escaped (`\u{1b}`), since a
-/// tenant, or a provider, writes the values a terminal would otherwise obey.
+/// tenant, or a provider, writes the values a terminal would otherwise obey; so are the
+/// characters that only change how the rest shows (bidirectional overrides, zero-width ones)
+/// and the line and paragraph separators.
 fn text(value: &Value) -> String {
     match value {
         Value::Null => "—".to_string(),
         Value::String(text) => text
             .chars()
             .map(|c| {
-                if c.is_control() {
+                if c.is_control()
+                    || crate::oauth::invisible(c)
+                    || matches!(c, '\u{2028}' | '\u{2029}')
+                {
                     c.escape_unicode().to_string()
                 } else {
                     c.to_string()

@@ -40,6 +40,7 @@ pub use error::{ASKED_TO_WAIT_TEXT, OAuthError, RATE_LIMITED_TEXT, is_permanent_
 pub use rejection::{api_rejection, describe_provider_body};
 pub use response::{TokenSet, has_control_characters, parse_token_response};
 pub(crate) use text::cut as cut_text;
+pub(crate) use text::invisible;
 pub use text::redact;
 
 /// The `User-Agent` of every request to a provider.

@@ -45,7 +45,7 @@ pub(crate) fn cut(text: &str, max_chars: usize) -> String {
 /// letter mark, the Mongolian vowel separator, zero-width spaces and joiners, directional
 /// marks, embeddings, overrides and isolates, invisible operators, variation selectors, the
 /// byte-order mark and the tag characters (text hidden in plain sight).
-fn invisible(c: char) -> bool {
+pub(crate) fn invisible(c: char) -> bool {
     matches!(c,
         '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
             | '\u{2060}'..='\u{206F}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'

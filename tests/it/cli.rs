@@ -98,7 +98,7 @@ async fn command_line_on(env: Env) {
         .http
         .patch(env.api(&format!("/instances/{id}")))
         .header("authorization", env.org.platform())
-        .json(&serde_json::json!({"configuration": {"note": "\u{1b}]0;owned\u{7}\u{1b}[2Jhi"}}))
+        .json(&serde_json::json!({"configuration": {"note": "\u{1b}]0;owned\u{7}\u{1b}[2Jhi", "bidi": "a\u{202e}b\u{2028}c"}}))
         .send()
         .await
         .unwrap();
@@ -112,6 +112,10 @@ async fn command_line_on(env: Env) {
         "{stdout:?}"
     );
     assert!(stdout.contains("\\u{1b}]0;owned"), "{stdout:?}");
+    assert!(
+        !stdout.contains('\u{202e}') && stdout.contains("a\\u{202e}b\\u{2028}c"),
+        "{stdout:?}"
+    );
 
     let (ok, stdout, _) = run(
         args(&["connectors", "list", "--category", "sandbox"]),
