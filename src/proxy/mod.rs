@@ -103,7 +103,11 @@ where
     // nothing, and the token went along.
     // Nor is TRACE, which a provider answers with the request it received: the access token
     // the proxy put in, to a caller who holds only the Element token.
-    let mut response = if matches!(*request.method(), Method::CONNECT | Method::TRACE) {
+    // In any case: methods are case-sensitive, but servers that read `trace` as TRACE exist.
+    let method = request.method().as_str();
+    let mut response = if method.eq_ignore_ascii_case("CONNECT")
+        || method.eq_ignore_ascii_case("TRACE")
+    {
         let mut refused = ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             format!(

@@ -249,6 +249,16 @@ fn check_segment(decoded: &[u8]) -> Result<(), ApiError> {
     {
         return Err(refuse("control characters are not accepted"));
     }
+    // Overlong UTF-8 (`%C0%AE` for `.`, `%C0%AF` for `/`, `%E0%80%AE`): no valid text has it,
+    // and lenient decoders (old IIS) read it as the character it spells out.
+    if decoded.windows(2).any(|pair| {
+        matches!(
+            pair,
+            [0xC0 | 0xC1, 0x80..=0xBF] | [0xE0, 0x80..=0x9F] | [0xF0, 0x80..=0x8F]
+        )
+    }) {
+        return Err(refuse("overlong UTF-8 sequences are not accepted"));
+    }
     Ok(())
 }
 
@@ -424,6 +434,10 @@ mod tests {
             "svc/%2F%2Fevil.test/x",
             "svc/%3Bx%2F%2Fevil.test/x",
             "o/%2F",
+            "%C0%AE%C0%AE/evil",
+            "a/%C0%AF%C0%AFevil",
+            "a/%E0%80%AE%E0%80%AE/x",
+            "a/%25C0%25AE%25C0%25AE/x",
             "a/%2F..%2Fb",
             "a/x%2F%2F..",
             "a%2F.%2Fb",

@@ -1273,7 +1273,7 @@ async fn the_caller_gets_http_1_1_whatever_the_provider_speaks() {
     );
 
     // CONNECT and TRACE (which echoes the token the proxy put in): refused here.
-    for method in ["CONNECT", "TRACE"] {
+    for method in ["CONNECT", "TRACE", "trace", "Connect"] {
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         let request = format!(
             "{method} /elements/api-v2/proxy/echo HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {authorization}\r\nConnection: close\r\n\r\n"
