@@ -1967,12 +1967,17 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
             }
             Err(_) if revoked => {}
             Err(error) => {
-                // No answer, a 5xx or a 429: the provider may revoke on a later try. A refusal
-                // (a 4xx: the token is dead already, or the app is gone) will not change.
+                // No answer, a 5xx or a 429, or said with an error code (`temporarily_unavailable`,
+                // a rate limit's): the provider may revoke on a later try; so may it once the
+                // app's credentials it refused (`invalid_client`) are fixed. Another refusal (a
+                // 4xx: the token is dead already, or cannot be revoked) will not change.
                 retryable |= matches!(
                     error,
                     OAuthError::RateLimited { .. } | OAuthError::Transport { .. }
-                ) || matches!(error, OAuthError::Unavailable { status, .. } if status >= 500);
+                ) || matches!(error, OAuthError::Unavailable { status, .. } if status >= 500)
+                    || error.is_client_rejected()
+                    || error.is_passing()
+                    || error.is_rate_limit_code();
                 messages.push(error.provider_message());
             }
         }

@@ -112,9 +112,21 @@ async fn delete_while_revocation_fails(
     auth: &str,
     failures: u32,
 ) -> (u16, Value) {
+    delete_while_revocation_answers(env, id, auth, 503, failures).await
+}
+
+/// [`delete_while_revocation_fails`] with the revocation endpoint answering `status` (with
+/// `temporarily_unavailable`, the sandbox's injected error).
+async fn delete_while_revocation_answers(
+    env: &Env,
+    id: i64,
+    auth: &str,
+    status: u16,
+    failures: u32,
+) -> (u16, Value) {
     env.sandbox_post(
         "/__sandbox/faults",
-        json!({"target": "revoke", "status": 503, "count": failures}),
+        json!({"target": "revoke", "status": status, "count": failures}),
     )
     .await;
     send(
@@ -124,6 +136,21 @@ async fn delete_while_revocation_fails(
         auth,
     )
     .await
+}
+
+/// Sets the sandbox's generic profile's `revocationMode`.
+async fn generic_revocation_mode(env: &Env, mode: &str) {
+    let response = env
+        .http
+        .put(format!(
+            "{}/__sandbox/profiles/generic",
+            env.sandbox.url.trim_end_matches('/')
+        ))
+        .json(&json!({ "revocationMode": mode }))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
 }
 
 async fn send(env: &Env, method: reqwest::Method, path: &str, auth: &str) -> (u16, Value) {
@@ -653,13 +680,10 @@ async fn revocation_reaches_the_sandbox_in_each_shape() {
             .is_some_and(|m| m.contains("the DELETE can be sent again")),
         "{body}"
     );
-    // A provider that refuses both revocations (a 4xx will not change on a retry): the
-    // instance is deleted all the same, and the answer says the grant was not revoked.
-    env.sandbox_post(
-        "/__sandbox/faults",
-        json!({"target": "revoke", "status": 400, "count": 2}),
-    )
-    .await;
+    // A provider that refuses both revocations (its endpoint answers 404: a 4xx without a
+    // passing error code will not change on a retry): the instance is deleted all the same,
+    // and the answer says the grant was not revoked.
+    generic_revocation_mode(&env, "none").await;
     let (status, body) = send(
         &env,
         reqwest::Method::DELETE,
@@ -678,6 +702,7 @@ async fn revocation_reaches_the_sandbox_in_each_shape() {
     )
     .await;
     assert_eq!(status, 404, "deleted after the refusal");
+    generic_revocation_mode(&env, "cascade").await;
     // `tokens/revoke` while the provider fails: invalid all the same (the contract), and the
     // instance says the provider did not confirm it.
     let unconfirmed = env.create_instance(&env.org, "gone", "una").await;
@@ -716,6 +741,18 @@ async fn revocation_reaches_the_sandbox_in_each_shape() {
     )
     .await;
     assert_eq!(status, 200, "kept after the failed revocation");
+    // A 4xx that says the provider cannot answer just now (`temporarily_unavailable`): kept
+    // too. It deleted the instance, and the grant lived on at the provider.
+    let (status, body) = delete_while_revocation_answers(&env, id, &platform, 400, 2).await;
+    assert_eq!(status, 502, "{body}");
+    let (status, _) = send(
+        &env,
+        reqwest::Method::GET,
+        &format!("/instances/{id}"),
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 200, "kept after the refused revocation");
     let before = env.sandbox_stats().await["revoke"].as_u64().unwrap();
     let (status, body) = send(
         &env,
