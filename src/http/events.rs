@@ -194,11 +194,12 @@ pub async fn webhook_secret(
     caller: Caller,
 ) -> ApiResult<AxumJson<Value>> {
     caller.require_organization()?;
+    // Who read the key that signs the organization's events, recorded before it is handed
+    // out: a database that cannot write (full) answers 503 rather than an unrecorded secret.
+    crate::audit::record_first(&app, &caller, "webhook_secret.read", None).await?;
     let secret = crate::events::organization_webhook_secret_text(&app, caller.organization_id)
         .await
         .ok_or_else(|| ApiError::internal("the organization's webhook secret could not be read"))?;
-    // Who read the key that signs the organization's events.
-    crate::audit::record(&app, &caller, "webhook_secret.read", None, None).await;
     Ok(AxumJson(json!({
         "webhookSecret": secret,
         "signatureHeader": "X-Tokenwarden-Signature",

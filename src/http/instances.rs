@@ -1786,6 +1786,14 @@ async fn update_once(
                 }
             }
         };
+        // What the audit entry says changed besides the grant (names, never values).
+        let changes = update_changes(
+            (&row.name, &name),
+            (&row.tag_list(), &tags),
+            (&old_plain, &plain),
+            (&secrets.secret_configuration, &secret),
+            false,
+        );
         grant.keep_authorization(&mut plain);
         let now = now_ms();
         let applied = apply_token_set(app, &connector, row.id, &grant.tokens, None, &plain, now);
@@ -1846,7 +1854,7 @@ async fn update_once(
             caller,
             "instance.reauthenticated",
             Some(&row.id.to_string()),
-            None,
+            Some(&changes),
         )
         .await;
         return respond(app, caller, stored).await.map(Some);

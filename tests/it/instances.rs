@@ -1872,6 +1872,22 @@ async fn users_and_orgs_from_the_command_line_and_the_audit_log() {
         )
         .await;
         assert_eq!(renamed.status, 200);
+        // A re-authentication that renames too.
+        let (code, state) = env.authorize(&first, "sandbox-box", "ivy").await;
+        let reauthenticated = call(
+            &env,
+            Method::PATCH,
+            &env.api(&format!("/instances/{}", id_of(&instance))),
+            Some(&first.platform()),
+            Some(json!({"name": "renamed at re-authentication",
+                        "providerData": {"code": code, "state": state}})),
+        )
+        .await;
+        assert_eq!(
+            reauthenticated.status, 200,
+            "[{label}] {}",
+            reauthenticated.body
+        );
         let secret_read = call(
             &env,
             Method::GET,
@@ -1916,6 +1932,14 @@ async fn users_and_orgs_from_the_command_line_and_the_audit_log() {
         assert!(
             entries.iter().any(|e| e["action"] == "webhook_secret.read"),
             "[{label}] reading the signing key is audited"
+        );
+        let reauthenticated = entries
+            .iter()
+            .find(|e| e["action"] == "instance.reauthenticated")
+            .expect("instance.reauthenticated audited");
+        assert_eq!(
+            reauthenticated["detail"], "changed: name",
+            "[{label}] {reauthenticated}"
         );
         assert!(created["requestId"].as_str().is_some_and(|r| !r.is_empty()));
         assert!(!audit.body.to_string().contains(&second.user_secret));
