@@ -398,9 +398,8 @@ impl App {
         store.migrate().await?;
         check_key_matches_the_first(&store, &keyring, &config).await?;
         // The turn ends; the file stays open (see `App::database_file`).
-        let database_file = turn.map(|file| {
+        let database_file = turn.inspect(|file| {
             let _ = file.unlock();
-            file
         });
         align_clock(&store).await;
         let built_in: BTreeMap<String, Arc<Connector>> = catalog::load_built_in()?
