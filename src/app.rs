@@ -196,13 +196,18 @@ async fn check_key_opens_the_database(
 /// locks), held while the value lives; `None` for PostgreSQL, an in-memory database, or a file
 /// that cannot be opened (the start goes on unserialized, as before).
 async fn sqlite_turn(database_url: &str) -> Option<std::fs::File> {
-    let path = crate::crypto::sqlite_path(database_url)?;
+    // The file as SQLite names it (percent-decoded, `file:` URIs resolved).
+    let path = crate::store::sqlite_file(database_url)?;
     if path.is_empty() || path.contains(":memory:") || database_url.contains("mode=memory") {
         return None;
     }
     tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(&path).ok()?;
-        file.lock().ok()?;
+        // Kept open even without the lock (a file system without `flock`): the pool's
+        // connection holds SQLite's locks on it already (see `App::_database_file`).
+        if let Err(error) = file.lock() {
+            tracing::debug!("no turn at the migrations ({error}): the start goes on unserialized");
+        }
         Some(file)
     })
     .await
@@ -397,7 +402,7 @@ impl App {
         let turn = sqlite_turn(&config.database_url).await;
         store.migrate().await?;
         check_key_matches_the_first(&store, &keyring, &config).await?;
-        // The turn ends; the file stays open (see `App::database_file`).
+        // The turn ends; the file stays open (see `App::_database_file`).
         let database_file = turn.inspect(|file| {
             let _ = file.unlock();
         });

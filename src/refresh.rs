@@ -1934,6 +1934,7 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
     let cascades = connector.oauth.revocation_cascades;
     let mut revoked = false;
     let mut retryable = false;
+    let mut client_rejected = false;
     let mut messages = Vec::new();
     for (token, hint) in attempts {
         if revoked && cascades {
@@ -1968,16 +1969,17 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
             Err(_) if revoked => {}
             Err(error) => {
                 // No answer, a 5xx or a 429, or said with an error code (`temporarily_unavailable`,
-                // a rate limit's): the provider may revoke on a later try; so may it once the
-                // app's credentials it refused (`invalid_client`) are fixed. Another refusal (a
-                // 4xx: the token is dead already, or cannot be revoked) will not change.
+                // a rate limit's): the provider may revoke on a later try. The app's
+                // credentials refused (`invalid_client`): once they are fixed, not before.
+                // Another refusal (a 4xx: the token is dead already, or cannot be revoked) will
+                // not change.
                 retryable |= matches!(
                     error,
                     OAuthError::RateLimited { .. } | OAuthError::Transport { .. }
                 ) || matches!(error, OAuthError::Unavailable { status, .. } if status >= 500)
-                    || error.is_client_rejected()
                     || error.is_passing()
                     || error.is_rate_limit_code();
+                client_rejected |= error.is_client_rejected();
                 messages.push(error.provider_message());
             }
         }
@@ -1985,6 +1987,7 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
     Ok(json!({
         "revokedAtProvider": revoked,
         "retryable": !revoked && retryable,
+        "clientRejected": !revoked && client_rejected,
         "providerMessage": if messages.is_empty() { Value::Null } else { Value::String(messages.join("; ")) },
     }))
 }

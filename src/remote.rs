@@ -67,15 +67,18 @@ impl Remote {
                 )
             })?;
         let status = response.status();
-        let text = response.text().await.map_err(|e| e.to_string())?;
-        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        let answer = response.text().await.map_err(|e| e.to_string())?;
+        let body: Value = serde_json::from_str(&answer).unwrap_or(Value::String(answer));
         if status.is_success() {
             return Ok(body);
         }
-        let message = body["message"].as_str().unwrap_or("no message").to_string();
+        // Shown as the tables show values: escaped.
+        let message = text(&Value::String(
+            body["message"].as_str().unwrap_or("no message").to_string(),
+        ));
         let provider = body["providerMessage"]
             .as_str()
-            .map(|p| format!(" (provider: {p})"))
+            .map(|p| format!(" (provider: {})", text(&Value::String(p.to_string()))))
             .unwrap_or_default();
         // A 401 with the provider's words is about the instance's grant, not our secrets.
         if status.as_u16() == 401 && provider.is_empty() {

@@ -2181,6 +2181,20 @@ pub async fn delete(
                         )
                         .with_provider_message(message.to_string()));
                     }
+                    // The app's credentials refused: kept too (the grant lives on), but sending
+                    // the DELETE again helps only once they are fixed.
+                    if revocation["clientRejected"] == true
+                        && let Some(message) = revocation["providerMessage"].as_str()
+                    {
+                        kept(format!(
+                            "which the provider refused for the app's credentials ({message}): kept; fix `oauth.api.key` and `oauth.api.secret` and send the DELETE again, or DELETE without `?revoke=true`"
+                        ))
+                        .await;
+                        return Err(ApiError::conflict(
+                            "The provider refused the app's credentials, so the grant was not revoked: the instance is kept; fix `oauth.api.key` and `oauth.api.secret` and send the DELETE again, or DELETE without `?revoke=true` to delete it at once",
+                        )
+                        .with_provider_message(message.to_string()));
+                    }
                 }
                 let event = events::new_event(&app, &held, events::DELETED, None);
                 if !app

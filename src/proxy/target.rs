@@ -254,7 +254,10 @@ fn check_segment(decoded: &[u8]) -> Result<(), ApiError> {
     if decoded.windows(2).any(|pair| {
         matches!(
             pair,
-            [0xC0 | 0xC1, 0x80..=0xBF] | [0xE0, 0x80..=0x9F] | [0xF0, 0x80..=0x8F]
+            [0xC0 | 0xC1, 0x80..=0xBF]
+                | [0xE0, 0x80..=0x9F]
+                | [0xF0, 0x80..=0x8F]
+                | [0xF8..=0xFF, 0x80..=0xBF]
         )
     }) {
         return Err(refuse("overlong UTF-8 sequences are not accepted"));
@@ -437,6 +440,7 @@ mod tests {
             "%C0%AE%C0%AE/evil",
             "a/%C0%AF%C0%AFevil",
             "a/%E0%80%AE%E0%80%AE/x",
+            "a/%F8%80%80%80%AE%F8%80%80%80%AE/x",
             "a/%25C0%25AE%25C0%25AE/x",
             "a/%2F..%2Fb",
             "a/x%2F%2F..",

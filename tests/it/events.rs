@@ -140,13 +140,18 @@ async fn delete_while_revocation_answers(
 
 /// Sets the sandbox's generic profile's `revocationMode`.
 async fn generic_revocation_mode(env: &Env, mode: &str) {
+    set_generic_profile(env, json!({ "revocationMode": mode })).await;
+}
+
+/// Changes the sandbox's generic profile.
+async fn set_generic_profile(env: &Env, settings: Value) {
     let response = env
         .http
         .put(format!(
             "{}/__sandbox/profiles/generic",
             env.sandbox.url.trim_end_matches('/')
         ))
-        .json(&json!({ "revocationMode": mode }))
+        .json(&settings)
         .send()
         .await
         .unwrap();
@@ -753,6 +758,36 @@ async fn revocation_reaches_the_sandbox_in_each_shape() {
     )
     .await;
     assert_eq!(status, 200, "kept after the refused revocation");
+    // The app's credentials refused (the provider takes another client authentication now):
+    // kept, 409, until they are fixed. It was deleted, and the grant lived on.
+    set_generic_profile(&env, json!({"clientAuthMethods": ["client_secret_post"]})).await;
+    let (status, body) = send(
+        &env,
+        reqwest::Method::DELETE,
+        &format!("/instances/{id}?revoke=true"),
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["providerMessage"]
+            .as_str()
+            .is_some_and(|m| m.contains("invalid_client")),
+        "{body}"
+    );
+    set_generic_profile(
+        &env,
+        json!({"clientAuthMethods": ["client_secret_basic", "client_secret_post"]}),
+    )
+    .await;
+    let (status, _) = send(
+        &env,
+        reqwest::Method::GET,
+        &format!("/instances/{id}"),
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 200, "kept after the app's credentials were refused");
     let before = env.sandbox_stats().await["revoke"].as_u64().unwrap();
     let (status, body) = send(
         &env,

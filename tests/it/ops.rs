@@ -668,6 +668,7 @@ async fn silent_connections_past_the_cap_close_for_a_caller() {
 /// `sqlite3`, a backup) then took the database for unused, checkpointed it and deleted the
 /// live write-ahead log, and writes answered 2xx were lost at the next crash (a black-box
 /// tester). Seen in `/proc/locks`: a lock of this process on the database file's inode.
+#[cfg(target_os = "linux")]
 #[tokio::test]
 async fn the_service_keeps_its_locks_on_the_sqlite_file() {
     use std::os::unix::fs::MetadataExt;
