@@ -409,12 +409,15 @@ fn retry_or_give_up(
 
 /// The organization's webhook secret (the signing key of events whose instance has no
 /// `event.notification.signature.key`), as `GET /events/webhook-secret` shows it.
-pub async fn organization_webhook_secret_text(app: &App, organization_id: i64) -> Option<String> {
-    organization_webhook_secret(app, organization_id)
-        .await
-        .ok()
-        .flatten()
-        .and_then(|bytes| String::from_utf8(bytes).ok())
+/// `Err` when the store failed (a 503 when it is a passing state), `Ok(None)` when there is no
+/// secret to open.
+pub async fn organization_webhook_secret_text(
+    app: &App,
+    organization_id: i64,
+) -> Result<Option<String>, crate::store::StoreError> {
+    Ok(organization_webhook_secret(app, organization_id)
+        .await?
+        .and_then(|bytes| String::from_utf8(bytes).ok()))
 }
 
 /// `Err` when the store failed (try again later), `Ok(None)` when there is no secret to open.

@@ -198,7 +198,7 @@ pub async fn webhook_secret(
     // out: a database that cannot write (full) answers 503 rather than an unrecorded secret.
     crate::audit::record_first(&app, &caller, "webhook_secret.read", None).await?;
     let secret = crate::events::organization_webhook_secret_text(&app, caller.organization_id)
-        .await
+        .await?
         .ok_or_else(|| ApiError::internal("the organization's webhook secret could not be read"))?;
     Ok(AxumJson(json!({
         "webhookSecret": secret,
