@@ -1179,12 +1179,8 @@ impl RefreshEngine {
                         "the service could not complete the refresh (see its log)".to_string()
                     }
                 };
-                // An earlier attempt's lost answer is still said (see `OUTCOME_UNKNOWN_TEXT`).
-                let message = if outcome_was_unknown(&leased) {
-                    format!("{message}{OUTCOME_UNKNOWN_TEXT}")
-                } else {
-                    message
-                };
+                // An earlier attempt's lost answer is still said.
+                let message = marked_if_outcome_unknown(message, &leased, false);
                 let message = message.as_str();
                 let now = now_ms();
                 let event = self.failing_event(app, &leased, now, message).await;
@@ -1591,13 +1587,9 @@ impl RefreshEngine {
                     ),
                     _ => error.provider_message(),
                 };
-                // Said at the end (the store reads the beginnings), and kept through the run
-                // of failures: the next `invalid_grant` may be of this refresh's making.
-                let message = if error.outcome_unknown() || outcome_was_unknown(row) {
-                    format!("{message}{OUTCOME_UNKNOWN_TEXT}")
-                } else {
-                    message
-                };
+                // Kept through the run of failures: the next `invalid_grant` may be of this
+                // refresh's making.
+                let message = marked_if_outcome_unknown(message, row, error.outcome_unknown());
                 let event = self.failing_event(app, row, now, &message).await;
                 let recorded = app
                     .store
@@ -1881,6 +1873,17 @@ fn backoff_step(failure_count: i64) -> i64 {
 /// a refresh succeeds.
 pub const OUTCOME_UNKNOWN_TEXT: &str =
     " (the provider may have acted on an earlier attempt, whose answer was lost)";
+
+/// A passing failure's `message` ending with [`OUTCOME_UNKNOWN_TEXT`] when this attempt's
+/// outcome is unknown (`now`) or an earlier one's in the instance's run of failures was: said
+/// at the end, since the store reads the beginnings of failures.
+fn marked_if_outcome_unknown(message: String, row: &InstanceRow, now: bool) -> String {
+    if now || outcome_was_unknown(row) {
+        format!("{message}{OUTCOME_UNKNOWN_TEXT}")
+    } else {
+        message
+    }
+}
 
 /// Whether the instance's run of failures holds a refresh whose outcome is unknown: a provider
 /// that rotates refresh tokens may have retired the stored one then, and its refusal now is

@@ -73,12 +73,10 @@ impl Remote {
             return Ok(body);
         }
         // Shown as the tables show values: escaped.
-        let message = text(&Value::String(
-            body["message"].as_str().unwrap_or("no message").to_string(),
-        ));
+        let message = escaped(body["message"].as_str().unwrap_or("no message"));
         let provider = body["providerMessage"]
             .as_str()
-            .map(|p| format!(" (provider: {})", text(&Value::String(p.to_string()))))
+            .map(|p| format!(" (provider: {})", escaped(p)))
             .unwrap_or_default();
         // A 401 with the provider's words is about the instance's grant, not our secrets.
         if status.as_u16() == 401 && provider.is_empty() {
@@ -158,13 +156,10 @@ impl Remote {
             rows.push(vec![key.to_string(), text(&instance[key])]);
         }
         rows.push(vec!["connector".into(), text(&instance["element"]["key"])]);
-        rows.push(vec![
-            "tags".into(),
-            text(&Value::String(instance["tags"].to_string())),
-        ]);
+        rows.push(vec!["tags".into(), escaped(&instance["tags"].to_string())]);
         if let Some(configuration) = instance["configuration"].as_object() {
             for (key, value) in configuration {
-                rows.push(vec![text(&Value::String(key.clone())), text(value)]);
+                rows.push(vec![escaped(key), text(value)]);
             }
         }
         print_table(&["FIELD", "VALUE"], &rows);
@@ -237,21 +232,23 @@ impl Remote {
 fn text(value: &Value) -> String {
     match value {
         Value::Null => "—".to_string(),
-        Value::String(text) => text
-            .chars()
-            .map(|c| {
-                if c.is_control()
-                    || crate::oauth::invisible(c)
-                    || matches!(c, '\u{2028}' | '\u{2029}')
-                {
-                    c.escape_unicode().to_string()
-                } else {
-                    c.to_string()
-                }
-            })
-            .collect(),
+        Value::String(text) => escaped(text),
         other => other.to_string(),
     }
+}
+
+/// `text` with the characters [`text`] escapes escaped.
+fn escaped(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() || crate::oauth::invisible(c) || matches!(c, '\u{2028}' | '\u{2029}')
+            {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn print_table(headers: &[&str], rows: &[Vec<String>]) {

@@ -2165,35 +2165,34 @@ pub async fn delete(
                             return Err(error);
                         }
                     };
-                    // The provider could not answer (down, timing out, rate limiting) and the
-                    // grant may live on. A refusal (tokens dead already, or a token the
-                    // provider cannot revoke) will not change on a retry: it deletes.
-                    if revocation["retryable"] == true
-                        && let Some(message) = revocation["providerMessage"].as_str()
-                    {
-                        kept(format!(
-                            "which the provider did not confirm ({message}): kept so that the DELETE can be sent again"
-                        ))
-                        .await;
-                        return Err(ApiError::new(
+                    // The provider could not answer (down, timing out, rate limiting), or refused
+                    // the app's credentials: the grant may live on, and the instance is kept
+                    // (sent again, the DELETE helps at once, or once the credentials are fixed).
+                    // A refusal that will not change (tokens dead already, a token the provider
+                    // cannot revoke) deletes.
+                    let kept_because = if revocation["retryable"] == true {
+                        Some((
                             StatusCode::BAD_GATEWAY,
+                            "which the provider did not confirm",
+                            "kept so that the DELETE can be sent again",
                             "The provider did not confirm the revocation: the instance is kept so that it can be tried again (DELETE without `?revoke=true` deletes it at once)",
-                        )
-                        .with_provider_message(message.to_string()));
-                    }
-                    // The app's credentials refused: kept too (the grant lives on), but sending
-                    // the DELETE again helps only once they are fixed.
-                    if revocation["clientRejected"] == true
+                        ))
+                    } else if revocation["clientRejected"] == true {
+                        Some((
+                            StatusCode::CONFLICT,
+                            "which the provider refused for the app's credentials",
+                            "kept; fix `oauth.api.key` and `oauth.api.secret` and send the DELETE again, or DELETE without `?revoke=true`",
+                            "The provider refused the app's credentials, so the grant was not revoked: the instance is kept; fix `oauth.api.key` and `oauth.api.secret` and send the DELETE again, or DELETE without `?revoke=true` to delete it at once",
+                        ))
+                    } else {
+                        None
+                    };
+                    if let Some((status, what, then, answer)) = kept_because
                         && let Some(message) = revocation["providerMessage"].as_str()
                     {
-                        kept(format!(
-                            "which the provider refused for the app's credentials ({message}): kept; fix `oauth.api.key` and `oauth.api.secret` and send the DELETE again, or DELETE without `?revoke=true`"
-                        ))
-                        .await;
-                        return Err(ApiError::conflict(
-                            "The provider refused the app's credentials, so the grant was not revoked: the instance is kept; fix `oauth.api.key` and `oauth.api.secret` and send the DELETE again, or DELETE without `?revoke=true` to delete it at once",
-                        )
-                        .with_provider_message(message.to_string()));
+                        kept(format!("{what} ({message}): {then}")).await;
+                        return Err(ApiError::new(status, answer)
+                            .with_provider_message(message.to_string()));
                     }
                 }
                 let event = events::new_event(&app, &held, events::DELETED, None);
