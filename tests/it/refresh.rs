@@ -1427,24 +1427,45 @@ async fn admin_connection(url: &str) -> sqlx::PgConnection {
         .unwrap()
 }
 
+/// The `application_name` of a test's own connections that [`outage_begins`] spares.
+const SPARED: &str = "tw-test-spared";
+
+fn allow_connections(url: &str, yes: bool) -> String {
+    let (_, database) = url.rsplit_once('/').unwrap();
+    format!("ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS {yes}")
+}
+
+/// Test database `url` takes no new connection, and those it had are cut, except the open
+/// ones named [`SPARED`]: a test plays another replica through them during the outage.
+async fn outage_begins(admin: &mut sqlx::PgConnection, url: &str) {
+    let (_, database) = url.rsplit_once('/').unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(allow_connections(url, false)))
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND application_name <> $2",
+    )
+    .bind(database)
+    .bind(SPARED)
+    .execute(&mut *admin)
+    .await
+    .unwrap();
+}
+
+async fn outage_ends(admin: &mut sqlx::PgConnection, url: &str) {
+    sqlx::query(sqlx::AssertSqlSafe(allow_connections(url, true)))
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+}
+
 /// Test database `url` takes no connection for `lasting`, and those it had are cut.
 async fn database_outage(admin: &mut sqlx::PgConnection, url: &str, lasting: Duration) {
-    let (_, database) = url.rsplit_once('/').unwrap();
-    let allow = |yes: bool| format!("ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS {yes}");
-    sqlx::query(sqlx::AssertSqlSafe(allow(false)))
-        .execute(&mut *admin)
-        .await
-        .unwrap();
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-        .bind(database)
-        .execute(&mut *admin)
-        .await
-        .unwrap();
+    outage_begins(admin, url).await;
     tokio::time::sleep(lasting).await;
-    sqlx::query(sqlx::AssertSqlSafe(allow(true)))
-        .execute(&mut *admin)
-        .await
-        .unwrap();
+    outage_ends(admin, url).await;
 }
 
 /// PostgreSQL unreachable for longer than the commit of rotated tokens is tried while its caller
@@ -1468,7 +1489,10 @@ async fn rotated_tokens_outlive_the_callers_wait_for_the_database() {
         .await;
     let token = created["token"].as_str().unwrap().to_string();
     expire_access_tokens(&env).await;
-    let held = hold_next_token_call(&env, 500).await;
+    // Connected before the call: the outage must begin while the provider holds its answer,
+    // on a loaded machine too.
+    let mut admin = admin_connection(&url).await;
+    let held = hold_next_token_call(&env, 2_000).await;
     let call = proxy_at(
         &env,
         &env.server.url,
@@ -1480,7 +1504,6 @@ async fn rotated_tokens_outlive_the_callers_wait_for_the_database() {
     // The database takes no connection for 6 s, and those it had are cut.
     let outage = async {
         at_the_provider(&env, held).await;
-        let mut admin = admin_connection(&url).await;
         database_outage(&mut admin, &url, Duration::from_secs(6)).await;
     };
     let ((status, body, _), ()) = tokio::join!(call, outage);
@@ -1532,9 +1555,13 @@ async fn kept_tokens_the_provider_ended_do_not_revive_once_stored() {
     let id = created["id"].as_i64().unwrap();
     let token = created["token"].as_str().unwrap().to_string();
     expire_access_tokens(&env).await;
-    // Connected before the call: what happens while the provider holds its answer must take
-    // less than the hold on a loaded machine.
-    let store = tokenwarden::store::Store::connect(&url).await.unwrap();
+    // Connected before the call, and spared by the outage: only the outage's beginning must
+    // come while the provider holds its answer; the other replica's invalidation comes during
+    // the outage, before the kept tokens can be stored.
+    let store = tokenwarden::store::Store::connect(&format!("{url}?application_name={SPARED}"))
+        .await
+        .unwrap();
+    let row = store.get_instance_by_id(id).await.unwrap().unwrap();
     let mut admin = admin_connection(&url).await;
     let held = hold_next_token_call(&env, 2_500).await;
     let call = proxy_at(
@@ -1545,12 +1572,13 @@ async fn kept_tokens_the_provider_ended_do_not_revive_once_stored() {
         Method::GET,
         "api/me",
     );
-    // While the provider answers: another replica invalidates the instance ("refresh
-    // interrupted"), the provider will refuse the new tokens, and the database takes no
-    // connection for 5 s.
-    let interrupt_then_outage = async {
+    // While the provider answers, the database takes no connection for 5 s; during it, another
+    // replica invalidates the instance ("refresh interrupted"), and the provider will refuse
+    // the new tokens.
+    let outage_then_interrupt = async {
         at_the_provider(&env, held).await;
-        let row = store.get_instance_by_id(id).await.unwrap().unwrap();
+        outage_begins(&mut admin, &url).await;
+        let started = tokio::time::Instant::now();
         assert!(
             store
                 .mark_invalid(
@@ -1566,9 +1594,10 @@ async fn kept_tokens_the_provider_ended_do_not_revive_once_stored() {
         );
         store.close().await;
         fault(&env, json!({"target": "api", "status": 401, "count": 1})).await;
-        database_outage(&mut admin, &url, Duration::from_secs(5)).await;
+        tokio::time::sleep_until(started + Duration::from_secs(5)).await;
+        outage_ends(&mut admin, &url).await;
     };
-    let ((status, body, _), ()) = tokio::join!(call, interrupt_then_outage);
+    let ((status, body, _), ()) = tokio::join!(call, outage_then_interrupt);
     assert_eq!(status, 503, "the tokens were not kept: {body}");
     // The database is back: the kept tokens are stored, refused, and the instance is invalid
     // again, the invalidation its last word.
