@@ -918,7 +918,7 @@ async fn a_configuration_change_during_a_refresh_stays() {
         let id = created["id"].as_i64().unwrap();
         let before = crate::instances::revealed(&env, &env.org, &created).await;
         expire_access_tokens(&env).await;
-        let held = hold_next_token_call(&env, 1_000).await;
+        let held = hold_next_token_call(&env, 2_000).await;
         let call = proxy_at(
             &env,
             &env.server.url,
@@ -984,7 +984,7 @@ async fn a_revocation_during_a_refresh_revokes_the_new_token() {
         .create_instance(&env.org, "sandbox-generic", "revoked-meanwhile")
         .await;
     let id = created["id"].as_i64().unwrap();
-    let held = hold_next_token_call(&env, 1_000).await;
+    let held = hold_next_token_call(&env, 2_000).await;
     let refreshed_before = refreshes(&env).await;
     let platform = env.org.platform();
     let refresh_path = env.api(&format!("/instances/{id}/tokens/refresh"));
