@@ -381,6 +381,14 @@ async fn deliver_one(
         Ok(response) if response.status().is_success() => {
             return (DeliveryOutcome::Delivered { at: now_ms() }, None);
         }
+        // The receiver says the URL is gone for good (REST Hooks' way to unsubscribe): a day
+        // of attempts would change nothing.
+        Ok(response) if response.status() == reqwest::StatusCode::GONE => {
+            return (
+                DeliveryOutcome::Failed,
+                Some("the receiver answered 410 Gone: not tried again".into()),
+            );
+        }
         Ok(response) => format!("the receiver answered {}", response.status()),
         Err(error) => format!(
             "the receiver could not be reached: {}",

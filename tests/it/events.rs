@@ -27,6 +27,14 @@ async fn receiver(failures: usize) -> (String, Received) {
 async fn refusing_receiver(
     refuse: impl Fn(&HeaderMap, usize) -> bool + Clone + Send + Sync + 'static,
 ) -> (String, Received) {
+    refusing_receiver_with(StatusCode::INTERNAL_SERVER_ERROR, refuse).await
+}
+
+/// [`refusing_receiver`] refusing with `refusal`.
+async fn refusing_receiver_with(
+    refusal: StatusCode,
+    refuse: impl Fn(&HeaderMap, usize) -> bool + Clone + Send + Sync + 'static,
+) -> (String, Received) {
     let received: Received = Arc::default();
     let seen = Arc::clone(&received);
     let app = axum::Router::new().route(
@@ -37,11 +45,7 @@ async fn refusing_receiver(
                 let mut seen = seen.lock().unwrap();
                 let refused = refuse(&headers, seen.len() + 1);
                 seen.push((headers, body));
-                if refused {
-                    StatusCode::INTERNAL_SERVER_ERROR
-                } else {
-                    StatusCode::OK
-                }
+                if refused { refusal } else { StatusCode::OK }
             }
         }),
     );
@@ -1062,6 +1066,78 @@ async fn a_webhook_that_keeps_failing_stops_holding_the_later_ones() {
     assert!(
         refusals >= 5,
         "[{label}] held during the first attempts: {refusals}"
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+/// A receiver answering 410 Gone says the URL is gone for good: the event is given up at
+/// once, with that reason, and holds nothing back (it was tried for a day, like a 500).
+#[tokio::test]
+async fn a_webhook_answered_gone_is_not_tried_again() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let (hook, received) = refusing_receiver_with(StatusCode::GONE, |headers, _| {
+        headers["x-tokenwarden-event-type"] == "instance.created"
+    })
+    .await;
+    let instance = create_with(
+        &env,
+        &env.org,
+        "sandbox-generic",
+        "gone",
+        json!({"event.notification.enabled": "true", "event.notification.callback.url": hook}),
+    )
+    .await;
+    let id = instance["id"].as_i64().unwrap();
+    let (status, body) = send(
+        &env,
+        reqwest::Method::DELETE,
+        &format!("/instances/{id}/enabled"),
+        &env.org.platform(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let arrived = |kind: &str| {
+        received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(headers, _)| headers["x-tokenwarden-event-type"] == kind)
+            .count()
+    };
+    // The first retry of a 500 comes after 0.5–1 s: waiting past it shows none comes.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            arrived("instance.disabled") == 1
+        })
+        .await,
+        "[{label}] the later webhook was held"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(arrived("instance.created"), 1, "[{label}] tried again");
+    let (_, events) = env
+        .get_json(
+            &env.api(&format!("/events?instanceId={id}")),
+            &env.org.platform(),
+        )
+        .await;
+    let created = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|event| event["type"] == "instance.created")
+        .unwrap();
+    assert_eq!(
+        created["delivery"]["state"], "failed",
+        "[{label}] {created}"
+    );
+    assert!(
+        created["delivery"]["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("410 Gone"),
+        "[{label}] {created}"
     );
     env.stop().await;
     drop_test_database(&url).await;
