@@ -38,7 +38,9 @@ const BUCKETS: &[f64] = &[
 /// `tokenwarden_proxy_seconds`, `tokenwarden_instances{state}`,
 /// `tokenwarden_scheduler_lag_seconds` (claim time minus due time),
 /// `tokenwarden_scheduler_refreshes_total{outcome}`, `tokenwarden_scheduler_deferred_total`,
-/// `tokenwarden_outbox_backlog`, `tokenwarden_webhook_deliveries_total{outcome}`.
+/// `tokenwarden_outbox_backlog`, `tokenwarden_webhook_deliveries_total{outcome}`,
+/// `tokenwarden_rotated_tokens_kept` (rotated tokens waiting in memory for the database: a
+/// restart loses them).
 ///
 /// A thread drains histogram samples into their buckets every [`UPKEEP_EVERY`]: the exporter
 /// keeps each recorded value until then (or until a scrape), so without it a proxy nobody
@@ -197,6 +199,9 @@ const GAUGES_EVERY_MS: i64 = 15_000;
 /// `sum`.
 pub async fn update_gauges(app: &crate::app::App) {
     use std::sync::atomic::Ordering::Relaxed;
+    // In memory, no query: set at every scrape.
+    metrics::gauge!("tokenwarden_rotated_tokens_kept")
+        .set(app.refresh.kept_instances().len() as f64);
     // Per process: one service runs per process (the tests' one scrape included).
     static LAST_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(i64::MIN);
     let now = crate::app::now_ms();

@@ -18,16 +18,22 @@ use crate::app::SharedApp;
     operation_id = "ops_healthz",
     tag = "operations",
     summary = "Health, with a database check",
+    description = "`status` is `ok`; `degraded` while rotated tokens the database did not take are kept in memory (`keptTokens`): the process must not be restarted then, or they are lost; `unavailable` (503) while the database does not answer. Use it for readiness, not liveness.",
     responses(
         (status = 200, description = "Up, its database answering"),
         (status = 503, description = "The database does not answer"),
     ),
 )]
 pub async fn healthz(State(app): State<SharedApp>) -> Response {
-    match app.store.ping().await {
-        Ok(()) => AxumJson(json!({
-            "status": "ok",
-            "database": app.store.engine_name(),
+    let ping = app.store.ping().await;
+    // Rotated tokens the store did not take: the only copy of a grant a rotating provider has
+    // retired the old token of, until the database takes them.
+    let kept = app.refresh.kept_instances().len();
+    let body = |status: &str, database: &str| {
+        json!({
+            "status": status,
+            "database": database,
+            "keptTokens": kept,
             "backgroundRestarts": app
                 .background_restarts
                 .load(std::sync::atomic::Ordering::Relaxed),
@@ -35,13 +41,18 @@ pub async fn healthz(State(app): State<SharedApp>) -> Response {
                 "open": app.connections.open.load(std::sync::atomic::Ordering::Relaxed),
                 "max": app.connections.max.load(std::sync::atomic::Ordering::Relaxed),
             },
-        }))
-        .into_response(),
+        })
+    };
+    match ping {
+        Ok(()) => {
+            let status = if kept == 0 { "ok" } else { "degraded" };
+            AxumJson(body(status, app.store.engine_name())).into_response()
+        }
         Err(error) => {
             tracing::error!("health check: the database does not answer: {error}");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                AxumJson(json!({"status": "unavailable", "database": "not answering"})),
+                AxumJson(body("unavailable", "not answering")),
             )
                 .into_response()
         }

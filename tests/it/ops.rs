@@ -104,6 +104,7 @@ async fn metrics_has_every_family_after_a_scenario() {
         "tokenwarden_instances{state=\"needs_reauthentication\"}",
         "tokenwarden_scheduler_lag_seconds_bucket{le=",
         "tokenwarden_outbox_backlog",
+        "tokenwarden_rotated_tokens_kept 0",
     ] {
         assert!(text.contains(family), "{family} missing from:\n{text}");
     }

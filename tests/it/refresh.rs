@@ -1493,24 +1493,34 @@ async fn rotated_tokens_outlive_the_callers_wait_for_the_database() {
     // on a loaded machine too.
     let mut admin = admin_connection(&url).await;
     let held = hold_next_token_call(&env, 2_000).await;
-    let call = proxy_at(
-        &env,
-        &env.server.url,
-        &env.org,
-        &token,
-        Method::GET,
-        "api/me",
-    );
-    // The database takes no connection for 6 s, and those it had are cut.
+    let healthz = format!("{}/healthz", env.server.url);
+    // The call, then the health check while the outage lasts.
+    let call = async {
+        let answer = proxy_at(
+            &env,
+            &env.server.url,
+            &env.org,
+            &token,
+            Method::GET,
+            "api/me",
+        )
+        .await;
+        (answer, env.get_json(&healthz, "").await)
+    };
+    // The database takes no connection for 8 s, and those it had are cut.
     let outage = async {
         at_the_provider(&env, held).await;
-        database_outage(&mut admin, &url, Duration::from_secs(6)).await;
+        database_outage(&mut admin, &url, Duration::from_secs(8)).await;
     };
-    let ((status, body, _), ()) = tokio::join!(call, outage);
+    let (((status, body, _), (health_status, health)), ()) = tokio::join!(call, outage);
     assert_eq!(
         status, 503,
         "the caller did not wait for the database: {body}"
     );
+    // The health check says the tokens are kept: a restart now would lose them.
+    assert_eq!(health_status, 503, "{health}");
+    assert_eq!(health["status"], "unavailable", "{health}");
+    assert_eq!(health["keptTokens"], 1, "{health}");
     // The database is back: the kept tokens are stored, and they serve.
     eventually(
         "the kept tokens to serve",
@@ -1531,6 +1541,10 @@ async fn rotated_tokens_outlive_the_callers_wait_for_the_database() {
     .await;
     assert_eq!(refreshes(&env).await, 1, "no second refresh");
     assert_eq!(stat(&env, &["tokenErrors"]).await, 0, "no reuse");
+    let (health_status, health) = env.get_json(&healthz, "").await;
+    assert_eq!(health_status, 200, "{health}");
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["keptTokens"], 0, "{health}");
     env.stop().await;
     drop_test_database(&url).await;
 }
