@@ -88,10 +88,7 @@ impl Remote {
     pub async fn list_instances(&self) -> Result<(), String> {
         let instances = self.request(reqwest::Method::GET, "/instances").await?;
         if self.json {
-            outln!(
-                "{}",
-                serde_json::to_string_pretty(&instances).unwrap_or_default()
-            );
+            outln!("{}", pretty_json(&instances));
             return Ok(());
         }
         let rows: Vec<Vec<String>> = instances
@@ -131,10 +128,7 @@ impl Remote {
             .request(reqwest::Method::GET, &format!("/instances/{id}"))
             .await?;
         if self.json {
-            outln!(
-                "{}",
-                serde_json::to_string_pretty(&instance).unwrap_or_default()
-            );
+            outln!("{}", pretty_json(&instance));
             return Ok(());
         }
         let mut rows = Vec::new();
@@ -183,10 +177,7 @@ impl Remote {
         };
         let instance = self.request(method, &path).await?;
         if self.json {
-            outln!(
-                "{}",
-                serde_json::to_string_pretty(&instance).unwrap_or_default()
-            );
+            outln!("{}", pretty_json(&instance));
         } else {
             outln!("instance {id}: {}", text(&instance["state"]));
         }
@@ -200,10 +191,7 @@ impl Remote {
         };
         let connectors = self.request(reqwest::Method::GET, &path).await?;
         if self.json {
-            outln!(
-                "{}",
-                serde_json::to_string_pretty(&connectors).unwrap_or_default()
-            );
+            outln!("{}", pretty_json(&connectors));
             return Ok(());
         }
         let rows: Vec<Vec<String>> = connectors
@@ -237,18 +225,42 @@ fn text(value: &Value) -> String {
     }
 }
 
+/// Whether `c` is escaped before it reaches a terminal: control characters (DEL and C1 among
+/// them), invisible and bidirectional ones, and the line and paragraph separators.
+fn unsafe_for_terminal(c: char) -> bool {
+    c.is_control() || crate::oauth::invisible(c) || matches!(c, '\u{2028}' | '\u{2029}')
+}
+
 /// `text` with the characters [`text`] escapes escaped.
 fn escaped(text: &str) -> String {
     text.chars()
         .map(|c| {
-            if c.is_control() || crate::oauth::invisible(c) || matches!(c, '\u{2028}' | '\u{2029}')
-            {
+            if unsafe_for_terminal(c) {
                 c.escape_unicode().to_string()
             } else {
                 c.to_string()
             }
         })
         .collect()
+}
+
+/// `value` as pretty JSON that is safe on a terminal and means the same: serde escapes the
+/// control characters below U+0020 but writes DEL, C1 and bidirectional characters as they
+/// are; these can only be inside strings, where `\uXXXX` stands for them.
+fn pretty_json(value: &Value) -> String {
+    let text = serde_json::to_string_pretty(value).unwrap_or_default();
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        // Below U+0020 only the layout's own newlines are left: serde escaped the rest.
+        if c >= ' ' && unsafe_for_terminal(c) {
+            for unit in c.encode_utf16(&mut [0; 2]) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn print_table(headers: &[&str], rows: &[Vec<String>]) {

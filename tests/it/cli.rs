@@ -98,7 +98,7 @@ async fn command_line_on(env: Env) {
         .http
         .patch(env.api(&format!("/instances/{id}")))
         .header("authorization", env.org.platform())
-        .json(&serde_json::json!({"configuration": {"note": "\u{1b}]0;owned\u{7}\u{1b}[2Jhi", "bidi": "a\u{202e}b\u{2028}c"}}))
+        .json(&serde_json::json!({"configuration": {"note": "\u{1b}]0;owned\u{7}\u{1b}[2Jhi", "bidi": "a\u{202e}b\u{2028}c", "c1": "x\u{7f}y\u{9b}z"}}))
         .send()
         .await
         .unwrap();
@@ -115,6 +115,25 @@ async fn command_line_on(env: Env) {
     assert!(
         !stdout.contains('\u{202e}') && stdout.contains("a\\u{202e}b\\u{2028}c"),
         "{stdout:?}"
+    );
+    // As JSON too, where serde writes DEL, C1 and bidirectional characters raw: escaped in
+    // JSON's own way, so the same values are read back.
+    let (ok, stdout, _) = run(args(&["instances", "show", &id, "--json"]), owned(&secrets))
+        .await
+        .unwrap();
+    assert!(ok, "{stdout}");
+    assert!(
+        !stdout.chars().any(|c| matches!(
+            c,
+            '\u{1b}' | '\u{7}' | '\u{7f}' | '\u{9b}' | '\u{202e}' | '\u{2028}'
+        )),
+        "{stdout:?}"
+    );
+    let shown: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(shown["configuration"]["c1"], "x\u{7f}y\u{9b}z", "{stdout}");
+    assert_eq!(
+        shown["configuration"]["bidi"], "a\u{202e}b\u{2028}c",
+        "{stdout}"
     );
 
     let (ok, stdout, _) = run(
