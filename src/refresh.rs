@@ -584,6 +584,19 @@ impl RefreshEngine {
         }
     }
 
+    /// Waits, at most `limit`, until no rotated tokens are kept for the store (their retries
+    /// run meanwhile); whether none are.
+    pub async fn wait_for_kept(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.parked.is_empty() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        true
+    }
+
     /// Drops the in-memory copy (after a change made through the API).
     pub fn forget(&self, id: i64) {
         self.epoch.fetch_add(1, Ordering::AcqRel);

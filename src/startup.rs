@@ -44,15 +44,29 @@ impl RunningServer {
                 limit.as_secs()
             );
         }
+        // Rotated tokens the store has not taken are the only copy of their grants: the stop
+        // waits for the database to take them (a failover, a restart of it), bounded by the
+        // time they are kept at all.
         let kept = self.app.refresh.kept_instances();
         if !kept.is_empty() {
-            tracing::error!(
+            let limit = KEPT_TOKENS_STOP_WAIT.min(self.app.config.rotated_tokens_kept_for);
+            tracing::warn!(
                 instances = ?kept,
-                "shutdown: rotated tokens the store never took are dropped; the provider may have retired these instances' stored refresh tokens"
+                "shutdown: waiting up to {} s for the database to take rotated tokens kept for it",
+                limit.as_secs()
             );
+            if !self.app.refresh.wait_for_kept(limit).await {
+                tracing::error!(
+                    instances = ?self.app.refresh.kept_instances(),
+                    "shutdown: rotated tokens the store never took are dropped; the provider may have retired these instances' stored refresh tokens"
+                );
+            }
         }
     }
 }
+
+/// How long a stop waits for the database to take rotated tokens kept for it.
+const KEPT_TOKENS_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Builds the application and starts serving on `bind` (port 0 allowed).
 pub async fn spawn(bind: SocketAddr, config: AppConfig) -> Result<RunningServer, StartupError> {

@@ -1549,6 +1549,88 @@ async fn rotated_tokens_outlive_the_callers_wait_for_the_database() {
     drop_test_database(&url).await;
 }
 
+/// A stop (SIGTERM) while rotated tokens are kept for a database that is down waits for the
+/// database to take them: they were dropped at once, and the strict provider's grant died at
+/// the next refresh, which presented the refresh token it had retired.
+#[tokio::test]
+async fn a_stop_waits_for_the_database_to_take_kept_tokens() {
+    let Ok(url) = create_postgres_database().await else {
+        panic!("PostgreSQL is needed for this test (.ci/run starts it)");
+    };
+    let env = Env::start_adjusted("postgres", &url, |config| {
+        config.commit_retry_for = Duration::from_secs(2);
+        config.rotated_tokens_kept_for = Duration::from_secs(60);
+    })
+    .await;
+    generic_profile(&env, strict_rotation()).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "kept at the stop")
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    expire_access_tokens(&env).await;
+    let mut admin = admin_connection(&url).await;
+    let held = hold_next_token_call(&env, 2_000).await;
+    let call = proxy_at(
+        &env,
+        &env.server.url,
+        &env.org,
+        &token,
+        Method::GET,
+        "api/me",
+    );
+    let outage = async {
+        at_the_provider(&env, held).await;
+        outage_begins(&mut admin, &url).await;
+    };
+    let ((status, body, _), ()) = tokio::join!(call, outage);
+    assert_eq!(status, 503, "the tokens were not kept: {body}");
+    assert_eq!(env.server.app.refresh.kept_instances().len(), 1);
+    let Env {
+        label,
+        database_url,
+        sandbox,
+        server,
+        http,
+        org,
+    } = env;
+    let stopping = tokio::spawn(server.shutdown());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !stopping.is_finished(),
+        "the stop did not wait for the kept tokens"
+    );
+    outage_ends(&mut admin, &url).await;
+    tokio::time::timeout(Duration::from_secs(20), stopping)
+        .await
+        .expect("the stop ends once the tokens are stored")
+        .unwrap();
+    // Another process: the stored refresh token is the one the provider issued last.
+    let server = start_server(&url, &sandbox.url, |_| {}).await;
+    let env = Env {
+        label,
+        database_url,
+        sandbox,
+        server,
+        http,
+        org,
+    };
+    expire_access_tokens(&env).await;
+    let (status, body, _) = proxy_at(
+        &env,
+        &env.server.url,
+        &env.org,
+        &token,
+        Method::GET,
+        "api/me",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(refreshes(&env).await, 2);
+    assert_eq!(stat(&env, &["tokenErrors"]).await, 0, "no reuse");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// The late commit of `a_late_commit_of_tokens_the_provider_ended_does_not_revive`, made by
 /// the tokens kept while PostgreSQL was unreachable rather than by the refresh itself: once
 /// stored, they too are checked by the connector's verification call, and the instance that
