@@ -58,7 +58,8 @@ pub struct ConnectorInput {
     /// A field of the authorization redirect that names the input's value inside a URL of the
     /// connector's `baseUrl` shape (Adobe Acrobat Sign's `api_access_point`,
     /// `https://api.eu1.adobesign.com/`, gives `shard` = `eu1`): taken when the configuration
-    /// does not give the input, so the code is exchanged at the account's own host.
+    /// does not give the input, so the code is exchanged at the account's own host; and from
+    /// a token response that has the field, whose word is the provider's last.
     #[serde(default)]
     pub from_redirect: Option<String>,
     /// Other URL shapes that field takes, besides `baseUrl`'s, with the input's placeholder

@@ -357,6 +357,41 @@ fn kept_expiry(connector: &Connector, kept: KeptRefreshToken<'_>, now: i64) -> O
     Some(at).filter(|at| *at > now)
 }
 
+/// The connector's inputs that `fields` (an authorization redirect's, a token response's)
+/// name ([`crate::catalog::ConnectorInput::from_redirect`]), read inside a URL of the
+/// connector's `baseUrl` shape or one of the input's `redirectShapes`: only the placeholder's
+/// value is taken, never a host of its own.
+pub fn inputs_named_by(
+    app: &App,
+    connector: &Connector,
+    fields: &Map<String, Value>,
+) -> Vec<(String, String)> {
+    let sandbox = app.config.sandbox_url.trim_end_matches('/');
+    let template = connector.base_url.replace("{sandbox}", sandbox);
+    let mut named = Vec::new();
+    for (name, input) in &connector.inputs {
+        let Some(url) = input
+            .from_redirect
+            .as_ref()
+            .and_then(|field| fields.get(field))
+            .and_then(Value::as_str)
+        else {
+            continue;
+        };
+        let shapes = input
+            .redirect_shapes
+            .iter()
+            .map(|shape| shape.replace("{sandbox}", sandbox));
+        if let Some(value) = std::iter::once(template.clone())
+            .chain(shapes)
+            .find_map(|shape| crate::catalog::input_in_url(&shape, name, url))
+        {
+            named.push((name.clone(), value));
+        }
+    }
+    named
+}
+
 /// Turns a token response into the token columns of `instance_id`: the new refresh token, or
 /// the old one kept when the response has none; the whole response sealed; routing fields into
 /// the configuration (and `base.url` when the connector says which field sets it).
@@ -390,6 +425,19 @@ pub fn apply_token_set(
                 other => other.to_string(),
             };
             new_configuration.insert(format!("oauth.provider.{field}"), Value::String(text));
+        }
+    }
+    // Inputs the token response names: Adobe's `api_access_point` is "the base URI to be used
+    // for subsequent calls (/oauth/v2/refresh and /oauth/v2/revoke)". An account off the
+    // default shard, created from a code alone, refreshed and revoked at the default's host.
+    let named = inputs_named_by(app, connector, &tokens.fields);
+    if !named.is_empty() {
+        for (name, value) in named {
+            new_configuration.insert(name, Value::String(value));
+        }
+        // The refresh URL shown follows them.
+        if let Ok(endpoints) = app.endpoints(connector, &new_configuration) {
+            new_configuration.insert(REFRESH_URL.into(), Value::String(endpoints.refresh_url));
         }
     }
     if let Some(field) = &connector.oauth.base_url_from

@@ -828,31 +828,8 @@ fn inputs_from_redirect(
     redirect: &Map<String, Value>,
     plain: &mut BTreeMap<String, String>,
 ) {
-    let template = connector
-        .base_url
-        .replace("{sandbox}", app.config.sandbox_url.trim_end_matches('/'));
-    for (name, input) in &connector.inputs {
-        if plain.contains_key(name) {
-            continue;
-        }
-        let Some(url) = input
-            .from_redirect
-            .as_ref()
-            .and_then(|field| redirect.get(field))
-            .and_then(Value::as_str)
-        else {
-            continue;
-        };
-        let shapes = input
-            .redirect_shapes
-            .iter()
-            .map(|shape| shape.replace("{sandbox}", app.config.sandbox_url.trim_end_matches('/')));
-        if let Some(value) = std::iter::once(template.clone())
-            .chain(shapes)
-            .find_map(|shape| crate::catalog::input_in_url(&shape, name, url))
-        {
-            plain.insert(name.clone(), value);
-        }
+    for (name, value) in instances::inputs_named_by(app, connector, redirect) {
+        plain.entry(name).or_insert(value);
     }
 }
 

@@ -2573,6 +2573,73 @@ async fn an_input_named_by_the_redirect_routes_the_exchange() {
     drop_test_database(&url).await;
 }
 
+/// An input the token response names (Adobe Acrobat Sign answers `api_access_point`, "the base
+/// URI to be used for subsequent calls (/oauth/v2/refresh and /oauth/v2/revoke)"): an instance
+/// made from a code alone refreshes at the host the provider named. It refreshed at the
+/// input's default, another shard, which does not know the account's tokens.
+#[tokio::test]
+async fn an_input_named_by_the_token_response_routes_the_refreshes() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let auth = env.org.platform();
+    let sandbox = env.sandbox.url.clone();
+    // The exchange at a shard-neutral host, as Adobe's documentation shows it; the refresh and
+    // revocation at the account's shard.
+    register_connector(
+        &env,
+        json!({
+                "key": "sharded-late", "name": "Sharded, named by the token response",
+                "baseUrl": "{sandbox}/{profile}/",
+                "inputs": {"profile": {"description": "the shard", "default": "generic",
+                                       "fromRedirect": "api_access_point"}},
+                "oauth": {"authorizationUrl": format!("{sandbox}/adobe-sign/public/oauth/v2"),
+                          "tokenUrl": "{sandbox}/adobe-sign/oauth/v2/token",
+                          "refreshUrl": "{sandbox}/{profile}/oauth/v2/refresh",
+                          "revokeUrl": "{sandbox}/{profile}/oauth/v2/revoke",
+                          "scopes": ["user_login:self"], "clientAuth": "client_secret_post"},
+        }),
+    )
+    .await;
+    let (code, state) = env.authorize(&env.org, "sharded-late", "late-user").await;
+    let created = call(
+        &env,
+        Method::POST,
+        &env.api("/instances"),
+        Some(&auth),
+        Some(json!({"element": {"key": "sharded-late"},
+                    "providerData": {"code": code, "state": state},
+                    "configuration": env.configuration()})),
+    )
+    .await;
+    assert_eq!(created.status, 200, "[{label}] {}", created.body);
+    assert_eq!(
+        created.body["configuration"]["profile"], "adobe-sign",
+        "[{label}] {}",
+        created.body
+    );
+    assert_eq!(
+        created.body["configuration"]["oauth.token.refresh_url"],
+        format!("{sandbox}/adobe-sign/oauth/v2/refresh")
+    );
+    let id = created.body["id"].as_i64().unwrap();
+    let refreshed = call(
+        &env,
+        Method::POST,
+        &env.api(&format!("/instances/{id}/tokens/refresh")),
+        Some(&auth),
+        None,
+    )
+    .await;
+    assert_eq!(refreshed.status, 200, "[{label}] {}", refreshed.body);
+    assert_eq!(
+        refreshed.body["valid"], true,
+        "[{label}] {}",
+        refreshed.body
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// A verification call whose answer never ends: the service reads the first 64 KiB of a
 /// refusal for the provider's words and stops (it read the whole body, for as long as the
 /// provider timeout allowed, into memory: a way for any caller to exhaust it).
