@@ -1996,7 +1996,11 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
                     || error.is_passing()
                     || error.is_rate_limit_code();
                 client_rejected |= error.is_client_rejected();
-                messages.push(error.provider_message());
+                // Both tokens refused alike (a 503 page) are told once.
+                let message = error.provider_message();
+                if !messages.contains(&message) {
+                    messages.push(message);
+                }
             }
         }
     }

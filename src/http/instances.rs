@@ -2475,6 +2475,13 @@ pub async fn revoke(
     .await
     .map_err(|error| ApiError::internal(format!("the revocation stopped: {error}")))??;
     let (revocation, stored) = revocation;
+    // Invalid whatever the provider said (the contract's order), but a grant that may live on
+    // at the provider is not answered 200: a script checking the status took it as revoked.
+    if revocation["revokedAtProvider"] != true
+        && let Some(refusal) = unconfirmed_revocation(&revocation)
+    {
+        return Err(refusal);
+    }
     let name = connector_name(&app, &stored).await;
     let mut view = instances::view(
         &app,
@@ -2486,6 +2493,41 @@ pub async fn revoke(
         object.insert("revocation".into(), revocation);
     }
     Ok(AxumJson(view))
+}
+
+/// The answer to a revocation the provider did not confirm and that sending it again may
+/// confirm: 409 when nothing was revoked (the instance kept changing) or the provider refused
+/// the app's credentials (to be fixed first), 502 when the provider could not answer or our
+/// side failed. `None` when trying again cannot help (tokens dead already, no revocation
+/// endpoint): the answer is the instance, with what the provider said.
+fn unconfirmed_revocation(revocation: &Value) -> Option<ApiError> {
+    let said = revocation["providerMessage"]
+        .as_str()
+        .or(revocation["message"].as_str())
+        .unwrap_or("no answer");
+    let refusal = if revocation["instanceInvalidated"] == false {
+        ApiError::conflict(said.to_string())
+    } else if revocation["clientRejected"] == true {
+        ApiError::conflict(
+            "The provider refused the app's credentials, so the grant was not revoked: the instance is invalid; fix `oauth.api.key` and `oauth.api.secret` and send the revocation again",
+        )
+    } else if revocation["retryable"] == true {
+        let unconfirmed = "The provider did not confirm the revocation, and the grant may live on there: the instance is invalid; send the revocation again";
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            match revocation["message"].as_str() {
+                // Not sent: our side failed.
+                Some(why) => format!("{unconfirmed} ({why})"),
+                None => unconfirmed.to_string(),
+            },
+        )
+    } else {
+        return None;
+    };
+    Some(match revocation["providerMessage"].as_str() {
+        Some(message) => refusal.with_provider_message(message.to_string()),
+        None => refusal,
+    })
 }
 
 /// An instance's reason while a DELETE's revocation is at the provider.

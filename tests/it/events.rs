@@ -712,30 +712,44 @@ async fn revocation_reaches_the_sandbox_in_each_shape() {
     .await;
     assert_eq!(status, 404, "deleted after the refusal");
     generic_revocation_mode(&env, "cascade").await;
-    // `tokens/revoke` while the provider fails: invalid all the same (the contract), and the
-    // instance says the provider did not confirm it.
+    // `tokens/revoke` while the provider fails: invalid all the same (the contract), the
+    // instance says the provider did not confirm it, and the answer is no 200 (a script took
+    // it for a revocation), with the provider's words once (both tokens' 503s are alike).
     let unconfirmed = env.create_instance(&env.org, "gone", "una").await;
+    let unconfirmed_path = format!("/instances/{}/tokens/revoke", unconfirmed["id"]);
     env.sandbox_post(
         "/__sandbox/faults",
         json!({"target": "revoke", "status": 503, "count": 2}),
     )
     .await;
-    let (status, body) = send(
+    let (status, body) = send(&env, reqwest::Method::POST, &unconfirmed_path, &platform).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("send the revocation again")),
+        "{body}"
+    );
+    let said = body["providerMessage"].as_str().unwrap().to_string();
+    assert!(!said.contains("; "), "told once: {said}");
+    let (_, shown) = send(
         &env,
-        reqwest::Method::POST,
-        &format!("/instances/{}/tokens/revoke", unconfirmed["id"]),
+        reqwest::Method::GET,
+        &format!("/instances/{}", unconfirmed["id"]),
         &platform,
     )
     .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["valid"], false, "{body}");
-    assert_eq!(body["revocation"]["revokedAtProvider"], false, "{body}");
+    assert_eq!(shown["valid"], false, "{shown}");
     assert!(
-        body["providerMessage"]
+        shown["providerMessage"]
             .as_str()
             .is_some_and(|m| m.contains("did not confirm")),
-        "{body}"
+        "{shown}"
     );
+    // Sent again, the provider confirms it.
+    let (status, body) = send(&env, reqwest::Method::POST, &unconfirmed_path, &platform).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["revocation"]["revokedAtProvider"], true, "{body}");
     let instance = env.create_instance(&env.org, "gone", "gail").await;
     let id = instance["id"].as_i64().unwrap();
     // A revocation endpoint that fails: the instance is kept, to be revoked later.
