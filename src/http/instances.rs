@@ -40,7 +40,30 @@ pub struct InstanceBody {
     name: Option<String>,
     tags: Option<Vec<String>>,
     external_authentication: Option<String>,
+    /// Shown in an instance; given, it must say what the instance is (enabling and disabling
+    /// are `PUT`/`DELETE …/enabled`).
+    disabled: Option<bool>,
 }
+
+/// The fields of an instance as it is shown, which a body may carry back (a read, edited and
+/// written back) and which change nothing: read-only, or set elsewhere.
+const SHOWN_FIELDS: &[&str] = &[
+    "id",
+    "token",
+    "valid",
+    "state",
+    "stateReason",
+    "providerMessage",
+    "createdDate",
+    "updatedDate",
+    "lastRefreshDate",
+    "lastRefreshFailure",
+    "refreshFailingSince",
+    "refreshTokenExpiresDate",
+    "accessTokenExpiresDate",
+    "verification",
+    "revocation",
+];
 
 impl<'de> Deserialize<'de> for InstanceBody {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -56,6 +79,25 @@ impl<'de> Deserialize<'de> for InstanceBody {
             ) -> Result<InstanceBody, A::Error> {
                 let fields =
                     InstanceFields::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                // A field the body cannot mean (`provider_data`, a `code` beside `providerData`)
+                // is refused: ignored, the update answered 200 having done nothing asked.
+                if let Some(unknown) = fields
+                    .other
+                    .keys()
+                    .find(|key| !SHOWN_FIELDS.contains(&key.as_str()))
+                {
+                    return Err(serde::de::Error::custom(format!(
+                        "unknown field `{unknown}`: an instance body takes `element`, `providerData`, `configuration`, `name`, `tags` and `externalAuthentication` (and, unchanged, the read-only fields of an instance as shown)"
+                    )));
+                }
+                if let Some(mode) = &fields.external_authentication
+                    && !mode.eq_ignore_ascii_case("initial")
+                    && !mode.eq_ignore_ascii_case("none")
+                {
+                    return Err(serde::de::Error::custom(
+                        "`externalAuthentication` is \"initial\" (tokens brought in, in the configuration) or \"none\"",
+                    ));
+                }
                 // The redirect's fields are kept in the configuration, which PostgreSQL reads
                 // as `jsonb`: a NUL there would fail every later commit of the instance.
                 if fields.provider_data.as_ref().is_some_and(|data| {
@@ -74,6 +116,7 @@ impl<'de> Deserialize<'de> for InstanceBody {
                     name: fields.name,
                     tags: fields.tags,
                     external_authentication: fields.external_authentication,
+                    disabled: fields.disabled,
                 })
             }
         }
@@ -97,6 +140,11 @@ struct InstanceFields {
     /// `"initial"`: bring existing tokens in the configuration instead of a code.
     #[serde(default)]
     external_authentication: Option<String>,
+    #[serde(default)]
+    disabled: Option<bool>,
+    /// Checked against [`SHOWN_FIELDS`].
+    #[serde(flatten)]
+    other: Map<String, Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,6 +168,25 @@ struct ProviderData {
 }
 
 impl InstanceBody {
+    /// `externalAuthentication: "initial"`.
+    fn announces_tokens(&self) -> bool {
+        self.external_authentication
+            .as_deref()
+            .is_some_and(|mode| mode.eq_ignore_ascii_case("initial"))
+    }
+
+    /// Whether the configuration has a token key.
+    fn gives_token_keys(&self) -> bool {
+        self.configuration
+            .as_ref()
+            .and_then(Value::as_object)
+            .is_some_and(|configuration| {
+                [instances::ACCESS_TOKEN, instances::REFRESH_TOKEN]
+                    .iter()
+                    .any(|key| configuration.contains_key(*key))
+            })
+    }
+
     /// The redirect's routing parameters (string values only).
     fn redirect_fields(&self) -> Map<String, Value> {
         self.provider_data
@@ -244,6 +311,13 @@ pub async fn create_for_element(
         .connector(caller.organization_id, &key)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("There is no connector `{key}`")))?;
+    if let Some(ElementRef::Key { key: named } | ElementRef::Plain(named)) = &body.element
+        && *named != key
+    {
+        return Err(ApiError::bad_request(format!(
+            "The body's `element` is `{named}`, the path's connector `{key}`: leave `element` out, or POST /instances"
+        )));
+    }
     create_to_the_end(&app, &caller, connector, body).await
 }
 
@@ -257,6 +331,11 @@ async fn create_to_the_end(
     connector: std::sync::Arc<Connector>,
     body: InstanceBody,
 ) -> ApiResult<(StatusCode, AxumJson<Value>)> {
+    if body.disabled == Some(true) {
+        return Err(ApiError::bad_request(
+            "An instance is created enabled: disable it afterwards with DELETE /instances/{id}/enabled",
+        ));
+    }
     let (task_app, by) = (std::sync::Arc::clone(app), caller.clone());
     crate::refresh::spawn_to_the_end(
         app,
@@ -1357,6 +1436,31 @@ async fn update(
             "`providerData.code` is empty: give the code the provider's redirect carried",
         ));
     }
+    // What would change nothing is refused, not answered 200 as if done: `providerData` whose
+    // code is misspelled, tokens announced and not given, a state set elsewhere.
+    if body.provider_data.is_some() && body.code().is_none() {
+        return Err(ApiError::bad_request(
+            "`providerData` without `code` changes nothing: a re-authentication needs `providerData.code`, the code the provider's redirect carried; nothing was changed",
+        ));
+    }
+    if body.code().is_none() && body.announces_tokens() && !body.gives_token_keys() {
+        return Err(ApiError::bad_request(
+            "`externalAuthentication: \"initial\"` needs `oauth.user.token` and/or `oauth.user.refresh_token` in the configuration; nothing was changed",
+        ));
+    }
+    if let Some(disabled) = body.disabled
+        && disabled != row.is_disabled()
+    {
+        return Err(ApiError::bad_request(format!(
+            "The instance is {}: enable or disable it with PUT or DELETE /instances/{}/enabled, not with `disabled`; nothing was changed",
+            if row.is_disabled() {
+                "disabled"
+            } else {
+                "enabled"
+            },
+            row.id
+        )));
+    }
     let (task_app, by) = (std::sync::Arc::clone(app), caller.clone());
     crate::refresh::spawn_to_the_end(
         app,
@@ -1490,20 +1594,7 @@ fn reauthenticates(body: &InstanceBody, mode: UpdateMode) -> bool {
 /// Whether an update brings tokens in (`externalAuthentication: "initial"`, a token key in
 /// the configuration, no re-authentication).
 fn imports_tokens(body: &InstanceBody, mode: UpdateMode) -> bool {
-    !reauthenticates(body, mode)
-        && body
-            .external_authentication
-            .as_deref()
-            .is_some_and(|mode| mode.eq_ignore_ascii_case("initial"))
-        && body
-            .configuration
-            .as_ref()
-            .and_then(Value::as_object)
-            .is_some_and(|configuration| {
-                [instances::ACCESS_TOKEN, instances::REFRESH_TOKEN]
-                    .iter()
-                    .any(|key| configuration.contains_key(*key))
-            })
+    !reauthenticates(body, mode) && body.announces_tokens() && body.gives_token_keys()
 }
 
 /// What one attempt of an update carries from the ones before it.

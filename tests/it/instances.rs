@@ -2640,6 +2640,104 @@ async fn an_input_named_by_the_token_response_routes_the_refreshes() {
     drop_test_database(&url).await;
 }
 
+/// A body that would change nothing of what it asks is refused with what to send instead; it
+/// was answered 200 (a misspelled code read as a re-authentication done). An instance as it
+/// is shown, written back, still passes.
+#[tokio::test]
+async fn instance_bodies_that_would_change_nothing_are_refused() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let auth = env.org.platform();
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "strict")
+        .await;
+    let id = created["id"].as_i64().unwrap();
+    let path = env.api(&format!("/instances/{id}"));
+    for (body, says) in [
+        (
+            json!({"provider_data": {"code": "x"}}),
+            "unknown field `provider_data`",
+        ),
+        (json!({"code": "x"}), "unknown field `code`"),
+        (
+            json!({"providerData": {"Code": "x"}}),
+            "`providerData` without `code`",
+        ),
+        (json!({"providerData": {}}), "`providerData` without `code`"),
+        (
+            json!({"externalAuthentication": "nope"}),
+            "`externalAuthentication` is",
+        ),
+        (
+            json!({"externalAuthentication": "initial"}),
+            "needs `oauth.user.token`",
+        ),
+        (json!({"disabled": true}), "/enabled"),
+    ] {
+        let answer = call(&env, Method::PATCH, &path, Some(&auth), Some(body.clone())).await;
+        assert_eq!(answer.status, 400, "[{label}] {body}: {}", answer.body);
+        assert!(
+            answer.body["message"]
+                .as_str()
+                .is_some_and(|message| message.contains(says)),
+            "[{label}] {body}: {}",
+            answer.body
+        );
+    }
+    // The instance as shown, written back whole (PUT) and merged (PATCH): accepted.
+    let (_, shown) = env.get_json(&path, &auth).await;
+    for method in [Method::PUT, Method::PATCH] {
+        let answer = call(
+            &env,
+            method.clone(),
+            &path,
+            Some(&auth),
+            Some(shown.clone()),
+        )
+        .await;
+        assert_eq!(answer.status, 200, "[{label}] {method}: {}", answer.body);
+        assert_eq!(answer.body["valid"], true);
+    }
+    // A create: enabled, and of the path's connector.
+    let (code, state) = env.authorize(&env.org, "sandbox-generic", "strict-2").await;
+    let base = json!({"providerData": {"code": code, "state": state},
+                      "configuration": env.configuration()});
+    let mut disabled = base.clone();
+    disabled["disabled"] = json!(true);
+    let mut other = base.clone();
+    other["element"] = json!({"key": "sandbox-box"});
+    for (body, says) in [(disabled, "created enabled"), (other, "`sandbox-box`")] {
+        let answer = call(
+            &env,
+            Method::POST,
+            &env.api("/elements/sandbox-generic/instances"),
+            Some(&auth),
+            Some(body),
+        )
+        .await;
+        assert_eq!(answer.status, 400, "[{label}] {}", answer.body);
+        assert!(
+            answer.body["message"]
+                .as_str()
+                .is_some_and(|message| message.contains(says)),
+            "[{label}] {}",
+            answer.body
+        );
+    }
+    // The code was not spent by the refusals.
+    let answer = call(
+        &env,
+        Method::POST,
+        &env.api("/elements/sandbox-generic/instances"),
+        Some(&auth),
+        Some(base),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "[{label}] {}", answer.body);
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// A verification call whose answer never ends: the service reads the first 64 KiB of a
 /// refusal for the provider's words and stops (it read the whole body, for as long as the
 /// provider timeout allowed, into memory: a way for any caller to exhaust it).
