@@ -1710,6 +1710,19 @@ async fn update_once(
     let base_given = split.plain.get(BASE_URL).is_some_and(|given| {
         old_plain.get(BASE_URL).and_then(Value::as_str) != Some(given.as_str())
     });
+    // A connector whose API host the token responses name (Salesforce's `instance_url`,
+    // Adobe's `api_access_point`): each one sets `base.url` again, so one given here would be
+    // shown, and undone by the next refresh. Refused once the instance has such a host (an
+    // import, before any refresh, has only the one given).
+    if base_given
+        && let Some(field) = &connector.oauth.base_url_from
+        && old_plain.contains_key(&format!("oauth.provider.{field}"))
+    {
+        return Err(ApiError::bad_request(format!(
+            "`base.url` of a `{}` instance is the provider's `{field}`, set again by each token response: it cannot be changed here; nothing was changed",
+            connector.key
+        )));
+    }
     let client_id_given = split.plain.contains_key(API_KEY);
     let webhook_given = split
         .plain

@@ -2738,6 +2738,61 @@ async fn instance_bodies_that_would_change_nothing_are_refused() {
     drop_test_database(&url).await;
 }
 
+/// `base.url` of a connector whose token responses name the API host (Salesforce's
+/// `instance_url`) cannot be changed by an update: it was shown changed, unused, and undone by
+/// the next refresh. Written back as it is, it passes; other connectors' can be changed.
+#[tokio::test]
+async fn a_base_url_the_provider_names_is_not_changed_by_an_update() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let auth = env.org.platform();
+    let elsewhere = format!("{}/generic/", env.sandbox.url);
+    let salesforce = env
+        .create_instance(&env.org, "sandbox-salesforce", "routed")
+        .await;
+    let path = env.api(&format!("/instances/{}", salesforce["id"]));
+    let answer = call(
+        &env,
+        Method::PATCH,
+        &path,
+        Some(&auth),
+        Some(json!({"configuration": {"base.url": elsewhere}})),
+    )
+    .await;
+    assert_eq!(answer.status, 400, "[{label}] {}", answer.body);
+    assert!(
+        answer.body["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("instance_url")),
+        "[{label}] {}",
+        answer.body
+    );
+    let shown = salesforce["configuration"]["base.url"].clone();
+    let answer = call(
+        &env,
+        Method::PATCH,
+        &path,
+        Some(&auth),
+        Some(json!({"configuration": {"base.url": shown}})),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "[{label}] {}", answer.body);
+    let generic = env
+        .create_instance(&env.org, "sandbox-generic", "movable")
+        .await;
+    let answer = call(
+        &env,
+        Method::PATCH,
+        &env.api(&format!("/instances/{}", generic["id"])),
+        Some(&auth),
+        Some(json!({"configuration": {"base.url": format!("{}/box/", env.sandbox.url)}})),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "[{label}] {}", answer.body);
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// A verification call whose answer never ends: the service reads the first 64 KiB of a
 /// refusal for the provider's words and stops (it read the whole body, for as long as the
 /// provider timeout allowed, into memory: a way for any caller to exhaust it).
