@@ -2450,7 +2450,22 @@ pub async fn refresh_now(
     app.refresh
         .refresh_now(&app, row.id)
         .await
-        .map_err(|failure| failure.into_api_error())?;
+        .map_err(|failure| {
+            let error = failure.into_api_error();
+            // The proxy's 401 (the contract's, for a runtime's call) would read here as the
+            // platform secrets refused: the grant is gone, and the instance needs its user.
+            if error.status == StatusCode::UNAUTHORIZED {
+                let refused = ApiError::conflict(
+                    "The provider no longer accepts this instance's grant: it needs re-authentication (PATCH with a new code)",
+                );
+                match error.provider_message {
+                    Some(message) => refused.with_provider_message(message),
+                    None => refused,
+                }
+            } else {
+                error
+            }
+        })?;
     crate::audit::record(
         &app,
         &caller,

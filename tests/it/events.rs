@@ -395,7 +395,7 @@ async fn life_cycle_scenario(label: String, url: String) {
         &platform,
     )
     .await;
-    assert_eq!(status, 401);
+    assert_eq!(status, 409);
     // Re-authentication in place.
     let (code, state) = env.authorize(&env.org, "sandbox-generic", "lena").await;
     let patched = env

@@ -179,7 +179,8 @@ async fn turns_invalid(env: &Env, element_token: &str, path: &str, words: &str, 
 /// is invalid afterwards.
 async fn refresh_fails_for_good(env: &Env, id: &str, element_token: &str, words: &str, case: &str) {
     let (status, body) = refresh(env, id, element_token).await;
-    assert_eq!(status, 401, "[{case}] refresh: {body}");
+    // 409, not the proxy's 401: the platform's secrets were not refused.
+    assert_eq!(status, 409, "[{case}] refresh: {body}");
     let provider_message = body["providerMessage"].as_str().unwrap_or_default();
     assert!(
         provider_message.contains(words),

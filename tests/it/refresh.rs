@@ -1204,7 +1204,7 @@ async fn a_late_commit_of_tokens_the_provider_ended_does_not_revive() {
             );
         };
         let (refreshed, ()) = tokio::join!(refresh, interrupt);
-        assert_eq!(refreshed.status, 401, "[{label}] {}", refreshed.body);
+        assert_eq!(refreshed.status, 409, "[{label}] {}", refreshed.body);
         let (_, shown) = env
             .get_json(&env.api(&format!("/instances/{id}")), &platform)
             .await;
@@ -1787,7 +1787,11 @@ async fn a_refusal_after_a_refresh_timed_out_reads_as_interrupted() {
     // Then the retired refresh token is refused.
     let refused = eventually("the refusal", Duration::from_secs(20), || async {
         let answer = crate::instances::call(&env, Method::POST, &path, Some(&platform), None).await;
-        (answer.status == 401).then_some(answer.body)
+        (answer.status == 409
+            && answer.body["message"]
+                .as_str()
+                .is_some_and(|message| message.contains("re-authentication")))
+        .then_some(answer.body)
     })
     .await;
     assert_eq!(stat(&env, &["faultsInjected"]).await, 2, "the 503 was met");

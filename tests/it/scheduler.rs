@@ -125,7 +125,7 @@ async fn keep_alive_scenario(label: String, url: String) {
         .unwrap();
     assert_eq!(
         refreshed.status(),
-        401,
+        409,
         "[{label}] the control's idle refresh token is dead"
     );
     env.stop().await;
