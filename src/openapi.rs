@@ -136,6 +136,7 @@ impl Modify for PlatformSecurity {
         http::instances::patch,
         http::instances::put,
         http::instances::delete,
+        http::instances::delete_by_token,
         http::instances::enable_by_id,
         http::instances::disable_by_id,
         http::instances::refresh_now,

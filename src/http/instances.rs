@@ -2173,8 +2173,35 @@ pub async fn delete(
     Path(id): Path<String>,
     Query(query): Query<DeleteQuery>,
 ) -> ApiResult<AxumJson<Value>> {
+    delete_named(app, caller, id, query.revoke.unwrap_or(false)).await
+}
+
+#[utoipa::path(
+    delete,
+    path = "/elements/api-v2/instances",
+    operation_id = "instances_delete_by_token",
+    tag = "instances",
+    summary = "Delete the instance named by the Element token; `?revoke=true` revokes at the provider first",
+    params(("revoke" = Option<bool>, Query, description = "revoke the tokens at the provider first")),
+    security(("platform" = [])),
+    responses(crate::openapi::PlatformResponses),
+)]
+pub async fn delete_by_token(
+    State(app): State<SharedApp>,
+    caller: Caller,
+    Query(query): Query<DeleteQuery>,
+) -> ApiResult<AxumJson<Value>> {
+    let id = caller.require_element()?.id.to_string();
+    delete_named(app, caller, id, query.revoke.unwrap_or(false)).await
+}
+
+async fn delete_named(
+    app: SharedApp,
+    caller: Caller,
+    id: String,
+    revoke: bool,
+) -> ApiResult<AxumJson<Value>> {
     let row = load_for_call(&app, &caller, &id).await?;
-    let revoke = query.revoke.unwrap_or(false);
     // No refresh runs meanwhile: the tokens revoked are the ones the instance holds, and no
     // refresh commits onto a row being deleted. A task of its own, like a refresh: a caller
     // hanging up must not cut it between the revocation and the delete.

@@ -39,7 +39,8 @@ pub fn router(app: SharedApp) -> Router {
             get(instances::list)
                 .post(instances::create)
                 .patch(instances::patch_by_token)
-                .put(instances::put_by_token),
+                .put(instances::put_by_token)
+                .delete(instances::delete_by_token),
         )
         .route(
             "/instances/enabled",

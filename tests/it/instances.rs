@@ -2793,6 +2793,47 @@ async fn a_base_url_the_provider_names_is_not_changed_by_an_update() {
     drop_test_database(&url).await;
 }
 
+/// `DELETE /instances` deletes the instance the Element token names, as `PATCH` and `PUT`
+/// `/instances` update it (Cloud Elements has it); without an Element token it names none.
+#[tokio::test]
+async fn delete_by_the_element_token() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "by token")
+        .await;
+    let token = created["token"].as_str().unwrap();
+    let answer = call(
+        &env,
+        Method::DELETE,
+        &env.api("/instances"),
+        Some(&env.org.platform()),
+        None,
+    )
+    .await;
+    assert_eq!(answer.status, 400, "[{label}] {}", answer.body);
+    let with_element = format!("{}, Element {token}", env.org.platform());
+    let answer = call(
+        &env,
+        Method::DELETE,
+        &env.api("/instances"),
+        Some(&with_element),
+        None,
+    )
+    .await;
+    assert_eq!(answer.status, 200, "[{label}] {}", answer.body);
+    assert_eq!(answer.body["deleted"], true);
+    let (status, _) = env
+        .get_json(
+            &env.api(&format!("/instances/{}", created["id"])),
+            &env.org.platform(),
+        )
+        .await;
+    assert_eq!(status, 404, "[{label}]");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// A verification call whose answer never ends: the service reads the first 64 KiB of a
 /// refusal for the provider's words and stops (it read the whole body, for as long as the
 /// provider timeout allowed, into memory: a way for any caller to exhaust it).
