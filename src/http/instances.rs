@@ -923,6 +923,7 @@ fn starting_configuration(
         .collect();
     check_base_url(&configuration)?;
     check_webhook_url(&configuration)?;
+    check_webhook_enabled(&configuration)?;
     if !configuration.contains_key(BASE_URL) {
         let base = app
             .fill(connector, &connector.base_url, &configuration)
@@ -1733,6 +1734,15 @@ async fn update_once(
                 .and_then(Value::as_str)
                 != Some(given.as_str())
         });
+    let enabled_given = split
+        .plain
+        .get(instances::WEBHOOK_ENABLED)
+        .is_some_and(|given| {
+            old_plain
+                .get(instances::WEBHOOK_ENABLED)
+                .and_then(Value::as_str)
+                != Some(given.as_str())
+        });
     for (key, value) in split.plain {
         plain.insert(key, Value::String(value));
     }
@@ -1809,6 +1819,9 @@ async fn update_once(
     }
     if webhook_given {
         check_webhook_url(&plain)?;
+    }
+    if enabled_given {
+        check_webhook_enabled(&plain)?;
     }
     if split.refresh_token.is_some() || (client_id_given && row.refresh_token_enc.is_some()) {
         require_client_id(&plain)?;
@@ -2738,6 +2751,25 @@ fn require_client_id(plain: &Map<String, Value>) -> ApiResult<()> {
 /// lives (see `egress`); empty means none. Accepted otherwise, it failed only at delivery,
 /// shown in an event's `lastError`, and a scheme no delivery can use was retried for a day,
 /// holding the instance's later webhooks behind it.
+/// `event.notification.enabled`: `"true"` or `"false"` (any case). Another value (`"yes"`)
+/// was stored, and read as false: the webhooks asked for never went.
+fn check_webhook_enabled(configuration: &Map<String, Value>) -> ApiResult<()> {
+    match configuration
+        .get(instances::WEBHOOK_ENABLED)
+        .and_then(Value::as_str)
+    {
+        Some(value)
+            if !value.eq_ignore_ascii_case("true") && !value.eq_ignore_ascii_case("false") =>
+        {
+            Err(ApiError::bad_request(format!(
+                "`{}` is \"true\" or \"false\", not {value:?}",
+                instances::WEBHOOK_ENABLED
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn check_webhook_url(configuration: &Map<String, Value>) -> ApiResult<()> {
     let Some(given) = configuration
         .get(instances::WEBHOOK_URL)

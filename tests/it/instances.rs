@@ -2673,6 +2673,10 @@ async fn instance_bodies_that_would_change_nothing_are_refused() {
             "needs `oauth.user.token`",
         ),
         (json!({"disabled": true}), "/enabled"),
+        (
+            json!({"configuration": {"event.notification.enabled": "yes"}}),
+            "\"true\" or \"false\"",
+        ),
     ] {
         let answer = call(&env, Method::PATCH, &path, Some(&auth), Some(body.clone())).await;
         assert_eq!(answer.status, 400, "[{label}] {body}: {}", answer.body);
