@@ -127,6 +127,18 @@ pub fn normalize_configuration(
         }
         let text = match value {
             Value::String(text) => text.clone(),
+            // A whole number beyond what a double holds exactly arrives rounded: its digits
+            // are lost before they could be stored.
+            Value::Number(number)
+                if number.is_f64()
+                    && number.as_f64().is_some_and(|n| {
+                        n.fract() == 0.0 && n.abs() >= 9_007_199_254_740_992.0
+                    }) =>
+            {
+                return Err(ApiError::bad_request(format!(
+                    "Configuration key `{key}` is a number too large to keep exactly: give it as a string"
+                )));
+            }
             Value::Number(number) => number.to_string(),
             Value::Bool(flag) => flag.to_string(),
             Value::Null => String::new(),

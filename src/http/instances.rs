@@ -955,6 +955,17 @@ async fn create_instance(
     let mut split = split_configuration(configuration);
     // A masked value in a create stands for nothing to keep: it is left out (the client
     // secret kept with the authorization may then serve), never sent or stored as a value.
+    // Another key masked stands for a value nobody gave: refused, as in an update.
+    if let Some((key, _)) = split
+        .secret
+        .iter()
+        .find(|(key, value)| *value == instances::MASK && key.as_str() != instances::API_SECRET)
+    {
+        return Err(ApiError::bad_request(format!(
+            "`{key}` is the mask `{}`, but a new instance has no value for it: give the value itself",
+            instances::MASK
+        )));
+    }
     split.secret.retain(|_, value| value != instances::MASK);
     let mut given = split.plain.clone();
     inputs_from_redirect(app, connector, &body.redirect_fields(), &mut given);
@@ -1771,6 +1782,13 @@ async fn update_once(
                     .map(str::to_string)
             }) {
                 secret.insert(key, kept);
+            } else {
+                // The mask stands for a stored value; with none stored it stands for nothing,
+                // and storing it would make the mask the secret.
+                return Err(ApiError::bad_request(format!(
+                    "`{key}` is the mask `{}`, but the instance has no value for it: give the value itself",
+                    instances::MASK
+                )));
             }
             continue;
         }

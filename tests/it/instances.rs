@@ -2677,6 +2677,14 @@ async fn instance_bodies_that_would_change_nothing_are_refused() {
             json!({"configuration": {"event.notification.enabled": "yes"}}),
             "\"true\" or \"false\"",
         ),
+        (
+            json!({"configuration": {"p.secret": "********"}}),
+            "no value for it",
+        ),
+        (
+            json!({"configuration": {"k": 12345678901234567890123_f64}}),
+            "give it as a string",
+        ),
     ] {
         let answer = call(&env, Method::PATCH, &path, Some(&auth), Some(body.clone())).await;
         assert_eq!(answer.status, 400, "[{label}] {body}: {}", answer.body);
