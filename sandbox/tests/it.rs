@@ -1058,6 +1058,17 @@ async fn adobe_revoke_cascades_and_reports_like_adobe() {
     );
     // Revoking the AT revoked its RT too.
     assert_eq!(ctx.refresh(ADOBE, &rt).await.1["error"], "invalid_grant");
+    // The article's refresh path, `/oauth/refresh`, refreshes too.
+    let legacy = ctx.login(ADOBE).await;
+    let legacy_path = P {
+        refresh: "/adobe-sign/oauth/refresh",
+        ..ADOBE
+    };
+    let (status, body) = ctx
+        .refresh(legacy_path, legacy.rt.as_deref().expect("rt"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["access_token"].is_string(), "{body}");
     // The article's path, `/oauth/revoke?token=`, revokes too.
     let other = ctx.login(ADOBE).await;
     let r = ctx

@@ -178,14 +178,29 @@ fn profile_routes(profile: Profile) -> Router<AppState> {
         );
     }
     if profile == Profile::AdobeSign {
-        // The path the Cloud Elements article revokes at (`/oauth/revoke?token=`), beside the
-        // v2 one the metadata names.
-        routes = routes.route(
-            "/adobe-sign/oauth/revoke",
-            post(move |state: State<AppState>, request: Request| async move {
-                revoke::revoke(state, profile, request).await
-            }),
-        );
+        // The paths the articles use (`/oauth/revoke?token=`, `/oauth/refresh`), beside the
+        // v2 ones the metadata names.
+        routes = routes
+            .route(
+                "/adobe-sign/oauth/revoke",
+                post(move |state: State<AppState>, request: Request| async move {
+                    revoke::revoke(state, profile, request).await
+                }),
+            )
+            .route(
+                "/adobe-sign/oauth/refresh",
+                post(
+                    move |state: State<AppState>, headers: HeaderMap, body: Bytes| {
+                        token::token(
+                            state,
+                            profile,
+                            token::AllowedGrants::RefreshTokenOnly,
+                            headers,
+                            body,
+                        )
+                    },
+                ),
+            );
     }
     routes.merge(api::provider_routes(profile))
 }
