@@ -546,6 +546,37 @@ async fn routing_data_from_the_token_response_or_the_redirect_sets_the_base_url_
     let created: Value = response.json().await.unwrap();
     let qbo = created["token"].as_str().unwrap().to_string();
     works(&env, &qbo, "realmId").await;
+    // Or the input names the redirect's field as its value (`redirectShapes: ["{realmId}"]`,
+    // as the catalog's QuickBooks does): passed back in `providerData`, it fills the input.
+    register(
+        &env,
+        "qbo-from-redirect",
+        json!({"baseUrl": "{sandbox}/generic/tenants/{realmId}/",
+               "inputs": {"realmId": {"description": "the realmId of the authorization redirect",
+                                      "fromRedirect": "realmId", "redirectShapes": ["{realmId}"]}}}),
+    )
+    .await;
+    let (realm, location) = authorize_with_redirect(&env, "qbo-from-redirect", "grace").await;
+    let response = env
+        .http
+        .post(env.api("/instances"))
+        .header("authorization", env.org.platform())
+        .json(&json!({"element": {"key": "qbo-from-redirect"},
+                      "providerData": {"code": param(&location, "code"), "state": param(&location, "state"),
+                                       "realmId": realm},
+                      "configuration": env.configuration(), "name": "qbo from the redirect"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let created: Value = response.json().await.unwrap();
+    assert_eq!(created["configuration"]["realmId"], realm, "{created}");
+    works(
+        &env,
+        created["token"].as_str().unwrap(),
+        "realmId from the redirect",
+    )
+    .await;
 
     // Routing data in the redirect only (`instance_url` as a redirect parameter): passed back in
     // `providerData` with the code, it sets the base URL like a token-response field.
