@@ -110,6 +110,11 @@ pub struct OAuthSpec {
     /// provider that revokes only the refresh token (HubSpot) leaves nothing alive.
     #[serde(default)]
     pub revocation_cascades: bool,
+    /// After a re-authentication, the refresh token it replaced is revoked (Salesforce: a user
+    /// holds at most five grants of an app, and a sixth silently ends the oldest, which may be
+    /// another instance's). Not where a revocation ends every grant of the user (Google).
+    #[serde(default)]
+    pub revoke_superseded_grant: bool,
     #[serde(default)]
     /// May contain `{input}` placeholders (Dynamics: `https://{org}.crm.dynamics.com/...`), filled
     /// like the URLs.

@@ -1907,6 +1907,58 @@ fn outcome_was_unknown(row: &InstanceRow) -> bool {
         .is_some_and(|failure| failure.ends_with(OUTCOME_UNKNOWN_TEXT))
 }
 
+/// Revokes `refresh_token`, the grant a re-authentication of instance `id` superseded, when
+/// the connector asks for it ([`crate::catalog::OAuthSpec::revoke_superseded_grant`]), in a
+/// task of its own: the re-authentication is answered meanwhile, and a failure is logged only
+/// (the old grant lives on, as it did before).
+pub fn revoke_superseded_grant(
+    app: &SharedApp,
+    connector: Arc<Connector>,
+    id: i64,
+    configuration: serde_json::Map<String, Value>,
+    secret_configuration: std::collections::BTreeMap<String, String>,
+    refresh_token: Secret,
+) {
+    if !connector.oauth.revoke_superseded_grant {
+        return;
+    }
+    let app = Arc::clone(app);
+    tokio::spawn(async move {
+        let (endpoints, spec) = match app.oauth_settings(&connector, &configuration) {
+            Ok(settings) => settings,
+            Err(error) => {
+                tracing::warn!(
+                    instance = id,
+                    "the superseded grant was not revoked: {error}"
+                );
+                return;
+            }
+        };
+        let credentials = client_credentials(&configuration, &secret_configuration);
+        match app
+            .oauth
+            .revoke(
+                &spec,
+                &endpoints,
+                &credentials,
+                &refresh_token,
+                TokenHint::RefreshToken,
+            )
+            .await
+        {
+            Ok(_) => tracing::info!(
+                instance = id,
+                "revoked the grant a re-authentication superseded"
+            ),
+            Err(error) => tracing::warn!(
+                instance = id,
+                "the grant a re-authentication superseded was not revoked: {}",
+                error.provider_message()
+            ),
+        }
+    });
+}
+
 /// Revokes an instance's grant at the provider, in the connector's shape. The refresh token is
 /// revoked first (it ends the grant at most providers), then the access token. Answers what
 /// happened; the caller invalidates the instance in any case. The grant counts as revoked when

@@ -1961,6 +1961,23 @@ async fn update_once(
         };
         app.refresh.forget(row.id);
         app.refresh.notify_schedule_changed();
+        // The grant replaced, where the provider caps a user's grants (Salesforce).
+        if let Some(old) = &secrets.refresh_token
+            && grant
+                .tokens
+                .refresh_token
+                .as_ref()
+                .is_some_and(|new| new.expose() != old.expose())
+        {
+            crate::refresh::revoke_superseded_grant(
+                app,
+                std::sync::Arc::clone(&connector),
+                row.id,
+                old_plain.clone(),
+                secrets.secret_configuration.clone(),
+                old.clone(),
+            );
+        }
         crate::audit::record(
             app,
             caller,

@@ -447,6 +447,65 @@ async fn grant_caps_evict_the_oldest_instance_of_a_user_on(env: Env) {
     assert_eq!(patched.status(), 200);
     works(&env, &second, "cap 1, re-authorized").await;
     turns_invalid(&env, &first, "api/me", "invalid_token", "cap 1, evicted").await;
+
+    // Salesforce's cap of five, here three: each re-authentication of one instance makes a
+    // grant, and the one it replaced counted on until the cap ended the user's oldest, another
+    // instance's. A connector that revokes superseded grants keeps the user's other instance.
+    register(
+        &env,
+        "cap-revoking",
+        json!({"oauth": {"revokeSupersededGrant": true}}),
+    )
+    .await;
+    configure(&env, json!({"maxGrantsPerUser": 3})).await;
+    for (key, kept) in [("cap", false), ("cap-revoking", true)] {
+        let user = format!("fay-{key}");
+        let (_, other) = create(&env, key, &user).await;
+        let (_, reauthenticated) = create(&env, key, &user).await;
+        let revoked_before = crate::refresh::stat(&env, &["revoke"]).await;
+        for round in 1..=3 {
+            let (code, state) = env.authorize(&env.org, key, &user).await;
+            let patched = env
+                .http
+                .patch(env.api("/instances"))
+                .header("authorization", env.org.with_element(&reauthenticated))
+                .json(&json!({"providerData": {"code": code, "state": state}}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(patched.status(), 200, "{key}");
+            if kept {
+                // The revocation runs beside the answer: the next grant waits for it.
+                crate::refresh::eventually(
+                    "the superseded grant revoked",
+                    std::time::Duration::from_secs(10),
+                    || async {
+                        (crate::refresh::stat(&env, &["revoke"]).await >= revoked_before + round)
+                            .then_some(())
+                    },
+                )
+                .await;
+            }
+        }
+        works(&env, &reauthenticated, "re-authenticated three times").await;
+        if kept {
+            works(
+                &env,
+                &other,
+                "the user's other instance, superseded grants revoked",
+            )
+            .await;
+        } else {
+            turns_invalid(
+                &env,
+                &other,
+                "api/me",
+                "invalid_token",
+                "evicted by the cap",
+            )
+            .await;
+        }
+    }
     env.stop().await;
 }
 
