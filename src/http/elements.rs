@@ -135,11 +135,23 @@ pub async fn create(
     Json(body): Json<Value>,
 ) -> ApiResult<(StatusCode, AxumJson<Value>)> {
     caller.require_organization()?;
-    if !body.is_object() {
+    let Value::Object(mut fields) = body else {
         return Err(ApiError::bad_request(
             "The connector definition must be a JSON object",
         ));
+    };
+    // What a GET shows beside the definition, so that a connector read (a built-in one as a
+    // template) can be posted back: `builtIn` is the service's to say, `authentication` is
+    // OAuth 2.0 for every connector.
+    fields.remove("builtIn");
+    if let Some(authentication) = fields.remove("authentication")
+        && authentication != json!({"type": "oauth2"})
+    {
+        return Err(ApiError::bad_request(
+            "`authentication` is {\"type\": \"oauth2\"}: connectors are OAuth 2.0 ones",
+        ));
     }
+    let body = Value::Object(fields);
     // The path names the field at fault (`oauth.clientAuth: unknown variant …`).
     let connector: Connector = serde_path_to_error::deserialize(body).map_err(|error| {
         ApiError::bad_request(format!("The connector definition is not valid: {error}"))

@@ -146,6 +146,28 @@ async fn own_connectors_are_validated_unique_and_private() {
         );
         assert_eq!(created.body["key"], "acme");
         assert_eq!(created.body["authentication"]["type"], "oauth2");
+        // A connector as a GET shows it posts back under another key: an own one, and a
+        // built-in one taken as a template.
+        for template in ["acme", "box", "salesforce"] {
+            let (_, mut shown) = env
+                .get_json(&env.api(&format!("/elements/{template}")), &auth)
+                .await;
+            shown["key"] = json!(format!("{template}-copy"));
+            let copied = call(
+                &env,
+                Method::POST,
+                &env.api("/elements"),
+                Some(&auth),
+                Some(shown),
+            )
+            .await;
+            assert!(
+                copied.status == 200 || copied.status == 201,
+                "[{label}] {template}: {}",
+                copied.body
+            );
+            assert_eq!(copied.body["builtIn"], false, "[{label}] {}", copied.body);
+        }
 
         let listed = call(&env, Method::GET, &env.api("/elements"), Some(&auth), None).await;
         assert!(
