@@ -336,6 +336,21 @@ async fn openapi_documents_exactly_the_routes_served() {
         .unwrap();
     assert_eq!(response.status(), 404);
     assert!(response.text().await.unwrap().contains(FALLBACK));
+    // A platform path with a trailing slash is told to drop it (it was told the API is
+    // under the base path it was under).
+    let response = env
+        .http
+        .get(env.api("/instances/"))
+        .header("authorization", env.org.platform())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let body = response.text().await.unwrap();
+    assert!(
+        body.contains(FALLBACK) && body.contains("try `/elements/api-v2/instances`"),
+        "{body}"
+    );
     env.stop().await;
     drop_test_database(&url).await;
 }
