@@ -1134,8 +1134,16 @@ async fn store_created(
     }
     row.created_by = Some(caller.user_id);
     if !grant.tokens.access_token.is_empty() {
-        row.verification =
-            instances::verify(app, connector, &plain, &grant.tokens.access_token).await;
+        let verified =
+            instances::verification(app, connector, &plain, &grant.tokens.access_token).await;
+        if external
+            && let Some(words) = verified.as_ref().and_then(|v| v.rejection.clone())
+            && imported_rejection(grant.tokens.refresh_token.is_some(), "was created", words)?
+        {
+            // A refresh token may replace it: at once, not at the token's expiry.
+            row.next_due_at = Some(now);
+        }
+        row.verification = verified.map(|verified| verified.outcome.to_string());
     }
     let event = events::new_event(app, &row, events::CREATED, None);
     // A built-in needs no row (a connector of the organization that shadowed it may have been
@@ -2010,6 +2018,18 @@ async fn update_once(
     } else {
         None
     };
+    // An imported access token is checked as a created instance's is; one the provider
+    // rejects is refused when no refresh token can replace it, or replaced at once.
+    let mut imported_rejected = false;
+    if let Some(tokens) = &imported
+        && !tokens.access_token.is_empty()
+        && let Some(words) = instances::verification(app, &connector, &plain, &tokens.access_token)
+            .await
+            .and_then(|verified| verified.rejection)
+    {
+        let refresh_token = tokens.refresh_token.is_some() || secrets.refresh_token.is_some();
+        imported_rejected = imported_rejection(refresh_token, "was changed", words)?;
+    }
     // What the audit entry says changed: names of keys, never their values.
     let changes = update_changes(
         (&row.name, &name),
@@ -2075,7 +2095,7 @@ async fn update_once(
                 held.last_refresh_at.unwrap_or(now),
             );
         }
-        if refresh_import_at_once(&connector, &imported) {
+        if refresh_import_at_once(&connector, &imported) || imported_rejected {
             update.next_due_at = Some(now);
         }
         let event = events::new_event(app, &held, events::REAUTHENTICATED, Some("tokens imported"));
@@ -2752,6 +2772,20 @@ fn in_this_request<F: Future>(work: F) -> impl Future<Output = F::Output> {
 /// starts here, since when it was last used elsewhere is unknown. Otherwise the tokens serve
 /// as they were brought in, until their expiry or a rejection: an import does not rotate them
 /// behind the caller's back (nor retire the copy another system may still hold).
+/// An imported access token the provider's verification call rejected (`words`): refused,
+/// with nothing written (`nothing` says what), when no refresh token can replace it; `true`
+/// (refresh at once) when one can. A create or import of tokens the provider refuses was
+/// answered `valid: true`, and its first call 401.
+fn imported_rejection(has_refresh_token: bool, nothing: &str, words: String) -> ApiResult<bool> {
+    if has_refresh_token {
+        return Ok(true);
+    }
+    Err(ApiError::bad_request(format!(
+        "The provider rejects the imported access token, and there is no refresh token to replace it: nothing {nothing}"
+    ))
+    .with_provider_message(words))
+}
+
 fn refresh_import_at_once(connector: &Connector, imported: &crate::oauth::TokenSet) -> bool {
     imported.refresh_token.is_some()
         && (imported.access_token.is_empty() || connector.refresh.keep_alive_seconds.is_some())

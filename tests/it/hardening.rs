@@ -472,8 +472,16 @@ async fn unusable_update_inputs_are_refused() {
         "no code went out"
     );
     // A pasted token's surrounding whitespace is no part of it.
+    let source = env
+        .create_instance(&env.org, "sandbox-generic", "pasted")
+        .await;
+    let pasted = crate::instances::revealed(&env, &env.org, &source).await["configuration"]
+        ["oauth.user.token"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let mut configuration = env.configuration();
-    configuration["oauth.user.token"] = json!("  pasted-access-token\n");
+    configuration["oauth.user.token"] = json!(format!("  {pasted}\n"));
     let (status, imported) = send(
         &env,
         Method::POST,
@@ -495,7 +503,7 @@ async fn unusable_update_inputs_are_refused() {
     )
     .await;
     assert_eq!(
-        shown[0]["configuration"]["oauth.user.token"], "pasted-access-token",
+        shown[0]["configuration"]["oauth.user.token"], pasted,
         "{shown}"
     );
     // A refused import changes nothing else either.

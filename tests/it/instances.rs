@@ -2846,6 +2846,118 @@ async fn delete_by_the_element_token() {
     drop_test_database(&url).await;
 }
 
+/// Imported tokens the provider rejects: with no refresh token to replace the access token,
+/// the create (or update) is refused with the provider's words and nothing is written; with
+/// one, the instance refreshes at once. Both were answered `valid: true`, and the first call
+/// answered 401.
+#[tokio::test]
+async fn imported_tokens_the_provider_rejects_are_refused_or_replaced() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let auth = env.org.platform();
+    let import = |configuration: Value| {
+        json!({"element": {"key": "sandbox-generic"}, "externalAuthentication": "initial",
+               "configuration": configuration, "name": "imported"})
+    };
+    let listed = async || {
+        env.get_json(&env.api("/instances"), &auth)
+            .await
+            .1
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let before = listed().await;
+    let mut bogus = env.configuration();
+    bogus["oauth.user.token"] = json!("bogus-access-token");
+    let refused = call(
+        &env,
+        Method::POST,
+        &env.api("/instances"),
+        Some(&auth),
+        Some(import(bogus.clone())),
+    )
+    .await;
+    assert_eq!(refused.status, 400, "[{label}] {}", refused.body);
+    assert!(
+        refused.body["providerMessage"].is_string(),
+        "{}",
+        refused.body
+    );
+    assert_eq!(listed().await, before, "[{label}] nothing created");
+    // With a refresh token that works: created, and refreshed at once.
+    let source = env
+        .create_instance(&env.org, "sandbox-generic", "source")
+        .await;
+    let revealed = revealed(&env, &env.org, &source).await;
+    let mut with_refresh = bogus.clone();
+    with_refresh["oauth.user.refresh_token"] =
+        revealed["configuration"]["oauth.user.refresh_token"].clone();
+    let created = call(
+        &env,
+        Method::POST,
+        &env.api("/instances"),
+        Some(&auth),
+        Some(import(with_refresh)),
+    )
+    .await;
+    assert_eq!(created.status, 200, "[{label}] {}", created.body);
+    let token = created.body["token"].as_str().unwrap().to_string();
+    crate::refresh::eventually(
+        "the imported instance refreshed without a call",
+        std::time::Duration::from_secs(15),
+        || async {
+            let (_, shown) = env
+                .get_json(
+                    &env.api(&format!("/instances/{}", created.body["id"])),
+                    &auth,
+                )
+                .await;
+            (shown["lastRefreshDate"] != created.body["lastRefreshDate"]).then_some(())
+        },
+    )
+    .await;
+    let (status, body) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
+    assert_eq!(status, 200, "[{label}] {body}");
+    // An update importing a rejected access token into an instance with no refresh token.
+    let mut access_only = env.configuration();
+    access_only["oauth.user.token"] = revealed["configuration"]["oauth.user.token"].clone();
+    let only = call(
+        &env,
+        Method::POST,
+        &env.api("/instances"),
+        Some(&auth),
+        Some(import(access_only)),
+    )
+    .await;
+    assert_eq!(only.status, 200, "[{label}] {}", only.body);
+    let refused = call(
+        &env,
+        Method::PATCH,
+        &env.api(&format!("/instances/{}", only.body["id"])),
+        Some(&auth),
+        Some(
+            json!({"name": "renamed", "externalAuthentication": "initial",
+                    "configuration": {"oauth.user.token": "bogus-again"}}),
+        ),
+    )
+    .await;
+    assert_eq!(refused.status, 400, "[{label}] {}", refused.body);
+    assert!(
+        refused.body["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("nothing was changed")),
+        "{}",
+        refused.body
+    );
+    let (_, shown) = env
+        .get_json(&env.api(&format!("/instances/{}", only.body["id"])), &auth)
+        .await;
+    assert_eq!(shown["name"], "imported", "[{label}] {shown}");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// A verification call whose answer never ends: the service reads the first 64 KiB of a
 /// refusal for the provider's words and stops (it read the whole body, for as long as the
 /// provider timeout allowed, into memory: a way for any caller to exhaust it).
@@ -2899,10 +3011,15 @@ async fn an_endless_verification_answer_is_not_read_whole() {
         ),
     )
     .await;
-    assert_eq!(imported.status, 200, "[{label}] {}", imported.body);
-    let verification = &imported.body["verification"];
-    assert_eq!(verification["ok"], false, "{verification}");
-    assert_eq!(verification["status"], 401, "{verification}");
+    // Rejected, with no refresh token to replace it: refused with the provider's words, read
+    // in part.
+    assert_eq!(imported.status, 400, "[{label}] {}", imported.body);
+    let words = imported.body["providerMessage"].as_str().unwrap();
+    assert!(
+        words.starts_with("xxxx") && words.len() < 70_000,
+        "{}",
+        words.len()
+    );
     assert!(
         started.elapsed() < std::time::Duration::from_secs(5),
         "the endless answer was read for {:?}",
