@@ -1507,10 +1507,11 @@ async fn rotated_tokens_outlive_the_callers_wait_for_the_database() {
         .await;
         (answer, env.get_json(&healthz, "").await)
     };
-    // The database takes no connection for 8 s, and those it had are cut.
+    // The database takes no connection for 10 s, and those it had are cut: past the commit's
+    // 2 s of tries, the pause before its last one, and the health check after the answer.
     let outage = async {
         at_the_provider(&env, held).await;
-        database_outage(&mut admin, &url, Duration::from_secs(8)).await;
+        database_outage(&mut admin, &url, Duration::from_secs(10)).await;
     };
     let (((status, body, _), (health_status, health)), ()) = tokio::join!(call, outage);
     assert_eq!(
@@ -1668,7 +1669,7 @@ async fn kept_tokens_the_provider_ended_do_not_revive_once_stored() {
         Method::GET,
         "api/me",
     );
-    // While the provider answers, the database takes no connection for 5 s; during it, another
+    // While the provider answers, the database takes no connection for 10 s; during it, another
     // replica invalidates the instance ("refresh interrupted"), and the provider will refuse
     // the new tokens.
     let outage_then_interrupt = async {
@@ -1690,7 +1691,9 @@ async fn kept_tokens_the_provider_ended_do_not_revive_once_stored() {
         );
         store.close().await;
         fault(&env, json!({"target": "api", "status": 401, "count": 1})).await;
-        tokio::time::sleep_until(started + Duration::from_secs(5)).await;
+        // Past the commit's 2 s of tries and the pause before its last one: a try made
+        // once the database is back stored the tokens, and the caller was answered 401.
+        tokio::time::sleep_until(started + Duration::from_secs(10)).await;
         outage_ends(&mut admin, &url).await;
     };
     let ((status, body, _), ()) = tokio::join!(call, outage_then_interrupt);
