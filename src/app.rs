@@ -48,6 +48,10 @@ pub struct AppConfig {
     /// How long rotated tokens the store does not take are kept in memory for it after that
     /// (see `RefreshEngine::commit_parked`).
     pub rotated_tokens_kept_for: Duration,
+    /// How long after a re-authentication the grant it superseded is revoked, where the
+    /// connector asks for it (`oauth.revokeSupersededGrant`): calls under way with its access
+    /// token, and other replicas' copies of it, end meanwhile.
+    pub superseded_grant_revoked_after: Duration,
 }
 
 impl std::fmt::Debug for AppConfig {
@@ -94,6 +98,7 @@ impl AppConfig {
             outbound_proxy: None,
             commit_retry_for: crate::refresh::COMMIT_RETRY_FOR,
             rotated_tokens_kept_for: crate::refresh::ROTATED_TOKENS_KEPT_FOR,
+            superseded_grant_revoked_after: Duration::from_secs(60),
         }
     }
 }

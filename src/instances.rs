@@ -442,15 +442,24 @@ pub fn apply_token_set(
     // Inputs the token response names: Adobe's `api_access_point` is "the base URI to be used
     // for subsequent calls (/oauth/v2/refresh and /oauth/v2/revoke)". An account off the
     // default shard, created from a code alone, refreshed and revoked at the default's host.
-    let named = inputs_named_by(app, connector, &tokens.fields);
-    if !named.is_empty() {
-        for (name, value) in named {
-            new_configuration.insert(name, Value::String(value));
+    // Only values the URLs take (checked like any input, and where no provider lives refused),
+    // and only changes: a value read back lower-cased equals the one given.
+    let mut named = new_configuration.clone();
+    let mut changed = false;
+    for (name, value) in inputs_named_by(app, connector, &tokens.fields) {
+        let same = named
+            .get(&name)
+            .and_then(Value::as_str)
+            .is_some_and(|stored| stored.eq_ignore_ascii_case(&value));
+        if !same {
+            named.insert(name, Value::String(value));
+            changed = true;
         }
+    }
+    if changed && let Ok(endpoints) = app.endpoints(connector, &named) {
         // The refresh URL shown follows them.
-        if let Ok(endpoints) = app.endpoints(connector, &new_configuration) {
-            new_configuration.insert(REFRESH_URL.into(), Value::String(endpoints.refresh_url));
-        }
+        named.insert(REFRESH_URL.into(), Value::String(endpoints.refresh_url));
+        new_configuration = named;
     }
     if let Some(field) = &connector.oauth.base_url_from
         && let Some(Value::String(value)) = tokens.fields.get(field)

@@ -1909,8 +1909,9 @@ fn outcome_was_unknown(row: &InstanceRow) -> bool {
 
 /// Revokes `refresh_token`, the grant a re-authentication of instance `id` superseded, when
 /// the connector asks for it ([`crate::catalog::OAuthSpec::revoke_superseded_grant`]), in a
-/// task of its own: the re-authentication is answered meanwhile, and a failure is logged only
-/// (the old grant lives on, as it did before).
+/// task of its own, [`AppConfig::superseded_grant_revoked_after`](crate::app::AppConfig)
+/// later: the re-authentication is answered meanwhile, and a failure is logged only (the old
+/// grant lives on, as it did before).
 pub fn revoke_superseded_grant(
     app: &SharedApp,
     connector: Arc<Connector>,
@@ -1922,8 +1923,21 @@ pub fn revoke_superseded_grant(
     if !connector.oauth.revoke_superseded_grant {
         return;
     }
-    let app = Arc::clone(app);
+    let app = Arc::downgrade(app);
     tokio::spawn(async move {
+        let after = match app.upgrade() {
+            Some(app) => app.config.superseded_grant_revoked_after,
+            None => return,
+        };
+        tokio::time::sleep(after).await;
+        // A process stopping meanwhile leaves it (the old grant lives on, as it did before).
+        let Some(app) = app.upgrade() else {
+            tracing::warn!(
+                instance = id,
+                "the superseded grant was not revoked: the service stopped"
+            );
+            return;
+        };
         let (endpoints, spec) = match app.oauth_settings(&connector, &configuration) {
             Ok(settings) => settings,
             Err(error) => {

@@ -46,7 +46,8 @@ pub struct InstanceBody {
 }
 
 /// The fields of an instance as it is shown, which a body may carry back (a read, edited and
-/// written back) and which change nothing: read-only, or set elsewhere.
+/// written back) and which change nothing: read-only, or set elsewhere; and those of a Cloud
+/// Elements instance.
 const SHOWN_FIELDS: &[&str] = &[
     "id",
     "token",
@@ -63,6 +64,18 @@ const SHOWN_FIELDS: &[&str] = &[
     "accessTokenExpiresDate",
     "verification",
     "revocation",
+    // Cloud Elements' instance model, which its bodies carry (its own create example sends
+    // `retrieveObjectsAfterInstantiation`): features of its platform this service has not.
+    "retrieveObjectsAfterInstantiation",
+    "eventsEnabled",
+    "traceLoggingEnabled",
+    "cachingEnabled",
+    "cacheTimeToLive",
+    "maxCacheSize",
+    "provisionInteractions",
+    "elementId",
+    "user",
+    "authenticationType",
 ];
 
 impl<'de> Deserialize<'de> for InstanceBody {
@@ -876,6 +889,14 @@ fn imported_tokens(split: &SplitConfiguration) -> ApiResult<TokenSet> {
         ("oauth.user.token", &access),
         ("oauth.user.refresh_token", &refresh),
     ] {
+        // A configuration read without the Element token shows the mask: brought in, it was
+        // stored as the token.
+        if token.as_deref() == Some(instances::MASK) {
+            return Err(ApiError::bad_request(format!(
+                "`{key}` is the mask `{}`: give the token itself (read the instance with its Element token to see it)",
+                instances::MASK
+            )));
+        }
         // C1 controls too (U+0080–U+009F: a paste from a document, never a token).
         if token.as_deref().is_some_and(|token| {
             crate::oauth::has_control_characters(token)
@@ -1468,6 +1489,14 @@ async fn update(
             "`externalAuthentication: \"initial\"` needs `oauth.user.token` and/or `oauth.user.refresh_token` in the configuration; nothing was changed",
         ));
     }
+    if let Some(ElementRef::Key { key } | ElementRef::Plain(key)) = &body.element
+        && *key != row.element_key
+    {
+        return Err(ApiError::bad_request(format!(
+            "The instance is of connector `{}`: an update cannot make it one of `{key}`; nothing was changed",
+            row.element_key
+        )));
+    }
     if let Some(disabled) = body.disabled
         && disabled != row.is_disabled()
     {
@@ -2020,12 +2049,17 @@ async fn update_once(
     };
     // An imported access token is checked as a created instance's is; one the provider
     // rejects is refused when no refresh token can replace it, or replaced at once.
+    // The instance is held meanwhile (no refresh, revocation or disable of it goes on): a
+    // verification that does not answer soon gives no verdict rather than hold it longer.
     let mut imported_rejected = false;
     if let Some(tokens) = &imported
         && !tokens.access_token.is_empty()
-        && let Some(words) = instances::verification(app, &connector, &plain, &tokens.access_token)
-            .await
-            .and_then(|verified| verified.rejection)
+        && let Ok(Some(verified)) = tokio::time::timeout(
+            IMPORT_VERIFICATION_WAIT,
+            instances::verification(app, &connector, &plain, &tokens.access_token),
+        )
+        .await
+        && let Some(words) = verified.rejection
     {
         let refresh_token = tokens.refresh_token.is_some() || secrets.refresh_token.is_some();
         imported_rejected = imported_rejection(refresh_token, "was changed", words)?;
@@ -2611,15 +2645,20 @@ pub async fn revoke(
                     let mut held = held;
                     let mut invalidated = false;
                     for _ in 0..3 {
-                        let event =
-                            events::new_event(&app, &held, events::INVALIDATED, Some("revoked"));
+                        // A revocation sent again (the provider did not confirm the first)
+                        // announces no second invalidation.
+                        let again = !held.is_valid()
+                            && held.state_reason.as_deref() == Some("revoked");
+                        let event = (!again).then(|| {
+                            events::new_event(&app, &held, events::INVALIDATED, Some("revoked"))
+                        });
                         if app
                             .store
                             .mark_invalid_held(
                                 held.id,
                                 "revoked",
                                 Some(REVOCATION_UNDER_WAY),
-                                Some(&event),
+                                event.as_ref(),
                                 held.token_version,
                                 true,
                             )
@@ -2646,6 +2685,7 @@ pub async fn revoke(
                             Ok(revocation) => revocation,
                             Err(error) => serde_json::json!({
                                 "revokedAtProvider": false,
+                                "sent": false,
                                 "retryable": error.status.is_server_error(),
                                 "message": format!("The revocation could not be sent: {}", error.message),
                             }),
@@ -2710,18 +2750,26 @@ pub async fn revoke(
 }
 
 /// The answer to a revocation the provider did not confirm and that sending it again may
-/// confirm: 409 when nothing was revoked (the instance kept changing) or the provider refused
-/// the app's credentials (to be fixed first), 502 when the provider could not answer or our
-/// side failed. `None` when trying again cannot help (tokens dead already, no revocation
-/// endpoint): the answer is the instance, with what the provider said.
+/// confirm: 409 when nothing was revoked (the instance kept changing), the revocation could
+/// not be sent (the connector gone) or the provider refused the app's credentials (each to be
+/// fixed first), 502 when the provider could not answer or our side failed. `None` when
+/// trying again cannot help (tokens dead already, no revocation endpoint): the answer is the
+/// instance, with what the provider said.
 fn unconfirmed_revocation(revocation: &Value) -> Option<ApiError> {
     let said = revocation["providerMessage"]
         .as_str()
         .or(revocation["message"].as_str())
         .unwrap_or("no answer");
+    // In the order `DELETE ?revoke=true` reads them.
     let refusal = if revocation["instanceInvalidated"] == false {
         ApiError::conflict(said.to_string())
-    } else if revocation["clientRejected"] == true {
+    } else if revocation["retryable"] != true && revocation["sent"] == false {
+        // Not sent, and sending it again will not help until the cause is fixed (the
+        // connector gone, an input missing).
+        ApiError::conflict(format!(
+            "{said}: the instance is invalid, and its grant lives on at the provider"
+        ))
+    } else if revocation["retryable"] != true && revocation["clientRejected"] == true {
         ApiError::conflict(
             "The provider refused the app's credentials, so the grant was not revoked: the instance is invalid; fix `oauth.api.key` and `oauth.api.secret` and send the revocation again",
         )
@@ -2763,15 +2811,10 @@ fn in_this_request<F: Future>(work: F) -> impl Future<Output = F::Output> {
     crate::http::error::REQUEST_ID.scope(request_id, work.instrument(tracing::Span::current()))
 }
 
-/// Whether the connector's instances are refreshed by the scheduler at all: before expiry, or
-/// kept alive. An `on_401` connector without a keep-alive refreshes only on a rejection (and,
-/// once such a refresh failed for now, after each backoff until one ends the failure).
-/// Whether imported tokens are refreshed as soon as the scheduler looks: a refresh token
-/// without an access token (nothing to call with otherwise), or one that dies unused (a
-/// connector with a keep-alive: Adobe Sign's 60 days, Box's), whose inactivity clock then
-/// starts here, since when it was last used elsewhere is unknown. Otherwise the tokens serve
-/// as they were brought in, until their expiry or a rejection: an import does not rotate them
-/// behind the caller's back (nor retire the copy another system may still hold).
+/// How long an update importing tokens, which holds the instance, waits for the verification
+/// of the imported access token.
+const IMPORT_VERIFICATION_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// An imported access token the provider's verification call rejected (`words`): refused,
 /// with nothing written (`nothing` says what), when no refresh token can replace it; `true`
 /// (refresh at once) when one can. A create or import of tokens the provider refuses was
@@ -2786,6 +2829,12 @@ fn imported_rejection(has_refresh_token: bool, nothing: &str, words: String) -> 
     .with_provider_message(words))
 }
 
+/// Whether imported tokens are refreshed as soon as the scheduler looks: a refresh token
+/// without an access token (nothing to call with otherwise), or one that dies unused (a
+/// connector with a keep-alive: Adobe Sign's 60 days, Box's), whose inactivity clock then
+/// starts here, since when it was last used elsewhere is unknown. Otherwise the tokens serve
+/// as they were brought in, until their expiry or a rejection: an import does not rotate them
+/// behind the caller's back (nor retire the copy another system may still hold).
 fn refresh_import_at_once(connector: &Connector, imported: &crate::oauth::TokenSet) -> bool {
     imported.refresh_token.is_some()
         && (imported.access_token.is_empty() || connector.refresh.keep_alive_seconds.is_some())
@@ -2816,19 +2865,18 @@ fn require_client_id(plain: &Map<String, Value>) -> ApiResult<()> {
     }
 }
 
-/// A webhook URL given by a caller: an absolute http(s) URL with a host, not where no receiver
-/// lives (see `egress`); empty means none. Accepted otherwise, it failed only at delivery,
-/// shown in an event's `lastError`, and a scheme no delivery can use was retried for a day,
-/// holding the instance's later webhooks behind it.
-/// `event.notification.enabled`: `"true"` or `"false"` (any case). Another value (`"yes"`)
-/// was stored, and read as false: the webhooks asked for never went.
+/// `event.notification.enabled`: `"true"` or `"false"` (any case), or blank (off). Another
+/// value (`"yes"`) was stored, and read as false: the webhooks asked for never went.
 fn check_webhook_enabled(configuration: &Map<String, Value>) -> ApiResult<()> {
     match configuration
         .get(instances::WEBHOOK_ENABLED)
         .and_then(Value::as_str)
+        .map(str::trim)
     {
         Some(value)
-            if !value.eq_ignore_ascii_case("true") && !value.eq_ignore_ascii_case("false") =>
+            if !value.is_empty()
+                && !value.eq_ignore_ascii_case("true")
+                && !value.eq_ignore_ascii_case("false") =>
         {
             Err(ApiError::bad_request(format!(
                 "`{}` is \"true\" or \"false\", not {value:?}",
@@ -2839,6 +2887,10 @@ fn check_webhook_enabled(configuration: &Map<String, Value>) -> ApiResult<()> {
     }
 }
 
+/// A webhook URL given by a caller: an absolute http(s) URL with a host, not where no receiver
+/// lives (see `egress`); empty means none. Accepted otherwise, it failed only at delivery,
+/// shown in an event's `lastError`, and a scheme no delivery can use was retried for a day,
+/// holding the instance's later webhooks behind it.
 fn check_webhook_url(configuration: &Map<String, Value>) -> ApiResult<()> {
     let Some(given) = configuration
         .get(instances::WEBHOOK_URL)

@@ -746,10 +746,25 @@ async fn revocation_reaches_the_sandbox_in_each_shape() {
             .is_some_and(|m| m.contains("did not confirm")),
         "{shown}"
     );
-    // Sent again, the provider confirms it.
+    // Sent again, the provider confirms it; the instance was invalidated once.
     let (status, body) = send(&env, reqwest::Method::POST, &unconfirmed_path, &platform).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["revocation"]["revokedAtProvider"], true, "{body}");
+    let (_, events) = send(
+        &env,
+        reqwest::Method::GET,
+        &format!(
+            "/events?instanceId={}&type=instance.invalidated",
+            unconfirmed["id"]
+        ),
+        &platform,
+    )
+    .await;
+    assert_eq!(
+        events["events"].as_array().unwrap().len(),
+        1,
+        "one invalidation: {events}"
+    );
     let instance = env.create_instance(&env.org, "gone", "gail").await;
     let id = instance["id"].as_i64().unwrap();
     // A revocation endpoint that fails: the instance is kept, to be revoked later.

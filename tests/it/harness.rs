@@ -309,6 +309,8 @@ pub async fn start_server(
     config.master_key = Some(TEST_MASTER_KEY.to_string());
     // Tests watch `instance.refresh_failing` without waiting five minutes.
     config.refresh_failing_after = std::time::Duration::ZERO;
+    // And superseded grants revoked without waiting a minute.
+    config.superseded_grant_revoked_after = std::time::Duration::ZERO;
     adjust(&mut config);
     tokenwarden::startup::spawn(loopback(), config)
         .await

@@ -2682,6 +2682,10 @@ async fn instance_bodies_that_would_change_nothing_are_refused() {
             "no value for it",
         ),
         (
+            json!({"element": {"key": "sandbox-box"}}),
+            "cannot make it one of",
+        ),
+        (
             json!({"configuration": {"k": 12345678901234567890123_f64}}),
             "give it as a string",
         ),
@@ -2696,6 +2700,16 @@ async fn instance_bodies_that_would_change_nothing_are_refused() {
             answer.body
         );
     }
+    // Blank switches webhooks off.
+    let answer = call(
+        &env,
+        Method::PATCH,
+        &path,
+        Some(&auth),
+        Some(json!({"configuration": {"event.notification.enabled": ""}})),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "[{label}] {}", answer.body);
     // The instance as shown, written back whole (PUT) and merged (PATCH): accepted.
     let (_, shown) = env.get_json(&path, &auth).await;
     for method in [Method::PUT, Method::PATCH] {
@@ -2736,13 +2750,32 @@ async fn instance_bodies_that_would_change_nothing_are_refused() {
             answer.body
         );
     }
-    // The code was not spent by the refusals.
+    // A masked token brought in stands for nothing.
+    let mut masked = env.configuration();
+    masked["oauth.user.refresh_token"] = json!("********");
+    let answer = call(
+        &env,
+        Method::POST,
+        &env.api("/instances"),
+        Some(&auth),
+        Some(
+            json!({"element": {"key": "sandbox-generic"}, "externalAuthentication": "initial",
+                    "configuration": masked}),
+        ),
+    )
+    .await;
+    assert_eq!(answer.status, 400, "[{label}] {}", answer.body);
+    // The code was not spent by the refusals; Cloud Elements' own create body (its fields
+    // for features of its platform) is taken.
+    let mut cloud_elements = base;
+    cloud_elements["retrieveObjectsAfterInstantiation"] = json!(true);
+    cloud_elements["eventsEnabled"] = json!(false);
     let answer = call(
         &env,
         Method::POST,
         &env.api("/elements/sandbox-generic/instances"),
         Some(&auth),
-        Some(base),
+        Some(cloud_elements),
     )
     .await;
     assert_eq!(answer.status, 200, "[{label}] {}", answer.body);
@@ -2947,6 +2980,11 @@ async fn imported_tokens_the_provider_rejects_are_refused_or_replaced() {
         refused.body["message"]
             .as_str()
             .is_some_and(|message| message.contains("nothing was changed")),
+        "{}",
+        refused.body
+    );
+    assert!(
+        refused.body["providerMessage"].is_string(),
         "{}",
         refused.body
     );
