@@ -806,6 +806,12 @@ impl Sandbox {
                         cascades: !refresh_only,
                     };
                 }
+                // At Salesforce a grant is its refresh token: revoked, it no longer counts
+                // against the user's five (the cap counted it on, and a re-authentication that
+                // revoked the grant it replaced still evicted the user's other instance).
+                if profile == Profile::Salesforce && !refresh_only {
+                    self.revoke_grant(record.grant_id, effective_at);
+                }
             } else {
                 self.revoke_grant(record.grant_id, effective_at);
             }

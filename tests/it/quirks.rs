@@ -509,6 +509,43 @@ async fn grant_caps_evict_the_oldest_instance_of_a_user_on(env: Env) {
     env.stop().await;
 }
 
+/// Salesforce's sandbox, as it is: five grants per user and app, the oldest ended by a sixth.
+/// An instance re-authenticated six times keeps the user's other instance working: each
+/// superseded grant is revoked, and a revoked grant no longer counts.
+#[tokio::test]
+async fn salesforce_reauthentications_keep_the_users_other_instance() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let (_, other) = create(&env, "sandbox-salesforce", "sally").await;
+    let (_, reauthenticated) = create(&env, "sandbox-salesforce", "sally").await;
+    let revoked_before = crate::refresh::stat(&env, &["revoke"]).await;
+    for round in 1..=6 {
+        let (code, state) = env.authorize(&env.org, "sandbox-salesforce", "sally").await;
+        let patched = env
+            .http
+            .patch(env.api("/instances"))
+            .header("authorization", env.org.with_element(&reauthenticated))
+            .json(&json!({"providerData": {"code": code, "state": state}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(patched.status(), 200, "[{label}] round {round}");
+        crate::refresh::eventually(
+            "the superseded grant revoked",
+            std::time::Duration::from_secs(10),
+            || async {
+                (crate::refresh::stat(&env, &["revoke"]).await >= revoked_before + round)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    works(&env, &reauthenticated, "re-authenticated six times").await;
+    works(&env, &other, "the user's other instance").await;
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 // ----- 4. routing data --------------------------------------------------------------------
 
 #[tokio::test]
