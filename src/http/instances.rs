@@ -1114,6 +1114,44 @@ async fn store_created(
     } = created;
     let _ = grant.verifier_used;
     grant.keep_authorization(&mut plain);
+    let mut grant = grant;
+    // Imported tokens whose access token the provider rejects: replaced now by a refresh when
+    // a refresh token came with them; refused, nothing created, when none did or when the
+    // provider refuses the refresh token too. (They were answered `valid: true`, and the
+    // instance turned invalid a moment later.)
+    let mut verified_first = None;
+    let mut due_now = false;
+    if external && !grant.tokens.access_token.is_empty() {
+        let verified =
+            instances::verification(app, connector, &plain, &grant.tokens.access_token).await;
+        match verified.as_ref().and_then(|v| v.rejection.clone()) {
+            None => verified_first = Some(verified),
+            Some(words) => {
+                let Some(refresh_token) = grant.tokens.refresh_token.clone() else {
+                    return Err(rejected_import("was created", words));
+                };
+                match refresh_imported(app, connector, &plain, secret, &refresh_token).await {
+                    Ok(mut tokens) => {
+                        if tokens.refresh_token.is_none() {
+                            tokens.refresh_token = Some(refresh_token);
+                        }
+                        grant.tokens = tokens;
+                    }
+                    Err(error) if error.is_permanent() => {
+                        return Err(ApiError::bad_request(
+                            "The provider rejects the imported access token and refuses the refresh token: nothing was created",
+                        )
+                        .with_provider_message(error.provider_message()));
+                    }
+                    // The provider failing for now: the import stands, refreshed at once.
+                    Err(_) => {
+                        verified_first = Some(verified);
+                        due_now = true;
+                    }
+                }
+            }
+        }
+    }
     let id = crypto::new_id();
     let now = now_ms();
     let element_token = crypto::new_platform_secret();
@@ -1154,16 +1192,16 @@ async fn store_created(
         row.next_due_at = Some(now);
     }
     row.created_by = Some(caller.user_id);
+    if due_now {
+        row.next_due_at = Some(now);
+    }
     if !grant.tokens.access_token.is_empty() {
-        let verified =
-            instances::verification(app, connector, &plain, &grant.tokens.access_token).await;
-        if external
-            && let Some(words) = verified.as_ref().and_then(|v| v.rejection.clone())
-            && imported_rejection(grant.tokens.refresh_token.is_some(), "was created", words)?
-        {
-            // A refresh token may replace it: at once, not at the token's expiry.
-            row.next_due_at = Some(now);
-        }
+        let verified = match verified_first {
+            Some(verified) => verified,
+            None => {
+                instances::verification(app, connector, &plain, &grant.tokens.access_token).await
+            }
+        };
         row.verification = verified.map(|verified| verified.outcome.to_string());
     }
     let event = events::new_event(app, &row, events::CREATED, None);
@@ -2811,6 +2849,24 @@ fn in_this_request<F: Future>(work: F) -> impl Future<Output = F::Output> {
     crate::http::error::REQUEST_ID.scope(request_id, work.instrument(tracing::Span::current()))
 }
 
+/// A refresh with an imported refresh token, before the instance it is for exists (no other
+/// refresh of it can run).
+async fn refresh_imported(
+    app: &App,
+    connector: &Connector,
+    configuration: &Map<String, Value>,
+    secret: &BTreeMap<String, String>,
+    refresh_token: &Secret,
+) -> Result<TokenSet, crate::oauth::OAuthError> {
+    let (endpoints, spec) = app
+        .oauth_settings(connector, configuration)
+        .map_err(crate::oauth::OAuthError::config)?;
+    let credentials = instances::client_credentials(configuration, secret);
+    app.oauth
+        .refresh(&spec, &endpoints, &credentials, refresh_token)
+        .await
+}
+
 /// How long an update importing tokens, which holds the instance, waits for the verification
 /// of the imported access token.
 const IMPORT_VERIFICATION_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -2823,10 +2879,15 @@ fn imported_rejection(has_refresh_token: bool, nothing: &str, words: String) -> 
     if has_refresh_token {
         return Ok(true);
     }
-    Err(ApiError::bad_request(format!(
+    Err(rejected_import(nothing, words))
+}
+
+/// The refusal of an imported access token the provider rejects, with no refresh token.
+fn rejected_import(nothing: &str, words: String) -> ApiError {
+    ApiError::bad_request(format!(
         "The provider rejects the imported access token, and there is no refresh token to replace it: nothing {nothing}"
     ))
-    .with_provider_message(words))
+    .with_provider_message(words)
 }
 
 /// Whether imported tokens are refreshed as soon as the scheduler looks: a refresh token

@@ -2880,8 +2880,8 @@ async fn delete_by_the_element_token() {
 }
 
 /// Imported tokens the provider rejects: with no refresh token to replace the access token,
-/// the create (or update) is refused with the provider's words and nothing is written; with
-/// one, the instance refreshes at once. Both were answered `valid: true`, and the first call
+/// or one the provider refuses too, the create (or update) is refused with the provider's
+/// words and nothing is written; with a working one, the create refreshes before it answers. Both were answered `valid: true`, and the first call
 /// answered 401.
 #[tokio::test]
 async fn imported_tokens_the_provider_rejects_are_refused_or_replaced() {
@@ -2918,7 +2918,27 @@ async fn imported_tokens_the_provider_rejects_are_refused_or_replaced() {
         refused.body
     );
     assert_eq!(listed().await, before, "[{label}] nothing created");
-    // With a refresh token that works: created, and refreshed at once.
+    // With a refresh token the provider refuses too: refused, nothing created.
+    let mut dead_refresh = bogus.clone();
+    dead_refresh["oauth.user.refresh_token"] = json!("bogus-refresh-token");
+    let refused = call(
+        &env,
+        Method::POST,
+        &env.api("/instances"),
+        Some(&auth),
+        Some(import(dead_refresh)),
+    )
+    .await;
+    assert_eq!(refused.status, 400, "[{label}] {}", refused.body);
+    assert!(
+        refused.body["providerMessage"]
+            .as_str()
+            .is_some_and(|words| words.contains("invalid_grant")),
+        "{}",
+        refused.body
+    );
+    assert_eq!(listed().await, before, "[{label}] nothing created");
+    // With a refresh token that works: created on the tokens it gives.
     let source = env
         .create_instance(&env.org, "sandbox-generic", "source")
         .await;
@@ -2936,22 +2956,19 @@ async fn imported_tokens_the_provider_rejects_are_refused_or_replaced() {
     .await;
     assert_eq!(created.status, 200, "[{label}] {}", created.body);
     let token = created.body["token"].as_str().unwrap().to_string();
-    crate::refresh::eventually(
-        "the imported instance refreshed without a call",
-        std::time::Duration::from_secs(15),
-        || async {
-            let (_, shown) = env
-                .get_json(
-                    &env.api(&format!("/instances/{}", created.body["id"])),
-                    &auth,
-                )
-                .await;
-            (shown["lastRefreshDate"] != created.body["lastRefreshDate"]).then_some(())
-        },
-    )
-    .await;
+    assert_eq!(
+        created.body["verification"]["ok"], true,
+        "[{label}] {}",
+        created.body
+    );
+    let unauthorized = crate::refresh::stat(&env, &["api", "unauthorized"]).await;
     let (status, body) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
     assert_eq!(status, 200, "[{label}] {body}");
+    assert_eq!(
+        crate::refresh::stat(&env, &["api", "unauthorized"]).await,
+        unauthorized,
+        "[{label}] the first call went with a working token"
+    );
     // An update importing a rejected access token into an instance with no refresh token.
     let mut access_only = env.configuration();
     access_only["oauth.user.token"] = revealed["configuration"]["oauth.user.token"].clone();
