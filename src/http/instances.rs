@@ -976,12 +976,12 @@ async fn create_instance(
     let mut split = split_configuration(configuration);
     // A masked value in a create stands for nothing to keep: it is left out (the client
     // secret kept with the authorization may then serve), never sent or stored as a value.
-    // Another key masked stands for a value nobody gave: refused, as in an update.
-    if let Some((key, _)) = split
-        .secret
-        .iter()
-        .find(|(key, value)| *value == instances::MASK && key.as_str() != instances::API_SECRET)
-    {
+    // Another key masked stands for a value nobody gave: refused, as in an update. So does
+    // the client secret of an import (no authorization kept one).
+    let code_given = body.code().is_some();
+    if let Some((key, _)) = split.secret.iter().find(|(key, value)| {
+        *value == instances::MASK && (key.as_str() != instances::API_SECRET || !code_given)
+    }) {
         return Err(ApiError::bad_request(format!(
             "`{key}` is the mask `{}`, but a new instance has no value for it: give the value itself",
             instances::MASK

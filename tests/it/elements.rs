@@ -148,7 +148,7 @@ async fn own_connectors_are_validated_unique_and_private() {
         assert_eq!(created.body["authentication"]["type"], "oauth2");
         // A connector as a GET shows it posts back under another key: an own one, and a
         // built-in one taken as a template.
-        for template in ["acme", "box", "salesforce"] {
+        for template in ["acme", "box", "salesforce", "sandbox-generic"] {
             let (_, mut shown) = env
                 .get_json(&env.api(&format!("/elements/{template}")), &auth)
                 .await;

@@ -2750,21 +2750,34 @@ async fn instance_bodies_that_would_change_nothing_are_refused() {
             answer.body
         );
     }
-    // A masked token brought in stands for nothing.
+    // A masked token brought in stands for nothing, nor does an import's masked client
+    // secret (no authorization kept one).
     let mut masked = env.configuration();
     masked["oauth.user.refresh_token"] = json!("********");
-    let answer = call(
-        &env,
-        Method::POST,
-        &env.api("/instances"),
-        Some(&auth),
-        Some(
-            json!({"element": {"key": "sandbox-generic"}, "externalAuthentication": "initial",
-                    "configuration": masked}),
-        ),
-    )
-    .await;
-    assert_eq!(answer.status, 400, "[{label}] {}", answer.body);
+    let mut masked_secret = env.configuration();
+    masked_secret["oauth.user.refresh_token"] = json!("a-refresh-token");
+    masked_secret["oauth.api.secret"] = json!("********");
+    for configuration in [masked, masked_secret] {
+        let answer = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&auth),
+            Some(
+                json!({"element": {"key": "sandbox-generic"}, "externalAuthentication": "initial",
+                        "configuration": configuration}),
+            ),
+        )
+        .await;
+        assert_eq!(answer.status, 400, "[{label}] {}", answer.body);
+        assert!(
+            answer.body["message"]
+                .as_str()
+                .is_some_and(|message| message.contains("mask")),
+            "[{label}] {}",
+            answer.body
+        );
+    }
     // The code was not spent by the refusals; Cloud Elements' own create body (its fields
     // for features of its platform) is taken.
     let mut cloud_elements = base;
@@ -2881,8 +2894,8 @@ async fn delete_by_the_element_token() {
 
 /// Imported tokens the provider rejects: with no refresh token to replace the access token,
 /// or one the provider refuses too, the create (or update) is refused with the provider's
-/// words and nothing is written; with a working one, the create refreshes before it answers. Both were answered `valid: true`, and the first call
-/// answered 401.
+/// words and nothing is written; with a working one, the create refreshes before it answers.
+/// Both were answered `valid: true`, and the first call answered 401.
 #[tokio::test]
 async fn imported_tokens_the_provider_rejects_are_refused_or_replaced() {
     let (label, url) = test_databases().await.into_iter().next().unwrap();
