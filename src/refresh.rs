@@ -1949,28 +1949,51 @@ pub fn revoke_superseded_grant(
             }
         };
         let credentials = client_credentials(&configuration, &secret_configuration);
-        match app
-            .oauth
-            .revoke(
-                &spec,
-                &endpoints,
-                &credentials,
-                &refresh_token,
-                TokenHint::RefreshToken,
-            )
-            .await
-        {
-            Ok(_) => tracing::info!(
-                instance = id,
-                "revoked the grant a re-authentication superseded"
-            ),
-            Err(error) => tracing::warn!(
-                instance = id,
-                "the grant a re-authentication superseded was not revoked: {}",
-                error.provider_message()
-            ),
+        // A failure that may pass is tried again, four times over about half a minute.
+        for attempt in 0..5 {
+            match app
+                .oauth
+                .revoke(
+                    &spec,
+                    &endpoints,
+                    &credentials,
+                    &refresh_token,
+                    TokenHint::RefreshToken,
+                )
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(
+                        instance = id,
+                        "revoked the grant a re-authentication superseded"
+                    );
+                    return;
+                }
+                Err(error) if attempt < 4 && revocation_may_pass(&error) => {
+                    tokio::time::sleep(Duration::from_secs(2 << attempt)).await;
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        instance = id,
+                        "the grant a re-authentication superseded was not revoked: {}",
+                        error.provider_message()
+                    );
+                    return;
+                }
+            }
         }
     });
+}
+
+/// Whether a revocation's failure may pass: no answer, a 5xx or a 429, or said with an error
+/// code (`temporarily_unavailable`, a rate limit's).
+fn revocation_may_pass(error: &OAuthError) -> bool {
+    matches!(
+        error,
+        OAuthError::RateLimited { .. } | OAuthError::Transport { .. }
+    ) || matches!(error, OAuthError::Unavailable { status, .. } if *status >= 500)
+        || error.is_passing()
+        || error.is_rate_limit_code()
 }
 
 /// Revokes an instance's grant at the provider, in the connector's shape. The refresh token is
@@ -2055,12 +2078,7 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
                 // credentials refused (`invalid_client`): once they are fixed, not before.
                 // Another refusal (a 4xx: the token is dead already, or cannot be revoked) will
                 // not change.
-                retryable |= matches!(
-                    error,
-                    OAuthError::RateLimited { .. } | OAuthError::Transport { .. }
-                ) || matches!(error, OAuthError::Unavailable { status, .. } if status >= 500)
-                    || error.is_passing()
-                    || error.is_rate_limit_code();
+                retryable |= revocation_may_pass(&error);
                 client_rejected |= error.is_client_rejected();
                 // Both tokens refused alike (a 503 page) are told once.
                 let message = error.provider_message();

@@ -43,6 +43,9 @@ pub struct InstanceBody {
     /// Shown in an instance; given, it must say what the instance is (enabling and disabling
     /// are `PUT`/`DELETE …/enabled`).
     disabled: Option<bool>,
+    /// An `id` the body carries (a read written back): another instance's is refused, as the
+    /// caller meant that one.
+    id: Option<Value>,
 }
 
 /// The fields of an instance as it is shown, which a body may carry back (a read, edited and
@@ -130,6 +133,7 @@ impl<'de> Deserialize<'de> for InstanceBody {
                     tags: fields.tags,
                     external_authentication: fields.external_authentication,
                     disabled: fields.disabled,
+                    id: fields.other.get("id").cloned(),
                 })
             }
         }
@@ -1527,6 +1531,15 @@ async fn update(
             "`externalAuthentication: \"initial\"` needs `oauth.user.token` and/or `oauth.user.refresh_token` in the configuration; nothing was changed",
         ));
     }
+    if let Some(given) = &body.id
+        && given.as_i64() != Some(row.id)
+        && given.as_str().and_then(|id| id.parse::<i64>().ok()) != Some(row.id)
+    {
+        return Err(ApiError::bad_request(format!(
+            "The body's `id` is {given}, but the instance updated is {}: nothing was changed",
+            row.id
+        )));
+    }
     if let Some(ElementRef::Key { key } | ElementRef::Plain(key)) = &body.element
         && *key != row.element_key
     {
@@ -1794,9 +1807,18 @@ async fn update_once(
         inputs_from_redirect(app, &connector, &body.redirect_fields(), &mut split.plain);
     }
     // Given means changed: a configuration written back as read carries the stored one.
+    // (A trailing slash more or less is the same root.)
     let base_given = split.plain.get(BASE_URL).is_some_and(|given| {
-        old_plain.get(BASE_URL).and_then(Value::as_str) != Some(given.as_str())
+        old_plain
+            .get(BASE_URL)
+            .and_then(Value::as_str)
+            .map(|stored| stored.trim_end_matches('/'))
+            != Some(given.trim_end_matches('/'))
     });
+    if !base_given && old_plain.contains_key(BASE_URL) {
+        // The stored one stays, as written.
+        split.plain.remove(BASE_URL);
+    }
     // A connector whose API host the token responses name (Salesforce's `instance_url`,
     // Adobe's `api_access_point`): each one sets `base.url` again, so one given here would be
     // shown, and undone by the next refresh. Refused once the instance has such a host (an

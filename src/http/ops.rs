@@ -185,12 +185,16 @@ fn callback_headers() -> [(axum::http::HeaderName, String); 3] {
 
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
     let path = uri.path();
-    if path.starts_with("/elements/api-v2/") && path.len() > "/elements/api-v2/".len() {
+    if path.trim_end_matches('/') == "/elements/api-v2" {
+        return ApiError::not_found(
+            "There is no such path: the platform API's paths go on from /elements/api-v2 (`/instances`, `/elements`, …; `/openapi.json` lists them)",
+        );
+    }
+    if path.starts_with("/elements/api-v2/") {
         if path.ends_with('/') {
-            return ApiError::not_found(format!(
-                "There is no such path: the platform API's paths end without a slash; try `{}`",
-                path.trim_end_matches('/')
-            ));
+            return ApiError::not_found(
+                "There is no such path: the platform API's paths end without a slash (`/openapi.json` lists them)",
+            );
         }
         return ApiError::not_found(
             "There is no such path in the platform API (`/openapi.json` lists them)",

@@ -2686,6 +2686,10 @@ async fn instance_bodies_that_would_change_nothing_are_refused() {
             "cannot make it one of",
         ),
         (
+            json!({"id": 12345, "name": "other"}),
+            "the instance updated is",
+        ),
+        (
             json!({"configuration": {"k": 12345678901234567890123_f64}}),
             "give it as a string",
         ),
@@ -2824,6 +2828,25 @@ async fn a_base_url_the_provider_names_is_not_changed_by_an_update() {
             .is_some_and(|message| message.contains("instance_url")),
         "[{label}] {}",
         answer.body
+    );
+    // Written back as shown, or without its trailing slash: the same root.
+    let unslashed = salesforce["configuration"]["base.url"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    let answer = call(
+        &env,
+        Method::PATCH,
+        &path,
+        Some(&auth),
+        Some(json!({"configuration": {"base.url": unslashed}})),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "[{label}] {}", answer.body);
+    assert_eq!(
+        answer.body["configuration"]["base.url"], salesforce["configuration"]["base.url"],
+        "[{label}] the stored one stays"
     );
     let shown = salesforce["configuration"]["base.url"].clone();
     let answer = call(

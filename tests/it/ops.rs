@@ -348,7 +348,7 @@ async fn openapi_documents_exactly_the_routes_served() {
     assert_eq!(response.status(), 404);
     let body = response.text().await.unwrap();
     assert!(
-        body.contains(FALLBACK) && body.contains("try `/elements/api-v2/instances`"),
+        body.contains(FALLBACK) && body.contains("end without a slash"),
         "{body}"
     );
     env.stop().await;

@@ -511,7 +511,7 @@ async fn grant_caps_evict_the_oldest_instance_of_a_user_on(env: Env) {
 
 /// Salesforce's sandbox, as it is: five grants per user and app, the oldest ended by a sixth.
 /// An instance re-authenticated six times keeps the user's other instance working: each
-/// superseded grant is revoked, and a revoked grant no longer counts.
+/// superseded grant is revoked (again after a 503), and a revoked grant no longer counts.
 #[tokio::test]
 async fn salesforce_reauthentications_keep_the_users_other_instance() {
     let (label, url) = test_databases().await.into_iter().next().unwrap();
@@ -520,6 +520,14 @@ async fn salesforce_reauthentications_keep_the_users_other_instance() {
     let (_, reauthenticated) = create(&env, "sandbox-salesforce", "sally").await;
     let revoked_before = crate::refresh::stat(&env, &["revoke"]).await;
     for round in 1..=6 {
+        if round % 3 == 0 {
+            // A revocation refused for now is tried again.
+            env.sandbox_post(
+                "/__sandbox/faults",
+                json!({"target": "revoke", "status": 503, "count": 1}),
+            )
+            .await;
+        }
         let (code, state) = env.authorize(&env.org, "sandbox-salesforce", "sally").await;
         let patched = env
             .http
