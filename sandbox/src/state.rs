@@ -735,7 +735,8 @@ impl Sandbox {
     /// Revokes `token` with the cascade of `profile`:
     /// - Adobe Sign and Box: either token kills the whole grant (Adobe documents both
     ///   directions; for Box the cascade is unconfirmed and the sandbox chooses the strict one).
-    /// - Salesforce: an access token alone; a refresh token and the access tokens minted with it.
+    /// - Salesforce: an access token alone; a refresh token, the access tokens minted with it,
+    ///   and its grant's place under the user's cap.
     /// - generic and Microsoft (RFC 7009): an access token alone; a refresh token kills the grant.
     ///
     /// With `revocationMode: refreshOnly` every profile revokes the presented token alone
@@ -844,7 +845,7 @@ impl Sandbox {
                 g.profile == profile
                     && g.user == user
                     && g.client_id == client_id
-                    && g.revoked_at.is_none()
+                    && !g.revoked(now)
             })
             .map(|g| *g.key())
             .collect();

@@ -106,6 +106,16 @@ impl<'de> Deserialize<'de> for InstanceBody {
                         "unknown field `{unknown}`: an instance body takes `element`, `providerData`, `configuration`, `name`, `tags` and `externalAuthentication` (and, unchanged, the read-only fields of an instance as shown)"
                     )));
                 }
+                // Cloud Elements' switches for features of its own platform, asked for: no
+                // silent yes.
+                if let Some(asked) = ["eventsEnabled", "cachingEnabled", "traceLoggingEnabled"]
+                    .into_iter()
+                    .find(|key| fields.other.get(*key) == Some(&Value::Bool(true)))
+                {
+                    return Err(serde::de::Error::custom(format!(
+                        "`{asked}: true` asks for a Cloud Elements feature this service does not have (webhooks of an instance's events: `event.notification.enabled` in the configuration); send false or leave it out"
+                    )));
+                }
                 if let Some(mode) = &fields.external_authentication
                     && !mode.eq_ignore_ascii_case("initial")
                     && !mode.eq_ignore_ascii_case("none")
@@ -133,7 +143,7 @@ impl<'de> Deserialize<'de> for InstanceBody {
                     tags: fields.tags,
                     external_authentication: fields.external_authentication,
                     disabled: fields.disabled,
-                    id: fields.other.get("id").cloned(),
+                    id: fields.other.get("id").filter(|id| !id.is_null()).cloned(),
                 })
             }
         }
@@ -995,10 +1005,12 @@ async fn create_instance(
     let mut given = split.plain.clone();
     inputs_from_redirect(app, connector, &body.redirect_fields(), &mut given);
     let plain = starting_configuration(app, connector, given)?;
-    let external = body
-        .external_authentication
-        .as_deref()
-        .is_some_and(|mode| mode.eq_ignore_ascii_case("initial"));
+    // With a code, the code's tokens are the instance's, not imported ones.
+    let external = body.code().is_none()
+        && body
+            .external_authentication
+            .as_deref()
+            .is_some_and(|mode| mode.eq_ignore_ascii_case("initial"));
     let grant = match (body.code(), external) {
         (Some(code), _) => {
             let exchanged = exchange(
@@ -1118,43 +1130,21 @@ async fn store_created(
     } = created;
     let _ = grant.verifier_used;
     grant.keep_authorization(&mut plain);
-    let mut grant = grant;
-    // Imported tokens whose access token the provider rejects: replaced now by a refresh when
-    // a refresh token came with them; refused, nothing created, when none did or when the
-    // provider refuses the refresh token too. (They were answered `valid: true`, and the
-    // instance turned invalid a moment later.)
+    // Imported tokens whose access token the provider rejects: refused, nothing created, when
+    // no refresh token came with them; otherwise refreshed through the engine once the row
+    // exists (its commits keep a rotated refresh token whatever happens), before the answer,
+    // which tells how it went. They were answered `valid: true`, and the instance turned
+    // invalid a moment later.
     let mut verified_first = None;
     let mut due_now = false;
     if external && !grant.tokens.access_token.is_empty() {
         let verified =
             instances::verification(app, connector, &plain, &grant.tokens.access_token).await;
-        match verified.as_ref().and_then(|v| v.rejection.clone()) {
-            None => verified_first = Some(verified),
-            Some(words) => {
-                let Some(refresh_token) = grant.tokens.refresh_token.clone() else {
-                    return Err(rejected_import("was created", words));
-                };
-                match refresh_imported(app, connector, &plain, secret, &refresh_token).await {
-                    Ok(mut tokens) => {
-                        if tokens.refresh_token.is_none() {
-                            tokens.refresh_token = Some(refresh_token);
-                        }
-                        grant.tokens = tokens;
-                    }
-                    Err(error) if error.is_permanent() => {
-                        return Err(ApiError::bad_request(
-                            "The provider rejects the imported access token and refuses the refresh token: nothing was created",
-                        )
-                        .with_provider_message(error.provider_message()));
-                    }
-                    // The provider failing for now: the import stands, refreshed at once.
-                    Err(_) => {
-                        verified_first = Some(verified);
-                        due_now = true;
-                    }
-                }
-            }
+        if let Some(words) = verified.as_ref().and_then(|v| v.rejection.clone()) {
+            due_now =
+                imported_rejection(grant.tokens.refresh_token.is_some(), "was created", words)?;
         }
+        verified_first = Some(verified);
     }
     let id = crypto::new_id();
     let now = now_ms();
@@ -1231,6 +1221,14 @@ async fn store_created(
     )
     .await;
     app.refresh.notify_schedule_changed();
+    if due_now {
+        // Its outcome is in the instance read below (valid on new tokens, or invalid, or
+        // failing for now, with the provider's words).
+        let _ = app.refresh.refresh_now(app, id).await;
+        if let Some(now) = app.store.get_instance(caller.organization_id, id).await? {
+            row = now;
+        }
+    }
     // The request cannot carry the new instance's Element token: token values and client
     // secrets are masked here like everywhere else (GET it with the Element token to see them).
     let view = instances::view(app, &row, Some(&connector.name), false)?;
@@ -1536,7 +1534,7 @@ async fn update(
         && given.as_str().and_then(|id| id.parse::<i64>().ok()) != Some(row.id)
     {
         return Err(ApiError::bad_request(format!(
-            "The body's `id` is {given}, but the instance updated is {}: nothing was changed",
+            "The body's `id` is not {}, the instance updated: nothing was changed",
             row.id
         )));
     }
@@ -2708,7 +2706,11 @@ pub async fn revoke(
                         // A revocation sent again (the provider did not confirm the first)
                         // announces no second invalidation.
                         let again = !held.is_valid()
-                            && held.state_reason.as_deref() == Some("revoked");
+                            && held.state_reason.as_deref() == Some("revoked")
+                            && held
+                                .provider_message
+                                .as_deref()
+                                .is_some_and(|m| m.starts_with("Revoked through tokenwarden"));
                         let event = (!again).then(|| {
                             events::new_event(&app, &held, events::INVALIDATED, Some("revoked"))
                         });
@@ -2871,24 +2873,6 @@ fn in_this_request<F: Future>(work: F) -> impl Future<Output = F::Output> {
     crate::http::error::REQUEST_ID.scope(request_id, work.instrument(tracing::Span::current()))
 }
 
-/// A refresh with an imported refresh token, before the instance it is for exists (no other
-/// refresh of it can run).
-async fn refresh_imported(
-    app: &App,
-    connector: &Connector,
-    configuration: &Map<String, Value>,
-    secret: &BTreeMap<String, String>,
-    refresh_token: &Secret,
-) -> Result<TokenSet, crate::oauth::OAuthError> {
-    let (endpoints, spec) = app
-        .oauth_settings(connector, configuration)
-        .map_err(crate::oauth::OAuthError::config)?;
-    let credentials = instances::client_credentials(configuration, secret);
-    app.oauth
-        .refresh(&spec, &endpoints, &credentials, refresh_token)
-        .await
-}
-
 /// How long an update importing tokens, which holds the instance, waits for the verification
 /// of the imported access token.
 const IMPORT_VERIFICATION_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -2951,10 +2935,10 @@ fn require_client_id(plain: &Map<String, Value>) -> ApiResult<()> {
 /// `event.notification.enabled`: `"true"` or `"false"` (any case), or blank (off). Another
 /// value (`"yes"`) was stored, and read as false: the webhooks asked for never went.
 fn check_webhook_enabled(configuration: &Map<String, Value>) -> ApiResult<()> {
+    // As the deliverer reads it: a padded `" true"` is no true.
     match configuration
         .get(instances::WEBHOOK_ENABLED)
         .and_then(Value::as_str)
-        .map(str::trim)
     {
         Some(value)
             if !value.is_empty()

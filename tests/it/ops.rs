@@ -351,6 +351,11 @@ async fn openapi_documents_exactly_the_routes_served() {
         body.contains(FALLBACK) && body.contains("end without a slash"),
         "{body}"
     );
+    // The base path itself says where the paths go on.
+    let response = env.http.get(env.api("/")).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+    let body = response.text().await.unwrap();
+    assert!(body.contains("go on from /elements/api-v2"), "{body}");
     env.stop().await;
     drop_test_database(&url).await;
 }

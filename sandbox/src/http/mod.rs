@@ -161,21 +161,22 @@ fn profile_routes(profile: Profile) -> Router<AppState> {
                 ),
             );
     }
+    // A separate refresh endpoint (Adobe's) takes refresh tokens only.
+    let refresh_only = move || {
+        post(
+            move |state: State<AppState>, headers: HeaderMap, body: Bytes| {
+                token::token(
+                    state,
+                    profile,
+                    token::AllowedGrants::RefreshTokenOnly,
+                    headers,
+                    body,
+                )
+            },
+        )
+    };
     if let Some(refresh) = paths.refresh {
-        routes = routes.route(
-            refresh,
-            post(
-                move |state: State<AppState>, headers: HeaderMap, body: Bytes| {
-                    token::token(
-                        state,
-                        profile,
-                        token::AllowedGrants::RefreshTokenOnly,
-                        headers,
-                        body,
-                    )
-                },
-            ),
-        );
+        routes = routes.route(refresh, refresh_only());
     }
     if profile == Profile::AdobeSign {
         // The paths the articles use (`/oauth/revoke?token=`, `/oauth/refresh`), beside the
@@ -187,20 +188,7 @@ fn profile_routes(profile: Profile) -> Router<AppState> {
                     revoke::revoke(state, profile, request).await
                 }),
             )
-            .route(
-                "/adobe-sign/oauth/refresh",
-                post(
-                    move |state: State<AppState>, headers: HeaderMap, body: Bytes| {
-                        token::token(
-                            state,
-                            profile,
-                            token::AllowedGrants::RefreshTokenOnly,
-                            headers,
-                            body,
-                        )
-                    },
-                ),
-            );
+            .route("/adobe-sign/oauth/refresh", refresh_only());
     }
     routes.merge(api::provider_routes(profile))
 }
