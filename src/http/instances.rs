@@ -1602,7 +1602,8 @@ async fn update_turns(
     // it runs meanwhile, in any replica), so the import cannot fail after the rest was stored.
     if imports_tokens(&body, mode) {
         let (body, seen) = (&body, &seen);
-        return app
+        let mut refresh_after = false;
+        let answer = app
             .refresh
             .with_instance_held(app, row.id, async |held| {
                 let attempt = Attempt {
@@ -1610,6 +1611,7 @@ async fn update_turns(
                     exchanged: &mut None,
                     spent: &mut None,
                     held: true,
+                    refresh_after: &mut refresh_after,
                 };
                 update_once(app, caller, held, body, mode, attempt)
                     .await?
@@ -1619,7 +1621,16 @@ async fn update_turns(
                         )
                     })
             })
-            .await;
+            .await?;
+        if !refresh_after {
+            return Ok(answer);
+        }
+        // The imported access token was rejected, a refresh token may replace it: refreshed
+        // once the hold has ended, before the answer, which tells how it went (it said valid,
+        // and the instance turned invalid a moment later).
+        let _ = app.refresh.refresh_now(app, row.id).await;
+        let stored = reload(app, &row).await?;
+        return respond(app, caller, stored).await;
     }
     // A re-authentication's exchange (the code is single use) and verification, kept for the
     // next attempt when the row moved on before it was written.
@@ -1637,6 +1648,7 @@ async fn update_turns(
                 exchanged: &mut exchanged,
                 spent: &mut *spent,
                 held: false,
+                refresh_after: &mut false,
             },
         )
         .await?
@@ -1667,11 +1679,13 @@ async fn update_turns(
     let (body, seen, exchanged) = (&body, &seen, &mut exchanged);
     app.refresh
         .with_instance_held_within(app, row.id, wait, async |held| {
+            // (No import here: an import takes the hold from the start, above.)
             let attempt = Attempt {
                 seen,
                 exchanged,
                 spent,
                 held: true,
+                refresh_after: &mut false,
             };
             update_once(app, caller, held, body, mode, attempt)
                 .await?
@@ -1705,6 +1719,9 @@ struct Attempt<'a> {
     spent: &'a mut Option<Vec<u8>>,
     /// Whether the instance is held against refreshes (its lease is the hold's).
     held: bool,
+    /// Set when imported tokens are to be refreshed once the hold ends (their access token
+    /// rejected).
+    refresh_after: &'a mut bool,
 }
 
 /// One attempt of [`update`]: `None` when a refresh committed since `row` was read (its
@@ -1723,6 +1740,7 @@ async fn update_once(
         exchanged,
         spent,
         held,
+        refresh_after,
     } = attempt;
     let connector = app
         .connector(row.organization_id, &row.element_key)
@@ -2121,6 +2139,7 @@ async fn update_once(
     {
         let refresh_token = tokens.refresh_token.is_some() || secrets.refresh_token.is_some();
         imported_rejected = imported_rejection(refresh_token, "was changed", words)?;
+        *refresh_after = imported_rejected;
     }
     // What the audit entry says changed: names of keys, never their values.
     let changes = update_changes(

@@ -3008,6 +3008,40 @@ async fn imported_tokens_the_provider_rejects_are_refused_or_replaced() {
         unauthorized,
         "[{label}] the first call went with a working token"
     );
+    // An update importing a rejected access token: refreshed with the instance's refresh
+    // token before the answer; with a refresh token the provider refuses, answered invalid.
+    let patch_import = |id: Value, configuration: Value| {
+        let auth = auth.clone();
+        let env = &env;
+        async move {
+            call(
+                env,
+                Method::PATCH,
+                &env.api(&format!("/instances/{id}")),
+                Some(&auth),
+                Some(json!({"externalAuthentication": "initial", "configuration": configuration})),
+            )
+            .await
+        }
+    };
+    let kept = patch_import(
+        source["id"].clone(),
+        json!({"oauth.user.token": "bogus-imported"}),
+    )
+    .await;
+    assert_eq!(kept.status, 200, "[{label}] {}", kept.body);
+    assert_eq!(kept.body["valid"], true, "[{label}] {}", kept.body);
+    assert_ne!(
+        kept.body["lastRefreshDate"], source["lastRefreshDate"],
+        "[{label}] refreshed before the answer"
+    );
+    let ended = patch_import(
+        created.body["id"].clone(),
+        json!({"oauth.user.token": "bogus-imported", "oauth.user.refresh_token": "bogus-too"}),
+    )
+    .await;
+    assert_eq!(ended.status, 200, "[{label}] {}", ended.body);
+    assert_eq!(ended.body["valid"], false, "[{label}] {}", ended.body);
     // An update importing a rejected access token into an instance with no refresh token.
     let mut access_only = env.configuration();
     access_only["oauth.user.token"] = revealed["configuration"]["oauth.user.token"].clone();
