@@ -339,6 +339,12 @@ pub struct RefreshEngine {
     parked: DashMap<i64, ParkedCommit>,
     /// The app this engine serves, for the tasks that store parked commits.
     app: std::sync::OnceLock<std::sync::Weak<App>>,
+    /// Revocations of superseded grants waiting out their delay ([`revoke_superseded_grant`]),
+    /// and the stop that has them sent at once.
+    superseded_pending: AtomicUsize,
+    superseded_done: Notify,
+    stopping: std::sync::atomic::AtomicBool,
+    stop: Notify,
 }
 
 /// How long the API's rejections of a token that a refresh has just replaced pass through
@@ -595,6 +601,25 @@ impl RefreshEngine {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         true
+    }
+
+    /// A stop has the revocations of superseded grants still waiting sent at once, and waits
+    /// for them, at most `limit`; whether none is left.
+    pub async fn send_superseded_now(&self, limit: Duration) -> bool {
+        self.stopping.store(true, Ordering::Release);
+        self.stop.notify_waiters();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.superseded_done.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.superseded_pending.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.superseded_pending.load(Ordering::Acquire) == 0;
+            }
+        }
     }
 
     /// Drops the in-memory copy (after a change made through the API).
@@ -1923,66 +1948,105 @@ pub fn revoke_superseded_grant(
     if !connector.oauth.revoke_superseded_grant {
         return;
     }
-    let app = Arc::downgrade(app);
+    let app = Arc::clone(app);
+    app.refresh
+        .superseded_pending
+        .fetch_add(1, Ordering::AcqRel);
     tokio::spawn(async move {
-        let after = match app.upgrade() {
-            Some(app) => app.config.superseded_grant_revoked_after,
-            None => return,
+        // Counted down however the task ends; a stop waits for the count.
+        struct Pending(SharedApp);
+        impl Drop for Pending {
+            fn drop(&mut self) {
+                self.0
+                    .refresh
+                    .superseded_pending
+                    .fetch_sub(1, Ordering::AcqRel);
+                self.0.refresh.superseded_done.notify_waiters();
+            }
+        }
+        let pending = Pending(Arc::clone(&app));
+        // The delay, cut short by a stop: sent then, not lost with the process.
+        let stopped = async {
+            loop {
+                let notified = app.refresh.stop.notified();
+                let mut notified = std::pin::pin!(notified);
+                notified.as_mut().enable();
+                if app.refresh.stopping.load(Ordering::Acquire) {
+                    return;
+                }
+                notified.await;
+            }
         };
-        tokio::time::sleep(after).await;
-        // A process stopping meanwhile leaves it (the old grant lives on, as it did before).
-        let Some(app) = app.upgrade() else {
+        tokio::select! {
+            () = tokio::time::sleep(app.config.superseded_grant_revoked_after) => {}
+            () = stopped => {}
+        }
+        revoke_superseded_now(
+            &app,
+            &connector,
+            id,
+            &configuration,
+            &secret_configuration,
+            &refresh_token,
+        )
+        .await;
+        drop(pending);
+    });
+}
+
+/// [`revoke_superseded_grant`]'s revocation.
+async fn revoke_superseded_now(
+    app: &App,
+    connector: &Connector,
+    id: i64,
+    configuration: &serde_json::Map<String, Value>,
+    secret_configuration: &std::collections::BTreeMap<String, String>,
+    refresh_token: &Secret,
+) {
+    let (endpoints, spec) = match app.oauth_settings(connector, configuration) {
+        Ok(settings) => settings,
+        Err(error) => {
             tracing::warn!(
                 instance = id,
-                "the superseded grant was not revoked: the service stopped"
+                "the superseded grant was not revoked: {error}"
             );
             return;
-        };
-        let (endpoints, spec) = match app.oauth_settings(&connector, &configuration) {
-            Ok(settings) => settings,
-            Err(error) => {
-                tracing::warn!(
+        }
+    };
+    let credentials = client_credentials(configuration, secret_configuration);
+    // A failure that may pass is tried again, four times over about half a minute.
+    for attempt in 0..5 {
+        match app
+            .oauth
+            .revoke(
+                &spec,
+                &endpoints,
+                &credentials,
+                refresh_token,
+                TokenHint::RefreshToken,
+            )
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(
                     instance = id,
-                    "the superseded grant was not revoked: {error}"
+                    "revoked the grant a re-authentication superseded"
                 );
                 return;
             }
-        };
-        let credentials = client_credentials(&configuration, &secret_configuration);
-        // A failure that may pass is tried again, four times over about half a minute.
-        for attempt in 0..5 {
-            match app
-                .oauth
-                .revoke(
-                    &spec,
-                    &endpoints,
-                    &credentials,
-                    &refresh_token,
-                    TokenHint::RefreshToken,
-                )
-                .await
-            {
-                Ok(_) => {
-                    tracing::info!(
-                        instance = id,
-                        "revoked the grant a re-authentication superseded"
-                    );
-                    return;
-                }
-                Err(error) if attempt < 4 && revocation_may_pass(&error) => {
-                    tokio::time::sleep(Duration::from_secs(2 << attempt)).await;
-                }
-                Err(error) => {
-                    tracing::warn!(
-                        instance = id,
-                        "the grant a re-authentication superseded was not revoked: {}",
-                        error.provider_message()
-                    );
-                    return;
-                }
+            Err(error) if attempt < 4 && revocation_may_pass(&error) => {
+                tokio::time::sleep(Duration::from_secs(2 << attempt)).await;
+            }
+            Err(error) => {
+                tracing::warn!(
+                    instance = id,
+                    "the grant a re-authentication superseded was not revoked: {}",
+                    error.provider_message()
+                );
+                return;
             }
         }
-    });
+    }
 }
 
 /// Whether a revocation's failure may pass: no answer, a 5xx or a 429, or said with an error

@@ -44,6 +44,18 @@ impl RunningServer {
                 limit.as_secs()
             );
         }
+        // Superseded grants waiting to be revoked (Salesforce's cap counts them) are revoked
+        // now rather than left alive by the stop.
+        if !self
+            .app
+            .refresh
+            .send_superseded_now(std::time::Duration::from_secs(35))
+            .await
+        {
+            tracing::warn!(
+                "shutdown: superseded grants still being revoked after 35 s; leaving them"
+            );
+        }
         // Rotated tokens the store has not taken are the only copy of their grants: the stop
         // waits for the database to take them (a failover, a restart of it), bounded by the
         // time they are kept at all.

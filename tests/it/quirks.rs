@@ -554,6 +554,53 @@ async fn salesforce_reauthentications_keep_the_users_other_instance() {
     drop_test_database(&url).await;
 }
 
+/// A stop while a superseded grant waits out its delay revokes it then: the waiting task
+/// went with the process, and the grant lived on, counted against the user's five.
+#[tokio::test]
+async fn a_stop_revokes_the_superseded_grants_still_waiting() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start_adjusted(&label, &url, |config| {
+        config.superseded_grant_revoked_after = std::time::Duration::from_secs(600);
+    })
+    .await;
+    let (_, token) = create(&env, "sandbox-salesforce", "stella").await;
+    let (code, state) = env
+        .authorize(&env.org, "sandbox-salesforce", "stella")
+        .await;
+    let patched = env
+        .http
+        .patch(env.api("/instances"))
+        .header("authorization", env.org.with_element(&token))
+        .json(&json!({"providerData": {"code": code, "state": state}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), 200, "[{label}]");
+    let before = crate::refresh::stat(&env, &["revoke"]).await;
+    let Env {
+        server, sandbox, ..
+    } = env;
+    let started = std::time::Instant::now();
+    server.shutdown().await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "[{label}] the stop waited out the delay"
+    );
+    let stats: Value = reqwest::get(format!("{}/__sandbox/stats", sandbox.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        stats["revoke"].as_u64().unwrap(),
+        before + 1,
+        "[{label}] revoked at the stop: {stats}"
+    );
+    sandbox.shutdown().await;
+    drop_test_database(&url).await;
+}
+
 // ----- 4. routing data --------------------------------------------------------------------
 
 #[tokio::test]
