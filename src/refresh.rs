@@ -343,6 +343,10 @@ pub struct RefreshEngine {
     /// and the stop that has them sent at once.
     superseded_pending: AtomicUsize,
     superseded_done: Notify,
+    /// Per instance, the wait of its latest superseded grant: a newer re-authentication has
+    /// the older grant revoked at once (rapid re-authentications kept several alive for their
+    /// minute, and Salesforce's cap ended the user's other instance).
+    superseded_waits: DashMap<i64, Arc<Notify>>,
     stopping: std::sync::atomic::AtomicBool,
     stop: Notify,
 }
@@ -1965,6 +1969,15 @@ pub fn revoke_superseded_grant(
             }
         }
         let pending = Pending(Arc::clone(&app));
+        let superseded = Arc::new(Notify::new());
+        if let Some(older) = app
+            .refresh
+            .superseded_waits
+            .insert(id, Arc::clone(&superseded))
+        {
+            // (A permit, kept if that task is not waiting yet.)
+            older.notify_one();
+        }
         // The delay, cut short by a stop: sent then, not lost with the process.
         let stopped = async {
             loop {
@@ -1980,7 +1993,11 @@ pub fn revoke_superseded_grant(
         tokio::select! {
             () = tokio::time::sleep(app.config.superseded_grant_revoked_after) => {}
             () = stopped => {}
+            () = superseded.notified() => {}
         }
+        app.refresh
+            .superseded_waits
+            .remove_if(&id, |_, latest| Arc::ptr_eq(latest, &superseded));
         revoke_superseded_now(
             &app,
             &connector,
@@ -2027,10 +2044,17 @@ async fn revoke_superseded_now(
             )
             .await
         {
-            Ok(_) => {
+            Ok(crate::oauth::RevokeOutcome::Revoked) => {
                 tracing::info!(
                     instance = id,
                     "revoked the grant a re-authentication superseded"
+                );
+                return;
+            }
+            Ok(_) => {
+                tracing::info!(
+                    instance = id,
+                    "the grant a re-authentication superseded was over already"
                 );
                 return;
             }

@@ -108,12 +108,24 @@ impl<'de> Deserialize<'de> for InstanceBody {
                 }
                 // Cloud Elements' switches for features of its own platform, asked for: no
                 // silent yes.
+                let off = |value: &Value| match value {
+                    Value::Null => true,
+                    Value::Bool(on) => !on,
+                    Value::String(text) => text.is_empty() || text.eq_ignore_ascii_case("false"),
+                    Value::Number(number) => number.as_f64() == Some(0.0),
+                    _ => false,
+                };
                 if let Some(asked) = ["eventsEnabled", "cachingEnabled", "traceLoggingEnabled"]
                     .into_iter()
-                    .find(|key| fields.other.get(*key) == Some(&Value::Bool(true)))
+                    .find(|key| fields.other.get(*key).is_some_and(|value| !off(value)))
                 {
+                    let instead = if asked == "eventsEnabled" {
+                        " (webhooks of an instance's events: `event.notification.enabled` in the configuration)"
+                    } else {
+                        ""
+                    };
                     return Err(serde::de::Error::custom(format!(
-                        "`{asked}: true` asks for a Cloud Elements feature this service does not have (webhooks of an instance's events: `event.notification.enabled` in the configuration); send false or leave it out"
+                        "`{asked}` asks for a Cloud Elements feature this service does not have{instead}; send false or leave it out"
                     )));
                 }
                 if let Some(mode) = &fields.external_authentication

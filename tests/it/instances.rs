@@ -2691,6 +2691,10 @@ async fn instance_bodies_that_would_change_nothing_are_refused() {
         ),
         (json!({"eventsEnabled": true}), "event.notification.enabled"),
         (
+            json!({"cachingEnabled": "true"}),
+            "`cachingEnabled` asks for",
+        ),
+        (
             json!({"configuration": {"k": 12345678901234567890123_f64}}),
             "give it as a string",
         ),

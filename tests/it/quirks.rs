@@ -554,6 +554,46 @@ async fn salesforce_reauthentications_keep_the_users_other_instance() {
     drop_test_database(&url).await;
 }
 
+/// Re-authentications in quick succession: each has the grant superseded before it revoked at
+/// once, so that at most one waits out its minute. They all waited, and Salesforce's cap of
+/// five ended the user's other instance at the fourth.
+#[tokio::test]
+async fn quick_reauthentications_leave_one_superseded_grant_waiting() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start_adjusted(&label, &url, |config| {
+        config.superseded_grant_revoked_after = std::time::Duration::from_secs(600);
+    })
+    .await;
+    let (_, other) = create(&env, "sandbox-salesforce", "quinn").await;
+    let (_, reauthenticated) = create(&env, "sandbox-salesforce", "quinn").await;
+    let revoked_before = crate::refresh::stat(&env, &["revoke"]).await;
+    for round in 1..=6_u64 {
+        let (code, state) = env.authorize(&env.org, "sandbox-salesforce", "quinn").await;
+        let patched = env
+            .http
+            .patch(env.api("/instances"))
+            .header("authorization", env.org.with_element(&reauthenticated))
+            .json(&json!({"providerData": {"code": code, "state": state}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(patched.status(), 200, "[{label}] round {round}");
+        crate::refresh::eventually(
+            "the older superseded grant revoked",
+            std::time::Duration::from_secs(10),
+            || async {
+                (crate::refresh::stat(&env, &["revoke"]).await >= revoked_before + round - 1)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    works(&env, &other, "the user's other instance").await;
+    works(&env, &reauthenticated, "re-authenticated six times").await;
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// A stop while a superseded grant waits out its delay revokes it then: the waiting task
 /// went with the process, and the grant lived on, counted against the user's five.
 #[tokio::test]
