@@ -67,6 +67,21 @@ async fn register(env: &Env, key: &str, quirks: Value) {
     assert!(status.is_success(), "register {key}: {status} {body}");
 }
 
+/// Re-authenticates the instance of Element token `token` with a new code of `user` at
+/// `key` (`PATCH /instances`, the articles' way); the answer's status.
+async fn reauthenticate(env: &Env, key: &str, user: &str, token: &str) -> u16 {
+    let (code, state) = env.authorize(&env.org, key, user).await;
+    env.http
+        .patch(env.api("/instances"))
+        .header("authorization", env.org.with_element(token))
+        .json(&json!({"providerData": {"code": code, "state": state}}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 /// An instance of `key` for sandbox user `user`: (id, element token).
 async fn create(env: &Env, key: &str, user: &str) -> (String, String) {
     let instance = env.create_instance(&env.org, key, user).await;
@@ -435,16 +450,8 @@ async fn grant_caps_evict_the_oldest_instance_of_a_user_on(env: Env) {
     let (_, first) = create(&env, "cap", "erin").await;
     let (_, second) = create(&env, "cap", "erin").await;
     works(&env, &second, "cap 1, second").await;
-    let (code, state) = env.authorize(&env.org, "cap", "erin").await;
-    let patched = env
-        .http
-        .patch(env.api("/instances"))
-        .header("authorization", env.org.with_element(&second))
-        .json(&json!({"providerData": {"code": code, "state": state}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(patched.status(), 200);
+    let status = reauthenticate(&env, "cap", "erin", &second).await;
+    assert_eq!(status, 200);
     works(&env, &second, "cap 1, re-authorized").await;
     turns_invalid(&env, &first, "api/me", "invalid_token", "cap 1, evicted").await;
 
@@ -464,16 +471,8 @@ async fn grant_caps_evict_the_oldest_instance_of_a_user_on(env: Env) {
         let (_, reauthenticated) = create(&env, key, &user).await;
         let revoked_before = crate::refresh::stat(&env, &["revoke"]).await;
         for round in 1..=3 {
-            let (code, state) = env.authorize(&env.org, key, &user).await;
-            let patched = env
-                .http
-                .patch(env.api("/instances"))
-                .header("authorization", env.org.with_element(&reauthenticated))
-                .json(&json!({"providerData": {"code": code, "state": state}}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(patched.status(), 200, "{key}");
+            let status = reauthenticate(&env, key, &user, &reauthenticated).await;
+            assert_eq!(status, 200, "{key}");
             if kept {
                 // The revocation runs beside the answer: the next grant waits for it.
                 crate::refresh::eventually(
@@ -528,16 +527,8 @@ async fn salesforce_reauthentications_keep_the_users_other_instance() {
             )
             .await;
         }
-        let (code, state) = env.authorize(&env.org, "sandbox-salesforce", "sally").await;
-        let patched = env
-            .http
-            .patch(env.api("/instances"))
-            .header("authorization", env.org.with_element(&reauthenticated))
-            .json(&json!({"providerData": {"code": code, "state": state}}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(patched.status(), 200, "[{label}] round {round}");
+        let status = reauthenticate(&env, "sandbox-salesforce", "sally", &reauthenticated).await;
+        assert_eq!(status, 200, "[{label}] round {round}");
         crate::refresh::eventually(
             "the superseded grant revoked",
             std::time::Duration::from_secs(10),
@@ -568,16 +559,8 @@ async fn quick_reauthentications_leave_one_superseded_grant_waiting() {
     let (_, reauthenticated) = create(&env, "sandbox-salesforce", "quinn").await;
     let revoked_before = crate::refresh::stat(&env, &["revoke"]).await;
     for round in 1..=6_u64 {
-        let (code, state) = env.authorize(&env.org, "sandbox-salesforce", "quinn").await;
-        let patched = env
-            .http
-            .patch(env.api("/instances"))
-            .header("authorization", env.org.with_element(&reauthenticated))
-            .json(&json!({"providerData": {"code": code, "state": state}}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(patched.status(), 200, "[{label}] round {round}");
+        let status = reauthenticate(&env, "sandbox-salesforce", "quinn", &reauthenticated).await;
+        assert_eq!(status, 200, "[{label}] round {round}");
         crate::refresh::eventually(
             "the older superseded grant revoked",
             std::time::Duration::from_secs(10),
