@@ -378,9 +378,17 @@ pub fn inputs_named_by(
     connector: &Connector,
     fields: &Map<String, Value>,
 ) -> Vec<(String, String)> {
+    let mut named = Vec::new();
+    // Most connectors have none: nothing to build on every token response.
+    if !connector
+        .inputs
+        .values()
+        .any(|input| input.from_redirect.is_some())
+    {
+        return named;
+    }
     let sandbox = app.config.sandbox_url.trim_end_matches('/');
     let template = connector.base_url.replace("{sandbox}", sandbox);
-    let mut named = Vec::new();
     for (name, input) in &connector.inputs {
         let Some(url) = input
             .from_redirect
@@ -444,22 +452,25 @@ pub fn apply_token_set(
     // default shard, created from a code alone, refreshed and revoked at the default's host.
     // Only values the URLs take (checked like any input, and where no provider lives refused),
     // and only changes: a value read back lower-cased equals the one given.
-    let mut named = new_configuration.clone();
-    let mut changed = false;
-    for (name, value) in inputs_named_by(app, connector, &tokens.fields) {
-        let same = named
-            .get(&name)
-            .and_then(Value::as_str)
-            .is_some_and(|stored| stored.eq_ignore_ascii_case(&value));
-        if !same {
+    let changes: Vec<(String, String)> = inputs_named_by(app, connector, &tokens.fields)
+        .into_iter()
+        .filter(|(name, value)| {
+            !new_configuration
+                .get(name)
+                .and_then(Value::as_str)
+                .is_some_and(|stored| stored.eq_ignore_ascii_case(value))
+        })
+        .collect();
+    if !changes.is_empty() {
+        let mut named = new_configuration.clone();
+        for (name, value) in changes {
             named.insert(name, Value::String(value));
-            changed = true;
         }
-    }
-    if changed && let Ok(endpoints) = app.endpoints(connector, &named) {
-        // The refresh URL shown follows them.
-        named.insert(REFRESH_URL.into(), Value::String(endpoints.refresh_url));
-        new_configuration = named;
+        if let Ok(endpoints) = app.endpoints(connector, &named) {
+            // The refresh URL shown follows them.
+            named.insert(REFRESH_URL.into(), Value::String(endpoints.refresh_url));
+            new_configuration = named;
+        }
     }
     if let Some(field) = &connector.oauth.base_url_from
         && let Some(Value::String(value)) = tokens.fields.get(field)

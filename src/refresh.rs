@@ -413,6 +413,11 @@ impl RefreshEngine {
         self.parked.iter().map(|entry| *entry.key()).collect()
     }
 
+    /// How many instances' rotated tokens wait for the store.
+    pub fn kept_count(&self) -> usize {
+        self.parked.len()
+    }
+
     /// Called once the app is built (see [`ParkedCommit`]).
     pub fn know_app(&self, app: &SharedApp) {
         let _ = self.app.set(Arc::downgrade(app));
@@ -580,25 +585,14 @@ impl RefreshEngine {
     /// Waits until no work started by [`spawn_to_the_end`] runs, for at most `limit`; false
     /// when some still runs then.
     pub async fn wait_until_done(&self, limit: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let notified = self.done.notified();
-            let mut notified = std::pin::pin!(notified);
-            notified.as_mut().enable();
-            if self.running.load(Ordering::Acquire) == 0 {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.running.load(Ordering::Acquire) == 0;
-            }
-        }
+        until_zero(&self.running, &self.done, limit).await
     }
 
     /// Waits, at most `limit`, until no rotated tokens are kept for the store (their retries
     /// run meanwhile); whether none are.
     pub async fn wait_for_kept(&self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
-        while !self.parked.is_empty() {
+        while self.kept_count() > 0 {
             if tokio::time::Instant::now() >= deadline {
                 return false;
             }
@@ -607,23 +601,16 @@ impl RefreshEngine {
         true
     }
 
-    /// A stop has the revocations of superseded grants still waiting sent at once, and waits
-    /// for them, at most `limit`; whether none is left.
-    pub async fn send_superseded_now(&self, limit: Duration) -> bool {
+    /// A stop begins: the revocations of superseded grants still waiting are sent at once.
+    pub fn stopping(&self) {
         self.stopping.store(true, Ordering::Release);
         self.stop.notify_waiters();
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let notified = self.superseded_done.notified();
-            let mut notified = std::pin::pin!(notified);
-            notified.as_mut().enable();
-            if self.superseded_pending.load(Ordering::Acquire) == 0 {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.superseded_pending.load(Ordering::Acquire) == 0;
-            }
-        }
+    }
+
+    /// Waits, at most `limit`, for the revocations of superseded grants under way; whether
+    /// none is left.
+    pub async fn wait_for_superseded(&self, limit: Duration) -> bool {
+        until_zero(&self.superseded_pending, &self.superseded_done, limit).await
     }
 
     /// Drops the in-memory copy (after a change made through the API).
@@ -1978,21 +1965,12 @@ pub fn revoke_superseded_grant(
             // (A permit, kept if that task is not waiting yet.)
             older.notify_one();
         }
-        // The delay, cut short by a stop: sent then, not lost with the process.
-        let stopped = async {
-            loop {
-                let notified = app.refresh.stop.notified();
-                let mut notified = std::pin::pin!(notified);
-                notified.as_mut().enable();
-                if app.refresh.stopping.load(Ordering::Acquire) {
-                    return;
-                }
-                notified.await;
-            }
-        };
+        // The delay, cut short by a stop (sent then, not lost with the process) or by a newer
+        // re-authentication.
+        let engine = &app.refresh;
         tokio::select! {
             () = tokio::time::sleep(app.config.superseded_grant_revoked_after) => {}
-            () = stopped => {}
+            () = until_set(&engine.stopping, &engine.stop) => {}
             () = superseded.notified() => {}
         }
         app.refresh
@@ -2009,6 +1987,35 @@ pub fn revoke_superseded_grant(
         .await;
         drop(pending);
     });
+}
+
+/// Waits until `count` is 0, woken by `changed`, at most `limit`; whether it is.
+async fn until_zero(count: &AtomicUsize, changed: &Notify, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let notified = changed.notified();
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().enable();
+        if count.load(Ordering::Acquire) == 0 {
+            return true;
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return count.load(Ordering::Acquire) == 0;
+        }
+    }
+}
+
+/// Waits until `flag` is set, woken by `set`.
+async fn until_set(flag: &std::sync::atomic::AtomicBool, set: &Notify) {
+    loop {
+        let notified = set.notified();
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().enable();
+        if flag.load(Ordering::Acquire) {
+            return;
+        }
+        notified.await;
+    }
 }
 
 /// [`revoke_superseded_grant`]'s revocation.

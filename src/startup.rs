@@ -21,6 +21,9 @@ impl RunningServer {
     /// Stops accepting, lets requests and background work finish (bounded), and returns.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
+        // Superseded grants waiting to be revoked (Salesforce's cap counts them) are revoked
+        // now, while the rest drains, rather than left alive by the stop.
+        self.app.refresh.stopping();
         let drain = async { while self.tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(std::time::Duration::from_secs(10), drain)
             .await
@@ -44,12 +47,10 @@ impl RunningServer {
                 limit.as_secs()
             );
         }
-        // Superseded grants waiting to be revoked (Salesforce's cap counts them) are revoked
-        // now rather than left alive by the stop.
         if !self
             .app
             .refresh
-            .send_superseded_now(std::time::Duration::from_secs(35))
+            .wait_for_superseded(std::time::Duration::from_secs(35))
             .await
         {
             tracing::warn!(

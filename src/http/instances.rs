@@ -193,6 +193,14 @@ enum ElementRef {
     Plain(String),
 }
 
+impl ElementRef {
+    fn key(&self) -> &str {
+        match self {
+            ElementRef::Key { key } | ElementRef::Plain(key) => key,
+        }
+    }
+}
+
 /// No `Debug`: it holds the authorization code.
 #[derive(Deserialize, Default)]
 struct ProviderData {
@@ -309,7 +317,7 @@ pub async fn create(
     // A new instance is the organization's act: an Element token names an existing one only.
     caller.require_organization()?;
     let key = match &body.element {
-        Some(ElementRef::Key { key }) | Some(ElementRef::Plain(key)) => key.clone(),
+        Some(element) => element.key().to_string(),
         None => {
             return Err(ApiError::bad_request(
                 "`element.key` names the connector of the new instance",
@@ -350,8 +358,8 @@ pub async fn create_for_element(
         .connector(caller.organization_id, &key)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("There is no connector `{key}`")))?;
-    if let Some(ElementRef::Key { key: named } | ElementRef::Plain(named)) = &body.element
-        && *named != key
+    if let Some(named) = body.element.as_ref().map(ElementRef::key)
+        && named != key
     {
         return Err(ApiError::bad_request(format!(
             "The body's `element` is `{named}`, the path's connector `{key}`: leave `element` out, or POST /instances"
@@ -1018,11 +1026,7 @@ async fn create_instance(
     inputs_from_redirect(app, connector, &body.redirect_fields(), &mut given);
     let plain = starting_configuration(app, connector, given)?;
     // With a code, the code's tokens are the instance's, not imported ones.
-    let external = body.code().is_none()
-        && body
-            .external_authentication
-            .as_deref()
-            .is_some_and(|mode| mode.eq_ignore_ascii_case("initial"));
+    let external = body.code().is_none() && body.announces_tokens();
     let grant = match (body.code(), external) {
         (Some(code), _) => {
             let exchanged = exchange(
@@ -1153,8 +1157,8 @@ async fn store_created(
         let verified =
             instances::verification(app, connector, &plain, &grant.tokens.access_token).await;
         if let Some(words) = verified.as_ref().and_then(|v| v.rejection.clone()) {
-            due_now =
-                imported_rejection(grant.tokens.refresh_token.is_some(), "was created", words)?;
+            imported_rejection(grant.tokens.refresh_token.is_some(), "was created", words)?;
+            due_now = true;
         }
         verified_first = Some(verified);
     }
@@ -1550,8 +1554,8 @@ async fn update(
             row.id
         )));
     }
-    if let Some(ElementRef::Key { key } | ElementRef::Plain(key)) = &body.element
-        && *key != row.element_key
+    if let Some(key) = body.element.as_ref().map(ElementRef::key)
+        && key != row.element_key
     {
         return Err(ApiError::bad_request(format!(
             "The instance is of connector `{}`: an update cannot make it one of `{key}`; nothing was changed",
@@ -1861,24 +1865,15 @@ async fn update_once(
         )));
     }
     let client_id_given = split.plain.contains_key(API_KEY);
-    let webhook_given = split
-        .plain
-        .get(instances::WEBHOOK_URL)
-        .is_some_and(|given| {
-            old_plain
-                .get(instances::WEBHOOK_URL)
-                .and_then(Value::as_str)
-                != Some(given.as_str())
-        });
-    let enabled_given = split
-        .plain
-        .get(instances::WEBHOOK_ENABLED)
-        .is_some_and(|given| {
-            old_plain
-                .get(instances::WEBHOOK_ENABLED)
-                .and_then(Value::as_str)
-                != Some(given.as_str())
-        });
+    // Given means changed, as for `base.url`.
+    let changed = |key: &str| {
+        split
+            .plain
+            .get(key)
+            .is_some_and(|given| old_plain.get(key).and_then(Value::as_str) != Some(given.as_str()))
+    };
+    let webhook_given = changed(instances::WEBHOOK_URL);
+    let enabled_given = changed(instances::WEBHOOK_ENABLED);
     for (key, value) in split.plain {
         plain.insert(key, Value::String(value));
     }
@@ -2087,7 +2082,8 @@ async fn update_once(
         app.refresh.forget(row.id);
         app.refresh.notify_schedule_changed();
         // The grant replaced, where the provider caps a user's grants (Salesforce).
-        if let Some(old) = &secrets.refresh_token
+        if connector.oauth.revoke_superseded_grant
+            && let Some(old) = &secrets.refresh_token
             && grant
                 .tokens
                 .refresh_token
@@ -2150,8 +2146,9 @@ async fn update_once(
         && let Some(words) = verified.rejection
     {
         let refresh_token = tokens.refresh_token.is_some() || secrets.refresh_token.is_some();
-        imported_rejected = imported_rejection(refresh_token, "was changed", words)?;
-        *refresh_after = imported_rejected;
+        imported_rejection(refresh_token, "was changed", words)?;
+        imported_rejected = true;
+        *refresh_after = true;
     }
     // What the audit entry says changed: names of keys, never their values.
     let changes = update_changes(
@@ -2669,20 +2666,14 @@ pub async fn refresh_now(
         .refresh_now(&app, row.id)
         .await
         .map_err(|failure| {
-            let error = failure.into_api_error();
+            let mut error = failure.into_api_error();
             // The proxy's 401 (the contract's, for a runtime's call) would read here as the
             // platform secrets refused: the grant is gone, and the instance needs its user.
             if error.status == StatusCode::UNAUTHORIZED {
-                let refused = ApiError::conflict(
-                    "The provider no longer accepts this instance's grant: it needs re-authentication (PATCH with a new code)",
-                );
-                match error.provider_message {
-                    Some(message) => refused.with_provider_message(message),
-                    None => refused,
-                }
-            } else {
-                error
+                error.status = StatusCode::CONFLICT;
+                error.message = "The provider no longer accepts this instance's grant: it needs re-authentication (PATCH with a new code)".into();
             }
+            error
         })?;
     crate::audit::record(
         &app,
@@ -2909,22 +2900,17 @@ fn in_this_request<F: Future>(work: F) -> impl Future<Output = F::Output> {
 const IMPORT_VERIFICATION_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// An imported access token the provider's verification call rejected (`words`): refused,
-/// with nothing written (`nothing` says what), when no refresh token can replace it; `true`
-/// (refresh at once) when one can. A create or import of tokens the provider refuses was
+/// with nothing written (`nothing` says what), when no refresh token can replace it; when one
+/// can, the caller refreshes at once. A create or import of tokens the provider refuses was
 /// answered `valid: true`, and its first call 401.
-fn imported_rejection(has_refresh_token: bool, nothing: &str, words: String) -> ApiResult<bool> {
+fn imported_rejection(has_refresh_token: bool, nothing: &str, words: String) -> ApiResult<()> {
     if has_refresh_token {
-        return Ok(true);
+        return Ok(());
     }
-    Err(rejected_import(nothing, words))
-}
-
-/// The refusal of an imported access token the provider rejects, with no refresh token.
-fn rejected_import(nothing: &str, words: String) -> ApiError {
-    ApiError::bad_request(format!(
+    Err(ApiError::bad_request(format!(
         "The provider rejects the imported access token, and there is no refresh token to replace it: nothing {nothing}"
     ))
-    .with_provider_message(words)
+    .with_provider_message(words))
 }
 
 /// Whether imported tokens are refreshed as soon as the scheduler looks: a refresh token

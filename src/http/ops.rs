@@ -28,7 +28,7 @@ pub async fn healthz(State(app): State<SharedApp>) -> Response {
     let ping = app.store.ping().await;
     // Rotated tokens the store did not take: the only copy of a grant a rotating provider has
     // retired the old token of, until the database takes them.
-    let kept = app.refresh.kept_instances().len();
+    let kept = app.refresh.kept_count();
     let body = |status: &str, database: &str| {
         json!({
             "status": status,

@@ -1048,6 +1048,29 @@ async fn webhooks_of_one_instance_arrive_in_the_order_of_their_events() {
     }
 }
 
+/// An instance whose events go to `hook`, created and then disabled (two events in order);
+/// its id.
+async fn created_then_disabled(env: &Env, name: &str, hook: &str) -> i64 {
+    let instance = create_with(
+        env,
+        &env.org,
+        "sandbox-generic",
+        name,
+        json!({"event.notification.enabled": "true", "event.notification.callback.url": hook}),
+    )
+    .await;
+    let id = instance["id"].as_i64().unwrap();
+    let (status, body) = send(
+        env,
+        reqwest::Method::DELETE,
+        &format!("/instances/{id}/enabled"),
+        &env.org.platform(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    id
+}
+
 /// A webhook its receiver keeps refusing holds the later ones of its instance only for its
 /// first attempts: after about half a minute they go out (it used to be a day).
 #[tokio::test]
@@ -1057,23 +1080,7 @@ async fn a_webhook_that_keeps_failing_stops_holding_the_later_ones() {
     let (hook, received) =
         refusing_receiver(|headers, _| headers["x-tokenwarden-event-type"] == "instance.created")
             .await;
-    let instance = create_with(
-        &env,
-        &env.org,
-        "sandbox-generic",
-        "stubborn",
-        json!({"event.notification.enabled": "true", "event.notification.callback.url": hook}),
-    )
-    .await;
-    let id = instance["id"].as_i64().unwrap();
-    let (status, body) = send(
-        &env,
-        reqwest::Method::DELETE,
-        &format!("/instances/{id}/enabled"),
-        &env.org.platform(),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
+    created_then_disabled(&env, "stubborn", &hook).await;
     let disabled_arrived = || {
         received
             .lock()
@@ -1110,23 +1117,7 @@ async fn a_webhook_answered_gone_is_not_tried_again() {
         headers["x-tokenwarden-event-type"] == "instance.created"
     })
     .await;
-    let instance = create_with(
-        &env,
-        &env.org,
-        "sandbox-generic",
-        "gone",
-        json!({"event.notification.enabled": "true", "event.notification.callback.url": hook}),
-    )
-    .await;
-    let id = instance["id"].as_i64().unwrap();
-    let (status, body) = send(
-        &env,
-        reqwest::Method::DELETE,
-        &format!("/instances/{id}/enabled"),
-        &env.org.platform(),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
+    let id = created_then_disabled(&env, "gone", &hook).await;
     let arrived = |kind: &str| {
         received
             .lock()

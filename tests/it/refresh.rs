@@ -1468,13 +1468,10 @@ async fn database_outage(admin: &mut sqlx::PgConnection, url: &str, lasting: Dur
     outage_ends(admin, url).await;
 }
 
-/// PostgreSQL unreachable for longer than the commit of rotated tokens is tried while its caller
-/// waits (here 2 s; by default 30 s): the caller is answered 503, the tokens are kept, and
-/// their commit goes on being tried until the database is back, so the strict provider's grant
-/// lives on and the next call works without another refresh. They were given up, and the next
-/// refresh presented the retired refresh token.
-#[tokio::test]
-async fn rotated_tokens_outlive_the_callers_wait_for_the_database() {
+/// A test database on PostgreSQL, a service whose commit of rotated tokens is tried for 2 s
+/// while its caller waits and kept for a minute after, its generic profile rotating strictly
+/// when `strict`, and an instance named `name` there: (url, env, the instance).
+async fn kept_tokens_env(strict: bool, name: &str) -> (String, Env, Value) {
     let Ok(url) = create_postgres_database().await else {
         panic!("PostgreSQL is needed for this test (.ci/run starts it)");
     };
@@ -1483,10 +1480,21 @@ async fn rotated_tokens_outlive_the_callers_wait_for_the_database() {
         config.rotated_tokens_kept_for = Duration::from_secs(60);
     })
     .await;
-    generic_profile(&env, strict_rotation()).await;
-    let created = env
-        .create_instance(&env.org, "sandbox-generic", "outlived")
-        .await;
+    if strict {
+        generic_profile(&env, strict_rotation()).await;
+    }
+    let created = env.create_instance(&env.org, "sandbox-generic", name).await;
+    (url, env, created)
+}
+
+/// PostgreSQL unreachable for longer than the commit of rotated tokens is tried while its caller
+/// waits (here 2 s; by default 30 s): the caller is answered 503, the tokens are kept, and
+/// their commit goes on being tried until the database is back, so the strict provider's grant
+/// lives on and the next call works without another refresh. They were given up, and the next
+/// refresh presented the retired refresh token.
+#[tokio::test]
+async fn rotated_tokens_outlive_the_callers_wait_for_the_database() {
+    let (url, env, created) = kept_tokens_env(true, "outlived").await;
     let token = created["token"].as_str().unwrap().to_string();
     expire_access_tokens(&env).await;
     // Connected before the call: the outage must begin while the provider holds its answer,
@@ -1555,18 +1563,7 @@ async fn rotated_tokens_outlive_the_callers_wait_for_the_database() {
 /// the next refresh, which presented the refresh token it had retired.
 #[tokio::test]
 async fn a_stop_waits_for_the_database_to_take_kept_tokens() {
-    let Ok(url) = create_postgres_database().await else {
-        panic!("PostgreSQL is needed for this test (.ci/run starts it)");
-    };
-    let env = Env::start_adjusted("postgres", &url, |config| {
-        config.commit_retry_for = Duration::from_secs(2);
-        config.rotated_tokens_kept_for = Duration::from_secs(60);
-    })
-    .await;
-    generic_profile(&env, strict_rotation()).await;
-    let created = env
-        .create_instance(&env.org, "sandbox-generic", "kept at the stop")
-        .await;
+    let (url, env, created) = kept_tokens_env(true, "kept at the stop").await;
     let token = created["token"].as_str().unwrap().to_string();
     expire_access_tokens(&env).await;
     let mut admin = admin_connection(&url).await;
@@ -1638,17 +1635,7 @@ async fn a_stop_waits_for_the_database_to_take_kept_tokens() {
 /// another replica invalidated meanwhile is not made valid on tokens the provider refuses.
 #[tokio::test]
 async fn kept_tokens_the_provider_ended_do_not_revive_once_stored() {
-    let Ok(url) = create_postgres_database().await else {
-        panic!("PostgreSQL is needed for this test (.ci/run starts it)");
-    };
-    let env = Env::start_adjusted("postgres", &url, |config| {
-        config.commit_retry_for = Duration::from_secs(2);
-        config.rotated_tokens_kept_for = Duration::from_secs(60);
-    })
-    .await;
-    let created = env
-        .create_instance(&env.org, "sandbox-generic", "kept, unrevived")
-        .await;
+    let (url, env, created) = kept_tokens_env(false, "kept, unrevived").await;
     let id = created["id"].as_i64().unwrap();
     let token = created["token"].as_str().unwrap().to_string();
     expire_access_tokens(&env).await;
