@@ -58,6 +58,11 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// The database itself.
+    Database {
+        #[command(subcommand)]
+        command: DatabaseCommand,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -258,6 +263,34 @@ pub enum KeysCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum DatabaseCommand {
+    /// Copy every row into another, empty database: SQLite into PostgreSQL to run several
+    /// replicas (or back). Stop every `serve` on the source first; start the service on the
+    /// copy with the source's master key, and never again on the source.
+    Copy(CopyArgs),
+}
+
+#[derive(Args)]
+pub struct CopyArgs {
+    /// The source.
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// The database to copy into, empty: `postgres://…` or `sqlite://path` (made when missing).
+    #[arg(long, env = "TOKENWARDEN_COPY_TO", hide_env_values = true)]
+    pub to: String,
+}
+
+/// `Debug` shows the target without its password.
+impl std::fmt::Debug for CopyArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CopyArgs")
+            .field("database", &self.database)
+            .field("to", &crate::secret::url_without_credentials(&self.to))
+            .finish()
+    }
+}
+
 /// Writes a line of a command's output; when its reader has stopped (a closed pipe), ends the
 /// process quietly with status 141, as a shell reports a command SIGPIPE ended (`pipefail`
 /// sees it: the output may have held the only copy of new secrets). SIGPIPE stays ignored, as
@@ -441,6 +474,9 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
                 .await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Database {
+            command: DatabaseCommand::Copy(args),
+        } => copy_database(args).await,
         Command::Keys {
             command: KeysCommand::Rotate { database },
         } => {
@@ -466,6 +502,98 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             Ok(ExitCode::from(2))
         }
     }
+}
+
+/// `tokenwarden database copy`: the source opened as every command opens it (its key checked),
+/// the key file given to a SQLite copy, the rows copied, and what to start the copy with.
+async fn copy_database(args: CopyArgs) -> Result<ExitCode, String> {
+    let to = args.to.trim().to_string();
+    crate::store::Store::check_url(&to).map_err(|error| format!("--to: {error}"))?;
+    if crate::store::sqlite_in_memory(&to) {
+        return Err(
+            "--to: an in-memory database ends with this command: give sqlite://path or postgres://…"
+                .to_string(),
+        );
+    }
+    existing_database(&args.database)?;
+    let source_url = args.database.database_url.trim().to_string();
+    let same_file = match (
+        crate::store::sqlite_file(&source_url),
+        crate::store::sqlite_file(&to),
+    ) {
+        (Some(source), Some(target)) => {
+            let canonical = |file: &str| std::fs::canonicalize(file).ok();
+            source == target
+                || (canonical(&source).is_some() && canonical(&source) == canonical(&target))
+        }
+        _ => false,
+    };
+    if same_file || source_url == to {
+        return Err("--to names the source database: give another one".to_string());
+    }
+    let shown_to = crate::secret::url_without_credentials(&to)
+        .unwrap_or_else(|| "the target database".to_string());
+    let key_given = args
+        .database
+        .master_key
+        .as_deref()
+        .is_some_and(|key| !key.trim().is_empty());
+    let previous_given = args
+        .database
+        .previous_master_keys
+        .as_deref()
+        .is_some_and(|keys| !keys.trim().is_empty());
+    let app = open_app(args.database).await?;
+    // The source's key, where it is in a file, goes beside a SQLite copy.
+    let source_key_file = (!key_given)
+        .then(|| crate::crypto::key_file_of(&source_url))
+        .flatten();
+    let mut key_file_written = None;
+    if let (Some(from), Some(target_key_file)) = (&source_key_file, crate::crypto::key_file_of(&to))
+        && crate::crypto::copy_key_file(from, &target_key_file)
+            .map_err(|error| error.to_string())?
+    {
+        key_file_written = Some(target_key_file);
+    }
+    let target = crate::store::Store::connect(&to)
+        .await
+        .map_err(|error| format!("--to: {error}"))?;
+    let copied = crate::store::copy::copy_database(&app.store, &target, |table, rows| {
+        eprintln!("{table}: {rows} copied");
+    })
+    .await
+    .map_err(|error| error.to_string())?;
+    let rows: serde_json::Map<String, serde_json::Value> = copied
+        .0
+        .iter()
+        .map(|(table, rows)| (table.clone(), serde_json::Value::from(*rows)))
+        .collect();
+    outln!("{}", serde_json::json!({"to": shown_to, "copied": rows}));
+    let key = match (&source_key_file, &key_file_written) {
+        (_, Some(written)) => format!("its key file {} holds the source's key", written.display()),
+        (Some(from), None) if crate::store::sqlite_file(&to).is_some() => {
+            format!(
+                "its key file holds the source's key (the one in {})",
+                from.display()
+            )
+        }
+        (Some(from), None) => format!(
+            "set TOKENWARDEN_MASTER_KEY on every replica to the key in {} (base64, as it is in the file)",
+            from.display()
+        ),
+        (None, _) => "give it the same TOKENWARDEN_MASTER_KEY".to_string(),
+    };
+    let previous = if previous_given {
+        ", and the same TOKENWARDEN_PREVIOUS_MASTER_KEYS until `tokenwarden keys rotate` has run on it"
+    } else {
+        ""
+    };
+    eprintln!(
+        "Start the service on the copy: {key}{previous}. Do not start `serve` on the source \
+         again: both would refresh the same grants, and a provider that rotates refresh tokens \
+         ends one copy's grants with the other's refresh."
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn remote_of(args: RemoteArgs) -> crate::remote::Remote {

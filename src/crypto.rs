@@ -255,28 +255,75 @@ pub fn load_keyring_making(
             .map_err(named("--master-key / TOKENWARDEN_MASTER_KEY".to_string()))?;
         return Ok(Keyring::new(key, previous_keys));
     }
-    let Some(database_path) = sqlite_path(database_url) else {
+    if sqlite_path(database_url).is_none() {
         return Err(CryptoError::BadKey(
             "TOKENWARDEN_MASTER_KEY is not set. With PostgreSQL every replica must share one key: \
              make one with `openssl rand -base64 32` (or `head -c32 /dev/urandom | base64`) and \
              set TOKENWARDEN_MASTER_KEY to it on every replica"
                 .into(),
         ));
-    };
+    }
     // An in-memory database lives as long as the process: so does a key of its own (a file
-    // named `:memory:.key` appeared in the current directory). Else beside the file as SQLite
-    // opens it.
-    let Some(file) = crate::store::sqlite_file(database_url) else {
+    // named `:memory:.key` appeared in the current directory).
+    let Some(key_path) = key_file_of(database_url) else {
         return Ok(Keyring::new(MasterKey::generate().0, previous_keys));
     };
-    let mut key_path = format!("{file}.key");
-    // Where earlier releases put it (the URL's path as written), when that is where it is.
+    let key = load_or_create_key_file(&key_path, make_key_file)?;
+    Ok(Keyring::new(key, previous_keys))
+}
+
+/// The key file of a SQLite database: beside the file as SQLite opens it, or where earlier
+/// releases put it (the URL's path as written) when that is where it is. `None` for
+/// PostgreSQL and in memory.
+pub fn key_file_of(database_url: &str) -> Option<std::path::PathBuf> {
+    let database_path = sqlite_path(database_url)?;
+    let file = crate::store::sqlite_file(database_url)?;
+    let key_path = format!("{file}.key");
     let written = format!("{database_path}.key");
     if written != key_path && !Path::new(&key_path).exists() && Path::new(&written).exists() {
-        key_path = written;
+        return Some(written.into());
     }
-    let key = load_or_create_key_file(Path::new(&key_path), make_key_file)?;
-    Ok(Keyring::new(key, previous_keys))
+    Some(key_path.into())
+}
+
+/// Gives the database at `to` the key file `from` (a copy of a SQLite database: its sealed
+/// values open with the source's key). A key file already at `to` must hold the same key.
+/// Returns whether a file was written.
+pub fn copy_key_file(from: &Path, to: &Path) -> Result<bool, CryptoError> {
+    fn key_file_error(path: &Path) -> impl Fn(std::io::Error) -> CryptoError + '_ {
+        move |error| CryptoError::KeyFile {
+            path: path.display().to_string(),
+            message: error.to_string(),
+        }
+    }
+    let text = Secret::new(std::fs::read_to_string(from).map_err(key_file_error(from))?);
+    fn in_the_file(path: &Path) -> impl Fn(CryptoError) -> CryptoError + '_ {
+        move |error| match error {
+            CryptoError::BadKey(why) => {
+                CryptoError::BadKey(format!("the key file {}: {why}", path.display()))
+            }
+            other => other,
+        }
+    }
+    let key = MasterKey::from_base64(text.expose()).map_err(in_the_file(from))?;
+    match std::fs::read_to_string(to) {
+        Ok(there) => {
+            let held = MasterKey::from_base64(&there).map_err(in_the_file(to))?;
+            if held.id != key.id {
+                return Err(CryptoError::BadKey(format!(
+                    "the key file {} holds another key than {}: move it away (the copy opens with the source's key only)",
+                    to.display(),
+                    from.display()
+                )));
+            }
+            Ok(false)
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            write_private_file(to, text.expose().as_bytes()).map_err(key_file_error(to))?;
+            Ok(true)
+        }
+        Err(error) => Err(key_file_error(to)(error)),
+    }
 }
 
 /// The file path of a `sqlite://` URL, without its query.

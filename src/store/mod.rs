@@ -1250,6 +1250,7 @@ macro_rules! bind_tokens {
 }
 
 mod commits;
+pub mod copy;
 mod events;
 mod instances;
 

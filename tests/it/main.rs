@@ -1,6 +1,7 @@
 //! The one integration-test binary: each module is one area of the service.
 
 mod cli;
+mod copy;
 mod crash;
 mod dashboard;
 mod elements;
