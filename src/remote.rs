@@ -49,7 +49,23 @@ impl Remote {
         if self.user_secret.is_empty() || self.organization_secret.is_empty() {
             return Err("set TOKENWARDEN_USER_SECRET and TOKENWARDEN_ORG_SECRET (printed by `tokenwarden orgs create`)".into());
         }
-        let url = format!("{}/elements/api-v2{path}", self.url.trim_end_matches('/'));
+        // The platform API's base path is added here; a URL given with it (the README's `$API`)
+        // is taken as the server's.
+        let base = self.url.trim().trim_end_matches('/');
+        let base = base.strip_suffix("/elements/api-v2").unwrap_or(base);
+        match url::Url::parse(base) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+            _ => {
+                return Err(format!(
+                    "--url / TOKENWARDEN_URL `{}` is not an http(s) URL of the server (e.g. http://127.0.0.1:8080)",
+                    escaped(
+                        &crate::secret::url_without_credentials(base)
+                            .unwrap_or_else(|| base.to_string())
+                    )
+                ));
+            }
+        }
+        let url = format!("{base}/elements/api-v2{path}");
         let response = self
             .client()?
             .request(method, &url)
@@ -99,12 +115,12 @@ impl Remote {
             .map(|i| {
                 vec![
                     i["id"].to_string(),
-                    text(&i["name"]),
+                    shortened(&text(&i["name"]), 40),
                     text(&i["element"]["key"]),
                     text(&i["state"]),
                     text(&i["lastRefreshDate"]),
                     text(&i["accessTokenExpiresDate"]),
-                    text(&i["providerMessage"]).chars().take(60).collect(),
+                    shortened(&reason(i), 60),
                 ]
             })
             .collect();
@@ -141,6 +157,7 @@ impl Remote {
             "stateReason",
             "providerMessage",
             "refreshFailingSince",
+            "lastRefreshFailure",
             "lastRefreshDate",
             "accessTokenExpiresDate",
             "refreshTokenExpiresDate",
@@ -186,10 +203,32 @@ impl Remote {
 
     pub async fn list_connectors(&self, category: Option<&str>) -> Result<(), String> {
         let path = match category {
-            Some(category) => format!("/elements?category={category}"),
+            Some(category) => format!(
+                "/elements?category={}",
+                url::form_urlencoded::byte_serialize(category.as_bytes()).collect::<String>()
+            ),
             None => "/elements".to_string(),
         };
         let connectors = self.request(reqwest::Method::GET, &path).await?;
+        // A category no connector has is a typo (`CRM` for `crm`): named, with the ones there are.
+        if let Some(category) = category
+            && connectors.as_array().is_some_and(Vec::is_empty)
+        {
+            let all = self.request(reqwest::Method::GET, "/elements").await?;
+            let mut categories: Vec<String> = all
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["category"].as_str().map(escaped))
+                .collect();
+            categories.sort();
+            categories.dedup();
+            return Err(format!(
+                "no connector is in category `{}`; the categories are: {}",
+                escaped(category),
+                categories.join(", ")
+            ));
+        }
         if self.json {
             outln!("{}", pretty_json(&connectors));
             return Ok(());
@@ -211,6 +250,27 @@ impl Remote {
         print_table(&["KEY", "NAME", "CATEGORY", "STRATEGY"], &rows);
         Ok(())
     }
+}
+
+/// Why an instance is in its state, for a table: the provider's words where it spoke, else why
+/// refreshes are failing, else the state's reason.
+fn reason(instance: &Value) -> String {
+    ["providerMessage", "lastRefreshFailure", "stateReason"]
+        .iter()
+        .map(|key| &instance[*key])
+        .find(|value| value.as_str().is_some_and(|text| !text.is_empty()))
+        .map_or_else(|| text(&Value::Null), text)
+}
+
+/// `text` cut to `width` characters, an ellipsis marking the cut: one long name widened every
+/// row of the table.
+fn shortened(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_string();
+    }
+    let mut cut: String = text.chars().take(width.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
 }
 
 /// A value as a table shows it: text with its control characters escaped (`\u{1b}`), since a

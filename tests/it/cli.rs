@@ -151,6 +151,84 @@ async fn command_line_on(env: Env) {
         "only the category asked: {stdout}"
     );
 
+    // A category no connector has is a typo, named with the ones there are.
+    let (ok, _, stderr) = run(
+        args(&["connectors", "list", "--category", "CRM & more"]),
+        owned(&secrets),
+    )
+    .await
+    .unwrap();
+    assert!(
+        !ok && stderr.contains("the categories are") && stderr.contains("sandbox"),
+        "{stderr}"
+    );
+
+    // Why a refresh is failing is shown where the state is: in the table and in `show`.
+    env.sandbox_post(
+        "/__sandbox/faults",
+        serde_json::json!({"target": "token", "status": 503, "count": 1}),
+    )
+    .await;
+    let (ok, _, _) = run(args(&["instances", "refresh", &id]), owned(&secrets))
+        .await
+        .unwrap();
+    assert!(!ok, "the refresh met the provider's 503");
+    let long_name = "n".repeat(150);
+    let renamed = env
+        .http
+        .patch(env.api(&format!("/instances/{id}")))
+        .header("authorization", env.org.platform())
+        .json(&serde_json::json!({"name": long_name}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(renamed.status(), 200);
+    let (ok, stdout, stderr) = run(args(&["instances", "list"]), owned(&secrets))
+        .await
+        .unwrap();
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("refresh_failing") && stdout.contains("503"),
+        "the reason is the failure: {stdout}"
+    );
+    assert!(
+        !stdout.contains(&long_name) && stdout.contains('…'),
+        "a long name is cut: {stdout}"
+    );
+    let (ok, stdout, _) = run(args(&["instances", "show", &id]), owned(&secrets))
+        .await
+        .unwrap();
+    assert!(
+        ok && stdout
+            .lines()
+            .any(|line| line.starts_with("lastRefreshFailure") && line.contains("503")),
+        "{stdout}"
+    );
+    // The README's `$API` as --url is the server's URL with the base path.
+    let with_base = format!("{server}/elements/api-v2/");
+    let (ok, stdout, stderr) = run(
+        args(&["instances", "list"]),
+        owned(&[
+            ("TOKENWARDEN_URL", with_base.as_str()),
+            ("TOKENWARDEN_USER_SECRET", user.as_str()),
+            ("TOKENWARDEN_ORG_SECRET", org.as_str()),
+        ]),
+    )
+    .await
+    .unwrap();
+    assert!(ok && stdout.contains(&id), "{stderr}");
+    let (ok, _, stderr) = run(
+        args(&["instances", "list"]),
+        owned(&[
+            ("TOKENWARDEN_URL", "notaurl"),
+            ("TOKENWARDEN_USER_SECRET", user.as_str()),
+            ("TOKENWARDEN_ORG_SECRET", org.as_str()),
+        ]),
+    )
+    .await
+    .unwrap();
+    assert!(!ok && stderr.contains("not an http(s) URL"), "{stderr}");
+
     let wrong = [
         ("TOKENWARDEN_URL", server.as_str()),
         ("TOKENWARDEN_USER_SECRET", "nope"),
