@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 pub const BUILT_IN_CATALOG: &str = include_str!("../catalog/connectors.toml");
 
 /// One provider definition ("element" in the articles).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Connector {
     /// Unique key, lowercase letters, digits and `-` (e.g. `adobe-esign`).
@@ -49,7 +49,7 @@ pub struct Connector {
     pub unconfirmed: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConnectorInput {
     pub description: String,
@@ -92,7 +92,7 @@ pub fn input_in_url(template: &str, name: &str, url: &str) -> Option<String> {
     plain.then(|| value.to_string())
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OAuthSpec {
     pub authorization_url: String,
@@ -167,7 +167,7 @@ fn default_scope_separator() -> String {
 /// RFC 6749 §2.3.1 has every server support it, while credentials in the body are optional
 /// for a server and not recommended (a server registering each client's method, as Okta or
 /// Spring Authorization Server do, refuses the other). The built-in connectors name theirs.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientAuth {
     ClientSecretPost,
@@ -175,7 +175,7 @@ pub enum ClientAuth {
     ClientSecretBasic,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BodyFormat {
     #[default]
@@ -184,7 +184,7 @@ pub enum BodyFormat {
 }
 
 /// How a provider wants to be told to revoke a token.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RevocationStyle {
     /// RFC 7009: POST form `token=` (+ `token_type_hint`), client authenticated as on the token
@@ -224,7 +224,7 @@ impl RevocationStyle {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RefreshSpec {
     #[serde(default)]
@@ -265,7 +265,7 @@ impl Default for RefreshSpec {
     }
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RefreshStrategy {
     #[default]
@@ -275,7 +275,7 @@ pub enum RefreshStrategy {
     EveryRequest,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Rotation {
     /// The refresh token stays the same (Google, Adobe Sign, HubSpot, Salesforce by default).
@@ -296,7 +296,7 @@ pub enum Rotation {
 }
 
 /// What a rejected access token looks like in an API answer, besides a plain 401.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RejectionSpec {
     /// Statuses that mean the token was rejected (default `[401]`).
@@ -326,7 +326,7 @@ impl Default for RejectionSpec {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VerifySpec {
     #[serde(default = "default_verify_method")]

@@ -22,6 +22,253 @@ pub struct ErrorBody {
     provider_message: Option<String>,
 }
 
+/// An instance as the API shows it. Secrets in `configuration` (tokens, client secret, keys that
+/// name secrets) show as `********` unless the call carries the instance's Element token.
+#[derive(ToSchema)]
+#[schema(rename_all = "camelCase")]
+#[allow(dead_code)]
+pub struct Instance {
+    id: i64,
+    name: String,
+    /// The Element token that names this instance in calls (`Element <token>`); null only when
+    /// its stored secrets do not open (`state: unreadable`).
+    #[schema(required = true)]
+    token: Option<String>,
+    element: InstanceElement,
+    /// Whether the grant is alive (false: re-authenticate with a new code).
+    valid: bool,
+    disabled: bool,
+    state: InstanceState,
+    /// Why the instance is invalid (`revoked`, `invalid_grant`, `refresh interrupted: …`).
+    state_reason: Option<String>,
+    /// The provider's own words about the grant, when it said something.
+    provider_message: Option<String>,
+    #[schema(format = DateTime)]
+    refresh_failing_since: Option<String>,
+    /// What the last failed refresh met (a valid instance whose refreshes fail for now).
+    last_refresh_failure: Option<String>,
+    tags: Vec<String>,
+    #[schema(format = DateTime)]
+    created_date: String,
+    #[schema(format = DateTime)]
+    updated_date: String,
+    #[schema(format = DateTime)]
+    last_refresh_date: Option<String>,
+    #[schema(format = DateTime)]
+    access_token_expires_date: Option<String>,
+    #[schema(format = DateTime)]
+    refresh_token_expires_date: Option<String>,
+    /// The outcome of the connector's verification call made with the first token.
+    #[schema(value_type = Option<Object>)]
+    verification: Option<Value>,
+    /// The configuration keys (`oauth.user.token`, `oauth.user.refresh_token`,
+    /// `oauth.user.refresh_time`, `base.url`, `oauth.api.key`, …): strings, or null where there
+    /// is no value.
+    #[schema(value_type = Object)]
+    configuration: Value,
+    /// Only in the answer of a revocation (`tokens/revoke`).
+    revocation: Option<Revocation>,
+}
+
+/// The instance's connector.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct InstanceElement {
+    key: String,
+    name: String,
+}
+
+/// `valid`; `refresh_failing` (valid, its refreshes failing for now: the provider is down);
+/// `needs_reauthentication` (the grant is gone); `disabled`; `unreadable` (its stored secrets do
+/// not open under the keys the service has).
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum InstanceState {
+    Valid,
+    RefreshFailing,
+    NeedsReauthentication,
+    Disabled,
+    Unreadable,
+}
+
+/// How a revocation at the provider went.
+#[derive(ToSchema)]
+#[schema(rename_all = "camelCase")]
+#[allow(dead_code)]
+pub struct Revocation {
+    /// The provider confirmed the revocation.
+    revoked_at_provider: bool,
+    /// Trying again later may revoke (the provider failed or rate-limited).
+    retryable: bool,
+    /// The provider refused the app's credentials (`invalid_client`).
+    client_rejected: Option<bool>,
+    /// Whether the instance was made invalid.
+    instance_invalidated: Option<bool>,
+    /// False when the revocation was not sent at all.
+    sent: Option<bool>,
+    message: Option<String>,
+    provider_message: Option<String>,
+}
+
+/// The answer of a deletion.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct Deleted {
+    deleted: bool,
+    id: i64,
+    /// With `?revoke=true`: how the revocation went.
+    revocation: Option<Revocation>,
+}
+
+/// An authorization URL to send the user to.
+#[derive(ToSchema)]
+#[schema(rename_all = "camelCase")]
+#[allow(dead_code)]
+pub struct OAuthUrl {
+    /// The connector key.
+    element: String,
+    oauth_url: String,
+    /// The `state` the provider will send back with the code.
+    state: String,
+}
+
+/// A page of events, newest first.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct EventsPage {
+    events: Vec<Event>,
+    /// The `before` of the next page; null on the last.
+    #[schema(required = true)]
+    next: Option<String>,
+}
+
+/// An event about an instance (the body a webhook receives, with its delivery).
+#[derive(ToSchema)]
+#[schema(rename_all = "camelCase")]
+#[allow(dead_code)]
+pub struct Event {
+    /// A UUID.
+    id: String,
+    /// `instance.created`, `instance.invalidated`, `instance.reauthenticated`,
+    /// `instance.refresh_failing`, `instance.deleted`, …
+    r#type: String,
+    instance_id: Option<i64>,
+    instance_name: Option<String>,
+    element_key: Option<String>,
+    organization_id: Option<i64>,
+    #[schema(format = DateTime)]
+    occurred_at: Option<String>,
+    reason: Option<String>,
+    delivery: Option<Delivery>,
+}
+
+/// The webhook delivery of an event.
+#[derive(ToSchema)]
+#[schema(rename_all = "camelCase")]
+#[allow(dead_code)]
+pub struct Delivery {
+    /// `none` (no webhook), `pending`, `delivered` or `failed`.
+    state: String,
+    attempts: i64,
+    last_error: Option<String>,
+}
+
+/// A page of the audit log, newest first.
+#[derive(ToSchema)]
+#[schema(rename_all = "camelCase")]
+#[allow(dead_code)]
+pub struct AuditLogsPage {
+    audit_logs: Vec<AuditEntry>,
+    /// The `before` of the next page; null on the last.
+    #[schema(required = true)]
+    next: Option<String>,
+}
+
+/// Who did what.
+#[derive(ToSchema)]
+#[schema(rename_all = "camelCase")]
+#[allow(dead_code)]
+pub struct AuditEntry {
+    id: i64,
+    action: String,
+    #[schema(format = DateTime)]
+    at: String,
+    /// Null for what the service did by itself (a scheduled refresh).
+    user_id: Option<i64>,
+    user_name: Option<String>,
+    target: Option<String>,
+    request_id: Option<String>,
+    detail: Option<String>,
+}
+
+/// The organization's webhook secret.
+#[derive(ToSchema)]
+#[schema(rename_all = "camelCase")]
+#[allow(dead_code)]
+pub struct WebhookSecret {
+    webhook_secret: String,
+    /// `X-Tokenwarden-Signature`.
+    signature_header: String,
+    signature_scheme: String,
+}
+
+/// The service's health.
+#[derive(ToSchema)]
+#[schema(rename_all = "camelCase")]
+#[allow(dead_code)]
+pub struct Health {
+    /// `ok`; `degraded` (answering, with rotated tokens kept in memory for the database);
+    /// `unavailable` (the database does not answer: 503).
+    status: String,
+    /// `sqlite` or `postgres` (`not answering` when unavailable).
+    database: String,
+    kept_tokens: Option<i64>,
+    background_restarts: Option<i64>,
+    #[schema(value_type = Option<Object>)]
+    connections: Option<Value>,
+}
+
+/// The body of a create, an update (`PATCH`, merged) or a replacement (`PUT`). A body read from
+/// the service may be written back: the fields of an instance as shown (`id`, `token`,
+/// `valid`, …) are taken and change nothing (another instance's `id`, or a different
+/// `disabled`, is refused). Any other field is refused (400).
+#[derive(ToSchema)]
+#[schema(rename_all = "camelCase")]
+#[allow(dead_code)]
+pub struct InstanceWrite {
+    /// The connector (`{"key": …}`); on a create through `/instances`.
+    element: Option<InstanceElementRef>,
+    /// The authorization code to exchange (a create, or a re-authentication).
+    provider_data: Option<ProviderData>,
+    /// Configuration keys: `oauth.api.key`, `oauth.api.secret`, `oauth.callback.url`, tokens to
+    /// import (`oauth.user.token`, `oauth.user.refresh_token`), `event.notification.*`, …
+    /// Strings (or null to remove a key).
+    #[schema(value_type = Option<Object>)]
+    configuration: Option<Value>,
+    name: Option<String>,
+    tags: Option<Vec<String>>,
+    /// `initial` to import tokens given in the configuration; `none`.
+    external_authentication: Option<String>,
+}
+
+/// A connector named in an instance body.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct InstanceElementRef {
+    key: String,
+}
+
+/// What the provider's redirect brought.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ProviderData {
+    code: String,
+    /// The `state` of `oauth/url` (PKCE connectors need it when several authorizations are
+    /// pending).
+    state: Option<String>,
+}
+
 /// The answers every platform call can give besides its own success body.
 #[derive(IntoResponses)]
 #[allow(dead_code)]
@@ -39,7 +286,7 @@ pub enum PlatformResponses {
     NotFound(ErrorBody),
     #[response(
         status = 503,
-        description = "The service's database does not answer just now (`Retry-After`)"
+        description = "Try again shortly (`Retry-After`): the service's database does not answer just now, or, for a call that reaches the provider, the provider's token endpoint is failing (`providerMessage` has its words; the instance stays valid)"
     )]
     Unavailable(ErrorBody),
 }
@@ -59,7 +306,7 @@ pub enum PlatformErrors {
     NotFound(ErrorBody),
     #[response(
         status = 503,
-        description = "The service's database does not answer just now (`Retry-After`)"
+        description = "Try again shortly (`Retry-After`): the service's database does not answer just now, or, for a call that reaches the provider, the provider's token endpoint is failing (`providerMessage` has its words; the instance stays valid)"
     )]
     Unavailable(ErrorBody),
 }
@@ -103,6 +350,13 @@ struct PlatformSecurity;
 impl Modify for PlatformSecurity {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "instance",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "Authorization",
+                "User <user secret>, Element <instance token> (calls through an instance)",
+            ))),
+        );
         components.add_security_scheme(
             "platform",
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
@@ -151,7 +405,7 @@ impl Modify for PlatformSecurity {
         http::ops::oauth_callback,
         http::dashboard::page,
     ),
-    components(schemas(ErrorBody)),
+    components(schemas(ErrorBody, Instance, Deleted, OAuthUrl, EventsPage, AuditLogsPage, WebhookSecret, Health, InstanceWrite)),
     modifiers(&PlatformSecurity)
 )]
 struct ApiDoc;
@@ -186,6 +440,98 @@ pub fn document() -> Value {
             }
             paths.insert(path.into(), item);
         }
+    }
+    let Some(paths) = document.get_mut("paths").and_then(Value::as_object_mut) else {
+        return document;
+    };
+    for (path, operations) in paths.iter_mut() {
+        let platform = path.starts_with("/elements/api-v2");
+        for operation in operations
+            .as_object_mut()
+            .into_iter()
+            .flat_map(|o| o.values_mut())
+        {
+            // Query parameters' bounds, as the service checks them.
+            for parameter in operation
+                .get_mut("parameters")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                match parameter["name"].as_str() {
+                    Some("limit") => {
+                        parameter["schema"]["minimum"] = 1.into();
+                        parameter["schema"]["maximum"] = 1000.into();
+                    }
+                    Some("apiKey" | "callbackUrl") => {
+                        parameter["schema"]["minLength"] = 1.into();
+                    }
+                    Some("tags[]") => {
+                        parameter["schema"] =
+                            serde_json::json!({"type": "array", "items": {"type": "string"}});
+                        parameter["style"] = "form".into();
+                        parameter["explode"] = true.into();
+                    }
+                    _ => {}
+                }
+            }
+            // Every answer of the platform API carries its request id; the waits are said.
+            if platform {
+                for (status, response) in operation
+                    .get_mut("responses")
+                    .and_then(Value::as_object_mut)
+                    .into_iter()
+                    .flatten()
+                {
+                    let headers = response
+                        .as_object_mut()
+                        .map(|r| r.entry("headers").or_insert_with(|| serde_json::json!({})));
+                    let Some(headers) = headers.and_then(Value::as_object_mut) else {
+                        continue;
+                    };
+                    headers.insert(
+                        "X-Request-Id".into(),
+                        serde_json::json!({"description": "The request's id (also in error bodies and the service's log)", "schema": {"type": "string"}}),
+                    );
+                    if matches!(status.as_str(), "429" | "503") {
+                        headers.insert(
+                            "Retry-After".into(),
+                            serde_json::json!({"description": "Seconds to wait before trying again", "schema": {"type": "integer", "minimum": 0}}),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // A connector as read carries what the service says of it beside its definition, and may be
+    // posted back with them.
+    if let Some(properties) = document
+        .pointer_mut("/components/schemas/Connector/properties")
+        .and_then(Value::as_object_mut)
+    {
+        properties.insert(
+            "authentication".into(),
+            serde_json::json!({"type": "object", "description": "Always `{\"type\": \"oauth2\"}` (shown by the service; may be posted back)", "properties": {"type": {"type": "string", "enum": ["oauth2"]}}}),
+        );
+        properties.insert(
+            "builtIn".into(),
+            serde_json::json!({"type": "boolean", "description": "Shown by the service: a connector of the built-in catalog (read-only) rather than the organization's; ignored when posted"}),
+        );
+    }
+    // An instance body: the fields of an instance as read are taken back (and change nothing);
+    // anything else is refused.
+    if let Some(write) = document
+        .pointer_mut("/components/schemas/InstanceWrite")
+        .and_then(Value::as_object_mut)
+    {
+        if let Some(properties) = write.get_mut("properties").and_then(Value::as_object_mut) {
+            for field in http::instances::SHOWN_FIELDS.iter().chain(&["disabled"]) {
+                properties.entry(field.to_string()).or_insert_with(|| {
+                    serde_json::json!({"description": "As the instance shows it: taken back unchanged, and changes nothing (a different value is refused where it names another instance or state)"})
+                });
+            }
+        }
+        write.insert("additionalProperties".into(), Value::Bool(false));
     }
     // One handler serving several methods (the proxy) gets one operation id per method, as
     // OpenAPI wants them unique.

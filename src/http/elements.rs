@@ -51,7 +51,10 @@ pub fn connector_json(connector: &Connector, built_in: bool, sandbox_url: &str) 
     summary = "The connector catalog (built-in and the organization's own); `?category=` filters",
     params(("category" = Option<String>, Query, description = "only the connectors of this category")),
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        (status = 200, description = "The catalog", body = [crate::catalog::Connector]),
+        crate::openapi::PlatformErrors
+    ),
 )]
 pub async fn list(
     State(app): State<SharedApp>,
@@ -91,7 +94,10 @@ pub async fn list(
     summary = "One connector",
     params(("key" = String, Path, description = "the connector key")),
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        (status = 200, description = "The connector", body = crate::catalog::Connector),
+        crate::openapi::PlatformErrors
+    ),
 )]
 pub async fn get_one(
     State(app): State<SharedApp>,
@@ -120,13 +126,13 @@ pub async fn find(app: &SharedApp, organization_id: i64, key: &str) -> ApiResult
     operation_id = "elements_create",
     tag = "connectors",
     summary = "Register an organization's own OAuth2 connector",
-    request_body(content = Object, content_type = "application/json", description = "The connector", example = json!({"key": "acme", "name": "Acme", "baseUrl": "https://api.acme.example/", "oauth": {"authorizationUrl": "https://acme.example/oauth/authorize", "tokenUrl": "https://acme.example/oauth/token", "revokeUrl": "https://acme.example/oauth/revoke", "scopes": ["read"]}, "refresh": {"strategy": "on_401"}})),
+    request_body(content = crate::catalog::Connector, content_type = "application/json", description = "The connector", example = json!({"key": "acme", "name": "Acme", "baseUrl": "https://api.acme.example/", "oauth": {"authorizationUrl": "https://acme.example/oauth/authorize", "tokenUrl": "https://acme.example/oauth/token", "revokeUrl": "https://acme.example/oauth/revoke", "scopes": ["read"]}, "refresh": {"strategy": "on_401"}})),
     security(("platform" = [])),
     responses(
-        (status = 201, description = "Registered: the connector"),
+        (status = 201, description = "Registered: the connector", body = crate::catalog::Connector),
         (status = 409, description = "The key is taken (a built-in connector's, or one of the organization's)", body = crate::openapi::ErrorBody),
         crate::openapi::PlatformErrors,
-        crate::openapi::BodyErrors,
+        crate::openapi::BodyErrors
     ),
 )]
 pub async fn create(
@@ -202,7 +208,12 @@ pub async fn create(
     summary = "Delete an organization's own connector",
     params(("key" = String, Path, description = "the connector key")),
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        (status = 200, description = "Deleted (no body)"),
+        (status = 403, description = "A built-in connector cannot be deleted", body = crate::openapi::ErrorBody),
+        (status = 409, description = "Instances use the connector", body = crate::openapi::ErrorBody),
+        crate::openapi::PlatformErrors
+    ),
 )]
 pub async fn delete(
     State(app): State<SharedApp>,
@@ -252,7 +263,10 @@ pub async fn delete(
     summary = "The provider's authorization URL (`apiKey`, `callbackUrl`, optional `state`, `scope`); the PKCE verifier stays server-side",
     params(("key" = String, Path, description = "the connector key"), ("apiKey" = String, Query, description = "the OAuth client id"), ("apiSecret" = Option<String>, Query, description = "the client secret (kept for the exchange when given; a re-authentication whose request gives no secret takes it too, and the instance keeps it)"), ("callbackUrl" = String, Query, description = "the redirect URI registered at the provider"), ("state" = Option<String>, Query, description = "your own state (else one is made); single use, 15 minutes"), ("scope" = Option<String>, Query, description = "scopes, space-separated (else the connector's)")),
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        (status = 200, description = "The authorization URL", body = crate::openapi::OAuthUrl),
+        crate::openapi::PlatformErrors
+    ),
 )]
 pub async fn oauth_url(
     State(app): State<SharedApp>,

@@ -34,7 +34,10 @@ fn limit(query: &HashMap<String, String>) -> ApiResult<i64> {
     summary = "Events, newest first; `?instanceId=&type=&before=&limit=`",
     params(("instanceId" = Option<i64>, Query, description = "one instance's events"), ("type" = Option<String>, Query, description = "one event type, e.g. instance.invalidated"), ("before" = Option<String>, Query, description = "the `next` cursor of the previous page (a string)"), ("limit" = Option<i64>, Query, description = "page size, 1 to 1000")),
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        (status = 200, description = "A page of events", body = crate::openapi::EventsPage),
+        crate::openapi::PlatformErrors
+    ),
 )]
 pub async fn list(
     State(app): State<SharedApp>,
@@ -143,7 +146,10 @@ pub async fn list(
     summary = "Who did what, newest first",
     params(("before" = Option<String>, Query, description = "the `next` cursor of the previous page (a string)"), ("limit" = Option<i64>, Query, description = "page size, 1 to 1000")),
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        (status = 200, description = "A page of the audit log", body = crate::openapi::AuditLogsPage),
+        crate::openapi::PlatformErrors
+    ),
 )]
 pub async fn audit_logs(
     State(app): State<SharedApp>,
@@ -187,7 +193,10 @@ pub async fn audit_logs(
     tag = "events",
     summary = "The organization's webhook secret (the signing key of events of instances without `event.notification.signature.key`)",
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        (status = 200, description = "The secret", body = crate::openapi::WebhookSecret),
+        crate::openapi::PlatformErrors
+    ),
 )]
 pub async fn webhook_secret(
     State(app): State<SharedApp>,

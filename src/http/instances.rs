@@ -51,7 +51,7 @@ pub struct InstanceBody {
 /// The fields of an instance as it is shown, which a body may carry back (a read, edited and
 /// written back) and which change nothing: read-only, or set elsewhere; and those of a Cloud
 /// Elements instance.
-const SHOWN_FIELDS: &[&str] = &[
+pub(crate) const SHOWN_FIELDS: &[&str] = &[
     "id",
     "token",
     "valid",
@@ -301,10 +301,11 @@ fn validate_name(name: &str) -> ApiResult<()> {
     operation_id = "instances_create",
     tag = "instances",
     summary = "Create an instance from a provider's code or imported tokens",
-    request_body(content = Object, content_type = "application/json", description = "A code to exchange (`providerData.code`, with the `state` of oauth/url for PKCE), or tokens to import (`externalAuthentication: initial` with `oauth.user.token` / `oauth.user.refresh_token` in the configuration)", example = json!({"element": {"key": "sandbox-generic"}, "providerData": {"code": "the code from the callback", "state": "the state from oauth/url"}, "configuration": {"oauth.api.key": "client id", "oauth.api.secret": "client secret", "oauth.callback.url": "https://app.example/callback"}, "name": "Alice's account", "tags": ["qa"]})),
+    request_body(content = crate::openapi::InstanceWrite, content_type = "application/json", description = "A code to exchange (`providerData.code`, with the `state` of oauth/url for PKCE), or tokens to import (`externalAuthentication: initial` with `oauth.user.token` / `oauth.user.refresh_token` in the configuration)", example = json!({"element": {"key": "sandbox-generic"}, "providerData": {"code": "the code from the callback", "state": "the state from oauth/url"}, "configuration": {"oauth.api.key": "client id", "oauth.api.secret": "client secret", "oauth.callback.url": "https://app.example/callback"}, "name": "Alice's account", "tags": ["qa"]})),
     security(("platform" = [])),
     responses(
-        crate::openapi::PlatformResponses,
+        (status = 200, description = "The instance", body = crate::openapi::Instance),
+        crate::openapi::PlatformErrors,
         crate::openapi::BodyErrors,
         crate::openapi::ExchangeErrors
     ),
@@ -337,11 +338,12 @@ pub async fn create(
     operation_id = "instances_create_for_element",
     tag = "instances",
     summary = "Create an instance of this connector",
-    request_body(content = Object, content_type = "application/json", description = "As for POST /instances, without `element`", example = json!({"providerData": {"code": "the code from the callback"}, "configuration": {"oauth.api.key": "client id", "oauth.api.secret": "client secret", "oauth.callback.url": "https://app.example/callback"}, "name": "Alice's account"})),
+    request_body(content = crate::openapi::InstanceWrite, content_type = "application/json", description = "As for POST /instances, without `element`", example = json!({"providerData": {"code": "the code from the callback"}, "configuration": {"oauth.api.key": "client id", "oauth.api.secret": "client secret", "oauth.callback.url": "https://app.example/callback"}, "name": "Alice's account"})),
     params(("key" = String, Path, description = "the connector key")),
     security(("platform" = [])),
     responses(
-        crate::openapi::PlatformResponses,
+        (status = 200, description = "The instance", body = crate::openapi::Instance),
+        crate::openapi::PlatformErrors,
         crate::openapi::BodyErrors,
         crate::openapi::ExchangeErrors
     ),
@@ -1259,7 +1261,10 @@ async fn store_created(
     summary = "The organization's instances (or the Element token's one); `?tags[]=`",
     params(("tags[]" = Option<String>, Query, description = "only instances with this tag (repeatable)")),
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        (status = 200, description = "The instances", body = [crate::openapi::Instance]),
+        crate::openapi::PlatformErrors
+    ),
 )]
 pub async fn list(
     State(app): State<SharedApp>,
@@ -1355,7 +1360,10 @@ async fn load_for_call(app: &App, caller: &Caller, id: &str) -> ApiResult<Instan
     summary = "One instance",
     params(("id" = String, Path, description = "the instance id")),
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        (status = 200, description = "The instance", body = crate::openapi::Instance),
+        crate::openapi::PlatformErrors
+    ),
 )]
 pub async fn get_one(
     State(app): State<SharedApp>,
@@ -1378,11 +1386,12 @@ pub async fn get_one(
     operation_id = "instances_patch",
     tag = "instances",
     summary = "Re-authenticate (`providerData.code`) or merge name, tags, configuration",
-    request_body(content = Object, content_type = "application/json", description = "Merged: name, tags, configuration; with `providerData.code`, a re-authentication", example = json!({"name": "renamed", "tags": ["prod"], "configuration": {"event.notification.enabled": "true", "event.notification.callback.url": "https://app.example/hooks"}})),
+    request_body(content = crate::openapi::InstanceWrite, content_type = "application/json", description = "Merged: name, tags, configuration; with `providerData.code`, a re-authentication", example = json!({"name": "renamed", "tags": ["prod"], "configuration": {"event.notification.enabled": "true", "event.notification.callback.url": "https://app.example/hooks"}})),
     params(("id" = String, Path, description = "the instance id")),
     security(("platform" = [])),
     responses(
-        crate::openapi::PlatformResponses,
+        (status = 200, description = "The instance", body = crate::openapi::Instance),
+        crate::openapi::PlatformErrors,
         crate::openapi::BodyErrors,
         crate::openapi::ExchangeErrors
     ),
@@ -1403,10 +1412,11 @@ pub async fn patch(
     operation_id = "instances_patch_by_token",
     tag = "instances",
     summary = "Re-authenticate or update the instance named by the Element token",
-    request_body(content = Object, content_type = "application/json", description = "Merged: name, tags, configuration; with `providerData.code`, a re-authentication", example = json!({"name": "renamed", "tags": ["prod"], "configuration": {"event.notification.enabled": "true", "event.notification.callback.url": "https://app.example/hooks"}})),
+    request_body(content = crate::openapi::InstanceWrite, content_type = "application/json", description = "Merged: name, tags, configuration; with `providerData.code`, a re-authentication", example = json!({"name": "renamed", "tags": ["prod"], "configuration": {"event.notification.enabled": "true", "event.notification.callback.url": "https://app.example/hooks"}})),
     security(("platform" = [])),
     responses(
-        crate::openapi::PlatformResponses,
+        (status = 200, description = "The instance", body = crate::openapi::Instance),
+        crate::openapi::PlatformErrors,
         crate::openapi::BodyErrors,
         crate::openapi::ExchangeErrors
     ),
@@ -1433,11 +1443,12 @@ pub struct PutQuery {
     operation_id = "instances_put",
     tag = "instances",
     summary = "Replace the configuration; `?reAuthenticate=true` with a code re-authenticates",
-    request_body(content = Object, content_type = "application/json", description = "The whole configuration (replaced)", example = json!({"providerData": {"code": "a new code"}, "configuration": {"oauth.api.key": "client id", "oauth.api.secret": "client secret", "oauth.callback.url": "https://app.example/callback"}})),
+    request_body(content = crate::openapi::InstanceWrite, content_type = "application/json", description = "The whole configuration (replaced), name and tags; with `providerData.code` and `?reAuthenticate=true`, a re-authentication", example = json!({"name": "Alice's account", "tags": ["qa"], "configuration": {"oauth.api.key": "client id", "oauth.api.secret": "client secret", "oauth.callback.url": "https://app.example/callback"}})),
     params(("id" = String, Path, description = "the instance id"), ("reAuthenticate" = Option<bool>, Query, description = "with `providerData.code`: re-authenticate")),
     security(("platform" = [])),
     responses(
-        crate::openapi::PlatformResponses,
+        (status = 200, description = "The instance", body = crate::openapi::Instance),
+        crate::openapi::PlatformErrors,
         crate::openapi::BodyErrors,
         crate::openapi::ExchangeErrors
     ),
@@ -1462,11 +1473,12 @@ pub async fn put(
     operation_id = "instances_put_by_token",
     tag = "instances",
     summary = "Replace the configuration of the instance named by the Element token",
-    request_body(content = Object, content_type = "application/json", description = "The whole configuration (replaced)", example = json!({"providerData": {"code": "a new code"}, "configuration": {"oauth.api.key": "client id", "oauth.api.secret": "client secret", "oauth.callback.url": "https://app.example/callback"}})),
+    request_body(content = crate::openapi::InstanceWrite, content_type = "application/json", description = "The whole configuration (replaced), name and tags; with `providerData.code` and `?reAuthenticate=true`, a re-authentication", example = json!({"name": "Alice's account", "tags": ["qa"], "configuration": {"oauth.api.key": "client id", "oauth.api.secret": "client secret", "oauth.callback.url": "https://app.example/callback"}})),
     params(("reAuthenticate" = Option<bool>, Query, description = "with `providerData.code`: re-authenticate")),
     security(("platform" = [])),
     responses(
-        crate::openapi::PlatformResponses,
+        (status = 200, description = "The instance", body = crate::openapi::Instance),
+        crate::openapi::PlatformErrors,
         crate::openapi::BodyErrors,
         crate::openapi::ExchangeErrors
     ),
@@ -2353,7 +2365,12 @@ pub struct DeleteQuery {
     summary = "Delete; `?revoke=true` revokes at the provider first",
     params(("id" = String, Path, description = "the instance id"), ("revoke" = Option<bool>, Query, description = "revoke the tokens at the provider first")),
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        (status = 200, description = "Deleted", body = crate::openapi::Deleted),
+        (status = 409, description = "With `?revoke=true`: the provider refused the app's credentials, or the revocation could not be sent; the instance is kept", body = crate::openapi::ErrorBody),
+        (status = 502, description = "With `?revoke=true`: the provider did not confirm the revocation; the instance is kept", body = crate::openapi::ErrorBody),
+        crate::openapi::PlatformErrors
+    ),
 )]
 pub async fn delete(
     State(app): State<SharedApp>,
@@ -2372,7 +2389,12 @@ pub async fn delete(
     summary = "Delete the instance named by the Element token; `?revoke=true` revokes at the provider first",
     params(("revoke" = Option<bool>, Query, description = "revoke the tokens at the provider first")),
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        (status = 200, description = "Deleted", body = crate::openapi::Deleted),
+        (status = 409, description = "With `?revoke=true`: the provider refused the app's credentials, or the revocation could not be sent; the instance is kept", body = crate::openapi::ErrorBody),
+        (status = 502, description = "With `?revoke=true`: the provider did not confirm the revocation; the instance is kept", body = crate::openapi::ErrorBody),
+        crate::openapi::PlatformErrors
+    ),
 )]
 pub async fn delete_by_token(
     State(app): State<SharedApp>,
@@ -2559,7 +2581,10 @@ async fn set_enabled(
     tag = "instances",
     summary = "Enable the instance named by the Element token",
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        (status = 200, description = "The instance", body = crate::openapi::Instance),
+        crate::openapi::PlatformErrors
+    ),
 )]
 pub async fn enable(State(app): State<SharedApp>, caller: Caller) -> ApiResult<AxumJson<Value>> {
     let row = caller.require_element()?.clone();
@@ -2573,7 +2598,10 @@ pub async fn enable(State(app): State<SharedApp>, caller: Caller) -> ApiResult<A
     tag = "instances",
     summary = "Disable the instance named by the Element token",
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        (status = 200, description = "The instance", body = crate::openapi::Instance),
+        crate::openapi::PlatformErrors
+    ),
 )]
 pub async fn disable(State(app): State<SharedApp>, caller: Caller) -> ApiResult<AxumJson<Value>> {
     let row = caller.require_element()?.clone();
@@ -2588,7 +2616,10 @@ pub async fn disable(State(app): State<SharedApp>, caller: Caller) -> ApiResult<
     summary = "Enable",
     params(("id" = String, Path, description = "the instance id")),
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        (status = 200, description = "The instance", body = crate::openapi::Instance),
+        crate::openapi::PlatformErrors
+    ),
 )]
 pub async fn enable_by_id(
     State(app): State<SharedApp>,
@@ -2607,7 +2638,10 @@ pub async fn enable_by_id(
     summary = "Disable: no provider calls, no refreshes",
     params(("id" = String, Path, description = "the instance id")),
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        (status = 200, description = "The instance", body = crate::openapi::Instance),
+        crate::openapi::PlatformErrors
+    ),
 )]
 pub async fn disable_by_id(
     State(app): State<SharedApp>,
@@ -2626,7 +2660,12 @@ pub async fn disable_by_id(
     summary = "Refresh the access token now",
     params(("id" = String, Path, description = "the instance id")),
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        (status = 200, description = "Refreshed: the instance", body = crate::openapi::Instance),
+        (status = 409, description = "The instance is disabled, or its grant is gone (`providerMessage` has the provider's words): it needs re-authentication", body = crate::openapi::ErrorBody),
+        (status = 429, description = "The provider rate-limits its token endpoint (`Retry-After`)", body = crate::openapi::ErrorBody),
+        crate::openapi::PlatformErrors
+    ),
 )]
 pub async fn refresh_now(
     State(app): State<SharedApp>,
@@ -2695,7 +2734,12 @@ pub async fn refresh_now(
     summary = "Revoke at the provider; the instance turns invalid",
     params(("id" = String, Path, description = "the instance id")),
     security(("platform" = [])),
-    responses(crate::openapi::PlatformResponses),
+    responses(
+        (status = 200, description = "Revoked at the provider: the instance, invalid, with `revocation`", body = crate::openapi::Instance),
+        (status = 409, description = "Not revoked: the provider refused the app's credentials, the revocation could not be sent, or the instance kept changing (the instance is invalid all the same)", body = crate::openapi::ErrorBody),
+        (status = 502, description = "The provider did not confirm the revocation; try again (the instance is invalid all the same)", body = crate::openapi::ErrorBody),
+        crate::openapi::PlatformErrors
+    ),
 )]
 pub async fn revoke(
     State(app): State<SharedApp>,

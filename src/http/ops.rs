@@ -20,8 +20,8 @@ use crate::app::SharedApp;
     summary = "Health, with a database check",
     description = "`status` is `ok`; `degraded` while rotated tokens the database did not take are kept in memory (`keptTokens`): the process must not be restarted then, or they are lost; `unavailable` (503) while the database does not answer. Use it for readiness, not liveness.",
     responses(
-        (status = 200, description = "Up, its database answering"),
-        (status = 503, description = "The database does not answer"),
+        (status = 200, description = "Up, its database answering (`status`: `ok`, or `degraded` while rotated tokens wait in memory for the database)", body = crate::openapi::Health),
+        (status = 503, description = "The database does not answer", body = crate::openapi::Health),
     ),
 )]
 pub async fn healthz(State(app): State<SharedApp>) -> Response {

@@ -50,18 +50,24 @@ pub const REPLAYABLE_BODY_BYTES: usize = 1024 * 1024;
 const REJECTION_BODY_BYTES: usize = 256 * 1024;
 
 #[utoipa::path(
-    method(get, post, put, patch, delete),
+    method(get, post, put, patch, delete, head, options),
     path = "/elements/api-v2/proxy/{path}",
     operation_id = "proxy_handle",
     tag = "proxy",
     summary = "Call the provider through an instance: forwarded to base.url + /{path} with the access token injected; needs `User <user secret>, Element <instance token>`",
-    params(("path" = String, Path, description = "the provider path under the instance's base.url")),
-    security(("platform" = [])),
+    description = "Any other method but CONNECT and TRACE is forwarded too. The path may hold `/`: send it as it is (`/proxy/2.0/users/me`); an escaped `%2F` reaches the provider escaped. Everything the provider answers comes back as it is (its status, headers and body), besides the proxy's own answers below.",
+    params(("path" = String, Path, description = "the provider path under the instance's base.url; may hold `/`, sent unescaped")),
+    security(("instance" = [])),
     responses(
         (status = 200, description = "The provider's answer, as it is"),
-        (status = 400, description = "A path that would leave the instance's base URL", body = crate::openapi::ErrorBody),
+        (status = 400, description = "A path that would leave the instance's base URL, or a request the proxy does not forward", body = crate::openapi::ErrorBody),
         (status = 401, description = "Request failed: the grant is gone (providerMessage has the provider's words), or bad secrets", body = crate::openapi::ErrorBody),
-        (status = 503, description = "The provider's token endpoint is failing for now; the instance stays valid", body = crate::openapi::ErrorBody),
+        (status = 405, description = "CONNECT and TRACE are not proxied (`Allow`)", body = crate::openapi::ErrorBody),
+        (status = 409, description = "The instance is disabled", body = crate::openapi::ErrorBody),
+        (status = 502, description = "The provider could not be reached, or broke off its answer", body = crate::openapi::ErrorBody),
+        (status = 503, description = "The provider's token endpoint is failing for now, or the service's database does not answer; the instance stays valid (`Retry-After`)", body = crate::openapi::ErrorBody),
+        (status = 504, description = "The provider did not answer in time", body = crate::openapi::ErrorBody),
+        (status = "default", description = "The provider's own answer (any status), as it is"),
     ),
 )]
 pub async fn handle(State(app): State<SharedApp>, request: Request) -> Response {

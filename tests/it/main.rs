@@ -12,6 +12,7 @@ mod harness;
 mod instances;
 mod isolation;
 mod keys;
+mod openapi;
 mod ops;
 mod proxy;
 mod quirks;

@@ -1,0 +1,594 @@
+//! `/openapi.json` tells the truth: every answer of a scenario through the platform API has its
+//! status documented, and its JSON body matches the schema the document gives for it (a client
+//! generated from the document reads it); the bodies the README sends match the documented
+//! request schemas.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::harness::Env;
+use crate::support::{drop_test_database, sqlite_database};
+
+/// The part of JSON Schema the document uses: `$ref`, `allOf`/`oneOf`/`anyOf`, `type` (one or a
+/// list), `enum`, `required`, `properties`, `additionalProperties`, `items`, `format:
+/// date-time`, `minimum`/`maximum`. Each mismatch is pushed to `errors`, named by where it is.
+fn check(document: &Value, schema: &Value, value: &Value, at: &str, errors: &mut Vec<String>) {
+    if let Some(reference) = schema["$ref"].as_str() {
+        let name = reference.trim_start_matches("#/components/schemas/");
+        let target = &document["components"]["schemas"][name];
+        assert!(!target.is_null(), "{reference} is not in the document");
+        return check(document, target, value, at, errors);
+    }
+    if let Some(all) = schema["allOf"].as_array() {
+        for part in all {
+            check(document, part, value, at, errors);
+        }
+    }
+    for key in ["oneOf", "anyOf"] {
+        if let Some(choices) = schema[key].as_array() {
+            let fits = choices.iter().any(|choice| {
+                let mut found = Vec::new();
+                check(document, choice, value, at, &mut found);
+                found.is_empty()
+            });
+            if !fits {
+                errors.push(format!("{at}: {value} fits none of {key} {schema}"));
+            }
+        }
+    }
+    let types: Vec<&str> = match &schema["type"] {
+        Value::String(one) => vec![one.as_str()],
+        Value::Array(many) => many.iter().filter_map(Value::as_str).collect(),
+        _ => vec![],
+    };
+    if !types.is_empty() {
+        let fits = types.iter().any(|kind| match *kind {
+            "null" => value.is_null(),
+            "boolean" => value.is_boolean(),
+            "integer" => value.is_i64() || value.is_u64(),
+            "number" => value.is_number(),
+            "string" => value.is_string(),
+            "array" => value.is_array(),
+            "object" => value.is_object(),
+            _ => true,
+        });
+        if !fits {
+            errors.push(format!("{at}: {value} is not of type {types:?}"));
+            return;
+        }
+    }
+    if let Some(allowed) = schema["enum"].as_array()
+        && !allowed.contains(value)
+    {
+        errors.push(format!("{at}: {value} is not one of {allowed:?}"));
+    }
+    if let (Some("date-time"), Some(text)) = (schema["format"].as_str(), value.as_str())
+        && !(text.len() >= 20 && text.as_bytes()[10] == b'T' && text.ends_with('Z'))
+    {
+        errors.push(format!("{at}: {text} is not a date-time"));
+    }
+    if let Some(minimum) = schema["minimum"].as_f64()
+        && value.as_f64().is_some_and(|number| number < minimum)
+    {
+        errors.push(format!("{at}: {value} is below {minimum}"));
+    }
+    if let Some(object) = value.as_object() {
+        for required in schema["required"].as_array().into_iter().flatten() {
+            let name = required.as_str().unwrap();
+            if !object.contains_key(name) {
+                errors.push(format!("{at}: required `{name}` is missing"));
+            }
+        }
+        let properties = schema["properties"].as_object();
+        for (name, field) in object {
+            let here = format!("{at}.{name}");
+            match properties.and_then(|properties| properties.get(name)) {
+                Some(property) => check(document, property, field, &here, errors),
+                None => match &schema["additionalProperties"] {
+                    Value::Bool(false) => errors.push(format!("{here}: not a documented field")),
+                    extra @ Value::Object(_) => check(document, extra, field, &here, errors),
+                    _ => {}
+                },
+            }
+        }
+    }
+    if let (Some(items), Some(array)) = (schema.get("items"), value.as_array()) {
+        for (index, item) in array.iter().enumerate() {
+            check(document, items, item, &format!("{at}[{index}]"), errors);
+        }
+    }
+}
+
+struct Conformance {
+    document: Value,
+    errors: Vec<String>,
+    answers: usize,
+}
+
+impl Conformance {
+    /// Checks an answer of `method template` against the document.
+    fn answer(&mut self, method: &Method, template: &str, status: u16, body: &str) {
+        self.answers += 1;
+        let operation =
+            &self.document["paths"][template][method.as_str().to_ascii_lowercase().as_str()];
+        assert!(
+            operation.is_object(),
+            "{method} {template} is not in the document"
+        );
+        let responses = &operation["responses"];
+        let shown: String = body.chars().take(300).collect();
+        // The proxy's 200 and default answers are the provider's own: any body.
+        let providers = template.contains("/proxy");
+        let response = match responses.get(status.to_string()) {
+            Some(_) if providers && status == 200 => return,
+            Some(response) => response,
+            None => match responses.get("default") {
+                Some(_) if providers => return,
+                Some(response) => response,
+                None => {
+                    self.errors.push(format!(
+                        "{method} {template}: {status} is not documented ({shown})"
+                    ));
+                    return;
+                }
+            },
+        };
+        if body.trim().is_empty() {
+            return;
+        }
+        let Ok(value) = serde_json::from_str::<Value>(body) else {
+            return;
+        };
+        let schema = &response["content"]["application/json"]["schema"];
+        if schema.is_null() {
+            self.errors.push(format!(
+                "{method} {template} {status}: a JSON body the document gives no schema for: {shown}"
+            ));
+            return;
+        }
+        let document = self.document.clone();
+        check(
+            &document,
+            schema,
+            &value,
+            &format!("{method} {template} {status}"),
+            &mut self.errors,
+        );
+    }
+
+    /// Checks a request body against the documented one.
+    fn request(&mut self, method: &Method, template: &str, body: &Value) {
+        let operation =
+            &self.document["paths"][template][method.as_str().to_ascii_lowercase().as_str()];
+        let schema = operation["requestBody"]["content"]["application/json"]["schema"].clone();
+        assert!(
+            !schema.is_null(),
+            "{method} {template}: no request body documented"
+        );
+        let document = self.document.clone();
+        check(
+            &document,
+            &schema,
+            body,
+            &format!("{method} {template} request"),
+            &mut self.errors,
+        );
+    }
+}
+
+/// Sends a call and checks its answer; returns the status and the body.
+async fn call(
+    env: &Env,
+    conformance: &mut Conformance,
+    method: Method,
+    template: &str,
+    path: &str,
+    authorization: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    if let Some(body) = &body {
+        conformance.request(&method, template, body);
+    }
+    let url = format!("{}{path}", env.server.url);
+    let mut request = env
+        .http
+        .request(method.clone(), url)
+        .header("authorization", authorization);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    assert!(
+        response.headers().contains_key("x-request-id"),
+        "{method} {path}: no X-Request-Id"
+    );
+    let text = response.text().await.unwrap();
+    conformance.answer(&method, template, status, &text);
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_what_the_service_answers() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let document: Value = env
+        .http
+        .get(format!("{}/openapi.json", env.server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut conformance = Conformance {
+        document,
+        errors: Vec::new(),
+        answers: 0,
+    };
+    let c = &mut conformance;
+    let platform = env.org.platform();
+    const API: &str = "/elements/api-v2";
+    let p = |path: &str| format!("{API}{path}");
+
+    // Connectors.
+    call(
+        &env,
+        c,
+        Method::GET,
+        &p("/elements"),
+        &p("/elements"),
+        &platform,
+        None,
+    )
+    .await;
+    call(
+        &env,
+        c,
+        Method::GET,
+        &p("/elements/{key}"),
+        &p("/elements/sandbox-box"),
+        &platform,
+        None,
+    )
+    .await;
+    call(
+        &env,
+        c,
+        Method::GET,
+        &p("/elements/{key}"),
+        &p("/elements/nope"),
+        &platform,
+        None,
+    )
+    .await;
+    let acme = json!({"key": "acme-docs", "name": "Acme", "baseUrl": "https://api.acme.test/",
+        "oauth": {"authorizationUrl": "https://acme.test/authorize", "tokenUrl": "https://acme.test/token",
+                  "scopes": ["api", "offline_access"], "clientAuth": "client_secret_post", "pkce": false}});
+    let (status, _) = call(
+        &env,
+        c,
+        Method::POST,
+        &p("/elements"),
+        &p("/elements"),
+        &platform,
+        Some(acme.clone()),
+    )
+    .await;
+    assert_eq!(status, 201);
+    call(
+        &env,
+        c,
+        Method::POST,
+        &p("/elements"),
+        &p("/elements"),
+        &platform,
+        Some(acme),
+    )
+    .await;
+    call(
+        &env,
+        c,
+        Method::DELETE,
+        &p("/elements/{key}"),
+        &p("/elements/acme-docs"),
+        &platform,
+        None,
+    )
+    .await;
+    call(
+        &env,
+        c,
+        Method::DELETE,
+        &p("/elements/{key}"),
+        &p("/elements/sandbox-box"),
+        &platform,
+        None,
+    )
+    .await;
+    let (status, _) = call(
+        &env,
+        c,
+        Method::GET,
+        &p("/elements/{key}/oauth/url"),
+        &p(&format!(
+            "/elements/sandbox-box/oauth/url?apiKey=tw-client&apiSecret=tw-secret&callbackUrl={}",
+            env.callback()
+        )),
+        &platform,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    // An instance, as the README makes one.
+    let (code, state) = env.authorize(&env.org, "sandbox-box", "olga").await;
+    let create = json!({"element": {"key": "sandbox-box"}, "providerData": {"code": code, "state": state},
+        "configuration": env.configuration(), "name": "Olga", "tags": ["qa"]});
+    let (status, instance) = call(
+        &env,
+        c,
+        Method::POST,
+        &p("/instances"),
+        &p("/instances"),
+        &platform,
+        Some(create),
+    )
+    .await;
+    assert_eq!(status, 200, "{instance}");
+    let id = instance["id"].as_i64().unwrap();
+    let token = instance["token"].as_str().unwrap().to_string();
+    let one = p(&format!("/instances/{id}"));
+    let with_element = env.org.with_element(&token);
+    call(
+        &env,
+        c,
+        Method::GET,
+        &p("/instances"),
+        &p("/instances"),
+        &platform,
+        None,
+    )
+    .await;
+    call(
+        &env,
+        c,
+        Method::GET,
+        &p("/instances"),
+        &p("/instances"),
+        &with_element,
+        None,
+    )
+    .await;
+    call(
+        &env,
+        c,
+        Method::GET,
+        &p("/instances/{id}"),
+        &one,
+        &platform,
+        None,
+    )
+    .await;
+    call(
+        &env,
+        c,
+        Method::GET,
+        &p("/instances/{id}"),
+        &p("/instances/1"),
+        &platform,
+        None,
+    )
+    .await;
+    // A read written back, and a field the service does not know.
+    let (_, read) = call(
+        &env,
+        c,
+        Method::GET,
+        &p("/instances/{id}"),
+        &one,
+        &with_element,
+        None,
+    )
+    .await;
+    let mut written_back = read.clone();
+    written_back["name"] = json!("Olga B.");
+    let (status, _) = call(
+        &env,
+        c,
+        Method::PATCH,
+        &p("/instances/{id}"),
+        &one,
+        &with_element,
+        Some(written_back),
+    )
+    .await;
+    assert_eq!(status, 200);
+    call(
+        &env,
+        c,
+        Method::PATCH,
+        &p("/instances/{id}"),
+        &one,
+        &platform,
+        Some(json!({"tags": ["qa", "docs"]})),
+    )
+    .await;
+    let (status, _) = call(
+        &env,
+        c,
+        Method::PUT,
+        &p("/instances/{id}"),
+        &one,
+        &platform,
+        Some(json!({"name": "Olga", "tags": ["qa"], "configuration": env.configuration()})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    call(
+        &env,
+        c,
+        Method::DELETE,
+        &p("/instances/{id}/enabled"),
+        &p(&format!("/instances/{id}/enabled")),
+        &platform,
+        None,
+    )
+    .await;
+    let (status, _) = call(
+        &env,
+        c,
+        Method::POST,
+        &p("/instances/{id}/tokens/refresh"),
+        &p(&format!("/instances/{id}/tokens/refresh")),
+        &platform,
+        None,
+    )
+    .await;
+    assert_eq!(status, 409, "a disabled instance");
+    let (status, _) = call(
+        &env,
+        c,
+        Method::GET,
+        &p("/proxy/{path}"),
+        &p("/proxy/api/me"),
+        &env.org.through(&token),
+        None,
+    )
+    .await;
+    assert_eq!(status, 409, "a disabled instance");
+    call(
+        &env,
+        c,
+        Method::PUT,
+        &p("/instances/{id}/enabled"),
+        &p(&format!("/instances/{id}/enabled")),
+        &platform,
+        None,
+    )
+    .await;
+    let (status, _) = call(
+        &env,
+        c,
+        Method::POST,
+        &p("/instances/{id}/tokens/refresh"),
+        &p(&format!("/instances/{id}/tokens/refresh")),
+        &platform,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = call(
+        &env,
+        c,
+        Method::GET,
+        &p("/proxy/{path}"),
+        &p("/proxy/api/me"),
+        &env.org.through(&token),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    call(
+        &env,
+        c,
+        Method::GET,
+        &p("/proxy/{path}"),
+        &p("/proxy/api/nothing-here"),
+        &env.org.through(&token),
+        None,
+    )
+    .await;
+
+    // Events, the audit log, the webhook secret, health.
+    call(
+        &env,
+        c,
+        Method::GET,
+        &p("/events"),
+        &p("/events?limit=5"),
+        &platform,
+        None,
+    )
+    .await;
+    call(
+        &env,
+        c,
+        Method::GET,
+        &p("/events"),
+        &p("/events?limit=0"),
+        &platform,
+        None,
+    )
+    .await;
+    call(
+        &env,
+        c,
+        Method::GET,
+        &p("/audit-logs"),
+        &p("/audit-logs"),
+        &platform,
+        None,
+    )
+    .await;
+    call(
+        &env,
+        c,
+        Method::GET,
+        &p("/events/webhook-secret"),
+        &p("/events/webhook-secret"),
+        &platform,
+        None,
+    )
+    .await;
+    let health = env
+        .http
+        .get(format!("{}/healthz", env.server.url))
+        .send()
+        .await
+        .unwrap();
+    let status = health.status().as_u16();
+    c.answer(
+        &Method::GET,
+        "/healthz",
+        status,
+        &health.text().await.unwrap(),
+    );
+
+    // Revoked, then deleted.
+    let (status, revoked) = call(
+        &env,
+        c,
+        Method::POST,
+        &p("/instances/{id}/tokens/revoke"),
+        &p(&format!("/instances/{id}/tokens/revoke")),
+        &platform,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{revoked}");
+    assert!(revoked["revocation"].is_object());
+    let (status, _) = call(
+        &env,
+        c,
+        Method::DELETE,
+        &p("/instances/{id}"),
+        &one,
+        &platform,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    assert!(c.answers > 30, "{} answers checked", c.answers);
+    assert!(
+        c.errors.is_empty(),
+        "the document and the answers disagree:\n{}",
+        c.errors.join("\n")
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
