@@ -52,6 +52,9 @@ pub struct AppConfig {
     /// connector asks for it (`oauth.revokeSupersededGrant`): calls under way with its access
     /// token, and other replicas' copies of it, end meanwhile.
     pub superseded_grant_revoked_after: Duration,
+    /// Start although some secrets are sealed under master keys not given (a lost key): their
+    /// instances show `state: unreadable` (see `check_no_key_is_missing`).
+    pub ignore_missing_keys: bool,
 }
 
 impl std::fmt::Debug for AppConfig {
@@ -98,6 +101,7 @@ impl AppConfig {
             outbound_proxy: None,
             commit_retry_for: crate::refresh::COMMIT_RETRY_FOR,
             rotated_tokens_kept_for: crate::refresh::ROTATED_TOKENS_KEPT_FOR,
+            ignore_missing_keys: false,
             superseded_grant_revoked_after: Duration::from_secs(60),
         }
     }
@@ -184,16 +188,68 @@ async fn check_key_opens_the_database(
         };
         keyring.open(sealed, binding).is_ok()
     };
-    if sample.is_empty() || sample.iter().any(opens) {
-        return Ok(());
-    }
     let source = key_source(config);
+    if sample.is_empty() || sample.iter().any(opens) {
+        return check_no_key_is_missing(store, keyring, &sample, &source, config).await;
+    }
+    // None of the organizations opens, but instances do: a rotation stopped before it reached
+    // the organizations (they come last), and the new key given alone.
+    let instances = store.instance_secrets_sample(8).await?;
+    if instances
+        .iter()
+        .any(|(_, sealed)| keyring.missing_key_of(sealed).is_none())
+    {
+        return check_no_key_is_missing(store, keyring, &sample, &source, config).await;
+    }
     Err(StartupError::WrongKey(format!(
         "the master key from {source} opens none of this database's secrets ({} organizations \
          tried, the newest and the oldest): it is not the key they were sealed with. Start with \
          the key this database was used with; after a change of key, keep the old one in \
          TOKENWARDEN_PREVIOUS_MASTER_KEYS until `tokenwarden keys rotate` has run",
         sample.len()
+    )))
+}
+
+/// Refuses a keyring without a key that some of the database's secrets are sealed under,
+/// though others open: a rotation interrupted (`keys rotate` killed), and the service started
+/// with the new key alone, or the old alone. Started, it answered 500 for every instance sealed
+/// under the key it lacked while `/healthz` said ok. Sampled: the organizations already tried
+/// and the instances of the lowest and highest ids (a rotation goes through them by id).
+async fn check_no_key_is_missing(
+    store: &Store,
+    keyring: &crate::crypto::Keyring,
+    organizations: &[(i64, Vec<u8>)],
+    source: &str,
+    config: &AppConfig,
+) -> Result<(), StartupError> {
+    let instances = store.instance_secrets_sample(8).await?;
+    let mut missing: Vec<String> = organizations
+        .iter()
+        .chain(&instances)
+        .filter_map(|(_, sealed)| keyring.missing_key_of(sealed))
+        .collect();
+    missing.sort();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if config.ignore_missing_keys {
+        tracing::error!(
+            missing_keys = %missing.join(", "),
+            "some of this database's secrets are sealed under master keys this process was not given; started as asked (TOKENWARDEN_IGNORE_MISSING_KEYS): their instances show `state: unreadable`"
+        );
+        return Ok(());
+    }
+    Err(StartupError::WrongKey(format!(
+        "some of this database's secrets are sealed under master key {} (by id), which {source} \
+         does not give, while others open with the key given: a change of key (`tokenwarden keys \
+         rotate`) has not finished. Start with the new key in TOKENWARDEN_MASTER_KEY and the old \
+         one in TOKENWARDEN_PREVIOUS_MASTER_KEYS (this process has key {}), and run `tokenwarden \
+         keys rotate` to its end. If that key is lost, start once with \
+         TOKENWARDEN_IGNORE_MISSING_KEYS=true and delete the instances that show `state: \
+         unreadable`",
+        missing.join(", "),
+        keyring.current_key_id()
     )))
 }
 

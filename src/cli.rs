@@ -81,6 +81,10 @@ pub struct DatabaseArgs {
     /// Older master keys (comma-separated base64) still accepted for reading, during a rotation.
     #[arg(long, env = "TOKENWARDEN_PREVIOUS_MASTER_KEYS", hide_env_values = true)]
     pub previous_master_keys: Option<String>,
+    /// Start although some secrets are sealed under a master key not given (a key that is lost:
+    /// delete the instances that show `state: unreadable`). Without it, such a start is refused.
+    #[arg(long, env = "TOKENWARDEN_IGNORE_MISSING_KEYS")]
+    pub ignore_missing_keys: bool,
 }
 
 /// `Debug` hides the master keys (the command line is `Debug`).
@@ -374,6 +378,7 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             let mut config = crate::app::AppConfig::new(args.database.database_url);
             config.master_key = args.database.master_key;
             config.previous_master_keys = args.database.previous_master_keys;
+            config.ignore_missing_keys = args.database.ignore_missing_keys;
             config.sandbox_url = sandbox_url(&args.sandbox_url)
                 .map_err(|why| format!("--sandbox-url / TOKENWARDEN_SANDBOX_URL: {why}"))?;
             config.refresh_concurrency = usize::from(args.refresh_concurrency);
@@ -629,6 +634,7 @@ async fn open_app(database: DatabaseArgs) -> Result<crate::app::SharedApp, Strin
     let mut config = crate::app::AppConfig::new(database.database_url);
     config.master_key = database.master_key;
     config.previous_master_keys = database.previous_master_keys;
+    config.ignore_missing_keys = database.ignore_missing_keys;
     config.background_tasks = false;
     crate::app::App::build(config)
         .await

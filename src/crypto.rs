@@ -205,6 +205,17 @@ impl Keyring {
             .map_err(|_| CryptoError::Format)
     }
 
+    /// The id (hex) of the key a sealed value names, when this keyring has no such key; `None`
+    /// when it has it, or when the value is not in a known format.
+    pub fn missing_key_of(&self, sealed: &[u8]) -> Option<String> {
+        if sealed.len() < HEADER_LEN || sealed[0] != FORMAT_VERSION {
+            return None;
+        }
+        let mut id = [0u8; KEY_ID_LEN];
+        id.copy_from_slice(&sealed[1..1 + KEY_ID_LEN]);
+        (!self.by_id.contains_key(&id)).then(|| hex(&id))
+    }
+
     /// Whether a sealed value is under the current key (key rotation skips those).
     pub fn is_current(&self, sealed: &[u8]) -> bool {
         sealed.len() > KEY_ID_LEN && sealed[1..1 + KEY_ID_LEN] == self.current.id

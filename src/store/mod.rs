@@ -609,6 +609,29 @@ impl Store {
         Ok(rows)
     }
 
+    /// The sealed Element tokens of the instances of the lowest and the highest ids, `each` of
+    /// both: (id, sealed value). A rotation of the master key goes through instances by id, so an
+    /// interrupted one leaves the two ends under different keys.
+    pub async fn instance_secrets_sample(
+        &self,
+        each: i64,
+    ) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+        let mut rows: Vec<(i64, Vec<u8>)> = Vec::new();
+        for order in ["DESC", "ASC"] {
+            let sql = format!("SELECT id, token_enc FROM instances ORDER BY id {order} LIMIT $1");
+            let found: Vec<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(each)
+                .fetch_all(&self.pool)
+                .await?;
+            for row in found {
+                if !rows.iter().any(|(id, _)| *id == row.0) {
+                    rows.push(row);
+                }
+            }
+        }
+        Ok(rows)
+    }
+
     /// The key checks (`key_checks`): (id, sealed value).
     pub async fn key_checks(&self) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
         Ok(
