@@ -560,14 +560,28 @@ async fn copy_database(args: CopyArgs) -> Result<ExitCode, String> {
     {
         key_file_written = Some(target_key_file);
     }
-    let target = crate::store::Store::connect(&to)
+    let copied = async {
+        let target = crate::store::Store::connect(&to)
+            .await
+            .map_err(|error| format!("--to: {error}"))?;
+        crate::store::copy::copy_database(&app.store, &target, |table, rows| {
+            eprintln!("{table}: {rows} copied");
+        })
         .await
-        .map_err(|error| format!("--to: {error}"))?;
-    let copied = crate::store::copy::copy_database(&app.store, &target, |table, rows| {
-        eprintln!("{table}: {rows} copied");
-    })
-    .await
-    .map_err(|error| error.to_string())?;
+        .map_err(|error| error.to_string())
+    }
+    .await;
+    let copied = match copied {
+        Ok(copied) => copied,
+        Err(error) => {
+            // The key file made for the copy goes with it: beside a database that holds
+            // something else, it would stand for that database's key.
+            if let Some(written) = &key_file_written {
+                let _ = std::fs::remove_file(written);
+            }
+            return Err(error);
+        }
+    };
     let rows: serde_json::Map<String, serde_json::Value> = copied
         .0
         .iter()

@@ -616,7 +616,12 @@ pub fn view(
     reveal: bool,
 ) -> Result<Value, ApiError> {
     let secrets = open_secrets(app, row)?;
-    let mut configuration = plain_configuration(row);
+    // A key stored in the open under older rules that now names a secret is masked too.
+    let mut configuration = if reveal {
+        plain_configuration(row)
+    } else {
+        masked_configuration(row)
+    };
     let shown = |secret: Option<&Secret>| -> Value {
         match secret {
             Some(secret) if reveal => Value::String(secret.expose().to_string()),
@@ -624,14 +629,6 @@ pub fn view(
             None => Value::Null,
         }
     };
-    // A key stored in the open under older rules that now names a secret is masked too.
-    if !reveal {
-        for (key, value) in configuration.iter_mut() {
-            if value.is_string() && is_secret_key(key) {
-                *value = Value::String(MASK.to_string());
-            }
-        }
-    }
     configuration.insert(ACCESS_TOKEN.into(), shown(secrets.access_token.as_ref()));
     configuration.insert(REFRESH_TOKEN.into(), shown(secrets.refresh_token.as_ref()));
     for (key, value) in &secrets.secret_configuration {
@@ -727,8 +724,20 @@ pub fn damaged_view(row: &InstanceRow, connector_name: Option<&str>) -> Value {
         "tags": row.tag_list(),
         "createdDate": iso8601(row.created_at),
         "updatedDate": iso8601(row.updated_at),
-        "configuration": plain_configuration(row),
+        "configuration": masked_configuration(row),
     })
+}
+
+/// The configuration stored in the open, with keys that name secrets (stored in the open under
+/// older rules) masked.
+fn masked_configuration(row: &InstanceRow) -> Map<String, Value> {
+    let mut configuration = plain_configuration(row);
+    for (key, value) in configuration.iter_mut() {
+        if value.is_string() && is_secret_key(key) {
+            *value = Value::String(MASK.to_string());
+        }
+    }
+    configuration
 }
 
 pub fn iso8601(ms: i64) -> String {

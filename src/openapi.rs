@@ -99,8 +99,9 @@ pub enum InstanceState {
 pub struct Revocation {
     /// The provider confirmed the revocation.
     revoked_at_provider: bool,
-    /// Trying again later may revoke (the provider failed or rate-limited).
-    retryable: bool,
+    /// Trying again later may revoke (the provider failed or rate-limited); absent where the
+    /// connector has no revocation endpoint.
+    retryable: Option<bool>,
     /// The provider refused the app's credentials (`invalid_client`).
     client_rejected: Option<bool>,
     /// Whether the instance was made invalid.
@@ -221,7 +222,7 @@ pub struct Health {
     /// `ok`; `degraded` (answering, with rotated tokens kept in memory for the database);
     /// `unavailable` (the database does not answer: 503).
     status: String,
-    /// `sqlite` or `postgres` (`not answering` when unavailable).
+    /// `sqlite` or `postgresql` (`not answering` when unavailable).
     database: String,
     kept_tokens: Option<i64>,
     background_restarts: Option<i64>,
@@ -237,26 +238,20 @@ pub struct Health {
 #[schema(rename_all = "camelCase")]
 #[allow(dead_code)]
 pub struct InstanceWrite {
-    /// The connector (`{"key": …}`); on a create through `/instances`.
-    element: Option<InstanceElementRef>,
+    /// The connector (`{"key": …}`, or its key as a string); on a create through `/instances`.
+    #[schema(value_type = Option<Value>)]
+    element: Option<Value>,
     /// The authorization code to exchange (a create, or a re-authentication).
     provider_data: Option<ProviderData>,
     /// Configuration keys: `oauth.api.key`, `oauth.api.secret`, `oauth.callback.url`, tokens to
     /// import (`oauth.user.token`, `oauth.user.refresh_token`), `event.notification.*`, …
-    /// Strings (or null to remove a key).
+    /// Strings, numbers or booleans (null removes a key).
     #[schema(value_type = Option<Object>)]
     configuration: Option<Value>,
     name: Option<String>,
     tags: Option<Vec<String>>,
     /// `initial` to import tokens given in the configuration; `none`.
     external_authentication: Option<String>,
-}
-
-/// A connector named in an instance body.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct InstanceElementRef {
-    key: String,
 }
 
 /// What the provider's redirect brought.
@@ -269,32 +264,15 @@ pub struct ProviderData {
     state: Option<String>,
 }
 
-/// The answers every platform call can give besides its own success body.
-#[derive(IntoResponses)]
-#[allow(dead_code)]
-pub enum PlatformResponses {
-    #[response(status = 200, description = "Success")]
-    Success,
-    #[response(status = 400, description = "Bad input")]
-    BadInput(ErrorBody),
-    #[response(status = 401, description = "Missing or wrong secrets")]
-    Unauthorized(ErrorBody),
-    #[response(
-        status = 404,
-        description = "Not found (also for other organizations' ids)"
-    )]
-    NotFound(ErrorBody),
-    #[response(
-        status = 503,
-        description = "Try again shortly (`Retry-After`): the service's database does not answer just now, or, for a call that reaches the provider, the provider's token endpoint is failing (`providerMessage` has its words; the instance stays valid)"
-    )]
-    Unavailable(ErrorBody),
-}
-
 /// The errors every platform call can give, for a call whose success is not a plain 200.
 #[derive(IntoResponses)]
 #[allow(dead_code)]
 pub enum PlatformErrors {
+    #[response(
+        status = 500,
+        description = "An internal fault (an instance whose stored secrets do not open under the keys the service has); the request id names it in the service's log"
+    )]
+    Internal(ErrorBody),
     #[response(status = 400, description = "Bad input")]
     BadInput(ErrorBody),
     #[response(status = 401, description = "Missing or wrong secrets")]
@@ -475,6 +453,25 @@ pub fn document() -> Value {
                     _ => {}
                 }
             }
+            // Through the proxy, a status the proxy answers with its JSON error may also be the
+            // provider's own answer, in whatever form the provider gives it.
+            if path.contains("/proxy") {
+                for response in operation
+                    .get_mut("responses")
+                    .and_then(Value::as_object_mut)
+                    .into_iter()
+                    .flat_map(|responses| responses.values_mut())
+                {
+                    if let Some(content) =
+                        response.get_mut("content").and_then(Value::as_object_mut)
+                    {
+                        content.insert(
+                            "*/*".into(),
+                            serde_json::json!({"schema": {"description": "The provider's own answer"}}),
+                        );
+                    }
+                }
+            }
             // Every answer of the platform API carries its request id; the waits are said.
             if platform {
                 for (status, response) in operation
@@ -493,7 +490,7 @@ pub fn document() -> Value {
                         "X-Request-Id".into(),
                         serde_json::json!({"description": "The request's id (also in error bodies and the service's log)", "schema": {"type": "string"}}),
                     );
-                    if matches!(status.as_str(), "429" | "503") {
+                    if matches!(status.as_str(), "424" | "429" | "503") {
                         headers.insert(
                             "Retry-After".into(),
                             serde_json::json!({"description": "Seconds to wait before trying again", "schema": {"type": "integer", "minimum": 0}}),
@@ -511,7 +508,7 @@ pub fn document() -> Value {
     {
         properties.insert(
             "authentication".into(),
-            serde_json::json!({"type": "object", "description": "Always `{\"type\": \"oauth2\"}` (shown by the service; may be posted back)", "properties": {"type": {"type": "string", "enum": ["oauth2"]}}}),
+            serde_json::json!({"type": "object", "description": "Always `{\"type\": \"oauth2\"}` (shown by the service; may be posted back)", "properties": {"type": {"type": "string", "enum": ["oauth2"]}}, "required": ["type"], "additionalProperties": false}),
         );
         properties.insert(
             "builtIn".into(),
@@ -529,6 +526,15 @@ pub fn document() -> Value {
                 properties.entry(field.to_string()).or_insert_with(|| {
                     serde_json::json!({"description": "As the instance shows it: taken back unchanged, and changes nothing (a different value is refused where it names another instance or state)"})
                 });
+            }
+        }
+        if let Some(properties) = write.get_mut("properties").and_then(Value::as_object_mut) {
+            if let Some(disabled) = properties.get_mut("disabled") {
+                disabled["type"] = "boolean".into();
+            }
+            if let Some(configuration) = properties.get_mut("configuration") {
+                configuration["additionalProperties"] =
+                    serde_json::json!({"type": ["string", "number", "boolean", "null"]});
             }
         }
         write.insert("additionalProperties".into(), Value::Bool(false));

@@ -78,7 +78,7 @@ impl Remote {
             .map_err(|error| {
                 format!(
                     "the server at {} does not answer ({}); is `tokenwarden serve` running, and is --url / TOKENWARDEN_URL right?",
-                    self.url,
+                    escaped(&crate::secret::url_without_credentials(base).unwrap_or_else(|| base.to_string())),
                     crate::oauth::transport_message(&error)
                 )
             })?;
@@ -212,6 +212,7 @@ impl Remote {
         let connectors = self.request(reqwest::Method::GET, &path).await?;
         // A category no connector has is a typo (`CRM` for `crm`): named, with the ones there are.
         if let Some(category) = category
+            && !self.json
             && connectors.as_array().is_some_and(Vec::is_empty)
         {
             let all = self.request(reqwest::Method::GET, "/elements").await?;

@@ -2663,7 +2663,6 @@ pub async fn disable_by_id(
     responses(
         (status = 200, description = "Refreshed: the instance", body = crate::openapi::Instance),
         (status = 409, description = "The instance is disabled, or its grant is gone (`providerMessage` has the provider's words): it needs re-authentication", body = crate::openapi::ErrorBody),
-        (status = 429, description = "The provider rate-limits its token endpoint (`Retry-After`)", body = crate::openapi::ErrorBody),
         crate::openapi::PlatformErrors
     ),
 )]

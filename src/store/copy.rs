@@ -282,21 +282,24 @@ where
            (SELECT COALESCE(MAX(updated_at), 0) FROM connectors), \
            (SELECT COUNT(*) FROM instances), \
            (SELECT CAST(COALESCE(SUM(token_version), 0) AS BIGINT) FROM instances), \
-           (SELECT COALESCE(MAX(updated_at), 0) FROM instances), \
+           (SELECT CAST(COALESCE(SUM(updated_at - created_at), 0) AS BIGINT) FROM instances), \
+           (SELECT CAST(COALESCE(SUM(COALESCE(refresh_lease_until, 0) % 1000000007), 0) AS BIGINT) FROM instances), \
+           (SELECT COUNT(refresh_in_flight_since) FROM instances), \
            (SELECT COUNT(*) FROM events), \
            (SELECT COUNT(*) FROM events WHERE delivery_state = 'pending'), \
+           (SELECT CAST(COALESCE(SUM(attempts), 0) AS BIGINT) FROM events), \
            (SELECT COUNT(*) FROM audit_logs), \
            (SELECT COUNT(*) FROM oauth_states), \
            (SELECT COUNT(*) FROM used_codes)",
     )
     .fetch_one(executor)
     .await?;
-    (0..12)
+    (0..FINGERPRINT_NAMES.len())
         .map(|index| row.try_get::<i64, _>(index).map_err(StoreError::from))
         .collect()
 }
 
-const FINGERPRINT_NAMES: [&str; 12] = [
+const FINGERPRINT_NAMES: [&str; 15] = [
     "organizations",
     "users",
     "connectors",
@@ -304,8 +307,11 @@ const FINGERPRINT_NAMES: [&str; 12] = [
     "instances",
     "tokens",
     "instances changed",
+    "refresh leases",
+    "refreshes under way",
     "events",
     "webhooks pending",
+    "webhook attempts",
     "audit log",
     "pending authorizations",
     "used codes",
@@ -437,6 +443,19 @@ pub async fn copy_database(
     // The snapshot ends; what the source holds now is compared with what was copied.
     read.rollback().await?;
     let after = fingerprint(&source.pool).await?;
+    // A refresh leased and still at the provider commits after any comparison: the copy would
+    // hold the refresh token it retires. A lease outlives its holder by seconds at most.
+    let leased: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM instances WHERE refresh_lease_until > $1")
+            .bind(crate::app::now_ms())
+            .fetch_one(&source.pool)
+            .await?;
+    if leased > 0 {
+        write.rollback().await?;
+        return Err(CopyError::SourceChanged(format!(
+            "{leased} refresh(es) under way; a lease of a stopped service ends within seconds"
+        )));
+    }
     if before != after {
         let changed: Vec<&str> = FINGERPRINT_NAMES
             .iter()

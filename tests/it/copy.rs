@@ -321,6 +321,42 @@ async fn a_source_that_changes_while_it_is_copied_is_not_copied() {
             .await
             .unwrap();
         assert_eq!(held, 0, "nothing written");
+        // A refresh under way (its lease held) commits after any comparison: refused too.
+        let lease = |until: i64| {
+            let url = source_url.clone();
+            std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(async move {
+                        use sqlx::Connection;
+                        sqlx::any::install_default_drivers();
+                        let mut connection = sqlx::AnyConnection::connect(&url).await.unwrap();
+                        sqlx::query(
+                            "INSERT INTO instances (id, organization_id, element_key, name, token_hash, token_enc, created_at, updated_at, refresh_lease_until) \
+                             VALUES (7, 1, 'sandbox-generic', 'i', $1, $2, 0, 0, $3) \
+                             ON CONFLICT (id) DO UPDATE SET refresh_lease_until = $3",
+                        )
+                        .bind(vec![7u8; 8])
+                        .bind(vec![0u8; 40])
+                        .bind(until)
+                        .execute(&mut connection)
+                        .await
+                        .unwrap();
+                        let _ = connection.close().await;
+                    })
+            })
+            .join()
+            .unwrap()
+        };
+        lease(tokenwarden::app::now_ms() + 60_000);
+        let result = copy_database(&source, &target, |_, _| {}).await;
+        assert!(
+            matches!(&result, Err(CopyError::SourceChanged(what)) if what.contains("under way")),
+            "[{source_url}] {result:?}"
+        );
+        lease(0);
         // Once the source is still, the copy is made.
         let copied = copy_database(&source, &target, |_, _| {}).await.unwrap();
         assert_eq!(copied.rows("organizations"), 2);

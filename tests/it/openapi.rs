@@ -11,7 +11,8 @@ use crate::support::{drop_test_database, sqlite_database};
 
 /// The part of JSON Schema the document uses: `$ref`, `allOf`/`oneOf`/`anyOf`, `type` (one or a
 /// list), `enum`, `required`, `properties`, `additionalProperties`, `items`, `format:
-/// date-time`, `minimum`/`maximum`. Each mismatch is pushed to `errors`, named by where it is.
+/// date-time`, `minimum`/`maximum`, `minLength`. Each mismatch is pushed to `errors`, named by
+/// where it is.
 fn check(document: &Value, schema: &Value, value: &Value, at: &str, errors: &mut Vec<String>) {
     if let Some(reference) = schema["$ref"].as_str() {
         let name = reference.trim_start_matches("#/components/schemas/");
@@ -26,13 +27,16 @@ fn check(document: &Value, schema: &Value, value: &Value, at: &str, errors: &mut
     }
     for key in ["oneOf", "anyOf"] {
         if let Some(choices) = schema[key].as_array() {
-            let fits = choices.iter().any(|choice| {
-                let mut found = Vec::new();
-                check(document, choice, value, at, &mut found);
-                found.is_empty()
-            });
-            if !fits {
-                errors.push(format!("{at}: {value} fits none of {key} {schema}"));
+            let fitting = choices
+                .iter()
+                .filter(|choice| {
+                    let mut found = Vec::new();
+                    check(document, choice, value, at, &mut found);
+                    found.is_empty()
+                })
+                .count();
+            if fitting == 0 || (key == "oneOf" && fitting > 1) {
+                errors.push(format!("{at}: {value} fits {fitting} of {key} {schema}"));
             }
         }
     }
@@ -71,6 +75,16 @@ fn check(document: &Value, schema: &Value, value: &Value, at: &str, errors: &mut
         && value.as_f64().is_some_and(|number| number < minimum)
     {
         errors.push(format!("{at}: {value} is below {minimum}"));
+    }
+    if let Some(maximum) = schema["maximum"].as_f64()
+        && value.as_f64().is_some_and(|number| number > maximum)
+    {
+        errors.push(format!("{at}: {value} is above {maximum}"));
+    }
+    if let (Some(least), Some(text)) = (schema["minLength"].as_u64(), value.as_str())
+        && (text.chars().count() as u64) < least
+    {
+        errors.push(format!("{at}: {text:?} is shorter than {least}"));
     }
     if let Some(object) = value.as_object() {
         for required in schema["required"].as_array().into_iter().flatten() {
@@ -136,10 +150,15 @@ impl Conformance {
         if body.trim().is_empty() {
             return;
         }
+        let schema = &response["content"]["application/json"]["schema"];
         let Ok(value) = serde_json::from_str::<Value>(body) else {
+            if !schema.is_null() {
+                self.errors.push(format!(
+                    "{method} {template} {status}: documented as JSON, answered {shown}"
+                ));
+            }
             return;
         };
-        let schema = &response["content"]["application/json"]["schema"];
         if schema.is_null() {
             self.errors.push(format!(
                 "{method} {template} {status}: a JSON body the document gives no schema for: {shown}"
@@ -154,6 +173,16 @@ impl Conformance {
             &format!("{method} {template} {status}"),
             &mut self.errors,
         );
+    }
+
+    /// Whether a request body fits the documented one (its mismatches, when not).
+    fn fits(&self, method: &Method, template: &str, body: &Value) -> Vec<String> {
+        let operation =
+            &self.document["paths"][template][method.as_str().to_ascii_lowercase().as_str()];
+        let schema = &operation["requestBody"]["content"]["application/json"]["schema"];
+        let mut errors = Vec::new();
+        check(&self.document, schema, body, "request", &mut errors);
+        errors
     }
 
     /// Checks a request body against the documented one.
@@ -582,6 +611,87 @@ async fn the_openapi_document_describes_what_the_service_answers() {
     )
     .await;
     assert_eq!(status, 200);
+
+    // A connector without a revocation endpoint: its instance made for it, revoked (nothing to
+    // send), deleted with `?revoke=true`.
+    let sandbox = &env.sandbox.url;
+    let plain = json!({"key": "plain-docs", "name": "Plain", "baseUrl": format!("{sandbox}/generic/"),
+        "oauth": {"authorizationUrl": format!("{sandbox}/generic/authorize"), "tokenUrl": format!("{sandbox}/generic/token")}});
+    let (status, _) = call(
+        &env,
+        c,
+        Method::POST,
+        &p("/elements"),
+        &p("/elements"),
+        &platform,
+        Some(plain),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (code, state) = env.authorize(&env.org, "plain-docs", "pia").await;
+    let (status, plain_instance) = call(
+        &env,
+        c,
+        Method::POST,
+        &p("/elements/{key}/instances"),
+        &p("/elements/plain-docs/instances"),
+        &platform,
+        Some(json!({"providerData": {"code": code, "state": state}, "configuration": env.configuration(), "name": "Pia"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{plain_instance}");
+    let plain_id = plain_instance["id"].as_i64().unwrap();
+    // Bodies the document calls invalid are refused, and valid ones taken.
+    for (body, taken) in [
+        (json!({"bogus": 1}), false),
+        (json!({"name": "x", "disabled": "yes"}), false),
+        (
+            json!({"configuration": {"note": 5, "flag": true, "gone": null}}),
+            true,
+        ),
+    ] {
+        let fits = c
+            .fits(&Method::PATCH, &p("/instances/{id}"), &body)
+            .is_empty();
+        assert_eq!(fits, taken, "the document on {body}");
+        let answer = env
+            .http
+            .patch(format!("{}{API}/instances/{plain_id}", env.server.url))
+            .header("authorization", &platform)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = answer.status().as_u16();
+        c.answer(
+            &Method::PATCH,
+            &p("/instances/{id}"),
+            status,
+            &answer.text().await.unwrap(),
+        );
+        assert_eq!(status == 200, taken, "the service on {body}: {status}");
+    }
+
+    call(
+        &env,
+        c,
+        Method::POST,
+        &p("/instances/{id}/tokens/revoke"),
+        &p(&format!("/instances/{plain_id}/tokens/revoke")),
+        &platform,
+        None,
+    )
+    .await;
+    call(
+        &env,
+        c,
+        Method::DELETE,
+        &p("/instances/{id}"),
+        &p(&format!("/instances/{plain_id}?revoke=true")),
+        &platform,
+        None,
+    )
+    .await;
 
     assert!(c.answers > 30, "{} answers checked", c.answers);
     assert!(
