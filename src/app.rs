@@ -324,7 +324,7 @@ async fn check_key_matches_the_first(
 }
 
 /// Where the master key came from, for a refusal.
-fn key_source(config: &AppConfig) -> String {
+pub(crate) fn key_source(config: &AppConfig) -> String {
     match (
         config
             .master_key

@@ -75,7 +75,8 @@ pub struct DatabaseArgs {
         default_value = "sqlite://tokenwarden.db"
     )]
     pub database_url: String,
-    /// Base64 of 32 bytes. With SQLite and none set, a key file is created beside the database.
+    /// Base64 of 32 bytes; required with PostgreSQL (the same on every replica). With SQLite
+    /// and none set, a key file is created beside the database.
     #[arg(long, env = "TOKENWARDEN_MASTER_KEY", hide_env_values = true)]
     pub master_key: Option<String>,
     /// Older master keys (comma-separated base64) still accepted for reading, during a rotation.
@@ -83,7 +84,7 @@ pub struct DatabaseArgs {
     pub previous_master_keys: Option<String>,
     /// Start although some secrets are sealed under a master key not given (a key that is lost:
     /// delete the instances that show `state: unreadable`). Without it, such a start is refused.
-    #[arg(long, env = "TOKENWARDEN_IGNORE_MISSING_KEYS")]
+    #[arg(long, env = "TOKENWARDEN_IGNORE_MISSING_KEYS", hide_env_values = true)]
     pub ignore_missing_keys: bool,
 }
 
@@ -104,7 +105,12 @@ impl std::fmt::Debug for DatabaseArgs {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    #[arg(long, env = "TOKENWARDEN_BIND", default_value = "127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "TOKENWARDEN_BIND",
+        hide_env_values = true,
+        default_value = "127.0.0.1:8080"
+    )]
     pub bind: SocketAddr,
     #[command(flatten)]
     pub database: DatabaseArgs,
@@ -124,29 +130,29 @@ pub struct ServeArgs {
     /// without work stealing (tokio's current-thread scheduler), which is the fastest setting
     /// when the service shares a small machine with its load.
     /// 0 means one per core too.
-    #[arg(long, env = "TOKENWARDEN_WORKERS", value_parser = clap::value_parser!(u16).range(0..=1024))]
+    #[arg(long, env = "TOKENWARDEN_WORKERS", hide_env_values = true, value_parser = clap::value_parser!(u16).range(0..=1024))]
     pub workers: Option<u16>,
     /// Scheduled refreshes run at once in this replica.
-    #[arg(long, env = "TOKENWARDEN_REFRESH_CONCURRENCY", default_value_t = crate::background::SCHEDULER_CONCURRENCY as u16, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    #[arg(long, env = "TOKENWARDEN_REFRESH_CONCURRENCY", hide_env_values = true, default_value_t = crate::background::SCHEDULER_CONCURRENCY as u16, value_parser = clap::value_parser!(u16).range(1..=4096))]
     pub refresh_concurrency: u16,
     /// Scheduled refreshes per connector and second in this replica (a provider's token
     /// endpoint is not flooded when many instances fall due at once); 0 lifts the limit.
-    #[arg(long, env = "TOKENWARDEN_REFRESH_RATE", default_value_t = crate::background::RATE_PER_SECOND)]
+    #[arg(long, env = "TOKENWARDEN_REFRESH_RATE", hide_env_values = true, default_value_t = crate::background::RATE_PER_SECOND)]
     pub refresh_rate: f64,
     /// Seconds a connection has to send a request head, the first or the next one on a
     /// kept-alive connection; then it is closed. Behind a load balancer that keeps idle
     /// connections to its backends longer (Google Cloud's: 600 s), set it above that.
-    #[arg(long, env = "TOKENWARDEN_IDLE_TIMEOUT", default_value_t = 75, value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    #[arg(long, env = "TOKENWARDEN_IDLE_TIMEOUT", hide_env_values = true, default_value_t = 75, value_parser = clap::value_parser!(u32).range(1..=86_400))]
     pub idle_timeout: u32,
     /// Caller connections served at once; past it, the oldest are asked to finish for new ones
     /// (an idle kept-alive one closes at once, a busy one after its answer).
     /// Default: half of the open-file limit (raised to its hard limit at start), less 256 kept
     /// for the database and providers: each call in flight holds a connection to a provider.
-    #[arg(long, env = "TOKENWARDEN_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    #[arg(long, env = "TOKENWARDEN_MAX_CONNECTIONS", hide_env_values = true, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub max_connections: Option<u32>,
     /// Events (and their delivery records) older than this many days are deleted, except those
     /// still waiting to be delivered; the audit log is kept.
-    #[arg(long, env = "TOKENWARDEN_EVENT_RETENTION_DAYS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    #[arg(long, env = "TOKENWARDEN_EVENT_RETENTION_DAYS", hide_env_values = true, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=3650))]
     pub event_retention_days: u32,
 }
 
@@ -155,6 +161,7 @@ pub struct SandboxArgs {
     #[arg(
         long,
         env = "TOKENWARDEN_SANDBOX_BIND",
+        hide_env_values = true,
         default_value = "127.0.0.1:4000"
     )]
     pub bind: SocketAddr,
@@ -213,21 +220,37 @@ pub enum InstancesCommand {
     /// The organization's instances.
     List,
     /// One instance, with its configuration (secrets masked).
-    Show { id: i64 },
+    Show {
+        /// The instance id.
+        id: i64,
+    },
     /// Refresh the access token now.
-    Refresh { id: i64 },
+    Refresh {
+        /// The instance id.
+        id: i64,
+    },
     /// Revoke at the provider; the instance turns invalid.
-    Revoke { id: i64 },
+    Revoke {
+        /// The instance id.
+        id: i64,
+    },
     /// Enable: provider calls and refreshes resume.
-    Enable { id: i64 },
+    Enable {
+        /// The instance id.
+        id: i64,
+    },
     /// Disable: no provider calls, no refreshes.
-    Disable { id: i64 },
+    Disable {
+        /// The instance id.
+        id: i64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ConnectorsCommand {
     /// The catalog: built-in connectors and the organization's own.
     List {
+        /// Only the connectors of this category (e.g. crm, sandbox).
         #[arg(long)]
         category: Option<String>,
     },
@@ -237,6 +260,7 @@ pub enum ConnectorsCommand {
 pub enum OrgsCommand {
     /// Create an organization and its first user; prints their secrets as JSON.
     Create {
+        /// The organization's name.
         #[arg(long)]
         name: String,
         #[command(flatten)]
@@ -248,8 +272,10 @@ pub enum OrgsCommand {
 pub enum UsersCommand {
     /// Create another user in an organization; prints its secret as JSON.
     Create {
+        /// The organization (its `organizationId`).
         #[arg(long)]
         organization_id: i64,
+        /// The user's name.
         #[arg(long)]
         name: String,
         #[command(flatten)]

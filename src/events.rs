@@ -290,6 +290,25 @@ async fn deliver_and_record(app: &App, event: EventRow) {
         crate::store::DeliveryOutcome::Failed => "failed",
     };
     metrics::counter!("tokenwarden_webhook_deliveries_total", "outcome" => label).increment(1);
+    // A receiver that fails is the organization's to mend, and the operator's to see: each
+    // failed attempt (exponentially spaced) is a line, the end of the tries a warning.
+    let why = error.as_deref().unwrap_or("");
+    match outcome {
+        crate::store::DeliveryOutcome::RetryAt(at) => tracing::info!(
+            event = %event.id,
+            instance = event.instance_id,
+            attempt = event.attempts,
+            retry_in_s = (at - now_ms()).max(0) / 1000,
+            "a webhook was not delivered; tried again later: {why}"
+        ),
+        crate::store::DeliveryOutcome::Failed => tracing::warn!(
+            event = %event.id,
+            instance = event.instance_id,
+            attempt = event.attempts,
+            "a webhook was given up: {why}"
+        ),
+        crate::store::DeliveryOutcome::Delivered { .. } => {}
+    }
     if let Err(store_error) = app
         .store
         .mark_delivery(&event.id, outcome, error.as_deref(), Some(event.attempts))

@@ -220,10 +220,12 @@ pub struct WebhookSecret {
 #[allow(dead_code)]
 pub struct Health {
     /// `ok`; `degraded` (answering, with rotated tokens kept in memory for the database);
-    /// `unavailable` (the database does not answer: 503).
+    /// `unavailable` (the database does not answer, or does not take a write: 503).
     status: String,
     /// `sqlite` or `postgresql` (`not answering` when unavailable).
     database: String,
+    /// Why the database is unavailable (the database's own words).
+    reason: Option<String>,
     kept_tokens: Option<i64>,
     background_restarts: Option<i64>,
     #[schema(value_type = Option<Object>)]

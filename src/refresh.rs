@@ -1551,7 +1551,8 @@ impl RefreshEngine {
                         }
                     }
                 }
-                tracing::info!(instance = row.id, connector = %connector.key, version = stored.token_version, "token refreshed");
+                // Debug: at thousands of refreshes a second, one line each drowned the rest.
+                tracing::debug!(instance = row.id, connector = %connector.key, version = stored.token_version, "token refreshed");
                 if was_committed && row.failing_since.is_some() {
                     self.expedite_backoffs(app, row, now).await;
                 }

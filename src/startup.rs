@@ -118,7 +118,15 @@ pub async fn spawn(bind: SocketAddr, config: AppConfig) -> Result<RunningServer,
         shutdown_rx.clone(),
     ));
     crate::background::spawn_all(&app, &mut tasks, &mut shutdown_rx);
-    tracing::info!(%addr, replica = %app.replica_id, "tokenwarden is serving");
+    // What it opened, named: a mistyped path made a new database, and nothing said which.
+    tracing::info!(
+        %addr,
+        replica = %app.replica_id,
+        database = %crate::secret::url_without_credentials(&app.config.database_url)
+            .unwrap_or_else(|| "the database".to_string()),
+        master_key = %format!("{} from {}", app.keyring.current_key_id(), crate::app::key_source(&app.config)),
+        "tokenwarden is serving"
+    );
     Ok(RunningServer {
         url: format!("http://{addr}"),
         addr,

@@ -8,7 +8,10 @@ pub fn init() {
 /// Logging with `default` as the filter when `RUST_LOG` is not set.
 pub fn init_with_default(default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // PostgreSQL's notices (`relation "_sqlx_migrations" already exists, skipping` at every
+    // start) are not the operator's news.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default},sqlx::postgres::notice=warn")));
     use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -38,7 +41,8 @@ const BUCKETS: &[f64] = &[
 /// `tokenwarden_proxy_seconds`, `tokenwarden_instances{state}`,
 /// `tokenwarden_scheduler_lag_seconds` (claim time minus due time),
 /// `tokenwarden_scheduler_refreshes_total{outcome}`, `tokenwarden_scheduler_deferred_total`,
-/// `tokenwarden_outbox_backlog`, `tokenwarden_webhook_deliveries_total{outcome}`,
+/// `tokenwarden_outbox_backlog`, `tokenwarden_outbox_oldest_pending_seconds`,
+/// `tokenwarden_webhook_deliveries_total{outcome}`, `tokenwarden_build_info{version}`,
 /// `tokenwarden_rotated_tokens_kept` (rotated tokens waiting in memory for the database: a
 /// restart loses them).
 ///
@@ -62,8 +66,63 @@ pub fn install_metrics() {
                     upkept.run_upkeep();
                 }
             });
+        describe_families();
         Some(handle)
     });
+}
+
+/// `# HELP` of each family, and `tokenwarden_build_info{version}`.
+fn describe_families() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "tokenwarden_refresh_attempts_total",
+        "Token refreshes at the provider by connector and outcome (ok, transient: tried again, invalid: the grant is gone)"
+    );
+    describe_histogram!(
+        "tokenwarden_refresh_seconds",
+        "Time of a refresh at the provider's token endpoint"
+    );
+    describe_histogram!(
+        "tokenwarden_proxy_seconds",
+        "Time of a call through the proxy"
+    );
+    describe_gauge!(
+        "tokenwarden_instances",
+        "Instances by state (valid, refresh_failing, needs_reauthentication, disabled)"
+    );
+    describe_histogram!(
+        "tokenwarden_scheduler_lag_seconds",
+        "How late a scheduled refresh was claimed after it fell due"
+    );
+    describe_counter!(
+        "tokenwarden_scheduler_refreshes_total",
+        "Scheduled refreshes by outcome"
+    );
+    describe_counter!(
+        "tokenwarden_scheduler_deferred_total",
+        "Scheduled refreshes put off by the per-connector rate"
+    );
+    describe_gauge!(
+        "tokenwarden_outbox_backlog",
+        "Webhooks waiting to be delivered"
+    );
+    describe_gauge!(
+        "tokenwarden_outbox_oldest_pending_seconds",
+        "Age of the oldest webhook waiting to be delivered (0 when none)"
+    );
+    describe_counter!(
+        "tokenwarden_webhook_deliveries_total",
+        "Webhook delivery attempts by outcome (delivered, retry, failed: given up)"
+    );
+    describe_gauge!(
+        "tokenwarden_rotated_tokens_kept",
+        "Rotated tokens waiting in memory for the database (a restart loses them)"
+    );
+    describe_gauge!(
+        "tokenwarden_build_info",
+        "1, labelled with the running version"
+    );
+    metrics::gauge!("tokenwarden_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
 /// How often histogram samples are drained into their buckets.
@@ -228,8 +287,10 @@ pub async fn update_gauges(app: &crate::app::App) {
             metrics::gauge!("tokenwarden_instances", "state" => shown).set(count as f64);
         }
     }
-    if let Ok(backlog) = app.store.count_pending_deliveries().await {
+    if let Ok((backlog, oldest)) = app.store.pending_deliveries().await {
         metrics::gauge!("tokenwarden_outbox_backlog").set(backlog as f64);
+        let age = oldest.map_or(0.0, |at| (now - at).max(0) as f64 / 1000.0);
+        metrics::gauge!("tokenwarden_outbox_oldest_pending_seconds").set(age);
     }
 }
 

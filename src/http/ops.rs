@@ -18,21 +18,22 @@ use crate::app::SharedApp;
     operation_id = "ops_healthz",
     tag = "operations",
     summary = "Health, with a database check",
-    description = "`status` is `ok`; `degraded` while rotated tokens the database did not take are kept in memory (`keptTokens`): the process must not be restarted then, or they are lost; `unavailable` (503) while the database does not answer. Use it for readiness, not liveness.",
+    description = "`status` is `ok`; `degraded` while rotated tokens the database did not take are kept in memory (`keptTokens`): the process must not be restarted then, or they are lost; `unavailable` (503) while the database does not answer or does not take a write (a full disk, a read-only file: `reason` says). Use it for readiness, not liveness.",
     responses(
         (status = 200, description = "Up, its database answering (`status`: `ok`, or `degraded` while rotated tokens wait in memory for the database)", body = crate::openapi::Health),
-        (status = 503, description = "The database does not answer", body = crate::openapi::Health),
+        (status = 503, description = "The database does not answer, or does not take a write (`reason`)", body = crate::openapi::Health),
     ),
 )]
 pub async fn healthz(State(app): State<SharedApp>) -> Response {
-    let ping = app.store.ping().await;
+    let ping = app.store.write_check().await;
     // Rotated tokens the store did not take: the only copy of a grant a rotating provider has
     // retired the old token of, until the database takes them.
     let kept = app.refresh.kept_count();
-    let body = |status: &str, database: &str| {
+    let body = |status: &str, database: &str, reason: Option<String>| {
         json!({
             "status": status,
             "database": database,
+            "reason": reason,
             "keptTokens": kept,
             "backgroundRestarts": app
                 .background_restarts
@@ -46,13 +47,17 @@ pub async fn healthz(State(app): State<SharedApp>) -> Response {
     match ping {
         Ok(()) => {
             let status = if kept == 0 { "ok" } else { "degraded" };
-            AxumJson(body(status, app.store.engine_name())).into_response()
+            AxumJson(body(status, app.store.engine_name(), None)).into_response()
         }
         Err(error) => {
-            tracing::error!("health check: the database does not answer: {error}");
+            tracing::error!("health check: the database does not take a write: {error}");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                AxumJson(body("unavailable", "not answering")),
+                AxumJson(body(
+                    "unavailable",
+                    "not answering",
+                    Some(error.to_string()),
+                )),
             )
                 .into_response()
         }

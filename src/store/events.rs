@@ -29,13 +29,14 @@ pub(super) async fn insert_event_in(
 }
 
 impl Store {
-    /// Events waiting for delivery (the outbox backlog).
-    pub async fn count_pending_deliveries(&self) -> Result<i64, StoreError> {
-        let (count,): (i64,) =
-            sqlx::query_as("SELECT COUNT(*) FROM events WHERE delivery_state = 'pending'")
-                .fetch_one(&self.pool)
-                .await?;
-        Ok(count)
+    /// Events waiting for delivery (the outbox backlog), and when the oldest of them happened.
+    pub async fn pending_deliveries(&self) -> Result<(i64, Option<i64>), StoreError> {
+        let (count, oldest): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT COUNT(*), MIN(occurred_at) FROM events WHERE delivery_state = 'pending'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((count, oldest))
     }
 
     /// The earliest attempt of a pending delivery that may go out then: one waiting behind an

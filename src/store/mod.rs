@@ -503,6 +503,16 @@ impl Store {
         Ok(())
     }
 
+    /// Whether the database takes a write: a row rewritten as it is (the first key check, which
+    /// every start makes). A SQLite file on a full disk answered reads, and `/healthz` said ok
+    /// while every change and every refresh's commit failed.
+    pub async fn write_check(&self) -> Result<(), StoreError> {
+        sqlx::query("UPDATE key_checks SET created_at = created_at WHERE id = 1")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// A write transaction. On SQLite it takes the write lock at once (`BEGIN IMMEDIATE`), so a
     /// transaction that reads before it writes waits on the busy timeout instead of failing.
     async fn begin_write(&self) -> Result<Transaction<'static, Any>, StoreError> {

@@ -104,7 +104,10 @@ async fn metrics_has_every_family_after_a_scenario() {
         "tokenwarden_instances{state=\"needs_reauthentication\"}",
         "tokenwarden_scheduler_lag_seconds_bucket{le=",
         "tokenwarden_outbox_backlog",
+        "tokenwarden_outbox_oldest_pending_seconds",
         "tokenwarden_rotated_tokens_kept 0",
+        "tokenwarden_build_info{version=",
+        "# HELP tokenwarden_instances ",
     ] {
         assert!(text.contains(family), "{family} missing from:\n{text}");
     }
@@ -385,6 +388,38 @@ async fn healthz_checks_the_database() {
         env.stop().await;
         drop_test_database(&url).await;
     }
+}
+
+/// A database that answers reads but takes no write (here another process holds SQLite's write
+/// lock past the busy timeout; a full disk and a read-only file fail the same way) is not
+/// healthy: `/healthz` said ok while every change and every refresh's commit failed.
+#[tokio::test]
+async fn healthz_checks_that_the_database_takes_a_write() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let healthz = format!("{}/healthz", env.server.url);
+    let (status, body) = env.get_json(&healthz, "").await;
+    assert_eq!(status, 200, "{body}");
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let mut other = sqlx::AnyConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let (status, body) = env.get_json(&healthz, "").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], "unavailable", "{body}");
+    assert!(
+        body["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{body}"
+    );
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    let _ = other.close().await;
+    let (status, body) = env.get_json(&healthz, "").await;
+    assert_eq!(status, 200, "{body}");
+    env.stop().await;
+    drop_test_database(&url).await;
 }
 
 /// The server speaks HTTP/1.1 and HTTP/2 with prior knowledge on the same port (the first bytes
