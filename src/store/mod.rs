@@ -600,23 +600,11 @@ impl Store {
         &self,
         each: i64,
     ) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
-        let mut rows: Vec<(i64, Vec<u8>)> = Vec::new();
-        for order in ["DESC", "ASC"] {
-            let sql = format!(
-                "SELECT id, webhook_secret_enc FROM organizations \
-                 ORDER BY created_at {order}, id {order} LIMIT $1"
-            );
-            let found: Vec<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                .bind(each)
-                .fetch_all(&self.pool)
-                .await?;
-            for row in found {
-                if !rows.iter().any(|(id, _)| *id == row.0) {
-                    rows.push(row);
-                }
-            }
-        }
-        Ok(rows)
+        self.both_ends(
+            "SELECT id, webhook_secret_enc FROM organizations ORDER BY created_at {order}, id {order} LIMIT $1",
+            each,
+        )
+        .await
     }
 
     /// The sealed Element tokens of the instances of the lowest and the highest ids, `each` of
@@ -626,9 +614,18 @@ impl Store {
         &self,
         each: i64,
     ) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+        self.both_ends(
+            "SELECT id, token_enc FROM instances ORDER BY id {order} LIMIT $1",
+            each,
+        )
+        .await
+    }
+
+    /// The rows of `sql` (its `{order}` made `DESC`, then `ASC`), each id once.
+    async fn both_ends(&self, sql: &str, each: i64) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
         let mut rows: Vec<(i64, Vec<u8>)> = Vec::new();
         for order in ["DESC", "ASC"] {
-            let sql = format!("SELECT id, token_enc FROM instances ORDER BY id {order} LIMIT $1");
+            let sql = sql.replace("{order}", order);
             let found: Vec<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .bind(each)
                 .fetch_all(&self.pool)

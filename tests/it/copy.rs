@@ -35,6 +35,15 @@ async fn run(args: &[&str], envs: Vec<(&'static str, String)>) -> (bool, String,
         .unwrap()
 }
 
+/// `tokenwarden database copy` from `from` into `to`.
+async fn copy(from: &str, to: &str, envs: Vec<(&'static str, String)>) -> (bool, String, String) {
+    run(
+        &["database", "copy", "--database-url", from, "--to", to],
+        envs,
+    )
+    .await
+}
+
 /// PostgreSQL for a test that needs it; `None` (with a warning) where there is none, outside CI.
 async fn postgres() -> Option<String> {
     match create_postgres_database().await {
@@ -84,18 +93,7 @@ async fn a_sqlite_deployment_copied_into_postgres_keeps_every_connection() {
 
     let sqlite_file = sqlite_url.strip_prefix("sqlite://").unwrap().to_string();
     let key_file = format!("{sqlite_file}.key");
-    let (ok, stdout, stderr) = run(
-        &[
-            "database",
-            "copy",
-            "--database-url",
-            &sqlite_url,
-            "--to",
-            &postgres_url,
-        ],
-        vec![],
-    )
-    .await;
+    let (ok, stdout, stderr) = copy(&sqlite_url, &postgres_url, vec![]).await;
     assert!(ok, "{stderr}");
     let copied: Value = serde_json::from_str(&stdout).expect("JSON");
     assert_eq!(copied["copied"]["organizations"], 1, "{copied}");
@@ -111,32 +109,10 @@ async fn a_sqlite_deployment_copied_into_postgres_keeps_every_connection() {
     );
 
     // Copied once: the target is no longer empty, and nothing is written twice.
-    let (ok, _, stderr) = run(
-        &[
-            "database",
-            "copy",
-            "--database-url",
-            &sqlite_url,
-            "--to",
-            &postgres_url,
-        ],
-        vec![],
-    )
-    .await;
+    let (ok, _, stderr) = copy(&sqlite_url, &postgres_url, vec![]).await;
     assert!(!ok && stderr.contains("not empty"), "{stderr}");
     // Nor into itself.
-    let (ok, _, stderr) = run(
-        &[
-            "database",
-            "copy",
-            "--database-url",
-            &sqlite_url,
-            "--to",
-            &sqlite_url,
-        ],
-        vec![],
-    )
-    .await;
+    let (ok, _, stderr) = copy(&sqlite_url, &sqlite_url, vec![]).await;
     assert!(!ok && stderr.contains("names the source"), "{stderr}");
 
     // The service on the copy, with the key from the file: the same instance, Element token,
@@ -237,15 +213,9 @@ async fn a_sqlite_deployment_copied_into_postgres_keeps_every_connection() {
     // And back from PostgreSQL into a new SQLite file, with the key given: no key file is made
     // (the copy opens with the key given), and every row comes along.
     let back_url = sqlite_database();
-    let (ok, stdout, stderr) = run(
-        &[
-            "database",
-            "copy",
-            "--database-url",
-            &postgres_url,
-            "--to",
-            &back_url,
-        ],
+    let (ok, stdout, stderr) = copy(
+        &postgres_url,
+        &back_url,
         vec![("TOKENWARDEN_MASTER_KEY", key.trim().to_string())],
     )
     .await;
@@ -265,6 +235,38 @@ async fn a_sqlite_deployment_copied_into_postgres_keeps_every_connection() {
     let _ = std::fs::remove_file(key_file);
 }
 
+enum Arg {
+    Int(i64),
+    Bytes(Vec<u8>),
+}
+
+/// Another process's write, on a connection of its own, run to its end on a thread of its own
+/// (the copy may be holding its snapshot meanwhile, inside a synchronous callback).
+fn write_elsewhere(url: String, sql: &'static str, args: Vec<Arg>) {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                use sqlx::Connection;
+                sqlx::any::install_default_drivers();
+                let mut connection = sqlx::AnyConnection::connect(&url).await.unwrap();
+                let mut query = sqlx::query(sql);
+                for arg in args {
+                    query = match arg {
+                        Arg::Int(value) => query.bind(value),
+                        Arg::Bytes(value) => query.bind(value),
+                    };
+                }
+                query.execute(&mut connection).await.unwrap();
+                let _ = connection.close().await;
+            })
+    })
+    .join()
+    .unwrap()
+}
+
 /// A service still running on the source refreshes while the copy reads: a copy committed then
 /// would hold a refresh token the provider has retired. Nothing is written.
 #[tokio::test]
@@ -277,31 +279,15 @@ async fn a_source_that_changes_while_it_is_copied_is_not_copied() {
         let source = Store::connect(&source_url).await.unwrap();
         let target = Store::connect(&target_url).await.unwrap();
         let insert_organization = |url: String, id: i64| {
-            // Another process's write, on a connection of its own, while the copy holds its
-            // snapshot: run to its end on a thread of its own.
-            std::thread::spawn(move || {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap()
-                    .block_on(async move {
-                        use sqlx::Connection;
-                        sqlx::any::install_default_drivers();
-                        let mut connection = sqlx::AnyConnection::connect(&url).await.unwrap();
-                        sqlx::query(
-                            "INSERT INTO organizations (id, name, secret_hash, webhook_secret_enc, created_at) VALUES ($1, 'o', $2, $3, 0)",
-                        )
-                        .bind(id)
-                        .bind(id.to_be_bytes().to_vec())
-                        .bind(vec![0u8; 4])
-                        .execute(&mut connection)
-                        .await
-                        .unwrap();
-                        let _ = connection.close().await;
-                    })
-            })
-            .join()
-            .unwrap()
+            write_elsewhere(
+                url,
+                "INSERT INTO organizations (id, name, secret_hash, webhook_secret_enc, created_at) VALUES ($1, 'o', $2, $3, 0)",
+                vec![
+                    Arg::Int(id),
+                    Arg::Bytes(id.to_be_bytes().to_vec()),
+                    Arg::Bytes(vec![0u8; 4]),
+                ],
+            )
         };
         insert_organization(source_url.clone(), 1);
         let mut written = false;
@@ -323,32 +309,17 @@ async fn a_source_that_changes_while_it_is_copied_is_not_copied() {
         assert_eq!(held, 0, "nothing written");
         // A refresh under way (its lease held) commits after any comparison: refused too.
         let lease = |until: i64| {
-            let url = source_url.clone();
-            std::thread::spawn(move || {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap()
-                    .block_on(async move {
-                        use sqlx::Connection;
-                        sqlx::any::install_default_drivers();
-                        let mut connection = sqlx::AnyConnection::connect(&url).await.unwrap();
-                        sqlx::query(
-                            "INSERT INTO instances (id, organization_id, element_key, name, token_hash, token_enc, created_at, updated_at, refresh_lease_until) \
-                             VALUES (7, 1, 'sandbox-generic', 'i', $1, $2, 0, 0, $3) \
-                             ON CONFLICT (id) DO UPDATE SET refresh_lease_until = $3",
-                        )
-                        .bind(vec![7u8; 8])
-                        .bind(vec![0u8; 40])
-                        .bind(until)
-                        .execute(&mut connection)
-                        .await
-                        .unwrap();
-                        let _ = connection.close().await;
-                    })
-            })
-            .join()
-            .unwrap()
+            write_elsewhere(
+                source_url.clone(),
+                "INSERT INTO instances (id, organization_id, element_key, name, token_hash, token_enc, created_at, updated_at, refresh_lease_until) \
+                 VALUES (7, 1, 'sandbox-generic', 'i', $1, $2, 0, 0, $3) \
+                 ON CONFLICT (id) DO UPDATE SET refresh_lease_until = $3",
+                vec![
+                    Arg::Bytes(vec![7u8; 8]),
+                    Arg::Bytes(vec![0u8; 40]),
+                    Arg::Int(until),
+                ],
+            )
         };
         lease(tokenwarden::app::now_ms() + 60_000);
         let result = copy_database(&source, &target, |_, _| {}).await;

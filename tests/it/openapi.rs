@@ -205,6 +205,8 @@ impl Conformance {
     }
 }
 
+const API: &str = "/elements/api-v2";
+
 /// Sends a call and checks its answer; returns the status and the body.
 async fn call(
     env: &Env,
@@ -215,6 +217,9 @@ async fn call(
     authorization: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
+    // Both under the platform API's base path.
+    let template = &format!("{API}{template}");
+    let path = &format!("{API}{path}");
     if let Some(body) = &body {
         conformance.request(&method, template, body);
     }
@@ -240,6 +245,31 @@ async fn call(
     )
 }
 
+/// A call: method, the path's template, the path (both under the base path), the
+/// `Authorization`, the body, the status it must answer.
+type Step = (Method, &'static str, String, String, Option<Value>, u16);
+
+/// Sends each call, checks its answer against the document and its status; the bodies.
+async fn steps(env: &Env, conformance: &mut Conformance, steps: Vec<Step>) -> Vec<Value> {
+    let mut bodies = Vec::new();
+    for (method, template, path, authorization, body, expected) in steps {
+        let shown = format!("{method} {path}");
+        let (status, answer) = call(
+            env,
+            conformance,
+            method,
+            template,
+            &path,
+            &authorization,
+            body,
+        )
+        .await;
+        assert_eq!(status, expected, "{shown}: {answer}");
+        bodies.push(answer);
+    }
+    bodies
+}
+
 #[tokio::test]
 async fn the_openapi_document_describes_what_the_service_answers() {
     let url = sqlite_database();
@@ -260,319 +290,96 @@ async fn the_openapi_document_describes_what_the_service_answers() {
     };
     let c = &mut conformance;
     let platform = env.org.platform();
-    const API: &str = "/elements/api-v2";
     let p = |path: &str| format!("{API}{path}");
+    let through = |token: &str| env.org.through(token);
+    let (get, post, put, patch, delete) = (
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+    );
+    let org = || platform.clone();
 
     // Connectors.
-    call(
-        &env,
-        c,
-        Method::GET,
-        &p("/elements"),
-        &p("/elements"),
-        &platform,
-        None,
-    )
-    .await;
-    call(
-        &env,
-        c,
-        Method::GET,
-        &p("/elements/{key}"),
-        &p("/elements/sandbox-box"),
-        &platform,
-        None,
-    )
-    .await;
-    call(
-        &env,
-        c,
-        Method::GET,
-        &p("/elements/{key}"),
-        &p("/elements/nope"),
-        &platform,
-        None,
-    )
-    .await;
     let acme = json!({"key": "acme-docs", "name": "Acme", "baseUrl": "https://api.acme.test/",
         "oauth": {"authorizationUrl": "https://acme.test/authorize", "tokenUrl": "https://acme.test/token",
                   "scopes": ["api", "offline_access"], "clientAuth": "client_secret_post", "pkce": false}});
-    let (status, _) = call(
-        &env,
-        c,
-        Method::POST,
-        &p("/elements"),
-        &p("/elements"),
-        &platform,
-        Some(acme.clone()),
-    )
-    .await;
-    assert_eq!(status, 201);
-    call(
-        &env,
-        c,
-        Method::POST,
-        &p("/elements"),
-        &p("/elements"),
-        &platform,
-        Some(acme),
-    )
-    .await;
-    call(
-        &env,
-        c,
-        Method::DELETE,
-        &p("/elements/{key}"),
-        &p("/elements/acme-docs"),
-        &platform,
-        None,
-    )
-    .await;
-    call(
-        &env,
-        c,
-        Method::DELETE,
-        &p("/elements/{key}"),
-        &p("/elements/sandbox-box"),
-        &platform,
-        None,
-    )
-    .await;
-    let (status, _) = call(
-        &env,
-        c,
-        Method::GET,
-        &p("/elements/{key}/oauth/url"),
-        &p(&format!(
-            "/elements/sandbox-box/oauth/url?apiKey=tw-client&apiSecret=tw-secret&callbackUrl={}",
-            env.callback()
-        )),
-        &platform,
-        None,
-    )
-    .await;
-    assert_eq!(status, 200);
+    let url_for = format!(
+        "/elements/sandbox-box/oauth/url?apiKey=tw-client&apiSecret=tw-secret&callbackUrl={}",
+        env.callback()
+    );
+    #[rustfmt::skip]
+    let plan: Vec<Step> = vec![
+        (get.clone(), "/elements", "/elements".into(), org(), None, 200),
+        (get.clone(), "/elements/{key}", "/elements/sandbox-box".into(), org(), None, 200),
+        (get.clone(), "/elements/{key}", "/elements/nope".into(), org(), None, 404),
+        (post.clone(), "/elements", "/elements".into(), org(), Some(acme.clone()), 201),
+        (post.clone(), "/elements", "/elements".into(), org(), Some(acme), 409),
+        (delete.clone(), "/elements/{key}", "/elements/acme-docs".into(), org(), None, 200),
+        (delete.clone(), "/elements/{key}", "/elements/sandbox-box".into(), org(), None, 403),
+        (get.clone(), "/elements/{key}/oauth/url", url_for, org(), None, 200),
+    ];
+    steps(&env, c, plan).await;
 
-    // An instance, as the README makes one.
+    // An instance, as the README makes one; read, written back, updated, replaced, disabled
+    // (refreshes and calls refused), enabled, refreshed, called.
     let (code, state) = env.authorize(&env.org, "sandbox-box", "olga").await;
     let create = json!({"element": {"key": "sandbox-box"}, "providerData": {"code": code, "state": state},
         "configuration": env.configuration(), "name": "Olga", "tags": ["qa"]});
-    let (status, instance) = call(
-        &env,
-        c,
-        Method::POST,
-        &p("/instances"),
-        &p("/instances"),
-        &platform,
+    let plan: Vec<Step> = vec![(
+        post.clone(),
+        "/instances",
+        "/instances".into(),
+        org(),
         Some(create),
-    )
-    .await;
-    assert_eq!(status, 200, "{instance}");
-    let id = instance["id"].as_i64().unwrap();
-    let token = instance["token"].as_str().unwrap().to_string();
-    let one = p(&format!("/instances/{id}"));
+        200,
+    )];
+    let made = steps(&env, c, plan).await;
+    let id = made[0]["id"].as_i64().unwrap();
+    let token = made[0]["token"].as_str().unwrap().to_string();
+    let one = format!("/instances/{id}");
     let with_element = env.org.with_element(&token);
-    call(
-        &env,
-        c,
-        Method::GET,
-        &p("/instances"),
-        &p("/instances"),
-        &platform,
+    let plan: Vec<Step> = vec![(
+        get.clone(),
+        "/instances/{id}",
+        one.clone(),
+        with_element.clone(),
         None,
-    )
-    .await;
-    call(
-        &env,
-        c,
-        Method::GET,
-        &p("/instances"),
-        &p("/instances"),
-        &with_element,
-        None,
-    )
-    .await;
-    call(
-        &env,
-        c,
-        Method::GET,
-        &p("/instances/{id}"),
-        &one,
-        &platform,
-        None,
-    )
-    .await;
-    call(
-        &env,
-        c,
-        Method::GET,
-        &p("/instances/{id}"),
-        &p("/instances/1"),
-        &platform,
-        None,
-    )
-    .await;
-    // A read written back, and a field the service does not know.
-    let (_, read) = call(
-        &env,
-        c,
-        Method::GET,
-        &p("/instances/{id}"),
-        &one,
-        &with_element,
-        None,
-    )
-    .await;
-    let mut written_back = read.clone();
+        200,
+    )];
+    let read = steps(&env, c, plan).await;
+    let mut written_back = read[0].clone();
     written_back["name"] = json!("Olga B.");
-    let (status, _) = call(
-        &env,
-        c,
-        Method::PATCH,
-        &p("/instances/{id}"),
-        &one,
-        &with_element,
-        Some(written_back),
-    )
-    .await;
-    assert_eq!(status, 200);
-    call(
-        &env,
-        c,
-        Method::PATCH,
-        &p("/instances/{id}"),
-        &one,
-        &platform,
-        Some(json!({"tags": ["qa", "docs"]})),
-    )
-    .await;
-    let (status, _) = call(
-        &env,
-        c,
-        Method::PUT,
-        &p("/instances/{id}"),
-        &one,
-        &platform,
-        Some(json!({"name": "Olga", "tags": ["qa"], "configuration": env.configuration()})),
-    )
-    .await;
-    assert_eq!(status, 200);
-    call(
-        &env,
-        c,
-        Method::DELETE,
-        &p("/instances/{id}/enabled"),
-        &p(&format!("/instances/{id}/enabled")),
-        &platform,
-        None,
-    )
-    .await;
-    let (status, _) = call(
-        &env,
-        c,
-        Method::POST,
-        &p("/instances/{id}/tokens/refresh"),
-        &p(&format!("/instances/{id}/tokens/refresh")),
-        &platform,
-        None,
-    )
-    .await;
-    assert_eq!(status, 409, "a disabled instance");
-    let (status, _) = call(
-        &env,
-        c,
-        Method::GET,
-        &p("/proxy/{path}"),
-        &p("/proxy/api/me"),
-        &env.org.through(&token),
-        None,
-    )
-    .await;
-    assert_eq!(status, 409, "a disabled instance");
-    call(
-        &env,
-        c,
-        Method::PUT,
-        &p("/instances/{id}/enabled"),
-        &p(&format!("/instances/{id}/enabled")),
-        &platform,
-        None,
-    )
-    .await;
-    let (status, _) = call(
-        &env,
-        c,
-        Method::POST,
-        &p("/instances/{id}/tokens/refresh"),
-        &p(&format!("/instances/{id}/tokens/refresh")),
-        &platform,
-        None,
-    )
-    .await;
-    assert_eq!(status, 200);
-    let (status, _) = call(
-        &env,
-        c,
-        Method::GET,
-        &p("/proxy/{path}"),
-        &p("/proxy/api/me"),
-        &env.org.through(&token),
-        None,
-    )
-    .await;
-    assert_eq!(status, 200);
-    call(
-        &env,
-        c,
-        Method::GET,
-        &p("/proxy/{path}"),
-        &p("/proxy/api/nothing-here"),
-        &env.org.through(&token),
-        None,
-    )
-    .await;
-
-    // Events, the audit log, the webhook secret, health.
-    call(
-        &env,
-        c,
-        Method::GET,
-        &p("/events"),
-        &p("/events?limit=5"),
-        &platform,
-        None,
-    )
-    .await;
-    call(
-        &env,
-        c,
-        Method::GET,
-        &p("/events"),
-        &p("/events?limit=0"),
-        &platform,
-        None,
-    )
-    .await;
-    call(
-        &env,
-        c,
-        Method::GET,
-        &p("/audit-logs"),
-        &p("/audit-logs"),
-        &platform,
-        None,
-    )
-    .await;
-    call(
-        &env,
-        c,
-        Method::GET,
-        &p("/events/webhook-secret"),
-        &p("/events/webhook-secret"),
-        &platform,
-        None,
-    )
-    .await;
+    let replaced = json!({"name": "Olga", "tags": ["qa"], "configuration": env.configuration()});
+    #[rustfmt::skip]
+    let plan: Vec<Step> = vec![
+        (get.clone(), "/instances", "/instances".into(), org(), None, 200),
+        (get.clone(), "/instances", "/instances".into(), with_element.clone(), None, 200),
+        (get.clone(), "/instances/{id}", one.clone(), org(), None, 200),
+        (get.clone(), "/instances/{id}", "/instances/1".into(), org(), None, 404),
+        (patch.clone(), "/instances/{id}", one.clone(), with_element.clone(), Some(written_back), 200),
+        (patch.clone(), "/instances/{id}", one.clone(), org(), Some(json!({"tags": ["qa", "docs"]})), 200),
+        (put.clone(), "/instances/{id}", one.clone(), org(), Some(replaced), 200),
+        (delete.clone(), "/instances/{id}/enabled", format!("{one}/enabled"), org(), None, 200),
+        (post.clone(), "/instances/{id}/tokens/refresh", format!("{one}/tokens/refresh"), org(), None, 409),
+        (get.clone(), "/proxy/{path}", "/proxy/api/me".into(), through(&token), None, 409),
+        (put.clone(), "/instances/{id}/enabled", format!("{one}/enabled"), org(), None, 200),
+        (post.clone(), "/instances/{id}/tokens/refresh", format!("{one}/tokens/refresh"), org(), None, 200),
+        (get.clone(), "/proxy/{path}", "/proxy/api/me".into(), through(&token), None, 200),
+        (get.clone(), "/proxy/{path}", "/proxy/api/nothing-here".into(), through(&token), None, 404),
+        // Events, the audit log, the webhook secret.
+        (get.clone(), "/events", "/events?limit=5".into(), org(), None, 200),
+        (get.clone(), "/events", "/events?limit=0".into(), org(), None, 400),
+        (get.clone(), "/audit-logs", "/audit-logs".into(), org(), None, 200),
+        (get.clone(), "/events/webhook-secret", "/events/webhook-secret".into(), org(), None, 200),
+        // Revoked, then deleted.
+        (post.clone(), "/instances/{id}/tokens/revoke", format!("{one}/tokens/revoke"), org(), None, 200),
+        (delete.clone(), "/instances/{id}", one.clone(), org(), None, 200),
+    ];
+    let answers = steps(&env, c, plan).await;
+    let revoked = &answers[answers.len() - 2];
+    assert!(revoked["revocation"].is_object(), "{revoked}");
     let health = env
         .http
         .get(format!("{}/healthz", env.server.url))
@@ -580,67 +387,28 @@ async fn the_openapi_document_describes_what_the_service_answers() {
         .await
         .unwrap();
     let status = health.status().as_u16();
-    c.answer(
-        &Method::GET,
-        "/healthz",
-        status,
-        &health.text().await.unwrap(),
-    );
-
-    // Revoked, then deleted.
-    let (status, revoked) = call(
-        &env,
-        c,
-        Method::POST,
-        &p("/instances/{id}/tokens/revoke"),
-        &p(&format!("/instances/{id}/tokens/revoke")),
-        &platform,
-        None,
-    )
-    .await;
-    assert_eq!(status, 200, "{revoked}");
-    assert!(revoked["revocation"].is_object());
-    let (status, _) = call(
-        &env,
-        c,
-        Method::DELETE,
-        &p("/instances/{id}"),
-        &one,
-        &platform,
-        None,
-    )
-    .await;
-    assert_eq!(status, 200);
+    c.answer(&get, "/healthz", status, &health.text().await.unwrap());
 
     // A connector without a revocation endpoint: its instance made for it, revoked (nothing to
     // send), deleted with `?revoke=true`.
     let sandbox = &env.sandbox.url;
     let plain = json!({"key": "plain-docs", "name": "Plain", "baseUrl": format!("{sandbox}/generic/"),
         "oauth": {"authorizationUrl": format!("{sandbox}/generic/authorize"), "tokenUrl": format!("{sandbox}/generic/token")}});
-    let (status, _) = call(
-        &env,
-        c,
-        Method::POST,
-        &p("/elements"),
-        &p("/elements"),
-        &platform,
+    let plan: Vec<Step> = vec![(
+        post.clone(),
+        "/elements",
+        "/elements".into(),
+        org(),
         Some(plain),
-    )
-    .await;
-    assert_eq!(status, 201);
+        201,
+    )];
+    steps(&env, c, plan).await;
     let (code, state) = env.authorize(&env.org, "plain-docs", "pia").await;
-    let (status, plain_instance) = call(
-        &env,
-        c,
-        Method::POST,
-        &p("/elements/{key}/instances"),
-        &p("/elements/plain-docs/instances"),
-        &platform,
-        Some(json!({"providerData": {"code": code, "state": state}, "configuration": env.configuration(), "name": "Pia"})),
-    )
-    .await;
-    assert_eq!(status, 200, "{plain_instance}");
-    let plain_id = plain_instance["id"].as_i64().unwrap();
+    let body = json!({"providerData": {"code": code, "state": state}, "configuration": env.configuration(), "name": "Pia"});
+    #[rustfmt::skip]
+    let plan: Vec<Step> = vec![(post.clone(), "/elements/{key}/instances", "/elements/plain-docs/instances".into(), org(), Some(body), 200)];
+    let made = steps(&env, c, plan).await;
+    let plain = format!("/instances/{}", made[0]["id"].as_i64().unwrap());
     // Bodies the document calls invalid are refused, and valid ones taken.
     for (body, taken) in [
         (json!({"bogus": 1}), false),
@@ -650,13 +418,11 @@ async fn the_openapi_document_describes_what_the_service_answers() {
             true,
         ),
     ] {
-        let fits = c
-            .fits(&Method::PATCH, &p("/instances/{id}"), &body)
-            .is_empty();
+        let fits = c.fits(&patch, &p("/instances/{id}"), &body).is_empty();
         assert_eq!(fits, taken, "the document on {body}");
         let answer = env
             .http
-            .patch(format!("{}{API}/instances/{plain_id}", env.server.url))
+            .patch(format!("{}{API}{plain}", env.server.url))
             .header("authorization", &platform)
             .json(&body)
             .send()
@@ -664,34 +430,19 @@ async fn the_openapi_document_describes_what_the_service_answers() {
             .unwrap();
         let status = answer.status().as_u16();
         c.answer(
-            &Method::PATCH,
+            &patch,
             &p("/instances/{id}"),
             status,
             &answer.text().await.unwrap(),
         );
         assert_eq!(status == 200, taken, "the service on {body}: {status}");
     }
-
-    call(
-        &env,
-        c,
-        Method::POST,
-        &p("/instances/{id}/tokens/revoke"),
-        &p(&format!("/instances/{plain_id}/tokens/revoke")),
-        &platform,
-        None,
-    )
-    .await;
-    call(
-        &env,
-        c,
-        Method::DELETE,
-        &p("/instances/{id}"),
-        &p(&format!("/instances/{plain_id}?revoke=true")),
-        &platform,
-        None,
-    )
-    .await;
+    #[rustfmt::skip]
+    let plan: Vec<Step> = vec![
+        (post.clone(), "/instances/{id}/tokens/revoke", format!("{plain}/tokens/revoke"), org(), None, 200),
+        (delete.clone(), "/instances/{id}", format!("{plain}?revoke=true"), org(), None, 200),
+    ];
+    steps(&env, c, plan).await;
 
     assert!(c.answers > 30, "{} answers checked", c.answers);
     assert!(
