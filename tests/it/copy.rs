@@ -35,6 +35,18 @@ async fn run(args: &[&str], envs: Vec<(&'static str, String)>) -> (bool, String,
         .unwrap()
 }
 
+/// The JSON a GET answers.
+async fn read(http: &reqwest::Client, url: &str, authorization: &str) -> Value {
+    http.get(url)
+        .header("authorization", authorization)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// `tokenwarden database copy` from `from` into `to`.
 async fn copy(from: &str, to: &str, envs: Vec<(&'static str, String)>) -> (bool, String, String) {
     run(
@@ -126,15 +138,7 @@ async fn a_sqlite_deployment_copied_into_postgres_keeps_every_connection() {
     // The events and the audit log go on where they were (the audit log's ids too: a new
     // entry takes the next one, where it would have collided with a copied one).
     let audit = || async {
-        let audit: Value = http
-            .get(api("/audit-logs"))
-            .header("authorization", org.platform())
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let audit: Value = read(&http, &api("/audit-logs"), &org.platform()).await;
         audit["auditLogs"].as_array().unwrap().clone()
     };
     let audited_before = audit().await;
@@ -185,25 +189,9 @@ async fn a_sqlite_deployment_copied_into_postgres_keeps_every_connection() {
             refreshed.text().await.unwrap()
         );
     }
-    let shown: Value = http
-        .get(api(&format!("/instances/{id}")))
-        .header("authorization", org.platform())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let shown: Value = read(&http, &api(&format!("/instances/{id}")), &org.platform()).await;
     assert_eq!(shown["valid"], true, "{shown}");
-    let events: Value = http
-        .get(api("/events"))
-        .header("authorization", org.platform())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let events: Value = read(&http, &api("/events"), &org.platform()).await;
     assert!(
         events["events"].as_array().unwrap().len() > events_before,
         "{events}"
