@@ -55,6 +55,9 @@ pub struct AppConfig {
     /// Start although some secrets are sealed under master keys not given (a lost key): their
     /// instances show `state: unreadable` (see `check_no_key_is_missing`).
     pub ignore_missing_keys: bool,
+    /// Open a database that `tokenwarden database copy` marked as copied away (the copy itself
+    /// opens its source again); any other start on it is refused.
+    pub opening_copied_source: bool,
 }
 
 impl std::fmt::Debug for AppConfig {
@@ -102,6 +105,7 @@ impl AppConfig {
             commit_retry_for: crate::refresh::COMMIT_RETRY_FOR,
             rotated_tokens_kept_for: crate::refresh::ROTATED_TOKENS_KEPT_FOR,
             ignore_missing_keys: false,
+            opening_copied_source: false,
             superseded_grant_revoked_after: Duration::from_secs(60),
         }
     }
@@ -166,6 +170,9 @@ pub enum StartupError {
     Listen(String),
     #[error("{0}")]
     WrongKey(String),
+    /// The database was copied away (see `store::copy`).
+    #[error("{0}")]
+    Copied(String),
 }
 
 /// Refuses a master key that opens none of the database's secrets: a database restored without
@@ -233,6 +240,17 @@ async fn check_no_key_is_missing(
     if missing.is_empty() {
         return Ok(());
     }
+    missing_keys(&missing, keyring, source, config)
+}
+
+/// Secrets sealed under the `missing` keys while others open: refused, naming the unfinished
+/// rotation, unless asked to start all the same (a key that is lost).
+fn missing_keys(
+    missing: &[String],
+    keyring: &crate::crypto::Keyring,
+    source: &str,
+    config: &AppConfig,
+) -> Result<(), StartupError> {
     if config.ignore_missing_keys {
         tracing::error!(
             missing_keys = %missing.join(", "),
@@ -277,7 +295,7 @@ async fn sqlite_turn(database_url: &str) -> Option<std::fs::File> {
 }
 
 /// What a key check seals.
-const KEY_CHECK_TEXT: &[u8] = b"tokenwarden key check";
+pub(crate) const KEY_CHECK_TEXT: &[u8] = b"tokenwarden key check";
 
 /// The binding of a key check's sealed value.
 pub fn key_check_binding(id: i64) -> crate::crypto::Binding<'static> {
@@ -313,6 +331,24 @@ async fn check_key_matches_the_first(
     });
     if opens {
         return Ok(());
+    }
+    // The check under a key not given while the secrets open: a rotation stopped after the
+    // instances and organizations, before the check (it comes last), not another replica's key.
+    let missing: Vec<String> = checks
+        .iter()
+        .filter(|(id, _)| *id == FIRST_KEY_CHECK)
+        .filter_map(|(_, sealed)| keyring.missing_key_of(sealed))
+        .collect();
+    if !missing.is_empty() {
+        let organizations = store.organization_secrets_sample(8).await?;
+        let instances = store.instance_secrets_sample(8).await?;
+        let ours = organizations
+            .iter()
+            .chain(&instances)
+            .any(|(_, sealed)| keyring.missing_key_of(sealed).is_none());
+        if ours {
+            return missing_keys(&missing, keyring, &key_source(config), config);
+        }
     }
     Err(StartupError::WrongKey(format!(
         "the master key from {} does not open this database's key check: another replica \
@@ -462,6 +498,18 @@ impl App {
         // exists".
         let turn = sqlite_turn(&config.database_url).await;
         store.migrate().await?;
+        if !config.opening_copied_source
+            && let Some((target, at)) = store.copied_to().await?
+        {
+            return Err(StartupError::Copied(format!(
+                "this database was copied to {target} at {} (`tokenwarden database copy`), and \
+                 the service runs there now: started here as well, both would refresh the same \
+                 grants, and at providers that rotate refresh tokens each would end the other's. \
+                 If that copy is abandoned, run `tokenwarden database reopen` on this database \
+                 first",
+                crate::instances::iso8601(at)
+            )));
+        }
         check_key_matches_the_first(&store, &keyring, &config).await?;
         // The turn ends; the file stays open (see `App::_database_file`).
         let database_file = turn.inspect(|file| {

@@ -693,6 +693,9 @@ async fn recovery(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
     let mut last_purge = 0;
     loop {
         let now = now_ms();
+        // Running, as `tokenwarden database copy` asks before it copies (a passing failure is
+        // the database's, said elsewhere).
+        let _ = app.store.replica_seen(&app.replica_id, now).await;
         match app.store.interrupted_refreshes(now, 50).await {
             Ok(rows) => {
                 for row in rows {
@@ -736,6 +739,8 @@ async fn recovery(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.changed() => break,
         }
     }
+    // Stopped: a copy need not wait for this replica's last word to grow old.
+    let _ = app.store.replica_gone(&app.replica_id).await;
 }
 
 /// Deletes events past the retention, a batch at a time so that no statement runs long.

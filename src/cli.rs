@@ -105,6 +105,7 @@ impl std::fmt::Debug for DatabaseArgs {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// Where the service listens (address:port; 0.0.0.0 for every interface).
     #[arg(
         long,
         env = "TOKENWARDEN_BIND",
@@ -158,6 +159,7 @@ pub struct ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct SandboxArgs {
+    /// Where the sandbox provider listens (address:port).
     #[arg(
         long,
         env = "TOKENWARDEN_SANDBOX_BIND",
@@ -181,6 +183,8 @@ pub struct RemoteArgs {
         global = true
     )]
     pub url: String,
+    /// The user secret (`userSecret` of `orgs create`); better in the environment than on the
+    /// command line, where other users of the machine see it.
     #[arg(
         long,
         env = "TOKENWARDEN_USER_SECRET",
@@ -190,6 +194,8 @@ pub struct RemoteArgs {
         global = true
     )]
     pub user_secret: String,
+    /// The organization secret (`organizationSecret` of `orgs create`); better in the
+    /// environment too.
     #[arg(
         long,
         env = "TOKENWARDEN_ORG_SECRET",
@@ -299,6 +305,12 @@ pub enum DatabaseCommand {
     /// replicas (or back). Stop every `serve` on the source first; start the service on the
     /// copy with the source's master key, and never again on the source.
     Copy(CopyArgs),
+    /// Take away the mark `copy` left on its source, so that the service starts on it again
+    /// (the copy abandoned). Never while a service runs on the copy.
+    Reopen {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
 }
 
 #[derive(Args)]
@@ -307,6 +319,8 @@ pub struct CopyArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
     /// The database to copy into, empty: `postgres://…` or `sqlite://path` (made when missing).
+    /// A password in it is better given in the environment (`TOKENWARDEN_COPY_TO`) than on the
+    /// command line, where other users of the machine see it.
     #[arg(long, env = "TOKENWARDEN_COPY_TO", hide_env_values = true)]
     pub to: String,
 }
@@ -508,6 +522,22 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
         Command::Database {
             command: DatabaseCommand::Copy(args),
         } => copy_database(args).await,
+        Command::Database {
+            command: DatabaseCommand::Reopen { database },
+        } => {
+            existing_database(&database)?;
+            crate::store::Store::check_url(&database.database_url).map_err(|e| e.to_string())?;
+            let store = crate::store::Store::connect(&database.database_url)
+                .await
+                .map_err(|error| error.to_string())?;
+            let was = store.copied_to().await.map_err(|e| e.to_string())?;
+            store.unmark_copied().await.map_err(|e| e.to_string())?;
+            outln!(
+                "{}",
+                serde_json::json!({"reopened": was.is_some(), "wasCopiedTo": was.map(|(target, _)| target)})
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Keys {
             command: KeysCommand::Rotate { database },
         } => {
@@ -574,7 +604,9 @@ async fn copy_database(args: CopyArgs) -> Result<ExitCode, String> {
         .previous_master_keys
         .as_deref()
         .is_some_and(|keys| !keys.trim().is_empty());
-    let app = open_app(args.database).await?;
+    // A source copied before is copied again (the first copy abandoned, or a second target).
+    let app =
+        open_app_adjusted(args.database, |config| config.opening_copied_source = true).await?;
     // The source's key, where it is in a file, goes beside a SQLite copy.
     let source_key_file = (!key_given)
         .then(|| crate::crypto::key_file_of(&source_url))
@@ -590,11 +622,9 @@ async fn copy_database(args: CopyArgs) -> Result<ExitCode, String> {
         let target = crate::store::Store::connect(&to)
             .await
             .map_err(|error| format!("--to: {error}"))?;
-        crate::store::copy::copy_database(&app.store, &target, |table, rows| {
-            eprintln!("{table}: {rows} copied");
-        })
-        .await
-        .map_err(|error| error.to_string())
+        crate::store::copy::copy_database(&app.store, &target, &shown_to, |_, _| {})
+            .await
+            .map_err(|error| error.to_string())
     }
     .await;
     let copied = match copied {
@@ -663,6 +693,13 @@ fn existing_database(database: &DatabaseArgs) -> Result<(), String> {
 }
 
 async fn open_app(database: DatabaseArgs) -> Result<crate::app::SharedApp, String> {
+    open_app_adjusted(database, |_| {}).await
+}
+
+async fn open_app_adjusted(
+    database: DatabaseArgs,
+    adjust: impl FnOnce(&mut crate::app::AppConfig),
+) -> Result<crate::app::SharedApp, String> {
     // What an administrative command writes would end with it: its secrets printed for an
     // organization that no longer exists.
     if crate::store::sqlite_in_memory(&database.database_url) {
@@ -676,6 +713,7 @@ async fn open_app(database: DatabaseArgs) -> Result<crate::app::SharedApp, Strin
     config.previous_master_keys = database.previous_master_keys;
     config.ignore_missing_keys = database.ignore_missing_keys;
     config.background_tasks = false;
+    adjust(&mut config);
     crate::app::App::build(config)
         .await
         .map_err(|error| error.to_string())

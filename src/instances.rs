@@ -980,15 +980,22 @@ pub async fn reseal_all(app: &App, progress: &mut dyn FnMut(u64)) -> Result<Rese
     }
     changed += reseal_pending_events(app, &mut unreadable).await?;
     // The key check: under the current key, so that the old one can go. (This process's keys
-    // open it: its start checked them.)
+    // open it, as its start checked, unless it was told a key is lost: the check holds no
+    // secret, and is sealed anew under the key that stays.)
     for (id, sealed) in app.store.key_checks().await? {
         let binding = crate::app::key_check_binding(id);
-        if !keyring.is_current(&sealed)
-            && let Ok(plain) = keyring.open(&sealed, binding)
-            && app
-                .store
-                .reseal_key_check(id, &keyring.seal(&plain, binding))
-                .await?
+        if keyring.is_current(&sealed) {
+            continue;
+        }
+        let plain = match keyring.open(&sealed, binding) {
+            Ok(plain) => plain,
+            Err(_) if app.config.ignore_missing_keys => crate::app::KEY_CHECK_TEXT.to_vec(),
+            Err(_) => continue,
+        };
+        if app
+            .store
+            .reseal_key_check(id, &keyring.seal(&plain, binding))
+            .await?
         {
             changed += 1;
         }

@@ -256,7 +256,8 @@ pub struct InstanceWrite {
     external_authentication: Option<String>,
 }
 
-/// What the provider's redirect brought.
+/// What the provider's redirect brought (other parameters of the redirect, such as
+/// QuickBooks' `realmId`, come along and are read where the connector names them).
 #[derive(ToSchema)]
 #[allow(dead_code)]
 pub struct ProviderData {
@@ -335,6 +336,13 @@ impl Modify for PlatformSecurity {
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
                 "Authorization",
                 "User <user secret>, Element <instance token> (calls through an instance)",
+            ))),
+        );
+        components.add_security_scheme(
+            "element",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "Authorization",
+                "User <user secret>, Organization <organization secret>, Element <instance token>: the instance named by its Element token",
             ))),
         );
         components.add_security_scheme(
@@ -467,6 +475,14 @@ pub fn document() -> Value {
                     if let Some(content) =
                         response.get_mut("content").and_then(Value::as_object_mut)
                     {
+                        // The proxy's own answers carry `requestId` and `message`; the
+                        // provider's, of the same status, whatever it sends.
+                        if let Some(json) = content.get_mut("application/json") {
+                            json["schema"] = serde_json::json!({"anyOf": [
+                                {"$ref": "#/components/schemas/ErrorBody"},
+                                {"description": "The provider's own answer"}
+                            ]});
+                        }
                         content.insert(
                             "*/*".into(),
                             serde_json::json!({"schema": {"description": "The provider's own answer"}}),
@@ -531,6 +547,14 @@ pub fn document() -> Value {
             }
         }
         if let Some(properties) = write.get_mut("properties").and_then(Value::as_object_mut) {
+            if let Some(element) = properties.get_mut("element") {
+                element["type"] = serde_json::json!(["object", "string", "null"]);
+                element["properties"] = serde_json::json!({"key": {"type": "string"}});
+            }
+            if let Some(external) = properties.get_mut("externalAuthentication") {
+                // `initial` or `none`, in any case.
+                external["pattern"] = "^([Ii][Nn][Ii][Tt][Ii][Aa][Ll]|[Nn][Oo][Nn][Ee])$".into();
+            }
             if let Some(disabled) = properties.get_mut("disabled") {
                 disabled["type"] = "boolean".into();
             }

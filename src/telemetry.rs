@@ -82,10 +82,6 @@ fn describe_families() {
         "tokenwarden_refresh_seconds",
         "Time of a refresh at the provider's token endpoint"
     );
-    describe_histogram!(
-        "tokenwarden_proxy_seconds",
-        "Time of a call through the proxy"
-    );
     describe_gauge!(
         "tokenwarden_instances",
         "Instances by state (valid, refresh_failing, needs_reauthentication, disabled)"
@@ -182,7 +178,21 @@ fn begin_family(out: &mut String, name: &str, kind: &str) {
     if !out.is_empty() && !out.ends_with("\n\n") {
         out.push('\n');
     }
+    if let Some(help) = help_of(name) {
+        out.push_str(&format!("# HELP {name} {help}\n"));
+    }
     out.push_str(&format!("# TYPE {name} {kind}\n"));
+}
+
+/// The `# HELP` of the families rendered here rather than by the exporter.
+fn help_of(name: &str) -> Option<&'static str> {
+    match name {
+        "tokenwarden_proxy_requests_total" => Some(
+            "Calls through the proxy by the answer's status class (the provider's answers and the proxy's own)",
+        ),
+        "tokenwarden_proxy_seconds" => Some("Time of a call through the proxy"),
+        _ => None,
+    }
 }
 
 /// `tokenwarden_proxy_seconds`: a proxied call's time, recorded on the proxy's hot path.

@@ -1413,7 +1413,7 @@ pub async fn patch(
     tag = "instances",
     summary = "Re-authenticate or update the instance named by the Element token",
     request_body(content = crate::openapi::InstanceWrite, content_type = "application/json", description = "Merged: name, tags, configuration; with `providerData.code`, a re-authentication", example = json!({"name": "renamed", "tags": ["prod"], "configuration": {"event.notification.enabled": "true", "event.notification.callback.url": "https://app.example/hooks"}})),
-    security(("platform" = [])),
+    security(("element" = [])),
     responses(
         (status = 200, description = "The instance", body = crate::openapi::Instance),
         crate::openapi::PlatformErrors,
@@ -1475,7 +1475,7 @@ pub async fn put(
     summary = "Replace the configuration of the instance named by the Element token",
     request_body(content = crate::openapi::InstanceWrite, content_type = "application/json", description = "The whole configuration (replaced), name and tags; with `providerData.code` and `?reAuthenticate=true`, a re-authentication", example = json!({"name": "Alice's account", "tags": ["qa"], "configuration": {"oauth.api.key": "client id", "oauth.api.secret": "client secret", "oauth.callback.url": "https://app.example/callback"}})),
     params(("reAuthenticate" = Option<bool>, Query, description = "with `providerData.code`: re-authenticate")),
-    security(("platform" = [])),
+    security(("element" = [])),
     responses(
         (status = 200, description = "The instance", body = crate::openapi::Instance),
         crate::openapi::PlatformErrors,
@@ -2388,7 +2388,7 @@ pub async fn delete(
     tag = "instances",
     summary = "Delete the instance named by the Element token; `?revoke=true` revokes at the provider first",
     params(("revoke" = Option<bool>, Query, description = "revoke the tokens at the provider first")),
-    security(("platform" = [])),
+    security(("element" = [])),
     responses(
         (status = 200, description = "Deleted", body = crate::openapi::Deleted),
         (status = 409, description = "With `?revoke=true`: the provider refused the app's credentials, or the revocation could not be sent; the instance is kept", body = crate::openapi::ErrorBody),
@@ -2580,7 +2580,7 @@ async fn set_enabled(
     operation_id = "instances_enable",
     tag = "instances",
     summary = "Enable the instance named by the Element token",
-    security(("platform" = [])),
+    security(("element" = [])),
     responses(
         (status = 200, description = "The instance", body = crate::openapi::Instance),
         crate::openapi::PlatformErrors
@@ -2597,7 +2597,7 @@ pub async fn enable(State(app): State<SharedApp>, caller: Caller) -> ApiResult<A
     operation_id = "instances_disable",
     tag = "instances",
     summary = "Disable the instance named by the Element token",
-    security(("platform" = [])),
+    security(("element" = [])),
     responses(
         (status = 200, description = "The instance", body = crate::openapi::Instance),
         crate::openapi::PlatformErrors

@@ -12,6 +12,9 @@ use serde_json::{Value, json};
 use super::error::ApiError;
 use crate::app::SharedApp;
 
+/// How long a write the database refused keeps `/healthz` unavailable.
+const HEALTH_WRITE_FAILURE_MS: i64 = 30_000;
+
 #[utoipa::path(
     get,
     path = "/healthz",
@@ -25,7 +28,15 @@ use crate::app::SharedApp;
     ),
 )]
 pub async fn healthz(State(app): State<SharedApp>) -> Response {
-    let ping = app.store.write_check().await;
+    // A write the database refused lately (a full disk) counts as one the probe made: the probe
+    // rewrites a row in place, which a full disk may still take.
+    let ping = match crate::store::recent_write_failure(HEALTH_WRITE_FAILURE_MS) {
+        Some((ago, message)) => Err(crate::store::StoreError::Unavailable(format!(
+            "a write failed {} s ago: {message}",
+            ago / 1000
+        ))),
+        None => app.store.write_check().await,
+    };
     // Rotated tokens the store did not take: the only copy of a grant a rotating provider has
     // retired the old token of, until the database takes them.
     let kept = app.refresh.kept_count();

@@ -210,6 +210,14 @@ pub enum CopyError {
         "the source database changed while it was copied ({0}): a service is still running on it. Stop every `serve` on it and copy again; nothing was written"
     )]
     SourceChanged(String),
+    /// A service runs on the source.
+    #[error(
+        "a service runs on the source database (replica {0}): stop every `serve` on it and copy again (one killed rather than stopped is forgotten a minute after its last word); nothing was written"
+    )]
+    SourceRunning(String),
+    /// The schema holds a table this copy does not know.
+    #[error("the copy does not know table {table} of the {side} database")]
+    UnknownTable { side: &'static str, table: String },
     /// The schema holds a column this copy does not know.
     #[error("the copy does not know column {column} of table {table} in the {side} database")]
     UnknownColumn {
@@ -370,15 +378,40 @@ async fn insert_batch(
     Ok(())
 }
 
+/// How recently a replica must have said it runs for the copy to wait for its stop: it says so
+/// every 10 s (the recovery task's round), and goodbye when it stops.
+pub const REPLICA_SEEN_WITHIN_MS: i64 = 60_000;
+
+/// Refuses a source a service runs on (an idle one changes nothing a comparison would see).
+async fn check_no_replica_runs(source: &Store) -> Result<(), CopyError> {
+    let now = crate::app::now_ms();
+    let running = source
+        .replicas_seen_since(now - REPLICA_SEEN_WITHIN_MS)
+        .await?;
+    if running.is_empty() {
+        return Ok(());
+    }
+    let named: Vec<String> = running
+        .iter()
+        .map(|(id, seen)| format!("{id} ({} s ago)", (now - seen).max(0) / 1000))
+        .collect();
+    Err(CopyError::SourceRunning(named.join(", ")))
+}
+
 /// Copies every row of `source` into `target`, which must be empty; both are at this release's
-/// schema (opened with [`Store::connect`]). `progress` hears of each table as it is done.
+/// schema (opened with [`Store::connect`]). No service may be running on the source. Once the
+/// copy is committed, the source is marked as copied to `target_name` (a service started on it
+/// again is refused). `progress` hears of each table as it is done.
 pub async fn copy_database(
     source: &Store,
     target: &Store,
+    target_name: &str,
     mut progress: impl FnMut(&str, u64),
 ) -> Result<Copied, CopyError> {
     check_columns(source, "source").await?;
     check_columns(target, "target").await?;
+    check_tables(source, "source").await?;
+    check_no_replica_runs(source).await?;
 
     let mut write = target.begin_write().await?;
     let mut filled = Vec::new();
@@ -487,6 +520,37 @@ pub async fn copy_database(
             ))));
         }
     }
+    if let Err(running) = check_no_replica_runs(source).await {
+        write.rollback().await?;
+        return Err(running);
+    }
     write.commit().await?;
+    source
+        .mark_copied_to(target_name, crate::app::now_ms())
+        .await?;
     Ok(copied)
+}
+
+/// Tables of the schema that are not copied: the migrations' own, a source's running replicas
+/// and the mark of its own copies.
+const NOT_COPIED: &[&str] = &["_sqlx_migrations", "replicas", "copied_to"];
+
+/// Refuses a schema with a table the copy would leave behind.
+async fn check_tables(store: &Store, side: &'static str) -> Result<(), CopyError> {
+    let sql = match store.engine {
+        Engine::Sqlite => {
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        }
+        Engine::Postgres => {
+            "SELECT CAST(table_name AS TEXT) FROM information_schema.tables \
+             WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'"
+        }
+    };
+    let names: Vec<String> = sqlx::query_scalar(sql).fetch_all(&store.pool).await?;
+    match names.into_iter().find(|name| {
+        !NOT_COPIED.contains(&name.as_str()) && !TABLES.iter().any(|table| table.name == name)
+    }) {
+        Some(table) => Err(CopyError::UnknownTable { side, table }),
+        None => Ok(()),
+    }
 }

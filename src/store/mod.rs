@@ -152,6 +152,9 @@ impl From<sqlx::Error> for StoreError {
                 StoreError::InvalidText(database_error.message().to_string())
             }
             sqlx::Error::Database(database_error) if passing(database_error.as_ref()) => {
+                if cannot_write(database_error.as_ref()) {
+                    write_failed(database_error.message());
+                }
                 StoreError::Unavailable(database_error.message().to_string())
             }
             sqlx::Error::Database(database_error) => {
@@ -188,6 +191,46 @@ pub(super) fn passing(error: &dyn sqlx::error::DatabaseError) -> bool {
                 .is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 8 | 10 | 13))
         }
     })
+}
+
+/// Whether a database error says it cannot write at all: a full disk, a read-only file or
+/// database, an I/O error (SQLite 13, 8, 10; PostgreSQL 53100, 25006, 58030). Busy and locked
+/// pass by themselves; these wait for an operator.
+fn cannot_write(error: &dyn sqlx::error::DatabaseError) -> bool {
+    error.code().is_some_and(|code| match code.len() {
+        5 => matches!(code.as_ref(), "53100" | "25006" | "58030"),
+        _ => code
+            .parse::<u32>()
+            .is_ok_and(|n| matches!(n & 0xff, 8 | 10 | 13)),
+    })
+}
+
+/// The last write the database refused as [`cannot_write`]: when (ms) and what it said.
+static LAST_WRITE_FAILURE: std::sync::Mutex<Option<(i64, String)>> = std::sync::Mutex::new(None);
+
+fn write_failed(message: &str) {
+    let now = crate::app::system_now_ms();
+    let Ok(mut last) = LAST_WRITE_FAILURE.lock() else {
+        return;
+    };
+    // Said in the log once in 10 s: a full disk fails every write, and each answer is a 503.
+    if last.as_ref().is_none_or(|(at, _)| now - at > 10_000) {
+        tracing::error!("the database cannot write: {message}");
+    }
+    *last = Some((now, message.to_string()));
+}
+
+/// The last write the database could not make, when it was within `within_ms`: (how long ago
+/// in ms, what the database said). `/healthz` reports it: a write probe that needs no new
+/// space passes on a full disk.
+pub fn recent_write_failure(within_ms: i64) -> Option<(i64, String)> {
+    let now = crate::app::system_now_ms();
+    LAST_WRITE_FAILURE
+        .lock()
+        .ok()?
+        .as_ref()
+        .filter(|(at, _)| now - at <= within_ms)
+        .map(|(at, message)| (now - at, message.clone()))
 }
 
 impl From<sqlx::migrate::MigrateError> for StoreError {
@@ -637,6 +680,68 @@ impl Store {
             }
         }
         Ok(rows)
+    }
+
+    /// This replica is running, at `now` (see the `replicas` table).
+    pub async fn replica_seen(&self, replica: &str, now: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO replicas (id, seen_at) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
+        )
+        .bind(replica)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// This replica stopped.
+    pub async fn replica_gone(&self, replica: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM replicas WHERE id = $1")
+            .bind(replica)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The replicas seen since `since`: (id, when last seen), the latest first.
+    pub async fn replicas_seen_since(&self, since: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, seen_at FROM replicas WHERE seen_at >= $1 ORDER BY seen_at DESC",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Where this database was copied to, and when, by `tokenwarden database copy`.
+    pub async fn copied_to(&self) -> Result<Option<(String, i64)>, StoreError> {
+        Ok(
+            sqlx::query_as("SELECT target, at FROM copied_to WHERE id = 1")
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Marks this database as copied to `target` (shown without credentials) at `at`.
+    pub async fn mark_copied_to(&self, target: &str, at: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO copied_to (id, target, at) VALUES (1, $1, $2) \
+             ON CONFLICT (id) DO UPDATE SET target = excluded.target, at = excluded.at",
+        )
+        .bind(target)
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Takes the mark of a copy away; whether there was one.
+    pub async fn unmark_copied(&self) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM copied_to WHERE id = 1")
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     /// The key checks (`key_checks`): (id, sealed value).
@@ -1288,6 +1393,46 @@ mod instances;
 mod tests {
     use super::*;
 
+    /// A write a full disk refuses is remembered for `/healthz` (which said ok: its probe
+    /// rewrites a row in place, which a full database may still take).
+    #[tokio::test]
+    async fn a_write_the_disk_refuses_is_remembered() {
+        let path = std::env::temp_dir().join(format!("tw-full-{}.db", crate::crypto::new_id()));
+        let url = format!("sqlite://{}", path.display());
+        let store = Store::connect(&url).await.unwrap();
+        // The database may grow no more: SQLite answers SQLITE_FULL, as on a full disk.
+        sqlx::query("PRAGMA max_page_count = 1")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let mut refused = None;
+        for n in 0..200 {
+            let written = sqlx::query(
+                "INSERT INTO organizations (id, name, secret_hash, webhook_secret_enc, created_at) \
+                 VALUES ($1, $2, $3, $3, 0)",
+            )
+            .bind(n)
+            .bind("x".repeat(4000))
+            .bind(vec![n as u8; 32 + (n as usize)])
+            .execute(&store.pool)
+            .await;
+            if let Err(error) = written {
+                refused = Some(StoreError::from(error));
+                break;
+            }
+        }
+        assert!(
+            matches!(refused, Some(StoreError::Unavailable(_))),
+            "{refused:?}"
+        );
+        let (_, said) = recent_write_failure(60_000).expect("remembered");
+        assert!(said.contains("full"), "{said}");
+        store.close().await;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
     /// A database that does not answer is a passing state: 503 with a `Retry-After`, not 500.
     #[test]
     fn a_database_that_does_not_answer_is_503() {
@@ -1349,6 +1494,10 @@ mod tests {
                         9,
                         "54680009fc86dce28e696f4c4c285319642db840156c5002ecaef7f1f4b034dba6be26f9204cd105a320c6fec39fbaf1",
                     ),
+                    (
+                        10,
+                        "b9d5ca351a0ac919997769f39aa0c9c7561c188072ec6270bc7e406bc43ad79bb1de747ed785106b506214fca2a94d5a",
+                    ),
                 ],
             ),
             (
@@ -1389,6 +1538,10 @@ mod tests {
                     (
                         9,
                         "0d11b3571c9ad28e74a5eb58144c9657350dcd6173df28f06b9165cd5cdeea78a7e7fda6cf03d4021150499b34317a08",
+                    ),
+                    (
+                        10,
+                        "b9d5ca351a0ac919997769f39aa0c9c7561c188072ec6270bc7e406bc43ad79bb1de747ed785106b506214fca2a94d5a",
                     ),
                 ],
             ),

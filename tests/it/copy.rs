@@ -120,6 +120,22 @@ async fn a_sqlite_deployment_copied_into_postgres_keeps_every_connection() {
         "says which key the copy needs: {stderr}"
     );
 
+    // The source is marked: a service started on it again is refused, naming the copy.
+    let refused = tokenwarden::app::App::build({
+        let mut config = tokenwarden::app::AppConfig::new(&sqlite_url);
+        config.background_tasks = false;
+        config
+    })
+    .await
+    .err()
+    .map(|error| error.to_string());
+    assert!(
+        refused
+            .as_deref()
+            .is_some_and(|why| why.contains("was copied to") && why.contains("database reopen")),
+        "{refused:?}"
+    );
+
     // Copied once: the target is no longer empty, and nothing is written twice.
     let (ok, _, stderr) = copy(&sqlite_url, &postgres_url, vec![]).await;
     assert!(!ok && stderr.contains("not empty"), "{stderr}");
@@ -279,7 +295,7 @@ async fn a_source_that_changes_while_it_is_copied_is_not_copied() {
         };
         insert_organization(source_url.clone(), 1);
         let mut written = false;
-        let result = copy_database(&source, &target, |table, _| {
+        let result = copy_database(&source, &target, "the target", |table, _| {
             if table == "users" && !written {
                 written = true;
                 insert_organization(source_url.clone(), 2);
@@ -310,18 +326,70 @@ async fn a_source_that_changes_while_it_is_copied_is_not_copied() {
             )
         };
         lease(tokenwarden::app::now_ms() + 60_000);
-        let result = copy_database(&source, &target, |_, _| {}).await;
+        let result = copy_database(&source, &target, "the target", |_, _| {}).await;
         assert!(
             matches!(&result, Err(CopyError::SourceChanged(what)) if what.contains("under way")),
             "[{source_url}] {result:?}"
         );
         lease(0);
         // Once the source is still, the copy is made.
-        let copied = copy_database(&source, &target, |_, _| {}).await.unwrap();
+        let copied = copy_database(&source, &target, "the target", |_, _| {})
+            .await
+            .unwrap();
         assert_eq!(copied.rows("organizations"), 2);
         source.close().await;
         target.close().await;
         drop_test_database(&source_url).await;
         drop_test_database(&target_url).await;
     }
+}
+
+/// A service running on the source, even one doing nothing a comparison would see, refuses the
+/// copy (it says every 10 s that it runs, and goodbye at its stop); once stopped the copy is
+/// made, and the source, marked, starts again only after `database reopen`.
+#[tokio::test]
+async fn a_source_a_service_runs_on_is_not_copied_and_a_copy_can_be_undone() {
+    let source_url = sqlite_database();
+    let target_url = sqlite_database();
+    let env = Env::start("sqlite", &source_url).await;
+    let key = vec![(
+        "TOKENWARDEN_MASTER_KEY",
+        crate::harness::TEST_MASTER_KEY.to_string(),
+    )];
+    let store = &env.server.app.store;
+    let since = tokenwarden::app::now_ms() - 60_000;
+    assert!(
+        crate::scheduler::eventually(std::time::Duration::from_secs(5), || async {
+            !store.replicas_seen_since(since).await.unwrap().is_empty()
+        })
+        .await,
+        "the running service said so"
+    );
+    let (ok, _, stderr) = copy(&source_url, &target_url, key.clone()).await;
+    assert!(
+        !ok && stderr.contains("a service runs on the source"),
+        "{stderr}"
+    );
+    env.stop().await;
+    let (ok, _, stderr) = copy(&source_url, &target_url, key.clone()).await;
+    assert!(ok, "{stderr}");
+    let build = || {
+        let mut config = tokenwarden::app::AppConfig::new(&source_url);
+        config.master_key = Some(crate::harness::TEST_MASTER_KEY.to_string());
+        config.background_tasks = false;
+        tokenwarden::app::App::build(config)
+    };
+    assert!(build().await.is_err(), "the copied source is refused");
+    let (ok, stdout, stderr) = run(
+        &["database", "reopen", "--database-url", &source_url],
+        vec![],
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    let reopened: Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(reopened["reopened"], true, "{reopened}");
+    assert_eq!(reopened["wasCopiedTo"], target_url, "{reopened}");
+    assert!(build().await.is_ok(), "reopened, it starts");
+    drop_test_database(&source_url).await;
+    drop_test_database(&target_url).await;
 }

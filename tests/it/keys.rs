@@ -524,6 +524,87 @@ async fn a_rotation_stopped_half_way_is_named_at_the_start() {
             start(TEST_MASTER_KEY, None, true).await.is_ok(),
             "[{label}] asked to ignore"
         );
+        // Stopped later: the instances and the organizations re-sealed, the key check (last)
+        // not. The new key alone named the check "another replica's key", and asked to ignore
+        // the old key, it still refused: nothing could run on the new key, not even the
+        // rotation that would end it.
+        {
+            use sqlx::Connection;
+            let mut db = sqlx::AnyConnection::connect(&url).await.unwrap();
+            for (table, column, field) in [
+                ("instances", "token_enc", "token"),
+                ("organizations", "webhook_secret_enc", "webhook_secret"),
+            ] {
+                let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT id, {column} FROM {table}"
+                )))
+                .fetch_all(&mut db)
+                .await
+                .unwrap();
+                for (id, sealed) in rows {
+                    let binding = tokenwarden::crypto::Binding {
+                        table,
+                        row: id,
+                        field,
+                    };
+                    let Ok(plain) = old.open(&sealed, binding) else {
+                        continue;
+                    };
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "UPDATE {table} SET {column} = $1 WHERE id = $2"
+                    )))
+                    .bind(new.seal(&plain, binding))
+                    .bind(id)
+                    .execute(&mut db)
+                    .await
+                    .unwrap();
+                }
+            }
+            let _ = db.close().await;
+        }
+        let refused = start(&new_text, None, false)
+            .await
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|why| why.contains("has not finished")),
+            "[{label}] the new key alone, the check not re-sealed: {refused:?}"
+        );
+        assert!(
+            start(&new_text, None, true).await.is_ok(),
+            "[{label}] the old key lost: asked to ignore it"
+        );
+        // The rotation run with the old key lost seals the check anew: the new key alone starts.
+        let output = {
+            let (url, new_text) = (url.clone(), new_text.clone());
+            tokio::task::spawn_blocking(move || {
+                binary()
+                    .args([
+                        "keys",
+                        "rotate",
+                        "--ignore-missing-keys",
+                        "--database-url",
+                        &url,
+                    ])
+                    .env("TOKENWARDEN_MASTER_KEY", &new_text)
+                    .env_remove("TOKENWARDEN_PREVIOUS_MASTER_KEYS")
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        };
+        assert!(
+            matches!(output.status.code(), Some(0 | 2)),
+            "[{label}] {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            start(&new_text, None, false).await.is_ok(),
+            "[{label}] the check under the new key"
+        );
         sandbox.shutdown().await;
         crate::support::drop_test_database(&url).await;
     }

@@ -108,6 +108,8 @@ async fn metrics_has_every_family_after_a_scenario() {
         "tokenwarden_rotated_tokens_kept 0",
         "tokenwarden_build_info{version=",
         "# HELP tokenwarden_instances ",
+        "# HELP tokenwarden_proxy_requests_total ",
+        "# HELP tokenwarden_proxy_seconds ",
     ] {
         assert!(text.contains(family), "{family} missing from:\n{text}");
     }
