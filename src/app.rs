@@ -138,6 +138,9 @@ pub struct App {
     pub background_restarts: std::sync::atomic::AtomicU64,
     /// Caller connections open now, and the most served at once (`/healthz` shows them).
     pub connections: Connections,
+    /// Set when the database turns out to have been copied away while this process ran (it was
+    /// paused past the copy's wait): `serve` then stops (see `background::recovery`).
+    pub copied_away: tokio::sync::Notify,
     /// The SQLite database file as [`sqlite_turn`] opened it, unlocked, kept open for as long
     /// as the app: closing any descriptor of a file drops every POSIX lock the process holds
     /// on it, SQLite's own included, and another process's SQLite then took the database for
@@ -208,12 +211,25 @@ async fn check_key_opens_the_database(
     {
         return check_no_key_is_missing(store, keyring, &sample, &source, config).await;
     }
+    // Which keys they are under (by id): the one to give.
+    let mut under: Vec<String> = sample
+        .iter()
+        .filter_map(|(_, sealed)| keyring.missing_key_of(sealed))
+        .collect();
+    under.sort();
+    under.dedup();
     Err(StartupError::WrongKey(format!(
-        "the master key from {source} opens none of this database's secrets ({} organizations \
-         tried, the newest and the oldest): it is not the key they were sealed with. Start with \
-         the key this database was used with; after a change of key, keep the old one in \
+        "the master key from {source} (key {}) opens none of this database's secrets ({} \
+         organizations tried, the newest and the oldest): they are sealed under key {}. Start \
+         with that key; after a change of key, keep the old one in \
          TOKENWARDEN_PREVIOUS_MASTER_KEYS until `tokenwarden keys rotate` has run",
-        sample.len()
+        keyring.current_key_id(),
+        sample.len(),
+        if under.is_empty() {
+            "another".to_string()
+        } else {
+            under.join(", ")
+        }
     )))
 }
 
@@ -546,6 +562,7 @@ impl App {
             refresh: crate::refresh::RefreshEngine::new(),
             auth_cache: crate::proxy::AuthCache::default(),
             background_restarts: std::sync::atomic::AtomicU64::new(0),
+            copied_away: tokio::sync::Notify::new(),
             connections: Connections::default(),
             _database_file: database_file,
             replica_id: format!(

@@ -696,6 +696,17 @@ async fn recovery(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
         // Running, as `tokenwarden database copy` asks before it copies (a passing failure is
         // the database's, said elsewhere).
         let _ = app.store.replica_seen(&app.replica_id, now).await;
+        // Copied away meanwhile (this process was paused past the copy's wait, or cut off from
+        // the database): the service runs on the copy, and this one would refresh the same
+        // grants. It stops.
+        if let Ok(Some((target, at))) = app.store.copied_to().await {
+            tracing::error!(
+                "this database was copied to {target} at {} (`tokenwarden database copy`) while this service ran: it stops",
+                crate::instances::iso8601(at)
+            );
+            app.copied_away.notify_one();
+            break;
+        }
         match app.store.interrupted_refreshes(now, 50).await {
             Ok(rows) => {
                 for row in rows {

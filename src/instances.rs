@@ -708,7 +708,7 @@ pub fn view(
 /// An instance whose stored secrets do not open (a damaged row, or one sealed under a key this
 /// process does not have), as a list shows it: no secrets, and a message saying so.
 pub fn damaged_view(row: &InstanceRow, connector_name: Option<&str>) -> Value {
-    tracing::error!(
+    tracing::debug!(
         instance_id = row.id,
         "the stored secrets of an instance do not open: altered, copied from another row, or sealed under a master key this process does not have"
     );
@@ -947,11 +947,23 @@ pub async fn reseal_all(app: &App, progress: &mut dyn FnMut(u64)) -> Result<Rese
                 row: organization.id,
                 field: "webhook_secret",
             };
-            let Ok(plain) = keyring.open(&sealed, binding) else {
-                unreadable.push(format!("organization {}", organization.id));
-                break;
+            let resealed = match keyring.open(&sealed, binding) {
+                Ok(plain) => keyring.seal(&plain, binding),
+                // Its key lost (the rotation was told so): a new secret, which the
+                // organization's webhook receivers take from `GET /events/webhook-secret`. An
+                // organization cannot be deleted, and its lost secret kept every start refused.
+                Err(_) if app.config.ignore_missing_keys => {
+                    tracing::warn!(
+                        organization = organization.id,
+                        "the organization's webhook secret was sealed under a lost key: a new one was made; its receivers must take it from GET /events/webhook-secret"
+                    );
+                    keyring.seal_secret(&crypto::new_platform_secret(), binding)
+                }
+                Err(_) => {
+                    unreadable.push(format!("organization {}", organization.id));
+                    break;
+                }
             };
-            let resealed = keyring.seal(&plain, binding);
             if app
                 .store
                 .reseal_organization_webhook_secret(organization.id, &sealed, &resealed)

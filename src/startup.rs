@@ -556,9 +556,18 @@ where
 pub async fn serve(bind: SocketAddr, config: AppConfig) -> Result<(), StartupError> {
     let server = spawn(bind, config).await?;
     eprintln!("tokenwarden serving on {}", server.url);
-    shutdown_signal().await;
+    let app = Arc::clone(&server.app);
+    let copied_away = tokio::select! {
+        () = shutdown_signal() => false,
+        () = app.copied_away.notified() => true,
+    };
     tracing::info!("shutting down");
     server.shutdown().await;
+    if copied_away {
+        return Err(StartupError::Copied(
+            "this database was copied away while the service ran (`tokenwarden database copy`): the service runs on the copy now".into(),
+        ));
+    }
     Ok(())
 }
 

@@ -1305,6 +1305,7 @@ pub async fn list(
     // Each connector's name read once (a query per instance held SQLite's one connection
     // for as many queries as the organization has instances).
     let mut names: HashMap<&str, Option<String>> = HashMap::new();
+    let mut unreadable = 0usize;
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
         let name = match names.get(row.element_key.as_str()) {
@@ -1319,8 +1320,18 @@ pub async fn list(
         // process lacks) must not hide the organization's other instances.
         match instances::view(&app, row, name.as_deref(), false) {
             Ok(view) => out.push(view),
-            Err(_) => out.push(instances::damaged_view(row, name.as_deref())),
+            Err(_) => {
+                unreadable += 1;
+                out.push(instances::damaged_view(row, name.as_deref()));
+            }
         }
+    }
+    // One line a list, not one an instance (a lost key left hundreds).
+    if unreadable > 0 {
+        tracing::warn!(
+            unreadable,
+            "instances listed whose stored secrets do not open (altered, or sealed under a master key this process does not have): they show `state: unreadable`"
+        );
     }
     Ok(AxumJson(out))
 }

@@ -61,7 +61,22 @@ pub async fn healthz(State(app): State<SharedApp>) -> Response {
             AxumJson(body(status, app.store.engine_name(), None)).into_response()
         }
         Err(error) => {
-            tracing::error!("health check: the database does not take a write: {error}");
+            // Once in 10 s: probes come every few seconds, each with the same news.
+            static LAST_SAID: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+            let now = crate::app::system_now_ms();
+            let last = LAST_SAID.load(std::sync::atomic::Ordering::Relaxed);
+            if now - last > 10_000
+                && LAST_SAID
+                    .compare_exchange(
+                        last,
+                        now,
+                        std::sync::atomic::Ordering::Relaxed,
+                        std::sync::atomic::Ordering::Relaxed,
+                    )
+                    .is_ok()
+            {
+                tracing::error!("health check: the database does not take a write: {error}");
+            }
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 AxumJson(body(

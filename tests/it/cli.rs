@@ -407,6 +407,11 @@ async fn serve_refuses_a_key_that_opens_nothing_of_the_database() {
     let said = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{said}");
     assert!(said.contains("TOKENWARDEN_MASTER_KEY"), "{said}");
+    // It names the key the secrets are under (by id), the one to give.
+    let id = tokenwarden::crypto::MasterKey::from_base64(key.trim())
+        .unwrap()
+        .id_hex();
+    assert!(said.contains(&format!("sealed under key {id}")), "{said}");
     assert!(
         !applied().await,
         "a start with a wrong key migrated the database"

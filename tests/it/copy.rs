@@ -393,3 +393,45 @@ async fn a_source_a_service_runs_on_is_not_copied_and_a_copy_can_be_undone() {
     drop_test_database(&source_url).await;
     drop_test_database(&target_url).await;
 }
+
+/// A service paused past the copy's wait (a frozen machine, a replica cut off from its
+/// database) finds its database copied away when it runs again, and stops: it kept serving and
+/// refreshing the grants the copy holds.
+#[tokio::test]
+async fn a_service_that_finds_its_database_copied_away_stops() {
+    let source_url = sqlite_database();
+    let target_url = sqlite_database();
+    let env = Env::start("sqlite", &source_url).await;
+    let store = &env.server.app.store;
+    assert!(
+        crate::scheduler::eventually(std::time::Duration::from_secs(5), || async {
+            !store.replicas_seen_since(0).await.unwrap().is_empty()
+        })
+        .await
+    );
+    // Its last word is old, as a paused one's is.
+    write_elsewhere(
+        source_url.clone(),
+        "UPDATE replicas SET seen_at = 0",
+        vec![],
+    );
+    let key = vec![(
+        "TOKENWARDEN_MASTER_KEY",
+        crate::harness::TEST_MASTER_KEY.to_string(),
+    )];
+    let (ok, _, stderr) = copy(&source_url, &target_url, key).await;
+    assert!(ok, "{stderr}");
+    let app = std::sync::Arc::clone(&env.server.app);
+    assert!(
+        tokio::time::timeout(
+            std::time::Duration::from_secs(15),
+            app.copied_away.notified()
+        )
+        .await
+        .is_ok(),
+        "the service learnt of the copy"
+    );
+    env.stop().await;
+    drop_test_database(&source_url).await;
+    drop_test_database(&target_url).await;
+}
