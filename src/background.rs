@@ -742,6 +742,7 @@ async fn recovery(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
             crate::app::align_clock(&app.store).await;
             app.refresh_shadowed().await;
             let _ = app.store.purge_expired_oauth_states(now).await;
+            let _ = app.store.forget_replicas_before(now - 86_400_000).await;
             purge_old_events(&app, now).await;
             last_purge = now;
         }

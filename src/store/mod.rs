@@ -704,6 +704,15 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets replicas not seen since `before` (killed rather than stopped: a row each).
+    pub async fn forget_replicas_before(&self, before: i64) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM replicas WHERE seen_at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// The replicas seen since `since`: (id, when last seen), the latest first.
     pub async fn replicas_seen_since(&self, since: i64) -> Result<Vec<(String, i64)>, StoreError> {
         Ok(sqlx::query_as(
