@@ -514,9 +514,21 @@ impl App {
         // exists".
         let turn = sqlite_turn(&config.database_url).await;
         store.migrate().await?;
+        let replica_id = format!(
+            "replica-{}",
+            crate::crypto::hex(&crate::crypto::random_bytes::<6>())
+        );
+        // A service says it runs before it looks for the mark of a copy: a copy that writes
+        // its mark, then looks for running services, sees it or is seen (see `store::copy`).
+        if config.background_tasks {
+            store.replica_seen(&replica_id, now_ms()).await?;
+        }
         if !config.opening_copied_source
             && let Some((target, at)) = store.copied_to().await?
         {
+            if config.background_tasks {
+                let _ = store.replica_gone(&replica_id).await;
+            }
             return Err(StartupError::Copied(format!(
                 "this database was copied to {target} at {} (`tokenwarden database copy`), and \
                  the service runs there now: started here as well, both would refresh the same \
@@ -565,10 +577,7 @@ impl App {
             copied_away: tokio::sync::Notify::new(),
             connections: Connections::default(),
             _database_file: database_file,
-            replica_id: format!(
-                "replica-{}",
-                crate::crypto::hex(&crate::crypto::random_bytes::<6>())
-            ),
+            replica_id,
             config,
         });
         app.refresh.know_app(&app);

@@ -54,6 +54,13 @@ pub fn spawn_all(app: &SharedApp, tasks: &mut JoinSet<()>, shutdown: &mut watch:
     let (task_app, stop) = (Arc::clone(app), shutdown.clone());
     tasks.spawn(supervised(
         Arc::clone(app),
+        "presence",
+        shutdown.clone(),
+        move || presence(Arc::clone(&task_app), stop.clone()),
+    ));
+    let (task_app, stop) = (Arc::clone(app), shutdown.clone());
+    tasks.spawn(supervised(
+        Arc::clone(app),
         "deliverer",
         shutdown.clone(),
         move || deliverer(Arc::clone(&task_app), stop.clone()),
@@ -685,6 +692,33 @@ async fn release(app: &SharedApp, row: &crate::store::InstanceRow, claimed_at: i
     }
 }
 
+/// How often a replica says it runs (`replicas`), and looks for the mark of a copy.
+pub const PRESENCE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Says every [`PRESENCE_INTERVAL`] that this replica runs, as `tokenwarden database copy` asks
+/// before it copies; and stops the service when the database was copied away meanwhile (this
+/// process paused past the copy's wait, or cut off from the database: the service runs on the
+/// copy, and this one would refresh the same grants). A task of its own: the recovery task's
+/// rounds can be long (refreshes at the provider). The goodbye is said at the end of the stop.
+async fn presence(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        // A passing failure is the database's, said elsewhere.
+        let _ = app.store.replica_seen(&app.replica_id, now_ms()).await;
+        if let Ok(Some((target, at))) = app.store.copied_to().await {
+            tracing::error!(
+                "this database was copied to {target} at {} (`tokenwarden database copy`) while this service ran: it stops",
+                crate::instances::iso8601(at)
+            );
+            app.copied_away.notify_one();
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(PRESENCE_INTERVAL) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 /// How often crash recovery looks for interrupted refreshes. They are rare (a replica died
 /// during a provider call), and their leases last [`LEASE_MS`] anyway.
 const RECOVERY_INTERVAL: Duration = Duration::from_secs(10);
@@ -693,20 +727,6 @@ async fn recovery(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
     let mut last_purge = 0;
     loop {
         let now = now_ms();
-        // Running, as `tokenwarden database copy` asks before it copies (a passing failure is
-        // the database's, said elsewhere).
-        let _ = app.store.replica_seen(&app.replica_id, now).await;
-        // Copied away meanwhile (this process was paused past the copy's wait, or cut off from
-        // the database): the service runs on the copy, and this one would refresh the same
-        // grants. It stops.
-        if let Ok(Some((target, at))) = app.store.copied_to().await {
-            tracing::error!(
-                "this database was copied to {target} at {} (`tokenwarden database copy`) while this service ran: it stops",
-                crate::instances::iso8601(at)
-            );
-            app.copied_away.notify_one();
-            break;
-        }
         match app.store.interrupted_refreshes(now, 50).await {
             Ok(rows) => {
                 for row in rows {
@@ -751,8 +771,6 @@ async fn recovery(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.changed() => break,
         }
     }
-    // Stopped: a copy need not wait for this replica's last word to grow old.
-    let _ = app.store.replica_gone(&app.replica_id).await;
 }
 
 /// Deletes events past the retention, a batch at a time so that no statement runs long.

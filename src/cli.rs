@@ -604,9 +604,17 @@ async fn copy_database(args: CopyArgs) -> Result<ExitCode, String> {
         .previous_master_keys
         .as_deref()
         .is_some_and(|keys| !keys.trim().is_empty());
-    // A source copied before is copied again (the first copy abandoned, or a second target).
+    // A source marked as copied is opened (to say so, below), not started.
     let app =
         open_app_adjusted(args.database, |config| config.opening_copied_source = true).await?;
+    // A source copied before stays with that copy: a second would be another live copy of the
+    // same grants.
+    if let Some((target, at)) = app.store.copied_to().await.map_err(|e| e.to_string())? {
+        return Err(format!(
+            "this database was copied to {target} at {} already: if that copy is abandoned, run `tokenwarden database reopen` on this database first",
+            crate::instances::iso8601(at)
+        ));
+    }
     // The source's key, where it is in a file, goes beside a SQLite copy.
     let source_key_file = (!key_given)
         .then(|| crate::crypto::key_file_of(&source_url))

@@ -952,7 +952,10 @@ pub async fn reseal_all(app: &App, progress: &mut dyn FnMut(u64)) -> Result<Rese
                 // Its key lost (the rotation was told so): a new secret, which the
                 // organization's webhook receivers take from `GET /events/webhook-secret`. An
                 // organization cannot be deleted, and its lost secret kept every start refused.
-                Err(_) if app.config.ignore_missing_keys => {
+                Err(_)
+                    if app.config.ignore_missing_keys
+                        && keyring.missing_key_of(&sealed).is_some() =>
+                {
                     tracing::warn!(
                         organization = organization.id,
                         "the organization's webhook secret was sealed under a lost key: a new one was made; its receivers must take it from GET /events/webhook-secret"
@@ -1001,7 +1004,11 @@ pub async fn reseal_all(app: &App, progress: &mut dyn FnMut(u64)) -> Result<Rese
         }
         let plain = match keyring.open(&sealed, binding) {
             Ok(plain) => plain,
-            Err(_) if app.config.ignore_missing_keys => crate::app::KEY_CHECK_TEXT.to_vec(),
+            Err(_)
+                if app.config.ignore_missing_keys && keyring.missing_key_of(&sealed).is_some() =>
+            {
+                crate::app::KEY_CHECK_TEXT.to_vec()
+            }
             Err(_) => continue,
         };
         if app

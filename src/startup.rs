@@ -75,6 +75,10 @@ impl RunningServer {
                 );
             }
         }
+        // Stopped, all written: a copy need not wait for this replica's last word to grow old.
+        if self.app.config.background_tasks {
+            let _ = self.app.store.replica_gone(&self.app.replica_id).await;
+        }
     }
 }
 

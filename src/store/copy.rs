@@ -520,14 +520,23 @@ pub async fn copy_database(
             ))));
         }
     }
-    if let Err(running) = check_no_replica_runs(source).await {
-        write.rollback().await?;
-        return Err(running);
-    }
-    write.commit().await?;
+    // The mark first, then the last look for running services: a service says it runs before
+    // it looks for the mark (`App::build`), so one starting now is either seen here or refused
+    // there. A copy that fails takes its mark away.
     source
         .mark_copied_to(target_name, crate::app::now_ms())
         .await?;
+    let committed = match check_no_replica_runs(source).await {
+        Err(running) => {
+            let _ = write.rollback().await;
+            Err(running)
+        }
+        Ok(()) => write.commit().await.map_err(CopyError::from),
+    };
+    if let Err(error) = committed {
+        let _ = source.unmark_copied().await;
+        return Err(error);
+    }
     Ok(copied)
 }
 

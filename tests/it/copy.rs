@@ -136,7 +136,16 @@ async fn a_sqlite_deployment_copied_into_postgres_keeps_every_connection() {
         "{refused:?}"
     );
 
-    // Copied once: the target is no longer empty, and nothing is written twice.
+    // Copied once: a second copy is refused (another live copy of the same grants), and so is
+    // one into a target that holds rows (the marked source reopened for the test).
+    let (ok, _, stderr) = copy(&sqlite_url, &postgres_url, vec![]).await;
+    assert!(!ok && stderr.contains("already"), "{stderr}");
+    let (ok, _, stderr) = run(
+        &["database", "reopen", "--database-url", &sqlite_url],
+        vec![],
+    )
+    .await;
+    assert!(ok, "{stderr}");
     let (ok, _, stderr) = copy(&sqlite_url, &postgres_url, vec![]).await;
     assert!(!ok && stderr.contains("not empty"), "{stderr}");
     // Nor into itself.
