@@ -53,7 +53,7 @@ pub struct AppConfig {
     /// token, and other replicas' copies of it, end meanwhile.
     pub superseded_grant_revoked_after: Duration,
     /// Start although some secrets are sealed under master keys not given (a lost key): their
-    /// instances show `state: unreadable` (see `check_no_key_is_missing`).
+    /// instances show `state: unreadable` (see `check_key_opens_the_database`).
     pub ignore_missing_keys: bool,
     /// Open a database that `tokenwarden database copy` marked as copied away (the copy itself
     /// opens its source again); any other start on it is refused.
@@ -189,7 +189,10 @@ async fn check_key_opens_the_database(
 ) -> Result<(), StartupError> {
     // The newest and the oldest: during a rotation, organizations made by replicas already
     // given the new key are the newest, and a replica still on the old key opens the others.
-    let sample = store.organization_secrets_sample(8).await?;
+    // And the instances of the lowest and highest ids: a rotation goes through them by id, so
+    // an interrupted one leaves the two ends under different keys.
+    let organizations = store.organization_secrets_sample(8).await?;
+    let instances = store.instance_secrets_sample(8).await?;
     let opens = |(id, sealed): &(i64, Vec<u8>)| {
         let binding = crate::crypto::Binding {
             table: "organizations",
@@ -199,32 +202,32 @@ async fn check_key_opens_the_database(
         keyring.open(sealed, binding).is_ok()
     };
     let source = key_source(config);
-    if sample.is_empty() || sample.iter().any(opens) {
-        return check_no_key_is_missing(store, keyring, &sample, &source, config).await;
-    }
-    // None of the organizations opens, but instances do: a rotation stopped before it reached
-    // the organizations (they come last), and the new key given alone.
-    let instances = store.instance_secrets_sample(8).await?;
-    if instances
-        .iter()
-        .any(|(_, sealed)| keyring.missing_key_of(sealed).is_none())
+    // Instances under a key given where none of the organizations opens: a rotation stopped
+    // before it reached the organizations (they come last), and the new key given alone.
+    if organizations.is_empty()
+        || organizations.iter().any(opens)
+        || instances
+            .iter()
+            .any(|(_, sealed)| keyring.missing_key_of(sealed).is_none())
     {
-        return check_no_key_is_missing(store, keyring, &sample, &source, config).await;
+        // Some secrets open: none may be under a key not given (a rotation stopped half-way,
+        // and the service started with the new key alone, or the old alone: it answered 500
+        // for every instance sealed under the key it lacked while `/healthz` said ok).
+        let missing = keys_missing(keyring, organizations.iter().chain(&instances));
+        if missing.is_empty() {
+            return Ok(());
+        }
+        return missing_keys(&missing, keyring, &source, config);
     }
     // Which keys they are under (by id): the one to give.
-    let mut under: Vec<String> = sample
-        .iter()
-        .filter_map(|(_, sealed)| keyring.missing_key_of(sealed))
-        .collect();
-    under.sort();
-    under.dedup();
+    let under = keys_missing(keyring, organizations.iter());
     Err(StartupError::WrongKey(format!(
         "the master key from {source} (key {}) opens none of this database's secrets ({} \
          organizations tried, the newest and the oldest): they are sealed under key {}. Start \
          with that key; after a change of key, keep the old one in \
          TOKENWARDEN_PREVIOUS_MASTER_KEYS until `tokenwarden keys rotate` has run",
         keyring.current_key_id(),
-        sample.len(),
+        organizations.len(),
         if under.is_empty() {
             "another".to_string()
         } else {
@@ -233,30 +236,17 @@ async fn check_key_opens_the_database(
     )))
 }
 
-/// Refuses a keyring without a key that some of the database's secrets are sealed under,
-/// though others open: a rotation interrupted (`keys rotate` killed), and the service started
-/// with the new key alone, or the old alone. Started, it answered 500 for every instance sealed
-/// under the key it lacked while `/healthz` said ok. Sampled: the organizations already tried
-/// and the instances of the lowest and highest ids (a rotation goes through them by id).
-async fn check_no_key_is_missing(
-    store: &Store,
+/// The ids of the keys `sealed` values are under that `keyring` lacks, each once.
+fn keys_missing<'a>(
     keyring: &crate::crypto::Keyring,
-    organizations: &[(i64, Vec<u8>)],
-    source: &str,
-    config: &AppConfig,
-) -> Result<(), StartupError> {
-    let instances = store.instance_secrets_sample(8).await?;
-    let mut missing: Vec<String> = organizations
-        .iter()
-        .chain(&instances)
+    sealed: impl Iterator<Item = &'a (i64, Vec<u8>)>,
+) -> Vec<String> {
+    let mut missing: Vec<String> = sealed
         .filter_map(|(_, sealed)| keyring.missing_key_of(sealed))
         .collect();
     missing.sort();
     missing.dedup();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    missing_keys(&missing, keyring, source, config)
+    missing
 }
 
 /// Secrets sealed under the `missing` keys while others open: refused, naming the unfinished
@@ -350,11 +340,10 @@ async fn check_key_matches_the_first(
     }
     // The check under a key not given while the secrets open: a rotation stopped after the
     // instances and organizations, before the check (it comes last), not another replica's key.
-    let missing: Vec<String> = checks
-        .iter()
-        .filter(|(id, _)| *id == FIRST_KEY_CHECK)
-        .filter_map(|(_, sealed)| keyring.missing_key_of(sealed))
-        .collect();
+    let missing = keys_missing(
+        keyring,
+        checks.iter().filter(|(id, _)| *id == FIRST_KEY_CHECK),
+    );
     if !missing.is_empty() {
         let organizations = store.organization_secrets_sample(8).await?;
         let instances = store.instance_secrets_sample(8).await?;

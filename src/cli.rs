@@ -672,9 +672,9 @@ async fn copy_database(args: CopyArgs) -> Result<ExitCode, String> {
         ""
     };
     eprintln!(
-        "Start the service on the copy: {key}{previous}. Do not start `serve` on the source \
-         again: both would refresh the same grants, and a provider that rotates refresh tokens \
-         ends one copy's grants with the other's refresh."
+        "Start the service on the copy: {key}{previous}. The source is marked as copied: \
+         `serve` refuses it from now on (`tokenwarden database reopen` undoes that if the copy \
+         is abandoned)."
     );
     Ok(ExitCode::SUCCESS)
 }

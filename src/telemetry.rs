@@ -21,6 +21,7 @@ pub fn init_with_default(default: &str) {
 }
 
 use std::sync::OnceLock;
+use std::sync::atomic::AtomicI64;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
@@ -267,18 +268,12 @@ const GAUGES_EVERY_MS: i64 = 15_000;
 /// so every replica reports the same totals: aggregate them across replicas with `max`, not
 /// `sum`.
 pub async fn update_gauges(app: &crate::app::App) {
-    use std::sync::atomic::Ordering::Relaxed;
     // In memory, no query: set at every scrape.
     metrics::gauge!("tokenwarden_rotated_tokens_kept").set(app.refresh.kept_count() as f64);
     // Per process: one service runs per process (the tests' one scrape included).
-    static LAST_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(i64::MIN);
+    static LAST_MS: AtomicI64 = AtomicI64::new(i64::MIN);
     let now = crate::app::now_ms();
-    let last = LAST_MS.load(Relaxed);
-    if now.saturating_sub(last) < GAUGES_EVERY_MS
-        || LAST_MS
-            .compare_exchange(last, now, Relaxed, Relaxed)
-            .is_err()
-    {
+    if !at_most_every(&LAST_MS, now, GAUGES_EVERY_MS) {
         return;
     }
     if let Ok(counts) = app.store.count_instances_by_state().await {
@@ -304,8 +299,28 @@ pub async fn update_gauges(app: &crate::app::App) {
     }
 }
 
+/// Whether `interval_ms` has passed at `now` since the last call `last` let through; if so, this
+/// one is let through (one caller of those racing) and `last` becomes `now`. For work or news
+/// that comes at most once in a while: gauges read from the database, a log line repeated by
+/// every request.
+pub fn at_most_every(last: &AtomicI64, now: i64, interval_ms: i64) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    let seen = last.load(Relaxed);
+    now.saturating_sub(seen) >= interval_ms
+        && last.compare_exchange(seen, now, Relaxed, Relaxed).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn at_most_every_lets_one_through_each_interval() {
+        let last = super::AtomicI64::new(i64::MIN);
+        assert!(super::at_most_every(&last, 1_000, 10_000));
+        assert!(!super::at_most_every(&last, 5_000, 10_000));
+        assert!(super::at_most_every(&last, 11_000, 10_000));
+        assert!(!super::at_most_every(&last, 11_000, 10_000));
+    }
+
     #[test]
     fn a_status_class_counter_counts_each_class() {
         let counter = super::StatusClassCounter::new("t_total");

@@ -62,19 +62,9 @@ pub async fn healthz(State(app): State<SharedApp>) -> Response {
         }
         Err(error) => {
             // Once in 10 s: probes come every few seconds, each with the same news.
-            static LAST_SAID: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
-            let now = crate::app::system_now_ms();
-            let last = LAST_SAID.load(std::sync::atomic::Ordering::Relaxed);
-            if now - last > 10_000
-                && LAST_SAID
-                    .compare_exchange(
-                        last,
-                        now,
-                        std::sync::atomic::Ordering::Relaxed,
-                        std::sync::atomic::Ordering::Relaxed,
-                    )
-                    .is_ok()
-            {
+            static LAST_SAID: std::sync::atomic::AtomicI64 =
+                std::sync::atomic::AtomicI64::new(i64::MIN);
+            if crate::telemetry::at_most_every(&LAST_SAID, crate::app::system_now_ms(), 10_000) {
                 tracing::error!("health check: the database does not take a write: {error}");
             }
             (

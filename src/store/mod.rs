@@ -210,14 +210,14 @@ static LAST_WRITE_FAILURE: std::sync::Mutex<Option<(i64, String)>> = std::sync::
 
 fn write_failed(message: &str) {
     let now = crate::app::system_now_ms();
-    let Ok(mut last) = LAST_WRITE_FAILURE.lock() else {
-        return;
-    };
     // Said in the log once in 10 s: a full disk fails every write, and each answer is a 503.
-    if last.as_ref().is_none_or(|(at, _)| now - at > 10_000) {
+    static LAST_SAID: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(i64::MIN);
+    if crate::telemetry::at_most_every(&LAST_SAID, now, 10_000) {
         tracing::error!("the database cannot write: {message}");
     }
-    *last = Some((now, message.to_string()));
+    if let Ok(mut last) = LAST_WRITE_FAILURE.lock() {
+        *last = Some((now, message.to_string()));
+    }
 }
 
 /// The last write the database could not make, when it was within `within_ms`: (how long ago

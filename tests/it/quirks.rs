@@ -508,6 +508,19 @@ async fn grant_caps_evict_the_oldest_instance_of_a_user_on(env: Env) {
     env.stop().await;
 }
 
+/// Re-authenticates the Salesforce instance `token` of sandbox user `user`, then waits until the
+/// sandbox has seen `revocations` revocations in all.
+async fn reauthenticate_and_see_revoked(env: &Env, user: &str, token: &str, revocations: u64) {
+    let status = reauthenticate(env, "sandbox-salesforce", user, token).await;
+    assert_eq!(status, 200, "[{}] re-authenticated", env.label);
+    crate::refresh::eventually(
+        "the superseded grant revoked",
+        std::time::Duration::from_secs(10),
+        || async { (crate::refresh::stat(env, &["revoke"]).await >= revocations).then_some(()) },
+    )
+    .await;
+}
+
 /// Salesforce's sandbox, as it is: five grants per user and app, the oldest ended by a sixth.
 /// An instance re-authenticated six times keeps the user's other instance working: each
 /// superseded grant is revoked (again after a 503), and a revoked grant no longer counts.
@@ -527,17 +540,8 @@ async fn salesforce_reauthentications_keep_the_users_other_instance() {
             )
             .await;
         }
-        let status = reauthenticate(&env, "sandbox-salesforce", "sally", &reauthenticated).await;
-        assert_eq!(status, 200, "[{label}] round {round}");
-        crate::refresh::eventually(
-            "the superseded grant revoked",
-            std::time::Duration::from_secs(10),
-            || async {
-                (crate::refresh::stat(&env, &["revoke"]).await >= revoked_before + round)
-                    .then_some(())
-            },
-        )
-        .await;
+        reauthenticate_and_see_revoked(&env, "sally", &reauthenticated, revoked_before + round)
+            .await;
     }
     works(&env, &reauthenticated, "re-authenticated six times").await;
     works(&env, &other, "the user's other instance").await;
@@ -559,17 +563,9 @@ async fn quick_reauthentications_leave_one_superseded_grant_waiting() {
     let (_, reauthenticated) = create(&env, "sandbox-salesforce", "quinn").await;
     let revoked_before = crate::refresh::stat(&env, &["revoke"]).await;
     for round in 1..=6_u64 {
-        let status = reauthenticate(&env, "sandbox-salesforce", "quinn", &reauthenticated).await;
-        assert_eq!(status, 200, "[{label}] round {round}");
-        crate::refresh::eventually(
-            "the older superseded grant revoked",
-            std::time::Duration::from_secs(10),
-            || async {
-                (crate::refresh::stat(&env, &["revoke"]).await >= revoked_before + round - 1)
-                    .then_some(())
-            },
-        )
-        .await;
+        // The one before this re-authentication's, revoked at once.
+        reauthenticate_and_see_revoked(&env, "quinn", &reauthenticated, revoked_before + round - 1)
+            .await;
     }
     works(&env, &other, "the user's other instance").await;
     works(&env, &reauthenticated, "re-authenticated six times").await;
