@@ -121,14 +121,7 @@ fn profile_routes(profile: Profile) -> Router<AppState> {
                         if !state.settings(profile).separate_refresh_endpoint {
                             return not_found();
                         }
-                        token::token(
-                            state,
-                            profile,
-                            token::AllowedGrants::RefreshTokenOnly,
-                            headers,
-                            body,
-                        )
-                        .await
+                        refresh_token_only(state, profile, headers, body).await
                     },
                 ),
             )
@@ -165,13 +158,7 @@ fn profile_routes(profile: Profile) -> Router<AppState> {
     let refresh_only = move || {
         post(
             move |state: State<AppState>, headers: HeaderMap, body: Bytes| {
-                token::token(
-                    state,
-                    profile,
-                    token::AllowedGrants::RefreshTokenOnly,
-                    headers,
-                    body,
-                )
+                refresh_token_only(state, profile, headers, body)
             },
         )
     };
@@ -191,6 +178,23 @@ fn profile_routes(profile: Profile) -> Router<AppState> {
             .route("/adobe-sign/oauth/refresh", refresh_only());
     }
     routes.merge(api::provider_routes(profile))
+}
+
+/// A token endpoint that takes refresh tokens only (Adobe's separate refresh endpoint).
+async fn refresh_token_only(
+    state: State<AppState>,
+    profile: Profile,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    token::token(
+        state,
+        profile,
+        token::AllowedGrants::RefreshTokenOnly,
+        headers,
+        body,
+    )
+    .await
 }
 
 /// The base URL the sandbox names itself by, without a trailing slash.
