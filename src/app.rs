@@ -58,6 +58,9 @@ pub struct AppConfig {
     /// Open a database that `tokenwarden database copy` marked as copied away (the copy itself
     /// opens its source again); any other start on it is refused.
     pub opening_copied_source: bool,
+    /// The address ranges the operator refuses as destinations (`--egress-deny`, with
+    /// `--egress-allow`'s exceptions), beside the metadata addresses refused always.
+    pub egress: Arc<crate::egress::Policy>,
 }
 
 impl std::fmt::Debug for AppConfig {
@@ -71,6 +74,7 @@ impl std::fmt::Debug for AppConfig {
                 &redacted(&self.previous_master_keys),
             )
             .field("sandbox_url", &self.sandbox_url)
+            .field("egress", &self.egress)
             .field("provider_timeout", &self.provider_timeout)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("background_tasks", &self.background_tasks)
@@ -107,6 +111,7 @@ impl AppConfig {
             ignore_missing_keys: false,
             opening_copied_source: false,
             superseded_grant_revoked_after: Duration::from_secs(60),
+            egress: Arc::default(),
         }
     }
 }
@@ -405,7 +410,7 @@ fn outbound_proxy_of(text: &str) -> Result<reqwest::Proxy, StartupError> {
 /// The outbound HTTP client: redirects are never followed (a redirect would carry a token or a
 /// client secret to another host), bounded timeouts, a pool large enough for proxy load.
 pub fn build_http_client(timeout: Duration) -> Result<reqwest::Client, StartupError> {
-    build_http_client_through(timeout, None)
+    build_http_client_through(timeout, None, Arc::default())
 }
 
 /// [`build_http_client`], through `outbound_proxy` when one is given (`serve
@@ -415,6 +420,7 @@ pub fn build_http_client(timeout: Duration) -> Result<reqwest::Client, StartupEr
 pub fn build_http_client_through(
     timeout: Duration,
     outbound_proxy: Option<&str>,
+    egress: Arc<crate::egress::Policy>,
 ) -> Result<reqwest::Client, StartupError> {
     install_crypto_provider();
     let mut builder = reqwest::Client::builder()
@@ -428,7 +434,7 @@ pub fn build_http_client_through(
         builder = builder.proxy(outbound_proxy_of(url)?);
     }
     builder
-        .dns_resolver(Arc::new(crate::egress::GuardedResolver))
+        .dns_resolver(Arc::new(crate::egress::GuardedResolver(egress)))
         .connect_timeout(Duration::from_secs(10))
         .timeout(timeout)
         .pool_max_idle_per_host(256)
@@ -546,15 +552,21 @@ impl App {
             );
         }
         let shadowed = std::sync::RwLock::new(shadowed);
-        let http =
-            build_http_client_through(config.provider_timeout, config.outbound_proxy.as_deref())?;
+        let http = build_http_client_through(
+            config.provider_timeout,
+            config.outbound_proxy.as_deref(),
+            Arc::clone(&config.egress),
+        )?;
         crate::telemetry::install_metrics();
-        let proxy_http =
-            std::sync::Arc::new(crate::proxy::client::build().map_err(StartupError::Http)?);
+        let proxy_http = std::sync::Arc::new(
+            crate::proxy::client::build(Arc::clone(&config.egress)).map_err(StartupError::Http)?,
+        );
         let app = Arc::new(App {
             proxy_http,
             // Token calls get the configured provider timeout (the client's default is 30 s).
-            oauth: OAuthClient::new(http.clone()).with_timeout(config.provider_timeout),
+            oauth: OAuthClient::new(http.clone())
+                .with_timeout(config.provider_timeout)
+                .with_egress(Arc::clone(&config.egress)),
             http,
             keyring,
             store,
@@ -685,7 +697,10 @@ impl App {
         {
             *scope = asked.to_string();
         }
-        Ok((endpoints_from(&connector.oauth, &values)?, spec))
+        Ok((
+            endpoints_from(&connector.oauth, &values, &self.config.egress)?,
+            spec,
+        ))
     }
 
     fn template_values(
@@ -736,6 +751,7 @@ impl App {
         endpoints_from(
             &connector.oauth,
             &self.template_values(connector, configuration)?,
+            &self.config.egress,
         )
     }
 }
@@ -743,11 +759,19 @@ impl App {
 fn endpoints_from(
     oauth: &crate::catalog::OAuthSpec,
     values: &BTreeMap<String, String>,
+    egress: &crate::egress::Policy,
 ) -> Result<Endpoints, String> {
-    let url = |template: &str| checked(catalog::fill_template(template, values)?);
+    let url = |template: &str| {
+        let url = catalog::fill_template(template, values)?;
+        egress.check_text(&url).map(|()| url)
+    };
     let token_url = url(&oauth.token_url)?;
+    // The authorization URL is for the user's browser: only the addresses refused always
+    // count, not the operator's ranges (which keep the service's own calls in).
+    let authorization_url = catalog::fill_template(&oauth.authorization_url, values)?;
+    crate::egress::Policy::default().check_text(&authorization_url)?;
     Ok(Endpoints {
-        authorization_url: url(&oauth.authorization_url)?,
+        authorization_url,
         refresh_url: match &oauth.refresh_url {
             Some(template) => url(template)?,
             None => token_url.clone(),
@@ -755,15 +779,6 @@ fn endpoints_from(
         token_url,
         revoke_url: oauth.revoke_url.as_deref().map(url).transpose()?,
     })
-}
-
-/// A filled endpoint URL, refused when it points where no provider lives (see `egress`).
-/// A URL that does not parse (a template with `{client_id}` left for the OAuth client) passes.
-fn checked(url: String) -> Result<String, String> {
-    match url::Url::parse(&url) {
-        Ok(parsed) => crate::egress::check_url(&parsed).map(|()| url),
-        Err(_) => Ok(url),
-    }
 }
 
 /// The organizations' own connectors whose keys are those of built-in ones.

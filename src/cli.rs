@@ -127,6 +127,27 @@ pub struct ServeArgs {
     /// only way out is one (`HTTP(S)_PROXY` is not followed). Proxied API calls go direct.
     #[arg(long, env = "TOKENWARDEN_OUTBOUND_PROXY", hide_env_values = true)]
     pub outbound_proxy: Option<String>,
+    /// Address ranges no connector, `base.url`, token call or webhook may reach:
+    /// comma-separated IP addresses, CIDR ranges and `private` (loopback, RFC 1918, 100.64/10,
+    /// fc00::/7). For a service shared by organizations that do not trust each other:
+    /// `private` keeps them from the service's own ports and the private network.
+    /// Link-local and cloud metadata addresses are refused always.
+    #[arg(
+        long,
+        env = "TOKENWARDEN_EGRESS_DENY",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    pub egress_deny: String,
+    /// Ranges taken back out of `--egress-deny` (an in-house OAuth server's subnet), in the
+    /// same form.
+    #[arg(
+        long,
+        env = "TOKENWARDEN_EGRESS_ALLOW",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    pub egress_allow: String,
     /// Runtime worker threads (default: one per core). With 1, everything runs on one thread
     /// without work stealing (tokio's current-thread scheduler), which is the fastest setting
     /// when the service shares a small machine with its load.
@@ -433,6 +454,10 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             }
             config.refresh_rate_per_connector = args.refresh_rate;
             config.outbound_proxy = args.outbound_proxy;
+            config.egress = std::sync::Arc::new(crate::egress::Policy::parse(
+                &args.egress_deny,
+                &args.egress_allow,
+            )?);
             config.event_retention =
                 Duration::from_secs(u64::from(args.event_retention_days) * 86_400);
             crate::startup::serve(args.bind, config)

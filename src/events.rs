@@ -336,7 +336,7 @@ async fn deliver_one(
     // a scanner of the metadata service.
     if let Err(why) = url::Url::parse(url)
         .map_err(|error| error.to_string())
-        .and_then(|parsed| crate::egress::check_url(&parsed))
+        .and_then(|parsed| app.config.egress.check_url(&parsed))
     {
         return (DeliveryOutcome::Failed, Some(why));
     }

@@ -799,7 +799,7 @@ pub async fn verification(
     let url = join_url(base_url, &path);
     if let Err(why) = url::Url::parse(&url)
         .map_err(|error| error.to_string())
-        .and_then(|parsed| crate::egress::check_url(&parsed))
+        .and_then(|parsed| app.config.egress.check_url(&parsed))
     {
         return Some(not_made(why));
     }

@@ -824,12 +824,19 @@ impl RefreshEngine {
             let secrets =
                 open_secrets(app, row).map_err(|e| RefreshFailure::Internal(e.message))?;
             let configuration = plain_configuration(row);
-            let base = crate::proxy::ProxyBase::parse(
-                configuration
-                    .get(BASE_URL)
-                    .and_then(Value::as_str)
-                    .unwrap_or_default(),
-            );
+            let base_url = configuration
+                .get(BASE_URL)
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            // The operator's refused ranges, for a base named by an IP literal (a name is
+            // judged by what it resolves to, as the call connects).
+            let base = crate::proxy::ProxyBase::parse(base_url).and_then(|base| {
+                app.config
+                    .egress
+                    .check_text(base_url)
+                    .map_err(|why| format!("The instance's `base.url`: {why}"))
+                    .map(|()| base)
+            });
             (secrets.access_token, base)
         };
         let cached = Arc::new(CachedInstance {

@@ -164,6 +164,24 @@ pub async fn create(
     })?;
     catalog::validate(&connector, false)
         .map_err(|error| ApiError::bad_request(error.to_string()))?;
+    // The operator's refused ranges, for the URLs the service calls naming an IP literal
+    // (templates are judged once filled, names by what they resolve to): said at once rather
+    // than at the first call. The authorization URL is the user's browser's to reach.
+    let oauth = &connector.oauth;
+    for (field, url) in [
+        ("baseUrl", Some(&connector.base_url)),
+        ("oauth.tokenUrl", Some(&oauth.token_url)),
+        ("oauth.refreshUrl", oauth.refresh_url.as_ref()),
+        ("oauth.revokeUrl", oauth.revoke_url.as_ref()),
+    ] {
+        if let Some(url) = url {
+            app.config.egress.check_text(url).map_err(|why| {
+                ApiError::bad_request(format!(
+                    "The connector definition is not valid: {field}: {why}"
+                ))
+            })?;
+        }
+    }
     if app.built_in.contains_key(&connector.key) {
         return Err(ApiError::conflict(format!(
             "`{}` is the key of a built-in connector; choose another key",

@@ -978,8 +978,8 @@ fn starting_configuration(
         .into_iter()
         .map(|(key, value)| (key, Value::String(value)))
         .collect();
-    check_base_url(&configuration)?;
-    check_webhook_url(&configuration)?;
+    check_base_url(app, &configuration)?;
+    check_webhook_url(app, &configuration)?;
     check_webhook_enabled(&configuration)?;
     if !configuration.contains_key(BASE_URL) {
         let base = app
@@ -1976,10 +1976,10 @@ async fn update_once(
     // What this update changes is checked; a value stored before (under older rules) stays
     // and does not block other changes.
     if base_given {
-        check_base_url(&plain)?;
+        check_base_url(app, &plain)?;
     }
     if webhook_given {
-        check_webhook_url(&plain)?;
+        check_webhook_url(app, &plain)?;
     }
     if enabled_given {
         check_webhook_enabled(&plain)?;
@@ -3029,7 +3029,7 @@ fn check_webhook_enabled(configuration: &Map<String, Value>) -> ApiResult<()> {
 /// lives (see `egress`); empty means none. Accepted otherwise, it failed only at delivery,
 /// shown in an event's `lastError`, and a scheme no delivery can use was retried for a day,
 /// holding the instance's later webhooks behind it.
-fn check_webhook_url(configuration: &Map<String, Value>) -> ApiResult<()> {
+fn check_webhook_url(app: &App, configuration: &Map<String, Value>) -> ApiResult<()> {
     let Some(given) = configuration
         .get(instances::WEBHOOK_URL)
         .and_then(Value::as_str)
@@ -3049,20 +3049,22 @@ fn check_webhook_url(configuration: &Map<String, Value>) -> ApiResult<()> {
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
         return Err(refused("an http or https URL with a host is needed".into()));
     }
-    crate::egress::check_url(&url).map_err(refused)
+    app.config.egress.check_url(&url).map_err(refused)
 }
 
 /// A `base.url` given by a caller: one the proxy can go under (an absolute http(s) URL without
-/// user info, query or fragment, and not where no provider lives, see `egress`). Accepted
-/// otherwise, it made every proxied call of the instance fail (409), and user info in it was
-/// shown in plain text.
-fn check_base_url(configuration: &Map<String, Value>) -> ApiResult<()> {
+/// user info, query or fragment, and not where no provider lives or the operator refuses, see
+/// `egress`). Accepted otherwise, it made every proxied call of the instance fail (409), and
+/// user info in it was shown in plain text.
+fn check_base_url(app: &App, configuration: &Map<String, Value>) -> ApiResult<()> {
     let Some(base) = configuration.get(BASE_URL).and_then(Value::as_str) else {
         return Ok(());
     };
-    crate::proxy::ProxyBase::parse_named(base, "`base.url`")
-        .map(|_| ())
-        .map_err(ApiError::bad_request)
+    crate::proxy::ProxyBase::parse_named(base, "`base.url`").map_err(ApiError::bad_request)?;
+    app.config
+        .egress
+        .check_text(base)
+        .map_err(|why| ApiError::bad_request(format!("`base.url`: {why}")))
 }
 
 #[cfg(test)]

@@ -72,6 +72,9 @@ const ALREADY_INVALID: &[&str] = &[
 pub struct OAuthClient {
     http: reqwest::Client,
     timeout: Duration,
+    /// The ranges refused as destinations: a URL only filled here (the client id in a
+    /// revocation URL) is checked against them too.
+    egress: std::sync::Arc<crate::egress::Policy>,
 }
 
 /// How the request authenticates.
@@ -105,7 +108,14 @@ impl OAuthClient {
         OAuthClient {
             http,
             timeout: DEFAULT_TIMEOUT,
+            egress: std::sync::Arc::default(),
         }
+    }
+
+    /// The operator's egress policy (default: the metadata addresses alone are refused).
+    pub fn with_egress(mut self, egress: std::sync::Arc<crate::egress::Policy>) -> Self {
+        self.egress = egress;
+        self
     }
 
     /// The time limit of each request, answer included (default 30 s).
@@ -251,7 +261,7 @@ impl OAuthClient {
             &revoke_url.replace("{client_id}", &client_id_in_path),
         )?;
         // The client id filled in last: the URL it makes is checked like every other endpoint.
-        crate::egress::check_url(&url).map_err(OAuthError::config)?;
+        self.egress.check_url(&url).map_err(OAuthError::config)?;
         let secret = creds.client_secret.expose();
 
         let (method, auth, body) = match style {

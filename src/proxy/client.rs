@@ -105,9 +105,9 @@ struct Connection {
 }
 
 /// Builds the proxy's client.
-pub fn build() -> Result<ProxyClient, String> {
+pub fn build(egress: Arc<crate::egress::Policy>) -> Result<ProxyClient, String> {
     crate::app::install_crypto_provider();
-    let mut http = HttpConnector::new_with_resolver(GuardedNames);
+    let mut http = HttpConnector::new_with_resolver(GuardedNames(egress));
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(10)));
@@ -477,8 +477,8 @@ impl HttpBody for Uploading {
 }
 
 /// Name resolution through the egress guard (see [`crate::egress`]).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct GuardedNames;
+#[derive(Clone, Debug, Default)]
+pub struct GuardedNames(Arc<crate::egress::Policy>);
 
 impl tower::Service<Name> for GuardedNames {
     type Response = std::vec::IntoIter<SocketAddr>;
@@ -490,8 +490,9 @@ impl tower::Service<Name> for GuardedNames {
     }
 
     fn call(&mut self, name: Name) -> Self::Future {
+        let policy = Arc::clone(&self.0);
         Box::pin(async move {
-            let found = crate::egress::resolve(name.as_str()).await?;
+            let found = policy.resolve(name.as_str()).await?;
             Ok(found.into_iter())
         })
     }

@@ -666,3 +666,143 @@ async fn a_body_that_stops_coming_is_cut() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// An operator of a service shared by organizations that do not trust each other refuses
+/// private ranges (`serve --egress-deny private`): a tenant's connector, `base.url`, webhook
+/// or token URL may not reach the service's own ports or the private network, whether by an
+/// IP literal (refused when given) or by a name resolving there (refused as the call goes
+/// out, and nothing reaches the listener). `--egress-allow` takes a range back: here the
+/// sandbox's address alone, 127.0.0.2.
+#[tokio::test]
+async fn an_operator_keeps_tenants_off_private_networks() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // What a tenant would reach: a listener on loopback that counts what arrives.
+    let reached = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&reached);
+    let internal = axum::Router::new().fallback(move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async { "INTERNAL-SECRET-CONTENT" }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, internal).await.unwrap() });
+
+    let url = crate::support::sqlite_database();
+    let sandbox = tokenwarden_sandbox::spawn(
+        "127.0.0.2:0".parse().unwrap(),
+        tokenwarden_sandbox::SandboxConfig::default(),
+    )
+    .await
+    .unwrap();
+    let env = Env::start_with_sandbox("sqlite", &url, sandbox, |config| {
+        config.egress =
+            Arc::new(tokenwarden::egress::Policy::parse("private", "127.0.0.2/32").unwrap());
+    })
+    .await;
+    let platform = env.org.platform();
+
+    // The range taken back: the sandbox's connectors work.
+    let instance = env
+        .create_instance(&env.org, "sandbox-generic", "alice")
+        .await;
+    let id = instance["id"].as_i64().unwrap();
+    let token = instance["token"].as_str().unwrap().to_string();
+    let (status, _) = env.proxy(&env.org, &token, Method::GET, "api/me").await;
+    assert_eq!(status, 200);
+
+    // IP literals are refused when given: a connector, a base URL, a webhook.
+    let mut inside = own_connector("inside", &env);
+    inside["baseUrl"] = json!(format!("http://127.0.0.1:{port}/"));
+    let (status, answer) = send(
+        &env,
+        Method::POST,
+        &env.api("/elements"),
+        &platform,
+        Some(inside),
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("egress policy"),
+        "{answer}"
+    );
+    for (key, value) in [
+        ("base.url", format!("http://127.0.0.1:{port}/")),
+        ("base.url", format!("http://[::ffff:127.0.0.1]:{port}/")),
+        ("base.url", "http://10.1.2.3/".to_string()),
+        (
+            "event.notification.callback.url",
+            "http://192.168.1.1/hook".to_string(),
+        ),
+    ] {
+        let (status, answer) = send(
+            &env,
+            Method::PATCH,
+            &env.api(&format!("/instances/{id}")),
+            &platform,
+            Some(json!({"configuration": {key: value}})),
+        )
+        .await;
+        assert_eq!(status, 400, "{key} {value}: {answer}");
+        assert!(
+            answer["message"]
+                .as_str()
+                .unwrap()
+                .contains("egress policy"),
+            "{answer}"
+        );
+    }
+
+    // A name resolving there is taken, and refused as the call goes out.
+    let (status, answer) = send(
+        &env,
+        Method::PATCH,
+        &env.api(&format!("/instances/{id}")),
+        &platform,
+        Some(json!({"configuration": {"base.url": format!("http://localhost:{port}/")}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = env.proxy(&env.org, &token, Method::GET, "anything").await;
+    assert!((500..600).contains(&status), "{status} {answer}");
+    assert!(!answer.to_string().contains("INTERNAL-SECRET"), "{answer}");
+    assert!(answer.to_string().contains("egress policy"), "{answer}");
+
+    // A token URL naming it: the exchange fails, saying why.
+    let mut named = own_connector("named", &env);
+    named["oauth"]["tokenUrl"] = json!(format!("http://localhost:{port}/token"));
+    let (status, answer) = send(
+        &env,
+        Method::POST,
+        &env.api("/elements"),
+        &platform,
+        Some(named),
+    )
+    .await;
+    assert_eq!(status, 201, "{answer}");
+    let (status, answer) = send(
+        &env,
+        Method::POST,
+        &env.api("/instances"),
+        &platform,
+        Some(
+            json!({"element": {"key": "named"}, "providerData": {"code": "a-code"},
+                    "configuration": env.configuration()}),
+        ),
+    )
+    .await;
+    assert!((400..500).contains(&status), "{status} {answer}");
+    assert!(answer.to_string().contains("egress policy"), "{answer}");
+    assert_eq!(
+        reached.load(Ordering::SeqCst),
+        0,
+        "nothing reached the listener"
+    );
+
+    env.stop().await;
+    drop_test_database(&url).await;
+}
