@@ -18,8 +18,13 @@ pub struct AppConfig {
     pub previous_master_keys: Option<String>,
     /// Where the sandbox provider runs (`{sandbox}` in the catalog).
     pub sandbox_url: String,
-    /// Timeout of one provider call (token endpoint or proxied API call).
+    /// Timeout of one call to a provider's token, revocation or verification endpoint, and of
+    /// a webhook delivery.
     pub provider_timeout: Duration,
+    /// How long a proxied call waits for the provider's answer to start, and then between
+    /// parts of its body (`serve --proxy-timeout`): long polls and sparse event streams need
+    /// more than the default 30 s.
+    pub proxy_timeout: Duration,
     /// A run of transient refresh failures this long fires `instance.refresh_failing`.
     pub refresh_failing_after: Duration,
     /// Largest JSON body the platform API accepts.
@@ -76,6 +81,7 @@ impl std::fmt::Debug for AppConfig {
             .field("sandbox_url", &self.sandbox_url)
             .field("egress", &self.egress)
             .field("provider_timeout", &self.provider_timeout)
+            .field("proxy_timeout", &self.proxy_timeout)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("background_tasks", &self.background_tasks)
             .field("refresh_concurrency", &self.refresh_concurrency)
@@ -95,6 +101,7 @@ impl AppConfig {
             previous_master_keys: None,
             sandbox_url: "http://127.0.0.1:4000".to_string(),
             provider_timeout: Duration::from_secs(30),
+            proxy_timeout: Duration::from_secs(30),
             refresh_failing_after: Duration::from_millis(
                 crate::events::REFRESH_FAILING_AFTER_MS as u64,
             ),

@@ -166,6 +166,12 @@ pub struct ServeArgs {
     /// connections to its backends longer (Google Cloud's: 600 s), set it above that.
     #[arg(long, env = "TOKENWARDEN_IDLE_TIMEOUT", hide_env_values = true, default_value_t = 75, value_parser = clap::value_parser!(u32).range(1..=86_400))]
     pub idle_timeout: u32,
+    /// Seconds a proxied call waits for the provider's answer to start, and then between
+    /// parts of its body (the answer is cut after that long without a byte). Long polls
+    /// (Salesforce's streaming API holds one 110 s), slow reports and sparse event streams
+    /// need more.
+    #[arg(long, env = "TOKENWARDEN_PROXY_TIMEOUT", hide_env_values = true, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    pub proxy_timeout: u32,
     /// Caller connections served at once; past it, the oldest are asked to finish for new ones
     /// (an idle kept-alive one closes at once, a busy one after its answer).
     /// Default: half of the open-file limit (raised to its hard limit at start), less 256 kept
@@ -445,6 +451,7 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             config.refresh_concurrency = usize::from(args.refresh_concurrency);
             config.header_read_timeout =
                 std::time::Duration::from_secs(u64::from(args.idle_timeout));
+            config.proxy_timeout = std::time::Duration::from_secs(u64::from(args.proxy_timeout));
             config.max_connections = args.max_connections.map(|n| n as usize);
             let rate = args.refresh_rate;
             if !rate.is_finite() || rate < 0.0 || (rate > 0.0 && rate < MIN_REFRESH_RATE) {

@@ -95,6 +95,12 @@ pub fn entry(
 const X_PROVIDER_REQUEST_ID: header::HeaderName =
     header::HeaderName::from_static("x-provider-request-id");
 
+/// On the provider's rejection of a token, passed on as it came because the call's body was
+/// too large to keep and send again: the token has been refreshed since, and the call may be
+/// sent again.
+const TOKEN_REFRESHED: header::HeaderName =
+    header::HeaderName::from_static("x-tokenwarden-token-refreshed");
+
 /// A call, counted and timed; `request_id` goes into the answer's `X-Request-Id` when given.
 async fn measured<B>(
     app: SharedApp,
@@ -542,8 +548,17 @@ where
             }
             Ok(third)
         }
-        // A body that was not kept is not sent again: the refresh serves the next call.
-        Ok(_) => Ok(first),
+        // A body that was not kept is not sent again: the refresh serves the next call, and
+        // the caller is told that sending it again will go with a new token (the provider's
+        // 401 alone reads as a call the grant does not allow).
+        Ok(_) => {
+            let mut first = first;
+            first.headers_mut().insert(
+                TOKEN_REFRESHED,
+                axum::http::HeaderValue::from_static("true"),
+            );
+            Ok(first)
+        }
         Err(RefreshFailure::Invalid {
             reason, version, ..
         }) => Err(grant_gone(app, instance.id, reason, version, rejection_message).await),
@@ -742,9 +757,9 @@ async fn send(
     *request.method_mut() = outgoing.method.clone();
     *request.uri_mut() = Uri::from(target.path);
     *request.headers_mut() = headers;
-    // The answer's headers must come within the provider timeout; its body then streams for
-    // as long as it keeps coming.
-    let timeout = app.config.provider_timeout;
+    // The answer's headers must come within the proxy timeout; its body then streams for as
+    // long as it keeps coming.
+    let timeout = app.config.proxy_timeout;
     app.proxy_http
         .request(
             target.origin_key,
@@ -802,7 +817,7 @@ fn answer(app: &App, (response, lease): Answered) -> Response {
         parts.headers.remove(header::CONTENT_LENGTH);
     }
     strip(&mut parts.headers, &[]);
-    let body = client::IdleTimeout::new(body, app.config.provider_timeout, Some(lease));
+    let body = client::IdleTimeout::new(body, app.config.proxy_timeout, Some(lease));
     Response::from_parts(parts, Body::new(body))
 }
 

@@ -524,10 +524,10 @@ where
     (created["token"].as_str().unwrap().to_string(), accepted)
 }
 
-/// A service on SQLite whose provider timeout is 1 s, with a sandbox of its own.
+/// A service on SQLite whose proxy timeout is 1 s, with a sandbox of its own.
 async fn env_with_a_one_second_provider_timeout(url: &str) -> Env {
     Env::start_adjusted("sqlite", url, |config| {
-        config.provider_timeout = std::time::Duration::from_secs(1);
+        config.proxy_timeout = std::time::Duration::from_secs(1);
     })
     .await
 }
@@ -917,7 +917,7 @@ async fn a_slow_upload_is_not_cut_by_the_provider_timeout() {
         .await
         .unwrap();
     let env = Env::start_with_sandbox("sqlite", &url, sandbox, |config| {
-        config.provider_timeout = std::time::Duration::from_secs(1);
+        config.proxy_timeout = std::time::Duration::from_secs(1);
     })
     .await;
     let (base, _, _) = upstream().await;
@@ -1201,6 +1201,55 @@ async fn a_body_too_large_to_resend_does_not_go_with_an_expired_token() {
     let (status, body) = env.proxy(&env.org, token, Method::POST, "api/echo").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(refreshes(&env).await, before + 2);
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+/// A body too large to keep, rejected by the provider with a token the service thought good
+/// (the provider's clock ran ahead): the refresh happens, the call is not sent again, and the
+/// provider's 401 comes back saying so (`X-Tokenwarden-Token-Refreshed`), which a caller
+/// could not tell from a grant that does not allow the call. Sent again, it goes with the new
+/// token.
+#[tokio::test]
+async fn a_rejected_upload_too_large_to_resend_says_the_token_was_refreshed() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "uploader")
+        .await;
+    let token = created["token"].as_str().unwrap();
+    env.sandbox_post("/__sandbox/clock", json!({"advanceSeconds": 7_200}))
+        .await;
+    let before = refreshes(&env).await;
+    let upload = || {
+        let chunks = futures_util::stream::iter(
+            (0..32).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 64 * 1024]))),
+        );
+        env.http
+            .put(env.api("/proxy/api/echo"))
+            .header("authorization", env.org.through(token))
+            .body(reqwest::Body::wrap_stream(chunks))
+            .send()
+    };
+    let rejected = upload().await.unwrap();
+    assert_eq!(rejected.status(), 401);
+    assert_eq!(
+        rejected.headers()["x-tokenwarden-token-refreshed"],
+        "true",
+        "{:?}",
+        rejected.headers()
+    );
+    assert_eq!(refreshes(&env).await, before + 1);
+    // Sent again: the new token is taken (the echo then refuses a body over its 1 MiB).
+    let again = upload().await.unwrap();
+    assert_eq!(again.status(), 413);
+    assert!(
+        again
+            .headers()
+            .get("x-tokenwarden-token-refreshed")
+            .is_none()
+    );
+    assert_eq!(refreshes(&env).await, before + 1);
     env.stop().await;
     drop_test_database(&url).await;
 }
