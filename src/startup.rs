@@ -215,7 +215,9 @@ pub fn default_max_connections(open_file_limit: Option<u64>) -> usize {
 /// Accepts connections until shutdown, then lets the requests under way finish (the caller
 /// bounds the wait). HTTP/1.1 and HTTP/2 (prior knowledge), `TCP_NODELAY` on every connection.
 /// At most `max_connections` are served at once, rather than taking the descriptors the
-/// database and the providers' connections need: past that, a connection accepted waits a
+/// database and the providers' connections need: past that, connections that have not sent a
+/// whole request head within [`UNHEARD_FOR`] of connecting are closed at once, oldest first;
+/// else a connection accepted waits a
 /// quarter second for a place, then the oldest connections are asked to finish (one that has
 /// sent nothing, or an idle kept-alive one, closes at once, a busy one after its answer), one
 /// first and twice as many each quarter second while none frees its place; the next ones wait
@@ -259,12 +261,16 @@ async fn serve_http(
                         "{max_connections} connections open, the most served at once: the oldest are asked to finish for new ones (serve --max-connections)"
                     );
                 }
-                // A moment for a place to free itself, then the oldest are asked, one first,
-                // twice as many each quarter of a second while none frees its place (up to a
-                // sixty-fourth of the cap at a time): no more go than the new ones need.
+                // Connections that have not sent a whole request in a second go first, at once
+                // (idle sockets and heads sent a byte at a time held every place until the
+                // idle timeout, shutting out every caller). Else a moment for a place to free
+                // itself, then the oldest are asked, one first, twice as many each quarter of
+                // a second while none frees its place (up to a sixty-fourth of the cap at a
+                // time): no more go than the new ones need.
                 let mut shed = 0;
                 let waited = loop {
-                    if shed > 0 {
+                    let dropped = open.drop_unheard(UNHEARD_FOR, shed.max(1));
+                    if dropped == 0 && shed > 0 {
                         open.ask_oldest_to_finish(shed);
                     }
                     tokio::select! {
@@ -362,7 +368,9 @@ async fn serve_connection(
         Ok(Ok(0) | Err(_)) | Err(_) => return,
         Ok(Ok(n)) => &head[..n],
     };
+    let heard = registration.heard_handle();
     let service = hyper::service::service_fn(move |request| {
+        heard.mark();
         let service = service.clone();
         async move { Ok::<_, std::convert::Infallible>(service.call(request).await) }
     });
@@ -399,6 +407,8 @@ struct OpenConnections {
     finish_before: std::sync::atomic::AtomicU64,
     /// Each open connection's waker, by id (ids grow: the oldest first).
     wakers: std::sync::Mutex<std::collections::BTreeMap<u64, std::task::Waker>>,
+    /// The connections that have not sent a whole request head yet, by id: when they came.
+    unheard: std::sync::Mutex<std::collections::BTreeMap<u64, (std::time::Instant, Arc<Heard>)>>,
     /// Notified when the last connection closes after shutdown began.
     all_closed: tokio::sync::Notify,
 }
@@ -412,10 +422,44 @@ impl OpenConnections {
             .lock()
             .unwrap()
             .insert(id, std::task::Waker::noop().clone());
+        let heard = Arc::new(Heard::default());
+        self.unheard
+            .lock()
+            .unwrap()
+            .insert(id, (std::time::Instant::now(), Arc::clone(&heard)));
         Registration {
             open: Arc::clone(self),
             id,
+            heard,
         }
+    }
+
+    /// Gives up at most `count` of the connections that came `silent_for` ago or more and have
+    /// not sent a whole request head since (oldest first): they close at once, without an
+    /// answer, whatever they were reading. Returns how many.
+    fn drop_unheard(&self, silent_for: std::time::Duration, count: usize) -> usize {
+        use std::sync::atomic::Ordering;
+        let chosen: Vec<u64> = {
+            let unheard = self.unheard.lock().unwrap();
+            unheard
+                .iter()
+                .filter(|(_, (at, heard))| {
+                    at.elapsed() >= silent_for && !heard.dropped.load(Ordering::SeqCst)
+                })
+                .take(count)
+                .map(|(id, (_, heard))| {
+                    heard.dropped.store(true, Ordering::SeqCst);
+                    *id
+                })
+                .collect()
+        };
+        let wakers = self.wakers.lock().unwrap();
+        for id in &chosen {
+            if let Some(waker) = wakers.get(id) {
+                waker.wake_by_ref();
+            }
+        }
+        chosen.len()
     }
 
     /// Asks the `count` oldest connections not asked yet to finish (gracefully: an idle one
@@ -458,15 +502,62 @@ impl OpenConnections {
 struct Registration {
     open: Arc<OpenConnections>,
     id: u64,
+    heard: Arc<Heard>,
+}
+
+/// How long a connection may go without sending a whole request head before it is the first
+/// to go when the cap is reached (a caller sends its request as it connects).
+const UNHEARD_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether a connection has sent a whole request head, and whether it was given up before.
+#[derive(Default)]
+struct Heard {
+    heard: std::sync::atomic::AtomicBool,
+    dropped: std::sync::atomic::AtomicBool,
+}
+
+/// What a connection's service tells its registration with: a request came.
+struct HeardHandle {
+    open: Arc<OpenConnections>,
+    id: u64,
+    heard: Arc<Heard>,
+}
+
+impl HeardHandle {
+    /// A request head came whole: the connection is no longer among the unheard (once; then
+    /// one load per request).
+    fn mark(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.heard.heard.load(Ordering::Relaxed)
+            && !self.heard.heard.swap(true, Ordering::SeqCst)
+        {
+            self.open.unheard.lock().unwrap().remove(&self.id);
+        }
+    }
 }
 
 impl Registration {
     /// Whether the connection is asked to finish: shutdown, or the cap reached and it among the
-    /// oldest.
+    /// oldest, or among those that have sent no request.
     fn asked(&self) -> bool {
         use std::sync::atomic::Ordering;
         self.open.stopping.load(Ordering::SeqCst)
             || self.id < self.open.finish_before.load(Ordering::SeqCst)
+            || self.heard.dropped.load(Ordering::SeqCst)
+    }
+
+    /// Whether the connection is given up: the cap reached before it sent a whole request.
+    fn given_up(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.heard.dropped.load(Ordering::SeqCst) && !self.heard.heard.load(Ordering::SeqCst)
+    }
+
+    fn heard_handle(&self) -> HeardHandle {
+        HeardHandle {
+            open: Arc::clone(&self.open),
+            id: self.id,
+            heard: Arc::clone(&self.heard),
+        }
     }
 
     /// Completes when the connection is asked to finish (shutdown, or the cap reached), before
@@ -509,6 +600,9 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         use std::sync::atomic::Ordering;
+        if !self.heard.heard.load(Ordering::SeqCst) {
+            self.open.unheard.lock().unwrap().remove(&self.id);
+        }
         let mut wakers = self.open.wakers.lock().unwrap();
         wakers.remove(&self.id);
         if wakers.is_empty() && self.open.stopping.load(Ordering::SeqCst) {
@@ -531,12 +625,13 @@ impl<C> std::future::Future for Watched<C>
 where
     C: hyper_util::server::graceful::GracefulConnection,
 {
-    type Output = C::Output;
+    /// `None`: given up before a whole request came (the connection is dropped).
+    type Output = Option<C::Output>;
 
     fn poll(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<C::Output> {
+    ) -> std::task::Poll<Option<C::Output>> {
         let this = self.get_mut();
         if !this.asked {
             let open = &this.registration.open;
@@ -548,11 +643,17 @@ where
                 wakers.insert(this.registration.id, this.waker.clone());
             }
             if this.registration.asked() {
+                if this.registration.given_up() {
+                    return std::task::Poll::Ready(None);
+                }
                 this.asked = true;
                 this.connection.as_mut().graceful_shutdown();
             }
+        } else if this.registration.given_up() {
+            // Asked to finish (a head begun does not end that way), then given up.
+            return std::task::Poll::Ready(None);
         }
-        this.connection.as_mut().poll(cx)
+        this.connection.as_mut().poll(cx).map(Some)
     }
 }
 

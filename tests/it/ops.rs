@@ -676,6 +676,65 @@ async fn connections_past_the_cap_make_the_oldest_idle_one_close() {
     drop_test_database(&url).await;
 }
 
+/// Past the cap, connections that have not sent a whole request head in a second are given up
+/// first and at once, whether silent or sending a head a byte at a time: such sockets, opened
+/// faster than they time out, held every place until the idle timeout (75 s) and shut out
+/// every caller, health checks included, with no secret needed.
+#[tokio::test]
+async fn unfinished_heads_past_the_cap_make_way_for_a_caller() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let url = crate::support::sqlite_database();
+    let env = Env::start_adjusted("capped-slow", &url, |config| {
+        config.max_connections = Some(4);
+    })
+    .await;
+    let mut held = Vec::new();
+    // Two heads begun and never ended, two sockets that say nothing, and as many again
+    // waiting in the backlog.
+    for index in 0..8 {
+        let mut stream = tokio::net::TcpStream::connect(env.server.addr)
+            .await
+            .unwrap();
+        if index % 2 == 0 {
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-slow: ")
+                .await
+                .unwrap();
+        }
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let started = std::time::Instant::now();
+    let mut caller = tokio::net::TcpStream::connect(env.server.addr)
+        .await
+        .unwrap();
+    caller
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut said = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), caller.read_to_end(&mut said))
+        .await
+        .expect("the caller was served")
+        .unwrap();
+    let said = String::from_utf8_lossy(&said);
+    assert!(said.contains("200 OK"), "{said}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "served after {:?}",
+        started.elapsed()
+    );
+    // The first unfinished head was given up: closed, without an answer.
+    let mut rest = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(5), held[0].read(&mut rest))
+        .await
+        .expect("the oldest unfinished head was closed");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    drop(held);
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// Past the cap, connections that have sent nothing yet are asked to finish too, and close
 /// (a load balancer's pre-opened connections held their places until the idle timeout).
 #[tokio::test]
