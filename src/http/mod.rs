@@ -124,6 +124,17 @@ pub fn stalled_body() -> error::ApiError {
     )
 }
 
+/// The service's own answers (not the proxy's, which are the provider's) carry tokens, secrets
+/// and instances' states: no cache keeps them (RFC 6749 §5.1 asks it of token answers), unless
+/// the answer says otherwise.
+fn uncached(mut response: axum::response::Response) -> axum::response::Response {
+    response
+        .headers_mut()
+        .entry(axum::http::header::CACHE_CONTROL)
+        .or_insert(axum::http::HeaderValue::from_static("no-store"));
+    response
+}
+
 impl Service {
     pub fn app(&self) -> &SharedApp {
         &self.app
@@ -153,7 +164,7 @@ impl Service {
         if !changes {
             let routed = Box::pin(self.router.oneshot(request.map(stalls_cut(&self.app))));
             return match routed.await {
-                Ok(response) => response,
+                Ok(response) => uncached(response),
                 Err(never) => match never {},
             };
         }
@@ -173,7 +184,7 @@ impl Service {
         let path = request.uri().path().to_string();
         let routed = Box::pin(self.router.oneshot(request.map(stalls_cut(&self.app))));
         match tokio::spawn(routed).await {
-            Ok(Ok(response)) => response,
+            Ok(Ok(response)) => uncached(response),
             Ok(Err(never)) => match never {},
             Err(stopped) => error::REQUEST_ID.sync_scope(request_id.clone(), || {
                 tracing::error!(request_id = error::request_id_text(&request_id), %method, %path, "a request stopped before its answer: {stopped}");

@@ -806,3 +806,60 @@ async fn an_operator_keeps_tenants_off_private_networks() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// The service's answers carry tokens and secrets: no cache keeps them (`Cache-Control:
+/// no-store`, as RFC 6749 asks of token answers). The proxy's answers are the provider's own.
+#[tokio::test]
+async fn the_service_s_answers_are_not_cached() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "cached")
+        .await;
+    let id = created["id"].as_i64().unwrap();
+    let token = created["token"].as_str().unwrap();
+    for (url, authorization) in [
+        (
+            env.api(&format!("/instances/{id}")),
+            env.org.with_element(token),
+        ),
+        (env.api("/instances"), env.org.platform()),
+        (env.api("/instances/999999"), env.org.platform()),
+        (env.api("/elements"), env.org.platform()),
+    ] {
+        let response = env
+            .http
+            .get(&url)
+            .header("authorization", authorization)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response
+                .headers()
+                .get("cache-control")
+                .map(|v| v.to_str().unwrap()),
+            Some("no-store"),
+            "{url}"
+        );
+    }
+    let refreshed = env
+        .http
+        .post(env.api(&format!("/instances/{id}/tokens/refresh")))
+        .header("authorization", env.org.platform())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refreshed.headers()["cache-control"], "no-store");
+    let proxied = env
+        .http
+        .get(env.api("/proxy/api/me"))
+        .header("authorization", env.org.through(token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(proxied.status(), 200);
+    assert!(proxied.headers().get("cache-control").is_none());
+    env.stop().await;
+    drop_test_database(&url).await;
+}
