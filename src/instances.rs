@@ -70,11 +70,12 @@ pub fn is_secret_key(key: &str) -> bool {
 /// turned into strings, as Cloud Elements does).
 /// Configuration keys an instance takes at most.
 pub const MAX_CONFIGURATION_KEYS: usize = 1000;
-/// Bytes of configuration (keys and values, sealed ones included) an instance keeps at most:
-/// a create's body holds 1 MiB at most, and PATCHes that merge keys in must not grow it past
-/// that (one instance of 60 MB made every read and write of it take seconds, and held
-/// SQLite's one connection meanwhile).
-pub const MAX_CONFIGURATION_BYTES: usize = 1024 * 1024;
+/// Bytes of configuration (keys and values, sealed ones included) a caller may make an instance
+/// keep, PATCHes that merge keys in included (one instance of 60 MB made every read and write
+/// of it take seconds, and held SQLite's one connection meanwhile). Real ones hold a few kB;
+/// at 1 MiB, one organization's 150 instances made each list 151 MB, and ten lists at once
+/// took the service to 2 GB.
+pub const MAX_CONFIGURATION_BYTES: usize = 64 * 1024;
 
 /// The size [`MAX_CONFIGURATION_BYTES`] bounds.
 pub fn configuration_bytes<'a>(
@@ -159,6 +160,12 @@ pub fn normalize_configuration(
             ));
         }
         out.insert(key.clone(), text);
+    }
+    let size: usize = out.iter().map(|(key, value)| key.len() + value.len()).sum();
+    if size > MAX_CONFIGURATION_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "`configuration` holds {size} bytes; an instance takes at most {MAX_CONFIGURATION_BYTES}"
+        )));
     }
     Ok(out)
 }

@@ -18,6 +18,8 @@ use crate::store::OAuthStateRow;
 
 /// How long a `state` from `oauth/url` stays usable.
 const STATE_TTL_MS: i64 = 15 * 60 * 1000;
+/// Authorizations an organization may have pending at once (begun, not used, not expired).
+const MAX_PENDING_STATES: i64 = 10_000;
 
 /// A connector as the API shows it: `{sandbox}` in its URLs is the sandbox this service uses
 /// (`TOKENWARDEN_SANDBOX_URL`), as in the instances made from it.
@@ -302,6 +304,19 @@ pub async fn oauth_url(
         .get("callbackUrl")
         .filter(|v| !v.is_empty())
         .ok_or_else(|| ApiError::bad_request("`callbackUrl` (the redirect URI) is required"))?;
+    // Each is kept with the pending authorization for 15 minutes.
+    for (name, longest) in [
+        ("apiKey", 1024),
+        ("apiSecret", 4096),
+        ("callbackUrl", 2048),
+        ("scope", 4096),
+    ] {
+        if query.get(name).is_some_and(|value| value.len() > longest) {
+            return Err(ApiError::bad_request(format!(
+                "`{name}` is longer than {longest} characters"
+            )));
+        }
+    }
     // RFC 6749 §3.1.2: absolute, without a fragment. A native app's own scheme passes
     // (`com.example.app:/callback`, RFC 8252); a URL that is no place to return to does not.
     match url::Url::parse(callback_url) {
@@ -393,6 +408,22 @@ pub async fn oauth_url(
                 },
             )
         });
+    // Pending authorizations are kept 15 minutes: one organization's are bounded, so that a
+    // loop of these calls cannot fill the database.
+    if app
+        .store
+        .count_pending_oauth_states(caller.organization_id, now_ms(), MAX_PENDING_STATES)
+        .await?
+        >= MAX_PENDING_STATES
+    {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "This organization has {MAX_PENDING_STATES} authorizations pending (each is kept 15 minutes): wait for some to be used or expire"
+            ),
+        )
+        .with_retry_after(60));
+    }
     // A state asked for again (a reload, an integration that passes a fixed one) gets the new
     // authorization in place of the old one, for the same connector.
     let kept = app

@@ -1095,6 +1095,26 @@ impl Store {
         Ok(instances::only_row(row))
     }
 
+    /// How many authorizations an organization has pending (begun, not expired), counting to
+    /// `limit` at most.
+    pub async fn count_pending_oauth_states(
+        &self,
+        organization_id: i64,
+        now: i64,
+        limit: i64,
+    ) -> Result<i64, StoreError> {
+        let (count,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM oauth_states WHERE organization_id = $1 \
+             AND expires_at > $2 LIMIT $3) AS pending",
+        )
+        .bind(organization_id)
+        .bind(now)
+        .bind(limit)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(count)
+    }
+
     /// The pending authorizations with a PKCE verifier that an organization began for a
     /// connector with client id `api_key` (for `callback_url` when given, or made without
     /// one), by state hash, at most `limit`: for a code that comes back without its `state`.

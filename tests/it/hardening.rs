@@ -524,11 +524,11 @@ async fn unusable_update_inputs_are_refused() {
     assert_eq!(status, 200, "{body}");
     let (status, body) = patch(json!({"configuration": half(600)})).await;
     assert_eq!(status, 400, "{body}");
-    // More bytes than an instance takes, PATCH after PATCH (each body well under 1 MiB): one
-    // instance grew to 60 MB, and every read and write of it took seconds.
+    // More bytes than an instance takes (64 KiB), PATCH after PATCH (each body well under
+    // it): one instance grew to 60 MB, and every read and write of it took seconds.
     let big = |from: usize| -> serde_json::Map<String, Value> {
         (from..from + 6)
-            .map(|n| (format!("big{n}"), json!("x".repeat(60_000))))
+            .map(|n| (format!("big{n}"), json!("x".repeat(4_000))))
             .collect()
     };
     let mut refused = None;
@@ -539,7 +539,7 @@ async fn unusable_update_inputs_are_refused() {
             break;
         }
     }
-    let (round, status, body) = refused.expect("the configuration grew past 1 MiB");
+    let (round, status, body) = refused.expect("the configuration grew past 64 KiB");
     assert_eq!((round, status), (2, 400), "{body}");
     assert!(
         body["message"].as_str().unwrap().contains("bytes"),
@@ -860,6 +860,66 @@ async fn the_service_s_answers_are_not_cached() {
         .unwrap();
     assert_eq!(proxied.status(), 200);
     assert!(proxied.headers().get("cache-control").is_none());
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+/// What one organization can make the service keep is bounded: a pending authorization's
+/// fields (kept 15 minutes; 1,000 calls with 28 KB `callbackUrl` and `scope` kept 56 MB), and an
+/// instance's configuration at a create as at an update (150 instances of 1 MB made each list
+/// 151 MB, and ten lists at once took the service to 2 GB).
+#[tokio::test]
+async fn what_one_organization_makes_the_service_keep_is_bounded() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let platform = env.org.platform();
+    let callback = env.callback();
+    for (name, value) in [
+        ("callbackUrl", format!("{callback}?{}", "x".repeat(2_100))),
+        ("scope", "s ".repeat(2_100)),
+        ("apiKey", "k".repeat(1_100)),
+    ] {
+        let mut query = vec![
+            ("apiKey".to_string(), CLIENT_ID.to_string()),
+            ("callbackUrl".to_string(), callback.clone()),
+        ];
+        query.retain(|(key, _)| key != name);
+        query.push((name.to_string(), value));
+        let response = env
+            .http
+            .get(env.api("/elements/sandbox-generic/oauth/url"))
+            .query(&query)
+            .header("authorization", &platform)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(status, 400, "{name}: {body}");
+        assert!(body["message"].as_str().unwrap().contains(name), "{body}");
+    }
+    let big: serde_json::Map<String, Value> = (0..20)
+        .map(|n| (format!("big{n}"), json!("x".repeat(4_000))))
+        .collect();
+    let mut configuration = env.configuration();
+    configuration.as_object_mut().unwrap().extend(big);
+    configuration["oauth.user.token"] = json!("an-access-token");
+    let (status, body) = send(
+        &env,
+        Method::POST,
+        &env.api("/instances"),
+        &platform,
+        Some(
+            json!({"element": {"key": "sandbox-generic"}, "externalAuthentication": "initial",
+                    "configuration": configuration}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("bytes"),
+        "{body}"
+    );
     env.stop().await;
     drop_test_database(&url).await;
 }

@@ -386,6 +386,40 @@ async fn oauth_states_are_single_use() {
             .await
             .unwrap();
         assert!(store.take_oauth_state(b"old", NOW).await.unwrap().is_none());
+        // What an organization has pending, the expired aside, counted to a limit.
+        let other = organization(store, "B").await;
+        let mut others = state("theirs", NOW + 1_000);
+        others.organization_id = other;
+        store.insert_oauth_state(&others).await.unwrap();
+        store
+            .insert_oauth_state(&state("fresh too", NOW + 1_000))
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .count_pending_oauth_states(org, NOW, 10)
+                .await
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            store.count_pending_oauth_states(org, NOW, 1).await.unwrap(),
+            1
+        );
+        assert_eq!(
+            store
+                .count_pending_oauth_states(other, NOW, 10)
+                .await
+                .unwrap(),
+            1
+        );
+        assert!(
+            store
+                .take_oauth_state(b"fresh too", NOW)
+                .await
+                .unwrap()
+                .is_some()
+        );
         assert_eq!(store.purge_expired_oauth_states(NOW).await.unwrap(), 1);
 
         // Concurrent takers: exactly one wins.
