@@ -285,6 +285,7 @@ pub async fn delete(
     security(("platform" = [])),
     responses(
         (status = 200, description = "The authorization URL", body = crate::openapi::OAuthUrl),
+        (status = 429, description = "The organization has 10,000 authorizations pending (`Retry-After`)", body = crate::openapi::ErrorBody),
         crate::openapi::PlatformErrors
     ),
 )]
