@@ -221,12 +221,20 @@ pub mod plan {
     /// every slot of every replica busy with its backlog (each failure due again within its
     /// backoff), and every other connector's refreshes came late. One that fails fast (a 503
     /// at once) frees its slots at once, and keeps them all: it recovers at full speed.
+    /// An organization's own failing connectors share one eighth between them (keys
+    /// `{organization}/{key}`): twelve connectors of one organization, each to a token
+    /// endpoint that never answers, took every slot, and every other organization's refreshes
+    /// came late.
     #[derive(Debug)]
     pub struct Slots<T> {
-        /// Each running refresh's connector, by its task.
-        tasks: HashMap<T, String>,
+        /// Each running refresh's connector, by its task, and whether it counts among its
+        /// group's failing ones.
+        tasks: HashMap<T, (String, bool)>,
         running: HashMap<String, usize>,
         failing: std::collections::HashSet<String>,
+        /// Refreshes of failing connectors running, by group (an organization for its own
+        /// connectors, the connector for a built-in one).
+        failing_running: HashMap<String, usize>,
     }
 
     impl<T> Default for Slots<T> {
@@ -235,8 +243,15 @@ pub mod plan {
                 tasks: HashMap::new(),
                 running: HashMap::new(),
                 failing: std::collections::HashSet::new(),
+                failing_running: HashMap::new(),
             }
         }
+    }
+
+    /// Whose share a connector's failing refreshes take: its organization's for an
+    /// organization's own (`{organization}/{key}`), its own for a built-in one.
+    fn group(key: &str) -> &str {
+        key.split_once('/').map_or(key, |(owner, _)| owner)
     }
 
     impl<T: std::hash::Hash + Eq> Slots<T> {
@@ -248,26 +263,41 @@ pub mod plan {
 
         /// Whether a refresh of connector `key` may start now.
         pub fn may_start(&self, key: &str, concurrency: usize) -> bool {
+            let share = Self::failing_share(concurrency);
             !self.failing.contains(key)
-                || self.running.get(key).copied().unwrap_or(0) < Self::failing_share(concurrency)
+                || (self.running.get(key).copied().unwrap_or(0) < share
+                    && self.failing_running.get(group(key)).copied().unwrap_or(0) < share)
         }
 
         /// Task `task` refreshes an instance of connector `key`.
         pub fn started(&mut self, task: T, key: String) {
             *self.running.entry(key.clone()).or_insert(0) += 1;
-            self.tasks.insert(task, key);
+            let failing = self.failing.contains(&key);
+            if failing {
+                *self
+                    .failing_running
+                    .entry(group(&key).to_string())
+                    .or_insert(0) += 1;
+            }
+            self.tasks.insert(task, (key, failing));
         }
 
         /// Task `task` ended; `passing_failure`: whether its provider failed for now, slowly
         /// (`None`: the refresh did not reach the provider, and tells nothing of it).
         pub fn finished(&mut self, task: &T, passing_failure: Option<bool>) {
-            let Some(key) = self.tasks.remove(task) else {
+            let Some((key, counted)) = self.tasks.remove(task) else {
                 return;
             };
             if let Some(running) = self.running.get_mut(&key) {
                 *running = running.saturating_sub(1);
                 if *running == 0 {
                     self.running.remove(&key);
+                }
+            }
+            if counted && let Some(running) = self.failing_running.get_mut(group(&key)) {
+                *running = running.saturating_sub(1);
+                if *running == 0 {
+                    self.failing_running.remove(group(&key));
                 }
             }
             match passing_failure {
@@ -473,6 +503,43 @@ pub mod plan {
             assert_eq!(Slots::<u32>::failing_share(4), 1);
             assert_eq!(Slots::<u32>::failing_share(16), 2);
             assert_eq!(Slots::<u32>::failing_share(1), 1);
+        }
+
+        #[test]
+        fn an_organization_s_failing_connectors_share_one_share() {
+            let mut slots = Slots::<u32>::default();
+            let mut task = 0;
+            // Twelve connectors of organization 7, each failing slowly.
+            for n in 0..12 {
+                slots.started(task, format!("7/hangs{n}"));
+                slots.finished(&task, Some(true));
+                task += 1;
+            }
+            let mut started = 0;
+            for n in 0..12 {
+                let key = format!("7/hangs{n}");
+                if slots.may_start(&key, 32) {
+                    slots.started(task, key);
+                    task += 1;
+                    started += 1;
+                }
+            }
+            assert_eq!(started, 4, "an eighth of 32 for the whole organization");
+            // Another organization's failing connector, and a failing built-in one, have
+            // their own; healthy ones are not limited.
+            slots.started(task, "8/slow".into());
+            slots.finished(&task, Some(true));
+            task += 1;
+            assert!(slots.may_start("8/slow", 32));
+            slots.started(task, "box".into());
+            slots.finished(&task, Some(true));
+            task += 1;
+            assert!(slots.may_start("box", 32));
+            assert!(slots.may_start("7/healthy", 32));
+            // One of organization 7's ends: one more of its failing ones may start.
+            slots.finished(&12, Some(true));
+            assert!(slots.may_start("7/hangs5", 32));
+            assert!(task > 12);
         }
 
         #[test]
