@@ -1099,6 +1099,81 @@ async fn create_instance(
     created
 }
 
+/// How the refresh that a create of imported tokens makes before it answers went.
+enum ImportRefresh {
+    /// The provider's new tokens (the imported refresh token kept when none came back).
+    Refreshed(TokenSet),
+    /// The provider could not answer just now (5xx, 429, a timeout, the network): the import
+    /// is created as it was brought in, failing to refresh, tried again after `wait_ms`.
+    Failing { message: String, wait_ms: i64 },
+}
+
+/// The refresh of imported tokens that have no working access token (none given, or one the
+/// provider rejects), made before a create stores anything, so that its answer says how it
+/// went: a refresh token the provider refuses (`invalid_grant` and kin) is a 400 with its
+/// words, and nothing is created; a provider that cannot answer just now, or that refuses the
+/// app's credentials (the grant may be good), leaves the import to be created and refreshed
+/// later. No row exists yet, so no other refresh can present the same token meanwhile.
+async fn refresh_before_create(
+    app: &App,
+    connector: &Connector,
+    plain: &Map<String, Value>,
+    secret: &BTreeMap<String, String>,
+    imported: &TokenSet,
+) -> ApiResult<ImportRefresh> {
+    let Some(refresh_token) = imported.refresh_token.as_ref() else {
+        return Err(ApiError::internal(
+            "an import refreshed without a refresh token",
+        ));
+    };
+    let (endpoints, spec) = app
+        .oauth_settings(connector, plain)
+        .map_err(|error| ApiError::bad_request(format!("Connector input missing: {error}")))?;
+    let credentials = client_credentials(plain, secret);
+    let started = std::time::Instant::now();
+    let result = app
+        .oauth
+        .refresh(&spec, &endpoints, &credentials, refresh_token)
+        .await;
+    match result {
+        Ok(mut tokens) => {
+            // The lives the provider gave count from when the request went out (as a refresh
+            // of the engine counts them).
+            let taken = started.elapsed().as_secs();
+            tokens.expires_in = tokens.expires_in.map(|life| life.saturating_sub(taken));
+            tokens.refresh_token_expires_in = tokens
+                .refresh_token_expires_in
+                .map(|life| life.saturating_sub(taken));
+            Ok(ImportRefresh::Refreshed(tokens))
+        }
+        // The app's credentials or the request refused, not the grant: created as the engine
+        // leaves such an instance (valid, backing off, the configuration at fault named), so
+        // that a PATCH of the credentials makes it work; the refresh token was not used.
+        Err(error) if crate::refresh::misconfigured_detail(&error).is_some() => {
+            let (message, wait_ms) =
+                crate::refresh::misconfigured_failure(&error).unwrap_or_default();
+            tracing::warn!(connector = %connector.key, "an imported refresh token cannot be refreshed as configured ({message}); created, retrying in {wait_ms} ms");
+            Ok(ImportRefresh::Failing { message, wait_ms })
+        }
+        Err(error) if error.is_permanent() => Err(ApiError::bad_request(
+            "The provider refuses the imported refresh token: nothing was created; re-authenticate the user and import the new tokens, or create the instance from a code",
+        )
+        .with_provider_message(error.provider_message())),
+        Err(error) => {
+            let (message, wait_ms) = crate::refresh::passing_failure(&error, 0);
+            // The provider may have rotated the token all the same: a later refusal is then
+            // read as this attempt's doing.
+            let message = if error.outcome_unknown() {
+                format!("{message}{}", crate::refresh::OUTCOME_UNKNOWN_TEXT)
+            } else {
+                message
+            };
+            tracing::warn!(connector = %connector.key, "an imported refresh token could not be refreshed for now ({message}); created, retrying in {wait_ms} ms");
+            Ok(ImportRefresh::Failing { message, wait_ms })
+        }
+    }
+}
+
 /// A create repeating a code that an earlier request exchanged: the instance that request
 /// created with it, as a create answers it. A code that went to re-authenticate an instance
 /// (created before the code was claimed), or whose instance was deleted since, is refused.
@@ -1146,28 +1221,49 @@ async fn store_created(
         secret,
         external,
     } = created;
+    let mut grant = grant;
     let _ = grant.verifier_used;
     grant.keep_authorization(&mut plain);
     // Imported tokens whose access token the provider rejects: refused, nothing created, when
-    // no refresh token came with them; otherwise refreshed through the engine once the row
-    // exists (its commits keep a rotated refresh token whatever happens), before the answer,
-    // which tells how it went. They were answered `valid: true`, and the instance turned
-    // invalid a moment later.
+    // no refresh token came with them. Those with a refresh token and no working access token
+    // (none given, or one rejected) are refreshed before anything is stored, and the answer
+    // tells how that went: they were answered `valid: true`, and the instance turned invalid
+    // a moment later.
     let mut verified_first = None;
-    let mut due_now = false;
+    let mut refresh_first =
+        external && grant.tokens.refresh_token.is_some() && grant.tokens.access_token.is_empty();
     if external && !grant.tokens.access_token.is_empty() {
         let verified =
             instances::verification(app, connector, &plain, &grant.tokens.access_token).await;
         if let Some(words) = verified.as_ref().and_then(|v| v.rejection.clone()) {
             imported_rejection(grant.tokens.refresh_token.is_some(), "was created", words)?;
-            due_now = true;
+            refresh_first = true;
         }
         verified_first = Some(verified);
+    }
+    let mut failing = None;
+    let mut refreshed = None;
+    if refresh_first {
+        match refresh_before_create(app, connector, &plain, secret, &grant.tokens).await? {
+            ImportRefresh::Refreshed(tokens) => {
+                // The verification said the imported access token was rejected: the new one
+                // is checked instead, as a code's is.
+                verified_first = None;
+                refreshed = grant.tokens.refresh_token.take();
+                grant.tokens = tokens;
+            }
+            ImportRefresh::Failing { message, wait_ms } => failing = Some((message, wait_ms)),
+        }
     }
     let id = crypto::new_id();
     let now = now_ms();
     let element_token = crypto::new_platform_secret();
-    let applied = apply_token_set(app, connector, id, &grant.tokens, None, &plain, now);
+    let kept = refreshed.as_ref().map(|token| instances::KeptRefreshToken {
+        token,
+        expires_at: None,
+        last_refresh_at: None,
+    });
+    let applied = apply_token_set(app, connector, id, &grant.tokens, kept, &plain, now);
     plain = applied.configuration;
     let mut row = InstanceRow::new(
         id,
@@ -1200,12 +1296,19 @@ async fn store_created(
     row.refresh_expires_at = update.refresh_expires_at;
     row.last_refresh_at = update.last_refresh_at;
     row.next_due_at = update.next_due_at;
-    if external && refresh_import_at_once(connector, &grant.tokens) {
+    if external && refreshed.is_none() && refresh_import_at_once(connector, &grant.tokens) {
         row.next_due_at = Some(now);
     }
     row.created_by = Some(caller.user_id);
-    if due_now {
-        row.next_due_at = Some(now);
+    // The provider could not refresh just now: the import is kept (a transient failure never
+    // loses it), failing to refresh, and tried again after the backoff, as the refresh engine
+    // leaves an instance whose refresh failed so.
+    if let Some((message, wait_ms)) = &failing {
+        row.failing_since = Some(now);
+        row.failure_count = 1;
+        row.last_failure = Some(message.clone());
+        row.backoff_until = Some(now + wait_ms);
+        row.next_due_at = Some(now + wait_ms);
     }
     if !grant.tokens.access_token.is_empty() {
         let verified = match verified_first {
@@ -1239,14 +1342,6 @@ async fn store_created(
     )
     .await;
     app.refresh.notify_schedule_changed();
-    if due_now {
-        // Its outcome is in the instance read below (valid on new tokens, or invalid, or
-        // failing for now, with the provider's words).
-        let _ = app.refresh.refresh_now(app, id).await;
-        if let Some(now) = app.store.get_instance(caller.organization_id, id).await? {
-            row = now;
-        }
-    }
     // The request cannot carry the new instance's Element token: token values and client
     // secrets are masked here like everywhere else (GET it with the Element token to see them).
     let view = instances::view(app, &row, Some(&connector.name), false)?;
@@ -1664,9 +1759,10 @@ async fn update_turns(
         if !refresh_after {
             return Ok(answer);
         }
-        // The imported access token was rejected, a refresh token may replace it: refreshed
-        // once the hold has ended, before the answer, which tells how it went (it said valid,
-        // and the instance turned invalid a moment later).
+        // The imported access token was rejected (a refresh token may replace it), or only a
+        // refresh token was imported: refreshed once the hold has ended, before the answer,
+        // which tells how it went (it said valid, and the instance turned invalid a moment
+        // later).
         let _ = app.refresh.refresh_now(app, row.id).await;
         let stored = reload(app, &row).await?;
         return respond(app, caller, stored).await;
@@ -2171,6 +2267,15 @@ async fn update_once(
         let refresh_token = tokens.refresh_token.is_some() || secrets.refresh_token.is_some();
         imported_rejection(refresh_token, "was changed", words)?;
         imported_rejected = true;
+        *refresh_after = true;
+    }
+    // A refresh token imported without an access token is refreshed before the answer too,
+    // which tells how that went (as a create's does): it said valid, and the instance turned
+    // invalid a moment later when the provider refused the token.
+    if imported
+        .as_ref()
+        .is_some_and(|tokens| tokens.access_token.is_empty() && tokens.refresh_token.is_some())
+    {
         *refresh_after = true;
     }
     // What the audit entry says changed: names of keys, never their values.
