@@ -1029,6 +1029,7 @@ async fn create_instance(
     let plain = starting_configuration(app, connector, given)?;
     // With a code, the code's tokens are the instance's, not imported ones.
     let external = body.code().is_none() && body.announces_tokens();
+    let mut expiry = instances::ImportedExpiry::default();
     let grant = match (body.code(), external) {
         (Some(code), _) => {
             let exchanged = exchange(
@@ -1060,6 +1061,11 @@ async fn create_instance(
             if tokens.refresh_token.is_some() {
                 require_client_id(&plain)?;
             }
+            // The expiry says when the imported access token stops working: without one
+            // there is nothing to expire.
+            if !tokens.access_token.is_empty() {
+                expiry = instances::imported_expiry(&split.expiry, now_ms())?;
+            }
             Grant {
                 tokens,
                 verifier_used: false,
@@ -1087,6 +1093,7 @@ async fn create_instance(
             plain,
             secret: &secret,
             external,
+            expiry,
         },
         grant,
     )
@@ -1205,6 +1212,8 @@ struct Created<'a> {
     secret: &'a BTreeMap<String, String>,
     /// Tokens brought in (`externalAuthentication`) rather than exchanged.
     external: bool,
+    /// The imported access token's expiry, when the import gave it.
+    expiry: instances::ImportedExpiry,
 }
 
 async fn store_created(
@@ -1220,6 +1229,7 @@ async fn store_created(
         mut plain,
         secret,
         external,
+        expiry,
     } = created;
     let mut grant = grant;
     let _ = grant.verifier_used;
@@ -1232,7 +1242,13 @@ async fn store_created(
     let mut verified_first = None;
     let mut refresh_first =
         external && grant.tokens.refresh_token.is_some() && grant.tokens.access_token.is_empty();
-    if external && !grant.tokens.access_token.is_empty() {
+    // An imported access token past the expiry given with it is expired: refreshed at once,
+    // or refused like one the provider rejects, with nothing to replace it.
+    let expired =
+        external && expired_import(&expiry, grant.tokens.refresh_token.is_some(), "was created")?;
+    if expired {
+        refresh_first = true;
+    } else if external && !grant.tokens.access_token.is_empty() {
         let verified =
             instances::verification(app, connector, &plain, &grant.tokens.access_token).await;
         if let Some(words) = verified.as_ref().and_then(|v| v.rejection.clone()) {
@@ -1284,7 +1300,12 @@ async fn store_created(
     row.tags = serde_json::to_string(&tags).unwrap_or_else(|_| "[]".into());
     row.configuration = Value::Object(plain.clone()).to_string();
     row.client_secret_enc = instances::seal_secret_configuration(app, id, secret);
-    let update = applied.update;
+    let mut update = applied.update;
+    // The expiry an import gave schedules the imported access token as a token response's
+    // would (`before_expiry` refreshes it in time); tokens refreshed here have the provider's.
+    if external && refreshed.is_none() {
+        with_imported_expiry(connector, &mut update, &expiry, now);
+    }
     row.access_token_enc = if grant.tokens.access_token.is_empty() {
         None
     } else {
@@ -2246,6 +2267,7 @@ async fn update_once(
             secret: BTreeMap::new(),
             access_token: split.access_token.clone(),
             refresh_token: split.refresh_token.clone(),
+            expiry: BTreeMap::new(),
         })?)
     } else {
         None
@@ -2254,8 +2276,45 @@ async fn update_once(
     // rejects is refused when no refresh token can replace it, or replaced at once.
     // The instance is held meanwhile (no refresh, revocation or disable of it goes on): a
     // verification that does not answer soon gives no verdict rather than hold it longer.
+    // The expiry given with an imported access token; values the instance shows for its own
+    // tokens (a configuration read and written back with a new token) say nothing of the new
+    // one, and are left out.
+    let expiry = match &imported {
+        Some(tokens) if !tokens.access_token.is_empty() => {
+            let shown_interval = row
+                .access_expires_at
+                .zip(row.last_refresh_at)
+                .map(|(expires, refreshed)| ((expires - refreshed) / 1000).max(0));
+            let mut given = split.expiry.clone();
+            for (key, shown) in [
+                (instances::ACCESS_EXPIRES_AT, row.access_expires_at),
+                (instances::REFRESH_TIME, row.last_refresh_at),
+                (instances::REFRESH_INTERVAL, shown_interval),
+            ] {
+                if shown.is_some_and(|shown| {
+                    given.get(key).map(|value| value.trim()) == Some(shown.to_string().as_str())
+                }) {
+                    given.remove(key);
+                }
+            }
+            instances::imported_expiry(&given, now_ms())?
+        }
+        _ => instances::ImportedExpiry::default(),
+    };
+    let expired = match &imported {
+        Some(tokens) => expired_import(
+            &expiry,
+            tokens.refresh_token.is_some() || secrets.refresh_token.is_some(),
+            "was changed",
+        )?,
+        None => false,
+    };
+    if expired {
+        *refresh_after = true;
+    }
     let mut imported_rejected = false;
     if let Some(tokens) = &imported
+        && !expired
         && !tokens.access_token.is_empty()
         && let Ok(Some(verified)) = tokio::time::timeout(
             IMPORT_VERIFICATION_WAIT,
@@ -2343,7 +2402,10 @@ async fn update_once(
                 held.last_refresh_at.unwrap_or(now),
             );
         }
-        if refresh_import_at_once(&connector, &imported) || imported_rejected {
+        if !imported.access_token.is_empty() {
+            with_imported_expiry(&connector, &mut update, &expiry, now);
+        }
+        if refresh_import_at_once(&connector, &imported) || imported_rejected || expired {
             update.next_due_at = Some(now);
         }
         let event = events::new_event(app, &held, events::REAUTHENTICATED, Some("tokens imported"));
@@ -3052,6 +3114,52 @@ fn in_this_request<F: Future>(work: F) -> impl Future<Output = F::Output> {
         .unwrap_or_else(|_| axum::http::HeaderValue::from_static("0"));
     // The request's span too, so that what the task logs names the request.
     crate::http::error::REQUEST_ID.scope(request_id, work.instrument(tracing::Span::current()))
+}
+
+/// Whether an imported access token is past the expiry given with it (`expiry`): expired, it
+/// is refreshed at once when a refresh token can replace it (true), and refused otherwise,
+/// like one the provider rejects, with nothing written (`nothing` says what).
+fn expired_import(
+    expiry: &instances::ImportedExpiry,
+    has_refresh_token: bool,
+    nothing: &str,
+) -> ApiResult<bool> {
+    let Some(at) = expiry.access_expires_at.filter(|at| *at <= now_ms()) else {
+        return Ok(false);
+    };
+    if has_refresh_token {
+        return Ok(true);
+    }
+    Err(ApiError::bad_request(format!(
+        "The imported access token expired at {} (`{}`), and there is no refresh token to replace it: nothing {nothing}",
+        instances::iso8601(at),
+        expiry.from_key.unwrap_or(instances::ACCESS_EXPIRES_AT)
+    )))
+}
+
+/// Puts the expiry an import gave (`expiry`) into the token columns `update` holds for the
+/// imported tokens, and the schedule that follows from it: the same as a token response's
+/// `expires_in` (and, for Cloud Elements' refresh time, the last refresh it gave).
+fn with_imported_expiry(
+    connector: &Connector,
+    update: &mut TokenUpdate,
+    expiry: &instances::ImportedExpiry,
+    now: i64,
+) {
+    if expiry.access_expires_at.is_none() {
+        return;
+    }
+    update.access_expires_at = expiry.access_expires_at;
+    if let Some(refreshed) = expiry.refreshed_at {
+        update.last_refresh_at = Some(refreshed);
+    }
+    update.next_due_at = instances::next_due_at(
+        connector,
+        update.refresh_token_enc.is_some(),
+        update.access_expires_at,
+        update.refresh_expires_at,
+        update.last_refresh_at.unwrap_or(now),
+    );
 }
 
 /// How long an update importing tokens, which holds the instance, waits for the verification

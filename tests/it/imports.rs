@@ -157,3 +157,192 @@ async fn a_refresh_token_imported_alone_is_refreshed_before_the_answer() {
     env.stop().await;
     crate::support::drop_test_database(&url).await;
 }
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn iso8601(ms: i64) -> String {
+    tokenwarden::instances::iso8601(ms)
+}
+
+/// The expiry of an imported access token is taken in the shapes a migration has it in —
+/// `oauth.user.token.expires_at` as the service shows it (epoch ms) or in epoch seconds or
+/// RFC 3339, `oauth.user.token.expires_in`, Cloud Elements' `oauth.user.refresh_time` +
+/// `oauth.user.refresh_interval` (whose refresh time is kept) — and schedules the token like a
+/// token response's expiry: `before_expiry` refreshes it in time. One that does not read is a
+/// 400 naming the key; one past means expired: refreshed at once, or refused without a refresh
+/// token. It was dropped silently, and the token served until a call was rejected.
+#[tokio::test]
+async fn an_imported_access_tokens_expiry_is_kept_and_scheduled() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let (access, refresh) = tokens_of_a_new_grant(&env, "expiring").await;
+    let expires = (now_ms() / 1000 + 3_600) * 1000;
+    let shapes = [
+        json!({"oauth.user.token.expires_at": expires.to_string()}),
+        json!({"oauth.user.token.expires_at": expires / 1000}),
+        json!({"oauth.user.token.expires_at": iso8601(expires)}),
+        json!({"oauth.user.token.expires_at": "2099-01-01T00:00:00+01:00"}),
+        json!({"oauth.user.refresh_time": (expires - 3_600_000).to_string(), "oauth.user.refresh_interval": "7200"}),
+    ];
+    let wanted = [
+        iso8601(expires),
+        iso8601(expires),
+        iso8601(expires),
+        "2098-12-31T23:00:00.000Z".to_string(),
+        iso8601(expires + 3_600_000),
+    ];
+    for (shape, wanted) in shapes.iter().zip(wanted) {
+        let mut configuration = shape.clone();
+        configuration["oauth.user.token"] = json!(access);
+        let created = import(&env, configuration).await;
+        assert_eq!(created.status, 200, "[{label}] {shape}: {}", created.body);
+        assert_eq!(
+            created.body["accessTokenExpiresDate"], wanted,
+            "[{label}] {shape}: {}",
+            created.body
+        );
+    }
+    // The Cloud Elements pair keeps its refresh time.
+    let mut configuration = shapes[4].clone();
+    configuration["oauth.user.token"] = json!(access);
+    let paired = import(&env, configuration).await;
+    assert_eq!(
+        paired.body["lastRefreshDate"],
+        iso8601(expires - 3_600_000),
+        "[{label}] {}",
+        paired.body
+    );
+    assert_eq!(
+        paired.body["configuration"]["oauth.user.refresh_interval"], "7200",
+        "[{label}] {}",
+        paired.body
+    );
+    // Seconds from now.
+    let before = now_ms();
+    let created = import(
+        &env,
+        json!({"oauth.user.token": access, "oauth.user.token.expires_in": 600}),
+    )
+    .await;
+    assert_eq!(created.status, 200, "[{label}] {}", created.body);
+    let shown: i64 = created.body["configuration"]["oauth.user.token.expires_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (before + 600_000..=now_ms() + 600_000).contains(&shown),
+        "[{label}] {}",
+        created.body
+    );
+
+    // Values that do not read: a 400 naming the key, nothing created.
+    let count = instances_of(&env, &env.org).await.len();
+    for (key, value) in [
+        ("oauth.user.token.expires_at", json!("tomorrow")),
+        ("oauth.user.token.expires_at", json!(-5)),
+        ("oauth.user.token.expires_in", json!("-60")),
+        ("oauth.user.refresh_interval", json!("an hour")),
+    ] {
+        let refused = import(
+            &env,
+            json!({"oauth.user.token": access, "oauth.user.refresh_time": now_ms(), key: value}),
+        )
+        .await;
+        assert_eq!(refused.status, 400, "[{label}] {key}: {}", refused.body);
+        assert!(
+            refused.body["message"]
+                .as_str()
+                .is_some_and(|message| message.contains(key)),
+            "[{label}] {}",
+            refused.body
+        );
+    }
+    assert_eq!(instances_of(&env, &env.org).await.len(), count, "[{label}]");
+
+    // Past: without a refresh token, refused like a rejected access token; with one,
+    // refreshed before the answer.
+    let past = (now_ms() - 60_000).to_string();
+    let refused = import(
+        &env,
+        json!({"oauth.user.token": access, "oauth.user.token.expires_at": past}),
+    )
+    .await;
+    assert_eq!(refused.status, 400, "[{label}] {}", refused.body);
+    let refreshes = stat(&env, &["token", "refresh_token"]).await;
+    let renewed = import(
+        &env,
+        json!({"oauth.user.token": access, "oauth.user.refresh_token": refresh,
+               "oauth.user.token.expires_at": past}),
+    )
+    .await;
+    assert_eq!(renewed.status, 200, "[{label}] {}", renewed.body);
+    assert_eq!(
+        stat(&env, &["token", "refresh_token"]).await,
+        refreshes + 1,
+        "[{label}] refreshed before the answer"
+    );
+    let shown = revealed(&env, &env.org, &renewed.body).await;
+    assert_ne!(
+        shown["configuration"]["oauth.user.token"], access,
+        "[{label}]"
+    );
+
+    // A near expiry is refreshed in time by the scheduler (`before_expiry`, never before half
+    // the token's life), as a token response's would be.
+    let (access, refresh) = tokens_of_a_new_grant(&env, "soon").await;
+    let soon = import(
+        &env,
+        json!({"oauth.user.token": access, "oauth.user.refresh_token": refresh,
+               "oauth.user.token.expires_at": (now_ms() + 4_000).to_string()}),
+    )
+    .await;
+    assert_eq!(soon.status, 200, "[{label}] {}", soon.body);
+    eventually(
+        "the imported token refreshed before its expiry",
+        Duration::from_secs(10),
+        || async {
+            let shown = revealed(&env, &env.org, &soon.body).await;
+            (shown["configuration"]["oauth.user.token"] != access.as_str()).then_some(())
+        },
+    )
+    .await;
+
+    // An update importing a token with its expiry, and one whose expiry does not read.
+    let (another, _) = tokens_of_a_new_grant(&env, "patched").await;
+    let patched = call(
+        &env,
+        Method::PATCH,
+        &env.api(&format!("/instances/{}", paired.body["id"])),
+        Some(&env.org.platform()),
+        Some(json!({"externalAuthentication": "initial",
+                    "configuration": {"oauth.user.token": another,
+                                      "oauth.user.token.expires_at": iso8601(expires + 60_000)}})),
+    )
+    .await;
+    assert_eq!(patched.status, 200, "[{label}] {}", patched.body);
+    assert_eq!(
+        patched.body["accessTokenExpiresDate"],
+        iso8601(expires + 60_000),
+        "[{label}] {}",
+        patched.body
+    );
+    let refused = call(
+        &env,
+        Method::PATCH,
+        &env.api(&format!("/instances/{}", paired.body["id"])),
+        Some(&env.org.platform()),
+        Some(json!({"externalAuthentication": "initial",
+                    "configuration": {"oauth.user.token": "a-third-token",
+                                      "oauth.user.token.expires_in": "soon"}})),
+    )
+    .await;
+    assert_eq!(refused.status, 400, "[{label}] {}", refused.body);
+    env.stop().await;
+    crate::support::drop_test_database(&url).await;
+}
