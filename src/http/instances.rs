@@ -1081,6 +1081,14 @@ async fn create_instance(
             ));
         }
     };
+    let mut grant = grant;
+    if external {
+        let key = import_key(caller.organization_id, &connector.key, &grant.tokens);
+        match claim_import(app, caller, connector, &key).await? {
+            ImportClaim::Ours => grant.claimed = Some(key),
+            ImportClaim::Created(answer) => return Ok(answer),
+        }
+    }
     let claimed = grant.claimed.clone();
     let secret = grant.with_client_secret(&split.secret);
     let created = store_created(
@@ -1099,11 +1107,99 @@ async fn create_instance(
     )
     .await;
     // A request repeating the code is answered with this instance (marked with it), or
-    // refused when none was stored.
+    // refused when none was stored. An import's tokens are given back: a repeat brings them in
+    // itself (and the provider judges a refresh token this one may have used).
     if created.is_err() {
-        code_spent(app, claimed.as_deref()).await;
+        if external {
+            if let Some(key) = claimed.as_deref() {
+                let _ = app.store.release_code(key).await;
+            }
+        } else {
+            code_spent(app, claimed.as_deref()).await;
+        }
     }
     created
+}
+
+/// The key under which a create's imported tokens are remembered for an hour, like an
+/// exchanged code (a hash: the token is a secret): the refresh token, or the access token when
+/// none came, imported into a connector of one organization. A client's retry after a timeout
+/// (or the same request sent twice) is answered with the instance the first one created,
+/// rather than a second instance on the same grant, one of which a rotating provider ends at
+/// the other's first refresh.
+fn import_key(organization_id: i64, connector_key: &str, tokens: &TokenSet) -> Vec<u8> {
+    let (kind, token) = match &tokens.refresh_token {
+        Some(refresh_token) => ("refresh", refresh_token.expose()),
+        None => ("access", tokens.access_token.expose()),
+    };
+    crypto::hash_secret(&format!(
+        "imported-token\n{organization_id}\n{connector_key}\n{kind}\n{token}"
+    ))
+    .to_vec()
+}
+
+/// What [`claim_import`] found.
+enum ImportClaim {
+    /// This request imports the tokens (the claim is its own).
+    Ours,
+    /// An earlier create imported them within the hour: its instance, as a create answers it.
+    Created((StatusCode, AxumJson<Value>)),
+}
+
+/// Claims a create's imported tokens ([`import_key`]) in the table of exchanged codes. An
+/// earlier create that claimed them and stored its instance answers the repeat with it; one
+/// still running is waited for (as long as its provider calls and its write may take); one
+/// that failed gave them back, and this one imports them. An instance deleted since no longer
+/// holds them.
+async fn claim_import(
+    app: &App,
+    caller: &Caller,
+    connector: &Connector,
+    key: &[u8],
+) -> ApiResult<ImportClaim> {
+    let patience = 2 * app.config.provider_timeout + std::time::Duration::from_secs(10);
+    let patience = i64::try_from(patience.as_millis()).unwrap_or(i64::MAX);
+    loop {
+        let now = now_ms();
+        if app
+            .store
+            .claim_code(key, caller.organization_id, now + USED_CODE_MEMORY_MS)
+            .await?
+        {
+            return Ok(ImportClaim::Ours);
+        }
+        let Some((expires_at, landed, _)) = app.store.used_code(key, now).await? else {
+            // Given back meanwhile, or its hour passed: claimed again.
+            app.store.release_expired_code(key, now).await?;
+            continue;
+        };
+        let claimed_at = expires_at - USED_CODE_MEMORY_MS;
+        match landed {
+            Some(instance_id) if instance_id > 0 => {
+                match app
+                    .store
+                    .get_instance(caller.organization_id, instance_id)
+                    .await?
+                {
+                    Some(row) if row.element_key == connector.key => {
+                        let view = instances::view(app, &row, Some(&connector.name), false)?;
+                        return Ok(ImportClaim::Created((StatusCode::OK, AxumJson(view))));
+                    }
+                    // Deleted since: the tokens are free to be imported again.
+                    _ => app.store.release_code(key).await?,
+                }
+            }
+            // Marked spent: not by an import, which gives its tokens back when it fails.
+            Some(_) => app.store.release_code(key).await?,
+            None if now > claimed_at.saturating_add(patience) => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "An earlier request importing these tokens has not ended: try again in a moment (it is answered with the instance it created)",
+                ));
+            }
+            None => tokio::time::sleep(REPEATED_CODE_POLL).await,
+        }
+    }
 }
 
 /// How the refresh that a create of imported tokens makes before it answers went.

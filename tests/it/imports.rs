@@ -180,7 +180,6 @@ fn iso8601(ms: i64) -> String {
 async fn an_imported_access_tokens_expiry_is_kept_and_scheduled() {
     let (label, url) = test_databases().await.into_iter().next().unwrap();
     let env = Env::start(&label, &url).await;
-    let (access, refresh) = tokens_of_a_new_grant(&env, "expiring").await;
     let expires = (now_ms() / 1000 + 3_600) * 1000;
     let shapes = [
         json!({"oauth.user.token.expires_at": expires.to_string()}),
@@ -196,7 +195,10 @@ async fn an_imported_access_tokens_expiry_is_kept_and_scheduled() {
         "2098-12-31T23:00:00.000Z".to_string(),
         iso8601(expires + 3_600_000),
     ];
+    // Each import brings a grant of its own: the same tokens imported again are answered
+    // with the instance they made.
     for (shape, wanted) in shapes.iter().zip(wanted) {
+        let (access, _) = tokens_of_a_new_grant(&env, "shape").await;
         let mut configuration = shape.clone();
         configuration["oauth.user.token"] = json!(access);
         let created = import(&env, configuration).await;
@@ -208,6 +210,7 @@ async fn an_imported_access_tokens_expiry_is_kept_and_scheduled() {
         );
     }
     // The Cloud Elements pair keeps its refresh time.
+    let (access, _) = tokens_of_a_new_grant(&env, "paired").await;
     let mut configuration = shapes[4].clone();
     configuration["oauth.user.token"] = json!(access);
     let paired = import(&env, configuration).await;
@@ -223,6 +226,7 @@ async fn an_imported_access_tokens_expiry_is_kept_and_scheduled() {
         paired.body
     );
     // Seconds from now.
+    let (access, _) = tokens_of_a_new_grant(&env, "seconds").await;
     let before = now_ms();
     let created = import(
         &env,
@@ -267,6 +271,7 @@ async fn an_imported_access_tokens_expiry_is_kept_and_scheduled() {
 
     // Past: without a refresh token, refused like a rejected access token; with one,
     // refreshed before the answer.
+    let (access, refresh) = tokens_of_a_new_grant(&env, "past").await;
     let past = (now_ms() - 60_000).to_string();
     let refused = import(
         &env,
@@ -345,4 +350,89 @@ async fn an_imported_access_tokens_expiry_is_kept_and_scheduled() {
     assert_eq!(refused.status, 400, "[{label}] {}", refused.body);
     env.stop().await;
     crate::support::drop_test_database(&url).await;
+}
+
+/// A create importing the same tokens again within the hour (a client's retry after a
+/// timeout, or the same request sent twice at once) is answered with the instance the first
+/// one created, as it is now, rather than a second instance on the same grant (with rotating
+/// refresh tokens, one of the two died at the other's first refresh). Keyed on the refresh
+/// token, else the access token, per organization and connector; an instance deleted since no
+/// longer holds its tokens.
+#[tokio::test]
+async fn an_import_repeated_is_answered_with_the_instance_it_created() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let (access, refresh) = tokens_of_a_new_grant(&env, "retried").await;
+        let tokens = json!({"oauth.user.token": access, "oauth.user.refresh_token": refresh});
+        let count = instances_of(&env, &env.org).await.len();
+        let first = import(&env, tokens.clone()).await;
+        assert_eq!(first.status, 200, "[{label}] {}", first.body);
+        let again = import(&env, tokens.clone()).await;
+        assert_eq!(again.status, 200, "[{label}] {}", again.body);
+        assert_eq!(again.body["id"], first.body["id"], "[{label}]");
+        assert_eq!(again.body["token"], first.body["token"], "[{label}]");
+        // The refresh token alone names the grant: a retry that drops the access token too.
+        let refresh_only = import(&env, json!({"oauth.user.refresh_token": refresh})).await;
+        assert_eq!(refresh_only.body["id"], first.body["id"], "[{label}]");
+        assert_eq!(
+            instances_of(&env, &env.org).await.len(),
+            count + 1,
+            "[{label}] one instance"
+        );
+
+        // Sent twice at once: one instance.
+        let (access, refresh) = tokens_of_a_new_grant(&env, "twice").await;
+        let tokens = json!({"oauth.user.token": access, "oauth.user.refresh_token": refresh});
+        let (one, two) = tokio::join!(import(&env, tokens.clone()), import(&env, tokens.clone()));
+        assert_eq!(one.status, 200, "[{label}] {}", one.body);
+        assert_eq!(two.status, 200, "[{label}] {}", two.body);
+        assert_eq!(one.body["id"], two.body["id"], "[{label}]");
+
+        // An access token alone.
+        let (access, _) = tokens_of_a_new_grant(&env, "access-only").await;
+        let one = import(&env, json!({"oauth.user.token": access})).await;
+        let two = import(&env, json!({"oauth.user.token": access})).await;
+        assert_eq!(one.status, 200, "[{label}] {}", one.body);
+        assert_eq!(one.body["id"], two.body["id"], "[{label}]");
+
+        // Deleted, the instance no longer holds its tokens: imported anew.
+        let deleted = call(
+            &env,
+            Method::DELETE,
+            &env.api(&format!("/instances/{}", one.body["id"])),
+            Some(&env.org.platform()),
+            None,
+        )
+        .await;
+        assert_eq!(deleted.status, 200, "[{label}] {}", deleted.body);
+        let anew = import(&env, json!({"oauth.user.token": access})).await;
+        assert_eq!(anew.status, 200, "[{label}] {}", anew.body);
+        assert_ne!(anew.body["id"], one.body["id"], "[{label}]");
+
+        // Another organization's import of the same tokens is its own.
+        let other = env.new_org("other").await;
+        let mut configuration = env.configuration();
+        configuration["oauth.user.token"] = json!(access);
+        let theirs = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&other.platform()),
+            Some(
+                json!({"element": {"key": "sandbox-generic"}, "externalAuthentication": "initial",
+                        "configuration": configuration}),
+            ),
+        )
+        .await;
+        assert_eq!(theirs.status, 200, "[{label}] {}", theirs.body);
+        assert_ne!(theirs.body["id"], anew.body["id"], "[{label}]");
+
+        // A refused import gives its tokens back: sent again, it is judged again.
+        for _ in 0..2 {
+            let refused = import(&env, json!({"oauth.user.refresh_token": "garbage"})).await;
+            assert_eq!(refused.status, 400, "[{label}] {}", refused.body);
+        }
+        env.stop().await;
+        crate::support::drop_test_database(&url).await;
+    }
 }
