@@ -380,11 +380,6 @@ async fn create_to_the_end(
     connector: std::sync::Arc<Connector>,
     body: InstanceBody,
 ) -> ApiResult<(StatusCode, AxumJson<Value>)> {
-    if body.disabled == Some(true) {
-        return Err(ApiError::bad_request(
-            "An instance is created enabled: disable it afterwards with DELETE /instances/{id}/enabled",
-        ));
-    }
     let (task_app, by) = (std::sync::Arc::clone(app), caller.clone());
     crate::refresh::spawn_to_the_end(
         app,
@@ -1102,6 +1097,7 @@ async fn create_instance(
             secret: &secret,
             external,
             expiry,
+            disabled: body.disabled == Some(true),
         },
         grant,
     )
@@ -1310,6 +1306,10 @@ struct Created<'a> {
     external: bool,
     /// The imported access token's expiry, when the import gave it.
     expiry: instances::ImportedExpiry,
+    /// Created disabled (`"disabled": true`: a connection disabled where it was migrated
+    /// from): no verification call and no refresh, as a disabled instance makes no provider
+    /// calls.
+    disabled: bool,
 }
 
 async fn store_created(
@@ -1326,6 +1326,7 @@ async fn store_created(
         secret,
         external,
         expiry,
+        disabled,
     } = created;
     let mut grant = grant;
     let _ = grant.verifier_used;
@@ -1336,13 +1337,17 @@ async fn store_created(
     // tells how that went: they were answered `valid: true`, and the instance turned invalid
     // a moment later.
     let mut verified_first = None;
-    let mut refresh_first =
-        external && grant.tokens.refresh_token.is_some() && grant.tokens.access_token.is_empty();
+    let mut refresh_first = external
+        && !disabled
+        && grant.tokens.refresh_token.is_some()
+        && grant.tokens.access_token.is_empty();
     // An imported access token past the expiry given with it is expired: refreshed at once,
     // or refused like one the provider rejects, with nothing to replace it.
     let expired =
         external && expired_import(&expiry, grant.tokens.refresh_token.is_some(), "was created")?;
-    if expired {
+    if disabled {
+        // Stored as brought in: enabled, it is refreshed or verified as any instance is.
+    } else if expired {
         refresh_first = true;
     } else if external && !grant.tokens.access_token.is_empty() {
         let verified =
@@ -1417,6 +1422,7 @@ async fn store_created(
         row.next_due_at = Some(now);
     }
     row.created_by = Some(caller.user_id);
+    row.disabled = i64::from(disabled);
     // The provider could not refresh just now: the import is kept (a transient failure never
     // loses it), failing to refresh, and tried again after the backoff, as the refresh engine
     // leaves an instance whose refresh failed so.
@@ -1427,7 +1433,7 @@ async fn store_created(
         row.backoff_until = Some(now + wait_ms);
         row.next_due_at = Some(now + wait_ms);
     }
-    if !grant.tokens.access_token.is_empty() {
+    if !grant.tokens.access_token.is_empty() && !disabled {
         let verified = match verified_first {
             Some(verified) => verified,
             None => {
@@ -1436,7 +1442,14 @@ async fn store_created(
         };
         row.verification = verified.map(|verified| verified.outcome.to_string());
     }
-    let event = events::new_event(app, &row, events::CREATED, None);
+    // One event, `instance.created`, whose reason says it was created disabled (no
+    // `instance.disabled`: nothing was enabled before).
+    let event = events::new_event(
+        app,
+        &row,
+        events::CREATED,
+        disabled.then_some("created disabled"),
+    );
     // A built-in needs no row (a connector of the organization that shadowed it may have been
     // deleted since); the organization's own must still exist.
     let own_connector = !app.is_catalog_connector(connector);

@@ -436,3 +436,94 @@ async fn an_import_repeated_is_answered_with_the_instance_it_created() {
         crate::support::drop_test_database(&url).await;
     }
 }
+
+/// A connection disabled in the system it is migrated from is created disabled
+/// (`"disabled": true`, refused before): stored disabled, with no verification call and no
+/// refresh (a refresh token imported alone waits for the enable), and one `instance.created`
+/// event that says so.
+#[tokio::test]
+async fn an_import_can_be_created_disabled() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let (access, _) = tokens_of_a_new_grant(&env, "disabled-access").await;
+    let (_, refresh) = tokens_of_a_new_grant(&env, "disabled-refresh").await;
+    let before = env.sandbox_stats().await;
+    let create =
+        async |configuration: Value| {
+            let mut body = env.configuration();
+            for (key, value) in configuration.as_object().unwrap() {
+                body[key] = value.clone();
+            }
+            let url = env.api("/instances");
+            call(
+            &env,
+            Method::POST,
+            &url,
+            Some(&env.org.platform()),
+            Some(json!({"element": {"key": "sandbox-generic"}, "externalAuthentication": "initial",
+                        "configuration": body, "disabled": true})),
+        )
+        .await
+        };
+    let with_access = create(json!({"oauth.user.token": access})).await;
+    assert_eq!(with_access.status, 200, "[{label}] {}", with_access.body);
+    assert_eq!(with_access.body["disabled"], true, "[{label}]");
+    assert_eq!(with_access.body["state"], "disabled", "[{label}]");
+    assert_eq!(with_access.body["verification"], Value::Null, "[{label}]");
+    let with_refresh = create(json!({"oauth.user.refresh_token": refresh})).await;
+    assert_eq!(with_refresh.status, 200, "[{label}] {}", with_refresh.body);
+    assert_eq!(with_refresh.body["disabled"], true, "[{label}]");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let after = env.sandbox_stats().await;
+    assert_eq!(
+        after["api"], before["api"],
+        "[{label}] no verification call"
+    );
+    assert_eq!(
+        after["token"]["refresh_token"], before["token"]["refresh_token"],
+        "[{label}] no refresh"
+    );
+    let id = with_refresh.body["id"].clone();
+    let (_, events) = env
+        .get_json(
+            &env.api(&format!("/events?instanceId={id}")),
+            &env.org.platform(),
+        )
+        .await;
+    let types: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|event| event["type"].as_str())
+        .collect();
+    assert_eq!(types, ["instance.created"], "[{label}] {events}");
+    assert_eq!(
+        events["events"][0]["reason"], "created disabled",
+        "[{label}] {events}"
+    );
+    // Enabled, its refresh token is refreshed at once.
+    let enabled = call(
+        &env,
+        Method::PUT,
+        &env.api("/instances/enabled"),
+        Some(
+            &env.org
+                .with_element(with_refresh.body["token"].as_str().unwrap()),
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(enabled.status, 200, "[{label}] {}", enabled.body);
+    eventually(
+        "the enabled import refreshed",
+        Duration::from_secs(10),
+        || async {
+            (stat(&env, &["token", "refresh_token"]).await
+                > before["token"]["refresh_token"].as_u64().unwrap())
+            .then_some(())
+        },
+    )
+    .await;
+    env.stop().await;
+    crate::support::drop_test_database(&url).await;
+}

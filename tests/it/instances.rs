@@ -2722,15 +2722,13 @@ async fn instance_bodies_that_would_change_nothing_are_refused() {
         assert_eq!(answer.status, 200, "[{label}] {method}: {}", answer.body);
         assert_eq!(answer.body["valid"], true);
     }
-    // A create: enabled, and of the path's connector.
+    // A create: of the path's connector (one created disabled: `imports`).
     let (code, state) = env.authorize(&env.org, "sandbox-generic", "strict-2").await;
     let base = json!({"providerData": {"code": code, "state": state},
                       "configuration": env.configuration()});
-    let mut disabled = base.clone();
-    disabled["disabled"] = json!(true);
     let mut other = base.clone();
     other["element"] = json!({"key": "sandbox-box"});
-    for (body, says) in [(disabled, "created enabled"), (other, "`sandbox-box`")] {
+    for (body, says) in [(other, "`sandbox-box`")] {
         let answer = call(
             &env,
             Method::POST,
