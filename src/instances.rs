@@ -21,6 +21,11 @@ pub const ACCESS_TOKEN: &str = "oauth.user.token";
 pub const REFRESH_TOKEN: &str = "oauth.user.refresh_token";
 pub const REFRESH_TIME: &str = "oauth.user.refresh_time";
 pub const REFRESH_INTERVAL: &str = "oauth.user.refresh_interval";
+/// The access token's expiry as the service shows it (epoch milliseconds); given at an
+/// import, in that or another shape ([`imported_expiry`]).
+pub const ACCESS_EXPIRES_AT: &str = "oauth.user.token.expires_at";
+/// The access token's remaining life in seconds, given at an import ([`imported_expiry`]).
+pub const ACCESS_EXPIRES_IN: &str = "oauth.user.token.expires_in";
 pub const REFRESH_URL: &str = "oauth.token.refresh_url";
 pub const CALLBACK_URL: &str = "oauth.callback.url";
 pub const API_KEY: &str = "oauth.api.key";
@@ -40,8 +45,17 @@ const DERIVED_KEYS: &[&str] = &[
     REFRESH_TOKEN,
     REFRESH_TIME,
     REFRESH_INTERVAL,
-    "oauth.user.token.expires_at",
+    ACCESS_EXPIRES_AT,
+    ACCESS_EXPIRES_IN,
     "oauth.user.refresh_token.expires_at",
+];
+
+/// The keys an import may give the imported access token's expiry with ([`imported_expiry`]).
+const EXPIRY_KEYS: &[&str] = &[
+    ACCESS_EXPIRES_AT,
+    ACCESS_EXPIRES_IN,
+    REFRESH_TIME,
+    REFRESH_INTERVAL,
 ];
 
 /// Whether a configuration key holds a secret, stored sealed and shown masked: the client
@@ -250,6 +264,9 @@ pub struct SplitConfiguration {
     pub secret: BTreeMap<String, String>,
     pub access_token: Option<String>,
     pub refresh_token: Option<String>,
+    /// The keys that say when the imported access token expires ([`EXPIRY_KEYS`]), as given
+    /// (blank ones left out): read by an import ([`imported_expiry`]), never stored.
+    pub expiry: BTreeMap<String, String>,
 }
 
 pub fn split_configuration(configuration: BTreeMap<String, String>) -> SplitConfiguration {
@@ -258,9 +275,14 @@ pub fn split_configuration(configuration: BTreeMap<String, String>) -> SplitConf
         secret: BTreeMap::new(),
         access_token: None,
         refresh_token: None,
+        expiry: BTreeMap::new(),
     };
     for (key, value) in configuration {
-        if key == ACCESS_TOKEN {
+        if EXPIRY_KEYS.contains(&key.as_str()) {
+            if !value.trim().is_empty() {
+                split.expiry.insert(key, value);
+            }
+        } else if key == ACCESS_TOKEN {
             split.access_token = Some(value).filter(|v| !v.is_empty());
         } else if key == REFRESH_TOKEN {
             split.refresh_token = Some(value).filter(|v| !v.is_empty());
@@ -273,6 +295,118 @@ pub fn split_configuration(configuration: BTreeMap<String, String>) -> SplitConf
         }
     }
     split
+}
+
+/// When an imported access token expires, as the import said ([`imported_expiry`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImportedExpiry {
+    /// The access token's expiry (epoch ms); `None` when the import did not say.
+    pub access_expires_at: Option<i64>,
+    /// The last refresh of the imported tokens (epoch ms), when the import gave it with the
+    /// token's lifetime (Cloud Elements' `oauth.user.refresh_time` and
+    /// `oauth.user.refresh_interval`): kept as the instance's, rather than the import's time.
+    pub refreshed_at: Option<i64>,
+    /// The key the expiry was read from, to name it in an answer.
+    pub from_key: Option<&'static str>,
+}
+
+/// The shapes an instant is accepted in, for error messages.
+const INSTANT_SHAPES: &str = "epoch milliseconds (as instances show it, e.g. \"1735689600000\"), epoch seconds (a number below 10^11), or an RFC 3339 / ISO 8601 date-time (\"2025-01-01T00:00:00Z\"; UTC when it has no offset)";
+
+/// Reads an instant given at an import: epoch milliseconds (how the service shows
+/// `oauth.user.token.expires_at` and `oauth.user.refresh_time`), epoch seconds (a number below
+/// 10^11: milliseconds that small would be in March 1973), or an RFC 3339 / ISO 8601
+/// date-time. Epoch ms; `None` when it is none of them, or before 1970.
+fn parse_instant(text: &str) -> Option<i64> {
+    use time::format_description::well_known::{Iso8601, Rfc3339};
+    let text = text.trim();
+    if let Some(number) = parse_non_negative(text) {
+        return Some(if number < 1e11 {
+            (number * 1000.0).round() as i64
+        } else {
+            number.round() as i64
+        });
+    }
+    let at = time::OffsetDateTime::parse(text, &Rfc3339)
+        .or_else(|_| time::OffsetDateTime::parse(text, &Iso8601::DEFAULT))
+        .or_else(|_| {
+            time::PrimitiveDateTime::parse(text, &Iso8601::DEFAULT).map(|at| at.assume_utc())
+        })
+        .ok()?;
+    i64::try_from(at.unix_timestamp_nanos() / 1_000_000)
+        .ok()
+        .filter(|ms| *ms >= 0)
+}
+
+/// A plain non-negative decimal number (digits, at most one point), below 10^15: what a
+/// time or a lifetime is given as.
+fn parse_non_negative(text: &str) -> Option<f64> {
+    let plain = !text.is_empty()
+        && text.chars().all(|c| c.is_ascii_digit() || c == '.')
+        && text.chars().filter(|c| *c == '.').count() <= 1
+        && text.chars().any(|c| c.is_ascii_digit());
+    let number: f64 = text.parse().ok().filter(|_| plain)?;
+    (number.is_finite() && number < 1e15).then_some(number)
+}
+
+/// The expiry of an imported access token, from the keys an import gives it with: `oauth.user.
+/// token.expires_at` (an instant, see [`parse_instant`]), else `oauth.user.token.expires_in`
+/// (seconds from `now`), else Cloud Elements' pair `oauth.user.refresh_time` (the last
+/// refresh, an instant) + `oauth.user.refresh_interval` (the token's lifetime in seconds),
+/// whose refresh time is kept as the instance's last refresh. Either of the pair alone says
+/// nothing of the expiry and is left out, as before. Every key given must read (a value that
+/// does not is a 400 naming it and the shapes taken, before anything is written), so that a
+/// typo is not taken for "no expiry".
+pub fn imported_expiry(
+    keys: &BTreeMap<String, String>,
+    now: i64,
+) -> Result<ImportedExpiry, ApiError> {
+    let instant = |key: &'static str| -> Result<Option<i64>, ApiError> {
+        keys.get(key)
+            .map(|text| {
+                parse_instant(text).ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "`{key}` is not a time this service reads: give {INSTANT_SHAPES}; nothing was written"
+                    ))
+                })
+            })
+            .transpose()
+    };
+    let seconds = |key: &'static str, what: &str| -> Result<Option<i64>, ApiError> {
+        keys.get(key)
+            .map(|text| {
+                parse_non_negative(text.trim())
+                    .map(|seconds| (seconds * 1000.0).round() as i64)
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "`{key}` is {what} in seconds: a number, 0 or more (\"3600\"); nothing was written"
+                        ))
+                    })
+            })
+            .transpose()
+    };
+    let expires_at = instant(ACCESS_EXPIRES_AT)?;
+    let expires_in = seconds(ACCESS_EXPIRES_IN, "the access token's remaining life")?;
+    let refresh_time = instant(REFRESH_TIME)?;
+    let interval = seconds(
+        REFRESH_INTERVAL,
+        "the access token's lifetime from `oauth.user.refresh_time`",
+    )?;
+    // The last refresh cannot be ahead of now (another system's clock): it is now at most.
+    let pair = refresh_time
+        .zip(interval)
+        .map(|(refreshed, life)| (refreshed.min(now), refreshed.saturating_add(life)));
+    let (access_expires_at, from_key) = match (expires_at, expires_in, pair) {
+        (Some(at), _, _) => (Some(at), Some(ACCESS_EXPIRES_AT)),
+        (None, Some(life), _) => (Some(now.saturating_add(life)), Some(ACCESS_EXPIRES_IN)),
+        (None, None, Some((_, at))) => (Some(at), Some(REFRESH_INTERVAL)),
+        (None, None, None) => (None, None),
+    };
+    Ok(ImportedExpiry {
+        access_expires_at,
+        refreshed_at: pair.map(|(refreshed, _)| refreshed),
+        from_key,
+    })
 }
 
 /// The shortest time between two scheduled refreshes of one instance. A buffer larger than the

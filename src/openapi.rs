@@ -234,8 +234,9 @@ pub struct Health {
 
 /// The body of a create, an update (`PATCH`, merged) or a replacement (`PUT`). A body read from
 /// the service may be written back: the fields of an instance as shown (`id`, `token`,
-/// `valid`, …) are taken and change nothing (another instance's `id`, or a different
-/// `disabled`, is refused). Any other field is refused (400).
+/// `valid`, …) are taken and change nothing (another instance's `id`, or, in an update, a
+/// different `disabled`, is refused; a create's `disabled: true` creates it disabled). Any
+/// other field is refused (400).
 #[derive(ToSchema)]
 #[schema(rename_all = "camelCase")]
 #[allow(dead_code)]
@@ -563,6 +564,7 @@ pub fn document() -> Value {
             }
             if let Some(disabled) = properties.get_mut("disabled") {
                 disabled["type"] = "boolean".into();
+                disabled["description"] = "A create's `true` stores the instance disabled (no verification call, no refresh); an update's must be the instance's state (use …/enabled)".into();
             }
             if let Some(configuration) = properties.get_mut("configuration") {
                 configuration["additionalProperties"] =

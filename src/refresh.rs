@@ -1568,20 +1568,11 @@ impl RefreshEngine {
             // The app's credentials refused, not the grant: like a configuration at fault, the
             // instance stays valid and backs off (see `refresh`), and the organization hears
             // of it; fixed credentials make the grant work again at the next attempt.
-            Err(error) if error.is_client_rejected() => {
-                Err(RefreshFailure::Misconfigured(format!(
-                    "{CLIENT_REFUSED_TEXT} ({}); fix `oauth.api.key` and `oauth.api.secret`",
-                    error.provider_message()
-                )))
-            }
             // The refresh request itself refused (a parameter the provider wants): sent again
             // as it is, it is refused again; the configuration at fault is named.
-            Err(error) if error.is_request_rejected() => {
-                Err(RefreshFailure::Misconfigured(format!(
-                    "{REQUEST_REFUSED_TEXT} ({}); the connector's refresh parameters (`oauth.refreshParams`) or the provider's settings need a fix",
-                    error.provider_message()
-                )))
-            }
+            Err(error) if misconfigured_detail(&error).is_some() => Err(
+                RefreshFailure::Misconfigured(misconfigured_detail(&error).unwrap_or_default()),
+            ),
             Err(error) if error.is_permanent() => {
                 let provider_message = error.provider_message();
                 let reason = if interrupted || outcome_was_unknown(row) {
@@ -1609,21 +1600,7 @@ impl RefreshEngine {
             }
             Err(error) => {
                 let now = now_ms();
-                let retry_after_ms = error
-                    .retry_after()
-                    .map(|seconds| seconds.min(RETRY_AFTER_MAX_S) as i64 * 1000);
-                let wait = backoff_step(row.failure_count).max(retry_after_ms.unwrap_or(0));
-                // A wait the provider asked for says so first: a recovery elsewhere does not cut
-                // it short (`Store::expedite_backoffs`).
-                let message = match (&error, retry_after_ms) {
-                    (OAuthError::Unavailable { .. }, Some(ms)) => format!(
-                        "{} {} s: {}",
-                        crate::oauth::ASKED_TO_WAIT_TEXT,
-                        ms / 1000,
-                        error.provider_message()
-                    ),
-                    _ => error.provider_message(),
-                };
+                let (message, wait) = passing_failure(&error, row.failure_count);
                 // Kept through the run of failures: the next `invalid_grant` may be of this
                 // refresh's making.
                 let message = marked_if_outcome_unknown(message, row, error.outcome_unknown());
@@ -1892,6 +1869,58 @@ fn check_usable(row: &InstanceRow, now: i64) -> Result<(), RefreshFailure> {
         });
     }
     Ok(())
+}
+
+/// What a refresh refused for the app's credentials (`invalid_client`) or for the request
+/// itself (`invalid_request`, `invalid_scope`, …) says is at fault; `None` for any other
+/// failure. The grant is not: fixed, the configuration makes it work again.
+pub(crate) fn misconfigured_detail(error: &OAuthError) -> Option<String> {
+    if error.is_client_rejected() {
+        Some(format!(
+            "{CLIENT_REFUSED_TEXT} ({}); fix `oauth.api.key` and `oauth.api.secret`",
+            error.provider_message()
+        ))
+    } else if error.is_request_rejected() {
+        Some(format!(
+            "{REQUEST_REFUSED_TEXT} ({}); the connector's refresh parameters (`oauth.refreshParams`) or the provider's settings need a fix",
+            error.provider_message()
+        ))
+    } else {
+        None
+    }
+}
+
+/// A refresh refused as [`misconfigured_detail`] says, as the engine records it: the text the
+/// instance keeps and the wait before the next attempt (the first after such a refusal).
+pub(crate) fn misconfigured_failure(error: &OAuthError) -> Option<(String, i64)> {
+    misconfigured_detail(error).map(|detail| {
+        (
+            format!("{MISCONFIGURED_TEXT}: {detail}"),
+            backoff_step(0).max(BACKOFF_BASE_MS * 5),
+        )
+    })
+}
+
+/// A passing failure of a refresh (`error`, after `failure_count` failures in a row): the text
+/// the instance keeps (`lastRefreshFailure`) and the wait before the next attempt, the
+/// provider's `Retry-After` when longer (up to [`RETRY_AFTER_MAX_S`]).
+pub(crate) fn passing_failure(error: &OAuthError, failure_count: i64) -> (String, i64) {
+    let retry_after_ms = error
+        .retry_after()
+        .map(|seconds| seconds.min(RETRY_AFTER_MAX_S) as i64 * 1000);
+    let wait = backoff_step(failure_count).max(retry_after_ms.unwrap_or(0));
+    // A wait the provider asked for says so first: a recovery elsewhere does not cut it short
+    // (`Store::expedite_backoffs`).
+    let message = match (error, retry_after_ms) {
+        (OAuthError::Unavailable { .. }, Some(ms)) => format!(
+            "{} {} s: {}",
+            crate::oauth::ASKED_TO_WAIT_TEXT,
+            ms / 1000,
+            error.provider_message()
+        ),
+        _ => error.provider_message(),
+    };
+    (message, wait)
 }
 
 /// The wait before the next attempt after `failure_count` failures in a row: exponential from

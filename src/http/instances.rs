@@ -380,11 +380,6 @@ async fn create_to_the_end(
     connector: std::sync::Arc<Connector>,
     body: InstanceBody,
 ) -> ApiResult<(StatusCode, AxumJson<Value>)> {
-    if body.disabled == Some(true) {
-        return Err(ApiError::bad_request(
-            "An instance is created enabled: disable it afterwards with DELETE /instances/{id}/enabled",
-        ));
-    }
     let (task_app, by) = (std::sync::Arc::clone(app), caller.clone());
     crate::refresh::spawn_to_the_end(
         app,
@@ -1029,6 +1024,7 @@ async fn create_instance(
     let plain = starting_configuration(app, connector, given)?;
     // With a code, the code's tokens are the instance's, not imported ones.
     let external = body.code().is_none() && body.announces_tokens();
+    let mut expiry = instances::ImportedExpiry::default();
     let grant = match (body.code(), external) {
         (Some(code), _) => {
             let exchanged = exchange(
@@ -1060,6 +1056,11 @@ async fn create_instance(
             if tokens.refresh_token.is_some() {
                 require_client_id(&plain)?;
             }
+            // The expiry says when the imported access token stops working: without one
+            // there is nothing to expire.
+            if !tokens.access_token.is_empty() {
+                expiry = instances::imported_expiry(&split.expiry, now_ms())?;
+            }
             Grant {
                 tokens,
                 verifier_used: false,
@@ -1075,6 +1076,14 @@ async fn create_instance(
             ));
         }
     };
+    let mut grant = grant;
+    if external {
+        let key = import_key(caller.organization_id, &connector.key, &grant.tokens);
+        match claim_import(app, caller, connector, &key).await? {
+            ImportClaim::Ours => grant.claimed = Some(key),
+            ImportClaim::Created(answer) => return Ok(answer),
+        }
+    }
     let claimed = grant.claimed.clone();
     let secret = grant.with_client_secret(&split.secret);
     let created = store_created(
@@ -1087,16 +1096,181 @@ async fn create_instance(
             plain,
             secret: &secret,
             external,
+            expiry,
+            disabled: body.disabled == Some(true),
         },
         grant,
     )
     .await;
     // A request repeating the code is answered with this instance (marked with it), or
-    // refused when none was stored.
+    // refused when none was stored. An import's tokens are given back: a repeat brings them in
+    // itself (and the provider judges a refresh token this one may have used).
     if created.is_err() {
-        code_spent(app, claimed.as_deref()).await;
+        if external {
+            if let Some(key) = claimed.as_deref() {
+                let _ = app.store.release_code(key).await;
+            }
+        } else {
+            code_spent(app, claimed.as_deref()).await;
+        }
     }
     created
+}
+
+/// The key under which a create's imported tokens are remembered for an hour, like an
+/// exchanged code (a hash: the token is a secret): the refresh token, or the access token when
+/// none came, imported into a connector of one organization. A client's retry after a timeout
+/// (or the same request sent twice) is answered with the instance the first one created,
+/// rather than a second instance on the same grant, one of which a rotating provider ends at
+/// the other's first refresh.
+fn import_key(organization_id: i64, connector_key: &str, tokens: &TokenSet) -> Vec<u8> {
+    let (kind, token) = match &tokens.refresh_token {
+        Some(refresh_token) => ("refresh", refresh_token.expose()),
+        None => ("access", tokens.access_token.expose()),
+    };
+    crypto::hash_secret(&format!(
+        "imported-token\n{organization_id}\n{connector_key}\n{kind}\n{token}"
+    ))
+    .to_vec()
+}
+
+/// What [`claim_import`] found.
+enum ImportClaim {
+    /// This request imports the tokens (the claim is its own).
+    Ours,
+    /// An earlier create imported them within the hour: its instance, as a create answers it.
+    Created((StatusCode, AxumJson<Value>)),
+}
+
+/// Claims a create's imported tokens ([`import_key`]) in the table of exchanged codes. An
+/// earlier create that claimed them and stored its instance answers the repeat with it; one
+/// still running is waited for (as long as its provider calls and its write may take); one
+/// that failed gave them back, and this one imports them. An instance deleted since no longer
+/// holds them.
+async fn claim_import(
+    app: &App,
+    caller: &Caller,
+    connector: &Connector,
+    key: &[u8],
+) -> ApiResult<ImportClaim> {
+    let patience = 2 * app.config.provider_timeout + std::time::Duration::from_secs(10);
+    let patience = i64::try_from(patience.as_millis()).unwrap_or(i64::MAX);
+    loop {
+        let now = now_ms();
+        if app
+            .store
+            .claim_code(key, caller.organization_id, now + USED_CODE_MEMORY_MS)
+            .await?
+        {
+            return Ok(ImportClaim::Ours);
+        }
+        let Some((expires_at, landed, _)) = app.store.used_code(key, now).await? else {
+            // Given back meanwhile, or its hour passed: claimed again.
+            app.store.release_expired_code(key, now).await?;
+            continue;
+        };
+        let claimed_at = expires_at - USED_CODE_MEMORY_MS;
+        match landed {
+            Some(instance_id) if instance_id > 0 => {
+                match app
+                    .store
+                    .get_instance(caller.organization_id, instance_id)
+                    .await?
+                {
+                    Some(row) if row.element_key == connector.key => {
+                        let view = instances::view(app, &row, Some(&connector.name), false)?;
+                        return Ok(ImportClaim::Created((StatusCode::OK, AxumJson(view))));
+                    }
+                    // Deleted since: the tokens are free to be imported again.
+                    _ => app.store.release_code(key).await?,
+                }
+            }
+            // Marked spent: not by an import, which gives its tokens back when it fails.
+            Some(_) => app.store.release_code(key).await?,
+            None if now > claimed_at.saturating_add(patience) => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "An earlier request importing these tokens has not ended: try again in a moment (it is answered with the instance it created)",
+                ));
+            }
+            None => tokio::time::sleep(REPEATED_CODE_POLL).await,
+        }
+    }
+}
+
+/// How the refresh that a create of imported tokens makes before it answers went.
+enum ImportRefresh {
+    /// The provider's new tokens (the imported refresh token kept when none came back).
+    Refreshed(TokenSet),
+    /// The provider could not answer just now (5xx, 429, a timeout, the network): the import
+    /// is created as it was brought in, failing to refresh, tried again after `wait_ms`.
+    Failing { message: String, wait_ms: i64 },
+}
+
+/// The refresh of imported tokens that have no working access token (none given, or one the
+/// provider rejects), made before a create stores anything, so that its answer says how it
+/// went: a refresh token the provider refuses (`invalid_grant` and kin) is a 400 with its
+/// words, and nothing is created; a provider that cannot answer just now, or that refuses the
+/// app's credentials (the grant may be good), leaves the import to be created and refreshed
+/// later. No row exists yet, so no other refresh can present the same token meanwhile.
+async fn refresh_before_create(
+    app: &App,
+    connector: &Connector,
+    plain: &Map<String, Value>,
+    secret: &BTreeMap<String, String>,
+    imported: &TokenSet,
+) -> ApiResult<ImportRefresh> {
+    let Some(refresh_token) = imported.refresh_token.as_ref() else {
+        return Err(ApiError::internal(
+            "an import refreshed without a refresh token",
+        ));
+    };
+    let (endpoints, spec) = app
+        .oauth_settings(connector, plain)
+        .map_err(|error| ApiError::bad_request(format!("Connector input missing: {error}")))?;
+    let credentials = client_credentials(plain, secret);
+    let started = std::time::Instant::now();
+    let result = app
+        .oauth
+        .refresh(&spec, &endpoints, &credentials, refresh_token)
+        .await;
+    match result {
+        Ok(mut tokens) => {
+            // The lives the provider gave count from when the request went out (as a refresh
+            // of the engine counts them).
+            let taken = started.elapsed().as_secs();
+            tokens.expires_in = tokens.expires_in.map(|life| life.saturating_sub(taken));
+            tokens.refresh_token_expires_in = tokens
+                .refresh_token_expires_in
+                .map(|life| life.saturating_sub(taken));
+            Ok(ImportRefresh::Refreshed(tokens))
+        }
+        // The app's credentials or the request refused, not the grant: created as the engine
+        // leaves such an instance (valid, backing off, the configuration at fault named), so
+        // that a PATCH of the credentials makes it work; the refresh token was not used.
+        Err(error) if crate::refresh::misconfigured_detail(&error).is_some() => {
+            let (message, wait_ms) =
+                crate::refresh::misconfigured_failure(&error).unwrap_or_default();
+            tracing::warn!(connector = %connector.key, "an imported refresh token cannot be refreshed as configured ({message}); created, retrying in {wait_ms} ms");
+            Ok(ImportRefresh::Failing { message, wait_ms })
+        }
+        Err(error) if error.is_permanent() => Err(ApiError::bad_request(
+            "The provider refuses the imported refresh token: nothing was created; re-authenticate the user and import the new tokens, or create the instance from a code",
+        )
+        .with_provider_message(error.provider_message())),
+        Err(error) => {
+            let (message, wait_ms) = crate::refresh::passing_failure(&error, 0);
+            // The provider may have rotated the token all the same: a later refusal is then
+            // read as this attempt's doing.
+            let message = if error.outcome_unknown() {
+                format!("{message}{}", crate::refresh::OUTCOME_UNKNOWN_TEXT)
+            } else {
+                message
+            };
+            tracing::warn!(connector = %connector.key, "an imported refresh token could not be refreshed for now ({message}); created, retrying in {wait_ms} ms");
+            Ok(ImportRefresh::Failing { message, wait_ms })
+        }
+    }
 }
 
 /// A create repeating a code that an earlier request exchanged: the instance that request
@@ -1130,6 +1304,12 @@ struct Created<'a> {
     secret: &'a BTreeMap<String, String>,
     /// Tokens brought in (`externalAuthentication`) rather than exchanged.
     external: bool,
+    /// The imported access token's expiry, when the import gave it.
+    expiry: instances::ImportedExpiry,
+    /// Created disabled (`"disabled": true`: a connection disabled where it was migrated
+    /// from): no verification call and no refresh, as a disabled instance makes no provider
+    /// calls.
+    disabled: bool,
 }
 
 async fn store_created(
@@ -1145,29 +1325,62 @@ async fn store_created(
         mut plain,
         secret,
         external,
+        expiry,
+        disabled,
     } = created;
+    let mut grant = grant;
     let _ = grant.verifier_used;
     grant.keep_authorization(&mut plain);
     // Imported tokens whose access token the provider rejects: refused, nothing created, when
-    // no refresh token came with them; otherwise refreshed through the engine once the row
-    // exists (its commits keep a rotated refresh token whatever happens), before the answer,
-    // which tells how it went. They were answered `valid: true`, and the instance turned
-    // invalid a moment later.
+    // no refresh token came with them. Those with a refresh token and no working access token
+    // (none given, or one rejected) are refreshed before anything is stored, and the answer
+    // tells how that went: they were answered `valid: true`, and the instance turned invalid
+    // a moment later.
     let mut verified_first = None;
-    let mut due_now = false;
-    if external && !grant.tokens.access_token.is_empty() {
+    let mut refresh_first = external
+        && !disabled
+        && grant.tokens.refresh_token.is_some()
+        && grant.tokens.access_token.is_empty();
+    // An imported access token past the expiry given with it is expired: refreshed at once,
+    // or refused like one the provider rejects, with nothing to replace it.
+    let expired =
+        external && expired_import(&expiry, grant.tokens.refresh_token.is_some(), "was created")?;
+    if disabled {
+        // Stored as brought in: enabled, it is refreshed or verified as any instance is.
+    } else if expired {
+        refresh_first = true;
+    } else if external && !grant.tokens.access_token.is_empty() {
         let verified =
             instances::verification(app, connector, &plain, &grant.tokens.access_token).await;
         if let Some(words) = verified.as_ref().and_then(|v| v.rejection.clone()) {
             imported_rejection(grant.tokens.refresh_token.is_some(), "was created", words)?;
-            due_now = true;
+            refresh_first = true;
         }
         verified_first = Some(verified);
+    }
+    let mut failing = None;
+    let mut refreshed = None;
+    if refresh_first {
+        match refresh_before_create(app, connector, &plain, secret, &grant.tokens).await? {
+            ImportRefresh::Refreshed(tokens) => {
+                // The verification said the imported access token was rejected: the new one
+                // is checked instead, as a code's is.
+                verified_first = None;
+                refreshed = grant.tokens.refresh_token.take();
+                grant.tokens = tokens;
+            }
+            ImportRefresh::Failing { message, wait_ms } => failing = Some((message, wait_ms)),
+        }
     }
     let id = crypto::new_id();
     let now = now_ms();
     let element_token = crypto::new_platform_secret();
-    let applied = apply_token_set(app, connector, id, &grant.tokens, None, &plain, now);
+    let kept = refreshed.as_ref().map(|token| instances::KeptRefreshToken {
+        token,
+        expires_at: None,
+        last_refresh_at: None,
+    });
+    let applied = apply_token_set(app, connector, id, &grant.tokens, kept, &plain, now);
     plain = applied.configuration;
     let mut row = InstanceRow::new(
         id,
@@ -1188,7 +1401,12 @@ async fn store_created(
     row.tags = serde_json::to_string(&tags).unwrap_or_else(|_| "[]".into());
     row.configuration = Value::Object(plain.clone()).to_string();
     row.client_secret_enc = instances::seal_secret_configuration(app, id, secret);
-    let update = applied.update;
+    let mut update = applied.update;
+    // The expiry an import gave schedules the imported access token as a token response's
+    // would (`before_expiry` refreshes it in time); tokens refreshed here have the provider's.
+    if external && refreshed.is_none() {
+        with_imported_expiry(connector, &mut update, &expiry, now);
+    }
     row.access_token_enc = if grant.tokens.access_token.is_empty() {
         None
     } else {
@@ -1200,14 +1418,22 @@ async fn store_created(
     row.refresh_expires_at = update.refresh_expires_at;
     row.last_refresh_at = update.last_refresh_at;
     row.next_due_at = update.next_due_at;
-    if external && refresh_import_at_once(connector, &grant.tokens) {
+    if external && refreshed.is_none() && refresh_import_at_once(connector, &grant.tokens) {
         row.next_due_at = Some(now);
     }
     row.created_by = Some(caller.user_id);
-    if due_now {
-        row.next_due_at = Some(now);
+    row.disabled = i64::from(disabled);
+    // The provider could not refresh just now: the import is kept (a transient failure never
+    // loses it), failing to refresh, and tried again after the backoff, as the refresh engine
+    // leaves an instance whose refresh failed so.
+    if let Some((message, wait_ms)) = &failing {
+        row.failing_since = Some(now);
+        row.failure_count = 1;
+        row.last_failure = Some(message.clone());
+        row.backoff_until = Some(now + wait_ms);
+        row.next_due_at = Some(now + wait_ms);
     }
-    if !grant.tokens.access_token.is_empty() {
+    if !grant.tokens.access_token.is_empty() && !disabled {
         let verified = match verified_first {
             Some(verified) => verified,
             None => {
@@ -1216,7 +1442,14 @@ async fn store_created(
         };
         row.verification = verified.map(|verified| verified.outcome.to_string());
     }
-    let event = events::new_event(app, &row, events::CREATED, None);
+    // One event, `instance.created`, whose reason says it was created disabled (no
+    // `instance.disabled`: nothing was enabled before).
+    let event = events::new_event(
+        app,
+        &row,
+        events::CREATED,
+        disabled.then_some("created disabled"),
+    );
     // A built-in needs no row (a connector of the organization that shadowed it may have been
     // deleted since); the organization's own must still exist.
     let own_connector = !app.is_catalog_connector(connector);
@@ -1239,14 +1472,6 @@ async fn store_created(
     )
     .await;
     app.refresh.notify_schedule_changed();
-    if due_now {
-        // Its outcome is in the instance read below (valid on new tokens, or invalid, or
-        // failing for now, with the provider's words).
-        let _ = app.refresh.refresh_now(app, id).await;
-        if let Some(now) = app.store.get_instance(caller.organization_id, id).await? {
-            row = now;
-        }
-    }
     // The request cannot carry the new instance's Element token: token values and client
     // secrets are masked here like everywhere else (GET it with the Element token to see them).
     let view = instances::view(app, &row, Some(&connector.name), false)?;
@@ -1664,9 +1889,10 @@ async fn update_turns(
         if !refresh_after {
             return Ok(answer);
         }
-        // The imported access token was rejected, a refresh token may replace it: refreshed
-        // once the hold has ended, before the answer, which tells how it went (it said valid,
-        // and the instance turned invalid a moment later).
+        // The imported access token was rejected (a refresh token may replace it), or only a
+        // refresh token was imported: refreshed once the hold has ended, before the answer,
+        // which tells how it went (it said valid, and the instance turned invalid a moment
+        // later).
         let _ = app.refresh.refresh_now(app, row.id).await;
         let stored = reload(app, &row).await?;
         return respond(app, caller, stored).await;
@@ -2150,6 +2376,7 @@ async fn update_once(
             secret: BTreeMap::new(),
             access_token: split.access_token.clone(),
             refresh_token: split.refresh_token.clone(),
+            expiry: BTreeMap::new(),
         })?)
     } else {
         None
@@ -2158,8 +2385,45 @@ async fn update_once(
     // rejects is refused when no refresh token can replace it, or replaced at once.
     // The instance is held meanwhile (no refresh, revocation or disable of it goes on): a
     // verification that does not answer soon gives no verdict rather than hold it longer.
+    // The expiry given with an imported access token; values the instance shows for its own
+    // tokens (a configuration read and written back with a new token) say nothing of the new
+    // one, and are left out.
+    let expiry = match &imported {
+        Some(tokens) if !tokens.access_token.is_empty() => {
+            let shown_interval = row
+                .access_expires_at
+                .zip(row.last_refresh_at)
+                .map(|(expires, refreshed)| ((expires - refreshed) / 1000).max(0));
+            let mut given = split.expiry.clone();
+            for (key, shown) in [
+                (instances::ACCESS_EXPIRES_AT, row.access_expires_at),
+                (instances::REFRESH_TIME, row.last_refresh_at),
+                (instances::REFRESH_INTERVAL, shown_interval),
+            ] {
+                if shown.is_some_and(|shown| {
+                    given.get(key).map(|value| value.trim()) == Some(shown.to_string().as_str())
+                }) {
+                    given.remove(key);
+                }
+            }
+            instances::imported_expiry(&given, now_ms())?
+        }
+        _ => instances::ImportedExpiry::default(),
+    };
+    let expired = match &imported {
+        Some(tokens) => expired_import(
+            &expiry,
+            tokens.refresh_token.is_some() || secrets.refresh_token.is_some(),
+            "was changed",
+        )?,
+        None => false,
+    };
+    if expired {
+        *refresh_after = true;
+    }
     let mut imported_rejected = false;
     if let Some(tokens) = &imported
+        && !expired
         && !tokens.access_token.is_empty()
         && let Ok(Some(verified)) = tokio::time::timeout(
             IMPORT_VERIFICATION_WAIT,
@@ -2171,6 +2435,15 @@ async fn update_once(
         let refresh_token = tokens.refresh_token.is_some() || secrets.refresh_token.is_some();
         imported_rejection(refresh_token, "was changed", words)?;
         imported_rejected = true;
+        *refresh_after = true;
+    }
+    // A refresh token imported without an access token is refreshed before the answer too,
+    // which tells how that went (as a create's does): it said valid, and the instance turned
+    // invalid a moment later when the provider refused the token.
+    if imported
+        .as_ref()
+        .is_some_and(|tokens| tokens.access_token.is_empty() && tokens.refresh_token.is_some())
+    {
         *refresh_after = true;
     }
     // What the audit entry says changed: names of keys, never their values.
@@ -2238,7 +2511,10 @@ async fn update_once(
                 held.last_refresh_at.unwrap_or(now),
             );
         }
-        if refresh_import_at_once(&connector, &imported) || imported_rejected {
+        if !imported.access_token.is_empty() {
+            with_imported_expiry(&connector, &mut update, &expiry, now);
+        }
+        if refresh_import_at_once(&connector, &imported) || imported_rejected || expired {
             update.next_due_at = Some(now);
         }
         let event = events::new_event(app, &held, events::REAUTHENTICATED, Some("tokens imported"));
@@ -2947,6 +3223,52 @@ fn in_this_request<F: Future>(work: F) -> impl Future<Output = F::Output> {
         .unwrap_or_else(|_| axum::http::HeaderValue::from_static("0"));
     // The request's span too, so that what the task logs names the request.
     crate::http::error::REQUEST_ID.scope(request_id, work.instrument(tracing::Span::current()))
+}
+
+/// Whether an imported access token is past the expiry given with it (`expiry`): expired, it
+/// is refreshed at once when a refresh token can replace it (true), and refused otherwise,
+/// like one the provider rejects, with nothing written (`nothing` says what).
+fn expired_import(
+    expiry: &instances::ImportedExpiry,
+    has_refresh_token: bool,
+    nothing: &str,
+) -> ApiResult<bool> {
+    let Some(at) = expiry.access_expires_at.filter(|at| *at <= now_ms()) else {
+        return Ok(false);
+    };
+    if has_refresh_token {
+        return Ok(true);
+    }
+    Err(ApiError::bad_request(format!(
+        "The imported access token expired at {} (`{}`), and there is no refresh token to replace it: nothing {nothing}",
+        instances::iso8601(at),
+        expiry.from_key.unwrap_or(instances::ACCESS_EXPIRES_AT)
+    )))
+}
+
+/// Puts the expiry an import gave (`expiry`) into the token columns `update` holds for the
+/// imported tokens, and the schedule that follows from it: the same as a token response's
+/// `expires_in` (and, for Cloud Elements' refresh time, the last refresh it gave).
+fn with_imported_expiry(
+    connector: &Connector,
+    update: &mut TokenUpdate,
+    expiry: &instances::ImportedExpiry,
+    now: i64,
+) {
+    if expiry.access_expires_at.is_none() {
+        return;
+    }
+    update.access_expires_at = expiry.access_expires_at;
+    if let Some(refreshed) = expiry.refreshed_at {
+        update.last_refresh_at = Some(refreshed);
+    }
+    update.next_due_at = instances::next_due_at(
+        connector,
+        update.refresh_token_enc.is_some(),
+        update.access_expires_at,
+        update.refresh_expires_at,
+        update.last_refresh_at.unwrap_or(now),
+    );
 }
 
 /// How long an update importing tokens, which holds the instance, waits for the verification

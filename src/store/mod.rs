@@ -1279,6 +1279,17 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets a code recorded by [`Self::claim_code`] whose hour has passed (the recovery
+    /// task purges them once a minute): a new claim of it goes through meanwhile.
+    pub async fn release_expired_code(&self, code_hash: &[u8], now: i64) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM used_codes WHERE code_hash = $1 AND expires_at <= $2")
+            .bind(code_hash)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Forgets a code recorded by [`Self::claim_code`]: its exchange failed, and it may be
     /// tried again.
     pub async fn release_code(&self, code_hash: &[u8]) -> Result<(), StoreError> {

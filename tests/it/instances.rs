@@ -999,32 +999,21 @@ async fn existing_tokens_can_be_imported() {
         )
         .await;
         assert_error(&emptied, 400, &label);
-        // Only a refresh token: the scheduler refreshes it at once; then it works.
+        // Only a refresh token: refreshed before the create answers; then it works.
         let mut only_refresh = env.configuration();
         only_refresh["oauth.user.refresh_token"] = json!(refresh);
         let imported = call(&env, Method::POST, &env.api("/instances"), Some(&env.org.platform()),
                             Some(json!({"element": {"key": "sandbox-salesforce"}, "externalAuthentication": "initial",
                                         "configuration": only_refresh}))).await;
         assert_eq!(imported.status, 200, "[{label}] {}", imported.body);
-        assert_eq!(
-            imported.body["configuration"]["oauth.user.token"],
-            Value::Null
-        );
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let shown = revealed(&env, &env.org, &imported.body).await;
-            if shown["configuration"]["oauth.user.token"]
+        // Refreshed before the answer: it has an access token already.
+        let shown = revealed(&env, &env.org, &imported.body).await;
+        assert!(
+            shown["configuration"]["oauth.user.token"]
                 .as_str()
-                .is_some_and(|t| !t.is_empty())
-            {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "[{label}] the scheduler did not refresh an imported refresh token: {shown}"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+                .is_some_and(|t| !t.is_empty()),
+            "[{label}] an imported refresh token was not refreshed before the answer: {shown}"
+        );
         let (status, body) = env
             .proxy(
                 &env.org,
@@ -2733,15 +2722,13 @@ async fn instance_bodies_that_would_change_nothing_are_refused() {
         assert_eq!(answer.status, 200, "[{label}] {method}: {}", answer.body);
         assert_eq!(answer.body["valid"], true);
     }
-    // A create: enabled, and of the path's connector.
+    // A create: of the path's connector (one created disabled: `imports`).
     let (code, state) = env.authorize(&env.org, "sandbox-generic", "strict-2").await;
     let base = json!({"providerData": {"code": code, "state": state},
                       "configuration": env.configuration()});
-    let mut disabled = base.clone();
-    disabled["disabled"] = json!(true);
     let mut other = base.clone();
     other["element"] = json!({"key": "sandbox-box"});
-    for (body, says) in [(disabled, "created enabled"), (other, "`sandbox-box`")] {
+    for (body, says) in [(other, "`sandbox-box`")] {
         let answer = call(
             &env,
             Method::POST,
@@ -2960,8 +2947,8 @@ async fn imported_tokens_the_provider_rejects_are_refused_or_replaced() {
         refused.body
     );
     assert_eq!(listed().await, before, "[{label}] nothing created");
-    // With a refresh token the provider refuses too: the answer says so (invalid, in the
-    // provider's words), not `valid: true`.
+    // With a refresh token the provider refuses too: refused in the provider's words, and
+    // nothing created (the refresh runs before anything is stored), not `valid: true`.
     let mut dead_refresh = bogus.clone();
     dead_refresh["oauth.user.refresh_token"] = json!("bogus-refresh-token");
     let dead = call(
@@ -2972,8 +2959,7 @@ async fn imported_tokens_the_provider_rejects_are_refused_or_replaced() {
         Some(import(dead_refresh)),
     )
     .await;
-    assert_eq!(dead.status, 200, "[{label}] {}", dead.body);
-    assert_eq!(dead.body["valid"], false, "[{label}] {}", dead.body);
+    assert_eq!(dead.status, 400, "[{label}] {}", dead.body);
     assert!(
         dead.body["providerMessage"]
             .as_str()
@@ -2981,6 +2967,7 @@ async fn imported_tokens_the_provider_rejects_are_refused_or_replaced() {
         "{}",
         dead.body
     );
+    assert_eq!(listed().await, before, "[{label}] nothing created");
     // With a refresh token that works: created on the tokens it gives.
     let source = env
         .create_instance(&env.org, "sandbox-generic", "source")
@@ -2989,6 +2976,7 @@ async fn imported_tokens_the_provider_rejects_are_refused_or_replaced() {
     let mut with_refresh = bogus.clone();
     with_refresh["oauth.user.refresh_token"] =
         revealed["configuration"]["oauth.user.refresh_token"].clone();
+    let refreshes = crate::refresh::stat(&env, &["token", "refresh_token"]).await;
     let created = call(
         &env,
         Method::POST,
@@ -3000,9 +2988,10 @@ async fn imported_tokens_the_provider_rejects_are_refused_or_replaced() {
     assert_eq!(created.status, 200, "[{label}] {}", created.body);
     let token = created.body["token"].as_str().unwrap().to_string();
     assert_eq!(created.body["valid"], true, "[{label}] {}", created.body);
-    assert_ne!(
-        created.body["lastRefreshDate"], dead.body["createdDate"],
-        "[{label}] refreshed"
+    assert_eq!(
+        crate::refresh::stat(&env, &["token", "refresh_token"]).await,
+        refreshes + 1,
+        "[{label}] refreshed before the answer"
     );
     let unauthorized = crate::refresh::stat(&env, &["api", "unauthorized"]).await;
     let (status, body) = env.proxy(&env.org, &token, Method::GET, "api/me").await;

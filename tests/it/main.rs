@@ -9,6 +9,7 @@ mod events;
 mod fuzz_regressions;
 mod hardening;
 mod harness;
+mod imports;
 mod instances;
 mod isolation;
 mod keys;

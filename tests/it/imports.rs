@@ -1,0 +1,529 @@
+//! Imports of existing tokens (`externalAuthentication: "initial"`) as a migration makes them,
+//! thousands at a time: expiries given with the tokens, a refresh token alone refreshed before
+//! the answer, retries answered with the instance the first request created, instances created
+//! disabled.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::harness::Env;
+use crate::instances::{call, instances_of, revealed};
+use crate::refresh::{eventually, stat};
+use crate::support::test_databases;
+
+/// A create importing `configuration` (the client's keys added) into a `sandbox-generic`
+/// instance.
+pub(crate) async fn import(env: &Env, configuration: Value) -> crate::instances::Reply {
+    let mut body = env.configuration();
+    for (key, value) in configuration.as_object().unwrap() {
+        body[key] = value.clone();
+    }
+    call(
+        env,
+        Method::POST,
+        &env.api("/instances"),
+        Some(&env.org.platform()),
+        Some(
+            json!({"element": {"key": "sandbox-generic"}, "externalAuthentication": "initial",
+                    "configuration": body, "name": "imported"}),
+        ),
+    )
+    .await
+}
+
+/// The tokens of a new `sandbox-generic` instance of sandbox user `user`, given up by the
+/// service (the instance is deleted) so that they can be imported: `(access, refresh)`.
+pub(crate) async fn tokens_of_a_new_grant(env: &Env, user: &str) -> (String, String) {
+    let source = env.create_instance(&env.org, "sandbox-generic", user).await;
+    let shown = revealed(env, &env.org, &source).await;
+    let deleted = call(
+        env,
+        Method::DELETE,
+        &env.api(&format!("/instances/{}", source["id"])),
+        Some(&env.org.platform()),
+        None,
+    )
+    .await;
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    let token = |key: &str| shown["configuration"][key].as_str().unwrap().to_string();
+    (token("oauth.user.token"), token("oauth.user.refresh_token"))
+}
+
+/// A refresh token imported without an access token is refreshed before the create answers:
+/// one the provider refuses is a 400 in its words and creates nothing (it was answered
+/// `valid: true`, and the instance turned invalid milliseconds later); one the provider cannot
+/// refresh just now is created all the same, failing to refresh, and the engine's retry ends
+/// it; one that works answers the new tokens. An update importing a refresh token alone
+/// refreshes before it answers too, and answers how that went.
+#[tokio::test]
+async fn a_refresh_token_imported_alone_is_refreshed_before_the_answer() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let before = instances_of(&env, &env.org).await.len();
+    let refused = import(
+        &env,
+        json!({"oauth.user.refresh_token": "garbage-refresh-token"}),
+    )
+    .await;
+    assert_eq!(refused.status, 400, "[{label}] {}", refused.body);
+    assert!(
+        refused.body["providerMessage"]
+            .as_str()
+            .is_some_and(|words| words.contains("invalid_grant")),
+        "[{label}] {}",
+        refused.body
+    );
+    assert_eq!(
+        instances_of(&env, &env.org).await.len(),
+        before,
+        "[{label}] nothing created"
+    );
+
+    // A working refresh token: refreshed before the answer, which shows the new tokens.
+    let (_, refresh) = tokens_of_a_new_grant(&env, "alone").await;
+    let refreshes = stat(&env, &["token", "refresh_token"]).await;
+    let created = import(&env, json!({"oauth.user.refresh_token": refresh})).await;
+    assert_eq!(created.status, 200, "[{label}] {}", created.body);
+    assert_eq!(created.body["state"], "valid", "[{label}] {}", created.body);
+    assert!(
+        created.body["lastRefreshDate"].is_string(),
+        "[{label}] {}",
+        created.body
+    );
+    assert_eq!(
+        stat(&env, &["token", "refresh_token"]).await,
+        refreshes + 1,
+        "[{label}] one refresh, before the answer"
+    );
+    let shown = revealed(&env, &env.org, &created.body).await;
+    assert!(
+        shown["configuration"]["oauth.user.token"].is_string(),
+        "[{label}] {shown}"
+    );
+    let token = created.body["token"].as_str().unwrap();
+    let (status, body) = env.proxy(&env.org, token, Method::GET, "api/me").await;
+    assert_eq!(status, 200, "[{label}] {body}");
+
+    // The provider failing for now: created, failing to refresh, and refreshed after the
+    // backoff by the scheduler.
+    let (_, refresh) = tokens_of_a_new_grant(&env, "passing").await;
+    env.sandbox_post(
+        "/__sandbox/faults",
+        json!({"target": "token", "status": 503, "count": 1}),
+    )
+    .await;
+    let failing = import(&env, json!({"oauth.user.refresh_token": refresh})).await;
+    assert_eq!(failing.status, 200, "[{label}] {}", failing.body);
+    assert_eq!(
+        failing.body["state"], "refresh_failing",
+        "[{label}] {}",
+        failing.body
+    );
+    assert_eq!(failing.body["valid"], true, "[{label}] {}", failing.body);
+    let id = failing.body["id"].clone();
+    eventually(
+        "the failing import refreshed by the scheduler",
+        Duration::from_secs(20),
+        || async {
+            let (_, now) = env
+                .get_json(&env.api(&format!("/instances/{id}")), &env.org.platform())
+                .await;
+            (now["state"] == "valid").then_some(())
+        },
+    )
+    .await;
+
+    // An update importing a refresh token alone: refreshed before the answer.
+    let patched = call(
+        &env,
+        Method::PATCH,
+        &env.api(&format!("/instances/{}", created.body["id"])),
+        Some(&env.org.platform()),
+        Some(json!({"externalAuthentication": "initial",
+                    "configuration": {"oauth.user.refresh_token": "garbage-too"}})),
+    )
+    .await;
+    assert_eq!(patched.status, 200, "[{label}] {}", patched.body);
+    assert_eq!(patched.body["valid"], false, "[{label}] {}", patched.body);
+    assert!(
+        patched.body["providerMessage"]
+            .as_str()
+            .is_some_and(|words| words.contains("invalid_grant")),
+        "[{label}] {}",
+        patched.body
+    );
+    env.stop().await;
+    crate::support::drop_test_database(&url).await;
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn iso8601(ms: i64) -> String {
+    tokenwarden::instances::iso8601(ms)
+}
+
+/// The expiry of an imported access token is taken in the shapes a migration has it in —
+/// `oauth.user.token.expires_at` as the service shows it (epoch ms) or in epoch seconds or
+/// RFC 3339, `oauth.user.token.expires_in`, Cloud Elements' `oauth.user.refresh_time` +
+/// `oauth.user.refresh_interval` (whose refresh time is kept) — and schedules the token like a
+/// token response's expiry: `before_expiry` refreshes it in time. One that does not read is a
+/// 400 naming the key; one past means expired: refreshed at once, or refused without a refresh
+/// token. It was dropped silently, and the token served until a call was rejected.
+#[tokio::test]
+async fn an_imported_access_tokens_expiry_is_kept_and_scheduled() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let expires = (now_ms() / 1000 + 3_600) * 1000;
+    let shapes = [
+        json!({"oauth.user.token.expires_at": expires.to_string()}),
+        json!({"oauth.user.token.expires_at": expires / 1000}),
+        json!({"oauth.user.token.expires_at": iso8601(expires)}),
+        json!({"oauth.user.token.expires_at": "2099-01-01T00:00:00+01:00"}),
+        json!({"oauth.user.refresh_time": (expires - 3_600_000).to_string(), "oauth.user.refresh_interval": "7200"}),
+    ];
+    let wanted = [
+        iso8601(expires),
+        iso8601(expires),
+        iso8601(expires),
+        "2098-12-31T23:00:00.000Z".to_string(),
+        iso8601(expires + 3_600_000),
+    ];
+    // Each import brings a grant of its own: the same tokens imported again are answered
+    // with the instance they made.
+    for (shape, wanted) in shapes.iter().zip(wanted) {
+        let (access, _) = tokens_of_a_new_grant(&env, "shape").await;
+        let mut configuration = shape.clone();
+        configuration["oauth.user.token"] = json!(access);
+        let created = import(&env, configuration).await;
+        assert_eq!(created.status, 200, "[{label}] {shape}: {}", created.body);
+        assert_eq!(
+            created.body["accessTokenExpiresDate"], wanted,
+            "[{label}] {shape}: {}",
+            created.body
+        );
+    }
+    // The Cloud Elements pair keeps its refresh time.
+    let (access, _) = tokens_of_a_new_grant(&env, "paired").await;
+    let mut configuration = shapes[4].clone();
+    configuration["oauth.user.token"] = json!(access);
+    let paired = import(&env, configuration).await;
+    assert_eq!(
+        paired.body["lastRefreshDate"],
+        iso8601(expires - 3_600_000),
+        "[{label}] {}",
+        paired.body
+    );
+    assert_eq!(
+        paired.body["configuration"]["oauth.user.refresh_interval"], "7200",
+        "[{label}] {}",
+        paired.body
+    );
+    // Seconds from now.
+    let (access, _) = tokens_of_a_new_grant(&env, "seconds").await;
+    let before = now_ms();
+    let created = import(
+        &env,
+        json!({"oauth.user.token": access, "oauth.user.token.expires_in": 600}),
+    )
+    .await;
+    assert_eq!(created.status, 200, "[{label}] {}", created.body);
+    let shown: i64 = created.body["configuration"]["oauth.user.token.expires_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (before + 600_000..=now_ms() + 600_000).contains(&shown),
+        "[{label}] {}",
+        created.body
+    );
+
+    // Values that do not read: a 400 naming the key, nothing created.
+    let count = instances_of(&env, &env.org).await.len();
+    for (key, value) in [
+        ("oauth.user.token.expires_at", json!("tomorrow")),
+        ("oauth.user.token.expires_at", json!(-5)),
+        ("oauth.user.token.expires_in", json!("-60")),
+        ("oauth.user.refresh_interval", json!("an hour")),
+    ] {
+        let refused = import(
+            &env,
+            json!({"oauth.user.token": access, "oauth.user.refresh_time": now_ms(), key: value}),
+        )
+        .await;
+        assert_eq!(refused.status, 400, "[{label}] {key}: {}", refused.body);
+        assert!(
+            refused.body["message"]
+                .as_str()
+                .is_some_and(|message| message.contains(key)),
+            "[{label}] {}",
+            refused.body
+        );
+    }
+    assert_eq!(instances_of(&env, &env.org).await.len(), count, "[{label}]");
+
+    // Past: without a refresh token, refused like a rejected access token; with one,
+    // refreshed before the answer.
+    let (access, refresh) = tokens_of_a_new_grant(&env, "past").await;
+    let past = (now_ms() - 60_000).to_string();
+    let refused = import(
+        &env,
+        json!({"oauth.user.token": access, "oauth.user.token.expires_at": past}),
+    )
+    .await;
+    assert_eq!(refused.status, 400, "[{label}] {}", refused.body);
+    let refreshes = stat(&env, &["token", "refresh_token"]).await;
+    let renewed = import(
+        &env,
+        json!({"oauth.user.token": access, "oauth.user.refresh_token": refresh,
+               "oauth.user.token.expires_at": past}),
+    )
+    .await;
+    assert_eq!(renewed.status, 200, "[{label}] {}", renewed.body);
+    assert_eq!(
+        stat(&env, &["token", "refresh_token"]).await,
+        refreshes + 1,
+        "[{label}] refreshed before the answer"
+    );
+    let shown = revealed(&env, &env.org, &renewed.body).await;
+    assert_ne!(
+        shown["configuration"]["oauth.user.token"], access,
+        "[{label}]"
+    );
+
+    // A near expiry is refreshed in time by the scheduler (`before_expiry`, never before half
+    // the token's life), as a token response's would be.
+    let (access, refresh) = tokens_of_a_new_grant(&env, "soon").await;
+    let soon = import(
+        &env,
+        json!({"oauth.user.token": access, "oauth.user.refresh_token": refresh,
+               "oauth.user.token.expires_at": (now_ms() + 4_000).to_string()}),
+    )
+    .await;
+    assert_eq!(soon.status, 200, "[{label}] {}", soon.body);
+    eventually(
+        "the imported token refreshed before its expiry",
+        Duration::from_secs(10),
+        || async {
+            let shown = revealed(&env, &env.org, &soon.body).await;
+            (shown["configuration"]["oauth.user.token"] != access.as_str()).then_some(())
+        },
+    )
+    .await;
+
+    // An update importing a token with its expiry, and one whose expiry does not read.
+    let (another, _) = tokens_of_a_new_grant(&env, "patched").await;
+    let patched = call(
+        &env,
+        Method::PATCH,
+        &env.api(&format!("/instances/{}", paired.body["id"])),
+        Some(&env.org.platform()),
+        Some(json!({"externalAuthentication": "initial",
+                    "configuration": {"oauth.user.token": another,
+                                      "oauth.user.token.expires_at": iso8601(expires + 60_000)}})),
+    )
+    .await;
+    assert_eq!(patched.status, 200, "[{label}] {}", patched.body);
+    assert_eq!(
+        patched.body["accessTokenExpiresDate"],
+        iso8601(expires + 60_000),
+        "[{label}] {}",
+        patched.body
+    );
+    let refused = call(
+        &env,
+        Method::PATCH,
+        &env.api(&format!("/instances/{}", paired.body["id"])),
+        Some(&env.org.platform()),
+        Some(json!({"externalAuthentication": "initial",
+                    "configuration": {"oauth.user.token": "a-third-token",
+                                      "oauth.user.token.expires_in": "soon"}})),
+    )
+    .await;
+    assert_eq!(refused.status, 400, "[{label}] {}", refused.body);
+    env.stop().await;
+    crate::support::drop_test_database(&url).await;
+}
+
+/// A create importing the same tokens again within the hour (a client's retry after a
+/// timeout, or the same request sent twice at once) is answered with the instance the first
+/// one created, as it is now, rather than a second instance on the same grant (with rotating
+/// refresh tokens, one of the two died at the other's first refresh). Keyed on the refresh
+/// token, else the access token, per organization and connector; an instance deleted since no
+/// longer holds its tokens.
+#[tokio::test]
+async fn an_import_repeated_is_answered_with_the_instance_it_created() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let (access, refresh) = tokens_of_a_new_grant(&env, "retried").await;
+        let tokens = json!({"oauth.user.token": access, "oauth.user.refresh_token": refresh});
+        let count = instances_of(&env, &env.org).await.len();
+        let first = import(&env, tokens.clone()).await;
+        assert_eq!(first.status, 200, "[{label}] {}", first.body);
+        let again = import(&env, tokens.clone()).await;
+        assert_eq!(again.status, 200, "[{label}] {}", again.body);
+        assert_eq!(again.body["id"], first.body["id"], "[{label}]");
+        assert_eq!(again.body["token"], first.body["token"], "[{label}]");
+        // The refresh token alone names the grant: a retry that drops the access token too.
+        let refresh_only = import(&env, json!({"oauth.user.refresh_token": refresh})).await;
+        assert_eq!(refresh_only.body["id"], first.body["id"], "[{label}]");
+        assert_eq!(
+            instances_of(&env, &env.org).await.len(),
+            count + 1,
+            "[{label}] one instance"
+        );
+
+        // Sent twice at once: one instance.
+        let (access, refresh) = tokens_of_a_new_grant(&env, "twice").await;
+        let tokens = json!({"oauth.user.token": access, "oauth.user.refresh_token": refresh});
+        let (one, two) = tokio::join!(import(&env, tokens.clone()), import(&env, tokens.clone()));
+        assert_eq!(one.status, 200, "[{label}] {}", one.body);
+        assert_eq!(two.status, 200, "[{label}] {}", two.body);
+        assert_eq!(one.body["id"], two.body["id"], "[{label}]");
+
+        // An access token alone.
+        let (access, _) = tokens_of_a_new_grant(&env, "access-only").await;
+        let one = import(&env, json!({"oauth.user.token": access})).await;
+        let two = import(&env, json!({"oauth.user.token": access})).await;
+        assert_eq!(one.status, 200, "[{label}] {}", one.body);
+        assert_eq!(one.body["id"], two.body["id"], "[{label}]");
+
+        // Deleted, the instance no longer holds its tokens: imported anew.
+        let deleted = call(
+            &env,
+            Method::DELETE,
+            &env.api(&format!("/instances/{}", one.body["id"])),
+            Some(&env.org.platform()),
+            None,
+        )
+        .await;
+        assert_eq!(deleted.status, 200, "[{label}] {}", deleted.body);
+        let anew = import(&env, json!({"oauth.user.token": access})).await;
+        assert_eq!(anew.status, 200, "[{label}] {}", anew.body);
+        assert_ne!(anew.body["id"], one.body["id"], "[{label}]");
+
+        // Another organization's import of the same tokens is its own.
+        let other = env.new_org("other").await;
+        let mut configuration = env.configuration();
+        configuration["oauth.user.token"] = json!(access);
+        let theirs = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&other.platform()),
+            Some(
+                json!({"element": {"key": "sandbox-generic"}, "externalAuthentication": "initial",
+                        "configuration": configuration}),
+            ),
+        )
+        .await;
+        assert_eq!(theirs.status, 200, "[{label}] {}", theirs.body);
+        assert_ne!(theirs.body["id"], anew.body["id"], "[{label}]");
+
+        // A refused import gives its tokens back: sent again, it is judged again.
+        for _ in 0..2 {
+            let refused = import(&env, json!({"oauth.user.refresh_token": "garbage"})).await;
+            assert_eq!(refused.status, 400, "[{label}] {}", refused.body);
+        }
+        env.stop().await;
+        crate::support::drop_test_database(&url).await;
+    }
+}
+
+/// A connection disabled in the system it is migrated from is created disabled
+/// (`"disabled": true`, refused before): stored disabled, with no verification call and no
+/// refresh (a refresh token imported alone waits for the enable), and one `instance.created`
+/// event that says so.
+#[tokio::test]
+async fn an_import_can_be_created_disabled() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let (access, _) = tokens_of_a_new_grant(&env, "disabled-access").await;
+    let (_, refresh) = tokens_of_a_new_grant(&env, "disabled-refresh").await;
+    let before = env.sandbox_stats().await;
+    let create =
+        async |configuration: Value| {
+            let mut body = env.configuration();
+            for (key, value) in configuration.as_object().unwrap() {
+                body[key] = value.clone();
+            }
+            let url = env.api("/instances");
+            call(
+            &env,
+            Method::POST,
+            &url,
+            Some(&env.org.platform()),
+            Some(json!({"element": {"key": "sandbox-generic"}, "externalAuthentication": "initial",
+                        "configuration": body, "disabled": true})),
+        )
+        .await
+        };
+    let with_access = create(json!({"oauth.user.token": access})).await;
+    assert_eq!(with_access.status, 200, "[{label}] {}", with_access.body);
+    assert_eq!(with_access.body["disabled"], true, "[{label}]");
+    assert_eq!(with_access.body["state"], "disabled", "[{label}]");
+    assert_eq!(with_access.body["verification"], Value::Null, "[{label}]");
+    let with_refresh = create(json!({"oauth.user.refresh_token": refresh})).await;
+    assert_eq!(with_refresh.status, 200, "[{label}] {}", with_refresh.body);
+    assert_eq!(with_refresh.body["disabled"], true, "[{label}]");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let after = env.sandbox_stats().await;
+    assert_eq!(
+        after["api"], before["api"],
+        "[{label}] no verification call"
+    );
+    assert_eq!(
+        after["token"]["refresh_token"], before["token"]["refresh_token"],
+        "[{label}] no refresh"
+    );
+    let id = with_refresh.body["id"].clone();
+    let (_, events) = env
+        .get_json(
+            &env.api(&format!("/events?instanceId={id}")),
+            &env.org.platform(),
+        )
+        .await;
+    let types: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|event| event["type"].as_str())
+        .collect();
+    assert_eq!(types, ["instance.created"], "[{label}] {events}");
+    assert_eq!(
+        events["events"][0]["reason"], "created disabled",
+        "[{label}] {events}"
+    );
+    // Enabled, its refresh token is refreshed at once.
+    let enabled = call(
+        &env,
+        Method::PUT,
+        &env.api("/instances/enabled"),
+        Some(
+            &env.org
+                .with_element(with_refresh.body["token"].as_str().unwrap()),
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(enabled.status, 200, "[{label}] {}", enabled.body);
+    eventually(
+        "the enabled import refreshed",
+        Duration::from_secs(10),
+        || async {
+            (stat(&env, &["token", "refresh_token"]).await
+                > before["token"]["refresh_token"].as_u64().unwrap())
+            .then_some(())
+        },
+    )
+    .await;
+    env.stop().await;
+    crate::support::drop_test_database(&url).await;
+}
