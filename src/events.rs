@@ -329,9 +329,71 @@ async fn deliver_one(
         .cloned()
         .unwrap_or(Value::Null)
         .to_string();
-    let Some(url) = payload.pointer("/delivery/url").and_then(Value::as_str) else {
-        return (DeliveryOutcome::Failed, Some("no callback URL".into()));
+    // Where the instance sends its webhooks now, and with which key: a receiver moved off a
+    // dead URL, or a key rotated after a leak, takes the events still queued too (they kept
+    // the URL and key of their making, retried there for a day). An instance deleted since
+    // leaves its events the URL and key they were made with.
+    let current = match event.instance_id {
+        Some(id) => match app.store.get_instance_by_id(id).await {
+            Ok(row) => row.filter(|row| row.organization_id == event.organization_id),
+            Err(error) => {
+                return retry_or_give_up(event, format!("the store failed: {error}"), None);
+            }
+        },
+        None => None,
     };
+    let mut current_key = None;
+    let url = match &current {
+        Some(row) => {
+            let configuration = plain_configuration(row);
+            let enabled = configuration
+                .get(crate::instances::WEBHOOK_ENABLED)
+                .and_then(Value::as_str)
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+            let url = configuration
+                .get(crate::instances::WEBHOOK_URL)
+                .and_then(Value::as_str)
+                .map(str::trim)
+                .filter(|url| !url.is_empty());
+            match (enabled, url) {
+                (true, Some(url)) => {
+                    // Signing with another key would make the receiver refuse the event
+                    // without saying why: one this replica cannot open waits for one that can.
+                    match open_secrets(app, row) {
+                        Ok(secrets) => {
+                            current_key = Some(
+                                secrets
+                                    .secret_configuration
+                                    .get("event.notification.signature.key")
+                                    .cloned()
+                                    .unwrap_or_default()
+                                    .into_bytes(),
+                            );
+                        }
+                        Err(_) => {
+                            return retry_or_give_up(
+                                event,
+                                "the instance's signing key cannot be opened with the master keys this replica has".into(),
+                                None,
+                            );
+                        }
+                    }
+                    url.to_string()
+                }
+                _ => {
+                    return (
+                        DeliveryOutcome::Failed,
+                        Some("the instance's webhooks were turned off: not sent".into()),
+                    );
+                }
+            }
+        }
+        None => match payload.pointer("/delivery/url").and_then(Value::as_str) {
+            Some(url) => url.to_string(),
+            None => return (DeliveryOutcome::Failed, Some("no callback URL".into())),
+        },
+    };
+    let url = url.as_str();
     // Delivery outcomes are shown to the organization: a callback URL must not turn them into
     // a scanner of the metadata service.
     if let Err(why) = url::Url::parse(url)
@@ -343,6 +405,7 @@ async fn deliver_one(
     // The instance's own signing key, when it has one; it must open: signing with another key
     // would make the receiver refuse the event without saying why.
     let own_key = match payload.pointer("/delivery/key").and_then(Value::as_str) {
+        _ if current_key.is_some() => current_key,
         None => None,
         Some(text) => match STANDARD.decode(text).ok().and_then(|sealed| {
             app.keyring
@@ -364,6 +427,7 @@ async fn deliver_one(
                 return retry_or_give_up(
                     event,
                     "the instance's signing key cannot be opened with the master keys this replica has".into(),
+                    None,
                 );
             }
         },
@@ -376,10 +440,13 @@ async fn deliver_one(
                 return retry_or_give_up(
                     event,
                     "the organization's webhook secret could not be read with the master keys this replica has".into(),
+                    None,
                 );
             }
             // The store failing for now: the delivery is tried again like a receiver's failure.
-            Err(error) => return retry_or_give_up(event, format!("the store failed: {error}")),
+            Err(error) => {
+                return retry_or_give_up(event, format!("the store failed: {error}"), None);
+            }
         },
     };
     // The receiver checks it against its own clock: this machine's, not the database's.
@@ -408,25 +475,49 @@ async fn deliver_one(
                 Some("the receiver answered 410 Gone: not tried again".into()),
             );
         }
-        Ok(response) => format!("the receiver answered {}", response.status()),
+        // A receiver that asks for a wait (429, 503 with `Retry-After` in seconds) gets it, up
+        // to the longest wait between attempts: it was tried again within a second.
+        Ok(response) => {
+            let wait = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.trim().parse::<u64>().ok())
+                .map(|seconds| (seconds.min(DELIVERY_MAX_RETRY_MS as u64 / 1000) * 1000) as i64);
+            let error = match wait {
+                Some(ms) => format!(
+                    "the receiver answered {} and asked for {} s",
+                    response.status(),
+                    ms / 1000
+                ),
+                None => format!("the receiver answered {}", response.status()),
+            };
+            return retry_or_give_up(event, error, wait);
+        }
         Err(error) => format!(
             "the receiver could not be reached: {}",
             crate::oauth::transport_message(&error)
         ),
     };
-    retry_or_give_up(event, error)
+    retry_or_give_up(event, error, None)
 }
 
 /// The next attempt of a delivery that failed with `error`, or the end of its tries.
+/// `asked_wait`: the wait the receiver asked for (ms), the least before the next attempt.
 fn retry_or_give_up(
     event: &EventRow,
     error: String,
+    asked_wait: Option<i64>,
 ) -> (crate::store::DeliveryOutcome, Option<String>) {
     use crate::store::DeliveryOutcome;
     // `attempts` was counted by the claim: it is this attempt's number.
     let random = u64::from_le_bytes(crypto::random_bytes::<8>()) as f64 / u64::MAX as f64;
-    match retry_at(event.attempts, event.occurred_at, now_ms(), random) {
-        Some(at) => (DeliveryOutcome::RetryAt(at), Some(error)),
+    let now = now_ms();
+    match retry_at(event.attempts, event.occurred_at, now, random) {
+        Some(at) => (
+            DeliveryOutcome::RetryAt(at.max(now + asked_wait.unwrap_or(0))),
+            Some(error),
+        ),
         None => (
             DeliveryOutcome::Failed,
             Some(format!("{error}; gave up after a day of attempts")),

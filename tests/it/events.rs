@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
 use hmac::{KeyInit, Mac};
 use serde_json::{Value, json};
 
@@ -1342,5 +1343,145 @@ async fn a_webhook_sealed_under_a_key_this_replica_lacks_waits_for_one_that_has_
     .await;
     c.shutdown().await;
     b.shutdown().await;
+    drop_test_database(&url).await;
+}
+
+/// Events still queued go where the instance sends its webhooks now, signed with its key now:
+/// a receiver moved off a dead URL, or a key rotated after a leak, takes them too (they were
+/// retried at the old URL, under the old key, for a day).
+#[tokio::test]
+async fn queued_webhooks_follow_the_instance_s_url_and_key() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let (old_hook, old_received) = refusing_receiver(|_, _| true).await;
+    let (new_hook, new_received) = receiver(0).await;
+    let instance = create_with(
+        &env,
+        &env.org,
+        "sandbox-generic",
+        "moving",
+        json!({"event.notification.enabled": "true", "event.notification.callback.url": old_hook,
+               "event.notification.signature.key": "key-one"}),
+    )
+    .await;
+    let id = instance["id"].as_i64().unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            !old_received.lock().unwrap().is_empty()
+        })
+        .await,
+        "[{label}] the first attempt"
+    );
+    let patch = |configuration: Value| {
+        let request = env
+            .http
+            .patch(env.api(&format!("/instances/{id}")))
+            .header("authorization", env.org.platform())
+            .json(&json!({ "configuration": configuration }));
+        async move { request.send().await.unwrap().status() }
+    };
+    let status = patch(json!({"event.notification.callback.url": new_hook,
+                              "event.notification.signature.key": "key-two"}))
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            !new_received.lock().unwrap().is_empty()
+        })
+        .await,
+        "[{label}] the queued webhook went to the new URL"
+    );
+    let (headers, body) = new_received.lock().unwrap()[0].clone();
+    assert_eq!(headers["x-tokenwarden-event-type"], "instance.created");
+    let signature = headers["x-tokenwarden-signature"].to_str().unwrap();
+    assert!(
+        signature_verifies(signature, &body, b"key-two"),
+        "{signature}"
+    );
+    // Turned off: what is still queued is not sent, and says why.
+    let (refusing, _) = refusing_receiver(|_, _| true).await;
+    assert_eq!(
+        patch(json!({"event.notification.callback.url": refusing})).await,
+        200
+    );
+    let (status, _) = send(
+        &env,
+        reqwest::Method::DELETE,
+        &format!("/instances/{id}/enabled"),
+        &env.org.platform(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        patch(json!({"event.notification.enabled": "false"})).await,
+        200
+    );
+    let given_up = || async {
+        let (_, events) = env
+            .get_json(
+                &env.api(&format!("/events?instanceId={id}&type=instance.disabled")),
+                &env.org.platform(),
+            )
+            .await;
+        events["events"][0]["delivery"]["lastError"]
+            .as_str()
+            .is_some_and(|error| error.contains("turned off"))
+    };
+    assert!(
+        eventually(Duration::from_secs(15), given_up).await,
+        "[{label}] the queued webhook was given up"
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+/// A receiver that asks for a wait (`429`/`503` with `Retry-After`) gets it: the next attempt
+/// comes no sooner (it came within a second).
+#[tokio::test]
+async fn a_receiver_s_retry_after_is_honoured() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let times: Arc<Mutex<Vec<std::time::Instant>>> = Arc::default();
+    let seen = Arc::clone(&times);
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let seen = Arc::clone(&seen);
+            async move {
+                let mut seen = seen.lock().unwrap();
+                seen.push(std::time::Instant::now());
+                if seen.len() == 1 {
+                    (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "4")]).into_response()
+                } else {
+                    StatusCode::OK.into_response()
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    create_with(
+        &env,
+        &env.org,
+        "sandbox-generic",
+        "patient",
+        json!({"event.notification.enabled": "true", "event.notification.callback.url": hook}),
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            times.lock().unwrap().len() >= 2
+        })
+        .await,
+        "[{label}] tried again"
+    );
+    let times = times.lock().unwrap().clone();
+    assert!(
+        times[1] - times[0] >= Duration::from_millis(3_900),
+        "[{label}] tried again after {:?}",
+        times[1] - times[0]
+    );
+    env.stop().await;
     drop_test_database(&url).await;
 }
