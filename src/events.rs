@@ -40,20 +40,10 @@ pub fn new_event(app: &App, row: &InstanceRow, event_type: &str, reason: Option<
         "occurredAt": iso8601(now),
         "reason": reason,
     });
-    let configuration = plain_configuration(row);
-    let enabled = configuration
-        .get(crate::instances::WEBHOOK_ENABLED)
-        .and_then(Value::as_str)
-        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-    let url = configuration
-        .get(crate::instances::WEBHOOK_URL)
-        .and_then(Value::as_str)
-        .filter(|url| !url.trim().is_empty())
-        .map(str::to_string);
     let mut payload = Map::new();
     payload.insert("event".into(), body);
-    let delivery_state = match (enabled, url) {
-        (true, Some(url)) => {
+    let delivery_state = match webhook_url(row) {
+        Some(url) => {
             // An empty key means "the organization's webhook secret", read at delivery.
             let sealed = app.keyring.seal(
                 &signing_key(app, row),
@@ -83,6 +73,22 @@ pub fn new_event(app: &App, row: &InstanceRow, event_type: &str, reason: Option<
         next_attempt_at: (delivery_state == DeliveryState::Pending).then_some(now),
         delivery_state,
     }
+}
+
+/// Where the instance's webhooks go: its callback URL, when it has one and
+/// `event.notification.enabled` is `"true"`.
+fn webhook_url(row: &InstanceRow) -> Option<String> {
+    let configuration = plain_configuration(row);
+    let enabled = configuration
+        .get(crate::instances::WEBHOOK_ENABLED)
+        .and_then(Value::as_str)
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    configuration
+        .get(crate::instances::WEBHOOK_URL)
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|url| enabled && !url.is_empty())
+        .map(str::to_string)
 }
 
 /// The instance's `event.notification.signature.key`, else the organization's webhook secret.
@@ -345,18 +351,8 @@ async fn deliver_one(
     let mut current_key = None;
     let url = match &current {
         Some(row) => {
-            let configuration = plain_configuration(row);
-            let enabled = configuration
-                .get(crate::instances::WEBHOOK_ENABLED)
-                .and_then(Value::as_str)
-                .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-            let url = configuration
-                .get(crate::instances::WEBHOOK_URL)
-                .and_then(Value::as_str)
-                .map(str::trim)
-                .filter(|url| !url.is_empty());
-            match (enabled, url) {
-                (true, Some(url)) => {
+            match webhook_url(row) {
+                Some(url) => {
                     // Signing with another key would make the receiver refuse the event
                     // without saying why: one this replica cannot open waits for one that can.
                     match open_secrets(app, row) {
@@ -378,9 +374,9 @@ async fn deliver_one(
                             );
                         }
                     }
-                    url.to_string()
+                    url
                 }
-                _ => {
+                None => {
                     return (
                         DeliveryOutcome::Failed,
                         Some("the instance's webhooks were turned off: not sent".into()),
