@@ -65,8 +65,17 @@ impl Range {
                 .ok_or_else(|| format!("`{text}`: the prefix length must be 0 to {width}"))?,
             None => width,
         };
+        // An IPv4-mapped network (`::ffff:10.0.0.0/104`) is that IPv4 network (`10.0.0.0/8`).
+        let canonical_network = canonical(network);
+        let prefix = if canonical_network.is_ipv4() && network.is_ipv6() {
+            prefix.checked_sub(96).ok_or_else(|| {
+                format!("`{text}`: an IPv4-mapped range takes a prefix of 96 to 128")
+            })?
+        } else {
+            prefix
+        };
         Ok(Range {
-            network: canonical(network),
+            network: canonical_network,
             prefix,
         })
     }
@@ -130,8 +139,14 @@ impl Policy {
 
     /// Whether the operator refuses `ip` (the addresses refused always aside).
     fn denies(&self, ip: IpAddr) -> bool {
-        self.deny.iter().any(|range| range.contains(ip))
-            && !self.allow.iter().any(|range| range.contains(ip))
+        // An IPv4 address inside an IPv6 one (NAT64, 6to4, IPv4-compatible or -translated)
+        // reaches that IPv4 address, where a translator runs: judged as it too.
+        let reached = |ip: IpAddr| {
+            self.deny.iter().any(|range| range.contains(ip))
+                && !self.allow.iter().any(|range| range.contains(ip))
+        };
+        reached(ip)
+            || matches!(ip, IpAddr::V6(v6) if embedded_v4(v6).is_some_and(|v4| reached(IpAddr::V4(v4))))
     }
 
     /// Whether `ip` may not be reached.
@@ -210,21 +225,8 @@ pub fn forbidden(ip: IpAddr) -> bool {
                 return forbidden(IpAddr::V4(v4));
             }
             let segments = v6.segments();
-            // An IPv4 address inside an IPv6 one reaches that IPv4 address: IPv4-compatible
-            // (`::a9fe:a9fe`, not `::1` or `::`), IPv4-translated (`::ffff:0:a9fe:a9fe`),
-            // NAT64's well-known prefix 64:ff9b::/96 and its local-use 64:ff9b:1::/48 (the
-            // address in the last 32 bits, as translators are set up with /96 prefixes), and
-            // 6to4's 2002::/16 (the address in bits 16 to 48).
-            let last = Ipv4Addr::from_bits(v6.to_bits() as u32);
-            let compatible = segments[..6] == [0; 6] && segments[6] != 0;
-            let translated = segments[..6] == [0, 0, 0, 0, 0xffff, 0];
-            let nat64 =
-                segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || segments[..3] == [0x64, 0xff9b, 1];
-            if (compatible || translated || nat64) && forbidden(IpAddr::V4(last)) {
-                return true;
-            }
-            let six_to_four = Ipv4Addr::from_bits((v6.to_bits() >> 80) as u32);
-            if segments[0] == 0x2002 && forbidden(IpAddr::V4(six_to_four)) {
+            // An IPv4 address inside an IPv6 one reaches that IPv4 address.
+            if embedded_v4(v6).is_some_and(|v4| forbidden(IpAddr::V4(v4))) {
                 return true;
             }
             // fe80::/10 link-local, and AWS's IPv6 metadata address fd00:ec2::254.
@@ -233,6 +235,23 @@ pub fn forbidden(ip: IpAddr) -> bool {
                 || v6.is_unspecified()
         }
     }
+}
+
+/// The IPv4 address an IPv6 one carries, where it reaches it: IPv4-compatible (`::a9fe:a9fe`,
+/// not `::1` or `::`), IPv4-translated (`::ffff:0:a9fe:a9fe`), NAT64's well-known prefix
+/// 64:ff9b::/96 and its local-use 64:ff9b:1::/48 (the address in the last 32 bits, as
+/// translators are set up with /96 prefixes), and 6to4's 2002::/16 (in bits 16 to 48).
+/// IPv4-mapped ones are handled as IPv4 addresses by the callers.
+fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    let segments = v6.segments();
+    let last = Ipv4Addr::from_bits(v6.to_bits() as u32);
+    let compatible = segments[..6] == [0; 6] && segments[6] != 0;
+    let translated = segments[..6] == [0, 0, 0, 0, 0xffff, 0];
+    let nat64 = segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || segments[..3] == [0x64, 0xff9b, 1];
+    if compatible || translated || nat64 {
+        return Some(last);
+    }
+    (segments[0] == 0x2002).then(|| Ipv4Addr::from_bits((v6.to_bits() >> 80) as u32))
 }
 
 /// Refuses a URL whose host is a forbidden IP literal or a metadata host name (the addresses
@@ -321,6 +340,9 @@ mod tests {
             "http://[fd12::1]/",
             "http://203.0.113.9/",
             "http://169.254.169.254/",
+            "http://[64:ff9b::a00:5]/",
+            "http://[2002:a00:5::]/",
+            "http://[::ffff:0:a00:5]/",
         ] {
             assert!(policy.check_text(refused).is_err(), "{refused}");
         }
@@ -348,6 +370,12 @@ mod tests {
                 .starts_with("--egress-allow: ")
         );
         assert_eq!(Policy::parse(" , ", "").unwrap(), Policy::default());
+        // An IPv4-mapped range is the IPv4 range it maps: it takes back 10.20/16, not all.
+        let mapped = Policy::parse("private", "::ffff:10.20.0.0/112").unwrap();
+        assert!(mapped.check_text("http://10.20.1.1/").is_ok());
+        assert!(mapped.check_text("http://10.21.1.1/").is_err());
+        assert!(mapped.check_text("http://127.0.0.1/").is_err());
+        assert!(Policy::parse("::ffff:0:0/95", "").is_err());
     }
 
     #[tokio::test]

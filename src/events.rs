@@ -499,6 +499,9 @@ async fn deliver_one(
 }
 
 /// The next attempt of a delivery that failed with `error`, or the end of its tries.
+/// The longest wait a receiver's `Retry-After` gets while its event holds the later ones.
+const ORDERED_WAIT_MAX_MS: i64 = 10_000;
+
 /// `asked_wait`: the wait the receiver asked for (ms), the least before the next attempt.
 fn retry_or_give_up(
     event: &EventRow,
@@ -509,6 +512,15 @@ fn retry_or_give_up(
     // `attempts` was counted by the claim: it is this attempt's number.
     let random = u64::from_le_bytes(crypto::random_bytes::<8>()) as f64 / u64::MAX as f64;
     let now = now_ms();
+    // While the event holds its instance's later ones (its first attempts), a wait asked for
+    // is capped: an hour asked five times held them for five hours.
+    let asked_wait = asked_wait.map(|wait| {
+        if event.attempts <= crate::store::ORDERED_ATTEMPTS {
+            wait.min(ORDERED_WAIT_MAX_MS)
+        } else {
+            wait
+        }
+    });
     match retry_at(event.attempts, event.occurred_at, now, random) {
         Some(at) => (
             DeliveryOutcome::RetryAt(at.max(now + asked_wait.unwrap_or(0))),

@@ -444,7 +444,9 @@ impl OpenConnections {
             unheard
                 .iter()
                 .filter(|(_, (at, heard))| {
-                    at.elapsed() >= silent_for && !heard.dropped.load(Ordering::SeqCst)
+                    at.elapsed() >= silent_for
+                        && !heard.dropped.load(Ordering::SeqCst)
+                        && !heard.heard.load(Ordering::SeqCst)
                 })
                 .take(count)
                 .map(|(id, (_, heard))| {

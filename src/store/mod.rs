@@ -1427,6 +1427,7 @@ macro_rules! bind_tokens {
 mod commits;
 pub mod copy;
 mod events;
+pub use events::ORDERED_ATTEMPTS;
 mod instances;
 
 #[cfg(test)]
