@@ -676,6 +676,25 @@ async fn connections_past_the_cap_make_the_oldest_idle_one_close() {
     drop_test_database(&url).await;
 }
 
+/// `GET /healthz` from a new connection, closed after its answer, which must come within
+/// `within` (`what` says what a timeout means): the answer as text.
+async fn healthz_as_a_new_caller(env: &Env, within: Duration, what: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut caller = tokio::net::TcpStream::connect(env.server.addr)
+        .await
+        .unwrap();
+    caller
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut said = Vec::new();
+    tokio::time::timeout(within, caller.read_to_end(&mut said))
+        .await
+        .expect(what)
+        .unwrap();
+    String::from_utf8_lossy(&said).into_owned()
+}
+
 /// Past the cap, connections that have not sent a whole request head in a second are given up
 /// first and at once, whether silent or sending a head a byte at a time: such sockets, opened
 /// faster than they time out, held every place until the idle timeout (75 s) and shut out
@@ -705,19 +724,8 @@ async fn unfinished_heads_past_the_cap_make_way_for_a_caller() {
     }
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     let started = std::time::Instant::now();
-    let mut caller = tokio::net::TcpStream::connect(env.server.addr)
-        .await
-        .unwrap();
-    caller
-        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut said = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), caller.read_to_end(&mut said))
-        .await
-        .expect("the caller was served")
-        .unwrap();
-    let said = String::from_utf8_lossy(&said);
+    let said =
+        healthz_as_a_new_caller(&env, Duration::from_secs(10), "the caller was served").await;
     assert!(said.contains("200 OK"), "{said}");
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -739,7 +747,7 @@ async fn unfinished_heads_past_the_cap_make_way_for_a_caller() {
 /// (a load balancer's pre-opened connections held their places until the idle timeout).
 #[tokio::test]
 async fn silent_connections_past_the_cap_close_for_a_caller() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let url = crate::support::sqlite_database();
     let env = Env::start_adjusted("capped-silent", &url, |config| {
         config.max_connections = Some(2);
@@ -755,19 +763,12 @@ async fn silent_connections_past_the_cap_close_for_a_caller() {
     }
     // Both are accepted and counted before the caller comes.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut caller = tokio::net::TcpStream::connect(env.server.addr)
-        .await
-        .unwrap();
-    caller
-        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut said = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), caller.read_to_end(&mut said))
-        .await
-        .expect("the caller was served once a silent connection closed")
-        .unwrap();
-    let said = String::from_utf8_lossy(&said);
+    let said = healthz_as_a_new_caller(
+        &env,
+        Duration::from_secs(5),
+        "the caller was served once a silent connection closed",
+    )
+    .await;
     assert!(said.contains("200 OK"), "{said}");
     let mut first = silent.remove(0);
     let mut rest = [0u8; 16];
