@@ -61,6 +61,10 @@ impl Caller {
     }
 }
 
+/// The answer to a request with more than one `Authorization` header (the API's and the
+/// proxy's).
+pub const TWO_AUTHORIZATION_HEADERS: &str = "The request has more than one Authorization header: send one, `User <user secret>, Organization <organization secret>` (with `, Element <instance token>` where an instance is named)";
+
 impl FromRequestParts<SharedApp> for Caller {
     type Rejection = ApiError;
 
@@ -68,6 +72,17 @@ impl FromRequestParts<SharedApp> for Caller {
         parts: &mut Parts,
         app: &SharedApp,
     ) -> Result<Self, Self::Rejection> {
+        // Two headers are refused rather than one of them taken: a gateway in front may judge
+        // the request by the other.
+        if parts
+            .headers
+            .get_all(axum::http::header::AUTHORIZATION)
+            .iter()
+            .nth(1)
+            .is_some()
+        {
+            return Err(ApiError::bad_request(TWO_AUTHORIZATION_HEADERS));
+        }
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)

@@ -108,13 +108,17 @@ pub(super) async fn authenticate(
     headers: &HeaderMap,
     now: Instant,
 ) -> Result<i64, ApiError> {
-    let header = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .ok_or_else(|| {
-            ApiError::unauthorized(
-                "Calls through an instance need `Authorization: User <user secret>, Element <instance token>`",
+    let mut given = headers.get_all(axum::http::header::AUTHORIZATION).iter();
+    let header = given.next().ok_or_else(|| {
+        ApiError::unauthorized(
+            "Calls through an instance need `Authorization: User <user secret>, Element <instance token>`",
             )
         })?;
+    if given.next().is_some() {
+        return Err(ApiError::bad_request(
+            crate::http::caller::TWO_AUTHORIZATION_HEADERS,
+        ));
+    }
     let key: [u8; 32] = Sha256::new()
         .chain_update(b"tokenwarden proxy credentials\0")
         .chain_update(header.as_bytes())

@@ -923,3 +923,58 @@ async fn what_one_organization_makes_the_service_keep_is_bounded() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// A request with two `Authorization` headers is refused, on the API as through the proxy: the
+/// service took the first, and a gateway in front may judge the request by the second.
+#[tokio::test]
+async fn two_authorization_headers_are_refused() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "twice")
+        .await;
+    let id = created["id"].as_i64().unwrap();
+    let token = created["token"].as_str().unwrap();
+    let other = env.new_org("other").await;
+    for (url, first, second) in [
+        (
+            env.api(&format!("/instances/{id}")),
+            env.org.platform(),
+            other.platform(),
+        ),
+        (
+            env.api("/proxy/api/me"),
+            env.org.through(token),
+            other.platform(),
+        ),
+    ] {
+        let response = env
+            .http
+            .get(&url)
+            .header("authorization", &first)
+            .header("authorization", &second)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{url}");
+        let body: Value = response.json().await.unwrap();
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("more than one Authorization header"),
+            "{body}"
+        );
+        // One of them alone is answered.
+        let alone = env
+            .http
+            .get(&url)
+            .header("authorization", &first)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(alone.status(), 200, "{url}");
+    }
+    env.stop().await;
+    drop_test_database(&url).await;
+}
