@@ -3371,6 +3371,13 @@ fn check_webhook_url(app: &App, configuration: &Map<String, Value>) -> ApiResult
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
         return Err(refused("an http or https URL with a host is needed".into()));
     }
+    // The configuration is shown to whoever reads the instance: a password in the URL would be
+    // too. The receiver knows the sender by the signature.
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(refused(
+            "user info (`user:password@`) is not kept in a URL anyone reading the instance sees; a receiver checks `X-Tokenwarden-Signature`, signed with `event.notification.signature.key`".into(),
+        ));
+    }
     app.config.egress.check_url(&url).map_err(refused)
 }
 

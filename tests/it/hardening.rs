@@ -558,6 +558,9 @@ async fn unusable_update_inputs_are_refused() {
         "not a url",
         "ftp://example.test/hook",
         "http://169.254.169.254/latest",
+        // A password in it would be shown to whoever reads the instance.
+        "https://hooks:s3cret@hooks.example.test/in",
+        "https://hooks@hooks.example.test/in",
     ] {
         let (status, body) = patch(json!({"configuration": {"event.notification.enabled": "true", "event.notification.callback.url": bad}})).await;
         assert_eq!(status, 400, "{bad}: {body}");
