@@ -1483,28 +1483,32 @@ async fn store_created(
     path = "/elements/api-v2/instances",
     operation_id = "instances_list",
     tag = "instances",
-    summary = "The organization's instances (or the Element token's one); `?tags[]=`",
-    params(("tags[]" = Option<String>, Query, description = "only instances with this tag (repeatable)")),
+    summary = "The organization's instances (or the Element token's one); `?tags[]=`, pages with `?limit=`",
+    params(
+        ("tags[]" = Option<String>, Query, description = "only instances with this tag (repeatable)"),
+        ("limit" = Option<i64>, Query, description = "a page of at most this many instances, 1 to 1000, oldest first; a `Link: <…>; rel=\"next\"` header names the next page while one follows (without `limit` and `after`, the whole list)"),
+        ("after" = Option<String>, Query, description = "the cursor in the previous page's `Link` (a page of 100 when given without `limit`)"),
+    ),
     security(("platform" = [])),
     responses(
-        (status = 200, description = "The instances", body = [crate::openapi::Instance]),
+        (status = 200, description = "The instances", body = [crate::openapi::Instance],
+         headers(("Link" = String, description = "`<the next page's path and query>; rel=\"next\"`, on a page that has a next one"))),
         crate::openapi::PlatformErrors
     ),
 )]
 pub async fn list(
     State(app): State<SharedApp>,
     caller: Caller,
+    uri: axum::extract::OriginalUri,
     RawQuery(query): RawQuery,
-) -> ApiResult<AxumJson<Vec<Value>>> {
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
     if let Some(row) = &caller.element {
         // That instance alone, as a one-element array (the contract), whatever the query.
         let name = connector_name(&app, row).await;
-        return Ok(AxumJson(vec![instances::view(
-            &app,
-            row,
-            name.as_deref(),
-            true,
-        )?]));
+        return Ok(
+            AxumJson(vec![instances::view(&app, row, name.as_deref(), true)?]).into_response(),
+        );
     }
     caller.require_organization()?;
     let query = query.unwrap_or_default();
@@ -1523,10 +1527,16 @@ pub async fn list(
         .filter(|(key, _)| key == "tags[]" || key == "tags")
         .map(|(_, value)| value.into_owned())
         .collect();
-    let rows = app
-        .store
-        .list_instances(caller.organization_id, &tags)
-        .await?;
+    let page = ListPage::read(&query)?;
+    let (rows, next) = match page {
+        None => (
+            app.store
+                .list_instances(caller.organization_id, &tags)
+                .await?,
+            None,
+        ),
+        Some(page) => list_page(&app, caller.organization_id, &tags, page).await?,
+    };
     // Each connector's name read once (a query per instance held SQLite's one connection
     // for as many queries as the organization has instances).
     let mut names: HashMap<&str, Option<String>> = HashMap::new();
@@ -1558,7 +1568,125 @@ pub async fn list(
             "instances listed whose stored secrets do not open (altered, or sealed under a master key this process does not have): they show `state: unreadable`"
         );
     }
-    Ok(AxumJson(out))
+    let mut response = AxumJson(out).into_response();
+    if let (Some(page), Some(next)) = (page, next) {
+        let mut query = url::form_urlencoded::Serializer::new(String::new());
+        query.append_pair("limit", &page.limit.to_string());
+        query.append_pair("after", &ListPage::cursor(next));
+        for tag in &tags {
+            query.append_pair("tags[]", tag);
+        }
+        let link = format!("<{}?{}>; rel=\"next\"", uri.0.path(), query.finish());
+        if let Ok(value) = axum::http::HeaderValue::from_str(&link) {
+            response
+                .headers_mut()
+                .insert(axum::http::header::LINK, value);
+        }
+    }
+    Ok(response)
+}
+
+/// A page of `GET /instances` asked for with `limit` and `after`.
+#[derive(Clone, Copy)]
+struct ListPage {
+    limit: usize,
+    /// The creation time and id of the previous page's last instance.
+    after: Option<(i64, i64)>,
+}
+
+impl ListPage {
+    const DEFAULT_LIMIT: usize = 100;
+    const MAX_LIMIT: usize = 1000;
+
+    /// `None` for the whole list (neither `limit` nor `after` given).
+    fn read(query: &str) -> ApiResult<Option<Self>> {
+        let mut limit = None;
+        let mut after = None;
+        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            match key.as_ref() {
+                "limit" => {
+                    limit = Some(
+                        value
+                            .parse::<usize>()
+                            .ok()
+                            .filter(|limit| (1..=Self::MAX_LIMIT).contains(limit))
+                            .ok_or_else(|| {
+                                ApiError::bad_request(format!(
+                                    "`limit` is a page size from 1 to {}, not {value:?}",
+                                    Self::MAX_LIMIT
+                                ))
+                            })?,
+                    );
+                }
+                "after" => {
+                    after = Some(Self::parse_cursor(&value).ok_or_else(|| {
+                        ApiError::bad_request(
+                            "`after` is the cursor given in the previous page's `Link` header, unchanged",
+                        )
+                    })?);
+                }
+                _ => {}
+            }
+        }
+        if limit.is_none() && after.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            limit: limit.unwrap_or(Self::DEFAULT_LIMIT),
+            after,
+        }))
+    }
+
+    fn cursor((created_at, id): (i64, i64)) -> String {
+        format!("{created_at}.{id}")
+    }
+
+    fn parse_cursor(text: &str) -> Option<(i64, i64)> {
+        let (created_at, id) = text.split_once('.')?;
+        Some((created_at.parse().ok()?, id.parse().ok()?))
+    }
+}
+
+/// A page of the organization's instances (with any of `tags`), and the cursor of its last
+/// instance when more follow. Read in batches, so that a page of a rare tag does not hold the
+/// whole table at once.
+async fn list_page(
+    app: &App,
+    organization_id: i64,
+    tags: &[String],
+    page: ListPage,
+) -> ApiResult<(Vec<InstanceRow>, Option<(i64, i64)>)> {
+    let batch = if tags.is_empty() {
+        page.limit + 1
+    } else {
+        (page.limit + 1).max(500)
+    };
+    let mut out = Vec::with_capacity(page.limit.min(batch));
+    let mut after = page.after;
+    loop {
+        let rows = app
+            .store
+            .list_instances_after(organization_id, after, batch as i64)
+            .await?;
+        let last_batch = rows.len() < batch;
+        for row in rows {
+            after = Some((row.created_at, row.id));
+            if !tags.is_empty() && !row.tag_list().iter().any(|tag| tags.contains(tag)) {
+                continue;
+            }
+            if out.len() == page.limit {
+                // One more follows: the page ends at its last instance.
+                let next = out
+                    .last()
+                    .map(|last: &InstanceRow| (last.created_at, last.id));
+                return Ok((out, next));
+            }
+            out.push(row);
+        }
+        if last_batch {
+            return Ok((out, None));
+        }
+    }
 }
 
 async fn connector_name(app: &App, row: &InstanceRow) -> Option<String> {

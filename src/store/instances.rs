@@ -302,6 +302,29 @@ impl Store {
             .collect())
     }
 
+    /// Up to `limit` of the organization's instances created after `after` (its creation time
+    /// and id: the order of [`Store::list_instances`]), in that order; a page of a list.
+    pub async fn list_instances_after(
+        &self,
+        organization_id: i64,
+        after: Option<(i64, i64)>,
+        limit: i64,
+    ) -> Result<Vec<InstanceRow>, StoreError> {
+        let (created_at, id) = after.unwrap_or((i64::MIN, i64::MIN));
+        let sql = format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE organization_id = $1 \
+             AND (created_at > $2 OR (created_at = $2 AND id > $3)) \
+             ORDER BY created_at, id LIMIT $4"
+        );
+        Ok(sqlx::query_as::<_, InstanceRow>(sqlx::AssertSqlSafe(sql))
+            .bind(organization_id)
+            .bind(created_at)
+            .bind(id)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
     /// Replaces name, tags (JSON array) and configuration (JSON object); `client_secret_enc`:
     /// `None` keeps it, `Some(None)` removes it, `Some(Some(..))` sets it. With `expected`,
     /// only while the row is still as read: a refresh that committed since may have set

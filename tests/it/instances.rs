@@ -3869,3 +3869,99 @@ async fn a_re_authentication_takes_the_secret_its_authorization_was_given() {
         drop_test_database(&url).await;
     }
 }
+
+/// `GET /instances?limit=` answers pages, oldest first, each naming the next in a `Link`
+/// header until the last: together the whole list, with or without a tag filter. Bad paging
+/// input is a 400.
+#[tokio::test]
+async fn the_list_comes_in_pages() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let platform = env.org.platform();
+        let mut ids = Vec::new();
+        for user in ["p1", "p2", "p3", "p4", "p5"] {
+            let created = env.create_instance(&env.org, "sandbox-generic", user).await;
+            ids.push(created["id"].as_i64().unwrap());
+        }
+        let whole = call(
+            &env,
+            Method::GET,
+            &env.api("/instances"),
+            Some(&platform),
+            None,
+        )
+        .await;
+        let whole: Vec<i64> = whole
+            .body
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_i64().unwrap())
+            .collect();
+        assert_eq!(whole, ids, "[{label}] the whole list, oldest first");
+        for (first, expected, expected_pages) in [
+            ("/instances?limit=2".to_string(), ids.clone(), 3),
+            (
+                "/instances?limit=1&tags[]=p4&tags[]=p2".to_string(),
+                vec![ids[1], ids[3]],
+                2,
+            ),
+            ("/instances?limit=5".to_string(), ids.clone(), 1),
+        ] {
+            let mut next = Some(env.api(&first));
+            let mut seen = Vec::new();
+            let mut pages = 0;
+            while let Some(page_url) = next.take() {
+                let response = env
+                    .http
+                    .get(&page_url)
+                    .header("authorization", &platform)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200, "[{label}] {page_url}");
+                if let Some(link) = response.headers().get("link") {
+                    let link = link.to_str().unwrap();
+                    let target = link
+                        .strip_prefix('<')
+                        .and_then(|rest| rest.split_once(">; rel=\"next\""))
+                        .map(|(target, _)| target)
+                        .unwrap_or_else(|| panic!("[{label}] {link}"));
+                    next = Some(format!("{}{target}", env.server.url));
+                }
+                let body: Value = response.json().await.unwrap();
+                let page: Vec<i64> = body
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|i| i["id"].as_i64().unwrap())
+                    .collect();
+                assert!(!page.is_empty(), "[{label}] {page_url}: an empty page");
+                seen.extend(page);
+                pages += 1;
+                assert!(pages <= 5, "[{label}] {first}: pages never end");
+            }
+            assert_eq!(seen, expected, "[{label}] {first}");
+            assert_eq!(pages, expected_pages, "[{label}] {first}");
+        }
+        for bad in [
+            "limit=0",
+            "limit=1001",
+            "limit=x",
+            "after=nonsense",
+            "limit=2&after=1",
+        ] {
+            let reply = call(
+                &env,
+                Method::GET,
+                &env.api(&format!("/instances?{bad}")),
+                Some(&platform),
+                None,
+            )
+            .await;
+            assert_eq!(reply.status, 400, "[{label}] {bad}: {}", reply.body);
+        }
+        env.stop().await;
+        drop_test_database(&url).await;
+    }
+}
