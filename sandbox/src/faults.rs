@@ -40,6 +40,31 @@ pub struct Fault {
     /// and answers too late (a client's timeout loses the answer, not the work: a refresh
     /// token rotated all the same). Token endpoints only.
     pub answer_late: bool,
+    /// A provider's own refusal to answer with the status instead of the sandbox's generic
+    /// `temporarily_unavailable`.
+    pub error: Option<ImitatedError>,
+}
+
+/// Refusals of real providers a fault can answer with (`"error"` in `POST /__sandbox/faults`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ImitatedError {
+    /// Microsoft Entra's loop detection: `invalid_grant` with AADSTS50196, sent to a client
+    /// that repeats the same request too often; the grant itself is good.
+    #[serde(rename = "AADSTS50196")]
+    MicrosoftLoopDetected,
+}
+
+impl ImitatedError {
+    /// The token endpoint's body for it.
+    pub fn body(self) -> serde_json::Value {
+        match self {
+            ImitatedError::MicrosoftLoopDetected => serde_json::json!({
+                "error": "invalid_grant",
+                "error_description": "AADSTS50196: The server terminated an operation because it encountered a client request loop. Please contact your app vendor.",
+                "error_codes": [50196],
+            }),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -63,6 +88,8 @@ pub struct FaultRequest {
     /// See [`Fault::answer_late`]: with `status` 0 and a `delayMs`.
     #[serde(default)]
     pub answer_late: bool,
+    /// See [`Fault::error`]: with a failing `status`, on the token target.
+    pub error: Option<ImitatedError>,
 }
 
 /// The longest delay a fault may ask for; longer ones would only hang test suites.
@@ -95,6 +122,10 @@ impl Faults {
                 "answerLate is for the token target, with status 0 and a delayMs".to_string(),
             );
         }
+        if request.error.is_some() && (request.target != FaultTarget::Token || request.status == 0)
+        {
+            return Err("error is for the token target, with a failing status".to_string());
+        }
         if request.delay_ms > MAX_DELAY_MS {
             return Err(format!("delayMs must be at most {MAX_DELAY_MS}"));
         }
@@ -112,6 +143,7 @@ impl Faults {
                     .or((request.status == 429).then_some(1))
                     .filter(|_| request.status != 0),
                 answer_late: request.answer_late,
+                error: request.error,
             },
             remaining: count,
         });
@@ -180,6 +212,7 @@ mod tests {
             delay_ms: 0,
             retry_after: None,
             answer_late: false,
+            error: None,
         };
         faults.add(req(503, Some(2))).expect("valid");
         faults.add(req(429, None)).expect("valid");
@@ -198,11 +231,29 @@ mod tests {
             delay_ms,
             retry_after: None,
             answer_late: true,
+            error: None,
         };
         assert!(faults.add(late(FaultTarget::Token, 0, 100)).is_ok());
         assert!(faults.take(FaultTarget::Token).unwrap().answer_late);
         assert!(faults.add(late(FaultTarget::Token, 503, 100)).is_err());
         assert!(faults.add(late(FaultTarget::Token, 0, 0)).is_err());
         assert!(faults.add(late(FaultTarget::Api, 0, 100)).is_err());
+        // A provider's own refusal: of a token endpoint, with a failing status.
+        let imitated = |target, status| FaultRequest {
+            target,
+            status,
+            count: None,
+            delay_ms: 0,
+            retry_after: None,
+            answer_late: false,
+            error: Some(ImitatedError::MicrosoftLoopDetected),
+        };
+        assert!(faults.add(imitated(FaultTarget::Api, 400)).is_err());
+        assert!(faults.add(imitated(FaultTarget::Token, 0)).is_err());
+        assert!(faults.add(imitated(FaultTarget::Token, 400)).is_ok());
+        assert_eq!(
+            faults.take(FaultTarget::Token).unwrap().error,
+            Some(ImitatedError::MicrosoftLoopDetected)
+        );
     }
 }

@@ -120,6 +120,13 @@ const PERMANENT_ERRORS: &[&str] = &[
     "login_required",
 ];
 
+/// Errors with a permanent code that do not mean the grant is gone, as `"code: description"`
+/// prefixes compared without regard to case: Microsoft Entra's AADSTS50196 (`invalid_grant`,
+/// "The server terminated an operation because it encountered a client request loop"), sent to
+/// a client repeating the same request too often in a few minutes; the refresh token is good,
+/// and the refresh is tried again after the backoff like any passing failure.
+pub const NOT_PERMANENT_DESCRIBED: &[&str] = &["invalid_grant: aadsts50196"];
+
 /// Token-endpoint errors about the app, not the user's grant (RFC 6749 §5.2):
 /// `invalid_client` (its credentials are wrong: a client secret expired or rotated, as Entra's
 /// do every two years at most) and `unauthorized_client` (the client may not use the grant: a

@@ -388,9 +388,15 @@ pub(crate) fn find_oauth_error(
                 .as_deref()
                 .is_some_and(|text| text.starts_with(entry.trim().to_lowercase().as_str()))
     };
+    let described_passing = described.as_deref().is_some_and(|text| {
+        crate::oauth::error::NOT_PERMANENT_DESCRIBED
+            .iter()
+            .any(|entry| text.starts_with(entry))
+    });
     Some(FoundError {
-        permanent: is_permanent_error_code(&chosen, connector_permanent_errors)
-            || connector_permanent_errors.iter().any(described_permanent),
+        permanent: !described_passing
+            && (is_permanent_error_code(&chosen, connector_permanent_errors)
+                || connector_permanent_errors.iter().any(described_permanent)),
         error: chosen,
         description: description.map(|d| cut(&d, MAX_ECHO_CHARS)),
     })

@@ -1414,3 +1414,37 @@ async fn a_new_access_token_that_is_not_active_yet_does_not_invalidate_the_insta
     works(&env, &token, "activated").await;
     env.stop().await;
 }
+
+/// Microsoft's loop detection (`invalid_grant` with AADSTS50196, sent to a client repeating the
+/// same request too often) does not end a good grant: the refresh fails for now, the instance
+/// stays valid, and the next refresh works. It was read as any `invalid_grant`, and the
+/// instance asked its user to consent again.
+#[tokio::test]
+async fn microsoft_s_loop_detection_is_no_dead_grant() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-microsoft", "looper")
+        .await;
+    let id = created["id"].to_string();
+    let token = created["token"].as_str().unwrap().to_string();
+    env.sandbox_post(
+        "/__sandbox/faults",
+        json!({"target": "token", "status": 400, "error": "AADSTS50196"}),
+    )
+    .await;
+    let (status, body) = refresh(&env, &id, &token).await;
+    assert_ne!(status, 200, "{body}");
+    let shown = instance(&env, &token).await;
+    assert_eq!(shown["valid"], true, "{shown}");
+    assert!(
+        shown["lastRefreshFailure"]
+            .as_str()
+            .is_some_and(|failure| failure.contains("AADSTS50196")),
+        "{shown}"
+    );
+    refresh_ok(&env, &id, &token, "after the loop detection").await;
+    works(&env, &token, "after the loop detection").await;
+    env.stop().await;
+    drop_test_database(&url).await;
+}

@@ -402,10 +402,13 @@ pub async fn injected_fault_or_late_answer(sandbox: &Sandbox, target: FaultTarge
     } else {
         "temporarily_unavailable"
     };
-    let mut response = json_response(
-        status,
-        json!({"error": error, "error_description": format!("Injected fault: HTTP {}.", fault.status)}),
-    );
+    let body = match fault.error {
+        Some(imitated) => imitated.body(),
+        None => {
+            json!({"error": error, "error_description": format!("Injected fault: HTTP {}.", fault.status)})
+        }
+    };
+    let mut response = json_response(status, body);
     if let Some(seconds) = fault.retry_after {
         response
             .headers_mut()
