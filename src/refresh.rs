@@ -2220,6 +2220,68 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
             }
         }
     }
+    // An endpoint that takes the access token alone (Dropbox's, Slack's: the token is the
+    // request's `Bearer`) refuses one that has expired, while the refresh token, and the grant,
+    // live on: a fresh access token is fetched with it and presented instead. Its rotated
+    // refresh token is not kept: the grant is being ended, and a revocation that fails again
+    // leaves the grant as alive as before.
+    if !revoked
+        && !retryable
+        && !client_rejected
+        && style.is_some_and(|s| !s.takes_refresh_tokens())
+        && let Some(refresh_token) = &secrets.refresh_token
+    {
+        match app
+            .oauth
+            .refresh(&spec, &endpoints, &credentials, refresh_token)
+            .await
+        {
+            Ok(fresh) => match app
+                .oauth
+                .revoke(
+                    &spec,
+                    &endpoints,
+                    &credentials,
+                    &fresh.access_token,
+                    TokenHint::AccessToken,
+                )
+                .await
+            {
+                Ok(outcome)
+                    if cascades || matches!(outcome, crate::oauth::RevokeOutcome::NoEndpoint) =>
+                {
+                    revoked = true;
+                    messages.clear();
+                }
+                Ok(_) => messages
+                    .push("a fresh access token was revoked, the refresh token was not".into()),
+                Err(error) => {
+                    retryable |= revocation_may_pass(&error);
+                    client_rejected |= error.is_client_rejected();
+                    let message = error.provider_message();
+                    if !messages.contains(&message) {
+                        messages.push(message);
+                    }
+                }
+            },
+            // The refresh token is refused: the grant has ended already.
+            Err(error) if error.is_permanent() => {
+                revoked = true;
+                messages = vec![format!(
+                    "the grant had ended already (the refresh token is refused: {})",
+                    error.provider_message()
+                )];
+            }
+            Err(error) => {
+                retryable |= revocation_may_pass(&error);
+                client_rejected |= error.is_client_rejected();
+                messages.push(format!(
+                    "a fresh access token to revoke with could not be fetched ({})",
+                    error.provider_message()
+                ));
+            }
+        }
+    }
     Ok(json!({
         "revokedAtProvider": revoked,
         "retryable": !revoked && retryable,

@@ -822,6 +822,29 @@ impl Sandbox {
     }
 
     /// Revokes a grant as of `at`; an earlier pending revocation keeps its time.
+    /// Revokes a live access token that authenticated a revocation call by itself, with its
+    /// grant: Dropbox's `token/revoke` ends the refresh token and every access token minted
+    /// from it. `false` when the token is no live access token of the profile.
+    pub fn revoke_bearer_grant(&self, profile: Profile, token: &str) -> bool {
+        let now = self.clock.now_ms();
+        let Some(record) = self.access_tokens.get(token).map(|r| r.clone()) else {
+            return false;
+        };
+        if self
+            .grants
+            .get(&record.grant_id)
+            .is_none_or(|grant| grant.profile != profile)
+        {
+            return false;
+        }
+        let at = plus_seconds(now, self.settings(profile).revocation_delay_seconds);
+        self.revoke_grant(record.grant_id, at);
+        if let Some(mut entry) = self.access_tokens.get_mut(token) {
+            entry.revoked_at = Some(earliest(entry.revoked_at, at));
+        }
+        true
+    }
+
     fn revoke_grant(&self, grant_id: u64, at: Millis) {
         if let Some(mut grant) = self.grants.get_mut(&grant_id) {
             grant.revoked_at = Some(earliest(grant.revoked_at, at));

@@ -1448,3 +1448,50 @@ async fn microsoft_s_loop_detection_is_no_dead_grant() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// A revocation endpoint that takes the access token as the call's `Bearer` alone (Dropbox,
+/// Slack) refuses an expired one (401) and revokes nothing: the service fetches a fresh access
+/// token with the refresh token and revokes with it, so the grant ends. It answered "not
+/// revoked, not retryable", and a `DELETE ?revoke=true` deleted the instance with its grant
+/// alive at the provider.
+#[tokio::test]
+async fn a_bearer_revocation_with_an_expired_access_token_still_ends_the_grant() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    register(
+        &env,
+        "dropboxish",
+        json!({"oauth": {"revocation": "bearer", "revocationCascades": true}}),
+    )
+    .await;
+    for ending in ["revoke", "delete"] {
+        let (id, token) = create(&env, "dropboxish", &format!("dee-{ending}")).await;
+        let refresh_token = refresh_token_of(&env, &token).await;
+        let access = access_token_of(&env, &token).await;
+        // The access token expires at the provider; the grant lives on.
+        advance(&env, 3601).await;
+        assert_eq!(sandbox_api_status(&env, &access).await, 401);
+        let answer = if ending == "revoke" {
+            revoke_through_service(&env, &id, &token).await
+        } else {
+            let response = env
+                .http
+                .delete(env.api(&format!("/instances/{id}?revoke=true")))
+                .header("authorization", env.org.platform())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "{ending}");
+            response.json().await.unwrap()
+        };
+        assert_eq!(
+            answer["revocation"]["revokedAtProvider"], true,
+            "[{ending}] {answer}"
+        );
+        let (status, body) = sandbox_refresh(&env, &refresh_token).await;
+        assert_eq!(status, 400, "[{ending}] the grant lives on: {body}");
+        assert_eq!(body["error"], "invalid_grant", "[{ending}] {body}");
+    }
+    env.stop().await;
+    drop_test_database(&url).await;
+}

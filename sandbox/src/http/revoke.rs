@@ -167,6 +167,16 @@ async fn answer(sandbox: &crate::state::Sandbox, profile: Profile, request: Requ
                     "The parameter 'token' is missing.",
                 );
             };
+            // A token that authenticates the call must be a live access token, as any API call's
+            // (Dropbox answers an expired one 401 `expired_access_token`, and revokes nothing).
+            if bearer_only && let Err(rejection) = sandbox.check_access_token(profile, token) {
+                return super::shapes::api_rejection(
+                    profile,
+                    settings.api_rejection_shape,
+                    rejection,
+                    sandbox.clock.now_ms(),
+                );
+            }
             // RFC 7009 §2.1: the token must have been issued to the client revoking it.
             if let Some(client) = &client
                 && sandbox
@@ -179,9 +189,15 @@ async fn answer(sandbox: &crate::state::Sandbox, profile: Profile, request: Requ
                     "The token was not issued to this client.",
                 );
             }
-            // RFC 7009 §2.2: unknown and already-dead tokens answer 200 too.
+            // RFC 7009 §2.2: unknown and already-dead tokens answer 200 too. A token that
+            // authenticated the call alone ends its grant (Dropbox: the refresh token and every
+            // access token minted from it).
             if !fake_success {
-                let _ = sandbox.revoke(profile, token);
+                if bearer_only && settings.revocation_mode != RevocationMode::RefreshOnly {
+                    sandbox.revoke_bearer_grant(profile, token);
+                } else {
+                    let _ = sandbox.revoke(profile, token);
+                }
             }
             StatusCode::OK.into_response()
         }
