@@ -955,6 +955,15 @@ mod tests {
         .unwrap_err();
         assert!(!error.is_permanent());
         assert!(matches!(error, OAuthError::Provider { .. }));
+        // The catalog's Zoom entry: that `invalid_request` with those words only.
+        let mut zoom = spec();
+        zoom.permanent_errors = vec!["invalid_request: Invalid Token".into()];
+        let read =
+            |body: &str| parse_token_response(400, JSON, body.as_bytes(), &zoom).unwrap_err();
+        assert!(read(r#"{"reason":"Invalid Token!","error":"invalid_request"}"#).is_permanent());
+        assert!(
+            !read(r#"{"reason":"Missing parameter","error":"invalid_request"}"#).is_permanent()
+        );
     }
 
     #[test]
