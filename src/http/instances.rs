@@ -651,7 +651,7 @@ async fn exchange_once(
             if spent {
                 code_spent(app, Some(&code_key)).await;
             } else {
-                let _ = app.store.release_code(&code_key).await;
+                let _ = app.store.release_code(&code_key, None).await;
             }
             Err(error)
         }
@@ -1108,7 +1108,8 @@ async fn create_instance(
     if created.is_err() {
         if external {
             if let Some(key) = claimed.as_deref() {
-                let _ = app.store.release_code(key).await;
+                // Only a claim no insert marked.
+                let _ = app.store.release_code(key, None).await;
             }
         } else {
             code_spent(app, claimed.as_deref()).await;
@@ -1170,6 +1171,8 @@ async fn claim_import(
             continue;
         };
         let claimed_at = expires_at - USED_CODE_MEMORY_MS;
+        // Given back only as it was seen here: another repeat may have given it back and
+        // claimed it anew meanwhile, and that claim is not this one's to give back.
         match landed {
             Some(instance_id) if instance_id > 0 => {
                 match app
@@ -1182,11 +1185,15 @@ async fn claim_import(
                         return Ok(ImportClaim::Created((StatusCode::OK, AxumJson(view))));
                     }
                     // Deleted since: the tokens are free to be imported again.
-                    _ => app.store.release_code(key).await?,
+                    _ => {
+                        app.store.release_code(key, Some(instance_id)).await?;
+                    }
                 }
             }
             // Marked spent: not by an import, which gives its tokens back when it fails.
-            Some(_) => app.store.release_code(key).await?,
+            Some(spent) => {
+                app.store.release_code(key, Some(spent)).await?;
+            }
             None if now > claimed_at.saturating_add(patience) => {
                 return Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

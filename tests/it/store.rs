@@ -2918,3 +2918,60 @@ async fn a_write_refused_at_its_end_is_no_change() {
     store.close().await;
     drop_test_database(&url).await;
 }
+
+/// A claim of a code or of imported tokens (`used_codes`) is given back only as its releaser
+/// saw it: not marked yet (`None`: a failed exchange or create), or marked with the instance
+/// it found deleted. Two repeats of an import whose instance was deleted both gave the claim
+/// back, the second giving back the claim the first had just taken anew, and both imported
+/// the tokens.
+#[tokio::test]
+async fn claims_are_given_back_as_they_were_seen() {
+    for test in test_stores().await {
+        let store = &test.store;
+        let label = &test.label;
+        let org = organization(store, "A").await;
+        let hour = NOW + 3_600_000;
+        let key = bytes(&format!("import-{}", random_id()));
+        assert!(
+            store.claim_code(&key, org, hour).await.unwrap(),
+            "[{label}]"
+        );
+        store.code_landed(&key, 41).await.unwrap();
+        // The first repeat finds instance 41 deleted, gives the claim back and claims anew;
+        // the second, which found the same, gives nothing back.
+        assert!(
+            store.release_code(&key, Some(41)).await.unwrap(),
+            "[{label}]"
+        );
+        assert!(
+            store.claim_code(&key, org, hour).await.unwrap(),
+            "[{label}]"
+        );
+        assert!(
+            !store.release_code(&key, Some(41)).await.unwrap(),
+            "[{label}] the new claim stays"
+        );
+        assert!(
+            store.used_code(&key, NOW).await.unwrap().is_some(),
+            "[{label}]"
+        );
+        // Marked by an insert, a claim is not given back as an unmarked one.
+        store.code_landed(&key, 42).await.unwrap();
+        assert!(!store.release_code(&key, None).await.unwrap(), "[{label}]");
+        assert!(
+            !store.release_code(&key, Some(0)).await.unwrap(),
+            "[{label}]"
+        );
+        assert!(
+            store.release_code(&key, Some(42)).await.unwrap(),
+            "[{label}]"
+        );
+        assert!(
+            store.claim_code(&key, org, hour).await.unwrap(),
+            "[{label}]"
+        );
+        assert!(store.release_code(&key, None).await.unwrap(), "[{label}]");
+
+        test.cleanup().await;
+    }
+}
