@@ -803,3 +803,111 @@ async fn an_import_outlives_its_connector_deleted_during_its_refresh() {
         crate::support::drop_test_database(&url).await;
     }
 }
+
+/// `serve` killed (SIGKILL) while an import's refresh is at the provider: the instance was
+/// stored before the refresh, marked in flight under its lease, so after a restart it exists,
+/// the recovery refreshes it once that lease has run out (not left as imported, nor stuck), and
+/// the client's retry of the import is answered with it. The refresh was made before the
+/// insert: nothing was left, and the retry waited for a request that had died.
+#[tokio::test]
+async fn an_import_killed_during_its_refresh_is_refreshed_after_the_restart() {
+    use crate::crash::{call as proxy_call, spawn_serve, stats};
+    use crate::refresh::generic_profile;
+    let url = crate::support::sqlite_database();
+    let sandbox = tokenwarden_sandbox::spawn(crate::harness::loopback(), Default::default())
+        .await
+        .unwrap();
+    let sandbox_url = sandbox.url.clone();
+    let env = Env::start_with_sandbox("killed-early", &url, sandbox, |_| {}).await;
+    // No rotation: whether or not the provider finished the lost request, the stored refresh
+    // token works.
+    generic_profile(&env, json!({"rotateRefreshTokens": false})).await;
+    let (_, refresh) = tokens_of_a_new_grant(&env, "killed-early").await;
+    let mut configuration = env.configuration();
+    configuration["oauth.user.refresh_token"] = json!(refresh);
+    let body = json!({"element": {"key": "sandbox-generic"}, "externalAuthentication": "initial",
+                      "configuration": configuration, "name": "imported"});
+    let Env {
+        server,
+        sandbox,
+        http,
+        org,
+        ..
+    } = env;
+    server.shutdown().await;
+
+    let mut first = spawn_serve(&url, &sandbox_url, &http).await;
+    let fault = http
+        .post(format!("{sandbox_url}/__sandbox/faults"))
+        .json(&json!({"target": "token", "status": 0, "delayMs": 3_000, "count": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert!(fault.status().is_success());
+    let create = {
+        let request = http
+            .post(format!("{}/elements/api-v2/instances", first.url))
+            .header("authorization", org.platform())
+            .json(&body);
+        tokio::spawn(async move { request.send().await })
+    };
+    eventually(
+        "the import's refresh at the provider",
+        Duration::from_secs(20),
+        || async {
+            (stats(&http, &sandbox_url).await["faultsInjected"].as_u64() == Some(1)).then_some(())
+        },
+    )
+    .await;
+    first.process.start_kill().unwrap(); // SIGKILL
+    first.process.wait().await.unwrap();
+    let _ = create.await;
+
+    let second = spawn_serve(&url, &sandbox_url, &http).await;
+    let listed = async || -> Value {
+        http.get(format!("{}/elements/api-v2/instances", second.url))
+            .header("authorization", org.platform())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    };
+    let shown = listed().await;
+    assert_eq!(
+        shown.as_array().map(Vec::len),
+        Some(1),
+        "the instance was stored before its refresh: {shown}"
+    );
+    // Imported without an access token: the refresh it lacks is finished by the recovery
+    // once the lease of the dead process has run out (10 s).
+    let refreshed = eventually(
+        "the interrupted refresh finished by the recovery",
+        Duration::from_secs(40),
+        || async {
+            let shown = listed().await;
+            shown[0]["configuration"]["oauth.user.token"]
+                .is_string()
+                .then_some(shown)
+        },
+    )
+    .await;
+    assert_eq!(refreshed[0]["valid"], true, "{refreshed}");
+    let retried = http
+        .post(format!("{}/elements/api-v2/instances", second.url))
+        .header("authorization", org.platform())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retried.status(), 200);
+    let retried: Value = retried.json().await.unwrap();
+    assert_eq!(retried["id"], shown[0]["id"], "{retried}");
+    let token = retried["token"].as_str().unwrap().to_string();
+    let (status, answer) = proxy_call(&http, &second.url, &org, &token).await;
+    assert_eq!(status, 200, "{answer}");
+    drop(second);
+    sandbox.shutdown().await;
+    crate::support::drop_test_database(&url).await;
+}
