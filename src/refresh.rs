@@ -61,7 +61,8 @@ const PARKED_RETRY_EVERY: Duration = Duration::from_secs(1);
 struct ParkedCommit {
     version: i64,
     update: crate::store::TokenUpdate,
-    event: crate::store::NewEvent,
+    /// `instance.token.refreshed`; none for a new import's first refresh (see [`Purpose`]).
+    event: Option<crate::store::NewEvent>,
     recovered: Option<crate::store::NewEvent>,
     parked_at: Instant,
 }
@@ -256,6 +257,14 @@ pub enum RefreshFailure {
     /// The service's own database does not answer (see `StoreError::Unavailable`): 503.
     StoreUnavailable(String),
     Internal(String),
+    /// The first refresh of an instance just created from imported tokens
+    /// ([`RefreshEngine::refresh_new_import`]): the provider refuses the refresh token
+    /// (`invalid_grant` and kin), and the instance was removed again, with its held-back
+    /// `instance.created` and the claim of its tokens: the create answers 400 in the provider's
+    /// words, as one that created nothing.
+    ImportRefused {
+        provider_message: String,
+    },
 }
 
 impl RefreshFailure {
@@ -302,8 +311,27 @@ impl RefreshFailure {
                 "The instance cannot be refreshed as it is configured ({detail}); the instance stays valid: fix its configuration with PATCH or re-create it"
             )),
             RefreshFailure::Internal(detail) => ApiError::internal(detail),
+            RefreshFailure::ImportRefused { provider_message } => ApiError::bad_request(
+                "The provider refuses the imported refresh token: nothing was created; re-authenticate the user and import the new tokens, or create the instance from a code",
+            )
+            .with_provider_message(provider_message),
         }
     }
+}
+
+/// What a refresh is made for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// An instance that exists for its callers: its refresh writes `instance.token.refreshed`,
+    /// and a refusal invalidates it (`instance.invalidated`).
+    Instance,
+    /// The refresh a create of imported tokens makes before it answers, on the row its insert
+    /// wrote (lease held, `instance.created` held back from delivery): the caller has been
+    /// told of no instance yet. Refreshed, the create's `instance.created` stands for the new
+    /// tokens (no `instance.token.refreshed`); refused, the row is removed
+    /// ([`RefreshFailure::ImportRefused`]), so that no webhook ever tells of an instance the
+    /// create answered 400 for.
+    NewImport,
 }
 
 /// Whether a freshly read instance goes into the in-memory copies.
@@ -489,7 +517,7 @@ impl RefreshEngine {
                 &app.replica_id,
                 parked.version,
                 &parked.update,
-                Some(&parked.event),
+                parked.event.as_ref(),
                 parked.recovered.as_ref(),
             )
             .await
@@ -932,11 +960,46 @@ impl RefreshEngine {
         observed: Option<i64>,
         claimed: Option<Claimed>,
     ) -> Result<Arc<CachedInstance>, RefreshFailure> {
+        self.refresh_for(app, id, observed, claimed, Purpose::Instance)
+            .await
+    }
+
+    /// The first refresh of an instance a create of imported tokens has just inserted, made
+    /// before the create answers: `inserted` is the row as inserted, its lease taken for this
+    /// replica and the refresh marked in flight; `epoch` the engine's [`Self::epoch`] read
+    /// before the insert. Made like any refresh (the flight, the lease, rotated tokens
+    /// committed at once and kept in memory if the store refuses them), so that a refresh
+    /// token the provider rotates is stored before anything else happens, whatever happens to
+    /// the request. A refusal removes the instance ([`RefreshFailure::ImportRefused`], see
+    /// [`Purpose::NewImport`]).
+    pub async fn refresh_new_import(
+        &self,
+        app: &SharedApp,
+        inserted: InstanceRow,
+        epoch: u64,
+    ) -> Result<Arc<CachedInstance>, RefreshFailure> {
+        let (id, version) = (inserted.id, inserted.token_version);
+        let claimed = Claimed {
+            row: inserted,
+            epoch,
+        };
+        self.refresh_for(app, id, Some(version), Some(claimed), Purpose::NewImport)
+            .await
+    }
+
+    async fn refresh_for(
+        &self,
+        app: &SharedApp,
+        id: i64,
+        observed: Option<i64>,
+        claimed: Option<Claimed>,
+        purpose: Purpose,
+    ) -> Result<Arc<CachedInstance>, RefreshFailure> {
         let owned = Arc::clone(app);
         let task = spawn_to_the_end(app, async move {
             owned
                 .refresh
-                .refresh_here(&owned, id, observed, claimed)
+                .refresh_here(&owned, id, observed, claimed, purpose)
                 .await
         });
         task.await
@@ -949,9 +1012,13 @@ impl RefreshEngine {
         id: i64,
         observed: Option<i64>,
         claimed: Option<Claimed>,
+        purpose: Purpose,
     ) -> Result<Arc<CachedInstance>, RefreshFailure> {
-        self.in_flight(id, self.refresh_in_turn(app, id, observed, claimed))
-            .await
+        self.in_flight(
+            id,
+            self.refresh_in_turn(app, id, observed, claimed, purpose),
+        )
+        .await
     }
 
     /// Runs `work` in instance `id`'s flight of this process: after the refreshes, holds and
@@ -1062,6 +1129,7 @@ impl RefreshEngine {
         id: i64,
         observed: Option<i64>,
         claimed: Option<Claimed>,
+        purpose: Purpose,
     ) -> Result<Arc<CachedInstance>, RefreshFailure> {
         if claimed.is_none() {
             self.epoch.fetch_add(1, Ordering::AcqRel);
@@ -1185,7 +1253,7 @@ impl RefreshEngine {
         // The lease is renewed from here to the commit's end (the connector's lookup, the
         // provider call, the commit and its retries), counted from when it was taken.
         let outcome = tokio::select! {
-            outcome = self.call_provider(app, &leased, interrupted) => outcome,
+            outcome = self.call_provider(app, &leased, interrupted, purpose) => outcome,
             () = lease_heartbeat(app, id, leased.refresh_lease_until) => unreachable!("the heartbeat never ends"),
         };
         match outcome {
@@ -1306,6 +1374,7 @@ impl RefreshEngine {
         app: &App,
         row: &InstanceRow,
         interrupted: bool,
+        purpose: Purpose,
     ) -> Result<(InstanceRow, bool), RefreshFailure> {
         let store_error = RefreshFailure::from_store;
         let connector = app
@@ -1422,7 +1491,10 @@ impl RefreshEngine {
                 // token response set.
                 let mut update = applied.update;
                 update.configuration_json = applied.configuration_patch;
-                let event = events::new_event(app, row, events::REFRESHED, None);
+                // A new import's `instance.created`, written with its insert, tells of these
+                // tokens: its caller never saw the imported ones in use.
+                let event = (purpose == Purpose::Instance)
+                    .then(|| events::new_event(app, row, events::REFRESHED, None));
                 // Ending a run of transient failures that `instance.refresh_failing` announced:
                 // `instance.recovered`, in the same transaction (the store writes it only if
                 // the row was still failing). A run too short to be announced ends quietly: a
@@ -1450,7 +1522,7 @@ impl RefreshEngine {
                                 &app.replica_id,
                                 row.token_version,
                                 &update,
-                                Some(&event),
+                                event.as_ref(),
                                 recovered.as_ref(),
                             )
                             .await;
@@ -1573,6 +1645,21 @@ impl RefreshEngine {
             Err(error) if misconfigured_detail(&error).is_some() => Err(
                 RefreshFailure::Misconfigured(misconfigured_detail(&error).unwrap_or_default()),
             ),
+            Err(error) if error.is_permanent() && purpose == Purpose::NewImport => {
+                let provider_message = error.provider_message();
+                tracing::info!(instance = row.id, connector = %connector.key, reason = %provider_message, "the provider refuses an imported refresh token: the new instance is removed");
+                if !app
+                    .store
+                    .remove_refused_import(row.id, &app.replica_id, row.token_version)
+                    .await
+                    .map_err(store_error)?
+                {
+                    // Taken over or changed meanwhile (its lease ran out): as it is now.
+                    return self.moved_on(app, row).await.map(|row| (row, false));
+                }
+                self.forget(row.id);
+                Err(RefreshFailure::ImportRefused { provider_message })
+            }
             Err(error) if error.is_permanent() => {
                 let provider_message = error.provider_message();
                 let reason = if interrupted || outcome_was_unknown(row) {
@@ -1890,21 +1977,10 @@ pub(crate) fn misconfigured_detail(error: &OAuthError) -> Option<String> {
     }
 }
 
-/// A refresh refused as [`misconfigured_detail`] says, as the engine records it: the text the
-/// instance keeps and the wait before the next attempt (the first after such a refusal).
-pub(crate) fn misconfigured_failure(error: &OAuthError) -> Option<(String, i64)> {
-    misconfigured_detail(error).map(|detail| {
-        (
-            format!("{MISCONFIGURED_TEXT}: {detail}"),
-            backoff_step(0).max(BACKOFF_BASE_MS * 5),
-        )
-    })
-}
-
 /// A passing failure of a refresh (`error`, after `failure_count` failures in a row): the text
 /// the instance keeps (`lastRefreshFailure`) and the wait before the next attempt, the
 /// provider's `Retry-After` when longer (up to [`RETRY_AFTER_MAX_S`]).
-pub(crate) fn passing_failure(error: &OAuthError, failure_count: i64) -> (String, i64) {
+fn passing_failure(error: &OAuthError, failure_count: i64) -> (String, i64) {
     let retry_after_ms = error
         .retry_after()
         .map(|seconds| seconds.min(RETRY_AFTER_MAX_S) as i64 * 1000);

@@ -26,6 +26,7 @@ use crate::instances::{
     split_configuration,
 };
 use crate::oauth::TokenSet;
+use crate::refresh::RefreshFailure;
 use crate::secret::Secret;
 use crate::store::{InstanceRow, Reauthentication, TokenUpdate};
 
@@ -651,7 +652,7 @@ async fn exchange_once(
             if spent {
                 code_spent(app, Some(&code_key)).await;
             } else {
-                let _ = app.store.release_code(&code_key).await;
+                let _ = app.store.release_code(&code_key, None).await;
             }
             Err(error)
         }
@@ -1108,7 +1109,9 @@ async fn create_instance(
     if created.is_err() {
         if external {
             if let Some(key) = claimed.as_deref() {
-                let _ = app.store.release_code(key).await;
+                // Only a claim no insert marked: an instance stored before the failure (its
+                // refresh's store write failed) answers the client's retry.
+                let _ = app.store.release_code(key, None).await;
             }
         } else {
             code_spent(app, claimed.as_deref()).await;
@@ -1153,8 +1156,7 @@ async fn claim_import(
     connector: &Connector,
     key: &[u8],
 ) -> ApiResult<ImportClaim> {
-    let patience = 2 * app.config.provider_timeout + std::time::Duration::from_secs(10);
-    let patience = i64::try_from(patience.as_millis()).unwrap_or(i64::MAX);
+    let patience = i64::try_from(import_patience(app).as_millis()).unwrap_or(i64::MAX);
     loop {
         let now = now_ms();
         if app
@@ -1170,6 +1172,9 @@ async fn claim_import(
             continue;
         };
         let claimed_at = expires_at - USED_CODE_MEMORY_MS;
+        let waited_too_long = now > claimed_at.saturating_add(patience);
+        // Given back only as it was seen here: another repeat may have given it back and
+        // claimed it anew meanwhile, and that claim is not this one's to give back.
         match landed {
             Some(instance_id) if instance_id > 0 => {
                 match app
@@ -1177,17 +1182,31 @@ async fn claim_import(
                     .get_instance(caller.organization_id, instance_id)
                     .await?
                 {
+                    // Its create is still refreshing it (the lease its insert took): the
+                    // provider may yet refuse the tokens, and the instance be removed. Answered
+                    // once that is known, not with an instance that may never exist.
+                    Some(row)
+                        if row.element_key == connector.key
+                            && row.refresh_lease_until.is_some_and(|until| until > now)
+                            && !waited_too_long =>
+                    {
+                        tokio::time::sleep(REPEATED_CODE_POLL).await;
+                    }
                     Some(row) if row.element_key == connector.key => {
                         let view = instances::view(app, &row, Some(&connector.name), false)?;
                         return Ok(ImportClaim::Created((StatusCode::OK, AxumJson(view))));
                     }
                     // Deleted since: the tokens are free to be imported again.
-                    _ => app.store.release_code(key).await?,
+                    _ => {
+                        app.store.release_code(key, Some(instance_id)).await?;
+                    }
                 }
             }
             // Marked spent: not by an import, which gives its tokens back when it fails.
-            Some(_) => app.store.release_code(key).await?,
-            None if now > claimed_at.saturating_add(patience) => {
+            Some(spent) => {
+                app.store.release_code(key, Some(spent)).await?;
+            }
+            None if waited_too_long => {
                 return Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "An earlier request importing these tokens has not ended: try again in a moment (it is answered with the instance it created)",
@@ -1198,79 +1217,12 @@ async fn claim_import(
     }
 }
 
-/// How the refresh that a create of imported tokens makes before it answers went.
-enum ImportRefresh {
-    /// The provider's new tokens (the imported refresh token kept when none came back).
-    Refreshed(TokenSet),
-    /// The provider could not answer just now (5xx, 429, a timeout, the network): the import
-    /// is created as it was brought in, failing to refresh, tried again after `wait_ms`.
-    Failing { message: String, wait_ms: i64 },
-}
-
-/// The refresh of imported tokens that have no working access token (none given, or one the
-/// provider rejects), made before a create stores anything, so that its answer says how it
-/// went: a refresh token the provider refuses (`invalid_grant` and kin) is a 400 with its
-/// words, and nothing is created; a provider that cannot answer just now, or that refuses the
-/// app's credentials (the grant may be good), leaves the import to be created and refreshed
-/// later. No row exists yet, so no other refresh can present the same token meanwhile.
-async fn refresh_before_create(
-    app: &App,
-    connector: &Connector,
-    plain: &Map<String, Value>,
-    secret: &BTreeMap<String, String>,
-    imported: &TokenSet,
-) -> ApiResult<ImportRefresh> {
-    let Some(refresh_token) = imported.refresh_token.as_ref() else {
-        return Err(ApiError::internal(
-            "an import refreshed without a refresh token",
-        ));
-    };
-    let (endpoints, spec) = app
-        .oauth_settings(connector, plain)
-        .map_err(|error| ApiError::bad_request(format!("Connector input missing: {error}")))?;
-    let credentials = client_credentials(plain, secret);
-    let started = std::time::Instant::now();
-    let result = app
-        .oauth
-        .refresh(&spec, &endpoints, &credentials, refresh_token)
-        .await;
-    match result {
-        Ok(mut tokens) => {
-            // The lives the provider gave count from when the request went out (as a refresh
-            // of the engine counts them).
-            let taken = started.elapsed().as_secs();
-            tokens.expires_in = tokens.expires_in.map(|life| life.saturating_sub(taken));
-            tokens.refresh_token_expires_in = tokens
-                .refresh_token_expires_in
-                .map(|life| life.saturating_sub(taken));
-            Ok(ImportRefresh::Refreshed(tokens))
-        }
-        // The app's credentials or the request refused, not the grant: created as the engine
-        // leaves such an instance (valid, backing off, the configuration at fault named), so
-        // that a PATCH of the credentials makes it work; the refresh token was not used.
-        Err(error) if crate::refresh::misconfigured_detail(&error).is_some() => {
-            let (message, wait_ms) =
-                crate::refresh::misconfigured_failure(&error).unwrap_or_default();
-            tracing::warn!(connector = %connector.key, "an imported refresh token cannot be refreshed as configured ({message}); created, retrying in {wait_ms} ms");
-            Ok(ImportRefresh::Failing { message, wait_ms })
-        }
-        Err(error) if error.is_permanent() => Err(ApiError::bad_request(
-            "The provider refuses the imported refresh token: nothing was created; re-authenticate the user and import the new tokens, or create the instance from a code",
-        )
-        .with_provider_message(error.provider_message())),
-        Err(error) => {
-            let (message, wait_ms) = crate::refresh::passing_failure(&error, 0);
-            // The provider may have rotated the token all the same: a later refusal is then
-            // read as this attempt's doing.
-            let message = if error.outcome_unknown() {
-                format!("{message}{}", crate::refresh::OUTCOME_UNKNOWN_TEXT)
-            } else {
-                message
-            };
-            tracing::warn!(connector = %connector.key, "an imported refresh token could not be refreshed for now ({message}); created, retrying in {wait_ms} ms");
-            Ok(ImportRefresh::Failing { message, wait_ms })
-        }
-    }
+/// How long a create of imported tokens may take from its claim or its insert to its answer
+/// (the provider's calls, a verification, the writes): a repeat of it waits that long for
+/// its answer, and the `instance.created` of an import refreshed before the answer is held
+/// back from delivery that long at most (see [`store_created`]).
+fn import_patience(app: &App) -> std::time::Duration {
+    2 * app.config.provider_timeout + std::time::Duration::from_secs(10)
 }
 
 /// A create repeating a code that an earlier request exchanged: the instance that request
@@ -1328,14 +1280,12 @@ async fn store_created(
         expiry,
         disabled,
     } = created;
-    let mut grant = grant;
     let _ = grant.verifier_used;
     grant.keep_authorization(&mut plain);
     // Imported tokens whose access token the provider rejects: refused, nothing created, when
     // no refresh token came with them. Those with a refresh token and no working access token
-    // (none given, or one rejected) are refreshed before anything is stored, and the answer
-    // tells how that went: they were answered `valid: true`, and the instance turned invalid
-    // a moment later.
+    // (none given, or one rejected) are refreshed before the answer, which tells how that went:
+    // they were answered `valid: true`, and the instance turned invalid a moment later.
     let mut verified_first = None;
     let mut refresh_first = external
         && !disabled
@@ -1358,29 +1308,10 @@ async fn store_created(
         }
         verified_first = Some(verified);
     }
-    let mut failing = None;
-    let mut refreshed = None;
-    if refresh_first {
-        match refresh_before_create(app, connector, &plain, secret, &grant.tokens).await? {
-            ImportRefresh::Refreshed(tokens) => {
-                // The verification said the imported access token was rejected: the new one
-                // is checked instead, as a code's is.
-                verified_first = None;
-                refreshed = grant.tokens.refresh_token.take();
-                grant.tokens = tokens;
-            }
-            ImportRefresh::Failing { message, wait_ms } => failing = Some((message, wait_ms)),
-        }
-    }
     let id = crypto::new_id();
     let now = now_ms();
     let element_token = crypto::new_platform_secret();
-    let kept = refreshed.as_ref().map(|token| instances::KeptRefreshToken {
-        token,
-        expires_at: None,
-        last_refresh_at: None,
-    });
-    let applied = apply_token_set(app, connector, id, &grant.tokens, kept, &plain, now);
+    let applied = apply_token_set(app, connector, id, &grant.tokens, None, &plain, now);
     plain = applied.configuration;
     let mut row = InstanceRow::new(
         id,
@@ -1403,8 +1334,8 @@ async fn store_created(
     row.client_secret_enc = instances::seal_secret_configuration(app, id, secret);
     let mut update = applied.update;
     // The expiry an import gave schedules the imported access token as a token response's
-    // would (`before_expiry` refreshes it in time); tokens refreshed here have the provider's.
-    if external && refreshed.is_none() {
+    // would (`before_expiry` refreshes it in time).
+    if external {
         with_imported_expiry(connector, &mut update, &expiry, now);
     }
     row.access_token_enc = if grant.tokens.access_token.is_empty() {
@@ -1418,23 +1349,13 @@ async fn store_created(
     row.refresh_expires_at = update.refresh_expires_at;
     row.last_refresh_at = update.last_refresh_at;
     row.next_due_at = update.next_due_at;
-    if external && refreshed.is_none() && refresh_import_at_once(connector, &grant.tokens) {
+    if external && refresh_import_at_once(connector, &grant.tokens) {
         row.next_due_at = Some(now);
     }
     row.created_by = Some(caller.user_id);
     row.disabled = i64::from(disabled);
-    // The provider could not refresh just now: the import is kept (a transient failure never
-    // loses it), failing to refresh, and tried again after the backoff, as the refresh engine
-    // leaves an instance whose refresh failed so.
-    if let Some((message, wait_ms)) = &failing {
-        row.failing_since = Some(now);
-        row.failure_count = 1;
-        row.last_failure = Some(message.clone());
-        row.backoff_until = Some(now + wait_ms);
-        row.next_due_at = Some(now + wait_ms);
-    }
-    if !grant.tokens.access_token.is_empty() && !disabled {
-        let verified = match verified_first {
+    if !refresh_first && !grant.tokens.access_token.is_empty() && !disabled {
+        let verified = match verified_first.take() {
             Some(verified) => verified,
             None => {
                 instances::verification(app, connector, &plain, &grant.tokens.access_token).await
@@ -1444,12 +1365,39 @@ async fn store_created(
     }
     // One event, `instance.created`, whose reason says it was created disabled (no
     // `instance.disabled`: nothing was enabled before).
-    let event = events::new_event(
+    let mut event = events::new_event(
         app,
         &row,
         events::CREATED,
         disabled.then_some("created disabled"),
     );
+    // Imported tokens to refresh before the answer: the row is stored first, as brought in,
+    // and refreshed on it by the refresh engine, so that a refresh token the provider rotates
+    // is stored the moment it is given (a refresh made before the insert lost it, and the
+    // grant with it, when the process died or the insert failed: the verification call and
+    // the write came after it). The insert takes the refresh's lease for this replica and
+    // marks the refresh in flight: no scheduler or other replica refreshes the row meanwhile,
+    // a repeat of the import waits for the outcome ([`claim_import`]), and after a crash the
+    // recovery refreshes it when the lease runs out. Its `instance.created` is held back from
+    // delivery until the outcome is known (held, it holds back the instance's later events
+    // too): a refusal removes the row with its events, and no webhook tells of an instance
+    // the create answered 400 for. A crash leaves the hold to end by itself.
+    let mut held_until = None;
+    if refresh_first {
+        let lease_until = now + crate::refresh::LEASE_MS;
+        row.refresh_lease_owner = Some(app.replica_id.clone());
+        row.refresh_lease_until = Some(lease_until);
+        row.refresh_in_flight_since = Some(now);
+        row.next_due_at = Some(lease_until);
+        if event.next_attempt_at.is_some() {
+            let until =
+                now + i64::try_from(import_patience(app).as_millis()).unwrap_or(i64::MAX / 2);
+            event.next_attempt_at = Some(until);
+            held_until = Some(until);
+        }
+    }
+    // Read before the insert: nothing in this process has touched the new row since.
+    let epoch = app.refresh.epoch();
     // A built-in needs no row (a connector of the organization that shadowed it may have been
     // deleted since); the organization's own must still exist.
     let own_connector = !app.is_catalog_connector(connector);
@@ -1462,6 +1410,72 @@ async fn store_created(
             "Connector `{}` was deleted while the instance was being created",
             connector.key
         )));
+    }
+    if refresh_first {
+        let version = row.token_version;
+        row = match app
+            .refresh
+            .refresh_new_import(app, row.clone(), epoch)
+            .await
+        {
+            // Refreshed; or failing for now (5xx, 429, a timeout, the network; the app's
+            // credentials or the request refused: the grant may be good), kept as the
+            // engine leaves such an instance, valid and backing off, and retried by the
+            // scheduler; or changed meanwhile by someone else: as it is now.
+            Ok(_)
+            | Err(
+                RefreshFailure::Transient { .. }
+                | RefreshFailure::Misconfigured(_)
+                | RefreshFailure::Invalid { .. },
+            ) => reload(app, &row).await?,
+            // The provider refuses the refresh token: the row was removed, nothing was
+            // created (400 in the provider's words). Or the store failed after the insert:
+            // the instance exists (rotated tokens are kept for the store), and the client's
+            // retry is answered with it.
+            Err(failure) => return Err(failure.into_api_error()),
+        };
+        // The instance stays: its `instance.created` goes out now (its hold ends by itself
+        // otherwise, a little later).
+        if let Some(until) = held_until
+            && let Err(error) = app
+                .store
+                .release_held_event(&event.id, until, now_ms())
+                .await
+        {
+            tracing::warn!(
+                instance = row.id,
+                "releasing the held `instance.created`: {error}"
+            );
+        }
+        // The verification of the tokens the instance holds now: the new access token, after
+        // it was stored (the imported one was rejected, expired or absent); the imported
+        // one's verdict when the refresh failed.
+        let verified = match verified_first {
+            Some(verified) if row.token_version == version => verified,
+            _ => match open_secrets(app, &row)?.access_token {
+                Some(token) if !token.is_empty() => {
+                    instances::verification(app, connector, &plain_configuration(&row), &token)
+                        .await
+                }
+                _ => None,
+            },
+        };
+        // Only what the answer shows beside the stored tokens: a store failing now does not
+        // fail the create (its tokens are stored).
+        if let Some(verified) = verified {
+            let outcome = verified.outcome.to_string();
+            match app
+                .store
+                .record_verification(row.id, row.token_version, &outcome)
+                .await
+            {
+                Ok(true) => row.verification = Some(outcome),
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(instance = row.id, "recording the verification: {error}");
+                }
+            }
+        }
     }
     crate::audit::record(
         app,

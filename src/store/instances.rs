@@ -397,6 +397,85 @@ impl Store {
         commit_with_event(transaction, result.rows_affected() == 1, event).await
     }
 
+    /// Removes an instance created from imported tokens whose first refresh the provider
+    /// refused (`invalid_grant`: the create answers 400, nothing was created), with what its
+    /// insert wrote beside it: its events (its `instance.created`, held back from delivery
+    /// until the refresh's outcome is known) and the claim of its tokens (`used_codes`
+    /// marked with it), so that the same tokens may be imported again. Only while `owner`
+    /// holds its lease (the refresh's) at `expected_version`: a row another process took over
+    /// or changed meanwhile stays. One transaction: a crash leaves all of it or none. False
+    /// when nothing was removed.
+    pub async fn remove_refused_import(
+        &self,
+        id: i64,
+        owner: &str,
+        expected_version: i64,
+    ) -> Result<bool, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        let removed = sqlx::query(
+            "DELETE FROM instances WHERE id = $1 AND token_version = $2 \
+             AND refresh_lease_owner = $3",
+        )
+        .bind(id)
+        .bind(expected_version)
+        .bind(owner)
+        .execute(&mut *transaction)
+        .await?;
+        if removed.rows_affected() != 1 {
+            return Ok(false);
+        }
+        sqlx::query("DELETE FROM events WHERE instance_id = $1")
+            .bind(id)
+            .execute(&mut *transaction)
+            .await?;
+        sqlx::query("DELETE FROM used_codes WHERE instance_id = $1")
+            .bind(id)
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        Ok(true)
+    }
+
+    /// Lets event `id`, held back from delivery until `held_until` (see
+    /// `http::instances::store_created`), go out from `now`. False when it was not held (any
+    /// more): delivered, or its hold ended by itself.
+    pub async fn release_held_event(
+        &self,
+        id: &str,
+        held_until: i64,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE events SET next_attempt_at = $3 WHERE id = $1 \
+             AND delivery_state = 'pending' AND attempts = 0 AND next_attempt_at = $2",
+        )
+        .bind(id)
+        .bind(held_until)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Records the outcome of the verification call made with the tokens of `expected_version`
+    /// (a later version's tokens were not verified by it). False when nothing was written.
+    pub async fn record_verification(
+        &self,
+        id: i64,
+        expected_version: i64,
+        verification: &str,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE instances SET verification = $1 WHERE id = $2 AND token_version = $3",
+        )
+        .bind(verification)
+        .bind(id)
+        .bind(expected_version)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
     /// Disables or enables an instance. False when it is not this organization's, or was so
     /// already (then no event is written).
     pub async fn set_disabled(

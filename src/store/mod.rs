@@ -1291,13 +1291,28 @@ impl Store {
     }
 
     /// Forgets a code recorded by [`Self::claim_code`]: its exchange failed, and it may be
-    /// tried again.
-    pub async fn release_code(&self, code_hash: &[u8]) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM used_codes WHERE code_hash = $1")
-            .bind(code_hash)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    /// tried again. Only while it is as the caller saw it: `landed` the instance it was marked
+    /// with ([`Self::code_landed`]; 0 when spent without one), `None` for a claim not marked
+    /// yet (the caller's own, whose exchange or import failed). Unconditional, two repeats of
+    /// an import whose instance was deleted both gave the claim back, the second giving back
+    /// the claim the first had taken anew meanwhile, and both created an instance on the same
+    /// grant; and a failed import gave back a claim its own insert had marked. True when it
+    /// was forgotten.
+    pub async fn release_code(
+        &self,
+        code_hash: &[u8],
+        landed: Option<i64>,
+    ) -> Result<bool, StoreError> {
+        // -1: no instance id (they are positive, 0 is "spent without one").
+        let result = sqlx::query(
+            "DELETE FROM used_codes WHERE code_hash = $1 \
+             AND COALESCE(instance_id, -1) = COALESCE($2, -1)",
+        )
+        .bind(code_hash)
+        .bind(landed)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
     }
 
     /// Deletes up to `limit` events that occurred before `before` and are not waiting to be

@@ -15,7 +15,7 @@ use crate::refresh::{eventually, generic_profile, strict_rotation};
 use crate::support::{drop_test_database, sqlite_database};
 
 pub(crate) struct Child {
-    process: tokio::process::Child,
+    pub(crate) process: tokio::process::Child,
     pub(crate) url: String,
 }
 

@@ -16,10 +16,10 @@ use crate::scheduler::{eventually, register_generic_connector};
 use crate::support::{drop_test_database, test_databases};
 
 /// What the receiver got: headers and body of each request, in order.
-type Received = Arc<Mutex<Vec<(HeaderMap, String)>>>;
+pub(crate) type Received = Arc<Mutex<Vec<(HeaderMap, String)>>>;
 
 /// A webhook receiver on port 0 that answers 500 to its first `failures` requests, then 200.
-async fn receiver(failures: usize) -> (String, Received) {
+pub(crate) async fn receiver(failures: usize) -> (String, Received) {
     refusing_receiver(move |_, count| count <= failures).await
 }
 

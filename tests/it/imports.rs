@@ -527,3 +527,387 @@ async fn an_import_can_be_created_disabled() {
     env.stop().await;
     crate::support::drop_test_database(&url).await;
 }
+
+/// `serve` killed (SIGKILL) after the provider rotated an imported refresh token, while the
+/// create makes its verification call with the new access token: the rotated tokens were
+/// stored before that call, so after a restart the instance exists and works, refreshes again
+/// (a strict provider would refuse the imported refresh token, used once already), and the
+/// client's retry of the import is answered with it. The refresh was made before the insert,
+/// and the rotated refresh token died with the process: no instance, and a grant nobody could
+/// use any more, in this service or in the one migrated from.
+#[tokio::test]
+async fn an_import_killed_after_its_refresh_keeps_the_rotated_token() {
+    use crate::crash::{call as proxy_call, spawn_serve, stats};
+    use crate::refresh::{generic_profile, strict_rotation};
+    let url = crate::support::sqlite_database();
+    let sandbox = tokenwarden_sandbox::spawn(crate::harness::loopback(), Default::default())
+        .await
+        .unwrap();
+    let sandbox_url = sandbox.url.clone();
+    // The in-process server only sets the scene (organization, tokens to import), then stops.
+    let env = Env::start_with_sandbox("killed", &url, sandbox, |_| {}).await;
+    generic_profile(&env, strict_rotation()).await;
+    let (_, refresh) = tokens_of_a_new_grant(&env, "killed").await;
+    let mut configuration = env.configuration();
+    configuration["oauth.user.refresh_token"] = json!(refresh);
+    let body = json!({"element": {"key": "sandbox-generic"}, "externalAuthentication": "initial",
+                      "configuration": configuration, "name": "imported"});
+    let Env {
+        server,
+        sandbox,
+        http,
+        org,
+        ..
+    } = env;
+    server.shutdown().await;
+
+    let mut first = spawn_serve(&url, &sandbox_url, &http).await;
+    let refreshes = stats(&http, &sandbox_url).await["token"]["refresh_token"]
+        .as_u64()
+        .unwrap();
+    // The verification call that follows the refresh is held at the provider.
+    let fault = http
+        .post(format!("{sandbox_url}/__sandbox/faults"))
+        .json(&json!({"target": "api", "status": 0, "delayMs": 20_000, "count": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert!(fault.status().is_success());
+    let create = {
+        let request = http
+            .post(format!("{}/elements/api-v2/instances", first.url))
+            .header("authorization", org.platform())
+            .json(&body);
+        tokio::spawn(async move { request.send().await })
+    };
+    eventually(
+        "the refresh made and the verification call held",
+        Duration::from_secs(20),
+        || async {
+            let now = stats(&http, &sandbox_url).await;
+            (now["token"]["refresh_token"].as_u64() == Some(refreshes + 1)
+                && now["faultsInjected"].as_u64() == Some(1))
+            .then_some(())
+        },
+    )
+    .await;
+    first.process.start_kill().unwrap(); // SIGKILL
+    first.process.wait().await.unwrap();
+    let _ = create.await;
+
+    let second = spawn_serve(&url, &sandbox_url, &http).await;
+    let listed: Value = http
+        .get(format!("{}/elements/api-v2/instances", second.url))
+        .header("authorization", org.platform())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(1),
+        "the instance and its rotated tokens were stored before the process died: {listed}"
+    );
+    // The client's retry: answered with that instance, not imported again.
+    let retried = http
+        .post(format!("{}/elements/api-v2/instances", second.url))
+        .header("authorization", org.platform())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retried.status(), 200);
+    let retried: Value = retried.json().await.unwrap();
+    assert_eq!(retried["id"], listed[0]["id"], "{retried}");
+    let token = retried["token"].as_str().unwrap().to_string();
+    let (status, answer) = proxy_call(&http, &second.url, &org, &token).await;
+    assert_eq!(status, 200, "the new access token works: {answer}");
+    // The stored refresh token is the rotated one: refreshed again, the provider takes it.
+    let refreshed = http
+        .post(format!(
+            "{}/elements/api-v2/instances/{}/tokens/refresh",
+            second.url, retried["id"]
+        ))
+        .header("authorization", org.platform())
+        .send()
+        .await
+        .unwrap();
+    let status = refreshed.status();
+    let refreshed: Value = refreshed.json().await.unwrap();
+    assert_eq!(status, 200, "{refreshed}");
+    let shown: Value = http
+        .get(format!("{}/elements/api-v2/instances", second.url))
+        .header("authorization", org.with_element(&token))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(shown[0]["valid"], true, "{shown}");
+    assert_ne!(
+        shown[0]["configuration"]["oauth.user.refresh_token"], refresh,
+        "{shown}"
+    );
+    assert_eq!(
+        stats(&http, &sandbox_url).await["token"]["refresh_token"].as_u64(),
+        Some(refreshes + 2),
+        "the import's refresh and this one"
+    );
+    drop(second);
+    sandbox.shutdown().await;
+    crate::support::drop_test_database(&url).await;
+}
+
+/// An import whose refresh token the provider refuses (`invalid_grant`) creates nothing, now
+/// that the instance is stored before its refresh: a 400 in the provider's words, no instance
+/// listed, no event listed, none delivered to the webhook the import named (no
+/// `instance.created`, no `instance.invalidated` of an instance the caller was told does not
+/// exist), no `instance.created` in the audit log; a repeat sent while the provider is asked
+/// is answered 400 too, not with the instance about to be removed; and the same tokens,
+/// imported again, are judged by the provider again.
+#[tokio::test]
+async fn a_refused_import_leaves_no_instance_no_event_and_can_be_imported_again() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let (hook, received) = crate::events::receiver(0).await;
+        let before = instances_of(&env, &env.org).await.len();
+        let tokens = json!({"oauth.user.refresh_token": "refused-refresh-token",
+                            "event.notification.enabled": "true",
+                            "event.notification.callback.url": hook});
+        let refusals = stat(&env, &["tokenErrors"]).await;
+        // A slow token endpoint: the repeat comes while the provider is asked.
+        env.sandbox_post(
+            "/__sandbox/faults",
+            json!({"target": "token", "status": 0, "delayMs": 1_500, "count": 1}),
+        )
+        .await;
+        let (first, repeat) = tokio::join!(import(&env, tokens.clone()), async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            import(&env, tokens.clone()).await
+        });
+        for refused in [&first, &repeat] {
+            assert_eq!(refused.status, 400, "[{label}] {}", refused.body);
+            assert!(
+                refused.body["providerMessage"]
+                    .as_str()
+                    .is_some_and(|words| words.contains("invalid_grant")),
+                "[{label}] {}",
+                refused.body
+            );
+        }
+        assert_eq!(
+            instances_of(&env, &env.org).await.len(),
+            before,
+            "[{label}] nothing created"
+        );
+        // What a receiver would have got by now (deliveries are offered every 200 ms).
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let (_, events) = env.get_json(&env.api("/events"), &env.org.platform()).await;
+        assert_eq!(events["events"], json!([]), "[{label}] {events}");
+        assert!(
+            received.lock().unwrap().is_empty(),
+            "[{label}] no webhook for an instance that does not exist"
+        );
+        let (_, audit) = env
+            .get_json(&env.api("/audit-logs"), &env.org.platform())
+            .await;
+        assert!(
+            !audit["auditLogs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|entry| entry["action"] == "instance.created"),
+            "[{label}] {audit}"
+        );
+        // Given back: imported again, judged by the provider again.
+        let judged = stat(&env, &["tokenErrors"]).await;
+        assert!(judged > refusals, "[{label}] the provider refused it");
+        let again = import(&env, tokens.clone()).await;
+        assert_eq!(again.status, 400, "[{label}] {}", again.body);
+        assert_eq!(
+            stat(&env, &["tokenErrors"]).await,
+            judged + 1,
+            "[{label}] presented again"
+        );
+        env.stop().await;
+        crate::support::drop_test_database(&url).await;
+    }
+}
+
+/// The organization's connector deleted while an import's refresh is at the provider: the
+/// instance was stored before the refresh, so the deletion finds it (409, as for any connector
+/// with instances) and the import's rotated tokens are kept. The refresh was made before the
+/// insert, which then found the connector gone: the create answered 409 and the rotated
+/// refresh token was lost, the grant with it (the provider had retired the imported one).
+#[tokio::test]
+async fn an_import_outlives_its_connector_deleted_during_its_refresh() {
+    use crate::refresh::{generic_profile, register_connector, strict_rotation};
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        generic_profile(&env, strict_rotation()).await;
+        register_connector(&env, "migrated", json!({})).await;
+        // Tokens of the same provider and client as the connector's.
+        let (_, refresh) = tokens_of_a_new_grant(&env, "outlives").await;
+        let mut configuration = env.configuration();
+        configuration["oauth.user.refresh_token"] = json!(refresh);
+        env.sandbox_post(
+            "/__sandbox/faults",
+            json!({"target": "token", "status": 0, "delayMs": 2_000, "count": 1}),
+        )
+        .await;
+        let faults = stat(&env, &["faultsInjected"]).await;
+        let (url_of_creates, platform) = (env.api("/instances"), env.org.platform());
+        let (created, deleted) = tokio::join!(
+            call(
+                &env,
+                Method::POST,
+                &url_of_creates,
+                Some(&platform),
+                Some(
+                    json!({"element": {"key": "migrated"}, "externalAuthentication": "initial",
+                            "configuration": configuration, "name": "imported"}),
+                ),
+            ),
+            async {
+                eventually(
+                    "the import's refresh at the provider",
+                    Duration::from_secs(10),
+                    || async { (stat(&env, &["faultsInjected"]).await > faults).then_some(()) },
+                )
+                .await;
+                call(
+                    &env,
+                    Method::DELETE,
+                    &env.api("/elements/migrated"),
+                    Some(&env.org.platform()),
+                    None,
+                )
+                .await
+            }
+        );
+        assert_eq!(created.status, 200, "[{label}] {}", created.body);
+        assert_eq!(created.body["valid"], true, "[{label}] {}", created.body);
+        assert_eq!(deleted.status, 409, "[{label}] {}", deleted.body);
+        let shown = revealed(&env, &env.org, &created.body).await;
+        assert_ne!(
+            shown["configuration"]["oauth.user.refresh_token"], refresh,
+            "[{label}] the rotated refresh token stored"
+        );
+        let token = created.body["token"].as_str().unwrap();
+        let (status, body) = env.proxy(&env.org, token, Method::GET, "api/me").await;
+        assert_eq!(status, 200, "[{label}] {body}");
+        env.stop().await;
+        crate::support::drop_test_database(&url).await;
+    }
+}
+
+/// `serve` killed (SIGKILL) while an import's refresh is at the provider: the instance was
+/// stored before the refresh, marked in flight under its lease, so after a restart it exists,
+/// the recovery refreshes it once that lease has run out (not left as imported, nor stuck), and
+/// the client's retry of the import is answered with it. The refresh was made before the
+/// insert: nothing was left, and the retry waited for a request that had died.
+#[tokio::test]
+async fn an_import_killed_during_its_refresh_is_refreshed_after_the_restart() {
+    use crate::crash::{call as proxy_call, spawn_serve, stats};
+    use crate::refresh::generic_profile;
+    let url = crate::support::sqlite_database();
+    let sandbox = tokenwarden_sandbox::spawn(crate::harness::loopback(), Default::default())
+        .await
+        .unwrap();
+    let sandbox_url = sandbox.url.clone();
+    let env = Env::start_with_sandbox("killed-early", &url, sandbox, |_| {}).await;
+    // No rotation: whether or not the provider finished the lost request, the stored refresh
+    // token works.
+    generic_profile(&env, json!({"rotateRefreshTokens": false})).await;
+    let (_, refresh) = tokens_of_a_new_grant(&env, "killed-early").await;
+    let mut configuration = env.configuration();
+    configuration["oauth.user.refresh_token"] = json!(refresh);
+    let body = json!({"element": {"key": "sandbox-generic"}, "externalAuthentication": "initial",
+                      "configuration": configuration, "name": "imported"});
+    let Env {
+        server,
+        sandbox,
+        http,
+        org,
+        ..
+    } = env;
+    server.shutdown().await;
+
+    let mut first = spawn_serve(&url, &sandbox_url, &http).await;
+    let fault = http
+        .post(format!("{sandbox_url}/__sandbox/faults"))
+        .json(&json!({"target": "token", "status": 0, "delayMs": 3_000, "count": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert!(fault.status().is_success());
+    let create = {
+        let request = http
+            .post(format!("{}/elements/api-v2/instances", first.url))
+            .header("authorization", org.platform())
+            .json(&body);
+        tokio::spawn(async move { request.send().await })
+    };
+    eventually(
+        "the import's refresh at the provider",
+        Duration::from_secs(20),
+        || async {
+            (stats(&http, &sandbox_url).await["faultsInjected"].as_u64() == Some(1)).then_some(())
+        },
+    )
+    .await;
+    first.process.start_kill().unwrap(); // SIGKILL
+    first.process.wait().await.unwrap();
+    let _ = create.await;
+
+    let second = spawn_serve(&url, &sandbox_url, &http).await;
+    let listed = async || -> Value {
+        http.get(format!("{}/elements/api-v2/instances", second.url))
+            .header("authorization", org.platform())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    };
+    let shown = listed().await;
+    assert_eq!(
+        shown.as_array().map(Vec::len),
+        Some(1),
+        "the instance was stored before its refresh: {shown}"
+    );
+    // Imported without an access token: the refresh it lacks is finished by the recovery
+    // once the lease of the dead process has run out (10 s).
+    let refreshed = eventually(
+        "the interrupted refresh finished by the recovery",
+        Duration::from_secs(40),
+        || async {
+            let shown = listed().await;
+            shown[0]["configuration"]["oauth.user.token"]
+                .is_string()
+                .then_some(shown)
+        },
+    )
+    .await;
+    assert_eq!(refreshed[0]["valid"], true, "{refreshed}");
+    let retried = http
+        .post(format!("{}/elements/api-v2/instances", second.url))
+        .header("authorization", org.platform())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retried.status(), 200);
+    let retried: Value = retried.json().await.unwrap();
+    assert_eq!(retried["id"], shown[0]["id"], "{retried}");
+    let token = retried["token"].as_str().unwrap().to_string();
+    let (status, answer) = proxy_call(&http, &second.url, &org, &token).await;
+    assert_eq!(status, 200, "{answer}");
+    drop(second);
+    sandbox.shutdown().await;
+    crate::support::drop_test_database(&url).await;
+}

@@ -2948,7 +2948,7 @@ async fn imported_tokens_the_provider_rejects_are_refused_or_replaced() {
     );
     assert_eq!(listed().await, before, "[{label}] nothing created");
     // With a refresh token the provider refuses too: refused in the provider's words, and
-    // nothing created (the refresh runs before anything is stored), not `valid: true`.
+    // nothing created (the row its refresh ran on is removed again), not `valid: true`.
     let mut dead_refresh = bogus.clone();
     dead_refresh["oauth.user.refresh_token"] = json!("bogus-refresh-token");
     let dead = call(

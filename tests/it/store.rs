@@ -2918,3 +2918,177 @@ async fn a_write_refused_at_its_end_is_no_change() {
     store.close().await;
     drop_test_database(&url).await;
 }
+
+/// A claim of a code or of imported tokens (`used_codes`) is given back only as its releaser
+/// saw it: not marked yet (`None`: a failed exchange or create), or marked with the instance
+/// it found deleted. Two repeats of an import whose instance was deleted both gave the claim
+/// back, the second giving back the claim the first had just taken anew, and both imported
+/// the tokens.
+#[tokio::test]
+async fn claims_are_given_back_as_they_were_seen() {
+    for test in test_stores().await {
+        let store = &test.store;
+        let label = &test.label;
+        let org = organization(store, "A").await;
+        let hour = NOW + 3_600_000;
+        let key = bytes(&format!("import-{}", random_id()));
+        assert!(
+            store.claim_code(&key, org, hour).await.unwrap(),
+            "[{label}]"
+        );
+        store.code_landed(&key, 41).await.unwrap();
+        // The first repeat finds instance 41 deleted, gives the claim back and claims anew;
+        // the second, which found the same, gives nothing back.
+        assert!(
+            store.release_code(&key, Some(41)).await.unwrap(),
+            "[{label}]"
+        );
+        assert!(
+            store.claim_code(&key, org, hour).await.unwrap(),
+            "[{label}]"
+        );
+        assert!(
+            !store.release_code(&key, Some(41)).await.unwrap(),
+            "[{label}] the new claim stays"
+        );
+        assert!(
+            store.used_code(&key, NOW).await.unwrap().is_some(),
+            "[{label}]"
+        );
+        // Marked by an insert, a claim is not given back as an unmarked one.
+        store.code_landed(&key, 42).await.unwrap();
+        assert!(!store.release_code(&key, None).await.unwrap(), "[{label}]");
+        assert!(
+            !store.release_code(&key, Some(0)).await.unwrap(),
+            "[{label}]"
+        );
+        assert!(
+            store.release_code(&key, Some(42)).await.unwrap(),
+            "[{label}]"
+        );
+        assert!(
+            store.claim_code(&key, org, hour).await.unwrap(),
+            "[{label}]"
+        );
+        assert!(store.release_code(&key, None).await.unwrap(), "[{label}]");
+
+        test.cleanup().await;
+    }
+}
+
+/// An import refreshed before its answer is inserted under its refresh's lease, its
+/// `instance.created` held back from delivery until the refresh's outcome is known; refused at
+/// that refresh, it is removed whole (row, events, the claim of its tokens), and only under
+/// that lease at its version; refreshed, its event is let go by `release_held_event`.
+#[tokio::test]
+async fn a_refused_import_is_removed_whole_and_a_kept_one_s_event_let_go() {
+    for test in test_stores().await {
+        let store = &test.store;
+        let label = &test.label;
+        let org = organization(store, "A").await;
+        let hour = NOW + 3_600_000;
+        // An import refreshed before its answer: inserted under its refresh's lease, its
+        // `instance.created` held back, its claim marked with it.
+        let held = |row: &InstanceRow| {
+            let mut created = event(org, row.id, "instance.created", NOW);
+            created.delivery_state = DeliveryState::Pending;
+            created.next_attempt_at = Some(NOW + 70_000);
+            created
+        };
+        let leased = |name: &str| InstanceRow {
+            refresh_lease_owner: Some("replica-a".to_string()),
+            refresh_lease_until: Some(NOW + 10_000),
+            refresh_in_flight_since: Some(NOW),
+            ..instance(org, name)
+        };
+        let refused = leased("refused");
+        let claim = bytes(&format!("import-{}", random_id()));
+        assert!(store.claim_code(&claim, org, hour).await.unwrap());
+        assert!(
+            store
+                .insert_instance_of(&refused, Some(&held(&refused)), false, Some(&claim))
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .claim_pending_deliveries(NOW + 1_000, 10, NOW + 60_000, 4, &[])
+                .await
+                .unwrap()
+                .is_empty(),
+            "[{label}] held back"
+        );
+        for (owner, version) in [
+            ("replica-b", refused.token_version),
+            ("replica-a", refused.token_version + 1),
+        ] {
+            assert!(
+                !store
+                    .remove_refused_import(refused.id, owner, version)
+                    .await
+                    .unwrap(),
+                "[{label}] {owner} {version}"
+            );
+        }
+        assert!(
+            store
+                .remove_refused_import(refused.id, "replica-a", refused.token_version)
+                .await
+                .unwrap(),
+            "[{label}]"
+        );
+        assert!(
+            store
+                .get_instance_by_id(refused.id)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            events_of(store, org, refused.id).await.is_empty(),
+            "[{label}]"
+        );
+        assert!(
+            store.used_code(&claim, NOW).await.unwrap().is_none(),
+            "[{label}] the tokens may be imported again"
+        );
+
+        // Refreshed: its `instance.created` goes out at once, and only once let go.
+        let kept = leased("kept");
+        let created = held(&kept);
+        assert!(
+            store
+                .insert_instance_of(&kept, Some(&created), false, None)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .release_held_event(&created.id, NOW + 1, NOW + 1_000)
+                .await
+                .unwrap(),
+            "[{label}] not held until then"
+        );
+        assert!(
+            store
+                .release_held_event(&created.id, NOW + 70_000, NOW + 1_000)
+                .await
+                .unwrap(),
+            "[{label}]"
+        );
+        let claimed = store
+            .claim_pending_deliveries(NOW + 1_000, 10, NOW + 60_000, 4, &[])
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1, "[{label}]");
+        assert_eq!(claimed[0].id, created.id, "[{label}]");
+        assert!(
+            !store
+                .release_held_event(&created.id, NOW + 70_000, NOW + 2_000)
+                .await
+                .unwrap(),
+            "[{label}] claimed already"
+        );
+        test.cleanup().await;
+    }
+}
