@@ -2248,6 +2248,9 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
     let mut revoked = false;
     let mut retryable = false;
     let mut client_rejected = false;
+    // The access token refused as dead already, or as not one to revoke (a 4xx that will not
+    // change), by an endpoint that takes it as the call's `Bearer` (see below).
+    let mut access_refused = false;
     let mut messages = Vec::new();
     for (token, hint) in attempts {
         if revoked && cascades {
@@ -2268,6 +2271,11 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
                 // The access token alone, with the refresh token not revoked before it: the
                 // grant lives on, and the answer says so (after the refresh token's revocation
                 // there is nothing to tell).
+                if hint == TokenHint::AccessToken
+                    && matches!(outcome, crate::oauth::RevokeOutcome::AlreadyInvalid { .. })
+                {
+                    access_refused = true;
+                }
                 if !ends_grant && !revoked {
                     messages.push(match outcome {
                         crate::oauth::RevokeOutcome::AlreadyInvalid { .. } => {
@@ -2288,6 +2296,9 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
                 // not change.
                 retryable |= revocation_may_pass(&error);
                 client_rejected |= error.is_client_rejected();
+                access_refused |= hint == TokenHint::AccessToken
+                    && !revocation_may_pass(&error)
+                    && !error.is_client_rejected();
                 // Both tokens refused alike (a 503 page) are told once.
                 let message = error.provider_message();
                 if !messages.contains(&message) {
@@ -2296,14 +2307,18 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
             }
         }
     }
-    // An endpoint that takes the access token alone (Dropbox's, Slack's: the token is the
-    // request's `Bearer`) refuses one that has expired, while the refresh token, and the grant,
-    // live on: a fresh access token is fetched with it and presented instead. Its rotated
-    // refresh token is not kept: the grant is being ended, and a revocation that fails again
-    // leaves the grant as alive as before.
+    // An endpoint that takes the access token alone as the call's `Bearer` and ends the whole
+    // grant with it (Dropbox's) refuses one that has expired, while the refresh token, and the
+    // grant, live on: a fresh access token is fetched with the refresh token and presented
+    // instead. Only where refresh tokens do not rotate: the refresh then changes nothing
+    // stored, and a revocation that fails again leaves the instance as it was (a rotating
+    // provider's new refresh token would be lost with the grant alive on it).
     if !revoked
         && !retryable
         && !client_rejected
+        && access_refused
+        && cascades
+        && connector.refresh.rotation == crate::catalog::Rotation::None
         && style.is_some_and(|s| !s.takes_refresh_tokens())
         && let Some(refresh_token) = &secrets.refresh_token
     {
@@ -2323,14 +2338,11 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
                 )
                 .await
             {
-                Ok(outcome)
-                    if cascades || matches!(outcome, crate::oauth::RevokeOutcome::NoEndpoint) =>
-                {
+                // The grant ends with it (`cascades`).
+                Ok(_) => {
                     revoked = true;
                     messages.clear();
                 }
-                Ok(_) => messages
-                    .push("a fresh access token was revoked, the refresh token was not".into()),
                 Err(error) => {
                     retryable |= revocation_may_pass(&error);
                     client_rejected |= error.is_client_rejected();

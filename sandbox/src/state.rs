@@ -821,7 +821,6 @@ impl Sandbox {
         RevokeOutcome::Unknown
     }
 
-    /// Revokes a grant as of `at`; an earlier pending revocation keeps its time.
     /// Revokes a live access token that authenticated a revocation call by itself, with its
     /// grant: Dropbox's `token/revoke` ends the refresh token and every access token minted
     /// from it. `false` when the token is no live access token of the profile.
@@ -845,6 +844,7 @@ impl Sandbox {
         true
     }
 
+    /// Revokes a grant as of `at`; an earlier pending revocation keeps its time.
     fn revoke_grant(&self, grant_id: u64, at: Millis) {
         if let Some(mut grant) = self.grants.get_mut(&grant_id) {
             grant.revoked_at = Some(earliest(grant.revoked_at, at));

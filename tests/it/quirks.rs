@@ -1492,6 +1492,21 @@ async fn a_bearer_revocation_with_an_expired_access_token_still_ends_the_grant()
         assert_eq!(status, 400, "[{ending}] the grant lives on: {body}");
         assert_eq!(body["error"], "invalid_grant", "[{ending}] {body}");
     }
+    // Where refresh tokens rotate, or the revocation does not end the grant (Slack), no
+    // refresh is made for it: its new refresh token would be lost with the grant alive on it.
+    register(
+        &env,
+        "slackish",
+        json!({"oauth": {"revocation": "bearer"}, "refresh": {"rotation": "single_use"}}),
+    )
+    .await;
+    let (id, token) = create(&env, "slackish", "sal").await;
+    let refresh_token = refresh_token_of(&env, &token).await;
+    advance(&env, 3601).await;
+    let answer = revoke_through_service(&env, &id, &token).await;
+    assert_eq!(answer["revocation"]["revokedAtProvider"], false, "{answer}");
+    let (status, body) = sandbox_refresh(&env, &refresh_token).await;
+    assert_eq!(status, 200, "the stored refresh token was spent: {body}");
     env.stop().await;
     drop_test_database(&url).await;
 }
