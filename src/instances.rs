@@ -829,7 +829,7 @@ pub fn view(
         "valid": row.is_valid(),
         "disabled": row.is_disabled(),
         "state": state,
-        "stateReason": row.state_reason,
+        "stateReason": state_reason(row, state, secrets.refresh_token.is_some()),
         "providerMessage": row.provider_message,
         // A failing streak of a valid instance: one whose grant is gone is not failing to
         // refresh any more (`stateReason` says why it stopped).
@@ -844,6 +844,23 @@ pub fn view(
         "verification": row.verification.as_deref().and_then(|text| serde_json::from_str::<Value>(text).ok()),
         "configuration": configuration,
     }))
+}
+
+/// Why the instance is in its state: the stored reason, or, for a valid instance whose
+/// access token expires with no refresh token to replace it (the provider gave none: an
+/// OpenID server that drops `offline_access` without `prompt=consent`, Google without
+/// `access_type=offline`, an import of an access token alone), the warning that it stops
+/// working then. It was told only when it happened, an hour after the create that could have.
+fn state_reason(row: &InstanceRow, state: &str, has_refresh_token: bool) -> Option<String> {
+    if row.state_reason.is_some() || state != "valid" || has_refresh_token {
+        return row.state_reason.clone();
+    }
+    row.access_expires_at.map(|expires_at| {
+        format!(
+            "No refresh token: the provider gave none, so the instance stops working when its access token expires ({}); ask for offline access (the connector's refresh-token scope, `prompt=consent`) and re-authenticate the instance",
+            iso8601(expires_at)
+        )
+    })
 }
 
 /// An instance whose stored secrets do not open (a damaged row, or one sealed under a key this

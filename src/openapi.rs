@@ -39,7 +39,8 @@ pub struct Instance {
     valid: bool,
     disabled: bool,
     state: InstanceState,
-    /// Why the instance is invalid (`revoked`, `invalid_grant`, `refresh interrupted: …`).
+    /// Why the instance is invalid (`revoked`, `invalid_grant`, `refresh interrupted: …`); of a
+    /// valid one, that it stops working when its access token expires (no refresh token).
     state_reason: Option<String>,
     /// The provider's own words about the grant, when it said something.
     provider_message: Option<String>,

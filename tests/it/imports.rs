@@ -244,6 +244,16 @@ async fn an_imported_access_tokens_expiry_is_kept_and_scheduled() {
         "[{label}] {}",
         created.body
     );
+    // An access token alone, expiring: valid, and told that it stops working then (the
+    // provider gave no refresh token to replace it).
+    assert_eq!(created.body["state"], "valid", "[{label}] {}", created.body);
+    assert!(
+        created.body["stateReason"]
+            .as_str()
+            .is_some_and(|reason| reason.starts_with("No refresh token")),
+        "[{label}] {}",
+        created.body
+    );
 
     // Values that do not read: a 400 naming the key, nothing created.
     let count = instances_of(&env, &env.org).await.len();
