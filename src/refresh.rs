@@ -1648,12 +1648,23 @@ impl RefreshEngine {
             Err(error) if error.is_permanent() && purpose == Purpose::NewImport => {
                 let provider_message = error.provider_message();
                 tracing::info!(instance = row.id, connector = %connector.key, reason = %provider_message, "the provider refuses an imported refresh token: the new instance is removed");
-                if !app
+                let removed = match app
                     .store
                     .remove_refused_import(row.id, &app.replica_id, row.token_version)
                     .await
-                    .map_err(store_error)?
                 {
+                    Ok(removed) => removed,
+                    Err(failure) => {
+                        // Not removed (the database refused the write): invalidated instead,
+                        // as any refused grant is, so that a repeat of the create is never
+                        // answered with it as valid; the create answers the store's failure.
+                        let _ = self
+                            .invalidate(app, row, &provider_message, Some(&provider_message))
+                            .await;
+                        return Err(store_error(failure));
+                    }
+                };
+                if !removed {
                     // Taken over or changed meanwhile (its lease ran out): as it is now.
                     return self.moved_on(app, row).await.map(|row| (row, false));
                 }

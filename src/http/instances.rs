@@ -1396,6 +1396,12 @@ async fn store_created(
             held_until = Some(until);
         }
     }
+    // Created when stored, not when the create began (a verification call may have taken
+    // seconds since): a list read in pages, in creation order, would otherwise have passed
+    // the place where it lands.
+    let stored_at = now_ms();
+    row.created_at = row.created_at.max(stored_at);
+    row.updated_at = row.updated_at.max(stored_at);
     // Read before the insert: nothing in this process has touched the new row since.
     let epoch = app.refresh.epoch();
     // A built-in needs no row (a connector of the organization that shadowed it may have been
