@@ -115,6 +115,12 @@ pub struct OAuthSpec {
     /// another instance's). Not where a revocation ends every grant of the user (Google).
     #[serde(default)]
     pub revoke_superseded_grant: bool,
+    /// The authorization server's issuer identifier (RFC 8414 `issuer`). With it, a code whose
+    /// redirect carries another `iss` (RFC 9207: an authorization response from a server
+    /// other than the one the flow began at, a mix-up attack) is refused before it is
+    /// exchanged. Without it, `iss` is not checked.
+    #[serde(default)]
+    pub issuer: Option<String>,
     #[serde(default)]
     /// May contain `{input}` placeholders (Dynamics: `https://{org}.crm.dynamics.com/...`), filled
     /// like the URLs.

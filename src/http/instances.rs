@@ -560,6 +560,32 @@ struct Redirect<'a> {
     kept_secret_first: bool,
 }
 
+/// RFC 9207: a redirect's `iss` (given beside the code, `providerData.iss`) must name the
+/// connector's authorization server when the connector names its issuer (`oauth.issuer`,
+/// its inputs filled in): a code another server issued is not presented to this one's token
+/// endpoint. Without an issuer on the connector, or without `iss`, nothing is checked.
+fn check_issuer(
+    app: &App,
+    connector: &Connector,
+    plain: &Map<String, Value>,
+    fields: &Map<String, Value>,
+) -> ApiResult<()> {
+    let (Some(expected), Some(given)) = (connector.oauth.issuer.as_deref(), fields.get("iss"))
+    else {
+        return Ok(());
+    };
+    let expected = app
+        .fill(connector, expected, plain)
+        .map_err(|error| ApiError::bad_request(format!("Connector input missing: {error}")))?;
+    let matches = given.as_str().is_some_and(|given| given == expected);
+    if matches {
+        return Ok(());
+    }
+    Err(ApiError::bad_request(format!(
+        "The authorization response's `iss` is not this connector's authorization server ({expected}): the code was not presented (RFC 9207; begin the authorization again)"
+    )))
+}
+
 /// Exchanges a code, or says where an earlier request that exchanged it landed (waiting for
 /// it while it runs). Two requests never present a code at once, and a code whose exchange
 /// gave tokens is never presented again; one whose exchange failed may be (the provider
@@ -602,6 +628,7 @@ async fn exchange_once(
             "`configuration.oauth.api.key` (the OAuth client id) is required",
         ));
     }
+    check_issuer(app, connector, plain, redirect.fields)?;
     // The code is claimed before its state (or pending PKCE authorization) is taken: of the
     // requests that carry one code at once (the same request sent twice, a retry while the
     // first waits on the provider), one goes on and the others wait for it. Presented twice,

@@ -1510,3 +1510,58 @@ async fn a_bearer_revocation_with_an_expired_access_token_still_ends_the_grant()
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// RFC 9207: a connector that names its authorization server's issuer refuses a code whose
+/// redirect carries another `iss` (a mix-up: the code came from another server) before the
+/// code is presented, and takes one with its own.
+#[tokio::test]
+async fn a_code_from_another_issuer_is_not_presented() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    register(
+        &env,
+        "with-issuer",
+        json!({"oauth": {"issuer": "{sandbox}/generic"}}),
+    )
+    .await;
+    let issuer = format!("{}/generic", env.sandbox.url.trim_end_matches('/'));
+    let create = async |iss: &str| {
+        let (code, state) = env.authorize(&env.org, "with-issuer", "iris").await;
+        let response = env
+            .http
+            .post(env.api("/instances"))
+            .header("authorization", env.org.platform())
+            .json(&json!({"element": {"key": "with-issuer"},
+                          "providerData": {"code": code, "state": state, "iss": iss},
+                          "configuration": env.configuration(), "name": "iris"}))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().await.unwrap())
+    };
+    let exchanges = |stats: &Value| stats["token"]["authorization_code"].as_u64().unwrap_or(0);
+    let before = env
+        .get_json(&env.sandbox_url("/__sandbox/stats"), "")
+        .await
+        .1;
+    let (status, body) = create("https://evil.example").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("RFC 9207"),
+        "{body}"
+    );
+    let after = env
+        .get_json(&env.sandbox_url("/__sandbox/stats"), "")
+        .await
+        .1;
+    assert_eq!(
+        exchanges(&after),
+        exchanges(&before),
+        "the code was presented"
+    );
+    let (status, body) = create(&issuer).await;
+    assert_eq!(status, 200, "{body}");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
