@@ -606,10 +606,12 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
             .await
         {
             Ok(rows) => {
+                app.refresh.note_store_answered();
                 failed_claims = 0;
                 rows
             }
             Err(error) => {
+                app.refresh.note_store_error(&error);
                 failed_claims = failed_claims.saturating_add(1);
                 tracing::warn!("scheduler: could not claim due instances: {error}");
                 Vec::new()
@@ -769,8 +771,12 @@ pub const PRESENCE_INTERVAL: Duration = Duration::from_secs(10);
 /// rounds can be long (refreshes at the provider). The goodbye is said at the end of the stop.
 async fn presence(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
     loop {
-        // A passing failure is the database's, said elsewhere.
-        let _ = app.store.replica_seen(&app.replica_id, now_ms()).await;
+        // A passing failure is the database's, said elsewhere; noted for the refreshes that
+        // other replicas' cut ones leave (`refresh::OUTAGE_TAKEOVER_GRACE_MS`).
+        match app.store.replica_seen(&app.replica_id, now_ms()).await {
+            Ok(_) => app.refresh.note_store_answered(),
+            Err(error) => app.refresh.note_store_error(&error),
+        }
         if let Ok(Some((target, at))) = app.store.copied_to().await {
             tracing::error!(
                 "this database was copied to {target} at {} (`tokenwarden database copy`) while this service ran: it stops",
@@ -796,6 +802,7 @@ async fn recovery(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
         let now = now_ms();
         match app.store.interrupted_refreshes(now, 50).await {
             Ok(rows) => {
+                app.refresh.note_store_answered();
                 for row in rows {
                     if *shutdown.borrow() {
                         break;
@@ -816,7 +823,10 @@ async fn recovery(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
                         .await;
                 }
             }
-            Err(error) => tracing::warn!("recovery: {error}"),
+            Err(error) => {
+                app.refresh.note_store_error(&error);
+                tracing::warn!("recovery: {error}");
+            }
         }
         // Memory follows what calls use: idle in-memory copies go.
         app.refresh.evict_idle(IDLE_CACHE_EVICTION);

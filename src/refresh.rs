@@ -377,7 +377,21 @@ pub struct RefreshEngine {
     superseded_waits: DashMap<i64, Arc<Notify>>,
     stopping: std::sync::atomic::AtomicBool,
     stop: Notify,
+    /// When this process last found the database not answering (ms; 0: never), and when it
+    /// first found it answering after that. See [`OUTAGE_TAKEOVER_GRACE_MS`].
+    store_unavailable_at: std::sync::atomic::AtomicI64,
+    store_back_at: std::sync::atomic::AtomicI64,
 }
+
+/// While the database does not answer, and this long after this process finds it answering
+/// again, refreshes another replica began (in flight, their lease run out) are left
+/// unfinished (and so are this process's own, begun before a restart). After an outage
+/// longer than a lease, the replica whose refresh was cut holds the rotated tokens in memory
+/// and stores them within seconds of the database's return ([`ParkedCommit`]); a replica that
+/// took the refresh over meanwhile presented the retired refresh token, and a strict provider
+/// ended the grant (a tester's 45 s outage lost 12 instances of 40). A replica that crashed
+/// holds nothing, and its refreshes are finished after the grace.
+pub const OUTAGE_TAKEOVER_GRACE_MS: i64 = 30_000;
 
 /// How long the API's rejections of a token that a refresh has just replaced pass through
 /// without another refresh. A brand-new token rejected too is not an expired one: the API
@@ -645,6 +659,43 @@ impl RefreshEngine {
     pub fn forget(&self, id: i64) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.cache.remove(&id);
+    }
+
+    /// Notes that the database did not answer (a passing failure of the store) just now.
+    pub fn note_store_unavailable(&self) {
+        self.store_unavailable_at.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Notes `error` when it is the database not answering.
+    pub fn note_store_error(&self, error: &crate::store::StoreError) {
+        if matches!(error, crate::store::StoreError::Unavailable(_)) {
+            self.note_store_unavailable();
+        }
+    }
+
+    /// Notes that the database answered just now: the first answer after it did not starts
+    /// the grace of [`OUTAGE_TAKEOVER_GRACE_MS`].
+    pub fn note_store_answered(&self) {
+        let down = self.store_unavailable_at.load(Ordering::Relaxed);
+        if down > self.store_back_at.load(Ordering::Relaxed) {
+            self.store_back_at
+                .store(now_ms().max(down + 1), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the database is down, or came back less than [`OUTAGE_TAKEOVER_GRACE_MS`] ago,
+    /// as this process found it; how long the grace has yet to run when it is.
+    pub fn store_outage_grace(&self, now: i64) -> Option<i64> {
+        let down = self.store_unavailable_at.load(Ordering::Relaxed);
+        if down == 0 {
+            return None;
+        }
+        let back = self.store_back_at.load(Ordering::Relaxed);
+        if back <= down {
+            return Some(OUTAGE_TAKEOVER_GRACE_MS);
+        }
+        let left = OUTAGE_TAKEOVER_GRACE_MS - now.saturating_sub(back);
+        (left > 0).then_some(left)
     }
 
     /// See [`Claimed`].
@@ -1002,8 +1053,13 @@ impl RefreshEngine {
                 .refresh_here(&owned, id, observed, claimed, purpose)
                 .await
         });
-        task.await
-            .unwrap_or_else(|error| Err(RefreshFailure::Internal(format!("refresh task: {error}"))))
+        let result = task.await.unwrap_or_else(|error| {
+            Err(RefreshFailure::Internal(format!("refresh task: {error}")))
+        });
+        if matches!(result, Err(RefreshFailure::StoreUnavailable(_))) {
+            self.note_store_unavailable();
+        }
+        result
     }
 
     async fn refresh_here(
@@ -1243,6 +1299,31 @@ impl RefreshEngine {
             let _ = app.store.release_refresh_lease(id, &app.replica_id).await;
             self.forget(id);
             return Err(failure);
+        }
+        // Just after the database did not answer, another replica's cut refresh may have its
+        // rotated tokens in memory, stored within seconds: presenting the retired refresh token
+        // now would end the grant at a strict provider (see [`OUTAGE_TAKEOVER_GRACE_MS`]).
+        let now = now_ms();
+        // (The lease was just taken: the database answers.)
+        self.note_store_answered();
+        if interrupted
+            && !self.parked.contains_key(&id)
+            && let Some(left) = self.store_outage_grace(now)
+        {
+            let wait = left.clamp(1_000, OUTAGE_TAKEOVER_GRACE_MS);
+            let _ = app
+                .store
+                .leave_interrupted_refresh(id, &app.replica_id, now + wait)
+                .await;
+            tracing::info!(
+                instance = id,
+                "an interrupted refresh is left for {wait} ms: the database did not answer a moment ago, and the replica that began it may store its rotated tokens"
+            );
+            return Err(RefreshFailure::Transient {
+                message: "the database did not answer a moment ago: this instance's interrupted refresh waits for the replica that began it".into(),
+                provider_message: None,
+                retry_after_ms: Some(wait),
+            });
         }
         if interrupted {
             tracing::warn!(
@@ -2407,6 +2488,12 @@ async fn revived_tokens_refused(
     connector: &Connector,
     stored: &InstanceRow,
 ) -> Option<String> {
+    // An access token that expired meanwhile (kept through a long outage) is refused for
+    // that alone, which says nothing of the grant: the revival stands, and the next refresh
+    // tells (a tester's instances were invalidated on working refresh tokens).
+    if stored.access_expires_at.is_some_and(|at| at <= now_ms()) {
+        return None;
+    }
     let access_token = open_secrets(app, stored).ok()?.access_token?;
     let configuration = plain_configuration(stored);
     let verified =

@@ -620,6 +620,27 @@ impl Store {
     }
 
     /// Gives the lease back, if `owner` still holds it. True when it did.
+    /// Gives back `owner`'s lease of an instance whose interrupted refresh it leaves for now,
+    /// keeping the mark of the refresh in flight (the refresh is still to finish, by the
+    /// replica that holds its rotated tokens or by recovery), due again at `due_at`.
+    pub async fn leave_interrupted_refresh(
+        &self,
+        id: i64,
+        owner: &str,
+        due_at: i64,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE instances SET refresh_lease_owner = NULL, refresh_lease_until = NULL, \
+             next_due_at = $3 WHERE id = $1 AND refresh_lease_owner = $2",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(due_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
     pub async fn release_refresh_lease(&self, id: i64, owner: &str) -> Result<bool, StoreError> {
         let result = sqlx::query(
             "UPDATE instances SET refresh_lease_owner = NULL, refresh_lease_until = NULL, \

@@ -2162,3 +2162,119 @@ async fn an_ended_grant_shows_no_failing_streak() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// A database outage longer than a refresh's lease, while one replica's refresh holds rotated
+/// tokens it could not store: another replica asked to refresh the instance as the database
+/// comes back leaves that cut refresh to the replica holding its tokens (503), which stores
+/// them, and the strict provider's grant lives on. It took the refresh over at once with the
+/// retired refresh token, and the provider ended the grant (a tester lost 12 instances of 40 to
+/// a 45 s outage).
+#[tokio::test]
+async fn after_an_outage_a_cut_refresh_is_left_to_the_replica_holding_its_tokens() {
+    let (url, env, created) = kept_tokens_env(true, "cut").await;
+    let id = created["id"].as_i64().unwrap();
+    let token = created["token"].as_str().unwrap().to_string();
+    let second = start_server(&url, &env.sandbox.url, |_| {}).await;
+    expire_access_tokens(&env).await;
+    let mut admin = admin_connection(&url).await;
+    let held = hold_next_token_call(&env, 2_000).await;
+    let refresh_on_second = || async {
+        let response = env
+            .http
+            .post(format!(
+                "{}/elements/api-v2/instances/{id}/tokens/refresh",
+                second.url
+            ))
+            .header("authorization", env.org.platform())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap_or_default())
+    };
+    let call = proxy_at(
+        &env,
+        &env.server.url,
+        &env.org,
+        &token,
+        Method::GET,
+        "api/me",
+    );
+    let outage = async {
+        at_the_provider(&env, held).await;
+        // Past the refresh's 10 s lease: both replicas find the database not answering.
+        database_outage(&mut admin, &url, Duration::from_secs(14)).await;
+        // At once, the other replica is asked to refresh the instance.
+        refresh_on_second().await
+    };
+    let ((status, body, _), (second_status, second_body)) = tokio::join!(call, outage);
+    assert_eq!(status, 503, "the tokens were not kept: {body}");
+    assert_ne!(second_status, 200, "{second_body}");
+    assert_ne!(second_status, 409, "the grant was ended: {second_body}");
+    eventually(
+        "the kept tokens to serve",
+        Duration::from_secs(30),
+        || async {
+            let (status, _, _) = proxy_at(
+                &env,
+                &env.server.url,
+                &env.org,
+                &token,
+                Method::GET,
+                "api/me",
+            )
+            .await;
+            (status == 200).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        stat(&env, &["tokenErrors"]).await,
+        0,
+        "a retired refresh token was presented"
+    );
+    second.shutdown().await;
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+/// A statement the database cancels for the role's `statement_timeout` (a table locked by
+/// maintenance) is the database not answering just now: 503, as for a lost connection. It was
+/// a 500 "internal error", while `/healthz` said ok.
+#[tokio::test]
+async fn a_statement_timeout_is_a_passing_state_of_the_database() {
+    let Ok(url) = create_postgres_database().await else {
+        panic!("PostgreSQL is needed for this test (.ci/run starts it)");
+    };
+    let mut admin = admin_connection(&url).await;
+    let (_, database) = url.rsplit_once('/').unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE \"{database}\" SET statement_timeout = '500ms'"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let env = Env::start("postgres", &url).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "timed-out")
+        .await;
+    let id = created["id"].as_i64().unwrap();
+    use sqlx::Connection;
+    let mut locker = sqlx::PgConnection::connect(&url).await.unwrap();
+    let mut transaction = locker.begin().await.unwrap();
+    sqlx::query("LOCK TABLE instances IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *transaction)
+        .await
+        .unwrap();
+    let (status, body) = env
+        .get_json(&env.api(&format!("/instances/{id}")), &env.org.platform())
+        .await;
+    assert_eq!(status, 503, "{body}");
+    transaction.rollback().await.unwrap();
+    let (status, body) = env
+        .get_json(&env.api(&format!("/instances/{id}")), &env.org.platform())
+        .await;
+    assert_eq!(status, 200, "{body}");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
