@@ -25,6 +25,8 @@ pub struct AppConfig {
     /// parts of its body (`serve --proxy-timeout`): long polls and sparse event streams need
     /// more than the default 30 s.
     pub proxy_timeout: Duration,
+    /// Connections to PostgreSQL this process opens at most (`serve --database-pool-size`).
+    pub database_pool_size: u32,
     /// A run of transient refresh failures this long fires `instance.refresh_failing`.
     pub refresh_failing_after: Duration,
     /// Largest JSON body the platform API accepts.
@@ -82,6 +84,7 @@ impl std::fmt::Debug for AppConfig {
             .field("egress", &self.egress)
             .field("provider_timeout", &self.provider_timeout)
             .field("proxy_timeout", &self.proxy_timeout)
+            .field("database_pool_size", &self.database_pool_size)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("background_tasks", &self.background_tasks)
             .field("refresh_concurrency", &self.refresh_concurrency)
@@ -102,6 +105,7 @@ impl AppConfig {
             sandbox_url: "http://127.0.0.1:4000".to_string(),
             provider_timeout: Duration::from_secs(30),
             proxy_timeout: Duration::from_secs(30),
+            database_pool_size: crate::store::StoreOptions::default().max_connections,
             refresh_failing_after: Duration::from_millis(
                 crate::events::REFRESH_FAILING_AFTER_MS as u64,
             ),
@@ -477,8 +481,14 @@ impl App {
         };
         // The key is checked before the schema is brought up to date: a replica started with
         // a wrong key changes nothing.
-        let store =
-            Store::open_with(&config.database_url, crate::store::StoreOptions::default()).await?;
+        let store = Store::open_with(
+            &config.database_url,
+            crate::store::StoreOptions {
+                max_connections: config.database_pool_size,
+                ..crate::store::StoreOptions::default()
+            },
+        )
+        .await?;
         let has_schema = store.has_schema().await?;
         let keyring = match keyring {
             Err(crate::crypto::CryptoError::KeyFileMissing { path }) => {

@@ -172,6 +172,11 @@ pub struct ServeArgs {
     /// need more.
     #[arg(long, env = "TOKENWARDEN_PROXY_TIMEOUT", hide_env_values = true, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=86_400))]
     pub proxy_timeout: u32,
+    /// Connections to PostgreSQL this replica opens at most (SQLite uses one). Replicas times
+    /// this must stay below the server's `max_connections` (100 by default) less what other
+    /// clients use; a call waits up to 10 s for a free one.
+    #[arg(long, env = "TOKENWARDEN_DATABASE_POOL_SIZE", hide_env_values = true, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    pub database_pool_size: u32,
     /// Caller connections served at once; past it, the oldest are asked to finish for new ones
     /// (an idle kept-alive one closes at once, a busy one after its answer).
     /// Default: half of the open-file limit (raised to its hard limit at start), less 256 kept
@@ -452,6 +457,7 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             config.header_read_timeout =
                 std::time::Duration::from_secs(u64::from(args.idle_timeout));
             config.proxy_timeout = std::time::Duration::from_secs(u64::from(args.proxy_timeout));
+            config.database_pool_size = args.database_pool_size;
             config.max_connections = args.max_connections.map(|n| n as usize);
             let rate = args.refresh_rate;
             if !rate.is_finite() || rate < 0.0 || (rate > 0.0 && rate < MIN_REFRESH_RATE) {

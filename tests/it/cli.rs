@@ -288,6 +288,7 @@ fn serve_refuses_settings_it_cannot_honour() {
         ("--workers", "10000000", "--workers"),
         ("--refresh-rate", "1e-300", "--refresh-rate"),
         ("--refresh-rate", "-1", "--refresh-rate"),
+        ("--database-pool-size", "0", "not in 1..=1000"),
         ("--sandbox-url", "notaurl", "--sandbox-url"),
         (
             "--sandbox-url",

@@ -220,3 +220,35 @@ async fn a_stale_copy_whose_grant_is_gone_answers_in_the_apis_words() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// `serve --database-pool-size` bounds the connections a replica opens to PostgreSQL: replicas
+/// times 16 took most of a default server's 100.
+#[tokio::test]
+async fn a_replica_opens_at_most_its_pool_size() {
+    let Ok(url) = crate::support::create_postgres_database().await else {
+        panic!("PostgreSQL is needed for this test (.ci/run starts it)");
+    };
+    let env = Env::start_adjusted("postgres", &url, |config| config.database_pool_size = 2).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "pooled")
+        .await;
+    let id = created["id"].as_i64().unwrap();
+    let (url_of_one, platform) = (env.api(&format!("/instances/{id}")), env.org.platform());
+    let calls = (0..40).map(|_| env.get_json(&url_of_one, &platform));
+    for (status, body) in futures_util::future::join_all(calls).await {
+        assert_eq!(status, 200, "{body}");
+    }
+    use sqlx::Connection;
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    let (_, database) = url.rsplit_once('/').unwrap();
+    let open: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(database)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(open <= 2, "{open} connections open");
+    env.stop().await;
+    crate::support::drop_test_database(&url).await;
+}
