@@ -538,26 +538,28 @@ async fn an_import_can_be_created_disabled() {
     crate::support::drop_test_database(&url).await;
 }
 
-/// `serve` killed (SIGKILL) after the provider rotated an imported refresh token, while the
-/// create makes its verification call with the new access token: the rotated tokens were
-/// stored before that call, so after a restart the instance exists and works, refreshes again
-/// (a strict provider would refuse the imported refresh token, used once already), and the
-/// client's retry of the import is answered with it. The refresh was made before the insert,
-/// and the rotated refresh token died with the process: no instance, and a grant nobody could
-/// use any more, in this service or in the one migrated from.
-#[tokio::test]
-async fn an_import_killed_after_its_refresh_keeps_the_rotated_token() {
-    use crate::crash::{call as proxy_call, spawn_serve, stats};
-    use crate::refresh::{generic_profile, strict_rotation};
+/// What the tests of an import cut by a `kill -9` start from: a SQLite database with an
+/// organization, a sandbox whose generic profile has `profile`, and the body importing the
+/// refresh token of a new grant there (the in-process server that set the scene has stopped).
+struct ImportScene {
+    url: String,
+    sandbox: tokenwarden_sandbox::RunningSandbox,
+    sandbox_url: String,
+    http: reqwest::Client,
+    org: crate::harness::Org,
+    body: Value,
+    refresh: String,
+}
+
+async fn import_scene(name: &str, profile: Value) -> ImportScene {
     let url = crate::support::sqlite_database();
     let sandbox = tokenwarden_sandbox::spawn(crate::harness::loopback(), Default::default())
         .await
         .unwrap();
     let sandbox_url = sandbox.url.clone();
-    // The in-process server only sets the scene (organization, tokens to import), then stops.
-    let env = Env::start_with_sandbox("killed", &url, sandbox, |_| {}).await;
-    generic_profile(&env, strict_rotation()).await;
-    let (_, refresh) = tokens_of_a_new_grant(&env, "killed").await;
+    let env = Env::start_with_sandbox(name, &url, sandbox, |_| {}).await;
+    crate::refresh::generic_profile(&env, profile).await;
+    let (_, refresh) = tokens_of_a_new_grant(&env, name).await;
     let mut configuration = env.configuration();
     configuration["oauth.user.refresh_token"] = json!(refresh);
     let body = json!({"element": {"key": "sandbox-generic"}, "externalAuthentication": "initial",
@@ -570,26 +572,76 @@ async fn an_import_killed_after_its_refresh_keeps_the_rotated_token() {
         ..
     } = env;
     server.shutdown().await;
+    ImportScene {
+        url,
+        sandbox,
+        sandbox_url,
+        http,
+        org,
+        body,
+        refresh,
+    }
+}
+
+/// Queues `fault` at the sandbox, then sends the import `body` to the service at `server_url`
+/// in a task of its own.
+async fn import_after_fault(
+    http: &reqwest::Client,
+    sandbox_url: &str,
+    server_url: &str,
+    org: &crate::harness::Org,
+    body: &Value,
+    fault: Value,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+    let queued = http
+        .post(format!("{sandbox_url}/__sandbox/faults"))
+        .json(&fault)
+        .send()
+        .await
+        .unwrap();
+    assert!(queued.status().is_success());
+    let request = http
+        .post(format!("{server_url}/elements/api-v2/instances"))
+        .header("authorization", org.platform())
+        .json(body);
+    tokio::spawn(async move { request.send().await })
+}
+
+/// `serve` killed (SIGKILL) after the provider rotated an imported refresh token, while the
+/// create makes its verification call with the new access token: the rotated tokens were
+/// stored before that call, so after a restart the instance exists and works, refreshes again
+/// (a strict provider would refuse the imported refresh token, used once already), and the
+/// client's retry of the import is answered with it. The refresh was made before the insert,
+/// and the rotated refresh token died with the process: no instance, and a grant nobody could
+/// use any more, in this service or in the one migrated from.
+#[tokio::test]
+async fn an_import_killed_after_its_refresh_keeps_the_rotated_token() {
+    use crate::crash::{call as proxy_call, spawn_serve, stats};
+    use crate::refresh::strict_rotation;
+    let ImportScene {
+        url,
+        sandbox,
+        sandbox_url,
+        http,
+        org,
+        body,
+        refresh,
+    } = import_scene("killed", strict_rotation()).await;
 
     let mut first = spawn_serve(&url, &sandbox_url, &http).await;
     let refreshes = stats(&http, &sandbox_url).await["token"]["refresh_token"]
         .as_u64()
         .unwrap();
     // The verification call that follows the refresh is held at the provider.
-    let fault = http
-        .post(format!("{sandbox_url}/__sandbox/faults"))
-        .json(&json!({"target": "api", "status": 0, "delayMs": 20_000, "count": 1}))
-        .send()
-        .await
-        .unwrap();
-    assert!(fault.status().is_success());
-    let create = {
-        let request = http
-            .post(format!("{}/elements/api-v2/instances", first.url))
-            .header("authorization", org.platform())
-            .json(&body);
-        tokio::spawn(async move { request.send().await })
-    };
+    let create = import_after_fault(
+        &http,
+        &sandbox_url,
+        &first.url,
+        &org,
+        &body,
+        json!({"target": "api", "status": 0, "delayMs": 20_000, "count": 1}),
+    )
+    .await;
     eventually(
         "the refresh made and the verification call held",
         Duration::from_secs(20),
@@ -822,45 +874,28 @@ async fn an_import_outlives_its_connector_deleted_during_its_refresh() {
 #[tokio::test]
 async fn an_import_killed_during_its_refresh_is_refreshed_after_the_restart() {
     use crate::crash::{call as proxy_call, spawn_serve, stats};
-    use crate::refresh::generic_profile;
-    let url = crate::support::sqlite_database();
-    let sandbox = tokenwarden_sandbox::spawn(crate::harness::loopback(), Default::default())
-        .await
-        .unwrap();
-    let sandbox_url = sandbox.url.clone();
-    let env = Env::start_with_sandbox("killed-early", &url, sandbox, |_| {}).await;
     // No rotation: whether or not the provider finished the lost request, the stored refresh
     // token works.
-    generic_profile(&env, json!({"rotateRefreshTokens": false})).await;
-    let (_, refresh) = tokens_of_a_new_grant(&env, "killed-early").await;
-    let mut configuration = env.configuration();
-    configuration["oauth.user.refresh_token"] = json!(refresh);
-    let body = json!({"element": {"key": "sandbox-generic"}, "externalAuthentication": "initial",
-                      "configuration": configuration, "name": "imported"});
-    let Env {
-        server,
+    let ImportScene {
+        url,
         sandbox,
+        sandbox_url,
         http,
         org,
+        body,
         ..
-    } = env;
-    server.shutdown().await;
+    } = import_scene("killed-early", json!({"rotateRefreshTokens": false})).await;
 
     let mut first = spawn_serve(&url, &sandbox_url, &http).await;
-    let fault = http
-        .post(format!("{sandbox_url}/__sandbox/faults"))
-        .json(&json!({"target": "token", "status": 0, "delayMs": 3_000, "count": 1}))
-        .send()
-        .await
-        .unwrap();
-    assert!(fault.status().is_success());
-    let create = {
-        let request = http
-            .post(format!("{}/elements/api-v2/instances", first.url))
-            .header("authorization", org.platform())
-            .json(&body);
-        tokio::spawn(async move { request.send().await })
-    };
+    let create = import_after_fault(
+        &http,
+        &sandbox_url,
+        &first.url,
+        &org,
+        &body,
+        json!({"target": "token", "status": 0, "delayMs": 3_000, "count": 1}),
+    )
+    .await;
     eventually(
         "the import's refresh at the provider",
         Duration::from_secs(20),
