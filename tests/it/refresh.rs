@@ -1468,6 +1468,17 @@ async fn database_outage(admin: &mut sqlx::PgConnection, url: &str, lasting: Dur
     outage_ends(admin, url).await;
 }
 
+/// Waits (up to `limit`) until a proxied call through the instance of Element token `token`
+/// answers 200: the tokens kept through an outage were stored, and serve.
+async fn kept_tokens_serve(env: &Env, token: &str, limit: Duration) {
+    eventually("the kept tokens to serve", limit, || async {
+        let (status, _, _) =
+            proxy_at(env, &env.server.url, &env.org, token, Method::GET, "api/me").await;
+        (status == 200).then_some(())
+    })
+    .await;
+}
+
 /// A test database on PostgreSQL, a service whose commit of rotated tokens is tried for 2 s
 /// while its caller waits and kept for a minute after, its generic profile rotating strictly
 /// when `strict`, and an instance named `name` there: (url, env, the instance).
@@ -1531,23 +1542,7 @@ async fn rotated_tokens_outlive_the_callers_wait_for_the_database() {
     assert_eq!(health["status"], "unavailable", "{health}");
     assert_eq!(health["keptTokens"], 1, "{health}");
     // The database is back: the kept tokens are stored, and they serve.
-    eventually(
-        "the kept tokens to serve",
-        Duration::from_secs(20),
-        || async {
-            let (status, _, _) = proxy_at(
-                &env,
-                &env.server.url,
-                &env.org,
-                &token,
-                Method::GET,
-                "api/me",
-            )
-            .await;
-            (status == 200).then_some(())
-        },
-    )
-    .await;
+    kept_tokens_serve(&env, &token, Duration::from_secs(20)).await;
     assert_eq!(refreshes(&env).await, 1, "no second refresh");
     assert_eq!(stat(&env, &["tokenErrors"]).await, 0, "no reuse");
     let (health_status, health) = env.get_json(&healthz, "").await;
@@ -2211,23 +2206,7 @@ async fn after_an_outage_a_cut_refresh_is_left_to_the_replica_holding_its_tokens
     assert_eq!(status, 503, "the tokens were not kept: {body}");
     assert_ne!(second_status, 200, "{second_body}");
     assert_ne!(second_status, 409, "the grant was ended: {second_body}");
-    eventually(
-        "the kept tokens to serve",
-        Duration::from_secs(30),
-        || async {
-            let (status, _, _) = proxy_at(
-                &env,
-                &env.server.url,
-                &env.org,
-                &token,
-                Method::GET,
-                "api/me",
-            )
-            .await;
-            (status == 200).then_some(())
-        },
-    )
-    .await;
+    kept_tokens_serve(&env, &token, Duration::from_secs(30)).await;
     assert_eq!(
         stat(&env, &["tokenErrors"]).await,
         0,
