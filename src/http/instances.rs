@@ -2235,11 +2235,16 @@ async fn update_once(
     ) {
         split.access_token = None;
     }
-    if given_back(
+    // An import replaces the grant's tokens: the stored refresh token stays only when the
+    // body gives it back as it was shown (masked, or as it is). Imported with an access token
+    // alone (another user's, maybe), the instance kept the old grant's refresh token, and its
+    // next refresh made it the old user's connection again.
+    let refresh_given_back = given_back(
         &split.refresh_token,
         &secrets.refresh_token,
         &seen.refresh_token,
-    ) {
+    );
+    if refresh_given_back {
         split.refresh_token = None;
     }
     let old_plain = plain_configuration(&row);
@@ -2585,10 +2590,13 @@ async fn update_once(
         }
         _ => instances::ImportedExpiry::default(),
     };
+    // The refresh token the instance has after the import: the one it brings, or the stored
+    // one given back as shown.
+    let keeps_refresh_token = refresh_given_back && secrets.refresh_token.is_some();
     let expired = match &imported {
         Some(tokens) => expired_import(
             &expiry,
-            tokens.refresh_token.is_some() || secrets.refresh_token.is_some(),
+            tokens.refresh_token.is_some() || keeps_refresh_token,
             "was changed",
         )?,
         None => false,
@@ -2607,7 +2615,7 @@ async fn update_once(
         .await
         && let Some(words) = verified.rejection
     {
-        let refresh_token = tokens.refresh_token.is_some() || secrets.refresh_token.is_some();
+        let refresh_token = tokens.refresh_token.is_some() || keeps_refresh_token;
         imported_rejection(refresh_token, "was changed", words)?;
         imported_rejected = true;
         *refresh_after = true;
@@ -2655,7 +2663,10 @@ async fn update_once(
         let now = now_ms();
         let configuration = plain_configuration(&held);
         let held_secrets = open_secrets(app, &held)?;
-        let keep = held_secrets.refresh_token.as_ref();
+        let keep = held_secrets
+            .refresh_token
+            .as_ref()
+            .filter(|_| keeps_refresh_token);
         let applied = apply_token_set(
             app,
             &connector,

@@ -956,3 +956,65 @@ async fn an_import_killed_during_its_refresh_is_refreshed_after_the_restart() {
     sandbox.shutdown().await;
     crate::support::drop_test_database(&url).await;
 }
+
+/// An import replaces the grant's tokens: an access token imported alone by `PATCH` (or `PUT`)
+/// leaves the instance without its old refresh token, which belonged to the grant it replaces
+/// (another user's, maybe); given back as shown (masked), the stored refresh token stays. The
+/// old refresh token was kept, and the next refresh made the instance the old user's
+/// connection again.
+#[tokio::test]
+async fn an_imported_access_token_does_not_keep_the_old_grant_s_refresh_token() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "alice")
+        .await;
+    let id = created["id"].clone();
+    let alice_refresh =
+        revealed(&env, &env.org, &created).await["configuration"]["oauth.user.refresh_token"]
+            .clone();
+    // Given back as shown, with a new access token of the same grant: the refresh token stays.
+    let (same_user_access, _) = tokens_of_a_new_grant(&env, "alice").await;
+    let patched = call(
+        &env,
+        Method::PATCH,
+        &env.api(&format!("/instances/{id}")),
+        Some(&env.org.platform()),
+        Some(json!({"externalAuthentication": "initial",
+                    "configuration": {"oauth.user.token": same_user_access,
+                                      "oauth.user.refresh_token": "********"}})),
+    )
+    .await;
+    assert_eq!(patched.status, 200, "{}", patched.body);
+    let shown = revealed(&env, &env.org, &created).await;
+    assert_eq!(
+        shown["configuration"]["oauth.user.refresh_token"], alice_refresh,
+        "{shown}"
+    );
+    // Bob's access token alone: alice's refresh token goes with her grant.
+    let (bob_access, _) = tokens_of_a_new_grant(&env, "bob").await;
+    let patched = call(
+        &env,
+        Method::PATCH,
+        &env.api(&format!("/instances/{id}")),
+        Some(&env.org.platform()),
+        Some(json!({"externalAuthentication": "initial",
+                    "configuration": {"oauth.user.token": bob_access,
+                                      "oauth.user.token.expires_in": "1800"}})),
+    )
+    .await;
+    assert_eq!(patched.status, 200, "{}", patched.body);
+    let shown = revealed(&env, &env.org, &created).await;
+    assert!(
+        shown["configuration"]["oauth.user.refresh_token"].is_null(),
+        "the old grant's refresh token was kept: {shown}"
+    );
+    assert!(
+        shown["stateReason"]
+            .as_str()
+            .is_some_and(|reason| reason.starts_with("No refresh token")),
+        "{shown}"
+    );
+    env.stop().await;
+    crate::support::drop_test_database(&url).await;
+}

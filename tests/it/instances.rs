@@ -3001,8 +3001,9 @@ async fn imported_tokens_the_provider_rejects_are_refused_or_replaced() {
         unauthorized,
         "[{label}] the first call went with a working token"
     );
-    // An update importing a rejected access token: refreshed with the instance's refresh
-    // token before the answer; with a refresh token the provider refuses, answered invalid.
+    // An update importing a rejected access token, the instance's refresh token given back as
+    // shown (kept): refreshed with it before the answer; with a refresh token the provider
+    // refuses, answered invalid.
     let patch_import = |id: Value, configuration: Value| {
         let auth = auth.clone();
         let env = &env;
@@ -3019,7 +3020,7 @@ async fn imported_tokens_the_provider_rejects_are_refused_or_replaced() {
     };
     let kept = patch_import(
         source["id"].clone(),
-        json!({"oauth.user.token": "bogus-imported"}),
+        json!({"oauth.user.token": "bogus-imported", "oauth.user.refresh_token": "********"}),
     )
     .await;
     assert_eq!(kept.status, 200, "[{label}] {}", kept.body);
