@@ -856,8 +856,13 @@ fn state_reason(row: &InstanceRow, state: &str, has_refresh_token: bool) -> Opti
         return row.state_reason.clone();
     }
     row.access_expires_at.map(|expires_at| {
+        let when = if expires_at <= crate::app::now_ms() {
+            "stopped working when its access token expired"
+        } else {
+            "stops working when its access token expires"
+        };
         format!(
-            "No refresh token: the provider gave none, so the instance stops working when its access token expires ({}); ask for offline access (the connector's refresh-token scope, `prompt=consent`) and re-authenticate the instance",
+            "No refresh token (the provider gave none, or an import brought none): the instance {when} ({}); ask for offline access (the connector's refresh-token scope, `prompt=consent`) and re-authenticate the instance",
             iso8601(expires_at)
         )
     })
