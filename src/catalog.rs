@@ -242,8 +242,10 @@ pub struct RefreshSpec {
     /// stay alive (Adobe Sign: 50 days, as the provider advises for its 60-day idle expiry).
     #[serde(default)]
     pub keep_alive_seconds: Option<u64>,
-    /// Whether and how the provider rotates refresh tokens (informative; the engine always keeps
-    /// whatever the response carries and keeps the old one when the response has none).
+    /// Whether and how the provider rotates refresh tokens. The engine always keeps whatever
+    /// the response carries and keeps the old one when the response has none; a revocation
+    /// that needs a fresh access token (`Bearer` endpoints) refreshes for it only under
+    /// `none`, as its rotated refresh token is not stored.
     #[serde(default)]
     pub rotation: Rotation,
     /// Refresh tokens die after this many seconds without use (sliding), when known.

@@ -385,12 +385,16 @@ pub struct RefreshEngine {
 
 /// While the database does not answer, and this long after this process finds it answering
 /// again, refreshes another replica began (in flight, their lease run out) are left
-/// unfinished (and so are this process's own, begun before a restart). After an outage
+/// unfinished, on PostgreSQL, for as long as that replica may hold their tokens (its commit's
+/// retries and `rotated_tokens_kept_for`: a database failing again and again does not leave
+/// them for ever). After an outage
 /// longer than a lease, the replica whose refresh was cut holds the rotated tokens in memory
 /// and stores them within seconds of the database's return ([`ParkedCommit`]); a replica that
 /// took the refresh over meanwhile presented the retired refresh token, and a strict provider
 /// ended the grant (a tester's 45 s outage lost 12 instances of 40). A replica that crashed
-/// holds nothing, and its refreshes are finished after the grace.
+/// holds nothing, and its refreshes are finished after the grace. Only a replica that found
+/// the database not answering leaves them: one that made no call to it during a short outage
+/// (idle, or started after it) takes them over at once.
 pub const OUTAGE_TAKEOVER_GRACE_MS: i64 = 30_000;
 
 /// How long the API's rejections of a token that a refresh has just replaced pass through
@@ -1306,8 +1310,19 @@ impl RefreshEngine {
         let now = now_ms();
         // (The lease was just taken: the database answers.)
         self.note_store_answered();
+        // Only while the replica that began it may still hold its tokens (it keeps them for
+        // its commit's retries, then for `rotated_tokens_kept_for`), and only where replicas
+        // share the database (on SQLite one process is the only one).
+        let holder_may_keep = i64::try_from(
+            (app.config.commit_retry_for + app.config.rotated_tokens_kept_for).as_millis(),
+        )
+        .unwrap_or(i64::MAX);
         if interrupted
+            && app.store.engine() == crate::store::Engine::Postgres
             && !self.parked.contains_key(&id)
+            && leased
+                .refresh_in_flight_since
+                .is_some_and(|since| now.saturating_sub(since) < holder_may_keep)
             && let Some(left) = self.store_outage_grace(now)
         {
             let wait = left.clamp(1_000, OUTAGE_TAKEOVER_GRACE_MS);

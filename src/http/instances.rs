@@ -2593,6 +2593,26 @@ async fn update_once(
     // The refresh token the instance has after the import: the one it brings, or the stored
     // one given back as shown.
     let keeps_refresh_token = refresh_given_back && secrets.refresh_token.is_some();
+    // A PATCH merges: an access token imported alone into an instance that has a refresh
+    // token says nothing of it, and is refused rather than guessed at (kept, it may be another
+    // user's grant's; dropped, a caller pushing a token refreshed elsewhere loses it). A
+    // replacement (`PUT`) has what it gives.
+    let names_refresh_token = body
+        .configuration
+        .as_ref()
+        .and_then(Value::as_object)
+        .is_some_and(|configuration| configuration.contains_key(instances::REFRESH_TOKEN));
+    if matches!(mode, UpdateMode::Merge)
+        && imported
+            .as_ref()
+            .is_some_and(|tokens| tokens.refresh_token.is_none())
+        && secrets.refresh_token.is_some()
+        && !names_refresh_token
+    {
+        return Err(ApiError::bad_request(
+            "An import replaces the grant's tokens, and this one brings an access token alone: give `oauth.user.refresh_token` too, the new grant's, the stored one back as shown (`********`) to keep it, or \"\" for none; nothing was changed",
+        ));
+    }
     let expired = match &imported {
         Some(tokens) => expired_import(
             &expiry,

@@ -291,7 +291,12 @@ impl Store {
             // each commit is tried alone, at once, so only the bad one fails. Not a database in
             // a passing state (full, read-only, out of connections): as one that does not
             // answer, below, rather than as many attempts at once.
-            Err(sqlx::Error::Database(refused)) if !super::passing(refused.as_ref()) => {
+            // So is a statement cancelled for its time or a lock (`statement_timeout`,
+            // `lock_timeout`): a batch may take longer, or meet a locked row, where one commit
+            // alone does not.
+            Err(sqlx::Error::Database(refused))
+                if !super::passing(refused.as_ref()) || super::cancelled(refused.as_ref()) =>
+            {
                 tracing::warn!(
                     commits = batch.len(),
                     "a batch of token commits was refused ({}); committing each alone",

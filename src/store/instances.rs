@@ -44,8 +44,8 @@ macro_rules! refreshed_set {
          failing_since = NULL, failure_count = 0, backoff_until = NULL, last_failure = NULL, \
          refresh_lease_until = CASE WHEN refresh_lease_owner = $9 THEN NULL \
          ELSE refresh_lease_until END, \
-         refresh_in_flight_since = CASE WHEN refresh_lease_owner = $9 THEN NULL \
-         ELSE refresh_in_flight_since END, \
+         refresh_in_flight_since = CASE WHEN refresh_lease_owner = $9 OR refresh_lease_owner IS NULL \
+         THEN NULL ELSE refresh_in_flight_since END, \
          refresh_lease_owner = CASE WHEN refresh_lease_owner = $9 THEN NULL \
          ELSE refresh_lease_owner END, \
          updated_at = CASE WHEN $10 > updated_at THEN $10 ELSE updated_at + 1 END WHERE id = $11 AND token_version = $12 \
@@ -619,7 +619,6 @@ impl Store {
         Ok(result.rows_affected() == 1)
     }
 
-    /// Gives the lease back, if `owner` still holds it. True when it did.
     /// Gives back `owner`'s lease of an instance whose interrupted refresh it leaves for now,
     /// keeping the mark of the refresh in flight (the refresh is still to finish, by the
     /// replica that holds its rotated tokens or by recovery), due again at `due_at`.
@@ -641,6 +640,7 @@ impl Store {
         Ok(result.rows_affected() == 1)
     }
 
+    /// Gives the lease back, if `owner` still holds it. True when it did.
     pub async fn release_refresh_lease(&self, id: i64, owner: &str) -> Result<bool, StoreError> {
         let result = sqlx::query(
             "UPDATE instances SET refresh_lease_owner = NULL, refresh_lease_until = NULL, \

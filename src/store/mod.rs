@@ -173,10 +173,17 @@ impl From<sqlx::Error> for StoreError {
 /// many connections), a server shutting down or starting (57P01–57P03), an I/O error (58030), a
 /// database not accepting connections (55000: `ALLOW_CONNECTIONS false`, maintenance), a
 /// read-only transaction (25006: a standby after a failover), a serialization failure or a
-/// deadlock (40001, 40P01), a statement cancelled by the role's `statement_timeout` or a lock
-/// not had within `lock_timeout` (57014, 55P03: a table locked by maintenance); SQLite busy or locked past its busy timeout (5, 6), read-only (8),
+/// deadlock (40001, 40P01), a statement cancelled (57014: the role's `statement_timeout`
+/// when a table is locked by maintenance, or a statement that always runs too long) or a lock
+/// not had within `lock_timeout` (55P03); SQLite busy or locked past its busy timeout (5, 6), read-only (8),
 /// an I/O error (10) or a full disk (13). The rotated tokens of a refresh are kept then, and
 /// stored once the database takes them.
+/// Whether PostgreSQL cancelled the statement for its time or a lock (`statement_timeout`:
+/// 57014, which any cancelled statement has; `lock_timeout`: 55P03).
+pub(super) fn cancelled(error: &dyn sqlx::error::DatabaseError) -> bool {
+    matches!(error.code().as_deref(), Some("57014" | "55P03"))
+}
+
 pub(super) fn passing(error: &dyn sqlx::error::DatabaseError) -> bool {
     const POSTGRES: &[&str] = &[
         "57P01", "57P02", "57P03", "58030", "55000", "25006", "40001", "40P01", "57014", "55P03",

@@ -957,11 +957,12 @@ async fn an_import_killed_during_its_refresh_is_refreshed_after_the_restart() {
     crate::support::drop_test_database(&url).await;
 }
 
-/// An import replaces the grant's tokens: an access token imported alone by `PATCH` (or `PUT`)
-/// leaves the instance without its old refresh token, which belonged to the grant it replaces
-/// (another user's, maybe); given back as shown (masked), the stored refresh token stays. The
-/// old refresh token was kept, and the next refresh made the instance the old user's
-/// connection again.
+/// An import replaces the grant's tokens: an access token imported by `PATCH` with the refresh
+/// token blanked leaves the instance without its old refresh token, which belonged to the grant
+/// it replaces (another user's, maybe); given back as shown (masked), the stored refresh token
+/// stays; not named at all, the import is refused (a merge says nothing of it). The old
+/// refresh token was kept, and the next refresh made the instance the old user's connection
+/// again.
 #[tokio::test]
 async fn an_imported_access_token_does_not_keep_the_old_grant_s_refresh_token() {
     let url = crate::support::sqlite_database();
@@ -991,17 +992,30 @@ async fn an_imported_access_token_does_not_keep_the_old_grant_s_refresh_token() 
         shown["configuration"]["oauth.user.refresh_token"], alice_refresh,
         "{shown}"
     );
-    // Bob's access token alone: alice's refresh token goes with her grant.
+    // Bob's access token alone: refused, a PATCH saying nothing of the refresh token; with it
+    // blanked, alice's refresh token goes with her grant.
     let (bob_access, _) = tokens_of_a_new_grant(&env, "bob").await;
-    let patched = call(
-        &env,
-        Method::PATCH,
-        &env.api(&format!("/instances/{id}")),
-        Some(&env.org.platform()),
-        Some(json!({"externalAuthentication": "initial",
-                    "configuration": {"oauth.user.token": bob_access,
-                                      "oauth.user.token.expires_in": "1800"}})),
-    )
+    let patch = async |configuration: Value| {
+        call(
+            &env,
+            Method::PATCH,
+            &env.api(&format!("/instances/{id}")),
+            Some(&env.org.platform()),
+            Some(json!({"externalAuthentication": "initial", "configuration": configuration})),
+        )
+        .await
+    };
+    let refused =
+        patch(json!({"oauth.user.token": bob_access, "oauth.user.token.expires_in": "1800"})).await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert_eq!(
+        revealed(&env, &env.org, &created).await["configuration"]["oauth.user.refresh_token"],
+        alice_refresh,
+        "a refused import changed the instance"
+    );
+    let patched = patch(json!({"oauth.user.token": bob_access,
+                               "oauth.user.refresh_token": "",
+                               "oauth.user.token.expires_in": "1800"}))
     .await;
     assert_eq!(patched.status, 200, "{}", patched.body);
     let shown = revealed(&env, &env.org, &created).await;

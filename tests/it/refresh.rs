@@ -1468,6 +1468,12 @@ async fn database_outage(admin: &mut sqlx::PgConnection, url: &str, lasting: Dur
     outage_ends(admin, url).await;
 }
 
+/// A connection to test database `url` itself.
+async fn admin_of(url: &str) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    sqlx::PgConnection::connect(url).await.unwrap()
+}
+
 /// Waits (up to `limit`) until a proxied call through the instance of Element token `token`
 /// answers 200: the tokens kept through an outage were stored, and serve.
 async fn kept_tokens_serve(env: &Env, token: &str, limit: Duration) {
@@ -2207,6 +2213,15 @@ async fn after_an_outage_a_cut_refresh_is_left_to_the_replica_holding_its_tokens
     assert_ne!(second_status, 200, "{second_body}");
     assert_ne!(second_status, 409, "the grant was ended: {second_body}");
     kept_tokens_serve(&env, &token, Duration::from_secs(30)).await;
+    // Stored by the replica that held them, the refresh is over: not left marked in flight
+    // (recovery would refresh it again, and a later refusal read as "interrupted").
+    let in_flight: Option<i64> =
+        sqlx::query_scalar("SELECT refresh_in_flight_since FROM instances WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut admin_of(&url).await)
+            .await
+            .unwrap();
+    assert_eq!(in_flight, None, "still marked in flight");
     assert_eq!(
         stat(&env, &["tokenErrors"]).await,
         0,
