@@ -568,6 +568,9 @@ pub fn validate(connector: &Connector, built_in: bool) -> Result<(), CatalogErro
     if let Some(url) = &oauth.revoke_url {
         check_url(connector, "oauth.revokeUrl", url, &samples, true)?;
     }
+    if let Some(issuer) = &oauth.issuer {
+        check_url(connector, "oauth.issuer", issuer, &samples, false)?;
+    }
     if let Some(url) = &connector.documentation_url {
         check_url(connector, "documentationUrl", url, &BTreeMap::new(), false)?;
     }
@@ -1061,6 +1064,14 @@ verify.path = "me"
         let mut c = good();
         c.oauth.revoke_url = Some("https://id@login.acme.test/revoke".to_string());
         refused(&c, false, &["`oauth.revokeUrl`", "user info"]);
+        // An issuer that is no URL, or names an input not declared, would refuse every code
+        // whose redirect carries `iss`.
+        let mut c = good();
+        c.oauth.issuer = Some("https://{tenantt}.acme.test".to_string());
+        refused(&c, false, &["`oauth.issuer`", "tenantt"]);
+        let mut c = good();
+        c.oauth.issuer = Some("acme".to_string());
+        refused(&c, false, &["`oauth.issuer`"]);
         for name in ["redirect_uri", "client_id", "state"] {
             let mut c = good();
             c.oauth
