@@ -168,6 +168,12 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// Whether PostgreSQL cancelled the statement for its time or a lock (`statement_timeout`:
+/// 57014, which any cancelled statement has; `lock_timeout`: 55P03).
+pub(super) fn cancelled(error: &dyn sqlx::error::DatabaseError) -> bool {
+    matches!(error.code().as_deref(), Some("57014" | "55P03"))
+}
+
 /// Whether a database error is a passing state of the database, not of the data: PostgreSQL's
 /// connection exceptions (class 08), insufficient resources (class 53: a full disk, memory, too
 /// many connections), a server shutting down or starting (57P01–57P03), an I/O error (58030), a
@@ -178,12 +184,6 @@ impl From<sqlx::Error> for StoreError {
 /// not had within `lock_timeout` (55P03); SQLite busy or locked past its busy timeout (5, 6), read-only (8),
 /// an I/O error (10) or a full disk (13). The rotated tokens of a refresh are kept then, and
 /// stored once the database takes them.
-/// Whether PostgreSQL cancelled the statement for its time or a lock (`statement_timeout`:
-/// 57014, which any cancelled statement has; `lock_timeout`: 55P03).
-pub(super) fn cancelled(error: &dyn sqlx::error::DatabaseError) -> bool {
-    matches!(error.code().as_deref(), Some("57014" | "55P03"))
-}
-
 pub(super) fn passing(error: &dyn sqlx::error::DatabaseError) -> bool {
     const POSTGRES: &[&str] = &[
         "57P01", "57P02", "57P03", "58030", "55000", "25006", "40001", "40P01", "57014", "55P03",
