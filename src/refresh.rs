@@ -2353,12 +2353,10 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
     // expected at providers that cascade (Adobe answers EXPIRED_TOKEN) and is not reported.
     let cascades = connector.oauth.revocation_cascades;
     let mut revoked = false;
-    let mut retryable = false;
-    let mut client_rejected = false;
+    let mut refusals = Refusals::default();
     // The access token refused as dead already, or as not one to revoke (a 4xx that will not
     // change), by an endpoint that takes it as the call's `Bearer` (see below).
     let mut access_refused = false;
-    let mut messages = Vec::new();
     for (token, hint) in attempts {
         if revoked && cascades {
             break;
@@ -2384,7 +2382,7 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
                     access_refused = true;
                 }
                 if !ends_grant && !revoked {
-                    messages.push(match outcome {
+                    refusals.messages.push(match outcome {
                         crate::oauth::RevokeOutcome::AlreadyInvalid { .. } => {
                             "the access token was dead already, the refresh token was not revoked"
                                 .into()
@@ -2396,21 +2394,11 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
             }
             Err(_) if revoked => {}
             Err(error) => {
-                // No answer, a 5xx or a 429, or said with an error code (`temporarily_unavailable`,
-                // a rate limit's): the provider may revoke on a later try. The app's
-                // credentials refused (`invalid_client`): once they are fixed, not before.
-                // Another refusal (a 4xx: the token is dead already, or cannot be revoked) will
-                // not change.
-                retryable |= revocation_may_pass(&error);
-                client_rejected |= error.is_client_rejected();
+                // (What may pass and what will not: see `Refusals`.)
                 access_refused |= hint == TokenHint::AccessToken
                     && !revocation_may_pass(&error)
                     && !error.is_client_rejected();
-                // Both tokens refused alike (a 503 page) are told once.
-                let message = error.provider_message();
-                if !messages.contains(&message) {
-                    messages.push(message);
-                }
+                refusals.add(&error, error.provider_message());
             }
         }
     }
@@ -2421,8 +2409,8 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
     // stored, and a revocation that fails again leaves the instance as it was (a rotating
     // provider's new refresh token would be lost with the grant alive on it).
     if !revoked
-        && !retryable
-        && !client_rejected
+        && !refusals.retryable
+        && !refusals.client_rejected
         && access_refused
         && cascades
         && connector.refresh.rotation == crate::catalog::Rotation::None
@@ -2448,41 +2436,56 @@ pub async fn revoke_at_provider(app: &App, row: &InstanceRow) -> Result<Value, A
                 // The grant ends with it (`cascades`).
                 Ok(_) => {
                     revoked = true;
-                    messages.clear();
+                    refusals.messages.clear();
                 }
-                Err(error) => {
-                    retryable |= revocation_may_pass(&error);
-                    client_rejected |= error.is_client_rejected();
-                    let message = error.provider_message();
-                    if !messages.contains(&message) {
-                        messages.push(message);
-                    }
-                }
+                Err(error) => refusals.add(&error, error.provider_message()),
             },
             // The refresh token is refused: the grant has ended already.
             Err(error) if error.is_permanent() => {
                 revoked = true;
-                messages = vec![format!(
+                refusals.messages = vec![format!(
                     "the grant had ended already (the refresh token is refused: {})",
                     error.provider_message()
                 )];
             }
-            Err(error) => {
-                retryable |= revocation_may_pass(&error);
-                client_rejected |= error.is_client_rejected();
-                messages.push(format!(
+            Err(error) => refusals.add(
+                &error,
+                format!(
                     "a fresh access token to revoke with could not be fetched ({})",
                     error.provider_message()
-                ));
-            }
+                ),
+            ),
         }
     }
     Ok(json!({
         "revokedAtProvider": revoked,
-        "retryable": !revoked && retryable,
-        "clientRejected": !revoked && client_rejected,
-        "providerMessage": if messages.is_empty() { Value::Null } else { Value::String(messages.join("; ")) },
+        "retryable": !revoked && refusals.retryable,
+        "clientRejected": !revoked && refusals.client_rejected,
+        "providerMessage": if refusals.messages.is_empty() { Value::Null } else { Value::String(refusals.messages.join("; ")) },
     }))
+}
+
+/// What the calls of a revocation the provider did not confirm add up to.
+#[derive(Default)]
+struct Refusals {
+    /// No answer, a 5xx or a 429, or said with an error code (`temporarily_unavailable`, a rate
+    /// limit's): the provider may revoke on a later try. Another refusal (a 4xx: the token is
+    /// dead already, or cannot be revoked) will not change.
+    retryable: bool,
+    /// The app's credentials refused (`invalid_client`): once they are fixed, not before.
+    client_rejected: bool,
+    /// What the answer says, each once (both tokens refused alike, a 503 page, are told once).
+    messages: Vec<String>,
+}
+
+impl Refusals {
+    fn add(&mut self, error: &crate::oauth::OAuthError, message: String) {
+        self.retryable |= revocation_may_pass(error);
+        self.client_rejected |= error.is_client_rejected();
+        if !self.messages.contains(&message) {
+            self.messages.push(message);
+        }
+    }
 }
 
 /// How a revival ended (see [`RefreshEngine::settle_revival`]).

@@ -744,6 +744,17 @@ impl Sandbox {
     /// `fakeSuccess` never get here: the endpoint answers without revoking. With a
     /// `revocationDelaySeconds` the revocation takes effect that much later.
     pub fn revoke(&self, profile: Profile, token: &str) -> RevokeOutcome {
+        self.revoke_as(profile, token, false)
+    }
+
+    /// [`Self::revoke`] of a token that authenticated the revocation call by itself (its
+    /// `Bearer`): an access token ends its grant too, as Dropbox's `token/revoke` ends the
+    /// refresh token and every access token minted from it.
+    pub fn revoke_bearer(&self, profile: Profile, token: &str) -> RevokeOutcome {
+        self.revoke_as(profile, token, true)
+    }
+
+    fn revoke_as(&self, profile: Profile, token: &str, bearer: bool) -> RevokeOutcome {
         let now = self.clock.now_ms();
         let settings = self.settings(profile);
         let effective_at = plus_seconds(now, settings.revocation_delay_seconds);
@@ -763,20 +774,13 @@ impl Sandbox {
             {
                 return RevokeOutcome::AlreadyDead;
             }
-            match profile {
-                Profile::AdobeSign | Profile::Box if !refresh_only => {
-                    self.revoke_grant(record.grant_id, effective_at);
-                    // Itself too: where revocation spares access tokens, the grant's end alone
-                    // would leave this one working.
-                    if let Some(mut entry) = self.access_tokens.get_mut(token) {
-                        entry.revoked_at = Some(earliest(entry.revoked_at, effective_at));
-                    }
-                }
-                _ => {
-                    if let Some(mut entry) = self.access_tokens.get_mut(token) {
-                        entry.revoked_at = Some(earliest(entry.revoked_at, effective_at));
-                    }
-                }
+            if !refresh_only && (bearer || matches!(profile, Profile::AdobeSign | Profile::Box)) {
+                self.revoke_grant(record.grant_id, effective_at);
+            }
+            // Itself too: where revocation spares access tokens, the grant's end alone would
+            // leave this one working.
+            if let Some(mut entry) = self.access_tokens.get_mut(token) {
+                entry.revoked_at = Some(earliest(entry.revoked_at, effective_at));
             }
             return RevokeOutcome::Revoked;
         }
@@ -819,29 +823,6 @@ impl Sandbox {
             return RevokeOutcome::Revoked;
         }
         RevokeOutcome::Unknown
-    }
-
-    /// Revokes a live access token that authenticated a revocation call by itself, with its
-    /// grant: Dropbox's `token/revoke` ends the refresh token and every access token minted
-    /// from it. `false` when the token is no live access token of the profile.
-    pub fn revoke_bearer_grant(&self, profile: Profile, token: &str) -> bool {
-        let now = self.clock.now_ms();
-        let Some(record) = self.access_tokens.get(token).map(|r| r.clone()) else {
-            return false;
-        };
-        if self
-            .grants
-            .get(&record.grant_id)
-            .is_none_or(|grant| grant.profile != profile)
-        {
-            return false;
-        }
-        let at = plus_seconds(now, self.settings(profile).revocation_delay_seconds);
-        self.revoke_grant(record.grant_id, at);
-        if let Some(mut entry) = self.access_tokens.get_mut(token) {
-            entry.revoked_at = Some(earliest(entry.revoked_at, at));
-        }
-        true
     }
 
     /// Revokes a grant as of `at`; an earlier pending revocation keeps its time.

@@ -2254,7 +2254,7 @@ async fn a_statement_timeout_is_a_passing_state_of_the_database() {
         .await;
     let id = created["id"].as_i64().unwrap();
     use sqlx::Connection;
-    let mut locker = sqlx::PgConnection::connect(&url).await.unwrap();
+    let mut locker = admin_of(&url).await;
     let mut transaction = locker.begin().await.unwrap();
     sqlx::query("LOCK TABLE instances IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *transaction)

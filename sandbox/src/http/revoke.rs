@@ -197,11 +197,11 @@ async fn answer(sandbox: &crate::state::Sandbox, profile: Profile, request: Requ
             // authenticated the call alone ends its grant (Dropbox: the refresh token and every
             // access token minted from it).
             if !fake_success {
-                if bearer_only && settings.revocation_mode != RevocationMode::RefreshOnly {
-                    sandbox.revoke_bearer_grant(profile, token);
+                let _ = if bearer_only {
+                    sandbox.revoke_bearer(profile, token)
                 } else {
-                    let _ = sandbox.revoke(profile, token);
-                }
+                    sandbox.revoke(profile, token)
+                };
             }
             StatusCode::OK.into_response()
         }
