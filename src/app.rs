@@ -47,6 +47,8 @@ pub struct AppConfig {
     pub refresh_rate_per_connector: f64,
     /// How long events are kept once they are not waiting to be delivered.
     pub event_retention: Duration,
+    /// Audit entries older than this are deleted; `None` keeps them.
+    pub audit_retention: Option<Duration>,
     /// The proxy for token calls, revocations, verifications and webhooks, where the network's
     /// only way out is one (`HTTP(S)_PROXY` is not followed).
     pub outbound_proxy: Option<String>,
@@ -116,6 +118,7 @@ impl AppConfig {
             refresh_concurrency: crate::background::SCHEDULER_CONCURRENCY,
             refresh_rate_per_connector: crate::background::RATE_PER_SECOND,
             event_retention: Duration::from_secs(30 * 86_400),
+            audit_retention: None,
             outbound_proxy: None,
             commit_retry_for: crate::refresh::COMMIT_RETRY_FOR,
             rotated_tokens_kept_for: crate::refresh::ROTATED_TOKENS_KEPT_FOR,

@@ -832,15 +832,15 @@ async fn recovery(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
         app.refresh.evict_idle(IDLE_CACHE_EVICTION);
         app.auth_cache.evict_idle(IDLE_CACHE_EVICTION);
         app.proxy_http.sweep_idle();
-        // The database too: expired OAuth states and events past their retention, once a
-        // minute.
+        // The database too: expired OAuth states, and events and audit entries past their
+        // retention, once a minute.
         if now - last_purge > 60_000 {
             // A clock stepped since the start (NTP, a resumed virtual machine) is followed.
             crate::app::align_clock(&app.store).await;
             app.refresh_shadowed().await;
             let _ = app.store.purge_expired_oauth_states(now).await;
             let _ = app.store.forget_replicas_before(now - 86_400_000).await;
-            purge_old_events(&app, now).await;
+            purge_old_rows(&app, now).await;
             last_purge = now;
         }
         tokio::select! {
@@ -850,16 +850,35 @@ async fn recovery(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// Deletes events past the retention, a batch at a time so that no statement runs long.
-async fn purge_old_events(app: &crate::app::App, now: i64) {
+/// Deletes events past the retention, and audit entries past theirs when one is set, a
+/// batch at a time so that no statement runs long (at most 100 batches a minute each).
+async fn purge_old_rows(app: &crate::app::App, now: i64) {
     const BATCH: i64 = 1_000;
-    let before = now - app.config.event_retention.as_millis() as i64;
+    let events_before = now - app.config.event_retention.as_millis() as i64;
+    purge_in_batches("events", BATCH, || {
+        app.store.purge_old_events(events_before, BATCH)
+    })
+    .await;
+    if let Some(retention) = app.config.audit_retention {
+        let audit_before = now - retention.as_millis() as i64;
+        purge_in_batches("audit entries", BATCH, || {
+            app.store.purge_old_audit(audit_before, BATCH)
+        })
+        .await;
+    }
+}
+
+async fn purge_in_batches<F, Purged>(what: &str, batch: i64, mut purge: F)
+where
+    F: FnMut() -> Purged,
+    Purged: std::future::Future<Output = Result<u64, crate::store::StoreError>>,
+{
     for _ in 0..100 {
-        match app.store.purge_old_events(before, BATCH).await {
-            Ok(deleted) if deleted as i64 == BATCH => continue,
+        match purge().await {
+            Ok(deleted) if deleted as i64 == batch => continue,
             Ok(_) => break,
             Err(error) => {
-                tracing::warn!("purging old events failed: {error}");
+                tracing::warn!("purging old {what} failed: {error}");
                 break;
             }
         }

@@ -184,9 +184,12 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENWARDEN_MAX_CONNECTIONS", hide_env_values = true, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub max_connections: Option<u32>,
     /// Events (and their delivery records) older than this many days are deleted, except those
-    /// still waiting to be delivered; the audit log is kept.
+    /// still waiting to be delivered; the audit log has its own retention.
     #[arg(long, env = "TOKENWARDEN_EVENT_RETENTION_DAYS", hide_env_values = true, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=3650))]
     pub event_retention_days: u32,
+    /// Audit-log entries older than this many days are deleted; 0 (the default) keeps them all.
+    #[arg(long, env = "TOKENWARDEN_AUDIT_RETENTION_DAYS", hide_env_values = true, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=36500))]
+    pub audit_retention_days: u32,
 }
 
 #[derive(Debug, Args)]
@@ -473,6 +476,8 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             )?);
             config.event_retention =
                 Duration::from_secs(u64::from(args.event_retention_days) * 86_400);
+            config.audit_retention = (args.audit_retention_days > 0)
+                .then(|| Duration::from_secs(u64::from(args.audit_retention_days) * 86_400));
             crate::startup::serve(args.bind, config)
                 .await
                 .map_err(|error| error.to_string())?;

@@ -15,13 +15,16 @@ use crate::app::SharedApp;
 /// How long a write the database refused keeps `/healthz` unavailable.
 const HEALTH_WRITE_FAILURE_MS: i64 = 30_000;
 
+/// How long `/healthz` waits for its write before it answers 503.
+const HEALTH_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(2_000);
+
 #[utoipa::path(
     get,
     path = "/healthz",
     operation_id = "ops_healthz",
     tag = "operations",
     summary = "Health, with a database check",
-    description = "`status` is `ok`; `degraded` while rotated tokens the database did not take are kept in memory (`keptTokens`): the process must not be restarted then, or they are lost; `unavailable` (503) while the database does not answer or does not take a write (a full disk, a read-only file: `reason` says). Use it for readiness, not liveness.",
+    description = "`status` is `ok`; `degraded` while rotated tokens the database did not take are kept in memory (`keptTokens`): the process must not be restarted then, or they are lost; `unavailable` (503) while the database does not answer or does not take a write within 2 s (a full disk, a read-only file: `reason` says, and `database` is `not taking writes`). Use it for readiness, not liveness.",
     responses(
         (status = 200, description = "Up, its database answering (`status`: `ok`, or `degraded` while rotated tokens wait in memory for the database)", body = crate::openapi::Health),
         (status = 503, description = "The database does not answer, or does not take a write (`reason`)", body = crate::openapi::Health),
@@ -35,7 +38,17 @@ pub async fn healthz(State(app): State<SharedApp>) -> Response {
             "a write failed {} s ago: {message}",
             ago / 1000
         ))),
-        None => app.store.write_check().await,
+        // Bounded: with the database gone the pool waits its 10 s for a connection, and a
+        // load balancer's probe gives up long before (Kubernetes: 1 s by default) and learns
+        // nothing but a timeout.
+        None => tokio::time::timeout(HEALTH_CHECK_TIMEOUT, app.store.write_check())
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::store::StoreError::Unavailable(format!(
+                    "no write was made within {} ms",
+                    HEALTH_CHECK_TIMEOUT.as_millis()
+                )))
+            }),
     };
     // Rotated tokens the store did not take: the only copy of a grant a rotating provider has
     // retired the old token of, until the database takes them.
@@ -67,13 +80,17 @@ pub async fn healthz(State(app): State<SharedApp>) -> Response {
             if crate::telemetry::at_most_every(&LAST_SAID, crate::app::system_now_ms(), 10_000) {
                 tracing::error!("health check: the database does not take a write: {error}");
             }
+            // A database that answers but refuses writes (a full disk, read-only) is told
+            // from one that does not answer: the operator's fixes differ.
+            let database = if crate::store::recent_write_failure(HEALTH_WRITE_FAILURE_MS).is_some()
+            {
+                "not taking writes"
+            } else {
+                "not answering"
+            };
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                AxumJson(body(
-                    "unavailable",
-                    "not answering",
-                    Some(error.to_string()),
-                )),
+                AxumJson(body("unavailable", database, Some(error.to_string()))),
             )
                 .into_response()
         }

@@ -1339,6 +1339,22 @@ impl Store {
 
     // ----- audit log ----------------------------------------------------------------------
 
+    /// Deletes up to `limit` of the oldest audit entries when they were made before `before`;
+    /// returns how many. Only the `limit` lowest ids are looked at (ids follow time, but for
+    /// replicas' clocks a few ms apart), so a purge with nothing to delete reads one batch, not
+    /// the table; an entry behind a later one goes at the next purge.
+    pub async fn purge_old_audit(&self, before: i64, limit: i64) -> Result<u64, StoreError> {
+        let result = sqlx::query(
+            "DELETE FROM audit_logs WHERE id IN (SELECT id FROM (SELECT id, at FROM audit_logs \
+             ORDER BY id LIMIT $2) oldest WHERE at < $1)",
+        )
+        .bind(before)
+        .bind(limit)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected())
+    }
+
     /// Appends to the audit log; returns the entry's id.
     pub async fn insert_audit(&self, entry: &NewAudit) -> Result<i64, StoreError> {
         let id: i64 = sqlx::query_scalar(

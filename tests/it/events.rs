@@ -1485,3 +1485,72 @@ async fn a_receiver_s_retry_after_is_honoured() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// With `--audit-retention-days`, entries older than the retention are deleted by the
+/// service's minute-by-minute purge, the newer ones kept; without it the log is kept whole.
+/// The log grew without end: a year of refreshes is millions of rows.
+#[tokio::test]
+async fn the_audit_log_is_purged_past_its_retention_only_when_one_is_set() {
+    use tokenwarden::store::NewAudit;
+    let day = 86_400_000;
+    let now = tokenwarden::app::system_now_ms();
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let org = env.org.id;
+    for (action, at) in [
+        ("old-1", now - 3 * day),
+        ("old-2", now - 2 * day),
+        ("new", now),
+    ] {
+        env.server
+            .app
+            .store
+            .insert_audit(&NewAudit {
+                organization_id: org,
+                user_id: None,
+                action: action.to_string(),
+                target: None,
+                request_id: None,
+                detail: None,
+                at,
+            })
+            .await
+            .unwrap();
+    }
+    let actions = async |env: &Env| {
+        let rows = env
+            .server
+            .app
+            .store
+            .list_audit(org, 100, None)
+            .await
+            .unwrap();
+        let mut actions: Vec<String> = rows.into_iter().map(|row| row.action).collect();
+        actions.sort();
+        actions
+    };
+    env.stop().await;
+    // Restarted without a retention: a purge runs at the start, and keeps everything.
+    let env = Env::start("sqlite", &url).await;
+    assert!(
+        !eventually(Duration::from_secs(2), async || actions(&env).await.len()
+            < 3)
+        .await,
+        "{:?}",
+        actions(&env).await
+    );
+    env.stop().await;
+    let env = Env::start_adjusted("sqlite", &url, |config| {
+        config.audit_retention = Some(Duration::from_secs(86_400));
+    })
+    .await;
+    assert!(
+        eventually(Duration::from_secs(10), async || actions(&env).await
+            == ["new"])
+        .await,
+        "{:?}",
+        actions(&env).await
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}

@@ -2130,6 +2130,52 @@ async fn audit_log() {
     }
 }
 
+/// The audit purge deletes the oldest entries made before its time, a batch at a time, and
+/// looks no further than its batch.
+#[tokio::test]
+async fn old_audit_entries_are_purged_in_batches() {
+    for test in test_stores().await {
+        let store = &test.store;
+        let label = &test.label;
+        let org = organization(store, "A").await;
+        for (index, at) in [NOW - 30, NOW - 20, NOW - 10, NOW, NOW - 5]
+            .into_iter()
+            .enumerate()
+        {
+            store
+                .insert_audit(&NewAudit {
+                    organization_id: org,
+                    user_id: None,
+                    action: format!("action-{index}"),
+                    target: None,
+                    request_id: None,
+                    detail: None,
+                    at,
+                })
+                .await
+                .unwrap();
+        }
+        let left = async || {
+            let rows = store.list_audit(org, 10, None).await.unwrap();
+            rows.into_iter().map(|row| row.action).collect::<Vec<_>>()
+        };
+        assert_eq!(store.purge_old_audit(NOW, 2).await.unwrap(), 2, "[{label}]");
+        assert_eq!(
+            left().await,
+            ["action-4", "action-3", "action-2"],
+            "[{label}]"
+        );
+        // The next batch is action-2 (old) and action-3 (not): one goes.
+        assert_eq!(store.purge_old_audit(NOW, 2).await.unwrap(), 1, "[{label}]");
+        // action-3 is the oldest by id now and is not old, so the old action-4 behind it
+        // waits: the purge reads one batch, not the table.
+        assert_eq!(store.purge_old_audit(NOW, 1).await.unwrap(), 0, "[{label}]");
+        assert_eq!(store.purge_old_audit(NOW, 2).await.unwrap(), 1, "[{label}]");
+        assert_eq!(left().await, ["action-3"], "[{label}]");
+        test.cleanup().await;
+    }
+}
+
 #[tokio::test]
 async fn encrypted_fields_for_key_rotation() {
     for test in test_stores().await {
