@@ -1550,15 +1550,18 @@ pub async fn list(
     RawQuery(query): RawQuery,
 ) -> ApiResult<axum::response::Response> {
     use axum::response::IntoResponse;
+    let query = query.unwrap_or_default();
+    // Read before the Element token's answer too: a malformed page asked for is refused for
+    // every caller, not taken by some.
+    let page = ListPage::read(&query)?;
     if let Some(row) = &caller.element {
-        // That instance alone, as a one-element array (the contract), whatever the query.
+        // That instance alone, as a one-element array (the contract), whatever the filter.
         let name = connector_name(&app, row).await;
         return Ok(
             AxumJson(vec![instances::view(&app, row, name.as_deref(), true)?]).into_response(),
         );
     }
     caller.require_organization()?;
-    let query = query.unwrap_or_default();
     let parameters = url::form_urlencoded::parse(query.as_bytes());
     // Another spelling of the filter (`tags[0]`, `tags[][]`) is refused, not ignored: the
     // caller would take the whole list for the filtered one.
@@ -1574,7 +1577,6 @@ pub async fn list(
         .filter(|(key, _)| key == "tags[]" || key == "tags")
         .map(|(_, value)| value.into_owned())
         .collect();
-    let page = ListPage::read(&query)?;
     let (rows, next) = match page {
         None => (
             app.store
@@ -1650,6 +1652,10 @@ impl ListPage {
         let mut limit = None;
         let mut after = None;
         for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            // Given twice, one would be taken and the other silently dropped.
+            if (key == "limit" && limit.is_some()) || (key == "after" && after.is_some()) {
+                return Err(ApiError::bad_request(format!("`{key}` is given twice")));
+            }
             match key.as_ref() {
                 "limit" => {
                     limit = Some(

@@ -3880,9 +3880,11 @@ async fn the_list_comes_in_pages() {
         let env = Env::start(&label, &url).await;
         let platform = env.org.platform();
         let mut ids = Vec::new();
+        let mut element = String::new();
         for user in ["p1", "p2", "p3", "p4", "p5"] {
             let created = env.create_instance(&env.org, "sandbox-generic", user).await;
             ids.push(created["id"].as_i64().unwrap());
+            element = created["token"].as_str().unwrap().to_string();
         }
         let whole = call(
             &env,
@@ -3951,16 +3953,20 @@ async fn the_list_comes_in_pages() {
             "limit=x",
             "after=nonsense",
             "limit=2&after=1",
+            "limit=2&limit=3",
         ] {
-            let reply = call(
-                &env,
-                Method::GET,
-                &env.api(&format!("/instances?{bad}")),
-                Some(&platform),
-                None,
-            )
-            .await;
-            assert_eq!(reply.status, 400, "[{label}] {bad}: {}", reply.body);
+            // The Element token's caller too, though its answer is its one instance.
+            for authorization in [platform.clone(), env.org.with_element(&element)] {
+                let reply = call(
+                    &env,
+                    Method::GET,
+                    &env.api(&format!("/instances?{bad}")),
+                    Some(&authorization),
+                    None,
+                )
+                .await;
+                assert_eq!(reply.status, 400, "[{label}] {bad}: {}", reply.body);
+            }
         }
         env.stop().await;
         drop_test_database(&url).await;
