@@ -49,6 +49,8 @@ pub struct AppConfig {
     pub event_retention: Duration,
     /// Audit entries older than this are deleted; `None` keeps them.
     pub audit_retention: Option<Duration>,
+    /// The hash of the token `/metrics` asks for (`None`: open).
+    pub metrics_token_hash: Option<Vec<u8>>,
     /// The proxy for token calls, revocations, verifications and webhooks, where the network's
     /// only way out is one (`HTTP(S)_PROXY` is not followed).
     pub outbound_proxy: Option<String>,
@@ -119,6 +121,7 @@ impl AppConfig {
             refresh_rate_per_connector: crate::background::RATE_PER_SECOND,
             event_retention: Duration::from_secs(30 * 86_400),
             audit_retention: None,
+            metrics_token_hash: None,
             outbound_proxy: None,
             commit_retry_for: crate::refresh::COMMIT_RETRY_FOR,
             rotated_tokens_kept_for: crate::refresh::ROTATED_TOKENS_KEPT_FOR,

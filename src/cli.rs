@@ -190,6 +190,25 @@ pub struct ServeArgs {
     /// Audit-log entries older than this many days are deleted; 0 (the default) keeps them all.
     #[arg(long, env = "TOKENWARDEN_AUDIT_RETENTION_DAYS", hide_env_values = true, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=36500))]
     pub audit_retention_days: u32,
+    /// When set, `GET /metrics` answers only `Authorization: Bearer <this>` (Prometheus's
+    /// `authorization` / `bearer_token_file`); without it the metrics are open to whoever
+    /// reaches the port. Give it in the environment: a command line is visible in `ps`.
+    /// At least 16 printable ASCII characters.
+    #[arg(long, env = "TOKENWARDEN_METRICS_TOKEN", hide_env_values = true, value_parser = |text: &str| Ok::<_, String>(crate::secret::Secret::new(text)))]
+    pub metrics_token: Option<crate::secret::Secret>,
+}
+
+/// The hash of a metrics token, refused when shorter than 16 characters or holding what a
+/// header cannot carry. Checked here rather than by clap, whose refusal repeats the value.
+fn metrics_token_hash(token: &crate::secret::Secret) -> Result<Vec<u8>, String> {
+    let text = token.expose();
+    if text.len() < 16 || !text.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(
+            "--metrics-token / TOKENWARDEN_METRICS_TOKEN: at least 16 printable ASCII characters, without spaces"
+                .to_string(),
+        );
+    }
+    Ok(crate::crypto::hash_secret(text))
 }
 
 #[derive(Debug, Args)]
@@ -476,6 +495,11 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             )?);
             config.event_retention =
                 Duration::from_secs(u64::from(args.event_retention_days) * 86_400);
+            config.metrics_token_hash = args
+                .metrics_token
+                .as_ref()
+                .map(metrics_token_hash)
+                .transpose()?;
             config.audit_retention = (args.audit_retention_days > 0)
                 .then(|| Duration::from_secs(u64::from(args.audit_retention_days) * 86_400));
             crate::startup::serve(args.bind, config)

@@ -103,9 +103,36 @@ pub async fn healthz(State(app): State<SharedApp>) -> Response {
     operation_id = "ops_metrics",
     tag = "operations",
     summary = "Prometheus metrics",
-    responses((status = 200, description = "Success")),
+    description = "Open, unless the service was started with `--metrics-token`: then only with `Authorization: Bearer <that token>`.",
+    responses(
+        (status = 200, description = "Success"),
+        (status = 401, description = "`--metrics-token` is set and the request does not carry it", body = crate::openapi::ErrorBody),
+    ),
 )]
-pub async fn metrics(State(app): State<SharedApp>) -> Response {
+pub async fn metrics(State(app): State<SharedApp>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(expected) = &app.config.metrics_token_hash {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| {
+                let (scheme, token) = value.trim().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            });
+        let accepted = given.is_some_and(|token| {
+            crate::crypto::hashes_equal(&crate::crypto::hash_secret(token), expected)
+        });
+        if !accepted {
+            let mut response = ApiError::unauthorized(
+                "the metrics need `Authorization: Bearer <the token set with --metrics-token>`",
+            )
+            .into_response();
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"metrics\""),
+            );
+            return response;
+        }
+    }
     crate::telemetry::update_gauges(&app).await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -289,6 +289,12 @@ fn serve_refuses_settings_it_cannot_honour() {
         ("--refresh-rate", "1e-300", "--refresh-rate"),
         ("--refresh-rate", "-1", "--refresh-rate"),
         ("--database-pool-size", "0", "not in 1..=1000"),
+        ("--metrics-token", "hunter2", "--metrics-token"),
+        (
+            "--metrics-token",
+            "hunter2 hunter2 hunter2",
+            "--metrics-token",
+        ),
         ("--sandbox-url", "notaurl", "--sandbox-url"),
         (
             "--sandbox-url",

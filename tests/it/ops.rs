@@ -820,3 +820,60 @@ async fn the_service_keeps_its_locks_on_the_sqlite_file() {
     env.stop().await;
     crate::support::drop_test_database(&url).await;
 }
+
+/// With `--metrics-token`, `/metrics` answers only that bearer token (401 with
+/// `WWW-Authenticate` otherwise); `/healthz` stays open for the load balancer. Metrics were open
+/// to whoever reached the port: connector keys, volumes, failures.
+#[tokio::test]
+async fn metrics_ask_for_their_token_when_one_is_set() {
+    let token = "metrics-token-0123456789";
+    let url = crate::support::sqlite_database();
+    let env = Env::start_adjusted("sqlite", &url, |config| {
+        config.metrics_token_hash = Some(tokenwarden::crypto::hash_secret(token));
+    })
+    .await;
+    let metrics = format!("{}/metrics", env.server.url);
+    for given in [
+        None,
+        Some("Bearer wrong-token-0123456789".to_string()),
+        Some(format!("Basic {token}")),
+        Some(format!("Bearer {token}x")),
+    ] {
+        let mut request = env.http.get(&metrics);
+        if let Some(given) = &given {
+            request = request.header("authorization", given);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 401, "{given:?}");
+        assert!(
+            response.headers().contains_key("www-authenticate"),
+            "{given:?}"
+        );
+        let body = response.text().await.unwrap();
+        assert!(body.contains("--metrics-token"), "{body}");
+        assert!(!body.contains("tokenwarden_"), "{body}");
+    }
+    for scheme in ["Bearer", "bearer"] {
+        let response = env
+            .http
+            .get(&metrics)
+            .header("authorization", format!("{scheme} {token}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(
+            response
+                .text()
+                .await
+                .unwrap()
+                .contains("tokenwarden_build_info")
+        );
+    }
+    let (status, _) = env
+        .get_json(&format!("{}/healthz", env.server.url), "")
+        .await;
+    assert_eq!(status, 200);
+    env.stop().await;
+    drop_test_database(&url).await;
+}
