@@ -387,6 +387,7 @@ impl Modify for PlatformSecurity {
         http::instances::revoke,
         http::events::list,
         http::events::webhook_secret,
+        http::events::rotate_webhook_secret,
         http::events::audit_logs,
         crate::proxy::handle,
         http::ops::healthz,

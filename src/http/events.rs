@@ -209,9 +209,56 @@ pub async fn webhook_secret(
     let secret = crate::events::organization_webhook_secret_text(&app, caller.organization_id)
         .await?
         .ok_or_else(|| ApiError::internal("the organization's webhook secret could not be read"))?;
-    Ok(AxumJson(json!({
+    Ok(webhook_secret_body(&secret))
+}
+
+fn webhook_secret_body(secret: &str) -> AxumJson<Value> {
+    AxumJson(json!({
         "webhookSecret": secret,
         "signatureHeader": "X-Tokenwarden-Signature",
         "signatureScheme": "t=<unix seconds>,v1=<hex HMAC-SHA256 of \"<t>.<body>\">"
-    })))
+    }))
+}
+
+/// `POST /events/webhook-secret`: a new webhook secret for the organization (one leaked, or
+/// one a departing engineer knew). It signs every delivery from now on, retries of earlier
+/// events included: the old one signs nothing more, and a receiver that refuses a webhook it
+/// cannot verify gets it again, signed with the new one, once it has it.
+#[utoipa::path(
+    post,
+    path = "/elements/api-v2/events/webhook-secret",
+    operation_id = "events_rotate_webhook_secret",
+    tag = "events",
+    summary = "Replace the organization's webhook secret",
+    description = "The new secret signs every delivery from now on, retries of earlier events included; the old one signs nothing more. A receiver that answers non-2xx to a webhook it cannot verify gets it again (retries go on for a day) signed with the new secret once it has it.",
+    security(("platform" = [])),
+    responses(
+        (status = 200, description = "The new secret", body = crate::openapi::WebhookSecret),
+        crate::openapi::PlatformErrors
+    ),
+)]
+pub async fn rotate_webhook_secret(
+    State(app): State<SharedApp>,
+    caller: Caller,
+) -> ApiResult<AxumJson<Value>> {
+    caller.require_organization()?;
+    // Recorded first, as a read is: no secret changes hands unrecorded.
+    crate::audit::record_first(&app, &caller, "webhook_secret.rotated", None).await?;
+    let secret = crate::crypto::new_platform_secret();
+    let sealed = app.keyring.seal_secret(
+        &secret,
+        crate::crypto::Binding {
+            table: "organizations",
+            row: caller.organization_id,
+            field: "webhook_secret",
+        },
+    );
+    if !app
+        .store
+        .update_organization_webhook_secret(caller.organization_id, &sealed)
+        .await?
+    {
+        return Err(ApiError::not_found("no such organization"));
+    }
+    Ok(webhook_secret_body(secret.expose()))
 }

@@ -63,7 +63,10 @@ pub fn router(app: SharedApp) -> Router {
         )
         .route("/instances/{id}/tokens/revoke", post(instances::revoke))
         .route("/events", get(events::list))
-        .route("/events/webhook-secret", get(events::webhook_secret))
+        .route(
+            "/events/webhook-secret",
+            get(events::webhook_secret).post(events::rotate_webhook_secret),
+        )
         .route("/audit-logs", get(events::audit_logs))
         .layer(DefaultBodyLimit::max(max_body));
     // The proxy streams bodies of any size: no body limit there.

@@ -28,13 +28,18 @@ pub(crate) async fn receiver(failures: usize) -> (String, Received) {
 async fn refusing_receiver(
     refuse: impl Fn(&HeaderMap, usize) -> bool + Clone + Send + Sync + 'static,
 ) -> (String, Received) {
-    refusing_receiver_with(StatusCode::INTERNAL_SERVER_ERROR, refuse).await
+    refusing_receiver_with(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        move |headers, _, count| refuse(headers, count),
+    )
+    .await
 }
 
-/// [`refusing_receiver`] refusing with `refusal`.
+/// [`refusing_receiver`] refusing with `refusal` the requests `refuse` picks by their headers,
+/// body and number.
 async fn refusing_receiver_with(
     refusal: StatusCode,
-    refuse: impl Fn(&HeaderMap, usize) -> bool + Clone + Send + Sync + 'static,
+    refuse: impl Fn(&HeaderMap, &str, usize) -> bool + Clone + Send + Sync + 'static,
 ) -> (String, Received) {
     let received: Received = Arc::default();
     let seen = Arc::clone(&received);
@@ -44,7 +49,7 @@ async fn refusing_receiver_with(
             let (seen, refuse) = (Arc::clone(&seen), refuse.clone());
             async move {
                 let mut seen = seen.lock().unwrap();
-                let refused = refuse(&headers, seen.len() + 1);
+                let refused = refuse(&headers, &body, seen.len() + 1);
                 seen.push((headers, body));
                 if refused { refusal } else { StatusCode::OK }
             }
@@ -1114,7 +1119,7 @@ async fn a_webhook_that_keeps_failing_stops_holding_the_later_ones() {
 async fn a_webhook_answered_gone_is_not_tried_again() {
     let (label, url) = test_databases().await.into_iter().next().unwrap();
     let env = Env::start(&label, &url).await;
-    let (hook, received) = refusing_receiver_with(StatusCode::GONE, |headers, _| {
+    let (hook, received) = refusing_receiver_with(StatusCode::GONE, |headers, _, _| {
         headers["x-tokenwarden-event-type"] == "instance.created"
     })
     .await;
@@ -1551,6 +1556,133 @@ async fn the_audit_log_is_purged_past_its_retention_only_when_one_is_set() {
         "{:?}",
         actions(&env).await
     );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+/// `POST /events/webhook-secret` replaces the organization's webhook secret: GET shows the new
+/// one, it signs every delivery from then on (a retry of an event made before included), the
+/// old one verifies none of them, and the rotation is in the audit log. A receiver that refuses
+/// what it cannot verify gets the event again once it has the new secret. A leaked secret could
+/// not be replaced: any holder could forge the organization's webhooks for ever.
+#[tokio::test]
+async fn the_organization_webhook_secret_is_rotated() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let platform = env.org.platform();
+    let (_, old) = send(
+        &env,
+        reqwest::Method::GET,
+        "/events/webhook-secret",
+        &platform,
+    )
+    .await;
+    let old = old["webhookSecret"].as_str().unwrap().to_string();
+    // The receiver knows one secret at a time, and refuses what it does not verify.
+    let known = Arc::new(Mutex::new(old.clone()));
+    let knows = Arc::clone(&known);
+    let (hook, received) =
+        refusing_receiver_with(StatusCode::UNAUTHORIZED, move |headers, body, _| {
+            let signature = headers["x-tokenwarden-signature"].to_str().unwrap();
+            !signature_verifies(signature, body, knows.lock().unwrap().as_bytes())
+        })
+        .await;
+    let instance = create_with(
+        &env,
+        &env.org,
+        "sandbox-generic",
+        "rosa",
+        json!({"event.notification.enabled": "true", "event.notification.callback.url": hook}),
+    )
+    .await;
+    let id = instance["id"].as_i64().unwrap();
+    let delivered = async |kind: &str| {
+        let (_, events) = env
+            .get_json(
+                &env.api(&format!("/events?instanceId={id}&type={kind}")),
+                &platform,
+            )
+            .await;
+        events["events"][0]["delivery"]["state"] == "delivered"
+    };
+    assert!(
+        eventually(Duration::from_secs(10), async || delivered(
+            "instance.created"
+        )
+        .await)
+        .await,
+        "signed with the old secret"
+    );
+
+    let (status, rotated) = send(
+        &env,
+        reqwest::Method::POST,
+        "/events/webhook-secret",
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 200, "{rotated}");
+    let new = rotated["webhookSecret"].as_str().unwrap().to_string();
+    assert_ne!(new, old);
+    let (_, shown) = send(
+        &env,
+        reqwest::Method::GET,
+        "/events/webhook-secret",
+        &platform,
+    )
+    .await;
+    assert_eq!(shown["webhookSecret"], new.as_str());
+    // An event now: signed with the new secret, so the receiver (still with the old) refuses
+    // it, until it takes the new one.
+    let (status, _) = send(
+        &env,
+        reqwest::Method::POST,
+        &format!("/instances/{id}/tokens/refresh"),
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let refused = async || {
+        received.lock().unwrap().iter().any(|(headers, body)| {
+            body.contains("instance.token.refreshed")
+                && headers["x-tokenwarden-signature"].to_str().is_ok()
+        })
+    };
+    assert!(eventually(Duration::from_secs(10), refused).await);
+    assert!(!delivered("instance.token.refreshed").await);
+    *known.lock().unwrap() = new.clone();
+    assert!(
+        eventually(Duration::from_secs(20), async || {
+            delivered("instance.token.refreshed").await
+        })
+        .await,
+        "delivered once the receiver has the new secret"
+    );
+    for (headers, body) in received.lock().unwrap().iter() {
+        if body.contains("instance.token.refreshed") {
+            let signature = headers["x-tokenwarden-signature"].to_str().unwrap();
+            assert!(signature_verifies(signature, body, new.as_bytes()));
+            assert!(!signature_verifies(signature, body, old.as_bytes()));
+        }
+    }
+    let (_, audit) = env.get_json(&env.api("/audit-logs"), &platform).await;
+    assert!(
+        audit["auditLogs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|entry| entry["action"] == "webhook_secret.rotated"),
+        "{audit}"
+    );
+    // Only with the organization secret.
+    let (status, _) = send(
+        &env,
+        reqwest::Method::POST,
+        "/events/webhook-secret",
+        &env.org.through(instance["token"].as_str().unwrap()),
+    )
+    .await;
+    assert_eq!(status, 401);
     env.stop().await;
     drop_test_database(&url).await;
 }
