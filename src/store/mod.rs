@@ -252,6 +252,9 @@ fn display_url(url: &str) -> String {
     crate::secret::url_without_credentials(url).unwrap_or_else(|| "the database URL".to_string())
 }
 
+/// A pooled connection idle this long is pinged before it is given out.
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
+
 /// Options of [`Store::connect_with`].
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
@@ -428,6 +431,19 @@ impl Store {
             // No ping before each use: it doubled the round trips of every query (a broken
             // connection fails its query instead, and the pool drops it).
             .test_before_acquire(false)
+            // But one idle for a while is pinged first: a database restarted, failed over or
+            // its connections cut (`pg_terminate_backend`, an idle timeout of a pooler or a
+            // firewall) left every pooled connection dead, and each one's first query failed,
+            // a 503 per connection of the pool. Under load connections are never idle so long.
+            .before_acquire(|connection, metadata| {
+                Box::pin(async move {
+                    use sqlx::Connection;
+                    if metadata.idle_for >= IDLE_BEFORE_PING {
+                        connection.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             // A connection still in a transaction once its rollback ran is not given out again:
             // SQLite ends a transaction by itself on some errors (a full disk), the rollback
             // then fails, and sqlx would refuse every later `BEGIN` on it ("non-zero

@@ -877,3 +877,46 @@ async fn metrics_ask_for_their_token_when_one_is_set() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// PostgreSQL cut every pooled connection (a restart, a failover, `pg_terminate_backend`, a
+/// pooler's idle timeout): the calls after it are answered, not failed one per dead connection
+/// (each pooled connection's first query failed with a 503, as many as the pool held).
+#[tokio::test]
+async fn calls_after_the_database_cut_idle_connections_are_answered() {
+    let Ok(url) = crate::support::create_postgres_database().await else {
+        panic!("PostgreSQL is needed for this test (.ci/run starts it)");
+    };
+    let env = Env::start("postgres", &url).await;
+    let platform = env.org.platform();
+    env.create_instance(&env.org, "sandbox-generic", "idle")
+        .await;
+    // Several connections in the pool: parallel calls open them.
+    let list = env.api("/instances");
+    let calls = (0..8).map(|_| env.get_json(&list, &platform));
+    for (status, body) in futures_util::future::join_all(calls).await {
+        assert_eq!(status, 200, "{body}");
+    }
+    use sqlx::Connection;
+    let (server, database) = url.rsplit_once('/').unwrap();
+    let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let cut = sqlx::query_scalar::<_, bool>(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+    )
+    .bind(database)
+    .fetch_all(&mut admin)
+    .await
+    .unwrap()
+    .len();
+    assert!(cut > 1, "{cut} connections cut");
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    for attempt in 0..20 {
+        let (status, body) = env.get_json(&env.api("/instances"), &platform).await;
+        assert_eq!(status, 200, "call {attempt} after the cut: {body}");
+    }
+    let _ = admin.close().await;
+    env.stop().await;
+    drop_test_database(&url).await;
+}
