@@ -44,6 +44,9 @@ pub struct Connector {
     /// One cheap call that proves a grant works, made after a create or re-authentication.
     #[serde(default)]
     pub verify: Option<VerifySpec>,
+    /// How calls through the proxy are made for this connector's instances.
+    #[serde(default, skip_serializing_if = "ProxySpec::is_default")]
+    pub proxy: ProxySpec,
     /// Facts that could not be confirmed from the provider's documentation, said plainly.
     #[serde(default)]
     pub unconfirmed: Vec<String>,
@@ -343,6 +346,30 @@ pub struct VerifySpec {
     pub path: String,
 }
 
+/// How calls through the proxy are made for a connector's instances.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxySpec {
+    /// Seconds the provider may take to begin its answer, and between parts of its body, for
+    /// this connector's calls (1 to 86,400): an API of long polls (Salesforce's streaming API
+    /// holds one 110 s) or slow reports. Without it, `serve --proxy-timeout` (30 s).
+    #[serde(default)]
+    pub timeout_seconds: Option<u32>,
+}
+
+impl ProxySpec {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// This connector's proxy timeout, or `server_wide`.
+    pub fn timeout(&self, server_wide: std::time::Duration) -> std::time::Duration {
+        self.timeout_seconds.map_or(server_wide, |seconds| {
+            std::time::Duration::from_secs(u64::from(seconds))
+        })
+    }
+}
+
 fn default_verify_method() -> String {
     "GET".to_string()
 }
@@ -598,6 +625,13 @@ pub fn validate(connector: &Connector, built_in: bool) -> Result<(), CatalogErro
             unknown_input(value, &samples)
                 .map_err(|problem| invalid(format!("`{field}.{name}`: {problem}")))?;
         }
+    }
+    if let Some(seconds) = connector.proxy.timeout_seconds
+        && !(1..=86_400).contains(&seconds)
+    {
+        return Err(invalid(format!(
+            "`proxy.timeoutSeconds` is 1 to 86400 seconds, not {seconds}"
+        )));
     }
     if let Some(verify) = &connector.verify {
         let path = fill_template(&verify.path, &samples)

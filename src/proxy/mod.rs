@@ -759,7 +759,7 @@ async fn send(
     *request.headers_mut() = headers;
     // The answer's headers must come within the proxy timeout; its body then streams for as
     // long as it keeps coming.
-    let timeout = app.config.proxy_timeout;
+    let timeout = instance.connector.proxy.timeout(app.config.proxy_timeout);
     app.proxy_http
         .request(
             target.origin_key,
@@ -809,7 +809,7 @@ async fn send(
 }
 
 /// The provider's answer as ours: hop-by-hop headers removed, the body streamed through.
-fn answer(app: &App, (response, lease): Answered) -> Response {
+fn answer(timeout: std::time::Duration, (response, lease): Answered) -> Response {
     let (mut parts, body) = response.into_parts();
     // A length beside a transfer coding is not the body's (RFC 9112 §6.3: a proxy removes it):
     // passed on, the answer was cut at it, or broken off when it was longer.
@@ -817,7 +817,7 @@ fn answer(app: &App, (response, lease): Answered) -> Response {
         parts.headers.remove(header::CONTENT_LENGTH);
     }
     strip(&mut parts.headers, &[]);
-    let body = client::IdleTimeout::new(body, app.config.proxy_timeout, Some(lease));
+    let body = client::IdleTimeout::new(body, timeout, Some(lease));
     Response::from_parts(parts, Body::new(body))
 }
 
@@ -848,7 +848,10 @@ async fn inspect(
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.contains("json"))
         });
-    let response = answer(app, answered);
+    let response = answer(
+        instance.connector.proxy.timeout(app.config.proxy_timeout),
+        answered,
+    );
     if !maybe_rejected {
         return Ok((response, None));
     }

@@ -584,6 +584,86 @@ async fn a_provider_that_stalls_is_given_up() {
     drop_test_database(&url).await;
 }
 
+/// A connector's own `proxy.timeoutSeconds` replaces the server's `--proxy-timeout` for its
+/// calls, for the answer's head and between parts of its body: a provider that takes 2 s to
+/// begin and pauses 2 s in its body is answered through a connector allowing 5 s, and given up
+/// (504) through one without, behind a server-wide 1 s. Long polls (Salesforce's streaming API,
+/// 110 s) needed the whole server's timeout raised.
+#[tokio::test]
+async fn a_connector_s_own_proxy_timeout_replaces_the_server_s() {
+    let url = sqlite_database();
+    let env = env_with_a_one_second_provider_timeout(&url).await;
+    let (hasty, _) = hand_written_provider(&env, "hasty", "poller", |mut stream, _| async move {
+        let (mut seen, mut buffer) = (Vec::new(), [0u8; 4096]);
+        while next_head(&mut stream, &mut seen, &mut buffer)
+            .await
+            .is_some()
+        {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
+                .await;
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            let _ = stream.write_all(b"-half").await;
+        }
+    })
+    .await;
+    let connectors = env
+        .get_json(&env.api("/elements/hasty"), &env.org.platform())
+        .await
+        .1;
+    register_connector(
+        &env,
+        "patient",
+        json!({"baseUrl": connectors["baseUrl"], "proxy": {"timeoutSeconds": 5}}),
+    )
+    .await;
+    let (_, shown) = env
+        .get_json(&env.api("/elements/patient"), &env.org.platform())
+        .await;
+    assert_eq!(shown["proxy"]["timeoutSeconds"], 5, "{shown}");
+    let patient = env.create_instance(&env.org, "patient", "poller").await;
+    let patient = patient["token"].as_str().unwrap();
+
+    let (status, body) = env.proxy(&env.org, &hasty, Method::GET, "poll").await;
+    assert_eq!(status, 504, "{body}");
+    let response = env
+        .http
+        .get(env.api("/proxy/poll"))
+        .header("authorization", env.org.through(patient))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "first-half");
+    // Out of its range: refused when written.
+    for seconds in [0, 86_401] {
+        let response = env
+            .http
+            .post(env.api("/elements"))
+            .header("authorization", env.org.platform())
+            .json(&json!({"key": format!("bad-{seconds}"), "name": "Bad",
+                       "baseUrl": "https://api.example.com/",
+                       "oauth": {"authorizationUrl": "https://example.com/a",
+                                 "tokenUrl": "https://example.com/t"},
+                       "proxy": {"timeoutSeconds": seconds}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400);
+        let body: Value = response.json().await.unwrap();
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("proxy.timeoutSeconds"),
+            "{body}"
+        );
+    }
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// Each pooled connection keeps one timer for the answer's headers and moves it forward per
 /// call. A connection that sat idle past the timeout (its timer fired meanwhile) still serves
 /// the next call, calls one after another keep being answered on it, and a provider that then
