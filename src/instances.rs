@@ -213,6 +213,17 @@ impl InstanceSecrets {
 }
 
 pub fn open_secrets(app: &App, row: &InstanceRow) -> Result<InstanceSecrets, ApiError> {
+    open_secrets_sealed(app, row).map_err(|error| {
+        ApiError::conflict(format!(
+            "The stored secrets of this instance do not open ({error}): give the service the master key they were sealed under (TOKENWARDEN_PREVIOUS_MASTER_KEYS), or delete the instance and create it again"
+        ))
+    })
+}
+
+fn open_secrets_sealed(
+    app: &App,
+    row: &InstanceRow,
+) -> Result<InstanceSecrets, crate::crypto::CryptoError> {
     let keyring = &app.keyring;
     let element_token = keyring.open_secret(&row.token_enc, binding(row.id, "token"))?;
     let access_token = match &row.access_token_enc {
@@ -866,6 +877,16 @@ fn state_reason(row: &InstanceRow, state: &str, has_refresh_token: bool) -> Opti
             iso8601(expires_at)
         )
     })
+}
+
+/// [`view`], or [`damaged_view`] for an instance whose stored secrets do not open.
+pub fn view_or_damaged(
+    app: &App,
+    row: &InstanceRow,
+    connector_name: Option<&str>,
+    reveal: bool,
+) -> Value {
+    view(app, row, connector_name, reveal).unwrap_or_else(|_| damaged_view(row, connector_name))
 }
 
 /// An instance whose stored secrets do not open (a damaged row, or one sealed under a key this

@@ -905,7 +905,7 @@ impl RefreshEngine {
             (None, Err("a copy that no call uses".to_string()))
         } else {
             let secrets =
-                open_secrets(app, row).map_err(|e| RefreshFailure::Internal(e.message))?;
+                open_secrets(app, row).map_err(|e| RefreshFailure::Misconfigured(e.message))?;
             let configuration = plain_configuration(row);
             let base_url = configuration
                 .get(BASE_URL)
@@ -1480,7 +1480,8 @@ impl RefreshEngine {
             .ok_or_else(|| {
                 RefreshFailure::Misconfigured(format!("connector {} is gone", row.element_key))
             })?;
-        let secrets = open_secrets(app, row).map_err(|e| RefreshFailure::Internal(e.message))?;
+        let secrets =
+            open_secrets(app, row).map_err(|e| RefreshFailure::Misconfigured(e.message))?;
         let configuration = plain_configuration(row);
         let Some(refresh_token) = secrets.refresh_token.as_ref() else {
             let reason = "no refresh token: the provider gave none; re-authenticate the instance"

@@ -1557,9 +1557,13 @@ pub async fn list(
     if let Some(row) = &caller.element {
         // That instance alone, as a one-element array (the contract), whatever the filter.
         let name = connector_name(&app, row).await;
-        return Ok(
-            AxumJson(vec![instances::view(&app, row, name.as_deref(), true)?]).into_response(),
-        );
+        return Ok(AxumJson(vec![instances::view_or_damaged(
+            &app,
+            row,
+            name.as_deref(),
+            true,
+        )])
+        .into_response());
     }
     caller.require_organization()?;
     let parameters = url::form_urlencoded::parse(query.as_bytes());
@@ -1788,13 +1792,7 @@ pub async fn get_one(
     Path(id): Path<String>,
 ) -> ApiResult<AxumJson<Value>> {
     let row = load_for_call(&app, &caller, &id).await?;
-    let name = connector_name(&app, &row).await;
-    Ok(AxumJson(instances::view(
-        &app,
-        &row,
-        name.as_deref(),
-        caller.holds_element_of(row.id),
-    )?))
+    respond(&app, &caller, row).await
 }
 
 #[utoipa::path(
@@ -2840,14 +2838,17 @@ fn update_changes(
     }
 }
 
+/// The instance as the caller sees it; one whose stored secrets do not open as the list shows
+/// it (`state: unreadable`), not a 500: a change made to it (disabled, enabled) was answered as
+/// failed.
 async fn respond(app: &App, caller: &Caller, row: InstanceRow) -> ApiResult<AxumJson<Value>> {
     let name = connector_name(app, &row).await;
-    Ok(AxumJson(instances::view(
+    Ok(AxumJson(instances::view_or_damaged(
         app,
         &row,
         name.as_deref(),
         caller.holds_element_of(row.id),
-    )?))
+    )))
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -3245,6 +3246,9 @@ pub async fn revoke(
     Path(id): Path<String>,
 ) -> ApiResult<AxumJson<Value>> {
     let row = load_for_call(&app, &caller, &id).await?;
+    // Tokens that cannot be read cannot be revoked: refused before the instance is
+    // invalidated for a revocation that could never be sent.
+    open_secrets(&app, &row)?;
     // No refresh runs meanwhile: the tokens revoked are the ones the instance holds. A task of
     // its own, like a refresh: a caller hanging up must not cut it between the revocation and
     // the invalidation.
@@ -3267,14 +3271,11 @@ pub async fn revoke(
                     let mut held = held;
                     let mut invalidated = false;
                     for _ in 0..3 {
-                        // A revocation sent again (the provider did not confirm the first)
-                        // announces no second invalidation.
-                        let again = !held.is_valid()
-                            && held.state_reason.as_deref() == Some("revoked")
-                            && held
-                                .provider_message
-                                .as_deref()
-                                .is_some_and(|m| m.starts_with("Revoked through tokenwarden"));
+                        // An instance invalid already (a revocation sent again, confirmed or
+                        // not, or a grant that had ended) announces no second invalidation:
+                        // each event has an id of its own, and receivers took every one for a
+                        // new loss of the connection.
+                        let again = !held.is_valid();
                         let event = (!again).then(|| {
                             events::new_event(&app, &held, events::INVALIDATED, Some("revoked"))
                         });
@@ -3363,12 +3364,12 @@ pub async fn revoke(
         return Err(refusal);
     }
     let name = connector_name(&app, &stored).await;
-    let mut view = instances::view(
+    let mut view = instances::view_or_damaged(
         &app,
         &stored,
         name.as_deref(),
         caller.holds_element_of(row.id),
-    )?;
+    );
     if let Some(object) = view.as_object_mut() {
         object.insert("revocation".into(), revocation);
     }

@@ -1686,3 +1686,52 @@ async fn the_organization_webhook_secret_is_rotated() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// A revocation sent again to an instance it left invalid (confirmed by the provider or not)
+/// announces no second `instance.invalidated`: each had an event id of its own, and a webhook
+/// receiver took every one for a new loss of the connection.
+#[tokio::test]
+async fn a_revocation_sent_again_announces_no_second_invalidation() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let platform = env.org.platform();
+    let sandbox = env.sandbox.url.trim_end_matches('/').to_string();
+    crate::refresh::register_connector(
+        &env,
+        "unrevocable",
+        json!({"oauth": {"authorizationUrl": format!("{sandbox}/generic/authorize"),
+                         "tokenUrl": format!("{sandbox}/generic/token"),
+                         "clientAuth": "client_secret_post", "pkce": false}}),
+    )
+    .await;
+    for element in ["sandbox-generic", "unrevocable"] {
+        let instance = env.create_instance(&env.org, element, "twice").await;
+        let id = instance["id"].as_i64().unwrap();
+        for _ in 0..3 {
+            let (status, body) = send(
+                &env,
+                reqwest::Method::POST,
+                &format!("/instances/{id}/tokens/revoke"),
+                &platform,
+            )
+            .await;
+            assert_eq!(status, 200, "{element}: {body}");
+            assert_eq!(body["valid"], false, "{element}: {body}");
+        }
+        let (_, events) = env
+            .get_json(
+                &env.api(&format!(
+                    "/events?instanceId={id}&type=instance.invalidated"
+                )),
+                &platform,
+            )
+            .await;
+        assert_eq!(
+            events["events"].as_array().unwrap().len(),
+            1,
+            "{element}: {events}"
+        );
+    }
+    env.stop().await;
+    drop_test_database(&url).await;
+}

@@ -608,3 +608,72 @@ async fn a_rotation_stopped_half_way_is_named_at_the_start() {
         crate::support::drop_test_database(&url).await;
     }
 }
+
+/// An instance whose stored secrets do not open (here one altered in the database; a key lost
+/// the same) is answered as the list shows it, not with a 500: a GET shows `state: unreadable`,
+/// a disable and an enable are made and answered 200 (they were made and answered 500), and
+/// what needs its tokens (a refresh, a revocation, a PATCH) is refused with a 409 that says
+/// why and what to do, before anything changes: a revocation invalidated it first, then
+/// answered 502 "send it again", which could never succeed.
+#[tokio::test]
+async fn an_unreadable_instance_is_answered_not_failed() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let damaged = env
+        .create_instance(&env.org, "sandbox-generic", "altered")
+        .await;
+    let id = damaged["id"].as_i64().unwrap();
+    {
+        use sqlx::Connection;
+        sqlx::any::install_default_drivers();
+        let mut db = sqlx::AnyConnection::connect(&url).await.unwrap();
+        sqlx::query("UPDATE instances SET refresh_token_enc = access_token_enc WHERE id = $1")
+            .bind(id)
+            .execute(&mut db)
+            .await
+            .unwrap();
+    }
+    env.server.app.refresh.forget(id);
+    let platform = env.org.platform();
+    let path = |rest: &str| env.api(&format!("/instances/{id}{rest}"));
+    let shown = call(&env, Method::GET, &path(""), Some(&platform), None).await;
+    assert_eq!(shown.status, 200, "{}", shown.body);
+    assert_eq!(shown.body["state"], "unreadable", "{}", shown.body);
+    for (method, disabled) in [(Method::DELETE, true), (Method::PUT, false)] {
+        let answer = call(&env, method, &path("/enabled"), Some(&platform), None).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        assert_eq!(answer.body["disabled"], disabled, "{}", answer.body);
+        assert_eq!(answer.body["state"], "unreadable", "{}", answer.body);
+    }
+    for (method, rest, body) in [
+        (Method::POST, "/tokens/refresh", None),
+        (Method::POST, "/tokens/revoke", None),
+        (Method::PATCH, "", Some(json!({"name": "renamed"}))),
+    ] {
+        let answer = call(&env, method, &path(rest), Some(&platform), body).await;
+        assert_eq!(answer.status, 409, "{rest}: {}", answer.body);
+        assert!(
+            answer.body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("do not open") && m.contains("delete the instance")),
+            "{rest}: {}",
+            answer.body
+        );
+    }
+    // Nothing changed: still valid, never invalidated.
+    let shown = call(&env, Method::GET, &path(""), Some(&platform), None).await;
+    assert_eq!(shown.body["valid"], true, "{}", shown.body);
+    let (_, events) = env
+        .get_json(
+            &env.api(&format!(
+                "/events?instanceId={id}&type=instance.invalidated"
+            )),
+            &platform,
+        )
+        .await;
+    assert_eq!(events["events"].as_array().unwrap().len(), 0, "{events}");
+    let deleted = call(&env, Method::DELETE, &path(""), Some(&platform), None).await;
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    env.stop().await;
+    crate::support::drop_test_database(&url).await;
+}
