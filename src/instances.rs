@@ -107,6 +107,26 @@ pub fn configuration_bytes<'a>(
         .sum()
 }
 
+/// The keys a configuration sets to null, which an update removes: not the tokens (a null one
+/// is blank, the contract's way to drop it), the keys a GET shows but the service computes
+/// (their times), nor the keys the service keeps (`base.url`, `oauth.token.refresh_url`).
+pub fn configuration_removals(value: Option<&Value>) -> Vec<String> {
+    value
+        .and_then(Value::as_object)
+        .map(|object| {
+            object
+                .iter()
+                .filter(|(key, value)| {
+                    value.is_null()
+                        && !DERIVED_KEYS.contains(&key.as_str())
+                        && ![BASE_URL, REFRESH_URL].contains(&key.as_str())
+                })
+                .map(|(key, _)| key.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub fn normalize_configuration(
     value: Option<&Value>,
 ) -> Result<BTreeMap<String, String>, ApiError> {
@@ -122,11 +142,16 @@ pub fn normalize_configuration(
             "`configuration` must be a JSON object",
         ));
     };
-    // Each key is stored with the instance and read at every use of it.
-    if object.len() > MAX_CONFIGURATION_KEYS {
+    // Each key is stored with the instance and read at every use of it. Counted as stored:
+    // not the keys a GET adds that are never stored (the tokens, their times), nor nulls (a
+    // configuration read and written back unchanged was refused near the limit).
+    let stored = object
+        .iter()
+        .filter(|(key, value)| !value.is_null() && !DERIVED_KEYS.contains(&key.as_str()))
+        .count();
+    if stored > MAX_CONFIGURATION_KEYS {
         return Err(ApiError::bad_request(format!(
-            "`configuration` has {} keys; an instance takes at most {MAX_CONFIGURATION_KEYS}",
-            object.len()
+            "`configuration` has {stored} keys; an instance takes at most {MAX_CONFIGURATION_KEYS}"
         )));
     }
     for (key, value) in object {
@@ -156,7 +181,10 @@ pub fn normalize_configuration(
             }
             Value::Number(number) => number.to_string(),
             Value::Bool(flag) => flag.to_string(),
-            Value::Null => String::new(),
+            // A blank token (the contract's way to drop one); any other null removes its key
+            // ([`configuration_removals`]), and is not stored as an empty text.
+            Value::Null if key == ACCESS_TOKEN || key == REFRESH_TOKEN => String::new(),
+            Value::Null => continue,
             _ => {
                 return Err(ApiError::bad_request(format!(
                     "Configuration key `{key}` must be a string, number or boolean"

@@ -2363,6 +2363,12 @@ async fn update_once(
             secret.insert(instances::API_SECRET.to_string(), value.clone());
         }
     }
+    // Keys set to null go ("null removes a key"); they were stored as empty texts, and a
+    // secret's then showed masked, as if one were set.
+    for key in instances::configuration_removals(body.configuration.as_ref()) {
+        plain.remove(&key);
+        secret.remove(&key);
+    }
     // The limit holds for what the instance keeps, sealed keys included, not only for one
     // request's keys (PATCHes merge); an update that adds none is not refused for it.
     let kept = plain.len() + secret.len();

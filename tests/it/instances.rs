@@ -3972,3 +3972,112 @@ async fn the_list_comes_in_pages() {
         drop_test_database(&url).await;
     }
 }
+
+/// `null` removes a configuration key, as the OpenAPI document says: at a PATCH, a PUT and a
+/// create it was stored as an empty text, so a key could not be deleted, and a client secret
+/// read as `null` and written back became `""`, shown masked as if one were set. A blank token
+/// still drops it (the contract). And a configuration read and written back unchanged near the
+/// key limit is taken: the keys a GET adds (the tokens, their times) were counted against it.
+#[tokio::test]
+async fn null_removes_a_configuration_key_and_a_read_configuration_goes_back() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let platform = env.org.platform();
+    let instance = env
+        .create_instance(&env.org, "sandbox-generic", "nulls")
+        .await;
+    let path = env.api(&format!("/instances/{}", id_of(&instance)));
+    let patch = async |configuration: Value| {
+        let answer = call(
+            &env,
+            Method::PATCH,
+            &path,
+            Some(&platform),
+            Some(json!({"configuration": configuration})),
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        answer.body
+    };
+    patch(json!({"y.k": "v", "z.k": "w"})).await;
+    let shown = patch(json!({"y.k": null})).await;
+    assert!(shown["configuration"].get("y.k").is_none(), "{shown}");
+    assert_eq!(shown["configuration"]["z.k"], "w", "{shown}");
+    // The client secret removed, then the instance read and written back whole.
+    let shown = patch(json!({"oauth.api.secret": null})).await;
+    assert_eq!(
+        shown["configuration"]["oauth.api.secret"],
+        Value::Null,
+        "{shown}"
+    );
+    let put = call(
+        &env,
+        Method::PUT,
+        &path,
+        Some(&platform),
+        Some(json!({"configuration": shown["configuration"], "name": shown["name"]})),
+    )
+    .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(
+        put.body["configuration"]["oauth.api.secret"],
+        Value::Null,
+        "{}",
+        put.body
+    );
+    // Near the limit: as many keys as the instance may keep, then the whole configuration as
+    // read, written back.
+    let stored = put.body["configuration"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(key, value)| !value.is_null() && !key.starts_with("oauth.user."))
+        .count();
+    let many: serde_json::Map<String, Value> = (0..1000 - stored)
+        .map(|n| (format!("k.{n}"), Value::String("v".into())))
+        .collect();
+    let full = patch(Value::Object(many)).await;
+    for method in [Method::PATCH, Method::PUT] {
+        let back = call(
+            &env,
+            method.clone(),
+            &path,
+            Some(&platform),
+            Some(json!({"configuration": full["configuration"], "name": full["name"]})),
+        )
+        .await;
+        assert_eq!(back.status, 200, "{method}: {}", back.body);
+    }
+    // One more is refused.
+    let over = call(
+        &env,
+        Method::PATCH,
+        &path,
+        Some(&platform),
+        Some(json!({"configuration": {"one.more": "x"}})),
+    )
+    .await;
+    assert_eq!(over.status, 400, "{}", over.body);
+    // A create's nulls are no keys.
+    let (code, state) = env.authorize(&env.org, "sandbox-generic", "created").await;
+    let mut configuration = env.configuration();
+    configuration["n.x"] = Value::Null;
+    let created = call(
+        &env,
+        Method::POST,
+        &env.api("/instances"),
+        Some(&platform),
+        Some(json!({"element": {"key": "sandbox-generic"},
+                    "providerData": {"code": code, "state": state},
+                    "configuration": configuration})),
+    )
+    .await;
+    assert_eq!(created.status, 200, "{}", created.body);
+    assert!(
+        created.body["configuration"].get("n.x").is_none(),
+        "{}",
+        created.body
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
