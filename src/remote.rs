@@ -195,6 +195,19 @@ impl Remote {
         let instance = self.request(method, &path).await?;
         if self.json {
             outln!("{}", pretty_json(&instance));
+        } else if instance["revocation"]["revokedAtProvider"] == false {
+            // Invalid here, alive at the provider (no revocation endpoint): an operator
+            // revoking a leaked connection must not take it for dead.
+            let revocation = &instance["revocation"];
+            let why = revocation["providerMessage"]
+                .as_str()
+                .or(revocation["message"].as_str())
+                .unwrap_or("the provider did not confirm it");
+            outln!(
+                "instance {id}: {}; NOT revoked at the provider: {}",
+                text(&instance["state"]),
+                escaped(why)
+            );
         } else {
             outln!("instance {id}: {}", text(&instance["state"]));
         }

@@ -204,6 +204,33 @@ async fn command_line_on(env: Env) {
             .any(|line| line.starts_with("lastRefreshFailure") && line.contains("503")),
         "{stdout}"
     );
+    // A revocation the provider cannot make (no revocation endpoint) says so: the grant lives
+    // on there, and it printed only the new state.
+    crate::refresh::register_connector(
+        &env,
+        "unrevocable",
+        serde_json::json!({"oauth": {
+            "authorizationUrl": format!("{}/generic/authorize", env.sandbox.url.trim_end_matches('/')),
+            "tokenUrl": format!("{}/generic/token", env.sandbox.url.trim_end_matches('/')),
+            "clientAuth": "client_secret_post", "pkce": false}}),
+    )
+    .await;
+    let unrevocable = env.create_instance(&env.org, "unrevocable", "una").await;
+    let (ok, stdout, stderr) = run(
+        args(&["instances", "revoke", &unrevocable["id"].to_string()]),
+        owned(&secrets),
+    )
+    .await
+    .unwrap();
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("NOT revoked at the provider") && stdout.contains("no revocation endpoint"),
+        "{stdout}"
+    );
+    let (ok, stdout, stderr) = run(args(&["instances", "revoke", &id]), owned(&secrets))
+        .await
+        .unwrap();
+    assert!(ok && !stdout.contains("NOT revoked"), "{stdout}{stderr}");
     // The README's `$API` as --url is the server's URL with the base path.
     let with_base = format!("{server}/elements/api-v2/");
     let (ok, stdout, stderr) = run(
