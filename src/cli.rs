@@ -110,7 +110,8 @@ pub struct ServeArgs {
         long,
         env = "TOKENWARDEN_BIND",
         hide_env_values = true,
-        default_value = "127.0.0.1:8080"
+        default_value = "127.0.0.1:8080",
+        value_parser = bind_address
     )]
     pub bind: SocketAddr,
     #[command(flatten)]
@@ -129,7 +130,7 @@ pub struct ServeArgs {
     pub outbound_proxy: Option<String>,
     /// Address ranges no connector, `base.url`, token call or webhook may reach:
     /// comma-separated IP addresses, CIDR ranges and `private` (loopback, RFC 1918, 100.64/10,
-    /// fc00::/7). For a service shared by organizations that do not trust each other:
+    /// 198.18/15, ::1, fc00::/7). For a service shared by organizations that do not trust each other:
     /// `private` keeps them from the service's own ports and the private network.
     /// Link-local and cloud metadata addresses are refused always.
     #[arg(
@@ -179,8 +180,9 @@ pub struct ServeArgs {
     pub database_pool_size: u32,
     /// Caller connections served at once; past it, the oldest are asked to finish for new ones
     /// (an idle kept-alive one closes at once, a busy one after its answer).
-    /// Default: half of the open-file limit (raised to its hard limit at start), less 256 kept
-    /// for the database and providers: each call in flight holds a connection to a provider.
+    /// Default: half of what the open-file limit (raised to its hard limit at start) leaves
+    /// after 256 kept for the database and providers, as each call in flight holds a
+    /// connection to a provider as well.
     #[arg(long, env = "TOKENWARDEN_MAX_CONNECTIONS", hide_env_values = true, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub max_connections: Option<u32>,
     /// Events (and their delivery records) older than this many days are deleted, except those
@@ -196,6 +198,27 @@ pub struct ServeArgs {
     /// At least 16 printable ASCII characters.
     #[arg(long, env = "TOKENWARDEN_METRICS_TOKEN", hide_env_values = true, value_parser = |text: &str| Ok::<_, String>(crate::secret::Secret::new(text)))]
     pub metrics_token: Option<crate::secret::Secret>,
+}
+
+/// An address to listen on: `IP:port`, or `name:port` (`localhost:8080`) resolved here, its
+/// IPv4 address first.
+fn bind_address(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(address) = text.parse::<SocketAddr>() {
+        return Ok(address);
+    }
+    use std::net::ToSocketAddrs;
+    let addresses: Vec<SocketAddr> = text
+        .to_socket_addrs()
+        .map_err(|error| {
+            format!("an address:port (127.0.0.1:8080, [::1]:8080, localhost:8080): {error}")
+        })?
+        .collect();
+    addresses
+        .iter()
+        .find(|address| address.is_ipv4())
+        .or(addresses.first())
+        .copied()
+        .ok_or_else(|| format!("{text} names no address"))
 }
 
 /// The hash of a metrics token, refused when shorter than 16 characters or holding what a
@@ -218,7 +241,8 @@ pub struct SandboxArgs {
         long,
         env = "TOKENWARDEN_SANDBOX_BIND",
         hide_env_values = true,
-        default_value = "127.0.0.1:4000"
+        default_value = "127.0.0.1:4000",
+        value_parser = bind_address
     )]
     pub bind: SocketAddr,
     /// Accept only this client: `ID:SECRET`. Without it any id/secret pair is accepted.
@@ -372,7 +396,7 @@ pub struct CopyArgs {
     /// The source.
     #[command(flatten)]
     pub database: DatabaseArgs,
-    /// The database to copy into, empty: `postgres://…` or `sqlite://path` (made when missing).
+    /// The database to copy into, empty: `postgres://…` or `sqlite://path` (the file is made when missing; its directory must exist).
     /// A password in it is better given in the environment (`TOKENWARDEN_COPY_TO`) than on the
     /// command line, where other users of the machine see it.
     #[arg(long, env = "TOKENWARDEN_COPY_TO", hide_env_values = true)]

@@ -545,7 +545,7 @@ pub fn document() -> Value {
         if let Some(properties) = write.get_mut("properties").and_then(Value::as_object_mut) {
             for field in http::instances::SHOWN_FIELDS.iter().chain(&["disabled"]) {
                 properties.entry(field.to_string()).or_insert_with(|| {
-                    serde_json::json!({"description": "As the instance shows it: taken back unchanged, and changes nothing (a different value is refused where it names another instance or state)"})
+                    serde_json::json!({"description": "As the instance shows it: taken back and ignored; `id` and `token` must be the instance's own (another's is refused), and `disabled` its state"})
                 });
             }
         }

@@ -47,6 +47,8 @@ pub struct InstanceBody {
     /// An `id` the body carries (a read written back): another instance's is refused, as the
     /// caller meant that one.
     id: Option<Value>,
+    /// A `token` the body carries: another instance's Element token is refused like its `id`.
+    token: Option<Value>,
 }
 
 /// The fields of an instance as it is shown, which a body may carry back (a read, edited and
@@ -157,6 +159,11 @@ impl<'de> Deserialize<'de> for InstanceBody {
                     external_authentication: fields.external_authentication,
                     disabled: fields.disabled,
                     id: fields.other.get("id").filter(|id| !id.is_null()).cloned(),
+                    token: fields
+                        .other
+                        .get("token")
+                        .filter(|token| !token.is_null())
+                        .cloned(),
                 })
             }
         }
@@ -1980,6 +1987,14 @@ async fn update(
             "The body's `id` is not {}, the instance updated: nothing was changed",
             row.id
         )));
+    }
+    // Another instance's Element token: a read of that instance written back to this one.
+    if let Some(given) = &body.token
+        && given.as_str() != Some(open_secrets(app, &row)?.element_token.expose())
+    {
+        return Err(ApiError::bad_request(
+            "The body's `token` is not the Element token of the instance updated (it is another instance's, or none): nothing was changed",
+        ));
     }
     if let Some(key) = body.element.as_ref().map(ElementRef::key)
         && key != row.element_key

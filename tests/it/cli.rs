@@ -779,3 +779,34 @@ fn a_mistyped_database_or_a_refused_name_makes_no_database() {
     assert!(left.is_empty(), "files made: {left:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--bind` takes a name with its port (`localhost:0`), as most servers do: it was refused as
+/// "invalid socket address syntax", and only an IP literal served.
+#[test]
+fn serve_binds_a_named_address() {
+    use std::io::BufRead;
+    let url = crate::support::sqlite_database();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+        .args(["serve", "--bind", "localhost:0", "--database-url", &url])
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let stderr = child.stderr.take().unwrap();
+    let mut said = Vec::new();
+    let announced = std::io::BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .inspect(|line| said.push(line.clone()))
+        .find_map(|line| line.split("serving on ").nth(1).map(str::to_string));
+    let _ = child.kill();
+    let _ = child.wait();
+    let path = url.trim_start_matches("sqlite://");
+    for suffix in ["", "-wal", "-shm", ".key"] {
+        let _ = std::fs::remove_file(format!("{path}{suffix}"));
+    }
+    let announced = announced.unwrap_or_else(|| panic!("not served: {said:?}"));
+    assert!(announced.contains("127.0.0.1:"), "{announced}");
+}

@@ -2678,6 +2678,11 @@ async fn instance_bodies_that_would_change_nothing_are_refused() {
             json!({"id": 12345, "name": "other"}),
             "the instance updated",
         ),
+        // Another instance's read, written back here.
+        (
+            json!({"token": "another-instance-s-element-token", "name": "other"}),
+            "not the Element token of the instance updated",
+        ),
         (json!({"eventsEnabled": true}), "event.notification.enabled"),
         (
             json!({"cachingEnabled": "true"}),
