@@ -49,6 +49,8 @@ pub struct AppConfig {
     pub event_retention: Duration,
     /// Audit entries older than this are deleted; `None` keeps them.
     pub audit_retention: Option<Duration>,
+    /// How long a stop waits for calls in flight before it cuts them.
+    pub shutdown_timeout: Duration,
     /// The hash of the token `/metrics` asks for (`None`: open).
     pub metrics_token_hash: Option<Vec<u8>>,
     /// The proxy for token calls, revocations, verifications and webhooks, where the network's
@@ -122,6 +124,7 @@ impl AppConfig {
             event_retention: Duration::from_secs(30 * 86_400),
             audit_retention: None,
             metrics_token_hash: None,
+            shutdown_timeout: Duration::from_secs(60),
             outbound_proxy: None,
             commit_retry_for: crate::refresh::COMMIT_RETRY_FOR,
             rotated_tokens_kept_for: crate::refresh::ROTATED_TOKENS_KEPT_FOR,

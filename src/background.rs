@@ -719,12 +719,16 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
     }
     // Graceful: refreshes already at the provider finish and commit (a rotated refresh token
     // must be stored); those still waiting for their rate slot gave their rows back above.
+    // Each refresh runs as a task of its own that the stop waits for (`spawn_to_the_end`):
+    // what ends here is the scheduler's wait for their outcomes, not the refreshes.
     let drain = async { while running.join_next().await.is_some() {} };
     if tokio::time::timeout(Duration::from_secs(8), drain)
         .await
         .is_err()
     {
-        tracing::warn!("scheduler: refreshes still running at shutdown; their leases will expire");
+        tracing::info!(
+            "scheduler: stopped; refreshes still at the provider finish and commit before the process ends"
+        );
         running.abort_all();
     }
 }

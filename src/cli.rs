@@ -198,6 +198,11 @@ pub struct ServeArgs {
     /// At least 16 printable ASCII characters.
     #[arg(long, env = "TOKENWARDEN_METRICS_TOKEN", hide_env_values = true, value_parser = |text: &str| Ok::<_, String>(crate::secret::Secret::new(text)))]
     pub metrics_token: Option<crate::secret::Secret>,
+    /// Seconds a stop (SIGTERM) waits for calls in flight (slow answers, long transfers) to
+    /// finish before it cuts them; new connections are refused at once. Refreshes under way
+    /// finish and commit besides. Give the process this and 20 s more to stop.
+    #[arg(long, env = "TOKENWARDEN_SHUTDOWN_TIMEOUT", hide_env_values = true, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=3_600))]
+    pub shutdown_timeout: u32,
 }
 
 /// An address to listen on: `IP:port`, or `name:port` (`localhost:8080`) resolved here, its
@@ -503,6 +508,8 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             config.header_read_timeout =
                 std::time::Duration::from_secs(u64::from(args.idle_timeout));
             config.proxy_timeout = std::time::Duration::from_secs(u64::from(args.proxy_timeout));
+            config.shutdown_timeout =
+                std::time::Duration::from_secs(u64::from(args.shutdown_timeout));
             config.database_pool_size = args.database_pool_size;
             config.max_connections = args.max_connections.map(|n| n as usize);
             let rate = args.refresh_rate;

@@ -24,12 +24,16 @@ impl RunningServer {
         // Superseded grants waiting to be revoked (Salesforce's cap counts them) are revoked
         // now, while the rest drains, rather than left alive by the stop.
         self.app.refresh.stopping();
+        // Calls in flight (a slow report, a long download, a refresh waiting on a slow token
+        // endpoint) finish, up to `--shutdown-timeout`: cut at 10 s, their callers got no
+        // answer for work the provider had done, and retried it.
         let drain = async { while self.tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(std::time::Duration::from_secs(10), drain)
-            .await
-            .is_err()
-        {
-            tracing::warn!("shutdown: tasks still running after 10 s; leaving them");
+        let limit = self.app.config.shutdown_timeout;
+        if tokio::time::timeout(limit, drain).await.is_err() {
+            tracing::warn!(
+                "shutdown: calls still in flight after {} s (--shutdown-timeout) are cut",
+                limit.as_secs()
+            );
             self.tasks.abort_all();
         }
         // Refreshes and revocations under way end with their commit: a revocation may wait

@@ -487,3 +487,78 @@ async fn sigterm_during_a_refresh(caller_stays: bool) {
     sandbox.shutdown().await;
     drop_test_database(&url).await;
 }
+
+/// SIGTERM while a proxied call waits 12 s on a slow provider (a report, a long poll): the call
+/// is answered, then the process exits. Calls still in flight 10 s after the signal were cut
+/// with no answer, though the provider had served them (a deploy lost every slow call, and a
+/// caller retrying a POST made it twice).
+#[tokio::test]
+async fn sigterm_lets_a_slow_call_in_flight_finish() {
+    let url = sqlite_database();
+    let sandbox: RunningSandbox = tokenwarden_sandbox::spawn(loopback(), Default::default())
+        .await
+        .unwrap();
+    let sandbox_url = sandbox.url.clone();
+    let env = Env::start_with_sandbox("sigterm", &url, sandbox, |_| {}).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "slow")
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    let Env {
+        server,
+        sandbox,
+        http,
+        org,
+        ..
+    } = env;
+    server.shutdown().await;
+    let mut serving = spawn_serve(&url, &sandbox_url, &http).await;
+    let answer = http
+        .post(format!("{sandbox_url}/__sandbox/faults"))
+        .json(&json!({"target": "api", "status": 0, "delayMs": 12_000, "count": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert!(answer.status().is_success());
+    let caller = {
+        let (http, server, authorization) =
+            (http.clone(), serving.url.clone(), org.through(&token));
+        tokio::spawn(async move {
+            let response = http
+                .get(format!("{server}/elements/api-v2/proxy/api/me"))
+                .header("authorization", authorization)
+                .send()
+                .await
+                .map_err(|error| error.to_string())?;
+            let status = response.status().as_u16();
+            let body = response.text().await.map_err(|error| error.to_string())?;
+            Ok::<_, String>((status, body))
+        })
+    };
+    eventually(
+        "the call at the provider",
+        Duration::from_secs(20),
+        || async {
+            (stats(&http, &sandbox_url).await["faultsInjected"].as_u64() == Some(1)).then_some(())
+        },
+    )
+    .await;
+    let pid = serving.process.id().expect("running").to_string();
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let (status, body) = caller
+        .await
+        .unwrap()
+        .expect("the call in flight is answered");
+    assert_eq!(status, 200, "{body}");
+    let exit = tokio::time::timeout(Duration::from_secs(20), serving.process.wait())
+        .await
+        .expect("serve exits once the call is answered")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    sandbox.shutdown().await;
+    drop_test_database(&url).await;
+}

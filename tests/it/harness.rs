@@ -311,6 +311,9 @@ pub async fn start_server(
     config.refresh_failing_after = std::time::Duration::ZERO;
     // And superseded grants revoked without waiting a minute.
     config.superseded_grant_revoked_after = std::time::Duration::ZERO;
+    // A stop cuts calls still in flight after 10 s, not a minute: tests that stop beside a
+    // provider left hanging end sooner.
+    config.shutdown_timeout = std::time::Duration::from_secs(10);
     adjust(&mut config);
     tokenwarden::startup::spawn(loopback(), config)
         .await

@@ -469,7 +469,12 @@ async fn ciphertext_copied_between_rows_does_not_open() {
                 "[{label}] {}",
                 answer.body
             );
-            assert_eq!(answer.body["token"], Value::Null, "[{label}] {}", answer.body);
+            assert_eq!(
+                answer.body["token"],
+                Value::Null,
+                "[{label}] {}",
+                answer.body
+            );
         }
         let listed = call(
             &env,
