@@ -490,10 +490,15 @@ impl App {
         };
         // The key is checked before the schema is brought up to date: a replica started with
         // a wrong key changes nothing.
+        let replica_id = format!(
+            "replica-{}",
+            crate::crypto::hex(&crate::crypto::random_bytes::<6>())
+        );
         let store = Store::open_with(
             &config.database_url,
             crate::store::StoreOptions {
                 max_connections: config.database_pool_size,
+                application_name: Some(format!("tokenwarden {replica_id}")),
                 ..crate::store::StoreOptions::default()
             },
         )
@@ -535,10 +540,6 @@ impl App {
         // exists".
         let turn = sqlite_turn(&config.database_url).await;
         store.migrate().await?;
-        let replica_id = format!(
-            "replica-{}",
-            crate::crypto::hex(&crate::crypto::random_bytes::<6>())
-        );
         // A service says it runs before it looks for the mark of a copy: a copy that writes
         // its mark, then looks for running services, sees it or is seen (see `store::copy`).
         if config.background_tasks {

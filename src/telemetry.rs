@@ -85,7 +85,7 @@ fn describe_families() {
     );
     describe_gauge!(
         "tokenwarden_instances",
-        "Instances by state (valid, refresh_failing, needs_reauthentication, disabled)"
+        "Instances by state (valid, refresh_failing, needs_reauthentication, disabled), read from the database: every replica sharing it shows the same counts (take max, not sum)"
     );
     describe_histogram!(
         "tokenwarden_scheduler_lag_seconds",

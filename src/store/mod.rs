@@ -252,6 +252,19 @@ fn display_url(url: &str) -> String {
     crate::secret::url_without_credentials(url).unwrap_or_else(|| "the database URL".to_string())
 }
 
+/// `url` with `application_name=name` added, unless it names one already.
+fn with_application_name(url: &str, name: Option<&str>) -> String {
+    let Some(name) = name else {
+        return url.to_string();
+    };
+    if url.contains("application_name=") {
+        return url.to_string();
+    }
+    let name: String = url::form_urlencoded::byte_serialize(name.as_bytes()).collect();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}application_name={name}")
+}
+
 /// A pooled connection idle this long is pinged before it is given out.
 const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
 
@@ -260,6 +273,9 @@ const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
 pub struct StoreOptions {
     pub max_connections: u32,
     pub acquire_timeout: Duration,
+    /// PostgreSQL's `application_name` of the connections, unless the URL names one: which
+    /// replica holds which connection, in `pg_stat_activity`.
+    pub application_name: Option<String>,
 }
 
 impl Default for StoreOptions {
@@ -267,6 +283,7 @@ impl Default for StoreOptions {
         StoreOptions {
             max_connections: 16,
             acquire_timeout: Duration::from_secs(10),
+            application_name: None,
         }
     }
 }
@@ -372,7 +389,10 @@ impl Store {
         let (engine, url) = if url.starts_with("sqlite:") {
             (Engine::Sqlite, Store::prepare_sqlite(url).await?)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            (Engine::Postgres, url.to_string())
+            (
+                Engine::Postgres,
+                with_application_name(url, options.application_name.as_deref()),
+            )
         } else {
             return Err(StoreError::Database(
                 "unsupported database URL: use sqlite://path or postgres://…".to_string(),

@@ -901,6 +901,20 @@ async fn calls_after_the_database_cut_idle_connections_are_answered() {
     let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres"))
         .await
         .unwrap();
+    // Each connection names its replica (`pg_stat_activity` could not tell replicas apart).
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT application_name FROM pg_stat_activity WHERE datname = $1")
+            .bind(database)
+            .fetch_all(&mut admin)
+            .await
+            .unwrap();
+    let replica = &env.server.app.replica_id;
+    assert!(
+        names
+            .iter()
+            .any(|name| name == &format!("tokenwarden {replica}")),
+        "{names:?}"
+    );
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     let cut = sqlx::query_scalar::<_, bool>(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
