@@ -214,6 +214,28 @@ pub mod plan {
     /// A passing failure that took this long holds a slot for long: see [`Slots`].
     pub const SLOW_FAILURE: Duration = Duration::from_secs(1);
 
+    /// A refresh that took this long, even one that succeeded, or one running this long,
+    /// holds a slot for long: see [`Slots`].
+    pub const SLOW_REFRESH: Duration = Duration::from_secs(2);
+
+    /// How a scheduled refresh ended, for its connector's share of the slots.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Outcome {
+        /// Answered (or failed) quickly.
+        Fast,
+        /// Answered, slowly ([`SLOW_REFRESH`]).
+        Slow,
+        /// Failed for now, slowly ([`SLOW_FAILURE`]): timing out, or failing late.
+        SlowFailure,
+    }
+
+    /// A connector whose refreshes hold slots for long.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    enum Class {
+        Failing,
+        Slow,
+    }
+
     /// The scheduler's slots by connector. A connector whose last scheduled refresh failed
     /// slowly for a passing reason (a token endpoint timing out, or failing after
     /// [`SLOW_FAILURE`]) runs at most an eighth of the slots (1 at least, never all) until one of its
@@ -224,17 +246,26 @@ pub mod plan {
     /// An organization's own failing connectors share one eighth between them (keys
     /// `{organization}/{key}`): twelve connectors of one organization, each to a token
     /// endpoint that never answers, took every slot, and every other organization's refreshes
-    /// came late.
+    /// came late. All failing connectors together run at most a quarter of the slots (eight
+    /// organizations with hanging token endpoints took every slot, an eighth each).
+    ///
+    /// A connector whose refreshes succeed but slowly (its last took [`SLOW_REFRESH`], or one
+    /// of its refreshes has been running that long) runs at most half of the slots, its
+    /// organization's slow connectors together as much: a provider answering in 8 s, with
+    /// 5,000 instances of one organization due at once, held every slot for 20 minutes, and
+    /// other organizations' tokens expired before their refresh. Slow and failing connectors
+    /// together leave a quarter of the slots to the others, always.
     #[derive(Debug)]
     pub struct Slots<T> {
-        /// Each running refresh's connector, by its task, and whether it counts among its
-        /// group's failing ones.
-        tasks: HashMap<T, (String, bool)>,
+        /// Each running refresh's connector, the class it was counted in, and its start.
+        tasks: HashMap<T, (String, Option<Class>, std::time::Instant)>,
         running: HashMap<String, usize>,
-        failing: std::collections::HashSet<String>,
-        /// Refreshes of failing connectors running, by group (an organization for its own
-        /// connectors, the connector for a built-in one).
-        failing_running: HashMap<String, usize>,
+        class: HashMap<String, Class>,
+        /// Refreshes running by class and group (an organization for its own connectors,
+        /// the connector for a built-in one).
+        group_running: HashMap<(Class, String), usize>,
+        /// Refreshes running by class.
+        class_running: HashMap<Class, usize>,
     }
 
     impl<T> Default for Slots<T> {
@@ -242,8 +273,9 @@ pub mod plan {
             Slots {
                 tasks: HashMap::new(),
                 running: HashMap::new(),
-                failing: std::collections::HashSet::new(),
-                failing_running: HashMap::new(),
+                class: HashMap::new(),
+                group_running: HashMap::new(),
+                class_running: HashMap::new(),
             }
         }
     }
@@ -254,58 +286,114 @@ pub mod plan {
         key.split_once('/').map_or(key, |(owner, _)| owner)
     }
 
+    /// `part` of `concurrency`, at least 1 and fewer than all (with 2 slots, one stays for
+    /// the others).
+    fn part(concurrency: usize, part: usize) -> usize {
+        part.clamp(1, concurrency.saturating_sub(1).max(1))
+    }
+
+    fn decrement<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
+        if let Some(running) = map.get_mut(key) {
+            *running = running.saturating_sub(1);
+            if *running == 0 {
+                map.remove(key);
+            }
+        }
+    }
+
     impl<T: std::hash::Hash + Eq> Slots<T> {
         /// The most refreshes of a failing connector at once, of `concurrency` slots: an
         /// eighth, and always fewer than all of them (with 2 slots, one stays for the others).
         pub fn failing_share(concurrency: usize) -> usize {
-            (concurrency / 8).clamp(1, concurrency.saturating_sub(1).max(1))
+            part(concurrency, concurrency / 8)
         }
 
         /// Whether a refresh of connector `key` may start now.
         pub fn may_start(&self, key: &str, concurrency: usize) -> bool {
-            let share = Self::failing_share(concurrency);
-            !self.failing.contains(key)
-                || (self.running.get(key).copied().unwrap_or(0) < share
-                    && self.failing_running.get(group(key)).copied().unwrap_or(0) < share)
+            self.may_start_at(key, concurrency, std::time::Instant::now())
+        }
+
+        /// The class a refresh of `key` starting at `now` counts in: its last outcome's, or
+        /// slow while one of its refreshes has run [`SLOW_REFRESH`] already.
+        fn class_at(&self, key: &str, now: std::time::Instant) -> Option<Class> {
+            self.class.get(key).copied().or_else(|| {
+                self.tasks
+                    .values()
+                    .any(|(running, _, at)| {
+                        running == key && now.saturating_duration_since(*at) >= SLOW_REFRESH
+                    })
+                    .then_some(Class::Slow)
+            })
+        }
+
+        /// [`Self::may_start`] at `now`.
+        pub fn may_start_at(&self, key: &str, concurrency: usize, now: std::time::Instant) -> bool {
+            let Some(class) = self.class_at(key, now) else {
+                return true;
+            };
+            let (share, class_total) = match class {
+                Class::Failing => (
+                    Self::failing_share(concurrency),
+                    part(concurrency, concurrency / 4),
+                ),
+                Class::Slow => (
+                    part(concurrency, concurrency / 2),
+                    part(concurrency, concurrency / 2),
+                ),
+            };
+            let count = |map: &HashMap<Class, usize>, class| map.get(&class).copied().unwrap_or(0);
+            let troubled = count(&self.class_running, Class::Failing)
+                + count(&self.class_running, Class::Slow);
+            self.running.get(key).copied().unwrap_or(0) < share
+                && self
+                    .group_running
+                    .get(&(class, group(key).to_string()))
+                    .copied()
+                    .unwrap_or(0)
+                    < share
+                && count(&self.class_running, class) < class_total
+                && troubled < part(concurrency, concurrency * 3 / 4)
         }
 
         /// Task `task` refreshes an instance of connector `key`.
         pub fn started(&mut self, task: T, key: String) {
-            *self.running.entry(key.clone()).or_insert(0) += 1;
-            let failing = self.failing.contains(&key);
-            if failing {
-                *self
-                    .failing_running
-                    .entry(group(&key).to_string())
-                    .or_insert(0) += 1;
-            }
-            self.tasks.insert(task, (key, failing));
+            self.started_at(task, key, std::time::Instant::now());
         }
 
-        /// Task `task` ended; `passing_failure`: whether its provider failed for now, slowly
-        /// (`None`: the refresh did not reach the provider, and tells nothing of it).
-        pub fn finished(&mut self, task: &T, passing_failure: Option<bool>) {
-            let Some((key, counted)) = self.tasks.remove(task) else {
+        /// [`Self::started`] at `at`.
+        pub fn started_at(&mut self, task: T, key: String, at: std::time::Instant) {
+            *self.running.entry(key.clone()).or_insert(0) += 1;
+            let class = self.class_at(&key, at);
+            if let Some(class) = class {
+                *self
+                    .group_running
+                    .entry((class, group(&key).to_string()))
+                    .or_insert(0) += 1;
+                *self.class_running.entry(class).or_insert(0) += 1;
+            }
+            self.tasks.insert(task, (key, class, at));
+        }
+
+        /// Task `task` ended as `outcome` (`None`: the refresh did not reach the provider,
+        /// and tells nothing of it).
+        pub fn finished(&mut self, task: &T, outcome: Option<Outcome>) {
+            let Some((key, counted, _)) = self.tasks.remove(task) else {
                 return;
             };
-            if let Some(running) = self.running.get_mut(&key) {
-                *running = running.saturating_sub(1);
-                if *running == 0 {
-                    self.running.remove(&key);
-                }
+            decrement(&mut self.running, &key);
+            if let Some(class) = counted {
+                decrement(&mut self.group_running, &(class, group(&key).to_string()));
+                decrement(&mut self.class_running, &class);
             }
-            if counted && let Some(running) = self.failing_running.get_mut(group(&key)) {
-                *running = running.saturating_sub(1);
-                if *running == 0 {
-                    self.failing_running.remove(group(&key));
+            match outcome {
+                Some(Outcome::SlowFailure) => {
+                    self.class.insert(key, Class::Failing);
                 }
-            }
-            match passing_failure {
-                Some(true) => {
-                    self.failing.insert(key);
+                Some(Outcome::Slow) => {
+                    self.class.insert(key, Class::Slow);
                 }
-                Some(false) => {
-                    self.failing.remove(&key);
+                Some(Outcome::Fast) => {
+                    self.class.remove(&key);
                 }
                 None => {}
             }
@@ -466,12 +554,12 @@ pub mod plan {
                 slots.started(task, "box".into());
             }
             for task in 0..32 {
-                slots.finished(&task, Some(false));
+                slots.finished(&task, Some(Outcome::Fast));
             }
             assert_eq!(slots.busy(), 0);
             // Its refresh failed for now: 4 of 32 at once, others unaffected.
             slots.started(100, "org/hangs".into());
-            slots.finished(&100, Some(true));
+            slots.finished(&100, Some(Outcome::SlowFailure));
             for task in 101..105 {
                 assert!(slots.may_start("org/hangs", 32));
                 slots.started(task, "org/hangs".into());
@@ -479,18 +567,18 @@ pub mod plan {
             assert!(!slots.may_start("org/hangs", 32));
             assert!(slots.may_start("box", 32));
             // A slot freed: one more; an answer ends the limit.
-            slots.finished(&101, Some(true));
+            slots.finished(&101, Some(Outcome::SlowFailure));
             assert!(slots.may_start("org/hangs", 32));
             slots.started(105, "org/hangs".into());
             assert!(!slots.may_start("org/hangs", 32));
-            slots.finished(&102, Some(false));
+            slots.finished(&102, Some(Outcome::Fast));
             assert!(slots.may_start("org/hangs", 32));
             // A task ended twice (or never counted) changes nothing; nor does one that never
             // reached the provider.
-            slots.finished(&102, Some(true));
+            slots.finished(&102, Some(Outcome::SlowFailure));
             assert!(slots.may_start("org/hangs", 32));
             slots.started(106, "org/hangs".into());
-            slots.finished(&106, Some(true));
+            slots.finished(&106, Some(Outcome::SlowFailure));
             slots.started(107, "org/hangs".into());
             slots.finished(&107, None);
             assert!(slots.may_start("org/hangs", 32));
@@ -506,13 +594,80 @@ pub mod plan {
         }
 
         #[test]
+        fn a_slow_connector_runs_half_the_slots_and_the_troubled_leave_a_quarter() {
+            let mut slots = Slots::<u32>::default();
+            // Answers, in 8 s: half of 32, its organization's other slow connector with it.
+            slots.started(0, "7/slow".into());
+            slots.finished(&0, Some(Outcome::Slow));
+            slots.started(1, "7/slower".into());
+            slots.finished(&1, Some(Outcome::Slow));
+            let mut task = 10;
+            let mut start = |slots: &mut Slots<u32>, key: &str| {
+                let may = slots.may_start(key, 32);
+                if may {
+                    slots.started(task, key.to_string());
+                    task += 1;
+                }
+                may
+            };
+            let slow = (0..40).filter(|_| start(&mut slots, "7/slow")).count();
+            assert_eq!(slow, 16);
+            assert!(
+                !start(&mut slots, "7/slower"),
+                "the organization's half is taken"
+            );
+            assert!(start(&mut slots, "box"), "healthy ones are not limited");
+            // Failing ones: an eighth each, a quarter together, and with the slow ones never
+            // more than three quarters.
+            for n in 0..8 {
+                slots.started(1_000 + n, format!("{n}/hangs"));
+                slots.finished(&(1_000 + n), Some(Outcome::SlowFailure));
+            }
+            let failing = (0..8)
+                .flat_map(|n| std::iter::repeat_n(n, 4))
+                .filter(|n| start(&mut slots, &format!("{n}/hangs")))
+                .count();
+            assert_eq!(
+                failing, 8,
+                "a quarter of 32 for all the failing connectors together"
+            );
+            // 16 slow and 8 failing run: three quarters; another slow one waits.
+            slots.started(2_000, "9/slow".into());
+            slots.finished(&2_000, Some(Outcome::Slow));
+            assert!(!start(&mut slots, "9/slow"));
+            assert!(start(&mut slots, "box"));
+            // A fast answer ends the limit.
+            slots.started(2_001, "7/slow".into());
+            slots.finished(&2_001, Some(Outcome::Fast));
+            assert_eq!(slots.class_at("7/slow", std::time::Instant::now()), None);
+        }
+
+        #[test]
+        fn a_connector_whose_refresh_runs_long_counts_as_slow_before_it_ends() {
+            let mut slots = Slots::<u32>::default();
+            let t0 = std::time::Instant::now();
+            for task in 0..20 {
+                assert!(slots.may_start_at("new", 32, t0));
+                slots.started_at(task, "new".into(), t0);
+            }
+            // Two seconds on, none has ended: slow, and past its half.
+            let later = t0 + SLOW_REFRESH;
+            assert!(!slots.may_start_at("new", 32, later));
+            assert!(slots.may_start_at("other", 32, later));
+            for task in 0..5 {
+                slots.finished(&task, None);
+            }
+            assert!(slots.may_start_at("new", 32, later), "15 running, of 16");
+        }
+
+        #[test]
         fn an_organization_s_failing_connectors_share_one_share() {
             let mut slots = Slots::<u32>::default();
             let mut task = 0;
             // Twelve connectors of organization 7, each failing slowly.
             for n in 0..12 {
                 slots.started(task, format!("7/hangs{n}"));
-                slots.finished(&task, Some(true));
+                slots.finished(&task, Some(Outcome::SlowFailure));
                 task += 1;
             }
             let mut started = 0;
@@ -528,16 +683,16 @@ pub mod plan {
             // Another organization's failing connector, and a failing built-in one, have
             // their own; healthy ones are not limited.
             slots.started(task, "8/slow".into());
-            slots.finished(&task, Some(true));
+            slots.finished(&task, Some(Outcome::SlowFailure));
             task += 1;
             assert!(slots.may_start("8/slow", 32));
             slots.started(task, "box".into());
-            slots.finished(&task, Some(true));
+            slots.finished(&task, Some(Outcome::SlowFailure));
             task += 1;
             assert!(slots.may_start("box", 32));
             assert!(slots.may_start("7/healthy", 32));
             // One of organization 7's ends: one more of its failing ones may start.
-            slots.finished(&12, Some(true));
+            slots.finished(&12, Some(Outcome::SlowFailure));
             assert!(slots.may_start("7/hangs5", 32));
             assert!(task > 12);
         }
@@ -573,8 +728,8 @@ pub const RATE_PER_SECOND: f64 = 100.0;
 const RATE_MAX_WAIT_MS: i64 = 2_000;
 
 async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
-    // Each scheduled refresh answers whether its provider failed for now.
-    let mut running: JoinSet<Option<bool>> = JoinSet::new();
+    // Each scheduled refresh answers how its provider answered (slowly, failing).
+    let mut running: JoinSet<Option<plan::Outcome>> = JoinSet::new();
     let mut slots = plan::Slots::default();
     let rate = app.config.refresh_rate_per_connector;
     let mut limiter =
@@ -682,8 +837,13 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
                 };
                 metrics::counter!("tokenwarden_scheduler_refreshes_total", "outcome" => outcome)
                     .increment(1);
-                (outcome != "skipped")
-                    .then(|| outcome == "transient" && started.elapsed() >= plan::SLOW_FAILURE)
+                let took = started.elapsed();
+                match outcome {
+                    "skipped" => None,
+                    "transient" if took >= plan::SLOW_FAILURE => Some(plan::Outcome::SlowFailure),
+                    "ok" if took >= plan::SLOW_REFRESH => Some(plan::Outcome::Slow),
+                    _ => Some(plan::Outcome::Fast),
+                }
             });
             slots.started(task.id(), key);
         }
@@ -736,10 +896,10 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
 /// A scheduled refresh ended (a panicked one tells nothing of its provider).
 fn settle(
     slots: &mut plan::Slots<tokio::task::Id>,
-    ended: Result<(tokio::task::Id, Option<bool>), tokio::task::JoinError>,
+    ended: Result<(tokio::task::Id, Option<plan::Outcome>), tokio::task::JoinError>,
 ) {
     match ended {
-        Ok((task, passing_failure)) => slots.finished(&task, passing_failure),
+        Ok((task, outcome)) => slots.finished(&task, outcome),
         Err(error) => slots.finished(&error.id(), None),
     }
 }

@@ -519,40 +519,40 @@ async fn a_delete_does_not_wait_for_its_own_schedulers_claim() {
     drop_test_database(&url).await;
 }
 
-/// An organization's token endpoint that stops answering (each refresh hangs for the whole
-/// provider timeout, then is due again within its backoff) runs at most its share of the
-/// scheduler's slots (2 of 8 here): it held every slot, and every other connector's refreshes
-/// waited behind its backlog. The other connector's instances go on being refreshed.
-#[tokio::test]
-async fn a_token_endpoint_that_hangs_does_not_take_every_scheduler_slot() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+/// An organization's token server: the sandbox's token endpoint behind a relay that can hang
+/// or answer late, counting the requests it holds.
+#[derive(Clone, Default)]
+struct Relay {
+    hang: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    waiting: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    most_waiting: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
 
-    let url = crate::support::sqlite_database();
-    let env = Env::start_adjusted("sqlite", &url, |config| {
-        config.refresh_concurrency = 8;
-        config.provider_timeout = Duration::from_secs(2);
-    })
-    .await;
-    env.sandbox_put(
-        "/__sandbox/profiles/generic",
-        json!({"accessTokenTtlSeconds": 3}),
-    )
-    .await;
+struct Waiting(Relay);
 
-    // The organization's server: the sandbox's token endpoint behind a relay that can hang.
-    #[derive(Clone, Default)]
-    struct Relay {
-        hang: Arc<AtomicBool>,
-        waiting: Arc<AtomicUsize>,
-        most_waiting: Arc<AtomicUsize>,
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0
+            .waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
-    struct Waiting(Relay);
-    impl Drop for Waiting {
-        fn drop(&mut self) {
-            self.0.waiting.fetch_sub(1, Ordering::SeqCst);
-        }
+}
+
+impl Relay {
+    /// The refreshes held at the relay now, and the most since the last call.
+    fn most_since(&self) -> usize {
+        use std::sync::atomic::Ordering;
+        self.most_waiting
+            .swap(self.waiting.load(Ordering::SeqCst), Ordering::SeqCst)
     }
+}
+
+/// Starts a [`Relay`] to the sandbox's generic token endpoint, registers connector `key` of
+/// `env`'s organization with it as token URL, and creates `instances` instances of it and two
+/// of a healthy connector beside it; the relay starts holding nothing.
+async fn organization_behind_a_relay(env: &Env, key: &str, instances: usize) -> Relay {
+    use std::sync::atomic::Ordering;
     let relay = Relay::default();
     let sandbox_token = format!("{}/generic/token", env.sandbox.url.trim_end_matches('/'));
     let app = {
@@ -562,11 +562,15 @@ async fn a_token_endpoint_that_hangs_does_not_take_every_scheduler_slot() {
             axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
                 let (relay, sandbox_token) = (relay.clone(), sandbox_token.clone());
                 async move {
-                    if relay.hang.load(Ordering::SeqCst) {
+                    let delay = relay.delay_ms.load(Ordering::SeqCst);
+                    if relay.hang.load(Ordering::SeqCst) || delay > 0 {
                         let now = relay.waiting.fetch_add(1, Ordering::SeqCst) + 1;
                         relay.most_waiting.fetch_max(now, Ordering::SeqCst);
                         let _waiting = Waiting(relay.clone());
-                        std::future::pending::<()>().await;
+                        if relay.hang.load(Ordering::SeqCst) {
+                            std::future::pending::<()>().await;
+                        }
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
                     }
                     let mut forwarded = reqwest::Client::new().post(&sandbox_token).body(body);
                     for name in ["content-type", "authorization", "accept"] {
@@ -597,7 +601,7 @@ async fn a_token_endpoint_that_hangs_does_not_take_every_scheduler_slot() {
         .post(env.api("/elements"))
         .header("authorization", env.org.platform())
         .json(&json!({
-            "key": "hangs", "name": "Hangs",
+            "key": key, "name": "Behind a relay",
             "baseUrl": format!("{sandbox}/generic/"),
             "oauth": {"authorizationUrl": format!("{sandbox}/generic/authorize"),
                       "tokenUrl": relay_url,
@@ -612,15 +616,36 @@ async fn a_token_endpoint_that_hangs_does_not_take_every_scheduler_slot() {
         "{}",
         response.text().await.unwrap()
     );
-    register_generic_connector(&env, &env.org, "healthy", refresh).await;
-    for n in 0..24 {
-        env.create_instance(&env.org, "hangs", &format!("h{n}"))
-            .await;
+    register_generic_connector(env, &env.org, "healthy", refresh).await;
+    for n in 0..instances {
+        env.create_instance(&env.org, key, &format!("h{n}")).await;
     }
     for n in 0..2 {
         env.create_instance(&env.org, "healthy", &format!("ok{n}"))
             .await;
     }
+    relay
+}
+
+/// An organization's token endpoint that stops answering (each refresh hangs for the whole
+/// provider timeout, then is due again within its backoff) runs at most its share of the
+/// scheduler's slots (1 of 8 here): it held every slot, and every other connector's refreshes
+/// waited behind its backlog. The other connector's instances go on being refreshed.
+#[tokio::test]
+async fn a_token_endpoint_that_hangs_does_not_take_every_scheduler_slot() {
+    use std::sync::atomic::Ordering;
+    let url = crate::support::sqlite_database();
+    let env = Env::start_adjusted("sqlite", &url, |config| {
+        config.refresh_concurrency = 8;
+        config.provider_timeout = Duration::from_secs(2);
+    })
+    .await;
+    env.sandbox_put(
+        "/__sandbox/profiles/generic",
+        json!({"accessTokenTtlSeconds": 3}),
+    )
+    .await;
+    let relay = organization_behind_a_relay(&env, "hangs", 24).await;
     relay.hang.store(true, Ordering::SeqCst);
 
     // The first refreshes find the server hanging (nothing known against it yet, so up to
@@ -634,12 +659,10 @@ async fn a_token_endpoint_that_hangs_does_not_take_every_scheduler_slot() {
         "no refresh reached the hanging server"
     );
     tokio::time::sleep(Duration::from_millis(4_500)).await;
-    relay
-        .most_waiting
-        .store(relay.waiting.load(Ordering::SeqCst), Ordering::SeqCst);
+    relay.most_since();
     let before = refresh_count(&env).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let most = relay.most_waiting.load(Ordering::SeqCst);
+    let most = relay.most_since();
     assert!(
         most <= 1,
         "{most} refreshes of the hanging server at once, of 8 slots"
@@ -650,6 +673,52 @@ async fn a_token_endpoint_that_hangs_does_not_take_every_scheduler_slot() {
     assert!(
         healthy >= 4,
         "{healthy} refreshes of the healthy connector in 6 s"
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
+/// A token endpoint that answers, but in 3 s (an overloaded provider), runs at most half the
+/// scheduler's slots (4 of 8 here) once a refresh of it has taken that long: it held every
+/// slot while its organization's backlog lasted (20 minutes for 5,000 instances due at once),
+/// and other organizations' tokens expired before their refresh. The healthy connector's
+/// instances go on being refreshed.
+#[tokio::test]
+async fn a_token_endpoint_that_answers_slowly_runs_half_the_scheduler_slots() {
+    use std::sync::atomic::Ordering;
+    let url = crate::support::sqlite_database();
+    let env = Env::start_adjusted("sqlite", &url, |config| {
+        config.refresh_concurrency = 8;
+    })
+    .await;
+    env.sandbox_put(
+        "/__sandbox/profiles/generic",
+        json!({"accessTokenTtlSeconds": 3}),
+    )
+    .await;
+    let relay = organization_behind_a_relay(&env, "slow", 24).await;
+    relay.delay_ms.store(3_000, Ordering::SeqCst);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            relay.most_waiting.load(Ordering::SeqCst) > 0
+        })
+        .await,
+        "no refresh reached the slow server"
+    );
+    // The first round may take every slot; it has ended 3 s on.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    relay.most_since();
+    let before = refresh_count(&env).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let most = relay.most_since();
+    assert!(
+        (1..=4).contains(&most),
+        "{most} refreshes of the slow server at once, of 8 slots"
+    );
+    let healthy = refresh_count(&env).await - before;
+    assert!(
+        healthy >= 4,
+        "{healthy} refreshes of the healthy connector in 7 s"
     );
     env.stop().await;
     drop_test_database(&url).await;
