@@ -109,7 +109,8 @@ pub fn configuration_bytes<'a>(
 
 /// The keys a configuration sets to null, which an update removes: not the tokens (a null one
 /// is blank, the contract's way to drop it), the keys a GET shows but the service computes
-/// (their times), nor the keys the service keeps (`base.url`, `oauth.token.refresh_url`).
+/// (their times), nor the keys the service keeps (`base.url`, `oauth.token.refresh_url`, the
+/// token responses' `oauth.provider.*`).
 pub fn configuration_removals(value: Option<&Value>) -> Vec<String> {
     value
         .and_then(Value::as_object)
@@ -120,6 +121,7 @@ pub fn configuration_removals(value: Option<&Value>) -> Vec<String> {
                     value.is_null()
                         && !DERIVED_KEYS.contains(&key.as_str())
                         && ![BASE_URL, REFRESH_URL].contains(&key.as_str())
+                        && !key.starts_with("oauth.provider.")
                 })
                 .map(|(key, _)| key.clone())
                 .collect()

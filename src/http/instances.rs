@@ -2221,6 +2221,9 @@ async fn update_once(
         validate_name(name)?;
     }
     let given = normalize_configuration(body.configuration.as_ref())?;
+    // Keys set to null go ("null removes a key"); they were stored as empty texts, and a
+    // secret's then showed masked, as if one were set.
+    let removals = instances::configuration_removals(body.configuration.as_ref());
     let mut split = split_configuration(given);
     // A client secret this request gives (a masked one stands for the instance's).
     let secret_given = split
@@ -2312,7 +2315,9 @@ async fn update_once(
             connector.key
         )));
     }
-    let client_id_given = split.plain.contains_key(API_KEY);
+    // (Removed is given: the client id a refresh token needs is checked below.)
+    let client_id_given =
+        split.plain.contains_key(API_KEY) || removals.iter().any(|key| key == API_KEY);
     // Given means changed, as for `base.url`.
     let changed = |key: &str| {
         split
@@ -2324,6 +2329,10 @@ async fn update_once(
     let enabled_given = changed(instances::WEBHOOK_ENABLED);
     for (key, value) in split.plain {
         plain.insert(key, Value::String(value));
+    }
+    // Before `base.url` follows the inputs: an input removed is one it no longer has.
+    for key in &removals {
+        plain.remove(key);
     }
     // A `base.url` the connector's inputs made follows them when they change (Dynamics'
     // `{org}`); one set otherwise (by the caller, or by a token response: Salesforce's
@@ -2378,11 +2387,10 @@ async fn update_once(
             secret.insert(instances::API_SECRET.to_string(), value.clone());
         }
     }
-    // Keys set to null go ("null removes a key"); they were stored as empty texts, and a
-    // secret's then showed masked, as if one were set.
-    for key in instances::configuration_removals(body.configuration.as_ref()) {
-        plain.remove(&key);
-        secret.remove(&key);
+    // And after a replacement kept what it keeps unless given.
+    for key in &removals {
+        plain.remove(key);
+        secret.remove(key);
     }
     // The limit holds for what the instance keeps, sealed keys included, not only for one
     // request's keys (PATCHes merge); an update that adds none is not refused for it.
@@ -3267,9 +3275,6 @@ pub async fn revoke(
     Path(id): Path<String>,
 ) -> ApiResult<AxumJson<Value>> {
     let row = load_for_call(&app, &caller, &id).await?;
-    // Tokens that cannot be read cannot be revoked: refused before the instance is
-    // invalidated for a revocation that could never be sent.
-    open_secrets(&app, &row)?;
     // No refresh runs meanwhile: the tokens revoked are the ones the instance holds. A task of
     // its own, like a refresh: a caller hanging up must not cut it between the revocation and
     // the invalidation.

@@ -4004,6 +4004,17 @@ async fn null_removes_a_configuration_key_and_a_read_configuration_goes_back() {
         assert_eq!(answer.status, 200, "{}", answer.body);
         answer.body
     };
+    // The client id a refresh token needs is not removed (it was, answered 200, and the next
+    // refresh failed).
+    let refused = call(
+        &env,
+        Method::PATCH,
+        &path,
+        Some(&platform),
+        Some(json!({"configuration": {"oauth.api.key": null}})),
+    )
+    .await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
     patch(json!({"y.k": "v", "z.k": "w"})).await;
     let shown = patch(json!({"y.k": null})).await;
     assert!(shown["configuration"].get("y.k").is_none(), "{shown}");

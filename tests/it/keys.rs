@@ -612,9 +612,9 @@ async fn a_rotation_stopped_half_way_is_named_at_the_start() {
 /// An instance whose stored secrets do not open (here one altered in the database; a key lost
 /// the same) is answered as the list shows it, not with a 500: a GET shows `state: unreadable`,
 /// a disable and an enable are made and answered 200 (they were made and answered 500), and
-/// what needs its tokens (a refresh, a revocation, a PATCH) is refused with a 409 that says
-/// why and what to do, before anything changes: a revocation invalidated it first, then
-/// answered 502 "send it again", which could never succeed.
+/// what needs its tokens (a refresh, a PATCH) is refused with a 409 that says why and what to
+/// do, before anything changes; a revocation invalidates it and answers a 409 (it answered 502
+/// "send it again", which could never succeed).
 #[tokio::test]
 async fn an_unreadable_instance_is_answered_not_failed() {
     let url = crate::support::sqlite_database();
@@ -647,7 +647,6 @@ async fn an_unreadable_instance_is_answered_not_failed() {
     }
     for (method, rest, body) in [
         (Method::POST, "/tokens/refresh", None),
-        (Method::POST, "/tokens/revoke", None),
         (Method::PATCH, "", Some(json!({"name": "renamed"}))),
     ] {
         let answer = call(&env, method, &path(rest), Some(&platform), body).await;
@@ -672,6 +671,27 @@ async fn an_unreadable_instance_is_answered_not_failed() {
         )
         .await;
     assert_eq!(events["events"].as_array().unwrap().len(), 0, "{events}");
+    // A revocation invalidates it all the same (the contract: no replica uses the grant
+    // again), and says with a 409, which sending it again will not change, that the provider
+    // was not asked.
+    let revoked = call(
+        &env,
+        Method::POST,
+        &path("/tokens/revoke"),
+        Some(&platform),
+        None,
+    )
+    .await;
+    assert_eq!(revoked.status, 409, "{}", revoked.body);
+    assert!(
+        revoked.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("do not open")),
+        "{}",
+        revoked.body
+    );
+    let shown = call(&env, Method::GET, &path(""), Some(&platform), None).await;
+    assert_eq!(shown.body["valid"], false, "{}", shown.body);
     let deleted = call(&env, Method::DELETE, &path(""), Some(&platform), None).await;
     assert_eq!(deleted.status, 200, "{}", deleted.body);
     env.stop().await;
