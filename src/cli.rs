@@ -200,7 +200,7 @@ pub struct ServeArgs {
     pub metrics_token: Option<crate::secret::Secret>,
     /// Seconds a stop (SIGTERM) waits for calls in flight (slow answers, long transfers) to
     /// finish before it cuts them; new connections are refused at once. Refreshes under way
-    /// finish and commit besides. Give the process this and 20 s more to stop.
+    /// finish and commit after it, for up to 80 s more: give the process this and 80 s.
     #[arg(long, env = "TOKENWARDEN_SHUTDOWN_TIMEOUT", hide_env_values = true, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=3_600))]
     pub shutdown_timeout: u32,
 }

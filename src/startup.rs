@@ -19,7 +19,38 @@ pub struct RunningServer {
 
 impl RunningServer {
     /// Stops accepting, lets requests and background work finish (bounded), and returns.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
+        let drain = self.app.config.shutdown_timeout;
+        self.shutdown_within(drain).await;
+    }
+
+    /// [`Self::shutdown`], cutting calls still in flight after `drain`. The replica goes on
+    /// saying it runs while it stops (a copy of the database must not start under it).
+    pub async fn shutdown_within(self, drain: std::time::Duration) {
+        let app = Arc::clone(&self.app);
+        let presence = async {
+            if !app.config.background_tasks {
+                return std::future::pending().await;
+            }
+            loop {
+                tokio::time::sleep(crate::background::PRESENCE_INTERVAL).await;
+                let _ = app
+                    .store
+                    .replica_seen(&app.replica_id, crate::app::now_ms())
+                    .await;
+            }
+        };
+        tokio::select! {
+            () = self.stop(drain) => {}
+            () = presence => {}
+        }
+        // Stopped, all written: a copy need not wait for this replica's last word to grow old.
+        if app.config.background_tasks {
+            let _ = app.store.replica_gone(&app.replica_id).await;
+        }
+    }
+
+    async fn stop(mut self, drain: std::time::Duration) {
         let _ = self.shutdown.send(true);
         // Superseded grants waiting to be revoked (Salesforce's cap counts them) are revoked
         // now, while the rest drains, rather than left alive by the stop.
@@ -27,9 +58,9 @@ impl RunningServer {
         // Calls in flight (a slow report, a long download, a refresh waiting on a slow token
         // endpoint) finish, up to `--shutdown-timeout`: cut at 10 s, their callers got no
         // answer for work the provider had done, and retried it.
-        let drain = async { while self.tasks.join_next().await.is_some() {} };
-        let limit = self.app.config.shutdown_timeout;
-        if tokio::time::timeout(limit, drain).await.is_err() {
+        let calls = async { while self.tasks.join_next().await.is_some() {} };
+        let limit = drain;
+        if tokio::time::timeout(limit, calls).await.is_err() {
             tracing::warn!(
                 "shutdown: calls still in flight after {} s (--shutdown-timeout) are cut",
                 limit.as_secs()
@@ -78,10 +109,6 @@ impl RunningServer {
                     "shutdown: rotated tokens the store never took are dropped; the provider may have retired these instances' stored refresh tokens"
                 );
             }
-        }
-        // Stopped, all written: a copy need not wait for this replica's last word to grow old.
-        if self.app.config.background_tasks {
-            let _ = self.app.store.replica_gone(&self.app.replica_id).await;
         }
     }
 }
@@ -673,7 +700,12 @@ pub async fn serve(bind: SocketAddr, config: AppConfig) -> Result<(), StartupErr
         () = app.copied_away.notified() => true,
     };
     tracing::info!("shutting down");
-    server.shutdown().await;
+    if copied_away {
+        // The service runs on the copy: what is written here from now on is not there.
+        server.shutdown_within(std::time::Duration::from_secs(10)).await;
+    } else {
+        server.shutdown().await;
+    }
     if copied_away {
         return Err(StartupError::Copied(
             "this database was copied away while the service ran (`tokenwarden database copy`): the service runs on the copy now".into(),

@@ -268,6 +268,9 @@ fn with_application_name(url: &str, name: Option<&str>) -> String {
 /// A pooled connection idle this long is pinged before it is given out.
 const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
 
+/// How long that ping may take before the connection is taken for dead.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Options of [`Store::connect_with`].
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
@@ -454,12 +457,23 @@ impl Store {
             // But one idle for a while is pinged first: a database restarted, failed over or
             // its connections cut (`pg_terminate_backend`, an idle timeout of a pooler or a
             // firewall) left every pooled connection dead, and each one's first query failed,
-            // a 503 per connection of the pool. Under load connections are never idle so long.
+            // a 503 per connection of the pool. The pool gives out the connection idle longest,
+            // so below about one query a second per pooled connection most queries pay the
+            // round trip, where it costs nothing that counts; under load none does. A ping
+            // that does not come back (a network dropping packets) is a dead connection too:
+            // it is closed, and another is opened, within the acquire's wait.
             .before_acquire(|connection, metadata| {
                 Box::pin(async move {
                     use sqlx::Connection;
                     if metadata.idle_for >= IDLE_BEFORE_PING {
-                        connection.ping().await?;
+                        tokio::time::timeout(PING_TIMEOUT, connection.ping())
+                            .await
+                            .map_err(|_| {
+                                sqlx::Error::Io(std::io::Error::new(
+                                    std::io::ErrorKind::TimedOut,
+                                    "the connection did not answer a ping",
+                                ))
+                            })??;
                     }
                     Ok(true)
                 })
