@@ -234,6 +234,7 @@ fn webhook_secret_body(secret: &str) -> AxumJson<Value> {
     security(("platform" = [])),
     responses(
         (status = 200, description = "The new secret", body = crate::openapi::WebhookSecret),
+        (status = 409, description = "Another request replaced the secret meanwhile", body = crate::openapi::ErrorBody),
         crate::openapi::PlatformErrors
     ),
 )]
@@ -253,12 +254,25 @@ pub async fn rotate_webhook_secret(
             field: "webhook_secret",
         },
     );
+    // Over the secret read: of two rotations at once one wins, and the other is told, rather
+    // than handed a secret that is no longer in force.
+    let current = app
+        .store
+        .get_organization(caller.organization_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such organization"))?;
     if !app
         .store
-        .update_organization_webhook_secret(caller.organization_id, &sealed)
+        .reseal_organization_webhook_secret(
+            caller.organization_id,
+            &current.webhook_secret_enc,
+            &sealed,
+        )
         .await?
     {
-        return Err(ApiError::not_found("no such organization"));
+        return Err(ApiError::conflict(
+            "The webhook secret was replaced by another request meanwhile: read the one in force with GET /events/webhook-secret",
+        ));
     }
     Ok(webhook_secret_body(secret.expose()))
 }
