@@ -916,7 +916,17 @@ pub fn view_or_damaged(
     connector_name: Option<&str>,
     reveal: bool,
 ) -> Value {
-    view(app, row, connector_name, reveal).unwrap_or_else(|_| damaged_view(row, connector_name))
+    view(app, row, connector_name, reveal).unwrap_or_else(|_| {
+        // Said, once a minute at most: a replica missing a key answers every such read so.
+        static LAST_SAID: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(i64::MIN);
+        if crate::telemetry::at_most_every(&LAST_SAID, crate::app::system_now_ms(), 60_000) {
+            tracing::warn!(
+                instance_id = row.id,
+                "an instance was read whose stored secrets do not open (altered, or sealed under a master key this process does not have): it shows `state: unreadable`"
+            );
+        }
+        damaged_view(row, connector_name)
+    })
 }
 
 /// An instance whose stored secrets do not open (a damaged row, or one sealed under a key this

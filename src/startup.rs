@@ -702,7 +702,9 @@ pub async fn serve(bind: SocketAddr, config: AppConfig) -> Result<(), StartupErr
     tracing::info!("shutting down");
     if copied_away {
         // The service runs on the copy: what is written here from now on is not there.
-        server.shutdown_within(std::time::Duration::from_secs(10)).await;
+        server
+            .shutdown_within(std::time::Duration::from_secs(10))
+            .await;
     } else {
         server.shutdown().await;
     }
