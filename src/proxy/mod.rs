@@ -46,6 +46,41 @@ pub fn is_proxied(path: &str) -> bool {
 
 /// Request bodies up to this size are kept for the retry after a refresh.
 pub const REPLAYABLE_BODY_BYTES: usize = 1024 * 1024;
+
+/// The most bytes of request bodies kept for a retry at once, all calls together; past it a
+/// body goes on as a stream, sent once. A thousand 1 MB uploads held at a provider that does
+/// not answer kept 2.4 GB (the growing buffer doubled each), and one tenant could take the
+/// process's memory from all.
+pub const KEPT_BODIES_BUDGET: usize = 256 * 1024 * 1024;
+
+/// Bytes reserved now for bodies kept for a retry.
+static KEPT_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A reservation of [`KEPT_BODIES_BUDGET`], given back when the call ends.
+struct KeptCharge(usize);
+
+impl KeptCharge {
+    fn take(bytes: usize) -> Option<Self> {
+        reserve(&KEPT_BYTES, KEPT_BODIES_BUDGET, bytes).then_some(KeptCharge(bytes))
+    }
+}
+
+/// Adds `bytes` to `reserved` if that stays within `budget`; whether it did.
+fn reserve(reserved: &std::sync::atomic::AtomicUsize, budget: usize, bytes: usize) -> bool {
+    use std::sync::atomic::Ordering;
+    let before = reserved.fetch_add(bytes, Ordering::AcqRel);
+    if before + bytes > budget {
+        reserved.fetch_sub(bytes, Ordering::AcqRel);
+        return false;
+    }
+    true
+}
+
+impl Drop for KeptCharge {
+    fn drop(&mut self) {
+        KEPT_BYTES.fetch_sub(self.0, std::sync::atomic::Ordering::AcqRel);
+    }
+}
 /// Rejection bodies are read up to this size to find the provider's words.
 const REJECTION_BODY_BYTES: usize = 256 * 1024;
 
@@ -163,11 +198,13 @@ enum OutgoingBody {
     Streaming(Body),
 }
 
+/// The request's body, kept when it is small enough and the budget of kept bodies allows
+/// (with the reservation, to be held until the call ends), else as a stream.
 async fn read_body<B>(
     body: B,
     seen: &Surveyed,
     stall: std::time::Duration,
-) -> Result<OutgoingBody, ApiError>
+) -> Result<(OutgoingBody, Option<KeptCharge>), ApiError>
 where
     B: http_body::Body<Data = Bytes, Error: Into<axum::BoxError>> + Send + 'static,
 {
@@ -180,18 +217,22 @@ where
     // whose headers ended the stream), whatever the method. An HTTP/2 request carries no
     // `Transfer-Encoding` and need not carry a length: a `DELETE` with a body has neither.
     if declared == Some(0) || body.is_end_stream() {
-        return Ok(OutgoingBody::Kept(Bytes::new()));
+        return Ok((OutgoingBody::Kept(Bytes::new()), None));
     }
     // Boxed only here: a call without a body (the usual GET) never is. Cut when it stops
     // coming for `stall` (the idle timeout), the part streamed on to the provider too: a
     // client that crashed mid-body held its connection for good.
     let body = Body::new(tower_http::timeout::TimeoutBody::new(stall, body));
     if declared.is_some_and(|n| n > REPLAYABLE_BODY_BYTES) {
-        return Ok(OutgoingBody::Streaming(body));
+        return Ok((OutgoingBody::Streaming(body), None));
     }
+    // Room for it among the bodies kept (its length, or the most one may be), else sent once.
+    let Some(charge) = KeptCharge::take(declared.unwrap_or(REPLAYABLE_BODY_BYTES)) else {
+        return Ok((OutgoingBody::Streaming(body), None));
+    };
     // Read up to the limit; past it, what was read and the rest go on as one stream.
     let mut stream = body.into_data_stream();
-    let mut kept = bytes::BytesMut::new();
+    let mut kept = bytes::BytesMut::with_capacity(declared.unwrap_or(0));
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|error| {
             if crate::http::stalled(&error) {
@@ -203,12 +244,13 @@ where
         if kept.len() > REPLAYABLE_BODY_BYTES {
             let head =
                 futures_util::stream::once(async move { Ok::<Bytes, axum::Error>(kept.freeze()) });
-            return Ok(OutgoingBody::Streaming(Body::from_stream(
-                head.chain(stream),
-            )));
+            return Ok((
+                OutgoingBody::Streaming(Body::from_stream(head.chain(stream))),
+                None,
+            ));
         }
     }
-    Ok(OutgoingBody::Kept(kept.freeze()))
+    Ok((OutgoingBody::Kept(kept.freeze()), Some(charge)))
 }
 
 /// Whether a header is hop-by-hop by its name alone (RFC 9110 §7.6.1): `Connection` and the
@@ -370,7 +412,7 @@ where
     let mut sent_at = Instant::now();
     // The body first: one too large to keep for a retry is sent once only (below).
     let seen = survey(&parts.headers);
-    let body = read_body(body, &seen, app.config.header_read_timeout).await?;
+    let (body, _kept_charge) = read_body(body, &seen, app.config.header_read_timeout).await?;
     let kept = matches!(body, OutgoingBody::Kept(_));
     let bodiless = matches!(&body, OutgoingBody::Kept(bytes) if bytes.is_empty());
     // The clock again once a body came: its reading may have taken long (a slow upload), and
@@ -908,4 +950,20 @@ async fn read_limited(
         }
     }
     Ok(out.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_bodies_stay_within_their_budget() {
+        let reserved = std::sync::atomic::AtomicUsize::new(0);
+        assert!(reserve(&reserved, 10, 6));
+        assert!(!reserve(&reserved, 10, 5), "11 of 10");
+        assert_eq!(reserved.load(std::sync::atomic::Ordering::Acquire), 6);
+        assert!(reserve(&reserved, 10, 4));
+        reserved.fetch_sub(6, std::sync::atomic::Ordering::AcqRel);
+        assert!(reserve(&reserved, 10, 5));
+    }
 }
