@@ -1599,36 +1599,55 @@ pub async fn list(
     };
     // Each connector's name read once (a query per instance held SQLite's one connection
     // for as many queries as the organization has instances).
-    let mut names: HashMap<&str, Option<String>> = HashMap::new();
-    let mut unreadable = 0usize;
-    let mut out = Vec::with_capacity(rows.len());
+    let mut names: HashMap<String, Option<String>> = HashMap::new();
     for row in &rows {
-        let name = match names.get(row.element_key.as_str()) {
-            Some(name) => name.clone(),
-            None => {
-                let name = connector_name(&app, row).await;
-                names.insert(&row.element_key, name.clone());
-                name
-            }
-        };
-        // One instance whose stored secrets do not open (damaged, or sealed under a key this
-        // process lacks) must not hide the organization's other instances.
-        match instances::view(&app, row, name.as_deref(), false) {
-            Ok(view) => out.push(view),
-            Err(_) => {
-                unreadable += 1;
-                out.push(instances::damaged_view(row, name.as_deref()));
-            }
+        if !names.contains_key(&row.element_key) {
+            let name = connector_name(&app, row).await;
+            names.insert(row.element_key.clone(), name);
         }
     }
-    // One line a list, not one an instance (a lost key left hundreds).
-    if unreadable > 0 {
-        tracing::warn!(
-            unreadable,
-            "instances listed whose stored secrets do not open (altered, or sealed under a master key this process does not have): they show `state: unreadable`"
-        );
-    }
-    let mut response = AxumJson(out).into_response();
+    // The views (secrets opened, the JSON written) are work for the processor, a millisecond
+    // or more per hundred instances: made off the threads that serve calls, where a few
+    // clients paging through thousands of instances held every other organization's proxied
+    // calls for seconds.
+    let shown = {
+        let app = std::sync::Arc::clone(&app);
+        tokio::task::spawn_blocking(move || {
+            let mut unreadable = 0usize;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let name = names.get(&row.element_key).cloned().flatten();
+                // One instance whose stored secrets do not open (damaged, or sealed under a
+                // key this process lacks) must not hide the organization's other instances.
+                match instances::view(&app, row, name.as_deref(), false) {
+                    Ok(view) => out.push(view),
+                    Err(_) => {
+                        unreadable += 1;
+                        out.push(instances::damaged_view(row, name.as_deref()));
+                    }
+                }
+            }
+            // One line a list, not one an instance (a lost key left hundreds).
+            if unreadable > 0 {
+                tracing::warn!(
+                    unreadable,
+                    "instances listed whose stored secrets do not open (altered, or sealed under a master key this process does not have): they show `state: unreadable`"
+                );
+            }
+            serde_json::to_vec(&out)
+        })
+        .await
+        .map_err(|error| ApiError::internal(format!("the list stopped: {error}")))?
+        .map_err(ApiError::internal)?
+    };
+    let mut response = (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        shown,
+    )
+        .into_response();
     if let (Some(page), Some(next)) = (page, next) {
         let mut query = url::form_urlencoded::Serializer::new(String::new());
         query.append_pair("limit", &page.limit.to_string());
