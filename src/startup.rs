@@ -59,11 +59,10 @@ impl RunningServer {
         // endpoint) finish, up to `--shutdown-timeout`: cut at 10 s, their callers got no
         // answer for work the provider had done, and retried it.
         let calls = async { while self.tasks.join_next().await.is_some() {} };
-        let limit = drain;
-        if tokio::time::timeout(limit, calls).await.is_err() {
+        if tokio::time::timeout(drain, calls).await.is_err() {
             tracing::warn!(
                 "shutdown: calls still in flight after {} s (--shutdown-timeout) are cut",
-                limit.as_secs()
+                drain.as_secs()
             );
             self.tasks.abort_all();
         }
