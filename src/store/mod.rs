@@ -155,12 +155,24 @@ impl From<sqlx::Error> for StoreError {
                 if cannot_write(database_error.as_ref()) {
                     write_failed(database_error.message());
                 }
+                // A server shutting down or cutting connections (57P01–57P03, class 08): the
+                // other pooled connections are likely dead too.
+                if database_error
+                    .code()
+                    .is_some_and(|code| code.starts_with("08") || code.starts_with("57P0"))
+                {
+                    connections_suspect();
+                }
                 StoreError::Unavailable(database_error.message().to_string())
             }
             sqlx::Error::Database(database_error) => {
                 StoreError::Database(database_error.message().to_string())
             }
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+            sqlx::Error::Io(_) => {
+                connections_suspect();
+                StoreError::Unavailable(error.to_string())
+            }
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
                 StoreError::Unavailable(error.to_string())
             }
             other => StoreError::Database(other.to_string()),
@@ -267,6 +279,27 @@ fn with_application_name(url: &str, name: Option<&str>) -> String {
 
 /// A pooled connection idle this long is pinged before it is given out.
 const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
+
+/// Until when (ms) every pooled connection is pinged before it is given out: a connection
+/// just failed as dead (the server cut it, or shut down), and the pool's others, idle for less
+/// than [`IDLE_BEFORE_PING`] under load, would each fail a call in turn.
+static PING_ALL_UNTIL: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// How long after a dead connection every pooled one is pinged.
+const PING_ALL_FOR_MS: i64 = 5_000;
+
+fn connections_suspect() {
+    PING_ALL_UNTIL.fetch_max(
+        crate::app::system_now_ms() + PING_ALL_FOR_MS,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// Whether a pooled connection idle for `idle_for` is pinged before it is given out.
+fn ping_before_use(idle_for: Duration) -> bool {
+    idle_for >= IDLE_BEFORE_PING
+        || PING_ALL_UNTIL.load(std::sync::atomic::Ordering::Relaxed) > crate::app::system_now_ms()
+}
 
 /// How long that ping may take before the connection is taken for dead.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
@@ -459,13 +492,14 @@ impl Store {
             // firewall) left every pooled connection dead, and each one's first query failed,
             // a 503 per connection of the pool. The pool gives out the connection idle longest,
             // so below about one query a second per pooled connection most queries pay the
-            // round trip, where it costs nothing that counts; under load none does. A ping
+            // round trip, where it costs nothing that counts; under load none does, until a
+            // connection fails as dead: then every one is, for a few seconds. A ping
             // that does not come back (a network dropping packets) is a dead connection too:
             // it is closed, and another is opened, within the acquire's wait.
             .before_acquire(|connection, metadata| {
                 Box::pin(async move {
                     use sqlx::Connection;
-                    if metadata.idle_for >= IDLE_BEFORE_PING {
+                    if ping_before_use(metadata.idle_for) {
                         tokio::time::timeout(PING_TIMEOUT, connection.ping())
                             .await
                             .map_err(|_| {
