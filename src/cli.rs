@@ -105,7 +105,8 @@ impl std::fmt::Debug for DatabaseArgs {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Where the service listens (address:port; 0.0.0.0 for every interface).
+    /// Where the service listens (address:port; 0.0.0.0 for every interface; a name such as
+    /// `localhost:8080` listens on its first IPv4 address).
     #[arg(
         long,
         env = "TOKENWARDEN_BIND",
@@ -201,6 +202,7 @@ pub struct ServeArgs {
     /// Seconds a stop (SIGTERM) waits for calls in flight (slow answers, long transfers) to
     /// finish before it cuts them; new connections are refused at once. Refreshes under way
     /// finish and commit after it, for up to 80 s more: give the process this and 80 s.
+    /// 1 to 3,600.
     #[arg(long, env = "TOKENWARDEN_SHUTDOWN_TIMEOUT", hide_env_values = true, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=3_600))]
     pub shutdown_timeout: u32,
 }

@@ -2445,6 +2445,27 @@ async fn update_once(
     if split.refresh_token.is_some() || (client_id_given && row.refresh_token_enc.is_some()) {
         require_client_id(&plain)?;
     }
+    // The client secret the grant was made with, removed or blanked while the grant stays
+    // (no new code, no tokens imported): the next refresh would fail as `invalid_client`, and
+    // every scheduled one after it. (A public client's grant is made without one.)
+    let had_secret = secrets
+        .secret_configuration
+        .get(instances::API_SECRET)
+        .is_some_and(|value| !value.is_empty());
+    let keeps_secret = secret
+        .get(instances::API_SECRET)
+        .is_some_and(|value| !value.is_empty());
+    if had_secret
+        && !keeps_secret
+        && row.refresh_token_enc.is_some()
+        && !reauthenticates(body, mode)
+        && split.refresh_token.is_none()
+    {
+        return Err(ApiError::bad_request(format!(
+            "`{}` cannot be removed while the instance's grant, made with it, stays: its refresh token needs it; give another secret, or re-authenticate the instance; nothing was changed",
+            instances::API_SECRET
+        )));
+    }
     // Inputs that fill the connector's URLs are checked now, not at the next refresh; the
     // refresh URL shown follows them.
     let endpoints = app

@@ -34,8 +34,9 @@ pub async fn healthz(State(app): State<SharedApp>) -> Response {
     // A write the database refused lately (a full disk) counts as one the probe made: the probe
     // rewrites a row in place, which a full disk may still take.
     let ping = match crate::store::recent_write_failure(HEALTH_WRITE_FAILURE_MS) {
-        Some((ago, message)) => Err(crate::store::StoreError::Unavailable(format!(
-            "a write failed {} s ago: {message}",
+        // Said as it is: the database answers, and refuses writes.
+        Some((ago, message)) => Err(crate::store::StoreError::Database(format!(
+            "a write was refused {} s ago: {message}",
             ago / 1000
         ))),
         // Bounded: with the database gone the pool waits its 10 s for a connection, and a

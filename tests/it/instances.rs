@@ -4019,8 +4019,39 @@ async fn null_removes_a_configuration_key_and_a_read_configuration_goes_back() {
     let shown = patch(json!({"y.k": null})).await;
     assert!(shown["configuration"].get("y.k").is_none(), "{shown}");
     assert_eq!(shown["configuration"]["z.k"], "w", "{shown}");
-    // The client secret removed, then the instance read and written back whole.
-    let shown = patch(json!({"oauth.api.secret": null})).await;
+    // The client secret the grant was made with is not removed or blanked while the grant
+    // stays (the next refresh failed as `invalid_client`).
+    for secret in [Value::Null, json!("")] {
+        let refused = call(
+            &env,
+            Method::PATCH,
+            &path,
+            Some(&platform),
+            Some(json!({"configuration": {"oauth.api.secret": secret}})),
+        )
+        .await;
+        assert_eq!(refused.status, 400, "{}", refused.body);
+    }
+    // An instance without one (a public client) reads it as null, and written back whole it
+    // stays without one: it was stored as `""` and shown masked.
+    // (Here an access token imported alone, with no client secret.)
+    let access_token =
+        revealed(&env, &env.org, &instance).await["configuration"]["oauth.user.token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    let public = call(
+        &env,
+        Method::POST,
+        &env.api("/instances"),
+        Some(&platform),
+        Some(json!({"element": {"key": "sandbox-generic"},
+                    "externalAuthentication": "initial",
+                    "configuration": {"oauth.user.token": access_token}})),
+    )
+    .await;
+    assert_eq!(public.status, 200, "{}", public.body);
+    let shown = public.body;
     assert_eq!(
         shown["configuration"]["oauth.api.secret"],
         Value::Null,
@@ -4029,7 +4060,7 @@ async fn null_removes_a_configuration_key_and_a_read_configuration_goes_back() {
     let put = call(
         &env,
         Method::PUT,
-        &path,
+        &env.api(&format!("/instances/{}", id_of(&shown))),
         Some(&platform),
         Some(json!({"configuration": shown["configuration"], "name": shown["name"]})),
     )
@@ -4043,7 +4074,8 @@ async fn null_removes_a_configuration_key_and_a_read_configuration_goes_back() {
     );
     // Near the limit: as many keys as the instance may keep, then the whole configuration as
     // read, written back.
-    let stored = put.body["configuration"]
+    let (_, current) = env.get_json(&path, &platform).await;
+    let stored = current["configuration"]
         .as_object()
         .unwrap()
         .iter()
