@@ -211,6 +211,9 @@ pub mod plan {
     /// connectors' due rows, rather than claim and give back the same rows turn after turn.
     pub const CROWDED_OUT_MS: i64 = 30_000;
 
+    /// How long the rows of a connector not known yet wait when the guarded share is full.
+    pub const UNKNOWN_WAITS_MS: i64 = 1_000;
+
     /// A passing failure that took this long holds a slot for long: see [`Slots`].
     pub const SLOW_FAILURE: Duration = Duration::from_secs(1);
 
@@ -253,19 +256,21 @@ pub mod plan {
     /// of its refreshes has been running that long) runs at most half of the slots, its
     /// organization's slow connectors together as much: a provider answering in 8 s, with
     /// 5,000 instances of one organization due at once, held every slot for 20 minutes, and
-    /// other organizations' tokens expired before their refresh. Slow and failing connectors
-    /// together leave a quarter of the slots to the others, always.
+    /// other organizations' tokens expired before their refresh. Slow and failing connectors,
+    /// and those with no refresh ended here yet, together leave a quarter of the slots to the
+    /// others, always, counted by what each running refresh's connector is known to be now:
+    /// eight new connectors whose token endpoints all hung at once took every slot until
+    /// their first refreshes had timed out.
     #[derive(Debug)]
     pub struct Slots<T> {
-        /// Each running refresh's connector, the class it was counted in, and its start.
-        tasks: HashMap<T, (String, Option<Class>, std::time::Instant)>,
+        /// Each running refresh's connector and start.
+        tasks: HashMap<T, (String, std::time::Instant)>,
         running: HashMap<String, usize>,
         class: HashMap<String, Class>,
-        /// Refreshes running by class and group (an organization for its own connectors,
-        /// the connector for a built-in one).
-        group_running: HashMap<(Class, String), usize>,
-        /// Refreshes running by class.
-        class_running: HashMap<Class, usize>,
+        /// Connectors with a refresh ended here: the others are not known yet, and count
+        /// with the troubled ones (a new hanging connector took every slot until its first
+        /// refreshes timed out; eight at once, every slot for four timeouts).
+        known: std::collections::HashSet<String>,
     }
 
     impl<T> Default for Slots<T> {
@@ -274,8 +279,7 @@ pub mod plan {
                 tasks: HashMap::new(),
                 running: HashMap::new(),
                 class: HashMap::new(),
-                group_running: HashMap::new(),
-                class_running: HashMap::new(),
+                known: std::collections::HashSet::new(),
             }
         }
     }
@@ -292,15 +296,6 @@ pub mod plan {
         part.clamp(1, concurrency.saturating_sub(1).max(1))
     }
 
-    fn decrement<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
-        if let Some(running) = map.get_mut(key) {
-            *running = running.saturating_sub(1);
-            if *running == 0 {
-                map.remove(key);
-            }
-        }
-    }
-
     impl<T: std::hash::Hash + Eq> Slots<T> {
         /// The most refreshes of a failing connector at once, of `concurrency` slots: an
         /// eighth, and always fewer than all of them (with 2 slots, one stays for the others).
@@ -313,46 +308,72 @@ pub mod plan {
             self.may_start_at(key, concurrency, std::time::Instant::now())
         }
 
-        /// The class a refresh of `key` starting at `now` counts in: its last outcome's, or
-        /// slow while one of its refreshes has run [`SLOW_REFRESH`] already.
+        /// The class a refresh of `key` counts in at `now`: its last outcome's, or slow while
+        /// one of its refreshes has run [`SLOW_REFRESH`] already.
         fn class_at(&self, key: &str, now: std::time::Instant) -> Option<Class> {
             self.class.get(key).copied().or_else(|| {
                 self.tasks
                     .values()
-                    .any(|(running, _, at)| {
+                    .any(|(running, at)| {
                         running == key && now.saturating_duration_since(*at) >= SLOW_REFRESH
                     })
                     .then_some(Class::Slow)
             })
         }
 
-        /// [`Self::may_start`] at `now`.
+        /// [`Self::may_start`] at `now`. The refreshes running are counted by what their
+        /// connectors are known to be now, not when they started.
         pub fn may_start_at(&self, key: &str, concurrency: usize, now: std::time::Instant) -> bool {
-            let Some(class) = self.class_at(key, now) else {
+            let class = self.class_at(key, now);
+            if class.is_none() && self.known.contains(key) {
                 return true;
-            };
-            let (share, class_total) = match class {
-                Class::Failing => (
-                    Self::failing_share(concurrency),
-                    part(concurrency, concurrency / 4),
-                ),
-                Class::Slow => (
-                    part(concurrency, concurrency / 2),
-                    part(concurrency, concurrency / 2),
-                ),
-            };
-            let count = |map: &HashMap<Class, usize>, class| map.get(&class).copied().unwrap_or(0);
-            let troubled = count(&self.class_running, Class::Failing)
-                + count(&self.class_running, Class::Slow);
-            self.running.get(key).copied().unwrap_or(0) < share
-                && self
-                    .group_running
-                    .get(&(class, group(key).to_string()))
-                    .copied()
-                    .unwrap_or(0)
-                    < share
-                && count(&self.class_running, class) < class_total
-                && troubled < part(concurrency, concurrency * 3 / 4)
+            }
+            let mut classes: HashMap<&str, Option<Class>> = HashMap::new();
+            let (mut guarded, mut of_class, mut of_group) = (0, 0, 0);
+            for (running, _) in self.tasks.values() {
+                let running_class = *classes
+                    .entry(running.as_str())
+                    .or_insert_with(|| self.class_at(running, now));
+                if running_class.is_none() && self.known.contains(running) {
+                    continue;
+                }
+                guarded += 1;
+                if running_class == class {
+                    of_class += 1;
+                    if group(running) == group(key) {
+                        of_group += 1;
+                    }
+                }
+            }
+            let of_key = self.running.get(key).copied().unwrap_or(0);
+            // Slow, failing and not yet known ones together leave a quarter to the others.
+            if guarded >= part(concurrency, concurrency * 3 / 4) {
+                return false;
+            }
+            match class {
+                None => true,
+                Some(Class::Failing) => {
+                    let share = Self::failing_share(concurrency);
+                    of_key < share
+                        && of_group < share
+                        && of_class < part(concurrency, concurrency / 4)
+                }
+                Some(Class::Slow) => {
+                    let half = part(concurrency, concurrency / 2);
+                    of_key < half && of_group < half && of_class < half
+                }
+            }
+        }
+
+        /// How long the rows of `key` wait when it may not start now: long for a connector
+        /// known to be troubled (the claims move past its backlog), a moment for one not
+        /// known yet (its first refreshes tell within seconds).
+        pub fn wait_ms(&self, key: &str, now: std::time::Instant) -> i64 {
+            if self.class_at(key, now).is_some() {
+                CROWDED_OUT_MS
+            } else {
+                UNKNOWN_WAITS_MS
+            }
         }
 
         /// Task `task` refreshes an instance of connector `key`.
@@ -363,40 +384,36 @@ pub mod plan {
         /// [`Self::started`] at `at`.
         pub fn started_at(&mut self, task: T, key: String, at: std::time::Instant) {
             *self.running.entry(key.clone()).or_insert(0) += 1;
-            let class = self.class_at(&key, at);
-            if let Some(class) = class {
-                *self
-                    .group_running
-                    .entry((class, group(&key).to_string()))
-                    .or_insert(0) += 1;
-                *self.class_running.entry(class).or_insert(0) += 1;
-            }
-            self.tasks.insert(task, (key, class, at));
+            self.tasks.insert(task, (key, at));
         }
 
         /// Task `task` ended as `outcome` (`None`: the refresh did not reach the provider,
         /// and tells nothing of it).
         pub fn finished(&mut self, task: &T, outcome: Option<Outcome>) {
-            let Some((key, counted, _)) = self.tasks.remove(task) else {
+            let Some((key, _)) = self.tasks.remove(task) else {
                 return;
             };
-            decrement(&mut self.running, &key);
-            if let Some(class) = counted {
-                decrement(&mut self.group_running, &(class, group(&key).to_string()));
-                decrement(&mut self.class_running, &class);
+            if let Some(running) = self.running.get_mut(&key) {
+                *running = running.saturating_sub(1);
+                if *running == 0 {
+                    self.running.remove(&key);
+                }
             }
+            let Some(outcome) = outcome else {
+                return;
+            };
             match outcome {
-                Some(Outcome::SlowFailure) => {
-                    self.class.insert(key, Class::Failing);
+                Outcome::SlowFailure => {
+                    self.class.insert(key.clone(), Class::Failing);
                 }
-                Some(Outcome::Slow) => {
-                    self.class.insert(key, Class::Slow);
+                Outcome::Slow => {
+                    self.class.insert(key.clone(), Class::Slow);
                 }
-                Some(Outcome::Fast) => {
+                Outcome::Fast => {
                     self.class.remove(&key);
                 }
-                None => {}
             }
+            self.known.insert(key);
         }
 
         /// The connectors with refreshes running (for the tests).
@@ -548,7 +565,9 @@ pub mod plan {
         #[test]
         fn a_failing_connector_runs_a_share_of_the_slots() {
             let mut slots = Slots::<u32>::default();
-            // Healthy: every slot if it has the rows.
+            // Healthy (known to answer): every slot if it has the rows.
+            slots.started(999, "box".into());
+            slots.finished(&999, Some(Outcome::Fast));
             for task in 0..32 {
                 assert!(slots.may_start("box", 32));
                 slots.started(task, "box".into());
@@ -596,6 +615,8 @@ pub mod plan {
         #[test]
         fn a_slow_connector_runs_half_the_slots_and_the_troubled_leave_a_quarter() {
             let mut slots = Slots::<u32>::default();
+            slots.started(999, "box".into());
+            slots.finished(&999, Some(Outcome::Fast));
             // Answers, in 8 s: half of 32, its organization's other slow connector with it.
             slots.started(0, "7/slow".into());
             slots.finished(&0, Some(Outcome::Slow));
@@ -640,6 +661,34 @@ pub mod plan {
             slots.started(2_001, "7/slow".into());
             slots.finished(&2_001, Some(Outcome::Fast));
             assert_eq!(slots.class_at("7/slow", std::time::Instant::now()), None);
+        }
+
+        #[test]
+        fn connectors_not_known_yet_leave_a_quarter_to_the_known() {
+            let mut slots = Slots::<u32>::default();
+            slots.started(999, "box".into());
+            slots.finished(&999, Some(Outcome::Fast));
+            // Eight new connectors (their token endpoints may all hang): three quarters.
+            let mut task = 0;
+            for n in 0..8 {
+                for _ in 0..8 {
+                    let key = format!("{n}/new");
+                    if slots.may_start(&key, 32) {
+                        slots.started(task, key);
+                        task += 1;
+                    }
+                }
+            }
+            assert_eq!(task, 24);
+            assert!(slots.may_start("box", 32));
+            assert_eq!(
+                slots.wait_ms("0/new", std::time::Instant::now()),
+                UNKNOWN_WAITS_MS
+            );
+            // One answered at once: known, and no longer counted.
+            slots.finished(&0, Some(Outcome::Fast));
+            assert!(slots.may_start("0/new", 32));
+            assert!(slots.may_start("1/new", 32), "seven of them run: 21 of 24");
         }
 
         #[test]
@@ -784,7 +833,8 @@ async fn scheduler(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
             if !slots.may_start(&connector_key, concurrency) {
                 deferred = true;
                 metrics::counter!("tokenwarden_scheduler_crowded_out_total").increment(1);
-                release(&app, &row, now, now + plan::CROWDED_OUT_MS).await;
+                let wait = slots.wait_ms(&connector_key, std::time::Instant::now());
+                release(&app, &row, now, now + wait).await;
                 continue;
             }
             let admission = limiter
