@@ -389,17 +389,30 @@ async fn sigterm_finishes_a_refresh_whose_caller_hung_up() {
     sigterm_during_a_refresh(false).await;
 }
 
-async fn sigterm_during_a_refresh(caller_stays: bool) {
+/// A `serve` process (to be sent SIGTERM) on a new SQLite database holding one instance of
+/// `sandbox-generic`, made by an in-process server that is stopped again.
+struct SigtermScene {
+    url: String,
+    sandbox: RunningSandbox,
+    sandbox_url: String,
+    http: reqwest::Client,
+    org: Org,
+    token: String,
+    id: i64,
+    serving: Child,
+}
+
+async fn sigterm_scene(user: &str, strict: bool) -> SigtermScene {
     let url = sqlite_database();
     let sandbox: RunningSandbox = tokenwarden_sandbox::spawn(loopback(), Default::default())
         .await
         .unwrap();
     let sandbox_url = sandbox.url.clone();
     let env = Env::start_with_sandbox("sigterm", &url, sandbox, |_| {}).await;
-    generic_profile(&env, strict_rotation()).await;
-    let created = env
-        .create_instance(&env.org, "sandbox-generic", "graceful")
-        .await;
+    if strict {
+        generic_profile(&env, strict_rotation()).await;
+    }
+    let created = env.create_instance(&env.org, "sandbox-generic", user).await;
     let token = created["token"].as_str().unwrap().to_string();
     let id = created["id"].as_i64().unwrap();
     let Env {
@@ -410,8 +423,30 @@ async fn sigterm_during_a_refresh(caller_stays: bool) {
         ..
     } = env;
     server.shutdown().await;
+    let serving = spawn_serve(&url, &sandbox_url, &http).await;
+    SigtermScene {
+        url,
+        sandbox,
+        sandbox_url,
+        http,
+        org,
+        token,
+        id,
+        serving,
+    }
+}
 
-    let mut first = spawn_serve(&url, &sandbox_url, &http).await;
+async fn sigterm_during_a_refresh(caller_stays: bool) {
+    let SigtermScene {
+        url,
+        sandbox,
+        sandbox_url,
+        http,
+        org,
+        token,
+        id,
+        serving: mut first,
+    } = sigterm_scene("graceful", true).await;
     for (path, body) in [
         ("/__sandbox/clock", json!({"advanceSeconds": 10_000})),
         (
@@ -494,25 +529,16 @@ async fn sigterm_during_a_refresh(caller_stays: bool) {
 /// caller retrying a POST made it twice).
 #[tokio::test]
 async fn sigterm_lets_a_slow_call_in_flight_finish() {
-    let url = sqlite_database();
-    let sandbox: RunningSandbox = tokenwarden_sandbox::spawn(loopback(), Default::default())
-        .await
-        .unwrap();
-    let sandbox_url = sandbox.url.clone();
-    let env = Env::start_with_sandbox("sigterm", &url, sandbox, |_| {}).await;
-    let created = env
-        .create_instance(&env.org, "sandbox-generic", "slow")
-        .await;
-    let token = created["token"].as_str().unwrap().to_string();
-    let Env {
-        server,
+    let SigtermScene {
+        url,
         sandbox,
+        sandbox_url,
         http,
         org,
+        token,
+        mut serving,
         ..
-    } = env;
-    server.shutdown().await;
-    let mut serving = spawn_serve(&url, &sandbox_url, &http).await;
+    } = sigterm_scene("slow", false).await;
     let answer = http
         .post(format!("{sandbox_url}/__sandbox/faults"))
         .json(&json!({"target": "api", "status": 0, "delayMs": 12_000, "count": 1}))
