@@ -469,6 +469,35 @@ impl RefreshEngine {
         let _ = self.app.set(Arc::downgrade(app));
     }
 
+    /// Revokes `refresh_token`, to which a refresh of instance `id` rotated after the instance
+    /// was revoked (the refresh outlived its lease), at once, in a task of its own.
+    fn revoke_orphaned_grant(
+        &self,
+        connector: Arc<Connector>,
+        id: i64,
+        configuration: serde_json::Map<String, Value>,
+        secret_configuration: std::collections::BTreeMap<String, String>,
+        refresh_token: Secret,
+    ) {
+        let Some(app) = self.app.get().and_then(std::sync::Weak::upgrade) else {
+            return;
+        };
+        let pending = GrantRevocationPending::new(&app);
+        tokio::spawn(async move {
+            revoke_grant_now(
+                &app,
+                &connector,
+                id,
+                &configuration,
+                &secret_configuration,
+                &refresh_token,
+                "the grant a refresh rotated to as the instance was revoked",
+            )
+            .await;
+            drop(pending);
+        });
+    }
+
     /// Keeps rotated tokens the store did not take, and tries their commit again every
     /// [`PARKED_RETRY_EVERY`] for [`AppConfig::rotated_tokens_kept_for`](crate::app::AppConfig).
     fn park(&self, id: i64, parked: ParkedCommit) {
@@ -1223,7 +1252,10 @@ impl RefreshEngine {
                 // A claim keeps the start of a flight that never finished (see the store).
                 let claimed_at = row.refresh_lease_until.unwrap_or(i64::MAX) - LEASE_MS;
                 let interrupted = row.refresh_in_flight_since.is_some_and(|t| t < claimed_at);
-                if now_ms() < claimed_at + LEASE_MS / 2 && self.epoch() == epoch {
+                // An interrupted claim is read again first: the refresh it found in flight may
+                // be this process's own, whose lease ran out while it was at the provider (its
+                // renewals failed) and which has committed since, while it held the flight.
+                if !interrupted && now_ms() < claimed_at + LEASE_MS / 2 && self.epoch() == epoch {
                     Some((row, interrupted))
                 } else {
                     self.awaited_reads.fetch_add(1, Ordering::Relaxed);
@@ -1704,6 +1736,22 @@ impl RefreshEngine {
                     );
                     if !stored.is_valid() {
                         self.forget(row.id);
+                        // Revoked meanwhile (this refresh outlived its lease, and the
+                        // revocation presented the refresh token it was retiring): the grant
+                        // lives on in the token the provider rotated to, which nothing holds.
+                        // Revoked too, or the user's revocation would have left it alive.
+                        if stored.state_reason.as_deref() == Some("revoked")
+                            && let Some(rotated) = tokens.refresh_token.as_ref()
+                            && rotated.expose() != refresh_token.expose()
+                        {
+                            self.revoke_orphaned_grant(
+                                Arc::clone(&connector),
+                                row.id,
+                                configuration.clone(),
+                                secrets.secret_configuration.clone(),
+                                rotated.clone(),
+                            );
+                        }
                         return Err(RefreshFailure::Invalid {
                             reason: stored
                                 .state_reason
@@ -1877,15 +1925,19 @@ impl RefreshEngine {
         provider_message: Option<&str>,
     ) -> Result<bool, RefreshFailure> {
         let event = events::new_event(app, row, events::INVALIDATED, Some(reason));
+        // Not while another process holds the instance: a lease that ran out under this
+        // refresh (a pause, a stalled database) may have been taken by a replica whose refresh
+        // got the grant's next token, and the refusal of the one presented here is about a
+        // token that replica retired. Its work decides.
         let written = app
             .store
-            .mark_invalid(
+            .mark_invalid_unleased(
                 row.id,
+                &app.replica_id,
                 reason,
                 provider_message,
                 Some(&event),
-                Some(row.token_version),
-                false,
+                row.token_version,
             )
             .await
             .map_err(RefreshFailure::from_store)?;
@@ -2161,22 +2213,8 @@ pub fn revoke_superseded_grant(
         return;
     }
     let app = Arc::clone(app);
-    app.refresh
-        .superseded_pending
-        .fetch_add(1, Ordering::AcqRel);
+    let pending = GrantRevocationPending::new(&app);
     tokio::spawn(async move {
-        // Counted down however the task ends; a stop waits for the count.
-        struct Pending(SharedApp);
-        impl Drop for Pending {
-            fn drop(&mut self) {
-                self.0
-                    .refresh
-                    .superseded_pending
-                    .fetch_sub(1, Ordering::AcqRel);
-                self.0.refresh.superseded_done.notify_waiters();
-            }
-        }
-        let pending = Pending(Arc::clone(&app));
         let superseded = Arc::new(Notify::new());
         if let Some(older) = app
             .refresh
@@ -2197,17 +2235,41 @@ pub fn revoke_superseded_grant(
         app.refresh
             .superseded_waits
             .remove_if(&id, |_, latest| Arc::ptr_eq(latest, &superseded));
-        revoke_superseded_now(
+        revoke_grant_now(
             &app,
             &connector,
             id,
             &configuration,
             &secret_configuration,
             &refresh_token,
+            "the grant a re-authentication superseded",
         )
         .await;
         drop(pending);
     });
+}
+
+/// A revocation of a grant no instance holds any more (superseded, or orphaned), counted
+/// down however its task ends: a stop waits for the count.
+struct GrantRevocationPending(SharedApp);
+
+impl GrantRevocationPending {
+    fn new(app: &SharedApp) -> Self {
+        app.refresh
+            .superseded_pending
+            .fetch_add(1, Ordering::AcqRel);
+        GrantRevocationPending(Arc::clone(app))
+    }
+}
+
+impl Drop for GrantRevocationPending {
+    fn drop(&mut self) {
+        self.0
+            .refresh
+            .superseded_pending
+            .fetch_sub(1, Ordering::AcqRel);
+        self.0.refresh.superseded_done.notify_waiters();
+    }
 }
 
 /// Waits until `count` is 0, woken by `changed`, at most `limit`; whether it is.
@@ -2239,22 +2301,22 @@ async fn until_set(flag: &std::sync::atomic::AtomicBool, set: &Notify) {
     }
 }
 
-/// [`revoke_superseded_grant`]'s revocation.
-async fn revoke_superseded_now(
+/// Revokes the grant of `refresh_token`, which no instance holds any more (`what` it is, for
+/// the log): a failure that may pass is tried again over about half a minute; a failure is
+/// logged only.
+async fn revoke_grant_now(
     app: &App,
     connector: &Connector,
     id: i64,
     configuration: &serde_json::Map<String, Value>,
     secret_configuration: &std::collections::BTreeMap<String, String>,
     refresh_token: &Secret,
+    what: &str,
 ) {
     let (endpoints, spec) = match app.oauth_settings(connector, configuration) {
         Ok(settings) => settings,
         Err(error) => {
-            tracing::warn!(
-                instance = id,
-                "the superseded grant was not revoked: {error}"
-            );
+            tracing::warn!(instance = id, "{what} was not revoked: {error}");
             return;
         }
     };
@@ -2273,17 +2335,11 @@ async fn revoke_superseded_now(
             .await
         {
             Ok(crate::oauth::RevokeOutcome::Revoked) => {
-                tracing::info!(
-                    instance = id,
-                    "revoked the grant a re-authentication superseded"
-                );
+                tracing::info!(instance = id, "revoked {what}");
                 return;
             }
             Ok(_) => {
-                tracing::info!(
-                    instance = id,
-                    "the grant a re-authentication superseded was over already"
-                );
+                tracing::info!(instance = id, "{what} was over already");
                 return;
             }
             Err(error) if attempt < 4 && revocation_may_pass(&error) => {
@@ -2292,7 +2348,7 @@ async fn revoke_superseded_now(
             Err(error) => {
                 tracing::warn!(
                     instance = id,
-                    "the grant a re-authentication superseded was not revoked: {}",
+                    "{what} was not revoked: {}",
                     error.provider_message()
                 );
                 return;

@@ -620,10 +620,15 @@ async fn grant_gone(
 ) -> ApiError {
     let (owned, kept) = (std::sync::Arc::clone(app), words.clone());
     let _ = crate::refresh::spawn_to_the_end(app, async move {
-        let _ = owned
-            .store
-            .mark_invalid(id, &reason, Some(&kept), None, version, false)
-            .await;
+        // Written at the version the refresh found invalid, and not while another process
+        // holds the instance (a revocation at the provider, whose hold must last until it
+        // ends, and whose words stand).
+        if let Some(version) = version {
+            let _ = owned
+                .store
+                .mark_invalid_unleased(id, &owned.replica_id, &reason, Some(&kept), None, version)
+                .await;
+        }
         owned.refresh.forget(id);
     })
     .await;

@@ -2272,3 +2272,311 @@ async fn a_statement_timeout_is_a_passing_state_of_the_database() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// Hands instance `id`'s refresh lease to `owner` until `until`, as another replica's claim
+/// or hold of it would (the lease of the refresh under way having run out).
+async fn lease_to(url: &str, id: i64, owner: &str, until: i64) {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let mut connection = sqlx::AnyConnection::connect(url).await.unwrap();
+    sqlx::query(
+        "UPDATE instances SET refresh_lease_owner = $1, refresh_lease_until = $2 WHERE id = $3",
+    )
+    .bind(owner)
+    .bind(until)
+    .bind(id)
+    .execute(&mut connection)
+    .await
+    .unwrap();
+}
+
+/// A refresh whose lease ran out while it was at the provider (a paused process, a stalled
+/// database), and which another replica took over meanwhile, does not invalidate the instance
+/// on the provider's refusal: the token it presented may be the one the other replica's
+/// refresh has just rotated away, and that refresh decides. It invalidated the instance, and
+/// the other's commit of the grant's next tokens was then refused: a working grant dropped
+/// (a read-only review).
+#[tokio::test]
+async fn a_refusal_after_the_lease_was_taken_over_is_left_to_the_taker() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let created = env
+            .create_instance(&env.org, "sandbox-generic", "overtaken")
+            .await;
+        let id = created["id"].as_i64().unwrap();
+        let store = tokenwarden::store::Store::connect(&url).await.unwrap();
+        let held = hold_next_token_call(&env, 3_000).await;
+        let platform = env.org.platform();
+        let refresh_path = env.api(&format!("/instances/{id}/tokens/refresh"));
+        let refresh =
+            crate::instances::call(&env, Method::POST, &refresh_path, Some(&platform), None);
+        let take_over = async {
+            at_the_provider(&env, held).await;
+            // The provider refuses the refresh token once the hold ends...
+            env.sandbox_post("/__sandbox/users/overtaken/revoke", json!({}))
+                .await;
+            // ...and another replica holds the instance, its own refresh under way.
+            lease_to(
+                &url,
+                id,
+                "another-replica",
+                tokenwarden::app::now_ms() + 30_000,
+            )
+            .await;
+        };
+        let (refreshed, ()) = tokio::join!(refresh, take_over);
+        assert!(refreshed.status < 500, "[{label}] {}", refreshed.body);
+        let row = store.get_instance_by_id(id).await.unwrap().unwrap();
+        assert!(
+            row.is_valid(),
+            "[{label}] invalidated under another's lease: {row:?}"
+        );
+        assert_eq!(
+            row.refresh_lease_owner.as_deref(),
+            Some("another-replica"),
+            "[{label}] the taker's lease stays"
+        );
+        let events = event_types(&env, &env.server.url, id).await;
+        assert_eq!(
+            count(&events, "instance.invalidated"),
+            0,
+            "[{label}] {events:?}"
+        );
+        store.close().await;
+        env.stop().await;
+        drop_test_database(&url).await;
+    }
+}
+
+/// A refresh that outlived its lease and lost to a revocation (which took the lease over and
+/// revoked the refresh token this refresh was retiring) revokes the token the provider rotated
+/// to: it was dropped, a grant alive at the provider that no instance held, after the user had
+/// been told it was revoked (a read-only review).
+#[tokio::test]
+async fn a_refresh_that_loses_to_a_revocation_revokes_what_it_got() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        generic_profile(
+            &env,
+            json!({"rotateRefreshTokens": true, "refreshReuseGraceSeconds": 0, "revokeGrantOnReuse": false}),
+        )
+        .await;
+        let created = env
+            .create_instance(&env.org, "sandbox-generic", "orphaned")
+            .await;
+        let id = created["id"].as_i64().unwrap();
+        let store = tokenwarden::store::Store::connect(&url).await.unwrap();
+        let revoked_before = stat(&env, &["revoke"]).await;
+        let held = hold_next_token_call(&env, 3_000).await;
+        let platform = env.org.platform();
+        let refresh_path = env.api(&format!("/instances/{id}/tokens/refresh"));
+        let refresh =
+            crate::instances::call(&env, Method::POST, &refresh_path, Some(&platform), None);
+        let revocation = async {
+            at_the_provider(&env, held).await;
+            // A revocation on another replica, under its hold: the instance invalid, its
+            // tokens' version moved on.
+            lease_to(
+                &url,
+                id,
+                "revoking-replica",
+                tokenwarden::app::now_ms() + 30_000,
+            )
+            .await;
+            let row = store.get_instance_by_id(id).await.unwrap().unwrap();
+            assert!(
+                store
+                    .mark_invalid_held(
+                        id,
+                        "revoked",
+                        Some("revoked"),
+                        None,
+                        row.token_version,
+                        true
+                    )
+                    .await
+                    .unwrap()
+            );
+        };
+        let (refreshed, ()) = tokio::join!(refresh, revocation);
+        assert!(refreshed.status < 500, "[{label}] {}", refreshed.body);
+        eventually(
+            "the rotated refresh token revoked",
+            Duration::from_secs(10),
+            || async { (stat(&env, &["revoke"]).await > revoked_before).then_some(()) },
+        )
+        .await;
+        let row = store.get_instance_by_id(id).await.unwrap().unwrap();
+        assert!(!row.is_valid(), "[{label}] {row:?}");
+        store.close().await;
+        env.stop().await;
+        drop_test_database(&url).await;
+    }
+}
+
+/// A call whose refresh finds the instance invalidated by a revocation still at the provider
+/// (another replica's hold) leaves that hold and the revocation's words alone. It ended the
+/// hold, so that a re-authentication could be written while the provider was still asked to
+/// revoke (and the deletion that followed took the new grant with it), and put the API's
+/// rejection in place of the revocation's outcome (a read-only review).
+#[tokio::test]
+async fn a_call_finding_a_revocation_under_way_leaves_its_hold() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let server = env.server.url.clone();
+        let created = env
+            .create_instance(&env.org, "sandbox-generic", "held-off")
+            .await;
+        let token = created["token"].as_str().unwrap().to_string();
+        let id = created["id"].as_i64().unwrap();
+        let (status, _, _) = proxy_at(&env, &server, &env.org, &token, Method::GET, "api/me").await;
+        assert_eq!(status, 200);
+        let store = tokenwarden::store::Store::connect(&url).await.unwrap();
+        lease_to(
+            &url,
+            id,
+            "revoking-replica",
+            tokenwarden::app::now_ms() + 30_000,
+        )
+        .await;
+        let row = store.get_instance_by_id(id).await.unwrap().unwrap();
+        assert!(
+            store
+                .mark_invalid_held(
+                    id,
+                    "revoked",
+                    Some("Revocation under way"),
+                    None,
+                    row.token_version,
+                    true
+                )
+                .await
+                .unwrap()
+        );
+        env.sandbox_post("/__sandbox/users/held-off/revoke", json!({}))
+            .await;
+        let (status, body, _) =
+            proxy_at(&env, &server, &env.org, &token, Method::GET, "api/me").await;
+        assert_eq!(status, 401, "[{label}] {body}");
+        let row = store.get_instance_by_id(id).await.unwrap().unwrap();
+        assert_eq!(
+            row.refresh_lease_owner.as_deref(),
+            Some("revoking-replica"),
+            "[{label}] the revocation's hold stays: {row:?}"
+        );
+        assert_eq!(
+            row.provider_message.as_deref(),
+            Some("Revocation under way"),
+            "[{label}]"
+        );
+        store.close().await;
+        env.stop().await;
+        drop_test_database(&url).await;
+    }
+}
+
+/// A scheduled refresh whose lease ran out while it was at the provider (its renewals failed),
+/// and which this replica's scheduler claimed again meanwhile, is refreshed once: the second
+/// claim, finding the first one's refresh marked in flight, reads the row again when its turn
+/// comes rather than presenting the refresh token the first one retired (a read-only review:
+/// with reuse detection, the grant ended).
+#[tokio::test]
+async fn a_claim_of_this_replicas_own_refresh_in_flight_is_read_again() {
+    use tokenwarden::refresh::{Claimed, LEASE_MS};
+    let url = sqlite_database();
+    let sandbox = tokenwarden_sandbox::spawn(loopback(), Default::default())
+        .await
+        .unwrap();
+    let env = Env::start_with_sandbox("sqlite", &url, sandbox, |config| {
+        config.background_tasks = false;
+    })
+    .await;
+    generic_profile(&env, strict_rotation()).await;
+    let app = env.server.app.clone();
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "claimed-twice")
+        .await;
+    let id = created["id"].as_i64().unwrap();
+    // A scheduled refresh keeps a copy only where there is one: none here (an instance not
+    // called lately), so nothing in memory tells the second claim of the first one's commit.
+    app.refresh.forget(id);
+    let claim = |at: i64| {
+        let url = url.clone();
+        let owner = app.replica_id.clone();
+        async move {
+            use sqlx::Connection;
+            sqlx::any::install_default_drivers();
+            let mut connection = sqlx::AnyConnection::connect(&url).await.unwrap();
+            // As `claim_due` writes a claim: an earlier flight's mark is kept.
+            sqlx::query(
+                "UPDATE instances SET refresh_lease_owner = $1, refresh_lease_until = $2, \
+                 refresh_in_flight_since = COALESCE(refresh_in_flight_since, $3) WHERE id = $4",
+            )
+            .bind(owner)
+            .bind(at + LEASE_MS)
+            .bind(at)
+            .bind(id)
+            .execute(&mut connection)
+            .await
+            .unwrap();
+        }
+    };
+    let (before, refused_before) = (refreshes(&env).await, stat(&env, &["tokenErrors"]).await);
+    claim(tokenwarden::app::now_ms() - 1).await;
+    let first_row = app.store.get_instance_by_id(id).await.unwrap().unwrap();
+    let version = first_row.token_version;
+    let held = hold_next_token_call(&env, 2_000).await;
+    let first = {
+        let (app, claimed) = (
+            app.clone(),
+            Claimed {
+                row: first_row,
+                epoch: app.refresh.epoch(),
+            },
+        );
+        tokio::spawn(async move {
+            app.refresh
+                .refresh(&app, id, Some(version), Some(claimed))
+                .await
+        })
+    };
+    at_the_provider(&env, held).await;
+    // The first claim's lease has run out (say), and the scheduler claims the row again.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    claim(tokenwarden::app::now_ms()).await;
+    let second_row = app.store.get_instance_by_id(id).await.unwrap().unwrap();
+    let second_claim = Claimed {
+        row: second_row,
+        epoch: app.refresh.epoch(),
+    };
+    let second = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            app.refresh
+                .refresh(&app, id, Some(version), Some(second_claim))
+                .await
+        })
+    };
+    assert!(first.await.unwrap().is_ok(), "the first claim refreshes");
+    let _ = second.await.unwrap();
+    assert_eq!(refreshes(&env).await, before + 1, "one refresh");
+    assert_eq!(
+        stat(&env, &["tokenErrors"]).await,
+        refused_before,
+        "the retired refresh token was presented again"
+    );
+    // The grant lives: the instance's tokens work.
+    let token = created["token"].as_str().unwrap();
+    let (status, body, _) = proxy_at(
+        &env,
+        &env.server.url,
+        &env.org,
+        token,
+        Method::GET,
+        "api/me",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
