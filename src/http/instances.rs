@@ -3116,24 +3116,34 @@ async fn set_enabled(
     } else {
         events::DISABLED
     };
-    let event = events::new_event(app, &row, event_type, None);
     // Enabling an enabled instance (or disabling a disabled one) changes nothing, and tells no
-    // one: no event, no webhook, no audit entry.
-    let changed = app
-        .store
-        .set_disabled(row.organization_id, row.id, !enabled, Some(&event))
-        .await?;
-    if !enabled {
-        // Then the instance's hold, taken and given back: a refresh under way (another
-        // replica's scheduler may have claimed the instance a moment ago, and trusts its claim
-        // for a few seconds) ends before the 200, so none runs after it (the contract: a
-        // disabled instance makes no provider calls and no refreshes). A refresh that hangs
-        // at its provider past the hold's wait does not keep the disable from answering.
-        let _ = app
+    // one: no event, no webhook, no audit entry. The event is dated as it is written.
+    let write = async || {
+        let event = events::new_event(app, &row, event_type, None);
+        app.store
+            .set_disabled(row.organization_id, row.id, !enabled, Some(&event))
+            .await
+    };
+    let changed = if enabled {
+        write().await?
+    } else {
+        // Written under the instance's hold: a refresh under way (another replica's scheduler
+        // may have claimed the instance a moment ago, and trusts its claim for a few seconds)
+        // ends first, so none runs after the 200 (the contract: a disabled instance makes no
+        // provider calls and no refreshes), and its `instance.token.refreshed` or
+        // `instance.invalidated` comes before `instance.disabled`, as it happened. Written
+        // first, the disable's event came before the refresh's. A refresh that hangs at its
+        // provider past the hold's wait does not keep the disable from being written.
+        let held = app
             .refresh
-            .with_instance_held(app, row.id, async |_| Ok(()))
+            .with_instance_held(app, row.id, async |_| Ok(write().await?))
             .await;
-    }
+        match held {
+            Ok(changed) => changed,
+            Err(error) if error.status == StatusCode::SERVICE_UNAVAILABLE => write().await?,
+            Err(error) => return Err(error),
+        }
+    };
     app.refresh.forget(row.id);
     if changed {
         app.refresh.notify_schedule_changed();

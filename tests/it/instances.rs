@@ -3614,6 +3614,47 @@ async fn a_disable_waits_for_a_refresh_under_way_elsewhere() {
     drop_test_database(&url).await;
 }
 
+/// A disable sent while a refresh of the instance is at the provider is written after that
+/// refresh: `instance.token.refreshed` comes before `instance.disabled`, as it happened. The
+/// disable was written first and then waited, so the events told of a refresh of an instance
+/// already disabled (a black-box tester; webhooks in the same order).
+#[tokio::test]
+async fn a_disable_during_a_refresh_is_told_after_it() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let instance = env
+            .create_instance(&env.org, "sandbox-box", "ordered")
+            .await;
+        let id = id_of(&instance);
+        env.sandbox_post(
+            "/__sandbox/faults",
+            json!({"target": "token", "status": 0, "delayMs": 2_000}),
+        )
+        .await;
+        let platform = env.org.platform();
+        let refresh_path = env.api(&format!("/instances/{id}/tokens/refresh"));
+        let disable_path = env.api(&format!("/instances/{id}/enabled"));
+        let refresh = call(&env, Method::POST, &refresh_path, Some(&platform), None);
+        let disable = async {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            call(&env, Method::DELETE, &disable_path, Some(&platform), None).await
+        };
+        let (refreshed, disabled) = tokio::join!(refresh, disable);
+        assert_eq!(refreshed.status, 200, "[{label}] {}", refreshed.body);
+        assert_eq!(disabled.status, 200, "[{label}] {}", disabled.body);
+        assert_eq!(disabled.body["disabled"], true, "[{label}]");
+        let events = crate::refresh::event_types(&env, &env.server.url, id).await;
+        let at = |kind: &str| events.iter().position(|e| e == kind);
+        assert!(
+            at("instance.token.refreshed") < at("instance.disabled")
+                && at("instance.disabled").is_some(),
+            "[{label}] {events:?}"
+        );
+        env.stop().await;
+        drop_test_database(&url).await;
+    }
+}
+
 /// The client secret given to `oauth/url` (`apiSecret`, "kept for the exchange when given")
 /// serves a create whose configuration leaves it out, and the instance keeps it for its
 /// refreshes: the exchange went without a secret, and the provider refused the client.
