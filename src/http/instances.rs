@@ -440,6 +440,16 @@ struct Grant {
     /// exchange because the configuration had none (or a re-authentication gave none): the
     /// instance keeps it.
     client_secret: Option<String>,
+    /// What a re-authentication's exchange was made with (the connector and the instance's
+    /// configuration merged with the update's), to revoke the grant if it is never stored.
+    made_with: Option<GrantOrigin>,
+}
+
+/// See [`Grant::made_with`].
+struct GrantOrigin {
+    connector: std::sync::Arc<crate::catalog::Connector>,
+    configuration: serde_json::Map<String, Value>,
+    secret_configuration: BTreeMap<String, String>,
 }
 
 impl Grant {
@@ -931,6 +941,7 @@ async fn exchange_claimed(
         callback: Some(callback.to_string()),
         claimed: None,
         client_secret: kept_secret.map(|secret| secret.expose().to_string()),
+        made_with: None,
     })
 }
 
@@ -1103,6 +1114,7 @@ async fn create_instance(
                 callback: None,
                 claimed: None,
                 client_secret: None,
+                made_with: None,
             }
         }
         (None, false) => {
@@ -2066,7 +2078,7 @@ async fn update_now(
 async fn update_turns(
     app: &SharedApp,
     caller: &Caller,
-    mut row: InstanceRow,
+    row: InstanceRow,
     body: InstanceBody,
     mode: UpdateMode,
     spent: &mut Option<Vec<u8>>,
@@ -2113,17 +2125,53 @@ async fn update_turns(
     // A re-authentication's exchange (the code is single use) and verification, kept for the
     // next attempt when the row moved on before it was written.
     let mut exchanged = None;
+    let id = row.id;
+    let updated =
+        reauthenticate_or_merge(app, caller, row, &body, mode, &seen, &mut exchanged, spent).await;
+    // A grant exchanged and never stored (the instance deleted meanwhile, or held too long):
+    // nothing holds it. Revoked where the provider caps a user's grants, as a superseded one
+    // is (a sixth Salesforce grant ends the user's oldest, another instance's).
+    if updated.is_err()
+        && let Some((grant, _)) = exchanged.take()
+        && let Some(origin) = grant.made_with
+        && let Some(refresh_token) = grant.tokens.refresh_token
+    {
+        crate::refresh::revoke_superseded_grant(
+            app,
+            origin.connector,
+            id,
+            origin.configuration,
+            origin.secret_configuration,
+            refresh_token,
+        );
+    }
+    updated
+}
+
+/// [`update_turns`] of a re-authentication or a merge: a few attempts, then one under the
+/// instance's hold.
+#[allow(clippy::too_many_arguments)]
+async fn reauthenticate_or_merge(
+    app: &SharedApp,
+    caller: &Caller,
+    mut row: InstanceRow,
+    body: &InstanceBody,
+    mode: UpdateMode,
+    seen: &instances::InstanceSecrets,
+    exchanged: &mut Option<(Grant, Option<String>)>,
+    spent: &mut Option<Vec<u8>>,
+) -> ApiResult<AxumJson<Value>> {
     for _ in 0..UPDATE_ATTEMPTS {
         let (organization_id, id) = (row.organization_id, row.id);
         if let Some(answer) = update_once(
             app,
             caller,
             row,
-            &body,
+            body,
             mode,
             Attempt {
-                seen: &seen,
-                exchanged: &mut exchanged,
+                seen,
+                exchanged: &mut *exchanged,
                 spent: &mut *spent,
                 held: false,
                 refresh_after: &mut false,
@@ -2154,7 +2202,6 @@ async fn update_turns(
     } else {
         crate::refresh::HOLD_WAIT
     };
-    let (body, seen, exchanged) = (&body, &seen, &mut exchanged);
     app.refresh
         .with_instance_held_within(app, row.id, wait, async |held| {
             // (No import here: an import takes the hold from the start, above.)
@@ -2500,8 +2547,13 @@ async fn update_once(
                 )
                 .await?;
                 match exchanged {
-                    Exchanged::Grant(grant) => {
+                    Exchanged::Grant(mut grant) => {
                         spent.clone_from(&grant.claimed);
+                        grant.made_with = Some(GrantOrigin {
+                            connector: std::sync::Arc::clone(&connector),
+                            configuration: plain.clone(),
+                            secret_configuration: grant.with_client_secret(&secret),
+                        });
                         (*grant, None)
                     }
                     // The same re-authentication, repeated (a retry after a timeout): it

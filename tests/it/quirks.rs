@@ -549,6 +549,64 @@ async fn salesforce_reauthentications_keep_the_users_other_instance() {
     drop_test_database(&url).await;
 }
 
+/// A Salesforce re-authentication that loses to a deletion (the instance deleted while its
+/// code was exchanged) revokes the grant it made: nothing holds it, and it counted against the
+/// user's five. It lived on at the provider (a black-box tester).
+#[tokio::test]
+async fn a_reauthentication_that_loses_to_a_deletion_revokes_its_grant() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let (id, token) = create(&env, "sandbox-salesforce", "della").await;
+    let (code, state) = env.authorize(&env.org, "sandbox-salesforce", "dora").await;
+    let revoked_before = crate::refresh::stat(&env, &["revoke"]).await;
+    env.sandbox_post(
+        "/__sandbox/faults",
+        json!({"target": "token", "status": 0, "delayMs": 1_500}),
+    )
+    .await;
+    let reauthenticate = async {
+        env.http
+            .patch(env.api("/instances"))
+            .header("authorization", env.org.with_element(&token))
+            .json(&json!({"providerData": {"code": code, "state": state}}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let delete = async {
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        env.http
+            .delete(env.api(&format!("/instances/{id}")))
+            .header("authorization", env.org.platform())
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let (reauthenticated, deleted) = tokio::join!(reauthenticate, delete);
+    assert_eq!(deleted, 200, "[{label}]");
+    assert_eq!(
+        reauthenticated, 404,
+        "[{label}] the instance was deleted meanwhile"
+    );
+    crate::refresh::eventually(
+        "the grant made for the deleted instance revoked",
+        std::time::Duration::from_secs(10),
+        || async { (crate::refresh::stat(&env, &["revoke"]).await > revoked_before).then_some(()) },
+    )
+    .await;
+    // dora's grant is gone: a revocation by the user finds none alive.
+    let ended = env
+        .sandbox_post("/__sandbox/users/dora/revoke", json!({}))
+        .await;
+    assert_eq!(ended["revokedGrants"], 0, "[{label}] {ended}");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// Re-authentications in quick succession: each has the grant superseded before it revoked at
 /// once, so that at most one waits out its minute. They all waited, and Salesforce's cap of
 /// five ended the user's other instance at the fourth.
