@@ -214,7 +214,7 @@ pub fn normalize_configuration(
     Ok(out)
 }
 
-fn binding(instance_id: i64, field: &'static str) -> Binding<'static> {
+pub(crate) fn binding(instance_id: i64, field: &'static str) -> Binding<'static> {
     Binding {
         table: "instances",
         row: instance_id,

@@ -1844,9 +1844,48 @@ impl RefreshEngine {
             Err(error) => {
                 let now = now_ms();
                 let (message, wait) = passing_failure(&error, row.failure_count);
+                // An answer without a usable access token that carried a new refresh token:
+                // stored before anything else, or the next refresh would present the one the
+                // provider may have retired for it (a grant lost at a rotating provider).
+                let mut version = row.token_version;
+                let mut outcome_unknown = error.outcome_unknown();
+                if let OAuthError::Unparseable {
+                    rotated: Some(rotated),
+                    ..
+                } = &error
+                    && rotated.expose() != refresh_token.expose()
+                {
+                    let sealed = app
+                        .keyring
+                        .seal_secret(rotated, crate::instances::binding(row.id, "refresh_token"));
+                    match app
+                        .store
+                        .store_rotated_refresh_token(
+                            row.id,
+                            &app.replica_id,
+                            row.token_version,
+                            &sealed,
+                        )
+                        .await
+                    {
+                        Ok(true) => {
+                            version += 1;
+                            outcome_unknown = false;
+                            self.forget(row.id);
+                        }
+                        Ok(false) => tracing::warn!(
+                            instance = row.id,
+                            "the refresh token of an answer without a usable access token was not stored: the instance moved on meanwhile"
+                        ),
+                        Err(failure) => tracing::error!(
+                            instance = row.id,
+                            "the refresh token of an answer without a usable access token could not be stored: {failure}"
+                        ),
+                    }
+                }
                 // Kept through the run of failures: the next `invalid_grant` may be of this
                 // refresh's making.
-                let message = marked_if_outcome_unknown(message, row, error.outcome_unknown());
+                let message = marked_if_outcome_unknown(message, row, outcome_unknown);
                 let event = self.failing_event(app, row, now, &message).await;
                 let recorded = app
                     .store
@@ -1857,7 +1896,7 @@ impl RefreshEngine {
                         &message,
                         now + wait,
                         event.as_ref(),
-                        Some(row.token_version),
+                        Some(version),
                         None,
                     )
                     .await

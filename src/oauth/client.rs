@@ -367,6 +367,7 @@ impl OAuthClient {
             return Err(OAuthError::Unparseable {
                 status: answer.status,
                 message: format!("the body is larger than {MAX_BODY_BYTES} bytes"),
+                rotated: None,
             });
         }
         parse_token_response(

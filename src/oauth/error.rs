@@ -21,6 +21,7 @@
 //! it by the client.
 
 use super::text::{MAX_ECHO_CHARS, cut, reason_phrase, redact};
+use crate::secret::Secret;
 
 /// How the text of a rate limit ([`OAuthError::RateLimited`]) begins: the store tells by it the
 /// instances whose backoff a provider asked for (see `Store::expedite_backoffs`).
@@ -65,8 +66,15 @@ pub enum OAuthError {
     #[error("no answer from the provider: {message}")]
     Transport { message: String },
     /// A 2xx whose body is not a token response (no access token), or cannot be read.
+    /// `rotated`: a usable refresh token the answer carried all the same (beside an access
+    /// token no header can carry, or none): the provider may have retired the one presented
+    /// for it, so a refresh keeps it.
     #[error("the provider's answer (HTTP {status}) is not a token response: {message}")]
-    Unparseable { status: u16, message: String },
+    Unparseable {
+        status: u16,
+        message: String,
+        rotated: Option<Secret>,
+    },
     /// Our side: a bad URL or template, a missing refresh token, an unsupported request.
     #[error("configuration error: {message}")]
     Config { message: String },
@@ -344,9 +352,14 @@ impl OAuthError {
             OAuthError::Transport { message } => OAuthError::Transport {
                 message: redact(&message, secrets),
             },
-            OAuthError::Unparseable { status, message } => OAuthError::Unparseable {
+            OAuthError::Unparseable {
+                status,
+                message,
+                rotated,
+            } => OAuthError::Unparseable {
                 status,
                 message: redact(&message, secrets),
+                rotated,
             },
             OAuthError::Config { message } => OAuthError::Config {
                 message: redact(&message, secrets),

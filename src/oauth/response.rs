@@ -116,6 +116,7 @@ pub fn parse_token_response(
             return Err(OAuthError::Unparseable {
                 status,
                 message: format!("the {key} holds bytes that are not UTF-8 text"),
+                rotated: rotated_refresh_token(object),
             });
         }
         if let Some(access_token) = usable_access_token(object) {
@@ -124,6 +125,19 @@ pub fn parse_token_response(
         if let Some(unwrapped) = unwrapped(object) {
             let access_token = usable_access_token(&unwrapped).unwrap_or_default();
             return Ok(token_set(unwrapped, access_token));
+        }
+        // No usable access token, and no error: a refresh token it carries is kept all the
+        // same (see `OAuthError::Unparseable`).
+        if object.get("error").is_none()
+            && let OAuthError::Unparseable {
+                status, message, ..
+            } = classify_failure(status, content_type, body, &parsed, &spec.permanent_errors)
+        {
+            return Err(OAuthError::Unparseable {
+                status,
+                message,
+                rotated: rotated_refresh_token(object),
+            });
         }
     }
     Err(classify_failure(
@@ -144,6 +158,21 @@ fn usable_access_token(object: &Map<String, Value>) -> Option<String> {
                 && !token.contains(char::REPLACEMENT_CHARACTER) =>
         {
             Some(token.trim().to_string())
+        }
+        _ => None,
+    }
+}
+
+/// The refresh token of a 2xx answer whose access token is unusable, when it is one that can
+/// be presented again (text without control characters or undecodable bytes).
+fn rotated_refresh_token(object: &Map<String, Value>) -> Option<Secret> {
+    match object.get("refresh_token") {
+        Some(Value::String(token))
+            if !token.trim().is_empty()
+                && !has_control_characters(token.trim())
+                && !token.contains(char::REPLACEMENT_CHARACTER) =>
+        {
+            Some(Secret::new(token.trim()))
         }
         _ => None,
     }
@@ -259,7 +288,11 @@ pub(crate) fn classify_failure(
                 describe_unechoed_body(content_type, body)
             ),
         };
-        return OAuthError::Unparseable { status, message };
+        return OAuthError::Unparseable {
+            status,
+            message,
+            rotated: None,
+        };
     }
     let note = if (300..400).contains(&status) {
         "a redirect, which is not followed on OAuth endpoints: check the endpoint URL".to_string()
@@ -686,6 +719,48 @@ mod tests {
         );
         // A tab is allowed in a header value; the ends are trimmed.
         assert!(parse(200, JSON, r#"{"access_token":" a\tb\n"}"#).is_ok());
+    }
+
+    #[test]
+    fn a_refresh_token_beside_an_unusable_access_token_is_kept() {
+        for body in [
+            r#"{"access_token":"a\u0001b","refresh_token":" r2 "}"#,
+            r#"{"access_token":"","refresh_token":"r2"}"#,
+            r#"{"access_token":null,"refresh_token":"r2"}"#,
+            r#"{"access_token":42,"refresh_token":"r2"}"#,
+            r#"{"refresh_token":"r2","expires_in":3600}"#,
+        ] {
+            match parse(200, JSON, body).unwrap_err() {
+                OAuthError::Unparseable {
+                    rotated: Some(rotated),
+                    ..
+                } => assert_eq!(rotated.expose(), "r2", "{body}"),
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+        // One that could not be presented again is not kept; nor is anything of an error.
+        for body in [
+            r#"{"access_token":"","refresh_token":"r\u0002"}"#,
+            r#"{"access_token":"","refresh_token":""}"#,
+            r#"{"access_token":"","refresh_token":7}"#,
+        ] {
+            assert!(
+                matches!(
+                    parse(200, JSON, body).unwrap_err(),
+                    OAuthError::Unparseable { rotated: None, .. }
+                ),
+                "{body}"
+            );
+        }
+        assert!(!matches!(
+            parse(
+                200,
+                JSON,
+                r#"{"error":"invalid_grant","refresh_token":"r2"}"#
+            )
+            .unwrap_err(),
+            OAuthError::Unparseable { .. }
+        ));
     }
 
     #[test]

@@ -2580,3 +2580,96 @@ async fn a_claim_of_this_replicas_own_refresh_in_flight_is_read_again() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// A refresh answered with a new refresh token beside an access token no header can carry
+/// (here a control character, put in by a relay in front of the sandbox) keeps the new
+/// refresh token: the provider has retired the one presented. It was thrown away with the
+/// answer, the next refresh presented the retired token, and a strict provider ended the grant
+/// (a black-box tester; the README promised it kept).
+#[tokio::test]
+async fn a_rotated_refresh_token_beside_an_unusable_access_token_is_kept() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    generic_profile(&env, strict_rotation()).await;
+    let mangle = Arc::new(AtomicBool::new(false));
+    let sandbox = env.sandbox.url.trim_end_matches('/').to_string();
+    let relay = {
+        let (mangle, sandbox_token) = (Arc::clone(&mangle), format!("{sandbox}/generic/token"));
+        axum::Router::new().route(
+            "/token",
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+                let (mangle, sandbox_token) = (Arc::clone(&mangle), sandbox_token.clone());
+                async move {
+                    let mut forwarded = reqwest::Client::new().post(&sandbox_token).body(body);
+                    for name in ["content-type", "authorization", "accept"] {
+                        if let Some(value) = headers.get(name) {
+                            forwarded = forwarded.header(name, value.as_bytes());
+                        }
+                    }
+                    let answer = forwarded.send().await.unwrap();
+                    let status = answer.status().as_u16();
+                    let mut tokens: Value = answer.json().await.unwrap();
+                    if mangle.swap(false, Ordering::SeqCst) {
+                        tokens["access_token"] = json!("bad\u{1}value");
+                    }
+                    (
+                        axum::http::StatusCode::from_u16(status).unwrap(),
+                        axum::Json(tokens),
+                    )
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_url = format!("http://{}/token", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, relay).await.unwrap() });
+    let registered = env
+        .http
+        .post(env.api("/elements"))
+        .header("authorization", env.org.platform())
+        .json(&json!({
+            "key": "mangled", "name": "Behind a relay",
+            "baseUrl": format!("{sandbox}/generic/"),
+            "oauth": {"authorizationUrl": format!("{sandbox}/generic/authorize"),
+                      "tokenUrl": relay_url,
+                      "scopes": ["api", "offline_access"]},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(registered.status().is_success());
+    let created = env.create_instance(&env.org, "mangled", "mangled").await;
+    let id = created["id"].as_i64().unwrap();
+    let platform = env.org.platform();
+    let refresh_path = env.api(&format!("/instances/{id}/tokens/refresh"));
+    mangle.store(true, Ordering::SeqCst);
+    let unusable =
+        crate::instances::call(&env, Method::POST, &refresh_path, Some(&platform), None).await;
+    assert_eq!(unusable.status, 503, "{}", unusable.body);
+    let refused_before = stat(&env, &["tokenErrors"]).await;
+    // The provider answers properly again: the next refresh presents the token it rotated to.
+    let refreshed =
+        crate::instances::call(&env, Method::POST, &refresh_path, Some(&platform), None).await;
+    assert_eq!(refreshed.status, 200, "{}", refreshed.body);
+    assert_eq!(refreshed.body["valid"], true, "{}", refreshed.body);
+    assert_eq!(
+        stat(&env, &["tokenErrors"]).await,
+        refused_before,
+        "the retired refresh token was presented"
+    );
+    let token = created["token"].as_str().unwrap();
+    let (status, body, _) = proxy_at(
+        &env,
+        &env.server.url,
+        &env.org,
+        token,
+        Method::GET,
+        "api/me",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
