@@ -1113,10 +1113,30 @@ impl RefreshEngine {
     /// Runs `work` in instance `id`'s flight of this process: after the refreshes, holds and
     /// kept commits of it that came first, before those that come after.
     async fn in_flight<T>(&self, id: i64, work: impl Future<Output = T>) -> T {
+        match self.in_flight_by(id, None, work).await {
+            Some(result) => result,
+            None => unreachable!("a turn without a deadline always comes"),
+        }
+    }
+
+    /// [`Self::in_flight`], unless its turn has not come by `deadline`: `None` then, and
+    /// `work` is not run.
+    async fn in_flight_by<T>(
+        &self,
+        id: i64,
+        deadline: Option<tokio::time::Instant>,
+        work: impl Future<Output = T>,
+    ) -> Option<T> {
         let flight = Arc::clone(&self.flights.entry(id).or_default());
         let result = {
-            let _turn = flight.lock().await;
-            work.await
+            let turn = match deadline {
+                None => Some(flight.lock().await),
+                Some(deadline) => tokio::time::timeout_at(deadline, flight.lock()).await.ok(),
+            };
+            match turn {
+                Some(_turn) => Some(work.await),
+                None => None,
+            }
         };
         drop(flight);
         // The map keeps a mutex only while someone uses it.
@@ -1156,13 +1176,15 @@ impl RefreshEngine {
         F: FnOnce(InstanceRow) -> Fut,
         Fut: Future<Output = Result<T, ApiError>>,
     {
-        self.in_flight(id, async {
+        // The wait counts from now: a refresh of this process that hangs at its provider holds
+        // the instance's flight for up to the provider timeout, longer than the wait.
+        let deadline = Instant::now() + wait;
+        let held = self.in_flight_by(id, Some(deadline.into()), async {
             // Rotated tokens kept for the store go in first: a revocation or re-authentication
             // would work on the retired refresh token.
             self.commit_parked(app, id)
                 .await
                 .map_err(RefreshFailure::into_api_error)?;
-            let deadline = Instant::now() + wait;
             // `held_at`: marks of a refresh in flight from before it stay when the hold ends.
             let (leased, held_at) = loop {
                 let now = now_ms();
@@ -1190,10 +1212,7 @@ impl RefreshEngine {
                     break (taken, claimed_at.min(now));
                 }
                 if Instant::now() > deadline {
-                    return Err(ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "A refresh of this instance is still running: try again in a few seconds",
-                    ));
+                    return Err(still_refreshing());
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             };
@@ -1209,7 +1228,8 @@ impl RefreshEngine {
             let _ = app.store.release_hold(id, &app.replica_id, held_at).await;
             done
         })
-        .await
+        .await;
+        held.unwrap_or_else(|| Err(still_refreshing()))
     }
 
     async fn refresh_in_turn(
@@ -2309,6 +2329,14 @@ impl Drop for GrantRevocationPending {
             .fetch_sub(1, Ordering::AcqRel);
         self.0.refresh.superseded_done.notify_waiters();
     }
+}
+
+/// A hold's answer when a refresh of the instance outlasted its wait.
+fn still_refreshing() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "A refresh of this instance is still running: try again in a few seconds",
+    )
 }
 
 /// Waits until `count` is 0, woken by `changed`, at most `limit`; whether it is.

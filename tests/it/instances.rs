@@ -3655,6 +3655,41 @@ async fn a_disable_during_a_refresh_is_told_after_it() {
     }
 }
 
+/// A disable sent while this replica's refresh of the instance hangs at its provider answers
+/// after the hold's wait (15 s), not when the refresh gives up (the provider timeout, 30 s):
+/// the wait for the replica's own refresh was not bounded (a black-box tester: 29 s).
+#[tokio::test]
+async fn a_disable_waits_for_a_hanging_refresh_no_longer_than_the_hold() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let instance = env.create_instance(&env.org, "sandbox-box", "hung").await;
+    let id = id_of(&instance);
+    env.sandbox_post(
+        "/__sandbox/faults",
+        json!({"target": "token", "status": 0, "delayMs": 22_000}),
+    )
+    .await;
+    let platform = env.org.platform();
+    let refresh_path = env.api(&format!("/instances/{id}/tokens/refresh"));
+    let disable_path = env.api(&format!("/instances/{id}/enabled"));
+    let refresh = call(&env, Method::POST, &refresh_path, Some(&platform), None);
+    let disable = async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let started = std::time::Instant::now();
+        let answer = call(&env, Method::DELETE, &disable_path, Some(&platform), None).await;
+        (answer, started.elapsed())
+    };
+    let (_, (disabled, took)) = tokio::join!(refresh, disable);
+    assert_eq!(disabled.status, 200, "{}", disabled.body);
+    assert_eq!(disabled.body["disabled"], true);
+    assert!(
+        took < std::time::Duration::from_secs(18),
+        "the disable answered after {took:?}"
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// The client secret given to `oauth/url` (`apiSecret`, "kept for the exchange when given")
 /// serves a create whose configuration leaves it out, and the instance keeps it for its
 /// refreshes: the exchange went without a secret, and the provider refused the client.
