@@ -3067,19 +3067,33 @@ async fn delete_named(
                     }
                     // The instance is kept, invalid, with the reason: once deleted, its tokens
                     // could never be revoked again.
+                    // An instance that was valid says so as a revocation would: the event
+                    // (the deletion's own never came) and the audit entry. It had turned
+                    // invalid with neither.
                     let kept = async |why: String| {
                         let reason = format!("Deleted with a revocation through tokenwarden, {why}");
+                        let event = held
+                            .is_valid()
+                            .then(|| events::new_event(&app, &held, events::INVALIDATED, Some("revoked")));
                         let _ = app
                             .store
                             .mark_invalid_held(
                                 held.id,
                                 "revoked",
                                 Some(&reason),
-                                None,
+                                event.as_ref(),
                                 held.token_version + 1,
                                 false,
                             )
                             .await;
+                        crate::audit::record(
+                            &app,
+                            &by,
+                            "instance.revoked",
+                            Some(&held.id.to_string()),
+                            Some(&reason),
+                        )
+                        .await;
                     };
                     revocation = match crate::refresh::revoke_at_provider(&app, &held).await {
                         Ok(revocation) => revocation,
@@ -3134,7 +3148,10 @@ async fn delete_named(
                             .with_provider_message(message.to_string()));
                     }
                 }
-                let event = events::new_event(&app, &held, events::DELETED, None);
+                // Whether the grant lives on, said with the deletion: once the instance is
+                // gone, nothing can revoke it any more.
+                let grant = deleted_grant(revoke, &revocation);
+                let event = events::new_event(&app, &held, events::DELETED, Some(&grant));
                 if !app
                     .store
                     .delete_instance(held.organization_id, held.id, Some(&event))
@@ -3142,12 +3159,13 @@ async fn delete_named(
                 {
                     return Err(ApiError::not_found(format!("There is no instance {id}")));
                 }
-                Ok(revocation)
+                Ok((revocation, grant))
             })
             .await?;
+        let (revocation, grant) = revocation;
         app.refresh.forget(instance_id);
         let target = instance_id.to_string();
-        crate::audit::record(&app, &by, "instance.deleted", Some(&target), None).await;
+        crate::audit::record(&app, &by, "instance.deleted", Some(&target), Some(&grant)).await;
         Ok::<_, ApiError>(revocation)
     }))
     .await
@@ -3155,6 +3173,26 @@ async fn delete_named(
     Ok(AxumJson(
         serde_json::json!({"id": row.id, "deleted": true, "revocation": revocation}),
     ))
+}
+
+/// What a deletion did with the instance's grant, for its event and audit entry.
+fn deleted_grant(revoke: bool, revocation: &Value) -> String {
+    if !revoke {
+        return "the grant was not revoked at the provider (deleted without `?revoke=true`)".into();
+    }
+    if revocation["revokedAtProvider"] == true {
+        return "the grant was revoked at the provider".into();
+    }
+    match revocation["providerMessage"]
+        .as_str()
+        .or(revocation["message"].as_str())
+    {
+        Some(why) => format!(
+            "the grant was not revoked at the provider: {}",
+            crate::oauth::cut_text(why, 300)
+        ),
+        None => "the grant was not revoked at the provider".into(),
+    }
 }
 
 async fn set_enabled(

@@ -552,6 +552,65 @@ async fn a_refresh_token_not_revoked_keeps_the_instance() {
     )
     .await;
     assert_eq!(status, 200, "the instance was deleted: {body}");
+    // Invalid now, and said as a revocation says it: the event and the audit entry (it turned
+    // invalid with neither, a black-box tester).
+    let (_, events) = env
+        .get_json(
+            &env.api(&format!(
+                "/events?instanceId={id}&type=instance.invalidated"
+            )),
+            &platform,
+        )
+        .await;
+    assert_eq!(events["events"].as_array().unwrap().len(), 1, "{events}");
+    let (_, audit) = env.get_json(&env.api("/audit-logs"), &platform).await;
+    let target = id.to_string();
+    let entry = audit["auditLogs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|entry| entry["action"] == "instance.revoked" && entry["target"] == target.as_str())
+        .unwrap_or_else(|| panic!("{audit}"))
+        .clone();
+    assert!(
+        entry["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("did not confirm")),
+        "{entry}"
+    );
+    // Deleted without `?revoke=true`: the deletion's event and audit entry say the grant was
+    // not revoked (once deleted, nothing can revoke it).
+    let (status, body) = send(
+        &env,
+        reqwest::Method::DELETE,
+        &format!("/instances/{id}"),
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, events) = env
+        .get_json(
+            &env.api(&format!("/events?instanceId={id}&type=instance.deleted")),
+            &platform,
+        )
+        .await;
+    assert!(
+        events["events"][0]["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("not revoked at the provider")),
+        "{events}"
+    );
+    let (_, audit) = env.get_json(&env.api("/audit-logs"), &platform).await;
+    assert!(
+        audit["auditLogs"].as_array().unwrap().iter().any(|entry| {
+            entry["action"] == "instance.deleted"
+                && entry["target"] == target.as_str()
+                && entry["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("not revoked at the provider"))
+        }),
+        "{audit}"
+    );
     env.stop().await;
     drop_test_database(&url).await;
 }
