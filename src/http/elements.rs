@@ -318,35 +318,15 @@ pub async fn oauth_url(
             )));
         }
     }
-    // RFC 6749 §3.1.2: absolute, without a fragment. A native app's own scheme passes
-    // (`com.example.app:/callback`, RFC 8252); a URL that is no place to return to does not.
-    match url::Url::parse(callback_url) {
-        Err(_) => {
-            return Err(ApiError::bad_request(
-                "`callbackUrl` is not an absolute URL",
-            ));
-        }
-        Ok(parsed) if parsed.fragment().is_some() => {
-            return Err(ApiError::bad_request(
-                "`callbackUrl` has a fragment; a redirect URI takes none (RFC 6749 §3.1.2)",
-            ));
-        }
-        // `urn:ietf:wg:oauth:2.0:oob` (the out-of-band flow) is no hierarchical URL, and stays.
-        Ok(parsed)
-            if (parsed.cannot_be_a_base()
-                && !matches!(
-                    parsed.as_str(),
-                    "urn:ietf:wg:oauth:2.0:oob" | "urn:ietf:wg:oauth:2.0:oob:auto"
-                ))
-                || matches!(parsed.scheme(), "javascript" | "data" | "file" | "vbscript") =>
-        {
-            return Err(ApiError::bad_request(
-                "`callbackUrl` is not a URL a provider can redirect to",
-            ));
-        }
-        Ok(_) => {}
+    if let Some(why) = crate::oauth::redirect_uri_problem(callback_url) {
+        return Err(ApiError::bad_request(format!(
+            "`callbackUrl` is no redirect URI: {why}"
+        )));
     }
     let state = match query.get("state").filter(|v| !v.is_empty()) {
+        Some(state) if let Some(why) = crate::oauth::state_problem(state) => {
+            return Err(ApiError::bad_request(format!("`state` is refused: {why}")));
+        }
         Some(state) if state.len() <= 512 => state.clone(),
         Some(_) => {
             return Err(ApiError::bad_request(

@@ -1022,6 +1022,7 @@ fn starting_configuration(
     check_base_url(app, &configuration)?;
     check_webhook_url(app, &configuration)?;
     check_webhook_enabled(&configuration)?;
+    check_callback_url(&configuration)?;
     if !configuration.contains_key(BASE_URL) {
         let base = app
             .fill(connector, &connector.base_url, &configuration)
@@ -2392,6 +2393,7 @@ async fn update_once(
             .is_some_and(|given| old_plain.get(key).and_then(Value::as_str) != Some(given.as_str()))
     };
     let webhook_given = changed(instances::WEBHOOK_URL);
+    let callback_given = changed(CALLBACK_URL);
     let enabled_given = changed(instances::WEBHOOK_ENABLED);
     for (key, value) in split.plain {
         plain.insert(key, Value::String(value));
@@ -2485,6 +2487,9 @@ async fn update_once(
     }
     if webhook_given {
         check_webhook_url(app, &plain)?;
+    }
+    if callback_given {
+        check_callback_url(&plain)?;
     }
     if enabled_given {
         check_webhook_enabled(&plain)?;
@@ -3730,6 +3735,22 @@ fn check_webhook_enabled(configuration: &Map<String, Value>) -> ApiResult<()> {
 /// lives (see `egress`); empty means none. Accepted otherwise, it failed only at delivery,
 /// shown in an event's `lastError`, and a scheme no delivery can use was retried for a day,
 /// holding the instance's later webhooks behind it.
+/// `oauth.callback.url`, when given: a redirect URI (see
+/// [`crate::oauth::redirect_uri_problem`]); it is sent with the code's exchange.
+fn check_callback_url(configuration: &Map<String, Value>) -> ApiResult<()> {
+    match configuration.get(CALLBACK_URL).and_then(Value::as_str) {
+        Some(given) if !given.trim().is_empty() => {
+            match crate::oauth::redirect_uri_problem(given) {
+                Some(why) => Err(ApiError::bad_request(format!(
+                    "`{CALLBACK_URL}` is no redirect URI: {why}"
+                ))),
+                None => Ok(()),
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
 fn check_webhook_url(app: &App, configuration: &Map<String, Value>) -> ApiResult<()> {
     let Some(given) = configuration
         .get(instances::WEBHOOK_URL)

@@ -88,6 +88,57 @@ pub fn pkce_challenge(verifier: &str) -> String {
     URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()))
 }
 
+/// Why `value` is no redirect URI a provider can send a user back to with a code, if it is
+/// not: RFC 6749 §3.1.2 has it absolute, without a fragment. A native app's own scheme passes
+/// (`com.example.app:/callback`, RFC 8252), as does the out-of-band URN; a URL that is no place
+/// to return to does not, nor one with user info (it is shown to whoever reads the instance),
+/// nor one that carries the parameters the redirect adds itself (`code`, `state`, `error`,
+/// `iss`: the app would read its own in place of the provider's).
+pub fn redirect_uri_problem(value: &str) -> Option<&'static str> {
+    let parsed = match url::Url::parse(value) {
+        Err(_) => return Some("it is not an absolute URL"),
+        Ok(parsed) => parsed,
+    };
+    if parsed.fragment().is_some() {
+        return Some("it has a fragment; a redirect URI takes none (RFC 6749 §3.1.2)");
+    }
+    if (parsed.cannot_be_a_base()
+        && !matches!(
+            parsed.as_str(),
+            "urn:ietf:wg:oauth:2.0:oob" | "urn:ietf:wg:oauth:2.0:oob:auto"
+        ))
+        || matches!(parsed.scheme(), "javascript" | "data" | "file" | "vbscript")
+    {
+        return Some("it is not a URL a provider can redirect to");
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Some(
+            "it has user info (`user:password@`), which would be shown to whoever reads the instance and sent along with every code",
+        );
+    }
+    if parsed.query_pairs().any(|(name, _)| {
+        matches!(
+            name.as_ref(),
+            "code" | "state" | "error" | "error_description" | "error_uri" | "iss"
+        )
+    }) {
+        return Some(
+            "its query has a parameter the provider's redirect adds (`code`, `state`, `error`, `iss`): the redirect would carry two",
+        );
+    }
+    None
+}
+
+/// Why a caller's own `state` cannot go through a redirect and come back as it was, if it
+/// cannot: RFC 6749 (Appendix A.5) has it printable ASCII (`VSCHAR`); a control character or a
+/// character beyond ASCII came back changed by a browser or a form, and the code's exchange
+/// never found its state.
+pub fn state_problem(state: &str) -> Option<&'static str> {
+    (!state.bytes().all(|b| (0x20..=0x7e).contains(&b))).then_some(
+        "it holds a character other than printable ASCII (RFC 6749's VSCHAR): a browser or a provider would not give it back as it is",
+    )
+}
+
 /// A fresh `state` value: 32 random bytes (256 bits), base64url without padding.
 pub fn new_state() -> String {
     random_url_safe(32)

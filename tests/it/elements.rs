@@ -507,11 +507,18 @@ async fn oauth_url_makes_state_and_keeps_pkce_verifier() {
         );
         // A redirect URI takes no fragment, and must be a place to return to; a native app's
         // own scheme is one (RFC 8252).
+        // Nor user info (shown to whoever reads the instance), nor the redirect's own
+        // parameters (the app would read its own `code` in place of the provider's); a query
+        // of the app's own stays (privacy and browser-flow testers).
         for (callback, expected) in [
             ("https://app.test/cb#part", 400),
             ("javascript:alert(1)", 400),
             ("com.example.app:/oauth2redirect", 200),
             ("urn:ietf:wg:oauth:2.0:oob", 200),
+            ("https://user:pw@app.test/cb", 400),
+            ("https://app.test/cb?code=preset", 400),
+            ("https://app.test/cb?state=preset", 400),
+            ("https://app.test/cb?tenant=eu", 200),
         ] {
             let answer = call(
                 &env,
@@ -527,6 +534,31 @@ async fn oauth_url_makes_state_and_keeps_pkce_verifier() {
             assert_eq!(
                 answer.status, expected,
                 "[{label}] {callback}: {}",
+                answer.body
+            );
+        }
+        // A caller's own state goes through a browser and back: printable ASCII only.
+        for (state, expected) in [
+            ("a\r\nb", 400),
+            ("a\u{0}b", 400),
+            ("caf\u{e9}", 400),
+            ("a b~c", 200),
+        ] {
+            let answer = call(
+                &env,
+                Method::GET,
+                &env.api(&format!(
+                    "/elements/sandbox-box/oauth/url?apiKey=x&callbackUrl={}&state={}",
+                    urlencode(&cb),
+                    urlencode(state)
+                )),
+                Some(&auth),
+                None,
+            )
+            .await;
+            assert_eq!(
+                answer.status, expected,
+                "[{label}] {state:?}: {}",
                 answer.body
             );
         }

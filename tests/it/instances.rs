@@ -3690,6 +3690,36 @@ async fn a_disable_waits_for_a_hanging_refresh_no_longer_than_the_hold() {
     drop_test_database(&url).await;
 }
 
+/// `oauth.callback.url` is a redirect URI, checked as `oauth/url` checks `callbackUrl`: a
+/// `javascript:` URL or one with a password in it was stored and shown to every reader (a
+/// privacy reviewer).
+#[tokio::test]
+async fn the_callback_url_is_checked_as_a_redirect_uri() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let instance = env.create_instance(&env.org, "sandbox-box", "cally").await;
+    let id = id_of(&instance);
+    let path = env.api(&format!("/instances/{id}"));
+    for (callback, expected) in [
+        ("javascript:alert(1)", 400),
+        ("https://user:s3cret@app.example/cb", 400),
+        ("https://app.example/cb?code=preset", 400),
+        ("https://app.example/cb2", 200),
+    ] {
+        let answer = call(
+            &env,
+            Method::PATCH,
+            &path,
+            Some(&env.org.platform()),
+            Some(json!({"configuration": {"oauth.callback.url": callback}})),
+        )
+        .await;
+        assert_eq!(answer.status, expected, "{callback}: {}", answer.body);
+    }
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// The client secret given to `oauth/url` (`apiSecret`, "kept for the exchange when given")
 /// serves a create whose configuration leaves it out, and the instance keeps it for its
 /// refreshes: the exchange went without a secret, and the provider refused the client.
