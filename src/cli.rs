@@ -357,6 +357,15 @@ pub enum OrgsCommand {
         #[command(flatten)]
         database: DatabaseArgs,
     },
+    /// Give an organization a new secret (the old one, leaked, is refused at once); prints it
+    /// as JSON.
+    RotateSecret {
+        /// The organization (its `organizationId`).
+        #[arg(long)]
+        organization_id: i64,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -369,6 +378,36 @@ pub enum UsersCommand {
         /// The user's name.
         #[arg(long)]
         name: String,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// List an organization's users (ids and names; secrets are kept only as hashes).
+    List {
+        /// The organization (its `organizationId`).
+        #[arg(long)]
+        organization_id: i64,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Give a user a new secret (the old one, leaked, is refused at once); prints it as JSON.
+    RotateSecret {
+        /// The organization (its `organizationId`).
+        #[arg(long)]
+        organization_id: i64,
+        /// The user (its `userId`, from `users list`).
+        #[arg(long)]
+        user_id: i64,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Delete a user: its secret is refused at once; the audit log keeps its entries.
+    Delete {
+        /// The organization (its `organizationId`).
+        #[arg(long)]
+        organization_id: i64,
+        /// The user (its `userId`, from `users list`).
+        #[arg(long)]
+        user_id: i64,
         #[command(flatten)]
         database: DatabaseArgs,
     },
@@ -575,6 +614,80 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             outln!(
                 "{}",
                 serde_json::to_string(&created).map_err(|e| e.to_string())?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Orgs {
+            command:
+                OrgsCommand::RotateSecret {
+                    organization_id,
+                    database,
+                },
+        } => {
+            existing_database(&database)?;
+            let app = open_app(database).await?;
+            let rotated = crate::orgs::rotate_organization_secret(&app, organization_id)
+                .await
+                .map_err(|error| error.message)?;
+            outln!(
+                "{}",
+                serde_json::to_string(&rotated).map_err(|e| e.to_string())?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Users {
+            command:
+                UsersCommand::List {
+                    organization_id,
+                    database,
+                },
+        } => {
+            existing_database(&database)?;
+            let app = open_app(database).await?;
+            let users = crate::orgs::list_users(&app, organization_id)
+                .await
+                .map_err(|error| error.message)?;
+            outln!(
+                "{}",
+                serde_json::to_string(&users).map_err(|e| e.to_string())?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Users {
+            command:
+                UsersCommand::RotateSecret {
+                    organization_id,
+                    user_id,
+                    database,
+                },
+        } => {
+            existing_database(&database)?;
+            let app = open_app(database).await?;
+            let rotated = crate::orgs::rotate_user_secret(&app, organization_id, user_id)
+                .await
+                .map_err(|error| error.message)?;
+            outln!(
+                "{}",
+                serde_json::to_string(&rotated).map_err(|e| e.to_string())?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Users {
+            command:
+                UsersCommand::Delete {
+                    organization_id,
+                    user_id,
+                    database,
+                },
+        } => {
+            existing_database(&database)?;
+            let app = open_app(database).await?;
+            crate::orgs::delete_user(&app, organization_id, user_id)
+                .await
+                .map_err(|error| error.message)?;
+            outln!(
+                "{}",
+                serde_json::json!({"deleted": true, "organizationId": organization_id, "userId": user_id})
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -125,6 +125,147 @@ pub async fn create_user(
     })
 }
 
+/// A user as `users list` shows it: never its secret, which is kept only as a hash.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListedUser {
+    pub user_id: i64,
+    pub name: String,
+    pub created_at: String,
+}
+
+/// An organization's new secret (`orgs rotate-secret`).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NewOrganizationSecret {
+    pub organization_secret: String,
+    pub organization_id: i64,
+}
+
+impl std::fmt::Debug for NewOrganizationSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewOrganizationSecret")
+            .field("organization_secret", &"[redacted]")
+            .field("organization_id", &self.organization_id)
+            .finish()
+    }
+}
+
+async fn existing_organization(app: &App, organization_id: i64) -> Result<(), ApiError> {
+    match app.store.get_organization(organization_id).await? {
+        Some(_) => Ok(()),
+        None => Err(ApiError::not_found(format!(
+            "There is no organization {organization_id}"
+        ))),
+    }
+}
+
+fn no_such_user(organization_id: i64, user_id: i64) -> ApiError {
+    ApiError::not_found(format!(
+        "There is no user {user_id} in organization {organization_id}"
+    ))
+}
+
+/// An organization's users (ids, names, when made).
+pub async fn list_users(app: &App, organization_id: i64) -> Result<Vec<ListedUser>, ApiError> {
+    existing_organization(app, organization_id).await?;
+    let users = app.store.list_users(organization_id).await?;
+    Ok(users
+        .into_iter()
+        .map(|user| ListedUser {
+            user_id: user.id,
+            name: user.name,
+            created_at: crate::instances::iso8601(user.created_at),
+        })
+        .collect())
+}
+
+/// A new secret for a user (a leaked one, a user who left and whose secret others know): the
+/// old one is refused from the next request on, on every replica.
+pub async fn rotate_user_secret(
+    app: &App,
+    organization_id: i64,
+    user_id: i64,
+) -> Result<CreatedUser, ApiError> {
+    existing_organization(app, organization_id).await?;
+    let user_secret = crypto::new_platform_secret();
+    if !app
+        .store
+        .replace_user_secret(
+            organization_id,
+            user_id,
+            &crypto::hash_secret(user_secret.expose()),
+        )
+        .await?
+    {
+        return Err(no_such_user(organization_id, user_id));
+    }
+    let target = user_id.to_string();
+    crate::audit::record_automatic(
+        app,
+        organization_id,
+        "user.secret_rotated",
+        Some(&target),
+        Some("by the command line"),
+    )
+    .await;
+    Ok(CreatedUser {
+        user_secret: user_secret.expose().to_string(),
+        organization_id,
+        user_id,
+    })
+}
+
+/// Deletes a user: its secret is refused from the next request on. Its audit entries stay.
+pub async fn delete_user(app: &App, organization_id: i64, user_id: i64) -> Result<(), ApiError> {
+    existing_organization(app, organization_id).await?;
+    if !app.store.delete_user(organization_id, user_id).await? {
+        return Err(no_such_user(organization_id, user_id));
+    }
+    let target = user_id.to_string();
+    crate::audit::record_automatic(
+        app,
+        organization_id,
+        "user.deleted",
+        Some(&target),
+        Some("by the command line"),
+    )
+    .await;
+    Ok(())
+}
+
+/// A new secret for the organization: the old one is refused from the next request on.
+pub async fn rotate_organization_secret(
+    app: &App,
+    organization_id: i64,
+) -> Result<NewOrganizationSecret, ApiError> {
+    let organization_secret = crypto::new_platform_secret();
+    if !app
+        .store
+        .replace_organization_secret(
+            organization_id,
+            &crypto::hash_secret(organization_secret.expose()),
+        )
+        .await?
+    {
+        return Err(ApiError::not_found(format!(
+            "There is no organization {organization_id}"
+        )));
+    }
+    crate::audit::record_automatic(
+        app,
+        organization_id,
+        "organization.secret_rotated",
+        None,
+        Some("by the command line"),
+    )
+    .await;
+    Ok(NewOrganizationSecret {
+        organization_secret: organization_secret.expose().to_string(),
+        organization_id,
+    })
+}
+
 /// Re-seals every encrypted value that is not under the current key, in batches, while the
 /// service runs. Answers how many rows changed, and the rows no key opens.
 pub async fn rotate_keys(app: &App) -> Result<crate::instances::Resealed, ApiError> {

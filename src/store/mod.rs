@@ -692,6 +692,66 @@ impl Store {
         Ok(())
     }
 
+    /// An organization's users, oldest first.
+    pub async fn list_users(&self, organization_id: i64) -> Result<Vec<UserRow>, StoreError> {
+        let rows = sqlx::query_as::<_, UserRow>(
+            "SELECT id, organization_id, name, created_at FROM users \
+             WHERE organization_id = $1 ORDER BY created_at, id",
+        )
+        .bind(organization_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Gives user `user_id` of the organization a new secret (its hash): the old one stops
+    /// working at once. False when there is no such user.
+    pub async fn replace_user_secret(
+        &self,
+        organization_id: i64,
+        user_id: i64,
+        secret_hash: &[u8],
+    ) -> Result<bool, StoreError> {
+        let result =
+            sqlx::query("UPDATE users SET secret_hash = $1 WHERE id = $2 AND organization_id = $3")
+                .bind(secret_hash)
+                .bind(user_id)
+                .bind(organization_id)
+                .execute(&self.pool)
+                .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Deletes user `user_id` of the organization: its secret stops working at once; the audit
+    /// log keeps its entries (they name the user's id). False when there is no such user.
+    pub async fn delete_user(
+        &self,
+        organization_id: i64,
+        user_id: i64,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query("DELETE FROM users WHERE id = $1 AND organization_id = $2")
+            .bind(user_id)
+            .bind(organization_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Gives the organization a new secret (its hash): the old one stops working at once.
+    /// False when there is no such organization.
+    pub async fn replace_organization_secret(
+        &self,
+        organization_id: i64,
+        secret_hash: &[u8],
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query("UPDATE organizations SET secret_hash = $1 WHERE id = $2")
+            .bind(secret_hash)
+            .bind(organization_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
     pub async fn find_user_by_secret_hash(
         &self,
         secret_hash: &[u8],

@@ -810,3 +810,141 @@ fn serve_binds_a_named_address() {
     let announced = announced.unwrap_or_else(|| panic!("not served: {said:?}"));
     assert!(announced.contains("127.0.0.1:"), "{announced}");
 }
+
+/// A leaked user or organization secret is replaced from the command line, and a user who
+/// left is deleted: the old secret is refused by the running server at once, the new one
+/// works, and the audit log says so. There was no way to revoke either (a privacy reviewer).
+#[tokio::test]
+async fn leaked_secrets_are_replaced_and_users_deleted() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        let key = [("TOKENWARDEN_MASTER_KEY", crate::harness::TEST_MASTER_KEY)];
+        let org_id = env.org.id.to_string();
+        let run = |args: &[&str]| {
+            let mut all = args.to_vec();
+            all.extend(["--database-url", &url]);
+            let (ok, stdout, stderr) = tokenwarden(&all, &key);
+            assert!(ok, "[{label}] {args:?}: {stderr}");
+            serde_json::from_str::<serde_json::Value>(&stdout).unwrap()
+        };
+        let listed = run(&["users", "list", "--organization-id", &org_id]);
+        let owner = listed[0]["userId"].as_i64().unwrap().to_string();
+        assert!(listed[0].get("userSecret").is_none(), "{listed}");
+        let instances = env.api("/instances");
+        let status = |auth: String| {
+            let (http, instances) = (env.http.clone(), instances.clone());
+            async move {
+                http.get(&instances)
+                    .header("authorization", auth)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }
+        };
+        assert_eq!(status(env.org.platform()).await, 200);
+        // The user's secret leaked.
+        let rotated = run(&[
+            "users",
+            "rotate-secret",
+            "--organization-id",
+            &org_id,
+            "--user-id",
+            &owner,
+        ]);
+        let user_secret = rotated["userSecret"].as_str().unwrap().to_string();
+        assert_eq!(
+            status(env.org.platform()).await,
+            401,
+            "[{label}] the old user secret"
+        );
+        let with_user =
+            |user: &str, organization: &str| format!("User {user}, Organization {organization}");
+        assert_eq!(
+            status(with_user(&user_secret, &env.org.organization_secret)).await,
+            200
+        );
+        // The organization's secret leaked.
+        let rotated = run(&["orgs", "rotate-secret", "--organization-id", &org_id]);
+        let organization_secret = rotated["organizationSecret"].as_str().unwrap().to_string();
+        assert_eq!(
+            status(with_user(&user_secret, &env.org.organization_secret)).await,
+            401
+        );
+        assert_eq!(
+            status(with_user(&user_secret, &organization_secret)).await,
+            200
+        );
+        // A second user, who leaves.
+        let (ok, stdout, stderr) = tokenwarden(
+            &[
+                "users",
+                "create",
+                "--organization-id",
+                &org_id,
+                "--name",
+                "leaver",
+                "--database-url",
+                &url,
+            ],
+            &key,
+        );
+        assert!(ok, "{stderr}");
+        let leaver: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let leaver_secret = leaver["userSecret"].as_str().unwrap().to_string();
+        assert_eq!(
+            status(with_user(&leaver_secret, &organization_secret)).await,
+            200
+        );
+        let leaver_id = leaver["userId"].as_i64().unwrap().to_string();
+        run(&[
+            "users",
+            "delete",
+            "--organization-id",
+            &org_id,
+            "--user-id",
+            &leaver_id,
+        ]);
+        assert_eq!(
+            status(with_user(&leaver_secret, &organization_secret)).await,
+            401
+        );
+        // Unknown ids are said to be so.
+        let (ok, _, stderr) = tokenwarden(
+            &[
+                "users",
+                "delete",
+                "--organization-id",
+                &org_id,
+                "--user-id",
+                &leaver_id,
+                "--database-url",
+                &url,
+            ],
+            &key,
+        );
+        assert!(!ok && stderr.contains("no user"), "{stderr}");
+        let (_, audit) = env
+            .get_json(
+                &env.api("/audit-logs"),
+                &with_user(&user_secret, &organization_secret),
+            )
+            .await;
+        let actions: Vec<&str> = audit["auditLogs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|entry| entry["action"].as_str())
+            .collect();
+        for action in [
+            "user.secret_rotated",
+            "organization.secret_rotated",
+            "user.deleted",
+        ] {
+            assert!(actions.contains(&action), "[{label}] {action}: {actions:?}");
+        }
+        env.stop().await;
+        crate::support::drop_test_database(&url).await;
+    }
+}
