@@ -1864,6 +1864,16 @@ impl RefreshEngine {
             Err(error) => {
                 let now = now_ms();
                 let (message, wait) = passing_failure(&error, row.failure_count);
+                let wait = if error.retry_after().is_some() {
+                    wait
+                } else {
+                    attempt_at_announcement(
+                        now,
+                        row.failing_since.unwrap_or(now),
+                        app.config.refresh_failing_after.as_millis() as i64,
+                        wait,
+                    )
+                };
                 // An answer without a usable access token that carried a new refresh token:
                 // stored before anything else, or the next refresh would present the one the
                 // provider may have retired for it (a grant lost at a rotating provider).
@@ -2216,6 +2226,20 @@ fn passing_failure(error: &OAuthError, failure_count: i64) -> (String, i64) {
         _ => error.provider_message(),
     };
     (message, wait)
+}
+
+/// `wait`, or less so that an attempt comes as the run of failures that began at `since`
+/// reaches `announce_after` (`instance.refresh_failing` is fired by an attempt): a backoff step
+/// that jumped past that moment left an outage a few minutes longer than it unannounced, and
+/// its recovery too, when a recovery elsewhere made the instance due first. A wait the
+/// provider asked for is not shortened (the caller does not ask).
+fn attempt_at_announcement(now: i64, since: i64, announce_after: i64, wait: i64) -> i64 {
+    let announce_at = since.saturating_add(announce_after);
+    if now < announce_at && announce_at < now.saturating_add(wait) {
+        announce_at - now
+    } else {
+        wait
+    }
 }
 
 /// The wait before the next attempt after `failure_count` failures in a row: exponential from
@@ -2641,4 +2665,20 @@ async fn revived_tokens_refused(
     let verified =
         crate::instances::verification(app, connector, &configuration, &access_token).await?;
     verified.rejection
+}
+
+#[cfg(test)]
+mod tests {
+    use super::attempt_at_announcement;
+
+    #[test]
+    fn an_attempt_comes_when_a_run_of_failures_is_announced() {
+        // The step would jump past the moment: it is cut to it.
+        assert_eq!(attempt_at_announcement(1_000, 0, 300_000, 400_000), 299_000);
+        // Before it, or past it already: the step as it is.
+        assert_eq!(attempt_at_announcement(1_000, 0, 300_000, 60_000), 60_000);
+        assert_eq!(attempt_at_announcement(310_000, 0, 300_000, 240_000), 240_000);
+        // Ending exactly at it: as it is.
+        assert_eq!(attempt_at_announcement(60_000, 0, 300_000, 240_000), 240_000);
+    }
 }
