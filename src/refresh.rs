@@ -2677,8 +2677,14 @@ mod tests {
         assert_eq!(attempt_at_announcement(1_000, 0, 300_000, 400_000), 299_000);
         // Before it, or past it already: the step as it is.
         assert_eq!(attempt_at_announcement(1_000, 0, 300_000, 60_000), 60_000);
-        assert_eq!(attempt_at_announcement(310_000, 0, 300_000, 240_000), 240_000);
+        assert_eq!(
+            attempt_at_announcement(310_000, 0, 300_000, 240_000),
+            240_000
+        );
         // Ending exactly at it: as it is.
-        assert_eq!(attempt_at_announcement(60_000, 0, 300_000, 240_000), 240_000);
+        assert_eq!(
+            attempt_at_announcement(60_000, 0, 300_000, 240_000),
+            240_000
+        );
     }
 }

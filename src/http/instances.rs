@@ -2592,6 +2592,9 @@ async fn update_once(
         update.configuration_json = Some(Value::Object(applied.configuration.clone()).to_string());
         let verification = match verified {
             Some(verification) => verification,
+            // A disabled instance makes no provider calls: the code's exchange is the
+            // re-authentication itself, the verification call is not.
+            None if row.is_disabled() => None,
             None => {
                 instances::verify(
                     app,

@@ -3720,6 +3720,52 @@ async fn the_callback_url_is_checked_as_a_redirect_uri() {
     drop_test_database(&url).await;
 }
 
+/// Re-authenticating a disabled instance exchanges the code (the re-authentication itself)
+/// and makes no verification call to the provider's API: a disabled instance makes no
+/// provider calls (a black-box tester saw the API called).
+#[tokio::test]
+async fn a_disabled_instance_is_reauthenticated_without_an_api_call() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let instance = env
+        .create_instance(&env.org, "sandbox-box", "dormant")
+        .await;
+    let id = id_of(&instance);
+    let platform = env.org.platform();
+    let disabled = call(
+        &env,
+        Method::DELETE,
+        &env.api(&format!("/instances/{id}/enabled")),
+        Some(&platform),
+        None,
+    )
+    .await;
+    assert_eq!(disabled.status, 200, "{}", disabled.body);
+    let api_before = env.sandbox_stats().await["api"]["ok"].clone();
+    let (code, state) = env.authorize(&env.org, "sandbox-box", "dormant").await;
+    let reauthenticated = call(
+        &env,
+        Method::PATCH,
+        &env.api(&format!("/instances/{id}")),
+        Some(&platform),
+        Some(json!({"providerData": {"code": code, "state": state}})),
+    )
+    .await;
+    assert_eq!(reauthenticated.status, 200, "{}", reauthenticated.body);
+    assert_eq!(
+        reauthenticated.body["disabled"], true,
+        "{}",
+        reauthenticated.body
+    );
+    assert_eq!(
+        env.sandbox_stats().await["api"]["ok"],
+        api_before,
+        "the API was called"
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// The client secret given to `oauth/url` (`apiSecret`, "kept for the exchange when given")
 /// serves a create whose configuration leaves it out, and the instance keeps it for its
 /// refreshes: the exchange went without a secret, and the provider refused the client.
