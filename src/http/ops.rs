@@ -184,11 +184,24 @@ fn escape(text: &str) -> String {
 )]
 pub async fn oauth_callback(Query(query): Query<HashMap<String, String>>) -> Response {
     let field = |name: &str| escape(query.get(name).map(String::as_str).unwrap_or(""));
-    let body = if let Some(error) = query.get("error") {
-        let description = query
-            .get("error_description")
-            .map(String::as_str)
-            .unwrap_or("");
+    let no_code = query.get("code").is_none_or(|code| code.trim().is_empty());
+    // A redirect without a code and without an error is told as a refusal too, so that the
+    // window that opened this one stops waiting (it waited out its five minutes).
+    let refusal = match query.get("error").filter(|error| !error.trim().is_empty()) {
+        Some(error) => Some((
+            error.as_str(),
+            query
+                .get("error_description")
+                .map(String::as_str)
+                .unwrap_or(""),
+        )),
+        None if no_code || query.contains_key("error") => Some((
+            "invalid_request",
+            "No code in this redirect: authorize again",
+        )),
+        None => None,
+    };
+    let body = if let Some((error, description)) = refusal {
         // The window that opened this one (the dashboard's Reconnect) hears of the refusal at
         // once, not after waiting out its five minutes.
         let page = format!(
@@ -212,13 +225,6 @@ pub async fn oauth_callback(Query(query): Query<HashMap<String, String>>) -> Res
             state = field("state"),
         )
     };
-    if query.get("code").is_none_or(|code| code.trim().is_empty()) {
-        return (
-            StatusCode::BAD_REQUEST,
-            Html("<!doctype html><p>No <code>code</code> in this redirect.</p>".to_string()),
-        )
-            .into_response();
-    }
     (callback_headers(), Html(body)).into_response()
 }
 
@@ -229,7 +235,7 @@ const REFUSED_SCRIPT: &str = "if (window.opener) { window.opener.postMessage({ty
 
 /// The page shows an authorization code: no cache keeps it, no other page frames it, it sends
 /// no referrer, and only its own script runs (a provider's text in it cannot bring one).
-fn callback_headers() -> [(axum::http::HeaderName, String); 3] {
+fn callback_headers() -> [(axum::http::HeaderName, String); 5] {
     static POLICY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let policy = POLICY.get_or_init(|| {
         let scripts = crate::http::dashboard::script_sources(&format!(
@@ -245,6 +251,12 @@ fn callback_headers() -> [(axum::http::HeaderName, String); 3] {
         (
             axum::http::header::REFERRER_POLICY,
             "no-referrer".to_string(),
+        ),
+        // For browsers that do not read `frame-ancestors`.
+        (axum::http::header::X_FRAME_OPTIONS, "DENY".to_string()),
+        (
+            axum::http::header::X_CONTENT_TYPE_OPTIONS,
+            "nosniff".to_string(),
         ),
     ]
 }

@@ -506,8 +506,22 @@ async fn the_callback_page_is_not_cached_and_reports_a_refusal() {
             .get(format!("{}/oauth/callback?{query}", env.server.url))
             .send()
     };
-    // A redirect with an empty code has none to show.
-    assert_eq!(page("code=&state=xyz").await.unwrap().status(), 400);
+    // A redirect with an empty code, or none, has none to show, and tells the opener so (it
+    // waited out its five minutes), with the page's headers (a privacy reviewer).
+    for query in ["code=&state=xyz", "state=xyz", "error=&state=xyz"] {
+        let empty = page(query).await.unwrap();
+        assert_eq!(empty.status(), 400, "{query}");
+        assert_eq!(empty.headers()["cache-control"], "no-store", "{query}");
+        assert!(
+            empty.headers().contains_key("content-security-policy"),
+            "{query}"
+        );
+        let text = empty.text().await.unwrap();
+        assert!(
+            text.contains("postMessage") && text.contains("invalid_request"),
+            "{query}: {text}"
+        );
+    }
     let shown = page("code=abc&state=xyz").await.unwrap();
     assert_eq!(shown.status(), 200);
     assert_eq!(shown.headers()["cache-control"], "no-store");
@@ -523,6 +537,8 @@ async fn the_callback_page_is_not_cached_and_reports_a_refusal() {
         "{policy}"
     );
     assert_eq!(shown.headers()["referrer-policy"], "no-referrer");
+    assert_eq!(shown.headers()["x-frame-options"], "DENY");
+    assert_eq!(shown.headers()["x-content-type-options"], "nosniff");
     let dashboard = env
         .http
         .get(format!("{}/", env.server.url))
