@@ -357,8 +357,8 @@ pub enum OrgsCommand {
         #[command(flatten)]
         database: DatabaseArgs,
     },
-    /// Give an organization a new secret (the old one, leaked, is refused at once); prints it
-    /// as JSON.
+    /// Give an organization a new secret (the old one, leaked, is refused from the next request
+    /// on); prints it as JSON.
     RotateSecret {
         /// The organization (its `organizationId`).
         #[arg(long)]
@@ -389,7 +389,8 @@ pub enum UsersCommand {
         #[command(flatten)]
         database: DatabaseArgs,
     },
-    /// Give a user a new secret (the old one, leaked, is refused at once); prints it as JSON.
+    /// Give a user a new secret (the old one, leaked, is refused within seconds); prints it as
+    /// JSON.
     RotateSecret {
         /// The organization (its `organizationId`).
         #[arg(long)]
@@ -400,7 +401,7 @@ pub enum UsersCommand {
         #[command(flatten)]
         database: DatabaseArgs,
     },
-    /// Delete a user: its secret is refused at once; the audit log keeps its entries.
+    /// Delete a user: its secret is refused within seconds; the audit log keeps its entries.
     Delete {
         /// The organization (its `organizationId`).
         #[arg(long)]

@@ -469,6 +469,40 @@ impl RefreshEngine {
         let _ = self.app.set(Arc::downgrade(app));
     }
 
+    /// [`Store::store_rotated_refresh_token`](crate::store::Store::store_rotated_refresh_token),
+    /// tried again while the store fails, for as long as a refresh's commit is
+    /// ([`AppConfig::commit_retry_for`](crate::app::AppConfig)).
+    async fn store_rotated(
+        &self,
+        app: &App,
+        id: i64,
+        version: i64,
+        sealed: &[u8],
+    ) -> Result<bool, crate::store::StoreError> {
+        let first = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            match app
+                .store
+                .store_rotated_refresh_token(id, version, sealed)
+                .await
+            {
+                Err(error) if first.elapsed() < app.config.commit_retry_for => {
+                    tracing::warn!(
+                        instance = id,
+                        "storing a rotated refresh token failed, trying again: {error}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(
+                        (COMMIT_RETRY_MS << attempt.min(5)).min(COMMIT_RETRY_MAX_MS),
+                    ))
+                    .await;
+                    attempt += 1;
+                }
+                done => return done,
+            }
+        }
+    }
+
     /// Revokes `refresh_token`, to which a refresh of instance `id` rotated after the instance
     /// was revoked (the refresh outlived its lease), at once, in a task of its own.
     fn revoke_orphaned_grant(
@@ -1888,14 +1922,8 @@ impl RefreshEngine {
                     let sealed = app
                         .keyring
                         .seal_secret(rotated, crate::instances::binding(row.id, "refresh_token"));
-                    match app
-                        .store
-                        .store_rotated_refresh_token(
-                            row.id,
-                            &app.replica_id,
-                            row.token_version,
-                            &sealed,
-                        )
+                    match self
+                        .store_rotated(app, row.id, row.token_version, &sealed)
                         .await
                     {
                         Ok(true) => {
@@ -1903,13 +1931,31 @@ impl RefreshEngine {
                             outcome_unknown = false;
                             self.forget(row.id);
                         }
-                        Ok(false) => tracing::warn!(
-                            instance = row.id,
-                            "the refresh token of an answer without a usable access token was not stored: the instance moved on meanwhile"
-                        ),
+                        Ok(false) => {
+                            // Revoked meanwhile, under a lease this refresh outlived: the
+                            // grant lives on in the token it was given (as in a commit's).
+                            let now_row = app.store.get_instance_by_id(row.id).await;
+                            if let Ok(Some(now_row)) = &now_row
+                                && !now_row.is_valid()
+                                && now_row.state_reason.as_deref() == Some("revoked")
+                            {
+                                self.revoke_orphaned_grant(
+                                    Arc::clone(&connector),
+                                    row.id,
+                                    configuration.clone(),
+                                    secrets.secret_configuration.clone(),
+                                    rotated.clone(),
+                                );
+                            } else {
+                                tracing::warn!(
+                                    instance = row.id,
+                                    "the refresh token of an answer without a usable access token was not stored: the instance moved on meanwhile"
+                                );
+                            }
+                        }
                         Err(failure) => tracing::error!(
                             instance = row.id,
-                            "the refresh token of an answer without a usable access token could not be stored: {failure}"
+                            "the refresh token of an answer without a usable access token could not be stored; the provider may have retired the stored one: {failure}"
                         ),
                     }
                 }
@@ -2326,6 +2372,38 @@ pub fn revoke_superseded_grant(
             &secret_configuration,
             &refresh_token,
             "the grant a re-authentication superseded",
+        )
+        .await;
+        drop(pending);
+    });
+}
+
+/// Revokes `refresh_token`, of a grant a re-authentication of instance `id` exchanged and never
+/// stored (the instance deleted meanwhile), when the connector revokes superseded grants: at
+/// once, in a task of its own, and without cutting short the wait of a superseded grant's
+/// revocation (calls under way may still use that one).
+pub fn revoke_unstored_grant(
+    app: &SharedApp,
+    connector: Arc<Connector>,
+    id: i64,
+    configuration: serde_json::Map<String, Value>,
+    secret_configuration: std::collections::BTreeMap<String, String>,
+    refresh_token: Secret,
+) {
+    if !connector.oauth.revoke_superseded_grant {
+        return;
+    }
+    let app = Arc::clone(app);
+    let pending = GrantRevocationPending::new(&app);
+    tokio::spawn(async move {
+        revoke_grant_now(
+            &app,
+            &connector,
+            id,
+            &configuration,
+            &secret_configuration,
+            &refresh_token,
+            "the grant a re-authentication exchanged and could not store",
         )
         .await;
         drop(pending);

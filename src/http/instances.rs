@@ -2137,7 +2137,7 @@ async fn update_turns(
         && let Some(origin) = grant.made_with
         && let Some(refresh_token) = grant.tokens.refresh_token
     {
-        crate::refresh::revoke_superseded_grant(
+        crate::refresh::revoke_unstored_grant(
             app,
             origin.connector,
             id,
@@ -3216,14 +3216,19 @@ async fn set_enabled(
     };
     // Enabling an enabled instance (or disabling a disabled one) changes nothing, and tells no
     // one: no event, no webhook, no audit entry. The event is dated as it is written.
-    let write = async || {
-        let event = events::new_event(app, &row, event_type, None);
+    async fn write(
+        app: &App,
+        row: &InstanceRow,
+        event_type: &str,
+        enabled: bool,
+    ) -> Result<bool, crate::store::StoreError> {
+        let event = events::new_event(app, row, event_type, None);
         app.store
             .set_disabled(row.organization_id, row.id, !enabled, Some(&event))
             .await
-    };
+    }
     let changed = if enabled {
-        write().await?
+        write(app, &row, event_type, true).await?
     } else {
         // Written under the instance's hold: a refresh under way (another replica's scheduler
         // may have claimed the instance a moment ago, and trusts its claim for a few seconds)
@@ -3232,15 +3237,30 @@ async fn set_enabled(
         // `instance.invalidated` comes before `instance.disabled`, as it happened. Written
         // first, the disable's event came before the refresh's. A refresh that hangs at its
         // provider past the hold's wait does not keep the disable from being written.
-        let held = app
-            .refresh
-            .with_instance_held(app, row.id, async |_| Ok(write().await?))
-            .await;
-        match held {
-            Ok(changed) => changed,
-            Err(error) if error.status == StatusCode::SERVICE_UNAVAILABLE => write().await?,
-            Err(error) => return Err(error),
-        }
+        // A task of its own, like a deletion: a caller hanging up while it waits must not cut
+        // it between taking the hold and writing.
+        let (task_app, task_row) = (std::sync::Arc::clone(app), row.clone());
+        crate::refresh::spawn_to_the_end(
+            app,
+            in_this_request(async move {
+                let (app, row) = (task_app, task_row);
+                let held = app
+                    .refresh
+                    .with_instance_held(&app, row.id, async |_| {
+                        Ok(write(&app, &row, event_type, false).await?)
+                    })
+                    .await;
+                match held {
+                    Ok(changed) => Ok(changed),
+                    Err(error) if error.status == StatusCode::SERVICE_UNAVAILABLE => {
+                        Ok(write(&app, &row, event_type, false).await?)
+                    }
+                    Err(error) => Err(error),
+                }
+            }),
+        )
+        .await
+        .map_err(|error| ApiError::internal(format!("the disable stopped: {error}")))??
     };
     app.refresh.forget(row.id);
     if changed {

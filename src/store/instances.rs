@@ -1034,24 +1034,27 @@ impl Store {
     /// Stores the refresh token a refresh's unusable answer carried (see
     /// `OAuthError::Unparseable`): the provider may have retired the one presented for it.
     /// Its token version moves on, and its refresh is no longer in flight (its outcome is
-    /// known); the rest stays, for the refresh that follows. Only by the lease's `owner`, at
-    /// `expected_version`, on an instance a refresh may still commit to. False when nothing
-    /// was written.
+    /// known); the rest stays, for the refresh that follows. At `expected_version`, like a
+    /// refresh's commit, whoever holds the lease now (a replica that took the refresh over
+    /// presents the retired token, and its invalidation at the old version is not written),
+    /// on an instance a refresh may still commit to. False when nothing was written.
     pub async fn store_rotated_refresh_token(
         &self,
         id: i64,
-        owner: &str,
         expected_version: i64,
         refresh_token_enc: &[u8],
     ) -> Result<bool, StoreError> {
         let result = sqlx::query(
-            "UPDATE instances SET refresh_token_enc = $1, token_version = token_version + 1,              refresh_in_flight_since = NULL,              updated_at = CASE WHEN $2 > updated_at THEN $2 ELSE updated_at + 1 END              WHERE id = $3 AND token_version = $4 AND refresh_lease_owner = $5              AND (state <> 'invalid' OR state_reason LIKE 'refresh interrupted%')",
+            "UPDATE instances SET refresh_token_enc = $1, token_version = token_version + 1, \
+             refresh_in_flight_since = NULL, \
+             updated_at = CASE WHEN $2 > updated_at THEN $2 ELSE updated_at + 1 END \
+             WHERE id = $3 AND token_version = $4 \
+             AND (state <> 'invalid' OR state_reason LIKE 'refresh interrupted%')",
         )
         .bind(refresh_token_enc)
         .bind(crate::app::now_ms())
         .bind(id)
         .bind(expected_version)
-        .bind(owner)
         .execute(&self.pool)
         .await?;
         Ok(result.rows_affected() == 1)

@@ -2613,6 +2613,8 @@ async fn a_rotated_refresh_token_beside_an_unusable_access_token_is_kept() {
                     let mut tokens: Value = answer.json().await.unwrap();
                     if mangle.swap(false, Ordering::SeqCst) {
                         tokens["access_token"] = json!("bad\u{1}value");
+                        // Answered late: the test hands the lease to another replica meanwhile.
+                        tokio::time::sleep(Duration::from_millis(1_500)).await;
                     }
                     (
                         axum::http::StatusCode::from_u16(status).unwrap(),
@@ -2645,9 +2647,22 @@ async fn a_rotated_refresh_token_beside_an_unusable_access_token_is_kept() {
     let platform = env.org.platform();
     let refresh_path = env.api(&format!("/instances/{id}/tokens/refresh"));
     mangle.store(true, Ordering::SeqCst);
-    let unusable =
-        crate::instances::call(&env, Method::POST, &refresh_path, Some(&platform), None).await;
+    // The refresh's lease runs out while the answer is late, and another replica takes it (for
+    // a moment): the token is stored all the same, as a refresh's commit would be.
+    let refresh = crate::instances::call(&env, Method::POST, &refresh_path, Some(&platform), None);
+    let take_over = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        lease_to(
+            &url,
+            id,
+            "another-replica",
+            tokenwarden::app::now_ms() + 2_500,
+        )
+        .await;
+    };
+    let (unusable, ()) = tokio::join!(refresh, take_over);
     assert_eq!(unusable.status, 503, "{}", unusable.body);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
     let refused_before = stat(&env, &["tokenErrors"]).await;
     // The provider answers properly again: the next refresh presents the token it rotated to.
     let refreshed =
