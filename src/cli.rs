@@ -612,11 +612,7 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             let created = crate::orgs::create_organization(&app, &name)
                 .await
                 .map_err(|error| error.message)?;
-            outln!(
-                "{}",
-                serde_json::to_string(&created).map_err(|e| e.to_string())?
-            );
-            Ok(ExitCode::SUCCESS)
+            print_json(&created)
         }
         Command::Orgs {
             command:
@@ -630,11 +626,7 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             let rotated = crate::orgs::rotate_organization_secret(&app, organization_id)
                 .await
                 .map_err(|error| error.message)?;
-            outln!(
-                "{}",
-                serde_json::to_string(&rotated).map_err(|e| e.to_string())?
-            );
-            Ok(ExitCode::SUCCESS)
+            print_json(&rotated)
         }
         Command::Users {
             command:
@@ -648,11 +640,7 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             let users = crate::orgs::list_users(&app, organization_id)
                 .await
                 .map_err(|error| error.message)?;
-            outln!(
-                "{}",
-                serde_json::to_string(&users).map_err(|e| e.to_string())?
-            );
-            Ok(ExitCode::SUCCESS)
+            print_json(&users)
         }
         Command::Users {
             command:
@@ -667,11 +655,7 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             let rotated = crate::orgs::rotate_user_secret(&app, organization_id, user_id)
                 .await
                 .map_err(|error| error.message)?;
-            outln!(
-                "{}",
-                serde_json::to_string(&rotated).map_err(|e| e.to_string())?
-            );
-            Ok(ExitCode::SUCCESS)
+            print_json(&rotated)
         }
         Command::Users {
             command:
@@ -686,11 +670,9 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             crate::orgs::delete_user(&app, organization_id, user_id)
                 .await
                 .map_err(|error| error.message)?;
-            outln!(
-                "{}",
-                serde_json::json!({"deleted": true, "organizationId": organization_id, "userId": user_id})
-            );
-            Ok(ExitCode::SUCCESS)
+            print_json(
+                &serde_json::json!({"deleted": true, "organizationId": organization_id, "userId": user_id}),
+            )
         }
         Command::Users {
             command:
@@ -705,11 +687,7 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             let created = crate::orgs::create_user(&app, organization_id, &name)
                 .await
                 .map_err(|error| error.message)?;
-            outln!(
-                "{}",
-                serde_json::to_string(&created).map_err(|e| e.to_string())?
-            );
-            Ok(ExitCode::SUCCESS)
+            print_json(&created)
         }
         Command::Instances { remote, command } => {
             use crate::remote::InstanceAction;
@@ -912,6 +890,15 @@ fn existing_database(database: &DatabaseArgs) -> Result<(), String> {
         )),
         _ => Ok(()),
     }
+}
+
+/// Prints `value` as one line of JSON: a command's answer.
+fn print_json(value: &impl serde::Serialize) -> Result<ExitCode, String> {
+    outln!(
+        "{}",
+        serde_json::to_string(value).map_err(|e| e.to_string())?
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn open_app(database: DatabaseArgs) -> Result<crate::app::SharedApp, String> {

@@ -516,20 +516,18 @@ impl RefreshEngine {
         let Some(app) = self.app.get().and_then(std::sync::Weak::upgrade) else {
             return;
         };
-        let pending = GrantRevocationPending::new(&app);
-        tokio::spawn(async move {
-            revoke_grant_now(
-                &app,
-                &connector,
-                id,
-                &configuration,
-                &secret_configuration,
-                &refresh_token,
-                "the grant a refresh rotated to as the instance was revoked",
-            )
-            .await;
-            drop(pending);
-        });
+        let origin = GrantOrigin {
+            connector,
+            configuration,
+            secret_configuration,
+        };
+        spawn_grant_revocation(
+            app,
+            id,
+            origin,
+            refresh_token,
+            "the grant a refresh rotated to as the instance was revoked",
+        );
     }
 
     /// Keeps rotated tokens the store did not take, and tries their commit again every
@@ -2390,20 +2388,48 @@ pub fn revoke_unstored_grant(
     secret_configuration: std::collections::BTreeMap<String, String>,
     refresh_token: Secret,
 ) {
-    if !connector.oauth.revoke_superseded_grant {
-        return;
+    if connector.oauth.revoke_superseded_grant {
+        let origin = GrantOrigin {
+            connector,
+            configuration,
+            secret_configuration,
+        };
+        spawn_grant_revocation(
+            Arc::clone(app),
+            id,
+            origin,
+            refresh_token,
+            "the grant a re-authentication exchanged and could not store",
+        );
     }
-    let app = Arc::clone(app);
+}
+
+/// What a grant no instance holds was made with, to revoke it.
+struct GrantOrigin {
+    connector: Arc<Connector>,
+    configuration: serde_json::Map<String, Value>,
+    secret_configuration: std::collections::BTreeMap<String, String>,
+}
+
+/// Revokes `refresh_token` (`what` it is, for the log) at once, in a task of its own that a
+/// stop waits for.
+fn spawn_grant_revocation(
+    app: SharedApp,
+    id: i64,
+    origin: GrantOrigin,
+    refresh_token: Secret,
+    what: &'static str,
+) {
     let pending = GrantRevocationPending::new(&app);
     tokio::spawn(async move {
         revoke_grant_now(
             &app,
-            &connector,
+            &origin.connector,
             id,
-            &configuration,
-            &secret_configuration,
+            &origin.configuration,
+            &origin.secret_configuration,
             &refresh_token,
-            "the grant a re-authentication exchanged and could not store",
+            what,
         )
         .await;
         drop(pending);
