@@ -265,6 +265,18 @@ async fn storm_of_rejected_calls_makes_one_refresh_on_sqlite() {
     drop_test_database(&url).await;
 }
 
+/// A service on the SQLite database `url`, with a sandbox of its own, whose scheduler and other
+/// background work are off: only calls refresh.
+async fn env_without_background(url: &str) -> Env {
+    let sandbox = tokenwarden_sandbox::spawn(loopback(), Default::default())
+        .await
+        .unwrap();
+    Env::start_with_sandbox("sqlite", url, sandbox, |config| {
+        config.background_tasks = false;
+    })
+    .await
+}
+
 // ----- 3. strategies ----------------------------------------------------------------------
 
 /// Each strategy on a stranger's server (the generic profile as an organization connector).
@@ -272,13 +284,7 @@ async fn storm_of_rejected_calls_makes_one_refresh_on_sqlite() {
 #[tokio::test]
 async fn each_strategy_refreshes_when_it_should() {
     let url = sqlite_database();
-    let sandbox = tokenwarden_sandbox::spawn(loopback(), Default::default())
-        .await
-        .unwrap();
-    let env = Env::start_with_sandbox("sqlite", &url, sandbox, |config| {
-        config.background_tasks = false;
-    })
-    .await;
+    let env = env_without_background(&url).await;
     let server = env.server.url.clone();
 
     // before_expiry: a token issued for 8 s with a 60 s buffer is "within the buffer" at once,
@@ -1946,13 +1952,7 @@ async fn a_patch_during_a_reauthentication_stays() {
 async fn a_claim_taken_over_by_a_refresh_is_read_again() {
     use tokenwarden::refresh::{Claimed, LEASE_MS};
     let url = sqlite_database();
-    let sandbox = tokenwarden_sandbox::spawn(loopback(), Default::default())
-        .await
-        .unwrap();
-    let env = Env::start_with_sandbox("sqlite", &url, sandbox, |config| {
-        config.background_tasks = false;
-    })
-    .await;
+    let env = env_without_background(&url).await;
     let app = env.server.app.clone();
     let created = env
         .create_instance(&env.org, "sandbox-generic", "claimed")
@@ -2484,13 +2484,7 @@ async fn a_call_finding_a_revocation_under_way_leaves_its_hold() {
 async fn a_claim_of_this_replicas_own_refresh_in_flight_is_read_again() {
     use tokenwarden::refresh::{Claimed, LEASE_MS};
     let url = sqlite_database();
-    let sandbox = tokenwarden_sandbox::spawn(loopback(), Default::default())
-        .await
-        .unwrap();
-    let env = Env::start_with_sandbox("sqlite", &url, sandbox, |config| {
-        config.background_tasks = false;
-    })
-    .await;
+    let env = env_without_background(&url).await;
     generic_profile(&env, strict_rotation()).await;
     let app = env.server.app.clone();
     let created = env
