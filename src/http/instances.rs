@@ -3754,10 +3754,6 @@ fn check_webhook_enabled(configuration: &Map<String, Value>) -> ApiResult<()> {
     }
 }
 
-/// A webhook URL given by a caller: an absolute http(s) URL with a host, not where no receiver
-/// lives (see `egress`); empty means none. Accepted otherwise, it failed only at delivery,
-/// shown in an event's `lastError`, and a scheme no delivery can use was retried for a day,
-/// holding the instance's later webhooks behind it.
 /// `oauth.callback.url`, when given: a redirect URI (see
 /// [`crate::oauth::redirect_uri_problem`]); it is sent with the code's exchange.
 fn check_callback_url(configuration: &Map<String, Value>) -> ApiResult<()> {
@@ -3774,6 +3770,10 @@ fn check_callback_url(configuration: &Map<String, Value>) -> ApiResult<()> {
     }
 }
 
+/// A webhook URL given by a caller: an absolute http(s) URL with a host, not where no receiver
+/// lives (see `egress`); empty means none. Accepted otherwise, it failed only at delivery,
+/// shown in an event's `lastError`, and a scheme no delivery can use was retried for a day,
+/// holding the instance's later webhooks behind it.
 fn check_webhook_url(app: &App, configuration: &Map<String, Value>) -> ApiResult<()> {
     let Some(given) = configuration
         .get(instances::WEBHOOK_URL)
