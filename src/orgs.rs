@@ -217,18 +217,31 @@ pub async fn rotate_user_secret(
 }
 
 /// Deletes a user: its secret is refused from the next request on. Its audit entries stay.
+/// Not the organization's last user: without one, it could make no platform call at all.
 pub async fn delete_user(app: &App, organization_id: i64, user_id: i64) -> Result<(), ApiError> {
     existing_organization(app, organization_id).await?;
+    let users = app.store.list_users(organization_id).await?;
+    let Some(user) = users.iter().find(|user| user.id == user_id) else {
+        return Err(no_such_user(organization_id, user_id));
+    };
+    if users.len() == 1 {
+        return Err(ApiError::conflict(format!(
+            "User {user_id} is the last user of organization {organization_id}, which could make no platform call without one: create another first (`users create`), or give this one a new secret (`users rotate-secret`)"
+        )));
+    }
     if !app.store.delete_user(organization_id, user_id).await? {
         return Err(no_such_user(organization_id, user_id));
     }
-    let target = user_id.to_string();
+    let (target, detail) = (
+        user_id.to_string(),
+        format!("by the command line; the user's name was {:?}", user.name),
+    );
     crate::audit::record_automatic(
         app,
         organization_id,
         "user.deleted",
         Some(&target),
-        Some("by the command line"),
+        Some(&detail),
     )
     .await;
     Ok(())

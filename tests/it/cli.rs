@@ -925,6 +925,25 @@ async fn leaked_secrets_are_replaced_and_users_deleted() {
             &key,
         );
         assert!(!ok && stderr.contains("no user"), "{stderr}");
+        // Not the last user: the organization could make no platform call without one.
+        let (ok, _, stderr) = tokenwarden(
+            &[
+                "users",
+                "delete",
+                "--organization-id",
+                &org_id,
+                "--user-id",
+                &owner,
+                "--database-url",
+                &url,
+            ],
+            &key,
+        );
+        assert!(!ok && stderr.contains("last user"), "[{label}] {stderr}");
+        assert_eq!(
+            status(with_user(&user_secret, &organization_secret)).await,
+            200
+        );
         let (_, audit) = env
             .get_json(
                 &env.api("/audit-logs"),
