@@ -2461,10 +2461,12 @@ impl Drop for GrantRevocationPending {
 
 /// A hold's answer when a refresh of the instance outlasted its wait.
 fn still_refreshing() -> ApiError {
-    ApiError::new(
+    let mut error = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "A refresh of this instance is still running: try again in a few seconds",
-    )
+        "A refresh of this instance is still running (its provider is slow to answer): try again in a few seconds",
+    );
+    error.retry_after = Some(5);
+    error
 }
 
 /// Waits until `count` is 0, woken by `changed`, at most `limit`; whether it is.

@@ -2758,9 +2758,11 @@ async fn update_once(
         *refresh_after = true;
     }
     let mut imported_rejected = false;
+    // (A disabled instance makes no provider calls: not this one either.)
     if let Some(tokens) = &imported
         && !expired
         && !tokens.access_token.is_empty()
+        && !row.is_disabled()
         && let Ok(Some(verified)) = tokio::time::timeout(
             IMPORT_VERIFICATION_WAIT,
             instances::verification(app, &connector, &plain, &tokens.access_token),
@@ -3158,7 +3160,7 @@ async fn delete_named(
                 }
                 // Whether the grant lives on, said with the deletion: once the instance is
                 // gone, nothing can revoke it any more.
-                let grant = deleted_grant(revoke, &revocation);
+                let grant = deleted_grant(revoke, &revocation, &held);
                 let event = events::new_event(&app, &held, events::DELETED, Some(&grant));
                 if !app
                     .store
@@ -3183,8 +3185,18 @@ async fn delete_named(
     ))
 }
 
-/// What a deletion did with the instance's grant, for its event and audit entry.
-fn deleted_grant(revoke: bool, revocation: &Value) -> String {
+/// The reason a revocation the provider confirmed leaves on the instance.
+const REVOKED_CONFIRMED: &str = "The grant was revoked through tokenwarden";
+
+/// What a deletion did with the instance's grant, for its event and audit entry (`held`: the
+/// instance as the deletion found it).
+fn deleted_grant(revoke: bool, revocation: &Value, held: &InstanceRow) -> String {
+    if !revoke
+        && held.state_reason.as_deref() == Some("revoked")
+        && held.provider_message.as_deref() == Some(REVOKED_CONFIRMED)
+    {
+        return "the grant had been revoked at the provider before (a revocation through tokenwarden)".into();
+    }
     if !revoke {
         return "the grant was not revoked at the provider (deleted without `?revoke=true`)".into();
     }
@@ -3514,7 +3526,7 @@ pub async fn revoke(
                     };
                     // The reason says what the provider confirmed.
                     let message = if revocation["revokedAtProvider"] == true {
-                        "The grant was revoked through tokenwarden".to_string()
+                        REVOKED_CONFIRMED.to_string()
                     } else {
                         format!(
                             "Revoked through tokenwarden; the provider did not confirm it: {}",

@@ -611,6 +611,41 @@ async fn a_refresh_token_not_revoked_keeps_the_instance() {
         }),
         "{audit}"
     );
+    // Revoked before (confirmed), then deleted without `?revoke=true`: said so.
+    let revoked = env
+        .create_instance(&env.org, "sandbox-salesforce", "sam")
+        .await;
+    let revoked_id = revoked["id"].as_i64().unwrap();
+    let (status, body) = send(
+        &env,
+        reqwest::Method::POST,
+        &format!("/instances/{revoked_id}/tokens/revoke"),
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = send(
+        &env,
+        reqwest::Method::DELETE,
+        &format!("/instances/{revoked_id}"),
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (_, events) = env
+        .get_json(
+            &env.api(&format!(
+                "/events?instanceId={revoked_id}&type=instance.deleted"
+            )),
+            &platform,
+        )
+        .await;
+    assert!(
+        events["events"][0]["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("revoked at the provider before")),
+        "{events}"
+    );
     env.stop().await;
     drop_test_database(&url).await;
 }

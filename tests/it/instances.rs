@@ -3679,7 +3679,19 @@ async fn a_disable_waits_for_a_hanging_refresh_no_longer_than_the_hold() {
         let answer = call(&env, Method::DELETE, &disable_path, Some(&platform), None).await;
         (answer, started.elapsed())
     };
-    let (_, (disabled, took)) = tokio::join!(refresh, disable);
+    // A deletion that cannot have the instance in that time says when to try again.
+    let delete = async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        env.http
+            .delete(env.api(&format!("/instances/{id}")))
+            .header("authorization", platform.clone())
+            .send()
+            .await
+            .unwrap()
+    };
+    let (_, (disabled, took), deleted) = tokio::join!(refresh, disable, delete);
+    assert_eq!(deleted.status(), 503);
+    assert_eq!(deleted.headers()["retry-after"], "5");
     assert_eq!(disabled.status, 200, "{}", disabled.body);
     assert_eq!(disabled.body["disabled"], true);
     assert!(
@@ -3761,6 +3773,31 @@ async fn a_disabled_instance_is_reauthenticated_without_an_api_call() {
         env.sandbox_stats().await["api"]["ok"],
         api_before,
         "the API was called"
+    );
+    // Nor is an import of tokens (another grant's) verified at the provider's API.
+    let other = env
+        .create_instance(&env.org, "sandbox-box", "dormant")
+        .await;
+    let api_before = env.sandbox_stats().await["api"]["ok"].clone();
+    let shown = revealed(&env, &env.org, &other).await;
+    let configuration = &shown["configuration"];
+    let imported = call(
+        &env,
+        Method::PATCH,
+        &env.api(&format!("/instances/{id}")),
+        Some(&platform),
+        Some(
+            json!({"externalAuthentication": "initial", "configuration": {
+            "oauth.user.token": configuration["oauth.user.token"],
+            "oauth.user.refresh_token": configuration["oauth.user.refresh_token"]}}),
+        ),
+    )
+    .await;
+    assert_eq!(imported.status, 200, "{}", imported.body);
+    assert_eq!(
+        env.sandbox_stats().await["api"]["ok"],
+        api_before,
+        "the API was called for the import"
     );
     env.stop().await;
     drop_test_database(&url).await;
