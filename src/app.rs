@@ -822,10 +822,21 @@ async fn shadowed_keys(
 }
 
 /// The wall clock in epoch milliseconds, on the database's clock when that is PostgreSQL
-/// (see [`set_clock_offset`]). (Not `OffsetDateTime::now_utc`: it works out the calendar date
-/// on every call, and the proxy asks the time on every call.)
+/// (see [`align_clock`]). Counted on the monotonic clock from the last alignment: a step of
+/// this machine's wall clock (an NTP correction, a virtual machine restored) does not move it
+/// until the next alignment, a minute later at most, when PostgreSQL's clock says where it is.
+/// A replica whose wall clock stepped back a minute wrote leases that had run out already, and
+/// another replica took over its refreshes; stepped forward, it dated tokens' expiries in the
+/// future, and nothing refreshed them. (Not `OffsetDateTime::now_utc`: it works out the
+/// calendar date on every call, and the proxy asks the time on every call.)
 pub fn now_ms() -> i64 {
-    system_now_ms() + CLOCK_OFFSET_MS.load(std::sync::atomic::Ordering::Relaxed)
+    let base = CLOCK_BASE_MS.load(std::sync::atomic::Ordering::Relaxed);
+    let base = if base == i64::MIN {
+        follow_the_wall_clock()
+    } else {
+        base
+    };
+    base + monotonic_ms()
 }
 
 /// This machine's wall clock in epoch milliseconds.
@@ -835,37 +846,52 @@ pub fn system_now_ms() -> i64 {
         .map_or(0, |elapsed| elapsed.as_millis() as i64)
 }
 
-static CLOCK_OFFSET_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+/// Milliseconds on the monotonic clock since the process first asked.
+fn monotonic_ms() -> i64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as i64
+}
 
-/// Puts [`now_ms`] on the shared database's clock: `offset_ms` is how far it is ahead of this
-/// machine's. Replicas compare each other's refresh leases (an end time written by one, read
-/// by the others), so they must read one clock: with this machine's clock 8 s ahead of
-/// another replica's, it would see that replica's live leases as run out and present the
-/// same refresh token beside it.
-pub fn set_clock_offset(offset_ms: i64) {
-    CLOCK_OFFSET_MS.store(offset_ms, std::sync::atomic::Ordering::Relaxed);
+/// [`now_ms`] minus [`monotonic_ms`]; `i64::MIN` until first set.
+static CLOCK_BASE_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(i64::MIN);
+
+/// Puts [`now_ms`] on this machine's wall clock as it reads now; answers the base.
+fn follow_the_wall_clock() -> i64 {
+    let base = system_now_ms() - monotonic_ms();
+    CLOCK_BASE_MS.store(base, std::sync::atomic::Ordering::Relaxed);
+    base
 }
 
 /// How far off the database's clock this machine's may be before it is said in the log.
 pub const CLOCK_OFFSET_WARNING_MS: i64 = 1_000;
 
-/// Measures the database's clock against this machine's and puts [`now_ms`] on it
-/// (PostgreSQL only: SQLite is read by one process).
+/// Puts [`now_ms`] on the database's clock when that is PostgreSQL (replicas compare each
+/// other's refresh leases, an end time written by one and read by the others, so they must
+/// read one clock: with this machine's clock 8 s ahead of another replica's, it would see that
+/// replica's live leases as run out and present the same refresh token beside it); on this
+/// machine's wall clock with SQLite, read by one process (a step of it is followed from here).
+/// At start and once a minute.
 pub async fn align_clock(store: &Store) {
-    match store.clock_offset_ms(system_now_ms).await {
-        Ok(Some(offset)) => {
+    match store.clock_offset_ms(monotonic_ms).await {
+        Ok(Some(base)) => {
+            let offset = base + monotonic_ms() - system_now_ms();
             if offset.abs() > CLOCK_OFFSET_WARNING_MS {
                 tracing::warn!(
                     offset_ms = offset,
                     "this machine's clock is off the database's; refresh leases follow the database's"
                 );
             }
-            set_clock_offset(offset);
+            CLOCK_BASE_MS.store(base, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(None) if store.engine() == crate::store::Engine::Postgres => tracing::warn!(
-            "the database's clock could not be read within its time limit; refresh leases keep the last offset measured until the next try"
+            "the database's clock could not be read within its time limit; refresh leases keep the clock of the last reading until the next try"
         ),
-        Ok(None) => {}
+        Ok(None) => {
+            follow_the_wall_clock();
+        }
         Err(error) => tracing::warn!("reading the database's clock: {error}"),
     }
 }

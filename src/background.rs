@@ -1011,7 +1011,8 @@ async fn presence(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
 const RECOVERY_INTERVAL: Duration = Duration::from_secs(10);
 
 async fn recovery(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
-    let mut last_purge = 0;
+    // On the monotonic clock: a wall clock stepped back put the minute's work off by the step.
+    let mut last_purge: Option<std::time::Instant> = None;
     loop {
         let now = now_ms();
         match app.store.interrupted_refreshes(now, 50).await {
@@ -1048,14 +1049,14 @@ async fn recovery(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
         app.proxy_http.sweep_idle();
         // The database too: expired OAuth states, and events and audit entries past their
         // retention, once a minute.
-        if now - last_purge > 60_000 {
+        if last_purge.is_none_or(|at| at.elapsed() > Duration::from_secs(60)) {
             // A clock stepped since the start (NTP, a resumed virtual machine) is followed.
             crate::app::align_clock(&app.store).await;
             app.refresh_shadowed().await;
             let _ = app.store.purge_expired_oauth_states(now).await;
             let _ = app.store.forget_replicas_before(now - 86_400_000).await;
             purge_old_rows(&app, now).await;
-            last_purge = now;
+            last_purge = Some(std::time::Instant::now());
         }
         tokio::select! {
             () = tokio::time::sleep(RECOVERY_INTERVAL) => {}

@@ -446,7 +446,9 @@ async fn deliver_one(
         },
     };
     // The receiver checks it against its own clock: this machine's, not the database's.
-    let timestamp = crate::app::system_now_ms() / 1000;
+    // On the database's clock, as the body's `occurredAt` is: a replica whose own clock is off
+    // signed times its receivers refused (they check `t` against their clocks).
+    let timestamp = crate::app::now_ms() / 1000;
     let signature = crypto::sign_event(&key, timestamp, body.as_bytes());
     let result = app
         .http

@@ -430,7 +430,9 @@ impl OAuthClient {
                 .map(str::to_string)
         };
         let content_type = header_text(CONTENT_TYPE);
-        let retry_after = header_text(RETRY_AFTER).and_then(|value| parse_retry_after(&value));
+        let retry_after = header_text(RETRY_AFTER).and_then(|value| {
+            parse_retry_after(&value, header_text(axum::http::header::DATE).as_deref())
+        });
         let (body, truncated) = read_capped(&mut response, MAX_BODY_BYTES)
             .await
             .map_err(transport_error)?;
@@ -569,16 +571,25 @@ fn with_retry_after(error: OAuthError, header: Option<u64>) -> OAuthError {
     }
 }
 
-/// `Retry-After` as seconds: a number of seconds, or an HTTP date (seconds from now).
-pub(crate) fn parse_retry_after(value: &str) -> Option<u64> {
+/// `Retry-After` as seconds: a number of seconds, or an HTTP date. A date is counted from the
+/// answer's own `Date` (`sent`: both on the provider's clock, RFC 9110 §10.2.3), or else from
+/// [`crate::app::now_ms`]: a provider an hour ahead of this machine asking for a minute held
+/// the instance back an hour, and one behind was asked again at once.
+pub(crate) fn parse_retry_after(value: &str, sent: Option<&str>) -> Option<u64> {
     let value = value.trim();
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(seconds);
     }
-    let date =
-        time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc2822).ok()?;
-    let seconds = (date - time::OffsetDateTime::now_utc()).whole_seconds();
-    Some(seconds.max(0) as u64)
+    let http_date = |text: &str| {
+        time::OffsetDateTime::parse(text.trim(), &time::format_description::well_known::Rfc2822)
+            .ok()
+    };
+    let date = http_date(value)?;
+    let from = sent.and_then(http_date).map_or_else(
+        || crate::app::now_ms().div_euclid(1000),
+        |sent| sent.unix_timestamp(),
+    );
+    Some((date.unix_timestamp() - from).max(0) as u64)
 }
 
 /// A transport failure in words, without the URL (a URL may hold a token). The proxy and the
@@ -688,15 +699,26 @@ mod tests {
 
     #[test]
     fn retry_after_forms() {
-        assert_eq!(parse_retry_after(" 120 "), Some(120));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(0));
+        assert_eq!(parse_retry_after(" 120 ", None), Some(120));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", None),
+            Some(0)
+        );
         let later = time::OffsetDateTime::now_utc() + time::Duration::seconds(90);
         let text = later
             .format(&time::format_description::well_known::Rfc2822)
             .unwrap();
-        let seconds = parse_retry_after(&text).unwrap();
+        let seconds = parse_retry_after(&text, None).unwrap();
         assert!((85..=90).contains(&seconds), "{seconds} from {text}");
-        assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(parse_retry_after("soon", None), None);
+        // A date counts from the answer's own `Date`, whatever this machine's clock says.
+        assert_eq!(
+            parse_retry_after(
+                "Wed, 21 Oct 2015 07:29:00 GMT",
+                Some("Wed, 21 Oct 2015 07:28:00 GMT")
+            ),
+            Some(60)
+        );
     }
 
     #[test]

@@ -1058,10 +1058,8 @@ impl Store {
     }
 
     /// False when there was no such connector.
-    /// Deletes an organization's connector unless instances of it exist, in one transaction:
-    /// the connector row is locked first (PostgreSQL; SQLite's write transaction serializes),
-    /// so an instance whose creation checked the connector is counted here.
-    /// How far the database's clock is ahead of `local` (this machine's), in milliseconds:
+    /// How far the database's clock is ahead of `local` (a clock of this machine's: its wall
+    /// clock, or its monotonic one), in milliseconds:
     /// on one connection (waiting for one is not timed), the quickest of three readings,
     /// counted from the middle of its round trip. `None` on SQLite, whose clock is the
     /// machine's, and when no reading came back within [`CLOCK_READING_MAX_MS`] (a busy
@@ -1102,6 +1100,9 @@ impl Store {
         Ok(rows)
     }
 
+    /// Deletes an organization's connector unless instances of it exist, in one transaction:
+    /// the connector row is locked first (PostgreSQL; SQLite's write transaction serializes),
+    /// so an instance whose creation checked the connector is counted here.
     pub async fn delete_connector(
         &self,
         organization_id: i64,
