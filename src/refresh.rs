@@ -469,40 +469,6 @@ impl RefreshEngine {
         let _ = self.app.set(Arc::downgrade(app));
     }
 
-    /// [`Store::store_rotated_refresh_token`](crate::store::Store::store_rotated_refresh_token),
-    /// tried again while the store fails, for as long as a refresh's commit is
-    /// ([`AppConfig::commit_retry_for`](crate::app::AppConfig)).
-    async fn store_rotated(
-        &self,
-        app: &App,
-        id: i64,
-        version: i64,
-        sealed: &[u8],
-    ) -> Result<bool, crate::store::StoreError> {
-        let first = Instant::now();
-        let mut attempt = 0u32;
-        loop {
-            match app
-                .store
-                .store_rotated_refresh_token(id, version, sealed)
-                .await
-            {
-                Err(error) if first.elapsed() < app.config.commit_retry_for => {
-                    tracing::warn!(
-                        instance = id,
-                        "storing a rotated refresh token failed, trying again: {error}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(
-                        (COMMIT_RETRY_MS << attempt.min(5)).min(COMMIT_RETRY_MAX_MS),
-                    ))
-                    .await;
-                    attempt += 1;
-                }
-                done => return done,
-            }
-        }
-    }
-
     /// Revokes `refresh_token`, to which a refresh of instance `id` rotated after the instance
     /// was revoked (the refresh outlived its lease), at once, in a task of its own.
     fn revoke_orphaned_grant(
@@ -1693,12 +1659,10 @@ impl RefreshEngine {
                 // retry safe: it commits, or finds the row moved on (by a commit whose answer
                 // was lost, ours).
                 let commit = async {
-                    let mut attempt: u32 = 0;
                     let first = Instant::now();
-                    loop {
-                        let tried = app
-                            .store
-                            .commit_refreshed_tokens_returning(
+                    let tried =
+                        retry_while_store_fails(app, row.id, "committing refreshed tokens", || {
+                            app.store.commit_refreshed_tokens_returning(
                                 row.id,
                                 &app.replica_id,
                                 row.token_version,
@@ -1706,60 +1670,39 @@ impl RefreshEngine {
                                 event.as_ref(),
                                 recovered.as_ref(),
                             )
-                            .await;
-                        match tried {
-                            // A value the database refuses is refused again: not retried.
+                        })
+                        .await;
+                    match tried {
+                        // The store is down (a database failing over for longer): the tokens
+                        // are kept and stored when it answers, before anything refreshes the
+                        // instance here.
+                        Err(error @ crate::store::StoreError::Unavailable(_)) => {
+                            tracing::error!(
+                                instance = row.id,
+                                "the rotated tokens could not be stored for {} s; they are kept, and stored as soon as the store answers: {error}",
+                                first.elapsed().as_secs()
+                            );
+                            self.park(
+                                row.id,
+                                ParkedCommit {
+                                    version: row.token_version,
+                                    update: update.clone(),
+                                    event: event.clone(),
+                                    recovered: recovered.clone(),
+                                    parked_at: Instant::now(),
+                                },
+                            );
                             Err(error)
-                                if first.elapsed() < app.config.commit_retry_for
-                                    && !matches!(
-                                        error,
-                                        crate::store::StoreError::InvalidText(_)
-                                    ) =>
-                            {
-                                attempt += 1;
-                                if attempt.is_power_of_two() || attempt.is_multiple_of(60) {
-                                    tracing::warn!(
-                                        instance = row.id,
-                                        attempt,
-                                        "committing refreshed tokens failed, trying again: {error}"
-                                    );
-                                }
-                                tokio::time::sleep(Duration::from_millis(
-                                    (COMMIT_RETRY_MS << attempt.min(5)).min(COMMIT_RETRY_MAX_MS),
-                                ))
-                                .await;
-                            }
-                            // The store is down (a database failing over for longer): the
-                            // tokens are kept and stored when it answers, before anything
-                            // refreshes the instance here.
-                            Err(error @ crate::store::StoreError::Unavailable(_)) => {
-                                tracing::error!(
-                                    instance = row.id,
-                                    "the rotated tokens could not be stored for {} s; they are kept, and stored as soon as the store answers: {error}",
-                                    first.elapsed().as_secs()
-                                );
-                                self.park(
-                                    row.id,
-                                    ParkedCommit {
-                                        version: row.token_version,
-                                        update: update.clone(),
-                                        event: event.clone(),
-                                        recovered: recovered.clone(),
-                                        parked_at: Instant::now(),
-                                    },
-                                );
-                                return Err(error);
-                            }
-                            Err(error) => {
-                                tracing::error!(
-                                    instance = row.id,
-                                    "the rotated tokens could not be stored for {} s; the provider may have retired the stored refresh token: {error}",
-                                    first.elapsed().as_secs()
-                                );
-                                return Err(error);
-                            }
-                            done => return done,
                         }
+                        Err(error) => {
+                            tracing::error!(
+                                instance = row.id,
+                                "the rotated tokens could not be stored for {} s; the provider may have retired the stored refresh token: {error}",
+                                first.elapsed().as_secs()
+                            );
+                            Err(error)
+                        }
+                        done => done,
                     }
                 };
                 let committed = commit.await.map_err(store_error)?;
@@ -1920,10 +1863,20 @@ impl RefreshEngine {
                     let sealed = app
                         .keyring
                         .seal_secret(rotated, crate::instances::binding(row.id, "refresh_token"));
-                    match self
-                        .store_rotated(app, row.id, row.token_version, &sealed)
-                        .await
-                    {
+                    let stored = retry_while_store_fails(
+                        app,
+                        row.id,
+                        "storing a rotated refresh token",
+                        || {
+                            app.store.store_rotated_refresh_token(
+                                row.id,
+                                row.token_version,
+                                &sealed,
+                            )
+                        },
+                    )
+                    .await;
+                    match stored {
                         Ok(true) => {
                             version += 1;
                             outcome_unknown = false;
@@ -2456,6 +2409,46 @@ impl Drop for GrantRevocationPending {
             .superseded_pending
             .fetch_sub(1, Ordering::AcqRel);
         self.0.refresh.superseded_done.notify_waiters();
+    }
+}
+
+/// `write` (`what` it does, for the log), tried again while the store fails, for as long as
+/// [`AppConfig::commit_retry_for`](crate::app::AppConfig) allows, in growing pauses: rotated
+/// tokens the provider has given are stored through a database failover. A value the
+/// database refuses is refused again: not retried. The last answer.
+async fn retry_while_store_fails<T, F, Fut>(
+    app: &App,
+    id: i64,
+    what: &str,
+    mut write: F,
+) -> Result<T, crate::store::StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, crate::store::StoreError>>,
+{
+    let first = Instant::now();
+    let mut attempt: u32 = 0;
+    loop {
+        match write().await {
+            Err(error)
+                if first.elapsed() < app.config.commit_retry_for
+                    && !matches!(error, crate::store::StoreError::InvalidText(_)) =>
+            {
+                attempt += 1;
+                if attempt.is_power_of_two() || attempt.is_multiple_of(60) {
+                    tracing::warn!(
+                        instance = id,
+                        attempt,
+                        "{what} failed, trying again: {error}"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(
+                    (COMMIT_RETRY_MS << attempt.min(5)).min(COMMIT_RETRY_MAX_MS),
+                ))
+                .await;
+            }
+            done => return done,
+        }
     }
 }
 
