@@ -820,10 +820,14 @@ async fn leaked_secrets_are_replaced_and_users_deleted() {
         let env = Env::start(&label, &url).await;
         let key = [("TOKENWARDEN_MASTER_KEY", crate::harness::TEST_MASTER_KEY)];
         let org_id = env.org.id.to_string();
-        let run = |args: &[&str]| {
+        // A command on the test's database: (succeeded, stdout, stderr).
+        let command = |args: &[&str]| {
             let mut all = args.to_vec();
             all.extend(["--database-url", &url]);
-            let (ok, stdout, stderr) = tokenwarden(&all, &key);
+            tokenwarden(&all, &key)
+        };
+        let run = |args: &[&str]| {
+            let (ok, stdout, stderr) = command(args);
             assert!(ok, "[{label}] {args:?}: {stderr}");
             serde_json::from_str::<serde_json::Value>(&stdout).unwrap()
         };
@@ -877,21 +881,14 @@ async fn leaked_secrets_are_replaced_and_users_deleted() {
             200
         );
         // A second user, who leaves.
-        let (ok, stdout, stderr) = tokenwarden(
-            &[
-                "users",
-                "create",
-                "--organization-id",
-                &org_id,
-                "--name",
-                "leaver",
-                "--database-url",
-                &url,
-            ],
-            &key,
-        );
-        assert!(ok, "{stderr}");
-        let leaver: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let leaver = run(&[
+            "users",
+            "create",
+            "--organization-id",
+            &org_id,
+            "--name",
+            "leaver",
+        ]);
         let leaver_secret = leaver["userSecret"].as_str().unwrap().to_string();
         assert_eq!(
             status(with_user(&leaver_secret, &organization_secret)).await,
@@ -911,34 +908,24 @@ async fn leaked_secrets_are_replaced_and_users_deleted() {
             401
         );
         // Unknown ids are said to be so.
-        let (ok, _, stderr) = tokenwarden(
-            &[
-                "users",
-                "delete",
-                "--organization-id",
-                &org_id,
-                "--user-id",
-                &leaver_id,
-                "--database-url",
-                &url,
-            ],
-            &key,
-        );
+        let (ok, _, stderr) = command(&[
+            "users",
+            "delete",
+            "--organization-id",
+            &org_id,
+            "--user-id",
+            &leaver_id,
+        ]);
         assert!(!ok && stderr.contains("no user"), "{stderr}");
         // Not the last user: the organization could make no platform call without one.
-        let (ok, _, stderr) = tokenwarden(
-            &[
-                "users",
-                "delete",
-                "--organization-id",
-                &org_id,
-                "--user-id",
-                &owner,
-                "--database-url",
-                &url,
-            ],
-            &key,
-        );
+        let (ok, _, stderr) = command(&[
+            "users",
+            "delete",
+            "--organization-id",
+            &org_id,
+            "--user-id",
+            &owner,
+        ]);
         assert!(!ok && stderr.contains("last user"), "[{label}] {stderr}");
         assert_eq!(
             status(with_user(&user_secret, &organization_secret)).await,

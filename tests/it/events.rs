@@ -168,6 +168,29 @@ async fn set_generic_profile(env: &Env, settings: Value) {
     assert!(response.status().is_success(), "{}", response.status());
 }
 
+/// Deletes instance `id` (without `?revoke=true`) and answers its `instance.deleted` event's
+/// reason.
+async fn deleted_saying(env: &Env, id: i64, auth: &str) -> String {
+    let (status, body) = send(
+        env,
+        reqwest::Method::DELETE,
+        &format!("/instances/{id}"),
+        auth,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, events) = env
+        .get_json(
+            &env.api(&format!("/events?instanceId={id}&type=instance.deleted")),
+            auth,
+        )
+        .await;
+    events["events"][0]["reason"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{events}"))
+        .to_string()
+}
+
 async fn send(env: &Env, method: reqwest::Method, path: &str, auth: &str) -> (u16, Value) {
     let response = env
         .http
@@ -580,26 +603,8 @@ async fn a_refresh_token_not_revoked_keeps_the_instance() {
     );
     // Deleted without `?revoke=true`: the deletion's event and audit entry say the grant was
     // not revoked (once deleted, nothing can revoke it).
-    let (status, body) = send(
-        &env,
-        reqwest::Method::DELETE,
-        &format!("/instances/{id}"),
-        &platform,
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    let (_, events) = env
-        .get_json(
-            &env.api(&format!("/events?instanceId={id}&type=instance.deleted")),
-            &platform,
-        )
-        .await;
-    assert!(
-        events["events"][0]["reason"]
-            .as_str()
-            .is_some_and(|reason| reason.contains("not revoked at the provider")),
-        "{events}"
-    );
+    let reason = deleted_saying(&env, id, &platform).await;
+    assert!(reason.contains("not revoked at the provider"), "{reason}");
     let (_, audit) = env.get_json(&env.api("/audit-logs"), &platform).await;
     assert!(
         audit["auditLogs"].as_array().unwrap().iter().any(|entry| {
@@ -624,27 +629,10 @@ async fn a_refresh_token_not_revoked_keeps_the_instance() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    let (status, _) = send(
-        &env,
-        reqwest::Method::DELETE,
-        &format!("/instances/{revoked_id}"),
-        &platform,
-    )
-    .await;
-    assert_eq!(status, 200);
-    let (_, events) = env
-        .get_json(
-            &env.api(&format!(
-                "/events?instanceId={revoked_id}&type=instance.deleted"
-            )),
-            &platform,
-        )
-        .await;
+    let reason = deleted_saying(&env, revoked_id, &platform).await;
     assert!(
-        events["events"][0]["reason"]
-            .as_str()
-            .is_some_and(|reason| reason.contains("revoked at the provider before")),
-        "{events}"
+        reason.contains("revoked at the provider before"),
+        "{reason}"
     );
     env.stop().await;
     drop_test_database(&url).await;

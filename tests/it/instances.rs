@@ -3614,6 +3614,23 @@ async fn a_disable_waits_for_a_refresh_under_way_elsewhere() {
     drop_test_database(&url).await;
 }
 
+/// A `sandbox-box` instance of `user` whose next token call the sandbox holds `delay_ms`: its
+/// id, and the paths of its refresh and of its enabled state.
+async fn slow_refresh(env: &Env, user: &str, delay_ms: u64) -> (i64, String, String) {
+    let instance = env.create_instance(&env.org, "sandbox-box", user).await;
+    let id = id_of(&instance);
+    env.sandbox_post(
+        "/__sandbox/faults",
+        json!({"target": "token", "status": 0, "delayMs": delay_ms}),
+    )
+    .await;
+    (
+        id,
+        env.api(&format!("/instances/{id}/tokens/refresh")),
+        env.api(&format!("/instances/{id}/enabled")),
+    )
+}
+
 /// A disable sent while a refresh of the instance is at the provider is written after that
 /// refresh: `instance.token.refreshed` comes before `instance.disabled`, as it happened. The
 /// disable was written first and then waited, so the events told of a refresh of an instance
@@ -3622,18 +3639,8 @@ async fn a_disable_waits_for_a_refresh_under_way_elsewhere() {
 async fn a_disable_during_a_refresh_is_told_after_it() {
     for (label, url) in test_databases().await {
         let env = Env::start(&label, &url).await;
-        let instance = env
-            .create_instance(&env.org, "sandbox-box", "ordered")
-            .await;
-        let id = id_of(&instance);
-        env.sandbox_post(
-            "/__sandbox/faults",
-            json!({"target": "token", "status": 0, "delayMs": 2_000}),
-        )
-        .await;
+        let (id, refresh_path, disable_path) = slow_refresh(&env, "ordered", 2_000).await;
         let platform = env.org.platform();
-        let refresh_path = env.api(&format!("/instances/{id}/tokens/refresh"));
-        let disable_path = env.api(&format!("/instances/{id}/enabled"));
         let refresh = call(&env, Method::POST, &refresh_path, Some(&platform), None);
         let disable = async {
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -3662,16 +3669,8 @@ async fn a_disable_during_a_refresh_is_told_after_it() {
 async fn a_disable_waits_for_a_hanging_refresh_no_longer_than_the_hold() {
     let url = crate::support::sqlite_database();
     let env = Env::start("sqlite", &url).await;
-    let instance = env.create_instance(&env.org, "sandbox-box", "hung").await;
-    let id = id_of(&instance);
-    env.sandbox_post(
-        "/__sandbox/faults",
-        json!({"target": "token", "status": 0, "delayMs": 22_000}),
-    )
-    .await;
+    let (id, refresh_path, disable_path) = slow_refresh(&env, "hung", 22_000).await;
     let platform = env.org.platform();
-    let refresh_path = env.api(&format!("/instances/{id}/tokens/refresh"));
-    let disable_path = env.api(&format!("/instances/{id}/enabled"));
     let refresh = call(&env, Method::POST, &refresh_path, Some(&platform), None);
     let disable = async {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
