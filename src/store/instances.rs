@@ -394,7 +394,28 @@ impl Store {
             .bind(organization_id)
             .execute(&mut *transaction)
             .await?;
-        commit_with_event(transaction, result.rows_affected() == 1, event).await
+        let deleted = commit_with_event(transaction, result.rows_affected() == 1, event).await?;
+        if deleted {
+            self.forget_freed_pages().await;
+        }
+        Ok(deleted)
+    }
+
+    /// SQLite: writes the log's pages into the file and empties the log, so that the pages a
+    /// deletion replaced (their zeros are in the file: `secure_delete`) are not left in
+    /// `-wal` until SQLite reuses its space. Best effort: a reader of the file (a backup under
+    /// way) keeps the log, and the next deletion tries again. Nothing on PostgreSQL (a deleted
+    /// row stays in its table's file until `VACUUM` reuses it).
+    async fn forget_freed_pages(&self) {
+        if self.engine() != Engine::Sqlite {
+            return;
+        }
+        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await
+        {
+            tracing::debug!("checkpointing SQLite's log after a deletion: {error}");
+        }
     }
 
     /// Removes an instance created from imported tokens whose first refresh the provider

@@ -481,8 +481,21 @@ impl Store {
                 pause = (pause * 2).min(Duration::from_secs(1));
             }
         }
+        // SQLite: what a deletion frees is overwritten with zeros, not left in the file's free
+        // pages (a deleted instance's configuration is plain text; its secrets are sealed).
+        let zero_freed_pages = engine == Engine::Sqlite;
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
+            .after_connect(move |connection, _| {
+                Box::pin(async move {
+                    if zero_freed_pages {
+                        sqlx::query("PRAGMA secure_delete = ON")
+                            .execute(&mut *connection)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
             .acquire_timeout(options.acquire_timeout)
             // No ping before each use: it doubled the round trips of every query (a broken
             // connection fails its query instead, and the pool drops it).

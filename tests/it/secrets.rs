@@ -397,6 +397,62 @@ async fn database_and_trace_log_hold_no_secret() {
     let _ = std::fs::remove_file(&key_path);
 }
 
+/// Whether `marker` is in the SQLite file at `db_path` or its log, as they are now.
+fn in_sqlite_files(db_path: &str, marker: &str) -> bool {
+    ["", "-wal"].iter().any(|suffix| {
+        std::fs::read(format!("{db_path}{suffix}")).is_ok_and(|bytes| {
+            bytes
+                .windows(marker.len())
+                .any(|window| window == marker.as_bytes())
+        })
+    })
+}
+
+/// A deleted instance's configuration (plain text but for its secrets) is gone from the SQLite
+/// file and its log at once, while the service runs: not left in freed pages or old log
+/// frames for whoever copies the file later. (Its name stays in its events, which outlive it.)
+#[tokio::test]
+async fn a_deleted_instance_leaves_no_plain_text_in_the_sqlite_files() {
+    let sandbox = tokenwarden_sandbox::spawn(loopback(), Default::default())
+        .await
+        .unwrap();
+    let database_url = sqlite_database();
+    let db_path = database_url.strip_prefix("sqlite://").unwrap().to_string();
+    let served = Served::start(&database_url, &sandbox.url, &[]);
+    let org = create_org_with_binary(&database_url, &[]);
+    let auth = format!(
+        "User {}, Organization {}",
+        org["userSecret"].as_str().unwrap(),
+        org["organizationSecret"].as_str().unwrap()
+    );
+    let client = http();
+    let note = "deleted-configuration-b84e0d57";
+    let (code, state) = approve(&client, &served, &auth, "sandbox-generic", "gone").await;
+    let (status, instance) = json_call(&client, Method::POST, &served.api("/instances"), &auth,
+        Some(json!({"element": {"key": "sandbox-generic"}, "providerData": {"code": code, "state": state},
+            "configuration": {"oauth.api.key": CLIENT_ID, "oauth.api.secret": "deleted-client-secret", "customer.note": note}}))).await;
+    assert_eq!(status, 200, "{instance}");
+    assert!(in_sqlite_files(&db_path, note), "the note was never stored");
+    let id = instance["id"].as_i64().unwrap();
+    let (status, deleted) = json_call(
+        &client,
+        Method::DELETE,
+        &served.api(&format!("/instances/{id}")),
+        &auth,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{deleted}");
+    assert!(
+        !in_sqlite_files(&db_path, note),
+        "the configuration is still in the files of the database after its instance's deletion"
+    );
+    served.stop();
+    sandbox.shutdown().await;
+    drop_test_database(&database_url).await;
+    let _ = std::fs::remove_file(format!("{db_path}.key"));
+}
+
 #[tokio::test]
 async fn postgres_without_a_master_key_refuses_to_start() {
     for (label, url) in test_databases().await {
