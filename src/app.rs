@@ -839,6 +839,13 @@ pub fn now_ms() -> i64 {
     base + monotonic_ms()
 }
 
+/// How far the clock the service goes by ([`now_ms`]: the database's, with PostgreSQL) is
+/// ahead of this machine's wall clock, in milliseconds, now: the offset measured at the last
+/// reading, and any step of the wall clock since (an NTP correction).
+pub fn clock_offset_ms() -> i64 {
+    now_ms() - system_now_ms()
+}
+
 /// This machine's wall clock in epoch milliseconds.
 pub fn system_now_ms() -> i64 {
     std::time::SystemTime::now()

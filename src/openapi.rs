@@ -228,6 +228,10 @@ pub struct Health {
     /// Why the database is unavailable (the database's own words).
     reason: Option<String>,
     kept_tokens: Option<i64>,
+    /// How far the clock the service goes by (PostgreSQL's, read each minute; with SQLite,
+    /// this machine's as read at the last minute) is ahead of this machine's wall clock now,
+    /// in milliseconds (negative: behind). A second or more is also said in the log.
+    clock_offset_ms: Option<i64>,
     background_restarts: Option<i64>,
     #[schema(value_type = Option<Object>)]
     connections: Option<Value>,

@@ -116,6 +116,10 @@ fn describe_families() {
         "Rotated tokens waiting in memory for the database (a restart loses them)"
     );
     describe_gauge!(
+        "tokenwarden_clock_offset_seconds",
+        "How far the clock the service goes by (PostgreSQL's with several replicas) is ahead of this machine's wall clock (negative: behind)"
+    );
+    describe_gauge!(
         "tokenwarden_build_info",
         "1, labelled with the running version"
     );
@@ -270,6 +274,8 @@ const GAUGES_EVERY_MS: i64 = 15_000;
 pub async fn update_gauges(app: &crate::app::App) {
     // In memory, no query: set at every scrape.
     metrics::gauge!("tokenwarden_rotated_tokens_kept").set(app.refresh.kept_count() as f64);
+    metrics::gauge!("tokenwarden_clock_offset_seconds")
+        .set(crate::app::clock_offset_ms() as f64 / 1000.0);
     // Per process: one service runs per process (the tests' one scrape included).
     static LAST_MS: AtomicI64 = AtomicI64::new(i64::MIN);
     let now = crate::app::now_ms();

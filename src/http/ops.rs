@@ -24,7 +24,7 @@ const HEALTH_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_mill
     operation_id = "ops_healthz",
     tag = "operations",
     summary = "Health, with a database check",
-    description = "`status` is `ok`; `degraded` while rotated tokens the database did not take are kept in memory (`keptTokens`): the process must not be restarted then, or they are lost; `unavailable` (503) while the database does not answer or does not take a write within 2 s (a full disk, a read-only file: `reason` says, and `database` is `not taking writes`). Use it for readiness, not liveness.",
+    description = "`status` is `ok`; `degraded` while rotated tokens the database did not take are kept in memory (`keptTokens`): the process must not be restarted then, or they are lost; `unavailable` (503) while the database does not answer or does not take a write within 2 s (a full disk, a read-only file: `reason` says, and `database` is `not taking writes`). `clockOffsetMs`: how far the clock the service goes by (PostgreSQL's, read each minute) is ahead of this machine's (negative: behind). Use it for readiness, not liveness.",
     responses(
         (status = 200, description = "Up, its database answering (`status`: `ok`, or `degraded` while rotated tokens wait in memory for the database)", body = crate::openapi::Health),
         (status = 503, description = "The database does not answer, or does not take a write (`reason`)", body = crate::openapi::Health),
@@ -60,6 +60,7 @@ pub async fn healthz(State(app): State<SharedApp>) -> Response {
             "database": database,
             "reason": reason,
             "keptTokens": kept,
+            "clockOffsetMs": crate::app::clock_offset_ms(),
             "backgroundRestarts": app
                 .background_restarts
                 .load(std::sync::atomic::Ordering::Relaxed),

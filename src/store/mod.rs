@@ -1070,7 +1070,6 @@ impl Store {
         Ok(row)
     }
 
-    /// False when there was no such connector.
     /// How far the database's clock is ahead of `local` (a clock of this machine's: its wall
     /// clock, or its monotonic one), in milliseconds:
     /// on one connection (waiting for one is not timed), the quickest of three readings,

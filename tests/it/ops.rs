@@ -106,6 +106,7 @@ async fn metrics_has_every_family_after_a_scenario() {
         "tokenwarden_outbox_backlog",
         "tokenwarden_outbox_oldest_pending_seconds",
         "tokenwarden_rotated_tokens_kept 0",
+        "# HELP tokenwarden_clock_offset_seconds ",
         "tokenwarden_build_info{version=",
         "# HELP tokenwarden_instances ",
         "# HELP tokenwarden_proxy_requests_total ",
@@ -118,6 +119,9 @@ async fn metrics_has_every_family_after_a_scenario() {
         3.0,
         "the calls' durations recorded:\n{text}"
     );
+    // This machine's clock and the database's (the same machine's) agree.
+    let offset = sample(&text, "tokenwarden_clock_offset_seconds");
+    assert!(offset.abs() < 1.0, "clock offset {offset} s:\n{text}");
     assert!(
         !text.contains("metered"),
         "an organization's connector key in:\n{text}"
@@ -374,6 +378,9 @@ async fn healthz_checks_the_database() {
             .await;
         assert_eq!(status, 200, "[{label}] {body}");
         assert_eq!(body["status"], "ok");
+        // The clock the service goes by is this machine's, or its database's on this machine.
+        let offset = body["clockOffsetMs"].as_i64().unwrap_or(i64::MAX);
+        assert!(offset.abs() < 1_000, "[{label}] {body}");
         assert!(
             body["database"]
                 .as_str()
