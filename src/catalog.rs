@@ -20,7 +20,9 @@ pub const BUILT_IN_CATALOG: &str = include_str!("../catalog/connectors.toml");
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Connector {
     /// Unique key, lowercase letters, digits and `-` (e.g. `adobe-esign`).
+    #[schema(pattern = "^[a-z0-9][a-z0-9-]{1,62}$", min_length = 2, max_length = 63)]
     pub key: String,
+    #[schema(min_length = 1, max_length = 190)]
     pub name: String,
     /// CRM, e-signature, file-storage, accounting, hr, ticketing, chat, calendar-mail, dev-tools,
     /// marketing, e-commerce, productivity, sandbox, other.
@@ -240,6 +242,7 @@ pub struct RefreshSpec {
     pub strategy: RefreshStrategy,
     /// `before_expiry`: refresh when the access token is this close to expiry.
     #[serde(default = "default_buffer_seconds")]
+    #[schema(maximum = 86_399)]
     pub buffer_seconds: u64,
     /// Refresh an instance not refreshed for this long, so refresh tokens that die of inactivity
     /// stay alive (Adobe Sign: 50 days, as the provider advises for its 60-day idle expiry).
@@ -354,6 +357,7 @@ pub struct ProxySpec {
     /// this connector's calls (1 to 86,400): an API of long polls (Salesforce's streaming API
     /// holds one 110 s) or slow reports. Without it, `serve --proxy-timeout` (30 s).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 86_400)]
     pub timeout_seconds: Option<u32>,
 }
 

@@ -253,10 +253,13 @@ pub struct InstanceWrite {
     provider_data: Option<ProviderData>,
     /// Configuration keys: `oauth.api.key`, `oauth.api.secret`, `oauth.callback.url`, tokens to
     /// import (`oauth.user.token`, `oauth.user.refresh_token`), `event.notification.*`, …
-    /// Strings, numbers or booleans (null removes a key).
+    /// Strings, numbers or booleans (null removes a key); at most 1,000 keys and 64 KB in all.
     #[schema(value_type = Option<Object>)]
     configuration: Option<Value>,
+    #[schema(max_length = 200)]
     name: Option<String>,
+    /// Tags of 1 to 100 characters (a tag given twice is kept once).
+    #[schema(max_items = 50)]
     tags: Option<Vec<String>>,
     /// `initial` to import tokens given in the configuration; `none`.
     external_authentication: Option<String>,
@@ -575,6 +578,14 @@ pub fn document() -> Value {
             if let Some(configuration) = properties.get_mut("configuration") {
                 configuration["additionalProperties"] =
                     serde_json::json!({"type": ["string", "number", "boolean", "null"]});
+                configuration["maxProperties"] = 1000.into();
+            }
+            if let Some(items) = properties
+                .get_mut("tags")
+                .and_then(|tags| tags.get_mut("items"))
+            {
+                items["minLength"] = 1.into();
+                items["maxLength"] = 100.into();
             }
         }
         write.insert("additionalProperties".into(), Value::Bool(false));

@@ -155,7 +155,12 @@ impl<'de> Deserialize<'de> for InstanceBody {
                     provider_data: fields.provider_data,
                     configuration: fields.configuration,
                     name: fields.name,
-                    tags: fields.tags,
+                    // A tag given twice is one tag.
+                    tags: fields.tags.map(|mut tags| {
+                        let mut seen = std::collections::HashSet::new();
+                        tags.retain(|tag| seen.insert(tag.clone()));
+                        tags
+                    }),
                     external_authentication: fields.external_authentication,
                     disabled: fields.disabled,
                     id: fields.other.get("id").filter(|id| !id.is_null()).cloned(),
@@ -1552,7 +1557,7 @@ async fn store_created(
     tag = "instances",
     summary = "The organization's instances (or the Element token's one); `?tags[]=`, pages with `?limit=`",
     params(
-        ("tags[]" = Option<String>, Query, description = "only instances with this tag (repeatable)"),
+        ("tags[]" = Option<String>, Query, description = "only instances with this tag; repeated, instances with any of the tags given (ignored with an Element token: its instance alone)"),
         ("limit" = Option<i64>, Query, description = "a page of at most this many instances, 1 to 1000, oldest first; a `Link: <…>; rel=\"next\"` header names the next page while one follows (without `limit` and `after`, the whole list)"),
         ("after" = Option<String>, Query, description = "the cursor in the previous page's `Link` (a page of 100 when given without `limit`)"),
     ),
@@ -1818,7 +1823,7 @@ async fn load_for_call(app: &App, caller: &Caller, id: &str) -> ApiResult<Instan
     operation_id = "instances_get_one",
     tag = "instances",
     summary = "One instance",
-    params(("id" = String, Path, description = "the instance id")),
+    params(("id" = i64, Path, description = "the instance id")),
     security(("platform" = [])),
     responses(
         (status = 200, description = "The instance", body = crate::openapi::Instance),
@@ -1841,7 +1846,7 @@ pub async fn get_one(
     tag = "instances",
     summary = "Re-authenticate (`providerData.code`) or merge name, tags, configuration",
     request_body(content = crate::openapi::InstanceWrite, content_type = "application/json", description = "Merged: name, tags, configuration; with `providerData.code`, a re-authentication", example = json!({"name": "renamed", "tags": ["prod"], "configuration": {"event.notification.enabled": "true", "event.notification.callback.url": "https://app.example/hooks"}})),
-    params(("id" = String, Path, description = "the instance id")),
+    params(("id" = i64, Path, description = "the instance id")),
     security(("platform" = [])),
     responses(
         (status = 200, description = "The instance", body = crate::openapi::Instance),
@@ -1887,7 +1892,7 @@ pub async fn patch_by_token(
 #[derive(Debug, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct PutQuery {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::json::flag")]
     re_authenticate: Option<bool>,
 }
 
@@ -1898,7 +1903,7 @@ pub struct PutQuery {
     tag = "instances",
     summary = "Replace the configuration; `?reAuthenticate=true` with a code re-authenticates",
     request_body(content = crate::openapi::InstanceWrite, content_type = "application/json", description = "The whole configuration (replaced), name and tags; with `providerData.code` and `?reAuthenticate=true`, a re-authentication", example = json!({"name": "Alice's account", "tags": ["qa"], "configuration": {"oauth.api.key": "client id", "oauth.api.secret": "client secret", "oauth.callback.url": "https://app.example/callback"}})),
-    params(("id" = String, Path, description = "the instance id"), ("reAuthenticate" = Option<bool>, Query, description = "with `providerData.code`: re-authenticate")),
+    params(("id" = i64, Path, description = "the instance id"), ("reAuthenticate" = Option<bool>, Query, description = "with `providerData.code`: re-authenticate")),
     security(("platform" = [])),
     responses(
         (status = 200, description = "The instance", body = crate::openapi::Instance),
@@ -2984,7 +2989,7 @@ async fn respond(app: &App, caller: &Caller, row: InstanceRow) -> ApiResult<Axum
 
 #[derive(Debug, Deserialize, Default)]
 pub struct DeleteQuery {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::json::flag")]
     revoke: Option<bool>,
 }
 
@@ -2994,7 +2999,7 @@ pub struct DeleteQuery {
     operation_id = "instances_delete",
     tag = "instances",
     summary = "Delete; `?revoke=true` revokes at the provider first",
-    params(("id" = String, Path, description = "the instance id"), ("revoke" = Option<bool>, Query, description = "revoke the tokens at the provider first")),
+    params(("id" = i64, Path, description = "the instance id"), ("revoke" = Option<bool>, Query, description = "revoke the tokens at the provider first")),
     security(("platform" = [])),
     responses(
         (status = 200, description = "Deleted", body = crate::openapi::Deleted),
@@ -3323,7 +3328,7 @@ pub async fn disable(State(app): State<SharedApp>, caller: Caller) -> ApiResult<
     operation_id = "instances_enable_by_id",
     tag = "instances",
     summary = "Enable",
-    params(("id" = String, Path, description = "the instance id")),
+    params(("id" = i64, Path, description = "the instance id")),
     security(("platform" = [])),
     responses(
         (status = 200, description = "The instance", body = crate::openapi::Instance),
@@ -3345,7 +3350,7 @@ pub async fn enable_by_id(
     operation_id = "instances_disable_by_id",
     tag = "instances",
     summary = "Disable: no provider calls, no refreshes",
-    params(("id" = String, Path, description = "the instance id")),
+    params(("id" = i64, Path, description = "the instance id")),
     security(("platform" = [])),
     responses(
         (status = 200, description = "The instance", body = crate::openapi::Instance),
@@ -3367,7 +3372,7 @@ pub async fn disable_by_id(
     operation_id = "instances_refresh_now",
     tag = "instances",
     summary = "Refresh the access token now",
-    params(("id" = String, Path, description = "the instance id")),
+    params(("id" = i64, Path, description = "the instance id")),
     security(("platform" = [])),
     responses(
         (status = 200, description = "Refreshed: the instance", body = crate::openapi::Instance),
@@ -3440,7 +3445,7 @@ pub async fn refresh_now(
     operation_id = "instances_revoke",
     tag = "instances",
     summary = "Revoke at the provider; the instance turns invalid",
-    params(("id" = String, Path, description = "the instance id")),
+    params(("id" = i64, Path, description = "the instance id")),
     security(("platform" = [])),
     responses(
         (status = 200, description = "Revoked at the provider: the instance, invalid, with `revocation`", body = crate::openapi::Instance),

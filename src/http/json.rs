@@ -79,8 +79,38 @@ fn path_rejection(rejection: PathRejection) -> ApiError {
 pub fn query_rejection(rejection: QueryRejection) -> ApiError {
     ApiError::bad_request(format!(
         "The query string is not valid: {}",
-        rejection.body_text()
+        without_axum_words(&rejection.body_text())
     ))
+}
+
+/// axum's rejection text without its own opening words, which name its types ("Failed to
+/// deserialize the JSON body into the target type: "): the rest, serde's, names the field.
+fn without_axum_words(text: &str) -> &str {
+    [
+        "Failed to deserialize the JSON body into the target type: ",
+        "Failed to parse the request body as JSON: ",
+        "Failed to deserialize query string: ",
+    ]
+    .iter()
+    .find_map(|prefix| text.strip_prefix(prefix))
+    .unwrap_or(text)
+}
+
+/// A query string's yes-or-no parameter: `true` or `false` in any case (Python's `requests`
+/// sends `True`), or `1` / `0`.
+pub fn flag<'de, D>(deserializer: D) -> Result<Option<bool>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::Deserialize;
+    let text = String::deserialize(deserializer)?;
+    match text.to_ascii_lowercase().as_str() {
+        "true" | "1" => Ok(Some(true)),
+        "false" | "0" => Ok(Some(false)),
+        _ => Err(serde::de::Error::custom(format!(
+            "`{text}` is not `true` or `false`"
+        ))),
+    }
 }
 
 pub fn json_rejection(rejection: JsonRejection) -> ApiError {
@@ -98,11 +128,14 @@ pub fn json_rejection(rejection: JsonRejection) -> ApiError {
         JsonRejection::JsonDataError(error) => {
             format!(
                 "The JSON body does not have the expected shape: {}",
-                error.body_text()
+                without_axum_words(&error.body_text())
             )
         }
         JsonRejection::JsonSyntaxError(error) => {
-            format!("The body is not valid JSON: {}", error.body_text())
+            format!(
+                "The body is not valid JSON: {}",
+                without_axum_words(&error.body_text())
+            )
         }
         JsonRejection::MissingJsonContentType(_) => {
             "Send the body as JSON with `Content-Type: application/json`".to_string()

@@ -90,8 +90,8 @@ const REJECTION_BODY_BYTES: usize = 256 * 1024;
     operation_id = "proxy_handle",
     tag = "proxy",
     summary = "Call the provider through an instance: forwarded to base.url + /{path} with the access token injected; needs `User <user secret>, Element <instance token>`",
-    description = "Any other method but CONNECT and TRACE is forwarded too. The path may hold `/`: send it as it is (`/proxy/2.0/users/me`); an escaped `%2F` reaches the provider escaped. Everything the provider answers comes back as it is (its status, headers and body), besides the proxy's own answers below.",
-    params(("path" = String, Path, description = "the provider path under the instance's base.url; may hold `/`, sent unescaped")),
+    description = "Any other method but CONNECT and TRACE is forwarded too. The path may hold `/`: send it as it is (`/proxy/2.0/users/me`); an escaped `%2F` reaches the provider escaped. A client generated from this document escapes `/` in a path parameter (`%2F`), which the provider takes for another path: build the proxy's URL yourself (base path, `/proxy/`, the provider's path as it is). Everything the provider answers comes back as it is (its status, headers and body), besides the proxy's own answers below.",
+    params(("path" = String, Path, description = "the provider path under the instance's base.url; may hold `/`, sent unescaped (not as a generated client escapes a path parameter)")),
     security(("instance" = [])),
     responses(
         (status = 200, description = "The provider's answer, as it is"),

@@ -981,3 +981,74 @@ async fn two_authorization_headers_are_refused() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// What a generated client sends is taken as it means it (an SDK author's findings): a query
+/// flag in Python's spelling (`True`), a tag given twice, an error naming the field at fault
+/// rather than the framework's types.
+#[tokio::test]
+async fn a_generated_client_s_spellings_are_understood() {
+    let url = crate::support::sqlite_database();
+    let env = Env::start("client spellings", &url).await;
+    let platform = env.org.platform();
+    let instance = env
+        .create_instance(&env.org, "sandbox-generic", "sdk")
+        .await;
+    let id = instance["id"].as_i64().unwrap();
+    let path = env.api(&format!("/instances/{id}"));
+    let (status, body) = send(
+        &env,
+        Method::PATCH,
+        &path,
+        &platform,
+        Some(json!({"tags": ["a", "b", "a"]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["tags"], json!(["a", "b"]), "{body}");
+    // A wrong type: serde's words, which name the field, without axum's.
+    let (status, body) = send(
+        &env,
+        Method::PATCH,
+        &path,
+        &platform,
+        Some(json!({"tags": "a"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("tags") && !message.contains("target type"),
+        "{body}"
+    );
+    // Neither yes nor no: refused, naming the value.
+    let (status, body) = send(
+        &env,
+        Method::DELETE,
+        &format!("{path}?revoke=maybe"),
+        &platform,
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("`maybe`"),
+        "{body}"
+    );
+    // `True` is true: the grant is revoked at the provider before the deletion.
+    let before = env.sandbox_stats().await["revoke"].as_u64().unwrap();
+    let (status, body) = send(
+        &env,
+        Method::DELETE,
+        &format!("{path}?revoke=True"),
+        &platform,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        env.sandbox_stats().await["revoke"].as_u64().unwrap() > before,
+        "no revocation reached the provider"
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
