@@ -1902,7 +1902,7 @@ pub struct PutQuery {
     operation_id = "instances_put",
     tag = "instances",
     summary = "Replace the configuration; `?reAuthenticate=true` with a code re-authenticates",
-    request_body(content = crate::openapi::InstanceWrite, content_type = "application/json", description = "The whole configuration (replaced), name and tags; with `providerData.code` and `?reAuthenticate=true`, a re-authentication", example = json!({"name": "Alice's account", "tags": ["qa"], "configuration": {"oauth.api.key": "client id", "oauth.api.secret": "client secret", "oauth.callback.url": "https://app.example/callback"}})),
+    request_body(content = crate::openapi::InstanceWrite, content_type = "application/json", description = "The whole configuration (replaced: the keys the service computes, `base.url`, `oauth.token.refresh_url` and `oauth.provider.*`, stay, and the client id and secret, `oauth.callback.url` and the scope unless given), name and tags; with `providerData.code` and `?reAuthenticate=true`, a re-authentication", example = json!({"name": "Alice's account", "tags": ["qa"], "configuration": {"oauth.api.key": "client id", "oauth.api.secret": "client secret", "oauth.callback.url": "https://app.example/callback"}})),
     params(("id" = i64, Path, description = "the instance id"), ("reAuthenticate" = Option<bool>, Query, description = "with `providerData.code`: re-authenticate")),
     security(("platform" = [])),
     responses(
@@ -1932,7 +1932,7 @@ pub async fn put(
     operation_id = "instances_put_by_token",
     tag = "instances",
     summary = "Replace the configuration of the instance named by the Element token",
-    request_body(content = crate::openapi::InstanceWrite, content_type = "application/json", description = "The whole configuration (replaced), name and tags; with `providerData.code` and `?reAuthenticate=true`, a re-authentication", example = json!({"name": "Alice's account", "tags": ["qa"], "configuration": {"oauth.api.key": "client id", "oauth.api.secret": "client secret", "oauth.callback.url": "https://app.example/callback"}})),
+    request_body(content = crate::openapi::InstanceWrite, content_type = "application/json", description = "The whole configuration (replaced: the keys the service computes, `base.url`, `oauth.token.refresh_url` and `oauth.provider.*`, stay, and the client id and secret, `oauth.callback.url` and the scope unless given), name and tags; with `providerData.code` and `?reAuthenticate=true`, a re-authentication", example = json!({"name": "Alice's account", "tags": ["qa"], "configuration": {"oauth.api.key": "client id", "oauth.api.secret": "client secret", "oauth.callback.url": "https://app.example/callback"}})),
     params(("reAuthenticate" = Option<bool>, Query, description = "with `providerData.code`: re-authenticate")),
     security(("element" = [])),
     responses(
