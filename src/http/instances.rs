@@ -582,6 +582,38 @@ struct Redirect<'a> {
     kept_secret_first: bool,
 }
 
+/// Whether `value`, the redirect's `field` that sets `base.url` (`oauth.baseUrlFrom`), is on
+/// the origin (scheme, host, port) of the connector's `baseUrl`, or of one of the shapes an input taken from that
+/// field has (`redirectShapes`: Adobe's `api.{shard}.echosign.com`), filled in with
+/// `plain`.
+fn redirect_base_on_a_known_host(
+    app: &App,
+    connector: &Connector,
+    plain: &Map<String, Value>,
+    field: &str,
+    value: &Value,
+) -> bool {
+    // Scheme, host and port.
+    let origin = |url: &str| {
+        url::Url::parse(url.trim())
+            .ok()
+            .map(|url| url.origin())
+            .filter(url::Origin::is_tuple)
+    };
+    let Some(given) = value.as_str().and_then(origin) else {
+        return false;
+    };
+    let shapes = connector
+        .inputs
+        .values()
+        .filter(|input| input.from_redirect.as_deref() == Some(field))
+        .flat_map(|input| input.redirect_shapes.iter());
+    std::iter::once(&connector.base_url)
+        .chain(shapes)
+        .filter_map(|template| app.fill(connector, template, plain).ok())
+        .any(|known| origin(&known).as_ref() == Some(&given))
+}
+
 /// RFC 9207: a redirect's `iss` (given beside the code, `providerData.iss`) must name the
 /// connector's authorization server when the connector names its issuer (`oauth.issuer`,
 /// its inputs filled in): a code another server issued is not presented to this one's token
@@ -935,9 +967,24 @@ async fn exchange_claimed(
     // token response wins where both carry a field.
     let mut tokens = tokens;
     for (key, value) in redirect_fields {
-        if !tokens.fields.contains_key(key) && !crate::instances::is_secret_key(key) {
-            tokens.fields.insert(key.clone(), value.clone());
+        if tokens.fields.contains_key(key) || crate::instances::is_secret_key(key) {
+            continue;
         }
+        // The redirect came through the user's browser: a `base.url` it names must be on a
+        // host the connector's own URLs name, or the user could send the calls made through
+        // their instance (and the platform's requests they carry) to a host of their choosing
+        // (the service's network). The provider's token response is believed as it is.
+        if connector.oauth.base_url_from.as_deref() == Some(key.as_str())
+            && !redirect_base_on_a_known_host(app, connector, plain, key, value)
+        {
+            tracing::warn!(
+                connector = %connector.key,
+                field = %key,
+                "the authorization redirect names an API host none of the connector's URLs names; base.url stays the connector's"
+            );
+            continue;
+        }
+        tokens.fields.insert(key.clone(), value.clone());
     }
     Ok(Grant {
         tokens,

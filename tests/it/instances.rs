@@ -2562,6 +2562,61 @@ async fn an_input_named_by_the_redirect_routes_the_exchange() {
     drop_test_database(&url).await;
 }
 
+/// A `base.url` named by the authorization redirect (`oauth.baseUrlFrom`), which comes through
+/// the user's browser, is taken only on a host the connector names: a user could otherwise
+/// send the calls made through their instance to an address of the service's network.
+#[tokio::test]
+async fn a_redirect_names_no_api_host_of_its_own() {
+    let (label, url) = test_databases().await.into_iter().next().unwrap();
+    let env = Env::start(&label, &url).await;
+    let auth = env.org.platform();
+    let sandbox = env.sandbox.url.clone();
+    register_connector(
+        &env,
+        json!({
+                "key": "routed", "name": "Routed by its redirect",
+                "baseUrl": "{sandbox}/generic/",
+                "oauth": {"authorizationUrl": "{sandbox}/generic/authorize",
+                          "tokenUrl": "{sandbox}/generic/token",
+                          "scopes": ["api", "offline_access"], "clientAuth": "client_secret_post",
+                          "baseUrlFrom": "api_access_point"},
+        }),
+    )
+    .await;
+    for (user, named, expected) in [
+        (
+            "elsewhere",
+            "http://127.0.0.1:9/internal-admin/".to_string(),
+            format!("{sandbox}/generic/"),
+        ),
+        (
+            "same-host",
+            format!("{sandbox}/generic/v2/"),
+            format!("{sandbox}/generic/v2/"),
+        ),
+    ] {
+        let (code, state) = env.authorize(&env.org, "routed", user).await;
+        let created = call(
+            &env,
+            Method::POST,
+            &env.api("/instances"),
+            Some(&auth),
+            Some(json!({"element": {"key": "routed"},
+                        "providerData": {"code": code, "state": state, "api_access_point": named},
+                        "configuration": env.configuration()})),
+        )
+        .await;
+        assert_eq!(created.status, 200, "[{label}] {}", created.body);
+        assert_eq!(
+            created.body["configuration"]["base.url"], expected,
+            "[{label}] {user}: {}",
+            created.body
+        );
+    }
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// An input the token response names (Adobe Acrobat Sign answers `api_access_point`, "the base
 /// URI to be used for subsequent calls (/oauth/v2/refresh and /oauth/v2/revoke)"): an instance
 /// made from a code alone refreshes at the host the provider named. It refreshed at the
