@@ -137,14 +137,18 @@ pub struct OAuthSpec {
     #[serde(default)]
     pub pkce: bool,
     /// Extra parameters on the authorization URL, e.g. those that get a refresh token
-    /// (`access_type=offline`, `prompt=consent`, `token_access_type=offline`).
+    /// (`access_type=offline`, `prompt=consent`, `token_access_type=offline`); not the ones the
+    /// service sets (`client_id`, `redirect_uri`, `state`, …), nor `scope` beside `scopes`.
     #[serde(default)]
     pub authorization_params: BTreeMap<String, String>,
-    /// Extra parameters on every refresh request (Microsoft's `scope`).
+    /// Extra parameters on every refresh request (Microsoft's `scope`); not the ones the service
+    /// sets (`grant_type`, `refresh_token`, `client_secret`). `"client_id": "{client_id}"` sends
+    /// the client's id in the body besides Basic authentication (providers that want both).
     #[serde(default)]
     pub refresh_params: BTreeMap<String, String>,
-    /// Extra parameters on the authorization-code exchange (Shopify's `expiring=1`). Added by the
-    /// catalog; default none.
+    /// Extra parameters on the authorization-code exchange (Shopify's `expiring=1`); not the
+    /// ones the service sets (`grant_type`, `code`, `redirect_uri`, `code_verifier`,
+    /// `client_secret`); `client_id` as for `refreshParams`.
     #[serde(default)]
     pub token_params: BTreeMap<String, String>,
     /// Body encoding of token and refresh requests.
@@ -620,12 +624,51 @@ pub fn validate(connector: &Connector, built_in: bool) -> Result<(), CatalogErro
             "`oauth.authorizationParams.{name}`: the service sets `{name}` itself"
         )));
     }
+    // Nor the scope, when `oauth.scopes` gives one (the URL carries that one).
+    if oauth.authorization_params.contains_key("scope") && !oauth.scopes.is_empty() {
+        return Err(invalid(
+            "`oauth.authorizationParams.scope`: the scope asked for is `oauth.scopes`; give it there only"
+                .to_string(),
+        ));
+    }
+    // The token and refresh requests' own parameters likewise (they were dropped); the
+    // client's id may be asked for in the body beside Basic authentication, by its
+    // placeholder (the instance's own id goes).
+    for (field, params, reserved) in [
+        (
+            "oauth.tokenParams",
+            &oauth.token_params,
+            crate::oauth::TOKEN_RESERVED,
+        ),
+        (
+            "oauth.refreshParams",
+            &oauth.refresh_params,
+            crate::oauth::REFRESH_RESERVED,
+        ),
+    ] {
+        if let Some(name) = params.keys().find(|name| reserved.contains(&name.as_str())) {
+            return Err(invalid(format!(
+                "`{field}.{name}`: the service sets `{name}` itself"
+            )));
+        }
+        if params
+            .get(CLIENT_ID_PLACEHOLDER)
+            .is_some_and(|value| value != "{client_id}")
+        {
+            return Err(invalid(format!(
+                "`{field}.client_id`: the client id sent is the instance's (`oauth.api.key`); give `\"{{client_id}}\"` to send it in the body besides the client authentication"
+            )));
+        }
+    }
     for (field, params) in [
         ("oauth.authorizationParams", &oauth.authorization_params),
         ("oauth.tokenParams", &oauth.token_params),
         ("oauth.refreshParams", &oauth.refresh_params),
     ] {
         for (name, value) in params {
+            if name == CLIENT_ID_PLACEHOLDER && field != "oauth.authorizationParams" {
+                continue;
+            }
             unknown_input(value, &samples)
                 .map_err(|problem| invalid(format!("`{field}.{name}`: {problem}")))?;
         }
@@ -1057,6 +1100,49 @@ verify.path = "me"
         for word in words {
             assert!(message.contains(word), "`{message}` lacks `{word}`");
         }
+    }
+
+    /// The token and refresh requests' own parameters, and a second scope, are refused where
+    /// they were dropped; the client's id may be asked for in the body by its placeholder.
+    #[test]
+    fn a_request_s_own_parameters_are_the_service_s() {
+        let mut c = good();
+        c.oauth.token_params.insert("code".into(), "x".into());
+        refused(&c, false, &["`oauth.tokenParams.code`", "itself"]);
+        let mut c = good();
+        c.oauth
+            .refresh_params
+            .insert("refresh_token".into(), "x".into());
+        refused(&c, false, &["`oauth.refreshParams.refresh_token`"]);
+        let mut c = good();
+        c.oauth
+            .refresh_params
+            .insert("client_id".into(), "cid".into());
+        refused(
+            &c,
+            false,
+            &["`oauth.refreshParams.client_id`", "{client_id}"],
+        );
+        let mut c = good();
+        c.oauth
+            .refresh_params
+            .insert("client_id".into(), "{client_id}".into());
+        c.oauth
+            .token_params
+            .insert("client_id".into(), "{client_id}".into());
+        validate(&c, false).unwrap();
+        let mut c = good();
+        assert!(!c.oauth.scopes.is_empty());
+        c.oauth
+            .authorization_params
+            .insert("scope".into(), "other".into());
+        refused(
+            &c,
+            false,
+            &["`oauth.authorizationParams.scope`", "oauth.scopes"],
+        );
+        c.oauth.scopes.clear();
+        validate(&c, false).unwrap();
     }
 
     #[test]

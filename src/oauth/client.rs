@@ -169,17 +169,11 @@ impl OAuthClient {
         }
         for (name, value) in &spec.token_params {
             // The connector adds parameters (Basecamp's `type`, Withings' `action`); it cannot
-            // replace the grant, the code or the credentials.
-            if ![
-                "grant_type",
-                "code",
-                "redirect_uri",
-                "code_verifier",
-                "client_id",
-                "client_secret",
-            ]
-            .contains(&name.as_str())
-            {
+            // replace the grant, the code or the credentials (the catalog's check refuses
+            // them). `client_id` asks for the client's id in the body beside Basic.
+            if name == "client_id" {
+                params.push(("client_id", &creds.client_id));
+            } else if !TOKEN_RESERVED.contains(&name.as_str()) {
                 params.push((name, value));
             }
         }
@@ -209,10 +203,10 @@ impl OAuthClient {
             ("refresh_token", refresh_token.expose()),
         ];
         for (name, value) in &spec.refresh_params {
-            // The connector adds parameters; it cannot replace the grant or the credentials.
-            if !["grant_type", "refresh_token", "client_id", "client_secret"]
-                .contains(&name.as_str())
-            {
+            // As for the code's exchange.
+            if name == "client_id" {
+                params.push(("client_id", &creds.client_id));
+            } else if !REFRESH_RESERVED.contains(&name.as_str()) {
                 params.push((name, value));
             }
         }
@@ -471,6 +465,19 @@ pub(crate) fn parse_endpoint(name: &str, text: &str) -> Result<url::Url, OAuthEr
     Ok(url)
 }
 
+/// Parameters of a code's exchange the service sets itself: a connector's `tokenParams` may
+/// not name them (`client_id` it may, as `{client_id}`: the client's id in the body too).
+pub const TOKEN_RESERVED: &[&str] = &[
+    "grant_type",
+    "code",
+    "redirect_uri",
+    "code_verifier",
+    "client_secret",
+];
+
+/// Parameters of a refresh the service sets itself (see [`TOKEN_RESERVED`]).
+pub const REFRESH_RESERVED: &[&str] = &["grant_type", "refresh_token", "client_secret"];
+
 /// Places the client's credentials per the connector: `client_secret_basic` in the
 /// `Authorization` header, `client_secret_post` in the body (with `client_id`). A public client
 /// (empty secret) sends only `client_id` in the body.
@@ -480,8 +487,14 @@ fn client_auth<'a>(
     params: &mut Vec<(&'a str, &'a str)>,
 ) -> Auth<'a> {
     let secret = creds.client_secret.expose();
+    // Once, should the connector's parameters have asked for it already.
+    let id_in_body = |params: &mut Vec<(&'a str, &'a str)>| {
+        if !params.iter().any(|(name, _)| *name == "client_id") {
+            params.push(("client_id", &creds.client_id));
+        }
+    };
     if secret.is_empty() {
-        params.push(("client_id", &creds.client_id));
+        id_in_body(params);
         return Auth::None;
     }
     match method {
@@ -490,7 +503,7 @@ fn client_auth<'a>(
             secret,
         },
         ClientAuth::ClientSecretPost => {
-            params.push(("client_id", &creds.client_id));
+            id_in_body(params);
             params.push(("client_secret", secret));
             Auth::None
         }

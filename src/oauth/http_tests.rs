@@ -257,6 +257,34 @@ async fn exchange_code_with_client_secret_basic() {
     assert_eq!(form["grant_type"], "authorization_code");
 }
 
+/// A provider that wants Basic authentication and the client's id in the body too (the
+/// connector's `refreshParams.client_id`, `{client_id}`): both go, the id once.
+#[tokio::test]
+async fn basic_authentication_with_the_client_id_in_the_body_too() {
+    for client_auth in [ClientAuth::ClientSecretBasic, ClientAuth::ClientSecretPost] {
+        let (base, provider) = start(vec![]).await;
+        let mut spec = spec();
+        spec.client_auth = client_auth;
+        spec.refresh_params
+            .insert("client_id".into(), "{client_id}".into());
+        client()
+            .refresh(&spec, &endpoints(&base), &creds(), &Secret::new("rt"))
+            .await
+            .unwrap();
+        let received = provider.only();
+        assert_eq!(
+            received.basic().is_some(),
+            client_auth == ClientAuth::ClientSecretBasic
+        );
+        assert_eq!(received.form()["client_id"], "client 1");
+        assert_eq!(
+            received.body.matches("client_id=").count(),
+            1,
+            "{client_auth:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn public_client_sends_only_its_id() {
     let (base, provider) = start(vec![]).await;

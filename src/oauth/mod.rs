@@ -34,7 +34,8 @@ use crate::catalog::OAuthSpec;
 use crate::secret::Secret;
 
 pub use client::{
-    OAuthClient, RevokeOutcome, TokenHint, error_chain, read_capped, transport_message,
+    OAuthClient, REFRESH_RESERVED, RevokeOutcome, TOKEN_RESERVED, TokenHint, error_chain,
+    read_capped, transport_message,
 };
 pub use error::{ASKED_TO_WAIT_TEXT, OAuthError, RATE_LIMITED_TEXT, is_permanent_error_code};
 pub use rejection::{api_rejection, describe_provider_body};
