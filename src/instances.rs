@@ -751,7 +751,7 @@ pub fn exchange_error(error: &OAuthError) -> ApiError {
         // code, which the provider did not take (RFC 6749 §5.2 checks the client first).
         error @ OAuthError::Provider { .. } if error.is_client_rejected() => (
             StatusCode::BAD_REQUEST,
-            "The provider refused the client's credentials, not the code: check oauth.api.key and oauth.api.secret (and that the app may use the authorization code grant), then present the code again",
+            "The provider refused the client's credentials, not the code: check oauth.api.key and oauth.api.secret, how the connector sends them (`oauth.clientAuth`: `client_secret_basic`, the default of an organization's connector, or `client_secret_post`, in the body, which most providers take) and that the app may use the authorization code grant, then present the code again",
         ),
         // The provider said it cannot answer now (with a 400, or Slack's 200 `ratelimited`):
         // the code was not taken.

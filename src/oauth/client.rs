@@ -539,9 +539,21 @@ fn basic_auth(client_id: &str, secret: &str) -> Result<HeaderValue, OAuthError> 
 }
 
 /// The base64 part of `Authorization: Basic`: also a secret, should a provider echo it.
+/// Percent-encoded but for RFC 3986's unreserved characters: what a form decoder reads back
+/// as given, as §2.3.1 asks, and what a server that decodes nothing (many do not) still takes
+/// for the usual secrets (Microsoft's carry `~`, which form encoding writes `%7E`).
 fn basic_credentials(client_id: &str, secret: &str) -> String {
-    let encode =
-        |text: &str| url::form_urlencoded::byte_serialize(text.as_bytes()).collect::<String>();
+    const ENCODED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    // A space as the form encoding writes it.
+    let encode = |text: &str| {
+        percent_encoding::utf8_percent_encode(text, ENCODED)
+            .to_string()
+            .replace("%20", "+")
+    };
     STANDARD.encode(format!("{}:{}", encode(client_id), encode(secret)))
 }
 
@@ -708,6 +720,12 @@ mod tests {
         let encoded = value.to_str().unwrap().strip_prefix("Basic ").unwrap();
         let decoded = String::from_utf8(STANDARD.decode(encoded).unwrap()).unwrap();
         assert_eq!(decoded, "id+with+space:s3cr%3At%2F%C3%A9");
+        // RFC 3986's unreserved characters stay as they are: decoded or not, the same secret
+        // (Microsoft's carry `~`).
+        let value = basic_auth("a-b.c_d", "x8Q~y.z-_").unwrap();
+        let encoded = value.to_str().unwrap().strip_prefix("Basic ").unwrap();
+        let decoded = String::from_utf8(STANDARD.decode(encoded).unwrap()).unwrap();
+        assert_eq!(decoded, "a-b.c_d:x8Q~y.z-_");
     }
 
     #[test]
