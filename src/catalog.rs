@@ -363,11 +363,92 @@ pub struct ProxySpec {
     #[serde(default)]
     #[schema(minimum = 1, maximum = 86_400)]
     pub timeout_seconds: Option<u32>,
+    /// The request header that carries the access token, for an API that does not take
+    /// `Authorization` (Shopify's `X-Shopify-Access-Token`, BigCommerce's `X-Auth-Token`): the
+    /// token alone goes in it, and the caller's `Authorization` goes nowhere. Default
+    /// `Authorization`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_header: Option<String>,
+    /// The scheme before the token in `Authorization` (`Bearer` by default; Yandex's `OAuth`).
+    /// Not with another `tokenHeader`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_scheme: Option<String>,
 }
 
 impl ProxySpec {
     fn is_default(&self) -> bool {
         *self == Self::default()
+    }
+
+    /// The header that carries the access token on a proxied call, and its value for `token`:
+    /// `Authorization: Bearer <token>` unless the connector says otherwise. `None` when the
+    /// token cannot be a header value.
+    pub fn token_header(
+        &self,
+        token: &str,
+    ) -> Option<(axum::http::HeaderName, axum::http::HeaderValue)> {
+        let name = match &self.token_header {
+            Some(name) => axum::http::HeaderName::from_bytes(name.as_bytes()).ok()?,
+            None => axum::http::header::AUTHORIZATION,
+        };
+        let value = if name == axum::http::header::AUTHORIZATION {
+            format!(
+                "{} {token}",
+                self.token_scheme.as_deref().unwrap_or("Bearer")
+            )
+        } else {
+            token.to_string()
+        };
+        let mut value = axum::http::HeaderValue::try_from(value).ok()?;
+        value.set_sensitive(true);
+        Some((name, value))
+    }
+
+    /// Why `tokenHeader`/`tokenScheme` cannot be used, if they cannot.
+    fn token_header_problem(&self) -> Option<String> {
+        if let Some(name) = &self.token_header {
+            let Ok(parsed) = axum::http::HeaderName::from_bytes(name.as_bytes()) else {
+                return Some(format!("`proxy.tokenHeader` `{name}` is not a header name"));
+            };
+            // Headers the proxy sets or drops itself, or that frame the message.
+            let theirs = [
+                "host",
+                "content-length",
+                "transfer-encoding",
+                "connection",
+                "keep-alive",
+                "proxy-authorization",
+                "proxy-connection",
+                "te",
+                "trailer",
+                "upgrade",
+                "cookie",
+            ];
+            if theirs.contains(&parsed.as_str()) {
+                return Some(format!(
+                    "`proxy.tokenHeader` cannot be `{name}`: the proxy sets or drops it itself"
+                ));
+            }
+            if self.token_scheme.is_some() && parsed != axum::http::header::AUTHORIZATION {
+                return Some(
+                    "`proxy.tokenScheme` goes with `Authorization` only: another `tokenHeader` carries the token alone"
+                        .to_string(),
+                );
+            }
+        }
+        if let Some(scheme) = &self.token_scheme {
+            let token_like = !scheme.is_empty()
+                && scheme.len() <= 40
+                && scheme
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !token_like {
+                return Some(format!(
+                    "`proxy.tokenScheme` `{scheme}` is not an authentication scheme (one word, as `Bearer`)"
+                ));
+            }
+        }
+        None
     }
 
     /// This connector's proxy timeout, or `server_wide`.
@@ -672,6 +753,9 @@ pub fn validate(connector: &Connector, built_in: bool) -> Result<(), CatalogErro
             unknown_input(value, &samples)
                 .map_err(|problem| invalid(format!("`{field}.{name}`: {problem}")))?;
         }
+    }
+    if let Some(problem) = connector.proxy.token_header_problem() {
+        return Err(invalid(problem));
     }
     if let Some(seconds) = connector.proxy.timeout_seconds
         && !(1..=86_400).contains(&seconds)

@@ -1030,11 +1030,17 @@ pub async fn verification(
     // Validated case-insensitively (`get` is GET): sent as the standard method, not a custom one.
     let method = reqwest::Method::from_bytes(spec.method.to_ascii_uppercase().as_bytes())
         .unwrap_or(reqwest::Method::GET);
+    // The token as the proxy carries it (`proxy.tokenHeader`).
+    let Some((header, value)) = connector.proxy.token_header(access_token.expose()) else {
+        return Some(not_made(
+            "the access token holds characters no HTTP header can carry".to_string(),
+        ));
+    };
     let started = now_ms();
     let outcome = app
         .http
         .request(method, &url)
-        .bearer_auth(access_token.expose())
+        .header(header, value)
         .header("accept", "application/json")
         .send()
         .await;

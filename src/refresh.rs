@@ -159,8 +159,10 @@ pub struct CachedInstance {
     /// Whether the instance holds a refresh token: without one, only a rejection of the
     /// access token is worth a refresh (which then ends the instance).
     pub has_refresh_token: bool,
-    /// `Bearer <access token>`, built once (none when the token cannot be a header value).
-    pub bearer: Option<axum::http::HeaderValue>,
+    /// The header that carries the access token and its value (`Authorization: Bearer <access
+    /// token>` unless the connector says otherwise), built once (none when the token cannot be
+    /// a header value).
+    pub bearer: Option<(axum::http::HeaderName, axum::http::HeaderValue)>,
     pub token_version: i64,
     pub access_expires_at: Option<i64>,
     pub last_refresh_at: Option<i64>,
@@ -949,17 +951,15 @@ impl RefreshEngine {
             });
             (secrets.access_token, base)
         };
+        let bearer = access_token
+            .as_ref()
+            .and_then(|token| connector.proxy.token_header(token.expose()));
         let cached = Arc::new(CachedInstance {
             id: row.id,
             organization_id: row.organization_id,
             connector,
             proxy_base,
-            bearer: access_token.as_ref().and_then(|token| {
-                let mut value =
-                    axum::http::HeaderValue::try_from(format!("Bearer {}", token.expose())).ok()?;
-                value.set_sensitive(true);
-                Some(value)
-            }),
+            bearer,
             access_token,
             has_refresh_token: row
                 .refresh_token_enc

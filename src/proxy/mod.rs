@@ -753,8 +753,13 @@ async fn send(
     fresh: bool,
 ) -> Result<Answered, SendError> {
     match (&instance.bearer, &instance.access_token) {
-        (Some(bearer), _) => {
-            headers.insert(header::AUTHORIZATION, bearer.clone());
+        (Some((name, value)), _) => {
+            // The caller's `Authorization` (its secrets) does not go on beside a token carried
+            // in another header.
+            if name != header::AUTHORIZATION {
+                headers.remove(header::AUTHORIZATION);
+            }
+            headers.insert(name.clone(), value.clone());
         }
         (None, Some(_)) => {
             return Err(SendError::Failed(ApiError::new(

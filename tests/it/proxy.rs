@@ -1422,3 +1422,98 @@ async fn the_caller_gets_http_1_1_whatever_the_provider_speaks() {
     env.stop().await;
     drop_test_database(&url).await;
 }
+
+/// An API that takes its token in a header of its own (Shopify's `X-Shopify-Access-Token`,
+/// `proxy.tokenHeader`), or under another scheme (`proxy.tokenScheme`): the token goes there,
+/// and the caller's `Authorization` (its secrets) goes nowhere; a verification call carries it
+/// the same way. A header the proxy frames the message with is refused as the token's.
+#[tokio::test]
+async fn the_token_goes_in_the_header_the_connector_names() {
+    let url = sqlite_database();
+    let env = Env::start("sqlite", &url).await;
+    let seen: Arc<std::sync::Mutex<Vec<HeaderMap>>> = Arc::default();
+    let recorded = Arc::clone(&seen);
+    let app = Router::new().route(
+        "/api/{*rest}",
+        any(move |headers: HeaderMap| {
+            let recorded = Arc::clone(&recorded);
+            async move {
+                recorded.lock().unwrap().push(headers);
+                axum::Json(json!({"ok": true}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let base = format!("http://{addr}/api/");
+    for (key, proxy, header, prefix) in [
+        (
+            "shop-like",
+            json!({"tokenHeader": "X-Shopify-Access-Token"}),
+            "x-shopify-access-token",
+            "",
+        ),
+        (
+            "yandex-like",
+            json!({"tokenScheme": "OAuth"}),
+            "authorization",
+            "OAuth ",
+        ),
+    ] {
+        register_connector(
+            &env,
+            key,
+            json!({"baseUrl": base, "proxy": proxy, "verify": {"path": "me"}}),
+        )
+        .await;
+        let created = env.create_instance(&env.org, key, "header-user").await;
+        let token = created["token"].as_str().unwrap();
+        let access = crate::instances::revealed(&env, &env.org, &created).await["configuration"]
+            ["oauth.user.token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let (status, body, _) = proxy_at(
+            &env,
+            &env.server.url,
+            &env.org,
+            token,
+            Method::GET,
+            "things",
+        )
+        .await;
+        assert_eq!(status, 200, "{key}: {body}");
+        let calls = std::mem::take(&mut *seen.lock().unwrap());
+        // The verification call at the create, then the proxied one.
+        assert_eq!(calls.len(), 2, "{key}");
+        for headers in &calls {
+            assert_eq!(
+                headers[header].to_str().unwrap(),
+                format!("{prefix}{access}"),
+                "{key}: {headers:?}"
+            );
+            if header != "authorization" {
+                assert!(!headers.contains_key("authorization"), "{key}: {headers:?}");
+            }
+        }
+    }
+    let response = env
+        .http
+        .post(env.api("/elements"))
+        .header("authorization", env.org.platform())
+        .json(&json!({"key": "framed", "name": "Framed", "baseUrl": base,
+            "oauth": {"authorizationUrl": format!("{base}authorize"), "tokenUrl": format!("{base}token")},
+            "proxy": {"tokenHeader": "Content-Length"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("tokenHeader"),
+        "{body}"
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
