@@ -754,6 +754,16 @@ pub fn validate(connector: &Connector, built_in: bool) -> Result<(), CatalogErro
                 .map_err(|problem| invalid(format!("`{field}.{name}`: {problem}")))?;
         }
     }
+    // Tokens and secrets stay sealed in the whole response: one named here was never shown.
+    if let Some(field) = oauth
+        .token_response_fields
+        .iter()
+        .find(|field| crate::oauth::is_secret_name(field))
+    {
+        return Err(invalid(format!(
+            "`oauth.tokenResponseFields`: `{field}` may carry a token or a secret, which stay sealed in the token response kept whole, never in the configuration"
+        )));
+    }
     if let Some(problem) = connector.proxy.token_header_problem() {
         return Err(invalid(problem));
     }
@@ -1227,6 +1237,10 @@ verify.path = "me"
         );
         c.oauth.scopes.clear();
         validate(&c, false).unwrap();
+        // A token is not shown, so not listed as shown.
+        let mut c = good();
+        c.oauth.token_response_fields = vec!["scope".into(), "id_token".into()];
+        refused(&c, false, &["`oauth.tokenResponseFields`", "`id_token`"]);
     }
 
     #[test]

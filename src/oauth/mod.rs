@@ -39,6 +39,7 @@ pub use client::{
 };
 pub use error::{ASKED_TO_WAIT_TEXT, OAuthError, RATE_LIMITED_TEXT, is_permanent_error_code};
 pub use rejection::{api_rejection, describe_provider_body};
+pub use response::is_secret_name;
 pub use response::{TokenSet, has_control_characters, parse_token_response};
 pub(crate) use text::cut as cut_text;
 pub(crate) use text::invisible;

@@ -507,8 +507,9 @@ fn seconds(value: &Value) -> Option<u64> {
 /// A hundred years: a token said to live longer does not expire, for any purpose.
 const LONGEST_LIFE_SECONDS: u64 = 100 * 365 * 86_400;
 
-/// Whether a field name may carry a secret.
-fn is_secret_name(name: &str) -> bool {
+/// Whether a token-response field name may carry a secret (such fields are kept sealed in the
+/// whole response only, never in the instance's configuration).
+pub fn is_secret_name(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     // Lifetimes of tokens are no secrets (QuickBooks' `x_refresh_token_expires_in`).
     if lower.ends_with("_expires_in") || lower.ends_with("_expires_at") {
