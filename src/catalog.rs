@@ -423,6 +423,24 @@ impl ProxySpec {
                 "trailer",
                 "upgrade",
                 "cookie",
+                // The request's own, which the proxy passes on or adjusts (a token put there
+                // would replace them, or be dropped: `accept-encoding` for connectors whose
+                // rejections are read in the body), and those providers and CDNs log.
+                "accept",
+                "accept-encoding",
+                "expect",
+                "content-type",
+                "content-encoding",
+                "range",
+                "origin",
+                "referer",
+                "user-agent",
+                "forwarded",
+                "via",
+                "x-forwarded-for",
+                "x-forwarded-host",
+                "x-forwarded-proto",
+                "x-request-id",
             ];
             if theirs.contains(&parsed.as_str()) {
                 return Some(format!(

@@ -600,7 +600,13 @@ fn redirect_base_on_a_known_host(
             .map(|url| url.origin())
             .filter(url::Origin::is_tuple)
     };
-    let Some(given) = value.as_str().and_then(origin) else {
+    // And a root the proxy can go under (no user info, query or fragment): another would be
+    // stored, and every call answer 409.
+    let Some(given) = value
+        .as_str()
+        .filter(|url| crate::proxy::ProxyBase::parse_named(url.trim(), "`base.url`").is_ok())
+        .and_then(origin)
+    else {
         return false;
     };
     let shapes = connector

@@ -172,7 +172,11 @@ impl OAuthClient {
             // replace the grant, the code or the credentials (the catalog's check refuses
             // them). `client_id` asks for the client's id in the body beside Basic.
             if name == "client_id" {
-                params.push(("client_id", &creds.client_id));
+                // A definition stored before the check may hold another value: not sent, as
+                // then.
+                if value == "{client_id}" {
+                    params.push(("client_id", &creds.client_id));
+                }
             } else if !TOKEN_RESERVED.contains(&name.as_str()) {
                 params.push((name, value));
             }
@@ -205,7 +209,9 @@ impl OAuthClient {
         for (name, value) in &spec.refresh_params {
             // As for the code's exchange.
             if name == "client_id" {
-                params.push(("client_id", &creds.client_id));
+                if value == "{client_id}" {
+                    params.push(("client_id", &creds.client_id));
+                }
             } else if !REFRESH_RESERVED.contains(&name.as_str()) {
                 params.push((name, value));
             }
@@ -539,11 +545,13 @@ fn basic_auth(client_id: &str, secret: &str) -> Result<HeaderValue, OAuthError> 
 }
 
 /// The base64 part of `Authorization: Basic`: also a secret, should a provider echo it.
-/// Percent-encoded but for RFC 3986's unreserved characters: what a form decoder reads back
-/// as given, as §2.3.1 asks, and what a server that decodes nothing (many do not) still takes
-/// for the usual secrets (Microsoft's carry `~`, which form encoding writes `%7E`).
+/// Percent-encoded but for RFC 3986's unreserved characters and `*` (which form encoding
+/// leaves too): what a form decoder reads back as given, as §2.3.1 asks, and what a server
+/// that decodes nothing (many do not) still takes for the usual secrets (Microsoft's carry
+/// `~`, which form encoding writes `%7E`).
 fn basic_credentials(client_id: &str, secret: &str) -> String {
     const ENCODED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'*')
         .remove(b'-')
         .remove(b'.')
         .remove(b'_')
@@ -722,10 +730,10 @@ mod tests {
         assert_eq!(decoded, "id+with+space:s3cr%3At%2F%C3%A9");
         // RFC 3986's unreserved characters stay as they are: decoded or not, the same secret
         // (Microsoft's carry `~`).
-        let value = basic_auth("a-b.c_d", "x8Q~y.z-_").unwrap();
+        let value = basic_auth("a-b.c_d", "x8Q~y.z-_*").unwrap();
         let encoded = value.to_str().unwrap().strip_prefix("Basic ").unwrap();
         let decoded = String::from_utf8(STANDARD.decode(encoded).unwrap()).unwrap();
-        assert_eq!(decoded, "a-b.c_d:x8Q~y.z-_");
+        assert_eq!(decoded, "a-b.c_d:x8Q~y.z-_*");
     }
 
     #[test]

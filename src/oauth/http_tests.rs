@@ -283,6 +283,16 @@ async fn basic_authentication_with_the_client_id_in_the_body_too() {
             "{client_auth:?}"
         );
     }
+    // A definition stored before the check, with another value: nothing more goes, as then.
+    let (base, provider) = start(vec![]).await;
+    let mut spec = spec();
+    spec.client_auth = ClientAuth::ClientSecretBasic;
+    spec.refresh_params.insert("client_id".into(), "cid".into());
+    client()
+        .refresh(&spec, &endpoints(&base), &creds(), &Secret::new("rt"))
+        .await
+        .unwrap();
+    assert!(!provider.only().form().contains_key("client_id"));
 }
 
 #[tokio::test]

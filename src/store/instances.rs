@@ -410,11 +410,35 @@ impl Store {
         if self.engine() != Engine::Sqlite {
             return;
         }
-        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-            .execute(&self.pool)
-            .await
-        {
-            tracing::debug!("checkpointing SQLite's log after a deletion: {error}");
+        let Ok(mut connection) = self.pool.acquire().await else {
+            return;
+        };
+        // Without waiting for readers: a reader that stays (a backup under way, Litestream)
+        // would hold the checkpoint, and with it SQLite's one connection, for the whole busy
+        // timeout at every deletion.
+        let checkpoint = async {
+            sqlx::query("PRAGMA busy_timeout = 0")
+                .execute(&mut *connection)
+                .await?;
+            let done: Result<(i64, i64, i64), sqlx::Error> =
+                sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+                    .fetch_one(&mut *connection)
+                    .await;
+            sqlx::query(super::SQLITE_BUSY_TIMEOUT)
+                .execute(&mut *connection)
+                .await?;
+            done
+        };
+        match checkpoint.await {
+            Ok((0, _, _)) => {}
+            Ok(_) => tracing::debug!(
+                "SQLite's log is read by another process: it is emptied at a later deletion"
+            ),
+            Err(error) => {
+                tracing::debug!("checkpointing SQLite's log after a deletion: {error}");
+                // Not given back with another busy timeout than the pool's.
+                connection.close_on_drop();
+            }
         }
     }
 
@@ -454,6 +478,7 @@ impl Store {
             .execute(&mut *transaction)
             .await?;
         transaction.commit().await?;
+        self.forget_freed_pages().await;
         Ok(true)
     }
 

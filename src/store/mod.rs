@@ -302,6 +302,11 @@ fn ping_before_use(idle_for: Duration) -> bool {
 }
 
 /// How long that ping may take before the connection is taken for dead.
+/// How long a SQLite statement waits for another process's lock (a backup, a shell).
+const SQLITE_BUSY_TIMEOUT_MS: u64 = 5_000;
+/// The same, as the statement that sets it again.
+pub(crate) const SQLITE_BUSY_TIMEOUT: &str = "PRAGMA busy_timeout = 5000";
+
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Options of [`Store::connect_with`].
@@ -610,7 +615,7 @@ impl Store {
         let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url)?
             .create_if_missing(true)
             .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-            .busy_timeout(Duration::from_secs(5))
+            .busy_timeout(Duration::from_millis(SQLITE_BUSY_TIMEOUT_MS))
             .foreign_keys(true)
             .disable_statement_logging();
         let connection = sqlx::SqliteConnection::connect_with(&options).await?;

@@ -447,6 +447,45 @@ async fn a_deleted_instance_leaves_no_plain_text_in_the_sqlite_files() {
         !in_sqlite_files(&db_path, note),
         "the configuration is still in the files of the database after its instance's deletion"
     );
+    // Another process reading the file (a backup, Litestream) keeps the log: a deletion does
+    // not wait for it (the checkpoint held SQLite's one connection for its 5 s busy timeout).
+    if let Ok(mut reader) = std::process::Command::new("sqlite3")
+        .arg(&db_path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+    {
+        use std::io::Write;
+        let mut input = reader.stdin.take().unwrap();
+        writeln!(input, "BEGIN; SELECT 'reading', count(*) FROM instances;").unwrap();
+        input.flush().unwrap();
+        let mut output = BufReader::new(reader.stdout.take().unwrap());
+        let mut line = String::new();
+        output.read_line(&mut line).unwrap();
+        assert!(line.starts_with("reading"), "{line}");
+        let (code, state) = approve(&client, &served, &auth, "sandbox-generic", "kept").await;
+        let (status, instance) = json_call(&client, Method::POST, &served.api("/instances"), &auth,
+            Some(json!({"element": {"key": "sandbox-generic"}, "providerData": {"code": code, "state": state},
+                "configuration": {"oauth.api.key": CLIENT_ID, "oauth.api.secret": "deleted-client-secret"}}))).await;
+        assert_eq!(status, 200, "{instance}");
+        let started = std::time::Instant::now();
+        let (status, deleted) = json_call(
+            &client,
+            Method::DELETE,
+            &served.api(&format!("/instances/{}", instance["id"])),
+            &auth,
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{deleted}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "a deletion waited {:?} for another process's read",
+            started.elapsed()
+        );
+        drop(input);
+        let _ = reader.wait();
+    }
     served.stop();
     sandbox.shutdown().await;
     drop_test_database(&database_url).await;
