@@ -155,6 +155,9 @@ impl From<sqlx::Error> for StoreError {
                 if cannot_write(database_error.as_ref()) {
                     write_failed(database_error.message());
                 }
+                if sqlite_code(database_error.as_ref()) == Some(SQLITE_READONLY) {
+                    SQLITE_REOPEN.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 // A server shutting down or cutting connections (57P01–57P03, class 08): the
                 // other pooled connections are likely dead too.
                 if database_error
@@ -168,7 +171,14 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::Database(database_error) => {
                 StoreError::Database(database_error.message().to_string())
             }
-            sqlx::Error::Io(_) => {
+            // A connection cut during its opening or use: a TCP proxy in front of the database
+            // (HAProxy, cloud-sql-proxy) that accepts and closes at once answers the TLS
+            // request with nothing ("unexpected response from SSLRequest"). The database is out
+            // of reach, not refusing the data: rotated tokens are kept for it.
+            sqlx::Error::Io(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => {
                 connections_suspect();
                 StoreError::Unavailable(error.to_string())
             }
@@ -194,7 +204,7 @@ pub(super) fn cancelled(error: &dyn sqlx::error::DatabaseError) -> bool {
 /// deadlock (40001, 40P01), a statement cancelled (57014: the role's `statement_timeout`
 /// when a table is locked by maintenance, or a statement that always runs too long) or a lock
 /// not had within `lock_timeout` (55P03); SQLite busy or locked past its busy timeout (5, 6), read-only (8),
-/// an I/O error (10) or a full disk (13). The rotated tokens of a refresh are kept then, and
+/// an I/O error (10), a damaged file (11, 26) or a full disk (13). The rotated tokens of a refresh are kept then, and
 /// stored once the database takes them.
 pub(super) fn passing(error: &dyn sqlx::error::DatabaseError) -> bool {
     const POSTGRES: &[&str] = &[
@@ -208,20 +218,41 @@ pub(super) fn passing(error: &dyn sqlx::error::DatabaseError) -> bool {
             // SQLite's extended codes carry the primary one in their low byte (BUSY_SNAPSHOT
             // is 517), in at most 4 digits.
             code.parse::<u32>()
-                .is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 8 | 10 | 13))
+                .is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 8 | 10 | 11 | 13 | 26))
         }
     })
 }
 
+/// SQLite's primary result code of a database error (its extended codes carry it in their low
+/// byte); `None` for PostgreSQL's SQLSTATEs.
+fn sqlite_code(error: &dyn sqlx::error::DatabaseError) -> Option<u32> {
+    error
+        .code()
+        .filter(|code| code.len() < 5)
+        .and_then(|code| code.parse::<u32>().ok())
+        .map(|n| n & 0xff)
+}
+
+const SQLITE_READONLY: u32 = 8;
+
+/// Set when SQLite refused a write as read-only: its connection is closed when next given
+/// back, and the next one opens the file again. SQLite opens a file it cannot write
+/// read-only (one made immutable or read-only for a moment, a mount remounted), and such a
+/// connection never writes again, though the file can be written once more: every write
+/// failed until a restart, which lost the rotated tokens kept meanwhile.
+static SQLITE_REOPEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Whether a database error says it cannot write at all: a full disk, a read-only file or
-/// database, an I/O error (SQLite 13, 8, 10; PostgreSQL 53100, 25006, 58030). Busy and locked
-/// pass by themselves; these wait for an operator.
+/// database, an I/O error, a damaged file (SQLite 13, 8, 10, 11 `database disk image is
+/// malformed`, 26 not a database: a restore over a leftover log; PostgreSQL 53100, 25006,
+/// 58030). Busy and locked pass by themselves; these wait for an operator, who finds them in
+/// `/healthz`, and rotated tokens are kept for the database meanwhile.
 fn cannot_write(error: &dyn sqlx::error::DatabaseError) -> bool {
     error.code().is_some_and(|code| match code.len() {
         5 => matches!(code.as_ref(), "53100" | "25006" | "58030"),
         _ => code
             .parse::<u32>()
-            .is_ok_and(|n| matches!(n & 0xff, 8 | 10 | 13)),
+            .is_ok_and(|n| matches!(n & 0xff, 8 | 10 | 11 | 13 | 26)),
     })
 }
 
@@ -537,6 +568,12 @@ impl Store {
             .after_release(|connection, _| {
                 Box::pin(async move {
                     use sqlx::Connection;
+                    if SQLITE_REOPEN.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::warn!(
+                            "SQLite refused a write as read-only: its connection is opened again"
+                        );
+                        return Ok(false);
+                    }
                     if !connection.is_in_transaction() {
                         return Ok(true);
                     }

@@ -440,6 +440,85 @@ async fn healthz_checks_that_the_database_takes_a_write() {
     drop_test_database(&url).await;
 }
 
+/// A SQLite file that could not be written for a while (made immutable, a mount remounted
+/// read-only) is written again once it can be, without a restart: SQLite had opened it again
+/// read-only meanwhile, and that connection refused every write until the process restarted
+/// (the rotated tokens kept for it were lost with the restart).
+#[tokio::test]
+async fn a_sqlite_file_read_only_for_a_while_is_written_again() {
+    let url = crate::support::sqlite_database();
+    let path = url.strip_prefix("sqlite://").unwrap().to_string();
+    let env = Env::start("sqlite", &url).await;
+    let instance = env
+        .create_instance(&env.org, "sandbox-generic", "immutable")
+        .await;
+    let rename = |name: &'static str| {
+        let env = &env;
+        let id = instance["id"].as_i64().unwrap();
+        async move {
+            env.http
+                .patch(env.api(&format!("/instances/{id}")))
+                .header("authorization", env.org.platform())
+                .json(&json!({"name": name}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let files: Vec<String> = ["", "-wal"]
+        .iter()
+        .map(|suffix| format!("{path}{suffix}"))
+        .collect();
+    let chattr = |flag: &str| {
+        std::process::Command::new("chattr")
+            .arg(flag)
+            .args(&files)
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    // Writable again whatever happens below (a failed assertion included).
+    struct Writable(Vec<String>);
+    impl Drop for Writable {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("chattr")
+                .arg("-i")
+                .args(&self.0)
+                .status();
+        }
+    }
+    let _writable = Writable(files.clone());
+    if !chattr("+i") {
+        // Not root, or a file system without the flag: nothing to check here.
+        eprintln!("chattr +i is not available: the read-only SQLite file is not checked");
+        env.stop().await;
+        drop_test_database(&url).await;
+        return;
+    }
+    // The connection is opened again while the file cannot be written (what a failed write
+    // made the pool do): SQLite opens it read-only.
+    let connection = env.server.app.store.pool().acquire().await.unwrap();
+    connection.close().await.unwrap();
+    assert_ne!(rename("refused").await, 200, "written to an immutable file");
+    assert!(chattr("-i"), "chattr -i");
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let status = rename("written again").await;
+        answers.push(status);
+        if status == 200 {
+            break;
+        }
+    }
+    assert_eq!(
+        answers.last(),
+        Some(&200),
+        "the file can be written again, the service does not: {answers:?}"
+    );
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// The server speaks HTTP/1.1 and HTTP/2 with prior knowledge on the same port (the first bytes
 /// decide, a preface sent in pieces included), and shutting down closes idle keep-alive
 /// connections at once instead of waiting for their callers to go.

@@ -1565,6 +1565,97 @@ async fn rotated_tokens_outlive_the_callers_wait_for_the_database() {
     drop_test_database(&url).await;
 }
 
+/// A TCP proxy in front of PostgreSQL at `target` (HAProxy, cloud-sql-proxy) that, while
+/// `cut` is set, takes each connection and closes it at once, and has cut the ones it carried.
+async fn cutting_proxy(
+    target: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::net::SocketAddr {
+    use std::sync::atomic::Ordering;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let carried: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> =
+            std::sync::Arc::default();
+        let watcher = (std::sync::Arc::clone(&cut), std::sync::Arc::clone(&carried));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if watcher.0.load(Ordering::SeqCst) {
+                    for task in watcher.1.lock().unwrap().drain(..) {
+                        task.abort();
+                    }
+                }
+            }
+        });
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            if cut.load(Ordering::SeqCst) {
+                drop(inbound);
+                continue;
+            }
+            let task = tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+            carried.lock().unwrap().push(task.abort_handle());
+        }
+    });
+    address
+}
+
+/// The same through a proxy that takes connections and closes them (the database's TLS request
+/// answered by nothing): that was taken for the database refusing the tokens, and they were
+/// dropped (the strict provider's grant then died).
+#[tokio::test]
+async fn rotated_tokens_are_kept_through_a_proxy_that_closes_connections() {
+    use std::sync::atomic::Ordering;
+    let Ok(url) = create_postgres_database().await else {
+        panic!("PostgreSQL is needed for this test (.ci/run starts it)");
+    };
+    let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let target: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
+    let proxy = cutting_proxy(target, std::sync::Arc::clone(&cut)).await;
+    let proxied = url.replacen("127.0.0.1:5432", &proxy.to_string(), 1);
+    assert_ne!(
+        proxied, url,
+        "the test database is not on 127.0.0.1:5432: {url}"
+    );
+    let env = Env::start_adjusted("postgres", &proxied, |config| {
+        config.commit_retry_for = Duration::from_secs(2);
+        config.rotated_tokens_kept_for = Duration::from_secs(60);
+    })
+    .await;
+    generic_profile(&env, strict_rotation()).await;
+    let created = env
+        .create_instance(&env.org, "sandbox-generic", "proxied")
+        .await;
+    let token = created["token"].as_str().unwrap().to_string();
+    expire_access_tokens(&env).await;
+    let held = hold_next_token_call(&env, 2_000).await;
+    let call = proxy_at(
+        &env,
+        &env.server.url,
+        &env.org,
+        &token,
+        Method::GET,
+        "api/me",
+    );
+    let outage = async {
+        at_the_provider(&env, held).await;
+        cut.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        cut.store(false, Ordering::SeqCst);
+    };
+    let ((status, body, _), ()) = tokio::join!(call, outage);
+    assert_eq!(status, 503, "{body}");
+    kept_tokens_serve(&env, &token, Duration::from_secs(20)).await;
+    assert_eq!(refreshes(&env).await, 1, "no second refresh");
+    assert_eq!(stat(&env, &["tokenErrors"]).await, 0, "no reuse");
+    env.stop().await;
+    drop_test_database(&url).await;
+}
+
 /// A stop (SIGTERM) while rotated tokens are kept for a database that is down waits for the
 /// database to take them: they were dropped at once, and the strict provider's grant died at
 /// the next refresh, which presented the refresh token it had retired.
