@@ -503,6 +503,14 @@ impl App {
             },
         )
         .await?;
+        // A damaged SQLite file (a backup copied over a file whose leftover `-wal` SQLite then
+        // replayed onto it) started healthy, and its refreshes and event reads failed.
+        if let Some(problem) = store.sqlite_damage().await? {
+            return Err(StartupError::Store(crate::store::damaged_sqlite(
+                &config.database_url,
+                &problem,
+            )));
+        }
         let has_schema = store.has_schema().await?;
         let keyring = match keyring {
             Err(crate::crypto::CryptoError::KeyFileMissing { path }) => {

@@ -223,6 +223,18 @@ pub(super) fn passing(error: &dyn sqlx::error::DatabaseError) -> bool {
     })
 }
 
+/// A SQLite file found damaged at the start (`problem`, SQLite's words), with how to restore:
+/// such a file (a backup copied over one whose leftover `-wal` SQLite replayed onto it)
+/// started healthy, and its refreshes and event reads failed.
+pub fn damaged_sqlite(url: &str, problem: &str) -> StoreError {
+    StoreError::Database(format!(
+        "the SQLite file {} is damaged ({problem}): restore it from a backup with the service \
+         stopped (`sqlite3 FILE \".restore BACKUP\"`, or copy the backup over it after deleting \
+         FILE-wal and FILE-shm, which SQLite would replay onto the copy)",
+        display_url(url)
+    ))
+}
+
 /// SQLite's primary result code of a database error (its extended codes carry it in their low
 /// byte); `None` for PostgreSQL's SQLSTATEs.
 fn sqlite_code(error: &dyn sqlx::error::DatabaseError) -> Option<u32> {
@@ -291,7 +303,7 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
 }
 
 /// A database URL as it may be shown (see [`crate::secret::url_without_credentials`]).
-fn display_url(url: &str) -> String {
+pub fn display_url(url: &str) -> String {
     crate::secret::url_without_credentials(url).unwrap_or_else(|| "the database URL".to_string())
 }
 
@@ -609,6 +621,33 @@ impl Store {
         Ok(())
     }
 
+    /// SQLite: what `PRAGMA quick_check` finds wrong with the file (`None` when it is sound, and
+    /// on PostgreSQL). It reads every page: a second or so for a file of a few hundred MB.
+    pub async fn sqlite_damage(&self) -> Result<Option<String>, StoreError> {
+        if self.engine != Engine::Sqlite {
+            return Ok(None);
+        }
+        let found: Result<Vec<(String,)>, sqlx::Error> = sqlx::query_as("PRAGMA quick_check(5)")
+            .fetch_all(&self.pool)
+            .await;
+        Ok(match found {
+            Ok(rows) if rows.len() == 1 && rows[0].0 == "ok" => None,
+            Ok(rows) => Some(
+                rows.into_iter()
+                    .map(|(line,)| line)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+            // The check itself cannot run: "file is not a database", "malformed".
+            Err(sqlx::Error::Database(error))
+                if matches!(sqlite_code(error.as_ref()), Some(11 | 26)) =>
+            {
+                Some(error.message().to_string())
+            }
+            Err(error) => return Err(error.into()),
+        })
+    }
+
     /// Whether the schema has been made (a new database has no tables yet).
     pub async fn has_schema(&self) -> Result<bool, StoreError> {
         let sql = match self.engine {
@@ -655,7 +694,14 @@ impl Store {
             .busy_timeout(Duration::from_millis(SQLITE_BUSY_TIMEOUT_MS))
             .foreign_keys(true)
             .disable_statement_logging();
-        let connection = sqlx::SqliteConnection::connect_with(&options).await?;
+        let connection = match sqlx::SqliteConnection::connect_with(&options).await {
+            Err(sqlx::Error::Database(error))
+                if matches!(sqlite_code(error.as_ref()), Some(11 | 26)) =>
+            {
+                return Err(damaged_sqlite(&url, error.message()));
+            }
+            other => other?,
+        };
         connection.close().await?;
         Ok(url)
     }

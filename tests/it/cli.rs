@@ -954,3 +954,43 @@ async fn leaked_secrets_are_replaced_and_users_deleted() {
         crate::support::drop_test_database(&url).await;
     }
 }
+
+/// A damaged SQLite file (a backup copied over one whose leftover `-wal` SQLite replays onto
+/// it) is refused at the start, with how to restore: it started healthy, and its refreshes and
+/// event reads failed with 500s.
+#[test]
+fn serve_refuses_a_damaged_sqlite_file() {
+    let url = crate::support::sqlite_database();
+    let path = tokenwarden::crypto::sqlite_path(&url).unwrap();
+    let (ok, _, stderr) = tokenwarden(
+        &[
+            "orgs",
+            "create",
+            "--name",
+            "damaged",
+            "--database-url",
+            &url,
+        ],
+        &[],
+    );
+    assert!(ok, "{stderr}");
+    // Every page but the first (the header and the schema) overwritten.
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.len() > 8192, "{} bytes", bytes.len());
+    for byte in &mut bytes[4096..] {
+        *byte = 0x5a;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let (ok, _, stderr) = tokenwarden(
+        &["serve", "--bind", "127.0.0.1:0", "--database-url", &url],
+        &[],
+    );
+    assert!(!ok, "served a damaged file: {stderr}");
+    assert!(
+        stderr.contains("is damaged") && stderr.contains(".restore"),
+        "{stderr}"
+    );
+    for suffix in ["", ".key", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{path}{suffix}"));
+    }
+}
