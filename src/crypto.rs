@@ -132,6 +132,10 @@ impl Binding<'_> {
 pub struct Keyring {
     current: MasterKey,
     by_id: HashMap<[u8; KEY_ID_LEN], MasterKey>,
+    /// When a value sealed under a key this keyring lacks was last met, and that key's id: a
+    /// replica left out of a key rotation (or started with the new key alone too early)
+    /// answers such instances 409 `unreadable`, and its `/healthz` says so.
+    last_unknown_key: std::sync::Arc<std::sync::Mutex<Option<(i64, String)>>>,
 }
 
 impl Keyring {
@@ -140,7 +144,11 @@ impl Keyring {
         for key in previous.into_iter().chain(std::iter::once(current.clone())) {
             by_id.insert(key.id, key);
         }
-        Keyring { current, by_id }
+        Keyring {
+            current,
+            by_id,
+            last_unknown_key: std::sync::Arc::default(),
+        }
     }
 
     pub fn current_key_id(&self) -> String {
@@ -170,16 +178,31 @@ impl Keyring {
         sealed
     }
 
+    /// The id of a key this keyring lacks whose values it was asked to open within
+    /// `within_ms`.
+    pub fn recent_unknown_key(&self, within_ms: i64) -> Option<String> {
+        let now = crate::app::system_now_ms();
+        self.last_unknown_key
+            .lock()
+            .ok()?
+            .as_ref()
+            .filter(|(at, _)| now - at <= within_ms)
+            .map(|(_, id)| id.clone())
+    }
+
     pub fn open(&self, sealed: &[u8], binding: Binding<'_>) -> Result<Vec<u8>, CryptoError> {
         if sealed.len() < HEADER_LEN + 16 || sealed[0] != FORMAT_VERSION {
             return Err(CryptoError::Format);
         }
         let mut id = [0u8; KEY_ID_LEN];
         id.copy_from_slice(&sealed[1..1 + KEY_ID_LEN]);
-        let key = self
-            .by_id
-            .get(&id)
-            .ok_or_else(|| CryptoError::UnknownKey(hex(&id)))?;
+        let key = self.by_id.get(&id).ok_or_else(|| {
+            let id = hex(&id);
+            if let Ok(mut last) = self.last_unknown_key.lock() {
+                *last = Some((crate::app::system_now_ms(), id.clone()));
+            }
+            CryptoError::UnknownKey(id)
+        })?;
         let mut nonce_bytes = [0u8; NONCE_LEN];
         nonce_bytes.copy_from_slice(&sealed[1 + KEY_ID_LEN..HEADER_LEN]);
         let aad = binding.associated_data();

@@ -15,6 +15,9 @@ use crate::app::SharedApp;
 /// How long a write the database refused keeps `/healthz` unavailable.
 const HEALTH_WRITE_FAILURE_MS: i64 = 30_000;
 
+/// How long a value sealed under a key this replica lacks keeps `/healthz` degraded.
+const UNKNOWN_KEY_WITHIN_MS: i64 = 60_000;
+
 /// How long `/healthz` waits for its write before it answers 503.
 const HEALTH_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(2_000);
 
@@ -24,7 +27,7 @@ const HEALTH_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_mill
     operation_id = "ops_healthz",
     tag = "operations",
     summary = "Health, with a database check",
-    description = "`status` is `ok`; `degraded` while rotated tokens the database did not take are kept in memory (`keptTokens`): the process must not be restarted then, or they are lost; `unavailable` (503) while the database does not answer or does not take a write within 2 s (a full disk, a read-only file: `reason` says, and `database` is `not taking writes`). `clockOffsetMs`: how far the clock the service goes by (PostgreSQL's, read each minute) is ahead of this machine's (negative: behind). Use it for readiness, not liveness.",
+    description = "`status` is `ok`; `degraded` while rotated tokens the database did not take are kept in memory (`keptTokens`): the process must not be restarted then, or they are lost; `degraded` too, with a `reason`, when secrets sealed under a master key this replica was not given were read in the last minute (a replica left out of a key rotation); `unavailable` (503) while the database does not answer or does not take a write within 2 s (a full disk, a read-only file: `reason` says, and `database` is `not taking writes`). `clockOffsetMs`: how far the clock the service goes by (PostgreSQL's, read each minute) is ahead of this machine's (negative: behind). Use it for readiness, not liveness.",
     responses(
         (status = 200, description = "Up, its database answering (`status`: `ok`, or `degraded` while rotated tokens wait in memory for the database)", body = crate::openapi::Health),
         (status = 503, description = "The database does not answer, or does not take a write (`reason`)", body = crate::openapi::Health),
@@ -72,8 +75,20 @@ pub async fn healthz(State(app): State<SharedApp>) -> Response {
     };
     match ping {
         Ok(()) => {
-            let status = if kept == 0 { "ok" } else { "degraded" };
-            AxumJson(body(status, app.store.engine_name(), None)).into_response()
+            // Instances sealed under a key this replica was not given (left out of a key
+            // rotation): each answers 409 `unreadable` here, and only a restart with the key
+            // mends it. Still ready for the others, so not a 503.
+            let unknown_key = app.keyring.recent_unknown_key(UNKNOWN_KEY_WITHIN_MS).map(|id| {
+                format!(
+                    "secrets sealed under master key {id}, which this replica was not given, were read in the last minute: give it in TOKENWARDEN_PREVIOUS_MASTER_KEYS (or as TOKENWARDEN_MASTER_KEY) and restart it"
+                )
+            });
+            let status = if kept == 0 && unknown_key.is_none() {
+                "ok"
+            } else {
+                "degraded"
+            };
+            AxumJson(body(status, app.store.engine_name(), unknown_key)).into_response()
         }
         Err(error) => {
             // Once in 10 s: probes come every few seconds, each with the same news.

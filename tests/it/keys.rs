@@ -697,3 +697,68 @@ async fn an_unreadable_instance_is_answered_not_failed() {
     env.stop().await;
     crate::support::drop_test_database(&url).await;
 }
+
+/// A replica that reads instances sealed under a master key it was not given (left out of a
+/// rotation, started with the new key alone too early) says so in `/healthz` (`degraded`, with
+/// the key to give), where it answered `ok` while every such instance answered 409.
+#[tokio::test]
+async fn a_replica_missing_a_key_says_so_in_its_health() {
+    let url = crate::support::sqlite_database();
+    let mut env = Env::start("sqlite", &url).await;
+    let healthz = |env: &Env| {
+        let url = format!("{}/healthz", env.server.url);
+        let http = env.http.clone();
+        async move {
+            http.get(url)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    // A replica on the new key (the old one among its previous keys) seals an instance.
+    let (_, new_key) = tokenwarden::crypto::MasterKey::generate();
+    let new_key = new_key.expose().to_string();
+    let rotated = start_server(&url, &env.sandbox.url, |config| {
+        config.master_key = Some(new_key.clone());
+        config.previous_master_keys = Some(TEST_MASTER_KEY.to_string());
+    })
+    .await;
+    let old = std::mem::replace(&mut env.server, rotated);
+    old.shutdown().await;
+    let instance = env
+        .create_instance(&env.org, "sandbox-generic", "sealed-new")
+        .await;
+    let id = instance["id"].as_i64().unwrap();
+    assert_eq!(healthz(&env).await["status"], "ok");
+    // A replica forgotten in the rotation: the old key alone (started anyway, as a replica
+    // already running when the rotation began would be; the start check names the key).
+    let forgotten = start_server(&url, &env.sandbox.url, |config| {
+        config.ignore_missing_keys = true;
+    })
+    .await;
+    let rotated = std::mem::replace(&mut env.server, forgotten);
+    rotated.shutdown().await;
+    assert_eq!(healthz(&env).await["status"], "ok", "nothing read yet");
+    let shown = call(
+        &env,
+        Method::GET,
+        &env.api(&format!("/instances/{id}")),
+        Some(&env.org.platform()),
+        None,
+    )
+    .await;
+    assert_eq!(shown.body["state"], "unreadable", "{}", shown.body);
+    let health = healthz(&env).await;
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert!(
+        health["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("TOKENWARDEN_PREVIOUS_MASTER_KEYS")),
+        "{health}"
+    );
+    env.stop().await;
+    crate::support::drop_test_database(&url).await;
+}
