@@ -551,7 +551,9 @@ impl App {
         // A service says it runs before it looks for the mark of a copy: a copy that writes
         // its mark, then looks for running services, sees it or is seen (see `store::copy`).
         if config.background_tasks {
-            store.replica_seen(&replica_id, now_ms()).await?;
+            store
+                .replica_seen(&replica_id, now_ms(), &keyring.current_key_id())
+                .await?;
         }
         if !config.opening_copied_source
             && let Some((target, at)) = store.copied_to().await?

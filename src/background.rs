@@ -987,7 +987,11 @@ async fn presence(app: SharedApp, mut shutdown: watch::Receiver<bool>) {
     loop {
         // A passing failure is the database's, said elsewhere; noted for the refreshes that
         // other replicas' cut ones leave (`refresh::OUTAGE_TAKEOVER_GRACE_MS`).
-        match app.store.replica_seen(&app.replica_id, now_ms()).await {
+        match app
+            .store
+            .replica_seen(&app.replica_id, now_ms(), &app.keyring.current_key_id())
+            .await
+        {
             Ok(_) => app.refresh.note_store_answered(),
             Err(error) => app.refresh.note_store_error(&error),
         }

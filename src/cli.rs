@@ -421,6 +421,10 @@ pub enum KeysCommand {
     Rotate {
         #[command(flatten)]
         database: DatabaseArgs,
+        /// Run even while a replica seen in the last minute seals under another key (one
+        /// killed rather than stopped, whose row has not been forgotten yet).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -731,10 +735,39 @@ async fn run_command(command: Command) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Keys {
-            command: KeysCommand::Rotate { database },
+            command: KeysCommand::Rotate { database, force },
         } => {
             existing_database(&database)?;
             let app = open_app(database).await?;
+            // A replica sealing under another key would seal again under it what this
+            // re-seals, as its refreshes commit: the rotation ended "100 %" with the used
+            // instances back under the old key, and a replica then started with the new key
+            // alone could not read them.
+            let key = app.keyring.current_key_id();
+            let others = app
+                .store
+                .replicas_sealing_otherwise(
+                    crate::app::now_ms() - crate::store::copy::REPLICA_SEEN_WITHIN_MS,
+                    &key,
+                )
+                .await
+                .map_err(|error| error.to_string())?;
+            if !others.is_empty() && !force {
+                let named: Vec<String> = others
+                    .iter()
+                    .map(|(id, _, sealing)| {
+                        format!(
+                            "{id} (key {})",
+                            sealing.as_deref().unwrap_or("not said: an older release")
+                        )
+                    })
+                    .collect();
+                return Err(format!(
+                    "{} running replica(s) seal under another master key than this command's ({key}): {}. Restart every replica with the new key as TOKENWARDEN_MASTER_KEY and the old one in TOKENWARDEN_PREVIOUS_MASTER_KEYS (the second round), then run this again; --force runs it anyway (a replica killed in the last minute is still listed)",
+                    others.len(),
+                    named.join(", ")
+                ));
+            }
             let resealed = crate::orgs::rotate_keys(&app)
                 .await
                 .map_err(|error| error.message)?;

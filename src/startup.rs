@@ -36,7 +36,11 @@ impl RunningServer {
                 tokio::time::sleep(crate::background::PRESENCE_INTERVAL).await;
                 let _ = app
                     .store
-                    .replica_seen(&app.replica_id, crate::app::now_ms())
+                    .replica_seen(
+                        &app.replica_id,
+                        crate::app::now_ms(),
+                        &app.keyring.current_key_id(),
+                    )
                     .await;
             }
         };

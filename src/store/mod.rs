@@ -936,16 +936,40 @@ impl Store {
     }
 
     /// This replica is running, at `now` (see the `replicas` table).
-    pub async fn replica_seen(&self, replica: &str, now: i64) -> Result<(), StoreError> {
+    pub async fn replica_seen(
+        &self,
+        replica: &str,
+        now: i64,
+        sealing_key: &str,
+    ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO replicas (id, seen_at) VALUES ($1, $2) \
-             ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
+            "INSERT INTO replicas (id, seen_at, sealing_key) VALUES ($1, $2, $3) \
+             ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at, \
+             sealing_key = excluded.sealing_key",
         )
         .bind(replica)
         .bind(now)
+        .bind(sealing_key)
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// The replicas seen since `since` that seal under another key than `key` (its id), or
+    /// say nothing of theirs (an older release): (id, when last seen, their key).
+    pub async fn replicas_sealing_otherwise(
+        &self,
+        since: i64,
+        key: &str,
+    ) -> Result<Vec<(String, i64, Option<String>)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, seen_at, sealing_key FROM replicas WHERE seen_at >= $1 \
+             AND (sealing_key IS NULL OR sealing_key <> $2) ORDER BY seen_at DESC",
+        )
+        .bind(since)
+        .bind(key)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// This replica stopped.
@@ -1823,6 +1847,10 @@ mod tests {
                         10,
                         "b9d5ca351a0ac919997769f39aa0c9c7561c188072ec6270bc7e406bc43ad79bb1de747ed785106b506214fca2a94d5a",
                     ),
+                    (
+                        11,
+                        "2ac95292b4bb10bcbfc1c5e8746b0d6097c11f0ec89ebfd78b20f6ee25625318b8817c1e96775ab62c657e5f7e4ed68c",
+                    ),
                 ],
             ),
             (
@@ -1867,6 +1895,10 @@ mod tests {
                     (
                         10,
                         "b9d5ca351a0ac919997769f39aa0c9c7561c188072ec6270bc7e406bc43ad79bb1de747ed785106b506214fca2a94d5a",
+                    ),
+                    (
+                        11,
+                        "2ac95292b4bb10bcbfc1c5e8746b0d6097c11f0ec89ebfd78b20f6ee25625318b8817c1e96775ab62c657e5f7e4ed68c",
                     ),
                 ],
             ),

@@ -307,6 +307,14 @@ async fn a_row_no_key_opens_is_named_and_the_rest_rotated() {
     }
     let (_, new_key) = tokenwarden::crypto::MasterKey::generate();
     let new_key = new_key.expose().to_string();
+    // The service on the new key, the old one among its previous keys, as the rotation asks.
+    let both = start_server(&url, &env.sandbox.url, |config| {
+        config.master_key = Some(new_key.clone());
+        config.previous_master_keys = Some(TEST_MASTER_KEY.to_string());
+    })
+    .await;
+    let old = std::mem::replace(&mut env.server, both);
+    old.shutdown().await;
     let output = rotate_keys(&url, &new_key).await;
     let said = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "[{label}] {said}");
@@ -761,4 +769,44 @@ async fn a_replica_missing_a_key_says_so_in_its_health() {
     );
     env.stop().await;
     crate::support::drop_test_database(&url).await;
+}
+
+/// `keys rotate` run while a replica still seals under the old key (after the first round of
+/// restarts only, or with a replica forgotten) is refused, naming the replica: it ran "100 %",
+/// and that replica's refreshes sealed the instances in use under the old key again.
+#[tokio::test]
+async fn a_rotation_waits_for_every_replica_to_seal_under_the_new_key() {
+    for (label, url) in test_databases().await {
+        let env = Env::start(&label, &url).await;
+        env.create_instance(&env.org, "sandbox-generic", "round-one")
+            .await;
+        let (_, new_key) = tokenwarden::crypto::MasterKey::generate();
+        let new_key = new_key.expose().to_string();
+        let refused = rotate_keys(&url, &new_key).await;
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "[{label}] {said}");
+        assert!(
+            said.contains(&env.server.app.replica_id) && said.contains("second round"),
+            "[{label}] {said}"
+        );
+        // Asked to anyway.
+        let (url_, key_) = (url.clone(), new_key.clone());
+        let forced = tokio::task::spawn_blocking(move || {
+            binary()
+                .args(["keys", "rotate", "--force", "--database-url", &url_])
+                .env("TOKENWARDEN_MASTER_KEY", &key_)
+                .env("TOKENWARDEN_PREVIOUS_MASTER_KEYS", TEST_MASTER_KEY)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(
+            forced.status.success(),
+            "[{label}] {}",
+            String::from_utf8_lossy(&forced.stderr)
+        );
+        env.stop().await;
+        crate::support::drop_test_database(&url).await;
+    }
 }
