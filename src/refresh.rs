@@ -367,6 +367,10 @@ pub struct RefreshEngine {
     fresh_rejections: DashMap<i64, (i64, Instant)>,
     /// Rotated tokens waiting for the store, per instance (see [`ParkedCommit`]).
     parked: DashMap<i64, ParkedCommit>,
+    /// Rotated tokens whose write the store refused at least once and is being tried again
+    /// while their callers wait ([`retry_while_store_fails`]): not parked yet, and as lost
+    /// with a restart.
+    retrying: AtomicUsize,
     /// The app this engine serves, for the tasks that store parked commits.
     app: std::sync::OnceLock<std::sync::Weak<App>>,
     /// Revocations of superseded grants waiting out their delay ([`revoke_superseded_grant`]),
@@ -462,8 +466,10 @@ impl RefreshEngine {
     }
 
     /// How many instances' rotated tokens wait for the store.
+    /// Rotated tokens held in memory for the store: parked, or still tried while their
+    /// callers wait (a restart loses both).
     pub fn kept_count(&self) -> usize {
-        self.parked.len()
+        self.parked.len() + self.retrying.load(Ordering::Relaxed)
     }
 
     /// Called once the app is built (see [`ParkedCommit`]).
@@ -2426,14 +2432,27 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, crate::store::StoreError>>,
 {
+    /// Counts a write tried again in [`RefreshEngine::kept_count`] until it ends (or its
+    /// future is dropped).
+    struct Retrying<'a>(&'a AtomicUsize);
+    impl Drop for Retrying<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
     let first = Instant::now();
     let mut attempt: u32 = 0;
+    let mut counted = None;
     loop {
         match write().await {
             Err(error)
                 if first.elapsed() < app.config.commit_retry_for
                     && !matches!(error, crate::store::StoreError::InvalidText(_)) =>
             {
+                if counted.is_none() {
+                    app.refresh.retrying.fetch_add(1, Ordering::Relaxed);
+                    counted = Some(Retrying(&app.refresh.retrying));
+                }
                 attempt += 1;
                 if attempt.is_power_of_two() || attempt.is_multiple_of(60) {
                     tracing::warn!(

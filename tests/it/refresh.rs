@@ -1622,7 +1622,7 @@ async fn rotated_tokens_are_kept_through_a_proxy_that_closes_connections() {
         "the test database is not on 127.0.0.1:5432: {url}"
     );
     let env = Env::start_adjusted("postgres", &proxied, |config| {
-        config.commit_retry_for = Duration::from_secs(2);
+        config.commit_retry_for = Duration::from_secs(6);
         config.rotated_tokens_kept_for = Duration::from_secs(60);
     })
     .await;
@@ -1641,14 +1641,24 @@ async fn rotated_tokens_are_kept_through_a_proxy_that_closes_connections() {
         Method::GET,
         "api/me",
     );
+    let healthz = format!("{}/healthz", env.server.url);
     let outage = async {
         at_the_provider(&env, held).await;
         cut.store(true, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_secs(8)).await;
+        // The provider answers 2 s into the outage; its tokens' write is then tried for 6 s
+        // while the caller waits: a restart now would lose them, and the health says so.
+        tokio::time::sleep(Duration::from_millis(4_500)).await;
+        let (_, health) = env.get_json(&healthz, "").await;
+        tokio::time::sleep(Duration::from_millis(7_500)).await;
         cut.store(false, Ordering::SeqCst);
+        health
     };
-    let ((status, body, _), ()) = tokio::join!(call, outage);
+    let ((status, body, _), health) = tokio::join!(call, outage);
     assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        health["keptTokens"], 1,
+        "while their write is tried: {health}"
+    );
     kept_tokens_serve(&env, &token, Duration::from_secs(20)).await;
     assert_eq!(refreshes(&env).await, 1, "no second refresh");
     assert_eq!(stat(&env, &["tokenErrors"]).await, 0, "no reuse");
