@@ -772,14 +772,16 @@ pub fn validate(connector: &Connector, built_in: bool) -> Result<(), CatalogErro
                 .map_err(|problem| invalid(format!("`{field}.{name}`: {problem}")))?;
         }
     }
-    // Tokens and secrets stay sealed in the whole response: one named here was never shown.
+    // Tokens and secrets stay sealed in the whole response: one named here was never shown
+    // (nor taken for the API's host).
     if let Some(field) = oauth
         .token_response_fields
         .iter()
+        .chain(oauth.base_url_from.iter())
         .find(|field| crate::oauth::is_secret_name(field))
     {
         return Err(invalid(format!(
-            "`oauth.tokenResponseFields`: `{field}` may carry a token or a secret, which stay sealed in the token response kept whole, never in the configuration"
+            "`oauth.tokenResponseFields`/`oauth.baseUrlFrom`: `{field}` may carry a token or a secret, which stay sealed in the token response kept whole, never in the configuration"
         )));
     }
     if let Some(problem) = connector.proxy.token_header_problem() {
@@ -1259,6 +1261,9 @@ verify.path = "me"
         let mut c = good();
         c.oauth.token_response_fields = vec!["scope".into(), "id_token".into()];
         refused(&c, false, &["`oauth.tokenResponseFields`", "`id_token`"]);
+        let mut c = good();
+        c.oauth.base_url_from = Some("access_token".into());
+        refused(&c, false, &["`oauth.baseUrlFrom`", "`access_token`"]);
     }
 
     #[test]

@@ -523,7 +523,12 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run_command(cli.command)) {
+    let ran = runtime.block_on(async {
+        let ran = run_command(cli.command).await;
+        close_opened_stores().await;
+        ran
+    });
+    match ran {
         Ok(code) => code,
         Err(message) => {
             eprintln!("tokenwarden: {message}");
@@ -934,6 +939,19 @@ fn print_json(value: &impl serde::Serialize) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The stores the command opened, closed at its end: SQLite writes its log into the file and
+/// removes it when the last connection closes (a process that ends without closing leaves
+/// `-wal` and `-shm` beside the file, which a copy of the file alone lacks).
+static OPENED_STORES: std::sync::Mutex<Vec<crate::store::Store>> =
+    std::sync::Mutex::new(Vec::new());
+
+async fn close_opened_stores() {
+    let stores = std::mem::take(&mut *OPENED_STORES.lock().unwrap_or_else(|e| e.into_inner()));
+    for store in stores {
+        store.close_within(std::time::Duration::from_secs(5)).await;
+    }
+}
+
 async fn open_app(database: DatabaseArgs) -> Result<crate::app::SharedApp, String> {
     open_app_adjusted(database, |_| {}).await
 }
@@ -956,7 +974,12 @@ async fn open_app_adjusted(
     config.ignore_missing_keys = database.ignore_missing_keys;
     config.background_tasks = false;
     adjust(&mut config);
-    crate::app::App::build(config)
+    let app = crate::app::App::build(config)
         .await
-        .map_err(|error| error.to_string())
+        .map_err(|error| error.to_string())?;
+    OPENED_STORES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(app.store.clone());
+    Ok(app)
 }

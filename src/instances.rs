@@ -674,6 +674,9 @@ pub fn apply_token_set(
         // a refresh and make every call answer 409. The instance keeps the one it has.
         match crate::proxy::ProxyBase::parse_named(&base, "`base.url`") {
             Ok(_) => {
+                // As the proxy reads it (host lower-cased, a default port dropped, `\` read
+                // as `/`): another tool reading the stored text must not find another host.
+                let base = url::Url::parse(&base).map_or(base, String::from);
                 new_configuration.insert(BASE_URL.to_string(), Value::String(base));
             }
             Err(why) => tracing::warn!(

@@ -711,6 +711,11 @@ pub async fn serve(bind: SocketAddr, config: AppConfig) -> Result<(), StartupErr
     } else {
         server.shutdown().await;
     }
+    // A clean stop leaves the SQLite file whole: its log written into it and removed (a copy
+    // of the file alone after a stop missed the last writes).
+    app.store
+        .close_within(std::time::Duration::from_secs(5))
+        .await;
     if copied_away {
         return Err(StartupError::Copied(
             "this database was copied away while the service ran (`tokenwarden database copy`): the service runs on the copy now".into(),

@@ -733,6 +733,21 @@ impl Store {
         self.pool.close().await;
     }
 
+    /// [`Store::close`], waiting at most `within` for connections still in use to come back
+    /// (a stop must not hang on one): with SQLite, the last connection's close writes the log
+    /// into the file and removes `-wal` and `-shm`.
+    pub async fn close_within(&self, within: Duration) {
+        if tokio::time::timeout(within, self.pool.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the database's connections were not all given back within {} s of the stop",
+                within.as_secs()
+            );
+        }
+    }
+
     /// `SELECT 1`: the database answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;

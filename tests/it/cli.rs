@@ -972,18 +972,42 @@ fn serve_refuses_a_damaged_sqlite_file() {
         &[],
     );
     assert!(ok, "{stderr}");
-    // Every page but the first (the header and the schema) overwritten.
+    // Every page but the first (the header and the schema) overwritten, and no log left
+    // beside the file whose copies of the pages SQLite would read instead.
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{path}{suffix}"));
+    }
     let mut bytes = std::fs::read(&path).unwrap();
     assert!(bytes.len() > 8192, "{} bytes", bytes.len());
     for byte in &mut bytes[4096..] {
         *byte = 0x5a;
     }
     std::fs::write(&path, &bytes).unwrap();
-    let (ok, _, stderr) = tokenwarden(
-        &["serve", "--bind", "127.0.0.1:0", "--database-url", &url],
-        &[],
+    // Bounded: a service that starts on it serves until stopped.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--database-url", &url])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        status.is_some_and(|status| !status.success()),
+        "served a damaged file: {stderr}"
     );
-    assert!(!ok, "served a damaged file: {stderr}");
     assert!(
         stderr.contains("is damaged") && stderr.contains(".restore"),
         "{stderr}"

@@ -487,6 +487,12 @@ async fn a_deleted_instance_leaves_no_plain_text_in_the_sqlite_files() {
         let _ = reader.wait();
     }
     served.stop();
+    // A clean stop leaves the file whole, its log written into it: a copy of the file alone
+    // is a copy of the database.
+    assert!(
+        !std::path::Path::new(&format!("{db_path}-wal")).exists(),
+        "a clean stop left the SQLite log beside the file"
+    );
     sandbox.shutdown().await;
     drop_test_database(&database_url).await;
     let _ = std::fs::remove_file(format!("{db_path}.key"));
