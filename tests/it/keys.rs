@@ -29,6 +29,29 @@ async fn rotate_keys(url: &str, new_key: &str) -> std::process::Output {
     .unwrap()
 }
 
+/// The service of `env` replaced by one started on `url` with `master` as its key and
+/// `previous` as its previous keys (the test key when `None` is given for both), asked to start
+/// with keys missing when `ignore_missing` (as the running one would have been).
+async fn restart_with(
+    env: &mut Env,
+    url: &str,
+    master: Option<&str>,
+    previous: Option<&str>,
+    ignore_missing: bool,
+) {
+    let (master, previous) = (master.map(str::to_string), previous.map(str::to_string));
+    let replacement = start_server(url, &env.sandbox.url, |config| {
+        if master.is_some() {
+            config.master_key = master;
+            config.previous_master_keys = previous;
+        }
+        config.ignore_missing_keys = ignore_missing;
+    })
+    .await;
+    let old = std::mem::replace(&mut env.server, replacement);
+    old.shutdown().await;
+}
+
 #[tokio::test]
 async fn rotation_under_traffic_leaves_everything_readable_with_the_new_key() {
     for (label, url) in test_databases().await {
@@ -81,13 +104,7 @@ async fn rotation_under_traffic_leaves_everything_readable_with_the_new_key() {
             env.authorize(&env.org, "sandbox-generic", "rot-pkce").await;
 
         // A replica with the new key and the old one, as during a rotation.
-        let both = start_server(&url, &env.sandbox.url, |config| {
-            config.master_key = Some(new_key.clone());
-            config.previous_master_keys = Some(TEST_MASTER_KEY.to_string());
-        })
-        .await;
-        let old = std::mem::replace(&mut env.server, both);
-        old.shutdown().await;
+        restart_with(&mut env, &url, Some(&new_key), Some(TEST_MASTER_KEY), false).await;
         let env = Arc::new(env);
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -167,13 +184,7 @@ async fn rotation_under_traffic_leaves_everything_readable_with_the_new_key() {
         let mut env = env;
 
         // Only the new key from now on.
-        let new_only = start_server(&url, &env.sandbox.url, |config| {
-            config.master_key = Some(new_key.clone());
-            config.previous_master_keys = None;
-        })
-        .await;
-        let both = std::mem::replace(&mut env.server, new_only);
-        both.shutdown().await;
+        restart_with(&mut env, &url, Some(&new_key), None, false).await;
         // The waiting event's signing key opens with the new key alone.
         {
             use base64::Engine as _;
@@ -308,13 +319,7 @@ async fn a_row_no_key_opens_is_named_and_the_rest_rotated() {
     let (_, new_key) = tokenwarden::crypto::MasterKey::generate();
     let new_key = new_key.expose().to_string();
     // The service on the new key, the old one among its previous keys, as the rotation asks.
-    let both = start_server(&url, &env.sandbox.url, |config| {
-        config.master_key = Some(new_key.clone());
-        config.previous_master_keys = Some(TEST_MASTER_KEY.to_string());
-    })
-    .await;
-    let old = std::mem::replace(&mut env.server, both);
-    old.shutdown().await;
+    restart_with(&mut env, &url, Some(&new_key), Some(TEST_MASTER_KEY), false).await;
     let output = rotate_keys(&url, &new_key).await;
     let said = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "[{label}] {said}");
@@ -334,13 +339,7 @@ async fn a_row_no_key_opens_is_named_and_the_rest_rotated() {
     .await;
     assert_eq!(deleted.status, 200, "[{label}] {}", deleted.body);
     // The instance after the damaged one (and the organization's secrets) under the new key.
-    let new_only = start_server(&url, &env.sandbox.url, |config| {
-        config.master_key = Some(new_key.clone());
-        config.previous_master_keys = None;
-    })
-    .await;
-    let old = std::mem::replace(&mut env.server, new_only);
-    old.shutdown().await;
+    restart_with(&mut env, &url, Some(&new_key), None, false).await;
     let shown = revealed(&env, &env.org, &after).await;
     assert_eq!(shown["valid"], true, "[{label}] {shown}");
     assert!(
@@ -729,13 +728,7 @@ async fn a_replica_missing_a_key_says_so_in_its_health() {
     // A replica on the new key (the old one among its previous keys) seals an instance.
     let (_, new_key) = tokenwarden::crypto::MasterKey::generate();
     let new_key = new_key.expose().to_string();
-    let rotated = start_server(&url, &env.sandbox.url, |config| {
-        config.master_key = Some(new_key.clone());
-        config.previous_master_keys = Some(TEST_MASTER_KEY.to_string());
-    })
-    .await;
-    let old = std::mem::replace(&mut env.server, rotated);
-    old.shutdown().await;
+    restart_with(&mut env, &url, Some(&new_key), Some(TEST_MASTER_KEY), false).await;
     let instance = env
         .create_instance(&env.org, "sandbox-generic", "sealed-new")
         .await;
@@ -743,12 +736,7 @@ async fn a_replica_missing_a_key_says_so_in_its_health() {
     assert_eq!(healthz(&env).await["status"], "ok");
     // A replica forgotten in the rotation: the old key alone (started anyway, as a replica
     // already running when the rotation began would be; the start check names the key).
-    let forgotten = start_server(&url, &env.sandbox.url, |config| {
-        config.ignore_missing_keys = true;
-    })
-    .await;
-    let rotated = std::mem::replace(&mut env.server, forgotten);
-    rotated.shutdown().await;
+    restart_with(&mut env, &url, None, None, true).await;
     assert_eq!(healthz(&env).await["status"], "ok", "nothing read yet");
     let shown = call(
         &env,
