@@ -465,7 +465,6 @@ impl RefreshEngine {
         self.parked.iter().map(|entry| *entry.key()).collect()
     }
 
-    /// How many instances' rotated tokens wait for the store.
     /// Rotated tokens held in memory for the store: parked, or still tried while their
     /// callers wait (a restart loses both).
     pub fn kept_count(&self) -> usize {

@@ -29,7 +29,7 @@ const HEALTH_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_mill
     summary = "Health, with a database check",
     description = "`status` is `ok`; `degraded` while rotated tokens the database did not take are kept in memory (`keptTokens`): the process must not be restarted then, or they are lost; `degraded` too, with a `reason`, when secrets sealed under a master key this replica was not given were read in the last minute (a replica left out of a key rotation); `unavailable` (503) while the database does not answer or does not take a write within 2 s (a full disk, a read-only file: `reason` says, and `database` is `not taking writes`). `clockOffsetMs`: how far the clock the service goes by (PostgreSQL's, read each minute) is ahead of this machine's (negative: behind). Use it for readiness, not liveness.",
     responses(
-        (status = 200, description = "Up, its database answering (`status`: `ok`, or `degraded` while rotated tokens wait in memory for the database)", body = crate::openapi::Health),
+        (status = 200, description = "Up, its database answering (`status`: `ok`, or `degraded` while rotated tokens wait in memory for the database, or when secrets under a master key this replica lacks were read in the last minute)", body = crate::openapi::Health),
         (status = 503, description = "The database does not answer, or does not take a write (`reason`)", body = crate::openapi::Health),
     ),
 )]

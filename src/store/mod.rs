@@ -344,12 +344,12 @@ fn ping_before_use(idle_for: Duration) -> bool {
         || PING_ALL_UNTIL.load(std::sync::atomic::Ordering::Relaxed) > crate::app::system_now_ms()
 }
 
-/// How long that ping may take before the connection is taken for dead.
 /// How long a SQLite statement waits for another process's lock (a backup, a shell).
 const SQLITE_BUSY_TIMEOUT_MS: u64 = 5_000;
 /// The same, as the statement that sets it again.
 pub(crate) const SQLITE_BUSY_TIMEOUT: &str = "PRAGMA busy_timeout = 5000";
 
+/// How long that ping may take before the connection is taken for dead.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Options of [`Store::connect_with`].
