@@ -1495,11 +1495,22 @@ async fn kept_tokens_serve(env: &Env, token: &str, limit: Duration) {
 /// while its caller waits and kept for a minute after, its generic profile rotating strictly
 /// when `strict`, and an instance named `name` there: (url, env, the instance).
 async fn kept_tokens_env(strict: bool, name: &str) -> (String, Env, Value) {
+    kept_tokens_env_reached(strict, name, Duration::from_secs(2), |url| url.to_string()).await
+}
+
+/// [`kept_tokens_env`], the commit tried for `commit_retry_for`, the service reaching the test
+/// database at the URL `reached` makes of its own (through a proxy).
+async fn kept_tokens_env_reached(
+    strict: bool,
+    name: &str,
+    commit_retry_for: Duration,
+    reached: impl FnOnce(&str) -> String,
+) -> (String, Env, Value) {
     let Ok(url) = create_postgres_database().await else {
         panic!("PostgreSQL is needed for this test (.ci/run starts it)");
     };
-    let env = Env::start_adjusted("postgres", &url, |config| {
-        config.commit_retry_for = Duration::from_secs(2);
+    let env = Env::start_adjusted("postgres", &reached(&url), |config| {
+        config.commit_retry_for = commit_retry_for;
         config.rotated_tokens_kept_for = Duration::from_secs(60);
     })
     .await;
@@ -1610,25 +1621,18 @@ async fn cutting_proxy(
 #[tokio::test]
 async fn rotated_tokens_are_kept_through_a_proxy_that_closes_connections() {
     use std::sync::atomic::Ordering;
-    let Ok(url) = create_postgres_database().await else {
-        panic!("PostgreSQL is needed for this test (.ci/run starts it)");
-    };
     let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let target: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
     let proxy = cutting_proxy(target, std::sync::Arc::clone(&cut)).await;
-    let proxied = url.replacen("127.0.0.1:5432", &proxy.to_string(), 1);
-    assert_ne!(
-        proxied, url,
-        "the test database is not on 127.0.0.1:5432: {url}"
-    );
-    let env = Env::start_adjusted("postgres", &proxied, |config| {
-        config.commit_retry_for = Duration::from_secs(6);
-        config.rotated_tokens_kept_for = Duration::from_secs(60);
-    })
-    .await;
-    generic_profile(&env, strict_rotation()).await;
-    let created = env
-        .create_instance(&env.org, "sandbox-generic", "proxied")
+    let (url, env, created) =
+        kept_tokens_env_reached(true, "proxied", Duration::from_secs(6), |url| {
+            let proxied = url.replacen("127.0.0.1:5432", &proxy.to_string(), 1);
+            assert_ne!(
+                proxied, url,
+                "the test database is not on 127.0.0.1:5432: {url}"
+            );
+            proxied
+        })
         .await;
     let token = created["token"].as_str().unwrap().to_string();
     expire_access_tokens(&env).await;
